@@ -1,0 +1,44 @@
+"""apr-kernels: train Llama/Qwen2 models from APR v2 files.
+
+Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never touches a GPU):
+
+* Loader: ``load``, ``open``, ``save``, ``AprFile``, ``AprFormatError``.
+* Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``.
+* Modules: ``RMSNorm``, ``Attention`` (in ``apr_kernels.nn``).
+* Trainer: ``apr_kernels.model`` (``from_apr``), ``apr_kernels.train``; command line ``apr-kernels``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_API = {
+    "load": "io",
+    "open": "io",
+    "save": "io",
+    "AprFile": "io",
+    "AprFormatError": "errors",
+    "rms_norm": "ops.rms_norm",
+    "add_rms_norm": "ops.rms_norm",
+    "attention": "ops.attention",
+    "RMSNorm": "nn",
+    "Attention": "nn",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'apr_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"apr_kernels.{module}"), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,3 @@
+from apr_kernels.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Which implementation an op runs: Triton kernels or the PyTorch reference.
+
+One switch for every op, the environment variable ``APR_KERNELS_BACKEND``:
+
+* ``auto`` (default): Triton when every input tensor is on a CUDA device and Triton imports,
+  the PyTorch reference otherwise.
+* ``triton``: always the Triton kernels. On CPU tensors they run in Triton's interpreter
+  (``TRITON_INTERPRET=1``), which lets anyone check the kernels without a GPU (slowly).
+* ``reference``: always the PyTorch reference code.
+
+The variable is read on every call, so tests may flip it with ``monkeypatch.setenv``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "APR_KERNELS_BACKEND"
+
+
+def backend() -> str:
+    """The backend asked for by ``APR_KERNELS_BACKEND`` (validated)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Decide the path for one call from the switch and where the inputs live."""
+    choice = backend()
+    if choice == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{ENV_VAR}=triton but Triton is not importable on this machine")
+        if not on_cuda:
+            _require_interpreter()
+        return True
+    return on_cuda and triton_available()
+
+
+def _require_interpreter() -> None:
+    # Triton reads TRITON_INTERPRET when a @triton.jit function is *decorated*, so the variable must
+    # be set before any kernel module is imported. Set it here if no kernel module is loaded yet.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    loaded = [m for m in _KERNEL_MODULES if m in _loaded]
+    if loaded:
+        raise RuntimeError(
+            f"{ENV_VAR}=triton on CPU tensors needs Triton's interpreter, but the kernel modules "
+            f"{loaded} were already compiled for the GPU; set TRITON_INTERPRET=1 before starting Python"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+_KERNEL_MODULES = ("rms_norm", "attention")
+_loaded: dict[str, ModuleType] = {}
+
+
+def kernels(name: str) -> ModuleType:
+    """Import ``apr_kernels.kernels.<name>`` on first use (never at package import: Triton may be
+    missing, and without a GPU it must not compile anything)."""
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = importlib.import_module(f"apr_kernels.kernels.{name}")
+        _loaded[name] = mod
+    return mod
