@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# One GPU check: install the package, run the GPU tests, measure the card's ceilings and every
+# bench/bench_*.py, and print one short table last (bench/report.py).
+#
+#   bash bench/gpu_check.sh            full sweep, under 6 minutes on an H100
+#   bash bench/gpu_check.sh --quick    reduced sweep, under 2 minutes
+#   bash bench/gpu_check.sh --smoke    CPU, tiny sizes, no GPU tests (what CI runs)
+#   options: --only ceilings,rms_norm  run only these benches
+#
+# Results: JSON per bench plus gpu_check.log and pytest.log in $OUT when set, else bench/results/
+# (--smoke without $OUT: a temporary folder). At most 8 files land in $OUT (the device tool's limit).
+# Environment: PYTHON (default python3); GPU_CHECK_PYTEST overrides the test selection (pytest args).
+# Exit status: 0 all passed; 1 a test or a bench failed (the benches still ran); 2 could not install
+# or no CUDA device (nothing measured).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=full
+ONLY=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=quick ;;
+    --smoke) MODE=smoke ;;
+    --full) MODE=full ;;
+    --only) ONLY="${2:?--only needs a comma-separated list of bench names}"; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (expected --quick, --smoke, --only LIST)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PY="${PYTHON:-python3}"
+export PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+# Budgets (seconds): the whole run, and caps per step. Each step gets min(cap, what is left).
+case "$MODE" in
+  full)  BUDGET=340; CAP_PIP=150; CAP_TEST=150; CAP_CPU_TEST=45; CAP_BENCH=120; BENCH_FLAG="" ;;
+  quick) BUDGET=115; CAP_PIP=90;  CAP_TEST=50;  CAP_CPU_TEST=0;  CAP_BENCH=40;  BENCH_FLAG="--quick" ;;
+  smoke) BUDGET=170; CAP_PIP=150; CAP_TEST=60;  CAP_CPU_TEST=0;  CAP_BENCH=60;  BENCH_FLAG="--smoke"
+         export CUDA_VISIBLE_DEVICES="" ;;  # smoke means CPU, even on a GPU machine
+esac
+RESERVE=12  # kept back for the report
+
+if [ -n "${OUT:-}" ]; then RES="$OUT"
+elif [ "$MODE" = smoke ]; then RES="$(mktemp -d -t apr_gpu_check_smoke.XXXXXX)"
+else RES="bench/results"; fi
+mkdir -p "$RES"
+LOG="$RES/gpu_check.log"
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
+
+STATUS=()   # one line per step for the summary
+FAILED=0
+note() { STATUS+=("$(printf '%-22s %s' "$1" "$2")"); }
+left() { echo $((BUDGET - SECONDS - RESERVE)); }
+# step_timeout CAP -> seconds this step may take (0: no time left, skip it)
+step_timeout() { local t; t=$(left); [ "$1" -lt "$t" ] && t=$1; [ "$t" -lt 5 ] && t=0; echo "$t"; }
+describe_rc() { case "$1" in 0) echo ok ;; 124|137) echo "TIMEOUT after ${2}s" ;; *) echo "FAILED (exit $1)" ;; esac; }
+
+echo "== gpu_check.sh --$MODE: results in $RES ($(date -u +%FT%TZ), budget ${BUDGET}s)"
+
+# ---- 1. install -------------------------------------------------------------------------------
+pip_install() {
+  local t; t=$(step_timeout "$CAP_PIP")
+  timeout -k 5 "$t" "$PY" -m pip install -q --no-deps --no-build-isolation "$@" . && return 0
+  return 1
+}
+if [ "$MODE" = smoke ] && "$PY" -c "import apr_kernels._apr_ext" 2>/dev/null; then
+  note install "skipped (apr_kernels already importable)"
+else
+  t0=$SECONDS
+  echo "== pip install --no-deps --no-build-isolation ."
+  if ! pip_install; then
+    # A distribution Python may refuse a system-wide install (PEP 668); the image is ours to change.
+    echo "-- retrying with --break-system-packages"
+    pip_install --break-system-packages || {
+      echo "gpu_check.sh: FAILED: 'pip install --no-deps --no-build-isolation .' did not succeed (output above)"
+      exit 2
+    }
+  fi
+  note install "ok ($((SECONDS - t0))s)"
+fi
+if ! "$PY" -c "import apr_kernels, apr_kernels._apr_ext as e; print('apr_kernels from', apr_kernels.__file__)"; then
+  echo "gpu_check.sh: FAILED: apr_kernels (or its C++ extension _apr_ext) does not import after install"
+  exit 2
+fi
+
+# Liger-Kernel, a baseline for the RMSNorm bench, is carried as a wheel (the GPU machine has no network).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  SITE=/tmp/site; [ "$MODE" = smoke ] && SITE="$WORK/site"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .whl/*.whl; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    note liger "installed from .whl/ into $SITE"
+  else
+    note liger "FAILED to install from .whl/ (benches go on without it)"
+  fi
+else
+  note liger "no .whl/ folder: benches go on without Liger"
+fi
+
+echo "== versions"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$PY" - <<'EOF'
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| GPU", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+for mod in ("triton", "liger_kernel"):
+    try:
+        m = __import__(mod)
+        try:
+            version = md.version(mod.replace("_", "-"))
+        except md.PackageNotFoundError:
+            version = getattr(m, "__version__", "(version unknown)")
+        print(mod, version, "from", m.__file__)
+    except Exception as e:
+        print(mod, "not importable:", type(e).__name__, e)
+EOF
+if [ "$MODE" != smoke ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check.sh: FAILED: torch.cuda.is_available() is False; use --smoke to run on CPU"
+  exit 2
+fi
+
+# ---- 2. tests ---------------------------------------------------------------------------------
+run_tests() {  # run_tests LABEL CAP pytest-args...
+  local label=$1 cap=$2 t rc t0=$SECONDS; shift 2
+  t=$(step_timeout "$cap")
+  if [ "$t" = 0 ]; then note "$label" "SKIPPED (time budget spent)"; FAILED=1; return; fi
+  echo "== pytest $* (timeout ${t}s, full log in $RES/pytest.log)"
+  echo "== pytest $*" >> "$RES/pytest.log"
+  timeout -k 5 "$t" "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 "$@" >> "$RES/pytest.log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR) " "$RES/pytest.log" | tail -n 20
+  tail -n 1 "$RES/pytest.log"
+  if [ "$rc" = 5 ]; then
+    note "$label" "FAILED: no tests collected"; FAILED=1
+  elif [ "$rc" != 0 ]; then
+    note "$label" "$(describe_rc "$rc" "$t"): $(tail -n 1 "$RES/pytest.log" | tr -d '=' | xargs)"; FAILED=1
+  else
+    note "$label" "ok ($((SECONDS - t0))s): $(tail -n 1 "$RES/pytest.log" | tr -d '=' | xargs)"
+  fi
+}
+if [ -n "${GPU_CHECK_PYTEST:-}" ]; then
+  # shellcheck disable=SC2086  # word splitting intended: a list of pytest arguments
+  run_tests tests "$CAP_TEST" $GPU_CHECK_PYTEST
+elif [ "$MODE" != smoke ]; then
+  : > "$RES/pytest.log"
+  run_tests "cuda tests" "$CAP_TEST" -m cuda tests/
+  # CPU tests of the ops and the model, run on a machine whose torch and Triton have CUDA built in.
+  CPU_TESTS=$(ls tests/test_rms_norm*.py tests/test_attention*.py tests/test_backend*.py \
+                 tests/test_nn*.py tests/test_model*.py 2>/dev/null | tr '\n' ' ')
+  if [ "$CAP_CPU_TEST" -gt 0 ] && [ -n "$CPU_TESTS" ]; then
+    # shellcheck disable=SC2086
+    run_tests "cpu tests (ops)" "$CAP_CPU_TEST" -x -m "not cuda and not slow" $CPU_TESTS
+  fi
+else
+  note tests "skipped (--smoke)"
+fi
+
+# ---- 3. ceilings, then every bench ------------------------------------------------------------
+BENCHES=(ceilings)
+for name in rms_norm attention; do [ -f "bench/bench_$name.py" ] && BENCHES+=("$name"); done
+for f in bench/bench_*.py; do
+  name=$(basename "$f" .py); name=${name#bench_}
+  case " ${BENCHES[*]} " in *" $name "*) ;; *) BENCHES+=("$name") ;; esac
+done
+NEW_JSON=()
+for name in "${BENCHES[@]}"; do
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
+  t=$(step_timeout "$CAP_BENCH")
+  if [ "$t" = 0 ]; then note "bench $name" "SKIPPED (time budget spent)"; FAILED=1; continue; fi
+  echo "== bench_$name.py $BENCH_FLAG (timeout ${t}s)"
+  touch "$WORK/stamp"  # results newer than the stamp belong to this run
+  t0=$SECONDS
+  # shellcheck disable=SC2086
+  timeout -k 5 "$t" "$PY" "bench/bench_$name.py" $BENCH_FLAG --out "$RES"
+  rc=$?
+  found=$(find "$RES" -maxdepth 1 -name "$name-*.json" -newer "$WORK/stamp" | head -n 1)
+  [ -n "$found" ] && NEW_JSON+=("$found")
+  if [ "$rc" != 0 ]; then
+    note "bench $name" "$(describe_rc "$rc" "$t")${found:+ (partial result kept)}"; FAILED=1
+  elif [ -z "$found" ]; then
+    note "bench $name" "FAILED: exited 0 but wrote no $name-*.json"; FAILED=1
+  else
+    note "bench $name" "ok ($((SECONDS - t0))s) -> $(basename "$found")"
+  fi
+done
+
+# The device tool returns at most 8 files from $OUT: bundle the JSON files if there are more.
+if [ -n "${OUT:-}" ] && [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+  tar -czf "$WORK/results.tgz" -C "$OUT" $(cd "$OUT" && ls ./*.json) && rm -f "$OUT"/*.json \
+    && mv "$WORK/results.tgz" "$OUT/results.tgz"
+  note bundle "more than 8 files: the JSON results are in $OUT/results.tgz"
+  NEW_JSON=()
+  tar -xzf "$OUT/results.tgz" -C "$WORK" && NEW_JSON=("$WORK"/*.json)
+fi
+
+# ---- 4. summary, then the one short table last ------------------------------------------------
+echo
+echo "== summary ($((SECONDS))s in all, mode $MODE)"
+printf '  %s\n' "${STATUS[@]}"
+if [ "$FAILED" != 0 ]; then echo "gpu_check.sh: SOME STEPS FAILED (see above and $LOG)"; fi
+if [ ${#NEW_JSON[@]} -gt 0 ]; then
+  "$PY" bench/report.py "${NEW_JSON[@]}" || FAILED=1
+else
+  echo "gpu_check.sh: no benchmark results to report"; FAILED=1
+fi
+exit "$FAILED"
