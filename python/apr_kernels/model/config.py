@@ -1,0 +1,247 @@
+"""Model configurations as data: the ``ModelConfig`` dataclass, named presets, and the mapping to and
+from the typed APR metadata (``apr_kernels.metadata.AprModelConfig``).
+
+Two families share one code path: Llama (no attention bias) and Qwen2 (bias on q/k/v only). A config
+says which through ``architecture``; everything else is plain numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+# architecture family -> Hugging Face class name (the APR `hf_architecture` key)
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+DECODER_FAMILIES = tuple(HF_ARCHITECTURES)
+# substrings that mark an encoder (bidirectional) model: never a causal-LM init
+ENCODER_MARKERS = ("bert", "roberta", "electra", "deberta", "encoder", "t5", "bart", "xlm")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of a decoder-only Llama/Qwen2 transformer.
+
+    ``head_dim`` defaults to ``hidden_size // num_heads``. ``rope_type`` 2 rotates split halves
+    (Hugging Face ``rotate_half``), 0 rotates adjacent pairs (llama.cpp-ordered q/k rows).
+    ``attention_bias`` is the Qwen2 q/k/v bias. With ``tie_word_embeddings`` the output projection is
+    the embedding matrix and no ``lm_head.weight`` parameter exists.
+    """
+
+    architecture: str = "llama"
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 4
+    intermediate_size: int = 2816
+    vocab_size: int = 50257
+    head_dim: int | None = None
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_type: int = 2
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    # where the numbers came from, for error messages only (not part of equality or to_dict)
+    _source: str = dataclasses.field(default="ModelConfig", repr=False, compare=False)
+
+    def __post_init__(self):
+        self.architecture = str(self.architecture).lower()
+        if self.head_dim is None and self.num_heads:
+            self.head_dim = self.hidden_size // self.num_heads
+        self.validate(self._source)
+
+    def validate(self, source: str = "ModelConfig") -> None:
+        """Raise ValueError naming the field when the numbers cannot describe a model."""
+        if self.architecture not in DECODER_FAMILIES:
+            raise ValueError(f"{source}: architecture={self.architecture!r}; expected one of "
+                             f"{', '.join(DECODER_FAMILIES)} (decoder-only Llama/Qwen2 families)")
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "vocab_size", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{source}: {name}={value!r}; expected a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{source}: num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention needs it)")
+        if self.head_dim % 2:
+            raise ValueError(f"{source}: head_dim={self.head_dim}; expected an even number (RoPE pairs)")
+        if self.rope_type not in (0, 2):
+            raise ValueError(f"{source}: rope_type={self.rope_type!r}; expected 0 (adjacent pairs) "
+                             f"or 2 (split halves)")
+        if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
+            raise ValueError(f"{source}: rope_theta={self.rope_theta}, rms_norm_eps={self.rms_norm_eps}; "
+                             f"expected both > 0")
+
+    # ------------------------------------------------------------------------------------ derived
+    @property
+    def num_groups(self) -> int:
+        """Query heads per key/value head (7 for Qwen2-0.5B)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def hf_architecture(self) -> str:
+        return HF_ARCHITECTURES[self.architecture]
+
+    def replace(self, **changes) -> "ModelConfig":
+        if "hidden_size" in changes or "num_heads" in changes:
+            changes.setdefault("head_dim", None)  # re-derive unless given
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
+
+    def num_parameters(self, *, include_embedding: bool = True) -> int:
+        """Trainable parameter count (the tied output projection counted once)."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        n = self.num_layers * per_layer + h
+        if include_embedding:
+            n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x (matmul parameters) plus causal attention scores.
+
+        Matmul parameters are every weight matrix a token is multiplied with, including the output
+        projection (once, even if tied) and excluding the embedding lookup. Attention: per layer,
+        QK^T and PV are 2 x 2 x S x (Hq x D) multiply-adds per token in the forward pass, halved by
+        the causal mask, times 3 for forward + backward.
+        """
+        h = self.hidden_size
+        matmul_params = self.num_parameters(include_embedding=False) + self.vocab_size * h
+        attn = 6 * self.num_layers * 2 * seq_len * self.num_heads * self.head_dim * 0.5 * 2
+        return 6.0 * matmul_params + attn
+
+    # ---------------------------------------------------------------------------- APR metadata
+    def to_apr_config(self):
+        """The typed APR metadata (``AprModelConfig``) that describes this model."""
+        from apr_kernels.metadata import AprModelConfig
+
+        return AprModelConfig(
+            architecture=self.architecture,
+            hf_architecture=self.hf_architecture,
+            model_type=self.architecture,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            vocab_size=self.vocab_size,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=float(self.rope_theta),
+            rope_type=self.rope_type,
+            rms_norm_eps=float(self.rms_norm_eps),
+            head_dim=self.head_dim,
+            tied_embeddings=self.tie_word_embeddings,
+        )
+
+    @classmethod
+    def from_apr_config(cls, apr, path=None) -> "ModelConfig":
+        """Build from typed APR metadata, as aprender's ``from_apr_metadata`` does.
+
+        Required: hidden_size, num_heads, num_layers, vocab_size, intermediate_size. Defaults when
+        missing: num_kv_heads = num_heads, max_position_embeddings 32768, rms_norm_eps 1e-6,
+        rope_theta 10000, rope_type 2 (Hugging Face row order, what safetensors imports keep),
+        tied unless ``tied_embeddings`` says false (``from_apr`` refines tying and bias from the
+        tensors actually present). Encoders (BERT, RoBERTa, ...) are refused here.
+        """
+        where = f"{path}: " if path else ""
+        family = family_of(apr, path)
+        missing = [k for k in ("hidden_size", "num_heads", "num_layers", "vocab_size", "intermediate_size")
+                   if getattr(apr, k, None) is None]
+        if missing:
+            raise ValueError(f"{where}metadata lacks {', '.join(missing)}; expected integer model "
+                             f"dimensions (APR typed keys, spec section 5.2)")
+        tied = getattr(apr, "tied_embeddings", None)
+        cfg = cls(
+            architecture=family,
+            hidden_size=int(apr.hidden_size),
+            num_layers=int(apr.num_layers),
+            num_heads=int(apr.num_heads),
+            num_kv_heads=int(apr.num_kv_heads if apr.num_kv_heads is not None else apr.num_heads),
+            intermediate_size=int(apr.intermediate_size),
+            vocab_size=int(apr.vocab_size),
+            head_dim=int(apr.head_dim) if getattr(apr, "head_dim", None) else None,
+            max_position_embeddings=int(apr.max_position_embeddings or 32768),
+            rope_theta=float(apr.rope_theta if apr.rope_theta is not None else 10000.0),
+            rope_type=int(apr.rope_type if apr.rope_type is not None else 2),
+            rms_norm_eps=float(apr.rms_norm_eps if apr.rms_norm_eps is not None else 1e-6),
+            attention_bias=family == "qwen2",
+            tie_word_embeddings=True if tied is None else bool(tied),
+            _source=f"{path or 'APR metadata'}",
+        )
+        return cfg
+
+
+def family_of(apr, path=None) -> str:
+    """The decoder family ("llama" or "qwen2") named by APR metadata, or a ValueError.
+
+    Looks at ``architecture``, then ``model_type``, then ``hf_architecture``. Encoders are refused
+    with a message that says decoder-only models are required.
+    """
+    where = f"{path}: " if path else ""
+    names = {k: getattr(apr, k, None) for k in ("architecture", "model_type", "hf_architecture")}
+    text = " ".join(str(v).lower() for v in names.values() if v)
+    shown = ", ".join(f"{k}={v!r}" for k, v in names.items() if v) or "no architecture keys"
+    if any(m in text for m in ENCODER_MARKERS):
+        raise ValueError(f"{where}architecture family mismatch: {shown} is an encoder model; "
+                         f"expected a decoder-only causal LM (llama or qwen2)")
+    for key in ("architecture", "model_type", "hf_architecture"):
+        value = str(names[key] or "").lower()
+        if not value:
+            continue
+        if value.startswith("qwen2"):
+            return "qwen2"
+        if value.startswith("llama"):
+            return "llama"
+        raise ValueError(f"{where}unsupported architecture family: {shown}; expected a decoder-only "
+                         f"llama or qwen2 model")
+    raise ValueError(f"{where}metadata has no architecture, model_type or hf_architecture key; "
+                     f"expected llama or qwen2")
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round a tokenizer vocabulary up to a matmul-friendly model vocabulary."""
+    return int(math.ceil(n / multiple) * multiple)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # aprender's from-scratch baseline (MODEL-2 plan); the default without --init or --preset
+    "llama_370m": ModelConfig(
+        architecture="llama", hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=4,
+        intermediate_size=2816, vocab_size=50257, max_position_embeddings=4096, rope_theta=1e4,
+        rms_norm_eps=1e-5, attention_bias=False, tie_word_embeddings=True),
+    # Qwen2.5(-Coder)-0.5B: GQA 7:1, q/k/v bias, tied
+    "qwen2_0_5b": ModelConfig(
+        architecture="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+        rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
+    # the demo: Qwen2-shaped (GQA 7:1, bias), small body, the full Qwen2.5 tokenizer vocabulary
+    # (151665 padded to a multiple of 64) so it pairs with Tokenizer.qwen2()
+    "qwen2_demo": ModelConfig(
+        architecture="qwen2", hidden_size=112, num_layers=2, num_heads=14, num_kv_heads=2, head_dim=8,
+        intermediate_size=304, vocab_size=151680, max_position_embeddings=2048, rope_theta=1e4,
+        rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
+    # tiny test shapes (odd sizes on purpose)
+    "tiny_llama": ModelConfig(
+        architecture="llama", hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2,
+        intermediate_size=104, vocab_size=320, max_position_embeddings=512, rope_theta=1e4,
+        rms_norm_eps=1e-5, attention_bias=False, tie_word_embeddings=True),
+    "tiny_qwen2": ModelConfig(
+        architecture="qwen2", hidden_size=56, num_layers=2, num_heads=7, num_kv_heads=1,
+        intermediate_size=88, vocab_size=320, max_position_embeddings=512, rope_theta=1e6,
+        rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
+}
+DEFAULT_PRESET = "llama_370m"
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of a named preset (ValueError listing the names otherwise)."""
+    try:
+        return dataclasses.replace(PRESETS[name])
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; expected one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,184 @@
+"""A decoder-only Llama/Qwen2 transformer with Hugging Face parameter names.
+
+Reading order: RMSNorm -> Attention -> MLP -> Block -> Transformer. Each module has two paths:
+
+* fast: the package's ops (``apr_kernels.rms_norm``, ``add_rms_norm``, ``attention``), which run the
+  Triton kernels on CUDA and their PyTorch reference elsewhere; attention takes K/V with their own
+  (fewer) heads, never expanded;
+* eager (``fast=False``): plain PyTorch written as Hugging Face writes it, the oracle for the fast path.
+
+``fast=None`` picks the fast path when the input is on a CUDA device. Both give the same numbers within
+dtype tolerance. The state dict uses exactly the Hugging Face names (``model.layers.N.self_attn.q_proj
+.weight``, ...), so it loads into ``Qwen2ForCausalLM``/``LlamaForCausalLM`` and back unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_rope, rope_tables
+
+
+def _ops():
+    import apr_kernels  # lazy: the ops module pulls in torch.library registrations
+
+    return apr_kernels
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 then cast back (HF Llama numerics)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast:
+            return _ops().rms_norm(x, self.weight, self.eps)
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; q/k/v bias for Qwen2."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope_type = cfg.rope_type
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
+        k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype), self.rope_type)
+        if fast:
+            o = _ops().attention(q, k, v, causal=True)  # [B, S, Hq, D]; K/V not expanded
+        else:
+            # HF layout [B, H, S, D]; each K/V head serves num_heads/num_kv_heads consecutive q heads
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                scale=self.head_dim ** -0.5, enable_gqa=self.num_heads != self.num_kv_heads,
+            ).transpose(1, 2)
+        return self.o_proj(o.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: h += attn(norm(h)); h += mlp(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False):
+        a = self.self_attn(self.input_layernorm(h, fast), cos, sin, fast)
+        if fast:
+            # one fused pass: h + a and its norm
+            y, h = _ops().add_rms_norm(a, h, self.post_attention_layernorm.weight,
+                                       self.post_attention_layernorm.eps)
+        else:
+            h = h + a
+            y = self.post_attention_layernorm(h)
+        return h + self.mlp(y)
+
+
+class Decoder(nn.Module):
+    """The ``model.`` prefix of Hugging Face names: embedding, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Causal LM: ``forward(input_ids [B, T]) -> logits [B, T, vocab]``.
+
+    ``fast``: True = the package's ops, False = eager PyTorch, None = ops when the input is on CUDA.
+    New models are initialised as Hugging Face does (normal(0, 0.02) weights, zero biases, unit norms).
+    """
+
+    def __init__(self, config: ModelConfig, fast: bool | None = None):
+        super().__init__()
+        self.config = config
+        self.fast = fast
+        self.model = Decoder(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output projection [vocab, hidden]: ``lm_head.weight`` or the tied embedding."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def use_fast(self, x: torch.Tensor) -> bool:
+        return x.is_cuda if self.fast is None else bool(self.fast)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states [B, T, hidden] (before the output projection)."""
+        fast = self.use_fast(input_ids)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
+                               device=input_ids.device)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, fast)
+        return self.model.norm(h, fast)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        h = self.hidden_states(input_ids)
+        return F.linear(h, self.output_weight)
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross entropy in fp32 (``targets`` already shifted; -100 is ignored)."""
+        logits = self(input_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction,
+                               ignore_index=-100)

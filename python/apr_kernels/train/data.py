@@ -1,0 +1,173 @@
+"""Training data: text files and folders -> one token stream -> fixed-length sequences.
+
+* Files are read in the order given; folders are walked recursively in sorted order, keeping files
+  with a text suffix (``TEXT_SUFFIXES``) and skipping hidden folders and ``__pycache__``. Files that
+  are not valid UTF-8 are skipped.
+* Each document is tokenised and followed by the tokenizer's end-of-text id, so documents are packed
+  back to back with no padding.
+* Sequence i is ``tokens[i*T : i*T + T + 1]`` (inputs are the first T, targets the last T), so every
+  token except the first is a target exactly once.
+* Held-out split: the last ``eval_fraction`` of the sequences (at least one), taken from the end of
+  the stream, unless separate eval data is given.
+* Batches: sequence order is a fresh permutation per epoch from ``seed``; the only state is the number
+  of sequences consumed so far (``position``), so resuming at a position replays the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+TEXT_SUFFIXES = frozenset({
+    ".py", ".pyi", ".txt", ".md", ".rst", ".json", ".jsonl", ".toml", ".cfg", ".ini", ".yaml", ".yml",
+    ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".js", ".ts", ".java", ".sh", ".html", ".css",
+    ".tex", ".csv",
+})
+
+
+def find_text_files(paths: Iterable[str | os.PathLike], suffixes=TEXT_SUFFIXES) -> list[Path]:
+    """Files named directly (any suffix) plus text files found under folders (sorted walk)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            out.append(p)
+        elif p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+                out.extend(Path(root) / f for f in sorted(files)
+                           if Path(f).suffix.lower() in suffixes and not f.startswith("."))
+        else:
+            raise FileNotFoundError(f"{p}: data path does not exist; expected a text file or a folder")
+    if not out:
+        raise ValueError(f"{', '.join(map(str, paths))}: no text files found (suffixes: "
+                         f"{' '.join(sorted(suffixes))})")
+    return out
+
+
+def read_documents(files: Iterable[Path]) -> Iterator[tuple[Path, str]]:
+    """``(path, text)`` for each UTF-8 file (others are skipped: binary data is not text)."""
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text:
+            yield Path(f), text
+
+
+def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None) -> torch.Tensor:
+    """One int64 stream: each document's ids followed by the end-of-text id. Stops after ``max_tokens``."""
+    eos = getattr(tokenizer, "eos_id", None)
+    parts: list[list[int]] = []
+    total = 0
+    for _, text in read_documents(files):
+        ids = tokenizer.encode(text)
+        if eos is not None:
+            ids.append(eos)
+        parts.append(ids)
+        total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    flat = [i for ids in parts for i in ids]
+    if max_tokens is not None:
+        flat = flat[:max_tokens]
+    return torch.tensor(flat, dtype=torch.int64)
+
+
+def num_sequences(n_tokens: int, seq_len: int) -> int:
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def sequences(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """View [n, seq_len + 1] of the packed sequences (consecutive rows share one token)."""
+    n = num_sequences(tokens.numel(), seq_len)
+    return tokens[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len) if n else tokens.new_empty(0, seq_len + 1)
+
+
+def split_holdout(tokens: torch.Tensor, seq_len: int, eval_fraction: float = 0.05,
+                  max_eval_sequences: int | None = None, *, where: str = "data"):
+    """``(train_tokens, eval_tokens)``: the last sequences of the stream are held out."""
+    n = num_sequences(tokens.numel(), seq_len)
+    if n < 2:
+        raise ValueError(f"{where}: {tokens.numel()} tokens make {n} sequence(s) of {seq_len}+1 tokens; "
+                         f"expected at least 2 (one to train on, one held out): add data or lower --seq-len")
+    n_eval = max(1, int(round(n * eval_fraction)))
+    if max_eval_sequences is not None:
+        n_eval = max(1, min(n_eval, max_eval_sequences))
+    n_eval = min(n_eval, n - 1)
+    cut = (n - n_eval) * seq_len
+    return tokens[: cut + 1], tokens[cut:]
+
+
+@dataclass
+class BatchStream:
+    """Batches of sequence indices: per-epoch permutations of ``range(n)`` seeded by ``seed + epoch``.
+
+    ``position`` counts sequences consumed; batches may straddle an epoch boundary.
+    """
+
+    n: int
+    seed: int = 0
+    position: int = 0
+
+    def __post_init__(self):
+        if self.n <= 0:
+            raise ValueError("training data holds no complete sequence")
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def next(self, count: int) -> torch.Tensor:
+        out = torch.empty(count, dtype=torch.int64)
+        for j in range(count):
+            epoch, i = divmod(self.position + j, self.n)
+            out[j] = self._permutation(epoch)[i]
+        self.position += count
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.n
+
+
+def batch(seqs: torch.Tensor, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets [B, T] for the given sequence rows."""
+    rows = seqs[index]
+    if device is not None:
+        rows = rows.to(device, non_blocking=True)
+    return rows[:, :-1], rows[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, device=None,
+             autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None) -> tuple[float, int]:
+    """Mean next-token loss over all packed sequences of ``tokens`` (in order) and the target count.
+
+    ``max_tokens`` keeps the first ``max_tokens // seq_len`` sequences (at least one).
+    """
+    seqs = sequences(tokens, seq_len)
+    if max_tokens is not None:
+        seqs = seqs[: max(1, max_tokens // seq_len)]
+    if len(seqs) == 0:
+        raise ValueError(f"evaluation data: {tokens.numel()} tokens; expected at least {seq_len + 1} "
+                         f"(one sequence of --seq-len {seq_len} plus its target)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for start in range(0, len(seqs), batch_size):
+        x, y = batch(seqs, torch.arange(start, min(start + batch_size, len(seqs))), device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                            enabled=autocast_dtype is not None):
+            total += model.loss(x, y, reduction="sum").double()
+        count += y.numel()
+    model.train(was_training)
+    return float(total / count), count

@@ -1,0 +1,216 @@
+"""The training loop: AdamW, warmup + cosine learning rate, gradient clipping and accumulation, bf16
+autocast on CUDA (fp32 master weights), periodic held-out evaluation, logging and checkpoint hooks.
+
+Output for people and scripts: a tqdm bar (loss, tokens/s) on stderr when it is a terminal, and one
+line per logged step on stdout::
+
+    step=12 loss=6.8123 lr=3.00e-04 tok_s=5123 grad_norm=0.91
+    eval step=12 eval_loss=6.7011 eval_tokens=8192
+
+or, with ``json_lines``, one JSON object per line (``{"event": "train", "step": 12, ...}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .data import BatchStream, batch, evaluate, sequences
+from .schedule import default_warmup, lr_at
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (stored in checkpoints as ``training.config``)."""
+
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int | None = None          # None: default_warmup(steps)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0              # max global grad norm; 0 disables clipping
+    eval_every: int = 0                 # 0: evaluate only at the start and the end
+    eval_tokens: int = 16384            # held-out target tokens per evaluation (at most)
+    eval_batch_size: int = 8
+    log_every: int = 1
+    save_every: int = 0                 # 0: checkpoint only at the end
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.warmup is None:
+            self.warmup = default_warmup(self.steps)
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training config: {name}={getattr(self, name)}; expected >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in known}, **overrides})
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (incl. the embedding) only, not on norms and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+
+
+class Logger:
+    """Log lines on stdout (text or JSON), kept clear of the progress bar."""
+
+    def __init__(self, json_lines: bool = False, stream=None):
+        self.json_lines = json_lines
+        self.stream = stream
+
+    def __call__(self, event: str, record: dict) -> None:
+        out = self.stream or sys.stdout
+        if self.json_lines:
+            line = json.dumps({"event": event, **record})
+        else:
+            parts = [f"{k}={_fmt(k, v)}" for k, v in record.items() if v is not None]
+            line = " ".join(([] if event == "train" else [event]) + parts)
+        from tqdm import tqdm
+
+        tqdm.write(line, file=out)
+        out.flush()
+
+
+def _fmt(key: str, v) -> str:
+    if isinstance(v, float):
+        if key == "lr":
+            return f"{v:.3e}"
+        if key in ("tok_s",):
+            return f"{v:.0f}"
+        return f"{v:.6f}"
+    return str(v)
+
+
+class Trainer:
+    """Owns the model, optimizer, data position and step count of one run.
+
+    ``train_tokens`` / ``eval_tokens`` are packed token streams (``data.tokenize_files``). On CUDA the
+    forward and backward run under bf16 autocast; weights and optimizer state stay fp32.
+    """
+
+    def __init__(self, model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor | None,
+                 config: TrainConfig, *, device=None, autocast_dtype: torch.dtype | None | str = "auto",
+                 log: Callable[[str, dict], None] | None = None):
+        self.cfg = config
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device)
+        if autocast_dtype == "auto":
+            autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.autocast_dtype = autocast_dtype
+        self.train_seqs = sequences(train_tokens, config.seq_len)
+        if len(self.train_seqs) == 0:
+            raise ValueError(f"training data: {train_tokens.numel()} tokens; expected at least "
+                             f"{config.seq_len + 1} for one sequence of --seq-len {config.seq_len}")
+        self.eval_tokens = eval_tokens
+        self.batches = BatchStream(len(self.train_seqs), seed=config.seed)
+        self.optimizer = make_optimizer(self.model, config)
+        self.step = 0
+        self.log = log or Logger()
+        self.last_eval: tuple[float, int] | None = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------- one step
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, lr=c.lr, total_steps=c.steps, warmup=c.warmup, min_ratio=c.min_lr_ratio)
+
+    def train_step(self) -> dict:
+        c = self.cfg
+        t0 = time.perf_counter()
+        lr = self.lr(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(c.grad_accum):
+            x, y = batch(self.train_seqs, self.batches.next(c.batch_size), self.device)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                enabled=self.autocast_dtype is not None):
+                loss = self.model.loss(x, y)
+            (loss / c.grad_accum).backward()
+            total += loss.detach()
+        grad_norm = None
+        if c.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+        self.optimizer.step()
+        self.step += 1
+        loss = float(total) / c.grad_accum  # synchronises: the timing below is real
+        dt = time.perf_counter() - t0
+        tokens = c.batch_size * c.grad_accum * c.seq_len
+        if not math.isfinite(loss):
+            raise RuntimeError(f"training diverged: loss={loss} at step {self.step} (lower --lr?)")
+        return {"step": self.step, "loss": loss, "lr": lr, "tok_s": tokens / dt, "grad_norm": grad_norm}
+
+    def evaluate(self) -> tuple[float, int]:
+        if self.eval_tokens is None:
+            raise ValueError("no held-out data to evaluate on")
+        self.last_eval = evaluate(self.model, self.eval_tokens, self.cfg.seq_len,
+                                  batch_size=self.cfg.eval_batch_size, device=self.device,
+                                  autocast_dtype=self.autocast_dtype, max_tokens=self.cfg.eval_tokens)
+        return self.last_eval
+
+    def _eval_and_log(self) -> None:
+        if self.eval_tokens is None:
+            return
+        loss, n = self.evaluate()
+        rec = {"step": self.step, "eval_loss": loss, "eval_tokens": n}
+        self.history.append({"event": "eval", **rec})
+        self.log("eval", rec)
+
+    # --------------------------------------------------------------------------------- the run
+    def run(self, *, on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool | None = None,
+            stop_at: int | None = None) -> list[dict]:
+        """Train until ``cfg.steps`` (or ``stop_at``), evaluating and checkpointing on schedule.
+
+        Evaluates before the first step of a fresh run (step 0: the init loss) and after the last.
+        """
+        from tqdm import tqdm
+
+        c = self.cfg
+        end = min(c.steps, stop_at) if stop_at is not None else c.steps
+        if self.step == 0:
+            self._eval_and_log()
+        bar = tqdm(total=c.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                   disable=(not sys.stderr.isatty()) if progress is None else not progress, leave=False)
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                self.history.append({"event": "train", **rec})
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_s']:.0f}")
+                if self.step % c.log_every == 0 or self.step == end:
+                    self.log("train", rec)
+                last = self.step == c.steps
+                if last or (c.eval_every and self.step % c.eval_every == 0):
+                    self._eval_and_log()
+                if on_checkpoint and (self.step == end or (c.save_every and self.step % c.save_every == 0)):
+                    on_checkpoint(self)
+        finally:
+            bar.close()
+        return self.history
