@@ -39,3 +39,22 @@ class RMSNorm(nn.Module):
 
 
 # -------------------------------------------------------------------------------- Attention (issue 5)
+
+
+class Attention(nn.Module):
+    """Parameter-free wrapper over :func:`apr_kernels.attention` (q ``[B, S, Hq, D]``, k/v
+    ``[B, S, Hkv, D]``, grouped K/V heads, causal by default). Projections and RoPE belong to the
+    model; this module only fixes ``causal`` and ``scale``."""
+
+    def __init__(self, causal: bool = True, scale: float | None = None):
+        super().__init__()
+        self.causal = causal
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from apr_kernels.ops.attention import attention
+
+        return attention(q, k, v, causal=self.causal, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, scale={self.scale}"

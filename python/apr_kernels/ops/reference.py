@@ -66,3 +66,72 @@ def rms_norm_backward_reference(
 
 
 # -------------------------------------------------------------------------------- Attention (issue 5)
+# Softmax attention with grouped K/V: query head h uses K/V head h // G, G = Hq // Hkv. Computed in
+# fp32 (fp64 for fp64 inputs), output rounded to q's dtype; the Triton kernels match this within the
+# dtype tolerances (they additionally round P to the input dtype before the P @ V product).
+# Layout [B, S, H, D]; causal means query i sees keys j <= i (Sq == Sk, top-left aligned).
+
+
+def _attn_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float):
+    """fp32 scores ``[B, Hkv, G, S, S]`` and the grouped fp32 q ``[B, S, Hkv, G, D]`` (K/V are
+    broadcast over the group by einsum, never expanded)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    B, S, HQ, D = q.shape
+    HKV = k.shape[2]
+    qg = q.to(acc).reshape(B, S, HKV, HQ // HKV, D)
+    s = torch.einsum("bshgd,bthd->bhgst", qg, k.to(acc)) * scale
+    if causal:
+        future = torch.ones(S, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(future, float("-inf"))
+    return s, qg
+
+
+def attention_forward_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)``: o ``[B, S, Hq, D]`` in q's dtype, lse ``[B, Hq, S]`` (natural log of the softmax
+    denominator, fp32 or fp64), the statistic the backward recomputes P from."""
+    B, S, HQ, D = q.shape
+    s, _ = _attn_scores(q, k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    o = torch.einsum("bhgst,bthd->bshgd", p, v.to(s.dtype)).reshape(B, S, HQ, D)
+    return o.to(q.dtype), lse.reshape(B, HQ, S)
+
+
+def attention_backward_reference(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+    lse: torch.Tensor, causal: bool, scale: float, dlse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` from the saved ``(o, lse)``, FlashAttention-2 style::
+
+        P = exp(scale * q k^T - lse);  dV = P^T dO;  dP = dO V^T;  delta = rowsum(dO * O) - dlse
+        dS = P * (dP - delta);  dQ = scale * dS K;  dK = scale * dS^T Q   (summed over each group)
+    """
+    B, S, HQ, D = q.shape
+    HKV = k.shape[2]
+    s, qg = _attn_scores(q, k, causal, scale)
+    acc = s.dtype
+    p = torch.exp(s - lse.to(acc).reshape(B, HKV, HQ // HKV, S, 1))
+    dog = do.to(acc).reshape(qg.shape)
+    dv = torch.einsum("bhgst,bshgd->bthd", p, dog)
+    dp = torch.einsum("bshgd,bthd->bhgst", dog, v.to(acc))
+    delta = (dog * o.to(acc).reshape(qg.shape)).sum(-1).permute(0, 2, 3, 1)  # [B, Hkv, G, S]
+    if dlse is not None:
+        delta = delta - dlse.to(acc).reshape(delta.shape)
+    ds = p * (dp - delta.unsqueeze(-1))
+    dq = torch.einsum("bhgst,bthd->bshgd", ds, k.to(acc)).reshape(B, S, HQ, D) * scale
+    dk = torch.einsum("bhgst,bshgd->bthd", ds, qg) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Differentiable oracle: ``F.scaled_dot_product_attention(..., enable_gqa=True)`` on the
+    ``[B, H, S, D]`` transposes, in fp32 (fp64 for fp64 inputs), output in q's dtype ``[B, S, Hq, D]``."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qt, kt, vt = (t.to(acc).transpose(1, 2) for t in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=True)
+    return o.transpose(1, 2).to(q.dtype)

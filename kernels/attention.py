@@ -1,0 +1,427 @@
+"""Fused grouped-query attention (FlashAttention-2 style) forward and backward in Triton.
+
+Layout: q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` addressed through their strides, so a
+``[B, H, S, D]`` tensor passed as ``x.transpose(1, 2)`` runs without a copy. Only the last dimension
+must be contiguous (the launchers copy a tensor whose last stride is not 1).
+
+* Query head ``h`` reads K/V head ``h // G`` (G = Hq // Hkv) inside the kernels: K/V are never expanded.
+* Forward: online softmax in fp32 in the exp2 domain (``scale * log2(e)`` folded into one multiply
+  after the QK^T dot); saves the natural-log LSE per row (fp32 ``[B, Hq, S]``).
+* Causal: K/V blocks above the diagonal are skipped; only the diagonal band is masked, off-diagonal
+  blocks run mask-free. Ragged S: boundary masks only in the last block. head_dim is padded to the
+  next power of two inside the kernel (``BLOCK_D``) with a d-mask.
+* Backward: ``delta = rowsum(dO * O)``; a dK/dV kernel where one program owns one K/V block of one
+  K/V head and loops over the G query heads of its group and all query blocks, accumulating in fp32
+  registers (no atomics, no G-times buffers: deterministic); a dQ kernel, one program per query block
+  per query head, looping over K/V blocks.
+* Dots take fp16/bf16 (or fp32, "ieee" precision) operands with fp32 accumulation; all other math is fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreter_index_fix() -> None:
+    # Triton 3.6's interpreter holds program ids as 1-element arrays and converts loop bounds with
+    # int(array), which NumPy >= 2.3 rejects ("only 0-dimensional arrays ..."), so any loop bound
+    # derived from tl.program_id fails there. Convert with .item() instead (interpreter only).
+    from triton.runtime import interpreter
+
+    orig = interpreter._patch_lang_tensor
+    if getattr(orig, "_apr_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._apr_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_index_fix()
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, ROW_MASK: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    # [rows, BLOCK_D] tile; masked only where the constexpr flags say a boundary can be crossed.
+    if ROW_MASK:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr):
+    tl.store(ptrs, x, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, S,
+               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, S, offs_d,
+                       HEAD_DIM, MASKED, EVEN_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            keep = cols[None, :] < S
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+        # Every row sees at least one unmasked column by the end of its first visited block, so
+        # m_new is finite and alpha = exp2(-inf) = 0 on the first step (no NaN).
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, S, offs_d,
+                       HEAD_DIM, MASKED, EVEN_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+              S, H_Q, G, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    pid_bh = tl.program_id(0)  # axis 0 (no 65535 limit); all heads of one row block run together
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        start_m = tl.num_programs(1) - 1 - pid_m  # longest rows first: better tail balance
+    else:
+        start_m = pid_m
+    off_b = (pid_bh // H_Q).to(tl.int64)
+    off_h = (pid_bh % H_Q).to(tl.int64)
+    off_kh = off_h // G
+    k_base = K + off_b * skb + off_kh * skh
+    v_base = V + off_b * svb + off_kh * svh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqs + offs_d[None, :], offs_m, S,
+                   offs_d, HEAD_DIM, True, EVEN_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        full_hi = start_m * BLOCK_M  # blocks left of the diagonal: no mask needed
+        tail_hi = tl.minimum(full_hi + BLOCK_M, S)
+    else:
+        full_hi = (S // BLOCK_N) * BLOCK_N
+        tail_hi = S
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, 0, full_hi,
+                               S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, full_hi,
+                               tail_hi, S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, DOT_PREC)
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+    _store_tile(O + off_b * sob + off_h * soh + offs_m[:, None] * sos + offs_d[None, :],
+                acc.to(O.dtype.element_ty), offs_m, S, offs_d, HEAD_DIM)
+    tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, sos, soh, sdob, sdos, sdoh, S, H_Q,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    EVEN_D: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    off_b = (pid_bh // H_Q).to(tl.int64)
+    off_h = (pid_bh % H_Q).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + off_b * sob + off_h * soh + rows[:, None] * sos + offs_d[None, :], rows, S,
+                   offs_d, HEAD_DIM, True, EVEN_D)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh + rows[:, None] * sdos + offs_d[None, :], rows, S,
+                    offs_d, HEAD_DIM, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * S + rows, delta, mask=rows < S)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sdos, offs_n, offs_d,
+                    lo, hi, S, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASK_M: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m0
+        # Rows past S load as zeros (dO = 0, delta = 0): their dV and dK contributions are exactly 0.
+        q = _load_tile(q_base + rows[:, None] * sqs + offs_d[None, :], rows, S, offs_d, HEAD_DIM,
+                       MASK_M, EVEN_D)
+        do = _load_tile(do_base + rows[:, None] * sdos + offs_d[None, :], rows, S, offs_d, HEAD_DIM,
+                        MASK_M, EVEN_D)
+        if MASK_M:
+            lse2 = tl.load(lse_base + rows, mask=rows < S, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_base + rows, mask=rows < S, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + rows) * 1.4426950408889634
+            delta = tl.load(delta_base + rows)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
+                   sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
+                   S, H_Q, H_KV, G, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_M: tl.constexpr,
+                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)  # causal: low n has the most query rows below it, so it starts first
+    off_b = (pid_bh // H_KV).to(tl.int64)
+    off_kh = (pid_bh % H_KV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + off_b * skb + off_kh * skh + offs_n[:, None] * sks + offs_d[None, :], offs_n,
+                   S, offs_d, HEAD_DIM, True, EVEN_D)
+    v = _load_tile(V + off_b * svb + off_kh * svh + offs_n[:, None] * svs + offs_d[None, :], offs_n,
+                   S, offs_d, HEAD_DIM, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if CAUSAL:
+        lo = pid_n * BLOCK_N  # query rows above the block see none of its keys
+        diag_hi = tl.minimum(lo + BLOCK_N, S)
+    else:
+        lo = 0
+        diag_hi = 0
+    for g in range(G):  # the G query heads sharing this K/V head, summed in registers
+        off_h = off_kh * G + g
+        q_base = Q + off_b * sqb + off_h * sqh
+        do_base = DO + off_b * sdob + off_h * sdoh
+        row0 = (off_b * H_Q + off_h) * S
+        if CAUSAL:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, sqs, sdos,
+                                     offs_n, offs_d, lo, diag_hi, S, qk_scale, HEAD_DIM, BLOCK_M,
+                                     MASK_M, EVEN_D, True, DOT_PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, sqs, sdos,
+                                 offs_n, offs_d, diag_hi, S, S, qk_scale, HEAD_DIM, BLOCK_M, MASK_M,
+                                 EVEN_D, False, DOT_PREC)
+    dk = dk * sm_scale
+    _store_tile(DK + off_b * sdkb + off_kh * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
+                dk.to(DK.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
+    _store_tile(DV + off_b * sdvb + off_kh * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
+                dv.to(DV.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo,
+                  hi, S, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_base + cols[:, None] * stride_ks + offs_d[None, :], cols, S, offs_d,
+                       HEAD_DIM, MASKED, EVEN_D)
+        v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, S, offs_d,
+                       HEAD_DIM, MASKED, EVEN_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = cols[None, :] < S
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
+                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
+                 S, H_Q, G, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    if CAUSAL:
+        start_m = tl.num_programs(1) - 1 - pid_m
+    else:
+        start_m = pid_m
+    off_b = (pid_bh // H_Q).to(tl.int64)
+    off_h = (pid_bh % H_Q).to(tl.int64)
+    off_kh = off_h // G
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqs + offs_d[None, :], offs_m, S,
+                   offs_d, HEAD_DIM, True, EVEN_D)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdos + offs_d[None, :], offs_m,
+                    S, offs_d, HEAD_DIM, True, EVEN_D)
+    row0 = pid_bh.to(tl.int64) * S
+    lse2 = tl.load(LSE + row0 + offs_m, mask=offs_m < S, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < S, other=0.0)
+    k_base = K + off_b * skb + off_kh * skh
+    v_base = V + off_b * svb + off_kh * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        full_hi = start_m * BLOCK_M
+        tail_hi = tl.minimum(full_hi + BLOCK_M, S)
+    else:
+        full_hi = (S // BLOCK_N) * BLOCK_N
+        tail_hi = S
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, 0, full_hi, S,
+                       qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, full_hi,
+                       tail_hi, S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, DOT_PREC)
+    dq = dq * sm_scale
+    _store_tile(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty), offs_m, S, offs_d, HEAD_DIM)
+
+
+# ------------------------------------------------------------------------------------- launchers
+
+def _np2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def default_config(kind: str, head_dim: int, dtype: torch.dtype, seqlen: int,
+                   device: torch.device) -> dict:
+    """Launch configuration for ``kind`` in ``fwd | dkdv | dq`` (a heuristic, no autotuning).
+
+    ``BLOCK_M`` tiles query rows, ``BLOCK_N`` key rows. The loops need BLOCK_M % BLOCK_N == 0 for
+    ``fwd``/``dq`` (causal diagonal band of BLOCK_M rows) and BLOCK_N % BLOCK_M == 0 for ``dkdv``.
+    """
+    if device.type != "cuda":
+        # Triton interpreter: small tiles so tests with S <= 100 still cross several blocks.
+        bm, bn, warps, stages = {"fwd": (64, 32), "dq": (64, 32), "dkdv": (32, 64)}[kind] + (4, 1)
+    elif dtype == torch.float32:  # accepted, not tuned: fp32 tiles take twice the shared memory
+        bm, bn, warps, stages = {"fwd": (64, 32), "dq": (64, 32), "dkdv": (32, 32)}[kind] + (4, 2)
+    elif head_dim <= 64:
+        bm, bn, warps, stages = {"fwd": (128, 64, 4, 3), "dq": (128, 32, 4, 3),
+                                 "dkdv": (32, 128, 4, 3)}[kind]
+    else:  # 80 / 96 / 128 (padded to 128): fp32 dK+dV accumulators bound the dkdv tile
+        bm, bn, warps, stages = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2),
+                                 "dkdv": (64, 64, 8, 2)}[kind]
+    # Short sequences: don't compute (and mask) mostly empty tiles. tl.dot needs every dim >= 16.
+    cap = max(16, _np2(seqlen))
+    if kind == "dkdv":
+        bn = min(bn, cap)
+        bm = min(bm, bn)
+    else:
+        bm = min(bm, cap)
+        bn = min(bn, bm)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
+def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # The kernels assume unit stride along head_dim (vectorised loads); anything else is copied.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bhs(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common(q: torch.Tensor, config: dict | None, kind: str) -> tuple[dict, dict]:
+    B, S, HQ, D = q.shape
+    cfg = dict(config) if config else default_config(kind, D, q.dtype, S, q.device)
+    block_d = max(16, _np2(D))
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    return cfg, meta
+
+
+def _interp_bf16(*ts: torch.Tensor) -> bool:
+    # The interpreter computes bf16 dots/arithmetic wrongly: run it in fp32 there (CPU only).
+    return not ts[0].is_cuda and ts[0].dtype == torch.bfloat16
+
+
+def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, config=None):
+    """Forward. q ``[B,S,Hq,D]``, k/v ``[B,S,Hkv,D]`` (any strides, unit last stride) ->
+    (o ``[B,S,Hq,D]`` in q's dtype, lse ``[B,Hq,S]`` fp32, natural log). ``out``/``lse`` may be
+    preallocated (tests poison them)."""
+    B, S, HQ, D = q.shape
+    HKV = k.shape[2]
+    o = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty((B, HQ, S), dtype=torch.float32, device=q.device) if lse is None else lse
+    if _interp_bf16(q):
+        o32, _ = attention_fwd(q.float(), k.float(), v.float(), causal, scale, lse=lse, config=config)
+        o.copy_(o32)
+        return o, lse
+    if o.numel() == 0:
+        return o, lse
+    q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
+    assert o.stride(-1) == 1 and lse.is_contiguous()
+    cfg, meta = _common(q, config, "fwd")
+    grid = (B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))
+    _attn_fwd[grid](q, k, v, o, lse, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(o), S, HQ, HQ // HKV,
+                    scale * LOG2E, CAUSAL=bool(causal), **meta, **cfg)
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None, dq=None, dk=None,
+                  dv=None, config=None):
+    """Backward: (dq, dk, dv) shaped like (q, k, v), in their dtype. ``dlse`` (optional, the
+    gradient of lse) folds into delta. ``config`` may hold ``dkdv`` and ``dq`` launch configs."""
+    B, S, HQ, D = q.shape
+    HKV = k.shape[2]
+    dq = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty((B, S, HKV, D), dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty((B, S, HKV, D), dtype=v.dtype, device=v.device) if dv is None else dv
+    if _interp_bf16(q):
+        grads = attention_bwd(do.float(), q.float(), k.float(), v.float(), o.float(), lse, causal,
+                              scale, dlse=dlse, config=config)
+        for dst, src in zip((dq, dk, dv), grads):
+            dst.copy_(src)
+        return dq, dk, dv
+    if dq.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    do, q, k, v, o = (_lastdim_contiguous(t) for t in (do, q, k, v, o))
+    lse = lse.contiguous()
+    assert dq.stride(-1) == 1 and dk.stride(-1) == 1 and dv.stride(-1) == 1
+    config = config or {}
+    _, meta = _common(q, None, "fwd")
+    delta = torch.empty((B, HQ, S), dtype=torch.float32, device=q.device)
+    pre_m = 64 if q.is_cuda else 32
+    _attn_bwd_delta[(B * HQ, triton.cdiv(S, pre_m))](
+        o, do, delta, *_bhs(o), *_bhs(do), S, HQ, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_m,
+        EVEN_D=meta["EVEN_D"], num_warps=4)
+    if dlse is not None:  # d lse_i / d s_ij = P_ij: the same as lowering delta by dlse
+        delta.sub_(dlse)
+    cfg, _ = _common(q, config.get("dkdv"), "dkdv")
+    _attn_bwd_dkdv[(B * HKV, triton.cdiv(S, cfg["BLOCK_N"]))](
+        q, k, v, do, dk, dv, lse, delta, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(do), *_bhs(dk), *_bhs(dv),
+        S, HQ, HKV, HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal),
+        MASK_M=S % cfg["BLOCK_M"] != 0, **meta, **cfg)
+    cfg, _ = _common(q, config.get("dq"), "dq")
+    _attn_bwd_dq[(B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))](
+        q, k, v, do, dq, lse, delta, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(do), *_bhs(dq),
+        S, HQ, HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal), **meta, **cfg)
+    return dq, dk, dv
