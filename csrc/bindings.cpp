@@ -1,4 +1,154 @@
-// Placeholder binding (replaced by the loader work of issue 2).
+// NB_MODULE(_apr_ext): the Python face of the C++ core. No torch or CUDA at build time: tensors
+// leave as DLPack (nanobind imports torch lazily when it converts).
+//
+// Ownership: one MappedFile per open file, held by a shared_ptr. The Reader holds one reference;
+// every exported buffer holds another through its capsule owner, so the mapping lives until the
+// Reader is closed AND the last tensor viewing it is gone.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cerrno>
+#include <memory>
+
+#include "apr_file.hpp"
+#include "crc32.hpp"
+#include "errors.hpp"
+
 namespace nb = nanobind;
-NB_MODULE(_apr_ext, m) { m.attr("FORMAT_VERSION") = nb::make_tuple(2, 0); }
+using namespace nb::literals;
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "APR v2 is little-endian; big-endian hosts are not supported");
+
+namespace {
+
+using ByteTensor = nb::ndarray<nb::pytorch, uint8_t, nb::ndim<1>, nb::c_contig>;
+
+class Reader {
+ public:
+  explicit Reader(const std::string& path) : file_(std::make_unique<apr::AprFile>(path)) {}
+
+  const apr::AprFile& f() const {
+    if (!file_) throw apr::FormatError(path_closed_ + ": the APR file is closed");
+    return *file_;
+  }
+
+  // A uint8 tensor over bytes [offset, offset + size) of the mapping.
+  ByteTensor view(uint64_t offset, uint64_t size) const {
+    const auto& mf = f().mapping();
+    if (offset > mf->size() || size > mf->size() - offset)
+      throw apr::FormatError(mf->path() + ": byte range [" + std::to_string(offset) + ", +" +
+                             std::to_string(size) + ") is outside the mapping");
+    auto* holder = new std::shared_ptr<apr::MappedFile>(mf);
+    nb::capsule owner(holder, [](void* p) noexcept { delete static_cast<std::shared_ptr<apr::MappedFile>*>(p); });
+    size_t shape[1] = {static_cast<size_t>(size)};
+    return ByteTensor(mf->data() + offset, 1, shape, owner);
+  }
+
+  nb::list entries() const {
+    nb::list out;
+    for (const auto& t : f().tensors()) {
+      nb::list shape;
+      for (uint64_t d : t.shape) shape.append(d);
+      out.append(nb::make_tuple(nb::str(t.name.data(), t.name.size()), apr::dtype_name(t.dtype),
+                                nb::tuple(shape), t.offset, t.size, t.placeholder, t.code));
+    }
+    return out;
+  }
+
+  void close() {
+    if (file_) {
+      path_closed_ = file_->mapping()->path();
+      file_->mapping()->close_fd();
+      file_.reset();
+    }
+  }
+
+  bool closed() const { return !file_; }
+
+ private:
+  std::unique_ptr<apr::AprFile> file_;
+  std::string path_closed_;
+};
+
+}  // namespace
+
+NB_MODULE(_apr_ext, m) {
+  m.doc() = "C++ core of apr_kernels: APR v2 mapping, validation, zero-copy views and CRC-32";
+  m.attr("FORMAT_VERSION") = nb::make_tuple(2, 0);
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const apr::FormatError& e) {
+      // Raise the package's own exception type (a ValueError subclass) directly.
+      nb::object cls = nb::module_::import_("apr_kernels.errors").attr("AprFormatError");
+      PyErr_SetString(cls.ptr(), e.what());
+    } catch (const apr::OsError& e) {
+      errno = e.errno_value;
+      PyErr_SetFromErrnoWithFilename(PyExc_OSError, e.filename.c_str());
+    }
+  });
+
+  nb::dict lim;
+  lim["max_tensors"] = apr::limits::kMaxTensors;
+  lim["max_ndim"] = apr::limits::kMaxNdim;
+  lim["max_name_len"] = apr::limits::kMaxNameLen;
+  lim["max_metadata"] = apr::limits::kMaxMetadata;
+  m.attr("LIMITS") = lim;
+
+  nb::class_<Reader>(m, "Reader")
+      .def(nb::init<const std::string&>(), "path"_a, nb::call_guard<nb::gil_scoped_release>(),
+           "Open, map and validate an APR v2 file (raises AprFormatError / OSError).")
+      .def_prop_ro("path", [](const Reader& r) { return r.f().mapping()->path(); })
+      .def_prop_ro("file_size", [](const Reader& r) { return r.f().mapping()->size(); })
+      .def_prop_ro("magic", [](const Reader& r) { return nb::bytes(r.f().header().magic, 4); })
+      .def_prop_ro("version", [](const Reader& r) {
+        return nb::make_tuple(r.f().header().version_major, r.f().header().version_minor);
+      })
+      .def_prop_ro("flags", [](const Reader& r) { return r.f().header().flags; })
+      .def_prop_ro("data_offset", [](const Reader& r) { return r.f().header().data_offset; })
+      .def_prop_ro("data_end", [](const Reader& r) { return r.f().data_end(); })
+      .def_prop_ro("index_sorted", [](const Reader& r) { return r.f().index_sorted(); })
+      .def_prop_ro("header_crc_present", [](const Reader& r) { return r.f().header_crc_present(); })
+      .def_prop_ro("has_footer", [](const Reader& r) { return r.f().has_footer(); })
+      .def_prop_ro("footer_crc", [](const Reader& r) { return r.f().stored_footer_crc(); })
+      .def_prop_ro("identity", [](const Reader& r) {
+        return nb::make_tuple(r.f().mapping()->device(), r.f().mapping()->inode());
+      }, "(st_dev, st_ino) of the mapped file")
+      .def_prop_ro("closed", &Reader::closed)
+      .def("metadata_bytes", [](const Reader& r) {
+        const std::string& s = r.f().metadata();
+        return nb::bytes(s.data(), s.size());
+      })
+      .def("entries", &Reader::entries,
+           "[(name, dtype, shape, absolute offset, size, placeholder, dtype code)] in index order")
+      .def("view", &Reader::view, "offset"_a, "size"_a,
+           "uint8 tensor over mapping bytes [offset, offset+size); keeps the mapping alive")
+      .def("current_size", [](const Reader& r) { return r.f().mapping()->current_size(); })
+      .def("compute_footer_crc", [](const Reader& r) {
+        const apr::AprFile& f = r.f();
+        nb::gil_scoped_release nogil;
+        return f.compute_footer_crc();
+      })
+      .def("verify", [](const Reader& r) {
+        const apr::AprFile& f = r.f();
+        nb::gil_scoped_release nogil;
+        f.verify_footer();
+      }, "Check the footer CRC over the whole file (AprFormatError if missing or wrong)")
+      .def("close", &Reader::close);
+
+  using Bytes = nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+  m.def("crc32", [](Bytes data, uint32_t value) {
+    const uint8_t* p = data.data();
+    size_t n = data.shape(0);
+    nb::gil_scoped_release nogil;
+    return apr::crc32_update(value, p, n);
+  }, "data"_a, "value"_a = 0, "CRC-32 like zlib.crc32(data, value), for 1-D uint8 buffers");
+  m.def("crc32_slice8", [](Bytes data, uint32_t value) {
+    return apr::crc32_slice8(value, data.data(), data.shape(0));
+  }, "data"_a, "value"_a = 0, "The portable slice-by-8 path (for tests)");
+  m.def("crc32_impl", &apr::crc32_impl, "Which CRC-32 path this CPU uses");
+}

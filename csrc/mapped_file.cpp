@@ -1,1 +1,83 @@
-// placeholder
+#include "mapped_file.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "errors.hpp"
+
+namespace apr {
+
+namespace {
+[[noreturn]] void throw_os(int err, const std::string& path, const char* call) {
+  throw OsError(err, path, std::string(call) + " failed: " + std::strerror(err));
+}
+}  // namespace
+
+MappedFile::MappedFile(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw_os(errno, path, "open");
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) {
+    int err = errno;
+    ::close(fd_);
+    throw_os(err, path, "fstat");
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd_);
+    throw FormatError(path + ": not a regular file (expected an APR v2 model file)");
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+  dev_ = static_cast<uint64_t>(st.st_dev);
+  ino_ = static_cast<uint64_t>(st.st_ino);
+  if (size_ > 0) {
+    void* p = ::mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd_, 0);
+    if (p == MAP_FAILED) {
+      int err = errno;
+      ::close(fd_);
+      throw_os(err, path, "mmap");
+    }
+    data_ = static_cast<uint8_t*>(p);
+  }
+}
+
+MappedFile::~MappedFile() {
+  if (data_) ::munmap(data_, size_);
+  close_fd();
+}
+
+void MappedFile::close_fd() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+void MappedFile::read_exact(uint64_t offset, void* dst, size_t n, const char* what) const {
+  if (fd_ < 0) throw FormatError(path_ + ": file is closed (reading " + what + ")");
+  auto* out = static_cast<uint8_t*>(dst);
+  while (n > 0) {
+    ssize_t got = ::pread(fd_, out, n, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw_os(errno, path_, "pread");
+    }
+    if (got == 0)
+      throw FormatError(path_ + ": file ended at byte " + std::to_string(offset) + " while reading " +
+                        what + " (the file was truncated after it was opened?)");
+    out += got;
+    offset += static_cast<uint64_t>(got);
+    n -= static_cast<size_t>(got);
+  }
+}
+
+uint64_t MappedFile::current_size() const {
+  if (fd_ < 0) return size_;
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) throw_os(errno, path_, "fstat");
+  return static_cast<uint64_t>(st.st_size);
+}
+
+}  // namespace apr

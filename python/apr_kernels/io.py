@@ -1,0 +1,254 @@
+"""Load, open and save APR v2 model files (zero-copy on CPU; the API mirrors safetensors).
+
+    tensors = apr_kernels.load("model.apr")            # dict of views into one mapping
+    with apr_kernels.open("model.apr") as f:           # lazy: nothing is read until asked
+        f.metadata, f.config, f.keys(), f.info(name)
+        w = f.get_tensor(name)                         # quantised dtypes come back dequantised
+    apr_kernels.save(tensors, "out.apr", metadata={...})
+
+The C++ core (``apr_kernels._apr_ext``) maps the file MAP_PRIVATE with PROT_READ|PROT_WRITE
+(copy-on-write: in-place ops on a loaded tensor change the process's copy, never the file) and
+validates the header and the whole tensor index before any tensor is handed out. Every tensor is a
+view whose owner keeps the mapping alive, so tensors stay valid after ``close()``; the mapping goes
+away when the file is closed and the last tensor has died.
+
+Errors: a malformed file raises ``apr_kernels.errors.AprFormatError`` (a ValueError) naming the
+file, the field or tensor and what was expected; a missing or unreadable file raises OSError.
+
+What validation cannot prevent: if another process truncates the file *after* it was opened, a
+later access to a now-missing page of the mapping raises SIGBUS, which kills the process (no
+Python exception can catch it). ``open`` checks the size again after parsing and ``verify=True``
+reads through pread (a clean error, no SIGBUS), and ``AprFile.check_unchanged()`` re-checks the
+size on demand. Never rewrite a mapped file in place; ``save`` always writes a temporary file and
+renames it over the target, so replacing a file that is loaded elsewhere is safe.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from . import _apr_ext
+from ._format import QUANTIZED, TORCH_DTYPES, LazyTensor, QuantizedTensor, TensorInfo, nbytes_for
+from ._save import save
+from .errors import AprFormatError
+
+__all__ = ["load", "open", "save", "AprFile", "TensorInfo", "QuantizedTensor", "LazyTensor",
+           "nbytes_for"]
+
+# Tied-embedding placeholders (spec 10.4): a 0-byte lm_head stands for the embedding.
+_TIED_SOURCES = {"lm_head.weight": ("model.embed_tokens.weight", "token_embd.weight"),
+                 "output.weight": ("token_embd.weight", "model.embed_tokens.weight")}
+
+
+class AprFile:
+    """An open APR v2 file: the validated tensor table plus lazily built tensor views.
+
+    Use as a context manager or call ``close()``. Tensors already returned stay valid after close.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False):
+        self.path = os.fspath(path)
+        self._reader = _apr_ext.Reader(self.path)
+        self._metadata: dict | None = None
+        self._config = None
+        self._infos: dict[str, TensorInfo] = {}
+        for name, dtype, shape, offset, size, placeholder, _code in self._reader.entries():
+            self._infos[name] = TensorInfo(name, dtype, shape, offset, size, placeholder)
+        # The metadata must be a JSON object (spec 5.1). Parsing is deferred to first use (a big
+        # tokenizer is ~10 MB of JSON that load() never needs) but the kind is checked now.
+        self._meta_bytes = self._reader.metadata_bytes()
+        head = self._meta_bytes[:64].lstrip(b" \t\r\n")
+        if self._meta_bytes and not head.startswith(b"{"):
+            raise AprFormatError(f"{self.path}: metadata is not a JSON object (starts with "
+                                 f"{head[:16]!r}); expected '{{...}}' at offset 64")
+        if verify:
+            self._reader.verify()
+
+    # -- metadata -----------------------------------------------------------------------------
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The JSON metadata as a dict (duplicate keys: the last one wins, as in aprender)."""
+        if self._metadata is None:
+            self._metadata = _parse_metadata(self._meta_bytes, self.path)
+        return self._metadata
+
+    @property
+    def config(self):
+        """Typed model config (``apr_kernels.metadata.AprModelConfig``) from the metadata."""
+        if self._config is None:
+            from .metadata import AprModelConfig
+
+            self._config = AprModelConfig.from_metadata(self.metadata, path=self.path)
+        return self._config
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """Header facts: magic, version, flags, data_offset, index_sorted, has_footer, ..."""
+        r = self._reader
+        return {"magic": r.magic, "version": r.version, "flags": r.flags, "data_offset": r.data_offset,
+                "file_size": r.file_size, "index_sorted": r.index_sorted,
+                "header_crc_present": r.header_crc_present, "has_footer": r.has_footer,
+                "footer_crc": r.footer_crc if r.has_footer else None}
+
+    # -- tensor table -------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Tensor names in index order."""
+        return list(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r} ({len(self)} tensors)") from None
+
+    # -- tensors ------------------------------------------------------------------------------
+    def get_raw(self, name: str) -> torch.Tensor:
+        """The stored bytes of ``name`` as a 1-D uint8 tensor (a view into the mapping)."""
+        info = self.info(name)
+        return self._reader.view(info.offset, info.nbytes)
+
+    def get_tensor(self, name: str, *, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name``: a zero-copy view on CPU; copied through pinned buffers to CUDA.
+
+        Quantised dtypes (Q4_K, Q6_K, APR_Q4, APR_Q8) are dequantised to ``dtype`` (default
+        float32). For plain dtypes ``dtype`` converts (a copy) when it differs.
+        """
+        dev = _device(device)
+        info = self._resolve(name)
+        if dev.type == "cuda":
+            from ._cuda_load import to_cuda
+
+            return to_cuda(self, [info.name], dev, dtype=dtype)[info.name]
+        t = self._cpu_tensor(info, dtype)
+        return t if dev.type == "cpu" else t.to(dev)
+
+    def _resolve(self, name: str) -> TensorInfo:
+        info = self.info(name)
+        if not info.placeholder:
+            return info
+        for src in _TIED_SOURCES.get(name, ()):
+            other = self._infos.get(src)
+            if other and not other.placeholder and other.shape == info.shape:
+                return other
+        raise AprFormatError(f"{self.path}: tensor {name!r} is a 0-byte placeholder (shape "
+                             f"{list(info.shape)}, dtype {info.dtype}) and no embedding of that shape "
+                             f"exists to stand in for it (expected one of {_TIED_SOURCES.get(name, ())})")
+
+    def _cpu_tensor(self, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
+        raw = self._reader.view(info.offset, info.nbytes)
+        if info.dtype in QUANTIZED:
+            from .quant import dequantize
+
+            return dequantize(info.dtype, info.shape, raw, dtype=dtype or torch.float32)
+        tdtype = TORCH_DTYPES[info.dtype]
+        if info.offset % tdtype.itemsize:
+            raw = raw.clone()  # misaligned (non-conforming writer): copy rather than a misaligned view
+        t = raw.view(tdtype).view(info.shape)
+        return t if dtype is None or dtype == tdtype else t.to(dtype)
+
+    def tensors(self, *, device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """All tensors (placeholders resolved to the tensor they stand for)."""
+        dev = _device(device)
+        if dev.type == "cuda":
+            from ._cuda_load import to_cuda
+
+            resolved = {n: self._resolve(n).name for n in self._infos}
+            moved = to_cuda(self, sorted(set(resolved.values())), dev, dtype=dtype)
+            return {n: moved[src] for n, src in resolved.items()}
+        out = {}
+        for name, info in self._infos.items():
+            t = self._cpu_tensor(self._resolve(name) if info.placeholder else info, dtype)
+            out[name] = t if dev.type == "cpu" else t.to(dev)
+        return out
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def check_unchanged(self) -> None:
+        """Raise AprFormatError if the file on disk shrank since it was opened (SIGBUS risk)."""
+        size = self._reader.current_size()
+        if size < self._reader.file_size:
+            raise AprFormatError(f"{self.path}: file shrank from {self._reader.file_size} to {size} "
+                                 "bytes after it was opened; expected it unchanged while mapped")
+
+    def verify(self) -> None:
+        """Check the footer CRC over the whole file (AprFormatError when missing or wrong)."""
+        self._reader.verify()
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.closed
+
+    def close(self) -> None:
+        """Release this handle's reference to the mapping (tensors keep their own)."""
+        self._reader.close()
+
+    def __enter__(self) -> "AprFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self)} tensors"
+        return f"AprFile({self.path!r}, {state})"
+
+
+def open(path: str | os.PathLike, *, verify: bool = False) -> AprFile:  # noqa: A001 (mirrors safe_open)
+    """Open and validate an APR v2 file; ``verify=True`` also checks the footer CRC."""
+    return AprFile(path, verify=verify)
+
+
+def load(path: str | os.PathLike, *, device="cpu", verify: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of an APR v2 file as a dict (like ``safetensors.torch.load_file``).
+
+    On CPU the tensors are zero-copy views of one private mapping; on CUDA they are copied through
+    pinned staging buffers with overlapped host-to-device copies. Quantised tensors come back
+    dequantised to float32 (use ``open(...).get_raw`` for the blocks).
+    """
+    with AprFile(path, verify=verify) as f:
+        return f.tensors(device=device)
+
+
+def _device(device) -> torch.device:
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(dev)!r} was requested but CUDA is not available "
+                           "(torch.cuda.is_available() is False); use device='cpu'")
+    return dev
+
+
+def _parse_metadata(raw: bytes, path: str) -> dict:
+    if not raw:
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AprFormatError(f"{path}: metadata is not valid UTF-8 (byte {exc.start} of the JSON at "
+                             "offset 64); expected a UTF-8 JSON object") from None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AprFormatError(f"{path}: metadata is not valid JSON ({exc.msg} at line {exc.lineno} "
+                             f"column {exc.colno}); expected a JSON object") from None
+    except RecursionError:
+        raise AprFormatError(f"{path}: metadata JSON nests too deeply; expected a JSON object") from None
+    if not isinstance(meta, dict):
+        raise AprFormatError(f"{path}: metadata is a JSON {type(meta).__name__}, expected a JSON object")
+    return meta
+
+
+_ = builtins  # `open` above shadows the builtin inside this module; use builtins.open if needed

@@ -1,0 +1,201 @@
+"""Dequantisation and quantisation of the APR block formats (spec section 8), vectorised torch.
+
+Formats (raw bytes as stored in the file, one 1-D uint8 tensor per tensor):
+* APR_Q4: blocks of 32 flattened elements, 18 bytes: f16 scale | 16 bytes of nibbles (element 2k
+  low nibble of byte k, 2k+1 high); x = (nibble - 8) * scale; a NaN/Inf/subnormal scale reads as 0.
+* APR_Q8: f32 scale for the whole tensor | n int8; x = q * scale.
+* Q4_K / Q6_K: GGML ``block_q4_K`` (144 bytes) / ``block_q6_K`` (210 bytes) per 256 elements, each
+  row of the last dimension starting a new block (row-aligned, GH-370); byte-identical to llama.cpp.
+
+Works on any device the raw tensor is on (so CUDA dequantises on the GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._format import QUANTIZED, QuantizedTensor, nbytes_for
+
+__all__ = ["dequantize", "quantize"]
+
+_F16_MIN_NORMAL = 2.0**-14
+
+
+def dequantize(apr_dtype: str, shape, raw: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Floats of logical ``shape`` from the raw blocks ``raw`` (1-D uint8) of APR ``apr_dtype``.
+
+    The maths runs in float32; the result is cast to ``dtype``.
+    """
+    out_dtype = dtype
+    dtype = apr_dtype
+    shape = tuple(int(d) for d in shape)
+    if dtype not in QUANTIZED:
+        raise ValueError(f"dequantize: {dtype!r} is not a quantised APR dtype ({', '.join(sorted(QUANTIZED))})")
+    want = nbytes_for(dtype, shape)
+    if raw.dtype != torch.uint8 or raw.dim() != 1 or raw.numel() != want:
+        raise ValueError(f"dequantize: {dtype} of shape {list(shape)} needs a 1-D uint8 tensor of {want} bytes, "
+                         f"got {raw.dtype} {list(raw.shape)}")
+    n = math.prod(shape)
+    if dtype == "APR_Q8":
+        scale = raw[:4].clone().view(torch.float32)
+        x = raw[4:].view(torch.int8).to(torch.float32) * scale
+    elif dtype == "APR_Q4":
+        x = _dequant_apr_q4(raw)[:n]
+    else:
+        cols = shape[-1] if shape else 1
+        rows = math.prod(shape[:-1])
+        nblk = -(-cols // 256)
+        if rows * nblk == 0:
+            return torch.zeros(shape, dtype=out_dtype, device=raw.device)
+        fn = _dequant_q4_k if dtype == "Q4_K" else _dequant_q6_k
+        x = fn(raw.view(rows * nblk, -1)).view(rows, nblk * 256)[:, :cols]
+    return x.reshape(shape).to(out_dtype)
+
+
+def _f16(cols: torch.Tensor) -> torch.Tensor:
+    """[B, 2] uint8 columns -> [B, 1] float32 from little-endian f16."""
+    return cols.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _dequant_apr_q4(raw: torch.Tensor) -> torch.Tensor:
+    blocks = raw.view(-1, 18)
+    scale = _f16(blocks[:, :2])
+    scale = torch.where(torch.isfinite(scale) & (scale.abs() >= _F16_MIN_NORMAL), scale, torch.zeros_like(scale))
+    q = blocks[:, 2:].to(torch.int32)
+    nib = torch.stack((q & 15, q >> 4), dim=-1).view(-1, 32)  # element 2k low, 2k+1 high
+    return ((nib - 8).to(torch.float32) * scale).view(-1)
+
+
+def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGML get_scale_min_k4 for all 8 sub-blocks: [B, 12] int32 -> ([B, 8], [B, 8])."""
+    sc = torch.cat((s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)), dim=1)
+    mn = torch.cat((s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)), dim=1)
+    return sc, mn
+
+
+def _dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:  # [B, 144] -> [B, 256]
+    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    sc, mn = _scale_min_k4(blocks[:, 4:16].to(torch.int32))
+    qs = blocks[:, 16:144].to(torch.int32).view(-1, 4, 32)
+    q = torch.stack((qs & 15, qs >> 4), dim=2).view(-1, 8, 32)  # chunk j: low -> 64j+l, high -> 64j+32+l
+    y = (d * sc.to(torch.float32)).unsqueeze(-1) * q.to(torch.float32) - (dmin * mn.to(torch.float32)).unsqueeze(-1)
+    return y.view(-1, 256)
+
+
+def _dequant_q6_k(blocks: torch.Tensor) -> torch.Tensor:  # [B, 210] -> [B, 256]
+    ql = blocks[:, 0:128].to(torch.int32).view(-1, 2, 2, 32)  # [B, half, a/b, 32]
+    qh = blocks[:, 128:192].to(torch.int32).view(-1, 2, 32)
+    sc = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)  # [B, 16]
+    d = _f16(blocks[:, 208:210])
+    a, b = ql[:, :, 0], ql[:, :, 1]
+    q = torch.stack((
+        (a & 15) | ((qh & 3) << 4),
+        (b & 15) | (((qh >> 2) & 3) << 4),
+        (a >> 4) | (((qh >> 4) & 3) << 4),
+        (b >> 4) | (((qh >> 6) & 3) << 4),
+    ), dim=2).view(-1, 16, 16) - 32  # 16 groups of 16, group g uses scale g
+    return (d.unsqueeze(-1) * sc.unsqueeze(-1) * q.to(torch.float32)).view(-1, 256)
+
+
+# -- quantisers --------------------------------------------------------------------------------
+
+def quantize(dtype: str, tensor: torch.Tensor) -> QuantizedTensor:
+    """Quantise a float tensor to APR ``dtype`` (APR_Q4, APR_Q8, Q4_K, Q6_K) -> QuantizedTensor.
+
+    APR_Q4/APR_Q8 follow aprender's writer exactly (spec 8.1/8.2, round half away from zero).
+    Q4_K/Q6_K use a simple min/max (Q4_K) or absmax (Q6_K) scale per sub-block (llama.cpp's
+    search-based quantiser is more accurate; the byte layout is the same GGML layout).
+    """
+    if dtype not in QUANTIZED:
+        raise ValueError(f"quantize: {dtype!r} is not a quantised APR dtype ({', '.join(sorted(QUANTIZED))})")
+    if not tensor.is_floating_point():
+        raise ValueError(f"quantize: expected a floating-point tensor, got {tensor.dtype}")
+    shape = tuple(tensor.shape)
+    x = tensor.detach().to(torch.float32).reshape(-1)
+    if dtype == "APR_Q8":
+        data = _quant_apr_q8(x)
+    elif dtype == "APR_Q4":
+        data = _quant_apr_q4(x)
+    else:
+        cols = shape[-1] if shape else 1
+        rows = math.prod(shape[:-1])
+        nblk = -(-cols // 256)
+        padded = torch.zeros(rows, nblk * 256, dtype=torch.float32, device=x.device)
+        padded[:, :cols] = x.view(rows, cols)
+        fn = _quant_q4_k if dtype == "Q4_K" else _quant_q6_k
+        data = fn(padded.view(-1, 256)).reshape(-1) if rows * nblk else torch.empty(0, dtype=torch.uint8)
+    return QuantizedTensor(dtype, shape, data.to(torch.uint8).cpu().contiguous())
+
+
+def _round_away(x: torch.Tensor) -> torch.Tensor:
+    """Rust f32::round: halves away from zero (torch.round rounds halves to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _f16_bytes(v: torch.Tensor) -> torch.Tensor:  # [B] float -> [B, 2] uint8
+    return v.to(torch.float16).contiguous().view(torch.uint8).view(-1, 2)
+
+
+def _quant_apr_q8(x: torch.Tensor) -> torch.Tensor:
+    amax = x.abs().max() if x.numel() else torch.tensor(0.0)
+    scale = amax / 127 if amax > 0 else torch.tensor(1.0)
+    q = torch.clamp(_round_away(x / scale), -127, 127).to(torch.int8)
+    return torch.cat((scale.reshape(1).to(torch.float32).view(torch.uint8), q.view(torch.uint8)))
+
+
+def _quant_apr_q4(x: torch.Tensor) -> torch.Tensor:
+    n = x.numel()
+    nb = -(-n // 32)
+    xb = torch.zeros(nb * 32, dtype=torch.float32, device=x.device)
+    xb[:n] = x
+    xb = xb.view(nb, 32)
+    amax = xb.abs().amax(dim=1, keepdim=True) if nb else xb.new_zeros(0, 1)
+    scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    nib = (torch.clamp(_round_away(xb / scale), -8, 7) + 8).to(torch.int32).view(-1)
+    nib[n:] = 0  # a partial block is zero-filled
+    nib = nib.view(nb, 16, 2)
+    packed = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8)
+    return torch.cat((_f16_bytes(scale.view(-1)), packed), dim=1).reshape(-1)
+
+
+def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
+    sub = x.view(-1, 8, 32)
+    lo = sub.amin(dim=2).clamp(max=0.0)  # the min offset is subtracted, so it is <= 0
+    hi = sub.amax(dim=2)
+    scale = (hi - lo) / 15
+    mins = -lo
+    d = (scale.amax(dim=1) / 63).to(torch.float16).to(torch.float32)
+    dmin = (mins.amax(dim=1) / 63).to(torch.float16).to(torch.float32)
+    safe = lambda v: torch.where(v > 0, v, torch.ones_like(v))  # noqa: E731
+    sc = torch.clamp(torch.round(scale / safe(d)[:, None]), 0, 63).to(torch.int32)
+    mn = torch.clamp(torch.round(mins / safe(dmin)[:, None]), 0, 63).to(torch.int32)
+    eff_scale = d[:, None] * sc
+    eff_min = dmin[:, None] * mn
+    q = torch.round((sub + eff_min[..., None]) / safe(eff_scale)[..., None])
+    q = torch.where(eff_scale[..., None] > 0, q, torch.zeros_like(q)).clamp(0, 15).to(torch.int32)
+    s = torch.empty(x.shape[0], 12, dtype=torch.int32, device=x.device)
+    s[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    s[:, 4:8] = mn[:, 0:4] | ((mn[:, 4:8] >> 4) << 6)
+    s[:, 8:12] = (sc[:, 4:8] & 15) | ((mn[:, 4:8] & 15) << 4)
+    q = q.view(-1, 4, 2, 32)
+    qs = q[:, :, 0] | (q[:, :, 1] << 4)
+    return torch.cat((_f16_bytes(d), _f16_bytes(dmin), s.to(torch.uint8), qs.view(-1, 128).to(torch.uint8)), dim=1)
+
+
+def _quant_q6_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 210]
+    sub = x.view(-1, 16, 16)
+    scale = sub.abs().amax(dim=2) / 31
+    d = (scale.amax(dim=1) / 127).to(torch.float16).to(torch.float32)
+    safe = lambda v: torch.where(v > 0, v, torch.ones_like(v))  # noqa: E731
+    sc = torch.clamp(torch.round(scale / safe(d)[:, None]), -128, 127)
+    eff = d[:, None] * sc
+    q = torch.round(sub / safe(eff)[..., None])
+    q = torch.where(eff[..., None] > 0, q, torch.zeros_like(q)).clamp(-32, 31).to(torch.int32) + 32
+    q = q.view(-1, 2, 4, 32)  # [B, half, quarter, l]
+    q0, q1, q2, q3 = q[:, :, 0], q[:, :, 1], q[:, :, 2], q[:, :, 3]
+    ql = torch.stack(((q0 & 15) | ((q2 & 15) << 4), (q1 & 15) | ((q3 & 15) << 4)), dim=2)  # [B, 2, 2, 32]
+    qh = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6)  # [B, 2, 32]
+    return torch.cat((ql.reshape(-1, 128).to(torch.uint8), qh.reshape(-1, 64).to(torch.uint8),
+                      sc.to(torch.int8).view(torch.uint8), _f16_bytes(d)), dim=1)
