@@ -7,13 +7,16 @@
 #   bash bench/gpu_check.sh --smoke    CPU, tiny sizes, no GPU tests (what CI runs)
 #   options: --only ceilings,rms_norm  run only these benches
 #
-# Results: JSON per bench plus gpu_check.log and pytest.log in $OUT when set, else bench/results/
-# (--smoke without $OUT: a temporary folder). At most 8 files land in $OUT (the device tool's limit).
-# Environment: PYTHON (default python3); GPU_CHECK_PYTEST overrides the test selection (pytest args).
+# Results: JSON per bench plus gpu_check.log and pytest.log in $OUT when set; else the JSON in
+# bench/results/ and the logs in build/gpu_check/ (--smoke without $OUT: a temporary folder).
+# At most 8 files land in $OUT (the device tool's limit): beyond that the JSON go into results.tgz.
+# Environment: PYTHON (default python3); GPU_CHECK_PYTEST overrides the test selection (pytest args);
+# GPU_CHECK_BUDGET overrides the total time budget in seconds (steps past it are skipped, loudly).
 # Exit status: 0 all passed; 1 a test or a bench failed (the benches still ran); 2 could not install
 # or no CUDA device (nothing measured).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
 
 MODE=full
 ONLY=""
@@ -23,7 +26,7 @@ while [ $# -gt 0 ]; do
     --smoke) MODE=smoke ;;
     --full) MODE=full ;;
     --only) ONLY="${2:?--only needs a comma-separated list of bench names}"; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$SELF"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (expected --quick, --smoke, --only LIST)" >&2; exit 2 ;;
   esac
   shift
@@ -41,13 +44,17 @@ case "$MODE" in
   smoke) BUDGET=170; CAP_PIP=150; CAP_TEST=60;  CAP_CPU_TEST=0;  CAP_BENCH=60;  BENCH_FLAG="--smoke"
          export CUDA_VISIBLE_DEVICES="" ;;  # smoke means CPU, even on a GPU machine
 esac
+BUDGET="${GPU_CHECK_BUDGET:-$BUDGET}"
 RESERVE=12  # kept back for the report
 
 if [ -n "${OUT:-}" ]; then RES="$OUT"
 elif [ "$MODE" = smoke ]; then RES="$(mktemp -d -t apr_gpu_check_smoke.XXXXXX)"
 else RES="bench/results"; fi
-mkdir -p "$RES"
-LOG="$RES/gpu_check.log"
+LOGS="$RES"
+[ -z "${OUT:-}" ] && [ "$MODE" != smoke ] && LOGS="build/gpu_check"  # keep logs out of bench/results
+mkdir -p "$RES" "$LOGS"
+LOG="$LOGS/gpu_check.log"
+PYTEST_LOG="$LOGS/pytest.log"
 : > "$LOG"
 exec > >(tee -a "$LOG") 2>&1
 
@@ -59,7 +66,7 @@ left() { echo $((BUDGET - SECONDS - RESERVE)); }
 step_timeout() { local t; t=$(left); [ "$1" -lt "$t" ] && t=$1; [ "$t" -lt 5 ] && t=0; echo "$t"; }
 describe_rc() { case "$1" in 0) echo ok ;; 124|137) echo "TIMEOUT after ${2}s" ;; *) echo "FAILED (exit $1)" ;; esac; }
 
-echo "== gpu_check.sh --$MODE: results in $RES ($(date -u +%FT%TZ), budget ${BUDGET}s)"
+echo "== gpu_check.sh --$MODE: results in $RES, logs in $LOGS ($(date -u +%FT%TZ), budget ${BUDGET}s)"
 
 # ---- 1. install -------------------------------------------------------------------------------
 pip_install() {
@@ -123,29 +130,31 @@ if [ "$MODE" != smoke ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cu
 fi
 
 # ---- 2. tests ---------------------------------------------------------------------------------
+last_line() { tail -n 1 "$PYTEST_LOG" | sed -E 's/^=+ //; s/ =+$//' | cut -c1-120; }
 run_tests() {  # run_tests LABEL CAP pytest-args...
   local label=$1 cap=$2 t rc t0=$SECONDS; shift 2
   t=$(step_timeout "$cap")
   if [ "$t" = 0 ]; then note "$label" "SKIPPED (time budget spent)"; FAILED=1; return; fi
-  echo "== pytest $* (timeout ${t}s, full log in $RES/pytest.log)"
-  echo "== pytest $*" >> "$RES/pytest.log"
-  timeout -k 5 "$t" "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 "$@" >> "$RES/pytest.log" 2>&1
+  echo "== pytest $* (timeout ${t}s, full log in $PYTEST_LOG)"
+  echo "== pytest $*" >> "$PYTEST_LOG"
+  timeout -k 5 "$t" "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 "$@" >> "$PYTEST_LOG" 2>&1
   rc=$?
-  grep -E "^(FAILED|ERROR) " "$RES/pytest.log" | tail -n 20
-  tail -n 1 "$RES/pytest.log"
+  grep -E "^(FAILED|ERROR) " "$PYTEST_LOG" | tail -n 20
+  tail -n 1 "$PYTEST_LOG"
   if [ "$rc" = 5 ]; then
     note "$label" "FAILED: no tests collected"; FAILED=1
   elif [ "$rc" != 0 ]; then
-    note "$label" "$(describe_rc "$rc" "$t"): $(tail -n 1 "$RES/pytest.log" | tr -d '=' | xargs)"; FAILED=1
+    note "$label" "$(describe_rc "$rc" "$t"): $(last_line)"; FAILED=1
   else
-    note "$label" "ok ($((SECONDS - t0))s): $(tail -n 1 "$RES/pytest.log" | tr -d '=' | xargs)"
+    note "$label" "ok ($((SECONDS - t0))s): $(last_line)"
   fi
 }
 if [ -n "${GPU_CHECK_PYTEST:-}" ]; then
+  : > "$PYTEST_LOG"
   # shellcheck disable=SC2086  # word splitting intended: a list of pytest arguments
   run_tests tests "$CAP_TEST" $GPU_CHECK_PYTEST
 elif [ "$MODE" != smoke ]; then
-  : > "$RES/pytest.log"
+  : > "$PYTEST_LOG"
   run_tests "cuda tests" "$CAP_TEST" -m cuda tests/
   # CPU tests of the ops and the model, run on a machine whose torch and Triton have CUDA built in.
   CPU_TESTS=$(ls tests/test_rms_norm*.py tests/test_attention*.py tests/test_backend*.py \

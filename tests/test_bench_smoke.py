@@ -1,0 +1,211 @@
+"""Benchmarks don't rot: every bench/bench_*.py runs at --smoke size on CPU and writes rows that
+bench/report.py understands; report.py's arithmetic is checked against hand-computed values; and
+bench/gpu_check.sh runs end to end in --smoke mode, failing loudly when a test fails.
+
+Each bench runs once per session (cached), in a subprocess with a 60 s limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+import _rows  # noqa: E402  (bench/ is not a package)
+import report  # noqa: E402
+
+# The benches the design names, plus any other bench_*.py that appears.
+EXPECTED = ["ceilings", "rms_norm", "attention", "load", "train"]
+NAMES = list(dict.fromkeys(EXPECTED + sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py"))))
+SMOKE_TIMEOUT_S = 60
+_cache: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}  # --out decides, not a stray $OUT
+    env["CUDA_VISIBLE_DEVICES"] = ""  # smoke means CPU, even where a GPU exists
+    return env
+
+
+def run_smoke(name: str, base: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run bench_<name>.py --smoke once per session; its JSON goes to a folder of its own."""
+    if name not in _cache:
+        script = BENCH / f"bench_{name}.py"
+        out = base / name
+        proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+        _cache[name] = (proc, out)
+    return _cache[name]
+
+
+@pytest.fixture(scope="session")
+def smoke_base(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench_smoke")
+
+
+def _result_file(name: str, base: Path) -> Path:
+    proc, out = run_smoke(name, base)
+    tail = (proc.stdout[-1500:] + "\n--- stderr ---\n" + proc.stderr[-2500:]).strip()
+    assert proc.returncode == 0, f"bench/bench_{name}.py --smoke exited {proc.returncode}:\n{tail}"
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, f"bench/bench_{name}.py --smoke: expected one JSON in {out}, found {files}\n{tail}"
+    return files[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_bench_smoke_writes_rows(name, smoke_base):
+    if not (BENCH / f"bench_{name}.py").exists():
+        pytest.skip(f"bench/bench_{name}.py does not exist (yet)")
+    path = _result_file(name, smoke_base)
+    data = json.loads(path.read_text())
+    assert isinstance(data.get("rows"), list) and data["rows"], f"{path}: 'rows' must be a non-empty list"
+    assert all(isinstance(r, dict) for r in data["rows"]), f"{path}: every row must be a JSON object"
+    for key in ("device", "date", "torch", "git_rev"):
+        assert key in data["meta"], f"{path}: meta lacks {key!r} (use _common.write_results)"
+    # The row schema contract with report.py: every row yields a finite, positive measurement.
+    run = _rows.load_run(path)
+    assert run.rows, f"{path}: report.py found no usable rows in {data['rows'][:2]}"
+    for row in run.rows:
+        metric = row.primary_metric()
+        value = row.metric(metric)
+        assert value is not None and math.isfinite(value) and value > 0, \
+            f"{path}: row {row.raw} has no positive ms/gbs/tflops/<x>_per_s measurement ({metric}={value})"
+
+
+@pytest.mark.slow
+def test_report_on_smoke_outputs(smoke_base, tmp_path):
+    names = [n for n in NAMES if (BENCH / f"bench_{n}.py").exists()]
+    files = [_result_file(n, smoke_base) for n in names]
+    proc = subprocess.run([sys.executable, str(BENCH / "report.py"), *map(str, files), "--write",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"report.py exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stdout.rstrip().splitlines()
+    assert any(line.startswith("ceilings: copy ") for line in lines), proc.stdout
+    assert "unreadable" not in proc.stderr and "no usable rows" not in proc.stderr, proc.stderr
+    md = (tmp_path / "REPORT.md").read_text()
+    for f in files:
+        assert f"`{f.name}`" in md, f"REPORT.md does not cite {f.name}"
+    for f in files[1:]:  # every kernel bench shows up in the printed short table
+        kernels = {r.kernel for r in _rows.load_run(f).rows}
+        assert any(line.startswith(k) for k in kernels for line in lines), \
+            f"{f.name}: none of its kernels {sorted(kernels)} in the short table:\n{proc.stdout}"
+    if _has_matplotlib():
+        for f in files[1:]:
+            assert list(tmp_path.glob(f"{_rows.load_run(f).bench}-*.png")), f"no plot for {f.name}"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_fails_loudly_and_still_measures(tmp_path):
+    """A failing test gives a non-zero exit, yet the benches run and the short table comes last."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_probe.py").write_text("def test_passes():\n    assert True\n\n"
+                                         "def test_fails():\n    assert 1 == 2, 'deliberate failure'\n")
+    out = tmp_path / "out"
+    only = ",".join(n for n in ("ceilings", "rms_norm") if (BENCH / f"bench_{n}.py").exists())
+    env = _env() | {"OUT": str(out), "GPU_CHECK_PYTEST": str(tests / "test_probe.py")}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke", "--only", only], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=150)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, f"gpu_check.sh should exit 1 on a failing test, got {proc.returncode}:\n{text}"
+    assert "1 failed, 1 passed" in text and "SOME STEPS FAILED" in text, text
+    for name in only.split(","):
+        assert list(out.glob(f"{name}-*.json")), f"bench {name} did not run after the failing test:\n{text}"
+    assert (out / "gpu_check.log").read_text().strip(), "gpu_check.log is empty"
+    assert "deliberate failure" in (out / "pytest.log").read_text()
+    tail = text.rstrip().splitlines()
+    start = max(i for i, line in enumerate(tail) if line.startswith("== summary"))
+    assert any(line.startswith("ceilings: copy ") for line in tail[start:]), "the report is not last:\n" + text
+    assert len(list(out.iterdir())) <= 8, "more than 8 files in $OUT (the device tool returns only 8)"
+
+
+def test_gpu_check_rejects_unknown_argument():
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--fast"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and "unknown argument '--fast'" in proc.stderr
+
+
+# ---- report.py arithmetic on hand-built result files -------------------------------------------
+
+def _write(path: Path, bench: str, rows, meta=None) -> Path:
+    meta = {"device": "Test GPU", "date": "2026-01-02T00:00:00+00:00", **(meta or {})}
+    path.write_text(json.dumps({"bench": bench, "meta": meta, "rows": rows}))
+    return path
+
+
+def test_report_ratios_and_ceilings_by_hand(tmp_path, capsys):
+    copy_gbs, mm_tflops = random.uniform(1500, 3000), random.uniform(400, 900)
+    _write(tmp_path / "ceilings-test-gpu.json", "ceilings",
+           [{"op": "copy", "provider": "torch", "gbs": copy_gbs}, {"op": "matmul", "provider": "torch",
+                                                                   "tflops": mm_tflops}])
+    m, n = random.choice([(4096, 896), (8191, 4097)])
+    nbytes = 4 * m * n
+    ms = {"triton": random.uniform(0.01, 0.1), "liger": random.uniform(0.01, 0.1), "torch": random.uniform(0.2, 1)}
+    long_rows = [{"op": "rms_norm", "mode": "fwd", "shape": [m, n], "dtype": "bf16", "provider": p, "ms": t,
+                  "bytes": nbytes, "max_err": random.random()} for p, t in ms.items()]
+    s = random.choice([509, 2048])
+    flops = 2 * 14 * s * s * 64
+    wide_rows = [{"B": 1, "S": s, "causal": True, "triton_ms": 2.0, "sdpa_ms": 3.0, "flops": flops}]
+    _write(tmp_path / "rms_norm-test-gpu.json", "rms_norm", long_rows)
+    _write(tmp_path / "attention-test-gpu.json", "attention", wide_rows)
+    _write(tmp_path / "train-test-gpu.json", "train", [
+        {"preset": "tiny", "provider": "mine", "tokens_per_s": 1000.0},
+        {"preset": "tiny", "provider": "eager", "tokens_per_s": 700.0}], meta={"ours": "mine"})
+    # An older file of the same bench and device must lose to the newer one.
+    _write(tmp_path / "train-test-gpu-old.json", "train", [{"provider": "mine", "tokens_per_s": 1.0}],
+           meta={"date": "2025-01-01", "ours": "mine"})
+
+    assert report.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rms = next(line for line in lines if line.startswith("rms_norm fwd"))
+    best = min(ms["liger"], ms["torch"])
+    assert f"{m}x{n} bf16" in rms
+    assert f"{best / ms['triton']:.2f}x" in rms, rms
+    ours_gbs = nbytes / (ms["triton"] * 1e-3) / 1e9
+    assert f"{ours_gbs / copy_gbs:.0%} BW" in rms, rms
+    att = next(line for line in lines if line.startswith("attention"))
+    assert f"S={s}" in att and "1.50x" in att and "sdpa 3 ms" in att, att
+    assert f"{flops / 2e-3 / 1e12 / mm_tflops:.0%} MM" in att, att
+    train = next(line for line in lines if line.startswith("train"))
+    assert f"{1000 / 700:.2f}x" in train and "eager 700" in train, train
+
+
+def test_report_reads_pytest_benchmark_and_skips_broken_files(tmp_path, capsys):
+    (tmp_path / "broken.json").write_text("{not json")
+    _write(tmp_path / "empty-x.json", "empty", [])
+    bench = {"machine_info": {"cpu": {"brand_raw": "Some CPU"}}, "datetime": "2026-01-01T00:00:00",
+             "benchmarks": [
+                 {"name": "test_load[apr]", "group": "load", "params": {"provider": "apr", "size": "1GB"},
+                  "stats": {"median": 0.5}},
+                 {"name": "test_load[safetensors]", "group": "load",
+                  "params": {"provider": "safetensors", "size": "1GB"}, "stats": {"median": 0.75}}]}
+    (tmp_path / "load-pytest-benchmark.json").write_text(json.dumps(bench))
+    assert report.main([str(tmp_path), str(tmp_path / "missing.json")]) == 0
+    cap = capsys.readouterr()
+    load = next(line for line in cap.out.splitlines() if line.startswith("load"))
+    assert "500 ms" in load and "safetensors 750 ms" in load and "1.50x" in load, load
+    assert "broken.json: unreadable" in cap.err and "empty-x.json: no usable rows" in cap.err
+    assert "missing.json: no such file" in cap.err
+
+
+def test_report_exits_2_without_results(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    assert "no benchmark results" in capsys.readouterr().err
