@@ -1,0 +1,62 @@
+"""Tensor names: the Hugging Face names the model uses, GGUF names mapped onto them (spec 10.3), and
+the shape every parameter must have for a config (spec 10.2)."""
+
+from __future__ import annotations
+
+import re
+
+from .config import ModelConfig
+
+# GGUF (llama.cpp) name -> Hugging Face name; anything else is kept unchanged
+_GGUF_RULES = [
+    (re.compile(r"^token_embd\.weight$"), "model.embed_tokens.weight"),
+    (re.compile(r"^output\.weight$"), "lm_head.weight"),
+    (re.compile(r"^output_norm\.weight$"), "model.norm.weight"),
+    (re.compile(r"^blk\.(\d+)\.attn_q\.(weight|bias)$"), r"model.layers.\1.self_attn.q_proj.\2"),
+    (re.compile(r"^blk\.(\d+)\.attn_k\.(weight|bias)$"), r"model.layers.\1.self_attn.k_proj.\2"),
+    (re.compile(r"^blk\.(\d+)\.attn_v\.(weight|bias)$"), r"model.layers.\1.self_attn.v_proj.\2"),
+    (re.compile(r"^blk\.(\d+)\.attn_output\.(weight|bias)$"), r"model.layers.\1.self_attn.o_proj.\2"),
+    (re.compile(r"^blk\.(\d+)\.attn_norm\.weight$"), r"model.layers.\1.input_layernorm.weight"),
+    (re.compile(r"^blk\.(\d+)\.ffn_norm\.weight$"), r"model.layers.\1.post_attention_layernorm.weight"),
+    (re.compile(r"^blk\.(\d+)\.ffn_gate\.weight$"), r"model.layers.\1.mlp.gate_proj.weight"),
+    (re.compile(r"^blk\.(\d+)\.ffn_up\.weight$"), r"model.layers.\1.mlp.up_proj.weight"),
+    (re.compile(r"^blk\.(\d+)\.ffn_down\.weight$"), r"model.layers.\1.mlp.down_proj.weight"),
+    (re.compile(r"^blk\.(\d+)\.attn_q_norm\.weight$"), r"model.layers.\1.self_attn.q_norm.weight"),
+    (re.compile(r"^blk\.(\d+)\.attn_k_norm\.weight$"), r"model.layers.\1.self_attn.k_norm.weight"),
+]
+
+TRAINING_PREFIX = "__training__."  # training-state tensors in checkpoints (spec 10.3): never weights
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of a tensor stored under a Hugging Face or GGUF name."""
+    for pattern, repl in _GGUF_RULES:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
+    return name
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of ``Transformer(cfg)`` with its shape, by Hugging Face name (spec 10.2)."""
+    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.q_proj.weight"] = (q, h)
+        out[p + "self_attn.k_proj.weight"] = (kv, h)
+        out[p + "self_attn.v_proj.weight"] = (kv, h)
+        if cfg.attention_bias:
+            out[p + "self_attn.q_proj.bias"] = (q,)
+            out[p + "self_attn.k_proj.bias"] = (kv,)
+            out[p + "self_attn.v_proj.bias"] = (kv,)
+        out[p + "self_attn.o_proj.weight"] = (h, q)
+        out[p + "mlp.gate_proj.weight"] = (inter, h)
+        out[p + "mlp.up_proj.weight"] = (inter, h)
+        out[p + "mlp.down_proj.weight"] = (h, inter)
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, h)
+    return out

@@ -1,0 +1,167 @@
+"""``from_apr``: build a Transformer from an APR v2 file, after checks that fail before any training.
+
+Preflight (aprender's ``build_shared_trainer_with_init`` steps), each a ``PreflightError`` (a
+ValueError) naming the file and the mismatch:
+
+1. architecture family: decoder-only ``llama``/``qwen2`` accepted; encoders (BERT, RoBERTa, ...) and
+   other families refused; the metadata family must agree with the tensors (a q/k/v bias is Qwen2
+   evidence, ``q_norm`` is Qwen3's);
+2. shapes: every model parameter present with its exact shape (extra tensors such as a tied
+   ``lm_head`` copy or ``__training__.*`` state are ignored); all missing or misshapen ones listed;
+3. tokenizer vs model vocabulary: an embedded tokenizer's vocabulary must fit (<=) the model's;
+4. values: every weight finite. Quantised weights (Q4_K, Q6_K, APR_Q4, APR_Q8) are dequantised
+   straight to the training dtype.
+
+Tensors may be stored under Hugging Face or GGUF names (spec 10.3). Tying: ``tied_embeddings`` in the
+metadata decides; without it the model is tied when ``lm_head.weight`` is absent or a 0-byte
+placeholder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig, family_of
+from .hf_names import TRAINING_PREFIX, expected_shapes, hf_name
+from .transformer import Transformer
+
+_SHOW = 8  # names listed per problem kind in an error message
+
+
+class PreflightError(ValueError):
+    """An init file that cannot initialise the model (message names the file and the mismatch)."""
+
+
+@dataclass
+class InitPlan:
+    """What preflight found: the config, and for each parameter the stored tensor that fills it."""
+
+    path: str
+    config: ModelConfig
+    sources: dict[str, str]         # parameter name -> tensor name in the file
+    metadata: dict
+    tokenizer_vocab: int | None     # size of the embedded tokenizer, if any
+
+
+def tokenizer_vocab_size(meta: dict) -> int | None:
+    """Size of the tokenizer embedded in APR metadata (None when there is none)."""
+    vocab = meta.get("tokenizer.vocabulary")
+    if isinstance(vocab, list) and vocab:
+        return len(vocab)
+    size = meta.get("tokenizer.vocab_size")
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
+def check_tokenizer_vocab(tokenizer_vocab: int, model_vocab: int, where: str) -> None:
+    """Tokenizer ids must index the embedding: tokenizer vocab <= model vocab (aprender falsifiers
+    009/010: 151665 <= 151936 passes, model_vocab + 1 fails; a Qwen tokenizer vs Llama-370M fails)."""
+    if tokenizer_vocab > model_vocab:
+        raise PreflightError(
+            f"{where}: tokenizer vocabulary mismatch: the tokenizer has {tokenizer_vocab} tokens but the "
+            f"model vocab_size is {model_vocab}; expected tokenizer vocab <= model vocab")
+
+
+def plan(path: str | os.PathLike) -> InitPlan:
+    """Run the metadata and shape checks of an init file without reading any weight."""
+    import apr_kernels
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: init file does not exist")
+    with apr_kernels.open(path) as f:
+        meta = dict(f.metadata)
+        apr_cfg = f.config
+        infos = {name: f.info(name) for name in f.keys()}
+
+    try:
+        family = family_of(apr_cfg, path)
+        cfg = ModelConfig.from_apr_config(apr_cfg, path)
+    except PreflightError:
+        raise
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
+
+    # stored name -> HF name (GGUF names mapped); training state never counts as weights
+    by_hf: dict[str, str] = {}
+    for name in infos:
+        if not name.startswith(TRAINING_PREFIX):
+            by_hf.setdefault(hf_name(name), name)
+
+    # family vs tensor evidence (aprender section 86)
+    if any(n.endswith("self_attn.q_norm.weight") for n in by_hf):
+        raise PreflightError(f"{path}: architecture family mismatch: tensors include self_attn.q_norm "
+                             f"(Qwen3); expected a llama or qwen2 model")
+    bias = [n for n in by_hf if n.endswith(("self_attn.q_proj.bias", "self_attn.k_proj.bias"))]
+    if family == "llama" and bias:
+        raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} but the "
+                             f"file has q/k/v biases ({bias[0]}, ...), which only qwen2 models have")
+
+    # tying: metadata first, then whether a real lm_head is stored
+    head = by_hf.get("lm_head.weight")
+    head_real = head is not None and not getattr(infos[head], "placeholder", False) and infos[head].nbytes > 0
+    if apr_cfg.tied_embeddings is None:
+        cfg = cfg.replace(tie_word_embeddings=not head_real, head_dim=cfg.head_dim)
+
+    missing, misshapen = [], []
+    for name, shape in expected_shapes(cfg).items():
+        stored = by_hf.get(name)
+        if stored is None:
+            missing.append(name)
+        elif tuple(infos[stored].shape) != tuple(shape):
+            misshapen.append(f"{name}: file has {list(infos[stored].shape)}, expected {list(shape)}")
+    if missing or misshapen:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: " + ", ".join(missing[:_SHOW])
+                         + (f" (+{len(missing) - _SHOW} more)" if len(missing) > _SHOW else ""))
+        if misshapen:
+            parts.append(f"{len(misshapen)} misshapen: " + "; ".join(misshapen[:_SHOW])
+                         + (f" (+{len(misshapen) - _SHOW} more)" if len(misshapen) > _SHOW else ""))
+        raise PreflightError(
+            f"{path}: tensors do not fit the {family} config read from its metadata (hidden_size="
+            f"{cfg.hidden_size}, num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, num_kv_heads="
+            f"{cfg.num_kv_heads}, head_dim={cfg.head_dim}, vocab_size={cfg.vocab_size}): " + "; ".join(parts))
+
+    tok_vocab = tokenizer_vocab_size(meta)
+    if tok_vocab is not None:
+        check_tokenizer_vocab(tok_vocab, cfg.vocab_size, f"{path}: embedded tokenizer")
+    sources = {name: by_hf[name] for name in expected_shapes(cfg)}
+    return InitPlan(path, cfg, sources, meta, tok_vocab)
+
+
+def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
+             fast: bool | None = None) -> Transformer:
+    """A ``Transformer`` initialised from an APR file (every parameter trainable).
+
+    ``dtype``: the parameter dtype (default float32, the training dtype; quantised weights are
+    dequantised straight to it). ``fast``: see ``Transformer``. The returned module carries
+    ``apr_path`` and ``apr_metadata`` (the file's metadata, tokenizer keys included).
+    """
+    import apr_kernels
+
+    p = plan(path)
+    dtype = dtype or torch.float32
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Transformer(p.config, fast=fast)
+    model = model.to_empty(device=device).to(dtype)
+    params = dict(model.named_parameters())
+    with apr_kernels.open(p.path) as f, torch.no_grad():
+        for name, stored in p.sources.items():
+            t = f.get_tensor(stored, dtype=dtype)
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
+                                     f"expected finite weights")
+            params[name].copy_(t.reshape(params[name].shape))
+    model.apr_path = p.path
+    model.apr_metadata = p.metadata
+    return model
+
+
+def preflight(path: str | os.PathLike) -> ModelConfig:
+    """The config an init file describes, after every check that needs no weight data."""
+    return plan(path).config

@@ -1,0 +1,144 @@
+"""Training checkpoints as APR v2 files: a usable model file plus everything needed to resume exactly.
+
+Layout of a checkpoint written by ``save_checkpoint``:
+
+* weights: every model parameter under its Hugging Face name, in the parameter dtype (fp32 master
+  weights when training). A tied model also gets an explicit ``lm_head.weight`` copy of the embedding
+  and ``tied_embeddings: true`` (spec writer checklist, section 17); ``from_apr`` ignores that copy.
+* metadata: the model config (``AprModelConfig.to_metadata()`` keys) and, when given, the tokenizer
+  (``tokenizer.*`` keys), so the file is self-contained for ``from_apr`` and ``apr-kernels eval``.
+* optimizer state, as extra tensors under the ``__training__.`` prefix that inference readers skip
+  (spec 10.3): ``__training__.adam.exp_avg.<param>`` and ``__training__.adam.exp_avg_sq.<param>``
+  (fp32, the parameter's shape); the torch CPU RNG as ``__training__.rng.torch_cpu`` (U8) and, on
+  CUDA, ``__training__.rng.torch_cuda``.
+* scalars under ``training.*`` metadata keys: ``training.step`` (optimizer steps done),
+  ``training.data_position`` (training sequences consumed: the batch stream resumes there),
+  ``training.adam_steps`` (parameter name -> AdamW step count), ``training.config`` (the
+  ``TrainConfig``: schedule, batch and seed), ``training.eval_loss`` / ``training.eval_tokens`` (the
+  last held-out evaluation) and ``training.format``. Callers add their own keys (the CLI stores
+  ``training.data_spec``: data paths, tokenizer and split, so ``--resume`` needs nothing else).
+
+Because the schedule is a pure function of the step and the batch order a pure function of the seed
+and position, restoring weights, AdamW moments and step counts reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FORMAT = "apr-kernels-checkpoint-v1"
+PREFIX = "__training__."
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    """Weights by Hugging Face name (CPU), with the explicit lm_head copy when tied."""
+    out = {name: p.detach().cpu() for name, p in model.named_parameters()}
+    if model.config.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def model_metadata(model, tokenizer=None) -> dict:
+    meta = model.config.to_apr_config().to_metadata()
+    meta["name"] = f"apr-kernels {model.config.architecture}"
+    if tokenizer is not None:
+        meta.update(tokenizer.to_metadata())
+    return meta
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """Parameter names in the optimizer's flat index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokenizer=None,
+                    extra_metadata: dict | None = None) -> None:
+    """Write ``trainer``'s model and training state (or just ``model``) as one APR file."""
+    import apr_kernels
+
+    model = model if model is not None else trainer.model
+    tensors = model_tensors(model)
+    meta = model_metadata(model, tokenizer)
+    if trainer is not None:
+        opt = trainer.optimizer
+        steps = {}
+        for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
+            state = opt.state.get(p)
+            if not state:
+                continue
+            for key in _MOMENTS:
+                tensors[f"{PREFIX}adam.{key}.{name}"] = state[key].detach().float().cpu()
+            steps[name] = int(state["step"])
+        tensors[f"{PREFIX}rng.torch_cpu"] = torch.get_rng_state()
+        if trainer.device.type == "cuda":
+            tensors[f"{PREFIX}rng.torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
+        meta.update({
+            "training.format": FORMAT,
+            "training.step": trainer.step,
+            "training.data_position": trainer.batches.position,
+            "training.adam_steps": steps,
+            "training.config": trainer.cfg.to_dict(),
+        })
+        if trainer.last_eval is not None:
+            meta["training.eval_loss"], meta["training.eval_tokens"] = trainer.last_eval
+    meta.update(extra_metadata or {})
+    apr_kernels.save(tensors, path, metadata=meta)
+
+
+def training_metadata(path: str | os.PathLike) -> dict:
+    """The ``training.*`` keys of a checkpoint (ValueError naming the file when it has none)."""
+    import apr_kernels
+
+    with apr_kernels.open(path) as f:
+        meta = {k: v for k, v in f.metadata.items() if k.startswith("training.")}
+    if meta.get("training.format") != FORMAT:
+        raise ValueError(f"{path}: not a resumable training checkpoint (metadata training.format="
+                         f"{meta.get('training.format')!r}; expected {FORMAT!r})")
+    return meta
+
+
+def restore_training_state(path: str | os.PathLike, trainer) -> None:
+    """Load step, data position, AdamW moments and RNG from a checkpoint into ``trainer``.
+
+    The model weights come from ``from_apr(path)`` (done by the caller, before the trainer is built).
+    """
+    import apr_kernels
+
+    meta = training_metadata(path)
+    opt = trainer.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = _param_names(trainer.model, opt)
+    steps = meta["training.adam_steps"]
+    state = {}
+    with apr_kernels.open(path) as f:
+        for i, (name, p) in enumerate(zip(names, params)):
+            if name not in steps:
+                continue
+            entry = {"step": torch.tensor(float(steps[name]))}
+            for key in _MOMENTS:
+                tname = f"{PREFIX}adam.{key}.{name}"
+                if tname not in f:
+                    raise ValueError(f"{path}: checkpoint lacks optimizer tensor {tname!r}; expected one "
+                                     f"per trained parameter")
+                t = f.get_tensor(tname)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"{path}: optimizer tensor {tname!r} has shape {list(t.shape)}, "
+                                     f"expected {list(p.shape)}")
+                entry[key] = t.to(p.device, torch.float32, copy=True)
+            state[i] = entry
+        rng_cpu = f.get_tensor(f"{PREFIX}rng.torch_cpu").clone() if f"{PREFIX}rng.torch_cpu" in f else None
+        rng_cuda = (f.get_tensor(f"{PREFIX}rng.torch_cuda").clone()
+                    if f"{PREFIX}rng.torch_cuda" in f and trainer.device.type == "cuda" else None)
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    trainer.step = int(meta["training.step"])
+    trainer.batches.position = int(meta["training.data_position"])
+    if "training.eval_loss" in meta:
+        trainer.last_eval = (float(meta["training.eval_loss"]), int(meta["training.eval_tokens"]))
+    if rng_cpu is not None:
+        torch.set_rng_state(rng_cpu)
+    if rng_cuda is not None:
+        torch.cuda.set_rng_state(rng_cuda, trainer.device)
