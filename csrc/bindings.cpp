@@ -24,6 +24,22 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "APR v2 is little-endia
 
 namespace {
 
+bool plain_dtype(apr::DType d, nb::dlpack::dtype* out) {
+  using nb::dlpack::dtype_code;
+  auto mk = [&](dtype_code c, int bits) { *out = {static_cast<uint8_t>(c), static_cast<uint8_t>(bits), 1}; return true; };
+  switch (d) {
+    case apr::DType::F32: return mk(dtype_code::Float, 32);
+    case apr::DType::F16: return mk(dtype_code::Float, 16);
+    case apr::DType::BF16: return mk(dtype_code::Bfloat, 16);
+    case apr::DType::F64: return mk(dtype_code::Float, 64);
+    case apr::DType::I32: return mk(dtype_code::Int, 32);
+    case apr::DType::I64: return mk(dtype_code::Int, 64);
+    case apr::DType::I8: return mk(dtype_code::Int, 8);
+    case apr::DType::U8: return mk(dtype_code::UInt, 8);
+    default: return false;
+  }
+}
+
 using ByteTensor = nb::ndarray<nb::pytorch, uint8_t, nb::ndim<1>, nb::c_contig>;
 
 class Reader {
@@ -45,6 +61,31 @@ class Reader {
     nb::capsule owner(holder, [](void* p) noexcept { delete static_cast<std::shared_ptr<apr::MappedFile>*>(p); });
     size_t shape[1] = {static_cast<size_t>(size)};
     return ByteTensor(mf->data() + offset, 1, shape, owner);
+  }
+
+  // Tensor i as a typed, shaped zero-copy tensor for the plain dtypes when its address is aligned
+  // to the element size; otherwise (block formats, misaligned data, placeholders) the raw bytes.
+  nb::ndarray<nb::pytorch> tensor(size_t i) const {
+    const apr::AprFile& af = f();
+    if (i >= af.tensors().size()) throw nb::index_error("tensor index out of range");
+    const apr::TensorEntry& t = af.tensors()[i];
+    const auto& mf = af.mapping();
+    auto* holder = new std::shared_ptr<apr::MappedFile>(mf);
+    nb::capsule owner(holder, [](void* p) noexcept { delete static_cast<std::shared_ptr<apr::MappedFile>*>(p); });
+    nb::dlpack::dtype dt;
+    if (!t.placeholder && plain_dtype(t.dtype, &dt) && t.offset % (dt.bits / 8) == 0) {
+      size_t shape[apr::limits::kMaxNdim];
+      for (size_t d = 0; d < t.shape.size(); ++d) shape[d] = static_cast<size_t>(t.shape[d]);
+      return nb::ndarray<nb::pytorch>(mf->data() + t.offset, t.shape.size(), shape, owner, nullptr, dt);
+    }
+    size_t shape[1] = {static_cast<size_t>(t.size)};
+    return nb::ndarray<nb::pytorch>(mf->data() + t.offset, 1, shape, owner, nullptr, nb::dtype<uint8_t>());
+  }
+
+  nb::list tensors() const {
+    nb::list out;
+    for (size_t i = 0; i < f().tensors().size(); ++i) out.append(tensor(i));
+    return out;
   }
 
   nb::list entries() const {
@@ -125,6 +166,9 @@ NB_MODULE(_apr_ext, m) {
       })
       .def("entries", &Reader::entries,
            "[(name, dtype, shape, absolute offset, size, placeholder, dtype code)] in index order")
+      .def("tensor", &Reader::tensor, "i"_a,
+           "Tensor i (index order): typed zero-copy view for aligned plain dtypes, else raw uint8")
+      .def("tensors", &Reader::tensors, "All tensors as by tensor(i), in index order")
       .def("view", &Reader::view, "offset"_a, "size"_a,
            "uint8 tensor over mapping bytes [offset, offset+size); keeps the mapping alive")
       .def("current_size", [](const Reader& r) { return r.f().mapping()->current_size(); })

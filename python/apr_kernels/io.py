@@ -57,9 +57,9 @@ class AprFile:
         self._reader = _apr_ext.Reader(self.path)
         self._metadata: dict | None = None
         self._config = None
-        self._infos: dict[str, TensorInfo] = {}
-        for name, dtype, shape, offset, size, placeholder, _code in self._reader.entries():
-            self._infos[name] = TensorInfo(name, dtype, shape, offset, size, placeholder)
+        self._entries = self._reader.entries()  # (name, dtype, shape, offset, size, placeholder, code)
+        self._index = {e[0]: i for i, e in enumerate(self._entries)}
+        self._infos: dict[str, TensorInfo] = {}  # built on demand: load() never needs them
         # The metadata must be a JSON object (spec 5.1). Parsing is deferred to first use (a big
         # tokenizer is ~10 MB of JSON that load() never needs) but the kind is checked now.
         self._meta_bytes = self._reader.metadata_bytes()
@@ -99,22 +99,25 @@ class AprFile:
     # -- tensor table -------------------------------------------------------------------------
     def keys(self) -> list[str]:
         """Tensor names in index order."""
-        return list(self._infos)
+        return list(self._index)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._infos
+        return name in self._index
 
     def __len__(self) -> int:
-        return len(self._infos)
+        return len(self._index)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
+        return iter(self._index)
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise KeyError(f"{self.path}: no tensor named {name!r} ({len(self)} tensors)") from None
+        info = self._infos.get(name)
+        if info is None:
+            i = self._index.get(name)
+            if i is None:
+                raise KeyError(f"{self.path}: no tensor named {name!r} ({len(self)} tensors)")
+            info = self._infos[name] = TensorInfo(*self._entries[i][:6])
+        return info
 
     # -- tensors ------------------------------------------------------------------------------
     def get_raw(self, name: str) -> torch.Tensor:
@@ -126,7 +129,8 @@ class AprFile:
         """Tensor ``name``: a zero-copy view on CPU; copied through pinned buffers to CUDA.
 
         Quantised dtypes (Q4_K, Q6_K, APR_Q4, APR_Q8) are dequantised to ``dtype`` (default
-        float32). For plain dtypes ``dtype`` converts (a copy) when it differs.
+        float32). For plain dtypes ``dtype`` converts (a copy) when it differs. A 0-byte tied
+        ``lm_head.weight`` placeholder (spec 10.4) returns the embedding it stands for.
         """
         dev = _device(device)
         info = self._resolve(name)
@@ -134,47 +138,51 @@ class AprFile:
             from ._cuda_load import to_cuda
 
             return to_cuda(self, [info.name], dev, dtype=dtype)[info.name]
-        t = self._cpu_tensor(info, dtype)
+        t = self._finish(info.name, self._reader.tensor(self._index[info.name]), dtype)
         return t if dev.type == "cpu" else t.to(dev)
+
+    def tensors(self, *, device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """All tensors by name, in index order (what ``load`` returns)."""
+        dev = _device(device)
+        names = list(self._index)
+        resolved = [self._resolve(n).name if e[5] else n for n, e in zip(names, self._entries)]
+        if dev.type == "cuda":
+            from ._cuda_load import to_cuda
+
+            moved = to_cuda(self, sorted(set(resolved)), dev, dtype=dtype)
+            return {n: moved[src] for n, src in zip(names, resolved)}
+        views = self._reader.tensors()  # one C++ call: typed zero-copy views
+        out = {}
+        for i, (name, src) in enumerate(zip(names, resolved)):
+            t = views[self._index[src]] if src != name else views[i]
+            t = self._finish(src, t, dtype)
+            out[name] = t if dev.type == "cpu" else t.to(dev)
+        return out
+
+    def _finish(self, name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """The C++ view of tensor ``name`` -> the tensor handed out (dequantised/aligned/cast)."""
+        entry = self._entries[self._index[name]]
+        apr_dtype, shape = entry[1], entry[2]
+        if apr_dtype in QUANTIZED:
+            from .quant import dequantize
+
+            return dequantize(apr_dtype, shape, t, dtype=dtype or torch.float32)
+        tdtype = TORCH_DTYPES[apr_dtype]
+        if t.dtype != tdtype:  # misaligned (a non-conforming writer): copy, never a misaligned view
+            t = t.clone().view(tdtype).view(shape)
+        return t if dtype is None or dtype == tdtype else t.to(dtype)
 
     def _resolve(self, name: str) -> TensorInfo:
         info = self.info(name)
         if not info.placeholder:
             return info
         for src in _TIED_SOURCES.get(name, ()):
-            other = self._infos.get(src)
-            if other and not other.placeholder and other.shape == info.shape:
-                return other
+            i = self._index.get(src)
+            if i is not None and not self._entries[i][5] and tuple(self._entries[i][2]) == info.shape:
+                return self.info(src)
         raise AprFormatError(f"{self.path}: tensor {name!r} is a 0-byte placeholder (shape "
                              f"{list(info.shape)}, dtype {info.dtype}) and no embedding of that shape "
                              f"exists to stand in for it (expected one of {_TIED_SOURCES.get(name, ())})")
-
-    def _cpu_tensor(self, info: TensorInfo, dtype: torch.dtype | None) -> torch.Tensor:
-        raw = self._reader.view(info.offset, info.nbytes)
-        if info.dtype in QUANTIZED:
-            from .quant import dequantize
-
-            return dequantize(info.dtype, info.shape, raw, dtype=dtype or torch.float32)
-        tdtype = TORCH_DTYPES[info.dtype]
-        if info.offset % tdtype.itemsize:
-            raw = raw.clone()  # misaligned (non-conforming writer): copy rather than a misaligned view
-        t = raw.view(tdtype).view(info.shape)
-        return t if dtype is None or dtype == tdtype else t.to(dtype)
-
-    def tensors(self, *, device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """All tensors (placeholders resolved to the tensor they stand for)."""
-        dev = _device(device)
-        if dev.type == "cuda":
-            from ._cuda_load import to_cuda
-
-            resolved = {n: self._resolve(n).name for n in self._infos}
-            moved = to_cuda(self, sorted(set(resolved.values())), dev, dtype=dtype)
-            return {n: moved[src] for n, src in resolved.items()}
-        out = {}
-        for name, info in self._infos.items():
-            t = self._cpu_tensor(self._resolve(name) if info.placeholder else info, dtype)
-            out[name] = t if dev.type == "cpu" else t.to(dev)
-        return out
 
     # -- lifetime -----------------------------------------------------------------------------
     def check_unchanged(self) -> None:
