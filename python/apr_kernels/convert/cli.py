@@ -1,0 +1,90 @@
+"""``apr-kernels convert | export | inspect | validate`` (registered by apr_kernels.cli).
+
+Errors propagate as ValueError/OSError, which the router prints as one line with exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .core import DTYPE_CHOICES, QUANT_CHOICES
+
+
+def _convert(args) -> int:
+    from .core import convert
+
+    meta = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize,
+                   progress=False if args.quiet else None)
+    if not args.quiet:
+        arch = meta.get("architecture", "?")
+        tok = "with tokenizer" if meta.get("tokenizer.vocabulary") else "no tokenizer"
+        print(f"wrote {args.dst} ({arch}, {meta.get('original_format')}, {tok})")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export
+
+    out = export(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .inspect import describe, format_text
+
+    d = describe(args.file)
+    if args.json:
+        json.dump(d, sys.stdout, indent=2, ensure_ascii=False, default=str)
+        print()
+    else:
+        print(format_text(d))
+    return 0
+
+
+def _validate(args) -> int:
+    from .inspect import validate
+
+    problems = validate(args.file)
+    for line in problems:
+        print(line)
+    if not problems and not args.quiet:
+        print(f"{args.file}: OK")
+    return 1 if problems else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="HF folder / .safetensors / .gguf -> APR v2",
+                              description="Convert a Hugging Face model folder (config.json, safetensors shards, "
+                                          "tokenizer), a .safetensors file or a .gguf file to an APR v2 file.")
+    p.add_argument("src", help="source: .safetensors file, Hugging Face model folder, or .gguf file")
+    p.add_argument("dst", help="output .apr file (written atomically)")
+    p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
+                   help="float tensors: keep their dtype (default) or cast")
+    p.add_argument("--quantize", choices=list(QUANT_CHOICES), default=None,
+                   help="quantise 2-D weights of >= 1024 elements: q4k (GGML Q4_K), q8 (APR_Q8), q4 (APR_Q4)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_convert)
+
+    p = subparsers.add_parser("export", help="APR v2 -> Hugging Face folder (transformers from_pretrained)")
+    p.add_argument("src", help="input .apr file")
+    p.add_argument("dst", help="output folder (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
+                   help="float tensors: keep (quantised ones become f32) or cast")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser("inspect", help="header, flags, metadata, model config and tensor table")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_inspect)
+
+    p = subparsers.add_parser("validate", help="every reader check plus the footer CRC; exit 0 (sound) or 1")
+    p.add_argument("file")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is sound")
+    p.set_defaults(func=_validate)
+
+
+__all__ = ["register"]

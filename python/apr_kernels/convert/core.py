@@ -1,0 +1,152 @@
+"""The conversion pipeline shared by every source format: dtype/quantisation plan, tied embeddings,
+metadata assembly, progress, and an atomic streaming write through ``apr_kernels.save``.
+
+A reader (``hf.read_hf``, ``gguf_in.read_gguf``) returns a :class:`Source`: Hugging Face tensor names
+mapped to ``LazyTensor``s (nothing is read yet) plus the metadata it could derive. ``convert`` then
+wraps each lazy tensor once more (cast or quantise) and hands the lot to ``save``, which
+materialises one tensor at a time, so peak memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+from apr_kernels._format import QUANTIZED, TORCH_DTYPES, LazyTensor
+
+DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "f16": "F16", "f32": "F32"}
+QUANT_CHOICES = {"q4k": "Q4_K", "q8": "APR_Q8", "q4": "APR_Q4"}
+_QUANT_META = {"q4k": (4, 256, False), "q8": (8, None, True), "q4": (4, 32, True)}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+MIN_QUANT_ELEMENTS = 1024  # norms, biases and small tensors stay unquantised (spec 14)
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@dataclass
+class Source:
+    path: str
+    tensors: dict[str, LazyTensor]
+    metadata: dict = field(default_factory=dict)
+    tied: bool | None = None  # the source says the output projection is the embedding
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fn in self.closers:
+            fn()
+
+
+def warn(msg: str) -> None:
+    print(f"apr-kernels: warning: {msg}", file=sys.stderr)
+
+
+def plan_tensor(name: str, lt: LazyTensor, dtype: str | None, quant: str | None) -> LazyTensor:
+    """The tensor to write for source tensor ``lt`` under the --dtype / --quantize choices."""
+    if lt.dtype not in FLOAT_DTYPES:
+        return lt  # quantised passthrough (Q4_K/Q6_K raw blocks) and integer tensors stay as they are
+    numel = math.prod(lt.shape)
+    if quant and len(lt.shape) == 2 and numel >= MIN_QUANT_ELEMENTS:
+        qdtype = QUANT_CHOICES[quant]
+
+        def quantised():
+            from apr_kernels.quant import quantize
+
+            return quantize(qdtype, lt.materialize())
+
+        return LazyTensor(qdtype, lt.shape, quantised)
+    if dtype and dtype != lt.dtype:
+        tdtype = TORCH_DTYPES[dtype]
+        return LazyTensor(dtype, lt.shape, lambda: lt.materialize().to(tdtype))
+    return lt
+
+
+def _with_progress(tensors: dict[str, LazyTensor], bar) -> dict[str, LazyTensor]:
+    def wrap(lt: LazyTensor) -> LazyTensor:
+        def run():
+            value = lt.materialize()
+            bar.update(lt.nbytes)
+            return value
+
+        return LazyTensor(lt.dtype, lt.shape, run)
+
+    return {n: wrap(lt) for n, lt in tensors.items()}
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", quantize: str | None = None,
+            progress: bool | None = None) -> dict:
+    """Convert ``src`` (.safetensors file, Hugging Face folder, .gguf) to the APR file ``dst``.
+
+    Returns the metadata written. On any error nothing is left at ``dst`` (``save`` writes a
+    temporary file and renames it only when complete).
+    """
+    src_path, dst_path = Path(src), Path(dst)
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+    if quantize is not None and quantize not in QUANT_CHOICES:
+        raise ValueError(f"--quantize {quantize!r}: expected one of {', '.join(QUANT_CHOICES)}")
+    if not src_path.exists():
+        raise FileNotFoundError(f"{src_path}: no such file or folder")
+    if dst_path.exists() and dst_path.resolve() == src_path.resolve():
+        raise ValueError(f"{dst_path}: the output would overwrite the input")
+    if not dst_path.parent.is_dir():
+        raise FileNotFoundError(f"{dst_path.parent}: output folder does not exist")
+    source = open_source(src_path)
+    try:
+        tensors = dict(source.tensors)
+        if not tensors:
+            raise ValueError(f"{src_path}: holds no tensors")
+        tied = _resolve_tied(source, tensors)
+        out = {n: plan_tensor(n, lt, DTYPE_CHOICES[dtype], quantize) for n, lt in tensors.items()}
+        meta = dict(source.metadata)
+        meta["tied_embeddings"] = tied
+        if quantize:
+            bits, block, symmetric = _QUANT_META[quantize]
+            meta["quantization"] = {"quant_type": quantize, "bits": bits, "block_size": block, "symmetric": symmetric}
+        total = sum(lt.nbytes for lt in out.values())
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {src_path.name}",
+                  disable=(not progress) if progress is not None else None, file=sys.stderr) as bar:
+            from apr_kernels import save
+
+            save(_with_progress(out, bar), dst_path, metadata=meta)
+        return meta
+    finally:
+        source.close()
+
+
+def _resolve_tied(source: Source, tensors: dict[str, LazyTensor]) -> bool:
+    """Spec 10.4: a tied model gets a physical copy of the embedding as lm_head.weight."""
+    if LM_HEAD in tensors:
+        return bool(source.tied)
+    if EMBED not in tensors:
+        return False
+    tensors[LM_HEAD] = tensors[EMBED]  # materialised again when lm_head is written: a copy
+    return True
+
+
+def open_source(path: Path) -> Source:
+    """Pick the reader by what ``path`` is: folder, .safetensors, .gguf (magic bytes first)."""
+    if path.is_dir():
+        from .hf import read_hf
+
+        return read_hf(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"GGUF" or path.suffix.lower() == ".gguf":
+        from .gguf_in import read_gguf
+
+        return read_gguf(path)
+    if path.suffix.lower() == ".safetensors":
+        from .hf import read_hf
+
+        return read_hf(path)
+    raise ValueError(f"{path}: unknown source format (expected a .safetensors file, a Hugging Face model "
+                     "folder or a .gguf file)")
+
+
+__all__ = ["Source", "convert", "open_source", "plan_tensor", "DTYPE_CHOICES", "QUANT_CHOICES", "QUANTIZED"]

@@ -1,0 +1,151 @@
+"""APR -> Hugging Face folder (model.safetensors + config.json + tokenizer.json + tokenizer_config.json)
+that ``transformers`` loads with ``from_pretrained``.
+
+Quantised tensors are dequantised (to F32, or --dtype); GGUF-named tensors get HF names; a file
+with ``rope_type`` 0 (llama.cpp row order) has its q/k rows put back in HF order; a tied lm_head is
+dropped and ``tie_word_embeddings`` set. The safetensors file is written one tensor at a time, and
+the folder appears only when complete (built next to it, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from apr_kernels._format import TORCH_DTYPES
+from apr_kernels.model.config import HF_ARCHITECTURES
+
+from .names import gguf_to_hf, rope_permuted_heads, unpermute_rows
+
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int32: "I32", torch.int64: "I64", torch.int8: "I8", torch.uint8: "U8"}
+_DTYPES = {"keep": None, "bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+
+
+def write_safetensors(path: Path, names: list[str], specs: dict, produce, metadata: dict | None = None) -> None:
+    """Streaming safetensors writer: ``specs[name] = (torch dtype, shape)``; ``produce(name)`` returns
+    the tensor when its turn comes (header first, then bytes back to back, as the format requires)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        dtype, shape = specs[name]
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the reference writer pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name in names:
+            t = produce(name).detach().contiguous().cpu()
+            if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
+                raise ValueError(f"{path}: tensor {name!r} came out {t.dtype} {list(t.shape)}, expected "
+                                 f"{specs[name][0]} {list(specs[name][1])}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
+    """config.json contents via transformers' own config class (so the installed version reads it)."""
+    from transformers import AutoConfig
+
+    family = cfg.architecture or cfg.model_type
+    family = str(family).lower() if family else None
+    if family not in HF_ARCHITECTURES:
+        raise ValueError(f"architecture {family!r} cannot be exported; expected one of {', '.join(HF_ARCHITECTURES)}")
+    missing = [k for k in ("hidden_size", "num_layers", "num_heads", "vocab_size", "intermediate_size")
+               if getattr(cfg, k) is None]
+    if missing:
+        raise ValueError(f"metadata lacks {', '.join(missing)}; expected the typed model keys (spec 5.2)")
+    kwargs = dict(
+        architectures=[cfg.hf_architecture or HF_ARCHITECTURES[family]],
+        hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, vocab_size=cfg.vocab_size,
+        intermediate_size=cfg.intermediate_size, head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings or 32768,
+        rope_theta=cfg.rope_theta if cfg.rope_theta is not None else 10000.0,
+        rms_norm_eps=cfg.rms_norm_eps if cfg.rms_norm_eps is not None else 1e-6,
+        tie_word_embeddings="lm_head.weight" not in tensors,
+        bos_token_id=tok.bos_id if tok else None, eos_token_id=tok.eos_id if tok else None,
+        pad_token_id=tok.pad_id if tok else None,
+    )
+    if family == "llama":
+        kwargs["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
+    if isinstance(meta.get("rope_scaling"), dict):
+        kwargs["rope_scaling"] = {**meta["rope_scaling"], "rope_theta": kwargs["rope_theta"]}
+    return AutoConfig.for_model(family, **kwargs).to_dict()
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", progress: bool | None = None) -> Path:
+    import apr_kernels
+    from apr_kernels.tokenizer import Tokenizer
+
+    from .hf_tokenizer import write_hf_tokenizer
+
+    src, dst = Path(src), Path(dst)
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: already exists and is not an empty folder")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    with apr_kernels.open(src) as f:
+        meta, cfg = f.metadata, f.config
+        tied = bool(cfg.tied_embeddings)
+        names = {}  # HF name -> stored name
+        for stored in f.keys():
+            if stored.startswith("__training__."):
+                continue
+            hf = gguf_to_hf(stored)
+            if hf in names:
+                raise ValueError(f"{src}: tensors {names[hf]!r} and {stored!r} both map to {hf!r}")
+            names[hf] = stored
+        lm_head = names.get("lm_head.weight")
+        if lm_head is not None and (tied or f.info(lm_head).placeholder):
+            names.pop("lm_head.weight")  # tied: HF re-ties it to the embedding
+        tok = Tokenizer.from_metadata(meta, path=src) if meta.get("tokenizer.vocabulary") else None
+        config = hf_config(meta, cfg, set(names), tok)
+        want = _DTYPES[dtype]
+        specs = {}
+        for hf, stored in names.items():
+            info = f.info(stored)
+            base = TORCH_DTYPES.get(info.dtype, torch.float32)  # quantised -> F32
+            specs[hf] = (want if want is not None and base.is_floating_point else base, info.shape)
+        heads_q, heads_kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names), unit="tensor", desc=f"export {src.name}", file=sys.stderr,
+                   disable=(not progress) if progress is not None else None)
+
+        def produce(hf: str) -> torch.Tensor:
+            t = f.get_tensor(names[hf], dtype=specs[hf][0])
+            heads = rope_permuted_heads(hf, heads_q, heads_kv) if cfg.rope_type == 0 else None
+            bar.update(1)
+            return unpermute_rows(t, heads) if heads else t
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        try:
+            order = sorted(names)
+            write_safetensors(tmp / "model.safetensors", order, specs, produce, {"format": "pt"})
+            config["dtype"] = str(specs.get("model.embed_tokens.weight", (torch.float32,))[0]).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
+            if tok is not None:
+                write_hf_tokenizer(tok, tmp)
+            bar.close()
+            if dst.exists():
+                dst.rmdir()
+            os.replace(tmp, dst)
+        except BaseException:
+            bar.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dst

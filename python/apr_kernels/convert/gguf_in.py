@@ -1,0 +1,201 @@
+"""GGUF (llama.cpp) source: Llama and Qwen2 families.
+
+* Names: ``blk.N.*`` -> Hugging Face names (``names.gguf_to_hf``); shapes reversed (GGUF ``ne`` lists
+  the contiguous dimension first), bytes never transposed (spec 10.1).
+* Dtypes: F32/F16/BF16/Q4_K/Q6_K pass through raw (I8/I32/I64/F64 too); every other GGML type is
+  dequantised to F32 with the ``gguf`` package's reference (``gguf.quants.dequantize``).
+* RoPE: for Llama-family files the q/k rows carry llama.cpp's permutation; it is undone here (whole
+  rows move, so raw quantised blocks stay bit-exact) and ``rope_type`` 2 is recorded, so every APR
+  file this converter writes uses Hugging Face row order. Qwen2 GGUFs are not permuted (NEOX RoPE).
+* Tokenizer: ``tokenizer.ggml.*`` -> ``tokenizer.*`` (spec 5.5).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apr_kernels._format import LazyTensor, QuantizedTensor, nbytes_for
+from apr_kernels.model.config import HF_ARCHITECTURES
+
+from .core import Source, warn
+from .names import PERMUTED_ARCHS, gguf_to_hf, rope_permuted_heads, unpermute_rows
+
+_PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+          "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
+_RAW_QUANT = ("Q4_K", "Q6_K")
+_GGUF_PRE_TYPES = {"qwen2": "qwen2", "llama-bpe": "llama-bpe", "gpt-2": "gpt2", "gpt2": "gpt2", "default": "gpt2"}
+
+
+def _open_reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path), "r")
+    except Exception as exc:  # the gguf reader raises ValueError/IndexError/KeyError/... on bad bytes
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {msg})") from None
+
+
+def _fields(reader, path: Path) -> dict:
+    out = {}
+    for key, f in reader.fields.items():
+        try:
+            out[key] = f.contents()
+        except Exception as exc:
+            raise ValueError(f"{path}: GGUF metadata key {key!r} cannot be decoded ({exc})") from None
+    return out
+
+
+def _config(kv: dict, arch: str, path: Path, vocab_rows: int | None) -> dict:
+    def get(key, kind, default=None, required=False):
+        value = kv.get(f"{arch}.{key}", default)
+        if value is None:
+            if required:
+                raise ValueError(f"{path}: GGUF key {arch}.{key} is missing (expected {kind.__name__})")
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{path}: GGUF key {arch}.{key} is {value!r}; expected a number")
+        return kind(value)
+
+    hidden, heads = get("embedding_length", int, required=True), get("attention.head_count", int, required=True)
+    if heads <= 0:
+        raise ValueError(f"{path}: GGUF key {arch}.attention.head_count is {heads}; expected > 0")
+    tokens = kv.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size", int) or vocab_rows or (len(tokens) if isinstance(tokens, list) else None)
+    return {
+        "architecture": arch,
+        "hf_architecture": HF_ARCHITECTURES[arch],
+        "hf_model_type": arch,
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_layers": get("block_count", int, required=True),
+        "num_heads": heads,
+        "num_kv_heads": get("attention.head_count_kv", int) or heads,
+        "vocab_size": vocab,
+        "intermediate_size": get("feed_forward_length", int, required=True),
+        "max_position_embeddings": get("context_length", int),
+        "rope_theta": get("rope.freq_base", float, 10000.0),
+        "rope_type": 2,  # q/k rows are in Hugging Face order after the import (see module docstring)
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", float, 1e-6),
+        "head_dim": get("attention.key_length", int) or hidden // heads,
+    }
+
+
+def _tokenizer(kv: dict, path: Path) -> dict | None:
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        return None
+    model = kv.get("tokenizer.ggml.model", "gpt2")
+    meta: dict = {"tokenizer.model_type": "bpe" if model == "gpt2" else str(model),
+                  "tokenizer.vocab_size": len(tokens), "tokenizer.vocabulary": [str(t) for t in tokens]}
+    for src, dst in (("tokenizer.ggml.merges", "tokenizer.merges"), ("tokenizer.ggml.scores", "tokenizer.scores"),
+                     ("tokenizer.ggml.token_type", "tokenizer.token_type"),
+                     ("tokenizer.ggml.bos_token_id", "tokenizer.bos_token_id"),
+                     ("tokenizer.ggml.eos_token_id", "tokenizer.eos_token_id"),
+                     ("tokenizer.ggml.padding_token_id", "tokenizer.padding_token_id"),
+                     ("tokenizer.ggml.add_bos_token", "tokenizer.add_bos_token"),
+                     ("tokenizer.chat_template", "tokenizer.chat_template")):
+        if src in kv:
+            value = kv[src]
+            meta[dst] = [v.item() if hasattr(v, "item") else v for v in value] if isinstance(value, list) else value
+    pre = kv.get("tokenizer.ggml.pre")
+    if model == "gpt2":
+        meta["tokenizer.pre_type"] = _GGUF_PRE_TYPES.get(str(pre), str(pre)) if pre else "gpt2"
+        from apr_kernels.tokenizer import Tokenizer
+
+        try:
+            Tokenizer.from_metadata(meta, path=path)
+        except ValueError as exc:
+            warn(f"embedded the GGUF tokenizer as is, but apr_kernels cannot run it: {exc}")
+    elif pre:
+        meta["tokenizer.pre_type"] = str(pre)
+    return meta
+
+
+def _tensor(reader_tensor, file_data, path: Path, arch: str, cfg: dict) -> tuple[str, LazyTensor]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    t = reader_tensor
+    qtype = GGMLQuantizationType(t.tensor_type)
+    name = gguf_to_hf(t.name)
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne0 (contiguous) last: [out, in]
+    start, size = int(t.data_offset), int(t.n_bytes)
+    if start + size > len(file_data):
+        raise ValueError(f"{path}: tensor {t.name!r} data [{start}, {start + size}) lies beyond the end of the "
+                         f"file ({len(file_data)} bytes)")
+    heads = None
+    if arch in PERMUTED_ARCHS:
+        heads = rope_permuted_heads(name, cfg["num_heads"], cfg["num_kv_heads"])
+
+    def raw() -> torch.Tensor:  # one tensor's bytes, copied out of the read-only mapping
+        return torch.from_numpy(np.array(file_data[start : start + size], dtype=np.uint8, copy=True))
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return unpermute_rows(x, heads) if heads else x
+
+    kind = qtype.name
+    if kind in _PLAIN:
+        tdtype = _PLAIN[kind]
+        return name, LazyTensor(kind, shape, lambda: rows(raw().view(tdtype).reshape(shape)))
+    if kind == "I16":
+        return name, LazyTensor("I32", shape, lambda: rows(raw().view(torch.int16).reshape(shape).to(torch.int32)))
+    if kind in _RAW_QUANT:
+        if nbytes_for(kind, shape) != size:
+            raise ValueError(f"{path}: tensor {t.name!r} is {kind} of shape {list(shape)} with {size} bytes; "
+                             f"expected {nbytes_for(kind, shape)} (rows of whole 256-element blocks)")
+        nrows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+
+        def quantised():
+            data = raw()
+            if heads:  # rows are whole blocks: permute them as bytes, exactly
+                data = unpermute_rows(data.view(nrows, -1), heads).reshape(-1)
+            return QuantizedTensor(kind, shape, data)
+
+        return name, LazyTensor(kind, shape, quantised)
+    if qtype not in GGML_QUANT_SIZES:
+        raise ValueError(f"{path}: tensor {t.name!r} has GGML type {kind}, which has no known block size")
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if shape and shape[-1] % block:
+        raise ValueError(f"{path}: tensor {t.name!r} ({kind}) has a last dimension of {shape[-1]}; expected a "
+                         f"multiple of the {block}-element block")
+
+    def dequantised():
+        data = np.array(file_data[start : start + size], dtype=np.uint8, copy=True)
+        data = data.reshape(*shape[:-1], shape[-1] // block * type_size) if shape else data
+        try:
+            values = dequantize(data, qtype)
+        except NotImplementedError:
+            raise ValueError(f"{path}: tensor {t.name!r}: the gguf package cannot dequantise {kind}") from None
+        return rows(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape))
+
+    return name, LazyTensor("F32", shape, dequantised)
+
+
+def read_gguf(path: Path) -> Source:
+    reader = _open_reader(path)
+    kv = _fields(reader, path)
+    arch = kv.get("general.architecture")
+    if arch not in HF_ARCHITECTURES:
+        raise ValueError(f"{path}: general.architecture is {arch!r}; expected one of {', '.join(HF_ARCHITECTURES)}")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab_rows = int(embd.shape[1]) if embd is not None and len(embd.shape) == 2 else None
+    cfg = _config(kv, arch, path, vocab_rows)
+    tensors: dict[str, LazyTensor] = {}
+    for t in reader.tensors:
+        name, lt = _tensor(t, reader.data, path, arch, cfg)
+        if name in tensors:
+            raise ValueError(f"{path}: tensors map to the same name {name!r}")
+        tensors[name] = lt
+    meta = {"original_format": "gguf", "source": str(path.resolve()),
+            "name": str(kv.get("general.name") or path.stem), **cfg}
+    tok = _tokenizer(kv, path)
+    if tok is None:
+        warn(f"{path}: no tokenizer.ggml.tokens; the APR file will have no tokenizer")
+    else:
+        meta.update(tok)
+    return Source(str(path), tensors, meta, tied="lm_head.weight" not in tensors)

@@ -1,0 +1,153 @@
+"""Hugging Face sources: a .safetensors file or a model folder (config.json, one or more safetensors
+shards with model.safetensors.index.json, tokenizer.json or vocab.json + merges.txt).
+
+Tensor names and shapes are kept as they are (already HF names, row-major [out, in], spec 10.1);
+bytes are read lazily through ``safetensors.safe_open`` (a private mapping), one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from apr_kernels._format import LazyTensor
+from apr_kernels.model.config import HF_ARCHITECTURES
+
+from .core import Source, warn
+from .hf_tokenizer import read_hf_tokenizer
+
+# safetensors dtype -> APR dtype (both readers accept these; others are refused)
+_ST_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I32": "I32", "I64": "I64",
+              "I8": "I8", "U8": "U8"}
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: 'weight_map' must be a non-empty object of tensor name -> shard file")
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or not (folder / shard).is_file():
+                raise ValueError(f"{index}: shard {shard!r} is not a file in {folder}")
+            files.append(folder / shard)
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise ValueError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.safetensors file "
+                         "(expected a Hugging Face model folder)")
+    return found
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # SafetensorError and friends: one clear line naming the file
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a valid safetensors file ({msg})") from None
+
+
+def read_safetensors(files: list[Path]) -> tuple[dict[str, LazyTensor], dict, list]:
+    """Lazy tensors of all ``files`` (names unique across shards), their ``__metadata__``, handles."""
+    tensors: dict[str, LazyTensor] = {}
+    where_from: dict[str, Path] = {}
+    source_meta: dict = {}
+    handles = []
+    for path in files:
+        handle = _open_safetensors(path)
+        handles.append(handle)
+        source_meta.update(handle.metadata() or {})
+        for name in handle.keys():
+            if name in tensors:
+                raise ValueError(f"{path}: tensor {name!r} is also in {where_from[name]} (expected each tensor "
+                                 "in exactly one shard)")
+            sl = handle.get_slice(name)
+            st_dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+            if st_dtype not in _ST_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {st_dtype}; expected one of "
+                                 f"{', '.join(_ST_DTYPES)}")
+            tensors[name] = LazyTensor(_ST_DTYPES[st_dtype], shape,
+                                       lambda h=handle, n=name: h.get_tensor(n))
+            where_from[name] = path
+    return tensors, source_meta, handles
+
+
+def config_metadata(cfg: dict, path: Path) -> dict:
+    """Typed APR keys (spec 5.2, one spelling each) from a Hugging Face config.json."""
+    model_type = cfg.get("model_type")
+    if model_type not in HF_ARCHITECTURES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported (expected one of "
+                         f"{', '.join(HF_ARCHITECTURES)})")
+
+    def need(key: str) -> int:
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{path}: {key} is {value!r}; expected a positive integer")
+        return value
+
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    meta = {
+        "architecture": model_type,
+        "hf_architecture": (cfg.get("architectures") or [HF_ARCHITECTURES[model_type]])[0],
+        "hf_model_type": model_type,
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_layers": need("num_hidden_layers"),
+        "num_heads": heads,
+        "num_kv_heads": cfg.get("num_key_value_heads") or heads,
+        "vocab_size": need("vocab_size"),
+        "intermediate_size": need("intermediate_size"),
+        "max_position_embeddings": cfg.get("max_position_embeddings"),
+        "rope_theta": float(theta),
+        "rope_type": 2,  # Hugging Face rows: split-half rotation (rotate_half)
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "head_dim": cfg.get("head_dim") or hidden // heads,
+    }
+    if kind not in (None, "default"):
+        warn(f"{path}: RoPE scaling {kind!r} is carried as the custom key 'rope_scaling' but the trainer "
+             "ignores it")
+        meta["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return meta
+
+
+def read_hf(src: Path) -> Source:
+    """A Hugging Face folder or a single .safetensors file (its folder's config/tokenizer are used)."""
+    folder = src if src.is_dir() else src.parent
+    files = _shard_files(src) if src.is_dir() else [src]
+    tensors, source_meta, handles = read_safetensors(files)
+    cfg_path = folder / "config.json"
+    cfg = _load_json(cfg_path) if cfg_path.is_file() else None
+    meta: dict = {"original_format": "safetensors", "source": str(src.resolve()), "name": src.resolve().name}
+    tied = None
+    if cfg is not None:
+        meta.update(config_metadata(cfg, cfg_path))
+        tied = bool(cfg.get("tie_word_embeddings", False))
+    else:
+        warn(f"{folder}: no config.json; the APR file will have no model dimensions")
+    tok = read_hf_tokenizer(folder, cfg)
+    if tok is None:
+        warn(f"{folder}: no tokenizer.json or vocab.json + merges.txt; the APR file will have no tokenizer")
+    else:
+        meta.update(tok)
+    if source_meta:
+        meta["source_metadata"] = {str(k): str(v) for k, v in source_meta.items()}  # spec 5.4 (PMAT-223)
+    return Source(str(src), tensors, meta, tied=tied, closers=[handles.clear])

@@ -1,0 +1,147 @@
+"""``inspect`` (what is in an APR file) and ``validate`` (is it sound: every reader check + footer CRC)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+import torch
+
+FLAG_NAMES = {0x0001: "LZ4_COMPRESSED", 0x0002: "ZSTD_COMPRESSED", 0x0004: "ENCRYPTED", 0x0008: "SIGNED",
+              0x0010: "SHARDED", 0x0020: "QUANTIZED", 0x0040: "HAS_FILTERBANK", 0x0080: "HAS_MODEL_CARD",
+              0x0100: "STREAMING", 0x0200: "HAS_VOCAB", 0x0400: "LAYOUT_ROW_MAJOR", 0x0800: "LAYOUT_COLUMN_MAJOR"}
+_BIG_LISTS = 8  # metadata lists longer than this are summarised
+
+
+def flag_names(flags: int) -> list[str]:
+    return [name for bit, name in FLAG_NAMES.items() if flags & bit] + (
+        [f"0x{flags & 0xF000:04X} (reserved)"] if flags & 0xF000 else [])
+
+
+def _summarise(value):
+    if isinstance(value, list) and len(value) > _BIG_LISTS:
+        return f"[{len(value)} items: {', '.join(json.dumps(v, ensure_ascii=False) for v in value[:3])}, ...]"
+    if isinstance(value, str) and len(value) > 200:
+        return value[:200] + f"... ({len(value)} chars)"
+    return value
+
+
+def describe(path: str) -> dict:
+    """Everything ``inspect`` shows, as JSON-ready data."""
+    import apr_kernels
+
+    with apr_kernels.open(path) as f:
+        header = dict(f.header)
+        header["magic"] = header["magic"].decode("latin-1")
+        header["flag_names"] = flag_names(header["flags"])
+        header["tensor_count"] = len(f)
+        meta = f.metadata
+        config = {k: v for k, v in vars(f.config).items() if v is not None}
+        tensors, totals = [], defaultdict(lambda: {"count": 0, "bytes": 0, "elements": 0})
+        for name in f.keys():
+            info = f.info(name)
+            numel = math.prod(info.shape)
+            tensors.append({"name": name, "dtype": info.dtype, "shape": list(info.shape), "bytes": info.nbytes,
+                            "offset": info.offset, **({"placeholder": True} if info.placeholder else {})})
+            t = totals[info.dtype]
+            t["count"] += 1
+            t["bytes"] += info.nbytes
+            t["elements"] += numel
+    return {"path": str(path), "header": header, "metadata": meta, "config": config, "tensors": tensors,
+            "totals": dict(totals)}
+
+
+def format_text(d: dict) -> str:
+    h = d["header"]
+    lines = [f"{d['path']}",
+             f"  magic {h['magic']!r}  version {h['version'][0]}.{h['version'][1]}  flags 0x{h['flags']:04X} "
+             f"({', '.join(h['flag_names']) or 'none'})",
+             f"  {h['tensor_count']} tensors  data_offset {h['data_offset']}  file {h['file_size']} bytes  "
+             f"index {'sorted' if h['index_sorted'] else 'NOT sorted'}  footer "
+             f"{'0x%08X' % h['footer_crc'] if h['has_footer'] else 'absent'}",
+             "", "metadata:"]
+    for key, value in d["metadata"].items():
+        lines.append(f"  {key}: {json.dumps(_summarise(value), ensure_ascii=False)}")
+    lines += ["", "model config:"]
+    lines += [f"  {k}: {v}" for k, v in d["config"].items()] or ["  (none)"]
+    width = max([len(t["name"]) for t in d["tensors"]] + [4])
+    lines += ["", f"  {'name':<{width}}  {'dtype':<6}  {'shape':<20}  {'bytes':>12}"]
+    for t in d["tensors"]:
+        shape = "[" + ", ".join(map(str, t["shape"])) + "]"
+        extra = "  (placeholder)" if t.get("placeholder") else ""
+        lines.append(f"  {t['name']:<{width}}  {t['dtype']:<6}  {shape:<20}  {t['bytes']:>12,}{extra}")
+    lines += ["", "totals by dtype:"]
+    for dtype, t in sorted(d["totals"].items()):
+        lines.append(f"  {dtype:<6}  {t['count']:>5} tensors  {t['elements']:>14,} elements  {t['bytes']:>14,} bytes")
+    all_bytes = sum(t["bytes"] for t in d["totals"].values())
+    all_elems = sum(t["elements"] for t in d["totals"].values())
+    lines.append(f"  {'all':<6}  {len(d['tensors']):>5} tensors  {all_elems:>14,} elements  {all_bytes:>14,} bytes")
+    return "\n".join(lines)
+
+
+def validate(path: str) -> list[str]:
+    """One line per problem (empty: the file is sound). Opening runs the reader's structural checks."""
+    import apr_kernels
+    from apr_kernels.metadata import ALIASES
+
+    try:
+        f = apr_kernels.open(path)
+    except (ValueError, OSError) as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    with f:
+        h = f.header
+        if not h["has_footer"]:
+            problems.append(f"{path}: no footer CRC (expected a u32 CRC-32 after the last tensor)")
+        else:
+            try:
+                f.verify()
+            except ValueError as exc:
+                problems.append(str(exc))
+        if not h["index_sorted"]:
+            problems.append(f"{path}: tensor index is not sorted by name (aprender rejects it)")
+        if not h["header_crc_present"]:
+            problems.append(f"{path}: header CRC is 0 (aprender verifies it)")
+        bad_flags = h["flags"] & 0x080F
+        if bad_flags:
+            problems.append(f"{path}: flags 0x{bad_flags:04X} ({', '.join(flag_names(bad_flags))}) are set; "
+                            "expected no compression/encryption/signature/column-major flags")
+        try:
+            meta = f.metadata
+        except ValueError as exc:
+            return problems + [str(exc)]
+        for canon, aliases in ALIASES.items():
+            for alias in aliases:
+                if alias in meta and canon in meta:
+                    problems.append(f"{path}: metadata has both {canon!r} and its alias {alias!r} "
+                                    "(realizar drops all metadata; expected one spelling, spec 5.3)")
+        try:
+            f.config
+        except ValueError as exc:
+            problems.append(str(exc))
+        if meta.get("tokenizer.vocabulary") is not None and str(meta.get("tokenizer.model_type", "bpe")) == "bpe":
+            from apr_kernels.tokenizer import Tokenizer
+
+            try:
+                Tokenizer.from_metadata(meta, path=path)
+            except ValueError as exc:
+                problems.append(str(exc))
+        for name in f.keys():
+            problems.extend(_check_tensor(f, path, name))
+    return problems
+
+
+def _check_tensor(f, path: str, name: str) -> list[str]:
+    info = f.info(name)
+    try:
+        t = f.get_tensor(name)
+    except (ValueError, RuntimeError) as exc:
+        return [f"{path}: tensor {name!r}: {exc}"]
+    if not t.is_floating_point() or info.placeholder:
+        return []
+    bad = (~torch.isfinite(t)).sum().item()
+    if bad:
+        return [f"{path}: tensor {name!r} ({info.dtype} {list(info.shape)}) has {bad} NaN/Inf values "
+                "(expected finite weights)"]
+    return []
