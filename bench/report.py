@@ -89,12 +89,12 @@ def ceiling_text(ceilings: dict, meta: dict | None) -> str:
     parts = []
     spec = (meta or {}).get("spec") or {}
     if ceilings.get("copy_gbs"):
-        s = f"copy {ceilings['copy_gbs']:.0f} GB/s"
+        s = f"copy {fmt(ceilings['copy_gbs'])} GB/s"
         if spec.get("hbm_gbs"):
             s += f" ({ceilings['copy_gbs'] / spec['hbm_gbs']:.0%} of the {spec['hbm_gbs']:.0f} datasheet)"
         parts.append(s)
     if ceilings.get("matmul_tflops"):
-        s = f"matmul {ceilings['matmul_tflops']:.3g} TFLOP/s"
+        s = f"matmul {fmt(ceilings['matmul_tflops'])} TFLOP/s"
         if spec.get("bf16_dense_tflops"):
             s += f" ({ceilings['matmul_tflops'] / spec['bf16_dense_tflops']:.0%} of the " \
                  f"{spec['bf16_dense_tflops']:.0f} datasheet)"
