@@ -1,5 +1,6 @@
 """Shared test setup: seeded RNG per test, a `cuda` marker that skips without a GPU."""
 
+import os
 import random
 import zlib
 
@@ -7,6 +8,10 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton reads TRITON_INTERPRET when `triton` is first imported (its own tl.sum etc. are jitted
+    # then), and some test imports (transformers) pull Triton in: set it before any of them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
