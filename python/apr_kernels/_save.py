@@ -117,8 +117,8 @@ def _tensor_bytes(path: str, name: str, dtype: str, shape, value) -> torch.Tenso
     if isinstance(value, QuantizedTensor):
         data = value.data
     else:
-        data = value.detach().reshape(-1)
-        data = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+        data = value.detach().cpu().contiguous().reshape(-1)  # one tensor at a time
+        return data.view(torch.uint8) if data.dtype != torch.uint8 else data
     return data.cpu().contiguous()
 
 
