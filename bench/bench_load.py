@@ -1,0 +1,232 @@
+"""Loading an APR file vs safetensors, on the same tensors (Qwen2-0.5B shapes, bf16, ~1 GB, 290).
+
+Rows (op / provider):
+  load_warm, load_cold       apr (apr_kernels.load), safetensors_load_file, safetensors_safe_open:
+                             open + build every tensor (zero-copy on CPU: no data is read)
+  touch_warm, touch_cold     the same plus reading one byte of every page of every tensor, so the
+                             data really comes from the page cache (warm) or the disk (cold)
+  load_small                 apr load of a file with the same 290 names but tiny shapes: warm
+                             load should be O(tensors), not O(bytes)
+  crc32                      apr_verify (footer check through pread, GIL released) and apr_crc32
+                             (the CRC kernel on an in-memory buffer) vs zlib.crc32 on the same bytes
+  load_cuda_warm/_cold       (--device cuda) apr load(device="cuda") vs safetensors
+                             load_file(device="cuda"), plus pinned host-to-device bandwidth
+Cold = posix_fadvise(DONTNEED) on the file with no mapping of it alive (checked with mincore).
+Use --dir on a real disk for cold numbers: on tmpfs every read is warm.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import apr_kernels  # noqa: E402
+from apr_kernels import _apr_ext  # noqa: E402
+
+
+def qwen2_shapes(vocab=151936, hidden=896, inter=4864, layers=24, heads=14, kv=2) -> dict[str, tuple]:
+    hd = hidden // heads
+    s = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        s.update({p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.q_proj.bias": (heads * hd,),
+                  p + "self_attn.k_proj.weight": (kv * hd, hidden), p + "self_attn.k_proj.bias": (kv * hd,),
+                  p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.v_proj.bias": (kv * hd,),
+                  p + "self_attn.o_proj.weight": (hidden, heads * hd),
+                  p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                  p + "mlp.down_proj.weight": (hidden, inter),
+                  p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+    return s
+
+
+def make_tensors(shapes) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.randn(s, generator=g, dtype=torch.float32).to(torch.bfloat16) for n, s in shapes.items()}
+
+
+def drop_cache(path: Path) -> float:
+    """Evict ``path`` from the page cache; returns the fraction still resident (mincore)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd) if hasattr(os, "fdatasync") else None
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return resident_fraction(path)
+
+
+def resident_fraction(path: Path) -> float:
+    size = path.stat().st_size
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY)
+        try:
+            page = mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+            buf = ctypes.c_char.from_buffer(mm)
+            try:
+                if libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) != 0:
+                    return float("nan")
+            finally:
+                del buf
+            return sum(v & 1 for v in vec) / len(vec)
+        finally:
+            mm.close()
+
+
+def touch(tensors: dict[str, torch.Tensor]) -> None:
+    """Read one byte per 4 KiB page of every tensor (forces the data in)."""
+    for t in tensors.values():
+        b = t.reshape(-1).view(torch.uint8)
+        if b.numel():
+            b[::4096].max()
+
+
+def st_safe_open(path, device="cpu"):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=device) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def timed_cold(path: Path, fn, reps: int) -> tuple[float, float]:
+    """Median ms of ``fn()`` with the file evicted before each call; and the residency seen."""
+    times, resident = [], []
+    for _ in range(reps):
+        gc.collect()
+        resident.append(drop_cache(path))
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+        del out
+    times.sort()
+    return times[len(times) // 2], max(resident)
+
+
+def main() -> None:
+    args = _common.parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="cuda: also time loads to the GPU (default when one is present)"),
+        p.add_argument("--dir", type=Path, default=None, help="where the test files go (a real disk for cold)")))
+    from safetensors.torch import load_file, save_file
+
+    if args.smoke:
+        shapes = qwen2_shapes(vocab=2048, hidden=64, inter=128, layers=24, heads=4, kv=2)
+        reps, cold_reps = 5, 2
+    elif args.quick:
+        shapes, reps, cold_reps = qwen2_shapes(), 8, 1
+    else:
+        shapes, reps, cold_reps = qwen2_shapes(), 20, 3
+    small = qwen2_shapes(vocab=64, hidden=16, inter=32, layers=24, heads=4, kv=2)
+    folder = Path(tempfile.mkdtemp(prefix="bench_load_", dir=args.dir))
+    rows: list[dict] = []
+    try:
+        tensors = make_tensors(shapes)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        apr, st = folder / "m.apr", folder / "m.safetensors"
+        apr_kernels.save(tensors, apr)
+        save_file(tensors, str(st))
+        apr_kernels.save(make_tensors(small), folder / "small.apr")
+        del tensors
+        gc.collect()
+        case = {"case": "qwen2-0.5b-bf16" if not args.smoke else "smoke", "tensors": len(shapes), "bytes": nbytes}
+        cpu = torch.device("cpu")
+        providers = {"apr": lambda: apr_kernels.load(apr), "safetensors_load_file": lambda: load_file(str(st)),
+                     "safetensors_safe_open": lambda: st_safe_open(st)}
+        for name, fn in providers.items():
+            path = apr if name == "apr" else st
+            ms = _common.time_ms(fn, warmup=2, rep=reps, dev=cpu)
+            rows.append({"op": "load_warm", "provider": name, "ms": ms, **case})
+            ms = _common.time_ms(lambda: touch(fn()), warmup=1, rep=max(3, reps // 3), dev=cpu)
+            rows.append({"op": "touch_warm", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6, **case})
+            ms, res = timed_cold(path, fn, cold_reps)
+            rows.append({"op": "load_cold", "provider": name, "ms": ms, "resident_before": res, **case})
+            ms, res = timed_cold(path, lambda: touch(fn()), cold_reps)
+            rows.append({"op": "touch_cold", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6,
+                         "resident_before": res, **case})
+        ms = _common.time_ms(lambda: apr_kernels.load(folder / "small.apr"), warmup=2, rep=reps, dev=cpu)
+        rows.append({"op": "load_small", "provider": "apr", "ms": ms, "case": "same names, tiny shapes",
+                     "tensors": len(small), "bytes": (folder / "small.apr").stat().st_size})
+
+        # CRC: full-file verify, and the kernel alone vs zlib on the same in-memory bytes.
+        size = apr.stat().st_size
+        with apr_kernels.open(apr) as f:
+            ms = _common.time_ms(f.verify, warmup=1, rep=max(3, reps // 3), dev=cpu)
+        rows.append({"op": "crc32", "provider": "apr_verify", "ms": ms, "gbs": size / ms / 1e6, "bytes": size,
+                     "impl": _apr_ext.crc32_impl()})
+        data = apr.read_bytes()
+        for name, fn in (("apr_crc32", lambda: _apr_ext.crc32(data)), ("zlib", lambda: zlib.crc32(data))):
+            ms = _common.time_ms(fn, warmup=1, rep=max(3, reps // 3), dev=cpu)
+            rows.append({"op": "crc32", "provider": name, "ms": ms, "gbs": size / ms / 1e6, "bytes": size})
+        del data
+
+        if args.device == "cuda":
+            rows += cuda_rows(apr, st, nbytes, case, reps, cold_reps)
+    finally:
+        gc.collect()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    _common.print_table(rows, ["op", "provider", "ms", "gbs", "resident_before"])
+    print_ratios(rows)
+    print("wrote", _common.write_results("load", rows, args.out, {"ours": ["apr", "apr_verify", "apr_crc32"]}))
+
+
+def cuda_rows(apr: Path, st: Path, nbytes: int, case: dict, reps: int, cold_reps: int) -> list[dict]:
+    from safetensors.torch import load_file
+
+    dev = torch.device("cuda")
+    rows = []
+    pinned = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(pinned, device=dev)
+    ms = _common.time_ms(lambda: dst.copy_(pinned, non_blocking=True), warmup=3, rep=10, dev=dev)
+    rows.append({"op": "h2d_pinned", "provider": "torch_copy", "ms": ms, "gbs": pinned.numel() / ms / 1e6,
+                 "bytes": pinned.numel()})
+    del pinned, dst
+    providers = {"apr": lambda: apr_kernels.load(apr, device="cuda"),
+                 "safetensors_load_file": lambda: load_file(str(st), device="cuda")}
+    for name, fn in providers.items():
+        path = apr if name == "apr" else st
+        ms = _common.time_ms(fn, warmup=1, rep=max(3, reps // 3), dev=dev)
+        rows.append({"op": "load_cuda_warm", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6, **case})
+        ms, res = timed_cold(path, fn, cold_reps)
+        rows.append({"op": "load_cuda_cold", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6,
+                     "resident_before": res, **case})
+    return rows
+
+
+def print_ratios(rows: list[dict]) -> None:
+    by = {(r["op"], r["provider"]): r["ms"] for r in rows}
+    print("\nratios (how many times faster apr is; > 1: apr wins)")
+    for op in ("load_warm", "touch_warm", "load_cold", "touch_cold", "load_cuda_warm", "load_cuda_cold"):
+        if (op, "apr") not in by:
+            continue
+        others = {p: ms for (o, p), ms in by.items() if o == op and p != "apr"}
+        if others:
+            best = min(others, key=others.get)
+            print(f"  {op:15s} vs {best:24s} {others[best] / by[op, 'apr']:6.2f}x   "
+                  + "  ".join(f"{p}: {ms / by[op, 'apr']:.2f}x" for p, ms in others.items()))
+    if ("load_small", "apr") in by:
+        print(f"  load_warm (1 GB-class) / load_small (tiny): {by['load_warm', 'apr'] / by['load_small', 'apr']:.2f} "
+              "(about 1: O(tensors), not O(bytes))")
+    if ("crc32", "zlib") in by:
+        print(f"  crc32: apr kernel {by['crc32', 'zlib'] / by['crc32', 'apr_crc32']:.2f}x zlib, "
+              f"full verify {by['crc32', 'zlib'] / by['crc32', 'apr_verify']:.2f}x zlib")
+
+
+if __name__ == "__main__":
+    main()
