@@ -58,6 +58,9 @@ class AprFile {
  public:
   // Opens, maps and validates. Throws FormatError / OsError.
   explicit AprFile(const std::string& path);
+  ~AprFile() { file_->close_fd(); }  // the mapping may outlive us (tensors); the descriptor does not
+  AprFile(const AprFile&) = delete;
+  AprFile& operator=(const AprFile&) = delete;
 
   const std::shared_ptr<MappedFile>& mapping() const { return file_; }
   const Header& header() const { return header_; }

@@ -44,7 +44,14 @@ using ByteTensor = nb::ndarray<nb::pytorch, uint8_t, nb::ndim<1>, nb::c_contig>;
 
 class Reader {
  public:
-  explicit Reader(const std::string& path) : file_(std::make_unique<apr::AprFile>(path)) {}
+  explicit Reader(const std::string& path) : file_(std::make_shared<apr::AprFile>(path)) {}
+
+  // For work done without the GIL: the copy keeps the AprFile (and its descriptor) alive even if
+  // another thread closes the Reader meanwhile.
+  std::shared_ptr<const apr::AprFile> shared() const {
+    f();
+    return file_;
+  }
 
   const apr::AprFile& f() const {
     if (!file_) throw apr::FormatError(path_closed_ + ": the APR file is closed");
@@ -99,10 +106,11 @@ class Reader {
     return out;
   }
 
+  // Drops this handle's reference; the descriptor closes with the AprFile, the mapping with the
+  // last tensor viewing it.
   void close() {
     if (file_) {
       path_closed_ = file_->mapping()->path();
-      file_->mapping()->close_fd();
       file_.reset();
     }
   }
@@ -110,7 +118,7 @@ class Reader {
   bool closed() const { return !file_; }
 
  private:
-  std::unique_ptr<apr::AprFile> file_;
+  std::shared_ptr<apr::AprFile> file_;
   std::string path_closed_;
 };
 
@@ -173,14 +181,14 @@ NB_MODULE(_apr_ext, m) {
            "uint8 tensor over mapping bytes [offset, offset+size); keeps the mapping alive")
       .def("current_size", [](const Reader& r) { return r.f().mapping()->current_size(); })
       .def("compute_footer_crc", [](const Reader& r) {
-        const apr::AprFile& f = r.f();
+        auto f = r.shared();
         nb::gil_scoped_release nogil;
-        return f.compute_footer_crc();
+        return f->compute_footer_crc();
       })
       .def("verify", [](const Reader& r) {
-        const apr::AprFile& f = r.f();
+        auto f = r.shared();
         nb::gil_scoped_release nogil;
-        f.verify_footer();
+        f->verify_footer();
       }, "Check the footer CRC over the whole file (AprFormatError if missing or wrong)")
       .def("close", &Reader::close);
 
