@@ -1,0 +1,230 @@
+"""RMSNorm and fused residual-add RMSNorm, forward and backward: GB/s against the copy ceiling.
+
+    python3 bench/bench_rms_norm.py [--smoke | --quick] [--out DIR] [--no-compile] [--budget-s S]
+
+Providers, all bf16 on the GPU and timed in one run on one device:
+  apr            apr_kernels.rms_norm / add_rms_norm (the Triton kernels on CUDA)
+  torch          torch.nn.functional.rms_norm (PyTorch's fused kernel; fused add = x + r, then it)
+  hf             the Hugging Face LlamaRMSNorm forward in eager mode (the numerics apr matches)
+  torch_compile  torch.compile of the same HF function (rows dynamic, hidden static)
+  liger          Liger-Kernel's LigerRMSNorm / LigerFusedAddRMSNorm, when importable
+
+Bytes are the compulsory traffic of bench/README.md (M rows, N hidden, e bytes per element):
+fwd 2·M·N·e, bwd 3·M·N·e (read dy, x; write dx), fused-add fwd 4·M·N·e (read x, r; write y, s),
+fused-add bwd 4·M·N·e (read dy, s, ds; write dx). The backward is timed alone
+(``torch.autograd.grad`` on a retained graph). Each row stores ms, GB/s, the fraction of the copy
+bandwidth measured in this run (``pct_copy``), and apr rows the speed-up over each baseline.
+The JSON is rewritten after every shape, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import time
+
+import _common
+import torch
+import torch.nn.functional as F
+
+import apr_kernels
+
+EPS = 1e-6
+
+
+def sweep(args) -> tuple[list[int], list[int]]:
+    """(hidden sizes, row counts) for the chosen mode."""
+    if args.smoke:
+        return [96, 1000], [64]
+    if args.quick:
+        return [896, 4096, 8192], [16384]
+    return [896, 2048, 4096, 5120, 8192], [4096, 16384, 65536]
+
+
+# --------------------------------------------------------------------------------- providers
+# Each provider builds (norm, add_norm) callables: norm(x, w) -> y, add_norm(x, r, w) -> (y, s).
+
+
+def _hf(x, w):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    return w * h.to(x.dtype)
+
+
+def _hf_add(x, r, w):
+    s = x + r
+    return _hf(s, w), s
+
+
+def _torch(x, w):
+    return F.rms_norm(x, (x.shape[-1],), w, EPS)
+
+
+def _torch_add(x, r, w):
+    s = x + r
+    return _torch(s, w), s
+
+
+def _compiled():
+    cfg = torch._dynamo.config
+    cfg.automatic_dynamic_shapes = False  # hidden stays static; rows are marked dynamic below
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 64)
+    # the bench re-runs one backward on a retained graph, which donated buffers forbid
+    torch._functorch.config.donated_buffer = False
+    norm, add = torch.compile(_hf), torch.compile(_hf_add)
+
+    def dyn(fn):
+        def call(*ts):
+            for t in ts[:-1]:
+                torch._dynamo.mark_dynamic(t, 0)
+            return fn(*ts)
+
+        return call
+
+    return dyn(norm), dyn(add)
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    except Exception:
+        return None
+    try:
+        from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+    except Exception:
+        LigerFusedAddRMSNorm = None
+    cache: dict = {}
+
+    def module(cls, w):
+        key = (cls, w.shape[0], w.dtype, w.device)
+        if key not in cache:
+            cache[key] = cls(w.shape[0], eps=EPS).to(w.device, w.dtype)
+        m = cache[key]
+        m.weight = torch.nn.Parameter(w, requires_grad=w.requires_grad)
+        return m
+
+    def norm(x, w):
+        return module(LigerRMSNorm, w)(x)
+
+    def add(x, r, w):
+        return module(LigerFusedAddRMSNorm, w)(x, r)
+
+    return norm, (add if LigerFusedAddRMSNorm is not None else None)
+
+
+def providers(args) -> dict:
+    out = {"apr": (apr_kernels.rms_norm, apr_kernels.add_rms_norm), "torch": (_torch, _torch_add),
+           "hf": (_hf, _hf_add)}
+    liger = _liger()
+    if liger is not None and _common.device().type == "cuda":
+        out["liger"] = liger
+    if not args.no_compile and not args.smoke:
+        out["torch_compile"] = _compiled()
+    return out
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def measure(fn_pair, op: str, m: int, n: int, dtype, dev, rep: int) -> dict[str, float]:
+    """ms of the forward and of the backward alone for one provider and shape."""
+    norm, add = fn_pair
+    fn = norm if op == "rms_norm" else add
+    if fn is None:
+        return {}
+    x = torch.randn(m, n, device=dev, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(n, device=dev)).to(dtype).requires_grad_()
+    args = (x, w) if op == "rms_norm" else (x, torch.randn_like(x, requires_grad=True), w)
+    # forward with autograd recording, as in training (and one compiled graph per shape class)
+    fwd_ms = _common.time_ms(lambda: fn(*args), warmup=3, rep=rep, dev=dev)
+    outs = fn(*args)
+    outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+    grads = [torch.randn_like(o) for o in outs]
+    bwd_ms = _common.time_ms(lambda: torch.autograd.grad(outs, args, grads, retain_graph=True),
+                             warmup=3, rep=rep, dev=dev)
+    return {"fwd": fwd_ms, "bwd": bwd_ms}
+
+
+def nbytes(op: str, mode: str, m: int, n: int, elem: int) -> int:
+    per = {("rms_norm", "fwd"): 2, ("rms_norm", "bwd"): 3, ("add_rms_norm", "fwd"): 4,
+           ("add_rms_norm", "bwd"): 4}[(op, mode)]
+    return per * m * n * elem
+
+
+def main() -> None:
+    args = _common.parse_args(
+        __doc__.splitlines()[0],
+        lambda p: (p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider"),
+                   p.add_argument("--budget-s", type=float, default=None,
+                                  help="stop starting new shapes after this many seconds "
+                                       "(default 75 full, 32 quick, 30 smoke)")),
+    )
+    dev = _common.device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elem = torch.empty((), dtype=dtype).element_size()
+    budget = args.budget_s or (30 if args.smoke else 32 if args.quick else 75)
+    start = time.perf_counter()
+    copy_gbs = _common.copy_bandwidth_gbs((512 << 20) if dev.type == "cuda" else (8 << 20), dev=dev)
+    provs = providers(args)
+    hidden, row_counts = sweep(args)
+    rep = 3 if args.smoke else 20
+    rows: list[dict] = []
+    meta = {"ours": "apr", "copy_gbs": copy_gbs, "providers": list(provs), "eps": EPS, "skipped": []}
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s; providers {', '.join(provs)}; dtype {dtype}")
+    # Provider by provider (torch.compile last: its compiles are the slow part), so a spent time
+    # budget drops the tail of one provider rather than whole shapes of all of them.
+    for name, pair in provs.items():
+        for n in hidden:
+            for m in row_counts:
+                if time.perf_counter() - start > budget:
+                    meta["skipped"].append(f"{name} {m}x{n}")
+                    continue
+                for op in ("rms_norm", "add_rms_norm"):
+                    for mode, ms in measure(pair, op, m, n, dtype, dev, rep).items():
+                        b = nbytes(op, mode, m, n, elem)
+                        gbs = b / (ms * 1e-3) / 1e9
+                        rows.append({"op": op, "mode": mode, "shape": f"{m}x{n}", "dtype": str(dtype)[6:],
+                                     "provider": name, "ms": ms, "bytes": b, "gbs": gbs,
+                                     "pct_copy": gbs / copy_gbs})
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            _speedups(rows)
+            path = _common.write_results("rms_norm", rows, args.out, meta)  # rewritten as it goes
+    _speedups(rows)
+    path = _common.write_results("rms_norm", rows, args.out, meta)
+    _print(rows, list(provs))
+    if meta["skipped"]:
+        print(f"time budget {budget:.0f}s spent, not measured: {', '.join(meta['skipped'])}")
+    print(f"wrote {path} ({time.perf_counter() - start:.1f}s)")
+
+
+def _speedups(rows: list[dict]) -> None:
+    """On apr rows: ``x_vs_<provider>`` = provider ms / apr ms for the same op, mode and shape."""
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["op"], r["mode"], r["shape"]), []).append(r)
+    for group in by_key.values():
+        for r in group:
+            if r["provider"] == "apr":
+                r.update({f"x_vs_{o['provider']}": o["ms"] / r["ms"] for o in group if o["provider"] != "apr"})
+
+
+def _print(rows: list[dict], names: list[str]) -> None:
+    """One line per (op, mode, shape): GB/s per provider, apr's % of copy, apr's speed-up vs each."""
+    table = {}
+    for r in rows:
+        key = (r["op"], r["mode"], r["shape"])
+        table.setdefault(key, {"op": r["op"], "mode": r["mode"], "shape": r["shape"]})
+        table[key][f"{r['provider']} GB/s"] = r["gbs"]
+        if r["provider"] == "apr":
+            table[key]["apr %copy"] = 100 * r["pct_copy"]
+            for k, v in r.items():
+                if k.startswith("x_vs_"):
+                    table[key][k] = v
+    cols = ["op", "mode", "shape", "apr %copy"] + [f"{p} GB/s" for p in names]
+    cols += [f"x_vs_{p}" for p in names if p != "apr"]
+    _common.print_table(list(table.values()), cols)
+
+
+if __name__ == "__main__":
+    main()
