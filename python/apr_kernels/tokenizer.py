@@ -75,9 +75,13 @@ def unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in byte_to_unicode().items()}
 
 
+@lru_cache(maxsize=1)
+def _from_latin1() -> dict[int, str]:
+    return {b: c for b, c in byte_to_unicode().items()}  # str.translate table: latin-1 char -> alphabet char
+
+
 def token_bytes_to_str(token: bytes) -> str:
-    table = byte_to_unicode()
-    return "".join(table[b] for b in token)
+    return token.decode("latin-1").translate(_from_latin1())  # C loops: fast for 150k tokens
 
 
 @lru_cache(maxsize=1)
@@ -142,11 +146,18 @@ def merges_from_ranks(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
 _VERIFIED: dict[str, dict[bytes, int] | None] = {}  # digest of (vocab, merges) -> ranks or None
 
 
+def _digest(vocab: list, merges: list, types: list | None) -> str:
+    h = hashlib.sha1()
+    for part in (vocab, merges, types or []):
+        h.update("\x00".join(map(str, part)).encode() + b"\x01")
+    return h.hexdigest()
+
+
 def _ranks_from_merges(singles: Mapping[bytes, int], merges: list[tuple[bytes, bytes]],
-                       digest: str) -> dict[bytes, int] | None:
+                       digest: str, verify: bool = True) -> dict[bytes, int] | None:
     """Ranks (singles first, then each merge's result in merge order) that make tiktoken's BPE equal
     to the merges' BPE, or None when no such ranking exists."""
-    if digest in _VERIFIED:
+    if verify and digest in _VERIFIED:
         return _VERIFIED[digest]
     ranks: dict[bytes, int] = {b: i for i, b in enumerate(sorted(singles, key=singles.__getitem__))}
     ok = len(ranks) == 256  # tiktoken needs every byte as a token
@@ -156,7 +167,7 @@ def _ranks_from_merges(singles: Mapping[bytes, int], merges: list[tuple[bytes, b
             ok = False
             break
         ranks[t] = len(ranks)
-    if ok:
+    if ok and verify:
         # Deriving the merges back from these ranks must give exactly the given list.
         for a, b in merges:
             t = a + b
@@ -197,6 +208,7 @@ class Tokenizer:
                 raise ValueError(f"{where}: tokenizer.{name}_token_id {value} is outside the vocabulary "
                                  f"(expected 0 <= id < {len(id_to_bytes)})")
         self._enc = None
+        self._consistent = False  # merges known to agree with the tiktoken ranks
         self._ranks = ranks
         self._rank_to_id = None
         if ranks is not None:
@@ -310,10 +322,7 @@ class Tokenizer:
             if len(b) == 1 and b not in singles:
                 singles[b] = i
             id_to_bytes.append(b)
-        h = hashlib.sha1()
-        for part in (vocab, raw_merges, types or []):
-            h.update("\x00".join(map(str, part)).encode() + b"\x01")
-        ranks = _ranks_from_merges(singles, merges, h.hexdigest())
+        ranks = _ranks_from_merges(singles, merges, _digest(vocab, raw_merges, types))
         pre = str(meta.get("tokenizer.pre_type") or "gpt2")
         extra = {k: v for k, v in meta.items() if k in ("tokenizer.chat_template", "tokenizer.add_bos_token")}
 
@@ -321,9 +330,11 @@ class Tokenizer:
             v = meta.get(key)
             return int(v) if v is not None else None
 
-        return cls(id_to_bytes, special=special, merges=merges, ranks=ranks, pre_type=pre,
-                   bos_id=_id("tokenizer.bos_token_id"), eos_id=_id("tokenizer.eos_token_id"),
-                   pad_id=_id("tokenizer.padding_token_id"), extra=extra, where=where)
+        tok = cls(id_to_bytes, special=special, merges=merges, ranks=ranks, pre_type=pre,
+                  bos_id=_id("tokenizer.bos_token_id"), eos_id=_id("tokenizer.eos_token_id"),
+                  pad_id=_id("tokenizer.padding_token_id"), extra=extra, where=where)
+        tok._consistent = ranks is not None
+        return tok
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -405,6 +416,7 @@ class Tokenizer:
         """The merge list (recovered from the ranks for tiktoken-built tokenizers; cached)."""
         if self._merges is None:
             self._merges = merges_from_ranks(self._ranks)
+            self._consistent = True  # derived from the ranks: tiktoken and the merges agree by construction
         return self._merges
 
     def to_metadata(self) -> dict:
@@ -425,6 +437,11 @@ class Tokenizer:
             if value is not None:
                 meta[f"tokenizer.{key}_token_id"] = value
         meta.update(self.extra)
+        if self._consistent:
+            # from_metadata on these exact keys need not re-verify the merges (seconds for 150k merges)
+            singles = {b: i for i, b in enumerate(self._id_to_bytes) if len(b) == 1 and i not in specials}
+            digest = _digest(vocab, meta["tokenizer.merges"], meta["tokenizer.token_type"])
+            _VERIFIED.setdefault(digest, _ranks_from_merges(singles, self.merges(), digest, verify=False))
         return meta
 
     def __repr__(self) -> str:

@@ -82,6 +82,12 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
     types = [TOKEN_NORMAL] * size
     for tok, i in vocab.items():
         tokens[i] = tok
+    # vocab.json/model.vocab entries that no merge produces (e.g. GPT-2's <|endoftext|>) are added
+    # tokens too: matched literally, never produced by BPE
+    produced = {m.replace(" ", "", 1) for m in merges}
+    for tok, i in vocab.items():
+        if len(tok) > 1 and tok not in produced:
+            types[i] = TOKEN_CONTROL
     for a in added:
         tokens[a["id"]] = a["content"]
         types[a["id"]] = TOKEN_CONTROL

