@@ -1,6 +1,8 @@
 #include "apr_file.hpp"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string_view>
 
@@ -283,6 +285,13 @@ void AprFile::parse_index() {
     const uint64_t rel = load_le<uint64_t>(cur.take(8, "offset"));
     e.size = load_le<uint64_t>(cur.take(8, "size"));
 
+    // torch needs every size and stride to fit int64 even when a zero dim makes the tensor empty:
+    // bound the product of the dims with zeros counted as 1.
+    uint64_t extent = 1;
+    for (uint64_t d : e.shape)
+      if (!mul_ok(extent, d ? d : 1, &extent) || extent > uint64_t{INT64_MAX})
+        throw FormatError(cur.where() + ": shape " + shape_str(e.shape) +
+                          " is too large (the product of its dims must stay below 2^63)");
     uint64_t need;
     if (!expected_nbytes(e.dtype, e.shape, &need))
       throw FormatError(cur.where() + ": shape " + shape_str(e.shape) + " of dtype " +

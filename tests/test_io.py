@@ -316,3 +316,37 @@ def test_cuda_load_matches_cpu(tmp_apr, chunk, monkeypatch):
     with apr_kernels.open(tmp_apr) as f:
         one = f.get_tensor("p2", device="cuda", dtype=torch.float32)
         assert one.is_cuda and torch.equal(one.cpu(), cpu["p2"].float())
+
+
+def test_crc32_matches_zlib_on_every_path():
+    from apr_kernels import _apr_ext
+
+    data = os.urandom(5000)
+    for n in [0, 1, 15, 16, 63, 64, 65, 127, 128, 1000, 4999]:
+        for start in (0, 1, 7):  # unaligned starts reach the slice-by-8 head loop
+            chunk = data[start:start + n]
+            for init in (0, 0xDEADBEEF):
+                assert _apr_ext.crc32(chunk, init) == zlib.crc32(chunk, init)
+                assert _apr_ext.crc32_slice8(chunk, init) == zlib.crc32(chunk, init)
+    assert _apr_ext.crc32(b"123456789") == 0xCBF43926  # the spec's check value (11.1)
+
+
+def test_verify_racing_close_never_crashes(tmp_apr):
+    import threading
+
+    apr_kernels.save({"w": torch.randn(1 << 20)}, tmp_apr)
+    for _ in range(5):
+        f = apr_kernels.open(tmp_apr)
+        errors = []
+
+        def verify():
+            try:
+                f.verify()
+            except apr_kernels.AprFormatError as exc:  # "closed" is the only acceptable failure
+                errors.append(str(exc))
+
+        th = threading.Thread(target=verify)
+        th.start()
+        f.close()
+        th.join()
+        assert all("closed" in e for e in errors)
