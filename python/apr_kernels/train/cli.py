@@ -1,0 +1,277 @@
+"""``apr-kernels train`` / ``eval`` / ``demo``.
+
+    apr-kernels train --init model.apr --data corpus/ --steps 500 --out runs/ft
+    apr-kernels train --preset qwen2_0_5b --tokenizer qwen2 --data corpus/ --out runs/scratch
+    apr-kernels train --resume runs/ft/step_000100.apr
+    apr-kernels eval --init runs/ft/model.apr --data heldout/ --seq-len 256
+    apr-kernels demo
+
+Model: ``--init FILE.apr`` (config and weights from the file, after the preflight checks of
+``apr_kernels.model.loading``), else ``--preset NAME`` (default ``llama_370m``, fresh weights).
+Tokenizer (``--tokenizer``): ``qwen2`` (the Qwen2.5 vocabulary), ``bytes`` (256 bytes + end-of-text),
+or an APR file whose embedded tokenizer to use; default: the one embedded in ``--init``, else qwen2.
+Its vocabulary must fit the model's (``--fit-vocab`` sizes a preset's vocabulary to the tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .loop import Logger, TrainConfig, Trainer
+
+
+# ---------------------------------------------------------------------------------- helpers
+def load_tokenizer(spec: str | None, init_meta: dict | None = None, init_path: str | None = None):
+    """A tokenizer from a CLI spec (see the module docstring)."""
+    from apr_kernels.tokenizer import Tokenizer
+
+    if spec is None:
+        if init_meta and init_meta.get("tokenizer.vocabulary"):
+            return Tokenizer.from_metadata(init_meta, init_path)
+        spec = "qwen2"
+    if spec == "qwen2":
+        return Tokenizer.qwen2()
+    if spec == "bytes":
+        return byte_tokenizer()
+    if os.path.isfile(spec):
+        import apr_kernels
+
+        with apr_kernels.open(spec) as f:
+            meta = f.metadata
+        if not meta.get("tokenizer.vocabulary"):
+            raise ValueError(f"{spec}: --tokenizer file has no embedded tokenizer (tokenizer.vocabulary)")
+        return Tokenizer.from_metadata(meta, spec)
+    raise ValueError(f"--tokenizer {spec!r}: expected 'qwen2', 'bytes' or an existing APR file")
+
+
+def byte_tokenizer():
+    """256 single-byte tokens plus ``<|endoftext|>`` (id 256): tiny vocabularies for tests."""
+    from apr_kernels.tokenizer import Tokenizer
+
+    return Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, {"<|endoftext|>": 256}, eos_id=256)
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _fast(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
+
+
+def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int):
+    """(train_tokens, eval_tokens) from a data spec (also stored in checkpoints for --resume)."""
+    from .data import find_text_files, split_holdout, tokenize_files
+
+    files = find_text_files(spec["data"])
+    tokens = tokenize_files(files, tokenizer, max_tokens=spec.get("max_tokens"))
+    if spec.get("eval_data"):
+        held = tokenize_files(find_text_files(spec["eval_data"]), tokenizer, max_tokens=eval_tokens + 1)
+        return tokens, held
+    return split_holdout(tokens, seq_len, spec.get("eval_fraction", 0.05),
+                         max(1, eval_tokens // seq_len), where=", ".join(spec["data"]))
+
+
+def build_model(args, tokenizer_spec):
+    """(model, tokenizer) for train: from --init (preflight first) or a preset."""
+    from apr_kernels.model import DEFAULT_PRESET, Transformer, pad_vocab, preset
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
+
+    device, fast = pick_device(args.device), _fast(args.fast)
+    if args.init:
+        if args.preset:
+            raise ValueError("--init and --preset both given; the init file defines the model")
+        p = plan(args.init)  # every metadata/shape check before any weight is read
+        tok = load_tokenizer(tokenizer_spec, p.metadata, args.init)
+        check_tokenizer_vocab(tok.vocab_size, p.config.vocab_size, f"{args.init}: tokenizer")
+        return from_apr(args.init, device=device, fast=fast), tok
+    tok = load_tokenizer(tokenizer_spec)
+    cfg = preset(args.preset or DEFAULT_PRESET)
+    if args.fit_vocab:
+        cfg = cfg.replace(vocab_size=pad_vocab(tok.vocab_size), head_dim=cfg.head_dim)
+    check_tokenizer_vocab(tok.vocab_size, cfg.vocab_size,
+                          f"preset {args.preset or DEFAULT_PRESET!r} (pass --fit-vocab to size it)")
+    torch.manual_seed(args.seed)
+    return Transformer(cfg, fast=fast).to(device), tok
+
+
+# ------------------------------------------------------------------------------------ train
+def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
+                 data_spec: dict, json_lines=False, progress=None, resume_from=None):
+    """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end)."""
+    from .checkpoint import restore_training_state, save_checkpoint
+
+    trainer = Trainer(model, train_tokens, eval_tokens, cfg, log=Logger(json_lines))
+    if resume_from:
+        restore_training_state(resume_from, trainer)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_meta = {}
+
+    class _Tok:  # tokenizer.to_metadata() recovers the merges (seconds for 151k tokens): once per run
+        def to_metadata(self):
+            if not tok_meta:
+                tok_meta.update(tokenizer.to_metadata())
+            return tok_meta
+
+    def checkpoint(t: Trainer):
+        path = out / ("model.apr" if t.step == cfg.steps else f"step_{t.step:06d}.apr")
+        save_checkpoint(path, t, tokenizer=_Tok(), extra_metadata={"training.data_spec": data_spec})
+        t.log("checkpoint", {"step": t.step, "path": str(path)})
+
+    trainer.run(on_checkpoint=checkpoint, progress=progress)
+    return trainer
+
+
+def cmd_train(args) -> int:
+    from .checkpoint import training_metadata
+
+    if args.resume:
+        from apr_kernels.model.loading import from_apr
+
+        meta = training_metadata(args.resume)
+        spec = meta["training.data_spec"]
+        cfg = TrainConfig.from_dict(meta["training.config"])
+        model = from_apr(args.resume, device=pick_device(args.device), fast=_fast(args.fast))
+        tok = load_tokenizer(None, model.apr_metadata, args.resume)
+    else:
+        if not args.data:
+            raise ValueError("train: --data PATH... is required (text files or folders)")
+        spec = {"data": [os.path.abspath(p) for p in args.data],
+                "eval_data": [os.path.abspath(p) for p in args.eval_data] if args.eval_data else None,
+                "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens}
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                          grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                          warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                          eval_every=args.eval_every, eval_tokens=args.eval_tokens,
+                          log_every=args.log_every, save_every=args.save_every, seed=args.seed)
+        model, tok = build_model(args, args.tokenizer)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
+    train_tokens, eval_tokens = load_data(spec, tok, cfg.seq_len, cfg.eval_tokens)
+    out = Path(args.out)
+    trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
+                           json_lines=args.json, progress=False if args.no_progress else None,
+                           resume_from=args.resume)
+    if trainer.last_eval:
+        loss, n = trainer.last_eval
+        trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
+    return 0
+
+
+# ------------------------------------------------------------------------------------- eval
+def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
+                  tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None):
+    """(mean next-token loss, target tokens) of an APR model on text data."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    from .data import evaluate, find_text_files, tokenize_files
+
+    model = from_apr(init, device=pick_device(device), fast=fast)
+    tok = load_tokenizer(tokenizer, model.apr_metadata, init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{init}: tokenizer")
+    stored = model.apr_metadata.get("training.config") or {}
+    seq_len = seq_len or int(stored.get("seq_len", 256))
+    tokens = tokenize_files(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1)
+    dev = next(model.parameters()).device
+    return evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
+                    autocast_dtype=torch.bfloat16 if dev.type == "cuda" else None, max_tokens=max_tokens)
+
+
+def cmd_eval(args) -> int:
+    loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                            tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
+                            fast=_fast(args.fast))
+    if args.json:
+        print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n}))
+    else:
+        print(f"eval_loss={loss:.6f} tokens={n}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+# --------------------------------------------------------------------------------- parsers
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
+                   help="package kernels (on), eager PyTorch (off), or kernels on CUDA only (auto)")
+    p.add_argument("--json", action="store_true", help="log JSON lines instead of key=value text")
+
+
+def register(subparsers) -> None:
+    d = TrainConfig()
+    p = subparsers.add_parser("demo", help="train a small Qwen2-shaped model on Python's stdlib (CPU, ~90 s)",
+                              description="Train a small Qwen2-shaped model (GQA 7:1, Qwen2.5 tokenizer) on "
+                                          "CPython's standard library, save an APR checkpoint, re-evaluate it.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+    p.add_argument("--no-progress", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = subparsers.add_parser("train", help="train or fine-tune a Llama/Qwen2 model; APR checkpoints")
+    m = p.add_argument_group("model")
+    m.add_argument("--init", help="APR file to initialise from (config, weights, tokenizer)")
+    m.add_argument("--preset", help="named config when no --init (default llama_370m)")
+    m.add_argument("--resume", help="training checkpoint to continue exactly where it stopped")
+    m.add_argument("--tokenizer", help="qwen2 | bytes | FILE.apr (default: --init's embedded one, else qwen2)")
+    m.add_argument("--fit-vocab", action="store_true",
+                   help="size a preset's vocabulary to the tokenizer (rounded up to a multiple of 64)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", help="text files or folders")
+    g.add_argument("--eval-data", nargs="+", help="held-out text (default: the tail of --data)")
+    g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of --data")
+    g.add_argument("--max-tokens", type=int, default=None, help="read at most this many training tokens")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=d.steps)
+    o.add_argument("--batch-size", type=int, default=d.batch_size)
+    o.add_argument("--seq-len", type=int, default=d.seq_len)
+    o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr")
+    o.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%%, at most 100)")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm (0: off)")
+    o.add_argument("--seed", type=int, default=d.seed)
+    r = p.add_argument_group("evaluation, logging, checkpoints")
+    r.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evals (0: start/end)")
+    r.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens per eval")
+    r.add_argument("--log-every", type=int, default=d.log_every)
+    r.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: end)")
+    r.add_argument("--out", default="runs/train", help="checkpoint folder (default runs/train)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text")
+    p.add_argument("--init", required=True, help="APR model file")
+    p.add_argument("--data", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def main(argv=None) -> int:  # for tests: same as `apr-kernels ...`
+    from apr_kernels.cli import main as root
+
+    return root(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
