@@ -350,3 +350,36 @@ def test_verify_racing_close_never_crashes(tmp_apr):
         f.close()
         th.join()
         assert all("closed" in e for e in errors)
+
+
+@pytest.mark.parametrize("cap", [100, 4096, 1 << 20])
+def test_gpu_staging_plan_reassembles_every_tensor(tmp_apr, cap):
+    """The chunking and pread logic of the CUDA path, executed with CPU buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from apr_kernels._cuda_load import plan_chunks, read_into
+
+    shapes = [(3, 7), (0,), (), (300,), (5, 5, 5), (400_000,)]  # the last one splits across threads
+    tensors = {f"t{i}": random_tensor(PLAIN[i % len(PLAIN)], s) for i, s in enumerate(shapes)}
+    apr_kernels.save(tensors, tmp_apr)
+    with apr_kernels.open(tmp_apr) as f:
+        infos = sorted((f.info(n) for n in f.keys()), key=lambda i: i.offset)
+    pieces = [(i.offset, i.nbytes) for i in infos]
+    chunks = plan_chunks(pieces, cap)
+    assert all(sum(n for *_, n in c) <= cap for c in chunks)
+    out = [bytearray(n) for _, n in pieces]
+    buf = bytearray(cap)
+    fd = os.open(tmp_apr, os.O_RDONLY)
+    pool = ThreadPoolExecutor(3) if cap >= 1 << 20 else None
+    try:
+        for chunk in chunks:
+            buf[:] = b"\xAA" * cap  # poison: stale bytes would show
+            read_into(fd, str(tmp_apr), memoryview(buf), [(b, fo, n) for _, _, b, fo, n in chunk], pool)
+            for idx, pos, b, _fo, n in chunk:
+                out[idx][pos: pos + n] = buf[b: b + n]
+    finally:
+        os.close(fd)
+        if pool:
+            pool.shutdown()
+    for info, got in zip(infos, out):
+        assert bytes(got) == bytes(tensors[info.name].reshape(-1).view(torch.uint8).numpy()), info.name

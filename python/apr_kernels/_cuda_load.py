@@ -20,7 +20,7 @@ from .errors import AprFormatError
 
 CHUNK_BYTES = 32 << 20   # one staging buffer
 NUM_BUFFERS = 3          # ring depth: one filling, up to two in flight
-READ_THREADS = 4         # parallel preads per chunk (page-cache copies are CPU-bound)
+READ_THREADS = min(8, max(1, (os.cpu_count() or 2) // 2))  # parallel preads per chunk
 _MIN_SPLIT = 1 << 20     # do not split a read below this size
 
 
@@ -54,77 +54,83 @@ def to_cuda(f, names, device: torch.device, *, dtype: torch.dtype | None = None,
     return out
 
 
-def _stream_copy(fd: int, path: str, pieces, device, chunk_bytes: int, num_buffers: int) -> None:
-    """Copy file ranges ``(dst uint8 cuda tensor, file offset, nbytes)`` into their tensors."""
-    chunk_bytes = max(4096, chunk_bytes)
-    total = sum(n for _, _, n in pieces)
-    if total == 0:
-        return
-    nbuf = max(1, min(num_buffers, -(-total // chunk_bytes)))
-    bufs = [torch.empty(min(chunk_bytes, total), dtype=torch.uint8, pin_memory=True) for _ in range(nbuf)]
-    views = [memoryview(b.numpy()) for b in bufs]
-    events: list[torch.cuda.Event | None] = [None] * nbuf
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))  # destinations were allocated there
-    pool = ThreadPoolExecutor(READ_THREADS) if READ_THREADS > 1 else None
+def plan_chunks(pieces, cap: int) -> list[list[tuple[int, int, int, int, int]]]:
+    """Pack file ranges into staging chunks of ``cap`` bytes, splitting ranges that straddle one.
 
-    def read(view: memoryview, offset: int) -> None:
+    ``pieces``: [(file offset, nbytes)] in file order. Returns one list per chunk of
+    ``(piece index, offset inside the piece, offset inside the chunk, file offset, nbytes)``.
+    """
+    chunks, cur, used = [], [], 0
+    for idx, (offset, nbytes) in enumerate(pieces):
+        pos = 0
+        while pos < nbytes:
+            n = min(nbytes - pos, cap - used)
+            cur.append((idx, pos, used, offset + pos, n))
+            used += n
+            pos += n
+            if used == cap:
+                chunks.append(cur)
+                cur, used = [], 0
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def read_into(fd: int, path: str, view: memoryview, parts, pool: ThreadPoolExecutor | None) -> None:
+    """pread each ``(chunk offset, file offset, nbytes)`` of ``parts`` into ``view``, large reads
+    split across the pool's threads (pread releases the GIL)."""
+    def read(dst: memoryview, offset: int) -> None:
         got = 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
+        while got < len(dst):
+            n = os.preadv(fd, [dst[got:]], offset + got)
             if n == 0:
                 raise AprFormatError(f"{path}: file ended at byte {offset + got} during the GPU copy "
                                      "(truncated after it was opened?)")
             got += n
 
-    def fill(slot: int, reads) -> None:
-        jobs = []
-        for buf_off, file_off, n in reads:
-            step = max(_MIN_SPLIT, -(-n // READ_THREADS))
-            for k in range(0, n, step):
-                jobs.append((views[slot][buf_off + k: buf_off + min(n, k + step)], file_off + k))
-        if pool and len(jobs) > 1:
-            for fut in [pool.submit(read, v, o) for v, o in jobs]:
-                fut.result()
-        else:
-            for v, o in jobs:
-                read(v, o)
+    jobs = []
+    for buf_off, file_off, n in parts:
+        step = max(_MIN_SPLIT, -(-n // READ_THREADS))
+        for k in range(0, n, step):
+            jobs.append((view[buf_off + k: buf_off + min(n, k + step)], file_off + k))
+    if pool is not None and len(jobs) > 1:
+        for fut in [pool.submit(read, v, o) for v, o in jobs]:
+            fut.result()
+    else:
+        for v, o in jobs:
+            read(v, o)
 
+
+def _stream_copy(fd: int, path: str, pieces, device, chunk_bytes: int, num_buffers: int) -> None:
+    """Copy file ranges ``(dst uint8 cuda tensor, file offset, nbytes)`` into their tensors."""
+    total = sum(n for _, _, n in pieces)
+    if total == 0:
+        return
+    cap = min(max(4096, chunk_bytes), total)
+    chunks = plan_chunks([(off, n) for _, off, n in pieces], cap)
+    nbuf = max(1, min(num_buffers, len(chunks)))
+    bufs = [torch.empty(cap, dtype=torch.uint8, pin_memory=True) for _ in range(nbuf)]
+    views = [memoryview(b.numpy()) for b in bufs]
+    events: list = [None] * nbuf
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # destinations were allocated there
+    pool = ThreadPoolExecutor(READ_THREADS) if READ_THREADS > 1 else None
     try:
-        slot, used, reads, copies = 0, 0, [], []
-
-        def flush() -> None:
-            nonlocal slot, used, reads, copies
-            if not copies:
-                return
+        for k, chunk in enumerate(chunks):
+            slot = k % nbuf
             if events[slot] is not None:
                 events[slot].synchronize()  # the DMA that last read this buffer has finished
-            fill(slot, reads)
+            read_into(fd, path, views[slot], [(b, f, n) for _, _, b, f, n in chunk], pool)
             with torch.cuda.stream(stream):
-                for dst, buf_off, n in copies:
-                    dst.copy_(bufs[slot][buf_off: buf_off + n], non_blocking=True)
+                for idx, pos, buf_off, _f, n in chunk:
+                    pieces[idx][0][pos: pos + n].copy_(bufs[slot][buf_off: buf_off + n], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(stream)
             events[slot] = ev
-            slot = (slot + 1) % nbuf
-            used, reads, copies = 0, [], []
-
-        cap = bufs[0].numel()
-        for dst, offset, nbytes in pieces:
-            pos = 0
-            while pos < nbytes:
-                n = min(nbytes - pos, cap - used)
-                reads.append((used, offset + pos, n))
-                copies.append((dst[pos: pos + n], used, n))
-                used += n
-                pos += n
-                if used == cap:
-                    flush()
-        flush()
         torch.cuda.current_stream(device).wait_stream(stream)
         for ev in events:
             if ev is not None:
-                ev.synchronize()  # pinned buffers may be freed/reused only after their copies
+                ev.synchronize()  # pinned buffers go back to the allocator only after their copies
     finally:
-        if pool:
+        if pool is not None:
             pool.shutdown(wait=True)
