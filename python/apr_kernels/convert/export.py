@@ -114,11 +114,12 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
         tok = Tokenizer.from_metadata(meta, path=src) if meta.get("tokenizer.vocabulary") else None
         config = hf_config(meta, cfg, set(names), tok)
         want = _DTYPES[dtype]
-        specs = {}
-        for hf, stored in names.items():
-            info = f.info(stored)
-            base = TORCH_DTYPES.get(info.dtype, torch.float32)  # quantised -> F32
-            specs[hf] = (want if want is not None and base.is_floating_point else base, info.shape)
+        base = {hf: TORCH_DTYPES.get(f.info(stored).dtype, torch.float32) for hf, stored in names.items()}
+        floats = {d for d in base.values() if d.is_floating_point}
+        if want is None and len(floats) > 1:
+            want = torch.float32  # mixed (e.g. GGUF F16 + dequantised blocks): HF models want one dtype
+        specs = {hf: (want if want is not None and d.is_floating_point else d, f.info(names[hf]).shape)
+                 for hf, d in base.items()}
         heads_q, heads_kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
 
         from tqdm import tqdm

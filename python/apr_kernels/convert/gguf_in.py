@@ -37,7 +37,11 @@ def _open_reader(path: Path):
         return GGUFReader(str(path), "r")
     except Exception as exc:  # the gguf reader raises ValueError/IndexError/KeyError/... on bad bytes
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {msg})") from None
+        if isinstance(exc, IndexError):  # a read past the end of the mapping
+            msg = f"the header ends early or declares more entries/bytes than the file holds ({msg})"
+        elif "cannot reshape" in msg:
+            msg = f"tensor data is truncated ({msg})"
+        raise ValueError(f"{path}: not a valid GGUF file: {msg}") from None
 
 
 def _fields(reader, path: Path) -> dict:

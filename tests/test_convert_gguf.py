@@ -1,0 +1,290 @@
+"""GGUF -> APR with the `gguf` package as writer and dequantisation oracle and `transformers` as the model
+oracle: a Llama file whose q/k rows carry llama.cpp's permutation, quantised tensors of many GGML
+types, a tied Qwen2 file without output.weight; hostile GGUF bytes."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import apr_kernels
+from apr_kernels.cli import main
+from apr_kernels.convert.core import convert
+from apr_kernels.quant import quantize as apr_quantize
+from apr_kernels.tokenizer import Tokenizer, byte_to_unicode
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+T = gguf.GGMLQuantizationType
+
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+              "model.norm.weight": "output_norm.weight"}
+LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf: str) -> str:  # written here from llama.cpp's tensor table, independent of names.py
+    if hf in GGUF_NAMES:
+        return GGUF_NAMES[hf]
+    _, _, n, *rest = hf.split(".")
+    module, suffix = ".".join(rest[:-1]), rest[-1]
+    return f"blk.{n}.{LAYER_NAMES[module]}.{suffix}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute, verbatim in numpy."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# byte offsets of the f16 super-block scales (d, and dmin where there is one) in GGML K-quant blocks
+_K_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q5_K: (0, 2)}
+
+
+def random_k_blocks(rows: int, cols: int, qtype) -> np.ndarray:
+    """Random but valid K-quant bytes (gguf cannot quantise Q2_K/Q3_K/Q5_K): finite small scales."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    data = np.random.randint(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    for off in _K_SCALES[qtype]:
+        data[:, off : off + 2] = np.random.uniform(1e-3, 1e-2, len(data)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return data.reshape(rows, -1)
+
+
+def encode(arr: np.ndarray, qtype):
+    """(bytes to write, raw dtype) for a float array [rows, cols] in GGML type qtype."""
+    if qtype == T.F32:
+        return arr.astype(np.float32), None
+    if qtype == T.F16:
+        return arr.astype(np.float16), None
+    if qtype in (T.Q4_K, T.Q6_K):  # gguf cannot quantise these: APR's quantiser writes the GGML layout
+        q = apr_quantize(qtype.name, torch.from_numpy(arr))
+        return q.data.numpy().reshape(arr.shape[0], -1), qtype
+    return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
+
+
+def write_gguf(path, model, arch, qtypes, tokens, merges, pre, permute):
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_eos_token_id(len(tokens) - 1)
+    reference = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # tied: llama.cpp writes no output.weight
+        arr = t.numpy().astype(np.float32)
+        qtype = qtypes.get(name, T.F32)
+        if qtype in _K_SCALES:
+            raw = random_k_blocks(*arr.shape, qtype)
+            reference[name] = gguf.quants.dequantize(raw, qtype).reshape(arr.shape)
+            stored, raw_dtype = raw, qtype
+        else:
+            stored, raw_dtype = encode(arr, qtype)
+            if raw_dtype is None:
+                reference[name] = stored.astype(np.float32)
+            else:  # blocks never straddle rows, so quantising the permuted rows == permuting quantised rows
+                reference[name] = gguf.quants.dequantize(encode(arr, qtype)[0], qtype).reshape(arr.shape)
+        heads = None
+        if permute and ".q_proj." in name:
+            heads = (cfg.num_attention_heads, None)
+        elif permute and ".k_proj." in name:
+            heads = (cfg.num_attention_heads, cfg.num_key_value_heads)
+        if heads:
+            if qtype in _K_SCALES:  # random bytes are the stored (permuted) rows: the model sees them unpermuted
+                stored = raw
+                perm = llama_cpp_permute(np.arange(arr.shape[0]), *heads)
+                reference[name] = reference[name][np.argsort(perm)]
+            else:
+                stored, raw_dtype = encode(llama_cpp_permute(arr, *heads), qtype)
+        if raw_dtype is None:
+            w.add_tensor(gguf_name(name), stored)
+        else:
+            w.add_tensor(gguf_name(name), stored, raw_shape=stored.shape, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return reference
+
+
+def small_vocab(extra_merges):
+    b2u = byte_to_unicode()
+    tokens = [b2u[b] for b in range(256)]
+    for m in extra_merges:
+        tokens.append(m.replace(" ", ""))
+    return tokens + ["<|endoftext|>"], list(extra_merges)
+
+
+def reference_logits(model, reference, ids):
+    ref_model = type(model)(model.config).eval()
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in reference.items()}
+    missing, unexpected = ref_model.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    with torch.no_grad():
+        return ref_model(ids).logits
+
+
+def check_model(tmp_path, apr, model, reference, vocab):
+    ids = torch.randint(0, vocab, (2, 13))
+    want = reference_logits(model, reference, ids)
+    out = tmp_path / "export"
+    assert main(["export", str(apr), str(out), "-q"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, want, rtol=1e-4, atol=1e-4)
+    from apr_kernels.model import from_apr
+
+    ours = from_apr(apr).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).float(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_llama_gguf_permuted_and_quantised(tmp_path):
+    cfg = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=512, vocab_size=300, tie_word_embeddings=False,
+                                   max_position_embeddings=64, rope_theta=5e5, rms_norm_eps=1e-5)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    L = "model.layers.{}."
+    qtypes = {
+        "model.embed_tokens.weight": T.F16, "lm_head.weight": T.Q6_K,
+        L.format(0) + "self_attn.q_proj.weight": T.Q4_K, L.format(0) + "self_attn.k_proj.weight": T.Q6_K,
+        L.format(0) + "self_attn.v_proj.weight": T.Q8_0, L.format(0) + "self_attn.o_proj.weight": T.F16,
+        L.format(0) + "mlp.gate_proj.weight": T.Q4_0, L.format(0) + "mlp.up_proj.weight": T.Q5_1,
+        L.format(0) + "mlp.down_proj.weight": T.Q4_1,
+        L.format(1) + "self_attn.q_proj.weight": T.Q8_0, L.format(1) + "self_attn.k_proj.weight": T.BF16,
+        L.format(1) + "self_attn.v_proj.weight": T.Q5_0, L.format(1) + "self_attn.o_proj.weight": T.Q5_K,
+        L.format(1) + "mlp.gate_proj.weight": T.Q3_K, L.format(1) + "mlp.up_proj.weight": T.Q2_K,
+        L.format(1) + "mlp.down_proj.weight": T.Q4_K,
+    }
+    tokens, merges = small_vocab(["Ġ t", "h e", "Ġt he"])
+    src = tmp_path / "llama.gguf"
+    reference = write_gguf(src, model, "llama", qtypes, tokens, merges, "llama-bpe", permute=True)
+    apr = tmp_path / "llama.apr"
+    assert main(["convert", str(src), str(apr), "-q"]) == 0
+
+    with apr_kernels.open(apr, verify=True) as f:
+        meta = f.metadata
+        assert meta["rope_type"] == 2 and meta["original_format"] == "gguf" and meta["tied_embeddings"] is False
+        assert (meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]) == (4, 2, 64)
+        for name, qtype in qtypes.items():
+            info = f.info(name)
+            assert info.shape == tuple(model.state_dict()[name].shape), name
+            if qtype.name in ("Q4_K", "Q6_K", "F16", "BF16"):
+                assert info.dtype == qtype.name, name  # raw passthrough
+            else:
+                assert info.dtype == "F32", name  # dequantised with gguf's reference
+        for name in (L.format(0) + "self_attn.q_proj.weight", L.format(0) + "self_attn.k_proj.weight"):
+            # the permutation is undone on the raw blocks: gguf's own dequantiser sees HF row order
+            raw = f.get_raw(name).numpy().reshape(f.info(name).shape[0], -1)
+            np.testing.assert_array_equal(gguf.quants.dequantize(raw, qtypes[name]), reference[name])
+    tok = Tokenizer.from_metadata(meta)
+    assert tok.pre_type == "llama-bpe" and tok.eos_id == len(tokens) - 1
+    assert tok.encode(" the<|endoftext|>") == [258, 259]
+    check_model(tmp_path, apr, model, reference, cfg.vocab_size)
+
+
+def test_qwen2_gguf_tied_with_bias(tmp_path):
+    cfg = transformers.Qwen2Config(hidden_size=224, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1,
+                                   intermediate_size=96, vocab_size=270, tie_word_embeddings=True,
+                                   max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    qtypes = {"model.embed_tokens.weight": T.Q8_0, "model.layers.0.self_attn.q_proj.weight": T.Q8_0,
+              "model.layers.1.self_attn.k_proj.weight": T.F16, "model.layers.1.mlp.up_proj.weight": T.BF16,
+              "model.layers.0.mlp.down_proj.weight": T.Q4_0}
+    tokens, merges = small_vocab(["i n", "Ġ in"])
+    src = tmp_path / "qwen.gguf"
+    reference = write_gguf(src, model, "qwen2", qtypes, tokens, merges, "qwen2", permute=False)
+    apr = tmp_path / "qwen.apr"
+    convert(src, apr, progress=False)
+    with apr_kernels.open(apr) as f:
+        meta = f.metadata
+        assert meta["tied_embeddings"] is True and meta["architecture"] == "qwen2"
+        assert torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("model.embed_tokens.weight"))
+        assert torch.equal(f.get_tensor("model.layers.1.self_attn.q_proj.bias"),
+                           model.state_dict()["model.layers.1.self_attn.q_proj.bias"])
+    assert Tokenizer.from_metadata(meta).encode("in in") == [256, 257]
+    check_model(tmp_path, apr, model, reference, cfg.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def valid_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("g") / "ok.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("embedding_length", 32), ("block_count", 1), ("attention.head_count", 4),
+                       ("feed_forward_length", 64)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_token_list(["a", "b", "ab"])
+    w.add_tensor("token_embd.weight", np.random.randn(3, 32).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(np.random.randn(32, 32).astype(np.float32), T.Q8_0),
+                 raw_shape=(32, 34), raw_dtype=T.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def _mutations(data: bytes) -> dict:
+    def patch(offset, new):
+        return data[:offset] + new + data[offset + len(new):]
+
+    return {
+        "empty": b"",
+        "magic": patch(0, b"GGUX"),
+        "version": patch(4, b"\x63\x00\x00\x00"),
+        "huge_kv_count": patch(16, b"\xff" * 8),
+        "huge_string_len": patch(24, b"\xff" * 7 + b"\x7f"),
+        "header_cut": data[:40],
+        "tensor_info_cut": data[: len(data) // 3],
+        "tensor_data_cut": data[:-100],
+    }
+
+
+def test_hostile_gguf_one_line_no_output(tmp_path, capsys, valid_gguf):
+    ok = tmp_path / "ok.gguf"
+    ok.write_bytes(valid_gguf)
+    assert main(["convert", str(ok), str(tmp_path / "ok.apr"), "-q"]) == 0
+    (tmp_path / "ok.apr").unlink()
+    capsys.readouterr()
+    for case, data in _mutations(valid_gguf).items():
+        bad = tmp_path / f"bad_{case}.gguf"
+        bad.write_bytes(data)
+        dst = tmp_path / "out.apr"
+        assert main(["convert", str(bad), str(dst), "-q"]) == 1, case
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad.name in err[0], (case, err)
+        assert not dst.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")], case
+
+
+def test_unsupported_architecture_named(tmp_path, capsys):
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((3, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert main(["convert", str(path), str(tmp_path / "o.apr"), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "general.architecture is 'gpt2'" in err and "gpt2.gguf" in err
