@@ -25,7 +25,6 @@ renames it over the target, so replacing a file that is loaded elsewhere is safe
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 from collections.abc import Iterator
@@ -68,7 +67,11 @@ class AprFile:
             raise AprFormatError(f"{self.path}: metadata is not a JSON object (starts with "
                                  f"{head[:16]!r}); expected '{{...}}' at offset 64")
         if verify:
-            self._reader.verify()
+            try:
+                self._reader.verify()
+            except BaseException:
+                self._reader.close()
+                raise
 
     # -- metadata -----------------------------------------------------------------------------
     @property
@@ -258,5 +261,3 @@ def _parse_metadata(raw: bytes, path: str) -> dict:
         raise AprFormatError(f"{path}: metadata is a JSON {type(meta).__name__}, expected a JSON object")
     return meta
 
-
-_ = builtins  # `open` above shadows the builtin inside this module; use builtins.open if needed
