@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KERNEL_KEYS = ("op", "kernel", "name", "case")
+KERNEL_KEYS = ("op", "kernel", "name")
 MODE_KEYS = ("mode", "pass", "direction")
 PROVIDER_KEYS = ("provider", "impl", "backend", "method", "variant")
 TIME_KEYS = {"ms": 1.0, "time_ms": 1.0, "median_ms": 1.0, "mean_ms": 1.0, "ms_median": 1.0,
@@ -26,6 +26,8 @@ MEM_KEYS = ("mem_mb", "peak_mem_mb", "peak_memory_mb", "peak_mb", "memory_mb", "
 BYTES_KEYS = ("bytes", "nbytes")
 FLOPS_KEYS = ("flops",)
 IGNORED_KEYS = {"device", "bench", "note", "notes", "error"}
+# Benches whose rates are not device-kernel rates (host I/O): no "% of ceiling" for them.
+NO_CEILING_BENCHES = {"load"}
 OURS_NAMES = {"ours", "triton", "fast", "fused"}
 _WIDE = re.compile(r"^(?P<p>[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*?)_(?P<m>ms|us|gbs|tflops)$")
 
@@ -60,6 +62,7 @@ class Row:
     tflops: float | None = None
     mem: float | None = None
     rate: tuple[str, float] | None = None  # another higher-is-better number (tokens/s, ...)
+    derived: set = field(default_factory=set)  # rates computed here from bytes/flops and ms
     raw: dict = field(default_factory=dict, repr=False)
 
     def metric(self, name: str | None) -> float | None:
@@ -89,12 +92,15 @@ class Row:
 
 
 def _row_from(d: dict, bench: str, provider: str | None, metrics: dict) -> Row:
-    kernel = next((str(d[k]) for k in KERNEL_KEYS if d.get(k) is not None), bench)
-    mode = next((str(d[k]) for k in MODE_KEYS if d.get(k) is not None), None)
+    kernel_key = next((k for k in KERNEL_KEYS if d.get(k) is not None), None)
+    mode_key = next((k for k in MODE_KEYS if d.get(k) is not None), None)
+    kernel = str(d[kernel_key]) if kernel_key else bench
+    mode = str(d[mode_key]) if mode_key else None
     ident = []
     if d.get("shape") is not None:
         ident.append(_shape_text(d["shape"]))
-    taken = set(KERNEL_KEYS + MODE_KEYS + PROVIDER_KEYS + ("shape", "dtype")) | IGNORED_KEYS | set(metrics)
+    # Every provider-like key leaves the identity (an "impl" detail must not split a group).
+    taken = {kernel_key, mode_key, "shape", "dtype", *PROVIDER_KEYS} | IGNORED_KEYS | set(metrics)
     for k, v in d.items():
         if k in taken or k in TIME_KEYS or k in GBS_KEYS + TFLOPS_KEYS + MEM_KEYS + BYTES_KEYS + FLOPS_KEYS:
             continue
@@ -124,8 +130,10 @@ def _row_from(d: dict, bench: str, provider: str | None, metrics: dict) -> Row:
     flops = next((_num(d[k]) for k in FLOPS_KEYS if _num(d.get(k))), None)
     if row.ms and row.gbs is None and nbytes:
         row.gbs = nbytes / (row.ms * 1e-3) / 1e9
+        row.derived.add("gbs")
     if row.ms and row.tflops is None and flops:
         row.tflops = flops / (row.ms * 1e-3) / 1e12
+        row.derived.add("tflops")
     return row
 
 
@@ -175,6 +183,9 @@ class Run:
             out.setdefault((r.kernel, r.shape), []).append(r)
         return out
 
+    def uses_ceilings(self) -> bool:
+        return self.bench not in NO_CEILING_BENCHES and self.meta.get("ceiling", True) is not False
+
     def ceilings(self) -> dict:
         c = self.meta.get("ceilings") if isinstance(self.meta.get("ceilings"), dict) else {}
         copy = [r.gbs for r in self.rows if r.kernel.startswith("copy") and r.gbs]
@@ -214,6 +225,14 @@ def load_run(path: Path) -> Run:
     bench = str(data.get("bench") or path.stem.split("-")[0])
     meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
     out = [r for d in rows if isinstance(d, dict) for r in normalise(d, bench)]
+    # A bench that stores its own GB/s (or TFLOP/s) on some rows means the rest have none on purpose
+    # (e.g. a zero-copy load, whose "bytes" were never moved): derive nothing for those.
+    for name in ("gbs", "tflops"):
+        if any(getattr(r, name) is not None and name not in r.derived for r in out):
+            for r in out:
+                if name in r.derived:
+                    setattr(r, name, None)
+                    r.derived.discard(name)
     return Run(bench, meta, path, out)
 
 

@@ -42,22 +42,41 @@ def metric_text(row, metric: str) -> str:
     return fmt(value, {"ms": "ms"}.get(metric, metric.replace("gbs", "GB/s").replace("tflops", "TFLOP/s")))
 
 
-def summary_rows(run: Run, ceilings: dict) -> list[list[str]]:
-    """One line per (kernel, shape) of a run: ours, best baseline, speed-up, % of ceiling."""
-    out = []
+def summary_rows(run: Run, ceilings: dict, max_shapes: int | None = None) -> list[list[str]]:
+    """One line per (kernel, shape) of a run: ours, best baseline, speed-up, % of ceiling.
+
+    Kernels in order of first appearance, shapes in sweep order. With ``max_shapes``, a kernel with
+    more shapes shows that many, evenly spread, plus a line with the geometric mean of all ratios.
+    """
+    ceilings = ceilings if run.uses_ceilings() else {}
+    by_kernel: dict[str, list[tuple[list[str], float | None]]] = {}
     for (kernel, shape), rows in run.groups().items():
         ours, base, metric, speedup = ours_and_baseline(rows, run.ours)
         if ours is None:  # nothing of ours measured for this shape: show the lone provider as is
             ours = rows[0]
             metric = ours.primary_metric()
         pct, roof = pct_of_ceiling(ours, ceilings)
-        out.append([
+        line = [
             kernel, shape,
             f"{metric_text(ours, metric)}" + ("" if ours.is_ours(run.ours) else f" ({ours.provider})"),
             f"{base.provider} {metric_text(base, metric)}" if base is not None else "",
             f"{speedup:.2f}x" if speedup is not None else "",
             f"{pct:.0%} {roof}" if pct is not None else "",
-        ])
+        ]
+        by_kernel.setdefault(kernel, []).append((line, speedup))
+    out = []
+    for kernel, lines in by_kernel.items():
+        n = len(lines)
+        if max_shapes is None or n <= max_shapes:
+            out += [line for line, _ in lines]
+            continue
+        keep = sorted({round(i * (n - 1) / (max_shapes - 1)) for i in range(max_shapes)}) if max_shapes > 1 else [n - 1]
+        out += [lines[i][0] for i in keep]
+        ratios = [s for _, s in lines if s]
+        if ratios:
+            geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            out.append([kernel, f"(all {n} shapes)", "", f"ratio {min(ratios):.2f}x to {max(ratios):.2f}x",
+                        f"{geo:.2f}x gm", ""])
     return out
 
 
@@ -126,6 +145,7 @@ def bench_order(name: str):
 
 
 def full_table(run: Run, ceilings: dict) -> list[list[str]]:
+    ceilings = ceilings if run.uses_ceilings() else {}
     rows = []
     for (kernel, shape), group in run.groups().items():
         ours, _, metric, _ = ours_and_baseline(group, run.ours)
@@ -232,7 +252,7 @@ def write_report(devices, out_dir: Path, sources: list[Path]) -> Path:
             lines += [f"### {run.bench}", "", f"`{run.path.name}` ({describe(run.meta)})", ""]
             lines += [md_table(FULL_HEAD, full_table(run, ceilings)), ""]
             png = out_dir / f"{run.bench}-{slug(dev)}.png"
-            if plot_run(run, png, ceilings):
+            if plot_run(run, png, ceilings if run.uses_ceilings() else {}):
                 plotted = True
                 lines += [f"![{run.bench} on {dev}]({png.name})", ""]
     if not plotted:
@@ -249,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", action="store_true", help="write REPORT.md and PNG plots to --out-dir")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where --write puts its files")
     p.add_argument("--markdown", action="store_true", help="print the short table as Markdown (for README)")
+    p.add_argument("--shapes", type=int, default=3, metavar="N",
+                   help="printed table: at most N shapes per kernel plus the geometric-mean ratio "
+                        "(0: all; REPORT.md always has all)")
     args = p.parse_args(argv)
     runs, sources = load_runs(args.paths or [RESULTS_DIR], warn=lambda m: print(f"report.py: {m}", file=sys.stderr))
     if not runs:
@@ -263,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = ceil.meta if ceil else benches[0].meta
         print(f"\n== {meta.get('device', dev)} ({describe(meta)})")
         print(ceiling_text(ceilings, ceil.meta if ceil else None))
-        summary = [row for run in benches for row in summary_rows(run, ceilings)]
+        summary = [row for run in benches for row in summary_rows(run, ceilings, args.shapes or None)]
         if summary:
             print((md_table if args.markdown else text_table)(SUMMARY_HEAD, summary))
         else:
