@@ -108,12 +108,15 @@ class ModelConfig:
 
         Matmul parameters are every weight matrix a token is multiplied with, including the output
         projection (once, even if tied) and excluding the embedding lookup. Attention: per layer,
-        QK^T and PV are 2 x 2 x S x (Hq x D) multiply-adds per token in the forward pass, halved by
+        QK^T and PV are 2 x 2 x S x (Hq x D) FLOPs per token in the forward pass, halved by
         the causal mask, times 3 for forward + backward.
         """
-        h = self.hidden_size
-        matmul_params = self.num_parameters(include_embedding=False) + self.vocab_size * h
-        attn = 6 * self.num_layers * 2 * seq_len * self.num_heads * self.head_dim * 0.5 * 2
+        h, q = self.hidden_size, self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
+        matmul_params = self.num_layers * per_layer + self.vocab_size * h
+        attn_forward = self.num_layers * 2 * 2 * seq_len * q * 0.5
+        attn = 3 * attn_forward
         return 6.0 * matmul_params + attn
 
     # ---------------------------------------------------------------------------- APR metadata
