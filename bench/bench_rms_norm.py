@@ -1,6 +1,7 @@
 """RMSNorm and fused residual-add RMSNorm, forward and backward: GB/s against the copy ceiling.
 
     python3 bench/bench_rms_norm.py [--smoke | --quick] [--out DIR] [--no-compile] [--budget-s S]
+    python3 bench/bench_rms_norm.py --tune        # GPU: sweep the kernels' launch configs instead
 
 Providers, all bf16 on the GPU and timed in one run on one device:
   apr            apr_kernels.rms_norm / add_rms_norm (the Triton kernels on CUDA)
@@ -157,8 +158,13 @@ def main() -> None:
         lambda p: (p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider"),
                    p.add_argument("--budget-s", type=float, default=None,
                                   help="stop starting new shapes after this many seconds "
-                                       "(default 75 full, 32 quick, 30 smoke)")),
+                                       "(default 75 full, 32 quick, 30 smoke)"),
+                   p.add_argument("--tune", action="store_true",
+                                  help="time apr's kernels over launch configs (block_m, warps, "
+                                       "programs/SM) next to launch_config's pick; ~90 s on a GPU")),
     )
+    if args.tune:
+        return tune(args)
     dev = _common.device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elem = torch.empty((), dtype=dtype).element_size()
@@ -169,7 +175,8 @@ def main() -> None:
     hidden, row_counts = sweep(args)
     rep = 3 if args.smoke else 20
     rows: list[dict] = []
-    meta = {"ours": "apr", "copy_gbs": copy_gbs, "providers": list(provs), "eps": EPS, "skipped": []}
+    meta = {"ours": "apr", "copy_gbs": copy_gbs, "ceilings": {"copy_gbs": copy_gbs}, "providers": list(provs),
+            "eps": EPS, "skipped": []}
     print(f"copy bandwidth {copy_gbs:.0f} GB/s; providers {', '.join(provs)}; dtype {dtype}")
     # Provider by provider (torch.compile last: its compiles are the slow part), so a spent time
     # budget drops the tail of one provider rather than whole shapes of all of them.
@@ -207,6 +214,48 @@ def _speedups(rows: list[dict]) -> None:
         for r in group:
             if r["provider"] == "apr":
                 r.update({f"x_vs_{o['provider']}": o["ms"] / r["ms"] for o in group if o["provider"] != "apr"})
+
+
+def tune(args) -> None:
+    """Time the launchers directly over a small grid of RowConfigs (bf16, M = 16384 rows) and print
+    the best next to launch_config's choice: the data for retuning the one heuristic."""
+    from apr_kernels import backend
+
+    dev = _common.device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    k = backend.kernels("rms_norm")
+    m = 64 if args.smoke else 16384
+    rows = []
+    for n in ([96] if args.smoke else [896, 2048, 4096, 8192]):
+        x = torch.randn(m, n, device=dev, dtype=dtype)
+        w = torch.randn(n, device=dev, dtype=dtype)
+        dy = torch.randn_like(x)
+        base = k.launch_config(m, n)
+        fwd_cfgs = {base} | {k.RowConfig(bm, base.block_n, nw, base.programs_per_sm)
+                             for bm in (1, 2, 4, 8, 16) for nw in (2, 4, 8, 16, 32)
+                             if 1024 <= bm * base.block_n <= 16384 and 32 * nw <= bm * base.block_n // 2}
+        for cfg in sorted(fwd_cfgs, key=lambda c: (c.block_m, c.num_warps)):
+            ms = _common.time_ms(lambda: k.rms_norm_fwd(x, w, config=cfg), rep=20, dev=dev)
+            rows.append(_tune_row("fwd", m, n, cfg, cfg == base, ms, nbytes("rms_norm", "fwd", m, n, x.element_size())))
+        best = min((r for r in rows if r["mode"] == "fwd" and r["N"] == n), key=lambda r: r["ms"])
+        rstd = k.rms_norm_fwd(x, w)[1]
+        bwd_cfgs = {base} | {k.RowConfig(bm, base.block_n, nw, pps) for bm in {best["block_m"], base.block_m}
+                             for nw in {best["num_warps"], base.num_warps} for pps in (1, 2, 4, 8)}
+        for cfg in sorted(bwd_cfgs, key=lambda c: (c.block_m, c.num_warps, c.programs_per_sm)):
+            ms = _common.time_ms(lambda: k.rms_norm_bwd(dy, x, w, rstd, config=cfg), rep=20, dev=dev)
+            rows.append(_tune_row("bwd", m, n, cfg, cfg == base, ms, nbytes("rms_norm", "bwd", m, n, x.element_size())))
+    for r in sorted(rows, key=lambda r: (r["mode"], r["N"], r["ms"])):
+        r["rank"] = 1 + sum(o["mode"] == r["mode"] and o["N"] == r["N"] and o["ms"] < r["ms"] for o in rows)
+    _common.print_table([r for r in rows if r["rank"] <= 3 or r["heuristic"]],
+                        ["mode", "shape", "block_m", "num_warps", "programs_per_sm", "heuristic", "rank", "ms", "gbs"])
+    print(f"wrote {_common.write_results('rms_norm_tune', rows, args.out, {'ours': 'apr'})}")
+
+
+def _tune_row(mode, m, n, cfg, is_base, ms, b) -> dict:
+    return {"op": "rms_norm_tune", "mode": mode, "shape": f"{m}x{n}", "N": n, "block_m": cfg.block_m,
+            "num_warps": cfg.num_warps, "programs_per_sm": cfg.programs_per_sm, "heuristic": is_base,
+            "provider": "apr" if is_base else f"apr[bm{cfg.block_m} w{cfg.num_warps} p{cfg.programs_per_sm}]",
+            "ms": ms, "bytes": b, "gbs": b / (ms * 1e-3) / 1e9}
 
 
 def _print(rows: list[dict], names: list[str]) -> None:

@@ -31,6 +31,8 @@ Launchers (plain functions, no autograd): ``rms_norm_fwd``, ``add_rms_norm_fwd``
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +181,7 @@ class RowConfig:
     programs_per_sm: int
 
 
+@functools.lru_cache(maxsize=256)
 def launch_config(n_rows: int, n_cols: int) -> RowConfig:
     """The launch heuristic for every kernel here, from the row shape alone.
 
@@ -203,11 +206,23 @@ def launch_config(n_rows: int, n_cols: int) -> RowConfig:
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 2  # the interpreter runs programs one by one: a few programs exercise the loop
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 # ------------------------------------------------------------------------------------ launchers
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device: switch to t's when it is another one."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -268,13 +283,14 @@ def _fwd(x, residual, weight, eps, out, residual_out, rstd, config):
         s2 = _out_rows(s, "residual_out")
     if m > 0:
         grid = (triton.cdiv(m, cfg.block_m),)
-        _rms_norm_fwd_kernel[grid](
-            x2, r2, y2, s2, weight.contiguous(), rstd.view(-1),
-            x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
-            m, n, float(eps),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_RESIDUAL=residual is not None,
-            num_warps=cfg.num_warps,
-        )  # fmt: skip
+        with _on_device(x):
+            _rms_norm_fwd_kernel[grid](
+                x2, r2, y2, s2, weight.contiguous(), rstd.view(-1),
+                x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
+                m, n, float(eps),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_RESIDUAL=residual is not None,
+                num_warps=cfg.num_warps,
+            )  # fmt: skip
     return y, s, rstd
 
 
@@ -337,16 +353,19 @@ def rms_norm_bwd(
     per_prog = triton.next_power_of_2(triton.cdiv(n_blocks, _sm_count(x.device) * cfg.programs_per_sm))
     n_prog = triton.cdiv(n_blocks, per_prog)
     partial = torch.empty((n_prog, n), dtype=torch.float32, device=x.device)
-    _rms_norm_bwd_kernel[(n_prog,)](
-        dy2, x2, weight.contiguous(), rstd.reshape(-1), ds2, dx2, partial,
-        dy2.stride(0), x2.stride(0), ds2.stride(0), dx2.stride(0),
-        m, n,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCKS_PER_PROG=per_prog,
-        HAS_DS=dresidual is not None, num_warps=cfg.num_warps,
-    )  # fmt: skip
-    block_n, block_p = min(64, cfg.block_n), 32
-    steps = triton.next_power_of_2(triton.cdiv(n_prog, block_p))
-    _rms_norm_bwd_dw_kernel[(triton.cdiv(n, block_n),)](
-        partial, dw, n_prog, n, BLOCK_P=block_p, BLOCK_N=block_n, STEPS=steps, num_warps=4
-    )
+    with _on_device(x):
+        _rms_norm_bwd_kernel[(n_prog,)](
+            dy2, x2, weight.contiguous(), rstd.reshape(-1), ds2, dx2, partial,
+            dy2.stride(0), x2.stride(0), ds2.stride(0), dx2.stride(0),
+            m, n,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCKS_PER_PROG=per_prog,
+            HAS_DS=dresidual is not None, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        # 32 fp32 columns (one 128-byte line per partial row) x 128 partial rows per step: many
+        # programs and few dependent steps, since this tiny kernel is latency-bound
+        block_n, block_p = min(32, cfg.block_n), 128
+        steps = triton.next_power_of_2(triton.cdiv(n_prog, block_p))
+        _rms_norm_bwd_dw_kernel[(triton.cdiv(n, block_n),)](
+            partial, dw, n_prog, n, BLOCK_P=block_p, BLOCK_N=block_n, STEPS=steps, num_warps=4
+        )
     return dx, dw

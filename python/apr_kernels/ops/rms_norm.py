@@ -11,7 +11,8 @@ weight.dtype)`` (bf16 x with an fp32 weight gives an fp32 y, as in HF). The fuse
 ``x + residual`` to x's dtype before normalising (HF adds in the model dtype). Gradients: dx, dweight
 and (fused add) dresidual = dx; the backward works in fp32, and dweight is summed over rows in fp32.
 
-Ops (opaque to torch.compile, so no graph breaks)::
+Ops (what the public functions call under torch.compile: opaque to it, so no graph breaks; in eager
+mode they call the same implementations through lighter autograd Functions)::
 
     apr::rms_norm(x, weight, eps) -> (y, rstd)
     apr::add_rms_norm(x, residual, weight, eps) -> (y, s, rstd)
@@ -52,11 +53,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-# ------------------------------------------------------------------------------- forward ops
+# ------------------------------------------------------------- implementations (either backend)
 
 
-@torch.library.custom_op("apr::rms_norm", mutates_args=())
-def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     k = _kernels_for(x, weight)
     if k is not None:
         return k.rms_norm_fwd(x, weight, eps)
@@ -64,14 +64,7 @@ def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
     return y.contiguous(), rstd.contiguous()  # the layout the fake (and the kernel) promise
 
 
-@_rms_norm_op.register_fake
-def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    return y, torch.empty(x.shape[:-1], dtype=_acc_dtype(x.dtype), device=x.device)
-
-
-@torch.library.custom_op("apr::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _add_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     k = _kernels_for(x, weight, residual)
     if k is not None:
         return k.add_rms_norm_fwd(x, residual, weight, eps)
@@ -80,18 +73,7 @@ def _add_rms_norm_op(x: Tensor, residual: Tensor, weight: Tensor, eps: float) ->
     return y.contiguous(), s, rstd.contiguous()
 
 
-@_add_rms_norm_op.register_fake
-def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return y, s, torch.empty(x.shape[:-1], dtype=_acc_dtype(x.dtype), device=x.device)
-
-
-# ------------------------------------------------------------------------------ backward op
-
-
-@torch.library.custom_op("apr::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(
+def _rms_norm_backward_impl(
     dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dresidual: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     others = (dy, rstd) if dresidual is None else (dy, rstd, dresidual)
@@ -102,17 +84,37 @@ def _rms_norm_backward_op(
     return dx.contiguous(), dw.contiguous()
 
 
-@_rms_norm_backward_op.register_fake
-def _(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return dx, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-
-
 def _dy_or_zeros(dy: Optional[Tensor], x: Tensor, weight: Tensor) -> Tensor:
     # y unused downstream: autograd may hand us None for its gradient
     if dy is not None:
         return dy
     return torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+
+
+# ----------------------------------------------------------------- custom ops (torch.compile)
+
+_rms_norm_op = torch.library.custom_op("apr::rms_norm", mutates_args=())(_rms_norm_impl)
+_add_rms_norm_op = torch.library.custom_op("apr::add_rms_norm", mutates_args=())(_add_rms_norm_impl)
+_rms_norm_backward_op = torch.library.custom_op("apr::rms_norm_backward", mutates_args=())(_rms_norm_backward_impl)
+
+
+@_rms_norm_op.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    return y, torch.empty(x.shape[:-1], dtype=_acc_dtype(x.dtype), device=x.device)
+
+
+@_add_rms_norm_op.register_fake
+def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y, s, torch.empty(x.shape[:-1], dtype=_acc_dtype(x.dtype), device=x.device)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return dx, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -142,6 +144,44 @@ def _add_rms_norm_backward(ctx, dy, ds, _drstd):
 
 _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 _add_rms_norm_op.register_autograd(_add_rms_norm_backward, setup_context=_add_rms_norm_setup)
+
+
+# ------------------------------------------------------- eager path: the same impls, less overhead
+# In eager mode a custom op costs tens of microseconds of Python dispatch per call, as much as the
+# kernel itself at small sizes; these autograd Functions call the same implementations directly.
+# Under torch.compile the public functions use the custom ops (opaque, no graph breaks).
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _rms_norm_impl(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_backward_impl(dy, x, weight, rstd, None)
+        return dx, dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, s, rstd = _add_rms_norm_impl(x, residual, weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        s, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_backward_impl(dy, s, weight, rstd, ds)
+        return dx, dx, dw, None
+
+
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
 
 
 # ---------------------------------------------------------------------------- public functions
@@ -184,6 +224,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     Returns y of x's shape with dtype ``promote(x.dtype, weight.dtype)``. Differentiable in x and
     weight."""
     eps = _check_common("rms_norm", x, weight, eps)
+    if _eager():
+        return RMSNormFunction.apply(x, weight, eps)
     return torch.ops.apr.rms_norm(x, weight, eps)[0]
 
 
@@ -204,5 +246,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6)
         raise ValueError(
             f"apr_kernels.add_rms_norm: residual is on {residual.device}, expected x's device {x.device}"
         )
+    if _eager():
+        return AddRMSNormFunction.apply(x, residual, weight, eps)
     y, s, _rstd = torch.ops.apr.add_rms_norm(x, residual, weight, eps)
     return y, s
