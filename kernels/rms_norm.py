@@ -21,9 +21,11 @@ Backward (all in fp32; the cast to dt is treated as the identity, as autograd do
                                                  # kernel sums the partials in a fixed order:
                                                  # no atomics, deterministic run to run
 
-Layout: the last dim must be contiguous (the launchers make it so with ``.contiguous()`` otherwise);
-the leading dims are flattened to rows, and rows may have any stride (a view of a wider buffer, a
-slice) without a copy. Hidden sizes up to ``MAX_HIDDEN`` fit one row in registers.
+Layout: the last dim must be contiguous (the launchers make it so with ``.contiguous()`` otherwise,
+e.g. for an expanded dy). The leading dims are flattened to rows read through a row stride, so rows of
+a wider buffer (a slice of the hidden dim, a 3-D view) need no copy; only leading dims that no single
+row stride can describe (e.g. transposed batch/sequence dims) are copied once. Hidden sizes up to
+``MAX_HIDDEN`` fit one row in registers.
 
 Launchers (plain functions, no autograd): ``rms_norm_fwd``, ``add_rms_norm_fwd``, ``rms_norm_bwd``;
 ``launch_config`` is the one launch heuristic.
