@@ -269,3 +269,16 @@ def test_fuzz_harness_bounded_run():
     stats = run(iterations=300, seed=1234)
     assert stats["iterations"] == 300
     assert stats["refused"] > 0 and stats["loaded"] > 0  # both outcomes are exercised
+
+
+def test_verify_covers_every_chunk_of_a_large_file(tmp_path):
+    path = tmp_path / "big.apr"
+    apr_kernels.save({"w": torch.randn(17 << 18)}, path)  # 17 MiB: three 8 MiB read chunks
+    apr_kernels.open(path, verify=True).close()
+    for pos in (5, (8 << 20) + 3, (16 << 20) + 100):  # one flipped bit in each chunk
+        data = bytearray(path.read_bytes())
+        data[pos] ^= 0x10
+        bad = tmp_path / f"bad{pos}.apr"
+        bad.write_bytes(bytes(data))
+        with pytest.raises(AprFormatError, match="mismatch"):
+            apr_kernels.open(bad, verify=True)
