@@ -275,10 +275,10 @@ def test_verify_covers_every_chunk_of_a_large_file(tmp_path):
     path = tmp_path / "big.apr"
     apr_kernels.save({"w": torch.randn(17 << 18)}, path)  # 17 MiB: three 8 MiB read chunks
     apr_kernels.open(path, verify=True).close()
-    for pos in (5, (8 << 20) + 3, (16 << 20) + 100):  # one flipped bit in each chunk
+    for pos in (4096, (8 << 20) + 3, (16 << 20) + 100):  # one flipped data bit in each chunk
         data = bytearray(path.read_bytes())
         data[pos] ^= 0x10
         bad = tmp_path / f"bad{pos}.apr"
         bad.write_bytes(bytes(data))
-        with pytest.raises(AprFormatError, match="mismatch"):
+        with pytest.raises(AprFormatError, match="footer CRC mismatch"):
             apr_kernels.open(bad, verify=True)
