@@ -224,9 +224,10 @@ PRESETS: dict[str, ModelConfig] = {
         intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
         rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
     # the demo: Qwen2-shaped (GQA 7:1, bias), small body, the full Qwen2.5 tokenizer vocabulary
-    # (151665 padded to a multiple of 64) so it pairs with Tokenizer.qwen2()
+    # (151665 padded to a multiple of 64) so it pairs with Tokenizer.qwen2(); head_dim 16 is the
+    # smallest the attention kernel takes
     "qwen2_demo": ModelConfig(
-        architecture="qwen2", hidden_size=112, num_layers=2, num_heads=14, num_kv_heads=2, head_dim=8,
+        architecture="qwen2", hidden_size=112, num_layers=2, num_heads=7, num_kv_heads=1, head_dim=16,
         intermediate_size=304, vocab_size=151680, max_position_embeddings=2048, rope_theta=1e4,
         rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
     # tiny test shapes (odd sizes on purpose)

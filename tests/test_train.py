@@ -1,0 +1,205 @@
+"""The training pieces: schedule, data packing and batching, the loop (accumulation, clipping, learning),
+exact resume from an APR checkpoint, init-from-APR, and the fast (Triton) path against the eager one."""
+
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from apr_kernels.model import ModelConfig, Transformer, from_apr, preset
+from apr_kernels.train.checkpoint import restore_training_state, save_checkpoint, training_metadata
+from apr_kernels.train.cli import byte_tokenizer
+from apr_kernels.train.data import (BatchStream, batch, find_text_files, sequences, split_holdout,
+                                    tokenize_files)
+from apr_kernels.train.loop import Trainer, TrainConfig
+from apr_kernels.train.schedule import lr_at
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def stream(tok):
+    """Real Python (the stdlib json package) as bytes + end-of-text: (train, held-out) at seq 32."""
+    tokens = tokenize_files(find_text_files([STDLIB / "json"]), tok, max_tokens=24_000)
+    return split_holdout(tokens, 32, eval_fraction=0.1, max_eval_sequences=12)
+
+
+def losses(history):
+    return [h["loss"] for h in history if h["event"] == "train"]
+
+
+# ------------------------------------------------------------------------------------ schedule
+def test_schedule_warmup_then_cosine_to_floor():
+    kw = dict(lr=2.0, total_steps=11, warmup=2, min_ratio=0.1)
+    assert [lr_at(s, **kw) for s in (0, 1, 2)] == [1.0, 2.0, 2.0]
+    assert lr_at(10, **kw) == pytest.approx(0.2)  # the floor at the last step
+    # halfway through the cosine (step 6 of 2..10): floor + (peak - floor) / 2
+    assert lr_at(6, **kw) == pytest.approx(0.2 + 0.9)
+    after = [lr_at(s, **kw) for s in range(2, 11)]
+    assert all(a > b for a, b in zip(after, after[1:]))
+    with pytest.raises(ValueError, match="step=-1"):
+        lr_at(-1, **kw)
+
+
+# ---------------------------------------------------------------------------------------- data
+def test_find_text_files_walks_folders_sorted_and_filters(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / ".git").mkdir()
+    (tmp_path / "d" / "__pycache__").mkdir()
+    for rel in ("d/b.py", "d/a.txt", "d/sub/c.md", "d/.git/x.py", "d/__pycache__/y.py", "d/image.png",
+                "loose.dat"):
+        (tmp_path / rel).write_text("x")
+    got = find_text_files([tmp_path / "loose.dat", tmp_path / "d"])
+    assert [p.relative_to(tmp_path).as_posix() for p in got] == ["loose.dat", "d/a.txt", "d/b.py", "d/sub/c.md"]
+    with pytest.raises(FileNotFoundError, match=r"nope: data path does not exist"):
+        find_text_files([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: no text files found"):
+        find_text_files([tmp_path / "empty"])
+
+
+def test_documents_are_packed_with_end_of_text_and_non_utf8_skipped(tmp_path, tok):
+    (tmp_path / "1.txt").write_text("ab")
+    (tmp_path / "2.txt").write_bytes(b"\xff\xfe binary")
+    (tmp_path / "3.txt").write_text("é")
+    ids = tokenize_files(find_text_files([tmp_path]), tok).tolist()
+    assert ids == [97, 98, 256, 0xC3, 0xA9, 256]
+    assert tokenize_files(find_text_files([tmp_path]), tok, max_tokens=4).tolist() == [97, 98, 256, 0xC3]
+
+
+def test_sequences_targets_are_the_next_tokens_and_holdout_is_the_tail():
+    tokens = torch.randperm(1000)[:103]  # 103 tokens, T=10: 10 sequences of 11
+    seqs = sequences(tokens, 10)
+    assert seqs.shape == (10, 11)
+    x, y = batch(seqs, torch.tensor([0, 9]))
+    assert torch.equal(x[0], tokens[:10]) and torch.equal(y[0], tokens[1:11])
+    assert torch.equal(y[1], tokens[91:101])
+    # every token but the first is a target exactly once
+    assert torch.equal(torch.cat([batch(seqs, torch.tensor([i]))[1][0] for i in range(10)]), tokens[1:101])
+    train, held = split_holdout(tokens, 10, eval_fraction=0.3)
+    assert len(sequences(train, 10)) == 7 and len(sequences(held, 10)) == 3
+    assert torch.equal(held, tokens[70:])  # the tail of the stream
+    with pytest.raises(ValueError, match=r"15 tokens make 1 sequence\(s\) of 10\+1 tokens; expected at least 2"):
+        split_holdout(tokens[:15], 10)
+
+
+def test_batch_stream_is_one_permutation_per_epoch_and_resumes_at_a_position():
+    s = BatchStream(7, seed=3)
+    first = torch.cat([s.next(3) for _ in range(5)])  # 15 indices: two epochs and one more
+    assert sorted(first[:7].tolist()) == list(range(7)) and sorted(first[7:14].tolist()) == list(range(7))
+    assert not torch.equal(first[:7], first[7:14])  # a fresh order each epoch
+    resumed = BatchStream(7, seed=3, position=6)
+    assert torch.equal(torch.cat([resumed.next(3) for _ in range(3)]), first[6:15])
+    assert not torch.equal(BatchStream(7, seed=4).next(7), first[:7])
+
+
+# ---------------------------------------------------------------------------------------- loop
+def _trainer(stream, cfg=None, model_cfg="tiny_llama", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Transformer(preset(model_cfg) if isinstance(model_cfg, str) else model_cfg, fast=False)
+    cfg = cfg or TrainConfig(steps=6, batch_size=4, seq_len=32, lr=3e-3, eval_tokens=256)
+    return Trainer(model, stream[0], stream[1], cfg, log=lambda *a: None, **kw)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(stream):
+    big = _trainer(stream, TrainConfig(steps=3, batch_size=4, seq_len=32, lr=1e-2))
+    acc = _trainer(stream, TrainConfig(steps=3, batch_size=2, grad_accum=2, seq_len=32, lr=1e-2))
+    for _ in range(2):
+        a, b = big.train_step(), acc.train_step()
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gradients_are_clipped_to_the_max_norm(stream):
+    t = _trainer(stream, TrainConfig(steps=2, batch_size=4, seq_len=32, grad_clip=0.05))
+    rec = t.train_step()
+    assert rec["grad_norm"] > 0.05  # the pre-clip norm is reported
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.model.parameters()]))
+    assert norm <= 0.05 * (1 + 1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(stream, tmp_path_factory):
+    """A tiny Qwen2 trained 40 steps with a checkpoint at step 20 and one at the end."""
+    folder = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig(steps=40, batch_size=8, seq_len=32, lr=4e-3, eval_every=20, save_every=20,
+                      eval_tokens=384)
+    t = _trainer(stream, cfg, model_cfg="tiny_qwen2")
+    t.run(on_checkpoint=lambda tr: save_checkpoint(folder / f"step{tr.step}.apr", tr, tokenizer=byte_tokenizer()),
+          progress=False)
+    return t, folder
+
+
+def test_training_lowers_the_held_out_loss(trained):
+    t, _ = trained
+    evals = [h["eval_loss"] for h in t.history if h["event"] == "eval"]
+    assert [h["step"] for h in t.history if h["event"] == "eval"] == [0, 20, 40]
+    assert evals[0] == pytest.approx(math.log(320), abs=0.3)  # fresh init: about ln(vocab)
+    assert evals[2] < evals[0] - 2.0
+
+
+def test_resume_from_checkpoint_gives_identical_losses(trained, stream):
+    t, folder = trained
+    meta = training_metadata(folder / "step20.apr")
+    assert meta["training.step"] == 20 and meta["training.data_position"] == 160
+    model = from_apr(folder / "step20.apr", fast=False)
+    resumed = Trainer(model, stream[0], stream[1], TrainConfig.from_dict(meta["training.config"]),
+                      log=lambda *a: None)
+    restore_training_state(folder / "step20.apr", resumed)
+    resumed.run(progress=False)
+    assert losses(resumed.history) == losses(t.history)[20:]  # bit for bit on CPU
+    assert resumed.last_eval == t.last_eval
+    # without the optimizer state the same weights train differently: the state matters
+    fresh = Trainer(from_apr(folder / "step20.apr", fast=False), stream[0], stream[1],
+                    TrainConfig.from_dict(meta["training.config"]), log=lambda *a: None)
+    fresh.step, fresh.batches.position = 20, 160
+    assert fresh.train_step()["loss"] == losses(t.history)[20]  # same weights, same batch
+    assert fresh.train_step()["loss"] != losses(t.history)[21]
+
+
+def test_init_from_apr_starts_at_the_saved_eval_loss_far_below_scratch(trained, stream):
+    t, folder = trained
+    path = folder / "step40.apr"
+    saved = training_metadata(path)["training.eval_loss"]
+    assert saved == t.last_eval[0]
+    init = Trainer(from_apr(path), stream[0], stream[1], TrainConfig(steps=1, seq_len=32, eval_tokens=384),
+                   log=lambda *a: None)
+    step0, _ = init.evaluate()
+    assert step0 == pytest.approx(saved, rel=1e-6)
+    scratch = _trainer(stream, TrainConfig(steps=1, seq_len=32, eval_tokens=384), model_cfg="tiny_qwen2", seed=5)
+    from_scratch, _ = scratch.evaluate()
+    assert from_scratch >= math.log(320) - 0.5
+    assert step0 <= from_scratch - 2.0
+    assert init.optimizer.state == {}  # only weights come from the init file (fresh optimizer)
+
+
+# ------------------------------------------------------------------------------ fast vs eager
+def test_fast_path_matches_reference_path_for_a_few_steps(monkeypatch, stream):
+    # the Triton kernels (interpreter on CPU) against eager PyTorch: same loss curve
+    monkeypatch.setenv("APR_KERNELS_BACKEND", "triton")
+    from apr_kernels import backend
+
+    cfg = ModelConfig(architecture="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=72, vocab_size=257, attention_bias=True, tie_word_embeddings=False)
+    tcfg = TrainConfig(steps=3, batch_size=2, seq_len=16, lr=1e-2, warmup=0)
+    torch.manual_seed(0)
+    ref = Transformer(cfg, fast=False)
+    fast = Transformer(cfg, fast=True)
+    fast.load_state_dict(ref.state_dict())
+    a = Trainer(ref, stream[0], None, tcfg, log=lambda *x: None)
+    b = Trainer(fast, stream[0], None, tcfg, log=lambda *x: None)
+    la = [a.train_step()["loss"] for _ in range(3)]
+    lb = [b.train_step()["loss"] for _ in range(3)]
+    assert {"rms_norm", "attention"} <= set(backend._loaded)  # the kernels really ran
+    assert la[2] < la[0]
+    assert lb == pytest.approx(la, rel=2e-5)
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
