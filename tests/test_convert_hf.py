@@ -14,7 +14,9 @@ import apr_kernels
 from apr_kernels.cli import main
 from apr_kernels.convert.core import convert
 from apr_kernels.convert.export import export
+from apr_kernels.convert.hf_tokenizer import write_hf_tokenizer
 from apr_kernels.quant import dequantize
+from apr_kernels.tokenizer import Tokenizer, byte_to_unicode
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,6 +43,14 @@ def _randomised(model):
     return model.eval()
 
 
+def small_tokenizer():
+    b2u = byte_to_unicode()
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "Ġt h"]
+    vocab = [b2u[b] for b in range(256)] + [m.replace(" ", "") for m in merges] + ["<|endoftext|>"]
+    return Tokenizer.from_metadata({"tokenizer.vocabulary": vocab, "tokenizer.merges": merges,
+                                    "tokenizer.eos_token_id": len(vocab) - 1, "tokenizer.pre_type": "qwen2"})
+
+
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
@@ -58,6 +68,8 @@ def test_convert_then_export_round_trip(tmp_path, make, shard):
     model = make()
     src = tmp_path / "hf"
     model.save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
+    tok = small_tokenizer()
+    write_hf_tokenizer(tok, src)
     if shard:
         assert (src / "model.safetensors.index.json").is_file()
     apr = tmp_path / "m.apr"
@@ -90,6 +102,11 @@ def test_convert_then_export_round_trip(tmp_path, make, shard):
     ids = torch.randint(0, hc.vocab_size, (2, 11))
     torch.testing.assert_close(logits(again, ids), logits(model, ids), rtol=0, atol=0)
     assert again.config.tie_word_embeddings is hc.tie_word_embeddings
+    # the embedded tokenizer comes back as a tokenizer.json that transformers runs identically
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the cat's 12 thin<|endoftext|> then\n\n  théâtre"
+    assert hf_tok(text)["input_ids"] == tok.encode(text) == Tokenizer.from_metadata(meta).encode(text)
+    assert hf_tok.eos_token_id == tok.eos_id
 
 
 def test_single_safetensors_file_dtype_and_quantize(tmp_path):
@@ -212,3 +229,37 @@ def test_bad_sources_and_options_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
     assert not any(p.suffix == ".apr" or p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bf16"}, {"quantize": "q4"}])
+def test_convert_streams_one_tensor_at_a_time(tmp_path, monkeypatch, options):
+    """Each source tensor is read only when written and dropped before the next one is read."""
+    import weakref
+
+    from apr_kernels._format import LazyTensor
+    from apr_kernels.convert import core
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf", max_shard_size="25KB")
+    live, peak = [], [0]
+    real_open = core.open_source
+
+    def tracking(path):
+        source = real_open(path)
+
+        def wrap(lt):
+            def run():
+                peak[0] = max(peak[0], sum(r() is not None for r in live))
+                value = lt.materialize()
+                live.append(weakref.ref(value))
+                return value
+
+            return LazyTensor(lt.dtype, lt.shape, run)
+
+        assert all(isinstance(lt, LazyTensor) for lt in source.tensors.values())  # nothing read yet
+        source.tensors = {n: wrap(lt) for n, lt in source.tensors.items()}
+        return source
+
+    monkeypatch.setattr(core, "open_source", tracking)
+    core.convert(tmp_path / "hf", tmp_path / "m.apr", progress=False, **options)
+    assert len(live) == len(model.state_dict()) and peak[0] == 0

@@ -143,10 +143,14 @@ def read_hf(src: Path) -> Source:
         tied = bool(cfg.get("tie_word_embeddings", False))
     else:
         warn(f"{folder}: no config.json; the APR file will have no model dimensions")
-    tok = read_hf_tokenizer(folder, cfg)
+    try:
+        tok = read_hf_tokenizer(folder, cfg)
+    except ValueError as exc:  # an unsupported tokenizer should not block the weights
+        warn(f"tokenizer not embedded: {exc}")
+        tok = False
     if tok is None:
         warn(f"{folder}: no tokenizer.json or vocab.json + merges.txt; the APR file will have no tokenizer")
-    else:
+    elif tok:
         meta.update(tok)
     if source_meta:
         meta["source_metadata"] = {str(k): str(v) for k, v in source_meta.items()}  # spec 5.4 (PMAT-223)
