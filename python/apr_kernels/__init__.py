@@ -14,12 +14,22 @@ import importlib
 
 __version__ = "0.1.0"
 
+# APR_KERNELS_BACKEND=triton without a GPU runs the kernels in Triton's interpreter, which must be
+# switched on before anything imports Triton. Cheap: only reads the environment unless forced.
+if __import__("os").environ.get("APR_KERNELS_BACKEND", "").strip().lower() == "triton":
+    from apr_kernels.backend import prepare_interpreter_early
+
+    prepare_interpreter_early()
+
 # public name -> submodule that defines it
 _API = {
     "load": "io",
     "open": "io",
     "save": "io",
     "AprFile": "io",
+    "TensorInfo": "io",
+    "QuantizedTensor": "io",
+    "LazyTensor": "io",
     "AprFormatError": "errors",
     "rms_norm": "ops.rms_norm",
     "add_rms_norm": "ops.rms_norm",

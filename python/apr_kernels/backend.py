@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -55,17 +56,27 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def _require_interpreter() -> None:
-    # Triton reads TRITON_INTERPRET when a @triton.jit function is *decorated*, so the variable must
-    # be set before any kernel module is imported. Set it here if no kernel module is loaded yet.
+    # Triton reads TRITON_INTERPRET when it is first imported (its own tl.sum etc. are jitted then)
+    # and again when each @triton.jit function is decorated, so it must be set before `triton` is
+    # imported at all. Set it here if nothing imported Triton yet; otherwise say how to fix it.
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
-    loaded = [m for m in _KERNEL_MODULES if m in _loaded]
-    if loaded:
+    if "triton" in sys.modules:
         raise RuntimeError(
-            f"{ENV_VAR}=triton on CPU tensors needs Triton's interpreter, but the kernel modules "
-            f"{loaded} were already compiled for the GPU; set TRITON_INTERPRET=1 before starting Python"
+            f"{ENV_VAR}=triton on CPU tensors needs Triton's interpreter, but Triton was already "
+            "imported without it (by apr_kernels on a GPU, or by another package such as transformers); "
+            "set TRITON_INTERPRET=1 before starting Python"
         )
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def prepare_interpreter_early() -> None:
+    """Called at ``import apr_kernels``: when the Triton backend is forced on a machine without CUDA,
+    turn the interpreter on before any other package gets to import Triton."""
+    if os.environ.get(ENV_VAR, "").strip().lower() != "triton" or "triton" in sys.modules:
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 _KERNEL_MODULES = ("rms_norm", "attention")
