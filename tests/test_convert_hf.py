@@ -13,7 +13,6 @@ import torch
 import apr_kernels
 from apr_kernels.cli import main
 from apr_kernels.convert.core import convert
-from apr_kernels.convert.export import export
 from apr_kernels.convert.hf_tokenizer import write_hf_tokenizer
 from apr_kernels.quant import dequantize
 from apr_kernels.tokenizer import Tokenizer, byte_to_unicode

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 
-from apr_kernels._format import QUANTIZED, TORCH_DTYPES, LazyTensor
+from apr_kernels._format import TORCH_DTYPES, LazyTensor
 
 DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "f16": "F16", "f32": "F32"}
 QUANT_CHOICES = {"q4k": "Q4_K", "q8": "APR_Q8", "q4": "APR_Q4"}
@@ -149,4 +149,4 @@ def open_source(path: Path) -> Source:
                      "folder or a .gguf file)")
 
 
-__all__ = ["Source", "convert", "open_source", "plan_tensor", "DTYPE_CHOICES", "QUANT_CHOICES", "QUANTIZED"]
+__all__ = ["Source", "convert", "open_source", "plan_tensor", "DTYPE_CHOICES", "QUANT_CHOICES"]
