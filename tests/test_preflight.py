@@ -1,0 +1,168 @@
+"""``from_apr`` preflight: each check made to fail on purpose, with its message asserted; plus the
+cases that must pass (extra tensors, GGUF names, tokenizer vocab == model vocab, quantised weights)."""
+
+import pytest
+import torch
+
+import apr_kernels
+from apr_kernels.model import ModelConfig, Transformer, from_apr, preset
+from apr_kernels.model.loading import PreflightError, check_tokenizer_vocab
+from apr_kernels.train.checkpoint import model_metadata, model_tensors
+from apr_kernels.train.cli import byte_tokenizer
+
+
+def save_model(path, model, *, tokenizer=None, drop=(), replace=None, extra=None, meta=None):
+    tensors = dict(model_tensors(model))
+    for name in drop:
+        tensors.pop(name)
+    tensors.update(replace or {})
+    tensors.update(extra or {})
+    metadata = model_metadata(model, tokenizer)
+    metadata.update(meta or {})
+    apr_kernels.save(tensors, path, metadata=metadata)
+    return path
+
+
+def logits(model, seed=0):
+    x = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture
+def qwen():
+    torch.manual_seed(1)
+    return Transformer(preset("tiny_qwen2"), fast=False)
+
+
+def test_round_trip_extra_tensors_ignored(tmp_apr, qwen):
+    # the tied lm_head copy and unrelated / training-state tensors are not model parameters
+    save_model(tmp_apr, qwen, extra={"junk.scale": torch.ones(3), "__training__.foo": torch.zeros(2)})
+    with apr_kernels.open(tmp_apr) as f:
+        assert "lm_head.weight" in f and f.metadata["tied_embeddings"] is True
+    model = from_apr(tmp_apr)
+    assert model.config == qwen.config
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    torch.testing.assert_close(logits(model), logits(qwen), rtol=0, atol=0)
+
+
+def test_encoder_file_is_refused(tmp_apr):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37)
+    bert = transformers.BertModel(cfg)
+    meta = {"architecture": "bert", "hf_architecture": "BertModel", "model_type": "bert", "hidden_size": 32,
+            "num_layers": 2, "num_heads": 4, "vocab_size": 99, "intermediate_size": 37}
+    apr_kernels.save({k: v.contiguous() for k, v in bert.state_dict().items()}, tmp_apr, metadata=meta)
+    with pytest.raises(PreflightError) as e:
+        from_apr(tmp_apr)
+    msg = str(e.value)
+    assert str(tmp_apr) in msg and "architecture family mismatch" in msg
+    assert "encoder" in msg and "decoder-only" in msg and "'BertModel'" in msg
+
+
+def test_unsupported_family_and_family_tensor_disagreement_are_refused(tmp_apr, qwen):
+    save_model(tmp_apr, qwen, meta={"architecture": "phi", "hf_architecture": None, "model_type": "phi"})
+    with pytest.raises(PreflightError, match=r"model\.apr: unsupported architecture family: "
+                                             r"architecture='phi'.*expected a decoder-only llama or qwen2"):
+        from_apr(tmp_apr)
+    # metadata says llama, but q/k/v biases are there: Qwen2 tensors (aprender section 86)
+    save_model(tmp_apr, qwen, meta={"architecture": "llama", "hf_architecture": "LlamaForCausalLM",
+                                    "model_type": "llama"})
+    with pytest.raises(PreflightError, match=r"metadata says 'llama' but the file has q/k/v biases "
+                                             r"\(model\.layers\.0\.self_attn\.k_proj\.bias"):
+        from_apr(tmp_apr)
+
+
+def test_missing_and_misshapen_tensors_are_listed_by_name(tmp_apr, qwen):
+    save_model(tmp_apr, qwen, drop=["model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.v_proj.bias"],
+               replace={"model.layers.0.self_attn.k_proj.weight": torch.zeros(16, 56),
+                        "model.norm.weight": torch.ones(55)})
+    with pytest.raises(PreflightError) as e:
+        from_apr(tmp_apr)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_apr}: tensors do not fit the qwen2 config")
+    assert "2 missing: model.layers.0.self_attn.v_proj.bias, model.layers.1.mlp.up_proj.weight" in msg
+    assert "2 misshapen: model.layers.0.self_attn.k_proj.weight: file has [16, 56], expected [8, 56]" in msg
+    assert "model.norm.weight: file has [55], expected [56]" in msg
+
+
+def test_untied_file_without_lm_head_is_reported(tmp_apr):
+    llama = Transformer(preset("tiny_llama").replace(tie_word_embeddings=False), fast=False)
+    save_model(tmp_apr, llama, drop=["lm_head.weight"])
+    with pytest.raises(PreflightError, match=r"1 missing: lm_head\.weight"):
+        from_apr(tmp_apr)
+
+
+def test_tokenizer_vocabulary_must_fit_the_model(tmp_path):
+    tok = byte_tokenizer()  # 257 tokens
+    fits = save_model(tmp_path / "fits.apr", Transformer(preset("tiny_llama").replace(vocab_size=257)), tokenizer=tok)
+    assert from_apr(fits).config.vocab_size == 257  # equal passes: the bound is <=
+    small = save_model(tmp_path / "small.apr", Transformer(preset("tiny_llama").replace(vocab_size=256)),
+                       tokenizer=tok)
+    with pytest.raises(PreflightError, match=r"small\.apr: embedded tokenizer: tokenizer vocabulary mismatch: "
+                                             r"the tokenizer has 257 tokens but the model vocab_size is 256; "
+                                             r"expected tokenizer vocab <= model vocab"):
+        from_apr(small)
+    # aprender's numbers: the Qwen2.5 tokenizer (151665) fits Qwen2's 151936, not Llama-370M's 50257
+    check_tokenizer_vocab(151665, preset("qwen2_0_5b").vocab_size, "qwen")
+    with pytest.raises(PreflightError, match="151665 tokens but the model vocab_size is 50257"):
+        check_tokenizer_vocab(151665, preset("llama_370m").vocab_size, "llama")
+    with pytest.raises(PreflightError, match="151937 tokens"):
+        check_tokenizer_vocab(151937, 151936, "qwen + 1")
+
+
+def test_quantised_weights_are_dequantised_to_the_training_dtype(tmp_apr):
+    from apr_kernels.quant import dequantize, quantize
+
+    cfg = ModelConfig(architecture="llama", hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                      intermediate_size=256, vocab_size=96, tie_word_embeddings=True)
+    torch.manual_seed(2)
+    model = Transformer(cfg)
+    kinds = {"model.layers.0.mlp.down_proj.weight": "Q4_K", "model.layers.0.mlp.gate_proj.weight": "Q6_K",
+             "model.layers.0.self_attn.q_proj.weight": "APR_Q8", "model.layers.0.self_attn.o_proj.weight": "APR_Q4"}
+    q = {name: quantize(kind, dict(model.named_parameters())[name]) for name, kind in kinds.items()}
+    save_model(tmp_apr, model, replace=q)
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = dict(from_apr(tmp_apr, dtype=dtype).named_parameters())
+        assert {p.dtype for p in loaded.values()} == {dtype}
+        for name, qt in q.items():
+            want = dequantize(qt.dtype, qt.shape, qt.data).to(dtype)
+            assert torch.equal(loaded[name], want), name
+            orig = dict(model.named_parameters())[name].detach()
+            # really dequantised floats (close to the originals), not reinterpreted bytes
+            assert (loaded[name].float() - orig).abs().max() < 0.25 * orig.abs().max()
+        assert torch.equal(loaded["model.layers.0.mlp.up_proj.weight"],
+                           model.model.layers[0].mlp.up_proj.weight.detach().to(dtype))
+
+
+def test_non_finite_weights_are_refused(tmp_apr, qwen):
+    bad = qwen.model.layers[1].mlp.down_proj.weight.detach().clone()
+    bad[3, 4] = float("nan")
+    save_model(tmp_apr, qwen, replace={"model.layers.1.mlp.down_proj.weight": bad})
+    with pytest.raises(PreflightError, match=r"model\.apr: tensor 'model\.layers\.1\.mlp\.down_proj\.weight' "
+                                             r"has 1 non-finite value\(s\)"):
+        from_apr(tmp_apr)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"absent\.apr: init file does not exist"):
+        from_apr(tmp_path / "absent.apr")
+
+
+def test_gguf_tensor_names_load(tmp_apr, qwen):
+    gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    tensors = {}
+    for name, t in model_tensors(qwen).items():
+        if name == "lm_head.weight":
+            continue
+        new = gguf.get(name) or (name.replace("model.layers.", "blk.").replace("self_attn.q_proj", "attn_q")
+                                 .replace("self_attn.k_proj", "attn_k").replace("self_attn.v_proj", "attn_v")
+                                 .replace("self_attn.o_proj", "attn_output").replace("mlp.gate_proj", "ffn_gate")
+                                 .replace("mlp.up_proj", "ffn_up").replace("mlp.down_proj", "ffn_down")
+                                 .replace("post_attention_layernorm", "ffn_norm")
+                                 .replace("input_layernorm", "attn_norm"))
+        tensors[new] = t
+    assert not any(k.startswith("model.") for k in tensors)
+    apr_kernels.save(tensors, tmp_apr, metadata=model_metadata(qwen))
+    torch.testing.assert_close(logits(from_apr(tmp_apr)), logits(qwen), rtol=0, atol=0)
