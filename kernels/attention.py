@@ -321,14 +321,17 @@ def default_config(kind: str, head_dim: int, dtype: torch.dtype, seqlen: int,
     if device.type != "cuda":
         # Triton interpreter: small tiles so tests with S <= 100 still cross several blocks.
         bm, bn, warps, stages = {"fwd": (64, 32), "dq": (64, 32), "dkdv": (32, 64)}[kind] + (4, 1)
-    elif dtype == torch.float32:  # accepted, not tuned: fp32 tiles take twice the shared memory
-        bm, bn, warps, stages = {"fwd": (64, 32), "dq": (64, 32), "dkdv": (32, 32)}[kind] + (4, 2)
+    elif dtype == torch.float32:  # accepted, not fast: "ieee" fp32 dots run on FMA units, and
+        # larger tiles spill registers heavily (ptxas, sm_90a)
+        bm, bn, warps, stages = {"fwd": (32, 16, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 4, 1)}[kind]
+    # fp16/bf16 on sm_90, chosen from ptxas reports (registers, spills) of the sm_90a build: the
+    # backward tiles are those without (or with the fewest) spill stores; wgmma in every case.
     elif head_dim <= 64:
-        bm, bn, warps, stages = {"fwd": (128, 64, 4, 3), "dq": (128, 32, 4, 3),
-                                 "dkdv": (32, 128, 4, 3)}[kind]
+        bm, bn, warps, stages = {"fwd": (128, 64, 4, 3), "dq": (128, 64, 8, 3),
+                                 "dkdv": (64, 128, 8, 3)}[kind]
     else:  # 80 / 96 / 128 (padded to 128): fp32 dK+dV accumulators bound the dkdv tile
         bm, bn, warps, stages = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2),
-                                 "dkdv": (64, 64, 8, 2)}[kind]
+                                 "dkdv": (32, 64, 8, 2)}[kind]
     # Short sequences: don't compute (and mask) mostly empty tiles. tl.dot needs every dim >= 16.
     cap = max(16, _np2(seqlen))
     if kind == "dkdv":

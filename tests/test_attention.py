@@ -308,6 +308,77 @@ def test_triton_backend_rejects_uncovered_input(use_backend):
         apr_kernels.attention(q, k, v)
 
 
+# The interpreter accepts code the GPU compiler rejects (tl.dot with K < 16, math on fp16, ...).
+# Compile every kernel for sm_90 (H100/H200) ahead of time, in a clean process without
+# TRITON_INTERPRET, and run the PTX through the ptxas that ships with Triton: no GPU needed.
+_AOT = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from apr_kernels.kernels import attention as A
+import torch
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+out = []
+for dt, D, causal in json.loads(sys.argv[1]):
+    tdt = getattr(torch, dt)
+    tname = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dt]
+    bd = max(16, 1 << (D - 1).bit_length())
+    base = dict(HEAD_DIM=D, BLOCK_D=bd, EVEN_D=bd == D)
+    jobs = [("delta", A._attn_bwd_delta, dict(base, BLOCK_M=64), 4, 1)]
+    for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
+        c = A.default_config(kind, D, tdt, 4096, torch.device("cuda"))
+        const = dict(base, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], CAUSAL=causal,
+                     DOT_PREC="ieee" if tname == "fp32" else "tf32")
+        if kind == "dkdv":
+            const["MASK_M"] = True
+        jobs.append((kind, fn, const, c["num_warps"], c["num_stages"]))
+    for kind, fn, const, warps, stages in jobs:
+        sig = {n: "constexpr" if n in const else ("*" + tname) if n in PTRS else
+               "*fp32" if n in ("LSE", "DELTA") else "fp32" if n.endswith("_scale") else "i32"
+               for n in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(k.asm["ptx"])
+        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        os.unlink(f.name)
+        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", res.stderr))
+        out.append(dict(case=[dt, D, causal, kind], rc=res.returncode, err=res.stderr[-300:], spill=spills,
+                        wgmma="wgmma.mma_async" in k.asm["ptx"], smem=k.metadata.shared))
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm90_with_tensor_cores(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton install has no bundled ptxas")
+    cases = [["bfloat16", 64, True], ["bfloat16", 128, False], ["float16", 80, True], ["float32", 64, True]]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _AOT, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4 * len(cases)
+    for r in results:
+        dt, D, causal, kind = r["case"]
+        assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
+        assert r["smem"] <= 227 * 1024, f"{r['case']}: {r['smem']} B shared memory > the sm_90 limit"
+        if kind != "delta" and dt != "float32":
+            assert r["wgmma"], f"{r['case']}: no wgmma in the PTX (not on Hopper tensor cores)"
+            # the default tiles were picked for few spills; many more means a register blow-up
+            assert r["spill"] <= 256, f"{r['case']}: {r['spill']} bytes of register spill stores"
+
+
 # ----------------------------------------------------------------------------------- GPU only
 
 
