@@ -1,0 +1,109 @@
+"""``apr-kernels train`` / ``eval`` / ``demo`` end to end on tiny settings (in process, real stdlib text)."""
+
+import json
+import math
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from apr_kernels.cli import main
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TRAIN = [str(STDLIB / "json"), str(STDLIB / "textwrap.py")]
+HELD = str(STDLIB / "shlex.py")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def json_lines(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """train --json: 4 steps, checkpoints at 2 and 4, held-out file for eval."""
+    out = tmp_path_factory.mktemp("run")
+    argv = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD,
+            "--max-tokens", "20000", "--steps", "4", "--batch-size", "3", "--seq-len", "48", "--lr", "3e-3",
+            "--eval-tokens", "240", "--save-every", "2", "--out", str(out), "--json", "--seed", "7"]
+    proc = subprocess.run([sys.executable, "-m", "apr_kernels", *argv], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, json_lines(proc.stdout)
+
+
+def test_train_logs_steps_evals_and_checkpoints(first_run):
+    out, recs = first_run
+    train = [r for r in recs if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["tok_s"] > 0 and r["lr"] > 0 for r in train)
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 4] and evals[0]["eval_tokens"] == 240
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(320), abs=0.3)
+    assert [Path(r["path"]).name for r in recs if r["event"] == "checkpoint"] == ["step_000002.apr", "model.apr"]
+    assert recs[-1]["event"] == "done" and recs[-1]["eval_loss"] == evals[-1]["eval_loss"]
+
+
+def test_eval_reproduces_the_final_eval_loss(first_run, capsys):
+    out, recs = first_run
+    final = [r for r in recs if r["event"] == "eval"][-1]["eval_loss"]
+    code, stdout, _ = run(capsys, "eval", "--init", str(out / "model.apr"), "--data", HELD, "--max-tokens", "240")
+    assert code == 0
+    last = stdout.strip().splitlines()[-1]
+    key, tokens = last.split()
+    assert key.startswith("eval_loss=") and tokens == "tokens=240"  # --seq-len defaults to the checkpoint's
+    assert float(key.split("=")[1]) == pytest.approx(final, abs=2e-6)
+
+
+def test_resume_continues_with_identical_losses(first_run, capsys, tmp_path):
+    out, recs = first_run
+    code, stdout, _ = run(capsys, "train", "--resume", str(out / "step_000002.apr"), "--out", str(tmp_path), "--json")
+    assert code == 0
+    resumed = [r["loss"] for r in json_lines(stdout) if r["event"] == "train"]
+    assert resumed == [r["loss"] for r in recs if r["event"] == "train"][2:]
+
+
+def test_text_log_lines_and_init_from_checkpoint(first_run, capsys, tmp_path):
+    out, _ = first_run
+    code, stdout, _ = run(capsys, "train", "--init", str(out / "model.apr"), "--data", *TRAIN, "--max-tokens",
+                          "6000", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64",
+                          "--out", str(tmp_path))
+    assert code == 0
+    steps = [line for line in stdout.splitlines() if line.startswith("step=")]
+    assert [s.split()[0] for s in steps] == ["step=1", "step=2"]
+    assert all(s.split()[1].startswith("loss=") and "tok_s=" in s for s in steps)
+    assert (tmp_path / "model.apr").exists()
+
+
+def test_preflight_errors_reach_the_command_line(capsys, tmp_path):
+    # Qwen2.5 tokenizer against the default Llama-370M target: refused before any model is built
+    code, _, err = run(capsys, "train", "--tokenizer", "qwen2", "--data", HELD, "--out", str(tmp_path))
+    assert code == 1
+    assert "apr-kernels train: error: preset 'llama_370m'" in err
+    assert "the tokenizer has 151665 tokens but the model vocab_size is 50257" in err
+    code, _, err = run(capsys, "train", "--init", str(tmp_path / "none.apr"), "--data", HELD)
+    assert code == 1 and "none.apr: init file does not exist" in err
+    code, _, err = run(capsys, "train", "--preset", "tiny_llama", "--tokenizer", "bytes")
+    assert code == 1 and "--data PATH... is required" in err
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_its_checkpoint_reproduces_the_eval(tmp_path):
+    # the README's first command, shortened to 3 steps (the full demo is ~30 steps)
+    proc = subprocess.run([sys.executable, "-m", "apr_kernels", "demo", "--steps", "3", "--out", str(tmp_path),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert "GQA 7:1" in lines[0] and "vocab 151680" in lines[0]
+    assert any("reloaded checkpoint reproduces the final eval loss" in line for line in lines)
+    assert lines[-1].startswith("eval_loss=") and lines[-1].endswith("tokens=512")
+    first = [line for line in lines if line.startswith("eval step=0")][0]
+    assert float(first.split("eval_loss=")[1].split()[0]) == pytest.approx(math.log(151680), abs=0.3)
+    assert (tmp_path / "model.apr").exists()
