@@ -203,3 +203,36 @@ def test_fast_path_matches_reference_path_for_a_few_steps(monkeypatch, stream):
     assert lb == pytest.approx(la, rel=2e-5)
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_fast_path_matches_reference_path_on_cuda(autocast, stream):
+    # Qwen2-0.5B's layer shapes (GQA 7:1, head_dim 64, bias), two layers, byte vocabulary
+    cfg = preset("qwen2_0_5b").replace(num_layers=2, vocab_size=320, head_dim=64)
+    tcfg = TrainConfig(steps=8, batch_size=8, seq_len=32, lr=1e-3, warmup=0)
+    torch.manual_seed(0)
+    ref = Transformer(cfg, fast=False)
+    fast = Transformer(cfg, fast=True)
+    fast.load_state_dict(ref.state_dict())
+    runs = []
+    for model in (ref, fast):
+        t = Trainer(model, stream[0], None, tcfg, device="cuda", autocast_dtype=autocast, log=lambda *x: None)
+        runs.append([t.train_step()["loss"] for _ in range(8)])
+    assert runs[0][-1] < runs[0][0] - 0.5
+    assert runs[1] == pytest.approx(runs[0], rel=2e-3 if autocast is None else 2e-2)
+
+
+@pytest.mark.cuda
+def test_from_apr_straight_to_cuda_in_bf16(trained):
+    _, folder = trained
+    cpu = from_apr(folder / "step40.apr")
+    gpu = from_apr(folder / "step40.apr", device="cuda", dtype=torch.bfloat16)
+    assert {p.device.type for p in gpu.parameters()} == {"cuda"}
+    assert {p.dtype for p in gpu.parameters()} == {torch.bfloat16}
+    x = torch.randint(0, 320, (2, 40))
+    with torch.no_grad():
+        want = cpu(x)
+        got = gpu(x.cuda()).float().cpu()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
