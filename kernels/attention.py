@@ -352,6 +352,15 @@ def _bhs(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _check_offsets(*ts: torch.Tensor) -> None:
+    # Batch and head offsets are int64 in the kernels; offsets inside one (batch, head) slab are int32.
+    for t in ts:
+        span = (t.shape[1] - 1) * t.stride(1) + (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+        if span >= 2**31:
+            raise ValueError(f"kernels/attention.py: a [S, H, D] slab of shape {tuple(t.shape[1:])} with "
+                             f"strides {t.stride()[1:]} spans {span} elements; expected < 2**31")
+
+
 def _common(q: torch.Tensor, config: dict | None, kind: str) -> tuple[dict, dict]:
     B, S, HQ, D = q.shape
     cfg = dict(config) if config else default_config(kind, D, q.dtype, S, q.device)
@@ -381,7 +390,9 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
     if o.numel() == 0:
         return o, lse
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
-    assert o.stride(-1) == 1 and lse.is_contiguous()
+    _check_offsets(q, k, v, o)
+    if o.stride(-1) != 1 or not lse.is_contiguous():
+        raise ValueError("kernels/attention.py: out must have a unit last stride and lse must be contiguous")
     cfg, meta = _common(q, config, "fwd")
     grid = (B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))
     _attn_fwd[grid](q, k, v, o, lse, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(o), S, HQ, HQ // HKV,
@@ -408,7 +419,9 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
         return dq.zero_(), dk.zero_(), dv.zero_()
     do, q, k, v, o = (_lastdim_contiguous(t) for t in (do, q, k, v, o))
     lse = lse.contiguous()
-    assert dq.stride(-1) == 1 and dk.stride(-1) == 1 and dv.stride(-1) == 1
+    _check_offsets(do, q, k, v, o, dq, dk, dv)
+    if dq.stride(-1) != 1 or dk.stride(-1) != 1 or dv.stride(-1) != 1:
+        raise ValueError("kernels/attention.py: dq, dk and dv must have a unit last stride")
     config = config or {}
     _, meta = _common(q, None, "fwd")
     delta = torch.empty((B, HQ, S), dtype=torch.float32, device=q.device)
