@@ -15,7 +15,6 @@ same device (the newest one), so "% of ceiling" compares numbers measured on the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -197,13 +196,18 @@ def plot_run(run: Run, path: Path, ceilings: dict) -> bool:
         shapes = [s for k, s in groups if k == kernel]
         metric = plot_metric([r for s in shapes for r in groups[(kernel, s)]])
         providers = list(dict.fromkeys(r.provider for s in shapes for r in groups[(kernel, s)]))
-        for p in providers:
+        width = 0.8 / max(1, len(providers))
+        for j, p in enumerate(providers):
             ys = [next((r.metric(metric) for r in groups[(kernel, s)] if r.provider == p), None) for s in shapes]
             xs = [i for i, y in enumerate(ys) if y is not None]
-            if xs:
-                style = "-o" if any(r.is_ours(run.ours) for s in shapes for r in groups[(kernel, s)]
-                                    if r.provider == p) else "--s"
-                ax.plot(xs, [ys[i] for i in xs], style, label=p)
+            if not xs:
+                continue
+            ours = any(r.is_ours(run.ours) for s in shapes for r in groups[(kernel, s)] if r.provider == p)
+            if len(shapes) == 1:  # one shape: bars per provider read better than lone points
+                ax.bar([x - 0.4 + width * (j + 0.5) for x in xs], [ys[i] for i in xs], width * 0.9, label=p,
+                       hatch="" if ours else "//")
+            else:
+                ax.plot(xs, [ys[i] for i in xs], "-o" if ours else "--s", label=p)
         roof = {"gbs": ceilings.get("copy_gbs"), "tflops": ceilings.get("matmul_tflops")}.get(metric)
         if roof:
             ax.axhline(roof, color="grey", linestyle=":", label="ceiling (same run)")
