@@ -189,3 +189,21 @@ def test_fresh_init_loss_is_about_ln_vocab():
     x = torch.randint(0, cfg.vocab_size, (4, 33))
     loss = Transformer(cfg, fast=False).loss(x[:, :-1], x[:, 1:])
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.2
+
+
+def test_fast_path_under_bf16_autocast_keeps_an_fp32_residual_stream():
+    # autocast makes attention/MLP outputs bf16 while the residual stream stays fp32; the fast path's
+    # fused add+norm must take that mix and agree with the eager path (CPU autocast, ops' reference)
+    cfg = preset("tiny_qwen2")
+    eager = Transformer(cfg, fast=False)
+    fast = Transformer(cfg, fast=True)
+    fast.load_state_dict(eager.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, 19))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        la = eager.loss(x[:, :-1], x[:, 1:])
+        lb = fast.loss(x[:, :-1], x[:, 1:])
+    la.backward()
+    lb.backward()
+    assert lb.item() == pytest.approx(la.item(), rel=1e-3)
+    for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0.05, atol=5e-3, msg=name)

@@ -105,8 +105,9 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False):
         a = self.self_attn(self.input_layernorm(h, fast), cos, sin, fast)
         if fast:
-            # one fused pass: h + a and its norm
-            y, h = _ops().add_rms_norm(a, h, self.post_attention_layernorm.weight,
+            # one fused pass: h + a and its norm. Under autocast a is bf16 while the residual stream
+            # stays fp32 (as in the eager path, where h + a promotes): add in the stream's dtype.
+            y, h = _ops().add_rms_norm(a.to(h.dtype), h, self.post_attention_layernorm.weight,
                                        self.post_attention_layernorm.eps)
         else:
             h = h + a
