@@ -69,23 +69,29 @@ describe_rc() { case "$1" in 0) echo ok ;; 124|137) echo "TIMEOUT after ${2}s" ;
 echo "== gpu_check.sh --$MODE: results in $RES, logs in $LOGS ($(date -u +%FT%TZ), budget ${BUDGET}s)"
 
 # ---- 1. install -------------------------------------------------------------------------------
-pip_install() {
-  local t; t=$(step_timeout "$CAP_PIP")
-  timeout -k 5 "$t" "$PY" -m pip install -q --no-deps --no-build-isolation "$@" . && return 0
-  return 1
+pip_install() {  # pip_install [extra pip args]: output shown and kept in $WORK/pip.log
+  local t rc; t=$(step_timeout "$CAP_PIP")
+  timeout -k 5 "$t" "$PY" -m pip install -q --no-deps --no-build-isolation "$@" . > "$WORK/pip.log" 2>&1
+  rc=$?
+  cat "$WORK/pip.log"
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "-- pip install timed out after ${t}s"
+  return "$rc"
 }
 if [ "$MODE" = smoke ] && "$PY" -c "import apr_kernels._apr_ext" 2>/dev/null; then
   note install "skipped (apr_kernels already importable)"
 else
   t0=$SECONDS
   echo "== pip install --no-deps --no-build-isolation ."
-  if ! pip_install; then
-    # A distribution Python may refuse a system-wide install (PEP 668); the image is ours to change.
+  ok=0
+  pip_install && ok=1
+  if [ "$ok" = 0 ] && grep -q "externally-managed-environment" "$WORK/pip.log"; then
+    # A distribution Python refuses system-wide installs (PEP 668); this machine is ours to change.
     echo "-- retrying with --break-system-packages"
-    pip_install --break-system-packages || {
-      echo "gpu_check.sh: FAILED: 'pip install --no-deps --no-build-isolation .' did not succeed (output above)"
-      exit 2
-    }
+    pip_install --break-system-packages && ok=1
+  fi
+  if [ "$ok" = 0 ]; then
+    echo "gpu_check.sh: FAILED: 'pip install --no-deps --no-build-isolation .' did not succeed (output above)"
+    exit 2
   fi
   note install "ok ($((SECONDS - t0))s)"
 fi
@@ -180,7 +186,7 @@ for name in "${BENCHES[@]}"; do
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
   t=$(step_timeout "$CAP_BENCH")
   if [ "$t" = 0 ]; then note "bench $name" "SKIPPED (time budget spent)"; FAILED=1; continue; fi
-  echo "== bench_$name.py $BENCH_FLAG (timeout ${t}s)"
+  echo "== bench_$name.py${BENCH_FLAG:+ $BENCH_FLAG} (timeout ${t}s)"
   touch "$WORK/stamp"  # results newer than the stamp belong to this run
   t0=$SECONDS
   # shellcheck disable=SC2086

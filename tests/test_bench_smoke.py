@@ -33,6 +33,7 @@ _cache: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OUT"}  # --out decides, not a stray $OUT
     env["CUDA_VISIBLE_DEVICES"] = ""  # smoke means CPU, even where a GPU exists
+    env["PYTHON"] = sys.executable  # gpu_check.sh: the interpreter running the tests (CI's venv)
     return env
 
 
