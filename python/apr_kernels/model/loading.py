@@ -151,7 +151,7 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     params = dict(model.named_parameters())
     with apr_kernels.open(p.path) as f, torch.no_grad():
         for name, stored in p.sources.items():
-            t = f.get_tensor(stored, dtype=dtype)
+            t = f.get_tensor(stored, device=device, dtype=dtype)  # CUDA: staged through pinned buffers
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
