@@ -47,10 +47,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if choice == "triton":
+        if not on_cuda:
+            _require_interpreter()  # before anything imports Triton
         if not triton_available():
             raise RuntimeError(f"{ENV_VAR}=triton but Triton is not importable on this machine")
-        if not on_cuda:
-            _require_interpreter()
         return True
     return on_cuda and triton_available()
 
