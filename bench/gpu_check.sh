@@ -39,11 +39,14 @@ trap 'rm -rf "$WORK"' EXIT
 
 # Budgets (seconds): the whole run, and caps per step. Each step gets min(cap, what is left).
 case "$MODE" in
-  full)  BUDGET=348; CAP_PIP=150; CAP_TEST=150; CAP_CPU_TEST=30; CAP_BENCH=120; BENCH_FLAG="" ;;
+  full)  BUDGET=348; CAP_PIP=150; CAP_TEST=150; CAP_CPU_TEST=25; CAP_BENCH=120; BENCH_FLAG="" ;;
   quick) BUDGET=115; CAP_PIP=90;  CAP_TEST=50;  CAP_CPU_TEST=0;  CAP_BENCH=45;  BENCH_FLAG="--quick" ;;
   smoke) BUDGET=170; CAP_PIP=150; CAP_TEST=60;  CAP_CPU_TEST=0;  CAP_BENCH=60;  BENCH_FLAG="--smoke"
          export CUDA_VISIBLE_DEVICES="" ;;  # smoke means CPU, even on a GPU machine
 esac
+# Each bench not yet started keeps MIN_BENCH seconds in reserve, so one slow step cannot starve the
+# rest (a bench cut short keeps the JSON it rewrote per shape).
+case "$MODE" in full) MIN_BENCH=40 ;; quick) MIN_BENCH=15 ;; smoke) MIN_BENCH=10 ;; esac
 BUDGET="${GPU_CHECK_BUDGET:-$BUDGET}"
 RESERVE=12  # kept back for the report
 
@@ -62,8 +65,16 @@ STATUS=()   # one line per step for the summary
 FAILED=0
 note() { STATUS+=("$(printf '%-22s %s' "$1" "$2")"); }
 left() { echo $((BUDGET - SECONDS - RESERVE)); }
-# step_timeout CAP -> seconds this step may take (0: no time left, skip it)
-step_timeout() { local t; t=$(left); [ "$1" -lt "$t" ] && t=$1; [ "$t" -lt 5 ] && t=0; echo "$t"; }
+# step_timeout CAP [RESERVE [FLOOR]] -> seconds this step may take: min(CAP, left - RESERVE), but at
+# least FLOOR while that much is left; 0: no time left, skip it.
+step_timeout() {
+  local left_now t floor=${3:-0}; left_now=$(left); t=$((left_now - ${2:-0}))
+  [ "$1" -lt "$t" ] && t=$1
+  [ "$t" -lt "$floor" ] && t=$floor
+  [ "$t" -gt "$left_now" ] && t=$left_now
+  [ "$t" -lt 5 ] && t=0
+  echo "$t"
+}
 describe_rc() { case "$1" in 0) echo ok ;; 124|137) echo "TIMEOUT after ${2}s" ;; *) echo "FAILED (exit $1)" ;; esac; }
 
 echo "== gpu_check.sh --$MODE: results in $RES, logs in $LOGS ($(date -u +%FT%TZ), budget ${BUDGET}s)"
@@ -135,18 +146,42 @@ if [ "$MODE" != smoke ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cu
   exit 2
 fi
 
+# The benches to run: the kernels first, then the training step, then the rest (the budget cuts the tail).
+BENCHES=()
+for name in ceilings rms_norm attention train; do [ -f "bench/bench_$name.py" ] && BENCHES+=("$name"); done
+for f in bench/bench_*.py; do
+  name=$(basename "$f" .py); name=${name#bench_}
+  case " ${BENCHES[*]} " in *" $name "*) ;; *) BENCHES+=("$name") ;; esac
+done
+if [ -n "$ONLY" ]; then
+  kept=(); for name in "${BENCHES[@]}"; do [[ ",$ONLY," == *",$name,"* ]] && kept+=("$name"); done
+  BENCHES=("${kept[@]}")
+fi
+BENCH_RESERVE=$((${#BENCHES[@]} * MIN_BENCH))
+
 # ---- 2. tests ---------------------------------------------------------------------------------
 last_line() { tail -n 1 "$PYTEST_LOG" | sed -E 's/^=+ //; s/ =+$//' | cut -c1-120; }
-run_tests() {  # run_tests LABEL CAP pytest-args...
-  local label=$1 cap=$2 t rc t0=$SECONDS; shift 2
-  t=$(step_timeout "$cap")
+run_tests() {  # run_tests LABEL CAP pytest-args...  (-v in the log: a cut-short run still says what ran)
+  local label=$1 cap=$2 t rc t0=$SECONDS start passed failed; shift 2
+  t=$(step_timeout "$cap" "$BENCH_RESERVE" 20)
   if [ "$t" = 0 ]; then note "$label" "SKIPPED (time budget spent)"; FAILED=1; return; fi
   echo "== pytest $* (timeout ${t}s, full log in $PYTEST_LOG)"
   echo "== pytest $*" >> "$PYTEST_LOG"
-  timeout -k 5 "$t" "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 "$@" >> "$PYTEST_LOG" 2>&1
+  start=$(($(wc -l < "$PYTEST_LOG") + 1))
+  timeout -k 5 "$t" "$PY" -m pytest -v -rfEs -p no:cacheprovider --durations=10 "$@" >> "$PYTEST_LOG" 2>&1
   rc=$?
-  grep -E "^(FAILED|ERROR) " "$PYTEST_LOG" | tail -n 20
-  tail -n 1 "$PYTEST_LOG"
+  tail -n +"$start" "$PYTEST_LOG" > "$WORK/this.log"
+  passed=$(grep -cE " PASSED( |$)" "$WORK/this.log"); failed=$(grep -cE " (FAILED|ERROR)( |$)" "$WORK/this.log")
+  if grep -qE "^(FAILED|ERROR) " "$WORK/this.log"; then  # pytest's own summary, with the messages
+    grep -E "^(FAILED|ERROR) " "$WORK/this.log" | cut -c1-200 | head -n 20
+  else  # cut short: the failures seen so far
+    grep -E " (FAILED|ERROR)( |$)" "$WORK/this.log" | sed -E 's/ +\[ *[0-9]+%\]$//' | head -n 20
+  fi
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "-- cut at ${t}s while running: $(tail -n 1 "$WORK/this.log" | cut -c1-150)"
+    note "$label" "TIMEOUT after ${t}s ($passed passed, $failed failed so far)"; FAILED=1; return
+  fi
+  last_line
   if [ "$rc" = 5 ] && [ -n "${ALLOW_EMPTY:-}" ]; then
     note "$label" "none selected"
   elif [ "$rc" = 5 ]; then
@@ -174,17 +209,11 @@ else
 fi
 
 # ---- 3. ceilings, then every bench ------------------------------------------------------------
-BENCHES=(ceilings)
-# The kernels first, then the end-to-end training step, then the rest: a spent budget drops the tail.
-for name in rms_norm attention train; do [ -f "bench/bench_$name.py" ] && BENCHES+=("$name"); done
-for f in bench/bench_*.py; do
-  name=$(basename "$f" .py); name=${name#bench_}
-  case " ${BENCHES[*]} " in *" $name "*) ;; *) BENCHES+=("$name") ;; esac
-done
 NEW_JSON=()
+i=0
 for name in "${BENCHES[@]}"; do
-  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
-  t=$(step_timeout "$CAP_BENCH")
+  i=$((i + 1))
+  t=$(step_timeout "$CAP_BENCH" $(((${#BENCHES[@]} - i) * MIN_BENCH)) "$MIN_BENCH")
   if [ "$t" = 0 ]; then note "bench $name" "SKIPPED (time budget spent)"; FAILED=1; continue; fi
   echo "== bench_$name.py${BENCH_FLAG:+ $BENCH_FLAG} (timeout ${t}s)"
   touch "$WORK/stamp"  # results newer than the stamp belong to this run
