@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ def _rms_norm_fwd_kernel(
     Y,  # [M, N] normalised output, dtype promote(x, w)
     S,  # [M, N] new residual x + r in x's dtype (only when HAS_RESIDUAL)
     W,  # [N] weight
-    RSTD,  # [M] fp32 1/rms per row, saved for the backward
+    RSTD,  # [M] fp32 1/rms per row, saved for the backward (only when STORE_RSTD)
     stride_x,  # elements between rows of X (and likewise below)
     stride_r,
     stride_y,
@@ -68,7 +69,10 @@ def _rms_norm_fwd_kernel(
     BLOCK_M: tl.constexpr,  # rows per program (several for narrow rows: launch overhead)
     BLOCK_N: tl.constexpr,  # next power of two >= N
     HAS_RESIDUAL: tl.constexpr,
+    STORE_RSTD: tl.constexpr,  # False without autograd (inference): RSTD may be None
 ):
+    # Unused pointers (R and S without a residual, RSTD without STORE_RSTD) are passed as None:
+    # Triton makes them constexprs, so they cost the launcher nothing, and their code is not built.
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -92,7 +96,8 @@ def _rms_norm_fwd_kernel(
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
     y = x_hat * w[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols2, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    if STORE_RSTD:
+        tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -101,9 +106,10 @@ def _rms_norm_bwd_kernel(
     X,  # [M, N] the normalised input (s for the fused add)
     W,  # [N] weight
     RSTD,  # [M] fp32 saved by the forward
-    DS,  # [M, N] gradient of the new residual (only when HAS_DS)
+    DS,  # [M, N] gradient of the new residual (only when HAS_DS, else None)
     DX,  # [M, N] output: gradient of x (and of the residual for the fused add)
-    DW_PART,  # [num_programs, N] fp32 output: per-program partial sums of dw
+    DW_PART,  # [num_programs, N] fp32 output: per-program partial sums of dw; with a single
+    # program, dw itself (weight dtype): the sum is final, and no second kernel is launched
     stride_dy,  # elements between rows (and likewise below)
     stride_x,
     stride_ds,
@@ -145,7 +151,8 @@ def _rms_norm_bwd_kernel(
             dx += tl.load(DS + rows[:, None] * stride_ds + cols2, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols2, dx.to(DX.dtype.element_ty), mask=mask)
 
-    tl.store(DW_PART + pid.to(tl.int64) * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    dw = tl.sum(dw_acc, axis=0).to(DW_PART.dtype.element_ty)
+    tl.store(DW_PART + pid.to(tl.int64) * N + cols, dw, mask=col_ok)
 
 
 @triton.jit
@@ -183,27 +190,50 @@ class RowConfig:
     programs_per_sm: int
 
 
-@functools.lru_cache(maxsize=256)
-def launch_config(n_rows: int, n_cols: int) -> RowConfig:
+# Measured on an H200 (bench_rms_norm.py --tune, bf16, 16384 rows, Triton 3.6, 2026-11-28): per row
+# width block_n, the fastest config, or one within ~2% of it with fewer elements per thread (those
+# sizes were launch-bound, so the sweep could not tell them apart). {block_n: (block_m, num_warps)}
+# forward, {block_n: (block_m, num_warps, programs_per_sm)} backward.
+_FWD_TUNED = {1024: (4, 4), 2048: (8, 8), 4096: (2, 8), 8192: (2, 16)}
+_BWD_TUNED = {1024: (4, 2, 2), 2048: (2, 8, 2), 4096: (1, 8, 2), 8192: (2, 16, 1)}
+
+
+@functools.lru_cache(maxsize=512)
+def launch_config(n_rows: int, n_cols: int, backward: bool = False) -> RowConfig:
     """The launch heuristic for every kernel here, from the row shape alone.
 
     * ``block_n`` = next power of two >= N: the whole row lives in registers.
-    * Narrow rows take several rows per program so each program still moves a ~4K-element tile
-      (for N = 896: 4 rows); otherwise launch overhead and tiny reductions dominate.
-    * Warps by tile size, about 16 elements per thread (two 16-byte vectors of bf16), 2..32 warps.
-    * Backward: enough persistent programs for ~32 resident warps per SM to hide memory latency.
+    * Measured widths (1024..8192) take the tuned table above. Narrower rows take several rows per
+      program so each program still moves a ~4K-element tile, at ~32 (forward) or ~64 (backward)
+      elements per thread like the 1024 entry; wider rows one row per program at ~32 elements per
+      thread like the 8192 entry, one persistent backward program per SM (as 8192's best).
+    * ``block_m`` never exceeds the row count rounded up to a power of two.
     """
     if n_cols > MAX_HIDDEN:
         raise ValueError(
             f"apr rms_norm kernels: hidden size {n_cols} exceeds the largest supported row "
             f"({MAX_HIDDEN} columns kept in registers)"
         )
-    block_n = triton.next_power_of_2(max(n_cols, 1))
-    block_m = max(1, min(16, 4096 // block_n, triton.next_power_of_2(max(n_rows, 1))))
-    tile = block_m * block_n
-    num_warps = max(2, min(32 if tile >= 32768 else 16, tile // 512))
-    programs_per_sm = max(1, 32 // num_warps)
-    return RowConfig(block_m, block_n, num_warps, programs_per_sm)
+    block_n = _next_pow2(max(n_cols, 1))
+    if backward and block_n in _BWD_TUNED:
+        block_m, num_warps, pps = _BWD_TUNED[block_n]
+    elif not backward and block_n in _FWD_TUNED:
+        (block_m, num_warps), pps = _FWD_TUNED[block_n], 1
+    elif block_n < 1024:
+        block_m = min(16, 4096 // block_n)
+        num_warps, pps = max(2, block_m * block_n // (2048 if backward else 1024)), 2
+    else:
+        block_m, num_warps, pps = 1, min(32, block_n // 1024), 1
+    block_m = max(1, min(block_m, _next_pow2(max(n_rows, 1))))
+    return RowConfig(block_m, block_n, num_warps, pps)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr_function: several microseconds per host call
 
 
 def _sm_count(device: torch.device) -> int:
@@ -217,27 +247,95 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# ------------------------------------------------------------------------------------ launchers
+# A backward over at most this many row blocks runs as one program that writes dw itself: no
+# partial buffer, no second launch (each launch costs more host time than those few rows take).
+SINGLE_PROGRAM_DW_BLOCKS = 4
+
+
+# ------------------------------------------------------------------------------------ launching
+# Triton's JITFunction launch path re-derives the specialisation of every argument, reads its
+# knobs and checks globals on each call: tens of microseconds of host time, which is most of the
+# cost of a small RMSNorm. The first launch of each specialisation goes through it and returns the
+# CompiledKernel; later launches with the same key call that kernel's launcher directly (what
+# CompiledKernel.__getitem__ does). The key holds everything Triton 3.6 specialises on: constexpr
+# values, num_warps, the device, tensor dtypes and 16-byte alignment, and for ints == 1, % 16 == 0
+# and the 32-bit range. APR_KERNELS_FAST_LAUNCH=0 (read at import) turns it off.
+
+_FAST_LAUNCH = os.environ.get("APR_KERNELS_FAST_LAUNCH", "1").strip() != "0"
+_compiled: dict = {}
+_NULL = contextlib.nullcontext()
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if a is None or isinstance(a, float):
+        return a is None
+    return (a == 1, a % 16 == 0, -(2**31) <= a < 2**31)  # int
+
+
+def _launch(fn, grid0: int, args: tuple, consts: tuple, num_warps: int, cuda: bool) -> None:
+    """``fn[(grid0,)](*args, *consts, num_warps=num_warps)``; ``consts`` are fn's trailing
+    constexpr parameters, ``args`` all the ones before them, in signature order."""
+    full = args + consts
+    if not (cuda and _FAST_LAUNCH):
+        fn[(grid0,)](*full, num_warps=num_warps)
+        return
+    dev = torch.cuda.current_device()
+    key = (id(fn), num_warps, dev, consts, *map(_spec, args))
+    ck = _compiled.get(key)
+    if ck is None:
+        ck = fn[(grid0,)](*full, num_warps=num_warps)
+        if getattr(ck, "function", None) is not None and getattr(ck, "packed_metadata", None) is not None:
+            _compiled[key] = ck
+        return
+    from triton import knobs
+
+    stream = _stream(dev)
+    grid = (grid0, 1, 1)
+    ck.run(grid0, 1, 1, stream, ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
+           knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)  # fmt: skip
+
+
+def _stream(dev: int):
+    """The raw current CUDA stream, as Triton's own launch path gets it."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream(dev)
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_gpu() -> bool:
+    return torch.cuda.device_count() > 1
 
 
 def _on_device(t: torch.Tensor):
     """Triton launches on the *current* CUDA device: switch to t's when it is another one."""
-    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+    if t.is_cuda and _multi_gpu() and t.get_device() != torch.cuda.current_device():
         return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    return _NULL
 
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     """``t`` as a 2-D [rows, hidden] view with a unit column stride (copies only if it must)."""
-    n = t.shape[-1]
     if t.dim() == 0:
         raise ValueError(f"apr rms_norm kernels: {name} must have at least one dim, got a scalar")
+    n = t.shape[-1]
     if t.stride(-1) != 1 and n > 1:
         t = t.contiguous()  # the kernels need unit column stride (vector loads)
     try:
         return t.view(-1, n)
     except RuntimeError:  # leading dims that cannot be flattened without a copy
         return t.reshape(-1, n)
+
+
+def _row_args(t: torch.Tensor, name: str) -> tuple[torch.Tensor, int, int]:
+    """(tensor to pass, rows, row stride): a contiguous t is passed as it is (no view to build)."""
+    if t.is_contiguous() and t.dim() > 0 and t.shape[-1] > 0:
+        n = t.shape[-1]
+        return t, t.numel() // n, n
+    t2 = _rows(t, name)
+    return t2, t2.shape[0], t2.stride(0)
 
 
 def _check_out(out: torch.Tensor | None, shape, dtype, device, name: str) -> torch.Tensor:
@@ -266,33 +364,46 @@ def _out_rows(t: torch.Tensor, name: str) -> torch.Tensor:
     return v
 
 
-def _fwd(x, residual, weight, eps, out, residual_out, rstd, config):
+def _out_args(out, shape, dtype, device, name: str) -> tuple[torch.Tensor, int]:
+    """(buffer to pass, row stride) of an output: a fresh contiguous one, or the given view."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device), shape[-1]
+    v = _out_rows(_check_out(out, shape, dtype, device, name), name)
+    return v, v.stride(0)
+
+
+def _fwd(x, residual, weight, eps, out, residual_out, rstd, config, need_rstd=True):
+    if x.dim() == 0:
+        raise ValueError("apr rms_norm kernels: x must have at least one dim, got a scalar")
     shape = x.shape
     n = shape[-1]
-    x2 = _rows(x, "x")
-    m = x2.shape[0]
+    x2, m, sx = _row_args(x, "x")
     cfg = config or launch_config(m, n)
-    y = _check_out(out, shape, torch.promote_types(x.dtype, weight.dtype), x.device, "out")
-    y2 = _out_rows(y, "out")
-    rstd = _check_out(rstd, shape[:-1], torch.float32, x.device, "rstd")
-    if not rstd.is_contiguous():
-        raise ValueError(f"apr rms_norm kernels: rstd must be contiguous, got strides {rstd.stride()}")
-    s = None
-    r2 = s2 = x2  # unused pointers without a residual (HAS_RESIDUAL=False compiles them out)
+    dev = x.device
+    y_dtype = x.dtype if weight.dtype == x.dtype else torch.promote_types(x.dtype, weight.dtype)
+    y, sy = _out_args(out, shape, y_dtype, dev, "out")
+    if rstd is not None or need_rstd:
+        rstd = _check_out(rstd, shape[:-1], torch.float32, dev, "rstd")
+        if not rstd.is_contiguous():
+            raise ValueError(f"apr rms_norm kernels: rstd must be contiguous, got strides {rstd.stride()}")
+    s = r2 = None  # no residual: None pointers (compiled out)
+    sr = ss = 0
     if residual is not None:
-        r2 = _rows(residual, "residual")
-        s = _check_out(residual_out, shape, x.dtype, x.device, "residual_out")
-        s2 = _out_rows(s, "residual_out")
+        r2, _, sr = _row_args(residual, "residual")
+        s, ss = _out_args(residual_out, shape, x.dtype, dev, "residual_out")
     if m > 0:
-        grid = (triton.cdiv(m, cfg.block_m),)
+        w = weight if weight.is_contiguous() else weight.contiguous()
         with _on_device(x):
-            _rms_norm_fwd_kernel[grid](
-                x2, r2, y2, s2, weight.contiguous(), rstd.view(-1),
-                x2.stride(0), r2.stride(0), y2.stride(0), s2.stride(0),
-                m, n, float(eps),
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_RESIDUAL=residual is not None,
-                num_warps=cfg.num_warps,
+            _launch(
+                _rms_norm_fwd_kernel, _cdiv(m, cfg.block_m),
+                (x2, r2, y, s, w, rstd, sx, sr, sy, ss, m, n, float(eps)),
+                (cfg.block_m, cfg.block_n, residual is not None, rstd is not None),
+                cfg.num_warps, x.is_cuda,
             )  # fmt: skip
+    if out is not None:
+        y = out
+    if residual_out is not None:
+        s = residual_out
     return y, s, rstd
 
 
@@ -304,11 +415,13 @@ def rms_norm_fwd(
     out: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
     config: RowConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_rstd: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(y, rstd)`` for x of shape (..., N): y like x with dtype promote(x, w), rstd (...) fp32.
 
-    ``out``/``rstd`` may be given (written in place; ``out`` may be a row-strided view)."""
-    y, _, rstd = _fwd(x, None, weight, eps, out, None, rstd, config)
+    ``out``/``rstd`` may be given (written in place; ``out`` may be a row-strided view).
+    ``need_rstd=False`` (no backward will run) skips rstd and returns None for it."""
+    y, _, rstd = _fwd(x, None, weight, eps, out, None, rstd, config, need_rstd)
     return y, rstd
 
 
@@ -322,9 +435,10 @@ def add_rms_norm_fwd(
     residual_out: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
     config: RowConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_rstd: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(y, s, rstd)`` with s = x + residual (in x's dtype) and y = rms_norm(s)."""
-    return _fwd(x, residual, weight, eps, out, residual_out, rstd, config)
+    return _fwd(x, residual, weight, eps, out, residual_out, rstd, config, need_rstd)
 
 
 def rms_norm_bwd(
@@ -339,35 +453,46 @@ def rms_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dw)`` for y = rms_norm(x); ``x`` is the normalised input (s for the fused add), and
     ``dresidual`` (the gradient of s, if any) is added into dx. dx has x's dtype, dw w's dtype."""
+    if x.dim() == 0:
+        raise ValueError("apr rms_norm kernels: x must have at least one dim, got a scalar")
     shape = x.shape
     n = shape[-1]
-    x2 = _rows(x, "x")
-    dy2 = _rows(dy, "dy")
-    m = x2.shape[0]
-    cfg = config or launch_config(m, n)
-    dx = _check_out(dx, shape, x.dtype, x.device, "dx")
-    dx2 = _out_rows(dx, "dx")
-    ds2 = _rows(dresidual, "dresidual") if dresidual is not None else dy2
+    x2, m, sx = _row_args(x, "x")
+    dy2, _, sdy = _row_args(dy, "dy")
+    cfg = config or launch_config(m, n, True)
+    dev = x.device
+    dx_out = dx
+    dx, sdx = _out_args(dx, shape, x.dtype, dev, "dx")
+    ds2, sds = None, 0  # no dresidual: a None pointer (compiled out)
+    if dresidual is not None:
+        ds2, _, sds = _row_args(dresidual, "dresidual")
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     if m == 0:
-        return dx, dw.zero_()
-    n_blocks = triton.cdiv(m, cfg.block_m)
-    per_prog = triton.next_power_of_2(triton.cdiv(n_blocks, _sm_count(x.device) * cfg.programs_per_sm))
-    n_prog = triton.cdiv(n_blocks, per_prog)
-    partial = torch.empty((n_prog, n), dtype=torch.float32, device=x.device)
+        return (dx_out if dx_out is not None else dx), dw.zero_()
+    if not rstd.is_contiguous():
+        rstd = rstd.contiguous()
+    n_blocks = _cdiv(m, cfg.block_m)
+    if n_blocks <= SINGLE_PROGRAM_DW_BLOCKS:
+        per_prog, n_prog = _next_pow2(n_blocks), 1
+        partial = dw  # the one program's sum is dw (cast to w's dtype on store)
+    else:
+        per_prog = _next_pow2(_cdiv(n_blocks, _sm_count(dev) * cfg.programs_per_sm))
+        n_prog = _cdiv(n_blocks, per_prog)
+        partial = torch.empty((n_prog, n), dtype=torch.float32, device=dev)
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    cuda = x.is_cuda
     with _on_device(x):
-        _rms_norm_bwd_kernel[(n_prog,)](
-            dy2, x2, weight.contiguous(), rstd.reshape(-1), ds2, dx2, partial,
-            dy2.stride(0), x2.stride(0), ds2.stride(0), dx2.stride(0),
-            m, n,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCKS_PER_PROG=per_prog,
-            HAS_DS=dresidual is not None, num_warps=cfg.num_warps,
+        _launch(
+            _rms_norm_bwd_kernel, n_prog,
+            (dy2, x2, w, rstd, ds2, dx, partial, sdy, sx, sds, sdx, m, n),
+            (cfg.block_m, cfg.block_n, per_prog, dresidual is not None),
+            cfg.num_warps, cuda,
         )  # fmt: skip
-        # 32 fp32 columns (one 128-byte line per partial row) x 128 partial rows per step: many
-        # programs and few dependent steps, since this tiny kernel is latency-bound
-        block_n, block_p = min(32, cfg.block_n), 128
-        steps = triton.next_power_of_2(triton.cdiv(n_prog, block_p))
-        _rms_norm_bwd_dw_kernel[(triton.cdiv(n, block_n),)](
-            partial, dw, n_prog, n, BLOCK_P=block_p, BLOCK_N=block_n, STEPS=steps, num_warps=4
-        )
-    return dx, dw
+        if n_prog > 1:
+            # 32 fp32 columns (one 128-byte line per partial row) x 128 partial rows per step: many
+            # programs and few dependent steps, since this tiny kernel is latency-bound
+            block_n, block_p = min(32, cfg.block_n), 128
+            steps = _next_pow2(_cdiv(n_prog, block_p))
+            _launch(_rms_norm_bwd_dw_kernel, _cdiv(n, block_n), (partial, dw, n_prog, n),
+                    (block_p, block_n, steps), 4, cuda)  # fmt: skip
+    return (dx_out if dx_out is not None else dx), dw

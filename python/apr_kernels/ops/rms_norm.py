@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Optional
 
 import torch
@@ -39,11 +40,27 @@ from apr_kernels.ops import reference as ref
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_auto: list = []  # [kernel module or None], filled on the first CUDA call under `auto`
+
+
 def _kernels_for(x: Tensor, weight: Tensor, *others: Tensor):
-    """The Triton kernel module when this call should (and can) run it, else None."""
-    if not backend.use_triton(x, weight, *others):
+    """The Triton kernel module when this call should (and can) run it, else None.
+
+    ``APR_KERNELS_BACKEND`` is read on every call (tests flip it), but the common case (unset or
+    ``auto``, CUDA tensors) skips backend.use_triton's validation and import check: one dict lookup."""
+    choice = os.environ.get(backend.ENV_VAR)
+    if choice is None or choice == "auto":
+        if not (x.is_cuda and weight.is_cuda) or not all(t.is_cuda for t in others):
+            return None
+        if not _auto:
+            _auto.append(backend.kernels("rms_norm") if backend.triton_available() else None)
+        k = _auto[0]
+        if k is None:
+            return None
+    elif backend.use_triton(x, weight, *others):
+        k = backend.kernels("rms_norm")
+    else:
         return None
-    k = backend.kernels("rms_norm")
     if x.dtype not in k.DTYPES or weight.dtype not in k.DTYPES or x.shape[-1] > k.MAX_HIDDEN:
         return None
     return k
@@ -62,6 +79,23 @@ def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tenso
         return k.rms_norm_fwd(x, weight, eps)
     y, rstd = ref.rms_norm_forward_reference(x, weight, eps)
     return y.contiguous(), rstd.contiguous()  # the layout the fake (and the kernel) promise
+
+
+def _rms_norm_infer(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The forward alone when no gradient will be taken: the kernel skips the rstd buffer."""
+    k = _kernels_for(x, weight)
+    if k is not None:
+        return k.rms_norm_fwd(x, weight, eps, need_rstd=False)[0]
+    return ref.rms_norm_forward_reference(x, weight, eps)[0].contiguous()
+
+
+def _add_rms_norm_infer(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    k = _kernels_for(x, weight, residual)
+    if k is not None:
+        y, s, _ = k.add_rms_norm_fwd(x, residual, weight, eps, need_rstd=False)
+        return y, s
+    s = (x + residual).contiguous()
+    return ref.rms_norm_forward_reference(s, weight, eps)[0].contiguous(), s
 
 
 def _add_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,6 +230,16 @@ def _check_tensor(fn: str, name: str, t) -> None:
         )
 
 
+def _check_eps(fn: str, eps) -> float:
+    if type(eps) is not float:  # the common case skips the (slow) numbers.Real ABC check
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"apr_kernels.{fn}: eps must be a real number, got {type(eps).__name__}")
+        eps = float(eps)
+    if not (0.0 <= eps < math.inf):  # NaN fails too
+        raise ValueError(f"apr_kernels.{fn}: eps must be finite and >= 0, got {eps}")
+    return eps
+
+
 def _check_common(fn: str, x, weight, eps) -> float:
     _check_tensor(fn, "x", x)
     _check_tensor(fn, "weight", weight)
@@ -209,12 +253,7 @@ def _check_common(fn: str, x, weight, eps) -> float:
         )
     if weight.device != x.device:
         raise ValueError(f"apr_kernels.{fn}: weight is on {weight.device}, expected x's device {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"apr_kernels.{fn}: eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"apr_kernels.{fn}: eps must be finite and >= 0, got {eps}")
-    return eps
+    return _check_eps(fn, eps)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
@@ -224,9 +263,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     Returns y of x's shape with dtype ``promote(x.dtype, weight.dtype)``. Differentiable in x and
     weight."""
     eps = _check_common("rms_norm", x, weight, eps)
-    if _eager():
+    if not _eager():
+        return torch.ops.apr.rms_norm(x, weight, eps)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return RMSNormFunction.apply(x, weight, eps)
-    return torch.ops.apr.rms_norm(x, weight, eps)[0]
+    return _rms_norm_infer(x, weight, eps)  # no autograd node, no rstd
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -246,7 +287,9 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6)
         raise ValueError(
             f"apr_kernels.add_rms_norm: residual is on {residual.device}, expected x's device {x.device}"
         )
-    if _eager():
+    if not _eager():
+        y, s, _rstd = torch.ops.apr.add_rms_norm(x, residual, weight, eps)
+        return y, s
+    if torch.is_grad_enabled() and (x.requires_grad or residual.requires_grad or weight.requires_grad):
         return AddRMSNormFunction.apply(x, residual, weight, eps)
-    y, s, _rstd = torch.ops.apr.add_rms_norm(x, residual, weight, eps)
-    return y, s
+    return _add_rms_norm_infer(x, residual, weight, eps)  # no autograd node, no rstd
