@@ -133,12 +133,14 @@ def device_meta() -> dict:
 
 
 def _git_rev() -> str | None:
+    # The GPU machine gets a copy of the working tree without .git: APR_GIT_REV carries the revision.
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
+        rev = out.stdout.strip()
     except Exception:
-        return None
+        rev = ""
+    return rev or os.environ.get("APR_GIT_REV") or None
 
 
 def _driver_version() -> str | None:

@@ -183,6 +183,11 @@ class Run:
             out.setdefault((r.kernel, r.shape), []).append(r)
         return out
 
+    @property
+    def is_sweep(self) -> bool:
+        """A launch-config sweep (bench_x.py --tune): tuning data, not an ours-vs-baseline result."""
+        return self.bench.endswith("_tune") or bool(self.meta.get("sweep"))
+
     def uses_ceilings(self) -> bool:
         return self.bench not in NO_CEILING_BENCHES and self.meta.get("ceiling", True) is not False
 
@@ -240,7 +245,7 @@ def load_runs(paths, warn=print) -> tuple[list[Run], list[Path]]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(p.glob("*.json"))
+            files += sorted(p.rglob("*.json"))  # per-run subfolders too
         elif p.is_file():
             files.append(p)
         else:

@@ -11,7 +11,8 @@
 # bench/results/ and the logs in build/gpu_check/ (--smoke without $OUT: a temporary folder).
 # At most 8 files land in $OUT (the device tool's limit): beyond that the JSON go into results.tgz.
 # Environment: PYTHON (default python3); GPU_CHECK_PYTEST overrides the test selection (pytest args);
-# GPU_CHECK_BUDGET overrides the total time budget in seconds (steps past it are skipped, loudly).
+# GPU_CHECK_BUDGET overrides the total time budget in seconds (steps past it are skipped, loudly);
+# APR_GIT_REV names the revision in the results where the tree has no .git (the device tool's copy).
 # Exit status: 0 all passed; 1 a test or a bench failed (the benches still ran); 2 could not install
 # or no CUDA device (nothing measured).
 set -uo pipefail
@@ -26,14 +27,14 @@ while [ $# -gt 0 ]; do
     --smoke) MODE=smoke ;;
     --full) MODE=full ;;
     --only) ONLY="${2:?--only needs a comma-separated list of bench names}"; shift ;;
-    -h|--help) sed -n '2,18p' "$SELF"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$SELF"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (expected --quick, --smoke, --only LIST)" >&2; exit 2 ;;
   esac
   shift
 done
 
 PY="${PYTHON:-python3}"
-export PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -112,8 +113,10 @@ if ! "$PY" -c "import apr_kernels, apr_kernels._apr_ext as e; print('apr_kernels
 fi
 
 # Liger-Kernel, a baseline for the RMSNorm bench, is carried as a wheel (the GPU machine has no network).
-if compgen -G ".whl/*.whl" > /dev/null; then
-  SITE=/tmp/site; [ "$MODE" = smoke ] && SITE="$WORK/site"
+if [ "$MODE" = smoke ]; then
+  note liger "skipped (--smoke: its kernels need a GPU)"
+elif compgen -G ".whl/*.whl" > /dev/null; then
+  SITE=/tmp/site
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" .whl/*.whl; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     note liger "installed from .whl/ into $SITE"
@@ -125,6 +128,10 @@ else
 fi
 
 echo "== versions"
+REV=$(git rev-parse --short HEAD 2>/dev/null || true)
+if [ -n "$REV" ]; then echo "git revision $REV"
+elif [ -n "${APR_GIT_REV:-}" ]; then echo "git revision $APR_GIT_REV (from APR_GIT_REV)"
+else echo "git revision unknown (no .git here): run as 'APR_GIT_REV=<rev> bash bench/gpu_check.sh' to record it"; fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PY" - <<'EOF'
 import importlib.metadata as md, platform, torch

@@ -47,6 +47,8 @@ def summary_rows(run: Run, ceilings: dict, max_shapes: int | None = None) -> lis
     Kernels in order of first appearance, shapes in sweep order. With ``max_shapes``, a kernel with
     more shapes shows that many, evenly spread, plus a line with the geometric mean of all ratios.
     """
+    if run.is_sweep:
+        return []
     ceilings = ceilings if run.uses_ceilings() else {}
     by_kernel: dict[str, list[tuple[list[str], float | None]]] = {}
     for (kernel, shape), rows in run.groups().items():
@@ -187,8 +189,8 @@ def plot_run(run: Run, path: Path, ceilings: dict) -> bool:
         return False
     groups = run.groups()
     kernels = list(dict.fromkeys(k for k, _ in groups))
-    if not kernels:
-        return False
+    if not kernels or len({r.provider for r in run.rows}) > 12:
+        return False  # nothing to draw, or too many series to read
     ncols = min(3, len(kernels))
     nrows = math.ceil(len(kernels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows), squeeze=False)
@@ -253,6 +255,10 @@ def write_report(devices, out_dir: Path, sources: list[Path]) -> Path:
         if summary:
             lines += [md_table(SUMMARY_HEAD, summary), ""]
         for run in benches:
+            if run.is_sweep:
+                lines += [f"### {run.bench}", "", f"`{run.path.name}`: a launch-config sweep of {len(run.rows)} "
+                          "rows, not tabulated here (read the JSON).", ""]
+                continue
             lines += [f"### {run.bench}", "", f"`{run.path.name}` ({describe(run.meta)})", ""]
             lines += [md_table(FULL_HEAD, full_table(run, ceilings)), ""]
             png = out_dir / f"{run.bench}-{slug(dev)}.png"

@@ -114,17 +114,20 @@ def _has_matplotlib() -> bool:
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_end_to_end_fails_loudly_and_still_measures(tmp_path):
-    """Every bench runs through the script; a failing test gives exit 1, yet the benches still run
-    and the short table (with every bench's kernels) comes last."""
+def test_gpu_check_smoke_fails_loudly_and_still_measures(tmp_path):
+    """A failing test gives exit 1, yet the benches still run and the short table comes last.
+
+    Two benches (the ceilings and one kernel bench) keep this within the time budget; every bench's
+    smoke run and the report over all of them are covered above."""
     tests = tmp_path / "t"
     tests.mkdir()
     (tests / "test_probe.py").write_text("def test_passes():\n    assert True\n\n"
                                          "def test_fails():\n    assert 1 == 2, 'deliberate failure'\n")
     out = tmp_path / "out"
     env = _env() | {"OUT": str(out), "GPU_CHECK_PYTEST": str(tests / "test_probe.py")}
-    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=170)
+    names = [n for n in ("ceilings", "rms_norm") if (BENCH / f"bench_{n}.py").exists()]
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke", "--only", ",".join(names)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, f"gpu_check.sh should exit 1 on a failing test, got {proc.returncode}:\n{text}"
     assert "1 failed, 1 passed" in text and "SOME STEPS FAILED" in text, text
@@ -134,7 +137,7 @@ def test_gpu_check_smoke_end_to_end_fails_loudly_and_still_measures(tmp_path):
     start = max(i for i, line in enumerate(lines) if line.startswith("== summary"))
     table = lines[start:]
     assert any(line.startswith("ceilings: copy ") for line in table), "the report is not last:\n" + text
-    for name in (n for n in NAMES if (BENCH / f"bench_{n}.py").exists()):
+    for name in names:
         assert any(line.split()[:3] == ["bench", name, "ok"] for line in table), f"bench {name} not ok:\n{text}"
         files = list(out.glob(f"{name}-*.json"))
         assert files, f"bench {name} wrote nothing after the failing test:\n{text}"
