@@ -1,7 +1,7 @@
 """Causal GQA attention, forward and forward+backward: TFLOP/s and peak memory against PyTorch SDPA.
 
-    python3 bench/bench_attention.py [--smoke | --quick] [--out DIR]
-    python3 bench/bench_attention.py --tune      # GPU: time alternative launch configs of the kernels
+    python3 bench/bench_attention.py [--smoke | --quick] [--out DIR] [--budget SECONDS]
+    python3 bench/bench_attention.py --tune      # GPU: time every candidate launch config per kernel
 
 Shapes: the head layouts of Qwen2-0.5B (Hq 14, Hkv 2, D 64) and Llama-3-8B (32/8, D 128), bf16,
 S = 512 .. 8192 with B·S = 16384 tokens per batch, causal, layout [B, S, H, D] (what the projections
@@ -13,6 +13,14 @@ produce; SDPA gets [B, H, S, D] views of the same storage). Providers, timed in 
   sdpa_cudnn_gqa      CUDNN_ATTENTION backend with enable_gqa (skipped where it refuses the input)
   sdpa_cudnn_expand   CUDNN_ATTENTION on expanded K/V
   sdpa_math           (--smoke / CPU only) the default SDPA on CPU
+  apr_autotuned       (full mode, two shapes, time permitting) apr with APR_KERNELS_AUTOTUNE=1: every
+                      candidate launch config timed per kernel; the winners and all timings go to
+                      attention_tune-*.json (kinds fwd / dkdv / dq; per-kernel FLOPs: 2, 4, 3 matmuls)
+
+--quick keeps apr and the two enable_gqa SDPA backends (no expanded K/V) with fewer repetitions.
+A time budget (--budget, default 30 s quick / 95 s full, from the start of the run) is checked
+before each shape: what does not fit is skipped with a note. Order: S 1024 and 4096 (both models),
+then (full, CUDA) the autotune comparison, then S 2048, 8192, 512.
 
 FLOPs (reference/kernels.md 1.2): fwd = 4·B·Hq·S²·D / 2 (causal), fwd+bwd = 3.5 × fwd. The fwd+bwd step
 is ``o = attn(q, k, v); torch.autograd.grad(o, (q, k, v), do)``; its peak memory (MiB above the
@@ -22,32 +30,50 @@ inputs) is recorded on the fwd+bwd rows. ``vs_best_sdpa`` on apr rows = best SDP
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 
 import _common
 import torch
 import torch.nn.functional as F
 
 import apr_kernels
+from apr_kernels import backend
 
 MODELS = {"qwen2-0.5b": (14, 2, 64), "llama-3-8b": (32, 8, 128)}
 TOKENS = 16384
 
 
+TUNE_SHAPES = (("qwen2-0.5b", 2048), ("llama-3-8b", 4096))  # those of the H200 sweep (2026-11-28)
+T0 = time.monotonic()
+
+
 def sweep(args) -> list[tuple[str, int, int]]:
-    """(model, B, S) triples for the chosen mode."""
+    """(model, B, S) triples for the chosen mode, most important first (a spent budget drops the tail)."""
     if args.smoke:
         return [("qwen2-0.5b", 1, 64), ("llama-3-8b", 1, 48)]
-    seqs = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192]
-    return [(m, TOKENS // s, s) for m in MODELS for s in seqs]
+    first = [1024, 4096]
+    seqs = first if args.quick else first + [2048, 8192, 512]
+    return [(m, TOKENS // s, s) for s in seqs for m in MODELS]
+
+
+def budget_s(args) -> float:
+    if args.budget is not None:
+        return args.budget
+    return 1e9 if args.smoke else 30.0 if args.quick else 95.0
+
+
+def left_s(args) -> float:
+    return budget_s(args) - (time.monotonic() - T0)
 
 
 # --------------------------------------------------------------------------------- providers
 
 
-def _sdpa(backend, expand: bool):
+def _sdpa(be_name, expand: bool):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    chosen = getattr(SDPBackend, backend) if backend else None
+    chosen = getattr(SDPBackend, be_name) if be_name else None
 
     def attn(q, k, v):
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -62,12 +88,18 @@ def _sdpa(backend, expand: bool):
     return attn
 
 
-def providers(dev: torch.device) -> dict:
-    out = {"apr": lambda q, k, v: apr_kernels.attention(q, k, v, causal=True)}
+def _apr(q, k, v):
+    return apr_kernels.attention(q, k, v, causal=True)
+
+
+def providers(dev: torch.device, quick: bool = False) -> dict:
+    out = {"apr": _apr}
     if dev.type == "cuda":
-        for name, be in (("flash", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION")):
+        for name, be in (("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION")):
             out[f"sdpa_{name}_gqa"] = _sdpa(be, expand=False)
-            out[f"sdpa_{name}_expand"] = _sdpa(be, expand=True)
+        if not quick:  # the expanded-K/V baselines matter for peak memory, not for speed
+            for name, be in (("cudnn", "CUDNN_ATTENTION"), ("flash", "FLASH_ATTENTION")):
+                out[f"sdpa_{name}_expand"] = _sdpa(be, expand=True)
     else:
         out["sdpa_math"] = _sdpa(None, expand=False)
     return out
@@ -88,46 +120,62 @@ def flops_fwd(B, S, hq, d) -> float:
 
 
 def measure(fn, q, k, v, dev, rep) -> dict:
-    """fwd ms, fwd+bwd ms and the fwd+bwd step's peak memory for one provider."""
-    fn(q, k, v)  # compile / pick kernels, and fail early if the backend refuses the input
+    """fwd ms, fwd+bwd ms and the fwd+bwd step's peak memory for one provider. One untimed step
+    first compiles (or autotunes) every kernel and fails early if a backend refuses the input;
+    its wall time is reported as ``warm_s``."""
     do = torch.randn(q.shape, device=dev, dtype=q.dtype)
 
     def step():
         o = fn(q, k, v)
         return torch.autograd.grad(o, (q, k, v), do)
 
-    fwd = _common.time_ms(lambda: fn(q, k, v), warmup=3, rep=rep, dev=dev)
-    both = _common.time_ms(step, warmup=3, rep=rep, dev=dev)
-    return {"fwd": fwd, "fwd+bwd": both, "mem": _common.peak_memory_mb(step, dev)}
+    t0 = time.monotonic()
+    step()
+    _common.sync(dev)
+    warm_s = time.monotonic() - t0
+    fwd = _common.time_ms(lambda: fn(q, k, v), warmup=1, rep=rep, dev=dev)
+    both = _common.time_ms(step, warmup=1, rep=rep, dev=dev)
+    return {"fwd": fwd, "fwd+bwd": both, "mem": _common.peak_memory_mb(step, dev), "warm_s": warm_s}
 
 
-def run_shapes(args, dev, dtype, rows: list) -> None:
-    rep = 3 if args.smoke else 10
-    provs = providers(dev)
-    for model, B, S in sweep(args):
-        hq, hkv, d = MODELS[model]
-        q, k, v = inputs(B, S, hq, hkv, d, dtype, dev)
-        f1 = flops_fwd(B, S, hq, d)
-        shape_rows = []
-        for name, fn in provs.items():
-            try:
-                m = measure(fn, q, k, v, dev, rep)
-            except RuntimeError as e:  # e.g. "No available kernel" for a forced SDPA backend
-                print(f"  {model} S={S} {name}: skipped ({str(e).splitlines()[0][:100]})")
-                continue
-            for mode, flops in (("fwd", f1), ("fwd+bwd", 3.5 * f1)):
-                row = {"op": "attention", "mode": mode, "model": model, "B": B, "S": S, "Hq": hq, "Hkv": hkv,
-                       "D": d, "causal": True, "dtype": str(dtype).replace("torch.", ""), "provider": name,
-                       "ms": m[mode], "flops": flops, "tflops": flops / (m[mode] * 1e-3) / 1e12}
-                if mode == "fwd+bwd" and m["mem"] is not None:
-                    row["peak_mem_mb"] = m["mem"]
-                shape_rows.append(row)
-        for mode in ("fwd", "fwd+bwd"):
-            sdpa = [r["ms"] for r in shape_rows if r["mode"] == mode and r["provider"].startswith("sdpa")]
-            for r in shape_rows:
-                if r["mode"] == mode and r["provider"] == "apr" and sdpa:
-                    r["vs_best_sdpa"] = min(sdpa) / r["ms"]
-        rows.extend(shape_rows)
+def shape_rows(model, B, S, provs: dict, dev, dtype, rep) -> list[dict]:
+    """Rows (fwd and fwd+bwd per provider) for one shape; vs_best_sdpa on the apr rows."""
+    hq, hkv, d = MODELS[model]
+    q, k, v = inputs(B, S, hq, hkv, d, dtype, dev)
+    f1 = flops_fwd(B, S, hq, d)
+    out = []
+    for name, fn in provs.items():
+        try:
+            m = measure(fn, q, k, v, dev, rep)
+        except RuntimeError as e:  # e.g. "No available kernel" for a forced SDPA backend
+            print(f"  {model} S={S} {name}: skipped ({str(e).splitlines()[0][:100]})")
+            continue
+        for mode, flops in (("fwd", f1), ("fwd+bwd", 3.5 * f1)):
+            row = {"op": "attention", "mode": mode, "model": model, "B": B, "S": S, "Hq": hq, "Hkv": hkv,
+                   "D": d, "causal": True, "dtype": str(dtype).replace("torch.", ""), "provider": name,
+                   "ms": m[mode], "flops": flops, "tflops": flops / (m[mode] * 1e-3) / 1e12,
+                   "warm_s": m["warm_s"]}
+            if mode == "fwd+bwd" and m["mem"] is not None:
+                row["peak_mem_mb"] = m["mem"]
+            out.append(row)
+    for mode in ("fwd", "fwd+bwd"):
+        sdpa = [r["ms"] for r in out if r["mode"] == mode and r["provider"].startswith("sdpa")]
+        for r in out:
+            if r["mode"] == mode and r["provider"].startswith("apr") and sdpa:
+                r["vs_best_sdpa"] = min(sdpa) / r["ms"]
+    return out
+
+
+def run_shapes(args, dev, dtype, rows: list, shapes=None) -> None:
+    rep = 3 if args.smoke else 5 if args.quick else 10
+    provs = providers(dev, quick=args.quick)
+    for model, B, S in shapes or sweep(args):
+        if left_s(args) <= 0:
+            print(f"  {model} S={S}: skipped (time budget of {budget_s(args):.0f} s spent)")
+            continue
+        t0 = time.monotonic()
+        rows.extend(shape_rows(model, B, S, provs, dev, dtype, rep))
+        print(f"  {model} B={B} S={S}: {time.monotonic() - t0:.1f} s", flush=True)
         if args.out or not args.smoke:  # keep what was measured if the run is cut short
             _common.write_results("attention", rows, args.out)
 
@@ -135,53 +183,83 @@ def run_shapes(args, dev, dtype, rows: list) -> None:
 # -------------------------------------------------------------------------------------- tune
 
 
+@contextlib.contextmanager
+def _autotune_on():
+    prev = os.environ.get("APR_KERNELS_AUTOTUNE")
+    os.environ["APR_KERNELS_AUTOTUNE"] = "1"
+    try:
+        yield
+    finally:
+        if prev is None:
+            del os.environ["APR_KERNELS_AUTOTUNE"]
+        else:
+            os.environ["APR_KERNELS_AUTOTUNE"] = prev
+
+
+def tune_rows(log: list[dict]) -> list[dict]:
+    """Rows of the per-kernel candidate timings the autotune recorded (tuned_log())."""
+    out = []
+    for rec in log:
+        dtype, B, S, hq, hkv, d, causal = rec["key"]
+        model = next((m for m, h in MODELS.items() if h == (hq, hkv, d)), f"{hq}/{hkv}/{d}")
+        flops = flops_fwd(B, S, hq, d) * {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5}[rec["kind"]] * (1 if causal else 2)
+        for name, ms in rec["ms"].items():
+            if ms == float("inf"):
+                print(f"  {model} S={S} {rec['kind']} {name}: failed ({rec['errors'].get(name, '?')})")
+                continue
+            out.append({"op": f"attention_tune_{rec['kind']}", "mode": "fwd" if rec["kind"] == "fwd" else "bwd",
+                        "model": model, "B": B, "S": S, "D": d, "causal": causal, "dtype": dtype,
+                        "config": name, "default": name == rec["default"], "best": name == rec["best"],
+                        "provider": "apr", "ms": ms, "flops": flops, "tflops": flops / (ms * 1e-3) / 1e12})
+    for r in out:
+        flag = " default" if r["default"] else ""
+        flag += " BEST" if r["best"] else ""
+        print(f"  {r['model']} S={r['S']} {r['op'][15:]:4s} {r['config']:12s} {r['ms']:8.3f} ms "
+              f"{r['tflops']:6.1f} TFLOP/s{flag}")
+    return out
+
+
 def tune(args, dev, dtype, rows: list) -> None:
-    """Time the kernel launchers with alternative configs (the heuristic's candidates)."""
-    kern = __import__("apr_kernels.kernels.attention", fromlist=["x"])
-
-    def cfg(bm, bn, w, s):
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-
-    cands = {
-        64: {"fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-             "dkdv": [(64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)],
-             "dq": [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]},
-        128: {"fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-              "dkdv": [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2), (32, 64, 4, 3)],
-              "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2)]},
-    }
-    for model, S in (("qwen2-0.5b", 2048), ("llama-3-8b", 4096)):
+    """Every candidate launch config of each kernel, timed by the autotune on the sweep's shapes."""
+    kern = backend.kernels("attention_tuning")
+    kern.clear_tuned()
+    for model, S in TUNE_SHAPES:
         hq, hkv, d = MODELS[model]
-        B = TOKENS // S
-        q, k, v = (t.detach() for t in inputs(B, S, hq, hkv, d, dtype, dev))
-        sc = d**-0.5
-        o, lse = kern.attention_fwd(q, k, v, True, sc)
-        do = torch.randn_like(o)
-        f1 = flops_fwd(B, S, hq, d)
-        for kind, options in cands[d].items():
-            for c in options:
-                c = cfg(*c)
-                if kind == "fwd":
-                    fn = lambda c=c: kern.attention_fwd(q, k, v, True, sc, config=c)  # noqa: E731
-                    flops = f1
-                else:
-                    fn = lambda c=c, kind=kind: kern.attention_bwd(do, q, k, v, o, lse, True, sc,  # noqa: E731
-                                                                    config={kind: c})
-                    flops = 2.5 * f1
-                try:
-                    ms = _common.time_ms(fn, warmup=2, rep=10, dev=dev)
-                except Exception as e:  # out of resources for this tile shape
-                    print(f"  {model} {kind} {c}: failed ({type(e).__name__}: {str(e)[:80]})")
-                    continue
-                rows.append({"op": f"attention_tune_{kind}", "mode": "fwd" if kind == "fwd" else "bwd",
-                             "model": model, "B": B, "S": S, "config": "{BLOCK_M}x{BLOCK_N}w{num_warps}s{num_stages}".format(**c),
-                             "provider": "apr", "ms": ms, "flops": flops, "tflops": flops / (ms * 1e-3) / 1e12})
-                print(f"  {model} S={S} {kind:4s} {rows[-1]['config']:14s} {ms:8.3f} ms {rows[-1]['tflops']:6.1f} TFLOP/s")
+        q, k, v = inputs(TOKENS // S, S, hq, hkv, d, dtype, dev)
+        with _autotune_on():
+            o = _apr(q, k, v)
+            torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+    _common.sync(dev)
+    rows.extend(tune_rows(kern.tuned_log()))
+
+
+def autotune_vs_default(args, dev, dtype, rows: list, tune_log_rows: list) -> None:
+    """Full mode, time permitting: apr with the autotune against the default table (same shapes as
+    the default-table rows, so report.py puts them side by side)."""
+    kern = backend.kernels("attention_tuning")
+    rep = 10
+    for model, S in TUNE_SHAPES:
+        if left_s(args) < 30:  # the autotune compiles ~13 configs per head_dim (~1-2 s each)
+            print(f"  autotune {model} S={S}: skipped ({left_s(args):.0f} s of the budget left)")
+            continue
+        t0 = time.monotonic()
+        n0 = len(kern.tuned_log())
+        with _autotune_on():
+            new = shape_rows(model, TOKENS // S, S, {"apr_autotuned": _apr}, dev, dtype, rep)
+        rows.extend(new)
+        tune_log_rows.extend(tune_rows(kern.tuned_log()[n0:]))
+        print(f"  autotune {model} S={S}: {time.monotonic() - t0:.1f} s", flush=True)
+        _common.write_results("attention", rows, args.out)
+        _common.write_results("attention_tune", tune_log_rows, args.out)
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--tune", action="store_true", help="GPU: time alternative launch configs instead"))
+    def extra(p):
+        p.add_argument("--tune", action="store_true", help="GPU: time every candidate launch config")
+        p.add_argument("--budget", type=float, default=None,
+                       help="seconds for the whole run (default 30 quick, 95 full, none smoke)")
+
+    args = _common.parse_args(__doc__.splitlines()[0], extra)
     dev = _common.device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rows: list[dict] = []
@@ -191,11 +269,18 @@ def main() -> None:
         tune(args, dev, dtype, rows)
         path = _common.write_results("attention_tune", rows, args.out)
     else:
-        run_shapes(args, dev, dtype, rows)
+        shapes = sweep(args)
+        if dev.type == "cuda" and not args.quick and not args.smoke:
+            # the core shapes, then the autotune comparison (what the next table should be), then the rest
+            run_shapes(args, dev, dtype, rows, shapes[:4])
+            autotune_vs_default(args, dev, dtype, rows, [])
+            run_shapes(args, dev, dtype, rows, shapes[4:])
+        else:
+            run_shapes(args, dev, dtype, rows, shapes)
         path = _common.write_results("attention", rows, args.out)
         cols = ["model", "S", "mode", "provider", "ms", "tflops", "peak_mem_mb", "vs_best_sdpa"]
         _common.print_table(rows, cols)
-    print(f"wrote {path}")
+    print(f"wrote {path} ({time.monotonic() - T0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from apr_kernels.kernels import attention_tuning as tuning
+from apr_kernels.kernels.attention_tuning import default_config  # noqa: F401 (re-exported)
+
 LOG2E = 1.4426950408889634
 
 
@@ -307,42 +310,6 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
 
 # ------------------------------------------------------------------------------------- launchers
 
-def _np2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def default_config(kind: str, head_dim: int, dtype: torch.dtype, seqlen: int,
-                   device: torch.device) -> dict:
-    """Launch configuration for ``kind`` in ``fwd | dkdv | dq`` (a heuristic, no autotuning).
-
-    ``BLOCK_M`` tiles query rows, ``BLOCK_N`` key rows. The loops need BLOCK_M % BLOCK_N == 0 for
-    ``fwd``/``dq`` (causal diagonal band of BLOCK_M rows) and BLOCK_N % BLOCK_M == 0 for ``dkdv``.
-    """
-    if device.type != "cuda":
-        # Triton interpreter: small tiles so tests with S <= 100 still cross several blocks.
-        bm, bn, warps, stages = {"fwd": (64, 32), "dq": (64, 32), "dkdv": (32, 64)}[kind] + (4, 1)
-    elif dtype == torch.float32:  # accepted, not fast: "ieee" fp32 dots run on FMA units, and
-        # larger tiles spill registers heavily (ptxas, sm_90a)
-        bm, bn, warps, stages = {"fwd": (32, 16, 8, 2), "dq": (32, 16, 8, 2), "dkdv": (16, 32, 4, 1)}[kind]
-    # fp16/bf16 on sm_90, chosen from ptxas reports (registers, spills) of the sm_90a build: the
-    # backward tiles are those without (or with the fewest) spill stores; wgmma in every case.
-    elif head_dim <= 64:
-        bm, bn, warps, stages = {"fwd": (128, 64, 4, 3), "dq": (128, 64, 8, 3),
-                                 "dkdv": (64, 128, 8, 3)}[kind]
-    else:  # 80 / 96 / 128 (padded to 128): fp32 dK+dV accumulators bound the dkdv tile
-        bm, bn, warps, stages = {"fwd": (128, 64, 8, 3), "dq": (128, 64, 8, 2),
-                                 "dkdv": (32, 64, 8, 2)}[kind]
-    # Short sequences: don't compute (and mask) mostly empty tiles. tl.dot needs every dim >= 16.
-    cap = max(16, _np2(seqlen))
-    if kind == "dkdv":
-        bn = min(bn, cap)
-        bm = min(bm, bn)
-    else:
-        bm = min(bm, cap)
-        bn = min(bn, bm)
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-
-
 def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
     # The kernels assume unit stride along head_dim (vectorised loads); anything else is copied.
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -361,13 +328,25 @@ def _check_offsets(*ts: torch.Tensor) -> None:
                              f"strides {t.stride()[1:]} spans {span} elements; expected < 2**31")
 
 
-def _common(q: torch.Tensor, config: dict | None, kind: str) -> tuple[dict, dict]:
-    B, S, HQ, D = q.shape
-    cfg = dict(config) if config else default_config(kind, D, q.dtype, S, q.device)
-    block_d = max(16, _np2(D))
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
+def _meta(q: torch.Tensor) -> dict:
+    D = q.shape[3]
+    block_d = max(16, 1 << (D - 1).bit_length())
+    return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    return cfg, meta
+
+
+def _choose(kind: str, q: torch.Tensor, hkv: int, causal: bool, config: dict | None, launch) -> dict:
+    """An explicit ``config``; else, with APR_KERNELS_AUTOTUNE=1 on CUDA, the fastest candidate for
+    this shape (timed once per process); else the fixed default table."""
+    if config:
+        return dict(config)
+    B, S, HQ, D = q.shape
+    if tuning.autotune_requested(q):
+        cands = tuning.candidates(kind, D, q.dtype, S, q.device)
+        if len(cands) > 1:
+            key = (str(q.dtype).replace("torch.", ""), B, S, HQ, hkv, D, bool(causal))
+            return tuning.pick(kind, key, cands, launch)
+    return default_config(kind, D, q.dtype, S, q.device)
 
 
 def _interp_bf16(*ts: torch.Tensor) -> bool:
@@ -393,10 +372,14 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
     _check_offsets(q, k, v, o)
     if o.stride(-1) != 1 or not lse.is_contiguous():
         raise ValueError("kernels/attention.py: out must have a unit last stride and lse must be contiguous")
-    cfg, meta = _common(q, config, "fwd")
-    grid = (B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))
-    _attn_fwd[grid](q, k, v, o, lse, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(o), S, HQ, HQ // HKV,
-                    scale * LOG2E, CAUSAL=bool(causal), **meta, **cfg)
+    meta = _meta(q)
+
+    def launch(cfg):
+        _attn_fwd[(B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))](
+            q, k, v, o, lse, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(o), S, HQ, HQ // HKV, scale * LOG2E,
+            CAUSAL=bool(causal), **meta, **cfg)
+
+    launch(_choose("fwd", q, HKV, causal, config, launch))
     return o, lse
 
 
@@ -423,7 +406,7 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
     if dq.stride(-1) != 1 or dk.stride(-1) != 1 or dv.stride(-1) != 1:
         raise ValueError("kernels/attention.py: dq, dk and dv must have a unit last stride")
     config = config or {}
-    _, meta = _common(q, None, "fwd")
+    meta = _meta(q)
     delta = torch.empty((B, HQ, S), dtype=torch.float32, device=q.device)
     pre_m = 64 if q.is_cuda else 32
     _attn_bwd_delta[(B * HQ, triton.cdiv(S, pre_m))](
@@ -431,13 +414,20 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
         EVEN_D=meta["EVEN_D"], num_warps=4)
     if dlse is not None:  # d lse_i / d s_ij = P_ij: the same as lowering delta by dlse
         delta.sub_(dlse)
-    cfg, _ = _common(q, config.get("dkdv"), "dkdv")
-    _attn_bwd_dkdv[(B * HKV, triton.cdiv(S, cfg["BLOCK_N"]))](
-        q, k, v, do, dk, dv, lse, delta, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(do), *_bhs(dk), *_bhs(dv),
-        S, HQ, HKV, HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal),
-        MASK_M=S % cfg["BLOCK_M"] != 0, **meta, **cfg)
-    cfg, _ = _common(q, config.get("dq"), "dq")
-    _attn_bwd_dq[(B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))](
-        q, k, v, do, dq, lse, delta, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(do), *_bhs(dq),
-        S, HQ, HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal), **meta, **cfg)
+
+    def launch_dkdv(cfg):
+        _attn_bwd_dkdv[(B * HKV, triton.cdiv(S, cfg["BLOCK_N"]))](
+            q, k, v, do, dk, dv, lse, delta, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(do), *_bhs(dk),
+            *_bhs(dv), S, HQ, HKV, HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal),
+            MASK_M=S % cfg["BLOCK_M"] != 0, **meta, **cfg)
+
+    def launch_dq(cfg):
+        _attn_bwd_dq[(B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))](
+            q, k, v, do, dq, lse, delta, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(do), *_bhs(dq),
+            S, HQ, HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal), **meta, **cfg)
+
+    # Each kernel only writes its outputs (no accumulation into them): timing candidates on the
+    # real buffers is safe, and the chosen config's launch below rewrites them.
+    launch_dkdv(_choose("dkdv", q, HKV, causal, config.get("dkdv"), launch_dkdv))
+    launch_dq(_choose("dq", q, HKV, causal, config.get("dq"), launch_dq))
     return dq, dk, dv
