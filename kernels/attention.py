@@ -15,6 +15,8 @@ must be contiguous (the launchers copy a tensor whose last stride is not 1).
   registers (no atomics, no G-times buffers: deterministic); a dQ kernel, one program per query block
   per query head, looping over K/V blocks.
 * Dots take fp16/bf16 (or fp32, "ieee" precision) operands with fp32 accumulation; all other math is fp32.
+* Launch configs (tiles, warps, stages): ``kernels/attention_tuning.py`` -- a fixed table by default,
+  an opt-in autotune over a few candidates per kernel with APR_KERNELS_AUTOTUNE=1 on CUDA.
 """
 
 from __future__ import annotations
