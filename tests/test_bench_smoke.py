@@ -246,6 +246,19 @@ def test_report_no_ceiling_for_host_io_and_no_invented_rates(tmp_path, capsys):
     assert "2.00x" in load and "%" not in load, load
 
 
+def test_report_falls_back_to_a_bench_own_ceiling(tmp_path, capsys):
+    copy = random.uniform(1000, 4000)
+    gbs = random.uniform(100, 900)
+    _write(tmp_path / "rms_norm-t.json", "rms_norm", [
+        {"op": "rms_norm", "shape": "8x8", "provider": "apr", "ms": 1.0, "gbs": gbs},
+        {"op": "rms_norm", "shape": "8x8", "provider": "torch", "ms": 2.0}], meta={"ceilings": {"copy_gbs": copy}})
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(measured by the benches themselves)" in out, out
+    line = next(line for line in out.splitlines() if line.startswith("rms_norm"))
+    assert f"{gbs / copy:.0%} BW" in line, line
+
+
 def test_report_exits_2_without_results(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "no benchmark results" in capsys.readouterr().err
