@@ -133,12 +133,16 @@ def plan(path: str | os.PathLike) -> InitPlan:
 
 
 def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
-             fast: bool | None = None) -> Transformer:
+             fast: bool | None = None, shard=None) -> Transformer:
     """A ``Transformer`` initialised from an APR file (every parameter trainable).
 
     ``dtype``: the parameter dtype (default float32, the training dtype; quantised weights are
     dequantised straight to it). ``fast``: see ``Transformer``. The returned module carries
     ``apr_path`` and ``apr_metadata`` (the file's metadata, tokenizer keys included).
+
+    ``shard``: called with the model while it is still on the meta device (FSDP's ``fully_shard``,
+    see ``apr_kernels.train.distributed``); parameters it turned into DTensors get storage for their
+    local shard only, filled from a slice of the file's zero-copy view.
     """
     import apr_kernels
 
@@ -147,10 +151,25 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(p.config, fast=fast)
-    model = model.to_empty(device=device).to(dtype)
+    if shard is not None:
+        shard(model.to(dtype))  # on meta: nothing allocated; shards are created in the final dtype
+        model = model.to_empty(device=device)
+    else:
+        model = model.to_empty(device=device).to(dtype)
     params = dict(model.named_parameters())
     with apr_kernels.open(p.path) as f, torch.no_grad():
         for name, stored in p.sources.items():
+            if shard is not None and hasattr(params[name], "device_mesh"):  # a DTensor shard
+                from apr_kernels.train.distributed import local_shard
+
+                # the zero-copy view, sliced: only this rank's rows are read (and converted)
+                t = local_shard(f.get_tensor(stored), params[name], f"{p.path}: tensor {stored!r}")
+                if not torch.isfinite(t).all():
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
+                                         f"expected finite weights")
+                params[name].to_local().copy_(t)
+                continue
             t = f.get_tensor(stored, device=device, dtype=dtype)  # CUDA: staged through pinned buffers
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())

@@ -33,9 +33,12 @@ PREFIX = "__training__."
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def model_tensors(model) -> dict[str, torch.Tensor]:
-    """Weights by Hugging Face name (CPU), with the explicit lm_head copy when tied."""
-    out = {name: p.detach().cpu() for name, p in model.named_parameters()}
+def model_tensors(model, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Weights by Hugging Face name (CPU), with the explicit lm_head copy when tied. ``weights``:
+    already gathered full tensors (a sharded model's), used instead of the parameters."""
+    if weights is None:
+        weights = {name: p.detach() for name, p in model.named_parameters()}
+    out = {name: t.cpu() for name, t in weights.items()}
     if model.config.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
@@ -55,24 +58,36 @@ def _param_names(model, optimizer) -> list[str]:
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def _moments(model, opt) -> dict[str, dict]:
+    """AdamW state by parameter name: {"exp_avg", "exp_avg_sq" (fp32 CPU), "step" (int)}."""
+    out = {}
+    for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
+        state = opt.state.get(p)
+        if state:
+            out[name] = {key: state[key].detach().float().cpu() for key in _MOMENTS}
+            out[name]["step"] = int(state["step"])
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokenizer=None,
-                    extra_metadata: dict | None = None) -> None:
-    """Write ``trainer``'s model and training state (or just ``model``) as one APR file."""
+                    extra_metadata: dict | None = None, state: tuple[dict, dict] | None = None) -> None:
+    """Write ``trainer``'s model and training state (or just ``model``) as one APR file.
+
+    ``state``: (weights, moments) gathered from a sharded model (``distributed.gather_state``),
+    used instead of reading the parameters and optimizer of this process.
+    """
     import apr_kernels
 
     model = model if model is not None else trainer.model
-    tensors = model_tensors(model)
+    weights, moments = state if state is not None else (None, None)
+    tensors = model_tensors(model, weights)
     meta = model_metadata(model, tokenizer)
     if trainer is not None:
-        opt = trainer.optimizer
         steps = {}
-        for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
-            state = opt.state.get(p)
-            if not state:
-                continue
+        for name, entry in (moments if moments is not None else _moments(model, trainer.optimizer)).items():
             for key in _MOMENTS:
-                tensors[f"{PREFIX}adam.{key}.{name}"] = state[key].detach().float().cpu()
-            steps[name] = int(state["step"])
+                tensors[f"{PREFIX}adam.{key}.{name}"] = entry[key]
+            steps[name] = entry["step"]
         tensors[f"{PREFIX}rng.torch_cpu"] = torch.get_rng_state()
         if trainer.device.type == "cuda":
             tensors[f"{PREFIX}rng.torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
@@ -128,7 +143,12 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"{path}: optimizer tensor {tname!r} has shape {list(t.shape)}, "
                                      f"expected {list(p.shape)}")
-                entry[key] = t.to(p.device, torch.float32, copy=True)
+                if hasattr(p, "device_mesh"):  # an FSDP shard: keep this rank's rows only
+                    from .distributed import like_param
+
+                    entry[key] = like_param(t, p, f"{path}: optimizer tensor {tname!r}")
+                else:
+                    entry[key] = t.to(p.device, torch.float32, copy=True)
             state[i] = entry
         rng_cpu = f.get_tensor(f"{PREFIX}rng.torch_cpu").clone() if f"{PREFIX}rng.torch_cpu" in f else None
         rng_cuda = (f.get_tensor(f"{PREFIX}rng.torch_cuda").clone()

@@ -99,19 +99,24 @@ def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int):
                          max(1, eval_tokens // seq_len), where=", ".join(spec["data"]))
 
 
-def build_model(args, tokenizer_spec):
-    """(model, tokenizer) for train: from --init (preflight first) or a preset."""
+def build_model(args, tokenizer_spec, *, device=None, load=None):
+    """(model, tokenizer) for train: from --init (preflight first) or a preset.
+
+    ``device`` overrides --device (a rank's GPU); ``load(path, device, fast)`` replaces ``from_apr``
+    (the sharded loader under FSDP).
+    """
     from apr_kernels.model import DEFAULT_PRESET, Transformer, pad_vocab, preset
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
 
-    device, fast = pick_device(args.device), _fast(args.fast)
+    device, fast = device or pick_device(args.device), _fast(args.fast)
+    load = load or (lambda path, dev, fst: from_apr(path, device=dev, fast=fst))
     if args.init:
         if args.preset:
             raise ValueError("--init and --preset both given; the init file defines the model")
         p = plan(args.init)  # every metadata/shape check before any weight is read
         tok = load_tokenizer(tokenizer_spec, p.metadata, args.init)
         check_tokenizer_vocab(tok.vocab_size, p.config.vocab_size, f"{args.init}: tokenizer")
-        return from_apr(args.init, device=device, fast=fast), tok
+        return load(args.init, device, fast), tok
     tok = load_tokenizer(tokenizer_spec)
     cfg = preset(args.preset or DEFAULT_PRESET)
     if args.fit_vocab:
@@ -124,13 +129,25 @@ def build_model(args, tokenizer_spec):
 
 # ------------------------------------------------------------------------------------ train
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
-                 data_spec: dict, json_lines=False, progress=None, resume_from=None):
-    """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end)."""
+                 data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None):
+    """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end).
+
+    ``parallel``: DDP/FSDP (``distributed.parallelize``); rank 0 logs and writes the checkpoints.
+    """
     from .checkpoint import restore_training_state, save_checkpoint
 
-    trainer = Trainer(model, train_tokens, eval_tokens, cfg, log=Logger(json_lines))
+    main = parallel is None or parallel.is_main
+    trainer = Trainer(model, train_tokens, eval_tokens, cfg, parallel=parallel,
+                      log=Logger(json_lines) if main else (lambda *a: None))
     if resume_from:
         restore_training_state(resume_from, trainer)
+    if parallel is not None:
+        from . import distributed
+
+        def save_checkpoint(path, t, **kw):  # gathered, written by rank 0, every rank waits
+            distributed.save_checkpoint(path, t, parallel, **kw)
+
+        progress = progress if main else False
     out.mkdir(parents=True, exist_ok=True)
     tok_meta = {}
 
@@ -150,17 +167,48 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
 
 
 def cmd_train(args) -> int:
+    """``train``; under torchrun (or with --parallel fsdp) inside a process group, see ``distributed``."""
+    from . import distributed
+
+    want = getattr(args, "parallel", None)
+    env = distributed.setup(args.device, timeout_s=getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S),
+                            need_group=want == "fsdp")
+    failed = True
+    try:
+        code = _train(args, env, distributed.resolve_mode(want, env))
+        failed = False
+        return code
+    except RuntimeError as exc:
+        if env.world_size > 1:
+            raise RuntimeError(distributed.failure_message(env, exc)) from exc
+        raise
+    finally:
+        distributed.teardown(env, failed=failed)
+
+
+def _train(args, env, mode: str) -> int:
     from .checkpoint import training_metadata
 
     if pick_device(args.device).type == "cpu":
         keep_freed_memory()
+    device, load = None, None  # single process: --device, from_apr (unchanged)
+    if mode != "none":
+        from . import distributed
+
+        device = env.device
+
+        def load(path, dev, fast):  # sharded on the meta device under FSDP
+            return distributed.from_apr(path, env, mode, fast=fast)
     if args.resume:
         from apr_kernels.model.loading import from_apr
 
         meta = training_metadata(args.resume)
         spec = meta["training.data_spec"]
         cfg = TrainConfig.from_dict(meta["training.config"])
-        model = from_apr(args.resume, device=pick_device(args.device), fast=_fast(args.fast))
+        if load is not None:
+            model = load(args.resume, device, _fast(args.fast))
+        else:
+            model = from_apr(args.resume, device=pick_device(args.device), fast=_fast(args.fast))
         tok = load_tokenizer(None, model.apr_metadata, args.resume)
     else:
         if not args.data:
@@ -173,15 +221,23 @@ def cmd_train(args) -> int:
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed)
-        model, tok = build_model(args, args.tokenizer)
+        model, tok = build_model(args, args.tokenizer, device=device, load=load)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
+    parallel = None
+    if mode != "none":
+        from . import distributed
+
+        if cfg.batch_size % env.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the world size "
+                             f"{env.world_size}; expected an equal share of every batch per rank")
+        parallel = distributed.parallelize(model, mode, env)
     train_tokens, eval_tokens = load_data(spec, tok, cfg.seq_len, cfg.eval_tokens)
     out = Path(args.out)
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
-                           resume_from=args.resume)
+                           resume_from=args.resume, parallel=parallel)
     if trainer.last_eval:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
@@ -278,6 +334,12 @@ def register(subparsers) -> None:
     r.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: end)")
     r.add_argument("--out", default="runs/train", help="checkpoint folder (default runs/train)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = p.add_argument_group("scale out (torchrun --nproc_per_node=N -m apr_kernels train ...)")
+    s.add_argument("--parallel", choices=("ddp", "fsdp", "none"), default=None,
+                   help="ddp: a replica per rank; fsdp: parameters, gradients and AdamW state sharded "
+                        "(FSDP2, bf16 compute on CUDA); default: ddp when WORLD_SIZE > 1, else none")
+    s.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)
     p.set_defaults(func=cmd_train)
 

@@ -12,6 +12,7 @@ or, with ``json_lines``, one JSON object per line (``{"event": "train", "step": 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -114,14 +115,27 @@ class Trainer:
 
     ``train_tokens`` / ``eval_tokens`` are packed token streams (``data.tokenize_files``). On CUDA the
     forward and backward run under bf16 autocast; weights and optimizer state stay fp32.
+
+    ``parallel`` (``distributed.parallelize(model, ...)``, whose ``module`` is ``model``): DDP/FSDP
+    training. ``batch_size`` stays global: each rank trains on its share of every batch, and logged
+    and evaluated losses are means over all ranks.
     """
 
     def __init__(self, model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor | None,
                  config: TrainConfig, *, device=None, autocast_dtype: torch.dtype | None | str = "auto",
-                 log: Callable[[str, dict], None] | None = None):
+                 log: Callable[[str, dict], None] | None = None, parallel=None):
         self.cfg = config
+        self.parallel = parallel
+        if parallel is not None:
+            if parallel.module is not model:
+                raise ValueError("Trainer: parallel.module is not the model given; expected "
+                                 "parallelize(model, ...) of this model")
+            if config.batch_size % parallel.world_size:
+                raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the world size "
+                                 f"{parallel.world_size}; expected an equal share of every batch per rank")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device)
+        # a parallel model is already placed (and an FSDP one must not be moved)
+        self.model = model if parallel is not None else model.to(self.device)
         if autocast_dtype == "auto":
             autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.autocast_dtype = autocast_dtype
@@ -151,16 +165,24 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for _ in range(c.grad_accum):
-            x, y = batch(self.train_seqs, self.batches.next(c.batch_size), self.device)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                                enabled=self.autocast_dtype is not None):
-                loss = self.model.loss(x, y)
-            (loss / c.grad_accum).backward()
+        par = self.parallel
+        for micro in range(c.grad_accum):
+            index = self.batches.next(c.batch_size)  # the global batch: the data position is global
+            x, y = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device)
+            # gradients are communicated once, on the last micro-batch
+            with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                    enabled=self.autocast_dtype is not None):
+                    loss = par.loss(x, y) if par else self.model.loss(x, y)
+                (loss / c.grad_accum).backward()
             total += loss.detach()
+        if par is not None:
+            total = par.mean(total)
         grad_norm = None
         if c.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.step += 1
         # one device sync per step (this makes the timing below real)
@@ -177,6 +199,12 @@ class Trainer:
     def evaluate(self) -> tuple[float, int]:
         if self.eval_tokens is None:
             raise ValueError("no held-out data to evaluate on")
+        if self.parallel is not None:
+            self.last_eval = self.parallel.evaluate(self.eval_tokens, self.cfg.seq_len,
+                                                    batch_size=self.cfg.eval_batch_size,
+                                                    autocast_dtype=self.autocast_dtype,
+                                                    max_tokens=self.cfg.eval_tokens)
+            return self.last_eval
         self.last_eval = evaluate(self.model, self.eval_tokens, self.cfg.seq_len,
                                   batch_size=self.cfg.eval_batch_size, device=self.device,
                                   autocast_dtype=self.autocast_dtype, max_tokens=self.cfg.eval_tokens)

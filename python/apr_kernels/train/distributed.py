@@ -1,0 +1,426 @@
+"""Data parallel (DDP) and fully sharded (FSDP2) training under ``torchrun``.
+
+    torchrun --nproc_per_node=8 -m apr_kernels train --init model.apr --data corpus/ --parallel fsdp
+    torchrun --nnodes=2 --node_rank=0 --rdzv-backend=c10d --rdzv-endpoint=host:29400 \\
+             --nproc_per_node=8 -m apr_kernels train ...            # multi-node: the usual flags
+
+Only ``torch.distributed`` does the communication: the process group (nccl on CUDA, gloo on CPU,
+``init_process_group(timeout=...)``), ``DistributedDataParallel`` and FSDP2
+(``torch.distributed.fsdp.fully_shard``; bf16 compute / fp32 gradient reduction on CUDA through
+``MixedPrecisionPolicy``), and plain all-reduce / broadcast for losses and error flags.
+
+Data: the batch size is global. Every rank draws the same global batch of sequence indices from the
+shared ``BatchStream`` (so ``training.data_position`` counts global sequences) and trains on its own
+contiguous ``batch_size / world_size`` rows of it: the ranks read disjoint slices of the token stream,
+and the gradient all-reduce (a mean over equal-sized slices) gives exactly the single-process
+gradient of the global batch. Held-out evaluation splits the sequences across ranks and all-reduces
+the (loss sum, target count) pair, in float64.
+
+Loading (``from_apr``): every rank maps the same APR file (zero-copy views; one page cache per node).
+Under FSDP the model is built on the meta device, ``fully_shard``-ed, given storage for the local
+shards only (``to_empty``), and each parameter's local ``torch.chunk`` slice is copied out of the
+file's view. Slicing a mapped tensor is free and touches only the pages of those rows, so a rank's
+peak memory is about model / N plus, at most, one dequantised tensor (quantised or converted tensors
+are decoded whole before slicing). This was chosen over "rank 0 loads and broadcasts": that path
+needs the whole model in rank 0's memory and moves every byte over the interconnect, while here no
+byte is communicated and the file is read once per node through the shared page cache.
+
+Checkpoints: one APR file in the single-process format (``checkpoint.py``). Under FSDP each
+parameter and AdamW moment is all-gathered one tensor at a time (``DTensor.full_tensor``) and rank 0
+keeps a CPU copy; under DDP rank 0's replica is the state. Rank 0 writes (``apr_kernels.save``:
+temporary file, fsync, rename) and broadcasts success or its error, so every rank fails together.
+Resuming on any number of ranks works: weights and moments are sliced like any init file, and the
+data position is global.
+
+Failures: the process group has a timeout (``--dist-timeout``), so when a rank dies or hangs the
+others stop at their next collective (gloo: a closed connection fails at once; otherwise after the
+timeout) with an error naming the rank, instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+MODES = ("none", "ddp", "fsdp")
+
+
+# ------------------------------------------------------------------------ process group
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: rank, world size, its device and the process group it joined."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None        # None: no process group (plain single-process training)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    owns_group: bool = False          # setup() created the group, so teardown() destroys it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.backend is not None
+
+
+def launched() -> bool:
+    """True inside a ``torchrun`` (or any ``env://``) launch: RANK and WORLD_SIZE are set."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r}; expected an integer (set by torchrun)") from None
+
+
+def setup(device: str | torch.device | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+          need_group: bool = False) -> DistEnv:
+    """Join the process group a launcher describes (``env://``), or none when not launched.
+
+    ``need_group``: create a one-process group even without a launcher (FSDP needs a device mesh).
+    CUDA ranks use ``cuda:LOCAL_RANK`` unless ``device`` names an index.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"--dist-timeout {timeout_s}; expected a positive number of seconds")
+    is_launched = launched()
+    rank, world = (_env_int("RANK", 0), _env_int("WORLD_SIZE", 1)) if is_launched else (0, 1)
+    local_rank = _env_int("LOCAL_RANK", 0) if is_launched else 0
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not (is_launched or need_group):
+        return DistEnv(device=dev, timeout_s=timeout_s)
+    if dist.is_initialized():  # someone else's group: use it, leave it alone
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend(),
+                       timeout_s, owns_group=False)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    kwargs = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+    if backend == "nccl":
+        kwargs["device_id"] = dev  # eager communicator on this rank's GPU
+    if is_launched:
+        dist.init_process_group(init_method="env://", rank=rank, world_size=world, **kwargs)
+    else:
+        dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    return DistEnv(rank, world, local_rank, dev, backend, timeout_s, owns_group=True)
+
+
+def teardown(env: DistEnv, *, failed: bool = False) -> None:
+    """Leave the process group setup() created. After a failure on NCCL the group may hold hung
+    kernels, so it is left to process exit (the NCCL watchdog aborts it) rather than waited on."""
+    if not (env.owns_group and dist.is_initialized()):
+        return
+    if failed and env.backend == "nccl":
+        return
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+def resolve_mode(mode: str | None, env: DistEnv) -> str:
+    """``--parallel``: explicit, or ddp when several ranks run and none when one does."""
+    if mode is None:
+        return "ddp" if env.world_size > 1 else "none"
+    if mode not in MODES:
+        raise ValueError(f"--parallel {mode!r}; expected one of {', '.join(MODES)}")
+    if mode == "none" and env.world_size > 1:
+        raise ValueError(f"--parallel none with WORLD_SIZE={env.world_size}; expected ddp or fsdp "
+                         f"(independent replicas would each train on the whole batch)")
+    return mode
+
+
+def failure_message(env: DistEnv, exc: BaseException) -> str:
+    """The error a rank reports when training stops (collective failures are plain RuntimeErrors)."""
+    return (f"rank {env.rank} of {env.world_size} stopped: {exc} (when a rank dies or hangs, the others "
+            f"fail at their next collective: at once when its connection closes, else after the "
+            f"process-group timeout of {env.timeout_s:g} s set by --dist-timeout; the first error is "
+            f"in the failing rank's output)")
+
+
+# ------------------------------------------------------------------------------ sharding
+def local_rows(index: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous share of a global batch of sequence indices (shares are disjoint and
+    equal, so the mean of the per-rank mean losses is the global mean)."""
+    if index.numel() % world_size:
+        raise ValueError(f"--batch-size {index.numel()} is not a multiple of the world size "
+                         f"{world_size}; expected each rank to get an equal share of the global batch")
+    per = index.numel() // world_size
+    return index[rank * per:(rank + 1) * per]
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_shard(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor:
+    """The slice of ``full`` that ``param`` (an FSDP2 DTensor, ``Shard(0)`` on a 1-D mesh) holds on
+    this rank: ``torch.chunk`` rows, empty for ranks past the last chunk. A view, not a copy."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(full.shape) != tuple(param.shape):
+        raise ValueError(f"{name}: stored shape {list(full.shape)}, expected {list(param.shape)}")
+    mesh = param.device_mesh
+    if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"{name}: placements {param.placements} on a {mesh.ndim}-D mesh; expected "
+                         f"(Shard(dim=0),) on a 1-D mesh (fully_shard's default)")
+    chunks = list(torch.chunk(full, mesh.size(), dim=0)) if full.ndim else [full]
+    rank = mesh.get_local_rank()
+    piece = chunks[rank] if rank < len(chunks) else full[:0]
+    local = param.to_local()
+    if tuple(piece.shape) != tuple(local.shape):
+        raise ValueError(f"{name}: rank {rank}'s slice of {list(full.shape)} has shape "
+                         f"{list(piece.shape)} but the local shard is {list(local.shape)}; expected "
+                         f"torch.chunk(dim 0) sharding")
+    return piece
+
+
+def like_param(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor:
+    """A fp32 copy of ``full`` placed like ``param``: a DTensor holding only the local rows when
+    ``param`` is sharded (optimizer moments on resume), else a plain tensor on its device."""
+    if not _is_dtensor(param):
+        return full.to(param.device, torch.float32, copy=True)
+    from torch.distributed.tensor import DTensor
+
+    piece = local_shard(full, param, name).to(param.to_local().device, torch.float32, copy=True)
+    return DTensor.from_local(piece, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: all-gathered from the ranks when sharded (a collective), else ``t``."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _raise_together(env: DistEnv, error: BaseException | None, what: str) -> None:
+    """Re-raise ``error`` on its rank and a matching error on the others (no rank waits alone)."""
+    if not env.active or env.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0.0 if error is None else 1.0], device=env.device)
+    dist.all_reduce(flag)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise RuntimeError(f"rank {env.rank}: {what} failed on {int(flag.item())} other rank(s); "
+                           f"see their error")
+
+
+# ----------------------------------------------------------------------------- wrapping
+def _fsdp_shard(model, env: DistEnv):
+    """``fully_shard`` every decoder layer, then the root (embedding, final norm, lm_head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    # on CUDA: bf16 compute copies, fp32 gradient reduction and fp32 master weights
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if env.device.type == "cuda" else MixedPrecisionPolicy())
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+class _LossModule(torch.nn.Module):
+    """DDP synchronises gradients only for what runs through its ``forward``: the loss must."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x, y):
+        return self.inner.loss(x, y)
+
+
+class Parallel:
+    """One model trained by this rank: the loss through the DDP/FSDP wrapper, this rank's share of
+    each batch, cross-rank means and sharded evaluation. ``module`` is the ``Transformer`` itself
+    (Hugging Face names; DTensor parameters under FSDP)."""
+
+    def __init__(self, module, mode: str, env: DistEnv, wrapper=None):
+        self.module, self.mode, self.env, self._wrapper = module, mode, env, wrapper
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._wrapper(x, y) if self._wrapper is not None else self.module.loss(x, y)
+
+    def grad_sync(self, enabled: bool):
+        """Context for one micro-batch: no gradient communication unless ``enabled`` (the last)."""
+        if enabled or self.mode == "none":
+            return contextlib.nullcontext()
+        if self.mode == "ddp":
+            return self._wrapper.no_sync()
+
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            self.module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.module.set_requires_gradient_sync(True)
+
+        return fsdp_no_sync()
+
+    def reshard(self) -> None:
+        """FSDP keeps the root's parameters gathered after a forward without backward (evaluation),
+        and while gathered the module holds plain tensors instead of the sharded DTensors that the
+        optimizer updates: shard them again."""
+        if self.mode == "fsdp":
+            self.module.reshard()
+
+    def local_rows(self, index: torch.Tensor) -> torch.Tensor:
+        return local_rows(index, self.env.rank, self.env.world_size)
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce mean (gloo has no AVG: sum, then divide)."""
+        if self.env.world_size == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.env.world_size
+
+    @torch.no_grad()
+    def evaluate(self, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8,
+                 autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None):
+        """``data.evaluate`` over all ranks: each takes a contiguous share of the sequences; every
+        rank runs the same number of forwards (FSDP's are collectives), padding with a batch whose
+        targets are all ignored; (loss sum, count) are all-reduced in float64."""
+        from .data import sequences
+
+        seqs = sequences(tokens, seq_len)
+        if max_tokens is not None:
+            seqs = seqs[: max(1, max_tokens // seq_len)]
+        if len(seqs) == 0:
+            raise ValueError(f"evaluation data: {tokens.numel()} tokens; expected at least {seq_len + 1} "
+                             f"(one sequence of --seq-len {seq_len} plus its target)")
+        rank, world, dev = self.env.rank, self.env.world_size, self.env.device
+        per = -(-len(seqs) // world)
+        mine = seqs[rank * per:(rank + 1) * per]
+        model = self.module
+        was_training = model.training
+        model.eval()
+        acc = torch.zeros(2, dtype=torch.float64, device=dev)  # loss sum, target count
+        for b in range(-(-per // batch_size)):
+            rows = mine[b * batch_size:(b + 1) * batch_size]
+            x, y = (rows[:, :-1], rows[:, 1:]) if len(rows) else (seqs[:1, :-1], torch.full_like(seqs[:1, 1:], -100))
+            x, y = x.to(dev), y.to(dev)
+            with torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                acc[0] += model.loss(x, y, reduction="sum").double()
+            acc[1] += (y != -100).sum()
+        model.train(was_training)
+        self.reshard()
+        if world > 1:
+            dist.all_reduce(acc)
+        return float(acc[0] / acc[1]), int(acc[1])
+
+
+def parallelize(model, mode: str, env: DistEnv) -> Parallel:
+    """Wrap ``model`` for ``mode``: ``ddp`` (a replica per rank, gradients all-reduced), ``fsdp``
+    (``fully_shard`` per decoder layer and at the root; already sharded models pass through) or
+    ``none``. Build the optimizer after this: FSDP replaces the parameters by DTensors."""
+    if mode not in MODES:
+        raise ValueError(f"parallel mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode != "none" and not env.active:
+        raise ValueError(f"parallel mode {mode!r} needs a process group; run under torchrun or call "
+                         f"setup(need_group=True)")
+    if mode == "fsdp":
+        return Parallel(_fsdp_shard(model, env), mode, env)
+    model = model.to(env.device)
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return Parallel(model, mode, env, DDP(_LossModule(model), device_ids=ids))
+    return Parallel(model, mode, env)
+
+
+# ------------------------------------------------------------------------ load and save
+def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None):
+    """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
+    materialises only its shards), a full replica otherwise. Fails on every rank if any fails."""
+    from apr_kernels.model.loading import from_apr as load
+
+    shard = (lambda m: _fsdp_shard(m, env)) if mode == "fsdp" else None
+    model, error = None, None
+    try:
+        model = load(path, device=env.device, fast=fast, shard=shard)
+    except (ValueError, OSError, RuntimeError) as exc:
+        error = exc
+    _raise_together(env, error, f"loading {os.fspath(path)}")
+    return model
+
+
+def gather_state(trainer) -> tuple[dict, dict] | None:
+    """(weights, AdamW moments) of a sharded model, all-gathered tensor by tensor; CPU copies are
+    kept on rank 0 only (None elsewhere). Every rank must call it (collectives)."""
+    from .checkpoint import _param_names
+
+    main = dist.get_rank() == 0
+    model, opt = trainer.model, trainer.optimizer
+    weights, moments = {}, {}
+    for name, p in model.named_parameters():
+        full = full_tensor(p.detach())
+        if main:
+            weights[name] = full.cpu()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for name, p in zip(_param_names(model, opt), params):
+        state = opt.state.get(p)
+        if not state:
+            continue
+        entry = {"step": int(state["step"])}
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = full_tensor(state[key].detach())
+            if main:
+                entry[key] = full.float().cpu()
+        moments[name] = entry
+    return (weights, moments) if main else None
+
+
+def save_checkpoint(path, trainer, parallel: Parallel, **kwargs) -> None:
+    """``checkpoint.save_checkpoint`` for a parallel run: one gathered APR file written atomically by
+    rank 0; every rank returns once it is on disk, or raises if rank 0 could not write it."""
+    from .checkpoint import save_checkpoint as save
+
+    env = parallel.env
+    parallel.reshard()
+    state = gather_state(trainer) if parallel.mode == "fsdp" else None
+    error = None
+    if env.is_main:
+        try:
+            save(path, trainer, state=state, **kwargs)
+        except Exception as exc:  # reported to every rank below, then raised here
+            error = exc
+    if env.active and env.world_size > 1:
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and error is None:
+            raise RuntimeError(f"{path}: rank 0 could not write the checkpoint: {box[0]}")
+    if error is not None:
+        raise error

@@ -1,0 +1,385 @@
+"""DDP / FSDP2 under torch.distributed (gloo, CPU, 2 processes) against single-process training.
+
+One module fixture launches, side by side: ``torchrun`` running the unchanged CLI with
+``--parallel fsdp``; a 2-rank ``env://`` worker (this file run as a script) that measures per-rank
+memory while FSDP-loading a ~45 MB APR file, checks sharded evaluation, then runs the CLI twice in
+its process group (DDP from scratch; FSDP resuming a 1-process checkpoint); and a 1-rank worker for
+the memory baseline. The reference is the same CLI run in this process without any process group.
+The init model has odd sizes (vocab 263, intermediate 75), so shards are uneven.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TRAIN = [str(STDLIB / "json"), str(STDLIB / "textwrap.py")]
+HELD = str(STDLIB / "shlex.py")
+STEPS = 4
+# global batch 4 = 2 ranks x 2 rows, two micro-batches per step (gradient sync on the last only)
+COMMON = ["--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD, "--max-tokens", "20000",
+          "--steps", str(STEPS), "--batch-size", "4", "--grad-accum", "2", "--seq-len", "32", "--lr", "3e-3",
+          "--eval-tokens", "160", "--save-every", "2", "--json", "--seed", "5", "--no-progress",
+          "--fast", "off", "--dist-timeout", "60"]
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank: int, world: int, port: int) -> dict:
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _launch(argv: list[str], world: int, **kw) -> list[subprocess.Popen]:
+    """``world`` processes joined through env:// (what torchrun sets up, minus its agent)."""
+    port = _free_port()
+    return [subprocess.Popen(argv, env=_rank_env(r, world, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, **kw) for r in range(world)]
+
+
+def _records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _losses(recs, event="train", key="loss"):
+    return [r[key] for r in recs if r["event"] == event]
+
+
+def _cli(main, argv) -> tuple[int, str]:
+    """(exit code, stdout) of the CLI run in this process."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    return code, buf.getvalue()
+
+
+def _memory_kib() -> dict:
+    status = Path("/proc/self/status").read_text()
+    return {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) for k in ("VmRSS", "VmHWM", "RssAnon")}
+
+
+def _odd_config():
+    from apr_kernels.model import ModelConfig
+
+    return ModelConfig(architecture="qwen2", hidden_size=42, num_layers=2, num_heads=3, num_kv_heads=1,
+                       head_dim=14, intermediate_size=75, vocab_size=263, max_position_embeddings=256,
+                       rope_theta=1e4, rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True)
+
+
+def _big_config():  # ~11M fp32 parameters: a 45 MB file
+    from apr_kernels.model import ModelConfig
+
+    return ModelConfig(architecture="llama", hidden_size=256, num_layers=12, num_heads=4, num_kv_heads=2,
+                       intermediate_size=704, vocab_size=8192, max_position_embeddings=256)
+
+
+# ------------------------------------------------------------------------------------ worker
+def _worker(spec_path: str) -> int:
+    """One rank: memory of an FSDP load, sharded eval vs single-process eval, then CLI runs."""
+    from apr_kernels.cli import main
+    from apr_kernels.model.loading import from_apr as plain_from_apr
+    from apr_kernels.train import distributed as D
+    from apr_kernels.train.data import evaluate
+
+    spec = json.loads(Path(spec_path).read_text())
+    env = D.setup("cpu", timeout_s=60, need_group=True)
+    out = Path(spec["out"])
+    result = {"rank": env.rank, "world": env.world_size}
+    try:
+        # first a tiny model, so lazy imports and one-time allocations are not counted below
+        D.from_apr(spec["warmup"], env, "fsdp", fast=False)
+        # peak-resident-memory delta around the sharded load (VmHWM reset just before it)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            before = _memory_kib()
+        except OSError:
+            before = None  # no peak reset here: the test skips the memory claim
+        model = D.from_apr(spec["memory"], env, "fsdp", fast=False)
+        after = _memory_kib()
+        result["load_peak_kib"] = None if before is None else after["VmHWM"] - before["VmRSS"]
+        # private memory kept (the shards); the mapped file pages are shared page cache, gone at close
+        result["load_anon_kib"] = None if before is None else after["RssAnon"] - before["RssAnon"]
+        result["local_param_bytes"] = sum(p.to_local().numel() * 4 for p in model.parameters())
+        # sharded evaluation: 5 sequences, batch 2 -> uneven shares and a padding forward on rank 1
+        tokens = torch.randint(0, 8192, (5 * 32 + 1,), generator=torch.Generator().manual_seed(1))
+        result["eval_sharded"] = D.parallelize(model, "fsdp", env).evaluate(tokens, 32, batch_size=2)
+        if env.rank == 0:
+            result["eval_single"] = evaluate(plain_from_apr(spec["memory"], fast=False), tokens, 32,
+                                             batch_size=3)
+        del model
+        for i, argv in enumerate(spec["runs"]):
+            code, stdout = _cli(main, argv)  # reuses this process group (the CLI's setup() sees it)
+            result[f"run{i}"] = {"code": code, "stdout": stdout}
+    finally:
+        (out / f"rank{env.rank}.world{env.world_size}.json").write_text(json.dumps(result))
+        D.teardown(env)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- fixture
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(11)
+    init = root / "init.apr"
+    save_checkpoint(init, model=Transformer(_odd_config(), fast=False))
+    big = root / "big.apr"
+    save_checkpoint(big, model=Transformer(_big_config(), fast=False))
+
+    # the reference: one process, no process group, same global batch
+    one = root / "one"
+    code, one_out = _cli(main, ["train", "--init", str(init), *COMMON, "--out", str(one)])
+    assert code == 0
+
+    env1 = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "apr_kernels", "train", "--init", str(init), *COMMON, "--parallel", "fsdp",
+         "--out", str(root / "fsdp")], env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spec = {"out": str(root), "memory": str(big), "warmup": str(init), "runs": [
+        ["train", "--init", str(init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp")],
+        ["train", "--resume", str(one / "step_000002.apr"), "--parallel", "fsdp", "--out", str(root / "r2"),
+         "--json", "--no-progress", "--fast", "off"],
+    ]}
+    (root / "spec.json").write_text(json.dumps(spec))
+    worker = [sys.executable, __file__, str(root / "spec.json")]
+    two = _launch(worker, 2)
+    single = subprocess.Popen(worker, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [torchrun, *two, single]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    ranks = {(r["rank"], r["world"]): r for r in
+             (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
+    return {"root": root, "one": one, "one_out": one_out, "torchrun_out": outputs[0][0], "ranks": ranks}
+
+
+def _tensors(path) -> dict:
+    import apr_kernels
+
+    with apr_kernels.open(path) as f:
+        return {name: f.get_tensor(name).clone() for name in f.keys()}, dict(f.metadata)
+
+
+def test_fsdp_under_torchrun_matches_one_process(runs):
+    ref, got = _records(runs["one_out"]), _records(runs["torchrun_out"])
+    assert len(_losses(ref)) == STEPS and len(_losses(got)) == STEPS  # rank 0 alone logs
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    assert _losses(got, "eval", "eval_tokens") == _losses(ref, "eval", "eval_tokens") == [160, 160]
+    # the gathered checkpoint: same weights, AdamW moments and data position as one process wrote
+    (a, meta_a), (b, meta_b) = _tensors(runs["root"] / "fsdp" / "model.apr"), _tensors(runs["one"] / "model.apr")
+    assert sorted(a) == sorted(b) and any(k.startswith("__training__.adam.") for k in a)
+    close, total = 0, 0
+    for name in b:
+        if b[name].is_floating_point():
+            # AdamW divides by sqrt(v): where a gradient is ~0, summation-order noise can move single
+            # elements by up to ~lr (3e-3); a wrong shard or a lost update would be off everywhere
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+            close += int(torch.isclose(a[name], b[name], rtol=1e-4, atol=1e-6).sum())
+            total += b[name].numel()
+    assert close >= 0.999 * total, (close, total)
+    for key in ("training.step", "training.data_position", "training.adam_steps"):
+        assert meta_a[key] == meta_b[key], key
+    assert not list((runs["root"] / "fsdp").glob(".*.tmp"))  # written atomically, nothing left over
+
+
+def test_ddp_matches_one_process(runs):
+    ref = _records(runs["one_out"])
+    run0, run1 = runs["ranks"][(0, 2)]["run0"], runs["ranks"][(1, 2)]["run0"]
+    assert run0["code"] == run1["code"] == 0
+    got = _records(run0["stdout"])
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    assert run1["stdout"] == ""  # only rank 0 logs
+
+
+def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    from apr_kernels.cli import main
+
+    code, out = _cli(main, ["train", "--resume", str(runs["root"] / "fsdp" / "step_000002.apr"), "--out",
+                            str(tmp_path), "--json", "--no-progress", "--fast", "off"])
+    assert code == 0
+    ref, got = _records(runs["one_out"]), _records(out)
+    assert [r["step"] for r in got if r["event"] == "train"] == [3, 4]
+    assert _losses(got) == pytest.approx(_losses(ref)[2:], rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss")[-1:], abs=1e-5)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks_under_fsdp(runs):
+    ref = _records(runs["one_out"])
+    run = runs["ranks"][(0, 2)]["run1"]
+    assert run["code"] == 0
+    got = _records(run["stdout"])
+    assert [r["step"] for r in got if r["event"] == "train"] == [3, 4]
+    assert _losses(got) == pytest.approx(_losses(ref)[2:], rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss")[-1:], abs=1e-5)
+
+
+def test_sharded_evaluation_matches_one_process(runs):
+    r = runs["ranks"]
+    loss, count = r[(0, 2)]["eval_single"]
+    assert count == 5 * 32
+    for key in ((0, 2), (1, 2), (0, 1)):
+        assert r[key]["eval_sharded"][1] == count
+        assert r[key]["eval_sharded"][0] == pytest.approx(loss, abs=1e-5)
+
+
+def test_fsdp_loading_peak_memory_per_rank_shrinks_with_ranks(runs):
+    """VmHWM growth around ``distributed.from_apr`` (peak reset via /proc/self/clear_refs): one rank
+    holds the model (~42 MiB) plus the file pages it read; each of two ranks about half of both.
+    Mapped file pages count in RSS (with kernel fault-around slack) though they are shared page
+    cache; the private part (RssAnon kept) is the shards alone."""
+    r = runs["ranks"]
+    model_bytes = _big_config().num_parameters() * 4
+    assert r[(0, 1)]["local_param_bytes"] == model_bytes
+    halves = [r[(k, 2)]["local_param_bytes"] for k in (0, 1)]
+    assert sum(halves) == model_bytes and max(halves) <= 0.52 * model_bytes
+    one, two = r[(0, 1)]["load_peak_kib"], [r[(k, 2)]["load_peak_kib"] for k in (0, 1)]
+    if one is None:
+        pytest.skip("/proc/self/clear_refs is not writable here: no peak-memory reset")
+    anon1, anon2 = r[(0, 1)]["load_anon_kib"], [r[(k, 2)]["load_anon_kib"] for k in (0, 1)]
+    print(f"\nFSDP load of a {model_bytes / 2**20:.1f} MiB model, per rank: peak RSS growth 1 rank "
+          f"{one / 1024:.1f} MiB, 2 ranks {two[0] / 1024:.1f} / {two[1] / 1024:.1f} MiB; private memory "
+          f"kept {anon1 / 1024:.1f} vs {anon2[0] / 1024:.1f} / {anon2[1] / 1024:.1f} MiB")
+    assert one >= 0.9 * model_bytes / 1024  # one rank really holds the whole model
+    assert max(two) <= 0.75 * one
+    assert anon1 >= 0.9 * model_bytes / 1024 and max(anon2) <= 0.6 * anon1
+
+
+# ------------------------------------------------------------------------------------ failure
+def _first_train_line(proc: subprocess.Popen, deadline: float) -> None:
+    for line in proc.stdout:
+        if line.startswith('{"event": "train"'):
+            return
+        assert time.time() < deadline, "rank 0 logged no training step in time"
+    raise AssertionError(f"rank 0 exited before training: {proc.stderr.read()[-2000:]}")
+
+
+def test_a_dead_or_hung_rank_stops_the_other_with_an_error(tmp_path):
+    """SIGKILL (connection closes: fails at once) and SIGSTOP (alive but silent: the process-group
+    timeout, here 6 s, must fire): rank 0 exits with status 1 and says why, never hangs."""
+    timeout_s = 6
+    argv = [sys.executable, "-m", "apr_kernels", "train", "--preset", "tiny_llama", "--tokenizer", "bytes",
+            "--data", TRAIN[0], "--max-tokens", "20000", "--steps", "100000", "--batch-size", "2",
+            "--seq-len", "32", "--eval-tokens", "64", "--json", "--no-progress", "--fast", "off",
+            "--dist-timeout", str(timeout_s)]
+    jobs = {"SIGKILL": _launch([*argv, "--parallel", "fsdp", "--out", str(tmp_path / "k")], 2),
+            "SIGSTOP": _launch([*argv, "--parallel", "ddp", "--out", str(tmp_path / "s")], 2)}
+    try:
+        deadline = time.time() + 120
+        for procs in jobs.values():
+            _first_train_line(procs[0], deadline)
+        t0 = time.time()
+        for sig, procs in jobs.items():
+            os.kill(procs[1].pid, getattr(signal, sig))
+        for sig, procs in jobs.items():
+            _, err = procs[0].communicate(timeout=60)
+            took = time.time() - t0
+            assert procs[0].returncode == 1, (sig, err[-2000:])
+            assert "apr-kernels train: error: rank 0 of 2 stopped:" in err and "--dist-timeout" in err, err[-2000:]
+            if sig == "SIGSTOP":
+                assert "Timed out" in err and took >= timeout_s - 1, (took, err[-2000:])
+            assert took < timeout_s + 45, (sig, took)
+    finally:
+        for procs in jobs.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.communicate()
+
+
+# --------------------------------------------------------------------------------------- units
+def test_local_rows_are_disjoint_equal_shares_of_the_global_batch():
+    from apr_kernels.train.distributed import local_rows
+
+    index = torch.randperm(1000)[:12]
+    shares = [local_rows(index, r, 3) for r in range(3)]
+    assert [len(s) for s in shares] == [4, 4, 4]
+    assert torch.equal(torch.cat(shares), index)  # disjoint, in order, nothing left out
+    with pytest.raises(ValueError, match=r"--batch-size 10 is not a multiple of the world size 3"):
+        local_rows(index[:10], 0, 3)
+
+
+def test_parallel_mode_and_setup_without_a_launcher(monkeypatch):
+    from apr_kernels.train import distributed as D
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    env = D.setup("cpu")
+    assert not env.active and (env.rank, env.world_size) == (0, 1) and env.device == torch.device("cpu")
+    assert D.resolve_mode(None, env) == "none"
+    two = D.DistEnv(rank=1, world_size=2, backend="gloo")
+    assert D.resolve_mode(None, two) == "ddp" and D.resolve_mode("fsdp", two) == "fsdp"
+    with pytest.raises(ValueError, match="--parallel none with WORLD_SIZE=2"):
+        D.resolve_mode("none", two)
+    with pytest.raises(ValueError, match="--parallel 'zero3'; expected one of none, ddp, fsdp"):
+        D.resolve_mode("zero3", two)
+    with pytest.raises(ValueError, match="needs a process group"):
+        D.parallelize(torch.nn.Linear(2, 2), "ddp", env)
+    with pytest.raises(ValueError, match="--dist-timeout 0"):
+        D.setup("cpu", timeout_s=0)
+
+
+@pytest.mark.cuda
+def test_fsdp_bf16_mixed_precision_on_one_gpu():
+    """FSDP2 with MixedPrecisionPolicy (bf16 compute, fp32 reduce) in a 1-rank NCCL group trains like
+    plain bf16-autocast training within bf16 tolerance; master weights stay fp32."""
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train import TrainConfig, Trainer
+    from apr_kernels.train import distributed as D
+
+    tokens = torch.randint(0, 320, (4000,))
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=64, lr=3e-3, eval_tokens=256)
+    torch.manual_seed(0)
+    plain = Trainer(Transformer(preset("tiny_qwen2")).cuda(), tokens, tokens[:600], cfg, log=lambda *a: None)
+    env = D.setup("cuda", timeout_s=120, need_group=True)
+    try:
+        torch.manual_seed(0)
+        model = Transformer(preset("tiny_qwen2")).cuda()
+        par = D.parallelize(model, "fsdp", env)
+        sharded = Trainer(model, tokens, tokens[:600], cfg, parallel=par, log=lambda *a: None)
+        for _ in range(3):
+            a, b = plain.train_step(), sharded.train_step()
+            assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert sharded.evaluate()[0] == pytest.approx(plain.evaluate()[0], rel=2e-2)
+    finally:
+        D.teardown(env)
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
