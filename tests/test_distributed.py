@@ -354,6 +354,21 @@ def test_parallel_mode_and_setup_without_a_launcher(monkeypatch):
         D.setup("cpu", timeout_s=0)
 
 
+def test_trainer_takes_only_its_own_parallel_model_and_whole_shares():
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train import TrainConfig, Trainer
+    from apr_kernels.train.distributed import DistEnv, Parallel
+
+    model = Transformer(preset("tiny_llama"), fast=False)
+    two = DistEnv(rank=0, world_size=2, backend="gloo")
+    tokens = torch.randint(0, 320, (400,))
+    with pytest.raises(ValueError, match=r"--batch-size 3 is not a multiple of the world size 2"):
+        Trainer(model, tokens, None, TrainConfig(batch_size=3, seq_len=16), parallel=Parallel(model, "ddp", two))
+    other = Transformer(preset("tiny_llama"), fast=False)
+    with pytest.raises(ValueError, match="parallel.module is not the model given"):
+        Trainer(model, tokens, None, TrainConfig(batch_size=4, seq_len=16), parallel=Parallel(other, "ddp", two))
+
+
 @pytest.mark.cuda
 def test_fsdp_bf16_mixed_precision_on_one_gpu():
     """FSDP2 with MixedPrecisionPolicy (bf16 compute, fp32 reduce) in a 1-rank NCCL group trains like
@@ -362,14 +377,16 @@ def test_fsdp_bf16_mixed_precision_on_one_gpu():
     from apr_kernels.train import TrainConfig, Trainer
     from apr_kernels.train import distributed as D
 
+    # Qwen2-0.5B layer shapes (head_dim 64: the attention kernel's), 2 layers; the package kernels run
+    mcfg = preset("qwen2_0_5b").replace(num_layers=2, vocab_size=320, head_dim=64)
     tokens = torch.randint(0, 320, (4000,))
     cfg = TrainConfig(steps=3, batch_size=4, seq_len=64, lr=3e-3, eval_tokens=256)
     torch.manual_seed(0)
-    plain = Trainer(Transformer(preset("tiny_qwen2")).cuda(), tokens, tokens[:600], cfg, log=lambda *a: None)
+    plain = Trainer(Transformer(mcfg).cuda(), tokens, tokens[:600], cfg, log=lambda *a: None)
     env = D.setup("cuda", timeout_s=120, need_group=True)
     try:
         torch.manual_seed(0)
-        model = Transformer(preset("tiny_qwen2")).cuda()
+        model = Transformer(mcfg).cuda()
         par = D.parallelize(model, "fsdp", env)
         sharded = Trainer(model, tokens, tokens[:600], cfg, parallel=par, log=lambda *a: None)
         for _ in range(3):

@@ -5,12 +5,15 @@
     apr-kernels train --resume runs/ft/step_000100.apr
     apr-kernels eval --init runs/ft/model.apr --data heldout/ --seq-len 256
     apr-kernels demo
+    torchrun --nproc_per_node=8 -m apr_kernels train --init model.apr --data corpus/ --parallel fsdp
 
 Model: ``--init FILE.apr`` (config and weights from the file, after the preflight checks of
 ``apr_kernels.model.loading``), else ``--preset NAME`` (default ``llama_370m``, fresh weights).
 Tokenizer (``--tokenizer``): ``qwen2`` (the Qwen2.5 vocabulary), ``bytes`` (256 bytes + end-of-text),
 or an APR file whose embedded tokenizer to use; default: the one embedded in ``--init``, else qwen2.
 Its vocabulary must fit the model's (``--fit-vocab`` sizes a preset's vocabulary to the tokenizer).
+Under ``torchrun`` the same command trains data parallel (``--parallel ddp``, the default) or fully
+sharded (``--parallel fsdp``); ``--batch-size`` stays the global batch (see ``distributed``).
 """
 
 from __future__ import annotations
