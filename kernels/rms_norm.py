@@ -262,9 +262,11 @@ SINGLE_PROGRAM_DW_BLOCKS = 4
 # CompiledKernel; later launches with the same key call that kernel's launcher directly (what
 # CompiledKernel.__getitem__ does). The key holds everything Triton 3.6 specialises on: constexpr
 # values, num_warps, the device, tensor dtypes and 16-byte alignment, and for ints == 1, % 16 == 0
-# and the 32-bit range. APR_KERNELS_FAST_LAUNCH=0 (read at import) turns it off.
+# and the 32-bit range. Opt-in with APR_KERNELS_FAST_LAUNCH=1 (read at import): it reaches into
+# Triton's CompiledKernel launcher, which has been checked against Triton 3.6's source and tested
+# with a stand-in kernel, but not yet run on a GPU; the default is Triton's own launch path.
 
-_FAST_LAUNCH = os.environ.get("APR_KERNELS_FAST_LAUNCH", "1").strip() != "0"
+_FAST_LAUNCH = os.environ.get("APR_KERNELS_FAST_LAUNCH", "0").strip() == "1"
 _compiled: dict = {}
 _NULL = contextlib.nullcontext()
 
