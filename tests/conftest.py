@@ -33,6 +33,16 @@ def _seed(request):
 
 
 @pytest.fixture
+def use_backend(monkeypatch):
+    """use_backend("triton" | "reference" | "auto"): set APR_KERNELS_BACKEND for this test."""
+
+    def set_backend(name):
+        monkeypatch.setenv("APR_KERNELS_BACKEND", name)
+
+    return set_backend
+
+
+@pytest.fixture
 def tmp_apr(tmp_path):
     """A path for an APR file inside the test's temp folder."""
     return tmp_path / "model.apr"

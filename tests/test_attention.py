@@ -9,6 +9,7 @@ import torch
 
 import apr_kernels
 from apr_kernels import backend
+from kernel_helpers import kernel_module, spy_launchers
 from apr_kernels.nn import Attention
 from apr_kernels.ops import attention as ops
 
@@ -18,29 +19,13 @@ from apr_kernels.ops import attention as ops
 REL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture
-def use_backend(monkeypatch):
-    def set_backend(name):
-        monkeypatch.setenv(backend.ENV_VAR, name)
-
-    return set_backend
-
-
 def _kernels():
-    if not torch.cuda.is_available():
-        backend._require_interpreter()
-    return backend.kernels("attention")
+    return kernel_module("attention")
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Launcher names called: proves the Triton path (not the reference) ran."""
-    k = _kernels()
-    calls = []
-    for name in ("attention_fwd", "attention_bwd"):
-        fn = getattr(k, name)
-        monkeypatch.setattr(k, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
-    return calls
+    return spy_launchers(monkeypatch, "attention", ('attention_fwd', 'attention_bwd'))
 
 
 def oracle(q, k, v, causal, scale):

@@ -10,7 +10,7 @@ import torch
 
 import apr_kernels
 from apr_kernels import backend
-from test_attention import REL, _kernels, assert_close, make, oracle, use_backend  # noqa: F401 (fixture)
+from test_attention import REL, _kernels, assert_close, make, oracle
 
 
 def _gpu_tile_rounds(D):

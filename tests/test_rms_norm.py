@@ -8,6 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import apr_kernels
 from apr_kernels import backend
+from kernel_helpers import kernel_module, spy_launchers
 from apr_kernels.nn import RMSNorm
 from apr_kernels.ops import rms_norm as ops
 
@@ -17,30 +18,13 @@ BACKENDS = ["triton", "reference"]
 SHAPES = [(6, 896), (5, 1000), (2, 9, 123), (3, 64)]  # odd hidden sizes, 3-D, a multi-row tile
 
 
-@pytest.fixture
-def use_backend(monkeypatch):
-    def set_backend(name):
-        monkeypatch.setenv(backend.ENV_VAR, name)
-
-    return set_backend
-
-
 def _kernels():
-    """The kernel module, imported under the interpreter on CPU (the backend sets it up)."""
-    if not torch.cuda.is_available():
-        backend._require_interpreter()
-    return backend.kernels("rms_norm")
+    return kernel_module("rms_norm")
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Names of the launchers called: proves the Triton path (not the reference) ran."""
-    k = _kernels()
-    calls = []
-    for name in ("rms_norm_fwd", "add_rms_norm_fwd", "rms_norm_bwd"):
-        fn = getattr(k, name)
-        monkeypatch.setattr(k, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
-    return calls
+    return spy_launchers(monkeypatch, "rms_norm", ('rms_norm_fwd', 'add_rms_norm_fwd', 'rms_norm_bwd'))
 
 
 def oracle(x, w, eps, residual=None):
