@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import apr_kernels
-from apr_kernels import backend
 from kernel_helpers import kernel_module, spy_launchers
 from apr_kernels.nn import Attention
 from apr_kernels.ops import attention as ops
