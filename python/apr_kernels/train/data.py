@@ -147,18 +147,25 @@ def batch(seqs: torch.Tensor, index: torch.Tensor, device=None) -> tuple[torch.T
 
 
 @torch.no_grad()
-def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, device=None,
-             autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None) -> tuple[float, int]:
-    """Mean next-token loss over all packed sequences of ``tokens`` (in order) and the target count.
-
-    ``max_tokens`` keeps the first ``max_tokens // seq_len`` sequences (at least one).
-    """
+def eval_sequences(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """The packed evaluation sequences: the first ``max_tokens // seq_len`` (at least one, all when
+    ``max_tokens`` is None); an error when there is not even one."""
     seqs = sequences(tokens, seq_len)
     if max_tokens is not None:
         seqs = seqs[: max(1, max_tokens // seq_len)]
     if len(seqs) == 0:
         raise ValueError(f"evaluation data: {tokens.numel()} tokens; expected at least {seq_len + 1} "
                          f"(one sequence of --seq-len {seq_len} plus its target)")
+    return seqs
+
+
+def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, device=None,
+             autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None) -> tuple[float, int]:
+    """Mean next-token loss over all packed sequences of ``tokens`` (in order) and the target count.
+
+    ``max_tokens`` keeps the first ``max_tokens // seq_len`` sequences (at least one).
+    """
+    seqs = eval_sequences(tokens, seq_len, max_tokens)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -311,14 +311,9 @@ class Parallel:
         """``data.evaluate`` over all ranks: each takes a contiguous share of the sequences; every
         rank runs the same number of forwards (FSDP's are collectives), padding with a batch whose
         targets are all ignored; (loss sum, count) are all-reduced in float64."""
-        from .data import sequences
+        from .data import eval_sequences
 
-        seqs = sequences(tokens, seq_len)
-        if max_tokens is not None:
-            seqs = seqs[: max(1, max_tokens // seq_len)]
-        if len(seqs) == 0:
-            raise ValueError(f"evaluation data: {tokens.numel()} tokens; expected at least {seq_len + 1} "
-                             f"(one sequence of --seq-len {seq_len} plus its target)")
+        seqs = eval_sequences(tokens, seq_len, max_tokens)
         rank, world, dev = self.env.rank, self.env.world_size, self.env.device
         per = -(-len(seqs) // world)
         mine = seqs[rank * per:(rank + 1) * per]
