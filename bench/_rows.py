@@ -210,7 +210,8 @@ def _from_pytest_benchmark(data: dict, path: Path) -> Run:
             continue
         params = dict(b.get("params") or {})
         extra = b.get("extra_info") or {}
-        provider = extra.get("provider") or params.pop("provider", None) or b.get("name", "?")
+        param_provider = params.pop("provider", None)  # never part of the shape
+        provider = extra.get("provider") or param_provider or b.get("name", "?")
         d = {"op": b.get("group") or str(b.get("name", bench)).split("[")[0], "shape": params or None,
              "provider": provider, "ms": (_num(b["stats"].get("median")) or math.nan) * 1e3}
         d.update({k: v for k, v in extra.items() if k != "provider"})

@@ -262,3 +262,18 @@ def test_report_falls_back_to_a_bench_own_ceiling(tmp_path, capsys):
 def test_report_exits_2_without_results(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "no benchmark results" in capsys.readouterr().err
+
+
+def test_pytest_benchmark_loader_file_runs_and_reports(tmp_path):
+    """bench/pytest_load.py (the pytest-benchmark view of the loader) runs once per case and writes
+    JSON that report.py lines up as ours vs the safetensors/zlib baselines."""
+    pytest.importorskip("pytest_benchmark")
+    out = tmp_path / "load-pytest-benchmark.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(BENCH / "pytest_load.py"),
+                           "--benchmark-min-rounds=1", "--benchmark-max-time=0.01", "--benchmark-warmup=off",
+                           f"--benchmark-json={out}"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = _rows.load_run(out)
+    by = {(r.kernel, r.provider) for r in run.rows}
+    assert {("load_warm", "apr"), ("load_warm", "safetensors_load_file"), ("crc32", "zlib")} <= by
