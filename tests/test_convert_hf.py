@@ -262,3 +262,29 @@ def test_convert_streams_one_tensor_at_a_time(tmp_path, monkeypatch, options):
     monkeypatch.setattr(core, "open_source", tracking)
     core.convert(tmp_path / "hf", tmp_path / "m.apr", progress=False, **options)
     assert len(live) == len(model.state_dict()) and peak[0] == 0
+
+
+def test_llama3_rope_scaling_survives_convert_and_export(tmp_path):
+    """A Llama 3.1-style rope_scaling travels HF -> APR (custom key) -> our model and -> HF again, with
+    logits equal to the original at positions past original_max_position_embeddings."""
+    from apr_kernels.model import from_apr
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    cfg = transformers.LlamaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                   intermediate_size=104, vocab_size=257, tie_word_embeddings=False,
+                                   max_position_embeddings=256, rope_theta=5e5, rms_norm_eps=1e-5,
+                                   rope_scaling=scaling)
+    hf = _randomised(transformers.LlamaForCausalLM(cfg))
+    hf.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "m.apr")
+    with apr_kernels.open(tmp_path / "m.apr") as f:
+        assert f.metadata["rope_scaling"]["rope_type"] == "llama3"
+    ids = torch.randint(0, 257, (1, 120))
+    want = logits(hf, ids)
+    with torch.no_grad():
+        got = from_apr(tmp_path / "m.apr", fast=False)(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert main(["export", str(tmp_path / "m.apr"), str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    torch.testing.assert_close(logits(back, ids), want, rtol=1e-4, atol=1e-4)

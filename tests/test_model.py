@@ -16,8 +16,8 @@ from apr_kernels.model.rope import permute_rows_for_norm_rope, unpermute_rows_fr
 transformers = pytest.importorskip("transformers")
 
 
-def hf_model(cfg: ModelConfig):
-    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+def hf_model(cfg: ModelConfig, **extra):
+    kw = dict(**extra, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
               num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
               intermediate_size=cfg.intermediate_size, rope_theta=cfg.rope_theta,
               rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
@@ -75,6 +75,41 @@ def test_logits_match_transformers_rope_split_halves(cfg):
     assert got.shape == (2, 37, cfg.vocab_size)
     assert want.abs().max() > 1.0  # a meaningful comparison, not two near-zero tensors
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+# head_dim 8, theta 1e4: wavelengths 6.3, 63, 628, 6283; with original length 64 and factors 1/4 the
+# pairs fall in all three llama3 regimes (kept < 16 <= interpolated <= 64 < slowed)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}],
+                         ids=["llama3", "linear"])
+def test_logits_match_transformers_with_rope_scaling(scaling):
+    cfg = LLAMA.replace(rope_scaling=scaling, max_position_embeddings=512)
+    hf = hf_model(cfg, rope_scaling=dict(scaling))
+    ours = ours_from_hf(hf, cfg)
+    x = torch.randint(0, cfg.vocab_size, (1, 150))  # positions past the original 64
+    with torch.no_grad():
+        want = hf(x).logits
+        got = ours(x)
+        unscaled = ours_from_hf(hf, cfg.replace(rope_scaling=None))(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert (unscaled - want).abs().max() > 1e-2  # the scaling matters: ignoring it is detectable
+
+
+def test_rope_scaling_round_trips_and_unsupported_kinds_are_refused():
+    from apr_kernels.metadata import AprModelConfig
+
+    cfg = LLAMA.replace(rope_scaling=LLAMA3_SCALING)
+    meta = cfg.to_apr_config().to_metadata()
+    assert meta["rope_scaling"] == LLAMA3_SCALING
+    assert ModelConfig.from_apr_config(AprModelConfig.from_metadata(meta)) == cfg
+    with pytest.raises(ValueError, match=r"f\.apr: rope_scaling type 'yarn' is not supported"):
+        LLAMA.replace(rope_scaling={"rope_type": "yarn", "factor": 4.0}, _source="f.apr")
+    with pytest.raises(ValueError, match=r"rope_scaling\['low_freq_factor'\]=None; expected a positive number"):
+        LLAMA.replace(rope_scaling={"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64})
 
 
 @pytest.mark.parametrize("cfg", [QWEN, LLAMA], ids=["qwen2", "llama"])

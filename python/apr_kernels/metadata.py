@@ -39,7 +39,7 @@ TYPED_KEY_ORDER = (
 # Written even when null (provenance contract FALSIFY-SHIP-022); the other typed keys are omitted.
 ALWAYS_WRITTEN = ("license", "data_source", "data_license")
 
-_INT, _FLOAT, _STR, _BOOL = "integer", "number", "string", "boolean"
+_INT, _FLOAT, _STR, _BOOL, _OBJ = "integer", "number", "string", "boolean", "object"
 
 
 @dataclasses.dataclass
@@ -61,6 +61,7 @@ class AprModelConfig:
     rms_norm_eps: float | None = None
     head_dim: int | None = None
     tied_embeddings: bool | None = None  # custom key written by apr import (spec 10.4)
+    rope_scaling: dict | None = None  # custom key: Hugging Face rope_scaling (e.g. Llama 3's "llama3")
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], path: str | None = None) -> "AprModelConfig":
@@ -83,7 +84,8 @@ class AprModelConfig:
         return cls(**values)
 
     def to_metadata(self) -> dict[str, Any]:
-        """Canonical typed keys (None omitted), ``tied_embeddings`` last as a custom key."""
+        """Canonical typed keys (None omitted), then the custom keys ``tied_embeddings`` and
+        ``rope_scaling``."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -96,7 +98,7 @@ _KINDS = {
     "architecture": _STR, "hf_architecture": _STR, "model_type": _STR, "hidden_size": _INT,
     "num_layers": _INT, "num_heads": _INT, "num_kv_heads": _INT, "vocab_size": _INT,
     "intermediate_size": _INT, "max_position_embeddings": _INT, "rope_theta": _FLOAT, "rope_type": _INT,
-    "rms_norm_eps": _FLOAT, "head_dim": _INT, "tied_embeddings": _BOOL,
+    "rms_norm_eps": _FLOAT, "head_dim": _INT, "tied_embeddings": _BOOL, "rope_scaling": _OBJ,
 }
 
 
@@ -106,6 +108,7 @@ def _check_type(value, kind: str, where: str):
         _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
         _STR: isinstance(value, str),
         _BOOL: isinstance(value, bool),
+        _OBJ: isinstance(value, dict),
     }[kind]
     # Integral floats (e.g. 4096.0 from some writers) are accepted for integer keys.
     if not ok and kind == _INT and isinstance(value, float) and value.is_integer() and value >= 0:

@@ -123,8 +123,11 @@ def config_metadata(cfg: dict, path: Path) -> dict:
         "head_dim": cfg.get("head_dim") or hidden // heads,
     }
     if kind not in (None, "default"):
-        warn(f"{path}: RoPE scaling {kind!r} is carried as the custom key 'rope_scaling' but the trainer "
-             "ignores it")
+        from apr_kernels.model.rope import SUPPORTED_SCALING
+
+        if kind not in SUPPORTED_SCALING:
+            warn(f"{path}: RoPE scaling {kind!r} is carried as the custom key 'rope_scaling', but the "
+                 f"trainer supports only {', '.join(SUPPORTED_SCALING)} and will refuse this file")
         meta["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     return meta
 

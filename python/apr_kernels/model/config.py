@@ -39,6 +39,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_type: int = 2
+    rope_scaling: dict | None = None  # Hugging Face rope_scaling: None, "linear" or "llama3" (rope.py)
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
     tie_word_embeddings: bool = True
@@ -69,6 +70,9 @@ class ModelConfig:
         if self.rope_type not in (0, 2):
             raise ValueError(f"{source}: rope_type={self.rope_type!r}; expected 0 (adjacent pairs) "
                              f"or 2 (split halves)")
+        from .rope import check_rope_scaling
+
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, source)
         if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
             raise ValueError(f"{source}: rope_theta={self.rope_theta}, rms_norm_eps={self.rms_norm_eps}; "
                              f"expected both > 0")
@@ -140,6 +144,7 @@ class ModelConfig:
             rms_norm_eps=float(self.rms_norm_eps),
             head_dim=self.head_dim,
             tied_embeddings=self.tie_word_embeddings,
+            rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
         )
 
     @classmethod
@@ -172,6 +177,7 @@ class ModelConfig:
             max_position_embeddings=int(apr.max_position_embeddings or 32768),
             rope_theta=float(apr.rope_theta if apr.rope_theta is not None else 10000.0),
             rope_type=int(apr.rope_type if apr.rope_type is not None else 2),
+            rope_scaling=getattr(apr, "rope_scaling", None),
             rms_norm_eps=float(apr.rms_norm_eps if apr.rms_norm_eps is not None else 1e-6),
             attention_bias=family == "qwen2",
             tie_word_embeddings=True if tied is None else bool(tied),

@@ -166,7 +166,7 @@ class Transformer(nn.Module):
         fast = self.use_fast(input_ids)
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
-                               device=input_ids.device)
+                               scaling=self.config.rope_scaling, device=input_ids.device)
         for layer in self.model.layers:
             h = layer(h, cos, sin, fast)
         return self.model.norm(h, fast)
