@@ -288,3 +288,34 @@ def test_llama3_rope_scaling_survives_convert_and_export(tmp_path):
     assert main(["export", str(tmp_path / "m.apr"), str(tmp_path / "back")]) == 0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     torch.testing.assert_close(logits(back, ids), want, rtol=1e-4, atol=1e-4)
+
+
+def test_export_shards_like_save_pretrained(tmp_path):
+    """--max-shard-size splits the export into model-0000k-of-0000n.safetensors + an index that
+    transformers loads, every shard within the limit, logits equal to the original."""
+    from safetensors import safe_open
+
+    from apr_kernels.convert.export import parse_size
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "m.apr")
+    assert main(["export", str(tmp_path / "m.apr"), str(tmp_path / "out"), "--max-shard-size", "30KB", "-q"]) == 0
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    total = 0
+    for name in files:
+        with safe_open(str(tmp_path / "out" / name), framework="pt") as f:
+            sizes = [f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()]
+            assert {k: name for k in f.keys()}.items() <= index["weight_map"].items()
+        assert sum(sizes) <= 30_000 or len(sizes) == 1  # only a single oversized tensor may exceed it
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 257, (2, 9))
+    assert torch.equal(logits(back, ids), logits(model, ids))
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("512") == 512
+    with pytest.raises(ValueError, match="expected a size such as 5GB"):
+        parse_size("lots")

@@ -26,7 +26,8 @@ def _convert(args) -> int:
 def _export(args) -> int:
     from .export import export
 
-    out = export(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None)
+    out = export(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None,
+                 max_shard_size=args.max_shard_size)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -73,6 +74,9 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output folder (must not exist, or be empty)")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
                    help="float tensors: keep (quantised ones become f32) or cast")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard (e.g. 5GB, 500MB, 2GiB); larger models get "
+                        "model-0000k-of-0000n.safetensors + model.safetensors.index.json (default 5GB)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_export)
 

@@ -1,4 +1,5 @@
-"""APR -> Hugging Face folder (model.safetensors + config.json + tokenizer.json + tokenizer_config.json)
+"""APR -> Hugging Face folder (model.safetensors, or shards of at most ``max_shard_size`` with
+model.safetensors.index.json; config.json, tokenizer.json, tokenizer_config.json)
 that ``transformers`` loads with ``from_pretrained``.
 
 Quantised tensors are dequantised (to F32, or --dtype); GGUF-named tensors get HF names; a file
@@ -10,7 +11,9 @@ the folder appears only when complete (built next to it, then renamed).
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -84,7 +87,37 @@ def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
     return AutoConfig.for_model(family, **kwargs).to_dict()
 
 
-def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", progress: bool | None = None) -> Path:
+DEFAULT_MAX_SHARD = "5GB"
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5e9 bytes (decimal units, as Hugging Face's ``max_shard_size``; ``GiB`` binary)."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
+
+
+def plan_shards(order: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of ``order`` whose byte sizes add up to at most ``max_bytes`` (a tensor larger
+    than that gets a shard of its own), as ``save_pretrained`` does."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name in order:
+        if shards[-1] and used + sizes[name] > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += sizes[name]
+    return shards
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", progress: bool | None = None,
+           max_shard_size: str | int = DEFAULT_MAX_SHARD) -> Path:
     import apr_kernels
     from apr_kernels.tokenizer import Tokenizer
 
@@ -136,7 +169,18 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         try:
             order = sorted(names)
-            write_safetensors(tmp / "model.safetensors", order, specs, produce, {"format": "pt"})
+            sizes = {hf: math.prod(shape) * dt.itemsize for hf, (dt, shape) in specs.items()}
+            shards = plan_shards(order, sizes, parse_size(max_shard_size))
+            if len(shards) == 1:
+                write_safetensors(tmp / "model.safetensors", order, specs, produce, {"format": "pt"})
+            else:  # model-0000k-of-0000n.safetensors + the index transformers reads
+                weight_map = {}
+                for k, group in enumerate(shards, 1):
+                    fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                    write_safetensors(tmp / fname, group, specs, produce, {"format": "pt"})
+                    weight_map.update(dict.fromkeys(group, fname))
+                index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
             config["dtype"] = str(specs.get("model.embed_tokens.weight", (torch.float32,))[0]).removeprefix("torch.")
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
             if tok is not None:
