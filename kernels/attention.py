@@ -21,8 +21,6 @@ must be contiguous (the launchers copy a tensor whose last stride is not 1).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -33,26 +31,6 @@ from apr_kernels.kernels.attention_tuning import default_config  # noqa: F401 (r
 LOG2E = 1.4426950408889634
 
 
-def _interpreter_index_fix() -> None:
-    # Triton 3.6's interpreter holds program ids as 1-element arrays and converts loop bounds with
-    # int(array), which NumPy >= 2.3 rejects ("only 0-dimensional arrays ..."), so any loop bound
-    # derived from tl.program_id fails there. Convert with .item() instead (interpreter only).
-    from triton.runtime import interpreter
-
-    orig = interpreter._patch_lang_tensor
-    if getattr(orig, "_apr_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._apr_index_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_index_fix()
 
 
 @triton.jit
