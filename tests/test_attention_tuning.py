@@ -10,6 +10,7 @@ import torch
 
 import apr_kernels
 from apr_kernels import backend
+from kernel_helpers import run_sm90_compile
 from test_attention import REL, _kernels, assert_close, make, oracle
 
 
@@ -208,22 +209,8 @@ print(json.dumps(out))
 
 
 def test_kernels_compile_for_sm90_with_tensor_cores(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton install has no bundled ptxas")
     cases = [["bfloat16", 64, True], ["bfloat16", 128, False], ["float16", 80, True], ["float32", 64, True]]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _AOT, json.dumps(cases)], env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_sm90_compile(_AOT, cases, tmp_path, timeout=240)
     assert len(results) == 4 * len(cases)
     for r in results:
         dt, D, causal, kind = r["case"]

@@ -154,14 +154,19 @@ def check_model(tmp_path, apr, model, reference, vocab):
         torch.testing.assert_close(ours(ids).float(), want, rtol=1e-4, atol=1e-4)
 
 
+def random_model(model):
+    """Fresh small random weights everywhere (norms and biases too), in eval mode."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
 def test_llama_gguf_permuted_and_quantised(tmp_path):
     cfg = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    intermediate_size=512, vocab_size=300, tie_word_embeddings=False,
                                    max_position_embeddings=64, rope_theta=5e5, rms_norm_eps=1e-5)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+    model = random_model(transformers.LlamaForCausalLM(cfg))
     L = "model.layers.{}."
     qtypes = {
         "model.embed_tokens.weight": T.F16, "lm_head.weight": T.Q6_K,
@@ -205,10 +210,7 @@ def test_qwen2_gguf_tied_with_bias(tmp_path):
     cfg = transformers.Qwen2Config(hidden_size=224, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1,
                                    intermediate_size=96, vocab_size=270, tie_word_embeddings=True,
                                    max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+    model = random_model(transformers.Qwen2ForCausalLM(cfg))
     qtypes = {"model.embed_tokens.weight": T.Q8_0, "model.layers.0.self_attn.q_proj.weight": T.Q8_0,
               "model.layers.1.self_attn.k_proj.weight": T.F16, "model.layers.1.mlp.up_proj.weight": T.BF16,
               "model.layers.0.mlp.down_proj.weight": T.Q4_0}

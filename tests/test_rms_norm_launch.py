@@ -1,17 +1,13 @@
 """RMSNorm launch path: the tuned launch heuristic, the cached direct launch, the inference path
 without rstd, the single-program dweight, and an ahead-of-time sm_90 build of every variant."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import apr_kernels
 from apr_kernels import backend
 
+from kernel_helpers import run_sm90_compile
 from test_rms_norm import REL, _inputs, _kernels, assert_rel, oracle
 
 
@@ -189,17 +185,8 @@ print(json.dumps(out))
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton install has no bundled ptxas")
     widths = [96, 896, 8192]  # the narrow rule, a tuned width, the widest tuned (the compile is slow)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _AOT, json.dumps(widths)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_sm90_compile(_AOT, widths, tmp_path, timeout=300)
     assert len(results) == 5 * len(widths) + 1
     for r in results:
         assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
