@@ -242,3 +242,29 @@ def test_fast_path_under_bf16_autocast_keeps_an_fp32_residual_stream():
     assert lb.item() == pytest.approx(la.item(), rel=1e-3)
     for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0.05, atol=5e-3, msg=name)
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_llama"])
+def test_fast_loss_fuses_the_projection_and_matches_eager(name, monkeypatch):
+    """The fast path's loss goes through apr_kernels.linear_cross_entropy (never the full logits) and
+    equals the eager HF expression, mean and sum, tied (Qwen2) and untied (Llama) output weights."""
+    import apr_kernels
+
+    cfg = preset(name)
+    eager = Transformer(cfg, fast=False)
+    fast = Transformer(cfg, fast=True)
+    fast.load_state_dict(eager.state_dict())
+    calls = []
+    real = apr_kernels.linear_cross_entropy
+    monkeypatch.setattr(apr_kernels, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randint(0, cfg.vocab_size, (2, 13))
+    y = x[:, 1:].clone()
+    y[0, :3] = -100
+    for reduction in ("mean", "sum"):
+        la, lb = eager.loss(x[:, :-1], y, reduction), fast.loss(x[:, :-1], y, reduction)
+        assert lb.item() == pytest.approx(la.item(), rel=1e-5)
+    assert len(calls) == 2
+    eager.loss(x[:, :-1], y).backward()
+    fast.loss(x[:, :-1], y).backward()
+    for (pname, p), q in zip(eager.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=pname)

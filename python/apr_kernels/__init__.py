@@ -3,7 +3,8 @@
 Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never touches a GPU):
 
 * Loader: ``load``, ``open``, ``save``, ``AprFile``, ``AprFormatError``.
-* Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``.
+* Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``,
+  ``linear_cross_entropy``.
 * Modules: ``RMSNorm``, ``Attention`` (in ``apr_kernels.nn``).
 * Trainer: ``apr_kernels.model`` (``from_apr``), ``apr_kernels.train``; command line ``apr-kernels``.
 """
@@ -34,6 +35,7 @@ _API = {
     "rms_norm": "ops.rms_norm",
     "add_rms_norm": "ops.rms_norm",
     "attention": "ops.attention",
+    "linear_cross_entropy": "ops.cross_entropy",
     "RMSNorm": "nn",
     "Attention": "nn",
 }

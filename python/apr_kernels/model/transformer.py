@@ -2,9 +2,10 @@
 
 Reading order: RMSNorm -> Attention -> MLP -> Block -> Transformer. Each module has two paths:
 
-* fast: the package's ops (``apr_kernels.rms_norm``, ``add_rms_norm``, ``attention``), which run the
-  Triton kernels on CUDA and their PyTorch reference elsewhere; attention takes K/V with their own
-  (fewer) heads, never expanded;
+* fast: the package's ops (``apr_kernels.rms_norm``, ``add_rms_norm``, ``attention``,
+  ``linear_cross_entropy``), which run the Triton kernels on CUDA and their PyTorch reference
+  elsewhere; attention takes K/V with their own (fewer) heads, never expanded, and the loss never
+  holds the whole ``[B, T, vocab]`` logits;
 * eager (``fast=False``): plain PyTorch written as Hugging Face writes it, the oracle for the fast path.
 
 ``fast=None`` picks the fast path when the input is on a CUDA device. Both give the same numbers within
@@ -171,15 +172,26 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, fast)
         return self.model.norm(h, fast)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
+        ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets or "sum").
+
+        The loss is computed inside ``forward`` so that DDP/FSDP hooks see the output projection. The
+        fast path fuses the projection with the loss (``apr_kernels.linear_cross_entropy``: the
+        ``[B, T, vocab]`` logits are never held at once); the eager path is Hugging Face's expression."""
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         h = self.hidden_states(input_ids)
-        return F.linear(h, self.output_weight)
+        if targets is None:
+            return F.linear(h, self.output_weight)
+        if self.use_fast(input_ids):
+            return _ops().linear_cross_entropy(h, self.output_weight, targets, reduction=reduction)
+        logits = F.linear(h, self.output_weight)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction,
+                               ignore_index=-100)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross entropy in fp32 (``targets`` already shifted; -100 is ignored)."""
-        logits = self(input_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction,
-                               ignore_index=-100)
+        return self(input_ids, targets, reduction)

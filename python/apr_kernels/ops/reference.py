@@ -135,3 +135,27 @@ def attention_reference(
     o = torch.nn.functional.scaled_dot_product_attention(
         qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=True)
     return o.transpose(1, 2).to(q.dtype)
+
+
+# ------------------------------------------------------------------------- cross entropy (issue 6)
+# Per-row cross entropy of a chunk of logits, computed in fp32 (fp64 for fp64 logits) from the logits
+# as they are (bf16 logits of an autocast projection are read, not recomputed), with the gradient of
+# the *sum* of row losses written over the logits in their dtype: the contract of the Triton kernel
+# (kernels/cross_entropy.py). Out-of-range targets are the caller's to check (the op does, on CPU).
+
+
+def cross_entropy_rows_reference(
+    logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, ignore_index: int, write_grad: bool
+) -> torch.Tensor:
+    """``loss[r] = logsumexp(x_r) - x_r[t_r]`` (0 for ignored rows) into ``loss``; with ``write_grad``
+    ``logits[r] = softmax(x_r) - onehot(t_r)`` (zeros for ignored rows)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = targets != ignore_index
+    t = torch.where(valid, targets, 0).long()
+    lse = torch.logsumexp(x, dim=-1)
+    loss.copy_(torch.where(valid, lse - x.gather(1, t[:, None]).squeeze(1), 0.0))
+    if write_grad:
+        g = torch.exp(x - lse[:, None])
+        g.scatter_add_(1, t[:, None], torch.full_like(g[:, :1], -1.0))
+        logits.copy_(g * valid[:, None])
+    return loss

@@ -159,6 +159,7 @@ def eval_sequences(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = 
     return seqs
 
 
+@torch.no_grad()  # no autograd graph (and no fused-loss gradients) during evaluation
 def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, device=None,
              autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None) -> tuple[float, int]:
     """Mean next-token loss over all packed sequences of ``tokens`` (in order) and the target count.

@@ -1,0 +1,111 @@
+"""Output projection + cross entropy (the LM loss), forward+backward: time and peak memory.
+
+    python3 bench/bench_cross_entropy.py [--smoke | --quick] [--out DIR]
+
+The last step of every causal-LM training step: ``loss = CE(hidden @ W.T, targets)`` and its
+gradients for hidden and W, at the vocabularies where it hurts: Qwen2 (H 896, V 151,936) and
+Llama-3 (H 4096, V 128,256), N = 4096 / 8192 / 16384 tokens, bf16 hidden and weight. Providers, in one
+run on one device:
+
+  apr       apr_kernels.linear_cross_entropy (chunked GEMMs + the Triton row kernel; logits never whole)
+  eager     F.cross_entropy(F.linear(h, W).float(), t), what Hugging Face's loss computes
+  compile   torch.compile of the eager expression (CUDA)
+  liger     Liger-Kernel's LigerFusedLinearCrossEntropyLoss, when importable (CUDA)
+
+Rows: op linear_cross_entropy, mode fwd+bwd, shape NxHxV, ms (median, CUDA events), tflops (the three
+GEMMs: 6·N·H·V FLOPs), peak_mem_mb (allocated during the step above the inputs). ``vs_eager`` on apr
+rows = eager ms / apr ms. --smoke: tiny shapes on any device (CI); --quick: N 8192 only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import _common
+import torch
+import torch.nn.functional as F
+
+import apr_kernels
+
+VOCABS = {"qwen2": (896, 151936), "llama3": (4096, 128256)}
+
+
+def providers(dev: torch.device) -> dict:
+    def eager(h, w, t):
+        return F.cross_entropy(F.linear(h, w).float(), t)
+
+    out = {"apr": lambda h, w, t: apr_kernels.linear_cross_entropy(h, w, t), "eager": eager}
+    if dev.type == "cuda":  # (on CPU, --smoke in CI, an inductor C++ build would dominate the run)
+        out["compile"] = torch.compile(eager)
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss()
+
+            def liger_fn(h, w, t):
+                loss = liger(w, h, t)
+                return loss[0] if isinstance(loss, tuple) else loss
+
+            out["liger"] = liger_fn
+        except Exception as e:  # noqa: BLE001
+            print(f"liger: not importable ({type(e).__name__}: {e}); skipped")
+    return out
+
+
+def sweep(args) -> list[tuple[str, int]]:
+    if args.smoke:
+        return [("tiny", 64)]
+    ns = [8192] if args.quick else [8192, 4096, 16384]
+    return [(model, n) for n in ns for model in VOCABS]
+
+
+def main() -> None:
+    args = _common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--budget-s", type=float, default=None, help="stop starting new shapes after this many seconds "
+                                                     "(default 60 full, 25 quick)"))
+    dev = _common.device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    budget = args.budget_s or (1e9 if args.smoke else 25 if args.quick else 60)
+    rep = 3 if args.smoke else 10
+    provs = providers(dev)
+    start = time.perf_counter()
+    rows, meta = [], {"ours": "apr", "providers": list(provs), "skipped": [], "failed": []}
+    for model, n in sweep(args):
+        h, v = VOCABS.get(model, (32, 1000))
+        if time.perf_counter() - start > budget:
+            meta["skipped"].append(f"{model} N={n}")
+            continue
+        gen = torch.Generator(device=dev).manual_seed(0)
+        hidden = torch.randn(n, h, device=dev, dtype=dtype, generator=gen).requires_grad_()
+        weight = (torch.randn(v, h, device=dev, dtype=dtype, generator=gen) * 0.02).requires_grad_()
+        targets = torch.randint(0, v, (n,), device=dev, generator=gen)
+        flops = 6 * n * h * v
+        per = {}
+        for name, fn in provs.items():
+            def step():
+                hidden.grad = weight.grad = None
+                fn(hidden, weight, targets).backward()
+
+            try:
+                ms = _common.time_ms(step, warmup=2, rep=rep, dev=dev)
+                mem = _common.peak_memory_mb(step, dev=dev)
+            except Exception as e:  # noqa: BLE001  (a failing provider is recorded, never ends the bench)
+                meta["failed"].append(f"{name} {model} N={n}: {type(e).__name__}: {str(e)[:200]}")
+                print(f"FAILED {meta['failed'][-1]}")
+                continue
+            per[name] = ms
+            rows.append({"op": "linear_cross_entropy", "mode": "fwd+bwd", "shape": f"{n}x{h}x{v}",
+                         "model": model, "dtype": str(dtype)[6:], "provider": name, "ms": ms,
+                         "tflops": flops / (ms * 1e-3) / 1e12, "peak_mem_mb": mem})
+        if "apr" in per and "eager" in per:
+            rows[-len(per)]["vs_eager"] = per["eager"] / per["apr"]
+        hidden.grad = weight.grad = None
+        del hidden, weight, targets
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    _common.print_table(rows, ["shape", "provider", "ms", "tflops", "peak_mem_mb"])
+    print(f"wrote {_common.write_results('cross_entropy', rows, args.out, meta)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Cross entropy over a chunk of logits rows in Triton, gradient written in place (one row per program).
+
+The kernel half of ``apr_kernels.linear_cross_entropy`` (the output projection fused with the loss,
+``python/apr_kernels/ops/cross_entropy.py``): the host computes one chunk of logits ``[n, V]`` with a
+GEMM, this kernel turns it into per-row losses and overwrites it with d loss / d logits, and the host
+multiplies that gradient back through the projection. The full ``[tokens, vocab]`` logits (5 GB in
+fp32 for Qwen2's 151,936-token vocabulary at 8k tokens) never exist at once.
+
+Numerics (per row r with target t, logits x of dtype ``dt``; everything in fp32)::
+
+    lse      = max(x) + log(sum(exp(x - max(x))))     # online over V in blocks, exp2 domain
+    loss[r]  = lse - x[t]                             # 0 when t == ignore_index
+    x[:]     = dt(exp(x - lse) - onehot(t))           # with WRITE_GRAD; all zeros for ignored rows
+
+The gradient is that of the *sum* of the row losses; the caller scales by 1/count for the mean (a
+scale does not change bf16/fp16 relative rounding). A target outside ``[0, V)`` that is not
+``ignore_index`` gives a NaN loss (and NaN gradients): the GPU cannot raise, and NaN stops training
+loudly instead of reading out of bounds. The host checks targets on CPU tensors instead.
+
+Launcher: ``cross_entropy_rows(logits, targets, loss, ignore_index, write_grad)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    LOGITS,  # [n, V] logits rows (overwritten with the gradient when WRITE_GRAD)
+    stride_row,  # elements between rows (the last dim is contiguous)
+    TARGETS,  # [n] int64 (any integer dtype) target ids
+    LOSS,  # [n] fp32 per-row loss
+    V,  # vocabulary size (row length)
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    row = tl.program_id(0).to(tl.int64)
+    ptr = LOGITS + row * stride_row
+    t = tl.load(TARGETS + row).to(tl.int64)
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < V)
+    cols0 = tl.arange(0, BLOCK_V)
+
+    # pass 1: running max m and running sum d of 2^((x - m) * log2 e), blockwise (x in log2 units)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * LOG2E
+        m_new = tl.maximum(m, x)
+        # lanes that have only seen -inf (past V) keep m_new = -inf; -inf - -inf would be NaN, so
+        # subtract 0 there instead (their d stays 0)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp2(m - m_ref) + tl.exp2(x - m_ref)
+        m = m_new
+    m_row = tl.max(m, 0)
+    d_row = tl.sum(d * tl.exp2(m - m_row), 0)  # lanes still at -inf contribute exp2(-inf) = 0
+    lse2 = m_row + tl.log2(d_row)  # log2-sum-exp2 of x * log2 e = lse * log2 e
+
+    x_t = tl.load(ptr + tl.where(in_range, t, 0)).to(tl.float32)
+    loss = lse2 / LOG2E - x_t
+    loss = tl.where(in_range, loss, float("nan"))
+    loss = tl.where(ignored, 0.0, loss)
+    tl.store(LOSS + row, loss)
+
+    if WRITE_GRAD:
+        # pass 2: softmax - onehot, in place (the row was read by pass 1 and the x_t load above)
+        scale = tl.where(ignored, 0.0, tl.where(in_range, 1.0, float("nan")))
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = cols < V
+            x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp2(x * LOG2E - lse2) - tl.where(cols == t, 1.0, 0.0)
+            tl.store(ptr + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def launch_config(v: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` for rows of ``v`` logits: wide blocks (few loop trips over a 150k
+    vocabulary) with enough warps to keep 16-32 elements per thread. Not yet tuned on a GPU."""
+    block = min(triton.next_power_of_2(max(v, 1)), 16384)
+    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
+    return block, warps
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss: torch.Tensor,
+    ignore_index: int,
+    write_grad: bool,
+    *,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Per-row losses of ``logits [n, V]`` into ``loss [n]`` (fp32); with ``write_grad`` the logits
+    are overwritten with d(sum of losses)/d logits. ``block_v`` overrides the block (tests)."""
+    n, v = logits.shape
+    if n == 0:
+        return loss
+    if logits.stride(1) != 1:
+        raise ValueError(f"cross_entropy_rows: logits need a contiguous last dim, got strides {logits.stride()}")
+    block, warps = launch_config(v)
+    if block_v is not None:
+        block = block_v
+    _cross_entropy_kernel[(n,)](logits, logits.stride(0), targets, loss, v, ignore_index,
+                                WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps)
+    return loss

@@ -1,0 +1,160 @@
+"""The output projection fused with next-token cross entropy, as a torch custom op with autograd.
+
+Public function (also ``apr_kernels.linear_cross_entropy``)::
+
+    linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean",
+                         chunk_rows=None) -> loss                       # fp32 scalar
+
+is ``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten(),
+ignore_index=..., reduction=...)`` (what Hugging Face's causal-LM loss computes) without ever
+holding the ``[tokens, vocab]`` logits: rows are processed ``chunk_rows`` at a time. For each chunk
+the logits come from one GEMM in the compute dtype, the loss and d loss / d logits are computed in
+fp32 and the gradient overwrites the logits (the Triton kernel of ``kernels/cross_entropy.py`` on
+CUDA, ``reference.cross_entropy_rows_reference`` elsewhere), then two more GEMMs turn it into this
+chunk's share of d hidden and d weight (the latter summed over chunks in fp32). The gradients are thus
+computed during the forward, as in Liger-Kernel's fused linear cross entropy; the backward only scales
+them by the incoming gradient. At Qwen2's 151,936-token vocabulary and 8k tokens this replaces ~10 GB
+of logits, fp32 copies and their gradients with one ~0.5 GB chunk.
+
+Compute dtype: under ``torch.autocast`` the autocast dtype (as ``F.linear`` would use), else
+``promote(hidden.dtype, weight.dtype)``. The loss is then the same as the eager expression's: bf16
+logits, cross entropy in fp32. ``reduction="mean"`` divides by the number of non-ignored targets (NaN
+when there are none, like torch).
+
+Op (opaque to torch.compile, so no graph breaks)::
+
+    apr::linear_cross_entropy(hidden [N, H], weight [V, H], targets [N], ignore_index, compute_dtype,
+                              with_grad, chunk_rows) -> (loss_sum, count, d_hidden, d_weight)
+
+``d_hidden``/``d_weight`` are empty when ``with_grad`` is False (no autograd needed: evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from apr_kernels import backend
+from apr_kernels.ops import reference as ref
+
+# Logits elements per chunk (2^28: 512 MiB in bf16). Large enough for efficient GEMMs and few fp32
+# d_weight accumulations, small next to the unchunked logits of a 150k vocabulary.
+CHUNK_ELEMENTS = 1 << 28
+
+
+def default_chunk_rows(n_rows: int, vocab: int) -> int:
+    return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _row_kernel(logits: Tensor, targets: Tensor):
+    """The Triton launcher when this call should (and can) run it, else the reference."""
+    if logits.dtype != torch.float64 and backend.use_triton(logits, targets):
+        return backend.kernels("cross_entropy").cross_entropy_rows
+    return ref.cross_entropy_rows_reference
+
+
+def _linear_cross_entropy_impl(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, compute_dtype: Optional[torch.dtype],
+    with_grad: bool, chunk_rows: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, h = hidden.shape
+    v = weight.shape[0]
+    cdt = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
+    hc, wc = hidden.to(cdt), weight.to(cdt)  # no copies when the dtypes already match
+    t = targets
+    rows_loss = torch.empty(n, dtype=torch.promote_types(cdt, torch.float32), device=hidden.device)
+    dh = torch.empty((n, h) if with_grad else (0,), dtype=cdt, device=hidden.device)
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    dw = torch.zeros((v, h) if with_grad else (0,), dtype=acc, device=weight.device)
+    step = max(1, int(chunk_rows))
+    rows_fn = None
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        logits = hc[s:e] @ wc.t()  # [rows, V] in cdt, contiguous
+        if rows_fn is None:
+            rows_fn = _row_kernel(logits, t)
+        rows_fn(logits, t[s:e], rows_loss[s:e], ignore_index, with_grad)
+        if with_grad:  # logits now hold d(sum loss)/d logits
+            torch.mm(logits, wc, out=dh[s:e])
+            if cdt == acc:
+                dw.addmm_(logits.t(), hc[s:e])
+            else:  # bf16/fp16 GEMM (fp32 accumulation inside), chunks summed in fp32
+                dw.add_(logits.t() @ hc[s:e])
+        del logits
+    loss_sum = rows_loss.sum(dtype=torch.float32) if rows_loss.dtype != torch.float64 else rows_loss.sum()
+    count = (t != ignore_index).sum()
+    return loss_sum, count, dh.to(hidden.dtype), dw.to(weight.dtype)
+
+
+_op = torch.library.custom_op("apr::linear_cross_entropy", mutates_args=())(_linear_cross_entropy_impl)
+
+
+@_op.register_fake
+def _(hidden, weight, targets, ignore_index, compute_dtype, with_grad, chunk_rows):
+    cdt = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
+    loss_dtype = torch.promote_types(cdt, torch.float32)
+    loss = torch.empty((), dtype=loss_dtype, device=hidden.device)
+    count = torch.empty((), dtype=torch.int64, device=hidden.device)
+    dh = torch.empty(hidden.shape if with_grad else (0,), dtype=hidden.dtype, device=hidden.device)
+    dw = torch.empty(weight.shape if with_grad else (0,), dtype=weight.dtype, device=weight.device)
+    return loss, count, dh, dw
+
+
+def _setup(ctx, inputs, output):
+    _h, _w, _t, _ii, _cdt, with_grad, _c = inputs
+    _loss, _count, dh, dw = output
+    ctx.with_grad = with_grad
+    ctx.save_for_backward(dh, dw)
+
+
+def _backward(ctx, g_loss, _g_count, _g_dh, _g_dw):
+    if not ctx.with_grad:
+        raise RuntimeError("apr::linear_cross_entropy was called with with_grad=False; call "
+                           "apr_kernels.linear_cross_entropy, which sets it when autograd needs it")
+    dh, dw = ctx.saved_tensors
+    return dh * g_loss.to(dh.dtype), dw * g_loss.to(dw.dtype), None, None, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup)
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """Cross entropy of ``hidden @ weight.T`` against ``targets`` without materialising the logits.
+
+    hidden ``[..., H]``, weight ``[V, H]`` (the LM head or a tied embedding), targets ``[...]`` integer
+    ids in ``[0, V)`` or ``ignore_index``; ``reduction`` "mean" (over non-ignored targets) or "sum".
+    Returns an fp32 scalar (fp64 for fp64 inputs) with gradients for hidden and weight."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden [..., H] and weight [V, H] must share H; got hidden "
+                         f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"linear_cross_entropy: targets must have shape hidden.shape[:-1] = "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"linear_cross_entropy: targets must be integer token ids, got {targets.dtype}")
+    if not (hidden.dtype.is_floating_point and weight.dtype.is_floating_point):
+        raise ValueError(f"linear_cross_entropy: hidden and weight must be floating point, got "
+                         f"{hidden.dtype} and {weight.dtype}")
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    vocab = weight.shape[0]
+    # Checked on CPU only: on a GPU it would cost a sync; the kernel turns a bad target into NaN instead.
+    if not t.is_cuda and t.numel() and not torch.compiler.is_compiling():
+        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"linear_cross_entropy: targets[{i}] = {int(t[i])} is outside the vocabulary "
+                             f"[0, {vocab}) and is not ignore_index={ignore_index}")
+    dev = hidden.device.type
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    rows = chunk_rows if chunk_rows is not None else default_chunk_rows(h2.shape[0], vocab)
+    loss_sum, count, _, _ = _op(h2, weight, t, int(ignore_index), cdt, with_grad, int(rows))
+    return loss_sum if reduction == "sum" else loss_sum / count

@@ -1,0 +1,289 @@
+"""linear_cross_entropy (output projection fused with cross entropy): the Triton kernel (interpreter on
+CPU) and the reference path against an fp64 oracle written with F.linear + F.cross_entropy, the eager
+autocast expression Hugging Face uses, gradcheck, opcheck and torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import apr_kernels
+from apr_kernels.ops import cross_entropy as ops
+from apr_kernels.ops.reference import cross_entropy_rows_reference
+from kernel_helpers import kernel_module, run_sm90_compile, spy_launchers
+
+BACKENDS = ["triton", "reference"]
+REL = {torch.float32: 2e-5, torch.float16: 3e-3}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    return spy_launchers(monkeypatch, "cross_entropy", ("cross_entropy_rows",))
+
+
+def _inputs(n_shape, h, v, dtype, ignore=()):
+    hidden = (torch.randn(*n_shape, h) * 1.5).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h) / h ** 0.5 * 2).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, n_shape)
+    flat = targets.view(-1)
+    for i in ignore:
+        flat[i] = -100
+    return hidden, weight, targets
+
+
+def oracle(hidden, weight, targets, reduction="mean"):
+    """fp64 F.linear + F.cross_entropy, and its gradients."""
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    loss = F.cross_entropy(F.linear(h64, w64).flatten(0, -2), targets.flatten(), reduction=reduction)
+    loss.backward()
+    return loss.detach(), h64.grad, w64.grad
+
+
+def rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------- fwd + bwd, fp64 oracle
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [
+    # (leading shape, H, V, chunk_rows, ignored rows, reduction)
+    ((37,), 16, 1000, 10, (3, 36), "mean"),   # several chunks, the last one short; V not a power of 2
+    ((2, 9), 24, 77, None, (0,), "sum"),      # 3-D hidden, one chunk
+    ((5,), 32, 4099, 2, (), "mean"),          # V just past a power of two: a nearly empty last block
+], ids=["chunks", "3d-sum", "odd-vocab"])
+def test_fwd_bwd_vs_fp64(be, dtype, case, use_backend, kernel_calls):
+    use_backend(be)
+    shape, h, v, chunk, ignore, reduction = case
+    hidden, weight, targets = _inputs(shape, h, v, dtype, ignore)
+    loss = apr_kernels.linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_rows=chunk)
+    loss.backward()
+    want, dh, dw = oracle(hidden, weight, targets, reduction)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert abs(loss.item() - want.item()) <= REL[dtype] * abs(want.item()), (loss.item(), want.item())
+    assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
+    assert rel_err(hidden.grad, dh) < REL[dtype] * 10, "d hidden"
+    assert rel_err(weight.grad, dw) < REL[dtype] * 10, "d weight"
+    for i in ignore:  # an ignored position gets no gradient
+        assert torch.all(hidden.grad.view(-1, h)[i] == 0)
+    n_chunks = -(-targets.numel() // (chunk or targets.numel()))
+    assert kernel_calls == (["cross_entropy_rows"] * n_chunks if be == "triton" else [])
+
+
+def test_kernel_rows_vs_reference_in_place():
+    """The row launcher alone: losses, the gradient written over strided rows (padding untouched),
+    ignored rows zeroed, several blocks per row."""
+    k = kernel_module("cross_entropy")
+    v, n = 300, 6
+    buf = torch.full((n, v + 5), float("nan"))
+    buf[:, :v] = torch.randn(n, v) * 4
+    targets = torch.tensor([0, v - 1, -100, 17, 150, 299])
+    want_logits = buf[:, :v].clone()
+    want = cross_entropy_rows_reference(want_logits, targets, torch.empty(n), -100, True)
+    x64 = buf[:, :v].double()
+    lse = torch.logsumexp(x64, -1)
+    assert torch.allclose(want[[0, 1, 3]].double(), (lse[[0, 1, 3]] - x64[[0, 1, 3], targets[[0, 1, 3]]]), rtol=1e-6)
+    logits = buf[:, :v]
+    loss = k.cross_entropy_rows(logits, targets, torch.full((n,), 7.0), -100, True, block_v=64)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-7)
+    assert torch.all(buf[:, v:].isnan()), "padding past V was written"
+    assert torch.all(logits[2] == 0) and loss[2] == 0
+    assert abs(logits[0].sum().item()) < 1e-5  # softmax - onehot sums to zero
+
+
+def test_kernel_out_of_range_target_is_nan_not_a_read():
+    k = kernel_module("cross_entropy")
+    logits = torch.randn(3, 40)
+    loss = k.cross_entropy_rows(logits, torch.tensor([5, 40, -3]), torch.empty(3), -100, True)
+    assert not loss[0].isnan() and loss[1].isnan() and loss[2].isnan()
+    assert logits[1].isnan().all() and not logits[0].isnan().any()
+
+
+def test_kernel_loss_only():
+    """Without a gradient the logits are left as they were."""
+    k = kernel_module("cross_entropy")
+    logits = torch.randn(4, 100, dtype=torch.float16)
+    before = logits.clone()
+    loss = k.cross_entropy_rows(logits, torch.tensor([1, 2, 3, 99]), torch.empty(4), -100, False, block_v=32)
+    assert torch.equal(logits, before)
+    want = F.cross_entropy(before.double(), torch.tensor([1, 2, 3, 99]), reduction="none")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------- semantics of the public op
+
+
+def test_autocast_matches_eager_hf_expression(use_backend):
+    """Under bf16 autocast: the same loss as F.cross_entropy(F.linear(h, w).float(), t) (bf16 logits,
+    fp32 cross entropy), fp32 gradients for fp32 parameters."""
+    use_backend("reference")
+    hidden, weight, targets = _inputs((4, 8), 32, 500, torch.float32, ignore=(5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = apr_kernels.linear_cross_entropy(hidden, weight, targets, chunk_rows=8)
+        eager = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten())
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - eager.item()) < 2e-3 * eager.item()
+    loss.backward()
+    dh, dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    eager.backward()
+    assert dh.dtype == dw.dtype == torch.float32
+    assert rel_err(dh, hidden.grad.double()) < 2e-2 and rel_err(dw, weight.grad.double()) < 2e-2
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_all_ignored_and_empty_like_torch(be, use_backend):
+    use_backend(be)
+    hidden, weight, _ = _inputs((3,), 8, 20, torch.float32)
+    targets = torch.full((3,), -1)
+    mean = apr_kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=-1)
+    assert mean.isnan() and F.cross_entropy(F.linear(hidden, weight), targets, ignore_index=-1).isnan()
+    total = apr_kernels.linear_cross_entropy(hidden, weight, targets, ignore_index=-1, reduction="sum")
+    total.backward()
+    assert total.item() == 0 and torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
+    empty = apr_kernels.linear_cross_entropy(torch.randn(0, 8), weight, torch.zeros(0, dtype=torch.long),
+                                             reduction="sum")
+    assert empty.item() == 0
+
+
+def test_chunking_does_not_change_the_result(use_backend):
+    use_backend("triton")
+    hidden, weight, targets = _inputs((23,), 16, 130, torch.float32)
+    results = []
+    for chunk in (1, 7, 23):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        loss = apr_kernels.linear_cross_entropy(h, w, targets, chunk_rows=chunk)
+        loss.backward()
+        results.append((loss, h.grad, w.grad))
+    for loss, dh, dw in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(dh, results[0][1], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(dw, results[0][2], rtol=1e-5, atol=1e-7)
+    again = apr_kernels.linear_cross_entropy(hidden, weight, targets, chunk_rows=7)
+    assert torch.equal(again, results[1][0])  # run to run
+
+
+def test_no_grad_skips_the_gradient_work(use_backend, monkeypatch):
+    use_backend("reference")
+    seen = []
+    real = ops._op
+    monkeypatch.setattr(ops, "_op", lambda *a: seen.append(a[5]) or real(*a))
+    hidden, weight, targets = _inputs((6,), 8, 30, torch.float32)
+    with torch.no_grad():
+        a = apr_kernels.linear_cross_entropy(hidden, weight, targets)
+    b = apr_kernels.linear_cross_entropy(hidden.detach(), weight.detach(), targets)
+    c = apr_kernels.linear_cross_entropy(hidden.detach(), weight, targets)
+    assert seen == [False, False, True]
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_gradcheck_reference_fp64(use_backend):
+    use_backend("reference")
+    hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 8, -100, 3, 3])
+    assert torch.autograd.gradcheck(
+        lambda h, w: apr_kernels.linear_cross_entropy(h, w, targets, chunk_rows=2), (hidden, weight))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_opcheck(be, use_backend):
+    use_backend(be)
+    hidden, weight, targets = _inputs((6,), 16, 40, torch.float32, ignore=(2,))
+    for with_grad in (True, False):  # with_grad=False is the no-autograd call: no input requires grad
+        h, w = (t.detach().requires_grad_(with_grad) for t in (hidden, weight))
+        torch.library.opcheck(torch.ops.apr.linear_cross_entropy.default, (h, w, targets, -100, None, with_grad, 4))
+
+
+def test_torch_compile_fullgraph(use_backend):
+    use_backend("reference")
+    hidden, weight, targets = _inputs((2, 5), 8, 50, torch.float32)
+
+    def step(h, w):
+        return apr_kernels.linear_cross_entropy(h * 2, w, targets)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(hidden, weight)
+    out.backward()
+    dh, dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    want = step(hidden, weight)
+    want.backward()
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(dh, hidden.grad)
+    torch.testing.assert_close(dw, weight.grad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(weight=torch.randn(10, 7)), r"hidden \[..., H\] and weight \[V, H\] must share H"),
+    (dict(targets=torch.zeros(4, dtype=torch.long)), r"targets must have shape hidden.shape\[:-1\] = \(3,\)"),
+    (dict(targets=torch.zeros(3)), "targets must be integer token ids"),
+    (dict(targets=torch.tensor([1, 10, 2])), r"targets\[1\] = 10 is outside the vocabulary \[0, 10\)"),
+    (dict(reduction="none"), "reduction must be 'mean' or 'sum'"),
+])
+def test_errors_name_the_argument(bad, message):
+    args = dict(hidden=torch.randn(3, 8), weight=torch.randn(10, 8), targets=torch.tensor([1, 2, 3]))
+    reduction = bad.pop("reduction", "mean")
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        apr_kernels.linear_cross_entropy(args["hidden"], args["weight"], args["targets"], reduction=reduction)
+
+
+# ------------------------------------------------------------------------------ the GPU compiler
+
+_AOT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from apr_kernels.kernels import cross_entropy as K
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+out = []
+for v, dt, grad in json.loads(sys.argv[1]):
+    block, warps = K.launch_config(v)
+    fn = K._cross_entropy_kernel
+    sig = {"LOGITS": "*" + dt, "stride_row": "i64", "TARGETS": "*i64", "LOSS": "*fp32", "V": "i32",
+           "ignore_index": "i64", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(WRITE_GRAD=grad, BLOCK_V=block)),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    out.append(dict(case=[v, dt, grad], rc=res.returncode, err=res.stderr[-400:]))
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_sm90(tmp_path):
+    cases = [[151936, "bf16", True], [151936, "bf16", False], [128256, "fp16", True], [1000, "fp32", True]]
+    results = run_sm90_compile(_AOT, cases, tmp_path, timeout=300)
+    assert len(results) == len(cases)
+    for r in results:
+        assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
+        assert "spill" not in r["err"] or "0 bytes spill stores" in r["err"], r["err"]
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("v, h", [(151936, 896), (128256, 1024)])
+def test_cuda_bf16_matches_eager_autocast(v, h):
+    dev = "cuda"
+    hidden = torch.randn(2, 1000, h, device=dev, requires_grad=True)
+    weight = (torch.randn(v, h, device=dev) * 0.02).requires_grad_()
+    targets = torch.randint(0, v, (2, 1000), device=dev)
+    targets[0, :7] = -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = apr_kernels.linear_cross_entropy(hidden, weight, targets, chunk_rows=512)
+        eager = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten())
+    loss.backward()
+    dh, dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    eager.backward()
+    assert abs(loss.item() - eager.item()) < 1e-3 * eager.item()
+    assert rel_err(dh, hidden.grad.double()) < 1e-2 and rel_err(dw, weight.grad.double()) < 1e-2
