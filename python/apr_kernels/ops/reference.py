@@ -154,8 +154,10 @@ def cross_entropy_rows_reference(
     t = torch.where(valid, targets, 0).long()
     lse = torch.logsumexp(x, dim=-1)
     loss.copy_(torch.where(valid, lse - x.gather(1, t[:, None]).squeeze(1), 0.0))
-    if write_grad:
-        g = torch.exp(x - lse[:, None])
+    if write_grad:  # in place on x (which is the logits themselves for fp32): one chunk of memory
+        g = x.sub_(lse[:, None]).exp_()
         g.scatter_add_(1, t[:, None], torch.full_like(g[:, :1], -1.0))
-        logits.copy_(g * valid[:, None])
+        g.mul_(valid[:, None])
+        if g.data_ptr() != logits.data_ptr():
+            logits.copy_(g)
     return loss
