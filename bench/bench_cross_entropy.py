@@ -62,10 +62,10 @@ def sweep(args) -> list[tuple[str, int]]:
 def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
         "--budget-s", type=float, default=None, help="stop starting new shapes after this many seconds "
-                                                     "(default 60 full, 25 quick)"))
+                                                     "(default 40 full, 20 quick)"))
     dev = _common.device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    budget = args.budget_s or (1e9 if args.smoke else 25 if args.quick else 60)
+    budget = args.budget_s or (1e9 if args.smoke else 20 if args.quick else 40)
     rep = 3 if args.smoke else 10
     provs = providers(dev)
     start = time.perf_counter()

@@ -287,3 +287,11 @@ def test_cuda_bf16_matches_eager_autocast(v, h):
     eager.backward()
     assert abs(loss.item() - eager.item()) < 1e-3 * eager.item()
     assert rel_err(dh, hidden.grad.double()) < 1e-2 and rel_err(dw, weight.grad.double()) < 1e-2
+
+
+def test_loss_module_matches_cross_entropy_loss(use_backend):
+    use_backend("reference")
+    hidden, weight, targets = _inputs((4, 6), 16, 90, torch.float32, ignore=(2,))
+    loss = apr_kernels.LinearCrossEntropyLoss(reduction="sum")(hidden, weight, targets)
+    want = torch.nn.CrossEntropyLoss(reduction="sum")(F.linear(hidden, weight).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)

@@ -4,8 +4,8 @@ Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never
 
 * Loader: ``load``, ``open``, ``save``, ``AprFile``, ``AprFormatError``.
 * Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``,
-  ``linear_cross_entropy``.
-* Modules: ``RMSNorm``, ``Attention`` (in ``apr_kernels.nn``).
+  ``swiglu``, ``linear_cross_entropy``.
+* Modules: ``RMSNorm``, ``Attention``, ``SwiGLUMLP``, ``LinearCrossEntropyLoss`` (in ``apr_kernels.nn``).
 * Trainer: ``apr_kernels.model`` (``from_apr``), ``apr_kernels.train``; command line ``apr-kernels``.
 """
 
@@ -36,8 +36,11 @@ _API = {
     "add_rms_norm": "ops.rms_norm",
     "attention": "ops.attention",
     "linear_cross_entropy": "ops.cross_entropy",
+    "swiglu": "ops.swiglu",
     "RMSNorm": "nn",
     "Attention": "nn",
+    "SwiGLUMLP": "nn",
+    "LinearCrossEntropyLoss": "nn",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -58,3 +58,46 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, scale={self.scale}"
+
+
+# ------------------------------------------------------------------------------- SwiGLU MLP (issue 6)
+
+
+class SwiGLUMLP(nn.Module):
+    """Drop-in for HF ``LlamaMLP``/``Qwen2MLP`` (parameter names ``gate_proj``, ``up_proj``,
+    ``down_proj``): ``down(swiglu(gate(x), up(x)))`` with the activation from :func:`apr_kernels.swiglu`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from apr_kernels.ops.swiglu import swiglu
+
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+# ----------------------------------------------------------------------- LM loss (issue 6)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """``loss(hidden, weight, targets)``: cross entropy of ``hidden @ weight.T`` without materialising
+    the logits (:func:`apr_kernels.linear_cross_entropy`); ``weight`` is the LM head or the tied
+    embedding. Parameter-free, like ``nn.CrossEntropyLoss``."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from apr_kernels.ops.cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy(hidden, weight, targets, ignore_index=self.ignore_index,
+                                    reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"

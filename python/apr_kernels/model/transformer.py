@@ -2,7 +2,7 @@
 
 Reading order: RMSNorm -> Attention -> MLP -> Block -> Transformer. Each module has two paths:
 
-* fast: the package's ops (``apr_kernels.rms_norm``, ``add_rms_norm``, ``attention``,
+* fast: the package's ops (``apr_kernels.rms_norm``, ``add_rms_norm``, ``attention``, ``swiglu``,
   ``linear_cross_entropy``), which run the Triton kernels on CUDA and their PyTorch reference
   elsewhere; attention takes K/V with their own (fewer) heads, never expanded, and the loss never
   holds the whole ``[B, T, vocab]`` logits;
@@ -89,7 +89,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast:  # one fused pass; silu(gate) is recomputed in the backward instead of kept
+            return self.down_proj(_ops().swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -113,7 +115,7 @@ class Block(nn.Module):
         else:
             h = h + a
             y = self.post_attention_layernorm(h)
-        return h + self.mlp(y)
+        return h + self.mlp(y, fast)
 
 
 class Decoder(nn.Module):

@@ -161,3 +161,26 @@ def cross_entropy_rows_reference(
         if g.data_ptr() != logits.data_ptr():
             logits.copy_(g)
     return loss
+
+
+# --------------------------------------------------------------------------------- SwiGLU (issue 6)
+# Hugging Face's MLP activation ``act_fn(gate) * up`` (act_fn = SiLU) in the input dtype, with torch's
+# rounding points (each op computes in fp32 and rounds to the dtype); the backward is the one autograd
+# builds for those two ops, written out so the kernel's contract can be read here.
+
+
+def swiglu_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u`` exactly as eager PyTorch computes it."""
+    return torch.nn.functional.silu(g) * u
+
+
+def swiglu_backward_reference(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dg, du)``: du = dy * silu(g); dg = silu'(g) * (dy * u), with silu'(g) = sig * (1 + g * (1 - sig))."""
+    acc = torch.promote_types(g.dtype, torch.float32)
+    s = torch.nn.functional.silu(g)
+    du = dy * s
+    ds = (dy * u).to(acc)
+    g32 = g.to(acc)
+    sig = torch.sigmoid(g32)
+    dg = (ds * sig * (1 + g32 * (1 - sig))).to(g.dtype)
+    return dg, du

@@ -1,0 +1,92 @@
+"""SwiGLU activation ``silu(gate) * up``, forward and backward: GB/s against the device copy.
+
+    python3 bench/bench_swiglu.py [--smoke | --quick] [--out DIR]
+
+Shapes: the MLP widths of Qwen2-0.5B (intermediate 4864) and Llama-3-8B (14336) at 4k / 8k / 16k
+tokens, bf16. Providers, in one run on one device:
+
+  apr       apr_kernels.swiglu (the Triton kernels on CUDA)
+  eager     F.silu(g) * u, what Hugging Face's MLP computes (autograd keeps silu(g) too)
+  compile   torch.compile of the eager expression (CUDA)
+  liger     Liger-Kernel's LigerSiLUMulFunction, when importable (CUDA)
+
+Rows: op swiglu, mode fwd | bwd (the backward timed alone, from a kept graph), ms, bytes, gbs,
+pct_copy. Bytes are compulsory traffic (n elements of e bytes): forward read g, u + write y = 3·n·e;
+backward read dy, g, u + write dg, du = 5·n·e. --quick: 8k tokens only; --smoke: tiny, any device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import _common
+import torch
+import torch.nn.functional as F
+
+import apr_kernels
+
+WIDTHS = {"qwen2-0.5b": 4864, "llama-3-8b": 14336}
+
+
+def providers(dev: torch.device) -> dict:
+    def eager(g, u):
+        return F.silu(g) * u
+
+    out = {"apr": apr_kernels.swiglu, "eager": eager}
+    if dev.type == "cuda":
+        out["compile"] = torch.compile(eager)
+        try:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            out["liger"] = LigerSiLUMulFunction.apply
+        except Exception as e:  # noqa: BLE001
+            print(f"liger: not importable ({type(e).__name__}: {e}); skipped")
+    return out
+
+
+def main() -> None:
+    args = _common.parse_args(__doc__.splitlines()[0])
+    dev = _common.device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elem = torch.empty((), dtype=dtype).element_size()
+    copy_gbs = _common.copy_bandwidth_gbs((512 << 20) if dev.type == "cuda" else (8 << 20), dev=dev)
+    provs = providers(dev)
+    if args.smoke:
+        shapes = [("tiny", 64, 256)]
+    else:
+        tokens = [8192] if args.quick else [8192, 4096, 16384]
+        shapes = [(m, t, w) for t in tokens for m, w in WIDTHS.items()]
+    rep = 3 if args.smoke else 20
+    budget, start = (1e9 if args.smoke else 15 if args.quick else 30), time.perf_counter()
+    rows, meta = [], {"ours": "apr", "copy_gbs": copy_gbs, "ceilings": {"copy_gbs": copy_gbs},
+                      "providers": list(provs), "skipped": [], "failed": []}
+    for model, t, w in shapes:
+        if time.perf_counter() - start > budget:
+            meta["skipped"].append(f"{model} {t}x{w}")
+            continue
+        g = (torch.randn(t, w, device=dev, dtype=dtype) * 2).requires_grad_()
+        u = torch.randn(t, w, device=dev, dtype=dtype).requires_grad_()
+        dy = torch.randn(t, w, device=dev, dtype=dtype)
+        n = t * w
+        for name, fn in provs.items():
+            try:
+                fwd = _common.time_ms(lambda: fn(g, u), rep=rep, dev=dev)
+                y = fn(g, u)
+                bwd = _common.time_ms(lambda: torch.autograd.grad(y, (g, u), dy, retain_graph=True), rep=rep, dev=dev)
+            except Exception as e:  # noqa: BLE001
+                meta["failed"].append(f"{name} {model} {t}x{w}: {type(e).__name__}: {str(e)[:200]}")
+                print(f"FAILED {meta['failed'][-1]}")
+                continue
+            del y
+            for mode, ms, nbytes in (("fwd", fwd, 3 * n * elem), ("bwd", bwd, 5 * n * elem)):
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                rows.append({"op": "swiglu", "mode": mode, "shape": f"{t}x{w}", "model": model,
+                             "dtype": str(dtype)[6:], "provider": name, "ms": ms, "bytes": nbytes, "gbs": gbs,
+                             "pct_copy": gbs / copy_gbs})
+        del g, u, dy
+    _common.print_table(rows, ["shape", "mode", "provider", "ms", "gbs", "pct_copy"])
+    print(f"wrote {_common.write_results('swiglu', rows, args.out, meta)}")
+
+
+if __name__ == "__main__":
+    main()
