@@ -75,6 +75,18 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 3, rep: int = 10, dev=Non
     return statistics.median(times)
 
 
+def fwd_bwd_ms(fn: Callable[..., object], inputs: tuple, grads, *, rep: int = 10, dev=None) -> tuple[float, float]:
+    """``(forward ms, backward ms)`` of ``fn(*inputs)``: the backward is timed alone, as
+    ``torch.autograd.grad`` from one kept graph with output gradients ``grads`` (a tensor or a tuple
+    matching fn's outputs)."""
+    fwd = time_ms(lambda: fn(*inputs), rep=rep, dev=dev)
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    gs = grads if isinstance(grads, tuple) else (grads,)
+    bwd = time_ms(lambda: torch.autograd.grad(outs, inputs, gs, retain_graph=True), rep=rep, dev=dev)
+    return fwd, bwd
+
+
 def peak_memory_mb(fn: Callable[[], object], dev=None) -> float | None:
     """Peak CUDA memory allocated during ``fn()`` above what was allocated before (MiB)."""
     dev = dev or device()

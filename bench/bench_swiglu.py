@@ -70,14 +70,11 @@ def main() -> None:
         n = t * w
         for name, fn in provs.items():
             try:
-                fwd = _common.time_ms(lambda: fn(g, u), rep=rep, dev=dev)
-                y = fn(g, u)
-                bwd = _common.time_ms(lambda: torch.autograd.grad(y, (g, u), dy, retain_graph=True), rep=rep, dev=dev)
+                fwd, bwd = _common.fwd_bwd_ms(fn, (g, u), dy, rep=rep, dev=dev)
             except Exception as e:  # noqa: BLE001
                 meta["failed"].append(f"{name} {model} {t}x{w}: {type(e).__name__}: {str(e)[:200]}")
                 print(f"FAILED {meta['failed'][-1]}")
                 continue
-            del y
             for mode, ms, nbytes in (("fwd", fwd, 3 * n * elem), ("bwd", bwd, 5 * n * elem)):
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 rows.append({"op": "swiglu", "mode": mode, "shape": f"{t}x{w}", "model": model,

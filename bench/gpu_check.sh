@@ -156,7 +156,7 @@ fi
 # The benches to run: the kernels of issues 4/5, the training step, the trainer's other fused ops,
 # then the rest (the budget cuts the tail).
 BENCHES=()
-for name in ceilings rms_norm attention train cross_entropy swiglu; do [ -f "bench/bench_$name.py" ] && BENCHES+=("$name"); done
+for name in ceilings rms_norm attention train cross_entropy swiglu rope; do [ -f "bench/bench_$name.py" ] && BENCHES+=("$name"); done
 for f in bench/bench_*.py; do
   name=$(basename "$f" .py); name=${name#bench_}
   case " ${BENCHES[*]} " in *" $name "*) ;; *) BENCHES+=("$name") ;; esac

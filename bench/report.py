@@ -155,7 +155,7 @@ def device_ceilings(benches: list[Run], ceil: Run | None) -> dict:
 
 
 def bench_order(name: str):
-    order = ["ceilings", "rms_norm", "attention", "swiglu", "cross_entropy", "train"]
+    order = ["ceilings", "rms_norm", "attention", "rope", "swiglu", "cross_entropy", "train"]
     return (order.index(name) if name in order else len(order), name)
 
 

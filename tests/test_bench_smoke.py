@@ -24,7 +24,7 @@ import _rows  # noqa: E402  (bench/ is not a package)
 import report  # noqa: E402
 
 # The benches the design names, plus any other bench_*.py that appears.
-EXPECTED = ["ceilings", "rms_norm", "attention", "load", "train", "cross_entropy", "swiglu"]
+EXPECTED = ["ceilings", "rms_norm", "attention", "load", "train", "cross_entropy", "swiglu", "rope"]
 NAMES = list(dict.fromkeys(EXPECTED + sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py"))))
 SMOKE_TIMEOUT_S = 60
 _cache: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}

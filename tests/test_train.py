@@ -182,13 +182,15 @@ def test_init_from_apr_starts_at_the_saved_eval_loss_far_below_scratch(trained, 
 
 
 # ------------------------------------------------------------------------------ fast vs eager
-def test_fast_path_matches_reference_path_for_a_few_steps(monkeypatch, stream):
+@pytest.mark.parametrize("rope_type", [2, 0])
+def test_fast_path_matches_reference_path_for_a_few_steps(monkeypatch, stream, rope_type):
     # the Triton kernels (interpreter on CPU) against eager PyTorch: same loss curve
     monkeypatch.setenv("APR_KERNELS_BACKEND", "triton")
     from apr_kernels import backend
 
     cfg = ModelConfig(architecture="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=72, vocab_size=257, attention_bias=True, tie_word_embeddings=False)
+                      intermediate_size=72, vocab_size=257, attention_bias=True, tie_word_embeddings=False,
+                      rope_type=rope_type)
     tcfg = TrainConfig(steps=3, batch_size=2, seq_len=16, lr=1e-2, warmup=0)
     torch.manual_seed(0)
     ref = Transformer(cfg, fast=False)
@@ -198,7 +200,8 @@ def test_fast_path_matches_reference_path_for_a_few_steps(monkeypatch, stream):
     b = Trainer(fast, stream[0], None, tcfg, log=lambda *x: None)
     la = [a.train_step()["loss"] for _ in range(3)]
     lb = [b.train_step()["loss"] for _ in range(3)]
-    assert {"rms_norm", "attention"} <= set(backend._loaded)  # the kernels really ran
+    # the kernels really ran
+    assert {"rms_norm", "attention", "rope", "swiglu", "cross_entropy"} <= set(backend._loaded)
     assert la[2] < la[0]
     assert lb == pytest.approx(la, rel=2e-5)
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):

@@ -4,7 +4,7 @@ Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never
 
 * Loader: ``load``, ``open``, ``save``, ``AprFile``, ``AprFormatError``.
 * Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``,
-  ``swiglu``, ``linear_cross_entropy``.
+  ``swiglu``, ``rope``, ``linear_cross_entropy``.
 * Modules: ``RMSNorm``, ``Attention``, ``SwiGLUMLP``, ``LinearCrossEntropyLoss`` (in ``apr_kernels.nn``).
 * Trainer: ``apr_kernels.model`` (``from_apr``), ``apr_kernels.train``; command line ``apr-kernels``.
 """
@@ -37,6 +37,7 @@ _API = {
     "attention": "ops.attention",
     "linear_cross_entropy": "ops.cross_entropy",
     "swiglu": "ops.swiglu",
+    "rope": "ops.rope",
     "RMSNorm": "nn",
     "Attention": "nn",
     "SwiGLUMLP": "nn",

@@ -79,7 +79,7 @@ def prepare_interpreter_early() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-_KERNEL_MODULES = ("rms_norm", "attention", "cross_entropy", "swiglu")
+_KERNEL_MODULES = ("rms_norm", "attention", "cross_entropy", "swiglu", "rope")
 _loaded: dict[str, ModuleType] = {}
 
 

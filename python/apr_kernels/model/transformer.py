@@ -2,8 +2,8 @@
 
 Reading order: RMSNorm -> Attention -> MLP -> Block -> Transformer. Each module has two paths:
 
-* fast: the package's ops (``apr_kernels.rms_norm``, ``add_rms_norm``, ``attention``, ``swiglu``,
-  ``linear_cross_entropy``), which run the Triton kernels on CUDA and their PyTorch reference
+* fast: the package's ops (``apr_kernels.rms_norm``, ``add_rms_norm``, ``rope``, ``attention``,
+  ``swiglu``, ``linear_cross_entropy``), which run the Triton kernels on CUDA and their PyTorch reference
   elsewhere; attention takes K/V with their own (fewer) heads, never expanded, and the loss never
   holds the whole ``[B, T, vocab]`` logits;
 * eager (``fast=False``): plain PyTorch written as Hugging Face writes it, the oracle for the fast path.
@@ -67,8 +67,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
-        k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype), self.rope_type)
+        if fast:  # q and k rotated in one pass; the backward keeps only the tables
+            q, k = _ops().rope(q, k, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
+        else:
+            q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
+            k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype), self.rope_type)
         if fast:
             o = _ops().attention(q, k, v, causal=True)  # [B, S, Hq, D]; K/V not expanded
         else:

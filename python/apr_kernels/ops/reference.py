@@ -184,3 +184,29 @@ def swiglu_backward_reference(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor
     sig = torch.sigmoid(g32)
     dg = (ds * sig * (1 + g32 * (1 - sig))).to(g.dtype)
     return dg, du
+
+
+# ----------------------------------------------------------------------------------- RoPE (issue 6)
+# Rotary embedding of q [B, S, Hq, D] and k [B, S, Hkv, D] by tables cos/sin [S, D/2] (positions
+# 0..S-1): pair (x1, x2) -> (x1 c - x2 s, x2 c + x1 s). rope_type 2 pairs j with j + D/2 (Hugging
+# Face rotate_half), rope_type 0 pairs 2j with 2j + 1. inverse=True rotates back (sin negated): the
+# backward. Computed in fp32 (fp64 for fp64), rounded once to the input dtype.
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_type: int,
+                   inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate(x):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        c = cos.to(acc)[None, :, None, :]
+        s = sin.to(acc)[None, :, None, :] * (-1 if inverse else 1)
+        x32 = x.to(acc)
+        half = x.shape[-1] // 2
+        if rope_type == 2:
+            x1, x2 = x32[..., :half], x32[..., half:]
+            out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        else:
+            x1, x2 = x32[..., 0::2], x32[..., 1::2]
+            out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+    return rotate(q), rotate(k)
