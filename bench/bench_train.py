@@ -56,12 +56,35 @@ def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, d
             times.append(time.perf_counter() - t0)
             losses.append(rec["loss"])
     mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+    profile = kernel_profile(trainer, cuda=dev.type == "cuda")
     del trainer, model
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     s = statistics.median(times)
-    return {"ms": s * 1e3, "tokens_per_s": batch * seq / s, "peak_mem_mb": mem, "last_loss": losses[-1]}
+    return {"ms": s * 1e3, "tokens_per_s": batch * seq / s, "peak_mem_mb": mem, "last_loss": losses[-1],
+            "profile": profile}
+
+
+def kernel_profile(trainer, cuda: bool, top: int = 20) -> list[dict]:
+    """Where one more step's time goes: the ``top`` GPU kernels by total time (torch.profiler; on CPU
+    the ops by self time), so a tuning session sees what to fuse or tune next without a profiling
+    run of its own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        trainer.train_step()
+
+    def us(e):
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+
+    events = [e for e in prof.key_averages() if us(e) > 0]
+    total = sum(us(e) for e in events) or 1.0
+    out = [{"kernel": e.key[:120], "calls": e.count, "ms": us(e) / 1e3, "share": us(e) / total}
+           for e in sorted(events, key=us, reverse=True)[:top]]
+    return out
 
 
 def main() -> None:
@@ -93,14 +116,19 @@ def main() -> None:
         rows.append({"op": "train_step", "preset": name, "layers": cfg.num_layers, "B": batch, "S": seq,
                      "dtype": dtype, "provider": provider, "ms": r["ms"], "tokens_per_s": r["tokens_per_s"],
                      "tflops": tflops, "mfu": tflops / peak, "peak_mem_mb": r["peak_mem_mb"],
-                     "loss": r["last_loss"]})
+                     "loss": r["last_loss"], "profile": r["profile"]})
     fast, ref = rows
+    profiles = {row["provider"]: row.pop("profile") for row in rows}
     _common.print_table(rows, ["provider", "ms", "tokens_per_s", "tflops", "mfu", "peak_mem_mb"])
+    for provider, prof in profiles.items():
+        if prof:
+            print(f"{provider}: where one step's time goes ({'GPU kernels' if dev.type == 'cuda' else 'CPU ops'})")
+            _common.print_table(prof[:8], ["kernel", "calls", "ms", "share"])
     print(f"fast / reference: {ref['ms'] / fast['ms']:.2f}x tokens/s; MFU {fast['mfu']:.1%} vs {ref['mfu']:.1%} "
           f"(of the measured matmul peak)")
     path = _common.write_results("train", rows, args.out,
                                  {"ours": "fast", "peak_tflops": peak, "ceilings": {"matmul_tflops": peak},
-                                  "flops_per_token": flops_tok, "preset": name})
+                                  "flops_per_token": flops_tok, "preset": name, "kernel_profile": profiles})
     print(f"wrote {path}")
 
 
