@@ -87,6 +87,35 @@ def fwd_bwd_ms(fn: Callable[..., object], inputs: tuple, grads, *, rep: int = 10
     return fwd, bwd
 
 
+class MemoryBoundRun:
+    """The shared setup of a memory-bound op's bench: device, dtype (bf16 on CUDA, fp32 on CPU), the
+    copy ceiling measured now, the providers, and rows in GB/s and % of that copy."""
+
+    def __init__(self, providers: dict):
+        self.dev = device()
+        self.dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
+        self.elem = torch.empty((), dtype=self.dtype).element_size()
+        self.copy_gbs = copy_bandwidth_gbs((512 << 20) if self.dev.type == "cuda" else (8 << 20), dev=self.dev)
+        self.providers = providers
+        self.rows: list[dict] = []
+        self.meta = {"ours": "apr", "copy_gbs": self.copy_gbs, "ceilings": {"copy_gbs": self.copy_gbs},
+                     "providers": list(providers), "skipped": [], "failed": []}
+
+    def add(self, op: str, mode: str, shape: str, provider: str, ms: float, nbytes: int, **extra) -> None:
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        self.rows.append({"op": op, "mode": mode, "shape": shape, **extra, "dtype": str(self.dtype)[6:],
+                          "provider": provider, "ms": ms, "bytes": nbytes, "gbs": gbs,
+                          "pct_copy": gbs / self.copy_gbs})
+
+    def fail(self, what: str, e: Exception) -> None:
+        self.meta["failed"].append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+        print(f"FAILED {self.meta['failed'][-1]}")
+
+    def finish(self, name: str, out) -> None:
+        print_table(self.rows, ["shape", "mode", "provider", "ms", "gbs", "pct_copy"])
+        print(f"wrote {write_results(name, self.rows, out, self.meta)}")
+
+
 def peak_memory_mb(fn: Callable[[], object], dev=None) -> float | None:
     """Peak CUDA memory allocated during ``fn()`` above what was allocated before (MiB)."""
     dev = dev or device()

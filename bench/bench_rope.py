@@ -40,42 +40,33 @@ def providers(dev: torch.device) -> dict:
 def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0])
     dev = _common.device()
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elem = torch.empty((), dtype=dtype).element_size()
-    copy_gbs = _common.copy_bandwidth_gbs((512 << 20) if dev.type == "cuda" else (8 << 20), dev=dev)
-    provs = providers(dev)
+    run = _common.MemoryBoundRun(providers(dev))
     if args.smoke:
         shapes = [("qwen2-0.5b", 1, 32)]
     else:
         shapes = [(m, b, 2048) for b in ([4] if args.quick else [4, 8]) for m in MODELS]
     rep = 3 if args.smoke else 20
     budget, start = (1e9 if args.smoke else 15 if args.quick else 30), time.perf_counter()
-    rows, meta = [], {"ours": "apr", "copy_gbs": copy_gbs, "ceilings": {"copy_gbs": copy_gbs},
-                      "providers": list(provs), "skipped": [], "failed": []}
     for model, b, s in shapes:
         hq, hkv, d = MODELS[model]
         if time.perf_counter() - start > budget:
-            meta["skipped"].append(f"{model} B={b} S={s}")
+            run.meta["skipped"].append(f"{model} B={b} S={s}")
             continue
-        q = torch.randn(b, s, hq, d, device=dev, dtype=dtype, requires_grad=True)
-        k = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, requires_grad=True)
-        cos, sin = (t.to(dtype) for t in rope_tables(s, d, 1e6, device=dev))
+        q = torch.randn(b, s, hq, d, device=dev, dtype=run.dtype, requires_grad=True)
+        k = torch.randn(b, s, hkv, d, device=dev, dtype=run.dtype, requires_grad=True)
+        cos, sin = (t.to(run.dtype) for t in rope_tables(s, d, 1e6, device=dev))
         grads = (torch.randn_like(q), torch.randn_like(k))
-        nbytes = 2 * b * s * (hq + hkv) * d * elem
-        for name, fn in provs.items():
+        nbytes = 2 * b * s * (hq + hkv) * d * run.elem
+        shape = f"{b}x{s}x{hq}/{hkv}x{d}"
+        for name, fn in run.providers.items():
             try:
                 fwd, bwd = _common.fwd_bwd_ms(lambda q_, k_: fn(q_, k_, cos, sin), (q, k), grads, rep=rep, dev=dev)
-            except Exception as e:  # noqa: BLE001
-                meta["failed"].append(f"{name} {model} B={b}: {type(e).__name__}: {str(e)[:200]}")
-                print(f"FAILED {meta['failed'][-1]}")
+            except Exception as e:  # noqa: BLE001  (recorded; the bench goes on)
+                run.fail(f"{name} {model} B={b}", e)
                 continue
-            for mode, ms in (("fwd", fwd), ("bwd", bwd)):
-                gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append({"op": "rope", "mode": mode, "shape": f"{b}x{s}x{hq}/{hkv}x{d}", "model": model,
-                             "dtype": str(dtype)[6:], "provider": name, "ms": ms, "bytes": nbytes, "gbs": gbs,
-                             "pct_copy": gbs / copy_gbs})
-    _common.print_table(rows, ["shape", "mode", "provider", "ms", "gbs", "pct_copy"])
-    print(f"wrote {_common.write_results('rope', rows, args.out, meta)}")
+            run.add("rope", "fwd", shape, name, fwd, nbytes, model=model)
+            run.add("rope", "bwd", shape, name, bwd, nbytes, model=model)
+    run.finish("rope", args.out)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,7 @@ def providers(dev: torch.device) -> dict:
 def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0])
     dev = _common.device()
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elem = torch.empty((), dtype=dtype).element_size()
-    copy_gbs = _common.copy_bandwidth_gbs((512 << 20) if dev.type == "cuda" else (8 << 20), dev=dev)
-    provs = providers(dev)
+    run = _common.MemoryBoundRun(providers(dev))
     if args.smoke:
         shapes = [("tiny", 64, 256)]
     else:
@@ -58,31 +55,24 @@ def main() -> None:
         shapes = [(m, t, w) for t in tokens for m, w in WIDTHS.items()]
     rep = 3 if args.smoke else 20
     budget, start = (1e9 if args.smoke else 15 if args.quick else 30), time.perf_counter()
-    rows, meta = [], {"ours": "apr", "copy_gbs": copy_gbs, "ceilings": {"copy_gbs": copy_gbs},
-                      "providers": list(provs), "skipped": [], "failed": []}
     for model, t, w in shapes:
         if time.perf_counter() - start > budget:
-            meta["skipped"].append(f"{model} {t}x{w}")
+            run.meta["skipped"].append(f"{model} {t}x{w}")
             continue
-        g = (torch.randn(t, w, device=dev, dtype=dtype) * 2).requires_grad_()
-        u = torch.randn(t, w, device=dev, dtype=dtype).requires_grad_()
-        dy = torch.randn(t, w, device=dev, dtype=dtype)
+        g = (torch.randn(t, w, device=dev, dtype=run.dtype) * 2).requires_grad_()
+        u = torch.randn(t, w, device=dev, dtype=run.dtype).requires_grad_()
+        dy = torch.randn(t, w, device=dev, dtype=run.dtype)
         n = t * w
-        for name, fn in provs.items():
+        for name, fn in run.providers.items():
             try:
                 fwd, bwd = _common.fwd_bwd_ms(fn, (g, u), dy, rep=rep, dev=dev)
-            except Exception as e:  # noqa: BLE001
-                meta["failed"].append(f"{name} {model} {t}x{w}: {type(e).__name__}: {str(e)[:200]}")
-                print(f"FAILED {meta['failed'][-1]}")
+            except Exception as e:  # noqa: BLE001  (recorded; the bench goes on)
+                run.fail(f"{name} {model} {t}x{w}", e)
                 continue
-            for mode, ms, nbytes in (("fwd", fwd, 3 * n * elem), ("bwd", bwd, 5 * n * elem)):
-                gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append({"op": "swiglu", "mode": mode, "shape": f"{t}x{w}", "model": model,
-                             "dtype": str(dtype)[6:], "provider": name, "ms": ms, "bytes": nbytes, "gbs": gbs,
-                             "pct_copy": gbs / copy_gbs})
+            run.add("swiglu", "fwd", f"{t}x{w}", name, fwd, 3 * n * run.elem, model=model)
+            run.add("swiglu", "bwd", f"{t}x{w}", name, bwd, 5 * n * run.elem, model=model)
         del g, u, dy
-    _common.print_table(rows, ["shape", "mode", "provider", "ms", "gbs", "pct_copy"])
-    print(f"wrote {_common.write_results('swiglu', rows, args.out, meta)}")
+    run.finish("swiglu", args.out)
 
 
 if __name__ == "__main__":
