@@ -268,3 +268,20 @@ def test_fast_loss_fuses_the_projection_and_matches_eager(name, monkeypatch):
     fast.loss(x[:, :-1], y).backward()
     for (pname, p), q in zip(eager.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=pname)
+
+
+def test_fast_model_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of the whole fast-path model (every apr:: op opaque to it) gives
+    the eager loss and gradients."""
+    cfg = preset("tiny_qwen2")
+    model = Transformer(cfg, fast=True)
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    want = model(x[:, :-1], x[:, 1:])
+    want.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(x[:, :-1], x[:, 1:])
+    got.backward()
+    torch.testing.assert_close(got, want)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
