@@ -285,3 +285,22 @@ def test_fast_model_compiles_without_graph_breaks():
     torch.testing.assert_close(got, want)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(fast):
+    cfg = preset("tiny_llama")
+    model = Transformer(cfg, fast=fast)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    results = []
+    for recompute in (False, True):
+        model.gradient_checkpointing = recompute
+        model.zero_grad()
+        loss = model.loss(x[:, :-1], x[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # evaluation never recomputes
+        assert torch.equal(model.loss(x[:, :-1], x[:, 1:]), results[0][0])

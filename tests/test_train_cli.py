@@ -70,6 +70,21 @@ def test_resume_continues_with_identical_losses(first_run, capsys, tmp_path):
     assert resumed == [r["loss"] for r in recs if r["event"] == "train"][2:]
 
 
+def test_grad_checkpointing_flag_keeps_the_loss_curve(first_run, capsys, tmp_path, monkeypatch):
+    out, recs = first_run
+    from apr_kernels.model import transformer
+
+    recomputed = []
+    real = transformer.torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(transformer.torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    code, stdout, _ = run(capsys, "train", "--resume", str(out / "step_000002.apr"), "--out", str(tmp_path),
+                          "--json", "--grad-checkpointing")
+    assert code == 0 and recomputed
+    resumed = [r["loss"] for r in json_lines(stdout) if r["event"] == "train"]
+    assert resumed == pytest.approx([r["loss"] for r in recs if r["event"] == "train"][2:], rel=1e-5)
+
+
 def test_text_log_lines_and_init_from_checkpoint(first_run, capsys, tmp_path):
     out, _ = first_run
     code, stdout, _ = run(capsys, "train", "--init", str(out / "model.apr"), "--data", *TRAIN, "--max-tokens",

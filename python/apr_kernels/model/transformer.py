@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
@@ -142,6 +143,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.fast = fast
+        # True: each layer's activations are recomputed in the backward instead of kept (Hugging
+        # Face's gradient_checkpointing; set by `apr-kernels train --grad-checkpointing`)
+        self.gradient_checkpointing = False
         self.model = Decoder(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -173,8 +177,12 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
                                scaling=self.config.rope_scaling, device=input_ids.device)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h = layer(h, cos, sin, fast)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, fast, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, fast)
         return self.model.norm(h, fast)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,

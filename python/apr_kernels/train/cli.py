@@ -225,6 +225,7 @@ def _train(args, env, mode: str) -> int:
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
+    model.gradient_checkpointing = args.grad_checkpointing
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
@@ -330,6 +331,8 @@ def register(subparsers) -> None:
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward (less memory, ~1/3 more compute)")
     r = p.add_argument_group("evaluation, logging, checkpoints")
     r.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evals (0: start/end)")
     r.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens per eval")
