@@ -8,7 +8,9 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
+import apr_kernels
 from apr_kernels.cli import main
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -83,6 +85,27 @@ def test_grad_checkpointing_flag_keeps_the_loss_curve(first_run, capsys, tmp_pat
     assert code == 0 and recomputed
     resumed = [r["loss"] for r in json_lines(stdout) if r["event"] == "train"]
     assert resumed == pytest.approx([r["loss"] for r in recs if r["event"] == "train"][2:], rel=1e-5)
+
+
+def test_compile_flag_compiles_each_layer_and_keeps_the_loss_curve(first_run, capsys, tmp_path, monkeypatch):
+    out, recs = first_run
+    import apr_kernels.train.cli as cli
+
+    compiled = []
+    real = torch.compile
+
+    def fake_compile(fn, **kw):  # the graph capture is real; aot_eager skips the C++ build on CPU
+        compiled.append(fn)
+        return real(fn, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(cli.torch, "compile", fake_compile)
+    code, stdout, _ = run(capsys, "train", "--resume", str(out / "step_000002.apr"), "--out", str(tmp_path),
+                          "--json", "--compile")
+    assert code == 0 and len(compiled) == 2  # tiny_llama's two layers
+    resumed = [r["loss"] for r in json_lines(stdout) if r["event"] == "train"]
+    assert resumed == pytest.approx([r["loss"] for r in recs if r["event"] == "train"][2:], rel=1e-5)
+    names = set(apr_kernels.open(tmp_path / "model.apr").keys())
+    assert "model.layers.0.self_attn.q_proj.weight" in names and not any("_orig_mod" in n for n in names)
 
 
 def test_text_log_lines_and_init_from_checkpoint(first_run, capsys, tmp_path):
