@@ -16,7 +16,8 @@ run (a measured roof, lower than the datasheet peak). Row: op train_step, provid
 ms (median step), tokens_per_s, tflops, mfu, peak_mem_mb.
 
 --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
---quick: 4 timed steps instead of 10. The whole GPU run is about 30-60 s on an H100 (kernel compiles
+--quick: 4 timed steps instead of 10. --compile: also ``fast+compile`` and ``reference+compile`` (each
+decoder layer's forward under torch.compile, as ``apr-kernels train --compile``; not in gpu_check's run). The whole GPU run is about 30-60 s on an H100 (kernel compiles
 included).
 """
 
@@ -34,13 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from apr_kernels.model import Transformer, preset  # noqa: E402
+from apr_kernels.train.cli import compile_layers  # noqa: E402
 from apr_kernels.train.loop import Trainer, TrainConfig  # noqa: E402
 
 
 def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, dev: torch.device) -> dict:
     torch.manual_seed(0)
     with torch.device(dev):
-        model = Transformer(cfg, fast=provider == "fast")
+        model = Transformer(cfg, fast=provider.startswith("fast"))
+    if provider.endswith("+compile"):
+        compile_layers(model)  # as `apr-kernels train --compile`; the warmup steps pay the compile
     n_tokens = (warmup + steps) * batch * seq + 1
     tokens = torch.randint(0, cfg.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(1))
     tcfg = TrainConfig(steps=warmup + steps, batch_size=batch, seq_len=seq, lr=1e-4, warmup=0)
@@ -91,7 +95,9 @@ def main() -> None:
     args = _common.parse_args(
         __doc__.splitlines()[0],
         lambda p: (p.add_argument("--layers", type=int, default=None, help="override the number of layers"),
-                   p.add_argument("--batch", type=int, default=None), p.add_argument("--seq", type=int, default=None)),
+                   p.add_argument("--batch", type=int, default=None), p.add_argument("--seq", type=int, default=None),
+                   p.add_argument("--compile", action="store_true",
+                                  help="also time both paths with each layer torch.compiled (+compile rows)")),
     )
     dev = _common.device()
     if args.smoke or dev.type != "cuda":
@@ -110,14 +116,15 @@ def main() -> None:
           f"{seq}, {flops_tok * batch * seq / 1e12:.2f} TFLOP per step; measured {dtype} matmul peak "
           f"{peak:.1f} TFLOP/s on {dev}")
     rows = []
-    for provider in ("fast", "reference"):
+    providers = ["fast", "reference"] + (["fast+compile", "reference+compile"] if args.compile else [])
+    for provider in providers:
         r = measure(cfg, provider, batch, seq, warmup, steps, dev)
         tflops = flops_tok * r["tokens_per_s"] / 1e12
         rows.append({"op": "train_step", "preset": name, "layers": cfg.num_layers, "B": batch, "S": seq,
                      "dtype": dtype, "provider": provider, "ms": r["ms"], "tokens_per_s": r["tokens_per_s"],
                      "tflops": tflops, "mfu": tflops / peak, "peak_mem_mb": r["peak_mem_mb"],
                      "loss": r["last_loss"], "profile": r["profile"]})
-    fast, ref = rows
+    fast, ref = rows[0], rows[1]
     profiles = {row["provider"]: row.pop("profile") for row in rows}
     _common.print_table(rows, ["provider", "ms", "tokens_per_s", "tflops", "mfu", "peak_mem_mb"])
     for provider, prof in profiles.items():
