@@ -6,6 +6,9 @@
 #   bash bench/gpu_check.sh --quick    reduced sweep, under 2 minutes
 #   bash bench/gpu_check.sh --smoke    CPU, tiny sizes, no GPU tests (what CI runs)
 #   options: --only ceilings,rms_norm  run only these benches
+#            --no-tests                 skip the GPU tests (all the time to the benches)
+#            --tests-only               only install + the GPU tests, with the whole budget
+#   Two calls on one warm machine (--tests-only, then --no-tests) fit more than one 6-minute run.
 #
 # Results: JSON per bench plus gpu_check.log and pytest.log in $OUT when set; else the JSON in
 # bench/results/ and the logs in build/gpu_check/ (--smoke without $OUT: a temporary folder).
@@ -21,14 +24,19 @@ cd "$(dirname "$SELF")/.."
 
 MODE=full
 ONLY=""
+SKIP_TESTS=""
+TESTS_ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=quick ;;
     --smoke) MODE=smoke ;;
     --full) MODE=full ;;
     --only) ONLY="${2:?--only needs a comma-separated list of bench names}"; shift ;;
+    --no-tests) SKIP_TESTS=1 ;;
+    --tests-only) TESTS_ONLY=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$SELF"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument '$1' (expected --quick, --smoke, --only LIST)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (expected --quick, --smoke, --only LIST, --no-tests, --tests-only)" >&2
+       exit 2 ;;
   esac
   shift
 done
@@ -168,6 +176,7 @@ if [ -n "$ONLY" ]; then
   done
   BENCHES=("${kept[@]}")
 fi
+if [ -n "$TESTS_ONLY" ]; then BENCHES=(); CAP_TEST=$BUDGET; fi
 BENCH_RESERVE=$((${#BENCHES[@]} * MIN_BENCH))
 
 # ---- 2. tests ---------------------------------------------------------------------------------
@@ -205,7 +214,9 @@ run_tests() {
     note "$label" "ok ($((SECONDS - t0))s): $(last_line)"
   fi
 }
-if [ -n "${GPU_CHECK_PYTEST:-}" ]; then
+if [ -n "$SKIP_TESTS" ]; then
+  note tests "skipped (--no-tests)"
+elif [ -n "${GPU_CHECK_PYTEST:-}" ]; then
   : > "$PYTEST_LOG"
   # shellcheck disable=SC2086  # word splitting intended: a list of pytest arguments
   run_tests tests "$CAP_TEST" "$BENCH_RESERVE" 20 $GPU_CHECK_PYTEST
@@ -244,7 +255,7 @@ done
 
 # Unmarked tests whose names say they touch a device path (they pick CUDA when it is there, or check
 # GPU launch configs in the interpreter): CI runs them on CPU already, so only with time to spare.
-if [ -z "${GPU_CHECK_PYTEST:-}" ] && [ "$CAP_CPU_TEST" -gt 0 ]; then
+if [ -z "${GPU_CHECK_PYTEST:-}" ] && [ -z "$SKIP_TESTS" ] && [ "$CAP_CPU_TEST" -gt 0 ]; then
   ALLOW_EMPTY=1 run_tests "device-path tests" "$CAP_CPU_TEST" 0 0 -m "not cuda and not slow" \
     -k "(cuda or gpu or device) and not bench" tests/
 fi
@@ -265,6 +276,8 @@ printf '  %s\n' "${STATUS[@]}"
 if [ "$FAILED" != 0 ]; then echo "gpu_check.sh: SOME STEPS FAILED (see above and $LOG)"; fi
 if [ ${#NEW_JSON[@]} -gt 0 ]; then
   "$PY" bench/report.py "${NEW_JSON[@]}" || FAILED=1
+elif [ -n "$TESTS_ONLY" ]; then
+  echo "gpu_check.sh: --tests-only: no benchmarks run"
 else
   echo "gpu_check.sh: no benchmark results to report"; FAILED=1
 fi

@@ -148,6 +148,27 @@ def test_gpu_check_smoke_fails_loudly_and_still_measures(tmp_path):
     assert len(list(out.iterdir())) <= 8, "more than 8 files in $OUT (the device tool returns only 8)"
 
 
+@pytest.mark.slow
+def test_gpu_check_split_into_tests_only_and_no_tests(tmp_path):
+    """--tests-only runs the tests and no bench (exit 0); --no-tests runs the benches and no test."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_probe.py").write_text("def test_passes():\n    assert True\n")
+    env = _env() | {"OUT": str(tmp_path / "a"), "GPU_CHECK_PYTEST": str(tests / "test_probe.py")}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke", "--tests-only"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=170)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert "1 passed" in text and "--tests-only: no benchmarks run" in text and "== bench_" not in text, text
+    env = _env() | {"OUT": str(tmp_path / "b"), "GPU_CHECK_PYTEST": str(tests / "test_probe.py")}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--smoke", "--no-tests", "--only", "ceilings"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert "skipped (--no-tests)" in text and "== pytest" not in text, text
+    assert list((tmp_path / "b").glob("ceilings-*.json")), text
+
+
 def test_gpu_check_rejects_unknown_argument():
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--fast"], capture_output=True, text=True,
                           timeout=30)
