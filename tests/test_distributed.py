@@ -161,6 +161,13 @@ def runs(tmp_path_factory):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
          "-m", "apr_kernels", "train", "--init", str(init), *COMMON, "--parallel", "fsdp",
          "--out", str(root / "fsdp")], env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the fast path (the package's ops, their CPU reference code here) under FSDP: the fused loss runs
+    # inside forward on the unsharded output weight
+    fast_on = [a if a != "off" else "on" for a in COMMON]
+    torchrun_fast = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "apr_kernels", "train", "--init", str(init), *fast_on, "--parallel", "fsdp",
+         "--out", str(root / "fsdp_fast")], env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     spec = {"out": str(root), "memory": str(big), "warmup": str(init), "runs": [
         ["train", "--init", str(init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp")],
         ["train", "--resume", str(one / "step_000002.apr"), "--parallel", "fsdp", "--out", str(root / "r2"),
@@ -170,7 +177,7 @@ def runs(tmp_path_factory):
     worker = [sys.executable, __file__, str(root / "spec.json")]
     two = _launch(worker, 2)
     single = subprocess.Popen(worker, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs = [torchrun, *two, single]
+    procs = [torchrun, torchrun_fast, *two, single]
     outputs = []
     try:
         for p in procs:
@@ -183,7 +190,8 @@ def runs(tmp_path_factory):
         assert p.returncode == 0, err[-3000:]
     ranks = {(r["rank"], r["world"]): r for r in
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
-    return {"root": root, "one": one, "one_out": one_out, "torchrun_out": outputs[0][0], "ranks": ranks}
+    return {"root": root, "one": one, "one_out": one_out, "torchrun_out": outputs[0][0],
+            "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
 
 def _tensors(path) -> dict:
@@ -215,6 +223,15 @@ def test_fsdp_under_torchrun_matches_one_process(runs):
     for key in ("training.step", "training.data_position", "training.adam_steps"):
         assert meta_a[key] == meta_b[key], key
     assert not list((runs["root"] / "fsdp").glob(".*.tmp"))  # written atomically, nothing left over
+
+
+def test_fast_path_under_fsdp_matches_one_process(runs):
+    """--fast on (fused RoPE, SwiGLU, add+RMSNorm, GQA attention and the fused linear cross entropy) under
+    FSDP2 on 2 ranks against one eager process: the same loss curve."""
+    ref, got = _records(runs["one_out"]), _records(runs["torchrun_fast_out"])
+    assert len(_losses(got)) == STEPS
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
 
 
 def test_ddp_matches_one_process(runs):
