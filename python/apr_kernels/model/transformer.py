@@ -63,18 +63,32 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
 
+    def _qkv_fused(self, x: torch.Tensor):
+        """q, k, v from one GEMM on the concatenated weights (the parameters stay Hugging Face's three):
+        the k/v projections are narrow (Qwen2-0.5B: 128 columns) and run far below the GEMM rate
+        alone. q, k, v come out as strided views of one buffer; the kernels read them in place, and
+        split's backward concatenates the three gradients in one pass."""
+        p = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([m.weight for m in p])
+        bias = torch.cat([m.bias for m in p]) if self.q_proj.bias is not None else None
+        return F.linear(x, w, bias).split([m.out_features for m in p], dim=-1)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if fast:
+            q, k, v = self._qkv_fused(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
         if fast:  # q and k rotated in one pass; the backward keeps only the tables
             q, k = _ops().rope(q, k, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
         else:
             q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
             k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype), self.rope_type)
         if fast:
-            o = _ops().attention(q, k, v, causal=True)  # [B, S, Hq, D]; K/V not expanded
+            o = _ops().attention(q, k, v, causal=True)  # [B, S, Hq, D]; K/V not expanded, v strided
         else:
             # HF layout [B, H, S, D]; each K/V head serves num_heads/num_kv_heads consecutive q heads
             o = F.scaled_dot_product_attention(
