@@ -114,7 +114,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: h += attn(norm(h)); h += mlp(norm(h))."""
+    """Pre-norm decoder layer: h += attn(norm(h)); h += mlp(norm(h)).
+
+    The MLP's residual add is left *pending*: ``forward(h, pending, ...) -> (h, mlp_out)``, and the
+    next layer (or the final norm) adds it, so the fast path can fuse every residual add with the norm
+    that follows it (``add_rms_norm``). The eager path does the same adds in the same order, so its
+    numbers are Hugging Face's."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -123,17 +128,25 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False):
-        a = self.self_attn(self.input_layernorm(h, fast), cos, sin, fast)
-        if fast:
-            # one fused pass: h + a and its norm. Under autocast a is bf16 while the residual stream
-            # stays fp32 (as in the eager path, where h + a promotes): add in the stream's dtype.
-            y, h = _ops().add_rms_norm(a.to(h.dtype), h, self.post_attention_layernorm.weight,
-                                       self.post_attention_layernorm.eps)
-        else:
-            h = h + a
-            y = self.post_attention_layernorm(h)
-        return h + self.mlp(y, fast)
+    def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        h, y = add_then_norm(self.input_layernorm, h, pending, fast)
+        a = self.self_attn(y, cos, sin, fast)
+        h, y = add_then_norm(self.post_attention_layernorm, h, a, fast)
+        return h, self.mlp(y, fast)
+
+
+def add_then_norm(norm: RMSNorm, h: torch.Tensor, x: torch.Tensor | None, fast: bool):
+    """``(h + x, norm(h + x))`` (``x`` None: ``(h, norm(h))``). Fast: one fused pass. Under autocast x
+    is bf16 while the residual stream stays fp32 (as in the eager path, where h + x promotes), so the
+    fused add runs in the stream's dtype."""
+    if x is None:
+        return h, norm(h, fast)
+    if fast:
+        y, h = _ops().add_rms_norm(x.to(h.dtype), h, norm.weight, norm.eps)
+        return h, y
+    h = h + x
+    return h, norm(h)
 
 
 class Decoder(nn.Module):
@@ -192,12 +205,14 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
                                scaling=self.config.rope_scaling, device=input_ids.device)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        pending = None  # each layer's MLP output, added by the next layer's fused add + norm
         for layer in self.model.layers:
             if recompute:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, fast, use_reentrant=False)
+                h, pending = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast,
+                                                               use_reentrant=False)
             else:
-                h = layer(h, cos, sin, fast)
-        return self.model.norm(h, fast)
+                h, pending = layer(h, pending, cos, sin, fast)
+        return add_then_norm(self.model.norm, h, pending, fast)[1]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
