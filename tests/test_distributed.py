@@ -186,8 +186,8 @@ def runs(tmp_path_factory):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, f"{' '.join(map(str, p.args))[-300:]}\nstdout: {out[-1500:]}\nstderr: {err[-3000:]}"
     ranks = {(r["rank"], r["world"]): r for r in
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
     return {"root": root, "one": one, "one_out": one_out, "torchrun_out": outputs[0][0],
