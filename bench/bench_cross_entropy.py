@@ -15,10 +15,18 @@ run on one device:
 Rows: op linear_cross_entropy, mode fwd+bwd, shape NxHxV, ms (median, CUDA events), tflops (the three
 GEMMs: 6·N·H·V FLOPs), peak_mem_mb (allocated during the step above the inputs). ``vs_eager`` on apr
 rows = eager ms / apr ms. --smoke: tiny shapes on any device (CI); --quick: N 8192 only.
+
+--cpu-memory: on a machine without a GPU, the Qwen2 shape at N = 4096 in fp32, each provider in a
+fresh process: the process's peak resident memory over two forward+backward steps (inputs, the fp32
+weight and its gradient, about 1.1 GB, included) and the time of the second step. The memory claim,
+checked where no CUDA allocator statistics exist.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import _common
@@ -52,6 +60,48 @@ def providers(dev: torch.device) -> dict:
     return out
 
 
+_CPU_MEMORY_CHILD = r"""
+import json, resource, sys, time
+import torch, torch.nn.functional as F
+import apr_kernels
+which, n, h, v = sys.argv[1], *map(int, sys.argv[2:5])
+torch.manual_seed(0)
+hid = torch.randn(n, h, requires_grad=True)
+w = (torch.randn(v, h) * 0.02).requires_grad_()
+t = torch.randint(0, v, (n,))
+def step():
+    hid.grad = w.grad = None
+    if which == "apr":
+        apr_kernels.linear_cross_entropy(hid, w, t).backward()
+    else:
+        F.cross_entropy(F.linear(hid, w).float(), t).backward()
+step()  # warm-up
+t0 = time.perf_counter()
+step()
+ms = (time.perf_counter() - t0) * 1e3
+print(json.dumps({"ms": ms, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def cpu_memory(args) -> None:
+    n, (h, v) = 4096, VOCABS["qwen2"]
+    rows = []
+    for name in ("apr", "eager"):
+        proc = subprocess.run([sys.executable, "-c", _CPU_MEMORY_CHILD, name, str(n), str(h), str(v)],
+                              capture_output=True, text=True, timeout=600,
+                              env={**__import__("os").environ, "APR_KERNELS_BACKEND": "reference"})
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}: {proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"op": "linear_cross_entropy", "mode": "fwd+bwd", "shape": f"{n}x{h}x{v}", "model": "qwen2",
+                     "dtype": "float32", "provider": name, "ms": r["ms"], "peak_mem_mb": r["peak_mb"]})
+    _common.print_table(rows, ["shape", "provider", "ms", "peak_mem_mb"])
+    meta = {"ours": "apr", "mode": "cpu-memory",
+            "note": "fresh process per provider; peak_mem_mb = process peak RSS over two steps (inputs, "
+                    "the fp32 weight and its gradient, and the step's temporaries)"}
+    print(f"wrote {_common.write_results('cross_entropy', rows, args.out, meta)}")
+
+
 def sweep(args) -> list[tuple[str, int]]:
     if args.smoke:
         return [("tiny", 64)]
@@ -60,9 +110,13 @@ def sweep(args) -> list[tuple[str, int]]:
 
 
 def main() -> None:
-    args = _common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--budget-s", type=float, default=None, help="stop starting new shapes after this many seconds "
-                                                     "(default 40 full, 20 quick)"))
+    args = _common.parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--budget-s", type=float, default=None,
+                       help="stop starting new shapes after this many seconds (default 40 full, 20 quick)"),
+        p.add_argument("--cpu-memory", action="store_true",
+                       help="CPU: peak memory of apr vs eager at the Qwen2 shape, a process each")))
+    if args.cpu_memory:
+        return cpu_memory(args)
     dev = _common.device()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     budget = args.budget_s or (1e9 if args.smoke else 20 if args.quick else 40)
