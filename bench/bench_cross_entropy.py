@@ -84,7 +84,7 @@ print(json.dumps({"ms": ms, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).
 
 
 def cpu_memory(args) -> None:
-    n, (h, v) = 4096, VOCABS["qwen2"]
+    n, (h, v) = (64, (32, 1000)) if args.smoke else (4096, VOCABS["qwen2"])
     rows = []
     for name in ("apr", "eager"):
         proc = subprocess.run([sys.executable, "-c", _CPU_MEMORY_CHILD, name, str(n), str(h), str(v)],

@@ -169,6 +169,15 @@ def test_gpu_check_split_into_tests_only_and_no_tests(tmp_path):
     assert list((tmp_path / "b").glob("ceilings-*.json")), text
 
 
+def test_cross_entropy_cpu_memory_mode_writes_rows(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_cross_entropy.py"), "--cpu-memory", "--smoke",
+                           "--out", str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(next(tmp_path.glob("cross_entropy-*.json")).read_text())["rows"]
+    assert sorted(r["provider"] for r in rows) == ["apr", "eager"]
+    assert all(r["peak_mem_mb"] > 0 and r["ms"] > 0 for r in rows)
+
+
 def test_gpu_check_rejects_unknown_argument():
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--fast"], capture_output=True, text=True,
                           timeout=30)
