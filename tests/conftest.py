@@ -2,12 +2,16 @@
 
 import os
 import random
+import tempfile
 import zlib
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# The trainer's token cache goes to a folder of this test session, never to ~/.cache (subprocesses
+# inherit the variable).
+os.environ.setdefault("APR_KERNELS_CACHE", tempfile.mkdtemp(prefix="apr_kernels_test_cache_"))
 if not HAS_CUDA:
     # Triton reads TRITON_INTERPRET when `triton` is first imported (its own tl.sum etc. are jitted
     # then), and some test imports (transformers) pull Triton in: set it before any of them.

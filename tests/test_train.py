@@ -74,6 +74,65 @@ def test_documents_are_packed_with_end_of_text_and_non_utf8_skipped(tmp_path, to
     assert tokenize_files(find_text_files([tmp_path]), tok, max_tokens=4).tolist() == [97, 98, 256, 0xC3]
 
 
+def test_token_cache_hit_miss_and_invalidation(tmp_path, tok):
+    import os
+
+    from apr_kernels.train.data import cached_tokens
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("hello world")
+    (data / "b.py").write_text("print(1)\n")
+    cache = tmp_path / "cache"
+    files = find_text_files([data])
+    mtime = os.stat(data / "a.txt").st_mtime_ns
+    want = tokenize_files(files, tok)
+    notes = []
+    first = cached_tokens(files, tok, cache_dir=cache, log=notes.append)
+    assert torch.equal(first, want) and "saved to" in notes[-1]
+    [entry] = list(cache.glob("tokens-*.apr"))
+    second = cached_tokens(files, tok, cache_dir=cache, log=notes.append)
+    assert "tokens from" in notes[-1]
+    assert second.dtype == torch.int32 and torch.equal(second.long(), want)
+    # the hit is a view of the mapped file: no copy of the stream
+    import apr_kernels
+
+    with apr_kernels.open(entry) as f:
+        off, size = f.info("tokens").offset, f.info("tokens").nbytes
+    assert size == want.numel() * 4 and off > 0
+    # max_tokens and an edited file make new entries; the old one stays valid
+    assert torch.equal(cached_tokens(files, tok, max_tokens=5, cache_dir=cache), want[:5])
+    (data / "a.txt").write_text("hello there")
+    os.utime(data / "a.txt", ns=(mtime + 10**9, mtime + 10**9))
+    changed = cached_tokens(files, tok, cache_dir=cache, log=notes.append)
+    assert "saved to" in notes[-1] and torch.equal(changed, tokenize_files(files, tok))
+    assert len(list(cache.glob("tokens-*.apr"))) == 3
+    # a damaged entry is rebuilt, not trusted (the first state again: same path, size and mtime)
+    entry.write_bytes(entry.read_bytes()[:40])
+    (data / "a.txt").write_text("hello world")
+    os.utime(data / "a.txt", ns=(mtime, mtime))
+    rebuilt = cached_tokens(files, tok, cache_dir=cache, log=notes.append)
+    assert any("unreadable" in n for n in notes) and torch.equal(rebuilt, tokenize_files(files, tok))
+
+
+def test_tokenizer_fingerprint_tells_encodings_apart(tok):
+    from apr_kernels.tokenizer import Tokenizer
+
+    assert Tokenizer.qwen2().fingerprint() == Tokenizer.qwen2().fingerprint()
+    assert Tokenizer.qwen2().fingerprint() != tok.fingerprint()
+    bytes_again = byte_tokenizer()
+    assert bytes_again.fingerprint() == tok.fingerprint()
+    other_eos = Tokenizer(list(bytes_again._id_to_bytes), special=bytes_again.special_tokens,
+                          merges=[], eos_id=None)
+    assert other_eos.fingerprint() != tok.fingerprint()
+
+
+def test_int32_token_streams_batch_as_int64(tok):
+    seqs = sequences(torch.arange(100, dtype=torch.int32), 9)
+    x, y = batch(seqs, torch.tensor([0, 3]))
+    assert x.dtype == y.dtype == torch.int64 and y[0, 0].item() == 1
+
+
 def test_sequences_targets_are_the_next_tokens_and_holdout_is_the_tail():
     tokens = torch.randperm(1000)[:103]  # 103 tokens, T=10: 10 sequences of 11
     seqs = sequences(tokens, 10)

@@ -108,6 +108,23 @@ def test_compile_flag_compiles_each_layer_and_keeps_the_loss_curve(first_run, ca
     assert "model.layers.0.self_attn.q_proj.weight" in names and not any("_orig_mod" in n for n in names)
 
 
+def test_token_cache_is_written_once_and_reused(capsys, tmp_path):
+    cache = tmp_path / "cache"
+    argv = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD,
+            "--max-tokens", "6000", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64",
+            "--json", "--no-progress", "--token-cache", str(cache)]
+    code, out1, err1 = run(capsys, *argv, "--out", str(tmp_path / "a"))
+    assert code == 0 and err1.count("saved to") == 2  # train and eval streams
+    code, out2, err2 = run(capsys, *argv, "--out", str(tmp_path / "b"))
+    assert code == 0 and err2.count("tokens from") == 2 and "saved to" not in err2
+    assert len(list(cache.glob("tokens-*.apr"))) == 2
+    losses = [[r["loss"] for r in json_lines(o) if r["event"] == "train"] for o in (out1, out2)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    code, _, err3 = run(capsys, *argv, "--out", str(tmp_path / "c"), "--no-token-cache", "--token-cache",
+                        str(tmp_path / "unused"))
+    assert code == 0 and "token cache" not in err3 and not (tmp_path / "unused").exists()
+
+
 def test_text_log_lines_and_init_from_checkpoint(first_run, capsys, tmp_path):
     out, _ = first_run
     code, stdout, _ = run(capsys, "train", "--init", str(out / "model.apr"), "--data", *TRAIN, "--max-tokens",

@@ -444,6 +444,27 @@ class Tokenizer:
             _VERIFIED.setdefault(digest, _ranks_from_merges(singles, self.merges(), digest, verify=False))
         return meta
 
+    def fingerprint(self) -> str:
+        """A SHA-256 of everything that decides :meth:`encode`'s output: token bytes, the BPE ranks
+        (or merges), special tokens, pre-tokenizer and end-of-text id. Tokenizers with one
+        fingerprint encode alike (the token cache of ``apr_kernels.train.data`` keys on it). Cached."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            h = hashlib.sha256(f"{self.pre_type}\x00{self.eos_id}\x00".encode())
+            for b in self._id_to_bytes:
+                h.update(len(b).to_bytes(4, "little") + b)
+            h.update(repr(sorted(self._special.items())).encode())
+            if self._ranks is not None:
+                h.update(b"ranks")
+                for token, rank in sorted(self._ranks.items(), key=lambda kv: kv[1]):
+                    h.update(len(token).to_bytes(4, "little") + token + rank.to_bytes(8, "little"))
+            else:
+                h.update(b"merges")
+                for a, b in self._merges:
+                    h.update(len(a).to_bytes(4, "little") + a + len(b).to_bytes(4, "little") + b)
+            cached = self._fingerprint = h.hexdigest()
+        return cached
+
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, pre_type={self.pre_type!r}, "
                 f"bos_id={self.bos_id}, eos_id={self.eos_id}, tiktoken={self.uses_tiktoken})")

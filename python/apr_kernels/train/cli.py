@@ -89,15 +89,20 @@ def _fast(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
 
 
-def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int):
-    """(train_tokens, eval_tokens) from a data spec (also stored in checkpoints for --resume)."""
-    from .data import find_text_files, split_holdout, tokenize_files
+def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_dir=None, log=None):
+    """(train_tokens, eval_tokens) from a data spec (also stored in checkpoints for --resume), through
+    the token cache in ``cache_dir`` unless it is None."""
+    from .data import cached_tokens, find_text_files, split_holdout, tokenize_files
 
-    files = find_text_files(spec["data"])
-    tokens = tokenize_files(files, tokenizer, max_tokens=spec.get("max_tokens"))
+    def tokens_of(paths, max_tokens):
+        files = find_text_files(paths)
+        if cache_dir is None:
+            return tokenize_files(files, tokenizer, max_tokens=max_tokens)
+        return cached_tokens(files, tokenizer, max_tokens=max_tokens, cache_dir=cache_dir, log=log)
+
+    tokens = tokens_of(spec["data"], spec.get("max_tokens"))
     if spec.get("eval_data"):
-        held = tokenize_files(find_text_files(spec["eval_data"]), tokenizer, max_tokens=eval_tokens + 1)
-        return tokens, held
+        return tokens, tokens_of(spec["eval_data"], eval_tokens + 1)
     return split_holdout(tokens, seq_len, spec.get("eval_fraction", 0.05),
                          max(1, eval_tokens // seq_len), where=", ".join(spec["data"]))
 
@@ -239,7 +244,14 @@ def _train(args, env, mode: str) -> int:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the world size "
                              f"{env.world_size}; expected an equal share of every batch per rank")
         parallel = distributed.parallelize(model, mode, env)
-    train_tokens, eval_tokens = load_data(spec, tok, cfg.seq_len, cfg.eval_tokens)
+    from .data import default_cache_dir
+
+    cache_dir = None if args.no_token_cache else (args.token_cache or default_cache_dir())
+    note = (lambda msg: print(msg, file=sys.stderr)) if env.is_main else None
+    # Under torchrun every rank looks the cache up on its own: on a miss each tokenises (as without a
+    # cache) and saves atomically (same bytes, unique temporary names); later runs map one file. No
+    # collective here: a long first tokenisation must not run into the process-group timeout.
+    train_tokens, eval_tokens = load_data(spec, tok, cfg.seq_len, cfg.eval_tokens, cache_dir=cache_dir, log=note)
     out = Path(args.out)
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
@@ -342,6 +354,9 @@ def register(subparsers) -> None:
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--token-cache", default=None,
+                   help="token cache folder (default $APR_KERNELS_CACHE/tokens or ~/.cache/apr-kernels/tokens)")
+    g.add_argument("--no-token-cache", action="store_true", help="tokenise every time, write no cache")
     o.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer's forward (fuses the glue around the kernels; "
                         "the first steps pay the compile)")

@@ -11,6 +11,11 @@
   the stream, unless separate eval data is given.
 * Batches: sequence order is a fresh permutation per epoch from ``seed``; the only state is the number
   of sequences consumed so far (``position``), so resuming at a position replays the same batches.
+* Token cache (``cached_tokens``): the stream of a (files, tokenizer, max_tokens) triple is saved once
+  as an APR file (``tokens``, int32) in a cache folder and memory-mapped on later runs and
+  ``--resume``s, by every rank of a torchrun job (zero-copy, one page cache per machine). The
+  key covers each file's path, size and modification time and the tokenizer's fingerprint, so an
+  edited file or another tokenizer makes a new entry.
 """
 
 from __future__ import annotations
@@ -78,6 +83,66 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
     return torch.tensor(flat, dtype=torch.int64)
 
 
+CACHE_ENV = "APR_KERNELS_CACHE"
+_CACHE_VERSION = "apr-kernels token cache v1"
+
+
+def default_cache_dir() -> Path:
+    """``$APR_KERNELS_CACHE/tokens``, else ``~/.cache/apr-kernels/tokens``."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) / "tokens" if root else Path.home() / ".cache" / "apr-kernels" / "tokens"
+
+
+def token_cache_key(files: list[Path], tokenizer, max_tokens: int | None) -> str:
+    import hashlib
+
+    h = hashlib.sha256(f"{_CACHE_VERSION}\x00{tokenizer.fingerprint()}\x00{max_tokens}".encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"\x00{os.path.abspath(f)}\x00{st.st_size}\x00{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cached_tokens(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None,
+                  cache_dir: str | os.PathLike | None = None, log=None) -> torch.Tensor:
+    """:func:`tokenize_files` through the token cache in ``cache_dir`` (created if missing): a hit is
+    a memory-mapped int32 view of the cached file, a miss tokenises and saves the stream atomically.
+    A tokenizer without ``fingerprint()`` or an unreadable entry falls back to tokenising (an
+    unreadable entry is rewritten)."""
+    import apr_kernels
+    from apr_kernels.errors import AprFormatError
+
+    files = list(files)
+    if not hasattr(tokenizer, "fingerprint"):
+        return tokenize_files(files, tokenizer, max_tokens=max_tokens)
+    key = token_cache_key(files, tokenizer, max_tokens)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / f"tokens-{key[:32]}.apr"
+    if path.exists():
+        try:
+            with apr_kernels.open(path) as f:
+                if f.metadata.get("token_cache.key") == key and f.info("tokens").dtype == "I32":
+                    tokens = f.get_tensor("tokens")
+                    if log:
+                        log(f"token cache: {tokens.numel()} tokens from {path}")
+                    return tokens
+        except (AprFormatError, KeyError, OSError) as exc:
+            if log:
+                log(f"token cache: {path} unreadable ({exc}); tokenising again")
+    tokens = tokenize_files(files, tokenizer, max_tokens=max_tokens)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        apr_kernels.save({"tokens": tokens.to(torch.int32)}, path,
+                         metadata={"token_cache.key": key, "token_cache.files": len(files),
+                                   "token_cache.max_tokens": max_tokens})
+        if log:
+            log(f"token cache: {tokens.numel()} tokens saved to {path}")
+    except OSError as exc:  # a read-only or full cache folder costs the cache, not the run
+        if log:
+            log(f"token cache: could not write {path} ({exc})")
+    return tokens
+
+
 def num_sequences(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
@@ -141,6 +206,8 @@ class BatchStream:
 def batch(seqs: torch.Tensor, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets [B, T] for the given sequence rows."""
     rows = seqs[index]
+    if rows.dtype != torch.int64:  # the token cache keeps int32; the loss wants int64 targets
+        rows = rows.long()
     if device is not None:
         rows = rows.to(device, non_blocking=True)
     return rows[:, :-1], rows[:, 1:]

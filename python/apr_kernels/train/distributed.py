@@ -334,7 +334,7 @@ class Parallel:
         for b in range(-(-per // batch_size)):
             rows = mine[b * batch_size:(b + 1) * batch_size]
             x, y = (rows[:, :-1], rows[:, 1:]) if len(rows) else (seqs[:1, :-1], torch.full_like(seqs[:1, 1:], -100))
-            x, y = x.to(dev), y.to(dev)
+            x, y = x.to(dev, torch.int64), y.to(dev, torch.int64)  # (the token cache holds int32)
             with torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 acc[0] += model.loss(x, y, reduction="sum").double()
