@@ -105,8 +105,9 @@ def quantize(dtype: str, tensor: torch.Tensor) -> QuantizedTensor:
     """Quantise a float tensor to APR ``dtype`` (APR_Q4, APR_Q8, Q4_K, Q6_K) -> QuantizedTensor.
 
     APR_Q4/APR_Q8 follow aprender's writer exactly (spec 8.1/8.2, round half away from zero).
-    Q4_K/Q6_K use a simple min/max (Q4_K) or absmax (Q6_K) scale per sub-block (llama.cpp's
-    search-based quantiser is more accurate; the byte layout is the same GGML layout).
+    Q4_K fits each 32-value sub-block's scale and offset with llama.cpp's weighted grid search
+    (``_fit_q4_sub_blocks``); Q6_K uses an absmax scale per 16-value sub-block. Both write the GGML
+    byte layout, which llama.cpp and the ``gguf`` package read.
     """
     if dtype not in QUANTIZED:
         raise ValueError(f"quantize: {dtype!r} is not a quantised APR dtype ({', '.join(sorted(QUANTIZED))})")
@@ -160,12 +161,60 @@ def _quant_apr_q4(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((_f16_bytes(scale.view(-1)), packed), dim=1).reshape(-1)
 
 
+_Q4K_FIT_BLOCKS = 4096  # super-blocks fitted at a time (the search holds 21 candidate grids of each)
+
+
+def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, min)`` per 32-value sub-block of ``sub`` [B, 8, 32], ``x ~ scale * L - min`` with
+    4-bit levels L and min >= 0, fitted the way llama.cpp's k-quants do (make_qkx2_quants): start from
+    the min/max grid, then for 21 candidate grids (15 + k/10 - 1 levels over the range, k = 0..20)
+    round, solve the weighted least-squares scale and offset for those levels, and keep the candidate
+    with the smallest weighted error. Weights ``rms(sub-block) + |x|`` favour the large values."""
+    nmax = 15.0
+    lo = sub.amin(dim=2).clamp(max=0.0)  # the offset is subtracted, so it is <= 0
+    rng = sub.amax(dim=2) - lo
+    flat = rng <= 0
+    safe_rng = torch.where(flat, torch.ones_like(rng), rng)
+    w = sub.pow(2).mean(dim=2, keepdim=True).sqrt() + sub.abs()  # [B, 8, 32]
+
+    def wsum(t):
+        return (w[:, :, None, :] * t).sum(dim=-1)
+
+    # the min/max grid: scale = range / 15, offset = lo
+    best_a, best_b = (rng / nmax)[..., None], lo[..., None]
+    levels = torch.round((sub - lo[..., None]) / (safe_rng / nmax)[..., None]).clamp(0, nmax)[:, :, None, :]
+    best_err = wsum((best_a[..., None] * levels + best_b[..., None] - sub[:, :, None, :]) ** 2)
+    # candidate grids, all at once: [B, 8, 21, 32] levels
+    ks = torch.arange(21, dtype=sub.dtype, device=sub.device) * 0.1 - 1.0
+    iscale = (nmax + ks)[None, None, :] / safe_rng[..., None]
+    lv = torch.round(iscale[..., None] * (sub - lo[..., None])[:, :, None, :]).clamp(0, nmax)
+    xs = sub[:, :, None, :]
+    sw = w.sum(dim=2)[..., None]
+    sl, sl2, sxl = wsum(lv), wsum(lv * lv), wsum(lv * xs)
+    sx = (w * sub).sum(dim=2)[..., None]
+    det = sw * sl2 - sl * sl
+    ok = det > 0
+    det = torch.where(ok, det, torch.ones_like(det))
+    a = (sw * sxl - sx * sl) / det
+    b = (sl2 * sx - sl * sxl) / det
+    clamp = b > 0  # a positive offset is not representable: refit the scale alone
+    a = torch.where(clamp, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), a)
+    b = torch.where(clamp, torch.zeros_like(b), b)
+    err = wsum((a[..., None] * lv + b[..., None] - xs) ** 2)
+    err = torch.where(ok, err, torch.full_like(err, float("inf")))
+    i = err.argmin(dim=2, keepdim=True)
+    better = err.gather(2, i) < best_err
+    scale = torch.where(better, a.gather(2, i), best_a).squeeze(2)
+    offset = torch.where(better, b.gather(2, i), best_b).squeeze(2)
+    scale = torch.where(flat, torch.zeros_like(scale), scale.clamp(min=0.0))
+    return scale, torch.where(flat, -lo, -offset).clamp(min=0.0)
+
+
 def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
+    if x.shape[0] > _Q4K_FIT_BLOCKS:  # bound the search's memory
+        return torch.cat([_quant_q4_k(part) for part in x.split(_Q4K_FIT_BLOCKS)])
     sub = x.view(-1, 8, 32)
-    lo = sub.amin(dim=2).clamp(max=0.0)  # the min offset is subtracted, so it is <= 0
-    hi = sub.amax(dim=2)
-    scale = (hi - lo) / 15
-    mins = -lo
+    scale, mins = _fit_q4_sub_blocks(sub)
     d = (scale.amax(dim=1) / 63).to(torch.float16).to(torch.float32)
     dmin = (mins.amax(dim=1) / 63).to(torch.float16).to(torch.float32)
     safe = lambda v: torch.where(v > 0, v, torch.ones_like(v))  # noqa: E731
