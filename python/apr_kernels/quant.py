@@ -169,43 +169,52 @@ def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     4-bit levels L and min >= 0, fitted the way llama.cpp's k-quants do (make_qkx2_quants): start from
     the min/max grid, then for 21 candidate grids (15 + k/10 - 1 levels over the range, k = 0..20)
     round, solve the weighted least-squares scale and offset for those levels, and keep the candidate
-    with the smallest weighted error. Weights ``rms(sub-block) + |x|`` favour the large values."""
+    with the smallest weighted error. Weights ``rms(sub-block) + |x|`` favour the large values.
+
+    Every weighted sum is a batched matrix-vector product, and the error of a fit ``a * L + b`` is
+    expanded into those sums (in float64), so no [B, 8, 21, 32] residual is formed."""
     nmax = 15.0
     lo = sub.amin(dim=2).clamp(max=0.0)  # the offset is subtracted, so it is <= 0
     rng = sub.amax(dim=2) - lo
     flat = rng <= 0
     safe_rng = torch.where(flat, torch.ones_like(rng), rng)
     w = sub.pow(2).mean(dim=2, keepdim=True).sqrt() + sub.abs()  # [B, 8, 32]
+    wv, wxv = w[..., None], (w * sub)[..., None]  # [B, 8, 32, 1]
+    sw = w.sum(dim=2, dtype=torch.float64)[..., None]
+    sx = wxv.sum(dim=(2, 3), dtype=torch.float64)[..., None]
+    sxx = (wxv.squeeze(-1) * sub).sum(dim=2, dtype=torch.float64)[..., None]
 
-    def wsum(t):
-        return (w[:, :, None, :] * t).sum(dim=-1)
+    def fit_error(lv, a, b):  # sum w (a L + b - x)^2 from the sums, lv [B, 8, K, 32]
+        sl = (lv @ wv).squeeze(-1).double()
+        sl2 = ((lv * lv) @ wv).squeeze(-1).double()
+        sxl = (lv @ wxv).squeeze(-1).double()
+        if a is None:  # least squares for this grid
+            det = sw * sl2 - sl * sl
+            ok = det > 0
+            det = torch.where(ok, det, torch.ones_like(det))
+            a = (sw * sxl - sx * sl) / det
+            b = (sl2 * sx - sl * sxl) / det
+            clamp = b > 0  # a positive offset is not representable: refit the scale alone
+            a = torch.where(clamp, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), a)
+            b = torch.where(clamp, torch.zeros_like(b), b)
+        else:
+            ok = torch.ones_like(sl, dtype=torch.bool)
+        err = a * a * sl2 + 2 * a * b * sl - 2 * a * sxl + b * b * sw - 2 * b * sx + sxx
+        return a, b, torch.where(ok, err, torch.full_like(err, float("inf")))
 
     # the min/max grid: scale = range / 15, offset = lo
-    best_a, best_b = (rng / nmax)[..., None], lo[..., None]
-    levels = torch.round((sub - lo[..., None]) / (safe_rng / nmax)[..., None]).clamp(0, nmax)[:, :, None, :]
-    best_err = wsum((best_a[..., None] * levels + best_b[..., None] - sub[:, :, None, :]) ** 2)
-    # candidate grids, all at once: [B, 8, 21, 32] levels
+    a0, b0 = (rng / nmax)[..., None].double(), lo[..., None].double()
+    lv0 = torch.round((sub - lo[..., None]) / (safe_rng / nmax)[..., None]).clamp(0, nmax)[:, :, None, :]
+    _, _, best_err = fit_error(lv0, a0, b0)
+    # the candidate grids, all at once: [B, 8, 21, 32] levels
     ks = torch.arange(21, dtype=sub.dtype, device=sub.device) * 0.1 - 1.0
     iscale = (nmax + ks)[None, None, :] / safe_rng[..., None]
     lv = torch.round(iscale[..., None] * (sub - lo[..., None])[:, :, None, :]).clamp(0, nmax)
-    xs = sub[:, :, None, :]
-    sw = w.sum(dim=2)[..., None]
-    sl, sl2, sxl = wsum(lv), wsum(lv * lv), wsum(lv * xs)
-    sx = (w * sub).sum(dim=2)[..., None]
-    det = sw * sl2 - sl * sl
-    ok = det > 0
-    det = torch.where(ok, det, torch.ones_like(det))
-    a = (sw * sxl - sx * sl) / det
-    b = (sl2 * sx - sl * sxl) / det
-    clamp = b > 0  # a positive offset is not representable: refit the scale alone
-    a = torch.where(clamp, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), a)
-    b = torch.where(clamp, torch.zeros_like(b), b)
-    err = wsum((a[..., None] * lv + b[..., None] - xs) ** 2)
-    err = torch.where(ok, err, torch.full_like(err, float("inf")))
+    a, b, err = fit_error(lv, None, None)
     i = err.argmin(dim=2, keepdim=True)
     better = err.gather(2, i) < best_err
-    scale = torch.where(better, a.gather(2, i), best_a).squeeze(2)
-    offset = torch.where(better, b.gather(2, i), best_b).squeeze(2)
+    scale = torch.where(better, a.gather(2, i), a0).squeeze(2).to(sub.dtype)
+    offset = torch.where(better, b.gather(2, i), b0).squeeze(2).to(sub.dtype)
     scale = torch.where(flat, torch.zeros_like(scale), scale.clamp(min=0.0))
     return scale, torch.where(flat, -lo, -offset).clamp(min=0.0)
 
