@@ -105,9 +105,9 @@ def quantize(dtype: str, tensor: torch.Tensor) -> QuantizedTensor:
     """Quantise a float tensor to APR ``dtype`` (APR_Q4, APR_Q8, Q4_K, Q6_K) -> QuantizedTensor.
 
     APR_Q4/APR_Q8 follow aprender's writer exactly (spec 8.1/8.2, round half away from zero).
-    Q4_K fits each 32-value sub-block's scale and offset with llama.cpp's weighted grid search
-    (``_fit_q4_sub_blocks``); Q6_K uses an absmax scale per 16-value sub-block. Both write the GGML
-    byte layout, which llama.cpp and the ``gguf`` package read.
+    Q4_K and Q6_K fit each sub-block's scale (and Q4_K's offset) with llama.cpp's weighted grid
+    searches (``_fit_q4_sub_blocks``, ``_fit_q6_sub_blocks``) and write the GGML byte layout, which
+    llama.cpp and the ``gguf`` package read.
     """
     if dtype not in QUANTIZED:
         raise ValueError(f"quantize: {dtype!r} is not a quantised APR dtype ({', '.join(sorted(QUANTIZED))})")
@@ -161,7 +161,7 @@ def _quant_apr_q4(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((_f16_bytes(scale.view(-1)), packed), dim=1).reshape(-1)
 
 
-_Q4K_FIT_BLOCKS = 4096  # super-blocks fitted at a time (the search holds 21 candidate grids of each)
+_FIT_BLOCKS = 4096  # super-blocks fitted at a time (the search holds 21 candidate grids of each)
 
 
 def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +220,8 @@ def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
-    if x.shape[0] > _Q4K_FIT_BLOCKS:  # bound the search's memory
-        return torch.cat([_quant_q4_k(part) for part in x.split(_Q4K_FIT_BLOCKS)])
+    if x.shape[0] > _FIT_BLOCKS:  # bound the search's memory
+        return torch.cat([_quant_q4_k(part) for part in x.split(_FIT_BLOCKS)])
     sub = x.view(-1, 8, 32)
     scale, mins = _fit_q4_sub_blocks(sub)
     d = (scale.amax(dim=1) / 63).to(torch.float16).to(torch.float32)
@@ -242,15 +242,43 @@ def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
     return torch.cat((_f16_bytes(d), _f16_bytes(dmin), s.to(torch.uint8), qs.view(-1, 128).to(torch.uint8)), dim=1)
 
 
+def _fit_q6_sub_blocks(sub: torch.Tensor) -> torch.Tensor:
+    """Signed scale per 16-value sub-block of ``sub`` [B, 16, 16] for 6-bit levels in [-32, 31],
+    fitted as llama.cpp's make_qx_quants does: the value of largest magnitude maps to -32 (the long
+    end of the range), then 19 grids (32 + k/10 levels, k = -9..9) are rounded and the one with the
+    best x^2-weighted least-squares scale kept (largest (sum w x L)^2 / sum w L^2)."""
+    nmax = 32.0
+    peak = sub.gather(2, sub.abs().argmax(dim=2, keepdim=True)).squeeze(2)  # signed
+    zero = peak == 0
+    safe_peak = torch.where(zero, torch.ones_like(peak), peak)
+    w = sub * sub
+    ks = torch.arange(-9, 10, dtype=sub.dtype, device=sub.device) * 0.1
+    iscale = -(nmax + ks)[None, None, :] / safe_peak[..., None]  # [B, 16, 19]
+    lv = torch.round(iscale[..., None] * sub[:, :, None, :]).clamp(-nmax, nmax - 1)  # [B, 16, 19, 16]
+    sumlx = (lv @ (w * sub)[..., None]).squeeze(-1).double()
+    suml2 = ((lv * lv) @ w[..., None]).squeeze(-1).double()
+    ok = suml2 > 0
+    suml2 = torch.where(ok, suml2, torch.ones_like(suml2))
+    score = torch.where(ok, sumlx * sumlx / suml2, torch.full_like(sumlx, -1.0))
+    i = score.argmax(dim=2, keepdim=True)
+    scale = (sumlx.gather(2, i) / suml2.gather(2, i)).squeeze(2).to(sub.dtype)
+    return torch.where(zero, torch.zeros_like(scale), scale)
+
+
 def _quant_q6_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 210]
+    if x.shape[0] > _FIT_BLOCKS:  # bound the search's memory
+        return torch.cat([_quant_q6_k(part) for part in x.split(_FIT_BLOCKS)])
     sub = x.view(-1, 16, 16)
-    scale = sub.abs().amax(dim=2) / 31
-    d = (scale.amax(dim=1) / 127).to(torch.float16).to(torch.float32)
-    safe = lambda v: torch.where(v > 0, v, torch.ones_like(v))  # noqa: E731
+    scale = _fit_q6_sub_blocks(sub)
+    # the super-block scale: the sub-block scale of largest magnitude maps to -128 (llama.cpp's rule)
+    top = scale.gather(1, scale.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    d = (-top / 128).to(torch.float16).to(torch.float32)
+    safe = lambda v: torch.where(v != 0, v, torch.ones_like(v))  # noqa: E731
     sc = torch.clamp(torch.round(scale / safe(d)[:, None]), -128, 127)
+    sc = torch.where(d[:, None] != 0, sc, torch.zeros_like(sc))
     eff = d[:, None] * sc
     q = torch.round(sub / safe(eff)[..., None])
-    q = torch.where(eff[..., None] > 0, q, torch.zeros_like(q)).clamp(-32, 31).to(torch.int32) + 32
+    q = torch.where(eff[..., None] != 0, q, torch.zeros_like(q)).clamp(-32, 31).to(torch.int32) + 32
     q = q.view(-1, 2, 4, 32)  # [B, half, quarter, l]
     q0, q1, q2, q3 = q[:, :, 0], q[:, :, 1], q[:, :, 2], q[:, :, 3]
     ql = torch.stack(((q0 & 15) | ((q2 & 15) << 4), (q1 & 15) | ((q3 & 15) << 4)), dim=2)  # [B, 2, 2, 32]
