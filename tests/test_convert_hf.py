@@ -134,10 +134,15 @@ def test_single_safetensors_file_dtype_and_quantize(tmp_path):
             else:
                 assert info.dtype == "F32" and torch.equal(f.get_tensor(name), t), name
 
-    convert(st, tmp_path / "q4k.apr", quantize="q4k", progress=False)
-    with apr_kernels.open(tmp_path / "q4k.apr") as f:
-        assert f.info("model.layers.0.mlp.down_proj.weight").dtype == "Q4_K"
-        assert f.info("model.norm.weight").dtype == "F32"
+    for quant, dtype in (("q4k", "Q4_K"), ("q6k", "Q6_K")):
+        convert(st, tmp_path / f"{quant}.apr", quantize=quant, progress=False)
+        with apr_kernels.open(tmp_path / f"{quant}.apr") as f:
+            assert f.info("model.layers.0.mlp.down_proj.weight").dtype == dtype
+            assert f.info("model.norm.weight").dtype == "F32"
+            assert f.metadata["quantization"]["quant_type"] == quant
+            w = want["model.layers.0.mlp.down_proj.weight"]
+            got = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+            assert (got - w).pow(2).mean().sqrt() < (0.12 if quant == "q4k" else 0.03) * w.std()
 
 
 def test_real_qwen25_tokenizer_embedded_by_convert(tmp_path):

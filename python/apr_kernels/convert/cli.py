@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
                    help="float tensors: keep their dtype (default) or cast")
     p.add_argument("--quantize", choices=list(QUANT_CHOICES), default=None,
-                   help="quantise 2-D weights of >= 1024 elements: q4k (GGML Q4_K), q8 (APR_Q8), q4 (APR_Q4)")
+                   help="quantise 2-D weights of >= 1024 elements: q4k (GGML Q4_K), q6k (GGML Q6_K), q8 (APR_Q8), "
+                        "q4 (APR_Q4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_convert)
 

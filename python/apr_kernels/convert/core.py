@@ -20,8 +20,8 @@ from typing import Callable
 from apr_kernels._format import TORCH_DTYPES, LazyTensor
 
 DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "f16": "F16", "f32": "F32"}
-QUANT_CHOICES = {"q4k": "Q4_K", "q8": "APR_Q8", "q4": "APR_Q4"}
-_QUANT_META = {"q4k": (4, 256, False), "q8": (8, None, True), "q4": (4, 32, True)}
+QUANT_CHOICES = {"q4k": "Q4_K", "q6k": "Q6_K", "q8": "APR_Q8", "q4": "APR_Q4"}
+_QUANT_META = {"q4k": (4, 256, False), "q6k": (6, 256, True), "q8": (8, None, True), "q4": (4, 32, True)}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 MIN_QUANT_ELEMENTS = 1024  # norms, biases and small tensors stay unquantised (spec 14)
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
