@@ -79,7 +79,6 @@ def prepare_interpreter_early() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-_KERNEL_MODULES = ("rms_norm", "attention", "cross_entropy", "swiglu", "rope")
 _loaded: dict[str, ModuleType] = {}
 
 
@@ -91,3 +90,13 @@ def kernels(name: str) -> ModuleType:
         mod = importlib.import_module(f"apr_kernels.kernels.{name}")
         _loaded[name] = mod
     return mod
+
+
+def kernels_for(name: str, x: torch.Tensor, *others: torch.Tensor) -> ModuleType | None:
+    """The kernel module ``name`` when this call should run Triton (``use_triton`` on all the
+    tensors) and the module computes ``x``'s dtype (its ``DTYPES``), else None: the reference path.
+    fp64 (the gradcheck dtype) always takes the reference."""
+    if not use_triton(x, *others):
+        return None
+    mod = kernels(name)
+    return mod if x.dtype in mod.DTYPES else None

@@ -50,9 +50,8 @@ def default_chunk_rows(n_rows: int, vocab: int) -> int:
 
 def _row_kernel(logits: Tensor, targets: Tensor):
     """The Triton launcher when this call should (and can) run it, else the reference."""
-    if logits.dtype != torch.float64 and backend.use_triton(logits, targets):
-        return backend.kernels("cross_entropy").cross_entropy_rows
-    return ref.cross_entropy_rows_reference
+    kern = backend.kernels_for("cross_entropy", logits, targets)
+    return ref.cross_entropy_rows_reference if kern is None else kern.cross_entropy_rows
 
 
 def _linear_cross_entropy_impl(

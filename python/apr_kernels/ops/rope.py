@@ -25,8 +25,9 @@ from apr_kernels.ops import reference as ref
 
 
 def _rope_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, rope_type: int, inverse: bool) -> tuple[Tensor, Tensor]:
-    if q.dtype != torch.float64 and backend.use_triton(q, k, cos, sin):
-        return backend.kernels("rope").rope_fwd(q, k, cos, sin, rope_type, inverse)
+    kern = backend.kernels_for("rope", q, k, cos, sin)
+    if kern is not None:
+        return kern.rope_fwd(q, k, cos, sin, rope_type, inverse)
     qo, ko = ref.rope_reference(q, k, cos, sin, rope_type, inverse)
     return qo.contiguous(), ko.contiguous()
 

@@ -26,21 +26,15 @@ from apr_kernels import backend
 from apr_kernels.ops import reference as ref
 
 
-def _kernels_for(*tensors: Tensor):
-    if tensors[0].dtype == torch.float64 or not backend.use_triton(*tensors):
-        return None
-    return backend.kernels("swiglu")
-
-
 def _swiglu_impl(gate: Tensor, up: Tensor) -> Tensor:
-    k = _kernels_for(gate, up)
+    k = backend.kernels_for("swiglu", gate, up)
     if k is not None:
         return k.swiglu_fwd(gate, up)
     return ref.swiglu_reference(gate, up).contiguous()
 
 
 def _swiglu_backward_impl(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    k = _kernels_for(dy, gate, up)
+    k = backend.kernels_for("swiglu", gate, dy, up)
     if k is not None:
         return k.swiglu_bwd(dy, gate, up)
     dg, du = ref.swiglu_backward_reference(dy, gate, up)
