@@ -91,7 +91,12 @@ class MemoryBoundRun:
     """The shared setup of a memory-bound op's bench: device, dtype (bf16 on CUDA, fp32 on CPU), the
     copy ceiling measured now, the providers, and rows in GB/s and % of that copy."""
 
-    def __init__(self, providers: dict):
+    def __init__(self, args, providers: dict, budget_s: float = 30.0):
+        self.args = args
+        self.rep = 3 if args.smoke else 20
+        # seconds before no new shape starts (--quick: half; --smoke: no limit)
+        self.budget_s = 1e9 if args.smoke else budget_s / 2 if args.quick else budget_s
+        self.start = time.perf_counter()
         self.dev = device()
         self.dtype = torch.bfloat16 if self.dev.type == "cuda" else torch.float32
         self.elem = torch.empty((), dtype=self.dtype).element_size()
@@ -100,6 +105,13 @@ class MemoryBoundRun:
         self.rows: list[dict] = []
         self.meta = {"ours": "apr", "copy_gbs": self.copy_gbs, "ceilings": {"copy_gbs": self.copy_gbs},
                      "providers": list(providers), "skipped": [], "failed": []}
+
+    def out_of_time(self, what: str) -> bool:
+        """True (and ``what`` noted as skipped) once the time budget is spent."""
+        if time.perf_counter() - self.start <= self.budget_s:
+            return False
+        self.meta["skipped"].append(what)
+        return True
 
     def add(self, op: str, mode: str, shape: str, provider: str, ms: float, nbytes: int, **extra) -> None:
         gbs = nbytes / (ms * 1e-3) / 1e9
@@ -111,9 +123,9 @@ class MemoryBoundRun:
         self.meta["failed"].append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
         print(f"FAILED {self.meta['failed'][-1]}")
 
-    def finish(self, name: str, out) -> None:
+    def finish(self, name: str) -> None:
         print_table(self.rows, ["shape", "mode", "provider", "ms", "gbs", "pct_copy"])
-        print(f"wrote {write_results(name, self.rows, out, self.meta)}")
+        print(f"wrote {write_results(name, self.rows, self.args.out, self.meta)}")
 
 
 def peak_memory_mb(fn: Callable[[], object], dev=None) -> float | None:

@@ -16,7 +16,6 @@ read q, k + write both = 2·B·S·(Hq + Hkv)·D·e, the same for the backward (t
 
 from __future__ import annotations
 
-import time
 
 import _common
 import torch
@@ -40,17 +39,14 @@ def providers(dev: torch.device) -> dict:
 def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0])
     dev = _common.device()
-    run = _common.MemoryBoundRun(providers(dev))
+    run = _common.MemoryBoundRun(args, providers(dev))
     if args.smoke:
         shapes = [("qwen2-0.5b", 1, 32)]
     else:
         shapes = [(m, b, 2048) for b in ([4] if args.quick else [4, 8]) for m in MODELS]
-    rep = 3 if args.smoke else 20
-    budget, start = (1e9 if args.smoke else 15 if args.quick else 30), time.perf_counter()
     for model, b, s in shapes:
         hq, hkv, d = MODELS[model]
-        if time.perf_counter() - start > budget:
-            run.meta["skipped"].append(f"{model} B={b} S={s}")
+        if run.out_of_time(f"{model} B={b} S={s}"):
             continue
         q = torch.randn(b, s, hq, d, device=dev, dtype=run.dtype, requires_grad=True)
         k = torch.randn(b, s, hkv, d, device=dev, dtype=run.dtype, requires_grad=True)
@@ -60,13 +56,13 @@ def main() -> None:
         shape = f"{b}x{s}x{hq}/{hkv}x{d}"
         for name, fn in run.providers.items():
             try:
-                fwd, bwd = _common.fwd_bwd_ms(lambda q_, k_: fn(q_, k_, cos, sin), (q, k), grads, rep=rep, dev=dev)
+                fwd, bwd = _common.fwd_bwd_ms(lambda q_, k_: fn(q_, k_, cos, sin), (q, k), grads, rep=run.rep, dev=dev)
             except Exception as e:  # noqa: BLE001  (recorded; the bench goes on)
                 run.fail(f"{name} {model} B={b}", e)
                 continue
             run.add("rope", "fwd", shape, name, fwd, nbytes, model=model)
             run.add("rope", "bwd", shape, name, bwd, nbytes, model=model)
-    run.finish("rope", args.out)
+    run.finish("rope")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ backward read dy, g, u + write dg, du = 5·n·e. --quick: 8k tokens only; --smok
 
 from __future__ import annotations
 
-import time
 
 import _common
 import torch
@@ -47,17 +46,14 @@ def providers(dev: torch.device) -> dict:
 def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0])
     dev = _common.device()
-    run = _common.MemoryBoundRun(providers(dev))
+    run = _common.MemoryBoundRun(args, providers(dev))
     if args.smoke:
         shapes = [("tiny", 64, 256)]
     else:
         tokens = [8192] if args.quick else [8192, 4096, 16384]
         shapes = [(m, t, w) for t in tokens for m, w in WIDTHS.items()]
-    rep = 3 if args.smoke else 20
-    budget, start = (1e9 if args.smoke else 15 if args.quick else 30), time.perf_counter()
     for model, t, w in shapes:
-        if time.perf_counter() - start > budget:
-            run.meta["skipped"].append(f"{model} {t}x{w}")
+        if run.out_of_time(f"{model} {t}x{w}"):
             continue
         g = (torch.randn(t, w, device=dev, dtype=run.dtype) * 2).requires_grad_()
         u = torch.randn(t, w, device=dev, dtype=run.dtype).requires_grad_()
@@ -65,14 +61,14 @@ def main() -> None:
         n = t * w
         for name, fn in run.providers.items():
             try:
-                fwd, bwd = _common.fwd_bwd_ms(fn, (g, u), dy, rep=rep, dev=dev)
+                fwd, bwd = _common.fwd_bwd_ms(fn, (g, u), dy, rep=run.rep, dev=dev)
             except Exception as e:  # noqa: BLE001  (recorded; the bench goes on)
                 run.fail(f"{name} {model} {t}x{w}", e)
                 continue
             run.add("swiglu", "fwd", f"{t}x{w}", name, fwd, 3 * n * run.elem, model=model)
             run.add("swiglu", "bwd", f"{t}x{w}", name, bwd, 5 * n * run.elem, model=model)
         del g, u, dy
-    run.finish("swiglu", args.out)
+    run.finish("swiglu")
 
 
 if __name__ == "__main__":
