@@ -343,6 +343,9 @@ def register(subparsers) -> None:
     g.add_argument("--eval-data", nargs="+", help="held-out text (default: the tail of --data)")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of --data")
     g.add_argument("--max-tokens", type=int, default=None, help="read at most this many training tokens")
+    g.add_argument("--token-cache", default=None,
+                   help="token cache folder (default $APR_KERNELS_CACHE/tokens or ~/.cache/apr-kernels/tokens)")
+    g.add_argument("--no-token-cache", action="store_true", help="tokenise every time, write no cache")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=d.steps)
     o.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -354,9 +357,6 @@ def register(subparsers) -> None:
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--token-cache", default=None,
-                   help="token cache folder (default $APR_KERNELS_CACHE/tokens or ~/.cache/apr-kernels/tokens)")
-    g.add_argument("--no-token-cache", action="store_true", help="tokenise every time, write no cache")
     o.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer's forward (fuses the glue around the kernels; "
                         "the first steps pay the compile)")
