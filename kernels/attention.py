@@ -4,6 +4,12 @@ Layout: q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` addressed through their stri
 ``[B, H, S, D]`` tensor passed as ``x.transpose(1, 2)`` runs without a copy. Only the last dimension
 must be contiguous (the launchers copy a tensor whose last stride is not 1).
 
+Varlen (packed documents, as ``flash_attn_varlen_func``): q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` hold
+N sequences back to back, sequence i being rows ``cu_seqlens[i]:cu_seqlens[i+1]``; each attends only
+within itself. The same kernels run with ``VARLEN``: one grid row per (sequence, head), each program
+reads its sequence's bounds (clamped into [0, T]: no out-of-bounds access whatever ``cu_seqlens``
+holds) and programs past the end of a short sequence exit at once.
+
 * Query head ``h`` reads K/V head ``h // G`` (G = Hq // Hkv) inside the kernels: K/V are never expanded.
 * Forward: online softmax in fp32 in the exp2 domain (``scale * log2(e)`` folded into one multiply
   after the QK^T dot); saves the natural-log LSE per row (fp32 ``[B, Hq, S]``).
@@ -56,6 +62,24 @@ def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _seq_span(CU, off_b, S, VARLEN: tl.constexpr):
+    """(first token, length) of the sequence a program works on. Dense: (0, S), the batch index
+    addresses it. Varlen: sequence ``off_b`` of the packed tokens, read from ``cu_seqlens`` and clamped
+    into [0, S] (S = all tokens), so even a malformed ``cu_seqlens`` cannot address out of bounds."""
+    if VARLEN:
+        start = tl.load(CU + off_b)
+        end = tl.load(CU + off_b + 1)
+        start = tl.minimum(tl.maximum(start, 0), S)
+        end = tl.minimum(tl.maximum(end, start), S)
+        tok0 = start.to(tl.int64)
+        n = end - start
+    else:
+        tok0 = off_b * 0
+        n = S
+    return tok0, n
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, S,
                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -85,12 +109,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
-              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+def _attn_fwd(Q, K, V, O, LSE, CU,
+              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
               S, H_Q, G, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+              DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
     pid_bh = tl.program_id(0)  # axis 0 (no 65535 limit); all heads of one row block run together
     pid_m = tl.program_id(1)
     if CAUSAL:
@@ -100,13 +124,17 @@ def _attn_fwd(Q, K, V, O, LSE,
     off_b = (pid_bh // H_Q).to(tl.int64)
     off_h = (pid_bh % H_Q).to(tl.int64)
     off_kh = off_h // G
-    k_base = K + off_b * skb + off_kh * skh
-    v_base = V + off_b * svb + off_kh * svh
+    tok0, S = _seq_span(CU, off_b, S, VARLEN)
+    if VARLEN:
+        if start_m * BLOCK_M >= S:  # the grid covers the longest sequence; shorter ones end here
+            return
+    k_base = K + off_b * skb + tok0 * sks + off_kh * skh
+    v_base = V + off_b * svb + tok0 * svs + off_kh * svh
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqs + offs_d[None, :], offs_m, S,
-                   offs_d, HEAD_DIM, True, EVEN_D)
+    q = _load_tile(Q + off_b * sqb + tok0 * sqs + off_h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                   offs_m, S, offs_d, HEAD_DIM, True, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -122,9 +150,9 @@ def _attn_fwd(Q, K, V, O, LSE,
                                tail_hi, S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, DOT_PREC)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
-    _store_tile(O + off_b * sob + off_h * soh + offs_m[:, None] * sos + offs_d[None, :],
+    _store_tile(O + off_b * sob + tok0 * sos + off_h * soh + offs_m[:, None] * sos + offs_d[None, :],
                 acc.to(O.dtype.element_ty), offs_m, S, offs_d, HEAD_DIM)
-    tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
+    tl.store(LSE + off_b * slb + off_h * slh + tok0 + offs_m, lse, mask=offs_m < S)
 
 
 @triton.jit
@@ -176,23 +204,27 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sd
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
-                   sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
+                   sdkb, sdks, sdkh, sdvb, sdvs, sdvh, slb, slh,
                    S, H_Q, H_KV, G, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_M: tl.constexpr,
-                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # causal: low n has the most query rows below it, so it starts first
     off_b = (pid_bh // H_KV).to(tl.int64)
     off_kh = (pid_bh % H_KV).to(tl.int64)
+    tok0, S = _seq_span(CU, off_b, S, VARLEN)
+    if VARLEN:
+        if pid_n * BLOCK_N >= S:
+            return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + off_b * skb + off_kh * skh + offs_n[:, None] * sks + offs_d[None, :], offs_n,
-                   S, offs_d, HEAD_DIM, True, EVEN_D)
-    v = _load_tile(V + off_b * svb + off_kh * svh + offs_n[:, None] * svs + offs_d[None, :], offs_n,
-                   S, offs_d, HEAD_DIM, True, EVEN_D)
+    k = _load_tile(K + off_b * skb + tok0 * sks + off_kh * skh + offs_n[:, None] * sks + offs_d[None, :],
+                   offs_n, S, offs_d, HEAD_DIM, True, EVEN_D)
+    v = _load_tile(V + off_b * svb + tok0 * svs + off_kh * svh + offs_n[:, None] * svs + offs_d[None, :],
+                   offs_n, S, offs_d, HEAD_DIM, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if CAUSAL:
@@ -203,9 +235,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         diag_hi = 0
     for g in range(G):  # the G query heads sharing this K/V head, summed in registers
         off_h = off_kh * G + g
-        q_base = Q + off_b * sqb + off_h * sqh
-        do_base = DO + off_b * sdob + off_h * sdoh
-        row0 = (off_b * H_Q + off_h) * S
+        q_base = Q + off_b * sqb + tok0 * sqs + off_h * sqh
+        do_base = DO + off_b * sdob + tok0 * sdos + off_h * sdoh
+        row0 = off_b * slb + off_h * slh + tok0
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, sqs, sdos,
                                      offs_n, offs_d, lo, diag_hi, S, qk_scale, HEAD_DIM, BLOCK_M,
@@ -214,9 +246,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
                                  offs_n, offs_d, diag_hi, S, S, qk_scale, HEAD_DIM, BLOCK_M, MASK_M,
                                  EVEN_D, False, DOT_PREC)
     dk = dk * sm_scale
-    _store_tile(DK + off_b * sdkb + off_kh * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
+    _store_tile(DK + off_b * sdkb + tok0 * sdks + off_kh * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
-    _store_tile(DV + off_b * sdvb + off_kh * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
+    _store_tile(DV + off_b * sdvb + tok0 * sdvs + off_kh * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
 
 
@@ -246,12 +278,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
-                 S, H_Q, G, qk_scale, sm_scale,
+                 slb, slh, S, H_Q, G, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     if CAUSAL:
@@ -261,17 +293,21 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
     off_b = (pid_bh // H_Q).to(tl.int64)
     off_h = (pid_bh % H_Q).to(tl.int64)
     off_kh = off_h // G
+    tok0, S = _seq_span(CU, off_b, S, VARLEN)
+    if VARLEN:
+        if start_m * BLOCK_M >= S:
+            return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqs + offs_d[None, :], offs_m, S,
-                   offs_d, HEAD_DIM, True, EVEN_D)
-    do = _load_tile(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdos + offs_d[None, :], offs_m,
-                    S, offs_d, HEAD_DIM, True, EVEN_D)
-    row0 = pid_bh.to(tl.int64) * S
+    q = _load_tile(Q + off_b * sqb + tok0 * sqs + off_h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+                   offs_m, S, offs_d, HEAD_DIM, True, EVEN_D)
+    do = _load_tile(DO + off_b * sdob + tok0 * sdos + off_h * sdoh + offs_m[:, None] * sdos + offs_d[None, :],
+                    offs_m, S, offs_d, HEAD_DIM, True, EVEN_D)
+    row0 = off_b * slb + off_h * slh + tok0
     lse2 = tl.load(LSE + row0 + offs_m, mask=offs_m < S, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < S, other=0.0)
-    k_base = K + off_b * skb + off_kh * skh
-    v_base = V + off_b * svb + off_kh * svh
+    k_base = K + off_b * skb + tok0 * sks + off_kh * skh
+    v_base = V + off_b * svb + tok0 * svs + off_kh * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:
         full_hi = start_m * BLOCK_M
@@ -284,7 +320,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA,
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, full_hi,
                        tail_hi, S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, DOT_PREC)
     dq = dq * sm_scale
-    _store_tile(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :],
+    _store_tile(DQ + off_b * sdqb + tok0 * sdqs + off_h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), offs_m, S, offs_d, HEAD_DIM)
 
 
@@ -295,38 +331,64 @@ def _lastdim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _bhs(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+class _Packing:
+    """How the programs find their sequence. Dense: ``[B, S, H, D]``, grid rows = B, sequence length
+    S. Varlen: ``[T, H, D]`` packed tokens split by ``cu_seqlens`` (int32 ``[N + 1]``); grid rows = N,
+    the grid's sequence axis covers ``max_seqlen``; the kernels read each sequence's bounds and the
+    batch strides are 0. LSE/delta are ``[B, Hq, S]`` (dense) or ``[Hq, T]`` (varlen)."""
 
+    def __init__(self, q: torch.Tensor, cu_seqlens, max_seqlen):
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.n_seq, self.seqlen = cu_seqlens.numel() - 1, int(max_seqlen)
+            self.tokens = q.shape[0]  # the kernels' S argument: the clamp bound of cu_seqlens
+            self.cu = cu_seqlens
+            self.lse_strides = (0, self.tokens)
+        else:
+            self.n_seq, self.seqlen = q.shape[0], q.shape[1]
+            self.tokens = self.seqlen
+            self.cu = None
+            self.lse_strides = (q.shape[2] * self.seqlen, self.seqlen)
 
-def _check_offsets(*ts: torch.Tensor) -> None:
-    # Batch and head offsets are int64 in the kernels; offsets inside one (batch, head) slab are int32.
-    for t in ts:
-        span = (t.shape[1] - 1) * t.stride(1) + (t.shape[2] - 1) * t.stride(2) + t.shape[3]
-        if span >= 2**31:
-            raise ValueError(f"kernels/attention.py: a [S, H, D] slab of shape {tuple(t.shape[1:])} with "
-                             f"strides {t.stride()[1:]} spans {span} elements; expected < 2**31")
+    def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """(batch, sequence, head) strides."""
+        if self.varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def check_offsets(self, *ts: torch.Tensor) -> None:
+        # Batch/sequence starts and head offsets are int64 in the kernels; offsets inside one
+        # sequence of one head are int32.
+        for t in ts:
+            _, s_s, s_h = self.strides(t)
+            span = (self.seqlen - 1) * s_s + (t.shape[-2] - 1) * s_h + t.shape[-1]
+            if span >= 2**31:
+                raise ValueError(f"kernels/attention.py: a sequence of {self.seqlen} rows of a tensor of "
+                                 f"shape {tuple(t.shape)} and strides {t.stride()} spans {span} elements; "
+                                 f"expected < 2**31")
 
 
 def _meta(q: torch.Tensor) -> dict:
-    D = q.shape[3]
+    D = q.shape[-1]
     block_d = max(16, 1 << (D - 1).bit_length())
     return dict(HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _choose(kind: str, q: torch.Tensor, hkv: int, causal: bool, config: dict | None, launch) -> dict:
+def _choose(kind: str, q: torch.Tensor, pk: _Packing, hkv: int, causal: bool, config: dict | None,
+            launch) -> dict:
     """An explicit ``config``; else, with APR_KERNELS_AUTOTUNE=1 on CUDA, the fastest candidate for
     this shape (timed once per process); else the fixed default table."""
     if config:
         return dict(config)
-    B, S, HQ, D = q.shape
+    HQ, D = q.shape[-2], q.shape[-1]
     if tuning.autotune_requested(q):
-        cands = tuning.candidates(kind, D, q.dtype, S, q.device)
+        cands = tuning.candidates(kind, D, q.dtype, pk.seqlen, q.device)
         if len(cands) > 1:
-            key = (str(q.dtype).replace("torch.", ""), B, S, HQ, hkv, D, bool(causal))
+            key = (str(q.dtype).replace("torch.", ""), pk.n_seq, pk.seqlen, HQ, hkv, D, bool(causal),
+                   pk.varlen)
             return tuning.pick(kind, key, cands, launch)
-    return default_config(kind, D, q.dtype, S, q.device)
+    return default_config(kind, D, q.dtype, pk.seqlen, q.device)
 
 
 def _interp_bf16(*ts: torch.Tensor) -> bool:
@@ -334,80 +396,95 @@ def _interp_bf16(*ts: torch.Tensor) -> bool:
     return not ts[0].is_cuda and ts[0].dtype == torch.bfloat16
 
 
-def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, config=None):
-    """Forward. q ``[B,S,Hq,D]``, k/v ``[B,S,Hkv,D]`` (any strides, unit last stride) ->
-    (o ``[B,S,Hq,D]`` in q's dtype, lse ``[B,Hq,S]`` fp32, natural log). ``out``/``lse`` may be
-    preallocated (tests poison them)."""
-    B, S, HQ, D = q.shape
-    HKV = k.shape[2]
-    o = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device) if out is None else out
-    lse = torch.empty((B, HQ, S), dtype=torch.float32, device=q.device) if lse is None else lse
+def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, config=None,
+                  cu_seqlens=None, max_seqlen=None):
+    """Forward. Dense: q ``[B,S,Hq,D]``, k/v ``[B,S,Hkv,D]`` -> (o ``[B,S,Hq,D]``, lse ``[B,Hq,S]``).
+    Varlen (``cu_seqlens`` int32 ``[N+1]`` on q's device, ``max_seqlen`` >= every length): q
+    ``[T,Hq,D]``, k/v ``[T,Hkv,D]`` -> (o ``[T,Hq,D]``, lse ``[Hq,T]``); sequence i is rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself. Any strides with a unit last
+    stride; o in q's dtype, lse fp32 natural log. ``out``/``lse`` may be preallocated (tests poison them)."""
+    HQ, D = q.shape[-2], q.shape[-1]
+    HKV = k.shape[-2]
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    pk = _Packing(q, cu_seqlens, max_seqlen)
+    lse_shape = (HQ, q.shape[0]) if pk.varlen else (q.shape[0], HQ, q.shape[1])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
     if _interp_bf16(q):
-        o32, _ = attention_fwd(q.float(), k.float(), v.float(), causal, scale, lse=lse, config=config)
+        o32, _ = attention_fwd(q.float(), k.float(), v.float(), causal, scale, lse=lse, config=config,
+                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         o.copy_(o32)
         return o, lse
-    if o.numel() == 0:
+    if o.numel() == 0 or pk.n_seq == 0 or pk.seqlen == 0:
         return o, lse
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
-    _check_offsets(q, k, v, o)
+    pk.check_offsets(q, k, v, o)
     if o.stride(-1) != 1 or not lse.is_contiguous():
         raise ValueError("kernels/attention.py: out must have a unit last stride and lse must be contiguous")
     meta = _meta(q)
 
     def launch(cfg):
-        _attn_fwd[(B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))](
-            q, k, v, o, lse, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(o), S, HQ, HQ // HKV, scale * LOG2E,
-            CAUSAL=bool(causal), **meta, **cfg)
+        _attn_fwd[(pk.n_seq * HQ, triton.cdiv(pk.seqlen, cfg["BLOCK_M"]))](
+            q, k, v, o, lse, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v), *pk.strides(o),
+            *pk.lse_strides, pk.tokens, HQ, HQ // HKV, scale * LOG2E,
+            CAUSAL=bool(causal), VARLEN=pk.varlen, **meta, **cfg)
 
-    launch(_choose("fwd", q, HKV, causal, config, launch))
+    launch(_choose("fwd", q, pk, HKV, causal, config, launch))
     return o, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None, dq=None, dk=None,
-                  dv=None, config=None):
+                  dv=None, config=None, cu_seqlens=None, max_seqlen=None):
     """Backward: (dq, dk, dv) shaped like (q, k, v), in their dtype. ``dlse`` (optional, the
-    gradient of lse) folds into delta. ``config`` may hold ``dkdv`` and ``dq`` launch configs."""
-    B, S, HQ, D = q.shape
-    HKV = k.shape[2]
-    dq = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty((B, S, HKV, D), dtype=k.dtype, device=k.device) if dk is None else dk
-    dv = torch.empty((B, S, HKV, D), dtype=v.dtype, device=v.device) if dv is None else dv
+    gradient of lse) folds into delta. ``config`` may hold ``dkdv`` and ``dq`` launch configs.
+    ``cu_seqlens``/``max_seqlen``: the packed layout of :func:`attention_fwd`."""
+    HQ, D = q.shape[-2], q.shape[-1]
+    HKV = k.shape[-2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    pk = _Packing(q, cu_seqlens, max_seqlen)
     if _interp_bf16(q):
         grads = attention_bwd(do.float(), q.float(), k.float(), v.float(), o.float(), lse, causal,
-                              scale, dlse=dlse, config=config)
+                              scale, dlse=dlse, config=config, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         for dst, src in zip((dq, dk, dv), grads):
             dst.copy_(src)
         return dq, dk, dv
-    if dq.numel() == 0:
+    if dq.numel() == 0 or pk.n_seq == 0 or pk.seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     do, q, k, v, o = (_lastdim_contiguous(t) for t in (do, q, k, v, o))
     lse = lse.contiguous()
-    _check_offsets(do, q, k, v, o, dq, dk, dv)
+    pk.check_offsets(do, q, k, v, o, dq, dk, dv)
     if dq.stride(-1) != 1 or dk.stride(-1) != 1 or dv.stride(-1) != 1:
         raise ValueError("kernels/attention.py: dq, dk and dv must have a unit last stride")
     config = config or {}
     meta = _meta(q)
-    delta = torch.empty((B, HQ, S), dtype=torch.float32, device=q.device)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    # delta = rowsum(o * do) needs no sequence bounds: varlen tensors run as one batch of T rows
+    o4, do4 = (t.unsqueeze(0) if pk.varlen else t for t in (o, do))
+    B4, S4 = o4.shape[0], o4.shape[1]
     pre_m = 64 if q.is_cuda else 32
-    _attn_bwd_delta[(B * HQ, triton.cdiv(S, pre_m))](
-        o, do, delta, *_bhs(o), *_bhs(do), S, HQ, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_m,
+    _attn_bwd_delta[(B4 * HQ, triton.cdiv(S4, pre_m))](
+        o4, do4, delta, o4.stride(0), o4.stride(1), o4.stride(2), do4.stride(0), do4.stride(1),
+        do4.stride(2), S4, HQ, HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=pre_m,
         EVEN_D=meta["EVEN_D"], num_warps=4)
     if dlse is not None:  # d lse_i / d s_ij = P_ij: the same as lowering delta by dlse
         delta.sub_(dlse)
 
     def launch_dkdv(cfg):
-        _attn_bwd_dkdv[(B * HKV, triton.cdiv(S, cfg["BLOCK_N"]))](
-            q, k, v, do, dk, dv, lse, delta, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(do), *_bhs(dk),
-            *_bhs(dv), S, HQ, HKV, HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal),
-            MASK_M=S % cfg["BLOCK_M"] != 0, **meta, **cfg)
+        _attn_bwd_dkdv[(pk.n_seq * HKV, triton.cdiv(pk.seqlen, cfg["BLOCK_N"]))](
+            q, k, v, do, dk, dv, lse, delta, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v),
+            *pk.strides(do), *pk.strides(dk), *pk.strides(dv), *pk.lse_strides, pk.tokens, HQ, HKV,
+            HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal), VARLEN=pk.varlen,
+            MASK_M=pk.varlen or pk.seqlen % cfg["BLOCK_M"] != 0, **meta, **cfg)
 
     def launch_dq(cfg):
-        _attn_bwd_dq[(B * HQ, triton.cdiv(S, cfg["BLOCK_M"]))](
-            q, k, v, do, dq, lse, delta, *_bhs(q), *_bhs(k), *_bhs(v), *_bhs(do), *_bhs(dq),
-            S, HQ, HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal), **meta, **cfg)
+        _attn_bwd_dq[(pk.n_seq * HQ, triton.cdiv(pk.seqlen, cfg["BLOCK_M"]))](
+            q, k, v, do, dq, lse, delta, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v),
+            *pk.strides(do), *pk.strides(dq), *pk.lse_strides, pk.tokens, HQ, HQ // HKV,
+            scale * LOG2E, scale, CAUSAL=bool(causal), VARLEN=pk.varlen, **meta, **cfg)
 
     # Each kernel only writes its outputs (no accumulation into them): timing candidates on the
     # real buffers is safe, and the chosen config's launch below rewrites them.
-    launch_dkdv(_choose("dkdv", q, HKV, causal, config.get("dkdv"), launch_dkdv))
-    launch_dq(_choose("dq", q, HKV, causal, config.get("dq"), launch_dq))
+    launch_dkdv(_choose("dkdv", q, pk, HKV, causal, config.get("dkdv"), launch_dkdv))
+    launch_dq(_choose("dq", q, pk, HKV, causal, config.get("dq"), launch_dq))
     return dq, dk, dv

@@ -3,6 +3,7 @@
 Public function (also ``apr_kernels.attention``)::
 
     attention(q, k, v, *, causal=True, scale=None) -> o          # [B, S, Hq, D]
+    attention(q, k, v, *, cu_seqlens=cu, max_seqlen=None, causal=True, scale=None) -> o   # [T, Hq, D]
 
 q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` with Hq a multiple of Hkv: query head h attends with K/V
 head ``h // (Hq // Hkv)``; K/V are never expanded. The ``[B, H, S, D]`` layout is accepted as
@@ -10,10 +11,21 @@ head ``h // (Hq // Hkv)``; K/V are never expanded. The ``[B, H, S, D]`` layout i
 (Sq == Sk); causal is top-left aligned (query i sees keys j <= i). ``scale`` defaults to D**-0.5.
 Softmax statistics are fp32; the output has q's dtype and is contiguous ``[B, S, Hq, D]``.
 
+Packed sequences (varlen, the layout of ``flash_attn_varlen_func``): with ``cu_seqlens`` (int32
+``[N + 1]``, 0 = cu[0] <= cu[1] <= ... <= cu[N] = T, on q's device) q is ``[T, Hq, D]`` and k/v
+``[T, Hkv, D]``; sequence i is rows ``cu[i]:cu[i+1]`` and attends only within itself (causal from its
+own first row): the result equals running each sequence alone. ``max_seqlen`` (>= the longest
+sequence) sizes the grid; when None it is computed from ``cu_seqlens`` and ``cu_seqlens`` is checked,
+which reads it on the host (one device sync on CUDA). Passing ``max_seqlen`` skips that read and makes
+a correct ``cu_seqlens`` the caller's promise on CUDA (the kernels clamp every sequence into [0, T],
+so a wrong one cannot address memory out of bounds); CPU tensors are always checked.
+
 Ops (opaque to torch.compile)::
 
     apr::attention_fwd(q, k, v, causal, scale) -> (o, lse)          # lse [B, Hq, S], natural log
     apr::attention_bwd(do, q, k, v, o, lse, dlse?, causal, scale) -> (dq, dk, dv)
+    apr::attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale) -> (o, lse)   # lse [Hq, T]
+    apr::attention_varlen_bwd(do, q, k, v, o, lse, dlse?, cu_seqlens, max_seqlen, causal, scale)
 
 Dispatch (per call, inside the op): the Triton kernels of ``apr_kernels.kernels.attention`` when
 ``apr_kernels.backend.use_triton`` says so and the kernels cover the input (fp16/bf16/fp32,
@@ -119,6 +131,57 @@ def _backward(ctx, do, dlse):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("apr::attention_varlen_fwd", mutates_args=())
+def _attention_varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                             causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    kern = _kernels_for(q, k, v)
+    if kern is not None:
+        return kern.attention_fwd(q, k, v, causal, scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    return ref.attention_varlen_forward_reference(q, k, v, cu_seqlens, causal, scale)
+
+
+@_attention_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    T, HQ, D = q.shape
+    o = torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
+    return o, torch.empty((HQ, T), dtype=_lse_dtype(q.dtype), device=q.device)
+
+
+@torch.library.custom_op("apr::attention_varlen_bwd", mutates_args=())
+def _attention_varlen_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                             dlse: Optional[Tensor], cu_seqlens: Tensor, max_seqlen: int, causal: bool,
+                             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    kern = _kernels_for(q, k, v, do)
+    if kern is not None:
+        return kern.attention_bwd(do, q, k, v, o, lse, causal, scale, dlse=dlse, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen)
+    return ref.attention_varlen_backward_reference(do, q, k, v, o, lse, cu_seqlens, causal, scale, dlse)
+
+
+@_attention_varlen_bwd_op.register_fake
+def _(do, q, k, v, o, lse, dlse, cu_seqlens, max_seqlen, causal, scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+
+
+def _backward_varlen(ctx, do, dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv = torch.ops.apr.attention_varlen_bwd(do, q, k, v, o, lse, dlse, cu_seqlens, ctx.max_seqlen,
+                                                    ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_varlen_fwd_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
+
+
 # ------------------------------------------------------------------------------- public function
 
 
@@ -126,13 +189,16 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(int(s)) for s in t.shape) + "]"
 
 
-def check_inputs(q, k, v, causal=True, scale=None) -> float:
+def check_inputs(q, k, v, causal=True, scale=None, *, packed: bool = False) -> float:
     """Validate ``attention``'s arguments (TypeError/ValueError naming the argument, the expected
-    and the actual value); return the effective scale."""
+    and the actual value); return the effective scale. ``packed``: the varlen layout [T, H, D]."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{_WHERE}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
+        if packed and t.dim() != 3:
+            raise ValueError(f"{_WHERE}: with cu_seqlens, {name} must be 3-D [T, H, D] (the tokens of all "
+                             f"sequences back to back); got shape {_shape(t)}")
+        if not packed and t.dim() != 4:
             raise ValueError(f"{_WHERE}: {name} must be 4-D [B, S, H, D] (use x.transpose(1, 2) for "
                              f"[B, H, S, D]); got shape {_shape(t)}")
         if t.dtype not in _DTYPES:
@@ -142,14 +208,17 @@ def check_inputs(q, k, v, causal=True, scale=None) -> float:
             raise TypeError(f"{_WHERE}: {name}.dtype must equal q.dtype ({q.dtype}); got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{_WHERE}: {name} must be on q's device ({q.device}); got {t.device}")
+    if packed:  # [T, H, D] -> the same checks as a batch of one sequence of T rows
+        q, k, v = q[None], k[None], v[None]
     B, S, HQ, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"{_WHERE}: v must have k's shape {_shape(k)}; got {_shape(v)}")
     if k.shape[0] != B:
         raise ValueError(f"{_WHERE}: k batch size must equal q's ({B}); got k shape {_shape(k)}")
     if k.shape[1] != S:
-        raise ValueError(f"{_WHERE}: k sequence length must equal q's ({S}): only self-attention with "
-                         f"Sq == Sk is supported; got k shape {_shape(k)}")
+        raise ValueError(f"{_WHERE}: k {'token count' if packed else 'sequence length'} must equal q's "
+                         f"({S}): only self-attention with Sq == Sk is supported; got k shape "
+                         f"{_shape(k[0] if packed else k)}")
     if k.shape[3] != D:
         raise ValueError(f"{_WHERE}: k head_dim must equal q's ({D}); got k shape {_shape(k)}")
     HKV = k.shape[2]
@@ -165,12 +234,54 @@ def check_inputs(q, k, v, causal=True, scale=None) -> float:
     return float(scale)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+def check_cu_seqlens(cu_seqlens, max_seqlen, n_tokens: int, device: torch.device) -> int:
+    """Validate the packed layout (see the module docstring); return the effective ``max_seqlen``."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"{_WHERE}: cu_seqlens must be a torch.Tensor; got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{_WHERE}: cu_seqlens must be a 1-D int32 tensor [N + 1] of sequence starts and "
+                         f"the end; got dtype {cu_seqlens.dtype}, shape {_shape(cu_seqlens)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{_WHERE}: cu_seqlens must be on q's device ({device}); got {cu_seqlens.device}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool)
+                                   or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt))
+                                   or max_seqlen < 0):
+        raise TypeError(f"{_WHERE}: max_seqlen must be a non-negative int or None; got {max_seqlen!r}")
+    if max_seqlen is not None and (cu_seqlens.is_cuda or torch.compiler.is_compiling()):
+        return max_seqlen  # the caller's promise: no device sync, nothing data-dependent in a graph
+    if torch.compiler.is_compiling():
+        raise ValueError(f"{_WHERE}: under torch.compile pass max_seqlen with cu_seqlens (it cannot be "
+                         f"read from the tensor inside a graph)")
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != n_tokens or min(lengths, default=0) < 0:
+        raise ValueError(f"{_WHERE}: cu_seqlens must rise from 0 to the token count {n_tokens} without "
+                         f"decreasing; got {bounds[:8]}{' ...' if len(bounds) > 8 else ''} "
+                         f"(ending at {bounds[-1]})")
+    longest = max(lengths, default=0)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"{_WHERE}: max_seqlen {max_seqlen} is shorter than the longest sequence in "
+                         f"cu_seqlens ({longest})")
+    return longest if max_seqlen is None else max_seqlen
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+              cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
     """Softmax attention ``softmax(scale * q k^T [causal mask]) v`` with grouped K/V heads.
 
     q ``[B, S, Hq, D]``; k, v ``[B, S, Hkv, D]`` (Hq % Hkv == 0, same dtype and device); returns a
     contiguous ``[B, S, Hq, D]`` in q's dtype. Differentiable in q, k and v.
+
+    With ``cu_seqlens`` (packed sequences): q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``;
+    each sequence ``cu_seqlens[i]:cu_seqlens[i+1]`` attends only within itself (module docstring).
     """
-    scale = check_inputs(q, k, v, causal, scale)
-    o, _ = torch.ops.apr.attention_fwd(q, k, v, causal, scale)
+    if cu_seqlens is None:
+        if max_seqlen is not None:
+            raise ValueError(f"{_WHERE}: max_seqlen is only meaningful with cu_seqlens")
+        scale = check_inputs(q, k, v, causal, scale)
+        o, _ = torch.ops.apr.attention_fwd(q, k, v, causal, scale)
+        return o
+    scale = check_inputs(q, k, v, causal, scale, packed=True)
+    max_seqlen = check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    o, _ = torch.ops.apr.attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     return o

@@ -125,6 +125,41 @@ def attention_backward_reference(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _spans(cu_seqlens: torch.Tensor):
+    """Non-empty ``(start, end)`` token ranges of the packed sequences."""
+    bounds = cu_seqlens.tolist()
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def attention_varlen_forward_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, sequence i = rows
+    ``cu_seqlens[i]:cu_seqlens[i+1]``, covering all T rows): :func:`attention_forward_reference` on
+    each sequence alone. Returns o ``[T, Hq, D]`` and lse ``[Hq, T]``."""
+    o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.zeros((q.shape[1], q.shape[0]), dtype=torch.promote_types(q.dtype, torch.float32),
+                      device=q.device)
+    for a, b in _spans(cu_seqlens):
+        oi, li = attention_forward_reference(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)
+        o[a:b], lse[:, a:b] = oi[0], li[0]
+    return o, lse
+
+
+def attention_varlen_backward_reference(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+    lse: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float, dlse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention_varlen_forward_reference`, sequence by sequence."""
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    for a, b in _spans(cu_seqlens):
+        g = attention_backward_reference(do[None, a:b], q[None, a:b], k[None, a:b], v[None, a:b],
+                                         o[None, a:b], lse[None, :, a:b], causal, scale,
+                                         None if dlse is None else dlse[None, :, a:b])
+        dq[a:b], dk[a:b], dv[a:b] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv
+
+
 def attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
 ) -> torch.Tensor:
