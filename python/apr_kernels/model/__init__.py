@@ -2,9 +2,11 @@
 names, and ``from_apr`` (initialise from an APR v2 file, with preflight checks)."""
 
 from .config import DEFAULT_PRESET, PRESETS, ModelConfig, pad_vocab, preset
+from .documents import Documents
 from .transformer import Transformer
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "ModelConfig", "Transformer", "from_apr", "pad_vocab", "preset"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Documents", "ModelConfig", "Transformer", "from_apr", "pad_vocab",
+           "preset"]
 
 
 def __getattr__(name):

@@ -20,7 +20,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from typing import NamedTuple
+
 from .config import ModelConfig
+from .documents import Documents
 from .rope import apply_rope, rope_tables
 
 
@@ -50,6 +53,14 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+class DocumentMask(NamedTuple):
+    """Document masking inside the layers (``model/documents.py``): the spans for the fused kernel,
+    and for the eager path the ``[B, 1, S, S]`` boolean mask (True: may attend) it builds instead."""
+
+    documents: Documents
+    mask: torch.Tensor | None
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v bias for Qwen2."""
 
@@ -73,7 +84,10 @@ class Attention(nn.Module):
         bias = torch.cat([m.bias for m in p]) if self.q_proj.bias is not None else None
         return F.linear(x, w, bias).split([m.out_features for m in p], dim=-1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False,
+                docs: DocumentMask | None = None):
+        """``cos``/``sin``: ``[S, D/2]`` tables, or with ``docs`` ``[B*S, D/2]``, one row per token
+        (positions restart at each document)."""
         b, s, _ = x.shape
         if fast:
             q, k, v = self._qkv_fused(x)
@@ -82,13 +96,24 @@ class Attention(nn.Module):
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        if docs is not None:  # all tokens as one row (views): the tables and the spans address them
+            q, k, v = (t.reshape(1, b * s, t.shape[2], t.shape[3]) for t in (q, k, v))
         if fast:  # q and k rotated in one pass; the backward keeps only the tables
             q, k = _ops().rope(q, k, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
         else:
             q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
             k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype), self.rope_type)
-        if fast:
+        if fast and docs is not None:  # packed spans: each document attends only within itself
+            d = docs.documents
+            o = _ops().attention(q[0], k[0], v[0], causal=True, cu_seqlens=d.cu_seqlens, max_seqlen=d.max_seqlen)
+        elif fast:
             o = _ops().attention(q, k, v, causal=True)  # [B, S, Hq, D]; K/V not expanded, v strided
+        elif docs is not None:  # eager: causal and same-document mask, as Hugging Face's 4-D masks
+            q, k, v = (t.view(b, s, t.shape[2], t.shape[3]).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=docs.mask, scale=self.head_dim ** -0.5,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            ).transpose(1, 2)
         else:
             # HF layout [B, H, S, D]; each K/V head serves num_heads/num_kv_heads consecutive q heads
             o = F.scaled_dot_product_attention(
@@ -129,9 +154,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                fast: bool = False, docs: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h, y = add_then_norm(self.input_layernorm, h, pending, fast)
-        a = self.self_attn(y, cos, sin, fast)
+        a = self.self_attn(y, cos, sin, fast, docs)
         h, y = add_then_norm(self.post_attention_layernorm, h, a, fast)
         return h, self.mlp(y, fast)
 
@@ -198,26 +223,50 @@ class Transformer(nn.Module):
     def use_fast(self, x: torch.Tensor) -> bool:
         return x.is_cuda if self.fast is None else bool(self.fast)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _document_mask(self, input_ids: torch.Tensor, documents: Documents, fast: bool, cos, sin):
+        """The layers' :class:`DocumentMask` and the per-token rope tables for ``documents``."""
+        B, S = input_ids.shape
+        if documents.cu_seqlens.device != input_ids.device:
+            raise ValueError(f"documents: cu_seqlens is on {documents.cu_seqlens.device}; expected the "
+                             f"input's device {input_ids.device}")
+        # a host read costs nothing on CPU (on CUDA it would be a sync; in a graph it can't be done)
+        if not input_ids.is_cuda and not torch.compiler.is_compiling():
+            documents.check(B, S)
+        doc, pos = documents.token_index(B * S)
+        mask = None
+        if not fast:
+            doc = doc.view(B, S)
+            causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()
+            mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+        return DocumentMask(documents, mask), cos[pos], sin[pos]
+
+    def hidden_states(self, input_ids: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, hidden] (before the output projection)."""
         fast = self.use_fast(input_ids)
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
                                scaling=self.config.rope_scaling, device=input_ids.device)
+        docs = None
+        if documents is not None:
+            docs, cos, sin = self._document_mask(input_ids, documents, fast, cos, sin)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         pending = None  # each layer's MLP output, added by the next layer's fused add + norm
         for layer in self.model.layers:
             if recompute:
-                h, pending = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast,
+                h, pending = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast, docs,
                                                                use_reentrant=False)
             else:
-                h, pending = layer(h, pending, cos, sin, fast)
+                h, pending = layer(h, pending, cos, sin, fast, docs)
         return add_then_norm(self.model.norm, h, pending, fast)[1]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", documents: Documents | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
         ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets or "sum").
+
+        ``documents`` (``model/documents.py``): document masking. Each token attends only within its
+        document and RoPE positions restart at each document, so every document's logits are those
+        of the document alone.
 
         The loss is computed inside ``forward`` so that DDP/FSDP hooks see the output projection. The
         fast path fuses the projection with the loss (``apr_kernels.linear_cross_entropy``: the
@@ -225,7 +274,7 @@ class Transformer(nn.Module):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        h = self.hidden_states(input_ids)
+        h = self.hidden_states(input_ids, documents)
         if targets is None:
             return F.linear(h, self.output_weight)
         if self.use_fast(input_ids):
@@ -234,6 +283,7 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction,
                                ignore_index=-100)
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+             documents: Documents | None = None) -> torch.Tensor:
         """Next-token cross entropy in fp32 (``targets`` already shifted; -100 is ignored)."""
-        return self(input_ids, targets, reduction)
+        return self(input_ids, targets, reduction, documents)
