@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from text_helpers import write_short_documents
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN = [str(STDLIB / "json"), str(STDLIB / "textwrap.py")]
 HELD = str(STDLIB / "shlex.py")
@@ -155,6 +157,11 @@ def runs(tmp_path_factory):
     one = root / "one"
     code, one_out = _cli(main, ["train", "--init", str(init), *COMMON, "--out", str(one)])
     assert code == 0
+    # document masking: short documents, so that most rows hold a boundary
+    train_docs, held_docs = write_short_documents(root / "docs")
+    docs = ["--document-mask", "--data", train_docs, "--eval-data", held_docs]
+    code, one_docs_out = _cli(main, ["train", "--init", str(init), *COMMON, *docs, "--out", str(root / "one_docs")])
+    assert code == 0
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
@@ -172,6 +179,7 @@ def runs(tmp_path_factory):
         ["train", "--init", str(init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp")],
         ["train", "--resume", str(one / "step_000002.apr"), "--parallel", "fsdp", "--out", str(root / "r2"),
          "--json", "--no-progress", "--fast", "off"],
+        ["train", "--init", str(init), *COMMON, *docs, "--parallel", "ddp", "--out", str(root / "ddp_docs")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -190,7 +198,8 @@ def runs(tmp_path_factory):
         assert p.returncode == 0, f"{' '.join(map(str, p.args))[-300:]}\nstdout: {out[-1500:]}\nstderr: {err[-3000:]}"
     ranks = {(r["rank"], r["world"]): r for r in
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
-    return {"root": root, "one": one, "one_out": one_out, "torchrun_out": outputs[0][0],
+    return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out,
+            "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
 
@@ -242,6 +251,16 @@ def test_ddp_matches_one_process(runs):
     assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
     assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
     assert run1["stdout"] == ""  # only rank 0 logs
+
+
+def test_ddp_with_document_masking_matches_one_process(runs):
+    """The spans travel with each rank's rows through DDP's forward and the sharded evaluation."""
+    ref = _records(runs["one_docs_out"])
+    run = runs["ranks"][(0, 2)]["run2"]
+    assert run["code"] == runs["ranks"][(1, 2)]["run2"]["code"] == 0
+    got = _records(run["stdout"])
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):

@@ -129,7 +129,8 @@ def test_tokenizer_fingerprint_tells_encodings_apart(tok):
 
 def test_int32_token_streams_batch_as_int64(tok):
     seqs = sequences(torch.arange(100, dtype=torch.int32), 9)
-    x, y = batch(seqs, torch.tensor([0, 3]))
+    x, y, docs = batch(seqs, torch.tensor([0, 3]))
+    assert docs is None
     assert x.dtype == y.dtype == torch.int64 and y[0, 0].item() == 1
 
 
@@ -137,7 +138,7 @@ def test_sequences_targets_are_the_next_tokens_and_holdout_is_the_tail():
     tokens = torch.randperm(1000)[:103]  # 103 tokens, T=10: 10 sequences of 11
     seqs = sequences(tokens, 10)
     assert seqs.shape == (10, 11)
-    x, y = batch(seqs, torch.tensor([0, 9]))
+    x, y, _ = batch(seqs, torch.tensor([0, 9]))
     assert torch.equal(x[0], tokens[:10]) and torch.equal(y[0], tokens[1:11])
     assert torch.equal(y[1], tokens[91:101])
     # every token but the first is a target exactly once

@@ -12,6 +12,7 @@ import torch
 
 import apr_kernels
 from apr_kernels.cli import main
+from text_helpers import write_short_documents
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN = [str(STDLIB / "json"), str(STDLIB / "textwrap.py")]
@@ -162,3 +163,48 @@ def test_demo_runs_end_to_end_and_its_checkpoint_reproduces_the_eval(tmp_path):
     first = [line for line in lines if line.startswith("eval step=0")][0]
     assert float(first.split("eval_loss=")[1].split()[0]) == pytest.approx(math.log(151680), abs=0.3)
     assert (tmp_path / "model.apr").exists()
+
+
+@pytest.fixture(scope="module")
+def small_documents(tmp_path_factory):
+    return write_short_documents(tmp_path_factory.mktemp("docs"))
+
+
+def test_document_mask_trains_evaluates_and_resumes_with_masking(small_documents, capsys, tmp_path, monkeypatch):
+    from apr_kernels.model import documents
+
+    train, held = small_documents
+    spans = []
+    real = documents.Documents.from_eos.__func__
+    monkeypatch.setattr(documents.Documents, "from_eos",
+                        classmethod(lambda cls, x, eos: spans.append(eos) or real(cls, x, eos)))
+    base = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", train, "--eval-data", held,
+            "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--eval-tokens", "512",
+            "--save-every", "2", "--json", "--seed", "3", "--no-token-cache"]
+    code, out, _ = run(capsys, *base, "--out", str(tmp_path / "masked"), "--document-mask")
+    assert code == 0 and spans and set(spans) == {256}  # the byte tokenizer's end-of-text id
+    masked = json_lines(out)
+    spans.clear()
+    code, out, _ = run(capsys, *base, "--out", str(tmp_path / "plain"))
+    assert code == 0 and not spans
+    plain = json_lines(out)
+    losses = [[r["loss"] for r in recs if r["event"] == "train"] for recs in (masked, plain)]
+    assert all(math.isfinite(v) for v in losses[0])
+    # same initial weights, other attention: the step-0 evaluation and the loss curve differ
+    evals = [[r["eval_loss"] for r in recs if r["event"] == "eval"] for recs in (masked, plain)]
+    assert evals[0][0] != pytest.approx(evals[1][0], rel=1e-6)
+    assert losses[0] != pytest.approx(losses[1], rel=1e-6)
+    # eval takes the checkpoint's masking by default and reproduces the final eval loss
+    args = ["eval", "--init", str(tmp_path / "masked" / "model.apr"), "--data", held, "--max-tokens", "512"]
+    code, out, _ = run(capsys, *args)
+    assert code == 0
+    assert float(out.strip().splitlines()[-1].split()[0].split("=")[1]) == pytest.approx(evals[0][-1], abs=2e-6)
+    code, out, _ = run(capsys, *args, "--no-document-mask")
+    assert float(out.strip().splitlines()[-1].split()[0].split("=")[1]) != pytest.approx(evals[0][-1], rel=1e-5)
+    # resume keeps document masking (stored in the training config): identical losses
+    code, out, _ = run(capsys, "train", "--resume", str(tmp_path / "masked" / "step_000002.apr"), "--out",
+                       str(tmp_path / "resumed"), "--json")
+    assert code == 0
+    resumed = json_lines(out)
+    assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[0][2:]
+    assert [r["eval_loss"] for r in resumed if r["event"] == "eval"][-1] == evals[0][-1]

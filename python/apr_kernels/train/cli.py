@@ -146,7 +146,8 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
 
     main = parallel is None or parallel.is_main
     trainer = Trainer(model, train_tokens, eval_tokens, cfg, parallel=parallel,
-                      log=Logger(json_lines) if main else (lambda *a: None))
+                      log=Logger(json_lines) if main else (lambda *a: None),
+                      eos_id=getattr(tokenizer, "eos_id", None))
     if resume_from:
         restore_training_state(resume_from, trainer)
     if parallel is not None:
@@ -228,7 +229,8 @@ def _train(args, env, mode: str) -> int:
                           grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
-                          log_every=args.log_every, save_every=args.save_every, seed=args.seed)
+                          log_every=args.log_every, save_every=args.save_every, seed=args.seed,
+                          document_mask=args.document_mask)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
     model.gradient_checkpointing = args.grad_checkpointing
     if args.compile:
@@ -264,8 +266,10 @@ def _train(args, env, mode: str) -> int:
 
 # ------------------------------------------------------------------------------------- eval
 def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
-                  tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None):
-    """(mean next-token loss, target tokens) of an APR model on text data."""
+                  tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None,
+                  document_mask: bool | None = None):
+    """(mean next-token loss, target tokens) of an APR model on text data. ``seq_len`` and
+    ``document_mask`` default to the checkpoint's training settings (else 256 and off)."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
     from .data import evaluate, find_text_files, tokenize_files
@@ -275,10 +279,16 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{init}: tokenizer")
     stored = model.apr_metadata.get("training.config") or {}
     seq_len = seq_len or int(stored.get("seq_len", 256))
+    if document_mask is None:
+        document_mask = bool(stored.get("document_mask", False))
+    eos_id = getattr(tok, "eos_id", None) if document_mask else None
+    if document_mask and eos_id is None:
+        raise ValueError(f"{init}: document masking needs the tokenizer's end-of-text id; this tokenizer has none")
     tokens = tokenize_files(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1)
     dev = next(model.parameters()).device
     return evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
-                    autocast_dtype=torch.bfloat16 if dev.type == "cuda" else None, max_tokens=max_tokens)
+                    autocast_dtype=torch.bfloat16 if dev.type == "cuda" else None, max_tokens=max_tokens,
+                    eos_id=eos_id)
 
 
 def cmd_eval(args) -> int:
@@ -286,7 +296,7 @@ def cmd_eval(args) -> int:
         keep_freed_memory()
     loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
-                            fast=_fast(args.fast))
+                            fast=_fast(args.fast), document_mask=args.document_mask)
     if args.json:
         print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n}))
     else:
@@ -346,6 +356,9 @@ def register(subparsers) -> None:
     g.add_argument("--token-cache", default=None,
                    help="token cache folder (default $APR_KERNELS_CACHE/tokens or ~/.cache/apr-kernels/tokens)")
     g.add_argument("--no-token-cache", action="store_true", help="tokenise every time, write no cache")
+    g.add_argument("--document-mask", action="store_true",
+                   help="attend only within each document (documents end at the tokenizer's end-of-text "
+                        "id); RoPE positions restart at each document")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=d.steps)
     o.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -385,6 +398,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
+    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="attend only within each document (default: as the checkpoint was trained)")
     _common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -7,6 +7,9 @@
   back to back with no padding.
 * Sequence i is ``tokens[i*T : i*T + T + 1]`` (inputs are the first T, targets the last T), so every
   token except the first is a target exactly once.
+* Document masking (optional, ``eos_id`` below): each batch also carries its document spans, found
+  from the end-of-text ids on the host (``apr_kernels.model.Documents``), so that the model attends
+  only within each document.
 * Held-out split: the last ``eval_fraction`` of the sequences (at least one), taken from the end of
   the stream, unless separate eval data is given.
 * Batches: sequence order is a fresh permutation per epoch from ``seed``; the only state is the number
@@ -203,14 +206,22 @@ class BatchStream:
         return self.position / self.n
 
 
-def batch(seqs: torch.Tensor, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets [B, T] for the given sequence rows."""
+def batch(seqs: torch.Tensor, index: torch.Tensor, device=None, eos_id: int | None = None):
+    """``(x, y, documents)``: inputs and next-token targets [B, T] for the given sequence rows, and
+    with ``eos_id`` the inputs' document spans (``Documents``, computed on the host before the move to
+    ``device``), else None."""
     rows = seqs[index]
     if rows.dtype != torch.int64:  # the token cache keeps int32; the loss wants int64 targets
         rows = rows.long()
+    documents = None
+    if eos_id is not None:
+        from apr_kernels.model.documents import Documents
+
+        documents = Documents.from_eos(rows[:, :-1], eos_id)
     if device is not None:
         rows = rows.to(device, non_blocking=True)
-    return rows[:, :-1], rows[:, 1:]
+        documents = documents.to(device, non_blocking=True) if documents is not None else None
+    return rows[:, :-1], rows[:, 1:], documents
 
 
 @torch.no_grad()
@@ -228,10 +239,12 @@ def eval_sequences(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = 
 
 @torch.no_grad()  # no autograd graph (and no fused-loss gradients) during evaluation
 def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, device=None,
-             autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None) -> tuple[float, int]:
+             autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None,
+             eos_id: int | None = None) -> tuple[float, int]:
     """Mean next-token loss over all packed sequences of ``tokens`` (in order) and the target count.
 
-    ``max_tokens`` keeps the first ``max_tokens // seq_len`` sequences (at least one).
+    ``max_tokens`` keeps the first ``max_tokens // seq_len`` sequences (at least one); ``eos_id``:
+    document masking (as in training with it).
     """
     seqs = eval_sequences(tokens, seq_len, max_tokens)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -239,10 +252,10 @@ def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, 
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(seqs), batch_size):
-        x, y = batch(seqs, torch.arange(start, min(start + batch_size, len(seqs))), device)
+        x, y, docs = batch(seqs, torch.arange(start, min(start + batch_size, len(seqs))), device, eos_id)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            total += model.loss(x, y, reduction="sum").double()
+            total += model.loss(x, y, reduction="sum", documents=docs).double()
         count += y.numel()
     model.train(was_training)
     return float(total / count), count

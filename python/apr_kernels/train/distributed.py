@@ -257,8 +257,8 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.inner = model
 
-    def forward(self, x, y):
-        return self.inner.loss(x, y)
+    def forward(self, x, y, documents=None):
+        return self.inner.loss(x, y, documents=documents)
 
 
 class Parallel:
@@ -277,8 +277,10 @@ class Parallel:
     def is_main(self) -> bool:
         return self.env.is_main
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._wrapper(x, y) if self._wrapper is not None else self.module.loss(x, y)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, documents=None) -> torch.Tensor:
+        if self._wrapper is not None:
+            return self._wrapper(x, y, documents)
+        return self.module.loss(x, y, documents=documents)
 
     def grad_sync(self, enabled: bool):
         """Context for one micro-batch: no gradient communication unless ``enabled`` (the last)."""
@@ -317,10 +319,13 @@ class Parallel:
 
     @torch.no_grad()
     def evaluate(self, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8,
-                 autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None):
+                 autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None,
+                 eos_id: int | None = None):
         """``data.evaluate`` over all ranks: each takes a contiguous share of the sequences; every
         rank runs the same number of forwards (FSDP's are collectives), padding with a batch whose
         targets are all ignored; (loss sum, count) are all-reduced in float64."""
+        from apr_kernels.model.documents import Documents
+
         from .data import eval_sequences
 
         seqs = eval_sequences(tokens, seq_len, max_tokens)
@@ -334,10 +339,11 @@ class Parallel:
         for b in range(-(-per // batch_size)):
             rows = mine[b * batch_size:(b + 1) * batch_size]
             x, y = (rows[:, :-1], rows[:, 1:]) if len(rows) else (seqs[:1, :-1], torch.full_like(seqs[:1, 1:], -100))
+            docs = None if eos_id is None else Documents.from_eos(x, eos_id).to(dev)
             x, y = x.to(dev, torch.int64), y.to(dev, torch.int64)  # (the token cache holds int32)
             with torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
-                acc[0] += model.loss(x, y, reduction="sum").double()
+                acc[0] += model.loss(x, y, reduction="sum", documents=docs).double()
             acc[1] += (y != -100).sum()
         model.train(was_training)
         self.reshard()

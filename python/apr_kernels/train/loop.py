@@ -49,6 +49,7 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0                 # 0: checkpoint only at the end
     seed: int = 42
+    document_mask: bool = False         # attend only within each document (ends at the eos id)
 
     def __post_init__(self):
         if self.warmup is None:
@@ -119,13 +120,21 @@ class Trainer:
     ``parallel`` (``distributed.parallelize(model, ...)``, whose ``module`` is ``model``): DDP/FSDP
     training. ``batch_size`` stays global: each rank trains on its share of every batch, and logged
     and evaluated losses are means over all ranks.
+
+    ``eos_id``: the end-of-text id that ends each document of the streams; needed by
+    ``config.document_mask``.
     """
 
     def __init__(self, model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor | None,
                  config: TrainConfig, *, device=None, autocast_dtype: torch.dtype | None | str = "auto",
-                 log: Callable[[str, dict], None] | None = None, parallel=None):
+                 log: Callable[[str, dict], None] | None = None, parallel=None, eos_id: int | None = None):
         self.cfg = config
         self.parallel = parallel
+        if config.document_mask and eos_id is None:
+            raise ValueError("document masking needs the tokenizer's end-of-text id (which ends every "
+                             "document of the data); this tokenizer has none")
+        # the id that batches split documents at, None without document masking
+        self.doc_eos = eos_id if config.document_mask else None
         if parallel is not None:
             if parallel.module is not model:
                 raise ValueError("Trainer: parallel.module is not the model given; expected "
@@ -168,12 +177,13 @@ class Trainer:
         par = self.parallel
         for micro in range(c.grad_accum):
             index = self.batches.next(c.batch_size)  # the global batch: the data position is global
-            x, y = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device)
+            x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
+                               self.doc_eos)
             # gradients are communicated once, on the last micro-batch
             with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                     enabled=self.autocast_dtype is not None):
-                    loss = par.loss(x, y) if par else self.model.loss(x, y)
+                    loss = par.loss(x, y, docs) if par else self.model.loss(x, y, documents=docs)
                 (loss / c.grad_accum).backward()
             total += loss.detach()
         if par is not None:
@@ -203,11 +213,12 @@ class Trainer:
             self.last_eval = self.parallel.evaluate(self.eval_tokens, self.cfg.seq_len,
                                                     batch_size=self.cfg.eval_batch_size,
                                                     autocast_dtype=self.autocast_dtype,
-                                                    max_tokens=self.cfg.eval_tokens)
+                                                    max_tokens=self.cfg.eval_tokens, eos_id=self.doc_eos)
             return self.last_eval
         self.last_eval = evaluate(self.model, self.eval_tokens, self.cfg.seq_len,
                                   batch_size=self.cfg.eval_batch_size, device=self.device,
-                                  autocast_dtype=self.autocast_dtype, max_tokens=self.cfg.eval_tokens)
+                                  autocast_dtype=self.autocast_dtype, max_tokens=self.cfg.eval_tokens,
+                                  eos_id=self.doc_eos)
         return self.last_eval
 
     def _eval_and_log(self) -> None:
