@@ -17,6 +17,17 @@ produce; SDPA gets [B, H, S, D] views of the same storage). Providers, timed in 
                       candidate launch config timed per kernel; the winners and all timings go to
                       attention_tune-*.json (kinds fwd / dkdv / dq; per-kernel FLOPs: 2, 4, 3 matmuls)
 
+Packed documents (document masking, ``attention(..., cu_seqlens=)``): the Qwen2-0.5B heads over 8 rows
+of 2048 tokens holding documents of random lengths (mean ~500, seeded), forward+backward. Providers:
+
+  apr_varlen          apr_kernels.attention on the packed [T, H, D] tokens with cu_seqlens
+  apr_unmasked        the same tokens as dense causal rows (what training without the mask costs)
+  sdpa_mask_expand    SDPA with the [B, 1, S, S] same-document causal mask (what eager code does;
+                      expanded K/V, as the masked SDPA backends need)
+  flex_document       FlexAttention with a document block mask (compiled; skipped if unavailable)
+
+FLOPs of the packed rows: the sum over documents of 4·Hq·L²·D/2 (what is needed), for every provider.
+
 --quick keeps apr and the two enable_gqa SDPA backends (no expanded K/V) with fewer repetitions.
 A time budget (--budget, default 30 s quick / 95 s full, from the start of the run) is checked
 before each shape: what does not fit is skipped with a note. Order: S 1024 and 4096 (both models),
@@ -180,6 +191,106 @@ def run_shapes(args, dev, dtype, rows: list, shapes=None) -> None:
             _common.write_results("attention", rows, args.out)
 
 
+# ---------------------------------------------------------------------------- packed documents
+
+
+def document_lengths(B: int, S: int, seed: int = 0) -> list[list[int]]:
+    """Per row, document lengths summing to S (exponential-like lengths, mean ~S/4, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        lengths, left = [], S
+        while left > 0:
+            n = min(left, 1 + int(torch.empty(1).exponential_(1.0, generator=g).item() * S / 4))
+            lengths.append(n)
+            left -= n
+        rows.append(lengths)
+    return rows
+
+
+def document_providers(dev: torch.device, B: int, S: int, rows: list[list[int]]) -> tuple[dict, float]:
+    """Providers over [B, S, H, D] inputs and the FLOPs-per-head-dim factor sum(L^2)."""
+    lengths = [n for r in rows for n in r]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev))
+    doc = doc.view(B, S)
+    mask = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(S, S, dtype=torch.bool, device=dev).tril())[:, None]
+    longest = max(lengths)
+
+    def apr_varlen(q, k, v):
+        flat = [t.view(B * S, t.shape[2], t.shape[3]) for t in (q, k, v)]
+        return apr_kernels.attention(*flat, cu_seqlens=cu, max_seqlen=longest).view(q.shape)
+
+    def sdpa_mask_expand(q, k, v):
+        g = q.shape[2] // k.shape[2]
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+
+    provs = {"apr_varlen": apr_varlen, "apr_unmasked": _apr, "sdpa_mask_expand": sdpa_mask_expand}
+    if dev.type == "cuda":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            flat_doc = doc.flatten()
+
+            def same_doc_causal(b, h, qi, ki):
+                return (flat_doc[b * S + qi] == flat_doc[b * S + ki]) & (ki <= qi)
+
+            block = create_block_mask(same_doc_causal, B, None, S, S, device=dev)
+            flex = torch.compile(flex_attention)
+
+            def flex_document(q, k, v):
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                return flex(qt, kt, vt, block_mask=block, enable_gqa=True).transpose(1, 2)
+
+            provs["flex_document"] = flex_document
+        except Exception as e:  # noqa: BLE001 -- an optional baseline
+            print(f"  flex_document: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+    return provs, float(sum(n * n for n in lengths))
+
+
+def document_rows(args, dev, dtype, rows: list) -> None:
+    if args.smoke:
+        B, S = 2, 96
+    else:
+        B, S = 8, 2048
+    if left_s(args) < (0 if args.smoke else 20):
+        print(f"  packed documents: skipped ({left_s(args):.0f} s of the budget left)")
+        return
+    model = "qwen2-0.5b"
+    hq, hkv, d = MODELS[model]
+    t0 = time.monotonic()
+    docs = document_lengths(B, S)
+    provs, sum_sq = document_providers(dev, B, S, docs)
+    q, k, v = inputs(B, S, hq, hkv, d, dtype, dev)
+    f1 = 4 * hq * d * sum_sq / 2
+    rep = 3 if args.smoke else 5 if args.quick else 10
+    new = []
+    for name, fn in provs.items():
+        try:
+            m = measure(fn, q, k, v, dev, rep)
+        except Exception as e:  # noqa: BLE001 -- a backend refusing the input skips its row
+            print(f"  documents {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+            continue
+        for mode, flops in (("fwd", f1), ("fwd+bwd", 3.5 * f1)):
+            row = {"op": "attention_documents", "mode": mode, "model": model, "B": B, "S": S, "Hq": hq,
+                   "Hkv": hkv, "D": d, "docs": sum(map(len, docs)), "dtype": str(dtype).replace("torch.", ""),
+                   "provider": name, "ms": m[mode], "flops": flops, "tflops": flops / (m[mode] * 1e-3) / 1e12,
+                   "warm_s": m["warm_s"]}
+            if mode == "fwd+bwd" and m["mem"] is not None:
+                row["peak_mem_mb"] = m["mem"]
+            new.append(row)
+    for mode in ("fwd", "fwd+bwd"):
+        others = [r["ms"] for r in new if r["mode"] == mode and r["provider"] in ("sdpa_mask_expand", "flex_document")]
+        for r in new:
+            if r["mode"] == mode and r["provider"] == "apr_varlen" and others:
+                r["vs_best_masked"] = min(others) / r["ms"]
+    rows.extend(new)
+    print(f"  packed documents B={B} S={S} ({sum(map(len, docs))} documents): {time.monotonic() - t0:.1f} s",
+          flush=True)
+
+
 # -------------------------------------------------------------------------------------- tune
 
 
@@ -200,7 +311,7 @@ def tune_rows(log: list[dict]) -> list[dict]:
     """Rows of the per-kernel candidate timings the autotune recorded (tuned_log())."""
     out = []
     for rec in log:
-        dtype, B, S, hq, hkv, d, causal = rec["key"]
+        dtype, B, S, hq, hkv, d, causal = rec["key"][:7]  # (then: varlen)
         model = next((m for m, h in MODELS.items() if h == (hq, hkv, d)), f"{hq}/{hkv}/{d}")
         flops = flops_fwd(B, S, hq, d) * {"fwd": 1.0, "dkdv": 2.0, "dq": 1.5}[rec["kind"]] * (1 if causal else 2)
         for name, ms in rec["ms"].items():
@@ -271,14 +382,18 @@ def main() -> None:
     else:
         shapes = sweep(args)
         if dev.type == "cuda" and not args.quick and not args.smoke:
-            # the core shapes, then the autotune comparison (what the next table should be), then the rest
+            # the core shapes, packed documents, the autotune comparison (what the next table should
+            # be), then the rest
             run_shapes(args, dev, dtype, rows, shapes[:4])
+            document_rows(args, dev, dtype, rows)
             autotune_vs_default(args, dev, dtype, rows, [])
             run_shapes(args, dev, dtype, rows, shapes[4:])
         else:
             run_shapes(args, dev, dtype, rows, shapes)
+            document_rows(args, dev, dtype, rows)
         path = _common.write_results("attention", rows, args.out)
-        cols = ["model", "S", "mode", "provider", "ms", "tflops", "peak_mem_mb", "vs_best_sdpa"]
+        cols = ["op", "model", "S", "mode", "provider", "ms", "tflops", "peak_mem_mb", "vs_best_sdpa",
+                "vs_best_masked"]
         _common.print_table(rows, cols)
     print(f"wrote {path} ({time.monotonic() - T0:.0f} s)")
 
