@@ -208,8 +208,9 @@ def document_lengths(B: int, S: int, seed: int = 0) -> list[list[int]]:
     return rows
 
 
-def document_providers(dev: torch.device, B: int, S: int, rows: list[list[int]]) -> tuple[dict, float]:
-    """Providers over [B, S, H, D] inputs and the FLOPs-per-head-dim factor sum(L^2)."""
+def document_providers(dev: torch.device, B: int, S: int, rows: list[list[int]], flex: bool) -> tuple[dict, float]:
+    """Providers over [B, S, H, D] inputs and the FLOPs-per-head-dim factor sum(L^2). ``flex``: add
+    FlexAttention (its first call compiles for tens of seconds)."""
     lengths = [n for r in rows for n in r]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev))
@@ -228,7 +229,7 @@ def document_providers(dev: torch.device, B: int, S: int, rows: list[list[int]])
         return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
 
     provs = {"apr_varlen": apr_varlen, "apr_unmasked": _apr, "sdpa_mask_expand": sdpa_mask_expand}
-    if dev.type == "cuda":
+    if dev.type == "cuda" and flex:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -262,7 +263,7 @@ def document_rows(args, dev, dtype, rows: list) -> None:
     hq, hkv, d = MODELS[model]
     t0 = time.monotonic()
     docs = document_lengths(B, S)
-    provs, sum_sq = document_providers(dev, B, S, docs)
+    provs, sum_sq = document_providers(dev, B, S, docs, flex=left_s(args) > 60)
     q, k, v = inputs(B, S, hq, hkv, d, dtype, dev)
     f1 = 4 * hq * d * sum_sq / 2
     rep = 3 if args.smoke else 5 if args.quick else 10
@@ -287,6 +288,8 @@ def document_rows(args, dev, dtype, rows: list) -> None:
             if r["mode"] == mode and r["provider"] == "apr_varlen" and others:
                 r["vs_best_masked"] = min(others) / r["ms"]
     rows.extend(new)
+    if args.out or not args.smoke:  # keep what was measured if the run is cut short
+        _common.write_results("attention", rows, args.out)
     print(f"  packed documents B={B} S={S} ({sum(map(len, docs))} documents): {time.monotonic() - t0:.1f} s",
           flush=True)
 
