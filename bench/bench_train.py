@@ -12,8 +12,10 @@ vocabulary, backward, clipping, fused AdamW; bf16 autocast with fp32 master weig
 Model FLOPs per token = ``ModelConfig.flops_per_token(S)``: 6 x matmul parameters (output projection
 included, embedding lookup excluded) + causal attention (3 x 2 x 2 x S x Hq x D / 2 per layer).
 MFU = achieved model FLOP/s / the dense bf16 matmul rate ``_common.matmul_tflops`` measured in the same
-run (a measured roof, lower than the datasheet peak). Row: op train_step, provider fast|reference,
-ms (median step), tokens_per_s, tflops, mfu, peak_mem_mb.
+run (a measured roof, lower than the datasheet peak); ``mfu_datasheet`` divides by the card's datasheet
+dense bf16 rate instead (the usual MFU, e.g. 989 TFLOP/s for H100/H200 SXM; bench_ceilings.SPECS), where
+the card is known. Row: op train_step, provider fast|reference, ms (median step), tokens_per_s, tflops,
+mfu, mfu_datasheet, peak_mem_mb.
 
 --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
 --quick: 4 timed steps instead of 10. --compile: also ``fast+compile`` and ``reference+compile`` (each
@@ -33,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+from bench_ceilings import spec_for  # noqa: E402
 
 from apr_kernels.model import Transformer, preset  # noqa: E402
 from apr_kernels.train.cli import compile_layers  # noqa: E402
@@ -111,6 +114,8 @@ def main() -> None:
         cfg = cfg.replace(num_layers=args.layers, head_dim=cfg.head_dim)
     batch, seq = args.batch or batch, args.seq or seq
     flops_tok = cfg.flops_per_token(seq)
+    spec = spec_for(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+    datasheet = spec["bf16_dense_tflops"] if spec else None
     dtype = "bf16" if dev.type == "cuda" else "fp32"
     print(f"{name}: {cfg.num_layers} layers, {cfg.num_parameters() / 1e6:.0f}M parameters, batch {batch} x seq "
           f"{seq}, {flops_tok * batch * seq / 1e12:.2f} TFLOP per step; measured {dtype} matmul peak "
@@ -122,19 +127,23 @@ def main() -> None:
         tflops = flops_tok * r["tokens_per_s"] / 1e12
         rows.append({"op": "train_step", "preset": name, "layers": cfg.num_layers, "B": batch, "S": seq,
                      "dtype": dtype, "provider": provider, "ms": r["ms"], "tokens_per_s": r["tokens_per_s"],
-                     "tflops": tflops, "mfu": tflops / peak, "peak_mem_mb": r["peak_mem_mb"],
+                     "tflops": tflops, "mfu": tflops / peak,
+                     "mfu_datasheet": tflops / datasheet if datasheet else None, "peak_mem_mb": r["peak_mem_mb"],
                      "loss": r["last_loss"], "profile": r["profile"]})
     fast, ref = rows[0], rows[1]
     profiles = {row["provider"]: row.pop("profile") for row in rows}
-    _common.print_table(rows, ["provider", "ms", "tokens_per_s", "tflops", "mfu", "peak_mem_mb"])
+    _common.print_table(rows, ["provider", "ms", "tokens_per_s", "tflops", "mfu", "mfu_datasheet", "peak_mem_mb"])
     for provider, prof in profiles.items():
         if prof:
             print(f"{provider}: where one step's time goes ({'GPU kernels' if dev.type == 'cuda' else 'CPU ops'})")
             _common.print_table(prof[:8], ["kernel", "calls", "ms", "share"])
     print(f"fast / reference: {ref['ms'] / fast['ms']:.2f}x tokens/s; MFU {fast['mfu']:.1%} vs {ref['mfu']:.1%} "
-          f"(of the measured matmul peak)")
+          f"(of the measured matmul peak)"
+          + (f", {fast['mfu_datasheet']:.1%} vs {ref['mfu_datasheet']:.1%} of the {datasheet:.0f} TFLOP/s "
+             f"datasheet" if datasheet else ""))
     path = _common.write_results("train", rows, args.out,
-                                 {"ours": "fast", "peak_tflops": peak, "ceilings": {"matmul_tflops": peak},
+                                 {"ours": "fast", "peak_tflops": peak, "datasheet_tflops": datasheet,
+                                  "ceilings": {"matmul_tflops": peak},
                                   "flops_per_token": flops_tok, "preset": name, "kernel_profile": profiles})
     print(f"wrote {path}")
 
