@@ -168,6 +168,23 @@ def _trainer(stream, cfg=None, model_cfg="tiny_llama", seed=0, **kw):
     return Trainer(model, stream[0], stream[1], cfg, log=lambda *a: None, **kw)
 
 
+def test_mfu_is_logged_with_a_known_peak_only(stream, monkeypatch):
+    from apr_kernels.train.loop import PEAK_ENV, peak_tflops
+
+    monkeypatch.delenv(PEAK_ENV, raising=False)
+    assert "mfu" not in _trainer(stream).train_step()  # CPU: no datasheet peak
+    monkeypatch.setenv(PEAK_ENV, "0.002")
+    t = _trainer(stream)
+    rec = t.train_step()
+    # MFU = model FLOPs per token x tokens/s / peak, the tokens being those the step trained on
+    want = preset("tiny_llama").flops_per_token(32) * rec["tok_s"] / 2e9
+    assert rec["mfu"] == pytest.approx(want, rel=1e-9) and rec["mfu"] > 0
+    for bad in ("fast", "-3", "nan"):
+        monkeypatch.setenv(PEAK_ENV, bad)
+        with pytest.raises(ValueError, match=f"{PEAK_ENV}=.*expected a positive number of TFLOP/s"):
+            peak_tflops(torch.device("cpu"))
+
+
 def test_gradient_accumulation_equals_the_larger_batch(stream):
     big = _trainer(stream, TrainConfig(steps=3, batch_size=4, seq_len=32, lr=1e-2))
     acc = _trainer(stream, TrainConfig(steps=3, batch_size=2, grad_accum=2, seq_len=32, lr=1e-2))

@@ -4,10 +4,14 @@ autocast on CUDA (fp32 master weights), periodic held-out evaluation, logging an
 Output for people and scripts: a tqdm bar (loss, tokens/s) on stderr when it is a terminal, and one
 line per logged step on stdout::
 
-    step=12 loss=6.8123 lr=3.00e-04 tok_s=5123 grad_norm=0.91
+    step=12 loss=6.8123 lr=3.00e-04 tok_s=5123 grad_norm=0.91 mfu=0.4120
     eval step=12 eval_loss=6.7011 eval_tokens=8192
 
 or, with ``json_lines``, one JSON object per line (``{"event": "train", "step": 12, ...}``).
+
+``mfu`` (model FLOPs utilisation) = ``ModelConfig.flops_per_token(seq_len)`` x tokens/s / (GPUs x the
+card's dense bf16 peak): logged on the GPUs of ``PEAK_TFLOPS`` (datasheet rates), or anywhere with
+``APR_KERNELS_PEAK_TFLOPS`` set to the peak of one device.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -81,6 +86,30 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
                              fused=fused or None)
 
 
+# Dense bf16 tensor-core peaks (datasheet, no sparsity), matched in order against the CUDA device name.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+PEAK_ENV = "APR_KERNELS_PEAK_TFLOPS"
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """One device's peak for the logged MFU: ``$APR_KERNELS_PEAK_TFLOPS``, else the datasheet rate of
+    a known CUDA card, else None (no MFU is logged)."""
+    env = os.environ.get(PEAK_ENV, "").strip()
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            value = -1.0
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{PEAK_ENV}={env!r}; expected a positive number of TFLOP/s (one device's "
+                             f"dense bf16 peak)")
+        return value
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_TFLOPS.items() if key in name), None)
+
+
 class Logger:
     """Log lines on stdout (text or JSON), kept clear of the progress bar."""
 
@@ -107,6 +136,8 @@ def _fmt(key: str, v) -> str:
             return f"{v:.3e}"
         if key in ("tok_s",):
             return f"{v:.0f}"
+        if key == "mfu":
+            return f"{v:.4f}"
         return f"{v:.6f}"
     return str(v)
 
@@ -159,6 +190,12 @@ class Trainer:
         self.log = log or Logger()
         self.last_eval: tuple[float, int] | None = None
         self.history: list[dict] = []
+        # model FLOPs of one step over the whole job's peak, for the logged MFU (None: not logged)
+        peak = peak_tflops(self.device)
+        flops = getattr(getattr(model, "config", None), "flops_per_token", None)
+        world = parallel.world_size if parallel is not None else 1
+        self._mfu_scale = (flops(config.seq_len) / (world * peak * 1e12)
+                           if peak is not None and flops is not None else None)
 
     # ------------------------------------------------------------------------------- one step
     def lr(self, step: int) -> float:
@@ -204,7 +241,10 @@ class Trainer:
         tokens = c.batch_size * c.grad_accum * c.seq_len
         if not math.isfinite(loss):
             raise RuntimeError(f"training diverged: loss={loss} at step {self.step} (lower --lr?)")
-        return {"step": self.step, "loss": loss, "lr": lr, "tok_s": tokens / dt, "grad_norm": grad_norm}
+        rec = {"step": self.step, "loss": loss, "lr": lr, "tok_s": tokens / dt, "grad_norm": grad_norm}
+        if self._mfu_scale is not None:
+            rec["mfu"] = rec["tok_s"] * self._mfu_scale
+        return rec
 
     def evaluate(self) -> tuple[float, int]:
         if self.eval_tokens is None:
