@@ -74,6 +74,25 @@ def test_documents_are_packed_with_end_of_text_and_non_utf8_skipped(tmp_path, to
     assert tokenize_files(find_text_files([tmp_path]), tok, max_tokens=4).tolist() == [97, 98, 256, 0xC3]
 
 
+def test_threaded_tokenisation_keeps_file_order_and_int32(tmp_path):
+    """Real text through the Qwen2.5 tokenizer: any number of worker threads gives the stream of
+    encoding each file in order (the oracle, computed here one file at a time), as int32; max_tokens
+    cuts it anywhere, also inside a document, and a skipped (non-UTF-8 or empty) file leaves no gap."""
+    from apr_kernels.tokenizer import Tokenizer
+
+    qwen = Tokenizer.qwen2()
+    files = sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))[:12]
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe")
+    (tmp_path / "empty.txt").write_text("")
+    files[3:3] = [tmp_path / "bin.txt", tmp_path / "empty.txt"]
+    want = [i for f in files if f.parent != tmp_path for i in qwen.encode(f.read_text()) + [qwen.eos_id]]
+    for workers in (1, 3, 8):
+        got = tokenize_files(files, qwen, workers=workers)
+        assert got.dtype == torch.int32 and got.tolist() == want, workers
+    cut = len(qwen.encode(files[0].read_text())) + 5  # inside the second document
+    assert tokenize_files(files, qwen, max_tokens=cut, workers=4).tolist() == want[:cut]
+
+
 def test_token_cache_hit_miss_and_invalidation(tmp_path, tok):
     import os
 
@@ -93,7 +112,7 @@ def test_token_cache_hit_miss_and_invalidation(tmp_path, tok):
     [entry] = list(cache.glob("tokens-*.apr"))
     second = cached_tokens(files, tok, cache_dir=cache, log=notes.append)
     assert "tokens from" in notes[-1]
-    assert second.dtype == torch.int32 and torch.equal(second.long(), want)
+    assert second.dtype == torch.int32 and torch.equal(second, want)
     # the hit is a view of the mapped file: no copy of the stream
     import apr_kernels
 

@@ -4,7 +4,8 @@
   with a text suffix (``TEXT_SUFFIXES``) and skipping hidden folders and ``__pycache__``. Files that
   are not valid UTF-8 are skipped.
 * Each document is tokenised and followed by the tokenizer's end-of-text id, so documents are packed
-  back to back with no padding.
+  back to back with no padding. The stream is int32 (4 bytes per token); files are tokenised by a
+  few threads, in order.
 * Sequence i is ``tokens[i*T : i*T + T + 1]`` (inputs are the first T, targets the last T), so every
   token except the first is a target exactly once.
 * Document masking (optional, ``eos_id`` below): each batch also carries its document spans, found
@@ -59,31 +60,70 @@ def find_text_files(paths: Iterable[str | os.PathLike], suffixes=TEXT_SUFFIXES) 
 def read_documents(files: Iterable[Path]) -> Iterator[tuple[Path, str]]:
     """``(path, text)`` for each UTF-8 file (others are skipped: binary data is not text)."""
     for f in files:
-        try:
-            text = Path(f).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            continue
+        text = _read_text(f)
         if text:
             yield Path(f), text
 
 
-def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None) -> torch.Tensor:
-    """One int64 stream: each document's ids followed by the end-of-text id. Stops after ``max_tokens``."""
+def _read_text(path) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def default_workers() -> int:
+    """Tokenising threads: the CPUs shared among this machine's torchrun ranks, at most 8."""
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(8, (os.cpu_count() or 1) // local_ranks))
+
+
+def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None,
+                   workers: int | None = None) -> torch.Tensor:
+    """One int32 stream: each document's ids followed by the end-of-text id. Stops after ``max_tokens``.
+
+    Documents are read and encoded by ``workers`` threads (default: ``default_workers()``; the tiktoken
+    encoder releases the GIL) a bounded window ahead, and kept in order. Each document's ids become an
+    int32 tensor at once, so memory is about 4 bytes per token (a Python list of ints costs ~36)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     eos = getattr(tokenizer, "eos_id", None)
-    parts: list[list[int]] = []
-    total = 0
-    for _, text in read_documents(files):
+
+    def encode(path) -> torch.Tensor | None:
+        text = _read_text(path)
+        if not text:
+            return None
         ids = tokenizer.encode(text)
         if eos is not None:
             ids.append(eos)
-        parts.append(ids)
-        total += len(ids)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    flat = [i for ids in parts for i in ids]
-    if max_tokens is not None:
-        flat = flat[:max_tokens]
-    return torch.tensor(flat, dtype=torch.int64)
+        return torch.tensor(ids, dtype=torch.int32)
+
+    workers = workers or default_workers()
+    parts: list[torch.Tensor] = []
+    total = 0
+    files = iter(files)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        while True:
+            while len(pending) < 4 * workers:  # a bounded window of documents in flight
+                f = next(files, None)
+                if f is None:
+                    break
+                pending.append(pool.submit(encode, f))
+            if not pending:
+                break
+            ids = pending.popleft().result()
+            if ids is None:
+                continue
+            parts.append(ids)
+            total += ids.numel()
+            if max_tokens is not None and total >= max_tokens:
+                for fut in pending:
+                    fut.cancel()
+                break
+    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
+    return flat[:max_tokens].clone() if max_tokens is not None and flat.numel() > max_tokens else flat
 
 
 CACHE_ENV = "APR_KERNELS_CACHE"
