@@ -93,6 +93,46 @@ def test_threaded_tokenisation_keeps_file_order_and_int32(tmp_path):
     assert tokenize_files(files, qwen, max_tokens=cut, workers=4).tolist() == want[:cut]
 
 
+def test_json_lines_hold_one_document_per_line_plain_or_gzip(tmp_path, tok):
+    import gzip
+    import json
+
+    recs = [{"text": "ab", "id": 1}, {"text": ""}, {"text": "é", "meta": {"x": 1}}]
+    body = "\n".join(json.dumps(r) for r in recs[:2]) + "\n\n" + json.dumps(recs[2]) + "\n"
+    (tmp_path / "a.jsonl").write_text(body)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(body.encode()))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"xy"))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"content": "z"}) + "\n")
+    files = find_text_files([tmp_path])
+    assert [f.name for f in files] == ["a.jsonl", "b.jsonl.gz", "c.txt.gz", "d.jsonl"]
+    doc = [97, 98, 256, 0xC3, 0xA9, 256]  # "ab" EOS "é" EOS: the empty text adds nothing
+    assert tokenize_files(files[:3], tok).tolist() == doc + doc + [120, 121, 256]
+    assert tokenize_files(files[3:], tok, text_field="content").tolist() == [122, 256]
+    with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object with a string field 'text' "
+                                         r"\(--text-field\); got an object with fields \['content'\]"):
+        tokenize_files(files, tok)
+    (tmp_path / "e.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    with pytest.raises(ValueError, match=r"e.jsonl:2: expected a JSON object with a string field 'text'"):
+        tokenize_files([tmp_path / "e.jsonl"], tok)
+    (tmp_path / "f.jsonl").write_text('{"text": "ok"}\n[1, 2]\n{"text": "x"\n')
+    with pytest.raises(ValueError, match=r"f.jsonl:2: .*got a JSON list"):
+        tokenize_files([tmp_path / "f.jsonl"], tok)
+    (tmp_path / "f.jsonl").write_text('{"text": "ok"}\n{"text": "x"\n')
+    with pytest.raises(ValueError, match=r"f.jsonl:2: not valid JSON"):
+        tokenize_files([tmp_path / "f.jsonl"], tok)
+
+
+def test_token_cache_key_covers_the_text_field(tmp_path, tok):
+    from apr_kernels.train.data import cached_tokens
+
+    (tmp_path / "a.jsonl").write_text('{"text": "ab", "title": "c"}\n')
+    files = find_text_files([tmp_path / "a.jsonl"])
+    cache = tmp_path / "cache"
+    assert cached_tokens(files, tok, cache_dir=cache).tolist() == [97, 98, 256]
+    assert cached_tokens(files, tok, cache_dir=cache, text_field="title").tolist() == [99, 256]
+    assert len(list(cache.glob("tokens-*.apr"))) == 2
+
+
 def test_token_cache_hit_miss_and_invalidation(tmp_path, tok):
     import os
 

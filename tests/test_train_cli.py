@@ -208,3 +208,32 @@ def test_document_mask_trains_evaluates_and_resumes_with_masking(small_documents
     resumed = json_lines(out)
     assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[0][2:]
     assert [r["eval_loss"] for r in resumed if r["event"] == "eval"][-1] == evals[0][-1]
+
+
+def test_json_lines_data_with_a_named_text_field(capsys, tmp_path):
+    """A corpus exported as JSON Lines (one record per document): --text-field picks the field, the
+    choice is stored with the data spec (so --resume reads the same documents), and a record without
+    the field is a one-line error naming the file and line."""
+    text = (STDLIB / "textwrap.py").read_text()
+    for name, part in (("train.jsonl", text[:12000]), ("held.jsonl", text[12000:16000])):
+        chunks = [part[i:i + 300] for i in range(0, len(part), 300)]
+        (tmp_path / name).write_text("".join(json.dumps({"id": i, "body": c}) + "\n" for i, c in enumerate(chunks)))
+    base = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(tmp_path / "train.jsonl"),
+            "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+            "--eval-tokens", "64", "--json", "--no-token-cache", "--save-every", "1"]
+    code, out, err = run(capsys, *base, "--out", str(tmp_path / "run"), "--text-field", "body")
+    assert code == 0, err
+    recs = json_lines(out)
+    assert [r["step"] for r in recs if r["event"] == "train"] == [1, 2]
+    from apr_kernels.train.checkpoint import training_metadata
+
+    assert training_metadata(tmp_path / "run" / "step_000001.apr")["training.data_spec"]["text_field"] == "body"
+    code, out, err = run(capsys, "train", "--resume", str(tmp_path / "run" / "step_000001.apr"), "--out",
+                         str(tmp_path / "resumed"), "--json", "--no-token-cache")
+    assert code == 0, err
+    assert [r["loss"] for r in json_lines(out) if r["event"] == "train"] == \
+        [r["loss"] for r in recs if r["event"] == "train"][1:]
+    code, out, err = run(capsys, *base, "--out", str(tmp_path / "bad"))
+    assert code != 0
+    assert "train.jsonl:1: expected a JSON object with a string field 'text' (--text-field); got an object " \
+           "with fields ['body', 'id']" in err

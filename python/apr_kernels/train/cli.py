@@ -92,13 +92,16 @@ def _fast(value: str) -> bool | None:
 def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_dir=None, log=None):
     """(train_tokens, eval_tokens) from a data spec (also stored in checkpoints for --resume), through
     the token cache in ``cache_dir`` unless it is None."""
-    from .data import cached_tokens, find_text_files, split_holdout, tokenize_files
+    from .data import TEXT_FIELD, cached_tokens, find_text_files, split_holdout, tokenize_files
+
+    field = spec.get("text_field") or TEXT_FIELD
 
     def tokens_of(paths, max_tokens):
         files = find_text_files(paths)
         if cache_dir is None:
-            return tokenize_files(files, tokenizer, max_tokens=max_tokens)
-        return cached_tokens(files, tokenizer, max_tokens=max_tokens, cache_dir=cache_dir, log=log)
+            return tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=field)
+        return cached_tokens(files, tokenizer, max_tokens=max_tokens, cache_dir=cache_dir, log=log,
+                             text_field=field)
 
     tokens = tokens_of(spec["data"], spec.get("max_tokens"))
     if spec.get("eval_data"):
@@ -224,7 +227,7 @@ def _train(args, env, mode: str) -> int:
             raise ValueError("train: --data PATH... is required (text files or folders)")
         spec = {"data": [os.path.abspath(p) for p in args.data],
                 "eval_data": [os.path.abspath(p) for p in args.eval_data] if args.eval_data else None,
-                "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens}
+                "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens, "text_field": args.text_field}
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                           grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -267,7 +270,7 @@ def _train(args, env, mode: str) -> int:
 # ------------------------------------------------------------------------------------- eval
 def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
                   tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None,
-                  document_mask: bool | None = None):
+                  document_mask: bool | None = None, text_field: str = "text"):
     """(mean next-token loss, target tokens) of an APR model on text data. ``seq_len`` and
     ``document_mask`` default to the checkpoint's training settings (else 256 and off)."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
@@ -284,7 +287,8 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     eos_id = getattr(tok, "eos_id", None) if document_mask else None
     if document_mask and eos_id is None:
         raise ValueError(f"{init}: document masking needs the tokenizer's end-of-text id; this tokenizer has none")
-    tokens = tokenize_files(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1)
+    tokens = tokenize_files(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1,
+                            text_field=text_field)
     dev = next(model.parameters()).device
     return evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
                     autocast_dtype=torch.bfloat16 if dev.type == "cuda" else None, max_tokens=max_tokens,
@@ -296,7 +300,7 @@ def cmd_eval(args) -> int:
         keep_freed_memory()
     loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
-                            fast=_fast(args.fast), document_mask=args.document_mask)
+                            fast=_fast(args.fast), document_mask=args.document_mask, text_field=args.text_field)
     if args.json:
         print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n}))
     else:
@@ -356,6 +360,9 @@ def register(subparsers) -> None:
     g.add_argument("--token-cache", default=None,
                    help="token cache folder (default $APR_KERNELS_CACHE/tokens or ~/.cache/apr-kernels/tokens)")
     g.add_argument("--no-token-cache", action="store_true", help="tokenise every time, write no cache")
+    g.add_argument("--text-field", default="text",
+                   help="the document field of .jsonl / .jsonl.gz records (default text); other files are "
+                        "one document each")
     g.add_argument("--document-mask", action="store_true",
                    help="attend only within each document (documents end at the tokenizer's end-of-text "
                         "id); RoPE positions restart at each document")
@@ -398,6 +405,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
+    p.add_argument("--text-field", default="text", help="the document field of .jsonl records (default text)")
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
                    help="attend only within each document (default: as the checkpoint was trained)")
     _common(p)

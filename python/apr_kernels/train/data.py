@@ -1,8 +1,12 @@
 """Training data: text files and folders -> one token stream -> fixed-length sequences.
 
 * Files are read in the order given; folders are walked recursively in sorted order, keeping files
-  with a text suffix (``TEXT_SUFFIXES``) and skipping hidden folders and ``__pycache__``. Files that
-  are not valid UTF-8 are skipped.
+  with a text suffix (``TEXT_SUFFIXES``, also gzip-compressed as ``NAME.SUFFIX.gz``) and skipping
+  hidden folders and ``__pycache__``. Files that are not valid UTF-8 are skipped.
+* Documents: a text file is one document. A JSON Lines file (``.jsonl``, ``.jsonl.gz``: the usual
+  export of corpora and datasets) holds one document per line, the string field ``text_field``
+  (default ``"text"``) of each line's JSON object; a line that is not such an object is an error
+  naming the file and line (blank lines are skipped).
 * Each document is tokenised and followed by the tokenizer's end-of-text id, so documents are packed
   back to back with no padding. The stream is int32 (4 bytes per token); files are tokenised by a
   few threads, in order.
@@ -15,7 +19,7 @@
   the stream, unless separate eval data is given.
 * Batches: sequence order is a fresh permutation per epoch from ``seed``; the only state is the number
   of sequences consumed so far (``position``), so resuming at a position replays the same batches.
-* Token cache (``cached_tokens``): the stream of a (files, tokenizer, max_tokens) triple is saved once
+* Token cache (``cached_tokens``): the stream of a (files, tokenizer, max_tokens, text field) is saved once
   as an APR file (``tokens``, int32) in a cache folder and memory-mapped on later runs and
   ``--resume``s, by every rank of a torchrun job (zero-copy, one page cache per machine). The
   key covers each file's path, size and modification time and the tokenizer's fingerprint, so an
@@ -24,6 +28,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +44,16 @@ TEXT_SUFFIXES = frozenset({
 })
 
 
+TEXT_FIELD = "text"  # the document field of JSON Lines records (Hugging Face datasets, most corpora)
+
+
+def _suffix(name: str) -> tuple[str, bool]:
+    """(the suffix under an optional .gz, whether gzip-compressed): 'a.jsonl.gz' -> ('.jsonl', True)."""
+    name = name.lower()
+    gz = name.endswith(".gz")
+    return Path(name[:-3] if gz else name).suffix, gz
+
+
 def find_text_files(paths: Iterable[str | os.PathLike], suffixes=TEXT_SUFFIXES) -> list[Path]:
     """Files named directly (any suffix) plus text files found under folders (sorted walk)."""
     out: list[Path] = []
@@ -48,7 +64,7 @@ def find_text_files(paths: Iterable[str | os.PathLike], suffixes=TEXT_SUFFIXES) 
             for root, dirs, files in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
                 out.extend(Path(root) / f for f in sorted(files)
-                           if Path(f).suffix.lower() in suffixes and not f.startswith("."))
+                           if _suffix(f)[0] in suffixes and not f.startswith("."))
         else:
             raise FileNotFoundError(f"{p}: data path does not exist; expected a text file or a folder")
     if not out:
@@ -57,19 +73,43 @@ def find_text_files(paths: Iterable[str | os.PathLike], suffixes=TEXT_SUFFIXES) 
     return out
 
 
-def read_documents(files: Iterable[Path]) -> Iterator[tuple[Path, str]]:
-    """``(path, text)`` for each UTF-8 file (others are skipped: binary data is not text)."""
+def read_documents(files: Iterable[Path], text_field: str = TEXT_FIELD) -> Iterator[tuple[Path, str]]:
+    """``(path, text)`` for each document of each UTF-8 file (others are skipped: binary data is not
+    text): the whole file, or each line's ``text_field`` of a JSON Lines file."""
     for f in files:
-        text = _read_text(f)
-        if text:
+        for text in documents_of(f, text_field):
             yield Path(f), text
 
 
-def _read_text(path) -> str | None:
+def documents_of(path, text_field: str = TEXT_FIELD) -> list[str]:
+    """The non-empty documents of one file (none if it is not UTF-8). ValueError, naming the file and
+    line, for a JSON Lines line that is not an object with a string ``text_field``."""
+    suffix, gz = _suffix(Path(path).name)
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return None
+        raw = gzip.decompress(Path(path).read_bytes()) if gz else Path(path).read_bytes()
+        text = raw.decode("utf-8")
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):
+        return []
+    if suffix != ".jsonl":
+        return [text] if text else []
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per "
+                             f"line with a string field {text_field!r}") from None
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            got = (f"an object with fields {sorted(record)[:6]}" if isinstance(record, dict)
+                   else f"a JSON {type(record).__name__}")
+            raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field {text_field!r} "
+                             f"(--text-field); got {got}")
+        if value:
+            docs.append(value)
+    return docs
 
 
 def default_workers() -> int:
@@ -79,7 +119,7 @@ def default_workers() -> int:
 
 
 def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None,
-                   workers: int | None = None) -> torch.Tensor:
+                   workers: int | None = None, text_field: str = TEXT_FIELD) -> torch.Tensor:
     """One int32 stream: each document's ids followed by the end-of-text id. Stops after ``max_tokens``.
 
     Documents are read and encoded by ``workers`` threads (default: ``default_workers()``; the tiktoken
@@ -91,13 +131,12 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
     eos = getattr(tokenizer, "eos_id", None)
 
     def encode(path) -> torch.Tensor | None:
-        text = _read_text(path)
-        if not text:
-            return None
-        ids = tokenizer.encode(text)
-        if eos is not None:
-            ids.append(eos)
-        return torch.tensor(ids, dtype=torch.int32)
+        ids: list[int] = []
+        for text in documents_of(path, text_field):
+            ids += tokenizer.encode(text)
+            if eos is not None:
+                ids.append(eos)
+        return torch.tensor(ids, dtype=torch.int32) if ids else None
 
     workers = workers or default_workers()
     parts: list[torch.Tensor] = []
@@ -127,7 +166,7 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
 
 
 CACHE_ENV = "APR_KERNELS_CACHE"
-_CACHE_VERSION = "apr-kernels token cache v1"
+_CACHE_VERSION = "apr-kernels token cache v2"  # v2: JSON Lines files hold one document per line
 
 
 def default_cache_dir() -> Path:
@@ -136,10 +175,10 @@ def default_cache_dir() -> Path:
     return Path(root) / "tokens" if root else Path.home() / ".cache" / "apr-kernels" / "tokens"
 
 
-def token_cache_key(files: list[Path], tokenizer, max_tokens: int | None) -> str:
+def token_cache_key(files: list[Path], tokenizer, max_tokens: int | None, text_field: str = TEXT_FIELD) -> str:
     import hashlib
 
-    h = hashlib.sha256(f"{_CACHE_VERSION}\x00{tokenizer.fingerprint()}\x00{max_tokens}".encode())
+    h = hashlib.sha256(f"{_CACHE_VERSION}\x00{tokenizer.fingerprint()}\x00{max_tokens}\x00{text_field}".encode())
     for f in files:
         st = os.stat(f)
         h.update(f"\x00{os.path.abspath(f)}\x00{st.st_size}\x00{st.st_mtime_ns}".encode())
@@ -147,7 +186,7 @@ def token_cache_key(files: list[Path], tokenizer, max_tokens: int | None) -> str
 
 
 def cached_tokens(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None,
-                  cache_dir: str | os.PathLike | None = None, log=None) -> torch.Tensor:
+                  cache_dir: str | os.PathLike | None = None, log=None, text_field: str = TEXT_FIELD) -> torch.Tensor:
     """:func:`tokenize_files` through the token cache in ``cache_dir`` (created if missing): a hit is
     a memory-mapped int32 view of the cached file, a miss tokenises and saves the stream atomically.
     A tokenizer without ``fingerprint()`` or an unreadable entry falls back to tokenising (an
@@ -157,8 +196,8 @@ def cached_tokens(files: Iterable[Path], tokenizer, *, max_tokens: int | None = 
 
     files = list(files)
     if not hasattr(tokenizer, "fingerprint"):
-        return tokenize_files(files, tokenizer, max_tokens=max_tokens)
-    key = token_cache_key(files, tokenizer, max_tokens)
+        return tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=text_field)
+    key = token_cache_key(files, tokenizer, max_tokens, text_field)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / f"tokens-{key[:32]}.apr"
     if path.exists():
@@ -172,7 +211,7 @@ def cached_tokens(files: Iterable[Path], tokenizer, *, max_tokens: int | None = 
         except (AprFormatError, KeyError, OSError) as exc:
             if log:
                 log(f"token cache: {path} unreadable ({exc}); tokenising again")
-    tokens = tokenize_files(files, tokenizer, max_tokens=max_tokens)
+    tokens = tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=text_field)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         apr_kernels.save({"tokens": tokens.to(torch.int32)}, path,
