@@ -48,6 +48,24 @@ def test_schedule_warmup_then_cosine_to_floor():
         lr_at(-1, **kw)
 
 
+def test_schedule_linear_wsd_and_constant():
+    kw = dict(lr=2.0, total_steps=11, warmup=2, min_ratio=0.1)
+    lin = [lr_at(s, schedule="linear", **kw) for s in range(11)]
+    assert lin[:3] == [1.0, 2.0, 2.0] and lin[10] == pytest.approx(0.2)
+    assert lin[6] == pytest.approx(1.1)  # halfway of 2..10 on a straight line
+    # wsd, the last 20% decaying (round(2.2) = 2 steps): stable at 2.0 through step 8, then 1.1, 0.2
+    wsd = [lr_at(s, schedule="wsd", decay_fraction=0.2, **kw) for s in range(11)]
+    assert wsd == pytest.approx([1.0] + [2.0] * 8 + [1.1, 0.2])
+    # a decay longer than the run after warmup starts right after the warmup
+    assert [lr_at(s, schedule="wsd", decay_fraction=1.0, **kw) for s in range(2, 11)] == \
+        pytest.approx([2.0 - 1.8 * k / 9 for k in range(1, 10)])
+    assert [lr_at(s, schedule="constant", **kw) for s in range(11)] == [1.0] + [2.0] * 10
+    with pytest.raises(ValueError, match="schedule 'step'; expected one of cosine, linear, wsd, constant"):
+        lr_at(3, schedule="step", **kw)
+    with pytest.raises(ValueError, match="decay_fraction=1.5; expected 0..1"):
+        lr_at(3, schedule="wsd", decay_fraction=1.5, **kw)
+
+
 # ---------------------------------------------------------------------------------------- data
 def test_find_text_files_walks_folders_sorted_and_filters(tmp_path):
     (tmp_path / "d" / "sub").mkdir(parents=True)

@@ -237,3 +237,18 @@ def test_json_lines_data_with_a_named_text_field(capsys, tmp_path):
     assert code != 0
     assert "train.jsonl:1: expected a JSON object with a string field 'text' (--text-field); got an object " \
            "with fields ['body', 'id']" in err
+
+
+def test_lr_schedule_flag_sets_the_logged_learning_rates(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data",
+                         str(STDLIB / "textwrap.py"), "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+                         "--eval-tokens", "64", "--lr", "1e-3", "--warmup", "0", "--lr-schedule", "wsd",
+                         "--decay-fraction", "0.5", "--json", "--no-token-cache", "--out", str(tmp_path))
+    assert code == 0, err
+    lrs = [r["lr"] for r in json_lines(out) if r["event"] == "train"]
+    # stable for the first half, then a linear decay to min-lr-ratio 0.1 at the last step
+    assert lrs == pytest.approx([1e-3, 1e-3, 5.5e-4, 1e-4])
+    from apr_kernels.train.checkpoint import training_metadata
+
+    stored = training_metadata(tmp_path / "model.apr")["training.config"]
+    assert stored["lr_schedule"] == "wsd" and stored["decay_fraction"] == 0.5

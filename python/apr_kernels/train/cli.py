@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .loop import Logger, TrainConfig, Trainer
+from .schedule import SCHEDULES
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -230,6 +231,7 @@ def _train(args, env, mode: str) -> int:
                 "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens, "text_field": args.text_field}
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                           grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                          lr_schedule=args.lr_schedule, decay_fraction=args.decay_fraction,
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
@@ -374,6 +376,11 @@ def register(subparsers) -> None:
     o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr")
     o.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%%, at most 100)")
+    o.add_argument("--lr-schedule", choices=SCHEDULES, default=d.lr_schedule,
+                   help="after the warmup: cosine (default) or linear decay to --min-lr-ratio, wsd (constant, "
+                        "then a linear decay over the last --decay-fraction of the steps), constant")
+    o.add_argument("--decay-fraction", type=float, default=d.decay_fraction,
+                   help="wsd: share of the steps that decay (default 0.2)")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)

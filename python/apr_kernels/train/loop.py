@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine learning rate, gradient clipping and accumulation, bf16
+"""The training loop: AdamW, warmup + cosine (or linear / WSD / constant) learning rate, gradient clipping and accumulation, bf16
 autocast on CUDA (fp32 master weights), periodic held-out evaluation, logging and checkpoint hooks.
 
 Output for people and scripts: a tqdm bar (loss, tokens/s) on stderr when it is a terminal, and one
@@ -42,6 +42,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"         # cosine | linear | wsd | constant (schedule.py)
+    decay_fraction: float = 0.2         # wsd: the share of the steps that decay
     warmup: int | None = None          # None: default_warmup(steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -62,6 +64,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training config: {name}={getattr(self, name)}; expected >= 1")
+        lr_at(0, lr=self.lr, total_steps=self.steps, warmup=self.warmup, schedule=self.lr_schedule,
+              decay_fraction=self.decay_fraction)  # the schedule's own checks, before any step
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -200,7 +204,8 @@ class Trainer:
     # ------------------------------------------------------------------------------- one step
     def lr(self, step: int) -> float:
         c = self.cfg
-        return lr_at(step, lr=c.lr, total_steps=c.steps, warmup=c.warmup, min_ratio=c.min_lr_ratio)
+        return lr_at(step, lr=c.lr, total_steps=c.steps, warmup=c.warmup, min_ratio=c.min_lr_ratio,
+                     schedule=c.lr_schedule, decay_fraction=c.decay_fraction)
 
     def train_step(self) -> dict:
         c = self.cfg
