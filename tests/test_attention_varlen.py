@@ -235,3 +235,14 @@ def test_gpu_varlen_vs_sdpa_per_sequence(use_backend, lengths, HQ, HKV, D, dtype
         assert_close(o[a:b], want.transpose(0, 1), REL[dtype], f"o[{a}:{b}]")
         for name, t, ref in zip("qkv", (q, k, v), (qs, ks, vs)):
             assert_close(t.grad[a:b], ref.grad.transpose(0, 1), 2 * REL[dtype], f"d{name}[{a}:{b}]")
+
+
+def test_module_takes_packed_sequences(use_backend):
+    from apr_kernels.nn import Attention
+
+    use_backend("auto")
+    (q, k, v), cu, _ = packed((7, 12), 6, 3, 20, torch.float32)
+    layer = Attention(causal=False, scale=0.4)
+    got = layer(q, k, v, cu_seqlens=cu, max_seqlen=12)
+    want, _, _ = per_sequence_oracle(q.detach(), k.detach(), v.detach(), cu, False, 0.4, torch.zeros_like(q))
+    assert_close(got, want, REL[torch.float32], "nn.Attention packed")

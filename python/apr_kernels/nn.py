@@ -44,17 +44,20 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Parameter-free wrapper over :func:`apr_kernels.attention` (q ``[B, S, Hq, D]``, k/v
     ``[B, S, Hkv, D]``, grouped K/V heads, causal by default). Projections and RoPE belong to the
-    model; this module only fixes ``causal`` and ``scale``."""
+    model; this module only fixes ``causal`` and ``scale``. Packed sequences: ``forward(q, k, v,
+    cu_seqlens=..., max_seqlen=...)`` with q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``."""
 
     def __init__(self, causal: bool = True, scale: float | None = None):
         super().__init__()
         self.causal = causal
         self.scale = scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
         from apr_kernels.ops.attention import attention
 
-        return attention(q, k, v, causal=self.causal, scale=self.scale)
+        return attention(q, k, v, causal=self.causal, scale=self.scale, cu_seqlens=cu_seqlens,
+                         max_seqlen=max_seqlen)
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, scale={self.scale}"
