@@ -80,6 +80,13 @@ def _seq_span(CU, off_b, S, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _slab(P, off_b, sb, tok0, ss, off_h, sh):
+    """Pointer to row 0 of one (batch or packed sequence, head) slab of a [B, S, H, D] / [T, H, D]
+    tensor: ``tok0`` is the sequence's first token (0 when dense), ``ss`` the row stride."""
+    return P + off_b * sb + tok0 * ss + off_h * sh
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, S,
                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -128,12 +135,12 @@ def _attn_fwd(Q, K, V, O, LSE, CU,
     if VARLEN:
         if start_m * BLOCK_M >= S:  # the grid covers the longest sequence; shorter ones end here
             return
-    k_base = K + off_b * skb + tok0 * sks + off_kh * skh
-    v_base = V + off_b * svb + tok0 * svs + off_kh * svh
+    k_base = _slab(K, off_b, skb, tok0, sks, off_kh, skh)
+    v_base = _slab(V, off_b, svb, tok0, svs, off_kh, svh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + off_b * sqb + tok0 * sqs + off_h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+    q = _load_tile(_slab(Q, off_b, sqb, tok0, sqs, off_h, sqh) + offs_m[:, None] * sqs + offs_d[None, :],
                    offs_m, S, offs_d, HEAD_DIM, True, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -150,7 +157,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU,
                                tail_hi, S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, DOT_PREC)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
-    _store_tile(O + off_b * sob + tok0 * sos + off_h * soh + offs_m[:, None] * sos + offs_d[None, :],
+    _store_tile(_slab(O, off_b, sob, tok0, sos, off_h, soh) + offs_m[:, None] * sos + offs_d[None, :],
                 acc.to(O.dtype.element_ty), offs_m, S, offs_d, HEAD_DIM)
     tl.store(LSE + off_b * slb + off_h * slh + tok0 + offs_m, lse, mask=offs_m < S)
 
@@ -221,9 +228,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
             return
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + off_b * skb + tok0 * sks + off_kh * skh + offs_n[:, None] * sks + offs_d[None, :],
+    k = _load_tile(_slab(K, off_b, skb, tok0, sks, off_kh, skh) + offs_n[:, None] * sks + offs_d[None, :],
                    offs_n, S, offs_d, HEAD_DIM, True, EVEN_D)
-    v = _load_tile(V + off_b * svb + tok0 * svs + off_kh * svh + offs_n[:, None] * svs + offs_d[None, :],
+    v = _load_tile(_slab(V, off_b, svb, tok0, svs, off_kh, svh) + offs_n[:, None] * svs + offs_d[None, :],
                    offs_n, S, offs_d, HEAD_DIM, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -235,8 +242,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
         diag_hi = 0
     for g in range(G):  # the G query heads sharing this K/V head, summed in registers
         off_h = off_kh * G + g
-        q_base = Q + off_b * sqb + tok0 * sqs + off_h * sqh
-        do_base = DO + off_b * sdob + tok0 * sdos + off_h * sdoh
+        q_base = _slab(Q, off_b, sqb, tok0, sqs, off_h, sqh)
+        do_base = _slab(DO, off_b, sdob, tok0, sdos, off_h, sdoh)
         row0 = off_b * slb + off_h * slh + tok0
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, sqs, sdos,
@@ -246,9 +253,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
                                  offs_n, offs_d, diag_hi, S, S, qk_scale, HEAD_DIM, BLOCK_M, MASK_M,
                                  EVEN_D, False, DOT_PREC)
     dk = dk * sm_scale
-    _store_tile(DK + off_b * sdkb + tok0 * sdks + off_kh * sdkh + offs_n[:, None] * sdks + offs_d[None, :],
+    _store_tile(_slab(DK, off_b, sdkb, tok0, sdks, off_kh, sdkh) + offs_n[:, None] * sdks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
-    _store_tile(DV + off_b * sdvb + tok0 * sdvs + off_kh * sdvh + offs_n[:, None] * sdvs + offs_d[None, :],
+    _store_tile(_slab(DV, off_b, sdvb, tok0, sdvs, off_kh, sdvh) + offs_n[:, None] * sdvs + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
 
 
@@ -299,15 +306,15 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
             return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + off_b * sqb + tok0 * sqs + off_h * sqh + offs_m[:, None] * sqs + offs_d[None, :],
+    q = _load_tile(_slab(Q, off_b, sqb, tok0, sqs, off_h, sqh) + offs_m[:, None] * sqs + offs_d[None, :],
                    offs_m, S, offs_d, HEAD_DIM, True, EVEN_D)
-    do = _load_tile(DO + off_b * sdob + tok0 * sdos + off_h * sdoh + offs_m[:, None] * sdos + offs_d[None, :],
+    do = _load_tile(_slab(DO, off_b, sdob, tok0, sdos, off_h, sdoh) + offs_m[:, None] * sdos + offs_d[None, :],
                     offs_m, S, offs_d, HEAD_DIM, True, EVEN_D)
     row0 = off_b * slb + off_h * slh + tok0
     lse2 = tl.load(LSE + row0 + offs_m, mask=offs_m < S, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < S, other=0.0)
-    k_base = K + off_b * skb + tok0 * sks + off_kh * skh
-    v_base = V + off_b * svb + tok0 * svs + off_kh * svh
+    k_base = _slab(K, off_b, skb, tok0, sks, off_kh, skh)
+    v_base = _slab(V, off_b, svb, tok0, svs, off_kh, svh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if CAUSAL:
         full_hi = start_m * BLOCK_M
@@ -320,7 +327,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, full_hi,
                        tail_hi, S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, DOT_PREC)
     dq = dq * sm_scale
-    _store_tile(DQ + off_b * sdqb + tok0 * sdqs + off_h * sdqh + offs_m[:, None] * sdqs + offs_d[None, :],
+    _store_tile(_slab(DQ, off_b, sdqb, tok0, sdqs, off_h, sdqh) + offs_m[:, None] * sdqs + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), offs_m, S, offs_d, HEAD_DIM)
 
 
