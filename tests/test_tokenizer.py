@@ -95,6 +95,28 @@ def test_qwen2_special_tokens(qwen, qwen_roundtrip):
     assert tok.decode([151_646]) == "<|object_ref_start|>"
 
 
+def test_special_false_encodes_special_strings_as_text(qwen, qwen_roundtrip):
+    """encode(text, special=False) (the training data path): "<|endoftext|>" written in a file is
+    ordinary text, as the package encodes it with no special tokens allowed; on every path (tiktoken on the ranks,
+    tiktoken with remapped ids, the pure-Python BPE)."""
+    _, tok = qwen_roundtrip
+    text = "a<|endoftext|>b <|im_start|>"
+    plain = tok.encode(text, special=False)
+    assert 151_643 not in plain and 151_644 not in plain
+    assert plain == qwen.encode(text, allowed_special=set()) and tok.decode(plain) == text
+    assert 151_643 in tok.encode(text)
+    merges = ["Ġ a", "a b", "Ġa b", "ab c"]
+    vocab = ["<s>"] + _byte_vocab() + ["Ġa", "ab", "Ġab", "abc"]
+    remapped = Tokenizer.from_metadata({"tokenizer.vocabulary": vocab, "tokenizer.merges": merges,
+                                        "tokenizer.bos_token_id": 0})
+    slow = Tokenizer(remapped._id_to_bytes, special=remapped.special_tokens, merges=remapped.merges())
+    slow._enc = None  # the pure-Python BPE
+    for t in (remapped, slow):
+        ids = t.encode("<s> abc<s>", special=False)
+        assert 0 not in ids and t.decode(ids) == "<s> abc<s>"
+        assert t.encode("<s> abc", special=False)[-2:] == [vocab.index("Ġab"), vocab.index("c")]
+
+
 def test_qwen2_derived_merges_drive_hf_tokenizers(qwen, qwen_roundtrip):
     """Merges recovered from the ranks, run by `tokenizers` (merge-index semantics), give the same ids."""
     from tokenizers import Tokenizer as HFTokenizer

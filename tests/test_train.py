@@ -111,6 +111,12 @@ def test_threaded_tokenisation_keeps_file_order_and_int32(tmp_path):
     assert tokenize_files(files, qwen, max_tokens=cut, workers=4).tolist() == want[:cut]
 
 
+def test_special_token_text_in_a_document_does_not_end_it(tmp_path, tok):
+    (tmp_path / "a.txt").write_text("x<|endoftext|>y")
+    ids = tokenize_files([tmp_path / "a.txt"], tok).tolist()
+    assert ids.count(256) == 1 and ids[-1] == 256 and tok.decode(ids[:-1]) == "x<|endoftext|>y"
+
+
 def test_json_lines_hold_one_document_per_line_plain_or_gzip(tmp_path, tok):
     import gzip
     import json

@@ -350,13 +350,19 @@ class Tokenizer:
         return self._enc is not None
 
     # ---- encode / decode ----------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special tokens written in the text are recognised."""
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of ``text``. ``special``: special tokens written in the text (``<|endoftext|>``)
+        are recognised, as Hugging Face tokenizers do; False encodes all text as ordinary text (for
+        training data, where only the pipeline's own end-of-text ids may end a document)."""
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
+        if not special:
+            out: list[int] = []
+            self._encode_ordinary(text, out)
+            return out
         if self._enc is not None and self._rank_to_id is None:
             return self._enc.encode(text, allowed_special="all")
-        out: list[int] = []
+        out = []
         pos = 0
         for m in self._special_re.finditer(text) if self._special_re else ():
             self._encode_ordinary(text[pos : m.start()], out)
@@ -370,7 +376,8 @@ class Tokenizer:
             return
         if self._enc is not None:
             table = self._rank_to_id
-            out.extend(table[r] for r in self._enc.encode_ordinary(text))
+            ranks = self._enc.encode_ordinary(text)
+            out.extend(ranks if table is None else (table[r] for r in ranks))
             return
         for piece in self._split.findall(text):
             data = piece.encode()

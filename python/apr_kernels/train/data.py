@@ -8,7 +8,8 @@
   (default ``"text"``) of each line's JSON object; a line that is not such an object is an error
   naming the file and line (blank lines are skipped).
 * Each document is tokenised and followed by the tokenizer's end-of-text id, so documents are packed
-  back to back with no padding. The stream is int32 (4 bytes per token); files are tokenised by a
+  back to back with no padding. Special-token strings inside the text (``<|endoftext|>`` in a file
+  about tokenizers) are encoded as ordinary text: only the pipeline's own ids end documents. The stream is int32 (4 bytes per token); files are tokenised by a
   few threads, in order.
 * Sequence i is ``tokens[i*T : i*T + T + 1]`` (inputs are the first T, targets the last T), so every
   token except the first is a target exactly once.
@@ -133,7 +134,7 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
     def encode(path) -> torch.Tensor | None:
         ids: list[int] = []
         for text in documents_of(path, text_field):
-            ids += tokenizer.encode(text)
+            ids += tokenizer.encode(text, special=False)  # a "<|endoftext|>" in the text is just text
             if eos is not None:
                 ids.append(eos)
         return torch.tensor(ids, dtype=torch.int32) if ids else None
