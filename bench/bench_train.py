@@ -17,6 +17,10 @@ dense bf16 rate instead (the usual MFU, e.g. 989 TFLOP/s for H100/H200 SXM; benc
 the card is known. Row: op train_step, provider fast|reference, ms (median step), tokens_per_s, tflops,
 mfu, mfu_datasheet, peak_mem_mb.
 
+--documents MEAN: also ``fast+documents`` (and ``reference+documents``): document masking on a token
+stream whose documents end every MEAN tokens on average (random lengths; the model FLOPs counted
+stay those of full causal rows, so its MFU shows the cost of masking, not the saving).
+
 --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
 --quick: 4 timed steps instead of 10. --compile: also ``fast+compile`` and ``reference+compile`` (each
 decoder layer's forward under torch.compile, as ``apr-kernels train --compile``; not in gpu_check's run). The whole GPU run is about 30-60 s on an H100 (kernel compiles
@@ -42,16 +46,25 @@ from apr_kernels.train.cli import compile_layers  # noqa: E402
 from apr_kernels.train.loop import Trainer, TrainConfig  # noqa: E402
 
 
-def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, dev: torch.device) -> dict:
+def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, dev: torch.device,
+            doc_len: int | None = None) -> dict:
     torch.manual_seed(0)
     with torch.device(dev):
         model = Transformer(cfg, fast=provider.startswith("fast"))
     if provider.endswith("+compile"):
         compile_layers(model)  # as `apr-kernels train --compile`; the warmup steps pay the compile
     n_tokens = (warmup + steps) * batch * seq + 1
-    tokens = torch.randint(0, cfg.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(1))
-    tcfg = TrainConfig(steps=warmup + steps, batch_size=batch, seq_len=seq, lr=1e-4, warmup=0)
-    trainer = Trainer(model, tokens, None, tcfg, device=dev, log=lambda *a: None)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size - 1, (n_tokens,), generator=g)
+    masked = provider.endswith("+documents")
+    eos = cfg.vocab_size - 1  # used only as the end-of-document id
+    if masked:  # documents of random lengths, mean doc_len
+        gaps = torch.empty(n_tokens // doc_len * 2).exponential_(1.0 / doc_len, generator=g).long() + 1
+        ends = gaps.cumsum(0)
+        tokens[ends[ends < n_tokens]] = eos
+    tcfg = TrainConfig(steps=warmup + steps, batch_size=batch, seq_len=seq, lr=1e-4, warmup=0,
+                       document_mask=masked)
+    trainer = Trainer(model, tokens, None, tcfg, device=dev, log=lambda *a: None, eos_id=eos)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -100,7 +113,9 @@ def main() -> None:
         lambda p: (p.add_argument("--layers", type=int, default=None, help="override the number of layers"),
                    p.add_argument("--batch", type=int, default=None), p.add_argument("--seq", type=int, default=None),
                    p.add_argument("--compile", action="store_true",
-                                  help="also time both paths with each layer torch.compiled (+compile rows)")),
+                                  help="also time both paths with each layer torch.compiled (+compile rows)"),
+                   p.add_argument("--documents", type=int, default=None, metavar="MEAN",
+                                  help="also time both paths with document masking, documents of MEAN tokens")),
     )
     dev = _common.device()
     if args.smoke or dev.type != "cuda":
@@ -122,8 +137,9 @@ def main() -> None:
           f"{peak:.1f} TFLOP/s on {dev}")
     rows = []
     providers = ["fast", "reference"] + (["fast+compile", "reference+compile"] if args.compile else [])
+    providers += ["fast+documents", "reference+documents"] if args.documents else []
     for provider in providers:
-        r = measure(cfg, provider, batch, seq, warmup, steps, dev)
+        r = measure(cfg, provider, batch, seq, warmup, steps, dev, args.documents)
         tflops = flops_tok * r["tokens_per_s"] / 1e12
         rows.append({"op": "train_step", "preset": name, "layers": cfg.num_layers, "B": batch, "S": seq,
                      "dtype": dtype, "provider": provider, "ms": r["ms"], "tokens_per_s": r["tokens_per_s"],
