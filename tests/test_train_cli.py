@@ -163,6 +163,8 @@ def test_demo_runs_end_to_end_and_its_checkpoint_reproduces_the_eval(tmp_path):
     first = [line for line in lines if line.startswith("eval step=0")][0]
     assert float(first.split("eval_loss=")[1].split()[0]) == pytest.approx(math.log(151680), abs=0.3)
     assert (tmp_path / "model.apr").exists()
+    sample = lines.index(next(line for line in lines if line.startswith("demo: a sample from the trained model")))
+    assert lines[sample + 1].startswith("  | def ")
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +254,30 @@ def test_lr_schedule_flag_sets_the_logged_learning_rates(capsys, tmp_path):
 
     stored = training_metadata(tmp_path / "model.apr")["training.config"]
     assert stored["lr_schedule"] == "wsd" and stored["decay_fraction"] == 0.5
+
+
+def test_generate_continues_a_prompt_reproducibly(first_run, capsys):
+    out, _ = first_run
+    args = ["generate", "--init", str(out / "model.apr"), "--prompt", "import ", "--max-new-tokens", "12",
+            "--json"]
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    rec = json.loads(stdout.strip().splitlines()[-1])
+    assert rec["prompt"] == "import " and 0 <= rec["tokens"] <= 12
+    assert json.loads(run(capsys, *args)[1].strip().splitlines()[-1]) == rec  # same seed, same text
+    # greedy text equals the model's own argmax continuation (bytes tokenizer: one token per byte)
+    code, stdout, _ = run(capsys, "generate", "--init", str(out / "model.apr"), "--prompt", "def ",
+                          "--max-new-tokens", "6", "--temperature", "0")
+    from apr_kernels.model import from_apr
+
+    model = from_apr(out / "model.apr")
+    ids = torch.tensor([list(b"def ")])
+    for _ in range(6):
+        with torch.no_grad():
+            ids = torch.cat([ids, model(ids)[:, -1, :257].argmax(-1, keepdim=True)], dim=1)  # the tokenizer's ids
+    want = ids[0, 4:].tolist()
+    want = want[:want.index(256)] if 256 in want else want
+    assert stdout.rstrip("\n") == "def " + bytes(want).decode("utf-8", errors="replace")
+    # an empty prompt starts a fresh document
+    code, stdout, err = run(capsys, "generate", "--init", str(out / "model.apr"), "--max-new-tokens", "5")
+    assert code == 0, err

@@ -310,6 +310,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """``generate``: continue a prompt with a trained model (look at what a run learned)."""
+    from apr_kernels.model.generate import generate
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    dev = pick_device(args.device)
+    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
+    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    eos = getattr(tok, "eos_id", None)
+    prompt = tok.encode(args.prompt, special=False) if args.prompt else []
+    if not prompt:  # an empty prompt starts a fresh document: what follows an end-of-text id in training
+        if eos is None:
+            raise ValueError(f"{args.init}: an empty --prompt needs the tokenizer's end-of-text id; give a prompt")
+        prompt = [eos]
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k or None, top_p=args.top_p, eos_id=eos, generator=gen,
+                   vocab_size=tok.vocab_size)[0].tolist()
+    new = ids[len(prompt):]
+    if eos is not None and eos in new:
+        new = new[:new.index(eos)]
+    completion = tok.decode(new)
+    if args.json:
+        print(json.dumps({"event": "generate", "prompt": args.prompt, "completion": completion,
+                          "tokens": len(new)}))
+    else:
+        print(args.prompt + completion)
+    return 0
+
+
 def compile_layers(model) -> None:
     """torch.compile each decoder layer's ``forward`` (not the module call: DDP/FSDP hooks stay outside
     the compiled code, and parameter names stay Hugging Face's). The package's ops are opaque custom ops
@@ -417,6 +448,19 @@ def register(subparsers) -> None:
                    help="attend only within each document (default: as the checkpoint was trained)")
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("generate", help="continue a prompt with an APR model (sampling, KV cache)")
+    p.add_argument("--init", required=True, help="APR model file")
+    p.add_argument("--prompt", default="", help="text to continue (default: a fresh document)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set reaching p")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the text")
+    p.set_defaults(func=cmd_generate)
 
 
 def main(argv=None) -> int:  # for tests: same as `apr-kernels ...`

@@ -76,6 +76,7 @@ def split_files(files: list[Path], tokenizer, eval_tokens: int, train_tokens: in
 
 def run_demo(args) -> int:
     from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.model.generate import generate
     from apr_kernels.tokenizer import Tokenizer
 
     from .cli import _fast, evaluate_file, pick_device, run_training
@@ -120,6 +121,13 @@ def run_demo(args) -> int:
           f"by hand:\n  apr-kernels eval --init {shlex.quote(str(ckpt))} --data "
           + " ".join(shlex.quote(str(f)) for f in eval_files)
           + f" --seq-len {SEQ_LEN} --max-tokens {EVAL_TOKENS}")
+    prompt = "def "
+    ids = generate(trainer.model, torch.tensor([tok.encode(prompt, special=False)]), 48, temperature=0.8, top_k=50,
+                   eos_id=tok.eos_id, generator=torch.Generator().manual_seed(0), vocab_size=tok.vocab_size)
+    new = ids[0, len(tok.encode(prompt, special=False)):].tolist()
+    new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+    print(f"demo: a sample from the trained model (apr-kernels generate --init {shlex.quote(str(ckpt))} "
+          f"--prompt {shlex.quote(prompt)}):\n" + "\n".join("  | " + line for line in (prompt + tok.decode(new)).splitlines()))
     print(f"demo: done in {time.perf_counter() - t0:.0f} s")
     print(f"eval_loss={loss:.6f} tokens={n}")
     return 0 if match == "reproduces" else 1

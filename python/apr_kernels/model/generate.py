@@ -1,0 +1,132 @@
+"""Text generation from a trained model: a key/value cache and greedy or sampled decoding.
+
+For looking at what a run learned (``apr-kernels generate``), not for serving. The computation is
+the model's eager path (Hugging Face numerics): the prompt runs once as a causal block, filling
+each layer's cache with its rotated keys and values; every new token then attends to the cache,
+its RoPE position being its index in the sequence. Prompts in one batch have one length (no
+padding). Sampling: ``temperature`` 0 is greedy (argmax); otherwise softmax(logits / temperature),
+restricted to the ``top_k`` most likely tokens and to the smallest set whose probability reaches
+``top_p``, drawn with ``generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .rope import apply_rope, rope_tables
+from .transformer import Transformer
+
+
+class KVCache:
+    """Per layer, the keys and values of every position so far, ``[B, Hkv, T, D]``, preallocated for
+    ``capacity`` positions."""
+
+    def __init__(self, model: Transformer, batch: int, capacity: int, device, dtype):
+        c = model.config
+        shape = (len(model.model.layers), batch, c.num_kv_heads, capacity, c.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` ``[B, Hkv, t, D]`` after the cached positions; all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def _attention_step(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int) -> torch.Tensor:
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
+    q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype), attn.rope_type)
+    k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype), attn.rope_type)
+    keys, values = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
+    # the prompt block is causal; a single new token sees every cached position
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=t > 1 and cache.length == 0,
+                                       scale=attn.head_dim ** -0.5,
+                                       enable_gqa=attn.num_heads != attn.num_kv_heads)
+    return attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
+
+
+@torch.no_grad()
+def next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache, cos_all, sin_all) -> torch.Tensor:
+    """Logits ``[B, vocab]`` of the token after ``ids`` ``[B, t]`` (the positions after the cache)."""
+    start, t = cache.length, ids.shape[1]
+    cos, sin = cos_all[start:start + t], sin_all[start:start + t]
+    h = model.model.embed_tokens(ids)
+    for i, layer in enumerate(model.model.layers):
+        h = h + _attention_step(layer.self_attn, layer.input_layernorm(h), cos, sin, cache, i)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    cache.length += t
+    h = model.model.norm(h[:, -1])
+    return F.linear(h, model.output_weight).float()
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of ``logits`` ``[B, vocab]`` (see the module docstring)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p (the first one always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs,
+                             1, generator=generator).view(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             generator: torch.Generator | None = None, vocab_size: int | None = None) -> torch.Tensor:
+    """``input_ids`` ``[B, T0]`` followed by up to ``max_new_tokens`` generated ids ``[B, T0 + n]``.
+    Stops early once every row has produced ``eos_id`` (rows that finished earlier repeat it).
+    ``vocab_size``: only ids below it are generated (the tokenizer's; a model's vocabulary is often
+    padded past it with rows no text maps to)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"generate: input_ids must be [B, T] with T >= 1 (prompts of one length); got "
+                         f"shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens}; expected >= 0")
+    cfg = model.config
+    total = input_ids.shape[1] + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise ValueError(f"generate: prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} "
+                         f"positions exceed max_position_embeddings={cfg.max_position_embeddings}")
+    param = next(model.parameters())
+    ids = input_ids.to(param.device)
+    was_training = model.training
+    model.eval()
+    try:
+        cos, sin = rope_tables(total, cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling, device=param.device)
+        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            else param.dtype
+        cache = KVCache(model, ids.shape[0], total, param.device, dtype)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        step_in = ids
+        for _ in range(max_new_tokens):
+            logits = next_logits(model, step_in, cache, cos, sin)
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float("-inf")
+            nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            step_in = nxt[:, None]
+            if eos_id is not None and bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+    return ids
