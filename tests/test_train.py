@@ -133,7 +133,8 @@ def test_json_lines_hold_one_document_per_line_plain_or_gzip(tmp_path, tok):
     assert tokenize_files(files[:3], tok).tolist() == doc + doc + [120, 121, 256]
     assert tokenize_files(files[3:], tok, text_field="content").tolist() == [122, 256]
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object with a string field 'text' "
-                                         r"\(--text-field\); got an object with fields \['content'\]"):
+                                         r"\(--text-field\), or a 'messages' or 'prompt'/'completion' record; "
+                                         r"got an object with fields \['content'\]"):
         tokenize_files(files, tok)
     (tmp_path / "e.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     with pytest.raises(ValueError, match=r"e.jsonl:2: expected a JSON object with a string field 'text'"):
@@ -274,6 +275,32 @@ def test_gradient_accumulation_equals_the_larger_batch(stream):
     for _ in range(2):
         a, b = big.train_step(), acc.train_step()
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_accumulation_weights_every_target_alike_when_counts_differ(stream):
+    """A marked stream (tokens that are no targets stored as -1 - id, as supervised records make)
+    with far more targets in some rows than others: two micro-batches of 2 rows give the loss and
+    the update of one batch of 4 rows, i.e. the mean over all targets of the step (a mean of the
+    micro-batches' means would weight the sparse rows' targets up). The loss is checked by hand."""
+    train = stream[0].clone()
+    n = (train.numel() - 1) // 32 * 32
+    pos = torch.arange(train.numel())
+    # rows alternate between nearly all targets and nearly none (every 8th position a target)
+    sparse = ((pos // 32) % 2 == 1) & (pos % 8 != 0) & (pos < n)
+    train[sparse] = -1 - train[sparse]
+    marked = (train, stream[1])
+    big = _trainer(marked, TrainConfig(steps=3, batch_size=4, seq_len=32, lr=1e-2))
+    acc = _trainer(marked, TrainConfig(steps=3, batch_size=2, grad_accum=2, seq_len=32, lr=1e-2))
+    index = BatchStream(len(sequences(train, 32)), seed=42).next(4)  # the first step's rows
+    x, y, _ = batch(sequences(train, 32), index)
+    assert 0 < (y != -100).sum() < y.numel()
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(big.model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    a, b = big.train_step(), acc.train_step()
+    assert a["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 

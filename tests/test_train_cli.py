@@ -237,8 +237,8 @@ def test_json_lines_data_with_a_named_text_field(capsys, tmp_path):
         [r["loss"] for r in recs if r["event"] == "train"][1:]
     code, out, err = run(capsys, *base, "--out", str(tmp_path / "bad"))
     assert code != 0
-    assert "train.jsonl:1: expected a JSON object with a string field 'text' (--text-field); got an object " \
-           "with fields ['body', 'id']" in err
+    assert "train.jsonl:1: expected a JSON object with a string field 'text' (--text-field), or a 'messages' " \
+           "or 'prompt'/'completion' record; got an object with fields ['body', 'id']" in err
 
 
 def test_lr_schedule_flag_sets_the_logged_learning_rates(capsys, tmp_path):
@@ -281,3 +281,27 @@ def test_generate_continues_a_prompt_reproducibly(first_run, capsys):
     # an empty prompt starts a fresh document
     code, stdout, err = run(capsys, "generate", "--init", str(out / "model.apr"), "--max-new-tokens", "5")
     assert code == 0, err
+
+
+def test_chat_records_fine_tune_on_answers_only(capsys, tmp_path):
+    """Supervised fine-tuning from the command line: chat records with the Qwen2.5 tokenizer, the loss
+    over the assistant answers only; eval on the checkpoint reproduces the final eval loss."""
+    lines = (STDLIB / "textwrap.py").read_text().splitlines()
+    convos = [{"messages": [{"role": "user", "content": f"Line {i} of textwrap.py?"},
+                            {"role": "assistant", "content": lines[i]}]} for i in range(120)]
+    for name, part in (("train.jsonl", convos[:100]), ("held.jsonl", convos[100:])):
+        (tmp_path / name).write_text("".join(json.dumps(c) + "\n" for c in part))
+    code, out, err = run(capsys, "train", "--preset", "tiny_qwen2", "--fit-vocab", "--tokenizer", "qwen2",
+                         "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "held.jsonl"),
+                         "--steps", "3", "--batch-size", "2", "--seq-len", "64", "--eval-tokens", "256",
+                         "--json", "--no-token-cache", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    evals = [r for r in json_lines(out) if r["event"] == "eval"]
+    # eval_tokens counts targets: the answers and their <|im_end|>, far fewer than the 4 x 64 positions
+    assert 0 < evals[-1]["eval_tokens"] < 256 / 2
+    code, out, err = run(capsys, "eval", "--init", str(tmp_path / "run" / "model.apr"), "--data",
+                         str(tmp_path / "held.jsonl"), "--max-tokens", "256")
+    assert code == 0, err
+    loss, tokens = out.strip().splitlines()[-1].split()
+    assert float(loss.split("=")[1]) == pytest.approx(evals[-1]["eval_loss"], abs=2e-6)
+    assert int(tokens.split("=")[1]) == evals[-1]["eval_tokens"]

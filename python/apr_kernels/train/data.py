@@ -5,8 +5,12 @@
   hidden folders and ``__pycache__``. Files that are not valid UTF-8 are skipped.
 * Documents: a text file is one document. A JSON Lines file (``.jsonl``, ``.jsonl.gz``: the usual
   export of corpora and datasets) holds one document per line, the string field ``text_field``
-  (default ``"text"``) of each line's JSON object; a line that is not such an object is an error
-  naming the file and line (blank lines are skipped).
+  (default ``"text"``) of each line's JSON object, or a supervised record (``chat.py``: ``messages``
+  or ``prompt``/``completion``) whose non-answer tokens are no loss targets; a line that is none of
+  these is an error naming the file and line (blank lines are skipped).
+* Loss targets: the int32 stream stores a token that is not a target as ``-1 - id`` (prompts and
+  chat turns other than the assistant's); ``split_targets`` turns rows back into ids and targets
+  with -100 there. Plain text has no such tokens.
 * Each document is tokenised and followed by the tokenizer's end-of-text id, so documents are packed
   back to back with no padding. Special-token strings inside the text (``<|endoftext|>`` in a file
   about tokenizers) are encoded as ordinary text: only the pipeline's own ids end documents. The stream is int32 (4 bytes per token); files are tokenised by a
@@ -82,9 +86,12 @@ def read_documents(files: Iterable[Path], text_field: str = TEXT_FIELD) -> Itera
             yield Path(f), text
 
 
-def documents_of(path, text_field: str = TEXT_FIELD) -> list[str]:
-    """The non-empty documents of one file (none if it is not UTF-8). ValueError, naming the file and
-    line, for a JSON Lines line that is not an object with a string ``text_field``."""
+def documents_of(path, text_field: str = TEXT_FIELD) -> list[str | tuple[str, dict]]:
+    """The non-empty documents of one file (none if it is not UTF-8): texts, and for supervised JSON
+    Lines records ``("file:line", record)``. ValueError, naming the file and line, for a JSON Lines
+    line that is neither an object with a string ``text_field`` nor a supervised record."""
+    from .chat import is_supervised
+
     suffix, gz = _suffix(Path(path).name)
     try:
         raw = gzip.decompress(Path(path).read_bytes()) if gz else Path(path).read_bytes()
@@ -103,11 +110,14 @@ def documents_of(path, text_field: str = TEXT_FIELD) -> list[str]:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per "
                              f"line with a string field {text_field!r}") from None
         value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str) and is_supervised(record):
+            docs.append((f"{path}:{lineno}", record))
+            continue
         if not isinstance(value, str):
             got = (f"an object with fields {sorted(record)[:6]}" if isinstance(record, dict)
                    else f"a JSON {type(record).__name__}")
             raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field {text_field!r} "
-                             f"(--text-field); got {got}")
+                             f"(--text-field), or a 'messages' or 'prompt'/'completion' record; got {got}")
         if value:
             docs.append(value)
     return docs
@@ -129,14 +139,23 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
+    from . import chat
+
     eos = getattr(tokenizer, "eos_id", None)
 
     def encode(path) -> torch.Tensor | None:
         ids: list[int] = []
-        for text in documents_of(path, text_field):
-            ids += tokenizer.encode(text, special=False)  # a "<|endoftext|>" in the text is just text
+        for doc in documents_of(path, text_field):
+            if isinstance(doc, str):
+                ids += tokenizer.encode(doc, special=False)  # a "<|endoftext|>" in the text is just text
+                if eos is not None:
+                    ids.append(eos)
+                continue
+            text, spans, eos_target = chat.render(doc[1], tokenizer, doc[0])
+            tokens, targets = chat.encode_with_targets(tokenizer, text, spans)
+            ids += [t if ok else -1 - t for t, ok in zip(tokens, targets)]
             if eos is not None:
-                ids.append(eos)
+                ids.append(eos if eos_target else -1 - eos)
         return torch.tensor(ids, dtype=torch.int32) if ids else None
 
     workers = workers or default_workers()
@@ -286,22 +305,29 @@ class BatchStream:
         return self.position / self.n
 
 
+def split_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[B, T + 1]`` of the stream -> int64 inputs ``[B, T]`` and next-token targets ``[B, T]``,
+    a target being -100 (ignored by the loss) where the stream marks a non-target token (``-1 - id``)."""
+    rows = rows.long()  # the token cache keeps int32; the loss wants int64 targets
+    marked = rows < 0
+    ids = torch.where(marked, -1 - rows, rows)
+    return ids[:, :-1], ids[:, 1:].masked_fill(marked[:, 1:], -100)
+
+
 def batch(seqs: torch.Tensor, index: torch.Tensor, device=None, eos_id: int | None = None):
-    """``(x, y, documents)``: inputs and next-token targets [B, T] for the given sequence rows, and
-    with ``eos_id`` the inputs' document spans (``Documents``, computed on the host before the move to
-    ``device``), else None."""
-    rows = seqs[index]
-    if rows.dtype != torch.int64:  # the token cache keeps int32; the loss wants int64 targets
-        rows = rows.long()
+    """``(x, y, documents)``: inputs and next-token targets [B, T] for the given sequence rows
+    (``split_targets``), and with ``eos_id`` the inputs' document spans (``Documents``, computed on the
+    host before the move to ``device``), else None."""
+    x, y = split_targets(seqs[index])
     documents = None
     if eos_id is not None:
         from apr_kernels.model.documents import Documents
 
-        documents = Documents.from_eos(rows[:, :-1], eos_id)
+        documents = Documents.from_eos(x, eos_id)
     if device is not None:
-        rows = rows.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         documents = documents.to(device, non_blocking=True) if documents is not None else None
-    return rows[:, :-1], rows[:, 1:], documents
+    return x, y, documents
 
 
 @torch.no_grad()
@@ -332,10 +358,14 @@ def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, 
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for start in range(0, len(seqs), batch_size):
-        x, y, docs = batch(seqs, torch.arange(start, min(start + batch_size, len(seqs))), device, eos_id)
+        x, y, docs = batch(seqs, torch.arange(start, min(start + batch_size, len(seqs))), None, eos_id)
+        count += int((y != -100).sum())  # counted on the host, before the move
+        x, y = x.to(device), y.to(device)
+        docs = docs.to(device) if docs is not None else None
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
             total += model.loss(x, y, reduction="sum", documents=docs).double()
-        count += y.numel()
     model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation data: no loss targets (every token is a prompt token)")
     return float(total / count), count

@@ -257,8 +257,8 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.inner = model
 
-    def forward(self, x, y, documents=None):
-        return self.inner.loss(x, y, documents=documents)
+    def forward(self, x, y, documents=None, reduction="mean"):
+        return self.inner.loss(x, y, reduction=reduction, documents=documents)
 
 
 class Parallel:
@@ -277,10 +277,10 @@ class Parallel:
     def is_main(self) -> bool:
         return self.env.is_main
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, documents=None) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, documents=None, reduction: str = "mean") -> torch.Tensor:
         if self._wrapper is not None:
-            return self._wrapper(x, y, documents)
-        return self.module.loss(x, y, documents=documents)
+            return self._wrapper(x, y, documents, reduction)
+        return self.module.loss(x, y, reduction=reduction, documents=documents)
 
     def grad_sync(self, enabled: bool):
         """Context for one micro-batch: no gradient communication unless ``enabled`` (the last)."""
@@ -326,7 +326,7 @@ class Parallel:
         targets are all ignored; (loss sum, count) are all-reduced in float64."""
         from apr_kernels.model.documents import Documents
 
-        from .data import eval_sequences
+        from .data import eval_sequences, split_targets
 
         seqs = eval_sequences(tokens, seq_len, max_tokens)
         rank, world, dev = self.env.rank, self.env.world_size, self.env.device
@@ -338,9 +338,11 @@ class Parallel:
         acc = torch.zeros(2, dtype=torch.float64, device=dev)  # loss sum, target count
         for b in range(-(-per // batch_size)):
             rows = mine[b * batch_size:(b + 1) * batch_size]
-            x, y = (rows[:, :-1], rows[:, 1:]) if len(rows) else (seqs[:1, :-1], torch.full_like(seqs[:1, 1:], -100))
+            x, y = split_targets(rows if len(rows) else seqs[:1])
+            if not len(rows):  # the padding forward: no targets
+                y = torch.full_like(y, -100)
             docs = None if eos_id is None else Documents.from_eos(x, eos_id).to(dev)
-            x, y = x.to(dev, torch.int64), y.to(dev, torch.int64)  # (the token cache holds int32)
+            x, y = x.to(dev), y.to(dev)
             with torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 acc[0] += model.loss(x, y, reduction="sum", documents=docs).double()

@@ -217,19 +217,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         par = self.parallel
-        for micro in range(c.grad_accum):
-            index = self.batches.next(c.batch_size)  # the global batch: the data position is global
+        world = par.world_size if par is not None else 1
+        # the global batch of every micro-batch (the data position is global), and the number of loss
+        # targets in the whole step, counted on the host by every rank alike: the step's loss is the
+        # mean over those targets however they fall into micro-batches and ranks (with prompt tokens
+        # excluded, counts differ between micro-batches; a mean of means would weight them wrongly)
+        indices = [self.batches.next(c.batch_size) for _ in range(c.grad_accum)]
+        n_targets = max(1, sum(int((self.train_seqs[i][:, 1:] >= 0).sum()) for i in indices))
+        for micro, index in enumerate(indices):
             x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
                                self.doc_eos)
             # gradients are communicated once, on the last micro-batch
             with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                     enabled=self.autocast_dtype is not None):
-                    loss = par.loss(x, y, docs) if par else self.model.loss(x, y, documents=docs)
-                (loss / c.grad_accum).backward()
-            total += loss.detach()
+                    loss_sum = (par.loss(x, y, docs, reduction="sum") if par
+                                else self.model.loss(x, y, reduction="sum", documents=docs))
+                # DDP/FSDP average gradients over ranks: scale by the world size to get the sum
+                (loss_sum * (world / n_targets)).backward()
+            total += loss_sum.detach()
         if par is not None:
-            total = par.mean(total)
+            total = par.mean(total) * world  # the sum over ranks
+        mean_loss = total / n_targets
         grad_norm = None
         if c.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -239,9 +248,9 @@ class Trainer:
         self.step += 1
         # one device sync per step (this makes the timing below real)
         if grad_norm is None:
-            loss = float(total) / c.grad_accum
+            loss = float(mean_loss)
         else:
-            loss, grad_norm = torch.stack([total / c.grad_accum, grad_norm.to(total.dtype)]).tolist()
+            loss, grad_norm = torch.stack([mean_loss, grad_norm.to(mean_loss.dtype)]).tolist()
         dt = time.perf_counter() - t0
         tokens = c.batch_size * c.grad_accum * c.seq_len
         if not math.isfinite(loss):

@@ -1,0 +1,104 @@
+"""Supervised fine-tuning records: which tokens are loss targets.
+
+JSON Lines records (``data.py``) may hold, instead of a plain text field:
+
+* ``{"prompt": str, "completion": str}``: the text is prompt + completion; only the completion and
+  the end-of-text id after it are targets (the model learns to answer and to stop);
+* ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``: the
+  conversation rendered in the chat format of the model family, told by the tokenizer's special
+  tokens: ChatML for Qwen2 (``<|im_start|>{role}\\n{content}<|im_end|>\\n``), the Llama 3 header
+  format (``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``, after
+  ``<|begin_of_text|>``). Only each assistant message's content and the token that closes it
+  (``<|im_end|>`` / ``<|eot_id|>``) are targets. No system message is added: put one in the data if
+  the model was tuned with one.
+
+``render`` gives the text and its target spans (character ranges); ``encode_with_targets`` tokenises
+the whole text as Hugging Face's ``apply_chat_template`` + tokenize would (template tokens and
+special-token strings recognised) and marks a token as a target when its first byte lies in a span.
+The data pipeline stores non-target tokens as ``-1 - id`` in its int32 stream (``data.py``), so one
+tensor carries ids and the loss mask through the cache, the sharding and the batching.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+CHATML = ("<|im_start|>", "<|im_end|>")
+LLAMA3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+ROLES = ("system", "user", "assistant")
+
+
+def is_supervised(record) -> bool:
+    return isinstance(record, dict) and ("messages" in record or "prompt" in record)
+
+
+def chat_format(tokenizer) -> str:
+    """'chatml' or 'llama3', from the tokenizer's special tokens; ValueError if it has neither."""
+    special = getattr(tokenizer, "special_tokens", {}) or {}
+    if all(t in special for t in CHATML):
+        return "chatml"
+    if all(t in special for t in LLAMA3):
+        return "llama3"
+    raise ValueError(f"chat records need a tokenizer with ChatML ({', '.join(CHATML)}) or Llama 3 "
+                     f"({', '.join(LLAMA3)}) special tokens; this one has none of either set")
+
+
+def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, int]], bool]:
+    """(text, target character spans, whether the end-of-text id after the text is a target).
+    Texts are NFC-normalised first when the tokenizer normalises (so spans stay where encode sees them)."""
+    nfc = (lambda s: unicodedata.normalize("NFC", s)) if getattr(tokenizer, "nfc", False) else (lambda s: s)
+    if "messages" in record:
+        return _render_messages(record["messages"], chat_format(tokenizer), where, nfc)
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise ValueError(f"{where}: a prompt/completion record needs string fields 'prompt' and "
+                         f"'completion'; got fields {sorted(record)[:6]}")
+    prompt, completion = nfc(prompt), nfc(completion)
+    return prompt + completion, [(len(prompt), len(prompt) + len(completion))], True
+
+
+def _render_messages(messages, fmt: str, where: str, nfc) -> tuple[str, list[tuple[int, int]], bool]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    parts: list[str] = ["<|begin_of_text|>"] if fmt == "llama3" else []
+    spans: list[tuple[int, int]] = []
+    pos = len(parts[0]) if parts else 0
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise ValueError(f"{where}: messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': "
+                             f"str}}; got {m!r:.120}")
+        content = nfc(content)
+        if fmt == "chatml":
+            head, close, tail = f"<|im_start|>{role}\n", "<|im_end|>", "\n"
+        else:
+            head, close, tail = f"<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ""
+        start = pos + len(head)
+        end = start + len(content) + len(close)  # the content and the token that closes it
+        if role == "assistant":
+            spans.append((start, end))
+        parts.append(head + content + close + tail)
+        pos = end + len(tail)
+    return "".join(parts), spans, False
+
+
+def encode_with_targets(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of ``text`` (special tokens recognised) and, per token, whether it is a target."""
+    ids = tokenizer.encode(text, special=True)
+    # character spans -> byte spans (token boundaries are byte offsets)
+    starts = {}
+    byte = 0
+    for ch_pos, ch in enumerate(text):
+        starts[ch_pos] = byte
+        byte += len(ch.encode("utf-8"))
+    starts[len(text)] = byte
+    byte_spans = [(starts[a], starts[b]) for a, b in spans]
+    targets, offset = [], 0
+    for i in ids:
+        targets.append(any(a <= offset < b for a, b in byte_spans))
+        offset += len(tokenizer.token_bytes(i))
+    if offset != byte:
+        raise ValueError(f"chat: the tokens of a rendered record cover {offset} bytes, the text {byte}; "
+                         f"the tokenizer does not round-trip this text")
+    return ids, targets

@@ -1,0 +1,133 @@
+"""Supervised records (train/chat.py): ChatML and Llama 3 rendering, which tokens are loss targets,
+the marked int32 stream, and training and evaluation counting only targets."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from apr_kernels.tokenizer import Tokenizer, byte_to_unicode
+from apr_kernels.train import chat
+from apr_kernels.train.data import batch, sequences, split_targets, tokenize_files
+
+CONVO = {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4."},
+                      {"role": "user", "content": "And 3+3? ünïcode"},
+                      {"role": "assistant", "content": "6, I think."}]}
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return Tokenizer.qwen2()
+
+
+def llama3_tokenizer():
+    """Byte-level vocabulary plus the Llama 3 special tokens (ids 256..)."""
+    vocab = [byte_to_unicode()[b] for b in range(256)] + list(chat.LLAMA3) + ["<|end_of_text|>"]
+    return Tokenizer.from_metadata({"tokenizer.vocabulary": vocab, "tokenizer.merges": [],
+                                    "tokenizer.eos_token_id": 260})
+
+
+def _targets_text(tok, ids, targets):
+    return tok.decode([i for i, t in zip(ids, targets) if t])
+
+
+def test_chatml_rendering_and_targets(qwen):
+    text, spans, eos_target = chat.render(CONVO, qwen, "mem:1")
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                    "<|im_start|>assistant\n4.<|im_end|>\n<|im_start|>user\nAnd 3+3? ünïcode<|im_end|>\n"
+                    "<|im_start|>assistant\n6, I think.<|im_end|>\n")
+    assert not eos_target
+    ids, targets = chat.encode_with_targets(qwen, text, spans)
+    assert ids == qwen.encode(text)  # as apply_chat_template + tokenize: template tokens are special
+    assert ids.count(151_644) == 5 and ids.count(151_645) == 5
+    # targets: each answer and the <|im_end|> closing it, nothing of the prompts or the headers
+    assert _targets_text(qwen, ids, targets) == "4.<|im_end|>6, I think.<|im_end|>"
+
+
+def test_llama3_rendering_and_targets():
+    tok = llama3_tokenizer()
+    assert chat.chat_format(tok) == "llama3"
+    text, spans, _ = chat.render({"messages": CONVO["messages"][1:3]}, tok, "mem:1")
+    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n4.<|eot_id|>")
+    ids, targets = chat.encode_with_targets(tok, text, spans)
+    assert ids[0] == 256 and _targets_text(tok, ids, targets) == "4.<|eot_id|>"
+
+
+def test_prompt_completion_targets_the_completion_and_the_stop(qwen, tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "Q: capital of France?\nA:", "completion": " Paris"})
+                                      + "\n" + json.dumps({"text": "plain text"}) + "\n")
+    stream = tokenize_files([tmp_path / "a.jsonl"], qwen).tolist()
+    prompt_ids = qwen.encode("Q: capital of France?\nA:", special=False)
+    plain = qwen.encode("plain text", special=False) + [qwen.eos_id]
+    marked = [-1 - i for i in prompt_ids]
+    assert stream[:len(marked)] == marked  # prompt tokens stored as -1 - id
+    answer = stream[len(marked):len(stream) - len(plain)]
+    assert answer and all(i >= 0 for i in answer) and answer[-1] == qwen.eos_id  # the stop is a target
+    assert qwen.decode(answer[:-1]) == " Paris"
+    assert stream[len(stream) - len(plain):] == plain  # plain text: every token a target
+
+
+def test_stream_rows_split_into_ids_and_ignored_targets(qwen, tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps(CONVO) + "\n" + json.dumps(CONVO) + "\n")
+    stream = tokenize_files([tmp_path / "c.jsonl"], qwen)
+    ids = torch.where(stream < 0, -1 - stream, stream)
+    text = qwen.decode(ids.tolist())
+    assert text.count("<|im_start|>assistant\n") == 4 and text.count("<|endoftext|>") == 2
+    seqs = sequences(stream, 16)
+    x, y, _ = batch(seqs, torch.arange(len(seqs)))
+    assert x.dtype == y.dtype == torch.int64 and (x >= 0).all()
+    # every target kept is an answer token (or its closing <|im_end|>), every other one -100
+    kept = y[y != -100].tolist()
+    answers = qwen.encode("4.<|im_end|>6, I think.<|im_end|>")
+    assert kept == (answers * 2)[:len(kept)] and len(kept) >= len(answers)
+    # split_targets on a text-only row is the plain shift
+    plain = torch.tensor([[5, 6, 7, 8]])
+    xs, ys = split_targets(plain)
+    assert xs.tolist() == [[5, 6, 7]] and ys.tolist() == [[6, 7, 8]]
+
+
+def test_training_counts_only_answer_tokens(qwen, tmp_path):
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.train.data import evaluate
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(CONVO) + "\n" for _ in range(6)))
+    stream = tokenize_files([tmp_path / "c.jsonl"], qwen)
+    cfg = preset("tiny_qwen2").replace(vocab_size=pad_vocab(qwen.vocab_size))
+    torch.manual_seed(0)
+    model = Transformer(cfg, fast=False)
+    loss, count = evaluate(model, stream, 32, batch_size=4)
+    seqs = sequences(stream, 32)
+    assert count == int((seqs[:, 1:] >= 0).sum())  # the marked stream's targets, not all tokens
+    assert count < seqs[:, 1:].numel()
+    # the same number by hand: cross entropy of the answer positions only
+    x, y, _ = batch(seqs, torch.arange(len(seqs)))
+    with torch.no_grad():
+        logits = model(x)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert loss == pytest.approx(want.item(), rel=1e-5) and math.isfinite(loss)
+
+
+@pytest.mark.parametrize("record,match", [
+    ({"messages": []}, r"mem:3: 'messages' must be a non-empty list"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, r"mem:3: messages\[0\] must be \{'role': one of system, "
+                                                       r"user, assistant, 'content': str\}"),
+    ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\] must be"),
+    ({"prompt": "x"}, r"mem:3: a prompt/completion record needs string fields 'prompt' and 'completion'; "
+                      r"got fields \['prompt'\]"),
+])
+def test_malformed_records_name_the_line(qwen, record, match):
+    with pytest.raises(ValueError, match=match):
+        chat.render(record, qwen, "mem:3")
+
+
+def test_chat_records_need_a_chat_tokenizer(tmp_path):
+    from apr_kernels.train.cli import byte_tokenizer
+
+    (tmp_path / "c.jsonl").write_text(json.dumps(CONVO) + "\n")
+    with pytest.raises(ValueError, match=r"chat records need a tokenizer with ChatML \(<\|im_start\|>, "
+                                         r"<\|im_end\|>\) or Llama 3"):
+        tokenize_files([tmp_path / "c.jsonl"], byte_tokenizer())
