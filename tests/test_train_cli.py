@@ -305,3 +305,17 @@ def test_chat_records_fine_tune_on_answers_only(capsys, tmp_path):
     loss, tokens = out.strip().splitlines()[-1].split()
     assert float(loss.split("=")[1]) == pytest.approx(evals[-1]["eval_loss"], abs=2e-6)
     assert int(tokens.split("=")[1]) == evals[-1]["eval_tokens"]
+
+
+def test_keep_last_prunes_old_periodic_checkpoints(capsys, tmp_path):
+    (tmp_path / "step_000001.apr").write_bytes(b"an older run's")  # pruned too: the folder's policy
+    (tmp_path / "notes.apr").write_bytes(b"not a checkpoint")
+    code, out, err = run(capsys, "train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data",
+                         str(STDLIB / "textwrap.py"), "--steps", "5", "--batch-size", "2", "--seq-len", "32",
+                         "--eval-tokens", "64", "--save-every", "1", "--keep-last", "2", "--json",
+                         "--no-token-cache", "--out", str(tmp_path))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("*.apr")) == ["model.apr", "notes.apr", "step_000003.apr",
+                                                               "step_000004.apr"]
+    removed = [r["path"] for r in json_lines(out) if r["event"] == "checkpoint_removed"]
+    assert [Path(p).name for p in removed] == ["step_000001.apr", "step_000002.apr"]

@@ -141,10 +141,13 @@ def build_model(args, tokenizer_spec, *, device=None, load=None):
 
 # ------------------------------------------------------------------------------------ train
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
-                 data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None):
+                 data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None,
+                 keep_last: int = 0):
     """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end).
 
     ``parallel``: DDP/FSDP (``distributed.parallelize``); rank 0 logs and writes the checkpoints.
+    ``keep_last``: after each periodic checkpoint keep only the newest ``keep_last`` ``step_*.apr``
+    files of ``out`` (0: keep all).
     """
     from .checkpoint import restore_training_state, save_checkpoint
 
@@ -174,9 +177,25 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         path = out / ("model.apr" if t.step == cfg.steps else f"step_{t.step:06d}.apr")
         save_checkpoint(path, t, tokenizer=_Tok(), extra_metadata={"training.data_spec": data_spec})
         t.log("checkpoint", {"step": t.step, "path": str(path)})
+        if keep_last > 0 and main:
+            for old in prune_checkpoints(out, keep_last):
+                t.log("checkpoint_removed", {"path": str(old)})
 
     trainer.run(on_checkpoint=checkpoint, progress=progress)
     return trainer
+
+
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` periodic checkpoints (``step_NNNNNN.apr``) in ``out``;
+    return the deleted paths. ``model.apr`` and other files are never touched."""
+    import re
+
+    steps = sorted((int(m.group(1)), p) for p in out.glob("step_*.apr")
+                   if (m := re.fullmatch(r"step_(\d{6,})\.apr", p.name)))
+    doomed = [p for _, p in steps[:-keep]] if keep > 0 else []
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
 
 
 def cmd_train(args) -> int:
@@ -262,7 +281,7 @@ def _train(args, env, mode: str) -> int:
     out = Path(args.out)
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
-                           resume_from=args.resume, parallel=parallel)
+                           resume_from=args.resume, parallel=parallel, keep_last=args.keep_last)
     if trainer.last_eval:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
@@ -425,6 +444,8 @@ def register(subparsers) -> None:
     r.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens per eval")
     r.add_argument("--log-every", type=int, default=d.log_every)
     r.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: end)")
+    r.add_argument("--keep-last", type=int, default=0,
+                   help="keep only the newest N periodic step_*.apr checkpoints (0: all)")
     r.add_argument("--out", default="runs/train", help="checkpoint folder (default runs/train)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = p.add_argument_group("scale out (torchrun --nproc_per_node=N -m apr_kernels train ...)")
