@@ -134,8 +134,9 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
         meta, cfg = f.metadata, f.config
         tied = bool(cfg.tied_embeddings)
         names = {}  # HF name -> stored name
+        lora = meta.get("lora")  # adapters of a LoRA run (model/lora.py): folded into their weights
         for stored in f.keys():
-            if stored.startswith("__training__."):
+            if stored.startswith("__training__.") or (lora and stored.endswith((".lora_A", ".lora_B"))):
                 continue
             hf = gguf_to_hf(stored)
             if hf in names:
@@ -162,6 +163,12 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
 
         def produce(hf: str) -> torch.Tensor:
             t = f.get_tensor(names[hf], dtype=specs[hf][0])
+            module = names[hf][: -len(".weight")] if names[hf].endswith(".weight") else None
+            if lora and module and f"{module}.lora_A" in f:  # W + (alpha / rank) B A, rounded once
+                delta = f.get_tensor(f"{module}.lora_B", dtype=torch.float32) @ \
+                    f.get_tensor(f"{module}.lora_A", dtype=torch.float32)
+                t = (f.get_tensor(names[hf], dtype=torch.float32) + delta * (lora["alpha"] / lora["rank"])
+                     ).to(specs[hf][0])
             heads = rope_permuted_heads(hf, heads_q, heads_kv) if cfg.rope_type == 0 else None
             bar.update(1)
             return unpermute_rows(t, heads) if heads else t

@@ -26,6 +26,7 @@ import torch
 
 from .config import ModelConfig, family_of
 from .hf_names import TRAINING_PREFIX, expected_shapes, hf_name
+from .lora import META_KEY as LORA_META
 from .transformer import Transformer
 
 _SHOW = 8  # names listed per problem kind in an error message
@@ -133,8 +134,12 @@ def plan(path: str | os.PathLike) -> InitPlan:
 
 
 def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
-             fast: bool | None = None, shard=None) -> Transformer:
+             fast: bool | None = None, shard=None, lora: str = "merge", lora_base_dtype=None) -> Transformer:
     """A ``Transformer`` initialised from an APR file (every parameter trainable).
+
+    A file with LoRA adapters (metadata ``lora``, ``model/lora.py``): ``lora="merge"`` folds them into
+    the weights (a plain model), ``"keep"`` restores the adapters on a frozen base (resuming a LoRA
+    run; ``lora_base_dtype`` as in ``add_lora``).
 
     ``dtype``: the parameter dtype (default float32, the training dtype; quantised weights are
     dequantised straight to it). ``fast``: see ``Transformer``. The returned module carries
@@ -176,9 +181,44 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
                 raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
                                      f"expected finite weights")
             params[name].copy_(t.reshape(params[name].shape))
+    settings = p.metadata.get(LORA_META)
+    if settings:
+        _load_lora(model, p.path, settings, lora, lora_base_dtype, device, dtype, shard)
     model.apr_path = p.path
     model.apr_metadata = p.metadata
     return model
+
+
+def _load_lora(model, path, settings, mode: str, base_dtype, device, dtype, shard) -> None:
+    import apr_kernels
+
+    from .lora import add_lora, check_settings, lora_modules, merge_into_weights
+
+    if mode not in ("merge", "keep"):
+        raise ValueError(f"from_apr: lora={mode!r}; expected 'merge' or 'keep'")
+    if shard is not None:
+        raise PreflightError(f"{path}: a LoRA checkpoint cannot be loaded sharded (FSDP); train LoRA "
+                             f"with --parallel ddp or in one process")
+    try:
+        rank, alpha, targets = check_settings(settings["rank"], settings["alpha"], settings["targets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PreflightError(f"{path}: metadata 'lora' = {settings!r:.200} is not valid LoRA settings ({exc})") from None
+    add_lora(model, rank, alpha, targets, base_dtype=base_dtype if mode == "keep" else None)
+    with apr_kernels.open(path) as f, torch.no_grad():
+        for name, m in lora_modules(model).items():
+            for part in ("lora_A", "lora_B"):
+                tname = f"{name}.{part}"
+                param = getattr(m, part)
+                if tname not in f:
+                    raise PreflightError(f"{path}: LoRA tensor {tname!r} is missing (metadata 'lora' names "
+                                         f"targets {list(targets)})")
+                t = f.get_tensor(tname, device=device, dtype=dtype)
+                if tuple(t.shape) != tuple(param.shape):
+                    raise PreflightError(f"{path}: LoRA tensor {tname!r} has shape {list(t.shape)}; expected "
+                                         f"{list(param.shape)} (rank {rank})")
+                param.copy_(t)
+    if mode == "merge":
+        merge_into_weights(model)
 
 
 def preflight(path: str | os.PathLike) -> ModelConfig:

@@ -82,7 +82,10 @@ class Attention(nn.Module):
         p = (self.q_proj, self.k_proj, self.v_proj)
         w = torch.cat([m.weight for m in p])
         bias = torch.cat([m.bias for m in p]) if self.q_proj.bias is not None else None
-        return F.linear(x, w, bias).split([m.out_features for m in p], dim=-1)
+        parts = F.linear(x, w, bias).split([m.out_features for m in p], dim=-1)
+        if any(hasattr(m, "lora_delta") for m in p):  # LoRA (model/lora.py): the low-rank terms added
+            parts = tuple(y + m.lora_delta(x) if hasattr(m, "lora_delta") else y for y, m in zip(parts, p))
+        return parts
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False,
                 docs: DocumentMask | None = None):

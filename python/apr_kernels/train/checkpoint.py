@@ -18,6 +18,11 @@ Layout of a checkpoint written by ``save_checkpoint``:
   last held-out evaluation) and ``training.format``. Callers add their own keys (the CLI stores
   ``training.data_spec``: data paths, tokenizer and split, so ``--resume`` needs nothing else).
 
+A LoRA run (``model/lora.py``) stores its adapters as ``<module>.lora_A`` / ``.lora_B`` next to the
+frozen base weights, with metadata ``lora`` (``from_apr`` merges them unless told to keep them). Its
+final checkpoint is instead written merged (``merge_lora=True``): a plain model under Hugging Face
+names for any reader, with the training metadata but without optimizer state (not resumable).
+
 Because the schedule is a pure function of the step and the batch order a pure function of the seed
 and position, restoring weights, AdamW moments and step counts reproduces the uninterrupted run.
 """
@@ -47,6 +52,8 @@ def model_tensors(model, weights: dict[str, torch.Tensor] | None = None) -> dict
 def model_metadata(model, tokenizer=None) -> dict:
     meta = model.config.to_apr_config().to_metadata()
     meta["name"] = f"apr-kernels {model.config.architecture}"
+    if getattr(model, "lora", None):  # adapters are stored as <module>.lora_A/.lora_B (model/lora.py)
+        meta["lora"] = dict(model.lora)
     if tokenizer is not None:
         meta.update(tokenizer.to_metadata())
     return meta
@@ -69,17 +76,46 @@ def _moments(model, opt) -> dict[str, dict]:
     return out
 
 
+def merged_weights(model) -> dict[str, torch.Tensor]:
+    """Hugging Face name -> weight with every LoRA adapter folded in (fp32 for the adapted ones)."""
+    from apr_kernels.model.lora import lora_modules
+
+    adapted = {f"{name}.weight": m for name, m in lora_modules(model).items()}
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
+        m = adapted.get(name)
+        out[name] = ((m.weight.float() + (m.lora_B.float() @ m.lora_A.float()) * m.scale) if m is not None
+                     else p.detach())
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokenizer=None,
-                    extra_metadata: dict | None = None, state: tuple[dict, dict] | None = None) -> None:
+                    extra_metadata: dict | None = None, state: tuple[dict, dict] | None = None,
+                    merge_lora: bool = False) -> None:
     """Write ``trainer``'s model and training state (or just ``model``) as one APR file.
 
     ``state``: (weights, moments) gathered from a sharded model (``distributed.gather_state``),
-    used instead of reading the parameters and optimizer of this process.
+    used instead of reading the parameters and optimizer of this process. ``merge_lora``: a LoRA
+    model is written with its adapters folded in and without optimizer state (module docstring).
     """
     import apr_kernels
 
     model = model if model is not None else trainer.model
     weights, moments = state if state is not None else (None, None)
+    lora = getattr(model, "lora", None)
+    if merge_lora and lora:
+        meta = model_metadata(model, tokenizer)
+        del meta["lora"]
+        meta["training.lora"] = dict(lora)
+        if trainer is not None:
+            meta.update({"training.step": trainer.step, "training.config": trainer.cfg.to_dict()})
+            if trainer.last_eval is not None:
+                meta["training.eval_loss"], meta["training.eval_tokens"] = trainer.last_eval
+        meta.update(extra_metadata or {})
+        apr_kernels.save(model_tensors(model, merged_weights(model)), path, metadata=meta)
+        return
     tensors = model_tensors(model, weights)
     meta = model_metadata(model, tokenizer)
     if trainer is not None:

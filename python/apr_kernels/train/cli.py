@@ -174,8 +174,11 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
             return tok_meta
 
     def checkpoint(t: Trainer):
-        path = out / ("model.apr" if t.step == cfg.steps else f"step_{t.step:06d}.apr")
-        save_checkpoint(path, t, tokenizer=_Tok(), extra_metadata={"training.data_spec": data_spec})
+        final = t.step == cfg.steps
+        path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
+        # a LoRA run's final model is written merged: a plain model for every reader
+        save_checkpoint(path, t, tokenizer=_Tok(), extra_metadata={"training.data_spec": data_spec},
+                        merge_lora=final)
         t.log("checkpoint", {"step": t.step, "path": str(path)})
         if keep_last > 0 and main:
             for old in prune_checkpoints(out, keep_last):
@@ -229,18 +232,23 @@ def _train(args, env, mode: str) -> int:
 
         device = env.device
 
-        def load(path, dev, fast):  # sharded on the meta device under FSDP
-            return distributed.from_apr(path, env, mode, fast=fast)
+        def load(path, dev, fast, **lora):  # sharded on the meta device under FSDP
+            return distributed.from_apr(path, env, mode, fast=fast, **lora)
+    on_cuda = (device or pick_device(args.device)).type == "cuda"
+    # LoRA on a GPU: the frozen base projections in bf16 (half their memory; autocast computes in
+    # bf16 anyway), the adapters in fp32
+    lora_base = torch.bfloat16 if on_cuda else None
     if args.resume:
         from apr_kernels.model.loading import from_apr
 
         meta = training_metadata(args.resume)
         spec = meta["training.data_spec"]
         cfg = TrainConfig.from_dict(meta["training.config"])
+        keep = {"lora": "keep", "lora_base_dtype": lora_base}  # a LoRA run resumes with its adapters
         if load is not None:
-            model = load(args.resume, device, _fast(args.fast))
+            model = load(args.resume, device, _fast(args.fast), **keep)
         else:
-            model = from_apr(args.resume, device=pick_device(args.device), fast=_fast(args.fast))
+            model = from_apr(args.resume, device=pick_device(args.device), fast=_fast(args.fast), **keep)
         tok = load_tokenizer(None, model.apr_metadata, args.resume)
     else:
         if not args.data:
@@ -256,6 +264,12 @@ def _train(args, env, mode: str) -> int:
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
                           document_mask=args.document_mask)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
+        if args.lora_rank:
+            from apr_kernels.model.lora import add_lora
+
+            if mode == "fsdp":
+                raise ValueError("--lora-rank: LoRA runs train in one process or with --parallel ddp, not fsdp")
+            add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), base_dtype=lora_base)
     model.gradient_checkpointing = args.grad_checkpointing
     if args.compile:
         compile_layers(model)
@@ -448,6 +462,11 @@ def register(subparsers) -> None:
                    help="keep only the newest N periodic step_*.apr checkpoints (0: all)")
     r.add_argument("--out", default="runs/train", help="checkpoint folder (default runs/train)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lo = p.add_argument_group("LoRA (adapters on a frozen model)")
+    lo.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters only (0: full training)")
+    lo.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha / rank (default 2 x rank)")
+    lo.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                    help="comma-separated projections that get adapters (default: all seven)")
     s = p.add_argument_group("scale out (torchrun --nproc_per_node=N -m apr_kernels train ...)")
     s.add_argument("--parallel", choices=("ddp", "fsdp", "none"), default=None,
                    help="ddp: a replica per rank; fsdp: parameters, gradients and AdamW state sharded "

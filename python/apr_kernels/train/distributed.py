@@ -375,15 +375,16 @@ def parallelize(model, mode: str, env: DistEnv) -> Parallel:
 
 
 # ------------------------------------------------------------------------ load and save
-def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None):
+def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
-    materialises only its shards), a full replica otherwise. Fails on every rank if any fails."""
+    materialises only its shards), a full replica otherwise. Fails on every rank if any fails.
+    ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
     from apr_kernels.model.loading import from_apr as load
 
     shard = (lambda m: _fsdp_shard(m, env)) if mode == "fsdp" else None
     model, error = None, None
     try:
-        model = load(path, device=env.device, fast=fast, shard=shard)
+        model = load(path, device=env.device, fast=fast, shard=shard, **lora)
     except (ValueError, OSError, RuntimeError) as exc:
         error = exc
     _raise_together(env, error, f"loading {os.fspath(path)}")

@@ -1,0 +1,109 @@
+"""LoRA: low-rank adapters on the decoder's projections, the rest of the model frozen.
+
+``add_lora(model, rank, alpha, targets)`` turns each targeted ``nn.Linear`` of every decoder layer
+(default: all seven projections, q/k/v/o and gate/up/down) into a :class:`LoRALinear`: the same
+module with the same ``weight``/``bias`` (Hugging Face names unchanged, frozen) plus ``lora_A``
+``[rank, in]`` and ``lora_B`` ``[out, rank]``, so that
+
+    y = x W^T + b + (alpha / rank) * (x A^T) B^T
+
+(PEFT's convention: A starts Kaiming-uniform, B at zero, so training starts from the base model).
+Every other parameter is frozen too (embeddings, norms, biases, the output head); AdamW then keeps
+state for the adapters only. The fast path's fused q/k/v GEMM stays one GEMM on the base weights,
+the three low-rank terms added to its output.
+
+Files: a checkpoint of a LoRA run stores the base weights under their Hugging Face names, the
+adapters under ``<module>.lora_A`` / ``.lora_B`` and the settings as metadata ``lora`` (rank, alpha,
+targets). ``from_apr`` merges them into the weights by default (``W + (alpha / rank) B A``: a plain
+model for ``eval``, ``generate``, ``export`` and ``--init``) or keeps them (``lora="keep"``: resuming).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+META_KEY = "lora"
+
+
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` plus a trainable low-rank update (see the module docstring)."""
+
+    rank: int
+    scale: float
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.lora_delta(x)
+
+    def merged_weight(self) -> torch.Tensor:
+        """``W + scale * B A`` in fp32 (then the weight's dtype)."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        return (self.weight.float() + delta).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lora_rank={self.rank}, lora_scale={self.scale:g}"
+
+
+def check_settings(rank, alpha, targets) -> tuple[int, float, tuple[str, ...]]:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora: rank={rank!r}; expected a positive int")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"lora: alpha={alpha!r}; expected a positive number")
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        raise ValueError(f"lora: targets {list(targets)}; expected a non-empty subset of {', '.join(TARGETS)}")
+    return rank, float(alpha), targets
+
+
+def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, base_dtype=None) -> dict:
+    """Add adapters to ``model`` in place and freeze everything else; return the settings (the
+    ``lora`` metadata of its checkpoints). ``alpha`` defaults to ``2 * rank``. ``base_dtype``: the
+    frozen projection weights are cast to it (e.g. bfloat16 on a GPU: half the memory; the adapters
+    stay in the model's dtype)."""
+    rank, alpha, targets = check_settings(rank, 2 * rank if alpha is None else alpha, targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                lin = getattr(parent, name, None)
+                if lin is None or isinstance(lin, LoRALinear):
+                    continue
+                lin.__class__ = LoRALinear  # same parameters, same names: no copy
+                lin.rank, lin.scale = rank, alpha / rank
+                w = lin.weight
+                lin.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=w.dtype))
+                lin.lora_B = nn.Parameter(torch.zeros(lin.out_features, rank, device=w.device, dtype=w.dtype))
+                nn.init.kaiming_uniform_(lin.lora_A, a=math.sqrt(5))
+                if base_dtype is not None:
+                    lin.weight.data = lin.weight.data.to(base_dtype)
+                    if lin.bias is not None:
+                        lin.bias.data = lin.bias.data.to(base_dtype)
+    settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    model.lora = settings
+    return settings
+
+
+def lora_modules(model) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@torch.no_grad()
+def merge_into_weights(model) -> None:
+    """Fold every adapter into its weight and turn the modules back into plain ``nn.Linear`` (the
+    model is then an ordinary one; every parameter trainable again)."""
+    for m in lora_modules(model).values():
+        m.weight.data = m.merged_weight()
+        del m.lora_A, m.lora_B
+        m.__class__ = nn.Linear
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.lora = None

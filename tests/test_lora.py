@@ -1,0 +1,181 @@
+"""LoRA (model/lora.py): adapters start as the identity, train alone, agree on the fast and eager
+paths, merge exactly, and survive checkpoints (merged for every reader, kept for --resume)."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import apr_kernels
+from apr_kernels.model import Transformer, from_apr, preset
+from apr_kernels.model.lora import LoRALinear, add_lora, lora_modules, merge_into_weights
+from apr_kernels.train.checkpoint import save_checkpoint
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _randomise_adapters(model, std=0.05):
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, std)
+
+
+def test_adapters_start_as_the_base_model_and_only_they_train():
+    cfg = preset("tiny_qwen2")
+    model = Transformer(cfg, fast=False)
+    x = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        base = model(x)
+    settings = add_lora(model, 4, 16, ["q_proj", "v_proj", "down_proj"])
+    assert settings == {"rank": 4, "alpha": 16.0, "targets": ["q_proj", "v_proj", "down_proj"]}
+    with torch.no_grad():
+        assert torch.equal(model(x), base)  # B starts at zero
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
+    per_layer = 4 * (h + cfg.num_heads * cfg.head_dim) + 4 * (h + kv) + 4 * (i + h)
+    assert sum(trainable.values()) == cfg.num_layers * per_layer
+    assert all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    # Hugging Face names of the base weights are unchanged
+    assert "model.layers.0.self_attn.q_proj.weight" in dict(model.named_parameters())
+
+
+def test_lora_linear_is_the_low_rank_update():
+    lin = torch.nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin.__class__ = LoRALinear
+    lin.rank, lin.scale = 2, 1.5
+    lin.lora_A = torch.nn.Parameter(torch.randn(2, 6))
+    lin.lora_B = torch.nn.Parameter(torch.randn(5, 2))
+    want = x @ w.T + b + 1.5 * (x @ lin.lora_A.T) @ lin.lora_B.T
+    torch.testing.assert_close(lin(x), want)
+    torch.testing.assert_close(lin.merged_weight(), w + 1.5 * lin.lora_B @ lin.lora_A)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_fast_path_with_adapters_matches_eager(use_backend, backend_name):
+    """The fused q/k/v GEMM plus the three low-rank terms equals the eager per-module path: loss and
+    adapter gradients (triton: the kernels in the interpreter)."""
+    use_backend(backend_name)
+    cfg = preset("tiny_qwen2").replace(hidden_size=112)  # head_dim 16 for the Triton kernels
+    torch.manual_seed(0)
+    eager = Transformer(cfg, fast=False)
+    fast = Transformer(cfg, fast=True)
+    fast.load_state_dict(eager.state_dict())
+    for m in (eager, fast):
+        torch.manual_seed(1)
+        add_lora(m, 4)
+        _randomise_adapters(m)
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    la, lb = eager.loss(x[:, :-1], x[:, 1:]), fast.loss(x[:, :-1], x[:, 1:])
+    assert lb.item() == pytest.approx(la.item(), rel=1e-5)
+    la.backward()
+    lb.backward()
+    for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
+        assert (p.grad is None) == (q.grad is None) == (not name.endswith(("lora_A", "lora_B"))), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_merge_gives_the_same_model():
+    cfg = preset("tiny_llama")
+    model = Transformer(cfg, fast=False)
+    add_lora(model, 3)
+    _randomise_adapters(model)
+    x = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        want = model(x)
+        merge_into_weights(model)
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not lora_modules(model) and all(p.requires_grad for p in model.parameters())
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_checkpoints_merge_for_readers_keep_for_resume_and_export_merged(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from apr_kernels.convert.export import export
+
+    cfg = preset("tiny_qwen2")
+    model = Transformer(cfg, fast=False)
+    add_lora(model, 4, 8)
+    _randomise_adapters(model)
+    x = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        want = model(x)
+    step = tmp_path / "step.apr"
+    save_checkpoint(step, model=model)
+    with apr_kernels.open(step) as f:
+        assert f.metadata["lora"] == {"rank": 4, "alpha": 8.0, "targets": list(model.lora["targets"])}
+        assert "model.layers.1.mlp.down_proj.lora_B" in f.keys()
+        # the stored base weight is the frozen one, not the merged one
+        assert torch.equal(f.get_tensor("model.layers.0.self_attn.q_proj.weight"),
+                           model.model.layers[0].self_attn.q_proj.weight.detach())
+    merged = from_apr(step)  # default: adapters folded in, a plain model
+    assert not lora_modules(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), want, rtol=1e-5, atol=1e-5)
+    kept = from_apr(step, lora="keep")
+    assert len(lora_modules(kept)) == cfg.num_layers * 7
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), want, rtol=1e-6, atol=1e-6)
+    # the final-checkpoint form: merged weights, no adapters, readable by anything
+    final = tmp_path / "final.apr"
+    save_checkpoint(final, model=model, merge_lora=True)
+    with apr_kernels.open(final) as f:
+        assert "lora" not in f.metadata and not any("lora" in k for k in f.keys())
+    with torch.no_grad():
+        torch.testing.assert_close(from_apr(final)(x), want, rtol=1e-5, atol=1e-5)
+    # export folds the adapters of a step checkpoint into the Hugging Face weights
+    export(step, tmp_path / "hf", progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_lora_metadata_is_refused(tmp_path):
+    cfg = preset("tiny_llama")
+    model = Transformer(cfg, fast=False)
+    add_lora(model, 2)
+    path = tmp_path / "m.apr"
+    save_checkpoint(path, model=model, extra_metadata={"lora": {"rank": 0, "alpha": 4, "targets": ["q_proj"]}})
+    with pytest.raises(ValueError, match=r"m.apr: metadata 'lora' = .* is not valid LoRA settings \(lora: rank=0"):
+        from_apr(path)
+    save_checkpoint(path, model=model, extra_metadata={"lora": {"rank": 3, "alpha": 4.0,
+                                                                "targets": ["q_proj"]}})
+    with pytest.raises(ValueError, match=r"LoRA tensor 'model.layers.0.self_attn.q_proj.lora_A' has shape "
+                                         r"\[2, 48\]; expected \[3, 48\] \(rank 3\)"):
+        from_apr(path)
+
+
+def test_cli_lora_run_resumes_exactly_and_ends_with_a_plain_model(capsys, tmp_path):
+    from apr_kernels.cli import main
+
+    def run(*argv):
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    held = str(STDLIB / "shlex.py")
+    base = ["--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"),
+            "--eval-data", held, "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--lr", "1e-2",
+            "--save-every", "1", "--json", "--no-token-cache", "--lora-rank", "4"]
+    recs = run("train", *base, "--out", str(tmp_path / "a"))
+    losses = [r["loss"] for r in recs if r["event"] == "train"]
+    with apr_kernels.open(tmp_path / "a" / "step_000001.apr") as f1, \
+            apr_kernels.open(tmp_path / "a" / "step_000003.apr") as f3:
+        name = "model.layers.1.mlp.up_proj"
+        assert torch.equal(f1.get_tensor(f"{name}.weight"), f3.get_tensor(f"{name}.weight"))  # frozen
+        assert not torch.equal(f1.get_tensor(f"{name}.lora_B"), f3.get_tensor(f"{name}.lora_B"))  # trained
+    resumed = run("train", "--resume", str(tmp_path / "a" / "step_000002.apr"), "--out", str(tmp_path / "b"), "--json")
+    assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[2:]
+    with apr_kernels.open(tmp_path / "a" / "model.apr") as f:
+        assert "lora" not in f.metadata and not any("lora" in k for k in f.keys())
+        assert f.metadata["training.lora"]["rank"] == 4
+    # the merged model scores the held-out text as the adapters did at the end of training
+    final = [r["eval_loss"] for r in recs if r["event"] == "eval"][-1]
+    out = run("eval", "--init", str(tmp_path / "a" / "model.apr"), "--data", held, "--max-tokens", "64", "--json")
+    assert out[-1]["eval_loss"] == pytest.approx(final, abs=1e-5)
