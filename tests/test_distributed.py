@@ -162,6 +162,9 @@ def runs(tmp_path_factory):
     docs = ["--document-mask", "--data", train_docs, "--eval-data", held_docs]
     code, one_docs_out = _cli(main, ["train", "--init", str(init), *COMMON, *docs, "--out", str(root / "one_docs")])
     assert code == 0
+    lora = ["--lora-rank", "4", "--lr", "1e-2"]
+    code, one_lora_out = _cli(main, ["train", "--init", str(init), *COMMON, *lora, "--out", str(root / "one_lora")])
+    assert code == 0
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
@@ -180,6 +183,7 @@ def runs(tmp_path_factory):
         ["train", "--resume", str(one / "step_000002.apr"), "--parallel", "fsdp", "--out", str(root / "r2"),
          "--json", "--no-progress", "--fast", "off"],
         ["train", "--init", str(init), *COMMON, *docs, "--parallel", "ddp", "--out", str(root / "ddp_docs")],
+        ["train", "--init", str(init), *COMMON, *lora, "--parallel", "ddp", "--out", str(root / "ddp_lora")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -198,7 +202,7 @@ def runs(tmp_path_factory):
         assert p.returncode == 0, f"{' '.join(map(str, p.args))[-300:]}\nstdout: {out[-1500:]}\nstderr: {err[-3000:]}"
     ranks = {(r["rank"], r["world"]): r for r in
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
-    return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out,
+    return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -258,6 +262,16 @@ def test_ddp_with_document_masking_matches_one_process(runs):
     ref = _records(runs["one_docs_out"])
     run = runs["ranks"][(0, 2)]["run2"]
     assert run["code"] == runs["ranks"][(1, 2)]["run2"]["code"] == 0
+    got = _records(run["stdout"])
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+
+
+def test_ddp_lora_matches_one_process(runs):
+    """Only the adapters train (the frozen base has no gradient for DDP to reduce)."""
+    ref = _records(runs["one_lora_out"])
+    run = runs["ranks"][(0, 2)]["run3"]
+    assert run["code"] == runs["ranks"][(1, 2)]["run3"]["code"] == 0
     got = _records(run["stdout"])
     assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
     assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
