@@ -44,6 +44,12 @@ def first_run(tmp_path_factory):
 
 def test_train_logs_steps_evals_and_checkpoints(first_run):
     out, recs = first_run
+    from apr_kernels.model import Transformer, preset
+
+    start = recs[0]
+    n_params = sum(p.numel() for p in Transformer(preset("tiny_llama")).parameters())
+    assert start["event"] == "start" and start["params"] == start["trainable"] == n_params
+    assert start["tokens_per_step"] == 3 * 48 and start["steps"] == 4 and start["lora_rank"] is None
     train = [r for r in recs if r["event"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["tok_s"] > 0 and r["lr"] > 0 for r in train)

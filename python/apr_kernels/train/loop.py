@@ -283,6 +283,28 @@ class Trainer:
         self.history.append({"event": "eval", **rec})
         self.log("eval", rec)
 
+    def summary(self) -> dict:
+        """What this run trains, on what, and how (the ``start`` log record)."""
+        c = self.cfg
+        params = list(self.model.parameters())
+        world = self.parallel.world_size if self.parallel is not None else 1
+        tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
+        train_tokens = self.train_seqs.shape[0] * c.seq_len
+        lora = getattr(self.model, "lora", None)
+        return {
+            "step": self.step, "steps": c.steps,
+            "params": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "tokens_per_step": tokens_per_step, "train_tokens": train_tokens,
+            "epochs": round(c.steps * tokens_per_step / max(1, train_tokens), 3),
+            "device": str(self.device), "world": world,
+            "autocast": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
+            "fast": getattr(self.model, "use_fast", None) and self.model.use_fast(
+                torch.empty(0, device=self.device)),
+            "document_mask": c.document_mask, "lora_rank": lora["rank"] if lora else None,
+            "lr_schedule": c.lr_schedule,
+        }
+
     # --------------------------------------------------------------------------------- the run
     def run(self, *, on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool | None = None,
             stop_at: int | None = None) -> list[dict]:
@@ -294,6 +316,7 @@ class Trainer:
 
         c = self.cfg
         end = min(c.steps, stop_at) if stop_at is not None else c.steps
+        self.log("start", self.summary())
         if self.step == 0:
             self._eval_and_log()
         bar = tqdm(total=c.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
