@@ -131,3 +131,21 @@ def test_chat_records_need_a_chat_tokenizer(tmp_path):
     with pytest.raises(ValueError, match=r"chat records need a tokenizer with ChatML \(<\|im_start\|>, "
                                          r"<\|im_end\|>\) or Llama 3"):
         tokenize_files([tmp_path / "c.jsonl"], byte_tokenizer())
+
+
+def test_evaluation_without_any_target_is_nan_for_the_trainer_and_an_error_for_eval(qwen, tmp_path, capsys):
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import main
+    from apr_kernels.train.data import evaluate
+
+    long_prompt = {"prompt": "word " * 200, "completion": " end"}
+    (tmp_path / "p.jsonl").write_text(json.dumps(long_prompt) + "\n")
+    stream = tokenize_files([tmp_path / "p.jsonl"], qwen)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(qwen.vocab_size)), fast=False)
+    loss, count = evaluate(model, stream, 32, max_tokens=64)  # the first 2 rows: prompt only
+    assert count == 0 and math.isnan(loss)
+    save_checkpoint(tmp_path / "m.apr", model=model, tokenizer=qwen)
+    code = main(["eval", "--init", str(tmp_path / "m.apr"), "--data", str(tmp_path / "p.jsonl"), "--seq-len", "32",
+                 "--max-tokens", "64"])
+    assert code == 1 and "no loss targets in the evaluated tokens" in capsys.readouterr().err

@@ -336,6 +336,9 @@ def cmd_eval(args) -> int:
     loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
                             fast=_fast(args.fast), document_mask=args.document_mask, text_field=args.text_field)
+    if n == 0:
+        raise ValueError(f"{', '.join(args.data)}: no loss targets in the evaluated tokens (all of them are "
+                         f"prompt tokens of supervised records); evaluate more tokens (--max-tokens)")
     if args.json:
         print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n}))
     else:
