@@ -267,6 +267,12 @@ def test_mfu_is_logged_with_a_known_peak_only(stream, monkeypatch):
         monkeypatch.setenv(PEAK_ENV, bad)
         with pytest.raises(ValueError, match=f"{PEAK_ENV}=.*expected a positive number of TFLOP/s"):
             peak_tflops(torch.device("cpu"))
+    # known cards by name (the PCIe H100 before the SXM one it contains), unknown ones: no MFU
+    monkeypatch.delenv(PEAK_ENV)
+    for name, want_peak in (("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H200", 989.4),
+                            ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA GeForce RTX 4090", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, _n=name: _n)
+        assert peak_tflops(torch.device("cuda")) == want_peak, name
 
 
 def test_gradient_accumulation_equals_the_larger_batch(stream):

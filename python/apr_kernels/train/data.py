@@ -186,7 +186,9 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
 
 
 CACHE_ENV = "APR_KERNELS_CACHE"
-_CACHE_VERSION = "apr-kernels token cache v2"  # v2: JSON Lines files hold one document per line
+# v2: JSON Lines documents, supervised records (non-targets stored as -1 - id), special-token
+# strings in text encoded as text
+_CACHE_VERSION = "apr-kernels token cache v2"
 
 
 def default_cache_dir() -> Path:
