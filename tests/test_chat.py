@@ -149,3 +149,39 @@ def test_evaluation_without_any_target_is_nan_for_the_trainer_and_an_error_for_e
     code = main(["eval", "--init", str(tmp_path / "m.apr"), "--data", str(tmp_path / "p.jsonl"), "--seq-len", "32",
                  "--max-tokens", "64"])
     assert code == 1 and "no loss targets in the evaluated tokens" in capsys.readouterr().err
+
+
+def test_parquet_rows_are_documents_like_json_lines(qwen, tmp_path):
+    """Parquet (Hugging Face datasets' format): a text column, a messages column, prompt/completion
+    columns; each gives the stream of the same records as JSON Lines. Bad files name file and row."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = ["first document", None, "", "third é"]
+    pq.write_table(pa.table({"text": texts, "id": [1, 2, 3, 4]}), tmp_path / "t.parquet", row_group_size=2)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t))
+    assert torch.equal(tokenize_files([tmp_path / "t.parquet"], qwen), tokenize_files([tmp_path / "t.jsonl"], qwen))
+    convos = [CONVO, {"messages": CONVO["messages"][1:3]}]
+    pq.write_table(pa.table({"messages": [c["messages"] for c in convos]}), tmp_path / "c.parquet")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convos))
+    got = tokenize_files([tmp_path / "c.parquet"], qwen)
+    assert (got < 0).any() and torch.equal(got, tokenize_files([tmp_path / "c.jsonl"], qwen))
+    pc = [{"prompt": "Q?", "completion": " A."}]
+    pq.write_table(pa.table({"prompt": ["Q?"], "completion": [" A."]}), tmp_path / "p.parquet")
+    (tmp_path / "p.jsonl").write_text(json.dumps(pc[0]) + "\n")
+    assert torch.equal(tokenize_files([tmp_path / "p.parquet"], qwen), tokenize_files([tmp_path / "p.jsonl"], qwen))
+    # a folder walk collects Parquet files too
+    from apr_kernels.train.data import find_text_files
+
+    assert (tmp_path / "t.parquet") in find_text_files([tmp_path])
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=r"b.parquet: expected a column 'text' \(--text-field\), 'messages', or "
+                                         r"'prompt' and 'completion'; got columns \['body'\]"):
+        tokenize_files([tmp_path / "b.parquet"], qwen)
+    assert tokenize_files([tmp_path / "b.parquet"], qwen, text_field="body").tolist() == \
+        qwen.encode("x") + [qwen.eos_id]
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    with pytest.raises(ValueError, match=r"n.parquet:row 1: column 'text' holds int; expected strings"):
+        tokenize_files([tmp_path / "n.parquet"], qwen)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"bad.parquet: not a readable Parquet file"):
+        tokenize_files([tmp_path / "bad.parquet"], qwen)

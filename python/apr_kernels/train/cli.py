@@ -422,7 +422,7 @@ def register(subparsers) -> None:
     m.add_argument("--fit-vocab", action="store_true",
                    help="size a preset's vocabulary to the tokenizer (rounded up to a multiple of 64)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", help="text files or folders")
+    g.add_argument("--data", nargs="+", help="text, JSON Lines or Parquet files, or folders of them")
     g.add_argument("--eval-data", nargs="+", help="held-out text (default: the tail of --data)")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of --data")
     g.add_argument("--max-tokens", type=int, default=None, help="read at most this many training tokens")

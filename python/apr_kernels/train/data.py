@@ -7,7 +7,9 @@
   export of corpora and datasets) holds one document per line, the string field ``text_field``
   (default ``"text"``) of each line's JSON object, or a supervised record (``chat.py``: ``messages``
   or ``prompt``/``completion``) whose non-answer tokens are no loss targets; a line that is none of
-  these is an error naming the file and line (blank lines are skipped).
+  these is an error naming the file and line (blank lines are skipped). A Parquet file (``.parquet``,
+  Hugging Face datasets' format; needs ``pyarrow``) holds one document per row, from the column
+  ``text_field`` or the ``messages`` / ``prompt`` + ``completion`` columns, read a row group at a time.
 * Loss targets: the int32 stream stores a token that is not a target as ``-1 - id`` (prompts and
   chat turns other than the assistant's); ``split_targets`` turns rows back into ids and targets
   with -100 there. Plain text has no such tokens.
@@ -50,6 +52,7 @@ TEXT_SUFFIXES = frozenset({
 
 
 TEXT_FIELD = "text"  # the document field of JSON Lines records (Hugging Face datasets, most corpora)
+DATA_SUFFIXES = TEXT_SUFFIXES | {".parquet"}  # what folder walks collect
 
 
 def _suffix(name: str) -> tuple[str, bool]:
@@ -59,7 +62,7 @@ def _suffix(name: str) -> tuple[str, bool]:
     return Path(name[:-3] if gz else name).suffix, gz
 
 
-def find_text_files(paths: Iterable[str | os.PathLike], suffixes=TEXT_SUFFIXES) -> list[Path]:
+def find_text_files(paths: Iterable[str | os.PathLike], suffixes=DATA_SUFFIXES) -> list[Path]:
     """Files named directly (any suffix) plus text files found under folders (sorted walk)."""
     out: list[Path] = []
     for p in map(Path, paths):
@@ -93,6 +96,8 @@ def documents_of(path, text_field: str = TEXT_FIELD) -> list[str | tuple[str, di
     from .chat import is_supervised
 
     suffix, gz = _suffix(Path(path).name)
+    if suffix == ".parquet" and not gz:
+        return _parquet_documents(path, text_field)
     try:
         raw = gzip.decompress(Path(path).read_bytes()) if gz else Path(path).read_bytes()
         text = raw.decode("utf-8")
@@ -120,6 +125,43 @@ def documents_of(path, text_field: str = TEXT_FIELD) -> list[str | tuple[str, di
                              f"(--text-field), or a 'messages' or 'prompt'/'completion' record; got {got}")
         if value:
             docs.append(value)
+    return docs
+
+
+def _parquet_documents(path, text_field: str) -> list[str | tuple[str, dict]]:
+    """Documents of a Parquet file, row group by row group (see the module docstring)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install 'apr-kernels[data]')") from None
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+    except Exception as exc:  # noqa: BLE001 -- pyarrow's errors vary; any is a bad file
+        raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    if text_field in names:
+        columns, kind = [text_field], "text"
+    elif "messages" in names:
+        columns, kind = ["messages"], "record"
+    elif "prompt" in names and "completion" in names:
+        columns, kind = ["prompt", "completion"], "record"
+    else:
+        raise ValueError(f"{path}: expected a column {text_field!r} (--text-field), 'messages', or 'prompt' and "
+                         f"'completion'; got columns {names[:8]}")
+    docs: list[str | tuple[str, dict]] = []
+    row = 0
+    for g in range(pf.num_row_groups):
+        for rec in pf.read_row_group(g, columns=columns).to_pylist():
+            row += 1
+            if kind == "record":
+                docs.append((f"{path}:row {row}", rec))
+                continue
+            value = rec[text_field]
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{path}:row {row}: column {text_field!r} holds {type(value).__name__}; "
+                                 f"expected strings")
+            if value:
+                docs.append(value)
     return docs
 
 
