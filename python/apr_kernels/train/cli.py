@@ -481,7 +481,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text")
     p.add_argument("--init", required=True, help="APR model file")
-    p.add_argument("--data", nargs="+", required=True, help="text files or folders")
+    p.add_argument("--data", nargs="+", required=True, help="text, JSON Lines or Parquet files, or folders")
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)
