@@ -185,3 +185,29 @@ def test_parquet_rows_are_documents_like_json_lines(qwen, tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ValueError, match=r"bad.parquet: not a readable Parquet file"):
         tokenize_files([tmp_path / "bad.parquet"], qwen)
+
+
+def test_generation_prompt_opens_the_assistant_turn(qwen):
+    text, close = chat.generation_prompt(CONVO["messages"][:2], qwen)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert close == 151_645
+    tok = llama3_tokenizer()
+    text, close = chat.generation_prompt(CONVO["messages"][1:2], tok)
+    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n") and close == tok.special_tokens["<|eot_id|>"]
+
+
+def test_generate_chat_from_the_command_line(qwen, tmp_path, capsys):
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import main
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(qwen.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "m.apr", model=model, tokenizer=qwen)
+    code = main(["generate", "--init", str(tmp_path / "m.apr"), "--chat", "--system", "Be brief.", "--prompt",
+                 "2+2?", "--max-new-tokens", "8", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["prompt"] == "2+2?" and rec["tokens"] <= 8 and "<|im_end|>" not in rec["completion"]

@@ -79,3 +79,14 @@ def test_vocab_size_keeps_generation_inside_the_tokenizer():
         got = generate(model, prompt, 10, temperature=temperature, vocab_size=10,
                        generator=torch.Generator().manual_seed(0))
         assert (got[:, 4:] < 10).all()
+
+
+def test_any_of_several_stop_ids_ends_a_row():
+    cfg = QWEN
+    model = ours_from_hf(hf_model(cfg), cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(2))
+    free = generate(model, prompt, 10)[0, 4:].tolist()
+    a, b = free[5], free[3]  # b comes first: generation stops there, whatever a is
+    got = generate(model, prompt, 10, eos_id={a, b})[0, 4:].tolist()
+    first = min(i for i, t in enumerate(free) if t in (a, b))
+    assert got == free[:first + 1]

@@ -88,10 +88,11 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None 
 
 @torch.no_grad()
 def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             top_k: int | None = None, top_p: float | None = None, eos_id=None,
              generator: torch.Generator | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """``input_ids`` ``[B, T0]`` followed by up to ``max_new_tokens`` generated ids ``[B, T0 + n]``.
-    Stops early once every row has produced ``eos_id`` (rows that finished earlier repeat it).
+    Stops early once every row has produced a stop id: ``eos_id``, an id or a collection of ids
+    (rows that finished earlier repeat the id they stopped at).
     ``vocab_size``: only ids below it are generated (the tokenizer's; a model's vocabulary is often
     padded past it with rows no text maps to)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -113,19 +114,24 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *
         dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
             else param.dtype
         cache = KVCache(model, ids.shape[0], total, param.device, dtype)
+        stops = None
+        if eos_id is not None:
+            stops = torch.tensor([eos_id] if isinstance(eos_id, int) else sorted(set(eos_id)), device=ids.device)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        last = torch.zeros(ids.shape[0], dtype=ids.dtype, device=ids.device)
         step_in = ids
         for _ in range(max_new_tokens):
             logits = next_logits(model, step_in, cache, cos, sin)
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")
             nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
+            if stops is not None:
+                nxt = torch.where(done, last, nxt)
+                done |= torch.isin(nxt, stops)
+                last = nxt
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             step_in = nxt[:, None]
-            if eos_id is not None and bool(done.all()):
+            if stops is not None and bool(done.all()):
                 break
     finally:
         model.train(was_training)

@@ -83,6 +83,16 @@ def _render_messages(messages, fmt: str, where: str, nfc) -> tuple[str, list[tup
     return "".join(parts), spans, False
 
 
+def generation_prompt(messages: list[dict], tokenizer) -> tuple[str, int]:
+    """``messages`` rendered as for training, followed by the header of the assistant's turn: the text
+    to continue, and the id of the token that closes the answer (where generation stops)."""
+    fmt = chat_format(tokenizer)
+    text, _, _ = _render_messages(messages, fmt, "generate", lambda s: s)
+    if fmt == "chatml":
+        return text + "<|im_start|>assistant\n", tokenizer.special_tokens["<|im_end|>"]
+    return text + "<|start_header_id|>assistant<|end_header_id|>\n\n", tokenizer.special_tokens["<|eot_id|>"]
+
+
 def encode_with_targets(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
     """Token ids of ``text`` (special tokens recognised) and, per token, whether it is a target."""
     ids = tokenizer.encode(text, special=True)

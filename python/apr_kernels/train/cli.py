@@ -356,24 +356,35 @@ def cmd_generate(args) -> int:
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     eos = getattr(tok, "eos_id", None)
-    prompt = tok.encode(args.prompt, special=False) if args.prompt else []
+    stops = {eos} if eos is not None else set()
+    if args.chat:  # the prompt is a user message; the answer stops at the token closing the turn
+        from .chat import generation_prompt
+
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": args.prompt}]
+        text, close = generation_prompt(messages, tok)
+        prompt = tok.encode(text, special=True)
+        stops.add(close)
+    else:
+        prompt = tok.encode(args.prompt, special=False) if args.prompt else []
     if not prompt:  # an empty prompt starts a fresh document: what follows an end-of-text id in training
         if eos is None:
             raise ValueError(f"{args.init}: an empty --prompt needs the tokenizer's end-of-text id; give a prompt")
         prompt = [eos]
     gen = torch.Generator().manual_seed(args.seed)
     ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, top_p=args.top_p, eos_id=eos, generator=gen,
+                   top_k=args.top_k or None, top_p=args.top_p, eos_id=stops or None, generator=gen,
                    vocab_size=tok.vocab_size)[0].tolist()
     new = ids[len(prompt):]
-    if eos is not None and eos in new:
-        new = new[:new.index(eos)]
+    cut = next((i for i, t in enumerate(new) if t in stops), None)
+    if cut is not None:
+        new = new[:cut]
     completion = tok.decode(new)
     if args.json:
         print(json.dumps({"event": "generate", "prompt": args.prompt, "completion": completion,
                           "tokens": len(new)}))
     else:
-        print(args.prompt + completion)
+        print(completion if args.chat else args.prompt + completion)
     return 0
 
 
@@ -500,6 +511,10 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set reaching p")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user message in the model's chat format (ChatML / Llama 3); print "
+                        "the answer, stopping at the end of the assistant's turn")
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user's")
     p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the text")
