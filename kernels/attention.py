@@ -410,8 +410,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
     ``[T,Hq,D]``, k/v ``[T,Hkv,D]`` -> (o ``[T,Hq,D]``, lse ``[Hq,T]``); sequence i is rows
     ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself. Any strides with a unit last
     stride; o in q's dtype, lse fp32 natural log. ``out``/``lse`` may be preallocated (tests poison them)."""
-    HQ, D = q.shape[-2], q.shape[-1]
-    HKV = k.shape[-2]
+    HQ, HKV = q.shape[-2], k.shape[-2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     pk = _Packing(q, cu_seqlens, max_seqlen)
     lse_shape = (HQ, q.shape[0]) if pk.varlen else (q.shape[0], HQ, q.shape[1])
