@@ -257,24 +257,17 @@ def test_ddp_matches_one_process(runs):
     assert run1["stdout"] == ""  # only rank 0 logs
 
 
-def test_ddp_with_document_masking_matches_one_process(runs):
-    """The spans travel with each rank's rows through DDP's forward and the sharded evaluation."""
-    ref = _records(runs["one_docs_out"])
-    run = runs["ranks"][(0, 2)]["run2"]
-    assert run["code"] == runs["ranks"][(1, 2)]["run2"]["code"] == 0
-    got = _records(run["stdout"])
-    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
-    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
-
-
-def test_ddp_lora_matches_one_process(runs):
-    """Only the adapters train (the frozen base has no gradient for DDP to reduce)."""
-    ref = _records(runs["one_lora_out"])
-    run = runs["ranks"][(0, 2)]["run3"]
-    assert run["code"] == runs["ranks"][(1, 2)]["run3"]["code"] == 0
-    got = _records(run["stdout"])
-    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
-    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+@pytest.mark.parametrize("run,ref", [
+    ("run2", "one_docs_out"),  # document masking: spans travel with each rank's rows and in evaluation
+    ("run3", "one_lora_out"),  # LoRA: only the adapters train (the frozen base has nothing to reduce)
+], ids=["document-mask", "lora"])
+def test_ddp_variants_match_one_process(runs, run, ref):
+    want = _records(runs[ref])
+    rank0 = runs["ranks"][(0, 2)][run]
+    assert rank0["code"] == runs["ranks"][(1, 2)][run]["code"] == 0
+    got = _records(rank0["stdout"])
+    assert _losses(got) == pytest.approx(_losses(want), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(want, "eval", "eval_loss"), abs=1e-5)
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
