@@ -48,7 +48,11 @@ def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, in
     Texts are NFC-normalised first when the tokenizer normalises (so spans stay where encode sees them)."""
     nfc = (lambda s: unicodedata.normalize("NFC", s)) if getattr(tokenizer, "nfc", False) else (lambda s: s)
     if "messages" in record:
-        return _render_messages(record["messages"], chat_format(tokenizer), where, nfc)
+        try:
+            fmt = chat_format(tokenizer)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return _render_messages(record["messages"], fmt, where, nfc)
     prompt, completion = record.get("prompt"), record.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise ValueError(f"{where}: a prompt/completion record needs string fields 'prompt' and "
@@ -93,7 +97,8 @@ def generation_prompt(messages: list[dict], tokenizer) -> tuple[str, int]:
     return text + "<|start_header_id|>assistant<|end_header_id|>\n\n", tokenizer.special_tokens["<|eot_id|>"]
 
 
-def encode_with_targets(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+def encode_with_targets(tokenizer, text: str, spans: list[tuple[int, int]],
+                        where: str = "chat") -> tuple[list[int], list[bool]]:
     """Token ids of ``text`` (special tokens recognised) and, per token, whether it is a target."""
     ids = tokenizer.encode(text, special=True)
     # character spans -> byte spans (token boundaries are byte offsets)
@@ -109,6 +114,6 @@ def encode_with_targets(tokenizer, text: str, spans: list[tuple[int, int]]) -> t
         targets.append(any(a <= offset < b for a, b in byte_spans))
         offset += len(tokenizer.token_bytes(i))
     if offset != byte:
-        raise ValueError(f"chat: the tokens of a rendered record cover {offset} bytes, the text {byte}; "
+        raise ValueError(f"{where}: the tokens of the rendered record cover {offset} bytes, the text {byte}; "
                          f"the tokenizer does not round-trip this text")
     return ids, targets

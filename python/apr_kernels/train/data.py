@@ -194,7 +194,7 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
                     ids.append(eos)
                 continue
             text, spans, eos_target = chat.render(doc[1], tokenizer, doc[0])
-            tokens, targets = chat.encode_with_targets(tokenizer, text, spans)
+            tokens, targets = chat.encode_with_targets(tokenizer, text, spans, doc[0])
             ids += [t if ok else -1 - t for t, ok in zip(tokens, targets)]
             if eos is not None:
                 ids.append(eos if eos_target else -1 - eos)
