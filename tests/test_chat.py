@@ -243,3 +243,55 @@ def test_arbitrary_json_lines_load_or_raise_value_error(qwen, tmp_path):
         assert out.dtype == torch.int32
 
     check()
+
+
+# A Qwen2.5-style template (default system prompt when the conversation has none), as converters keep
+# it in `tokenizer.chat_template`.
+TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_the_models_own_chat_template_renders_as_transformers_does(qwen):
+    """With tokenizer.chat_template present, records are rendered by it: the same text and ids as
+    transformers' apply_chat_template on the same template (default system prompt included), the
+    assistant answers and their <|im_end|> the only targets; generation prompts too."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from apr_kernels.convert.hf_tokenizer import hf_tokenizer_files
+
+    tok = copy.copy(qwen)
+    tok.extra = dict(qwen.extra, **{"tokenizer.chat_template": TEMPLATE})
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(json.dumps(hf_tokenizer_files(tok)[0])))
+    hf.chat_template = TEMPLATE
+    convo = CONVO["messages"][1:]  # no system message: the template adds its default one
+    text, spans, eos_target = chat.render({"messages": convo}, tok, "mem:1")
+    assert text == hf.apply_chat_template(convo, tokenize=False)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n") and not eos_target
+    ids, targets = chat.encode_with_targets(tok, text, spans)
+    want_ids = hf.apply_chat_template(convo, tokenize=True)
+    if hasattr(want_ids, "keys"):  # newer transformers return a BatchEncoding
+        want_ids = want_ids["input_ids"]
+    assert ids == list(want_ids)
+    assert _targets_text(tok, ids, targets) == "4.<|im_end|>6, I think.<|im_end|>"
+    prompt, close = chat.generation_prompt(convo[:1], tok)
+    assert prompt == hf.apply_chat_template(convo[:1], tokenize=False, add_generation_prompt=True)
+    assert close == 151_645
+    # a template that hides an answer cannot mark targets: a clear error
+    tok.extra = {"tokenizer.chat_template": "{% for m in messages %}{{ m['role'] }}{% endfor %}"}
+    with pytest.raises(ValueError, match=r"mem:1: the chat template does not show messages\[1\] \(assistant\) "
+                                         r"verbatim"):
+        chat.render({"messages": convo}, tok, "mem:1")
+    tok.extra = {"tokenizer.chat_template": "{{ raise_exception('no system role here') }}"}
+    with pytest.raises(ValueError, match=r"mem:1: the model's chat template failed on this record "
+                                         r"\(no system role here\)"):
+        chat.render({"messages": convo}, tok, "mem:1")

@@ -5,12 +5,14 @@ JSON Lines records (``data.py``) may hold, instead of a plain text field:
 * ``{"prompt": str, "completion": str}``: the text is prompt + completion; only the completion and
   the end-of-text id after it are targets (the model learns to answer and to stop);
 * ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``: the
-  conversation rendered in the chat format of the model family, told by the tokenizer's special
-  tokens: ChatML for Qwen2 (``<|im_start|>{role}\\n{content}<|im_end|>\\n``), the Llama 3 header
-  format (``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``, after
-  ``<|begin_of_text|>``). Only each assistant message's content and the token that closes it
-  (``<|im_end|>`` / ``<|eot_id|>``) are targets. No system message is added: put one in the data if
-  the model was tuned with one.
+  conversation rendered by the model's own chat template when its tokenizer carries one
+  (``tokenizer.chat_template``, kept by ``convert`` from Hugging Face and GGUF files; rendered with
+  jinja2 as ``transformers``' ``apply_chat_template`` does, default system prompts included), else in
+  the format of the model family told by the tokenizer's special tokens: ChatML for Qwen2
+  (``<|im_start|>{role}\\n{content}<|im_end|>\\n``), the Llama 3 header format
+  (``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``, after
+  ``<|begin_of_text|>``; no system message is added). Only each assistant message's content and the
+  special token that closes it (``<|im_end|>`` / ``<|eot_id|>``) are targets.
 
 ``render`` gives the text and its target spans (character ranges); ``encode_with_targets`` tokenises
 the whole text as Hugging Face's ``apply_chat_template`` + tokenize would (template tokens and
@@ -21,6 +23,7 @@ tensor carries ids and the loss mask through the cache, the sharding and the bat
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
 CHATML = ("<|im_start|>", "<|im_end|>")
@@ -48,6 +51,11 @@ def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, in
     Texts are NFC-normalised first when the tokenizer normalises (so spans stay where encode sees them)."""
     nfc = (lambda s: unicodedata.normalize("NFC", s)) if getattr(tokenizer, "nfc", False) else (lambda s: s)
     if "messages" in record:
+        template = chat_template(tokenizer)
+        if template is not None:
+            messages = _checked_messages(record["messages"], where, nfc)
+            text = render_template(template, messages, tokenizer, False, where)
+            return text, _assistant_spans(text, messages, tokenizer, where), False
         try:
             fmt = chat_format(tokenizer)
         except ValueError as exc:
@@ -61,19 +69,83 @@ def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, in
     return prompt + completion, [(len(prompt), len(prompt) + len(completion))], True
 
 
-def _render_messages(messages, fmt: str, where: str, nfc) -> tuple[str, list[tuple[int, int]], bool]:
+def _checked_messages(messages, where: str, nfc) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    parts: list[str] = ["<|begin_of_text|>"] if fmt == "llama3" else []
-    spans: list[tuple[int, int]] = []
-    pos = len(parts[0]) if parts else 0
+    out = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         content = m.get("content") if isinstance(m, dict) else None
         if role not in ROLES or not isinstance(content, str):
             raise ValueError(f"{where}: messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': "
                              f"str}}; got {m!r:.120}")
-        content = nfc(content)
+        out.append({"role": role, "content": nfc(content)})
+    return out
+
+
+def chat_template(tokenizer) -> str | None:
+    """The model's own jinja chat template (``tokenizer.chat_template`` metadata), if any."""
+    t = (getattr(tokenizer, "extra", None) or {}).get("tokenizer.chat_template")
+    return t if isinstance(t, str) and t.strip() else None
+
+
+def render_template(template: str, messages: list[dict], tokenizer, add_generation_prompt: bool, where: str) -> str:
+    """``template`` rendered as ``transformers``' ``apply_chat_template(tokenize=False)`` does: a
+    sandboxed jinja2 environment with trim_blocks / lstrip_blocks and loop controls, ``tojson``,
+    ``raise_exception`` and ``strftime_now``, and the bos/eos token strings."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    names = {}
+    for key, ident in (("bos_token", getattr(tokenizer, "bos_id", None)), ("eos_token", getattr(tokenizer, "eos_id", None))):
+        if ident is not None:
+            names[key] = tokenizer.token_bytes(ident).decode("utf-8", errors="replace")
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **names)
+    except jinja2.exceptions.TemplateError as exc:
+        raise ValueError(f"{where}: the model's chat template failed on this record ({exc})") from None
+
+
+def _assistant_spans(text: str, messages: list[dict], tokenizer, where: str) -> list[tuple[int, int]]:
+    """Where each assistant message's content appears in the rendered ``text`` (in order), extended
+    over the special token that follows it (the one closing the turn)."""
+    specials = sorted(getattr(tokenizer, "special_tokens", {}) or {}, key=len, reverse=True)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = text.find(m["content"], cursor)
+        if start < 0:
+            raise ValueError(f"{where}: the chat template does not show messages[{i}] (assistant) verbatim; "
+                             f"its tokens cannot be marked as targets")
+        end = start + len(m["content"])
+        end += next((len(s) for s in specials if text.startswith(s, end)), 0)
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def _render_messages(messages, fmt: str, where: str, nfc) -> tuple[str, list[tuple[int, int]], bool]:
+    messages = _checked_messages(messages, where, nfc)
+    parts: list[str] = ["<|begin_of_text|>"] if fmt == "llama3" else []
+    spans: list[tuple[int, int]] = []
+    pos = len(parts[0]) if parts else 0
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
         if fmt == "chatml":
             head, close, tail = f"<|im_start|>{role}\n", "<|im_end|>", "\n"
         else:
@@ -90,6 +162,13 @@ def _render_messages(messages, fmt: str, where: str, nfc) -> tuple[str, list[tup
 def generation_prompt(messages: list[dict], tokenizer) -> tuple[str, int]:
     """``messages`` rendered as for training, followed by the header of the assistant's turn: the text
     to continue, and the id of the token that closes the answer (where generation stops)."""
+    template = chat_template(tokenizer)
+    if template is not None:
+        text = render_template(template, _checked_messages(messages, "generate", lambda s: s), tokenizer, True,
+                               "generate")
+        special = getattr(tokenizer, "special_tokens", {}) or {}
+        close = special.get("<|im_end|>", special.get("<|eot_id|>", getattr(tokenizer, "eos_id", None)))
+        return text, close
     fmt = chat_format(tokenizer)
     text, _, _ = _render_messages(messages, fmt, "generate", lambda s: s)
     if fmt == "chatml":
