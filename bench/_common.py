@@ -119,6 +119,20 @@ class MemoryBoundRun:
                           "provider": provider, "ms": ms, "bytes": nbytes, "gbs": gbs,
                           "pct_copy": gbs / self.copy_gbs})
 
+    def measure(self, op: str, shape: str, call, inputs: tuple, grads, nbytes: tuple[int, int], what: str,
+                **extra) -> None:
+        """Every provider's forward and backward on ``inputs`` (``call(provider_fn, *inputs)``), as a
+        fwd and a bwd row moving ``nbytes`` = (forward bytes, backward bytes); a provider that fails
+        is recorded and skipped."""
+        for name, fn in self.providers.items():
+            try:
+                fwd, bwd = fwd_bwd_ms(lambda *xs, fn=fn: call(fn, *xs), inputs, grads, rep=self.rep, dev=self.dev)
+            except Exception as e:  # noqa: BLE001  (recorded; the bench goes on)
+                self.fail(f"{name} {what}", e)
+                continue
+            self.add(op, "fwd", shape, name, fwd, nbytes[0], **extra)
+            self.add(op, "bwd", shape, name, bwd, nbytes[1], **extra)
+
     def fail(self, what: str, e: Exception) -> None:
         self.meta["failed"].append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
         print(f"FAILED {self.meta['failed'][-1]}")

@@ -53,15 +53,8 @@ def main() -> None:
         cos, sin = (t.to(run.dtype) for t in rope_tables(s, d, 1e6, device=dev))
         grads = (torch.randn_like(q), torch.randn_like(k))
         nbytes = 2 * b * s * (hq + hkv) * d * run.elem
-        shape = f"{b}x{s}x{hq}/{hkv}x{d}"
-        for name, fn in run.providers.items():
-            try:
-                fwd, bwd = _common.fwd_bwd_ms(lambda q_, k_: fn(q_, k_, cos, sin), (q, k), grads, rep=run.rep, dev=dev)
-            except Exception as e:  # noqa: BLE001  (recorded; the bench goes on)
-                run.fail(f"{name} {model} B={b}", e)
-                continue
-            run.add("rope", "fwd", shape, name, fwd, nbytes, model=model)
-            run.add("rope", "bwd", shape, name, bwd, nbytes, model=model)
+        run.measure("rope", f"{b}x{s}x{hq}/{hkv}x{d}", lambda fn, q_, k_: fn(q_, k_, cos, sin), (q, k), grads,
+                    (nbytes, nbytes), f"{model} B={b}", model=model)
     run.finish("rope")
 
 

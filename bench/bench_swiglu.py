@@ -59,14 +59,8 @@ def main() -> None:
         u = torch.randn(t, w, device=dev, dtype=run.dtype).requires_grad_()
         dy = torch.randn(t, w, device=dev, dtype=run.dtype)
         n = t * w
-        for name, fn in run.providers.items():
-            try:
-                fwd, bwd = _common.fwd_bwd_ms(fn, (g, u), dy, rep=run.rep, dev=dev)
-            except Exception as e:  # noqa: BLE001  (recorded; the bench goes on)
-                run.fail(f"{name} {model} {t}x{w}", e)
-                continue
-            run.add("swiglu", "fwd", f"{t}x{w}", name, fwd, 3 * n * run.elem, model=model)
-            run.add("swiglu", "bwd", f"{t}x{w}", name, bwd, 5 * n * run.elem, model=model)
+        run.measure("swiglu", f"{t}x{w}", lambda fn, g_, u_: fn(g_, u_), (g, u), dy,
+                    (3 * n * run.elem, 5 * n * run.elem), f"{model} {t}x{w}", model=model)
         del g, u, dy
     run.finish("swiglu")
 
