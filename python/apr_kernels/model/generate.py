@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rope import apply_rope, rope_tables
+from .rope import rope_tables
 from .transformer import Transformer
 
 
@@ -39,11 +39,7 @@ class KVCache:
 
 def _attention_step(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int) -> torch.Tensor:
     b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim)
-    k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
-    v = attn.v_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim)
-    q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype), attn.rope_type)
-    k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype), attn.rope_type)
+    q, k, v = attn.rotated_qkv(x, cos, sin)  # the model's own eager projections and rotation
     keys, values = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
     # the prompt block is causal; a single new token sees every cached position
     o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=t > 1 and cache.length == 0,

@@ -42,10 +42,10 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + self.lora_delta(x)
 
-    def merged_weight(self) -> torch.Tensor:
-        """``W + scale * B A`` in fp32 (then the weight's dtype)."""
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W + scale * B A`` computed in fp32, returned in ``dtype`` (default: the weight's)."""
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        return (self.weight.float() + delta).to(self.weight.dtype)
+        return (self.weight.float() + delta).to(dtype or self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_rank={self.rank}, lora_scale={self.scale:g}"

@@ -87,10 +87,10 @@ class Attention(nn.Module):
             parts = tuple(y + m.lora_delta(x) if hasattr(m, "lora_delta") else y for y, m in zip(parts, p))
         return parts
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False,
-                docs: DocumentMask | None = None):
-        """``cos``/``sin``: ``[S, D/2]`` tables, or with ``docs`` ``[B*S, D/2]``, one row per token
-        (positions restart at each document)."""
+    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False,
+                    packed: bool = False):
+        """q ``[B, S, Hq, D]`` and k, v ``[B, S, Hkv, D]`` of ``x`` ``[B, S, hidden]``, q and k rotated by
+        the tables. ``packed``: all tokens as one row ``[1, B*S, H, D]`` (views), for per-token tables."""
         b, s, _ = x.shape
         if fast:
             q, k, v = self._qkv_fused(x)
@@ -99,13 +99,21 @@ class Attention(nn.Module):
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
-        if docs is not None:  # all tokens as one row (views): the tables and the spans address them
+        if packed:  # the tables and the spans address the tokens of all rows in order
             q, k, v = (t.reshape(1, b * s, t.shape[2], t.shape[3]) for t in (q, k, v))
         if fast:  # q and k rotated in one pass; the backward keeps only the tables
             q, k = _ops().rope(q, k, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
         else:
             q = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype), self.rope_type)
             k = apply_rope(k, cos.to(k.dtype), sin.to(k.dtype), self.rope_type)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False,
+                docs: DocumentMask | None = None):
+        """``cos``/``sin``: ``[S, D/2]`` tables, or with ``docs`` ``[B*S, D/2]``, one row per token
+        (positions restart at each document)."""
+        b, s, _ = x.shape
+        q, k, v = self.rotated_qkv(x, cos, sin, fast, packed=docs is not None)
         if fast and docs is not None:  # packed spans: each document attends only within itself
             d = docs.documents
             o = _ops().attention(q[0], k[0], v[0], causal=True, cu_seqlens=d.cu_seqlens, max_seqlen=d.max_seqlen)

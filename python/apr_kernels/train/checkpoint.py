@@ -86,8 +86,7 @@ def merged_weights(model) -> dict[str, torch.Tensor]:
         if name.endswith((".lora_A", ".lora_B")):
             continue
         m = adapted.get(name)
-        out[name] = ((m.weight.float() + (m.lora_B.float() @ m.lora_A.float()) * m.scale) if m is not None
-                     else p.detach())
+        out[name] = m.merged_weight(torch.float32).detach() if m is not None else p.detach()
     return out
 
 
