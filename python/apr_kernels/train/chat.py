@@ -23,6 +23,7 @@ tensor carries ids and the loss mask through the cache, the sharding and the bat
 
 from __future__ import annotations
 
+import functools
 import json
 import unicodedata
 
@@ -89,10 +90,11 @@ def chat_template(tokenizer) -> str | None:
     return t if isinstance(t, str) and t.strip() else None
 
 
-def render_template(template: str, messages: list[dict], tokenizer, add_generation_prompt: bool, where: str) -> str:
-    """``template`` rendered as ``transformers``' ``apply_chat_template(tokenize=False)`` does: a
-    sandboxed jinja2 environment with trim_blocks / lstrip_blocks and loop controls, ``tojson``,
-    ``raise_exception`` and ``strftime_now``, and the bos/eos token strings."""
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    """``template`` compiled once (a corpus renders it per record) in the environment ``transformers``'
+    ``apply_chat_template`` uses: sandboxed jinja2 with trim_blocks / lstrip_blocks and loop controls,
+    ``tojson``, ``raise_exception`` and ``strftime_now``."""
     import datetime
 
     import jinja2
@@ -109,13 +111,21 @@ def render_template(template: str, messages: list[dict], tokenizer, add_generati
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def render_template(template: str, messages: list[dict], tokenizer, add_generation_prompt: bool, where: str) -> str:
+    """``template`` rendered as ``transformers``' ``apply_chat_template(tokenize=False)`` does, with
+    the bos/eos token strings."""
+    import jinja2
+
+    compiled = _compiled_template(template)
     names = {}
     for key, ident in (("bos_token", getattr(tokenizer, "bos_id", None)), ("eos_token", getattr(tokenizer, "eos_id", None))):
         if ident is not None:
             names[key] = tokenizer.token_bytes(ident).decode("utf-8", errors="replace")
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **names)
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **names)
     except jinja2.exceptions.TemplateError as exc:
         raise ValueError(f"{where}: the model's chat template failed on this record ({exc})") from None
 
@@ -181,13 +191,8 @@ def encode_with_targets(tokenizer, text: str, spans: list[tuple[int, int]],
     """Token ids of ``text`` (special tokens recognised) and, per token, whether it is a target."""
     ids = tokenizer.encode(text, special=True)
     # character spans -> byte spans (token boundaries are byte offsets)
-    starts = {}
-    byte = 0
-    for ch_pos, ch in enumerate(text):
-        starts[ch_pos] = byte
-        byte += len(ch.encode("utf-8"))
-    starts[len(text)] = byte
-    byte_spans = [(starts[a], starts[b]) for a, b in spans]
+    byte = len(text.encode("utf-8"))
+    byte_spans = [(len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))) for a, b in spans]
     targets, offset = [], 0
     for i in ids:
         targets.append(any(a <= offset < b for a, b in byte_spans))

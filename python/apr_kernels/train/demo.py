@@ -122,9 +122,10 @@ def run_demo(args) -> int:
           + " ".join(shlex.quote(str(f)) for f in eval_files)
           + f" --seq-len {SEQ_LEN} --max-tokens {EVAL_TOKENS}")
     prompt = "def "
-    ids = generate(trainer.model, torch.tensor([tok.encode(prompt, special=False)]), 48, temperature=0.8, top_k=50,
-                   eos_id=tok.eos_id, generator=torch.Generator().manual_seed(0), vocab_size=tok.vocab_size)
-    new = ids[0, len(tok.encode(prompt, special=False)):].tolist()
+    prompt_ids = tok.encode(prompt, special=False)
+    ids = generate(trainer.model, torch.tensor([prompt_ids]), 48, temperature=0.8, top_k=50, eos_id=tok.eos_id,
+                   generator=torch.Generator().manual_seed(0), vocab_size=tok.vocab_size)
+    new = ids[0, len(prompt_ids):].tolist()
     new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
     print(f"demo: a sample from the trained model (apr-kernels generate --init {shlex.quote(str(ckpt))} "
           f"--prompt {shlex.quote(prompt)}):\n" + "\n".join("  | " + line for line in (prompt + tok.decode(new)).splitlines()))
