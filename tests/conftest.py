@@ -2,11 +2,19 @@
 
 import os
 import random
+import sys
 import tempfile
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
+
+# `python -m pytest` puts the working directory first on sys.path; from the repository root its
+# kernels/ folder (the Triton sources, installed as apr_kernels.kernels) would shadow the PyPI package
+# `kernels` that transformers >= 5.25 imports. The tests use the installed package, not the tree.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 
 HAS_CUDA = torch.cuda.is_available()
 # The trainer's token cache goes to a folder of this test session, never to ~/.cache (subprocesses
