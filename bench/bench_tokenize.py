@@ -1,9 +1,11 @@
 """Training-data tokenisation: MB/s and peak memory of turning text files into one token stream.
 
-    python3 bench/bench_tokenize.py [--smoke | --quick] [--out DIR] [--mb MB]
+    python3 bench/bench_tokenize.py [--smoke | --quick] [--out DIR] [--mb MB] [--tokenizer qwen2|mistral]
 
 Corpus: the first ``--mb`` megabytes (default 64, i.e. all of it: about 31 MB; quick 16; smoke 1) of
-CPython's own standard library sources (``.py`` files, sorted, site-packages left out), with the real Qwen2.5 tokenizer.
+CPython's own standard library sources (``.py`` files, sorted, site-packages left out), with a real
+tokenizer: Qwen2.5's byte-level BPE (default), or ``--tokenizer mistral``, Mistral 7B v0.1's
+SentencePiece BPE (the ``tokenizer.model`` in ``mistral-common``; Llama 2's kind of tokenizer).
 Each provider produces the whole stream (document ids, an end-of-text id after each document) in a
 fresh subprocess, so its peak resident memory is its own; all must produce the same ids:
 
@@ -13,8 +15,10 @@ fresh subprocess, so its peak resident memory is its own; all must produce the s
   hf_tokenizers    Hugging Face ``tokenizers`` (the Rust tokenizer built from the same vocabulary and
                    merges), ``encode_batch`` over the texts (its own thread pool), ids concatenated
                    into an int64 tensor: what a `datasets`-free user script does
-  tiktoken_batch   tiktoken's ``encode_ordinary_batch`` (threads) on the same ranks, after the NFC
-                   normalisation the Qwen2 tokenizer prescribes, then an int64 tensor
+  tiktoken_batch   (qwen2) tiktoken's ``encode_ordinary_batch`` (threads) on the same ranks, after the
+                   NFC normalisation the Qwen2 tokenizer prescribes, then an int64 tensor
+  sentencepiece    (mistral) the ``sentencepiece`` library's batch ``encode`` (threads) on the model
+                   file, then an int64 tensor
 
 Rows: op tokenize, provider, mb, tokens, s, mb_per_s, peak_mib (resident-memory growth of the
 subprocess while tokenising, the text read in included).
@@ -35,7 +39,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-PROVIDERS = ("apr", "apr_1thread", "hf_tokenizers", "tiktoken_batch")
+PROVIDERS = {"qwen2": ("apr", "apr_1thread", "hf_tokenizers", "tiktoken_batch"),
+             "mistral": ("apr", "apr_1thread", "hf_tokenizers", "sentencepiece")}
+
+
+def mistral_model() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        raise SystemExit("--tokenizer mistral needs the mistral-common package (it ships the tokenizer.model)")
+    return Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+
+
+def load_tokenizer(name: str):
+    from apr_kernels.tokenizer import Tokenizer
+
+    if name == "qwen2":
+        return Tokenizer.qwen2()
+    from apr_kernels.convert.spm_model import read_spm_model
+
+    return Tokenizer.from_metadata(read_spm_model(mistral_model()))
 
 
 def corpus(mb: float) -> list[Path]:
@@ -53,14 +77,12 @@ def corpus(mb: float) -> list[Path]:
     return out
 
 
-def run_one(provider: str, mb: float) -> dict:
+def run_one(provider: str, mb: float, tokenizer: str) -> dict:
     """Tokenise the corpus with ``provider`` in this process; its numbers as a dict."""
     import torch
 
-    from apr_kernels.tokenizer import Tokenizer
-
     files = corpus(mb)
-    tok = Tokenizer.qwen2()
+    tok = load_tokenizer(tokenizer)
     eos = tok.eos_id
     if provider == "hf_tokenizers":
         from tokenizers import Tokenizer as HFTokenizer
@@ -68,6 +90,10 @@ def run_one(provider: str, mb: float) -> dict:
         from apr_kernels.convert.hf_tokenizer import hf_tokenizer_files
 
         hf = HFTokenizer.from_str(json.dumps(hf_tokenizer_files(tok)[0]))
+    elif provider == "sentencepiece":
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_model()))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if provider in ("apr", "apr_1thread"):
@@ -79,6 +105,8 @@ def run_one(provider: str, mb: float) -> dict:
         if provider == "hf_tokenizers":
             encs = hf.encode_batch(texts, add_special_tokens=False)
             ids = [i for e in encs for i in e.ids + [eos]]
+        elif provider == "sentencepiece":
+            ids = [i for b in sp.encode(texts, num_threads=os.cpu_count() or 1) for i in b + [eos]]
         else:  # with the tokenizer's NFC normalisation (Qwen2's), which tiktoken itself does not apply
             if tok.nfc:
                 texts = [unicodedata.normalize("NFC", t) for t in texts]
@@ -88,7 +116,7 @@ def run_one(provider: str, mb: float) -> dict:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     nbytes = sum(f.stat().st_size for f in files)
-    return {"op": "tokenize", "provider": provider, "files": len(files), "mb": nbytes / 1e6,
+    return {"op": "tokenize", "tokenizer": tokenizer, "provider": provider, "files": len(files), "mb": nbytes / 1e6,
             "tokens": int(stream.numel()), "checksum": int(stream.long().sum()), "s": seconds,
             "mb_per_s": nbytes / 1e6 / seconds, "peak_mib": (peak - base) / 1024}
 
@@ -101,16 +129,20 @@ def _read(path: Path) -> str | None:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--one":  # the child process of one provider
-        print(json.dumps(run_one(sys.argv[2], float(sys.argv[3]))))
+    if len(sys.argv) == 5 and sys.argv[1] == "--one":  # the child process of one provider
+        print(json.dumps(run_one(sys.argv[2], float(sys.argv[3]), sys.argv[4])))
         return
-    args = _common.parse_args(__doc__.splitlines()[0],
-                              lambda p: p.add_argument("--mb", type=float, default=None, help="corpus size"))
+
+    def options(p):
+        p.add_argument("--mb", type=float, default=None, help="corpus size")
+        p.add_argument("--tokenizer", choices=sorted(PROVIDERS), default="qwen2")
+
+    args = _common.parse_args(__doc__.splitlines()[0], options)
     mb = args.mb or (1 if args.smoke else 16 if args.quick else 64)
     rows = []
-    for provider in PROVIDERS:
-        proc = subprocess.run([sys.executable, __file__, "--one", provider, str(mb)], capture_output=True,
-                              text=True, timeout=1800)
+    for provider in PROVIDERS[args.tokenizer]:
+        proc = subprocess.run([sys.executable, __file__, "--one", provider, str(mb), args.tokenizer],
+                              capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
             print(f"  {provider}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
             continue
@@ -130,7 +162,9 @@ def main() -> None:
         print(f"apr vs the fastest other ({best['provider']}): {best['s'] / apr['s']:.2f}x the speed, "
               f"{best['peak_mib'] / max(apr['peak_mib'], 1):.1f}x less peak memory")
     _common.print_table(rows, ["provider", "mb", "tokens", "s", "mb_per_s", "peak_mib", "apr_speedup"])
-    print("wrote", _common.write_results("tokenize", rows, args.out, {"ours": ["apr", "apr_1thread"], "mb": mb}))
+    name = "tokenize" if args.tokenizer == "qwen2" else f"tokenize_{args.tokenizer}"
+    print("wrote", _common.write_results(name, rows, args.out, {"ours": ["apr", "apr_1thread"], "mb": mb,
+                                                                "tokenizer": args.tokenizer}))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from apr_kernels.tokenizer_spm import MODEL_TYPES as SPM_MODEL_TYPES, SentencePieceTokenizer
+
 # Pre-tokenisation regexes by `tokenizer.pre_type` (llama.cpp's names where it has one).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN2_PATTERN = (
@@ -275,14 +277,20 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, object], path: str | Path | None = None) -> "Tokenizer":
-        """From the ``tokenizer.*`` keys of APR metadata (``path`` only names the file in errors)."""
+        """From the ``tokenizer.*`` keys of APR metadata (``path`` only names the file in errors).
+
+        A SentencePiece tokenizer (``tokenizer.model_type`` ``llama``: Llama 1/2, Mistral) comes back
+        as a :class:`~apr_kernels.tokenizer_spm.SentencePieceTokenizer`, which has this interface."""
         where = f"{path}: metadata" if path else "metadata"
+        model = str(meta.get("tokenizer.model_type", meta.get("tokenizer.model", "bpe"))).lower()
+        if model in SPM_MODEL_TYPES:
+            return SentencePieceTokenizer.from_metadata(meta, path)
         vocab = meta.get("tokenizer.vocabulary")
         if not isinstance(vocab, list) or not vocab or not all(isinstance(t, str) for t in vocab):
             raise ValueError(f"{where}: tokenizer.vocabulary must be a non-empty array of strings")
-        model = meta.get("tokenizer.model_type", meta.get("tokenizer.model", "bpe"))
-        if str(model).lower() not in ("bpe", "gpt2"):
-            raise ValueError(f"{where}: tokenizer.model_type {model!r} is not supported (expected 'bpe')")
+        if model not in ("bpe", "gpt2"):
+            raise ValueError(f"{where}: tokenizer.model_type {model!r} is not supported (expected 'bpe' for "
+                             f"byte-level BPE or 'llama' for SentencePiece BPE)")
         raw_merges = meta.get("tokenizer.merges")
         if not isinstance(raw_merges, list) or not all(isinstance(m, str) and " " in m for m in raw_merges):
             raise ValueError(f"{where}: tokenizer.merges must be an array of \"left right\" strings")
@@ -370,6 +378,15 @@ class Tokenizer:
             pos = m.end()
         self._encode_ordinary(text[pos:], out)
         return out
+
+    def encode_with_offsets(self, text: str, *, special: bool = True) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and the offsets in the UTF-8 bytes of the (NFC-normalised) text where
+        each token begins, plus where the last one ends (``len(ids) + 1`` offsets)."""
+        ids = self.encode(text, special=special)
+        offsets = [0]
+        for i in ids:
+            offsets.append(offsets[-1] + len(self._id_to_bytes[i]))
+        return ids, offsets
 
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
         if not text:

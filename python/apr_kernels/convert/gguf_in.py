@@ -102,6 +102,7 @@ def _tokenizer(kv: dict, path: Path) -> dict | None:
                      ("tokenizer.ggml.eos_token_id", "tokenizer.eos_token_id"),
                      ("tokenizer.ggml.padding_token_id", "tokenizer.padding_token_id"),
                      ("tokenizer.ggml.add_bos_token", "tokenizer.add_bos_token"),
+                     ("tokenizer.ggml.add_space_prefix", "tokenizer.add_space_prefix"),
                      ("tokenizer.chat_template", "tokenizer.chat_template")):
         if src in kv:
             value = kv[src]
@@ -109,14 +110,18 @@ def _tokenizer(kv: dict, path: Path) -> dict | None:
     pre = kv.get("tokenizer.ggml.pre")
     if model == "gpt2":
         meta["tokenizer.pre_type"] = _GGUF_PRE_TYPES.get(str(pre), str(pre)) if pre else "gpt2"
+    elif pre:
+        meta["tokenizer.pre_type"] = str(pre)
+    if model in ("gpt2", "llama"):  # byte-level BPE; SentencePiece BPE (Llama 1/2, Mistral)
         from apr_kernels.tokenizer import Tokenizer
 
         try:
             Tokenizer.from_metadata(meta, path=path)
         except ValueError as exc:
             warn(f"embedded the GGUF tokenizer as is, but apr_kernels cannot run it: {exc}")
-    elif pre:
-        meta["tokenizer.pre_type"] = str(pre)
+    else:
+        warn(f"{path}: GGUF tokenizer model {model!r} embedded as is; apr_kernels runs 'gpt2' (byte-level "
+             "BPE) and 'llama' (SentencePiece BPE) tokenizers only")
     return meta
 
 

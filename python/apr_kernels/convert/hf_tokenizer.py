@@ -1,8 +1,10 @@
-"""Hugging Face tokenizer files <-> APR ``tokenizer.*`` metadata (byte-level BPE only).
+"""Hugging Face tokenizer files <-> APR ``tokenizer.*`` metadata.
 
-Reads ``tokenizer.json`` (or ``vocab.json`` + ``merges.txt``) plus ``tokenizer_config.json`` for the
-special-token names and chat template; writes a ``tokenizer.json`` + ``tokenizer_config.json`` that
-``transformers.AutoTokenizer`` / ``PreTrainedTokenizerFast`` loads.
+Byte-level BPE (GPT-2, Qwen2, Llama 3): ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``.
+SentencePiece BPE (Llama 1/2, Mistral): a ``tokenizer.json`` whose BPE works on "▁"-for-space text
+with byte fallback, or a SentencePiece ``tokenizer.model`` alone. ``tokenizer_config.json`` gives the
+special-token names, ``add_bos_token`` and the chat template. Writes a ``tokenizer.json`` +
+``tokenizer_config.json`` that ``transformers.AutoTokenizer`` / ``PreTrainedTokenizerFast`` loads.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from pathlib import Path
 
 from apr_kernels.tokenizer import (NFC_PRE_TYPES, PRE_PATTERNS, TOKEN_CONTROL, TOKEN_NORMAL,
                                    Tokenizer)
+from apr_kernels.tokenizer_spm import BYTE, SPACE, UNKNOWN, UNUSED, SentencePieceTokenizer
+
+from .spm_model import read_spm_model
 
 
 def _load_json(path: Path) -> dict:
@@ -50,11 +55,93 @@ def _pre_type(path: Path, pre: dict | None, normalizer: dict | None) -> str:
                      f"pre_type ({sorted(PRE_PATTERNS)})")
 
 
+def _nodes(node: dict | None, key: str) -> list[dict]:
+    """The steps of a normalizer / pre-tokenizer (a Sequence's list, or the node itself)."""
+    if not node:
+        return []
+    return list(node.get(key) or []) if node.get("type") == "Sequence" else [node]
+
+
+def _sentencepiece_scheme(path: Path, data: dict) -> tuple[bool, str] | None:
+    """(add_space_prefix, ``tokenizer.prepend_scheme``) when tokenizer.json is a SentencePiece-style
+    BPE ("▁" for spaces: Llama 1/2, Mistral), None for any other tokenizer."""
+    norms = _nodes(data.get("normalizer"), "normalizers")
+    pres = _nodes(data.get("pre_tokenizer"), "pretokenizers")
+    replaces = any(n.get("type") == "Replace" and (n.get("pattern") or {}).get("String") == " "
+                   and n.get("content") == SPACE for n in norms)
+    metaspace = [p for p in pres if p.get("type") == "Metaspace"]
+    if not replaces and not metaspace:
+        return None
+    for n in norms:
+        if n.get("type") not in ("Prepend", "Replace") or (n.get("type") == "Prepend" and n.get("prepend") != SPACE):
+            raise ValueError(f"{path}: normalizer step {n.get('type')!r} is not supported in a SentencePiece-style "
+                             "tokenizer (expected Prepend('▁') and Replace(' ', '▁'))")
+    if metaspace:
+        if len(pres) != 1 or metaspace[0].get("replacement", SPACE) != SPACE:
+            raise ValueError(f"{path}: pre_tokenizer {data.get('pre_tokenizer')!r} is not supported (expected "
+                             "one Metaspace('▁'))")
+        m = metaspace[0]
+        if m.get("split", True):
+            raise ValueError(f"{path}: pre_tokenizer Metaspace split=true is not supported (expected split=false, "
+                             "as Llama and Mistral tokenizers have; a tokenizer.model next to it is read instead)")
+        scheme = m.get("prepend_scheme") or ("always" if m.get("add_prefix_space", True) else "never")
+        return scheme != "never", f"metaspace_{scheme}"
+    if pres:
+        raise ValueError(f"{path}: pre_tokenizer {data.get('pre_tokenizer')!r} is not supported in a "
+                         "SentencePiece-style tokenizer (expected none or Metaspace)")
+    return any(n.get("type") == "Prepend" for n in norms), "always"
+
+
+def _sentencepiece_json(path: Path, model: dict, scheme: tuple[bool, str], added: list[dict]) -> dict:
+    """SentencePiece metadata from a tokenizer.json BPE model: each piece's score is minus the index of
+    the first merge that makes it (the merges of these files are ordered by SentencePiece score)."""
+    vocab, merges = model.get("vocab") or {}, model.get("merges") or []
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    size = max([*vocab.values(), *(a["id"] for a in added)]) + 1
+    pieces: list[str | None] = [None] * size
+    for piece, i in vocab.items():
+        pieces[i] = piece
+    rank: dict[str, int] = {}
+    for k, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", "", 1), k)
+    types, scores = [TOKEN_NORMAL] * size, [0.0] * size
+    for i, piece in enumerate(pieces):
+        if piece is None:
+            continue
+        if model.get("byte_fallback") and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            types[i] = BYTE
+        elif piece == model.get("unk_token"):
+            types[i] = UNKNOWN
+        elif len(piece) > 1 and piece not in rank:
+            types[i] = UNUSED  # no merge makes it: BPE never produces it
+        scores[i] = -float(rank.get(piece, 0))
+    for a in added:
+        pieces[a["id"]] = a["content"]
+        if types[a["id"]] != UNKNOWN:
+            types[a["id"]] = TOKEN_CONTROL
+    for i, piece in enumerate(pieces):
+        if piece is None:  # a hole in the id space: an unmatched placeholder
+            pieces[i], types[i] = f"<|unused_{i}|>", TOKEN_CONTROL
+    meta: dict[str, object] = {
+        "tokenizer.model_type": "llama", "tokenizer.vocab_size": size, "tokenizer.vocabulary": pieces,
+        "tokenizer.scores": scores, "tokenizer.token_type": types, "tokenizer.add_space_prefix": scheme[0],
+    }
+    if scheme[0] and scheme[1] != "always":
+        meta["tokenizer.prepend_scheme"] = scheme[1]
+    return meta
+
+
 def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | None:
     """``tokenizer.*`` metadata from a Hugging Face folder, or None when it holds no tokenizer files."""
     folder = Path(folder)
     tj, vj, mt = folder / "tokenizer.json", folder / "vocab.json", folder / "merges.txt"
+    sp_model = folder / "tokenizer.model"
+    tc_path = folder / "tokenizer_config.json"
+    tcfg = _load_json(tc_path) if tc_path.is_file() else {}
     added: list[dict] = []
+    for tid, entry in (tcfg.get("added_tokens_decoder") or {}).items():
+        added.append({"id": int(tid), "content": entry["content"]})
+    meta = None
     if tj.is_file():
         data = _load_json(tj)
         model = data.get("model") or {}
@@ -62,21 +149,34 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
             raise ValueError(f"{tj}: model type {model.get('type')!r} is not supported (expected BPE)")
         if model.get("ignore_merges"):
             raise ValueError(f"{tj}: model.ignore_merges=true is not supported")
+        added = [*(data.get("added_tokens") or []), *added]
+        scheme = _sentencepiece_scheme(tj, data)
+        if scheme is not None:
+            meta = _sentencepiece_json(tj, model, scheme, added)
         vocab, merges = model.get("vocab") or {}, model.get("merges") or []
         merges = [m if isinstance(m, str) else " ".join(m) for m in merges]  # newer files: [left, right]
-        added = data.get("added_tokens") or []
-        pre_type = _pre_type(tj, data.get("pre_tokenizer"), data.get("normalizer"))
+        pre_type = _pre_type(tj, data.get("pre_tokenizer"), data.get("normalizer")) if meta is None else None
     elif vj.is_file() and mt.is_file():
         vocab = _load_json(vj)
         lines = mt.read_text(encoding="utf-8").splitlines()
         merges = [ln for ln in lines if ln and not ln.startswith("#version")]
         pre_type = "gpt2"
+    elif sp_model.is_file():
+        meta = read_spm_model(sp_model)
+        pieces, types = meta["tokenizer.vocabulary"], meta["tokenizer.token_type"]
+        for a in added:  # tokens added on top of the SentencePiece model (chat markers of fine-tunes)
+            if a["id"] >= len(pieces):
+                pieces.extend(f"<|unused_{i}|>" for i in range(len(pieces), a["id"] + 1))
+                types.extend([TOKEN_CONTROL] * (len(pieces) - len(types)))
+                meta["tokenizer.scores"].extend([0.0] * (len(pieces) - len(meta["tokenizer.scores"])))
+            pieces[a["id"]] = a["content"]
+            if types[a["id"]] != UNKNOWN:
+                types[a["id"]] = TOKEN_CONTROL
+        meta["tokenizer.vocab_size"] = len(pieces)
     else:
         return None
-    tc_path = folder / "tokenizer_config.json"
-    tcfg = _load_json(tc_path) if tc_path.is_file() else {}
-    for tid, entry in (tcfg.get("added_tokens_decoder") or {}).items():
-        added.append({"id": int(tid), "content": entry["content"]})
+    if meta is not None:
+        return _finish(meta, folder, tcfg, config)
     size = max([*vocab.values(), *(a["id"] for a in added)]) + 1
     tokens: list[str | None] = [None] * size
     types = [TOKEN_NORMAL] * size
@@ -94,7 +194,23 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
     for i, t in enumerate(tokens):
         if t is None:  # a hole in the id space: an unmatched placeholder
             tokens[i], types[i] = f"<|unused_{i}|>", TOKEN_CONTROL
-    ids = {t: i for i, t in enumerate(tokens)}
+    meta: dict[str, object] = {
+        "tokenizer.model_type": "bpe",
+        "tokenizer.pre_type": pre_type,
+        "tokenizer.vocab_size": size,
+        "tokenizer.vocabulary": tokens,
+        "tokenizer.merges": merges,
+        "tokenizer.token_type": types,
+    }
+    return _finish(meta, folder, tcfg, config)
+
+
+def _finish(meta: dict, folder: Path, tcfg: dict, config: dict | None) -> dict:
+    """Special-token ids by name, the chat template and ``add_bos_token`` from tokenizer_config.json;
+    then the metadata is checked by building the tokenizer."""
+    ids: dict[str, int] = {}
+    for i, t in enumerate(meta["tokenizer.vocabulary"]):
+        ids.setdefault(t, i)
 
     def special_id(key: str) -> int | None:
         value = tcfg.get(key)
@@ -105,14 +221,6 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
         cfg_value = (config or {}).get(f"{key}_id")
         return cfg_value if isinstance(cfg_value, int) else None
 
-    meta: dict[str, object] = {
-        "tokenizer.model_type": "bpe",
-        "tokenizer.pre_type": pre_type,
-        "tokenizer.vocab_size": size,
-        "tokenizer.vocabulary": tokens,
-        "tokenizer.merges": merges,
-        "tokenizer.token_type": types,
-    }
     for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding")):
         value = special_id(key)
         if value is not None:
@@ -125,13 +233,51 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
     return meta
 
 
-def hf_tokenizer_files(tok: Tokenizer) -> tuple[dict, dict]:
+def _sentencepiece_tokenizer_json(tok: SentencePieceTokenizer, added: list[dict]) -> dict:
+    """A Llama-style tokenizer.json: BPE over "▁"-for-space text with byte fallback, merges ordered
+    by score (what transformers' Llama converter writes)."""
+    pieces = tok.pieces
+    scheme = tok.prepend_scheme
+    # SentencePiece's rule ("always") is the legacy normalizer form; the others are Metaspace's
+    metaspace = tok.add_space_prefix and scheme != "always"
+    steps = []
+    if tok.add_space_prefix and not metaspace:
+        steps.append({"type": "Prepend", "prepend": SPACE})
+    steps.append({"type": "Replace", "pattern": {"String": " "}, "content": SPACE})
+    decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]
+    if tok.add_space_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    bos = tok.extra.get("tokenizer.add_bos_token") and tok.bos_id is not None
+    single = ([{"SpecialToken": {"id": pieces[tok.bos_id], "type_id": 0}}] if bos else []) + \
+        [{"Sequence": {"id": "A", "type_id": 0}}]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None if metaspace else {"type": "Sequence", "normalizers": steps},
+        "pre_tokenizer": ({"type": "Metaspace", "replacement": SPACE, "split": False,
+                           "prepend_scheme": scheme.removeprefix("metaspace_")} if metaspace else None),
+        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": single + [
+            {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {pieces[tok.bos_id]: {"id": pieces[tok.bos_id], "ids": [tok.bos_id],
+                                                    "tokens": [pieces[tok.bos_id]]}} if bos else {}},
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[tok.unk_id] if tok.unk_id is not None else None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {p: i for i, p in enumerate(pieces)},
+                  "merges": [f"{a} {b}" for a, b in tok.merges()]},
+    }
+
+
+def hf_tokenizer_files(tok: Tokenizer | SentencePieceTokenizer) -> tuple[dict, dict]:
     """(tokenizer.json, tokenizer_config.json) contents for ``tok``."""
     meta = tok.to_metadata()
     vocab_list = meta["tokenizer.vocabulary"]
     special = set(tok.special_tokens.values())
     added = [{"id": i, "content": vocab_list[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for i in sorted(special)]
+    if isinstance(tok, SentencePieceTokenizer):
+        return _sentencepiece_tokenizer_json(tok, added), _tokenizer_config(tok, vocab_list, special)
     tj = {
         "version": "1.0",
         "truncation": None,
@@ -149,15 +295,20 @@ def hf_tokenizer_files(tok: Tokenizer) -> tuple[dict, dict]:
                   "vocab": {t: i for i, t in enumerate(vocab_list) if i not in special},
                   "merges": meta["tokenizer.merges"]},
     }
+    return tj, _tokenizer_config(tok, vocab_list, special)
+
+
+def _tokenizer_config(tok, vocab_list: list[str], special: set[int]) -> dict:
     names = {i: vocab_list[i] for i in special}
     tcfg: dict[str, object] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     for attr, key in (("bos_id", "bos_token"), ("eos_id", "eos_token"), ("pad_id", "pad_token")):
         i = getattr(tok, attr)
         if i is not None:
             tcfg[key] = names.get(i, vocab_list[i])
-    if "tokenizer.chat_template" in tok.extra:
-        tcfg["chat_template"] = tok.extra["tokenizer.chat_template"]
-    return tj, tcfg
+    for key in ("chat_template", "add_bos_token"):
+        if f"tokenizer.{key}" in tok.extra:
+            tcfg[key] = tok.extra[f"tokenizer.{key}"]
+    return tcfg
 
 
 def write_hf_tokenizer(tok: Tokenizer, folder: str | Path) -> None:

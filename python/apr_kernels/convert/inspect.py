@@ -120,7 +120,8 @@ def validate(path: str) -> list[str]:
             f.config
         except ValueError as exc:
             problems.append(str(exc))
-        if meta.get("tokenizer.vocabulary") is not None and str(meta.get("tokenizer.model_type", "bpe")) == "bpe":
+        kind = str(meta.get("tokenizer.model_type", meta.get("tokenizer.model", "bpe"))).lower()
+        if meta.get("tokenizer.vocabulary") is not None and kind in ("bpe", "gpt2", "llama"):
             from apr_kernels.tokenizer import Tokenizer
 
             try:

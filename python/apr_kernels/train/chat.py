@@ -132,7 +132,7 @@ def render_template(template: str, messages: list[dict], tokenizer, add_generati
 
 def _assistant_spans(text: str, messages: list[dict], tokenizer, where: str) -> list[tuple[int, int]]:
     """Where each assistant message's content appears in the rendered ``text`` (in order), extended
-    over the special token that follows it (the one closing the turn)."""
+    over the special token that follows it (the one closing the turn), spaces between included."""
     specials = sorted(getattr(tokenizer, "special_tokens", {}) or {}, key=len, reverse=True)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
@@ -143,7 +143,8 @@ def _assistant_spans(text: str, messages: list[dict], tokenizer, where: str) -> 
             raise ValueError(f"{where}: the chat template does not show messages[{i}] (assistant) verbatim; "
                              f"its tokens cannot be marked as targets")
         end = start + len(m["content"])
-        end += next((len(s) for s in specials if text.startswith(s, end)), 0)
+        after = len(text) - len(text[end:].lstrip(" "))  # Llama 2's template puts " " before </s>
+        end = next((after + len(s) for s in specials if text.startswith(s, after)), end)
         spans.append((start, end))
         cursor = end
     return spans
@@ -189,15 +190,14 @@ def generation_prompt(messages: list[dict], tokenizer) -> tuple[str, int]:
 def encode_with_targets(tokenizer, text: str, spans: list[tuple[int, int]],
                         where: str = "chat") -> tuple[list[int], list[bool]]:
     """Token ids of ``text`` (special tokens recognised) and, per token, whether it is a target."""
-    ids = tokenizer.encode(text, special=True)
+    ids, offsets = tokenizer.encode_with_offsets(text, special=True)
     # character spans -> byte spans (token boundaries are byte offsets)
     byte = len(text.encode("utf-8"))
     byte_spans = [(len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))) for a, b in spans]
-    targets, offset = [], 0
-    for i in ids:
-        targets.append(any(a <= offset < b for a, b in byte_spans))
-        offset += len(tokenizer.token_bytes(i))
-    if offset != byte:
-        raise ValueError(f"{where}: the tokens of the rendered record cover {offset} bytes, the text {byte}; "
-                         f"the tokenizer does not round-trip this text")
+    if offsets[-1] != byte:
+        raise ValueError(f"{where}: the tokens of the rendered record cover {offsets[-1]} bytes, the text "
+                         f"{byte}; the tokenizer does not round-trip this text")
+    # a token is a target when it holds text of an answer: SentencePiece tokens carry the space
+    # before a word, so the answer's first token starts before the answer does
+    targets = [any(start < b and end > a for a, b in byte_spans) for start, end in zip(offsets, offsets[1:])]
     return ids, targets

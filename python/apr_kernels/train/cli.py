@@ -351,6 +351,8 @@ def cmd_generate(args) -> int:
     from apr_kernels.model.generate import generate
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
+    from .data import document_bos
+
     dev = pick_device(args.device)
     model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
@@ -367,6 +369,9 @@ def cmd_generate(args) -> int:
         stops.add(close)
     else:
         prompt = tok.encode(args.prompt, special=False) if args.prompt else []
+        bos = document_bos(tok)
+        if bos is not None:  # documents start so in training
+            prompt = [bos] + prompt
     if not prompt:  # an empty prompt starts a fresh document: what follows an end-of-text id in training
         if eos is None:
             raise ValueError(f"{args.init}: an empty --prompt needs the tokenizer's end-of-text id; give a prompt")
@@ -379,7 +384,9 @@ def cmd_generate(args) -> int:
     cut = next((i for i, t in enumerate(new) if t in stops), None)
     if cut is not None:
         new = new[:cut]
-    completion = tok.decode(new)
+    # the text the new tokens add to the prompt's (a SentencePiece decode of them alone would drop
+    # the space that starts the first)
+    completion = tok.decode(prompt + new)[len(tok.decode(prompt)):]
     if args.json:
         print(json.dumps({"event": "generate", "prompt": args.prompt, "completion": completion,
                           "tokens": len(new)}))

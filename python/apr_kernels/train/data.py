@@ -171,9 +171,18 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 1) // local_ranks))
 
 
+def document_bos(tokenizer) -> int | None:
+    """The id put before each document: the begin-of-text id when the tokenizer adds one, as Hugging
+    Face tokenizers do (``tokenizer.add_bos_token``), else None."""
+    extra = getattr(tokenizer, "extra", {}) or {}
+    return getattr(tokenizer, "bos_id", None) if extra.get("tokenizer.add_bos_token") is True else None
+
+
 def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None,
                    workers: int | None = None, text_field: str = TEXT_FIELD) -> torch.Tensor:
-    """One int32 stream: each document's ids followed by the end-of-text id. Stops after ``max_tokens``.
+    """One int32 stream: each document's ids followed by the end-of-text id, and preceded by the
+    begin-of-text id when the tokenizer adds one (``tokenizer.add_bos_token``: Llama 2/3, Mistral; a
+    chat record's template writes its own). Stops after ``max_tokens``.
 
     Documents are read and encoded by ``workers`` threads (default: ``default_workers()``; the tiktoken
     encoder releases the GIL) a bounded window ahead, and kept in order. Each document's ids become an
@@ -184,11 +193,14 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
     from . import chat
 
     eos = getattr(tokenizer, "eos_id", None)
+    bos = document_bos(tokenizer)
 
     def encode(path) -> torch.Tensor | None:
         ids: list[int] = []
         for doc in documents_of(path, text_field):
             if isinstance(doc, str):
+                if bos is not None:
+                    ids.append(bos)
                 ids += tokenizer.encode(doc, special=False)  # a "<|endoftext|>" in the text is just text
                 if eos is not None:
                     ids.append(eos)
@@ -242,7 +254,8 @@ def default_cache_dir() -> Path:
 def token_cache_key(files: list[Path], tokenizer, max_tokens: int | None, text_field: str = TEXT_FIELD) -> str:
     import hashlib
 
-    h = hashlib.sha256(f"{_CACHE_VERSION}\x00{tokenizer.fingerprint()}\x00{max_tokens}\x00{text_field}".encode())
+    h = hashlib.sha256(f"{_CACHE_VERSION}\x00{tokenizer.fingerprint()}\x00{max_tokens}\x00{text_field}"
+                       f"\x00{document_bos(tokenizer)}".encode())
     for f in files:
         st = os.stat(f)
         h.update(f"\x00{os.path.abspath(f)}\x00{st.st_size}\x00{st.st_mtime_ns}".encode())
