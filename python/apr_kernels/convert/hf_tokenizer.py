@@ -92,11 +92,26 @@ def _sentencepiece_scheme(path: Path, data: dict) -> tuple[bool, str] | None:
     return any(n.get("type") == "Prepend" for n in norms), "always"
 
 
-def _sentencepiece_json(path: Path, model: dict, scheme: tuple[bool, str], added: list[dict]) -> dict:
+def _place_added(pieces: list, types: list, added: list[dict], scores: list | None = None) -> None:
+    """Put the added tokens (special, matched literally) at their ids, growing the lists as needed,
+    and fill any hole in the id space with an unmatched placeholder."""
+    size = max([len(pieces), *(a["id"] + 1 for a in added)])
+    for lst, fill in ((pieces, None), (types, TOKEN_CONTROL), (scores, 0.0)):
+        if lst is not None:
+            lst.extend([fill] * (size - len(lst)))
+    for a in added:
+        pieces[a["id"]] = a["content"]
+        if types[a["id"]] != UNKNOWN:
+            types[a["id"]] = TOKEN_CONTROL
+    for i, piece in enumerate(pieces):
+        if piece is None:
+            pieces[i], types[i] = f"<|unused_{i}|>", TOKEN_CONTROL
+
+
+def _sentencepiece_json(model: dict, vocab: dict, merges: list[str], scheme: tuple[bool, str],
+                        added: list[dict]) -> dict:
     """SentencePiece metadata from a tokenizer.json BPE model: each piece's score is minus the index of
     the first merge that makes it (the merges of these files are ordered by SentencePiece score)."""
-    vocab, merges = model.get("vocab") or {}, model.get("merges") or []
-    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
     size = max([*vocab.values(), *(a["id"] for a in added)]) + 1
     pieces: list[str | None] = [None] * size
     for piece, i in vocab.items():
@@ -115,13 +130,7 @@ def _sentencepiece_json(path: Path, model: dict, scheme: tuple[bool, str], added
         elif len(piece) > 1 and piece not in rank:
             types[i] = UNUSED  # no merge makes it: BPE never produces it
         scores[i] = -float(rank.get(piece, 0))
-    for a in added:
-        pieces[a["id"]] = a["content"]
-        if types[a["id"]] != UNKNOWN:
-            types[a["id"]] = TOKEN_CONTROL
-    for i, piece in enumerate(pieces):
-        if piece is None:  # a hole in the id space: an unmatched placeholder
-            pieces[i], types[i] = f"<|unused_{i}|>", TOKEN_CONTROL
+    _place_added(pieces, types, added, scores)
     meta: dict[str, object] = {
         "tokenizer.model_type": "llama", "tokenizer.vocab_size": size, "tokenizer.vocabulary": pieces,
         "tokenizer.scores": scores, "tokenizer.token_type": types, "tokenizer.add_space_prefix": scheme[0],
@@ -150,11 +159,11 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
         if model.get("ignore_merges"):
             raise ValueError(f"{tj}: model.ignore_merges=true is not supported")
         added = [*(data.get("added_tokens") or []), *added]
-        scheme = _sentencepiece_scheme(tj, data)
-        if scheme is not None:
-            meta = _sentencepiece_json(tj, model, scheme, added)
         vocab, merges = model.get("vocab") or {}, model.get("merges") or []
         merges = [m if isinstance(m, str) else " ".join(m) for m in merges]  # newer files: [left, right]
+        scheme = _sentencepiece_scheme(tj, data)
+        if scheme is not None:
+            meta = _sentencepiece_json(model, vocab, merges, scheme, added)
         pre_type = _pre_type(tj, data.get("pre_tokenizer"), data.get("normalizer")) if meta is None else None
     elif vj.is_file() and mt.is_file():
         vocab = _load_json(vj)
@@ -163,16 +172,9 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
         pre_type = "gpt2"
     elif sp_model.is_file():
         meta = read_spm_model(sp_model)
-        pieces, types = meta["tokenizer.vocabulary"], meta["tokenizer.token_type"]
-        for a in added:  # tokens added on top of the SentencePiece model (chat markers of fine-tunes)
-            if a["id"] >= len(pieces):
-                pieces.extend(f"<|unused_{i}|>" for i in range(len(pieces), a["id"] + 1))
-                types.extend([TOKEN_CONTROL] * (len(pieces) - len(types)))
-                meta["tokenizer.scores"].extend([0.0] * (len(pieces) - len(meta["tokenizer.scores"])))
-            pieces[a["id"]] = a["content"]
-            if types[a["id"]] != UNKNOWN:
-                types[a["id"]] = TOKEN_CONTROL
-        meta["tokenizer.vocab_size"] = len(pieces)
+        # tokens added on top of the SentencePiece model (chat markers of fine-tunes)
+        _place_added(meta["tokenizer.vocabulary"], meta["tokenizer.token_type"], added, meta["tokenizer.scores"])
+        meta["tokenizer.vocab_size"] = len(meta["tokenizer.vocabulary"])
     else:
         return None
     if meta is not None:
@@ -188,12 +190,7 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
     for tok, i in vocab.items():
         if len(tok) > 1 and tok not in produced:
             types[i] = TOKEN_CONTROL
-    for a in added:
-        tokens[a["id"]] = a["content"]
-        types[a["id"]] = TOKEN_CONTROL
-    for i, t in enumerate(tokens):
-        if t is None:  # a hole in the id space: an unmatched placeholder
-            tokens[i], types[i] = f"<|unused_{i}|>", TOKEN_CONTROL
+    _place_added(tokens, types, added)
     meta: dict[str, object] = {
         "tokenizer.model_type": "bpe",
         "tokenizer.pre_type": pre_type,
