@@ -28,6 +28,16 @@ of 2048 tokens holding documents of random lengths (mean ~500, seeded), forward+
 
 FLOPs of the packed rows: the sum over documents of 4·Hq·L²·D/2 (what is needed), for every provider.
 
+Sliding window (``attention(..., window=W)``, Mistral's ``sliding_window``): the Mistral-7B heads
+(32/8, D 128), B 2, S 8192, W 4096, forward+backward. Providers:
+
+  apr_window          apr_kernels.attention with window=W (key blocks before the window skipped)
+  apr_causal          the same without the window (what attending to everything costs)
+  sdpa_mask_gqa       SDPA with the [S, S] causal band mask and enable_gqa (what eager code does)
+  flex_window         FlexAttention with a sliding-window block mask (compiled; skipped if unavailable)
+
+FLOPs of the window rows: 4·B·Hq·D·Σ_i min(i + 1, W) (the visible pairs), for every provider.
+
 --quick keeps apr and the two enable_gqa SDPA backends (no expanded K/V) with fewer repetitions.
 A time budget (--budget, default 30 s quick / 95 s full, from the start of the run) is checked
 before each shape: what does not fit is skipped with a note. Order: S 1024 and 4096 (both models),
@@ -267,31 +277,92 @@ def document_rows(args, dev, dtype, rows: list) -> None:
     q, k, v = inputs(B, S, hq, hkv, d, dtype, dev)
     f1 = 4 * hq * d * sum_sq / 2
     rep = 3 if args.smoke else 5 if args.quick else 10
+    fields = {"op": "attention_documents", "model": model, "B": B, "S": S, "Hq": hq, "Hkv": hkv, "D": d,
+              "docs": sum(map(len, docs))}
+    masked_rows(args, provs, (q, k, v), f1, fields, dev, dtype, rep, rows, "apr_varlen",
+                ("sdpa_mask_expand", "flex_document"))
+    print(f"  packed documents B={B} S={S} ({sum(map(len, docs))} documents): {time.monotonic() - t0:.1f} s",
+          flush=True)
+
+
+def masked_rows(args, provs: dict, qkv, f1: float, fields: dict, dev, dtype, rep: int, rows: list, ours: str,
+                baselines: tuple) -> None:
+    """Time each provider (fwd and fwd+bwd rows with ``fields``; ``f1``: forward FLOPs); ``ours`` rows
+    get ``vs_best_masked`` = the fastest of ``baselines`` / ours."""
     new = []
     for name, fn in provs.items():
         try:
-            m = measure(fn, q, k, v, dev, rep)
+            m = measure(fn, *qkv, dev, rep)
         except Exception as e:  # noqa: BLE001 -- a backend refusing the input skips its row
-            print(f"  documents {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+            print(f"  {fields['op']} {name}: skipped ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:100] if str(e) else ''})")
             continue
         for mode, flops in (("fwd", f1), ("fwd+bwd", 3.5 * f1)):
-            row = {"op": "attention_documents", "mode": mode, "model": model, "B": B, "S": S, "Hq": hq,
-                   "Hkv": hkv, "D": d, "docs": sum(map(len, docs)), "dtype": str(dtype).replace("torch.", ""),
-                   "provider": name, "ms": m[mode], "flops": flops, "tflops": flops / (m[mode] * 1e-3) / 1e12,
-                   "warm_s": m["warm_s"]}
+            row = {**fields, "mode": mode, "dtype": str(dtype).replace("torch.", ""), "provider": name,
+                   "ms": m[mode], "flops": flops, "tflops": flops / (m[mode] * 1e-3) / 1e12, "warm_s": m["warm_s"]}
             if mode == "fwd+bwd" and m["mem"] is not None:
                 row["peak_mem_mb"] = m["mem"]
             new.append(row)
     for mode in ("fwd", "fwd+bwd"):
-        others = [r["ms"] for r in new if r["mode"] == mode and r["provider"] in ("sdpa_mask_expand", "flex_document")]
+        others = [r["ms"] for r in new if r["mode"] == mode and r["provider"] in baselines]
         for r in new:
-            if r["mode"] == mode and r["provider"] == "apr_varlen" and others:
+            if r["mode"] == mode and r["provider"] == ours and others:
                 r["vs_best_masked"] = min(others) / r["ms"]
     rows.extend(new)
     if args.out or not args.smoke:  # keep what was measured if the run is cut short
         _common.write_results("attention", rows, args.out)
-    print(f"  packed documents B={B} S={S} ({sum(map(len, docs))} documents): {time.monotonic() - t0:.1f} s",
-          flush=True)
+
+
+# ---------------------------------------------------------------------------- sliding window
+
+
+def window_providers(dev: torch.device, S: int, W: int, flex: bool) -> dict:
+    band = torch.ones(S, S, dtype=torch.bool, device=dev).tril() & ~torch.ones(S, S, dtype=torch.bool,
+                                                                                 device=dev).tril(-W)
+
+    def apr_window(q, k, v):
+        return apr_kernels.attention(q, k, v, window=W)
+
+    def sdpa_mask_gqa(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=band, enable_gqa=True).transpose(1, 2)
+
+    provs = {"apr_window": apr_window, "apr_causal": _apr, "sdpa_mask_gqa": sdpa_mask_gqa}
+    if dev.type == "cuda" and flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def sliding_causal(b, h, qi, ki):
+                return (ki <= qi) & (qi - ki < W)
+
+            block = create_block_mask(sliding_causal, None, None, S, S, device=dev)
+            flex_fn = torch.compile(flex_attention)
+
+            def flex_window(q, k, v):
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                return flex_fn(qt, kt, vt, block_mask=block, enable_gqa=True).transpose(1, 2)
+
+            provs["flex_window"] = flex_window
+        except Exception as e:  # noqa: BLE001 -- an optional baseline
+            print(f"  flex_window: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+    return provs
+
+
+def window_rows(args, dev, dtype, rows: list) -> None:
+    B, S, W = (1, 96, 24) if args.smoke else (2, 8192, 4096)
+    if left_s(args) < (0 if args.smoke else 20):
+        print(f"  sliding window: skipped ({left_s(args):.0f} s of the budget left)")
+        return
+    model = "mistral-7b"
+    hq, hkv, d = MODELS["llama-3-8b"]  # Mistral 7B has the same heads: 32 query, 8 key/value, D 128
+    t0 = time.monotonic()
+    provs = window_providers(dev, S, W, flex=left_s(args) > 60)
+    pairs = sum(min(i + 1, W) for i in range(S))
+    fields = {"op": "attention_window", "model": model, "B": B, "S": S, "Hq": hq, "Hkv": hkv, "D": d, "window": W}
+    rep = 3 if args.smoke else 5 if args.quick else 10
+    masked_rows(args, provs, inputs(B, S, hq, hkv, d, dtype, dev), 4 * B * hq * d * pairs, fields, dev, dtype,
+                rep, rows, "apr_window", ("sdpa_mask_gqa", "flex_window"))
+    print(f"  sliding window B={B} S={S} W={W}: {time.monotonic() - t0:.1f} s", flush=True)
 
 
 # -------------------------------------------------------------------------------------- tune
@@ -389,11 +460,13 @@ def main() -> None:
             # be), then the rest
             run_shapes(args, dev, dtype, rows, shapes[:4])
             document_rows(args, dev, dtype, rows)
+            window_rows(args, dev, dtype, rows)
             autotune_vs_default(args, dev, dtype, rows, [])
             run_shapes(args, dev, dtype, rows, shapes[4:])
         else:
             run_shapes(args, dev, dtype, rows, shapes)
             document_rows(args, dev, dtype, rows)
+            window_rows(args, dev, dtype, rows)
         path = _common.write_results("attention", rows, args.out)
         cols = ["op", "model", "S", "mode", "provider", "ms", "tflops", "peak_mem_mb", "vs_best_sdpa",
                 "vs_best_masked"]

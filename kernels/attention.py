@@ -87,9 +87,19 @@ def _slab(P, off_b, sb, tok0, ss, off_h, sh):
 
 
 @triton.jit
+def _window_span(m0, full_hi, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks of the rows [m0, m0 + BLOCK_M) under a causal window (row i sees keys i - WINDOW + 1
+    .. i): [lo, win_hi) holds keys only some rows see (masked), [win_hi, full_hi) keys all rows see."""
+    lo = tl.maximum(m0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    first_all = tl.maximum(m0 + BLOCK_M - WINDOW, 0)  # the first key the block's last row sees
+    win_hi = tl.minimum(tl.maximum((first_all + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lo), full_hi)
+    return lo, win_hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, S,
-               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+               qk_scale, WINDOW, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, SLIDING: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -100,12 +110,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
             keep = cols[None, :] < S
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
+            if SLIDING:
+                keep = keep & (cols[None, :] > offs_m[:, None] - WINDOW)
             qk = tl.where(keep, qk, float("-inf"))
-        # Every row sees at least one unmasked column by the end of its first visited block, so
-        # m_new is finite and alpha = exp2(-inf) = 0 on the first step (no NaN).
+        # Without a window every row sees at least one unmasked column by the end of its first
+        # visited block, so m_new is finite and alpha = exp2(-inf) = 0 on the first step (no NaN).
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
+        m_use = m_new
+        if SLIDING:  # a block at the window's edge may hide every column from a row: keep p = 0, not NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(qk - m_use[:, None])
         v = _load_tile(v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, S, offs_d,
                        HEAD_DIM, MASKED, EVEN_D)
         acc = acc * alpha[:, None]
@@ -118,10 +133,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
-              S, H_Q, G, qk_scale,
+              S, H_Q, G, qk_scale, WINDOW,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-              DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
+              DOT_PREC: tl.constexpr, VARLEN: tl.constexpr, SLIDING: tl.constexpr):
     pid_bh = tl.program_id(0)  # axis 0 (no 65535 limit); all heads of one row block run together
     pid_m = tl.program_id(1)
     if CAUSAL:
@@ -151,10 +166,19 @@ def _attn_fwd(Q, K, V, O, LSE, CU,
     else:
         full_hi = (S // BLOCK_N) * BLOCK_N
         tail_hi = S
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, 0, full_hi,
-                               S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, DOT_PREC)
+    lo = 0
+    if SLIDING:  # keys before the window are skipped; blocks at its edge are masked
+        lo, win_hi = _window_span(start_m * BLOCK_M, full_hi, WINDOW, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, lo, win_hi,
+                                   S, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, True, DOT_PREC)
+        lo = win_hi
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, lo, full_hi,
+                               S, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, False, DOT_PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, full_hi,
-                               tail_hi, S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, DOT_PREC)
+                               tail_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, SLIDING,
+                               DOT_PREC)
+    if SLIDING:  # padding rows past S may see no key in their window (never stored): no 0/0
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
     _store_tile(_slab(O, off_b, sob, tok0, sos, off_h, soh) + offs_m[:, None] * sos + offs_d[None, :],
@@ -182,9 +206,9 @@ def _attn_bwd_delta(O, DO, DELTA, sob, sos, soh, sdob, sdos, sdoh, S, H_Q,
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sdos, offs_n, offs_d,
-                    lo, hi, S, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    lo, hi, S, qk_scale, WINDOW, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASK_M: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    WINDOW_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m0
@@ -203,6 +227,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sd
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+        if WINDOW_MASK:
+            p_t = tl.where(rows[None, :] < offs_n[:, None] + WINDOW, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -214,10 +240,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sd
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
                    sdkb, sdks, sdkh, sdvb, sdvs, sdvh, slb, slh,
-                   S, H_Q, H_KV, G, qk_scale, sm_scale,
+                   S, H_Q, H_KV, G, qk_scale, sm_scale, WINDOW,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_M: tl.constexpr,
-                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
+                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
+                   SLIDING: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # causal: low n has the most query rows below it, so it starts first
     off_b = (pid_bh // H_KV).to(tl.int64)
@@ -240,6 +267,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
     else:
         lo = 0
         diag_hi = 0
+    rows_hi = S
+    if SLIDING:  # rows past the window of the block's last key see none of it: skipped
+        rows_hi = tl.minimum(lo + BLOCK_N - 1 + WINDOW, S)
     for g in range(G):  # the G query heads sharing this K/V head, summed in registers
         off_h = off_kh * G + g
         q_base = _slab(Q, off_b, sqb, tok0, sqs, off_h, sqh)
@@ -247,11 +277,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
         row0 = off_b * slb + off_h * slh + tok0
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, sqs, sdos,
-                                     offs_n, offs_d, lo, diag_hi, S, qk_scale, HEAD_DIM, BLOCK_M,
-                                     MASK_M, EVEN_D, True, DOT_PREC)
+                                     offs_n, offs_d, lo, diag_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_M,
+                                     MASK_M, EVEN_D, True, SLIDING, DOT_PREC)
+        # one pass below the diagonal (with a window, masked throughout: a second, unmasked pass for
+        # the rows that see all the block's keys costs more registers than the mask costs time)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, sqs, sdos,
-                                 offs_n, offs_d, diag_hi, S, S, qk_scale, HEAD_DIM, BLOCK_M, MASK_M,
-                                 EVEN_D, False, DOT_PREC)
+                                 offs_n, offs_d, diag_hi, rows_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_M,
+                                 MASK_M, EVEN_D, False, SLIDING, DOT_PREC)
     dk = dk * sm_scale
     _store_tile(_slab(DK, off_b, sdkb, tok0, sdks, off_kh, sdkh) + offs_n[:, None] * sdks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
@@ -261,9 +293,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo,
-                  hi, S, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  hi, S, qk_scale, WINDOW, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                   EVEN_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  SLIDING: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -277,6 +309,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, 
             keep = cols[None, :] < S
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
+            if SLIDING:
+                keep = keep & (cols[None, :] > offs_m[:, None] - WINDOW)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -287,10 +321,10 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
-                 slb, slh, S, H_Q, G, qk_scale, sm_scale,
+                 slb, slh, S, H_Q, G, qk_scale, sm_scale, WINDOW,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_PREC: tl.constexpr, VARLEN: tl.constexpr):
+                 DOT_PREC: tl.constexpr, VARLEN: tl.constexpr, SLIDING: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     if CAUSAL:
@@ -322,10 +356,16 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
     else:
         full_hi = (S // BLOCK_N) * BLOCK_N
         tail_hi = S
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, 0, full_hi, S,
-                       qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, DOT_PREC)
+    lo = 0
+    if SLIDING:
+        lo, win_hi = _window_span(start_m * BLOCK_M, full_hi, WINDOW, BLOCK_M, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, lo, win_hi, S,
+                           qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, True, DOT_PREC)
+        lo = win_hi
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, lo, full_hi, S,
+                       qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, False, DOT_PREC)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, full_hi,
-                       tail_hi, S, qk_scale, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, DOT_PREC)
+                       tail_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, SLIDING, DOT_PREC)
     dq = dq * sm_scale
     _store_tile(_slab(DQ, off_b, sdqb, tok0, sdqs, off_h, sdqh) + offs_m[:, None] * sdqs + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), offs_m, S, offs_d, HEAD_DIM)
@@ -383,7 +423,7 @@ def _meta(q: torch.Tensor) -> dict:
 
 
 def _choose(kind: str, q: torch.Tensor, pk: _Packing, hkv: int, causal: bool, config: dict | None,
-            launch) -> dict:
+            launch, window: int = 0) -> dict:
     """An explicit ``config``; else, with APR_KERNELS_AUTOTUNE=1 on CUDA, the fastest candidate for
     this shape (timed once per process); else the fixed default table."""
     if config:
@@ -393,7 +433,7 @@ def _choose(kind: str, q: torch.Tensor, pk: _Packing, hkv: int, causal: bool, co
         cands = tuning.candidates(kind, D, q.dtype, pk.seqlen, q.device)
         if len(cands) > 1:
             key = (str(q.dtype).replace("torch.", ""), pk.n_seq, pk.seqlen, HQ, hkv, D, bool(causal),
-                   pk.varlen)
+                   pk.varlen) + ((window,) if window else ())
             return tuning.pick(kind, key, cands, launch)
     return default_config(kind, D, q.dtype, pk.seqlen, q.device)
 
@@ -403,13 +443,21 @@ def _interp_bf16(*ts: torch.Tensor) -> bool:
     return not ts[0].is_cuda and ts[0].dtype == torch.bfloat16
 
 
+def _sliding(window: int, causal: bool, pk: _Packing) -> int:
+    """The window the kernels apply (0: none; a window as long as the sequence changes nothing)."""
+    if window and not causal:
+        raise ValueError("kernels/attention.py: a sliding window needs causal=True")
+    return window if 0 < window < pk.seqlen else 0
+
+
 def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, config=None,
-                  cu_seqlens=None, max_seqlen=None):
+                  cu_seqlens=None, max_seqlen=None, window: int = 0):
     """Forward. Dense: q ``[B,S,Hq,D]``, k/v ``[B,S,Hkv,D]`` -> (o ``[B,S,Hq,D]``, lse ``[B,Hq,S]``).
     Varlen (``cu_seqlens`` int32 ``[N+1]`` on q's device, ``max_seqlen`` >= every length): q
     ``[T,Hq,D]``, k/v ``[T,Hkv,D]`` -> (o ``[T,Hq,D]``, lse ``[Hq,T]``); sequence i is rows
     ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself. Any strides with a unit last
-    stride; o in q's dtype, lse fp32 natural log. ``out``/``lse`` may be preallocated (tests poison them)."""
+    stride; o in q's dtype, lse fp32 natural log. ``out``/``lse`` may be preallocated (tests poison them).
+    ``window`` > 0 (causal only): row i attends to keys i - window + 1 .. i (Mistral's sliding window)."""
     HQ, HKV = q.shape[-2], k.shape[-2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     pk = _Packing(q, cu_seqlens, max_seqlen)
@@ -417,11 +465,12 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
     if _interp_bf16(q):
         o32, _ = attention_fwd(q.float(), k.float(), v.float(), causal, scale, lse=lse, config=config,
-                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window)
         o.copy_(o32)
         return o, lse
     if o.numel() == 0 or pk.n_seq == 0 or pk.seqlen == 0:
         return o, lse
+    window = _sliding(window, causal, pk)
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
     pk.check_offsets(q, k, v, o)
     if o.stride(-1) != 1 or not lse.is_contiguous():
@@ -431,18 +480,18 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
     def launch(cfg):
         _attn_fwd[(pk.n_seq * HQ, triton.cdiv(pk.seqlen, cfg["BLOCK_M"]))](
             q, k, v, o, lse, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v), *pk.strides(o),
-            *pk.lse_strides, pk.tokens, HQ, HQ // HKV, scale * LOG2E,
-            CAUSAL=bool(causal), VARLEN=pk.varlen, **meta, **cfg)
+            *pk.lse_strides, pk.tokens, HQ, HQ // HKV, scale * LOG2E, window,
+            CAUSAL=bool(causal), VARLEN=pk.varlen, SLIDING=window > 0, **meta, **cfg)
 
-    launch(_choose("fwd", q, pk, HKV, causal, config, launch))
+    launch(_choose("fwd", q, pk, HKV, causal, config, launch, window))
     return o, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None, dq=None, dk=None,
-                  dv=None, config=None, cu_seqlens=None, max_seqlen=None):
+                  dv=None, config=None, cu_seqlens=None, max_seqlen=None, window: int = 0):
     """Backward: (dq, dk, dv) shaped like (q, k, v), in their dtype. ``dlse`` (optional, the
     gradient of lse) folds into delta. ``config`` may hold ``dkdv`` and ``dq`` launch configs.
-    ``cu_seqlens``/``max_seqlen``: the packed layout of :func:`attention_fwd`."""
+    ``cu_seqlens``/``max_seqlen``/``window``: as in :func:`attention_fwd`."""
     HQ, D = q.shape[-2], q.shape[-1]
     HKV = k.shape[-2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
@@ -451,12 +500,14 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
     pk = _Packing(q, cu_seqlens, max_seqlen)
     if _interp_bf16(q):
         grads = attention_bwd(do.float(), q.float(), k.float(), v.float(), o.float(), lse, causal,
-                              scale, dlse=dlse, config=config, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                              scale, dlse=dlse, config=config, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                              window=window)
         for dst, src in zip((dq, dk, dv), grads):
             dst.copy_(src)
         return dq, dk, dv
     if dq.numel() == 0 or pk.n_seq == 0 or pk.seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    window = _sliding(window, causal, pk)
     do, q, k, v, o = (_lastdim_contiguous(t) for t in (do, q, k, v, o))
     lse = lse.contiguous()
     pk.check_offsets(do, q, k, v, o, dq, dk, dv)
@@ -480,17 +531,18 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
         _attn_bwd_dkdv[(pk.n_seq * HKV, triton.cdiv(pk.seqlen, cfg["BLOCK_N"]))](
             q, k, v, do, dk, dv, lse, delta, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v),
             *pk.strides(do), *pk.strides(dk), *pk.strides(dv), *pk.lse_strides, pk.tokens, HQ, HKV,
-            HQ // HKV, scale * LOG2E, scale, CAUSAL=bool(causal), VARLEN=pk.varlen,
-            MASK_M=pk.varlen or pk.seqlen % cfg["BLOCK_M"] != 0, **meta, **cfg)
+            HQ // HKV, scale * LOG2E, scale, window, CAUSAL=bool(causal), VARLEN=pk.varlen,
+            SLIDING=window > 0, MASK_M=pk.varlen or pk.seqlen % cfg["BLOCK_M"] != 0, **meta, **cfg)
 
     def launch_dq(cfg):
         _attn_bwd_dq[(pk.n_seq * HQ, triton.cdiv(pk.seqlen, cfg["BLOCK_M"]))](
             q, k, v, do, dq, lse, delta, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v),
             *pk.strides(do), *pk.strides(dq), *pk.lse_strides, pk.tokens, HQ, HQ // HKV,
-            scale * LOG2E, scale, CAUSAL=bool(causal), VARLEN=pk.varlen, **meta, **cfg)
+            scale * LOG2E, scale, window, CAUSAL=bool(causal), VARLEN=pk.varlen, SLIDING=window > 0, **meta,
+            **cfg)
 
     # Each kernel only writes its outputs (no accumulation into them): timing candidates on the
     # real buffers is safe, and the chosen config's launch below rewrites them.
-    launch_dkdv(_choose("dkdv", q, pk, HKV, causal, config.get("dkdv"), launch_dkdv))
-    launch_dq(_choose("dq", q, pk, HKV, causal, config.get("dq"), launch_dq))
+    launch_dkdv(_choose("dkdv", q, pk, HKV, causal, config.get("dkdv"), launch_dkdv, window))
+    launch_dq(_choose("dq", q, pk, HKV, causal, config.get("dq"), launch_dq, window))
     return dq, dk, dv

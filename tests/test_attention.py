@@ -197,7 +197,7 @@ def test_lse_gradient(use_backend, name):
     """apr::attention_fwd's second output is differentiable too (dlse folds into delta)."""
     use_backend(name)
     q, k, v = make(1, 21, 4, 2, 16, torch.float32)
-    o, lse = torch.ops.apr.attention_fwd(q, k, v, True, 0.5)
+    o, lse = torch.ops.apr.attention_fwd(q, k, v, True, 0.5, 0)
     wo, wl = torch.randn_like(o), torch.randn_like(lse)
     ((o * wo).sum() + (lse * wl).sum()).backward()
     o64, lse64, leaves = oracle(q, k, v, True, 0.5)
@@ -211,9 +211,9 @@ def test_lse_gradient(use_backend, name):
 def test_opcheck(use_backend, name):
     use_backend(name)
     q, k, v = make(1, 9, 2, 1, 16, torch.float32)
-    torch.library.opcheck(torch.ops.apr.attention_fwd.default, (q, k, v, True, 0.25))
-    o, lse = torch.ops.apr.attention_fwd(q.detach(), k.detach(), v.detach(), False, 0.25)
-    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, None, False, 0.25)
+    torch.library.opcheck(torch.ops.apr.attention_fwd.default, (q, k, v, True, 0.25, 0))
+    o, lse = torch.ops.apr.attention_fwd(q.detach(), k.detach(), v.detach(), False, 0.25, 0)
+    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, None, False, 0.25, 0)
     torch.library.opcheck(torch.ops.apr.attention_bwd.default, args)
 
 

@@ -171,7 +171,7 @@ import torch
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 out = []
-for dt, D, causal, varlen in json.loads(sys.argv[1]):
+for dt, D, causal, varlen, sliding in json.loads(sys.argv[1]):
     tdt = getattr(torch, dt)
     tname = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dt]
     bd = max(16, 1 << (D - 1).bit_length())
@@ -180,7 +180,7 @@ for dt, D, causal, varlen in json.loads(sys.argv[1]):
     for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
         c = A.default_config(kind, D, tdt, 4096, torch.device("cuda"))
         const = dict(base, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], CAUSAL=causal,
-                     DOT_PREC="ieee" if tname == "fp32" else "tf32", VARLEN=varlen)
+                     DOT_PREC="ieee" if tname == "fp32" else "tf32", VARLEN=varlen, SLIDING=sliding)
         if kind == "dkdv":
             const["MASK_M"] = True
         jobs.append((kind, fn, const, c["num_warps"], c["num_stages"]))
@@ -201,7 +201,7 @@ for dt, D, causal, varlen in json.loads(sys.argv[1]):
         res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
         os.unlink(f.name)
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", res.stderr))
-        out.append(dict(case=[dt, D, causal, varlen, kind], rc=res.returncode, err=res.stderr[-300:], spill=spills,
+        out.append(dict(case=[dt, D, causal, varlen, sliding, kind], rc=res.returncode, err=res.stderr[-300:], spill=spills,
                         wgmma="wgmma.mma_async" in k.asm["ptx"], smem=k.metadata.shared,
                         cp_async="cp.async" in k.asm["ptx"]))
 print(json.dumps(out))
@@ -209,22 +209,27 @@ print(json.dumps(out))
 
 
 def test_kernels_compile_for_sm90_with_tensor_cores(tmp_path):
-    cases = [["bfloat16", 64, True, False], ["bfloat16", 128, False, False], ["float16", 80, True, False],
-             ["float32", 64, True, False], ["bfloat16", 128, True, False], ["bfloat16", 64, True, True],
-             ["bfloat16", 128, True, True]]
-    results = run_sm90_compile(_AOT, cases, tmp_path, timeout=240)
+    # (dtype, head_dim, causal, varlen, sliding window)
+    cases = [["bfloat16", 64, True, False, False], ["bfloat16", 128, False, False, False],
+             ["float16", 80, True, False, False], ["float32", 64, True, False, False],
+             ["bfloat16", 128, True, False, False], ["bfloat16", 64, True, True, False],
+             ["bfloat16", 128, True, True, False], ["bfloat16", 128, True, False, True],
+             ["bfloat16", 64, True, True, True]]
+    results = run_sm90_compile(_AOT, cases, tmp_path, timeout=300)
     assert len(results) == 4 * len(cases)
-    dense_spill = {tuple(r["case"][:3] + r["case"][4:]): r["spill"] for r in results if not r["case"][3]}
+    dense_spill = {(r["case"][0], r["case"][1], r["case"][2], r["case"][5]): r["spill"] for r in results
+                   if not r["case"][3] and not r["case"][4]}
     for r in results:
-        dt, D, causal, varlen, kind = r["case"]
+        dt, D, causal, varlen, sliding, kind = r["case"]
         assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
         assert r["smem"] <= 227 * 1024, f"{r['case']}: {r['smem']} B shared memory > the sm_90 limit"
         if kind != "delta" and dt != "float32":
             assert r["wgmma"], f"{r['case']}: no wgmma in the PTX (not on Hopper tensor cores)"
             assert r["cp_async"], f"{r['case']}: no cp.async in the PTX (K/V loads not pipelined)"
             # the default tiles were picked for few spills; many more means a register blow-up. The
-            # varlen variants hold a few more (sequence bounds): at most 128 B over the dense kernel.
-            limit = dense_spill.get((dt, D, causal, kind), 128) + 128 if varlen else 256
+            # varlen and sliding-window variants hold a few more (sequence bounds, window spans): at
+            # most 128 B over the plain dense kernel.
+            limit = dense_spill.get((dt, D, causal, kind), 128) + 128 if varlen or sliding else 256
             assert r["spill"] <= limit, f"{r['case']}: {r['spill']} bytes of register spill stores"
 
 

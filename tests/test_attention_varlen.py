@@ -153,10 +153,10 @@ def test_malformed_bounds_are_clamped_by_the_kernels():
 def test_opcheck(use_backend, name):
     use_backend(name)
     (q, k, v), cu, _ = packed((4, 0, 7), 2, 1, 16, torch.float32)
-    torch.library.opcheck(torch.ops.apr.attention_varlen_fwd.default, (q, k, v, cu, 7, True, 0.25))
-    o, lse = torch.ops.apr.attention_varlen_fwd(q.detach(), k.detach(), v.detach(), cu, 7, False, 0.25)
+    torch.library.opcheck(torch.ops.apr.attention_varlen_fwd.default, (q, k, v, cu, 7, True, 0.25, 0))
+    o, lse = torch.ops.apr.attention_varlen_fwd(q.detach(), k.detach(), v.detach(), cu, 7, False, 0.25, 0)
     args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, torch.randn_like(lse), cu, 7,
-            False, 0.25)
+            False, 0.25, 0)
     torch.library.opcheck(torch.ops.apr.attention_varlen_bwd.default, args)
 
 

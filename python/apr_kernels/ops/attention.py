@@ -2,14 +2,17 @@
 
 Public function (also ``apr_kernels.attention``)::
 
-    attention(q, k, v, *, causal=True, scale=None) -> o          # [B, S, Hq, D]
-    attention(q, k, v, *, cu_seqlens=cu, max_seqlen=None, causal=True, scale=None) -> o   # [T, Hq, D]
+    attention(q, k, v, *, causal=True, scale=None, window=None) -> o          # [B, S, Hq, D]
+    attention(q, k, v, *, cu_seqlens=cu, max_seqlen=None, causal=True, scale=None, window=None) -> o
 
 q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` with Hq a multiple of Hkv: query head h attends with K/V
 head ``h // (Hq // Hkv)``; K/V are never expanded. The ``[B, H, S, D]`` layout is accepted as
 ``x.transpose(1, 2)`` (a view: the kernels read it through its strides, no copy). Only self-attention
 (Sq == Sk); causal is top-left aligned (query i sees keys j <= i). ``scale`` defaults to D**-0.5.
 Softmax statistics are fp32; the output has q's dtype and is contiguous ``[B, S, Hq, D]``.
+``window`` (causal only): a sliding window of that many keys, query i sees keys i - window + 1 .. i
+(Mistral's ``sliding_window``, flash-attn's ``window_size=(window - 1, 0)``); the kernels skip the
+key blocks before it.
 
 Packed sequences (varlen, the layout of ``flash_attn_varlen_func``): with ``cu_seqlens`` (int32
 ``[N + 1]``, 0 = cu[0] <= cu[1] <= ... <= cu[N] = T, on q's device) q is ``[T, Hq, D]`` and k/v
@@ -22,10 +25,11 @@ so a wrong one cannot address memory out of bounds); CPU tensors are always chec
 
 Ops (opaque to torch.compile)::
 
-    apr::attention_fwd(q, k, v, causal, scale) -> (o, lse)          # lse [B, Hq, S], natural log
-    apr::attention_bwd(do, q, k, v, o, lse, dlse?, causal, scale) -> (dq, dk, dv)
-    apr::attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale) -> (o, lse)   # lse [Hq, T]
-    apr::attention_varlen_bwd(do, q, k, v, o, lse, dlse?, cu_seqlens, max_seqlen, causal, scale)
+    apr::attention_fwd(q, k, v, causal, scale, window) -> (o, lse)   # lse [B, Hq, S], natural log
+    apr::attention_bwd(do, q, k, v, o, lse, dlse?, causal, scale, window) -> (dq, dk, dv)
+    apr::attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, window) -> (o, lse)  # [Hq, T]
+    apr::attention_varlen_bwd(do, q, k, v, o, lse, dlse?, cu_seqlens, max_seqlen, causal, scale, window)
+    (window 0: none)
 
 Dispatch (per call, inside the op): the Triton kernels of ``apr_kernels.kernels.attention`` when
 ``apr_kernels.backend.use_triton`` says so and the kernels cover the input (fp16/bf16/fp32,
@@ -82,16 +86,17 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("apr::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                      window: int) -> tuple[Tensor, Tensor]:
     kern = _kernels_for(q, k, v)
     if kern is not None:
-        return kern.attention_fwd(q, k, v, causal, scale)
-    o, lse = ref.attention_forward_reference(q, k, v, causal, scale)
+        return kern.attention_fwd(q, k, v, causal, scale, window=window)
+    o, lse = ref.attention_forward_reference(q, k, v, causal, scale, window)
     return o.contiguous(), lse.contiguous()
 
 
 @_attention_fwd_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, window: int) -> tuple[Tensor, Tensor]:
     B, S, HQ, D = q.shape
     o = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device)
     return o, torch.empty((B, HQ, S), dtype=_lse_dtype(q.dtype), device=q.device)
@@ -99,33 +104,34 @@ def _(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tens
 
 @torch.library.custom_op("apr::attention_bwd", mutates_args=())
 def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                      dlse: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                      dlse: Optional[Tensor], causal: bool, scale: float,
+                      window: int) -> tuple[Tensor, Tensor, Tensor]:
     kern = _kernels_for(q, k, v, do)
     if kern is not None:
-        return kern.attention_bwd(do, q, k, v, o, lse, causal, scale, dlse=dlse)
-    grads = ref.attention_backward_reference(do, q, k, v, o, lse, causal, scale, dlse)
+        return kern.attention_bwd(do, q, k, v, o, lse, causal, scale, dlse=dlse, window=window)
+    grads = ref.attention_backward_reference(do, q, k, v, o, lse, causal, scale, dlse, window)
     return tuple(g.contiguous() for g in grads)
 
 
 @_attention_bwd_op.register_fake
 def _(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Optional[Tensor],
-      causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+      causal: bool, scale: float, window: int) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, window = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.window = causal, scale, window
 
 
 def _backward(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
     if do is None:  # only lse was used downstream
         do = torch.zeros_like(o)
-    dq, dk, dv = torch.ops.apr.attention_bwd(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = torch.ops.apr.attention_bwd(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -133,15 +139,16 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 @torch.library.custom_op("apr::attention_varlen_fwd", mutates_args=())
 def _attention_varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                             causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+                             causal: bool, scale: float, window: int) -> tuple[Tensor, Tensor]:
     kern = _kernels_for(q, k, v)
     if kern is not None:
-        return kern.attention_fwd(q, k, v, causal, scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    return ref.attention_varlen_forward_reference(q, k, v, cu_seqlens, causal, scale)
+        return kern.attention_fwd(q, k, v, causal, scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                  window=window)
+    return ref.attention_varlen_forward_reference(q, k, v, cu_seqlens, causal, scale, window)
 
 
 @_attention_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
     T, HQ, D = q.shape
     o = torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
     return o, torch.empty((HQ, T), dtype=_lse_dtype(q.dtype), device=q.device)
@@ -150,24 +157,25 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 @torch.library.custom_op("apr::attention_varlen_bwd", mutates_args=())
 def _attention_varlen_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                              dlse: Optional[Tensor], cu_seqlens: Tensor, max_seqlen: int, causal: bool,
-                             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                             scale: float, window: int) -> tuple[Tensor, Tensor, Tensor]:
     kern = _kernels_for(q, k, v, do)
     if kern is not None:
         return kern.attention_bwd(do, q, k, v, o, lse, causal, scale, dlse=dlse, cu_seqlens=cu_seqlens,
-                                  max_seqlen=max_seqlen)
-    return ref.attention_varlen_backward_reference(do, q, k, v, o, lse, cu_seqlens, causal, scale, dlse)
+                                  max_seqlen=max_seqlen, window=window)
+    return ref.attention_varlen_backward_reference(do, q, k, v, o, lse, cu_seqlens, causal, scale, dlse,
+                                                   window)
 
 
 @_attention_varlen_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, cu_seqlens, max_seqlen, causal, scale):
+def _(do, q, k, v, o, lse, dlse, cu_seqlens, max_seqlen, causal, scale, window):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_varlen(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal, scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, scale, window = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+    ctx.max_seqlen, ctx.causal, ctx.scale, ctx.window = max_seqlen, causal, scale, window
 
 
 def _backward_varlen(ctx, do, dlse):
@@ -175,8 +183,8 @@ def _backward_varlen(ctx, do, dlse):
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = torch.ops.apr.attention_varlen_bwd(do, q, k, v, o, lse, dlse, cu_seqlens, ctx.max_seqlen,
-                                                    ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+                                                    ctx.causal, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_varlen_fwd_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
@@ -265,8 +273,21 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, n_tokens: int, device: torch.device
     return longest if max_seqlen is None else max_seqlen
 
 
+def check_window(window, causal: bool) -> int:
+    """``window`` as the ops take it (0 = none); TypeError/ValueError naming the constraint."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise TypeError(f"{_WHERE}: window must be a positive int (keys per query) or None; got {window!r}")
+    if not causal:
+        raise ValueError(f"{_WHERE}: window={window} needs causal=True (the window reaches back from each "
+                         f"query; non-causal windows are not supported)")
+    return int(window)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
-              cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
+              cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
+              window: Optional[int] = None) -> Tensor:
     """Softmax attention ``softmax(scale * q k^T [causal mask]) v`` with grouped K/V heads.
 
     q ``[B, S, Hq, D]``; k, v ``[B, S, Hkv, D]`` (Hq % Hkv == 0, same dtype and device); returns a
@@ -274,14 +295,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
 
     With ``cu_seqlens`` (packed sequences): q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``;
     each sequence ``cu_seqlens[i]:cu_seqlens[i+1]`` attends only within itself (module docstring).
+    ``window``: causal sliding window of that many keys (query i sees keys i - window + 1 .. i).
     """
     if cu_seqlens is None:
         if max_seqlen is not None:
             raise ValueError(f"{_WHERE}: max_seqlen is only meaningful with cu_seqlens")
         scale = check_inputs(q, k, v, causal, scale)
-        o, _ = torch.ops.apr.attention_fwd(q, k, v, causal, scale)
+        o, _ = torch.ops.apr.attention_fwd(q, k, v, causal, scale, check_window(window, causal))
         return o
     scale = check_inputs(q, k, v, causal, scale, packed=True)
     max_seqlen = check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
-    o, _ = torch.ops.apr.attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    o, _ = torch.ops.apr.attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale,
+                                              check_window(window, causal))
     return o

@@ -69,10 +69,11 @@ def rms_norm_backward_reference(
 # Softmax attention with grouped K/V: query head h uses K/V head h // G, G = Hq // Hkv. Computed in
 # fp32 (fp64 for fp64 inputs), output rounded to q's dtype; the Triton kernels match this within the
 # dtype tolerances (they additionally round P to the input dtype before the P @ V product).
-# Layout [B, S, H, D]; causal means query i sees keys j <= i (Sq == Sk, top-left aligned).
+# Layout [B, S, H, D]; causal means query i sees keys j <= i (Sq == Sk, top-left aligned); a sliding
+# window w > 0 (causal only) also hides keys j <= i - w.
 
 
-def _attn_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float):
+def _attn_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, window: int = 0):
     """fp32 scores ``[B, Hkv, G, S, S]`` and the grouped fp32 q ``[B, S, Hkv, G, D]`` (K/V are
     broadcast over the group by einsum, never expanded)."""
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -81,18 +82,20 @@ def _attn_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float):
     qg = q.to(acc).reshape(B, S, HKV, HQ // HKV, D)
     s = torch.einsum("bshgd,bthd->bhgst", qg, k.to(acc)) * scale
     if causal:
-        future = torch.ones(S, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
-        s = s.masked_fill(future, float("-inf"))
+        hidden = torch.ones(S, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
+        if window > 0:
+            hidden |= torch.ones(S, k.shape[1], dtype=torch.bool, device=q.device).tril(-window)
+        s = s.masked_fill(hidden, float("-inf"))
     return s, qg
 
 
 def attention_forward_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, window: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)``: o ``[B, S, Hq, D]`` in q's dtype, lse ``[B, Hq, S]`` (natural log of the softmax
     denominator, fp32 or fp64), the statistic the backward recomputes P from."""
     B, S, HQ, D = q.shape
-    s, _ = _attn_scores(q, k, causal, scale)
+    s, _ = _attn_scores(q, k, causal, scale, window)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
     o = torch.einsum("bhgst,bthd->bshgd", p, v.to(s.dtype)).reshape(B, S, HQ, D)
@@ -101,7 +104,7 @@ def attention_forward_reference(
 
 def attention_backward_reference(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-    lse: torch.Tensor, causal: bool, scale: float, dlse: torch.Tensor | None = None,
+    lse: torch.Tensor, causal: bool, scale: float, dlse: torch.Tensor | None = None, window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` from the saved ``(o, lse)``, FlashAttention-2 style::
 
@@ -110,7 +113,7 @@ def attention_backward_reference(
     """
     B, S, HQ, D = q.shape
     HKV = k.shape[2]
-    s, qg = _attn_scores(q, k, causal, scale)
+    s, qg = _attn_scores(q, k, causal, scale, window)
     acc = s.dtype
     p = torch.exp(s - lse.to(acc).reshape(B, HKV, HQ // HKV, S, 1))
     dog = do.to(acc).reshape(qg.shape)
@@ -132,7 +135,8 @@ def _spans(cu_seqlens: torch.Tensor):
 
 
 def attention_varlen_forward_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed sequences (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, sequence i = rows
     ``cu_seqlens[i]:cu_seqlens[i+1]``, covering all T rows): :func:`attention_forward_reference` on
@@ -141,7 +145,7 @@ def attention_varlen_forward_reference(
     lse = torch.zeros((q.shape[1], q.shape[0]), dtype=torch.promote_types(q.dtype, torch.float32),
                       device=q.device)
     for a, b in _spans(cu_seqlens):
-        oi, li = attention_forward_reference(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale)
+        oi, li = attention_forward_reference(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale, window)
         o[a:b], lse[:, a:b] = oi[0], li[0]
     return o, lse
 
@@ -149,13 +153,14 @@ def attention_varlen_forward_reference(
 def attention_varlen_backward_reference(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     lse: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float, dlse: torch.Tensor | None = None,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`attention_varlen_forward_reference`, sequence by sequence."""
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     for a, b in _spans(cu_seqlens):
         g = attention_backward_reference(do[None, a:b], q[None, a:b], k[None, a:b], v[None, a:b],
                                          o[None, a:b], lse[None, :, a:b], causal, scale,
-                                         None if dlse is None else dlse[None, :, a:b])
+                                         None if dlse is None else dlse[None, :, a:b], window)
         dq[a:b], dk[a:b], dv[a:b] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
 
