@@ -24,6 +24,9 @@ def hf_model(cfg: ModelConfig, **extra):
               max_position_embeddings=cfg.max_position_embeddings, attn_implementation="eager")
     if cfg.architecture == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+    elif cfg.architecture == "mistral":
+        kw["sliding_window"] = cfg.sliding_window
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     with torch.no_grad():  # weights far from the init: norms != 1, biases != 0, larger matrices

@@ -62,6 +62,7 @@ class AprModelConfig:
     head_dim: int | None = None
     tied_embeddings: bool | None = None  # custom key written by apr import (spec 10.4)
     rope_scaling: dict | None = None  # custom key: Hugging Face rope_scaling (e.g. Llama 3's "llama3")
+    sliding_window: int | None = None  # custom key: Mistral's attention window (keys per query)
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], path: str | None = None) -> "AprModelConfig":
@@ -84,8 +85,8 @@ class AprModelConfig:
         return cls(**values)
 
     def to_metadata(self) -> dict[str, Any]:
-        """Canonical typed keys (None omitted), then the custom keys ``tied_embeddings`` and
-        ``rope_scaling``."""
+        """Canonical typed keys (None omitted), then the custom keys ``tied_embeddings``,
+        ``rope_scaling`` and ``sliding_window``."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -99,6 +100,7 @@ _KINDS = {
     "num_layers": _INT, "num_heads": _INT, "num_kv_heads": _INT, "vocab_size": _INT,
     "intermediate_size": _INT, "max_position_embeddings": _INT, "rope_theta": _FLOAT, "rope_type": _INT,
     "rms_norm_eps": _FLOAT, "head_dim": _INT, "tied_embeddings": _BOOL, "rope_scaling": _OBJ,
+    "sliding_window": _INT,
 }
 
 

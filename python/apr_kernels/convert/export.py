@@ -82,6 +82,8 @@ def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
     )
     if family == "llama":
         kwargs["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
+    if family == "mistral":
+        kwargs["sliding_window"] = cfg.sliding_window  # None: no window
     if isinstance(meta.get("rope_scaling"), dict):
         kwargs["rope_scaling"] = {**meta["rope_scaling"], "rope_theta": kwargs["rope_theta"]}
     return AutoConfig.for_model(family, **kwargs).to_dict()

@@ -122,6 +122,11 @@ def config_metadata(cfg: dict, path: Path) -> dict:
         "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
         "head_dim": cfg.get("head_dim") or hidden // heads,
     }
+    if model_type == "mistral" and cfg.get("sliding_window") is not None:
+        meta["sliding_window"] = need("sliding_window")
+    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+        raise ValueError(f"{path}: use_sliding_window=true (a window on the layers from max_window_layers on) is "
+                         f"not supported; expected false, as every released Qwen2/Qwen2.5 config has")
     if kind not in (None, "default"):
         from apr_kernels.model.rope import SUPPORTED_SCALING
 

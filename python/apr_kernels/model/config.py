@@ -1,8 +1,9 @@
 """Model configurations as data: the ``ModelConfig`` dataclass, named presets, and the mapping to and
 from the typed APR metadata (``apr_kernels.metadata.AprModelConfig``).
 
-Two families share one code path: Llama (no attention bias) and Qwen2 (bias on q/k/v only). A config
-says which through ``architecture``; everything else is plain numbers.
+Three families share one code path: Llama (no attention bias), Mistral (Llama with a sliding
+attention window) and Qwen2 (bias on q/k/v only). A config says which through ``architecture``;
+everything else is plain numbers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 # architecture family -> Hugging Face class name (the APR `hf_architecture` key)
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DECODER_FAMILIES = tuple(HF_ARCHITECTURES)
 # substrings that mark an encoder (bidirectional) model: never a causal-LM init
 ENCODER_MARKERS = ("bert", "roberta", "electra", "deberta", "encoder", "t5", "bart", "xlm")
@@ -25,7 +26,8 @@ class ModelConfig:
     ``head_dim`` defaults to ``hidden_size // num_heads``. ``rope_type`` 2 rotates split halves
     (Hugging Face ``rotate_half``), 0 rotates adjacent pairs (llama.cpp-ordered q/k rows).
     ``attention_bias`` is the Qwen2 q/k/v bias. With ``tie_word_embeddings`` the output projection is
-    the embedding matrix and no ``lm_head.weight`` parameter exists.
+    the embedding matrix and no ``lm_head.weight`` parameter exists. ``sliding_window`` (Mistral):
+    each token attends to itself and the ``sliding_window - 1`` tokens before it; None: no window.
     """
 
     architecture: str = "llama"
@@ -43,6 +45,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
     tie_word_embeddings: bool = True
+    sliding_window: int | None = None
     # where the numbers came from, for error messages only (not part of equality or to_dict)
     _source: str = dataclasses.field(default="ModelConfig", repr=False, compare=False)
 
@@ -56,7 +59,11 @@ class ModelConfig:
         """Raise ValueError naming the field when the numbers cannot describe a model."""
         if self.architecture not in DECODER_FAMILIES:
             raise ValueError(f"{source}: architecture={self.architecture!r}; expected one of "
-                             f"{', '.join(DECODER_FAMILIES)} (decoder-only Llama/Qwen2 families)")
+                             f"{', '.join(DECODER_FAMILIES)} (decoder-only Llama/Mistral/Qwen2 families)")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise ValueError(f"{source}: sliding_window={w!r}; expected a positive integer (keys each token "
+                             f"attends to) or None")
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                      "vocab_size", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -145,6 +152,7 @@ class ModelConfig:
             head_dim=self.head_dim,
             tied_embeddings=self.tie_word_embeddings,
             rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
+            sliding_window=self.sliding_window,
         )
 
     @classmethod
@@ -181,13 +189,14 @@ class ModelConfig:
             rms_norm_eps=float(apr.rms_norm_eps if apr.rms_norm_eps is not None else 1e-6),
             attention_bias=family == "qwen2",
             tie_word_embeddings=True if tied is None else bool(tied),
+            sliding_window=getattr(apr, "sliding_window", None),
             _source=f"{path or 'APR metadata'}",
         )
         return cfg
 
 
 def family_of(apr, path=None) -> str:
-    """The decoder family ("llama" or "qwen2") named by APR metadata, or a ValueError.
+    """The decoder family ("llama", "mistral" or "qwen2") named by APR metadata, or a ValueError.
 
     Looks at ``architecture``, then ``model_type``, then ``hf_architecture``. Encoders are refused
     with a message that says decoder-only models are required.
@@ -198,19 +207,18 @@ def family_of(apr, path=None) -> str:
     shown = ", ".join(f"{k}={v!r}" for k, v in names.items() if v) or "no architecture keys"
     if any(m in text for m in ENCODER_MARKERS):
         raise ValueError(f"{where}architecture family mismatch: {shown} is an encoder model; "
-                         f"expected a decoder-only causal LM (llama or qwen2)")
+                         f"expected a decoder-only causal LM (llama, mistral or qwen2)")
     for key in ("architecture", "model_type", "hf_architecture"):
         value = str(names[key] or "").lower()
         if not value:
             continue
-        if value.startswith("qwen2"):
-            return "qwen2"
-        if value.startswith("llama"):
-            return "llama"
+        for family in DECODER_FAMILIES:
+            if value.startswith(family):
+                return family
         raise ValueError(f"{where}unsupported architecture family: {shown}; expected a decoder-only "
-                         f"llama or qwen2 model")
+                         f"llama, mistral or qwen2 model")
     raise ValueError(f"{where}metadata has no architecture, model_type or hf_architecture key; "
-                     f"expected llama or qwen2")
+                     f"expected llama, mistral or qwen2")
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .rope import rope_tables
-from .transformer import Transformer
+from .transformer import Transformer, window_mask
 
 
 class KVCache:
@@ -41,8 +41,11 @@ def _attention_step(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int)
     b, t, _ = x.shape
     q, k, v = attn.rotated_qkv(x, cos, sin)  # the model's own eager projections and rotation
     keys, values = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
-    # the prompt block is causal; a single new token sees every cached position
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=t > 1 and cache.length == 0,
+    # the prompt block is causal; a single new token sees every cached position (with a sliding
+    # window, only the last ones)
+    mask = window_mask(t, attn.window, x.device, cache.length) if attn.window is not None else None
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                       is_causal=mask is None and t > 1 and cache.length == 0,
                                        scale=attn.head_dim ** -0.5,
                                        enable_gqa=attn.num_heads != attn.num_kv_heads)
     return attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))

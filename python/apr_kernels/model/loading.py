@@ -94,9 +94,9 @@ def plan(path: str | os.PathLike) -> InitPlan:
     # family vs tensor evidence (aprender section 86)
     if any(n.endswith("self_attn.q_norm.weight") for n in by_hf):
         raise PreflightError(f"{path}: architecture family mismatch: tensors include self_attn.q_norm "
-                             f"(Qwen3); expected a llama or qwen2 model")
+                             f"(Qwen3); expected a llama, mistral or qwen2 model")
     bias = sorted(n for n in by_hf if n.endswith(("self_attn.q_proj.bias", "self_attn.k_proj.bias")))
-    if family == "llama" and bias:
+    if family != "qwen2" and bias:
         raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} but the "
                              f"file has q/k/v biases ({bias[0]}, ...), which only qwen2 models have")
 

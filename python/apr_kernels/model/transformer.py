@@ -61,6 +61,14 @@ class DocumentMask(NamedTuple):
     mask: torch.Tensor | None
 
 
+def window_mask(s: int, window: int, device, offset: int = 0) -> torch.Tensor:
+    """``[s, offset + s]`` boolean (True: may attend) for queries at positions ``offset ..``: causal,
+    and at most ``window`` keys back (the key itself included)."""
+    i = torch.arange(offset, offset + s, device=device)[:, None]
+    j = torch.arange(offset + s, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v bias for Qwen2."""
 
@@ -68,6 +76,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.rope_type = cfg.rope_type
+        self.window = cfg.sliding_window  # Mistral: keys per query (None: all before it)
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
@@ -116,13 +125,18 @@ class Attention(nn.Module):
         q, k, v = self.rotated_qkv(x, cos, sin, fast, packed=docs is not None)
         if fast and docs is not None:  # packed spans: each document attends only within itself
             d = docs.documents
-            o = _ops().attention(q[0], k[0], v[0], causal=True, cu_seqlens=d.cu_seqlens, max_seqlen=d.max_seqlen)
-        elif fast:
-            o = _ops().attention(q, k, v, causal=True)  # [B, S, Hq, D]; K/V not expanded, v strided
-        elif docs is not None:  # eager: causal and same-document mask, as Hugging Face's 4-D masks
+            o = _ops().attention(q[0], k[0], v[0], causal=True, cu_seqlens=d.cu_seqlens, max_seqlen=d.max_seqlen,
+                                 window=self.window)
+        elif fast:  # [B, S, Hq, D]; K/V not expanded, v strided
+            o = _ops().attention(q, k, v, causal=True, window=self.window)
+        elif docs is not None or (self.window is not None and self.window < s):
+            # eager with a mask, as Hugging Face's 4-D masks: causal, same document, inside the window
+            mask = window_mask(s, self.window, x.device) if self.window is not None else None
+            if docs is not None:
+                mask = docs.mask if mask is None else docs.mask & mask
             q, k, v = (t.view(b, s, t.shape[2], t.shape[3]).transpose(1, 2) for t in (q, k, v))
             o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=docs.mask, scale=self.head_dim ** -0.5,
+                q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             ).transpose(1, 2)
         else:
