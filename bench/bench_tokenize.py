@@ -57,7 +57,7 @@ def load_tokenizer(name: str):
 
     if name == "qwen2":
         return Tokenizer.qwen2()
-    from apr_kernels.convert.spm_model import read_spm_model
+    from apr_kernels.spm_model import read_spm_model
 
     return Tokenizer.from_metadata(read_spm_model(mistral_model()))
 
@@ -89,7 +89,9 @@ def run_one(provider: str, mb: float, tokenizer: str) -> dict:
 
         from apr_kernels.convert.hf_tokenizer import hf_tokenizer_files
 
-        hf = HFTokenizer.from_str(json.dumps(hf_tokenizer_files(tok)[0]))
+        # ordinary text only, as the pipeline encodes documents: without its added tokens, HF would
+        # also match special-token strings written in the text ("</s>" in the stdlib's sources)
+        hf = HFTokenizer.from_str(json.dumps({**hf_tokenizer_files(tok)[0], "added_tokens": []}))
     elif provider == "sentencepiece":
         import sentencepiece
 

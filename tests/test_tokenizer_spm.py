@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import apr_kernels
 from apr_kernels.convert.hf_tokenizer import hf_tokenizer_files, read_hf_tokenizer
-from apr_kernels.convert.spm_model import read_spm_model
+from apr_kernels.spm_model import read_spm_model
 from apr_kernels.tokenizer import Tokenizer
+from apr_kernels import tokenizer_spm
 from apr_kernels.tokenizer_spm import BYTE, CONTROL, NORMAL, UNKNOWN, SentencePieceTokenizer
 from test_tokenizer import random_text, stdlib_text
 
@@ -32,6 +33,12 @@ def mistral_model_path() -> pathlib.Path:
     if spec is None:
         pytest.skip("mistral-common (ships Mistral 7B v0.1's tokenizer.model) is not installed")
     return pathlib.Path(spec.origin).parent / "data" / "tokenizer.model.v1"
+
+
+@pytest.fixture(autouse=True)
+def python_engine(monkeypatch):
+    """These tests check the Python engine against sentencepiece; test_native_engine_* the other."""
+    monkeypatch.setattr(tokenizer_spm, "NATIVE", False)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +116,28 @@ def test_mixed_scripts_fall_back_to_bytes(tok, sp):
         assert tok.decode(ids) == text
     # U+A66E is no piece: its three UTF-8 bytes become byte pieces
     assert [sp.id_to_piece(i) for i in tok.encode("\ua66e", special=False)] == ["▁", "<0xEA>", "<0x99>", "<0xAE>"]
+
+
+def test_native_engine_equals_the_python_engine(monkeypatch, tok, tmp_path):
+    """With sentencepiece installed, encode runs it on a model file written from the APR keys: the
+    same ids as the Python engine on real text, fuzzed text and special-token text."""
+    from apr_kernels.spm_model import write_spm_model
+
+    texts = [stdlib_text(200, 100_000)] + EDGE_CASES + [random_text(300) for _ in range(10)] + \
+        ["<s>[INST] hi [/INST] there</s><s> again", "a<s>b</s> c"]
+    python_ids = [(tok.encode(t), tok.encode(t, special=False)) for t in texts]
+    monkeypatch.setattr(tokenizer_spm, "NATIVE", True)
+    fresh = Tokenizer.from_metadata(tok.to_metadata())
+    assert fresh._native() is not None
+    assert [(fresh.encode(t), fresh.encode(t, special=False)) for t in texts] == python_ids
+    # the model file written for it reads back as the same keys
+    meta = tok.to_metadata()
+    written = tmp_path / "tokenizer.model"
+    written.write_bytes(write_spm_model(meta["tokenizer.vocabulary"], meta["tokenizer.scores"],
+                                        meta["tokenizer.token_type"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                        add_dummy_prefix=True, byte_fallback=True))
+    again = read_spm_model(written)
+    assert {k: again[k] for k in meta if k in again} == {k: meta[k] for k in again}
 
 
 @pytest.mark.parametrize("scheme", ["legacy", "always", "first"])

@@ -16,7 +16,7 @@ from apr_kernels.tokenizer import (NFC_PRE_TYPES, PRE_PATTERNS, TOKEN_CONTROL, T
                                    Tokenizer)
 from apr_kernels.tokenizer_spm import BYTE, SPACE, UNKNOWN, UNUSED, SentencePieceTokenizer
 
-from .spm_model import read_spm_model
+from apr_kernels.spm_model import read_spm_model
 
 
 def _load_json(path: Path) -> dict:

@@ -59,6 +59,41 @@ def _fields(buf: bytes, where: str):
             raise ValueError(f"{where}: unsupported protobuf wire type {wire} (field {field})")
 
 
+def _varint(v: int) -> bytes:
+    v &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    """One protobuf field: bytes/str (length-delimited), float (fixed32), bool/int (varint)."""
+    if isinstance(value, (bytes, str)):
+        data = value.encode("utf-8") if isinstance(value, str) else value
+        return _varint(number << 3 | 2) + _varint(len(data)) + data
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(int(value))
+
+
+def write_spm_model(pieces: list[str], scores: list[float], types: list[int], *, unk_id: int, bos_id: int,
+                    eos_id: int, pad_id: int, add_dummy_prefix: bool, byte_fallback: bool) -> bytes:
+    """A SentencePiece BPE ``ModelProto`` (the bytes of a ``tokenizer.model``) with an identity
+    normalizer: what :func:`read_spm_model` reads back, and what ``sentencepiece`` loads."""
+    body = b"".join(_field(1, _field(1, p) + _field(2, float(s)) + _field(3, t))
+                    for p, s, t in zip(pieces, scores, types))
+    trainer = b"".join(_field(n, v) for n, v in ((3, 2), (4, len(pieces)), (35, byte_fallback), (40, unk_id),
+                                                (41, bos_id), (42, eos_id), (43, pad_id)))
+    normalizer = _field(1, "identity") + _field(3, add_dummy_prefix) + _field(4, False) + _field(5, True)
+    return body + _field(2, trainer) + _field(3, normalizer)
+
+
 def _int32(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v  # negative int32 values are 10-byte varints
 
