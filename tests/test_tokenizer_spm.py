@@ -341,3 +341,29 @@ def test_llama2_style_folder_converts_trains_and_generates(tmp_path, capsys, sp)
                  "--max-new-tokens", "4", "--temperature", "0"])
     assert code == 0
     assert capsys.readouterr().out.startswith("def parse(")
+
+
+def test_train_from_scratch_with_a_tokenizer_model_file(tmp_path, capsys, sp):
+    """--tokenizer takes Hugging Face tokenizer files: here a bare tokenizer.model, with --fit-vocab;
+    the checkpoint embeds the tokenizer, so eval reads the data as training did."""
+    from apr_kernels.cli import main
+    from apr_kernels.train.cli import load_tokenizer
+
+    model_file = tmp_path / "tok" / "tokenizer.model"
+    model_file.parent.mkdir()
+    model_file.write_bytes(mistral_model_path().read_bytes())
+    for spec in (str(model_file), str(model_file.parent)):
+        assert load_tokenizer(spec).encode("def f(x):", special=False) == sp.encode("def f(x):")
+    with pytest.raises(ValueError, match="no tokenizer.json, vocab.json"):
+        load_tokenizer(str(tmp_path))
+    data = tmp_path / "doc.txt"
+    data.write_text(stdlib_text(40, 4000))
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny_llama", "--fit-vocab", "--tokenizer", str(model_file), "--data",
+                 str(data), "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--out", str(out),
+                 "--no-token-cache"]) == 0
+    with apr_kernels.open(out / "model.apr") as f:
+        assert f.metadata["tokenizer.model_type"] == "llama" and f.metadata["vocab_size"] == 32000
+    capsys.readouterr()
+    assert main(["eval", "--init", str(out / "model.apr"), "--data", str(data), "--seq-len", "16"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("eval_loss=")

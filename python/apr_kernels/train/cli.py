@@ -10,7 +10,9 @@
 Model: ``--init FILE.apr`` (config and weights from the file, after the preflight checks of
 ``apr_kernels.model.loading``), else ``--preset NAME`` (default ``llama_370m``, fresh weights).
 Tokenizer (``--tokenizer``): ``qwen2`` (the Qwen2.5 vocabulary), ``bytes`` (256 bytes + end-of-text),
-or an APR file whose embedded tokenizer to use; default: the one embedded in ``--init``, else qwen2.
+an APR file whose embedded tokenizer to use, or Hugging Face tokenizer files (a folder, its
+``tokenizer.json``, or a SentencePiece ``tokenizer.model``); default: the one embedded in ``--init``,
+else qwen2.
 Its vocabulary must fit the model's (``--fit-vocab`` sizes a preset's vocabulary to the tokenizer).
 Under ``torchrun`` the same command trains data parallel (``--parallel ddp``, the default) or fully
 sharded (``--parallel fsdp``); ``--batch-size`` stays the global batch (see ``distributed``).
@@ -43,6 +45,19 @@ def load_tokenizer(spec: str | None, init_meta: dict | None = None, init_path: s
         return Tokenizer.qwen2()
     if spec == "bytes":
         return byte_tokenizer()
+    if os.path.isdir(spec) or os.path.basename(spec) == "tokenizer.json":
+        from apr_kernels.convert.hf_tokenizer import read_hf_tokenizer
+
+        folder = spec if os.path.isdir(spec) else os.path.dirname(spec) or "."
+        meta = read_hf_tokenizer(folder)
+        if meta is None:
+            raise ValueError(f"{spec}: --tokenizer folder has no tokenizer.json, vocab.json + merges.txt or "
+                             f"tokenizer.model")
+        return Tokenizer.from_metadata(meta, spec)
+    if spec.endswith(".model") and os.path.isfile(spec):
+        from apr_kernels.spm_model import read_spm_model
+
+        return Tokenizer.from_metadata(read_spm_model(spec), spec)
     if os.path.isfile(spec):
         import apr_kernels
 
@@ -51,7 +66,8 @@ def load_tokenizer(spec: str | None, init_meta: dict | None = None, init_path: s
         if not meta.get("tokenizer.vocabulary"):
             raise ValueError(f"{spec}: --tokenizer file has no embedded tokenizer (tokenizer.vocabulary)")
         return Tokenizer.from_metadata(meta, spec)
-    raise ValueError(f"--tokenizer {spec!r}: expected 'qwen2', 'bytes' or an existing APR file")
+    raise ValueError(f"--tokenizer {spec!r}: expected 'qwen2', 'bytes', an existing APR file, or Hugging Face "
+                     f"tokenizer files (a folder, tokenizer.json or tokenizer.model)")
 
 
 def byte_tokenizer():
@@ -436,7 +452,8 @@ def register(subparsers) -> None:
     m.add_argument("--init", help="APR file to initialise from (config, weights, tokenizer)")
     m.add_argument("--preset", help="named config when no --init (default llama_370m)")
     m.add_argument("--resume", help="training checkpoint to continue exactly where it stopped")
-    m.add_argument("--tokenizer", help="qwen2 | bytes | FILE.apr (default: --init's embedded one, else qwen2)")
+    m.add_argument("--tokenizer", help="qwen2 | bytes | FILE.apr | Hugging Face tokenizer folder, tokenizer.json "
+                                       "or tokenizer.model (default: --init's embedded one, else qwen2)")
     m.add_argument("--fit-vocab", action="store_true",
                    help="size a preset's vocabulary to the tokenizer (rounded up to a multiple of 64)")
     g = p.add_argument_group("data")
