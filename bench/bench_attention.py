@@ -240,25 +240,31 @@ def document_providers(dev: torch.device, B: int, S: int, rows: list[list[int]],
 
     provs = {"apr_varlen": apr_varlen, "apr_unmasked": _apr, "sdpa_mask_expand": sdpa_mask_expand}
     if dev.type == "cuda" and flex:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flat_doc = doc.flatten()
 
-            flat_doc = doc.flatten()
+        def same_doc_causal(b, h, qi, ki):
+            return (flat_doc[b * S + qi] == flat_doc[b * S + ki]) & (ki <= qi)
 
-            def same_doc_causal(b, h, qi, ki):
-                return (flat_doc[b * S + qi] == flat_doc[b * S + ki]) & (ki <= qi)
-
-            block = create_block_mask(same_doc_causal, B, None, S, S, device=dev)
-            flex = torch.compile(flex_attention)
-
-            def flex_document(q, k, v):
-                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-                return flex(qt, kt, vt, block_mask=block, enable_gqa=True).transpose(1, 2)
-
-            provs["flex_document"] = flex_document
-        except Exception as e:  # noqa: BLE001 -- an optional baseline
-            print(f"  flex_document: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+        flex_provider(provs, "flex_document", same_doc_causal, B, S, dev)
     return provs, float(sum(n * n for n in lengths))
+
+
+def flex_provider(provs: dict, name: str, mask_mod, B: int | None, S: int, dev) -> None:
+    """Add FlexAttention with ``mask_mod``'s block mask as provider ``name`` (compiled; an optional
+    baseline: skipped with a note where unavailable)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block = create_block_mask(mask_mod, B, None, S, S, device=dev)
+        flex = torch.compile(flex_attention)
+
+        def fn(q, k, v):
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            return flex(qt, kt, vt, block_mask=block, enable_gqa=True).transpose(1, 2)
+
+        provs[name] = fn
+    except Exception as e:  # noqa: BLE001 -- an optional baseline
+        print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
 
 
 def document_rows(args, dev, dtype, rows: list) -> None:
@@ -329,22 +335,7 @@ def window_providers(dev: torch.device, S: int, W: int, flex: bool) -> dict:
 
     provs = {"apr_window": apr_window, "apr_causal": _apr, "sdpa_mask_gqa": sdpa_mask_gqa}
     if dev.type == "cuda" and flex:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            def sliding_causal(b, h, qi, ki):
-                return (ki <= qi) & (qi - ki < W)
-
-            block = create_block_mask(sliding_causal, None, None, S, S, device=dev)
-            flex_fn = torch.compile(flex_attention)
-
-            def flex_window(q, k, v):
-                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-                return flex_fn(qt, kt, vt, block_mask=block, enable_gqa=True).transpose(1, 2)
-
-            provs["flex_window"] = flex_window
-        except Exception as e:  # noqa: BLE001 -- an optional baseline
-            print(f"  flex_window: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+        flex_provider(provs, "flex_window", lambda b, h, qi, ki: (ki <= qi) & (qi - ki < W), None, S, dev)
     return provs
 
 
