@@ -10,8 +10,9 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+pytest.importorskip("hypothesis")  # not on every GPU image; the CPU suite always has it
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import apr_kernels
 from apr_build import build, entry_bytes, f32, pad64, patch_header, read_header

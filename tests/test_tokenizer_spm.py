@@ -11,8 +11,9 @@ import pathlib
 import random
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+pytest.importorskip("hypothesis")  # not on every GPU image; the CPU suite always has it
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import apr_kernels
 from apr_kernels.convert.hf_tokenizer import hf_tokenizer_files, read_hf_tokenizer
