@@ -368,3 +368,34 @@ def test_train_from_scratch_with_a_tokenizer_model_file(tmp_path, capsys, sp):
     capsys.readouterr()
     assert main(["eval", "--init", str(out / "model.apr"), "--data", str(data), "--seq-len", "16"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("eval_loss=")
+
+
+def _tiny_spm_meta() -> dict:
+    pieces = ["<unk>", "<s>", "</s>", "▁", "a", "b", "▁a", "ab"]
+    return {"tokenizer.model_type": "llama", "tokenizer.vocabulary": pieces,
+            "tokenizer.scores": [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0],
+            "tokenizer.token_type": [UNKNOWN, CONTROL, CONTROL] + [NORMAL] * 5}
+
+
+def test_tiny_vocabulary_without_byte_pieces_uses_the_unknown_id():
+    tok = Tokenizer.from_metadata(_tiny_spm_meta(), "tiny.apr")
+    # "▁ab▁a": "▁a" scores above "ab", so ▁+a merge first; "▁ab" is no piece: ▁a b ▁a
+    assert tok.encode("ab a", special=False) == [6, 5, 6]
+    assert tok.encode("a zzz b", special=False) == [6, 3, 0, 3, 5]  # the three unknown z's fuse into one
+    assert tok.decode([6, 3, 5]) == "a b"
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"tokenizer.vocabulary": "abc"}, "tokenizer.vocabulary"),
+    ({"tokenizer.scores": ["x"] * 8}, "tokenizer.scores"),
+    ({"tokenizer.scores": [0.0] * 7}, "tokenizer.scores"),
+    ({"tokenizer.token_type": [True] * 8}, "tokenizer.token_type"),
+    ({"tokenizer.token_type": [UNKNOWN, CONTROL, CONTROL, BYTE] + [NORMAL] * 4}, r"tokenizer.vocabulary\[3\]"),
+    ({"tokenizer.token_type": [NORMAL] * 8}, "unknown piece"),
+    ({"tokenizer.bos_token_id": 99}, "tokenizer.bos_token_id"),
+    ({"tokenizer.eos_token_id": "2"}, "tokenizer.eos_token_id"),
+    ({"tokenizer.prepend_scheme": "sometimes"}, "tokenizer.prepend_scheme"),
+])
+def test_hostile_sentencepiece_metadata_names_file_and_field(bad, field):
+    with pytest.raises(ValueError, match=rf"bad\.apr.*{field}"):
+        Tokenizer.from_metadata({**_tiny_spm_meta(), **bad}, path="bad.apr")
