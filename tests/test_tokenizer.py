@@ -225,3 +225,39 @@ def test_decode_rejects_ids_outside_vocabulary():
     for bad in (256, -1):
         with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
             tok.decode([1, bad])
+
+
+def test_bos_from_a_llama3_style_post_processor_reaches_data_and_export(tiny_hf, tmp_path):
+    """Llama 3 says "add <|begin_of_text|>" only in tokenizer.json's TemplateProcessing: the import
+    records add_bos_token, documents start with it, and the export's AutoTokenizer adds it too."""
+    from tokenizers import AddedToken, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    from apr_kernels.train.data import document_bos
+
+    folder, hf = tiny_hf
+    hf = HFTokenizer.from_str(hf.to_str())
+    hf.add_special_tokens([AddedToken("<|begin_of_text|>", special=True, normalized=False)])
+    bos = hf.token_to_id("<|begin_of_text|>")
+    hf.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                      special_tokens=[("<|begin_of_text|>", bos)])
+    src = tmp_path / "src"
+    src.mkdir()
+    hf.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                           "eos_token": "<|endoftext|>"}))
+    meta = read_hf_tokenizer(src)
+    assert meta["tokenizer.add_bos_token"] is True and meta["tokenizer.bos_token_id"] == bos
+    tok = Tokenizer.from_metadata(meta)
+    assert document_bos(tok) == bos
+    tj, tcfg = hf_tokenizer_files(tok)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    text = "def f(x):\n    return x"
+    assert AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == [bos, *tok.encode(text)]
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                           "add_bos_token": False}))
+    assert read_hf_tokenizer(src)["tokenizer.add_bos_token"] is False  # the config's word wins

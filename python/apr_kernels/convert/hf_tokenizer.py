@@ -177,6 +177,8 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
         meta["tokenizer.vocab_size"] = len(meta["tokenizer.vocabulary"])
     else:
         return None
+    if tj.is_file() and "add_bos_token" not in tcfg:  # Llama 3 says it in tokenizer.json only
+        tcfg = {**tcfg, "add_bos_token": _template_adds_bos(data.get("post_processor"), tcfg)}
     if meta is not None:
         return _finish(meta, folder, tcfg, config)
     size = max([*vocab.values(), *(a["id"] for a in added)]) + 1
@@ -200,6 +202,20 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
         "tokenizer.token_type": types,
     }
     return _finish(meta, folder, tcfg, config)
+
+
+def _template_adds_bos(post: dict | None, tcfg: dict) -> bool | None:
+    """Whether tokenizer.json's post-processor puts the bos token before a single text (Llama 3's
+    TemplateProcessing "<|begin_of_text|> $A"); None when it says nothing either way."""
+    steps = _nodes(post, "processors")
+    template = next((p for p in steps if p.get("type") == "TemplateProcessing"), None)
+    if template is None:
+        return None
+    single = template.get("single") or []
+    first = (single[0] or {}).get("SpecialToken", {}).get("id") if single else None
+    bos = tcfg.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    return first is not None and first == bos
 
 
 def _finish(meta: dict, folder: Path, tcfg: dict, config: dict | None) -> dict:
@@ -230,6 +246,18 @@ def _finish(meta: dict, folder: Path, tcfg: dict, config: dict | None) -> dict:
     return meta
 
 
+def _bos_template(tok, vocab_list: list[str]) -> dict | None:
+    """The post-processor that puts the bos token first when the tokenizer adds one (as Llama 2/3's
+    tokenizer.json do), else None."""
+    if not (tok.extra.get("tokenizer.add_bos_token") and tok.bos_id is not None):
+        return None
+    name = vocab_list[tok.bos_id]
+    single = [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    return {"type": "TemplateProcessing", "single": single,
+            "pair": single + [{"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {name: {"id": name, "ids": [tok.bos_id], "tokens": [name]}}}
+
+
 def _sentencepiece_tokenizer_json(tok: SentencePieceTokenizer, added: list[dict]) -> dict:
     """A Llama-style tokenizer.json: BPE over "▁"-for-space text with byte fallback, merges ordered
     by score (what transformers' Llama converter writes)."""
@@ -245,18 +273,12 @@ def _sentencepiece_tokenizer_json(tok: SentencePieceTokenizer, added: list[dict]
                 {"type": "Fuse"}]
     if tok.add_space_prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
-    bos = tok.extra.get("tokenizer.add_bos_token") and tok.bos_id is not None
-    single = ([{"SpecialToken": {"id": pieces[tok.bos_id], "type_id": 0}}] if bos else []) + \
-        [{"Sequence": {"id": "A", "type_id": 0}}]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": None if metaspace else {"type": "Sequence", "normalizers": steps},
         "pre_tokenizer": ({"type": "Metaspace", "replacement": SPACE, "split": False,
                            "prepend_scheme": scheme.removeprefix("metaspace_")} if metaspace else None),
-        "post_processor": {"type": "TemplateProcessing", "single": single, "pair": single + [
-            {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {pieces[tok.bos_id]: {"id": pieces[tok.bos_id], "ids": [tok.bos_id],
-                                                    "tokens": [pieces[tok.bos_id]]}} if bos else {}},
+        "post_processor": _bos_template(tok, pieces),
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": None, "unk_token": pieces[tok.unk_id] if tok.unk_id is not None else None,
                   "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
@@ -285,7 +307,7 @@ def hf_tokenizer_files(tok: Tokenizer | SentencePieceTokenizer) -> tuple[dict, d
             {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
         ]},
-        "post_processor": None,
+        "post_processor": _bos_template(tok, vocab_list),
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
                   "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
