@@ -24,6 +24,8 @@ def hf_model(cfg: ModelConfig, **extra):
               max_position_embeddings=cfg.max_position_embeddings, attn_implementation="eager")
     if cfg.architecture == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+    elif cfg.architecture == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**kw, head_dim=cfg.head_dim))
     elif cfg.architecture == "mistral":
         kw["sliding_window"] = cfg.sliding_window
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))

@@ -1,9 +1,9 @@
 """Model configurations as data: the ``ModelConfig`` dataclass, named presets, and the mapping to and
 from the typed APR metadata (``apr_kernels.metadata.AprModelConfig``).
 
-Three families share one code path: Llama (no attention bias), Mistral (Llama with a sliding
-attention window) and Qwen2 (bias on q/k/v only). A config says which through ``architecture``;
-everything else is plain numbers.
+Four families share one code path: Llama (no attention bias), Mistral (Llama with a sliding
+attention window), Qwen2 (bias on q/k/v only) and Qwen3 (no bias; an RMSNorm over each head of q and
+k before RoPE). A config says which through ``architecture``; everything else is plain numbers.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import math
 from dataclasses import dataclass
 
 # architecture family -> Hugging Face class name (the APR `hf_architecture` key)
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM"}
 DECODER_FAMILIES = tuple(HF_ARCHITECTURES)
+FAMILY_NAMES = "llama, mistral, qwen2 or qwen3"
 # substrings that mark an encoder (bidirectional) model: never a causal-LM init
 ENCODER_MARKERS = ("bert", "roberta", "electra", "deberta", "encoder", "t5", "bart", "xlm")
 
@@ -26,7 +28,8 @@ class ModelConfig:
     ``head_dim`` defaults to ``hidden_size // num_heads``. ``rope_type`` 2 rotates split halves
     (Hugging Face ``rotate_half``), 0 rotates adjacent pairs (llama.cpp-ordered q/k rows).
     ``attention_bias`` is the Qwen2 q/k/v bias. With ``tie_word_embeddings`` the output projection is
-    the embedding matrix and no ``lm_head.weight`` parameter exists. ``sliding_window`` (Mistral):
+    the embedding matrix and no ``lm_head.weight`` parameter exists. ``qk_norm`` (Qwen3): q and k are
+    RMS-normalised per head (weights ``q_norm``/``k_norm`` of head_dim) before RoPE. ``sliding_window`` (Mistral):
     each token attends to itself and the ``sliding_window - 1`` tokens before it; None: no window.
     """
 
@@ -44,6 +47,7 @@ class ModelConfig:
     rope_scaling: dict | None = None  # Hugging Face rope_scaling: None, "linear" or "llama3" (rope.py)
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
+    qk_norm: bool = False
     tie_word_embeddings: bool = True
     sliding_window: int | None = None
     # where the numbers came from, for error messages only (not part of equality or to_dict)
@@ -59,7 +63,7 @@ class ModelConfig:
         """Raise ValueError naming the field when the numbers cannot describe a model."""
         if self.architecture not in DECODER_FAMILIES:
             raise ValueError(f"{source}: architecture={self.architecture!r}; expected one of "
-                             f"{', '.join(DECODER_FAMILIES)} (decoder-only Llama/Mistral/Qwen2 families)")
+                             f"{', '.join(DECODER_FAMILIES)} (decoder-only Llama/Mistral/Qwen2/Qwen3 families)")
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
             raise ValueError(f"{source}: sliding_window={w!r}; expected a positive integer (keys each token "
@@ -106,7 +110,7 @@ class ModelConfig:
         """Trainable parameter count (the tied output projection counted once)."""
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_heads * d, self.num_kv_heads * d
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0) + (2 * d if self.qk_norm else 0)
         mlp = 3 * h * self.intermediate_size
         per_layer = attn + mlp + 2 * h
         n = self.num_layers * per_layer + h
@@ -188,6 +192,7 @@ class ModelConfig:
             rope_scaling=getattr(apr, "rope_scaling", None),
             rms_norm_eps=float(apr.rms_norm_eps if apr.rms_norm_eps is not None else 1e-6),
             attention_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
             tie_word_embeddings=True if tied is None else bool(tied),
             sliding_window=getattr(apr, "sliding_window", None),
             _source=f"{path or 'APR metadata'}",
@@ -196,7 +201,7 @@ class ModelConfig:
 
 
 def family_of(apr, path=None) -> str:
-    """The decoder family ("llama", "mistral" or "qwen2") named by APR metadata, or a ValueError.
+    """The decoder family ("llama", "mistral", "qwen2" or "qwen3") named by APR metadata, or a ValueError.
 
     Looks at ``architecture``, then ``model_type``, then ``hf_architecture``. Encoders are refused
     with a message that says decoder-only models are required.
@@ -207,18 +212,18 @@ def family_of(apr, path=None) -> str:
     shown = ", ".join(f"{k}={v!r}" for k, v in names.items() if v) or "no architecture keys"
     if any(m in text for m in ENCODER_MARKERS):
         raise ValueError(f"{where}architecture family mismatch: {shown} is an encoder model; "
-                         f"expected a decoder-only causal LM (llama, mistral or qwen2)")
+                         f"expected a decoder-only causal LM ({FAMILY_NAMES})")
     for key in ("architecture", "model_type", "hf_architecture"):
         value = str(names[key] or "").lower()
         if not value:
             continue
         for family in DECODER_FAMILIES:
-            if value.startswith(family):
+            if value.startswith(family) and "moe" not in value:  # mixture-of-experts layers: not these
                 return family
         raise ValueError(f"{where}unsupported architecture family: {shown}; expected a decoder-only "
-                         f"llama, mistral or qwen2 model")
+                         f"{FAMILY_NAMES} model")
     raise ValueError(f"{where}metadata has no architecture, model_type or hf_architecture key; "
-                     f"expected llama, mistral or qwen2")
+                     f"expected {FAMILY_NAMES}")
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -245,6 +250,11 @@ PRESETS: dict[str, ModelConfig] = {
         intermediate_size=304, vocab_size=151680, max_position_embeddings=2048, rope_theta=1e4,
         rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
     # tiny test shapes (odd sizes on purpose)
+    # Qwen3-0.6B: GQA 2:1, head_dim 128 (explicit: 16 x 128 > hidden), q/k norms, no bias, tied
+    "qwen3_0_6b": ModelConfig(
+        architecture="qwen3", hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+        intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6,
+        rms_norm_eps=1e-6, attention_bias=False, qk_norm=True, tie_word_embeddings=True),
     "tiny_llama": ModelConfig(
         architecture="llama", hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2,
         intermediate_size=104, vocab_size=320, max_position_embeddings=512, rope_theta=1e4,

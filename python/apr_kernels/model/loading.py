@@ -3,7 +3,7 @@
 Preflight (aprender's ``build_shared_trainer_with_init`` steps), each a ``PreflightError`` (a
 ValueError) naming the file and the mismatch:
 
-1. architecture family: decoder-only ``llama``/``qwen2`` accepted; encoders (BERT, RoBERTa, ...) and
+1. architecture family: decoder-only ``llama``/``mistral``/``qwen2``/``qwen3`` accepted; encoders (BERT, RoBERTa, ...) and
    other families refused; the metadata family must agree with the tensors (a q/k/v bias is Qwen2
    evidence, ``q_norm`` is Qwen3's);
 2. shapes: every model parameter present with its exact shape (extra tensors such as a tied
@@ -92,9 +92,10 @@ def plan(path: str | os.PathLike) -> InitPlan:
             by_hf.setdefault(hf_name(name), name)
 
     # family vs tensor evidence (aprender section 86)
-    if any(n.endswith("self_attn.q_norm.weight") for n in by_hf):
-        raise PreflightError(f"{path}: architecture family mismatch: tensors include self_attn.q_norm "
-                             f"(Qwen3); expected a llama, mistral or qwen2 model")
+    q_norm = next((n for n in by_hf if n.endswith("self_attn.q_norm.weight")), None)
+    if q_norm and family != "qwen3":
+        raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} but the file has "
+                             f"per-head q/k norms ({q_norm}, ...), which only qwen3 models have")
     bias = sorted(n for n in by_hf if n.endswith(("self_attn.q_proj.bias", "self_attn.k_proj.bias")))
     if family != "qwen2" and bias:
         raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} but the "

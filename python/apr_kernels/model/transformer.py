@@ -82,6 +82,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3: each head of q and k RMS-normalised before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def _qkv_fused(self, x: torch.Tensor):
         """q, k, v from one GEMM on the concatenated weights (the parameters stay Hugging Face's three):
@@ -108,6 +111,8 @@ class Attention(nn.Module):
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q, fast), self.k_norm(k, fast)
         if packed:  # the tables and the spans address the tokens of all rows in order
             q, k, v = (t.reshape(1, b * s, t.shape[2], t.shape[3]) for t in (q, k, v))
         if fast:  # q and k rotated in one pass; the backward keeps only the tables
