@@ -22,7 +22,8 @@ GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight"
               "model.norm.weight": "output_norm.weight"}
 LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def gguf_name(hf: str) -> str:  # written here from llama.cpp's tensor table, independent of names.py
@@ -75,6 +76,9 @@ def write_gguf(path, model, arch, qtypes, tokens, merges, pre, permute):
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    if getattr(cfg, "head_dim", None) and cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_tokenizer_model("gpt2")
@@ -226,6 +230,25 @@ def test_qwen2_gguf_tied_with_bias(tmp_path):
         assert torch.equal(f.get_tensor("model.layers.1.self_attn.q_proj.bias"),
                            model.state_dict()["model.layers.1.self_attn.q_proj.bias"])
     assert Tokenizer.from_metadata(meta).encode("in in") == [256, 257]
+    check_model(tmp_path, apr, model, reference, cfg.vocab_size)
+
+
+def test_qwen3_gguf_head_norms_and_explicit_head_dim(tmp_path):
+    cfg = transformers.Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=32, intermediate_size=96, vocab_size=270, tie_word_embeddings=True,
+                                   max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6)
+    model = random_model(transformers.Qwen3ForCausalLM(cfg))
+    qtypes = {"model.layers.0.self_attn.q_proj.weight": T.Q8_0, "model.layers.1.self_attn.k_norm.weight": T.F32}
+    tokens, merges = small_vocab(["i n", "Ġ in"])
+    src = tmp_path / "qwen3.gguf"
+    reference = write_gguf(src, model, "qwen3", qtypes, tokens, merges, "qwen2", permute=False)
+    apr = tmp_path / "qwen3.apr"
+    convert(src, apr, progress=False)
+    with apr_kernels.open(apr) as f:
+        meta = f.metadata
+        assert meta["architecture"] == "qwen3" and meta["head_dim"] == 32
+        assert torch.equal(f.get_tensor("model.layers.1.self_attn.k_norm.weight"),
+                           model.state_dict()["model.layers.1.self_attn.k_norm.weight"])
     check_model(tmp_path, apr, model, reference, cfg.vocab_size)
 
 
