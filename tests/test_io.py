@@ -382,3 +382,39 @@ def test_gpu_staging_plan_reassembles_every_tensor(tmp_apr, cap):
             pool.shutdown()
     for info, got in zip(infos, out):
         assert bytes(got) == bytes(tensors[info.name].reshape(-1).view(torch.uint8).numpy()), info.name
+
+
+def test_safe_open_code_runs_unchanged(tmp_path):
+    """A script written for safetensors' safe_open (framework/device arguments, metadata(), get_slice
+    with get_shape/get_dtype/indexing) gives the same results on an APR file of the same tensors."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+
+    tensors = {"w": torch.randn(6, 10), "b": torch.randn(10).to(torch.bfloat16),
+               "ids": torch.arange(24, dtype=torch.int64).reshape(2, 3, 4)}
+    st_path, apr_path = tmp_path / "m.safetensors", tmp_path / "m.apr"
+    safetensors_torch.save_file(tensors, str(st_path), metadata={"format": "pt"})
+    apr_kernels.save(tensors, apr_path, metadata={"format": "pt"})
+
+    def script(opener, path):
+        out = {}
+        with opener(str(path), framework="pt", device="cpu") as f:
+            out["format"] = f.metadata()["format"]
+            for name in sorted(f.keys()):
+                s = f.get_slice(name)
+                out[name] = (f.get_tensor(name), s.get_shape(), s.get_dtype(), s[1:2], s[:, 1:3] if
+                             len(s.get_shape()) > 1 else s[2:7])
+        return out
+
+    want, got = script(safe_open, st_path), script(apr_kernels.open, apr_path)
+    assert got["format"] == want["format"] == "pt"
+    for name in tensors:
+        for a, b in zip(got[name], want[name]):
+            if isinstance(a, torch.Tensor):
+                assert a.dtype == b.dtype and torch.equal(a, b), name
+            else:
+                assert a == b, name
+    with apr_kernels.open(apr_path) as f:  # the slice is a view of the mapping, not a copy
+        assert f.get_slice("w")[2:4].data_ptr() == f.get_tensor("w")[2].data_ptr()
+    with pytest.raises(ValueError, match=r"m\.apr.*framework='np' is not supported; expected 'pt'"):
+        apr_kernels.open(apr_path, framework="np")

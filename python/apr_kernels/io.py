@@ -4,7 +4,13 @@
     with apr_kernels.open("model.apr") as f:           # lazy: nothing is read until asked
         f.metadata, f.config, f.keys(), f.info(name)
         w = f.get_tensor(name)                         # quantised dtypes come back dequantised
+        part = f.get_slice(name)[0:128]                # a view of the rows asked for
     apr_kernels.save(tensors, "out.apr", metadata={...})
+
+``open`` also takes safetensors' ``safe_open`` arguments and protocol, so code written for it runs
+unchanged: ``open(path, framework="pt", device="cpu")``, ``f.metadata()`` (the metadata is a dict
+that returns itself when called), ``f.get_slice(name)`` with ``get_shape()``, ``get_dtype()`` and
+indexing.
 
 The C++ core (``apr_kernels._apr_ext``) maps the file MAP_PRIVATE with PROT_READ|PROT_WRITE
 (copy-on-write: in-place ops on a loaded tensor change the process's copy, never the file) and
@@ -37,7 +43,7 @@ from ._format import QUANTIZED, TORCH_DTYPES, LazyTensor, QuantizedTensor, Tenso
 from ._save import save
 from .errors import AprFormatError
 
-__all__ = ["load", "open", "save", "AprFile", "TensorInfo", "QuantizedTensor", "LazyTensor",
+__all__ = ["load", "open", "save", "AprFile", "TensorSlice", "TensorInfo", "QuantizedTensor", "LazyTensor",
            "nbytes_for"]
 
 # Tied-embedding placeholders (spec 10.4): a 0-byte lm_head stands for the embedding.
@@ -51,8 +57,9 @@ class AprFile:
     Use as a context manager or call ``close()``. Tensors already returned stay valid after close.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = False):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False, device=None):
         self.path = os.fspath(path)
+        self.device = _device(device)  # where get_tensor/get_slice put tensors by default
         self._reader = _apr_ext.Reader(self.path)
         self._metadata: dict | None = None
         self._config = None
@@ -76,9 +83,10 @@ class AprFile:
     # -- metadata -----------------------------------------------------------------------------
     @property
     def metadata(self) -> dict[str, Any]:
-        """The JSON metadata as a dict (duplicate keys: the last one wins, as in aprender)."""
+        """The JSON metadata as a dict (duplicate keys: the last one wins, as in aprender). Calling it,
+        ``f.metadata()`` as safetensors' ``safe_open`` is used, returns the same dict."""
         if self._metadata is None:
-            self._metadata = _parse_metadata(self._meta_bytes, self.path)
+            self._metadata = _Metadata(_parse_metadata(self._meta_bytes, self.path))
         return self._metadata
 
     @property
@@ -135,7 +143,7 @@ class AprFile:
         float32). For plain dtypes ``dtype`` converts (a copy) when it differs. A 0-byte tied
         ``lm_head.weight`` placeholder (spec 10.4) returns the embedding it stands for.
         """
-        dev = _device(device)
+        dev = self.device if device is None else _device(device)
         info = self._resolve(name)
         if dev.type == "cuda":
             from ._cuda_load import to_cuda
@@ -144,9 +152,14 @@ class AprFile:
         t = self._finish(info.name, self._reader.tensor(self._index[info.name]), dtype)
         return t if dev.type == "cpu" else t.to(dev)
 
+    def get_slice(self, name: str) -> "TensorSlice":
+        """safetensors' lazy slice: ``get_shape()``, ``get_dtype()``, and ``[...]`` for part of the
+        tensor (on CPU a view of the mapping; on CUDA only the part is copied)."""
+        return TensorSlice(self, name)
+
     def tensors(self, *, device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """All tensors by name, in index order (what ``load`` returns)."""
-        dev = _device(device)
+        dev = self.device if device is None else _device(device)
         names = list(self._index)
         resolved = [self._resolve(n).name if e[5] else n for n, e in zip(names, self._entries)]
         if dev.type == "cuda":
@@ -218,9 +231,46 @@ class AprFile:
         return f"AprFile({self.path!r}, {state})"
 
 
-def open(path: str | os.PathLike, *, verify: bool = False) -> AprFile:  # noqa: A001 (mirrors safe_open)
-    """Open and validate an APR v2 file; ``verify=True`` also checks the footer CRC."""
-    return AprFile(path, verify=verify)
+class _Metadata(dict):
+    """The metadata dict; calling it returns itself (safetensors' ``f.metadata()``)."""
+
+    def __call__(self) -> dict[str, Any]:
+        return self
+
+
+class TensorSlice:
+    """One tensor of an open file, read only in the part indexed (safetensors' ``PySafeSlice``)."""
+
+    def __init__(self, file: AprFile, name: str):
+        self._file, self._info = file, file._resolve(name)
+        self.name = name
+
+    def get_shape(self) -> list[int]:
+        return list(self._info.shape)
+
+    def get_dtype(self) -> str:
+        """The stored dtype's name ("F32", "BF16", "Q4_K", ...), as safetensors names its dtypes."""
+        return self._info.dtype
+
+    def __getitem__(self, index) -> torch.Tensor:
+        part = self._file.get_tensor(self._info.name, device="cpu")[index]  # a view (quantised: dequantised)
+        dev = self._file.device
+        return part if dev.type == "cpu" else part.to(dev)
+
+    def __repr__(self) -> str:
+        return f"TensorSlice({self.name!r}, shape={self.get_shape()}, dtype={self.get_dtype()})"
+
+
+def open(path: str | os.PathLike, framework: str = "pt", device="cpu", *,  # noqa: A001 (mirrors safe_open)
+         verify: bool = False) -> AprFile:
+    """Open and validate an APR v2 file; ``verify=True`` also checks the footer CRC.
+
+    ``framework`` and ``device`` are safetensors' ``safe_open`` arguments: tensors are torch tensors
+    ("pt"), put on ``device`` by ``get_tensor``/``get_slice`` unless those say otherwise."""
+    if framework not in ("pt", "torch", "pytorch"):
+        raise ValueError(f"apr_kernels.open({os.fspath(path)!r}): framework={framework!r} is not supported; "
+                         f"expected 'pt' (torch tensors)")
+    return AprFile(path, verify=verify, device=device)
 
 
 def load(path: str | os.PathLike, *, device="cpu", verify: bool = False) -> dict[str, torch.Tensor]:
