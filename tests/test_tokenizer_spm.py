@@ -395,6 +395,7 @@ def test_tiny_vocabulary_without_byte_pieces_uses_the_unknown_id():
     ({"tokenizer.bos_token_id": 99}, "tokenizer.bos_token_id"),
     ({"tokenizer.eos_token_id": "2"}, "tokenizer.eos_token_id"),
     ({"tokenizer.prepend_scheme": "sometimes"}, "tokenizer.prepend_scheme"),
+    ({"tokenizer.add_space_prefix": "no"}, "tokenizer.add_space_prefix"),
 ])
 def test_hostile_sentencepiece_metadata_names_file_and_field(bad, field):
     with pytest.raises(ValueError, match=rf"bad\.apr.*{field}"):

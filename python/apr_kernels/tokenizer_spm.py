@@ -126,6 +126,8 @@ class SentencePieceTokenizer:
             return v
 
         prefix = meta.get("tokenizer.add_space_prefix", True)
+        if not isinstance(prefix, bool):
+            raise ValueError(f"{where}: tokenizer.add_space_prefix must be true or false, got {prefix!r}")
         scheme = meta.get("tokenizer.prepend_scheme", "always")
         if scheme not in ("always", "first", "metaspace_always", "metaspace_first"):
             raise ValueError(f"{where}: tokenizer.prepend_scheme {scheme!r} is not supported (expected 'always', "
@@ -134,7 +136,7 @@ class SentencePieceTokenizer:
         extra = {k: v for k, v in meta.items() if k in ("tokenizer.chat_template", "tokenizer.add_bos_token")}
         return cls(pieces, scores, types, bos_id=_id("tokenizer.bos_token_id"),
                    eos_id=_id("tokenizer.eos_token_id"), pad_id=_id("tokenizer.padding_token_id"),
-                   add_space_prefix=bool(prefix), prepend_first_only=scheme.endswith("first"),
+                   add_space_prefix=prefix, prepend_first_only=scheme.endswith("first"),
                    metaspace=scheme.startswith("metaspace"), extra=extra, where=where)
 
     # ---- properties ---------------------------------------------------------------------------
