@@ -432,3 +432,26 @@ def test_from_apr_straight_to_cuda_in_bf16(trained):
         want = cpu(x)
         got = gpu(x.cuda()).float().cpu()
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_fast_path_matches_reference_path_on_cuda_for_qwen3_and_mistral(family, stream):
+    """The families whose fast path adds work: Qwen3's per-head q/k norms (rms_norm on head_dim rows
+    of the fused q/k/v buffer) and Mistral's sliding window (window 24 over rows of 32)."""
+    if family == "qwen3":
+        cfg = preset("qwen3_0_6b").replace(num_layers=2, vocab_size=320, head_dim=128)
+    else:
+        cfg = preset("tiny_llama").replace(architecture="mistral", sliding_window=24, hidden_size=256,
+                                           num_heads=4, num_kv_heads=2, head_dim=64)
+    tcfg = TrainConfig(steps=8, batch_size=8, seq_len=32, lr=1e-3, warmup=0)
+    torch.manual_seed(0)
+    ref = Transformer(cfg, fast=False)
+    fast = Transformer(cfg, fast=True)
+    fast.load_state_dict(ref.state_dict())
+    runs = []
+    for model in (ref, fast):
+        t = Trainer(model, stream[0], None, tcfg, device="cuda", autocast_dtype=torch.bfloat16, log=lambda *x: None)
+        runs.append([t.train_step()["loss"] for _ in range(8)])
+    assert runs[0][-1] < runs[0][0] - 0.3
+    assert runs[1] == pytest.approx(runs[0], rel=2e-2)
