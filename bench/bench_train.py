@@ -21,7 +21,8 @@ mfu, mfu_datasheet, peak_mem_mb.
 stream whose documents end every MEAN tokens on average (random lengths; the model FLOPs counted
 stay those of full causal rows, so its MFU shows the cost of masking, not the saving).
 
---smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
+--preset NAME: another model preset on CUDA (``qwen3_0_6b``: Qwen3's per-head q/k norms in the fast
+path; ``llama_370m``). --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
 --quick: 4 timed steps instead of 10. --compile: also ``fast+compile`` and ``reference+compile`` (each
 decoder layer's forward under torch.compile, as ``apr-kernels train --compile``; not in gpu_check's run). The whole GPU run is about 30-60 s on an H100 (kernel compiles
 included).
@@ -111,6 +112,8 @@ def main() -> None:
     args = _common.parse_args(
         __doc__.splitlines()[0],
         lambda p: (p.add_argument("--layers", type=int, default=None, help="override the number of layers"),
+                   p.add_argument("--preset", default=None,
+                                  help="model preset on CUDA (default qwen2_0_5b; e.g. qwen3_0_6b, llama_370m)"),
                    p.add_argument("--batch", type=int, default=None), p.add_argument("--seq", type=int, default=None),
                    p.add_argument("--compile", action="store_true",
                                   help="also time both paths with each layer torch.compiled (+compile rows)"),
@@ -122,7 +125,8 @@ def main() -> None:
         name, cfg, batch, seq, warmup, steps = "tiny_qwen2", preset("tiny_qwen2"), 2, 64, 2, 3
         peak = _common.matmul_tflops(256, dev=dev)
     else:
-        name, cfg, batch, seq = "qwen2_0_5b", preset("qwen2_0_5b"), 4, 2048
+        name = args.preset or "qwen2_0_5b"
+        cfg, batch, seq = preset(name), 4, 2048
         warmup, steps = 3, (4 if args.quick else 10)
         peak = _common.matmul_tflops(8192, dev=dev)
     if args.layers:
