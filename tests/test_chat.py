@@ -129,8 +129,8 @@ def test_chat_records_need_a_chat_tokenizer(tmp_path):
     from apr_kernels.train.cli import byte_tokenizer
 
     (tmp_path / "c.jsonl").write_text(json.dumps(CONVO) + "\n")
-    with pytest.raises(ValueError, match=r"chat records need a tokenizer with ChatML \(<\|im_start\|>, "
-                                         r"<\|im_end\|>\) or Llama 3"):
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: chat records need a chat template .* or a tokenizer with "
+                                         r"ChatML \(<\|im_start\|>, <\|im_end\|>\), Llama 3 .* or Llama 2"):
         tokenize_files([tmp_path / "c.jsonl"], byte_tokenizer())
 
 

@@ -400,3 +400,41 @@ def test_tiny_vocabulary_without_byte_pieces_uses_the_unknown_id():
 def test_hostile_sentencepiece_metadata_names_file_and_field(bad, field):
     with pytest.raises(ValueError, match=rf"bad\.apr.*{field}"):
         Tokenizer.from_metadata({**_tiny_spm_meta(), **bad}, path="bad.apr")
+
+
+# Llama-2-chat's chat template (tokenizer_config.json of meta-llama/Llama-2-7b-chat-hf): the oracle
+# for the built-in Llama 2 format used when a SentencePiece model ships no template.
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+    "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "What is 2+2? "}, {"role": "assistant", "content": " Four."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
+     {"role": "assistant", "content": "Rome, since 1871.\n"}],
+])
+def test_llama2_chat_format_without_a_template(tok, messages):
+    """A SentencePiece model without a chat template (Llama 2 / Mistral base models): records render
+    as Llama-2-chat's own template renders them, and the targets are exactly the answers + </s>."""
+    from apr_kernels.train import chat
+
+    text, spans, eos_target = chat.render({"messages": messages}, tok, "rec.jsonl:1")
+    with_template = Tokenizer.from_metadata({**tok.to_metadata(), "tokenizer.chat_template": LLAMA2_CHAT_TEMPLATE})
+    assert text == chat.render_template(LLAMA2_CHAT_TEMPLATE, messages, with_template, False, "oracle")
+    assert chat.chat_format(tok) == "llama2" and not eos_target
+    ids, targets = chat.encode_with_targets(tok, text, spans)
+    answers = [m["content"].strip() for m in messages if m["role"] == "assistant"]
+    # each answer's first token carries the space before it ("▁Rome"); decode drops only the first
+    assert tok.decode([i for i, t in zip(ids, targets) if t]) == " </s> ".join(answers) + " </s>"
+    prompt, close = chat.generation_prompt(messages[:-1], tok)
+    assert prompt.endswith(" [/INST]") and close == 2
+    with pytest.raises(ValueError, match="alternating"):
+        chat.render({"messages": [{"role": "assistant", "content": "hi"}]}, tok, "rec.jsonl:2")

@@ -11,8 +11,12 @@ JSON Lines records (``data.py``) may hold, instead of a plain text field:
   the format of the model family told by the tokenizer's special tokens: ChatML for Qwen2
   (``<|im_start|>{role}\\n{content}<|im_end|>\\n``), the Llama 3 header format
   (``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``, after
-  ``<|begin_of_text|>``; no system message is added). Only each assistant message's content and the
-  special token that closes it (``<|im_end|>`` / ``<|eot_id|>``) are targets.
+  ``<|begin_of_text|>``; no system message is added), or for SentencePiece models with ``<s>``/``</s>``
+  (Llama 2, Mistral base models ship no template) the Llama 2 chat format
+  (``<s>[INST] {user} [/INST] {answer} </s>``, a system message in ``<<SYS>>`` blocks before the
+  first user message, contents stripped, as Llama-2-chat's template renders it). Only each assistant
+  message's content and the special token that closes it (``<|im_end|>`` / ``<|eot_id|>`` / ``</s>``)
+  are targets.
 
 ``render`` gives the text and its target spans (character ranges); ``encode_with_targets`` tokenises
 the whole text as Hugging Face's ``apply_chat_template`` + tokenize would (template tokens and
@@ -29,6 +33,7 @@ import unicodedata
 
 CHATML = ("<|im_start|>", "<|im_end|>")
 LLAMA3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA2 = ("<s>", "</s>")
 ROLES = ("system", "user", "assistant")
 
 
@@ -37,14 +42,17 @@ def is_supervised(record) -> bool:
 
 
 def chat_format(tokenizer) -> str:
-    """'chatml' or 'llama3', from the tokenizer's special tokens; ValueError if it has neither."""
+    """'chatml', 'llama3' or 'llama2', from the tokenizer's special tokens; ValueError if none fits."""
     special = getattr(tokenizer, "special_tokens", {}) or {}
     if all(t in special for t in CHATML):
         return "chatml"
     if all(t in special for t in LLAMA3):
         return "llama3"
-    raise ValueError(f"chat records need a tokenizer with ChatML ({', '.join(CHATML)}) or Llama 3 "
-                     f"({', '.join(LLAMA3)}) special tokens; this one has none of either set")
+    if all(t in special for t in LLAMA2):
+        return "llama2"
+    raise ValueError(f"chat records need a chat template (tokenizer.chat_template) or a tokenizer with ChatML "
+                     f"({', '.join(CHATML)}), Llama 3 ({', '.join(LLAMA3)}) or Llama 2 ({', '.join(LLAMA2)}) "
+                     f"special tokens; this one has none of these")
 
 
 def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, int]], bool]:
@@ -150,8 +158,38 @@ def _assistant_spans(text: str, messages: list[dict], tokenizer, where: str) -> 
     return spans
 
 
+def _render_llama2(messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]], bool]:
+    """Llama 2 chat: ``<s>[INST] {user} [/INST] {answer} </s>`` per exchange (Meta's format and the
+    Llama-2-chat template: an optional system message wrapped in ``<<SYS>>`` before the first user
+    message, user and assistant alternating, contents stripped)."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else messages
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise ValueError(f"{where}: the Llama 2 chat format needs user and assistant messages alternating "
+                             f"(after an optional system message); message {i + (system is not None)} is "
+                             f"{m['role']!r}, expected {want!r}")
+        content = m["content"]
+        if want == "user":
+            if i == 0 and system is not None:
+                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+            piece = f"<s>[INST] {content.strip()} [/INST]"
+        else:
+            piece = f" {content.strip()} </s>"
+            spans.append((pos + 1, pos + len(piece)))  # the answer, the space and the </s> closing it
+        parts.append(piece)
+        pos += len(piece)
+    return "".join(parts), spans, False
+
+
 def _render_messages(messages, fmt: str, where: str, nfc) -> tuple[str, list[tuple[int, int]], bool]:
     messages = _checked_messages(messages, where, nfc)
+    if fmt == "llama2":
+        return _render_llama2(messages, where)
     parts: list[str] = ["<|begin_of_text|>"] if fmt == "llama3" else []
     spans: list[tuple[int, int]] = []
     pos = len(parts[0]) if parts else 0
@@ -184,6 +222,8 @@ def generation_prompt(messages: list[dict], tokenizer) -> tuple[str, int]:
     text, _, _ = _render_messages(messages, fmt, "generate", lambda s: s)
     if fmt == "chatml":
         return text + "<|im_start|>assistant\n", tokenizer.special_tokens["<|im_end|>"]
+    if fmt == "llama2":  # the text ends with " [/INST]": the answer follows
+        return text, tokenizer.special_tokens["</s>"]
     return text + "<|start_header_id|>assistant<|end_header_id|>\n\n", tokenizer.special_tokens["<|eot_id|>"]
 
 
