@@ -12,6 +12,8 @@ fresh subprocess, so its peak resident memory is its own; all must produce the s
   apr              apr_kernels.train.data.tokenize_files: reading and encoding in a few threads,
                    each document's ids straight into int32 (4 bytes per token)
   apr_1thread      the same with one thread
+  apr_cache        apr_kernels.train.data.cached_tokens into an empty cache folder: the stream written
+                   to disk as it is produced, then memory-mapped (what ``apr-kernels train`` does)
   hf_tokenizers    Hugging Face ``tokenizers`` (the Rust tokenizer built from the same vocabulary and
                    merges), ``encode_batch`` over the texts (its own thread pool), ids concatenated
                    into an int64 tensor: what a `datasets`-free user script does
@@ -39,8 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-PROVIDERS = {"qwen2": ("apr", "apr_1thread", "hf_tokenizers", "tiktoken_batch"),
-             "mistral": ("apr", "apr_1thread", "hf_tokenizers", "sentencepiece")}
+PROVIDERS = {"qwen2": ("apr", "apr_1thread", "apr_cache", "hf_tokenizers", "tiktoken_batch"),
+             "mistral": ("apr", "apr_1thread", "apr_cache", "hf_tokenizers", "sentencepiece")}
 
 
 def mistral_model() -> Path:
@@ -98,7 +100,14 @@ def run_one(provider: str, mb: float, tokenizer: str) -> dict:
         sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_model()))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    if provider in ("apr", "apr_1thread"):
+    if provider == "apr_cache":
+        import tempfile
+
+        from apr_kernels.train.data import cached_tokens
+
+        with tempfile.TemporaryDirectory() as cache:  # the mapping outlives the folder
+            stream = cached_tokens(files, tok, cache_dir=cache)
+    elif provider in ("apr", "apr_1thread"):
         from apr_kernels.train.data import tokenize_files
 
         stream = tokenize_files(files, tok, workers=1 if provider == "apr_1thread" else None)
@@ -118,8 +127,9 @@ def run_one(provider: str, mb: float, tokenizer: str) -> dict:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     nbytes = sum(f.stat().st_size for f in files)
+    checksum = sum(int(c.long().sum()) for c in stream.split(1 << 20))  # in pieces: no 8-byte copy of it all
     return {"op": "tokenize", "tokenizer": tokenizer, "provider": provider, "files": len(files), "mb": nbytes / 1e6,
-            "tokens": int(stream.numel()), "checksum": int(stream.long().sum()), "s": seconds,
+            "tokens": int(stream.numel()), "checksum": checksum, "s": seconds,
             "mb_per_s": nbytes / 1e6 / seconds, "peak_mib": (peak - base) / 1024}
 
 

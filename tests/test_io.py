@@ -418,3 +418,22 @@ def test_safe_open_code_runs_unchanged(tmp_path):
         assert f.get_slice("w")[2:4].data_ptr() == f.get_tensor("w")[2].data_ptr()
     with pytest.raises(ValueError, match=r"m\.apr.*framework='np' is not supported; expected 'pt'"):
         apr_kernels.open(apr_path, framework="np")
+
+
+def test_lazy_tensor_chunks_are_written_piece_by_piece(tmp_path):
+    """A LazyTensor with chunks(): the same file as the whole tensor, without materialize(); a
+    wrong byte count is refused and leaves no file."""
+    t = torch.arange(1000, dtype=torch.int32)
+    whole, pieces, bad = tmp_path / "whole.apr", tmp_path / "pieces.apr", tmp_path / "bad.apr"
+    apr_kernels.save({"t": t}, whole, metadata={"k": 1})
+
+    def never():
+        raise AssertionError("materialize() called although chunks() was given")
+
+    raw = t.numpy().tobytes()
+    apr_kernels.save({"t": LazyTensor("I32", (1000,), never, lambda: (raw[i:i + 333] for i in range(0, 4000, 333)))},
+                     pieces, metadata={"k": 1})
+    assert pieces.read_bytes() == whole.read_bytes()
+    with pytest.raises(ValueError, match=r"'t': chunks\(\) gave 3996 bytes, expected 4000"):
+        apr_kernels.save({"t": LazyTensor("I32", (1000,), never, lambda: [raw[:3996]])}, bad)
+    assert not bad.exists() and not list(tmp_path.glob(".bad.apr.*"))

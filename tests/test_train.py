@@ -1,6 +1,7 @@
 """The training pieces: schedule, data packing and batching, the loop (accumulation, clipping, learning),
 exact resume from an APR checkpoint, init-from-APR, and the fast (Triton) path against the eager one."""
 
+import json
 import math
 import sysconfig
 from pathlib import Path
@@ -455,3 +456,26 @@ def test_fast_path_matches_reference_path_on_cuda_for_qwen3_and_mistral(family, 
         runs.append([t.train_step()["loss"] for _ in range(8)])
     assert runs[0][-1] < runs[0][0] - 0.3
     assert runs[1] == pytest.approx(runs[0], rel=2e-2)
+
+
+def test_token_stream_is_the_same_in_any_batching_and_streams_to_the_cache(tmp_path):
+    """token_parts batches documents across and within files (a big JSON Lines file is split); the
+    stream, its max_tokens cut and the cache file written piece by piece are all the same stream."""
+    from apr_kernels.train.data import cached_tokens, token_parts, tokenize_files
+
+    docs = [STDLIB.joinpath(n).read_text()[:3000] for n in ("textwrap.py", "shlex.py", "json/__init__.py")]
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": d[i:i + 400]}) + "\n" for d in docs for i in range(0, 3000, 400)))
+    small = tmp_path / "small.txt"
+    small.write_text(docs[0][:777])
+    files = [big, small]
+    tok = byte_tokenizer()
+    want = tokenize_files(files, tok, workers=1)
+    pieces = list(token_parts(files, tok, batch_chars=500, workers=2))
+    assert len(pieces) > 5 and torch.equal(torch.cat(pieces), want)
+    cut = torch.cat(list(token_parts(files, tok, batch_chars=500, max_tokens=4321)))
+    assert torch.equal(cut, want[:4321])
+    cached = cached_tokens(files, tok, cache_dir=tmp_path / "cache")
+    assert torch.equal(cached, want) and cached.dtype == torch.int32
+    left = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(left) == 1 and left[0].startswith("tokens-")  # no raw or temporary file left behind

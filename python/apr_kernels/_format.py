@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -105,12 +105,15 @@ class LazyTensor:
     """A tensor that ``save`` materialises only when it writes it (one at a time: streaming).
 
     ``materialize()`` must return a tensor of APR ``dtype`` and ``shape`` (or a QuantizedTensor
-    of them).
+    of them). With ``chunks`` (a callable returning an iterable of bytes-like pieces that add up to
+    the stored bytes), ``save`` writes the pieces as they come instead: a tensor larger than memory
+    (a token stream read back from disk) is never whole in it.
     """
 
     dtype: str
     shape: tuple[int, ...]
     materialize: Callable[[], Union[torch.Tensor, QuantizedTensor]]
+    chunks: Optional[Callable[[], Iterable]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "shape", _check_dtype_shape("LazyTensor", self.dtype, self.shape))

@@ -9,7 +9,8 @@ Atomic: the bytes go to a temporary file in the target's folder, which is fsynce
 the target (then the folder is fsynced). On any error the temporary file is removed and the target
 is untouched. Streaming: tensors are written one at a time straight from their memory (a
 non-contiguous or non-CPU tensor is copied one tensor at a time); ``LazyTensor`` values are
-materialised one at a time, so peak extra memory is one tensor, not the model.
+materialised one at a time, so peak extra memory is one tensor, not the model, and a ``LazyTensor``
+with ``chunks`` is written piece by piece (peak: one piece).
 """
 
 from __future__ import annotations
@@ -141,6 +142,16 @@ def _write_atomically(path: str, header, meta_bytes: bytes, index: bytes, entrie
             put(meta_bytes + _ZEROS[: align64(len(meta_bytes)) - len(meta_bytes)])
             put(index + _ZEROS[: align64(len(index)) - len(index)])
             for name_b, dtype, shape, nbytes, value in entries:
+                if isinstance(value, LazyTensor) and value.chunks is not None:
+                    written = 0
+                    for piece in value.chunks():
+                        put(piece)
+                        written += memoryview(piece).nbytes
+                    if written != nbytes:
+                        raise ValueError(f"save({path!r}): tensor {name_b.decode()!r}: chunks() gave {written} "
+                                         f"bytes, expected {nbytes} ({dtype} {list(shape)})")
+                    put(_ZEROS[: align64(nbytes) - nbytes])
+                    continue
                 data = _tensor_bytes(path, name_b.decode(), dtype, shape, value)
                 if data.numel() != nbytes:  # cannot happen for checked inputs; guards the layout
                     raise ValueError(f"save({path!r}): tensor {name_b.decode()!r} produced {data.numel()} "

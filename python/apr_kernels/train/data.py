@@ -27,7 +27,8 @@
 * Batches: sequence order is a fresh permutation per epoch from ``seed``; the only state is the number
   of sequences consumed so far (``position``), so resuming at a position replays the same batches.
 * Token cache (``cached_tokens``): the stream of a (files, tokenizer, max_tokens, text field) is saved once
-  as an APR file (``tokens``, int32) in a cache folder and memory-mapped on later runs and
+  as an APR file (``tokens``, int32) in a cache folder, written to disk as it is produced (the corpus
+  is never whole in memory, even the first time), and memory-mapped on this and later runs and
   ``--resume``s, by every rank of a torchrun job (zero-copy, one page cache per machine). The
   key covers each file's path, size and modification time and the tokenizer's fingerprint, so an
   edited file or another tokenizer makes a new entry.
@@ -89,46 +90,68 @@ def read_documents(files: Iterable[Path], text_field: str = TEXT_FIELD) -> Itera
             yield Path(f), text
 
 
-def documents_of(path, text_field: str = TEXT_FIELD) -> list[str | tuple[str, dict]]:
-    """The non-empty documents of one file (none if it is not UTF-8): texts, and for supervised JSON
-    Lines records ``("file:line", record)``. ValueError, naming the file and line, for a JSON Lines
-    line that is neither an object with a string ``text_field`` nor a supervised record."""
-    from .chat import is_supervised
-
+def documents_of(path, text_field: str = TEXT_FIELD) -> Iterator[str | tuple[str, dict]]:
+    """The non-empty documents of one file, in order: texts, and for supervised JSON Lines records
+    ``("file:line", record)``. A text file is one document (none if it is not UTF-8: binary data is
+    not text); JSON Lines and Parquet files are read a line / a row group at a time, so a file of any
+    size streams. ValueError, naming the file and line, for a JSON Lines line that is not UTF-8 or
+    neither an object with a string ``text_field`` nor a supervised record."""
     suffix, gz = _suffix(Path(path).name)
     if suffix == ".parquet" and not gz:
-        return _parquet_documents(path, text_field)
+        yield from _parquet_documents(path, text_field)
+        return
+    if suffix == ".jsonl":
+        yield from _jsonl_documents(path, text_field, gz)
+        return
     try:
         raw = gzip.decompress(Path(path).read_bytes()) if gz else Path(path).read_bytes()
         text = raw.decode("utf-8")
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):
-        return []
-    if suffix != ".jsonl":
-        return [text] if text else []
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per "
-                             f"line with a string field {text_field!r}") from None
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str) and is_supervised(record):
-            docs.append((f"{path}:{lineno}", record))
-            continue
-        if not isinstance(value, str):
-            got = (f"an object with fields {sorted(record)[:6]}" if isinstance(record, dict)
-                   else f"a JSON {type(record).__name__}")
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field {text_field!r} "
-                             f"(--text-field), or a 'messages' or 'prompt'/'completion' record; got {got}")
-        if value:
-            docs.append(value)
-    return docs
+        return
+    if text:
+        yield text
 
 
-def _parquet_documents(path, text_field: str) -> list[str | tuple[str, dict]]:
+def _jsonl_documents(path, text_field: str, gz: bool) -> Iterator[str | tuple[str, dict]]:
+    """One document per line (lines split at "\\n" only: JSON strings may hold U+2028 and friends)."""
+    from .chat import is_supervised
+
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                doc = _jsonl_line(path, lineno, raw, text_field, is_supervised)
+                if doc:
+                    yield doc
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
+
+
+def _jsonl_line(path, lineno: int, raw: bytes, text_field: str, is_supervised) -> str | tuple[str, dict] | None:
+    """The document of one JSON Lines line (None for a blank line or an empty text)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{lineno}: not UTF-8; expected one JSON object per line") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per "
+                         f"line with a string field {text_field!r}") from None
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(value, str) and is_supervised(record):
+        return f"{path}:{lineno}", record
+    if not isinstance(value, str):
+        got = (f"an object with fields {sorted(record)[:6]}" if isinstance(record, dict)
+               else f"a JSON {type(record).__name__}")
+        raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field {text_field!r} "
+                         f"(--text-field), or a 'messages' or 'prompt'/'completion' record; got {got}")
+    return value or None
+
+
+def _parquet_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]]:
     """Documents of a Parquet file, row group by row group (see the module docstring)."""
     try:
         import pyarrow.parquet as pq
@@ -148,21 +171,19 @@ def _parquet_documents(path, text_field: str) -> list[str | tuple[str, dict]]:
     else:
         raise ValueError(f"{path}: expected a column {text_field!r} (--text-field), 'messages', or 'prompt' and "
                          f"'completion'; got columns {names[:8]}")
-    docs: list[str | tuple[str, dict]] = []
     row = 0
     for g in range(pf.num_row_groups):
         for rec in pf.read_row_group(g, columns=columns).to_pylist():
             row += 1
             if kind == "record":
-                docs.append((f"{path}:row {row}", rec))
+                yield f"{path}:row {row}", rec
                 continue
             value = rec[text_field]
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{path}:row {row}: column {text_field!r} holds {type(value).__name__}; "
                                  f"expected strings")
             if value:
-                docs.append(value)
-    return docs
+                yield value
 
 
 def default_workers() -> int:
@@ -182,11 +203,37 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
                    workers: int | None = None, text_field: str = TEXT_FIELD) -> torch.Tensor:
     """One int32 stream: each document's ids followed by the end-of-text id, and preceded by the
     begin-of-text id when the tokenizer adds one (``tokenizer.add_bos_token``: Llama 2/3, Mistral; a
-    chat record's template writes its own). Stops after ``max_tokens``.
+    chat record's template writes its own). Stops after ``max_tokens``. (:func:`token_parts` yields
+    the same stream in pieces; :func:`cached_tokens` writes them to disk as they come.)"""
+    parts = list(token_parts(files, tokenizer, max_tokens=max_tokens, workers=workers, text_field=text_field))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
 
-    Documents are read and encoded by ``workers`` threads (default: ``default_workers()``; the tiktoken
-    encoder releases the GIL) a bounded window ahead, and kept in order. Each document's ids become an
-    int32 tensor at once, so memory is about 4 bytes per token (a Python list of ints costs ~36)."""
+
+BATCH_CHARS = 1 << 20  # documents are encoded in batches of about this much text
+
+
+def _document_batches(files: Iterable[Path], text_field: str, batch_chars: int) -> Iterator[list]:
+    batch: list = []
+    size = 0
+    for path in files:
+        for doc in documents_of(path, text_field):
+            batch.append(doc)
+            size += len(doc) if isinstance(doc, str) else 1024
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def token_parts(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None, workers: int | None = None,
+                text_field: str = TEXT_FIELD, batch_chars: int = BATCH_CHARS) -> Iterator[torch.Tensor]:
+    """The stream of :func:`tokenize_files` as int32 pieces, in order.
+
+    Files are read one document at a time (JSON Lines and Parquet files stream) into batches of
+    about ``batch_chars`` characters, which ``workers`` threads (default ``default_workers()``; the
+    tiktoken and sentencepiece encoders release the GIL) encode a bounded window ahead: memory stays
+    a few batches whatever the corpus size, and one big file is encoded in parallel too."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
@@ -195,9 +242,9 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
     eos = getattr(tokenizer, "eos_id", None)
     bos = document_bos(tokenizer)
 
-    def encode(path) -> torch.Tensor | None:
+    def encode(batch: list) -> torch.Tensor:
         ids: list[int] = []
-        for doc in documents_of(path, text_field):
+        for doc in batch:
             if isinstance(doc, str):
                 if bos is not None:
                     ids.append(bos)
@@ -210,33 +257,32 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
             ids += [t if ok else -1 - t for t, ok in zip(tokens, targets)]
             if eos is not None:
                 ids.append(eos if eos_target else -1 - eos)
-        return torch.tensor(ids, dtype=torch.int32) if ids else None
+        return torch.tensor(ids, dtype=torch.int32)
 
     workers = workers or default_workers()
-    parts: list[torch.Tensor] = []
     total = 0
-    files = iter(files)
+    batches = _document_batches(files, text_field, batch_chars)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
-        while True:
-            while len(pending) < 4 * workers:  # a bounded window of documents in flight
-                f = next(files, None)
-                if f is None:
-                    break
-                pending.append(pool.submit(encode, f))
-            if not pending:
-                break
-            ids = pending.popleft().result()
-            if ids is None:
-                continue
-            parts.append(ids)
-            total += ids.numel()
-            if max_tokens is not None and total >= max_tokens:
-                for fut in pending:
-                    fut.cancel()
-                break
-    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
-    return flat[:max_tokens].clone() if max_tokens is not None and flat.numel() > max_tokens else flat
+        try:
+            while True:
+                while len(pending) < 2 * workers:  # a bounded window of batches in flight
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    pending.append(pool.submit(encode, batch))
+                if not pending:
+                    return
+                ids = pending.popleft().result()
+                if max_tokens is not None and total + ids.numel() >= max_tokens:
+                    yield ids[: max_tokens - total].clone()
+                    return
+                total += ids.numel()
+                if ids.numel():
+                    yield ids
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 CACHE_ENV = "APR_KERNELS_CACHE"
@@ -288,18 +334,49 @@ def cached_tokens(files: Iterable[Path], tokenizer, *, max_tokens: int | None = 
         except (AprFormatError, KeyError, OSError) as exc:
             if log:
                 log(f"token cache: {path} unreadable ({exc}); tokenising again")
-    tokens = tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=text_field)
+    meta = {"token_cache.key": key, "token_cache.files": len(files), "token_cache.max_tokens": max_tokens}
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        apr_kernels.save({"tokens": tokens.to(torch.int32)}, path,
-                         metadata={"token_cache.key": key, "token_cache.files": len(files),
-                                   "token_cache.max_tokens": max_tokens})
-        if log:
-            log(f"token cache: {tokens.numel()} tokens saved to {path}")
+        n = _stream_to_cache(token_parts(files, tokenizer, max_tokens=max_tokens, text_field=text_field), path,
+                             meta)
     except OSError as exc:  # a read-only or full cache folder costs the cache, not the run
         if log:
-            log(f"token cache: could not write {path} ({exc})")
-    return tokens
+            log(f"token cache: could not write {path} ({exc}); tokenising in memory")
+        return tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=text_field)
+    if log:
+        log(f"token cache: {n} tokens saved to {path}")
+    with apr_kernels.open(path) as f:
+        return f.get_tensor("tokens")
+
+
+def _stream_to_cache(parts: Iterator[torch.Tensor], path: Path, meta: dict) -> int:
+    """Write the pieces to a raw int32 file next to ``path`` as they come, then the APR cache file from
+    it in 16 MiB reads (a ``LazyTensor`` with ``chunks``): the stream is never whole in memory.
+    Returns the token count."""
+    import apr_kernels
+    from apr_kernels.io import LazyTensor
+
+    raw = path.with_name(f".{path.name}.{os.getpid()}.raw")
+    n = 0
+    try:
+        with open(raw, "wb") as f:
+            for part in parts:
+                f.write(part.numpy())
+                n += part.numel()
+
+        def chunks():
+            with open(raw, "rb") as f:
+                while block := f.read(16 << 20):
+                    yield block
+
+        def whole():
+            return torch.frombuffer(bytearray(raw.read_bytes()), dtype=torch.int32) if n else \
+                torch.empty(0, dtype=torch.int32)
+
+        apr_kernels.save({"tokens": LazyTensor("I32", (n,), whole, chunks)}, path, metadata=meta)
+    finally:
+        raw.unlink(missing_ok=True)
+    return n
 
 
 def num_sequences(n_tokens: int, seq_len: int) -> int:
