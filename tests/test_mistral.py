@@ -1,16 +1,13 @@
 """Mistral (Llama with a sliding attention window): the model, its fast path, generation,
 conversion and export against transformers' MistralForCausalLM built offline with the same weights."""
 
-import json
-
 import pytest
 import torch
 
-import apr_kernels
 from apr_kernels.cli import main
-from apr_kernels.model import ModelConfig, from_apr
+from apr_kernels.model import ModelConfig
 from apr_kernels.model.generate import generate
-from test_model import LLAMA, hf_model, ours_from_hf
+from test_model import LLAMA, convert_and_export_round_trip, hf_model, ours_from_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,25 +82,10 @@ def test_documents_with_a_window_equal_each_document_alone(use_backend):
 
 
 def test_convert_from_apr_and_export_keep_the_window(tmp_path):
-    hf = hf_model(MISTRAL)
-    src = tmp_path / "hf"
-    hf.save_pretrained(src)
-    apr = tmp_path / "m.apr"
-    assert main(["convert", str(src), str(apr)]) == 0
-    with apr_kernels.open(apr) as f:
-        assert f.metadata["architecture"] == "mistral" and f.metadata["sliding_window"] == 5
-    model = from_apr(apr)
-    assert model.config.sliding_window == 5
-    x = torch.randint(0, MISTRAL.vocab_size, (1, 25))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-4)
-    out = tmp_path / "export"
-    assert main(["export", str(apr), str(out)]) == 0
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "mistral" and cfg["sliding_window"] == 5
-    again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(again(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+    got = convert_and_export_round_trip(tmp_path, hf_model(MISTRAL), MISTRAL.vocab_size, seq=25)
+    assert got["metadata"]["architecture"] == "mistral" and got["metadata"]["sliding_window"] == 5
+    assert got["model"].config.sliding_window == 5
+    assert got["config"]["model_type"] == "mistral" and got["config"]["sliding_window"] == 5
 
 
 def test_qwen2_layer_windows_are_refused(tmp_path, capsys):

@@ -42,6 +42,30 @@ def hf_model(cfg: ModelConfig, **extra):
     return model.eval()
 
 
+def convert_and_export_round_trip(tmp_path, hf, vocab_size: int, seq: int = 21) -> dict:
+    """hf -> save_pretrained -> ``apr-kernels convert`` -> from_apr and ``export`` -> transformers:
+    both give hf's logits. Returns the APR metadata and the exported config.json."""
+    import json
+
+    import apr_kernels
+    from apr_kernels.cli import main
+    from apr_kernels.model import from_apr
+
+    src, apr, out = tmp_path / "hf", tmp_path / "model.apr", tmp_path / "export"
+    hf.save_pretrained(src)
+    assert main(["convert", str(src), str(apr)]) == 0
+    x = torch.randint(0, vocab_size, (1, seq))
+    with torch.no_grad():
+        torch.testing.assert_close(from_apr(apr)(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+    assert main(["export", str(apr), str(out)]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+    with apr_kernels.open(apr) as f:
+        return {"metadata": dict(f.metadata), "config": json.loads((out / "config.json").read_text()),
+                "model": from_apr(apr)}
+
+
 def ours_from_hf(hf, cfg: ModelConfig) -> Transformer:
     model = Transformer(cfg, fast=False).eval()
     sd = {k: v for k, v in hf.state_dict().items() if k in dict(model.named_parameters())}

@@ -2,17 +2,14 @@
 model, its fast path, generation, conversion, export and preflight against transformers'
 Qwen3ForCausalLM built offline with the same weights."""
 
-import json
-
 import pytest
 import torch
 
 import apr_kernels
-from apr_kernels.cli import main
 from apr_kernels.model import PRESETS, ModelConfig, Transformer, from_apr
 from apr_kernels.model.generate import generate
 from apr_kernels.model.loading import PreflightError
-from test_model import hf_model, ours_from_hf
+from test_model import convert_and_export_round_trip, hf_model, ours_from_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,24 +72,10 @@ def test_greedy_generation_equals_transformers():
 
 
 def test_convert_from_apr_and_export(tmp_path):
-    hf = hf_model(QWEN3)
-    src = tmp_path / "hf"
-    hf.save_pretrained(src)
-    apr = tmp_path / "q3.apr"
-    assert main(["convert", str(src), str(apr)]) == 0
-    with apr_kernels.open(apr) as f:
-        assert f.metadata["architecture"] == "qwen3" and f.metadata["head_dim"] == 32
-    model = from_apr(apr)
-    assert model.config.qk_norm and not model.config.attention_bias
-    x = torch.randint(0, QWEN3.vocab_size, (1, 21))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-4)
-    out = tmp_path / "export"
-    assert main(["export", str(apr), str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
-    again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(again(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+    got = convert_and_export_round_trip(tmp_path, hf_model(QWEN3), QWEN3.vocab_size)
+    assert got["metadata"]["architecture"] == "qwen3" and got["metadata"]["head_dim"] == 32
+    assert got["model"].config.qk_norm and not got["model"].config.attention_bias
+    assert got["config"]["model_type"] == "qwen3"
 
 
 def test_preflight_family_and_tensor_evidence(tmp_path):

@@ -408,7 +408,14 @@ def test_fast_path_matches_reference_path_for_a_few_steps(monkeypatch, stream, r
 def test_fast_path_matches_reference_path_on_cuda(autocast, stream):
     # Qwen2-0.5B's layer shapes (GQA 7:1, head_dim 64, bias), two layers, byte vocabulary
     cfg = preset("qwen2_0_5b").replace(num_layers=2, vocab_size=320, head_dim=64)
-    tcfg = TrainConfig(steps=8, batch_size=8, seq_len=32, lr=1e-3, warmup=0)
+    runs = _cuda_losses_reference_and_fast(cfg, stream, autocast)
+    assert runs[0][-1] < runs[0][0] - 0.5
+    assert runs[1] == pytest.approx(runs[0], rel=2e-3 if autocast is None else 2e-2)
+
+
+def _cuda_losses_reference_and_fast(cfg, stream, autocast, steps: int = 8) -> list[list[float]]:
+    """The first ``steps`` training losses of the reference and the fast path from the same weights."""
+    tcfg = TrainConfig(steps=steps, batch_size=8, seq_len=32, lr=1e-3, warmup=0)
     torch.manual_seed(0)
     ref = Transformer(cfg, fast=False)
     fast = Transformer(cfg, fast=True)
@@ -416,9 +423,8 @@ def test_fast_path_matches_reference_path_on_cuda(autocast, stream):
     runs = []
     for model in (ref, fast):
         t = Trainer(model, stream[0], None, tcfg, device="cuda", autocast_dtype=autocast, log=lambda *x: None)
-        runs.append([t.train_step()["loss"] for _ in range(8)])
-    assert runs[0][-1] < runs[0][0] - 0.5
-    assert runs[1] == pytest.approx(runs[0], rel=2e-3 if autocast is None else 2e-2)
+        runs.append([t.train_step()["loss"] for _ in range(steps)])
+    return runs
 
 
 @pytest.mark.cuda
@@ -445,15 +451,7 @@ def test_fast_path_matches_reference_path_on_cuda_for_qwen3_and_mistral(family, 
     else:
         cfg = preset("tiny_llama").replace(architecture="mistral", sliding_window=24, hidden_size=256,
                                            num_heads=4, num_kv_heads=2, head_dim=64)
-    tcfg = TrainConfig(steps=8, batch_size=8, seq_len=32, lr=1e-3, warmup=0)
-    torch.manual_seed(0)
-    ref = Transformer(cfg, fast=False)
-    fast = Transformer(cfg, fast=True)
-    fast.load_state_dict(ref.state_dict())
-    runs = []
-    for model in (ref, fast):
-        t = Trainer(model, stream[0], None, tcfg, device="cuda", autocast_dtype=torch.bfloat16, log=lambda *x: None)
-        runs.append([t.train_step()["loss"] for _ in range(8)])
+    runs = _cuda_losses_reference_and_fast(cfg, stream, torch.bfloat16)
     assert runs[0][-1] < runs[0][0] - 0.3
     assert runs[1] == pytest.approx(runs[0], rel=2e-2)
 
