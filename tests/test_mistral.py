@@ -88,13 +88,39 @@ def test_convert_from_apr_and_export_keep_the_window(tmp_path):
     assert got["config"]["model_type"] == "mistral" and got["config"]["sliding_window"] == 5
 
 
-def test_qwen2_layer_windows_are_refused(tmp_path, capsys):
+@pytest.mark.parametrize("path", ["eager", "fast-triton"])
+def test_qwen2_windows_on_the_later_layers_match_transformers(path, use_backend, tmp_path):
+    """Qwen2 with use_sliding_window: the first max_window_layers layers attend to everything, the
+    rest within the window (Hugging Face's layer_types); through convert and export too."""
     from test_model import QWEN
 
-    hf = hf_model(QWEN)
-    hf.config.use_sliding_window = True
-    hf.config.sliding_window = 8
+    cfg = QWEN.replace(hidden_size=112, num_layers=3, sliding_window=6, max_window_layers=1,
+                       max_position_embeddings=256)  # head_dim 16: what the kernels take
+    hf = hf_model(cfg, use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    assert hf.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    ours = ours_from_hf(hf, cfg)
+    assert [layer.self_attn.window for layer in ours.model.layers] == [None, 6, 6]
+    if path == "fast-triton":
+        ours.fast = True
+        use_backend("triton")
+    x = torch.randint(0, cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        want = hf(x).logits
+        torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-4)
+        everywhere = ours_from_hf(hf, cfg.replace(max_window_layers=None))(x)
+    assert (everywhere - want).abs().max() > 1e-2  # which layers are windowed matters
+    if path == "eager":
+        got = convert_and_export_round_trip(tmp_path, hf, cfg.vocab_size, seq=30)
+        assert (got["metadata"]["sliding_window"], got["metadata"]["max_window_layers"]) == (6, 1)
+        assert got["config"]["use_sliding_window"] and got["config"]["max_window_layers"] == 1
+
+
+def test_layer_types_that_are_not_full_then_windowed_are_refused(tmp_path, capsys):
+    from test_model import QWEN
+
+    hf = hf_model(QWEN.replace(num_layers=3), use_sliding_window=True, sliding_window=6,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     hf.save_pretrained(tmp_path / "hf")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "q.apr")]) != 0
-    assert "use_sliding_window=true" in capsys.readouterr().err
+    assert "windowed layers must follow all full-attention ones" in capsys.readouterr().err
     assert not (tmp_path / "q.apr").exists()

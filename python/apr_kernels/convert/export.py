@@ -84,6 +84,9 @@ def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
         kwargs["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
     if family == "mistral":
         kwargs["sliding_window"] = cfg.sliding_window  # None: no window
+    elif family in ("qwen2", "qwen3") and cfg.sliding_window is not None:
+        kwargs.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
+                      max_window_layers=cfg.max_window_layers or 0)
     if isinstance(meta.get("rope_scaling"), dict):
         kwargs["rope_scaling"] = {**meta["rope_scaling"], "rope_theta": kwargs["rope_theta"]}
     return AutoConfig.for_model(family, **kwargs).to_dict()

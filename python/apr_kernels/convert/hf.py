@@ -88,6 +88,31 @@ def read_safetensors(files: list[Path]) -> tuple[dict[str, LazyTensor], dict, li
     return tensors, source_meta, handles
 
 
+def _window_keys(cfg: dict, model_type: str, path: Path, need) -> dict:
+    """``sliding_window`` (+ ``max_window_layers``) from a config.json: Mistral's window is on every
+    layer; Qwen2/3 use it only with ``use_sliding_window``, on the layers from ``max_window_layers``
+    on (or as ``layer_types`` lists them: full layers first, then windowed ones)."""
+    if model_type == "mistral":
+        return {"sliding_window": need("sliding_window")} if cfg.get("sliding_window") is not None else {}
+    if model_type not in ("qwen2", "qwen3") or not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
+        return {}
+    n = need("num_hidden_layers")
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and len(types) == n:
+        first = next((i for i, t in enumerate(types) if t == "sliding_attention"), n)
+        if any(t != "sliding_attention" for t in types[first:]):
+            raise ValueError(f"{path}: layer_types {types[:8]}...: windowed layers must follow all full-attention "
+                             f"ones (expected full layers first, then sliding_attention)")
+        k = first
+    else:
+        k = cfg.get("max_window_layers", n)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"{path}: max_window_layers is {k!r}; expected a non-negative integer")
+    if k >= n:  # no layer is windowed
+        return {}
+    return {"sliding_window": need("sliding_window"), "max_window_layers": k}
+
+
 def config_metadata(cfg: dict, path: Path) -> dict:
     """Typed APR keys (spec 5.2, one spelling each) from a Hugging Face config.json."""
     model_type = cfg.get("model_type")
@@ -122,11 +147,7 @@ def config_metadata(cfg: dict, path: Path) -> dict:
         "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
         "head_dim": cfg.get("head_dim") or hidden // heads,
     }
-    if model_type == "mistral" and cfg.get("sliding_window") is not None:
-        meta["sliding_window"] = need("sliding_window")
-    if model_type == "qwen2" and cfg.get("use_sliding_window"):
-        raise ValueError(f"{path}: use_sliding_window=true (a window on the layers from max_window_layers on) is "
-                         f"not supported; expected false, as every released Qwen2/Qwen2.5 config has")
+    meta.update(_window_keys(cfg, model_type, path, need))
     if kind not in (None, "default"):
         from apr_kernels.model.rope import SUPPORTED_SCALING
 

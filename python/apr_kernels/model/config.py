@@ -29,8 +29,10 @@ class ModelConfig:
     (Hugging Face ``rotate_half``), 0 rotates adjacent pairs (llama.cpp-ordered q/k rows).
     ``attention_bias`` is the Qwen2 q/k/v bias. With ``tie_word_embeddings`` the output projection is
     the embedding matrix and no ``lm_head.weight`` parameter exists. ``qk_norm`` (Qwen3): q and k are
-    RMS-normalised per head (weights ``q_norm``/``k_norm`` of head_dim) before RoPE. ``sliding_window`` (Mistral):
-    each token attends to itself and the ``sliding_window - 1`` tokens before it; None: no window.
+    RMS-normalised per head (weights ``q_norm``/``k_norm`` of head_dim) before RoPE. ``sliding_window``
+    (Mistral; Qwen2/3 with ``use_sliding_window``): each token attends to itself and the
+    ``sliding_window - 1`` tokens before it, in every layer, or with ``max_window_layers`` = k in the
+    layers from k on (the first k attend to everything, as Hugging Face's Qwen2/3); None: no window.
     """
 
     architecture: str = "llama"
@@ -50,6 +52,7 @@ class ModelConfig:
     qk_norm: bool = False
     tie_word_embeddings: bool = True
     sliding_window: int | None = None
+    max_window_layers: int | None = None
     # where the numbers came from, for error messages only (not part of equality or to_dict)
     _source: str = dataclasses.field(default="ModelConfig", repr=False, compare=False)
 
@@ -68,6 +71,10 @@ class ModelConfig:
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
             raise ValueError(f"{source}: sliding_window={w!r}; expected a positive integer (keys each token "
                              f"attends to) or None")
+        k = self.max_window_layers
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            raise ValueError(f"{source}: max_window_layers={k!r}; expected a non-negative integer (the first "
+                             f"layers, without a window) or None")
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                      "vocab_size", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
@@ -89,6 +96,12 @@ class ModelConfig:
                              f"expected both > 0")
 
     # ------------------------------------------------------------------------------------ derived
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of decoder layer ``layer`` (None: it attends to every earlier token)."""
+        if self.sliding_window is None or (self.max_window_layers is not None and layer < self.max_window_layers):
+            return None
+        return self.sliding_window
+
     @property
     def num_groups(self) -> int:
         """Query heads per key/value head (7 for Qwen2-0.5B)."""
@@ -157,6 +170,7 @@ class ModelConfig:
             tied_embeddings=self.tie_word_embeddings,
             rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
             sliding_window=self.sliding_window,
+            max_window_layers=self.max_window_layers,
         )
 
     @classmethod
@@ -195,6 +209,7 @@ class ModelConfig:
             qk_norm=family == "qwen3",
             tie_word_embeddings=True if tied is None else bool(tied),
             sliding_window=getattr(apr, "sliding_window", None),
+            max_window_layers=getattr(apr, "max_window_layers", None),
             _source=f"{path or 'APR metadata'}",
         )
         return cfg
