@@ -261,3 +261,40 @@ def test_bos_from_a_llama3_style_post_processor_reaches_data_and_export(tiny_hf,
     (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
                                                            "add_bos_token": False}))
     assert read_hf_tokenizer(src)["tokenizer.add_bos_token"] is False  # the config's word wins
+
+
+@pytest.mark.parametrize("nfc", [False, True])
+def test_any_split_regex_travels_in_the_file(tmp_path, nfc):
+    """A byte-level BPE whose pre-tokenizer regex is none of the named ones (single digits, words with
+    their leading space, punctuation runs): imported as pre_type "custom" with the regex in
+    tokenizer.pre_pattern, it encodes as Hugging Face `tokenizers` does, through an APR file and back
+    out through export."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    pattern = r"\p{N}| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+"
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if nfc:
+        hf.normalizer = normalizers.NFC()
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(stdlib_text(20, 100_000).splitlines(), trainer=trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    meta = read_hf_tokenizer(tmp_path)
+    assert meta["tokenizer.pre_type"] == "custom" and meta["tokenizer.pre_pattern"] == pattern
+    assert meta.get("tokenizer.normalizer") == ("NFC" if nfc else None)
+    tok = Tokenizer.from_metadata(json.loads(json.dumps(meta)))
+    text = stdlib_text(300, 30_000) + " 12345 e\u0301 x" + random_text(500)
+    assert tok.encode(text) == hf.encode(text).ids
+    again = Tokenizer.from_metadata(tok.to_metadata())
+    assert again.encode(text) == tok.encode(text) and again.fingerprint() == tok.fingerprint()
+    exported = HFTokenizer.from_str(json.dumps(hf_tokenizer_files(tok)[0]))
+    assert exported.encode(text).ids == hf.encode(text).ids
+    gpt2 = Tokenizer.from_metadata({**tok.to_metadata(), "tokenizer.pre_type": "gpt2"})
+    assert gpt2.fingerprint() != tok.fingerprint()
+    with pytest.raises(ValueError, match=r"bad\.apr.*tokenizer.pre_pattern"):
+        Tokenizer.from_metadata({**tok.to_metadata(), "tokenizer.pre_pattern": "(unclosed"}, path="bad.apr")

@@ -41,6 +41,9 @@ PRE_PATTERNS = {
     "llama3": LLAMA3_PATTERN,
 }
 NFC_PRE_TYPES = {"qwen2"}  # Qwen2's tokenizer.json normalises to NFC before splitting
+# Any other single pre-tokenizer regex travels in the file itself: pre_type "custom" with the custom
+# keys tokenizer.pre_pattern (the regex) and tokenizer.normalizer ("NFC" or absent).
+CUSTOM_PRE_TYPE = "custom"
 
 # The 22 added tokens of the Qwen2/Qwen2.5 tokenizer.json, at ids 151643..151664.
 QWEN2_SPECIAL_TOKENS = (
@@ -188,21 +191,31 @@ class Tokenizer:
                  merges: list[tuple[bytes, bytes]] | None = None, ranks: Mapping[bytes, int] | None = None,
                  pre_type: str = "gpt2", bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None, extra: Mapping[str, object] | None = None,
-                 where: str = "tokenizer"):
+                 where: str = "tokenizer", pattern: str | None = None, nfc: bool = False):
         """Prefer the constructors :meth:`from_metadata`, :meth:`from_ranks` and :meth:`qwen2`.
 
         ``ranks`` (token bytes -> rank, ranks ordered like the merges) enables the tiktoken path;
-        ``merges`` alone selects the pure-Python BPE. One of the two is required.
+        ``merges`` alone selects the pure-Python BPE. One of the two is required. ``pre_type``
+        "custom" takes its regex from ``pattern`` (and NFC normalisation from ``nfc``).
         """
-        if pre_type not in PRE_PATTERNS:
+        if pre_type == CUSTOM_PRE_TYPE:
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"{where}: tokenizer.pre_type 'custom' needs tokenizer.pre_pattern, a regex")
+            try:
+                import regex
+
+                regex.compile(pattern)
+            except Exception as exc:  # noqa: BLE001 -- any compile error is a bad file
+                raise ValueError(f"{where}: tokenizer.pre_pattern {pattern!r} is not a valid regex ({exc})") from None
+        elif pre_type not in PRE_PATTERNS:
             raise ValueError(f"{where}: tokenizer.pre_type {pre_type!r} is not supported "
-                             f"(expected one of {sorted(PRE_PATTERNS)})")
+                             f"(expected one of {sorted(PRE_PATTERNS)}, or 'custom' with tokenizer.pre_pattern)")
         self._id_to_bytes = id_to_bytes
         self._special = dict(special)
         self._merges = merges
         self.pre_type = pre_type
-        self.pattern = PRE_PATTERNS[pre_type]
-        self.nfc = pre_type in NFC_PRE_TYPES
+        self.pattern = pattern if pre_type == CUSTOM_PRE_TYPE else PRE_PATTERNS[pre_type]
+        self.nfc = bool(nfc) if pre_type == CUSTOM_PRE_TYPE else pre_type in NFC_PRE_TYPES
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.extra = dict(extra or {})  # carried-through keys (chat_template, add_bos_token, ...)
         for name, value in (("bos", bos_id), ("eos", eos_id), ("padding", pad_id)):
@@ -222,17 +235,21 @@ class Tokenizer:
                 if b in ranks and i not in special_ids:
                     id_of.setdefault(b, i)  # a duplicated entry: the first id is the one produced
             identity = all(id_of[b] == r for b, r in ranks.items())
-            self._enc = tiktoken.Encoding(
-                name="apr", pat_str=self.pattern, mergeable_ranks=dict(ranks),
-                special_tokens=self._special if identity else {},
-            )
-            if not identity:  # ranks follow merge order, ids do not: map ranks back to ids
+            try:
+                self._enc = tiktoken.Encoding(
+                    name="apr", pat_str=self.pattern, mergeable_ranks=dict(ranks),
+                    special_tokens=self._special if identity else {},
+                )
+            except ValueError:  # a custom regex tiktoken's engine cannot compile: the Python BPE
+                merges = merges if merges is not None else merges_from_ranks(ranks)
+                self._merges, self._ranks = merges, None
+            if self._enc is not None and not identity:  # ranks follow merge order, ids do not
                 self._rank_to_id = [0] * len(ranks)
                 for b, r in ranks.items():
                     self._rank_to_id[r] = id_of[b]
-        elif merges is None:
-            raise ValueError(f"{where}: a BPE tokenizer needs merges or ranks")
-        else:
+        if self._enc is None:  # the pure-Python BPE over the merges
+            if merges is None:
+                raise ValueError(f"{where}: a BPE tokenizer needs merges or ranks")
             import regex
 
             self._merge_rank = {m: i for i, m in enumerate(merges)}
@@ -332,6 +349,8 @@ class Tokenizer:
             id_to_bytes.append(b)
         ranks = _ranks_from_merges(singles, merges, _digest(vocab, raw_merges, types))
         pre = str(meta.get("tokenizer.pre_type") or "gpt2")
+        custom = {"pattern": meta.get("tokenizer.pre_pattern"),
+                  "nfc": str(meta.get("tokenizer.normalizer", "")).upper() == "NFC"} if pre == CUSTOM_PRE_TYPE else {}
         extra = {k: v for k, v in meta.items() if k in ("tokenizer.chat_template", "tokenizer.add_bos_token")}
 
         def _id(key):
@@ -340,7 +359,7 @@ class Tokenizer:
 
         tok = cls(id_to_bytes, special=special, merges=merges, ranks=ranks, pre_type=pre,
                   bos_id=_id("tokenizer.bos_token_id"), eos_id=_id("tokenizer.eos_token_id"),
-                  pad_id=_id("tokenizer.padding_token_id"), extra=extra, where=where)
+                  pad_id=_id("tokenizer.padding_token_id"), extra=extra, where=where, **custom)
         tok._consistent = ranks is not None
         return tok
 
@@ -451,6 +470,8 @@ class Tokenizer:
         meta: dict[str, object] = {
             "tokenizer.model_type": "bpe",
             "tokenizer.pre_type": self.pre_type,
+            **({"tokenizer.pre_pattern": self.pattern, **({"tokenizer.normalizer": "NFC"} if self.nfc else {})}
+               if self.pre_type == CUSTOM_PRE_TYPE else {}),
             "tokenizer.vocab_size": self.vocab_size,
             "tokenizer.vocabulary": vocab,
             "tokenizer.merges": [f"{token_bytes_to_str(a)} {token_bytes_to_str(b)}" for a, b in self.merges()],
@@ -474,7 +495,7 @@ class Tokenizer:
         fingerprint encode alike (the token cache of ``apr_kernels.train.data`` keys on it). Cached."""
         cached = getattr(self, "_fingerprint", None)
         if cached is None:
-            h = hashlib.sha256(f"{self.pre_type}\x00{self.eos_id}\x00".encode())
+            h = hashlib.sha256(f"{self.pre_type}\x00{self.pattern}\x00{self.nfc}\x00{self.eos_id}\x00".encode())
             for b in self._id_to_bytes:
                 h.update(len(b).to_bytes(4, "little") + b)
             h.update(repr(sorted(self._special.items())).encode())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from apr_kernels.tokenizer import (NFC_PRE_TYPES, PRE_PATTERNS, TOKEN_CONTROL, TOKEN_NORMAL,
+from apr_kernels.tokenizer import (CUSTOM_PRE_TYPE, NFC_PRE_TYPES, PRE_PATTERNS, TOKEN_CONTROL, TOKEN_NORMAL,
                                    Tokenizer)
 from apr_kernels.tokenizer_spm import BYTE, SPACE, UNKNOWN, UNUSED, SentencePieceTokenizer
 
@@ -26,15 +26,24 @@ def _load_json(path: Path) -> dict:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
-def _pre_type(path: Path, pre: dict | None, normalizer: dict | None) -> str:
-    """Map the pre-tokenizer (+ normalizer) of tokenizer.json to a `tokenizer.pre_type` name."""
+def _pre_type(path: Path, pre: dict | None, normalizer: dict | None) -> dict:
+    """The ``tokenizer.pre_type`` keys of tokenizer.json's pre-tokenizer (+ normalizer): a named
+    type when the regex is one of ours, else "custom" with the regex itself (``tokenizer.pre_pattern``)
+    and the normalizer (``tokenizer.normalizer``)."""
     nodes = [pre] if pre else []
     if pre and pre.get("type") == "Sequence":
         nodes = pre.get("pretokenizers") or []
     pattern = None
     for node in nodes:
         if node.get("type") == "Split":
-            pattern = (node.get("pattern") or {}).get("Regex")
+            if pattern is not None:
+                raise ValueError(f"{path}: pre_tokenizer has several Split steps; expected one regex before "
+                                 f"ByteLevel")
+            split = node.get("pattern") or {}
+            if "Regex" not in split or node.get("invert") or node.get("behavior", "Isolated") != "Isolated":
+                raise ValueError(f"{path}: pre_tokenizer Split {split!r} (behavior {node.get('behavior')!r}, invert "
+                                 f"{node.get('invert')!r}) is not supported; expected an Isolated regex split")
+            pattern = split["Regex"]
         elif node.get("type") == "ByteLevel":
             if node.get("add_prefix_space"):
                 raise ValueError(f"{path}: pre_tokenizer ByteLevel add_prefix_space=true is not supported")
@@ -50,9 +59,9 @@ def _pre_type(path: Path, pre: dict | None, normalizer: dict | None) -> str:
         raise ValueError(f"{path}: normalizer {norm!r} is not supported (expected none or NFC)")
     for name in ("qwen2", "llama-bpe", "gpt2"):
         if PRE_PATTERNS[name] == pattern and (norm == "NFC") == (name in NFC_PRE_TYPES):
-            return name
-    raise ValueError(f"{path}: pre-tokenizer regex {pattern!r} with normalizer {norm} matches no supported "
-                     f"pre_type ({sorted(PRE_PATTERNS)})")
+            return {"tokenizer.pre_type": name}
+    return {"tokenizer.pre_type": CUSTOM_PRE_TYPE, "tokenizer.pre_pattern": pattern,
+            **({"tokenizer.normalizer": "NFC"} if norm == "NFC" else {})}
 
 
 def _nodes(node: dict | None, key: str) -> list[dict]:
@@ -164,12 +173,12 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
         scheme = _sentencepiece_scheme(tj, data)
         if scheme is not None:
             meta = _sentencepiece_json(model, vocab, merges, scheme, added)
-        pre_type = _pre_type(tj, data.get("pre_tokenizer"), data.get("normalizer")) if meta is None else None
+        pre_keys = _pre_type(tj, data.get("pre_tokenizer"), data.get("normalizer")) if meta is None else None
     elif vj.is_file() and mt.is_file():
         vocab = _load_json(vj)
         lines = mt.read_text(encoding="utf-8").splitlines()
         merges = [ln for ln in lines if ln and not ln.startswith("#version")]
-        pre_type = "gpt2"
+        pre_keys = {"tokenizer.pre_type": "gpt2"}
     elif sp_model.is_file():
         meta = read_spm_model(sp_model)
         # tokens added on top of the SentencePiece model (chat markers of fine-tunes)
@@ -195,7 +204,7 @@ def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | 
     _place_added(tokens, types, added)
     meta: dict[str, object] = {
         "tokenizer.model_type": "bpe",
-        "tokenizer.pre_type": pre_type,
+        **pre_keys,
         "tokenizer.vocab_size": size,
         "tokenizer.vocabulary": tokens,
         "tokenizer.merges": merges,
