@@ -475,5 +475,30 @@ def test_token_stream_is_the_same_in_any_batching_and_streams_to_the_cache(tmp_p
     assert torch.equal(cut, want[:4321])
     cached = cached_tokens(files, tok, cache_dir=tmp_path / "cache")
     assert torch.equal(cached, want) and cached.dtype == torch.int32
-    left = [p.name for p in (tmp_path / "cache").iterdir()]
-    assert len(left) == 1 and left[0].startswith("tokens-")  # no raw or temporary file left behind
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())  # the entry and its lock file
+    assert len(left) == 2 and left[1].startswith("tokens-") and left[0] == f".{left[1]}.lock"
+
+
+def test_concurrent_misses_tokenise_once(tmp_path):
+    """Two processes (two torchrun ranks) missing the same cache entry at once: one tokenises, the
+    other waits on the lock and maps its file; both get the same stream."""
+    import subprocess
+    import sys
+
+    files = sorted(str(p) for p in STDLIB.glob("*.py"))  # ~1 s each: the two runs overlap
+    script = (
+        "import sys, hashlib\n"
+        "from pathlib import Path\n"
+        "from apr_kernels.train.cli import byte_tokenizer\n"
+        "from apr_kernels.train.data import cached_tokens\n"
+        "t = cached_tokens([Path(f) for f in sys.argv[2:]], byte_tokenizer(), cache_dir=sys.argv[1],\n"
+        "                  log=lambda m: print(m, flush=True))\n"
+        "print('sha', hashlib.sha256(t.numpy().tobytes()).hexdigest())\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache"), *files],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    logs = "".join(o[0] for o in outs)
+    assert logs.count("tokens saved to") == 1 and logs.count("tokens from") == 1, logs
+    shas = {line for o in outs for line in o[0].splitlines() if line.startswith("sha ")}
+    assert len(shas) == 1

@@ -313,9 +313,14 @@ def cached_tokens(files: Iterable[Path], tokenizer, *, max_tokens: int | None = 
     """:func:`tokenize_files` through the token cache in ``cache_dir`` (created if missing): a hit is
     a memory-mapped int32 view of the cached file, a miss tokenises and saves the stream atomically.
     A tokenizer without ``fingerprint()`` or an unreadable entry falls back to tokenising (an
-    unreadable entry is rewritten)."""
-    import apr_kernels
-    from apr_kernels.errors import AprFormatError
+    unreadable entry is rewritten).
+
+    Processes that miss the same entry at once (the ranks of a torchrun job on one machine) take
+    turns on a lock file: the first tokenises with all the machine's CPUs while the others wait, then
+    map its file. The lock is the operating system's (``flock``), released if its holder dies, so a
+    crashed rank hands the work on instead of leaving the others waiting. No collective is involved,
+    so a long first tokenisation cannot run into a process-group timeout."""
+    import fcntl
 
     files = list(files)
     if not hasattr(tokenizer, "fingerprint"):
@@ -323,30 +328,47 @@ def cached_tokens(files: Iterable[Path], tokenizer, *, max_tokens: int | None = 
     key = token_cache_key(files, tokenizer, max_tokens, text_field)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / f"tokens-{key[:32]}.apr"
-    if path.exists():
-        try:
-            with apr_kernels.open(path) as f:
-                if f.metadata.get("token_cache.key") == key and f.info("tokens").dtype == "I32":
-                    tokens = f.get_tensor("tokens")
-                    if log:
-                        log(f"token cache: {tokens.numel()} tokens from {path}")
-                    return tokens
-        except (AprFormatError, KeyError, OSError) as exc:
-            if log:
-                log(f"token cache: {path} unreadable ({exc}); tokenising again")
+    hit = _cache_hit(path, key, log)
+    if hit is not None:
+        return hit
     meta = {"token_cache.key": key, "token_cache.files": len(files), "token_cache.max_tokens": max_tokens}
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        n = _stream_to_cache(token_parts(files, tokenizer, max_tokens=max_tokens, text_field=text_field), path,
-                             meta)
+        with open(folder / f".{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another process writes this entry
+            hit = _cache_hit(path, key, log)  # it may have, meanwhile
+            if hit is not None:
+                return hit
+            workers = max(1, min(8, os.cpu_count() or 1))  # the waiting ranks leave their CPUs to this one
+            n = _stream_to_cache(token_parts(files, tokenizer, max_tokens=max_tokens, text_field=text_field,
+                                             workers=workers), path, meta)
     except OSError as exc:  # a read-only or full cache folder costs the cache, not the run
         if log:
             log(f"token cache: could not write {path} ({exc}); tokenising in memory")
         return tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=text_field)
     if log:
         log(f"token cache: {n} tokens saved to {path}")
-    with apr_kernels.open(path) as f:
-        return f.get_tensor("tokens")
+    return _cache_hit(path, key, None)
+
+
+def _cache_hit(path: Path, key: str, log) -> torch.Tensor | None:
+    """The cached stream of ``key`` mapped from ``path``, or None (missing, another key, unreadable)."""
+    import apr_kernels
+    from apr_kernels.errors import AprFormatError
+
+    if not path.exists():
+        return None
+    try:
+        with apr_kernels.open(path) as f:
+            if f.metadata.get("token_cache.key") == key and f.info("tokens").dtype == "I32":
+                tokens = f.get_tensor("tokens")
+                if log:
+                    log(f"token cache: {tokens.numel()} tokens from {path}")
+                return tokens
+    except (AprFormatError, KeyError, OSError) as exc:
+        if log:
+            log(f"token cache: {path} unreadable ({exc}); tokenising again")
+    return None
 
 
 def _stream_to_cache(parts: Iterator[torch.Tensor], path: Path, meta: dict) -> int:
