@@ -304,9 +304,9 @@ def _train(args, env, mode: str) -> int:
 
     cache_dir = None if args.no_token_cache else (args.token_cache or default_cache_dir())
     note = (lambda msg: print(msg, file=sys.stderr)) if env.is_main else None
-    # Under torchrun every rank looks the cache up on its own: on a miss each tokenises (as without a
-    # cache) and saves atomically (same bytes, unique temporary names); later runs map one file. No
-    # collective here: a long first tokenisation must not run into the process-group timeout.
+    # Under torchrun every rank looks the cache up on its own: on a miss the ranks of a machine take
+    # turns on the entry's lock file (data.cached_tokens), so one tokenises and the others map its
+    # file. No collective here: a long first tokenisation must not run into the process-group timeout.
     train_tokens, eval_tokens = load_data(spec, tok, cfg.seq_len, cfg.eval_tokens, cache_dir=cache_dir, log=note)
     out = Path(args.out)
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
