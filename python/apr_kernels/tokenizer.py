@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from apr_kernels.tokenizer_spm import MODEL_TYPES as SPM_MODEL_TYPES, SentencePieceTokenizer
+from apr_kernels.tokenizer_spm import MODEL_TYPES as SPM_MODEL_TYPES, SentencePieceTokenizer, checked_ids
 
 # Pre-tokenisation regexes by `tokenizer.pre_type` (llama.cpp's names where it has one).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -444,11 +444,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
         table = self._id_to_bytes
-        ids = [int(i) for i in ids]
-        n = len(table)
-        bad = next((i for i in ids if not 0 <= i < n), None)
-        if bad is not None:
-            raise ValueError(f"tokenizer: token id {bad} is outside the vocabulary (expected 0 <= id < {n})")
+        ids = checked_ids(ids, len(table))
         return b"".join([table[i] for i in ids]).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:

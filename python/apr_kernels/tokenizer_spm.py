@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import math
 import re
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -35,8 +34,16 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # "▁"
 MODEL_TYPES = ("llama", "spm", "sentencepiece")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_NONE = (-math.inf, -1)  # the score of a pair that is no piece
 NATIVE = True  # use the sentencepiece library when it can run the tokenizer exactly
+
+
+def checked_ids(ids: Iterable[int], n: int) -> list[int]:
+    """``ids`` as ints, each in ``[0, n)`` (ValueError naming the first that is not)."""
+    ids = [int(i) for i in ids]
+    bad = next((i for i in ids if not 0 <= i < n), None)
+    if bad is not None:
+        raise ValueError(f"tokenizer: token id {bad} is outside the vocabulary (expected 0 <= id < {n})")
+    return ids
 
 
 class SentencePieceTokenizer:
@@ -98,6 +105,11 @@ class SentencePieceTokenizer:
         self._split = None if crossing else re.compile(f"(?<=[^{SPACE}])(?={SPACE})")
         self._cache: dict[str, tuple[int, ...]] = {}
         self._native_proc = None  # built on first use (_native)
+        # the short-run engine is the byte-level module's BPE scan (lowest rank first): ranks = -scores
+        from apr_kernels.tokenizer import bpe_split
+
+        self._bpe_split = bpe_split
+        self._neg_scores = {p: -score for p, (score, _) in self._mergeable.items()}
         self._special_re = (re.compile("|".join(re.escape(s) for s in sorted(self._special, key=len, reverse=True)))
                             if self._special else None)
 
@@ -249,8 +261,8 @@ class SentencePieceTokenizer:
     def _bpe(self, chunk: str) -> tuple[int, ...]:
         """SentencePiece BPE of one run of text: a linked list of symbols and a heap of the candidate
         merges keyed by (-score, position); stale entries are skipped when popped. O(n log n)."""
-        if len(chunk) <= 32:
-            return self._finish(self._bpe_short(chunk))
+        if len(chunk) <= 32:  # a plain scan beats the heap on the short runs most text is
+            return self._finish(self._bpe_split(self._neg_scores, chunk))
         sym: list[str | None] = list(chunk)
         n = len(sym)
         nxt = list(range(1, n + 1))
@@ -289,24 +301,6 @@ class SentencePieceTokenizer:
             i = nxt[i]
         return self._finish(parts)
 
-    def _bpe_short(self, chunk: str) -> list[str]:
-        """The same merges by a plain scan (faster than the heap for the short runs most text is)."""
-        table = self._mergeable
-        parts = list(chunk)
-        scores = [table.get(parts[k] + parts[k + 1], _NONE)[0] for k in range(len(parts) - 1)]
-        while scores:
-            best = max(scores)
-            if best == -math.inf:
-                break
-            k = scores.index(best)  # leftmost on ties
-            parts[k : k + 2] = [parts[k] + parts[k + 1]]
-            del scores[k]
-            if k > 0:
-                scores[k - 1] = table.get(parts[k - 1] + parts[k], _NONE)[0]
-            if k < len(scores):
-                scores[k] = table.get(parts[k] + parts[k + 1], _NONE)[0]
-        return parts
-
     def _finish(self, parts: list[str]) -> tuple[int, ...]:
         """Ids of the final symbols: pieces, else byte pieces (byte fallback) or the unknown id."""
         table = self._mergeable
@@ -335,11 +329,7 @@ class SentencePieceTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` (Hugging Face's decoding: "▁" -> space, byte pieces fused, the space of the
         prefix removed); byte sequences that are not valid UTF-8 become U+FFFD."""
-        ids = [int(i) for i in ids]
-        n = len(self._pieces)
-        bad = next((i for i in ids if not 0 <= i < n), None)
-        if bad is not None:
-            raise ValueError(f"tokenizer: token id {bad} is outside the vocabulary (expected 0 <= id < {n})")
+        ids = checked_ids(ids, len(self._pieces))
         text = b"".join([self.token_bytes(i) for i in ids]).decode("utf-8", errors="replace")
         return text[1:] if self.add_space_prefix and text.startswith(" ") else text
 
