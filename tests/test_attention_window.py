@@ -43,10 +43,15 @@ def test_window_matches_oracle(use_backend, backend_name, S, window, tile, hq, h
     cfg = {"BLOCK_M": tile, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if backend_name == "triton":
         kern = kernel_module("attention")
-        o, lse = kern.attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.25, config=cfg, window=window)
+        nan = float("nan")  # poisoned outputs: an element the kernels skip stays NaN and fails the check
+        poison = [torch.full(t.shape, nan) for t in (q, q, k, v)] + [torch.full((1, hq, S), nan)]
+        o, lse = kern.attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.25, config=cfg, window=window,
+                                    out=poison[0], lse=poison[4])
         do = torch.randn_like(o)
         grads = kern.attention_bwd(do, q.detach(), k.detach(), v.detach(), o, lse, True, 0.25, window=window,
-                                   config={"dkdv": {**cfg, "BLOCK_M": 16, "BLOCK_N": tile}, "dq": cfg})
+                                   config={"dkdv": {**cfg, "BLOCK_M": 16, "BLOCK_N": tile}, "dq": cfg},
+                                   dq=poison[1], dk=poison[2], dv=poison[3])
+        assert torch.isfinite(lse).all()
     else:
         o = apr_kernels.attention(q, k, v, scale=0.25, window=window)
         do = torch.randn_like(o)
