@@ -2,6 +2,7 @@
 oracle: a Llama file whose q/k rows carry llama.cpp's permutation, quantised tensors of many GGML
 types, a tied Qwen2 file without output.weight; hostile GGUF bytes."""
 
+import math
 import os
 
 import numpy as np
@@ -66,9 +67,12 @@ def encode(arr: np.ndarray, qtype):
     return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
 
 
-def write_gguf(path, model, arch, qtypes, tokens, merges, pre, permute):
+def write_gguf(path, model, arch, qtypes, tokens, merges, pre, permute, extra=None):
+    """``extra(writer)`` adds more keys or tensors before the file is written."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
+    if extra is not None:
+        extra(w)
     w.add_name(f"tiny-{arch}")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -143,8 +147,8 @@ def reference_logits(model, reference, ids):
         return ref_model(ids).logits
 
 
-def check_model(tmp_path, apr, model, reference, vocab):
-    ids = torch.randint(0, vocab, (2, 13))
+def check_model(tmp_path, apr, model, reference, vocab, seq_len=13):
+    ids = torch.randint(0, vocab, (2, seq_len))
     want = reference_logits(model, reference, ids)
     out = tmp_path / "export"
     assert main(["export", str(apr), str(out), "-q"]) == 0
@@ -250,6 +254,98 @@ def test_qwen3_gguf_head_norms_and_explicit_head_dim(tmp_path):
         assert torch.equal(f.get_tensor("model.layers.1.self_attn.k_norm.weight"),
                            model.state_dict()["model.layers.1.self_attn.k_norm.weight"])
     check_model(tmp_path, apr, model, reference, cfg.vocab_size)
+
+
+def llama_cpp_rope_freqs(head_dim, base, scaling):
+    """convert_hf_to_gguf.py LlamaModel.generate_extra_tensors (Llama 3.1+ rope_freqs), verbatim."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, low_freq_factor, high_freq_factor = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(rope_factors, dtype=np.float32)
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
+    """A Llama 3.1-style GGUF carries no scaling keys, only llama.cpp's rope_freqs divisors: the converter
+    recovers the llama3 parameters, so the APR model (and its export) computes Hugging Face's logits."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cfg = transformers.LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, vocab_size=270, tie_word_embeddings=True,
+                                   max_position_embeddings=512, rope_theta=1e4, rms_norm_eps=1e-5,
+                                   rope_scaling=dict(scaling))
+    model = random_model(transformers.LlamaForCausalLM(cfg))
+    tokens, merges = small_vocab(["i n", "Ġ in"])
+    src = tmp_path / "llama31.gguf"
+
+    def rope_freqs(w):
+        w.add_rope_dimension_count(32)
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(32, 1e4, scaling))
+
+    reference = write_gguf(src, model, "llama", {}, tokens, merges, "llama-bpe", permute=True, extra=rope_freqs)
+    apr = tmp_path / "llama31.apr"
+    convert(src, apr, progress=False)
+    with apr_kernels.open(apr) as f:
+        assert f.metadata["rope_scaling"] == scaling
+        assert "rope_freqs.weight" not in f.keys()
+    check_model(tmp_path, apr, model, reference, cfg.vocab_size, seq_len=150)
+
+
+def test_qwen2_yarn_rope_scaling_keys(tmp_path):
+    cfg = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, vocab_size=270, tie_word_embeddings=True,
+                                   max_position_embeddings=256, rope_theta=1e4, rms_norm_eps=1e-6,
+                                   rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 64})
+    model = random_model(transformers.Qwen2ForCausalLM(cfg))
+    tokens, merges = small_vocab(["i n", "Ġ in"])
+    src = tmp_path / "qwen-yarn.gguf"
+
+    def yarn(w):  # what convert_hf_to_gguf.py writes for a Qwen2 config with yarn
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(64)
+
+    reference = write_gguf(src, model, "qwen2", {}, tokens, merges, "qwen2", permute=False, extra=yarn)
+    apr = tmp_path / "qwen-yarn.apr"
+    convert(src, apr, progress=False)
+    with apr_kernels.open(apr) as f:
+        assert f.metadata["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
+                                              "original_max_position_embeddings": 64}
+    check_model(tmp_path, apr, model, reference, cfg.vocab_size, seq_len=150)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (lambda w: w.add_rope_dimension_count(8), r"rope\.dimension_count is 8; expected the head size 16 \(partial"),
+    (lambda w: w.add_tensor("rope_freqs.weight", np.array([1, 1, 3, 2, 5, 8, 8, 8], np.float32)),
+     r"rope_freqs\.weight' \(\[1\.0, 1\.0, 3\.0, 2\.0, 5\.0, 8\.0, 8\.0, 8\.0\]\) matches no llama3"),
+    (lambda w: w.add_tensor("rope_freqs.weight", np.ones(3, np.float32)),
+     r"rope_freqs\.weight' has shape \[3\].*expected 8 finite divisors >= 1"),
+    (lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0),
+                w.add_rope_scaling_orig_ctx_len(64), w.add_rope_scaling_attn_factors(0.5)),
+     r"rope\.scaling\.attn_factor is 0\.5; only 1\.0"),
+], ids=["partial-rotary", "odd-divisors", "divisor-shape", "attn-factor"])
+def test_rope_keys_that_cannot_be_honoured_are_refused(tmp_path, extra, message):
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   intermediate_size=64, vocab_size=270, max_position_embeddings=64)
+    tokens, merges = small_vocab([])
+    src = tmp_path / "bad.gguf"
+    write_gguf(src, random_model(transformers.LlamaForCausalLM(cfg)), "llama", {}, tokens, merges, "llama-bpe",
+               permute=True, extra=extra)
+    with pytest.raises(ValueError, match=message):
+        convert(src, tmp_path / "bad.apr", progress=False)
+    assert not (tmp_path / "bad.apr").exists()
 
 
 @pytest.fixture(scope="module")

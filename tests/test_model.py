@@ -112,8 +112,15 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 64}
 
 
-@pytest.mark.parametrize("scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}],
-                         ids=["llama3", "linear"])
+# yarn over the same pairs: the pairs turning 32 / 1 times in 64 positions are indices -0.5 and 1.0, so
+# the ramp (truncated to 0..2, or not) keeps pair 0, interpolates pair 1 and slows pairs 2 and 3
+YARN_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("scaling", [
+    LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}, YARN_SCALING,
+    {**YARN_SCALING, "beta_fast": 16, "beta_slow": 2, "truncate": False, "mscale": 0.9, "mscale_all_dim": 0.5},
+    {**YARN_SCALING, "attention_factor": 1.3}], ids=["llama3", "linear", "yarn", "yarn-options", "yarn-factor"])
 def test_logits_match_transformers_with_rope_scaling(scaling):
     cfg = LLAMA.replace(rope_scaling=scaling, max_position_embeddings=512)
     hf = hf_model(cfg, rope_scaling=dict(scaling))
@@ -134,8 +141,15 @@ def test_rope_scaling_round_trips_and_unsupported_kinds_are_refused():
     meta = cfg.to_apr_config().to_metadata()
     assert meta["rope_scaling"] == LLAMA3_SCALING
     assert ModelConfig.from_apr_config(AprModelConfig.from_metadata(meta)) == cfg
-    with pytest.raises(ValueError, match=r"f\.apr: rope_scaling type 'yarn' is not supported"):
-        LLAMA.replace(rope_scaling={"rope_type": "yarn", "factor": 4.0}, _source="f.apr")
+    with pytest.raises(ValueError, match=r"f\.apr: rope_scaling type 'dynamic' is not supported"):
+        LLAMA.replace(rope_scaling={"rope_type": "dynamic", "factor": 4.0}, _source="f.apr")
+    # as in Hugging Face, the original context of llama3 / yarn defaults to max_position_embeddings
+    yarn = LLAMA.replace(rope_scaling={"type": "yarn", "factor": 4.0, "beta_fast": None}, max_position_embeddings=512)
+    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    with pytest.raises(ValueError, match=r"rope_scaling beta_fast=1 must exceed beta_slow=2"):
+        LLAMA.replace(rope_scaling={**YARN_SCALING, "beta_fast": 1, "beta_slow": 2})
+    with pytest.raises(ValueError, match=r"rope_scaling\['truncate'\]='no'; expected true or false"):
+        LLAMA.replace(rope_scaling={**YARN_SCALING, "truncate": "no"})
     with pytest.raises(ValueError, match=r"rope_scaling\['low_freq_factor'\]=None; expected a positive number"):
         LLAMA.replace(rope_scaling={"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
                                     "original_max_position_embeddings": 64})

@@ -7,6 +7,10 @@
 * RoPE: for Llama-family files the q/k rows carry llama.cpp's permutation; it is undone here (whole
   rows move, so raw quantised blocks stay bit-exact) and ``rope_type`` 2 is recorded, so every APR
   file this converter writes uses Hugging Face row order. Qwen2 GGUFs are not permuted (NEOX RoPE).
+* RoPE scaling -> the custom key ``rope_scaling`` in Hugging Face's form: ``rope.scaling.type`` linear /
+  yarn with its factor and original context; Llama 3.1+ files carry no type but a ``rope_freqs``
+  tensor of per-pair frequency divisors, from which the ``llama3`` parameters are recovered (and
+  checked to reproduce every divisor); the tensor itself is not copied.
 * Tokenizer: ``tokenizer.ggml.*`` -> ``tokenizer.*`` (spec 5.5).
 """
 
@@ -87,6 +91,80 @@ def _config(kv: dict, arch: str, path: Path, vocab_rows: int | None) -> dict:
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", float, 1e-6),
         "head_dim": get("attention.key_length", int) or hidden // heads,
     }
+
+
+def _rope_scaling(kv: dict, arch: str, path: Path, cfg: dict, rope_freqs: torch.Tensor | None) -> dict | None:
+    """Hugging Face's ``rope_scaling`` for the file's RoPE keys and ``rope_freqs`` tensor (None: none)."""
+    head_dim = cfg["head_dim"]
+    dims = kv.get(f"{arch}.rope.dimension_count")
+    if dims is not None and dims != head_dim:
+        raise ValueError(f"{path}: GGUF key {arch}.rope.dimension_count is {dims}; expected the head size "
+                         f"{head_dim} (partial rotary embeddings are not supported)")
+    kind = str(kv.get(f"{arch}.rope.scaling.type", "none"))
+    factor = kv.get(f"{arch}.rope.scaling.factor")
+    if kind == "none" and kv.get(f"{arch}.rope.scale_linear", 1.0) != 1.0:  # the key of older files
+        kind, factor = "linear", kv[f"{arch}.rope.scale_linear"]
+    if rope_freqs is not None:
+        if kind != "none":
+            raise ValueError(f"{path}: both {arch}.rope.scaling.type {kind!r} and a rope_freqs tensor; expected one")
+        return _llama3_from_divisors(rope_freqs.double(), head_dim, cfg["rope_theta"], path)
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        out = {"rope_type": "yarn", "factor": factor,
+               "original_max_position_embeddings": kv.get(f"{arch}.rope.scaling.original_context_length")}
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if kv.get(f"{arch}.rope.scaling.{key}") is not None:
+                out[name] = kv[f"{arch}.rope.scaling.{key}"]
+        # llama.cpp's own attention-scale knobs have no Hugging Face equivalent: refuse rather than guess
+        for key, neutral in (("attn_factor", 1.0), ("yarn_attn_factor", 1.0), ("yarn_log_multiplier", 0.0)):
+            value = kv.get(f"{arch}.rope.scaling.{key}")
+            if value is not None and value != neutral:
+                raise ValueError(f"{path}: GGUF key {arch}.rope.scaling.{key} is {value}; only {neutral} (yarn's "
+                                 f"own attention factor) is supported")
+        return out
+    warn(f"{path}: RoPE scaling {kind!r} is carried as the custom key 'rope_scaling', but the trainer will "
+         f"refuse it")
+    return {"rope_type": kind, "factor": factor}
+
+
+def _llama3_from_divisors(divisors: torch.Tensor, head_dim: int, theta: float, path: Path) -> dict | None:
+    """The llama3 ``rope_scaling`` whose per-pair divisors (llama.cpp's ``rope_freqs``) are ``divisors``.
+
+    llama3 keeps pairs of wavelength below orig/high (divisor 1), slows those above orig/low by
+    ``factor`` and in between uses 1/d = (1 - s)/factor + s with s = orig/wavelength/(high-low) -
+    low/(high-low): linear in 1/wavelength, so two in-between pairs fix orig/(high-low) and
+    low/(high-low). Only those ratios matter, so low = 1 is chosen; the result is checked against
+    every divisor."""
+    from apr_kernels.model.rope import inv_frequencies
+
+    if divisors.shape != (head_dim // 2,) or not torch.isfinite(divisors).all() or not (divisors >= 1 - 1e-6).all():
+        raise ValueError(f"{path}: tensor 'rope_freqs.weight' has shape {list(divisors.shape)} and values "
+                         f"{divisors.tolist()[:4]}...; expected {head_dim // 2} finite divisors >= 1")
+    factor = float(divisors.max())
+    if factor <= 1 + 1e-6:
+        return None
+    wavelen = 2 * math.pi / inv_frequencies(head_dim, theta).double()
+    middle = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    s = (1 / divisors[middle] - 1 / factor) / (1 - 1 / factor)
+    candidates = [(8192.0, 1.0, 4.0)]  # every Llama 3.1-3.3 release
+    if len(s) == 1:  # one equation: keep Llama's low/high = 1/4 and solve for orig
+        candidates.insert(0, (round(float((s[0] * 3 + 1) * wavelen[middle][0])), 1.0, 4.0))
+    elif len(s) >= 2:
+        x = 1 / wavelen[middle]
+        a, b = torch.linalg.lstsq(torch.stack([x, -torch.ones_like(x)], 1), s[:, None]).solution.flatten().tolist()
+        if a > 0 and b > 0:  # round the fit to the decimals configs are written with, else keep it whole
+            candidates[:0] = [(round(a / b), 1.0, round(1.0 + 1.0 / b, 4)), (round(a / b), 1.0, 1.0 + 1.0 / b)]
+    for orig, low, high in candidates:
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                   "original_max_position_embeddings": int(orig)}
+        got = inv_frequencies(head_dim, theta).double() / inv_frequencies(head_dim, theta, scaling).double()
+        if torch.allclose(got, divisors, rtol=1e-4, atol=0):
+            return scaling
+    raise ValueError(f"{path}: tensor 'rope_freqs.weight' ({[round(v, 4) for v in divisors.tolist()]}) matches no "
+                     f"llama3 RoPE scaling; expected the divisors llama.cpp writes for Llama 3.1+")
 
 
 def _tokenizer(kv: dict, path: Path) -> dict | None:
@@ -200,6 +278,14 @@ def read_gguf(path: Path) -> Source:
         if name in tensors:
             raise ValueError(f"{path}: tensors map to the same name {name!r}")
         tensors[name] = lt
+    rope_freqs = tensors.pop("rope_freqs.weight", None)
+    if rope_freqs is not None:
+        if rope_freqs.dtype not in ("F32", "F16", "BF16"):
+            raise ValueError(f"{path}: tensor 'rope_freqs.weight' is {rope_freqs.dtype}; expected F32")
+        rope_freqs = rope_freqs.materialize().float()
+    scaling = _rope_scaling(kv, arch, path, cfg, rope_freqs)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
     meta = {"original_format": "gguf", "source": str(path.resolve()),
             "name": str(kv.get("general.name") or path.stem), **cfg}
     tok = _tokenizer(kv, path)

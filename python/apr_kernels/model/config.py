@@ -46,7 +46,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_type: int = 2
-    rope_scaling: dict | None = None  # Hugging Face rope_scaling: None, "linear" or "llama3" (rope.py)
+    rope_scaling: dict | None = None  # Hugging Face rope_scaling: None, "linear", "llama3" or "yarn" (rope.py)
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
     qk_norm: bool = False
@@ -90,7 +90,7 @@ class ModelConfig:
                              f"or 2 (split halves)")
         from .rope import check_rope_scaling
 
-        self.rope_scaling = check_rope_scaling(self.rope_scaling, source)
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, source, self.max_position_embeddings)
         if not (self.rope_theta > 0 and self.rms_norm_eps > 0):
             raise ValueError(f"{source}: rope_theta={self.rope_theta}, rms_norm_eps={self.rms_norm_eps}; "
                              f"expected both > 0")

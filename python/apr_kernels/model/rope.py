@@ -10,9 +10,12 @@ The cos/sin tables are computed in fp32 the way Hugging Face does (then cast to 
 
 Frequency scaling (Hugging Face ``rope_scaling``, carried in APR metadata as the custom key
 ``rope_scaling``): ``linear`` divides every frequency by ``factor``; ``llama3`` (Llama 3.1+) divides
-the low frequencies by ``factor``, keeps the high ones and interpolates between them. Other kinds
-(yarn, dynamic, longrope) are refused by ``check_rope_scaling``, never silently ignored: ignoring them
-would change the model's numbers.
+the low frequencies by ``factor``, keeps the high ones and interpolates between them by wavelength;
+``yarn`` (Qwen2.5/Qwen3 long context) does the same with a linear ramp over pair index between the
+pairs that turn ``beta_fast`` and ``beta_slow`` times within the original context, and multiplies the
+cos/sin tables by its attention factor (``0.1 ln(factor) + 1`` unless given). Other kinds (dynamic,
+longrope) are refused by ``check_rope_scaling``, never silently ignored: ignoring them would change
+the model's numbers.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ SUPPORTED_SCALING = {
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
 }
+# optional yarn keys, Hugging Face's defaults when absent: beta_fast 32, beta_slow 1, truncate True,
+# attention_factor from factor (and mscale / mscale_all_dim when both are given)
+YARN_OPTIONAL = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
-def check_rope_scaling(scaling, source: str = "ModelConfig") -> dict | None:
+def check_rope_scaling(scaling, source: str = "ModelConfig", max_position_embeddings: int | None = None) -> dict | None:
     """The scaling dict in canonical form (``rope_type`` key; None for no scaling), or a ValueError
-    naming what is unsupported or missing."""
+    naming what is unsupported or missing. As in Hugging Face, ``original_max_position_embeddings``
+    of llama3/yarn defaults to the model's ``max_position_embeddings``."""
     if scaling is None:
         return None
     if not isinstance(scaling, dict):
@@ -42,6 +50,8 @@ def check_rope_scaling(scaling, source: str = "ModelConfig") -> dict | None:
     if kind == "default":
         return None
     out = {"rope_type": kind}
+    if kind in ("llama3", "yarn") and scaling.get("original_max_position_embeddings") is None:
+        scaling = {**scaling, "original_max_position_embeddings": max_position_embeddings}
     for key in SUPPORTED_SCALING[kind]:
         value = scaling.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -51,7 +61,37 @@ def check_rope_scaling(scaling, source: str = "ModelConfig") -> dict | None:
     if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
         raise ValueError(f"{source}: rope_scaling high_freq_factor={out['high_freq_factor']} must exceed "
                          f"low_freq_factor={out['low_freq_factor']}")
+    if kind == "yarn":
+        for key in YARN_OPTIONAL:
+            value = scaling.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{source}: rope_scaling[{key!r}]={value!r}; expected a positive number or "
+                                 f"null for 'yarn' scaling")
+            out[key] = value
+        if not isinstance(scaling.get("truncate", True), bool):
+            raise ValueError(f"{source}: rope_scaling['truncate']={scaling['truncate']!r}; expected true or false")
+        if scaling.get("truncate") is False:
+            out["truncate"] = False
+        if out.get("beta_fast", 32) <= out.get("beta_slow", 1):
+            raise ValueError(f"{source}: rope_scaling beta_fast={out.get('beta_fast', 32)} must exceed "
+                             f"beta_slow={out.get('beta_slow', 1)}")
     return out
+
+
+def attention_factor(scaling: dict | None) -> float:
+    """The factor yarn multiplies the cos/sin tables by (1.0 for every other kind)."""
+    if (scaling or {}).get("rope_type") != "yarn":
+        return 1.0
+    if "attention_factor" in scaling:
+        return float(scaling["attention_factor"])
+
+    def mscale(factor: float, m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None = None, *, device=None) -> torch.Tensor:
@@ -72,16 +112,37 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None = None, *,
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
+    if kind == "yarn":
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+        def pair_turning(turns: float) -> float:  # the (fractional) pair index that turns `turns` times
+            return head_dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        # pairs below `low` turn often enough to be kept (extrapolated), above `high` are slowed by
+        # `factor` (interpolated), a linear ramp between
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low)
+                / (high - low if high != low else 0.001)).clamp(0, 1)
+        keep = 1 - ramp
+        return 1.0 / (factor * theta ** exponent) * (1 - keep) + inv_freq * keep  # Hugging Face's roundings
     return inv_freq
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, *, scaling: dict | None = None, device=None,
                 dtype=torch.float32):
-    """``(cos, sin)`` of shape [seq_len, head_dim // 2] for positions 0..seq_len-1 (fp32 maths)."""
+    """``(cos, sin)`` of shape [seq_len, head_dim // 2] for positions 0..seq_len-1 (fp32 maths; yarn's
+    attention factor multiplies both before the cast, as Hugging Face does)."""
     inv_freq = inv_frequencies(head_dim, theta, scaling, device=device)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     angles = positions[:, None] * inv_freq[None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if (m := attention_factor(scaling)) != 1.0:
+        cos, sin = cos * m, sin * m
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_type: int) -> torch.Tensor:
