@@ -2,7 +2,10 @@
 
 Rows (op / provider):
   load_warm, load_cold       apr (apr_kernels.load), safetensors_load_file, safetensors_safe_open:
-                             open + build every tensor (zero-copy on CPU: no data is read)
+                             open + build every tensor (zero-copy on CPU: no data is read);
+                             apr_read (load(mmap=False): the file read into memory by parallel
+                             preads, for network filesystems) vs safetensors_read_bytes
+                             (safetensors.torch.load(f.read()), the advice for such filesystems)
   touch_warm, touch_cold     the same plus reading one byte of every page of every tensor, so the
                              data really comes from the page cache (warm) or the disk (cold)
   load_small                 apr load of a file with the same 290 names but tiny shapes: warm
@@ -123,6 +126,7 @@ def main() -> None:
         p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                       help="cuda: also time loads to the GPU (default when one is present)"),
         p.add_argument("--dir", type=Path, default=None, help="where the test files go (a real disk for cold)")))
+    from safetensors.torch import load as st_load_bytes
     from safetensors.torch import load_file, save_file
 
     if args.smoke:
@@ -147,9 +151,11 @@ def main() -> None:
         case = {"case": "qwen2-0.5b-bf16" if not args.smoke else "smoke", "tensors": len(shapes), "bytes": nbytes}
         cpu = torch.device("cpu")
         providers = {"apr": lambda: apr_kernels.load(apr), "safetensors_load_file": lambda: load_file(str(st)),
-                     "safetensors_safe_open": lambda: st_safe_open(st)}
+                     "safetensors_safe_open": lambda: st_safe_open(st),
+                     "apr_read": lambda: apr_kernels.load(apr, mmap=False),
+                     "safetensors_read_bytes": lambda: st_load_bytes(st.read_bytes())}
         for name, fn in providers.items():
-            path = apr if name == "apr" else st
+            path = apr if name.startswith("apr") else st
             ms = _common.time_ms(fn, warmup=2, rep=reps, dev=cpu)
             rows.append({"op": "load_warm", "provider": name, "ms": ms, **case})
             ms = _common.time_ms(lambda: touch(fn()), warmup=1, rep=max(3, reps // 3), dev=cpu)
@@ -183,7 +189,8 @@ def main() -> None:
 
     _common.print_table(rows, ["op", "provider", "ms", "gbs", "resident_before"])
     print_ratios(rows)
-    print("wrote", _common.write_results("load", rows, args.out, {"ours": ["apr", "apr_verify", "apr_crc32"]}))
+    print("wrote", _common.write_results("load", rows, args.out,
+                                         {"ours": ["apr", "apr_read", "apr_verify", "apr_crc32"]}))
 
 
 def cuda_rows(apr: Path, st: Path, nbytes: int, case: dict, reps: int, cold_reps: int) -> list[dict]:
@@ -215,11 +222,15 @@ def print_ratios(rows: list[dict]) -> None:
     for op in ("load_warm", "touch_warm", "load_cold", "touch_cold", "load_cuda_warm", "load_cuda_cold"):
         if (op, "apr") not in by:
             continue
-        others = {p: ms for (o, p), ms in by.items() if o == op and p != "apr"}
+        others = {p: ms for (o, p), ms in by.items()  # apr_read has its own baseline, below
+                  if o == op and not p.startswith("apr") and p != "safetensors_read_bytes"}
         if others:
             best = min(others, key=others.get)
             print(f"  {op:15s} vs {best:24s} {others[best] / by[op, 'apr']:6.2f}x   "
                   + "  ".join(f"{p}: {ms / by[op, 'apr']:.2f}x" for p, ms in others.items()))
+        if (op, "apr_read") in by and (op, "safetensors_read_bytes") in by:
+            print(f"  {op:15s} apr_read vs safetensors_read_bytes "
+                  f"{by[op, 'safetensors_read_bytes'] / by[op, 'apr_read']:6.2f}x")
     if ("load_small", "apr") in by:
         print(f"  load_warm (1 GB-class) / load_small (tiny): {by['load_warm', 'apr'] / by['load_small', 'apr']:.2f} "
               "(about 1: O(tensors), not O(bytes))")

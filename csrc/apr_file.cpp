@@ -139,10 +139,11 @@ bool expected_nbytes(DType d, const std::vector<uint64_t>& shape, uint64_t* out)
   return false;
 }
 
-AprFile::AprFile(const std::string& path) : file_(std::make_shared<MappedFile>(path)) {
+AprFile::AprFile(const std::string& path, bool eager) : file_(std::make_shared<MappedFile>(path)) {
   parse_header();
   parse_index();
   check_layout();
+  file_->load(eager);  // after validation: a malformed file is refused before any data is read
   // A file that shrank between fstat and here would SIGBUS later on access; catch what we can now.
   if (file_->current_size() < file_->size())
     throw FormatError(path + ": the file shrank while it was being opened (was " +
@@ -364,6 +365,7 @@ uint32_t AprFile::compute_footer_crc() const {
   // Double-buffered: a helper thread preads chunk k+1 while this one CRCs chunk k, so the
   // throughput is that of the slower of the two, not their sum.
   const uint64_t total = file_->size() - 4;
+  if (file_->eager()) return crc32_update(0, file_->data(), static_cast<size_t>(total));
   const size_t chunk = static_cast<size_t>(std::min<uint64_t>(total, 8u << 20));
   std::vector<uint8_t> bufs[2] = {std::vector<uint8_t>(chunk), std::vector<uint8_t>(chunk)};
   auto read = [this, total, chunk](std::vector<uint8_t>* buf, uint64_t off) {

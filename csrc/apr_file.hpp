@@ -56,8 +56,8 @@ struct Header {
 
 class AprFile {
  public:
-  // Opens, maps and validates. Throws FormatError / OsError.
-  explicit AprFile(const std::string& path);
+  // Opens, validates, then maps (or, eager, reads) the file. Throws FormatError / OsError.
+  explicit AprFile(const std::string& path, bool eager = false);
   ~AprFile() { file_->close_fd(); }  // the mapping may outlive us (tensors); the descriptor does not
   AprFile(const AprFile&) = delete;
   AprFile& operator=(const AprFile&) = delete;
@@ -72,7 +72,8 @@ class AprFile {
   uint32_t stored_footer_crc() const { return stored_footer_; }
   uint64_t data_end() const { return data_end_; }  // end of the last tensor's bytes
 
-  // CRC-32 of bytes [0, file_size - 4) read with pread (no SIGBUS if the file shrank).
+  // CRC-32 of bytes [0, file_size - 4): read with pread (no SIGBUS if the file shrank), or from
+  // memory when the file was read eagerly.
   uint32_t compute_footer_crc() const;
   // Throws FormatError when the footer is missing or does not match.
   void verify_footer() const;

@@ -44,7 +44,7 @@ using ByteTensor = nb::ndarray<nb::pytorch, uint8_t, nb::ndim<1>, nb::c_contig>;
 
 class Reader {
  public:
-  explicit Reader(const std::string& path) : file_(std::make_shared<apr::AprFile>(path)) {}
+  Reader(const std::string& path, bool eager) : file_(std::make_shared<apr::AprFile>(path, eager)) {}
 
   // For work done without the GIL: the copy keeps the AprFile (and its descriptor) alive even if
   // another thread closes the Reader meanwhile.
@@ -149,8 +149,10 @@ NB_MODULE(_apr_ext, m) {
   m.attr("LIMITS") = lim;
 
   nb::class_<Reader>(m, "Reader")
-      .def(nb::init<const std::string&>(), "path"_a, nb::call_guard<nb::gil_scoped_release>(),
-           "Open, map and validate an APR v2 file (raises AprFormatError / OSError).")
+      .def(nb::init<const std::string&, bool>(), "path"_a, "eager"_a = false, nb::call_guard<nb::gil_scoped_release>(),
+           "Open and validate an APR v2 file, then map it (eager: read it into private memory); "
+           "raises AprFormatError / OSError.")
+      .def_prop_ro("eager", [](const Reader& r) { return r.f().mapping()->eager(); })
       .def_prop_ro("path", [](const Reader& r) { return r.f().mapping()->path(); })
       .def_prop_ro("file_size", [](const Reader& r) { return r.f().mapping()->size(); })
       .def_prop_ro("magic", [](const Reader& r) { return nb::bytes(r.f().header().magic, 4); })

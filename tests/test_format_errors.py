@@ -92,12 +92,13 @@ MALFORMED = [
 ]
 
 
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
 @pytest.mark.parametrize("name,data,needles", MALFORMED, ids=[m[0] for m in MALFORMED])
-def test_malformed_file_is_refused_with_a_precise_message(tmp_path, name, data, needles):
+def test_malformed_file_is_refused_with_a_precise_message(tmp_path, name, data, needles, mmap):
     path = tmp_path / f"{name}.apr"
     path.write_bytes(data)
     with pytest.raises(AprFormatError) as exc:
-        apr_kernels.load(path)
+        apr_kernels.load(path, mmap=mmap)
     msg = str(exc.value)
     assert str(path) in msg  # every message names the file
     for needle in needles:
@@ -272,14 +273,15 @@ def test_fuzz_harness_bounded_run():
     assert stats["refused"] > 0 and stats["loaded"] > 0  # both outcomes are exercised
 
 
-def test_verify_covers_every_chunk_of_a_large_file(tmp_path):
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
+def test_verify_covers_every_chunk_of_a_large_file(tmp_path, mmap):
     path = tmp_path / "big.apr"
-    apr_kernels.save({"w": torch.randn(17 << 18)}, path)  # 17 MiB: three 8 MiB read chunks
-    apr_kernels.open(path, verify=True).close()
+    apr_kernels.save({"w": torch.randn(17 << 18)}, path)  # 17 MiB: three 8 MiB CRC / two 16 MiB read chunks
+    apr_kernels.open(path, verify=True, mmap=mmap).close()
     for pos in (4096, (8 << 20) + 3, (16 << 20) + 100):  # one flipped data bit in each chunk
         data = bytearray(path.read_bytes())
         data[pos] ^= 0x10
         bad = tmp_path / f"bad{pos}.apr"
         bad.write_bytes(bytes(data))
         with pytest.raises(AprFormatError, match="footer CRC mismatch"):
-            apr_kernels.open(bad, verify=True)
+            apr_kernels.open(bad, verify=True, mmap=mmap)

@@ -105,6 +105,35 @@ def test_zero_copy_views_live_inside_the_mapping(tmp_apr):
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # one storage per tensor
 
 
+def test_mmap_false_reads_the_file_into_private_memory(tmp_apr, monkeypatch):
+    """mmap=False (network filesystems): every byte read up front by parallel preads into anonymous
+    memory, so the tensors equal the mapped ones, are not views of the file, and survive the file
+    being truncated afterwards (a mapping would SIGBUS there)."""
+    tensors = {f"t{i}": random_tensor(torch.float32, (257, 1000 + i)) for i in range(40)}  # ~41 MB, 3 chunks
+    tensors["i8"] = random_tensor(torch.int8, (5, 7))
+    apr_kernels.save(tensors, tmp_apr)
+    mapped = apr_kernels.load(tmp_apr)
+    with apr_kernels.open(tmp_apr, mmap=False, verify=True) as f:
+        got = f.tensors()
+        assert got.keys() == tensors.keys()
+        assert all(same_bits(got[n], t) and same_bits(mapped[n], t) for n, t in tensors.items())
+        lo, hi = got["t0"].data_ptr(), got["t39"].data_ptr()
+        assert not any(a <= lo < b or a <= hi < b for a, b in mapping_of(tmp_apr))  # not the file's pages
+    os.truncate(tmp_apr, 100)
+    assert all(same_bits(got[n], t) for n, t in tensors.items())
+    got["i8"].fill_(3)  # private, writable memory
+    del mapped
+    # APR_KERNELS_MMAP=0 sets the default for every open (the trainer, converters, tools)
+    apr_kernels.save(tensors, tmp_apr)
+    monkeypatch.setenv("APR_KERNELS_MMAP", "0")
+    with apr_kernels.open(tmp_apr) as f:
+        assert f._reader.eager and same_bits(f.get_tensor("t1"), tensors["t1"])
+        assert not mapping_of(tmp_apr)
+    monkeypatch.setenv("APR_KERNELS_MMAP", "maybe")
+    with pytest.raises(ValueError, match=r"APR_KERNELS_MMAP='maybe': expected 1 .* or 0"):
+        apr_kernels.load(tmp_apr)
+
+
 def test_in_place_writes_are_private_copy_on_write(tmp_apr):
     apr_kernels.save({"w": torch.arange(6, dtype=torch.float32)}, tmp_apr)
     before = tmp_apr.read_bytes()

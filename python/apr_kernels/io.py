@@ -18,6 +18,12 @@ validates the header and the whole tensor index before any tensor is handed out.
 view whose owner keeps the mapping alive, so tensors stay valid after ``close()``; the mapping goes
 away when the file is closed and the last tensor has died.
 
+``mmap=False`` (or ``APR_KERNELS_MMAP=0`` in the environment, for every open in the process: the
+trainer, converters and tools) reads the whole file into private memory with large parallel preads
+instead of mapping it, after the same validation. Use it on network filesystems (NFS, Lustre, EFS),
+where a mapping faults pages in 4 KiB at a time and a cold load crawls; tensors are still views (of
+that memory), and a file truncated afterwards can no longer SIGBUS.
+
 Errors: a malformed file raises ``apr_kernels.errors.AprFormatError`` (a ValueError) naming the
 file, the field or tensor and what was expected; a missing or unreadable file raises OSError.
 
@@ -57,10 +63,10 @@ class AprFile:
     Use as a context manager or call ``close()``. Tensors already returned stay valid after close.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = False, device=None):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = False, device=None, mmap: bool | None = None):
         self.path = os.fspath(path)
         self.device = _device(device)  # where get_tensor/get_slice put tensors by default
-        self._reader = _apr_ext.Reader(self.path)
+        self._reader = _apr_ext.Reader(self.path, eager=not _use_mmap(mmap))
         self._metadata: dict | None = None
         self._config = None
         self._entries = self._reader.entries()  # (name, dtype, shape, offset, size, placeholder, code)
@@ -262,26 +268,45 @@ class TensorSlice:
 
 
 def open(path: str | os.PathLike, framework: str = "pt", device="cpu", *,  # noqa: A001 (mirrors safe_open)
-         verify: bool = False) -> AprFile:
+         verify: bool = False, mmap: bool | None = None) -> AprFile:
     """Open and validate an APR v2 file; ``verify=True`` also checks the footer CRC.
 
     ``framework`` and ``device`` are safetensors' ``safe_open`` arguments: tensors are torch tensors
-    ("pt"), put on ``device`` by ``get_tensor``/``get_slice`` unless those say otherwise."""
+    ("pt"), put on ``device`` by ``get_tensor``/``get_slice`` unless those say otherwise.
+    ``mmap=False`` reads the file into memory up front instead of mapping it (network filesystems;
+    default: ``APR_KERNELS_MMAP``, else True)."""
     if framework not in ("pt", "torch", "pytorch"):
         raise ValueError(f"apr_kernels.open({os.fspath(path)!r}): framework={framework!r} is not supported; "
                          f"expected 'pt' (torch tensors)")
-    return AprFile(path, verify=verify, device=device)
+    return AprFile(path, verify=verify, device=device, mmap=mmap)
 
 
-def load(path: str | os.PathLike, *, device="cpu", verify: bool = False) -> dict[str, torch.Tensor]:
+def load(path: str | os.PathLike, *, device="cpu", verify: bool = False,
+         mmap: bool | None = None) -> dict[str, torch.Tensor]:
     """All tensors of an APR v2 file as a dict (like ``safetensors.torch.load_file``).
 
-    On CPU the tensors are zero-copy views of one private mapping; on CUDA they are copied through
-    pinned staging buffers with overlapped host-to-device copies. Quantised tensors come back
-    dequantised to float32 (use ``open(...).get_raw`` for the blocks).
+    On CPU the tensors are zero-copy views of one private mapping (``mmap=False``: of the file read
+    into memory); on CUDA they are copied through pinned staging buffers with overlapped
+    host-to-device copies. Quantised tensors come back dequantised to float32 (use
+    ``open(...).get_raw`` for the blocks).
     """
-    with AprFile(path, verify=verify) as f:
+    with AprFile(path, verify=verify, mmap=mmap) as f:
         return f.tensors(device=device)
+
+
+MMAP_ENV = "APR_KERNELS_MMAP"
+
+
+def _use_mmap(mmap: bool | None) -> bool:
+    """``mmap`` if given, else the ``APR_KERNELS_MMAP`` switch (default on)."""
+    if mmap is not None:
+        return bool(mmap)
+    value = os.environ.get(MMAP_ENV, "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{MMAP_ENV}={value!r}: expected 1 (map files, the default) or 0 (read them into memory)")
 
 
 def _device(device) -> torch.device:
