@@ -25,6 +25,11 @@ names for any reader, with the training metadata but without optimizer state (no
 
 Because the schedule is a pure function of the step and the batch order a pure function of the seed
 and position, restoring weights, AdamW moments and step counts reproduces the uninterrupted run.
+
+Memory: every tensor goes to ``apr_kernels.save`` as a ``LazyTensor`` that is copied to the host
+(or, sharded, all-gathered; or, LoRA, merged) only when its turn to be written comes, so a checkpoint
+holds about one tensor at a time in host memory, not a second copy of the model and its AdamW
+moments (12 bytes per parameter).
 """
 
 from __future__ import annotations
@@ -33,17 +38,26 @@ import os
 
 import torch
 
+from apr_kernels.io import LazyTensor
+from apr_kernels._format import APR_DTYPE_OF
+
 FORMAT = "apr-kernels-checkpoint-v1"
 PREFIX = "__training__."
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def model_tensors(model, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Weights by Hugging Face name (CPU), with the explicit lm_head copy when tied. ``weights``:
-    already gathered full tensors (a sharded model's), used instead of the parameters."""
+def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> LazyTensor:
+    """``t`` (in ``dtype``) as a LazyTensor: copied to the host only when ``save`` writes it."""
+    dtype = dtype or t.dtype
+    return LazyTensor(APR_DTYPE_OF[dtype], tuple(t.shape), lambda: t.detach().to("cpu", dtype))
+
+
+def model_tensors(model, weights: dict | None = None) -> dict[str, LazyTensor]:
+    """Weights by Hugging Face name as LazyTensors, with the explicit lm_head copy when tied.
+    ``weights``: LazyTensors to use instead of the parameters (a sharded model's gathered ones)."""
     if weights is None:
-        weights = {name: p.detach() for name, p in model.named_parameters()}
-    out = {name: t.cpu() for name, t in weights.items()}
+        weights = {name: host_copy(p) for name, p in model.named_parameters()}
+    out = dict(weights)
     if model.config.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
@@ -66,18 +80,19 @@ def _param_names(model, optimizer) -> list[str]:
 
 
 def _moments(model, opt) -> dict[str, dict]:
-    """AdamW state by parameter name: {"exp_avg", "exp_avg_sq" (fp32 CPU), "step" (int)}."""
+    """AdamW state by parameter name: {"exp_avg", "exp_avg_sq" (fp32, lazy host copies), "step" (int)}."""
     out = {}
     for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
         state = opt.state.get(p)
         if state:
-            out[name] = {key: state[key].detach().float().cpu() for key in _MOMENTS}
+            out[name] = {key: host_copy(state[key], torch.float32) for key in _MOMENTS}
             out[name]["step"] = int(state["step"])
     return out
 
 
-def merged_weights(model) -> dict[str, torch.Tensor]:
-    """Hugging Face name -> weight with every LoRA adapter folded in (fp32 for the adapted ones)."""
+def merged_weights(model) -> dict[str, LazyTensor]:
+    """Hugging Face name -> weight with every LoRA adapter folded in (fp32 for the adapted ones),
+    each merged only when it is written."""
     from apr_kernels.model.lora import lora_modules
 
     adapted = {f"{name}.weight": m for name, m in lora_modules(model).items()}
@@ -86,7 +101,8 @@ def merged_weights(model) -> dict[str, torch.Tensor]:
         if name.endswith((".lora_A", ".lora_B")):
             continue
         m = adapted.get(name)
-        out[name] = m.merged_weight(torch.float32).detach() if m is not None else p.detach()
+        out[name] = (host_copy(p) if m is None else
+                     LazyTensor("F32", tuple(p.shape), lambda m=m: m.merged_weight(torch.float32).detach().cpu()))
     return out
 
 
@@ -95,8 +111,8 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
                     merge_lora: bool = False) -> None:
     """Write ``trainer``'s model and training state (or just ``model``) as one APR file.
 
-    ``state``: (weights, moments) gathered from a sharded model (``distributed.gather_state``),
-    used instead of reading the parameters and optimizer of this process. ``merge_lora``: a LoRA
+    ``state``: (weights, moments) of a sharded model, as LazyTensors that all-gather when written
+    (``distributed.save_checkpoint``), used instead of the parameters and optimizer of this process. ``merge_lora``: a LoRA
     model is written with its adapters folded in and without optimizer state (module docstring).
     """
     import apr_kernels

@@ -26,9 +26,11 @@ needs the whole model in rank 0's memory and moves every byte over the interconn
 byte is communicated and the file is read once per node through the shared page cache.
 
 Checkpoints: one APR file in the single-process format (``checkpoint.py``). Under FSDP each
-parameter and AdamW moment is all-gathered one tensor at a time (``DTensor.full_tensor``) and rank 0
-keeps a CPU copy; under DDP rank 0's replica is the state. Rank 0 writes (``apr_kernels.save``:
-temporary file, fsync, rename) and broadcasts success or its error, so every rank fails together.
+parameter and AdamW moment is all-gathered (``DTensor.full_tensor``) when rank 0's ``save`` comes to
+write it: rank 0 broadcasts the index of the tensor it needs and every rank joins that gather, so
+rank 0 holds one whole tensor at a time, not the model and its moments (12 bytes per parameter);
+under DDP rank 0's replica is the state. Rank 0 writes (``apr_kernels.save``: temporary file, fsync,
+rename) and broadcasts success or its error, so every rank fails together.
 Resuming on any number of ranks works: weights and moments are sliced like any init file, and the
 data position is global.
 
@@ -391,30 +393,66 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, **lora)
     return model
 
 
-def gather_state(trainer) -> tuple[dict, dict] | None:
-    """(weights, AdamW moments) of a sharded model, all-gathered tensor by tensor; CPU copies are
-    kept on rank 0 only (None elsewhere). Every rank must call it (collectives)."""
-    from .checkpoint import _param_names
+class ShardGatherer:
+    """Whole tensors of a sharded model and its AdamW moments, gathered one at a time on demand.
 
-    main = dist.get_rank() == 0
-    model, opt = trainer.model, trainer.optimizer
-    weights, moments = {}, {}
-    for name, p in model.named_parameters():
-        full = full_tensor(p.detach())
-        if main:
-            weights[name] = full.cpu()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for name, p in zip(_param_names(model, opt), params):
-        state = opt.state.get(p)
-        if not state:
-            continue
-        entry = {"step": int(state["step"])}
-        for key in ("exp_avg", "exp_avg_sq"):
-            full = full_tensor(state[key].detach())
-            if main:
-                entry[key] = full.float().cpu()
-        moments[name] = entry
-    return (weights, moments) if main else None
+    Every rank lists the same tensors in the same order. Rank 0's ``state()`` returns LazyTensors;
+    writing one broadcasts its index and all-gathers it, while the other ranks sit in ``serve()``
+    joining each gather until rank 0's ``done()`` broadcasts -1. Driving the order from rank 0 keeps
+    the ranks in step whatever order ``save`` writes in."""
+
+    def __init__(self, trainer):
+        from .checkpoint import _param_names
+
+        model, opt = trainer.model, trainer.optimizer
+        self.device = trainer.device
+        self.items: list[torch.Tensor] = []  # DTensors (or replicated tensors), by index
+        self.weights: dict[str, int] = {}
+        self.moments: dict[str, dict] = {}  # name -> {"exp_avg": index, "exp_avg_sq": index, "step": int}
+        for name, p in model.named_parameters():
+            self.weights[name] = self._add(p)
+        for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
+            state = opt.state.get(p)
+            if state:
+                self.moments[name] = {"step": int(state["step"]),
+                                      **{key: self._add(state[key]) for key in ("exp_avg", "exp_avg_sq")}}
+
+    def _add(self, t: torch.Tensor) -> int:
+        self.items.append(t.detach())
+        return len(self.items) - 1
+
+    def _broadcast(self, i: int) -> int:
+        box = torch.tensor([i], dtype=torch.int64, device=self.device)  # NCCL needs a device tensor
+        dist.broadcast(box, src=0)
+        return int(box.item())
+
+    def _fetch(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        self._broadcast(i)
+        return full_tensor(self.items[i]).to("cpu", dtype)
+
+    def _lazy(self, i: int, dtype: torch.dtype | None = None):
+        from apr_kernels.io import LazyTensor
+        from apr_kernels._format import APR_DTYPE_OF
+
+        t = self.items[i]
+        dtype = dtype or t.dtype
+        return LazyTensor(APR_DTYPE_OF[dtype], tuple(t.shape), lambda: self._fetch(i, dtype))
+
+    def state(self) -> tuple[dict, dict]:
+        """(weights, moments) for ``checkpoint.save_checkpoint(state=...)``: rank 0 only."""
+        weights = {name: self._lazy(i) for name, i in self.weights.items()}
+        moments = {name: {"step": m["step"], **{k: self._lazy(m[k], torch.float32) for k in ("exp_avg", "exp_avg_sq")}}
+                   for name, m in self.moments.items()}
+        return weights, moments
+
+    def serve(self) -> None:
+        """Ranks other than 0: join every gather rank 0 asks for, until it is done."""
+        while (i := self._broadcast(-1)) >= 0:
+            full_tensor(self.items[i])
+
+    def done(self) -> None:
+        """Rank 0: release the serving ranks (also after a failed save)."""
+        self._broadcast(-1)
 
 
 def save_checkpoint(path, trainer, parallel: Parallel, **kwargs) -> None:
@@ -424,13 +462,18 @@ def save_checkpoint(path, trainer, parallel: Parallel, **kwargs) -> None:
 
     env = parallel.env
     parallel.reshard()
-    state = gather_state(trainer) if parallel.mode == "fsdp" else None
+    gatherer = ShardGatherer(trainer) if parallel.mode == "fsdp" else None
     error = None
     if env.is_main:
         try:
-            save(path, trainer, state=state, **kwargs)
+            save(path, trainer, state=gatherer.state() if gatherer else None, **kwargs)
         except Exception as exc:  # reported to every rank below, then raised here
             error = exc
+        finally:
+            if gatherer:
+                gatherer.done()
+    elif gatherer:
+        gatherer.serve()
     if env.active and env.world_size > 1:
         box = [None if error is None else f"{type(error).__name__}: {error}"]
         dist.broadcast_object_list(box, src=0)
