@@ -197,6 +197,9 @@ def runs(tmp_path_factory):
          "--json", "--no-progress", "--fast", "off"],
         ["train", "--init", str(init), *COMMON, *docs, "--parallel", "ddp", "--out", str(root / "ddp_docs")],
         ["train", "--init", str(init), *COMMON, *lora, "--parallel", "ddp", "--out", str(root / "ddp_lora")],
+        ["train", "--init", str(init), *COMMON, *lora, "--parallel", "fsdp", "--out", str(root / "fsdp_lora")],
+        ["train", "--resume", str(root / "fsdp_lora" / "step_000002.apr"), "--parallel", "fsdp", "--out",
+         str(root / "fsdp_lora_resumed"), "--json", "--no-progress", "--fast", "off"],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -273,7 +276,8 @@ def test_ddp_matches_one_process(runs):
 @pytest.mark.parametrize("run,ref", [
     ("run2", "one_docs_out"),  # document masking: spans travel with each rank's rows and in evaluation
     ("run3", "one_lora_out"),  # LoRA: only the adapters train (the frozen base has nothing to reduce)
-], ids=["document-mask", "lora"])
+    ("run4", "one_lora_out"),  # LoRA under FSDP: adapters added before sharding, sharded with the base
+], ids=["document-mask", "lora", "fsdp-lora"])
 def test_ddp_variants_match_one_process(runs, run, ref):
     want = _records(runs[ref])
     rank0 = runs["ranks"][(0, 2)][run]
@@ -281,6 +285,26 @@ def test_ddp_variants_match_one_process(runs, run, ref):
     got = _records(rank0["stdout"])
     assert _losses(got) == pytest.approx(_losses(want), rel=1e-5)
     assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(want, "eval", "eval_loss"), abs=1e-5)
+
+
+def test_fsdp_lora_checkpoints_resume_sharded_and_merge_at_the_end(runs):
+    """The LoRA run under FSDP: its step checkpoint (frozen base + gathered adapters) resumes on 2 ranks
+    where the one-process run continued, and its final model.apr holds the merged weights (fp32,
+    gathered and merged tensor by tensor on rank 0) equal to the one-process run's."""
+    ref = _records(runs["one_lora_out"])
+    run = runs["ranks"][(0, 2)]["run5"]
+    assert run["code"] == 0
+    got = _records(run["stdout"])
+    assert [r["step"] for r in got if r["event"] == "train"] == [3, 4]
+    assert _losses(got) == pytest.approx(_losses(ref)[2:], rel=1e-5)
+    step, _ = _tensors(runs["root"] / "fsdp_lora" / "step_000002.apr")
+    assert any(k.endswith(".lora_B") for k in step) and any(k.startswith("__training__.adam.") for k in step)
+    (a, meta_a), (b, meta_b) = (_tensors(runs["root"] / "fsdp_lora" / "model.apr"),
+                                _tensors(runs["root"] / "one_lora" / "model.apr"))
+    assert sorted(a) == sorted(b) and not any("lora_" in k for k in a)
+    assert meta_a["training.lora"] == meta_b["training.lora"]
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):

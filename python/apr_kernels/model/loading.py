@@ -135,12 +135,15 @@ def plan(path: str | os.PathLike) -> InitPlan:
 
 
 def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
-             fast: bool | None = None, shard=None, lora: str = "merge", lora_base_dtype=None) -> Transformer:
+             fast: bool | None = None, shard=None, lora: str = "merge", lora_base_dtype=None,
+             lora_init: dict | None = None) -> Transformer:
     """A ``Transformer`` initialised from an APR file (every parameter trainable).
 
     A file with LoRA adapters (metadata ``lora``, ``model/lora.py``): ``lora="merge"`` folds them into
     the weights (a plain model), ``"keep"`` restores the adapters on a frozen base (resuming a LoRA
-    run; ``lora_base_dtype`` as in ``add_lora``).
+    run; ``lora_base_dtype`` as in ``add_lora``). ``lora_init``: ``add_lora`` keyword arguments
+    (rank, alpha, targets, seed) for new adapters on a file without them; added before ``shard``,
+    so FSDP shards the adapters with the rest.
 
     ``dtype``: the parameter dtype (default float32, the training dtype; quantised weights are
     dequantised straight to it). ``fast``: see ``Transformer``. The returned module carries
@@ -152,16 +155,30 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     """
     import apr_kernels
 
+    from .lora import add_lora, init_adapters, merge_into_weights
+
     p = plan(path)
     dtype = dtype or torch.float32
     device = torch.device(device)
     with torch.device("meta"):
-        model = Transformer(p.config, fast=fast)
+        model = Transformer(p.config, fast=fast).to(dtype)  # nothing allocated yet
+    settings = p.metadata.get(LORA_META)
+    if settings and lora_init:
+        raise PreflightError(f"{path}: the file already has LoRA adapters (metadata 'lora'); expected "
+                             f"a plain model for new ones")
+    # adapters that must exist before sharding: new ones, or the file's kept for resuming
+    kept = bool(settings) and lora == "keep"
+    if lora_init:
+        add_lora(model, base_dtype=lora_base_dtype, **{k: v for k, v in lora_init.items() if k != "seed"})
+    elif kept:
+        _add_stored_lora(model, path, settings, lora_base_dtype)
+    elif settings and shard is not None:
+        raise PreflightError(f"{path}: a LoRA checkpoint cannot be merged while loading sharded (FSDP); "
+                             f"resume it (its adapters are kept), or merge it first with `apr-kernels "
+                             f"export` / from_apr in one process")
     if shard is not None:
-        shard(model.to(dtype))  # on meta: nothing allocated; shards are created in the final dtype
-        model = model.to_empty(device=device)
-    else:
-        model = model.to_empty(device=device).to(dtype)
+        shard(model)  # on meta: shards are created in their final dtypes
+    model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     with apr_kernels.open(p.path) as f, torch.no_grad():
         for name, stored in p.sources.items():
@@ -182,29 +199,39 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
                 raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
                                      f"expected finite weights")
             params[name].copy_(t.reshape(params[name].shape))
-    settings = p.metadata.get(LORA_META)
-    if settings:
-        _load_lora(model, p.path, settings, lora, lora_base_dtype, device, dtype, shard)
+    if lora_init:
+        init_adapters(model, lora_init.get("seed", 0))
+    elif kept:
+        _copy_stored_lora(model, p.path, device, dtype)
+    elif settings:
+        if lora != "merge":
+            raise ValueError(f"from_apr: lora={lora!r}; expected 'merge' or 'keep'")
+        _add_stored_lora(model, path, settings, None)
+        _copy_stored_lora(model, p.path, device, dtype)
+        merge_into_weights(model)
     model.apr_path = p.path
     model.apr_metadata = p.metadata
     return model
 
 
-def _load_lora(model, path, settings, mode: str, base_dtype, device, dtype, shard) -> None:
-    import apr_kernels
+def _add_stored_lora(model, path, settings, base_dtype) -> None:
+    """Adapters shaped as the file's metadata ``lora`` says (values come from ``_copy_stored_lora``)."""
+    from .lora import add_lora, check_settings
 
-    from .lora import add_lora, check_settings, lora_modules, merge_into_weights
-
-    if mode not in ("merge", "keep"):
-        raise ValueError(f"from_apr: lora={mode!r}; expected 'merge' or 'keep'")
-    if shard is not None:
-        raise PreflightError(f"{path}: a LoRA checkpoint cannot be loaded sharded (FSDP); train LoRA "
-                             f"with --parallel ddp or in one process")
     try:
         rank, alpha, targets = check_settings(settings["rank"], settings["alpha"], settings["targets"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PreflightError(f"{path}: metadata 'lora' = {settings!r:.200} is not valid LoRA settings ({exc})") from None
-    add_lora(model, rank, alpha, targets, base_dtype=base_dtype if mode == "keep" else None)
+    add_lora(model, rank, alpha, targets, base_dtype=base_dtype)
+
+
+def _copy_stored_lora(model, path, device, dtype) -> None:
+    """The file's ``<module>.lora_A`` / ``.lora_B`` into the model's adapters (a sharded one takes
+    its rows of each)."""
+    import apr_kernels
+
+    from .lora import lora_modules
+
     with apr_kernels.open(path) as f, torch.no_grad():
         for name, m in lora_modules(model).items():
             for part in ("lora_A", "lora_B"):
@@ -212,14 +239,17 @@ def _load_lora(model, path, settings, mode: str, base_dtype, device, dtype, shar
                 param = getattr(m, part)
                 if tname not in f:
                     raise PreflightError(f"{path}: LoRA tensor {tname!r} is missing (metadata 'lora' names "
-                                         f"targets {list(targets)})")
-                t = f.get_tensor(tname, device=device, dtype=dtype)
-                if tuple(t.shape) != tuple(param.shape):
-                    raise PreflightError(f"{path}: LoRA tensor {tname!r} has shape {list(t.shape)}; expected "
-                                         f"{list(param.shape)} (rank {rank})")
-                param.copy_(t)
-    if mode == "merge":
-        merge_into_weights(model)
+                                         f"targets {model.lora['targets']})")
+                shape = f.info(tname).shape
+                if tuple(shape) != tuple(param.shape):
+                    raise PreflightError(f"{path}: LoRA tensor {tname!r} has shape {list(shape)}; expected "
+                                         f"{list(param.shape)} (rank {model.lora['rank']})")
+                if hasattr(param, "device_mesh"):  # a DTensor shard
+                    from apr_kernels.train.distributed import local_shard
+
+                    param.to_local().copy_(local_shard(f.get_tensor(tname), param, f"{path}: tensor {tname!r}"))
+                else:
+                    param.copy_(f.get_tensor(tname, device=device, dtype=dtype))
 
 
 def preflight(path: str | os.PathLike) -> ModelConfig:

@@ -7,7 +7,9 @@ module with the same ``weight``/``bias`` (Hugging Face names unchanged, frozen) 
 
     y = x W^T + b + (alpha / rank) * (x A^T) B^T
 
-(PEFT's convention: A starts Kaiming-uniform, B at zero, so training starts from the base model).
+(PEFT's convention: A starts Kaiming-uniform, B at zero, so training starts from the base model;
+A is drawn from a generator seeded by ``seed``, module by module, so every process and every
+sharding of the model starts from the same adapters).
 Every other parameter is frozen too (embeddings, norms, biases, the output head); AdamW then keeps
 state for the adapters only. The fast path's fused q/k/v GEMM stays one GEMM on the base weights,
 the three low-rank terms added to its output.
@@ -63,11 +65,13 @@ def check_settings(rank, alpha, targets) -> tuple[int, float, tuple[str, ...]]:
     return rank, float(alpha), targets
 
 
-def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, base_dtype=None) -> dict:
+def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, base_dtype=None,
+             seed: int = 0) -> dict:
     """Add adapters to ``model`` in place and freeze everything else; return the settings (the
     ``lora`` metadata of its checkpoints). ``alpha`` defaults to ``2 * rank``. ``base_dtype``: the
     frozen projection weights are cast to it (e.g. bfloat16 on a GPU: half the memory; the adapters
-    stay in the model's dtype)."""
+    stay in the model's dtype). On the meta device (a model about to be sharded) the adapters get
+    no values: call ``init_adapters`` once the parameters have storage."""
     rank, alpha, targets = check_settings(rank, 2 * rank if alpha is None else alpha, targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -81,15 +85,33 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
                 lin.rank, lin.scale = rank, alpha / rank
                 w = lin.weight
                 lin.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=w.dtype))
-                lin.lora_B = nn.Parameter(torch.zeros(lin.out_features, rank, device=w.device, dtype=w.dtype))
-                nn.init.kaiming_uniform_(lin.lora_A, a=math.sqrt(5))
+                lin.lora_B = nn.Parameter(torch.empty(lin.out_features, rank, device=w.device, dtype=w.dtype))
                 if base_dtype is not None:
                     lin.weight.data = lin.weight.data.to(base_dtype)
                     if lin.bias is not None:
                         lin.bias.data = lin.bias.data.to(base_dtype)
     settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
     model.lora = settings
+    if next(model.parameters()).device.type != "meta":
+        init_adapters(model, seed)
     return settings
+
+
+@torch.no_grad()
+def init_adapters(model, seed: int = 0) -> None:
+    """A Kaiming-uniform (PEFT's ``a = sqrt(5)``) from a CPU generator seeded with ``seed``, in module
+    order; B zero. A sharded (FSDP) adapter receives its rows of the same full matrix."""
+    from apr_kernels.train.distributed import local_shard
+
+    g = torch.Generator().manual_seed(seed)
+    for name, m in lora_modules(model).items():
+        a = torch.empty(tuple(m.lora_A.shape), dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        for param, full in ((m.lora_A, a), (m.lora_B, torch.zeros(tuple(m.lora_B.shape)))):
+            if hasattr(param, "device_mesh"):  # a DTensor shard
+                param.to_local().copy_(local_shard(full, param, f"{name} adapter"))
+            else:
+                param.copy_(full)
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:

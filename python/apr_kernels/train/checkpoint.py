@@ -112,7 +112,8 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
     """Write ``trainer``'s model and training state (or just ``model``) as one APR file.
 
     ``state``: (weights, moments) of a sharded model, as LazyTensors that all-gather when written
-    (``distributed.save_checkpoint``), used instead of the parameters and optimizer of this process. ``merge_lora``: a LoRA
+    (``distributed.save_checkpoint``), used instead of the parameters and optimizer of this process
+    (with ``merge_lora``, the weights are the merged ones). ``merge_lora``: a LoRA
     model is written with its adapters folded in and without optimizer state (module docstring).
     """
     import apr_kernels
@@ -129,7 +130,8 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
             if trainer.last_eval is not None:
                 meta["training.eval_loss"], meta["training.eval_tokens"] = trainer.last_eval
         meta.update(extra_metadata or {})
-        apr_kernels.save(model_tensors(model, merged_weights(model)), path, metadata=meta)
+        apr_kernels.save(model_tensors(model, weights if weights is not None else merged_weights(model)),
+                         path, metadata=meta)
         return
     tensors = model_tensors(model, weights)
     meta = model_metadata(model, tokenizer)

@@ -248,12 +248,19 @@ def _train(args, env, mode: str) -> int:
 
         device = env.device
 
-        def load(path, dev, fast, **lora):  # sharded on the meta device under FSDP
+        def load(path, dev, fast, **lora):  # sharded on the meta device under FSDP, adapters included
+            if lora_new and mode == "fsdp" and not lora:
+                lora = {"lora_init": lora_new}
             return distributed.from_apr(path, env, mode, fast=fast, **lora)
     on_cuda = (device or pick_device(args.device)).type == "cuda"
     # LoRA on a GPU: the frozen base projections in bf16 (half their memory; autocast computes in
-    # bf16 anyway), the adapters in fp32
-    lora_base = torch.bfloat16 if on_cuda else None
+    # bf16 anyway), the adapters in fp32. Not under FSDP: sharding already divides that memory, and
+    # its mixed-precision all-gathers work per dtype group.
+    lora_base = torch.bfloat16 if on_cuda and mode != "fsdp" else None
+    lora_new = None
+    if args.lora_rank and not args.resume:
+        lora_new = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
+                    "seed": args.seed}
     if args.resume:
         from apr_kernels.model.loading import from_apr
 
@@ -280,12 +287,10 @@ def _train(args, env, mode: str) -> int:
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
                           document_mask=args.document_mask)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
-        if args.lora_rank:
+        if lora_new and not getattr(model, "lora", None):  # not added while loading sharded
             from apr_kernels.model.lora import add_lora
 
-            if mode == "fsdp":
-                raise ValueError("--lora-rank: LoRA runs train in one process or with --parallel ddp, not fsdp")
-            add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","), base_dtype=lora_base)
+            add_lora(model, base_dtype=lora_base, **lora_new)
     model.gradient_checkpointing = args.grad_checkpointing
     if args.compile:
         compile_layers(model)

@@ -405,7 +405,7 @@ class ShardGatherer:
         from .checkpoint import _param_names
 
         model, opt = trainer.model, trainer.optimizer
-        self.device = trainer.device
+        self.model, self.device = model, trainer.device
         self.items: list[torch.Tensor] = []  # DTensors (or replicated tensors), by index
         self.weights: dict[str, int] = {}
         self.moments: dict[str, dict] = {}  # name -> {"exp_avg": index, "exp_avg_sq": index, "step": int}
@@ -438,12 +438,27 @@ class ShardGatherer:
         dtype = dtype or t.dtype
         return LazyTensor(APR_DTYPE_OF[dtype], tuple(t.shape), lambda: self._fetch(i, dtype))
 
-    def state(self) -> tuple[dict, dict]:
-        """(weights, moments) for ``checkpoint.save_checkpoint(state=...)``: rank 0 only."""
+    def state(self, merge_lora: bool = False) -> tuple[dict, dict]:
+        """(weights, moments) for ``checkpoint.save_checkpoint(state=...)``: rank 0 only. With
+        ``merge_lora`` the weights are ``W + scale B A`` (fp32) of each adapted projection, and no
+        adapters."""
         weights = {name: self._lazy(i) for name, i in self.weights.items()}
+        if merge_lora:
+            from apr_kernels.io import LazyTensor
+            from apr_kernels.model.lora import lora_modules
+
+            for name, m in lora_modules(self.model).items():
+                w, a, b = (self.weights[f"{name}.{part}"] for part in ("weight", "lora_A", "lora_B"))
+                del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
+                weights[f"{name}.weight"] = LazyTensor("F32", tuple(self.items[w].shape),
+                                                       lambda w=w, a=a, b=b, s=m.scale: self._merged(w, a, b, s))
         moments = {name: {"step": m["step"], **{k: self._lazy(m[k], torch.float32) for k in ("exp_avg", "exp_avg_sq")}}
                    for name, m in self.moments.items()}
         return weights, moments
+
+    def _merged(self, w: int, a: int, b: int, scale: float) -> torch.Tensor:
+        weight, lora_a, lora_b = (self._fetch(i, torch.float32) for i in (w, a, b))
+        return weight + (lora_b @ lora_a) * scale
 
     def serve(self) -> None:
         """Ranks other than 0: join every gather rank 0 asks for, until it is done."""
@@ -466,7 +481,8 @@ def save_checkpoint(path, trainer, parallel: Parallel, **kwargs) -> None:
     error = None
     if env.is_main:
         try:
-            save(path, trainer, state=gatherer.state() if gatherer else None, **kwargs)
+            state = gatherer.state(kwargs.get("merge_lora", False)) if gatherer else None
+            save(path, trainer, state=state, **kwargs)
         except Exception as exc:  # reported to every rank below, then raised here
             error = exc
         finally:
