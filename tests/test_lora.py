@@ -179,3 +179,141 @@ def test_cli_lora_run_resumes_exactly_and_ends_with_a_plain_model(capsys, tmp_pa
     final = [r["eval_loss"] for r in recs if r["event"] == "eval"][-1]
     out = run("eval", "--init", str(tmp_path / "a" / "model.apr"), "--data", held, "--max-tokens", "64", "--json")
     assert out[-1]["eval_loss"] == pytest.approx(final, abs=1e-5)
+
+
+# ------------------------------------------------------------------------ quantised base (QLoRA-style)
+def _quantised_file(path, cfg, kind="Q4_K", seed=0):
+    """A model file whose seven projections of every layer are stored in ``kind`` blocks."""
+    from apr_kernels.quant import quantize
+    from apr_kernels.train.checkpoint import model_metadata, model_tensors
+
+    torch.manual_seed(seed)
+    model = Transformer(cfg, fast=False)
+    tensors = {}
+    for name, lazy in model_tensors(model).items():
+        t = lazy.materialize()
+        tensors[name] = quantize(kind, t) if name.endswith("proj.weight") else t
+    apr_kernels.save(tensors, path, metadata=model_metadata(model))
+    return tensors
+
+
+QCFG = preset("tiny_qwen2").replace(hidden_size=256, intermediate_size=512)  # whole 256-element blocks
+LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"], "seed": 3}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fused-qkv"])
+@pytest.mark.parametrize("kind", ["Q4_K", "APR_Q8"])
+def test_quantised_base_trains_like_its_dequantised_copy_without_keeping_weights(tmp_path, fast, kind):
+    """A LoRA model on the file's raw blocks (dequantised per GEMM) against the same adapters on the
+    dequantised weights held as parameters: the same losses and adapter gradients over three AdamW
+    steps (on the fused q/k/v path too), a fraction of the weight memory, the stored blocks untouched,
+    and no dequantised weight saved for the backward (they are made again there)."""
+    from apr_kernels.model.lora import QuantizedLoRALinear
+    from apr_kernels.train.loop import make_optimizer, TrainConfig
+
+    path = tmp_path / "q.apr"
+    stored = _quantised_file(path, QCFG, kind)
+    q = from_apr(path, fast=fast, lora_init=LORA, keep_quantized=True)
+    ref = from_apr(path, fast=fast, lora_init=LORA)
+    mods = lora_modules(q)
+    assert len(mods) == 7 * QCFG.num_layers and all(isinstance(m, QuantizedLoRALinear) for m in mods.values())
+    name = "model.layers.1.mlp.down_proj"
+    assert mods[name].base.dtype == kind and torch.equal(mods[name].base.data, stored[f"{name}.weight"].data)
+    proj_params = sum(m.weight.numel() for m in lora_modules(ref).values())
+    base_bytes = sum(m.base.data.numel() for m in mods.values())
+    assert base_bytes < 0.3 * proj_params * 4  # Q4_K ~0.56 bytes, APR_Q8 ~1 byte per weight vs 4 (fp32)
+    assert not any(n.endswith("proj.weight") for n, _ in q.named_parameters())
+
+    cfg = TrainConfig(steps=3, lr=1e-2)
+    opts = [make_optimizer(m, cfg) for m in (q, ref)]
+    x = torch.randint(0, QCFG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    fused_qkv = ((QCFG.num_heads + 2 * QCFG.num_kv_heads) * QCFG.head_dim, QCFG.hidden_size)
+    weight_shapes = {tuple(m.base.shape) for m in mods.values()} | {fused_qkv}
+    weight_shapes |= {s[::-1] for s in weight_shapes}  # a GEMM may save the transposed view
+    for step in range(3):
+        saved = []
+
+        def pack(t):
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lq = q.loss(x[:, :-1], x[:, 1:])
+        lr_ = ref.loss(x[:, :-1], x[:, 1:])
+        assert not [s for s in saved if s[0] in weight_shapes and s[1].is_floating_point], saved
+        assert lq.item() == pytest.approx(lr_.item(), rel=1e-5), step
+        lq.backward()
+        lr_.backward()
+        for (n, p), p2 in zip(q.named_parameters(), (p for n2, p in ref.named_parameters()
+                                                       if not n2.endswith("proj.weight"))):
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, p2.grad, rtol=1e-4, atol=1e-7, msg=n)
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    assert torch.equal(mods[name].base.data, stored[f"{name}.weight"].data)  # frozen: bit for bit
+
+
+def test_quantised_base_checkpoints_store_the_blocks_and_merge_at_the_end(tmp_path):
+    from apr_kernels.model.lora import QuantizedLoRALinear
+
+    path = tmp_path / "q.apr"
+    stored = _quantised_file(path, QCFG, "Q6_K")
+    model = from_apr(path, lora_init=LORA, keep_quantized=True, fast=False)
+    _randomise_adapters(model)
+    x = torch.randint(0, QCFG.vocab_size, (2, 13))
+    with torch.no_grad():
+        want = model(x)
+    ck = tmp_path / "ck.apr"
+    save_checkpoint(ck, model=model)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    with apr_kernels.open(ck) as f:
+        assert f.info(name).dtype == "Q6_K" and torch.equal(f.get_raw(name), stored[name].data)
+    kept = from_apr(ck, lora="keep", keep_quantized=True, fast=False)  # what --resume does
+    assert isinstance(lora_modules(kept)["model.layers.0.self_attn.k_proj"], QuantizedLoRALinear)
+    merged = from_apr(ck, fast=False)  # what eval / export / --init do: a plain model
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(merged(x), want, rtol=1e-5, atol=1e-5)
+    final = tmp_path / "final.apr"
+    save_checkpoint(final, model=model, merge_lora=True)
+    with apr_kernels.open(final) as f:
+        assert f.info(name).dtype == "F32" and not any("lora" in k for k in f.keys())
+    merge_into_weights(kept)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_apr(final, fast=False)(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_quantised_base_refusals(tmp_path):
+    from apr_kernels.cli import main
+
+    path = tmp_path / "q.apr"
+    _quantised_file(path, QCFG)
+    with pytest.raises(ValueError, match=r"a quantised LoRA base \(model\.layers\.0\..*cannot be sharded \(FSDP\)"):
+        from_apr(path, lora_init=LORA, keep_quantized=True, shard=lambda m: m)
+    assert main(["train", "--preset", "tiny_llama", "--lora-quantized-base", "--data", str(STDLIB / "shlex.py"),
+                 "--tokenizer", "bytes"]) == 1
+
+
+def test_cli_quantised_base_run_resumes_exactly(capsys, tmp_path):
+    from apr_kernels.cli import main
+
+    def run(*argv):
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    path = tmp_path / "q.apr"
+    _quantised_file(path, QCFG.replace(vocab_size=384))
+    base = ["--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"), "--eval-data", str(STDLIB / "shlex.py"),
+            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--lr", "1e-2",
+            "--save-every", "1", "--json", "--no-token-cache", "--lora-rank", "4", "--fast", "off"]
+    recs = run("train", "--init", str(path), *base, "--lora-quantized-base", "--out", str(tmp_path / "a"))
+    losses = [r["loss"] for r in recs if r["event"] == "train"]
+    resumed = run("train", "--resume", str(tmp_path / "a" / "step_000001.apr"), "--out", str(tmp_path / "b"), "--json")
+    assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[1:]
+    with apr_kernels.open(tmp_path / "a" / "step_000002.apr") as f:
+        assert f.info("model.layers.0.mlp.up_proj.weight").dtype == "Q4_K"

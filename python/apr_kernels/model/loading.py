@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from apr_kernels._format import QuantizedTensor
+
 from .config import ModelConfig, family_of
 from .hf_names import TRAINING_PREFIX, expected_shapes, hf_name
 from .lora import META_KEY as LORA_META
@@ -136,14 +138,16 @@ def plan(path: str | os.PathLike) -> InitPlan:
 
 def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
              fast: bool | None = None, shard=None, lora: str = "merge", lora_base_dtype=None,
-             lora_init: dict | None = None) -> Transformer:
+             lora_init: dict | None = None, keep_quantized: bool = False) -> Transformer:
     """A ``Transformer`` initialised from an APR file (every parameter trainable).
 
     A file with LoRA adapters (metadata ``lora``, ``model/lora.py``): ``lora="merge"`` folds them into
     the weights (a plain model), ``"keep"`` restores the adapters on a frozen base (resuming a LoRA
     run; ``lora_base_dtype`` as in ``add_lora``). ``lora_init``: ``add_lora`` keyword arguments
     (rank, alpha, targets, seed) for new adapters on a file without them; added before ``shard``,
-    so FSDP shards the adapters with the rest.
+    so FSDP shards the adapters with the rest. ``keep_quantized``: adapted projections the file
+    stores quantised keep their raw blocks as a frozen base (``lora.QuantizedLoRALinear``; on CPU a
+    view of the file's mapping), dequantised per GEMM; not with ``shard``.
 
     ``dtype``: the parameter dtype (default float32, the training dtype; quantised weights are
     dequantised straight to it). ``fast``: see ``Transformer``. The returned module carries
@@ -176,12 +180,22 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
         raise PreflightError(f"{path}: a LoRA checkpoint cannot be merged while loading sharded (FSDP); "
                              f"resume it (its adapters are kept), or merge it first with `apr-kernels "
                              f"export` / from_apr in one process")
+    quantized = _quantize_bases(model, p, shard) if keep_quantized and (lora_init or kept) else {}
     if shard is not None:
         shard(model)  # on meta: shards are created in their final dtypes
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     with apr_kernels.open(p.path) as f, torch.no_grad():
+        for name, m in quantized.items():  # raw blocks, zero-copy on CPU
+            stored = p.sources[name]
+            info = f.info(stored)
+            m.base = QuantizedTensor(info.dtype, info.shape, f.get_raw(stored).to(device))
+            if not torch.isfinite(m.base_weight(torch.float32)).all():
+                raise PreflightError(f"{p.path}: tensor {stored!r} ({info.dtype}) dequantises to non-finite "
+                                     f"values; expected finite weights")
         for name, stored in p.sources.items():
+            if name in quantized:
+                continue
             if shard is not None and hasattr(params[name], "device_mesh"):  # a DTensor shard
                 from apr_kernels.train.distributed import local_shard
 
@@ -212,6 +226,23 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     model.apr_path = p.path
     model.apr_metadata = p.metadata
     return model
+
+
+def _quantize_bases(model, p: InitPlan, shard) -> dict:
+    """HF weight name -> adapted projection turned into a QuantizedLoRALinear, for each one whose
+    weight the file stores in a block format."""
+    import apr_kernels
+    from apr_kernels._format import QUANTIZED
+
+    from .lora import lora_modules, quantize_base
+
+    with apr_kernels.open(p.path) as f:
+        found = {f"{name}.weight": m for name, m in lora_modules(model).items()
+                 if f.info(p.sources[f"{name}.weight"]).dtype in QUANTIZED}
+    if found and shard is not None:
+        raise PreflightError(f"{p.path}: a quantised LoRA base ({next(iter(found))}, ...) cannot be sharded "
+                             f"(FSDP); train it in one process or with --parallel ddp")
+    return {name: quantize_base(m) for name, m in found.items()}
 
 
 def _add_stored_lora(model, path, settings, base_dtype) -> None:

@@ -14,6 +14,13 @@ Every other parameter is frozen too (embeddings, norms, biases, the output head)
 state for the adapters only. The fast path's fused q/k/v GEMM stays one GEMM on the base weights,
 the three low-rank terms added to its output.
 
+Quantised base (QLoRA-style, ``from_apr(..., lora_init=..., keep_quantized=True)``): a targeted
+projection whose weight the file stores in a block format (Q4_K, Q6_K, APR_Q4, APR_Q8) becomes a
+:class:`QuantizedLoRALinear` holding those raw blocks (about 4.5 bits per weight for Q4_K instead of
+16 or 32) and dequantising them for each GEMM, in the forward and again in the backward
+(:class:`FrozenLinear`), so no dequantised weight outlives its GEMM. Its checkpoints store the same
+blocks under the Hugging Face name, bit for bit.
+
 Files: a checkpoint of a LoRA run stores the base weights under their Hugging Face names, the
 adapters under ``<module>.lora_A`` / ``.lora_B`` and the settings as metadata ``lora`` (rank, alpha,
 targets). ``from_apr`` merges them into the weights by default (``W + (alpha / rank) B A``: a plain
@@ -51,6 +58,59 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_rank={self.rank}, lora_scale={self.scale:g}"
+
+
+class FrozenLinear(torch.autograd.Function):
+    """``y = x W^T + b`` for a frozen ``W = weight(dtype)`` that is made twice, in the forward and in the
+    backward (dequantising a quantised base), instead of being kept for the backward. Only ``x`` gets
+    a gradient. Under autocast ``W`` is made in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight, bias):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        return F.linear(x, weight(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        return (dy @ ctx.weight(dy.dtype)).to(ctx.x_dtype), None, None
+
+
+class QuantizedLoRALinear(LoRALinear):
+    """A LoRALinear whose frozen weight is ``base``, the file's quantised blocks (a
+    ``QuantizedTensor`` on the model's device; not a parameter, so optimizers, DDP and ``.to`` leave
+    it alone). ``weight`` reads as the dequantised fp32 matrix."""
+
+    base: "QuantizedTensor"
+
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        from apr_kernels.quant import dequantize
+
+        return dequantize(self.base.dtype, self.base.shape, self.base.data, dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:  # merged_weight, export: the dequantised matrix (fp32)
+        return self.base_weight(torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenLinear.apply(x, self.base_weight, self.bias) + self.lora_delta(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, base={self.base.dtype}"
+
+
+def quantize_base(lin: LoRALinear) -> QuantizedLoRALinear:
+    """Turn an adapted projection into a QuantizedLoRALinear (its weight parameter is dropped; set
+    ``base`` before use)."""
+    del lin.weight
+    lin.__class__ = QuantizedLoRALinear
+    return lin
+
+
+def frozen_weight(m: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """A projection's frozen weight in ``dtype`` (dequantised for a quantised base)."""
+    return m.base_weight(dtype) if isinstance(m, QuantizedLoRALinear) else m.weight.to(dtype)
 
 
 def check_settings(rank, alpha, targets) -> tuple[int, float, tuple[str, ...]]:
@@ -123,6 +183,12 @@ def merge_into_weights(model) -> None:
     """Fold every adapter into its weight and turn the modules back into plain ``nn.Linear`` (the
     model is then an ordinary one; every parameter trainable again)."""
     for m in lora_modules(model).values():
+        if isinstance(m, QuantizedLoRALinear):  # a plain parameter again, in the adapters' dtype
+            merged = m.merged_weight(m.lora_A.dtype)
+            del m.lora_A, m.lora_B, m.base
+            m.__class__ = nn.Linear
+            m.weight = nn.Parameter(merged)
+            continue
         m.weight.data = m.merged_weight()
         del m.lora_A, m.lora_B
         m.__class__ = nn.Linear

@@ -92,9 +92,14 @@ class Attention(nn.Module):
         alone. q, k, v come out as strided views of one buffer; the kernels read them in place, and
         split's backward concatenates the three gradients in one pass."""
         p = (self.q_proj, self.k_proj, self.v_proj)
-        w = torch.cat([m.weight for m in p])
         bias = torch.cat([m.bias for m in p]) if self.q_proj.bias is not None else None
-        parts = F.linear(x, w, bias).split([m.out_features for m in p], dim=-1)
+        if any(hasattr(m, "base") for m in p):  # a quantised LoRA base: dequantised per GEMM, not kept
+            from .lora import FrozenLinear, frozen_weight
+
+            y = FrozenLinear.apply(x, lambda dtype: torch.cat([frozen_weight(m, dtype) for m in p]), bias)
+        else:
+            y = F.linear(x, torch.cat([m.weight for m in p]), bias)
+        parts = y.split([m.out_features for m in p], dim=-1)
         if any(hasattr(m, "lora_delta") for m in p):  # LoRA (model/lora.py): the low-rank terms added
             parts = tuple(y + m.lora_delta(x) if hasattr(m, "lora_delta") else y for y, m in zip(parts, p))
         return parts

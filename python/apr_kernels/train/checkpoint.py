@@ -57,10 +57,24 @@ def model_tensors(model, weights: dict | None = None) -> dict[str, LazyTensor]:
     ``weights``: LazyTensors to use instead of the parameters (a sharded model's gathered ones)."""
     if weights is None:
         weights = {name: host_copy(p) for name, p in model.named_parameters()}
+        weights.update(quantized_bases(model))
     out = dict(weights)
     if model.config.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+def quantized_bases(model) -> dict[str, LazyTensor]:
+    """The raw blocks of a quantised LoRA base (``lora.QuantizedLoRALinear``) under their Hugging Face
+    weight names, stored bit for bit."""
+    from apr_kernels.io import QuantizedTensor
+    from apr_kernels.model.lora import QuantizedLoRALinear
+
+    def raw(q):
+        return LazyTensor(q.dtype, q.shape, lambda: QuantizedTensor(q.dtype, q.shape, q.data.cpu()))
+
+    return {f"{name}.weight": raw(m.base) for name, m in model.named_modules()
+            if isinstance(m, QuantizedLoRALinear)}
 
 
 def model_metadata(model, tokenizer=None) -> dict:
@@ -96,13 +110,11 @@ def merged_weights(model) -> dict[str, LazyTensor]:
     from apr_kernels.model.lora import lora_modules
 
     adapted = {f"{name}.weight": m for name, m in lora_modules(model).items()}
-    out = {}
-    for name, p in model.named_parameters():
-        if name.endswith((".lora_A", ".lora_B")):
-            continue
-        m = adapted.get(name)
-        out[name] = (host_copy(p) if m is None else
-                     LazyTensor("F32", tuple(p.shape), lambda m=m: m.merged_weight(torch.float32).detach().cpu()))
+    out = {name: host_copy(p) for name, p in model.named_parameters()
+           if not name.endswith((".lora_A", ".lora_B")) and name not in adapted}
+    for name, m in adapted.items():  # (a quantised base is no parameter: listed here, not above)
+        out[name] = LazyTensor("F32", (m.out_features, m.in_features),
+                               lambda m=m: m.merged_weight(torch.float32).detach().cpu())
     return out
 
 

@@ -249,25 +249,36 @@ def _train(args, env, mode: str) -> int:
         device = env.device
 
         def load(path, dev, fast, **lora):  # sharded on the meta device under FSDP, adapters included
-            if lora_new and mode == "fsdp" and not lora:
-                lora = {"lora_init": lora_new}
-            return distributed.from_apr(path, env, mode, fast=fast, **lora)
+            return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load))
     on_cuda = (device or pick_device(args.device)).type == "cuda"
     # LoRA on a GPU: the frozen base projections in bf16 (half their memory; autocast computes in
     # bf16 anyway), the adapters in fp32. Not under FSDP: sharding already divides that memory, and
     # its mixed-precision all-gathers work per dtype group.
     lora_base = torch.bfloat16 if on_cuda and mode != "fsdp" else None
-    lora_new = None
+    lora_new, lora_load = None, {}
+    if args.lora_quantized_base and not (args.lora_rank and args.init):
+        raise ValueError("--lora-quantized-base needs --lora-rank R and --init FILE.apr (whose projections "
+                         "are stored quantised)")
     if args.lora_rank and not args.resume:
         lora_new = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
                     "seed": args.seed}
+        # adapters added while loading: under FSDP (before sharding) and on a quantised base
+        if mode == "fsdp" or args.lora_quantized_base:
+            lora_load = {"lora_init": lora_new, "keep_quantized": args.lora_quantized_base,
+                         "lora_base_dtype": lora_base}
+    if lora_load and mode == "none":
+        from apr_kernels.model.loading import from_apr as _from_apr
+
+        def load(path, dev, fast):
+            return _from_apr(path, device=dev, fast=fast, **lora_load)
     if args.resume:
         from apr_kernels.model.loading import from_apr
 
         meta = training_metadata(args.resume)
         spec = meta["training.data_spec"]
         cfg = TrainConfig.from_dict(meta["training.config"])
-        keep = {"lora": "keep", "lora_base_dtype": lora_base}  # a LoRA run resumes with its adapters
+        # a LoRA run resumes with its adapters (and its quantised base, if it had one)
+        keep = {"lora": "keep", "lora_base_dtype": lora_base, "keep_quantized": True}
         if load is not None:
             model = load(args.resume, device, _fast(args.fast), **keep)
         else:
@@ -508,6 +519,9 @@ def register(subparsers) -> None:
     lo = p.add_argument_group("LoRA (adapters on a frozen model)")
     lo.add_argument("--lora-rank", type=int, default=0, help="train rank-R adapters only (0: full training)")
     lo.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha / rank (default 2 x rank)")
+    lo.add_argument("--lora-quantized-base", action="store_true",
+                    help="keep the --init file's quantised projections (Q4_K, Q6_K, APR_Q4, APR_Q8) in their "
+                         "blocks as the frozen base, dequantised per GEMM (QLoRA-style; not with fsdp)")
     lo.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     help="comma-separated projections that get adapters (default: all seven)")
     s = p.add_argument_group("scale out (torchrun --nproc_per_node=N -m apr_kernels train ...)")

@@ -293,7 +293,9 @@ class Trainer:
         lora = getattr(self.model, "lora", None)
         return {
             "step": self.step, "steps": c.steps,
-            "params": sum(p.numel() for p in params),
+            # a quantised LoRA base holds its projections outside the parameters
+            "params": sum(p.numel() for p in params) + sum(math.prod(m.base.shape) for m in self.model.modules()
+                                                            if hasattr(m, "base")),
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "tokens_per_step": tokens_per_step, "train_tokens": train_tokens,
             "epochs": round(c.steps * tokens_per_step / max(1, train_tokens), 3),
