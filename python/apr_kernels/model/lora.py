@@ -82,7 +82,7 @@ class QuantizedLoRALinear(LoRALinear):
     ``QuantizedTensor`` on the model's device; not a parameter, so optimizers, DDP and ``.to`` leave
     it alone). ``weight`` reads as the dequantised fp32 matrix."""
 
-    base: "QuantizedTensor"
+    # base: apr_kernels.io.QuantizedTensor, set by whoever loads the blocks (model/loading.py)
 
     def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         from apr_kernels.quant import dequantize

@@ -242,14 +242,7 @@ def _train(args, env, mode: str) -> int:
 
     if pick_device(args.device).type == "cpu":
         keep_freed_memory()
-    device, load = None, None  # single process: --device, from_apr (unchanged)
-    if mode != "none":
-        from . import distributed
-
-        device = env.device
-
-        def load(path, dev, fast, **lora):  # sharded on the meta device under FSDP, adapters included
-            return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load))
+    device = env.device if mode != "none" else None  # None: --device
     on_cuda = (device or pick_device(args.device)).type == "cuda"
     # LoRA on a GPU: the frozen base projections in bf16 (half their memory; autocast computes in
     # bf16 anyway), the adapters in fp32. Not under FSDP: sharding already divides that memory, and
@@ -266,23 +259,25 @@ def _train(args, env, mode: str) -> int:
         if mode == "fsdp" or args.lora_quantized_base:
             lora_load = {"lora_init": lora_new, "keep_quantized": args.lora_quantized_base,
                          "lora_base_dtype": lora_base}
-    if lora_load and mode == "none":
-        from apr_kernels.model.loading import from_apr as _from_apr
 
-        def load(path, dev, fast):
-            return _from_apr(path, device=dev, fast=fast, **lora_load)
-    if args.resume:
+    def load(path, dev, fast, **lora):
+        """from_apr for this run: sharded on the meta device under FSDP; ``lora`` (resume) or the new
+        adapters that must exist while loading."""
+        if mode != "none":
+            from . import distributed
+
+            return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load))
         from apr_kernels.model.loading import from_apr
 
+        return from_apr(path, device=dev, fast=fast, **(lora or lora_load))
+
+    if args.resume:
         meta = training_metadata(args.resume)
         spec = meta["training.data_spec"]
         cfg = TrainConfig.from_dict(meta["training.config"])
         # a LoRA run resumes with its adapters (and its quantised base, if it had one)
         keep = {"lora": "keep", "lora_base_dtype": lora_base, "keep_quantized": True}
-        if load is not None:
-            model = load(args.resume, device, _fast(args.fast), **keep)
-        else:
-            model = from_apr(args.resume, device=pick_device(args.device), fast=_fast(args.fast), **keep)
+        model = load(args.resume, device or pick_device(args.device), _fast(args.fast), **keep)
         tok = load_tokenizer(None, model.apr_metadata, args.resume)
     else:
         if not args.data:
@@ -298,7 +293,7 @@ def _train(args, env, mode: str) -> int:
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
                           document_mask=args.document_mask)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
-        if lora_new and not getattr(model, "lora", None):  # not added while loading sharded
+        if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
             from apr_kernels.model.lora import add_lora
 
             add_lora(model, base_dtype=lora_base, **lora_new)
