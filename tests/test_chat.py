@@ -295,3 +295,89 @@ def test_the_models_own_chat_template_renders_as_transformers_does(qwen):
     with pytest.raises(ValueError, match=r"mem:1: the model's chat template failed on this record "
                                          r"\(no system role here\)"):
         chat.render({"messages": convo}, tok, "mem:1")
+
+
+def _records_of(stream: torch.Tensor, eos: int) -> list[list[int]]:
+    """The documents of a marked stream (each ending with its end-of-text id), as marked ids."""
+    out, cur = [], []
+    for t in stream.tolist():
+        cur.append(t)
+        if t in (eos, -1 - eos):
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def test_record_packing_keeps_every_record_whole_in_one_sequence(qwen, tmp_path):
+    """--packing records: every record shorter than a sequence lies whole in exactly one row (so every
+    answer is preceded by its own prompt), longer ones are cut into full rows plus a packed tail, the
+    padding is non-target end-of-text ids, the targets are exactly the stream's, and the rows are
+    nearly full (best-fit decreasing)."""
+    from apr_kernels.train.data import pack_records
+
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(60):
+        turns = [{"role": "user", "content": "q" * rng.randint(1, 40) + str(i)},
+                 {"role": "assistant", "content": "a" * rng.randint(1, 60)}]
+        lines.append(json.dumps({"messages": turns} if i % 3 else {"prompt": "p" * rng.randint(1, 30) + str(i),
+                                                                    "completion": "c" * rng.randint(1, 90)}))
+    lines.append(json.dumps({"text": "long " * 150}))  # longer than a sequence: cut
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    stream = tokenize_files([tmp_path / "r.jsonl"], qwen)
+    eos, L = qwen.eos_id, 48
+    packed = pack_records(stream, L, eos)
+    rows = sequences(packed, L)
+    assert packed.dtype == torch.int32 and len(packed) == len(rows) * L + 1
+    records = _records_of(stream, eos)
+    row_lists = [r.tolist() for r in rows]
+    for rec in records:
+        if len(rec) <= L - 1:
+            hits = [i for i, r in enumerate(row_lists) for s in range(1, L + 1 - len(rec) + 1) if r[s:s + len(rec)] == rec]
+            assert len(hits) == 1, rec
+    assert sum(len(r) > L - 1 for r in records) == 1  # the long text: cut into rows
+    # content = the stream's tokens exactly once (in record order within a row); the rest is padding
+    pad = -1 - eos
+    content = [t for r in row_lists for t in r[1:L] if t != pad]
+    assert sorted(content) == sorted(t for t in stream.tolist() if t != pad)
+    assert all(r[0] == pad and r[L] == pad for r in row_lists)
+    assert int((packed >= 0).sum()) == int((stream >= 0).sum())  # the same targets, padding none
+    # best-fit decreasing uses at most 11/9 of the optimal rows (+1), which uses >= tokens / capacity
+    assert len(rows) <= 11 / 9 * math.ceil(len(stream) / (L - 1)) + 1
+    assert torch.equal(pack_records(stream, L, eos), packed)  # deterministic
+    # a case with a known optimum: documents of 30, 30, 17, 17 tokens pair up into two full rows of 47
+    docs = [[7] * 29 + [eos], [8] * 16 + [eos], [9] * 29 + [eos], [6] * 16 + [eos]]
+    two = sequences(pack_records(torch.tensor([t for d in docs for t in d], dtype=torch.int32), 48, eos), 48)
+    assert len(two) == 2
+    for r in two:  # each row: one document of 30 and one of 17, no padding
+        assert sorted(len(d) for d in _records_of(r[1:48], eos)) == [17, 30] and not (r[1:48] == -1 - eos).any()
+
+
+def test_cli_record_packing_trains_and_eval_follows_it(qwen, tmp_path, capsys):
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import main
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(CONVO) + "\n" for _ in range(30)))
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(qwen.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=qwen)
+    code = main(["train", "--init", str(tmp_path / "init.apr"), "--data", str(tmp_path / "c.jsonl"), "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "64", "--packing", "records", "--document-mask", "--json",
+                 "--no-token-cache", "--no-progress", "--eval-tokens", "128", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    final = [r for r in recs if r["event"] == "eval"][-1]
+    assert main(["eval", "--init", str(tmp_path / "o" / "model.apr"), "--data", str(tmp_path / "c.jsonl"),
+                 "--max-tokens", "128", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[-1])
+    # eval lays the data out as the run did (stored in training.config): the targets of its first
+    # two packed rows, not of two rows cut from the stream
+    from apr_kernels.train.data import pack_records
+
+    stream = tokenize_files([tmp_path / "c.jsonl"], qwen, max_tokens=129)
+    packed_rows, stream_rows = sequences(pack_records(stream, 64, qwen.eos_id), 64)[:2], sequences(stream, 64)[:2]
+    assert got["tokens"] == int((packed_rows[:, 1:] >= 0).sum()) != int((stream_rows[:, 1:] >= 0).sum())
+    assert final["eval_tokens"] > 0

@@ -150,7 +150,8 @@ def test_bad_lora_metadata_is_refused(tmp_path):
         from_apr(path)
 
 
-def test_cli_lora_run_resumes_exactly_and_ends_with_a_plain_model(capsys, tmp_path):
+def _cli_runner(capsys):
+    """``run(*argv)``: the CLI in this process; asserts success, returns its JSON log records."""
     from apr_kernels.cli import main
 
     def run(*argv):
@@ -159,6 +160,11 @@ def test_cli_lora_run_resumes_exactly_and_ends_with_a_plain_model(capsys, tmp_pa
         assert code == 0, err
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
+    return run
+
+
+def test_cli_lora_run_resumes_exactly_and_ends_with_a_plain_model(capsys, tmp_path):
+    run = _cli_runner(capsys)
     held = str(STDLIB / "shlex.py")
     base = ["--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"),
             "--eval-data", held, "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--lr", "1e-2",
@@ -298,14 +304,7 @@ def test_quantised_base_refusals(tmp_path):
 
 
 def test_cli_quantised_base_run_resumes_exactly(capsys, tmp_path):
-    from apr_kernels.cli import main
-
-    def run(*argv):
-        code = main(list(argv))
-        out, err = capsys.readouterr()
-        assert code == 0, err
-        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
+    run = _cli_runner(capsys)
     path = tmp_path / "q.apr"
     _quantised_file(path, QCFG.replace(vocab_size=384))
     base = ["--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"), "--eval-data", str(STDLIB / "shlex.py"),

@@ -106,10 +106,12 @@ def _fast(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
 
 
-def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_dir=None, log=None):
+def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_dir=None, log=None,
+              packing: str = "stream"):
     """(train_tokens, eval_tokens) from a data spec (also stored in checkpoints for --resume), through
-    the token cache in ``cache_dir`` unless it is None."""
-    from .data import TEXT_FIELD, cached_tokens, find_text_files, split_holdout, tokenize_files
+    the token cache in ``cache_dir`` unless it is None; ``packing`` "records": each laid out by
+    ``data.pack_records`` (before the held-out split, so it takes whole rows)."""
+    from .data import TEXT_FIELD, cached_tokens, find_text_files, pack_records, split_holdout, tokenize_files
 
     field = spec.get("text_field") or TEXT_FIELD
 
@@ -120,11 +122,22 @@ def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_di
         return cached_tokens(files, tokenizer, max_tokens=max_tokens, cache_dir=cache_dir, log=log,
                              text_field=field)
 
-    tokens = tokens_of(spec["data"], spec.get("max_tokens"))
+    def packed(tokens):
+        return pack_records(tokens, seq_len, _packing_eos(tokenizer)) if packing == "records" else tokens
+
+    tokens = packed(tokens_of(spec["data"], spec.get("max_tokens")))
     if spec.get("eval_data"):
-        return tokens, tokens_of(spec["eval_data"], eval_tokens + 1)
+        return tokens, packed(tokens_of(spec["eval_data"], eval_tokens + 1))
     return split_holdout(tokens, seq_len, spec.get("eval_fraction", 0.05),
                          max(1, eval_tokens // seq_len), where=", ".join(spec["data"]))
+
+
+def _packing_eos(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+        raise ValueError("--packing records needs the tokenizer's end-of-text id (it ends each document and pads "
+                         "the sequences); this tokenizer has none")
+    return eos
 
 
 def build_model(args, tokenizer_spec, *, device=None, load=None):
@@ -291,7 +304,7 @@ def _train(args, env, mode: str) -> int:
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
-                          document_mask=args.document_mask)
+                          document_mask=args.document_mask, packing=args.packing)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
             from apr_kernels.model.lora import add_lora
@@ -318,7 +331,8 @@ def _train(args, env, mode: str) -> int:
     # Under torchrun every rank looks the cache up on its own: on a miss the ranks of a machine take
     # turns on the entry's lock file (data.cached_tokens), so one tokenises and the others map its
     # file. No collective here: a long first tokenisation must not run into the process-group timeout.
-    train_tokens, eval_tokens = load_data(spec, tok, cfg.seq_len, cfg.eval_tokens, cache_dir=cache_dir, log=note)
+    train_tokens, eval_tokens = load_data(spec, tok, cfg.seq_len, cfg.eval_tokens, cache_dir=cache_dir, log=note,
+                                          packing=cfg.packing)
     out = Path(args.out)
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
@@ -337,7 +351,7 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     ``document_mask`` default to the checkpoint's training settings (else 256 and off)."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
-    from .data import evaluate, find_text_files, tokenize_files
+    from .data import evaluate, find_text_files, pack_records, tokenize_files
 
     model = from_apr(init, device=pick_device(device), fast=fast)
     tok = load_tokenizer(tokenizer, model.apr_metadata, init)
@@ -351,6 +365,8 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
         raise ValueError(f"{init}: document masking needs the tokenizer's end-of-text id; this tokenizer has none")
     tokens = tokenize_files(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1,
                             text_field=text_field)
+    if stored.get("packing") == "records":  # evaluated in the layout it was trained in
+        tokens = pack_records(tokens, seq_len, _packing_eos(tok))
     dev = next(model.parameters()).device
     return evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
                     autocast_dtype=torch.bfloat16 if dev.type == "cuda" else None, max_tokens=max_tokens,
@@ -481,6 +497,10 @@ def register(subparsers) -> None:
     g.add_argument("--document-mask", action="store_true",
                    help="attend only within each document (documents end at the tokenizer's end-of-text "
                         "id); RoPE positions restart at each document")
+    g.add_argument("--packing", choices=["stream", "records"], default="stream",
+                   help="stream: documents back to back, cut every --seq-len tokens (pretraining); records: "
+                        "each document (a chat or prompt/completion record) whole in one sequence, best-fit, "
+                        "padded (fine-tuning: no answer cut from its prompt); add --document-mask")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=d.steps)
     o.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -19,6 +19,10 @@
   few threads, in order.
 * Sequence i is ``tokens[i*T : i*T + T + 1]`` (inputs are the first T, targets the last T), so every
   token except the first is a target exactly once.
+* Record packing (optional, ``pack_records``; ``--packing records``): instead of cutting the stream
+  every T tokens, each document (a supervised record: prompt and answer) is placed whole in one
+  sequence, best-fit decreasing, the rest of the sequence padded with non-target end-of-text ids, so
+  no answer is cut from its prompt. A document longer than a sequence still spans several.
 * Document masking (optional, ``eos_id`` below): each batch also carries its document spans, found
   from the end-of-text ids on the host (``apr_kernels.model.Documents``), so that the model attends
   only within each document.
@@ -409,6 +413,100 @@ def sequences(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """View [n, seq_len + 1] of the packed sequences (consecutive rows share one token)."""
     n = num_sequences(tokens.numel(), seq_len)
     return tokens[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len) if n else tokens.new_empty(0, seq_len + 1)
+
+
+PACKINGS = ("stream", "records")
+
+
+def pack_records(tokens: torch.Tensor, seq_len: int, eos_id: int) -> torch.Tensor:
+    """The stream re-laid so that ``sequences(out, seq_len)`` holds every document whole in one row.
+
+    Documents end at ``eos_id`` (target or not). Consecutive rows share one token, so row r is
+    ``[pad, content (seq_len - 1 tokens), pad]`` with the shared pads a non-target ``eos_id``: a
+    document of up to ``seq_len - 1`` tokens fits in one row, a longer one is cut into pieces of that
+    size (its last piece packed like a short document). Pieces go to rows best-fit decreasing (each
+    into the fullest row with room, longest first; ties in stream order), so rows are few and full;
+    the rest of a row is non-target ``eos_id`` padding (each pad, being an end-of-text id, is a
+    document of its own under document masking). Deterministic; int32 out."""
+    cap = seq_len - 1
+    if cap < 1:
+        raise ValueError(f"pack_records: seq_len={seq_len}; expected >= 2")
+    flat = tokens.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    if n == 0:
+        return tokens.new_empty(0, dtype=torch.int32)
+    ends = ((flat == eos_id) | (flat == -1 - eos_id)).nonzero().flatten() + 1
+    if ends.numel() == 0 or int(ends[-1]) != n:
+        ends = torch.cat([ends, torch.tensor([n])])  # a last document without its end-of-text id
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), ends[:-1]])
+    lengths = ends - starts
+    # pieces of at most cap tokens: whole rows for long documents, then their remainder
+    per = (lengths + cap - 1) // cap
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), per)
+    first = torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+    k = torch.arange(len(doc)) - first  # piece index within its document
+    p_start = starts[doc] + k * cap
+    p_len = torch.minimum(lengths[doc] - k * cap, torch.tensor(cap))
+    order = sorted(range(len(p_len)), key=lambda i: -int(p_len[i]))  # stable: ties keep stream order
+    row_of, offset = _best_fit([int(p_len[i]) for i in order], cap)
+    rows = max(row_of) + 1
+    out = torch.full((rows * seq_len + 1,), -1 - eos_id, dtype=torch.int64)
+    sel = torch.tensor(order)
+    dest0 = torch.tensor(row_of) * seq_len + 1 + torch.tensor(offset)  # after the row's leading pad
+    lens = p_len[sel]
+    base = torch.repeat_interleave(dest0 - torch.cumsum(lens, 0) + lens, lens)
+    src = torch.repeat_interleave(p_start[sel] - torch.cumsum(lens, 0) + lens, lens)
+    idx = torch.arange(int(lens.sum()))
+    out[base + idx] = flat[src + idx]
+    return out.to(torch.int32)
+
+
+def _best_fit(lengths: list[int], cap: int) -> tuple[list[int], list[int]]:
+    """Best-fit bin packing of ``lengths`` (in the order given) into bins of ``cap``: (bin, offset)
+    of each. Open bins are bucketed by free space; a tree of bucket counts finds the smallest free
+    space >= a length in O(log cap)."""
+    size = 1 << (cap + 1).bit_length()
+    tree = [0] * (2 * size)  # tree[size + free] = open bins with that much room; parents: sums
+    buckets: list[list[int]] = [[] for _ in range(cap + 1)]
+    used: list[int] = []  # tokens placed per bin
+
+    def add(free: int, delta: int) -> None:
+        i = size + free
+        while i:
+            tree[i] += delta
+            i >>= 1
+
+    def smallest_at_least(x: int) -> int | None:
+        # walk up from leaf x until a right sibling subtree has bins, then down to its leftmost leaf
+        i = size + x
+        if tree[i]:
+            return x
+        while i > 1:
+            if i & 1 == 0 and tree[i + 1]:
+                i += 1
+                while i < size:
+                    i = 2 * i if tree[2 * i] else 2 * i + 1
+                return i - size
+            i >>= 1
+        return None
+
+    row_of, offset = [], []
+    for n in lengths:
+        free = smallest_at_least(n)
+        if free is None:  # a new bin
+            b = len(used)
+            used.append(0)
+        else:
+            b = buckets[free].pop()
+            add(free, -1)
+        row_of.append(b)
+        offset.append(used[b])
+        used[b] += n
+        left = cap - used[b]
+        if left > 0:
+            buckets[left].append(b)
+            add(left, 1)
+    return row_of, offset
 
 
 def split_holdout(tokens: torch.Tensor, seq_len: int, eval_fraction: float = 0.05,

@@ -57,6 +57,7 @@ class TrainConfig:
     save_every: int = 0                 # 0: checkpoint only at the end
     seed: int = 42
     document_mask: bool = False         # attend only within each document (ends at the eos id)
+    packing: str = "stream"             # stream: cut every seq_len tokens | records: documents whole (data.py)
 
     def __post_init__(self):
         if self.warmup is None:
@@ -64,6 +65,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training config: {name}={getattr(self, name)}; expected >= 1")
+        from .data import PACKINGS
+
+        if self.packing not in PACKINGS:
+            raise ValueError(f"training config: packing={self.packing!r}; expected one of {', '.join(PACKINGS)}")
         lr_at(0, lr=self.lr, total_steps=self.steps, warmup=self.warmup, schedule=self.lr_schedule,
               decay_fraction=self.decay_fraction)  # the schedule's own checks, before any step
 
