@@ -466,3 +466,28 @@ def test_lazy_tensor_chunks_are_written_piece_by_piece(tmp_path):
     with pytest.raises(ValueError, match=r"'t': chunks\(\) gave 3996 bytes, expected 4000"):
         apr_kernels.save({"t": LazyTensor("I32", (1000,), never, lambda: [raw[:3996]])}, bad)
     assert not bad.exists() and not list(tmp_path.glob(".bad.apr.*"))
+
+
+def test_bytes_round_trip_like_safetensors_save_and_load(tmp_apr):
+    """save_bytes / load_bytes (safetensors.torch.save / load): the bytes are exactly the file save
+    writes, load_bytes gives the same tensors through the same validation, and a damaged buffer is an
+    AprFormatError naming <bytes>."""
+    tensors = {f"{str(d)[6:]}": random_tensor(d, (3, 5)) for d in PLAIN}
+    from apr_kernels.quant import quantize
+
+    tensors["q"] = quantize("Q4_K", torch.randn(2, 256))
+    meta = {"model_type": "llama", "note": "bytes"}
+    data = apr_kernels.save_bytes(tensors, metadata=meta)
+    apr_kernels.save(tensors, tmp_apr, metadata=meta)
+    assert isinstance(data, bytes) and data == tmp_apr.read_bytes()
+    got = apr_kernels.load_bytes(data, verify=True)
+    want = apr_kernels.load(tmp_apr)
+    assert got.keys() == want.keys()
+    assert all(same_bits(got[n], want[n]) for n in want)
+    assert apr_kernels.load_bytes(bytearray(data))["int8"].data_ptr() != 0  # any bytes-like object
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF  # a flipped data byte: only the footer CRC can tell
+    with pytest.raises(apr_kernels.AprFormatError, match=r"^<bytes>: footer CRC mismatch"):
+        apr_kernels.load_bytes(bytes(bad), verify=True)
+    with pytest.raises(apr_kernels.AprFormatError, match=r"^<bytes>: .*shorter than the 64-byte"):
+        apr_kernels.load_bytes(data[:10])

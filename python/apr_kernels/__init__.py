@@ -2,7 +2,7 @@
 
 Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never touches a GPU):
 
-* Loader: ``load``, ``open``, ``save``, ``AprFile``, ``AprFormatError``.
+* Loader: ``load``, ``open``, ``save``, ``load_bytes``, ``save_bytes``, ``AprFile``, ``AprFormatError``.
 * Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``,
   ``swiglu``, ``rope``, ``linear_cross_entropy``.
 * Modules: ``RMSNorm``, ``Attention``, ``SwiGLUMLP``, ``LinearCrossEntropyLoss`` (in ``apr_kernels.nn``).
@@ -27,6 +27,8 @@ _API = {
     "load": "io",
     "open": "io",
     "save": "io",
+    "load_bytes": "io",
+    "save_bytes": "io",
     "AprFile": "io",
     "TensorInfo": "io",
     "QuantizedTensor": "io",

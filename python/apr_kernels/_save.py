@@ -16,6 +16,7 @@ with ``chunks`` is written piece by piece (peak: one piece).
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import os
 import struct
@@ -41,9 +42,21 @@ def save(tensors: Mapping, path: str | os.PathLike, *, metadata: Mapping | None 
     ``total_size`` and ``param_count`` are always written (defaults: "", null, null, null, the sum
     of tensor bytes, the sum of element counts).
     """
+    path = os.fspath(path)
+    _write_atomically(path, *_layout(tensors, metadata, path))
+
+
+def save_bytes(tensors: Mapping, *, metadata: Mapping | None = None) -> bytes:
+    """``save`` into memory: the bytes of the APR v2 file (``safetensors.torch.save``'s counterpart)."""
+    buf = io.BytesIO()
+    _write_stream(buf, "<bytes>", *_layout(tensors, metadata, "<bytes>"))
+    return buf.getvalue()
+
+
+def _layout(tensors: Mapping, metadata: Mapping | None, path: str):
+    """(header, metadata bytes, index, entries) of the file ``tensors`` and ``metadata`` make."""
     if sys.byteorder != "little":
         raise RuntimeError("APR v2 is little-endian; saving on a big-endian host is not supported")
-    path = os.fspath(path)
     if not isinstance(tensors, Mapping):
         raise TypeError(f"save({path!r}): tensors must be a mapping of name -> tensor, got {type(tensors).__name__}")
     entries = sorted((_entry(path, name, value) for name, value in tensors.items()), key=lambda e: e[0])
@@ -70,8 +83,7 @@ def save(tensors: Mapping, path: str | os.PathLike, *, metadata: Mapping | None 
     struct.pack_into("<4sBBHIQIQQ", header, 0, MAGIC, 2, 0, FLAG_ROW_MAJOR, len(entries), HEADER_SIZE,
                      len(meta_bytes), index_offset, data_offset)
     struct.pack_into("<I", header, 40, _crc(bytes(header[:40]) + bytes(header[44:])))
-
-    _write_atomically(path, header, meta_bytes, bytes(index), entries)
+    return header, meta_bytes, bytes(index), entries
 
 
 def _numel(shape) -> int:
@@ -123,6 +135,40 @@ def _tensor_bytes(path: str, name: str, dtype: str, shape, value) -> torch.Tenso
     return data.cpu().contiguous()
 
 
+def _write_stream(f, path: str, header, meta_bytes: bytes, index: bytes, entries) -> None:
+    """The file's bytes into the binary file object ``f``, tensor by tensor, then the footer CRC."""
+    crc = 0
+
+    def put(buf) -> None:
+        nonlocal crc
+        f.write(buf)
+        crc = _crc(buf, crc)
+
+    put(bytes(header))
+    put(meta_bytes + _ZEROS[: align64(len(meta_bytes)) - len(meta_bytes)])
+    put(index + _ZEROS[: align64(len(index)) - len(index)])
+    for name_b, dtype, shape, nbytes, value in entries:
+        if isinstance(value, LazyTensor) and value.chunks is not None:
+            written = 0
+            for piece in value.chunks():
+                put(piece)
+                written += memoryview(piece).nbytes
+            if written != nbytes:
+                raise ValueError(f"save({path!r}): tensor {name_b.decode()!r}: chunks() gave {written} "
+                                 f"bytes, expected {nbytes} ({dtype} {list(shape)})")
+            put(_ZEROS[: align64(nbytes) - nbytes])
+            continue
+        data = _tensor_bytes(path, name_b.decode(), dtype, shape, value)
+        if data.numel() != nbytes:  # cannot happen for checked inputs; guards the layout
+            raise ValueError(f"save({path!r}): tensor {name_b.decode()!r} produced {data.numel()} "
+                             f"bytes, expected {nbytes}")
+        if nbytes:
+            put(data.numpy())
+        del data, value  # streaming: drop each materialised tensor before the next
+        put(_ZEROS[: align64(nbytes) - nbytes])
+    f.write(struct.pack("<I", crc))
+
+
 def _write_atomically(path: str, header, meta_bytes: bytes, index: bytes, entries) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
@@ -131,36 +177,7 @@ def _write_atomically(path: str, header, meta_bytes: bytes, index: bytes, entrie
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a saved model should look like any new file
         with builtins.open(fd, "wb", buffering=1 << 20, closefd=False) as f:
-            crc = 0
-
-            def put(buf) -> None:
-                nonlocal crc
-                f.write(buf)
-                crc = _crc(buf, crc)
-
-            put(bytes(header))
-            put(meta_bytes + _ZEROS[: align64(len(meta_bytes)) - len(meta_bytes)])
-            put(index + _ZEROS[: align64(len(index)) - len(index)])
-            for name_b, dtype, shape, nbytes, value in entries:
-                if isinstance(value, LazyTensor) and value.chunks is not None:
-                    written = 0
-                    for piece in value.chunks():
-                        put(piece)
-                        written += memoryview(piece).nbytes
-                    if written != nbytes:
-                        raise ValueError(f"save({path!r}): tensor {name_b.decode()!r}: chunks() gave {written} "
-                                         f"bytes, expected {nbytes} ({dtype} {list(shape)})")
-                    put(_ZEROS[: align64(nbytes) - nbytes])
-                    continue
-                data = _tensor_bytes(path, name_b.decode(), dtype, shape, value)
-                if data.numel() != nbytes:  # cannot happen for checked inputs; guards the layout
-                    raise ValueError(f"save({path!r}): tensor {name_b.decode()!r} produced {data.numel()} "
-                                     f"bytes, expected {nbytes}")
-                if nbytes:
-                    put(data.numpy())
-                del data, value  # streaming: drop each materialised tensor before the next
-                put(_ZEROS[: align64(nbytes) - nbytes])
-            f.write(struct.pack("<I", crc))
+            _write_stream(f, path, header, meta_bytes, index, entries)
             f.flush()
             os.fsync(fd)
         os.close(fd)

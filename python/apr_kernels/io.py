@@ -37,6 +37,7 @@ renames it over the target, so replacing a file that is loaded elsewhere is safe
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from collections.abc import Iterator
@@ -46,10 +47,10 @@ import torch
 
 from . import _apr_ext
 from ._format import QUANTIZED, TORCH_DTYPES, LazyTensor, QuantizedTensor, TensorInfo, nbytes_for
-from ._save import save
+from ._save import save, save_bytes
 from .errors import AprFormatError
 
-__all__ = ["load", "open", "save", "AprFile", "TensorSlice", "TensorInfo", "QuantizedTensor", "LazyTensor",
+__all__ = ["load", "open", "save", "load_bytes", "save_bytes", "AprFile", "TensorSlice", "TensorInfo", "QuantizedTensor", "LazyTensor",
            "nbytes_for"]
 
 # Tied-embedding placeholders (spec 10.4): a 0-byte lm_head stands for the embedding.
@@ -292,6 +293,24 @@ def load(path: str | os.PathLike, *, device="cpu", verify: bool = False,
     """
     with AprFile(path, verify=verify, mmap=mmap) as f:
         return f.tensors(device=device)
+
+
+def load_bytes(data, *, device="cpu", verify: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of the APR v2 file held in ``data`` (bytes-like: ``safetensors.torch.load``'s
+    counterpart). The bytes are copied once into an anonymous memory file, which is then validated
+    and mapped like any file (every check, the same tensors); errors name the input ``<bytes>``."""
+    fd = os.memfd_create("apr_kernels.load_bytes", os.MFD_CLOEXEC)
+    try:
+        with builtins.open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        path = f"/proc/self/fd/{fd}"
+        try:
+            with AprFile(path, verify=verify, mmap=True) as af:
+                return af.tensors(device=device)
+        except AprFormatError as exc:
+            raise AprFormatError(str(exc).replace(path, "<bytes>")) from None
+    finally:
+        os.close(fd)
 
 
 MMAP_ENV = "APR_KERNELS_MMAP"
