@@ -162,6 +162,50 @@ def check_model(tmp_path, apr, model, reference, vocab, seq_len=13):
         torch.testing.assert_close(ours(ids).float(), want, rtol=1e-4, atol=1e-4)
 
 
+_EXACT = ("F32", "F16", "BF16", "Q4_K", "Q6_K")  # kept as is through APR (others are dequantised)
+
+
+def assert_gguf_round_trip(tmp_path, src, apr):
+    """``apr-kernels export`` of ``apr`` (converted from the llama.cpp-style ``src``) gives back ``src``:
+    every tensor of an exact type byte for byte (names, types, shapes; llama's q/k permutation
+    redone), the dequantised ones as F32 of the same values, and every key of ``src`` with its value
+    (the token list padded to the model's vocabulary with [PAD{i}], as llama.cpp's converter does)."""
+    out = tmp_path / f"{apr.stem}.out.gguf"
+    assert main(["export", str(apr), str(out), "-q"]) == 0
+    a, b = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    theirs = {t.name: t for t in a.tensors}
+    ours = {t.name: t for t in b.tensors}
+    assert theirs.keys() == ours.keys()
+    for name, t in theirs.items():
+        o = ours[name]
+        assert list(o.shape) == list(t.shape), name
+        if T(t.tensor_type).name in _EXACT:
+            assert T(o.tensor_type) == T(t.tensor_type), name
+            np.testing.assert_array_equal(np.asarray(o.data).view(np.uint8), np.asarray(t.data).view(np.uint8),
+                                          err_msg=name)
+        else:
+            assert T(o.tensor_type) == T.F32, name
+            want = gguf.quants.dequantize(np.asarray(t.data), T(t.tensor_type)).reshape(np.asarray(o.data).shape)
+            np.testing.assert_array_equal(np.asarray(o.data), want, err_msg=name)
+    vocab = None
+    for key, field in a.fields.items():
+        if key.startswith(("GGUF.", "general.")) and key != "general.architecture":
+            continue
+        assert key in b.fields, key
+        want, got = field.contents(), b.fields[key].contents()
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+            vocab = len(got)
+            assert got[:len(want)] == want, key
+            pad = [f"[PAD{i}]" for i in range(len(want), len(got))] if key.endswith("tokens") \
+                else [int(gguf.TokenType.UNUSED)] * (len(got) - len(want))
+            assert got[len(want):] == pad, key
+        else:
+            assert got == (pytest.approx(want) if isinstance(want, float) else want), key
+    embd = ours["token_embd.weight"]
+    assert vocab == int(embd.shape[1])  # one token per embedding row
+    return b
+
+
 def random_model(model):
     """Fresh small random weights everywhere (norms and biases too), in eval mode."""
     with torch.no_grad():
@@ -212,6 +256,7 @@ def test_llama_gguf_permuted_and_quantised(tmp_path):
     assert tok.pre_type == "llama-bpe" and tok.eos_id == len(tokens) - 1
     assert tok.encode(" the<|endoftext|>") == [258, 259]
     check_model(tmp_path, apr, model, reference, cfg.vocab_size)
+    assert_gguf_round_trip(tmp_path, src, apr)
 
 
 def test_qwen2_gguf_tied_with_bias(tmp_path):
@@ -235,6 +280,7 @@ def test_qwen2_gguf_tied_with_bias(tmp_path):
                            model.state_dict()["model.layers.1.self_attn.q_proj.bias"])
     assert Tokenizer.from_metadata(meta).encode("in in") == [256, 257]
     check_model(tmp_path, apr, model, reference, cfg.vocab_size)
+    assert_gguf_round_trip(tmp_path, src, apr)
 
 
 def test_qwen3_gguf_head_norms_and_explicit_head_dim(tmp_path):
@@ -254,6 +300,7 @@ def test_qwen3_gguf_head_norms_and_explicit_head_dim(tmp_path):
         assert torch.equal(f.get_tensor("model.layers.1.self_attn.k_norm.weight"),
                            model.state_dict()["model.layers.1.self_attn.k_norm.weight"])
     check_model(tmp_path, apr, model, reference, cfg.vocab_size)
+    assert_gguf_round_trip(tmp_path, src, apr)
 
 
 def llama_cpp_rope_freqs(head_dim, base, scaling):
@@ -300,6 +347,7 @@ def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
         assert f.metadata["rope_scaling"] == scaling
         assert "rope_freqs.weight" not in f.keys()
     check_model(tmp_path, apr, model, reference, cfg.vocab_size, seq_len=150)
+    assert_gguf_round_trip(tmp_path, src, apr)  # rope_freqs written again, equal to llama.cpp's
 
 
 def test_qwen2_yarn_rope_scaling_keys(tmp_path):
@@ -324,6 +372,7 @@ def test_qwen2_yarn_rope_scaling_keys(tmp_path):
         assert f.metadata["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
                                               "original_max_position_embeddings": 64}
     check_model(tmp_path, apr, model, reference, cfg.vocab_size, seq_len=150)
+    assert_gguf_round_trip(tmp_path, src, apr)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -409,3 +458,45 @@ def test_unsupported_architecture_named(tmp_path, capsys):
     assert main(["convert", str(path), str(tmp_path / "o.apr"), "-q"]) == 1
     err = capsys.readouterr().err
     assert "general.architecture is 'gpt2'" in err and "gpt2.gguf" in err
+
+
+def test_export_merges_lora_and_casts_to_the_asked_dtype(tmp_path):
+    """A LoRA checkpoint exported to GGUF holds the merged weights (read back, the model computes what
+    from_apr's merge computes); --dtype f16 writes 2-D tensors as F16 and keeps norms F32; a
+    bf16 file keeps BF16."""
+    from apr_kernels.model import Transformer, from_apr, preset
+    from apr_kernels.model.lora import add_lora, lora_modules
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import byte_tokenizer
+
+    cfg = preset("tiny_llama")
+    torch.manual_seed(0)
+    model = Transformer(cfg, fast=False)
+    add_lora(model, 4, 8)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.05)
+    ck = tmp_path / "lora.apr"
+    save_checkpoint(ck, model=model, tokenizer=byte_tokenizer())
+    x = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        want = from_apr(ck, fast=False)(x)
+    for dtype, matrix_type in (("keep", T.F32), ("f16", T.F16)):
+        out = tmp_path / f"lora-{dtype}.gguf"
+        assert main(["export", str(ck), str(out), "--dtype", dtype, "-q"]) == 0
+        types = {t.name: T(t.tensor_type) for t in gguf.GGUFReader(str(out)).tensors}
+        assert types["blk.0.attn_q.weight"] == matrix_type and types["blk.0.attn_norm.weight"] == T.F32
+        assert not any("lora" in n for n in types)
+        back = tmp_path / f"back-{dtype}.apr"
+        convert(out, back, progress=False)
+        with torch.no_grad():
+            tol = 1e-5 if dtype == "keep" else 2e-2
+            torch.testing.assert_close(from_apr(back, fast=False)(x), want, rtol=tol, atol=tol)
+    bf = tmp_path / "bf16.apr"
+    with apr_kernels.open(back) as f:
+        apr_kernels.save({k: f.get_tensor(k).to(torch.bfloat16) for k in f.keys()}, bf, metadata=f.metadata)
+    out = tmp_path / "bf16.gguf"
+    assert main(["export", str(bf), str(out), "-q"]) == 0
+    types = {t.name: T(t.tensor_type) for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.1.ffn_up.weight"] == T.BF16
+    assert main(["export", str(bf), str(out), "-q"]) == 1  # never overwrites

@@ -438,3 +438,34 @@ def test_llama2_chat_format_without_a_template(tok, messages):
     assert prompt.endswith(" [/INST]") and close == 2
     with pytest.raises(ValueError, match="alternating"):
         chat.render({"messages": [{"role": "assistant", "content": "hi"}]}, tok, "rec.jsonl:2")
+
+
+def test_gguf_export_writes_the_llama_tokenizer_llama_cpp_reads(tmp_path, tok, sp):
+    """APR with a SentencePiece tokenizer -> GGUF: model 'llama', pieces, scores and types as llama.cpp
+    writes them for Mistral (checked against sentencepiece itself), and the file converts back to the
+    same tokenizer."""
+    gguf = pytest.importorskip("gguf")
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    model = Transformer(preset("tiny_llama").replace(vocab_size=sp.vocab_size() + 8), fast=False)  # padded rows
+    save_checkpoint(tmp_path / "m.apr", model=model, tokenizer=tok)
+    assert main(["export", str(tmp_path / "m.apr"), str(tmp_path / "m.gguf"), "-q"]) == 0
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    kv = {k: f.contents() for k, f in r.fields.items()}
+    n = sp.vocab_size()
+    assert kv["tokenizer.ggml.model"] == "llama"
+    assert kv["tokenizer.ggml.tokens"][:n] == [sp.id_to_piece(i) for i in range(n)]
+    assert kv["tokenizer.ggml.tokens"][n:] == [f"[PAD{i}]" for i in range(n, n + 8)]
+    assert kv["tokenizer.ggml.scores"][:n] == pytest.approx([sp.get_score(i) for i in range(n)])
+    assert kv["tokenizer.ggml.token_type"][:n] == [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else
+                                                  6 if sp.is_byte(i) else 1 for i in range(n)]
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    from apr_kernels.convert.core import convert
+
+    convert(tmp_path / "m.gguf", tmp_path / "back.apr", progress=False)
+    with __import__("apr_kernels").open(tmp_path / "back.apr") as f:
+        back = Tokenizer.from_metadata(f.metadata)
+    text = stdlib_text(151, 20_000)
+    assert back.encode(text, special=False) == sp.encode(text)

@@ -24,10 +24,15 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export
+    if str(args.dst).endswith(".gguf"):
+        from .gguf_out import export_gguf
 
-    out = export(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None,
-                 max_shard_size=args.max_shard_size)
+        out = export_gguf(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None)
+    else:
+        from .export import export
+
+        out = export(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None,
+                     max_shard_size=args.max_shard_size)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -70,11 +75,12 @@ def register(subparsers) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_convert)
 
-    p = subparsers.add_parser("export", help="APR v2 -> Hugging Face folder (transformers from_pretrained)")
+    p = subparsers.add_parser("export", help="APR v2 -> Hugging Face folder (transformers from_pretrained), "
+                                             "or a .gguf file (llama.cpp)")
     p.add_argument("src", help="input .apr file")
-    p.add_argument("dst", help="output folder (must not exist, or be empty)")
+    p.add_argument("dst", help="output folder (must not exist, or be empty), or FILE.gguf (must not exist)")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
-                   help="float tensors: keep (quantised ones become f32) or cast")
+                   help="float tensors: keep (quantised ones become f32; GGUF keeps Q4_K/Q6_K blocks) or cast")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard (e.g. 5GB, 500MB, 2GiB); larger models get "
                         "model-0000k-of-0000n.safetensors + model.safetensors.index.json (default 5GB)")

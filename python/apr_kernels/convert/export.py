@@ -56,6 +56,35 @@ def write_safetensors(path: Path, names: list[str], specs: dict, produce, metada
             f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def model_tensor_names(f, src) -> dict[str, str]:
+    """Hugging Face name -> stored name of every model tensor of an open APR file (training state and
+    LoRA adapters, which are merged into their weights, left out)."""
+    lora = f.metadata.get("lora")
+    names: dict[str, str] = {}
+    for stored in f.keys():
+        if stored.startswith("__training__.") or (lora and stored.endswith((".lora_A", ".lora_B"))):
+            continue
+        hf = gguf_to_hf(stored)
+        if hf in names:
+            raise ValueError(f"{src}: tensors {names[hf]!r} and {stored!r} both map to {hf!r}")
+        names[hf] = stored
+    lm_head = names.get("lm_head.weight")
+    if lm_head is not None and f.info(lm_head).placeholder:
+        names.pop("lm_head.weight")
+    return names
+
+
+def merged_tensor(f, stored: str, lora: dict | None, dtype: torch.dtype) -> torch.Tensor:
+    """A stored weight in ``dtype``, with its LoRA update ``(alpha / rank) B A`` folded in (in fp32,
+    rounded once) when the file has adapters for it."""
+    module = stored[: -len(".weight")] if stored.endswith(".weight") else None
+    if lora and module and f"{module}.lora_A" in f:
+        delta = f.get_tensor(f"{module}.lora_B", dtype=torch.float32) @ f.get_tensor(f"{module}.lora_A",
+                                                                                   dtype=torch.float32)
+        return (f.get_tensor(stored, dtype=torch.float32) + delta * (lora["alpha"] / lora["rank"])).to(dtype)
+    return f.get_tensor(stored, dtype=dtype)
+
+
 def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
     """config.json contents via transformers' own config class (so the installed version reads it)."""
     from transformers import AutoConfig
@@ -138,18 +167,10 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
     with apr_kernels.open(src) as f:
         meta, cfg = f.metadata, f.config
         tied = bool(cfg.tied_embeddings)
-        names = {}  # HF name -> stored name
+        names = model_tensor_names(f, src)  # HF name -> stored name
         lora = meta.get("lora")  # adapters of a LoRA run (model/lora.py): folded into their weights
-        for stored in f.keys():
-            if stored.startswith("__training__.") or (lora and stored.endswith((".lora_A", ".lora_B"))):
-                continue
-            hf = gguf_to_hf(stored)
-            if hf in names:
-                raise ValueError(f"{src}: tensors {names[hf]!r} and {stored!r} both map to {hf!r}")
-            names[hf] = stored
-        lm_head = names.get("lm_head.weight")
-        if lm_head is not None and (tied or f.info(lm_head).placeholder):
-            names.pop("lm_head.weight")  # tied: HF re-ties it to the embedding
+        if tied:
+            names.pop("lm_head.weight", None)  # HF re-ties it to the embedding
         tok = Tokenizer.from_metadata(meta, path=src) if meta.get("tokenizer.vocabulary") else None
         config = hf_config(meta, cfg, set(names), tok)
         want = _DTYPES[dtype]
@@ -167,13 +188,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
                    disable=(not progress) if progress is not None else None)
 
         def produce(hf: str) -> torch.Tensor:
-            t = f.get_tensor(names[hf], dtype=specs[hf][0])
-            module = names[hf][: -len(".weight")] if names[hf].endswith(".weight") else None
-            if lora and module and f"{module}.lora_A" in f:  # W + (alpha / rank) B A, rounded once
-                delta = f.get_tensor(f"{module}.lora_B", dtype=torch.float32) @ \
-                    f.get_tensor(f"{module}.lora_A", dtype=torch.float32)
-                t = (f.get_tensor(names[hf], dtype=torch.float32) + delta * (lora["alpha"] / lora["rank"])
-                     ).to(specs[hf][0])
+            t = merged_tensor(f, names[hf], lora, specs[hf][0])
             heads = rope_permuted_heads(hf, heads_q, heads_kv) if cfg.rope_type == 0 else None
             bar.update(1)
             return unpermute_rows(t, heads) if heads else t

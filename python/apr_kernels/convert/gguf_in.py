@@ -187,6 +187,7 @@ def _tokenizer(kv: dict, path: Path) -> dict | None:
             meta[dst] = [v.item() if hasattr(v, "item") else v for v in value] if isinstance(value, list) else value
     pre = kv.get("tokenizer.ggml.pre")
     if model == "gpt2":
+        meta.setdefault("tokenizer.merges", [])  # a byte-level vocabulary may have none
         meta["tokenizer.pre_type"] = _GGUF_PRE_TYPES.get(str(pre), str(pre)) if pre else "gpt2"
     elif pre:
         meta["tokenizer.pre_type"] = str(pre)

@@ -1,0 +1,233 @@
+"""APR -> GGUF (llama.cpp, Ollama, LM Studio): ``apr-kernels export SRC.apr DST.gguf``.
+
+Written as llama.cpp's ``convert_hf_to_gguf.py`` writes the same model, so its runtime reads it:
+
+* Architecture: ``llama`` (Mistral too, as llama.cpp converts it), ``qwen2``, ``qwen3``; the model keys
+  under ``{arch}.``; RoPE scaling as ``rope.scaling.*`` keys (linear, yarn) or, for Llama 3.1's
+  ``llama3`` scaling, the per-pair ``rope_freqs`` divisors llama.cpp computes.
+* Tensors: GGUF names (``names.hf_to_gguf``); Llama-family q/k rows permuted to llama.cpp's
+  adjacent-pair order (``names.permute_rows``; whole rows move, so raw blocks stay exact); a tied
+  output head is not written. Q4_K / Q6_K are copied as raw blocks (the GGML layout, byte for byte)
+  unless ``dtype`` asks for floats; other block formats are dequantised; 1-D tensors are F32 (as
+  llama.cpp writes norms). LoRA adapters are merged.
+* Tokenizer: ``tokenizer.ggml.*`` from the embedded one: byte-level BPE as ``gpt2`` (tokens, types,
+  merges, pre-tokenizer name), SentencePiece as ``llama`` (pieces, scores, types); the token list is
+  padded to the model's vocabulary with ``[PAD{i}]`` entries, as llama.cpp requires.
+
+The file is streamed (one tensor in memory at a time) into a temporary file next to the target and
+renamed over it when complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from warnings import warn
+
+import numpy as np
+import torch
+
+from .export import merged_tensor, model_tensor_names
+from .names import PERMUTED_ARCHS, hf_to_gguf, permute_rows, rope_permuted_heads, unpermute_rows
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_PRE = {"gpt2": "gpt-2", "qwen2": "qwen2", "llama-bpe": "llama-bpe"}  # our pre_type -> tokenizer.ggml.pre
+_FLOATS = {"keep": None, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep",
+                progress: bool | None = None) -> Path:
+    import gguf
+
+    import apr_kernels
+    from apr_kernels.model.config import ModelConfig
+
+    src, dst = Path(src), Path(dst)
+    if dtype not in _FLOATS:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_FLOATS)}")
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    with apr_kernels.open(src) as f:
+        meta = f.metadata
+        cfg = ModelConfig.from_apr_config(f.config, str(src))
+        arch = GGUF_ARCH[cfg.architecture]
+        names = model_tensor_names(f, src)
+        if cfg.tie_word_embeddings:
+            names.pop("lm_head.weight", None)
+        lora = meta.get("lora")
+        tmp = Path(tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)[1])
+        try:
+            w = gguf.GGUFWriter(str(tmp), arch)
+            w.add_name(str(meta.get("name") or src.stem))
+            _model_keys(w, cfg, meta, src)
+            rope_freqs = _rope_keys(w, gguf, cfg, src)
+            _tokenizer_keys(w, gguf, meta, cfg.vocab_size, src)
+            # (GGUF name, produce() -> numpy array, its numpy shape and dtype, raw GGML type or None)
+            plans = [_tensor_plan(f, gguf, hf, names[hf], cfg, arch, lora, _FLOATS[dtype]) for hf in sorted(names)]
+            if rope_freqs is not None:
+                plans.append(("rope_freqs.weight", lambda: rope_freqs, rope_freqs.shape, np.float32, None))
+            for name, _produce, shape, np_dtype, raw in plans:
+                w.add_tensor_info(name, shape, np.dtype(np_dtype), math.prod(shape) * np.dtype(np_dtype).itemsize,
+                                  raw_dtype=raw)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            from tqdm import tqdm
+
+            for name, produce, _shape, _dtype, _raw in tqdm(plans, unit="tensor", desc=f"export {src.name}", file=sys.stderr,
+                                                   disable=(not progress) if progress is not None else None):
+                w.write_tensor_data(np.ascontiguousarray(produce()))
+            w.close()
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return dst
+
+
+def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torch.dtype | None):
+    info = f.info(stored)
+    heads = rope_permuted_heads(hf, cfg.num_heads, cfg.num_kv_heads)
+    # rows in HF order (rope_type 2) or llama.cpp order (0); GGUF wants llama.cpp order for llama
+    permute = heads if (arch in PERMUTED_ARCHS and cfg.rope_type == 2) else None
+    unpermute = heads if (arch not in PERMUTED_ARCHS and cfg.rope_type == 0) else None
+    module = stored[: -len(".weight")]
+    adapted = bool(lora) and f"{module}.lora_A" in f
+    name = hf_to_gguf(hf)
+    if info.dtype in ("Q4_K", "Q6_K") and want is None and not adapted and len(info.shape) == 2:
+        raw = getattr(gguf.GGMLQuantizationType, info.dtype)
+        rows = info.shape[0]
+
+        def blocks():
+            b = f.get_raw(stored).view(rows, -1)
+            b = permute_rows(b, permute) if permute else unpermute_rows(b, unpermute) if unpermute else b
+            return b.numpy()
+
+        return name, blocks, (rows, info.nbytes // rows), np.uint8, raw
+    if len(info.shape) <= 1:
+        out = torch.float32  # norms and biases: F32, as llama.cpp writes them
+    elif want is not None:
+        out = want
+    elif info.dtype in ("F16", "BF16", "F32") and not adapted:
+        out = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[info.dtype]
+    else:
+        out = torch.float32  # dequantised blocks, merged adapters, other dtypes
+    shape = tuple(info.shape)
+
+    def floats():
+        t = merged_tensor(f, stored, lora, out)
+        t = permute_rows(t, permute) if permute else unpermute_rows(t, unpermute) if unpermute else t
+        if out == torch.bfloat16:  # numpy has no bfloat16: the raw bytes
+            return t.contiguous().view(torch.uint8).numpy()
+        return t.contiguous().numpy()
+
+    if out == torch.bfloat16:
+        byte_shape = (*shape[:-1], shape[-1] * 2) if shape else (2,)
+        return name, floats, byte_shape, np.uint8, gguf.GGMLQuantizationType.BF16
+    return name, floats, shape, np.float16 if out == torch.float16 else np.float32, None
+
+
+def _model_keys(w, cfg, meta: dict, src) -> None:
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.sliding_window is not None:
+        warn(f"{src}: the sliding window ({cfg.sliding_window} keys) is not written: llama.cpp runs this "
+             f"architecture with full attention, which differs past {cfg.sliding_window} tokens")
+
+
+def _rope_keys(w, gguf, cfg, src) -> np.ndarray | None:
+    """RoPE scaling keys; returns llama3's ``rope_freqs`` divisors when those are the way to say it."""
+    from apr_kernels.model.rope import inv_frequencies
+
+    scaling = cfg.rope_scaling
+    if not scaling:
+        return None
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
+        return None
+    if kind == "yarn":
+        if any(k in scaling for k in ("attention_factor", "mscale", "mscale_all_dim")) or \
+                scaling.get("truncate") is False:
+            raise ValueError(f"{src}: yarn RoPE scaling with {sorted(set(scaling) - {'rope_type', 'factor'})} has no "
+                             f"GGUF keys llama.cpp reads the same way; expected factor, original context and betas only")
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        if "beta_fast" in scaling:
+            w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+        if "beta_slow" in scaling:
+            w.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
+        return None
+    # llama3: llama.cpp divides each pair's frequency by rope_freqs[i], which its converter computes
+    # in fp32 tensor arithmetic from the fp32 frequencies (done the same way here: the same bits)
+    wavelen = 2 * math.pi / inv_frequencies(cfg.head_dim, cfg.rope_theta)
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    smooth = (old_len / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    keep, slow = wavelen < old_len / high, wavelen > old_len / low
+    return torch.where(keep, 1.0, torch.where(slow, float(factor), between)).float().numpy()
+
+
+def _tokenizer_keys(w, gguf, meta: dict, vocab_size: int, src) -> None:
+    from apr_kernels.tokenizer import Tokenizer
+
+    if not meta.get("tokenizer.vocabulary"):
+        warn(f"{src}: no embedded tokenizer; the GGUF file has none either (llama.cpp needs one to run it)")
+        return
+    tok = Tokenizer.from_metadata(meta, path=src)
+    pieces = [str(p) for p in meta["tokenizer.vocabulary"]]
+    if len(pieces) > vocab_size:
+        raise ValueError(f"{src}: the tokenizer has {len(pieces)} tokens, more than the model's vocab_size "
+                         f"{vocab_size}")
+    spm = meta.get("tokenizer.model_type") == "llama"
+    types = meta.get("tokenizer.token_type")
+    if not (isinstance(types, list) and len(types) == len(pieces)):
+        special = set(tok.special_tokens.values())
+        types = [int(gguf.TokenType.CONTROL) if i in special else int(gguf.TokenType.NORMAL)
+                 for i in range(len(pieces))]
+    pad = vocab_size - len(pieces)  # llama.cpp wants one token per embedding row
+    w.add_tokenizer_model("llama" if spm else "gpt2")
+    if spm:
+        scores = meta.get("tokenizer.scores") or [0.0] * len(pieces)
+        w.add_token_scores([float(s) for s in scores] + [-1000.0] * pad)
+        if meta.get("tokenizer.add_space_prefix") is not None:
+            w.add_add_space_prefix(bool(meta["tokenizer.add_space_prefix"]))
+    else:
+        pre = meta.get("tokenizer.pre_type", "gpt2")
+        if pre not in _PRE:
+            warn(f"{src}: pre-tokenizer {pre!r} has no llama.cpp name; written as 'default' (llama.cpp will "
+                 f"split text with GPT-2's regex, which may tokenise differently)")
+        w.add_tokenizer_pre(_PRE.get(pre, "default"))
+        merges = [str(m) for m in meta.get("tokenizer.merges") or []]
+        if merges:  # (a byte-level vocabulary without merges has none to write)
+            w.add_token_merges(merges)
+    w.add_token_list(pieces + [f"[PAD{i}]" for i in range(len(pieces), vocab_size)])
+    w.add_token_types([int(t) for t in types] + [int(gguf.TokenType.UNUSED)] * pad)
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                     ("padding_token_id", w.add_pad_token_id)):
+        value = meta.get(f"tokenizer.{key}")
+        if isinstance(value, int):
+            add(value)
+    if meta.get("tokenizer.add_bos_token") is not None:
+        w.add_add_bos_token(bool(meta["tokenizer.add_bos_token"]))
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        w.add_chat_template(meta["tokenizer.chat_template"])
