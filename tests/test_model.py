@@ -134,6 +134,27 @@ def test_logits_match_transformers_with_rope_scaling(scaling):
     assert (unscaled - want).abs().max() > 1e-2  # the scaling matters: ignoring it is detectable
 
 
+def test_dynamic_ntk_scaling_is_hugging_faces():
+    """dynamic (NTK) scaling: the model (which takes at most max_position_embeddings positions) gives
+    Hugging Face's logits; the tables past that length raise the base as Hugging Face's
+    _compute_dynamic_ntk_parameters does."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from apr_kernels.model.rope import inv_frequencies
+
+    scaling = {"rope_type": "dynamic", "factor": 4.0}
+    cfg = LLAMA.replace(rope_scaling=scaling, max_position_embeddings=64)
+    hf = hf_model(cfg, rope_scaling=dict(scaling))
+    x = torch.randint(0, cfg.vocab_size, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(ours_from_hf(hf, cfg)(x), hf(x).logits, rtol=1e-5, atol=2e-5)
+    for seq_len in (10, 64, 65, 300):
+        want, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf.config, "cpu", seq_len=seq_len)
+        got = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len=seq_len, max_position_embeddings=64)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        assert torch.equal(got, inv_frequencies(cfg.head_dim, cfg.rope_theta)) == (seq_len <= 64)
+
+
 def test_rope_scaling_round_trips_and_unsupported_kinds_are_refused():
     from apr_kernels.metadata import AprModelConfig
 
@@ -141,8 +162,8 @@ def test_rope_scaling_round_trips_and_unsupported_kinds_are_refused():
     meta = cfg.to_apr_config().to_metadata()
     assert meta["rope_scaling"] == LLAMA3_SCALING
     assert ModelConfig.from_apr_config(AprModelConfig.from_metadata(meta)) == cfg
-    with pytest.raises(ValueError, match=r"f\.apr: rope_scaling type 'dynamic' is not supported"):
-        LLAMA.replace(rope_scaling={"rope_type": "dynamic", "factor": 4.0}, _source="f.apr")
+    with pytest.raises(ValueError, match=r"f\.apr: rope_scaling type 'longrope' is not supported"):
+        LLAMA.replace(rope_scaling={"rope_type": "longrope", "factor": 4.0}, _source="f.apr")
     # as in Hugging Face, the original context of llama3 / yarn defaults to max_position_embeddings
     yarn = LLAMA.replace(rope_scaling={"type": "yarn", "factor": 4.0, "beta_fast": None}, max_position_embeddings=512)
     assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}

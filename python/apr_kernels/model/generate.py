@@ -109,7 +109,8 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *
     was_training = model.training
     model.eval()
     try:
-        cos, sin = rope_tables(total, cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling, device=param.device)
+        cos, sin = rope_tables(total, cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling, device=param.device,
+                               max_position_embeddings=cfg.max_position_embeddings)
         dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
             else param.dtype
         cache = KVCache(model, ids.shape[0], total, param.device, dtype)

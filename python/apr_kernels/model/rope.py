@@ -13,9 +13,11 @@ Frequency scaling (Hugging Face ``rope_scaling``, carried in APR metadata as the
 the low frequencies by ``factor``, keeps the high ones and interpolates between them by wavelength;
 ``yarn`` (Qwen2.5/Qwen3 long context) does the same with a linear ramp over pair index between the
 pairs that turn ``beta_fast`` and ``beta_slow`` times within the original context, and multiplies the
-cos/sin tables by its attention factor (``0.1 ln(factor) + 1`` unless given). Other kinds (dynamic,
-longrope) are refused by ``check_rope_scaling``, never silently ignored: ignoring them would change
-the model's numbers.
+cos/sin tables by its attention factor (``0.1 ln(factor) + 1`` unless given); ``dynamic`` (NTK) keeps
+the frequencies up to ``max_position_embeddings`` and beyond it raises the base for the sequence's
+length (as Hugging Face computes it for one forward of that length; it also carries that state over
+to later calls). Other kinds (longrope) are refused by ``check_rope_scaling``, never silently
+ignored: ignoring them would change the model's numbers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ SUPPORTED_SCALING = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
+    "dynamic": ("factor",),
 }
 # optional yarn keys, Hugging Face's defaults when absent: beta_fast 32, beta_slow 1, truncate True,
 # attention_factor from factor (and mscale / mscale_all_dim when both are given)
@@ -94,8 +97,16 @@ def attention_factor(scaling: dict | None) -> float:
     return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
 
 
-def inv_frequencies(head_dim: int, theta: float, scaling: dict | None = None, *, device=None) -> torch.Tensor:
-    """The rotation frequency of each pair, [head_dim // 2] fp32, with ``scaling`` applied."""
+def inv_frequencies(head_dim: int, theta: float, scaling: dict | None = None, *, device=None,
+                    seq_len: int | None = None, max_position_embeddings: int | None = None) -> torch.Tensor:
+    """The rotation frequency of each pair, [head_dim // 2] fp32, with ``scaling`` applied (``dynamic``
+    needs the sequence length and the model's ``max_position_embeddings``)."""
+    if (scaling or {}).get("rope_type") == "dynamic":
+        if max_position_embeddings is None:
+            raise ValueError("dynamic RoPE scaling needs max_position_embeddings")
+        if seq_len is not None and seq_len > max_position_embeddings:
+            factor = scaling["factor"]
+            theta = theta * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     inv_freq = 1.0 / (theta ** exponent)
     kind = (scaling or {}).get("rope_type", "default")
@@ -133,10 +144,11 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None = None, *,
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, *, scaling: dict | None = None, device=None,
-                dtype=torch.float32):
+                dtype=torch.float32, max_position_embeddings: int | None = None):
     """``(cos, sin)`` of shape [seq_len, head_dim // 2] for positions 0..seq_len-1 (fp32 maths; yarn's
     attention factor multiplies both before the cast, as Hugging Face does)."""
-    inv_freq = inv_frequencies(head_dim, theta, scaling, device=device)
+    inv_freq = inv_frequencies(head_dim, theta, scaling, device=device, seq_len=seq_len,
+                               max_position_embeddings=max_position_embeddings)
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     angles = positions[:, None] * inv_freq[None, :]
     cos, sin = angles.cos(), angles.sin()

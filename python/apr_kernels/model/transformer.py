@@ -280,7 +280,8 @@ class Transformer(nn.Module):
         fast = self.use_fast(input_ids)
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
-                               scaling=self.config.rope_scaling, device=input_ids.device)
+                               scaling=self.config.rope_scaling, device=input_ids.device,
+                               max_position_embeddings=self.config.max_position_embeddings)
         docs = None
         if documents is not None:
             docs, cos, sin = self._document_mask(input_ids, documents, fast, cos, sin)
