@@ -176,6 +176,10 @@ def _rope_keys(w, gguf, cfg, src) -> np.ndarray | None:
         if "beta_slow" in scaling:
             w.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
         return None
+    if kind == "dynamic":  # no GGUF key: the same as none within the model's context length
+        warn(f"{src}: dynamic (NTK) RoPE scaling has no GGUF key; llama.cpp will not scale past "
+             f"{cfg.max_position_embeddings} positions")
+        return None
     # llama3: llama.cpp divides each pair's frequency by rope_freqs[i], which its converter computes
     # in fp32 tensor arithmetic from the fp32 frequencies (done the same way here: the same bits)
     wavelen = 2 * math.pi / inv_frequencies(cfg.head_dim, cfg.rope_theta)
