@@ -43,7 +43,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     import gguf
 
     import apr_kernels
-    from apr_kernels.model.config import ModelConfig
+    from apr_kernels.model.loading import plan
 
     src, dst = Path(src), Path(dst)
     if dtype not in _FLOATS:
@@ -52,9 +52,9 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         raise FileExistsError(f"{dst}: already exists")
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    cfg = plan(src).config  # every preflight check; tying decided as from_apr decides it
     with apr_kernels.open(src) as f:
         meta = f.metadata
-        cfg = ModelConfig.from_apr_config(f.config, str(src))
         arch = GGUF_ARCH[cfg.architecture]
         names = model_tensor_names(f, src)
         if cfg.tie_word_embeddings:
