@@ -9,9 +9,12 @@ Providers (rows ``op`` lora_step, ``provider``):
 * ``qlora``: the same adapters on a base whose projections stay in the file's 4-bit blocks
   (``--lora-quantized-base``: Q4_K, or APR_Q4 with ``--quant APR_Q4``), dequantised per GEMM.
 
-Each provider runs in a fresh process: peak memory is ``torch.cuda.max_memory_allocated`` on CUDA, on
-CPU the growth of the process's peak resident memory (VmHWM, reset before loading) over what it held
-before, so loading, one warmup step and the timed steps all count. Model: ``qwen2_0_5b`` (all 24
+Each provider runs in a fresh process: peak memory is the peak over the training steps (model,
+optimizer state, activations; one warmup step and the timed steps) above what the process held
+before loading the model: ``torch.cuda.max_memory_allocated`` on CUDA, on CPU the resident-memory
+high-water mark (VmHWM, reset after loading, so the transient of copying weights out of the mapped
+file is left out), with glibc's mmap threshold fixed at 64 KiB in the workers so that freed large
+blocks leave the resident set at once instead of lingering in the heap. Model: ``qwen2_0_5b`` (all 24
 layers, 494M parameters) unless ``--preset`` / ``--layers``; ``--smoke``: tiny_qwen2, a code-path check.
 Rows: ms (median step), tokens_per_s, peak_mem_mb, trainable (parameters), loss.
 """
@@ -19,6 +22,7 @@ Rows: ms (median step), tokens_per_s, peak_mem_mb, trainable (parameters), loss.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -77,12 +81,7 @@ def measure(provider: str, plain: str, quantised: str, batch: int, seq: int, war
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     base_dtype = torch.bfloat16 if cuda else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")
-        start = _vm_kib()["VmRSS"]
+    start = torch.cuda.memory_allocated() if cuda else _vm_kib()["VmRSS"]
     if provider == "full":
         model = from_apr(plain, device=dev)
     elif provider == "lora":
@@ -94,6 +93,12 @@ def measure(provider: str, plain: str, quantised: str, batch: int, seq: int, war
     tokens = torch.randint(0, model.config.vocab_size, ((warmup + steps) * batch * seq + 1,), generator=g)
     trainer = Trainer(model, tokens, None, TrainConfig(steps=warmup + steps, batch_size=batch, seq_len=seq,
                                                        lr=1e-4, warmup=0), device=dev, log=lambda *a: None)
+    # the peak over the training steps (loading's transient, e.g. file pages mapped while weights
+    # are copied out, excluded), above what the process held before the model existed
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
     times, loss = [], None
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -138,6 +143,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_lora_") as folder:
         plain, quantised = make_files(cfg, Path(folder), args.quant, dev)
         ctx = mp.get_context("spawn")  # a fresh process per provider: its peak memory is its own
+        if dev.type == "cpu":  # glibc then returns freed large blocks at once: resident memory tracks live memory
+            os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
         for provider in PROVIDERS:
             with ctx.Pool(1) as pool:
                 r = pool.apply(measure, (provider, str(plain), str(quantised), batch, seq, warmup, steps, str(dev)))

@@ -146,8 +146,9 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     run; ``lora_base_dtype`` as in ``add_lora``). ``lora_init``: ``add_lora`` keyword arguments
     (rank, alpha, targets, seed) for new adapters on a file without them; added before ``shard``,
     so FSDP shards the adapters with the rest. ``keep_quantized``: adapted projections the file
-    stores quantised keep their raw blocks as a frozen base (``lora.QuantizedLoRALinear``; on CPU a
-    view of the file's mapping), dequantised per GEMM; not with ``shard``.
+    stores quantised keep their raw blocks as a frozen base (``lora.QuantizedLoRALinear``; copied
+    out, so the file's mapping, with every other weight's pages, is released), dequantised per GEMM;
+    not with ``shard``.
 
     ``dtype``: the parameter dtype (default float32, the training dtype; quantised weights are
     dequantised straight to it). ``fast``: see ``Transformer``. The returned module carries
@@ -186,10 +187,10 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     with apr_kernels.open(p.path) as f, torch.no_grad():
-        for name, m in quantized.items():  # raw blocks, zero-copy on CPU
+        for name, m in quantized.items():
             stored = p.sources[name]
             info = f.info(stored)
-            m.base = QuantizedTensor(info.dtype, info.shape, f.get_raw(stored).to(device))
+            m.base = QuantizedTensor(info.dtype, info.shape, f.get_raw(stored).to(device, copy=True))
             if not torch.isfinite(m.base_weight(torch.float32)).all():
                 raise PreflightError(f"{p.path}: tensor {stored!r} ({info.dtype}) dequantises to non-finite "
                                      f"values; expected finite weights")
