@@ -16,7 +16,7 @@ high-water mark (VmHWM, reset after loading, so the transient of copying weights
 file is left out), with glibc's mmap threshold fixed at 64 KiB in the workers so that freed large
 blocks leave the resident set at once instead of lingering in the heap. Model: ``qwen2_0_5b`` (all 24
 layers, 494M parameters) unless ``--preset`` / ``--layers``; ``--smoke``: tiny_qwen2, a code-path check.
-Rows: ms (median step), tokens_per_s, peak_mem_mb, trainable (parameters), loss.
+Rows: ms (median step), tokens_per_s, peak_mem_mb, trainable_m (millions of trained parameters), loss.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def measure(provider: str, plain: str, quantised: str, batch: int, seq: int, war
     else:
         peak = (_vm_kib()["VmHWM"] - start) / 1024
     s = statistics.median(times)
-    return {"ms": s * 1e3, "tokens_per_s": batch * seq / s, "peak_mem_mb": peak, "trainable": trainable,
+    return {"ms": s * 1e3, "tokens_per_s": batch * seq / s, "peak_mem_mb": peak, "trainable_m": trainable / 1e6,
             "loss": loss}
 
 
@@ -150,7 +150,7 @@ def main() -> None:
                 r = pool.apply(measure, (provider, str(plain), str(quantised), batch, seq, warmup, steps, str(dev)))
             rows.append({"op": "lora_step", "preset": name, "layers": cfg.num_layers, "B": batch, "S": seq,
                          "quant": args.quant, "provider": provider, **r})
-    _common.print_table(rows, ["provider", "ms", "tokens_per_s", "peak_mem_mb", "trainable", "loss"])
+    _common.print_table(rows, ["provider", "ms", "tokens_per_s", "peak_mem_mb", "trainable_m", "loss"])
     by = {r["provider"]: r for r in rows}
     print(f"qlora peak memory: {by['qlora']['peak_mem_mb'] / by['lora']['peak_mem_mb']:.2f}x of lora, "
           f"{by['qlora']['peak_mem_mb'] / by['full']['peak_mem_mb']:.2f}x of full fine-tuning; step time "
