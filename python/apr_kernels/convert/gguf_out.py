@@ -64,7 +64,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         try:
             w = gguf.GGUFWriter(str(tmp), arch)
             w.add_name(str(meta.get("name") or src.stem))
-            _model_keys(w, cfg, meta, src)
+            _model_keys(w, cfg, src)
             rope_freqs = _rope_keys(w, gguf, cfg, src)
             _tokenizer_keys(w, gguf, meta, cfg.vocab_size, src)
             # (GGUF name, produce() -> numpy array, its numpy shape and dtype, raw GGML type or None)
@@ -132,7 +132,7 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
     return name, floats, shape, np.float16 if out == torch.float16 else np.float32, None
 
 
-def _model_keys(w, cfg, meta: dict, src) -> None:
+def _model_keys(w, cfg, src) -> None:
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_layers)
