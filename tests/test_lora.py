@@ -316,3 +316,34 @@ def test_cli_quantised_base_run_resumes_exactly(capsys, tmp_path):
     assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[1:]
     with apr_kernels.open(tmp_path / "a" / "step_000002.apr") as f:
         assert f.info("model.layers.0.mlp.up_proj.weight").dtype == "Q4_K"
+
+
+def test_adapter_export_is_a_peft_adapter_for_the_exported_base(tmp_path):
+    """`export CKPT --adapter`: PEFT's PeftModel.from_pretrained puts the adapters on the Hugging Face
+    export of the base and computes what our LoRA model computes; an export of a file without
+    adapters is refused by name."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from apr_kernels.cli import main
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2"), fast=False)
+    save_checkpoint(tmp_path / "base.apr", model=model)
+    add_lora(model, 4, 12.0, ["q_proj", "k_proj", "down_proj"])
+    _randomise_adapters(model, std=0.2)
+    save_checkpoint(tmp_path / "step.apr", model=model)
+    assert main(["export", str(tmp_path / "base.apr"), str(tmp_path / "hf"), "-q"]) == 0
+    assert main(["export", str(tmp_path / "step.apr"), str(tmp_path / "adapter"), "--adapter", "-q"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 12.0, ["q_proj", "k_proj", "down_proj"])
+    x = torch.randint(0, model.config.vocab_size, (2, 13))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        plain = hf(x).logits  # the base alone
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = model.eval()(x)
+        got = peft_model(x).logits
+    assert (want - plain).abs().max() > 1e-2  # the adapters matter
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert main(["export", str(tmp_path / "base.apr"), str(tmp_path / "nothing"), "--adapter", "-q"]) == 1

@@ -24,7 +24,11 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-    if str(args.dst).endswith(".gguf"):
+    if args.adapter:
+        from .export import export_adapter
+
+        out = export_adapter(args.src, args.dst)
+    elif str(args.dst).endswith(".gguf"):
         from .gguf_out import export_gguf
 
         out = export_gguf(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None)
@@ -84,6 +88,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard (e.g. 5GB, 500MB, 2GiB); larger models get "
                         "model-0000k-of-0000n.safetensors + model.safetensors.index.json (default 5GB)")
+    p.add_argument("--adapter", action="store_true",
+                   help="only the LoRA adapters of a `train --lora-rank` step checkpoint, as a PEFT adapter folder "
+                        "(adapter_config.json + adapter_model.safetensors) for peft.PeftModel.from_pretrained")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_export)
 

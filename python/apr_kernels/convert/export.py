@@ -221,3 +221,55 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dst
+
+
+def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str | None = None) -> Path:
+    """The LoRA adapters of a checkpoint (``apr-kernels train --lora-rank``) as a PEFT adapter folder:
+    ``adapter_config.json`` + ``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained``
+    puts on the base model (the Hugging Face export of the run's ``--init`` file). PEFT's scale is
+    ``lora_alpha / r``, ours, so the numbers carry over as they are. ``base``: the config's
+    ``base_model_name_or_path`` (default: the checkpoint's recorded source, if any)."""
+    import apr_kernels
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: already exists and is not an empty folder")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    with apr_kernels.open(src) as f:
+        meta, cfg = f.metadata, f.config
+        lora = meta.get("lora")
+        if not isinstance(lora, dict):
+            raise ValueError(f"{src}: no LoRA adapters (metadata 'lora'); expected a step checkpoint of a "
+                             f"`train --lora-rank` run (its final model.apr has them merged)")
+        parts = sorted(n for n in f.keys() if n.endswith((".lora_A", ".lora_B")))
+        heads_q, heads_kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
+
+        def produce(peft_name: str) -> torch.Tensor:
+            name = peft_name.removeprefix("base_model.model.").removesuffix(".weight")
+            t = f.get_tensor(name, dtype=torch.float32)
+            # B's rows are the projection's output rows: in llama.cpp order when the file is (rope_type 0)
+            heads = rope_permuted_heads(name.removesuffix(".lora_B") + ".weight", heads_q, heads_kv) \
+                if cfg.rope_type == 0 and name.endswith(".lora_B") else None
+            return unpermute_rows(t, heads) if heads else t
+
+        names = [f"base_model.model.{n}.weight" for n in parts]
+        specs = {n: (torch.float32, tuple(f.info(n.removeprefix("base_model.model.").removesuffix(".weight")).shape))
+                 for n in names}
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora["rank"]), "lora_alpha": lora["alpha"],
+            "target_modules": list(lora["targets"]), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "modules_to_save": None,
+            "base_model_name_or_path": base if base is not None else meta.get("source"),
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        try:
+            write_safetensors(tmp / "adapter_model.safetensors", names, specs, produce, {"format": "pt"})
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+            if dst.exists():
+                dst.rmdir()
+            os.replace(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dst
