@@ -447,8 +447,9 @@ def pack_records(tokens: torch.Tensor, seq_len: int, eos_id: int) -> torch.Tenso
     k = torch.arange(len(doc)) - first  # piece index within its document
     p_start = starts[doc] + k * cap
     p_len = torch.minimum(lengths[doc] - k * cap, torch.tensor(cap))
-    order = sorted(range(len(p_len)), key=lambda i: -int(p_len[i]))  # stable: ties keep stream order
-    row_of, offset = _best_fit([int(p_len[i]) for i in order], cap)
+    sizes = p_len.tolist()
+    order = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)  # stable: ties keep stream order
+    row_of, offset = _best_fit([sizes[i] for i in order], cap)
     rows = max(row_of) + 1
     out = torch.full((rows * seq_len + 1,), -1 - eos_id, dtype=torch.int64)
     sel = torch.tensor(order)
