@@ -79,6 +79,30 @@ def test_resume_continues_with_identical_losses(first_run, capsys, tmp_path):
     assert resumed == [r["loss"] for r in recs if r["event"] == "train"][2:]
 
 
+def test_resume_auto_is_the_same_command_after_a_crash(first_run, capsys, tmp_path):
+    """--resume auto: with only the step-2 checkpoint in --out (a job killed before step 4), the same
+    command continues from it with the uninterrupted losses; once model.apr is there it has nothing
+    to do; in an empty --out it starts fresh."""
+    import shutil
+
+    out, recs = first_run
+    argv = ["train", "--resume", "auto", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN,
+            "--eval-data", HELD, "--max-tokens", "20000", "--steps", "4", "--batch-size", "3", "--seq-len", "48",
+            "--lr", "3e-3", "--eval-tokens", "240", "--save-every", "2", "--json", "--seed", "7", "--no-progress"]
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copy(out / "step_000002.apr", crashed)
+    code, stdout, err = run(capsys, *argv, "--out", str(crashed))
+    assert code == 0 and f"continuing from {crashed / 'step_000002.apr'}" in err
+    assert [r["loss"] for r in json_lines(stdout) if r["event"] == "train"] == \
+        [r["loss"] for r in recs if r["event"] == "train"][2:]
+    code, stdout, err = run(capsys, *argv, "--out", str(crashed))
+    assert code == 0 and "is the finished run (step 4); nothing to do" in err and stdout == ""
+    code, stdout, err = run(capsys, *argv, "--out", str(tmp_path / "fresh"), "--steps", "1")
+    assert code == 0 and "starting fresh" in err
+    assert [r["step"] for r in json_lines(stdout) if r["event"] == "train"] == [1]
+
+
 def test_grad_checkpointing_flag_keeps_the_loss_curve(first_run, capsys, tmp_path, monkeypatch):
     out, recs = first_run
     from apr_kernels.model import transformer

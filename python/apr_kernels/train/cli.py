@@ -217,22 +217,54 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     return trainer
 
 
+def step_checkpoints(out: Path) -> list[Path]:
+    """The periodic checkpoints (``step_NNNNNN.apr``) in ``out``, oldest step first."""
+    import re
+
+    found = sorted((int(m.group(1)), p) for p in Path(out).glob("step_*.apr")
+                   if (m := re.fullmatch(r"step_(\d{6,})\.apr", p.name)))
+    return [p for _, p in found]
+
+
 def prune_checkpoints(out: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` periodic checkpoints (``step_NNNNNN.apr``) in ``out``;
     return the deleted paths. ``model.apr`` and other files are never touched."""
-    import re
-
-    steps = sorted((int(m.group(1)), p) for p in out.glob("step_*.apr")
-                   if (m := re.fullmatch(r"step_(\d{6,})\.apr", p.name)))
-    doomed = [p for _, p in steps[:-keep]] if keep > 0 else []
+    steps = step_checkpoints(out)
+    doomed = steps[:-keep] if keep > 0 else []
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
 
 
+def resolve_auto_resume(args) -> bool:
+    """``--resume auto``: the newest ``step_*.apr`` of ``--out`` (None when there is none: a fresh start
+    from --init / --preset). Returns False when ``--out`` already holds the finished run's model.apr
+    (nothing left to train)."""
+    from .checkpoint import training_metadata
+
+    if args.resume != "auto":
+        return True
+    out = Path(args.out)
+    final = out / "model.apr"
+    if final.exists():
+        meta = training_metadata(final)
+        if meta.get("training.step") == (meta.get("training.config") or {}).get("steps"):
+            print(f"--resume auto: {final} is the finished run (step {meta['training.step']}); nothing to do",
+                  file=sys.stderr)
+            return False
+    steps = step_checkpoints(out)
+    args.resume = str(steps[-1]) if steps else None
+    print(f"--resume auto: {'continuing from ' + args.resume if steps else f'no checkpoint in {out}: starting fresh'}",
+          file=sys.stderr)
+    return True
+
+
 def cmd_train(args) -> int:
     """``train``; under torchrun (or with --parallel fsdp) inside a process group, see ``distributed``."""
     from . import distributed
+
+    if not resolve_auto_resume(args):
+        return 0
 
     want = getattr(args, "parallel", None)
     env = distributed.setup(args.device, timeout_s=getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S),
@@ -478,7 +510,9 @@ def register(subparsers) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--init", help="APR file to initialise from (config, weights, tokenizer)")
     m.add_argument("--preset", help="named config when no --init (default llama_370m)")
-    m.add_argument("--resume", help="training checkpoint to continue exactly where it stopped")
+    m.add_argument("--resume", help="training checkpoint to continue exactly where it stopped; auto: the newest "
+                                    "step_*.apr of --out if there is one, else a fresh start (for preemptible jobs: "
+                                    "the same command every time)")
     m.add_argument("--tokenizer", help="qwen2 | bytes | FILE.apr | Hugging Face tokenizer folder, tokenizer.json "
                                        "or tokenizer.model (default: --init's embedded one, else qwen2)")
     m.add_argument("--fit-vocab", action="store_true",
