@@ -431,7 +431,7 @@ def pack_records(tokens: torch.Tensor, seq_len: int, eos_id: int) -> torch.Tenso
     cap = seq_len - 1
     if cap < 1:
         raise ValueError(f"pack_records: seq_len={seq_len}; expected >= 2")
-    flat = tokens.reshape(-1).to(torch.int64)
+    flat = tokens.reshape(-1)  # int32 (the mapped cache: not copied)
     n = flat.numel()
     if n == 0:
         return tokens.new_empty(0, dtype=torch.int32)
@@ -451,15 +451,22 @@ def pack_records(tokens: torch.Tensor, seq_len: int, eos_id: int) -> torch.Tenso
     order = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)  # stable: ties keep stream order
     row_of, offset = _best_fit([sizes[i] for i in order], cap)
     rows = max(row_of) + 1
-    out = torch.full((rows * seq_len + 1,), -1 - eos_id, dtype=torch.int64)
+    out = torch.full((rows * seq_len + 1,), -1 - eos_id, dtype=torch.int32)
     sel = torch.tensor(order)
     dest0 = torch.tensor(row_of) * seq_len + 1 + torch.tensor(offset)  # after the row's leading pad
-    lens = p_len[sel]
-    base = torch.repeat_interleave(dest0 - torch.cumsum(lens, 0) + lens, lens)
-    src = torch.repeat_interleave(p_start[sel] - torch.cumsum(lens, 0) + lens, lens)
-    idx = torch.arange(int(lens.sum()))
-    out[base + idx] = flat[src + idx]
-    return out.to(torch.int32)
+    lens, src0 = p_len[sel], p_start[sel]
+    # copy the pieces a few million tokens at a time (the index arithmetic is int64 per token)
+    ends_at = torch.cumsum(lens, 0)
+    a = 0
+    while a < len(lens):
+        b = int(torch.searchsorted(ends_at, ends_at[a] - lens[a] + (1 << 23), right=True))
+        b = max(b, a + 1)
+        ln = lens[a:b]
+        before = torch.cumsum(ln, 0) - ln  # tokens of the chunk ahead of each piece
+        idx = torch.arange(int(ln.sum())) - torch.repeat_interleave(before, ln)
+        out[torch.repeat_interleave(dest0[a:b], ln) + idx] = flat[torch.repeat_interleave(src0[a:b], ln) + idx]
+        a = b
+    return out
 
 
 def _best_fit(lengths: list[int], cap: int) -> tuple[list[int], list[int]]:
