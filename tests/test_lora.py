@@ -178,6 +178,7 @@ def test_cli_lora_run_resumes_exactly_and_ends_with_a_plain_model(capsys, tmp_pa
         assert not torch.equal(f1.get_tensor(f"{name}.lora_B"), f3.get_tensor(f"{name}.lora_B"))  # trained
     resumed = run("train", "--resume", str(tmp_path / "a" / "step_000002.apr"), "--out", str(tmp_path / "b"), "--json")
     assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[2:]
+    assert run("train", *base, "--resume", "auto", "--out", str(tmp_path / "a")) == []  # finished: nothing to do
     with apr_kernels.open(tmp_path / "a" / "model.apr") as f:
         assert "lora" not in f.metadata and not any("lora" in k for k in f.keys())
         assert f.metadata["training.lora"]["rank"] == 4

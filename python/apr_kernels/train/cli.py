@@ -240,14 +240,15 @@ def resolve_auto_resume(args) -> bool:
     """``--resume auto``: the newest ``step_*.apr`` of ``--out`` (None when there is none: a fresh start
     from --init / --preset). Returns False when ``--out`` already holds the finished run's model.apr
     (nothing left to train)."""
-    from .checkpoint import training_metadata
+    import apr_kernels
 
     if args.resume != "auto":
         return True
     out = Path(args.out)
     final = out / "model.apr"
     if final.exists():
-        meta = training_metadata(final)
+        with apr_kernels.open(final) as f:  # (a LoRA run's final file is merged: not resumable, but finished)
+            meta = f.metadata
         if meta.get("training.step") == (meta.get("training.config") or {}).get("steps"):
             print(f"--resume auto: {final} is the finished run (step {meta['training.step']}); nothing to do",
                   file=sys.stderr)
