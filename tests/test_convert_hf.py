@@ -324,3 +324,42 @@ def test_export_shards_like_save_pretrained(tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("512") == 512
     with pytest.raises(ValueError, match="expected a size such as 5GB"):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("variant", ["plain", "rslora-patterns"])
+def test_peft_adapter_merged_while_converting(tmp_path, variant):
+    """convert --adapter: a PEFT LoRA adapter merged into the model gives the logits of PEFT's own
+    merge_and_unload (rsLoRA scaling and per-module rank/alpha patterns too); DoRA is refused."""
+    peft = pytest.importorskip("peft")
+    from apr_kernels.cli import main
+    from apr_kernels.model import from_apr
+
+    cfg = transformers.Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, vocab_size=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(cfg).eval()
+    base.save_pretrained(tmp_path / "base")
+    extra = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"layers.1.mlp.down_proj": 5.0}} \
+        if variant != "plain" else {}
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **extra)
+    model = peft.get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = model.merge_and_unload()(x).logits
+        plain = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "base")(x).logits
+    assert (want - plain).abs().max() > 1e-2  # the adapter matters
+    out = tmp_path / "merged.apr"
+    assert main(["convert", str(tmp_path / "base"), str(out), "--adapter", str(tmp_path / "adapter"), "-q"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(from_apr(out, fast=False)(x), want, rtol=1e-5, atol=1e-5)
+    with apr_kernels.open(out) as f:
+        assert len(f.metadata["lora_merged"]["modules"]) == 6
+    cfg_json = tmp_path / "adapter" / "adapter_config.json"
+    cfg_json.write_text(cfg_json.read_text().replace('"use_dora": false', '"use_dora": true'))
+    assert main(["convert", str(tmp_path / "base"), str(tmp_path / "dora.apr"), "--adapter",
+                 str(tmp_path / "adapter"), "-q"]) == 1

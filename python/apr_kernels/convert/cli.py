@@ -15,7 +15,7 @@ def _convert(args) -> int:
     from .core import convert
 
     meta = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize,
-                   progress=False if args.quiet else None)
+                   progress=False if args.quiet else None, adapter=args.adapter)
     if not args.quiet:
         arch = meta.get("architecture", "?")
         tok = "with tokenizer" if meta.get("tokenizer.vocabulary") else "no tokenizer"
@@ -76,6 +76,9 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", choices=list(QUANT_CHOICES), default=None,
                    help="quantise 2-D weights of >= 1024 elements: q4k (GGML Q4_K), q6k (GGML Q6_K), q8 (APR_Q8), "
                         "q4 (APR_Q4)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into "
+                        "the weights on the way: W + (lora_alpha / r) B A")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_convert)
 

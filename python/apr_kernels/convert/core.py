@@ -77,8 +77,9 @@ def _with_progress(tensors: dict[str, LazyTensor], bar) -> dict[str, LazyTensor]
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", quantize: str | None = None,
-            progress: bool | None = None) -> dict:
-    """Convert ``src`` (.safetensors file, Hugging Face folder, .gguf) to the APR file ``dst``.
+            progress: bool | None = None, adapter: str | os.PathLike | None = None) -> dict:
+    """Convert ``src`` (.safetensors file, Hugging Face folder, .gguf) to the APR file ``dst``;
+    ``adapter``: a PEFT LoRA adapter folder merged into the weights on the way (``peft_in``).
 
     Returns the metadata written. On any error nothing is left at ``dst`` (``save`` writes a
     temporary file and renames it only when complete).
@@ -100,8 +101,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
         if not tensors:
             raise ValueError(f"{src_path}: holds no tensors")
         tied = _resolve_tied(source, tensors)
+        merged = None
+        if adapter is not None:
+            from .peft_in import merge_adapter
+
+            tensors, merged = merge_adapter(tensors, adapter)
         out = {n: plan_tensor(n, lt, DTYPE_CHOICES[dtype], quantize) for n, lt in tensors.items()}
         meta = dict(source.metadata)
+        if merged is not None:
+            meta["lora_merged"] = merged
         meta["tied_embeddings"] = tied
         if quantize:
             bits, block, symmetric = _QUANT_META[quantize]

@@ -1,0 +1,88 @@
+"""A PEFT LoRA adapter folder merged into the model while converting (``convert SRC DST --adapter DIR``).
+
+Reads ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT writes them
+(``base_model.model.<module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r]) and replaces
+each adapted weight by ``W + scale B A``, computed in fp32 when the tensor is written and rounded
+once to W's dtype. ``scale`` is PEFT's: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with
+``rank_pattern`` / ``alpha_pattern`` overrides for modules whose name ends with a pattern key. Adapter
+kinds whose merge is not this (DoRA, ``fan_in_fan_out``, trained ``modules_to_save``, bias training)
+are refused by name rather than merged wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from apr_kernels._format import TORCH_DTYPES, LazyTensor
+
+PREFIX = "base_model.model."
+
+
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's per-module override: the value of the longest key the module name ends with."""
+    keys = [k for k in patterns if module == k or module.endswith("." + k)]
+    return patterns[max(keys, key=len)] if keys else default
+
+
+def merge_adapter(tensors: dict[str, LazyTensor], folder: str | Path) -> tuple[dict[str, LazyTensor], dict]:
+    """(``tensors`` (HF name -> LazyTensor) with the adapter of ``folder`` merged in, the metadata to
+    record as ``lora_merged``: where from, rank, alpha, the modules)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{folder}: expected a PEFT adapter folder with adapter_config.json and "
+                                f"adapter_model.safetensors")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; expected 'LORA'")
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if cfg.get(key) == bad:
+            raise ValueError(f"{cfg_path}: {key}={bad} is not supported (its merge is not W + scale B A)")
+    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+        raise ValueError(f"{cfg_path}: bias={cfg.get('bias')!r}, modules_to_save={cfg.get('modules_to_save')!r}; "
+                         f"expected an adapter of LoRA matrices only (bias 'none', no modules_to_save)")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    rslora = bool(cfg.get("use_rslora"))
+    out = dict(tensors)
+    merged = []
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())
+        modules = sorted({n[len(PREFIX):-len(".lora_A.weight")] for n in names
+                          if n.startswith(PREFIX) and n.endswith(".lora_A.weight")})
+        unknown = [n for n in names if not n.endswith((".lora_A.weight", ".lora_B.weight"))]
+        if unknown or not modules:
+            raise ValueError(f"{weights}: tensors {unknown[:3] or names[:3]} are not LoRA A/B matrices named "
+                             f"{PREFIX}<module>.lora_A.weight / .lora_B.weight")
+        for module in modules:
+            name = f"{module}.weight"
+            if name not in out:
+                raise ValueError(f"{weights}: adapter for {module!r}, which the model does not have")
+            rank = _pattern(cfg.get("rank_pattern") or {}, module, r)
+            a_name, b_name = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
+            a, b = f.get_tensor(a_name), f.get_tensor(b_name)
+            base = out[name]
+            if a.shape[0] != rank or b.shape[1] != rank or (b.shape[0], a.shape[1]) != tuple(base.shape):
+                raise ValueError(f"{weights}: {module}: A {list(a.shape)}, B {list(b.shape)} do not make a rank-"
+                                 f"{rank} update of the {list(base.shape)} weight")
+            scale = _pattern(cfg.get("alpha_pattern") or {}, module, alpha) / (math.sqrt(rank) if rslora else rank)
+            out[name] = _merged(base, a, b, scale)
+            merged.append(module)
+    return out, {"source": str(folder.resolve()), "rank": r, "alpha": alpha, "use_rslora": rslora, "modules": merged}
+
+
+def _merged(base: LazyTensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> LazyTensor:
+    if base.dtype not in TORCH_DTYPES or not TORCH_DTYPES[base.dtype].is_floating_point:
+        raise ValueError(f"cannot merge an adapter into a {base.dtype} weight; expected a float weight "
+                         f"(convert from the unquantised model)")
+
+    def value():
+        w = base.materialize()
+        return (w.float() + (b.float() @ a.float()) * scale).to(w.dtype)
+
+    return LazyTensor(base.dtype, base.shape, value)
