@@ -60,7 +60,9 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         if cfg.tie_word_embeddings:
             names.pop("lm_head.weight", None)
         lora = meta.get("lora")
-        tmp = Path(tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)[1])
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        os.close(fd)  # the writer opens it by name
+        tmp = Path(tmp_name)
         try:
             w = gguf.GGUFWriter(str(tmp), arch)
             w.add_name(str(meta.get("name") or src.stem))
@@ -79,8 +81,9 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             w.write_ti_data_to_file()
             from tqdm import tqdm
 
-            for name, produce, _shape, _dtype, _raw in tqdm(plans, unit="tensor", desc=f"export {src.name}", file=sys.stderr,
-                                                   disable=(not progress) if progress is not None else None):
+            bar = tqdm(plans, unit="tensor", desc=f"export {src.name}", file=sys.stderr,
+                       disable=(not progress) if progress is not None else None)
+            for _name, produce, _shape, _dtype, _raw in bar:
                 w.write_tensor_data(np.ascontiguousarray(produce()))
             w.close()
             os.replace(tmp, dst)
@@ -96,8 +99,7 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
     # rows in HF order (rope_type 2) or llama.cpp order (0); GGUF wants llama.cpp order for llama
     permute = heads if (arch in PERMUTED_ARCHS and cfg.rope_type == 2) else None
     unpermute = heads if (arch not in PERMUTED_ARCHS and cfg.rope_type == 0) else None
-    module = stored[: -len(".weight")]
-    adapted = bool(lora) and f"{module}.lora_A" in f
+    adapted = bool(lora) and f"{stored.removesuffix('.weight')}.lora_A" in f
     name = hf_to_gguf(hf)
     if info.dtype in ("Q4_K", "Q6_K") and want is None and not adapted and len(info.shape) == 2:
         raw = getattr(gguf.GGMLQuantizationType, info.dtype)
