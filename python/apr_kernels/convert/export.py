@@ -10,6 +10,7 @@ the folder appears only when complete (built next to it, then renamed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -83,6 +84,29 @@ def merged_tensor(f, stored: str, lora: dict | None, dtype: torch.dtype) -> torc
                                                                                    dtype=torch.float32)
         return (f.get_tensor(stored, dtype=torch.float32) + delta * (lora["alpha"] / lora["rank"])).to(dtype)
     return f.get_tensor(stored, dtype=dtype)
+
+
+def check_new_folder(dst: Path) -> None:
+    """``dst`` may become an output folder: absent or empty, in an existing folder."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst}: already exists and is not an empty folder")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+
+
+@contextlib.contextmanager
+def new_folder(dst: Path):
+    """A temporary folder next to ``dst`` that is renamed to ``dst`` when the block succeeds; on any
+    error it is removed, so ``dst`` appears only when complete."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
@@ -160,10 +184,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
     src, dst = Path(src), Path(dst)
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst}: already exists and is not an empty folder")
-    if not dst.parent.is_dir():
-        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    check_new_folder(dst)
     with apr_kernels.open(src) as f:
         meta, cfg = f.metadata, f.config
         tied = bool(cfg.tied_embeddings)
@@ -193,33 +214,27 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
             bar.update(1)
             return unpermute_rows(t, heads) if heads else t
 
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         try:
-            order = sorted(names)
-            sizes = {hf: math.prod(shape) * dt.itemsize for hf, (dt, shape) in specs.items()}
-            shards = plan_shards(order, sizes, parse_size(max_shard_size))
-            if len(shards) == 1:
-                write_safetensors(tmp / "model.safetensors", order, specs, produce, {"format": "pt"})
-            else:  # model-0000k-of-0000n.safetensors + the index transformers reads
-                weight_map = {}
-                for k, group in enumerate(shards, 1):
-                    fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-                    write_safetensors(tmp / fname, group, specs, produce, {"format": "pt"})
-                    weight_map.update(dict.fromkeys(group, fname))
-                index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-            config["dtype"] = str(specs.get("model.embed_tokens.weight", (torch.float32,))[0]).removeprefix("torch.")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
-            if tok is not None:
-                write_hf_tokenizer(tok, tmp)
+            with new_folder(dst) as tmp:
+                order = sorted(names)
+                sizes = {hf: math.prod(shape) * dt.itemsize for hf, (dt, shape) in specs.items()}
+                shards = plan_shards(order, sizes, parse_size(max_shard_size))
+                if len(shards) == 1:
+                    write_safetensors(tmp / "model.safetensors", order, specs, produce, {"format": "pt"})
+                else:  # model-0000k-of-0000n.safetensors + the index transformers reads
+                    weight_map = {}
+                    for k, group in enumerate(shards, 1):
+                        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                        write_safetensors(tmp / fname, group, specs, produce, {"format": "pt"})
+                        weight_map.update(dict.fromkeys(group, fname))
+                    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+                    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+                config["dtype"] = str(specs.get("model.embed_tokens.weight", (torch.float32,))[0]).removeprefix("torch.")
+                (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
+                if tok is not None:
+                    write_hf_tokenizer(tok, tmp)
+        finally:
             bar.close()
-            if dst.exists():
-                dst.rmdir()
-            os.replace(tmp, dst)
-        except BaseException:
-            bar.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dst
 
 
@@ -232,10 +247,7 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
     import apr_kernels
 
     src, dst = Path(src), Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst}: already exists and is not an empty folder")
-    if not dst.parent.is_dir():
-        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    check_new_folder(dst)
     with apr_kernels.open(src) as f:
         meta, cfg = f.metadata, f.config
         lora = meta.get("lora")
@@ -262,14 +274,7 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
             "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "modules_to_save": None,
             "base_model_name_or_path": base if base is not None else meta.get("source"),
         }
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-        try:
+        with new_folder(dst) as tmp:
             write_safetensors(tmp / "adapter_model.safetensors", names, specs, produce, {"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-            if dst.exists():
-                dst.rmdir()
-            os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dst
