@@ -502,3 +502,34 @@ def test_concurrent_misses_tokenise_once(tmp_path):
     assert logs.count("tokens saved to") == 1 and logs.count("tokens from") == 1, logs
     shas = {line for o in outs for line in o[0].splitlines() if line.startswith("sha ")}
     assert len(shas) == 1
+
+
+def test_fp16_trains_with_loss_scaling_skips_overflows_and_resumes_exactly(stream, tmp_path):
+    """precision fp16 (older GPUs; CPU autocast here): losses follow fp32's closely, the gradient
+    scaler skips a step whose gradients overflow (weights untouched, scale halved), and its state
+    travels with checkpoints so a resumed run repeats the uninterrupted losses."""
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, lr=3e-3, eval_tokens=256)
+    ref = _trainer(stream, cfg)
+    half = _trainer(stream, TrainConfig.from_dict(cfg.to_dict(), precision="fp16"))
+    assert ref.scaler is None and half.autocast_dtype == torch.float16 and half.scaler is not None
+    a = [ref.train_step()["loss"] for _ in range(2)]
+    b = [half.train_step()["loss"] for _ in range(2)]
+    assert b == pytest.approx(a, rel=2e-3) and b != a  # fp16 maths, the same curve
+    save_checkpoint(tmp_path / "s2.apr", half, tokenizer=byte_tokenizer())
+    assert training_metadata(tmp_path / "s2.apr")["training.grad_scaler"]["scale"] == half.scaler.get_scale()
+    rest = [half.train_step()["loss"] for _ in range(2)]
+    resumed = Trainer(from_apr(tmp_path / "s2.apr", fast=False), stream[0], stream[1],
+                      TrainConfig.from_dict(training_metadata(tmp_path / "s2.apr")["training.config"]),
+                      log=lambda *a: None)
+    restore_training_state(tmp_path / "s2.apr", resumed)
+    assert [resumed.train_step()["loss"] for _ in range(2)] == rest
+    # an overflow: gradients scaled past fp16's range are inf; the step is skipped, the scale halves
+    over = _trainer(stream, TrainConfig.from_dict(cfg.to_dict(), precision="fp16"))
+    over.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
+    before = {n: p.detach().clone() for n, p in over.model.named_parameters()}
+    rec = over.train_step()
+    assert not math.isfinite(rec["grad_norm"]) and over.scaler.get_scale() == 2.0 ** 59
+    assert all(torch.equal(p, before[n]) for n, p in over.model.named_parameters())
+    assert math.isfinite(over.train_step()["loss"])
+    with pytest.raises(ValueError, match=r"precision='fp8'; expected one of auto, bf16, fp16, fp32"):
+        TrainConfig(precision="fp8")

@@ -163,6 +163,8 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
             "training.adam_steps": steps,
             "training.config": trainer.cfg.to_dict(),
         })
+        if getattr(trainer, "scaler", None) is not None:  # fp16 loss scale: resumed as it was
+            meta["training.grad_scaler"] = trainer.scaler.state_dict()
         if trainer.last_eval is not None:
             meta["training.eval_loss"], meta["training.eval_tokens"] = trainer.last_eval
     meta.update(extra_metadata or {})
@@ -221,6 +223,8 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     trainer.step = int(meta["training.step"])
     trainer.batches.position = int(meta["training.data_position"])
+    if getattr(trainer, "scaler", None) is not None and "training.grad_scaler" in meta:
+        trainer.scaler.load_state_dict(meta["training.grad_scaler"])
     if "training.eval_loss" in meta:
         trainer.last_eval = (float(meta["training.eval_loss"]), int(meta["training.eval_tokens"]))
     if rng_cpu is not None:

@@ -337,7 +337,7 @@ def _train(args, env, mode: str) -> int:
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
-                          document_mask=args.document_mask, packing=args.packing)
+                          document_mask=args.document_mask, packing=args.packing, precision=args.precision)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
             from apr_kernels.model.lora import add_lora
@@ -385,6 +385,7 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
     from .data import evaluate, find_text_files, pack_records, tokenize_files
+    from .loop import autocast_dtype_for
 
     model = from_apr(init, device=pick_device(device), fast=fast)
     tok = load_tokenizer(tokenizer, model.apr_metadata, init)
@@ -402,7 +403,7 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
         tokens = pack_records(tokens, seq_len, _packing_eos(tok))
     dev = next(model.parameters()).device
     return evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
-                    autocast_dtype=torch.bfloat16 if dev.type == "cuda" else None, max_tokens=max_tokens,
+                    autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), max_tokens=max_tokens,
                     eos_id=eos_id)
 
 
@@ -537,6 +538,9 @@ def register(subparsers) -> None:
                         "each document (a chat or prompt/completion record) whole in one sequence, best-fit, "
                         "padded (fine-tuning: no answer cut from its prompt); add --document-mask")
     o = p.add_argument_group("optimisation")
+    o.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast precision: auto = bf16 on GPUs that have it, fp16 with loss scaling on older ones "
+                        "(V100, T4), fp32 on CPU; weights and optimizer state stay fp32")
     o.add_argument("--steps", type=int, default=d.steps)
     o.add_argument("--batch-size", type=int, default=d.batch_size)
     o.add_argument("--seq-len", type=int, default=d.seq_len)

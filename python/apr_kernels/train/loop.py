@@ -58,6 +58,8 @@ class TrainConfig:
     seed: int = 42
     document_mask: bool = False         # attend only within each document (ends at the eos id)
     packing: str = "stream"             # stream: cut every seq_len tokens | records: documents whole (data.py)
+    precision: str = "auto"             # autocast: auto (bf16 on CUDA where supported, else fp16; CPU fp32) |
+                                        # bf16 | fp16 (with loss scaling) | fp32
 
     def __post_init__(self):
         if self.warmup is None:
@@ -67,6 +69,8 @@ class TrainConfig:
                 raise ValueError(f"training config: {name}={getattr(self, name)}; expected >= 1")
         from .data import PACKINGS
 
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"training config: precision={self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.packing not in PACKINGS:
             raise ValueError(f"training config: packing={self.packing!r}; expected one of {', '.join(PACKINGS)}")
         lr_at(0, lr=self.lr, total_steps=self.steps, warmup=self.warmup, schedule=self.lr_schedule,
@@ -79,6 +83,15 @@ class TrainConfig:
     def from_dict(cls, d: dict, **overrides) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: v for k, v in d.items() if k in known}, **overrides})
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a ``TrainConfig.precision`` on ``device`` (None: fp32, no autocast)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # V100, T4: fp16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -98,6 +111,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 # Dense bf16 tensor-core peaks (datasheet, no sparsity), matched in order against the CUDA device name.
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 PEAK_ENV = "APR_KERNELS_PEAK_TFLOPS"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -186,8 +200,15 @@ class Trainer:
         # a parallel model is already placed (and an FSDP one must not be moved)
         self.model = model if parallel is not None else model.to(self.device)
         if autocast_dtype == "auto":
-            autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+            autocast_dtype = autocast_dtype_for(config.precision, self.device)
         self.autocast_dtype = autocast_dtype
+        # fp16's narrow range needs loss scaling: gradients scaled up for the backward, unscaled before
+        # clipping, a step skipped (and the scale halved) when any is inf/NaN
+        self.scaler = None
+        if autocast_dtype == torch.float16:
+            if parallel is not None and parallel.mode == "fsdp":
+                raise ValueError("fp16 training (loss scaling) is not supported under FSDP; use bf16 or fp32")
+            self.scaler = torch.amp.GradScaler(self.device.type)
         self.train_seqs = sequences(train_tokens, config.seq_len)
         if len(self.train_seqs) == 0:
             raise ValueError(f"training data: {train_tokens.numel()} tokens; expected at least "
@@ -239,17 +260,24 @@ class Trainer:
                     loss_sum = (par.loss(x, y, docs, reduction="sum") if par
                                 else self.model.loss(x, y, reduction="sum", documents=docs))
                 # DDP/FSDP average gradients over ranks: scale by the world size to get the sum
-                (loss_sum * (world / n_targets)).backward()
+                scaled = loss_sum * (world / n_targets)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss_sum.detach()
         if par is not None:
             total = par.mean(total) * world  # the sum over ranks
         mean_loss = total / n_targets
         grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # true gradients for clipping and the logged norm
         if c.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
                 grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.step += 1
         # one device sync per step (this makes the timing below real)
         if grad_norm is None:
