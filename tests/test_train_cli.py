@@ -349,3 +349,17 @@ def test_keep_last_prunes_old_periodic_checkpoints(capsys, tmp_path):
                                                                "step_000004.apr"]
     removed = [r["path"] for r in json_lines(out) if r["event"] == "checkpoint_removed"]
     assert [Path(p).name for p in removed] == ["step_000001.apr", "step_000002.apr"]
+
+
+def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
+    """`tokenize` with train's data arguments writes the cache entries; train with the same arguments
+    maps them (no tokenising) and its eval covers the same tokens."""
+    cache = tmp_path / "cache"
+    data = ["--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD, "--max-tokens", "20000",
+            "--eval-tokens", "240", "--token-cache", str(cache)]
+    code, stdout, err = run(capsys, "tokenize", *data)
+    assert code == 0 and stdout.startswith("train_tokens=20000 eval_tokens=241 ")
+    assert err.count("tokens saved to") == 2 and len(list(cache.glob("tokens-*.apr"))) == 2
+    code, stdout, err = run(capsys, "train", "--preset", "tiny_llama", *data, "--steps", "1", "--batch-size", "2",
+                            "--seq-len", "48", "--json", "--no-progress", "--out", str(tmp_path / "o"))
+    assert code == 0 and "saved to" not in err and err.count("tokens from") == 2, err

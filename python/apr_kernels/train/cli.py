@@ -407,6 +407,31 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
                     eos_id=eos_id)
 
 
+def cmd_tokenize(args) -> int:
+    """``tokenize``: build, ahead of a job, the token cache entries that ``train`` with the same data
+    arguments and tokenizer will map instead of tokenising (a login node filling a shared cache)."""
+    import time
+
+    from .data import default_cache_dir
+
+    init_meta = None
+    if args.init:
+        from apr_kernels.model.loading import plan
+
+        init_meta = plan(args.init).metadata
+    tok = load_tokenizer(args.tokenizer, init_meta, args.init)
+    spec = {"data": [os.path.abspath(p) for p in args.data],
+            "eval_data": [os.path.abspath(p) for p in args.eval_data] if args.eval_data else None,
+            "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens, "text_field": args.text_field}
+    cache_dir = Path(args.token_cache) if args.token_cache else default_cache_dir()
+    t0 = time.perf_counter()
+    train, held = load_data(spec, tok, args.seq_len, args.eval_tokens, cache_dir=cache_dir,
+                            log=lambda msg: print(msg, file=sys.stderr))
+    print(f"train_tokens={train.numel()} eval_tokens={held.numel()} seconds={time.perf_counter() - t0:.1f} "
+          f"cache={cache_dir}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     if pick_device(args.device).type == "cpu":
         keep_freed_memory()
@@ -586,6 +611,19 @@ def register(subparsers) -> None:
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)
     p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("tokenize", help="fill the token cache ahead of `train` (same data arguments)")
+    p.add_argument("--data", nargs="+", required=True, help="as for train")
+    p.add_argument("--eval-data", nargs="+", help="as for train")
+    p.add_argument("--init", help="APR file whose embedded tokenizer train will use")
+    p.add_argument("--tokenizer", help="as for train (default: --init's embedded one, else qwen2)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--eval-fraction", type=float, default=0.05)
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--token-cache", default=None, help="cache folder (default as for train)")
+    p.set_defaults(func=cmd_tokenize)
 
     p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text")
     p.add_argument("--init", required=True, help="APR model file")
