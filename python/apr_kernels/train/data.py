@@ -190,6 +190,20 @@ def _parquet_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]
                 yield value
 
 
+def marked_ids(record: dict, tokenizer, where: str) -> list[int]:
+    """A supervised record (``chat.py``) as stream ids: non-targets as ``-1 - id``, then the end-of-text
+    id (a target after a completion)."""
+    from . import chat
+
+    eos = getattr(tokenizer, "eos_id", None)
+    text, spans, eos_target = chat.render(record, tokenizer, where)
+    tokens, targets = chat.encode_with_targets(tokenizer, text, spans, where)
+    ids = [t if ok else -1 - t for t, ok in zip(tokens, targets)]
+    if eos is not None:
+        ids.append(eos if eos_target else -1 - eos)
+    return ids
+
+
 def default_workers() -> int:
     """Tokenising threads: the CPUs shared among this machine's torchrun ranks, at most 8."""
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
@@ -241,8 +255,6 @@ def token_parts(files: Iterable[Path], tokenizer, *, max_tokens: int | None = No
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from . import chat
-
     eos = getattr(tokenizer, "eos_id", None)
     bos = document_bos(tokenizer)
 
@@ -256,11 +268,7 @@ def token_parts(files: Iterable[Path], tokenizer, *, max_tokens: int | None = No
                 if eos is not None:
                     ids.append(eos)
                 continue
-            text, spans, eos_target = chat.render(doc[1], tokenizer, doc[0])
-            tokens, targets = chat.encode_with_targets(tokenizer, text, spans, doc[0])
-            ids += [t if ok else -1 - t for t, ok in zip(tokens, targets)]
-            if eos is not None:
-                ids.append(eos if eos_target else -1 - eos)
+            ids += marked_ids(doc[1], tokenizer, doc[0])
         return torch.tensor(ids, dtype=torch.int32)
 
     workers = workers or default_workers()
