@@ -14,7 +14,8 @@ import sys
 
 # module -> what it provides (in help order)
 COMMAND_MODULES = (
-    "apr_kernels.train.cli",    # demo, train, eval, generate
+    "apr_kernels.train.cli",    # demo, train, tokenize, eval, generate
+    "apr_kernels.train.preference",  # dpo
     "apr_kernels.convert.cli",  # convert, export, inspect, validate
 )
 

@@ -1,0 +1,140 @@
+"""DPO (train/preference.py): the loss is the paper's, sequence log-likelihoods are transformers',
+the policy starts equal to the reference (loss ln 2), training makes it prefer the chosen answers on
+held-out prompts, and the command line runs end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from apr_kernels.model import Transformer, pad_vocab, preset
+from apr_kernels.train.checkpoint import save_checkpoint
+from apr_kernels.train.cli import byte_tokenizer
+from apr_kernels.train.loop import TrainConfig
+from apr_kernels.train.preference import PreferenceTrainer, dpo_loss, padded, read_pairs, sequence_logps
+
+
+def test_dpo_loss_is_the_papers():
+    pc, pr, rc, rr = torch.tensor([-3.0, -1.0]), torch.tensor([-4.0, -0.5]), torch.tensor([-3.5, -1.2]), \
+        torch.tensor([-3.9, -0.9])
+    beta = 0.3
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta)
+    z = [beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item() for i in range(2)]
+    assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-v)) for v in z) / 2, rel=1e-6)
+    assert chosen.tolist() == pytest.approx([beta * 0.5, beta * 0.2])
+    assert rejected.tolist() == pytest.approx([beta * -0.1, beta * 0.4])
+
+
+def test_sequence_logps_are_transformers_answer_log_likelihoods():
+    pytest.importorskip("transformers")
+    from test_model import QWEN, hf_model, ours_from_hf
+
+    hf = hf_model(QWEN)
+    ours = ours_from_hf(hf, QWEN)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, QWEN.vocab_size, (n,), generator=g).tolist() for n in (9, 14)]
+    # mark the first tokens of each as prompt (non-targets), the rest as the answer
+    marked = [[-1 - t if i < 4 else t for i, t in enumerate(s)] for s in seqs]
+    got = sequence_logps(ours, padded(marked, eos_id=QWEN.vocab_size - 1), "cpu")
+    for k, s in enumerate(seqs):
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([s])).logits[0].double(), -1)
+        want = sum(logp[i - 1, s[i]].item() for i in range(4, len(s)))
+        assert got[k].item() == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def _pairs_file(path, things, chosen=" yes", rejected=" no"):
+    path.write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": chosen, "rejected": rejected}) + "\n"
+                            for t in things))
+    return path
+
+
+THINGS = ["fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "a candle", "a flame", "magma",
+          "a furnace", "a heater", "steam", "a grill", "embers", "a torch"]
+
+
+def test_dpo_prefers_the_chosen_answers_on_held_out_prompts(tmp_path):
+    tok = byte_tokenizer()
+    train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12])], tok, 64)
+    held = read_pairs([_pairs_file(tmp_path / "h.jsonl", THINGS[12:])], tok, 64)
+    assert len(train) == 12 and all(t >= 0 for t in train[0][0][-3:])  # " yes" + end-of-text are targets
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    cfg = TrainConfig(steps=25, batch_size=4, seq_len=64, lr=3e-3, warmup=2, weight_decay=0.0)
+    trainer = PreferenceTrainer(model, train, held, cfg, beta=0.5, eos_id=tok.eos_id)
+    first = trainer.evaluate()
+    assert first["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference
+    ref = trainer.ref.clone()
+    history = trainer.run()
+    last = [h for h in history if h["event"] == "eval"][-1]
+    assert last["eval_reward_acc"] == 1.0 and last["eval_loss"] < 0.3 and last["eval_margin"] > 1.0
+    assert torch.equal(trainer.ref, ref)  # the reference stays the model as loaded
+
+
+def test_dpo_with_lora_trains_the_adapters_only(tmp_path):
+    from apr_kernels.model.lora import add_lora
+
+    tok = byte_tokenizer()
+    pairs = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:8])], tok, 64)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    add_lora(model, 4, 8)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = PreferenceTrainer(model, pairs, [], TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-2),
+                                beta=0.5, eos_id=tok.eos_id)
+    rec = trainer.train_step()
+    assert rec["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: the policy starts as the reference
+    trainer.train_step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+
+
+def test_conversational_pairs_target_the_assistant_answers():
+    from apr_kernels.tokenizer import Tokenizer
+
+    tok = Tokenizer.qwen2()
+    import tempfile
+    from pathlib import Path
+
+    rec = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4."}],
+           "rejected": [{"role": "assistant", "content": "5."}]}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.jsonl"
+        path.write_text(json.dumps(rec) + "\n")
+        (chosen, rejected), = read_pairs([path], tok, 128)
+    targets = lambda ids: tok.decode([t for t in ids if t >= 0])  # noqa: E731
+    assert targets(chosen).startswith("4.<|im_end|>") and targets(rejected).startswith("5.<|im_end|>")
+    assert "<|im_start|>user\n2+2?" in tok.decode([t if t >= 0 else -1 - t for t in chosen])
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: a preference record needs 'prompt', 'chosen' and 'rejected'"):
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "c.jsonl"
+            path.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+            read_pairs([path], tok, 128)
+
+
+def test_cli_dpo_writes_a_model_that_prefers_the_chosen_answer(tmp_path, capsys):
+    from apr_kernels.cli import main
+    from apr_kernels.model import from_apr
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
+    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    code = main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "15", "--batch-size",
+                 "4", "--lr", "3e-3", "--beta", "0.5", "--max-len", "64", "--json", "--out", str(tmp_path / "o"),
+                 "--eval-fraction", "0.25"])
+    out = capsys.readouterr().out
+    assert code == 0
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert recs[0]["event"] == "start" and recs[0]["pairs"] == 12 and recs[0]["eval_pairs"] == 4
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and evals[-1]["eval_reward_acc"] == 1.0
+    tuned = from_apr(tmp_path / "o" / "model.apr", fast=False)
+    pairs = read_pairs([data], tok, 64)[:4]
+    rows = padded([s for p in pairs for s in p], tok.eos_id)
+    with torch.no_grad():
+        before = sequence_logps(model.eval(), rows, "cpu").view(-1, 2)
+        after = sequence_logps(tuned.eval(), rows, "cpu").view(-1, 2)
+    assert ((after[:, 0] - after[:, 1]) > (before[:, 0] - before[:, 1])).all()
