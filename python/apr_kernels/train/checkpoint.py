@@ -120,13 +120,14 @@ def merged_weights(model) -> dict[str, LazyTensor]:
 
 def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokenizer=None,
                     extra_metadata: dict | None = None, state: tuple[dict, dict] | None = None,
-                    merge_lora: bool = False) -> None:
+                    merge_lora: bool = False, extra_tensors: dict | None = None) -> None:
     """Write ``trainer``'s model and training state (or just ``model``) as one APR file.
 
     ``state``: (weights, moments) of a sharded model, as LazyTensors that all-gather when written
     (``distributed.save_checkpoint``), used instead of the parameters and optimizer of this process
     (with ``merge_lora``, the weights are the merged ones). ``merge_lora``: a LoRA
     model is written with its adapters folded in and without optimizer state (module docstring).
+    ``extra_tensors``: more training state, stored under ``__training__.<name>``.
     """
     import apr_kernels
 
@@ -168,6 +169,7 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
         if trainer.last_eval is not None:
             meta["training.eval_loss"], meta["training.eval_tokens"] = trainer.last_eval
     meta.update(extra_metadata or {})
+    tensors.update({f"{PREFIX}{name}": t for name, t in (extra_tensors or {}).items()})
     apr_kernels.save(tensors, path, metadata=meta)
 
 

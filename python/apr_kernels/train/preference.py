@@ -23,13 +23,13 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import PREFIX
 from .data import BatchStream, marked_ids, split_targets
 from .loop import TrainConfig, autocast_dtype_for, lr_at, make_optimizer
 
@@ -110,7 +110,7 @@ class PreferenceTrainer:
     size (pairs per step), precision and seed."""
 
     def __init__(self, model, pairs, eval_pairs, cfg: TrainConfig, *, beta: float, eos_id: int, device=None,
-                 log=None):
+                 log=None, ref: tuple | None = None):
         if cfg.grad_accum != 1:
             raise ValueError("dpo: --grad-accum is not supported; lower --batch-size instead")
         self.model, self.pairs, self.eval_pairs, self.cfg = model, pairs, eval_pairs, cfg
@@ -123,8 +123,10 @@ class PreferenceTrainer:
         self.optimizer = make_optimizer(model, cfg)
         self.batches = BatchStream(len(pairs), seed=cfg.seed)
         self.step = 0
-        self.ref = self._logps(pairs)  # [P, 2]: the model as loaded is the reference
-        self.eval_ref = self._logps(eval_pairs) if eval_pairs else None
+        self.last_eval = None  # (checkpoint.save_checkpoint reads it; DPO's evaluations are logged instead)
+        if ref is None:  # the model as loaded is the reference: [P, 2] and [E, 2] log-likelihoods
+            ref = (self._logps(pairs), self._logps(eval_pairs) if eval_pairs else None)
+        self.ref, self.eval_ref = ref
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
@@ -177,9 +179,11 @@ class PreferenceTrainer:
         return {"step": self.step, "eval_loss": float(loss), "eval_reward_acc": float((chosen > rejected).float().mean()),
                 "eval_margin": float((chosen - rejected).mean()), "eval_pairs": len(self.eval_pairs)}
 
-    def run(self) -> list[dict]:
+    def run(self, on_checkpoint=None) -> list[dict]:
+        """Train to ``cfg.steps``, evaluating at the start (a fresh run) and end; ``on_checkpoint(self)``
+        every ``cfg.save_every`` steps."""
         history = []
-        if self.eval_pairs:
+        if self.eval_pairs and self.step == 0:
             history.append({"event": "eval", **self.evaluate()})
             self.log("eval", history[-1])
         while self.step < self.cfg.steps:
@@ -191,58 +195,99 @@ class PreferenceTrainer:
                                     (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
                 history.append({"event": "eval", **self.evaluate()})
                 self.log("eval", history[-1])
+            if on_checkpoint and self.cfg.save_every and self.step % self.cfg.save_every == 0 \
+                    and self.step < self.cfg.steps:
+                on_checkpoint(self)
         return history
 
 
 def cmd_dpo(args) -> int:
-    """``apr-kernels dpo``: DPO from an APR file; writes ``--out/model.apr`` (adapters merged)."""
+    """``apr-kernels dpo``: DPO from an APR file; ``--out/step_NNNNNN.apr`` every ``--save-every`` steps
+    (resumable with ``--resume``), ``--out/model.apr`` at the end (adapters merged)."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
-    from .checkpoint import save_checkpoint
+    from .checkpoint import restore_training_state, save_checkpoint, training_metadata
     from .cli import load_tokenizer, pick_device
     from .loop import Logger
 
     device = pick_device(args.device)
-    lora = None
-    if args.lora_rank:
-        lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
-                "seed": args.seed}
-    model = from_apr(args.init, device=device, lora_init=lora)
-    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    pairs = read_pairs(args.data, tok, args.max_len)
-    if args.eval_data:
-        eval_pairs = read_pairs(args.eval_data, tok, args.max_len)
+    if args.resume:  # everything but the device and the output folder comes from the checkpoint
+        meta = training_metadata(args.resume)
+        dpo = meta.get("training.dpo")
+        if not isinstance(dpo, dict):
+            raise ValueError(f"{args.resume}: not a checkpoint of a dpo run (no metadata training.dpo)")
+        cfg = TrainConfig.from_dict(meta["training.config"])
+        model = from_apr(args.resume, device=device, lora="keep")
+    else:
+        if not (args.init and args.data):
+            raise ValueError("dpo: --init FILE.apr and --data PREFS.jsonl... are required (or --resume STEP.apr)")
+        lora = None
+        if args.lora_rank:
+            lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
+                    "seed": args.seed}
+        dpo = {"beta": args.beta, "init": str(args.init), "data": [str(Path(p).resolve()) for p in args.data],
+               "eval_data": [str(Path(p).resolve()) for p in args.eval_data] if args.eval_data else None,
+               "eval_fraction": args.eval_fraction, "max_len": args.max_len, "tokenizer": args.tokenizer}
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.max_len, lr=args.lr,
+                          warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                          eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                          precision=args.precision)
+        model = from_apr(args.init, device=device, lora_init=lora)
+    tok = load_tokenizer(dpo["tokenizer"], model.apr_metadata, args.resume or dpo["init"])
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.resume or dpo['init']}: tokenizer")
+    pairs = read_pairs(dpo["data"], tok, dpo["max_len"])
+    if dpo["eval_data"]:
+        eval_pairs = read_pairs(dpo["eval_data"], tok, dpo["max_len"])
     else:  # a held-out share of the pairs, chosen by the seed
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        n_eval = min(len(pairs) - 1, max(1, round(len(pairs) * args.eval_fraction))) if len(pairs) > 1 else 0
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_eval = min(len(pairs) - 1, max(1, round(len(pairs) * dpo["eval_fraction"]))) if len(pairs) > 1 else 0
         eval_pairs = [pairs[i] for i in order[:n_eval]]
         pairs = [pairs[i] for i in order[n_eval:]]
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.max_len, lr=args.lr,
-                      warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                      eval_every=args.eval_every, seed=args.seed, precision=args.precision)
-    torch.manual_seed(args.seed)
+    ref = None
+    if args.resume:  # the reference is the original model's, stored with the checkpoint
+        import apr_kernels
+
+        with apr_kernels.open(args.resume) as f:
+            if f"{PREFIX}dpo.ref" not in f:
+                raise ValueError(f"{args.resume}: no reference log-likelihoods ({PREFIX}dpo.ref); expected a "
+                                 f"step_NNNNNN.apr of the run (its final model.apr is not resumable)")
+            ref = (f.get_tensor(f"{PREFIX}dpo.ref").clone(),
+                   f.get_tensor(f"{PREFIX}dpo.eval_ref").clone() if f"{PREFIX}dpo.eval_ref" in f else None)
+        if ref[0].shape[0] != len(pairs):
+            raise ValueError(f"{args.resume}: reference log-likelihoods for {ref[0].shape[0]} pairs, the data now "
+                             f"has {len(pairs)}; expected the same preference files")
+    else:
+        torch.manual_seed(cfg.seed)
     log = Logger(args.json)
-    trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, beta=args.beta, eos_id=tok.eos_id, device=device,
-                                log=log)
-    log("start", {"pairs": len(pairs), "eval_pairs": len(eval_pairs), "beta": args.beta, "steps": cfg.steps,
-                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  "device": str(device), "lora_rank": args.lora_rank or None})
-    trainer.run()
+    trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, beta=dpo["beta"], eos_id=tok.eos_id, device=device,
+                                log=log, ref=ref)
+    if args.resume:
+        restore_training_state(args.resume, trainer)
+    log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs), "beta": dpo["beta"],
+                  "steps": cfg.steps, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  "device": str(device), "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "model.apr", model=model, tokenizer=tok, merge_lora=True, extra_metadata={
-        "training.dpo": {"beta": args.beta, "steps": cfg.steps, "pairs": len(pairs), "init": str(args.init),
-                         "config": cfg.to_dict()}})
-    print(f"wrote {out / 'model.apr'}", file=sys.stderr)
+
+    def checkpoint(t: PreferenceTrainer, final: bool = False) -> None:
+        path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
+        extra = {"dpo.ref": t.ref} | ({"dpo.eval_ref": t.eval_ref} if t.eval_ref is not None else {})
+        save_checkpoint(path, t, tokenizer=tok, merge_lora=final, extra_metadata={"training.dpo": dpo},
+                        extra_tensors=None if final else extra)
+        log("checkpoint", {"step": t.step, "path": str(path)})
+
+    trainer.run(on_checkpoint=checkpoint)
+    checkpoint(trainer, final=True)
     return 0
 
 
 def register(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser("dpo", help="preference fine-tuning (DPO) from an APR file")
-    p.add_argument("--init", required=True, help="APR model to fine-tune (also the reference)")
-    p.add_argument("--data", nargs="+", required=True, help="JSON Lines of {'prompt', 'chosen', 'rejected'}")
+    p.add_argument("--init", help="APR model to fine-tune (also the reference)")
+    p.add_argument("--data", nargs="+", help="JSON Lines of {'prompt', 'chosen', 'rejected'}")
+    p.add_argument("--resume", help="a step_NNNNNN.apr of a dpo run: continue exactly where it stopped")
+    p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
     p.add_argument("--eval-data", nargs="+", help="held-out pairs (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
