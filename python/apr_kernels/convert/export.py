@@ -80,9 +80,10 @@ def merged_tensor(f, stored: str, lora: dict | None, dtype: torch.dtype) -> torc
     rounded once) when the file has adapters for it."""
     module = stored[: -len(".weight")] if stored.endswith(".weight") else None
     if lora and module and f"{module}.lora_A" in f:
-        delta = f.get_tensor(f"{module}.lora_B", dtype=torch.float32) @ f.get_tensor(f"{module}.lora_A",
-                                                                                   dtype=torch.float32)
-        return (f.get_tensor(stored, dtype=torch.float32) + delta * (lora["alpha"] / lora["rank"])).to(dtype)
+        from apr_kernels.model.lora import merged
+
+        return merged(f.get_tensor(stored, dtype=torch.float32), f.get_tensor(f"{module}.lora_A"),
+                      f.get_tensor(f"{module}.lora_B"), lora["alpha"] / lora["rank"], dtype)
     return f.get_tensor(stored, dtype=dtype)
 
 

@@ -82,7 +82,9 @@ def _merged(base: LazyTensor, a: torch.Tensor, b: torch.Tensor, scale: float) ->
                          f"(convert from the unquantised model)")
 
     def value():
+        from apr_kernels.model.lora import merged
+
         w = base.materialize()
-        return (w.float() + (b.float() @ a.float()) * scale).to(w.dtype)
+        return merged(w, a, b, scale, w.dtype)
 
     return LazyTensor(base.dtype, base.shape, value)

@@ -46,7 +46,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_type: int = 2
-    rope_scaling: dict | None = None  # Hugging Face rope_scaling: None, "linear", "llama3" or "yarn" (rope.py)
+    rope_scaling: dict | None = None  # Hugging Face rope_scaling: None, "linear", "llama3", "yarn", "dynamic" (rope.py)
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
     qk_norm: bool = False

@@ -217,12 +217,12 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     if lora_init:
         init_adapters(model, lora_init.get("seed", 0))
     elif kept:
-        _copy_stored_lora(model, p.path, device, dtype)
+        _copy_stored_lora(model, p.path)
     elif settings:
         if lora != "merge":
             raise ValueError(f"from_apr: lora={lora!r}; expected 'merge' or 'keep'")
         _add_stored_lora(model, path, settings, None)
-        _copy_stored_lora(model, p.path, device, dtype)
+        _copy_stored_lora(model, p.path)
         merge_into_weights(model)
     model.apr_path = p.path
     model.apr_metadata = p.metadata
@@ -257,10 +257,11 @@ def _add_stored_lora(model, path, settings, base_dtype) -> None:
     add_lora(model, rank, alpha, targets, base_dtype=base_dtype)
 
 
-def _copy_stored_lora(model, path, device, dtype) -> None:
+def _copy_stored_lora(model, path) -> None:
     """The file's ``<module>.lora_A`` / ``.lora_B`` into the model's adapters (a sharded one takes
     its rows of each)."""
     import apr_kernels
+    from apr_kernels.train.distributed import copy_into
 
     from .lora import lora_modules
 
@@ -276,12 +277,7 @@ def _copy_stored_lora(model, path, device, dtype) -> None:
                 if tuple(shape) != tuple(param.shape):
                     raise PreflightError(f"{path}: LoRA tensor {tname!r} has shape {list(shape)}; expected "
                                          f"{list(param.shape)} (rank {model.lora['rank']})")
-                if hasattr(param, "device_mesh"):  # a DTensor shard
-                    from apr_kernels.train.distributed import local_shard
-
-                    param.to_local().copy_(local_shard(f.get_tensor(tname), param, f"{path}: tensor {tname!r}"))
-                else:
-                    param.copy_(f.get_tensor(tname, device=device, dtype=dtype))
+                copy_into(param, f.get_tensor(tname), f"{path}: tensor {tname!r}")  # an FSDP shard: its rows
 
 
 def preflight(path: str | os.PathLike) -> ModelConfig:

@@ -39,6 +39,13 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 META_KEY = "lora"
 
 
+def merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+           dtype: torch.dtype) -> torch.Tensor:
+    """``W + scale * B A``, computed in fp32 and rounded once to ``dtype``: every merge of an adapter
+    (the modules, checkpoints, exports, PEFT adapters) goes through here."""
+    return (weight.float() + (lora_b.float() @ lora_a.float()) * scale).to(dtype)
+
+
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus a trainable low-rank update (see the module docstring)."""
 
@@ -53,8 +60,8 @@ class LoRALinear(nn.Linear):
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``W + scale * B A`` computed in fp32, returned in ``dtype`` (default: the weight's)."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        return (self.weight.float() + delta).to(dtype or self.weight.dtype)
+        w = self.weight
+        return merged(w, self.lora_A, self.lora_B, self.scale, dtype or w.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_rank={self.rank}, lora_scale={self.scale:g}"
@@ -161,17 +168,14 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
 def init_adapters(model, seed: int = 0) -> None:
     """A Kaiming-uniform (PEFT's ``a = sqrt(5)``) from a CPU generator seeded with ``seed``, in module
     order; B zero. A sharded (FSDP) adapter receives its rows of the same full matrix."""
-    from apr_kernels.train.distributed import local_shard
+    from apr_kernels.train.distributed import copy_into
 
     g = torch.Generator().manual_seed(seed)
     for name, m in lora_modules(model).items():
         a = torch.empty(tuple(m.lora_A.shape), dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
-        for param, full in ((m.lora_A, a), (m.lora_B, torch.zeros(tuple(m.lora_B.shape)))):
-            if hasattr(param, "device_mesh"):  # a DTensor shard
-                param.to_local().copy_(local_shard(full, param, f"{name} adapter"))
-            else:
-                param.copy_(full)
+        copy_into(m.lora_A, a, f"{name}.lora_A")
+        copy_into(m.lora_B, torch.zeros(tuple(m.lora_B.shape)), f"{name}.lora_B")
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:

@@ -202,6 +202,14 @@ def local_shard(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor
     return piece
 
 
+def copy_into(param, full: torch.Tensor, name: str = "tensor") -> None:
+    """Fill ``param`` from the whole tensor ``full``: its local rows when it is an FSDP shard."""
+    if _is_dtensor(param):
+        param.to_local().copy_(local_shard(full, param, name))
+    else:
+        param.copy_(full)
+
+
 def like_param(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor:
     """A fp32 copy of ``full`` placed like ``param``: a DTensor holding only the local rows when
     ``param`` is sharded (optimizer moments on resume), else a plain tensor on its device."""
@@ -457,8 +465,10 @@ class ShardGatherer:
         return weights, moments
 
     def _merged(self, w: int, a: int, b: int, scale: float) -> torch.Tensor:
+        from apr_kernels.model.lora import merged
+
         weight, lora_a, lora_b = (self._fetch(i, torch.float32) for i in (w, a, b))
-        return weight + (lora_b @ lora_a) * scale
+        return merged(weight, lora_a, lora_b, scale, torch.float32)
 
     def serve(self) -> None:
         """Ranks other than 0: join every gather rank 0 asks for, until it is done."""
