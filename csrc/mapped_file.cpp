@@ -55,16 +55,15 @@ void MappedFile::load(bool eager) {
   // filesystems need to reach their bandwidth; a local disk is read at its speed either way.
   const uint64_t chunks = (size_ + kChunk - 1) / kChunk;
   const unsigned threads = static_cast<unsigned>(std::min<uint64_t>(chunks, 8));
+  auto stripe = [this, threads, chunks](unsigned t) {
+    for (uint64_t c = t; c < chunks; c += threads)
+      read_exact(c * kChunk, data_ + c * kChunk, std::min(kChunk, size_ - c * kChunk), "the file (mmap=False)");
+  };
   std::vector<std::future<void>> jobs;
-  for (unsigned t = 1; t < threads; ++t)
-    jobs.push_back(std::async(std::launch::async, [this, t, threads, chunks] {
-      for (uint64_t c = t; c < chunks; c += threads)
-        read_exact(c * kChunk, data_ + c * kChunk, std::min(kChunk, size_ - c * kChunk), "the file (mmap=False)");
-    }));
+  for (unsigned t = 1; t < threads; ++t) jobs.push_back(std::async(std::launch::async, stripe, t));
   std::exception_ptr error;
   try {
-    for (uint64_t c = 0; c < chunks; c += threads)
-      read_exact(c * kChunk, data_ + c * kChunk, std::min(kChunk, size_ - c * kChunk), "the file (mmap=False)");
+    stripe(0);  // this thread reads stripe 0
   } catch (...) {
     error = std::current_exception();
   }

@@ -106,6 +106,14 @@ def _fast(value: str) -> bool | None:
     return {"auto": None, "on": True, "off": False}[value]
 
 
+def data_spec(args) -> dict:
+    """What data a run reads, from train's (or tokenize's) arguments: stored in checkpoints so
+    ``--resume`` reads the same, and the token cache's key depends on it."""
+    return {"data": [os.path.abspath(p) for p in args.data],
+            "eval_data": [os.path.abspath(p) for p in args.eval_data] if args.eval_data else None,
+            "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens, "text_field": args.text_field}
+
+
 def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_dir=None, log=None,
               packing: str = "stream"):
     """(train_tokens, eval_tokens) from a data spec (also stored in checkpoints for --resume), through
@@ -328,9 +336,7 @@ def _train(args, env, mode: str) -> int:
     else:
         if not args.data:
             raise ValueError("train: --data PATH... is required (text files or folders)")
-        spec = {"data": [os.path.abspath(p) for p in args.data],
-                "eval_data": [os.path.abspath(p) for p in args.eval_data] if args.eval_data else None,
-                "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens, "text_field": args.text_field}
+        spec = data_spec(args)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                           grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                           lr_schedule=args.lr_schedule, decay_fraction=args.decay_fraction,
@@ -420,9 +426,7 @@ def cmd_tokenize(args) -> int:
 
         init_meta = plan(args.init).metadata
     tok = load_tokenizer(args.tokenizer, init_meta, args.init)
-    spec = {"data": [os.path.abspath(p) for p in args.data],
-            "eval_data": [os.path.abspath(p) for p in args.eval_data] if args.eval_data else None,
-            "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens, "text_field": args.text_field}
+    spec = data_spec(args)
     cache_dir = Path(args.token_cache) if args.token_cache else default_cache_dir()
     t0 = time.perf_counter()
     train, held = load_data(spec, tok, args.seq_len, args.eval_tokens, cache_dir=cache_dir,
