@@ -76,6 +76,11 @@ class TrainConfig:
         lr_at(0, lr=self.lr, total_steps=self.steps, warmup=self.warmup, schedule=self.lr_schedule,
               decay_fraction=self.decay_fraction)  # the schedule's own checks, before any step
 
+    def lr_at_step(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` under this config's schedule."""
+        return lr_at(step, lr=self.lr, total_steps=self.steps, warmup=self.warmup, min_ratio=self.min_lr_ratio,
+                     schedule=self.lr_schedule, decay_fraction=self.decay_fraction)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -229,9 +234,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- one step
     def lr(self, step: int) -> float:
-        c = self.cfg
-        return lr_at(step, lr=c.lr, total_steps=c.steps, warmup=c.warmup, min_ratio=c.min_lr_ratio,
-                     schedule=c.lr_schedule, decay_fraction=c.decay_fraction)
+        return self.cfg.lr_at_step(step)
 
     def train_step(self) -> dict:
         c = self.cfg

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .checkpoint import PREFIX
 from .data import BatchStream, marked_ids, split_targets
-from .loop import TrainConfig, autocast_dtype_for, lr_at, make_optimizer
+from .loop import TrainConfig, autocast_dtype_for, make_optimizer
 
 
 def read_pairs(paths, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -149,8 +149,7 @@ class PreferenceTrainer:
     def train_step(self) -> dict:
         c = self.cfg
         t0 = time.perf_counter()
-        lr = lr_at(self.step, lr=c.lr, total_steps=c.steps, warmup=c.warmup, min_ratio=c.min_lr_ratio,
-                   schedule=c.lr_schedule, decay_fraction=c.decay_fraction)
+        lr = c.lr_at_step(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
