@@ -143,7 +143,7 @@ def _worker(spec_path: str) -> int:
         D.save_checkpoint(out / f"ckpt.world{env.world_size}.apr", trainer, par)
         result["ckpt_peak_kib"] = None if before is None else _memory_kib()["VmHWM"] - mark["VmRSS"]
         del model, trainer, par
-        for i, argv in enumerate(spec["runs"]):
+        for i, argv in enumerate(spec["runs"] if env.world_size > 1 else []):
             code, stdout = _cli(main, argv)  # reuses this process group (the CLI's setup() sees it)
             result[f"run{i}"] = {"code": code, "stdout": stdout}
     finally:
@@ -179,6 +179,18 @@ def runs(tmp_path_factory):
     code, one_lora_out = _cli(main, ["train", "--init", str(init), *COMMON, *lora, "--out", str(root / "one_lora")])
     assert code == 0
 
+    # DPO (robust loss: its settings must travel into checkpoints), 11 training pairs (uneven reference shares)
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes", "rejected": " no"}) + "\n"
+                             for t in ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "a candle",
+                                       "a flame", "magma", "a furnace", "a heater", "steam", "a grill", "embers")))
+    dpo = ["dpo", "--init", str(init), "--tokenizer", "bytes", "--data", str(pairs), "--steps", str(STEPS),
+           "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--beta", "0.5", "--max-len", "40", "--json",
+           "--seed", "5", "--eval-fraction", "0.25", "--save-every", "2", "--loss", "robust",
+           "--label-smoothing", "0.1", "--dist-timeout", "60"]
+    code, one_dpo_out = _cli(main, [*dpo, "--out", str(root / "one_dpo")])
+    assert code == 0
+
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -200,6 +212,10 @@ def runs(tmp_path_factory):
         ["train", "--init", str(init), *COMMON, *lora, "--parallel", "fsdp", "--out", str(root / "fsdp_lora")],
         ["train", "--resume", str(root / "fsdp_lora" / "step_000002.apr"), "--parallel", "fsdp", "--out",
          str(root / "fsdp_lora_resumed"), "--json", "--no-progress", "--fast", "off"],
+        [*dpo, "--parallel", "ddp", "--out", str(root / "ddp_dpo")],
+        [*dpo, "--parallel", "fsdp", "--out", str(root / "fsdp_dpo")],
+        ["dpo", "--resume", str(root / "fsdp_dpo" / "step_000002.apr"), "--parallel", "fsdp", "--json",
+         "--out", str(root / "fsdp_dpo_resumed")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -219,6 +235,7 @@ def runs(tmp_path_factory):
     ranks = {(r["rank"], r["world"]): r for r in
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
+            "one_dpo_out": one_dpo_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -305,6 +322,40 @@ def test_fsdp_lora_checkpoints_resume_sharded_and_merge_at_the_end(runs):
     assert meta_a["training.lora"] == meta_b["training.lora"]
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+@pytest.mark.parametrize("run", ["run6", "run7"], ids=["ddp", "fsdp"])
+def test_dpo_on_two_ranks_matches_one_process(runs, run):
+    """DPO with a global batch of 4 pairs x 2 micro-batches: each rank scores its share of the reference
+    and held-out pairs (gathered) and trains on half of each batch; losses, rewards and held-out
+    accuracy equal the one-process run's, and so does the final model."""
+    want = _records(runs["one_dpo_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    start = next(r for r in got if r["event"] == "start")
+    assert (start["world"], start["pairs"], start["eval_pairs"], start["loss"]) == (2, 11, 4, "robust")
+    for key in ("loss", "margin", "reward_chosen", "reward_acc", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
+    for key in ("eval_loss", "eval_reward_acc"):
+        assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-5, abs=1e-6), key
+    assert _losses(want)[-1] < _losses(want)[0]
+    (a, _), (b, _) = (_tensors(runs["root"] / ("ddp_dpo" if run == "run6" else "fsdp_dpo") / "model.apr"),
+                      _tensors(runs["root"] / "one_dpo" / "model.apr"))
+    assert sorted(a) == sorted(b)
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_sharded_dpo_checkpoint_resumes_on_two_ranks(runs):
+    """The FSDP DPO run's step checkpoint (gathered weights, moments and the reference log-likelihoods)
+    resumes sharded where the one-process run continued, with its loss settings."""
+    want = _records(runs["one_dpo_out"])
+    run = runs["ranks"][(0, 2)]["run8"]
+    assert run["code"] == 0
+    got = _records(run["stdout"])
+    assert [r["step"] for r in got if r["event"] == "train"] == [3, 4]
+    assert _losses(got) == pytest.approx(_losses(want)[2:], rel=1e-5)
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):

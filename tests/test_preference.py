@@ -19,19 +19,63 @@ def test_dpo_loss_is_the_papers():
     pc, pr, rc, rr = torch.tensor([-3.0, -1.0]), torch.tensor([-4.0, -0.5]), torch.tensor([-3.5, -1.2]), \
         torch.tensor([-3.9, -0.9])
     beta = 0.3
-    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta)
+    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta)
     z = [beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item() for i in range(2)]
-    assert loss.item() == pytest.approx(sum(math.log1p(math.exp(-v)) for v in z) / 2, rel=1e-6)
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-v)) for v in z], rel=1e-6)
     assert chosen.tolist() == pytest.approx([beta * 0.5, beta * 0.2])
     assert rejected.tolist() == pytest.approx([beta * -0.1, beta * 0.4])
 
 
-def test_sequence_logps_are_transformers_answer_log_likelihoods():
+def _log_sigmoid(v: float) -> float:
+    return -math.log1p(math.exp(-v))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_loss_variants_are_trls_formulas(eps):
+    """sigmoid with label smoothing (cDPO), robust (rDPO), hinge (SLiC) and length-normalised ipo, each
+    written out per pair in plain floats; ipo reads the answers' target counts."""
+    pc, pr, rc, rr = [-3.0, -1.0, -7.0], [-4.0, -0.5, -2.0], [-3.5, -1.2, -6.0], [-3.9, -0.9, -2.5]
+    lengths = [[2, 5], [1, 1], [9, 3]]
+    beta = 0.4
+    t = [torch.tensor(v, dtype=torch.float64) for v in (pc, pr, rc, rr)]
+    h = [(pc[i] - rc[i]) - (pr[i] - rr[i]) for i in range(3)]
+    want = {
+        "sigmoid": [-(1 - eps) * _log_sigmoid(beta * v) - eps * _log_sigmoid(-beta * v) for v in h],
+        "robust": [(-(1 - eps) * _log_sigmoid(beta * v) + eps * _log_sigmoid(-beta * v)) / (1 - 2 * eps) for v in h],
+        "hinge": [max(0.0, 1 - beta * v) for v in h],
+        "ipo": [((pc[i] - rc[i]) / lengths[i][0] - (pr[i] - rr[i]) / lengths[i][1] - 1 / (2 * beta)) ** 2
+                for i in range(3)],
+    }
+    for kind, expected in want.items():
+        got, chosen, _ = dpo_loss(*t, beta, loss_type=kind, label_smoothing=eps, lengths=torch.tensor(lengths))
+        assert got.tolist() == pytest.approx(expected, rel=1e-12), kind
+        assert chosen.tolist() == pytest.approx([beta * (pc[i] - rc[i]) for i in range(3)])
+    # label smoothing moves the optimum: the smoothed loss no longer falls forever as h grows
+    big = torch.tensor([50.0], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    if eps:
+        assert dpo_loss(big, zero, zero, zero, beta, label_smoothing=eps)[0] > \
+            dpo_loss(big / 10, zero, zero, zero, beta, label_smoothing=eps)[0]
+
+
+def test_bad_loss_settings_are_refused():
+    z = torch.zeros(1)
+    with pytest.raises(ValueError, match="loss type 'kto'"):
+        dpo_loss(z, z, z, z, 0.1, loss_type="kto")
+    with pytest.raises(ValueError, match="--label-smoothing 0.5"):
+        dpo_loss(z, z, z, z, 0.1, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="ipo loss needs"):
+        dpo_loss(z, z, z, z, 0.1, loss_type="ipo")
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_sequence_logps_are_transformers_answer_log_likelihoods(fast):
     pytest.importorskip("transformers")
     from test_model import QWEN, hf_model, ours_from_hf
 
     hf = hf_model(QWEN)
     ours = ours_from_hf(hf, QWEN)
+    ours.fast = fast  # the fused output projection + loss per row, or the eager expression
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, QWEN.vocab_size, (n,), generator=g).tolist() for n in (9, 14)]
     # mark the first tokens of each as prompt (non-targets), the rest as the answer
@@ -149,3 +193,30 @@ def test_cli_dpo_writes_a_model_that_prefers_the_chosen_answer(tmp_path, capsys)
         before = sequence_logps(model.eval(), rows, "cpu").view(-1, 2)
         after = sequence_logps(tuned.eval(), rows, "cpu").view(-1, 2)
     assert ((after[:, 0] - after[:, 1]) > (before[:, 0] - before[:, 1])).all()
+
+
+def test_gradient_accumulation_gives_the_whole_batch_step(tmp_path):
+    """Batches of 4 pairs in one micro-batch or in two of 2: the same pairs per step (the data position
+    is per pair), the same mean loss and the same weights after the steps; ipo (length-normalised) too."""
+    tok = byte_tokenizer()
+    train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12], chosen=" yes it is", rejected=" no")], tok, 64)
+    runs = {}
+    for loss in ("sigmoid", "ipo"):
+        for batch, accum in ((4, 1), (2, 2)):
+            torch.manual_seed(0)
+            model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+            cfg = TrainConfig(steps=3, batch_size=batch, grad_accum=accum, seq_len=64, lr=3e-3, warmup=1)
+            trainer = PreferenceTrainer(model, train, [], cfg, beta=0.5, eos_id=tok.eos_id, loss_type=loss)
+            runs[loss, accum] = ([h["loss"] for h in trainer.run()], model.state_dict())
+        (one, w1), (two, w2) = runs[loss, 1], runs[loss, 2]
+        assert two == pytest.approx(one, rel=1e-5)
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    assert runs["sigmoid", 1][0][0] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy is the reference
+    assert runs["ipo", 1][0][0] == pytest.approx((0 - 1 / (2 * 0.5)) ** 2, rel=1e-5)  # h = 0 at the start
+
+
+def test_model_loss_names_a_bad_reduction():
+    model = Transformer(preset("tiny_qwen2"), fast=False)
+    x = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="reduction 'none'; expected 'mean', 'sum' or 'sequence'"):
+        model.loss(x, x, reduction="none")

@@ -298,7 +298,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", documents: Documents | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
-        ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets or "sum").
+        ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets, "sum", or
+        "sequence": the sum of each row, ``[B]``, the negated log-likelihood of each row's targets).
 
         ``documents`` (``model/documents.py``): document masking. Each token attends only within its
         document and RoPE positions restart at each document, so every document's logits are those
@@ -310,14 +311,21 @@ class Transformer(nn.Module):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if targets is not None and reduction not in ("mean", "sum", "sequence"):
+            raise ValueError(f"reduction {reduction!r}; expected 'mean', 'sum' or 'sequence'")
         h = self.hidden_states(input_ids, documents)
         if targets is None:
             return F.linear(h, self.output_weight)
         if self.use_fast(input_ids):
-            return _ops().linear_cross_entropy(h, self.output_weight, targets, reduction=reduction)
+            ce = _ops().linear_cross_entropy
+            if reduction == "sequence":  # one fused call per row: a row's logits are the most held at once
+                return torch.stack([ce(h[i], self.output_weight, targets[i], reduction="sum")
+                                    for i in range(h.shape[0])])
+            return ce(h, self.output_weight, targets, reduction=reduction)
         logits = F.linear(h, self.output_weight)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction,
-                               ignore_index=-100)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                 reduction="none" if reduction == "sequence" else reduction, ignore_index=-100)
+        return losses.view(targets.shape).sum(1) if reduction == "sequence" else losses
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
              documents: Documents | None = None) -> torch.Tensor:

@@ -186,7 +186,8 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     ``keep_last``: after each periodic checkpoint keep only the newest ``keep_last`` ``step_*.apr``
     files of ``out`` (0: keep all).
     """
-    from .checkpoint import restore_training_state, save_checkpoint
+    from . import distributed
+    from .checkpoint import restore_training_state
 
     main = parallel is None or parallel.is_main
     trainer = Trainer(model, train_tokens, eval_tokens, cfg, parallel=parallel,
@@ -194,13 +195,8 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
                       eos_id=getattr(tokenizer, "eos_id", None))
     if resume_from:
         restore_training_state(resume_from, trainer)
-    if parallel is not None:
-        from . import distributed
-
-        def save_checkpoint(path, t, **kw):  # gathered, written by rank 0, every rank waits
-            distributed.save_checkpoint(path, t, parallel, **kw)
-
-        progress = progress if main else False
+    if not main:
+        progress = False
     out.mkdir(parents=True, exist_ok=True)
     tok_meta = {}
 
@@ -213,9 +209,10 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     def checkpoint(t: Trainer):
         final = t.step == cfg.steps
         path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
-        # a LoRA run's final model is written merged: a plain model for every reader
-        save_checkpoint(path, t, tokenizer=_Tok(), extra_metadata={"training.data_spec": data_spec},
-                        merge_lora=final)
+        # a LoRA run's final model is written merged: a plain model for every reader. Parallel:
+        # gathered, written by rank 0, every rank waits
+        distributed.save_checkpoint(path, t, parallel, tokenizer=_Tok(),
+                                    extra_metadata={"training.data_spec": data_spec}, merge_lora=final)
         t.log("checkpoint", {"step": t.step, "path": str(path)})
         if keep_last > 0 and main:
             for old in prune_checkpoints(out, keep_last):
@@ -274,21 +271,7 @@ def cmd_train(args) -> int:
 
     if not resolve_auto_resume(args):
         return 0
-
-    want = getattr(args, "parallel", None)
-    env = distributed.setup(args.device, timeout_s=getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S),
-                            need_group=want == "fsdp")
-    failed = True
-    try:
-        code = _train(args, env, distributed.resolve_mode(want, env))
-        failed = False
-        return code
-    except RuntimeError as exc:
-        if env.world_size > 1:
-            raise RuntimeError(distributed.failure_message(env, exc)) from exc
-        raise
-    finally:
-        distributed.teardown(env, failed=failed)
+    return distributed.run(args, lambda env, mode: _train(args, env, mode))
 
 
 def _train(args, env, mode: str) -> int:

@@ -163,6 +163,25 @@ def failure_message(env: DistEnv, exc: BaseException) -> str:
             f"in the failing rank's output)")
 
 
+def run(args, body) -> int:
+    """``body(env, mode)`` inside the process group a launcher describes (``args.device``,
+    ``args.parallel``, ``args.dist_timeout``; a one-process group for ``--parallel fsdp`` alone); a
+    rank's failure is reported with its rank, and the group is left at the end."""
+    want = getattr(args, "parallel", None)
+    env = setup(args.device, timeout_s=getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S), need_group=want == "fsdp")
+    failed = True
+    try:
+        code = body(env, resolve_mode(want, env))
+        failed = False
+        return code
+    except RuntimeError as exc:
+        if env.world_size > 1:
+            raise RuntimeError(failure_message(env, exc)) from exc
+        raise
+    finally:
+        teardown(env, failed=failed)
+
+
 # ------------------------------------------------------------------------------ sharding
 def local_rows(index: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's contiguous share of a global batch of sequence indices (shares are disjoint and
@@ -480,11 +499,14 @@ class ShardGatherer:
         self._broadcast(-1)
 
 
-def save_checkpoint(path, trainer, parallel: Parallel, **kwargs) -> None:
+def save_checkpoint(path, trainer, parallel: Parallel | None, **kwargs) -> None:
     """``checkpoint.save_checkpoint`` for a parallel run: one gathered APR file written atomically by
-    rank 0; every rank returns once it is on disk, or raises if rank 0 could not write it."""
+    rank 0; every rank returns once it is on disk, or raises if rank 0 could not write it. Without
+    ``parallel``: the plain save."""
     from .checkpoint import save_checkpoint as save
 
+    if parallel is None:
+        return save(path, trainer, **kwargs)
     env = parallel.env
     parallel.reshard()
     gatherer = ShardGatherer(trainer) if parallel.mode == "fsdp" else None
