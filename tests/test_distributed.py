@@ -334,7 +334,7 @@ def test_dpo_on_two_ranks_matches_one_process(runs, run):
     assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
     got = _records(rank0["stdout"])
     start = next(r for r in got if r["event"] == "start")
-    assert (start["world"], start["pairs"], start["eval_pairs"], start["loss"]) == (2, 11, 4, "robust")
+    assert (start["world"], start["pairs"], start["eval_pairs"], start["kind"]) == (2, 11, 4, "robust")
     for key in ("loss", "margin", "reward_chosen", "reward_acc", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
     for key in ("eval_loss", "eval_reward_acc"):

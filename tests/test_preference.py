@@ -12,7 +12,8 @@ from apr_kernels.model import Transformer, pad_vocab, preset
 from apr_kernels.train.checkpoint import save_checkpoint
 from apr_kernels.train.cli import byte_tokenizer
 from apr_kernels.train.loop import TrainConfig
-from apr_kernels.train.preference import PreferenceTrainer, dpo_loss, padded, read_pairs, sequence_logps
+from apr_kernels.train.preference import (PreferenceLoss, PreferenceTrainer, dpo_loss, padded, read_pairs,
+                                          sequence_logps)
 
 
 def test_dpo_loss_is_the_papers():
@@ -32,8 +33,9 @@ def _log_sigmoid(v: float) -> float:
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_loss_variants_are_trls_formulas(eps):
-    """sigmoid with label smoothing (cDPO), robust (rDPO), hinge (SLiC) and length-normalised ipo, each
-    written out per pair in plain floats; ipo reads the answers' target counts."""
+    """sigmoid with label smoothing (cDPO), robust (rDPO), hinge (SLiC), length-normalised ipo, apo_zero
+    and simpo (no reference), each written out per pair in plain floats; ipo and simpo read the answers'
+    target counts."""
     pc, pr, rc, rr = [-3.0, -1.0, -7.0], [-4.0, -0.5, -2.0], [-3.5, -1.2, -6.0], [-3.9, -0.9, -2.5]
     lengths = [[2, 5], [1, 1], [9, 3]]
     beta = 0.4
@@ -45,11 +47,18 @@ def test_loss_variants_are_trls_formulas(eps):
         "hinge": [max(0.0, 1 - beta * v) for v in h],
         "ipo": [((pc[i] - rc[i]) / lengths[i][0] - (pr[i] - rr[i]) / lengths[i][1] - 1 / (2 * beta)) ** 2
                 for i in range(3)],
+        "apo_zero": [1 - 1 / (1 + math.exp(-beta * (pc[i] - rc[i]))) + 1 / (1 + math.exp(-beta * (pr[i] - rr[i])))
+                     for i in range(3)],
     }
+    gamma = 0.7
+    z = [beta * (pc[i] / lengths[i][0] - pr[i] / lengths[i][1]) - gamma for i in range(3)]
+    want["simpo"] = [-(1 - eps) * _log_sigmoid(v) - eps * _log_sigmoid(-v) for v in z]
     for kind, expected in want.items():
-        got, chosen, _ = dpo_loss(*t, beta, loss_type=kind, label_smoothing=eps, lengths=torch.tensor(lengths))
+        got, chosen, _ = dpo_loss(*t, beta, loss_type=kind, label_smoothing=eps, lengths=torch.tensor(lengths),
+                                  gamma=gamma)
         assert got.tolist() == pytest.approx(expected, rel=1e-12), kind
-        assert chosen.tolist() == pytest.approx([beta * (pc[i] - rc[i]) for i in range(3)])
+        reward = [pc[i] / lengths[i][0] if kind == "simpo" else pc[i] - rc[i] for i in range(3)]
+        assert chosen.tolist() == pytest.approx([beta * r for r in reward]), kind
     # label smoothing moves the optimum: the smoothed loss no longer falls forever as h grows
     big = torch.tensor([50.0], dtype=torch.float64)
     zero = torch.zeros(1, dtype=torch.float64)
@@ -66,6 +75,12 @@ def test_bad_loss_settings_are_refused():
         dpo_loss(z, z, z, z, 0.1, label_smoothing=0.5)
     with pytest.raises(ValueError, match="ipo loss needs"):
         dpo_loss(z, z, z, z, 0.1, loss_type="ipo")
+    with pytest.raises(ValueError, match="loss type 'orpo'"):
+        PreferenceLoss(kind="orpo")
+    with pytest.raises(ValueError, match="--beta 0"):
+        PreferenceLoss(beta=0)
+    with pytest.raises(ValueError, match="--sft-weight -1"):
+        PreferenceLoss(sft_weight=-1)
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -106,7 +121,7 @@ def test_dpo_prefers_the_chosen_answers_on_held_out_prompts(tmp_path):
     torch.manual_seed(0)
     model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
     cfg = TrainConfig(steps=25, batch_size=4, seq_len=64, lr=3e-3, warmup=2, weight_decay=0.0)
-    trainer = PreferenceTrainer(model, train, held, cfg, beta=0.5, eos_id=tok.eos_id)
+    trainer = PreferenceTrainer(model, train, held, cfg, eos_id=tok.eos_id, loss=PreferenceLoss(beta=0.5))
     first = trainer.evaluate()
     assert first["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference
     ref = trainer.ref.clone()
@@ -126,7 +141,7 @@ def test_dpo_with_lora_trains_the_adapters_only(tmp_path):
     add_lora(model, 4, 8)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainer = PreferenceTrainer(model, pairs, [], TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-2),
-                                beta=0.5, eos_id=tok.eos_id)
+                                eos_id=tok.eos_id, loss=PreferenceLoss(beta=0.5))
     rec = trainer.train_step()
     assert rec["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: the policy starts as the reference
     trainer.train_step()
@@ -197,22 +212,82 @@ def test_cli_dpo_writes_a_model_that_prefers_the_chosen_answer(tmp_path, capsys)
 
 def test_gradient_accumulation_gives_the_whole_batch_step(tmp_path):
     """Batches of 4 pairs in one micro-batch or in two of 2: the same pairs per step (the data position
-    is per pair), the same mean loss and the same weights after the steps; ipo (length-normalised) too."""
+    is per pair), the same loss and the same weights after the steps: for DPO, length-normalised ipo,
+    and DPO + NLL, whose NLL is a mean over all chosen tokens of the step (answers of unequal lengths
+    make the micro-batches' token counts differ)."""
     tok = byte_tokenizer()
-    train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12], chosen=" yes it is", rejected=" no")], tok, 64)
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes" + " very" * (i % 3),
+                                        "rejected": " no"}) + "\n" for i, t in enumerate(THINGS[:12])))
+    train = read_pairs([path], tok, 64)
     runs = {}
-    for loss in ("sigmoid", "ipo"):
+    losses = {"sigmoid": PreferenceLoss(beta=0.5), "ipo": PreferenceLoss(kind="ipo", beta=0.5),
+              "rpo": PreferenceLoss(beta=0.5, sft_weight=0.7)}
+    for name, loss in losses.items():
         for batch, accum in ((4, 1), (2, 2)):
             torch.manual_seed(0)
             model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
             cfg = TrainConfig(steps=3, batch_size=batch, grad_accum=accum, seq_len=64, lr=3e-3, warmup=1)
-            trainer = PreferenceTrainer(model, train, [], cfg, beta=0.5, eos_id=tok.eos_id, loss_type=loss)
-            runs[loss, accum] = ([h["loss"] for h in trainer.run()], model.state_dict())
-        (one, w1), (two, w2) = runs[loss, 1], runs[loss, 2]
-        assert two == pytest.approx(one, rel=1e-5)
-        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
-    assert runs["sigmoid", 1][0][0] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy is the reference
-    assert runs["ipo", 1][0][0] == pytest.approx((0 - 1 / (2 * 0.5)) ** 2, rel=1e-5)  # h = 0 at the start
+            trainer = PreferenceTrainer(model, train, [], cfg, eos_id=tok.eos_id, loss=loss)
+            runs[name, accum] = (trainer.run(), model.state_dict())
+        (one, w1), (two, w2) = runs[name, 1], runs[name, 2]
+        assert [h["loss"] for h in two] == pytest.approx([h["loss"] for h in one], rel=1e-5)
+        # (Adam divides by the gradients' own size: float noise in near-zero ones shows as ~1e-5)
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+    first = {name: runs[name, 1][0][0] for name in losses}
+    assert first["sigmoid"]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy is the reference
+    assert first["ipo"]["loss"] == pytest.approx((0 - 1 / (2 * 0.5)) ** 2, rel=1e-5)  # h = 0 at the start
+    # DPO + NLL: ln 2 plus the weight times the chosen tokens' mean NLL, which equals the step's
+    # cross entropy on those tokens computed on its own
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    from apr_kernels.train.data import BatchStream, split_targets
+
+    index = BatchStream(len(train), seed=TrainConfig().seed).next(4)
+    x, y = split_targets(padded([train[i][0] for i in index.tolist()], tok.eos_id))
+    with torch.no_grad():
+        nll = model.loss(x, y).item()
+    assert first["rpo"]["chosen_nll"] == pytest.approx(nll, rel=1e-5)
+    assert first["rpo"]["loss"] == pytest.approx(math.log(2) + 0.7 * nll, rel=1e-5)
+    # and its first step is AdamW on that objective written out: the paper's loss over the 4 pairs plus
+    # 0.7 x the cross entropy of the chosen answers, clipped as the trainer clips
+    from apr_kernels.train.loop import make_optimizer
+
+    cfg = TrainConfig(steps=1, batch_size=4, seq_len=64, lr=3e-3, warmup=1)
+    ref = sequence_logps(model, padded([s for i in index.tolist() for s in train[i]], tok.eos_id), "cpu").view(4, 2)
+    ref = ref.detach()
+    pol = sequence_logps(model, padded([s for i in index.tolist() for s in train[i]], tok.eos_id), "cpu").view(4, 2)
+    h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+    objective = -torch.nn.functional.logsigmoid(0.5 * h).mean() + 0.7 * model.loss(x, y)
+    opt = make_optimizer(model, cfg)
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr_at_step(0)
+    objective.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    torch.manual_seed(0)
+    stepped = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    PreferenceTrainer(stepped, train, [], cfg, eos_id=tok.eos_id, loss=losses["rpo"]).train_step()
+    for name, w in model.state_dict().items():
+        # (AdamW's first step is about lr x sign(gradient): float noise in near-zero gradients moves ~1e-6)
+        torch.testing.assert_close(stepped.state_dict()[name], w, rtol=0, atol=3e-5, msg=name)
+
+
+def test_simpo_needs_no_reference_and_learns_the_preference(tmp_path):
+    tok = byte_tokenizer()
+    train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12])], tok, 64)
+    held = read_pairs([_pairs_file(tmp_path / "h.jsonl", THINGS[12:])], tok, 64)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    cfg = TrainConfig(steps=25, batch_size=4, seq_len=64, lr=3e-3, warmup=2, weight_decay=0.0)
+    trainer = PreferenceTrainer(model, train, held, cfg, eos_id=tok.eos_id,
+                                loss=PreferenceLoss(kind="simpo", beta=2.0, gamma=0.5))
+    assert not calls and not trainer.ref.any() and not trainer.eval_ref.any()  # no reference pass
+    history = trainer.run()
+    evals = [h for h in history if h["event"] == "eval"]
+    assert evals[-1]["eval_reward_acc"] == 1.0 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] / 2
 
 
 def test_model_loss_names_a_bad_reduction():
@@ -220,3 +295,30 @@ def test_model_loss_names_a_bad_reduction():
     x = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="reduction 'none'; expected 'mean', 'sum' or 'sequence'"):
         model.loss(x, x, reduction="none")
+
+
+def test_cli_loss_settings_travel_into_checkpoints(tmp_path, capsys):
+    """SimPO + NLL from the command line: the start record names the settings, and a resumed run keeps
+    them (the same losses as the uninterrupted run); bad settings stop before the model is read."""
+    from apr_kernels.cli import main
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
+    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    args = ["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "4", "--batch-size", "2",
+            "--lr", "3e-3", "--beta", "2.0", "--loss", "simpo", "--gamma", "0.3", "--sft-weight", "0.2",
+            "--max-len", "64", "--json", "--out", str(tmp_path / "o"), "--save-every", "2"]
+    assert main(args) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    start = recs[0]
+    assert (start["kind"], start["beta"], start["gamma"], start["sft_weight"]) == ("simpo", 2.0, 0.3, 0.2)
+    losses = [r["loss"] for r in recs if r["event"] == "train"]
+    assert main(["dpo", "--resume", str(tmp_path / "o" / "step_000002.apr"), "--json", "--out", str(tmp_path / "r")]) == 0
+    resumed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert resumed[0]["kind"] == "simpo" and [r["loss"] for r in resumed if r["event"] == "train"] == losses[2:]
+    bad = [a if a != "0.2" else "-1" for a in args]
+    bad[bad.index("--init") + 1] = str(tmp_path / "missing.apr")
+    assert main(bad) == 1
+    assert "--sft-weight -1" in capsys.readouterr().err

@@ -23,10 +23,19 @@ forms, averaged over the pairs of a step):
   under label noise of rate e;
 * ``hinge`` (SLiC): ``max(0, 1 - beta h)``;
 * ``ipo``: ``(h' - 1 / (2 beta))^2`` with ``h'`` made of per-token log-likelihoods (each answer's
-  divided by its number of target tokens), as TRL computes IPO.
+  divided by its number of target tokens), as TRL computes IPO;
+* ``apo_zero`` (APO-zero): ``1 - sigmoid(beta (pi_c - ref_c)) + sigmoid(beta (pi_r - ref_r))``, for
+  chosen answers better than the model's own;
+* ``simpo`` (SimPO, no reference model: none is computed): the ``sigmoid`` form of
+  ``beta (pi_c / n_c - pi_r / n_r) - gamma``, per-token log-likelihoods and a margin ``--gamma``.
 
-Logged with the implicit rewards ``beta * (pi - ref)`` of both answers, their margin and the share of
-pairs whose chosen answer has the larger reward (``reward_acc``).
+``--sft-weight w`` adds ``w`` times the chosen answers' negative log-likelihood per token, over all
+chosen tokens of the step (RPO, the DPO + NLL mix of Llama 3's post-training; TRL's
+``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, w]``).
+
+Logged with the implicit rewards ``beta * (pi - ref)`` of both answers (SimPO: ``beta * pi / n``),
+their margin, the share of pairs whose chosen answer has the larger reward (``reward_acc``) and the
+chosen answers' NLL per token (``chosen_nll``: DPO can lower the chosen likelihood too).
 
 Under ``torchrun`` (DDP or FSDP, ``distributed.py``) ``--batch-size`` pairs is the global batch: every
 rank draws the same pairs and trains on its equal share, so the gradient (a mean over ranks) and
@@ -37,10 +46,12 @@ on a share of the pairs per rank and gathered. ``--grad-accum K`` runs K such ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,20 +122,27 @@ def sequence_logps(model, rows: torch.Tensor, device) -> torch.Tensor:
     return -model.loss(x.to(device), y.to(device), reduction="sequence").float()
 
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo")
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, *, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, lengths: torch.Tensor | None = None):
+             label_smoothing: float = 0.0, lengths: torch.Tensor | None = None, gamma: float = 0.5):
     """(per-pair losses, chosen rewards, rejected rewards) of a batch of pairs (module docstring).
 
-    ``lengths`` ``[N, 2]``: target tokens of the chosen and rejected answers (``ipo`` only)."""
+    ``lengths`` ``[N, 2]``: target tokens of the chosen and rejected answers (``ipo``, ``simpo``);
+    ``gamma``: SimPO's reward margin. ``simpo`` ignores the reference."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo: loss type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"dpo: --label-smoothing {label_smoothing}; expected a rate in [0, 0.5)")
-    chosen = policy_chosen - ref_chosen
-    rejected = policy_rejected - ref_rejected
+    if loss_type in ("ipo", "simpo"):
+        if lengths is None:
+            raise ValueError(f"dpo: the {loss_type} loss needs the answers' target token counts (lengths)")
+        n = lengths.to(policy_chosen.device, policy_chosen.dtype).clamp(min=1)
+    if loss_type == "simpo":  # length-normalised log-likelihoods are the rewards, no reference
+        chosen, rejected = policy_chosen / n[:, 0], policy_rejected / n[:, 1]
+    else:
+        chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     h = chosen - rejected
     e = label_smoothing
     if loss_type == "sigmoid":
@@ -133,12 +151,46 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
         losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
-    else:
-        if lengths is None:
-            raise ValueError("dpo: the ipo loss needs the answers' target token counts (lengths)")
-        n = lengths.to(h.device, h.dtype).clamp(min=1)
+    elif loss_type == "ipo":
         losses = (chosen / n[:, 0] - rejected / n[:, 1] - 1 / (2 * beta)) ** 2
+    elif loss_type == "apo_zero":  # raise the chosen likelihood, lower the rejected one, each on its own
+        losses = 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+    else:
+        z = beta * h - gamma
+        losses = -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)
     return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """The loss of a preference run: ``kind`` (``LOSS_TYPES``) with its ``beta``, ``label_smoothing``
+    and SimPO's ``gamma``, plus ``sft_weight`` times the negative log-likelihood per chosen-answer token
+    (RPO / Llama 3's DPO + NLL; TRL's ``loss_type=["sigmoid", "sft"]``). Checked when made."""
+
+    kind: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    sft_weight: float = 0.0
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"dpo: --beta {self.beta}; expected a positive number")
+        if not self.sft_weight >= 0:
+            raise ValueError(f"dpo: --sft-weight {self.sft_weight}; expected a weight >= 0")
+        self.pairs(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2))  # kind, smoothing
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kind != "simpo"
+
+    def pairs(self, policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
+        """``dpo_loss`` of ``[N, 2]`` (chosen, rejected) policy and reference log-likelihoods."""
+        return dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.beta, loss_type=self.kind,
+                        label_smoothing=self.label_smoothing, lengths=lengths, gamma=self.gamma)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def answer_lengths(pairs) -> torch.Tensor:
@@ -154,14 +206,11 @@ class PreferenceTrainer:
     each batch and the logged values are over all ranks. ``ref``: the reference log-likelihoods
     ``([P, 2], [E, 2] or None)`` when known (a resumed run), else computed from the model as given."""
 
-    def __init__(self, model, pairs, eval_pairs, cfg: TrainConfig, *, beta: float, eos_id: int, device=None,
-                 log=None, ref: tuple | None = None, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 parallel=None):
+    def __init__(self, model, pairs, eval_pairs, cfg: TrainConfig, *, eos_id: int, loss: PreferenceLoss | None = None,
+                 device=None, log=None, ref: tuple | None = None, parallel=None):
         self.model, self.pairs, self.eval_pairs, self.cfg = model, pairs, eval_pairs, cfg
-        self.beta, self.eos, self.parallel = beta, eos_id, parallel
-        dpo_loss(*torch.zeros(4, 1), beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                 lengths=torch.ones(1, 2))  # the settings are checked before any work
-        self.loss_type, self.label_smoothing = loss_type, label_smoothing
+        self.loss = loss or PreferenceLoss()
+        self.eos, self.parallel = eos_id, parallel
         self.world = parallel.world_size if parallel is not None else 1
         if cfg.batch_size % self.world:
             raise ValueError(f"dpo: --batch-size {cfg.batch_size} is not a multiple of the world size {self.world}; "
@@ -178,7 +227,8 @@ class PreferenceTrainer:
         self.step = 0
         self.last_eval = None  # (checkpoint.save_checkpoint reads it; DPO's evaluations are logged instead)
         if ref is None:  # the model as loaded is the reference: [P, 2] and [E, 2] log-likelihoods
-            ref = (self._logps(pairs), self._logps(eval_pairs) if eval_pairs else None)
+            logps = self._logps if self.loss.needs_reference else (lambda ps: torch.zeros(len(ps), 2))
+            ref = (logps(pairs), logps(eval_pairs) if eval_pairs else None)
         self.ref, self.eval_ref = ref
 
     def _autocast(self):
@@ -225,22 +275,24 @@ class PreferenceTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         par = self.parallel
-        n_pairs = c.batch_size * c.grad_accum  # the step's loss is the mean over all of its pairs
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, chosen and rejected rewards, margin, correct pairs
-        for micro in range(c.grad_accum):
-            index = self.batches.next(c.batch_size)
+        # the step's loss is the mean over all of its pairs, plus the SFT term's mean over all of its
+        # chosen-answer tokens (counted on the host, alike on every rank)
+        indices = [self.batches.next(c.batch_size) for _ in range(c.grad_accum)]
+        n_pairs = c.batch_size * c.grad_accum
+        n_tokens = max(1.0, float(sum(self.lengths[index, 0].sum() for index in indices)))
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, chosen/rejected rewards, margin, correct, chosen nll
+        for micro, index in enumerate(indices):
             if par is not None:
                 index = par.local_rows(index)
             with par.grad_sync(micro == c.grad_accum - 1) if par is not None else contextlib.nullcontext():
                 pol = self._batch_logps([self.pairs[i] for i in index.tolist()])
-                ref = self.ref[index].to(pol.device)
-                losses, chosen, rejected = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], self.beta,
-                                                    loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                                                    lengths=self.lengths[index])
+                losses, chosen, rejected = self.loss.pairs(pol, self.ref[index].to(pol.device), self.lengths[index])
+                nll = -pol[:, 0].sum()
+                objective = losses.sum() / n_pairs + self.loss.sft_weight * nll / n_tokens
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
-                (losses.sum() * (self.world / n_pairs)).backward()
+                (objective * self.world).backward()
             sums += torch.stack([losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
-                                 (chosen > rejected).sum()]).double().cpu()
+                                 (chosen > rejected).sum(), nll.detach()]).double().cpu()
         if par is not None:
             sums = par.mean(sums.to(self.device)).cpu() * self.world  # the sums over ranks
         grad_norm = None
@@ -250,23 +302,25 @@ class PreferenceTrainer:
                 grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.step += 1
-        loss, reward_chosen, reward_rejected, margin, acc = (sums / n_pairs).tolist()
+        pref, reward_chosen, reward_rejected, margin, acc = (sums[:5] / n_pairs).tolist()
+        chosen_nll = float(sums[5]) / n_tokens
+        loss = pref + self.loss.sft_weight * chosen_nll
         if not math.isfinite(loss):
             raise RuntimeError(f"dpo diverged: loss={loss} at step {self.step} (lower --lr?)")
         return {"step": self.step, "loss": loss, "lr": lr, "reward_chosen": reward_chosen,
-                "reward_rejected": reward_rejected, "margin": margin, "reward_acc": acc,
+                "reward_rejected": reward_rejected, "margin": margin, "reward_acc": acc, "chosen_nll": chosen_nll,
                 "grad_norm": None if grad_norm is None else float(grad_norm), "s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean loss and reward accuracy over the held-out pairs."""
         pol = self._logps(self.eval_pairs)
-        losses, chosen, rejected = dpo_loss(pol[:, 0], pol[:, 1], self.eval_ref[:, 0], self.eval_ref[:, 1], self.beta,
-                                            loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                                            lengths=self.eval_lengths)
-        return {"step": self.step, "eval_loss": float(losses.mean()),
+        losses, chosen, rejected = self.loss.pairs(pol, self.eval_ref, self.eval_lengths)
+        chosen_nll = float(-pol[:, 0].sum() / self.eval_lengths[:, 0].sum().clamp(min=1))
+        return {"step": self.step, "eval_loss": float(losses.mean()) + self.loss.sft_weight * chosen_nll,
                 "eval_reward_acc": float((chosen > rejected).float().mean()),
-                "eval_margin": float((chosen - rejected).mean()), "eval_pairs": len(self.eval_pairs)}
+                "eval_margin": float((chosen - rejected).mean()), "eval_chosen_nll": chosen_nll,
+                "eval_pairs": len(self.eval_pairs)}
 
     def run(self, on_checkpoint=None) -> list[dict]:
         """Train to ``cfg.steps``, evaluating at the start (a fresh run) and end; ``on_checkpoint(self)``
@@ -288,6 +342,13 @@ class PreferenceTrainer:
                     and self.step < self.cfg.steps:
                 on_checkpoint(self)
         return history
+
+
+def preference_loss(dpo: dict) -> PreferenceLoss:
+    """The ``PreferenceLoss`` of a run's ``training.dpo`` settings (older runs: DPO's sigmoid)."""
+    return PreferenceLoss(kind=dpo.get("loss", "sigmoid"), beta=dpo["beta"],
+                          label_smoothing=dpo.get("label_smoothing", 0.0), gamma=dpo.get("gamma", 0.5),
+                          sft_weight=dpo.get("sft_weight", 0.0))
 
 
 def cmd_dpo(args) -> int:
@@ -330,7 +391,8 @@ def _dpo(args, env, mode: str) -> int:
         if args.lora_rank:
             lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
                     "seed": args.seed}
-        dpo = {"beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing, "init": str(args.init),
+        dpo = {"beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing, "gamma": args.gamma,
+               "sft_weight": args.sft_weight, "init": str(args.init),
                "data": [str(Path(p).resolve()) for p in args.data],
                "eval_data": [str(Path(p).resolve()) for p in args.eval_data] if args.eval_data else None,
                "eval_fraction": args.eval_fraction, "max_len": args.max_len, "tokenizer": args.tokenizer}
@@ -338,9 +400,7 @@ def _dpo(args, env, mode: str) -> int:
                           seq_len=args.max_len, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                           grad_clip=args.grad_clip, eval_every=args.eval_every, save_every=args.save_every,
                           seed=args.seed, precision=args.precision)
-        # the settings fail here, before the model is read
-        dpo_loss(*torch.zeros(4, 1), dpo["beta"], loss_type=dpo["loss"], label_smoothing=dpo["label_smoothing"],
-                 lengths=torch.ones(1, 2))
+        preference_loss(dpo)  # bad settings fail here, before the model is read
         model = load(args.init, lora_init=lora)
     tok = load_tokenizer(dpo["tokenizer"], model.apr_metadata, args.resume or dpo["init"])
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.resume or dpo['init']}: tokenizer")
@@ -369,13 +429,12 @@ def _dpo(args, env, mode: str) -> int:
         torch.manual_seed(cfg.seed)
     parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
     log = Logger(args.json) if env.is_main else (lambda *a: None)
-    trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, beta=dpo["beta"], eos_id=tok.eos_id, device=device,
-                                log=log, ref=ref, loss_type=dpo.get("loss", "sigmoid"),
-                                label_smoothing=dpo.get("label_smoothing", 0.0), parallel=parallel)
+    trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, eos_id=tok.eos_id, loss=preference_loss(dpo),
+                                device=device, log=log, ref=ref, parallel=parallel)
     if args.resume:
         restore_training_state(args.resume, trainer)
-    log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs), "beta": dpo["beta"],
-                  "loss": trainer.loss_type, "steps": cfg.steps, "world": trainer.world,
+    log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+                  **trainer.loss.to_dict(), "steps": cfg.steps, "world": trainer.world,
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "device": str(device), "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
     out = Path(args.out)
@@ -405,9 +464,13 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (default 0.1)")
     p.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid",
-                   help="sigmoid (DPO), robust (rDPO), hinge (SLiC) or ipo, as TRL's loss_type")
+                   help="sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo, apo_zero (APO) or simpo (no reference), "
+                        "as TRL names them")
     p.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="assumed rate of flipped labels in [0, 0.5): conservative DPO (sigmoid) or rDPO (robust)")
+                   help="assumed rate of flipped labels in [0, 0.5): conservative DPO (sigmoid, simpo) or rDPO (robust)")
+    p.add_argument("--gamma", type=float, default=0.5, help="SimPO's reward margin (default 0.5)")
+    p.add_argument("--sft-weight", type=float, default=0.0,
+                   help="add this times the chosen answers' NLL per token (RPO; default 0)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per prompt + answer (longer ones are cut)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch, over all ranks")
