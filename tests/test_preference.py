@@ -310,8 +310,16 @@ def test_cli_loss_settings_travel_into_checkpoints(tmp_path, capsys):
     args = ["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "4", "--batch-size", "2",
             "--lr", "3e-3", "--beta", "2.0", "--loss", "simpo", "--gamma", "0.3", "--sft-weight", "0.2",
             "--max-len", "64", "--json", "--out", str(tmp_path / "o"), "--save-every", "2"]
-    assert main(args) == 0
+    assert main([*args, "--tensorboard", str(tmp_path / "tb")]) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    train = [r for r in recs if r["event"] == "train"]
+    for key in ("loss", "chosen_nll", "reward_acc", "margin"):
+        assert [e.value for e in board.Scalars(f"train/{key}")] == pytest.approx([r[key] for r in train], rel=1e-6)
+    assert [e.step for e in board.Scalars("eval/reward_acc")] == [0, 4]
     start = recs[0]
     assert (start["kind"], start["beta"], start["gamma"], start["sft_weight"]) == ("simpo", 2.0, 0.3, 0.2)
     losses = [r["loss"] for r in recs if r["event"] == "train"]
@@ -322,3 +330,14 @@ def test_cli_loss_settings_travel_into_checkpoints(tmp_path, capsys):
     bad[bad.index("--init") + 1] = str(tmp_path / "missing.apr")
     assert main(bad) == 1
     assert "--sft-weight -1" in capsys.readouterr().err
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path):
+    import sys
+
+    from apr_kernels.train.loop import Logger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(ValueError, match=r"--tensorboard .*tb: the tensorboard package is not installed; "
+                                         r"pip install 'apr-kernels\[tensorboard\]'"):
+        Logger(tensorboard=tmp_path / "tb")

@@ -35,7 +35,8 @@ def first_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     argv = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD,
             "--max-tokens", "20000", "--steps", "4", "--batch-size", "3", "--seq-len", "48", "--lr", "3e-3",
-            "--eval-tokens", "240", "--save-every", "2", "--out", str(out), "--json", "--seed", "7"]
+            "--eval-tokens", "240", "--save-every", "2", "--out", str(out), "--json", "--seed", "7",
+            "--tensorboard", str(out / "tb")]
     proc = subprocess.run([sys.executable, "-m", "apr_kernels", *argv], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -58,6 +59,24 @@ def test_train_logs_steps_evals_and_checkpoints(first_run):
     assert evals[0]["eval_loss"] == pytest.approx(math.log(320), abs=0.3)
     assert [Path(r["path"]).name for r in recs if r["event"] == "checkpoint"] == ["step_000002.apr", "model.apr"]
     assert recs[-1]["event"] == "done" and recs[-1]["eval_loss"] == evals[-1]["eval_loss"]
+
+
+def test_tensorboard_files_hold_the_logged_values(first_run):
+    """--tensorboard: TensorBoard's own event reader finds every logged train and eval value at its step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, recs = first_run
+    board = EventAccumulator(str(out / "tb"))
+    board.Reload()
+    train = [r for r in recs if r["event"] == "train"]
+    for key in ("loss", "lr", "grad_norm", "tok_s"):
+        got = board.Scalars(f"train/{key}")
+        assert [e.step for e in got] == [r["step"] for r in train]
+        assert [e.value for e in got] == pytest.approx([r[key] for r in train], rel=1e-6), key
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [(e.step, e.value) for e in board.Scalars("eval/loss")] == \
+        [(r["step"], pytest.approx(r["eval_loss"], rel=1e-6)) for r in evals]
+    assert "start/text_summary" in board.Tags()["tensors"]
 
 
 def test_eval_reproduces_the_final_eval_loss(first_run, capsys):

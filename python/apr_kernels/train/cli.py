@@ -179,19 +179,19 @@ def build_model(args, tokenizer_spec, *, device=None, load=None):
 # ------------------------------------------------------------------------------------ train
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
                  data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None,
-                 keep_last: int = 0):
+                 keep_last: int = 0, tensorboard=None):
     """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end).
 
     ``parallel``: DDP/FSDP (``distributed.parallelize``); rank 0 logs and writes the checkpoints.
     ``keep_last``: after each periodic checkpoint keep only the newest ``keep_last`` ``step_*.apr``
-    files of ``out`` (0: keep all).
+    files of ``out`` (0: keep all). ``tensorboard``: a folder for TensorBoard event files (rank 0).
     """
     from . import distributed
     from .checkpoint import restore_training_state
 
     main = parallel is None or parallel.is_main
     trainer = Trainer(model, train_tokens, eval_tokens, cfg, parallel=parallel,
-                      log=Logger(json_lines) if main else (lambda *a: None),
+                      log=Logger(json_lines, tensorboard=tensorboard) if main else (lambda *a: None),
                       eos_id=getattr(tokenizer, "eos_id", None))
     if resume_from:
         restore_training_state(resume_from, trainer)
@@ -218,7 +218,11 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
             for old in prune_checkpoints(out, keep_last):
                 t.log("checkpoint_removed", {"path": str(old)})
 
-    trainer.run(on_checkpoint=checkpoint, progress=progress)
+    try:
+        trainer.run(on_checkpoint=checkpoint, progress=progress)
+    finally:
+        if main:
+            trainer.log.close()
     return trainer
 
 
@@ -358,7 +362,8 @@ def _train(args, env, mode: str) -> int:
     out = Path(args.out)
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
-                           resume_from=args.resume, parallel=parallel, keep_last=args.keep_last)
+                           resume_from=args.resume, parallel=parallel, keep_last=args.keep_last,
+                           tensorboard=args.tensorboard)
     if trainer.last_eval:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
@@ -597,6 +602,8 @@ def register(subparsers) -> None:
     s.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="also write the logged values as TensorBoard event files into DIR")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("tokenize", help="fill the token cache ahead of `train` (same data arguments)")

@@ -139,11 +139,21 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 class Logger:
-    """Log lines on stdout (text or JSON), kept clear of the progress bar."""
+    """Log lines on stdout (text or JSON), kept clear of the progress bar; with ``tensorboard`` (a
+    folder) also TensorBoard event files: each train and eval record's numbers as scalars
+    ``train/<key>`` and ``eval/<key>`` at the record's step, the start record as text."""
 
-    def __init__(self, json_lines: bool = False, stream=None):
+    def __init__(self, json_lines: bool = False, stream=None, tensorboard: str | os.PathLike | None = None):
         self.json_lines = json_lines
         self.stream = stream
+        self.board = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError(f"--tensorboard {tensorboard}: the tensorboard package is not installed; "
+                                 f"pip install 'apr-kernels[tensorboard]'") from None
+            self.board = SummaryWriter(os.fspath(tensorboard))
 
     def __call__(self, event: str, record: dict) -> None:
         out = self.stream or sys.stdout
@@ -156,6 +166,25 @@ class Logger:
 
         tqdm.write(line, file=out)
         out.flush()
+        if self.board is not None:
+            self._to_board(event, record)
+
+    def _to_board(self, event: str, record: dict) -> None:
+        step = int(record.get("step") or 0)
+        if event == "start":
+            self.board.add_text("start", "  \n".join(f"{k}: {v}" for k, v in record.items()), step)
+        elif event in ("train", "eval"):
+            for key, v in record.items():
+                if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    name = key.removeprefix("eval_") if event == "eval" else key
+                    self.board.add_scalar(f"{event}/{name}", v, step)
+        else:
+            return
+        self.board.flush()  # visible to a running TensorBoard at once, and nothing lost on a crash
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def _fmt(key: str, v) -> str:

@@ -428,15 +428,15 @@ def _dpo(args, env, mode: str) -> int:
     else:
         torch.manual_seed(cfg.seed)
     parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
-    log = Logger(args.json) if env.is_main else (lambda *a: None)
+    log = Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None
     trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, eos_id=tok.eos_id, loss=preference_loss(dpo),
                                 device=device, log=log, ref=ref, parallel=parallel)
     if args.resume:
         restore_training_state(args.resume, trainer)
-    log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
-                  **trainer.loss.to_dict(), "steps": cfg.steps, "world": trainer.world,
-                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  "device": str(device), "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
+    trainer.log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+                          **trainer.loss.to_dict(), "steps": cfg.steps, "world": trainer.world,
+                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                          "device": str(device), "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -445,10 +445,14 @@ def _dpo(args, env, mode: str) -> int:
         extra = {"dpo.ref": t.ref} | ({"dpo.eval_ref": t.eval_ref} if t.eval_ref is not None else {})
         distributed.save_checkpoint(path, t, parallel, tokenizer=tok, merge_lora=final,
                                     extra_metadata={"training.dpo": dpo}, extra_tensors=None if final else extra)
-        log("checkpoint", {"step": t.step, "path": str(path)})
+        t.log("checkpoint", {"step": t.step, "path": str(path)})
 
-    trainer.run(on_checkpoint=checkpoint)
-    checkpoint(trainer, final=True)
+    try:
+        trainer.run(on_checkpoint=checkpoint)
+        checkpoint(trainer, final=True)
+    finally:
+        if log is not None:
+            log.close()
     return 0
 
 
@@ -492,4 +496,6 @@ def register(subparsers) -> None:
                    help="seconds a rank waits for the others before failing (default 600)")
     p.add_argument("--out", default="runs/dpo")
     p.add_argument("--json", action="store_true", help="log JSON lines")
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="also write the logged values as TensorBoard event files into DIR")
     p.set_defaults(func=cmd_dpo)
