@@ -4,6 +4,7 @@ held-out prompts, and the command line runs end to end."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +342,33 @@ def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path)
     with pytest.raises(ValueError, match=r"--tensorboard .*tb: the tensorboard package is not installed; "
                                          r"pip install 'apr-kernels\[tensorboard\]'"):
         Logger(tensorboard=tmp_path / "tb")
+
+
+def test_cli_dpo_resume_auto_and_keep_last(tmp_path, capsys):
+    """One command for a preemptible job: ``--resume auto`` continues from the newest step file of
+    --out (after a crash: the uninterrupted run's last loss), and does nothing once model.apr is
+    there; ``--keep-last 2`` leaves the two newest step files."""
+    from apr_kernels.cli import main
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init.apr", tokenizer=tok,
+                    model=Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False))
+    out = tmp_path / "o"
+    args = ["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(_pairs_file(tmp_path / "p.jsonl", THINGS)),
+            "--steps", "4", "--batch-size", "2", "--lr", "3e-3", "--max-len", "64", "--json", "--out", str(out),
+            "--save-every", "1", "--keep-last", "2", "--resume", "auto"]
+    assert main(args) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert sorted(p.name for p in out.glob("step_*.apr")) == ["step_000002.apr", "step_000003.apr"]
+    assert [Path(r["path"]).name for r in recs if r["event"] == "checkpoint_removed"] == ["step_000001.apr"]
+    (out / "model.apr").unlink()  # as if the job died before the end
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    resumed = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    assert "continuing from " + str(out / "step_000003.apr") in captured.err
+    assert [(r["step"], r["loss"]) for r in resumed if r["event"] == "train"] == \
+        [(r["step"], r["loss"]) for r in recs if r["event"] == "train"][3:]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "nothing to do" in captured.err and not captured.out

@@ -214,9 +214,8 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         distributed.save_checkpoint(path, t, parallel, tokenizer=_Tok(),
                                     extra_metadata={"training.data_spec": data_spec}, merge_lora=final)
         t.log("checkpoint", {"step": t.step, "path": str(path)})
-        if keep_last > 0 and main:
-            for old in prune_checkpoints(out, keep_last):
-                t.log("checkpoint_removed", {"path": str(old)})
+        if main:
+            prune_checkpoints(out, keep_last, t.log)
 
     try:
         trainer.run(on_checkpoint=checkpoint, progress=progress)
@@ -235,13 +234,16 @@ def step_checkpoints(out: Path) -> list[Path]:
     return [p for _, p in found]
 
 
-def prune_checkpoints(out: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` periodic checkpoints (``step_NNNNNN.apr``) in ``out``;
-    return the deleted paths. ``model.apr`` and other files are never touched."""
+def prune_checkpoints(out: Path, keep: int, log=None) -> list[Path]:
+    """Delete all but the newest ``keep`` periodic checkpoints (``step_NNNNNN.apr``) in ``out`` (none
+    when ``keep`` is 0); return the deleted paths, each also logged as ``checkpoint_removed`` through
+    ``log``. ``model.apr`` and other files are never touched."""
     steps = step_checkpoints(out)
     doomed = steps[:-keep] if keep > 0 else []
     for p in doomed:
         p.unlink(missing_ok=True)
+        if log is not None:
+            log("checkpoint_removed", {"path": str(p)})
     return doomed
 
 

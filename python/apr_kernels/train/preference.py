@@ -356,7 +356,10 @@ def cmd_dpo(args) -> int:
     (resumable with ``--resume``), ``--out/model.apr`` at the end (adapters merged). Under torchrun:
     DDP or FSDP (``--parallel``), rank 0 logging and writing the files."""
     from . import distributed
+    from .cli import resolve_auto_resume
 
+    if not resolve_auto_resume(args):  # --resume auto: the newest step file, or a fresh start, or done
+        return 0
     return distributed.run(args, lambda env, mode: _dpo(args, env, mode))
 
 
@@ -365,7 +368,7 @@ def _dpo(args, env, mode: str) -> int:
 
     from . import distributed
     from .checkpoint import restore_training_state, training_metadata
-    from .cli import load_tokenizer, pick_device
+    from .cli import load_tokenizer, pick_device, prune_checkpoints
     from .loop import Logger
 
     device = env.device if mode != "none" else pick_device(args.device)
@@ -446,6 +449,8 @@ def _dpo(args, env, mode: str) -> int:
         distributed.save_checkpoint(path, t, parallel, tokenizer=tok, merge_lora=final,
                                     extra_metadata={"training.dpo": dpo}, extra_tensors=None if final else extra)
         t.log("checkpoint", {"step": t.step, "path": str(path)})
+        if env.is_main:
+            prune_checkpoints(out, args.keep_last, t.log)
 
     try:
         trainer.run(on_checkpoint=checkpoint)
@@ -461,8 +466,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("dpo", help="preference fine-tuning (DPO) from an APR file")
     p.add_argument("--init", help="APR model to fine-tune (also the reference)")
     p.add_argument("--data", nargs="+", help="JSON Lines of {'prompt', 'chosen', 'rejected'}")
-    p.add_argument("--resume", help="a step_NNNNNN.apr of a dpo run: continue exactly where it stopped")
+    p.add_argument("--resume", help="a step_NNNNNN.apr of a dpo run: continue exactly where it stopped; auto: "
+                                    "the newest in --out (a fresh start without one, nothing when --out is finished)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
     p.add_argument("--eval-data", nargs="+", help="held-out pairs (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
