@@ -213,7 +213,9 @@ def runs(tmp_path_factory):
         ["train", "--resume", str(root / "fsdp_lora" / "step_000002.apr"), "--parallel", "fsdp", "--out",
          str(root / "fsdp_lora_resumed"), "--json", "--no-progress", "--fast", "off"],
         [*dpo, "--parallel", "ddp", "--out", str(root / "ddp_dpo")],
-        [*dpo, "--parallel", "fsdp", "--out", str(root / "fsdp_dpo")],
+        # the fused path (its CPU reference code) with padding-free batches: each rank's answers packed
+        # into one row, each a document
+        [*dpo, "--parallel", "fsdp", "--fast", "on", "--out", str(root / "fsdp_dpo")],
         ["dpo", "--resume", str(root / "fsdp_dpo" / "step_000002.apr"), "--parallel", "fsdp", "--json",
          "--out", str(root / "fsdp_dpo_resumed")],
     ]}
@@ -335,6 +337,7 @@ def test_dpo_on_two_ranks_matches_one_process(runs, run):
     got = _records(rank0["stdout"])
     start = next(r for r in got if r["event"] == "start")
     assert (start["world"], start["pairs"], start["eval_pairs"], start["kind"]) == (2, 11, 4, "robust")
+    assert start["padding_free"] == (run == "run7")
     for key in ("loss", "margin", "reward_chosen", "reward_acc", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
     for key in ("eval_loss", "eval_reward_acc"):

@@ -84,24 +84,36 @@ def test_bad_loss_settings_are_refused():
         PreferenceLoss(sft_weight=-1)
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_sequence_logps_are_transformers_answer_log_likelihoods(fast):
+# (head_dim 16: the smallest the Triton kernels take)
+@pytest.mark.parametrize("backend_name,padding_free", [("eager", False), ("eager", True), ("reference", False),
+                                                       ("reference", True), ("triton", True)])
+def test_sequence_logps_are_transformers_answer_log_likelihoods(use_backend, monkeypatch, backend_name, padding_free):
+    """Per-sequence answer log-likelihoods, from padded rows or from one packed row (each sequence a
+    document), on the eager path, the fused path's reference code and the Triton kernels (interpreter),
+    equal transformers' run on each sequence alone."""
     pytest.importorskip("transformers")
     from test_model import QWEN, hf_model, ours_from_hf
 
-    hf = hf_model(QWEN)
-    ours = ours_from_hf(hf, QWEN)
-    ours.fast = fast  # the fused output projection + loss per row, or the eager expression
+    cfg = QWEN.replace(hidden_size=112)
+    hf = hf_model(cfg)
+    ours = ours_from_hf(hf, cfg)
+    ours.fast = backend_name != "eager"
+    if ours.fast:
+        use_backend(backend_name)
+    from kernel_helpers import spy_launchers
+
+    calls = spy_launchers(monkeypatch, "attention", ("attention_fwd",))
     g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, QWEN.vocab_size, (n,), generator=g).tolist() for n in (9, 14)]
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (9, 14, 5)]
     # mark the first tokens of each as prompt (non-targets), the rest as the answer
     marked = [[-1 - t if i < 4 else t for i, t in enumerate(s)] for s in seqs]
-    got = sequence_logps(ours, padded(marked, eos_id=QWEN.vocab_size - 1), "cpu")
+    got = sequence_logps(ours, marked, "cpu", eos_id=cfg.vocab_size - 1, padding_free=padding_free)
     for k, s in enumerate(seqs):
         with torch.no_grad():
             logp = torch.log_softmax(hf(torch.tensor([s])).logits[0].double(), -1)
         want = sum(logp[i - 1, s[i]].item() for i in range(4, len(s)))
         assert got[k].item() == pytest.approx(want, rel=1e-5, abs=1e-4)
+    assert bool(calls) == (backend_name == "triton")  # the packed-sequence kernel ran
 
 
 def _pairs_file(path, things, chosen=" yes", rejected=" no"):
@@ -204,10 +216,10 @@ def test_cli_dpo_writes_a_model_that_prefers_the_chosen_answer(tmp_path, capsys)
     assert main(["dpo", "--resume", str(tmp_path / "s" / "model.apr"), "--out", str(tmp_path / "x")]) == 1
     tuned = from_apr(tmp_path / "o" / "model.apr", fast=False)
     pairs = read_pairs([data], tok, 64)[:4]
-    rows = padded([s for p in pairs for s in p], tok.eos_id)
+    seqs = [s for p in pairs for s in p]
     with torch.no_grad():
-        before = sequence_logps(model.eval(), rows, "cpu").view(-1, 2)
-        after = sequence_logps(tuned.eval(), rows, "cpu").view(-1, 2)
+        before = sequence_logps(model.eval(), seqs, "cpu", eos_id=tok.eos_id).view(-1, 2)
+        after = sequence_logps(tuned.eval(), seqs, "cpu", eos_id=tok.eos_id).view(-1, 2)
     assert ((after[:, 0] - after[:, 1]) > (before[:, 0] - before[:, 1])).all()
 
 
@@ -255,9 +267,9 @@ def test_gradient_accumulation_gives_the_whole_batch_step(tmp_path):
     from apr_kernels.train.loop import make_optimizer
 
     cfg = TrainConfig(steps=1, batch_size=4, seq_len=64, lr=3e-3, warmup=1)
-    ref = sequence_logps(model, padded([s for i in index.tolist() for s in train[i]], tok.eos_id), "cpu").view(4, 2)
-    ref = ref.detach()
-    pol = sequence_logps(model, padded([s for i in index.tolist() for s in train[i]], tok.eos_id), "cpu").view(4, 2)
+    seqs = [s for i in index.tolist() for s in train[i]]
+    ref = sequence_logps(model, seqs, "cpu", eos_id=tok.eos_id).view(4, 2).detach()
+    pol = sequence_logps(model, seqs, "cpu", eos_id=tok.eos_id).view(4, 2)
     h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
     objective = -torch.nn.functional.logsigmoid(0.5 * h).mean() + 0.7 * model.loss(x, y)
     opt = make_optimizer(model, cfg)
@@ -372,3 +384,31 @@ def test_cli_dpo_resume_auto_and_keep_last(tmp_path, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "nothing to do" in captured.err and not captured.out
+
+
+def test_padding_free_batches_train_like_padded_ones(tmp_path):
+    """The fused path with each micro-batch packed into one row (each answer a document: what the
+    packed-sequence kernel runs on a GPU) gives the padded batches' losses and weights; auto picks
+    packing only where the fast path runs."""
+    tok = byte_tokenizer()
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Is {t} hot?" + " Say." * (i % 4), "chosen": " yes" + " very" * (i % 3),
+                                        "rejected": " no"}) + "\n" for i, t in enumerate(THINGS[:12])))
+    train = read_pairs([path], tok, 64)
+    runs = {}
+    for padding_free in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=True)
+        cfg = TrainConfig(steps=3, batch_size=4, seq_len=64, lr=3e-3, warmup=1)
+        trainer = PreferenceTrainer(model, train, [], cfg, eos_id=tok.eos_id, padding_free=padding_free,
+                                    loss=PreferenceLoss(beta=0.5, sft_weight=0.3))
+        runs[padding_free] = ([h["loss"] for h in trainer.run()], model.state_dict(), trainer.ref)
+    (a, wa, ra), (b, wb, rb) = runs[False], runs[True]
+    torch.testing.assert_close(rb, ra, rtol=1e-5, atol=1e-5)
+    assert b == pytest.approx(a, rel=1e-5)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=3e-5, msg=name)
+    eager = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    assert PreferenceTrainer(eager, train, [], cfg, eos_id=tok.eos_id).padding_free is False
+    fast = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=True)
+    assert PreferenceTrainer(fast, train, [], cfg, eos_id=tok.eos_id).padding_free is True

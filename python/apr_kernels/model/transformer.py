@@ -299,7 +299,8 @@ class Transformer(nn.Module):
                 reduction: str = "mean", documents: Documents | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
         ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets, "sum", or
-        "sequence": the sum of each row, ``[B]``, the negated log-likelihood of each row's targets).
+        "sequence": the sum of each row, ``[B]``, the negated log-likelihood of each row's targets; with
+        ``documents``, of each document, ``[N]``).
 
         ``documents`` (``model/documents.py``): document masking. Each token attends only within its
         document and RoPE positions restart at each document, so every document's logits are those
@@ -318,14 +319,24 @@ class Transformer(nn.Module):
             return F.linear(h, self.output_weight)
         if self.use_fast(input_ids):
             ce = _ops().linear_cross_entropy
-            if reduction == "sequence":  # one fused call per row: a row's logits are the most held at once
-                return torch.stack([ce(h[i], self.output_weight, targets[i], reduction="sum")
-                                    for i in range(h.shape[0])])
+            if reduction == "sequence":  # one fused call per sequence: its logits are the most held at once
+                if documents is None:
+                    spans = [(h[i], targets[i]) for i in range(h.shape[0])]
+                else:  # (the bounds are read on the host: one small sync)
+                    bounds = documents.cu_seqlens.tolist()
+                    hf, tf = h.flatten(0, 1), targets.flatten()
+                    spans = [(hf[a:b], tf[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+                return torch.stack([ce(hs, self.output_weight, ts, reduction="sum") for hs, ts in spans])
             return ce(h, self.output_weight, targets, reduction=reduction)
         logits = F.linear(h, self.output_weight)
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                  reduction="none" if reduction == "sequence" else reduction, ignore_index=-100)
-        return losses.view(targets.shape).sum(1) if reduction == "sequence" else losses
+        if reduction != "sequence":
+            return losses
+        if documents is None:
+            return losses.view(targets.shape).sum(1)
+        doc, _ = documents.token_index(losses.numel())
+        return losses.new_zeros(documents.cu_seqlens.numel() - 1).index_add(0, doc, losses)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
              documents: Documents | None = None) -> torch.Tensor:

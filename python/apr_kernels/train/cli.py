@@ -102,7 +102,8 @@ def keep_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
-def _fast(value: str) -> bool | None:
+def tristate(value: str) -> bool | None:
+    """An auto|on|off choice: None (decide from the device), True or False."""
     return {"auto": None, "on": True, "off": False}[value]
 
 
@@ -157,7 +158,7 @@ def build_model(args, tokenizer_spec, *, device=None, load=None):
     from apr_kernels.model import DEFAULT_PRESET, Transformer, pad_vocab, preset
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
 
-    device, fast = device or pick_device(args.device), _fast(args.fast)
+    device, fast = device or pick_device(args.device), tristate(args.fast)
     load = load or (lambda path, dev, fst: from_apr(path, device=dev, fast=fst))
     if args.init:
         if args.preset:
@@ -320,7 +321,7 @@ def _train(args, env, mode: str) -> int:
         cfg = TrainConfig.from_dict(meta["training.config"])
         # a LoRA run resumes with its adapters (and its quantised base, if it had one)
         keep = {"lora": "keep", "lora_base_dtype": lora_base, "keep_quantized": True}
-        model = load(args.resume, device or pick_device(args.device), _fast(args.fast), **keep)
+        model = load(args.resume, device or pick_device(args.device), tristate(args.fast), **keep)
         tok = load_tokenizer(None, model.apr_metadata, args.resume)
     else:
         if not args.data:
@@ -431,7 +432,7 @@ def cmd_eval(args) -> int:
         keep_freed_memory()
     loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
-                            fast=_fast(args.fast), document_mask=args.document_mask, text_field=args.text_field)
+                            fast=tristate(args.fast), document_mask=args.document_mask, text_field=args.text_field)
     if n == 0:
         raise ValueError(f"{', '.join(args.data)}: no loss targets in the evaluated tokens (all of them are "
                          f"prompt tokens of supervised records); evaluate more tokens (--max-tokens)")

@@ -79,7 +79,7 @@ def run_demo(args) -> int:
     from apr_kernels.model.generate import generate
     from apr_kernels.tokenizer import Tokenizer
 
-    from .cli import _fast, evaluate_file, pick_device, run_training
+    from .cli import evaluate_file, pick_device, run_training, tristate
     from .data import tokenize_files
 
     t0 = time.perf_counter()
@@ -94,7 +94,7 @@ def run_demo(args) -> int:
     train_tokens = tokenize_files(train_files, tok, max_tokens=need)
     eval_tokens = tokenize_files(eval_files, tok, max_tokens=EVAL_TOKENS + 1)
     torch.manual_seed(0)
-    model = Transformer(cfg, fast=_fast(args.fast)).to(device)
+    model = Transformer(cfg, fast=tristate(args.fast)).to(device)
     print(f"demo: Qwen2-shaped model, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_heads} query / {cfg.num_kv_heads} KV heads (GQA {cfg.num_groups}:1), "
           f"vocab {cfg.vocab_size}, {cfg.num_parameters() / 1e6:.1f}M parameters, on {device}")
@@ -115,7 +115,7 @@ def run_demo(args) -> int:
     print(f"demo: held-out loss fell from {first:.3f} (step 0) to {last:.3f} (step {trainer.step}); "
           f"checkpoint {ckpt} ({ckpt.stat().st_size / 2**20:.0f} MiB)")
     loss, n = evaluate_file(str(ckpt), [str(f) for f in eval_files], seq_len=SEQ_LEN,
-                            max_tokens=EVAL_TOKENS, device=args.device, fast=_fast(args.fast))
+                            max_tokens=EVAL_TOKENS, device=args.device, fast=tristate(args.fast))
     match = "reproduces" if abs(loss - last) <= 1e-4 * max(1.0, abs(last)) else "DOES NOT reproduce"
     print(f"demo: reloaded checkpoint {match} the final eval loss ({loss:.6f} vs {last:.6f}); "
           f"by hand:\n  apr-kernels eval --init {shlex.quote(str(ckpt))} --data "

@@ -41,6 +41,10 @@ Under ``torchrun`` (DDP or FSDP, ``distributed.py``) ``--batch-size`` pairs is t
 rank draws the same pairs and trains on its equal share, so the gradient (a mean over ranks) and
 the logged values are the one-process ones; the reference and held-out log-likelihoods are computed
 on a share of the pairs per rank and gathered. ``--grad-accum K`` runs K such batches per step.
+
+Padding-free batches (``padding_free``, on by default where the package kernels run): the answers of
+a micro-batch go back to back into one row, each its own document (``model/documents.py``), so the
+packed-sequence attention kernel and one fused loss per answer see no padding.
 """
 
 from __future__ import annotations
@@ -115,10 +119,27 @@ def padded(seqs: list[list[int]], eos_id: int) -> torch.Tensor:
     return rows
 
 
-def sequence_logps(model, rows: torch.Tensor, device) -> torch.Tensor:
-    """Sum of the target tokens' log-probabilities per row of marked ids ``rows`` ``[N, L]`` (fp32).
-    ``model``: the ``Transformer``, or its ``distributed.Parallel`` (the loss runs through DDP/FSDP)."""
-    x, y = split_targets(rows)
+def packed(seqs: list[list[int]]):
+    """``(x, y, documents)``: the sequences' inputs and targets back to back in one row ``[1, T]``,
+    each sequence a document of its own (no padding: ``T`` is the sum of their lengths - 1)."""
+    from apr_kernels.model.documents import Documents
+
+    parts = [split_targets(torch.tensor([s])) for s in seqs]
+    lengths = torch.tensor([len(s) - 1 for s in seqs])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+    return (torch.cat([x for x, _ in parts], 1), torch.cat([y for _, y in parts], 1),
+            Documents(cu, int(lengths.max())))
+
+
+def sequence_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding_free: bool = False) -> torch.Tensor:
+    """Sum of the target tokens' log-probabilities of each of the marked id lists ``seqs`` (fp32 ``[N]``):
+    right-padded rows, or with ``padding_free`` one packed row with each sequence a document (the
+    packed-sequence attention kernel on the fast path: no compute on padding). ``model``: the
+    ``Transformer``, or its ``distributed.Parallel`` (the loss runs through DDP/FSDP)."""
+    if padding_free:
+        x, y, docs = packed(seqs)
+        return -model.loss(x.to(device), y.to(device), reduction="sequence", documents=docs.to(device)).float()
+    x, y = split_targets(padded(seqs, eos_id))
     return -model.loss(x.to(device), y.to(device), reduction="sequence").float()
 
 
@@ -207,7 +228,7 @@ class PreferenceTrainer:
     ``([P, 2], [E, 2] or None)`` when known (a resumed run), else computed from the model as given."""
 
     def __init__(self, model, pairs, eval_pairs, cfg: TrainConfig, *, eos_id: int, loss: PreferenceLoss | None = None,
-                 device=None, log=None, ref: tuple | None = None, parallel=None):
+                 device=None, log=None, ref: tuple | None = None, parallel=None, padding_free: bool | None = None):
         self.model, self.pairs, self.eval_pairs, self.cfg = model, pairs, eval_pairs, cfg
         self.loss = loss or PreferenceLoss()
         self.eos, self.parallel = eos_id, parallel
@@ -216,6 +237,11 @@ class PreferenceTrainer:
             raise ValueError(f"dpo: --batch-size {cfg.batch_size} is not a multiple of the world size {self.world}; "
                              f"expected an equal share of every batch of pairs per rank")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        # padding-free batches (one packed row per micro-batch): where the packed-sequence kernel runs;
+        # eager attention would mask a [T, T] square of the whole row instead, more work than padding
+        if padding_free is None:
+            padding_free = model.use_fast(torch.empty(0, device=self.device))
+        self.padding_free = padding_free
         self.autocast_dtype = autocast_dtype_for(cfg.precision, self.device)
         if self.autocast_dtype == torch.float16:
             raise ValueError("dpo: fp16 (loss scaling) is not supported; use --precision bf16 or fp32")
@@ -237,9 +263,10 @@ class PreferenceTrainer:
 
     def _batch_logps(self, pairs) -> torch.Tensor:
         """``[N, 2]`` answer log-likelihoods of ``pairs`` through the model (its DDP/FSDP wrapper)."""
-        rows = padded([s for pair in pairs for s in pair], self.eos)  # chosen, rejected, chosen, ...
+        seqs = [s for pair in pairs for s in pair]  # chosen, rejected, chosen, ...
         with self._autocast():
-            return sequence_logps(self.parallel or self.model, rows, self.device).view(len(pairs), 2)
+            return sequence_logps(self.parallel or self.model, seqs, self.device, eos_id=self.eos,
+                                  padding_free=self.padding_free).view(len(pairs), 2)
 
     @torch.no_grad()
     def _logps(self, pairs) -> torch.Tensor:
@@ -368,17 +395,19 @@ def _dpo(args, env, mode: str) -> int:
 
     from . import distributed
     from .checkpoint import restore_training_state, training_metadata
-    from .cli import load_tokenizer, pick_device, prune_checkpoints
+    from .cli import load_tokenizer, pick_device, prune_checkpoints, tristate
     from .loop import Logger
 
     device = env.device if mode != "none" else pick_device(args.device)
 
+    fast = tristate(args.fast)
+
     def load(path, **lora):
         if mode != "none":  # sharded on the meta device under FSDP (adapters added before sharding)
-            return distributed.from_apr(path, env, mode, **lora)
+            return distributed.from_apr(path, env, mode, fast=fast, **lora)
         from apr_kernels.model.loading import from_apr
 
-        return from_apr(path, device=device, **lora)
+        return from_apr(path, device=device, fast=fast, **lora)
 
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         meta = training_metadata(args.resume)
@@ -433,13 +462,15 @@ def _dpo(args, env, mode: str) -> int:
     parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
     log = Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None
     trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, eos_id=tok.eos_id, loss=preference_loss(dpo),
-                                device=device, log=log, ref=ref, parallel=parallel)
+                                device=device, log=log, ref=ref, parallel=parallel,
+                                padding_free=tristate(args.padding_free))
     if args.resume:
         restore_training_state(args.resume, trainer)
     trainer.log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
                           **trainer.loss.to_dict(), "steps": cfg.steps, "world": trainer.world,
                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                          "device": str(device), "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
+                          "device": str(device), "padding_free": trainer.padding_free,
+                          "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -483,6 +514,9 @@ def register(subparsers) -> None:
     p.add_argument("--sft-weight", type=float, default=0.0,
                    help="add this times the chosen answers' NLL per token (RPO; default 0)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per prompt + answer (longer ones are cut)")
+    p.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
+                   help="pack each micro-batch's answers into one row, each its own document, instead of padding "
+                        "them (auto: where the package kernels run)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch, over all ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -497,6 +531,8 @@ def register(subparsers) -> None:
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None)
+    p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
+                   help="package kernels (on), eager PyTorch (off), or kernels on CUDA only (auto)")
     p.add_argument("--parallel", choices=["ddp", "fsdp", "none"], default=None,
                    help="under torchrun: ddp (the default with several ranks) or fsdp")
     p.add_argument("--dist-timeout", type=float, default=600.0,
