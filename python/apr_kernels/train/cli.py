@@ -110,9 +110,15 @@ def tristate(value: str) -> bool | None:
 def data_spec(args) -> dict:
     """What data a run reads, from train's (or tokenize's) arguments: stored in checkpoints so
     ``--resume`` reads the same, and the token cache's key depends on it."""
-    return {"data": [os.path.abspath(p) for p in args.data],
+    spec = {"data": [os.path.abspath(p) for p in args.data],
             "eval_data": [os.path.abspath(p) for p in args.eval_data] if args.eval_data else None,
             "eval_fraction": args.eval_fraction, "max_tokens": args.max_tokens, "text_field": args.text_field}
+    if getattr(args, "data_weights", None):  # a mixture: each path a source (train/mixture.py)
+        if len(args.data_weights) != len(args.data):
+            raise ValueError(f"--data-weights: {len(args.data_weights)} weight(s) for {len(args.data)} --data "
+                             f"path(s); expected one weight per path")
+        spec["weights"] = list(args.data_weights)
+    return spec
 
 
 def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_dir=None, log=None,
@@ -120,7 +126,8 @@ def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_di
     """(train_tokens, eval_tokens) from a data spec (also stored in checkpoints for --resume), through
     the token cache in ``cache_dir`` unless it is None; ``packing`` "records": each laid out by
     ``data.pack_records`` (before the held-out split, so it takes whole rows)."""
-    from .data import TEXT_FIELD, cached_tokens, find_text_files, pack_records, split_holdout, tokenize_files
+    from .data import (TEXT_FIELD, cached_tokens, find_text_files, num_sequences, pack_records, split_holdout,
+                       tokenize_files)
 
     field = spec.get("text_field") or TEXT_FIELD
 
@@ -134,9 +141,27 @@ def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_di
     def packed(tokens):
         return pack_records(tokens, seq_len, _packing_eos(tokenizer)) if packing == "records" else tokens
 
+    held_out = spec.get("eval_data")
+    if spec.get("weights"):  # a mixture: one stream per source, held out from each by its weight
+        from .mixture import Mixture
+
+        weights, paths = spec["weights"], spec["data"]
+        streams, tails = [], []
+        for path, w in zip(paths, weights):
+            tokens = packed(tokens_of([path], spec.get("max_tokens")))
+            if not held_out:
+                n_eval = max(1, round(eval_tokens // seq_len * w / sum(weights)))
+                tokens, tail = split_holdout(tokens, seq_len, spec.get("eval_fraction", 0.05), n_eval, where=path)
+                tails.append(tail)
+            streams.append(tokens)
+        if held_out:
+            held = packed(tokens_of(held_out, eval_tokens + 1))
+        else:  # the tails back to back, each cut to whole sequences (the last keeps its target)
+            held = torch.cat([t[: num_sequences(t.numel(), seq_len) * seq_len] for t in tails[:-1]] + [tails[-1]])
+        return Mixture(streams, weights, seq_len, paths), held
     tokens = packed(tokens_of(spec["data"], spec.get("max_tokens")))
-    if spec.get("eval_data"):
-        return tokens, packed(tokens_of(spec["eval_data"], eval_tokens + 1))
+    if held_out:
+        return tokens, packed(tokens_of(held_out, eval_tokens + 1))
     return split_holdout(tokens, seq_len, spec.get("eval_fraction", 0.05),
                          max(1, eval_tokens // seq_len), where=", ".join(spec["data"]))
 
@@ -422,7 +447,8 @@ def cmd_tokenize(args) -> int:
     t0 = time.perf_counter()
     train, held = load_data(spec, tok, args.seq_len, args.eval_tokens, cache_dir=cache_dir,
                             log=lambda msg: print(msg, file=sys.stderr))
-    print(f"train_tokens={train.numel()} eval_tokens={held.numel()} seconds={time.perf_counter() - t0:.1f} "
+    n_train = train.n_tokens if hasattr(train, "n_tokens") else train.numel()  # a Mixture, or one stream
+    print(f"train_tokens={n_train} eval_tokens={held.numel()} seconds={time.perf_counter() - t0:.1f} "
           f"cache={cache_dir}")
     return 0
 
@@ -541,6 +567,9 @@ def register(subparsers) -> None:
                    help="size a preset's vocabulary to the tokenizer (rounded up to a multiple of 64)")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", help="text, JSON Lines or Parquet files, or folders of them")
+    g.add_argument("--data-weights", nargs="+", type=float, metavar="W",
+                   help="a mixture: one weight per --data path, each path a source drawn in that proportion "
+                        "(repeated or subsampled as needed)")
     g.add_argument("--eval-data", nargs="+", help="held-out text (default: the tail of --data)")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of --data")
     g.add_argument("--max-tokens", type=int, default=None, help="read at most this many training tokens")
@@ -611,6 +640,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("tokenize", help="fill the token cache ahead of `train` (same data arguments)")
     p.add_argument("--data", nargs="+", required=True, help="as for train")
+    p.add_argument("--data-weights", nargs="+", type=float, metavar="W", help="as for train (one cache entry per path)")
     p.add_argument("--eval-data", nargs="+", help="as for train")
     p.add_argument("--init", help="APR file whose embedded tokenizer train will use")
     p.add_argument("--tokenizer", help="as for train (default: --init's embedded one, else qwen2)")

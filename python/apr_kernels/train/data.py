@@ -30,6 +30,7 @@
   the stream, unless separate eval data is given.
 * Batches: sequence order is a fresh permutation per epoch from ``seed``; the only state is the number
   of sequences consumed so far (``position``), so resuming at a position replays the same batches.
+  Several sources in set proportions: ``mixture.py``.
 * Token cache (``cached_tokens``): the stream of a (files, tokenizer, max_tokens, text field) is saved once
   as an APR file (``tokens``, int32) in a cache folder, written to disk as it is produced (the corpus
   is never whole in memory, even the first time), and memory-mapped on this and later runs and

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from .data import BatchStream, batch, evaluate, sequences
+from .mixture import Mixture
 from .schedule import default_warmup, lr_at
 
 
@@ -243,12 +244,15 @@ class Trainer:
             if parallel is not None and parallel.mode == "fsdp":
                 raise ValueError("fp16 training (loss scaling) is not supported under FSDP; use bf16 or fp32")
             self.scaler = torch.amp.GradScaler(self.device.type)
-        self.train_seqs = sequences(train_tokens, config.seq_len)
+        # a token stream, or a Mixture of several (--data-weights) that already holds its sequences
+        mixture = train_tokens if isinstance(train_tokens, Mixture) else None
+        self.train_seqs = mixture if mixture is not None else sequences(train_tokens, config.seq_len)
         if len(self.train_seqs) == 0:
             raise ValueError(f"training data: {train_tokens.numel()} tokens; expected at least "
                              f"{config.seq_len + 1} for one sequence of --seq-len {config.seq_len}")
         self.eval_tokens = eval_tokens
-        self.batches = BatchStream(len(self.train_seqs), seed=config.seed)
+        self.batches = (mixture.stream(config.seed) if mixture is not None
+                        else BatchStream(len(self.train_seqs), seed=config.seed))
         self.optimizer = make_optimizer(self.model, config)
         self.step = 0
         self.log = log or Logger()
@@ -370,6 +374,8 @@ class Trainer:
                 torch.empty(0, device=self.device)),
             "document_mask": c.document_mask, "lora_rank": lora["rank"] if lora else None,
             "lr_schedule": c.lr_schedule,
+            **({"mixture": self.train_seqs.describe(c.steps * c.batch_size * c.grad_accum)}
+               if isinstance(self.train_seqs, Mixture) else {}),
         }
 
     # --------------------------------------------------------------------------------- the run
