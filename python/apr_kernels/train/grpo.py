@@ -1,0 +1,402 @@
+"""Reinforcement learning from reward functions with GRPO (Shao et al., 2024): ``apr-kernels grpo``.
+
+Each step takes ``batch_size`` prompts, samples ``num_generations`` completions of each from the
+model (``model/generate.py``: KV cache, temperature / top-k / top-p, stopping at the end-of-text id
+or the chat turn's closing token), scores every completion with the reward functions, and turns the
+scores into group-relative advantages, ``A = (r - mean(group)) / (std(group) + 1e-4)`` (the
+unbiased std over the prompt's completions, as TRL's ``scale_rewards="group"``). The loss is the
+policy-gradient objective over all completion tokens of the step (TRL's default ``loss_type="dapo"``
+normalisation)::
+
+    loss = -sum_i A_i * log pi(completion_i | prompt_i) / (completion tokens of the step)
+
+This is GRPO with one optimisation step per generation batch (TRL's ``num_iterations=1``: the PPO
+ratio is 1, so its clipping never acts) and no KL penalty (TRL's default ``beta=0``); the sequence
+log-likelihoods come from the model's loss per sequence (``preference.sequence_logps``, padding-free
+where the package kernels run).
+
+Data: JSON Lines records with a ``prompt``, a string (encoded as is, after the begin-of-text id when
+the tokenizer adds one) or a list of messages (rendered with the chat format and the assistant's
+header, ``chat.generation_prompt``). Every other field of a record goes to the reward functions.
+
+Reward functions (``--reward FILE.py:NAME`` or ``--reward package.module:NAME``, several allowed,
+summed with ``--reward-weights``) are called as TRL calls them::
+
+    NAME(prompts=[...], completions=[...], completion_ids=[[...]], **fields) -> list[float | None]
+
+one entry per completion: ``prompts`` and ``completions`` strings (for message prompts, the prompt's
+message list and ``[{"role": "assistant", "content": text}]``), each other record field as a list
+aligned with the completions. ``None`` means "not applicable": that function is left out of the sum
+for that completion (a completion no function scores is an error).
+
+Checkpoints are the trainer's: ``step_NNNNNN.apr`` every ``--save-every`` steps (resumable exactly:
+sampling is seeded by the seed and the step), ``model.apr`` at the end (LoRA adapters merged). One
+process.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .data import BatchStream
+from .loop import TrainConfig, autocast_dtype_for, make_optimizer
+
+
+# ------------------------------------------------------------------------------------------- data
+def read_prompts(paths, tokenizer, max_prompt_len: int) -> list[dict]:
+    """Prompt records of the JSON Lines ``paths``: ``{"prompt", "ids", "stops", "fields"}``."""
+    from .chat import generation_prompt
+    from .data import document_bos, find_text_files
+
+    eos = getattr(tokenizer, "eos_id", None)
+    records = []
+    for path in find_text_files(paths):
+        if not path.name.endswith((".jsonl", ".jsonl.gz")):
+            raise ValueError(f"{path}: prompt data must be JSON Lines (.jsonl, .jsonl.gz) records with a 'prompt'")
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or "prompt" not in record:
+                    raise ValueError(f"{where}: a prompt record needs a 'prompt' (a string or a list of messages)")
+                prompt = record["prompt"]
+                stops = {eos} if eos is not None else set()
+                if isinstance(prompt, str):
+                    ids = tokenizer.encode(prompt, special=False)
+                    bos = document_bos(tokenizer)
+                    ids = ([bos] if bos is not None else []) + ids
+                elif isinstance(prompt, list):
+                    text, close = generation_prompt(prompt, tokenizer)
+                    ids = tokenizer.encode(text, special=True)
+                    stops.add(close)
+                else:
+                    raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got "
+                                     f"{type(prompt).__name__}")
+                if not ids:
+                    raise ValueError(f"{where}: the prompt encodes to no tokens")
+                if len(ids) > max_prompt_len:
+                    raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than --max-prompt-len "
+                                     f"{max_prompt_len}")
+                records.append({"prompt": prompt, "ids": ids, "stops": sorted(s for s in stops if s is not None),
+                                "fields": {k: v for k, v in record.items() if k != "prompt"}})
+    if not records:
+        raise ValueError(f"grpo: no prompt records in {', '.join(map(str, paths))}")
+    return records
+
+
+# ---------------------------------------------------------------------------------------- rewards
+def load_reward(spec: str):
+    """The function named by ``FILE.py:NAME`` or ``module.path:NAME`` (its name for the logs is NAME)."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise ValueError(f"--reward {spec!r}: expected FILE.py:NAME or package.module:NAME")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ValueError(f"--reward {spec!r}: no file {path}")
+        mod_spec = importlib.util.spec_from_file_location(f"apr_kernels_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ValueError(f"--reward {spec!r}: cannot import {where} ({exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward {spec!r}: {where} has no function {name!r}")
+    return fn
+
+
+def score(functions: dict, weights: list[float], prompts: list, completions: list, completion_ids: list[list[int]],
+          fields: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+    """(weighted sum of the functions' rewards per completion ``[N]``, each function's mean)."""
+    n = len(completions)
+    columns = {key: [f.get(key) for f in fields] for key in sorted({k for f in fields for k in f})}
+    table = torch.full((len(functions), n), float("nan"), dtype=torch.float64)
+    means = {}
+    for row, (name, fn) in enumerate(functions.items()):
+        out = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        if not isinstance(out, (list, tuple)) or len(out) != n:
+            raise ValueError(f"reward {name}: returned {type(out).__name__}"
+                             f"{f' of {len(out)}' if isinstance(out, (list, tuple)) else ''}; expected a list of "
+                             f"{n} numbers (one per completion)")
+        for i, v in enumerate(out):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"reward {name}: completion {i} scored {v!r}; expected a finite number or None")
+            table[row, i] = float(v)
+        scored = table[row][~table[row].isnan()]
+        means[name] = float(scored.mean()) if scored.numel() else float("nan")
+    unscored = table.isnan().all(0)
+    if unscored.any():
+        raise ValueError(f"reward: completion {int(unscored.nonzero()[0, 0])} was scored None by every function")
+    w = torch.tensor(weights, dtype=torch.float64)[:, None]
+    return torch.nansum(table * w, 0), means
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """``[P, G]`` rewards -> advantages: each group centred on its mean and divided by its std + 1e-4."""
+    if rewards.shape[1] < 2:
+        raise ValueError("grpo: --num-generations must be at least 2 (advantages compare a prompt's completions)")
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+
+
+# ---------------------------------------------------------------------------------------- trainer
+class GRPOTrainer:
+    """GRPO on ``prompts`` (``read_prompts``) with ``rewards`` (name -> function) and their ``weights``;
+    ``TrainConfig`` gives the optimiser, schedule, clipping, prompts per step (``batch_size``),
+    precision and seed. ``sampling``: ``num_generations``, ``max_new_tokens``, ``temperature``,
+    ``top_k``, ``top_p``."""
+
+    def __init__(self, model, prompts: list[dict], rewards: dict, cfg: TrainConfig, *, tokenizer,
+                 num_generations: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, reward_weights: list[float] | None = None,
+                 device=None, log=None, padding_free: bool | None = None):
+        if cfg.grad_accum != 1:
+            raise ValueError("grpo: --grad-accum is not supported; each prompt's group is its own micro-batch")
+        if not rewards:
+            raise ValueError("grpo: no reward function (--reward FILE.py:NAME)")
+        weights = list(reward_weights) if reward_weights else [1.0] * len(rewards)
+        if len(weights) != len(rewards):
+            raise ValueError(f"--reward-weights: {len(weights)} weight(s) for {len(rewards)} reward function(s)")
+        if num_generations < 2:
+            raise ValueError("grpo: --num-generations must be at least 2 (advantages compare a prompt's completions)")
+        if temperature <= 0:
+            raise ValueError(f"grpo: --temperature {temperature}; expected > 0 (the completions of a prompt must differ)")
+        self.model, self.prompts, self.rewards, self.weights, self.cfg = model, prompts, rewards, weights, cfg
+        self.tok = tokenizer
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.num_generations, self.max_new_tokens = num_generations, max_new_tokens
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if padding_free is None:
+            padding_free = model.use_fast(torch.empty(0, device=self.device))
+        self.padding_free = padding_free
+        self.autocast_dtype = autocast_dtype_for(cfg.precision, self.device)
+        if self.autocast_dtype == torch.float16:
+            raise ValueError("grpo: fp16 (loss scaling) is not supported; use --precision bf16 or fp32")
+        self.log = log or (lambda *a: None)
+        self.optimizer = make_optimizer(model, cfg)
+        self.batches = BatchStream(len(prompts), seed=cfg.seed)
+        self.step = 0
+        self.last_eval = None  # (checkpoint.save_checkpoint reads it)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)
+
+    def sample_group(self, record: dict, generator: torch.Generator) -> list[list[int]]:
+        """``num_generations`` completions of one prompt (ids after the prompt, the stop id included
+        when one was produced)."""
+        from apr_kernels.model.generate import generate
+
+        prompt = torch.tensor([record["ids"]] * self.num_generations)
+        with self._autocast():
+            out = generate(self.model, prompt, self.max_new_tokens, eos_id=record["stops"] or None,
+                           generator=generator, vocab_size=self.tok.vocab_size, **self.sampling)
+        completions = []
+        for row in out[:, prompt.shape[1]:].tolist():
+            stop = next((i for i, t in enumerate(row) if t in record["stops"]), None)
+            completions.append(row if stop is None else row[: stop + 1])
+        return completions
+
+    def train_step(self) -> dict:
+        from .preference import sequence_logps
+
+        c = self.cfg
+        t0 = time.perf_counter()
+        lr = c.lr_at_step(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        index = self.batches.next(c.batch_size).tolist()
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)  # resumable sampling
+        records = [self.prompts[i] for i in index]
+        groups = [self.sample_group(r, generator) for r in records]
+        # rewards of all completions of the step at once (functions may batch their work)
+        flat = [(r, ids) for r, g in zip(records, groups) for ids in g]
+        stops = [set(r["stops"]) for r, _ in flat]
+        texts = [self.tok.decode([t for t in ids if t not in s]) for (r, ids), s in zip(flat, stops)]
+        chat = [isinstance(r["prompt"], list) for r, _ in flat]
+        rewards, means = score(self.rewards, self.weights, [r["prompt"] for r, _ in flat],
+                               [[{"role": "assistant", "content": t}] if m else t for t, m in zip(texts, chat)],
+                               [ids for _, ids in flat], [r["fields"] for r, _ in flat])
+        rewards = rewards.view(len(records), self.num_generations)
+        advantages = group_advantages(rewards)
+        n_tokens = max(1, sum(len(ids) for g in groups for ids in g))
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for record, group, adv in zip(records, groups, advantages):
+            if not adv.abs().max() > 0:  # every completion scored alike: no signal, skip the forward
+                continue
+            seqs = [[-1 - t for t in record["ids"]] + ids for ids in group]  # the prompt is no target
+            with self._autocast():
+                logps = sequence_logps(self.model, seqs, self.device, eos_id=self.tok.eos_id,
+                                       padding_free=self.padding_free)
+            objective = -(adv.to(logps.device, logps.dtype) * logps).sum() / n_tokens
+            objective.backward()
+            total += float(objective.detach())
+        grad_norm = None
+        if c.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+        self.optimizer.step()
+        self.step += 1
+        lengths = [len(ids) for g in groups for ids in g]
+        truncated = [not any(t in s for t in ids[-1:]) for (_, ids), s in zip(flat, stops)]
+        rec = {"step": self.step, "loss": total, "lr": lr, "reward": float(rewards.mean()),
+               "reward_std": float(rewards.std(1).mean()), **{f"reward_{k}": v for k, v in means.items()},
+               "frac_reward_zero_std": float((rewards.std(1) == 0).float().mean()),
+               "completion_len": sum(lengths) / len(lengths), "truncated": sum(truncated) / len(truncated),
+               "grad_norm": grad_norm, "s": time.perf_counter() - t0}
+        if not math.isfinite(total):
+            raise RuntimeError(f"grpo diverged: loss={total} at step {self.step} (lower --lr?)")
+        return rec
+
+    def run(self, on_checkpoint=None) -> list[dict]:
+        """Train to ``cfg.steps``; ``on_checkpoint(self)`` every ``cfg.save_every`` steps."""
+        history = []
+        while self.step < self.cfg.steps:
+            rec = self.train_step()
+            history.append({"event": "train", **rec})
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                self.log("train", rec)
+            if on_checkpoint and self.cfg.save_every and self.step % self.cfg.save_every == 0 \
+                    and self.step < self.cfg.steps:
+                on_checkpoint(self)
+        return history
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def cmd_grpo(args) -> int:
+    """``apr-kernels grpo``: GRPO from an APR file; ``--out/step_NNNNNN.apr`` every ``--save-every``
+    steps (resumable with ``--resume``), ``--out/model.apr`` at the end (adapters merged)."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    from .checkpoint import restore_training_state, save_checkpoint, training_metadata
+    from .cli import load_tokenizer, pick_device, prune_checkpoints, resolve_auto_resume, tristate
+    from .loop import Logger
+
+    if not resolve_auto_resume(args):
+        return 0
+    device = pick_device(args.device)
+    if args.resume:  # everything but the device and the output folder comes from the checkpoint
+        meta = training_metadata(args.resume)
+        grpo = meta.get("training.grpo")
+        if not isinstance(grpo, dict):
+            raise ValueError(f"{args.resume}: not a checkpoint of a grpo run (no metadata training.grpo)")
+        cfg = TrainConfig.from_dict(meta["training.config"])
+        load = {"lora": "keep"}
+    else:
+        if not (args.init and args.data and args.reward):
+            raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME are required "
+                             "(or --resume STEP.apr)")
+        grpo = {"init": str(args.init), "data": [str(Path(p).resolve()) for p in args.data],
+                "rewards": [_absolute_reward(s) for s in args.reward], "reward_weights": args.reward_weights,
+                "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens,
+                "max_prompt_len": args.max_prompt_len, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "tokenizer": args.tokenizer}
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.max_prompt_len + args.max_new_tokens,
+                          lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                          save_every=args.save_every, seed=args.seed, precision=args.precision)
+        lora = None
+        if args.lora_rank:
+            lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
+                    "seed": args.seed}
+        load = {"lora_init": lora}
+    rewards = {s.rpartition(":")[2]: load_reward(s) for s in grpo["rewards"]}  # fail before the model loads
+    source = args.resume or grpo["init"]
+    model = from_apr(source, device=device, fast=tristate(args.fast), **load)
+    tok = load_tokenizer(grpo["tokenizer"], model.apr_metadata, source)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{source}: tokenizer")
+    prompts = read_prompts(grpo["data"], tok, grpo["max_prompt_len"])
+    if grpo["max_prompt_len"] + grpo["max_new_tokens"] > model.config.max_position_embeddings:
+        raise ValueError(f"--max-prompt-len {grpo['max_prompt_len']} + --max-new-tokens {grpo['max_new_tokens']} "
+                         f"exceed the model's max_position_embeddings {model.config.max_position_embeddings}")
+    if not args.resume:
+        torch.manual_seed(cfg.seed)
+    log = Logger(args.json, tensorboard=args.tensorboard)
+    trainer = GRPOTrainer(model, prompts, rewards, cfg, tokenizer=tok, num_generations=grpo["num_generations"],
+                          max_new_tokens=grpo["max_new_tokens"], temperature=grpo["temperature"],
+                          top_k=grpo["top_k"], top_p=grpo["top_p"], reward_weights=grpo["reward_weights"],
+                          device=device, log=log, padding_free=tristate(args.padding_free))
+    if args.resume:
+        restore_training_state(args.resume, trainer)
+    log("start", {"step": trainer.step, "prompts": len(prompts), "steps": cfg.steps, "rewards": list(rewards),
+                  "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "device": str(device),
+                  "padding_free": trainer.padding_free, "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(t: GRPOTrainer, final: bool = False) -> None:
+        path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
+        save_checkpoint(path, t, tokenizer=tok, merge_lora=final, extra_metadata={"training.grpo": grpo})
+        t.log("checkpoint", {"step": t.step, "path": str(path)})
+        prune_checkpoints(out, args.keep_last, t.log)
+
+    try:
+        trainer.run(on_checkpoint=checkpoint)
+        checkpoint(trainer, final=True)
+    finally:
+        log.close()
+    return 0
+
+
+def _absolute_reward(spec: str) -> str:
+    """A ``FILE.py:NAME`` spec with the file's absolute path (so ``--resume`` finds it from anywhere)."""
+    where, _, name = spec.rpartition(":")
+    return f"{Path(where).resolve()}:{name}" if where.endswith(".py") else spec
+
+
+def register(subparsers) -> None:
+    d = TrainConfig()
+    p = subparsers.add_parser("grpo", help="reinforcement learning from reward functions (GRPO) from an APR file")
+    p.add_argument("--init", help="APR model to train")
+    p.add_argument("--data", nargs="+", help="JSON Lines of {'prompt': text or messages, ...fields for the rewards}")
+    p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME",
+                   help="reward function(s): NAME(prompts, completions, completion_ids, **fields) -> list of floats")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (default 1)")
+    p.add_argument("--resume", help="a step_NNNNNN.apr of a grpo run; auto: the newest in --out")
+    p.add_argument("--num-generations", type=int, default=8, help="completions sampled per prompt (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion at most (default 256)")
+    p.add_argument("--max-prompt-len", type=int, default=512, help="longest prompt in tokens (default 512)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per step (each with --num-generations completions)")
+    p.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
+                   help="pack each group's sequences into one row (auto: where the package kernels run)")
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None)
+    p.add_argument("--fast", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--out", default="runs/grpo")
+    p.add_argument("--json", action="store_true", help="log JSON lines")
+    p.add_argument("--tensorboard", metavar="DIR", default=None)
+    p.set_defaults(func=cmd_grpo)

@@ -1,0 +1,183 @@
+"""GRPO (train/grpo.py): group advantages and reward scoring as TRL defines them, one step equal to
+AdamW on the policy-gradient objective written out by hand, the reward rising on a toy task, chat
+prompts handed to reward functions in TRL's conversational form, and exact resume from the CLI."""
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+from apr_kernels.model import Transformer, pad_vocab, preset
+from apr_kernels.train.checkpoint import save_checkpoint
+from apr_kernels.train.cli import byte_tokenizer
+from apr_kernels.train.data import BatchStream
+from apr_kernels.train.grpo import GRPOTrainer, group_advantages, load_reward, read_prompts, score
+from apr_kernels.train.loop import TrainConfig
+
+REWARDS = '''
+def letters(prompts, completions, **kw):
+    """Share of the completion that is lowercase ASCII letters (random bytes: about 1 in 10)."""
+    return [sum(c.isascii() and c.islower() for c in text) / max(1, len(text)) for text in completions]
+'''
+
+
+def _letters(completions):
+    return [sum(c.isascii() and c.islower() for c in t) / max(1, len(t)) for t in completions]
+
+
+def _model(tok, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+
+
+def _prompts_file(path, prompts, **fields):
+    path.write_text("".join(json.dumps({"prompt": p, **fields}) + "\n" for p in prompts))
+    return path
+
+
+def test_group_advantages_are_centred_and_scaled_per_prompt():
+    rewards = torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0], [0.0, 3.0, 1.0, -1.0]], dtype=torch.float64)
+    got = group_advantages(rewards)
+    for g, row in enumerate(rewards.tolist()):
+        mean, std = statistics.mean(row), statistics.stdev(row)  # the unbiased std, as torch.std and TRL
+        assert got[g].tolist() == pytest.approx([(r - mean) / (std + 1e-4) for r in row], rel=1e-12)
+    assert not got[1].any()  # equal rewards: no signal
+    with pytest.raises(ValueError, match="--num-generations must be at least 2"):
+        group_advantages(rewards[:, :1])
+
+
+def test_scores_are_weighted_sums_with_none_left_out():
+    def a(prompts, completions, completion_ids, **kw):
+        return [1.0, None, 3.0]
+
+    def b(prompts, completions, completion_ids, answer, **kw):
+        return [float(c == x) for c, x in zip(completions, answer)]
+
+    total, means = score({"a": a, "b": b}, [0.5, 2.0], ["p"] * 3, ["x", "y", "z"], [[1], [2], [3]],
+                         [{"answer": "x"}, {"answer": "q"}, {"answer": "z"}])
+    assert total.tolist() == [0.5 * 1 + 2 * 1, 2 * 0, 0.5 * 3 + 2 * 1]
+    assert means == {"a": 2.0, "b": pytest.approx(2 / 3)}
+    with pytest.raises(ValueError, match="reward a: returned list of 2; expected a list of 3 numbers"):
+        score({"a": lambda **k: [1, 2]}, [1], ["p"] * 3, ["x"] * 3, [[1]] * 3, [{}] * 3)
+    with pytest.raises(ValueError, match="reward a: completion 1 scored 'bad'"):
+        score({"a": lambda **k: [1, "bad", 2]}, [1], ["p"] * 3, ["x"] * 3, [[1]] * 3, [{}] * 3)
+    with pytest.raises(ValueError, match="completion 0 was scored None by every function"):
+        score({"a": lambda **k: [None, 1, 2]}, [1], ["p"] * 3, ["x"] * 3, [[1]] * 3, [{}] * 3)
+
+
+def test_reward_specs_name_what_is_wrong(tmp_path):
+    (tmp_path / "r.py").write_text(REWARDS)
+    assert load_reward(f"{tmp_path / 'r.py'}:letters")(prompts=[], completions=["ab"]) == [1.0]
+    assert load_reward("statistics:mean") is statistics.mean
+    with pytest.raises(ValueError, match="expected FILE.py:NAME"):
+        load_reward("letters")
+    with pytest.raises(ValueError, match="no file"):
+        load_reward(f"{tmp_path / 'missing.py'}:letters")
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_reward(f"{tmp_path / 'r.py'}:nope")
+    with pytest.raises(ValueError, match="cannot import no_such_module_xyz"):
+        load_reward("no_such_module_xyz:f")
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager-padded", "fused-padding-free"])
+def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast):
+    """The trainer's step against the objective written out: the same sampled completions (the seed
+    and step fix them), rewards from the function, advantages with statistics.stdev, and
+    -sum A_i log p(completion_i) / (completion tokens), each log-likelihood from the model's summed
+    loss on that sequence alone; its clipped gradients are the ones the trainer stepped with."""
+    tok = byte_tokenizer()
+    prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["Write:", "Say it:", "Go:"])], tok, 32)
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=48, lr=3e-3, warmup=1)
+    trained = _model(tok)
+    trained.fast = fast  # the fused loss per sequence, each group packed into one row
+    trainer = GRPOTrainer(trained, prompts, {"letters": lambda prompts, completions, **kw: _letters(completions)},
+                          cfg, tokenizer=tok, num_generations=4, max_new_tokens=6)
+    rec = trainer.train_step()
+    assert trainer.padding_free == fast
+
+    model = _model(tok)
+    index = BatchStream(len(prompts), seed=cfg.seed).next(2).tolist()
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 0)
+    helper = GRPOTrainer(model, prompts, {"x": lambda **kw: []}, cfg, tokenizer=tok, num_generations=4,
+                         max_new_tokens=6)
+    groups = [helper.sample_group(prompts[i], generator) for i in index]
+    rewards = [_letters([tok.decode([t for t in ids if t != tok.eos_id]) for ids in g]) for g in groups]
+    assert rec["reward"] == pytest.approx(statistics.mean(r for g in rewards for r in g), rel=1e-12)
+    n_tokens = sum(len(ids) for g in groups for ids in g)
+    objective = 0.0
+    for i, g, r in zip(index, groups, rewards):
+        mean, std = statistics.mean(r), statistics.stdev(r)
+        for ids, reward in zip(g, r):
+            seq = torch.tensor([prompts[i]["ids"] + ids])
+            targets = seq[:, 1:].clone()
+            targets[:, : len(prompts[i]["ids"]) - 1] = -100  # the prompt is no target
+            logp = -model.loss(seq[:, :-1], targets, reduction="sum")
+            objective = objective - (reward - mean) / (std + 1e-4) * logp / n_tokens
+    objective.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    assert rec["loss"] == pytest.approx(objective.item(), rel=1e-5, abs=1e-7)
+    assert rec["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
+    # the clipped gradients the trainer's AdamW step used (compared as gradients: AdamW's first step is
+    # about lr x sign(gradient), which float noise flips in near-zero gradients)
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), trained.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
+def test_chat_prompts_reach_the_rewards_as_messages_and_answers_stop_at_the_turns_end(tmp_path, monkeypatch):
+    from apr_kernels.model import generate as gen
+    from apr_kernels.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)},
+                               {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}, eos_id=256)
+    path = _prompts_file(tmp_path / "p.jsonl", [[{"role": "user", "content": "hi"}]], answer="x")
+    prompts = read_prompts([path], tok, 64)
+    assert tok.decode(prompts[0]["ids"]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert prompts[0]["stops"] == [256, 258]
+    # sampled rows as generate returns them: rows that stopped repeat their stop id to the end
+    tails = [[104, 258, 258, 258, 258], [104, 105, 106, 107, 108], [256, 256, 256, 256, 256]]
+    monkeypatch.setattr(gen, "generate", lambda model, prompt, n, **kw: torch.cat(
+        [prompt, torch.tensor(tails)], 1))
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, answer, **kw):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, answer=answer)
+        return [float(len(c[0]["content"])) for c in completions]
+
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(259)), fast=False)
+    trainer = GRPOTrainer(model, prompts, {"spy": spy}, TrainConfig(steps=1, batch_size=1, seq_len=80), tokenizer=tok,
+                          num_generations=3, max_new_tokens=5)
+    rec = trainer.train_step()
+    assert seen["prompts"] == [[{"role": "user", "content": "hi"}]] * 3 and seen["answer"] == ["x"] * 3
+    assert seen["ids"] == [[104, 258], [104, 105, 106, 107, 108], [256]]  # cut after the first stop id
+    assert [c[0]["content"] for c in seen["completions"]] == ["h", "hijkl", ""]
+    assert all(c[0]["role"] == "assistant" and len(c) == 1 for c in seen["completions"])
+    assert rec["truncated"] == pytest.approx(1 / 3) and rec["completion_len"] == pytest.approx(8 / 3)
+
+
+def test_cli_grpo_raises_the_reward_and_resumes_exactly(tmp_path, capsys):
+    from apr_kernels.cli import main
+
+    tok = byte_tokenizer()
+    save_checkpoint(tmp_path / "init.apr", model=_model(tok), tokenizer=tok)
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    data = _prompts_file(tmp_path / "p.jsonl", ["Write:", "Say:", "Go:", "Now:"])
+    args = ["grpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--reward",
+            f"{tmp_path / 'rewards.py'}:letters", "--steps", "30", "--batch-size", "2", "--num-generations", "8",
+            "--max-new-tokens", "8", "--max-prompt-len", "32", "--lr", "1e-2", "--json", "--save-every", "20",
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rewards = [r["reward"] for r in recs if r["event"] == "train"]
+    assert statistics.mean(rewards[:5]) < 0.25 and statistics.mean(rewards[-5:]) > 0.6
+    assert main(["grpo", "--resume", str(tmp_path / "o" / "step_000020.apr"), "--json", "--out",
+                 str(tmp_path / "r")]) == 0
+    resumed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["reward"] for r in resumed if r["event"] == "train"] == rewards[20:]
+    assert [r["loss"] for r in resumed if r["event"] == "train"] == \
+        [r["loss"] for r in recs if r["event"] == "train"][20:]
+    assert not math.isnan(recs[-2]["grad_norm"])
+    assert main([*args[:6], f"{tmp_path / 'rewards.py'}:nope", *args[7:]]) == 1
+    assert "has no function 'nope'" in capsys.readouterr().err
