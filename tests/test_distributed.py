@@ -190,6 +190,18 @@ def runs(tmp_path_factory):
            "--label-smoothing", "0.1", "--dist-timeout", "60"]
     code, one_dpo_out = _cli(main, [*dpo, "--out", str(root / "one_dpo")])
     assert code == 0
+    # GRPO: 4 prompts per step (2 per rank), each prompt's 4 completions sampled on its rank
+    (root / "rewards.py").write_text("def letters(prompts, completions, **kw):\n"
+                                     "    return [sum(c.isascii() and c.islower() for c in t) / max(1, len(t)) "
+                                     "for t in completions]\n")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Write:", "Say:", "Go:", "Now:", "Then:")))
+    grpo = ["grpo", "--init", str(init), "--tokenizer", "bytes", "--data", str(prompts), "--reward",
+            f"{root / 'rewards.py'}:letters", "--steps", str(STEPS), "--batch-size", "4", "--num-generations", "4",
+            "--max-new-tokens", "6", "--max-prompt-len", "16", "--lr", "1e-2", "--json", "--seed", "5",
+            "--save-every", "2", "--dist-timeout", "60"]
+    code, one_grpo_out = _cli(main, [*grpo, "--out", str(root / "one_grpo")])
+    assert code == 0
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
@@ -218,6 +230,8 @@ def runs(tmp_path_factory):
         [*dpo, "--parallel", "fsdp", "--fast", "on", "--out", str(root / "fsdp_dpo")],
         ["dpo", "--resume", str(root / "fsdp_dpo" / "step_000002.apr"), "--parallel", "fsdp", "--json",
          "--out", str(root / "fsdp_dpo_resumed")],
+        [*grpo, "--parallel", "ddp", "--out", str(root / "ddp_grpo")],
+        [*grpo, "--parallel", "fsdp", "--out", str(root / "fsdp_grpo")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -237,7 +251,7 @@ def runs(tmp_path_factory):
     ranks = {(r["rank"], r["world"]): r for r in
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
-            "one_dpo_out": one_dpo_out,
+            "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -346,6 +360,24 @@ def test_dpo_on_two_ranks_matches_one_process(runs, run):
     (a, _), (b, _) = (_tensors(runs["root"] / ("ddp_dpo" if run == "run6" else "fsdp_dpo") / "model.apr"),
                       _tensors(runs["root"] / "one_dpo" / "model.apr"))
     assert sorted(a) == sorted(b)
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+@pytest.mark.parametrize("run", ["run9", "run10"], ids=["ddp", "fsdp"])
+def test_grpo_on_two_ranks_matches_one_process(runs, run):
+    """GRPO with 4 prompts per step: each rank samples (FSDP: with its shards gathered), scores and
+    trains on 2; the completions, rewards, losses and gradient norms are the one-process run's, and
+    so is the final model."""
+    want = _records(runs["one_grpo_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    assert next(r for r in got if r["event"] == "start")["world"] == 2
+    for key in ("reward", "completion_len", "reward_std", "loss", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-7), key
+    (a, _), (b, _) = (_tensors(runs["root"] / ("ddp_grpo" if run == "run9" else "fsdp_grpo") / "model.apr"),
+                      _tensors(runs["root"] / "one_grpo" / "model.apr"))
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
 

@@ -55,10 +55,10 @@ def test_scores_are_weighted_sums_with_none_left_out():
     def b(prompts, completions, completion_ids, answer, **kw):
         return [float(c == x) for c, x in zip(completions, answer)]
 
-    total, means = score({"a": a, "b": b}, [0.5, 2.0], ["p"] * 3, ["x", "y", "z"], [[1], [2], [3]],
+    total, table = score({"a": a, "b": b}, [0.5, 2.0], ["p"] * 3, ["x", "y", "z"], [[1], [2], [3]],
                          [{"answer": "x"}, {"answer": "q"}, {"answer": "z"}])
     assert total.tolist() == [0.5 * 1 + 2 * 1, 2 * 0, 0.5 * 3 + 2 * 1]
-    assert means == {"a": 2.0, "b": pytest.approx(2 / 3)}
+    assert table[0, 0] == 1 and table[0, 1].isnan() and table[1].tolist() == [1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="reward a: returned list of 2; expected a list of 3 numbers"):
         score({"a": lambda **k: [1, 2]}, [1], ["p"] * 3, ["x"] * 3, [[1]] * 3, [{}] * 3)
     with pytest.raises(ValueError, match="reward a: completion 1 scored 'bad'"):
@@ -99,10 +99,10 @@ def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast):
 
     model = _model(tok)
     index = BatchStream(len(prompts), seed=cfg.seed).next(2).tolist()
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 0)
     helper = GRPOTrainer(model, prompts, {"x": lambda **kw: []}, cfg, tokenizer=tok, num_generations=4,
                          max_new_tokens=6)
-    groups = [helper.sample_group(prompts[i], generator) for i in index]
+    groups = [helper.sample_group(prompts[i], torch.Generator().manual_seed((cfg.seed * 1_000_003 + 0) * 1_000_033 + k))
+              for k, i in enumerate(index)]
     rewards = [_letters([tok.decode([t for t in ids if t != tok.eos_id]) for ids in g]) for g in groups]
     assert rec["reward"] == pytest.approx(statistics.mean(r for g in rewards for r in g), rel=1e-12)
     n_tokens = sum(len(ids) for g in groups for ids in g)
@@ -117,7 +117,7 @@ def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast):
             objective = objective - (reward - mean) / (std + 1e-4) * logp / n_tokens
     objective.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    assert rec["loss"] == pytest.approx(objective.item(), rel=1e-5, abs=1e-7)
+    assert rec["loss"] == pytest.approx(objective.item(), rel=1e-4)
     assert rec["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)
     # the clipped gradients the trainer's AdamW step used (compared as gradients: AdamW's first step is
     # about lr x sign(gradient), which float noise flips in near-zero gradients)

@@ -30,12 +30,19 @@ aligned with the completions. ``None`` means "not applicable": that function is 
 for that completion (a completion no function scores is an error).
 
 Checkpoints are the trainer's: ``step_NNNNNN.apr`` every ``--save-every`` steps (resumable exactly:
-sampling is seeded by the seed and the step), ``model.apr`` at the end (LoRA adapters merged). One
-process.
+each prompt's sampling is seeded by the seed, the step and its place in the step),
+``model.apr`` at the end (LoRA adapters merged).
+
+Under ``torchrun`` (DDP or FSDP, ``distributed.py``) ``--batch-size`` prompts is the global batch:
+each rank samples, scores and trains on its share (a prompt's group stays on one rank), the token
+count that normalises the objective and the logged values are summed over ranks, so the run is the
+one-process run. Under FSDP the shards are gathered while sampling (the whole model on each rank
+for that time) and sharded again for the update.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib
 import importlib.util
@@ -123,12 +130,12 @@ def load_reward(spec: str):
 
 
 def score(functions: dict, weights: list[float], prompts: list, completions: list, completion_ids: list[list[int]],
-          fields: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
-    """(weighted sum of the functions' rewards per completion ``[N]``, each function's mean)."""
+          fields: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted sum of the functions' rewards per completion ``[N]``, each function's rewards
+    ``[F, N]`` with NaN where it returned None), float64."""
     n = len(completions)
     columns = {key: [f.get(key) for f in fields] for key in sorted({k for f in fields for k in f})}
     table = torch.full((len(functions), n), float("nan"), dtype=torch.float64)
-    means = {}
     for row, (name, fn) in enumerate(functions.items()):
         out = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
         if not isinstance(out, (list, tuple)) or len(out) != n:
@@ -141,13 +148,11 @@ def score(functions: dict, weights: list[float], prompts: list, completions: lis
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"reward {name}: completion {i} scored {v!r}; expected a finite number or None")
             table[row, i] = float(v)
-        scored = table[row][~table[row].isnan()]
-        means[name] = float(scored.mean()) if scored.numel() else float("nan")
     unscored = table.isnan().all(0)
     if unscored.any():
         raise ValueError(f"reward: completion {int(unscored.nonzero()[0, 0])} was scored None by every function")
     w = torch.tensor(weights, dtype=torch.float64)[:, None]
-    return torch.nansum(table * w, 0), means
+    return torch.nansum(table * w, 0), table
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -167,7 +172,7 @@ class GRPOTrainer:
     def __init__(self, model, prompts: list[dict], rewards: dict, cfg: TrainConfig, *, tokenizer,
                  num_generations: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, reward_weights: list[float] | None = None,
-                 device=None, log=None, padding_free: bool | None = None):
+                 device=None, log=None, padding_free: bool | None = None, parallel=None):
         if cfg.grad_accum != 1:
             raise ValueError("grpo: --grad-accum is not supported; each prompt's group is its own micro-batch")
         if not rewards:
@@ -180,7 +185,11 @@ class GRPOTrainer:
         if temperature <= 0:
             raise ValueError(f"grpo: --temperature {temperature}; expected > 0 (the completions of a prompt must differ)")
         self.model, self.prompts, self.rewards, self.weights, self.cfg = model, prompts, rewards, weights, cfg
-        self.tok = tokenizer
+        self.tok, self.parallel = tokenizer, parallel
+        self.world = parallel.world_size if parallel is not None else 1
+        if cfg.batch_size % self.world:
+            raise ValueError(f"grpo: --batch-size {cfg.batch_size} is not a multiple of the world size {self.world}; "
+                             f"expected an equal share of the prompts of every step per rank")
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.num_generations, self.max_new_tokens = num_generations, max_new_tokens
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -215,57 +224,93 @@ class GRPOTrainer:
             completions.append(row if stop is None else row[: stop + 1])
         return completions
 
+    @contextlib.contextmanager
+    def _gathered(self):
+        """Whole parameters while sampling: FSDP's shards all-gathered (generation calls the layers'
+        parts directly, past FSDP's hooks), sharded again after."""
+        if self.parallel is None or self.parallel.mode != "fsdp":
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in modules:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.reshard()
+
     def train_step(self) -> dict:
         from .preference import sequence_logps
 
         c = self.cfg
+        par = self.parallel
         t0 = time.perf_counter()
         lr = c.lr_at_step(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        index = self.batches.next(c.batch_size).tolist()
-        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)  # resumable sampling
-        records = [self.prompts[i] for i in index]
-        groups = [self.sample_group(r, generator) for r in records]
-        # rewards of all completions of the step at once (functions may batch their work)
+        # every rank draws the step's prompts and takes its share; each prompt's sampling is seeded by
+        # the step and its place in the step, so any number of ranks (and a resumed run) samples alike
+        index, place = self.batches.next(c.batch_size), torch.arange(c.batch_size)
+        if par is not None:
+            index, place = par.local_rows(index), par.local_rows(place)
+        records = [self.prompts[i] for i in index.tolist()]
+        with self._gathered():
+            groups = [self.sample_group(r, torch.Generator().manual_seed(
+                (c.seed * 1_000_003 + self.step) * 1_000_033 + k)) for r, k in zip(records, place.tolist())]
+        # rewards of all completions of this rank at once (functions may batch their work)
         flat = [(r, ids) for r, g in zip(records, groups) for ids in g]
         stops = [set(r["stops"]) for r, _ in flat]
         texts = [self.tok.decode([t for t in ids if t not in s]) for (r, ids), s in zip(flat, stops)]
         chat = [isinstance(r["prompt"], list) for r, _ in flat]
-        rewards, means = score(self.rewards, self.weights, [r["prompt"] for r, _ in flat],
+        rewards, table = score(self.rewards, self.weights, [r["prompt"] for r, _ in flat],
                                [[{"role": "assistant", "content": t}] if m else t for t, m in zip(texts, chat)],
                                [ids for _, ids in flat], [r["fields"] for r, _ in flat])
         rewards = rewards.view(len(records), self.num_generations)
         advantages = group_advantages(rewards)
-        n_tokens = max(1, sum(len(ids) for g in groups for ids in g))
+        # the objective is a mean over the completion tokens of the whole step (all ranks)
+        n_tokens = torch.tensor([float(sum(len(ids) for _, ids in flat))], dtype=torch.float64)
+        if par is not None:
+            n_tokens = par.mean(n_tokens.to(self.device)).cpu() * self.world
+        n_tokens = max(1.0, float(n_tokens))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for record, group, adv in zip(records, groups, advantages):
-            if not adv.abs().max() > 0:  # every completion scored alike: no signal, skip the forward
-                continue
-            seqs = [[-1 - t for t in record["ids"]] + ids for ids in group]  # the prompt is no target
-            with self._autocast():
-                logps = sequence_logps(self.model, seqs, self.device, eos_id=self.tok.eos_id,
-                                       padding_free=self.padding_free)
-            objective = -(adv.to(logps.device, logps.dtype) * logps).sum() / n_tokens
-            objective.backward()
-            total += float(objective.detach())
+        seqs = [[-1 - t for t in r["ids"]] + ids for r, ids in flat]  # the prompt is no target
+        with self._autocast():  # one forward per rank and step (DDP/FSDP run one gradient sync)
+            logps = sequence_logps(par or self.model, seqs, self.device, eos_id=self.tok.eos_id,
+                                   padding_free=self.padding_free)
+        objective = -(advantages.flatten().to(logps.device, logps.dtype) * logps).sum() / n_tokens
+        # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
+        (objective * self.world).backward()
         grad_norm = None
         if c.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
         self.optimizer.step()
         self.step += 1
-        lengths = [len(ids) for g in groups for ids in g]
-        truncated = [not any(t in s for t in ids[-1:]) for (_, ids), s in zip(flat, stops)]
-        rec = {"step": self.step, "loss": total, "lr": lr, "reward": float(rewards.mean()),
-               "reward_std": float(rewards.std(1).mean()), **{f"reward_{k}": v for k, v in means.items()},
-               "frac_reward_zero_std": float((rewards.std(1) == 0).float().mean()),
-               "completion_len": sum(lengths) / len(lengths), "truncated": sum(truncated) / len(truncated),
-               "grad_norm": grad_norm, "s": time.perf_counter() - t0}
-        if not math.isfinite(total):
-            raise RuntimeError(f"grpo diverged: loss={total} at step {self.step} (lower --lr?)")
-        return rec
+        # sums over this rank's completions and groups, then over all ranks
+        std = rewards.std(1)
+        stats = torch.cat([torch.stack([
+            objective.detach().double().cpu(), rewards.sum(), std.sum(), (std == 0).sum(),
+            torch.tensor(float(sum(len(ids) for _, ids in flat))),
+            torch.tensor(float(sum(not any(t in s for t in ids[-1:]) for (_, ids), s in zip(flat, stops)))),
+            torch.tensor(float(len(flat))), torch.tensor(float(len(groups)))]).double(),
+            torch.nansum(table, 1), (~table.isnan()).sum(1).double()])
+        if par is not None:
+            stats = par.mean(stats.to(self.device)).cpu() * self.world
+        loss, r_sum, std_sum, zero_std, n_len, n_cut, n, n_groups = stats[:8].tolist()
+        f = len(self.rewards)
+        per_function = {f"reward_{name}": (total / count if count else float("nan"))
+                        for name, total, count in zip(self.rewards, stats[8:8 + f].tolist(), stats[8 + f:].tolist())}
+        if not math.isfinite(loss):
+            raise RuntimeError(f"grpo diverged: loss={loss} at step {self.step} (lower --lr?)")
+        return {"step": self.step, "loss": loss, "lr": lr, "reward": r_sum / n, "reward_std": std_sum / n_groups,
+                **per_function, "frac_reward_zero_std": zero_std / n_groups, "completion_len": n_len / n,
+                "truncated": n_cut / n, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
     def run(self, on_checkpoint=None) -> list[dict]:
         """Train to ``cfg.steps``; ``on_checkpoint(self)`` every ``cfg.save_every`` steps."""
@@ -284,16 +329,25 @@ class GRPOTrainer:
 # -------------------------------------------------------------------------------------------- CLI
 def cmd_grpo(args) -> int:
     """``apr-kernels grpo``: GRPO from an APR file; ``--out/step_NNNNNN.apr`` every ``--save-every``
-    steps (resumable with ``--resume``), ``--out/model.apr`` at the end (adapters merged)."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
-
-    from .checkpoint import restore_training_state, save_checkpoint, training_metadata
-    from .cli import load_tokenizer, pick_device, prune_checkpoints, resolve_auto_resume, tristate
-    from .loop import Logger
+    steps (resumable with ``--resume``), ``--out/model.apr`` at the end (adapters merged). Under
+    torchrun: DDP or FSDP (``--parallel``), each rank sampling and scoring its share of the prompts."""
+    from . import distributed
+    from .cli import resolve_auto_resume
 
     if not resolve_auto_resume(args):
         return 0
-    device = pick_device(args.device)
+    return distributed.run(args, lambda env, mode: _grpo(args, env, mode))
+
+
+def _grpo(args, env, mode: str) -> int:
+    from apr_kernels.model.loading import check_tokenizer_vocab
+
+    from . import distributed
+    from .checkpoint import restore_training_state, training_metadata
+    from .cli import load_tokenizer, pick_device, prune_checkpoints, tristate
+    from .loop import Logger
+
+    device = env.device if mode != "none" else pick_device(args.device)
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         meta = training_metadata(args.resume)
         grpo = meta.get("training.grpo")
@@ -320,7 +374,12 @@ def cmd_grpo(args) -> int:
         load = {"lora_init": lora}
     rewards = {s.rpartition(":")[2]: load_reward(s) for s in grpo["rewards"]}  # fail before the model loads
     source = args.resume or grpo["init"]
-    model = from_apr(source, device=device, fast=tristate(args.fast), **load)
+    if mode != "none":  # sharded on the meta device under FSDP (adapters added before sharding)
+        model = distributed.from_apr(source, env, mode, fast=tristate(args.fast), **load)
+    else:
+        from apr_kernels.model.loading import from_apr
+
+        model = from_apr(source, device=device, fast=tristate(args.fast), **load)
     tok = load_tokenizer(grpo["tokenizer"], model.apr_metadata, source)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{source}: tokenizer")
     prompts = read_prompts(grpo["data"], tok, grpo["max_prompt_len"])
@@ -329,31 +388,36 @@ def cmd_grpo(args) -> int:
                          f"exceed the model's max_position_embeddings {model.config.max_position_embeddings}")
     if not args.resume:
         torch.manual_seed(cfg.seed)
-    log = Logger(args.json, tensorboard=args.tensorboard)
+    parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
+    log = Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None
     trainer = GRPOTrainer(model, prompts, rewards, cfg, tokenizer=tok, num_generations=grpo["num_generations"],
                           max_new_tokens=grpo["max_new_tokens"], temperature=grpo["temperature"],
                           top_k=grpo["top_k"], top_p=grpo["top_p"], reward_weights=grpo["reward_weights"],
-                          device=device, log=log, padding_free=tristate(args.padding_free))
+                          device=device, log=log, padding_free=tristate(args.padding_free), parallel=parallel)
     if args.resume:
         restore_training_state(args.resume, trainer)
-    log("start", {"step": trainer.step, "prompts": len(prompts), "steps": cfg.steps, "rewards": list(rewards),
-                  "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
-                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "device": str(device),
-                  "padding_free": trainer.padding_free, "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
+    trainer.log("start", {"step": trainer.step, "prompts": len(prompts), "steps": cfg.steps, "rewards": list(rewards),
+                          "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
+                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                          "device": str(device), "world": trainer.world, "padding_free": trainer.padding_free,
+                          "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(t: GRPOTrainer, final: bool = False) -> None:
         path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
-        save_checkpoint(path, t, tokenizer=tok, merge_lora=final, extra_metadata={"training.grpo": grpo})
+        distributed.save_checkpoint(path, t, parallel, tokenizer=tok, merge_lora=final,
+                                    extra_metadata={"training.grpo": grpo})
         t.log("checkpoint", {"step": t.step, "path": str(path)})
-        prune_checkpoints(out, args.keep_last, t.log)
+        if env.is_main:
+            prune_checkpoints(out, args.keep_last, t.log)
 
     try:
         trainer.run(on_checkpoint=checkpoint)
         checkpoint(trainer, final=True)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     return 0
 
 
@@ -396,6 +460,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None)
     p.add_argument("--fast", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--parallel", choices=["ddp", "fsdp", "none"], default=None,
+                   help="under torchrun: ddp (the default with several ranks) or fsdp")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a rank waits for the others before failing (default 600)")
     p.add_argument("--out", default="runs/grpo")
     p.add_argument("--json", action="store_true", help="log JSON lines")
     p.add_argument("--tensorboard", metavar="DIR", default=None)
