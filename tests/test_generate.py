@@ -90,3 +90,57 @@ def test_any_of_several_stop_ids_ends_a_row():
     got = generate(model, prompt, 10, eos_id={a, b})[0, 4:].tolist()
     first = min(i for i, t in enumerate(free) if t in (a, b))
     assert got == free[:first + 1]
+
+
+@pytest.mark.parametrize("cfg", [QWEN, LLAMA, LLAMA.replace(sliding_window=4)],
+                         ids=["qwen2-gqa7-bias", "llama-gqa3", "sliding-window-4"])
+def test_left_padded_batch_equals_each_prompt_alone(cfg):
+    """generate_batch on prompts of 3..11 tokens (left-padded together): each row's greedy completion
+    is the one ``generate`` gives the prompt alone (itself equal to transformers'), cut after its first
+    stop id; with a sliding window shorter than the prompts too."""
+    from apr_kernels.model.generate import generate_batch
+
+    from apr_kernels.model import Transformer
+
+    plain = cfg.replace(sliding_window=None)
+    model = Transformer(cfg, fast=False).eval()  # (the window changes no weight)
+    model.load_state_dict(ours_from_hf(hf_model(plain), plain).state_dict())
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (7, 3, 11, 5)]
+    alone = [generate(model, torch.tensor([p]), 10)[0, len(p):].tolist() for p in prompts]
+    stop = alone[1][4]  # row 1's fifth token ends it (and any other row that produces it)
+    got = generate_batch(model, prompts, 10, stops={stop})
+    for row, want in zip(got, alone):
+        cut = next((i for i, t in enumerate(want) if t == stop), None)
+        assert row == (want if cut is None else want[: cut + 1])
+    assert len(got[1]) <= 5
+
+
+def test_each_group_of_a_batch_samples_as_it_would_alone():
+    """Per-group generators: a group's samples do not depend on what else is in the batch."""
+    from apr_kernels.model.generate import generate_batch
+
+    model = ours_from_hf(hf_model(QWEN), QWEN)
+    a, b = [5, 9, 2], [7, 1, 4, 4, 8, 3]
+    kw = {"temperature": 1.0, "top_k": 20}
+    together = generate_batch(model, [a] * 3 + [b] * 2, 8, generators=[(3, torch.Generator().manual_seed(1)),
+                                                                        (2, torch.Generator().manual_seed(2))], **kw)
+    first = generate_batch(model, [a] * 3, 8, generators=[(3, torch.Generator().manual_seed(1))], **kw)
+    second = generate_batch(model, [b] * 2, 8, generators=[(2, torch.Generator().manual_seed(2))], **kw)
+    assert together == first + second
+    alone = generate(model, torch.tensor([a] * 3), 8, generator=torch.Generator().manual_seed(1), **kw)
+    assert together[:3] == alone[:, 3:].tolist()
+    assert len({tuple(r) for r in together[:3]}) > 1  # the rows of a group differ
+
+
+def test_stop_ids_per_row():
+    from apr_kernels.model.generate import generate_batch
+
+    model = ours_from_hf(hf_model(QWEN), QWEN)
+    prompts = [[5, 9, 2], [7, 1, 4, 4]]
+    free = generate_batch(model, prompts, 8)
+    x, y = free[0][2], free[1][5]
+    got = generate_batch(model, prompts, 8, stops=[{x}, {y}])
+    assert got[0] == free[0][: free[0].index(x) + 1] and got[1] == free[1][: free[1].index(y) + 1]
+    with pytest.raises(ValueError, match="generators cover 3 rows; expected 2"):
+        generate_batch(model, prompts, 8, generators=[(3, None)])

@@ -101,8 +101,9 @@ def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast):
     index = BatchStream(len(prompts), seed=cfg.seed).next(2).tolist()
     helper = GRPOTrainer(model, prompts, {"x": lambda **kw: []}, cfg, tokenizer=tok, num_generations=4,
                          max_new_tokens=6)
-    groups = [helper.sample_group(prompts[i], torch.Generator().manual_seed((cfg.seed * 1_000_003 + 0) * 1_000_033 + k))
-              for k, i in enumerate(index)]
+    groups = helper.sample_groups([prompts[i] for i in index],
+                                  [torch.Generator().manual_seed((cfg.seed * 1_000_003 + 0) * 1_000_033 + k)
+                                   for k in range(len(index))])
     rewards = [_letters([tok.decode([t for t in ids if t != tok.eos_id]) for ids in g]) for g in groups]
     assert rec["reward"] == pytest.approx(statistics.mean(r for g in rewards for r in g), rel=1e-12)
     n_tokens = sum(len(ids) for g in groups for ids in g)
@@ -136,10 +137,9 @@ def test_chat_prompts_reach_the_rewards_as_messages_and_answers_stop_at_the_turn
     prompts = read_prompts([path], tok, 64)
     assert tok.decode(prompts[0]["ids"]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert prompts[0]["stops"] == [256, 258]
-    # sampled rows as generate returns them: rows that stopped repeat their stop id to the end
-    tails = [[104, 258, 258, 258, 258], [104, 105, 106, 107, 108], [256, 256, 256, 256, 256]]
-    monkeypatch.setattr(gen, "generate", lambda model, prompt, n, **kw: torch.cat(
-        [prompt, torch.tensor(tails)], 1))
+    # completions as generate_batch returns them: cut after the first stop id
+    monkeypatch.setattr(gen, "generate_batch", lambda model, prompts, n, **kw: [[104, 258], [104, 105, 106, 107, 108],
+                                                                                [256]])
     seen = {}
 
     def spy(prompts, completions, completion_ids, answer, **kw):

@@ -3,10 +3,13 @@
 For looking at what a run learned (``apr-kernels generate``), not for serving. The computation is
 the model's eager path (Hugging Face numerics): the prompt runs once as a causal block, filling
 each layer's cache with its rotated keys and values; every new token then attends to the cache,
-its RoPE position being its index in the sequence. Prompts in one batch have one length (no
-padding). Sampling: ``temperature`` 0 is greedy (argmax); otherwise softmax(logits / temperature),
-restricted to the ``top_k`` most likely tokens and to the smallest set whose probability reaches
-``top_p``, drawn with ``generator``.
+its RoPE position being its index in the sequence. Prompts in one ``generate`` batch have one
+length; ``generate_batch`` takes prompts of any lengths, left-padded: each row's RoPE positions
+start at its first real token and no query attends to a padding key (a padding query attends to
+itself alone, so its values stay finite). Sampling: ``temperature`` 0 is greedy (argmax); otherwise
+softmax(logits / temperature), restricted to the ``top_k`` most likely tokens and to the smallest set
+whose probability reaches ``top_p``, drawn with ``generator`` (``generate_batch``: one generator per
+group of rows, so a group samples alike in any batch).
 """
 
 from __future__ import annotations
@@ -37,13 +40,27 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def _attention_step(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int) -> torch.Tensor:
+def _attention_step(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int,
+                    keys_ok: torch.Tensor | None = None) -> torch.Tensor:
+    """``keys_ok`` ``[B, capacity]``: which cached positions are real tokens (left padding); then
+    ``cos``/``sin`` hold one row per token of ``x`` (``[B * t, D/2]``)."""
     b, t, _ = x.shape
-    q, k, v = attn.rotated_qkv(x, cos, sin)  # the model's own eager projections and rotation
+    if keys_ok is not None:  # the model's projections and rotation with per-token tables
+        q, k, v = (z.view(b, t, z.shape[2], z.shape[3]) for z in attn.rotated_qkv(x, cos, sin, packed=True))
+    else:
+        q, k, v = attn.rotated_qkv(x, cos, sin)  # the model's own eager projections and rotation
     keys, values = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
     # the prompt block is causal; a single new token sees every cached position (with a sliding
     # window, only the last ones)
     mask = window_mask(t, attn.window, x.device, cache.length) if attn.window is not None else None
+    if keys_ok is not None:
+        end = cache.length + t
+        qi = torch.arange(cache.length, end, device=x.device)[:, None]
+        kj = torch.arange(end, device=x.device)[None, :]
+        allowed = (kj <= qi) if mask is None else mask
+        # (column distances are position distances: a row's padding all lies before its tokens)
+        mask = (allowed[None] & keys_ok[:, None, :end]) | (kj == qi)[None]
+        mask = mask[:, None]  # [B, 1, t, end]
     o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
                                        is_causal=mask is None and t > 1 and cache.length == 0,
                                        scale=attn.head_dim ** -0.5,
@@ -52,13 +69,19 @@ def _attention_step(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int)
 
 
 @torch.no_grad()
-def next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache, cos_all, sin_all) -> torch.Tensor:
-    """Logits ``[B, vocab]`` of the token after ``ids`` ``[B, t]`` (the positions after the cache)."""
+def next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache, cos_all, sin_all,
+                pad: torch.Tensor | None = None, keys_ok: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``[B, vocab]`` of the token after ``ids`` ``[B, t]`` (the positions after the cache).
+    ``pad`` ``[B]``: each row's left padding, with ``keys_ok`` (``generate_batch``)."""
     start, t = cache.length, ids.shape[1]
-    cos, sin = cos_all[start:start + t], sin_all[start:start + t]
+    if pad is None:
+        cos, sin = cos_all[start:start + t], sin_all[start:start + t]
+    else:  # per token: its column minus its row's padding (padding tokens: position 0)
+        pos = (torch.arange(start, start + t, device=ids.device)[None, :] - pad[:, None]).clamp(min=0)
+        cos, sin = cos_all[pos.flatten()], sin_all[pos.flatten()]
     h = model.model.embed_tokens(ids)
     for i, layer in enumerate(model.model.layers):
-        h = h + _attention_step(layer.self_attn, layer.input_layernorm(h), cos, sin, cache, i)
+        h = h + _attention_step(layer.self_attn, layer.input_layernorm(h), cos, sin, cache, i, keys_ok)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     cache.length += t
     h = model.model.norm(h[:, -1])
@@ -136,3 +159,71 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *
     finally:
         model.train(was_training)
     return ids
+
+
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, stops=None,
+                   generators: list[tuple[int, torch.Generator]] | None = None, temperature: float = 0.0,
+                   top_k: int | None = None, top_p: float | None = None,
+                   vocab_size: int | None = None) -> list[list[int]]:
+    """Completions of ``prompts`` (id lists of any lengths, decoded together, left-padded): per row
+    the ids after its prompt, up to ``max_new_tokens``, ending with the first stop id when one came
+    (``stops``: one collection of ids for all rows, or one per row). ``generators``: ``(rows,
+    generator)`` per consecutive group of ``rows`` rows, each group sampled with its own generator
+    (default: one group of all rows, the global RNG)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_batch: every prompt needs at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"generate_batch: max_new_tokens={max_new_tokens}; expected >= 0")
+    cfg = model.config
+    b, width = len(prompts), max(len(p) for p in prompts)
+    total = width + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise ValueError(f"generate_batch: the longest prompt ({width}) + max_new_tokens ({max_new_tokens}) = "
+                         f"{total} positions exceed max_position_embeddings={cfg.max_position_embeddings}")
+    groups = generators or [(b, None)]
+    if sum(n for n, _ in groups) != b:
+        raise ValueError(f"generate_batch: generators cover {sum(n for n, _ in groups)} rows; expected {b}")
+    param = next(model.parameters())
+    dev = param.device
+    pad = torch.tensor([width - len(p) for p in prompts], device=dev)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=dev)
+    keys_ok = torch.ones(b, total, dtype=torch.bool, device=dev)
+    keys_ok[:, :width] = torch.arange(width, device=dev)[None, :] >= pad[:, None]
+    per_row = stops is not None and len(stops) == b and all(not isinstance(x, int) for x in stops)
+    row_stops = [set(x) for x in stops] if per_row else [set(stops or ())] * b
+    table = torch.full((b, max(1, max(len(x) for x in row_stops))), -1, device=dev)
+    for i, x in enumerate(row_stops):
+        table[i, : len(x)] = torch.tensor(sorted(x), dtype=table.dtype)
+    was_training = model.training
+    model.eval()
+    out = torch.empty(b, 0, dtype=torch.long, device=dev)
+    try:
+        cos, sin = rope_tables(total, cfg.head_dim, cfg.rope_theta, scaling=cfg.rope_scaling, device=dev,
+                               max_position_embeddings=cfg.max_position_embeddings)
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else param.dtype
+        cache = KVCache(model, b, total, dev, dtype)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        step_in = ids
+        for _ in range(max_new_tokens):
+            logits = next_logits(model, step_in, cache, cos, sin, pad, keys_ok)
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float("-inf")
+            parts, row = [], 0
+            for n, gen in groups:
+                parts.append(sample(logits[row:row + n], temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=gen))
+                row += n
+            nxt = torch.cat(parts)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= (table == nxt[:, None]).any(1)
+            step_in = nxt[:, None]
+            if bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+    completions = []
+    for row, x in zip(out.tolist(), row_stops):
+        stop = next((i for i, t in enumerate(row) if t in x), None)
+        completions.append(row if stop is None else row[: stop + 1])
+    return completions

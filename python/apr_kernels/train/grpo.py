@@ -1,8 +1,9 @@
 """Reinforcement learning from reward functions with GRPO (Shao et al., 2024): ``apr-kernels grpo``.
 
 Each step takes ``batch_size`` prompts, samples ``num_generations`` completions of each from the
-model (``model/generate.py``: KV cache, temperature / top-k / top-p, stopping at the end-of-text id
-or the chat turn's closing token), scores every completion with the reward functions, and turns the
+model (``model/generate.py``'s ``generate_batch``: all of a rank's prompts decoded together,
+left-padded, with the KV cache; temperature / top-k / top-p; stopping at the end-of-text id or the
+chat turn's closing token), scores every completion with the reward functions, and turns the
 scores into group-relative advantages, ``A = (r - mean(group)) / (std(group) + 1e-4)`` (the
 unbiased std over the prompt's completions, as TRL's ``scale_rewards="group"``). The loss is the
 policy-gradient objective over all completion tokens of the step (TRL's default ``loss_type="dapo"``
@@ -209,20 +210,19 @@ class GRPOTrainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                               enabled=self.autocast_dtype is not None)
 
-    def sample_group(self, record: dict, generator: torch.Generator) -> list[list[int]]:
-        """``num_generations`` completions of one prompt (ids after the prompt, the stop id included
-        when one was produced)."""
-        from apr_kernels.model.generate import generate
+    def sample_groups(self, records: list[dict], generators: list[torch.Generator]) -> list[list[list[int]]]:
+        """``num_generations`` completions of each prompt (ids after the prompt, the stop id included
+        when one came), all decoded in one left-padded batch, each prompt's group sampled with its
+        own generator."""
+        from apr_kernels.model.generate import generate_batch
 
-        prompt = torch.tensor([record["ids"]] * self.num_generations)
+        g = self.num_generations
         with self._autocast():
-            out = generate(self.model, prompt, self.max_new_tokens, eos_id=record["stops"] or None,
-                           generator=generator, vocab_size=self.tok.vocab_size, **self.sampling)
-        completions = []
-        for row in out[:, prompt.shape[1]:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in record["stops"]), None)
-            completions.append(row if stop is None else row[: stop + 1])
-        return completions
+            flat = generate_batch(self.model, [r["ids"] for r in records for _ in range(g)], self.max_new_tokens,
+                                  stops=[r["stops"] for r in records for _ in range(g)],
+                                  generators=[(g, gen) for gen in generators], vocab_size=self.tok.vocab_size,
+                                  **self.sampling)
+        return [flat[k * g:(k + 1) * g] for k in range(len(records))]
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -258,8 +258,8 @@ class GRPOTrainer:
             index, place = par.local_rows(index), par.local_rows(place)
         records = [self.prompts[i] for i in index.tolist()]
         with self._gathered():
-            groups = [self.sample_group(r, torch.Generator().manual_seed(
-                (c.seed * 1_000_003 + self.step) * 1_000_033 + k)) for r, k in zip(records, place.tolist())]
+            groups = self.sample_groups(records, [torch.Generator().manual_seed(
+                (c.seed * 1_000_003 + self.step) * 1_000_033 + k) for k in place.tolist()])
         # rewards of all completions of this rank at once (functions may batch their work)
         flat = [(r, ids) for r, g in zip(records, groups) for ids in g]
         stops = [set(r["stops"]) for r, _ in flat]
