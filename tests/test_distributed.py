@@ -199,7 +199,7 @@ def runs(tmp_path_factory):
     grpo = ["grpo", "--init", str(init), "--tokenizer", "bytes", "--data", str(prompts), "--reward",
             f"{root / 'rewards.py'}:letters", "--steps", str(STEPS), "--batch-size", "4", "--num-generations", "4",
             "--max-new-tokens", "6", "--max-prompt-len", "16", "--lr", "1e-2", "--json", "--seed", "5",
-            "--save-every", "2", "--dist-timeout", "60"]
+            "--save-every", "2", "--dist-timeout", "60", "--eval-data", str(prompts), "--micro-batch", "3"]
     code, one_grpo_out = _cli(main, [*grpo, "--out", str(root / "one_grpo")])
     assert code == 0
 
@@ -367,8 +367,8 @@ def test_dpo_on_two_ranks_matches_one_process(runs, run):
 @pytest.mark.parametrize("run", ["run9", "run10"], ids=["ddp", "fsdp"])
 def test_grpo_on_two_ranks_matches_one_process(runs, run):
     """GRPO with 4 prompts per step: each rank samples (FSDP: with its shards gathered), scores and
-    trains on 2; the completions, rewards, losses and gradient norms are the one-process run's, and
-    so is the final model."""
+    trains on 2 (in micro-batches of 3 completions); the completions, rewards, losses, gradient norms
+    and held-out rewards are the one-process run's, and so is the final model."""
     want = _records(runs["one_grpo_out"])
     rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
     assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
@@ -376,6 +376,9 @@ def test_grpo_on_two_ranks_matches_one_process(runs, run):
     assert next(r for r in got if r["event"] == "start")["world"] == 2
     for key in ("reward", "completion_len", "reward_std", "loss", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-7), key
+    # held-out prompts: 5 split 3 / 2 between the ranks
+    for key in ("eval_reward", "eval_completion_len", "eval_prompts"):
+        assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-9), key
     (a, _), (b, _) = (_tensors(runs["root"] / ("ddp_grpo" if run == "run9" else "fsdp_grpo") / "model.apr"),
                       _tensors(runs["root"] / "one_grpo" / "model.apr"))
     for name in b:

@@ -81,8 +81,9 @@ def test_reward_specs_name_what_is_wrong(tmp_path):
         load_reward("no_such_module_xyz:f")
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["eager-padded", "fused-padding-free"])
-def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast):
+@pytest.mark.parametrize("fast,micro_batch", [(False, None), (True, None), (False, 3)],
+                         ids=["eager-padded", "fused-padding-free", "micro-batches-of-3"])
+def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast, micro_batch):
     """The trainer's step against the objective written out: the same sampled completions (the seed
     and step fix them), rewards from the function, advantages with statistics.stdev, and
     -sum A_i log p(completion_i) / (completion tokens), each log-likelihood from the model's summed
@@ -93,7 +94,7 @@ def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast):
     trained = _model(tok)
     trained.fast = fast  # the fused loss per sequence, each group packed into one row
     trainer = GRPOTrainer(trained, prompts, {"letters": lambda prompts, completions, **kw: _letters(completions)},
-                          cfg, tokenizer=tok, num_generations=4, max_new_tokens=6)
+                          cfg, tokenizer=tok, num_generations=4, max_new_tokens=6, micro_batch=micro_batch)
     rec = trainer.train_step()
     assert trainer.padding_free == fast
 
@@ -164,20 +165,33 @@ def test_cli_grpo_raises_the_reward_and_resumes_exactly(tmp_path, capsys):
     save_checkpoint(tmp_path / "init.apr", model=_model(tok), tokenizer=tok)
     (tmp_path / "rewards.py").write_text(REWARDS)
     data = _prompts_file(tmp_path / "p.jsonl", ["Write:", "Say:", "Go:", "Now:"])
+    held = _prompts_file(tmp_path / "h.jsonl", ["Next:", "Tell:", "Then:"])
     args = ["grpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--reward",
             f"{tmp_path / 'rewards.py'}:letters", "--steps", "30", "--batch-size", "2", "--num-generations", "8",
             "--max-new-tokens", "8", "--max-prompt-len", "32", "--lr", "1e-2", "--json", "--save-every", "20",
-            "--out", str(tmp_path / "o")]
+            "--eval-data", str(held), "--out", str(tmp_path / "o")]
     assert main(args) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     rewards = [r["reward"] for r in recs if r["event"] == "train"]
     assert statistics.mean(rewards[:5]) < 0.25 and statistics.mean(rewards[-5:]) > 0.6
+    # held-out prompts: one greedy completion each, scored before and after training
+    from apr_kernels.model.generate import generate
+
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 30] and evals[0]["eval_prompts"] == 3
+    model = _model(tok)
+    firsts = []
+    for p in read_prompts([held], tok, 32):
+        ids = generate(model, torch.tensor([p["ids"]]), 8, eos_id=tok.eos_id)[0, len(p["ids"]):].tolist()
+        firsts.append(_letters([tok.decode([t for t in ids if t != tok.eos_id])])[0])
+    assert evals[0]["eval_reward"] == pytest.approx(statistics.mean(firsts), rel=1e-9)
+    assert evals[-1]["eval_reward"] > evals[0]["eval_reward"] + 0.3
     assert main(["grpo", "--resume", str(tmp_path / "o" / "step_000020.apr"), "--json", "--out",
                  str(tmp_path / "r")]) == 0
     resumed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["reward"] for r in resumed if r["event"] == "train"] == rewards[20:]
     assert [r["loss"] for r in resumed if r["event"] == "train"] == \
         [r["loss"] for r in recs if r["event"] == "train"][20:]
-    assert not math.isnan(recs[-2]["grad_norm"])
+    assert all(math.isfinite(r["grad_norm"]) for r in recs if r["event"] == "train")
     assert main([*args[:6], f"{tmp_path / 'rewards.py'}:nope", *args[7:]]) == 1
     assert "has no function 'nope'" in capsys.readouterr().err

@@ -173,7 +173,8 @@ class GRPOTrainer:
     def __init__(self, model, prompts: list[dict], rewards: dict, cfg: TrainConfig, *, tokenizer,
                  num_generations: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, reward_weights: list[float] | None = None,
-                 device=None, log=None, padding_free: bool | None = None, parallel=None):
+                 device=None, log=None, padding_free: bool | None = None, parallel=None,
+                 eval_prompts: list[dict] | None = None, micro_batch: int | None = None):
         if cfg.grad_accum != 1:
             raise ValueError("grpo: --grad-accum is not supported; each prompt's group is its own micro-batch")
         if not rewards:
@@ -187,6 +188,10 @@ class GRPOTrainer:
             raise ValueError(f"grpo: --temperature {temperature}; expected > 0 (the completions of a prompt must differ)")
         self.model, self.prompts, self.rewards, self.weights, self.cfg = model, prompts, rewards, weights, cfg
         self.tok, self.parallel = tokenizer, parallel
+        self.eval_prompts = eval_prompts or []
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"grpo: --micro-batch {micro_batch}; expected at least 1 completion per forward")
+        self.micro_batch = micro_batch
         self.world = parallel.world_size if parallel is not None else 1
         if cfg.batch_size % self.world:
             raise ValueError(f"grpo: --batch-size {cfg.batch_size} is not a multiple of the world size {self.world}; "
@@ -278,12 +283,21 @@ class GRPOTrainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         seqs = [[-1 - t for t in r["ids"]] + ids for r, ids in flat]  # the prompt is no target
-        with self._autocast():  # one forward per rank and step (DDP/FSDP run one gradient sync)
-            logps = sequence_logps(par or self.model, seqs, self.device, eos_id=self.tok.eos_id,
-                                   padding_free=self.padding_free)
-        objective = -(advantages.flatten().to(logps.device, logps.dtype) * logps).sum() / n_tokens
-        # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
-        (objective * self.world).backward()
+        adv = advantages.flatten()
+        # micro-batches of completions (every rank runs as many: equal shares); gradients synchronised
+        # on the last
+        size = self.micro_batch or len(seqs)
+        starts = range(0, len(seqs), size)
+        objective = torch.zeros((), dtype=torch.float64)
+        for k, a in enumerate(starts):
+            with par.grad_sync(k == len(starts) - 1) if par is not None else contextlib.nullcontext():
+                with self._autocast():
+                    logps = sequence_logps(par or self.model, seqs[a:a + size], self.device, eos_id=self.tok.eos_id,
+                                           padding_free=self.padding_free)
+                part = -(adv[a:a + size].to(logps.device, logps.dtype) * logps).sum() / n_tokens
+                # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
+                (part * self.world).backward()
+            objective += part.detach().double().cpu()
         grad_norm = None
         if c.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -295,7 +309,7 @@ class GRPOTrainer:
         # sums over this rank's completions and groups, then over all ranks
         std = rewards.std(1)
         stats = torch.cat([torch.stack([
-            objective.detach().double().cpu(), rewards.sum(), std.sum(), (std == 0).sum(),
+            objective, rewards.sum(), std.sum(), (std == 0).sum(),
             torch.tensor(float(sum(len(ids) for _, ids in flat))),
             torch.tensor(float(sum(not any(t in s for t in ids[-1:]) for (_, ids), s in zip(flat, stops)))),
             torch.tensor(float(len(flat))), torch.tensor(float(len(groups)))]).double(),
@@ -312,14 +326,59 @@ class GRPOTrainer:
                 **per_function, "frac_reward_zero_std": zero_std / n_groups, "completion_len": n_len / n,
                 "truncated": n_cut / n, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean reward (and each function's) of one greedy completion per held-out prompt; each rank
+        decodes a contiguous share, the sums are added over ranks."""
+        par = self.parallel
+        rank = par.env.rank if par is not None else 0
+        per = -(-len(self.eval_prompts) // self.world)
+        mine = self.eval_prompts[rank * per:(rank + 1) * per]
+        completions = []
+        with self._gathered():  # (a collective under FSDP: every rank enters, even with no prompt)
+            if mine:
+                from apr_kernels.model.generate import generate_batch
+
+                with self._autocast():
+                    completions = generate_batch(self.model, [r["ids"] for r in mine], self.max_new_tokens,
+                                                 stops=[r["stops"] for r in mine], vocab_size=self.tok.vocab_size)
+        f = len(self.rewards)
+        stats = torch.zeros(3 + 2 * f, dtype=torch.float64)
+        if mine:
+            texts = [self.tok.decode([t for t in ids if t not in r["stops"]]) for r, ids in zip(mine, completions)]
+            rewards, table = score(self.rewards, self.weights, [r["prompt"] for r in mine],
+                                   [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t
+                                    for r, t in zip(mine, texts)], completions, [r["fields"] for r in mine])
+            stats = torch.cat([torch.tensor([float(rewards.sum()), float(len(mine)),
+                                             float(sum(len(c) for c in completions))], dtype=torch.float64),
+                               torch.nansum(table, 1), (~table.isnan()).sum(1).double()])
+        if par is not None:
+            stats = par.mean(stats.to(self.device)).cpu() * self.world
+        total, n, n_len = stats[:3].tolist()
+        return {"step": self.step, "eval_reward": total / n,
+                **{f"eval_reward_{name}": (v / c if c else float("nan"))
+                   for name, v, c in zip(self.rewards, stats[3:3 + f].tolist(), stats[3 + f:].tolist())},
+                "eval_completion_len": n_len / n, "eval_prompts": int(n)}
+
     def run(self, on_checkpoint=None) -> list[dict]:
-        """Train to ``cfg.steps``; ``on_checkpoint(self)`` every ``cfg.save_every`` steps."""
+        """Train to ``cfg.steps``, evaluating on the held-out prompts at the start (a fresh run), every
+        ``cfg.eval_every`` steps and at the end; ``on_checkpoint(self)`` every ``cfg.save_every`` steps."""
         history = []
+
+        def evaluate():
+            history.append({"event": "eval", **self.evaluate()})
+            self.log("eval", history[-1])
+
+        if self.eval_prompts and self.step == 0:
+            evaluate()
         while self.step < self.cfg.steps:
             rec = self.train_step()
             history.append({"event": "train", **rec})
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                 self.log("train", rec)
+            if self.eval_prompts and (self.step == self.cfg.steps or
+                                      (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
+                evaluate()
             if on_checkpoint and self.cfg.save_every and self.step % self.cfg.save_every == 0 \
                     and self.step < self.cfg.steps:
                 on_checkpoint(self)
@@ -360,13 +419,16 @@ def _grpo(args, env, mode: str) -> int:
             raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME are required "
                              "(or --resume STEP.apr)")
         grpo = {"init": str(args.init), "data": [str(Path(p).resolve()) for p in args.data],
+                "eval_data": [str(Path(p).resolve()) for p in args.eval_data] if args.eval_data else None,
+                "micro_batch": args.micro_batch,
                 "rewards": [_absolute_reward(s) for s in args.reward], "reward_weights": args.reward_weights,
                 "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens,
                 "max_prompt_len": args.max_prompt_len, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "tokenizer": args.tokenizer}
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.max_prompt_len + args.max_new_tokens,
                           lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                          save_every=args.save_every, seed=args.seed, precision=args.precision)
+                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
+                          precision=args.precision)
         lora = None
         if args.lora_rank:
             lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
@@ -383,6 +445,7 @@ def _grpo(args, env, mode: str) -> int:
     tok = load_tokenizer(grpo["tokenizer"], model.apr_metadata, source)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{source}: tokenizer")
     prompts = read_prompts(grpo["data"], tok, grpo["max_prompt_len"])
+    eval_prompts = read_prompts(grpo["eval_data"], tok, grpo["max_prompt_len"]) if grpo.get("eval_data") else None
     if grpo["max_prompt_len"] + grpo["max_new_tokens"] > model.config.max_position_embeddings:
         raise ValueError(f"--max-prompt-len {grpo['max_prompt_len']} + --max-new-tokens {grpo['max_new_tokens']} "
                          f"exceed the model's max_position_embeddings {model.config.max_position_embeddings}")
@@ -393,10 +456,12 @@ def _grpo(args, env, mode: str) -> int:
     trainer = GRPOTrainer(model, prompts, rewards, cfg, tokenizer=tok, num_generations=grpo["num_generations"],
                           max_new_tokens=grpo["max_new_tokens"], temperature=grpo["temperature"],
                           top_k=grpo["top_k"], top_p=grpo["top_p"], reward_weights=grpo["reward_weights"],
-                          device=device, log=log, padding_free=tristate(args.padding_free), parallel=parallel)
+                          device=device, log=log, padding_free=tristate(args.padding_free), parallel=parallel,
+                          eval_prompts=eval_prompts, micro_batch=grpo.get("micro_batch"))
     if args.resume:
         restore_training_state(args.resume, trainer)
-    trainer.log("start", {"step": trainer.step, "prompts": len(prompts), "steps": cfg.steps, "rewards": list(rewards),
+    trainer.log("start", {"step": trainer.step, "prompts": len(prompts), "eval_prompts": len(eval_prompts or []),
+                          "steps": cfg.steps, "rewards": list(rewards),
                           "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                           "device": str(device), "world": trainer.world, "padding_free": trainer.padding_free,
@@ -435,6 +500,11 @@ def register(subparsers) -> None:
     p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME",
                    help="reward function(s): NAME(prompts, completions, completion_ids, **fields) -> list of floats")
     p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (default 1)")
+    p.add_argument("--eval-data", nargs="+", help="held-out prompts: the mean reward of one greedy completion each "
+                                                   "is logged at the start, every --eval-every steps and at the end")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="completions per training forward (default: all of a rank's completions of the step)")
     p.add_argument("--resume", help="a step_NNNNNN.apr of a grpo run; auto: the newest in --out")
     p.add_argument("--num-generations", type=int, default=8, help="completions sampled per prompt (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion at most (default 256)")
