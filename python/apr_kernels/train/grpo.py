@@ -44,63 +44,49 @@ for that time) and sharded again for the update.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import importlib
 import importlib.util
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from .data import BatchStream
-from .loop import TrainConfig, autocast_dtype_for, make_optimizer
+from .loop import TrainConfig
+from .posttrain import (StepLoop, absolute, add_options, config_from, load_model, lora_settings, resumed,
+                        run_command, train_and_save)
 
 
 # ------------------------------------------------------------------------------------------- data
 def read_prompts(paths, tokenizer, max_prompt_len: int) -> list[dict]:
     """Prompt records of the JSON Lines ``paths``: ``{"prompt", "ids", "stops", "fields"}``."""
     from .chat import generation_prompt
-    from .data import document_bos, find_text_files
+    from .data import document_bos
+    from .posttrain import jsonl_records
 
     eos = getattr(tokenizer, "eos_id", None)
     records = []
-    for path in find_text_files(paths):
-        if not path.name.endswith((".jsonl", ".jsonl.gz")):
-            raise ValueError(f"{path}: prompt data must be JSON Lines (.jsonl, .jsonl.gz) records with a 'prompt'")
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or "prompt" not in record:
-                    raise ValueError(f"{where}: a prompt record needs a 'prompt' (a string or a list of messages)")
-                prompt = record["prompt"]
-                stops = {eos} if eos is not None else set()
-                if isinstance(prompt, str):
-                    ids = tokenizer.encode(prompt, special=False)
-                    bos = document_bos(tokenizer)
-                    ids = ([bos] if bos is not None else []) + ids
-                elif isinstance(prompt, list):
-                    text, close = generation_prompt(prompt, tokenizer)
-                    ids = tokenizer.encode(text, special=True)
-                    stops.add(close)
-                else:
-                    raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got "
-                                     f"{type(prompt).__name__}")
-                if not ids:
-                    raise ValueError(f"{where}: the prompt encodes to no tokens")
-                if len(ids) > max_prompt_len:
-                    raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than --max-prompt-len "
-                                     f"{max_prompt_len}")
-                records.append({"prompt": prompt, "ids": ids, "stops": sorted(s for s in stops if s is not None),
-                                "fields": {k: v for k, v in record.items() if k != "prompt"}})
+    for where, record in jsonl_records(paths, "prompt data ({'prompt': ...} records)"):
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ValueError(f"{where}: a prompt record needs a 'prompt' (a string or a list of messages)")
+        prompt = record["prompt"]
+        stops = {eos} if eos is not None else set()
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt, special=False)
+            bos = document_bos(tokenizer)
+            ids = ([bos] if bos is not None else []) + ids
+        elif isinstance(prompt, list):
+            text, close = generation_prompt(prompt, tokenizer)
+            ids = tokenizer.encode(text, special=True)
+            stops.add(close)
+        else:
+            raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"{where}: the prompt encodes to no tokens")
+        if len(ids) > max_prompt_len:
+            raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than --max-prompt-len {max_prompt_len}")
+        records.append({"prompt": prompt, "ids": ids, "stops": sorted(s for s in stops if s is not None),
+                        "fields": {k: v for k, v in record.items() if k != "prompt"}})
     if not records:
         raise ValueError(f"grpo: no prompt records in {', '.join(map(str, paths))}")
     return records
@@ -164,7 +150,7 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- trainer
-class GRPOTrainer:
+class GRPOTrainer(StepLoop):
     """GRPO on ``prompts`` (``read_prompts``) with ``rewards`` (name -> function) and their ``weights``;
     ``TrainConfig`` gives the optimiser, schedule, clipping, prompts per step (``batch_size``),
     precision and seed. ``sampling``: ``num_generations``, ``max_new_tokens``, ``temperature``,
@@ -186,34 +172,15 @@ class GRPOTrainer:
             raise ValueError("grpo: --num-generations must be at least 2 (advantages compare a prompt's completions)")
         if temperature <= 0:
             raise ValueError(f"grpo: --temperature {temperature}; expected > 0 (the completions of a prompt must differ)")
-        self.model, self.prompts, self.rewards, self.weights, self.cfg = model, prompts, rewards, weights, cfg
-        self.tok, self.parallel = tokenizer, parallel
-        self.eval_prompts = eval_prompts or []
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"grpo: --micro-batch {micro_batch}; expected at least 1 completion per forward")
-        self.micro_batch = micro_batch
-        self.world = parallel.world_size if parallel is not None else 1
-        if cfg.batch_size % self.world:
-            raise ValueError(f"grpo: --batch-size {cfg.batch_size} is not a multiple of the world size {self.world}; "
-                             f"expected an equal share of the prompts of every step per rank")
+        self._setup("grpo", model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
+                    n_data=len(prompts), what="the prompts of every step")
+        self.prompts, self.rewards, self.weights, self.tok = prompts, rewards, weights, tokenizer
+        self.eval_prompts, self.micro_batch = eval_prompts or [], micro_batch
+        self.has_eval = bool(self.eval_prompts)
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.num_generations, self.max_new_tokens = num_generations, max_new_tokens
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if padding_free is None:
-            padding_free = model.use_fast(torch.empty(0, device=self.device))
-        self.padding_free = padding_free
-        self.autocast_dtype = autocast_dtype_for(cfg.precision, self.device)
-        if self.autocast_dtype == torch.float16:
-            raise ValueError("grpo: fp16 (loss scaling) is not supported; use --precision bf16 or fp32")
-        self.log = log or (lambda *a: None)
-        self.optimizer = make_optimizer(model, cfg)
-        self.batches = BatchStream(len(prompts), seed=cfg.seed)
-        self.step = 0
-        self.last_eval = None  # (checkpoint.save_checkpoint reads it)
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                              enabled=self.autocast_dtype is not None)
 
     def sample_groups(self, records: list[dict], generators: list[torch.Generator]) -> list[list[list[int]]]:
         """``num_generations`` completions of each prompt (ids after the prompt, the stop id included
@@ -252,10 +219,7 @@ class GRPOTrainer:
 
         c = self.cfg
         par = self.parallel
-        t0 = time.perf_counter()
-        lr = c.lr_at_step(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr, t0 = self._start_step()
         # every rank draws the step's prompts and takes its share; each prompt's sampling is seeded by
         # the step and its place in the step, so any number of ranks (and a resumed run) samples alike
         index, place = self.batches.next(c.batch_size), torch.arange(c.batch_size)
@@ -360,88 +324,41 @@ class GRPOTrainer:
                    for name, v, c in zip(self.rewards, stats[3:3 + f].tolist(), stats[3 + f:].tolist())},
                 "eval_completion_len": n_len / n, "eval_prompts": int(n)}
 
-    def run(self, on_checkpoint=None) -> list[dict]:
-        """Train to ``cfg.steps``, evaluating on the held-out prompts at the start (a fresh run), every
-        ``cfg.eval_every`` steps and at the end; ``on_checkpoint(self)`` every ``cfg.save_every`` steps."""
-        history = []
-
-        def evaluate():
-            history.append({"event": "eval", **self.evaluate()})
-            self.log("eval", history[-1])
-
-        if self.eval_prompts and self.step == 0:
-            evaluate()
-        while self.step < self.cfg.steps:
-            rec = self.train_step()
-            history.append({"event": "train", **rec})
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                self.log("train", rec)
-            if self.eval_prompts and (self.step == self.cfg.steps or
-                                      (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
-                evaluate()
-            if on_checkpoint and self.cfg.save_every and self.step % self.cfg.save_every == 0 \
-                    and self.step < self.cfg.steps:
-                on_checkpoint(self)
-        return history
-
 
 # -------------------------------------------------------------------------------------------- CLI
 def cmd_grpo(args) -> int:
     """``apr-kernels grpo``: GRPO from an APR file; ``--out/step_NNNNNN.apr`` every ``--save-every``
     steps (resumable with ``--resume``), ``--out/model.apr`` at the end (adapters merged). Under
     torchrun: DDP or FSDP (``--parallel``), each rank sampling and scoring its share of the prompts."""
-    from . import distributed
-    from .cli import resolve_auto_resume
-
-    if not resolve_auto_resume(args):
-        return 0
-    return distributed.run(args, lambda env, mode: _grpo(args, env, mode))
+    return run_command(args, lambda env, mode: _grpo(args, env, mode))
 
 
 def _grpo(args, env, mode: str) -> int:
     from apr_kernels.model.loading import check_tokenizer_vocab
 
     from . import distributed
-    from .checkpoint import restore_training_state, training_metadata
-    from .cli import load_tokenizer, pick_device, prune_checkpoints, tristate
+    from .checkpoint import restore_training_state
+    from .cli import load_tokenizer, pick_device, tristate
     from .loop import Logger
 
     device = env.device if mode != "none" else pick_device(args.device)
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
-        meta = training_metadata(args.resume)
-        grpo = meta.get("training.grpo")
-        if not isinstance(grpo, dict):
-            raise ValueError(f"{args.resume}: not a checkpoint of a grpo run (no metadata training.grpo)")
-        cfg = TrainConfig.from_dict(meta["training.config"])
+        grpo, cfg = resumed(args, "grpo")
         load = {"lora": "keep"}
     else:
         if not (args.init and args.data and args.reward):
             raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME are required "
                              "(or --resume STEP.apr)")
-        grpo = {"init": str(args.init), "data": [str(Path(p).resolve()) for p in args.data],
-                "eval_data": [str(Path(p).resolve()) for p in args.eval_data] if args.eval_data else None,
-                "micro_batch": args.micro_batch,
-                "rewards": [_absolute_reward(s) for s in args.reward], "reward_weights": args.reward_weights,
-                "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens,
-                "max_prompt_len": args.max_prompt_len, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "tokenizer": args.tokenizer}
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.max_prompt_len + args.max_new_tokens,
-                          lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                          save_every=args.save_every, eval_every=args.eval_every, seed=args.seed,
-                          precision=args.precision)
-        lora = None
-        if args.lora_rank:
-            lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
-                    "seed": args.seed}
-        load = {"lora_init": lora}
+        grpo = {"init": str(args.init), "data": absolute(args.data), "eval_data": absolute(args.eval_data),
+                "micro_batch": args.micro_batch, "rewards": [_absolute_reward(s) for s in args.reward],
+                "reward_weights": args.reward_weights, "num_generations": args.num_generations,
+                "max_new_tokens": args.max_new_tokens, "max_prompt_len": args.max_prompt_len,
+                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer}
+        cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
+        load = {"lora_init": lora_settings(args)}
     rewards = {s.rpartition(":")[2]: load_reward(s) for s in grpo["rewards"]}  # fail before the model loads
     source = args.resume or grpo["init"]
-    if mode != "none":  # sharded on the meta device under FSDP (adapters added before sharding)
-        model = distributed.from_apr(source, env, mode, fast=tristate(args.fast), **load)
-    else:
-        from apr_kernels.model.loading import from_apr
-
-        model = from_apr(source, device=device, fast=tristate(args.fast), **load)
+    model = load_model(source, env, mode, device, args, **load)
     tok = load_tokenizer(grpo["tokenizer"], model.apr_metadata, source)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{source}: tokenizer")
     prompts = read_prompts(grpo["data"], tok, grpo["max_prompt_len"])
@@ -452,12 +369,12 @@ def _grpo(args, env, mode: str) -> int:
     if not args.resume:
         torch.manual_seed(cfg.seed)
     parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
-    log = Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None
     trainer = GRPOTrainer(model, prompts, rewards, cfg, tokenizer=tok, num_generations=grpo["num_generations"],
                           max_new_tokens=grpo["max_new_tokens"], temperature=grpo["temperature"],
                           top_k=grpo["top_k"], top_p=grpo["top_p"], reward_weights=grpo["reward_weights"],
-                          device=device, log=log, padding_free=tristate(args.padding_free), parallel=parallel,
-                          eval_prompts=eval_prompts, micro_batch=grpo.get("micro_batch"))
+                          device=device, padding_free=tristate(args.padding_free), parallel=parallel,
+                          eval_prompts=eval_prompts, micro_batch=grpo.get("micro_batch"),
+                          log=Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None)
     if args.resume:
         restore_training_state(args.resume, trainer)
     trainer.log("start", {"step": trainer.step, "prompts": len(prompts), "eval_prompts": len(eval_prompts or []),
@@ -466,24 +383,7 @@ def _grpo(args, env, mode: str) -> int:
                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                           "device": str(device), "world": trainer.world, "padding_free": trainer.padding_free,
                           "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def checkpoint(t: GRPOTrainer, final: bool = False) -> None:
-        path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
-        distributed.save_checkpoint(path, t, parallel, tokenizer=tok, merge_lora=final,
-                                    extra_metadata={"training.grpo": grpo})
-        t.log("checkpoint", {"step": t.step, "path": str(path)})
-        if env.is_main:
-            prune_checkpoints(out, args.keep_last, t.log)
-
-    try:
-        trainer.run(on_checkpoint=checkpoint)
-        checkpoint(trainer, final=True)
-    finally:
-        if log is not None:
-            log.close()
-    return 0
+    return train_and_save(trainer, args, env, parallel, tok, {"training.grpo": grpo})
 
 
 def _absolute_reward(spec: str) -> str:
@@ -493,7 +393,6 @@ def _absolute_reward(spec: str) -> str:
 
 
 def register(subparsers) -> None:
-    d = TrainConfig()
     p = subparsers.add_parser("grpo", help="reinforcement learning from reward functions (GRPO) from an APR file")
     p.add_argument("--init", help="APR model to train")
     p.add_argument("--data", nargs="+", help="JSON Lines of {'prompt': text or messages, ...fields for the rewards}")
@@ -502,39 +401,14 @@ def register(subparsers) -> None:
     p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (default 1)")
     p.add_argument("--eval-data", nargs="+", help="held-out prompts: the mean reward of one greedy completion each "
                                                    "is logged at the start, every --eval-every steps and at the end")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="completions per training forward (default: all of a rank's completions of the step)")
-    p.add_argument("--resume", help="a step_NNNNNN.apr of a grpo run; auto: the newest in --out")
     p.add_argument("--num-generations", type=int, default=8, help="completions sampled per prompt (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion at most (default 256)")
     p.add_argument("--max-prompt-len", type=int, default=512, help="longest prompt in tokens (default 512)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
-    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4, help="prompts per step (each with --num-generations completions)")
-    p.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
-                   help="pack each group's sequences into one row (auto: where the package kernels run)")
-    p.add_argument("--lora-rank", type=int, default=0)
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None)
-    p.add_argument("--fast", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--parallel", choices=["ddp", "fsdp", "none"], default=None,
-                   help="under torchrun: ddp (the default with several ranks) or fsdp")
-    p.add_argument("--dist-timeout", type=float, default=600.0,
-                   help="seconds a rank waits for the others before failing (default 600)")
-    p.add_argument("--out", default="runs/grpo")
-    p.add_argument("--json", action="store_true", help="log JSON lines")
-    p.add_argument("--tensorboard", metavar="DIR", default=None)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="completions per training forward (default: all of a rank's completions of the step)")
+    add_options(p, command="grpo", lr=1e-6, lr_help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")
     p.set_defaults(func=cmd_grpo)

@@ -51,44 +51,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
-import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import PREFIX
-from .data import BatchStream, marked_ids, split_targets
-from .loop import TrainConfig, autocast_dtype_for, make_optimizer
+from .data import marked_ids, split_targets
+from .loop import TrainConfig
+from .posttrain import (StepLoop, absolute, add_options, config_from, load_model, lora_settings, resumed,
+                        run_command, train_and_save)
 
 
 def read_pairs(paths, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
     """(chosen, rejected) marked id lists of every preference record in the JSON Lines ``paths``."""
-    from .data import find_text_files
+    from .posttrain import jsonl_records
 
     if getattr(tokenizer, "eos_id", None) is None:
         raise ValueError("dpo: the tokenizer has no end-of-text id (it closes every answer)")
-    pairs = []
-    for path in find_text_files(paths):
-        if not path.name.endswith((".jsonl", ".jsonl.gz")):
-            raise ValueError(f"{path}: preference data must be JSON Lines (.jsonl, .jsonl.gz) records with "
-                             f"'prompt', 'chosen' and 'rejected'")
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-                pairs.append(tuple(_answer_ids(record, side, tokenizer, where)[: max_len + 1]
-                                   for side in ("chosen", "rejected")))
+    pairs = [tuple(_answer_ids(record, side, tokenizer, where)[: max_len + 1] for side in ("chosen", "rejected"))
+             for where, record in jsonl_records(paths, "preference data ({'prompt', 'chosen', 'rejected'} records)")]
     for chosen, rejected in pairs:
         if not any(t >= 0 for t in chosen[1:]) or not any(t >= 0 for t in rejected[1:]):
             raise ValueError(f"dpo: a record's answer lies past --max-len {max_len} tokens; raise --max-len")
@@ -219,7 +203,7 @@ def answer_lengths(pairs) -> torch.Tensor:
     return torch.tensor([[sum(t >= 0 for t in seq[1:]) for seq in pair] for pair in pairs], dtype=torch.float32)
 
 
-class PreferenceTrainer:
+class PreferenceTrainer(StepLoop):
     """DPO on ``pairs`` (``read_pairs``) with ``TrainConfig``'s optimiser, schedule, clipping, batch
     size (pairs per micro-batch), gradient accumulation, precision and seed.
 
@@ -229,37 +213,17 @@ class PreferenceTrainer:
 
     def __init__(self, model, pairs, eval_pairs, cfg: TrainConfig, *, eos_id: int, loss: PreferenceLoss | None = None,
                  device=None, log=None, ref: tuple | None = None, parallel=None, padding_free: bool | None = None):
-        self.model, self.pairs, self.eval_pairs, self.cfg = model, pairs, eval_pairs, cfg
+        self._setup("dpo", model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
+                    n_data=len(pairs), what="every batch of pairs")
+        self.pairs, self.eval_pairs, self.eos = pairs, eval_pairs, eos_id
         self.loss = loss or PreferenceLoss()
-        self.eos, self.parallel = eos_id, parallel
-        self.world = parallel.world_size if parallel is not None else 1
-        if cfg.batch_size % self.world:
-            raise ValueError(f"dpo: --batch-size {cfg.batch_size} is not a multiple of the world size {self.world}; "
-                             f"expected an equal share of every batch of pairs per rank")
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        # padding-free batches (one packed row per micro-batch): where the packed-sequence kernel runs;
-        # eager attention would mask a [T, T] square of the whole row instead, more work than padding
-        if padding_free is None:
-            padding_free = model.use_fast(torch.empty(0, device=self.device))
-        self.padding_free = padding_free
-        self.autocast_dtype = autocast_dtype_for(cfg.precision, self.device)
-        if self.autocast_dtype == torch.float16:
-            raise ValueError("dpo: fp16 (loss scaling) is not supported; use --precision bf16 or fp32")
-        self.log = log or (lambda *a: None)
-        self.optimizer = make_optimizer(model, cfg)
-        self.batches = BatchStream(len(pairs), seed=cfg.seed)
+        self.has_eval = bool(eval_pairs)
         self.lengths = answer_lengths(pairs)
         self.eval_lengths = answer_lengths(eval_pairs) if eval_pairs else None
-        self.step = 0
-        self.last_eval = None  # (checkpoint.save_checkpoint reads it; DPO's evaluations are logged instead)
         if ref is None:  # the model as loaded is the reference: [P, 2] and [E, 2] log-likelihoods
             logps = self._logps if self.loss.needs_reference else (lambda ps: torch.zeros(len(ps), 2))
             ref = (logps(pairs), logps(eval_pairs) if eval_pairs else None)
         self.ref, self.eval_ref = ref
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                              enabled=self.autocast_dtype is not None)
 
     def _batch_logps(self, pairs) -> torch.Tensor:
         """``[N, 2]`` answer log-likelihoods of ``pairs`` through the model (its DDP/FSDP wrapper)."""
@@ -295,10 +259,7 @@ class PreferenceTrainer:
 
     def train_step(self) -> dict:
         c = self.cfg
-        t0 = time.perf_counter()
-        lr = c.lr_at_step(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr, t0 = self._start_step()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         par = self.parallel
@@ -349,27 +310,6 @@ class PreferenceTrainer:
                 "eval_margin": float((chosen - rejected).mean()), "eval_chosen_nll": chosen_nll,
                 "eval_pairs": len(self.eval_pairs)}
 
-    def run(self, on_checkpoint=None) -> list[dict]:
-        """Train to ``cfg.steps``, evaluating at the start (a fresh run) and end; ``on_checkpoint(self)``
-        every ``cfg.save_every`` steps."""
-        history = []
-        if self.eval_pairs and self.step == 0:
-            history.append({"event": "eval", **self.evaluate()})
-            self.log("eval", history[-1])
-        while self.step < self.cfg.steps:
-            rec = self.train_step()
-            history.append({"event": "train", **rec})
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                self.log("train", rec)
-            if self.eval_pairs and (self.step == self.cfg.steps or
-                                    (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
-                history.append({"event": "eval", **self.evaluate()})
-                self.log("eval", history[-1])
-            if on_checkpoint and self.cfg.save_every and self.step % self.cfg.save_every == 0 \
-                    and self.step < self.cfg.steps:
-                on_checkpoint(self)
-        return history
-
 
 def preference_loss(dpo: dict) -> PreferenceLoss:
     """The ``PreferenceLoss`` of a run's ``training.dpo`` settings (older runs: DPO's sigmoid)."""
@@ -382,58 +322,31 @@ def cmd_dpo(args) -> int:
     """``apr-kernels dpo``: DPO from an APR file; ``--out/step_NNNNNN.apr`` every ``--save-every`` steps
     (resumable with ``--resume``), ``--out/model.apr`` at the end (adapters merged). Under torchrun:
     DDP or FSDP (``--parallel``), rank 0 logging and writing the files."""
-    from . import distributed
-    from .cli import resolve_auto_resume
-
-    if not resolve_auto_resume(args):  # --resume auto: the newest step file, or a fresh start, or done
-        return 0
-    return distributed.run(args, lambda env, mode: _dpo(args, env, mode))
+    return run_command(args, lambda env, mode: _dpo(args, env, mode))
 
 
 def _dpo(args, env, mode: str) -> int:
     from apr_kernels.model.loading import check_tokenizer_vocab
 
     from . import distributed
-    from .checkpoint import restore_training_state, training_metadata
-    from .cli import load_tokenizer, pick_device, prune_checkpoints, tristate
+    from .checkpoint import restore_training_state
+    from .cli import load_tokenizer, pick_device, tristate
     from .loop import Logger
 
     device = env.device if mode != "none" else pick_device(args.device)
-
-    fast = tristate(args.fast)
-
-    def load(path, **lora):
-        if mode != "none":  # sharded on the meta device under FSDP (adapters added before sharding)
-            return distributed.from_apr(path, env, mode, fast=fast, **lora)
-        from apr_kernels.model.loading import from_apr
-
-        return from_apr(path, device=device, fast=fast, **lora)
-
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
-        meta = training_metadata(args.resume)
-        dpo = meta.get("training.dpo")
-        if not isinstance(dpo, dict):
-            raise ValueError(f"{args.resume}: not a checkpoint of a dpo run (no metadata training.dpo)")
-        cfg = TrainConfig.from_dict(meta["training.config"])
-        model = load(args.resume, lora="keep")
+        dpo, cfg = resumed(args, "dpo")
+        model = load_model(args.resume, env, mode, device, args, lora="keep")
     else:
         if not (args.init and args.data):
             raise ValueError("dpo: --init FILE.apr and --data PREFS.jsonl... are required (or --resume STEP.apr)")
-        lora = None
-        if args.lora_rank:
-            lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
-                    "seed": args.seed}
         dpo = {"beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing, "gamma": args.gamma,
-               "sft_weight": args.sft_weight, "init": str(args.init),
-               "data": [str(Path(p).resolve()) for p in args.data],
-               "eval_data": [str(Path(p).resolve()) for p in args.eval_data] if args.eval_data else None,
-               "eval_fraction": args.eval_fraction, "max_len": args.max_len, "tokenizer": args.tokenizer}
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                          seq_len=args.max_len, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-                          grad_clip=args.grad_clip, eval_every=args.eval_every, save_every=args.save_every,
-                          seed=args.seed, precision=args.precision)
+               "sft_weight": args.sft_weight, "init": str(args.init), "data": absolute(args.data),
+               "eval_data": absolute(args.eval_data), "eval_fraction": args.eval_fraction, "max_len": args.max_len,
+               "tokenizer": args.tokenizer}
+        cfg = config_from(args, grad_accum=args.grad_accum, seq_len=args.max_len)
         preference_loss(dpo)  # bad settings fail here, before the model is read
-        model = load(args.init, lora_init=lora)
+        model = load_model(args.init, env, mode, device, args, lora_init=lora_settings(args))
     tok = load_tokenizer(dpo["tokenizer"], model.apr_metadata, args.resume or dpo["init"])
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.resume or dpo['init']}: tokenizer")
     pairs = read_pairs(dpo["data"], tok, dpo["max_len"])
@@ -460,10 +373,9 @@ def _dpo(args, env, mode: str) -> int:
     else:
         torch.manual_seed(cfg.seed)
     parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
-    log = Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None
     trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, eos_id=tok.eos_id, loss=preference_loss(dpo),
-                                device=device, log=log, ref=ref, parallel=parallel,
-                                padding_free=tristate(args.padding_free))
+                                device=device, ref=ref, parallel=parallel, padding_free=tristate(args.padding_free),
+                                log=Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None)
     if args.resume:
         restore_training_state(args.resume, trainer)
     trainer.log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
@@ -471,39 +383,19 @@ def _dpo(args, env, mode: str) -> int:
                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                           "device": str(device), "padding_free": trainer.padding_free,
                           "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    def checkpoint(t: PreferenceTrainer, final: bool = False) -> None:
-        path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
-        extra = {"dpo.ref": t.ref} | ({"dpo.eval_ref": t.eval_ref} if t.eval_ref is not None else {})
-        distributed.save_checkpoint(path, t, parallel, tokenizer=tok, merge_lora=final,
-                                    extra_metadata={"training.dpo": dpo}, extra_tensors=None if final else extra)
-        t.log("checkpoint", {"step": t.step, "path": str(path)})
-        if env.is_main:
-            prune_checkpoints(out, args.keep_last, t.log)
+    def reference(t: PreferenceTrainer) -> dict:  # stored with step checkpoints: --resume needs it
+        return {"dpo.ref": t.ref} | ({"dpo.eval_ref": t.eval_ref} if t.eval_ref is not None else {})
 
-    try:
-        trainer.run(on_checkpoint=checkpoint)
-        checkpoint(trainer, final=True)
-    finally:
-        if log is not None:
-            log.close()
-    return 0
+    return train_and_save(trainer, args, env, parallel, tok, {"training.dpo": dpo}, reference)
 
 
 def register(subparsers) -> None:
-    d = TrainConfig()
     p = subparsers.add_parser("dpo", help="preference fine-tuning (DPO) from an APR file")
     p.add_argument("--init", help="APR model to fine-tune (also the reference)")
     p.add_argument("--data", nargs="+", help="JSON Lines of {'prompt', 'chosen', 'rejected'}")
-    p.add_argument("--resume", help="a step_NNNNNN.apr of a dpo run: continue exactly where it stopped; auto: "
-                                    "the newest in --out (a fresh start without one, nothing when --out is finished)")
-    p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
-    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
     p.add_argument("--eval-data", nargs="+", help="held-out pairs (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
-    p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (default 0.1)")
     p.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid",
                    help="sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo, apo_zero (APO) or simpo (no reference), "
@@ -514,31 +406,7 @@ def register(subparsers) -> None:
     p.add_argument("--sft-weight", type=float, default=0.0,
                    help="add this times the chosen answers' NLL per token (RPO; default 0)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per prompt + answer (longer ones are cut)")
-    p.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
-                   help="pack each micro-batch's answers into one row, each its own document, instead of padding "
-                        "them (auto: where the package kernels run)")
-    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch, over all ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (default 5e-7; LoRA wants ~5e-5)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--lora-rank", type=int, default=0)
-    p.add_argument("--lora-alpha", type=float, default=None)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None)
-    p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
-                   help="package kernels (on), eager PyTorch (off), or kernels on CUDA only (auto)")
-    p.add_argument("--parallel", choices=["ddp", "fsdp", "none"], default=None,
-                   help="under torchrun: ddp (the default with several ranks) or fsdp")
-    p.add_argument("--dist-timeout", type=float, default=600.0,
-                   help="seconds a rank waits for the others before failing (default 600)")
-    p.add_argument("--out", default="runs/dpo")
-    p.add_argument("--json", action="store_true", help="log JSON lines")
-    p.add_argument("--tensorboard", metavar="DIR", default=None,
-                   help="also write the logged values as TensorBoard event files into DIR")
+    add_options(p, command="dpo", lr=5e-7, lr_help="peak learning rate (default 5e-7; LoRA wants ~5e-5)")
     p.set_defaults(func=cmd_dpo)

@@ -1,0 +1,230 @@
+"""What the post-training commands (``dpo`` in ``preference.py``, ``grpo`` in ``grpo.py``) share.
+
+* ``StepLoop``: the loop of a trainer that owns ``model``, ``cfg``, ``optimizer``, ``batches`` (the
+  data position), ``step`` and ``log``: held-out evaluation at the start of a fresh run, every
+  ``cfg.eval_every`` steps and at the end, step checkpoints every ``cfg.save_every`` steps, autocast
+  by ``cfg.precision``. ``checkpoint.save_checkpoint`` / ``restore_training_state`` read the same
+  attributes, so these runs resume exactly like ``train``.
+* ``add_options``: the command-line options they have in common (optimiser, LoRA, precision,
+  kernels, checkpoints, torchrun, logging), with ``train``'s meaning.
+* ``run_command``: ``--resume auto``, then the process group (``distributed.run``).
+* ``load_model``: ``from_apr`` for this rank (sharded under FSDP).
+* ``train_and_save``: run, writing ``step_NNNNNN.apr`` (pruned by ``--keep-last``) and the final
+  ``model.apr`` (LoRA adapters merged), rank 0 writing, every rank waiting.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .data import BatchStream
+from .loop import TrainConfig, autocast_dtype_for, make_optimizer
+
+
+class StepLoop:
+    """Base of ``PreferenceTrainer`` and ``GRPOTrainer`` (module docstring). Subclasses define
+    ``train_step() -> dict`` and, when ``has_eval``, ``evaluate() -> dict``."""
+
+    last_eval = None  # (checkpoint.save_checkpoint reads it; these runs log their evaluations instead)
+    has_eval = False
+
+    def _setup(self, command: str, model, cfg: TrainConfig, *, device, parallel, padding_free, log, n_data: int,
+               what: str) -> None:
+        """The state every such trainer has: ``model``, ``cfg``, ``parallel`` and ``world``, ``device``,
+        ``padding_free``, autocast, ``log``, the AdamW ``optimizer``, ``batches`` over ``n_data`` items
+        (``what`` per rank in errors) and ``step``."""
+        self.model, self.cfg, self.parallel = model, cfg, parallel
+        self.world = parallel.world_size if parallel is not None else 1
+        if cfg.batch_size % self.world:
+            raise ValueError(f"{command}: --batch-size {cfg.batch_size} is not a multiple of the world size "
+                             f"{self.world}; expected an equal share of {what} per rank")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        # padding-free batches (one packed row per micro-batch): where the packed-sequence kernel runs;
+        # eager attention would mask a [T, T] square of the whole row instead, more work than padding
+        if padding_free is None:
+            padding_free = model.use_fast(torch.empty(0, device=self.device))
+        self.padding_free = padding_free
+        self.autocast_dtype = autocast_dtype_for(cfg.precision, self.device)
+        if self.autocast_dtype == torch.float16:
+            raise ValueError(f"{command}: fp16 (loss scaling) is not supported; use --precision bf16 or fp32")
+        self.log = log or (lambda *a: None)
+        self.optimizer = make_optimizer(model, cfg)
+        self.batches = BatchStream(n_data, seed=cfg.seed)
+        self.step = 0
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)
+
+    def _start_step(self) -> tuple[float, float]:
+        """(learning rate of this step, set on the optimiser; start time)."""
+        lr = self.cfg.lr_at_step(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr, time.perf_counter()
+
+    def run(self, on_checkpoint=None) -> list[dict]:
+        """Train to ``cfg.steps`` (module docstring); ``on_checkpoint(self)`` every ``cfg.save_every``
+        steps before the last."""
+        c, history = self.cfg, []
+
+        def evaluate():
+            history.append({"event": "eval", **self.evaluate()})
+            self.log("eval", history[-1])
+
+        if self.has_eval and self.step == 0:
+            evaluate()
+        while self.step < c.steps:
+            rec = self.train_step()
+            history.append({"event": "train", **rec})
+            if self.step % c.log_every == 0 or self.step == c.steps:
+                self.log("train", rec)
+            if self.has_eval and (self.step == c.steps or (c.eval_every and self.step % c.eval_every == 0)):
+                evaluate()
+            if on_checkpoint and c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                on_checkpoint(self)
+        return history
+
+
+def jsonl_records(paths, what: str):
+    """``(where, record)`` of every non-blank line of the JSON Lines files found at ``paths``
+    (``.jsonl``, ``.jsonl.gz``); ``what`` names the records in errors."""
+    from .data import find_text_files
+
+    for path in find_text_files(paths):
+        if not path.name.endswith((".jsonl", ".jsonl.gz")):
+            raise ValueError(f"{path}: {what} must be JSON Lines (.jsonl, .jsonl.gz)")
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    yield where, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+
+
+def absolute(paths) -> list[str] | None:
+    return [str(Path(p).resolve()) for p in paths] if paths else None
+
+
+def lora_settings(args) -> dict | None:
+    """New adapters from ``--lora-rank/--lora-alpha/--lora-targets`` (seeded by ``--seed``), or None."""
+    if not args.lora_rank:
+        return None
+    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
+            "seed": args.seed}
+
+
+def config_from(args, **fields) -> TrainConfig:
+    """The run's ``TrainConfig`` from the shared options, plus the command's own ``fields``."""
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                       weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
+                       save_every=args.save_every, seed=args.seed, precision=args.precision, **fields)
+
+
+def resumed(args, command: str) -> tuple[dict, TrainConfig]:
+    """(the run's ``training.<command>`` settings, its ``TrainConfig``) from ``--resume``'s checkpoint."""
+    from .checkpoint import training_metadata
+
+    meta = training_metadata(args.resume)
+    settings = meta.get(f"training.{command}")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{args.resume}: not a checkpoint of a {command} run (no metadata training.{command})")
+    return settings, TrainConfig.from_dict(meta["training.config"])
+
+
+def run_command(args, body) -> int:
+    """``body(env, mode)`` after ``--resume auto`` is resolved (nothing to do once ``--out`` holds the
+    finished run), inside the process group a launcher describes."""
+    from . import distributed
+    from .cli import resolve_auto_resume
+
+    if not resolve_auto_resume(args):
+        return 0
+    return distributed.run(args, body)
+
+
+def load_model(source, env, mode: str, device, args, **lora):
+    """``from_apr(source)`` for this rank: sharded on the meta device under FSDP (adapters added
+    before sharding), a replica otherwise; ``--fast`` as given."""
+    from .cli import tristate
+
+    if mode != "none":
+        from . import distributed
+
+        return distributed.from_apr(source, env, mode, fast=tristate(args.fast), **lora)
+    from apr_kernels.model.loading import from_apr
+
+    return from_apr(source, device=device, fast=tristate(args.fast), **lora)
+
+
+def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extra_tensors=None) -> int:
+    """Run ``trainer``; ``--out/step_NNNNNN.apr`` every ``--save-every`` steps (with
+    ``extra_tensors(trainer)`` as more training state, pruned to ``--keep-last``), then
+    ``--out/model.apr`` (adapters merged). Closes the trainer's logger."""
+    from . import distributed
+    from .cli import prune_checkpoints
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(t, final: bool = False) -> None:
+        path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
+        distributed.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=final,
+                                    extra_metadata=metadata,
+                                    extra_tensors=None if final or extra_tensors is None else extra_tensors(t))
+        t.log("checkpoint", {"step": t.step, "path": str(path)})
+        if env.is_main:
+            prune_checkpoints(out, args.keep_last, t.log)
+
+    try:
+        trainer.run(on_checkpoint=checkpoint)
+        checkpoint(trainer, final=True)
+    finally:
+        if hasattr(trainer.log, "close"):
+            trainer.log.close()
+    return 0
+
+
+def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
+    """The options every post-training command takes (``train``'s meaning)."""
+    d = TrainConfig()
+    p.add_argument("--resume", help=f"a step_NNNNNN.apr of a {command} run: continue exactly where it stopped; "
+                                    f"auto: the newest in --out (a fresh start without one, nothing when --out is "
+                                    f"finished)")
+    p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
+                   help="pack a micro-batch's sequences into one row, each its own document, instead of padding "
+                        "them (auto: where the package kernels run)")
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None)
+    p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
+                   help="package kernels (on), eager PyTorch (off), or kernels on CUDA only (auto)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp", "none"], default=None,
+                   help="under torchrun: ddp (the default with several ranks) or fsdp")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a rank waits for the others before failing (default 600)")
+    p.add_argument("--out", default=f"runs/{command}")
+    p.add_argument("--json", action="store_true", help="log JSON lines")
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="also write the logged values as TensorBoard event files into DIR")
