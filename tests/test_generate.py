@@ -144,3 +144,41 @@ def test_stop_ids_per_row():
     assert got[0] == free[0][: free[0].index(x) + 1] and got[1] == free[1][: free[1].index(y) + 1]
     with pytest.raises(ValueError, match="generators cover 3 rows; expected 2"):
         generate_batch(model, prompts, 8, generators=[(3, None)])
+
+
+def test_cli_generates_for_a_file_of_prompts(tmp_path, capsys):
+    """generate --prompts: greedy completions of a file's prompts equal each --prompt run alone; sampled
+    ones do not depend on the batch size; chat prompts get assistant messages; fields are kept."""
+    import json
+
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.tokenizer import Tokenizer
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)},
+                               {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}, eos_id=256)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.apr", tokenizer=tok,
+                    model=Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(259)), fast=False))
+    texts = ["def f(x):", "Hello", "import os\n"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)) +
+                       json.dumps({"prompt": [{"role": "user", "content": "hi"}], "id": 3}) + "\n")
+    common = ["generate", "--init", str(tmp_path / "m.apr"), "--max-new-tokens", "12"]
+    assert main([*common, "--prompts", str(prompts), "--temperature", "0", "--batch-size", "2"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in lines] == [0, 1, 2, 3] and all(r["sample"] == 0 for r in lines)
+    for t, r in zip(texts, lines):
+        assert main([*common, "--prompt", t, "--temperature", "0", "--json"]) == 0
+        alone = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert r["prompt"] == t and r["completion"] == alone["completion"]
+    assert lines[3]["completion"][0]["role"] == "assistant" and isinstance(lines[3]["completion"][0]["content"], str)
+    sampled = {}
+    for batch in ("1", "4"):
+        out = tmp_path / f"s{batch}.jsonl"
+        assert main([*common, "--prompts", str(prompts), "--num-return-sequences", "2", "--temperature", "1.0",
+                     "--seed", "3", "--batch-size", batch, "--output", str(out)]) == 0
+        sampled[batch] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sampled["1"] == sampled["4"] and len(sampled["1"]) == 8
+    assert [r["sample"] for r in sampled["1"][:2]] == [0, 1]

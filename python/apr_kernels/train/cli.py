@@ -480,6 +480,8 @@ def cmd_generate(args) -> int:
     model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    if args.prompts:  # many prompts from JSON Lines, decoded in batches
+        return _generate_file(args, model, tok)
     eos = getattr(tok, "eos_id", None)
     stops = {eos} if eos is not None else set()
     if args.chat:  # the prompt is a user message; the answer stops at the token closing the turn
@@ -515,6 +517,47 @@ def cmd_generate(args) -> int:
                           "tokens": len(new)}))
     else:
         print(completion if args.chat else args.prompt + completion)
+    return 0
+
+
+def _generate_file(args, model, tok) -> int:
+    """``generate --prompts FILE.jsonl...``: ``--num-return-sequences`` completions of each record's
+    ``prompt`` (a string, continued as text, or a list of messages, answered in the chat format),
+    decoded ``--batch-size`` prompts at a time (left-padded, ``generate_batch``); one JSON line per
+    completion, the record with ``completion`` (a string, or ``[{"role": "assistant", ...}]``) and
+    ``sample`` added, to ``--output`` or stdout. Each prompt samples with a generator seeded by
+    ``--seed`` and its place in the files, so the batch size changes nothing."""
+    from apr_kernels.model.generate import generate_batch
+
+    from .grpo import read_prompts
+
+    n = args.num_return_sequences
+    if n < 1 or args.batch_size < 1:
+        raise ValueError(f"generate: --num-return-sequences {n} and --batch-size {args.batch_size}; expected >= 1")
+    records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for start in range(0, len(records), args.batch_size):
+            part = records[start:start + args.batch_size]
+            gens = [(n, torch.Generator().manual_seed(args.seed * 1_000_003 + start + k)) for k in range(len(part))]
+            with torch.autocast(model.model.embed_tokens.weight.device.type, dtype=torch.bfloat16,
+                                enabled=model.model.embed_tokens.weight.is_cuda):
+                done = generate_batch(model, [r["ids"] for r in part for _ in range(n)], args.max_new_tokens,
+                                      stops=[r["stops"] for r in part for _ in range(n)], generators=gens,
+                                      temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                                      vocab_size=tok.vocab_size)
+            for i, ids in enumerate(done):
+                r = part[i // n]
+                new = [t for t in ids if t not in r["stops"]]
+                # the text the new tokens add to the prompt's (SentencePiece: the first one's space)
+                text = tok.decode(r["ids"] + new)[len(tok.decode(r["ids"])):]
+                answer = [{"role": "assistant", "content": text}] if isinstance(r["prompt"], list) else text
+                out.write(json.dumps({"prompt": r["prompt"], **r["fields"], "completion": answer,
+                                      "sample": i % n}) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
     return 0
 
 
@@ -668,6 +711,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="continue a prompt with an APR model (sampling, KV cache)")
     p.add_argument("--init", required=True, help="APR model file")
     p.add_argument("--prompt", default="", help="text to continue (default: a fresh document)")
+    p.add_argument("--prompts", nargs="+", metavar="FILE.jsonl",
+                   help="instead of --prompt: JSON Lines of {'prompt': text or messages, ...}; one JSON line per "
+                        "completion (the record plus 'completion' and 'sample')")
+    p.add_argument("--output", help="with --prompts: write the JSON lines here (default stdout)")
+    p.add_argument("--batch-size", type=int, default=16, help="with --prompts: prompts decoded together")
+    p.add_argument("--num-return-sequences", type=int, default=1, help="with --prompts: completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
