@@ -437,3 +437,35 @@ def test_gpu_padding_free_sequence_logps_match_padded_eager():
     for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
         err = (q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
         assert err < 0.1, f"{name}: relative gradient error {err:.3g}"
+
+
+def test_dpo_on_a_quantised_base_trains_like_its_dequantised_copy(tmp_path, capsys):
+    """--lora-quantized-base: the adapters on the file's 4-bit blocks (dequantised per GEMM) give the
+    losses of the same adapters on the dequantised weights, and the run resumes with its blocks."""
+    from apr_kernels.cli import main
+    from test_lora import QCFG, _quantised_file
+
+    tok = byte_tokenizer()
+    _quantised_file(tmp_path / "q.apr", QCFG.replace(vocab_size=pad_vocab(tok.vocab_size)), "APR_Q4")
+    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    args = ["dpo", "--init", str(tmp_path / "q.apr"), "--tokenizer", "bytes", "--data", str(data), "--steps", "4",
+            "--batch-size", "4", "--lr", "1e-2", "--beta", "0.5", "--max-len", "64", "--json", "--lora-rank", "4",
+            "--save-every", "2"]
+    losses = {}
+    for name, extra in (("quantised", ["--lora-quantized-base"]), ("dequantised", [])):
+        assert main([*args, *extra, "--out", str(tmp_path / name)]) == 0
+        losses[name] = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines()
+                        if x.startswith('{"event": "train"')]
+    assert losses["quantised"] == pytest.approx(losses["dequantised"], rel=1e-5)
+    import apr_kernels
+
+    for name, dtype in (("quantised", "APR_Q4"), ("dequantised", "F32")):  # the base as the step files hold it
+        with apr_kernels.open(tmp_path / name / "step_000002.apr") as f:
+            assert f.info("model.layers.0.mlp.up_proj.weight").dtype == dtype
+    assert main(["dpo", "--resume", str(tmp_path / "quantised" / "step_000002.apr"), "--json", "--out",
+                 str(tmp_path / "r")]) == 0
+    resumed = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if x.startswith('{"event": "train"')]
+    assert resumed == losses["quantised"][2:]
+    assert main(["dpo", "--init", str(tmp_path / "q.apr"), "--data", str(data), "--lora-quantized-base",
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "--lora-quantized-base needs --lora-rank" in capsys.readouterr().err

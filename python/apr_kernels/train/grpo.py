@@ -344,7 +344,7 @@ def _grpo(args, env, mode: str) -> int:
     device = env.device if mode != "none" else pick_device(args.device)
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         grpo, cfg = resumed(args, "grpo")
-        load = {"lora": "keep"}
+        load = {"lora": "keep", "keep_quantized": True}
     else:
         if not (args.init and args.data and args.reward):
             raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME are required "
@@ -355,7 +355,7 @@ def _grpo(args, env, mode: str) -> int:
                 "max_new_tokens": args.max_new_tokens, "max_prompt_len": args.max_prompt_len,
                 "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
-        load = {"lora_init": lora_settings(args)}
+        load = lora_settings(args)
     rewards = {s.rpartition(":")[2]: load_reward(s) for s in grpo["rewards"]}  # fail before the model loads
     source = args.resume or grpo["init"]
     model = load_model(source, env, mode, device, args, **load)

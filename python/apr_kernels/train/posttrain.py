@@ -115,12 +115,16 @@ def absolute(paths) -> list[str] | None:
     return [str(Path(p).resolve()) for p in paths] if paths else None
 
 
-def lora_settings(args) -> dict | None:
-    """New adapters from ``--lora-rank/--lora-alpha/--lora-targets`` (seeded by ``--seed``), or None."""
+def lora_settings(args) -> dict:
+    """``from_apr`` keywords for a fresh run: new adapters from ``--lora-rank/--lora-alpha/--lora-targets``
+    (seeded by ``--seed``) or none, and ``--lora-quantized-base`` (the file's quantised projections
+    kept as the frozen base, QLoRA-style)."""
+    if args.lora_quantized_base and not args.lora_rank:
+        raise ValueError("--lora-quantized-base needs --lora-rank R (the adapters that train on the quantised base)")
     if not args.lora_rank:
-        return None
-    return {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
-            "seed": args.seed}
+        return {"lora_init": None}
+    return {"lora_init": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
+                          "seed": args.seed}, "keep_quantized": args.lora_quantized_base}
 
 
 def config_from(args, **fields) -> TrainConfig:
@@ -214,6 +218,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--lora-quantized-base", action="store_true",
+                   help="keep --init's quantised projections (Q4_K, Q6_K, APR_Q4/Q8) as the frozen base, "
+                        "dequantised per GEMM (QLoRA-style; one process or DDP)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -336,7 +336,7 @@ def _dpo(args, env, mode: str) -> int:
     device = env.device if mode != "none" else pick_device(args.device)
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         dpo, cfg = resumed(args, "dpo")
-        model = load_model(args.resume, env, mode, device, args, lora="keep")
+        model = load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True)
     else:
         if not (args.init and args.data):
             raise ValueError("dpo: --init FILE.apr and --data PREFS.jsonl... are required (or --resume STEP.apr)")
@@ -346,7 +346,7 @@ def _dpo(args, env, mode: str) -> int:
                "tokenizer": args.tokenizer}
         cfg = config_from(args, grad_accum=args.grad_accum, seq_len=args.max_len)
         preference_loss(dpo)  # bad settings fail here, before the model is read
-        model = load_model(args.init, env, mode, device, args, lora_init=lora_settings(args))
+        model = load_model(args.init, env, mode, device, args, **lora_settings(args))
     tok = load_tokenizer(dpo["tokenizer"], model.apr_metadata, args.resume or dpo["init"])
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.resume or dpo['init']}: tokenizer")
     pairs = read_pairs(dpo["data"], tok, dpo["max_len"])
