@@ -202,6 +202,17 @@ def runs(tmp_path_factory):
             "--save-every", "2", "--dist-timeout", "60", "--eval-data", str(prompts), "--micro-batch", "3"]
     code, one_grpo_out = _cli(main, [*grpo, "--out", str(root / "one_grpo")])
     assert code == 0
+    # KTO: the same prompts, alternately good " yes" and bad " no" (unpaired), z over the global micro-batch
+    examples = root / "kto.jsonl"
+    examples.write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "completion": " yes" if i % 2 else " no",
+                                            "label": i % 2 == 1}) + "\n"
+                                for i, t in enumerate(("fire", "lava", "the sun", "a stove", "an oven", "a kettle",
+                                                       "coal", "a candle", "a flame", "magma", "steam"))))
+    kto = ["kto", "--init", str(init), "--tokenizer", "bytes", "--data", str(examples), "--steps", str(STEPS),
+           "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--beta", "0.5", "--max-len", "40", "--json",
+           "--seed", "5", "--eval-fraction", "0.25", "--dist-timeout", "60"]
+    code, one_kto_out = _cli(main, [*kto, "--out", str(root / "one_kto")])
+    assert code == 0
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
@@ -232,6 +243,8 @@ def runs(tmp_path_factory):
          "--out", str(root / "fsdp_dpo_resumed")],
         [*grpo, "--parallel", "ddp", "--out", str(root / "ddp_grpo")],
         [*grpo, "--parallel", "fsdp", "--out", str(root / "fsdp_grpo")],
+        [*kto, "--parallel", "ddp", "--out", str(root / "ddp_kto")],
+        [*kto, "--parallel", "fsdp", "--out", str(root / "fsdp_kto")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -251,7 +264,7 @@ def runs(tmp_path_factory):
     ranks = {(r["rank"], r["world"]): r for r in
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
-            "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out,
+            "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -383,6 +396,22 @@ def test_grpo_on_two_ranks_matches_one_process(runs, run):
                       _tensors(runs["root"] / "one_grpo" / "model.apr"))
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+@pytest.mark.parametrize("run", ["run11", "run12"], ids=["ddp", "fsdp"])
+def test_kto_on_two_ranks_matches_one_process(runs, run):
+    """KTO with micro-batches of 4 examples (2 per rank) x 2: the KL estimate of each micro-batch is
+    taken over both ranks' mismatched pairs, so losses, KL, rewards, gradient norms and held-out
+    values equal the one-process run's."""
+    want = _records(runs["one_kto_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    for key in ("loss", "kl", "reward_desirable", "reward_undesirable", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
+    for key in ("eval_loss", "eval_kl", "eval_reward_desirable"):
+        assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-5, abs=1e-6), key
+    assert max(_losses(want, key="kl")) > 0  # the estimate moved off its clamp
 
 
 def test_sharded_dpo_checkpoint_resumes_on_two_ranks(runs):

@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = (
     "apr_kernels.train.cli",    # demo, train, tokenize, eval, generate
     "apr_kernels.train.preference",  # dpo
+    "apr_kernels.train.kto",    # kto
     "apr_kernels.train.grpo",   # grpo
     "apr_kernels.convert.cli",  # convert, export, inspect, validate
 )

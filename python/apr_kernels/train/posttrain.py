@@ -57,6 +57,41 @@ class StepLoop:
         self.batches = BatchStream(n_data, seed=cfg.seed)
         self.step = 0
 
+    def _batch_logps(self, items) -> torch.Tensor:
+        """``[N, k]`` log-likelihoods of the ``k`` marked sequences of each item (a DPO pair: chosen,
+        rejected) through the model (its DDP/FSDP wrapper); needs ``eos`` (padding)."""
+        from .preference import sequence_logps
+
+        seqs = [s for item in items for s in item]
+        with self._autocast():
+            return sequence_logps(self.parallel or self.model, seqs, self.device, eos_id=self.eos,
+                                  padding_free=self.padding_free).view(len(items), -1)
+
+    @torch.no_grad()
+    def _logps(self, items) -> torch.Tensor:
+        """``_batch_logps`` of all ``items`` on every rank (CPU), each rank computing a contiguous share
+        (every rank runs as many forwards, padding with a repeated item: FSDP's are collectives)."""
+        was = self.model.training
+        self.model.eval()
+        rank = self.parallel.env.rank if self.parallel is not None else 0
+        per = -(-len(items) // self.world)
+        mine = items[rank * per:(rank + 1) * per]
+        size = self.cfg.eval_batch_size
+        parts = [self._batch_logps(mine[i: i + size] or items[:1]) for i in range(0, max(per, 1), size)]
+        local = torch.cat(parts)[: len(mine)]
+        self.model.train(was)
+        if self.parallel is not None:
+            self.parallel.reshard()
+        if self.world == 1:
+            return local.cpu()
+        import torch.distributed as dist
+
+        box = torch.zeros(per, local.shape[1], device=local.device)
+        box[: len(local)] = local
+        gathered = [torch.empty_like(box) for _ in range(self.world)]
+        dist.all_gather(gathered, box)
+        return torch.cat(gathered)[: len(items)].cpu()
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                               enabled=self.autocast_dtype is not None)

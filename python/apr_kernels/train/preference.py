@@ -85,12 +85,17 @@ def _answer_ids(record, side: str, tokenizer, where: str) -> list[int]:
     if not isinstance(record, dict) or not all(k in record for k in ("prompt", "chosen", "rejected")):
         raise ValueError(f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected'; got "
                          f"{sorted(record)[:6] if isinstance(record, dict) else type(record).__name__}")
-    prompt, answer = record["prompt"], record[side]
+    return answer_ids(record["prompt"], record[side], tokenizer, where, side)
+
+
+def answer_ids(prompt, answer, tokenizer, where: str, field: str = "completion") -> list[int]:
+    """Marked ids of ``prompt`` + ``answer`` (the answer and the token closing it are the targets):
+    both strings (a prompt and its completion) or both message lists (a conversation)."""
     if isinstance(prompt, str) and isinstance(answer, str):
         return marked_ids({"prompt": prompt, "completion": answer}, tokenizer, where)
     if isinstance(prompt, list) and isinstance(answer, list):
         return marked_ids({"messages": prompt + answer}, tokenizer, where)
-    raise ValueError(f"{where}: 'prompt' and {side!r} must both be strings (standard) or both lists of "
+    raise ValueError(f"{where}: 'prompt' and {field!r} must both be strings (standard) or both lists of "
                      f"messages (conversational)")
 
 
@@ -224,38 +229,6 @@ class PreferenceTrainer(StepLoop):
             logps = self._logps if self.loss.needs_reference else (lambda ps: torch.zeros(len(ps), 2))
             ref = (logps(pairs), logps(eval_pairs) if eval_pairs else None)
         self.ref, self.eval_ref = ref
-
-    def _batch_logps(self, pairs) -> torch.Tensor:
-        """``[N, 2]`` answer log-likelihoods of ``pairs`` through the model (its DDP/FSDP wrapper)."""
-        seqs = [s for pair in pairs for s in pair]  # chosen, rejected, chosen, ...
-        with self._autocast():
-            return sequence_logps(self.parallel or self.model, seqs, self.device, eos_id=self.eos,
-                                  padding_free=self.padding_free).view(len(pairs), 2)
-
-    @torch.no_grad()
-    def _logps(self, pairs) -> torch.Tensor:
-        """``[len(pairs), 2]`` log-likelihoods on every rank, each rank computing a contiguous share
-        (every rank runs as many forwards, padding with a repeated pair: FSDP's are collectives)."""
-        was = self.model.training
-        self.model.eval()
-        rank = self.parallel.env.rank if self.parallel is not None else 0
-        per = -(-len(pairs) // self.world)
-        mine = pairs[rank * per:(rank + 1) * per]
-        size = self.cfg.eval_batch_size
-        parts = [self._batch_logps(mine[i: i + size] or pairs[:1]) for i in range(0, max(per, 1), size)]
-        local = torch.cat(parts)[: len(mine)]
-        self.model.train(was)
-        if self.parallel is not None:
-            self.parallel.reshard()
-        if self.world == 1:
-            return local.cpu()
-        import torch.distributed as dist
-
-        box = torch.zeros(per, 2, device=local.device)
-        box[: len(local)] = local
-        gathered = [torch.empty_like(box) for _ in range(self.world)]
-        dist.all_gather(gathered, box)
-        return torch.cat(gathered)[: len(pairs)].cpu()
 
     def train_step(self) -> dict:
         c = self.cfg
