@@ -31,10 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import PREFIX
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, load_model, lora_settings, resumed,
-                        run_command, train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, held_out, load_model, lora_settings,
+                        reference_state, resumed, run_command, stored_reference, train_and_save)
 from .preference import answer_ids
 
 
@@ -197,21 +196,12 @@ def _kto(args, env, mode: str) -> int:
     if kto["eval_data"]:
         eval_items, eval_labels = read_examples(kto["eval_data"], tok, kto["max_len"])
     else:  # a held-out share, chosen by the seed
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = min(len(items) - 1, max(1, round(len(items) * kto["eval_fraction"])))
-        eval_items, eval_labels = [items[i] for i in order[:n_eval]], [labels[i] for i in order[:n_eval]]
-        items, labels = [items[i] for i in order[n_eval:]], [labels[i] for i in order[n_eval:]]
-    ref = None
-    if args.resume:  # the reference is the original model's, stored with the checkpoint
-        import apr_kernels
-
-        with apr_kernels.open(args.resume) as f:
-            if f"{PREFIX}kto.ref" not in f:
-                raise ValueError(f"{args.resume}: no reference log-likelihoods ({PREFIX}kto.ref); expected a "
-                                 f"step_NNNNNN.apr of the run (its final model.apr is not resumable)")
-            ref = (f.get_tensor(f"{PREFIX}kto.ref").clone(),
-                   f.get_tensor(f"{PREFIX}kto.eval_ref").clone() if f"{PREFIX}kto.eval_ref" in f else None)
-    else:
+        keep, held = held_out(len(items), kto["eval_fraction"], cfg.seed)
+        eval_items, eval_labels = [items[i] for i in held], [labels[i] for i in held]
+        items, labels = [items[i] for i in keep], [labels[i] for i in keep]
+    # the reference: the original model's, stored with the checkpoint on --resume
+    ref = stored_reference(args.resume, "kto", len(items)) if args.resume else None
+    if not args.resume:
         torch.manual_seed(cfg.seed)
     parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
     trainer = KTOTrainer(model, items, labels, eval_items, eval_labels, cfg, eos_id=tok.eos_id, beta=kto["beta"],
@@ -225,11 +215,7 @@ def _kto(args, env, mode: str) -> int:
                           "world": trainer.world, "device": str(device), "padding_free": trainer.padding_free,
                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                           "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
-
-    def reference(t: KTOTrainer) -> dict:  # stored with step checkpoints: --resume needs it
-        return {"kto.ref": t.ref} | ({"kto.eval_ref": t.eval_ref} if t.eval_ref is not None else {})
-
-    return train_and_save(trainer, args, env, parallel, tok, {"training.kto": kto}, reference)
+    return train_and_save(trainer, args, env, parallel, tok, {"training.kto": kto}, reference_state("kto"))
 
 
 def register(subparsers) -> None:

@@ -180,6 +180,41 @@ def resumed(args, command: str) -> tuple[dict, TrainConfig]:
     return settings, TrainConfig.from_dict(meta["training.config"])
 
 
+def held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices of ``n`` items: a seeded ``fraction`` held out (at least one, never
+    all; none of a single item)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
+    return order[n_eval:], order[:n_eval]
+
+
+def stored_reference(path, name: str, n: int) -> tuple:
+    """The reference log-likelihoods ``(__training__.<name>.ref, .eval_ref or None)`` a step checkpoint
+    of the run holds (``reference_state`` wrote them), checked to cover ``n`` training items."""
+    import apr_kernels
+
+    from .checkpoint import PREFIX
+
+    with apr_kernels.open(path) as f:
+        if f"{PREFIX}{name}.ref" not in f:
+            raise ValueError(f"{path}: no reference log-likelihoods ({PREFIX}{name}.ref); expected a "
+                             f"step_NNNNNN.apr of the run (its final model.apr is not resumable)")
+        ref = (f.get_tensor(f"{PREFIX}{name}.ref").clone(),
+               f.get_tensor(f"{PREFIX}{name}.eval_ref").clone() if f"{PREFIX}{name}.eval_ref" in f else None)
+    if ref[0].shape[0] != n:
+        raise ValueError(f"{path}: reference log-likelihoods for {ref[0].shape[0]} items, the data now has {n}; "
+                         f"expected the same data files")
+    return ref
+
+
+def reference_state(name: str):
+    """``extra_tensors`` for ``train_and_save``: a trainer's ``ref`` / ``eval_ref`` under ``<name>.``."""
+    def tensors(t) -> dict:
+        return {f"{name}.ref": t.ref} | ({f"{name}.eval_ref": t.eval_ref} if t.eval_ref is not None else {})
+
+    return tensors
+
+
 def run_command(args, body) -> int:
     """``body(env, mode)`` after ``--resume auto`` is resolved (nothing to do once ``--out`` holds the
     finished run), inside the process group a launcher describes."""

@@ -58,11 +58,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import PREFIX
 from .data import marked_ids, split_targets
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, load_model, lora_settings, resumed,
-                        run_command, train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, held_out, load_model, lora_settings,
+                        reference_state, resumed, run_command, stored_reference, train_and_save)
 
 
 def read_pairs(paths, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -326,24 +325,11 @@ def _dpo(args, env, mode: str) -> int:
     if dpo["eval_data"]:
         eval_pairs = read_pairs(dpo["eval_data"], tok, dpo["max_len"])
     else:  # a held-out share of the pairs, chosen by the seed
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = min(len(pairs) - 1, max(1, round(len(pairs) * dpo["eval_fraction"]))) if len(pairs) > 1 else 0
-        eval_pairs = [pairs[i] for i in order[:n_eval]]
-        pairs = [pairs[i] for i in order[n_eval:]]
-    ref = None
-    if args.resume:  # the reference is the original model's, stored with the checkpoint
-        import apr_kernels
-
-        with apr_kernels.open(args.resume) as f:
-            if f"{PREFIX}dpo.ref" not in f:
-                raise ValueError(f"{args.resume}: no reference log-likelihoods ({PREFIX}dpo.ref); expected a "
-                                 f"step_NNNNNN.apr of the run (its final model.apr is not resumable)")
-            ref = (f.get_tensor(f"{PREFIX}dpo.ref").clone(),
-                   f.get_tensor(f"{PREFIX}dpo.eval_ref").clone() if f"{PREFIX}dpo.eval_ref" in f else None)
-        if ref[0].shape[0] != len(pairs):
-            raise ValueError(f"{args.resume}: reference log-likelihoods for {ref[0].shape[0]} pairs, the data now "
-                             f"has {len(pairs)}; expected the same preference files")
-    else:
+        keep, held = held_out(len(pairs), dpo["eval_fraction"], cfg.seed)
+        pairs, eval_pairs = [pairs[i] for i in keep], [pairs[i] for i in held]
+    # the reference: the original model's, stored with the checkpoint on --resume
+    ref = stored_reference(args.resume, "dpo", len(pairs)) if args.resume else None
+    if not args.resume:
         torch.manual_seed(cfg.seed)
     parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
     trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, eos_id=tok.eos_id, loss=preference_loss(dpo),
@@ -356,11 +342,7 @@ def _dpo(args, env, mode: str) -> int:
                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                           "device": str(device), "padding_free": trainer.padding_free,
                           "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
-
-    def reference(t: PreferenceTrainer) -> dict:  # stored with step checkpoints: --resume needs it
-        return {"dpo.ref": t.ref} | ({"dpo.eval_ref": t.eval_ref} if t.eval_ref is not None else {})
-
-    return train_and_save(trainer, args, env, parallel, tok, {"training.dpo": dpo}, reference)
+    return train_and_save(trainer, args, env, parallel, tok, {"training.dpo": dpo}, reference_state("dpo"))
 
 
 def register(subparsers) -> None:
