@@ -162,7 +162,7 @@ class GRPOTrainer(StepLoop):
                  device=None, log=None, padding_free: bool | None = None, parallel=None,
                  eval_prompts: list[dict] | None = None, micro_batch: int | None = None):
         if cfg.grad_accum != 1:
-            raise ValueError("grpo: --grad-accum is not supported; each prompt's group is its own micro-batch")
+            raise ValueError("grpo: gradient accumulation is not supported; --micro-batch N bounds a step's memory")
         if not rewards:
             raise ValueError("grpo: no reward function (--reward FILE.py:NAME)")
         weights = list(reward_weights) if reward_weights else [1.0] * len(rewards)
