@@ -81,20 +81,25 @@ def test_reward_specs_name_what_is_wrong(tmp_path):
         load_reward("no_such_module_xyz:f")
 
 
-@pytest.mark.parametrize("fast,micro_batch", [(False, None), (True, None), (False, 3)],
-                         ids=["eager-padded", "fused-padding-free", "micro-batches-of-3"])
-def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast, micro_batch):
+@pytest.mark.parametrize("fast,micro_batch,loss_type,scale", [
+    (False, None, "dapo", "group"), (True, None, "dapo", "group"), (False, 3, "dapo", "group"),
+    (False, None, "grpo", "batch"), (False, None, "dr_grpo", "none")],
+    ids=["eager-padded", "fused-padding-free", "micro-batches-of-3", "grpo-batch-std", "dr-grpo-unscaled"])
+def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast, micro_batch, loss_type, scale):
     """The trainer's step against the objective written out: the same sampled completions (the seed
-    and step fix them), rewards from the function, advantages with statistics.stdev, and
-    -sum A_i log p(completion_i) / (completion tokens), each log-likelihood from the model's summed
-    loss on that sequence alone; its clipped gradients are the ones the trainer stepped with."""
+    and step fix them), rewards from the function, advantages with statistics.stdev (of the group, of
+    the step, or none), and -sum A_i log p(completion_i) normalised by the step's completion tokens
+    (dapo), by each completion's length x completions (grpo) or by max_new_tokens x completions
+    (dr_grpo), each log-likelihood from the model's summed loss on that sequence alone; its clipped
+    gradients are the ones the trainer stepped with."""
     tok = byte_tokenizer()
     prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["Write:", "Say it:", "Go:"])], tok, 32)
     cfg = TrainConfig(steps=1, batch_size=2, seq_len=48, lr=3e-3, warmup=1)
     trained = _model(tok)
     trained.fast = fast  # the fused loss per sequence, each group packed into one row
     trainer = GRPOTrainer(trained, prompts, {"letters": lambda prompts, completions, **kw: _letters(completions)},
-                          cfg, tokenizer=tok, num_generations=4, max_new_tokens=6, micro_batch=micro_batch)
+                          cfg, tokenizer=tok, num_generations=4, max_new_tokens=6, micro_batch=micro_batch,
+                          loss_type=loss_type, scale_rewards=scale)
     rec = trainer.train_step()
     assert trainer.padding_free == fast
 
@@ -108,15 +113,18 @@ def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast, micr
     rewards = [_letters([tok.decode([t for t in ids if t != tok.eos_id]) for ids in g]) for g in groups]
     assert rec["reward"] == pytest.approx(statistics.mean(r for g in rewards for r in g), rel=1e-12)
     n_tokens = sum(len(ids) for g in groups for ids in g)
+    every = [r for g in rewards for r in g]
     objective = 0.0
     for i, g, r in zip(index, groups, rewards):
-        mean, std = statistics.mean(r), statistics.stdev(r)
+        mean = statistics.mean(r)
+        std = {"group": statistics.stdev(r) + 1e-4, "batch": statistics.stdev(every) + 1e-4, "none": 1.0}[scale]
         for ids, reward in zip(g, r):
             seq = torch.tensor([prompts[i]["ids"] + ids])
             targets = seq[:, 1:].clone()
             targets[:, : len(prompts[i]["ids"]) - 1] = -100  # the prompt is no target
             logp = -model.loss(seq[:, :-1], targets, reduction="sum")
-            objective = objective - (reward - mean) / (std + 1e-4) * logp / n_tokens
+            norm = {"dapo": n_tokens, "grpo": len(ids) * len(every), "dr_grpo": 6 * len(every)}[loss_type]
+            objective = objective - (reward - mean) / std * logp / norm
     objective.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     assert rec["loss"] == pytest.approx(objective.item(), rel=1e-4)

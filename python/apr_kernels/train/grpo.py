@@ -5,11 +5,13 @@ model (``model/generate.py``'s ``generate_batch``: all of a rank's prompts decod
 left-padded, with the KV cache; temperature / top-k / top-p; stopping at the end-of-text id or the
 chat turn's closing token), scores every completion with the reward functions, and turns the
 scores into group-relative advantages, ``A = (r - mean(group)) / (std(group) + 1e-4)`` (the
-unbiased std over the prompt's completions, as TRL's ``scale_rewards="group"``). The loss is the
-policy-gradient objective over all completion tokens of the step (TRL's default ``loss_type="dapo"``
-normalisation)::
+unbiased std over the prompt's completions, TRL's default ``scale_rewards="group"``; ``--scale-rewards
+batch`` divides by the std of all the step's rewards, ``none`` by nothing, as Dr. GRPO). The loss is
+the policy-gradient objective, normalised as TRL's ``loss_type`` (``--loss-type``)::
 
-    loss = -sum_i A_i * log pi(completion_i | prompt_i) / (completion tokens of the step)
+    loss = -sum_i A_i * log pi(completion_i | prompt_i) / (completion tokens of the step)    # dapo (default)
+    loss = -sum_i A_i * log pi(completion_i | prompt_i) / (len_i * completions of the step)  # grpo
+    loss = -sum_i A_i * log pi(completion_i | prompt_i) / (max_new_tokens * completions)    # dr_grpo
 
 This is GRPO with one optimisation step per generation batch (TRL's ``num_iterations=1``: the PPO
 ratio is 1, so its clipping never acts) and no KL penalty (TRL's default ``beta=0``); the sequence
@@ -142,11 +144,39 @@ def score(functions: dict, weights: list[float], prompts: list, completions: lis
     return torch.nansum(table * w, 0), table
 
 
-def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """``[P, G]`` rewards -> advantages: each group centred on its mean and divided by its std + 1e-4."""
+SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
+
+def group_advantages(rewards: torch.Tensor, scale: str = "group", batch_std: float | None = None) -> torch.Tensor:
+    """``[P, G]`` rewards -> advantages: each group centred on its mean, then divided by (TRL's
+    ``scale_rewards``) its own std + 1e-4 (``group``), the std of all the step's rewards + 1e-4
+    (``batch``: ``batch_std``, over all ranks; default: of ``rewards``), or nothing (``none``, as
+    Dr. GRPO). Stds are unbiased."""
     if rewards.shape[1] < 2:
         raise ValueError("grpo: --num-generations must be at least 2 (advantages compare a prompt's completions)")
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+    if scale not in SCALES:
+        raise ValueError(f"grpo: --scale-rewards {scale!r}; expected one of {', '.join(SCALES)}")
+    centred = rewards - rewards.mean(1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(1, keepdim=True) + 1e-4)
+    if scale == "batch":
+        return centred / ((float(rewards.std()) if batch_std is None else batch_std) + 1e-4)
+    return centred
+
+
+def sequence_weights(lengths: list[int], loss_type: str, *, n_tokens: float, n_sequences: float,
+                     max_new_tokens: int) -> torch.Tensor:
+    """How each completion's summed log-likelihood enters the loss (TRL's ``loss_type``): ``dapo``
+    1 / (completion tokens of the step), ``grpo`` 1 / (its own length x completions of the step),
+    ``dr_grpo`` 1 / (max_new_tokens x completions of the step); counts over all ranks."""
+    if loss_type == "dapo":
+        return torch.full((len(lengths),), 1.0 / max(1.0, n_tokens), dtype=torch.float64)
+    if loss_type == "grpo":
+        return torch.tensor([1.0 / (max(1, n) * n_sequences) for n in lengths], dtype=torch.float64)
+    if loss_type == "dr_grpo":
+        return torch.full((len(lengths),), 1.0 / (max_new_tokens * n_sequences), dtype=torch.float64)
+    raise ValueError(f"grpo: --loss-type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -160,7 +190,8 @@ class GRPOTrainer(StepLoop):
                  num_generations: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, reward_weights: list[float] | None = None,
                  device=None, log=None, padding_free: bool | None = None, parallel=None,
-                 eval_prompts: list[dict] | None = None, micro_batch: int | None = None):
+                 eval_prompts: list[dict] | None = None, micro_batch: int | None = None,
+                 loss_type: str = "dapo", scale_rewards: str = "group"):
         if cfg.grad_accum != 1:
             raise ValueError("grpo: gradient accumulation is not supported; --micro-batch N bounds a step's memory")
         if not rewards:
@@ -174,6 +205,9 @@ class GRPOTrainer(StepLoop):
             raise ValueError(f"grpo: --temperature {temperature}; expected > 0 (the completions of a prompt must differ)")
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"grpo: --micro-batch {micro_batch}; expected at least 1 completion per forward")
+        sequence_weights([1], loss_type, n_tokens=1, n_sequences=1, max_new_tokens=1)  # (checks the names)
+        group_advantages(torch.zeros(1, 2), scale_rewards)
+        self.loss_type, self.scale_rewards = loss_type, scale_rewards
         self._setup("grpo", model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
                     n_data=len(prompts), what="the prompts of every step")
         self.prompts, self.rewards, self.weights, self.tok = prompts, rewards, weights, tokenizer
@@ -238,16 +272,21 @@ class GRPOTrainer(StepLoop):
                                [[{"role": "assistant", "content": t}] if m else t for t, m in zip(texts, chat)],
                                [ids for _, ids in flat], [r["fields"] for r, _ in flat])
         rewards = rewards.view(len(records), self.num_generations)
-        advantages = group_advantages(rewards)
-        # the objective is a mean over the completion tokens of the whole step (all ranks)
-        n_tokens = torch.tensor([float(sum(len(ids) for _, ids in flat))], dtype=torch.float64)
+        # the step's counts over all ranks: completion tokens, completions, and the rewards' sums for a
+        # batch-wide std
+        totals = torch.tensor([float(sum(len(ids) for _, ids in flat)), float(len(flat)), float(rewards.sum()),
+                               float((rewards ** 2).sum())], dtype=torch.float64)
         if par is not None:
-            n_tokens = par.mean(n_tokens.to(self.device)).cpu() * self.world
-        n_tokens = max(1.0, float(n_tokens))
+            totals = par.mean(totals.to(self.device)).cpu() * self.world
+        n_tokens, n_seqs, r_sum, r_sq = totals.tolist()
+        batch_std = math.sqrt(max(0.0, (r_sq - r_sum * r_sum / n_seqs) / max(1.0, n_seqs - 1)))
+        advantages = group_advantages(rewards, self.scale_rewards, batch_std)
+        weights = sequence_weights([len(ids) for _, ids in flat], self.loss_type, n_tokens=n_tokens,
+                                   n_sequences=n_seqs, max_new_tokens=self.max_new_tokens)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         seqs = [[-1 - t for t in r["ids"]] + ids for r, ids in flat]  # the prompt is no target
-        adv = advantages.flatten()
+        adv = advantages.flatten() * weights  # each completion's weight in the objective
         # micro-batches of completions (every rank runs as many: equal shares); gradients synchronised
         # on the last
         size = self.micro_batch or len(seqs)
@@ -258,7 +297,7 @@ class GRPOTrainer(StepLoop):
                 with self._autocast():
                     logps = sequence_logps(par or self.model, seqs[a:a + size], self.device, eos_id=self.tok.eos_id,
                                            padding_free=self.padding_free)
-                part = -(adv[a:a + size].to(logps.device, logps.dtype) * logps).sum() / n_tokens
+                part = -(adv[a:a + size].to(logps.device, logps.dtype) * logps).sum()
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
                 (part * self.world).backward()
             objective += part.detach().double().cpu()
@@ -353,7 +392,8 @@ def _grpo(args, env, mode: str) -> int:
                 "micro_batch": args.micro_batch, "rewards": [_absolute_reward(s) for s in args.reward],
                 "reward_weights": args.reward_weights, "num_generations": args.num_generations,
                 "max_new_tokens": args.max_new_tokens, "max_prompt_len": args.max_prompt_len,
-                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer}
+                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer,
+                "loss_type": args.loss_type, "scale_rewards": args.scale_rewards}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
     rewards = {s.rpartition(":")[2]: load_reward(s) for s in grpo["rewards"]}  # fail before the model loads
@@ -374,6 +414,7 @@ def _grpo(args, env, mode: str) -> int:
                           top_k=grpo["top_k"], top_p=grpo["top_p"], reward_weights=grpo["reward_weights"],
                           device=device, padding_free=tristate(args.padding_free), parallel=parallel,
                           eval_prompts=eval_prompts, micro_batch=grpo.get("micro_batch"),
+                          loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
                           log=Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None)
     if args.resume:
         restore_training_state(args.resume, trainer)
@@ -408,6 +449,11 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=4, help="prompts per step (each with --num-generations completions)")
+    p.add_argument("--loss-type", choices=LOSS_TYPES, default="dapo",
+                   help="normalisation of the objective, as TRL's: dapo (over the step's completion tokens), grpo "
+                        "(per completion), dr_grpo (by max_new_tokens)")
+    p.add_argument("--scale-rewards", choices=SCALES, default="group",
+                   help="advantages divided by the group's reward std (group), the step's (batch) or not (none)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="completions per training forward (default: all of a rank's completions of the step)")
     add_options(p, command="grpo", lr=1e-6, lr_help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")
