@@ -199,7 +199,8 @@ def runs(tmp_path_factory):
     grpo = ["grpo", "--init", str(init), "--tokenizer", "bytes", "--data", str(prompts), "--reward",
             f"{root / 'rewards.py'}:letters", "--steps", str(STEPS), "--batch-size", "4", "--num-generations", "4",
             "--max-new-tokens", "6", "--max-prompt-len", "16", "--lr", "1e-2", "--json", "--seed", "5",
-            "--save-every", "2", "--dist-timeout", "60", "--eval-data", str(prompts), "--micro-batch", "3"]
+            "--save-every", "2", "--dist-timeout", "60", "--eval-data", str(prompts), "--micro-batch", "3",
+            "--scale-rewards", "batch", "--loss-type", "grpo"]  # the step-wide std and counts over both ranks
     code, one_grpo_out = _cli(main, [*grpo, "--out", str(root / "one_grpo")])
     assert code == 0
     # KTO: the same prompts, alternately good " yes" and bad " no" (unpaired), z over the global micro-batch
