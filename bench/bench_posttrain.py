@@ -90,11 +90,11 @@ def grpo_rows(cfg, dev, prompts: int, generations: int, prompt, new_tokens: int,
     def per_prompt():
         for k, p in enumerate(ids):
             generate(model, torch.tensor([p] * generations), new_tokens, temperature=1.0,
-                     generator=torch.Generator().manual_seed(k))
+                     generator=torch.Generator(dev).manual_seed(k))
 
     def batched():
         generate_batch(model, [p for p in ids for _ in range(generations)], new_tokens, temperature=1.0,
-                       generators=[(generations, torch.Generator().manual_seed(k)) for k in range(len(ids))])
+                       generators=[(generations, torch.Generator(dev).manual_seed(k)) for k in range(len(ids))])
 
     rows = []
     for provider, fn in (("per-prompt", per_prompt), ("batched", batched)):

@@ -539,7 +539,8 @@ def _generate_file(args, model, tok) -> int:
     try:
         for start in range(0, len(records), args.batch_size):
             part = records[start:start + args.batch_size]
-            gens = [(n, torch.Generator().manual_seed(args.seed * 1_000_003 + start + k)) for k in range(len(part))]
+            dev = model.model.embed_tokens.weight.device  # (sampling on the device: no copy to the host)
+            gens = [(n, torch.Generator(dev).manual_seed(args.seed * 1_000_003 + start + k)) for k in range(len(part))]
             with torch.autocast(model.model.embed_tokens.weight.device.type, dtype=torch.bfloat16,
                                 enabled=model.model.embed_tokens.weight.is_cuda):
                 done = generate_batch(model, [r["ids"] for r in part for _ in range(n)], args.max_new_tokens,

@@ -261,7 +261,8 @@ class GRPOTrainer(StepLoop):
             index, place = par.local_rows(index), par.local_rows(place)
         records = [self.prompts[i] for i in index.tolist()]
         with self._gathered():
-            groups = self.sample_groups(records, [torch.Generator().manual_seed(
+            # (generators on the model's device: sampling needs no copy of the probabilities to the host)
+            groups = self.sample_groups(records, [torch.Generator(self.device).manual_seed(
                 (c.seed * 1_000_003 + self.step) * 1_000_033 + k) for k in place.tolist()])
         # rewards of all completions of this rank at once (functions may batch their work)
         flat = [(r, ids) for r, g in zip(records, groups) for ids in g]
