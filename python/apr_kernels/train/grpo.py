@@ -55,8 +55,9 @@ from pathlib import Path
 import torch
 
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, load_model, lora_settings, resumed,
-                        run_command, train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, load_model, logger_for,
+                        lora_settings, parallel_for, resumed, run_command, sequence_logps, tokenizer_for,
+                        train_and_save)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -249,8 +250,6 @@ class GRPOTrainer(StepLoop):
                 m.reshard()
 
     def train_step(self) -> dict:
-        from .preference import sequence_logps
-
         c = self.cfg
         par = self.parallel
         lr, t0 = self._start_step()
@@ -374,14 +373,10 @@ def cmd_grpo(args) -> int:
 
 
 def _grpo(args, env, mode: str) -> int:
-    from apr_kernels.model.loading import check_tokenizer_vocab
-
-    from . import distributed
     from .checkpoint import restore_training_state
-    from .cli import load_tokenizer, pick_device, tristate
-    from .loop import Logger
+    from .cli import tristate
 
-    device = env.device if mode != "none" else pick_device(args.device)
+    device = device_for(args, env, mode)
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         grpo, cfg = resumed(args, "grpo")
         load = {"lora": "keep", "keep_quantized": True}
@@ -400,8 +395,7 @@ def _grpo(args, env, mode: str) -> int:
     rewards = {s.rpartition(":")[2]: load_reward(s) for s in grpo["rewards"]}  # fail before the model loads
     source = args.resume or grpo["init"]
     model = load_model(source, env, mode, device, args, **load)
-    tok = load_tokenizer(grpo["tokenizer"], model.apr_metadata, source)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{source}: tokenizer")
+    tok = tokenizer_for(grpo["tokenizer"], model, source)
     prompts = read_prompts(grpo["data"], tok, grpo["max_prompt_len"])
     eval_prompts = read_prompts(grpo["eval_data"], tok, grpo["max_prompt_len"]) if grpo.get("eval_data") else None
     if grpo["max_prompt_len"] + grpo["max_new_tokens"] > model.config.max_position_embeddings:
@@ -409,14 +403,14 @@ def _grpo(args, env, mode: str) -> int:
                          f"exceed the model's max_position_embeddings {model.config.max_position_embeddings}")
     if not args.resume:
         torch.manual_seed(cfg.seed)
-    parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
+    parallel = parallel_for(model, env, mode)
     trainer = GRPOTrainer(model, prompts, rewards, cfg, tokenizer=tok, num_generations=grpo["num_generations"],
                           max_new_tokens=grpo["max_new_tokens"], temperature=grpo["temperature"],
                           top_k=grpo["top_k"], top_p=grpo["top_p"], reward_weights=grpo["reward_weights"],
                           device=device, padding_free=tristate(args.padding_free), parallel=parallel,
                           eval_prompts=eval_prompts, micro_batch=grpo.get("micro_batch"),
                           loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
-                          log=Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None)
+                          log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
     trainer.log("start", {"step": trainer.step, "prompts": len(prompts), "eval_prompts": len(eval_prompts or []),

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, held_out, load_model, lora_settings,
-                        reference_state, resumed, run_command, stored_reference, train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, load_model,
+                        logger_for, lora_settings, parallel_for, reference_state, resumed, run_command,
+                        stored_reference, tokenizer_for, train_and_save)
 from .preference import answer_ids
 
 
@@ -169,14 +170,10 @@ def cmd_kto(args) -> int:
 
 
 def _kto(args, env, mode: str) -> int:
-    from apr_kernels.model.loading import check_tokenizer_vocab
-
-    from . import distributed
     from .checkpoint import restore_training_state
-    from .cli import load_tokenizer, pick_device, tristate
-    from .loop import Logger
+    from .cli import tristate
 
-    device = env.device if mode != "none" else pick_device(args.device)
+    device = device_for(args, env, mode)
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         kto, cfg = resumed(args, "kto")
         model = load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True)
@@ -190,8 +187,7 @@ def _kto(args, env, mode: str) -> int:
         cfg = config_from(args, grad_accum=args.grad_accum, seq_len=args.max_len)
         model = load_model(args.init, env, mode, device, args, **lora_settings(args))
     source = args.resume or kto["init"]
-    tok = load_tokenizer(kto["tokenizer"], model.apr_metadata, source)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{source}: tokenizer")
+    tok = tokenizer_for(kto["tokenizer"], model, source)
     items, labels = read_examples(kto["data"], tok, kto["max_len"])
     if kto["eval_data"]:
         eval_items, eval_labels = read_examples(kto["eval_data"], tok, kto["max_len"])
@@ -203,11 +199,11 @@ def _kto(args, env, mode: str) -> int:
     ref = stored_reference(args.resume, "kto", len(items)) if args.resume else None
     if not args.resume:
         torch.manual_seed(cfg.seed)
-    parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
+    parallel = parallel_for(model, env, mode)
     trainer = KTOTrainer(model, items, labels, eval_items, eval_labels, cfg, eos_id=tok.eos_id, beta=kto["beta"],
                          desirable_weight=kto["desirable_weight"], undesirable_weight=kto["undesirable_weight"],
                          device=device, ref=ref, parallel=parallel, padding_free=tristate(args.padding_free),
-                         log=Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None)
+                         log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
     trainer.log("start", {"step": trainer.step, "examples": len(items), "desirable": sum(labels),

@@ -22,8 +22,43 @@ from pathlib import Path
 
 import torch
 
-from .data import BatchStream
+from .data import BatchStream, split_targets
 from .loop import TrainConfig, autocast_dtype_for, make_optimizer
+
+
+# ------------------------------------------------------------------ sequence log-likelihoods
+def padded(seqs: list[list[int]], eos_id: int) -> torch.Tensor:
+    """Rows ``[N, L]`` of the sequences, right-padded with non-target end-of-text ids."""
+    width = max(len(s) for s in seqs)
+    rows = torch.full((len(seqs), width), -1 - eos_id, dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        rows[i, : len(s)] = torch.tensor(s)
+    return rows
+
+
+def packed(seqs: list[list[int]]):
+    """``(x, y, documents)``: the sequences' inputs and targets back to back in one row ``[1, T]``,
+    each sequence a document of its own (no padding: ``T`` is the sum of their lengths - 1)."""
+    from apr_kernels.model.documents import Documents
+
+    parts = [split_targets(torch.tensor([s])) for s in seqs]
+    lengths = torch.tensor([len(s) - 1 for s in seqs])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+    return (torch.cat([x for x, _ in parts], 1), torch.cat([y for _, y in parts], 1),
+            Documents(cu, int(lengths.max())))
+
+
+def sequence_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding_free: bool = False) -> torch.Tensor:
+    """Sum of the target tokens' log-probabilities of each of the marked id lists ``seqs`` (fp32 ``[N]``):
+    right-padded rows, or with ``padding_free`` one packed row with each sequence a document (the
+    packed-sequence attention kernel on the fast path: no compute on padding). ``model``: the
+    ``Transformer``, or its ``distributed.Parallel`` (the loss runs through DDP/FSDP)."""
+    if padding_free:
+        x, y, docs = packed(seqs)
+        return -model.loss(x.to(device), y.to(device), reduction="sequence", documents=docs.to(device)).float()
+    x, y = split_targets(padded(seqs, eos_id))
+    return -model.loss(x.to(device), y.to(device), reduction="sequence").float()
+
 
 
 class StepLoop:
@@ -60,8 +95,6 @@ class StepLoop:
     def _batch_logps(self, items) -> torch.Tensor:
         """``[N, k]`` log-likelihoods of the ``k`` marked sequences of each item (a DPO pair: chosen,
         rejected) through the model (its DDP/FSDP wrapper); needs ``eos`` (padding)."""
-        from .preference import sequence_logps
-
         seqs = [s for item in items for s in item]
         with self._autocast():
             return sequence_logps(self.parallel or self.model, seqs, self.device, eos_id=self.eos,
@@ -213,6 +246,38 @@ def reference_state(name: str):
         return {f"{name}.ref": t.ref} | ({f"{name}.eval_ref": t.eval_ref} if t.eval_ref is not None else {})
 
     return tensors
+
+
+def device_for(args, env, mode: str) -> torch.device:
+    """This rank's device under torchrun, else ``--device`` (default: cuda when there is one)."""
+    from .cli import pick_device
+
+    return env.device if mode != "none" else pick_device(args.device)
+
+
+def tokenizer_for(spec, model, source):
+    """The run's tokenizer (``spec``, default the one embedded in ``source``), checked to fit the model."""
+    from apr_kernels.model.loading import check_tokenizer_vocab
+
+    from .cli import load_tokenizer
+
+    tok = load_tokenizer(spec, model.apr_metadata, source)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{source}: tokenizer")
+    return tok
+
+
+def parallel_for(model, env, mode: str):
+    """The DDP/FSDP wrapper of ``model`` for ``mode`` (None in one process)."""
+    from . import distributed
+
+    return distributed.parallelize(model, mode, env) if mode != "none" else None
+
+
+def logger_for(args, env):
+    """``--json`` / ``--tensorboard`` logging on rank 0; None on the other ranks (they log nothing)."""
+    from .loop import Logger
+
+    return Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None
 
 
 def run_command(args, body) -> int:

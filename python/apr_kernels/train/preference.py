@@ -58,10 +58,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import marked_ids, split_targets
+from .data import marked_ids
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, held_out, load_model, lora_settings,
-                        reference_state, resumed, run_command, stored_reference, train_and_save)
+from .posttrain import padded, sequence_logps  # noqa: F401 (re-exported: the functions DPO is made of)
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, load_model,
+                        logger_for, lora_settings, parallel_for, reference_state, resumed, run_command,
+                        stored_reference, tokenizer_for, train_and_save)
 
 
 def read_pairs(paths, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -96,39 +98,6 @@ def answer_ids(prompt, answer, tokenizer, where: str, field: str = "completion")
         return marked_ids({"messages": prompt + answer}, tokenizer, where)
     raise ValueError(f"{where}: 'prompt' and {field!r} must both be strings (standard) or both lists of "
                      f"messages (conversational)")
-
-
-def padded(seqs: list[list[int]], eos_id: int) -> torch.Tensor:
-    """Rows ``[N, L]`` of the sequences, right-padded with non-target end-of-text ids."""
-    width = max(len(s) for s in seqs)
-    rows = torch.full((len(seqs), width), -1 - eos_id, dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        rows[i, : len(s)] = torch.tensor(s)
-    return rows
-
-
-def packed(seqs: list[list[int]]):
-    """``(x, y, documents)``: the sequences' inputs and targets back to back in one row ``[1, T]``,
-    each sequence a document of its own (no padding: ``T`` is the sum of their lengths - 1)."""
-    from apr_kernels.model.documents import Documents
-
-    parts = [split_targets(torch.tensor([s])) for s in seqs]
-    lengths = torch.tensor([len(s) - 1 for s in seqs])
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
-    return (torch.cat([x for x, _ in parts], 1), torch.cat([y for _, y in parts], 1),
-            Documents(cu, int(lengths.max())))
-
-
-def sequence_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding_free: bool = False) -> torch.Tensor:
-    """Sum of the target tokens' log-probabilities of each of the marked id lists ``seqs`` (fp32 ``[N]``):
-    right-padded rows, or with ``padding_free`` one packed row with each sequence a document (the
-    packed-sequence attention kernel on the fast path: no compute on padding). ``model``: the
-    ``Transformer``, or its ``distributed.Parallel`` (the loss runs through DDP/FSDP)."""
-    if padding_free:
-        x, y, docs = packed(seqs)
-        return -model.loss(x.to(device), y.to(device), reduction="sequence", documents=docs.to(device)).float()
-    x, y = split_targets(padded(seqs, eos_id))
-    return -model.loss(x.to(device), y.to(device), reduction="sequence").float()
 
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo")
@@ -298,14 +267,10 @@ def cmd_dpo(args) -> int:
 
 
 def _dpo(args, env, mode: str) -> int:
-    from apr_kernels.model.loading import check_tokenizer_vocab
-
-    from . import distributed
     from .checkpoint import restore_training_state
-    from .cli import load_tokenizer, pick_device, tristate
-    from .loop import Logger
+    from .cli import tristate
 
-    device = env.device if mode != "none" else pick_device(args.device)
+    device = device_for(args, env, mode)
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         dpo, cfg = resumed(args, "dpo")
         model = load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True)
@@ -319,8 +284,7 @@ def _dpo(args, env, mode: str) -> int:
         cfg = config_from(args, grad_accum=args.grad_accum, seq_len=args.max_len)
         preference_loss(dpo)  # bad settings fail here, before the model is read
         model = load_model(args.init, env, mode, device, args, **lora_settings(args))
-    tok = load_tokenizer(dpo["tokenizer"], model.apr_metadata, args.resume or dpo["init"])
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.resume or dpo['init']}: tokenizer")
+    tok = tokenizer_for(dpo["tokenizer"], model, args.resume or dpo["init"])
     pairs = read_pairs(dpo["data"], tok, dpo["max_len"])
     if dpo["eval_data"]:
         eval_pairs = read_pairs(dpo["eval_data"], tok, dpo["max_len"])
@@ -331,10 +295,10 @@ def _dpo(args, env, mode: str) -> int:
     ref = stored_reference(args.resume, "dpo", len(pairs)) if args.resume else None
     if not args.resume:
         torch.manual_seed(cfg.seed)
-    parallel = distributed.parallelize(model, mode, env) if mode != "none" else None
+    parallel = parallel_for(model, env, mode)
     trainer = PreferenceTrainer(model, pairs, eval_pairs, cfg, eos_id=tok.eos_id, loss=preference_loss(dpo),
                                 device=device, ref=ref, parallel=parallel, padding_free=tristate(args.padding_free),
-                                log=Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None)
+                                log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
     trainer.log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
