@@ -72,6 +72,46 @@ def test_fwd_bwd_vs_fp64(be, dtype, case, use_backend, kernel_calls):
     assert kernel_calls == (["cross_entropy_rows"] * n_chunks if be == "triton" else [])
 
 
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_position_losses_and_their_gradients_vs_fp64(be, dtype, use_backend, kernel_calls):
+    """reduction="none": each position's loss (0 where ignored), and gradients for any incoming
+    per-position gradient (an RL objective's weights, negative ones included), the logits recomputed
+    in the backward chunk by chunk."""
+    use_backend(be)
+    hidden, weight, targets = _inputs((3, 7), 16, 300, dtype, ignore=(4, 20))
+    grad = torch.randn(3, 7, dtype=torch.float64)
+    losses = apr_kernels.linear_cross_entropy(hidden, weight, targets, reduction="none", chunk_rows=5)
+    assert losses.shape == (3, 7) and losses.dtype == torch.float32
+    (losses * grad.float()).sum().backward()
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    want = F.cross_entropy(F.linear(h64, w64).flatten(0, 1), targets.flatten(), reduction="none").view(3, 7)
+    (want * grad).sum().backward()
+    assert losses.view(-1)[4] == 0 and losses.view(-1)[20] == 0
+    assert rel_err(losses, want.detach()) < REL[dtype]
+    assert rel_err(hidden.grad, h64.grad) < REL[dtype] * 10, "d hidden"
+    assert rel_err(weight.grad, w64.grad) < REL[dtype] * 10, "d weight"
+    assert torch.all(hidden.grad.view(-1, 16)[[4, 20]] == 0)
+    # the forward computes losses only; the backward runs the row kernel again, gradients written
+    assert kernel_calls == (["cross_entropy_rows"] * 5 * 2 if be == "triton" else [])
+
+
+def test_per_position_losses_sum_to_the_summed_op(use_backend):
+    """Summing the per-position losses gives the summed op's loss and gradients (two code paths)."""
+    use_backend("triton")
+    hidden, weight, targets = _inputs((2, 6), 8, 70, torch.float32, ignore=(1,))
+    total = apr_kernels.linear_cross_entropy(hidden, weight, targets, reduction="sum", chunk_rows=4)
+    total.backward()
+    dh, dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    rows = apr_kernels.linear_cross_entropy(hidden, weight, targets, reduction="none", chunk_rows=4)
+    rows.sum().backward()
+    torch.testing.assert_close(rows.sum(), total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, dh, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(weight.grad, dw, rtol=1e-5, atol=1e-7)
+
+
 def test_kernel_rows_vs_reference_in_place():
     """The row launcher alone: losses, the gradient written over strided rows (padding untouched),
     ignored rows zeroed, several blocks per row."""
@@ -196,14 +236,21 @@ def test_opcheck(be, use_backend):
     for with_grad in (True, False):  # with_grad=False is the no-autograd call: no input requires grad
         h, w = (t.detach().requires_grad_(with_grad) for t in (hidden, weight))
         torch.library.opcheck(torch.ops.apr.linear_cross_entropy.default, (h, w, targets, -100, None, with_grad, 4))
+    h, w = (t.detach().requires_grad_() for t in (hidden, weight))
+    torch.library.opcheck(torch.ops.apr.linear_cross_entropy_rows.default, (h, w, targets, -100, None, 4))
+    torch.library.opcheck(torch.ops.apr.linear_cross_entropy_rows_backward.default,
+                          (torch.randn(6), hidden.detach(), weight.detach(), targets, -100, None, 4))
 
 
-def test_torch_compile_fullgraph(use_backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph(use_backend, reduction):
     use_backend("reference")
     hidden, weight, targets = _inputs((2, 5), 8, 50, torch.float32)
+    scale = torch.randn(2, 5)
 
     def step(h, w):
-        return apr_kernels.linear_cross_entropy(h * 2, w, targets)
+        out = apr_kernels.linear_cross_entropy(h * 2, w, targets, reduction=reduction)
+        return out if reduction == "mean" else (out * scale).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     out = compiled(hidden, weight)
@@ -222,7 +269,7 @@ def test_torch_compile_fullgraph(use_backend):
     (dict(targets=torch.zeros(4, dtype=torch.long)), r"targets must have shape hidden.shape\[:-1\] = \(3,\)"),
     (dict(targets=torch.zeros(3)), "targets must be integer token ids"),
     (dict(targets=torch.tensor([1, 10, 2])), r"targets\[1\] = 10 is outside the vocabulary \[0, 10\)"),
-    (dict(reduction="none"), "reduction must be 'mean' or 'sum'"),
+    (dict(reduction="token"), "reduction must be 'mean', 'sum' or 'none', got 'token'"),
 ])
 def test_errors_name_the_argument(bad, message):
     args = dict(hidden=torch.randn(3, 8), weight=torch.randn(10, 8), targets=torch.tensor([1, 2, 3]))
@@ -286,6 +333,26 @@ def test_cuda_bf16_matches_eager_autocast(v, h):
     hidden.grad = weight.grad = None
     eager.backward()
     assert abs(loss.item() - eager.item()) < 1e-3 * eager.item()
+    assert rel_err(dh, hidden.grad.double()) < 1e-2 and rel_err(dw, weight.grad.double()) < 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_per_position_matches_eager_autocast():
+    dev, v, h = "cuda", 151936, 896
+    hidden = torch.randn(2, 1000, h, device=dev, requires_grad=True)
+    weight = (torch.randn(v, h, device=dev) * 0.02).requires_grad_()
+    targets = torch.randint(0, v, (2, 1000), device=dev)
+    targets[0, :7] = -100
+    grad = torch.randn(2, 1000, device=dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        rows = apr_kernels.linear_cross_entropy(hidden, weight, targets, reduction="none", chunk_rows=512)
+        eager = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten(),
+                                reduction="none").view(2, 1000)
+    (rows * grad).sum().backward()
+    dh, dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    (eager * grad).sum().backward()
+    assert rel_err(rows, eager.double()) < 1e-3
     assert rel_err(dh, hidden.grad.double()) < 1e-2 and rel_err(dw, weight.grad.double()) < 1e-2
 
 

@@ -298,9 +298,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", documents: Documents | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
-        ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets, "sum", or
+        ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets, "sum",
         "sequence": the sum of each row, ``[B]``, the negated log-likelihood of each row's targets; with
-        ``documents``, of each document, ``[N]``).
+        ``documents``, of each document, ``[N]``; or "none": each position's, ``[B, T]``, 0 where
+        ignored: negated per-token log-likelihoods, for objectives weighting tokens after the forward).
 
         ``documents`` (``model/documents.py``): document masking. Each token attends only within its
         document and RoPE positions restart at each document, so every document's logits are those
@@ -312,8 +313,8 @@ class Transformer(nn.Module):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        if targets is not None and reduction not in ("mean", "sum", "sequence"):
-            raise ValueError(f"reduction {reduction!r}; expected 'mean', 'sum' or 'sequence'")
+        if targets is not None and reduction not in ("mean", "sum", "sequence", "none"):
+            raise ValueError(f"reduction {reduction!r}; expected 'mean', 'sum', 'sequence' or 'none'")
         h = self.hidden_states(input_ids, documents)
         if targets is None:
             return F.linear(h, self.output_weight)
@@ -331,6 +332,8 @@ class Transformer(nn.Module):
         logits = F.linear(h, self.output_weight)
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                  reduction="none" if reduction == "sequence" else reduction, ignore_index=-100)
+        if reduction == "none":
+            return losses.view(targets.shape)
         if reduction != "sequence":
             return losses
         if documents is None:

@@ -3,7 +3,7 @@
 Public function (also ``apr_kernels.linear_cross_entropy``)::
 
     linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean",
-                         chunk_rows=None) -> loss                       # fp32 scalar
+                         chunk_rows=None) -> loss       # fp32 scalar ("none": per position)
 
 is ``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten(),
 ignore_index=..., reduction=...)`` (what Hugging Face's causal-LM loss computes) without ever
@@ -27,6 +27,14 @@ Op (opaque to torch.compile, so no graph breaks)::
                               with_grad, chunk_rows) -> (loss_sum, count, d_hidden, d_weight)
 
 ``d_hidden``/``d_weight`` are empty when ``with_grad`` is False (no autograd needed: evaluation).
+
+``reduction="none"`` (per-token log-likelihoods for RL objectives such as GRPO's clipped ratio and
+KL, whose per-token gradients are only known after the forward) takes a second op pair: the forward
+computes the rows' losses only, and the backward recomputes each chunk's logits and scales each
+row's ``softmax - onehot`` by its incoming gradient (four GEMMs per chunk instead of three)::
+
+    apr::linear_cross_entropy_rows(hidden, weight, targets, ignore_index, compute_dtype, chunk_rows) -> loss [N]
+    apr::linear_cross_entropy_rows_backward(grad [N], hidden, weight, targets, ...) -> (d_hidden, d_weight)
 """
 
 from __future__ import annotations
@@ -54,16 +62,15 @@ def _row_kernel(logits: Tensor, targets: Tensor):
     return ref.cross_entropy_rows_reference if kern is None else kern.cross_entropy_rows
 
 
-def _linear_cross_entropy_impl(
-    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, compute_dtype: Optional[torch.dtype],
-    with_grad: bool, chunk_rows: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _chunked(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, cdt: torch.dtype,
+             chunk_rows: int, rows_loss: Tensor, with_grad: bool,
+             row_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The chunk loop every op here runs: per-row losses into ``rows_loss``; with ``with_grad`` also
+    ``(d hidden, d weight)`` of the rows' losses, each row's gradient scaled by ``row_scale`` when given
+    (the per-row incoming gradient of ``reduction="none"``), else summed; empty tensors otherwise."""
     n, h = hidden.shape
     v = weight.shape[0]
-    cdt = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
     hc, wc = hidden.to(cdt), weight.to(cdt)  # no copies when the dtypes already match
-    t = targets
-    rows_loss = torch.empty(n, dtype=torch.promote_types(cdt, torch.float32), device=hidden.device)
     dh = torch.empty((n, h) if with_grad else (0,), dtype=cdt, device=hidden.device)
     acc = torch.promote_types(weight.dtype, torch.float32)
     dw = torch.zeros((v, h) if with_grad else (0,), dtype=acc, device=weight.device)
@@ -73,18 +80,38 @@ def _linear_cross_entropy_impl(
         e = min(n, s + step)
         logits = hc[s:e] @ wc.t()  # [rows, V] in cdt, contiguous
         if rows_fn is None:
-            rows_fn = _row_kernel(logits, t)
-        rows_fn(logits, t[s:e], rows_loss[s:e], ignore_index, with_grad)
+            rows_fn = _row_kernel(logits, targets)
+        rows_fn(logits, targets[s:e], rows_loss[s:e], ignore_index, with_grad)
         if with_grad:  # logits now hold d(sum loss)/d logits
+            if row_scale is not None:
+                logits.mul_(row_scale[s:e, None].to(logits.dtype))
             torch.mm(logits, wc, out=dh[s:e])
             if cdt == acc:
                 dw.addmm_(logits.t(), hc[s:e])
             else:  # bf16/fp16 GEMM (fp32 accumulation inside), chunks summed in fp32
                 dw.add_(logits.t() @ hc[s:e])
         del logits
+    return dh.to(hidden.dtype), dw.to(weight.dtype)
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    return compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _rows_loss(hidden: Tensor, cdt: torch.dtype) -> Tensor:
+    return torch.empty(hidden.shape[0], dtype=torch.promote_types(cdt, torch.float32), device=hidden.device)
+
+
+def _linear_cross_entropy_impl(
+    hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, compute_dtype: Optional[torch.dtype],
+    with_grad: bool, chunk_rows: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cdt = _compute_dtype(hidden, weight, compute_dtype)
+    rows_loss = _rows_loss(hidden, cdt)
+    dh, dw = _chunked(hidden, weight, targets, ignore_index, cdt, chunk_rows, rows_loss, with_grad)
     loss_sum = rows_loss.sum(dtype=torch.float32) if rows_loss.dtype != torch.float64 else rows_loss.sum()
-    count = (t != ignore_index).sum()
-    return loss_sum, count, dh.to(hidden.dtype), dw.to(weight.dtype)
+    count = (targets != ignore_index).sum()
+    return loss_sum, count, dh, dw
 
 
 _op = torch.library.custom_op("apr::linear_cross_entropy", mutates_args=())(_linear_cross_entropy_impl)
@@ -119,6 +146,51 @@ def _backward(ctx, g_loss, _g_count, _g_dh, _g_dw):
 _op.register_autograd(_backward, setup_context=_setup)
 
 
+# reduction="none": per-row losses whose incoming gradients are only known in the backward, so the
+# forward computes losses only and the backward recomputes each chunk's logits (one GEMM more than
+# the summed op: four instead of three).
+@torch.library.custom_op("apr::linear_cross_entropy_rows", mutates_args=())
+def _rows_op(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
+             compute_dtype: Optional[torch.dtype], chunk_rows: int) -> Tensor:
+    cdt = _compute_dtype(hidden, weight, compute_dtype)
+    rows_loss = _rows_loss(hidden, cdt)
+    _chunked(hidden, weight, targets, ignore_index, cdt, chunk_rows, rows_loss, False)
+    return rows_loss
+
+
+@_rows_op.register_fake
+def _(hidden, weight, targets, ignore_index, compute_dtype, chunk_rows):
+    return _rows_loss(hidden, _compute_dtype(hidden, weight, compute_dtype))
+
+
+@torch.library.custom_op("apr::linear_cross_entropy_rows_backward", mutates_args=())
+def _rows_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
+                      compute_dtype: Optional[torch.dtype], chunk_rows: int) -> tuple[Tensor, Tensor]:
+    cdt = _compute_dtype(hidden, weight, compute_dtype)
+    return _chunked(hidden, weight, targets, ignore_index, cdt, chunk_rows, _rows_loss(hidden, cdt), True,
+                    row_scale=grad)
+
+
+@_rows_backward_op.register_fake
+def _(grad, hidden, weight, targets, ignore_index, compute_dtype, chunk_rows):
+    return torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _rows_setup(ctx, inputs, output):
+    hidden, weight, targets, ctx.ignore_index, ctx.compute_dtype, ctx.chunk_rows = inputs
+    ctx.save_for_backward(hidden, weight, targets)
+
+
+def _rows_backward(ctx, g_rows):
+    hidden, weight, targets = ctx.saved_tensors
+    dh, dw = _rows_backward_op(g_rows.contiguous(), hidden, weight, targets, ctx.ignore_index,
+                               ctx.compute_dtype, ctx.chunk_rows)
+    return dh, dw, None, None, None, None
+
+
+_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
     chunk_rows: int | None = None,
@@ -126,10 +198,11 @@ def linear_cross_entropy(
     """Cross entropy of ``hidden @ weight.T`` against ``targets`` without materialising the logits.
 
     hidden ``[..., H]``, weight ``[V, H]`` (the LM head or a tied embedding), targets ``[...]`` integer
-    ids in ``[0, V)`` or ``ignore_index``; ``reduction`` "mean" (over non-ignored targets) or "sum".
-    Returns an fp32 scalar (fp64 for fp64 inputs) with gradients for hidden and weight."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    ids in ``[0, V)`` or ``ignore_index``; ``reduction`` "mean" (over non-ignored targets), "sum", or
+    "none": each position's loss, ``targets``' shape (0 where ignored), as ``F.cross_entropy``.
+    Returns fp32 (fp64 for fp64 inputs) with gradients for hidden and weight."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden [..., H] and weight [V, H] must share H; got hidden "
                          f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
@@ -153,7 +226,9 @@ def linear_cross_entropy(
                              f"[0, {vocab}) and is not ignore_index={ignore_index}")
     dev = hidden.device.type
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(h2.shape[0], vocab)
+    if reduction == "none":
+        return _rows_op(h2, weight, t, int(ignore_index), cdt, int(rows)).view(targets.shape)
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss_sum, count, _, _ = _op(h2, weight, t, int(ignore_index), cdt, with_grad, int(rows))
     return loss_sum if reduction == "sum" else loss_sum / count
