@@ -203,6 +203,11 @@ def runs(tmp_path_factory):
             "--scale-rewards", "batch", "--loss-type", "grpo"]  # the step-wide std and counts over both ranks
     code, one_grpo_out = _cli(main, [*grpo, "--out", str(root / "one_grpo")])
     assert code == 0
+    # and TRL's per-token loss: a KL penalty to a second copy of the model (sharded under FSDP) and two
+    # updates per generation batch (the generating policy's log-probabilities from a no-grad pass)
+    grpo_kl = [*grpo, "--beta", "0.2", "--num-iterations", "2"]
+    code, one_grpo_kl_out = _cli(main, [*grpo_kl, "--out", str(root / "one_grpo_kl")])
+    assert code == 0
     # KTO: the same prompts, alternately good " yes" and bad " no" (unpaired), z over the global micro-batch
     examples = root / "kto.jsonl"
     examples.write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "completion": " yes" if i % 2 else " no",
@@ -243,7 +248,7 @@ def runs(tmp_path_factory):
         ["dpo", "--resume", str(root / "fsdp_dpo" / "step_000002.apr"), "--parallel", "fsdp", "--json",
          "--out", str(root / "fsdp_dpo_resumed")],
         [*grpo, "--parallel", "ddp", "--out", str(root / "ddp_grpo")],
-        [*grpo, "--parallel", "fsdp", "--out", str(root / "fsdp_grpo")],
+        [*grpo_kl, "--parallel", "fsdp", "--out", str(root / "fsdp_grpo_kl")],
         [*kto, "--parallel", "ddp", "--out", str(root / "ddp_kto")],
         [*kto, "--parallel", "fsdp", "--out", str(root / "fsdp_kto")],
     ]}
@@ -266,6 +271,7 @@ def runs(tmp_path_factory):
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
+            "one_grpo_kl_out": one_grpo_kl_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -378,23 +384,28 @@ def test_dpo_on_two_ranks_matches_one_process(runs, run):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
-@pytest.mark.parametrize("run", ["run9", "run10"], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize("run", ["run9", "run10"], ids=["ddp", "fsdp-kl-two-iterations"])
 def test_grpo_on_two_ranks_matches_one_process(runs, run):
     """GRPO with 4 prompts per step: each rank samples (FSDP: with its shards gathered), scores and
     trains on 2 (in micro-batches of 3 completions); the completions, rewards, losses, gradient norms
-    and held-out rewards are the one-process run's, and so is the final model."""
-    want = _records(runs["one_grpo_out"])
+    and held-out rewards are the one-process run's, and so is the final model. Under FSDP with the
+    per-token loss (KL to a sharded reference copy, two updates per generation batch) likewise, and
+    the KL and clipped share too."""
+    kl = run == "run10"
+    want = _records(runs["one_grpo_kl_out" if kl else "one_grpo_out"])
     rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
     assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
     got = _records(rank0["stdout"])
     assert next(r for r in got if r["event"] == "start")["world"] == 2
-    for key in ("reward", "completion_len", "reward_std", "loss", "grad_norm"):
+    if kl:
+        assert max(_losses(want, key="kl")) > 0
+    for key in ("reward", "completion_len", "reward_std", "loss", "grad_norm", *(("kl", "clip_ratio") if kl else ())):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-7), key
     # held-out prompts: 5 split 3 / 2 between the ranks
     for key in ("eval_reward", "eval_completion_len", "eval_prompts"):
         assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-9), key
-    (a, _), (b, _) = (_tensors(runs["root"] / ("ddp_grpo" if run == "run9" else "fsdp_grpo") / "model.apr"),
-                      _tensors(runs["root"] / "one_grpo" / "model.apr"))
+    (a, _), (b, _) = (_tensors(runs["root"] / ("fsdp_grpo_kl" if kl else "ddp_grpo") / "model.apr"),
+                      _tensors(runs["root"] / ("one_grpo_kl" if kl else "one_grpo") / "model.apr"))
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
 

@@ -136,6 +136,162 @@ def test_one_step_is_adamw_on_the_policy_gradient_objective(tmp_path, fast, micr
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
+def _token_logps_alone(model, prompt_ids, ids):
+    """log p of each completion token, from the model's logits on the sequence alone (log_softmax)."""
+    seq = torch.tensor([prompt_ids + ids])
+    logits = model(seq[:, :-1]).double()
+    logp = torch.log_softmax(logits, -1)[0, len(prompt_ids) - 1:]
+    return logp.gather(1, torch.tensor(ids)[:, None]).squeeze(1)
+
+
+def _trl_objective(model, groups, index, prompts, rewards, *, old=None, ref=None, beta=0.0, eps=(0.2, 0.2)):
+    """TRL's per-token GRPO loss written out: group advantages (statistics.stdev), dapo normalisation,
+    rho = p / p_old (``old``: the generating model, default the policy itself, rho = 1), the clipped
+    surrogate and beta x the k3 KL estimate to ``ref``; plus (KL sum, clipped tokens)."""
+    n_tokens = sum(len(ids) for g in groups for ids in g)
+    objective, kl_sum, clipped = 0.0, 0.0, 0
+    for i, g, r in zip(index, groups, rewards):
+        mean, std = statistics.mean(r), statistics.stdev(r) + 1e-4
+        for ids, reward in zip(g, r):
+            adv = (reward - mean) / std
+            lp = _token_logps_alone(model, prompts[i]["ids"], ids)
+            with torch.no_grad():
+                lp_old = lp.detach() if old is None else _token_logps_alone(old, prompts[i]["ids"], ids)
+            rho = torch.exp(lp - lp_old)
+            per_token = -torch.minimum(rho * adv, rho.clamp(1 - eps[0], 1 + eps[1]) * adv)
+            clipped += int((((rho < 1 - eps[0]) & (adv < 0)) | ((rho > 1 + eps[1]) & (adv > 0))).sum())
+            if beta:
+                with torch.no_grad():
+                    lp_ref = _token_logps_alone(ref, prompts[i]["ids"], ids)
+                q = lp_ref - lp
+                kl = torch.exp(q) - q - 1
+                per_token = per_token + beta * kl
+                kl_sum += kl.sum().item()
+            objective = objective + per_token.sum() / n_tokens
+    return objective, kl_sum, clipped
+
+
+def _sampled(tok, prompts, cfg, step=0, batch=2):
+    """The prompts and completions the trainer samples at ``step`` (its seeds), from the initial model."""
+    index = BatchStream(len(prompts), seed=cfg.seed).next(batch).tolist()
+    helper = GRPOTrainer(_model(tok), prompts, {"x": lambda **kw: []}, cfg, tokenizer=tok, num_generations=4,
+                         max_new_tokens=6)
+    groups = helper.sample_groups([prompts[i] for i in index],
+                                  [torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_000_033 + k)
+                                   for k in range(len(index))])
+    rewards = [_letters([tok.decode([t for t in ids if t != tok.eos_id]) for ids in g]) for g in groups]
+    return index, groups, rewards
+
+
+def _assert_same_grads(model, trained, cfg):
+    """The oracle's clipped gradients are the ones the trainer stepped with."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    scale = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+    for (name, p), q in zip(model.named_parameters(), trained.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6 * scale, msg=lambda m: f"{name}: {m}")
+    return norm.item()
+
+
+@pytest.mark.parametrize("fast,micro_batch,lora", [(False, None, False), (True, 3, False), (False, None, True)],
+                         ids=["eager", "fused-padding-free-micro-batches", "lora-base-is-the-reference"])
+def test_kl_penalty_step_is_adamw_on_trls_per_token_loss(tmp_path, fast, micro_batch, lora):
+    """--beta > 0: one step's loss, KL and clipped gradients against TRL's per-token loss written out
+    with log_softmax on each sequence alone, the reference a different model (so the KL and its
+    gradient are not zero at the first step): a second model, or with LoRA the base under adapters
+    that already moved."""
+    from apr_kernels.model.lora import add_lora, lora_modules
+
+    tok = byte_tokenizer()
+    prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["Write:", "Say it:", "Go:"])], tok, 32)
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=48, lr=3e-3, warmup=1)
+
+    def policy():
+        model = _model(tok)
+        if lora:
+            add_lora(model, rank=4, seed=3)
+            g = torch.Generator().manual_seed(5)
+            for m in lora_modules(model).values():  # moved adapters: the policy is not its base
+                m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.05
+        return model
+
+    reference = _model(tok) if lora else _model(tok, seed=1)
+    trained = policy()
+    trained.fast = fast
+    trainer = GRPOTrainer(trained, prompts, {"letters": lambda prompts, completions, **kw: _letters(completions)},
+                          cfg, tokenizer=tok, num_generations=4, max_new_tokens=6, micro_batch=micro_batch,
+                          beta=0.5, reference=None if lora else _model(tok, seed=1))
+    assert (trainer.reference is None) == lora
+    rec = trainer.train_step()
+    model = policy()
+    # the completions are the trainer's: sampled from the same policy with the same seeds
+    index = BatchStream(len(prompts), seed=cfg.seed).next(2).tolist()
+    groups = GRPOTrainer(policy(), prompts, {"x": lambda **kw: []}, cfg, tokenizer=tok, num_generations=4,
+                         max_new_tokens=6, beta=0.5, reference=reference).sample_groups(
+        [prompts[i] for i in index], [torch.Generator().manual_seed((cfg.seed * 1_000_003) * 1_000_033 + k)
+                                      for k in range(2)])
+    rewards = [_letters([tok.decode([t for t in ids if t != tok.eos_id]) for ids in g]) for g in groups]
+    objective, kl_sum, _ = _trl_objective(model, groups, index, prompts, rewards, ref=reference, beta=0.5)
+    objective.backward()
+    n_tokens = sum(len(ids) for g in groups for ids in g)
+    assert kl_sum / n_tokens > 1e-3 and rec["kl"] == pytest.approx(kl_sum / n_tokens, rel=1e-4)
+    assert rec["loss"] == pytest.approx(objective.item(), rel=1e-4, abs=1e-7)
+    assert rec["grad_norm"] == pytest.approx(_assert_same_grads(model, trained, cfg), rel=1e-5)
+    assert "clip_ratio" not in rec  # one iteration: the ratio is 1
+
+
+def test_num_iterations_reuse_the_batch_with_the_clipped_ratio(tmp_path):
+    """--num-iterations 2: the first step is the plain policy-gradient step (the ratio is 1), the
+    second trains on the same completions with rho = p / p_generating clipped to [1 - 0.2, 1 + 0.28]
+    (a large learning rate moves the policy far enough that clipping acts), against TRL's loss
+    written out with the generating model's log-probabilities."""
+    import copy
+
+    tok = byte_tokenizer()
+    prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["Write:", "Say it:", "Go:"])], tok, 32)
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=48, lr=3e-2, warmup=1)
+    reward = {"letters": lambda prompts, completions, **kw: _letters(completions)}
+    once = _model(tok)
+    GRPOTrainer(once, prompts, reward, cfg, tokenizer=tok, num_generations=4, max_new_tokens=6).train_step()
+    trained = _model(tok)
+    trainer = GRPOTrainer(trained, prompts, reward, cfg, tokenizer=tok, num_generations=4, max_new_tokens=6,
+                          num_iterations=2, epsilon=0.2, epsilon_high=0.28)
+    first = trainer.train_step()
+    for p, q in zip(once.parameters(), trained.parameters()):  # step 1 = the one-iteration step
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8)
+    after_first = copy.deepcopy(trained.state_dict())
+    second = trainer.train_step()
+    assert second["reward"] == first["reward"] and second["completion_len"] == first["completion_len"]
+
+    index, groups, rewards = _sampled(tok, prompts, cfg)
+    model = _model(tok)
+    model.load_state_dict(after_first)
+    objective, _, clipped = _trl_objective(model, groups, index, prompts, rewards, old=_model(tok), eps=(0.2, 0.28))
+    objective.backward()
+    n_tokens = sum(len(ids) for g in groups for ids in g)
+    assert clipped > 0 and second["clip_ratio"] == pytest.approx(clipped / n_tokens)
+    assert second["loss"] == pytest.approx(objective.item(), rel=1e-4, abs=1e-7)
+    assert second["grad_norm"] == pytest.approx(_assert_same_grads(model, trained, cfg), rel=1e-5)
+
+
+def test_per_token_settings_are_checked(tmp_path):
+    tok = byte_tokenizer()
+    prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["Write:"])], tok, 32)
+    reward = {"r": lambda **kw: []}
+
+    def make(cfg=TrainConfig(steps=1, batch_size=1, seq_len=48), **kw):
+        return GRPOTrainer(_model(tok), prompts, reward, cfg, tokenizer=tok, num_generations=2, max_new_tokens=4, **kw)
+
+    with pytest.raises(ValueError, match="--save-every 3 is not a multiple of --num-iterations 2"):
+        make(TrainConfig(steps=6, batch_size=1, seq_len=48, save_every=3), num_iterations=2)
+    with pytest.raises(ValueError, match="--beta > 0 needs the reference model"):
+        make(beta=0.1)
+    with pytest.raises(ValueError, match="expected beta >= 0, at least 1 iteration, 0 < epsilon < 1"):
+        make(epsilon=1.5)
+    with pytest.raises(ValueError, match="expected beta >= 0"):
+        make(num_iterations=0)
+
+
 def test_chat_prompts_reach_the_rewards_as_messages_and_answers_stop_at_the_turns_end(tmp_path, monkeypatch):
     from apr_kernels.model import generate as gen
     from apr_kernels.tokenizer import Tokenizer
@@ -203,3 +359,37 @@ def test_cli_grpo_raises_the_reward_and_resumes_exactly(tmp_path, capsys):
     assert all(math.isfinite(r["grad_norm"]) for r in recs if r["event"] == "train")
     assert main([*args[:6], f"{tmp_path / 'rewards.py'}:nope", *args[7:]]) == 1
     assert "has no function 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["reference-copy", "lora-base"])
+def test_cli_kl_and_iterations_resume_exactly(tmp_path, capsys, lora):
+    """grpo --beta 0.2 --num-iterations 2 from the CLI: the reference is a second copy of --init (or,
+    with LoRA, the base), the KL is logged and grows from 0 as the policy moves, and a run resumed at
+    a generation boundary repeats the uninterrupted run's losses, KL and clipped shares."""
+    from apr_kernels.cli import main
+
+    tok = byte_tokenizer()
+    save_checkpoint(tmp_path / "init.apr", model=_model(tok), tokenizer=tok)
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    data = _prompts_file(tmp_path / "p.jsonl", ["Write:", "Say:", "Go:", "Now:"])
+    args = ["grpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--reward",
+            f"{tmp_path / 'rewards.py'}:letters", "--steps", "6", "--batch-size", "2", "--num-generations", "4",
+            "--max-new-tokens", "6", "--max-prompt-len", "32", "--lr", "1e-2", "--json", "--save-every", "2",
+            "--beta", "0.2", "--num-iterations", "2", "--out", str(tmp_path / "o"),
+            *(["--lora-rank", "4", "--lr", "3e-2"] if lora else [])]
+    assert main(args) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    start = next(r for r in recs if r["event"] == "start")
+    assert start["beta"] == 0.2 and start["num_iterations"] == 2
+    train = [r for r in recs if r["event"] == "train"]
+    assert train[0]["kl"] == pytest.approx(0, abs=1e-6) and train[-1]["kl"] > 1e-4
+    assert all("clip_ratio" in r for r in train)
+    # each generation batch serves two steps: the same rewards twice
+    assert [r["reward"] for r in train[::2]] == [r["reward"] for r in train[1::2]]
+    assert main(["grpo", "--resume", str(tmp_path / "o" / "step_000002.apr"), "--json", "--out",
+                 str(tmp_path / "r")]) == 0
+    resumed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    for key in ("loss", "kl", "clip_ratio", "reward"):
+        assert [r[key] for r in resumed if r["event"] == "train"] == [r[key] for r in train[2:]], key
+    assert main([*args, "--save-every", "3", "--out", str(tmp_path / "x")]) == 1  # (the last option wins)
+    assert "--save-every 3 is not a multiple of --num-iterations 2" in capsys.readouterr().err

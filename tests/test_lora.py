@@ -10,7 +10,7 @@ import torch
 
 import apr_kernels
 from apr_kernels.model import Transformer, from_apr, preset
-from apr_kernels.model.lora import LoRALinear, add_lora, lora_modules, merge_into_weights
+from apr_kernels.model.lora import LoRALinear, adapters_disabled, add_lora, lora_modules, merge_into_weights
 from apr_kernels.train.checkpoint import save_checkpoint
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -92,6 +92,30 @@ def test_merge_gives_the_same_model():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not lora_modules(model) and all(p.requires_grad for p in model.parameters())
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fused-qkv"])
+def test_adapters_disabled_is_the_base_model_until_the_block_ends(fast, use_backend):
+    """GRPO's reference under LoRA: inside the block the logits are exactly the base model's (moved
+    adapters contribute nothing, also to the fused q/k/v GEMM), after it (an error included) the
+    adapters act again."""
+    if fast:
+        use_backend("reference")
+    cfg = preset("tiny_llama")
+    torch.manual_seed(0)
+    base = Transformer(cfg, fast=fast)
+    model = Transformer(cfg, fast=fast)
+    model.load_state_dict(base.state_dict())
+    add_lora(model, 3)
+    _randomise_adapters(model)
+    x = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        adapted = model(x)
+        with adapters_disabled(model):
+            assert torch.equal(model(x), base(x))
+        with pytest.raises(RuntimeError), adapters_disabled(model):
+            raise RuntimeError("inside")
+        assert torch.equal(model(x), adapted) and not torch.allclose(adapted, base(x))
 
 
 def test_checkpoints_merge_for_readers_keep_for_resume_and_export_merged(tmp_path):

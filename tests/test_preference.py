@@ -13,6 +13,7 @@ from apr_kernels.model import Transformer, pad_vocab, preset
 from apr_kernels.train.checkpoint import save_checkpoint
 from apr_kernels.train.cli import byte_tokenizer
 from apr_kernels.train.loop import TrainConfig
+from apr_kernels.train.posttrain import token_logps
 from apr_kernels.train.preference import (PreferenceLoss, PreferenceTrainer, dpo_loss, padded, read_pairs,
                                           sequence_logps)
 
@@ -108,11 +109,17 @@ def test_sequence_logps_are_transformers_answer_log_likelihoods(use_backend, mon
     # mark the first tokens of each as prompt (non-targets), the rest as the answer
     marked = [[-1 - t if i < 4 else t for i, t in enumerate(s)] for s in seqs]
     got = sequence_logps(ours, marked, "cpu", eos_id=cfg.vocab_size - 1, padding_free=padding_free)
+    # and per token (GRPO's objective), all sequences' answer tokens back to back
+    tokens = token_logps(ours, marked, "cpu", eos_id=cfg.vocab_size - 1, padding_free=padding_free)
+    assert tokens.shape == (sum(len(s) - 4 for s in seqs),)
+    at = 0
     for k, s in enumerate(seqs):
         with torch.no_grad():
             logp = torch.log_softmax(hf(torch.tensor([s])).logits[0].double(), -1)
-        want = sum(logp[i - 1, s[i]].item() for i in range(4, len(s)))
-        assert got[k].item() == pytest.approx(want, rel=1e-5, abs=1e-4)
+        want = [logp[i - 1, s[i]].item() for i in range(4, len(s))]
+        assert got[k].item() == pytest.approx(sum(want), rel=1e-5, abs=1e-4)
+        assert tokens[at:at + len(want)].tolist() == pytest.approx(want, rel=1e-5, abs=1e-5)
+        at += len(want)
     assert bool(calls) == (backend_name == "triton")  # the packed-sequence kernel ran
 
 
@@ -306,8 +313,8 @@ def test_simpo_needs_no_reference_and_learns_the_preference(tmp_path):
 def test_model_loss_names_a_bad_reduction():
     model = Transformer(preset("tiny_qwen2"), fast=False)
     x = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="reduction 'none'; expected 'mean', 'sum' or 'sequence'"):
-        model.loss(x, x, reduction="none")
+    with pytest.raises(ValueError, match="reduction 'token'; expected 'mean', 'sum', 'sequence' or 'none'"):
+        model.loss(x, x, reduction="token")
 
 
 def test_cli_loss_settings_travel_into_checkpoints(tmp_path, capsys):
@@ -437,6 +444,19 @@ def test_gpu_padding_free_sequence_logps_match_padded_eager():
     for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
         err = (q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
         assert err < 0.1, f"{name}: relative gradient error {err:.3g}"
+    # per token (GRPO's objective: the fused loss's reduction="none", logits recomputed in the backward)
+    eager.zero_grad()
+    fast.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = token_logps(eager, seqs, "cuda", eos_id=511)
+        b = token_logps(fast, seqs, "cuda", eos_id=511, padding_free=True)
+    assert (b - a).abs().mean() < 0.05
+    weights = torch.randn(a.shape, generator=g).cuda()
+    (a * weights).sum().backward()
+    (b * weights).sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
+        err = (q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
+        assert err < 0.1, f"{name}: relative gradient error {err:.3g} (per token)"
 
 
 def test_dpo_on_a_quantised_base_trains_like_its_dequantised_copy(tmp_path, capsys):

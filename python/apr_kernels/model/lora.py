@@ -29,6 +29,7 @@ model for ``eval``, ``generate``, ``export`` and ``--init``) or keeps them (``lo
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -180,6 +181,21 @@ def init_adapters(model, seed: int = 0) -> None:
 
 def lora_modules(model) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The base model for the time of the block: every adapter's scale set to 0 (its term adds exact
+    zeros), restored after: GRPO's reference model under LoRA."""
+    modules = list(lora_modules(model).values())
+    scales = [m.scale for m in modules]
+    for m in modules:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, scale in zip(modules, scales):
+            m.scale = scale
 
 
 @torch.no_grad()

@@ -13,10 +13,22 @@ the policy-gradient objective, normalised as TRL's ``loss_type`` (``--loss-type`
     loss = -sum_i A_i * log pi(completion_i | prompt_i) / (len_i * completions of the step)  # grpo
     loss = -sum_i A_i * log pi(completion_i | prompt_i) / (max_new_tokens * completions)    # dr_grpo
 
-This is GRPO with one optimisation step per generation batch (TRL's ``num_iterations=1``: the PPO
-ratio is 1, so its clipping never acts) and no KL penalty (TRL's default ``beta=0``); the sequence
-log-likelihoods come from the model's loss per sequence (``preference.sequence_logps``, padding-free
-where the package kernels run).
+With TRL's defaults (one optimisation step per generation batch, ``num_iterations=1``, so PPO's
+ratio is 1 and its clipping never acts; no KL penalty, ``beta=0``) this is the whole objective, and
+each completion's summed log-likelihood comes from the model's loss per sequence
+(``posttrain.sequence_logps``, padding-free where the package kernels run; the gradients computed in
+the fused loss's forward). With ``--beta B > 0`` or ``--num-iterations K > 1`` the loss is TRL's
+per-token one, each token weighted as above::
+
+    loss_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps_high) A) + B (exp(q_t) - q_t - 1)
+    rho_t = p(token_t) / p_generating(token_t),   q_t = log p_ref(token_t) - log p(token_t)
+
+from per-token log-probabilities (``posttrain.token_logps``: the fused loss with
+``reduction="none"``). A generation batch serves ``K`` steps; the generating policy's
+log-probabilities are computed once, right after sampling (so ``rho`` is 1 in its first step). The
+reference is the model as loaded: with LoRA the frozen base (the adapters switched off), otherwise a
+second copy of ``--init`` without gradients (sharded too under FSDP), computed once per generation
+batch. Step checkpoints fall between generation batches (``--save-every`` a multiple of ``K``).
 
 Data: JSON Lines records with a ``prompt``, a string (encoded as is, after the begin-of-text id when
 the tokenizer adds one) or a list of messages (rendered with the chat format and the assistant's
@@ -192,7 +204,9 @@ class GRPOTrainer(StepLoop):
                  top_k: int | None = None, top_p: float | None = None, reward_weights: list[float] | None = None,
                  device=None, log=None, padding_free: bool | None = None, parallel=None,
                  eval_prompts: list[dict] | None = None, micro_batch: int | None = None,
-                 loss_type: str = "dapo", scale_rewards: str = "group"):
+                 loss_type: str = "dapo", scale_rewards: str = "group", beta: float = 0.0,
+                 num_iterations: int = 1, epsilon: float = 0.2, epsilon_high: float | None = None,
+                 reference=None):
         if cfg.grad_accum != 1:
             raise ValueError("grpo: gradient accumulation is not supported; --micro-batch N bounds a step's memory")
         if not rewards:
@@ -208,7 +222,25 @@ class GRPOTrainer(StepLoop):
             raise ValueError(f"grpo: --micro-batch {micro_batch}; expected at least 1 completion per forward")
         sequence_weights([1], loss_type, n_tokens=1, n_sequences=1, max_new_tokens=1)  # (checks the names)
         group_advantages(torch.zeros(1, 2), scale_rewards)
+        epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        if beta < 0 or num_iterations < 1 or not 0 < epsilon < 1 or epsilon_high <= 0:
+            raise ValueError(f"grpo: --beta {beta}, --num-iterations {num_iterations}, --epsilon {epsilon}, "
+                             f"--epsilon-high {epsilon_high}; expected beta >= 0, at least 1 iteration, "
+                             f"0 < epsilon < 1 and epsilon-high > 0")
+        if cfg.save_every and cfg.save_every % num_iterations:
+            raise ValueError(f"grpo: --save-every {cfg.save_every} is not a multiple of --num-iterations "
+                             f"{num_iterations}; checkpoints are written between generation batches")
+        self.lora = bool(getattr(model, "lora", None))
+        if beta and reference is None and not self.lora:
+            raise ValueError("grpo: --beta > 0 needs the reference model (the model as loaded; with LoRA, the "
+                             "frozen base)")
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
+        self.beta, self.num_iterations, self.epsilon = beta, num_iterations, (epsilon, epsilon_high)
+        self.reference = reference if beta else None
+        # the per-token objective (PPO's clipped ratio to the generating policy, the KL penalty) when it
+        # differs from the policy gradient; else each completion's summed log-likelihood suffices
+        self.per_token = beta > 0 or num_iterations > 1
+        self._generation = None  # the batch being trained on (kept for --num-iterations steps)
         self._setup("grpo", model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
                     n_data=len(prompts), what="the prompts of every step")
         self.prompts, self.rewards, self.weights, self.tok = prompts, rewards, weights, tokenizer
@@ -249,10 +281,11 @@ class GRPOTrainer(StepLoop):
             for m in modules:
                 m.reshard()
 
-    def train_step(self) -> dict:
-        c = self.cfg
-        par = self.parallel
-        lr, t0 = self._start_step()
+    def generate(self) -> dict:
+        """The step's prompts (this rank's share), their sampled completions, rewards and advantages,
+        and under the per-token objective the generating policy's and the reference's token
+        log-probabilities, computed in the micro-batches of the update."""
+        c, par = self.cfg, self.parallel
         # every rank draws the step's prompts and takes its share; each prompt's sampling is seeded by
         # the step and its place in the step, so any number of ranks (and a resumed run) samples alike
         index, place = self.batches.next(c.batch_size), torch.arange(c.batch_size)
@@ -280,24 +313,97 @@ class GRPOTrainer(StepLoop):
             totals = par.mean(totals.to(self.device)).cpu() * self.world
         n_tokens, n_seqs, r_sum, r_sq = totals.tolist()
         batch_std = math.sqrt(max(0.0, (r_sq - r_sum * r_sum / n_seqs) / max(1.0, n_seqs - 1)))
-        advantages = group_advantages(rewards, self.scale_rewards, batch_std)
-        weights = sequence_weights([len(ids) for _, ids in flat], self.loss_type, n_tokens=n_tokens,
-                                   n_sequences=n_seqs, max_new_tokens=self.max_new_tokens)
+        lengths = [len(ids) for _, ids in flat]
+        batch = {"flat": flat, "stops": stops, "groups": groups, "rewards": rewards, "table": table,
+                 "lengths": lengths, "n_tokens": n_tokens,
+                 "seqs": [[-1 - t for t in r["ids"]] + ids for r, ids in flat],  # the prompt is no target
+                 "advantages": group_advantages(rewards, self.scale_rewards, batch_std).flatten(),
+                 "weights": sequence_weights(lengths, self.loss_type, n_tokens=n_tokens, n_sequences=n_seqs,
+                                             max_new_tokens=self.max_new_tokens),
+                 "old": None, "ref": None}
+        if self.num_iterations > 1:  # the generating policy, for PPO's ratio in the later iterations
+            batch["old"] = self._token_logps_no_grad(batch["seqs"], self.parallel or self.model)
+        if self.beta:
+            if self.reference is not None:
+                batch["ref"] = self._token_logps_no_grad(batch["seqs"], self.reference)
+            else:  # LoRA: the frozen base is the model as loaded
+                from apr_kernels.model.lora import adapters_disabled
+
+                with adapters_disabled(self.model):
+                    batch["ref"] = self._token_logps_no_grad(batch["seqs"], self.parallel or self.model)
+        return batch
+
+    def _micro_batches(self, n: int) -> list[tuple[int, int]]:
+        size = self.micro_batch or n
+        return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+    @torch.no_grad()
+    def _token_logps_no_grad(self, seqs: list[list[int]], model) -> list[torch.Tensor]:
+        """``token_logps`` of each micro-batch of ``seqs`` through ``model`` (the policy, its DDP/FSDP
+        wrapper, or the reference), without gradients; FSDP's root sharded again after."""
+        from .posttrain import token_logps
+
+        with self._autocast():
+            out = [token_logps(model, seqs[a:b], self.device, eos_id=self.tok.eos_id, padding_free=self.padding_free)
+                   for a, b in self._micro_batches(len(seqs))]
+        for m in (self.model, self.reference):  # (a no-grad forward leaves FSDP's root gathered)
+            if m is not None and hasattr(m, "reshard"):
+                m.reshard()
+        return out
+
+    def _token_objective(self, logps: torch.Tensor, batch: dict, k: int, a: int, b: int) -> tuple[torch.Tensor, list]:
+        """TRL's per-token GRPO loss of micro-batch ``k`` (completions ``a:b``), weighted per token by its
+        completion's ``sequence_weights``: ``-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) + beta KL``
+        with ``rho = p / p_generating`` and the k3 estimate ``KL = exp(q) - q - 1``, ``q = log p_ref - log p``.
+        Also (KL sum, clipped-token count) for the logs."""
+        lens = torch.tensor(batch["lengths"][a:b], device=logps.device)
+        adv = batch["advantages"][a:b].to(logps.device, logps.dtype).repeat_interleave(lens)
+        weight = batch["weights"][a:b].to(logps.device, logps.dtype).repeat_interleave(lens)
+        old = batch["old"][k] if batch["old"] is not None else logps.detach()
+        ratio = torch.exp(logps - old)
+        low, high = self.epsilon
+        per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - low, 1 + high) * adv)
+        clipped = (((ratio < 1 - low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))).sum()
+        kl = torch.zeros((), device=logps.device)
+        if self.beta:
+            q = batch["ref"][k] - logps
+            per_token_kl = torch.exp(q) - q - 1
+            per_token = per_token + self.beta * per_token_kl
+            kl = per_token_kl.detach().sum()
+        return (weight * per_token).sum(), [kl, clipped]
+
+    def train_step(self) -> dict:
+        c = self.cfg
+        par = self.parallel
+        lr, t0 = self._start_step()
+        if self._generation is None or self.step % self.num_iterations == 0:
+            self._generation = self.generate()
+        batch = self._generation
+        flat, stops, groups, rewards, table = (batch[k] for k in ("flat", "stops", "groups", "rewards", "table"))
+        seqs = batch["seqs"]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        seqs = [[-1 - t for t in r["ids"]] + ids for r, ids in flat]  # the prompt is no target
-        adv = advantages.flatten() * weights  # each completion's weight in the objective
+        adv = batch["advantages"] * batch["weights"]  # each completion's weight in the objective
         # micro-batches of completions (every rank runs as many: equal shares); gradients synchronised
         # on the last
-        size = self.micro_batch or len(seqs)
-        starts = range(0, len(seqs), size)
+        parts = self._micro_batches(len(seqs))
         objective = torch.zeros((), dtype=torch.float64)
-        for k, a in enumerate(starts):
-            with par.grad_sync(k == len(starts) - 1) if par is not None else contextlib.nullcontext():
-                with self._autocast():
-                    logps = sequence_logps(par or self.model, seqs[a:a + size], self.device, eos_id=self.tok.eos_id,
-                                           padding_free=self.padding_free)
-                part = -(adv[a:a + size].to(logps.device, logps.dtype) * logps).sum()
+        token_stats = torch.zeros(2, dtype=torch.float64)  # KL sum, clipped tokens
+        for k, (a, b) in enumerate(parts):
+            with par.grad_sync(k == len(parts) - 1) if par is not None else contextlib.nullcontext():
+                if self.per_token:
+                    from .posttrain import token_logps
+
+                    with self._autocast():
+                        logps = token_logps(par or self.model, seqs[a:b], self.device, eos_id=self.tok.eos_id,
+                                            padding_free=self.padding_free)
+                    part, extra = self._token_objective(logps, batch, k, a, b)
+                    token_stats += torch.stack([v.double() for v in extra]).cpu()
+                else:
+                    with self._autocast():
+                        logps = sequence_logps(par or self.model, seqs[a:b], self.device, eos_id=self.tok.eos_id,
+                                               padding_free=self.padding_free)
+                    part = -(adv[a:b].to(logps.device, logps.dtype) * logps).sum()
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
                 (part * self.world).backward()
             objective += part.detach().double().cpu()
@@ -313,21 +419,27 @@ class GRPOTrainer(StepLoop):
         std = rewards.std(1)
         stats = torch.cat([torch.stack([
             objective, rewards.sum(), std.sum(), (std == 0).sum(),
-            torch.tensor(float(sum(len(ids) for _, ids in flat))),
+            torch.tensor(float(sum(batch["lengths"]))),
             torch.tensor(float(sum(not any(t in s for t in ids[-1:]) for (_, ids), s in zip(flat, stops)))),
             torch.tensor(float(len(flat))), torch.tensor(float(len(groups)))]).double(),
-            torch.nansum(table, 1), (~table.isnan()).sum(1).double()])
+            token_stats, torch.nansum(table, 1), (~table.isnan()).sum(1).double()])
         if par is not None:
             stats = par.mean(stats.to(self.device)).cpu() * self.world
-        loss, r_sum, std_sum, zero_std, n_len, n_cut, n, n_groups = stats[:8].tolist()
+        loss, r_sum, std_sum, zero_std, n_len, n_cut, n, n_groups, kl_sum, n_clipped = stats[:10].tolist()
         f = len(self.rewards)
         per_function = {f"reward_{name}": (total / count if count else float("nan"))
-                        for name, total, count in zip(self.rewards, stats[8:8 + f].tolist(), stats[8 + f:].tolist())}
+                        for name, total, count in zip(self.rewards, stats[10:10 + f].tolist(), stats[10 + f:].tolist())}
         if not math.isfinite(loss):
             raise RuntimeError(f"grpo diverged: loss={loss} at step {self.step} (lower --lr?)")
+        per_token = {}
+        if self.beta:
+            per_token["kl"] = kl_sum / n_len
+        if self.num_iterations > 1:
+            per_token["clip_ratio"] = n_clipped / n_len
         return {"step": self.step, "loss": loss, "lr": lr, "reward": r_sum / n, "reward_std": std_sum / n_groups,
-                **per_function, "frac_reward_zero_std": zero_std / n_groups, "completion_len": n_len / n,
-                "truncated": n_cut / n, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
+                **per_function, **per_token, "frac_reward_zero_std": zero_std / n_groups,
+                "completion_len": n_len / n, "truncated": n_cut / n, "grad_norm": grad_norm,
+                "s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -389,7 +501,9 @@ def _grpo(args, env, mode: str) -> int:
                 "reward_weights": args.reward_weights, "num_generations": args.num_generations,
                 "max_new_tokens": args.max_new_tokens, "max_prompt_len": args.max_prompt_len,
                 "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer,
-                "loss_type": args.loss_type, "scale_rewards": args.scale_rewards}
+                "loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "beta": args.beta,
+                "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
+                "reference": str(Path(args.init).resolve())}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
     rewards = {s.rpartition(":")[2]: load_reward(s) for s in grpo["rewards"]}  # fail before the model loads
@@ -401,6 +515,10 @@ def _grpo(args, env, mode: str) -> int:
     if grpo["max_prompt_len"] + grpo["max_new_tokens"] > model.config.max_position_embeddings:
         raise ValueError(f"--max-prompt-len {grpo['max_prompt_len']} + --max-new-tokens {grpo['max_new_tokens']} "
                          f"exceed the model's max_position_embeddings {model.config.max_position_embeddings}")
+    reference = None
+    if grpo.get("beta") and not getattr(model, "lora", None):  # (with LoRA the frozen base is the reference)
+        reference = load_model(grpo["reference"], env, mode, device, args, lora_init=None).requires_grad_(False)
+        reference.eval()
     if not args.resume:
         torch.manual_seed(cfg.seed)
     parallel = parallel_for(model, env, mode)
@@ -410,12 +528,15 @@ def _grpo(args, env, mode: str) -> int:
                           device=device, padding_free=tristate(args.padding_free), parallel=parallel,
                           eval_prompts=eval_prompts, micro_batch=grpo.get("micro_batch"),
                           loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
+                          beta=grpo.get("beta", 0.0), num_iterations=grpo.get("num_iterations", 1),
+                          epsilon=grpo.get("epsilon", 0.2), epsilon_high=grpo.get("epsilon_high"), reference=reference,
                           log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
     trainer.log("start", {"step": trainer.step, "prompts": len(prompts), "eval_prompts": len(eval_prompts or []),
                           "steps": cfg.steps, "rewards": list(rewards),
                           "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
+                          "beta": trainer.beta, "num_iterations": trainer.num_iterations,
                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                           "device": str(device), "world": trainer.world, "padding_free": trainer.padding_free,
                           "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
@@ -449,6 +570,15 @@ def register(subparsers) -> None:
                         "(per completion), dr_grpo (by max_new_tokens)")
     p.add_argument("--scale-rewards", choices=SCALES, default="group",
                    help="advantages divided by the group's reward std (group), the step's (batch) or not (none)")
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="weight of the per-token KL penalty to the reference model (the model as loaded; with LoRA "
+                        "the frozen base), TRL's beta (default 0: no penalty, no reference pass)")
+    p.add_argument("--num-iterations", type=int, default=1,
+                   help="updates per generation batch, TRL's num_iterations (PPO's clipped ratio to the generating "
+                        "policy; default 1)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="PPO clipping range of the ratio (default 0.2)")
+    p.add_argument("--epsilon-high", type=float, default=None,
+                   help="upper clipping range (DAPO's clip-higher; default --epsilon)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="completions per training forward (default: all of a rank's completions of the step)")
     add_options(p, command="grpo", lr=1e-6, lr_help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")

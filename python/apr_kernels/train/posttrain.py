@@ -60,6 +60,20 @@ def sequence_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding
     return -model.loss(x.to(device), y.to(device), reduction="sequence").float()
 
 
+def token_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding_free: bool = False) -> torch.Tensor:
+    """The log-probability of every target token of the marked id lists ``seqs``, all sequences' back
+    to back in order (fp32 ``[targets]``; the same in both layouts of ``sequence_logps``): for
+    objectives that weight each token after the forward (GRPO's clipped ratio and KL penalty)."""
+    if padding_free:
+        x, y, docs = packed(seqs)
+        per = model.loss(x.to(device), y.to(device), reduction="none", documents=docs.to(device))
+    else:
+        x, y = split_targets(padded(seqs, eos_id))
+        per = model.loss(x.to(device), y.to(device), reduction="none")
+    where = (y.flatten() != -100).nonzero().squeeze(1).to(device)  # (found on the host: no sync)
+    return -per.float().flatten()[where]
+
+
 
 class StepLoop:
     """Base of ``PreferenceTrainer`` and ``GRPOTrainer`` (module docstring). Subclasses define
