@@ -16,8 +16,12 @@ Rows: op linear_cross_entropy, mode fwd+bwd, shape NxHxV, ms (median, CUDA event
 GEMMs: 6·N·H·V FLOPs), peak_mem_mb (allocated during the step above the inputs). ``vs_eager`` on apr
 rows = eager ms / apr ms. --smoke: tiny shapes on any device (CI); --quick: N 8192 only.
 
---cpu-memory: on a machine without a GPU, the Qwen2 shape at N = 4096 in fp32, each provider in a
-fresh process: the process's peak resident memory over two forward+backward steps (inputs, the fp32
+Mode ``per-token fwd+bwd``: ``reduction="none"`` and a weighted sum of the per-token losses (what an
+RL objective such as GRPO's with a KL term or clipping backpropagates), apr (the logits recomputed in
+the backward: four GEMMs, 8·N·H·V FLOPs counted) vs eager.
+
+--cpu-memory: on a machine without a GPU, the Qwen2 shape at N = 4096 in fp32, each provider (and
+mode) in a fresh process: the process's peak resident memory over two forward+backward steps (inputs, the fp32
 weight and its gradient, about 1.1 GB, included) and the time of the second step. The memory claim,
 checked where no CUDA allocator statistics exist.
 """
@@ -69,12 +73,17 @@ torch.manual_seed(0)
 hid = torch.randn(n, h, requires_grad=True)
 w = (torch.randn(v, h) * 0.02).requires_grad_()
 t = torch.randint(0, v, (n,))
+g = torch.randn(n)  # per-token weights ("-none": reduction="none", a weighted sum backpropagated)
 def step():
     hid.grad = w.grad = None
     if which == "apr":
         apr_kernels.linear_cross_entropy(hid, w, t).backward()
-    else:
+    elif which == "eager":
         F.cross_entropy(F.linear(hid, w).float(), t).backward()
+    elif which == "apr-none":
+        (apr_kernels.linear_cross_entropy(hid, w, t, reduction="none") * g).sum().backward()
+    else:
+        (F.cross_entropy(F.linear(hid, w).float(), t, reduction="none") * g).sum().backward()
 step()  # warm-up
 t0 = time.perf_counter()
 step()
@@ -86,20 +95,27 @@ print(json.dumps({"ms": ms, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).
 def cpu_memory(args) -> None:
     n, (h, v) = (64, (32, 1000)) if args.smoke else (4096, VOCABS["qwen2"])
     rows = []
-    for name in ("apr", "eager"):
+    for name in ("apr", "eager", "apr-none", "eager-none"):
         proc = subprocess.run([sys.executable, "-c", _CPU_MEMORY_CHILD, name, str(n), str(h), str(v)],
                               capture_output=True, text=True, timeout=600,
                               env={**__import__("os").environ, "APR_KERNELS_BACKEND": "reference"})
         if proc.returncode != 0:
             raise SystemExit(f"{name}: {proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"op": "linear_cross_entropy", "mode": "fwd+bwd", "shape": f"{n}x{h}x{v}", "model": "qwen2",
-                     "dtype": "float32", "provider": name, "ms": r["ms"], "peak_mem_mb": r["peak_mb"]})
-    _common.print_table(rows, ["shape", "provider", "ms", "peak_mem_mb"])
+        rows.append({"op": "linear_cross_entropy", "mode": "per-token fwd+bwd" if "-none" in name else "fwd+bwd",
+                     "shape": f"{n}x{h}x{v}", "model": "qwen2", "dtype": "float32",
+                     "provider": name.removesuffix("-none"), "ms": r["ms"], "peak_mem_mb": r["peak_mb"]})
+    _common.print_table(rows, ["mode", "shape", "provider", "ms", "peak_mem_mb"])
     meta = {"ours": "apr", "mode": "cpu-memory",
             "note": "fresh process per provider; peak_mem_mb = process peak RSS over two steps (inputs, "
                     "the fp32 weight and its gradient, and the step's temporaries)"}
     print(f"wrote {_common.write_results('cross_entropy', rows, args.out, meta)}")
+
+
+def per_token_providers() -> dict:
+    """reduction="none" (each token's loss), ours and the eager expression."""
+    return {"apr": lambda h, w, t: apr_kernels.linear_cross_entropy(h, w, t, reduction="none"),
+            "eager": lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t, reduction="none")}
 
 
 def sweep(args) -> list[tuple[str, int]]:
@@ -133,31 +149,34 @@ def main() -> None:
         hidden = torch.randn(n, h, device=dev, dtype=dtype, generator=gen).requires_grad_()
         weight = (torch.randn(v, h, device=dev, dtype=dtype, generator=gen) * 0.02).requires_grad_()
         targets = torch.randint(0, v, (n,), device=dev, generator=gen)
-        flops = 6 * n * h * v
-        per = {}
-        for name, fn in provs.items():
-            def step():
-                hidden.grad = weight.grad = None
-                fn(hidden, weight, targets).backward()
+        token_weights = torch.randn(n, device=dev, generator=gen)
+        for mode, fns, flops in (("fwd+bwd", provs, 6 * n * h * v),
+                                 ("per-token fwd+bwd", per_token_providers(), 8 * n * h * v)):
+            per = {}
+            for name, fn in fns.items():
+                def step():
+                    hidden.grad = weight.grad = None
+                    out = fn(hidden, weight, targets)
+                    (out if out.dim() == 0 else (out * token_weights).sum()).backward()
 
-            try:
-                ms = _common.time_ms(step, warmup=2, rep=rep, dev=dev)
-                mem = _common.peak_memory_mb(step, dev=dev)
-            except Exception as e:  # noqa: BLE001  (a failing provider is recorded, never ends the bench)
-                meta["failed"].append(f"{name} {model} N={n}: {type(e).__name__}: {str(e)[:200]}")
-                print(f"FAILED {meta['failed'][-1]}")
-                continue
-            per[name] = ms
-            rows.append({"op": "linear_cross_entropy", "mode": "fwd+bwd", "shape": f"{n}x{h}x{v}",
-                         "model": model, "dtype": str(dtype)[6:], "provider": name, "ms": ms,
-                         "tflops": flops / (ms * 1e-3) / 1e12, "peak_mem_mb": mem})
-        if "apr" in per and "eager" in per:
-            rows[-len(per)]["vs_eager"] = per["eager"] / per["apr"]
+                try:
+                    ms = _common.time_ms(step, warmup=2, rep=rep, dev=dev)
+                    mem = _common.peak_memory_mb(step, dev=dev)
+                except Exception as e:  # noqa: BLE001  (a failing provider is recorded, never ends the bench)
+                    meta["failed"].append(f"{name} {mode} {model} N={n}: {type(e).__name__}: {str(e)[:200]}")
+                    print(f"FAILED {meta['failed'][-1]}")
+                    continue
+                per[name] = ms
+                rows.append({"op": "linear_cross_entropy", "mode": mode, "shape": f"{n}x{h}x{v}",
+                             "model": model, "dtype": str(dtype)[6:], "provider": name, "ms": ms,
+                             "tflops": flops / (ms * 1e-3) / 1e12, "peak_mem_mb": mem})
+            if "apr" in per and "eager" in per:
+                rows[-len(per)]["vs_eager"] = per["eager"] / per["apr"]
         hidden.grad = weight.grad = None
         del hidden, weight, targets
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    _common.print_table(rows, ["shape", "provider", "ms", "tflops", "peak_mem_mb"])
+    _common.print_table(rows, ["mode", "shape", "provider", "ms", "tflops", "peak_mem_mb"])
     print(f"wrote {_common.write_results('cross_entropy', rows, args.out, meta)}")
 
 

@@ -174,7 +174,8 @@ def test_cross_entropy_cpu_memory_mode_writes_rows(tmp_path):
                            "--out", str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(next(tmp_path.glob("cross_entropy-*.json")).read_text())["rows"]
-    assert sorted(r["provider"] for r in rows) == ["apr", "eager"]
+    assert sorted((r["mode"], r["provider"]) for r in rows) == [
+        ("fwd+bwd", "apr"), ("fwd+bwd", "eager"), ("per-token fwd+bwd", "apr"), ("per-token fwd+bwd", "eager")]
     assert all(r["peak_mem_mb"] > 0 and r["ms"] > 0 for r in rows)
 
 
