@@ -144,9 +144,11 @@ def _token_logps_alone(model, prompt_ids, ids):
     return logp.gather(1, torch.tensor(ids)[:, None]).squeeze(1)
 
 
-def _trl_objective(model, groups, index, prompts, rewards, *, old=None, ref=None, beta=0.0, eps=(0.2, 0.2)):
+def _trl_objective(model, groups, index, prompts, rewards, *, old=None, ref=None, beta=0.0, eps=(0.2, 0.2),
+                   level="token"):
     """TRL's per-token GRPO loss written out: group advantages (statistics.stdev), dapo normalisation,
-    rho = p / p_old (``old``: the generating model, default the policy itself, rho = 1), the clipped
+    rho = p / p_old (``old``: the generating model, default the policy itself, rho = 1; ``level``
+    "sequence": GSPO's exp of the completion's mean log-ratio on each of its tokens), the clipped
     surrogate and beta x the k3 KL estimate to ``ref``; plus (KL sum, clipped tokens)."""
     n_tokens = sum(len(ids) for g in groups for ids in g)
     objective, kl_sum, clipped = 0.0, 0.0, 0
@@ -158,6 +160,8 @@ def _trl_objective(model, groups, index, prompts, rewards, *, old=None, ref=None
             with torch.no_grad():
                 lp_old = lp.detach() if old is None else _token_logps_alone(old, prompts[i]["ids"], ids)
             rho = torch.exp(lp - lp_old)
+            if level == "sequence":
+                rho = torch.exp((lp - lp_old).mean()).expand(len(ids))
             per_token = -torch.minimum(rho * adv, rho.clamp(1 - eps[0], 1 + eps[1]) * adv)
             clipped += int((((rho < 1 - eps[0]) & (adv < 0)) | ((rho > 1 + eps[1]) & (adv > 0))).sum())
             if beta:
@@ -240,11 +244,13 @@ def test_kl_penalty_step_is_adamw_on_trls_per_token_loss(tmp_path, fast, micro_b
     assert "clip_ratio" not in rec  # one iteration: the ratio is 1
 
 
-def test_num_iterations_reuse_the_batch_with_the_clipped_ratio(tmp_path):
+@pytest.mark.parametrize("level,eps", [("token", (0.2, 0.28)), ("sequence", (0.02, 0.03))], ids=["grpo", "gspo"])
+def test_num_iterations_reuse_the_batch_with_the_clipped_ratio(tmp_path, level, eps):
     """--num-iterations 2: the first step is the plain policy-gradient step (the ratio is 1), the
-    second trains on the same completions with rho = p / p_generating clipped to [1 - 0.2, 1 + 0.28]
+    second trains on the same completions with rho = p / p_generating clipped to [1 - eps, 1 + eps_high]
     (a large learning rate moves the policy far enough that clipping acts), against TRL's loss
-    written out with the generating model's log-probabilities."""
+    written out with the generating model's log-probabilities; per token (GRPO) or per completion
+    (GSPO: the geometric mean of its tokens' ratios)."""
     import copy
 
     tok = byte_tokenizer()
@@ -255,7 +261,7 @@ def test_num_iterations_reuse_the_batch_with_the_clipped_ratio(tmp_path):
     GRPOTrainer(once, prompts, reward, cfg, tokenizer=tok, num_generations=4, max_new_tokens=6).train_step()
     trained = _model(tok)
     trainer = GRPOTrainer(trained, prompts, reward, cfg, tokenizer=tok, num_generations=4, max_new_tokens=6,
-                          num_iterations=2, epsilon=0.2, epsilon_high=0.28)
+                          num_iterations=2, epsilon=eps[0], epsilon_high=eps[1], importance_sampling=level)
     first = trainer.train_step()
     for p, q in zip(once.parameters(), trained.parameters()):  # step 1 = the one-iteration step
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8)
@@ -266,7 +272,8 @@ def test_num_iterations_reuse_the_batch_with_the_clipped_ratio(tmp_path):
     index, groups, rewards = _sampled(tok, prompts, cfg)
     model = _model(tok)
     model.load_state_dict(after_first)
-    objective, _, clipped = _trl_objective(model, groups, index, prompts, rewards, old=_model(tok), eps=(0.2, 0.28))
+    objective, _, clipped = _trl_objective(model, groups, index, prompts, rewards, old=_model(tok), eps=eps,
+                                           level=level)
     objective.backward()
     n_tokens = sum(len(ids) for g in groups for ids in g)
     assert clipped > 0 and second["clip_ratio"] == pytest.approx(clipped / n_tokens)
@@ -290,6 +297,8 @@ def test_per_token_settings_are_checked(tmp_path):
         make(epsilon=1.5)
     with pytest.raises(ValueError, match="expected beta >= 0"):
         make(num_iterations=0)
+    with pytest.raises(ValueError, match="--importance-sampling-level 'word'; expected one of token, sequence"):
+        make(importance_sampling="word")
 
 
 def test_chat_prompts_reach_the_rewards_as_messages_and_answers_stop_at_the_turns_end(tmp_path, monkeypatch):

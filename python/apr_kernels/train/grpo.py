@@ -29,6 +29,9 @@ log-probabilities are computed once, right after sampling (so ``rho`` is 1 in it
 reference is the model as loaded: with LoRA the frozen base (the adapters switched off), otherwise a
 second copy of ``--init`` without gradients (sharded too under FSDP), computed once per generation
 batch. Step checkpoints fall between generation batches (``--save-every`` a multiple of ``K``).
+``--importance-sampling-level sequence`` is GSPO (Zheng et al., 2025; TRL's
+``importance_sampling_level``): ``rho`` is each completion's ``exp(mean_t log(p / p_generating))``,
+on every token of that completion.
 
 Data: JSON Lines records with a ``prompt``, a string (encoded as is, after the begin-of-text id when
 the tokenizer adds one) or a list of messages (rendered with the chat format and the assistant's
@@ -68,8 +71,8 @@ import torch
 
 from .loop import TrainConfig
 from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, load_model, logger_for,
-                        lora_settings, parallel_for, resumed, run_command, sequence_logps, tokenizer_for,
-                        train_and_save)
+                        lora_settings, parallel_for, resumed, run_command, sequence_logps, token_logps,
+                        tokenizer_for, train_and_save)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -158,6 +161,7 @@ def score(functions: dict, weights: list[float], prompts: list, completions: lis
 
 
 SCALES = ("group", "batch", "none")
+IMPORTANCE_LEVELS = ("token", "sequence")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
 
@@ -197,7 +201,9 @@ class GRPOTrainer(StepLoop):
     """GRPO on ``prompts`` (``read_prompts``) with ``rewards`` (name -> function) and their ``weights``;
     ``TrainConfig`` gives the optimiser, schedule, clipping, prompts per step (``batch_size``),
     precision and seed. ``sampling``: ``num_generations``, ``max_new_tokens``, ``temperature``,
-    ``top_k``, ``top_p``."""
+    ``top_k``, ``top_p``. The per-token loss (module docstring): ``beta`` with ``reference`` (a frozen
+    model; None with LoRA: the base), ``num_iterations``, ``epsilon``, ``epsilon_high`` and
+    ``importance_sampling`` ("token", or "sequence": GSPO)."""
 
     def __init__(self, model, prompts: list[dict], rewards: dict, cfg: TrainConfig, *, tokenizer,
                  num_generations: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
@@ -206,7 +212,7 @@ class GRPOTrainer(StepLoop):
                  eval_prompts: list[dict] | None = None, micro_batch: int | None = None,
                  loss_type: str = "dapo", scale_rewards: str = "group", beta: float = 0.0,
                  num_iterations: int = 1, epsilon: float = 0.2, epsilon_high: float | None = None,
-                 reference=None):
+                 importance_sampling: str = "token", reference=None):
         if cfg.grad_accum != 1:
             raise ValueError("grpo: gradient accumulation is not supported; --micro-batch N bounds a step's memory")
         if not rewards:
@@ -230,6 +236,9 @@ class GRPOTrainer(StepLoop):
         if cfg.save_every and cfg.save_every % num_iterations:
             raise ValueError(f"grpo: --save-every {cfg.save_every} is not a multiple of --num-iterations "
                              f"{num_iterations}; checkpoints are written between generation batches")
+        if importance_sampling not in IMPORTANCE_LEVELS:
+            raise ValueError(f"grpo: --importance-sampling-level {importance_sampling!r}; expected one of "
+                             f"{', '.join(IMPORTANCE_LEVELS)}")
         self.lora = bool(getattr(model, "lora", None))
         if beta and reference is None and not self.lora:
             raise ValueError("grpo: --beta > 0 needs the reference model (the model as loaded; with LoRA, the "
@@ -237,9 +246,11 @@ class GRPOTrainer(StepLoop):
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
         self.beta, self.num_iterations, self.epsilon = beta, num_iterations, (epsilon, epsilon_high)
         self.reference = reference if beta else None
-        # the per-token objective (PPO's clipped ratio to the generating policy, the KL penalty) when it
-        # differs from the policy gradient; else each completion's summed log-likelihood suffices
-        self.per_token = beta > 0 or num_iterations > 1
+        self.importance_sampling = importance_sampling
+        # the per-token objective (PPO's clipped ratio to the generating policy, the KL penalty, GSPO's
+        # sequence ratio) when it differs from the policy gradient; else each completion's summed
+        # log-likelihood suffices
+        self.per_token = beta > 0 or num_iterations > 1 or importance_sampling == "sequence"
         self._generation = None  # the batch being trained on (kept for --num-iterations steps)
         self._setup("grpo", model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
                     n_data=len(prompts), what="the prompts of every step")
@@ -315,7 +326,7 @@ class GRPOTrainer(StepLoop):
         batch_std = math.sqrt(max(0.0, (r_sq - r_sum * r_sum / n_seqs) / max(1.0, n_seqs - 1)))
         lengths = [len(ids) for _, ids in flat]
         batch = {"flat": flat, "stops": stops, "groups": groups, "rewards": rewards, "table": table,
-                 "lengths": lengths, "n_tokens": n_tokens,
+                 "lengths": lengths,
                  "seqs": [[-1 - t for t in r["ids"]] + ids for r, ids in flat],  # the prompt is no target
                  "advantages": group_advantages(rewards, self.scale_rewards, batch_std).flatten(),
                  "weights": sequence_weights(lengths, self.loss_type, n_tokens=n_tokens, n_sequences=n_seqs,
@@ -341,8 +352,6 @@ class GRPOTrainer(StepLoop):
     def _token_logps_no_grad(self, seqs: list[list[int]], model) -> list[torch.Tensor]:
         """``token_logps`` of each micro-batch of ``seqs`` through ``model`` (the policy, its DDP/FSDP
         wrapper, or the reference), without gradients; FSDP's root sharded again after."""
-        from .posttrain import token_logps
-
         with self._autocast():
             out = [token_logps(model, seqs[a:b], self.device, eos_id=self.tok.eos_id, padding_free=self.padding_free)
                    for a, b in self._micro_batches(len(seqs))]
@@ -360,7 +369,12 @@ class GRPOTrainer(StepLoop):
         adv = batch["advantages"][a:b].to(logps.device, logps.dtype).repeat_interleave(lens)
         weight = batch["weights"][a:b].to(logps.device, logps.dtype).repeat_interleave(lens)
         old = batch["old"][k] if batch["old"] is not None else logps.detach()
-        ratio = torch.exp(logps - old)
+        log_ratio = logps - old
+        if self.importance_sampling == "sequence":  # GSPO: each completion's mean log-ratio, on all its tokens
+            seq = torch.arange(len(lens), device=logps.device).repeat_interleave(lens)
+            mean = log_ratio.new_zeros(len(lens)).index_add(0, seq, log_ratio) / lens.clamp_min(1)
+            log_ratio = mean[seq]
+        ratio = torch.exp(log_ratio)
         low, high = self.epsilon
         per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - low, 1 + high) * adv)
         clipped = (((ratio < 1 - low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))).sum()
@@ -392,8 +406,6 @@ class GRPOTrainer(StepLoop):
         for k, (a, b) in enumerate(parts):
             with par.grad_sync(k == len(parts) - 1) if par is not None else contextlib.nullcontext():
                 if self.per_token:
-                    from .posttrain import token_logps
-
                     with self._autocast():
                         logps = token_logps(par or self.model, seqs[a:b], self.device, eos_id=self.tok.eos_id,
                                             padding_free=self.padding_free)
@@ -503,6 +515,7 @@ def _grpo(args, env, mode: str) -> int:
                 "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer,
                 "loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "beta": args.beta,
                 "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
+                "importance_sampling": args.importance_sampling_level,
                 "reference": str(Path(args.init).resolve())}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
@@ -529,7 +542,8 @@ def _grpo(args, env, mode: str) -> int:
                           eval_prompts=eval_prompts, micro_batch=grpo.get("micro_batch"),
                           loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
                           beta=grpo.get("beta", 0.0), num_iterations=grpo.get("num_iterations", 1),
-                          epsilon=grpo.get("epsilon", 0.2), epsilon_high=grpo.get("epsilon_high"), reference=reference,
+                          epsilon=grpo.get("epsilon", 0.2), epsilon_high=grpo.get("epsilon_high"),
+                          importance_sampling=grpo.get("importance_sampling", "token"), reference=reference,
                           log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
@@ -537,6 +551,7 @@ def _grpo(args, env, mode: str) -> int:
                           "steps": cfg.steps, "rewards": list(rewards),
                           "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
                           "beta": trainer.beta, "num_iterations": trainer.num_iterations,
+                          "importance_sampling": trainer.importance_sampling,
                           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                           "device": str(device), "world": trainer.world, "padding_free": trainer.padding_free,
                           "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
@@ -579,6 +594,9 @@ def register(subparsers) -> None:
     p.add_argument("--epsilon", type=float, default=0.2, help="PPO clipping range of the ratio (default 0.2)")
     p.add_argument("--epsilon-high", type=float, default=None,
                    help="upper clipping range (DAPO's clip-higher; default --epsilon)")
+    p.add_argument("--importance-sampling-level", choices=IMPORTANCE_LEVELS, default="token",
+                   help="PPO's ratio per token (GRPO) or per completion, the geometric mean of its tokens' "
+                        "(sequence: GSPO, which wants a small --epsilon such as 3e-4 / --epsilon-high 4e-4)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="completions per training forward (default: all of a rank's completions of the step)")
     add_options(p, command="grpo", lr=1e-6, lr_help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")
