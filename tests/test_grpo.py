@@ -331,6 +331,50 @@ def test_chat_prompts_reach_the_rewards_as_messages_and_answers_stop_at_the_turn
     assert rec["truncated"] == pytest.approx(1 / 3) and rec["completion_len"] == pytest.approx(8 / 3)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3], ids=["sequence-objective", "per-token-with-kl"])
+def test_masked_truncated_completions_leave_the_loss_but_not_the_counts(tmp_path, monkeypatch, beta):
+    """--mask-truncated-completions: a completion without a stop token adds nothing to the loss (nor
+    to the logged KL), while the advantages and the dapo token count still include it, as TRL's
+    completion mask does."""
+    from apr_kernels.model import generate as gen
+
+    tok = byte_tokenizer()
+    prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["Go:"])], tok, 32)
+    eos = tok.eos_id
+    completions = [[104, 105, eos], [97, 98, 99, 100, 101], [120, eos], [106, 107, 108, 109, 110]]
+    monkeypatch.setattr(gen, "generate_batch", lambda model, p, n, **kw: [list(c) for c in completions])
+    cfg = TrainConfig(steps=1, batch_size=1, seq_len=48, lr=1e-3, warmup=1)
+    reward = {"letters": lambda prompts, completions, **kw: [float(len(c)) for c in completions]}
+    reference = _model(tok, seed=1)
+    trained = _model(tok)
+    rec = GRPOTrainer(trained, prompts, reward, cfg, tokenizer=tok, num_generations=4, max_new_tokens=5,
+                      mask_truncated=True, beta=beta, reference=reference).train_step()
+    assert rec["truncated"] == 0.5
+    model = _model(tok)
+    texts = [tok.decode([t for t in c if t != eos]) for c in completions]
+    rewards = [float(len(t)) for t in texts]
+    mean, std = statistics.mean(rewards), statistics.stdev(rewards) + 1e-4  # all four completions
+    n_tokens = sum(len(c) for c in completions)  # all four completions' tokens
+    objective, kl_sum, kept = 0.0, 0.0, 0
+    for c, r in zip(completions, rewards):
+        if c[-1] != eos:
+            continue
+        lp = _token_logps_alone(model, prompts[0]["ids"], c)
+        per_token = -(r - mean) / std * torch.exp(lp - lp.detach())
+        if beta:
+            with torch.no_grad():
+                q = _token_logps_alone(reference, prompts[0]["ids"], c)
+            q = q - lp
+            kl = torch.exp(q) - q - 1
+            per_token = per_token + beta * kl
+            kl_sum, kept = kl_sum + kl.sum().item(), kept + len(c)
+        objective = objective + per_token.sum() / n_tokens
+    objective.backward()
+    assert rec["grad_norm"] == pytest.approx(_assert_same_grads(model, trained, cfg), rel=1e-5)
+    if beta:
+        assert rec["kl"] == pytest.approx(kl_sum / kept, rel=1e-4)
+
+
 def test_cli_grpo_raises_the_reward_and_resumes_exactly(tmp_path, capsys):
     from apr_kernels.cli import main
 

@@ -29,6 +29,8 @@ log-probabilities are computed once, right after sampling (so ``rho`` is 1 in it
 reference is the model as loaded: with LoRA the frozen base (the adapters switched off), otherwise a
 second copy of ``--init`` without gradients (sharded too under FSDP), computed once per generation
 batch. Step checkpoints fall between generation batches (``--save-every`` a multiple of ``K``).
+``--mask-truncated-completions`` (TRL's) leaves completions cut at ``--max-new-tokens`` out of the
+loss; they still count in the advantages and the normalising counts.
 ``--importance-sampling-level sequence`` is GSPO (Zheng et al., 2025; TRL's
 ``importance_sampling_level``): ``rho`` is each completion's ``exp(mean_t log(p / p_generating))``,
 on every token of that completion.
@@ -203,7 +205,8 @@ class GRPOTrainer(StepLoop):
     precision and seed. ``sampling``: ``num_generations``, ``max_new_tokens``, ``temperature``,
     ``top_k``, ``top_p``. The per-token loss (module docstring): ``beta`` with ``reference`` (a frozen
     model; None with LoRA: the base), ``num_iterations``, ``epsilon``, ``epsilon_high`` and
-    ``importance_sampling`` ("token", or "sequence": GSPO)."""
+    ``importance_sampling`` ("token", or "sequence": GSPO); ``mask_truncated``: completions without a
+    stop token leave the loss."""
 
     def __init__(self, model, prompts: list[dict], rewards: dict, cfg: TrainConfig, *, tokenizer,
                  num_generations: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
@@ -212,7 +215,7 @@ class GRPOTrainer(StepLoop):
                  eval_prompts: list[dict] | None = None, micro_batch: int | None = None,
                  loss_type: str = "dapo", scale_rewards: str = "group", beta: float = 0.0,
                  num_iterations: int = 1, epsilon: float = 0.2, epsilon_high: float | None = None,
-                 importance_sampling: str = "token", reference=None):
+                 importance_sampling: str = "token", mask_truncated: bool = False, reference=None):
         if cfg.grad_accum != 1:
             raise ValueError("grpo: gradient accumulation is not supported; --micro-batch N bounds a step's memory")
         if not rewards:
@@ -246,7 +249,7 @@ class GRPOTrainer(StepLoop):
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
         self.beta, self.num_iterations, self.epsilon = beta, num_iterations, (epsilon, epsilon_high)
         self.reference = reference if beta else None
-        self.importance_sampling = importance_sampling
+        self.importance_sampling, self.mask_truncated = importance_sampling, mask_truncated
         # the per-token objective (PPO's clipped ratio to the generating policy, the KL penalty, GSPO's
         # sequence ratio) when it differs from the policy gradient; else each completion's summed
         # log-likelihood suffices
@@ -325,12 +328,16 @@ class GRPOTrainer(StepLoop):
         n_tokens, n_seqs, r_sum, r_sq = totals.tolist()
         batch_std = math.sqrt(max(0.0, (r_sq - r_sum * r_sum / n_seqs) / max(1.0, n_seqs - 1)))
         lengths = [len(ids) for _, ids in flat]
+        finished = torch.tensor([bool(ids) and ids[-1] in s for (_, ids), s in zip(flat, stops)], dtype=torch.float64)
+        # --mask-truncated-completions (TRL's): a completion cut at --max-new-tokens leaves the loss; the
+        # advantages and the normalising counts still include it
+        keep = finished if self.mask_truncated else torch.ones_like(finished)
         batch = {"flat": flat, "stops": stops, "groups": groups, "rewards": rewards, "table": table,
-                 "lengths": lengths,
+                 "lengths": lengths, "finished": finished, "keep": keep,
                  "seqs": [[-1 - t for t in r["ids"]] + ids for r, ids in flat],  # the prompt is no target
                  "advantages": group_advantages(rewards, self.scale_rewards, batch_std).flatten(),
-                 "weights": sequence_weights(lengths, self.loss_type, n_tokens=n_tokens, n_sequences=n_seqs,
-                                             max_new_tokens=self.max_new_tokens),
+                 "weights": keep * sequence_weights(lengths, self.loss_type, n_tokens=n_tokens, n_sequences=n_seqs,
+                                                    max_new_tokens=self.max_new_tokens),
                  "old": None, "ref": None}
         if self.num_iterations > 1:  # the generating policy, for PPO's ratio in the later iterations
             batch["old"] = self._token_logps_no_grad(batch["seqs"], self.parallel or self.model)
@@ -364,10 +371,11 @@ class GRPOTrainer(StepLoop):
         """TRL's per-token GRPO loss of micro-batch ``k`` (completions ``a:b``), weighted per token by its
         completion's ``sequence_weights``: ``-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) + beta KL``
         with ``rho = p / p_generating`` and the k3 estimate ``KL = exp(q) - q - 1``, ``q = log p_ref - log p``.
-        Also (KL sum, clipped-token count) for the logs."""
+        Also (KL sum, clipped-token count) over the tokens in the loss, for the logs."""
         lens = torch.tensor(batch["lengths"][a:b], device=logps.device)
         adv = batch["advantages"][a:b].to(logps.device, logps.dtype).repeat_interleave(lens)
         weight = batch["weights"][a:b].to(logps.device, logps.dtype).repeat_interleave(lens)
+        kept = batch["keep"][a:b].to(logps.device).repeat_interleave(lens) > 0
         old = batch["old"][k] if batch["old"] is not None else logps.detach()
         log_ratio = logps - old
         if self.importance_sampling == "sequence":  # GSPO: each completion's mean log-ratio, on all its tokens
@@ -377,13 +385,13 @@ class GRPOTrainer(StepLoop):
         ratio = torch.exp(log_ratio)
         low, high = self.epsilon
         per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - low, 1 + high) * adv)
-        clipped = (((ratio < 1 - low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))).sum()
+        clipped = ((((ratio < 1 - low) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))) & kept).sum()
         kl = torch.zeros((), device=logps.device)
         if self.beta:
             q = batch["ref"][k] - logps
             per_token_kl = torch.exp(q) - q - 1
             per_token = per_token + self.beta * per_token_kl
-            kl = per_token_kl.detach().sum()
+            kl = (per_token_kl.detach() * kept).sum()
         return (weight * per_token).sum(), [kl, clipped]
 
     def train_step(self) -> dict:
@@ -429,25 +437,25 @@ class GRPOTrainer(StepLoop):
         self.step += 1
         # sums over this rank's completions and groups, then over all ranks
         std = rewards.std(1)
+        lengths = torch.tensor(batch["lengths"], dtype=torch.float64)
         stats = torch.cat([torch.stack([
-            objective, rewards.sum(), std.sum(), (std == 0).sum(),
-            torch.tensor(float(sum(batch["lengths"]))),
-            torch.tensor(float(sum(not any(t in s for t in ids[-1:]) for (_, ids), s in zip(flat, stops)))),
-            torch.tensor(float(len(flat))), torch.tensor(float(len(groups)))]).double(),
+            objective, rewards.sum(), std.sum(), (std == 0).sum(), lengths.sum(), (1 - batch["finished"]).sum(),
+            torch.tensor(float(len(flat))), torch.tensor(float(len(groups))),
+            (lengths * batch["keep"]).sum()]).double(),
             token_stats, torch.nansum(table, 1), (~table.isnan()).sum(1).double()])
         if par is not None:
             stats = par.mean(stats.to(self.device)).cpu() * self.world
-        loss, r_sum, std_sum, zero_std, n_len, n_cut, n, n_groups, kl_sum, n_clipped = stats[:10].tolist()
+        loss, r_sum, std_sum, zero_std, n_len, n_cut, n, n_groups, n_kept, kl_sum, n_clipped = stats[:11].tolist()
         f = len(self.rewards)
         per_function = {f"reward_{name}": (total / count if count else float("nan"))
-                        for name, total, count in zip(self.rewards, stats[10:10 + f].tolist(), stats[10 + f:].tolist())}
+                        for name, total, count in zip(self.rewards, stats[11:11 + f].tolist(), stats[11 + f:].tolist())}
         if not math.isfinite(loss):
             raise RuntimeError(f"grpo diverged: loss={loss} at step {self.step} (lower --lr?)")
         per_token = {}
         if self.beta:
-            per_token["kl"] = kl_sum / n_len
+            per_token["kl"] = kl_sum / max(n_kept, 1.0)
         if self.num_iterations > 1:
-            per_token["clip_ratio"] = n_clipped / n_len
+            per_token["clip_ratio"] = n_clipped / max(n_kept, 1.0)
         return {"step": self.step, "loss": loss, "lr": lr, "reward": r_sum / n, "reward_std": std_sum / n_groups,
                 **per_function, **per_token, "frac_reward_zero_std": zero_std / n_groups,
                 "completion_len": n_len / n, "truncated": n_cut / n, "grad_norm": grad_norm,
@@ -516,6 +524,7 @@ def _grpo(args, env, mode: str) -> int:
                 "loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "beta": args.beta,
                 "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
                 "importance_sampling": args.importance_sampling_level,
+                "mask_truncated": args.mask_truncated_completions,
                 "reference": str(Path(args.init).resolve())}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
@@ -543,7 +552,8 @@ def _grpo(args, env, mode: str) -> int:
                           loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
                           beta=grpo.get("beta", 0.0), num_iterations=grpo.get("num_iterations", 1),
                           epsilon=grpo.get("epsilon", 0.2), epsilon_high=grpo.get("epsilon_high"),
-                          importance_sampling=grpo.get("importance_sampling", "token"), reference=reference,
+                          importance_sampling=grpo.get("importance_sampling", "token"),
+                          mask_truncated=grpo.get("mask_truncated", False), reference=reference,
                           log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
@@ -597,6 +607,9 @@ def register(subparsers) -> None:
     p.add_argument("--importance-sampling-level", choices=IMPORTANCE_LEVELS, default="token",
                    help="PPO's ratio per token (GRPO) or per completion, the geometric mean of its tokens' "
                         "(sequence: GSPO, which wants a small --epsilon such as 3e-4 / --epsilon-high 4e-4)")
+    p.add_argument("--mask-truncated-completions", action="store_true",
+                   help="leave completions cut at --max-new-tokens (no stop token) out of the loss (TRL's option; "
+                        "they still count in the advantages and the normalisation)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="completions per training forward (default: all of a rank's completions of the step)")
     add_options(p, command="grpo", lr=1e-6, lr_help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")
