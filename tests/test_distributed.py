@@ -178,6 +178,16 @@ def runs(tmp_path_factory):
     lora = ["--lora-rank", "4", "--lr", "1e-2"]
     code, one_lora_out = _cli(main, ["train", "--init", str(init), *COMMON, *lora, "--out", str(root / "one_lora")])
     assert code == 0
+    # distillation from a teacher (another shape, the same byte tokenizer), whole on every rank
+    from apr_kernels.train.cli import byte_tokenizer
+
+    torch.manual_seed(12)
+    teacher = root / "teacher.apr"
+    save_checkpoint(teacher, model=Transformer(_odd_config().replace(num_layers=1), fast=False),
+                    tokenizer=byte_tokenizer())
+    kd = ["--teacher", str(teacher), "--kd-ratio", "0.6", "--kd-temperature", "2.0"]
+    code, one_kd_out = _cli(main, ["train", "--init", str(init), *COMMON, *kd, "--out", str(root / "one_kd")])
+    assert code == 0
 
     # DPO (robust loss: its settings must travel into checkpoints), 11 training pairs (uneven reference shares)
     pairs = root / "pairs.jsonl"
@@ -251,6 +261,7 @@ def runs(tmp_path_factory):
         [*grpo_kl, "--parallel", "fsdp", "--out", str(root / "fsdp_grpo_kl")],
         [*kto, "--parallel", "ddp", "--out", str(root / "ddp_kto")],
         [*kto, "--parallel", "fsdp", "--out", str(root / "fsdp_kto")],
+        ["train", "--init", str(init), *COMMON, *kd, "--parallel", "fsdp", "--out", str(root / "fsdp_kd")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -271,7 +282,7 @@ def runs(tmp_path_factory):
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
-            "one_grpo_kl_out": one_grpo_kl_out,
+            "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -631,3 +642,22 @@ def test_fsdp_bf16_mixed_precision_on_one_gpu():
 
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1]))
+
+
+def test_distillation_on_two_ranks_matches_one_process(runs):
+    """train --teacher under FSDP (the student sharded, the teacher whole on each rank): losses, their
+    ce and kl parts, gradient norms, held-out losses and the final model equal the one-process run's."""
+    want = _records(runs["one_kd_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)]["run13"], runs["ranks"][(1, 2)]["run13"]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    assert min(_losses(want, key="kl")) > 0
+    for key in ("loss", "ce", "kl", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5), key
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(want, "eval", "eval_loss"), abs=1e-5)
+    (a, meta), (b, _) = (_tensors(runs["root"] / "fsdp_kd" / "model.apr"),
+                         _tensors(runs["root"] / "one_kd" / "model.apr"))
+    assert meta["training.config"]["teacher"] == str(runs["root"] / "teacher.apr")
+    for name in b:
+        if not name.startswith("__training__.rng"):  # (each process's own generator state)
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)

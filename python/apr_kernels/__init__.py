@@ -4,7 +4,7 @@ Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never
 
 * Loader: ``load``, ``open``, ``save``, ``load_bytes``, ``save_bytes``, ``AprFile``, ``AprFormatError``.
 * Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``,
-  ``swiglu``, ``rope``, ``linear_cross_entropy``.
+  ``swiglu``, ``rope``, ``linear_cross_entropy``, ``linear_distillation``.
 * Modules: ``RMSNorm``, ``Attention``, ``SwiGLUMLP``, ``LinearCrossEntropyLoss`` (in ``apr_kernels.nn``).
 * Trainer: ``apr_kernels.model`` (``from_apr``), ``apr_kernels.train``; command line ``apr-kernels``.
 """
@@ -38,6 +38,7 @@ _API = {
     "add_rms_norm": "ops.rms_norm",
     "attention": "ops.attention",
     "linear_cross_entropy": "ops.cross_entropy",
+    "linear_distillation": "ops.distillation",
     "swiglu": "ops.swiglu",
     "rope": "ops.rope",
     "RMSNorm": "nn",

@@ -296,7 +296,7 @@ class Transformer(nn.Module):
         return add_then_norm(self.model.norm, h, pending, fast)[1]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean", documents: Documents | None = None) -> torch.Tensor:
+                reduction: str = "mean", documents: Documents | None = None, teacher=None) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
         ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets, "sum",
         "sequence": the sum of each row, ``[B]``, the negated log-likelihood of each row's targets; with
@@ -306,6 +306,9 @@ class Transformer(nn.Module):
         ``documents`` (``model/documents.py``): document masking. Each token attends only within its
         document and RoPE positions restart at each document, so every document's logits are those
         of the document alone.
+
+        ``teacher`` (``model/distillation.py``'s ``Teacher``; "mean" or "sum"): knowledge distillation,
+        ``[loss, ce, kl]`` with ``loss = (1 - kd_ratio) ce + kd_ratio T^2 KL(teacher || student)``.
 
         The loss is computed inside ``forward`` so that DDP/FSDP hooks see the output projection. The
         fast path fuses the projection with the loss (``apr_kernels.linear_cross_entropy``: the
@@ -318,6 +321,8 @@ class Transformer(nn.Module):
         h = self.hidden_states(input_ids, documents)
         if targets is None:
             return F.linear(h, self.output_weight)
+        if teacher is not None:
+            return self._distillation_loss(h, targets, reduction, teacher)
         if self.use_fast(input_ids):
             ce = _ops().linear_cross_entropy
             if reduction == "sequence":  # one fused call per sequence: its logits are the most held at once
@@ -341,7 +346,22 @@ class Transformer(nn.Module):
         doc, _ = documents.token_index(losses.numel())
         return losses.new_zeros(documents.cu_seqlens.numel() - 1).index_add(0, doc, losses)
 
+    def _distillation_loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str, teacher) -> torch.Tensor:
+        from .distillation import eager_loss
+
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction {reduction!r} with a teacher; expected 'mean' or 'sum'")
+        settings = {"kd_ratio": teacher.kd_ratio, "temperature": teacher.temperature, "reduction": reduction}
+        if self.use_fast(h):
+            parts = _ops().linear_distillation(h, self.output_weight, teacher.hidden, teacher.weight, targets,
+                                               **settings)
+        else:
+            parts = eager_loss(F.linear(h, self.output_weight), F.linear(teacher.hidden, teacher.weight), targets,
+                               **settings)
+        return torch.stack(parts)
+
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-             documents: Documents | None = None) -> torch.Tensor:
-        """Next-token cross entropy in fp32 (``targets`` already shifted; -100 is ignored)."""
-        return self(input_ids, targets, reduction, documents)
+             documents: Documents | None = None, teacher=None) -> torch.Tensor:
+        """Next-token cross entropy in fp32 (``targets`` already shifted; -100 is ignored); with
+        ``teacher``, ``[loss, ce, kl]`` of knowledge distillation (``forward``)."""
+        return self(input_ids, targets, reduction, documents, teacher)

@@ -250,3 +250,37 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
         return out.to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+# ------------------------------------------------------------------ distillation rows (issue 6)
+# The row contract of ``ops/distillation.py``: per row, the student's cross entropy against the target
+# and the temperature-scaled KL from the teacher, computed in fp32 from the chunk's two logit blocks,
+# and the gradient of ``(1 - kd_ratio) * ce + kd_ratio * kl`` with respect to the student's logits.
+
+
+def distillation_rows_reference(
+    student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, ignore_index: int, kd_ratio: float,
+    temperature: float, write_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(ce [n], kl [n], grad [n, V] or None)`` for student logits ``[n, V]`` and teacher logits
+    ``[n, V_t]``: ``ce = logsumexp(s) - s[t]``; ``kl = T^2 KL(softmax(t'/T) || softmax(s'/T))`` over
+    the ``min(V, V_t)`` leading columns (the vocabulary both heads share); rows whose target is
+    ``ignore_index`` give zeros. ``grad = (1 - r)(softmax(s) - onehot) + r T (softmax(s'/T) -
+    softmax(t'/T))`` (zero-padded past the shared columns), in fp32 (fp64 for fp64 logits)."""
+    acc = torch.promote_types(student.dtype, torch.float32)
+    s, t = student.to(acc), teacher.to(acc)
+    v = min(s.shape[1], t.shape[1])
+    valid = targets != ignore_index
+    idx = torch.where(valid, targets, 0).long()[:, None]
+    lse = torch.logsumexp(s, -1)
+    ce = torch.where(valid, lse - s.gather(1, idx).squeeze(1), 0.0)
+    log_q = torch.log_softmax(s[:, :v] / temperature, -1)
+    log_p = torch.log_softmax(t[:, :v] / temperature, -1)
+    p = log_p.exp()
+    kl = torch.where(valid, (p * (log_p - log_q)).sum(-1) * temperature ** 2, 0.0)
+    if not write_grad:
+        return ce, kl, None
+    grad = (s - lse[:, None]).exp_().mul_(1 - kd_ratio)
+    grad.scatter_add_(1, idx, torch.full_like(grad[:, :1], -(1 - kd_ratio)))
+    grad[:, :v] += (log_q.exp() - p) * (kd_ratio * temperature)
+    return ce, kl, grad.mul_(valid[:, None])

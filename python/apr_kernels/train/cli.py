@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .loop import Logger, TrainConfig, Trainer
+from .loop import Logger, TrainConfig, Trainer, autocast_dtype_for
 from .schedule import SCHEDULES
 
 
@@ -203,14 +203,36 @@ def build_model(args, tokenizer_spec, *, device=None, load=None):
 
 
 # ------------------------------------------------------------------------------------ train
+def load_teacher(cfg: TrainConfig, tokenizer, device, fast):
+    """The frozen teacher of a distillation run (``cfg.teacher``), on ``device`` (each rank holds a
+    whole copy), in bf16 where the run computes in bf16; its tokenizer must be the run's (the two
+    models' next-token distributions are compared id by id)."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
+
+    p = plan(cfg.teacher)  # preflight: a decoder-only model with every tensor in place
+    if not p.metadata.get("tokenizer.vocabulary"):
+        raise ValueError(f"--teacher {cfg.teacher}: no embedded tokenizer (tokenizer.vocabulary); expected the "
+                         f"student's tokenizer in the file (apr-kernels convert embeds it)")
+    teacher_tok = load_tokenizer(None, p.metadata, cfg.teacher)
+    check_tokenizer_vocab(teacher_tok.vocab_size, p.config.vocab_size, f"--teacher {cfg.teacher}: tokenizer")
+    if teacher_tok.fingerprint() != tokenizer.fingerprint():
+        raise ValueError(f"--teacher {cfg.teacher}: its tokenizer ({teacher_tok.vocab_size} tokens) is not the "
+                         f"student's ({tokenizer.vocab_size} tokens); distillation compares the two models' "
+                         f"next-token distributions, which needs the same token ids")
+    dtype = torch.bfloat16 if autocast_dtype_for(cfg.precision, torch.device(device)) == torch.bfloat16 else None
+    teacher = from_apr(cfg.teacher, device=device, dtype=dtype, fast=fast).requires_grad_(False)
+    return teacher.eval()
+
+
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
                  data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None,
-                 keep_last: int = 0, tensorboard=None):
+                 keep_last: int = 0, tensorboard=None, teacher=None):
     """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end).
 
     ``parallel``: DDP/FSDP (``distributed.parallelize``); rank 0 logs and writes the checkpoints.
     ``keep_last``: after each periodic checkpoint keep only the newest ``keep_last`` ``step_*.apr``
     files of ``out`` (0: keep all). ``tensorboard``: a folder for TensorBoard event files (rank 0).
+    ``teacher``: the model to distil from (``load_teacher``).
     """
     from . import distributed
     from .checkpoint import restore_training_state
@@ -218,7 +240,7 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     main = parallel is None or parallel.is_main
     trainer = Trainer(model, train_tokens, eval_tokens, cfg, parallel=parallel,
                       log=Logger(json_lines, tensorboard=tensorboard) if main else (lambda *a: None),
-                      eos_id=getattr(tokenizer, "eos_id", None))
+                      eos_id=getattr(tokenizer, "eos_id", None), teacher=teacher)
     if resume_from:
         restore_training_state(resume_from, trainer)
     if not main:
@@ -358,7 +380,9 @@ def _train(args, env, mode: str) -> int:
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
-                          document_mask=args.document_mask, packing=args.packing, precision=args.precision)
+                          document_mask=args.document_mask, packing=args.packing, precision=args.precision,
+                          teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
+                          kd_ratio=args.kd_ratio, kd_temperature=args.kd_temperature)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
             from apr_kernels.model.lora import add_lora
@@ -370,6 +394,7 @@ def _train(args, env, mode: str) -> int:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
+    teacher = load_teacher(cfg, tok, device or pick_device(args.device), tristate(args.fast)) if cfg.teacher else None
     parallel = None
     if mode != "none":
         from . import distributed
@@ -391,7 +416,7 @@ def _train(args, env, mode: str) -> int:
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
                            resume_from=args.resume, parallel=parallel, keep_last=args.keep_last,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, teacher=teacher)
     if trainer.last_eval:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
@@ -630,6 +655,12 @@ def register(subparsers) -> None:
                    help="stream: documents back to back, cut every --seq-len tokens (pretraining); records: "
                         "each document (a chat or prompt/completion record) whole in one sequence, best-fit, "
                         "padded (fine-tuning: no answer cut from its prompt); add --document-mask")
+    k = p.add_argument_group("distillation")
+    k.add_argument("--teacher", help="APR model to distil from (the same tokenizer): the loss becomes (1 - "
+                                     "--kd-ratio) x cross entropy + --kd-ratio x T^2 KL(teacher || student)")
+    k.add_argument("--kd-ratio", type=float, default=d.kd_ratio, help=f"weight of the KL term (default {d.kd_ratio})")
+    k.add_argument("--kd-temperature", type=float, default=d.kd_temperature,
+                   help=f"softmax temperature T of both models in the KL term (default {d.kd_temperature:g})")
     o = p.add_argument_group("optimisation")
     o.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast precision: auto = bf16 on GPUs that have it, fp16 with loss scaling on older ones "

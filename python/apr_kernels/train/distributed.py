@@ -286,8 +286,8 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.inner = model
 
-    def forward(self, x, y, documents=None, reduction="mean"):
-        return self.inner.loss(x, y, reduction=reduction, documents=documents)
+    def forward(self, x, y, documents=None, reduction="mean", teacher=None):
+        return self.inner.loss(x, y, reduction=reduction, documents=documents, teacher=teacher)
 
 
 class Parallel:
@@ -306,10 +306,11 @@ class Parallel:
     def is_main(self) -> bool:
         return self.env.is_main
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, documents=None, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, documents=None, reduction: str = "mean",
+             teacher=None) -> torch.Tensor:
         if self._wrapper is not None:
-            return self._wrapper(x, y, documents, reduction)
-        return self.module.loss(x, y, reduction=reduction, documents=documents)
+            return self._wrapper(x, y, documents, reduction, teacher)
+        return self.module.loss(x, y, reduction=reduction, documents=documents, teacher=teacher)
 
     def grad_sync(self, enabled: bool):
         """Context for one micro-batch: no gradient communication unless ``enabled`` (the last)."""

@@ -61,6 +61,9 @@ class TrainConfig:
     packing: str = "stream"             # stream: cut every seq_len tokens | records: documents whole (data.py)
     precision: str = "auto"             # autocast: auto (bf16 on CUDA where supported, else fp16; CPU fp32) |
                                         # bf16 | fp16 (with loss scaling) | fp32
+    teacher: str | None = None          # knowledge distillation from this APR file (model/distillation.py)
+    kd_ratio: float = 0.5               # loss = (1 - kd_ratio) * CE + kd_ratio * T^2 KL(teacher || student)
+    kd_temperature: float = 1.0
 
     def __post_init__(self):
         if self.warmup is None:
@@ -74,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"training config: precision={self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.packing not in PACKINGS:
             raise ValueError(f"training config: packing={self.packing!r}; expected one of {', '.join(PACKINGS)}")
+        if not 0.0 <= self.kd_ratio <= 1.0 or not self.kd_temperature > 0:
+            raise ValueError(f"training config: kd_ratio={self.kd_ratio}, kd_temperature={self.kd_temperature}; "
+                             f"expected 0 <= kd_ratio <= 1 and kd_temperature > 0")
         lr_at(0, lr=self.lr, total_steps=self.steps, warmup=self.warmup, schedule=self.lr_schedule,
               decay_fraction=self.decay_fraction)  # the schedule's own checks, before any step
 
@@ -212,13 +218,21 @@ class Trainer:
 
     ``eos_id``: the end-of-text id that ends each document of the streams; needed by
     ``config.document_mask``.
+
+    ``teacher``: a frozen model to distil from (``config.kd_ratio``, ``config.kd_temperature``): each
+    micro-batch's loss is ``model/distillation.py``'s, the step logs its ``ce`` and ``kl`` parts.
+    Evaluation stays the student's cross entropy.
     """
 
     def __init__(self, model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor | None,
                  config: TrainConfig, *, device=None, autocast_dtype: torch.dtype | None | str = "auto",
-                 log: Callable[[str, dict], None] | None = None, parallel=None, eos_id: int | None = None):
+                 log: Callable[[str, dict], None] | None = None, parallel=None, eos_id: int | None = None,
+                 teacher: torch.nn.Module | None = None):
         self.cfg = config
         self.parallel = parallel
+        if config.teacher and teacher is None:
+            raise ValueError(f"training config: teacher={config.teacher!r} but no teacher model was given")
+        self.teacher = teacher
         if config.document_mask and eos_id is None:
             raise ValueError("document masking needs the tokenizer's end-of-text id (which ends every "
                              "document of the data); this tokenizer has none")
@@ -278,6 +292,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        parts = torch.zeros(2, device=self.device)  # distillation: the step's ce and kl sums
         par = self.parallel
         world = par.world_size if par is not None else 1
         # the global batch of every micro-batch (the data position is global), and the number of loss
@@ -293,14 +308,24 @@ class Trainer:
             with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                     enabled=self.autocast_dtype is not None):
-                    loss_sum = (par.loss(x, y, docs, reduction="sum") if par
-                                else self.model.loss(x, y, reduction="sum", documents=docs))
+                    teacher = None
+                    if self.teacher is not None:
+                        from apr_kernels.model.distillation import Teacher
+
+                        teacher = Teacher.of(self.teacher, x, docs, kd_ratio=c.kd_ratio, temperature=c.kd_temperature)
+                    loss_sum = (par.loss(x, y, docs, reduction="sum", teacher=teacher) if par
+                                else self.model.loss(x, y, reduction="sum", documents=docs, teacher=teacher))
+                    if teacher is not None:  # [loss, ce, kl]
+                        parts += loss_sum[1:].detach()
+                        loss_sum = loss_sum[0]
                 # DDP/FSDP average gradients over ranks: scale by the world size to get the sum
                 scaled = loss_sum * (world / n_targets)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss_sum.detach()
         if par is not None:
             total = par.mean(total) * world  # the sum over ranks
+            if self.teacher is not None:
+                parts = par.mean(parts) * world
         mean_loss = total / n_targets
         grad_norm = None
         if self.scaler is not None:
@@ -325,6 +350,8 @@ class Trainer:
         if not math.isfinite(loss):
             raise RuntimeError(f"training diverged: loss={loss} at step {self.step} (lower --lr?)")
         rec = {"step": self.step, "loss": loss, "lr": lr, "tok_s": tokens / dt, "grad_norm": grad_norm}
+        if self.teacher is not None:
+            rec["ce"], rec["kl"] = (parts / n_targets).tolist()
         if self._mfu_scale is not None:
             rec["mfu"] = rec["tok_s"] * self._mfu_scale
         return rec

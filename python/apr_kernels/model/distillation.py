@@ -1,0 +1,48 @@
+"""Knowledge distillation from a teacher model (``apr-kernels train --teacher``).
+
+``Teacher`` carries what the student's loss needs of the teacher for one batch: its final hidden
+states (computed without gradients) and its output weight, with the loss's settings.
+``model.loss(x, y, teacher=Teacher.of(teacher_model, x))`` then returns ``[loss, ce, kl]``
+(``ops/distillation.py`` defines them): on the fast path the fused ``linear_distillation``, which
+never holds either model's ``[B, T, vocab]`` logits; on the eager path ``eager_loss`` below, the
+expression written with ``F.cross_entropy`` and ``F.kl_div``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Teacher:
+    hidden: torch.Tensor  # the teacher's final hidden states [B, T, Ht] (no gradient)
+    weight: torch.Tensor  # the teacher's output weight [Vt, Ht]
+    kd_ratio: float = 0.5
+    temperature: float = 1.0
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model, input_ids: torch.Tensor, documents=None, **settings) -> "Teacher":
+        """``model``'s hidden states for ``input_ids`` (the student's batch and document spans)."""
+        return cls(model.hidden_states(input_ids, documents), model.output_weight.detach(), **settings)
+
+
+def eager_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, kd_ratio: float,
+               temperature: float, reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce, kl)`` from the two heads' logits ``[..., V]`` / ``[..., Vt]`` in fp32 (the KL over the
+    shared leading columns; ``ce`` and ``kl`` detached)."""
+    s, t = logits.float().flatten(0, -2), teacher_logits.float().flatten(0, -2)
+    y = targets.flatten()
+    mask = y != -100
+    v = min(s.shape[1], t.shape[1])
+    ce = F.cross_entropy(s, y, reduction="none")
+    kl = F.kl_div(F.log_softmax(s[:, :v] / temperature, -1), F.log_softmax(t[:, :v] / temperature, -1),
+                  log_target=True, reduction="none").sum(-1) * temperature ** 2
+    kl = torch.where(mask, kl, 0.0)
+    parts = torch.stack([((1 - kd_ratio) * ce + kd_ratio * kl).sum(), ce.sum(), kl.sum()])
+    if reduction == "mean":
+        parts = parts / mask.sum()
+    return parts[0], parts[1].detach(), parts[2].detach()
