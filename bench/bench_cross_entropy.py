@@ -20,6 +20,10 @@ Mode ``per-token fwd+bwd``: ``reduction="none"`` and a weighted sum of the per-t
 RL objective such as GRPO's with a KL term or clipping backpropagates), apr (the logits recomputed in
 the backward: four GEMMs, 8·N·H·V FLOPs counted) vs eager.
 
+Mode ``distill fwd+bwd``: knowledge distillation from a teacher head of the same shape (``train
+--teacher``): apr ``linear_distillation`` (both heads' logits chunked; 8·N·H·V FLOPs) vs eager
+(``model/distillation.py``'s ``eager_loss`` on the two whole logit blocks).
+
 --cpu-memory: on a machine without a GPU, the Qwen2 shape at N = 4096 in fp32, each provider (and
 mode) in a fresh process: the process's peak resident memory over two forward+backward steps (inputs, the fp32
 weight and its gradient, about 1.1 GB, included) and the time of the second step. The memory claim,
@@ -74,9 +78,15 @@ hid = torch.randn(n, h, requires_grad=True)
 w = (torch.randn(v, h) * 0.02).requires_grad_()
 t = torch.randint(0, v, (n,))
 g = torch.randn(n)  # per-token weights ("-none": reduction="none", a weighted sum backpropagated)
+th, tw = torch.randn(n, h), torch.randn(v, h) * 0.02  # a teacher head ("-distill")
 def step():
     hid.grad = w.grad = None
-    if which == "apr":
+    if which == "apr-distill":
+        apr_kernels.linear_distillation(hid, w, th, tw, t)[0].backward()
+    elif which == "eager-distill":
+        from apr_kernels.model.distillation import eager_loss
+        eager_loss(F.linear(hid, w), F.linear(th, tw), t, 0.5, 1.0, "mean")[0].backward()
+    elif which == "apr":
         apr_kernels.linear_cross_entropy(hid, w, t).backward()
     elif which == "eager":
         F.cross_entropy(F.linear(hid, w).float(), t).backward()
@@ -95,16 +105,17 @@ print(json.dumps({"ms": ms, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).
 def cpu_memory(args) -> None:
     n, (h, v) = (64, (32, 1000)) if args.smoke else (4096, VOCABS["qwen2"])
     rows = []
-    for name in ("apr", "eager", "apr-none", "eager-none"):
+    for name in ("apr", "eager", "apr-none", "eager-none", "apr-distill", "eager-distill"):
         proc = subprocess.run([sys.executable, "-c", _CPU_MEMORY_CHILD, name, str(n), str(h), str(v)],
                               capture_output=True, text=True, timeout=600,
                               env={**__import__("os").environ, "APR_KERNELS_BACKEND": "reference"})
         if proc.returncode != 0:
             raise SystemExit(f"{name}: {proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"op": "linear_cross_entropy", "mode": "per-token fwd+bwd" if "-none" in name else "fwd+bwd",
-                     "shape": f"{n}x{h}x{v}", "model": "qwen2", "dtype": "float32",
-                     "provider": name.removesuffix("-none"), "ms": r["ms"], "peak_mem_mb": r["peak_mb"]})
+        provider, _, variant = name.partition("-")
+        mode = {"": "fwd+bwd", "none": "per-token fwd+bwd", "distill": "distill fwd+bwd"}[variant]
+        rows.append({"op": "linear_cross_entropy", "mode": mode, "shape": f"{n}x{h}x{v}", "model": "qwen2",
+                     "dtype": "float32", "provider": provider, "ms": r["ms"], "peak_mem_mb": r["peak_mb"]})
     _common.print_table(rows, ["mode", "shape", "provider", "ms", "peak_mem_mb"])
     meta = {"ours": "apr", "mode": "cpu-memory",
             "note": "fresh process per provider; peak_mem_mb = process peak RSS over two steps (inputs, "
@@ -116,6 +127,15 @@ def per_token_providers() -> dict:
     """reduction="none" (each token's loss), ours and the eager expression."""
     return {"apr": lambda h, w, t: apr_kernels.linear_cross_entropy(h, w, t, reduction="none"),
             "eager": lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t, reduction="none")}
+
+
+def distill_providers(teacher_hidden, teacher_weight) -> dict:
+    """Distillation from a teacher head (kd_ratio 0.5, T 1), ours and the eager expression."""
+    from apr_kernels.model.distillation import eager_loss
+
+    return {"apr": lambda h, w, t: apr_kernels.linear_distillation(h, w, teacher_hidden, teacher_weight, t)[0],
+            "eager": lambda h, w, t: eager_loss(F.linear(h, w), F.linear(teacher_hidden, teacher_weight), t, 0.5, 1.0,
+                                                "mean")[0]}
 
 
 def sweep(args) -> list[tuple[str, int]]:
@@ -150,8 +170,11 @@ def main() -> None:
         weight = (torch.randn(v, h, device=dev, dtype=dtype, generator=gen) * 0.02).requires_grad_()
         targets = torch.randint(0, v, (n,), device=dev, generator=gen)
         token_weights = torch.randn(n, device=dev, generator=gen)
+        teacher = (torch.randn(n, h, device=dev, dtype=dtype, generator=gen),
+                   torch.randn(v, h, device=dev, dtype=dtype, generator=gen) * 0.02)
         for mode, fns, flops in (("fwd+bwd", provs, 6 * n * h * v),
-                                 ("per-token fwd+bwd", per_token_providers(), 8 * n * h * v)):
+                                 ("per-token fwd+bwd", per_token_providers(), 8 * n * h * v),
+                                 ("distill fwd+bwd", distill_providers(*teacher), 8 * n * h * v)):
             per = {}
             for name, fn in fns.items():
                 def step():
@@ -173,7 +196,7 @@ def main() -> None:
             if "apr" in per and "eager" in per:
                 rows[-len(per)]["vs_eager"] = per["eager"] / per["apr"]
         hidden.grad = weight.grad = None
-        del hidden, weight, targets
+        del hidden, weight, targets, teacher
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     _common.print_table(rows, ["mode", "shape", "provider", "ms", "tflops", "peak_mem_mb"])

@@ -175,7 +175,8 @@ def test_cross_entropy_cpu_memory_mode_writes_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(next(tmp_path.glob("cross_entropy-*.json")).read_text())["rows"]
     assert sorted((r["mode"], r["provider"]) for r in rows) == [
-        ("fwd+bwd", "apr"), ("fwd+bwd", "eager"), ("per-token fwd+bwd", "apr"), ("per-token fwd+bwd", "eager")]
+        ("distill fwd+bwd", "apr"), ("distill fwd+bwd", "eager"), ("fwd+bwd", "apr"), ("fwd+bwd", "eager"),
+        ("per-token fwd+bwd", "apr"), ("per-token fwd+bwd", "eager")]
     assert all(r["peak_mem_mb"] > 0 and r["ms"] > 0 for r in rows)
 
 
