@@ -15,7 +15,9 @@ import apr_kernels
 from apr_kernels.model import Transformer, pad_vocab, preset
 from apr_kernels.model.distillation import Teacher
 from apr_kernels.train.checkpoint import save_checkpoint
+from apr_kernels.ops.reference import distillation_rows_reference
 from apr_kernels.train.cli import byte_tokenizer
+from kernel_helpers import kernel_module, run_sm90_compile, spy_launchers
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -44,6 +46,122 @@ def _inputs(n, h, ht, v, vt, dtype, seed=0):
     return hidden, weight, t_hidden, t_weight, targets
 
 
+# ------------------------------------------------------------------- the Triton row kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("v,vt", [(300, 300), (300, 333), (333, 300)], ids=["same", "teacher-wider", "student-wider"])
+@pytest.mark.parametrize("write_grad", [True, False], ids=["grad", "loss-only"])
+def test_kernel_rows_vs_reference(dtype, v, vt, write_grad):
+    """The row launcher (interpreter on CPU) against the reference row maths: ce, kl and the gradient
+    written over strided student rows (the padding past V untouched), several blocks per row, an
+    ignored row zeroed, temperature and ratio applied."""
+    k = kernel_module("distillation")
+    n = 5
+    g = torch.Generator().manual_seed(0)
+    buf = torch.full((n, v + 7), float("nan"), dtype=dtype)
+    buf[:, :v] = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    teacher = (torch.randn(n, vt, generator=g) * 3).to(dtype)
+    targets = torch.tensor([0, v - 1, -100, 17, 150])
+    want_ce, want_kl, want_grad = distillation_rows_reference(buf[:, :v], teacher, targets, -100, 0.3, 1.7, True)
+    ce, kl = torch.full((n,), 7.0), torch.full((n,), 7.0)
+    student = buf[:, :v]
+    k.distillation_rows(student, teacher, targets, ce, kl, -100, 0.3, 1.7, write_grad, block_v=64)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(ce, want_ce.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(kl, want_kl.float(), rtol=tol, atol=tol)
+    assert ce[2] == 0 and kl[2] == 0 and kl[[0, 1, 3, 4]].min() > 0
+    if write_grad:
+        torch.testing.assert_close(student.float(), want_grad.to(dtype).float(), rtol=tol, atol=tol * 1e-2)
+        assert torch.all(student[2] == 0)
+    else:
+        assert not student.isnan().any()  # left as it was
+    assert torch.all(buf[:, v:].isnan()), "padding past V was written"
+
+
+def test_kernel_out_of_range_target_is_nan_not_a_read():
+    k = kernel_module("distillation")
+    student, teacher = torch.randn(3, 40), torch.randn(3, 40)
+    ce, kl = torch.empty(3), torch.empty(3)
+    k.distillation_rows(student, teacher, torch.tensor([5, 40, -3]), ce, kl, -100, 0.5, 1.0, True)
+    assert not ce[0].isnan() and ce[1].isnan() and kl[2].isnan() and student[1].isnan().all()
+
+
+def test_fused_op_runs_the_kernel_and_matches_the_reference(use_backend, monkeypatch):
+    calls = spy_launchers(monkeypatch, "distillation", ("distillation_rows",))
+    hidden, weight, t_hidden, t_weight, targets = _inputs(11, 16, 24, 300, 330, torch.float32)
+    got = {}
+    for be in ("triton", "reference"):
+        use_backend(be)
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        out = apr_kernels.linear_distillation(h, w, t_hidden, t_weight, targets, kd_ratio=0.4, temperature=2.0,
+                                              chunk_rows=4)
+        out[0].backward()
+        got[be] = (torch.stack(out).detach(), h.grad, w.grad)
+    assert calls == ["distillation_rows"] * 3
+    for a, b in zip(got["triton"], got["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+_AOT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from apr_kernels.kernels import distillation as K
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+out = []
+for v, dt, grad in json.loads(sys.argv[1]):
+    block, warps = K.launch_config(v)
+    sig = {"STUDENT": "*" + dt, "stride_s": "i64", "TEACHER": "*" + dt, "stride_t": "i64", "TARGETS": "*i64",
+           "CE": "*fp32", "KL": "*fp32", "V": "i32", "VS": "i32", "ignore_index": "i64", "kd_ratio": "fp32",
+           "inv_temp": "fp32", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
+    k = triton.compile(ASTSource(fn=K._distillation_kernel, signature=sig,
+                                 constexprs=dict(WRITE_GRAD=grad, BLOCK_V=block)),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    out.append(dict(case=[v, dt, grad], rc=res.returncode, err=res.stderr[-400:]))
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_sm90(tmp_path):
+    cases = [[151936, "bf16", True], [151936, "bf16", False], [128256, "fp16", True], [1000, "fp32", True]]
+    results = run_sm90_compile(_AOT, cases, tmp_path, timeout=300)
+    assert len(results) == len(cases)
+    for r in results:
+        assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
+        assert "spill" not in r["err"] or "0 bytes spill stores" in r["err"], r["err"]
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_matches_the_eager_expression():
+    from apr_kernels.model.distillation import eager_loss
+
+    dev, v, h = "cuda", 151936, 896
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = torch.randn(2, 700, h, device=dev, generator=g).requires_grad_()
+    weight = (torch.randn(v, h, device=dev, generator=g) * 0.02).requires_grad_()
+    t_hidden = torch.randn(2, 700, 1024, device=dev, generator=g)
+    t_weight = torch.randn(v + 128, 1024, device=dev, generator=g) * 0.02
+    targets = torch.randint(0, v, (2, 700), device=dev, generator=g)
+    targets[0, :9] = -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = apr_kernels.linear_distillation(hidden, weight, t_hidden, t_weight, targets, temperature=2.0,
+                                              chunk_rows=256)
+        want = eager_loss(F.linear(hidden, weight), F.linear(t_hidden, t_weight), targets, 0.5, 2.0, "mean")
+    got[0].backward()
+    dh, dw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    want[0].backward()
+    for a, b in zip(got, want):
+        assert a.item() == pytest.approx(b.item(), rel=2e-3)
+    for a, b in ((dh, hidden.grad), (dw, weight.grad)):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+# --------------------------------------------------------------------------------- the fused op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [
     # (V, V_teacher, kd_ratio, temperature, chunk_rows, reduction)

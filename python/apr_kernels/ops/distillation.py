@@ -25,9 +25,10 @@ Vocabulary: the KL runs over the ``min(V, V_teacher)`` leading columns, the rows
 As ``linear_cross_entropy`` does, rows are processed ``chunk_rows`` at a time and the two
 ``[tokens, vocab]`` logit blocks are never held whole: per chunk one GEMM for each head in the
 compute dtype (the autocast dtype under ``torch.autocast``), the row losses and the gradient with
-respect to the student's logits in fp32 (``reference.distillation_rows_reference``: PyTorch ops on
-every device for now; a Triton row kernel is the next step), then two GEMMs for the chunk's share of
-d hidden and d weight. The gradients are formed in the forward; the backward scales them.
+respect to the student's logits in fp32, written over the student's logits (the Triton kernel of
+``kernels/distillation.py`` on CUDA, two reads of each row; ``reference.distillation_rows_reference``
+elsewhere), then two GEMMs for the chunk's share of d hidden and d weight. The gradients are formed
+in the forward; the backward scales them.
 
 Op (opaque to torch.compile)::
 
@@ -43,6 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from apr_kernels import backend
 from apr_kernels.ops import reference as ref
 
 # Logit elements per chunk: the fp32 row maths holds about four [rows, V] blocks (2^26: 256 MiB each).
@@ -51,6 +53,25 @@ CHUNK_ELEMENTS = 1 << 26
 
 def default_chunk_rows(n_rows: int, vocab: int) -> int:
     return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _rows_reference(student: Tensor, teacher: Tensor, targets: Tensor, ce: Tensor, kl: Tensor, ignore_index: int,
+                    kd_ratio: float, temperature: float, write_grad: bool) -> None:
+    """``reference.distillation_rows_reference`` with the Triton launcher's in-place contract."""
+    c, k, grad = ref.distillation_rows_reference(student, teacher, targets, ignore_index, kd_ratio, temperature,
+                                                 write_grad)
+    ce.copy_(c)
+    kl.copy_(k)
+    if write_grad:
+        student.copy_(grad)
+
+
+def _row_kernel(student: Tensor, teacher: Tensor, targets: Tensor):
+    """The Triton launcher when this call should (and can) run it, else the reference."""
+    if teacher.dtype != student.dtype:
+        return _rows_reference
+    kern = backend.kernels_for("distillation", student, teacher, targets)
+    return _rows_reference if kern is None else kern.distillation_rows
 
 
 def _impl(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, targets: Tensor,
@@ -65,20 +86,23 @@ def _impl(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight
     dh = torch.empty((n, h) if with_grad else (0,), dtype=cdt, device=hidden.device)
     dw_dtype = torch.promote_types(weight.dtype, torch.float32)
     dw = torch.zeros(weight.shape if with_grad else (0,), dtype=dw_dtype, device=weight.device)
+    rows_fn = None
     for s in range(0, n, max(1, int(chunk_rows))):
         e = min(n, s + max(1, int(chunk_rows)))
         with torch.no_grad():
-            student = hc[s:e] @ wc.t()
+            student = hc[s:e] @ wc.t()  # [rows, V] in cdt, contiguous
             teacher = thc[s:e] @ twc.t()
-            ce, kl, grad = ref.distillation_rows_reference(student, teacher, targets[s:e], ignore_index, kd_ratio,
-                                                           temperature, with_grad)
-            del student, teacher
-            sums += torch.stack([((1 - kd_ratio) * ce + kd_ratio * kl).sum(), ce.sum(), kl.sum()]).to(sums.dtype)
-            if with_grad:
-                g = grad.to(cdt)
-                del grad
-                torch.mm(g, wc, out=dh[s:e])
-                dw.add_((g.t() @ hc[s:e]).to(dw_dtype))
+            if rows_fn is None:
+                rows_fn = _row_kernel(student, teacher, targets)
+            ce = torch.empty(e - s, dtype=sums.dtype, device=hidden.device)
+            kl = torch.empty_like(ce)
+            rows_fn(student, teacher, targets[s:e], ce, kl, ignore_index, kd_ratio, temperature, with_grad)
+            del teacher
+            sums += torch.stack([((1 - kd_ratio) * ce + kd_ratio * kl).sum(), ce.sum(), kl.sum()])
+            if with_grad:  # the student's logits now hold d loss / d logits
+                torch.mm(student, wc, out=dh[s:e])
+                dw.add_((student.t() @ hc[s:e]).to(dw_dtype))
+            del student
     count = (targets != ignore_index).sum()
     return sums, count, dh.to(hidden.dtype), dw.to(weight.dtype)
 
