@@ -263,6 +263,15 @@ def test_errors_name_the_argument(bad, message):
         apr_kernels.linear_distillation(hidden, weight, args["t_hidden"], args["t_weight"], args["targets"], **kw)
 
 
+def test_loss_module_is_the_function():
+    hidden, weight, t_hidden, t_weight, targets = _inputs(6, 16, 8, 40, 44, torch.float32)
+    module = apr_kernels.LinearDistillationLoss(kd_ratio=0.2, temperature=3.0, reduction="sum")
+    got = module(hidden, weight, t_hidden, t_weight, targets)
+    want = apr_kernels.linear_distillation(hidden, weight, t_hidden, t_weight, targets, kd_ratio=0.2,
+                                           temperature=3.0, reduction="sum")
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and "kd_ratio=0.2" in repr(module)
+
+
 # ------------------------------------------------------------------------------------ the model
 def _pair(vocab=300, seed=0):
     torch.manual_seed(seed)

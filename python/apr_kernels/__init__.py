@@ -5,7 +5,8 @@ Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never
 * Loader: ``load``, ``open``, ``save``, ``load_bytes``, ``save_bytes``, ``AprFile``, ``AprFormatError``.
 * Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``,
   ``swiglu``, ``rope``, ``linear_cross_entropy``, ``linear_distillation``.
-* Modules: ``RMSNorm``, ``Attention``, ``SwiGLUMLP``, ``LinearCrossEntropyLoss`` (in ``apr_kernels.nn``).
+* Modules: ``RMSNorm``, ``Attention``, ``SwiGLUMLP``, ``LinearCrossEntropyLoss``,
+  ``LinearDistillationLoss`` (in ``apr_kernels.nn``).
 * Trainer: ``apr_kernels.model`` (``from_apr``), ``apr_kernels.train``; command line ``apr-kernels``.
 """
 
@@ -45,6 +46,7 @@ _API = {
     "Attention": "nn",
     "SwiGLUMLP": "nn",
     "LinearCrossEntropyLoss": "nn",
+    "LinearDistillationLoss": "nn",
 }
 
 __all__ = sorted(_API) + ["__version__"]
