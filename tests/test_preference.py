@@ -55,11 +55,17 @@ def test_loss_variants_are_trls_formulas(eps):
     gamma = 0.7
     z = [beta * (pc[i] / lengths[i][0] - pr[i] / lengths[i][1]) - gamma for i in range(3)]
     want["simpo"] = [-(1 - eps) * _log_sigmoid(v) - eps * _log_sigmoid(-v) for v in z]
+
+    def log_odds(a):
+        return a - math.log(1 - math.exp(a))
+
+    want["orpo"] = [-beta * _log_sigmoid(log_odds(pc[i] / lengths[i][0]) - log_odds(pr[i] / lengths[i][1]))
+                    for i in range(3)]
     for kind, expected in want.items():
         got, chosen, _ = dpo_loss(*t, beta, loss_type=kind, label_smoothing=eps, lengths=torch.tensor(lengths),
                                   gamma=gamma)
         assert got.tolist() == pytest.approx(expected, rel=1e-12), kind
-        reward = [pc[i] / lengths[i][0] if kind == "simpo" else pc[i] - rc[i] for i in range(3)]
+        reward = [pc[i] / lengths[i][0] if kind in ("simpo", "orpo") else pc[i] - rc[i] for i in range(3)]
         assert chosen.tolist() == pytest.approx([beta * r for r in reward]), kind
     # label smoothing moves the optimum: the smoothed loss no longer falls forever as h grows
     big = torch.tensor([50.0], dtype=torch.float64)
@@ -77,8 +83,8 @@ def test_bad_loss_settings_are_refused():
         dpo_loss(z, z, z, z, 0.1, label_smoothing=0.5)
     with pytest.raises(ValueError, match="ipo loss needs"):
         dpo_loss(z, z, z, z, 0.1, loss_type="ipo")
-    with pytest.raises(ValueError, match="loss type 'orpo'"):
-        PreferenceLoss(kind="orpo")
+    with pytest.raises(ValueError, match="loss type 'cpo'"):
+        PreferenceLoss(kind="cpo")
     with pytest.raises(ValueError, match="--beta 0"):
         PreferenceLoss(beta=0)
     with pytest.raises(ValueError, match="--sft-weight -1"):
@@ -293,7 +299,10 @@ def test_gradient_accumulation_gives_the_whole_batch_step(tmp_path):
         torch.testing.assert_close(stepped.state_dict()[name], w, rtol=0, atol=3e-5, msg=name)
 
 
-def test_simpo_needs_no_reference_and_learns_the_preference(tmp_path):
+@pytest.mark.parametrize("loss", [PreferenceLoss(kind="simpo", beta=2.0, gamma=0.5), PreferenceLoss(kind="orpo",
+                                                                                                    beta=1.0)],
+                         ids=["simpo", "orpo"])
+def test_reference_free_losses_learn_the_preference(tmp_path, loss):
     tok = byte_tokenizer()
     train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12])], tok, 64)
     held = read_pairs([_pairs_file(tmp_path / "h.jsonl", THINGS[12:])], tok, 64)
@@ -302,9 +311,9 @@ def test_simpo_needs_no_reference_and_learns_the_preference(tmp_path):
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
     cfg = TrainConfig(steps=25, batch_size=4, seq_len=64, lr=3e-3, warmup=2, weight_decay=0.0)
-    trainer = PreferenceTrainer(model, train, held, cfg, eos_id=tok.eos_id,
-                                loss=PreferenceLoss(kind="simpo", beta=2.0, gamma=0.5))
+    trainer = PreferenceTrainer(model, train, held, cfg, eos_id=tok.eos_id, loss=loss)
     assert not calls and not trainer.ref.any() and not trainer.eval_ref.any()  # no reference pass
+    assert loss.sft_weight == (1.0 if loss.kind == "orpo" else 0.0)  # ORPO: its NLL term, weight 1
     history = trainer.run()
     evals = [h for h in history if h["event"] == "eval"]
     assert evals[-1]["eval_reward_acc"] == 1.0 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] / 2

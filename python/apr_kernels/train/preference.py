@@ -27,7 +27,10 @@ forms, averaged over the pairs of a step):
 * ``apo_zero`` (APO-zero): ``1 - sigmoid(beta (pi_c - ref_c)) + sigmoid(beta (pi_r - ref_r))``, for
   chosen answers better than the model's own;
 * ``simpo`` (SimPO, no reference model: none is computed): the ``sigmoid`` form of
-  ``beta (pi_c / n_c - pi_r / n_r) - gamma``, per-token log-likelihoods and a margin ``--gamma``.
+  ``beta (pi_c / n_c - pi_r / n_r) - gamma``, per-token log-likelihoods and a margin ``--gamma``;
+* ``orpo`` (ORPO, no reference model): ``-beta log sigmoid(log odds(a_c) - log odds(a_r))`` with the
+  per-token log-likelihoods ``a = pi / n`` and ``odds(a) = e^a / (1 - e^a)``, plus the chosen answers'
+  NLL per token at weight 1 (``--sft-weight``, which defaults to 1 here), as TRL's ORPOTrainer.
 
 ``--sft-weight w`` adds ``w`` times the chosen answers' negative log-likelihood per token, over all
 chosen tokens of the step (RPO, the DPO + NLL mix of Llama 3's post-training; TRL's
@@ -100,7 +103,8 @@ def answer_ids(prompt, answer, tokenizer, where: str, field: str = "completion")
                      f"messages (conversational)")
 
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo")
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, *, loss_type: str = "sigmoid",
@@ -108,16 +112,16 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     """(per-pair losses, chosen rewards, rejected rewards) of a batch of pairs (module docstring).
 
     ``lengths`` ``[N, 2]``: target tokens of the chosen and rejected answers (``ipo``, ``simpo``);
-    ``gamma``: SimPO's reward margin. ``simpo`` ignores the reference."""
+    ``gamma``: SimPO's reward margin. ``simpo`` and ``orpo`` ignore the reference."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo: loss type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"dpo: --label-smoothing {label_smoothing}; expected a rate in [0, 0.5)")
-    if loss_type in ("ipo", "simpo"):
+    if loss_type in ("ipo", "simpo", "orpo"):
         if lengths is None:
             raise ValueError(f"dpo: the {loss_type} loss needs the answers' target token counts (lengths)")
         n = lengths.to(policy_chosen.device, policy_chosen.dtype).clamp(min=1)
-    if loss_type == "simpo":  # length-normalised log-likelihoods are the rewards, no reference
+    if loss_type in REFERENCE_FREE:  # length-normalised log-likelihoods are the rewards, no reference
         chosen, rejected = policy_chosen / n[:, 0], policy_rejected / n[:, 1]
     else:
         chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
@@ -133,6 +137,9 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
         losses = (chosen / n[:, 0] - rejected / n[:, 1] - 1 / (2 * beta)) ** 2
     elif loss_type == "apo_zero":  # raise the chosen likelihood, lower the rejected one, each on its own
         losses = 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+    elif loss_type == "orpo":  # log odds = a - log(1 - e^a), with log(-expm1(a)) accurate as a -> 0
+        log_odds = (chosen - torch.log(-torch.expm1(chosen))) - (rejected - torch.log(-torch.expm1(rejected)))
+        losses = -beta * F.logsigmoid(log_odds)
     else:
         z = beta * h - gamma
         losses = -(1 - e) * F.logsigmoid(z) - e * F.logsigmoid(-z)
@@ -143,7 +150,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 class PreferenceLoss:
     """The loss of a preference run: ``kind`` (``LOSS_TYPES``) with its ``beta``, ``label_smoothing``
     and SimPO's ``gamma``, plus ``sft_weight`` times the negative log-likelihood per chosen-answer token
-    (RPO / Llama 3's DPO + NLL; TRL's ``loss_type=["sigmoid", "sft"]``). Checked when made."""
+    (RPO / Llama 3's DPO + NLL; TRL's ``loss_type=["sigmoid", "sft"]``; ORPO's NLL, weight 1 unless
+    given). Checked when made."""
 
     kind: str = "sigmoid"
     beta: float = 0.1
@@ -156,11 +164,13 @@ class PreferenceLoss:
             raise ValueError(f"dpo: --beta {self.beta}; expected a positive number")
         if not self.sft_weight >= 0:
             raise ValueError(f"dpo: --sft-weight {self.sft_weight}; expected a weight >= 0")
-        self.pairs(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2))  # kind, smoothing
+        self.pairs(-torch.ones(1, 2), torch.zeros(1, 2), torch.ones(1, 2))  # kind, smoothing
+        if self.kind == "orpo" and self.sft_weight == 0:  # ORPO is its NLL plus the odds-ratio term
+            object.__setattr__(self, "sft_weight", 1.0)
 
     @property
     def needs_reference(self) -> bool:
-        return self.kind != "simpo"
+        return self.kind not in REFERENCE_FREE
 
     def pairs(self, policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
         """``dpo_loss`` of ``[N, 2]`` (chosen, rejected) policy and reference log-likelihoods."""
@@ -317,13 +327,13 @@ def register(subparsers) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (default 0.1)")
     p.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid",
-                   help="sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo, apo_zero (APO) or simpo (no reference), "
-                        "as TRL names them")
+                   help="sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo, apo_zero (APO), simpo or orpo (no "
+                        "reference), as TRL names them")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="assumed rate of flipped labels in [0, 0.5): conservative DPO (sigmoid, simpo) or rDPO (robust)")
     p.add_argument("--gamma", type=float, default=0.5, help="SimPO's reward margin (default 0.5)")
     p.add_argument("--sft-weight", type=float, default=0.0,
-                   help="add this times the chosen answers' NLL per token (RPO; default 0)")
+                   help="add this times the chosen answers' NLL per token (RPO; default 0, ORPO's 1)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per prompt + answer (longer ones are cut)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch, over all ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
