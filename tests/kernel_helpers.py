@@ -43,3 +43,44 @@ def run_sm90_compile(script: str, cases, tmp_path, timeout: int) -> list[dict]:
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# An ahead-of-time sm_90a compile of a row kernel whose launch config comes from its module's
+# ``launch_config(V)``: argv[1] is JSON {"module", "kernel", "signature" (with "DT" for the logits'
+# dtype), "cases": [[V, dtype, WRITE_GRAD], ...]}; prints ptxas's verdict per case.
+_ROW_KERNEL_AOT = r"""
+import importlib, json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+spec = json.loads(sys.argv[1])
+K = importlib.import_module("apr_kernels.kernels." + spec["module"])
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+out = []
+for v, dt, grad in spec["cases"]:
+    block, warps = K.launch_config(v)
+    sig = {name: kind.replace("DT", dt) for name, kind in spec["signature"].items()}
+    k = triton.compile(ASTSource(fn=getattr(K, spec["kernel"]), signature=sig,
+                                 constexprs=dict(WRITE_GRAD=grad, BLOCK_V=block)),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    out.append(dict(case=[v, dt, grad], rc=res.returncode, err=res.stderr[-400:]))
+print(json.dumps(out))
+"""
+
+# the vocabularies that matter (Qwen2, Llama 3) in the dtypes that run, with and without the gradient
+ROW_KERNEL_CASES = [[151936, "bf16", True], [151936, "bf16", False], [128256, "fp16", True], [1000, "fp32", True]]
+
+
+def assert_row_kernel_compiles_for_sm90(module: str, kernel: str, signature: dict, tmp_path) -> None:
+    """``kernel`` of ``kernels/<module>.py`` compiles for sm_90a with ptxas, without spills, for every
+    ``ROW_KERNEL_CASES`` entry (``signature``: Triton's, "DT" standing for the logits' dtype)."""
+    spec = {"module": module, "kernel": kernel, "signature": signature, "cases": ROW_KERNEL_CASES}
+    results = run_sm90_compile(_ROW_KERNEL_AOT, spec, tmp_path, timeout=300)
+    assert len(results) == len(ROW_KERNEL_CASES)
+    for r in results:
+        assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
+        assert "spill" not in r["err"] or "0 bytes spill stores" in r["err"], r["err"]

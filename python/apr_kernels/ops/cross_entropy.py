@@ -191,6 +191,18 @@ def _rows_backward(ctx, g_rows):
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
+def check_targets(targets: Tensor, vocab: int, ignore_index: int, where: str) -> None:
+    """Every target in ``[0, vocab)`` or ``ignore_index``, else a ValueError naming the first. Checked
+    on CPU only: on a GPU it would cost a sync; the row kernels turn a bad target into NaN instead."""
+    if targets.is_cuda or not targets.numel() or torch.compiler.is_compiling():
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{where}: targets[{i}] = {int(targets[i])} is outside the vocabulary [0, {vocab}) and "
+                         f"is not ignore_index={ignore_index}")
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
     chunk_rows: int | None = None,
@@ -217,13 +229,7 @@ def linear_cross_entropy(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
     vocab = weight.shape[0]
-    # Checked on CPU only: on a GPU it would cost a sync; the kernel turns a bad target into NaN instead.
-    if not t.is_cuda and t.numel() and not torch.compiler.is_compiling():
-        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"linear_cross_entropy: targets[{i}] = {int(t[i])} is outside the vocabulary "
-                             f"[0, {vocab}) and is not ignore_index={ignore_index}")
+    check_targets(t, vocab, ignore_index, "linear_cross_entropy")
     dev = hidden.device.type
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(h2.shape[0], vocab)

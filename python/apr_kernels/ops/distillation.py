@@ -46,6 +46,7 @@ from torch import Tensor
 
 from apr_kernels import backend
 from apr_kernels.ops import reference as ref
+from apr_kernels.ops.cross_entropy import check_targets
 
 # Logit elements per chunk: the fp32 row maths holds about four [rows, V] blocks (2^26: 256 MiB each).
 CHUNK_ELEMENTS = 1 << 26
@@ -168,12 +169,7 @@ def linear_distillation(
     h2, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     th2 = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     vocab = weight.shape[0]
-    if not t.is_cuda and t.numel() and not torch.compiler.is_compiling():
-        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{where}: targets[{i}] = {int(t[i])} is outside the vocabulary [0, {vocab}) and "
-                             f"is not ignore_index={ignore_index}")
+    check_targets(t, vocab, ignore_index, where)
     dev = hidden.device.type
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
