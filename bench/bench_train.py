@@ -21,6 +21,11 @@ mfu, mfu_datasheet, peak_mem_mb.
 stream whose documents end every MEAN tokens on average (random lengths; the model FLOPs counted
 stay those of full causal rows, so its MFU shows the cost of masking, not the saving).
 
+--distill: also ``fast+distill`` and ``reference+distill``: knowledge distillation (``train --teacher``)
+from a teacher of the same preset (random weights; its forward is part of the step, its FLOPs are not
+counted in the MFU), through ``linear_distillation`` on the fast path and the eager expression on the
+reference path.
+
 --preset NAME: another model preset on CUDA (``qwen3_0_6b``: Qwen3's per-head q/k norms in the fast
 path; ``llama_370m``). --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
 --quick: 4 timed steps instead of 10. --compile: also ``fast+compile`` and ``reference+compile`` (each
@@ -58,14 +63,20 @@ def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, d
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.vocab_size - 1, (n_tokens,), generator=g)
     masked = provider.endswith("+documents")
+    teacher = None
+    if provider.endswith("+distill"):
+        with torch.device(dev):
+            teacher = Transformer(cfg, fast=provider.startswith("fast")).requires_grad_(False)
+        if dev.type == "cuda":
+            teacher = teacher.to(torch.bfloat16)  # as load_teacher: bf16 where the run computes in bf16
     eos = cfg.vocab_size - 1  # used only as the end-of-document id
     if masked:  # documents of random lengths, mean doc_len
         gaps = torch.empty(n_tokens // doc_len * 2).exponential_(1.0 / doc_len, generator=g).long() + 1
         ends = gaps.cumsum(0)
         tokens[ends[ends < n_tokens]] = eos
     tcfg = TrainConfig(steps=warmup + steps, batch_size=batch, seq_len=seq, lr=1e-4, warmup=0,
-                       document_mask=masked)
-    trainer = Trainer(model, tokens, None, tcfg, device=dev, log=lambda *a: None, eos_id=eos)
+                       document_mask=masked, teacher="random" if teacher is not None else None)
+    trainer = Trainer(model, tokens, None, tcfg, device=dev, log=lambda *a: None, eos_id=eos, teacher=teacher)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -78,7 +89,7 @@ def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, d
             losses.append(rec["loss"])
     mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
     profile = kernel_profile(trainer, cuda=dev.type == "cuda")
-    del trainer, model
+    del trainer, model, teacher
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -118,7 +129,9 @@ def main() -> None:
                    p.add_argument("--compile", action="store_true",
                                   help="also time both paths with each layer torch.compiled (+compile rows)"),
                    p.add_argument("--documents", type=int, default=None, metavar="MEAN",
-                                  help="also time both paths with document masking, documents of MEAN tokens")),
+                                  help="also time both paths with document masking, documents of MEAN tokens"),
+                   p.add_argument("--distill", action="store_true",
+                                  help="also time both paths distilling from a teacher of the same preset")),
     )
     dev = _common.device()
     if args.smoke or dev.type != "cuda":
@@ -142,6 +155,7 @@ def main() -> None:
     rows = []
     providers = ["fast", "reference"] + (["fast+compile", "reference+compile"] if args.compile else [])
     providers += ["fast+documents", "reference+documents"] if args.documents else []
+    providers += ["fast+distill", "reference+distill"] if args.distill else []
     for provider in providers:
         r = measure(cfg, provider, batch, seq, warmup, steps, dev, args.documents)
         tflops = flops_tok * r["tokens_per_s"] / 1e12
