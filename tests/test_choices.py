@@ -96,3 +96,26 @@ def test_cli_eval_choices(tmp_path, capsys):
     assert main(["eval", "--init", str(tmp_path / "m.apr"), "--choices", str(path), "--json"]) == 0
     rec = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert rec == {"event": "eval_choices", "acc": want["acc"], "acc_norm": want["acc_norm"], "questions": 4}
+
+
+def test_chat_contexts_are_rendered_with_the_chat_format(tmp_path):
+    """A context given as messages: rendered as generate --chat renders it (ChatML here, the
+    assistant's header kept in the context), special tokens recognised, the choice the answer's text."""
+    from apr_kernels.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)},
+                               {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}, eos_id=256)
+    model = _model(tok)
+    messages = [{"role": "user", "content": "Capital of France?"}]
+    records = read_choices([_file(tmp_path / "c.jsonl", [{"context": messages, "choices": ["Paris", "Rome"],
+                                                          "answer": 0}])])
+    res = score_choices(model, records, tok)
+    ctx = [257] + list(b"user\nCapital of France?") + [258] + list(b"\n") + [257] + list(b"assistant\n")
+    assert encode_pair(tok, messages, "Paris") == (ctx, list(b"Paris"))
+    want = []
+    for choice in ("Paris", "Rome"):
+        seq = torch.tensor([ctx + list(choice.encode())])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq[:, :-1]).double(), -1)[0]
+        want.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(choice.encode())))
+    assert res["logps"][0] == pytest.approx(want, rel=1e-5, abs=1e-5)

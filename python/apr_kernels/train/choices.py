@@ -6,7 +6,10 @@ log-likelihood form, ...), on your own JSON Lines records::
     {"context": "The cat sat on the", "choices": [" mat", " moon"], "answer": 0}
 
 (``query`` or ``question`` for ``context``, ``gold`` or ``label`` for ``answer``, as exports name
-them). Each choice is scored by the summed log-probability of its tokens after the context:
+them). A context may also be a list of chat messages: it is rendered with the model's chat format
+and the assistant's header (``chat.generation_prompt``, as ``generate --chat``; the harness's
+``--apply_chat_template``), special tokens in it recognised, and each choice is the answer's text.
+Each choice is scored by the summed log-probability of its tokens after the context:
 
 * the context's trailing whitespace moves to the front of each choice, then the choice's tokens are
   ``encode(context + choice)`` past ``encode(context)`` (the harness's ``_encode_pair``), after the
@@ -39,8 +42,8 @@ def read_choices(paths) -> list[dict]:
         context = next((record[k] for k in CONTEXT_KEYS if k in record), None)
         answer = next((record[k] for k in ANSWER_KEYS if k in record), None)
         choices = record.get("choices")
-        if not isinstance(context, str):
-            raise ValueError(f"{where}: expected a string 'context' (or 'query', 'question')")
+        if not isinstance(context, (str, list)):
+            raise ValueError(f"{where}: expected a string 'context' (or 'query', 'question'), or a list of messages")
         if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c for c in choices)):
             raise ValueError(f"{where}: expected 'choices', a list of at least 2 non-empty strings")
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
@@ -52,16 +55,20 @@ def read_choices(paths) -> list[dict]:
     return out
 
 
-def encode_pair(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, context: str | list, choice: str) -> tuple[list[int], list[int]]:
     """(context ids, choice ids) as the harness splits them (module docstring)."""
+    from .chat import generation_prompt
     from .data import document_bos
 
+    chat = isinstance(context, list)
+    if chat:  # the template writes its own begin-of-text token where it has one
+        context = generation_prompt(context, tokenizer)[0]
     spaces = len(context) - len(context.rstrip())
-    if spaces:
+    if spaces and not chat:
         context, choice = context[:-spaces], context[-spaces:] + choice
-    ctx = tokenizer.encode(context, special=False)
-    whole = tokenizer.encode(context + choice, special=False)
-    bos = document_bos(tokenizer)
+    ctx = tokenizer.encode(context, special=chat)
+    whole = tokenizer.encode(context + choice, special=chat)
+    bos = document_bos(tokenizer) if not chat else None
     prefix = [bos] if bos is not None else []
     if not ctx and not prefix:
         eos = getattr(tokenizer, "eos_id", None)
