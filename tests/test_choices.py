@@ -80,6 +80,15 @@ def test_records_name_what_is_wrong(tmp_path):
         path = _file(tmp_path / f"b{i}.jsonl", [RECORDS[1], record])
         with pytest.raises(ValueError, match=f"b{i}.jsonl:2: .*{message}"):
             read_choices([path])
+    tok = byte_tokenizer()
+    model = _model(tok)
+    long = read_choices([_file(tmp_path / "long.jsonl", [RECORDS[1], {"context": "x" * 600, "choices": [" a", " b"],
+                                                                      "answer": 0}])])
+    limit = model.config.max_position_embeddings
+    assert 600 > limit
+    with pytest.raises(ValueError, match=f"long.jsonl:2: context \+ choice ' a' are 602 tokens; the model takes at "
+                                         f"most {limit + 1}"):
+        score_choices(model, long, tok)
 
 
 def test_cli_eval_choices(tmp_path, capsys):

@@ -94,6 +94,10 @@ def score_choices(model, records: list[dict], tokenizer, *, batch_size: int = 32
             ctx, cont = encode_pair(tokenizer, r["context"], choice)
             if not cont:
                 raise ValueError(f"{r['where']}: choice {choice!r} adds no token to the context")
+            limit = model.config.max_position_embeddings
+            if len(ctx) + len(cont) - 1 > limit:
+                raise ValueError(f"{r['where']}: context + choice {choice!r} are {len(ctx) + len(cont)} tokens; the "
+                                 f"model takes at most {limit + 1} (max_position_embeddings {limit} inputs)")
             seqs.append([-1 - t for t in ctx] + cont)
     was = model.training
     model.eval()
