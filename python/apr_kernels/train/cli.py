@@ -203,24 +203,24 @@ def build_model(args, tokenizer_spec, *, device=None, load=None):
 
 
 # ------------------------------------------------------------------------------------ train
-def load_teacher(cfg: TrainConfig, tokenizer, device, fast):
-    """The frozen teacher of a distillation run (``cfg.teacher``), on ``device`` (each rank holds a
-    whole copy), in bf16 where the run computes in bf16; its tokenizer must be the run's (the two
-    models' next-token distributions are compared id by id)."""
+def load_teacher(path: str, precision: str, tokenizer, device, fast):
+    """The frozen teacher of a distillation run (``train --teacher``, ``grpo --teacher``), on ``device``
+    (each rank holds a whole copy), in bf16 where the run computes in bf16 (``precision``); its
+    tokenizer must be the run's (the two models' next-token distributions are compared id by id)."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
 
-    p = plan(cfg.teacher)  # preflight: a decoder-only model with every tensor in place
+    p = plan(path)  # preflight: a decoder-only model with every tensor in place
     if not p.metadata.get("tokenizer.vocabulary"):
-        raise ValueError(f"--teacher {cfg.teacher}: no embedded tokenizer (tokenizer.vocabulary); expected the "
+        raise ValueError(f"--teacher {path}: no embedded tokenizer (tokenizer.vocabulary); expected the "
                          f"student's tokenizer in the file (apr-kernels convert embeds it)")
-    teacher_tok = load_tokenizer(None, p.metadata, cfg.teacher)
-    check_tokenizer_vocab(teacher_tok.vocab_size, p.config.vocab_size, f"--teacher {cfg.teacher}: tokenizer")
+    teacher_tok = load_tokenizer(None, p.metadata, path)
+    check_tokenizer_vocab(teacher_tok.vocab_size, p.config.vocab_size, f"--teacher {path}: tokenizer")
     if teacher_tok.fingerprint() != tokenizer.fingerprint():
-        raise ValueError(f"--teacher {cfg.teacher}: its tokenizer ({teacher_tok.vocab_size} tokens) is not the "
+        raise ValueError(f"--teacher {path}: its tokenizer ({teacher_tok.vocab_size} tokens) is not the "
                          f"student's ({tokenizer.vocab_size} tokens); distillation compares the two models' "
                          f"next-token distributions, which needs the same token ids")
-    dtype = torch.bfloat16 if autocast_dtype_for(cfg.precision, torch.device(device)) == torch.bfloat16 else None
-    teacher = from_apr(cfg.teacher, device=device, dtype=dtype, fast=fast).requires_grad_(False)
+    dtype = torch.bfloat16 if autocast_dtype_for(precision, torch.device(device)) == torch.bfloat16 else None
+    teacher = from_apr(path, device=device, dtype=dtype, fast=fast).requires_grad_(False)
     return teacher.eval()
 
 
@@ -394,7 +394,8 @@ def _train(args, env, mode: str) -> int:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
-    teacher = load_teacher(cfg, tok, device or pick_device(args.device), tristate(args.fast)) if cfg.teacher else None
+    teacher = (load_teacher(cfg.teacher, cfg.precision, tok, device or pick_device(args.device), tristate(args.fast))
+               if cfg.teacher else None)
     parallel = None
     if mode != "none":
         from . import distributed

@@ -29,6 +29,11 @@ log-probabilities are computed once, right after sampling (so ``rho`` is 1 in it
 reference is the model as loaded: with LoRA the frozen base (the adapters switched off), otherwise a
 second copy of ``--init`` without gradients (sharded too under FSDP), computed once per generation
 batch. Step checkpoints fall between generation batches (``--save-every`` a multiple of ``K``).
+On-policy distillation (``--teacher T.apr``, as Qwen3's small models and Thinking Machines' recipe
+distil): each sampled token's advantage gains ``--teacher-coef`` x ``(log p_teacher - log
+p_generating)``, the per-token reverse KL to the teacher on the policy's own samples (the teacher's
+log-probabilities computed once per generation batch, the teacher whole on every rank); with no
+``--reward`` that is the only signal. Logged as ``teacher_kl``.
 ``--mask-truncated-completions`` (TRL's) leaves completions cut at ``--max-new-tokens`` out of the
 loss; they still count in the advantages and the normalising counts.
 ``--importance-sampling-level sequence`` is GSPO (Zheng et al., 2025; TRL's
@@ -206,7 +211,8 @@ class GRPOTrainer(StepLoop):
     ``top_k``, ``top_p``. The per-token loss (module docstring): ``beta`` with ``reference`` (a frozen
     model; None with LoRA: the base), ``num_iterations``, ``epsilon``, ``epsilon_high`` and
     ``importance_sampling`` ("token", or "sequence": GSPO); ``mask_truncated``: completions without a
-    stop token leave the loss."""
+    stop token leave the loss; ``teacher`` (a frozen model with the same tokenizer) and ``teacher_coef``:
+    on-policy distillation (``rewards`` may then be empty)."""
 
     def __init__(self, model, prompts: list[dict], rewards: dict, cfg: TrainConfig, *, tokenizer,
                  num_generations: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
@@ -215,11 +221,16 @@ class GRPOTrainer(StepLoop):
                  eval_prompts: list[dict] | None = None, micro_batch: int | None = None,
                  loss_type: str = "dapo", scale_rewards: str = "group", beta: float = 0.0,
                  num_iterations: int = 1, epsilon: float = 0.2, epsilon_high: float | None = None,
-                 importance_sampling: str = "token", mask_truncated: bool = False, reference=None):
+                 importance_sampling: str = "token", mask_truncated: bool = False, reference=None,
+                 teacher=None, teacher_coef: float = 1.0):
         if cfg.grad_accum != 1:
             raise ValueError("grpo: gradient accumulation is not supported; --micro-batch N bounds a step's memory")
-        if not rewards:
-            raise ValueError("grpo: no reward function (--reward FILE.py:NAME)")
+        if not rewards and teacher is None:
+            raise ValueError("grpo: no reward function (--reward FILE.py:NAME) and no --teacher")
+        if eval_prompts and not rewards:
+            raise ValueError("grpo: --eval-data scores held-out completions with the reward functions; give --reward")
+        if not teacher_coef > 0:
+            raise ValueError(f"grpo: --teacher-coef {teacher_coef}; expected a positive weight")
         weights = list(reward_weights) if reward_weights else [1.0] * len(rewards)
         if len(weights) != len(rewards):
             raise ValueError(f"--reward-weights: {len(weights)} weight(s) for {len(rewards)} reward function(s)")
@@ -253,7 +264,8 @@ class GRPOTrainer(StepLoop):
         # the per-token objective (PPO's clipped ratio to the generating policy, the KL penalty, GSPO's
         # sequence ratio) when it differs from the policy gradient; else each completion's summed
         # log-likelihood suffices
-        self.per_token = beta > 0 or num_iterations > 1 or importance_sampling == "sequence"
+        self.teacher, self.teacher_coef = teacher, teacher_coef
+        self.per_token = beta > 0 or num_iterations > 1 or importance_sampling == "sequence" or teacher is not None
         self._generation = None  # the batch being trained on (kept for --num-iterations steps)
         self._setup("grpo", model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
                     n_data=len(prompts), what="the prompts of every step")
@@ -315,9 +327,12 @@ class GRPOTrainer(StepLoop):
         stops = [set(r["stops"]) for r, _ in flat]
         texts = [self.tok.decode([t for t in ids if t not in s]) for (r, ids), s in zip(flat, stops)]
         chat = [isinstance(r["prompt"], list) for r, _ in flat]
-        rewards, table = score(self.rewards, self.weights, [r["prompt"] for r, _ in flat],
-                               [[{"role": "assistant", "content": t}] if m else t for t, m in zip(texts, chat)],
-                               [ids for _, ids in flat], [r["fields"] for r, _ in flat])
+        if self.rewards:
+            rewards, table = score(self.rewards, self.weights, [r["prompt"] for r, _ in flat],
+                                   [[{"role": "assistant", "content": t}] if m else t for t, m in zip(texts, chat)],
+                                   [ids for _, ids in flat], [r["fields"] for r, _ in flat])
+        else:  # on-policy distillation alone: the teacher's log-probabilities are the only signal
+            rewards, table = torch.zeros(len(flat), dtype=torch.float64), torch.zeros(0, len(flat), dtype=torch.float64)
         rewards = rewards.view(len(records), self.num_generations)
         # the step's counts over all ranks: completion tokens, completions, and the rewards' sums for a
         # batch-wide std
@@ -338,7 +353,7 @@ class GRPOTrainer(StepLoop):
                  "advantages": group_advantages(rewards, self.scale_rewards, batch_std).flatten(),
                  "weights": keep * sequence_weights(lengths, self.loss_type, n_tokens=n_tokens, n_sequences=n_seqs,
                                                     max_new_tokens=self.max_new_tokens),
-                 "old": None, "ref": None}
+                 "old": None, "ref": None, "teacher": None}
         if self.num_iterations > 1:  # the generating policy, for PPO's ratio in the later iterations
             batch["old"] = self._token_logps_no_grad(batch["seqs"], self.parallel or self.model)
         if self.beta:
@@ -349,6 +364,8 @@ class GRPOTrainer(StepLoop):
 
                 with adapters_disabled(self.model):
                     batch["ref"] = self._token_logps_no_grad(batch["seqs"], self.parallel or self.model)
+        if self.teacher is not None:
+            batch["teacher"] = self._token_logps_no_grad(batch["seqs"], self.teacher)
         return batch
 
     def _micro_batches(self, n: int) -> list[tuple[int, int]]:
@@ -371,12 +388,20 @@ class GRPOTrainer(StepLoop):
         """TRL's per-token GRPO loss of micro-batch ``k`` (completions ``a:b``), weighted per token by its
         completion's ``sequence_weights``: ``-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) + beta KL``
         with ``rho = p / p_generating`` and the k3 estimate ``KL = exp(q) - q - 1``, ``q = log p_ref - log p``.
-        Also (KL sum, clipped-token count) over the tokens in the loss, for the logs."""
+        With a teacher (on-policy distillation) each token's advantage also gets ``teacher_coef (log
+        p_teacher - log p_generating)``: the reverse KL to the teacher on the policy's own samples, as a
+        per-token reward. Also (KL sum, clipped-token count, teacher reverse-KL sum) over the tokens in
+        the loss, for the logs."""
         lens = torch.tensor(batch["lengths"][a:b], device=logps.device)
         adv = batch["advantages"][a:b].to(logps.device, logps.dtype).repeat_interleave(lens)
         weight = batch["weights"][a:b].to(logps.device, logps.dtype).repeat_interleave(lens)
         kept = batch["keep"][a:b].to(logps.device).repeat_interleave(lens) > 0
         old = batch["old"][k] if batch["old"] is not None else logps.detach()
+        teacher_kl = torch.zeros((), device=logps.device)
+        if batch["teacher"] is not None:
+            gap = old - batch["teacher"][k]  # log p_generating - log p_teacher of each sampled token
+            adv = adv - self.teacher_coef * gap
+            teacher_kl = (gap * kept).sum()
         log_ratio = logps - old
         if self.importance_sampling == "sequence":  # GSPO: each completion's mean log-ratio, on all its tokens
             seq = torch.arange(len(lens), device=logps.device).repeat_interleave(lens)
@@ -392,7 +417,7 @@ class GRPOTrainer(StepLoop):
             per_token_kl = torch.exp(q) - q - 1
             per_token = per_token + self.beta * per_token_kl
             kl = (per_token_kl.detach() * kept).sum()
-        return (weight * per_token).sum(), [kl, clipped]
+        return (weight * per_token).sum(), [kl, clipped, teacher_kl]
 
     def train_step(self) -> dict:
         c = self.cfg
@@ -410,7 +435,7 @@ class GRPOTrainer(StepLoop):
         # on the last
         parts = self._micro_batches(len(seqs))
         objective = torch.zeros((), dtype=torch.float64)
-        token_stats = torch.zeros(2, dtype=torch.float64)  # KL sum, clipped tokens
+        token_stats = torch.zeros(3, dtype=torch.float64)  # KL sum, clipped tokens, teacher reverse-KL sum
         for k, (a, b) in enumerate(parts):
             with par.grad_sync(k == len(parts) - 1) if par is not None else contextlib.nullcontext():
                 if self.per_token:
@@ -445,10 +470,10 @@ class GRPOTrainer(StepLoop):
             token_stats, torch.nansum(table, 1), (~table.isnan()).sum(1).double()])
         if par is not None:
             stats = par.mean(stats.to(self.device)).cpu() * self.world
-        loss, r_sum, std_sum, zero_std, n_len, n_cut, n, n_groups, n_kept, kl_sum, n_clipped = stats[:11].tolist()
+        loss, r_sum, std_sum, zero_std, n_len, n_cut, n, n_groups, n_kept, kl_sum, n_clipped, t_kl = stats[:12].tolist()
         f = len(self.rewards)
         per_function = {f"reward_{name}": (total / count if count else float("nan"))
-                        for name, total, count in zip(self.rewards, stats[11:11 + f].tolist(), stats[11 + f:].tolist())}
+                        for name, total, count in zip(self.rewards, stats[12:12 + f].tolist(), stats[12 + f:].tolist())}
         if not math.isfinite(loss):
             raise RuntimeError(f"grpo diverged: loss={loss} at step {self.step} (lower --lr?)")
         per_token = {}
@@ -456,6 +481,8 @@ class GRPOTrainer(StepLoop):
             per_token["kl"] = kl_sum / max(n_kept, 1.0)
         if self.num_iterations > 1:
             per_token["clip_ratio"] = n_clipped / max(n_kept, 1.0)
+        if self.teacher is not None:
+            per_token["teacher_kl"] = t_kl / max(n_kept, 1.0)
         return {"step": self.step, "loss": loss, "lr": lr, "reward": r_sum / n, "reward_std": std_sum / n_groups,
                 **per_function, **per_token, "frac_reward_zero_std": zero_std / n_groups,
                 "completion_len": n_len / n, "truncated": n_cut / n, "grad_norm": grad_norm,
@@ -513,11 +540,11 @@ def _grpo(args, env, mode: str) -> int:
         grpo, cfg = resumed(args, "grpo")
         load = {"lora": "keep", "keep_quantized": True}
     else:
-        if not (args.init and args.data and args.reward):
-            raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME are required "
-                             "(or --resume STEP.apr)")
+        if not (args.init and args.data and (args.reward or args.teacher)):
+            raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME (or --teacher "
+                             "T.apr) are required (or --resume STEP.apr)")
         grpo = {"init": str(args.init), "data": absolute(args.data), "eval_data": absolute(args.eval_data),
-                "micro_batch": args.micro_batch, "rewards": [_absolute_reward(s) for s in args.reward],
+                "micro_batch": args.micro_batch, "rewards": [_absolute_reward(s) for s in args.reward or []],
                 "reward_weights": args.reward_weights, "num_generations": args.num_generations,
                 "max_new_tokens": args.max_new_tokens, "max_prompt_len": args.max_prompt_len,
                 "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer,
@@ -525,6 +552,8 @@ def _grpo(args, env, mode: str) -> int:
                 "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
                 "importance_sampling": args.importance_sampling_level,
                 "mask_truncated": args.mask_truncated_completions,
+                "teacher": str(Path(args.teacher).resolve()) if args.teacher else None,
+                "teacher_coef": args.teacher_coef,
                 "reference": str(Path(args.init).resolve())}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
@@ -537,6 +566,11 @@ def _grpo(args, env, mode: str) -> int:
     if grpo["max_prompt_len"] + grpo["max_new_tokens"] > model.config.max_position_embeddings:
         raise ValueError(f"--max-prompt-len {grpo['max_prompt_len']} + --max-new-tokens {grpo['max_new_tokens']} "
                          f"exceed the model's max_position_embeddings {model.config.max_position_embeddings}")
+    teacher = None
+    if grpo.get("teacher"):  # on-policy distillation: whole on every rank
+        from .cli import load_teacher
+
+        teacher = load_teacher(grpo["teacher"], cfg.precision, tok, device, tristate(args.fast))
     reference = None
     if grpo.get("beta") and not getattr(model, "lora", None):  # (with LoRA the frozen base is the reference)
         reference = load_model(grpo["reference"], env, mode, device, args, lora_init=None).requires_grad_(False)
@@ -554,6 +588,7 @@ def _grpo(args, env, mode: str) -> int:
                           epsilon=grpo.get("epsilon", 0.2), epsilon_high=grpo.get("epsilon_high"),
                           importance_sampling=grpo.get("importance_sampling", "token"),
                           mask_truncated=grpo.get("mask_truncated", False), reference=reference,
+                          teacher=teacher, teacher_coef=grpo.get("teacher_coef", 1.0),
                           log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
@@ -610,6 +645,10 @@ def register(subparsers) -> None:
     p.add_argument("--mask-truncated-completions", action="store_true",
                    help="leave completions cut at --max-new-tokens (no stop token) out of the loss (TRL's option; "
                         "they still count in the advantages and the normalisation)")
+    p.add_argument("--teacher", help="on-policy distillation: APR model (the same tokenizer) whose log-probability "
+                                     "of each sampled token, minus the policy's, is added to that token's advantage "
+                                     "(the reverse KL as a per-token reward); --reward becomes optional")
+    p.add_argument("--teacher-coef", type=float, default=1.0, help="weight of the teacher term (default 1)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="completions per training forward (default: all of a rank's completions of the step)")
     add_options(p, command="grpo", lr=1e-6, lr_help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")
