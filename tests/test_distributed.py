@@ -218,6 +218,10 @@ def runs(tmp_path_factory):
     grpo_kl = [*grpo, "--beta", "0.2", "--num-iterations", "2"]
     code, one_grpo_kl_out = _cli(main, [*grpo_kl, "--out", str(root / "one_grpo_kl")])
     assert code == 0
+    # on-policy distillation: the GRPO run with the distillation teacher's per-token signal added
+    grpo_opd = [*grpo, "--teacher", str(teacher), "--teacher-coef", "0.5"]
+    code, one_grpo_opd_out = _cli(main, [*grpo_opd, "--out", str(root / "one_grpo_opd")])
+    assert code == 0
     # KTO: the same prompts, alternately good " yes" and bad " no" (unpaired), z over the global micro-batch
     examples = root / "kto.jsonl"
     examples.write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "completion": " yes" if i % 2 else " no",
@@ -262,6 +266,7 @@ def runs(tmp_path_factory):
         [*kto, "--parallel", "ddp", "--out", str(root / "ddp_kto")],
         [*kto, "--parallel", "fsdp", "--out", str(root / "fsdp_kto")],
         ["train", "--init", str(init), *COMMON, *kd, "--parallel", "fsdp", "--out", str(root / "fsdp_kd")],
+        [*grpo_opd, "--parallel", "ddp", "--out", str(root / "ddp_grpo_opd")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -282,7 +287,7 @@ def runs(tmp_path_factory):
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
-            "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out,
+            "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -661,3 +666,19 @@ def test_distillation_on_two_ranks_matches_one_process(runs):
     for name in b:
         if not name.startswith("__training__.rng"):  # (each process's own generator state)
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_on_policy_distillation_on_two_ranks_matches_one_process(runs):
+    """grpo --teacher under DDP (the teacher whole on each rank, scoring its rank's completions): the
+    completions, rewards, teacher KL, losses, gradient norms and final model are the one-process run's."""
+    want = _records(runs["one_grpo_opd_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)]["run14"], runs["ranks"][(1, 2)]["run14"]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    assert min(_losses(want, key="teacher_kl")) != 0
+    for key in ("reward", "completion_len", "teacher_kl", "loss", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-7), key
+    (a, _), (b, _) = (_tensors(runs["root"] / "ddp_grpo_opd" / "model.apr"),
+                      _tensors(runs["root"] / "one_grpo_opd" / "model.apr"))
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
