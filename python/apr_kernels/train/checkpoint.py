@@ -9,7 +9,8 @@ Layout of a checkpoint written by ``save_checkpoint``:
   (``tokenizer.*`` keys), so the file is self-contained for ``from_apr`` and ``apr-kernels eval``.
 * optimizer state, as extra tensors under the ``__training__.`` prefix that inference readers skip
   (spec 10.3): ``__training__.adam.exp_avg.<param>`` and ``__training__.adam.exp_avg_sq.<param>``
-  (fp32, the parameter's shape); the torch CPU RNG as ``__training__.rng.torch_cpu`` (U8) and, on
+  (fp32, the parameter's shape), and for the matrices Muon updates (``optim.py``)
+  ``__training__.muon.momentum_buffer.<param>``; the torch CPU RNG as ``__training__.rng.torch_cpu`` (U8) and, on
   CUDA, ``__training__.rng.torch_cuda``.
 * scalars under ``training.*`` metadata keys: ``training.step`` (optimizer steps done),
   ``training.data_position`` (training sequences consumed: the batch stream resumes there),
@@ -44,6 +45,7 @@ from apr_kernels._format import APR_DTYPE_OF
 FORMAT = "apr-kernels-checkpoint-v1"
 PREFIX = "__training__."
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+_MUON = "momentum_buffer"  # Muon's one state tensor per matrix (optim.py)
 
 
 def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> LazyTensor:
@@ -94,11 +96,14 @@ def _param_names(model, optimizer) -> list[str]:
 
 
 def _moments(model, opt) -> dict[str, dict]:
-    """AdamW state by parameter name: {"exp_avg", "exp_avg_sq" (fp32, lazy host copies), "step" (int)}."""
+    """Optimizer state by parameter name: AdamW's {"exp_avg", "exp_avg_sq" (fp32, lazy host copies),
+    "step" (int)} or Muon's {"momentum_buffer"} (``optim.py``)."""
     out = {}
     for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
         state = opt.state.get(p)
-        if state:
+        if state and _MUON in state:
+            out[name] = {_MUON: host_copy(state[_MUON], torch.float32)}
+        elif state:
             out[name] = {key: host_copy(state[key], torch.float32) for key in _MOMENTS}
             out[name]["step"] = int(state["step"])
     return out
@@ -151,6 +156,9 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
     if trainer is not None:
         steps = {}
         for name, entry in (moments if moments is not None else _moments(model, trainer.optimizer)).items():
+            if _MUON in entry:
+                tensors[f"{PREFIX}muon.{_MUON}.{name}"] = entry[_MUON]
+                continue
             for key in _MOMENTS:
                 tensors[f"{PREFIX}adam.{key}.{name}"] = entry[key]
             steps[name] = entry["step"]
@@ -200,6 +208,14 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
     state = {}
     with apr_kernels.open(path) as f:
         for i, (name, p) in enumerate(zip(names, params)):
+            muon = f"{PREFIX}muon.{_MUON}.{name}"
+            if muon in f:  # a Muon matrix (optim.py): its momentum buffer
+                t = f.get_tensor(muon)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"{path}: optimizer tensor {muon!r} has shape {list(t.shape)}, expected "
+                                     f"{list(p.shape)}")
+                state[i] = {_MUON: t.to(p.device, torch.float32, copy=True)}
+                continue
             if name not in steps:
                 continue
             entry = {"step": torch.tensor(float(steps[name]))}

@@ -382,7 +382,8 @@ def _train(args, env, mode: str) -> int:
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
                           document_mask=args.document_mask, packing=args.packing, precision=args.precision,
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
-                          kd_ratio=args.kd_ratio, kd_temperature=args.kd_temperature)
+                          kd_ratio=args.kd_ratio, kd_temperature=args.kd_temperature, optimizer=args.optimizer,
+                          muon_momentum=args.muon_momentum)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
             from apr_kernels.model.lora import add_lora
@@ -690,6 +691,10 @@ def register(subparsers) -> None:
     o.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast precision: auto = bf16 on GPUs that have it, fp16 with loss scaling on older ones "
                         "(V100, T4), fp32 on CPU; weights and optimizer state stay fp32")
+    o.add_argument("--optimizer", choices=["adamw", "muon"], default=d.optimizer,
+                   help="adamw, or muon: Muon on the decoder layers' weight matrices and AdamW on the rest (the "
+                        "same --lr; not under FSDP)")
+    o.add_argument("--muon-momentum", type=float, default=d.muon_momentum)
     o.add_argument("--steps", type=int, default=d.steps)
     o.add_argument("--batch-size", type=int, default=d.batch_size)
     o.add_argument("--seq-len", type=int, default=d.seq_len)

@@ -64,6 +64,8 @@ class TrainConfig:
     teacher: str | None = None          # knowledge distillation from this APR file (model/distillation.py)
     kd_ratio: float = 0.5               # loss = (1 - kd_ratio) * CE + kd_ratio * T^2 KL(teacher || student)
     kd_temperature: float = 1.0
+    optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
+    muon_momentum: float = 0.95
 
     def __post_init__(self):
         if self.warmup is None:
@@ -77,6 +79,10 @@ class TrainConfig:
             raise ValueError(f"training config: precision={self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         if self.packing not in PACKINGS:
             raise ValueError(f"training config: packing={self.packing!r}; expected one of {', '.join(PACKINGS)}")
+        from .optim import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"training config: optimizer={self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.kd_ratio <= 1.0 or not self.kd_temperature > 0:
             raise ValueError(f"training config: kd_ratio={self.kd_ratio}, kd_temperature={self.kd_temperature}; "
                              f"expected 0 <= kd_ratio <= 1 and kd_temperature > 0")
@@ -106,18 +112,11 @@ def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | No
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (incl. the embedding) only, not on norms and biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # the fused CUDA implementation: one kernel for all parameters instead of a few per tensor
-    fused = bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             fused=fused or None)
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """``cfg.optimizer`` for ``model`` (``optim.py``: AdamW, or Muon on the hidden matrices + AdamW)."""
+    from .optim import make_optimizer as make
+
+    return make(model, cfg)
 
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity), matched in order against the CUDA device name.
@@ -245,6 +244,9 @@ class Trainer:
             if config.batch_size % parallel.world_size:
                 raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the world size "
                                  f"{parallel.world_size}; expected an equal share of every batch per rank")
+            if config.optimizer == "muon" and parallel.mode == "fsdp":
+                raise ValueError("--optimizer muon is not supported under FSDP (Muon orthogonalises whole "
+                                 "matrices; FSDP holds row shards of them); use --parallel ddp or AdamW")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # a parallel model is already placed (and an FSDP one must not be moved)
         self.model = model if parallel is not None else model.to(self.device)
@@ -257,6 +259,9 @@ class Trainer:
         if autocast_dtype == torch.float16:
             if parallel is not None and parallel.mode == "fsdp":
                 raise ValueError("fp16 training (loss scaling) is not supported under FSDP; use bf16 or fp32")
+            if config.optimizer == "muon":
+                raise ValueError("--optimizer muon with fp16 loss scaling is not supported; use --precision bf16 "
+                                 "or fp32")
             self.scaler = torch.amp.GradScaler(self.device.type)
         # a token stream, or a Mixture of several (--data-weights) that already holds its sequences
         mixture = train_tokens if isinstance(train_tokens, Mixture) else None

@@ -1,0 +1,100 @@
+"""The optimizers of a training run (``TrainConfig.optimizer``).
+
+* ``adamw`` (default): AdamW with weight decay on matrices (the embedding included), not on norms and
+  biases; the fused CUDA implementation on GPUs.
+* ``muon``: Muon (Jordan et al., 2024; ``torch.optim.Muon``) on the decoder layers' weight matrices
+  (the attention and MLP projections), AdamW on everything else (the embedding, the output head,
+  norms and biases; LoRA adapters), as Muon's authors and Moonlight prescribe. Muon's learning rate
+  is matched to AdamW's by update RMS (``adjust_lr_fn="match_rms_adamw"``, Moonlight's rule: ``0.2
+  sqrt(max(A, B))``), so one ``--lr`` and one schedule serve both. Its state is one momentum buffer
+  per matrix (``__training__.muon.momentum_buffer.<param>`` in checkpoints). Not under FSDP (Muon
+  orthogonalises whole matrices; FSDP holds row shards) and not with fp16 loss scaling.
+
+``MuonWithAdamW`` puts the two behind the interface the trainers and checkpoints use: ``param_groups``
+(Muon's first), ``state``, ``step``, ``zero_grad``, ``state_dict`` / ``load_state_dict`` with one flat
+parameter index over both.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+OPTIMIZERS = ("adamw", "muon")
+_HIDDEN_MATRIX = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
+
+
+def adamw(params, cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (``params``: the trainable ones)."""
+    decay, no_decay = [], []
+    for p in params:
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # the fused CUDA implementation: one kernel for all parameters instead of a few per tensor
+    fused = bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                             fused=fused or None)
+
+
+def muon_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trainable decoder-layer weight matrices Muon updates (everything else takes AdamW)."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.requires_grad and p.ndim == 2 and _HIDDEN_MATRIX.search(n) and ".lora_" not in n]
+
+
+class MuonWithAdamW:
+    """Muon on ``muon_parameters``, AdamW on the rest, as one optimizer (module docstring)."""
+
+    def __init__(self, model, cfg):
+        if not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"--optimizer muon needs torch.optim.Muon (PyTorch >= 2.9); this is {torch.__version__}")
+        hidden = [p for _, p in muon_parameters(model)]
+        if not hidden:
+            raise ValueError("--optimizer muon: no trainable decoder-layer weight matrix for Muon to update")
+        ids = {id(p) for p in hidden}
+        self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                                     nesterov=True, adjust_lr_fn="match_rms_adamw")
+        self.adamw = adamw([p for p in model.parameters() if p.requires_grad and id(p) not in ids], cfg)
+        self._parts = (self.muon, self.adamw)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self._parts:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self._parts:
+            opt.step()
+
+    def _split(self) -> int:
+        return sum(len(g["params"]) for g in self.muon.param_groups)
+
+    def state_dict(self) -> dict:
+        n = self._split()
+        muon, adamw_ = self.muon.state_dict(), self.adamw.state_dict()
+        return {"state": {**muon["state"], **{i + n: s for i, s in adamw_["state"].items()}},
+                "param_groups": muon["param_groups"] + adamw_["param_groups"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``state_dict["state"]`` by the flat index over both (Muon's parameters first); each part keeps
+        its own param_groups."""
+        n = self._split()
+        for opt, lo, hi in ((self.muon, 0, n), (self.adamw, n, None)):
+            own = {i - lo: s for i, s in state_dict["state"].items() if i >= lo and (hi is None or i < hi)}
+            opt.load_state_dict({"state": own, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def make_optimizer(model: torch.nn.Module, cfg):
+    """The optimizer ``cfg.optimizer`` names for ``model``'s trainable parameters."""
+    if cfg.optimizer == "muon":
+        return MuonWithAdamW(model, cfg)
+    return adamw([p for p in model.parameters() if p.requires_grad], cfg)
