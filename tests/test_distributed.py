@@ -178,6 +178,10 @@ def runs(tmp_path_factory):
     lora = ["--lora-rank", "4", "--lr", "1e-2"]
     code, one_lora_out = _cli(main, ["train", "--init", str(init), *COMMON, *lora, "--out", str(root / "one_lora")])
     assert code == 0
+    # Muon on the decoder matrices (AdamW on the rest): every rank applies the same update
+    code, one_muon_out = _cli(main, ["train", "--init", str(init), *COMMON, "--optimizer", "muon",
+                                     "--out", str(root / "one_muon")])
+    assert code == 0
     # distillation from a teacher (another shape, the same byte tokenizer), whole on every rank
     from apr_kernels.train.cli import byte_tokenizer
 
@@ -267,6 +271,8 @@ def runs(tmp_path_factory):
         [*kto, "--parallel", "fsdp", "--out", str(root / "fsdp_kto")],
         ["train", "--init", str(init), *COMMON, *kd, "--parallel", "fsdp", "--out", str(root / "fsdp_kd")],
         [*grpo_opd, "--parallel", "ddp", "--out", str(root / "ddp_grpo_opd")],
+        ["train", "--init", str(init), *COMMON, "--optimizer", "muon", "--parallel", "ddp",
+         "--out", str(root / "ddp_muon")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -288,6 +294,7 @@ def runs(tmp_path_factory):
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
+            "one_muon_out": one_muon_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -682,3 +689,21 @@ def test_on_policy_distillation_on_two_ranks_matches_one_process(runs):
                       _tensors(runs["root"] / "one_grpo_opd" / "model.apr"))
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_muon_on_two_ranks_matches_one_process(runs):
+    """train --optimizer muon under DDP: the losses, gradient norms and final weights (and Muon's
+    momentum buffers) are the one-process run's, within what Muon's bf16 Newton-Schulz iteration
+    makes of the all-reduce's rounding (a few 1e-5 by the fourth step)."""
+    want = _records(runs["one_muon_out"])
+    rank0 = runs["ranks"][(0, 2)]["run15"]
+    assert rank0["code"] == 0
+    got = _records(rank0["stdout"])
+    for key in ("loss", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=2e-4), key
+    (a, _), (b, _) = (_tensors(runs["root"] / "ddp_muon" / "model.apr"), _tensors(runs["root"] / "one_muon" / "model.apr"))
+    assert any(k.startswith("__training__.muon.momentum_buffer.") for k in b)
+    for name in b:  # (relative to each tensor's norm: bf16 orthogonalisation amplifies rounding)
+        if not name.startswith("__training__.rng"):
+            err = ((a[name].double() - b[name].double()).norm() / b[name].double().norm().clamp_min(1e-12)).item()
+            assert err < 3e-3, f"{name}: relative error {err:.2g}"
