@@ -365,3 +365,5 @@ def test_cli_distillation_pulls_the_student_to_the_teacher_and_resumes_exactly(t
     assert "bare.apr: no embedded tokenizer (tokenizer.vocabulary)" in err
     _, err = _run(capsys, *base, "--kd-ratio", "2", "--out", str(tmp_path / "e"), code=1)
     assert "kd_ratio=2.0, kd_temperature=1.0; expected 0 <= kd_ratio <= 1" in err
+    _, err = _run(capsys, *base[:3], *base[5:], "--out", str(tmp_path / "f"), code=1)  # no --teacher
+    assert "--kd-ratio 1.0 needs --teacher" in err

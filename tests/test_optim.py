@@ -120,3 +120,5 @@ def test_cli_muon_run_learns_and_resumes_exactly(tmp_path, capsys):
                  str(tmp_path / "b")]) == 0
     resumed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[4:]
+    assert main([*base[:-2], "--muon-momentum", "0.9", "--out", str(tmp_path / "c")]) == 1
+    assert "--muon-momentum 0.9 needs --optimizer muon" in capsys.readouterr().err

@@ -203,6 +203,21 @@ def build_model(args, tokenizer_spec, *, device=None, load=None):
 
 
 # ------------------------------------------------------------------------------------ train
+def _settings_of(args) -> dict:
+    """The distillation and Muon settings given, each refused without the option it tunes."""
+    needs = {"kd_ratio": ("teacher", "--teacher"), "kd_temperature": ("teacher", "--teacher"),
+             "muon_momentum": ("optimizer", "--optimizer muon")}
+    out = {}
+    for key, (option, spelled) in needs.items():
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if not getattr(args, option) or (option == "optimizer" and args.optimizer != "muon"):
+            raise ValueError(f"--{key.replace('_', '-')} {value} needs {spelled}")
+        out[key] = value
+    return out
+
+
 def load_teacher(path: str, precision: str, tokenizer, device, fast):
     """The frozen teacher of a distillation run (``train --teacher``, ``grpo --teacher``), on ``device``
     (each rank holds a whole copy), in bf16 where the run computes in bf16 (``precision``); its
@@ -382,8 +397,7 @@ def _train(args, env, mode: str) -> int:
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
                           document_mask=args.document_mask, packing=args.packing, precision=args.precision,
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
-                          kd_ratio=args.kd_ratio, kd_temperature=args.kd_temperature, optimizer=args.optimizer,
-                          muon_momentum=args.muon_momentum)
+                          optimizer=args.optimizer, **_settings_of(args))
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
             from apr_kernels.model.lora import add_lora
@@ -684,8 +698,8 @@ def register(subparsers) -> None:
     k = p.add_argument_group("distillation")
     k.add_argument("--teacher", help="APR model to distil from (the same tokenizer): the loss becomes (1 - "
                                      "--kd-ratio) x cross entropy + --kd-ratio x T^2 KL(teacher || student)")
-    k.add_argument("--kd-ratio", type=float, default=d.kd_ratio, help=f"weight of the KL term (default {d.kd_ratio})")
-    k.add_argument("--kd-temperature", type=float, default=d.kd_temperature,
+    k.add_argument("--kd-ratio", type=float, default=None, help=f"weight of the KL term (default {d.kd_ratio})")
+    k.add_argument("--kd-temperature", type=float, default=None,
                    help=f"softmax temperature T of both models in the KL term (default {d.kd_temperature:g})")
     o = p.add_argument_group("optimisation")
     o.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -694,7 +708,7 @@ def register(subparsers) -> None:
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=d.optimizer,
                    help="adamw, or muon: Muon on the decoder layers' weight matrices and AdamW on the rest (the "
                         "same --lr; not under FSDP)")
-    o.add_argument("--muon-momentum", type=float, default=d.muon_momentum)
+    o.add_argument("--muon-momentum", type=float, default=None, help=f"Muon's momentum (default {d.muon_momentum})")
     o.add_argument("--steps", type=int, default=d.steps)
     o.add_argument("--batch-size", type=int, default=d.batch_size)
     o.add_argument("--seq-len", type=int, default=d.seq_len)
