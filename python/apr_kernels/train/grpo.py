@@ -540,6 +540,8 @@ def _grpo(args, env, mode: str) -> int:
         grpo, cfg = resumed(args, "grpo")
         load = {"lora": "keep", "keep_quantized": True}
     else:
+        if args.teacher_coef is not None and not args.teacher:
+            raise ValueError(f"--teacher-coef {args.teacher_coef} needs --teacher")
         if not (args.init and args.data and (args.reward or args.teacher)):
             raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME (or --teacher "
                              "T.apr) are required (or --resume STEP.apr)")
@@ -553,7 +555,7 @@ def _grpo(args, env, mode: str) -> int:
                 "importance_sampling": args.importance_sampling_level,
                 "mask_truncated": args.mask_truncated_completions,
                 "teacher": str(Path(args.teacher).resolve()) if args.teacher else None,
-                "teacher_coef": args.teacher_coef,
+                "teacher_coef": 1.0 if args.teacher_coef is None else args.teacher_coef,
                 "reference": str(Path(args.init).resolve())}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
@@ -648,7 +650,7 @@ def register(subparsers) -> None:
     p.add_argument("--teacher", help="on-policy distillation: APR model (the same tokenizer) whose log-probability "
                                      "of each sampled token, minus the policy's, is added to that token's advantage "
                                      "(the reverse KL as a per-token reward); --reward becomes optional")
-    p.add_argument("--teacher-coef", type=float, default=1.0, help="weight of the teacher term (default 1)")
+    p.add_argument("--teacher-coef", type=float, default=None, help="weight of the teacher term (default 1)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="completions per training forward (default: all of a rank's completions of the step)")
     add_options(p, command="grpo", lr=1e-6, lr_help="peak learning rate (default 1e-6; LoRA wants ~1e-5)")
