@@ -1,4 +1,4 @@
-"""``apr-kernels convert | export | inspect | validate`` (registered by apr_kernels.cli).
+"""``apr-kernels convert | export | merge | inspect | validate`` (registered by apr_kernels.cli).
 
 Errors propagate as ValueError/OSError, which the router prints as one line with exit code 1.
 """
@@ -39,6 +39,16 @@ def _export(args) -> int:
                      max_shard_size=args.max_shard_size)
     if not args.quiet:
         print(f"wrote {out}")
+    return 0
+
+
+def _merge(args) -> int:
+    from .merge import merge
+
+    meta = merge(args.models, args.out, method=args.method, weights=args.weights, base=args.base, t=args.t,
+                 density=args.density, dtype=args.dtype)
+    if not args.quiet:
+        print(f"wrote {args.out} ({meta['merge']['method']} of {len(args.models)} models)")
     return 0
 
 
@@ -96,6 +106,23 @@ def register(subparsers) -> None:
                         "(adapter_config.json + adapter_model.safetensors) for peft.PeftModel.from_pretrained")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_export)
+
+    from .merge import METHODS
+
+    p = subparsers.add_parser("merge", help="merge APR models tensor by tensor (linear, slerp, task arithmetic, "
+                                            "TIES), as mergekit does")
+    p.add_argument("models", nargs="+", help="input .apr files (the same architecture, shapes and tokenizer)")
+    p.add_argument("--out", required=True, help="output .apr file (written atomically)")
+    p.add_argument("--method", choices=METHODS, default="linear",
+                   help="linear (weighted mean), slerp (two models at --t), task_arithmetic or ties (with --base)")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per model (default 1)")
+    p.add_argument("--base", default=None, help="the base model of task_arithmetic and ties")
+    p.add_argument("--t", type=float, default=0.5, help="slerp's interpolation point: 0 = the first model")
+    p.add_argument("--density", type=float, default=0.5, help="ties: the share of each task vector kept")
+    p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
+                   help="output dtype (keep: the first model's; quantised tensors become f32)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_merge)
 
     p = subparsers.add_parser("inspect", help="header, flags, metadata, model config and tensor table")
     p.add_argument("file")
