@@ -91,12 +91,44 @@ def test_ties_trims_elects_signs_and_averages_the_agreeing_entries(tmp_path):
     assert tm[n].flatten().tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
+def test_dare_keeps_a_random_share_of_each_task_vector_rescaled(tmp_path):
+    """dare_linear with one model: every entry of (merged - base) is either 0 (dropped) or the task
+    vector's entry / density (kept), about a density share of them kept; the same seed gives the same
+    file, another seed other drops. dare_ties with two models agreeing in sign equals their
+    weighted mean of the rescaled entries where both kept them."""
+    base, a, b = _models(tmp_path, 3)
+    merge([a], tmp_path / "m.apr", method="dare_linear", base=base, weights=[0.8], density=0.3, seed=7)
+    (t0, _), (ta, _), (tm, meta) = _load(base), _load(a), _load(tmp_path / "m.apr")
+    assert meta["merge"]["seed"] == 7 and meta["merge"]["density"] == 0.3
+    kept_total = count = 0
+    for n in t0:
+        delta = ta[n] - t0[n]
+        moved = tm[n] - t0[n]
+        full = 0.8 * delta / 0.3
+        kept = (moved - full).abs() <= 1e-5 * full.abs().max().clamp_min(1e-6)
+        assert torch.all(kept | (moved == 0)), n
+        kept_total, count = kept_total + int((kept & (delta != 0)).sum()), count + int((delta != 0).sum())
+    assert abs(kept_total / count - 0.3) < 0.02
+    merge([a], tmp_path / "again.apr", method="dare_linear", base=base, weights=[0.8], density=0.3, seed=7)
+    merge([a], tmp_path / "other.apr", method="dare_linear", base=base, weights=[0.8], density=0.3, seed=8)
+    again, other = _load(tmp_path / "again.apr")[0], _load(tmp_path / "other.apr")[0]
+    n = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(again[n], tm[n]) and not torch.equal(other[n], tm[n])
+    # dare_ties of a model with itself: the kept entries of each copy, rescaled, averaged (same sign)
+    merge([a, a], tmp_path / "t.apr", method="dare_ties", base=base, weights=[1.0, 1.0], density=0.5, seed=3)
+    tt = _load(tmp_path / "t.apr")[0]
+    delta, moved = ta[n] - t0[n], tt[n] - t0[n]
+    ratio = moved[delta.abs() > 1e-4] / (delta[delta.abs() > 1e-4] / 0.5)
+    assert torch.all(((ratio - 1).abs() < 1e-4) | (ratio.abs() < 1e-6))  # kept by either copy, or by none
+    assert abs(((ratio - 1).abs() < 1e-4).double().mean().item() - 0.75) < 0.03  # each copy its own drops
+
+
 def test_refusals_name_what_differs(tmp_path):
     a, b, c = _models(tmp_path, 3)
     cases = [
         (dict(models=[a, b, c], method="slerp"), "slerp interpolates exactly two models"),
         (dict(models=[a, b], method="ties"), "--base is required with --method ties"),
-        (dict(models=[a, b], base=c), "--base is only for task_arithmetic and ties"),
+        (dict(models=[a, b], base=c), "--base is only for the task-vector methods"),
         (dict(models=[a, b], weights=[1.0]), "1 --weights for 2 models"),
         (dict(models=[a, b], method="ties", base=c, density=0.0), "0 < density <= 1"),
         (dict(models=[a], method="linear"), "needs two models or more"),

@@ -46,7 +46,7 @@ def _merge(args) -> int:
     from .merge import merge
 
     meta = merge(args.models, args.out, method=args.method, weights=args.weights, base=args.base, t=args.t,
-                 density=args.density, dtype=args.dtype)
+                 density=args.density, dtype=args.dtype, seed=args.seed)
     if not args.quiet:
         print(f"wrote {args.out} ({meta['merge']['method']} of {len(args.models)} models)")
     return 0
@@ -114,11 +114,14 @@ def register(subparsers) -> None:
     p.add_argument("models", nargs="+", help="input .apr files (the same architecture, shapes and tokenizer)")
     p.add_argument("--out", required=True, help="output .apr file (written atomically)")
     p.add_argument("--method", choices=METHODS, default="linear",
-                   help="linear (weighted mean), slerp (two models at --t), task_arithmetic or ties (with --base)")
+                   help="linear (weighted mean), slerp (two models at --t), or with --base: task_arithmetic, "
+                        "ties, dare_linear, dare_ties")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per model (default 1)")
     p.add_argument("--base", default=None, help="the base model of task_arithmetic and ties")
     p.add_argument("--t", type=float, default=0.5, help="slerp's interpolation point: 0 = the first model")
-    p.add_argument("--density", type=float, default=0.5, help="ties: the share of each task vector kept")
+    p.add_argument("--density", type=float, default=0.5,
+                   help="ties, dare_*: the share of each task vector kept (largest / random entries)")
+    p.add_argument("--seed", type=int, default=0, help="dare_*: the seed of the random drops")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
                    help="output dtype (keep: the first model's; quantised tensors become f32)")
     p.add_argument("-q", "--quiet", action="store_true")

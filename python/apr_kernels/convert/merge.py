@@ -10,7 +10,11 @@ where the method needs one, a base model ``B`` (``--base``):
 * ``ties`` (TIES-merging, Yadav et al.): each task vector ``d_i = M_i - B`` keeps its ``--density``
   share of largest-magnitude entries, each entry's sign is elected by ``sign(sum_i w_i d_i)``, and the
   kept entries that agree with it are averaged with their weights:
-  ``B + sum_i w_i k_i d_i / sum_i w_i k_i`` (``k_i``: kept and agreeing; 0 where none is).
+  ``B + sum_i w_i k_i d_i / sum_i w_i k_i`` (``k_i``: kept and agreeing; 0 where none is);
+* ``dare_linear`` / ``dare_ties`` (DARE, Yu et al.): each task vector keeps a random ``--density``
+  share of its entries, rescaled by ``1 / density``, then task arithmetic / TIES' sign election and
+  disjoint mean; the drops are drawn from ``--seed`` (one generator per tensor and model, so the
+  result does not depend on the order tensors are written in).
 
 All models (and the base) must hold the same tensors with the same shapes and the same tokenizer;
 the output carries the first model's metadata (config, tokenizer) plus ``merge`` (method, models,
@@ -28,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("linear", "slerp", "task_arithmetic", "ties")
-NEEDS_BASE = ("task_arithmetic", "ties")
+METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
 DOT_THRESHOLD = 0.9995  # mergekit's: above it, slerp falls back to linear interpolation
 _TOKENIZER_KEYS = ("tokenizer.vocabulary", "tokenizer.merges", "tokenizer.model_type", "tokenizer.scores")
 
@@ -48,18 +52,28 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((math.sin((1 - t) * theta) / s) * a.double() + (math.sin(t * theta) / s) * b.double()).float()
 
 
-def ties(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
-    """TIES-merging of one tensor (module docstring)."""
-    deltas = []
-    for m in models:
-        d = m.float() - base.float()
-        k = int(round(density * d.numel()))
-        if k < d.numel():  # keep the k largest magnitudes (ties broken by position: topk's order)
-            keep = torch.zeros(d.numel(), dtype=torch.bool)
-            if k > 0:
-                keep[d.abs().flatten().topk(k).indices] = True
-            d = d * keep.view(d.shape)
-        deltas.append(d)
+def trimmed(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim: the ``density`` share of largest-magnitude entries kept, the rest zeroed."""
+    k = int(round(density * delta.numel()))
+    if k >= delta.numel():
+        return delta
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    if k > 0:  # (ties broken by position: topk's order)
+        keep[delta.abs().flatten().topk(k).indices] = True
+    return delta * keep.view(delta.shape)
+
+
+def dropped(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's drop and rescale: each entry kept with probability ``density``, kept ones / density."""
+    keep = torch.rand(delta.shape, generator=generator) < density
+    return delta * keep / density
+
+
+def ties(base: torch.Tensor, models: list[torch.Tensor], weights: list[float], density: float,
+         sparsify=None) -> torch.Tensor:
+    """TIES-merging of one tensor (module docstring); ``sparsify(delta, i)`` replaces the trim (DARE)."""
+    deltas = [(sparsify(m.float() - base.float(), i) if sparsify else trimmed(m.float() - base.float(), density))
+              for i, m in enumerate(models)]
     w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * base.dim()))
     stacked = torch.stack(deltas) * w
     sign = torch.sign(stacked.sum(0))
@@ -94,7 +108,7 @@ def _check(files: dict) -> list[str]:
 
 def merge(models: list[str | os.PathLike], dst: str | os.PathLike, *, method: str = "linear",
           weights: list[float] | None = None, base: str | os.PathLike | None = None, t: float = 0.5,
-          density: float = 0.5, dtype: str = "keep") -> dict:
+          density: float = 0.5, dtype: str = "keep", seed: int = 0) -> dict:
     """Merge ``models`` into ``dst`` (module docstring); returns the written metadata."""
     import apr_kernels
     from apr_kernels._format import APR_DTYPE_OF, QUANTIZED, LazyTensor, TORCH_DTYPES
@@ -112,7 +126,7 @@ def merge(models: list[str | os.PathLike], dst: str | os.PathLike, *, method: st
     if method == "slerp" and (len(models) != 2 or weights):
         raise ValueError("merge: --method slerp interpolates exactly two models at --t (no --weights)")
     if (base is not None) != (method in NEEDS_BASE):
-        raise ValueError(f"merge: --base is {'required' if method in NEEDS_BASE else 'only for task_arithmetic and ties'}"
+        raise ValueError(f"merge: --base is {'required' if method in NEEDS_BASE else 'only for the task-vector methods'}"
                          f" with --method {method}")
     weights = list(weights) if weights else [1.0] * len(models)
     if len(weights) != len(models):
@@ -130,6 +144,12 @@ def merge(models: list[str | os.PathLike], dst: str | os.PathLike, *, method: st
         inputs = [files[p] for p in models]
         base_file = files[str(base)] if base is not None else None
 
+        index = {name: i for i, name in enumerate(names)}
+
+        def drop(name: str):  # DARE: a generator per (tensor, model) from the seed
+            return lambda delta, i: dropped(delta, density, torch.Generator().manual_seed(
+                (seed * 1_000_003 + index[name]) * 1_009 + i))
+
         def merged(name: str) -> torch.Tensor:
             ts = [f.get_tensor(name, dtype=torch.float32) for f in inputs]
             if method == "linear":
@@ -139,7 +159,9 @@ def merge(models: list[str | os.PathLike], dst: str | os.PathLike, *, method: st
             b = base_file.get_tensor(name, dtype=torch.float32)
             if method == "task_arithmetic":
                 return b + sum(w * (x - b) for w, x in zip(weights, ts))
-            return ties(b, ts, weights, density)
+            if method == "dare_linear":
+                return b + sum(w * drop(name)(x - b, i) for i, (w, x) in enumerate(zip(weights, ts)))
+            return ties(b, ts, weights, density, sparsify=drop(name) if method == "dare_ties" else None)
 
         first = inputs[0]
         out = {}
@@ -154,7 +176,9 @@ def merge(models: list[str | os.PathLike], dst: str | os.PathLike, *, method: st
         meta = {k: v for k, v in first.metadata.items() if not k.startswith("training.")}
         meta["merge"] = {"method": method, "models": models, "weights": weights,
                          **({"base": str(base)} if base is not None else {}),
-                         **({"t": t} if method == "slerp" else {}), **({"density": density} if method == "ties" else {})}
+                         **({"t": t} if method == "slerp" else {}),
+                         **({"density": density} if method in ("ties", "dare_linear", "dare_ties") else {}),
+                         **({"seed": seed} if method.startswith("dare") else {})}
         apr_kernels.save(out, dst, metadata=meta)
     finally:
         for f in files.values():
