@@ -27,8 +27,8 @@ from per-token log-probabilities (``posttrain.token_logps``: the fused loss with
 ``reduction="none"``). A generation batch serves ``K`` steps; the generating policy's
 log-probabilities are computed once, right after sampling (so ``rho`` is 1 in its first step). The
 reference is the model as loaded: with LoRA the frozen base (the adapters switched off), otherwise a
-second copy of ``--init`` without gradients (sharded too under FSDP), computed once per generation
-batch. Step checkpoints fall between generation batches (``--save-every`` a multiple of ``K``).
+second copy of ``--init`` without gradients (in bf16 where the run computes in bf16; sharded too under
+FSDP), computed once per generation batch. Step checkpoints fall between generation batches (``--save-every`` a multiple of ``K``).
 On-policy distillation (``--teacher T.apr``, as Qwen3's small models and Thinking Machines' recipe
 distil): each sampled token's advantage gains ``--teacher-coef`` x ``(log p_teacher - log
 p_generating)``, the per-token reverse KL to the teacher on the policy's own samples (the teacher's
@@ -76,7 +76,7 @@ from pathlib import Path
 
 import torch
 
-from .loop import TrainConfig
+from .loop import TrainConfig, autocast_dtype_for
 from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, load_model, logger_for,
                         lora_settings, parallel_for, resumed, run_command, sequence_logps, token_logps,
                         tokenizer_for, train_and_save)
@@ -576,6 +576,8 @@ def _grpo(args, env, mode: str) -> int:
     reference = None
     if grpo.get("beta") and not getattr(model, "lora", None):  # (with LoRA the frozen base is the reference)
         reference = load_model(grpo["reference"], env, mode, device, args, lora_init=None).requires_grad_(False)
+        if mode != "fsdp" and autocast_dtype_for(cfg.precision, torch.device(device)) == torch.bfloat16:
+            reference = reference.to(torch.bfloat16)  # (it runs under bf16 autocast anyway: half the memory)
         reference.eval()
     if not args.resume:
         torch.manual_seed(cfg.seed)
