@@ -78,8 +78,8 @@ import torch
 
 from .loop import TrainConfig, autocast_dtype_for
 from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, load_model, logger_for,
-                        lora_settings, parallel_for, resumed, run_command, sequence_logps, token_logps,
-                        tokenizer_for, train_and_save)
+                        lora_settings, parallel_for, resumed, run_command, sequence_logps, start_fields,
+                        token_logps, tokenizer_for, train_and_save)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -596,14 +596,11 @@ def _grpo(args, env, mode: str) -> int:
                           log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
-    trainer.log("start", {"step": trainer.step, "prompts": len(prompts), "eval_prompts": len(eval_prompts or []),
-                          "steps": cfg.steps, "rewards": list(rewards),
+    trainer.log("start", {**start_fields(trainer, device), "prompts": len(prompts),
+                          "eval_prompts": len(eval_prompts or []), "rewards": list(rewards),
                           "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
                           "beta": trainer.beta, "num_iterations": trainer.num_iterations,
-                          "importance_sampling": trainer.importance_sampling,
-                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                          "device": str(device), "world": trainer.world, "padding_free": trainer.padding_free,
-                          "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
+                          "importance_sampling": trainer.importance_sampling})
     return train_and_save(trainer, args, env, parallel, tok, {"training.grpo": grpo})
 
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, load_model,
-                        logger_for, lora_settings, parallel_for, reference_state, resumed, run_command,
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, logger_for,
+                        parallel_for, reference_state, run_command, settings_and_model, start_fields,
                         stored_reference, tokenizer_for, train_and_save)
 from .preference import answer_ids
 
@@ -173,19 +173,17 @@ def _kto(args, env, mode: str) -> int:
     from .checkpoint import restore_training_state
     from .cli import tristate
 
-    device = device_for(args, env, mode)
-    if args.resume:  # everything but the device and the output folder comes from the checkpoint
-        kto, cfg = resumed(args, "kto")
-        model = load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True)
-    else:
+    def fresh():
         if not (args.init and args.data):
             raise ValueError("kto: --init FILE.apr and --data EXAMPLES.jsonl... are required (or --resume STEP.apr)")
         kto = {"beta": args.beta, "desirable_weight": args.desirable_weight,
                "undesirable_weight": args.undesirable_weight, "init": str(args.init), "data": absolute(args.data),
                "eval_data": absolute(args.eval_data), "eval_fraction": args.eval_fraction, "max_len": args.max_len,
                "tokenizer": args.tokenizer}
-        cfg = config_from(args, grad_accum=args.grad_accum, seq_len=args.max_len)
-        model = load_model(args.init, env, mode, device, args, **lora_settings(args))
+        return kto, config_from(args, grad_accum=args.grad_accum, seq_len=args.max_len)
+
+    device = device_for(args, env, mode)
+    kto, cfg, model = settings_and_model(args, env, mode, device, "kto", fresh)
     source = args.resume or kto["init"]
     tok = tokenizer_for(kto["tokenizer"], model, source)
     items, labels = read_examples(kto["data"], tok, kto["max_len"])
@@ -206,11 +204,8 @@ def _kto(args, env, mode: str) -> int:
                          log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
-    trainer.log("start", {"step": trainer.step, "examples": len(items), "desirable": sum(labels),
-                          "eval_examples": len(eval_items), "beta": kto["beta"], "steps": cfg.steps,
-                          "world": trainer.world, "device": str(device), "padding_free": trainer.padding_free,
-                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                          "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
+    trainer.log("start", {**start_fields(trainer, device), "examples": len(items), "desirable": sum(labels),
+                          "eval_examples": len(eval_items), "beta": kto["beta"]})
     return train_and_save(trainer, args, env, parallel, tok, {"training.kto": kto}, reference_state("kto"))
 
 

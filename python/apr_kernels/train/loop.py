@@ -298,6 +298,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         parts = torch.zeros(2, device=self.device)  # distillation: the step's ce and kl sums
+        if self.teacher is not None:
+            from apr_kernels.model.distillation import Teacher
         par = self.parallel
         world = par.world_size if par is not None else 1
         # the global batch of every micro-batch (the data position is global), and the number of loss
@@ -315,8 +317,6 @@ class Trainer:
                                     enabled=self.autocast_dtype is not None):
                     teacher = None
                     if self.teacher is not None:
-                        from apr_kernels.model.distillation import Teacher
-
                         teacher = Teacher.of(self.teacher, x, docs, kd_ratio=c.kd_ratio, temperature=c.kd_temperature)
                     loss_sum = (par.loss(x, y, docs, reduction="sum", teacher=teacher) if par
                                 else self.model.loss(x, y, reduction="sum", documents=docs, teacher=teacher))

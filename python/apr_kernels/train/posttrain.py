@@ -319,6 +319,26 @@ def load_model(source, env, mode: str, device, args, **lora):
     return from_apr(source, device=device, fast=tristate(args.fast), **lora)
 
 
+def settings_and_model(args, env, mode: str, device, command: str, fresh):
+    """(the run's ``training.<command>`` settings, its ``TrainConfig``, the model): from ``--resume``'s
+    checkpoint (its adapters and quantised base kept), else ``fresh() -> (settings, cfg)`` (which checks
+    the options first) and ``--init`` with the new adapters of ``--lora-*``."""
+    if args.resume:  # everything but the device and the output folder comes from the checkpoint
+        settings, cfg = resumed(args, command)
+        return settings, cfg, load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True)
+    settings, cfg = fresh()
+    return settings, cfg, load_model(args.init, env, mode, device, args, **lora_settings(args))
+
+
+def start_fields(trainer, device) -> dict:
+    """What every post-training run's ``start`` line reports besides its own settings."""
+    model = trainer.model
+    return {"step": trainer.step, "steps": trainer.cfg.steps, "world": trainer.world, "device": str(device),
+            "padding_free": trainer.padding_free,
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "lora_rank": (getattr(model, "lora", None) or {}).get("rank")}
+
+
 def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extra_tensors=None) -> int:
     """Run ``trainer``; ``--out/step_NNNNNN.apr`` every ``--save-every`` steps (with
     ``extra_tensors(trainer)`` as more training state, pruned to ``--keep-last``), then

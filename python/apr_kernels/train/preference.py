@@ -64,8 +64,8 @@ import torch.nn.functional as F
 from .data import marked_ids
 from .loop import TrainConfig
 from .posttrain import padded, sequence_logps  # noqa: F401 (re-exported: the functions DPO is made of)
-from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, load_model,
-                        logger_for, lora_settings, parallel_for, reference_state, resumed, run_command,
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, logger_for,
+                        parallel_for, reference_state, run_command, settings_and_model, start_fields,
                         stored_reference, tokenizer_for, train_and_save)
 
 
@@ -280,20 +280,18 @@ def _dpo(args, env, mode: str) -> int:
     from .checkpoint import restore_training_state
     from .cli import tristate
 
-    device = device_for(args, env, mode)
-    if args.resume:  # everything but the device and the output folder comes from the checkpoint
-        dpo, cfg = resumed(args, "dpo")
-        model = load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True)
-    else:
+    def fresh():
         if not (args.init and args.data):
             raise ValueError("dpo: --init FILE.apr and --data PREFS.jsonl... are required (or --resume STEP.apr)")
         dpo = {"beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing, "gamma": args.gamma,
                "sft_weight": args.sft_weight, "init": str(args.init), "data": absolute(args.data),
                "eval_data": absolute(args.eval_data), "eval_fraction": args.eval_fraction, "max_len": args.max_len,
                "tokenizer": args.tokenizer}
-        cfg = config_from(args, grad_accum=args.grad_accum, seq_len=args.max_len)
         preference_loss(dpo)  # bad settings fail here, before the model is read
-        model = load_model(args.init, env, mode, device, args, **lora_settings(args))
+        return dpo, config_from(args, grad_accum=args.grad_accum, seq_len=args.max_len)
+
+    device = device_for(args, env, mode)
+    dpo, cfg, model = settings_and_model(args, env, mode, device, "dpo", fresh)
     tok = tokenizer_for(dpo["tokenizer"], model, args.resume or dpo["init"])
     pairs = read_pairs(dpo["data"], tok, dpo["max_len"])
     if dpo["eval_data"]:
@@ -311,11 +309,8 @@ def _dpo(args, env, mode: str) -> int:
                                 log=logger_for(args, env))
     if args.resume:
         restore_training_state(args.resume, trainer)
-    trainer.log("start", {"step": trainer.step, "pairs": len(pairs), "eval_pairs": len(eval_pairs),
-                          **trainer.loss.to_dict(), "steps": cfg.steps, "world": trainer.world,
-                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                          "device": str(device), "padding_free": trainer.padding_free,
-                          "lora_rank": (getattr(model, "lora", None) or {}).get("rank")})
+    trainer.log("start", {**start_fields(trainer, device), "pairs": len(pairs), "eval_pairs": len(eval_pairs),
+                          **trainer.loss.to_dict()})
     return train_and_save(trainer, args, env, parallel, tok, {"training.dpo": dpo}, reference_state("dpo"))
 
 
