@@ -238,6 +238,13 @@ def runs(tmp_path_factory):
     code, one_kto_out = _cli(main, [*kto, "--out", str(root / "one_kto")])
     assert code == 0
 
+    # a reward model from the same pairs: a new score head on init's body, the centring term on
+    reward = ["reward", "--init", str(init), "--tokenizer", "bytes", "--data", str(pairs), "--steps", str(STEPS),
+              "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--max-len", "40", "--json", "--seed", "5",
+              "--eval-fraction", "0.25", "--center-rewards-coefficient", "0.01", "--dist-timeout", "60"]
+    code, one_reward_out = _cli(main, [*reward, "--out", str(root / "one_reward")])
+    assert code == 0
+
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -273,6 +280,9 @@ def runs(tmp_path_factory):
         [*grpo_opd, "--parallel", "ddp", "--out", str(root / "ddp_grpo_opd")],
         ["train", "--init", str(init), *COMMON, "--optimizer", "muon", "--parallel", "ddp",
          "--out", str(root / "ddp_muon")],
+        [*reward, "--parallel", "ddp", "--out", str(root / "ddp_reward")],
+        # the fused path's reference code with padding-free rows, the score head sharded
+        [*reward, "--parallel", "fsdp", "--fast", "on", "--out", str(root / "fsdp_reward")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -294,7 +304,7 @@ def runs(tmp_path_factory):
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
-            "one_muon_out": one_muon_out,
+            "one_muon_out": one_muon_out, "one_reward_out": one_reward_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -707,3 +717,22 @@ def test_muon_on_two_ranks_matches_one_process(runs):
         if not name.startswith("__training__.rng"):
             err = ((a[name].double() - b[name].double()).norm() / b[name].double().norm().clamp_min(1e-12)).item()
             assert err < 3e-3, f"{name}: relative error {err:.2g}"
+
+
+@pytest.mark.parametrize("run,out", [("run16", "ddp_reward"), ("run17", "fsdp_reward")], ids=["ddp", "fsdp-fast"])
+def test_reward_model_on_two_ranks_matches_one_process(runs, run, out):
+    """reward with micro-batches of 4 pairs (2 per rank) x 2, a new score head drawn from the seed on
+    every rank (sharded under FSDP): losses, accuracies, margins, gradient norms, held-out values and
+    the final reward model equal the one-process run's."""
+    want = _records(runs["one_reward_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    for key in ("loss", "accuracy", "margin", "reward_chosen", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
+    for key in ("eval_loss", "eval_accuracy", "eval_margin"):
+        assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-5, abs=1e-6), key
+    (a, meta), (b, _) = (_tensors(runs["root"] / out / "model.apr"), _tensors(runs["root"] / "one_reward" / "model.apr"))
+    assert meta["num_labels"] == 1 and "score.weight" in a and a.keys() == b.keys()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)

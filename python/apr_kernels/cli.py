@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "apr_kernels.train.cli",    # demo, train, tokenize, eval, generate
     "apr_kernels.train.preference",  # dpo
     "apr_kernels.train.kto",    # kto
+    "apr_kernels.train.reward", # reward
     "apr_kernels.train.grpo",   # grpo
     "apr_kernels.convert.cli",  # convert, export, inspect, validate
 )

@@ -64,6 +64,7 @@ class AprModelConfig:
     rope_scaling: dict | None = None  # custom key: Hugging Face rope_scaling (e.g. Llama 3's "llama3")
     sliding_window: int | None = None  # custom key: Mistral's attention window (keys per query)
     max_window_layers: int | None = None  # custom key: Qwen2/3's layers before the windowed ones
+    num_labels: int | None = None  # custom key: a sequence classifier's (reward model's) score rows
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], path: str | None = None) -> "AprModelConfig":
@@ -87,7 +88,7 @@ class AprModelConfig:
 
     def to_metadata(self) -> dict[str, Any]:
         """Canonical typed keys (None omitted), then the custom keys ``tied_embeddings``,
-        ``rope_scaling``, ``sliding_window`` and ``max_window_layers``."""
+        ``rope_scaling``, ``sliding_window``, ``max_window_layers`` and ``num_labels``."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -101,7 +102,7 @@ _KINDS = {
     "num_layers": _INT, "num_heads": _INT, "num_kv_heads": _INT, "vocab_size": _INT,
     "intermediate_size": _INT, "max_position_embeddings": _INT, "rope_theta": _FLOAT, "rope_type": _INT,
     "rms_norm_eps": _FLOAT, "head_dim": _INT, "tied_embeddings": _BOOL, "rope_scaling": _OBJ,
-    "sliding_window": _INT, "max_window_layers": _INT,
+    "sliding_window": _INT, "max_window_layers": _INT, "num_labels": _INT,
 }
 
 

@@ -24,7 +24,7 @@ QUANT_CHOICES = {"q4k": "Q4_K", "q6k": "Q6_K", "q8": "APR_Q8", "q4": "APR_Q4"}
 _QUANT_META = {"q4k": (4, 256, False), "q6k": (6, 256, True), "q8": (8, None, True), "q4": (4, 32, True)}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 MIN_QUANT_ELEMENTS = 1024  # norms, biases and small tensors stay unquantised (spec 14)
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+EMBED, LM_HEAD, SCORE = "model.embed_tokens.weight", "lm_head.weight", "score.weight"
 
 
 @dataclass
@@ -128,8 +128,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
 
 
 def _resolve_tied(source: Source, tensors: dict[str, LazyTensor]) -> bool:
-    """Spec 10.4: a tied model gets a physical copy of the embedding as lm_head.weight."""
-    if LM_HEAD in tensors:
+    """Spec 10.4: a tied model gets a physical copy of the embedding as lm_head.weight (a sequence
+    classifier, with its ``score`` head, has no output head to copy)."""
+    if LM_HEAD in tensors or SCORE in tensors:
         return bool(source.tied)
     if EMBED not in tensors:
         return False

@@ -26,6 +26,7 @@ import torch
 from apr_kernels._format import TORCH_DTYPES
 from apr_kernels.model.config import HF_ARCHITECTURES
 
+from .core import warn
 from .names import gguf_to_hf, rope_permuted_heads, unpermute_rows
 
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -143,6 +144,16 @@ def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
                       max_window_layers=cfg.max_window_layers or 0)
     if isinstance(meta.get("rope_scaling"), dict):
         kwargs["rope_scaling"] = {**meta["rope_scaling"], "rope_theta": kwargs["rope_theta"]}
+    if cfg.num_labels:  # a sequence classifier (reward model): *ForSequenceClassification
+        kwargs["architectures"] = [HF_ARCHITECTURES[family].replace("ForCausalLM", "ForSequenceClassification")]
+        kwargs["num_labels"] = cfg.num_labels
+        # transformers pools at the last token that is not the pad id; our sequences end with the
+        # end-of-text id, scored there, so that id must not count as padding
+        if tok is not None and tok.pad_id == tok.eos_id:
+            kwargs["pad_token_id"] = None
+            warn("the tokenizer's pad id is its end-of-text id, which ends every scored sequence: config.json gets "
+                 "no pad_token_id (transformers then scores one unpadded sequence per call; set a distinct pad "
+                 "token to batch)")
     return AutoConfig.for_model(family, **kwargs).to_dict()
 
 

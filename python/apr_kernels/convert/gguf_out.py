@@ -53,6 +53,9 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
     cfg = plan(src).config  # every preflight check; tying decided as from_apr decides it
+    if cfg.num_labels:
+        raise ValueError(f"{src}: a sequence classifier (num_labels={cfg.num_labels}: a reward model's score head, "
+                         f"no output head); GGUF export writes causal LMs for llama.cpp: expected a causal LM")
     with apr_kernels.open(src) as f:
         meta = f.metadata
         arch = GGUF_ARCH[cfg.architecture]

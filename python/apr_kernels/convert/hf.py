@@ -148,6 +148,9 @@ def config_metadata(cfg: dict, path: Path) -> dict:
         "head_dim": cfg.get("head_dim") or hidden // heads,
     }
     meta.update(_window_keys(cfg, model_type, path, need))
+    if meta["hf_architecture"].endswith("ForSequenceClassification"):  # a reward model / classifier: its labels
+        labels = cfg.get("id2label") or {}
+        meta["num_labels"] = len(labels) if labels else need("num_labels")
     if kind not in (None, "default"):
         from apr_kernels.model.rope import SUPPORTED_SCALING
 

@@ -53,6 +53,9 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     sliding_window: int | None = None
     max_window_layers: int | None = None
+    # a sequence classifier (a reward model: 1): ``score`` [num_labels, hidden] on each sequence's last
+    # hidden state instead of the output projection, as Hugging Face's *ForSequenceClassification
+    num_labels: int | None = None
     # where the numbers came from, for error messages only (not part of equality or to_dict)
     _source: str = dataclasses.field(default="ModelConfig", repr=False, compare=False)
 
@@ -71,6 +74,10 @@ class ModelConfig:
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
             raise ValueError(f"{source}: sliding_window={w!r}; expected a positive integer (keys each token "
                              f"attends to) or None")
+        n = self.num_labels
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+            raise ValueError(f"{source}: num_labels={n!r}; expected a positive integer (a sequence classifier's "
+                             f"scores; 1 for a reward model) or None (a causal LM)")
         k = self.max_window_layers
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise ValueError(f"{source}: max_window_layers={k!r}; expected a non-negative integer (the first "
@@ -109,7 +116,13 @@ class ModelConfig:
 
     @property
     def hf_architecture(self) -> str:
-        return HF_ARCHITECTURES[self.architecture]
+        name = HF_ARCHITECTURES[self.architecture]
+        return name.replace("ForCausalLM", "ForSequenceClassification") if self.num_labels else name
+
+    @property
+    def has_lm_head(self) -> bool:
+        """Whether an ``lm_head.weight`` parameter exists (an untied causal LM)."""
+        return not self.num_labels and not self.tie_word_embeddings
 
     def replace(self, **changes) -> "ModelConfig":
         if "hidden_size" in changes or "num_heads" in changes:
@@ -127,8 +140,10 @@ class ModelConfig:
         mlp = 3 * h * self.intermediate_size
         per_layer = attn + mlp + 2 * h
         n = self.num_layers * per_layer + h
+        if self.num_labels:
+            n += self.num_labels * h
         if include_embedding:
-            n += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+            n += self.vocab_size * h * (2 if self.has_lm_head else 1)
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -142,7 +157,7 @@ class ModelConfig:
         h, q = self.hidden_size, self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
-        matmul_params = self.num_layers * per_layer + self.vocab_size * h
+        matmul_params = self.num_layers * per_layer + (self.num_labels or self.vocab_size) * h
         attn_forward = self.num_layers * 2 * 2 * seq_len * q * 0.5
         attn = 3 * attn_forward
         return 6.0 * matmul_params + attn
@@ -171,6 +186,7 @@ class ModelConfig:
             rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
             sliding_window=self.sliding_window,
             max_window_layers=self.max_window_layers,
+            num_labels=self.num_labels,
         )
 
     @classmethod
@@ -210,6 +226,7 @@ class ModelConfig:
             tie_word_embeddings=True if tied is None else bool(tied),
             sliding_window=getattr(apr, "sliding_window", None),
             max_window_layers=getattr(apr, "max_window_layers", None),
+            num_labels=getattr(apr, "num_labels", None),
             _source=f"{path or 'APR metadata'}",
         )
         return cfg

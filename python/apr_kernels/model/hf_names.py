@@ -60,6 +60,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[p + "input_layernorm.weight"] = (h,)
         out[p + "post_attention_layernorm.weight"] = (h,)
     out["model.norm.weight"] = (h,)
-    if not cfg.tie_word_embeddings:
+    if cfg.num_labels:
+        out["score.weight"] = (cfg.num_labels, h)
+    elif not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (cfg.vocab_size, h)
     return out

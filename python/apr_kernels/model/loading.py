@@ -47,6 +47,7 @@ class InitPlan:
     sources: dict[str, str]         # parameter name -> tensor name in the file
     metadata: dict
     tokenizer_vocab: int | None     # size of the embedded tokenizer, if any
+    new_score: bool = False         # a classifier's score head the file lacks (made from a causal LM)
 
 
 def tokenizer_vocab_size(meta: dict) -> int | None:
@@ -67,8 +68,11 @@ def check_tokenizer_vocab(tokenizer_vocab: int, model_vocab: int, where: str) ->
             f"model vocab_size is {model_vocab}; expected tokenizer vocab <= model vocab")
 
 
-def plan(path: str | os.PathLike) -> InitPlan:
-    """Run the metadata and shape checks of an init file without reading any weight."""
+def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
+    """Run the metadata and shape checks of an init file without reading any weight.
+
+    ``num_labels``: the model is to be a sequence classifier with that many labels (``from_apr``):
+    the file's ``score`` head when it is one, else (a causal LM) a new head, its output head ignored."""
     import apr_kernels
 
     path = os.fspath(path)
@@ -86,6 +90,12 @@ def plan(path: str | os.PathLike) -> InitPlan:
         raise
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
+    stored_labels = cfg.num_labels
+    if num_labels is not None:
+        if stored_labels not in (None, num_labels):
+            raise PreflightError(f"{path}: a sequence classifier with num_labels={stored_labels}; expected "
+                                 f"{num_labels} labels")
+        cfg = cfg.replace(num_labels=num_labels)
 
     # stored name -> HF name (GGUF names mapped); training state never counts as weights
     by_hf: dict[str, str] = {}
@@ -109,11 +119,14 @@ def plan(path: str | os.PathLike) -> InitPlan:
     if apr_cfg.tied_embeddings is None:
         cfg = cfg.replace(tie_word_embeddings=not head_real, head_dim=cfg.head_dim)
 
+    new_score = bool(cfg.num_labels) and stored_labels is None and "score.weight" not in by_hf
     missing, misshapen = [], []
     for name, shape in expected_shapes(cfg).items():
         stored = by_hf.get(name)
-        if stored is None:
+        if stored is None and not (name == "score.weight" and new_score):
             missing.append(name)
+        elif stored is None:
+            continue
         elif tuple(infos[stored].shape) != tuple(shape):
             misshapen.append(f"{name}: file has {list(infos[stored].shape)}, expected {list(shape)}")
     if missing or misshapen:
@@ -132,14 +145,20 @@ def plan(path: str | os.PathLike) -> InitPlan:
     tok_vocab = tokenizer_vocab_size(meta)
     if tok_vocab is not None:
         check_tokenizer_vocab(tok_vocab, cfg.vocab_size, f"{path}: embedded tokenizer")
-    sources = {name: by_hf[name] for name in expected_shapes(cfg)}
-    return InitPlan(path, cfg, sources, meta, tok_vocab)
+    sources = {name: by_hf[name] for name in expected_shapes(cfg) if name in by_hf}
+    return InitPlan(path, cfg, sources, meta, tok_vocab, new_score)
 
 
 def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None,
              fast: bool | None = None, shard=None, lora: str = "merge", lora_base_dtype=None,
-             lora_init: dict | None = None, keep_quantized: bool = False) -> Transformer:
+             lora_init: dict | None = None, keep_quantized: bool = False, num_labels: int | None = None,
+             score_seed: int = 0) -> Transformer:
     """A ``Transformer`` initialised from an APR file (every parameter trainable).
+
+    ``num_labels``: a sequence classifier (a reward model: 1; ``Transformer``'s ``config.num_labels``):
+    the file's when it is one, or a causal LM's body with a new ``score`` head drawn as Hugging Face
+    draws it (normal, std 0.02) from a generator seeded with ``score_seed``, as TRL's reward
+    training starts. None: the file must be a causal LM (a classifier is refused by name).
 
     A file with LoRA adapters (metadata ``lora``, ``model/lora.py``): ``lora="merge"`` folds them into
     the weights (a plain model), ``"keep"`` restores the adapters on a frozen base (resuming a LoRA
@@ -162,7 +181,12 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
 
     from .lora import add_lora, init_adapters, merge_into_weights
 
-    p = plan(path)
+    p = plan(path, num_labels)
+    if num_labels is None and p.config.num_labels:
+        raise PreflightError(f"{path}: a sequence classifier (hf_architecture {p.config.hf_architecture}, "
+                             f"num_labels={p.config.num_labels}: a reward model's score head, no output head); "
+                             f"expected a causal LM (from_apr(..., num_labels={p.config.num_labels}) loads it as "
+                             f"the classifier)")
     dtype = dtype or torch.float32
     device = torch.device(device)
     with torch.device("meta"):
@@ -214,6 +238,13 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
                 raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
                                      f"expected finite weights")
             params[name].copy_(t.reshape(params[name].shape))
+    if p.new_score:
+        from apr_kernels.train.distributed import copy_into
+
+        g = torch.Generator().manual_seed(score_seed)
+        with torch.no_grad():  # drawn whole, so every rank and sharding holds the same head
+            copy_into(model.score.weight, torch.empty(tuple(model.score.weight.shape)).normal_(0.0, 0.02, generator=g),
+                      f"{path}: new score head")
     if lora_init:
         init_adapters(model, lora_init.get("seed", 0))
     elif kept:
@@ -283,3 +314,13 @@ def _copy_stored_lora(model, path) -> None:
 def preflight(path: str | os.PathLike) -> ModelConfig:
     """The config an init file describes, after every check that needs no weight data."""
     return plan(path).config
+
+
+def load_classifier(path: str | os.PathLike, **kwargs) -> Transformer:
+    """``from_apr`` of a sequence classifier file (a reward model) with its own ``num_labels``; a
+    causal LM is refused by name."""
+    labels = plan(path).config.num_labels
+    if not labels:
+        raise PreflightError(f"{path}: a causal LM (no score head, no num_labels in its metadata); expected a "
+                             f"sequence classifier such as a reward model written by `apr-kernels reward`")
+    return from_apr(path, num_labels=labels, **kwargs)

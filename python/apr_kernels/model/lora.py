@@ -11,7 +11,8 @@ module with the same ``weight``/``bias`` (Hugging Face names unchanged, frozen) 
 A is drawn from a generator seeded by ``seed``, module by module, so every process and every
 sharding of the model starts from the same adapters).
 Every other parameter is frozen too (embeddings, norms, biases, the output head); AdamW then keeps
-state for the adapters only. The fast path's fused q/k/v GEMM stays one GEMM on the base weights,
+state for the adapters only. A sequence classifier's (reward model's) ``score`` head is the
+exception: small and often new, it trains whole, as PEFT's ``modules_to_save`` does for it. The fast path's fused q/k/v GEMM stays one GEMM on the base weights,
 the three low-rank terms added to its output.
 
 Quantised base (QLoRA-style, ``from_apr(..., lora_init=..., keep_quantized=True)``): a targeted
@@ -143,6 +144,8 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
     rank, alpha, targets = check_settings(rank, 2 * rank if alpha is None else alpha, targets)
     for p in model.parameters():
         p.requires_grad_(False)
+    if hasattr(model, "score"):  # a reward model's head trains whole (PEFT's modules_to_save for it)
+        model.score.weight.requires_grad_(True)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name in targets:

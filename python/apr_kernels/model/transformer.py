@@ -220,7 +220,8 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Causal LM: ``forward(input_ids [B, T]) -> logits [B, T, vocab]``.
+    """Causal LM: ``forward(input_ids [B, T]) -> logits [B, T, vocab]``; with ``config.num_labels``
+    a sequence classifier (a reward model) instead: ``forward(input_ids, ends=...) -> [N, num_labels]``.
 
     ``fast``: True = the package's ops, False = eager PyTorch, None = ops when the input is on CUDA.
     New models are initialised as Hugging Face does (normal(0, 0.02) weights, zero biases, unit norms).
@@ -234,13 +235,18 @@ class Transformer(nn.Module):
         # Face's gradient_checkpointing; set by `apr-kernels train --grad-checkpointing`)
         self.gradient_checkpointing = False
         self.model = Decoder(config)
-        if not config.tie_word_embeddings:
+        if config.num_labels:  # Hugging Face's *ForSequenceClassification: no output projection
+            self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        elif not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
 
     @property
     def output_weight(self) -> torch.Tensor:
         """The output projection [vocab, hidden]: ``lm_head.weight`` or the tied embedding."""
+        if self.config.num_labels:
+            raise ValueError(f"this model is a sequence classifier (num_labels={self.config.num_labels}, a "
+                             f"score head); it has no output projection: expected a causal LM")
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.weight
         return self.lm_head.weight
@@ -296,7 +302,8 @@ class Transformer(nn.Module):
         return add_then_norm(self.model.norm, h, pending, fast)[1]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean", documents: Documents | None = None, teacher=None) -> torch.Tensor:
+                reduction: str = "mean", documents: Documents | None = None, teacher=None,
+                ends: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
         ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets, "sum",
         "sequence": the sum of each row, ``[B]``, the negated log-likelihood of each row's targets; with
@@ -312,10 +319,25 @@ class Transformer(nn.Module):
 
         The loss is computed inside ``forward`` so that DDP/FSDP hooks see the output projection. The
         fast path fuses the projection with the loss (``apr_kernels.linear_cross_entropy``: the
-        ``[B, T, vocab]`` logits are never held at once); the eager path is Hugging Face's expression."""
+        ``[B, T, vocab]`` logits are never held at once); the eager path is Hugging Face's expression.
+
+        A sequence classifier (``config.num_labels``) takes no targets: it returns the ``score`` head
+        of the hidden states, fp32 ``[B, T, num_labels]``, or with ``ends`` (indices into the
+        ``B * T`` flattened tokens, each sequence's last; ``sequence_ends``) ``[N, num_labels]``, the
+        pooled scores of Hugging Face's ``*ForSequenceClassification``."""
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if self.config.num_labels:
+            if targets is not None or teacher is not None:
+                raise ValueError(f"a sequence classifier (num_labels={self.config.num_labels}) scores sequences: "
+                                 f"expected forward(input_ids, ends=...) without targets or a teacher")
+            h = self.hidden_states(input_ids, documents)
+            if ends is not None:  # only the scored tokens go through the head
+                h = h.flatten(0, 1)[ends]
+            return self.score(h).float()
+        if ends is not None:
+            raise ValueError("ends: only a sequence classifier (config.num_labels) pools its scores")
         if targets is not None and reduction not in ("mean", "sum", "sequence", "none"):
             raise ValueError(f"reduction {reduction!r}; expected 'mean', 'sum', 'sequence' or 'none'")
         h = self.hidden_states(input_ids, documents)
@@ -365,3 +387,13 @@ class Transformer(nn.Module):
         """Next-token cross entropy in fp32 (``targets`` already shifted; -100 is ignored); with
         ``teacher``, ``[loss, ce, kl]`` of knowledge distillation (``forward``)."""
         return self(input_ids, targets, reduction, documents, teacher)
+
+
+def sequence_ends(lengths, width: int | None = None) -> torch.Tensor:
+    """Flat indices of each sequence's last token for ``forward(..., ends=)``: of right-padded rows of
+    ``width`` tokens (row i holds ``lengths[i]``), or with ``width`` None of sequences back to back in
+    one packed row (``Documents``' spans)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if width is None:
+        return lengths.cumsum(0) - 1
+    return torch.arange(len(lengths)) * width + lengths - 1

@@ -61,7 +61,7 @@ def model_tensors(model, weights: dict | None = None) -> dict[str, LazyTensor]:
         weights = {name: host_copy(p) for name, p in model.named_parameters()}
         weights.update(quantized_bases(model))
     out = dict(weights)
-    if model.config.tie_word_embeddings:
+    if model.config.tie_word_embeddings and not model.config.num_labels:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 

@@ -286,7 +286,9 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.inner = model
 
-    def forward(self, x, y, documents=None, reduction="mean", teacher=None):
+    def forward(self, x, y, documents=None, reduction="mean", teacher=None, ends=None):
+        if y is None:  # a sequence classifier's scores (a reward model)
+            return self.inner(x, documents=documents, ends=ends)
         return self.inner.loss(x, y, reduction=reduction, documents=documents, teacher=teacher)
 
 
@@ -311,6 +313,13 @@ class Parallel:
         if self._wrapper is not None:
             return self._wrapper(x, y, documents, reduction, teacher)
         return self.module.loss(x, y, reduction=reduction, documents=documents, teacher=teacher)
+
+    def __call__(self, x: torch.Tensor, documents=None, ends=None) -> torch.Tensor:
+        """A sequence classifier's scores (``Transformer.forward(x, documents=, ends=)``) through the
+        DDP/FSDP wrapper."""
+        if self._wrapper is not None:
+            return self._wrapper(x, None, documents, ends=ends)
+        return self.module(x, documents=documents, ends=ends)
 
     def grad_sync(self, enabled: bool):
         """Context for one micro-batch: no gradient communication unless ``enabled`` (the last)."""

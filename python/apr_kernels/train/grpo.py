@@ -45,7 +45,8 @@ the tokenizer adds one) or a list of messages (rendered with the chat format and
 header, ``chat.generation_prompt``). Every other field of a record goes to the reward functions.
 
 Reward functions (``--reward FILE.py:NAME`` or ``--reward package.module:NAME``, several allowed,
-summed with ``--reward-weights``) are called as TRL calls them::
+summed with ``--reward-weights``; ``--reward RM.apr`` is a reward model, ``RewardModel``, as TRL
+takes a model among its reward functions) are called as TRL calls them::
 
     NAME(prompts=[...], completions=[...], completion_ids=[[...]], **fields) -> list[float | None]
 
@@ -118,8 +119,51 @@ def read_prompts(paths, tokenizer, max_prompt_len: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- rewards
-def load_reward(spec: str):
-    """The function named by ``FILE.py:NAME`` or ``module.path:NAME`` (its name for the logs is NAME)."""
+class RewardModel:
+    """A reward model file (``--reward RM.apr``, written by ``apr-kernels reward``) as a reward function:
+    each completion is scored as the model was trained, prompt + completion rendered as ``reward``
+    renders a pair's side (the chat format for message prompts) with the file's own tokenizer, the
+    end-of-text id last, the score at that token. Held whole, without gradients, on every rank."""
+
+    def __init__(self, path, *, device="cpu", dtype: torch.dtype | None = None, fast: bool | None = None,
+                 batch_size: int = 16):
+        from apr_kernels.model.loading import load_classifier
+
+        from .cli import load_tokenizer
+
+        self.model = load_classifier(path, device=device, dtype=dtype, fast=fast).requires_grad_(False).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"--reward {path}: a classifier with num_labels={self.model.config.num_labels}; "
+                             f"expected a reward model (one label)")
+        self.tok = load_tokenizer(None, self.model.apr_metadata, path)
+        if getattr(self.tok, "eos_id", None) is None:
+            raise ValueError(f"--reward {path}: its tokenizer has no end-of-text id (the scored token)")
+        self.path, self.device, self.batch_size = str(path), torch.device(device), batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        from .reward import sequence_ids, sequence_rewards
+
+        seqs = [sequence_ids(p, c, self.tok, f"--reward {self.path}: completion {i}", "completion")
+                for i, (p, c) in enumerate(zip(prompts, completions))]
+        fast = self.model.use_fast(torch.empty(0, device=self.device))
+        out = [sequence_rewards(self.model, seqs[i:i + self.batch_size], self.device, pad_id=self.tok.eos_id,
+                                padding_free=fast) for i in range(0, len(seqs), self.batch_size)]
+        return torch.cat(out).tolist() if out else []
+
+
+def reward_name(spec: str) -> str:
+    """The logged name of a ``--reward``: NAME of ``FILE.py:NAME``, the file's stem for ``RM.apr``."""
+    return Path(spec).stem if spec.endswith(".apr") else spec.rpartition(":")[2]
+
+
+def load_reward(spec: str, **model_kwargs):
+    """The function named by ``FILE.py:NAME`` or ``module.path:NAME`` (its name for the logs is NAME),
+    or ``RM.apr``: a reward model (``RewardModel``, ``model_kwargs`` its device, dtype and ``fast``)."""
+    if spec.endswith(".apr"):
+        if not Path(spec).is_file():
+            raise ValueError(f"--reward {spec!r}: no file {spec}")
+        return RewardModel(spec, **model_kwargs)
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise ValueError(f"--reward {spec!r}: expected FILE.py:NAME or package.module:NAME")
@@ -559,7 +603,11 @@ def _grpo(args, env, mode: str) -> int:
                 "reference": str(Path(args.init).resolve())}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
-    rewards = {s.rpartition(":")[2]: load_reward(s) for s in grpo["rewards"]}  # fail before the model loads
+    # reward models: whole on every rank, in bf16 where the run computes in bf16
+    bf16 = autocast_dtype_for(cfg.precision, torch.device(device)) == torch.bfloat16
+    rewards = {reward_name(s): load_reward(s, device=device, dtype=torch.bfloat16 if bf16 else None,
+                                           fast=tristate(args.fast))
+               for s in grpo["rewards"]}  # fail before the model loads
     source = args.resume or grpo["init"]
     model = load_model(source, env, mode, device, args, **load)
     tok = tokenizer_for(grpo["tokenizer"], model, source)
@@ -576,7 +624,7 @@ def _grpo(args, env, mode: str) -> int:
     reference = None
     if grpo.get("beta") and not getattr(model, "lora", None):  # (with LoRA the frozen base is the reference)
         reference = load_model(grpo["reference"], env, mode, device, args, lora_init=None).requires_grad_(False)
-        if mode != "fsdp" and autocast_dtype_for(cfg.precision, torch.device(device)) == torch.bfloat16:
+        if mode != "fsdp" and bf16:
             reference = reference.to(torch.bfloat16)  # (it runs under bf16 autocast anyway: half the memory)
         reference.eval()
     if not args.resume:
@@ -605,7 +653,10 @@ def _grpo(args, env, mode: str) -> int:
 
 
 def _absolute_reward(spec: str) -> str:
-    """A ``FILE.py:NAME`` spec with the file's absolute path (so ``--resume`` finds it from anywhere)."""
+    """A ``FILE.py:NAME`` or ``RM.apr`` spec with the file's absolute path (so ``--resume`` finds it
+    from anywhere)."""
+    if spec.endswith(".apr"):
+        return str(Path(spec).resolve())
     where, _, name = spec.rpartition(":")
     return f"{Path(where).resolve()}:{name}" if where.endswith(".py") else spec
 
@@ -614,8 +665,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("grpo", help="reinforcement learning from reward functions (GRPO) from an APR file")
     p.add_argument("--init", help="APR model to train")
     p.add_argument("--data", nargs="+", help="JSON Lines of {'prompt': text or messages, ...fields for the rewards}")
-    p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME",
-                   help="reward function(s): NAME(prompts, completions, completion_ids, **fields) -> list of floats")
+    p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME|RM.apr",
+                   help="reward function(s): NAME(prompts, completions, completion_ids, **fields) -> list of floats, "
+                        "or a reward model file (apr-kernels reward) scoring prompt + completion")
     p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (default 1)")
     p.add_argument("--eval-data", nargs="+", help="held-out prompts: the mean reward of one greedy completion each "
                                                    "is logged at the start, every --eval-every steps and at the end")

@@ -114,9 +114,14 @@ class StepLoop:
             return sequence_logps(self.parallel or self.model, seqs, self.device, eos_id=self.eos,
                                   padding_free=self.padding_free).view(len(items), -1)
 
+    def _batch_values(self, items) -> torch.Tensor:
+        """``[N, k]`` per-item values ``_logps`` gathers: log-likelihoods here (a reward model's
+        trainer gives its rewards)."""
+        return self._batch_logps(items)
+
     @torch.no_grad()
     def _logps(self, items) -> torch.Tensor:
-        """``_batch_logps`` of all ``items`` on every rank (CPU), each rank computing a contiguous share
+        """``_batch_values`` of all ``items`` on every rank (CPU), each rank computing a contiguous share
         (every rank runs as many forwards, padding with a repeated item: FSDP's are collectives)."""
         was = self.model.training
         self.model.eval()
@@ -124,7 +129,7 @@ class StepLoop:
         per = -(-len(items) // self.world)
         mine = items[rank * per:(rank + 1) * per]
         size = self.cfg.eval_batch_size
-        parts = [self._batch_logps(mine[i: i + size] or items[:1]) for i in range(0, max(per, 1), size)]
+        parts = [self._batch_values(mine[i: i + size] or items[:1]) for i in range(0, max(per, 1), size)]
         local = torch.cat(parts)[: len(mine)]
         self.model.train(was)
         if self.parallel is not None:
@@ -306,8 +311,8 @@ def run_command(args, body) -> int:
 
 
 def load_model(source, env, mode: str, device, args, **lora):
-    """``from_apr(source)`` for this rank: sharded on the meta device under FSDP (adapters added
-    before sharding), a replica otherwise; ``--fast`` as given."""
+    """``from_apr(source, **lora)`` for this rank: sharded on the meta device under FSDP (adapters
+    added before sharding), a replica otherwise; ``--fast`` as given."""
     from .cli import tristate
 
     if mode != "none":
@@ -319,15 +324,17 @@ def load_model(source, env, mode: str, device, args, **lora):
     return from_apr(source, device=device, fast=tristate(args.fast), **lora)
 
 
-def settings_and_model(args, env, mode: str, device, command: str, fresh):
+def settings_and_model(args, env, mode: str, device, command: str, fresh, **model_kwargs):
     """(the run's ``training.<command>`` settings, its ``TrainConfig``, the model): from ``--resume``'s
     checkpoint (its adapters and quantised base kept), else ``fresh() -> (settings, cfg)`` (which checks
-    the options first) and ``--init`` with the new adapters of ``--lora-*``."""
+    the options first) and ``--init`` with the new adapters of ``--lora-*``. ``model_kwargs``: more
+    ``from_apr`` keywords (a reward model's ``num_labels``)."""
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         settings, cfg = resumed(args, command)
-        return settings, cfg, load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True)
+        return settings, cfg, load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True,
+                                         **model_kwargs)
     settings, cfg = fresh()
-    return settings, cfg, load_model(args.init, env, mode, device, args, **lora_settings(args))
+    return settings, cfg, load_model(args.init, env, mode, device, args, **lora_settings(args), **model_kwargs)
 
 
 def start_fields(trainer, device) -> dict:
