@@ -277,6 +277,13 @@ def test_cli_reward_learns_the_preference_resumes_exactly_and_scores_grpo_comple
     assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[10:]
 
     rm_path = tmp_path / "o" / "model.apr"
+    assert main(["eval", "--init", str(rm_path), "--pairs", str(held), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert ev["pairs"] == 4 and ev["accuracy"] == evals[-1]["eval_accuracy"]
+    assert ev["margin"] == pytest.approx(evals[-1]["eval_margin"], rel=1e-5)
+    assert ev["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+    assert main(["eval", "--init", str(tmp_path / "init.apr"), "--pairs", str(held)]) != 0
+    assert "init.apr: a causal LM (no score head" in capsys.readouterr().err
     rm = load_classifier(rm_path)
     score = load_reward(str(rm_path))
     prompts, completions = ["Is lava hot? A:", "Is coal hot? A:"], [" yes", " no"]

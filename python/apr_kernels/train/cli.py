@@ -499,6 +499,8 @@ def cmd_eval(args) -> int:
         keep_freed_memory()
     if args.choices:
         return _eval_choices(args)
+    if args.pairs:
+        return _eval_pairs(args)
     loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
                             fast=tristate(args.fast), document_mask=args.document_mask, text_field=args.text_field)
@@ -531,6 +533,30 @@ def _eval_choices(args) -> int:
         print(json.dumps({"event": "eval_choices", **{k: res[k] for k in ("acc", "acc_norm", "questions")}}))
     else:
         print(f"acc={res['acc']:.6f} acc_norm={res['acc_norm']:.6f} questions={res['questions']}")
+    return 0
+
+
+def _eval_pairs(args) -> int:
+    """``eval --pairs`` of a reward model: the share of preference pairs it scores the chosen side
+    higher, the mean margin and the Bradley-Terry loss; the last line is ``accuracy=<float>
+    margin=<float> loss=<float> pairs=<int>``."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, load_classifier
+
+    from .reward import evaluate_pairs, read_pairs
+
+    dev = pick_device(args.device)
+    model = load_classifier(args.init, device=dev, fast=tristate(args.fast))
+    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    pairs, margins, dropped = read_pairs(args.pairs, tok, model.config.max_position_embeddings)
+    stored = model.apr_metadata.get("training.config") or {}
+    res = evaluate_pairs(model, pairs, margins, eos_id=tok.eos_id, batch_size=args.batch_size, device=dev,
+                         autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev))
+    res["dropped_too_long"] = dropped
+    if args.json:
+        print(json.dumps({"event": "eval_pairs", **res}))
+    else:
+        print(f"accuracy={res['accuracy']:.6f} margin={res['margin']:.6f} loss={res['loss']:.6f} pairs={res['pairs']}")
     return 0
 
 
@@ -771,14 +797,17 @@ def register(subparsers) -> None:
     p.add_argument("--token-cache", default=None, help="cache folder (default as for train)")
     p.set_defaults(func=cmd_tokenize)
 
-    p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text, or its accuracy on "
-                                           "multiple-choice questions")
+    p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text, its accuracy on "
+                                           "multiple-choice questions, or a reward model's on preference pairs")
     p.add_argument("--init", required=True, help="APR model file")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--data", nargs="+", help="text, JSON Lines or Parquet files, or folders")
     what.add_argument("--choices", nargs="+", metavar="FILE.jsonl",
                       help="multiple-choice questions {'context', 'choices', 'answer'}: accuracy by log-likelihood "
                            "(lm-evaluation-harness's acc and acc_norm)")
+    what.add_argument("--pairs", nargs="+", metavar="FILE.jsonl",
+                      help="a reward model's accuracy on preference pairs {'prompt', 'chosen', 'rejected'} (the "
+                           "share with the chosen side scored higher)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)

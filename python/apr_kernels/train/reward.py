@@ -188,6 +188,27 @@ class RewardTrainer(StepLoop):
                 "eval_pairs": len(self.eval_pairs)}
 
 
+@torch.no_grad()
+def evaluate_pairs(model, pairs, margins, *, eos_id: int, batch_size: int = 8, device=None,
+                   autocast_dtype: torch.dtype | None = None) -> dict:
+    """A reward model's ``accuracy`` (chosen scored higher), mean ``margin`` and Bradley-Terry ``loss``
+    over ``pairs`` (``read_pairs``), scored ``batch_size`` pairs at a time (``eval --pairs``)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    padding_free = model.use_fast(torch.empty(0, device=device))
+    was = model.training
+    model.eval()
+    parts = []
+    for i in range(0, len(pairs), batch_size):
+        seqs = [s for pair in pairs[i:i + batch_size] for s in pair]
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            parts.append(sequence_rewards(model, seqs, device, pad_id=eos_id, padding_free=padding_free).view(-1, 2))
+    model.train(was)
+    r = torch.cat(parts).cpu().double()
+    losses = reward_loss(r[:, 0], r[:, 1], torch.tensor(margins, dtype=torch.float64))
+    return {"accuracy": float((r[:, 0] > r[:, 1]).double().mean()), "margin": float((r[:, 0] - r[:, 1]).mean()),
+            "loss": float(losses.mean()), "pairs": len(pairs)}
+
+
 def cmd_reward(args) -> int:
     """``apr-kernels reward``: a reward model from an APR file; step checkpoints (``--save-every``,
     resumable with ``--resume``), ``--out/model.apr`` at the end (adapters merged); DDP/FSDP under
