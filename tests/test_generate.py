@@ -182,3 +182,59 @@ def test_cli_generates_for_a_file_of_prompts(tmp_path, capsys):
         sampled[batch] = [json.loads(x) for x in out.read_text().splitlines()]
     assert sampled["1"] == sampled["4"] and len(sampled["1"]) == 8
     assert [r["sample"] for r in sampled["1"][:2]] == [0, 1]
+
+
+def test_cli_scores_completions_and_keeps_the_best_or_pairs(tmp_path, capsys):
+    """generate --prompts --reward: each completion carries the weighted sum of the functions' scores
+    (a reward function here, written to count letters); --keep best writes each prompt's highest-scoring
+    completion of those --keep all wrote, --keep pairs its best and worst as a dpo record (none for a
+    prompt whose completions all score alike), and dpo reads them."""
+    import json
+
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import byte_tokenizer
+    from apr_kernels.train.preference import read_pairs
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.apr", tokenizer=tok,
+                    model=Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(257)), fast=False))
+    (tmp_path / "r.py").write_text(
+        "def letters(prompts, completions, **kw):\n"
+        "    return [float(sum(c.isalpha() for c in t)) for t in completions]\n"
+        "def flat(prompts, completions, tag, **kw):\n"
+        "    return [0.0 if g == 'same' else None for g in tag]\n"
+        "def const(prompts, completions, **kw):\n"
+        "    return [1.0] * len(completions)\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Say:", "tag": "x"}) + "\n" + json.dumps({"prompt": "Go:", "tag": "same"})
+                       + "\n")
+    common = ["generate", "--init", str(tmp_path / "m.apr"), "--prompts", str(prompts), "--max-new-tokens", "8",
+              "--num-return-sequences", "4", "--temperature", "1.0", "--top-k", "0", "--seed", "1"]
+    rewards = ["--reward", f"{tmp_path / 'r.py'}:letters", f"{tmp_path / 'r.py'}:flat", "--reward-weights", "0.5", "1"]
+    assert main([*common, *rewards]) == 0
+    every = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(every) == 8
+    for line in every:
+        letters = sum(c.isalpha() for c in line["completion"])
+        assert line["reward"] == 0.5 * letters and line["rewards"]["letters"] == letters
+        assert line["rewards"]["flat"] == (0.0 if line["tag"] == "same" else None)
+    assert main([*common, *rewards, "--keep", "best"]) == 0
+    best = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    for b, group in zip(best, (every[:4], every[4:])):
+        top = max(group, key=lambda r: (r["reward"], -r["sample"]))
+        assert b == top
+    assert main([*common, "--reward", f"{tmp_path / 'r.py'}:letters", "--keep", "pairs",
+                 "--output", str(tmp_path / "pairs.jsonl")]) == 0
+    pairs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    for pair, group in zip(pairs, (every[:4], every[4:])):
+        scores = [2 * r["reward"] for r in group if r["tag"] == pair["tag"]]
+        assert pair["chosen_reward"] == max(scores) > pair["rejected_reward"] == min(scores)
+        assert {pair["chosen"], pair["rejected"]} <= {r["completion"] for r in group}
+    assert len(read_pairs([tmp_path / "pairs.jsonl"], tok, 64)) == len(pairs) >= 1
+    assert main([*common, "--reward", f"{tmp_path / 'r.py'}:const", "--keep", "pairs"]) == 0  # all alike: no pair
+    assert capsys.readouterr().out == ""
+    assert main(["generate", "--init", str(tmp_path / "m.apr"), "--prompts", str(prompts), "--keep", "best"]) != 0
+    assert "--keep best needs --reward" in capsys.readouterr().err

@@ -571,6 +571,8 @@ def cmd_generate(args) -> int:
     model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    if (args.reward or args.keep != "all") and not args.prompts:
+        raise ValueError("generate: --reward and --keep score a file of prompts; give --prompts FILE.jsonl")
     if args.prompts:  # many prompts from JSON Lines, decoded in batches
         return _generate_file(args, model, tok)
     eos = getattr(tok, "eos_id", None)
@@ -617,7 +619,14 @@ def _generate_file(args, model, tok) -> int:
     decoded ``--batch-size`` prompts at a time (left-padded, ``generate_batch``); one JSON line per
     completion, the record with ``completion`` (a string, or ``[{"role": "assistant", ...}]``) and
     ``sample`` added, to ``--output`` or stdout. Each prompt samples with a generator seeded by
-    ``--seed`` and its place in the files, so the batch size changes nothing."""
+    ``--seed`` and its place in the files, so the batch size changes nothing.
+
+    With ``--reward`` (functions or reward model files, as ``grpo`` takes them, summed with
+    ``--reward-weights``) each line also gets its ``reward``, and ``--keep`` chooses what is written:
+    every completion (``all``), the best of each prompt's (``best``: best-of-N, rejection sampling's
+    supervised data) or its best and worst as a preference pair (``pairs``: ``{"prompt", "chosen",
+    "rejected"}`` with both rewards, for ``dpo`` or ``reward``; prompts whose completions all score
+    alike give none). Ties go to the lower sample number."""
     from apr_kernels.model.generate import generate_batch
 
     from .grpo import read_prompts
@@ -625,6 +634,11 @@ def _generate_file(args, model, tok) -> int:
     n = args.num_return_sequences
     if n < 1 or args.batch_size < 1:
         raise ValueError(f"generate: --num-return-sequences {n} and --batch-size {args.batch_size}; expected >= 1")
+    if args.keep != "all" and not args.reward:
+        raise ValueError(f"generate: --keep {args.keep} needs --reward (the scores that choose)")
+    if args.keep == "pairs" and n < 2:
+        raise ValueError(f"generate: --keep pairs needs --num-return-sequences >= 2 (got {n})")
+    rewards = _reward_functions(args, model)
     records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
@@ -638,19 +652,68 @@ def _generate_file(args, model, tok) -> int:
                                       stops=[r["stops"] for r in part for _ in range(n)], generators=gens,
                                       temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                                       vocab_size=tok.vocab_size)
+            lines = []
             for i, ids in enumerate(done):
                 r = part[i // n]
                 new = [t for t in ids if t not in r["stops"]]
                 # the text the new tokens add to the prompt's (SentencePiece: the first one's space)
                 text = tok.decode(r["ids"] + new)[len(tok.decode(r["ids"])):]
                 answer = [{"role": "assistant", "content": text}] if isinstance(r["prompt"], list) else text
-                out.write(json.dumps({"prompt": r["prompt"], **r["fields"], "completion": answer,
-                                      "sample": i % n}) + "\n")
+                lines.append({"prompt": r["prompt"], **r["fields"], "completion": answer, "sample": i % n,
+                              "_ids": new})
+            for line in _scored(lines, part, n, rewards, args):
+                out.write(json.dumps(line) + "\n")
             out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
     return 0
+
+
+def _reward_functions(args, model) -> dict:
+    """``generate --reward``'s functions by name (``grpo.load_reward``; reward models on the model's
+    device, in bf16 on CUDA as the sampling runs)."""
+    if not args.reward:
+        if args.reward_weights:
+            raise ValueError("generate: --reward-weights needs --reward")
+        return {}
+    from .grpo import load_reward, reward_name
+
+    dev = model.model.embed_tokens.weight.device
+    return {reward_name(spec): load_reward(spec, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None)
+            for spec in args.reward}
+
+
+def _scored(lines: list[dict], records: list[dict], n: int, functions: dict, args) -> list[dict]:
+    """The lines of one batch as ``--keep`` says (``_generate_file``), with their rewards."""
+    ids = [line.pop("_ids") for line in lines]
+    if not functions:
+        return lines
+    from .grpo import score
+
+    weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(functions)
+    if len(weights) != len(functions):
+        raise ValueError(f"--reward-weights: {len(weights)} weight(s) for {len(functions)} reward function(s)")
+    total, table = score(functions, weights, [line["prompt"] for line in lines], [line["completion"] for line in lines],
+                         ids, [r["fields"] for r in records for _ in range(n)])
+    for k, line in enumerate(lines):
+        line["reward"] = float(total[k])
+        if len(functions) > 1:
+            line["rewards"] = {name: (None if v != v else v) for name, v in zip(functions, table[:, k].tolist())}
+    if args.keep == "all":
+        return lines
+    kept = []
+    for start in range(0, len(lines), n):
+        group = lines[start:start + n]
+        order = sorted(range(n), key=lambda k: (-group[k]["reward"], k))
+        best, worst = group[order[0]], group[order[-1]]
+        if args.keep == "best":
+            kept.append(best)
+        elif best["reward"] > worst["reward"]:
+            fields = {k: v for k, v in best.items() if k not in ("completion", "sample", "reward", "rewards")}
+            kept.append({**fields, "chosen": best["completion"], "rejected": worst["completion"],
+                         "chosen_reward": best["reward"], "rejected_reward": worst["reward"]})
+    return kept
 
 
 def compile_layers(model) -> None:
@@ -827,6 +890,12 @@ def register(subparsers) -> None:
     p.add_argument("--output", help="with --prompts: write the JSON lines here (default stdout)")
     p.add_argument("--batch-size", type=int, default=16, help="with --prompts: prompts decoded together")
     p.add_argument("--num-return-sequences", type=int, default=1, help="with --prompts: completions per prompt")
+    p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME|RM.apr",
+                   help="with --prompts: score each completion (reward functions or reward models, as grpo's)")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (default 1)")
+    p.add_argument("--keep", choices=("all", "best", "pairs"), default="all",
+                   help="with --reward: every completion, each prompt's best (best-of-N), or its best and worst as a "
+                        "preference pair {'prompt', 'chosen', 'rejected'}")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
