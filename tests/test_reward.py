@@ -348,3 +348,38 @@ def test_gpu_padding_free_rewards_match_padded_eager():
     for (name, p), q in zip(eager.named_parameters(), fast.parameters()):
         err = (q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
         assert err < 0.1, f"{name}: relative gradient error {err:.3g}"
+
+
+def test_cli_reward_with_lora_resumes_exactly_and_merges_at_the_end(tmp_path, capsys):
+    """reward --lora-rank: adapters and the new head train; a step checkpoint keeps the adapters and
+    resumes exactly; the final model.apr is a plain reward model (adapters merged) that continues as
+    --init with its own head."""
+    import apr_kernels
+    from apr_kernels.cli import main
+    from apr_kernels.model.loading import load_classifier
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init.apr", tokenizer=tok,
+                    model=Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size))))
+    data = _pairs_file(tmp_path / "t.jsonl", THINGS)
+    args = ["reward", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "4", "--batch-size", "4",
+            "--lr", "1e-2", "--lora-rank", "2", "--json", "--save-every", "2", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    recs = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    start = next(r for r in recs if r["event"] == "start")
+    # rank 2 on q, k, v, o, gate, up, down of both layers (2 x 1568) plus the whole score head (56)
+    assert start["lora_rank"] == 2 and start["trainable"] == 2 * 1568 + 56
+    losses = [r["loss"] for r in recs if r["event"] == "train"]
+    with apr_kernels.open(tmp_path / "o" / "step_000002.apr") as f:
+        assert "score.weight" in f and any(k.endswith(".lora_A") for k in f.keys())
+    assert main(["reward", "--resume", str(tmp_path / "o" / "step_000002.apr"), "--json", "--out",
+                 str(tmp_path / "r")]) == 0
+    resumed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["loss"] for r in resumed if r["event"] == "train"] == losses[2:]
+    final = load_classifier(tmp_path / "o" / "model.apr")
+    assert getattr(final, "lora", None) is None
+    assert main(["reward", "--init", str(tmp_path / "o" / "model.apr"), "--data", str(data), "--steps", "1",
+                 "--batch-size", "4", "--json", "--out", str(tmp_path / "again")]) == 0
+    again = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert next(r for r in again if r["event"] == "start")["new_score_head"] is False
