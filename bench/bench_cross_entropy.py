@@ -24,6 +24,10 @@ Mode ``distill fwd+bwd``: knowledge distillation from a teacher head of the same
 --teacher``): apr ``linear_distillation`` (both heads' logits chunked; 8·N·H·V FLOPs) vs eager
 (``model/distillation.py``'s ``eager_loss`` on the two whole logit blocks).
 
+Mode ``jsd fwd+bwd``: the generalized JSD at beta 0.5 alone (``train --teacher --kd-ratio 1 --kd-beta
+0.5``: the divergence's extra read per row), apr vs eager (TRL's expression) vs Liger-Kernel's
+LigerFusedLinearJSD when importable (CUDA).
+
 --cpu-memory: on a machine without a GPU, the Qwen2 shape at N = 4096 in fp32, each provider (and
 mode) in a fresh process: the process's peak resident memory over two forward+backward steps (inputs, the fp32
 weight and its gradient, about 1.1 GB, included) and the time of the second step. The memory claim,
@@ -138,6 +142,32 @@ def distill_providers(teacher_hidden, teacher_weight) -> dict:
                                                 "mean")[0]}
 
 
+def jsd_providers(teacher_hidden, teacher_weight, dev: torch.device) -> dict:
+    """The generalized JSD (beta 0.5, T 1, no cross entropy): ours, the eager expression, Liger's."""
+    from apr_kernels.model.distillation import eager_loss
+
+    out = {"apr": lambda h, w, t: apr_kernels.linear_distillation(h, w, teacher_hidden, teacher_weight, t,
+                                                                  kd_ratio=1.0, beta=0.5)[0],
+           "eager": lambda h, w, t: eager_loss(F.linear(h, w), F.linear(teacher_hidden, teacher_weight), t, 1.0, 1.0,
+                                               "mean", 0.5)[0]}
+    if dev.type == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            liger = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
+
+            def liger_fn(h, w, t):
+                try:
+                    return liger(h, w, teacher_hidden, teacher_weight, t)
+                except TypeError:  # versions without labels
+                    return liger(h, w, teacher_hidden, teacher_weight)
+
+            out["liger"] = liger_fn
+        except Exception as e:  # noqa: BLE001
+            print(f"liger jsd: not importable ({type(e).__name__}: {e}); skipped")
+    return out
+
+
 def sweep(args) -> list[tuple[str, int]]:
     if args.smoke:
         return [("tiny", 64)]
@@ -174,7 +204,8 @@ def main() -> None:
                    torch.randn(v, h, device=dev, dtype=dtype, generator=gen) * 0.02)
         for mode, fns, flops in (("fwd+bwd", provs, 6 * n * h * v),
                                  ("per-token fwd+bwd", per_token_providers(), 8 * n * h * v),
-                                 ("distill fwd+bwd", distill_providers(*teacher), 8 * n * h * v)):
+                                 ("distill fwd+bwd", distill_providers(*teacher), 8 * n * h * v),
+                                 ("jsd fwd+bwd", jsd_providers(*teacher, dev), 8 * n * h * v)):
             per = {}
             for name, fn in fns.items():
                 def step():

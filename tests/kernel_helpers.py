@@ -61,13 +61,13 @@ for v, dt, grad in spec["cases"]:
     block, warps = K.launch_config(v)
     sig = {name: kind.replace("DT", dt) for name, kind in spec["signature"].items()}
     k = triton.compile(ASTSource(fn=getattr(K, spec["kernel"]), signature=sig,
-                                 constexprs=dict(WRITE_GRAD=grad, BLOCK_V=block)),
+                                 constexprs=dict(WRITE_GRAD=grad, BLOCK_V=block, **spec["constexprs"])),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
     res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     os.unlink(f.name)
-    out.append(dict(case=[v, dt, grad], rc=res.returncode, err=res.stderr[-400:]))
+    out.append(dict(case=[v, dt, grad, spec["constexprs"]], rc=res.returncode, err=res.stderr[-400:]))
 print(json.dumps(out))
 """
 
@@ -75,10 +75,13 @@ print(json.dumps(out))
 ROW_KERNEL_CASES = [[151936, "bf16", True], [151936, "bf16", False], [128256, "fp16", True], [1000, "fp32", True]]
 
 
-def assert_row_kernel_compiles_for_sm90(module: str, kernel: str, signature: dict, tmp_path) -> None:
+def assert_row_kernel_compiles_for_sm90(module: str, kernel: str, signature: dict, tmp_path,
+                                        constexprs: dict | None = None) -> None:
     """``kernel`` of ``kernels/<module>.py`` compiles for sm_90a with ptxas, without spills, for every
-    ``ROW_KERNEL_CASES`` entry (``signature``: Triton's, "DT" standing for the logits' dtype)."""
-    spec = {"module": module, "kernel": kernel, "signature": signature, "cases": ROW_KERNEL_CASES}
+    ``ROW_KERNEL_CASES`` entry (``signature``: Triton's, "DT" standing for the logits' dtype;
+    ``constexprs``: more compile-time arguments than WRITE_GRAD and BLOCK_V)."""
+    spec = {"module": module, "kernel": kernel, "signature": signature, "cases": ROW_KERNEL_CASES,
+            "constexprs": constexprs or {}}
     results = run_sm90_compile(_ROW_KERNEL_AOT, spec, tmp_path, timeout=300)
     assert len(results) == len(ROW_KERNEL_CASES)
     for r in results:

@@ -22,17 +22,26 @@ from kernel_helpers import assert_row_kernel_compiles_for_sm90, kernel_module, s
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
-def written_out(s, t, targets, kd_ratio, temperature):
+def written_out(s, t, targets, kd_ratio, temperature, beta=0.0):
     """Per-position (ce, kl) from student logits ``s`` and teacher logits ``t`` in fp64: the cross
-    entropy as -log_softmax at the target, the KL as sum p (log p - log q) over the shared columns."""
+    entropy as -log_softmax at the target; over the shared columns the divergence TRL's
+    ``generalized_jsd_loss`` names by ``beta``: sum p (log p - log q) (0), sum q (log q - log p) (1),
+    else beta KL(p || m) + (1 - beta) KL(q || m) with the mixture m = beta p + (1 - beta) q."""
     s, t = s.double(), t.double()
     v = min(s.shape[-1], t.shape[-1])
     mask = targets != -100
     ce = -torch.log_softmax(s, -1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
     log_q = torch.log_softmax(s[..., :v] / temperature, -1)
     log_p = torch.log_softmax(t[..., :v] / temperature, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
-    return ce * mask, kl * mask
+    p, q = log_p.exp(), log_q.exp()
+    if beta == 0:
+        kl = (p * (log_p - log_q)).sum(-1)
+    elif beta == 1:
+        kl = (q * (log_q - log_p)).sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        kl = beta * (p * (log_p - m.log())).sum(-1) + (1 - beta) * (q * (log_q - m.log())).sum(-1)
+    return ce * mask, kl * temperature ** 2 * mask
 
 
 def _inputs(n, h, ht, v, vt, dtype, seed=0):
@@ -77,6 +86,44 @@ def test_kernel_rows_vs_reference(dtype, v, vt, write_grad):
     assert torch.all(buf[:, v:].isnan()), "padding past V was written"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("beta", [1.0, 0.4], ids=["reverse-kl", "jsd"])
+@pytest.mark.parametrize("v,vt", [(300, 333), (333, 300)], ids=["teacher-wider", "student-wider"])
+def test_kernel_rows_other_divergences_vs_reference(dtype, beta, v, vt):
+    """The reverse KL (a cross term kept online) and the generalized JSD (a second read for the
+    mixture) in the row launcher (interpreter) against the reference row maths, gradient included."""
+    k = kernel_module("distillation")
+    n = 5
+    g = torch.Generator().manual_seed(1)
+    student = (torch.randn(n, v, generator=g) * 3).to(dtype)
+    teacher = (torch.randn(n, vt, generator=g) * 3).to(dtype)
+    targets = torch.tensor([0, v - 1, -100, 17, 150])
+    want_ce, want_kl, want_grad = distillation_rows_reference(student, teacher, targets, -100, 0.3, 1.7, True, beta)
+    ce, kl = torch.full((n,), 7.0), torch.full((n,), 7.0)
+    k.distillation_rows(student, teacher, targets, ce, kl, -100, 0.3, 1.7, True, beta, block_v=64)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(ce, want_ce.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(kl, want_kl.float(), rtol=tol, atol=tol)
+    assert kl[2] == 0 and kl[[0, 1, 3, 4]].min() > 0
+    torch.testing.assert_close(student.float(), want_grad.to(dtype).float(), rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5, 0.1])
+def test_reference_rows_are_trls_generalized_jsd(beta):
+    """The reference row maths against the divergence written out in fp64, and its gradient against
+    autograd of that expression."""
+    g = torch.Generator().manual_seed(2)
+    s = (torch.randn(6, 40, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.randn(6, 44, generator=g, dtype=torch.float64) * 2
+    targets = torch.tensor([3, -100, 0, 39, 7, 11])
+    ce, kl, grad = distillation_rows_reference(s.detach(), t, targets, -100, 0.25, 1.5, True, beta)
+    want_ce, want_kl = written_out(s, t, targets, 0.25, 1.5, beta)
+    torch.testing.assert_close(ce, want_ce.detach())
+    torch.testing.assert_close(kl, want_kl.detach())
+    (0.75 * want_ce + 0.25 * want_kl).sum().backward()
+    torch.testing.assert_close(grad, s.grad)
+
+
 def test_kernel_out_of_range_target_is_nan_not_a_read():
     k = kernel_module("distillation")
     student, teacher = torch.randn(3, 40), torch.randn(3, 40)
@@ -101,15 +148,18 @@ def test_fused_op_runs_the_kernel_and_matches_the_reference(use_backend, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_compiles_for_sm90(tmp_path):
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["forward-kl", "reverse-kl", "jsd"])
+def test_kernel_compiles_for_sm90(tmp_path, mode):
     signature = {"STUDENT": "*DT", "stride_s": "i64", "TEACHER": "*DT", "stride_t": "i64", "TARGETS": "*i64",
                  "CE": "*fp32", "KL": "*fp32", "V": "i32", "VS": "i32", "ignore_index": "i64", "kd_ratio": "fp32",
-                 "inv_temp": "fp32", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
-    assert_row_kernel_compiles_for_sm90("distillation", "_distillation_kernel", signature, tmp_path)
+                 "inv_temp": "fp32", "beta": "fp32", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr",
+                 "MODE": "constexpr"}
+    assert_row_kernel_compiles_for_sm90("distillation", "_distillation_kernel", signature, tmp_path, {"MODE": mode})
 
 
 @pytest.mark.cuda
-def test_cuda_bf16_matches_the_eager_expression():
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5], ids=["forward-kl", "reverse-kl", "jsd"])
+def test_cuda_bf16_matches_the_eager_expression(beta):
     from apr_kernels.model.distillation import eager_loss
 
     dev, v, h = "cuda", 151936, 896
@@ -122,8 +172,8 @@ def test_cuda_bf16_matches_the_eager_expression():
     targets[0, :9] = -100
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = apr_kernels.linear_distillation(hidden, weight, t_hidden, t_weight, targets, temperature=2.0,
-                                              chunk_rows=256)
-        want = eager_loss(F.linear(hidden, weight), F.linear(t_hidden, t_weight), targets, 0.5, 2.0, "mean")
+                                              chunk_rows=256, beta=beta)
+        want = eager_loss(F.linear(hidden, weight), F.linear(t_hidden, t_weight), targets, 0.5, 2.0, "mean", beta)
     got[0].backward()
     dh, dw = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -137,20 +187,22 @@ def test_cuda_bf16_matches_the_eager_expression():
 # --------------------------------------------------------------------------------- the fused op
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [
-    # (V, V_teacher, kd_ratio, temperature, chunk_rows, reduction)
-    (300, 300, 0.5, 1.0, 7, "mean"),
-    (300, 340, 0.3, 2.0, None, "sum"),    # the teacher's head padded further (Qwen2.5-7B vs 0.5B)
-    (310, 300, 1.0, 0.7, 5, "mean"),      # the student's padded further; KL only
-    (300, 300, 0.0, 1.0, 4, "sum"),       # cross entropy only
-], ids=["half", "teacher-padded-T2", "student-padded-kl-only", "ce-only"])
+    # (V, V_teacher, kd_ratio, temperature, chunk_rows, reduction, beta)
+    (300, 300, 0.5, 1.0, 7, "mean", 0.0),
+    (300, 340, 0.3, 2.0, None, "sum", 0.0),    # the teacher's head padded further (Qwen2.5-7B vs 0.5B)
+    (310, 300, 1.0, 0.7, 5, "mean", 0.0),      # the student's padded further; KL only
+    (300, 300, 0.0, 1.0, 4, "sum", 0.0),       # cross entropy only
+    (300, 340, 0.5, 2.0, 7, "mean", 1.0),      # reverse KL
+    (310, 300, 0.8, 1.0, None, "sum", 0.5),    # generalized JSD
+], ids=["half", "teacher-padded-T2", "student-padded-kl-only", "ce-only", "reverse-kl", "jsd"])
 def test_fused_loss_and_gradients_vs_the_loss_written_out(dtype, case):
-    v, vt, r, temp, chunk, reduction = case
+    v, vt, r, temp, chunk, reduction, beta = case
     hidden, weight, t_hidden, t_weight, targets = _inputs(23, 16, 24, v, vt, dtype)
     loss, ce, kl = apr_kernels.linear_distillation(hidden, weight, t_hidden, t_weight, targets, kd_ratio=r,
-                                                   temperature=temp, reduction=reduction, chunk_rows=chunk)
+                                                   temperature=temp, reduction=reduction, chunk_rows=chunk, beta=beta)
     loss.backward()
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    ce64, kl64 = written_out(h64 @ w64.T, t_hidden.double() @ t_weight.double().T, targets, r, temp)
+    ce64, kl64 = written_out(h64 @ w64.T, t_hidden.double() @ t_weight.double().T, targets, r, temp, beta)
     n = (targets != -100).sum() if reduction == "mean" else 1
     want = ((1 - r) * ce64 + r * kl64).sum() / n
     want.backward()
@@ -165,30 +217,35 @@ def test_fused_loss_and_gradients_vs_the_loss_written_out(dtype, case):
     assert torch.all(hidden.grad[[1, 21]] == 0)  # ignored positions
 
 
-def test_same_teacher_and_student_give_zero_kl():
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_same_teacher_and_student_give_zero_kl(beta):
     hidden, weight, _, _, targets = _inputs(9, 8, 8, 40, 40, torch.float32)
     loss, ce, kl = apr_kernels.linear_distillation(hidden, weight, hidden.detach(), weight.detach(), targets,
-                                                   kd_ratio=0.5)
+                                                   kd_ratio=0.5, beta=beta)
     assert abs(kl.item()) < 1e-6 and loss.item() == pytest.approx(0.5 * ce.item(), rel=1e-6)
 
 
-def test_autocast_matches_the_eager_expression():
-    """Under bf16 autocast both heads' logits are bf16 GEMMs, the row maths fp32, as the eager path."""
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.7])
+def test_autocast_matches_the_eager_expression(beta):
+    """Under bf16 autocast both heads' logits are bf16 GEMMs, the row maths fp32, as the eager path
+    (TRL's generalized JSD expression for each divergence)."""
     from apr_kernels.model.distillation import eager_loss
 
     hidden, weight, t_hidden, t_weight, targets = _inputs(12, 32, 16, 200, 200, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = apr_kernels.linear_distillation(hidden, weight, t_hidden, t_weight, targets, kd_ratio=0.4,
-                                              temperature=2.0, chunk_rows=5)
-        want = eager_loss(F.linear(hidden, weight), F.linear(t_hidden, t_weight), targets, 0.4, 2.0, "mean")
+                                              temperature=2.0, chunk_rows=5, beta=beta)
+        want = eager_loss(F.linear(hidden, weight), F.linear(t_hidden, t_weight), targets, 0.4, 2.0, "mean", beta)
     for a, b in zip(got, want):
         assert a.item() == pytest.approx(b.item(), rel=1e-3)
 
 
-def test_gradcheck_fp64():
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.4])
+def test_gradcheck_fp64(beta):
     hidden, weight, t_hidden, t_weight, targets = _inputs(7, 5, 6, 11, 13, torch.float64)
     assert torch.autograd.gradcheck(lambda h, w: apr_kernels.linear_distillation(
-        h, w, t_hidden, t_weight, targets, kd_ratio=0.3, temperature=1.5, chunk_rows=3)[0], (hidden, weight))
+        h, w, t_hidden, t_weight, targets, kd_ratio=0.3, temperature=1.5, chunk_rows=3, beta=beta)[0],
+        (hidden, weight))
 
 
 def test_opcheck_and_no_grad():
@@ -196,7 +253,7 @@ def test_opcheck_and_no_grad():
     for with_grad in (True, False):
         h, w = (t.detach().requires_grad_(with_grad) for t in (hidden, weight))
         torch.library.opcheck(torch.ops.apr.linear_distillation.default,
-                              (h, w, t_hidden, t_weight, targets, -100, None, with_grad, 4, 0.5, 2.0))
+                              (h, w, t_hidden, t_weight, targets, -100, None, with_grad, 4, 0.5, 2.0, 0.3))
     with torch.no_grad():
         a = apr_kernels.linear_distillation(hidden, weight, t_hidden, t_weight, targets)
     b = apr_kernels.linear_distillation(hidden, weight, t_hidden, t_weight, targets)
@@ -220,8 +277,10 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(kd_ratio=1.5), r"kd_ratio=1.5, temperature=1.0; expected 0 <= kd_ratio <= 1 and temperature > 0"),
-    (dict(temperature=0.0), "expected 0 <= kd_ratio <= 1 and temperature > 0"),
+    (dict(kd_ratio=1.5), r"kd_ratio=1.5, temperature=1.0, beta=0.0; expected 0 <= kd_ratio <= 1, temperature > 0 "
+                         r"and 0 <= beta <= 1"),
+    (dict(temperature=0.0), "expected 0 <= kd_ratio <= 1, temperature > 0 and 0 <= beta <= 1"),
+    (dict(beta=-0.1), r"beta=-0.1; expected"),
     (dict(reduction="none"), "reduction must be 'mean' or 'sum', got 'none'"),
     (dict(t_weight=torch.randn(40, 9)), r"teacher_hidden \[..., Ht\] and teacher_weight \[Vt, Ht\] must share Ht"),
     (dict(t_hidden=torch.randn(5, 8)), r"must cover the student's positions \(6,\)"),
@@ -230,7 +289,7 @@ def test_torch_compile_fullgraph():
 def test_errors_name_the_argument(bad, message):
     hidden, weight, t_hidden, t_weight, targets = _inputs(6, 16, 8, 40, 40, torch.float32)
     args = dict(t_hidden=t_hidden, t_weight=t_weight, targets=targets)
-    kw = {k: bad.pop(k) for k in ("kd_ratio", "temperature", "reduction") if k in bad}
+    kw = {k: bad.pop(k) for k in ("kd_ratio", "temperature", "reduction", "beta") if k in bad}
     args.update(bad)
     with pytest.raises(ValueError, match=message):
         apr_kernels.linear_distillation(hidden, weight, args["t_hidden"], args["t_weight"], args["targets"], **kw)
@@ -238,11 +297,12 @@ def test_errors_name_the_argument(bad, message):
 
 def test_loss_module_is_the_function():
     hidden, weight, t_hidden, t_weight, targets = _inputs(6, 16, 8, 40, 44, torch.float32)
-    module = apr_kernels.LinearDistillationLoss(kd_ratio=0.2, temperature=3.0, reduction="sum")
+    module = apr_kernels.LinearDistillationLoss(kd_ratio=0.2, temperature=3.0, reduction="sum", beta=0.5)
     got = module(hidden, weight, t_hidden, t_weight, targets)
     want = apr_kernels.linear_distillation(hidden, weight, t_hidden, t_weight, targets, kd_ratio=0.2,
-                                           temperature=3.0, reduction="sum")
+                                           temperature=3.0, reduction="sum", beta=0.5)
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and "kd_ratio=0.2" in repr(module)
+    assert "beta=0.5" in repr(module)
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -281,7 +341,8 @@ def test_model_fast_path_equals_eager_and_the_loss_written_out(documents, use_ba
     torch.testing.assert_close(got[False][0], want, rtol=1e-5, atol=1e-4)
 
 
-def test_one_trainer_step_is_adamw_on_the_distillation_objective(use_backend):
+@pytest.mark.parametrize("beta", [0.0, 0.5], ids=["forward-kl", "jsd"])
+def test_one_trainer_step_is_adamw_on_the_distillation_objective(use_backend, beta):
     """Trainer with a teacher: the step's loss, ce and kl are the means over the step's targets (two
     micro-batches), and the clipped gradients are those of the objective written out."""
     from apr_kernels.train.data import BatchStream, batch, sequences
@@ -294,7 +355,7 @@ def test_one_trainer_step_is_adamw_on_the_distillation_objective(use_backend):
     oracle.load_state_dict(student.state_dict())
     tokens = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(3))
     cfg = TrainConfig(steps=1, batch_size=2, grad_accum=2, seq_len=16, lr=1e-3, warmup=1, kd_ratio=0.7,
-                      kd_temperature=2.0)
+                      kd_temperature=2.0, kd_beta=beta)
     rec = Trainer(student, tokens, None, cfg, teacher=teacher).train_step()
     seqs = sequences(tokens, 16)
     stream = BatchStream(len(seqs), seed=cfg.seed)
@@ -304,7 +365,7 @@ def test_one_trainer_step_is_adamw_on_the_distillation_objective(use_backend):
         x, y, _ = batch(seqs, stream.next(2))
         with torch.no_grad():
             t_logits = teacher(x)
-        ce, kl = written_out(oracle(x), t_logits, y, 0.7, 2.0)
+        ce, kl = written_out(oracle(x), t_logits, y, 0.7, 2.0, beta)
         ce_sum, kl_sum, n = ce_sum + ce.sum(), kl_sum + kl.sum(), n + int((y != -100).sum())
     objective = (0.3 * ce_sum + 0.7 * kl_sum) / n
     objective.backward()
@@ -352,6 +413,13 @@ def test_cli_distillation_pulls_the_student_to_the_teacher_and_resumes_exactly(t
     resumed, _ = _run(capsys, "train", "--resume", str(tmp_path / "a" / "step_000010.apr"), "--json",
                       "--out", str(tmp_path / "b"))
     assert [r["loss"] for r in resumed if r["event"] == "train"] == [r["loss"] for r in train[10:]]
+    # the generalized JSD: the divergence falls too, and its beta travels into the checkpoint
+    recs, _ = _run(capsys, *base, "--kd-beta", "0.5", "--out", str(tmp_path / "jsd"))
+    jsd = [r for r in recs if r["event"] == "train"]
+    assert max(r["kl"] for r in jsd[-3:]) < jsd[0]["kl"] / 2 and jsd[0]["kl"] < train[0]["kl"]
+    resumed, _ = _run(capsys, "train", "--resume", str(tmp_path / "jsd" / "step_000010.apr"), "--json",
+                      "--out", str(tmp_path / "jsd_b"))
+    assert [r["loss"] for r in resumed if r["event"] == "train"] == [r["loss"] for r in jsd[10:]]
     # a teacher with another tokenizer, or none, is refused before training
     from apr_kernels.tokenizer import Tokenizer
 
@@ -364,6 +432,8 @@ def test_cli_distillation_pulls_the_student_to_the_teacher_and_resumes_exactly(t
     _, err = _run(capsys, *base[:4], str(tmp_path / "bare.apr"), *base[5:], "--out", str(tmp_path / "d"), code=1)
     assert "bare.apr: no embedded tokenizer (tokenizer.vocabulary)" in err
     _, err = _run(capsys, *base, "--kd-ratio", "2", "--out", str(tmp_path / "e"), code=1)
-    assert "kd_ratio=2.0, kd_temperature=1.0; expected 0 <= kd_ratio <= 1" in err
+    assert "kd_ratio=2.0, kd_temperature=1.0, kd_beta=0.0; expected 0 <= kd_ratio <= 1" in err
     _, err = _run(capsys, *base[:3], *base[5:], "--out", str(tmp_path / "f"), code=1)  # no --teacher
     assert "--kd-ratio 1.0 needs --teacher" in err
+    _, err = _run(capsys, *base[:3], *base[9:], "--kd-beta", "0.5", "--out", str(tmp_path / "g"), code=1)
+    assert "--kd-beta 0.5 needs --teacher" in err

@@ -109,13 +109,14 @@ class LinearCrossEntropyLoss(nn.Module):
 class LinearDistillationLoss(nn.Module):
     """``loss(hidden, weight, teacher_hidden, teacher_weight, targets) -> (loss, ce, kl)``: knowledge
     distillation of the student head ``hidden @ weight.T`` from the teacher head (:func:
-    `apr_kernels.linear_distillation`: ``(1 - kd_ratio) CE + kd_ratio T^2 KL(teacher || student)``)
-    without materialising either head's logits. Parameter-free."""
+    `apr_kernels.linear_distillation`: ``(1 - kd_ratio) CE + kd_ratio T^2 KL(teacher || student)``, or
+    the reverse KL / generalized JSD that ``beta`` names) without materialising either head's logits.
+    Parameter-free."""
 
     def __init__(self, kd_ratio: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", beta: float = 0.0):
         super().__init__()
-        self.kd_ratio, self.temperature = kd_ratio, temperature
+        self.kd_ratio, self.temperature, self.beta = kd_ratio, temperature, beta
         self.ignore_index, self.reduction = ignore_index, reduction
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -123,9 +124,9 @@ class LinearDistillationLoss(nn.Module):
         from apr_kernels.ops.distillation import linear_distillation
 
         return linear_distillation(hidden, weight, teacher_hidden, teacher_weight, targets, kd_ratio=self.kd_ratio,
-                                   temperature=self.temperature, ignore_index=self.ignore_index,
+                                   temperature=self.temperature, beta=self.beta, ignore_index=self.ignore_index,
                                    reduction=self.reduction)
 
     def extra_repr(self) -> str:
-        return (f"kd_ratio={self.kd_ratio}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}")
+        return (f"kd_ratio={self.kd_ratio}, temperature={self.temperature}, beta={self.beta}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")

@@ -22,6 +22,7 @@ class Teacher:
     weight: torch.Tensor  # the teacher's output weight [Vt, Ht]
     kd_ratio: float = 0.5
     temperature: float = 1.0
+    beta: float = 0.0  # the divergence: 0 forward KL, 1 reverse KL, between generalized JSD (ops/distillation.py)
 
     @classmethod
     @torch.no_grad()
@@ -31,16 +32,27 @@ class Teacher:
 
 
 def eager_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, kd_ratio: float,
-               temperature: float, reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, ce, kl)`` from the two heads' logits ``[..., V]`` / ``[..., Vt]`` in fp32 (the KL over the
-    shared leading columns; ``ce`` and ``kl`` detached)."""
+               temperature: float, reduction: str, beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce, kl)`` from the two heads' logits ``[..., V]`` / ``[..., Vt]`` in fp32 (the divergence
+    over the shared leading columns, as TRL's ``generalized_jsd_loss`` writes it; ``ce`` and ``kl``
+    detached)."""
     s, t = logits.float().flatten(0, -2), teacher_logits.float().flatten(0, -2)
     y = targets.flatten()
     mask = y != -100
     v = min(s.shape[1], t.shape[1])
     ce = F.cross_entropy(s, y, reduction="none")
-    kl = F.kl_div(F.log_softmax(s[:, :v] / temperature, -1), F.log_softmax(t[:, :v] / temperature, -1),
-                  log_target=True, reduction="none").sum(-1) * temperature ** 2
+    log_q = F.log_softmax(s[:, :v] / temperature, -1)
+    log_p = F.log_softmax(t[:, :v] / temperature, -1)
+    if beta == 0:  # KL(p || q)
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    elif beta == 1:  # KL(q || p)
+        kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+    else:
+        b = torch.tensor(beta, dtype=log_q.dtype)
+        log_m = torch.logsumexp(torch.stack([log_q + torch.log(1 - b), log_p + torch.log(b)]), 0)
+        kl = (beta * F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
+              + (1 - beta) * F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1))
+    kl = kl * temperature ** 2
     kl = torch.where(mask, kl, 0.0)
     parts = torch.stack([((1 - kd_ratio) * ce + kd_ratio * kl).sum(), ce.sum(), kl.sum()])
     if reduction == "mean":

@@ -373,7 +373,8 @@ class Transformer(nn.Module):
 
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction {reduction!r} with a teacher; expected 'mean' or 'sum'")
-        settings = {"kd_ratio": teacher.kd_ratio, "temperature": teacher.temperature, "reduction": reduction}
+        settings = {"kd_ratio": teacher.kd_ratio, "temperature": teacher.temperature, "beta": teacher.beta,
+                    "reduction": reduction}
         if self.use_fast(h):
             parts = _ops().linear_distillation(h, self.output_weight, teacher.hidden, teacher.weight, targets,
                                                **settings)

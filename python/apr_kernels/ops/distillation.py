@@ -3,7 +3,7 @@
 Public function (also ``apr_kernels.linear_distillation``)::
 
     linear_distillation(hidden, weight, teacher_hidden, teacher_weight, targets, *, kd_ratio=0.5,
-                        temperature=1.0, ignore_index=-100, reduction="mean", chunk_rows=None)
+                        temperature=1.0, beta=0.0, ignore_index=-100, reduction="mean", chunk_rows=None)
         -> (loss, ce, kl)                                              # fp32 scalars
 
 For every position whose target is not ignored, with student logits ``s = hidden @ weight.T`` and
@@ -12,6 +12,11 @@ teacher logits ``t = teacher_hidden @ teacher_weight.T``::
     ce   = cross_entropy(s, target)
     kl   = T^2 * KL(softmax(t / T) || softmax(s / T))       # forward KL, over the shared vocabulary
     loss = (1 - kd_ratio) * ce + kd_ratio * kl
+
+``beta`` picks the divergence as TRL's generalized JSD (GKD, Agarwal et al.) and Liger's JSD do:
+0 the forward KL above (the default), 1 the reverse KL(softmax(s / T) || softmax(t / T)), mode-seeking,
+and between them ``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q``
+(``p``, ``q`` the teacher's and student's softened distributions); ``kl`` is that divergence.
 
 summed (``reduction="sum"``) or averaged over those positions. This is the objective of Hinton et
 al.'s distillation (the ``T^2`` keeps the soft term's gradient scale as ``T`` grows) and, at ``T = 1``,
@@ -34,7 +39,7 @@ Op (opaque to torch.compile)::
 
     apr::linear_distillation(hidden [N, H], weight [V, H], teacher_hidden [N, Ht], teacher_weight [Vt, Ht],
                              targets [N], ignore_index, compute_dtype, with_grad, chunk_rows, kd_ratio,
-                             temperature) -> (sums [3]: loss, ce, kl; count; d_hidden; d_weight)
+                             temperature, beta) -> (sums [3]: loss, ce, kl; count; d_hidden; d_weight)
 """
 
 from __future__ import annotations
@@ -57,10 +62,10 @@ def default_chunk_rows(n_rows: int, vocab: int) -> int:
 
 
 def _rows_reference(student: Tensor, teacher: Tensor, targets: Tensor, ce: Tensor, kl: Tensor, ignore_index: int,
-                    kd_ratio: float, temperature: float, write_grad: bool) -> None:
+                    kd_ratio: float, temperature: float, write_grad: bool, beta: float = 0.0) -> None:
     """``reference.distillation_rows_reference`` with the Triton launcher's in-place contract."""
     c, k, grad = ref.distillation_rows_reference(student, teacher, targets, ignore_index, kd_ratio, temperature,
-                                                 write_grad)
+                                                 write_grad, beta)
     ce.copy_(c)
     kl.copy_(k)
     if write_grad:
@@ -77,7 +82,7 @@ def _row_kernel(student: Tensor, teacher: Tensor, targets: Tensor):
 
 def _impl(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, targets: Tensor,
           ignore_index: int, compute_dtype: Optional[torch.dtype], with_grad: bool, chunk_rows: int,
-          kd_ratio: float, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+          kd_ratio: float, temperature: float, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n, h = hidden.shape
     cdt = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
     hc, wc = hidden.to(cdt), weight.to(cdt)
@@ -97,7 +102,7 @@ def _impl(hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight
                 rows_fn = _row_kernel(student, teacher, targets)
             ce = torch.empty(e - s, dtype=sums.dtype, device=hidden.device)
             kl = torch.empty_like(ce)
-            rows_fn(student, teacher, targets[s:e], ce, kl, ignore_index, kd_ratio, temperature, with_grad)
+            rows_fn(student, teacher, targets[s:e], ce, kl, ignore_index, kd_ratio, temperature, with_grad, beta)
             del teacher
             sums += torch.stack([((1 - kd_ratio) * ce + kd_ratio * kl).sum(), ce.sum(), kl.sum()])
             if with_grad:  # the student's logits now hold d loss / d logits
@@ -113,7 +118,7 @@ _op = torch.library.custom_op("apr::linear_distillation", mutates_args=())(_impl
 
 @_op.register_fake
 def _(hidden, weight, teacher_hidden, teacher_weight, targets, ignore_index, compute_dtype, with_grad, chunk_rows,
-      kd_ratio, temperature):
+      kd_ratio, temperature, beta):
     cdt = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
     sums = torch.empty(3, dtype=torch.promote_types(cdt, torch.float32), device=hidden.device)
     count = torch.empty((), dtype=torch.int64, device=hidden.device)
@@ -134,7 +139,7 @@ def _backward(ctx, g_sums, _g_count, _g_dh, _g_dw):
                            "apr_kernels.linear_distillation, which sets it when autograd needs it")
     dh, dw = ctx.saved_tensors
     g = g_sums[0]  # (the public function detaches the ce and kl parts)
-    return dh * g.to(dh.dtype), dw * g.to(dw.dtype), None, None, None, None, None, None, None, None, None
+    return dh * g.to(dh.dtype), dw * g.to(dw.dtype), None, None, None, None, None, None, None, None, None, None
 
 
 _op.register_autograd(_backward, setup_context=_setup)
@@ -142,8 +147,8 @@ _op.register_autograd(_backward, setup_context=_setup)
 
 def linear_distillation(
     hidden: Tensor, weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, targets: Tensor, *,
-    kd_ratio: float = 0.5, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
-    chunk_rows: int | None = None,
+    kd_ratio: float = 0.5, temperature: float = 1.0, beta: float = 0.0, ignore_index: int = -100,
+    reduction: str = "mean", chunk_rows: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, ce, kl)`` of the student head ``hidden [..., H] @ weight.T`` distilled from the teacher
     head ``teacher_hidden [..., Ht] @ teacher_weight.T`` (module docstring); ``reduction`` "mean" (over
@@ -151,9 +156,9 @@ def linear_distillation(
     where = "linear_distillation"
     if reduction not in ("mean", "sum"):
         raise ValueError(f"{where}: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not 0.0 <= kd_ratio <= 1.0 or not temperature > 0:
-        raise ValueError(f"{where}: kd_ratio={kd_ratio}, temperature={temperature}; expected 0 <= kd_ratio <= 1 "
-                         f"and temperature > 0")
+    if not 0.0 <= kd_ratio <= 1.0 or not temperature > 0 or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{where}: kd_ratio={kd_ratio}, temperature={temperature}, beta={beta}; expected "
+                         f"0 <= kd_ratio <= 1, temperature > 0 and 0 <= beta <= 1")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{where}: hidden [..., H] and weight [V, H] must share H; got hidden "
                          f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
@@ -175,7 +180,7 @@ def linear_distillation(
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(h2.shape[0], max(vocab, teacher_weight.shape[0]))
     sums, count, _, _ = _op(h2, weight, th2, teacher_weight.detach(), t, int(ignore_index), cdt, with_grad, int(rows),
-                            float(kd_ratio), float(temperature))
+                            float(kd_ratio), float(temperature), float(beta))
     if reduction == "mean":
         sums = sums / count
     return sums[0], sums[1].detach(), sums[2].detach()

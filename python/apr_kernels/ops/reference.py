@@ -6,6 +6,8 @@ dtype tolerances of tests/.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # ---------------------------------------------------------------------------------- RMSNorm (issue 4)
@@ -260,13 +262,17 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 
 def distillation_rows_reference(
     student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, ignore_index: int, kd_ratio: float,
-    temperature: float, write_grad: bool,
+    temperature: float, write_grad: bool, beta: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(ce [n], kl [n], grad [n, V] or None)`` for student logits ``[n, V]`` and teacher logits
-    ``[n, V_t]``: ``ce = logsumexp(s) - s[t]``; ``kl = T^2 KL(softmax(t'/T) || softmax(s'/T))`` over
-    the ``min(V, V_t)`` leading columns (the vocabulary both heads share); rows whose target is
-    ``ignore_index`` give zeros. ``grad = (1 - r)(softmax(s) - onehot) + r T (softmax(s'/T) -
-    softmax(t'/T))`` (zero-padded past the shared columns), in fp32 (fp64 for fp64 logits)."""
+    ``[n, V_t]``: ``ce = logsumexp(s) - s[t]``; ``kl = T^2 D(p, q)`` over the ``min(V, V_t)`` leading
+    columns (the vocabulary both heads share), ``q = softmax(s'/T)``, ``p = softmax(t'/T)``, with the
+    divergence ``D`` chosen by ``beta`` as TRL's generalized JSD: 0 the forward KL(p || q), 1 the
+    reverse KL(q || p), between ``beta KL(p || m) + (1 - beta) KL(q || m)`` with the mixture ``m = beta
+    p + (1 - beta) q``. Rows whose target is ``ignore_index`` give zeros. ``grad = (1 - r)(softmax(s) -
+    onehot) + r T dD/d(s'/T)`` (zero-padded past the shared columns), in fp32 (fp64 for fp64 logits);
+    ``dD/du = q - p`` (forward), ``q (l - sum q l)`` with ``l = log q - log p`` (reverse) or
+    ``(1 - beta) q (l - sum q l)`` with ``l = log q - log m`` (mixture)."""
     acc = torch.promote_types(student.dtype, torch.float32)
     s, t = student.to(acc), teacher.to(acc)
     v = min(s.shape[1], t.shape[1])
@@ -276,11 +282,24 @@ def distillation_rows_reference(
     ce = torch.where(valid, lse - s.gather(1, idx).squeeze(1), 0.0)
     log_q = torch.log_softmax(s[:, :v] / temperature, -1)
     log_p = torch.log_softmax(t[:, :v] / temperature, -1)
-    p = log_p.exp()
-    kl = torch.where(valid, (p * (log_p - log_q)).sum(-1) * temperature ** 2, 0.0)
+    p, q = log_p.exp(), log_q.exp()
+    if beta == 0:
+        div = (p * (log_p - log_q)).sum(-1)
+    elif beta == 1:
+        ell = log_q - log_p
+        div = (q * ell).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_q + math.log(1 - beta), log_p + math.log(beta))
+        ell = log_q - log_m
+        div = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * ell).sum(-1)
+    kl = torch.where(valid, div * temperature ** 2, 0.0)
     if not write_grad:
         return ce, kl, None
+    if beta == 0:
+        d_u = q - p
+    else:
+        d_u = q * (ell - (q * ell).sum(-1, keepdim=True)) * (1 - beta if beta != 1 else 1.0)
     grad = (s - lse[:, None]).exp_().mul_(1 - kd_ratio)
     grad.scatter_add_(1, idx, torch.full_like(grad[:, :1], -(1 - kd_ratio)))
-    grad[:, :v] += (log_q.exp() - p) * (kd_ratio * temperature)
+    grad[:, :v] += d_u * (kd_ratio * temperature)
     return ce, kl, grad.mul_(valid[:, None])

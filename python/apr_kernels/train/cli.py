@@ -206,6 +206,7 @@ def build_model(args, tokenizer_spec, *, device=None, load=None):
 def _settings_of(args) -> dict:
     """The distillation and Muon settings given, each refused without the option it tunes."""
     needs = {"kd_ratio": ("teacher", "--teacher"), "kd_temperature": ("teacher", "--teacher"),
+             "kd_beta": ("teacher", "--teacher"),
              "muon_momentum": ("optimizer", "--optimizer muon")}
     out = {}
     for key, (option, spelled) in needs.items():
@@ -790,6 +791,10 @@ def register(subparsers) -> None:
     k.add_argument("--kd-ratio", type=float, default=None, help=f"weight of the KL term (default {d.kd_ratio})")
     k.add_argument("--kd-temperature", type=float, default=None,
                    help=f"softmax temperature T of both models in the KL term (default {d.kd_temperature:g})")
+    k.add_argument("--kd-beta", type=float, default=None,
+                   help="the divergence, as TRL's generalized JSD: 0 forward KL(teacher || student) (the default), "
+                        "1 reverse KL(student || teacher), between beta KL(p || m) + (1 - beta) KL(q || m), "
+                        "m = beta p + (1 - beta) q")
     o = p.add_argument_group("optimisation")
     o.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast precision: auto = bf16 on GPUs that have it, fp16 with loss scaling on older ones "

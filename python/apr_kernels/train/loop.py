@@ -64,6 +64,7 @@ class TrainConfig:
     teacher: str | None = None          # knowledge distillation from this APR file (model/distillation.py)
     kd_ratio: float = 0.5               # loss = (1 - kd_ratio) * CE + kd_ratio * T^2 KL(teacher || student)
     kd_temperature: float = 1.0
+    kd_beta: float = 0.0                # the divergence: 0 forward KL, 1 reverse KL, between generalized JSD
     optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
     muon_momentum: float = 0.95
 
@@ -83,9 +84,10 @@ class TrainConfig:
 
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"training config: optimizer={self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-        if not 0.0 <= self.kd_ratio <= 1.0 or not self.kd_temperature > 0:
-            raise ValueError(f"training config: kd_ratio={self.kd_ratio}, kd_temperature={self.kd_temperature}; "
-                             f"expected 0 <= kd_ratio <= 1 and kd_temperature > 0")
+        if not 0.0 <= self.kd_ratio <= 1.0 or not self.kd_temperature > 0 or not 0.0 <= self.kd_beta <= 1.0:
+            raise ValueError(f"training config: kd_ratio={self.kd_ratio}, kd_temperature={self.kd_temperature}, "
+                             f"kd_beta={self.kd_beta}; expected 0 <= kd_ratio <= 1, kd_temperature > 0 and "
+                             f"0 <= kd_beta <= 1")
         lr_at(0, lr=self.lr, total_steps=self.steps, warmup=self.warmup, schedule=self.lr_schedule,
               decay_fraction=self.decay_fraction)  # the schedule's own checks, before any step
 
@@ -317,7 +319,8 @@ class Trainer:
                                     enabled=self.autocast_dtype is not None):
                     teacher = None
                     if self.teacher is not None:
-                        teacher = Teacher.of(self.teacher, x, docs, kd_ratio=c.kd_ratio, temperature=c.kd_temperature)
+                        teacher = Teacher.of(self.teacher, x, docs, kd_ratio=c.kd_ratio, temperature=c.kd_temperature,
+                                             beta=c.kd_beta)
                     loss_sum = (par.loss(x, y, docs, reduction="sum", teacher=teacher) if par
                                 else self.model.loss(x, y, reduction="sum", documents=docs, teacher=teacher))
                     if teacher is not None:  # [loss, ce, kl]
