@@ -464,7 +464,6 @@ class GRPOTrainer(StepLoop):
         return (weight * per_token).sum(), [kl, clipped, teacher_kl]
 
     def train_step(self) -> dict:
-        c = self.cfg
         par = self.parallel
         lr, t0 = self._start_step()
         if self._generation is None or self.step % self.num_iterations == 0:
@@ -496,14 +495,7 @@ class GRPOTrainer(StepLoop):
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
                 (part * self.world).backward()
             objective += part.detach().double().cpu()
-        grad_norm = None
-        if c.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = float(grad_norm)
-        self.optimizer.step()
-        self.step += 1
+        _, grad_norm = self._finish_step()
         # sums over this rank's completions and groups, then over all ranks
         std = rewards.std(1)
         lengths = torch.tensor(batch["lengths"], dtype=torch.float64)

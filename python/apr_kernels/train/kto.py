@@ -133,22 +133,14 @@ class KTOTrainer(StepLoop):
             sums += torch.stack([losses.detach().sum(), rewards[good].sum(), good.sum(), rewards[~good].sum(),
                                  (~good).sum()]).double().cpu()
             kl_total += float(kl)
-        if par is not None:
-            sums = par.mean(sums.to(self.device)).cpu() * self.world  # the sums over ranks
-        grad_norm = None
-        if c.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
-                grad_norm = float(grad_norm.full_tensor())
-        self.optimizer.step()
-        self.step += 1
+        sums, grad_norm = self._finish_step(sums)
         loss, good_sum, n_good, bad_sum, n_bad = sums.tolist()
         if not math.isfinite(loss):
             raise RuntimeError(f"kto diverged: loss={loss} at step {self.step} (lower --lr?)")
         return {"step": self.step, "loss": loss / n, "lr": lr, "kl": kl_total / c.grad_accum,
                 "reward_desirable": good_sum / n_good if n_good else None,
                 "reward_undesirable": bad_sum / n_bad if n_bad else None,
-                "grad_norm": None if grad_norm is None else float(grad_norm), "s": time.perf_counter() - t0}
+                "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self) -> dict:

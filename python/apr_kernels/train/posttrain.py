@@ -148,6 +148,20 @@ class StepLoop:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                               enabled=self.autocast_dtype is not None)
 
+    def _finish_step(self, sums: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float | None]:
+        """End a step: ``sums`` (float64, this rank's totals of its micro-batches) summed over the ranks,
+        the gradients clipped to ``cfg.grad_clip``, the optimizer step taken. Returns (the sums, the
+        gradient norm before clipping or None without clipping)."""
+        if sums is not None and self.parallel is not None:
+            sums = self.parallel.mean(sums.to(self.device)).cpu() * self.world
+        grad_norm = None
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        self.optimizer.step()
+        self.step += 1
+        return sums, grad_norm
+
     def _start_step(self) -> tuple[float, float]:
         """(learning rate of this step, set on the optimiser; start time)."""
         lr = self.cfg.lr_at_step(self.step)

@@ -232,15 +232,7 @@ class PreferenceTrainer(StepLoop):
                 (objective * self.world).backward()
             sums += torch.stack([losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
                                  (chosen > rejected).sum(), nll.detach()]).double().cpu()
-        if par is not None:
-            sums = par.mean(sums.to(self.device)).cpu() * self.world  # the sums over ranks
-        grad_norm = None
-        if c.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
-                grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.step += 1
+        sums, grad_norm = self._finish_step(sums)
         pref, reward_chosen, reward_rejected, margin, acc = (sums[:5] / n_pairs).tolist()
         chosen_nll = float(sums[5]) / n_tokens
         loss = pref + self.loss.sft_weight * chosen_nll
@@ -248,7 +240,7 @@ class PreferenceTrainer(StepLoop):
             raise RuntimeError(f"dpo diverged: loss={loss} at step {self.step} (lower --lr?)")
         return {"step": self.step, "loss": loss, "lr": lr, "reward_chosen": reward_chosen,
                 "reward_rejected": reward_rejected, "margin": margin, "reward_acc": acc, "chosen_nll": chosen_nll,
-                "grad_norm": None if grad_norm is None else float(grad_norm), "s": time.perf_counter() - t0}
+                "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self) -> dict:

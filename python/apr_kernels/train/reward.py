@@ -164,20 +164,11 @@ class RewardTrainer(StepLoop):
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
                 (losses.sum() * (self.world / n)).backward()
             sums += self._stats(rewards, losses)
-        if par is not None:
-            sums = par.mean(sums.to(self.device)).cpu() * self.world  # the sums over ranks
-        grad_norm = None
-        if c.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
-                grad_norm = float(grad_norm.full_tensor())
-        self.optimizer.step()
-        self.step += 1
+        sums, grad_norm = self._finish_step(sums)
         record = self._record(sums, n)
         if not math.isfinite(record["loss"]):
             raise RuntimeError(f"reward diverged: loss={record['loss']} at step {self.step} (lower --lr?)")
-        return {"step": self.step, **record, "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm), "s": time.perf_counter() - t0}
+        return {"step": self.step, **record, "lr": lr, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
