@@ -245,6 +245,18 @@ def runs(tmp_path_factory):
     code, one_reward_out = _cli(main, [*reward, "--out", str(root / "one_reward")])
     assert code == 0
 
+    # GKD from the distillation teacher: half the micro-batches sampled by the student (FSDP: gathered)
+    records = root / "records.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"Is {t} hot?", "completion": " yes"}) + "\n"
+                               for t in ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal",
+                                         "a candle", "a flame", "magma", "steam")))
+    gkd = ["gkd", "--init", str(init), "--teacher", str(teacher), "--tokenizer", "bytes", "--data", str(records),
+           "--steps", str(STEPS), "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--max-new-tokens", "5",
+           "--max-prompt-len", "24", "--max-len", "40", "--json", "--seed", "5", "--eval-fraction", "0.25",
+           "--dist-timeout", "60"]
+    code, one_gkd_out = _cli(main, [*gkd, "--out", str(root / "one_gkd")])
+    assert code == 0
+
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -283,6 +295,8 @@ def runs(tmp_path_factory):
         [*reward, "--parallel", "ddp", "--out", str(root / "ddp_reward")],
         # the fused path's reference code with padding-free rows, the score head sharded
         [*reward, "--parallel", "fsdp", "--fast", "on", "--out", str(root / "fsdp_reward")],
+        [*gkd, "--parallel", "ddp", "--out", str(root / "ddp_gkd")],
+        [*gkd, "--parallel", "fsdp", "--out", str(root / "fsdp_gkd")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -304,7 +318,7 @@ def runs(tmp_path_factory):
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
-            "one_muon_out": one_muon_out, "one_reward_out": one_reward_out,
+            "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -736,3 +750,19 @@ def test_reward_model_on_two_ranks_matches_one_process(runs, run, out):
     assert meta["num_labels"] == 1 and "score.weight" in a and a.keys() == b.keys()
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+@pytest.mark.parametrize("run", ["run18", "run19"], ids=["ddp", "fsdp"])
+def test_gkd_on_two_ranks_matches_one_process(runs, run):
+    """gkd with micro-batches of 4 records (2 per rank) x 2, the coin drawn alike on every rank, the
+    student's samples decoded on each rank for its share (under FSDP with the shards gathered): the
+    losses, token counts, gradient norms and held-out values equal the one-process run's."""
+    want = _records(runs["one_gkd_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    for key in ("loss", "ce", "tokens", "on_policy", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
+    for key in ("eval_loss", "eval_ce"):
+        assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-5, abs=1e-6), key
+    assert 0 < sum(_losses(want, key="on_policy")) < len(_losses(want, key="on_policy"))  # both sources drawn

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "apr_kernels.train.kto",    # kto
     "apr_kernels.train.reward", # reward
     "apr_kernels.train.grpo",   # grpo
+    "apr_kernels.train.gkd",    # gkd
     "apr_kernels.convert.cli",  # convert, export, inspect, validate
 )
 

@@ -333,24 +333,6 @@ class GRPOTrainer(StepLoop):
                                   **self.sampling)
         return [flat[k * g:(k + 1) * g] for k in range(len(records))]
 
-    @contextlib.contextmanager
-    def _gathered(self):
-        """Whole parameters while sampling: FSDP's shards all-gathered (generation calls the layers'
-        parts directly, past FSDP's hooks), sharded again after."""
-        if self.parallel is None or self.parallel.mode != "fsdp":
-            yield
-            return
-        from torch.distributed.fsdp import FSDPModule
-
-        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
-        for m in modules:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.reshard()
-
     def generate(self) -> dict:
         """The step's prompts (this rank's share), their sampled completions, rewards and advantages,
         and under the per-token objective the generating policy's and the reference's token

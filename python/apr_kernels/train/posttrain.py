@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import time
@@ -143,6 +144,24 @@ class StepLoop:
         gathered = [torch.empty_like(box) for _ in range(self.world)]
         dist.all_gather(gathered, box)
         return torch.cat(gathered)[: len(items)].cpu()
+
+    @contextlib.contextmanager
+    def _gathered(self):
+        """Whole parameters while sampling: FSDP's shards all-gathered (generation calls the layers'
+        parts directly, past FSDP's hooks), sharded again after."""
+        if self.parallel is None or self.parallel.mode != "fsdp":
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for m in modules:
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.reshard()
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
