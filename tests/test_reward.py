@@ -383,3 +383,35 @@ def test_cli_reward_with_lora_resumes_exactly_and_merges_at_the_end(tmp_path, ca
                  "--batch-size", "4", "--json", "--out", str(tmp_path / "again")]) == 0
     again = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert next(r for r in again if r["event"] == "start")["new_score_head"] is False
+
+
+def test_lora_reward_checkpoint_exports_as_a_peft_sequence_classification_adapter(tmp_path):
+    """`export STEP.apr DIR --adapter` of a LoRA reward run: a SEQ_CLS adapter with the trained score head
+    (modules_to_save) that PEFT puts on AutoModelForSequenceClassification of the exported base, scoring
+    as our model does."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from apr_kernels.cli import main
+    from apr_kernels.model.lora import add_lora
+
+    torch.manual_seed(0)
+    lm = Transformer(preset("tiny_qwen2"), fast=False)
+    save_checkpoint(tmp_path / "base.apr", model=lm)
+    from apr_kernels.model import from_apr
+
+    rm = from_apr(tmp_path / "base.apr", num_labels=1, fast=False)
+    add_lora(rm, 4, 8.0, ["q_proj", "v_proj", "up_proj"])
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if ".lora_B" in name or name == "score.weight":
+                p.normal_(0, 0.2)
+    save_checkpoint(tmp_path / "step.apr", model=rm)
+    assert main(["export", str(tmp_path / "base.apr"), str(tmp_path / "hf"), "-q"]) == 0
+    assert main(["export", str(tmp_path / "step.apr"), str(tmp_path / "adapter"), "--adapter", "-q"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=1).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = torch.randint(0, lm.config.vocab_size, (1, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x).logits, rm.eval()(x, ends=torch.tensor([10])), rtol=1e-5, atol=1e-5)

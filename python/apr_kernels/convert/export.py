@@ -255,7 +255,9 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
     ``adapter_config.json`` + ``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained``
     puts on the base model (the Hugging Face export of the run's ``--init`` file). PEFT's scale is
     ``lora_alpha / r``, ours, so the numbers carry over as they are. ``base``: the config's
-    ``base_model_name_or_path`` (default: the checkpoint's recorded source, if any)."""
+    ``base_model_name_or_path`` (default: the checkpoint's recorded source, if any). A reward model's
+    checkpoint (``apr-kernels reward --lora-rank``) is a ``SEQ_CLS`` adapter whose trained ``score`` head
+    travels whole (PEFT's ``modules_to_save``), for ``AutoModelForSequenceClassification`` bases."""
     import apr_kernels
 
     src, dst = Path(src), Path(dst)
@@ -269,8 +271,12 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
         parts = sorted(n for n in f.keys() if n.endswith((".lora_A", ".lora_B")))
         heads_q, heads_kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
 
+        def stored(peft_name: str) -> str:  # PEFT's "<module>.lora_A.weight" is our "<module>.lora_A"
+            name = peft_name.removeprefix("base_model.model.")
+            return name.removesuffix(".weight") if name.endswith((".lora_A.weight", ".lora_B.weight")) else name
+
         def produce(peft_name: str) -> torch.Tensor:
-            name = peft_name.removeprefix("base_model.model.").removesuffix(".weight")
+            name = stored(peft_name)
             t = f.get_tensor(name, dtype=torch.float32)
             # B's rows are the projection's output rows: in llama.cpp order when the file is (rope_type 0)
             heads = rope_permuted_heads(name.removesuffix(".lora_B") + ".weight", heads_q, heads_kv) \
@@ -278,12 +284,15 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
             return unpermute_rows(t, heads) if heads else t
 
         names = [f"base_model.model.{n}.weight" for n in parts]
-        specs = {n: (torch.float32, tuple(f.info(n.removeprefix("base_model.model.").removesuffix(".weight")).shape))
-                 for n in names}
+        classifier = bool(cfg.num_labels)
+        if classifier:  # the score head trains whole: PEFT saves it under its module's name
+            names.append("base_model.model.score.weight")
+        specs = {n: (torch.float32, tuple(f.info(stored(n)).shape)) for n in names}
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora["rank"]), "lora_alpha": lora["alpha"],
-            "target_modules": list(lora["targets"]), "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "modules_to_save": None,
+            "peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM", "r": int(lora["rank"]),
+            "lora_alpha": lora["alpha"], "target_modules": list(lora["targets"]), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+            "modules_to_save": ["score"] if classifier else None,
             "base_model_name_or_path": base if base is not None else meta.get("source"),
         }
         with new_folder(dst) as tmp:
