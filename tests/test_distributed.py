@@ -257,6 +257,14 @@ def runs(tmp_path_factory):
     code, one_gkd_out = _cli(main, [*gkd, "--out", str(root / "one_gkd")])
     assert code == 0
 
+    # online DPO on the GRPO prompts: each prompt's best and worst of 3 samples against a frozen copy
+    online = ["online-dpo", "--init", str(init), "--tokenizer", "bytes", "--data", str(prompts), "--reward",
+              f"{root / 'rewards.py'}:letters", "--steps", str(STEPS), "--batch-size", "4", "--num-generations", "3",
+              "--max-new-tokens", "6", "--max-prompt-len", "16", "--lr", "1e-2", "--beta", "0.5", "--json",
+              "--seed", "5", "--dist-timeout", "60", "--micro-batch", "1"]
+    code, one_online_out = _cli(main, [*online, "--out", str(root / "one_online")])
+    assert code == 0
+
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -297,6 +305,8 @@ def runs(tmp_path_factory):
         [*reward, "--parallel", "fsdp", "--fast", "on", "--out", str(root / "fsdp_reward")],
         [*gkd, "--parallel", "ddp", "--out", str(root / "ddp_gkd")],
         [*gkd, "--parallel", "fsdp", "--out", str(root / "fsdp_gkd")],
+        [*online, "--parallel", "ddp", "--out", str(root / "ddp_online")],
+        [*online, "--parallel", "fsdp", "--out", str(root / "fsdp_online")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -319,6 +329,7 @@ def runs(tmp_path_factory):
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
+            "one_online_out": one_online_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -766,3 +777,16 @@ def test_gkd_on_two_ranks_matches_one_process(runs, run):
     for key in ("eval_loss", "eval_ce"):
         assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-5, abs=1e-6), key
     assert 0 < sum(_losses(want, key="on_policy")) < len(_losses(want, key="on_policy"))  # both sources drawn
+
+
+@pytest.mark.parametrize("run", ["run20", "run21"], ids=["ddp", "fsdp"])
+def test_online_dpo_on_two_ranks_matches_one_process(runs, run):
+    """online-dpo with 4 prompts per step (2 per rank), pairs in micro-batches of one: each rank samples,
+    ranks and trains on its share against the frozen copy (sharded under FSDP); the losses, rewards,
+    implicit rewards and gradient norms equal the one-process run's."""
+    want = _records(runs["one_online_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    for key in ("loss", "reward", "score_chosen", "margin", "completion_len", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "apr_kernels.train.reward", # reward
     "apr_kernels.train.grpo",   # grpo
     "apr_kernels.train.gkd",    # gkd
+    "apr_kernels.train.online_dpo",  # online-dpo
     "apr_kernels.convert.cli",  # convert, export, inspect, validate
 )
 

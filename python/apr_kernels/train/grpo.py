@@ -258,6 +258,8 @@ class GRPOTrainer(StepLoop):
     stop token leave the loss; ``teacher`` (a frozen model with the same tokenizer) and ``teacher_coef``:
     on-policy distillation (``rewards`` may then be empty)."""
 
+    command = "grpo"  # (the name errors give: subclasses train other objectives on the same sampling)
+
     def __init__(self, model, prompts: list[dict], rewards: dict, cfg: TrainConfig, *, tokenizer,
                  num_generations: int = 8, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, reward_weights: list[float] | None = None,
@@ -268,7 +270,8 @@ class GRPOTrainer(StepLoop):
                  importance_sampling: str = "token", mask_truncated: bool = False, reference=None,
                  teacher=None, teacher_coef: float = 1.0):
         if cfg.grad_accum != 1:
-            raise ValueError("grpo: gradient accumulation is not supported; --micro-batch N bounds a step's memory")
+            raise ValueError(f"{self.command}: gradient accumulation is not supported; --micro-batch N bounds a "
+                             f"step's memory")
         if not rewards and teacher is None:
             raise ValueError("grpo: no reward function (--reward FILE.py:NAME) and no --teacher")
         if eval_prompts and not rewards:
@@ -279,11 +282,13 @@ class GRPOTrainer(StepLoop):
         if len(weights) != len(rewards):
             raise ValueError(f"--reward-weights: {len(weights)} weight(s) for {len(rewards)} reward function(s)")
         if num_generations < 2:
-            raise ValueError("grpo: --num-generations must be at least 2 (advantages compare a prompt's completions)")
+            raise ValueError(f"{self.command}: --num-generations must be at least 2 (a prompt's completions are "
+                             f"compared)")
         if temperature <= 0:
-            raise ValueError(f"grpo: --temperature {temperature}; expected > 0 (the completions of a prompt must differ)")
+            raise ValueError(f"{self.command}: --temperature {temperature}; expected > 0 (the completions of a "
+                             f"prompt must differ)")
         if micro_batch is not None and micro_batch < 1:
-            raise ValueError(f"grpo: --micro-batch {micro_batch}; expected at least 1 completion per forward")
+            raise ValueError(f"{self.command}: --micro-batch {micro_batch}; expected at least 1 completion per forward")
         sequence_weights([1], loss_type, n_tokens=1, n_sequences=1, max_new_tokens=1)  # (checks the names)
         group_advantages(torch.zeros(1, 2), scale_rewards)
         epsilon_high = epsilon if epsilon_high is None else epsilon_high
@@ -311,7 +316,7 @@ class GRPOTrainer(StepLoop):
         self.teacher, self.teacher_coef = teacher, teacher_coef
         self.per_token = beta > 0 or num_iterations > 1 or importance_sampling == "sequence" or teacher is not None
         self._generation = None  # the batch being trained on (kept for --num-iterations steps)
-        self._setup("grpo", model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
+        self._setup(self.command, model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
                     n_data=len(prompts), what="the prompts of every step")
         self.prompts, self.rewards, self.weights, self.tok = prompts, rewards, weights, tokenizer
         self.eval_prompts, self.micro_batch = eval_prompts or [], micro_batch
@@ -549,11 +554,69 @@ def cmd_grpo(args) -> int:
     return run_command(args, lambda env, mode: _grpo(args, env, mode))
 
 
+def sampling_settings(args) -> dict:
+    """The settings of a run that samples completions of prompts and scores them (``grpo``,
+    ``online-dpo``), from the command line (checked)."""
+    return {"init": str(args.init), "data": absolute(args.data), "eval_data": absolute(args.eval_data),
+            "micro_batch": args.micro_batch, "rewards": [_absolute_reward(s) for s in args.reward or []],
+            "reward_weights": args.reward_weights, "num_generations": args.num_generations,
+            "max_new_tokens": args.max_new_tokens, "max_prompt_len": args.max_prompt_len,
+            "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer,
+            "reference": str(Path(args.init).resolve())}
+
+
+class SamplingRun:
+    """What a sampling run loads from its settings (``sampling_settings`` plus the command's own):
+    ``cfg``, ``device``, ``rewards`` (name -> function; reward models whole on every rank, bf16 where
+    the run computes in bf16), ``model`` (this rank's), ``tok``, ``prompts``, ``eval_prompts``, and
+    ``reference(needed)``: the frozen model as loaded when ``needed`` and the run has no LoRA (whose
+    frozen base serves instead)."""
+
+    def __init__(self, args, env, mode: str, settings: dict, cfg: TrainConfig, load: dict):
+        from .cli import tristate
+
+        self.args, self.env, self.mode, self.settings, self.cfg = args, env, mode, settings, cfg
+        self.device = device_for(args, env, mode)
+        self.bf16 = autocast_dtype_for(cfg.precision, torch.device(self.device)) == torch.bfloat16
+        self.rewards = {reward_name(s): load_reward(s, device=self.device, dtype=torch.bfloat16 if self.bf16 else None,
+                                                    fast=tristate(args.fast))
+                        for s in settings["rewards"]}  # fail before the model loads
+        self.source = args.resume or settings["init"]
+        self.model = load_model(self.source, env, mode, self.device, args, **load)
+        self.tok = tokenizer_for(settings["tokenizer"], self.model, self.source)
+        self.prompts = read_prompts(settings["data"], self.tok, settings["max_prompt_len"])
+        self.eval_prompts = (read_prompts(settings["eval_data"], self.tok, settings["max_prompt_len"])
+                             if settings.get("eval_data") else None)
+        if settings["max_prompt_len"] + settings["max_new_tokens"] > self.model.config.max_position_embeddings:
+            raise ValueError(f"--max-prompt-len {settings['max_prompt_len']} + --max-new-tokens "
+                             f"{settings['max_new_tokens']} exceed the model's max_position_embeddings "
+                             f"{self.model.config.max_position_embeddings}")
+
+    def reference(self, needed: bool):
+        if not needed or getattr(self.model, "lora", None):  # (with LoRA the frozen base is the reference)
+            return None
+        ref = load_model(self.settings["reference"], self.env, self.mode, self.device, self.args,
+                         lora_init=None).requires_grad_(False)
+        if self.mode != "fsdp" and self.bf16:
+            ref = ref.to(torch.bfloat16)  # (it runs under bf16 autocast anyway: half the memory)
+        return ref.eval()
+
+    def sampling_kwargs(self) -> dict:
+        """The trainer keywords every sampling run passes on."""
+        from .cli import tristate
+
+        s = self.settings
+        return dict(tokenizer=self.tok, num_generations=s["num_generations"], max_new_tokens=s["max_new_tokens"],
+                    temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                    reward_weights=s["reward_weights"], device=self.device,
+                    padding_free=tristate(self.args.padding_free), eval_prompts=self.eval_prompts,
+                    micro_batch=s.get("micro_batch"), log=logger_for(self.args, self.env))
+
+
 def _grpo(args, env, mode: str) -> int:
     from .checkpoint import restore_training_state
     from .cli import tristate
 
-    device = device_for(args, env, mode)
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         grpo, cfg = resumed(args, "grpo")
         load = {"lora": "keep", "keep_quantized": True}
@@ -563,67 +626,40 @@ def _grpo(args, env, mode: str) -> int:
         if not (args.init and args.data and (args.reward or args.teacher)):
             raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME (or --teacher "
                              "T.apr) are required (or --resume STEP.apr)")
-        grpo = {"init": str(args.init), "data": absolute(args.data), "eval_data": absolute(args.eval_data),
-                "micro_batch": args.micro_batch, "rewards": [_absolute_reward(s) for s in args.reward or []],
-                "reward_weights": args.reward_weights, "num_generations": args.num_generations,
-                "max_new_tokens": args.max_new_tokens, "max_prompt_len": args.max_prompt_len,
-                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "tokenizer": args.tokenizer,
+        grpo = {**sampling_settings(args),
                 "loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "beta": args.beta,
                 "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
                 "importance_sampling": args.importance_sampling_level,
                 "mask_truncated": args.mask_truncated_completions,
                 "teacher": str(Path(args.teacher).resolve()) if args.teacher else None,
-                "teacher_coef": 1.0 if args.teacher_coef is None else args.teacher_coef,
-                "reference": str(Path(args.init).resolve())}
+                "teacher_coef": 1.0 if args.teacher_coef is None else args.teacher_coef}
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
-    # reward models: whole on every rank, in bf16 where the run computes in bf16
-    bf16 = autocast_dtype_for(cfg.precision, torch.device(device)) == torch.bfloat16
-    rewards = {reward_name(s): load_reward(s, device=device, dtype=torch.bfloat16 if bf16 else None,
-                                           fast=tristate(args.fast))
-               for s in grpo["rewards"]}  # fail before the model loads
-    source = args.resume or grpo["init"]
-    model = load_model(source, env, mode, device, args, **load)
-    tok = tokenizer_for(grpo["tokenizer"], model, source)
-    prompts = read_prompts(grpo["data"], tok, grpo["max_prompt_len"])
-    eval_prompts = read_prompts(grpo["eval_data"], tok, grpo["max_prompt_len"]) if grpo.get("eval_data") else None
-    if grpo["max_prompt_len"] + grpo["max_new_tokens"] > model.config.max_position_embeddings:
-        raise ValueError(f"--max-prompt-len {grpo['max_prompt_len']} + --max-new-tokens {grpo['max_new_tokens']} "
-                         f"exceed the model's max_position_embeddings {model.config.max_position_embeddings}")
+    run = SamplingRun(args, env, mode, grpo, cfg, load)
     teacher = None
     if grpo.get("teacher"):  # on-policy distillation: whole on every rank
         from .cli import load_teacher
 
-        teacher = load_teacher(grpo["teacher"], cfg.precision, tok, device, tristate(args.fast))
-    reference = None
-    if grpo.get("beta") and not getattr(model, "lora", None):  # (with LoRA the frozen base is the reference)
-        reference = load_model(grpo["reference"], env, mode, device, args, lora_init=None).requires_grad_(False)
-        if mode != "fsdp" and bf16:
-            reference = reference.to(torch.bfloat16)  # (it runs under bf16 autocast anyway: half the memory)
-        reference.eval()
+        teacher = load_teacher(grpo["teacher"], cfg.precision, run.tok, run.device, tristate(args.fast))
+    reference = run.reference(bool(grpo.get("beta")))
     if not args.resume:
         torch.manual_seed(cfg.seed)
-    parallel = parallel_for(model, env, mode)
-    trainer = GRPOTrainer(model, prompts, rewards, cfg, tokenizer=tok, num_generations=grpo["num_generations"],
-                          max_new_tokens=grpo["max_new_tokens"], temperature=grpo["temperature"],
-                          top_k=grpo["top_k"], top_p=grpo["top_p"], reward_weights=grpo["reward_weights"],
-                          device=device, padding_free=tristate(args.padding_free), parallel=parallel,
-                          eval_prompts=eval_prompts, micro_batch=grpo.get("micro_batch"),
+    parallel = parallel_for(run.model, env, mode)
+    trainer = GRPOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
                           loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
                           beta=grpo.get("beta", 0.0), num_iterations=grpo.get("num_iterations", 1),
                           epsilon=grpo.get("epsilon", 0.2), epsilon_high=grpo.get("epsilon_high"),
                           importance_sampling=grpo.get("importance_sampling", "token"),
                           mask_truncated=grpo.get("mask_truncated", False), reference=reference,
-                          teacher=teacher, teacher_coef=grpo.get("teacher_coef", 1.0),
-                          log=logger_for(args, env))
+                          teacher=teacher, teacher_coef=grpo.get("teacher_coef", 1.0))
     if args.resume:
         restore_training_state(args.resume, trainer)
-    trainer.log("start", {**start_fields(trainer, device), "prompts": len(prompts),
-                          "eval_prompts": len(eval_prompts or []), "rewards": list(rewards),
+    trainer.log("start", {**start_fields(trainer, run.device), "prompts": len(run.prompts),
+                          "eval_prompts": len(run.eval_prompts or []), "rewards": list(run.rewards),
                           "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
                           "beta": trainer.beta, "num_iterations": trainer.num_iterations,
                           "importance_sampling": trainer.importance_sampling})
-    return train_and_save(trainer, args, env, parallel, tok, {"training.grpo": grpo})
+    return train_and_save(trainer, args, env, parallel, run.tok, {"training.grpo": grpo})
 
 
 def _absolute_reward(spec: str) -> str:
@@ -635,8 +671,9 @@ def _absolute_reward(spec: str) -> str:
     return f"{Path(where).resolve()}:{name}" if where.endswith(".py") else spec
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("grpo", help="reinforcement learning from reward functions (GRPO) from an APR file")
+def add_sampling_options(p, *, num_generations: int, max_new_tokens: int, temperature: float) -> None:
+    """The options of a run that samples completions of prompts and scores them (``grpo``,
+    ``online-dpo``)."""
     p.add_argument("--init", help="APR model to train")
     p.add_argument("--data", nargs="+", help="JSON Lines of {'prompt': text or messages, ...fields for the rewards}")
     p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME|RM.apr",
@@ -645,13 +682,20 @@ def register(subparsers) -> None:
     p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (default 1)")
     p.add_argument("--eval-data", nargs="+", help="held-out prompts: the mean reward of one greedy completion each "
                                                    "is logged at the start, every --eval-every steps and at the end")
-    p.add_argument("--num-generations", type=int, default=8, help="completions sampled per prompt (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion at most (default 256)")
+    p.add_argument("--num-generations", type=int, default=num_generations,
+                   help=f"completions sampled per prompt (default {num_generations})")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"tokens per completion at most (default {max_new_tokens})")
     p.add_argument("--max-prompt-len", type=int, default=512, help="longest prompt in tokens (default 512)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=temperature, help=f"sampling temperature (default {temperature:g})")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=4, help="prompts per step (each with --num-generations completions)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("grpo", help="reinforcement learning from reward functions (GRPO) from an APR file")
+    add_sampling_options(p, num_generations=8, max_new_tokens=256, temperature=1.0)
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="dapo",
                    help="normalisation of the objective, as TRL's: dapo (over the step's completion tokens), grpo "
                         "(per completion), dr_grpo (by max_new_tokens)")
