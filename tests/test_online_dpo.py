@@ -17,25 +17,7 @@ from apr_kernels.train.grpo import read_prompts
 from apr_kernels.train.loop import TrainConfig
 from apr_kernels.train.online_dpo import OnlineDPOTrainer, pick_pairs
 
-REWARDS = '''
-def letters(prompts, completions, **kw):
-    """Share of the completion that is lowercase ASCII letters (random bytes: about 1 in 10)."""
-    return [sum(c.isascii() and c.islower() for c in text) / max(1, len(text)) for text in completions]
-'''
-
-
-def _letters(completions):
-    return [sum(c.isascii() and c.islower() for c in t) / max(1, len(t)) for t in completions]
-
-
-def _model(tok, seed=0):
-    torch.manual_seed(seed)
-    return Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
-
-
-def _prompts_file(path, prompts):
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return path
+from test_grpo import REWARDS, _letters, _model, _prompts_file  # (the toy task GRPO learns)
 
 
 def test_pairs_are_the_best_and_the_worst_first_among_equals():
