@@ -9,7 +9,6 @@ import statistics
 import pytest
 import torch
 
-from apr_kernels.model import Transformer, pad_vocab, preset
 from apr_kernels.train.checkpoint import save_checkpoint
 from apr_kernels.train.cli import byte_tokenizer
 from apr_kernels.train.data import BatchStream
