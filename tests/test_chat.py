@@ -175,8 +175,9 @@ def test_parquet_rows_are_documents_like_json_lines(qwen, tmp_path):
 
     assert (tmp_path / "t.parquet") in find_text_files([tmp_path])
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
-    with pytest.raises(ValueError, match=r"b.parquet: expected a column 'text' \(--text-field\), 'messages', or "
-                                         r"'prompt' and 'completion'; got columns \['body'\]"):
+    with pytest.raises(ValueError, match=r"b.parquet: expected a column 'text' \(--text-field\), 'messages' \(or "
+                                         r"ShareGPT's 'conversations'\), or 'prompt' and 'completion'; got columns "
+                                         r"\['body'\]"):
         tokenize_files([tmp_path / "b.parquet"], qwen)
     assert tokenize_files([tmp_path / "b.parquet"], qwen, text_field="body").tolist() == \
         qwen.encode("x") + [qwen.eos_id]

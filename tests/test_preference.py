@@ -191,7 +191,7 @@ def test_conversational_pairs_target_the_assistant_answers():
     targets = lambda ids: tok.decode([t for t in ids if t >= 0])  # noqa: E731
     assert targets(chosen).startswith("4.<|im_end|>") and targets(rejected).startswith("5.<|im_end|>")
     assert "<|im_start|>user\n2+2?" in tok.decode([t if t >= 0 else -1 - t for t in chosen])
-    with pytest.raises(ValueError, match=r"c\.jsonl:1: a preference record needs 'prompt', 'chosen' and 'rejected'"):
+    with pytest.raises(ValueError, match=r"c\.jsonl:1: a preference record needs 'chosen' and 'rejected'"):
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "c.jsonl"
             path.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
@@ -498,3 +498,52 @@ def test_dpo_on_a_quantised_base_trains_like_its_dequantised_copy(tmp_path, caps
     assert main(["dpo", "--init", str(tmp_path / "q.apr"), "--data", str(data), "--lora-quantized-base",
                  "--out", str(tmp_path / "x")]) == 1
     assert "--lora-quantized-base needs --lora-rank" in capsys.readouterr().err
+
+
+def test_implicit_prompts_are_the_common_beginning_as_trl_extracts_them(tmp_path):
+    """{"chosen", "rejected"} without a prompt (Anthropic HH's form): the prompt is their common
+    beginning, characters of texts (a space before the difference left to the answers) or messages of
+    conversations, and the pairs are those of the explicit records; a prompt of another format than the
+    answers is replaced the same way."""
+    from apr_kernels.tokenizer import Tokenizer
+    from apr_kernels.train.chat import implicit_prompt
+
+    assert implicit_prompt({"chosen": "The sky is blue.", "rejected": "The sky is green."}) == \
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+    user = {"role": "user", "content": "What color is the sky?"}
+    blue, green = {"role": "assistant", "content": "It is blue."}, {"role": "assistant", "content": "It is green."}
+    got = implicit_prompt({"prompt": "What color is the sky?", "chosen": [user, blue], "rejected": [user, green]})
+    assert got == {"prompt": [user], "chosen": [blue], "rejected": [green]}
+    explicit = {"prompt": "x", "chosen": "y", "rejected": "z"}
+    assert implicit_prompt(explicit) is explicit
+    tok = Tokenizer.qwen2()
+    (tmp_path / "i.jsonl").write_text(json.dumps({"chosen": "Q: hot? A: yes", "rejected": "Q: hot? A: no"}) + "\n"
+                                      + json.dumps({"chosen": [user, blue], "rejected": [user, green]}) + "\n")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"prompt": "Q: hot? A:", "chosen": " yes", "rejected": " no"}) + "\n"
+                                      + json.dumps({"prompt": [user], "chosen": [blue], "rejected": [green]}) + "\n")
+    assert read_pairs([tmp_path / "i.jsonl"], tok, 64) == read_pairs([tmp_path / "e.jsonl"], tok, 64)
+
+
+def test_sharegpt_records_read_as_messages(tmp_path):
+    """ShareGPT's {"conversations": [{"from": "human" | "gpt", "value"}]} gives the ids and targets of
+    the same conversation as messages, in supervised data and in preference pairs."""
+    from apr_kernels.tokenizer import Tokenizer
+    from apr_kernels.train.data import marked_ids, token_parts
+
+    tok = Tokenizer.qwen2()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hot?"},
+                {"role": "assistant", "content": "yes"}]
+    share = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hot?"}, {"from": "gpt", "value": "yes"}]
+    (tmp_path / "s.jsonl").write_text(json.dumps({"conversations": share}) + "\n")
+    stream = torch.cat(list(token_parts([tmp_path / "s.jsonl"], tok))).tolist()
+    assert stream == marked_ids({"messages": messages}, tok, "x")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"conversations": [share]}), tmp_path / "s.parquet")
+    assert torch.cat(list(token_parts([tmp_path / "s.parquet"], tok))).tolist() == stream
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": share[:2], "chosen": [share[2]],
+                                                  "rejected": [{"from": "gpt", "value": "no"}]}) + "\n")
+    (pair,) = read_pairs([tmp_path / "p.jsonl"], tok, 64)
+    assert tok.decode([t for t in pair[0] if t >= 0]).startswith("yes<|im_end|>")
+    assert tok.decode([t if t >= 0 else -1 - t for t in pair[1]]).startswith("<|im_start|>system\nBe brief.")

@@ -18,6 +18,11 @@ JSON Lines records (``data.py``) may hold, instead of a plain text field:
   message's content and the special token that closes it (``<|im_end|>`` / ``<|eot_id|>`` / ``</s>``)
   are targets.
 
+ShareGPT records (``{"conversations": [{"from": "human" | "gpt" | "system", "value": str}, ...]}``, the
+other common export of chat data sets) are read as ``messages`` (``normalised``: the keys renamed
+as TRL's ``maybe_convert_to_chatml`` renames them, and the roles ``human`` / ``gpt`` as ``user`` /
+``assistant``), in every message-list field.
+
 ``render`` gives the text and its target spans (character ranges); ``encode_with_targets`` tokenises
 the whole text as Hugging Face's ``apply_chat_template`` + tokenize would (template tokens and
 special-token strings recognised) and marks a token as a target when its first byte lies in a span.
@@ -35,6 +40,55 @@ CHATML = ("<|im_start|>", "<|im_end|>")
 LLAMA3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 LLAMA2 = ("<s>", "</s>")
 ROLES = ("system", "user", "assistant")
+
+
+# ShareGPT's roles, as the tools that read it map them (others pass through, then are checked)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+MESSAGE_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
+
+
+def normalised(record):
+    """``record`` with ShareGPT's form read as ours (module docstring): ``conversations`` becomes
+    ``messages``, and in each message-list field ``{"from", "value"}`` becomes ``{"role", "content"}``.
+    Anything else is returned as it is."""
+    if not isinstance(record, dict):
+        return record
+    if "conversations" in record and "messages" not in record:
+        record = {("messages" if k == "conversations" else k): v for k, v in record.items()}
+    out = None
+    for key in MESSAGE_FIELDS:
+        value = record.get(key)
+        if isinstance(value, list) and any(isinstance(m, dict) and ("from" in m or "value" in m) for m in value):
+            out = out or dict(record)
+            out[key] = [_chatml_message(m) for m in value]
+    return out or record
+
+
+def _chatml_message(m):
+    if not isinstance(m, dict):
+        return m
+    m = {("role" if k == "from" else "content" if k == "value" else k): v for k, v in m.items()}
+    if m.get("role") in SHAREGPT_ROLES:
+        m["role"] = SHAREGPT_ROLES[m["role"]]
+    return m
+
+
+def implicit_prompt(record: dict) -> dict:
+    """A preference record with its prompt: as given, or (none, or of another format than the answers:
+    TRL's ``maybe_extract_prompt``) the longest common prefix of ``chosen`` and ``rejected``, characters
+    of texts or messages of conversations, with a space before the first difference left to the
+    answers, as TRL's ``extract_prompt`` splits them."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record.get("prompt")
+    if prompt is not None and isinstance(prompt, list) == isinstance(chosen, list):
+        return record
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        return record  # (the answer reader names the mismatch)
+    n = min(len(chosen), len(rejected))
+    idx = next((i for i in range(n) if chosen[i] != rejected[i]), max(n - 1, 0))
+    if idx < n and chosen[idx] != rejected[idx] and idx > 0 and chosen[idx - 1] == " ":
+        idx -= 1  # the space before the answers stays with them
+    return {**record, "prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
 
 
 def is_supervised(record) -> bool:

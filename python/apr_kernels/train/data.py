@@ -145,6 +145,9 @@ def _jsonl_line(path, lineno: int, raw: bytes, text_field: str, is_supervised) -
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per "
                          f"line with a string field {text_field!r}") from None
+    from .chat import normalised
+
+    record = normalised(record)
     value = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(value, str) and is_supervised(record):
         return f"{path}:{lineno}", record
@@ -169,19 +172,21 @@ def _parquet_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]
         raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     if text_field in names:
         columns, kind = [text_field], "text"
-    elif "messages" in names:
-        columns, kind = ["messages"], "record"
+    elif "messages" in names or "conversations" in names:  # (ShareGPT's: read as messages)
+        columns, kind = ["messages" if "messages" in names else "conversations"], "record"
     elif "prompt" in names and "completion" in names:
         columns, kind = ["prompt", "completion"], "record"
     else:
-        raise ValueError(f"{path}: expected a column {text_field!r} (--text-field), 'messages', or 'prompt' and "
-                         f"'completion'; got columns {names[:8]}")
+        raise ValueError(f"{path}: expected a column {text_field!r} (--text-field), 'messages' (or ShareGPT's "
+                         f"'conversations'), or 'prompt' and 'completion'; got columns {names[:8]}")
+    from .chat import normalised
+
     row = 0
     for g in range(pf.num_row_groups):
         for rec in pf.read_row_group(g, columns=columns).to_pylist():
             row += 1
             if kind == "record":
-                yield f"{path}:row {row}", rec
+                yield f"{path}:row {row}", normalised(rec)
                 continue
             value = rec[text_field]
             if value is not None and not isinstance(value, str):

@@ -213,7 +213,9 @@ class StepLoop:
 
 def jsonl_records(paths, what: str):
     """``(where, record)`` of every non-blank line of the JSON Lines files found at ``paths``
-    (``.jsonl``, ``.jsonl.gz``); ``what`` names the records in errors."""
+    (``.jsonl``, ``.jsonl.gz``); ``what`` names the records in errors. ShareGPT's form is read as
+    ours (``chat.normalised``)."""
+    from .chat import normalised
     from .data import find_text_files
 
     for path in find_text_files(paths):
@@ -226,9 +228,10 @@ def jsonl_records(paths, what: str):
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    yield where, json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+                yield where, normalised(record)
 
 
 def absolute(paths) -> list[str] | None:

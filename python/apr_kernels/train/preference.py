@@ -5,7 +5,10 @@ Data: JSON Lines (``.jsonl``, ``.jsonl.gz``) of preference records in TRL's two 
 * standard: ``{"prompt": str, "chosen": str, "rejected": str}``, each answer a completion of the prompt
   (the prompt + answer text, then the end-of-text id);
 * conversational: ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}``, the
-  conversation ``prompt + chosen`` (or ``+ rejected``) rendered as ``chat.py`` renders chat records.
+  conversation ``prompt + chosen`` (or ``+ rejected``) rendered as ``chat.py`` renders chat records;
+* either with an implicit prompt, ``{"chosen", "rejected"}`` holding the whole texts or conversations
+  (Anthropic HH's form): the prompt is their longest common beginning (``chat.implicit_prompt``, as
+  TRL's ``maybe_extract_prompt``).
 
 Each answer becomes a sequence whose targets are the answer tokens (``data.marked_ids``), cut to
 ``max_len`` + 1 tokens. The policy's log-likelihood of an answer is the sum of its target tokens'
@@ -86,9 +89,13 @@ def read_pairs(paths, tokenizer, max_len: int) -> list[tuple[list[int], list[int
 
 
 def _answer_ids(record, side: str, tokenizer, where: str) -> list[int]:
-    if not isinstance(record, dict) or not all(k in record for k in ("prompt", "chosen", "rejected")):
-        raise ValueError(f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected'; got "
+    from .chat import implicit_prompt
+
+    if not isinstance(record, dict) or not all(k in record for k in ("chosen", "rejected")):
+        raise ValueError(f"{where}: a preference record needs 'chosen' and 'rejected' (and 'prompt', unless it "
+                         f"is their common beginning); got "
                          f"{sorted(record)[:6] if isinstance(record, dict) else type(record).__name__}")
+    record = implicit_prompt(record)
     return answer_ids(record["prompt"], record[side], tokenizer, where, side)
 
 
