@@ -6,18 +6,19 @@ GEMM, this kernel turns it into per-row losses and overwrites it with d loss / d
 multiplies that gradient back through the projection. The full ``[tokens, vocab]`` logits (5 GB in
 fp32 for Qwen2's 151,936-token vocabulary at 8k tokens) never exist at once.
 
-Numerics (per row r with target t, logits x of dtype ``dt``; everything in fp32)::
+Numerics (per row r with target t, logits x of dtype ``dt``; everything in fp32; label smoothing
+``e`` and z-loss ``z`` 0 unless given)::
 
     lse      = max(x) + log(sum(exp(x - max(x))))     # online over V in blocks, exp2 domain
-    loss[r]  = lse - x[t]                             # 0 when t == ignore_index
-    x[:]     = dt(exp(x - lse) - onehot(t))           # with WRITE_GRAD; all zeros for ignored rows
+    loss[r]  = lse - (1 - e) x[t] - e mean(x) + z lse^2      # 0 when t == ignore_index
+    x[:]     = dt((1 + 2 z lse) exp(x - lse) - (1 - e) onehot(t) - e / V)   # with WRITE_GRAD
 
 The gradient is that of the *sum* of the row losses; the caller scales by 1/count for the mean (a
 scale does not change bf16/fp16 relative rounding). A target outside ``[0, V)`` that is not
 ``ignore_index`` gives a NaN loss (and NaN gradients): the GPU cannot raise, and NaN stops training
 loudly instead of reading out of bounds. The host checks targets on CPU tensors instead.
 
-Launcher: ``cross_entropy_rows(logits, targets, loss, ignore_index, write_grad)``.
+Launcher: ``cross_entropy_rows(logits, targets, loss, ignore_index, write_grad, label_smoothing, z_loss)``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def _cross_entropy_kernel(
     LOSS,  # [n] fp32 per-row loss
     V,  # vocabulary size (row length)
     ignore_index,
+    label_smoothing,  # e: the target's weight is 1 - e, every logit's e / V
+    z_loss,  # z: z lse^2 added to the loss
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SMOOTH: tl.constexpr,  # label smoothing on: the row's sum of logits is kept too (one more accumulator)
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     row = tl.program_id(0).to(tl.int64)
@@ -51,9 +55,12 @@ def _cross_entropy_kernel(
     # pass 1: running max m and running sum d of 2^((x - m) * log2 e), blockwise (x in log2 units)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK_V], tl.float32)
+    sx = tl.zeros([BLOCK_V], tl.float32)  # the row's sum of logits (label smoothing's mean), log2 units
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * LOG2E
+        if SMOOTH:
+            sx += tl.where(cols < V, x, 0.0)
         m_new = tl.maximum(m, x)
         # lanes that have only seen -inf (past V) keep m_new = -inf; -inf - -inf would be NaN, so
         # subtract 0 there instead (their d stays 0)
@@ -65,27 +72,36 @@ def _cross_entropy_kernel(
     lse2 = m_row + tl.log2(d_row)  # log2-sum-exp2 of x * log2 e = lse * log2 e
 
     x_t = tl.load(ptr + tl.where(in_range, t, 0)).to(tl.float32)
-    loss = lse2 / LOG2E - x_t
+    lse = lse2 / LOG2E
+    loss = lse - (1.0 - label_smoothing) * x_t + z_loss * lse * lse
+    if SMOOTH:
+        loss -= label_smoothing * (tl.sum(sx, 0) / LOG2E / V)
     loss = tl.where(in_range, loss, float("nan"))
     loss = tl.where(ignored, 0.0, loss)
     tl.store(LOSS + row, loss)
 
     if WRITE_GRAD:
-        # pass 2: softmax - onehot, in place (the row was read by pass 1 and the x_t load above)
+        # pass 2: (1 + 2 z lse) softmax - (1 - e) onehot - e / V, in place (the row was read by pass 1
+        # and the x_t load above)
         scale = tl.where(ignored, 0.0, tl.where(in_range, 1.0, float("nan")))
+        p_scale = 1.0 + 2.0 * z_loss * lse
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
             x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp2(x * LOG2E - lse2) - tl.where(cols == t, 1.0, 0.0)
+            g = p_scale * tl.exp2(x * LOG2E - lse2) - tl.where(cols == t, 1.0 - label_smoothing, 0.0) \
+                - label_smoothing / V
             tl.store(ptr + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def launch_config(v: int) -> tuple[int, int]:
+def launch_config(v: int, smooth: bool = False) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for rows of ``v`` logits: wide blocks (few loop trips over a 150k
-    vocabulary) with enough warps to keep 16-32 elements per thread. Not yet tuned on a GPU."""
-    block = min(triton.next_power_of_2(max(v, 1)), 16384)
-    warps = 16 if block >= 16384 else 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
+    vocabulary) with enough warps to keep 16-32 elements per thread; with label smoothing (a third
+    accumulator per lane) at most 16 per thread, which compiles for sm_90 without spills. Not yet tuned
+    on a GPU."""
+    block = min(triton.next_power_of_2(max(v, 1)), 8192 if smooth else 16384)
+    warps = 16 if block >= (8192 if smooth else 16384) else 8 if block >= 4096 else 4 if block >= 1024 \
+        else 2 if block >= 256 else 1
     return block, warps
 
 
@@ -95,6 +111,8 @@ def cross_entropy_rows(
     loss: torch.Tensor,
     ignore_index: int,
     write_grad: bool,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
     *,
     block_v: int | None = None,
 ) -> torch.Tensor:
@@ -105,9 +123,10 @@ def cross_entropy_rows(
         return loss
     if logits.stride(1) != 1:
         raise ValueError(f"cross_entropy_rows: logits need a contiguous last dim, got strides {logits.stride()}")
-    block, warps = launch_config(v)
+    smooth = label_smoothing != 0
+    block, warps = launch_config(v, smooth)
     if block_v is not None:
         block = block_v
-    _cross_entropy_kernel[(n,)](logits, logits.stride(0), targets, loss, v, ignore_index,
-                                WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=warps)
+    _cross_entropy_kernel[(n,)](logits, logits.stride(0), targets, loss, v, ignore_index, float(label_smoothing),
+                                float(z_loss), WRITE_GRAD=write_grad, BLOCK_V=block, SMOOTH=smooth, num_warps=warps)
     return loss

@@ -58,7 +58,7 @@ K = importlib.import_module("apr_kernels.kernels." + spec["module"])
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = []
 for v, dt, grad in spec["cases"]:
-    block, warps = K.launch_config(v)
+    block, warps = K.launch_config(v, **spec["config"])
     sig = {name: kind.replace("DT", dt) for name, kind in spec["signature"].items()}
     k = triton.compile(ASTSource(fn=getattr(K, spec["kernel"]), signature=sig,
                                  constexprs=dict(WRITE_GRAD=grad, BLOCK_V=block, **spec["constexprs"])),
@@ -76,12 +76,13 @@ ROW_KERNEL_CASES = [[151936, "bf16", True], [151936, "bf16", False], [128256, "f
 
 
 def assert_row_kernel_compiles_for_sm90(module: str, kernel: str, signature: dict, tmp_path,
-                                        constexprs: dict | None = None) -> None:
+                                        constexprs: dict | None = None, config: dict | None = None) -> None:
     """``kernel`` of ``kernels/<module>.py`` compiles for sm_90a with ptxas, without spills, for every
     ``ROW_KERNEL_CASES`` entry (``signature``: Triton's, "DT" standing for the logits' dtype;
-    ``constexprs``: more compile-time arguments than WRITE_GRAD and BLOCK_V)."""
+    ``constexprs``: more compile-time arguments than WRITE_GRAD and BLOCK_V; ``config``: keywords of the
+    module's ``launch_config``)."""
     spec = {"module": module, "kernel": kernel, "signature": signature, "cases": ROW_KERNEL_CASES,
-            "constexprs": constexprs or {}}
+            "constexprs": constexprs or {}, "config": config or {}}
     results = run_sm90_compile(_ROW_KERNEL_AOT, spec, tmp_path, timeout=300)
     assert len(results) == len(ROW_KERNEL_CASES)
     for r in results:

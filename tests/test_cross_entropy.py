@@ -97,6 +97,42 @@ def test_per_position_losses_and_their_gradients_vs_fp64(be, dtype, use_backend,
     assert kernel_calls == (["cross_entropy_rows"] * 5 * 2 if be == "triton" else [])
 
 
+def smoothed_z_oracle(hidden, weight, targets, smoothing, z, reduction):
+    """fp64 F.cross_entropy with torch's label_smoothing plus z * logsumexp^2 over counted positions,
+    and its gradients."""
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    logits = F.linear(h64, w64).flatten(0, -2)
+    t = targets.flatten()
+    keep = t != -100
+    per = F.cross_entropy(logits, t, reduction="none", label_smoothing=smoothing)
+    per = per + z * torch.logsumexp(logits, -1) ** 2 * keep
+    loss = per.view(targets.shape) if reduction == "none" else per.sum() / (keep.sum() if reduction == "mean" else 1)
+    return loss, h64, w64
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("smoothing,z,reduction", [(0.1, 0.0, "mean"), (0.0, 1e-2, "sum"), (0.2, 5e-3, "none")],
+                         ids=["smoothing-mean", "z-loss-sum", "both-per-position"])
+def test_label_smoothing_and_z_loss_vs_fp64(be, dtype, smoothing, z, reduction, use_backend, kernel_calls):
+    """Label smoothing as F.cross_entropy's and the z-loss (z lse^2 per counted position): losses and
+    gradients against fp64, in every reduction (per position: a weighted sum backpropagated)."""
+    use_backend(be)
+    hidden, weight, targets = _inputs((3, 7), 16, 300, dtype, ignore=(4, 20))
+    got = apr_kernels.linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_rows=5,
+                                           label_smoothing=smoothing, z_loss=z)
+    want, h64, w64 = smoothed_z_oracle(hidden, weight, targets, smoothing, z, reduction)
+    grad = torch.randn(3, 7, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    (got * grad.float()).sum().backward()
+    (want * grad).sum().backward()
+    assert rel_err(got, want.detach()) < REL[dtype]
+    assert rel_err(hidden.grad, h64.grad) < REL[dtype] * 10, "d hidden"
+    assert rel_err(weight.grad, w64.grad) < REL[dtype] * 10, "d weight"
+    assert torch.all(hidden.grad.view(-1, 16)[[4, 20]] == 0)
+    assert bool(kernel_calls) == (be == "triton")
+
+
 def test_per_position_losses_sum_to_the_summed_op(use_backend):
     """Summing the per-position losses gives the summed op's loss and gradients (two code paths)."""
     use_backend("triton")
@@ -235,11 +271,12 @@ def test_opcheck(be, use_backend):
     hidden, weight, targets = _inputs((6,), 16, 40, torch.float32, ignore=(2,))
     for with_grad in (True, False):  # with_grad=False is the no-autograd call: no input requires grad
         h, w = (t.detach().requires_grad_(with_grad) for t in (hidden, weight))
-        torch.library.opcheck(torch.ops.apr.linear_cross_entropy.default, (h, w, targets, -100, None, with_grad, 4))
+        torch.library.opcheck(torch.ops.apr.linear_cross_entropy.default,
+                              (h, w, targets, -100, None, with_grad, 4, 0.1, 1e-3))
     h, w = (t.detach().requires_grad_() for t in (hidden, weight))
-    torch.library.opcheck(torch.ops.apr.linear_cross_entropy_rows.default, (h, w, targets, -100, None, 4))
+    torch.library.opcheck(torch.ops.apr.linear_cross_entropy_rows.default, (h, w, targets, -100, None, 4, 0.1, 1e-3))
     torch.library.opcheck(torch.ops.apr.linear_cross_entropy_rows_backward.default,
-                          (torch.randn(6), hidden.detach(), weight.detach(), targets, -100, None, 4))
+                          (torch.randn(6), hidden.detach(), weight.detach(), targets, -100, None, 4, 0.1, 1e-3))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -281,26 +318,34 @@ def test_errors_name_the_argument(bad, message):
 
 # ------------------------------------------------------------------------------ the GPU compiler
 
-def test_kernel_compiles_for_sm90(tmp_path):
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "label-smoothing"])
+def test_kernel_compiles_for_sm90(tmp_path, smooth):
     signature = {"LOGITS": "*DT", "stride_row": "i64", "TARGETS": "*i64", "LOSS": "*fp32", "V": "i32",
-                 "ignore_index": "i64", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr"}
-    assert_row_kernel_compiles_for_sm90("cross_entropy", "_cross_entropy_kernel", signature, tmp_path)
+                 "ignore_index": "i64", "label_smoothing": "fp32", "z_loss": "fp32", "WRITE_GRAD": "constexpr",
+                 "BLOCK_V": "constexpr", "SMOOTH": "constexpr"}
+    assert_row_kernel_compiles_for_sm90("cross_entropy", "_cross_entropy_kernel", signature, tmp_path,
+                                        {"SMOOTH": smooth}, {"smooth": smooth})
 
 
 # ----------------------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("v, h", [(151936, 896), (128256, 1024)])
-def test_cuda_bf16_matches_eager_autocast(v, h):
+@pytest.mark.parametrize("v, h, smoothing, z", [(151936, 896, 0.0, 0.0), (128256, 1024, 0.0, 0.0),
+                                               (151936, 896, 0.1, 1e-4)], ids=["qwen2", "llama3", "qwen2-smooth-z"])
+def test_cuda_bf16_matches_eager_autocast(v, h, smoothing, z):
     dev = "cuda"
     hidden = torch.randn(2, 1000, h, device=dev, requires_grad=True)
     weight = (torch.randn(v, h, device=dev) * 0.02).requires_grad_()
     targets = torch.randint(0, v, (2, 1000), device=dev)
     targets[0, :7] = -100
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = apr_kernels.linear_cross_entropy(hidden, weight, targets, chunk_rows=512)
-        eager = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten())
+        loss = apr_kernels.linear_cross_entropy(hidden, weight, targets, chunk_rows=512, label_smoothing=smoothing,
+                                                z_loss=z)
+        logits = F.linear(hidden, weight).float().flatten(0, 1)
+        keep = targets.flatten() != -100
+        eager = F.cross_entropy(logits, targets.flatten(), label_smoothing=smoothing) + \
+            z * (torch.logsumexp(logits, -1) ** 2 * keep).sum() / keep.sum()
     loss.backward()
     dh, dw = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -335,3 +380,7 @@ def test_loss_module_matches_cross_entropy_loss(use_backend):
     loss = apr_kernels.LinearCrossEntropyLoss(reduction="sum")(hidden, weight, targets)
     want = torch.nn.CrossEntropyLoss(reduction="sum")(F.linear(hidden, weight).flatten(0, 1), targets.flatten())
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    smooth = apr_kernels.LinearCrossEntropyLoss(label_smoothing=0.2)
+    want = torch.nn.CrossEntropyLoss(label_smoothing=0.2)(F.linear(hidden, weight).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(smooth(hidden, weight, targets), want, rtol=1e-5, atol=1e-5)
+    assert "label_smoothing=0.2" in repr(smooth)

@@ -368,3 +368,31 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(fast):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with torch.no_grad():  # evaluation never recomputes
         assert torch.equal(model.loss(x[:, :-1], x[:, 1:]), results[0][0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_and_z_loss_fast_equals_eager_and_the_formula(reduction):
+    """model.loss(label_smoothing=, z_loss=): the fused path equals the eager path, and both the loss
+    written out (F.cross_entropy's label smoothing plus z * logsumexp^2 over counted positions)."""
+    cfg = preset("tiny_qwen2")
+    eager = Transformer(cfg, fast=False)
+    fast = Transformer(cfg, fast=True)
+    fast.load_state_dict(eager.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, 13))
+    y = x[:, 1:].clone()
+    y[0, :3] = -100
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-2}
+    la, lb = eager.loss(x[:, :-1], y, reduction, **opts), fast.loss(x[:, :-1], y, reduction, **opts)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        logits = eager(x[:, :-1]).double().flatten(0, 1)
+    keep = y.flatten() != -100
+    per = torch.nn.functional.cross_entropy(logits, y.flatten(), reduction="none", label_smoothing=0.1) + \
+        1e-2 * torch.logsumexp(logits, -1) ** 2 * keep
+    want = {"mean": per.sum() / keep.sum(), "sum": per.sum(), "none": per.view(y.shape)}[reduction]
+    torch.testing.assert_close(la.double(), want, rtol=1e-5, atol=1e-6)
+    assert float(per[~keep].abs().sum()) == 0  # ignored positions add nothing
+    with pytest.raises(ValueError, match="not with a teacher"):
+        from apr_kernels.model.distillation import Teacher
+
+        eager.loss(x[:, :-1], y, teacher=Teacher.of(eager, x[:, :-1]), z_loss=1e-3)

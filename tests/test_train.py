@@ -533,3 +533,55 @@ def test_fp16_trains_with_loss_scaling_skips_overflows_and_resumes_exactly(strea
     assert math.isfinite(over.train_step()["loss"])
     with pytest.raises(ValueError, match=r"precision='fp8'; expected one of auto, bf16, fp16, fp32"):
         TrainConfig(precision="fp8")
+
+
+def test_label_smoothing_and_z_loss_step_is_the_formula_and_eval_stays_plain(stream):
+    """TrainConfig.label_smoothing / z_loss: a step's logged loss is the smoothed, z-regularised cross
+    entropy over the step's targets (two micro-batches), its gradients those of that loss; held-out
+    eval stays the plain cross entropy; a teacher with either is refused."""
+    cfg = TrainConfig(steps=1, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, eval_tokens=256, label_smoothing=0.1,
+                      z_loss=1e-3)
+    trainer = _trainer(stream, cfg)
+    torch.manual_seed(0)
+    oracle = Transformer(preset("tiny_llama"), fast=False)
+    oracle.load_state_dict(trainer.model.state_dict())
+    rec = trainer.train_step()
+    seqs = sequences(stream[0], 32)
+    s = BatchStream(len(seqs), seed=cfg.seed)
+    total, n = 0.0, 0
+    for _ in range(2):
+        x, y, _ = batch(seqs, s.next(2))
+        logits = oracle(x).double().flatten(0, 1)
+        keep = y.flatten() != -100
+        per = torch.nn.functional.cross_entropy(logits, y.flatten(), reduction="none", label_smoothing=0.1)
+        total = total + (per + 1e-3 * torch.logsumexp(logits, -1) ** 2 * keep).sum()
+        n += int(keep.sum())
+    (total / n).backward()
+    assert rec["loss"] == pytest.approx(total.item() / n, rel=1e-5)
+    norm = torch.nn.utils.clip_grad_norm_(oracle.parameters(), cfg.grad_clip)
+    assert rec["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    plain = _trainer(stream, TrainConfig(steps=1, batch_size=2, seq_len=32, eval_tokens=256))
+    plain.model.load_state_dict(trainer.model.state_dict())
+    assert trainer.evaluate()[0] == pytest.approx(plain.evaluate()[0], rel=1e-9)
+    with pytest.raises(ValueError, match="label_smoothing and z_loss change the cross entropy alone"):
+        TrainConfig(teacher="t.apr", z_loss=1e-4)
+
+
+def test_cli_label_smoothing_and_z_loss_travel_into_checkpoints(tmp_path, capsys):
+    from apr_kernels.cli import main
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    args = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(stdlib / "textwrap.py"),
+            "--eval-data", str(stdlib / "shlex.py"), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+            "--eval-tokens", "64", "--save-every", "1", "--json", "--no-token-cache", "--fast", "off",
+            "--label-smoothing", "0.1", "--z-loss", "1e-3"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    losses = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x]
+    config = training_metadata(tmp_path / "a" / "step_000001.apr")["training.config"]
+    assert (config["label_smoothing"], config["z_loss"]) == (0.1, 1e-3)
+    assert main(["train", "--resume", str(tmp_path / "a" / "step_000001.apr"), "--json", "--out",
+                 str(tmp_path / "b")]) == 0
+    resumed = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x]
+    assert resumed == losses[1:]
+    assert main([*args[:7], "--steps", "1", "--z-loss", "-1", "--out", str(tmp_path / "c")]) == 1
+    assert "z_loss=-1.0; expected 0 <= label_smoothing <= 1 and z_loss >= 0" in capsys.readouterr().err

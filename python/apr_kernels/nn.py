@@ -89,21 +89,26 @@ class SwiGLUMLP(nn.Module):
 class LinearCrossEntropyLoss(nn.Module):
     """``loss(hidden, weight, targets)``: cross entropy of ``hidden @ weight.T`` without materialising
     the logits (:func:`apr_kernels.linear_cross_entropy`); ``weight`` is the LM head or the tied
-    embedding. Parameter-free, like ``nn.CrossEntropyLoss``."""
+    embedding. Parameter-free, like ``nn.CrossEntropyLoss`` (``label_smoothing`` as its; ``z_loss``:
+    ``z * logsumexp(logits)^2`` per counted position added)."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0):
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.label_smoothing, self.z_loss = label_smoothing, z_loss
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from apr_kernels.ops.cross_entropy import linear_cross_entropy
 
         return linear_cross_entropy(hidden, weight, targets, ignore_index=self.ignore_index,
-                                    reduction=self.reduction)
+                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                    z_loss=self.z_loss)
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}")
 
 
 class LinearDistillationLoss(nn.Module):

@@ -15,6 +15,8 @@ dtype tolerance. The state dict uses exactly the Hugging Face names (``model.lay
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -303,7 +305,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", documents: Documents | None = None, teacher=None,
-                ends: torch.Tensor | None = None) -> torch.Tensor:
+                ends: torch.Tensor | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
         ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets, "sum",
         "sequence": the sum of each row, ``[B]``, the negated log-likelihood of each row's targets; with
@@ -316,6 +318,9 @@ class Transformer(nn.Module):
 
         ``teacher`` (``model/distillation.py``'s ``Teacher``; "mean" or "sum"): knowledge distillation,
         ``[loss, ce, kl]`` with ``loss = (1 - kd_ratio) ce + kd_ratio T^2 KL(teacher || student)``.
+
+        ``label_smoothing`` (as ``F.cross_entropy``'s) and ``z_loss`` (``z_loss * logsumexp(logits)^2``
+        per counted position, PaLM's auxiliary loss) change the loss itself (not with a teacher).
 
         The loss is computed inside ``forward`` so that DDP/FSDP hooks see the output projection. The
         fast path fuses the projection with the loss (``apr_kernels.linear_cross_entropy``: the
@@ -344,9 +349,11 @@ class Transformer(nn.Module):
         if targets is None:
             return F.linear(h, self.output_weight)
         if teacher is not None:
+            if label_smoothing or z_loss:
+                raise ValueError("label_smoothing and z_loss apply to the cross entropy alone; not with a teacher")
             return self._distillation_loss(h, targets, reduction, teacher)
         if self.use_fast(input_ids):
-            ce = _ops().linear_cross_entropy
+            ce = functools.partial(_ops().linear_cross_entropy, label_smoothing=label_smoothing, z_loss=z_loss)
             if reduction == "sequence":  # one fused call per sequence: its logits are the most held at once
                 if documents is None:
                     spans = [(h[i], targets[i]) for i in range(h.shape[0])]
@@ -357,8 +364,15 @@ class Transformer(nn.Module):
                 return torch.stack([ce(hs, self.output_weight, ts, reduction="sum") for hs, ts in spans])
             return ce(h, self.output_weight, targets, reduction=reduction)
         logits = F.linear(h, self.output_weight)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                 reduction="none" if reduction == "sequence" else reduction, ignore_index=-100)
+        if label_smoothing or z_loss:  # per position, then reduced as below
+            flat = logits.float().flatten(0, 1)
+            keep = targets.flatten() != -100
+            per = F.cross_entropy(flat, targets.flatten(), reduction="none", ignore_index=-100,
+                                  label_smoothing=label_smoothing) + z_loss * torch.logsumexp(flat, -1) ** 2 * keep
+            losses = {"mean": per.sum() / keep.sum(), "sum": per.sum()}.get(reduction, per)
+        else:
+            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                     reduction="none" if reduction == "sequence" else reduction, ignore_index=-100)
         if reduction == "none":
             return losses.view(targets.shape)
         if reduction != "sequence":
@@ -384,10 +398,11 @@ class Transformer(nn.Module):
         return torch.stack(parts)
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-             documents: Documents | None = None, teacher=None) -> torch.Tensor:
+             documents: Documents | None = None, teacher=None, label_smoothing: float = 0.0,
+             z_loss: float = 0.0) -> torch.Tensor:
         """Next-token cross entropy in fp32 (``targets`` already shifted; -100 is ignored); with
         ``teacher``, ``[loss, ce, kl]`` of knowledge distillation (``forward``)."""
-        return self(input_ids, targets, reduction, documents, teacher)
+        return self(input_ids, targets, reduction, documents, teacher, label_smoothing=label_smoothing, z_loss=z_loss)
 
 
 def sequence_ends(lengths, width: int | None = None) -> torch.Tensor:

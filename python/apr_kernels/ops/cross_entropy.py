@@ -3,7 +3,8 @@
 Public function (also ``apr_kernels.linear_cross_entropy``)::
 
     linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean",
-                         chunk_rows=None) -> loss       # fp32 scalar ("none": per position)
+                         chunk_rows=None, label_smoothing=0.0, z_loss=0.0) -> loss
+                                                        # fp32 scalar ("none": per position)
 
 is ``F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten(),
 ignore_index=..., reduction=...)`` (what Hugging Face's causal-LM loss computes) without ever
@@ -24,7 +25,8 @@ when there are none, like torch).
 Op (opaque to torch.compile, so no graph breaks)::
 
     apr::linear_cross_entropy(hidden [N, H], weight [V, H], targets [N], ignore_index, compute_dtype,
-                              with_grad, chunk_rows) -> (loss_sum, count, d_hidden, d_weight)
+                              with_grad, chunk_rows, label_smoothing, z_loss)
+        -> (loss_sum, count, d_hidden, d_weight)
 
 ``d_hidden``/``d_weight`` are empty when ``with_grad`` is False (no autograd needed: evaluation).
 
@@ -33,7 +35,8 @@ KL, whose per-token gradients are only known after the forward) takes a second o
 computes the rows' losses only, and the backward recomputes each chunk's logits and scales each
 row's ``softmax - onehot`` by its incoming gradient (four GEMMs per chunk instead of three)::
 
-    apr::linear_cross_entropy_rows(hidden, weight, targets, ignore_index, compute_dtype, chunk_rows) -> loss [N]
+    apr::linear_cross_entropy_rows(hidden, weight, targets, ignore_index, compute_dtype, chunk_rows,
+                                   label_smoothing, z_loss) -> loss [N]
     apr::linear_cross_entropy_rows_backward(grad [N], hidden, weight, targets, ...) -> (d_hidden, d_weight)
 """
 
@@ -63,7 +66,7 @@ def _row_kernel(logits: Tensor, targets: Tensor):
 
 
 def _chunked(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, cdt: torch.dtype,
-             chunk_rows: int, rows_loss: Tensor, with_grad: bool,
+             chunk_rows: int, rows_loss: Tensor, with_grad: bool, label_smoothing: float, z_loss: float,
              row_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The chunk loop every op here runs: per-row losses into ``rows_loss``; with ``with_grad`` also
     ``(d hidden, d weight)`` of the rows' losses, each row's gradient scaled by ``row_scale`` when given
@@ -81,7 +84,7 @@ def _chunked(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
         logits = hc[s:e] @ wc.t()  # [rows, V] in cdt, contiguous
         if rows_fn is None:
             rows_fn = _row_kernel(logits, targets)
-        rows_fn(logits, targets[s:e], rows_loss[s:e], ignore_index, with_grad)
+        rows_fn(logits, targets[s:e], rows_loss[s:e], ignore_index, with_grad, label_smoothing, z_loss)
         if with_grad:  # logits now hold d(sum loss)/d logits
             if row_scale is not None:
                 logits.mul_(row_scale[s:e, None].to(logits.dtype))
@@ -104,11 +107,12 @@ def _rows_loss(hidden: Tensor, cdt: torch.dtype) -> Tensor:
 
 def _linear_cross_entropy_impl(
     hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int, compute_dtype: Optional[torch.dtype],
-    with_grad: bool, chunk_rows: int,
+    with_grad: bool, chunk_rows: int, label_smoothing: float, z_loss: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     cdt = _compute_dtype(hidden, weight, compute_dtype)
     rows_loss = _rows_loss(hidden, cdt)
-    dh, dw = _chunked(hidden, weight, targets, ignore_index, cdt, chunk_rows, rows_loss, with_grad)
+    dh, dw = _chunked(hidden, weight, targets, ignore_index, cdt, chunk_rows, rows_loss, with_grad, label_smoothing,
+                      z_loss)
     loss_sum = rows_loss.sum(dtype=torch.float32) if rows_loss.dtype != torch.float64 else rows_loss.sum()
     count = (targets != ignore_index).sum()
     return loss_sum, count, dh, dw
@@ -118,7 +122,7 @@ _op = torch.library.custom_op("apr::linear_cross_entropy", mutates_args=())(_lin
 
 
 @_op.register_fake
-def _(hidden, weight, targets, ignore_index, compute_dtype, with_grad, chunk_rows):
+def _(hidden, weight, targets, ignore_index, compute_dtype, with_grad, chunk_rows, label_smoothing, z_loss):
     cdt = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
     loss_dtype = torch.promote_types(cdt, torch.float32)
     loss = torch.empty((), dtype=loss_dtype, device=hidden.device)
@@ -129,7 +133,7 @@ def _(hidden, weight, targets, ignore_index, compute_dtype, with_grad, chunk_row
 
 
 def _setup(ctx, inputs, output):
-    _h, _w, _t, _ii, _cdt, with_grad, _c = inputs
+    _h, _w, _t, _ii, _cdt, with_grad, _c, _e, _z = inputs
     _loss, _count, dh, dw = output
     ctx.with_grad = with_grad
     ctx.save_for_backward(dh, dw)
@@ -140,7 +144,7 @@ def _backward(ctx, g_loss, _g_count, _g_dh, _g_dw):
         raise RuntimeError("apr::linear_cross_entropy was called with with_grad=False; call "
                            "apr_kernels.linear_cross_entropy, which sets it when autograd needs it")
     dh, dw = ctx.saved_tensors
-    return dh * g_loss.to(dh.dtype), dw * g_loss.to(dw.dtype), None, None, None, None, None
+    return dh * g_loss.to(dh.dtype), dw * g_loss.to(dw.dtype), None, None, None, None, None, None, None
 
 
 _op.register_autograd(_backward, setup_context=_setup)
@@ -151,41 +155,42 @@ _op.register_autograd(_backward, setup_context=_setup)
 # the summed op: four instead of three).
 @torch.library.custom_op("apr::linear_cross_entropy_rows", mutates_args=())
 def _rows_op(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
-             compute_dtype: Optional[torch.dtype], chunk_rows: int) -> Tensor:
+             compute_dtype: Optional[torch.dtype], chunk_rows: int, label_smoothing: float, z_loss: float) -> Tensor:
     cdt = _compute_dtype(hidden, weight, compute_dtype)
     rows_loss = _rows_loss(hidden, cdt)
-    _chunked(hidden, weight, targets, ignore_index, cdt, chunk_rows, rows_loss, False)
+    _chunked(hidden, weight, targets, ignore_index, cdt, chunk_rows, rows_loss, False, label_smoothing, z_loss)
     return rows_loss
 
 
 @_rows_op.register_fake
-def _(hidden, weight, targets, ignore_index, compute_dtype, chunk_rows):
+def _(hidden, weight, targets, ignore_index, compute_dtype, chunk_rows, label_smoothing, z_loss):
     return _rows_loss(hidden, _compute_dtype(hidden, weight, compute_dtype))
 
 
 @torch.library.custom_op("apr::linear_cross_entropy_rows_backward", mutates_args=())
 def _rows_backward_op(grad: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
-                      compute_dtype: Optional[torch.dtype], chunk_rows: int) -> tuple[Tensor, Tensor]:
+                      compute_dtype: Optional[torch.dtype], chunk_rows: int, label_smoothing: float,
+                      z_loss: float) -> tuple[Tensor, Tensor]:
     cdt = _compute_dtype(hidden, weight, compute_dtype)
     return _chunked(hidden, weight, targets, ignore_index, cdt, chunk_rows, _rows_loss(hidden, cdt), True,
-                    row_scale=grad)
+                    label_smoothing, z_loss, row_scale=grad)
 
 
 @_rows_backward_op.register_fake
-def _(grad, hidden, weight, targets, ignore_index, compute_dtype, chunk_rows):
+def _(grad, hidden, weight, targets, ignore_index, compute_dtype, chunk_rows, label_smoothing, z_loss):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
 def _rows_setup(ctx, inputs, output):
-    hidden, weight, targets, ctx.ignore_index, ctx.compute_dtype, ctx.chunk_rows = inputs
+    hidden, weight, targets, ctx.ignore_index, ctx.compute_dtype, ctx.chunk_rows, ctx.smoothing, ctx.z_loss = inputs
     ctx.save_for_backward(hidden, weight, targets)
 
 
 def _rows_backward(ctx, g_rows):
     hidden, weight, targets = ctx.saved_tensors
     dh, dw = _rows_backward_op(g_rows.contiguous(), hidden, weight, targets, ctx.ignore_index,
-                               ctx.compute_dtype, ctx.chunk_rows)
-    return dh, dw, None, None, None, None
+                               ctx.compute_dtype, ctx.chunk_rows, ctx.smoothing, ctx.z_loss)
+    return dh, dw, None, None, None, None, None, None
 
 
 _rows_op.register_autograd(_rows_backward, setup_context=_rows_setup)
@@ -205,16 +210,21 @@ def check_targets(targets: Tensor, vocab: int, ignore_index: int, where: str) ->
 
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-    chunk_rows: int | None = None,
+    chunk_rows: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
 ) -> Tensor:
     """Cross entropy of ``hidden @ weight.T`` against ``targets`` without materialising the logits.
 
     hidden ``[..., H]``, weight ``[V, H]`` (the LM head or a tied embedding), targets ``[...]`` integer
     ids in ``[0, V)`` or ``ignore_index``; ``reduction`` "mean" (over non-ignored targets), "sum", or
     "none": each position's loss, ``targets``' shape (0 where ignored), as ``F.cross_entropy``.
-    Returns fp32 (fp64 for fp64 inputs) with gradients for hidden and weight."""
+    ``label_smoothing`` as ``F.cross_entropy``'s; ``z_loss`` adds ``z_loss * logsumexp(logits)^2`` per
+    counted position (PaLM's auxiliary loss, Liger's ``lse_square_scale``), which keeps the
+    normaliser near 1 (0: off). Returns fp32 (fp64 for fp64 inputs) with gradients for hidden and weight."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0 or not z_loss >= 0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing={label_smoothing}, z_loss={z_loss}; expected "
+                         f"0 <= label_smoothing <= 1 and z_loss >= 0")
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden [..., H] and weight [V, H] must share H; got hidden "
                          f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}")
@@ -234,7 +244,9 @@ def linear_cross_entropy(
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     rows = chunk_rows if chunk_rows is not None else default_chunk_rows(h2.shape[0], vocab)
     if reduction == "none":
-        return _rows_op(h2, weight, t, int(ignore_index), cdt, int(rows)).view(targets.shape)
+        return _rows_op(h2, weight, t, int(ignore_index), cdt, int(rows), float(label_smoothing),
+                        float(z_loss)).view(targets.shape)
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    loss_sum, count, _, _ = _op(h2, weight, t, int(ignore_index), cdt, with_grad, int(rows))
+    loss_sum, count, _, _ = _op(h2, weight, t, int(ignore_index), cdt, with_grad, int(rows), float(label_smoothing),
+                                float(z_loss))
     return loss_sum if reduction == "sum" else loss_sum / count

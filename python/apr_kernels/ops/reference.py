@@ -187,18 +187,31 @@ def attention_reference(
 
 
 def cross_entropy_rows_reference(
-    logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, ignore_index: int, write_grad: bool
+    logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, ignore_index: int, write_grad: bool,
+    label_smoothing: float = 0.0, z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """``loss[r] = logsumexp(x_r) - x_r[t_r]`` (0 for ignored rows) into ``loss``; with ``write_grad``
-    ``logits[r] = softmax(x_r) - onehot(t_r)`` (zeros for ignored rows)."""
+    """``loss[r] = lse_r - (1 - e) x_r[t_r] - e mean(x_r) + z lse_r^2`` (``lse_r = logsumexp(x_r)``; 0 for
+    ignored rows) into ``loss``: the cross entropy with label smoothing ``e`` (torch's
+    ``label_smoothing``: ``(1 - e) CE + e mean_j(-log p_j)``) plus the z-loss ``z lse^2`` (PaLM's); with
+    ``write_grad`` ``logits[r] = (1 + 2 z lse_r) softmax(x_r) - (1 - e) onehot(t_r) - e / V`` (zeros for
+    ignored rows)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = targets != ignore_index
     t = torch.where(valid, targets, 0).long()
     lse = torch.logsumexp(x, dim=-1)
-    loss.copy_(torch.where(valid, lse - x.gather(1, t[:, None]).squeeze(1), 0.0))
+    rows = lse - (1 - label_smoothing) * x.gather(1, t[:, None]).squeeze(1)
+    if label_smoothing:
+        rows = rows - label_smoothing * x.mean(-1)
+    if z_loss:
+        rows = rows + z_loss * lse * lse
+    loss.copy_(torch.where(valid, rows, 0.0))
     if write_grad:  # in place on x (which is the logits themselves for fp32): one chunk of memory
         g = x.sub_(lse[:, None]).exp_()
-        g.scatter_add_(1, t[:, None], torch.full_like(g[:, :1], -1.0))
+        if z_loss:
+            g.mul_((1 + 2 * z_loss * lse)[:, None])
+        g.scatter_add_(1, t[:, None], torch.full_like(g[:, :1], -(1 - label_smoothing)))
+        if label_smoothing:
+            g.sub_(label_smoothing / g.shape[1])
         g.mul_(valid[:, None])
         if g.data_ptr() != logits.data_ptr():
             logits.copy_(g)

@@ -398,7 +398,8 @@ def _train(args, env, mode: str) -> int:
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
                           document_mask=args.document_mask, packing=args.packing, precision=args.precision,
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
-                          optimizer=args.optimizer, **_settings_of(args))
+                          optimizer=args.optimizer, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
+                          **_settings_of(args))
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
             from apr_kernels.model.lora import add_lora
@@ -796,6 +797,11 @@ def register(subparsers) -> None:
                         "1 reverse KL(student || teacher), between beta KL(p || m) + (1 - beta) KL(q || m), "
                         "m = beta p + (1 - beta) q")
     o = p.add_argument_group("optimisation")
+    o.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the training loss, as F.cross_entropy's (default 0; eval stays plain)")
+    o.add_argument("--z-loss", type=float, default=0.0,
+                   help="add Z x logsumexp(logits)^2 per target to the training loss (PaLM's z-loss, e.g. 1e-4; "
+                        "default 0)")
     o.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast precision: auto = bf16 on GPUs that have it, fp16 with loss scaling on older ones "
                         "(V100, T4), fp32 on CPU; weights and optimizer state stay fp32")

@@ -65,6 +65,8 @@ class TrainConfig:
     kd_ratio: float = 0.5               # loss = (1 - kd_ratio) * CE + kd_ratio * T^2 KL(teacher || student)
     kd_temperature: float = 1.0
     kd_beta: float = 0.0                # the divergence: 0 forward KL, 1 reverse KL, between generalized JSD
+    label_smoothing: float = 0.0        # the training loss's, as F.cross_entropy's (eval stays plain CE)
+    z_loss: float = 0.0                 # z * logsumexp(logits)^2 per target added to the training loss
     optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
     muon_momentum: float = 0.95
 
@@ -84,6 +86,12 @@ class TrainConfig:
 
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"training config: optimizer={self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.label_smoothing <= 1.0 or not self.z_loss >= 0:
+            raise ValueError(f"training config: label_smoothing={self.label_smoothing}, z_loss={self.z_loss}; "
+                             f"expected 0 <= label_smoothing <= 1 and z_loss >= 0")
+        if self.teacher and (self.label_smoothing or self.z_loss):
+            raise ValueError("training config: label_smoothing and z_loss change the cross entropy alone; expected "
+                             "neither with a teacher (distillation has its own loss)")
         if not 0.0 <= self.kd_ratio <= 1.0 or not self.kd_temperature > 0 or not 0.0 <= self.kd_beta <= 1.0:
             raise ValueError(f"training config: kd_ratio={self.kd_ratio}, kd_temperature={self.kd_temperature}, "
                              f"kd_beta={self.kd_beta}; expected 0 <= kd_ratio <= 1, kd_temperature > 0 and "
@@ -321,8 +329,10 @@ class Trainer:
                     if self.teacher is not None:
                         teacher = Teacher.of(self.teacher, x, docs, kd_ratio=c.kd_ratio, temperature=c.kd_temperature,
                                              beta=c.kd_beta)
-                    loss_sum = (par.loss(x, y, docs, reduction="sum", teacher=teacher) if par
-                                else self.model.loss(x, y, reduction="sum", documents=docs, teacher=teacher))
+                    extra = {"teacher": teacher} if teacher is not None else \
+                        {"label_smoothing": c.label_smoothing, "z_loss": c.z_loss}
+                    loss_sum = (par.loss(x, y, docs, reduction="sum", **extra) if par
+                                else self.model.loss(x, y, reduction="sum", documents=docs, **extra))
                     if teacher is not None:  # [loss, ce, kl]
                         parts += loss_sum[1:].detach()
                         loss_sum = loss_sum[0]
