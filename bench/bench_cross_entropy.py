@@ -24,6 +24,10 @@ Mode ``distill fwd+bwd``: knowledge distillation from a teacher head of the same
 --teacher``): apr ``linear_distillation`` (both heads' logits chunked; 8·N·H·V FLOPs) vs eager
 (``model/distillation.py``'s ``eager_loss`` on the two whole logit blocks).
 
+Mode ``smooth+z fwd+bwd``: the loss with label smoothing 0.1 and z-loss 1e-4 (``train --label-smoothing
+--z-loss``), apr vs eager (``F.cross_entropy(label_smoothing=)`` plus the z term) vs Liger-Kernel's
+fused linear cross entropy with the same ``label_smoothing`` and ``lse_square_scale`` (CUDA).
+
 Mode ``jsd fwd+bwd``: the generalized JSD at beta 0.5 alone (``train --teacher --kd-ratio 1 --kd-beta
 0.5``: the divergence's extra read per row), apr vs eager (TRL's expression) vs Liger-Kernel's
 LigerFusedLinearJSD when importable (CUDA).
@@ -142,6 +146,32 @@ def distill_providers(teacher_hidden, teacher_weight) -> dict:
                                                 "mean")[0]}
 
 
+def smooth_z_providers(dev: torch.device, smoothing: float = 0.1, z: float = 1e-4) -> dict:
+    """Label smoothing and the z-loss: ours, the eager expression, Liger's fused loss with both."""
+    def eager(h, w, t):
+        logits = F.linear(h, w).float()
+        keep = t != -100
+        return F.cross_entropy(logits, t, label_smoothing=smoothing) + \
+            z * (torch.logsumexp(logits, -1) ** 2 * keep).sum() / keep.sum()
+
+    out = {"apr": lambda h, w, t: apr_kernels.linear_cross_entropy(h, w, t, label_smoothing=smoothing, z_loss=z),
+           "eager": eager}
+    if dev.type == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss(label_smoothing=smoothing, lse_square_scale=z)
+
+            def liger_fn(h, w, t):
+                loss = liger(w, h, t)
+                return loss[0] if isinstance(loss, tuple) else loss
+
+            out["liger"] = liger_fn
+        except Exception as e:  # noqa: BLE001
+            print(f"liger smooth+z: not importable ({type(e).__name__}: {e}); skipped")
+    return out
+
+
 def jsd_providers(teacher_hidden, teacher_weight, dev: torch.device) -> dict:
     """The generalized JSD (beta 0.5, T 1, no cross entropy): ours, the eager expression, Liger's."""
     from apr_kernels.model.distillation import eager_loss
@@ -204,6 +234,7 @@ def main() -> None:
                    torch.randn(v, h, device=dev, dtype=dtype, generator=gen) * 0.02)
         for mode, fns, flops in (("fwd+bwd", provs, 6 * n * h * v),
                                  ("per-token fwd+bwd", per_token_providers(), 8 * n * h * v),
+                                 ("smooth+z fwd+bwd", smooth_z_providers(dev), 6 * n * h * v),
                                  ("distill fwd+bwd", distill_providers(*teacher), 8 * n * h * v),
                                  ("jsd fwd+bwd", jsd_providers(*teacher, dev), 8 * n * h * v)):
             per = {}
