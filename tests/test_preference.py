@@ -300,8 +300,9 @@ def test_gradient_accumulation_gives_the_whole_batch_step(tmp_path):
 
 
 @pytest.mark.parametrize("loss", [PreferenceLoss(kind="simpo", beta=2.0, gamma=0.5), PreferenceLoss(kind="orpo",
-                                                                                                    beta=1.0)],
-                         ids=["simpo", "orpo"])
+                                                                                                    beta=1.0),
+                                  PreferenceLoss(beta=0.5, sft_weight=1.0, reference_free=True)],
+                         ids=["simpo", "orpo", "cpo"])
 def test_reference_free_losses_learn_the_preference(tmp_path, loss):
     tok = byte_tokenizer()
     train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12])], tok, 64)
@@ -313,7 +314,7 @@ def test_reference_free_losses_learn_the_preference(tmp_path, loss):
     cfg = TrainConfig(steps=25, batch_size=4, seq_len=64, lr=3e-3, warmup=2, weight_decay=0.0)
     trainer = PreferenceTrainer(model, train, held, cfg, eos_id=tok.eos_id, loss=loss)
     assert not calls and not trainer.ref.any() and not trainer.eval_ref.any()  # no reference pass
-    assert loss.sft_weight == (1.0 if loss.kind == "orpo" else 0.0)  # ORPO: its NLL term, weight 1
+    assert loss.sft_weight == (0.0 if loss.kind == "simpo" else 1.0)  # ORPO: its NLL term, weight 1
     history = trainer.run()
     evals = [h for h in history if h["event"] == "eval"]
     assert evals[-1]["eval_reward_acc"] == 1.0 and evals[-1]["eval_loss"] < evals[0]["eval_loss"] / 2
@@ -547,3 +548,21 @@ def test_sharegpt_records_read_as_messages(tmp_path):
     (pair,) = read_pairs([tmp_path / "p.jsonl"], tok, 64)
     assert tok.decode([t for t in pair[0] if t >= 0]).startswith("yes<|im_end|>")
     assert tok.decode([t if t >= 0 else -1 - t for t in pair[1]]).startswith("<|im_start|>system\nBe brief.")
+
+
+def test_cpo_step_is_the_policy_margin_and_the_nll_written_out(tmp_path):
+    """--reference-free with --sft-weight 1 (CPO): the step's loss is -log sigmoid(beta (pi_c - pi_r))
+    averaged over pairs plus the chosen answers' NLL per token, from each answer's log-likelihood alone."""
+    tok = byte_tokenizer()
+    pairs = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:4], chosen=" yes it is")], tok, 64)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    oracle = Transformer(model.config, fast=False)
+    oracle.load_state_dict(model.state_dict())
+    cfg = TrainConfig(steps=1, batch_size=4, seq_len=64, lr=1e-3, warmup=1)
+    rec = PreferenceTrainer(model, pairs, [], cfg, eos_id=tok.eos_id,
+                            loss=PreferenceLoss(beta=0.5, sft_weight=1.0, reference_free=True)).train_step()
+    logp = torch.stack([sequence_logps(oracle, list(pair), "cpu", eos_id=tok.eos_id) for pair in pairs]).double()
+    n_chosen = sum(sum(t >= 0 for t in pair[0][1:]) for pair in pairs)
+    want = -torch.nn.functional.logsigmoid(0.5 * (logp[:, 0] - logp[:, 1])).mean() - logp[:, 0].sum() / n_chosen
+    assert rec["loss"] == pytest.approx(want.item(), rel=1e-5)

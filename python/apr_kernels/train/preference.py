@@ -35,6 +35,10 @@ forms, averaged over the pairs of a step):
   per-token log-likelihoods ``a = pi / n`` and ``odds(a) = e^a / (1 - e^a)``, plus the chosen answers'
   NLL per token at weight 1 (``--sft-weight``, which defaults to 1 here), as TRL's ORPOTrainer.
 
+``--reference-free`` (TRL's ``reference_free``) replaces the reference by one that gives every answer
+the same likelihood (its log-likelihoods 0): no reference pass; with ``--sft-weight 1`` the sigmoid
+loss is CPO's (Xu et al., 2024: DPO without a reference plus the chosen answers' NLL).
+
 ``--sft-weight w`` adds ``w`` times the chosen answers' negative log-likelihood per token, over all
 chosen tokens of the step (RPO, the DPO + NLL mix of Llama 3's post-training; TRL's
 ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, w]``).
@@ -165,6 +169,7 @@ class PreferenceLoss:
     label_smoothing: float = 0.0
     gamma: float = 0.5
     sft_weight: float = 0.0
+    reference_free: bool = False  # a uniform reference (log-likelihoods 0), TRL's reference_free
 
     def __post_init__(self):
         if not self.beta > 0:
@@ -177,7 +182,7 @@ class PreferenceLoss:
 
     @property
     def needs_reference(self) -> bool:
-        return self.kind not in REFERENCE_FREE
+        return self.kind not in REFERENCE_FREE and not self.reference_free
 
     def pairs(self, policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor):
         """``dpo_loss`` of ``[N, 2]`` (chosen, rejected) policy and reference log-likelihoods."""
@@ -265,7 +270,7 @@ def preference_loss(dpo: dict) -> PreferenceLoss:
     """The ``PreferenceLoss`` of a run's ``training.dpo`` settings (older runs: DPO's sigmoid)."""
     return PreferenceLoss(kind=dpo.get("loss", "sigmoid"), beta=dpo["beta"],
                           label_smoothing=dpo.get("label_smoothing", 0.0), gamma=dpo.get("gamma", 0.5),
-                          sft_weight=dpo.get("sft_weight", 0.0))
+                          sft_weight=dpo.get("sft_weight", 0.0), reference_free=dpo.get("reference_free", False))
 
 
 def cmd_dpo(args) -> int:
@@ -283,7 +288,8 @@ def _dpo(args, env, mode: str) -> int:
         if not (args.init and args.data):
             raise ValueError("dpo: --init FILE.apr and --data PREFS.jsonl... are required (or --resume STEP.apr)")
         dpo = {"beta": args.beta, "loss": args.loss, "label_smoothing": args.label_smoothing, "gamma": args.gamma,
-               "sft_weight": args.sft_weight, "init": str(args.init), "data": absolute(args.data),
+               "sft_weight": args.sft_weight, "reference_free": args.reference_free, "init": str(args.init),
+               "data": absolute(args.data),
                "eval_data": absolute(args.eval_data), "eval_fraction": args.eval_fraction, "max_len": args.max_len,
                "tokenizer": args.tokenizer}
         preference_loss(dpo)  # bad settings fail here, before the model is read
@@ -328,6 +334,9 @@ def register(subparsers) -> None:
     p.add_argument("--gamma", type=float, default=0.5, help="SimPO's reward margin (default 0.5)")
     p.add_argument("--sft-weight", type=float, default=0.0,
                    help="add this times the chosen answers' NLL per token (RPO; default 0, ORPO's 1)")
+    p.add_argument("--reference-free", action="store_true",
+                   help="a reference giving every answer the same likelihood: no reference pass (TRL's "
+                        "reference_free; with --sft-weight 1, CPO)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per prompt + answer (longer ones are cut)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch, over all ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
