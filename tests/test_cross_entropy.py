@@ -168,6 +168,15 @@ def test_kernel_rows_vs_reference_in_place():
     assert torch.all(buf[:, v:].isnan()), "padding past V was written"
     assert torch.all(logits[2] == 0) and loss[2] == 0
     assert abs(logits[0].sum().item()) < 1e-5  # softmax - onehot sums to zero
+    # label smoothing and the z-loss over several blocks (the running sum of logits kept per lane)
+    logits = buf[:, :v]
+    logits.copy_(torch.randn(n, v) * 4)
+    want_logits = logits.clone()
+    want = cross_entropy_rows_reference(want_logits, targets, torch.empty(n), -100, True, 0.2, 1e-2)
+    loss = k.cross_entropy_rows(logits, targets, torch.full((n,), 7.0), -100, True, 0.2, 1e-2, block_v=64)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-7)
+    assert torch.all(buf[:, v:].isnan()) and loss[2] == 0 and torch.all(logits[2] == 0)
 
 
 def test_kernel_out_of_range_target_is_nan_not_a_read():
