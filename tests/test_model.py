@@ -396,3 +396,27 @@ def test_label_smoothing_and_z_loss_fast_equals_eager_and_the_formula(reduction)
         from apr_kernels.model.distillation import Teacher
 
         eager.loss(x[:, :-1], y, teacher=Teacher.of(eager, x[:, :-1]), z_loss=1e-3)
+
+
+def test_neftune_noise_is_transformers_hook_in_training_only():
+    """model.neftune_alpha: in training mode the first layer sees the embeddings plus the noise
+    transformers' neftune_post_forward_hook adds (the same draws from the same seed); in eval mode none."""
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    cfg = preset("tiny_qwen2")
+    model = Transformer(cfg, fast=False)
+    model.neftune_alpha = 5.0
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    x = torch.randint(0, cfg.vocab_size, (2, 11))
+    torch.manual_seed(3)
+    model.train()(x)
+    emb = model.model.embed_tokens
+    emb.neftune_noise_alpha = 5.0
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = neftune_post_forward_hook(emb.train(), (x,), emb(x))
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=0)
+    assert (seen[0] - emb(x)).abs().max() > 0  # the noise is there
+    model.eval()(x)
+    torch.testing.assert_close(seen[1], emb(x).detach(), rtol=0, atol=0)

@@ -567,18 +567,20 @@ def test_label_smoothing_and_z_loss_step_is_the_formula_and_eval_stays_plain(str
         TrainConfig(teacher="t.apr", z_loss=1e-4)
 
 
-def test_cli_label_smoothing_and_z_loss_travel_into_checkpoints(tmp_path, capsys):
+def test_cli_label_smoothing_z_loss_and_neftune_travel_into_checkpoints(tmp_path, capsys):
+    """The options reach the checkpoint's config and a resumed run repeats the uninterrupted one (the
+    NEFTune noise drawn from the restored random state)."""
     from apr_kernels.cli import main
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     args = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(stdlib / "textwrap.py"),
             "--eval-data", str(stdlib / "shlex.py"), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
             "--eval-tokens", "64", "--save-every", "1", "--json", "--no-token-cache", "--fast", "off",
-            "--label-smoothing", "0.1", "--z-loss", "1e-3"]
+            "--label-smoothing", "0.1", "--z-loss", "1e-3", "--neftune-alpha", "5"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     losses = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x]
     config = training_metadata(tmp_path / "a" / "step_000001.apr")["training.config"]
-    assert (config["label_smoothing"], config["z_loss"]) == (0.1, 1e-3)
+    assert (config["label_smoothing"], config["z_loss"], config["neftune_alpha"]) == (0.1, 1e-3, 5.0)
     assert main(["train", "--resume", str(tmp_path / "a" / "step_000001.apr"), "--json", "--out",
                  str(tmp_path / "b")]) == 0
     resumed = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x]

@@ -236,6 +236,9 @@ class Transformer(nn.Module):
         # True: each layer's activations are recomputed in the backward instead of kept (Hugging
         # Face's gradient_checkpointing; set by `apr-kernels train --grad-checkpointing`)
         self.gradient_checkpointing = False
+        # NEFTune (Jain et al., 2023; TRL's neftune_noise_alpha): in training mode, uniform noise of
+        # magnitude alpha / sqrt(T * hidden) added to the token embeddings (0: off)
+        self.neftune_alpha = 0.0
         self.model = Decoder(config)
         if config.num_labels:  # Hugging Face's *ForSequenceClassification: no output projection
             self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
@@ -287,6 +290,9 @@ class Transformer(nn.Module):
         """Final normed hidden states [B, T, hidden] (before the output projection)."""
         fast = self.use_fast(input_ids)
         h = self.model.embed_tokens(input_ids)
+        if self.neftune_alpha and self.training:  # as transformers' neftune hook: T is the row length
+            mag = self.neftune_alpha / (h.shape[1] * h.shape[2]) ** 0.5
+            h = h + torch.zeros_like(h).uniform_(-mag, mag)
         cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
                                scaling=self.config.rope_scaling, device=input_ids.device,
                                max_position_embeddings=self.config.max_position_embeddings)

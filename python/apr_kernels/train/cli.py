@@ -399,6 +399,7 @@ def _train(args, env, mode: str) -> int:
                           document_mask=args.document_mask, packing=args.packing, precision=args.precision,
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
                           optimizer=args.optimizer, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
+                          neftune_alpha=args.neftune_alpha,
                           **_settings_of(args))
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
@@ -802,6 +803,9 @@ def register(subparsers) -> None:
     o.add_argument("--z-loss", type=float, default=0.0,
                    help="add Z x logsumexp(logits)^2 per target to the training loss (PaLM's z-loss, e.g. 1e-4; "
                         "default 0)")
+    o.add_argument("--neftune-alpha", type=float, default=0.0,
+                   help="NEFTune: uniform noise of magnitude alpha / sqrt(seq_len x hidden) on the token embeddings "
+                        "in training steps (TRL's neftune_noise_alpha, e.g. 5; default 0: off)")
     o.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast precision: auto = bf16 on GPUs that have it, fp16 with loss scaling on older ones "
                         "(V100, T4), fp32 on CPU; weights and optimizer state stay fp32")

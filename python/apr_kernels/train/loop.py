@@ -67,6 +67,7 @@ class TrainConfig:
     kd_beta: float = 0.0                # the divergence: 0 forward KL, 1 reverse KL, between generalized JSD
     label_smoothing: float = 0.0        # the training loss's, as F.cross_entropy's (eval stays plain CE)
     z_loss: float = 0.0                 # z * logsumexp(logits)^2 per target added to the training loss
+    neftune_alpha: float = 0.0          # NEFTune's embedding noise in training steps (0: off)
     optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
     muon_momentum: float = 0.95
 
@@ -89,6 +90,8 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing <= 1.0 or not self.z_loss >= 0:
             raise ValueError(f"training config: label_smoothing={self.label_smoothing}, z_loss={self.z_loss}; "
                              f"expected 0 <= label_smoothing <= 1 and z_loss >= 0")
+        if not self.neftune_alpha >= 0:
+            raise ValueError(f"training config: neftune_alpha={self.neftune_alpha}; expected >= 0")
         if self.teacher and (self.label_smoothing or self.z_loss):
             raise ValueError("training config: label_smoothing and z_loss change the cross entropy alone; expected "
                              "neither with a teacher (distillation has its own loss)")
@@ -242,6 +245,7 @@ class Trainer:
         if config.teacher and teacher is None:
             raise ValueError(f"training config: teacher={config.teacher!r} but no teacher model was given")
         self.teacher = teacher
+        model.neftune_alpha = config.neftune_alpha  # (the model adds it in training mode only)
         if config.document_mask and eos_id is None:
             raise ValueError("document masking needs the tokenizer's end-of-text id (which ends every "
                              "document of the data); this tokenizer has none")
