@@ -372,3 +372,46 @@ def test_adapter_export_is_a_peft_adapter_for_the_exported_base(tmp_path):
     assert (want - plain).abs().max() > 1e-2  # the adapters matter
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert main(["export", str(tmp_path / "base.apr"), str(tmp_path / "nothing"), "--adapter", "-q"]) == 1
+
+
+def test_rslora_scale_survives_checkpoints_merges_and_peft(tmp_path):
+    """rslora: the scale is alpha / sqrt(rank); a checkpoint keeps it (resumed adapters, merged from_apr),
+    and the exported adapter is a use_rslora PEFT adapter that computes the same logits."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from apr_kernels.cli import main
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2"), fast=False)
+    save_checkpoint(tmp_path / "base.apr", model=model)
+    settings = add_lora(model, 4, 6.0, ["q_proj", "up_proj"], rslora=True)
+    assert settings["rslora"] is True and model.model.layers[0].mlp.up_proj.scale == pytest.approx(6.0 / 2)
+    _randomise_adapters(model, std=0.2)
+    save_checkpoint(tmp_path / "step.apr", model=model)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        want = model.eval()(x)
+        kept = from_apr(tmp_path / "step.apr", lora="keep", fast=False)
+        assert kept.model.layers[1].self_attn.q_proj.scale == pytest.approx(3.0)
+        torch.testing.assert_close(kept(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_apr(tmp_path / "step.apr", fast=False)(x), want, rtol=1e-5, atol=1e-5)
+    assert main(["export", str(tmp_path / "base.apr"), str(tmp_path / "hf"), "-q"]) == 0
+    assert main(["export", str(tmp_path / "step.apr"), str(tmp_path / "adapter"), "--adapter", "-q"]) == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_rslora_reaches_the_checkpoint(tmp_path, capsys):
+    import apr_kernels
+    from apr_kernels.cli import main
+
+    base = ["--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"), "--steps", "1",
+            "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--save-every", "1", "--no-token-cache",
+            "--lora-rank", "4", "--lora-rslora", "--json"]
+    assert main(["train", *base, "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    with apr_kernels.open(tmp_path / "a" / "step_000001.apr") as f:
+        assert f.metadata["lora"]["rslora"] is True
+    assert from_apr(tmp_path / "a" / "step_000001.apr", lora="keep").model.layers[0].self_attn.q_proj.scale == 4.0

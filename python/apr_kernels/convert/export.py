@@ -81,10 +81,11 @@ def merged_tensor(f, stored: str, lora: dict | None, dtype: torch.dtype) -> torc
     rounded once) when the file has adapters for it."""
     module = stored[: -len(".weight")] if stored.endswith(".weight") else None
     if lora and module and f"{module}.lora_A" in f:
-        from apr_kernels.model.lora import merged
+        from apr_kernels.model.lora import lora_scale, merged
 
         return merged(f.get_tensor(stored, dtype=torch.float32), f.get_tensor(f"{module}.lora_A"),
-                      f.get_tensor(f"{module}.lora_B"), lora["alpha"] / lora["rank"], dtype)
+                      f.get_tensor(f"{module}.lora_B"), lora_scale(lora["rank"], lora["alpha"], lora.get("rslora", False)),
+                      dtype)
     return f.get_tensor(stored, dtype=dtype)
 
 
@@ -291,7 +292,7 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
         config = {
             "peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM", "r": int(lora["rank"]),
             "lora_alpha": lora["alpha"], "target_modules": list(lora["targets"]), "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False,
+            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": bool(lora.get("rslora", False)),
             "modules_to_save": ["score"] if classifier else None,
             "base_model_name_or_path": base if base is not None else meta.get("source"),
         }

@@ -285,7 +285,7 @@ def _add_stored_lora(model, path, settings, base_dtype) -> None:
         rank, alpha, targets = check_settings(settings["rank"], settings["alpha"], settings["targets"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PreflightError(f"{path}: metadata 'lora' = {settings!r:.200} is not valid LoRA settings ({exc})") from None
-    add_lora(model, rank, alpha, targets, base_dtype=base_dtype)
+    add_lora(model, rank, alpha, targets, base_dtype=base_dtype, rslora=bool(settings.get("rslora", False)))
 
 
 def _copy_stored_lora(model, path) -> None:

@@ -8,6 +8,7 @@ module with the same ``weight``/``bias`` (Hugging Face names unchanged, frozen) 
     y = x W^T + b + (alpha / rank) * (x A^T) B^T
 
 (PEFT's convention: A starts Kaiming-uniform, B at zero, so training starts from the base model;
+with ``rslora`` the scale is ``alpha / sqrt(rank)``, rank-stabilised LoRA, PEFT's ``use_rslora``;
 A is drawn from a generator seeded by ``seed``, module by module, so every process and every
 sharding of the model starts from the same adapters).
 Every other parameter is frozen too (embeddings, norms, biases, the output head); AdamW then keeps
@@ -122,6 +123,12 @@ def frozen_weight(m: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     return m.base_weight(dtype) if isinstance(m, QuantizedLoRALinear) else m.weight.to(dtype)
 
 
+def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
+    """The adapters' scale: ``alpha / rank``, or rank-stabilised (rsLoRA, PEFT's ``use_rslora``)
+    ``alpha / sqrt(rank)``."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 def check_settings(rank, alpha, targets) -> tuple[int, float, tuple[str, ...]]:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"lora: rank={rank!r}; expected a positive int")
@@ -135,7 +142,7 @@ def check_settings(rank, alpha, targets) -> tuple[int, float, tuple[str, ...]]:
 
 
 def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, base_dtype=None,
-             seed: int = 0) -> dict:
+             seed: int = 0, rslora: bool = False) -> dict:
     """Add adapters to ``model`` in place and freeze everything else; return the settings (the
     ``lora`` metadata of its checkpoints). ``alpha`` defaults to ``2 * rank``. ``base_dtype``: the
     frozen projection weights are cast to it (e.g. bfloat16 on a GPU: half the memory; the adapters
@@ -153,7 +160,7 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
                 if lin is None or isinstance(lin, LoRALinear):
                     continue
                 lin.__class__ = LoRALinear  # same parameters, same names: no copy
-                lin.rank, lin.scale = rank, alpha / rank
+                lin.rank, lin.scale = rank, lora_scale(rank, alpha, rslora)
                 w = lin.weight
                 lin.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=w.dtype))
                 lin.lora_B = nn.Parameter(torch.empty(lin.out_features, rank, device=w.device, dtype=w.dtype))
@@ -161,7 +168,7 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
                     lin.weight.data = lin.weight.data.to(base_dtype)
                     if lin.bias is not None:
                         lin.bias.data = lin.bias.data.to(base_dtype)
-    settings = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    settings = {"rank": rank, "alpha": alpha, "targets": list(targets)} | ({"rslora": True} if rslora else {})
     model.lora = settings
     if next(model.parameters()).device.type != "meta":
         init_adapters(model, seed)
