@@ -326,10 +326,11 @@ def test_export_shards_like_save_pretrained(tmp_path):
         parse_size("lots")
 
 
-@pytest.mark.parametrize("variant", ["plain", "rslora-patterns"])
-def test_peft_adapter_merged_while_converting(tmp_path, variant):
+@pytest.mark.parametrize("variant", ["plain", "rslora-patterns", "dora"])
+def test_peft_adapter_merged_while_converting(tmp_path, variant, capsys):
     """convert --adapter: a PEFT LoRA adapter merged into the model gives the logits of PEFT's own
-    merge_and_unload (rsLoRA scaling and per-module rank/alpha patterns too); DoRA is refused."""
+    merge_and_unload (rsLoRA scaling and per-module rank/alpha patterns too, and DoRA's magnitudes);
+    fan_in_fan_out is refused."""
     peft = pytest.importorskip("peft")
     from apr_kernels.cli import main
     from apr_kernels.model import from_apr
@@ -339,14 +340,17 @@ def test_peft_adapter_merged_while_converting(tmp_path, variant):
     torch.manual_seed(0)
     base = transformers.Qwen2ForCausalLM(cfg).eval()
     base.save_pretrained(tmp_path / "base")
-    extra = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"layers.1.mlp.down_proj": 5.0}} \
-        if variant != "plain" else {}
+    extra = {"plain": {}, "dora": {"use_dora": True},
+             "rslora-patterns": {"use_rslora": True, "rank_pattern": {"q_proj": 2},
+                                 "alpha_pattern": {"layers.1.mlp.down_proj": 5.0}}}[variant]
     lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **extra)
     model = peft.get_peft_model(base, lcfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
+            elif "lora_magnitude_vector" in name:  # DoRA: magnitudes moved off the rows' norms
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
     model.save_pretrained(tmp_path / "adapter")
     x = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
@@ -360,6 +364,8 @@ def test_peft_adapter_merged_while_converting(tmp_path, variant):
     with apr_kernels.open(out) as f:
         assert len(f.metadata["lora_merged"]["modules"]) == 6
     cfg_json = tmp_path / "adapter" / "adapter_config.json"
-    cfg_json.write_text(cfg_json.read_text().replace('"use_dora": false', '"use_dora": true'))
-    assert main(["convert", str(tmp_path / "base"), str(tmp_path / "dora.apr"), "--adapter",
+    cfg_json.write_text(cfg_json.read_text().replace('"fan_in_fan_out": false', '"fan_in_fan_out": true'))
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "base"), str(tmp_path / "fan.apr"), "--adapter",
                  str(tmp_path / "adapter"), "-q"]) == 1
+    assert "fan_in_fan_out=True is not supported" in capsys.readouterr().err

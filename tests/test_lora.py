@@ -415,3 +415,104 @@ def test_cli_rslora_reaches_the_checkpoint(tmp_path, capsys):
     with apr_kernels.open(tmp_path / "a" / "step_000001.apr") as f:
         assert f.metadata["lora"]["rslora"] is True
     assert from_apr(tmp_path / "a" / "step_000001.apr", lora="keep").model.layers[0].self_attn.q_proj.scale == 4.0
+
+
+def test_dora_is_pefts_and_merges_resumes_and_disables(tmp_path, use_backend):
+    """DoRA (use_dora): starts as the base model with magnitudes = the rows' norms; with moved adapters
+    and magnitudes the exported adapter is a use_dora PEFT adapter computing the same logits (q/k/v
+    biases included), the fused path equals the eager one, the merged file equals the adapted model,
+    a checkpoint resumes the same adapters, and adapters_disabled gives the base model; gradients
+    reach the magnitudes; FSDP is refused by name."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from apr_kernels.cli import main
+    from apr_kernels.model.lora import adapters_disabled
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2"), fast=False)
+    save_checkpoint(tmp_path / "base.apr", model=model)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        base = model.eval()(x)
+    settings = add_lora(model, 4, 8.0, ["q_proj", "v_proj", "down_proj"], dora=True)
+    assert settings["dora"] is True
+    q = model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q.lora_magnitude, q.weight.norm(dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base, rtol=1e-5, atol=1e-5)  # B = 0, m = ||W||: the base
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.2)
+            m.lora_magnitude.mul_(torch.empty_like(m.lora_magnitude).uniform_(0.5, 1.5))
+        want = model(x)
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    assert (want - base).abs().max() > 1e-2
+    model.train()
+    model(x).sum().backward()
+    assert q.lora_magnitude.grad is not None and q.lora_magnitude.grad.abs().sum() > 0
+    model.zero_grad()
+    use_backend("reference")
+    model.fast = True
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), want, rtol=1e-5, atol=1e-5)  # the fused q/k/v GEMM
+    model.fast = False
+    save_checkpoint(tmp_path / "step.apr", model=model)
+    with torch.no_grad():
+        torch.testing.assert_close(from_apr(tmp_path / "step.apr", lora="keep", fast=False)(x), want,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_apr(tmp_path / "step.apr", fast=False)(x), want, rtol=1e-5, atol=1e-5)
+    assert main(["export", str(tmp_path / "base.apr"), str(tmp_path / "hf"), "-q"]) == 0
+    assert main(["export", str(tmp_path / "step.apr"), str(tmp_path / "adapter"), "--adapter", "-q"]) == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="DoRA adapters cannot be sharded"):
+        from_apr(tmp_path / "base.apr", lora_init={"rank": 2, "dora": True}, shard=lambda m: m)
+
+
+def test_dora_on_a_quantised_base_is_dora_on_its_dequantised_copy(tmp_path):
+    """QDoRA: DoRA's magnitudes start at the dequantised rows' norms and the adapted model, its loss
+    gradients and its merged checkpoint equal DoRA on the dequantised weights held as parameters."""
+    path = tmp_path / "q.apr"
+    _quantised_file(path, QCFG, "Q4_K")
+    dora = {**LORA, "dora": True}
+    q = from_apr(path, fast=False, lora_init=dora, keep_quantized=True)
+    ref = from_apr(path, fast=False, lora_init=dora)
+    for model in (q, ref):
+        torch.manual_seed(5)
+        for m in lora_modules(model).values():
+            with torch.no_grad():
+                m.lora_B.normal_(0, 0.1)
+                m.lora_magnitude.mul_(1.2)
+    x = torch.randint(0, QCFG.vocab_size, (2, 13))
+    lq, lr = q(x).float().square().mean(), ref(x).float().square().mean()
+    torch.testing.assert_close(lq, lr, rtol=1e-5, atol=1e-6)
+    lq.backward()
+    lr.backward()
+    for (name, a), b in zip(lora_modules(q).items(), lora_modules(ref).values()):
+        torch.testing.assert_close(a.lora_magnitude.grad, b.lora_magnitude.grad, rtol=1e-4, atol=1e-7, msg=name)
+    save_checkpoint(tmp_path / "ck.apr", model=q, merge_lora=True)
+    with torch.no_grad():
+        torch.testing.assert_close(from_apr(tmp_path / "ck.apr", fast=False)(x), q(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_dora_run_resumes_exactly_and_writes_a_plain_model(tmp_path, capsys):
+    import apr_kernels
+    from apr_kernels.cli import main
+
+    args = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"),
+            "--eval-data", str(STDLIB / "shlex.py"), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+            "--eval-tokens", "64", "--lr", "1e-2", "--save-every", "1", "--no-token-cache", "--lora-rank", "4",
+            "--lora-dora", "--json"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    losses = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x]
+    with apr_kernels.open(tmp_path / "a" / "step_000001.apr") as f:
+        assert f.metadata["lora"]["dora"] is True and "model.layers.0.mlp.up_proj.lora_magnitude" in f
+    assert main(["train", "--resume", str(tmp_path / "a" / "step_000001.apr"), "--json", "--out",
+                 str(tmp_path / "b")]) == 0
+    resumed = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x]
+    assert resumed == losses[1:]
+    with apr_kernels.open(tmp_path / "a" / "model.apr") as f:
+        assert not any("lora" in k for k in f.keys())

@@ -64,7 +64,7 @@ def model_tensor_names(f, src) -> dict[str, str]:
     lora = f.metadata.get("lora")
     names: dict[str, str] = {}
     for stored in f.keys():
-        if stored.startswith("__training__.") or (lora and stored.endswith((".lora_A", ".lora_B"))):
+        if stored.startswith("__training__.") or (lora and stored.endswith((".lora_A", ".lora_B", ".lora_magnitude"))):
             continue
         hf = gguf_to_hf(stored)
         if hf in names:
@@ -83,9 +83,10 @@ def merged_tensor(f, stored: str, lora: dict | None, dtype: torch.dtype) -> torc
     if lora and module and f"{module}.lora_A" in f:
         from apr_kernels.model.lora import lora_scale, merged
 
+        magnitude = f.get_tensor(f"{module}.lora_magnitude") if f"{module}.lora_magnitude" in f else None  # DoRA
         return merged(f.get_tensor(stored, dtype=torch.float32), f.get_tensor(f"{module}.lora_A"),
                       f.get_tensor(f"{module}.lora_B"), lora_scale(lora["rank"], lora["alpha"], lora.get("rslora", False)),
-                      dtype)
+                      dtype, magnitude)
     return f.get_tensor(stored, dtype=dtype)
 
 
@@ -274,17 +275,24 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
 
         def stored(peft_name: str) -> str:  # PEFT's "<module>.lora_A.weight" is our "<module>.lora_A"
             name = peft_name.removeprefix("base_model.model.")
+            if name.endswith(".lora_magnitude_vector"):  # DoRA's magnitude (PEFT's saved name)
+                return name.removesuffix("_vector")
             return name.removesuffix(".weight") if name.endswith((".lora_A.weight", ".lora_B.weight")) else name
 
         def produce(peft_name: str) -> torch.Tensor:
             name = stored(peft_name)
             t = f.get_tensor(name, dtype=torch.float32)
-            # B's rows are the projection's output rows: in llama.cpp order when the file is (rope_type 0)
-            heads = rope_permuted_heads(name.removesuffix(".lora_B") + ".weight", heads_q, heads_kv) \
-                if cfg.rope_type == 0 and name.endswith(".lora_B") else None
+            # B's rows (and DoRA's magnitudes) are the projection's output rows: in llama.cpp order when
+            # the file is (rope_type 0)
+            rows = name.endswith((".lora_B", ".lora_magnitude"))
+            heads = rope_permuted_heads(name.rpartition(".")[0] + ".weight", heads_q, heads_kv) \
+                if cfg.rope_type == 0 and rows else None
             return unpermute_rows(t, heads) if heads else t
 
         names = [f"base_model.model.{n}.weight" for n in parts]
+        dora = bool(lora.get("dora"))
+        if dora:
+            names += [f"base_model.model.{n}_vector" for n in sorted(k for k in f.keys() if k.endswith(".lora_magnitude"))]
         classifier = bool(cfg.num_labels)
         if classifier:  # the score head trains whole: PEFT saves it under its module's name
             names.append("base_model.model.score.weight")
@@ -293,6 +301,7 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
             "peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM", "r": int(lora["rank"]),
             "lora_alpha": lora["alpha"], "target_modules": list(lora["targets"]), "lora_dropout": 0.0, "bias": "none",
             "fan_in_fan_out": False, "inference_mode": True, "use_rslora": bool(lora.get("rslora", False)),
+            "use_dora": dora,
             "modules_to_save": ["score"] if classifier else None,
             "base_model_name_or_path": base if base is not None else meta.get("source"),
         }

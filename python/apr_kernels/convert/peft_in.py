@@ -4,9 +4,10 @@ Reads ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT writes t
 (``base_model.model.<module>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r]) and replaces
 each adapted weight by ``W + scale B A``, computed in fp32 when the tensor is written and rounded
 once to W's dtype. ``scale`` is PEFT's: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), with
-``rank_pattern`` / ``alpha_pattern`` overrides for modules whose name ends with a pattern key. Adapter
-kinds whose merge is not this (DoRA, ``fan_in_fan_out``, trained ``modules_to_save``, bias training)
-are refused by name rather than merged wrongly.
+``rank_pattern`` / ``alpha_pattern`` overrides for modules whose name ends with a pattern key. A DoRA
+adapter (``use_dora``; ``<module>.lora_magnitude_vector`` [out]) merges as PEFT merges it: each row of
+``W + scale B A`` rescaled to its magnitude. Adapter kinds whose merge is not this (``fan_in_fan_out``,
+trained ``modules_to_save``, bias training) are refused by name rather than merged wrongly.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def merge_adapter(tensors: dict[str, LazyTensor], folder: str | Path) -> tuple[d
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; expected 'LORA'")
-    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-        if cfg.get(key) == bad:
-            raise ValueError(f"{cfg_path}: {key}={bad} is not supported (its merge is not W + scale B A)")
+    if cfg.get("fan_in_fan_out"):
+        raise ValueError(f"{cfg_path}: fan_in_fan_out=True is not supported (its merge is not W + scale B A)")
+    dora = bool(cfg.get("use_dora"))
     if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
         raise ValueError(f"{cfg_path}: bias={cfg.get('bias')!r}, modules_to_save={cfg.get('modules_to_save')!r}; "
                          f"expected an adapter of LoRA matrices only (bias 'none', no modules_to_save)")
@@ -55,7 +56,8 @@ def merge_adapter(tensors: dict[str, LazyTensor], folder: str | Path) -> tuple[d
         names = list(f.keys())
         modules = sorted({n[len(PREFIX):-len(".lora_A.weight")] for n in names
                           if n.startswith(PREFIX) and n.endswith(".lora_A.weight")})
-        unknown = [n for n in names if not n.endswith((".lora_A.weight", ".lora_B.weight"))]
+        kinds = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if dora else ())
+        unknown = [n for n in names if not n.endswith(kinds)]
         if unknown or not modules:
             raise ValueError(f"{weights}: tensors {unknown[:3] or names[:3]} are not LoRA A/B matrices named "
                              f"{PREFIX}<module>.lora_A.weight / .lora_B.weight")
@@ -71,12 +73,23 @@ def merge_adapter(tensors: dict[str, LazyTensor], folder: str | Path) -> tuple[d
                 raise ValueError(f"{weights}: {module}: A {list(a.shape)}, B {list(b.shape)} do not make a rank-"
                                  f"{rank} update of the {list(base.shape)} weight")
             scale = _pattern(cfg.get("alpha_pattern") or {}, module, alpha) / (math.sqrt(rank) if rslora else rank)
-            out[name] = _merged(base, a, b, scale)
+            magnitude = None
+            if dora:
+                m_name = f"{PREFIX}{module}.lora_magnitude_vector"
+                if m_name not in names:
+                    raise ValueError(f"{weights}: use_dora adapter without {m_name}")
+                magnitude = f.get_tensor(m_name)
+                if tuple(magnitude.shape) != (base.shape[0],):
+                    raise ValueError(f"{weights}: {m_name} has shape {list(magnitude.shape)}; expected "
+                                     f"[{base.shape[0]}] (one magnitude per output row)")
+            out[name] = _merged(base, a, b, scale, magnitude)
             merged.append(module)
-    return out, {"source": str(folder.resolve()), "rank": r, "alpha": alpha, "use_rslora": rslora, "modules": merged}
+    return out, {"source": str(folder.resolve()), "rank": r, "alpha": alpha, "use_rslora": rslora,
+                 **({"use_dora": True} if dora else {}), "modules": merged}
 
 
-def _merged(base: LazyTensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> LazyTensor:
+def _merged(base: LazyTensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+            magnitude: torch.Tensor | None = None) -> LazyTensor:
     if base.dtype not in TORCH_DTYPES or not TORCH_DTYPES[base.dtype].is_floating_point:
         raise ValueError(f"cannot merge an adapter into a {base.dtype} weight; expected a float weight "
                          f"(convert from the unquantised model)")
@@ -85,6 +98,6 @@ def _merged(base: LazyTensor, a: torch.Tensor, b: torch.Tensor, scale: float) ->
         from apr_kernels.model.lora import merged
 
         w = base.materialize()
-        return merged(w, a, b, scale, w.dtype)
+        return merged(w, a, b, scale, w.dtype, magnitude)
 
     return LazyTensor(base.dtype, base.shape, value)

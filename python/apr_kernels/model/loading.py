@@ -197,6 +197,9 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
                              f"a plain model for new ones")
     # adapters that must exist before sharding: new ones, or the file's kept for resuming
     kept = bool(settings) and lora == "keep"
+    if shard is not None and ((lora_init or {}).get("dora") or (kept and settings.get("dora"))):
+        raise PreflightError(f"{path}: DoRA adapters cannot be sharded (FSDP: each magnitude needs its whole "
+                             f"weight rows); train them in one process or with --parallel ddp")
     if lora_init:
         add_lora(model, base_dtype=lora_base_dtype, **{k: v for k, v in lora_init.items() if k != "seed"})
     elif kept:
@@ -285,7 +288,8 @@ def _add_stored_lora(model, path, settings, base_dtype) -> None:
         rank, alpha, targets = check_settings(settings["rank"], settings["alpha"], settings["targets"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PreflightError(f"{path}: metadata 'lora' = {settings!r:.200} is not valid LoRA settings ({exc})") from None
-    add_lora(model, rank, alpha, targets, base_dtype=base_dtype, rslora=bool(settings.get("rslora", False)))
+    add_lora(model, rank, alpha, targets, base_dtype=base_dtype, rslora=bool(settings.get("rslora", False)),
+             dora=bool(settings.get("dora", False)))
 
 
 def _copy_stored_lora(model, path) -> None:
@@ -298,7 +302,7 @@ def _copy_stored_lora(model, path) -> None:
 
     with apr_kernels.open(path) as f, torch.no_grad():
         for name, m in lora_modules(model).items():
-            for part in ("lora_A", "lora_B"):
+            for part in ("lora_A", "lora_B") + (("lora_magnitude",) if hasattr(m, "lora_magnitude") else ()):
                 tname = f"{name}.{part}"
                 param = getattr(m, part)
                 if tname not in f:

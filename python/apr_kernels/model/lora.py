@@ -9,6 +9,10 @@ module with the same ``weight``/``bias`` (Hugging Face names unchanged, frozen) 
 
 (PEFT's convention: A starts Kaiming-uniform, B at zero, so training starts from the base model;
 with ``rslora`` the scale is ``alpha / sqrt(rank)``, rank-stabilised LoRA, PEFT's ``use_rslora``;
+with ``dora`` (DoRA, Liu et al., 2024; PEFT's ``use_dora``) each output row of ``W + scale B A`` is
+also rescaled to a trained magnitude ``m`` (``lora_magnitude`` ``[out]``, starting at the rows' norms
+of W), the norm taken without gradient as the paper and PEFT do:
+``y = m / ||W + scale B A||_row * (x W^T + scale (x A^T) B^T) + b``;
 A is drawn from a generator seeded by ``seed``, module by module, so every process and every
 sharding of the model starts from the same adapters).
 Every other parameter is frozen too (embeddings, norms, biases, the output head); AdamW then keeps
@@ -43,10 +47,14 @@ META_KEY = "lora"
 
 
 def merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-           dtype: torch.dtype) -> torch.Tensor:
-    """``W + scale * B A``, computed in fp32 and rounded once to ``dtype``: every merge of an adapter
-    (the modules, checkpoints, exports, PEFT adapters) goes through here."""
-    return (weight.float() + (lora_b.float() @ lora_a.float()) * scale).to(dtype)
+           dtype: torch.dtype, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """``W + scale * B A`` (DoRA, with ``magnitude``: each row rescaled to it), computed in fp32 and
+    rounded once to ``dtype``: every merge of an adapter (the modules, checkpoints, exports, PEFT
+    adapters) goes through here."""
+    w = weight.float() + (lora_b.float() @ lora_a.float()) * scale
+    if magnitude is not None:
+        w = w * (magnitude.float() / w.norm(dim=1))[:, None]
+    return w.to(dtype)
 
 
 class LoRALinear(nn.Linear):
@@ -55,16 +63,30 @@ class LoRALinear(nn.Linear):
     rank: int
     scale: float
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+    def adapt(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The adapted output from the frozen projection's ``y = x W^T + b``: ``y + scale (x A^T) B^T``,
+        with DoRA ``g (y + scale (x A^T) B^T) + (1 - g) b``, ``g = m / ||W + scale B A||_row`` (no gradient
+        through the norm). A scale of 0 (``adapters_disabled``) gives ``y``: the base model."""
+        if self.scale == 0:
+            return y
+        y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        if not hasattr(self, "lora_magnitude"):
+            return y
+        with torch.no_grad():
+            w = frozen_weight(self, torch.float32)
+            norm = (w + (self.lora_B.float() @ self.lora_A.float()) * self.scale).norm(dim=1)
+        g = (self.lora_magnitude.float() / norm).to(y.dtype)
+        y = y * g
+        return y if self.bias is None else y + (1 - g) * self.bias.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.lora_delta(x)
+        return self.adapt(super().forward(x), x)
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``W + scale * B A`` computed in fp32, returned in ``dtype`` (default: the weight's)."""
+        """``W + scale * B A`` (DoRA: rows rescaled to the magnitude) computed in fp32, returned in
+        ``dtype`` (default: the weight's)."""
         w = self.weight
-        return merged(w, self.lora_A, self.lora_B, self.scale, dtype or w.dtype)
+        return merged(w, self.lora_A, self.lora_B, self.scale, dtype or w.dtype, getattr(self, "lora_magnitude", None))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_rank={self.rank}, lora_scale={self.scale:g}"
@@ -104,7 +126,7 @@ class QuantizedLoRALinear(LoRALinear):
         return self.base_weight(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return FrozenLinear.apply(x, self.base_weight, self.bias) + self.lora_delta(x)
+        return self.adapt(FrozenLinear.apply(x, self.base_weight, self.bias), x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, base={self.base.dtype}"
@@ -142,7 +164,7 @@ def check_settings(rank, alpha, targets) -> tuple[int, float, tuple[str, ...]]:
 
 
 def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, base_dtype=None,
-             seed: int = 0, rslora: bool = False) -> dict:
+             seed: int = 0, rslora: bool = False, dora: bool = False) -> dict:
     """Add adapters to ``model`` in place and freeze everything else; return the settings (the
     ``lora`` metadata of its checkpoints). ``alpha`` defaults to ``2 * rank``. ``base_dtype``: the
     frozen projection weights are cast to it (e.g. bfloat16 on a GPU: half the memory; the adapters
@@ -164,11 +186,14 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
                 w = lin.weight
                 lin.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=w.dtype))
                 lin.lora_B = nn.Parameter(torch.empty(lin.out_features, rank, device=w.device, dtype=w.dtype))
+                if dora:  # (its values: the rows' norms of W, set by init_adapters)
+                    lin.lora_magnitude = nn.Parameter(torch.empty(lin.out_features, device=w.device, dtype=w.dtype))
                 if base_dtype is not None:
                     lin.weight.data = lin.weight.data.to(base_dtype)
                     if lin.bias is not None:
                         lin.bias.data = lin.bias.data.to(base_dtype)
-    settings = {"rank": rank, "alpha": alpha, "targets": list(targets)} | ({"rslora": True} if rslora else {})
+    settings = {"rank": rank, "alpha": alpha, "targets": list(targets)} | ({"rslora": True} if rslora else {}) \
+        | ({"dora": True} if dora else {})
     model.lora = settings
     if next(model.parameters()).device.type != "meta":
         init_adapters(model, seed)
@@ -187,6 +212,8 @@ def init_adapters(model, seed: int = 0) -> None:
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
         copy_into(m.lora_A, a, f"{name}.lora_A")
         copy_into(m.lora_B, torch.zeros(tuple(m.lora_B.shape)), f"{name}.lora_B")
+        if hasattr(m, "lora_magnitude"):  # DoRA starts from the base: m = ||W||_row (B is 0)
+            copy_into(m.lora_magnitude, frozen_weight(m, torch.float32).norm(dim=1), f"{name}.lora_magnitude")
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:
@@ -216,11 +243,15 @@ def merge_into_weights(model) -> None:
         if isinstance(m, QuantizedLoRALinear):  # a plain parameter again, in the adapters' dtype
             merged = m.merged_weight(m.lora_A.dtype)
             del m.lora_A, m.lora_B, m.base
+            if hasattr(m, "lora_magnitude"):
+                del m.lora_magnitude
             m.__class__ = nn.Linear
             m.weight = nn.Parameter(merged)
             continue
         m.weight.data = m.merged_weight()
         del m.lora_A, m.lora_B
+        if hasattr(m, "lora_magnitude"):
+            del m.lora_magnitude
         m.__class__ = nn.Linear
     for p in model.parameters():
         p.requires_grad_(True)

@@ -102,8 +102,8 @@ class Attention(nn.Module):
         else:
             y = F.linear(x, torch.cat([m.weight for m in p]), bias)
         parts = y.split([m.out_features for m in p], dim=-1)
-        if any(hasattr(m, "lora_delta") for m in p):  # LoRA (model/lora.py): the low-rank terms added
-            parts = tuple(y + m.lora_delta(x) if hasattr(m, "lora_delta") else y for y, m in zip(parts, p))
+        if any(hasattr(m, "adapt") for m in p):  # LoRA (model/lora.py): the low-rank terms added (DoRA's rescaling)
+            parts = tuple(m.adapt(y, x) if hasattr(m, "adapt") else y for y, m in zip(parts, p))
         return parts
 
     def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = False,

@@ -116,7 +116,7 @@ def merged_weights(model) -> dict[str, LazyTensor]:
 
     adapted = {f"{name}.weight": m for name, m in lora_modules(model).items()}
     out = {name: host_copy(p) for name, p in model.named_parameters()
-           if not name.endswith((".lora_A", ".lora_B")) and name not in adapted}
+           if not name.endswith((".lora_A", ".lora_B", ".lora_magnitude")) and name not in adapted}
     for name, m in adapted.items():  # (a quantised base is no parameter: listed here, not above)
         out[name] = LazyTensor("F32", (m.out_features, m.in_features),
                                lambda m=m: m.merged_weight(torch.float32).detach().cpu())

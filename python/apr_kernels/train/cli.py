@@ -361,7 +361,7 @@ def _train(args, env, mode: str) -> int:
                          "are stored quantised)")
     if args.lora_rank and not args.resume:
         lora_new = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
-                    "seed": args.seed, "rslora": args.lora_rslora}
+                    "seed": args.seed, "rslora": args.lora_rslora, "dora": args.lora_dora}
         # adapters added while loading: under FSDP (before sharding) and on a quantised base
         if mode == "fsdp" or args.lora_quantized_base:
             lora_load = {"lora_init": lora_new, "keep_quantized": args.lora_quantized_base,
@@ -847,6 +847,8 @@ def register(subparsers) -> None:
     lo.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha / rank (default 2 x rank)")
     lo.add_argument("--lora-rslora", action="store_true",
                     help="rank-stabilised LoRA: scale alpha / sqrt(rank) (PEFT's use_rslora)")
+    lo.add_argument("--lora-dora", action="store_true",
+                    help="DoRA: each adapted weight row rescaled to a trained magnitude (PEFT's use_dora; not fsdp)")
     lo.add_argument("--lora-quantized-base", action="store_true",
                     help="keep the --init file's quantised projections (Q4_K, Q6_K, APR_Q4, APR_Q8) in their "
                          "blocks as the frozen base, dequantised per GEMM (QLoRA-style; not with fsdp)")

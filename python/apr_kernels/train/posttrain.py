@@ -247,7 +247,8 @@ def lora_settings(args) -> dict:
     if not args.lora_rank:
         return {"lora_init": None}
     return {"lora_init": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
-                          "seed": args.seed, "rslora": args.lora_rslora}, "keep_quantized": args.lora_quantized_base}
+                          "seed": args.seed, "rslora": args.lora_rslora, "dora": args.lora_dora},
+            "keep_quantized": args.lora_quantized_base}
 
 
 def config_from(args, **fields) -> TrainConfig:
@@ -431,6 +432,7 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--lora-alpha", type=float, default=None)
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--lora-rslora", action="store_true", help="rank-stabilised LoRA: scale alpha / sqrt(rank)")
+    p.add_argument("--lora-dora", action="store_true", help="DoRA: weight rows rescaled to trained magnitudes")
     p.add_argument("--lora-quantized-base", action="store_true",
                    help="keep --init's quantised projections (Q4_K, Q6_K, APR_Q4/Q8) as the frozen base, "
                         "dequantised per GEMM (QLoRA-style; one process or DDP)")
