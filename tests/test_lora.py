@@ -516,3 +516,54 @@ def test_cli_dora_run_resumes_exactly_and_writes_a_plain_model(tmp_path, capsys)
     assert resumed == losses[1:]
     with apr_kernels.open(tmp_path / "a" / "model.apr") as f:
         assert not any("lora" in k for k in f.keys())
+
+
+def test_lora_plus_steps_b_at_the_ratio_and_resumes(tmp_path, capsys):
+    """LoRA+: a Trainer's steps equal torch AdamW built by hand with the B matrices' group at ratio x the
+    scheduled rate (and weight decay on the matrices); the ratio is refused without adapters, stored in
+    checkpoints, and a resumed run repeats the uninterrupted one."""
+    from apr_kernels.cli import main
+    from apr_kernels.train.loop import TrainConfig, Trainer, make_optimizer
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 320, (4000,), generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=16, lr=1e-2, warmup=1, weight_decay=0.1, lora_plus_ratio=16.0,
+                      grad_clip=0.0)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = Transformer(preset("tiny_qwen2"), fast=False)
+        add_lora(m, 4, 8.0, seed=3)
+        models.append(m)
+    trainer = Trainer(models[0], tokens, None, cfg, log=lambda *a: None)
+    assert [g.get("lr_scale", 1.0) for g in trainer.optimizer.param_groups] == [1.0, 1.0, 16.0]
+    by_hand, named = models[1], dict(models[1].named_parameters())
+    trainable = [(n, p) for n, p in named.items() if p.requires_grad]
+    adamw = torch.optim.AdamW([{"params": [p for n, p in trainable if n.endswith(".lora_A")], "weight_decay": 0.1},
+                               {"params": [p for n, p in trainable if n.endswith(".lora_B")], "weight_decay": 0.1,
+                                "lr_scale": 16.0}], lr=1e-2, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    from apr_kernels.train.data import BatchStream, batch, sequences
+
+    seqs, stream = sequences(tokens, 16), BatchStream(len(sequences(tokens, 16)), seed=cfg.seed)
+    for step in range(3):
+        trainer.train_step()
+        for group in adamw.param_groups:
+            group["lr"] = cfg.lr_at_step(step) * group.get("lr_scale", 1.0)
+        adamw.zero_grad()
+        x, y, _ = batch(seqs, stream.next(2))
+        by_hand.loss(x, y).backward()
+        adamw.step()
+    for n, p in models[0].named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, named[n], rtol=1e-5, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="--lora-plus-ratio 4.0 needs LoRA adapters"):
+        make_optimizer(Transformer(preset("tiny_qwen2")), TrainConfig(lora_plus_ratio=4.0))
+    args = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"),
+            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--save-every", "1",
+            "--no-token-cache", "--lora-rank", "4", "--lora-plus-ratio", "16", "--json"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    losses = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x]
+    assert main(["train", "--resume", str(tmp_path / "a" / "step_000001.apr"), "--json", "--out",
+                 str(tmp_path / "b")]) == 0
+    resumed = [json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x]
+    assert resumed == losses[1:]

@@ -399,7 +399,7 @@ def _train(args, env, mode: str) -> int:
                           document_mask=args.document_mask, packing=args.packing, precision=args.precision,
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
                           optimizer=args.optimizer, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
-                          neftune_alpha=args.neftune_alpha,
+                          neftune_alpha=args.neftune_alpha, lora_plus_ratio=args.lora_plus_ratio,
                           **_settings_of(args))
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
@@ -847,6 +847,8 @@ def register(subparsers) -> None:
     lo.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha / rank (default 2 x rank)")
     lo.add_argument("--lora-rslora", action="store_true",
                     help="rank-stabilised LoRA: scale alpha / sqrt(rank) (PEFT's use_rslora)")
+    lo.add_argument("--lora-plus-ratio", type=float, default=0.0,
+                    help="LoRA+: the adapters' B matrices at this multiple of the learning rate (e.g. 16; 0: off)")
     lo.add_argument("--lora-dora", action="store_true",
                     help="DoRA: each adapted weight row rescaled to a trained magnitude (PEFT's use_dora; not fsdp)")
     lo.add_argument("--lora-quantized-base", action="store_true",

@@ -68,6 +68,7 @@ class TrainConfig:
     label_smoothing: float = 0.0        # the training loss's, as F.cross_entropy's (eval stays plain CE)
     z_loss: float = 0.0                 # z * logsumexp(logits)^2 per target added to the training loss
     neftune_alpha: float = 0.0          # NEFTune's embedding noise in training steps (0: off)
+    lora_plus_ratio: float = 0.0        # LoRA+: the adapters' B matrices at this multiple of the lr (0: off)
     optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
     muon_momentum: float = 0.95
 
@@ -90,6 +91,8 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing <= 1.0 or not self.z_loss >= 0:
             raise ValueError(f"training config: label_smoothing={self.label_smoothing}, z_loss={self.z_loss}; "
                              f"expected 0 <= label_smoothing <= 1 and z_loss >= 0")
+        if not self.lora_plus_ratio >= 0:
+            raise ValueError(f"training config: lora_plus_ratio={self.lora_plus_ratio}; expected >= 0 (0: off)")
         if not self.neftune_alpha >= 0:
             raise ValueError(f"training config: neftune_alpha={self.neftune_alpha}; expected >= 0")
         if self.teacher and (self.label_smoothing or self.z_loss):
@@ -307,7 +310,7 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # (LoRA+'s B matrices: a multiple)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)

@@ -10,6 +10,10 @@
   per matrix (``__training__.muon.momentum_buffer.<param>`` in checkpoints). Not under FSDP (Muon
   orthogonalises whole matrices; FSDP holds row shards) and not with fp16 loss scaling.
 
+LoRA+ (``TrainConfig.lora_plus_ratio``, Hayou et al., 2024; PEFT's ``create_loraplus_optimizer``): the
+adapters' B matrices take ``ratio`` times the learning rate of everything else (their own param
+groups carry ``lr_scale``, which the trainers multiply into each step's scheduled rate).
+
 ``MuonWithAdamW`` puts the two behind the interface the trainers and checkpoints use: ``param_groups``
 (Muon's first), ``state``, ``step``, ``zero_grad``, ``state_dict`` / ``load_state_dict`` with one flat
 parameter index over both.
@@ -25,15 +29,20 @@ OPTIMIZERS = ("adamw", "muon")
 _HIDDEN_MATRIX = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
 
 
-def adamw(params, cfg) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (``params``: the trainable ones)."""
-    decay, no_decay = [], []
-    for p in params:
-        (decay if p.ndim >= 2 else no_decay).append(p)
+def adamw(named_params, cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (``named_params``: the trainable ones, with their names;
+    with LoRA+ the adapters' B matrices in a group of their own at ``lr_scale`` = the ratio)."""
+    decay, no_decay, lora_b = [], [], []
+    ratio = getattr(cfg, "lora_plus_ratio", 0.0)
+    for name, p in named_params:
+        (lora_b if ratio and name.endswith(".lora_B") else decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if lora_b:
+        groups.append({"params": lora_b, "weight_decay": cfg.weight_decay, "lr_scale": ratio})
+    every = decay + no_decay + lora_b
     # the fused CUDA implementation: one kernel for all parameters instead of a few per tensor
-    fused = bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
+    fused = bool(every) and all(p.is_cuda for p in every)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                              fused=fused or None)
 
@@ -56,7 +65,7 @@ class MuonWithAdamW:
         ids = {id(p) for p in hidden}
         self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                                      nesterov=True, adjust_lr_fn="match_rms_adamw")
-        self.adamw = adamw([p for p in model.parameters() if p.requires_grad and id(p) not in ids], cfg)
+        self.adamw = adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids], cfg)
         self._parts = (self.muon, self.adamw)
 
     @property
@@ -95,6 +104,8 @@ class MuonWithAdamW:
 
 def make_optimizer(model: torch.nn.Module, cfg):
     """The optimizer ``cfg.optimizer`` names for ``model``'s trainable parameters."""
+    if getattr(cfg, "lora_plus_ratio", 0.0) and not getattr(model, "lora", None):
+        raise ValueError(f"--lora-plus-ratio {cfg.lora_plus_ratio} needs LoRA adapters (--lora-rank R)")
     if cfg.optimizer == "muon":
         return MuonWithAdamW(model, cfg)
-    return adamw([p for p in model.parameters() if p.requires_grad], cfg)
+    return adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg)

@@ -185,7 +185,7 @@ class StepLoop:
         """(learning rate of this step, set on the optimiser; start time)."""
         lr = self.cfg.lr_at_step(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # (LoRA+'s B matrices: a multiple)
         return lr, time.perf_counter()
 
     def run(self, on_checkpoint=None) -> list[dict]:
@@ -255,7 +255,8 @@ def config_from(args, **fields) -> TrainConfig:
     """The run's ``TrainConfig`` from the shared options, plus the command's own ``fields``."""
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
-                       save_every=args.save_every, seed=args.seed, precision=args.precision, **fields)
+                       save_every=args.save_every, seed=args.seed, precision=args.precision,
+                       lora_plus_ratio=args.lora_plus_ratio, **fields)
 
 
 def resumed(args, command: str) -> tuple[dict, TrainConfig]:
@@ -433,6 +434,8 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--lora-rslora", action="store_true", help="rank-stabilised LoRA: scale alpha / sqrt(rank)")
     p.add_argument("--lora-dora", action="store_true", help="DoRA: weight rows rescaled to trained magnitudes")
+    p.add_argument("--lora-plus-ratio", type=float, default=0.0,
+                   help="LoRA+: the adapters' B matrices at this multiple of the learning rate (e.g. 16; 0: off)")
     p.add_argument("--lora-quantized-base", action="store_true",
                    help="keep --init's quantised projections (Q4_K, Q6_K, APR_Q4/Q8) as the frozen base, "
                         "dequantised per GEMM (QLoRA-style; one process or DDP)")
