@@ -238,3 +238,41 @@ def test_cli_scores_completions_and_keeps_the_best_or_pairs(tmp_path, capsys):
     assert capsys.readouterr().out == ""
     assert main(["generate", "--init", str(tmp_path / "m.apr"), "--prompts", str(prompts), "--keep", "best"]) != 0
     assert "--keep best needs --reward" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_the_conversation_and_resets(tmp_path, capsys, monkeypatch):
+    """chat: each input line is a user turn answered with the conversation so far as the prompt (the
+    first answer is `generate --chat`'s; the second is greedy decoding of the three rendered turns);
+    /reset starts over; an empty line ends."""
+    import io
+    import json
+
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.model.generate import generate
+    from apr_kernels.tokenizer import Tokenizer
+    from apr_kernels.train.chat import generation_prompt
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)},
+                               {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}, eos_id=256)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(259)), fast=False)
+    save_checkpoint(tmp_path / "m.apr", tokenizer=tok, model=model)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nand then?\n/reset\nhi\n\nignored\n"))
+    assert main(["chat", "--init", str(tmp_path / "m.apr"), "--temperature", "0", "--max-new-tokens", "10",
+                 "--json"]) == 0
+    turns = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [t["user"] for t in turns] == ["hi", "and then?", "hi"]
+    assert main(["generate", "--init", str(tmp_path / "m.apr"), "--chat", "--prompt", "hi", "--temperature", "0",
+                 "--max-new-tokens", "10", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[-1])["completion"]
+    assert turns[0]["assistant"] == first == turns[2]["assistant"]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+                {"role": "user", "content": "and then?"}]
+    text, close = generation_prompt(messages, tok)
+    prompt = tok.encode(text, special=True)
+    ids = generate(model.eval(), torch.tensor([prompt]), 10, eos_id={close, 256}, vocab_size=tok.vocab_size)[0].tolist()
+    new = ids[len(prompt):]
+    new = new[:next((i for i, t in enumerate(new) if t in (close, 256)), len(new))]
+    assert turns[1]["assistant"] == tok.decode(prompt + new)[len(tok.decode(prompt)):]

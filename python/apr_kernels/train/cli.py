@@ -616,6 +616,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    """``chat``: a conversation with a model on the terminal: each line of standard input is a user
+    turn, answered in the model's chat format with the whole conversation so far as the prompt
+    (``/reset`` starts over; an empty line or the end of input ends). Each answer is printed as one
+    line (newlines inside it kept as ``\\n`` when ``--json``: one JSON object per turn)."""
+    from apr_kernels.model.generate import generate
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    from .chat import generation_prompt
+
+    dev = pick_device(args.device)
+    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
+    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        if not text.strip():
+            break
+        if text.strip() == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": text})
+        prompt_text, close = generation_prompt(system + history, tok)
+        prompt = tok.encode(prompt_text, special=True)
+        if len(prompt) + args.max_new_tokens > model.config.max_position_embeddings:
+            raise ValueError(f"chat: the conversation ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} "
+                             f"exceeds the model's {model.config.max_position_embeddings} positions; /reset it")
+        stops = {close} | ({tok.eos_id} if getattr(tok, "eos_id", None) is not None else set())
+        ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k or None, top_p=args.top_p, eos_id=stops, generator=gen,
+                       vocab_size=tok.vocab_size)[0].tolist()
+        new = ids[len(prompt):]
+        cut = next((i for i, t in enumerate(new) if t in stops), None)
+        answer = tok.decode(prompt + (new if cut is None else new[:cut]))[len(tok.decode(prompt)):]
+        history.append({"role": "assistant", "content": answer})
+        print(json.dumps({"event": "chat", "user": text, "assistant": answer}) if args.json else answer, flush=True)
+    return 0
+
+
 def _generate_file(args, model, tok) -> int:
     """``generate --prompts FILE.jsonl...``: ``--num-return-sequences`` completions of each record's
     ``prompt`` (a string, continued as text, or a list of messages, answered in the chat format),
@@ -930,6 +972,19 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the text")
     p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("chat", help="talk to an APR model on the terminal (one user turn per line)")
+    p.add_argument("--init", required=True, help="APR model file")
+    p.add_argument("--system", default=None, help="a system message before the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="one JSON object per turn")
+    p.set_defaults(func=cmd_chat)
 
 
 def main(argv=None) -> int:  # for tests: same as `apr-kernels ...`
