@@ -566,3 +566,28 @@ def test_cpo_step_is_the_policy_margin_and_the_nll_written_out(tmp_path):
     n_chosen = sum(sum(t >= 0 for t in pair[0][1:]) for pair in pairs)
     want = -torch.nn.functional.logsigmoid(0.5 * (logp[:, 0] - logp[:, 1])).mean() - logp[:, 0].sum() / n_chosen
     assert rec["loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_cli_grad_checkpointing_recomputes_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    """--grad-checkpointing (every post-training command): the layers run under activation
+    checkpointing, and the losses are those of the run without it."""
+    from apr_kernels.cli import main
+    import torch.utils.checkpoint as ckpt
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init.apr", tokenizer=tok,
+                    model=Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False))
+    data = _pairs_file(tmp_path / "t.jsonl", THINGS[:8])
+    args = ["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "3", "--batch-size", "4",
+            "--lr", "3e-3", "--max-len", "64", "--json", "--eval-fraction", "0.25"]
+    runs = []
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for extra in ([], ["--grad-checkpointing"]):
+        calls.clear()
+        assert main([*args, *extra, "--out", str(tmp_path / ("b" if extra else "a"))]) == 0
+        runs.append([json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x])
+        assert bool(calls) == bool(extra)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-6)

@@ -350,16 +350,19 @@ def run_command(args, body) -> int:
 
 def load_model(source, env, mode: str, device, args, **lora):
     """``from_apr(source, **lora)`` for this rank: sharded on the meta device under FSDP (adapters
-    added before sharding), a replica otherwise; ``--fast`` as given."""
+    added before sharding), a replica otherwise; ``--fast`` and ``--grad-checkpointing`` as given."""
     from .cli import tristate
 
     if mode != "none":
         from . import distributed
 
-        return distributed.from_apr(source, env, mode, fast=tristate(args.fast), **lora)
-    from apr_kernels.model.loading import from_apr
+        model = distributed.from_apr(source, env, mode, fast=tristate(args.fast), **lora)
+    else:
+        from apr_kernels.model.loading import from_apr
 
-    return from_apr(source, device=device, fast=tristate(args.fast), **lora)
+        model = from_apr(source, device=device, fast=tristate(args.fast), **lora)
+    model.gradient_checkpointing = bool(getattr(args, "grad_checkpointing", False))
+    return model
 
 
 def settings_and_model(args, env, mode: str, device, command: str, fresh, **model_kwargs):
@@ -426,6 +429,8 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward instead of keeping them (less memory)")
     p.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
                    help="pack a micro-batch's sequences into one row, each its own document, instead of padding "
                         "them (auto: where the package kernels run)")
