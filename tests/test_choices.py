@@ -128,3 +128,26 @@ def test_chat_contexts_are_rendered_with_the_chat_format(tmp_path):
             logp = torch.log_softmax(model(seq[:, :-1]).double(), -1)[0]
         want.append(sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(choice.encode())))
     assert res["logps"][0] == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_train_eval_choices_logs_the_accuracy_of_the_model_at_each_eval(tmp_path, capsys):
+    """train --eval-choices: every eval record carries eval_acc / eval_acc_norm, the last one equal to
+    `eval --choices` on the written model; the setting travels into checkpoints."""
+    import sysconfig
+    from pathlib import Path
+
+    from apr_kernels.cli import main
+    from apr_kernels.train.checkpoint import training_metadata
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    q = _file(tmp_path / "q.jsonl", RECORDS)
+    assert main(["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(stdlib / "textwrap.py"),
+                 "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--eval-every", "2",
+                 "--save-every", "2", "--no-token-cache", "--json", "--eval-choices", str(q),
+                 "--out", str(tmp_path / "o")]) == 0
+    evals = [json.loads(x) for x in capsys.readouterr().out.splitlines() if '"event": "eval"' in x]
+    assert [e["step"] for e in evals] == [0, 2, 4] and all(e["eval_questions"] == 4 for e in evals)
+    assert main(["eval", "--init", str(tmp_path / "o" / "model.apr"), "--choices", str(q), "--json"]) == 0
+    final = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (evals[-1]["eval_acc"], evals[-1]["eval_acc_norm"]) == (final["acc"], final["acc_norm"])
+    assert training_metadata(tmp_path / "o" / "step_000002.apr")["training.config"]["eval_choices"] == [str(q.resolve())]

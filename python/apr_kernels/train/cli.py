@@ -240,6 +240,24 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast):
     return teacher.eval()
 
 
+def choices_eval(paths, tokenizer):
+    """``Trainer(extra_eval=)`` for ``train --eval-choices``: lm-evaluation-harness's ``acc`` and
+    ``acc_norm`` on the multiple-choice questions of ``paths`` (read once, here), scored by every rank
+    alike (FSDP's forwards are collectives) with the run's autocast."""
+    from .choices import read_choices, score_choices
+
+    records = read_choices(paths)
+
+    def measure(trainer) -> dict:
+        res = score_choices(trainer.model, records, tokenizer, batch_size=trainer.cfg.eval_batch_size,
+                            device=trainer.device, autocast_dtype=trainer.autocast_dtype)
+        if trainer.parallel is not None:
+            trainer.parallel.reshard()
+        return {"eval_acc": res["acc"], "eval_acc_norm": res["acc_norm"], "eval_questions": res["questions"]}
+
+    return measure
+
+
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
                  data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None,
                  keep_last: int = 0, tensorboard=None, teacher=None):
@@ -256,7 +274,8 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     main = parallel is None or parallel.is_main
     trainer = Trainer(model, train_tokens, eval_tokens, cfg, parallel=parallel,
                       log=Logger(json_lines, tensorboard=tensorboard) if main else (lambda *a: None),
-                      eos_id=getattr(tokenizer, "eos_id", None), teacher=teacher)
+                      eos_id=getattr(tokenizer, "eos_id", None), teacher=teacher,
+                      extra_eval=choices_eval(cfg.eval_choices, tokenizer) if cfg.eval_choices else None)
     if resume_from:
         restore_training_state(resume_from, trainer)
     if not main:
@@ -400,6 +419,8 @@ def _train(args, env, mode: str) -> int:
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
                           optimizer=args.optimizer, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
                           neftune_alpha=args.neftune_alpha, lora_plus_ratio=args.lora_plus_ratio,
+                          eval_choices=[str(Path(c).resolve()) for c in args.eval_choices] if args.eval_choices
+                          else None,
                           **_settings_of(args))
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
@@ -878,6 +899,8 @@ def register(subparsers) -> None:
     r = p.add_argument_group("evaluation, logging, checkpoints")
     r.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evals (0: start/end)")
     r.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens per eval")
+    r.add_argument("--eval-choices", nargs="+", metavar="FILE.jsonl",
+                   help="multiple-choice questions (as eval --choices) scored at every eval: eval_acc, eval_acc_norm")
     r.add_argument("--log-every", type=int, default=d.log_every)
     r.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: end)")
     r.add_argument("--keep-last", type=int, default=0,

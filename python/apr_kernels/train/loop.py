@@ -54,6 +54,7 @@ class TrainConfig:
     eval_every: int = 0                 # 0: evaluate only at the start and the end
     eval_tokens: int = 16384            # held-out target tokens per evaluation (at most)
     eval_batch_size: int = 8
+    eval_choices: list | None = None    # multiple-choice question files scored at every eval (choices.py)
     log_every: int = 1
     save_every: int = 0                 # 0: checkpoint only at the end
     seed: int = 42
@@ -242,12 +243,13 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, train_tokens: torch.Tensor, eval_tokens: torch.Tensor | None,
                  config: TrainConfig, *, device=None, autocast_dtype: torch.dtype | None | str = "auto",
                  log: Callable[[str, dict], None] | None = None, parallel=None, eos_id: int | None = None,
-                 teacher: torch.nn.Module | None = None):
+                 teacher: torch.nn.Module | None = None, extra_eval: Callable[["Trainer"], dict] | None = None):
         self.cfg = config
         self.parallel = parallel
         if config.teacher and teacher is None:
             raise ValueError(f"training config: teacher={config.teacher!r} but no teacher model was given")
         self.teacher = teacher
+        self.extra_eval = extra_eval  # more held-out measures at each eval (train --eval-choices)
         model.neftune_alpha = config.neftune_alpha  # (the model adds it in training mode only)
         if config.document_mask and eos_id is None:
             raise ValueError("document masking needs the tokenizer's end-of-text id (which ends every "
@@ -397,10 +399,14 @@ class Trainer:
         return self.last_eval
 
     def _eval_and_log(self) -> None:
-        if self.eval_tokens is None:
+        if self.eval_tokens is None and self.extra_eval is None:
             return
-        loss, n = self.evaluate()
-        rec = {"step": self.step, "eval_loss": loss, "eval_tokens": n}
+        rec = {"step": self.step}
+        if self.eval_tokens is not None:
+            loss, n = self.evaluate()
+            rec.update(eval_loss=loss, eval_tokens=n)
+        if self.extra_eval is not None:
+            rec.update(self.extra_eval(self))
         self.history.append({"event": "eval", **rec})
         self.log("eval", rec)
 
