@@ -276,3 +276,42 @@ def test_cli_chat_keeps_the_conversation_and_resets(tmp_path, capsys, monkeypatc
     new = ids[len(prompt):]
     new = new[:next((i for i, t in enumerate(new) if t in (close, 256)), len(new))]
     assert turns[1]["assistant"] == tok.decode(prompt + new)[len(tok.decode(prompt)):]
+
+
+def test_cli_eval_prompts_mean_reward_and_unbiased_pass_at_k(tmp_path, capsys):
+    """eval --prompts --reward: the mean reward of the sampled completions, and pass@k from each prompt's
+    n samples (a pass: reward >= the threshold) with Chen et al.'s unbiased estimator, the samples being
+    generate --prompts' with the same seed; greedy by default."""
+    import json
+    import math
+
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import byte_tokenizer, pass_at_k
+
+    assert pass_at_k(5, 0, 1) == 0.0 and pass_at_k(5, 5, 3) == 1.0
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.apr", tokenizer=tok,
+                    model=Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(257)), fast=False))
+    (tmp_path / "r.py").write_text("def lower(prompts, completions, **kw):\n"
+                                   "    return [float(sum(c.islower() for c in t) >= 1) for t in completions]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say:", "Go:", "Now:")))
+    common = ["--init", str(tmp_path / "m.apr"), "--prompts", str(prompts), "--reward", f"{tmp_path / 'r.py'}:lower",
+              "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "0", "--seed", "2"]
+    assert main(["eval", *common, "--num-samples", "4", "--pass-k", "1", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert main(["generate", *common, "--num-return-sequences", "4", "--batch-size", "8"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 12 and res["prompts"] == 3 and res["samples"] == 4
+    assert res["reward"] == pytest.approx(sum(x["reward"] for x in lines) / 12)
+    passed = [sum(x["reward"] >= 1 for x in lines[i:i + 4]) for i in range(0, 12, 4)]
+    for k in (1, 2):
+        assert res[f"pass@{k}"] == pytest.approx(sum(pass_at_k(4, c, k) for c in passed) / 3)
+    assert 0 < res["pass@1"] < 1  # the toy task's samples differ
+    assert main(["eval", "--init", str(tmp_path / "m.apr"), "--prompts", str(prompts), "--num-samples", "3",
+                 "--reward", f"{tmp_path / 'r.py'}:lower"]) == 1  # several greedy samples: refused
+    assert "expected 1 greedy sample, or several sampled at a temperature > 0" in capsys.readouterr().err

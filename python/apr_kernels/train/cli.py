@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -525,6 +526,8 @@ def cmd_eval(args) -> int:
         return _eval_choices(args)
     if args.pairs:
         return _eval_pairs(args)
+    if args.prompts:
+        return _eval_prompts(args)
     loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                             tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
                             fast=tristate(args.fast), document_mask=args.document_mask, text_field=args.text_field)
@@ -557,6 +560,55 @@ def _eval_choices(args) -> int:
         print(json.dumps({"event": "eval_choices", **{k: res[k] for k in ("acc", "acc_norm", "questions")}}))
     else:
         print(f"acc={res['acc']:.6f} acc_norm={res['acc_norm']:.6f} questions={res['questions']}")
+    return 0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``n`` samples of which ``c`` are correct (Chen et al.,
+    2021): ``1 - C(n - c, k) / C(n, k)``."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _eval_prompts(args) -> int:
+    """``eval --prompts``: completions of prompt records scored by ``--reward`` (functions or reward
+    models, as ``grpo``'s): the mean reward, and with ``--num-samples N`` samples per prompt pass@k
+    for each ``--pass-k`` (a sample passes when its reward is at least ``--pass-threshold``). The last
+    line is ``reward=<float> pass@<k>=<float>... prompts=<int> samples=<int>``."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    from .grpo import read_prompts
+
+    n = args.num_samples
+    if not args.reward:
+        raise ValueError("eval --prompts scores completions; give --reward FILE.py:NAME or RM.apr")
+    if n < 1 or (n > 1 and args.temperature <= 0):
+        raise ValueError(f"eval: --num-samples {n} with --temperature {args.temperature}; expected 1 greedy "
+                         f"sample, or several sampled at a temperature > 0")
+    ks = sorted(set(args.pass_k or ([1, n] if n > 1 else [1])))
+    if any(k < 1 or k > n for k in ks):
+        raise ValueError(f"eval: --pass-k {ks}; expected values in [1, --num-samples {n}]")
+    dev = pick_device(args.device)
+    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
+    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    rewards = _reward_functions(args, model)
+    records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
+    total, passes = 0.0, {k: 0.0 for k in ks}
+    for part, lines in sampled_batches(model, tok, records, n, args):
+        scored = _scored(lines, part, n, rewards, args.reward_weights, "all")
+        total += sum(line["reward"] for line in scored)
+        for start in range(0, len(scored), n):
+            c = sum(line["reward"] >= args.pass_threshold for line in scored[start:start + n])
+            for k in ks:
+                passes[k] += pass_at_k(n, c, k)
+    res = {"reward": total / (len(records) * n), **{f"pass@{k}": passes[k] / len(records) for k in ks},
+           "prompts": len(records), "samples": n}
+    if args.json:
+        print(json.dumps({"event": "eval_prompts", **res}))
+    else:
+        print(" ".join(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
     return 0
 
 
@@ -693,8 +745,6 @@ def _generate_file(args, model, tok) -> int:
     supervised data) or its best and worst as a preference pair (``pairs``: ``{"prompt", "chosen",
     "rejected"}`` with both rewards, for ``dpo`` or ``reward``; prompts whose completions all score
     alike give none). Ties go to the lower sample number."""
-    from apr_kernels.model.generate import generate_batch
-
     from .grpo import read_prompts
 
     n = args.num_return_sequences
@@ -708,26 +758,8 @@ def _generate_file(args, model, tok) -> int:
     records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
-        for start in range(0, len(records), args.batch_size):
-            part = records[start:start + args.batch_size]
-            dev = model.model.embed_tokens.weight.device  # (sampling on the device: no copy to the host)
-            gens = [(n, torch.Generator(dev).manual_seed(args.seed * 1_000_003 + start + k)) for k in range(len(part))]
-            with torch.autocast(model.model.embed_tokens.weight.device.type, dtype=torch.bfloat16,
-                                enabled=model.model.embed_tokens.weight.is_cuda):
-                done = generate_batch(model, [r["ids"] for r in part for _ in range(n)], args.max_new_tokens,
-                                      stops=[r["stops"] for r in part for _ in range(n)], generators=gens,
-                                      temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                                      vocab_size=tok.vocab_size)
-            lines = []
-            for i, ids in enumerate(done):
-                r = part[i // n]
-                new = [t for t in ids if t not in r["stops"]]
-                # the text the new tokens add to the prompt's (SentencePiece: the first one's space)
-                text = tok.decode(r["ids"] + new)[len(tok.decode(r["ids"])):]
-                answer = [{"role": "assistant", "content": text}] if isinstance(r["prompt"], list) else text
-                lines.append({"prompt": r["prompt"], **r["fields"], "completion": answer, "sample": i % n,
-                              "_ids": new})
-            for line in _scored(lines, part, n, rewards, args):
+        for part, lines in sampled_batches(model, tok, records, n, args):
+            for line in _scored(lines, part, n, rewards, args.reward_weights, args.keep):
                 out.write(json.dumps(line) + "\n")
             out.flush()
     finally:
@@ -750,14 +782,40 @@ def _reward_functions(args, model) -> dict:
             for spec in args.reward}
 
 
-def _scored(lines: list[dict], records: list[dict], n: int, functions: dict, args) -> list[dict]:
+def sampled_batches(model, tok, records: list[dict], n: int, args):
+    """``(records, lines)`` of each batch of ``--batch-size`` prompt records: ``n`` completions of each,
+    decoded together (left-padded, ``generate_batch``; each prompt's generator seeded by ``--seed`` and
+    its place in the files), as lines ``{"prompt", **fields, "completion", "sample", "_ids"}``."""
+    from apr_kernels.model.generate import generate_batch
+
+    dev = model.model.embed_tokens.weight.device  # (sampling on the device: no copy to the host)
+    for start in range(0, len(records), args.batch_size):
+        part = records[start:start + args.batch_size]
+        gens = [(n, torch.Generator(dev).manual_seed(args.seed * 1_000_003 + start + k)) for k in range(len(part))]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            done = generate_batch(model, [r["ids"] for r in part for _ in range(n)], args.max_new_tokens,
+                                  stops=[r["stops"] for r in part for _ in range(n)], generators=gens,
+                                  temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                                  vocab_size=tok.vocab_size)
+        lines = []
+        for i, ids in enumerate(done):
+            r = part[i // n]
+            new = [t for t in ids if t not in r["stops"]]
+            # the text the new tokens add to the prompt's (SentencePiece: the first one's space)
+            text = tok.decode(r["ids"] + new)[len(tok.decode(r["ids"])):]
+            answer = [{"role": "assistant", "content": text}] if isinstance(r["prompt"], list) else text
+            lines.append({"prompt": r["prompt"], **r["fields"], "completion": answer, "sample": i % n, "_ids": new})
+        yield part, lines
+
+
+def _scored(lines: list[dict], records: list[dict], n: int, functions: dict, reward_weights, keep: str) -> list[dict]:
     """The lines of one batch as ``--keep`` says (``_generate_file``), with their rewards."""
     ids = [line.pop("_ids") for line in lines]
     if not functions:
         return lines
     from .grpo import score
 
-    weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(functions)
+    weights = list(reward_weights) if reward_weights else [1.0] * len(functions)
     if len(weights) != len(functions):
         raise ValueError(f"--reward-weights: {len(weights)} weight(s) for {len(functions)} reward function(s)")
     total, table = score(functions, weights, [line["prompt"] for line in lines], [line["completion"] for line in lines],
@@ -766,14 +824,14 @@ def _scored(lines: list[dict], records: list[dict], n: int, functions: dict, arg
         line["reward"] = float(total[k])
         if len(functions) > 1:
             line["rewards"] = {name: (None if v != v else v) for name, v in zip(functions, table[:, k].tolist())}
-    if args.keep == "all":
+    if keep == "all":
         return lines
     kept = []
     for start in range(0, len(lines), n):
         group = lines[start:start + n]
         order = sorted(range(n), key=lambda k: (-group[k]["reward"], k))
         best, worst = group[order[0]], group[order[-1]]
-        if args.keep == "best":
+        if keep == "best":
             kept.append(best)
         elif best["reward"] > worst["reward"]:
             fields = {k: v for k, v in best.items() if k not in ("completion", "sample", "reward", "rewards")}
@@ -954,9 +1012,24 @@ def register(subparsers) -> None:
     what.add_argument("--choices", nargs="+", metavar="FILE.jsonl",
                       help="multiple-choice questions {'context', 'choices', 'answer'}: accuracy by log-likelihood "
                            "(lm-evaluation-harness's acc and acc_norm)")
+    what.add_argument("--prompts", nargs="+", metavar="FILE.jsonl",
+                      help="prompts {'prompt': text or messages, ...}: the mean --reward of their completions, and "
+                           "pass@k with --num-samples")
     what.add_argument("--pairs", nargs="+", metavar="FILE.jsonl",
                       help="a reward model's accuracy on preference pairs {'prompt', 'chosen', 'rejected'} (the "
                            "share with the chosen side scored higher)")
+    p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME|RM.apr", help="with --prompts: the scorers")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward")
+    p.add_argument("--num-samples", type=int, default=1, help="with --prompts: completions per prompt (default 1)")
+    p.add_argument("--pass-k", nargs="+", type=int, default=None, help="with --prompts: the k of pass@k "
+                                                                        "(default 1 and --num-samples)")
+    p.add_argument("--pass-threshold", type=float, default=1.0,
+                   help="with --prompts: a completion passes at a reward >= this (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="with --prompts: tokens per completion")
+    p.add_argument("--temperature", type=float, default=0.0, help="with --prompts: 0 greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="with --prompts: sample among the k most likely (0: all)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)
