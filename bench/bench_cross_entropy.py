@@ -61,19 +61,26 @@ def providers(dev: torch.device) -> dict:
     out = {"apr": lambda h, w, t: apr_kernels.linear_cross_entropy(h, w, t), "eager": eager}
     if dev.type == "cuda":  # (on CPU, --smoke in CI, an inductor C++ build would dominate the run)
         out["compile"] = torch.compile(eager)
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            liger = LigerFusedLinearCrossEntropyLoss()
-
-            def liger_fn(h, w, t):
-                loss = liger(w, h, t)
-                return loss[0] if isinstance(loss, tuple) else loss
-
-            out["liger"] = liger_fn
-        except Exception as e:  # noqa: BLE001
-            print(f"liger: not importable ({type(e).__name__}: {e}); skipped")
+        out.update(liger_cross_entropy("liger"))
     return out
+
+
+def liger_cross_entropy(what: str, **options) -> dict:
+    """``{"liger": fn(h, w, t)}``: Liger-Kernel's fused linear cross entropy with ``options``, or ``{}``
+    (with a line saying why) when it is not importable."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(**options)
+    except Exception as e:  # noqa: BLE001
+        print(f"{what}: not importable ({type(e).__name__}: {e}); skipped")
+        return {}
+
+    def liger_fn(h, w, t):
+        loss = liger(w, h, t)
+        return loss[0] if isinstance(loss, tuple) else loss
+
+    return {"liger": liger_fn}
 
 
 _CPU_MEMORY_CHILD = r"""
@@ -157,18 +164,7 @@ def smooth_z_providers(dev: torch.device, smoothing: float = 0.1, z: float = 1e-
     out = {"apr": lambda h, w, t: apr_kernels.linear_cross_entropy(h, w, t, label_smoothing=smoothing, z_loss=z),
            "eager": eager}
     if dev.type == "cuda":
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            liger = LigerFusedLinearCrossEntropyLoss(label_smoothing=smoothing, lse_square_scale=z)
-
-            def liger_fn(h, w, t):
-                loss = liger(w, h, t)
-                return loss[0] if isinstance(loss, tuple) else loss
-
-            out["liger"] = liger_fn
-        except Exception as e:  # noqa: BLE001
-            print(f"liger smooth+z: not importable ({type(e).__name__}: {e}); skipped")
+        out.update(liger_cross_entropy("liger smooth+z", label_smoothing=smoothing, lse_square_scale=z))
     return out
 
 
