@@ -587,3 +587,21 @@ def test_cli_label_smoothing_z_loss_and_neftune_travel_into_checkpoints(tmp_path
     assert resumed == losses[1:]
     assert main([*args[:7], "--steps", "1", "--z-loss", "-1", "--out", str(tmp_path / "c")]) == 1
     assert "z_loss=-1.0; expected 0 <= label_smoothing <= 1 and z_loss >= 0" in capsys.readouterr().err
+
+
+def test_activation_offload_keeps_saved_tensors_on_the_host_and_changes_nothing(stream, monkeypatch):
+    """TrainConfig.activation_offload: the micro-batches' forwards run under save_on_cpu, and the
+    losses and weights are those of the run without it."""
+    calls = []
+    real = torch.autograd.graph.save_on_cpu
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", lambda **k: calls.append(k) or real(**k))
+    runs = []
+    for offload in (False, True):
+        cfg = TrainConfig(steps=2, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, eval_tokens=256,
+                          activation_offload=offload)
+        trainer = _trainer(stream, cfg)
+        runs.append(([trainer.train_step()["loss"] for _ in range(2)], trainer.model.state_dict()))
+    assert len(calls) == 4 and calls[0] == {"pin_memory": False}  # two micro-batches x two steps
+    assert runs[1][0] == runs[0][0]
+    for name, t in runs[0][1].items():
+        assert torch.equal(runs[1][1][name], t), name

@@ -420,6 +420,7 @@ def _train(args, env, mode: str) -> int:
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
                           optimizer=args.optimizer, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
                           neftune_alpha=args.neftune_alpha, lora_plus_ratio=args.lora_plus_ratio,
+                          activation_offload=args.activation_offload,
                           eval_choices=[str(Path(c).resolve()) for c in args.eval_choices] if args.eval_choices
                           else None,
                           **_settings_of(args))
@@ -952,6 +953,9 @@ def register(subparsers) -> None:
     o.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer's forward (fuses the glue around the kernels; "
                         "the first steps pay the compile)")
+    o.add_argument("--activation-offload", action="store_true",
+                   help="keep the tensors saved for the backward in pinned host memory (less GPU memory, more "
+                        "PCIe traffic; torchtune's activation offloading)")
     o.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward (less memory, ~1/3 more compute)")
     r = p.add_argument_group("evaluation, logging, checkpoints")

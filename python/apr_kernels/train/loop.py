@@ -70,6 +70,7 @@ class TrainConfig:
     z_loss: float = 0.0                 # z * logsumexp(logits)^2 per target added to the training loss
     neftune_alpha: float = 0.0          # NEFTune's embedding noise in training steps (0: off)
     lora_plus_ratio: float = 0.0        # LoRA+: the adapters' B matrices at this multiple of the lr (0: off)
+    activation_offload: bool = False    # tensors saved for the backward kept in (pinned) host memory
     optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
     muon_momentum: float = 0.95
 
@@ -340,8 +341,9 @@ class Trainer:
                                              beta=c.kd_beta)
                     extra = {"teacher": teacher} if teacher is not None else \
                         {"label_smoothing": c.label_smoothing, "z_loss": c.z_loss}
-                    loss_sum = (par.loss(x, y, docs, reduction="sum", **extra) if par
-                                else self.model.loss(x, y, reduction="sum", documents=docs, **extra))
+                    with self._saved_tensors():
+                        loss_sum = (par.loss(x, y, docs, reduction="sum", **extra) if par
+                                    else self.model.loss(x, y, reduction="sum", documents=docs, **extra))
                     if teacher is not None:  # [loss, ce, kl]
                         parts += loss_sum[1:].detach()
                         loss_sum = loss_sum[0]
@@ -397,6 +399,15 @@ class Trainer:
                                   autocast_dtype=self.autocast_dtype, max_tokens=self.cfg.eval_tokens,
                                   eos_id=self.doc_eos)
         return self.last_eval
+
+    def _saved_tensors(self):
+        """Where the forward's tensors for the backward live: with ``cfg.activation_offload`` in host
+        memory (pinned on CUDA), copied back as the backward needs them (torchtune's activation
+        offloading; trades PCIe traffic for GPU memory, with --grad-checkpointing only each layer's
+        input is kept), else where they are made."""
+        if not self.cfg.activation_offload:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
 
     def _eval_and_log(self) -> None:
         if self.eval_tokens is None and self.extra_eval is None:
