@@ -90,6 +90,10 @@ def test_train_on_a_mixture_logs_it_and_resumes_exactly(capsys, tmp_path):
     assert mix[0]["epochs"] / mix[0]["weight"] > mix[1]["epochs"] / mix[1]["weight"]
     evals = [r for r in recs if r["event"] == "eval"]
     assert evals[0]["eval_tokens"] == 128  # 3 + 1 held-out sequences of 32: one per weight unit
+    for e in evals:  # each source's held-out loss; the pooled one is their target-weighted mean
+        assert e["eval_loss"] == pytest.approx((96 * e["eval_loss_textwrap"] + 32 * e["eval_loss_json"]) / 128,
+                                               rel=1e-6)
+    assert evals[0]["eval_loss_textwrap"] != evals[0]["eval_loss_json"]
     losses = [r["loss"] for r in recs if r["event"] == "train"]
     assert main(["train", "--resume", str(tmp_path / "o" / "step_000002.apr"), "--json", "--out", str(tmp_path / "r"),
                  "--no-token-cache"]) == 0

@@ -155,11 +155,16 @@ def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_di
                 tokens, tail = split_holdout(tokens, seq_len, spec.get("eval_fraction", 0.05), n_eval, where=path)
                 tails.append(tail)
             streams.append(tokens)
+        mixture = Mixture(streams, weights, seq_len, paths)
         if held_out:
             held = packed(tokens_of(held_out, eval_tokens + 1))
         else:  # the tails back to back, each cut to whole sequences (the last keeps its target)
-            held = torch.cat([t[: num_sequences(t.numel(), seq_len) * seq_len] for t in tails[:-1]] + [tails[-1]])
-        return Mixture(streams, weights, seq_len, paths), held
+            parts = [t[: num_sequences(t.numel(), seq_len) * seq_len] for t in tails[:-1]] + [tails[-1]]
+            held = torch.cat(parts)
+            # where each source's held-out sequences lie in it (per-source eval losses)
+            bounds = torch.tensor([0] + [p.numel() for p in parts]).cumsum(0).tolist()
+            mixture.held_sources = [(name, a, b) for name, a, b in zip(source_names(paths), bounds, bounds[1:])]
+        return mixture, held
     tokens = packed(tokens_of(spec["data"], spec.get("max_tokens")))
     if held_out:
         return tokens, packed(tokens_of(held_out, eval_tokens + 1))
@@ -241,6 +246,23 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast):
     return teacher.eval()
 
 
+def source_names(paths) -> list[str]:
+    """A short name per --data source for the logs: the file or folder name without suffixes (made
+    unique with its position when two agree)."""
+    names = [Path(p).name.split(".")[0] or str(i) for i, p in enumerate(paths)]
+    return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+
+def sources_eval(held: torch.Tensor, sources: list[tuple[str, int, int]]):
+    """``Trainer(extra_eval=)`` for a mixture's held-out tails: ``eval_loss_<source>`` of each source's
+    sequences (the slices of ``held`` the pooled ``eval_loss`` also scores, so it is their
+    target-weighted mean)."""
+    def measure(trainer) -> dict:
+        return {f"eval_loss_{name}": trainer.evaluate_tokens(held[a: b + 1])[0] for name, a, b in sources}
+
+    return measure
+
+
 def choices_eval(paths, tokenizer):
     """``Trainer(extra_eval=)`` for ``train --eval-choices``: lm-evaluation-harness's ``acc`` and
     ``acc_norm`` on the multiple-choice questions of ``paths`` (read once, here), scored by every rank
@@ -273,10 +295,12 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     from .checkpoint import restore_training_state
 
     main = parallel is None or parallel.is_main
+    extras = ([choices_eval(cfg.eval_choices, tokenizer)] if cfg.eval_choices else []) + \
+        ([sources_eval(eval_tokens, train_tokens.held_sources)] if getattr(train_tokens, "held_sources", None) else [])
     trainer = Trainer(model, train_tokens, eval_tokens, cfg, parallel=parallel,
                       log=Logger(json_lines, tensorboard=tensorboard) if main else (lambda *a: None),
                       eos_id=getattr(tokenizer, "eos_id", None), teacher=teacher,
-                      extra_eval=choices_eval(cfg.eval_choices, tokenizer) if cfg.eval_choices else None)
+                      extra_eval=(lambda t: {k: v for e in extras for k, v in e(t).items()}) if extras else None)
     if resume_from:
         restore_training_state(resume_from, trainer)
     if not main:

@@ -388,17 +388,17 @@ class Trainer:
     def evaluate(self) -> tuple[float, int]:
         if self.eval_tokens is None:
             raise ValueError("no held-out data to evaluate on")
-        if self.parallel is not None:
-            self.last_eval = self.parallel.evaluate(self.eval_tokens, self.cfg.seq_len,
-                                                    batch_size=self.cfg.eval_batch_size,
-                                                    autocast_dtype=self.autocast_dtype,
-                                                    max_tokens=self.cfg.eval_tokens, eos_id=self.doc_eos)
-            return self.last_eval
-        self.last_eval = evaluate(self.model, self.eval_tokens, self.cfg.seq_len,
-                                  batch_size=self.cfg.eval_batch_size, device=self.device,
-                                  autocast_dtype=self.autocast_dtype, max_tokens=self.cfg.eval_tokens,
-                                  eos_id=self.doc_eos)
+        self.last_eval = self.evaluate_tokens(self.eval_tokens)
         return self.last_eval
+
+    def evaluate_tokens(self, tokens: torch.Tensor) -> tuple[float, int]:
+        """(mean loss, targets) of held-out ``tokens`` (at most ``cfg.eval_tokens``), over all ranks."""
+        if self.parallel is not None:
+            return self.parallel.evaluate(tokens, self.cfg.seq_len, batch_size=self.cfg.eval_batch_size,
+                                          autocast_dtype=self.autocast_dtype, max_tokens=self.cfg.eval_tokens,
+                                          eos_id=self.doc_eos)
+        return evaluate(self.model, tokens, self.cfg.seq_len, batch_size=self.cfg.eval_batch_size, device=self.device,
+                        autocast_dtype=self.autocast_dtype, max_tokens=self.cfg.eval_tokens, eos_id=self.doc_eos)
 
     def _saved_tensors(self):
         """Where the forward's tensors for the backward live: with ``cfg.activation_offload`` in host
