@@ -35,9 +35,9 @@ def _log_sigmoid(v: float) -> float:
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_loss_variants_are_trls_formulas(eps):
-    """sigmoid with label smoothing (cDPO), robust (rDPO), hinge (SLiC), length-normalised ipo, apo_zero
-    and simpo (no reference), each written out per pair in plain floats; ipo and simpo read the answers'
-    target counts."""
+    """sigmoid with label smoothing (cDPO), robust (rDPO), hinge (SLiC), length-normalised ipo, apo_zero,
+    apo_down, nca_pair, sppo_hard, exo_pair and simpo / orpo (no reference), each written out per pair in
+    plain floats as TRL writes them; ipo and simpo read the answers' target counts."""
     pc, pr, rc, rr = [-3.0, -1.0, -7.0], [-4.0, -0.5, -2.0], [-3.5, -1.2, -6.0], [-3.9, -0.9, -2.5]
     lengths = [[2, 5], [1, 1], [9, 3]]
     beta = 0.4
@@ -52,6 +52,15 @@ def test_loss_variants_are_trls_formulas(eps):
         "apo_zero": [1 - 1 / (1 + math.exp(-beta * (pc[i] - rc[i]))) + 1 / (1 + math.exp(-beta * (pr[i] - rr[i])))
                      for i in range(3)],
     }
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    c = [beta * (pc[i] - rc[i]) for i in range(3)]
+    r = [beta * (pr[i] - rr[i]) for i in range(3)]
+    want["apo_down"] = [sig(c[i]) + 1 - sig(beta * h[i]) for i in range(3)]
+    want["nca_pair"] = [-_log_sigmoid(c[i]) - 0.5 * _log_sigmoid(-c[i]) - 0.5 * _log_sigmoid(-r[i]) for i in range(3)]
+    want["sppo_hard"] = [(pc[i] - rc[i] - 0.5 / beta) ** 2 + (pr[i] - rr[i] + 0.5 / beta) ** 2 for i in range(3)]
+    e = eps or 1e-3
+    want["exo_pair"] = [sig(beta * v) * (_log_sigmoid(beta * v) - math.log(1 - e))
+                        + sig(-beta * v) * (_log_sigmoid(-beta * v) - math.log(e)) for v in h]
     gamma = 0.7
     z = [beta * (pc[i] / lengths[i][0] - pr[i] / lengths[i][1]) - gamma for i in range(3)]
     want["simpo"] = [-(1 - eps) * _log_sigmoid(v) - eps * _log_sigmoid(-v) for v in z]
@@ -591,3 +600,17 @@ def test_cli_grad_checkpointing_recomputes_and_changes_nothing(tmp_path, capsys,
         runs.append([json.loads(x)["loss"] for x in capsys.readouterr().out.splitlines() if '"event": "train"' in x])
         assert bool(calls) == bool(extra)
     assert runs[1] == pytest.approx(runs[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nca_pair", "sppo_hard", "exo_pair"])
+def test_more_trl_losses_learn_the_preference(tmp_path, kind):
+    tok = byte_tokenizer()
+    train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12])], tok, 64)
+    held = read_pairs([_pairs_file(tmp_path / "h.jsonl", THINGS[12:])], tok, 64)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    cfg = TrainConfig(steps=25, batch_size=4, seq_len=64, lr=3e-3, warmup=2, weight_decay=0.0)
+    history = PreferenceTrainer(model, train, held, cfg, eos_id=tok.eos_id,
+                                loss=PreferenceLoss(kind=kind, beta=0.5)).run()
+    evals = [h for h in history if h["event"] == "eval"]
+    assert evals[-1]["eval_reward_acc"] == 1.0 and evals[-1]["eval_margin"] > evals[0]["eval_margin"] + 1.0

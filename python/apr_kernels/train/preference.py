@@ -28,7 +28,13 @@ forms, averaged over the pairs of a step):
 * ``ipo``: ``(h' - 1 / (2 beta))^2`` with ``h'`` made of per-token log-likelihoods (each answer's
   divided by its number of target tokens), as TRL computes IPO;
 * ``apo_zero`` (APO-zero): ``1 - sigmoid(beta (pi_c - ref_c)) + sigmoid(beta (pi_r - ref_r))``, for
-  chosen answers better than the model's own;
+  chosen answers better than the model's own; ``apo_down``: ``sigmoid(beta (pi_c - ref_c)) + 1 -
+  sigmoid(beta h)``, for chosen answers worse than the model's own;
+* ``nca_pair`` (NCA): ``-log sigmoid(c) - log sigmoid(-c) / 2 - log sigmoid(-r) / 2`` of the rewards
+  ``c = beta (pi_c - ref_c)``, ``r = beta (pi_r - ref_r)``; ``sppo_hard`` (SPPO with hard
+  probabilities): ``(pi_c - ref_c - 1 / (2 beta))^2 + (pi_r - ref_r + 1 / (2 beta))^2``; ``exo_pair``
+  (EXO): ``sigmoid(beta h) (log sigmoid(beta h) - log(1 - e)) + sigmoid(-beta h) (log sigmoid(-beta h)
+  - log e)`` with ``e`` = ``--label-smoothing`` (1e-3 when 0, as TRL);
 * ``simpo`` (SimPO, no reference model: none is computed): the ``sigmoid`` form of
   ``beta (pi_c / n_c - pi_r / n_r) - gamma``, per-token log-likelihoods and a margin ``--gamma``;
 * ``orpo`` (ORPO, no reference model): ``-beta log sigmoid(log odds(a_c) - log odds(a_r))`` with the
@@ -114,7 +120,8 @@ def answer_ids(prompt, answer, tokenizer, where: str, field: str = "completion")
                      f"messages (conversational)")
 
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "simpo", "orpo")
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "apo_zero", "apo_down", "nca_pair", "sppo_hard", "exo_pair",
+              "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 
 
@@ -148,6 +155,16 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
         losses = (chosen / n[:, 0] - rejected / n[:, 1] - 1 / (2 * beta)) ** 2
     elif loss_type == "apo_zero":  # raise the chosen likelihood, lower the rejected one, each on its own
         losses = 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+    elif loss_type == "apo_down":  # (chosen answers worse than the model's own) lower both, the margin kept
+        losses = torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * h)
+    elif loss_type == "nca_pair":  # NCA: each answer's reward against an absolute target, not only the margin
+        losses = -F.logsigmoid(beta * chosen) - 0.5 * F.logsigmoid(-beta * chosen) - 0.5 * F.logsigmoid(-beta * rejected)
+    elif loss_type == "sppo_hard":  # SPPO with hard win probabilities: rewards pushed to +-1 / (2 beta)
+        losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+    elif loss_type == "exo_pair":  # EXO: KL(softmax of the two rewards || [1 - e, e]), e 1e-3 unless given
+        e = e or 1e-3
+        losses = torch.sigmoid(beta * h) * (F.logsigmoid(beta * h) - math.log(1 - e)) + \
+            torch.sigmoid(-beta * h) * (F.logsigmoid(-beta * h) - math.log(e))
     elif loss_type == "orpo":  # log odds = a - log(1 - e^a), with log(-expm1(a)) accurate as a -> 0
         log_odds = (chosen - torch.log(-torch.expm1(chosen))) - (rejected - torch.log(-torch.expm1(rejected)))
         losses = -beta * F.logsigmoid(log_odds)
@@ -327,8 +344,8 @@ def register(subparsers) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta (default 0.1)")
     p.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid",
-                   help="sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo, apo_zero (APO), simpo or orpo (no "
-                        "reference), as TRL names them")
+                   help="sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo, apo_zero / apo_down (APO), nca_pair (NCA), "
+                        "sppo_hard (SPPO), exo_pair (EXO), simpo or orpo (no reference), as TRL names them")
     p.add_argument("--label-smoothing", type=float, default=0.0,
                    help="assumed rate of flipped labels in [0, 0.5): conservative DPO (sigmoid, simpo) or rDPO (robust)")
     p.add_argument("--gamma", type=float, default=0.5, help="SimPO's reward margin (default 0.5)")
