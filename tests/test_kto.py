@@ -45,6 +45,30 @@ def test_kto_loss_is_trls_formula():
     assert rewards.tolist() == pytest.approx([beta * v for v in r])
 
 
+def test_apo_zero_unpaired_is_trls_formula_and_learns_without_a_kl_pass(tmp_path):
+    pol, ref = torch.tensor([-3.0, -1.0], dtype=torch.float64), torch.tensor([-3.5, -0.5], dtype=torch.float64)
+    labels = torch.tensor([True, False])
+    losses, _ = kto_loss(pol, ref, torch.tensor(9.0), labels, 0.7, 1.5, 0.5, loss_type="apo_zero_unpaired")
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    assert losses.tolist() == pytest.approx([1.5 * (1 - sig(0.7 * 0.5)), 0.5 * sig(0.7 * -0.5)], rel=1e-12)
+    tok = byte_tokenizer()
+    items, labels = read_examples([_examples_file(tmp_path / "e.jsonl", THINGS[:12])], tok, 64)
+    held, held_labels = read_examples([_examples_file(tmp_path / "h.jsonl", THINGS[12:])], tok, 64)
+    model = _model(tok)
+    calls = []
+    cfg = TrainConfig(steps=20, batch_size=4, seq_len=64, lr=3e-3, warmup=1)
+    trainer = KTOTrainer(model, items, labels, held, held_labels, cfg, eos_id=tok.eos_id, beta=0.5,
+                         loss_type="apo_zero_unpaired")
+    model.register_forward_hook(lambda *a: calls.append(1))
+    rec = trainer.train_step()
+    assert rec["kl"] == 0.0 and len(calls) == 1  # one forward per micro-batch: no KL pairs
+    trainer.run()
+    last = trainer.evaluate()
+    assert last["eval_reward_desirable"] > 0 > last["eval_reward_undesirable"]
+    with pytest.raises(ValueError, match="--loss 'bco'; expected one of kto, apo_zero_unpaired"):
+        KTOTrainer(model, items, labels, [], [], cfg, eos_id=tok.eos_id, loss_type="bco")
+
+
 def test_examples_pair_each_prompt_with_the_next_completion(tmp_path):
     tok = byte_tokenizer()
     items, labels = read_examples([_examples_file(tmp_path / "e.jsonl", THINGS[:3])], tok, 64)

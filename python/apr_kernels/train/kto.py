@@ -11,7 +11,9 @@ as loaded; its log-likelihoods are computed once at the start) and ``z`` the bat
     desirable:    desirable_weight   * (1 - sigmoid(beta * (r - z)))
     undesirable:  undesirable_weight * (1 - sigmoid(beta * (z - r)))
 
-averaged over the step's examples. ``z = max(0, mean(log pi(y'|x) - log ref(y'|x)))`` over the
+averaged over the step's examples (``--loss apo_zero_unpaired``: TRL's APO-zero for unpaired data,
+``desirable_weight (1 - sigmoid(beta r))`` and ``undesirable_weight sigmoid(beta r)``, no ``z``, so no
+KL pass). ``z = max(0, mean(log pi(y'|x) - log ref(y'|x)))`` over the
 micro-batch (all ranks), where ``y'`` is a mismatched completion: example i's prompt with the
 completion of example i + 1 (mod the data set), a fixed pairing, so the reference's side is computed
 once; the policy's side runs without gradient, and ``z`` is a constant of the step, as in TRL.
@@ -66,14 +68,23 @@ def read_examples(paths, tokenizer, max_len: int) -> tuple[list[tuple[list[int],
     return items, [r["label"] for _, r in records]
 
 
+LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
 def kto_loss(policy, ref, kl, labels: torch.Tensor, beta: float, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0):
+             undesirable_weight: float = 1.0, loss_type: str = "kto"):
     """(per-example losses, rewards ``beta * (policy - ref)``) for log-likelihoods ``policy``/``ref``
-    ``[N]``, the KL estimate ``kl`` (a scalar, no gradient) and boolean ``labels`` (module docstring)."""
+    ``[N]``, the KL estimate ``kl`` (a scalar, no gradient; unused by ``apo_zero_unpaired``) and boolean
+    ``labels`` (module docstring)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"kto: --loss {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
     r = policy - ref
     good = labels.to(r.device)
-    losses = torch.where(good, desirable_weight * (1 - F.sigmoid(beta * (r - kl))),
-                         undesirable_weight * (1 - F.sigmoid(beta * (kl - r))))
+    if loss_type == "apo_zero_unpaired":
+        losses = torch.where(good, desirable_weight * (1 - F.sigmoid(beta * r)), undesirable_weight * F.sigmoid(beta * r))
+    else:
+        losses = torch.where(good, desirable_weight * (1 - F.sigmoid(beta * (r - kl))),
+                             undesirable_weight * (1 - F.sigmoid(beta * (kl - r))))
     return losses, beta * r.detach()
 
 
@@ -83,10 +94,13 @@ class KTOTrainer(StepLoop):
 
     def __init__(self, model, items, labels, eval_items, eval_labels, cfg: TrainConfig, *, eos_id: int,
                  beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, device=None,
-                 log=None, ref: tuple | None = None, parallel=None, padding_free: bool | None = None):
+                 log=None, ref: tuple | None = None, parallel=None, padding_free: bool | None = None,
+                 loss_type: str = "kto"):
         if not beta > 0 or not desirable_weight >= 0 or not undesirable_weight >= 0:
             raise ValueError(f"kto: --beta {beta} must be > 0 and the weights ({desirable_weight}, "
                              f"{undesirable_weight}) >= 0")
+        kto_loss(torch.zeros(1), torch.zeros(1), 0.0, torch.ones(1, dtype=torch.bool), beta, loss_type=loss_type)
+        self.loss_type = loss_type
         self._setup("kto", model, cfg, device=device, parallel=parallel, padding_free=padding_free, log=log,
                     n_data=len(items), what="every batch of examples")
         self.items, self.labels, self.eos = items, torch.tensor(labels), eos_id
@@ -117,16 +131,18 @@ class KTOTrainer(StepLoop):
             index = self.batches.next(c.batch_size)
             if par is not None:
                 index = par.local_rows(index)
-            with torch.no_grad():  # the policy's side of the KL estimate: no gradient (a constant of the step)
-                kl = self._kl(self._batch_logps([(self.items[i][1],) for i in index.tolist()])[:, 0],
-                              self.ref[index, 1])
+            kl = torch.zeros(())
+            if self.loss_type == "kto":  # the policy's side of the KL estimate: no gradient (a step constant)
+                with torch.no_grad():
+                    kl = self._kl(self._batch_logps([(self.items[i][1],) for i in index.tolist()])[:, 0],
+                                  self.ref[index, 1])
             if par is not None:
                 par.reshard()
             with par.grad_sync(micro == c.grad_accum - 1) if par is not None else contextlib.nullcontext():
                 pol = self._batch_logps([(self.items[i][0],) for i in index.tolist()])[:, 0]
                 labels = self.labels[index]
                 losses, rewards = kto_loss(pol, self.ref[index, 0].to(pol.device), kl, labels, self.beta,
-                                           *self.weights)
+                                           *self.weights, loss_type=self.loss_type)
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
                 (losses.sum() * (self.world / n)).backward()
             good = labels.to(rewards.device)
@@ -147,7 +163,8 @@ class KTOTrainer(StepLoop):
         """The loss and mean rewards over the held-out examples (``z`` from all their KL pairs)."""
         pol = self._logps(self.eval_items)
         kl = (pol[:, 1] - self.eval_ref[:, 1]).mean().clamp(min=0)
-        losses, rewards = kto_loss(pol[:, 0], self.eval_ref[:, 0], kl, self.eval_labels, self.beta, *self.weights)
+        losses, rewards = kto_loss(pol[:, 0], self.eval_ref[:, 0], kl, self.eval_labels, self.beta, *self.weights,
+                                   loss_type=self.loss_type)
         good = self.eval_labels
         return {"step": self.step, "eval_loss": float(losses.mean()), "eval_kl": float(kl),
                 "eval_reward_desirable": float(rewards[good].mean()) if good.any() else None,
@@ -168,7 +185,7 @@ def _kto(args, env, mode: str) -> int:
     def fresh():
         if not (args.init and args.data):
             raise ValueError("kto: --init FILE.apr and --data EXAMPLES.jsonl... are required (or --resume STEP.apr)")
-        kto = {"beta": args.beta, "desirable_weight": args.desirable_weight,
+        kto = {"beta": args.beta, "loss": args.loss, "desirable_weight": args.desirable_weight,
                "undesirable_weight": args.undesirable_weight, "init": str(args.init), "data": absolute(args.data),
                "eval_data": absolute(args.eval_data), "eval_fraction": args.eval_fraction, "max_len": args.max_len,
                "tokenizer": args.tokenizer}
@@ -192,6 +209,7 @@ def _kto(args, env, mode: str) -> int:
     parallel = parallel_for(model, env, mode)
     trainer = KTOTrainer(model, items, labels, eval_items, eval_labels, cfg, eos_id=tok.eos_id, beta=kto["beta"],
                          desirable_weight=kto["desirable_weight"], undesirable_weight=kto["undesirable_weight"],
+                         loss_type=kto.get("loss", "kto"),
                          device=device, ref=ref, parallel=parallel, padding_free=tristate(args.padding_free),
                          log=logger_for(args, env))
     if args.resume:
@@ -210,6 +228,8 @@ def register(subparsers) -> None:
     p.add_argument("--beta", type=float, default=0.1, help="KTO's beta (default 0.1)")
     p.add_argument("--desirable-weight", type=float, default=1.0)
     p.add_argument("--undesirable-weight", type=float, default=1.0)
+    p.add_argument("--loss", choices=LOSS_TYPES, default="kto",
+                   help="kto, or apo_zero_unpaired (TRL's APO-zero for unpaired data: no KL estimate)")
     p.add_argument("--max-len", type=int, default=1024, help="tokens per prompt + completion (longer ones are cut)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch, over all ranks")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
