@@ -1,5 +1,5 @@
-"""Post-training speed: a DPO step on padded vs padding-free batches, and GRPO's sampling one prompt
-at a time vs all prompts in one left-padded batch, in one run on one device.
+"""Post-training speed: a DPO step and a reward-model step on padded vs padding-free batches, and
+GRPO's sampling one prompt at a time vs all prompts in one left-padded batch, in one run on one device.
 
 Rows (``op``, ``provider``):
 
@@ -8,6 +8,8 @@ Rows (``op``, ``provider``):
   ``eager-padded`` (eager PyTorch, padded rows: what a plain implementation runs), ``fused-padded``
   (the package's kernels on padded rows) and ``fused-padding-free`` (ours: the answers packed into
   one row, each its own document, through the packed-sequence attention kernel);
+* ``reward_step``: one ``RewardTrainer`` step (``apr-kernels reward``: both sides of every pair scored by
+  a one-label head on the last token) on the same kind of pairs, the same three providers;
 * ``grpo_sampling``: ``num_generations`` completions of each of ``prompts`` prompts of varied
   lengths with the KV cache, ``per-prompt`` (one ``generate`` call per prompt's group) vs
   ``batched`` (ours: ``generate_batch`` over all of them, left-padded); a fixed number of new tokens
@@ -45,11 +47,37 @@ def _pairs(n: int, vocab: int, prompt: tuple[int, int], answer: tuple[int, int],
 
 
 def dpo_rows(cfg, dev, pairs_per_step: int, prompt, answer, warmup: int, steps: int) -> list[dict]:
-    from apr_kernels.model import Transformer
-    from apr_kernels.train.loop import TrainConfig
     from apr_kernels.train.preference import PreferenceTrainer
 
+    def trainer(model, pairs, cfgt, packed):
+        return PreferenceTrainer(model, pairs, [], cfgt, eos_id=cfg.vocab_size - 1, device=dev, padding_free=packed,
+                                 ref=(torch.zeros(len(pairs), 2), None))  # the reference pass is not timed
+
     pairs = _pairs(pairs_per_step * (warmup + steps), cfg.vocab_size, prompt, answer)
+    return _step_rows("dpo_step", cfg, dev, pairs, trainer, pairs_per_step, prompt, answer, warmup, steps)
+
+
+def reward_rows(cfg, dev, pairs_per_step: int, prompt, answer, warmup: int, steps: int) -> list[dict]:
+    """A reward model's step (``apr-kernels reward``) on the same kind of pairs."""
+    from apr_kernels.train.reward import RewardTrainer
+
+    def trainer(model, pairs, cfgt, packed):
+        return RewardTrainer(model, pairs, [0.0] * len(pairs), [], [], cfgt, eos_id=cfg.vocab_size - 1, device=dev,
+                             padding_free=packed)
+
+    pairs = [tuple([t if t >= 0 else -1 - t for t in s] for s in pair)  # (every token scored)
+             for pair in _pairs(pairs_per_step * (warmup + steps), cfg.vocab_size, prompt, answer)]
+    return _step_rows("reward_step", cfg.replace(num_labels=1), dev, pairs, trainer, pairs_per_step, prompt, answer,
+                      warmup, steps)
+
+
+def _step_rows(op: str, cfg, dev, pairs, make_trainer, pairs_per_step: int, prompt, answer, warmup: int,
+               steps: int) -> list[dict]:
+    """Median step time of ``make_trainer(model, pairs, cfg, padding_free)`` on eager padded rows, the
+    fused path's padded rows and its padding-free rows."""
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.loop import TrainConfig
+
     real = sum(len(s) - 1 for pair in pairs for s in pair) / len(pairs) * pairs_per_step
     rows = []
     for provider, fast, packed in (("eager-padded", False, False), ("fused-padded", True, False),
@@ -58,8 +86,7 @@ def dpo_rows(cfg, dev, pairs_per_step: int, prompt, answer, warmup: int, steps: 
         model = Transformer(cfg, fast=fast).to(dev)
         cfgt = TrainConfig(steps=warmup + steps, batch_size=pairs_per_step, seq_len=prompt[1] + answer[1], lr=1e-6,
                            warmup=0)
-        trainer = PreferenceTrainer(model, pairs, [], cfgt, eos_id=cfg.vocab_size - 1, device=dev, padding_free=packed,
-                                    ref=(torch.zeros(len(pairs), 2), None))  # the reference pass is not timed
+        trainer = make_trainer(model, pairs, cfgt, packed)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -69,7 +96,7 @@ def dpo_rows(cfg, dev, pairs_per_step: int, prompt, answer, warmup: int, steps: 
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         s = statistics.median(times)
-        rows.append({"op": "dpo_step", "pairs": pairs_per_step, "prompt": f"{prompt[0]}-{prompt[1]}",
+        rows.append({"op": op, "pairs": pairs_per_step, "prompt": f"{prompt[0]}-{prompt[1]}",
                      "answer": f"{answer[0]}-{answer[1]}", "provider": provider, "ms": s * 1e3,
                      "tokens_per_s": real / s,
                      "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None})
@@ -128,12 +155,14 @@ def main() -> None:
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
     print(f"{cfg.num_layers} layers, {cfg.num_parameters() / 1e6:.0f}M parameters, on {dev}")
-    rows = dpo_rows(cfg, dev, **dpo) + grpo_rows(cfg, dev, **grpo)
+    rows = dpo_rows(cfg, dev, **dpo) + reward_rows(cfg, dev, **dpo) + grpo_rows(cfg, dev, **grpo)
     _common.print_table(rows, ["op", "provider", "ms", "tokens_per_s", "peak_mem_mb"])
     by = {(r["op"], r["provider"]): r for r in rows}
     print(f"dpo step: padding-free {by['dpo_step', 'fused-padded']['ms'] / by['dpo_step', 'fused-padding-free']['ms']:.2f}x "
           f"the padded fused step, {by['dpo_step', 'eager-padded']['ms'] / by['dpo_step', 'fused-padding-free']['ms']:.2f}x "
-          f"the eager one; grpo sampling: batched "
+          f"the eager one; reward step: padding-free "
+          f"{by['reward_step', 'fused-padded']['ms'] / by['reward_step', 'fused-padding-free']['ms']:.2f}x the padded "
+          f"fused step; grpo sampling: batched "
           f"{by['grpo_sampling', 'per-prompt']['ms'] / by['grpo_sampling', 'batched']['ms']:.2f}x per-prompt")
     print("wrote", _common.write_results("posttrain", rows, args.out, {"ours": ["fused-padding-free", "batched"]}))
 
