@@ -46,12 +46,10 @@ from .preference import answer_ids
 def read_records(paths, tokenizer, max_prompt_len: int, max_len: int) -> list[dict]:
     """Supervised records as ``{"prompt", "ids" (the prompt's ids for sampling), "stops", "seq" (the
     record's marked ids, cut to max_len + 1)}``."""
-    from .chat import generation_prompt
-    from .data import document_bos
+    from .grpo import prompt_ids
     from .posttrain import jsonl_records
 
-    eos = getattr(tokenizer, "eos_id", None)
-    if eos is None:
+    if getattr(tokenizer, "eos_id", None) is None:
         raise ValueError("gkd: the tokenizer has no end-of-text id (it closes every completion)")
     out = []
     for where, record in jsonl_records(paths, "GKD data ({'prompt', 'completion'} or {'messages'} records)"):
@@ -68,17 +66,8 @@ def read_records(paths, tokenizer, max_prompt_len: int, max_len: int) -> list[di
         seq = answer_ids(prompt, completion, tokenizer, where)[: max_len + 1]
         if not any(t >= 0 for t in seq[1:]):
             raise ValueError(f"{where}: the completion lies past --max-len {max_len} tokens; raise --max-len")
-        if isinstance(prompt, str):
-            bos = document_bos(tokenizer)
-            ids = ([bos] if bos is not None else []) + tokenizer.encode(prompt, special=False)
-            stops = {eos}
-        else:
-            text, close = generation_prompt(prompt, tokenizer)
-            ids, stops = tokenizer.encode(text, special=True), {eos, close}
-        if not ids or len(ids) > max_prompt_len:
-            raise ValueError(f"{where}: the prompt has {len(ids)} tokens; expected 1 to --max-prompt-len "
-                             f"{max_prompt_len}")
-        out.append({"prompt": prompt, "ids": ids, "stops": sorted(s for s in stops if s is not None), "seq": seq})
+        ids, stops = prompt_ids(prompt, tokenizer, where, max_prompt_len)
+        out.append({"prompt": prompt, "ids": ids, "stops": stops, "seq": seq})
     if not out:
         raise ValueError(f"gkd: no records in {', '.join(map(str, paths))}")
     return out

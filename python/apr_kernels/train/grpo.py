@@ -84,34 +84,42 @@ from .posttrain import (StepLoop, absolute, add_options, config_from, device_for
 
 
 # ------------------------------------------------------------------------------------------- data
-def read_prompts(paths, tokenizer, max_prompt_len: int) -> list[dict]:
-    """Prompt records of the JSON Lines ``paths``: ``{"prompt", "ids", "stops", "fields"}``."""
+def prompt_ids(prompt, tokenizer, where: str, max_prompt_len: int) -> tuple[list[int], list[int]]:
+    """(the ids a completion of ``prompt`` is sampled after, the ids that stop it): a string after the
+    begin-of-text id when the tokenizer adds one (stopped by the end-of-text id), or messages rendered
+    with the assistant's header (also stopped by the token closing the turn)."""
     from .chat import generation_prompt
     from .data import document_bos
-    from .posttrain import jsonl_records
 
     eos = getattr(tokenizer, "eos_id", None)
+    stops = {eos} if eos is not None else set()
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, special=False)
+        bos = document_bos(tokenizer)
+        ids = ([bos] if bos is not None else []) + ids
+    elif isinstance(prompt, list):
+        text, close = generation_prompt(prompt, tokenizer)
+        ids = tokenizer.encode(text, special=True)
+        stops.add(close)
+    else:
+        raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError(f"{where}: the prompt encodes to no tokens")
+    if len(ids) > max_prompt_len:
+        raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than --max-prompt-len {max_prompt_len}")
+    return ids, sorted(s for s in stops if s is not None)
+
+
+def read_prompts(paths, tokenizer, max_prompt_len: int) -> list[dict]:
+    """Prompt records of the JSON Lines ``paths``: ``{"prompt", "ids", "stops", "fields"}``."""
+    from .posttrain import jsonl_records
+
     records = []
     for where, record in jsonl_records(paths, "prompt data ({'prompt': ...} records)"):
         if not isinstance(record, dict) or "prompt" not in record:
             raise ValueError(f"{where}: a prompt record needs a 'prompt' (a string or a list of messages)")
-        prompt = record["prompt"]
-        stops = {eos} if eos is not None else set()
-        if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt, special=False)
-            bos = document_bos(tokenizer)
-            ids = ([bos] if bos is not None else []) + ids
-        elif isinstance(prompt, list):
-            text, close = generation_prompt(prompt, tokenizer)
-            ids = tokenizer.encode(text, special=True)
-            stops.add(close)
-        else:
-            raise ValueError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"{where}: the prompt encodes to no tokens")
-        if len(ids) > max_prompt_len:
-            raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than --max-prompt-len {max_prompt_len}")
-        records.append({"prompt": prompt, "ids": ids, "stops": sorted(s for s in stops if s is not None),
+        ids, stops = prompt_ids(record["prompt"], tokenizer, where, max_prompt_len)
+        records.append({"prompt": record["prompt"], "ids": ids, "stops": stops,
                         "fields": {k: v for k, v in record.items() if k != "prompt"}})
     if not records:
         raise ValueError(f"grpo: no prompt records in {', '.join(map(str, paths))}")
