@@ -107,9 +107,14 @@ class KTOTrainer(StepLoop):
         self.eval_items, self.eval_labels = eval_items, torch.tensor(eval_labels or [], dtype=torch.bool)
         self.beta, self.weights = beta, (desirable_weight, undesirable_weight)
         self.has_eval = bool(eval_items)
-        if ref is None:  # the model as loaded: [N, 2] (completion, KL pair) log-likelihoods
-            ref = (self._logps(items), self._logps(eval_items) if eval_items else None)
+        if ref is None:  # the model as loaded: [N, 2] (completion, KL pair) log-likelihoods ([N, 1]: no KL)
+            ref = (self._logps(self._scored(items)), self._logps(self._scored(eval_items)) if eval_items else None)
         self.ref, self.eval_ref = ref
+
+    def _scored(self, items):
+        """What each item's log-likelihoods are needed of: the completion and its KL pair, or (a loss
+        without the KL estimate) the completion alone."""
+        return items if self.loss_type == "kto" else [(item[0],) for item in items]
 
     def _kl(self, policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
         """``z``: the mean over all ranks' KL pairs of ``policy - ref``, at least 0."""
@@ -161,8 +166,8 @@ class KTOTrainer(StepLoop):
     @torch.no_grad()
     def evaluate(self) -> dict:
         """The loss and mean rewards over the held-out examples (``z`` from all their KL pairs)."""
-        pol = self._logps(self.eval_items)
-        kl = (pol[:, 1] - self.eval_ref[:, 1]).mean().clamp(min=0)
+        pol = self._logps(self._scored(self.eval_items))
+        kl = (pol[:, 1] - self.eval_ref[:, 1]).mean().clamp(min=0) if self.loss_type == "kto" else torch.zeros(())
         losses, rewards = kto_loss(pol[:, 0], self.eval_ref[:, 0], kl, self.eval_labels, self.beta, *self.weights,
                                    loss_type=self.loss_type)
         good = self.eval_labels
