@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from apr_kernels.model import Transformer, pad_vocab, preset
-from apr_kernels.train.checkpoint import save_checkpoint
+from apr_kernels.train.checkpoint import save_checkpoint, training_metadata
 from apr_kernels.train.cli import byte_tokenizer
 from apr_kernels.train.loop import TrainConfig
 from apr_kernels.train.posttrain import token_logps
@@ -369,6 +369,26 @@ def test_cli_loss_settings_travel_into_checkpoints(tmp_path, capsys):
     bad[bad.index("--init") + 1] = str(tmp_path / "missing.apr")
     assert main(bad) == 1
     assert "--sft-weight -1" in capsys.readouterr().err
+
+
+def test_cli_epochs_set_the_steps_from_the_pairs(tmp_path, capsys):
+    """dpo --epochs 2 over 16 pairs, 3 x 2 a step: ceil(2 * 16 / 6) = 6 steps (the post-training
+    commands share the option); the start record reports the passes the steps make."""
+    from apr_kernels.cli import main
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
+    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    assert main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--eval-data", str(data),
+                 "--epochs", "2", "--batch-size", "3", "--grad-accum", "2", "--max-len", "64", "--json",
+                 "--out", str(tmp_path / "o")]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert recs[0]["pairs"] == len(THINGS) == 16
+    assert recs[0]["steps"] == 6 and recs[0]["epochs"] == round(6 * 6 / 16, 3)
+    assert [r["step"] for r in recs if r["event"] == "train"] == list(range(1, 7))
+    assert training_metadata(tmp_path / "o" / "model.apr")["training.data_position"] == 36
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path):

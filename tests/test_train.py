@@ -15,7 +15,7 @@ from apr_kernels.train.cli import byte_tokenizer
 from apr_kernels.train.data import (BatchStream, batch, find_text_files, sequences, split_holdout,
                                     tokenize_files)
 from apr_kernels.train.loop import Trainer, TrainConfig
-from apr_kernels.train.schedule import lr_at
+from apr_kernels.train.schedule import default_warmup, lr_at
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -47,6 +47,24 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert all(a > b for a, b in zip(after, after[1:]))
     with pytest.raises(ValueError, match="step=-1"):
         lr_at(-1, **kw)
+
+
+def test_epochs_give_the_steps_of_whole_passes_over_the_data():
+    cfg = TrainConfig(batch_size=4, grad_accum=2)  # 8 items a step
+    assert cfg.for_epochs(None, 62, warmup=None, what="x") is cfg
+    assert cfg.for_epochs(1, 64, warmup=None, what="x").steps == 8  # exactly 8 steps
+    assert cfg.for_epochs(1, 62, warmup=None, what="x").steps == 8  # 7.75: the last pass completed
+    assert cfg.for_epochs(1.5, 62, warmup=None, what="x").steps == 12  # 11.625
+    assert cfg.for_epochs(0.01, 62, warmup=None, what="x").steps == 1  # at least one step
+    # 0.1 * 30 is 3.0000000000000004 in floats: still 3 steps, not 4
+    assert TrainConfig(batch_size=1).for_epochs(0.1, 30, warmup=None, what="x").steps == 3
+    fitted = cfg.for_epochs(100, 80, warmup=None, what="x")  # 1000 steps: the default warmup follows them
+    assert fitted.steps == 1000 and fitted.warmup == default_warmup(1000) == 100 and cfg.warmup == 10
+    assert cfg.for_epochs(2, 80, warmup=5, what="x").warmup == 5
+    assert cfg.for_epochs(2, 80, warmup=None, what="x").batch_size == 4  # nothing else changes
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"--epochs {bad}: expected a positive number of passes over the pairs"):
+            cfg.for_epochs(bad, 80, warmup=None, what="pairs")
 
 
 def test_schedule_linear_wsd_and_constant():

@@ -370,6 +370,29 @@ def test_keep_last_prunes_old_periodic_checkpoints(capsys, tmp_path):
     assert [Path(p).name for p in removed] == ["step_000001.apr", "step_000002.apr"]
 
 
+def test_epochs_train_whole_passes_over_the_training_sequences(capsys, tmp_path):
+    """--epochs 1.5 over 2000 bytes at --seq-len 32 (bytes + end-of-text: 62 sequences), 8 a step:
+    ceil(1.5 * 62 / 8) = 12 steps, every sequence seen once and half of them twice; --steps with it
+    is refused."""
+    data = tmp_path / "a.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 74 + "##")  # 27 * 74 + 2 = 2000 ASCII bytes
+    assert data.stat().st_size == 2000
+    common = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(data), "--eval-data", HELD,
+              "--batch-size", "4", "--grad-accum", "2", "--seq-len", "32", "--eval-tokens", "64", "--json",
+              "--no-token-cache"]
+    code, out, err = run(capsys, *common, "--epochs", "1.5", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    start = json_lines(out)[0]
+    assert start["steps"] == 12 and start["train_tokens"] == 62 * 32 and start["epochs"] == round(96 / 62, 3)
+    assert [r["step"] for r in json_lines(out) if r["event"] == "train"] == list(range(1, 13))
+    meta = apr_kernels.open(tmp_path / "o" / "model.apr").metadata
+    assert meta["training.step"] == 12 and meta["training.data_position"] == 96
+    assert meta["training.config"]["steps"] == 12  # resolved once: a resumed run keeps it
+    with pytest.raises(SystemExit):
+        main([*common, "--epochs", "1", "--steps", "3", "--out", str(tmp_path / "x")])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
     """`tokenize` with train's data arguments writes the cache entries; train with the same arguments
     maps them (no tokenising) and its eval covers the same tokens."""

@@ -478,6 +478,13 @@ def _train(args, env, mode: str) -> int:
     # file. No collective here: a long first tokenisation must not run into the process-group timeout.
     train_tokens, eval_tokens = load_data(spec, tok, cfg.seq_len, cfg.eval_tokens, cache_dir=cache_dir, log=note,
                                           packing=cfg.packing)
+    if args.epochs is not None and not args.resume:  # (a resumed run keeps the steps it resolved)
+        from .data import num_sequences
+        from .mixture import Mixture
+
+        n = len(train_tokens) if isinstance(train_tokens, Mixture) else num_sequences(train_tokens.numel(),
+                                                                                         cfg.seq_len)
+        cfg = cfg.for_epochs(args.epochs, n, warmup=args.warmup, what="training sequences")
     out = Path(args.out)
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
@@ -959,7 +966,10 @@ def register(subparsers) -> None:
                    help="adamw, or muon: Muon on the decoder layers' weight matrices and AdamW on the rest (the "
                         "same --lr; not under FSDP)")
     o.add_argument("--muon-momentum", type=float, default=None, help=f"Muon's momentum (default {d.muon_momentum})")
-    o.add_argument("--steps", type=int, default=d.steps)
+    length = o.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    length.add_argument("--epochs", type=float, default=None,
+                        help="passes over the training sequences instead of --steps (rounded up to whole steps)")
     o.add_argument("--batch-size", type=int, default=d.batch_size)
     o.add_argument("--seq-len", type=int, default=d.seq_len)
     o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")

@@ -37,8 +37,8 @@ import time
 import torch
 
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, logger_for, packed,
-                        padded, parallel_for, run_command, settings_and_model, start_fields, tokenizer_for,
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, held_out, logger_for,
+                        packed, padded, parallel_for, run_command, settings_and_model, start_fields, tokenizer_for,
                         train_and_save)
 from .preference import answer_ids
 
@@ -237,6 +237,7 @@ def _gkd(args, env, mode: str) -> int:
     else:  # a held-out share, chosen by the seed
         keep, held = held_out(len(records), gkd["eval_fraction"], cfg.seed)
         eval_records, records = [records[i] for i in held], [records[i] for i in keep]
+    cfg = fit_epochs(args, cfg, len(records), "records")
     if gkd["max_prompt_len"] + gkd["max_new_tokens"] > model.config.max_position_embeddings:
         raise ValueError(f"--max-prompt-len {gkd['max_prompt_len']} + --max-new-tokens {gkd['max_new_tokens']} exceed "
                          f"the model's max_position_embeddings {model.config.max_position_embeddings}")

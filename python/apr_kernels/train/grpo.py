@@ -78,9 +78,9 @@ from pathlib import Path
 import torch
 
 from .loop import TrainConfig, autocast_dtype_for
-from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, load_model, logger_for,
-                        lora_settings, parallel_for, resumed, run_command, sequence_logps, start_fields,
-                        token_logps, tokenizer_for, train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, load_model, logger_for,
+                        lora_settings, parallel_for, resumed, run_command, sequence_logps, start_fields, token_logps,
+                        tokenizer_for, train_and_save)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -644,6 +644,7 @@ def _grpo(args, env, mode: str) -> int:
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
     run = SamplingRun(args, env, mode, grpo, cfg, load)
+    cfg = fit_epochs(args, cfg, len(run.prompts), "prompts")
     teacher = None
     if grpo.get("teacher"):  # on-policy distillation: whole on every rank
         from .cli import load_teacher

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, logger_for,
-                        parallel_for, reference_state, run_command, settings_and_model, start_fields,
-                        stored_reference, tokenizer_for, train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, held_out, logger_for,
+                        parallel_for, reference_state, run_command, settings_and_model, start_fields, stored_reference,
+                        tokenizer_for, train_and_save)
 from .preference import answer_ids
 
 
@@ -207,6 +207,7 @@ def _kto(args, env, mode: str) -> int:
         keep, held = held_out(len(items), kto["eval_fraction"], cfg.seed)
         eval_items, eval_labels = [items[i] for i in held], [labels[i] for i in held]
         items, labels = [items[i] for i in keep], [labels[i] for i in keep]
+    cfg = fit_epochs(args, cfg, len(items), "examples")
     # the reference: the original model's, stored with the checkpoint on --resume
     ref = stored_reference(args.resume, "kto", len(items)) if args.resume else None
     if not args.resume:

@@ -120,6 +120,20 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: v for k, v in d.items() if k in known}, **overrides})
 
+    def for_epochs(self, epochs: float | None, items: int, *, warmup: int | None, what: str) -> "TrainConfig":
+        """This config with ``steps`` for ``epochs`` passes over ``items`` training items (sequences,
+        pairs, prompts...) taken ``batch_size * grad_accum`` per step, rounded up so the last pass is
+        whole (TRL's ``num_train_epochs``); ``warmup`` as given (None: the default for the new steps).
+        Itself when ``epochs`` is None. ``what`` names the items in errors."""
+        if epochs is None:
+            return self
+        if not (epochs > 0 and math.isfinite(epochs)):
+            raise ValueError(f"--epochs {epochs}: expected a positive number of passes over the {what}")
+        per_step = self.batch_size * self.grad_accum
+        # (a float product like 0.3 * 10 = 3.0000000000000004 must not round up to an extra step)
+        steps = max(1, math.ceil(round(epochs * items / per_step, 9)))
+        return dataclasses.replace(self, steps=steps, warmup=warmup)
+
 
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a ``TrainConfig.precision`` on ``device`` (None: fp32, no autocast)."""

@@ -27,8 +27,8 @@ import time
 import torch
 
 from .grpo import GRPOTrainer, SamplingRun, add_sampling_options, sampling_settings
-from .posttrain import (add_options, config_from, lora_settings, parallel_for, resumed, run_command, sequence_logps,
-                        start_fields, train_and_save)
+from .posttrain import (add_options, config_from, fit_epochs, lora_settings, parallel_for, resumed, run_command,
+                        sequence_logps, start_fields, train_and_save)
 from .preference import dpo_loss
 
 LOSSES = ("sigmoid", "ipo")
@@ -154,6 +154,7 @@ def _online_dpo(args, env, mode: str) -> int:
         cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
         load = lora_settings(args)
     run = SamplingRun(args, env, mode, settings, cfg, load)
+    cfg = fit_epochs(args, cfg, len(run.prompts), "prompts")
     reference = run.reference(True)
     if not args.resume:
         torch.manual_seed(cfg.seed)

@@ -259,6 +259,12 @@ def config_from(args, **fields) -> TrainConfig:
                        lora_plus_ratio=args.lora_plus_ratio, **fields)
 
 
+def fit_epochs(args, cfg: TrainConfig, items: int, what: str) -> TrainConfig:
+    """``cfg`` with the steps of ``--epochs`` passes over ``items`` training ``what`` (a fresh run given
+    ``--epochs``); ``cfg`` itself otherwise (a resumed run keeps the steps it started with)."""
+    return cfg if args.resume else cfg.for_epochs(args.epochs, items, warmup=args.warmup, what=what)
+
+
 def resumed(args, command: str) -> tuple[dict, TrainConfig]:
     """(the run's ``training.<command>`` settings, its ``TrainConfig``) from ``--resume``'s checkpoint."""
     from .checkpoint import training_metadata
@@ -381,7 +387,9 @@ def settings_and_model(args, env, mode: str, device, command: str, fresh, **mode
 def start_fields(trainer, device) -> dict:
     """What every post-training run's ``start`` line reports besides its own settings."""
     model = trainer.model
-    return {"step": trainer.step, "steps": trainer.cfg.steps, "world": trainer.world, "device": str(device),
+    c = trainer.cfg
+    return {"step": trainer.step, "steps": c.steps, "world": trainer.world, "device": str(device),
+            "epochs": round(c.steps * c.batch_size * c.grad_accum / max(1, trainer.batches.n), 3),
             "padding_free": trainer.padding_free,
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "lora_rank": (getattr(model, "lora", None) or {}).get("rank")}
@@ -422,7 +430,10 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                                     f"auto: the newest in --out (a fresh start without one, nothing when --out is "
                                     f"finished)")
     p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
-    p.add_argument("--steps", type=int, default=100)
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    length.add_argument("--epochs", type=float, default=None,
+                        help="passes over the training data instead of --steps (rounded up to whole steps)")
     p.add_argument("--lr", type=float, default=lr, help=lr_help)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--weight-decay", type=float, default=0.0)

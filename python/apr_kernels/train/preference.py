@@ -77,9 +77,9 @@ import torch.nn.functional as F
 from .data import marked_ids
 from .loop import TrainConfig
 from .posttrain import padded, sequence_logps  # noqa: F401 (re-exported: the functions DPO is made of)
-from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, logger_for,
-                        parallel_for, reference_state, run_command, settings_and_model, start_fields,
-                        stored_reference, tokenizer_for, train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, held_out, logger_for,
+                        parallel_for, reference_state, run_command, settings_and_model, start_fields, stored_reference,
+                        tokenizer_for, train_and_save)
 
 
 def read_pairs(paths, tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -321,6 +321,7 @@ def _dpo(args, env, mode: str) -> int:
     else:  # a held-out share of the pairs, chosen by the seed
         keep, held = held_out(len(pairs), dpo["eval_fraction"], cfg.seed)
         pairs, eval_pairs = [pairs[i] for i in keep], [pairs[i] for i in held]
+    cfg = fit_epochs(args, cfg, len(pairs), "preference pairs")
     # the reference: the original model's, stored with the checkpoint on --resume
     ref = stored_reference(args.resume, "dpo", len(pairs)) if args.resume else None
     if not args.resume:

@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .loop import TrainConfig
-from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, held_out, logger_for,
-                        parallel_for, run_command, settings_and_model, start_fields, tokenizer_for,
-                        train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, held_out, logger_for,
+                        parallel_for, run_command, settings_and_model, start_fields, tokenizer_for, train_and_save)
 from .preference import answer_ids
 
 
@@ -232,6 +231,7 @@ def _reward(args, env, mode: str) -> int:
         keep, held = held_out(len(pairs), reward["eval_fraction"], cfg.seed)
         eval_pairs, eval_margins = [pairs[i] for i in held], [margins[i] for i in held]
         pairs, margins = [pairs[i] for i in keep], [margins[i] for i in keep]
+    cfg = fit_epochs(args, cfg, len(pairs), "preference pairs")
     if not args.resume:
         torch.manual_seed(cfg.seed)
     parallel = parallel_for(model, env, mode)
