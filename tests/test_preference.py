@@ -391,7 +391,35 @@ def test_cli_epochs_set_the_steps_from_the_pairs(tmp_path, capsys):
     assert training_metadata(tmp_path / "o" / "model.apr")["training.data_position"] == 36
 
 
-def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path):
+def test_cli_wandb_run_of_a_post_training_command(tmp_path, capsys, monkeypatch):
+    """dpo --wandb (offline): the train and eval records' numbers at their steps, as train's."""
+    pytest.importorskip("wandb")
+    from apr_kernels.cli import main
+    from wandb_records import finished_run_file, history
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
+    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    assert main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "2", "--batch-size",
+                 "2", "--max-len", "64", "--json", "--wandb", "apr-tests", "--out", str(tmp_path / "o")]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    run_file = finished_run_file(tmp_path / "o")
+    rows = {}
+    for row in history(run_file):
+        rows.setdefault(row["_step"], {}).update(row)
+    train = [r for r in recs if r["event"] == "train"]
+    assert [rows[r["step"]]["train/loss"] for r in train] == pytest.approx([r["loss"] for r in train], rel=1e-12)
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [rows[r["step"]]["eval/reward_acc"] for r in evals] == [r["eval_reward_acc"] for r in evals]
+    assert [r["step"] for r in evals] == [0, 2]
+
+
+def test_tensorboard_or_wandb_without_the_package_is_a_clear_error(monkeypatch, tmp_path):
     import sys
 
     from apr_kernels.train.loop import Logger
@@ -400,6 +428,10 @@ def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path)
     with pytest.raises(ValueError, match=r"--tensorboard .*tb: the tensorboard package is not installed; "
                                          r"pip install 'apr-kernels\[tensorboard\]'"):
         Logger(tensorboard=tmp_path / "tb")
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ValueError, match=r"--wandb proj: the wandb package is not installed; "
+                                         r"pip install 'apr-kernels\[wandb\]'"):
+        Logger(wandb={"project": "proj"})
 
 
 def test_cli_dpo_resume_auto_and_keep_last(tmp_path, capsys):

@@ -393,6 +393,41 @@ def test_epochs_train_whole_passes_over_the_training_sequences(capsys, tmp_path)
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+def test_wandb_run_holds_the_logged_values(capsys, tmp_path, monkeypatch):
+    """--wandb PROJECT (offline): the run, named after --out and kept under it, holds each train and
+    eval record's numbers at their steps (read back from wandb's run file with its own protobuf
+    messages) and the start record as its config."""
+    pytest.importorskip("wandb")
+    from wandb_records import config, finished_run_file, history, records
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("WANDB_DIR", "WANDB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "wb-run"
+    code, stdout, err = run(capsys, "train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data",
+                            str(STDLIB / "textwrap.py"), "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                            "--eval-tokens", "64", "--eval-every", "2", "--json", "--no-token-cache",
+                            "--wandb", "apr-tests", "--out", str(out))
+    assert code == 0, err
+    recs = json_lines(stdout)
+    run_file = finished_run_file(out)
+    (run_rec,) = [r.run for r in records(run_file) if r.WhichOneof("record_type") == "run"]
+    assert (run_rec.project, run_rec.display_name) == ("apr-tests", "wb-run")
+    rows = {}
+    for row in history(run_file):  # wandb merges what is logged at one step into one row
+        rows.setdefault(row["_step"], {}).update(row)
+    for r in recs:
+        if r["event"] in ("train", "eval"):
+            for key, v in r.items():
+                if key not in ("event", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    name = f"{r['event']}/{key.removeprefix('eval_') if r['event'] == 'eval' else key}"
+                    assert rows[r["step"]][name] == pytest.approx(v, rel=1e-12), (r["step"], name)
+    assert sorted(rows) == [0, 1, 2, 3] and "eval/loss" in rows[0] and "train/loss" in rows[3]
+    cfg = config(run_file)
+    assert cfg["steps"] == 3 and cfg["tokens_per_step"] == 2 * 32 and cfg["device"] == "cpu"
+
+
 def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
     """`tokenize` with train's data arguments writes the cache entries; train with the same arguments
     maps them (no tokenising) and its eval covers the same tokens."""

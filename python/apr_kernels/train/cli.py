@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .loop import Logger, TrainConfig, Trainer, autocast_dtype_for
+from .loop import Logger, TrainConfig, Trainer, autocast_dtype_for, wandb_settings
 from .schedule import SCHEDULES
 
 
@@ -283,12 +283,13 @@ def choices_eval(paths, tokenizer):
 
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
                  data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None,
-                 keep_last: int = 0, tensorboard=None, teacher=None):
+                 keep_last: int = 0, tensorboard=None, wandb=None, teacher=None):
     """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end).
 
     ``parallel``: DDP/FSDP (``distributed.parallelize``); rank 0 logs and writes the checkpoints.
     ``keep_last``: after each periodic checkpoint keep only the newest ``keep_last`` ``step_*.apr``
-    files of ``out`` (0: keep all). ``tensorboard``: a folder for TensorBoard event files (rank 0).
+    files of ``out`` (0: keep all). ``tensorboard``: a folder for TensorBoard event files, ``wandb``: a
+    Weights & Biases run's ``loop.wandb_settings`` (rank 0).
     ``teacher``: the model to distil from (``load_teacher``).
     """
     from . import distributed
@@ -298,7 +299,7 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     extras = ([choices_eval(cfg.eval_choices, tokenizer)] if cfg.eval_choices else []) + \
         ([sources_eval(eval_tokens, train_tokens.held_sources)] if getattr(train_tokens, "held_sources", None) else [])
     trainer = Trainer(model, train_tokens, eval_tokens, cfg, parallel=parallel,
-                      log=Logger(json_lines, tensorboard=tensorboard) if main else (lambda *a: None),
+                      log=Logger(json_lines, tensorboard=tensorboard, wandb=wandb) if main else (lambda *a: None),
                       eos_id=getattr(tokenizer, "eos_id", None), teacher=teacher,
                       extra_eval=(lambda t: {k: v for e in extras for k, v in e(t).items()}) if extras else None)
     if resume_from:
@@ -489,7 +490,7 @@ def _train(args, env, mode: str) -> int:
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
                            resume_from=args.resume, parallel=parallel, keep_last=args.keep_last,
-                           tensorboard=args.tensorboard, teacher=teacher)
+                           tensorboard=args.tensorboard, wandb=wandb_settings(args.wandb, out), teacher=teacher)
     if trainer.last_eval:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
@@ -1026,6 +1027,9 @@ def register(subparsers) -> None:
     _common(p)
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write the logged values as TensorBoard event files into DIR")
+    p.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log the values to a Weights & Biases run in PROJECT (named after --out; wandb's "
+                        "environment applies, e.g. WANDB_MODE=offline)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("tokenize", help="fill the token cache ahead of `train` (same data arguments)")

@@ -179,12 +179,22 @@ def peak_tflops(device: torch.device) -> float | None:
 class Logger:
     """Log lines on stdout (text or JSON), kept clear of the progress bar; with ``tensorboard`` (a
     folder) also TensorBoard event files: each train and eval record's numbers as scalars
-    ``train/<key>`` and ``eval/<key>`` at the record's step, the start record as text."""
+    ``train/<key>`` and ``eval/<key>`` at the record's step, the start record as text; with ``wandb``
+    (``wandb_settings``) the same numbers in a Weights & Biases run, the start record as its config
+    (wandb's own environment variables apply: ``WANDB_MODE=offline``, ``WANDB_ENTITY``, ...)."""
 
-    def __init__(self, json_lines: bool = False, stream=None, tensorboard: str | os.PathLike | None = None):
+    def __init__(self, json_lines: bool = False, stream=None, tensorboard: str | os.PathLike | None = None,
+                 wandb: dict | None = None):
         self.json_lines = json_lines
         self.stream = stream
-        self.board = None
+        self.board = self.wandb = None
+        if wandb is not None:
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                raise ValueError(f"--wandb {wandb['project']}: the wandb package is not installed; "
+                                 f"pip install 'apr-kernels[wandb]'") from None
+            self.wandb = wandb_lib.init(**wandb)
         if tensorboard is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -206,16 +216,19 @@ class Logger:
         out.flush()
         if self.board is not None:
             self._to_board(event, record)
+        if self.wandb is not None:
+            if event == "start":
+                self.wandb.config.update(record, allow_val_change=True)
+            elif event in ("train", "eval"):
+                self.wandb.log(_scalars(event, record), step=int(record.get("step") or 0))
 
     def _to_board(self, event: str, record: dict) -> None:
         step = int(record.get("step") or 0)
         if event == "start":
             self.board.add_text("start", "  \n".join(f"{k}: {v}" for k, v in record.items()), step)
         elif event in ("train", "eval"):
-            for key, v in record.items():
-                if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    name = key.removeprefix("eval_") if event == "eval" else key
-                    self.board.add_scalar(f"{event}/{name}", v, step)
+            for name, v in _scalars(event, record).items():
+                self.board.add_scalar(name, v, step)
         else:
             return
         self.board.flush()  # visible to a running TensorBoard at once, and nothing lost on a crash
@@ -223,6 +236,31 @@ class Logger:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None  # (records after the run, such as train's "done", stay on stdout)
+
+
+def _scalars(event: str, record: dict) -> dict[str, float]:
+    """A train or eval record's numbers as ``train/<key>`` / ``eval/<key>`` (``eval_`` prefixes
+    dropped: ``eval_loss`` is ``eval/loss``), the step left out."""
+    return {f"{event}/{key.removeprefix('eval_') if event == 'eval' else key}": v for key, v in record.items()
+            if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def wandb_settings(project: str | None, out) -> dict | None:
+    """``wandb.init`` keywords for ``--wandb PROJECT`` (None without it): the run named after the output
+    folder and its files under it, unless ``WANDB_NAME`` / ``WANDB_DIR`` say otherwise."""
+    if not project:
+        return None
+    from pathlib import Path
+
+    out = Path(out).resolve()
+    settings = {"project": project, "name": os.environ.get("WANDB_NAME") or out.name}
+    if not os.environ.get("WANDB_DIR"):
+        out.mkdir(parents=True, exist_ok=True)
+        settings["dir"] = str(out)
+    return settings
 
 
 def _fmt(key: str, v) -> str:

@@ -337,10 +337,12 @@ def parallel_for(model, env, mode: str):
 
 
 def logger_for(args, env):
-    """``--json`` / ``--tensorboard`` logging on rank 0; None on the other ranks (they log nothing)."""
-    from .loop import Logger
+    """``--json`` / ``--tensorboard`` / ``--wandb`` logging on rank 0; None on the other ranks (they log
+    nothing)."""
+    from .loop import Logger, wandb_settings
 
-    return Logger(args.json, tensorboard=args.tensorboard) if env.is_main else None
+    return Logger(args.json, tensorboard=args.tensorboard, wandb=wandb_settings(args.wandb, args.out)) \
+        if env.is_main else None
 
 
 def run_command(args, body) -> int:
@@ -469,3 +471,6 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--json", action="store_true", help="log JSON lines")
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write the logged values as TensorBoard event files into DIR")
+    p.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log the values to a Weights & Biases run in PROJECT (named after --out; wandb's "
+                        "environment applies, e.g. WANDB_MODE=offline)")
