@@ -175,7 +175,7 @@ def runs(tmp_path_factory):
     docs = ["--document-mask", "--data", train_docs, "--eval-data", held_docs]
     code, one_docs_out = _cli(main, ["train", "--init", str(init), *COMMON, *docs, "--out", str(root / "one_docs")])
     assert code == 0
-    lora = ["--lora-rank", "4", "--lr", "1e-2"]
+    lora = ["--lora-rank", "4", "--lr", "1e-2", "--save-best"]  # (best.apr: gathered and merged under FSDP)
     code, one_lora_out = _cli(main, ["train", "--init", str(init), *COMMON, *lora, "--out", str(root / "one_lora")])
     assert code == 0
     # Muon on the decoder matrices (AdamW on the rest): every rank applies the same update
@@ -416,6 +416,14 @@ def test_fsdp_lora_checkpoints_resume_sharded_and_merge_at_the_end(runs):
     assert meta_a["training.lora"] == meta_b["training.lora"]
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+    # --save-best: the eval at the last step is the run's only one after training, so best.apr is that
+    # model too, written through the same gather (merged, no optimizer state)
+    (best, meta_best), (ref_best, _) = (_tensors(runs["root"] / "fsdp_lora" / "best.apr"),
+                                        _tensors(runs["root"] / "one_lora" / "best.apr"))
+    assert meta_best["training.step"] == 4 and sorted(best) == sorted(b)
+    for name in b:
+        torch.testing.assert_close(best[name], ref_best[name], rtol=1e-4, atol=5e-5, msg=name)
+        torch.testing.assert_close(best[name], a[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("run", ["run6", "run7"], ids=["ddp", "fsdp"])

@@ -428,6 +428,59 @@ def test_wandb_run_holds_the_logged_values(capsys, tmp_path, monkeypatch):
     assert cfg["steps"] == 3 and cfg["tokens_per_step"] == 2 * 32 and cfg["device"] == "cpu"
 
 
+def test_early_stopping_and_best_checkpoint_follow_the_eval_losses(capsys, tmp_path):
+    """A bouncing run (lr 3e-2, an eval every step) without early stopping gives the eval losses; from
+    them the test works out where --early-stopping-patience 2 must stop and which step is best. The
+    stopped run ends there (model.apr marked finished, --resume auto has nothing to do), best.apr
+    re-evaluates to the best loss, and a run resumed before the stop stops at the same step."""
+    common = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"),
+              "--eval-data", str(STDLIB / "json"), "--steps", "10", "--batch-size", "2", "--seq-len", "32",
+              "--eval-tokens", "128", "--eval-every", "1", "--lr", "3e-2", "--json", "--no-token-cache"]
+    code, out, err = run(capsys, *common, "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    losses = {r["step"]: r["eval_loss"] for r in json_lines(out) if r["event"] == "eval"}
+    best, stale, stop = None, 0, None  # the rule, written out: step 0 is the baseline, not a candidate
+    for step in range(1, 11):
+        if best is None or losses[step] < losses[best]:
+            best, stale = step, 0
+        else:
+            stale += 1
+        if stale == 2:
+            stop = step
+            break
+    assert stop is not None and stop < 10, losses  # (the settings must make the loss bounce)
+
+    es = [*common, "--early-stopping-patience", "2", "--save-best", "--save-every", "1"]
+    code, out, err = run(capsys, *es, "--out", str(tmp_path / "es"))
+    assert code == 0, err
+    recs = json_lines(out)
+    assert [r["step"] for r in recs if r["event"] == "train"] == list(range(1, stop + 1))
+    assert [r["eval_loss"] for r in recs if r["event"] == "eval"] == [losses[s] for s in range(stop + 1)]
+    (early,) = [r for r in recs if r["event"] == "early_stop"]
+    assert (early["step"], early["best_step"], early["best_eval_loss"]) == (stop, best, losses[best])
+    bests = [r["step"] for r in recs if r["event"] == "best"]
+    assert bests[-1] == best and all(losses[a] > losses[b] for a, b in zip(bests, bests[1:]))
+    meta = apr_kernels.open(tmp_path / "es" / "model.apr").metadata
+    assert meta["training.step"] == stop and meta["training.stopped_early"] is True
+    best_meta = apr_kernels.open(tmp_path / "es" / "best.apr").metadata
+    assert best_meta["training.step"] == best and "training.format" not in best_meta  # a model, not resumable
+    assert not any(k.startswith("__training__") for k in apr_kernels.load(tmp_path / "es" / "best.apr"))
+    code, out, err = run(capsys, "eval", "--init", str(tmp_path / "es" / "best.apr"), "--data", str(STDLIB / "json"),
+                         "--seq-len", "32", "--max-tokens", "128")
+    assert code == 0, err
+    assert float(out.split("eval_loss=")[1].split()[0]) == pytest.approx(losses[best], abs=1e-5)
+    code, _, err = run(capsys, *es, "--resume", "auto", "--out", str(tmp_path / "es"))
+    assert code == 0 and "nothing to do" in err
+    # resumed one step before the stop: the count of evals without improvement carries over
+    code, out, err = run(capsys, "train", "--resume", str(tmp_path / "es" / f"step_{stop - 1:06d}.apr"), "--json",
+                         "--out", str(tmp_path / "resumed"))
+    assert code == 0, err
+    assert [r["step"] for r in json_lines(out) if r["event"] == "early_stop"] == [stop]
+    code, _, err = run(capsys, *[a if a != "--eval-every" else "--log-every" for a in es], "--out",
+                       str(tmp_path / "bad"))
+    assert code == 1 and "early_stopping_patience=2 with eval_every=0; expected >= 0, and periodic evals" in err
+
+
 def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
     """`tokenize` with train's data arguments writes the cache entries; train with the same arguments
     maps them (no tokenising) and its eval covers the same tokens."""

@@ -125,13 +125,15 @@ def merged_weights(model) -> dict[str, LazyTensor]:
 
 def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokenizer=None,
                     extra_metadata: dict | None = None, state: tuple[dict, dict] | None = None,
-                    merge_lora: bool = False, extra_tensors: dict | None = None) -> None:
+                    merge_lora: bool = False, extra_tensors: dict | None = None, weights_only: bool = False) -> None:
     """Write ``trainer``'s model and training state (or just ``model``) as one APR file.
 
     ``state``: (weights, moments) of a sharded model, as LazyTensors that all-gather when written
     (``distributed.save_checkpoint``), used instead of the parameters and optimizer of this process
     (with ``merge_lora``, the weights are the merged ones). ``merge_lora``: a LoRA
     model is written with its adapters folded in and without optimizer state (module docstring).
+    ``weights_only``: any model written that way (a LoRA one merged): a model with the step and eval
+    loss it had, not a resumable checkpoint (``train --save-best``'s best.apr).
     ``extra_tensors``: more training state, stored under ``__training__.<name>``.
     """
     import apr_kernels
@@ -139,17 +141,19 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
     model = model if model is not None else trainer.model
     weights, moments = state if state is not None else (None, None)
     lora = getattr(model, "lora", None)
-    if merge_lora and lora:
+    if (merge_lora and lora) or weights_only:
         meta = model_metadata(model, tokenizer)
-        del meta["lora"]
-        meta["training.lora"] = dict(lora)
+        if lora:
+            del meta["lora"]
+            meta["training.lora"] = dict(lora)
         if trainer is not None:
             meta.update({"training.step": trainer.step, "training.config": trainer.cfg.to_dict()})
             if trainer.last_eval is not None:
                 meta["training.eval_loss"], meta["training.eval_tokens"] = trainer.last_eval
         meta.update(extra_metadata or {})
-        apr_kernels.save(model_tensors(model, weights if weights is not None else merged_weights(model)),
-                         path, metadata=meta)
+        if weights is None and lora:
+            weights = merged_weights(model)
+        apr_kernels.save(model_tensors(model, weights), path, metadata=meta)
         return
     tensors = model_tensors(model, weights)
     meta = model_metadata(model, tokenizer)
@@ -176,6 +180,9 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
             meta["training.grad_scaler"] = trainer.scaler.state_dict()
         if trainer.last_eval is not None:
             meta["training.eval_loss"], meta["training.eval_tokens"] = trainer.last_eval
+        if getattr(trainer, "best_eval", None) is not None:  # (train --save-best / --early-stopping-patience)
+            meta["training.best_eval"] = list(trainer.best_eval)
+            meta["training.stale_evals"] = trainer.stale_evals
     meta.update(extra_metadata or {})
     tensors.update({f"{PREFIX}{name}": t for name, t in (extra_tensors or {}).items()})
     apr_kernels.save(tensors, path, metadata=meta)
@@ -245,6 +252,9 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
         trainer.scaler.load_state_dict(meta["training.grad_scaler"])
     if "training.eval_loss" in meta:
         trainer.last_eval = (float(meta["training.eval_loss"]), int(meta["training.eval_tokens"]))
+    if "training.best_eval" in meta:
+        loss, step = meta["training.best_eval"]
+        trainer.best_eval, trainer.stale_evals = (float(loss), int(step)), int(meta["training.stale_evals"])
     if rng_cpu is not None:
         torch.set_rng_state(rng_cpu)
     if rng_cuda is not None:

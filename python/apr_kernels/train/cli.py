@@ -316,18 +316,25 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
             return tok_meta
 
     def checkpoint(t: Trainer):
-        final = t.step == cfg.steps
+        final = t.step == cfg.steps or t.stopped_early
         path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
         # a LoRA run's final model is written merged: a plain model for every reader. Parallel:
-        # gathered, written by rank 0, every rank waits
-        distributed.save_checkpoint(path, t, parallel, tokenizer=_Tok(),
-                                    extra_metadata={"training.data_spec": data_spec}, merge_lora=final)
+        # gathered, written by rank 0, every rank waits. An early-stopped run's model.apr says so
+        # (--resume auto then sees a finished run).
+        meta = {"training.data_spec": data_spec, **({"training.stopped_early": True} if t.stopped_early else {})}
+        distributed.save_checkpoint(path, t, parallel, tokenizer=_Tok(), extra_metadata=meta, merge_lora=final)
         t.log("checkpoint", {"step": t.step, "path": str(path)})
         if main:
             prune_checkpoints(out, keep_last, t.log)
 
+    def best(t: Trainer):  # --save-best: the model (merged, no optimizer state) of the best eval so far
+        path = out / "best.apr"
+        distributed.save_checkpoint(path, t, parallel, tokenizer=_Tok(), merge_lora=True, weights_only=True,
+                                    extra_metadata={"training.data_spec": data_spec})
+        t.log("best", {"step": t.step, "eval_loss": t.best_eval[0], "path": str(path)})
+
     try:
-        trainer.run(on_checkpoint=checkpoint, progress=progress)
+        trainer.run(on_checkpoint=checkpoint, progress=progress, on_best=best if cfg.save_best else None)
     finally:
         if main:
             trainer.log.close()
@@ -369,7 +376,8 @@ def resolve_auto_resume(args) -> bool:
     if final.exists():
         with apr_kernels.open(final) as f:  # (a LoRA run's final file is merged: not resumable, but finished)
             meta = f.metadata
-        if meta.get("training.step") == (meta.get("training.config") or {}).get("steps"):
+        total = (meta.get("training.config") or {}).get("steps")
+        if meta.get("training.stopped_early") or meta.get("training.step") == total:  # (early stopping: finished)
             print(f"--resume auto: {final} is the finished run (step {meta['training.step']}); nothing to do",
                   file=sys.stderr)
             return False
@@ -441,6 +449,7 @@ def _train(args, env, mode: str) -> int:
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
+                          save_best=args.save_best, early_stopping_patience=args.early_stopping_patience,
                           document_mask=args.document_mask, packing=args.packing, precision=args.precision,
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
                           optimizer=args.optimizer, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
@@ -1002,6 +1011,12 @@ def register(subparsers) -> None:
     r.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: end)")
     r.add_argument("--keep-last", type=int, default=0,
                    help="keep only the newest N periodic step_*.apr checkpoints (0: all)")
+    r.add_argument("--save-best", action="store_true",
+                   help="write best.apr (the model, LoRA merged) at each eval that lowers the best eval loss "
+                        "of the run")
+    r.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
+                   help="end the run (model.apr at that step) after N evals in a row without a lower eval loss "
+                        "(needs --eval-every; 0: never)")
     r.add_argument("--out", default="runs/train", help="checkpoint folder (default runs/train)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     lo = p.add_argument_group("LoRA (adapters on a frozen model)")

@@ -57,6 +57,8 @@ class TrainConfig:
     eval_choices: list | None = None    # multiple-choice question files scored at every eval (choices.py)
     log_every: int = 1
     save_every: int = 0                 # 0: checkpoint only at the end
+    save_best: bool = False             # write best.apr at each eval that lowers the best eval loss
+    early_stopping_patience: int = 0    # stop after this many evals without a lower eval loss (0: never)
     seed: int = 42
     document_mask: bool = False         # attend only within each document (ends at the eos id)
     packing: str = "stream"             # stream: cut every seq_len tokens | records: documents whole (data.py)
@@ -95,6 +97,10 @@ class TrainConfig:
                              f"expected 0 <= label_smoothing <= 1 and z_loss >= 0")
         if not self.lora_plus_ratio >= 0:
             raise ValueError(f"training config: lora_plus_ratio={self.lora_plus_ratio}; expected >= 0 (0: off)")
+        if self.early_stopping_patience < 0 or (self.early_stopping_patience and not self.eval_every):
+            raise ValueError(f"training config: early_stopping_patience={self.early_stopping_patience} with "
+                             f"eval_every={self.eval_every}; expected >= 0, and periodic evals (--eval-every N) "
+                             f"to count with it")
         if not self.neftune_alpha >= 0:
             raise ValueError(f"training config: neftune_alpha={self.neftune_alpha}; expected >= 0")
         if self.teacher and (self.label_smoothing or self.z_loss):
@@ -348,6 +354,12 @@ class Trainer:
         self.step = 0
         self.log = log or Logger()
         self.last_eval: tuple[float, int] | None = None
+        # the lowest eval loss of a training step so far, as (loss, step), and the evals since it
+        # (cfg.save_best, cfg.early_stopping_patience; saved in checkpoints so a resumed run goes on
+        # counting); the step-0 eval of the starting model is a baseline, not a candidate, as in HF
+        self.best_eval: tuple[float, int] | None = None
+        self.stale_evals = 0
+        self.stopped_early = False
         self.history: list[dict] = []
         # model FLOPs of one step over the whole job's peak, for the logged MFU (None: not logged)
         peak = peak_tflops(self.device)
@@ -461,17 +473,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
 
-    def _eval_and_log(self) -> None:
+    def _eval_and_log(self) -> bool:
+        """Evaluate and log; True when a training step's eval loss is the lowest so far."""
         if self.eval_tokens is None and self.extra_eval is None:
-            return
-        rec = {"step": self.step}
+            return False
+        rec, improved = {"step": self.step}, False
         if self.eval_tokens is not None:
             loss, n = self.evaluate()
             rec.update(eval_loss=loss, eval_tokens=n)
+            if self.step > 0:
+                improved = self.best_eval is None or loss < self.best_eval[0]
+                if improved:
+                    self.best_eval, self.stale_evals = (loss, self.step), 0
+                else:
+                    self.stale_evals += 1
         if self.extra_eval is not None:
             rec.update(self.extra_eval(self))
         self.history.append({"event": "eval", **rec})
         self.log("eval", rec)
+        return improved
 
     def summary(self) -> dict:
         """What this run trains, on what, and how (the ``start`` log record)."""
@@ -501,10 +521,13 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- the run
     def run(self, *, on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool | None = None,
-            stop_at: int | None = None) -> list[dict]:
+            stop_at: int | None = None, on_best: Callable[["Trainer"], None] | None = None) -> list[dict]:
         """Train until ``cfg.steps`` (or ``stop_at``), evaluating and checkpointing on schedule.
 
         Evaluates before the first step of a fresh run (step 0: the init loss) and after the last.
+        ``on_best(self)`` after each eval with the lowest eval loss so far (``cfg.save_best``); with
+        ``cfg.early_stopping_patience`` the run ends (``stopped_early``, checkpointed) once that many
+        evals in a row did not lower it.
         """
         from tqdm import tqdm
 
@@ -525,9 +548,18 @@ class Trainer:
                     self.log("train", rec)
                 last = self.step == c.steps
                 if last or (c.eval_every and self.step % c.eval_every == 0):
-                    self._eval_and_log()
-                if on_checkpoint and (self.step == end or (c.save_every and self.step % c.save_every == 0)):
+                    if self._eval_and_log() and on_best is not None:
+                        on_best(self)
+                    patience = c.early_stopping_patience
+                    if patience and self.stale_evals >= patience and not last:
+                        self.stopped_early = True
+                        self.log("early_stop", {"step": self.step, "evals_without_improvement": self.stale_evals,
+                                                "best_step": self.best_eval[1], "best_eval_loss": self.best_eval[0]})
+                if on_checkpoint and (self.step == end or self.stopped_early
+                                      or (c.save_every and self.step % c.save_every == 0)):
                     on_checkpoint(self)
+                if self.stopped_early:
+                    break
         finally:
             bar.close()
         return self.history
