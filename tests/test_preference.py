@@ -391,6 +391,54 @@ def test_cli_epochs_set_the_steps_from_the_pairs(tmp_path, capsys):
     assert training_metadata(tmp_path / "o" / "model.apr")["training.data_position"] == 36
 
 
+def test_cli_early_stopping_and_best_model_of_a_post_training_run(tmp_path, capsys):
+    """dpo --early-stopping-patience 1 --save-best: from an unstopped run's held-out losses the test
+    works out the stop (the first eval no lower than the best before it) and the best step; the
+    stopped run ends there with model.apr marked finished, and best.apr holds the weights the
+    unstopped run had at the best step."""
+    from apr_kernels.cli import main
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
+    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    common = ["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "10", "--batch-size", "2",
+              "--eval-every", "1", "--eval-fraction", "0.25", "--lr", "3e-3", "--max-len", "64", "--json"]
+
+    def records(out):
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    assert main([*common, "--save-every", "1", "--out", str(tmp_path / "full")]) == 0
+    losses = {r["step"]: r["eval_loss"] for r in records(capsys.readouterr().out) if r["event"] == "eval"}
+    best, stop = 1, None
+    for step in range(2, 11):
+        if losses[step] < losses[best]:
+            best = step
+        else:
+            stop = step
+            break
+    assert stop is not None and stop < 10, losses  # (the settings must make the loss rise once)
+    assert main([*common, "--early-stopping-patience", "1", "--save-best", "--out", str(tmp_path / "es")]) == 0
+    recs = records(capsys.readouterr().out)
+    assert [r["step"] for r in recs if r["event"] == "train"] == list(range(1, stop + 1))
+    assert [r["step"] for r in recs if r["event"] == "best"] == list(range(1, best + 1))
+    (early,) = [r for r in recs if r["event"] == "early_stop"]
+    assert (early["step"], early["best_step"], early["best_eval_loss"]) == (stop, best, losses[best])
+    final = training_metadata(tmp_path / "es" / "model.apr")
+    assert final["training.step"] == stop and final["training.stopped_early"] is True
+    import apr_kernels
+
+    best_model = apr_kernels.load(tmp_path / "es" / "best.apr")
+    assert apr_kernels.open(tmp_path / "es" / "best.apr").metadata["training.step"] == best
+    # the unstopped run's step checkpoint of the best step holds the same weights
+    same_step = apr_kernels.load(tmp_path / "full" / f"step_{best:06d}.apr")
+    for name, t in best_model.items():
+        torch.testing.assert_close(t, same_step[name], rtol=0, atol=0, msg=name)
+    assert main([*common, "--early-stopping-patience", "1", "--resume", "auto", "--out", str(tmp_path / "es")]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+
+
 def test_cli_wandb_run_of_a_post_training_command(tmp_path, capsys, monkeypatch):
     """dpo --wandb (offline): the train and eval records' numbers at their steps, as train's."""
     pytest.importorskip("wandb")

@@ -67,6 +67,40 @@ def test_epochs_give_the_steps_of_whole_passes_over_the_data():
             cfg.for_epochs(bad, 80, warmup=None, what="pairs")
 
 
+def test_eval_watch_follows_the_best_eval_and_the_patience():
+    """EvalWatch's rule on a made-up sequence: the step-0 baseline is no candidate, a NaN is never
+    better, a higher-is-better metric counts the other way, and the run ends once `patience` evals in
+    a row brought nothing better (never at the last step, which ends the run anyway)."""
+    from apr_kernels.train.loop import EvalWatch
+
+    class Watch(EvalWatch):
+        def __init__(self, patience, higher=False):
+            self.cfg = TrainConfig(steps=8, eval_every=1, early_stopping_patience=patience)
+            self.best_metric, self.best_higher, self.logged, self.bests = "m", higher, [], []
+            self.log = lambda event, rec: self.logged.append((event, rec))
+
+        def feed(self, values):
+            for step, v in enumerate(values):
+                self.step = step
+                self._watch({"m": v}, on_best=lambda w: self.bests.append(w.step))
+                if self.stopped_early:
+                    return step
+
+    w = Watch(patience=2)
+    assert w.feed([1.0, 3.0, 2.0, 2.5, float("nan"), 1.5, 0.5]) == 4  # steps 3 and 4 brought nothing lower
+    assert w.bests == [1, 2] and w.best_eval == (2.0, 2) and w.stale_evals == 2
+    assert w.logged == [("early_stop", {"step": 4, "evals_without_improvement": 2, "best_step": 2, "best_m": 2.0})]
+    up = Watch(patience=2, higher=True)
+    assert up.feed([9.0, 1.0, 2.0, 1.5, 3.0, 2.0, 2.5, 2.9]) == 6
+    assert up.bests == [1, 2, 4] and up.best_eval == (3.0, 4)
+    last = Watch(patience=1)
+    # the patience runs out at step 8, the last: the run ends there anyway, no early stop
+    assert last.feed([0.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.4, 0.6]) is None and last.stale_evals == 1
+    assert Watch(patience=0).feed([1.0, 2.0, 3.0, 4.0]) is None
+    with pytest.raises(ValueError, match="early_stopping_patience=2 with eval_every=0"):
+        TrainConfig(early_stopping_patience=2)
+
+
 def test_schedule_linear_wsd_and_constant():
     kw = dict(lr=2.0, total_steps=11, warmup=2, min_ratio=0.1)
     lin = [lr_at(s, schedule="linear", **kw) for s in range(11)]

@@ -266,6 +266,8 @@ class GRPOTrainer(StepLoop):
     stop token leave the loss; ``teacher`` (a frozen model with the same tokenizer) and ``teacher_coef``:
     on-policy distillation (``rewards`` may then be empty)."""
 
+    best_metric, best_higher = "eval_reward", True  # (--save-best / --early-stopping-patience)
+
     command = "grpo"  # (the name errors give: subclasses train other objectives on the same sampling)
 
     def __init__(self, model, prompts: list[dict], rewards: dict, cfg: TrainConfig, *, tokenizer,

@@ -281,7 +281,43 @@ def _fmt(key: str, v) -> str:
     return str(v)
 
 
-class Trainer:
+class EvalWatch:
+    """What ``--save-best`` and ``--early-stopping-patience`` follow, mixed into ``Trainer`` and the
+    post-training ``StepLoop``: the best eval of a training step so far, ``best_eval = (value, step)``
+    (the lowest ``best_metric``, or the highest when ``best_higher``), and ``stale_evals``, the evals
+    since it. The step-0 eval of the starting model is a baseline, not a candidate (as in Hugging
+    Face's Trainer). Both are stored in step checkpoints, so a resumed run goes on counting."""
+
+    best_metric = "eval_loss"
+    best_higher = False
+    best_eval: tuple[float, int] | None = None
+    stale_evals = 0
+    stopped_early = False
+
+    def _watch(self, record: dict, on_best=None) -> None:
+        """After an eval at a training step: ``on_best(self)`` on a new best; with
+        ``cfg.early_stopping_patience`` evals in a row without one (before the last step), the run
+        is to end here (``stopped_early``, logged as ``early_stop``)."""
+        value = record.get(self.best_metric)
+        if self.step == 0 or value is None:
+            return
+        best = self.best_eval
+        # (a NaN is never better)
+        if math.isfinite(value) and (best is None or (value > best[0] if self.best_higher else value < best[0])):
+            self.best_eval, self.stale_evals = (float(value), self.step), 0
+            if on_best is not None:
+                on_best(self)
+        else:
+            self.stale_evals += 1
+        patience = self.cfg.early_stopping_patience
+        if patience and self.stale_evals >= patience and self.step < self.cfg.steps:
+            self.stopped_early = True
+            best = self.best_eval or (None, None)
+            self.log("early_stop", {"step": self.step, "evals_without_improvement": self.stale_evals,
+                                    "best_step": best[1], f"best_{self.best_metric}": best[0]})
+
+
+class Trainer(EvalWatch):
     """Owns the model, optimizer, data position and step count of one run.
 
     ``train_tokens`` / ``eval_tokens`` are packed token streams (``data.tokenize_files``). On CUDA the
@@ -354,12 +390,6 @@ class Trainer:
         self.step = 0
         self.log = log or Logger()
         self.last_eval: tuple[float, int] | None = None
-        # the lowest eval loss of a training step so far, as (loss, step), and the evals since it
-        # (cfg.save_best, cfg.early_stopping_patience; saved in checkpoints so a resumed run goes on
-        # counting); the step-0 eval of the starting model is a baseline, not a candidate, as in HF
-        self.best_eval: tuple[float, int] | None = None
-        self.stale_evals = 0
-        self.stopped_early = False
         self.history: list[dict] = []
         # model FLOPs of one step over the whole job's peak, for the logged MFU (None: not logged)
         peak = peak_tflops(self.device)
@@ -473,25 +503,19 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
 
-    def _eval_and_log(self) -> bool:
-        """Evaluate and log; True when a training step's eval loss is the lowest so far."""
+    def _eval_and_log(self) -> dict | None:
+        """Evaluate and log; the eval record (None without held-out data)."""
         if self.eval_tokens is None and self.extra_eval is None:
-            return False
-        rec, improved = {"step": self.step}, False
+            return None
+        rec = {"step": self.step}
         if self.eval_tokens is not None:
             loss, n = self.evaluate()
             rec.update(eval_loss=loss, eval_tokens=n)
-            if self.step > 0:
-                improved = self.best_eval is None or loss < self.best_eval[0]
-                if improved:
-                    self.best_eval, self.stale_evals = (loss, self.step), 0
-                else:
-                    self.stale_evals += 1
         if self.extra_eval is not None:
             rec.update(self.extra_eval(self))
         self.history.append({"event": "eval", **rec})
         self.log("eval", rec)
-        return improved
+        return rec
 
     def summary(self) -> dict:
         """What this run trains, on what, and how (the ``start`` log record)."""
@@ -548,13 +572,9 @@ class Trainer:
                     self.log("train", rec)
                 last = self.step == c.steps
                 if last or (c.eval_every and self.step % c.eval_every == 0):
-                    if self._eval_and_log() and on_best is not None:
-                        on_best(self)
-                    patience = c.early_stopping_patience
-                    if patience and self.stale_evals >= patience and not last:
-                        self.stopped_early = True
-                        self.log("early_stop", {"step": self.step, "evals_without_improvement": self.stale_evals,
-                                                "best_step": self.best_eval[1], "best_eval_loss": self.best_eval[0]})
+                    rec = self._eval_and_log()
+                    if rec is not None:
+                        self._watch(rec, on_best)
                 if on_checkpoint and (self.step == end or self.stopped_early
                                       or (c.save_every and self.step % c.save_every == 0)):
                     on_checkpoint(self)

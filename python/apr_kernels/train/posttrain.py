@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .data import BatchStream, split_targets
-from .loop import TrainConfig, autocast_dtype_for, make_optimizer
+from .loop import EvalWatch, TrainConfig, autocast_dtype_for, make_optimizer
 
 
 # ------------------------------------------------------------------ sequence log-likelihoods
@@ -76,9 +76,10 @@ def token_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding_fr
 
 
 
-class StepLoop:
+class StepLoop(EvalWatch):
     """Base of ``PreferenceTrainer`` and ``GRPOTrainer`` (module docstring). Subclasses define
-    ``train_step() -> dict`` and, when ``has_eval``, ``evaluate() -> dict``."""
+    ``train_step() -> dict`` and, when ``has_eval``, ``evaluate() -> dict`` (with ``eval_loss``, or
+    the ``best_metric`` they name, for ``--save-best`` / ``--early-stopping-patience``)."""
 
     last_eval = None  # (checkpoint.save_checkpoint reads it; these runs log their evaluations instead)
     has_eval = False
@@ -188,25 +189,28 @@ class StepLoop:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # (LoRA+'s B matrices: a multiple)
         return lr, time.perf_counter()
 
-    def run(self, on_checkpoint=None) -> list[dict]:
+    def run(self, on_checkpoint=None, on_best=None) -> list[dict]:
         """Train to ``cfg.steps`` (module docstring); ``on_checkpoint(self)`` every ``cfg.save_every``
-        steps before the last."""
+        steps before the last; ``on_best(self)`` and early stopping as ``EvalWatch`` says (the final
+        checkpoint is the caller's, after an early stop too)."""
         c, history = self.cfg, []
 
         def evaluate():
             history.append({"event": "eval", **self.evaluate()})
             self.log("eval", history[-1])
+            self._watch(history[-1], on_best)
 
         if self.has_eval and self.step == 0:
             evaluate()
-        while self.step < c.steps:
+        while self.step < c.steps and not self.stopped_early:
             rec = self.train_step()
             history.append({"event": "train", **rec})
             if self.step % c.log_every == 0 or self.step == c.steps:
                 self.log("train", rec)
             if self.has_eval and (self.step == c.steps or (c.eval_every and self.step % c.eval_every == 0)):
                 evaluate()
-            if on_checkpoint and c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+            if (on_checkpoint and c.save_every and self.step % c.save_every == 0 and self.step < c.steps
+                    and not self.stopped_early):
                 on_checkpoint(self)
         return history
 
@@ -256,7 +260,8 @@ def config_from(args, **fields) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed, precision=args.precision,
-                       lora_plus_ratio=args.lora_plus_ratio, **fields)
+                       lora_plus_ratio=args.lora_plus_ratio, save_best=args.save_best,
+                       early_stopping_patience=args.early_stopping_patience, **fields)
 
 
 def fit_epochs(args, cfg: TrainConfig, items: int, what: str) -> TrainConfig:
@@ -406,18 +411,29 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    c = trainer.cfg
+    if (c.save_best or c.early_stopping_patience) and not trainer.has_eval:
+        raise ValueError("--save-best and --early-stopping-patience follow the held-out evaluation; this run has "
+                         "no held-out data (--eval-data)")
 
     def checkpoint(t, final: bool = False) -> None:
         path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
-        distributed.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=final,
-                                    extra_metadata=metadata,
+        # (an early-stopped run's model.apr says so: --resume auto then sees a finished run)
+        meta = {**metadata, **({"training.stopped_early": True} if final and t.stopped_early else {})}
+        distributed.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=final, extra_metadata=meta,
                                     extra_tensors=None if final or extra_tensors is None else extra_tensors(t))
         t.log("checkpoint", {"step": t.step, "path": str(path)})
         if env.is_main:
             prune_checkpoints(out, args.keep_last, t.log)
 
+    def best(t) -> None:  # --save-best: the model (merged, no optimizer state) of the best eval so far
+        path = out / "best.apr"
+        distributed.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=True, weights_only=True,
+                                    extra_metadata=metadata)
+        t.log("best", {"step": t.step, t.best_metric: t.best_eval[0], "path": str(path)})
+
     try:
-        trainer.run(on_checkpoint=checkpoint)
+        trainer.run(on_checkpoint=checkpoint, on_best=best if c.save_best else None)
         checkpoint(trainer, final=True)
     finally:
         if hasattr(trainer.log, "close"):
@@ -459,6 +475,12 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                         "dequantised per GEMM (QLoRA-style; one process or DDP)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
+    p.add_argument("--save-best", action="store_true",
+                   help="write best.apr (the model, LoRA merged) at each eval with the best held-out value so far "
+                        "(eval_loss; grpo and online-dpo: eval_reward)")
+    p.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
+                   help="end the run (model.apr at that step) after N evals in a row without a better value "
+                        "(needs --eval-every; 0: never)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None)
     p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
