@@ -215,6 +215,89 @@ def test_hostile_safetensors_one_line_no_output(tmp_path, capsys, case):
     assert sorted(os.listdir(tmp_path)) == ["bad.safetensors"]  # no output, no temporary left
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["pytorch_model.bin", "bin-shards"])
+def test_pytorch_pickle_folder_converts_like_its_safetensors_twin(tmp_path, sharded):
+    """An older Hugging Face folder (config.json + pytorch_model.bin, or shards listed in
+    pytorch_model.bin.index.json, written as transformers 4 wrote them: torch.save of the state dict)
+    converts to the same tensors and model metadata as the safetensors folder of the same model."""
+    model = tiny_qwen2()
+    model.save_pretrained(tmp_path / "st")
+    write_hf_tokenizer(small_tokenizer(), tmp_path / "st")
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (tmp_path / "st" / f).is_file():
+            (old / f).write_bytes((tmp_path / "st" / f).read_bytes())
+    sd = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: saved once
+    if sharded:
+        names = sorted(sd)
+        parts = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+                 "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+        for shard, keys in parts.items():
+            torch.save({k: sd[k] for k in keys}, old / shard)
+        (old / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: shard for shard, keys in parts.items() for k in keys}}))
+    else:
+        torch.save(sd, old / "pytorch_model.bin")
+    convert(tmp_path / "st", tmp_path / "st.apr", progress=False)
+    convert(old, tmp_path / "old.apr", progress=False)
+    want, got = apr_kernels.load(tmp_path / "st.apr"), apr_kernels.load(tmp_path / "old.apr")
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    meta_w, meta_g = (apr_kernels.open(tmp_path / f"{n}.apr").metadata for n in ("st", "old"))
+    assert meta_g["original_format"] == "pytorch"
+    skip = {"original_format", "source", "name", "source_metadata"}
+    assert {k: v for k, v in meta_g.items() if k not in skip} == {k: v for k, v in meta_w.items() if k not in skip}
+    # a single pickle file converts too (its folder's config.json gives the model)
+    if not sharded:
+        assert main(["convert", str(old / "pytorch_model.bin"), str(tmp_path / "one.apr"), "-q"]) == 0
+        one = apr_kernels.load(tmp_path / "one.apr")
+        assert all(torch.equal(one[name], t) for name, t in want.items())
+
+
+class _RunsCode:
+    """A pickle that would run a command when unpickled (what weights_only loading exists to refuse)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pytorch_pickles_one_line_no_output(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    tiny_qwen2().config.save_pretrained(folder)
+    cases = {
+        "code": ({"model.embed_tokens.weight": _RunsCode(marker)}, "refused: not plain tensors"),
+        "not a dict": ([torch.zeros(2)], "holds a list; expected a state dict"),
+        "not a tensor": ({"model.norm.weight": 3}, "entry 'model.norm.weight' is a int; expected tensors"),
+        "dtype": ({"model.norm.weight": torch.zeros(2, dtype=torch.complex64)}, "has dtype torch.complex64"),
+    }
+    for case, (obj, needle) in cases.items():
+        path = folder / "pytorch_model.bin"
+        with open(path, "wb") as f:
+            if case == "code":
+                import pickle
+
+                pickle.dump(obj, f)  # a plain pickle: torch.load reads the legacy format too
+            else:
+                torch.save(obj, f)
+        assert main(["convert", str(folder), str(tmp_path / "out.apr"), "-q"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "pytorch_model.bin" in err[0], (case, err)
+    torch.save({"model.norm.weight": torch.zeros(56)}, folder / "pytorch_model.bin")
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])  # a truncated download
+    assert main(["convert", str(folder), str(tmp_path / "out.apr"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a readable PyTorch checkpoint" in err[0], err
+    assert not marker.exists() and not (tmp_path / "out.apr").exists()
+
+
 def test_bad_sources_and_options_one_line(tmp_path, capsys):
     model_dir = tmp_path / "hf"
     tiny_llama().save_pretrained(model_dir, max_shard_size="25KB")

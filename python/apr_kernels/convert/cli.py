@@ -77,9 +77,11 @@ def _validate(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="HF folder / .safetensors / .gguf -> APR v2",
-                              description="Convert a Hugging Face model folder (config.json, safetensors shards, "
-                                          "tokenizer), a .safetensors file or a .gguf file to an APR v2 file.")
-    p.add_argument("src", help="source: .safetensors file, Hugging Face model folder, or .gguf file")
+                              description="Convert a Hugging Face model folder (config.json, safetensors shards "
+                                          "or pytorch_model.bin pickles, tokenizer), a .safetensors file, a .gguf "
+                                          "file or a PyTorch state dict to an APR v2 file.")
+    p.add_argument("src", help="source: .safetensors file, Hugging Face model folder (safetensors or "
+                               "pytorch_model.bin), .gguf file, or a PyTorch state dict .bin/.pt/.pth")
     p.add_argument("dst", help="output .apr file (written atomically)")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
                    help="float tensors: keep their dtype (default) or cast")

@@ -150,12 +150,12 @@ def open_source(path: Path) -> Source:
         from .gguf_in import read_gguf
 
         return read_gguf(path)
-    if path.suffix.lower() == ".safetensors":
+    if path.suffix.lower() in (".safetensors", ".bin", ".pt", ".pth"):
         from .hf import read_hf
 
         return read_hf(path)
     raise ValueError(f"{path}: unknown source format (expected a .safetensors file, a Hugging Face model "
-                     "folder or a .gguf file)")
+                     "folder, a .gguf file or a PyTorch state dict .bin / .pt / .pth)")
 
 
 __all__ = ["Source", "convert", "open_source", "plan_tensor", "DTYPE_CHOICES", "QUANT_CHOICES"]

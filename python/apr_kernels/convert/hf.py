@@ -3,6 +3,12 @@ shards with model.safetensors.index.json, tokenizer.json or vocab.json + merges.
 
 Tensor names and shapes are kept as they are (already HF names, row-major [out, in], spec 10.1);
 bytes are read lazily through ``safetensors.safe_open`` (a private mapping), one tensor at a time.
+
+Older folders hold PyTorch pickles instead (``pytorch_model.bin``, or shards listed in
+``pytorch_model.bin.index.json``; also a single ``.bin`` / ``.pt`` / ``.pth`` file): read with
+``torch.load(weights_only=True)``, which unpickles tensors and plain containers only (a pickle that
+would run code is refused, naming the file), memory-mapped where the file is in torch's zip format.
+Safetensors are preferred when a folder has both.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ def _load_json(path: Path) -> dict:
 
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
+    if not index.is_file() and not any(folder.glob("*.safetensors")):  # an older folder: PyTorch pickles
+        if (folder / "pytorch_model.bin.index.json").is_file():
+            index = folder / "pytorch_model.bin.index.json"
+        elif (folder / "pytorch_model.bin").is_file():
+            return [folder / "pytorch_model.bin"]
     if index.is_file():
         weight_map = _load_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -48,8 +59,8 @@ def _shard_files(folder: Path) -> list[Path]:
         return [single]
     found = sorted(folder.glob("*.safetensors"))
     if not found:
-        raise ValueError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.safetensors file "
-                         "(expected a Hugging Face model folder)")
+        raise ValueError(f"{folder}: no model.safetensors, model.safetensors.index.json, *.safetensors or "
+                         "pytorch_model.bin file (expected a Hugging Face model folder)")
     return found
 
 
@@ -161,14 +172,74 @@ def config_metadata(cfg: dict, path: Path) -> dict:
     return meta
 
 
+# torch dtype -> APR dtype, for PyTorch pickles (others are refused)
+_TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32",
+                 "int64": "I64", "int8": "I8", "uint8": "U8"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _torch_load(path: Path) -> dict:
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # the legacy (non-zip) format cannot be mapped: read it whole
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: refused: not plain tensors (torch.load weights_only: {first[:200]})") from None
+    except Exception as exc:  # a truncated zip, not a pickle at all, ...: one line naming the file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first[:200]})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}; expected a state dict (tensor name -> tensor)")
+    return obj
+
+
+def read_torch_pickles(files: list[Path]) -> tuple[dict[str, LazyTensor], list]:
+    """Lazy tensors of PyTorch state-dict pickles (names unique across shards), and the loaded dicts."""
+    import torch
+
+    tensors: dict[str, LazyTensor] = {}
+    where_from: dict[str, Path] = {}
+    loaded = []
+    for path in files:
+        state = _torch_load(path)
+        loaded.append(state)
+        for name, t in state.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                raise ValueError(f"{path}: entry {name!r} is a {type(t).__name__}; expected tensors by name only")
+            if name in tensors:
+                raise ValueError(f"{path}: tensor {name!r} is also in {where_from[name]} (expected each tensor "
+                                 "in exactly one shard)")
+            dtype = _TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}; expected one of "
+                                 f"{', '.join(_TORCH_DTYPES)}")
+            tensors[name] = LazyTensor(dtype, tuple(t.shape), lambda t=t: t.contiguous())
+            where_from[name] = path
+    return tensors, loaded
+
+
 def read_hf(src: Path) -> Source:
-    """A Hugging Face folder or a single .safetensors file (its folder's config/tokenizer are used)."""
+    """A Hugging Face folder or a single .safetensors / PyTorch pickle file (its folder's config and
+    tokenizer are used)."""
     folder = src if src.is_dir() else src.parent
     files = _shard_files(src) if src.is_dir() else [src]
-    tensors, source_meta, handles = read_safetensors(files)
+    if files[0].suffix.lower() in PICKLE_SUFFIXES:
+        tensors, handles = read_torch_pickles(files)
+        source_meta, fmt = {}, "pytorch"
+    else:
+        tensors, source_meta, handles = read_safetensors(files)
+        fmt = "safetensors"
     cfg_path = folder / "config.json"
     cfg = _load_json(cfg_path) if cfg_path.is_file() else None
-    meta: dict = {"original_format": "safetensors", "source": str(src.resolve()), "name": src.resolve().name}
+    meta: dict = {"original_format": fmt, "source": str(src.resolve()), "name": src.resolve().name}
     tied = None
     if cfg is not None:
         meta.update(config_metadata(cfg, cfg_path))
