@@ -446,6 +446,16 @@ def test_peft_adapter_merged_while_converting(tmp_path, variant, capsys):
         torch.testing.assert_close(from_apr(out, fast=False)(x), want, rtol=1e-5, atol=1e-5)
     with apr_kernels.open(out) as f:
         assert len(f.metadata["lora_merged"]["modules"]) == 6
+    if variant == "plain":  # an older PEFT folder: the same tensors as adapter_model.bin (a pickle)
+        from safetensors.torch import load_file
+
+        old, new = tmp_path / "old", tmp_path / "adapter"
+        old.mkdir()
+        (old / "adapter_config.json").write_bytes((new / "adapter_config.json").read_bytes())
+        torch.save(load_file(new / "adapter_model.safetensors"), old / "adapter_model.bin")
+        assert main(["convert", str(tmp_path / "base"), str(tmp_path / "old.apr"), "--adapter", str(old), "-q"]) == 0
+        with torch.no_grad():
+            torch.testing.assert_close(from_apr(tmp_path / "old.apr", fast=False)(x), want, rtol=1e-5, atol=1e-5)
     cfg_json = tmp_path / "adapter" / "adapter_config.json"
     cfg_json.write_text(cfg_json.read_text().replace('"fan_in_fan_out": false', '"fan_in_fan_out": true'))
     capsys.readouterr()

@@ -178,7 +178,7 @@ _TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float6
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
-def _torch_load(path: Path) -> dict:
+def torch_state_dict(path: Path) -> dict:
     import pickle
 
     import torch
@@ -209,7 +209,7 @@ def read_torch_pickles(files: list[Path]) -> tuple[dict[str, LazyTensor], list]:
     where_from: dict[str, Path] = {}
     loaded = []
     for path in files:
-        state = _torch_load(path)
+        state = torch_state_dict(path)
         loaded.append(state)
         for name, t in state.items():
             if not isinstance(name, str) or not isinstance(t, torch.Tensor):

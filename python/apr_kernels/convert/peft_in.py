@@ -29,16 +29,50 @@ def _pattern(patterns: dict, module: str, default):
     return patterns[max(keys, key=len)] if keys else default
 
 
+class _StateDict:
+    """A loaded state dict with safe_open's reading interface."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.state = {}
+
+    def keys(self):
+        return self.state.keys()
+
+    def get_tensor(self, name: str):
+        t = self.state[name]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"adapter entry {name!r} is a {type(t).__name__}; expected a tensor")
+        return t
+
+
+def _adapter_tensors(path: Path):
+    """The adapter's tensors, ``keys()`` / ``get_tensor(name)`` in a ``with``: safetensors, or an older
+    adapter_model.bin read as ``convert`` reads PyTorch pickles (weights only)."""
+    if path.suffix == ".bin":
+        from .hf import torch_state_dict
+
+        return _StateDict(torch_state_dict(path))
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")
+
+
 def merge_adapter(tensors: dict[str, LazyTensor], folder: str | Path) -> tuple[dict[str, LazyTensor], dict]:
     """(``tensors`` (HF name -> LazyTensor) with the adapter of ``folder`` merged in, the metadata to
     record as ``lora_merged``: where from, rank, alpha, the modules)."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not weights.is_file() and (folder / "adapter_model.bin").is_file():  # older PEFT: a PyTorch pickle
+        weights = folder / "adapter_model.bin"
     if not cfg_path.is_file() or not weights.is_file():
         raise FileNotFoundError(f"{folder}: expected a PEFT adapter folder with adapter_config.json and "
-                                f"adapter_model.safetensors")
+                                f"adapter_model.safetensors (or adapter_model.bin)")
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; expected 'LORA'")
@@ -52,7 +86,7 @@ def merge_adapter(tensors: dict[str, LazyTensor], folder: str | Path) -> tuple[d
     rslora = bool(cfg.get("use_rslora"))
     out = dict(tensors)
     merged = []
-    with safe_open(str(weights), framework="pt") as f:
+    with _adapter_tensors(weights) as f:
         names = list(f.keys())
         modules = sorted({n[len(PREFIX):-len(".lora_A.weight")] for n in names
                           if n.startswith(PREFIX) and n.endswith(".lora_A.weight")})
