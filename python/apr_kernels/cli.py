@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():  # (read by cli_config.expand before parsing; listed for --help)
+        command.add_argument("--config", metavar="FILE",
+                             help="this command's options from a YAML, JSON or TOML file (name: value); options "
+                                  "given here override them")
     return parser
 
 
@@ -50,7 +54,14 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import cli_config
+
     parser = build_parser()
+    try:  # a command's --config FILE: its options first, the command line's after them
+        argv = cli_config.expand(parser, sys.argv[1:] if argv is None else list(argv))
+    except ValueError as exc:
+        print(f"apr-kernels: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
