@@ -439,6 +439,26 @@ def test_cli_early_stopping_and_best_model_of_a_post_training_run(tmp_path, caps
     assert "nothing to do" in capsys.readouterr().err
 
 
+def test_cli_profile_of_a_post_training_command(tmp_path, capsys):
+    """dpo --profile: the profiled steps (after the first) in a Chrome trace, as train's."""
+    from apr_kernels.cli import main
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
+    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    assert main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "3", "--batch-size",
+                 "2", "--max-len", "64", "--json", "--profile", str(tmp_path / "prof"), "--profile-steps", "1",
+                 "--out", str(tmp_path / "o")]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    (done,) = [r for r in recs if r["event"] == "profile"]
+    trace = json.loads((tmp_path / "prof" / "trace_rank0.json").read_text())
+    assert sorted(e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")) == \
+        ["ProfilerStep#2"]
+    assert done["step"] == 3 and (tmp_path / "prof" / "summary_rank0.txt").stat().st_size > 0
+
+
 def test_cli_wandb_run_of_a_post_training_command(tmp_path, capsys, monkeypatch):
     """dpo --wandb (offline): the train and eval records' numbers at their steps, as train's."""
     pytest.importorskip("wandb")

@@ -481,6 +481,30 @@ def test_early_stopping_and_best_checkpoint_follow_the_eval_losses(capsys, tmp_p
     assert code == 1 and "early_stopping_patience=2 with eval_every=0; expected >= 0, and periodic evals" in err
 
 
+def test_profile_writes_a_trace_of_the_package_ops_and_keeps_the_losses(capsys, tmp_path):
+    """--profile DIR --profile-steps 2 (fast path: the package's ops, their CPU reference code):
+    steps 2-3 profiled (after a warm-up step), a Chrome trace holding the apr:: custom ops and the
+    two profiled steps, a summary table, and the same losses as the run without a profiler."""
+    common = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"),
+              "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--json",
+              "--no-token-cache", "--fast", "on"]
+    code, out, err = run(capsys, *common, "--out", str(tmp_path / "plain"))
+    assert code == 0, err
+    want = [r["loss"] for r in json_lines(out) if r["event"] == "train"]
+    code, out, err = run(capsys, *common, "--profile", str(tmp_path / "prof"), "--profile-steps", "2",
+                         "--out", str(tmp_path / "profiled"))
+    assert code == 0, err
+    recs = json_lines(out)
+    assert [r["loss"] for r in recs if r["event"] == "train"] == want
+    (done,) = [r for r in recs if r["event"] == "profile"]
+    trace_file, summary = tmp_path / "prof" / "trace_rank0.json", tmp_path / "prof" / "summary_rank0.txt"
+    assert done["files"] == [str(trace_file), str(summary)]
+    names = {e.get("name") for e in json.loads(trace_file.read_text())["traceEvents"]}
+    assert {"apr::attention_fwd", "apr::attention_bwd", "apr::linear_cross_entropy"} <= names
+    assert sorted(n for n in names if n and n.startswith("ProfilerStep#")) == ["ProfilerStep#2", "ProfilerStep#3"]
+    assert "apr::attention_bwd" in summary.read_text() and "Self CPU" in summary.read_text()
+
+
 def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
     """`tokenize` with train's data arguments writes the cache entries; train with the same arguments
     maps them (no tokenising) and its eval covers the same tokens."""

@@ -283,13 +283,13 @@ def choices_eval(paths, tokenizer):
 
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
                  data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None,
-                 keep_last: int = 0, tensorboard=None, wandb=None, teacher=None):
+                 keep_last: int = 0, tensorboard=None, wandb=None, teacher=None, profile=None):
     """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end).
 
     ``parallel``: DDP/FSDP (``distributed.parallelize``); rank 0 logs and writes the checkpoints.
     ``keep_last``: after each periodic checkpoint keep only the newest ``keep_last`` ``step_*.apr``
     files of ``out`` (0: keep all). ``tensorboard``: a folder for TensorBoard event files, ``wandb``: a
-    Weights & Biases run's ``loop.wandb_settings`` (rank 0).
+    Weights & Biases run's ``loop.wandb_settings`` (rank 0). ``profile``: a ``loop.StepProfiler``.
     ``teacher``: the model to distil from (``load_teacher``).
     """
     from . import distributed
@@ -334,7 +334,8 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         t.log("best", {"step": t.step, "eval_loss": t.best_eval[0], "path": str(path)})
 
     try:
-        trainer.run(on_checkpoint=checkpoint, progress=progress, on_best=best if cfg.save_best else None)
+        trainer.run(on_checkpoint=checkpoint, progress=progress, on_best=best if cfg.save_best else None,
+                    profile=profile)
     finally:
         if main:
             trainer.log.close()
@@ -386,6 +387,24 @@ def resolve_auto_resume(args) -> bool:
     print(f"--resume auto: {'continuing from ' + args.resume if steps else f'no checkpoint in {out}: starting fresh'}",
           file=sys.stderr)
     return True
+
+
+def step_profiler(args, env, model):
+    """``--profile DIR [--profile-steps N]``: a ``loop.StepProfiler`` for this rank, or None."""
+    if not getattr(args, "profile", None):
+        return None
+    from .loop import StepProfiler
+
+    device = next(model.parameters()).device
+    return StepProfiler(args.profile, rank=env.rank, steps=args.profile_steps,
+                        cuda=device.type == "cuda")
+
+
+def add_profile_options(p) -> None:
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="profile a few training steps after the first with torch.profiler: DIR/trace_rank<r>.json "
+                        "(Chrome/Perfetto trace) and DIR/summary_rank<r>.txt (ops by self time)")
+    p.add_argument("--profile-steps", type=int, default=3, metavar="N", help="steps profiled (default 3)")
 
 
 def cmd_train(args) -> int:
@@ -499,7 +518,8 @@ def _train(args, env, mode: str) -> int:
     trainer = run_training(model, tok, train_tokens, eval_tokens, cfg, out, data_spec=spec,
                            json_lines=args.json, progress=False if args.no_progress else None,
                            resume_from=args.resume, parallel=parallel, keep_last=args.keep_last,
-                           tensorboard=args.tensorboard, wandb=wandb_settings(args.wandb, out), teacher=teacher)
+                           tensorboard=args.tensorboard, wandb=wandb_settings(args.wandb, out), teacher=teacher,
+                           profile=step_profiler(args, env, model))
     if trainer.last_eval:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
@@ -1045,6 +1065,7 @@ def register(subparsers) -> None:
     p.add_argument("--wandb", metavar="PROJECT", default=None,
                    help="also log the values to a Weights & Biases run in PROJECT (named after --out; wandb's "
                         "environment applies, e.g. WANDB_MODE=offline)")
+    add_profile_options(p)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("tokenize", help="fill the token cache ahead of `train` (same data arguments)")

@@ -281,6 +281,47 @@ def _fmt(key: str, v) -> str:
     return str(v)
 
 
+class StepProfiler:
+    """``--profile DIR``: ``torch.profiler`` over ``steps`` training steps after the first ``skip`` ones
+    (those pay compiles, autotuning and allocator growth), CPU and, on a GPU, CUDA activity. When the
+    window closes it writes ``DIR/trace_rank<r>.json`` (a Chrome trace: chrome://tracing or
+    ui.perfetto.dev) and ``DIR/summary_rank<r>.txt`` (the ops by self time, device time on a GPU).
+    Used as a context around the step loop, ``step()`` after each training step."""
+
+    def __init__(self, folder, *, rank: int = 0, skip: int = 1, steps: int = 3, cuda: bool = False):
+        if steps < 1 or skip < 0:
+            raise ValueError(f"--profile-steps {steps} (after {skip}); expected at least one step to profile")
+        from pathlib import Path
+
+        import torch.profiler as tp
+
+        self.folder, self.rank, self.cuda = Path(folder), rank, cuda
+        self.folder.mkdir(parents=True, exist_ok=True)
+        activities = [tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if cuda else [])
+        self.prof = tp.profile(activities=activities, on_trace_ready=self._write,
+                               schedule=tp.schedule(wait=skip, warmup=1 if skip else 0, active=steps, repeat=1)
+                               if skip else tp.schedule(wait=0, warmup=0, active=steps, repeat=1))
+        self.written: list = []
+
+    def _write(self, prof) -> None:
+        trace = self.folder / f"trace_rank{self.rank}.json"
+        prof.export_chrome_trace(str(trace))
+        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        summary = self.folder / f"summary_rank{self.rank}.txt"
+        summary.write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        self.written = [trace, summary]
+
+    def __enter__(self):
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.prof.__exit__(*exc)
+
+    def step(self) -> None:
+        self.prof.step()
+
+
 class EvalWatch:
     """What ``--save-best`` and ``--early-stopping-patience`` follow, mixed into ``Trainer`` and the
     post-training ``StepLoop``: the best eval of a training step so far, ``best_eval = (value, step)``
@@ -545,13 +586,14 @@ class Trainer(EvalWatch):
 
     # --------------------------------------------------------------------------------- the run
     def run(self, *, on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool | None = None,
-            stop_at: int | None = None, on_best: Callable[["Trainer"], None] | None = None) -> list[dict]:
+            stop_at: int | None = None, on_best: Callable[["Trainer"], None] | None = None,
+            profile: StepProfiler | None = None) -> list[dict]:
         """Train until ``cfg.steps`` (or ``stop_at``), evaluating and checkpointing on schedule.
 
         Evaluates before the first step of a fresh run (step 0: the init loss) and after the last.
         ``on_best(self)`` after each eval with the lowest eval loss so far (``cfg.save_best``); with
         ``cfg.early_stopping_patience`` the run ends (``stopped_early``, checkpointed) once that many
-        evals in a row did not lower it.
+        evals in a row did not lower it. ``profile``: a ``StepProfiler`` stepped with the training steps.
         """
         from tqdm import tqdm
 
@@ -563,23 +605,33 @@ class Trainer(EvalWatch):
         bar = tqdm(total=c.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
                    disable=(not sys.stderr.isatty()) if progress is None else not progress, leave=False)
         try:
-            while self.step < end:
-                rec = self.train_step()
-                self.history.append({"event": "train", **rec})
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_s']:.0f}")
-                if self.step % c.log_every == 0 or self.step == end:
-                    self.log("train", rec)
-                last = self.step == c.steps
-                if last or (c.eval_every and self.step % c.eval_every == 0):
-                    rec = self._eval_and_log()
-                    if rec is not None:
-                        self._watch(rec, on_best)
-                if on_checkpoint and (self.step == end or self.stopped_early
-                                      or (c.save_every and self.step % c.save_every == 0)):
-                    on_checkpoint(self)
-                if self.stopped_early:
-                    break
+            with profile or contextlib.nullcontext():
+                self._steps(end, bar, on_checkpoint, on_best, profile)
         finally:
             bar.close()
+        if profile is not None and profile.written:
+            self.log("profile", {"step": self.step, "files": [str(p) for p in profile.written]})
         return self.history
+
+    def _steps(self, end: int, bar, on_checkpoint, on_best, profile) -> None:
+        """The step loop of ``run``: train, log, evaluate, checkpoint, until ``end`` or an early stop."""
+        c = self.cfg
+        while self.step < end:
+            rec = self.train_step()
+            if profile is not None:
+                profile.step()
+            self.history.append({"event": "train", **rec})
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tok_s']:.0f}")
+            if self.step % c.log_every == 0 or self.step == end:
+                self.log("train", rec)
+            last = self.step == c.steps
+            if last or (c.eval_every and self.step % c.eval_every == 0):
+                rec = self._eval_and_log()
+                if rec is not None:
+                    self._watch(rec, on_best)
+            if on_checkpoint and (self.step == end or self.stopped_early
+                                  or (c.save_every and self.step % c.save_every == 0)):
+                on_checkpoint(self)
+            if self.stopped_early:
+                break

@@ -189,10 +189,17 @@ class StepLoop(EvalWatch):
             group["lr"] = lr * group.get("lr_scale", 1.0)  # (LoRA+'s B matrices: a multiple)
         return lr, time.perf_counter()
 
-    def run(self, on_checkpoint=None, on_best=None) -> list[dict]:
+    def run(self, on_checkpoint=None, on_best=None, profile=None) -> list[dict]:
         """Train to ``cfg.steps`` (module docstring); ``on_checkpoint(self)`` every ``cfg.save_every``
         steps before the last; ``on_best(self)`` and early stopping as ``EvalWatch`` says (the final
-        checkpoint is the caller's, after an early stop too)."""
+        checkpoint is the caller's, after an early stop too); ``profile``: a ``loop.StepProfiler``."""
+        with profile or contextlib.nullcontext():
+            history = self._steps(on_checkpoint, on_best, profile)
+        if profile is not None and profile.written:
+            self.log("profile", {"step": self.step, "files": [str(p) for p in profile.written]})
+        return history
+
+    def _steps(self, on_checkpoint, on_best, profile) -> list[dict]:
         c, history = self.cfg, []
 
         def evaluate():
@@ -204,6 +211,8 @@ class StepLoop(EvalWatch):
             evaluate()
         while self.step < c.steps and not self.stopped_early:
             rec = self.train_step()
+            if profile is not None:
+                profile.step()
             history.append({"event": "train", **rec})
             if self.step % c.log_every == 0 or self.step == c.steps:
                 self.log("train", rec)
@@ -433,7 +442,10 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
         t.log("best", {"step": t.step, t.best_metric: t.best_eval[0], "path": str(path)})
 
     try:
-        trainer.run(on_checkpoint=checkpoint, on_best=best if c.save_best else None)
+        from .cli import step_profiler
+
+        trainer.run(on_checkpoint=checkpoint, on_best=best if c.save_best else None,
+                    profile=step_profiler(args, env, trainer.model))
         checkpoint(trainer, final=True)
     finally:
         if hasattr(trainer.log, "close"):
@@ -493,6 +505,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--json", action="store_true", help="log JSON lines")
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write the logged values as TensorBoard event files into DIR")
+    from .cli import add_profile_options
+
+    add_profile_options(p)
     p.add_argument("--wandb", metavar="PROJECT", default=None,
                    help="also log the values to a Weights & Biases run in PROJECT (named after --out; wandb's "
                         "environment applies, e.g. WANDB_MODE=offline)")
