@@ -148,6 +148,16 @@ THINGS = ["fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "
           "a furnace", "a heater", "steam", "a grill", "embers", "a torch"]
 
 
+def _dpo_cli_files(tmp_path) -> Path:
+    """``tmp_path/init.apr`` (a seeded tiny Qwen2-shaped model with the byte tokenizer) and the pairs
+    file of ``THINGS``, for the command-line tests."""
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
+    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
+    return _pairs_file(tmp_path / "p.jsonl", THINGS)
+
+
 def test_dpo_prefers_the_chosen_answers_on_held_out_prompts(tmp_path):
     tok = byte_tokenizer()
     train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12])], tok, 64)
@@ -341,11 +351,7 @@ def test_cli_loss_settings_travel_into_checkpoints(tmp_path, capsys):
     them (the same losses as the uninterrupted run); bad settings stop before the model is read."""
     from apr_kernels.cli import main
 
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
-    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
-    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    data = _dpo_cli_files(tmp_path)
     args = ["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "4", "--batch-size", "2",
             "--lr", "3e-3", "--beta", "2.0", "--loss", "simpo", "--gamma", "0.3", "--sft-weight", "0.2",
             "--max-len", "64", "--json", "--out", str(tmp_path / "o"), "--save-every", "2"]
@@ -376,11 +382,7 @@ def test_cli_epochs_set_the_steps_from_the_pairs(tmp_path, capsys):
     commands share the option); the start record reports the passes the steps make."""
     from apr_kernels.cli import main
 
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
-    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
-    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    data = _dpo_cli_files(tmp_path)
     assert main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--eval-data", str(data),
                  "--epochs", "2", "--batch-size", "3", "--grad-accum", "2", "--max-len", "64", "--json",
                  "--out", str(tmp_path / "o")]) == 0
@@ -398,11 +400,7 @@ def test_cli_early_stopping_and_best_model_of_a_post_training_run(tmp_path, caps
     unstopped run had at the best step."""
     from apr_kernels.cli import main
 
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
-    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
-    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    data = _dpo_cli_files(tmp_path)
     common = ["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "10", "--batch-size", "2",
               "--eval-every", "1", "--eval-fraction", "0.25", "--lr", "3e-3", "--max-len", "64", "--json"]
 
@@ -443,11 +441,7 @@ def test_cli_profile_of_a_post_training_command(tmp_path, capsys):
     """dpo --profile: the profiled steps (after the first) in a Chrome trace, as train's."""
     from apr_kernels.cli import main
 
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
-    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
-    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    data = _dpo_cli_files(tmp_path)
     assert main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "3", "--batch-size",
                  "2", "--max-len", "64", "--json", "--profile", str(tmp_path / "prof"), "--profile-steps", "1",
                  "--out", str(tmp_path / "o")]) == 0
@@ -468,11 +462,7 @@ def test_cli_wandb_run_of_a_post_training_command(tmp_path, capsys, monkeypatch)
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_DIR", raising=False)
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = Transformer(preset("tiny_qwen2").replace(vocab_size=pad_vocab(tok.vocab_size)), fast=False)
-    save_checkpoint(tmp_path / "init.apr", model=model, tokenizer=tok)
-    data = _pairs_file(tmp_path / "p.jsonl", THINGS)
+    data = _dpo_cli_files(tmp_path)
     assert main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "2", "--batch-size",
                  "2", "--max-len", "64", "--json", "--wandb", "apr-tests", "--out", str(tmp_path / "o")]) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

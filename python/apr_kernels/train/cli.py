@@ -400,6 +400,15 @@ def step_profiler(args, env, model):
                         cuda=device.type == "cuda")
 
 
+def add_best_options(p, metric: str) -> None:
+    """``--save-best`` and ``--early-stopping-patience`` (``loop.EvalWatch``), following ``metric``."""
+    p.add_argument("--save-best", action="store_true",
+                   help=f"write best.apr (the model, LoRA merged) at each eval with the best {metric} so far")
+    p.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
+                   help=f"end the run (model.apr at that step) after N evals in a row without a better {metric} "
+                        f"(needs --eval-every; 0: never)")
+
+
 def add_profile_options(p) -> None:
     p.add_argument("--profile", metavar="DIR", default=None,
                    help="profile a few training steps after the first with torch.profiler: DIR/trace_rank<r>.json "
@@ -1031,12 +1040,7 @@ def register(subparsers) -> None:
     r.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: end)")
     r.add_argument("--keep-last", type=int, default=0,
                    help="keep only the newest N periodic step_*.apr checkpoints (0: all)")
-    r.add_argument("--save-best", action="store_true",
-                   help="write best.apr (the model, LoRA merged) at each eval that lowers the best eval loss "
-                        "of the run")
-    r.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
-                   help="end the run (model.apr at that step) after N evals in a row without a lower eval loss "
-                        "(needs --eval-every; 0: never)")
+    add_best_options(r, "the eval loss")
     r.add_argument("--out", default="runs/train", help="checkpoint folder (default runs/train)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     lo = p.add_argument_group("LoRA (adapters on a frozen model)")

@@ -487,12 +487,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                         "dequantised per GEMM (QLoRA-style; one process or DDP)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
-    p.add_argument("--save-best", action="store_true",
-                   help="write best.apr (the model, LoRA merged) at each eval with the best held-out value so far "
-                        "(eval_loss; grpo and online-dpo: eval_reward)")
-    p.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
-                   help="end the run (model.apr at that step) after N evals in a row without a better value "
-                        "(needs --eval-every; 0: never)")
+    from .cli import add_best_options, add_profile_options
+
+    add_best_options(p, "held-out value (eval_loss; grpo and online-dpo: eval_reward)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None)
     p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
@@ -505,8 +502,6 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--json", action="store_true", help="log JSON lines")
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write the logged values as TensorBoard event files into DIR")
-    from .cli import add_profile_options
-
     add_profile_options(p)
     p.add_argument("--wandb", metavar="PROJECT", default=None,
                    help="also log the values to a Weights & Biases run in PROJECT (named after --out; wandb's "
