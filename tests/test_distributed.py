@@ -265,6 +265,16 @@ def runs(tmp_path_factory):
     code, one_online_out = _cli(main, [*online, "--out", str(root / "one_online")])
     assert code == 0
 
+    # RLOO on the same prompts: the KL to a frozen copy in the reward, advantages normalised over the
+    # step (sums over both ranks), two updates per generation batch (the clipped completion ratio)
+    rloo = ["rloo", "--init", str(init), "--tokenizer", "bytes", "--data", str(prompts), "--reward",
+            f"{root / 'rewards.py'}:letters", "--steps", str(STEPS), "--batch-size", "4", "--num-generations", "3",
+            "--max-new-tokens", "6", "--max-prompt-len", "16", "--lr", "1e-2", "--beta", "0.1",
+            "--normalize-advantages", "--num-iterations", "2", "--json", "--seed", "5", "--dist-timeout", "60",
+            "--micro-batch", "2"]
+    code, one_rloo_out = _cli(main, [*rloo, "--out", str(root / "one_rloo")])
+    assert code == 0
+
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -307,6 +317,8 @@ def runs(tmp_path_factory):
         [*gkd, "--parallel", "fsdp", "--out", str(root / "fsdp_gkd")],
         [*online, "--parallel", "ddp", "--out", str(root / "ddp_online")],
         [*online, "--parallel", "fsdp", "--out", str(root / "fsdp_online")],
+        [*rloo, "--parallel", "ddp", "--out", str(root / "ddp_rloo")],
+        [*rloo, "--parallel", "fsdp", "--out", str(root / "fsdp_rloo")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -329,7 +341,7 @@ def runs(tmp_path_factory):
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
-            "one_online_out": one_online_out,
+            "one_online_out": one_online_out, "one_rloo_out": one_rloo_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -798,3 +810,19 @@ def test_online_dpo_on_two_ranks_matches_one_process(runs, run):
     got = _records(rank0["stdout"])
     for key in ("loss", "reward", "score_chosen", "margin", "completion_len", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("run", ["run22", "run23"], ids=["ddp", "fsdp"])
+def test_rloo_on_two_ranks_matches_one_process(runs, run):
+    """rloo with 4 prompts per step (2 per rank): each rank samples and scores its share, the KL to the
+    frozen copy (sharded under FSDP) in the reward, the advantages normalised with sums over both
+    ranks, two updates per generation batch; losses, rewards, KL, clipping and gradient norms equal the
+    one-process run's."""
+    want = _records(runs["one_rloo_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    assert _losses(want, key="kl")[0] == pytest.approx(0.0, abs=1e-6) and _losses(want, key="kl")[-1] > 0
+    for key in ("loss", "reward", "kl", "clip_ratio", "completion_len", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
+

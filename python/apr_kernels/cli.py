@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "apr_kernels.train.grpo",   # grpo
     "apr_kernels.train.gkd",    # gkd
     "apr_kernels.train.online_dpo",  # online-dpo
+    "apr_kernels.train.rloo",   # rloo
     "apr_kernels.convert.cli",  # convert, export, inspect, validate
 )
 

@@ -566,7 +566,7 @@ def cmd_grpo(args) -> int:
 
 def sampling_settings(args) -> dict:
     """The settings of a run that samples completions of prompts and scores them (``grpo``,
-    ``online-dpo``), from the command line (checked)."""
+    ``online-dpo``, ``rloo``), from the command line (checked)."""
     return {"init": str(args.init), "data": absolute(args.data), "eval_data": absolute(args.eval_data),
             "micro_batch": args.micro_batch, "rewards": [_absolute_reward(s) for s in args.reward or []],
             "reward_weights": args.reward_weights, "num_generations": args.num_generations,
