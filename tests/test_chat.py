@@ -176,8 +176,8 @@ def test_parquet_rows_are_documents_like_json_lines(qwen, tmp_path):
     assert (tmp_path / "t.parquet") in find_text_files([tmp_path])
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
     with pytest.raises(ValueError, match=r"b.parquet: expected a column 'text' \(--text-field\), 'messages' \(or "
-                                         r"ShareGPT's 'conversations'\), or 'prompt' and 'completion'; got columns "
-                                         r"\['body'\]"):
+                                         r"ShareGPT's 'conversations'\), 'prompt' and 'completion', or Alpaca's "
+                                         r"'instruction' and 'output'; got columns \['body'\]"):
         tokenize_files([tmp_path / "b.parquet"], qwen)
     assert tokenize_files([tmp_path / "b.parquet"], qwen, text_field="body").tolist() == \
         qwen.encode("x") + [qwen.eos_id]
@@ -187,6 +187,54 @@ def test_parquet_rows_are_documents_like_json_lines(qwen, tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ValueError, match=r"bad.parquet: not a readable Parquet file"):
         tokenize_files([tmp_path / "bad.parquet"], qwen)
+
+
+ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+          {"instruction": "Say hi.", "input": "", "output": "Hi!", "system": "Be kind.",
+           "history": [["Who are you?", "A model."]]}]
+ALPACA_AS_MESSAGES = [
+    {"messages": [{"role": "user", "content": "Add the numbers.\n2 and 3"}, {"role": "assistant", "content": "5"}]},
+    {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Who are you?"},
+                  {"role": "assistant", "content": "A model."}, {"role": "user", "content": "Say hi."},
+                  {"role": "assistant", "content": "Hi!"}]}]
+
+
+def test_alpaca_records_and_json_arrays_read_as_conversations(qwen, tmp_path):
+    """Alpaca's records (instruction, input, output; optional system and history), as LLaMA-Factory reads
+    them, train as the conversations they stand for, from JSON Lines, from a .json array (the form
+    alpaca_data.json ships in) and from Parquet columns; a .json array of text records is read like
+    JSON Lines, any other .json file stays one text document."""
+    assert [chat.normalised(r) for r in ALPACA] == ALPACA_AS_MESSAGES
+    (tmp_path / "want.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ALPACA_AS_MESSAGES))
+    want = tokenize_files([tmp_path / "want.jsonl"], qwen)
+    assert (want < 0).any()  # (prompts are no targets)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(ALPACA, indent=4))
+    for name in ("a.jsonl", "alpaca_data.json"):
+        assert torch.equal(tokenize_files([tmp_path / name], qwen), want), name
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({k: [r.get(k) for r in ALPACA] for k in ("instruction", "input", "output", "system",
+                                                                     "history")}), tmp_path / "a.parquet")
+    assert torch.equal(tokenize_files([tmp_path / "a.parquet"], qwen), want)
+    # a .json array of {"text"} records: one document each, as JSON Lines
+    (tmp_path / "t.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    assert tokenize_files([tmp_path / "t.json"], qwen).tolist() == \
+        qwen.encode("one") + [qwen.eos_id] + qwen.encode("two") + [qwen.eos_id]
+    # other JSON is text: a config object, an array of numbers, an array of objects that are no records
+    for other in ({"text": "a config"}, [1, 2, 3], [{"name": "x", "size": 3}]):
+        (tmp_path / "o.json").write_text(json.dumps(other))
+        assert tokenize_files([tmp_path / "o.json"], qwen).tolist() == qwen.encode(json.dumps(other)) + [qwen.eos_id]
+    # a bad Alpaca record names the file and the element
+    (tmp_path / "bad.json").write_text(json.dumps([ALPACA[0], {"instruction": "x", "output": 5}]))
+    with pytest.raises(ValueError, match=r"bad.json\[1\]: an Alpaca record's instruction, input and output must be "
+                                         r"strings; got \['str', 'str', 'int'\]"):
+        tokenize_files([tmp_path / "bad.json"], qwen)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "x", "output": "y", "history": ["z"]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: an Alpaca record's history must be a list of \[user, "
+                                         r"assistant\] string pairs; got 'z'"):
+        tokenize_files([tmp_path / "bad.jsonl"], qwen)
 
 
 def test_generation_prompt_opens_the_assistant_turn(qwen):

@@ -158,6 +158,20 @@ def _dpo_cli_files(tmp_path) -> Path:
     return _pairs_file(tmp_path / "p.jsonl", THINGS)
 
 
+def test_pairs_from_a_json_array_read_as_from_json_lines(tmp_path):
+    """A .json file holding an array of pair records (datasets' to_json(lines=False)) gives the pairs
+    its JSON Lines twin gives; other JSON is refused by name."""
+    tok = byte_tokenizer()
+    lines = _pairs_file(tmp_path / "p.jsonl", THINGS[:5])
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    (tmp_path / "p.json").write_text(json.dumps(records, indent=2))
+    assert read_pairs([tmp_path / "p.json"], tok, 64) == read_pairs([lines], tok, 64)
+    (tmp_path / "o.json").write_text(json.dumps({"prompt": "x"}))
+    with pytest.raises(ValueError, match=r"o.json: .* in a .json file must be a JSON array of objects; got a JSON "
+                                         r"dict"):
+        read_pairs([tmp_path / "o.json"], tok, 64)
+
+
 def test_dpo_prefers_the_chosen_answers_on_held_out_prompts(tmp_path):
     tok = byte_tokenizer()
     train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:12])], tok, 64)

@@ -49,10 +49,12 @@ MESSAGE_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
 
 def normalised(record):
     """``record`` with ShareGPT's form read as ours (module docstring): ``conversations`` becomes
-    ``messages``, and in each message-list field ``{"from", "value"}`` becomes ``{"role", "content"}``.
-    Anything else is returned as it is."""
+    ``messages``, and in each message-list field ``{"from", "value"}`` becomes ``{"role", "content"}``;
+    and Alpaca's form (``alpaca_messages``) becomes ``messages``. Anything else is returned as it is."""
     if not isinstance(record, dict):
         return record
+    if "instruction" in record and "output" in record and not ("messages" in record or "prompt" in record):
+        return alpaca_messages(record)
     if "conversations" in record and "messages" not in record:
         record = {("messages" if k == "conversations" else k): v for k, v in record.items()}
     out = None
@@ -62,6 +64,29 @@ def normalised(record):
             out = out or dict(record)
             out[key] = [_chatml_message(m) for m in value]
     return out or record
+
+
+ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
+
+
+def alpaca_messages(record: dict) -> dict:
+    """An Alpaca record (``{"instruction", "input", "output"}``, optionally ``system`` and ``history``,
+    a list of earlier ``[user, assistant]`` turns) as a conversation, as LLaMA-Factory reads the
+    format: the user's turn is the instruction, then a newline and the input when there is one; the
+    answer is the output. Other fields stay."""
+    instruction, extra, output = record["instruction"], record.get("input") or "", record["output"]
+    if not all(isinstance(v, str) for v in (instruction, extra, output)):
+        raise ValueError(f"an Alpaca record's instruction, input and output must be strings; got "
+                         f"{[type(v).__name__ for v in (instruction, extra, output)]}")
+    messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    for turn in record.get("history") or []:
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise ValueError(f"an Alpaca record's history must be a list of [user, assistant] string pairs; got "
+                             f"{turn!r}")
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    messages += [{"role": "user", "content": instruction + ("\n" + extra if extra else "")},
+                 {"role": "assistant", "content": output}]
+    return {"messages": messages, **{k: v for k, v in record.items() if k not in ALPACA_FIELDS}}
 
 
 def _chatml_message(m):

@@ -113,26 +113,31 @@ def documents_of(path, text_field: str = TEXT_FIELD) -> Iterator[str | tuple[str
         text = raw.decode("utf-8")
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):
         return
+    records = json_array_records(text, text_field) if suffix == ".json" else None
+    if records is not None:  # a JSON array of records: each one a document, as JSON Lines lines are
+        for i, record in enumerate(records):
+            doc = _record_document(f"{path}[{i}]", record, text_field)
+            if doc:
+                yield doc
+        return
     if text:
         yield text
 
 
 def _jsonl_documents(path, text_field: str, gz: bool) -> Iterator[str | tuple[str, dict]]:
     """One document per line (lines split at "\\n" only: JSON strings may hold U+2028 and friends)."""
-    from .chat import is_supervised
-
     opener = gzip.open if gz else open
     try:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
-                doc = _jsonl_line(path, lineno, raw, text_field, is_supervised)
+                doc = _jsonl_line(path, lineno, raw, text_field)
                 if doc:
                     yield doc
     except (gzip.BadGzipFile, EOFError) as exc:
         raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
 
 
-def _jsonl_line(path, lineno: int, raw: bytes, text_field: str, is_supervised) -> str | tuple[str, dict] | None:
+def _jsonl_line(path, lineno: int, raw: bytes, text_field: str) -> str | tuple[str, dict] | None:
     """The document of one JSON Lines line (None for a blank line or an empty text)."""
     try:
         line = raw.decode("utf-8")
@@ -145,18 +150,51 @@ def _jsonl_line(path, lineno: int, raw: bytes, text_field: str, is_supervised) -
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per "
                          f"line with a string field {text_field!r}") from None
-    from .chat import normalised
+    return _record_document(f"{path}:{lineno}", record, text_field)
 
-    record = normalised(record)
+
+def _record_document(where: str, record, text_field: str) -> str | tuple[str, dict] | None:
+    """The document of one JSON record found at ``where`` (a JSON Lines line, an element of a JSON
+    array): its ``text_field`` string, or ``(where, record)`` for a supervised record (ShareGPT and
+    Alpaca forms read as ours, ``chat.normalised``); None for an empty text."""
+    from .chat import is_supervised, normalised
+
+    try:
+        record = normalised(record)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     value = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(value, str) and is_supervised(record):
-        return f"{path}:{lineno}", record
+        return where, record
     if not isinstance(value, str):
         got = (f"an object with fields {sorted(record)[:6]}" if isinstance(record, dict)
                else f"a JSON {type(record).__name__}")
-        raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field {text_field!r} "
-                         f"(--text-field), or a 'messages' or 'prompt'/'completion' record; got {got}")
+        raise ValueError(f"{where}: expected a JSON object with a string field {text_field!r} "
+                         f"(--text-field), or a 'messages', 'prompt'/'completion' or Alpaca record; got {got}")
     return value or None
+
+
+def json_array_records(text: str, text_field: str = "text") -> list | None:
+    """The records of a ``.json`` file that holds a JSON array of them (Alpaca's ``alpaca_data.json``,
+    ``datasets``' ``to_json(lines=False)``): the array when it is a non-empty list of objects of which
+    at least one is a document (a string ``text_field`` or a supervised record); None for any other
+    JSON or non-JSON text (such a file is a text document, as before)."""
+    from .chat import is_supervised, normalised
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not (isinstance(data, list) and data and all(isinstance(r, dict) for r in data)):
+        return None
+    for r in data:
+        try:
+            r = normalised(r)
+        except ValueError:
+            return data  # an Alpaca record with a bad field: records after all (the reader names it)
+        if isinstance(r.get(text_field), str) or is_supervised(r):
+            return data
+    return None
 
 
 def _parquet_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]]:
@@ -176,9 +214,13 @@ def _parquet_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]
         columns, kind = ["messages" if "messages" in names else "conversations"], "record"
     elif "prompt" in names and "completion" in names:
         columns, kind = ["prompt", "completion"], "record"
+    elif "instruction" in names and "output" in names:  # Alpaca's (yahma/alpaca-cleaned and its kin)
+        columns = [c for c in ("instruction", "input", "output", "system", "history") if c in names]
+        kind = "record"
     else:
         raise ValueError(f"{path}: expected a column {text_field!r} (--text-field), 'messages' (or ShareGPT's "
-                         f"'conversations'), or 'prompt' and 'completion'; got columns {names[:8]}")
+                         f"'conversations'), 'prompt' and 'completion', or Alpaca's 'instruction' and 'output'; "
+                         f"got columns {names[:8]}")
     from .chat import normalised
 
     row = 0
@@ -186,7 +228,10 @@ def _parquet_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]
         for rec in pf.read_row_group(g, columns=columns).to_pylist():
             row += 1
             if kind == "record":
-                yield f"{path}:row {row}", normalised(rec)
+                try:
+                    yield f"{path}:row {row}", normalised(rec)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:row {row}: {exc}") from None
                 continue
             value = rec[text_field]
             if value is not None and not isinstance(value, str):
@@ -306,7 +351,7 @@ def token_parts(files: Iterable[Path], tokenizer, *, max_tokens: int | None = No
 CACHE_ENV = "APR_KERNELS_CACHE"
 # v2: JSON Lines documents, supervised records (non-targets stored as -1 - id), special-token
 # strings in text encoded as text
-_CACHE_VERSION = "apr-kernels token cache v2"
+_CACHE_VERSION = "apr-kernels token cache v3"  # v3: .json arrays of records, Alpaca records
 
 
 def default_cache_dir() -> Path:

@@ -306,7 +306,7 @@ class StepProfiler:
     def _write(self, prof) -> None:
         trace = self.folder / f"trace_rank{self.rank}.json"
         prof.export_chrome_trace(str(trace))
-        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         summary = self.folder / f"summary_rank{self.rank}.txt"
         summary.write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
         self.written = [trace, summary]

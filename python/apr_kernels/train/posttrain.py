@@ -226,14 +226,32 @@ class StepLoop(EvalWatch):
 
 def jsonl_records(paths, what: str):
     """``(where, record)`` of every non-blank line of the JSON Lines files found at ``paths``
-    (``.jsonl``, ``.jsonl.gz``); ``what`` names the records in errors. ShareGPT's form is read as
-    ours (``chat.normalised``)."""
+    (``.jsonl``, ``.jsonl.gz``), and of every element of ``.json`` files holding a JSON array of
+    objects; ``what`` names the records in errors. ShareGPT's and Alpaca's forms are read as ours
+    (``chat.normalised``)."""
     from .chat import normalised
     from .data import find_text_files
 
+    def read(where, record):
+        try:
+            return where, normalised(record)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
     for path in find_text_files(paths):
+        if path.name.endswith(".json"):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            if not (isinstance(data, list) and all(isinstance(r, dict) for r in data)):
+                raise ValueError(f"{path}: {what} in a .json file must be a JSON array of objects; got a JSON "
+                                 f"{type(data).__name__}")
+            for i, record in enumerate(data):
+                yield read(f"{path}[{i}]", record)
+            continue
         if not path.name.endswith((".jsonl", ".jsonl.gz")):
-            raise ValueError(f"{path}: {what} must be JSON Lines (.jsonl, .jsonl.gz)")
+            raise ValueError(f"{path}: {what} must be JSON Lines (.jsonl, .jsonl.gz) or a JSON array (.json)")
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -244,7 +262,7 @@ def jsonl_records(paths, what: str):
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-                yield where, normalised(record)
+                yield read(where, record)
 
 
 def absolute(paths) -> list[str] | None:
