@@ -467,6 +467,20 @@ def test_cli_profile_of_a_post_training_command(tmp_path, capsys):
     assert done["step"] == 3 and (tmp_path / "prof" / "summary_rank0.txt").stat().st_size > 0
 
 
+def test_cli_resume_with_more_steps_extends_a_post_training_run(tmp_path, capsys):
+    from apr_kernels.cli import main
+
+    data = _dpo_cli_files(tmp_path)
+    assert main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "3", "--batch-size", "2",
+                 "--max-len", "64", "--save-every", "2", "--out", str(tmp_path / "o")]) == 0
+    capsys.readouterr()
+    assert main(["dpo", "--resume", str(tmp_path / "o" / "step_000002.apr"), "--steps", "5", "--json",
+                 "--out", str(tmp_path / "more")]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert recs[0]["steps"] == 5 and [r["step"] for r in recs if r["event"] == "train"] == [3, 4, 5]
+    assert training_metadata(tmp_path / "more" / "model.apr")["training.config"]["steps"] == 5
+
+
 def test_cli_wandb_run_of_a_post_training_command(tmp_path, capsys, monkeypatch):
     """dpo --wandb (offline): the train and eval records' numbers at their steps, as train's."""
     pytest.importorskip("wandb")

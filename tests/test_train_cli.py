@@ -505,6 +505,31 @@ def test_profile_writes_a_trace_of_the_package_ops_and_keeps_the_losses(capsys, 
     assert "apr::attention_bwd" in summary.read_text() and "Self CPU" in summary.read_text()
 
 
+def test_resume_with_more_steps_extends_the_run(capsys, tmp_path):
+    """--resume CKPT --steps N continues a finished 3-step run to 6 steps: with a constant learning
+    rate (the schedule is the only thing a new total changes) steps 4-6 equal those of a run trained
+    for 6 steps from the start; a total at or below the checkpoint's step, or --epochs, is refused."""
+    common = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "textwrap.py"),
+              "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--json", "--no-token-cache",
+              "--lr-schedule", "constant", "--warmup", "1"]
+    code, out, err = run(capsys, *common, "--steps", "6", "--out", str(tmp_path / "six"))
+    assert code == 0, err
+    want = [r["loss"] for r in json_lines(out) if r["event"] == "train"]
+    code, out, err = run(capsys, *common, "--steps", "3", "--out", str(tmp_path / "three"))
+    assert code == 0, err
+    finished = tmp_path / "three" / "model.apr"  # (a full run's final file holds its training state)
+    code, out, err = run(capsys, "train", "--resume", str(finished), "--steps", "6", "--json",
+                         "--out", str(tmp_path / "more"))
+    assert code == 0, err
+    recs = json_lines(out)
+    assert recs[0]["steps"] == 6 and [r["step"] for r in recs if r["event"] == "train"] == [4, 5, 6]
+    assert [r["loss"] for r in recs if r["event"] == "train"] == want[3:]
+    assert apr_kernels.open(tmp_path / "more" / "model.apr").metadata["training.config"]["steps"] == 6
+    for extra, needle in ((["--steps", "2"], "--steps 2 with --resume"), (["--epochs", "2"], "--epochs with --resume")):
+        code, _, err = run(capsys, "train", "--resume", str(finished), *extra, "--out", str(tmp_path / "x"))
+        assert code == 1 and needle in err, err
+
+
 def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
     """`tokenize` with train's data arguments writes the cache entries; train with the same arguments
     maps them (no tokenising) and its eval covers the same tokens."""

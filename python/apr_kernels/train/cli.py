@@ -21,6 +21,7 @@ sharded (``--parallel fsdp``); ``--batch-size`` stays the global batch (see ``di
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -389,6 +390,20 @@ def resolve_auto_resume(args) -> bool:
     return True
 
 
+def extended(cfg: TrainConfig, args, step: int, path) -> TrainConfig:
+    """A resumed run's config: as stored, or with ``--steps N`` a longer run (the learning-rate schedule
+    recomputed for N steps, the warmup kept). ``--epochs`` is refused: the data and batch are the run's."""
+    if getattr(args, "epochs", None) is not None:
+        raise ValueError(f"--epochs with --resume {path}: the run's data and batch are fixed; give --steps N (a new "
+                         f"total) to extend it")
+    if args.steps is None or args.steps == cfg.steps:
+        return cfg
+    if args.steps <= step:
+        raise ValueError(f"--steps {args.steps} with --resume {path}: the checkpoint is at step {step}; expected a "
+                         f"new total above it")
+    return dataclasses.replace(cfg, steps=args.steps)
+
+
 def step_profiler(args, env, model):
     """``--profile DIR [--profile-steps N]``: a ``loop.StepProfiler`` for this rank, or None."""
     if not getattr(args, "profile", None):
@@ -462,7 +477,7 @@ def _train(args, env, mode: str) -> int:
     if args.resume:
         meta = training_metadata(args.resume)
         spec = meta["training.data_spec"]
-        cfg = TrainConfig.from_dict(meta["training.config"])
+        cfg = extended(TrainConfig.from_dict(meta["training.config"]), args, meta["training.step"], args.resume)
         # a LoRA run resumes with its adapters (and its quantised base, if it had one)
         keep = {"lora": "keep", "lora_base_dtype": lora_base, "keep_quantized": True}
         model = load(args.resume, device or pick_device(args.device), tristate(args.fast), **keep)
@@ -471,7 +486,7 @@ def _train(args, env, mode: str) -> int:
         if not args.data:
             raise ValueError("train: --data PATH... is required (text files or folders)")
         spec = data_spec(args)
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        cfg = TrainConfig(steps=args.steps or TrainConfig.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                           grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                           lr_schedule=args.lr_schedule, decay_fraction=args.decay_fraction,
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -1006,7 +1021,8 @@ def register(subparsers) -> None:
                         "same --lr; not under FSDP)")
     o.add_argument("--muon-momentum", type=float, default=None, help=f"Muon's momentum (default {d.muon_momentum})")
     length = o.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    length.add_argument("--steps", type=int, default=None,
+                        help=f"optimizer steps (default {d.steps}); with --resume, a new total to extend the run to")
     length.add_argument("--epochs", type=float, default=None,
                         help="passes over the training sequences instead of --steps (rounded up to whole steps)")
     o.add_argument("--batch-size", type=int, default=d.batch_size)

@@ -284,7 +284,7 @@ def lora_settings(args) -> dict:
 
 def config_from(args, **fields) -> TrainConfig:
     """The run's ``TrainConfig`` from the shared options, plus the command's own ``fields``."""
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+    return TrainConfig(steps=args.steps or 100, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed, precision=args.precision,
                        lora_plus_ratio=args.lora_plus_ratio, save_best=args.save_best,
@@ -301,11 +301,13 @@ def resumed(args, command: str) -> tuple[dict, TrainConfig]:
     """(the run's ``training.<command>`` settings, its ``TrainConfig``) from ``--resume``'s checkpoint."""
     from .checkpoint import training_metadata
 
+    from .cli import extended
+
     meta = training_metadata(args.resume)
     settings = meta.get(f"training.{command}")
     if not isinstance(settings, dict):
         raise ValueError(f"{args.resume}: not a checkpoint of a {command} run (no metadata training.{command})")
-    return settings, TrainConfig.from_dict(meta["training.config"])
+    return settings, extended(TrainConfig.from_dict(meta["training.config"]), args, meta["training.step"], args.resume)
 
 
 def held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -479,7 +481,8 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                                     f"finished)")
     p.add_argument("--tokenizer", help="as for train (default: --init's embedded one)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    length.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (default 100); with --resume, a new total to extend the run to")
     length.add_argument("--epochs", type=float, default=None,
                         help="passes over the training data instead of --steps (rounded up to whole steps)")
     p.add_argument("--lr", type=float, default=lr, help=lr_help)
