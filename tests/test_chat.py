@@ -237,6 +237,42 @@ def test_alpaca_records_and_json_arrays_read_as_conversations(qwen, tmp_path):
         tokenize_files([tmp_path / "bad.jsonl"], qwen)
 
 
+def test_a_datasets_save_to_disk_folder_reads_its_arrow_shards(qwen, tmp_path):
+    """A folder as `datasets`' save_to_disk writes it (Arrow IPC stream shards, data-0000k-of-0000n.arrow,
+    beside dataset_info.json and state.json): the shards' rows are the documents, as the same records
+    in JSON Lines, and the two metadata files are not; the columns are read as Parquet's are."""
+    pa = pytest.importorskip("pyarrow")
+    from apr_kernels.train.data import find_text_files
+
+    def save(folder, table, shards=2):
+        folder.mkdir()
+        n = table.num_rows
+        for k in range(shards):  # (datasets writes each shard with RecordBatchStreamWriter)
+            part = table.slice(k * n // shards, (k + 1) * n // shards - k * n // shards)
+            with pa.ipc.new_stream(str(folder / f"data-{k:05d}-of-{shards:05d}.arrow"), part.schema) as w:
+                for batch in part.to_batches(max_chunksize=1):
+                    w.write_batch(batch)
+        (folder / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
+        (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00002.arrow"}]}))
+
+    texts = ["first document", "second", "", "fourth é"]
+    save(tmp_path / "t", pa.table({"text": texts, "id": [1, 2, 3, 4]}))
+    assert [p.name for p in find_text_files([tmp_path / "t"])] == ["data-00000-of-00002.arrow",
+                                                                   "data-00001-of-00002.arrow"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts if t))
+    assert torch.equal(tokenize_files(find_text_files([tmp_path / "t"]), qwen),
+                       tokenize_files([tmp_path / "t.jsonl"], qwen))
+    save(tmp_path / "a", pa.table({k: [r.get(k) for r in ALPACA] for k in ("instruction", "input", "output")}),
+         shards=1)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")})
+                                              + "\n" for r in ALPACA))
+    assert torch.equal(tokenize_files(find_text_files([tmp_path / "a"]), qwen),
+                       tokenize_files([tmp_path / "a.jsonl"], qwen))
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow at all")
+    with pytest.raises(ValueError, match=r"bad.arrow: not a readable Arrow stream file"):
+        tokenize_files([tmp_path / "bad.arrow"], qwen)
+
+
 def test_generation_prompt_opens_the_assistant_turn(qwen):
     text, close = chat.generation_prompt(CONVO["messages"][:2], qwen)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"

@@ -9,7 +9,10 @@
   or ``prompt``/``completion``) whose non-answer tokens are no loss targets; a line that is none of
   these is an error naming the file and line (blank lines are skipped). A Parquet file (``.parquet``,
   Hugging Face datasets' format; needs ``pyarrow``) holds one document per row, from the column
-  ``text_field`` or the ``messages`` / ``prompt`` + ``completion`` columns, read a row group at a time.
+  ``text_field`` or the ``messages`` / ``prompt`` + ``completion`` (or Alpaca's) columns, read a row
+  group at a time; an Arrow IPC stream file (``.arrow``: the shards of a ``datasets`` ``save_to_disk``
+  folder, whose two metadata JSON files a folder walk leaves out) likewise, a record batch at a time.
+  A ``.json`` file holding a JSON array of records is read as JSON Lines are.
 * Loss targets: the int32 stream stores a token that is not a target as ``-1 - id`` (prompts and
   chat turns other than the assistant's); ``split_targets`` turns rows back into ids and targets
   with -100 there. Plain text has no such tokens.
@@ -58,7 +61,9 @@ TEXT_SUFFIXES = frozenset({
 
 
 TEXT_FIELD = "text"  # the document field of JSON Lines records (Hugging Face datasets, most corpora)
-DATA_SUFFIXES = TEXT_SUFFIXES | {".parquet"}  # what folder walks collect
+DATA_SUFFIXES = TEXT_SUFFIXES | {".parquet", ".arrow"}  # what folder walks collect
+# the metadata files of a `datasets` save_to_disk folder (beside its .arrow shards): not documents
+DATASETS_METADATA = ("dataset_info.json", "state.json")
 
 
 def _suffix(name: str) -> tuple[str, bool]:
@@ -77,8 +82,10 @@ def find_text_files(paths: Iterable[str | os.PathLike], suffixes=DATA_SUFFIXES) 
         elif p.is_dir():
             for root, dirs, files in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+                saved = all(m in files for m in DATASETS_METADATA) and any(f.endswith(".arrow") for f in files)
                 out.extend(Path(root) / f for f in sorted(files)
-                           if _suffix(f)[0] in suffixes and not f.startswith("."))
+                           if _suffix(f)[0] in suffixes and not f.startswith(".")
+                           and not (saved and f in DATASETS_METADATA))
         else:
             raise FileNotFoundError(f"{p}: data path does not exist; expected a text file or a folder")
     if not out:
@@ -104,6 +111,9 @@ def documents_of(path, text_field: str = TEXT_FIELD) -> Iterator[str | tuple[str
     suffix, gz = _suffix(Path(path).name)
     if suffix == ".parquet" and not gz:
         yield from _parquet_documents(path, text_field)
+        return
+    if suffix == ".arrow" and not gz:
+        yield from _arrow_documents(path, text_field)
         return
     if suffix == ".jsonl":
         yield from _jsonl_documents(path, text_field, gz)
@@ -199,33 +209,61 @@ def json_array_records(text: str, text_field: str = "text") -> list | None:
 
 def _parquet_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]]:
     """Documents of a Parquet file, row group by row group (see the module docstring)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install 'apr-kernels[data]')") from None
+    pq = _pyarrow(path, "Parquet").parquet
     try:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
     except Exception as exc:  # noqa: BLE001 -- pyarrow's errors vary; any is a bad file
         raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    columns, kind = _table_columns(path, names, text_field)
+    yield from _table_documents(path, (pf.read_row_group(g, columns=columns).to_pylist()
+                                       for g in range(pf.num_row_groups)), kind, text_field)
+
+
+def _arrow_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]]:
+    """Documents of an Arrow IPC stream file (a shard of a ``datasets`` ``save_to_disk`` folder,
+    ``data-00000-of-00001.arrow``), memory-mapped, record batch by record batch; columns as Parquet's."""
+    pa = _pyarrow(path, "Arrow")
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+        names = reader.schema.names
+    except Exception as exc:  # noqa: BLE001 -- pyarrow's errors vary; any is a bad file
+        raise ValueError(f"{path}: not a readable Arrow stream file ({type(exc).__name__}: {exc})") from None
+    columns, kind = _table_columns(path, names, text_field)
+    yield from _table_documents(path, (b.select(columns).to_pylist() for b in reader), kind, text_field)
+
+
+def _pyarrow(path, what: str):
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401 (pyarrow.parquet for Parquet files)
+    except ImportError:
+        raise ValueError(f"{path}: reading {what} needs pyarrow (pip install 'apr-kernels[data]')") from None
+    return pyarrow
+
+
+def _table_columns(path, names: list[str], text_field: str) -> tuple[list[str], str]:
+    """(the columns to read, "text" or "record") of a table file with these column ``names``."""
     if text_field in names:
-        columns, kind = [text_field], "text"
-    elif "messages" in names or "conversations" in names:  # (ShareGPT's: read as messages)
-        columns, kind = ["messages" if "messages" in names else "conversations"], "record"
-    elif "prompt" in names and "completion" in names:
-        columns, kind = ["prompt", "completion"], "record"
-    elif "instruction" in names and "output" in names:  # Alpaca's (yahma/alpaca-cleaned and its kin)
-        columns = [c for c in ("instruction", "input", "output", "system", "history") if c in names]
-        kind = "record"
-    else:
-        raise ValueError(f"{path}: expected a column {text_field!r} (--text-field), 'messages' (or ShareGPT's "
-                         f"'conversations'), 'prompt' and 'completion', or Alpaca's 'instruction' and 'output'; "
-                         f"got columns {names[:8]}")
+        return [text_field], "text"
+    if "messages" in names or "conversations" in names:  # (ShareGPT's: read as messages)
+        return ["messages" if "messages" in names else "conversations"], "record"
+    if "prompt" in names and "completion" in names:
+        return ["prompt", "completion"], "record"
+    if "instruction" in names and "output" in names:  # Alpaca's (yahma/alpaca-cleaned and its kin)
+        return [c for c in ("instruction", "input", "output", "system", "history") if c in names], "record"
+    raise ValueError(f"{path}: expected a column {text_field!r} (--text-field), 'messages' (or ShareGPT's "
+                     f"'conversations'), 'prompt' and 'completion', or Alpaca's 'instruction' and 'output'; "
+                     f"got columns {names[:8]}")
+
+
+def _table_documents(path, chunks, kind: str, text_field: str) -> Iterator[str | tuple[str, dict]]:
+    """The documents of a table file's rows, read in ``chunks`` (lists of row dicts)."""
     from .chat import normalised
 
     row = 0
-    for g in range(pf.num_row_groups):
-        for rec in pf.read_row_group(g, columns=columns).to_pylist():
+    for chunk in chunks:
+        for rec in chunk:
             row += 1
             if kind == "record":
                 try:
