@@ -274,6 +274,10 @@ def runs(tmp_path_factory):
             "--micro-batch", "2"]
     code, one_rloo_out = _cli(main, [*rloo, "--out", str(root / "one_rloo")])
     assert code == 0
+    # --freeze: the embedding and layer 0 stay as loaded (FSDP: sharded parameters without gradients)
+    freeze = ["--freeze", "model.embed_tokens.*", "model.layers.0.*"]
+    code, one_freeze_out = _cli(main, ["train", "--init", str(init), *COMMON, *freeze, "--out", str(root / "one_freeze")])
+    assert code == 0
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
@@ -319,6 +323,7 @@ def runs(tmp_path_factory):
         [*online, "--parallel", "fsdp", "--out", str(root / "fsdp_online")],
         [*rloo, "--parallel", "ddp", "--out", str(root / "ddp_rloo")],
         [*rloo, "--parallel", "fsdp", "--out", str(root / "fsdp_rloo")],
+        ["train", "--init", str(init), *COMMON, *freeze, "--parallel", "fsdp", "--out", str(root / "fsdp_freeze")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -341,7 +346,7 @@ def runs(tmp_path_factory):
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
-            "one_online_out": one_online_out, "one_rloo_out": one_rloo_out,
+            "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -825,4 +830,22 @@ def test_rloo_on_two_ranks_matches_one_process(runs, run):
     assert _losses(want, key="kl")[0] == pytest.approx(0.0, abs=1e-6) and _losses(want, key="kl")[-1] > 0
     for key in ("loss", "reward", "kl", "clip_ratio", "completion_len", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
+
+
+def test_freeze_under_fsdp_matches_one_process(runs):
+    """train --freeze under FSDP (run24): the frozen shards get no gradient and no optimizer state; the
+    losses equal the one-process run's, the frozen tensors come out as they went in, the rest as the
+    one-process run's."""
+    want = _records(runs["one_freeze_out"])
+    run = runs["ranks"][(0, 2)]["run24"]
+    assert run["code"] == runs["ranks"][(1, 2)]["run24"]["code"] == 0
+    assert _losses(_records(run["stdout"])) == pytest.approx(_losses(want), rel=1e-5)
+    (got, _), (ref, _), (init, _) = (_tensors(runs["root"] / "fsdp_freeze" / "model.apr"),
+                                     _tensors(runs["root"] / "one_freeze" / "model.apr"),
+                                     _tensors(runs["root"] / "init.apr"))
+    for name in ref:
+        if name.startswith(("model.embed_tokens.", "model.layers.0.", "lm_head")) and name in init:
+            assert torch.equal(got[name], init[name]) and torch.equal(ref[name], init[name]), name
+        else:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=5e-5, msg=name)
 

@@ -530,6 +530,52 @@ def test_resume_with_more_steps_extends_the_run(capsys, tmp_path):
         assert code == 1 and needle in err, err
 
 
+def test_freeze_keeps_the_matching_parameters_and_resumes_frozen(capsys, tmp_path):
+    """--freeze 'model.embed_tokens.*' 'model.layers.0.*': those tensors leave training exactly as they
+    came (the tied output head with the embedding), every other one moves, the start line counts only
+    the others as trainable, and a run resumed from a step checkpoint stays frozen (the losses of the
+    uninterrupted run). A pattern matching nothing, freezing everything, or --freeze with LoRA is refused."""
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(3)
+    model = Transformer(preset("tiny_llama"), fast=False)
+    init = tmp_path / "init.apr"
+    save_checkpoint(init, model=model, tokenizer=_bytes_tokenizer())
+    before = apr_kernels.load(init)
+    common = ["train", "--init", str(init), "--data", str(STDLIB / "textwrap.py"), "--steps", "4", "--batch-size",
+              "2", "--seq-len", "32", "--eval-tokens", "64", "--json", "--no-token-cache", "--lr", "1e-2",
+              "--save-every", "2"]
+    patterns = ["--freeze", "model.embed_tokens.*", "model.layers.0.*"]
+    code, out, err = run(capsys, *common, *patterns, "--out", str(tmp_path / "f"))
+    assert code == 0, err
+    recs = json_lines(out)
+    frozen = [n for n, _ in model.named_parameters() if n.startswith(("model.embed_tokens.", "model.layers.0."))]
+    assert len(frozen) == 10  # the embedding, layer 0's 7 projections and 2 norms
+    assert recs[0]["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
+    after = apr_kernels.load(tmp_path / "f" / "model.apr")
+    for name, _ in model.named_parameters():
+        assert torch.equal(after[name], before[name]) == (name in frozen), name
+    code, out, err = run(capsys, "train", "--resume", str(tmp_path / "f" / "step_000002.apr"), "--json",
+                         "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert [r["loss"] for r in json_lines(out) if r["event"] == "train"] == \
+        [r["loss"] for r in recs if r["event"] == "train"][2:]
+    assert torch.equal(apr_kernels.load(tmp_path / "r" / "model.apr")["model.layers.0.mlp.up_proj.weight"],
+                       before["model.layers.0.mlp.up_proj.weight"])
+    for extra, needle in ((["--freeze", "model.nothing.*"], "--freeze 'model.nothing.*': matches no trainable"),
+                          (["--freeze", "*"], "freezes every parameter"),
+                          (["--freeze", "model.norm.*", "--lora-rank", "2"], "with LoRA: the adapters already train")):
+        code, _, err = run(capsys, *common, *extra, "--out", str(tmp_path / "x"))
+        assert code == 1 and needle in err, err
+
+
+def _bytes_tokenizer():
+    from apr_kernels.train.cli import byte_tokenizer
+
+    return byte_tokenizer()
+
+
 def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
     """`tokenize` with train's data arguments writes the cache entries; train with the same arguments
     maps them (no tokenising) and its eval covers the same tokens."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .loop import Logger, TrainConfig, Trainer, autocast_dtype_for, wandb_settings
+from .loop import Logger, TrainConfig, Trainer, autocast_dtype_for, freeze_parameters, wandb_settings
 from .schedule import SCHEDULES
 
 
@@ -415,6 +415,12 @@ def step_profiler(args, env, model):
                         cuda=device.type == "cuda")
 
 
+def add_freeze_option(p) -> None:
+    p.add_argument("--freeze", nargs="+", metavar="PATTERN", default=None,
+                   help="keep the parameters whose names match these fnmatch patterns frozen, e.g. "
+                        "'model.embed_tokens.*' 'model.layers.[0-9].*' (not with LoRA)")
+
+
 def add_best_options(p, metric: str) -> None:
     """``--save-best`` and ``--early-stopping-patience`` (``loop.EvalWatch``), following ``metric``."""
     p.add_argument("--save-best", action="store_true",
@@ -493,6 +499,7 @@ def _train(args, env, mode: str) -> int:
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
                           log_every=args.log_every, save_every=args.save_every, seed=args.seed,
                           save_best=args.save_best, early_stopping_patience=args.early_stopping_patience,
+                          freeze=args.freeze,
                           document_mask=args.document_mask, packing=args.packing, precision=args.precision,
                           teacher=str(Path(args.teacher).resolve()) if args.teacher else None,
                           optimizer=args.optimizer, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
@@ -507,6 +514,7 @@ def _train(args, env, mode: str) -> int:
 
             add_lora(model, base_dtype=lora_base, **lora_new)
     model.gradient_checkpointing = args.grad_checkpointing
+    freeze_parameters(model, cfg.freeze)  # (a resumed run's come from its checkpoint)
     if args.compile:
         compile_layers(model)
     if cfg.seq_len > model.config.max_position_embeddings:
@@ -1037,6 +1045,7 @@ def register(subparsers) -> None:
     o.add_argument("--decay-fraction", type=float, default=d.decay_fraction,
                    help="wsd: share of the steps that decay (default 0.2)")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    add_freeze_option(o)
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max grad norm (0: off)")
     o.add_argument("--seed", type=int, default=d.seed)
     o.add_argument("--compile", action="store_true",

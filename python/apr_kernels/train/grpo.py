@@ -78,9 +78,9 @@ from pathlib import Path
 import torch
 
 from .loop import TrainConfig, autocast_dtype_for
-from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, load_model, logger_for,
-                        lora_settings, parallel_for, resumed, run_command, sequence_logps, start_fields, token_logps,
-                        tokenizer_for, train_and_save)
+from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, frozen, load_model,
+                        logger_for, lora_settings, parallel_for, resumed, run_command, sequence_logps, start_fields,
+                        token_logps, tokenizer_for, train_and_save)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -592,7 +592,7 @@ class SamplingRun:
                                                     fast=tristate(args.fast))
                         for s in settings["rewards"]}  # fail before the model loads
         self.source = args.resume or settings["init"]
-        self.model = load_model(self.source, env, mode, self.device, args, **load)
+        self.model = frozen(load_model(self.source, env, mode, self.device, args, **load), cfg)
         self.tok = tokenizer_for(settings["tokenizer"], self.model, self.source)
         self.prompts = read_prompts(settings["data"], self.tok, settings["max_prompt_len"])
         self.eval_prompts = (read_prompts(settings["eval_data"], self.tok, settings["max_prompt_len"])

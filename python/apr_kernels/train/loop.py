@@ -73,6 +73,7 @@ class TrainConfig:
     neftune_alpha: float = 0.0          # NEFTune's embedding noise in training steps (0: off)
     lora_plus_ratio: float = 0.0        # LoRA+: the adapters' B matrices at this multiple of the lr (0: off)
     activation_offload: bool = False    # tensors saved for the backward kept in (pinned) host memory
+    freeze: list | None = None          # parameter name patterns (fnmatch) kept frozen (freeze_parameters)
     optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
     muon_momentum: float = 0.95
 
@@ -139,6 +140,36 @@ class TrainConfig:
         # (a float product like 0.3 * 10 = 3.0000000000000004 must not round up to an extra step)
         steps = max(1, math.ceil(round(epochs * items / per_step, 9)))
         return dataclasses.replace(self, steps=steps, warmup=warmup)
+
+
+def freeze_parameters(model: torch.nn.Module, patterns: list[str] | None) -> list[str]:
+    """``--freeze``: the parameters whose Hugging Face names match any of the fnmatch ``patterns``
+    (``model.embed_tokens.weight``, ``model.layers.[0-9].*``) stop training (no gradient, no
+    optimizer state); the names frozen. Before the optimizer and any DDP/FSDP wrapping. A pattern
+    that matches nothing, freezing everything, or freezing on top of LoRA (whose base is frozen
+    already) is an error naming it."""
+    import fnmatch
+
+    if not patterns:
+        return []
+    if getattr(model, "lora", None):
+        raise ValueError(f"--freeze {' '.join(patterns)} with LoRA: the adapters already train alone on a frozen "
+                         f"model; expected one or the other")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    frozen = []
+    for pattern in patterns:
+        hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"--freeze {pattern!r}: matches no trainable parameter; names look like "
+                             f"{named[0][0] if named else '(none)'} and {named[-1][0] if named else ''}")
+        frozen += hits
+    frozen = set(frozen)
+    if len(frozen) == len(named):
+        raise ValueError(f"--freeze {' '.join(patterns)}: freezes every parameter; expected some left to train")
+    for n, p in named:
+        if n in frozen:
+            p.requires_grad_(False)
+    return [n for n, _ in named if n in frozen]
 
 
 def autocast_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:

@@ -288,7 +288,7 @@ def config_from(args, **fields) -> TrainConfig:
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed, precision=args.precision,
                        lora_plus_ratio=args.lora_plus_ratio, save_best=args.save_best,
-                       early_stopping_patience=args.early_stopping_patience, **fields)
+                       early_stopping_patience=args.early_stopping_patience, freeze=args.freeze, **fields)
 
 
 def fit_epochs(args, cfg: TrainConfig, items: int, what: str) -> TrainConfig:
@@ -414,10 +414,19 @@ def settings_and_model(args, env, mode: str, device, command: str, fresh, **mode
     ``from_apr`` keywords (a reward model's ``num_labels``)."""
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
         settings, cfg = resumed(args, command)
-        return settings, cfg, load_model(args.resume, env, mode, device, args, lora="keep", keep_quantized=True,
-                                         **model_kwargs)
+        return settings, cfg, frozen(load_model(args.resume, env, mode, device, args, lora="keep",
+                                                keep_quantized=True, **model_kwargs), cfg)
     settings, cfg = fresh()
-    return settings, cfg, load_model(args.init, env, mode, device, args, **lora_settings(args), **model_kwargs)
+    return settings, cfg, frozen(load_model(args.init, env, mode, device, args, **lora_settings(args),
+                                            **model_kwargs), cfg)
+
+
+def frozen(model, cfg: TrainConfig):
+    """``model`` with ``cfg.freeze``'s parameters frozen (``loop.freeze_parameters``)."""
+    from .loop import freeze_parameters
+
+    freeze_parameters(model, cfg.freeze)
+    return model
 
 
 def start_fields(trainer, device) -> dict:
@@ -488,6 +497,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--lr", type=float, default=lr, help=lr_help)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    from .cli import add_freeze_option
+
+    add_freeze_option(p)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
