@@ -343,6 +343,28 @@ TEMPLATE = (
 )
 
 
+def test_the_token_cache_tells_chat_templates_apart(qwen, tmp_path):
+    """One vocabulary, two chat templates (a base model's and its instruct model's default system
+    prompts differ): the same chat records give two cache entries and two streams, each the stream
+    tokenising with that template gives, not the other's."""
+    import copy
+
+    from apr_kernels.train.data import cached_tokens
+
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": CONVO["messages"][1:3]}) + "\n")
+    other = TEMPLATE.replace("You are a helpful assistant.", "You are Qwen.")
+    toks = []
+    for template in (TEMPLATE, other):
+        tok = copy.copy(qwen)
+        tok.extra = dict(qwen.extra, **{"tokenizer.chat_template": template})
+        toks.append(tok)
+    cache = tmp_path / "cache"
+    got = [cached_tokens([tmp_path / "c.jsonl"], t, cache_dir=cache).clone() for t in toks]
+    assert len(list(cache.glob("tokens-*.apr"))) == 2 and not torch.equal(got[0], got[1])
+    for t, stream in zip(toks, got):
+        assert torch.equal(stream, tokenize_files([tmp_path / "c.jsonl"], t))
+
+
 def test_the_models_own_chat_template_renders_as_transformers_does(qwen):
     """With tokenizer.chat_template present, records are rendered by it: the same text and ids as
     transformers' apply_chat_template on the same template (default system prompt included), the

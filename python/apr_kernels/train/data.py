@@ -401,8 +401,13 @@ def default_cache_dir() -> Path:
 def token_cache_key(files: list[Path], tokenizer, max_tokens: int | None, text_field: str = TEXT_FIELD) -> str:
     import hashlib
 
+    from .chat import chat_template
+
+    # the chat template renders chat records: two files of one vocabulary with other templates (a base
+    # model's and its instruct model's default system prompts) give other streams
+    template = hashlib.sha256((chat_template(tokenizer) or "").encode()).hexdigest()
     h = hashlib.sha256(f"{_CACHE_VERSION}\x00{tokenizer.fingerprint()}\x00{max_tokens}\x00{text_field}"
-                       f"\x00{document_bos(tokenizer)}".encode())
+                       f"\x00{document_bos(tokenizer)}\x00{template}".encode())
     for f in files:
         st = os.stat(f)
         h.update(f"\x00{os.path.abspath(f)}\x00{st.st_size}\x00{st.st_mtime_ns}".encode())
