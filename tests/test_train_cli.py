@@ -356,6 +356,38 @@ def test_chat_records_fine_tune_on_answers_only(capsys, tmp_path):
     assert int(tokens.split("=")[1]) == evals[-1]["eval_tokens"]
 
 
+def test_chat_template_file_renders_the_records_and_travels_with_the_checkpoint(capsys, tmp_path):
+    """--chat-template FILE: records are rendered by that template (a plain-text one here, its answers
+    closed by <|endoftext|>), the checkpoint carries it, and eval on the checkpoint renders alike (the
+    same loss and target count; the default ChatML would give others). A template that cannot render
+    a conversation is refused before any data is read."""
+    template = ("{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] }}"
+                "{%- if m['role'] == 'assistant' %}{{- '<|endoftext|>' }}{%- endif %}{{- '\\n' }}{%- endfor %}")
+    (tmp_path / "plain.jinja").write_text(template)
+    convos = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}!"}]}
+              for i in range(60)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convos))
+    common = ["train", "--preset", "tiny_qwen2", "--fit-vocab", "--tokenizer", "qwen2", "--data",
+              str(tmp_path / "c.jsonl"), "--eval-data", str(tmp_path / "c.jsonl"), "--steps", "1", "--batch-size",
+              "2", "--seq-len", "64", "--eval-tokens", "256", "--json", "--no-token-cache"]
+    code, out, err = run(capsys, *common, "--chat-template", str(tmp_path / "plain.jinja"), "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    final = [r for r in json_lines(out) if r["event"] == "eval"][-1]
+    meta = apr_kernels.open(tmp_path / "t" / "model.apr").metadata
+    assert meta["tokenizer.chat_template"] == template
+    code, out, err = run(capsys, "eval", "--init", str(tmp_path / "t" / "model.apr"), "--data",
+                         str(tmp_path / "c.jsonl"), "--max-tokens", "256", "--json")
+    assert code == 0, err
+    got = json_lines(out)[-1]
+    assert got["eval_loss"] == pytest.approx(final["eval_loss"], abs=2e-6) and got["tokens"] == final["eval_tokens"]
+    code, out, err = run(capsys, *common, "--out", str(tmp_path / "default"))  # ChatML: other targets
+    assert code == 0, err
+    assert [r for r in json_lines(out) if r["event"] == "eval"][-1]["eval_tokens"] != final["eval_tokens"]
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    code, _, err = run(capsys, *common, "--chat-template", str(tmp_path / "bad.jinja"), "--out", str(tmp_path / "x"))
+    assert code == 1 and "--chat-template" in err and "does not render a conversation" in err, err
+
+
 def test_keep_last_prunes_old_periodic_checkpoints(capsys, tmp_path):
     (tmp_path / "step_000001.apr").write_bytes(b"an older run's")  # pruned too: the folder's policy
     (tmp_path / "notes.apr").write_bytes(b"not a checkpoint")

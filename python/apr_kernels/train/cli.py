@@ -390,6 +390,28 @@ def resolve_auto_resume(args) -> bool:
     return True
 
 
+def with_chat_template(tok, path):
+    """A copy of ``tok`` whose ``tokenizer.chat_template`` is the jinja text of the file ``path``
+    (checked to render a conversation before any data is read)."""
+    import copy
+
+    from . import chat
+
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--chat-template {path}: not a readable text file ({exc})") from None
+    out = copy.copy(tok)
+    out.extra = dict(getattr(tok, "extra", None) or {}, **{"tokenizer.chat_template": template})
+    probe = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    try:
+        chat.render(probe, out, f"--chat-template {path}")
+    except Exception as exc:  # jinja's errors (syntax, undefined names) and ours: one line naming the file
+        raise ValueError(f"--chat-template {path}: does not render a conversation ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return out
+
+
 def extended(cfg: TrainConfig, args, step: int, path) -> TrainConfig:
     """A resumed run's config: as stored, or with ``--steps N`` a longer run (the learning-rate schedule
     recomputed for N steps, the warmup kept). ``--epochs`` is refused: the data and batch are the run's."""
@@ -509,6 +531,8 @@ def _train(args, env, mode: str) -> int:
                           else None,
                           **_settings_of(args))
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
+        if args.chat_template:
+            tok = with_chat_template(tok, args.chat_template)
         if lora_new and not getattr(model, "lora", None):  # not added while loading (a preset, or plain LoRA)
             from apr_kernels.model.lora import add_lora
 
@@ -979,6 +1003,9 @@ def register(subparsers) -> None:
                                     "the same command every time)")
     m.add_argument("--tokenizer", help="qwen2 | bytes | FILE.apr | Hugging Face tokenizer folder, tokenizer.json "
                                        "or tokenizer.model (default: --init's embedded one, else qwen2)")
+    m.add_argument("--chat-template", metavar="FILE.jinja",
+                   help="render chat records with this jinja template (Hugging Face's chat_template) instead of the "
+                        "tokenizer's; checkpoints carry it to generate, chat, eval and the post-training commands")
     m.add_argument("--fit-vocab", action="store_true",
                    help="size a preset's vocabulary to the tokenizer (rounded up to a multiple of 64)")
     g = p.add_argument_group("data")
