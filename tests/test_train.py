@@ -186,7 +186,7 @@ def test_json_lines_hold_one_document_per_line_plain_or_gzip(tmp_path, tok):
     assert tokenize_files(files[:3], tok).tolist() == doc + doc + [120, 121, 256]
     assert tokenize_files(files[3:], tok, text_field="content").tolist() == [122, 256]
     with pytest.raises(ValueError, match=r"d.jsonl:1: expected a JSON object with a string field 'text' "
-                                         r"\(--text-field\), or a 'messages' or 'prompt'/'completion' record; "
+                                         r"\(--text-field\), or a 'messages', 'prompt'/'completion' or Alpaca record; "
                                          r"got an object with fields \['content'\]"):
         tokenize_files(files, tok)
     (tmp_path / "e.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
