@@ -90,6 +90,36 @@ def test_eval_reproduces_the_final_eval_loss(first_run, capsys):
     assert float(key.split("=")[1]) == pytest.approx(final, abs=2e-6)
 
 
+def test_eval_reports_perplexity_and_bits_per_byte(capsys, tmp_path):
+    """eval's perplexity is exp(loss) and its bits per byte the total loss over the UTF-8 bytes of the
+    text the scored targets stand for (the end-of-text id: none), counted here by decoding the
+    targets; the Qwen2.5 tokenizer on Python source, so tokens hold several bytes."""
+    from apr_kernels.tokenizer import Tokenizer
+    from apr_kernels.train.data import eval_sequences, split_targets, tokenize_files
+
+    held = tmp_path / "held.py"
+    held.write_text((STDLIB / "shlex.py").read_text()[:3000])
+    code, out, err = run(capsys, "train", "--preset", "tiny_qwen2", "--fit-vocab", "--tokenizer", "qwen2", "--data",
+                         str(STDLIB / "textwrap.py"), "--steps", "1", "--batch-size", "2", "--seq-len", "64",
+                         "--eval-tokens", "64", "--no-token-cache", "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", "--init", str(tmp_path / "m" / "model.apr"), "--data", str(held), "--json")
+    assert code == 0, err
+    got = json_lines(out)[-1]
+    qwen = Tokenizer.qwen2()
+    _, y = split_targets(eval_sequences(tokenize_files([held], qwen), 64))
+    targets = [t for t in y.flatten().tolist() if t != -100]
+    assert got["tokens"] == len(targets)
+    text_bytes = len(qwen.decode([t for t in targets if t != qwen.eos_id]).encode("utf-8"))
+    assert got["bytes"] == text_bytes and text_bytes > 2 * len(targets)
+    assert got["perplexity"] == pytest.approx(math.exp(got["eval_loss"]), rel=1e-12)
+    assert got["bits_per_byte"] == pytest.approx(got["eval_loss"] * len(targets) / (math.log(2) * text_bytes),
+                                                 rel=1e-12)
+    code, out, _ = run(capsys, "eval", "--init", str(tmp_path / "m" / "model.apr"), "--data", str(held))
+    ppl_line, last = out.strip().splitlines()[-2:]
+    assert last.startswith("eval_loss=") and ppl_line.startswith("perplexity=") and "bits_per_byte=" in ppl_line
+
+
 def test_resume_continues_with_identical_losses(first_run, capsys, tmp_path):
     out, recs = first_run
     code, stdout, _ = run(capsys, "train", "--resume", str(out / "step_000002.apr"), "--out", str(tmp_path), "--json")

@@ -585,12 +585,13 @@ def _train(args, env, mode: str) -> int:
 # ------------------------------------------------------------------------------------- eval
 def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
                   tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None,
-                  document_mask: bool | None = None, text_field: str = "text"):
-    """(mean next-token loss, target tokens) of an APR model on text data. ``seq_len`` and
-    ``document_mask`` default to the checkpoint's training settings (else 256 and off)."""
+                  document_mask: bool | None = None, text_field: str = "text", with_bytes: bool = False):
+    """(mean next-token loss, target tokens) of an APR model on text data, and with ``with_bytes`` the
+    bytes of text those targets stand for (``data.target_bytes``). ``seq_len`` and ``document_mask``
+    default to the checkpoint's training settings (else 256 and off)."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
-    from .data import evaluate, find_text_files, pack_records, tokenize_files
+    from .data import evaluate, find_text_files, pack_records, target_bytes, tokenize_files
     from .loop import autocast_dtype_for
 
     model = from_apr(init, device=pick_device(device), fast=fast)
@@ -608,9 +609,10 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     if stored.get("packing") == "records":  # evaluated in the layout it was trained in
         tokens = pack_records(tokens, seq_len, _packing_eos(tok))
     dev = next(model.parameters()).device
-    return evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
-                    autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), max_tokens=max_tokens,
-                    eos_id=eos_id)
+    loss, n = evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
+                       autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), max_tokens=max_tokens,
+                       eos_id=eos_id)
+    return (loss, n, target_bytes(tokens, seq_len, tok, max_tokens)) if with_bytes else (loss, n)
 
 
 def cmd_tokenize(args) -> int:
@@ -646,15 +648,22 @@ def cmd_eval(args) -> int:
         return _eval_pairs(args)
     if args.prompts:
         return _eval_prompts(args)
-    loss, n = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                            tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
-                            fast=tristate(args.fast), document_mask=args.document_mask, text_field=args.text_field)
+    loss, n, n_bytes = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                     tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
+                                     fast=tristate(args.fast), document_mask=args.document_mask,
+                                     text_field=args.text_field, with_bytes=True)
     if n == 0:
         raise ValueError(f"{', '.join(args.data)}: no loss targets in the evaluated tokens (all of them are "
                          f"prompt tokens of supervised records); evaluate more tokens (--max-tokens)")
+    # perplexity, and bits per byte: the total loss over the bytes of text scored (comparable across
+    # tokenizers; NaN when the targets stand for no text)
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    bpb = loss * n / (math.log(2) * n_bytes) if n_bytes else float("nan")
     if args.json:
-        print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n}))
+        print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n, "perplexity": ppl, "bits_per_byte": bpb,
+                          "bytes": n_bytes}))
     else:
+        print(f"perplexity={ppl:.4f} bits_per_byte={bpb:.6f} bytes={n_bytes}")
         print(f"eval_loss={loss:.6f} tokens={n}")
     return 0
 

@@ -707,6 +707,26 @@ def eval_sequences(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = 
     return seqs
 
 
+def target_bytes(tokens: torch.Tensor, seq_len: int, tokenizer, max_tokens: int | None = None) -> int:
+    """The UTF-8 bytes of the text the targets ``evaluate`` scores stand for (``tokenizer.token_bytes``;
+    special tokens such as the end-of-text id stand for none): the denominator of bits per byte,
+    the loss measure that compares models across tokenizers."""
+    seqs = eval_sequences(tokens, seq_len, max_tokens)
+    _, y = split_targets(seqs)
+    return int(byte_lengths(tokenizer)[y[y != -100].long()].sum())
+
+
+def byte_lengths(tokenizer) -> torch.Tensor:
+    """``[vocab]`` int64: each token's length in bytes of text (special tokens 0). Cached on the tokenizer."""
+    cached = getattr(tokenizer, "_byte_lengths", None)
+    if cached is None:
+        special = set((getattr(tokenizer, "special_tokens", None) or {}).values())
+        cached = torch.tensor([0 if i in special else len(tokenizer.token_bytes(i))
+                               for i in range(tokenizer.vocab_size)], dtype=torch.int64)
+        tokenizer._byte_lengths = cached
+    return cached
+
+
 @torch.no_grad()  # no autograd graph (and no fused-loss gradients) during evaluation
 def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, device=None,
              autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None,
