@@ -316,8 +316,8 @@ def test_json_lines_data_with_a_named_text_field(capsys, tmp_path):
         [r["loss"] for r in recs if r["event"] == "train"][1:]
     code, out, err = run(capsys, *base, "--out", str(tmp_path / "bad"))
     assert code != 0
-    assert "train.jsonl:1: expected a JSON object with a string field 'text' (--text-field), or a 'messages' " \
-           "or 'prompt'/'completion' record; got an object with fields ['body', 'id']" in err
+    assert "train.jsonl:1: expected a JSON object with a string field 'text' (--text-field), or a 'messages', " \
+           "'prompt'/'completion' or Alpaca record; got an object with fields ['body', 'id']" in err
 
 
 def test_lr_schedule_flag_sets_the_logged_learning_rates(capsys, tmp_path):
