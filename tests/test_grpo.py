@@ -37,6 +37,31 @@ def _prompts_file(path, prompts, **fields):
     return path
 
 
+def _policy(tok, lora: bool):
+    """``_model`` as a policy that differs from the model as loaded: with ``lora``, rank-4 adapters
+    whose B matrices already moved (seeded), so the frozen base is a different reference."""
+    from apr_kernels.model.lora import add_lora
+
+    m = _model(tok)
+    if lora:
+        add_lora(m, 4, 8.0)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if ".lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return m
+
+
+def assert_same_grads(trained, oracle):
+    """Every gradient of ``oracle`` (float64 maths written out) equals ``trained``'s (the trainer's
+    step), to 1e-3 relative and 1e-5 of the largest gradient."""
+    grads = {n: p.grad for n, p in oracle.named_parameters() if p.grad is not None}
+    scale = max(g.abs().max().item() for g in grads.values())
+    for name, q in trained.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(q.grad, grads[name].float(), rtol=1e-3, atol=1e-5 * scale, msg=name)
+
+
 def test_group_advantages_are_centred_and_scaled_per_prompt():
     rewards = torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0], [0.0, 3.0, 1.0, -1.0]], dtype=torch.float64)
     got = group_advantages(rewards)

@@ -16,7 +16,7 @@ from apr_kernels.train.grpo import read_prompts
 from apr_kernels.train.loop import TrainConfig
 from apr_kernels.train.online_dpo import OnlineDPOTrainer, pick_pairs
 
-from test_grpo import REWARDS, _letters, _model, _prompts_file  # (the toy task GRPO learns)
+from test_grpo import REWARDS, _letters, _model, _policy, _prompts_file, assert_same_grads  # (the toy task GRPO learns)
 
 
 def test_pairs_are_the_best_and_the_worst_first_among_equals():
@@ -32,7 +32,7 @@ def test_one_step_is_dpo_on_the_ranked_samples_written_out(tmp_path, lora, loss,
     the penalty when no stop token came), the best and worst of each prompt as a pair, DPO's loss of
     sequence log-likelihoods (each from log_softmax on that sequence alone) against the model as loaded:
     the trainer's loss, logged values and clipped gradients are this objective's."""
-    from apr_kernels.model.lora import add_lora, adapters_disabled
+    from apr_kernels.model.lora import adapters_disabled
 
     tok = byte_tokenizer()
     prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["Write:", "Say it:", "Go:"])], tok, 32)
@@ -40,14 +40,7 @@ def test_one_step_is_dpo_on_the_ranked_samples_written_out(tmp_path, lora, loss,
     rewards = {"letters": lambda prompts, completions, **kw: _letters(completions)}
 
     def build():
-        m = _model(tok)
-        if lora:
-            add_lora(m, 4, 8.0)
-            with torch.no_grad():  # adapters already moved: the policy is not the reference
-                for name, p in m.named_parameters():
-                    if ".lora_B" in name:
-                        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-        return m
+        return _policy(tok, lora)
 
     trained = build()
     reference = None if lora else _model(tok).requires_grad_(False)
@@ -96,11 +89,7 @@ def test_one_step_is_dpo_on_the_ranked_samples_written_out(tmp_path, lora, loss,
     assert rec["loss"] == pytest.approx(objective.item(), rel=1e-5)
     assert rec["score_chosen"] == pytest.approx(statistics.mean(chosen_scores), rel=1e-9)
     assert rec["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    scale = max(g.abs().max().item() for g in grads.values())
-    for name, q in trained.named_parameters():
-        if name in grads:
-            torch.testing.assert_close(q.grad, grads[name].float(), rtol=1e-3, atol=1e-5 * scale, msg=name)
+    assert_same_grads(trained, model)
 
 
 def test_refusals_name_the_option(tmp_path):

@@ -15,7 +15,7 @@ from apr_kernels.train.grpo import read_prompts
 from apr_kernels.train.loop import TrainConfig
 from apr_kernels.train.rloo import RLOOTrainer, leave_one_out_advantages
 
-from test_grpo import REWARDS, _letters, _model, _prompts_file  # (the toy task GRPO learns)
+from test_grpo import REWARDS, _letters, _model, _policy, _prompts_file, assert_same_grads  # (the toy task GRPO learns)
 
 
 def test_leave_one_out_advantages_subtract_the_others_mean():
@@ -42,7 +42,7 @@ def test_a_step_is_the_rloo_objective_written_out(tmp_path, lora, beta, normaliz
     -mean_i min(rho_i A_i, clip(rho_i) A_i) with rho_i the completion's probability ratio to the
     generating policy: the trainer's loss, KL, gradient norm and gradients are this objective's. With
     two iterations the check is on the second update (rho != 1, a large lr so that some clip)."""
-    from apr_kernels.model.lora import add_lora, adapters_disabled
+    from apr_kernels.model.lora import adapters_disabled
 
     tok = byte_tokenizer()
     prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["Write:", "Say it:", "Go:"])], tok, 32)
@@ -51,14 +51,7 @@ def test_a_step_is_the_rloo_objective_written_out(tmp_path, lora, beta, normaliz
     rewards = {"letters": lambda prompts, completions, **kw: _letters(completions)}
 
     def build():
-        m = _model(tok)
-        if lora:
-            add_lora(m, 4, 8.0)
-            with torch.no_grad():  # adapters already moved: the policy is not the reference
-                for name, p in m.named_parameters():
-                    if ".lora_B" in name:
-                        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-        return m
+        return _policy(tok, lora)
 
     trained, generating = build(), build()
     reference = None if lora else _model(tok).requires_grad_(False)
@@ -114,11 +107,7 @@ def test_a_step_is_the_rloo_objective_written_out(tmp_path, lora, beta, normaliz
     assert rec["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
     if iterations > 1:
         assert rec["clip_ratio"] > 0  # (the second update moved some completions' ratio past the range)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    scale = max(g.abs().max().item() for g in grads.values())
-    for name, q in trained.named_parameters():
-        if name in grads:
-            torch.testing.assert_close(q.grad, grads[name].float(), rtol=1e-3, atol=1e-5 * scale, msg=name)
+    assert_same_grads(trained, model)
 
 
 def test_refusals_name_the_option(tmp_path):

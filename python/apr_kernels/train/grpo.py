@@ -623,54 +623,71 @@ class SamplingRun:
                     micro_batch=s.get("micro_batch"), log=logger_for(self.args, self.env))
 
 
-def _grpo(args, env, mode: str) -> int:
+def run_sampling_command(args, env, mode: str, command: str, own, build, start) -> int:
+    """The body of a command that samples and scores completions (``grpo``, ``online-dpo``, ``rloo``):
+    the settings (the checkpoint's on ``--resume``, else ``own(args)``, which checks the command's
+    options first, over ``sampling_settings``), the ``SamplingRun``, ``--epochs``, the reference model
+    when the settings' ``beta`` asks for one, the trainer ``build(run, settings, cfg, parallel,
+    reference)``, exact resume, the start line (plus ``start(trainer)``), training and checkpoints."""
     from .checkpoint import restore_training_state
-    from .cli import tristate
 
+    key = command.replace("-", "_")
     if args.resume:  # everything but the device and the output folder comes from the checkpoint
-        grpo, cfg = resumed(args, "grpo")
+        settings, cfg = resumed(args, key)
         load = {"lora": "keep", "keep_quantized": True}
     else:
+        mine = own(args)
+        settings = {**sampling_settings(args), **mine}
+        cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
+        load = lora_settings(args)
+    run = SamplingRun(args, env, mode, settings, cfg, load)
+    cfg = fit_epochs(args, cfg, len(run.prompts), "prompts")
+    reference = run.reference(bool(settings.get("beta")))
+    if not args.resume:
+        torch.manual_seed(cfg.seed)
+    parallel = parallel_for(run.model, env, mode)
+    trainer = build(run, settings, cfg, parallel, reference)
+    if args.resume:
+        restore_training_state(args.resume, trainer)
+    trainer.log("start", {**start_fields(trainer, run.device), "prompts": len(run.prompts),
+                          "eval_prompts": len(run.eval_prompts or []), "rewards": list(run.rewards),
+                          "num_generations": trainer.num_generations, **start(trainer)})
+    return train_and_save(trainer, args, env, parallel, run.tok, {f"training.{key}": settings})
+
+
+def _grpo(args, env, mode: str) -> int:
+    from .cli import tristate
+
+    def own(args) -> dict:
         if args.teacher_coef is not None and not args.teacher:
             raise ValueError(f"--teacher-coef {args.teacher_coef} needs --teacher")
         if not (args.init and args.data and (args.reward or args.teacher)):
             raise ValueError("grpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME (or --teacher "
                              "T.apr) are required (or --resume STEP.apr)")
-        grpo = {**sampling_settings(args),
-                "loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "beta": args.beta,
+        return {"loss_type": args.loss_type, "scale_rewards": args.scale_rewards, "beta": args.beta,
                 "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
                 "importance_sampling": args.importance_sampling_level,
                 "mask_truncated": args.mask_truncated_completions,
                 "teacher": str(Path(args.teacher).resolve()) if args.teacher else None,
                 "teacher_coef": 1.0 if args.teacher_coef is None else args.teacher_coef}
-        cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
-        load = lora_settings(args)
-    run = SamplingRun(args, env, mode, grpo, cfg, load)
-    cfg = fit_epochs(args, cfg, len(run.prompts), "prompts")
-    teacher = None
-    if grpo.get("teacher"):  # on-policy distillation: whole on every rank
-        from .cli import load_teacher
 
-        teacher = load_teacher(grpo["teacher"], cfg.precision, run.tok, run.device, tristate(args.fast))
-    reference = run.reference(bool(grpo.get("beta")))
-    if not args.resume:
-        torch.manual_seed(cfg.seed)
-    parallel = parallel_for(run.model, env, mode)
-    trainer = GRPOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
-                          loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
-                          beta=grpo.get("beta", 0.0), num_iterations=grpo.get("num_iterations", 1),
-                          epsilon=grpo.get("epsilon", 0.2), epsilon_high=grpo.get("epsilon_high"),
-                          importance_sampling=grpo.get("importance_sampling", "token"),
-                          mask_truncated=grpo.get("mask_truncated", False), reference=reference,
-                          teacher=teacher, teacher_coef=grpo.get("teacher_coef", 1.0))
-    if args.resume:
-        restore_training_state(args.resume, trainer)
-    trainer.log("start", {**start_fields(trainer, run.device), "prompts": len(run.prompts),
-                          "eval_prompts": len(run.eval_prompts or []), "rewards": list(run.rewards),
-                          "num_generations": trainer.num_generations, "max_new_tokens": trainer.max_new_tokens,
-                          "beta": trainer.beta, "num_iterations": trainer.num_iterations,
-                          "importance_sampling": trainer.importance_sampling})
-    return train_and_save(trainer, args, env, parallel, run.tok, {"training.grpo": grpo})
+    def build(run, grpo, cfg, parallel, reference):
+        teacher = None
+        if grpo.get("teacher"):  # on-policy distillation: whole on every rank
+            from .cli import load_teacher
+
+            teacher = load_teacher(grpo["teacher"], cfg.precision, run.tok, run.device, tristate(args.fast))
+        return GRPOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
+                           loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
+                           beta=grpo.get("beta", 0.0), num_iterations=grpo.get("num_iterations", 1),
+                           epsilon=grpo.get("epsilon", 0.2), epsilon_high=grpo.get("epsilon_high"),
+                           importance_sampling=grpo.get("importance_sampling", "token"),
+                           mask_truncated=grpo.get("mask_truncated", False), reference=reference,
+                           teacher=teacher, teacher_coef=grpo.get("teacher_coef", 1.0))
+
+    return run_sampling_command(args, env, mode, "grpo", own, build, lambda t: {
+        "max_new_tokens": t.max_new_tokens, "beta": t.beta, "num_iterations": t.num_iterations,
+        "importance_sampling": t.importance_sampling})
 
 
 def _absolute_reward(spec: str) -> str:

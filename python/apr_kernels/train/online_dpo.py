@@ -26,9 +26,8 @@ import time
 
 import torch
 
-from .grpo import GRPOTrainer, SamplingRun, add_sampling_options, sampling_settings
-from .posttrain import (add_options, config_from, fit_epochs, lora_settings, parallel_for, resumed, run_command,
-                        sequence_logps, start_fields, train_and_save)
+from .grpo import GRPOTrainer, add_sampling_options, run_sampling_command
+from .posttrain import add_options, run_command, sequence_logps
 from .preference import dpo_loss
 
 LOSSES = ("sigmoid", "ipo")
@@ -140,35 +139,20 @@ def cmd_online_dpo(args) -> int:
 
 
 def _online_dpo(args, env, mode: str) -> int:
-    from .checkpoint import restore_training_state
-
-    if args.resume:
-        settings, cfg = resumed(args, "online_dpo")
-        load = {"lora": "keep", "keep_quantized": True}
-    else:
+    def own(args) -> dict:
         if not (args.init and args.data and args.reward):
             raise ValueError("online-dpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME|RM.apr "
                              "are required (or --resume STEP.apr)")
-        settings = {**sampling_settings(args), "beta": args.beta, "loss": args.loss,
-                    "missing_eos_penalty": args.missing_eos_penalty}
-        cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
-        load = lora_settings(args)
-    run = SamplingRun(args, env, mode, settings, cfg, load)
-    cfg = fit_epochs(args, cfg, len(run.prompts), "prompts")
-    reference = run.reference(True)
-    if not args.resume:
-        torch.manual_seed(cfg.seed)
-    parallel = parallel_for(run.model, env, mode)
-    trainer = OnlineDPOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
-                               beta=settings["beta"], loss=settings["loss"],
-                               missing_eos_penalty=settings["missing_eos_penalty"], reference=reference)
-    if args.resume:
-        restore_training_state(args.resume, trainer)
-    trainer.log("start", {**start_fields(trainer, run.device), "prompts": len(run.prompts),
-                          "eval_prompts": len(run.eval_prompts or []), "rewards": list(run.rewards),
-                          "num_generations": trainer.num_generations, "beta": trainer.dpo_beta,
-                          "loss": trainer.loss_kind})
-    return train_and_save(trainer, args, env, parallel, run.tok, {"training.online_dpo": settings})
+        # (beta here is DPO's, and the reference is always needed: run.reference asks for it)
+        return {"beta": args.beta, "loss": args.loss, "missing_eos_penalty": args.missing_eos_penalty}
+
+    def build(run, settings, cfg, parallel, reference):
+        return OnlineDPOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
+                                beta=settings["beta"], loss=settings["loss"],
+                                missing_eos_penalty=settings["missing_eos_penalty"], reference=reference)
+
+    return run_sampling_command(args, env, mode, "online-dpo", own, build,
+                                lambda t: {"beta": t.dpo_beta, "loss": t.loss_kind})
 
 
 def register(subparsers) -> None:

@@ -31,9 +31,8 @@ import math
 
 import torch
 
-from .grpo import GRPOTrainer, SamplingRun, add_sampling_options, sampling_settings
-from .posttrain import (add_options, config_from, fit_epochs, lora_settings, parallel_for, resumed, run_command,
-                        start_fields, train_and_save)
+from .grpo import GRPOTrainer, add_sampling_options, run_sampling_command
+from .posttrain import add_options, run_command
 
 
 def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -148,39 +147,23 @@ def cmd_rloo(args) -> int:
 
 
 def _rloo(args, env, mode: str) -> int:
-    from .checkpoint import restore_training_state
-
-    if args.resume:
-        settings, cfg = resumed(args, "rloo")
-        load = {"lora": "keep", "keep_quantized": True}
-    else:
+    def own(args) -> dict:
         if not (args.init and args.data and args.reward):
             raise ValueError("rloo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME|RM.apr are "
                              "required (or --resume STEP.apr)")
-        settings = {**sampling_settings(args), "beta": args.beta, "normalize_advantages": args.normalize_advantages,
-                    "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
-                    "mask_truncated": args.mask_truncated_completions}
-        cfg = config_from(args, seq_len=args.max_prompt_len + args.max_new_tokens)
-        load = lora_settings(args)
-    run = SamplingRun(args, env, mode, settings, cfg, load)
-    cfg = fit_epochs(args, cfg, len(run.prompts), "prompts")
-    reference = run.reference(bool(settings["beta"]))
-    if not args.resume:
-        torch.manual_seed(cfg.seed)
-    parallel = parallel_for(run.model, env, mode)
-    trainer = RLOOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
-                          beta=settings["beta"], normalize_advantages=settings["normalize_advantages"],
-                          reference=reference, num_iterations=settings["num_iterations"],
-                          epsilon=settings["epsilon"], epsilon_high=settings["epsilon_high"],
-                          mask_truncated=settings["mask_truncated"])
-    if args.resume:
-        restore_training_state(args.resume, trainer)
-    trainer.log("start", {**start_fields(trainer, run.device), "prompts": len(run.prompts),
-                          "eval_prompts": len(run.eval_prompts or []), "rewards": list(run.rewards),
-                          "num_generations": trainer.num_generations, "beta": trainer.kl_beta,
-                          "normalize_advantages": trainer.normalize_advantages,
-                          "num_iterations": trainer.num_iterations})
-    return train_and_save(trainer, args, env, parallel, run.tok, {"training.rloo": settings})
+        return {"beta": args.beta, "normalize_advantages": args.normalize_advantages,
+                "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
+                "mask_truncated": args.mask_truncated_completions}
+
+    def build(run, settings, cfg, parallel, reference):
+        return RLOOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
+                           beta=settings["beta"], normalize_advantages=settings["normalize_advantages"],
+                           reference=reference, num_iterations=settings["num_iterations"],
+                           epsilon=settings["epsilon"], epsilon_high=settings["epsilon_high"],
+                           mask_truncated=settings["mask_truncated"])
+
+    return run_sampling_command(args, env, mode, "rloo", own, build, lambda t: {
+        "beta": t.kl_beta, "normalize_advantages": t.normalize_advantages, "num_iterations": t.num_iterations})
 
 
 def register(subparsers) -> None:
