@@ -298,6 +298,40 @@ def test_hostile_pytorch_pickles_one_line_no_output(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "out.apr").exists()
 
 
+def test_convert_writes_a_chat_template_every_command_then_uses(tmp_path, capsys):
+    """convert --chat-template FILE: the file's tokenizer carries the template (replacing the source's),
+    and chat records render with it from the converted file; a template that does not render a
+    conversation, or a source without a tokenizer, stops the conversion with nothing written."""
+    from apr_kernels.train import chat
+    from apr_kernels.train.cli import load_tokenizer
+
+    src = tmp_path / "hf"
+    tiny_qwen2().save_pretrained(src)
+    write_hf_tokenizer(small_tokenizer(), src)
+    template = "{%- for m in messages %}{{- m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    assert main(["convert", str(src), str(tmp_path / "m.apr"), "--chat-template", str(tmp_path / "t.jinja"), "-q"]) == 0
+    meta = apr_kernels.open(tmp_path / "m.apr").metadata
+    assert meta["tokenizer.chat_template"] == template
+    tok = load_tokenizer(None, meta, str(tmp_path / "m.apr"))
+    text, _, _ = chat.render({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                             tok, "mem")
+    assert text == "user: hi\nassistant: yo\n"
+    (tmp_path / "bad.jinja").write_text("{{ messages[0]['content'] ")
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "bad.apr"), "--chat-template", str(tmp_path / "bad.jinja"),
+                 "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not render a conversation" in err[0] and not (tmp_path / "bad.apr").exists()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (bare / "config.json").write_bytes((src / "config.json").read_bytes())
+    assert main(["convert", str(bare), str(tmp_path / "b.apr"), "--chat-template", str(tmp_path / "t.jinja"),
+                 "-q"]) == 1
+    assert "the source has no tokenizer" in capsys.readouterr().err
+
+
 def test_bad_sources_and_options_one_line(tmp_path, capsys):
     model_dir = tmp_path / "hf"
     tiny_llama().save_pretrained(model_dir, max_shard_size="25KB")

@@ -15,7 +15,7 @@ def _convert(args) -> int:
     from .core import convert
 
     meta = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize,
-                   progress=False if args.quiet else None, adapter=args.adapter)
+                   progress=False if args.quiet else None, adapter=args.adapter, chat_template=args.chat_template)
     if not args.quiet:
         arch = meta.get("architecture", "?")
         tok = "with tokenizer" if meta.get("tokenizer.vocabulary") else "no tokenizer"
@@ -91,6 +91,9 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into "
                         "the weights on the way: W + (lora_alpha / r) B A")
+    p.add_argument("--chat-template", default=None, metavar="FILE.jinja",
+                   help="write this jinja chat template into the file's tokenizer (replacing the source's): every "
+                        "command then renders chat records with it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_convert)
 

@@ -77,9 +77,12 @@ def _with_progress(tensors: dict[str, LazyTensor], bar) -> dict[str, LazyTensor]
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", quantize: str | None = None,
-            progress: bool | None = None, adapter: str | os.PathLike | None = None) -> dict:
+            progress: bool | None = None, adapter: str | os.PathLike | None = None,
+            chat_template: str | os.PathLike | None = None) -> dict:
     """Convert ``src`` (.safetensors file, Hugging Face folder, .gguf) to the APR file ``dst``;
-    ``adapter``: a PEFT LoRA adapter folder merged into the weights on the way (``peft_in``).
+    ``adapter``: a PEFT LoRA adapter folder merged into the weights on the way (``peft_in``);
+    ``chat_template``: a jinja file written as the tokenizer's ``tokenizer.chat_template`` (replacing
+    the source's; checked to render a conversation).
 
     Returns the metadata written. On any error nothing is left at ``dst`` (``save`` writes a
     temporary file and renames it only when complete).
@@ -108,6 +111,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
             tensors, merged = merge_adapter(tensors, adapter)
         out = {n: plan_tensor(n, lt, DTYPE_CHOICES[dtype], quantize) for n, lt in tensors.items()}
         meta = dict(source.metadata)
+        if chat_template is not None:
+            meta["tokenizer.chat_template"] = checked_chat_template(chat_template, meta)
         if merged is not None:
             meta["lora_merged"] = merged
         meta["tied_embeddings"] = tied
@@ -125,6 +130,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
         return meta
     finally:
         source.close()
+
+
+def checked_chat_template(path, meta: dict) -> str:
+    """The jinja text of ``path``, checked to render a conversation with the tokenizer ``meta`` holds."""
+    from apr_kernels.train.cli import load_tokenizer, with_chat_template
+
+    if not meta.get("tokenizer.vocabulary"):
+        raise ValueError(f"--chat-template {path}: the source has no tokenizer to carry a chat template")
+    tok = with_chat_template(load_tokenizer(None, meta, "the converted file"), path)
+    return tok.extra["tokenizer.chat_template"]
 
 
 def _resolve_tied(source: Source, tensors: dict[str, LazyTensor]) -> bool:
