@@ -638,6 +638,33 @@ def _bytes_tokenizer():
     return byte_tokenizer()
 
 
+def test_dry_run_prints_the_plan_and_writes_nothing(capsys, tmp_path):
+    """--dry-run: the start line of the run the same command would train (its steps from --epochs, the
+    parameters, tokens per step), no training step, no checkpoint, no output folder; a post-training
+    command likewise."""
+    out = tmp_path / "never"
+    code, stdout, err = run(capsys, "train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data",
+                            str(STDLIB / "textwrap.py"), "--epochs", "2", "--batch-size", "2", "--seq-len", "32",
+                            "--eval-tokens", "64", "--json", "--no-token-cache", "--dry-run", "--out", str(out))
+    assert code == 0, err
+    recs = json_lines(stdout)
+    assert [r["event"] for r in recs] == ["start", "dry_run"]
+    start = recs[0]
+    assert start["steps"] == math.ceil(2 * start["train_tokens"] / 32 / 2) and start["tokens_per_step"] == 64
+    assert not out.exists()
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "init.apr", model=Transformer(preset("tiny_llama"), fast=False),
+                    tokenizer=_bytes_tokenizer())
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"})
+                                              + "\n" for i in range(8)))
+    code, stdout, err = run(capsys, "dpo", "--init", str(tmp_path / "init.apr"), "--data", str(tmp_path / "p.jsonl"),
+                            "--batch-size", "2", "--json", "--dry-run", "--out", str(out))
+    assert code == 0, err
+    assert [r["event"] for r in json_lines(stdout)] == ["start", "dry_run"] and not out.exists()
+
+
 def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
     """`tokenize` with train's data arguments writes the cache entries; train with the same arguments
     maps them (no tokenising) and its eval covers the same tokens."""

@@ -284,13 +284,15 @@ def choices_eval(paths, tokenizer):
 
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
                  data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None,
-                 keep_last: int = 0, tensorboard=None, wandb=None, teacher=None, profile=None):
+                 keep_last: int = 0, tensorboard=None, wandb=None, teacher=None, profile=None, dry_run: bool = False):
     """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end).
 
     ``parallel``: DDP/FSDP (``distributed.parallelize``); rank 0 logs and writes the checkpoints.
     ``keep_last``: after each periodic checkpoint keep only the newest ``keep_last`` ``step_*.apr``
     files of ``out`` (0: keep all). ``tensorboard``: a folder for TensorBoard event files, ``wandb``: a
     Weights & Biases run's ``loop.wandb_settings`` (rank 0). ``profile``: a ``loop.StepProfiler``.
+    ``dry_run``: everything up to the first step (model, data, optimizer, resume), the start line, no
+    training and nothing written.
     ``teacher``: the model to distil from (``load_teacher``).
     """
     from . import distributed
@@ -307,7 +309,8 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         restore_training_state(resume_from, trainer)
     if not main:
         progress = False
-    out.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
     tok_meta = {}
 
     class _Tok:  # tokenizer.to_metadata() recovers the merges (seconds for 151k tokens): once per run
@@ -335,8 +338,12 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         t.log("best", {"step": t.step, "eval_loss": t.best_eval[0], "path": str(path)})
 
     try:
-        trainer.run(on_checkpoint=checkpoint, progress=progress, on_best=best if cfg.save_best else None,
-                    profile=profile)
+        if dry_run:
+            trainer.log("start", trainer.summary())
+            trainer.log("dry_run", {"step": trainer.step, "steps": cfg.steps, "out": str(out)})
+        else:
+            trainer.run(on_checkpoint=checkpoint, progress=progress, on_best=best if cfg.save_best else None,
+                        profile=profile)
     finally:
         if main:
             trainer.log.close()
@@ -450,6 +457,12 @@ def add_best_options(p, metric: str) -> None:
     p.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
                    help=f"end the run (model.apr at that step) after N evals in a row without a better {metric} "
                         f"(needs --eval-every; 0: never)")
+
+
+def add_dry_run_option(p) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="load the model and data, print the start line (parameters, steps, epochs, ...), and stop "
+                        "before the first step; nothing is written")
 
 
 def add_profile_options(p) -> None:
@@ -575,8 +588,8 @@ def _train(args, env, mode: str) -> int:
                            json_lines=args.json, progress=False if args.no_progress else None,
                            resume_from=args.resume, parallel=parallel, keep_last=args.keep_last,
                            tensorboard=args.tensorboard, wandb=wandb_settings(args.wandb, out), teacher=teacher,
-                           profile=step_profiler(args, env, model))
-    if trainer.last_eval:
+                           profile=step_profiler(args, env, model), dry_run=args.dry_run)
+    if trainer.last_eval and not args.dry_run:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
     return 0
@@ -1131,6 +1144,7 @@ def register(subparsers) -> None:
                    help="also log the values to a Weights & Biases run in PROJECT (named after --out; wandb's "
                         "environment applies, e.g. WANDB_MODE=offline)")
     add_profile_options(p)
+    add_dry_run_option(p)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("tokenize", help="fill the token cache ahead of `train` (same data arguments)")

@@ -447,9 +447,14 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
     from . import distributed
     from .cli import prune_checkpoints
 
+    c = trainer.cfg
+    if getattr(args, "dry_run", False):  # the command logged its start line: stop before the first step
+        trainer.log("dry_run", {"step": trainer.step, "steps": c.steps, "out": str(args.out)})
+        if hasattr(trainer.log, "close"):
+            trainer.log.close()
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    c = trainer.cfg
     if (c.save_best or c.early_stopping_patience) and not trainer.has_eval:
         raise ValueError("--save-best and --early-stopping-patience follow the held-out evaluation; this run has "
                          "no held-out data (--eval-data)")
@@ -520,7 +525,7 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                         "dequantised per GEMM (QLoRA-style; one process or DDP)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
-    from .cli import add_best_options, add_profile_options
+    from .cli import add_best_options, add_dry_run_option, add_profile_options
 
     add_best_options(p, "held-out value (eval_loss; grpo and online-dpo: eval_reward)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -536,6 +541,7 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write the logged values as TensorBoard event files into DIR")
     add_profile_options(p)
+    add_dry_run_option(p)
     p.add_argument("--wandb", metavar="PROJECT", default=None,
                    help="also log the values to a Weights & Biases run in PROJECT (named after --out; wandb's "
                         "environment applies, e.g. WANDB_MODE=offline)")
