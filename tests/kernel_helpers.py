@@ -11,6 +11,14 @@ import torch
 from apr_kernels import backend
 
 
+def assert_grads_near(reference, model, tol: float = 0.1, what: str = "") -> None:
+    """Every parameter gradient of ``model`` (the fast path, bf16 on a GPU) within relative error
+    ``tol`` (in norm) of ``reference``'s (the eager path), parameters paired in order."""
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        err = (q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
+        assert err < tol, f"{name}: relative gradient error {err:.3g}{what}"
+
+
 def kernel_module(name: str):
     """``apr_kernels.kernels.<name>``, imported under Triton's interpreter on CPU."""
     if not torch.cuda.is_available():

@@ -52,6 +52,13 @@ def _policy(tok, lora: bool):
     return m
 
 
+def _refusal_setup(tmp_path):
+    """(tokenizer, two prompts, a one-step config, a reward function) for the refusal tests."""
+    tok = byte_tokenizer()
+    prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["a", "b"])], tok, 8)
+    return tok, prompts, TrainConfig(steps=1, batch_size=2), {"f": lambda **kw: [0.0] * len(kw["completions"])}
+
+
 def assert_same_grads(trained, oracle):
     """Every gradient of ``oracle`` (float64 maths written out) equals ``trained``'s (the trainer's
     step), to 1e-3 relative and 1e-5 of the largest gradient."""

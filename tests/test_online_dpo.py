@@ -16,7 +16,7 @@ from apr_kernels.train.grpo import read_prompts
 from apr_kernels.train.loop import TrainConfig
 from apr_kernels.train.online_dpo import OnlineDPOTrainer, pick_pairs
 
-from test_grpo import REWARDS, _letters, _model, _policy, _prompts_file, assert_same_grads  # (the toy task GRPO learns)
+from test_grpo import REWARDS, _letters, _model, _policy, _prompts_file, _refusal_setup, assert_same_grads  # (the toy task GRPO learns)
 
 
 def test_pairs_are_the_best_and_the_worst_first_among_equals():
@@ -93,10 +93,7 @@ def test_one_step_is_dpo_on_the_ranked_samples_written_out(tmp_path, lora, loss,
 
 
 def test_refusals_name_the_option(tmp_path):
-    tok = byte_tokenizer()
-    prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["a", "b"])], tok, 8)
-    cfg = TrainConfig(steps=1, batch_size=2)
-    fn = {"f": lambda **kw: [0.0] * len(kw["completions"])}
+    tok, prompts, cfg, fn = _refusal_setup(tmp_path)
     with pytest.raises(ValueError, match="online-dpo: the reference model is needed"):
         OnlineDPOTrainer(_model(tok), prompts, fn, cfg, tokenizer=tok)
     with pytest.raises(ValueError, match="online-dpo: --loss 'hinge'; expected one of sigmoid, ipo"):

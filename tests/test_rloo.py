@@ -15,7 +15,7 @@ from apr_kernels.train.grpo import read_prompts
 from apr_kernels.train.loop import TrainConfig
 from apr_kernels.train.rloo import RLOOTrainer, leave_one_out_advantages
 
-from test_grpo import REWARDS, _letters, _model, _policy, _prompts_file, assert_same_grads  # (the toy task GRPO learns)
+from test_grpo import REWARDS, _letters, _model, _policy, _prompts_file, _refusal_setup, assert_same_grads  # (the toy task GRPO learns)
 
 
 def test_leave_one_out_advantages_subtract_the_others_mean():
@@ -111,10 +111,7 @@ def test_a_step_is_the_rloo_objective_written_out(tmp_path, lora, beta, normaliz
 
 
 def test_refusals_name_the_option(tmp_path):
-    tok = byte_tokenizer()
-    prompts = read_prompts([_prompts_file(tmp_path / "p.jsonl", ["a", "b"])], tok, 8)
-    cfg = TrainConfig(steps=1, batch_size=2)
-    fn = {"f": lambda **kw: [0.0] * len(kw["completions"])}
+    tok, prompts, cfg, fn = _refusal_setup(tmp_path)
     with pytest.raises(ValueError, match="rloo: --beta > 0 needs the reference model"):
         RLOOTrainer(_model(tok), prompts, fn, cfg, tokenizer=tok)
     with pytest.raises(ValueError, match="rloo: no reward function or model"):

@@ -655,6 +655,13 @@ def run_sampling_command(args, env, mode: str, command: str, own, build, start) 
     return train_and_save(trainer, args, env, parallel, run.tok, {f"training.{key}": settings})
 
 
+def require_prompts_and_rewards(args, command: str) -> None:
+    """A fresh sampling run's required options: --init, --data and --reward (online-dpo, rloo)."""
+    if not (args.init and args.data and args.reward):
+        raise ValueError(f"{command}: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME|RM.apr are "
+                         f"required (or --resume STEP.apr)")
+
+
 def _grpo(args, env, mode: str) -> int:
     from .cli import tristate
 

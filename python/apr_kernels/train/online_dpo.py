@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .grpo import GRPOTrainer, add_sampling_options, run_sampling_command
+from .grpo import GRPOTrainer, add_sampling_options, require_prompts_and_rewards, run_sampling_command
 from .posttrain import add_options, run_command, sequence_logps
 from .preference import dpo_loss
 
@@ -140,9 +140,7 @@ def cmd_online_dpo(args) -> int:
 
 def _online_dpo(args, env, mode: str) -> int:
     def own(args) -> dict:
-        if not (args.init and args.data and args.reward):
-            raise ValueError("online-dpo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME|RM.apr "
-                             "are required (or --resume STEP.apr)")
+        require_prompts_and_rewards(args, "online-dpo")
         # (beta here is DPO's, and the reference is always needed: run.reference asks for it)
         return {"beta": args.beta, "loss": args.loss, "missing_eos_penalty": args.missing_eos_penalty}
 

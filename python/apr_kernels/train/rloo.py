@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from .grpo import GRPOTrainer, add_sampling_options, run_sampling_command
+from .grpo import GRPOTrainer, add_sampling_options, require_prompts_and_rewards, run_sampling_command
 from .posttrain import add_options, run_command
 
 
@@ -148,9 +148,7 @@ def cmd_rloo(args) -> int:
 
 def _rloo(args, env, mode: str) -> int:
     def own(args) -> dict:
-        if not (args.init and args.data and args.reward):
-            raise ValueError("rloo: --init FILE.apr, --data PROMPTS.jsonl... and --reward FILE.py:NAME|RM.apr are "
-                             "required (or --resume STEP.apr)")
+        require_prompts_and_rewards(args, "rloo")
         return {"beta": args.beta, "normalize_advantages": args.normalize_advantages,
                 "num_iterations": args.num_iterations, "epsilon": args.epsilon, "epsilon_high": args.epsilon_high,
                 "mask_truncated": args.mask_truncated_completions}
