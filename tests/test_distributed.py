@@ -279,6 +279,16 @@ def runs(tmp_path_factory):
     code, one_freeze_out = _cli(main, ["train", "--init", str(init), *COMMON, *freeze, "--out", str(root / "one_freeze")])
     assert code == 0
 
+    # a Qwen2-MoE model (routed experts, a shared expert, one dense layer): the load-balancing loss on
+    # each rank's tokens, every expert's gradient synchronised (unused experts too)
+    moe_init = root / "moe_init.apr"
+    torch.manual_seed(13)
+    save_checkpoint(moe_init, model=Transformer(_odd_config().replace(
+        architecture="qwen2_moe", num_experts=5, num_experts_per_tok=2, moe_intermediate_size=18,
+        shared_expert_intermediate_size=30, mlp_only_layers=(1,), router_aux_loss_coef=0.02), fast=False))
+    code, one_moe_out = _cli(main, ["train", "--init", str(moe_init), *COMMON, "--out", str(root / "one_moe")])
+    assert code == 0
+
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -324,6 +334,8 @@ def runs(tmp_path_factory):
         [*rloo, "--parallel", "ddp", "--out", str(root / "ddp_rloo")],
         [*rloo, "--parallel", "fsdp", "--out", str(root / "fsdp_rloo")],
         ["train", "--init", str(init), *COMMON, *freeze, "--parallel", "fsdp", "--out", str(root / "fsdp_freeze")],
+        ["train", "--init", str(moe_init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp_moe")],
+        ["train", "--init", str(moe_init), *COMMON, "--parallel", "fsdp", "--out", str(root / "fsdp_moe")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -347,6 +359,7 @@ def runs(tmp_path_factory):
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
             "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
+            "one_moe_out": one_moe_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -849,3 +862,24 @@ def test_freeze_under_fsdp_matches_one_process(runs):
         else:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=5e-5, msg=name)
 
+
+
+@pytest.mark.parametrize("run,out", [("run25", "ddp_moe"), ("run26", "fsdp_moe")], ids=["ddp", "fsdp"])
+def test_mixture_of_experts_on_two_ranks_matches_one_process(runs, run, out):
+    """A Qwen2-MoE model under DDP and FSDP (run25/26): the load-balancing loss counts expert choices
+    over both ranks' tokens, so the losses (load-balancing term and logged aux loss included) and the
+    weights equal the one-process run's, every expert's gradient synchronised."""
+    want = _records(runs["one_moe_out"])
+    got = runs["ranks"][(0, 2)][run]
+    assert got["code"] == runs["ranks"][(1, 2)][run]["code"] == 0
+    recs = _records(got["stdout"])
+    assert _losses(recs) == pytest.approx(_losses(want), rel=1e-5)
+    assert _losses(recs, "eval", "eval_loss") == pytest.approx(_losses(want, "eval", "eval_loss"), rel=1e-5)
+    assert _losses(recs, key="aux_loss") == pytest.approx(_losses(want, key="aux_loss"), rel=1e-5)
+    assert all(a > 1.0 for a in _losses(recs, key="aux_loss"))
+    (mine, meta), (ref, _) = _tensors(runs["root"] / out / "model.apr"), _tensors(runs["root"] / "one_moe" / "model.apr")
+    assert meta["architecture"] == "qwen2_moe" and meta["num_experts"] == 5
+    assert "model.layers.0.mlp.experts.4.down_proj.weight" in mine
+    for name in ref:
+        if not name.startswith("__training__.rng"):  # (weights and AdamW moments: not each rank's RNG)
+            torch.testing.assert_close(mine[name], ref[name], rtol=1e-4, atol=5e-5, msg=name)

@@ -64,7 +64,7 @@ def test_encoder_file_is_refused(tmp_apr):
 def test_unsupported_family_and_family_tensor_disagreement_are_refused(tmp_apr, qwen):
     save_model(tmp_apr, qwen, meta={"architecture": "phi", "hf_architecture": None, "model_type": "phi"})
     with pytest.raises(PreflightError, match=r"model\.apr: unsupported architecture family: "
-                                             r"architecture='phi'.*expected a decoder-only llama, mistral, qwen2 or qwen3"):
+                                             r"architecture='phi'.*expected a decoder-only llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe or mixtral"):
         from_apr(tmp_apr)
     # metadata says llama, but q/k/v biases are there: Qwen2 tensors (aprender section 86)
     save_model(tmp_apr, qwen, meta={"architecture": "llama", "hf_architecture": "LlamaForCausalLM",

@@ -24,6 +24,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "intermediate_size": ("ffn_dim", "intermediate_dim", "n_inner"),
     "max_position_embeddings": ("max_seq_len", "context_length", "n_ctx"),
     "rms_norm_eps": ("layer_norm_eps", "norm_eps"),
+    "num_experts": ("num_local_experts",),  # Mixtral's config.json spelling
 }
 _ALIAS_TO_CANONICAL = {a: c for c, aliases in ALIASES.items() for a in aliases}
 
@@ -39,7 +40,7 @@ TYPED_KEY_ORDER = (
 # Written even when null (provenance contract FALSIFY-SHIP-022); the other typed keys are omitted.
 ALWAYS_WRITTEN = ("license", "data_source", "data_license")
 
-_INT, _FLOAT, _STR, _BOOL, _OBJ = "integer", "number", "string", "boolean", "object"
+_INT, _FLOAT, _STR, _BOOL, _OBJ, _INTS = "integer", "number", "string", "boolean", "object", "integer array"
 
 
 @dataclasses.dataclass
@@ -60,11 +61,20 @@ class AprModelConfig:
     rope_type: int | None = None
     rms_norm_eps: float | None = None
     head_dim: int | None = None
+    num_experts: int | None = None  # mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral): experts per layer
+    num_experts_per_tok: int | None = None  # experts each token is routed to (top-k)
+    moe_intermediate_size: int | None = None  # each expert's SwiGLU width
     tied_embeddings: bool | None = None  # custom key written by apr import (spec 10.4)
     rope_scaling: dict | None = None  # custom key: Hugging Face rope_scaling (e.g. Llama 3's "llama3")
     sliding_window: int | None = None  # custom key: Mistral's attention window (keys per query)
     max_window_layers: int | None = None  # custom key: Qwen2/3's layers before the windowed ones
     num_labels: int | None = None  # custom key: a sequence classifier's (reward model's) score rows
+    # custom keys of mixture-of-experts models (Hugging Face's config.json names)
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE's always-on shared expert
+    norm_topk_prob: bool | None = None  # the top-k routing weights renormalised to sum to 1
+    decoder_sparse_step: int | None = None  # every n-th layer has experts (Qwen2/3-MoE)
+    mlp_only_layers: list | None = None  # layers with a dense MLP instead (Qwen2/3-MoE)
+    router_aux_loss_coef: float | None = None  # the load-balancing loss's weight in training
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], path: str | None = None) -> "AprModelConfig":
@@ -87,8 +97,8 @@ class AprModelConfig:
         return cls(**values)
 
     def to_metadata(self) -> dict[str, Any]:
-        """Canonical typed keys (None omitted), then the custom keys ``tied_embeddings``,
-        ``rope_scaling``, ``sliding_window``, ``max_window_layers`` and ``num_labels``."""
+        """Canonical typed keys (None omitted), then the custom keys (``tied_embeddings``,
+        ``rope_scaling``, ``sliding_window``, ``max_window_layers``, ``num_labels``, the MoE ones)."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -102,7 +112,9 @@ _KINDS = {
     "num_layers": _INT, "num_heads": _INT, "num_kv_heads": _INT, "vocab_size": _INT,
     "intermediate_size": _INT, "max_position_embeddings": _INT, "rope_theta": _FLOAT, "rope_type": _INT,
     "rms_norm_eps": _FLOAT, "head_dim": _INT, "tied_embeddings": _BOOL, "rope_scaling": _OBJ,
-    "sliding_window": _INT, "max_window_layers": _INT, "num_labels": _INT,
+    "sliding_window": _INT, "max_window_layers": _INT, "num_labels": _INT, "num_experts": _INT,
+    "num_experts_per_tok": _INT, "moe_intermediate_size": _INT, "shared_expert_intermediate_size": _INT,
+    "norm_topk_prob": _BOOL, "decoder_sparse_step": _INT, "mlp_only_layers": _INTS, "router_aux_loss_coef": _FLOAT,
 }
 
 
@@ -113,12 +125,15 @@ def _check_type(value, kind: str, where: str):
         _STR: isinstance(value, str),
         _BOOL: isinstance(value, bool),
         _OBJ: isinstance(value, dict),
+        _INTS: isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in value),
     }[kind]
     # Integral floats (e.g. 4096.0 from some writers) are accepted for integer keys.
     if not ok and kind == _INT and isinstance(value, float) and value.is_integer() and value >= 0:
         return int(value)
     if not ok:
-        expected = "a non-negative integer" if kind == _INT else f"a JSON {kind}"
+        expected = {_INT: "a non-negative integer", _INTS: "a JSON array of non-negative integers"}.get(
+            kind, f"a JSON {kind}")
         raise AprFormatError(f"{where} is {value!r} ({type(value).__name__}), expected {expected}")
     return float(value) if kind == _FLOAT else value
 

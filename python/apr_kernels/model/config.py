@@ -1,9 +1,12 @@
 """Model configurations as data: the ``ModelConfig`` dataclass, named presets, and the mapping to and
 from the typed APR metadata (``apr_kernels.metadata.AprModelConfig``).
 
-Four families share one code path: Llama (no attention bias), Mistral (Llama with a sliding
+Four dense families share one code path: Llama (no attention bias), Mistral (Llama with a sliding
 attention window), Qwen2 (bias on q/k/v only) and Qwen3 (no bias; an RMSNorm over each head of q and
-k before RoPE). A config says which through ``architecture``; everything else is plain numbers.
+k before RoPE). Their mixture-of-experts relatives keep the attention of their base family and replace
+the MLP of (some) layers with routed experts: Qwen2-MoE (Qwen2 attention, top-k experts plus a gated
+shared expert), Qwen3-MoE (Qwen3 attention, top-k experts) and Mixtral (Mistral attention, top-2 of 8).
+A config says which through ``architecture``; everything else is plain numbers.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from dataclasses import dataclass
 
 # architecture family -> Hugging Face class name (the APR `hf_architecture` key)
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "qwen3": "Qwen3ForCausalLM"}
+                    "qwen3": "Qwen3ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+# mixture-of-experts family -> the dense family whose attention (and everything but the MLP) it shares
+MOE_FAMILIES = {"qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "mixtral": "mistral"}
 DECODER_FAMILIES = tuple(HF_ARCHITECTURES)
-FAMILY_NAMES = "llama, mistral, qwen2 or qwen3"
+FAMILY_NAMES = "llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe or mixtral"
 # substrings that mark an encoder (bidirectional) model: never a causal-LM init
 ENCODER_MARKERS = ("bert", "roberta", "electra", "deberta", "encoder", "t5", "bart", "xlm")
 
@@ -56,6 +62,15 @@ class ModelConfig:
     # a sequence classifier (a reward model: 1): ``score`` [num_labels, hidden] on each sequence's last
     # hidden state instead of the output projection, as Hugging Face's *ForSequenceClassification
     num_labels: int | None = None
+    # mixture of experts (the MoE families only; Hugging Face's config.json names and defaults)
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+    router_aux_loss_coef: float = 0.001
     # where the numbers came from, for error messages only (not part of equality or to_dict)
     _source: str = dataclasses.field(default="ModelConfig", repr=False, compare=False)
 
@@ -63,13 +78,20 @@ class ModelConfig:
         self.architecture = str(self.architecture).lower()
         if self.head_dim is None and self.num_heads:
             self.head_dim = self.hidden_size // self.num_heads
+        if self.architecture == "mixtral":  # Mixtral's experts are intermediate_size wide, renormalised
+            if self.moe_intermediate_size is None:
+                self.moe_intermediate_size = self.intermediate_size
+            self.norm_topk_prob = True
+        self.mlp_only_layers = tuple(self.mlp_only_layers or ())
         self.validate(self._source)
 
     def validate(self, source: str = "ModelConfig") -> None:
         """Raise ValueError naming the field when the numbers cannot describe a model."""
         if self.architecture not in DECODER_FAMILIES:
             raise ValueError(f"{source}: architecture={self.architecture!r}; expected one of "
-                             f"{', '.join(DECODER_FAMILIES)} (decoder-only Llama/Mistral/Qwen2/Qwen3 families)")
+                             f"{', '.join(DECODER_FAMILIES)} (decoder-only Llama/Mistral/Qwen2/Qwen3 families "
+                             f"and their mixture-of-experts relatives)")
+        self._validate_experts(source)
         w = self.sliding_window
         if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
             raise ValueError(f"{source}: sliding_window={w!r}; expected a positive integer (keys each token "
@@ -102,7 +124,69 @@ class ModelConfig:
             raise ValueError(f"{source}: rope_theta={self.rope_theta}, rms_norm_eps={self.rms_norm_eps}; "
                              f"expected both > 0")
 
+    def _validate_experts(self, source: str) -> None:
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{source}: {name}={value!r}; expected a positive integer for a "
+                                 f"{self.architecture} (mixture-of-experts) model")
+
+        fields = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+        if not self.is_moe:
+            given = [f"{n}={getattr(self, n)}" for n in fields if getattr(self, n)]
+            if given:
+                raise ValueError(f"{source}: {', '.join(given)} given for architecture={self.architecture!r}, a "
+                                 f"dense model; expected a mixture-of-experts family ({', '.join(MOE_FAMILIES)})")
+            return
+        for name in fields[:3] + (("shared_expert_intermediate_size",) if self.architecture == "qwen2_moe" else ()):
+            positive(name)
+        if self.architecture != "qwen2_moe" and self.shared_expert_intermediate_size:
+            raise ValueError(f"{source}: shared_expert_intermediate_size={self.shared_expert_intermediate_size} "
+                             f"for {self.architecture}; only qwen2_moe models have a shared expert")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"{source}: num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts="
+                             f"{self.num_experts}; expected at most one choice per expert")
+        positive("decoder_sparse_step")
+        bad = [i for i in self.mlp_only_layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+        if bad:
+            raise ValueError(f"{source}: mlp_only_layers={list(self.mlp_only_layers)}; expected layer indices >= 0")
+        c = self.router_aux_loss_coef
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < math.inf:
+            raise ValueError(f"{source}: router_aux_loss_coef={c!r}; expected a finite number >= 0")
+
     # ------------------------------------------------------------------------------------ derived
+    @property
+    def is_moe(self) -> bool:
+        """A mixture-of-experts family (qwen2_moe, qwen3_moe, mixtral)."""
+        return self.architecture in MOE_FAMILIES
+
+    @property
+    def base_family(self) -> str:
+        """The dense family whose attention this model has (itself for a dense model)."""
+        return MOE_FAMILIES.get(self.architecture, self.architecture)
+
+    @property
+    def ffn_name(self) -> str:
+        """The attribute (and Hugging Face name part) of each layer's MLP: Mixtral's
+        ``block_sparse_moe``, everyone else's ``mlp``."""
+        return "block_sparse_moe" if self.architecture == "mixtral" else "mlp"
+
+    def moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` routes its tokens to experts (Hugging Face's rule)."""
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    def _ffn_parameters(self, layer: int, active: bool) -> int:
+        """Weights of layer ``layer``'s MLP (``active``: those one token is multiplied with)."""
+        h = self.hidden_size
+        if not self.moe_layer(layer):
+            return 3 * h * self.intermediate_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        n = self.num_experts * h + experts * 3 * h * self.moe_intermediate_size
+        if self.shared_expert_intermediate_size:
+            n += 3 * h * self.shared_expert_intermediate_size + h
+        return n
+
     def layer_window(self, layer: int) -> int | None:
         """The attention window of decoder layer ``layer`` (None: it attends to every earlier token)."""
         if self.sliding_window is None or (self.max_window_layers is not None and layer < self.max_window_layers):
@@ -137,9 +221,7 @@ class ModelConfig:
         h, d = self.hidden_size, self.head_dim
         q, kv = self.num_heads * d, self.num_kv_heads * d
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0) + (2 * d if self.qk_norm else 0)
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
-        n = self.num_layers * per_layer + h
+        n = sum(attn + self._ffn_parameters(i, active=False) + 2 * h for i in range(self.num_layers)) + h
         if self.num_labels:
             n += self.num_labels * h
         if include_embedding:
@@ -150,14 +232,16 @@ class ModelConfig:
         """Training FLOPs per token: 6 x (matmul parameters) plus causal attention scores.
 
         Matmul parameters are every weight matrix a token is multiplied with, including the output
-        projection (once, even if tied) and excluding the embedding lookup. Attention: per layer,
+        projection (once, even if tied) and excluding the embedding lookup; of a mixture-of-experts
+        layer, the router, the token's top-k experts and a shared expert. Attention: per layer,
         QK^T and PV are 2 x 2 x S x (Hq x D) FLOPs per token in the forward pass, halved by
         the causal mask, times 3 for forward + backward.
         """
         h, q = self.hidden_size, self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
-        matmul_params = self.num_layers * per_layer + (self.num_labels or self.vocab_size) * h
+        attn = h * q + 2 * h * kv + q * h
+        matmul_params = (sum(attn + self._ffn_parameters(i, active=True) for i in range(self.num_layers))
+                         + (self.num_labels or self.vocab_size) * h)
         attn_forward = self.num_layers * 2 * 2 * seq_len * q * 0.5
         attn = 3 * attn_forward
         return 6.0 * matmul_params + attn
@@ -187,7 +271,20 @@ class ModelConfig:
             sliding_window=self.sliding_window,
             max_window_layers=self.max_window_layers,
             num_labels=self.num_labels,
+            **self._apr_expert_keys(),
         )
+
+    def _apr_expert_keys(self) -> dict:
+        if not self.is_moe:
+            return {}
+        keys = {"num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok,
+                "moe_intermediate_size": self.moe_intermediate_size,
+                "router_aux_loss_coef": float(self.router_aux_loss_coef)}
+        if self.architecture != "mixtral":
+            keys.update(norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step,
+                        mlp_only_layers=list(self.mlp_only_layers),
+                        shared_expert_intermediate_size=self.shared_expert_intermediate_size)
+        return keys
 
     @classmethod
     def from_apr_config(cls, apr, path=None) -> "ModelConfig":
@@ -221,21 +318,33 @@ class ModelConfig:
             rope_type=int(apr.rope_type if apr.rope_type is not None else 2),
             rope_scaling=getattr(apr, "rope_scaling", None),
             rms_norm_eps=float(apr.rms_norm_eps if apr.rms_norm_eps is not None else 1e-6),
-            attention_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
+            attention_bias=MOE_FAMILIES.get(family, family) == "qwen2",
+            qk_norm=MOE_FAMILIES.get(family, family) == "qwen3",
             tie_word_embeddings=True if tied is None else bool(tied),
             sliding_window=getattr(apr, "sliding_window", None),
             max_window_layers=getattr(apr, "max_window_layers", None),
             num_labels=getattr(apr, "num_labels", None),
+            **_expert_settings(apr, family),
             _source=f"{path or 'APR metadata'}",
         )
         return cfg
 
 
-def family_of(apr, path=None) -> str:
-    """The decoder family ("llama", "mistral", "qwen2" or "qwen3") named by APR metadata, or a ValueError.
+def _expert_settings(apr, family: str) -> dict:
+    """The ModelConfig keywords of a mixture-of-experts family from APR metadata (Hugging Face's
+    defaults for the keys a file leaves out); for a dense family, whatever the file says, so that a
+    dense model with expert keys is refused by name."""
+    keys = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+            "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
+    out = {k: getattr(apr, k, None) for k in keys}
+    return {k: (tuple(v) if k == "mlp_only_layers" else v) for k, v in out.items() if v is not None}
 
-    Looks at ``architecture``, then ``model_type``, then ``hf_architecture``. Encoders are refused
+
+def family_of(apr, path=None) -> str:
+    """The decoder family (``DECODER_FAMILIES``) named by APR metadata, or a ValueError.
+
+    Looks at ``architecture``, then ``model_type``, then ``hf_architecture``; GGUF's spellings of the
+    mixture-of-experts families (``qwen2moe``, ``qwen3moe``) are accepted. Encoders are refused
     with a message that says decoder-only models are required.
     """
     where = f"{path}: " if path else ""
@@ -249,8 +358,12 @@ def family_of(apr, path=None) -> str:
         value = str(names[key] or "").lower()
         if not value:
             continue
+        squashed = value.replace("_", "").replace("-", "")
+        for family in MOE_FAMILIES:  # before the dense names they start with
+            if squashed.startswith(family.replace("_", "")):
+                return family
         for family in DECODER_FAMILIES:
-            if value.startswith(family) and "moe" not in value:  # mixture-of-experts layers: not these
+            if value.startswith(family) and "moe" not in value:  # other mixture-of-experts kinds: not these
                 return family
         raise ValueError(f"{where}unsupported architecture family: {shown}; expected a decoder-only "
                          f"{FAMILY_NAMES} model")
@@ -295,6 +408,22 @@ PRESETS: dict[str, ModelConfig] = {
         architecture="qwen2", hidden_size=56, num_layers=2, num_heads=7, num_kv_heads=1,
         intermediate_size=88, vocab_size=320, max_position_embeddings=512, rope_theta=1e6,
         rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
+    # tiny mixture-of-experts shapes: Qwen3-MoE (every layer sparse, renormalised top-k), Qwen2-MoE
+    # (a shared expert; layer 1 dense through mlp_only_layers), Mixtral (top-2 of 4)
+    "tiny_qwen3_moe": ModelConfig(
+        architecture="qwen3_moe", hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=320, max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6,
+        qk_norm=True, tie_word_embeddings=False, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+        norm_topk_prob=True),
+    "tiny_qwen2_moe": ModelConfig(
+        architecture="qwen2_moe", hidden_size=56, num_layers=2, num_heads=7, num_kv_heads=1,
+        intermediate_size=88, vocab_size=320, max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6,
+        attention_bias=True, tie_word_embeddings=False, num_experts=5, num_experts_per_tok=2,
+        moe_intermediate_size=20, shared_expert_intermediate_size=40, mlp_only_layers=(1,)),
+    "tiny_mixtral": ModelConfig(
+        architecture="mixtral", hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2,
+        intermediate_size=40, vocab_size=320, max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02),
 }
 DEFAULT_PRESET = "llama_370m"
 

@@ -82,7 +82,8 @@ def next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache, cos_all, 
     h = model.model.embed_tokens(ids)
     for i, layer in enumerate(model.model.layers):
         h = h + _attention_step(layer.self_attn, layer.input_layernorm(h), cos, sin, cache, i, keys_ok)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        m = layer.ffn(layer.post_attention_layernorm(h))
+        h = h + (m[0] if isinstance(m, tuple) else m)  # (a mixture-of-experts layer: (y, routing stats))
     cache.length += t
     h = model.model.norm(h[:, -1])
     return F.linear(h, model.output_weight).float()

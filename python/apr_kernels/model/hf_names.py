@@ -38,7 +38,7 @@ def hf_name(name: str) -> str:
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter of ``Transformer(cfg)`` with its shape, by Hugging Face name (spec 10.2)."""
-    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
     out = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_layers):
@@ -54,9 +54,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             out[p + "self_attn.q_norm.weight"] = (d,)
             out[p + "self_attn.k_norm.weight"] = (d,)
         out[p + "self_attn.o_proj.weight"] = (h, q)
-        out[p + "mlp.gate_proj.weight"] = (inter, h)
-        out[p + "mlp.up_proj.weight"] = (inter, h)
-        out[p + "mlp.down_proj.weight"] = (h, inter)
+        out.update(_ffn_shapes(cfg, i, f"{p}{cfg.ffn_name}."))
         out[p + "input_layernorm.weight"] = (h,)
         out[p + "post_attention_layernorm.weight"] = (h,)
     out["model.norm.weight"] = (h,)
@@ -64,4 +62,24 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out["score.weight"] = (cfg.num_labels, h)
     elif not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (cfg.vocab_size, h)
+    return out
+
+
+def _ffn_shapes(cfg: ModelConfig, layer: int, p: str) -> dict[str, tuple[int, ...]]:
+    """Layer ``layer``'s MLP: dense, or a router, experts (Mixtral's named w1/w3/w2) and a shared expert."""
+    h = cfg.hidden_size
+
+    def swiglu(prefix, width, names=("gate_proj", "up_proj", "down_proj")):
+        return {f"{prefix}{names[0]}.weight": (width, h), f"{prefix}{names[1]}.weight": (width, h),
+                f"{prefix}{names[2]}.weight": (h, width)}
+
+    if not cfg.moe_layer(layer):
+        return swiglu(p, cfg.intermediate_size)
+    out = {f"{p}gate.weight": (cfg.num_experts, h)}
+    names = ("w1", "w3", "w2") if cfg.architecture == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for e in range(cfg.num_experts):
+        out.update(swiglu(f"{p}experts.{e}.", cfg.moe_intermediate_size, names))
+    if cfg.shared_expert_intermediate_size:
+        out.update(swiglu(f"{p}shared_expert.", cfg.shared_expert_intermediate_size))
+        out[f"{p}shared_expert_gate.weight"] = (1, h)
     return out

@@ -3,9 +3,10 @@
 Preflight (aprender's ``build_shared_trainer_with_init`` steps), each a ``PreflightError`` (a
 ValueError) naming the file and the mismatch:
 
-1. architecture family: decoder-only ``llama``/``mistral``/``qwen2``/``qwen3`` accepted; encoders (BERT, RoBERTa, ...) and
-   other families refused; the metadata family must agree with the tensors (a q/k/v bias is Qwen2
-   evidence, ``q_norm`` is Qwen3's);
+1. architecture family: decoder-only ``llama``/``mistral``/``qwen2``/``qwen3`` and the mixture-of-experts
+   ``qwen2_moe``/``qwen3_moe``/``mixtral`` accepted; encoders (BERT, RoBERTa, ...) and other families
+   refused; the metadata family must agree with the tensors (a q/k/v bias is Qwen2(-MoE) evidence,
+   ``q_norm`` is Qwen3(-MoE)'s, ``experts`` a mixture of experts');
 2. shapes: every model parameter present with its exact shape (extra tensors such as a tied
    ``lm_head`` copy or ``__training__.*`` state are ignored); all missing or misshapen ones listed;
 3. tokenizer vs model vocabulary: an embedded tokenizer's vocabulary must fit (<=) the model's;
@@ -104,14 +105,25 @@ def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
             by_hf.setdefault(hf_name(name), name)
 
     # family vs tensor evidence (aprender section 86)
+    base = cfg.base_family  # a mixture-of-experts family's attention is its dense family's
     q_norm = next((n for n in by_hf if n.endswith("self_attn.q_norm.weight")), None)
-    if q_norm and family != "qwen3":
+    if q_norm and base != "qwen3":
         raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} but the file has "
-                             f"per-head q/k norms ({q_norm}, ...), which only qwen3 models have")
+                             f"per-head q/k norms ({q_norm}, ...), which only qwen3 and qwen3_moe models have")
     bias = sorted(n for n in by_hf if n.endswith(("self_attn.q_proj.bias", "self_attn.k_proj.bias")))
-    if family != "qwen2" and bias:
+    if base != "qwen2" and bias:
         raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} but the "
-                             f"file has q/k/v biases ({bias[0]}, ...), which only qwen2 models have")
+                             f"file has q/k/v biases ({bias[0]}, ...), which only qwen2 and qwen2_moe models have")
+    stacked = next((n for n in by_hf if n.endswith(("_exps.weight", "_exps.bias"))), None)
+    if stacked:
+        raise PreflightError(f"{path}: tensor {stacked!r} holds every expert of a layer stacked (GGUF's layout); "
+                             f"expected one tensor per expert under Hugging Face names (model.layers.N.mlp."
+                             f"experts.E.gate_proj.weight, ...), as `apr-kernels convert` of a Hugging Face folder writes")
+    experts = next((n for n in by_hf if ".experts." in n), None)
+    if experts and not cfg.is_moe:
+        raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} (dense) but the file "
+                             f"has mixture-of-experts tensors ({experts}, ...); expected architecture "
+                             f"qwen2_moe, qwen3_moe or mixtral with num_experts")
 
     # tying: metadata first, then whether a real lm_head is stored
     head = by_hf.get("lm_head.weight")
@@ -140,7 +152,9 @@ def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
         raise PreflightError(
             f"{path}: tensors do not fit the {family} config read from its metadata (hidden_size="
             f"{cfg.hidden_size}, num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, num_kv_heads="
-            f"{cfg.num_kv_heads}, head_dim={cfg.head_dim}, vocab_size={cfg.vocab_size}): " + "; ".join(parts))
+            f"{cfg.num_kv_heads}, head_dim={cfg.head_dim}, vocab_size={cfg.vocab_size}"
+            + (f", num_experts={cfg.num_experts}, moe_intermediate_size={cfg.moe_intermediate_size}" if cfg.is_moe else "")
+            + "): " + "; ".join(parts))
 
     tok_vocab = tokenizer_vocab_size(meta)
     if tok_vocab is not None:

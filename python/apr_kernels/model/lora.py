@@ -176,7 +176,7 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
     if hasattr(model, "score"):  # a reward model's head trains whole (PEFT's modules_to_save for it)
         model.score.weight.requires_grad_(True)
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
+        for parent in (layer.self_attn, *layer.mlps()):  # (a mixture-of-experts layer: every expert)
             for name in targets:
                 lin = getattr(parent, name, None)
                 if lin is None or isinstance(lin, LoRALinear):

@@ -1,6 +1,6 @@
 """A decoder-only Llama/Qwen2 transformer with Hugging Face parameter names.
 
-Reading order: RMSNorm -> Attention -> MLP -> Block -> Transformer. Each module has two paths:
+Reading order: RMSNorm -> Attention -> MLP -> SparseMoE -> Block -> Transformer. Each module has two paths:
 
 * fast: the package's ops (``apr_kernels.rms_norm``, ``add_rms_norm``, ``rope``, ``attention``,
   ``swiglu``, ``linear_cross_entropy``), which run the Triton kernels on CUDA and their PyTorch reference
@@ -163,39 +163,133 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        if fast:  # one fused pass; silu(gate) is recomputed in the backward instead of kept
+        if fast and x.numel():  # one fused pass; silu(gate) is recomputed in the backward instead of kept
             return self.down_proj(_ops().swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MixtralExpert(nn.Module):
+    """Mixtral's expert: the same SwiGLU under Mixtral's names (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
+
+    # the Llama names, for MLP.forward and LoRA's targets (the state dict keeps w1/w2/w3)
+    gate_proj = property(lambda self: self.w1)
+    up_proj = property(lambda self: self.w3)
+    down_proj = property(lambda self: self.w2)
+    forward = MLP.forward
+
+
+class SparseMoE(nn.Module):
+    """Routed experts in place of the MLP (Qwen2-MoE, Qwen3-MoE, Mixtral), as Hugging Face computes them.
+
+    The router ``gate`` scores every expert; a softmax in fp32 over all of them, the top
+    ``num_experts_per_tok`` kept (renormalised to sum 1 with ``norm_topk_prob``, always for Mixtral,
+    whose weights stay fp32; Qwen's are cast to the router's dtype) weight those experts' outputs.
+    Qwen2-MoE adds a shared expert that every token passes through, scaled by ``sigmoid(
+    shared_expert_gate(x))``.
+
+    Tokens are grouped by expert with one sort (one host read of the group sizes per layer), each
+    expert runs one GEMM chain on its group, and the weighted outputs are summed back per token
+    without atomics (deterministic). Every expert runs each step, an empty group included, so every
+    expert weight gets a gradient (zeros when unused, as with Hugging Face's stacked experts): DDP
+    needs every parameter used, and all ranks step the same parameters.
+
+    ``forward(x, fast) -> (y, stats)``: ``stats`` [2, num_experts] fp32, per expert the number of
+    top-k choices and the sum of router probabilities over these tokens, from which ``Transformer``
+    forms the load-balancing loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.fp32_weights = cfg.architecture == "mixtral"
+        self.gate = nn.Linear(h, cfg.num_experts, bias=False)
+        expert = MixtralExpert if cfg.architecture == "mixtral" else MLP
+        self.experts = nn.ModuleList(expert(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+
+    def route(self, x: torch.Tensor):
+        """(probabilities [T, E] fp32, top-k weights [T, k], top-k expert ids [T, k]) of tokens ``x`` [T, h]."""
+        logits = self.gate(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return probs, (weights if self.fp32_weights else weights.to(logits.dtype)), chosen
+
+    def forward(self, x: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs, weights, chosen = self.route(x)
+        flat = chosen.flatten()  # [T * k]: token t's choices at t*k .. t*k + k-1
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        groups = x[order // self.top_k].split(counts.tolist())
+        out = torch.cat([expert(g, fast) for expert, g in zip(self.experts, groups)])
+        out = out * weights.flatten()[order, None]
+        # back to token order (a permutation: no index sharing), then each token's k outputs summed
+        y = out.new_empty(out.shape).index_copy(0, order, out).view(-1, self.top_k, shape[-1]).sum(1).to(x.dtype)
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, fast)
+        stats = torch.stack([counts.to(torch.float32), probs.sum(0)])
+        return y.view(shape), stats
+
+    def mlps(self) -> list[nn.Module]:
+        return [*self.experts, *([self.shared_expert] if hasattr(self, "shared_expert") else [])]
 
 
 class Block(nn.Module):
     """Pre-norm decoder layer: h += attn(norm(h)); h += mlp(norm(h)).
 
-    The MLP's residual add is left *pending*: ``forward(h, pending, ...) -> (h, mlp_out)``, and the
-    next layer (or the final norm) adds it, so the fast path can fuse every residual add with the norm
-    that follows it (``add_rms_norm``). The eager path does the same adds in the same order, so its
-    numbers are Hugging Face's."""
+    The MLP's residual add is left *pending*: ``forward(h, pending, ...) -> (h, mlp_out, stats)``, and
+    the next layer (or the final norm) adds it, so the fast path can fuse every residual add with the
+    norm that follows it (``add_rms_norm``). The eager path does the same adds in the same order, so
+    its numbers are Hugging Face's. ``stats``: a mixture-of-experts layer's routing statistics
+    (``SparseMoE``), None for a dense one; returned rather than kept so that activation checkpointing
+    and FSDP's hooks see them as the layer's outputs.
+
+    The MLP lives under ``cfg.ffn_name`` (``mlp``; Mixtral's ``block_sparse_moe``); ``ffn`` is it."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self._ffn_name = cfg.ffn_name
+        setattr(self, cfg.ffn_name, SparseMoE(cfg) if cfg.moe_layer(layer) else MLP(cfg.hidden_size,
+                                                                                      cfg.intermediate_size))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self._ffn_name)
+
+    def mlps(self) -> list[nn.Module]:
+        """The SwiGLU MLPs of this layer (LoRA's MLP targets): the dense one, or every expert."""
+        return self.ffn.mlps() if isinstance(self.ffn, SparseMoE) else [self.ffn]
+
     def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                fast: bool = False, docs: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                fast: bool = False, docs: DocumentMask | None = None):
         h, y = add_then_norm(self.input_layernorm, h, pending, fast)
         a = self.self_attn(y, cos, sin, fast, docs)
         h, y = add_then_norm(self.post_attention_layernorm, h, a, fast)
-        return h, self.mlp(y, fast)
+        if isinstance(self.ffn, SparseMoE):
+            return (h, *self.ffn(y, fast))
+        return h, self.ffn(y, fast), None
 
 
 def add_then_norm(norm: RMSNorm, h: torch.Tensor, x: torch.Tensor | None, fast: bool):
@@ -239,6 +333,12 @@ class Transformer(nn.Module):
         # NEFTune (Jain et al., 2023; TRL's neftune_noise_alpha): in training mode, uniform noise of
         # magnitude alpha / sqrt(T * hidden) added to the token embeddings (0: off)
         self.neftune_alpha = 0.0
+        # mixture of experts: the load-balancing loss's weight in training mode (the config's; the
+        # trainer may change it, 0: off)
+        self.router_aux_loss_coef = config.router_aux_loss_coef if config.is_moe else 0.0
+        self.router_stats: list = []
+        self.last_aux_loss: torch.Tensor | None = None
+        self.router_aux_sync = False  # count expert choices over every rank (router_aux_loss)
         self.model = Decoder(config)
         if config.num_labels:  # Hugging Face's *ForSequenceClassification: no output projection
             self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
@@ -301,13 +401,40 @@ class Transformer(nn.Module):
             docs, cos, sin = self._document_mask(input_ids, documents, fast, cos, sin)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         pending = None  # each layer's MLP output, added by the next layer's fused add + norm
+        stats = []  # mixture-of-experts layers' routing statistics
         for layer in self.model.layers:
             if recompute:
-                h, pending = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast, docs,
-                                                               use_reentrant=False)
+                h, pending, s = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast, docs,
+                                                                  use_reentrant=False)
             else:
-                h, pending = layer(h, pending, cos, sin, fast, docs)
+                h, pending, s = layer(h, pending, cos, sin, fast, docs)
+            if s is not None:
+                stats.append(s)
+        self.router_stats = stats
         return add_then_norm(self.model.norm, h, pending, fast)[1]
+
+    def router_aux_loss(self) -> torch.Tensor | None:
+        """The load-balancing loss of the last forward (None for a dense model): Switch Transformer's
+        ``E * sum_e f_e * P_e`` over the tokens of every sparse layer together, f_e the fraction of
+        top-k choices that went to expert e and P_e its mean router probability (Hugging Face's
+        ``load_balancing_loss_func`` without an attention mask).
+
+        With ``router_aux_sync`` (set by the trainer under DDP/FSDP) f_e counts the choices of every
+        rank's tokens (one all-reduce of E numbers), P_e stays this rank's: the mean of the ranks'
+        losses, which is what averaging their gradients minimises, is then the loss of the whole
+        global micro-batch (with equal shares), as one process computes it; balance over the global
+        batch is also what the Qwen team recommends for MoE training (Qiu et al., 2025)."""
+        if not getattr(self, "router_stats", None):
+            return None
+        k = self.config.num_experts_per_tok
+        counts, probs = torch.stack(self.router_stats).sum(0)
+        local_rows = counts.sum() / k
+        if self.router_aux_sync:  # f over the tokens of every rank (no gradient flows through counts)
+            import torch.distributed as dist
+
+            counts = counts.clone()
+            dist.all_reduce(counts)
+        return self.config.num_experts * torch.sum(counts / (counts.sum() / k) * (probs / local_rows))
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", documents: Documents | None = None, teacher=None,
@@ -335,7 +462,28 @@ class Transformer(nn.Module):
         A sequence classifier (``config.num_labels``) takes no targets: it returns the ``score`` head
         of the hidden states, fp32 ``[B, T, num_labels]``, or with ``ends`` (indices into the
         ``B * T`` flattened tokens, each sequence's last; ``sequence_ends``) ``[N, num_labels]``, the
-        pooled scores of Hugging Face's ``*ForSequenceClassification``."""
+        pooled scores of Hugging Face's ``*ForSequenceClassification``.
+
+        A mixture-of-experts model in training mode with ``router_aux_loss_coef`` > 0 adds that
+        multiple of the load-balancing loss (``router_aux_loss``) to a "mean" loss, and to a "sum"
+        loss once per counted target (so the sum divided by the count is the mean's objective); the
+        loss itself is kept, detached, as ``last_aux_loss`` (also with the coefficient 0)."""
+        out = self._forward(input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss)
+        if targets is None or not self.training or reduction not in ("mean", "sum"):
+            return out
+        aux = self.router_aux_loss()
+        if aux is None:
+            return out
+        self.last_aux_loss = aux.detach()
+        coef = self.router_aux_loss_coef
+        if not coef:
+            return out
+        term = coef * aux * (1 if reduction == "mean" else (targets != -100).sum())
+        if teacher is not None:  # [loss, ce, kl]: the objective only
+            return torch.cat([out[:1] + term, out[1:]])
+        return out + term
+
+    def _forward(self, input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")

@@ -71,6 +71,7 @@ class TrainConfig:
     label_smoothing: float = 0.0        # the training loss's, as F.cross_entropy's (eval stays plain CE)
     z_loss: float = 0.0                 # z * logsumexp(logits)^2 per target added to the training loss
     neftune_alpha: float = 0.0          # NEFTune's embedding noise in training steps (0: off)
+    router_aux_loss_coef: float | None = None  # mixture of experts: load-balancing loss weight (None: the model's)
     lora_plus_ratio: float = 0.0        # LoRA+: the adapters' B matrices at this multiple of the lr (0: off)
     activation_offload: bool = False    # tensors saved for the backward kept in (pinned) host memory
     freeze: list | None = None          # parameter name patterns (fnmatch) kept frozen (freeze_parameters)
@@ -102,6 +103,9 @@ class TrainConfig:
             raise ValueError(f"training config: early_stopping_patience={self.early_stopping_patience} with "
                              f"eval_every={self.eval_every}; expected >= 0, and periodic evals (--eval-every N) "
                              f"to count with it")
+        c = self.router_aux_loss_coef
+        if c is not None and not 0 <= c < math.inf:
+            raise ValueError(f"training config: router_aux_loss_coef={c}; expected a finite number >= 0 (0: off)")
         if not self.neftune_alpha >= 0:
             raise ValueError(f"training config: neftune_alpha={self.neftune_alpha}; expected >= 0")
         if self.teacher and (self.label_smoothing or self.z_loss):
@@ -418,6 +422,15 @@ class Trainer(EvalWatch):
         self.teacher = teacher
         self.extra_eval = extra_eval  # more held-out measures at each eval (train --eval-choices)
         model.neftune_alpha = config.neftune_alpha  # (the model adds it in training mode only)
+        moe = getattr(getattr(model, "config", None), "is_moe", False)
+        if config.router_aux_loss_coef is not None:
+            if not moe:
+                raise ValueError(f"training config: router_aux_loss_coef={config.router_aux_loss_coef} is the "
+                                 f"load-balancing loss of mixture-of-experts models; this model is dense")
+            model.router_aux_loss_coef = config.router_aux_loss_coef  # (added in training mode only)
+        self._moe = moe
+        if moe and parallel is not None and parallel.world_size > 1:
+            model.router_aux_sync = True  # the balance of the global micro-batch (Transformer.router_aux_loss)
         if config.document_mask and eos_id is None:
             raise ValueError("document masking needs the tokenizer's end-of-text id (which ends every "
                              "document of the data); this tokenizer has none")
@@ -484,6 +497,7 @@ class Trainer(EvalWatch):
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         parts = torch.zeros(2, device=self.device)  # distillation: the step's ce and kl sums
+        aux = torch.zeros((), device=self.device)  # mixture of experts: the micro-batches' load-balancing losses
         if self.teacher is not None:
             from apr_kernels.model.distillation import Teacher
         par = self.parallel
@@ -517,8 +531,12 @@ class Trainer(EvalWatch):
                 scaled = loss_sum * (world / n_targets)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss_sum.detach()
+            if self._moe:
+                aux += self.model.last_aux_loss
         if par is not None:
             total = par.mean(total) * world  # the sum over ranks
+            if self._moe:
+                aux = par.mean(aux)
             if self.teacher is not None:
                 parts = par.mean(parts) * world
         mean_loss = total / n_targets
@@ -547,6 +565,8 @@ class Trainer(EvalWatch):
         rec = {"step": self.step, "loss": loss, "lr": lr, "tok_s": tokens / dt, "grad_norm": grad_norm}
         if self.teacher is not None:
             rec["ce"], rec["kl"] = (parts / n_targets).tolist()
+        if self._moe:  # the mean over micro-batches and ranks (the loss above includes coef x it)
+            rec["aux_loss"] = float(aux) / c.grad_accum
         if self._mfu_scale is not None:
             rec["mfu"] = rec["tok_s"] * self._mfu_scale
         return rec

@@ -1,0 +1,326 @@
+"""Mixture-of-experts families (Qwen2-MoE, Qwen3-MoE, Mixtral): the model against transformers'
+Qwen2MoeForCausalLM / Qwen3MoeForCausalLM / MixtralForCausalLM built offline with the same weights
+(logits, the loss with its load-balancing term, gradients, generation), the fast path against the
+eager one, APR files with one tensor per expert (preflight included), LoRA on the experts, and the
+trainer."""
+
+import pytest
+import torch
+
+import apr_kernels
+from apr_kernels.model import ModelConfig, Transformer, from_apr, preset
+from apr_kernels.model.generate import generate
+from apr_kernels.model.hf_names import expected_shapes
+from apr_kernels.model.loading import PreflightError
+from test_train_cli import HELD, TRAIN, json_lines, run
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ["tiny_qwen3_moe", "tiny_qwen2_moe", "tiny_mixtral"]
+
+
+def hf_config(cfg: ModelConfig):
+    """transformers' config of ``cfg``, routing logits recorded so its loss carries the aux term."""
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+              num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+              intermediate_size=cfg.intermediate_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+              tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
+              num_experts_per_tok=cfg.num_experts_per_tok, router_aux_loss_coef=cfg.router_aux_loss_coef,
+              output_router_logits=True, attn_implementation="eager")
+    if cfg.architecture == "mixtral":
+        return transformers.MixtralConfig(**kw, num_local_experts=cfg.num_experts)
+    moe = dict(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+               norm_topk_prob=cfg.norm_topk_prob, mlp_only_layers=list(cfg.mlp_only_layers),
+               decoder_sparse_step=cfg.decoder_sparse_step)
+    if cfg.architecture == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(**kw, **moe, shared_expert_intermediate_size=cfg.shared_expert_intermediate_size)
+    return transformers.Qwen3MoeConfig(**kw, **moe, head_dim=cfg.head_dim)
+
+
+def pair(name: str, tmp_path):
+    """(ours, theirs) with the same random weights: ours drawn, saved under its parameter names (the
+    on-disk Hugging Face names, one tensor per expert) and loaded by transformers' from_pretrained."""
+    from safetensors.torch import save_file
+
+    cfg = preset(name)
+    ours = Transformer(cfg, fast=False)
+    with torch.no_grad():  # far from the init: norms != 1, biases != 0, a router that prefers some experts
+        for n, p in ours.named_parameters():
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if n.endswith("norm.weight") else
+                    torch.randn_like(p) * (0.5 if n.endswith(("bias", "gate.weight")) else 0.15))
+    folder = tmp_path / name
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf_config(cfg).save_pretrained(folder)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return ours, theirs
+
+
+def shifted(x):
+    """Targets of every position of ``x`` (the last one ignored), as transformers shifts labels=x."""
+    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+
+
+def test_tensor_names_are_the_on_disk_hugging_face_names(tmp_path):
+    for name in FAMILIES:
+        cfg = preset(name)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg))
+        hf.save_pretrained(tmp_path / name)
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / name / "model.safetensors", "pt") as f:
+            on_disk = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        ours = {k: tuple(v.shape) for k, v in Transformer(cfg).named_parameters()}
+        assert ours == on_disk == expected_shapes(cfg), name
+        assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters())
+    mixtral = expected_shapes(preset("tiny_mixtral"))
+    assert mixtral["model.layers.1.block_sparse_moe.experts.3.w2.weight"] == (48, 40)
+    qwen2 = expected_shapes(preset("tiny_qwen2_moe"))  # layer 1 is dense (mlp_only_layers)
+    assert "model.layers.1.mlp.gate_proj.weight" in qwen2 and "model.layers.0.mlp.shared_expert_gate.weight" in qwen2
+
+
+def test_published_sizes():
+    """Qwen3-30B-A3B: 30.5B parameters, 3.3B active per token (the name's numbers)."""
+    cfg = ModelConfig(architecture="qwen3_moe", hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
+                      head_dim=128, intermediate_size=6144, vocab_size=151936, qk_norm=True,
+                      tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                      norm_topk_prob=True, max_position_embeddings=40960)
+    with torch.device("meta"):
+        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+            intermediate_size=6144, vocab_size=151936, num_experts=128, num_experts_per_tok=8,
+            moe_intermediate_size=768))
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters()) == 30_532_122_624
+    # training FLOPs of a token: 6 x the weights it meets (router + 8 experts + attention + head) + attention
+    active = 48 * (2048 * 4096 * 2 + 2 * 2048 * 512 + 128 * 2048 + 8 * 3 * 2048 * 768) + 151936 * 2048
+    assert active + 151936 * 2048 == pytest.approx(3.3e9, rel=0.03)  # with the input embedding: "A3B"
+    assert cfg.flops_per_token(1) == pytest.approx(6 * active + 3 * 48 * 2 * 32 * 128, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_loss_aux_loss_and_gradients_match_transformers(name, tmp_path):
+    ours, theirs = pair(name, tmp_path)
+    ours.train(), theirs.train()
+    x = torch.randint(0, ours.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(3))
+    want = theirs(x, labels=x)
+    got = ours.loss(x, shifted(x))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.last_aux_loss, want.aux_loss.detach(), rtol=1e-5, atol=1e-6)
+    assert want.aux_loss > 1.0  # (about num_experts_per_tok when balanced): a term that shows
+    torch.testing.assert_close(got, want.loss, rtol=1e-5, atol=1e-6)
+    got.backward(), want.loss.backward()
+    hf_grads = dict(theirs.named_parameters())
+    ffn = ours.config.ffn_name
+    for n, p in ours.named_parameters():
+        parts = n.split(".")
+        if ".experts." not in n:  # the same name on both sides (Mixtral's router is mlp.gate in memory)
+            ref = hf_grads[n.replace("block_sparse_moe.", "mlp.")].grad
+        else:  # transformers stacks the experts: gate_up_proj [E, 2I, H], down_proj [E, H, I]
+            layer, e, proj = parts[2], int(parts[5]), parts[6]
+            stacked = f"model.layers.{layer}.mlp.experts."
+            inter = ours.config.moe_intermediate_size
+            if proj in ("gate_proj", "w1", "up_proj", "w3"):
+                rows = slice(0, inter) if proj in ("gate_proj", "w1") else slice(inter, 2 * inter)
+                ref = hf_grads[stacked + "gate_up_proj"].grad[e, rows]
+            else:
+                ref = hf_grads[stacked + "down_proj"].grad[e]
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6, msg=n)
+    assert ffn in ("mlp", "block_sparse_moe")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fast_path_equals_the_eager_path(backend, use_backend):
+    """The package's ops (swiglu per expert, attention, norms, fused loss) give the eager loss and gradients,
+    the load-balancing term included; with ``triton`` the kernels run in Triton's interpreter."""
+    use_backend(backend)
+    cfg = preset("tiny_qwen3_moe")
+    eager = Transformer(cfg, fast=False).train()
+    fast = Transformer(cfg, fast=True).train()
+    fast.load_state_dict(eager.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    losses = []
+    for model in (eager, fast):
+        loss = model.loss(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for (n, p), q in zip(eager.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_every_expert_gets_a_gradient_even_when_no_token_picks_it():
+    """DDP needs every parameter in every step's graph: an unused expert gets a zero gradient, not None,
+    and the routing is written back without atomics (two runs give identical bits)."""
+    cfg = preset("tiny_mixtral")
+    model = Transformer(cfg, fast=False).train()
+    moe = model.model.layers[0].block_sparse_moe
+    route = moe.route
+
+    def experts_1_and_2(x):  # every token routed to experts 1 and 2; 0 and 3 idle
+        probs, _, _ = route(x)
+        chosen = torch.tensor([1, 2]).expand(x.shape[0], 2)
+        weights = probs.gather(1, chosen)
+        return probs, weights / weights.sum(-1, keepdim=True), chosen
+
+    moe.route = experts_1_and_2
+    x = torch.randint(0, cfg.vocab_size, (1, 9))
+    model.loss(x[:, :-1], x[:, 1:]).backward()
+    grads = [moe.experts[e].w1.weight.grad for e in range(cfg.num_experts)]
+    assert all(g is not None for g in grads)
+    assert [bool(g.abs().sum() > 0) for g in grads] == [False, True, True, False]
+    first = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.loss(x[:, :-1], x[:, 1:]).backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters()))
+
+
+def test_gradient_checkpointing_keeps_the_loss_and_gradients():
+    cfg = preset("tiny_qwen2_moe")
+    model = Transformer(cfg, fast=False).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    results = []
+    for recompute in (False, True):
+        model.gradient_checkpointing = recompute
+        model.zero_grad()
+        loss = model.loss(x[:, :-1], x[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_aux_loss_is_a_training_term_only_and_follows_its_coefficient():
+    cfg = preset("tiny_qwen3_moe")
+    model = Transformer(cfg, fast=False)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    args = (x[:, :-1], x[:, 1:])
+    with torch.no_grad():
+        plain = model.eval().loss(*args)  # evaluation: the cross entropy alone
+        model.train()
+        mean, total = model.loss(*args), model.loss(*args, reduction="sum")
+        aux = model.last_aux_loss
+        model.router_aux_loss_coef = 0.0
+        off = model.loss(*args)
+    torch.testing.assert_close(mean, plain + cfg.router_aux_loss_coef * aux)
+    torch.testing.assert_close(total / x[:, 1:].numel(), mean)  # "sum": the term once per target
+    torch.testing.assert_close(off, plain)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_generation_equals_transformers(name, tmp_path):
+    ours, theirs = pair(name, tmp_path)
+    ours.eval(), theirs.eval()
+    prompt = torch.randint(0, ours.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(5))
+    theirs.generation_config.eos_token_id = None
+    want = theirs.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(generate(ours, prompt, 8), want)
+
+
+def save_apr(path, model, **meta):
+    apr_kernels.save(dict(model.state_dict()), path, metadata={**model.config.to_apr_config().to_metadata(), **meta})
+
+
+def test_apr_round_trip_and_preflight(tmp_path):
+    cfg = preset("tiny_qwen2_moe")
+    model = Transformer(cfg, fast=False).eval()
+    path = tmp_path / "moe.apr"
+    save_apr(path, model)
+    with apr_kernels.open(path) as f:
+        assert (f.config.num_experts, f.config.num_experts_per_tok, f.config.moe_intermediate_size) == (5, 2, 20)
+        assert f.metadata["shared_expert_intermediate_size"] == 40 and f.metadata["mlp_only_layers"] == [1]
+    loaded = from_apr(path, fast=False).eval()
+    assert loaded.config == cfg
+    x = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    sd = dict(model.state_dict())
+    del sd["model.layers.0.mlp.experts.4.down_proj.weight"]
+    apr_kernels.save(sd, path, metadata=cfg.to_apr_config().to_metadata())
+    with pytest.raises(PreflightError, match=r"num_experts=5, moe_intermediate_size=20\): 1 missing: "
+                                             r"model\.layers\.0\.mlp\.experts\.4\.down_proj\.weight"):
+        from_apr(path)
+    # expert tensors under dense metadata; stacked (GGUF-layout) experts; impossible routing
+    dense = preset("tiny_qwen2").to_apr_config().to_metadata()
+    apr_kernels.save(dict(model.state_dict()), path, metadata={**dense, "hidden_size": 56})
+    with pytest.raises(PreflightError, match=r"metadata says 'qwen2' \(dense\) but the file has mixture-of-experts "
+                                             r"tensors \(model\.layers\.0\.mlp\.experts\."):
+        from_apr(path)
+    apr_kernels.save({**sd, "blk.0.ffn_gate_exps.weight": torch.zeros(5, 20, 56)}, path,
+                     metadata=cfg.to_apr_config().to_metadata())
+    with pytest.raises(PreflightError, match=r"'blk\.0\.ffn_gate_exps\.weight' holds every expert of a layer stacked"):
+        from_apr(path)
+    save_apr(path, model, num_experts_per_tok=6)
+    with pytest.raises(PreflightError, match=r"num_experts_per_tok=6 exceeds num_experts=5"):
+        from_apr(path)
+    meta = cfg.to_apr_config().to_metadata()
+    del meta["num_experts"]
+    apr_kernels.save(dict(model.state_dict()), path, metadata=meta)
+    with pytest.raises(PreflightError, match=r"num_experts=None; expected a positive integer for a qwen2_moe"):
+        from_apr(path)
+
+
+def test_gguf_spellings_of_the_families_are_read():
+    from apr_kernels.metadata import AprModelConfig
+    from apr_kernels.model.config import family_of
+
+    for text, family in [("qwen2moe", "qwen2_moe"), ("Qwen3MoeForCausalLM", "qwen3_moe"), ("mixtral", "mixtral"),
+                         ("qwen2", "qwen2")]:
+        assert family_of(AprModelConfig(architecture=text)) == family
+    with pytest.raises(ValueError, match="unsupported architecture family: architecture='deepseek2'"):
+        family_of(AprModelConfig(architecture="deepseek2"))
+
+
+def test_lora_adapts_every_expert_and_merges_exactly():
+    from apr_kernels.model.lora import add_lora, lora_modules, merge_into_weights
+
+    cfg = preset("tiny_mixtral")
+    model = Transformer(cfg, fast=False).eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 10))
+    add_lora(model, rank=2, targets=("q_proj", "gate_proj", "down_proj"))
+    names = set(lora_modules(model))
+    assert {f"model.layers.1.block_sparse_moe.experts.{e}.w1" for e in range(4)} <= names
+    assert "model.layers.0.block_sparse_moe.experts.2.w2" in names and not any(n.endswith("w3") for n in names)
+    assert not any(n.endswith(".gate") for n in names)  # the router stays frozen
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.1)
+        adapted = model(x)
+        merge_into_weights(model)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_train_command_logs_the_aux_loss_and_resumes_exactly(capsys, tmp_path):
+    common = ["--preset", "tiny_qwen3_moe", "--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD,
+              "--max-tokens", "12000", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3", "--eval-tokens", "96",
+              "--json", "--seed", "3", "--no-progress"]
+    code, out, err = run(capsys, "train", *common, "--steps", "4", "--save-every", "2", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    steps = [r for r in json_lines(out) if r["event"] == "train"]
+    assert all(r["aux_loss"] > 1.0 for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    start = next(r for r in json_lines(out) if r["event"] == "start")
+    assert start["params"] == preset("tiny_qwen3_moe").num_parameters()
+    code, out, err = run(capsys, "train", "--resume", str(tmp_path / "a" / "step_000002.apr"), "--json",
+                         "--no-progress", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    resumed = [r for r in json_lines(out) if r["event"] == "train"]
+    assert [(r["step"], r["loss"], r["aux_loss"]) for r in resumed] == \
+        [(r["step"], r["loss"], r["aux_loss"]) for r in steps[2:]]
+    with apr_kernels.open(tmp_path / "a" / "model.apr") as f:
+        assert f.metadata["architecture"] == "qwen3_moe" and f.metadata["num_experts"] == 6
+        assert "model.layers.1.mlp.experts.5.up_proj.weight" in f.keys()
+    # the coefficient: 0 leaves the cross entropy alone (the same first-step loss less coef x aux)
+    code, out, err = run(capsys, "train", *common, "--steps", "1", "--router-aux-loss-coef", "0",
+                         "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    first = next(r for r in json_lines(out) if r["event"] == "train")
+    assert first["loss"] == pytest.approx(steps[0]["loss"] - 0.001 * steps[0]["aux_loss"], rel=1e-6)
+    code, out, err = run(capsys, "train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN,
+                         "--steps", "1", "--router-aux-loss-coef", "0.01", "--out", str(tmp_path / "d"))
+    assert code == 1 and "router_aux_loss_coef=0.01 is the load-balancing loss of mixture-of-experts models; " \
+                          "this model is dense" in err
