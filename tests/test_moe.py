@@ -264,6 +264,20 @@ def test_apr_round_trip_and_preflight(tmp_path):
         from_apr(path)
 
 
+def test_configs_transformers_cannot_hold_are_refused():
+    mixtral = preset("tiny_mixtral")
+    for change, message in [({"mlp_only_layers": (1,)}, r"mlp_only_layers=\[1\] for mixtral"),
+                            ({"moe_intermediate_size": 24}, "moe_intermediate_size=24 for mixtral"),
+                            ({"decoder_sparse_step": 2}, "decoder_sparse_step=2 for mixtral"),
+                            ({"sliding_window": 8, "max_window_layers": 1}, "max_window_layers=1 for mixtral")]:
+        with pytest.raises(ValueError, match=message):
+            mixtral.replace(**change)
+    with pytest.raises(ValueError, match="max_window_layers=1 for qwen3_moe; its sliding window"):
+        preset("tiny_qwen3_moe").replace(sliding_window=8, max_window_layers=1)
+    with pytest.raises(ValueError, match=r"num_experts=4 given for architecture='llama', a dense model"):
+        preset("tiny_llama").replace(num_experts=4)
+
+
 def test_gguf_spellings_of_the_families_are_read():
     from apr_kernels.metadata import AprModelConfig
     from apr_kernels.model.config import family_of

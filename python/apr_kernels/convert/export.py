@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from apr_kernels._format import TORCH_DTYPES
-from apr_kernels.model.config import HF_ARCHITECTURES
+from apr_kernels.model.config import HF_ARCHITECTURES, MOE_FAMILIES
 
 from .core import warn
 from .names import gguf_to_hf, rope_permuted_heads, unpermute_rows
@@ -114,7 +114,11 @@ def new_folder(dst: Path):
 
 
 def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
-    """config.json contents via transformers' own config class (so the installed version reads it)."""
+    """config.json contents via transformers' own config class (so the installed version reads it).
+
+    Mixture-of-experts families get their expert keys (``_expert_kwargs``); attention biases are
+    declared as the tensors say (``attention_bias``, Qwen2-MoE's ``qkv_bias``); a Qwen2-MoE window is
+    written as explicit ``layer_types`` (its config class's own rule alternates layers)."""
     from transformers import AutoConfig
 
     family = cfg.architecture or cfg.model_type
@@ -137,13 +141,25 @@ def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
         bos_token_id=tok.bos_id if tok else None, eos_token_id=tok.eos_id if tok else None,
         pad_token_id=tok.pad_id if tok else None,
     )
-    if family == "llama":
-        kwargs["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
-    if family == "mistral":
+    has_bias = "model.layers.0.self_attn.q_proj.bias" in tensors
+    if family in ("llama", "qwen3", "qwen3_moe"):
+        kwargs["attention_bias"] = has_bias
+    elif family == "qwen2_moe":
+        kwargs["qkv_bias"] = has_bias
+    if family in ("mistral", "mixtral"):
         kwargs["sliding_window"] = cfg.sliding_window  # None: no window
-    elif family in ("qwen2", "qwen3") and cfg.sliding_window is not None:
-        kwargs.update(use_sliding_window=True, sliding_window=cfg.sliding_window,
-                      max_window_layers=cfg.max_window_layers or 0)
+    elif family in ("qwen2", "qwen3", "qwen2_moe") and cfg.sliding_window is not None:
+        k = cfg.max_window_layers or 0
+        kwargs.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=k)
+        if family == "qwen2_moe":  # its own default rule alternates layers: say which layers are windowed
+            kwargs["layer_types"] = ["full_attention" if i < k else "sliding_attention" for i in range(cfg.num_layers)]
+    elif family == "qwen3_moe" and cfg.sliding_window is not None:
+        if cfg.max_window_layers:
+            raise ValueError(f"a qwen3_moe model windowed from layer {cfg.max_window_layers} on (max_window_layers) "
+                             f"cannot be exported: transformers' Qwen3-MoE windows every layer or none")
+        kwargs.update(use_sliding_window=True, sliding_window=cfg.sliding_window)
+    if family in MOE_FAMILIES:
+        kwargs.update(_expert_kwargs(cfg, family))
     if isinstance(meta.get("rope_scaling"), dict):
         kwargs["rope_scaling"] = {**meta["rope_scaling"], "rope_theta": kwargs["rope_theta"]}
     if cfg.num_labels:  # a sequence classifier (reward model): *ForSequenceClassification
@@ -157,6 +173,40 @@ def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
                  "no pad_token_id (transformers then scores one unpadded sequence per call; set a distinct pad "
                  "token to batch)")
     return AutoConfig.for_model(family, **kwargs).to_dict()
+
+
+def _expert_kwargs(cfg, family: str) -> dict:
+    """The mixture-of-experts keywords of transformers' config class for APR metadata ``cfg`` (Hugging
+    Face's defaults for the routing settings the file leaves out, as ``from_apr`` uses them)."""
+    missing = [k for k in ("num_experts", "num_experts_per_tok") if getattr(cfg, k, None) is None]
+    if family != "mixtral":
+        missing += [k for k in ("moe_intermediate_size",) + (("shared_expert_intermediate_size",)
+                    if family == "qwen2_moe" else ()) if getattr(cfg, k, None) is None]
+    if missing:
+        raise ValueError(f"a {family} (mixture-of-experts) model whose metadata lacks {', '.join(missing)}; expected "
+                         f"the expert keys (num_experts, num_experts_per_tok, moe_intermediate_size, ...)")
+    coef = cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None else 0.001
+    out = {"num_experts_per_tok": cfg.num_experts_per_tok, "router_aux_loss_coef": coef}
+    step = cfg.decoder_sparse_step if cfg.decoder_sparse_step is not None else 1
+    dense = list(cfg.mlp_only_layers or [])
+    if family == "mixtral":  # one width, every layer sparse, no shared expert: what else would not fit
+        width = cfg.moe_intermediate_size
+        bad = [f"{k}={v}" for k, v in (("moe_intermediate_size", width if width not in (None, cfg.intermediate_size)
+                                        else None), ("mlp_only_layers", dense or None),
+                                       ("decoder_sparse_step", step if step != 1 else None),
+                                       ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size or None))
+               if v is not None]
+        if bad:
+            raise ValueError(f"a mixtral model with {', '.join(bad)} cannot be exported: transformers' Mixtral has "
+                             f"experts intermediate_size ({cfg.intermediate_size}) wide in every layer and no shared "
+                             f"expert")
+        out["num_local_experts"] = cfg.num_experts
+        return out
+    out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+               norm_topk_prob=bool(cfg.norm_topk_prob), decoder_sparse_step=step, mlp_only_layers=dense)
+    if family == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+    return out
 
 
 DEFAULT_MAX_SHARD = "5GB"
@@ -271,6 +321,14 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
             raise ValueError(f"{src}: no LoRA adapters (metadata 'lora'); expected a step checkpoint of a "
                              f"`train --lora-rank` run (its final model.apr has them merged)")
         parts = sorted(n for n in f.keys() if n.endswith((".lora_A", ".lora_B")))
+        experts = next((n for n in parts if ".experts." in n), None)
+        if experts and str(cfg.architecture).lower() == "qwen2_moe":
+            raise ValueError(f"{src}: adapters on the experts ({experts.rpartition('.')[0]}, ...) of a qwen2_moe model "
+                             f"cannot be exported as a PEFT adapter: PEFT does not put per-expert adapters on "
+                             f"transformers' stacked Qwen2-MoE experts (it drops them, changing the model); export "
+                             f"the merged model instead (`apr-kernels export` without --adapter)")
+        # PEFT's target_modules: the run's targets, plus the names the experts call them by (Mixtral's w1/w2/w3)
+        targets = list(dict.fromkeys([*lora["targets"], *(n.rpartition(".")[0].rpartition(".")[2] for n in parts)]))
         heads_q, heads_kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
 
         def stored(peft_name: str) -> str:  # PEFT's "<module>.lora_A.weight" is our "<module>.lora_A"
@@ -299,7 +357,7 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
         specs = {n: (torch.float32, tuple(f.info(stored(n)).shape)) for n in names}
         config = {
             "peft_type": "LORA", "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM", "r": int(lora["rank"]),
-            "lora_alpha": lora["alpha"], "target_modules": list(lora["targets"]), "lora_dropout": 0.0, "bias": "none",
+            "lora_alpha": lora["alpha"], "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
             "fan_in_fan_out": False, "inference_mode": True, "use_rslora": bool(lora.get("rslora", False)),
             "use_dora": dora,
             "modules_to_save": ["score"] if classifier else None,

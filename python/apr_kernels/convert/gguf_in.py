@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) source: Llama and Qwen2 families.
+"""GGUF (llama.cpp) source: the dense Llama, Mistral (as llama.cpp writes it: ``llama``), Qwen2 and Qwen3
+families; mixture-of-experts files (``expert_count`` > 0, ``qwen2moe``/``qwen3moe``) are refused.
 
 * Names: ``blk.N.*`` -> Hugging Face names (``names.gguf_to_hf``); shapes reversed (GGUF ``ne`` lists
   the contiguous dimension first), bytes never transposed (spec 10.1).
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from apr_kernels._format import LazyTensor, QuantizedTensor, nbytes_for
-from apr_kernels.model.config import HF_ARCHITECTURES
+from apr_kernels.model.config import HF_ARCHITECTURES, MOE_FAMILIES
 
 from .core import Source, warn
 from .names import PERMUTED_ARCHS, gguf_to_hf, rope_permuted_heads, unpermute_rows
@@ -31,6 +32,10 @@ from .names import PERMUTED_ARCHS, gguf_to_hf, rope_permuted_heads, unpermute_ro
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
           "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
 _RAW_QUANT = ("Q4_K", "Q6_K")
+# the dense families a GGUF file may hold (its general.architecture spelling is ours)
+DENSE_ARCHS = tuple(a for a in HF_ARCHITECTURES if a not in MOE_FAMILIES)
+# llama.cpp's (and Hugging Face's) names of the mixture-of-experts kinds of our families
+_MOE_ARCHS = ("qwen2moe", "qwen3moe", *MOE_FAMILIES)
 _GGUF_PRE_TYPES = {"qwen2": "qwen2", "llama-bpe": "llama-bpe", "gpt-2": "gpt2", "gpt2": "gpt2", "default": "gpt2"}
 
 
@@ -264,12 +269,26 @@ def _tensor(reader_tensor, file_data, path: Path, arch: str, cfg: dict) -> tuple
     return name, LazyTensor("F32", shape, dequantised)
 
 
+def _refuse_experts(kv: dict, arch, reader, path: Path) -> None:
+    """A mixture-of-experts GGUF (llama.cpp writes Mixtral as ``llama`` with ``llama.expert_count``, and
+    Qwen2/3-MoE as ``qwen2moe``/``qwen3moe``; each layer's experts stacked in ``ffn_*_exps`` tensors)."""
+    count = kv.get(f"{arch}.expert_count")
+    stacked = next((t.name for t in reader.tensors if "_exps." in t.name or ".ffn_gate_inp." in t.name), None)
+    why = (f"general.architecture is {arch!r}" if arch in _MOE_ARCHS else
+           f"{arch}.expert_count is {count}" if isinstance(count, (int, float)) and count > 0 else
+           f"tensor {stacked!r} is an expert router or stacked experts" if stacked else None)
+    if why:
+        raise ValueError(f"{path}: {why}: a mixture-of-experts model; MoE GGUF import is not supported (GGUF "
+                         f"stacks each layer's experts): convert the model's Hugging Face folder instead")
+
+
 def read_gguf(path: Path) -> Source:
     reader = _open_reader(path)
     kv = _fields(reader, path)
     arch = kv.get("general.architecture")
-    if arch not in HF_ARCHITECTURES:
-        raise ValueError(f"{path}: general.architecture is {arch!r}; expected one of {', '.join(HF_ARCHITECTURES)}")
+    _refuse_experts(kv, arch, reader, path)
+    if arch not in DENSE_ARCHS:
+        raise ValueError(f"{path}: general.architecture is {arch!r}; expected one of {', '.join(DENSE_ARCHS)}")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab_rows = int(embd.shape[1]) if embd is not None and len(embd.shape) == 2 else None
     cfg = _config(kv, arch, path, vocab_rows)

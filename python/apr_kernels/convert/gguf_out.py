@@ -14,6 +14,9 @@ Written as llama.cpp's ``convert_hf_to_gguf.py`` writes the same model, so its r
   merges, pre-tokenizer name), SentencePiece as ``llama`` (pieces, scores, types); the token list is
   padded to the model's vocabulary with ``[PAD{i}]`` entries, as llama.cpp requires.
 
+Mixture-of-experts models (qwen2_moe, qwen3_moe, mixtral) are refused: GGUF stores each layer's experts
+stacked in one tensor, which this writer does not produce (export them to a Hugging Face folder).
+
 The file is streamed (one tensor in memory at a time) into a temporary file next to the target and
 renamed over it when complete.
 """
@@ -53,6 +56,11 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
     cfg = plan(src).config  # every preflight check; tying decided as from_apr decides it
+    if cfg.architecture not in GGUF_ARCH:  # the mixture-of-experts families
+        raise ValueError(f"{src}: a {cfg.architecture} mixture-of-experts model ({cfg.num_experts} experts per layer); "
+                         f"GGUF export is not supported for it (GGUF stores each layer's experts stacked in one "
+                         f"tensor): expected a dense {', '.join(dict.fromkeys(GGUF_ARCH))} model, or export it to a "
+                         f"Hugging Face folder instead")
     if cfg.num_labels:
         raise ValueError(f"{src}: a sequence classifier (num_labels={cfg.num_labels}: a reward model's score head, "
                          f"no output head); GGUF export writes causal LMs for llama.cpp: expected a causal LM")

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from apr_kernels._format import LazyTensor
-from apr_kernels.model.config import HF_ARCHITECTURES
+from apr_kernels.model.config import HF_ARCHITECTURES, MOE_FAMILIES
 
 from .core import Source, warn
 from .hf_tokenizer import read_hf_tokenizer
@@ -100,20 +100,34 @@ def read_safetensors(files: list[Path]) -> tuple[dict[str, LazyTensor], dict, li
 
 
 def _window_keys(cfg: dict, model_type: str, path: Path, need) -> dict:
-    """``sliding_window`` (+ ``max_window_layers``) from a config.json: Mistral's window is on every
-    layer; Qwen2/3 use it only with ``use_sliding_window``, on the layers from ``max_window_layers``
-    on (or as ``layer_types`` lists them: full layers first, then windowed ones)."""
-    if model_type == "mistral":
+    """``sliding_window`` (+ ``max_window_layers``) from a config.json: Mistral's (and Mixtral's) window is
+    on every layer; Qwen2/3 use it only with ``use_sliding_window``, on the layers from
+    ``max_window_layers`` on (or as ``layer_types`` lists them: full layers first, then windowed ones).
+    Transformers' Qwen3-MoE windows every layer (it has no ``max_window_layers``); its Qwen2-MoE windows
+    the even-numbered layers below ``max_window_layers`` unless ``layer_types`` says otherwise, which is
+    refused unless it comes out as full layers first, then windowed ones."""
+    base = MOE_FAMILIES.get(model_type, model_type)
+    if base == "mistral":
         return {"sliding_window": need("sliding_window")} if cfg.get("sliding_window") is not None else {}
-    if model_type not in ("qwen2", "qwen3") or not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
+    if base not in ("qwen2", "qwen3") or not cfg.get("use_sliding_window") or cfg.get("sliding_window") is None:
         return {}
+    if model_type == "qwen3_moe":
+        return {"sliding_window": need("sliding_window")}
     n = need("num_hidden_layers")
     types = cfg.get("layer_types")
+    rule = ""
+    if model_type == "qwen2_moe" and not (isinstance(types, list) and len(types) == n):
+        k = cfg.get("max_window_layers", 28)  # Qwen2MoeConfig's default
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"{path}: max_window_layers is {k!r}; expected a non-negative integer")
+        types = ["sliding_attention" if (i + 1) % 2 and i < k else "full_attention" for i in range(n)]
+        rule = (f" (Qwen2-MoE's use_sliding_window with max_window_layers={k} windows the even-numbered layers "
+                f"below it)")
     if isinstance(types, list) and len(types) == n:
         first = next((i for i, t in enumerate(types) if t == "sliding_attention"), n)
         if any(t != "sliding_attention" for t in types[first:]):
-            raise ValueError(f"{path}: layer_types {types[:8]}...: windowed layers must follow all full-attention "
-                             f"ones (expected full layers first, then sliding_attention)")
+            raise ValueError(f"{path}: layer_types {types[:8]}...{rule}: windowed layers must follow all "
+                             f"full-attention ones (expected full layers first, then sliding_attention)")
         k = first
     else:
         k = cfg.get("max_window_layers", n)
@@ -122,6 +136,72 @@ def _window_keys(cfg: dict, model_type: str, path: Path, need) -> dict:
     if k >= n:  # no layer is windowed
         return {}
     return {"sliding_window": need("sliding_window"), "max_window_layers": k}
+
+
+# the expert count's two spellings: Qwen's config.json files say num_experts, Mixtral's (and what
+# transformers 5 writes for Qwen3-MoE) num_local_experts
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
+
+
+def _expert_keys(cfg: dict, model_type: str, path: Path, need) -> dict:
+    """The mixture-of-experts keys of a qwen2_moe / qwen3_moe / mixtral config.json (Hugging Face's
+    defaults for the routing settings it leaves out; the sizes are required). A dense model_type
+    with an expert count is refused."""
+    given = {k: cfg[k] for k in _EXPERT_COUNT_KEYS if cfg.get(k) is not None}
+    if model_type not in MOE_FAMILIES:
+        key = next((k for k, v in given.items() if v != 0), None)
+        if key is not None:
+            raise ValueError(f"{path}: {key} is {cfg[key]!r} but model_type {model_type!r} is a dense family; "
+                             f"expected model_type {', '.join(MOE_FAMILIES)} for a mixture-of-experts model "
+                             f"(or no {key})")
+        return {}
+    if not given:
+        key = "num_local_experts" if model_type == "mixtral" else "num_experts"
+        raise ValueError(f"{path}: {key} is missing; expected the number of experts per layer of a "
+                         f"{model_type} (mixture-of-experts) model")
+    if len(set(map(repr, given.values()))) > 1:
+        raise ValueError(f"{path}: num_experts is {given['num_experts']!r} and num_local_experts is "
+                         f"{given['num_local_experts']!r}; expected one expert count")
+    count = need(next(iter(given)))
+    top_k = need("num_experts_per_tok")
+    if top_k > count:
+        raise ValueError(f"{path}: num_experts_per_tok is {top_k}, more than the {count} experts; expected at most "
+                         f"num_experts")
+    coef = cfg.get("router_aux_loss_coef", 0.001)
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
+        raise ValueError(f"{path}: router_aux_loss_coef is {coef!r}; expected a finite number >= 0")
+    out = {"num_experts": count, "num_experts_per_tok": top_k, "router_aux_loss_coef": float(coef)}
+    if model_type == "mixtral":  # one width: the experts are intermediate_size wide (renormalised top-k)
+        out["moe_intermediate_size"] = need("intermediate_size")
+        noise = cfg.get("router_jitter_noise") or 0.0
+        if noise:
+            warn(f"{path}: router_jitter_noise={noise} (a training-time perturbation of the router) is not "
+                 f"carried; apr_kernels trains without it")
+        return out
+    out["moe_intermediate_size"] = need("moe_intermediate_size")
+    if model_type == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = need("shared_expert_intermediate_size")
+    norm = cfg.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        raise ValueError(f"{path}: norm_topk_prob is {norm!r}; expected true or false")
+    out["norm_topk_prob"] = norm
+    out["decoder_sparse_step"] = need("decoder_sparse_step") if "decoder_sparse_step" in cfg else 1
+    dense = cfg.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                              for i in dense):
+        raise ValueError(f"{path}: mlp_only_layers is {dense!r}; expected a list of layer indices >= 0")
+    out["mlp_only_layers"] = sorted(set(dense))
+    return out
+
+
+def _check_bias(cfg: dict, model_type: str, path: Path) -> None:
+    """apr_kernels' models have q/k/v biases only in the Qwen2 families (Qwen2-MoE's as its tensors say,
+    ``qkv_bias``): say so at conversion when another family's config has them (the weights convert as they
+    are; loading them into a model will refuse)."""
+    if model_type not in ("qwen2", "qwen2_moe") and cfg.get("attention_bias"):
+        warn(f"{path}: attention_bias is true, but apr_kernels' {model_type} models have no attention biases "
+             f"(only qwen2 and qwen2_moe do): the weights convert as they are, but from_apr and the trainer will "
+             f"refuse the file")
 
 
 def config_metadata(cfg: dict, path: Path) -> dict:
@@ -159,6 +239,8 @@ def config_metadata(cfg: dict, path: Path) -> dict:
         "head_dim": cfg.get("head_dim") or hidden // heads,
     }
     meta.update(_window_keys(cfg, model_type, path, need))
+    meta.update(_expert_keys(cfg, model_type, path, need))
+    _check_bias(cfg, model_type, path)
     if meta["hf_architecture"].endswith("ForSequenceClassification"):  # a reward model / classifier: its labels
         labels = cfg.get("id2label") or {}
         meta["num_labels"] = len(labels) if labels else need("num_labels")

@@ -147,6 +147,17 @@ class ModelConfig:
             raise ValueError(f"{source}: num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts="
                              f"{self.num_experts}; expected at most one choice per expert")
         positive("decoder_sparse_step")
+        if self.architecture == "mixtral":  # what transformers' Mixtral can hold (export and oracle alike)
+            odd = [f"{k}={v!r}" for k, v, plain in (
+                ("moe_intermediate_size", self.moe_intermediate_size, self.intermediate_size),
+                ("decoder_sparse_step", self.decoder_sparse_step, 1),
+                ("mlp_only_layers", list(self.mlp_only_layers), [])) if v != plain]
+            if odd:
+                raise ValueError(f"{source}: {', '.join(odd)} for mixtral; expected every layer sparse with experts "
+                                 f"intermediate_size ({self.intermediate_size}) wide, as Mixtral has")
+        if self.architecture in ("mixtral", "qwen3_moe") and self.max_window_layers is not None:
+            raise ValueError(f"{source}: max_window_layers={self.max_window_layers} for {self.architecture}; its "
+                             f"sliding window (if any) covers every layer")
         bad = [i for i in self.mlp_only_layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
         if bad:
             raise ValueError(f"{source}: mlp_only_layers={list(self.mlp_only_layers)}; expected layer indices >= 0")

@@ -111,6 +111,8 @@ def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
         raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} but the file has "
                              f"per-head q/k norms ({q_norm}, ...), which only qwen3 and qwen3_moe models have")
     bias = sorted(n for n in by_hf if n.endswith(("self_attn.q_proj.bias", "self_attn.k_proj.bias")))
+    if family == "qwen2_moe" and not bias:  # Qwen2-MoE's config has a switch for them (qkv_bias)
+        cfg = cfg.replace(attention_bias=False, head_dim=cfg.head_dim)
     if base != "qwen2" and bias:
         raise PreflightError(f"{path}: architecture family mismatch: metadata says {family!r} but the "
                              f"file has q/k/v biases ({bias[0]}, ...), which only qwen2 and qwen2_moe models have")

@@ -1,0 +1,279 @@
+"""Mixture-of-experts models through the converters, with `transformers` as the oracle: tiny Qwen3-MoE,
+Qwen2-MoE (shared expert, a dense layer) and Mixtral models built offline -> `convert` -> `from_apr`
+(logits) -> `export` -> `from_pretrained` (logits, config); refusals: expert keys on a dense model_type,
+an MoE config without its expert count, MoE GGUF files in both directions."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import apr_kernels
+from apr_kernels.cli import main
+from apr_kernels.convert.hf import config_metadata
+from apr_kernels.convert.hf_tokenizer import write_hf_tokenizer
+from apr_kernels.model import from_apr
+
+transformers = pytest.importorskip("transformers")
+from test_convert_hf import _randomised, logits, small_tokenizer  # noqa: E402
+
+COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              num_experts_per_tok=2, vocab_size=301, max_position_embeddings=128, rms_norm_eps=1e-6)
+
+
+def tiny(family: str, **extra):
+    """A randomised tiny transformers model of ``family`` (``extra``: config overrides)."""
+    if family == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**{**COMMON, "head_dim": 8, "num_experts": 4, "moe_intermediate_size": 16,
+                                             "norm_topk_prob": True, **extra})
+        return _randomised(transformers.Qwen3MoeForCausalLM(cfg))
+    if family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(**{**COMMON, "num_experts": 4, "moe_intermediate_size": 16,
+                                             "shared_expert_intermediate_size": 24, "mlp_only_layers": [1], **extra})
+        return _randomised(transformers.Qwen2MoeForCausalLM(cfg))
+    cfg = transformers.MixtralConfig(**{**COMMON, "num_local_experts": 4, **extra})
+    return _randomised(transformers.MixtralForCausalLM(cfg))
+
+
+# the config.json MoE fields that must survive HF -> APR -> HF (read through each config class)
+MOE_FIELDS = {
+    "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                  "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "attention_bias", "sliding_window"),
+    "qwen2_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                  "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "qkv_bias",
+                  "sliding_window", "layer_types"),
+    "mixtral": ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "sliding_window"),
+}
+
+CASES = {
+    "qwen3_moe": ("qwen3_moe", dict(router_aux_loss_coef=0.01)),
+    # every second layer sparse (layers 0 and 2 dense), every layer windowed, tied
+    "qwen3_moe-step2-window": ("qwen3_moe", dict(num_hidden_layers=3, decoder_sparse_step=2, norm_topk_prob=False,
+                                                 use_sliding_window=True, sliding_window=4, tie_word_embeddings=True)),
+    "qwen2_moe": ("qwen2_moe", dict(tie_word_embeddings=True)),
+    # the second layer windowed (as layer_types says, which transformers writes into config.json)
+    "qwen2_moe-window": ("qwen2_moe", dict(mlp_only_layers=[], norm_topk_prob=True, use_sliding_window=True,
+                                           sliding_window=4, layer_types=["full_attention", "sliding_attention"])),
+    "mixtral-window": ("mixtral", dict(sliding_window=4, router_aux_loss_coef=0.02)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_moe_convert_then_export_round_trip(tmp_path, case, capsys):
+    from safetensors import safe_open
+
+    family, extra = CASES[case]
+    model = tiny(family, **extra)
+    hc = model.config
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    write_hf_tokenizer(small_tokenizer(), src)
+    apr = tmp_path / "m.apr"
+    assert main(["convert", str(src), str(apr), "-q"]) == 0
+
+    # the tensors are the saved ones, one per expert, under their Hugging Face names
+    with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+        saved = {name: f.get_tensor(name) for name in f.keys()}
+    if hc.tie_word_embeddings:
+        saved["lm_head.weight"] = saved["model.embed_tokens.weight"]  # spec 10.4: a physical copy
+    got = apr_kernels.load(apr)
+    assert sorted(got) == sorted(saved)
+    assert all(torch.equal(got[n], t) for n, t in saved.items())
+    expert = ("model.layers.1.block_sparse_moe.experts.3.w2.weight" if family == "mixtral"
+              else f"model.layers.{1 if family == 'qwen3_moe' else 0}.mlp.experts.3.down_proj.weight")
+    assert expert in got
+
+    with apr_kernels.open(apr, verify=True) as f:
+        meta = f.metadata
+    assert (meta["architecture"], meta["num_experts"], meta["num_experts_per_tok"]) == (family, 4, 2)
+    assert meta["moe_intermediate_size"] == (hc.intermediate_size if family == "mixtral" else hc.moe_intermediate_size)
+    assert meta["router_aux_loss_coef"] == pytest.approx(hc.router_aux_loss_coef)
+    if family != "mixtral":
+        assert (meta["norm_topk_prob"], meta["decoder_sparse_step"], meta["mlp_only_layers"]) == (
+            hc.norm_topk_prob, hc.decoder_sparse_step, hc.mlp_only_layers)
+    assert meta.get("shared_expert_intermediate_size") == (24 if family == "qwen2_moe" else None)
+    assert "num_local_experts" not in meta  # one spelling (spec 5.3)
+
+    ids = torch.randint(0, hc.vocab_size, (2, 11))  # longer than the windows
+    want = logits(model, ids)
+    with torch.no_grad():
+        ours = from_apr(apr, fast=False)(ids)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+    out = tmp_path / "export"
+    assert main(["export", str(apr), str(out), "-q"]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(again) is type(model)
+    # (the same weights; transformers' expert dispatch may add the experts' outputs in another order)
+    torch.testing.assert_close(logits(again, ids), want, rtol=1e-6, atol=1e-6)
+    for field in MOE_FIELDS[family] + ("tie_word_embeddings", "intermediate_size", "num_hidden_layers"):
+        assert getattr(again.config, field) == getattr(hc, field), field
+
+    capsys.readouterr()
+    assert main(["inspect", str(apr)]) == 0  # the model config shows the experts
+    text = capsys.readouterr().out
+    assert "num_experts: 4" in text and "num_experts_per_tok: 2" in text
+
+
+def test_moe_config_refusals_name_the_file_and_key(tmp_path, capsys):
+    path = tmp_path / "config.json"
+
+    def meta(cfg):
+        return config_metadata(cfg, path)
+
+    qwen3 = tiny("qwen3_moe").config.to_dict()
+    assert "num_local_experts" in qwen3 and "num_experts" not in qwen3  # transformers 5 writes this spelling
+    assert meta(qwen3)["num_experts"] == 4
+    hub = {k: v for k, v in qwen3.items() if k != "num_local_experts"} | {"num_experts": 4}  # the Hub's spelling
+    assert meta(hub)["num_experts"] == 4
+
+    cases = [
+        ({k: v for k, v in qwen3.items() if k != "num_local_experts"}, "num_experts is missing"),
+        ({k: v for k, v in tiny("mixtral").config.to_dict().items() if k != "num_local_experts"},
+         "num_local_experts is missing"),
+        ({**qwen3, "num_experts_per_tok": 5}, "num_experts_per_tok is 5, more than the 4 experts"),
+        ({**qwen3, "num_experts": 6}, "num_experts is 6 and num_local_experts is 4"),
+        ({**qwen3, "moe_intermediate_size": None}, "moe_intermediate_size is None"),
+        ({**qwen3, "mlp_only_layers": [1, -1]}, "mlp_only_layers is [1, -1]"),
+        ({**tiny("qwen2_moe").config.to_dict(), "shared_expert_intermediate_size": 0},
+         "shared_expert_intermediate_size is 0"),
+        ({**transformers.Qwen2Config(**{k: v for k, v in COMMON.items() if k != "num_experts_per_tok"}).to_dict(),
+          "num_experts": 8}, "num_experts is 8 but model_type 'qwen2' is a dense family"),
+        ({**transformers.MistralConfig().to_dict(), "num_local_experts": 8},
+         "num_local_experts is 8 but model_type 'mistral' is a dense family"),
+        # Qwen2-MoE's own window rule (even-numbered layers below max_window_layers) is not full-then-windowed
+        ({**{k: v for k, v in tiny("qwen2_moe").config.to_dict().items() if k != "layer_types"},
+          "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}, "windows the even-numbered layers"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(ValueError, match="config.json: .*" + message.replace("[", r"\[").replace("]", r"\]")):
+            meta(cfg)
+
+    # through the command: one line naming the file and the key, nothing written
+    src = tmp_path / "dense"
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **{k: v for k, v in COMMON.items() if k != "num_experts_per_tok"}))
+    model.save_pretrained(src)
+    data = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**data, "num_experts": 8}))
+    capsys.readouterr()
+    assert main(["convert", str(src), str(tmp_path / "d.apr"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{src / 'config.json'}: num_experts is 8" in err[0], err
+    assert not (tmp_path / "d.apr").exists()
+
+
+def test_qwen2_moe_without_qkv_bias_loads_and_exports_as_it_came(tmp_path, capsys):
+    """qkv_bias=false: converted as it is, loaded without biases (the tensors decide, as Qwen2-MoE's
+    config switch does) with transformers' logits, and exported back with qkv_bias false."""
+    model = tiny("qwen2_moe", qkv_bias=False)
+    model.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.apr"), "-q"]) == 0
+    ids = torch.randint(0, 301, (1, 7))
+    ours = from_apr(tmp_path / "m.apr", fast=False).eval()
+    assert not ours.config.attention_bias
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert main(["export", str(tmp_path / "m.apr"), str(tmp_path / "out"), "-q"]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert again.config.qkv_bias is False
+    torch.testing.assert_close(logits(again, ids), logits(model, ids), rtol=1e-6, atol=1e-6)
+
+
+def _gguf(path, arch, expert_count=None, tensors=()):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in (("embedding_length", 32), ("block_count", 1), ("attention.head_count", 4),
+                       ("feed_forward_length", 64)):
+        w.add_uint32(f"{arch}.{key}", value)
+    if expert_count is not None:
+        w.add_expert_count(expert_count)
+        w.add_expert_used_count(min(2, expert_count))
+    w.add_token_list(["a", "b", "ab"])
+    w.add_tensor("token_embd.weight", np.random.randn(3, 32).astype(np.float32))
+    for name, shape in tensors:
+        w.add_tensor(name, np.random.randn(*shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_moe_gguf_import_refused(tmp_path, capsys):
+    """llama.cpp writes Mixtral as arch llama with llama.expert_count, and Qwen2/3-MoE as qwen2moe /
+    qwen3moe, with each layer's experts stacked: refused by name, nothing written."""
+    exps = [("blk.0.ffn_gate_inp.weight", (4, 32)), ("blk.0.ffn_up_exps.weight", (4, 64, 32))]
+    cases = {
+        "mixtral.gguf": (_gguf(tmp_path / "mixtral.gguf", "llama", 4, exps), "llama.expert_count is 4"),
+        "qwen2moe.gguf": (_gguf(tmp_path / "qwen2moe.gguf", "qwen2moe", 4, exps),
+                          "general.architecture is 'qwen2moe'"),
+        "qwen3moe.gguf": (_gguf(tmp_path / "qwen3moe.gguf", "qwen3moe", 4, exps),
+                          "general.architecture is 'qwen3moe'"),
+        "stacked.gguf": (_gguf(tmp_path / "stacked.gguf", "llama", None, exps), "'blk.0.ffn_gate_inp.weight'"),
+    }
+    capsys.readouterr()
+    for name, (path, needle) in cases.items():
+        assert main(["convert", str(path), str(tmp_path / "out.apr"), "-q"]) == 1, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and name in err[0] and needle in err[0], (name, err)
+        assert "MoE GGUF import is not supported" in err[0] and "Hugging Face folder" in err[0]
+        assert not (tmp_path / "out.apr").exists()
+    # a dense file that says it has no experts converts
+    ok = _gguf(tmp_path / "dense.gguf", "llama", 0)
+    assert main(["convert", str(ok), str(tmp_path / "dense.apr"), "-q"]) == 0
+
+
+@pytest.mark.parametrize("preset_name", ["tiny_qwen3_moe", "tiny_qwen2_moe", "tiny_mixtral"])
+def test_moe_gguf_export_refused(tmp_path, capsys, preset_name):
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    apr = tmp_path / "m.apr"
+    save_checkpoint(apr, model=Transformer(preset(preset_name), fast=False))
+    capsys.readouterr()
+    assert main(["export", str(apr), str(tmp_path / "m.gguf"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "m.apr" in err[0] and "mixture-of-experts" in err[0], err
+    assert "GGUF export is not supported" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.apr"]  # nothing written, no temporary left
+
+
+@pytest.mark.parametrize("preset_name", ["tiny_qwen3_moe", "tiny_mixtral", "tiny_qwen2_moe"])
+def test_moe_lora_adapter_export(tmp_path, capsys, preset_name):
+    """export --adapter of a LoRA run on an MoE model: PEFT puts the per-expert adapters on transformers'
+    stacked experts (Mixtral's w1/w2/w3 named in target_modules) and computes what from_apr computes;
+    Qwen2-MoE's expert adapters, which PEFT drops, are refused."""
+    peft = pytest.importorskip("peft")
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.model.lora import add_lora, lora_modules
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import byte_tokenizer
+
+    model = Transformer(preset(preset_name), fast=False)
+    save_checkpoint(tmp_path / "base.apr", model=model, tokenizer=byte_tokenizer())
+    assert main(["export", str(tmp_path / "base.apr"), str(tmp_path / "base"), "-q"]) == 0
+    add_lora(model, 4, 8)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.05)
+    save_checkpoint(tmp_path / "lora.apr", model=model, tokenizer=byte_tokenizer())
+    capsys.readouterr()
+    code = main(["export", str(tmp_path / "lora.apr"), str(tmp_path / "adapter"), "--adapter", "-q"])
+    if preset_name == "tiny_qwen2_moe":
+        assert code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "adapters on the experts" in err[0] and "without --adapter" in err[0], err
+        assert not (tmp_path / "adapter").exists()
+        return
+    assert code == 0
+    targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert {"w1", "w2", "w3"} <= set(targets) if preset_name == "tiny_mixtral" else "gate_proj" in targets
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        want = from_apr(tmp_path / "lora.apr", fast=False)(x)
+        base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        assert (base(x).logits - want).abs().max() > 1e-2  # the adapters matter
+        got = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
