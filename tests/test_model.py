@@ -352,8 +352,9 @@ def test_fast_model_compiles_without_graph_breaks():
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(fast):
-    cfg = preset("tiny_llama")
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2_moe"])  # (the MoE layers' routing stats recomputed too)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name, fast):
+    cfg = preset(name)
     model = Transformer(cfg, fast=fast)
     x = torch.randint(0, cfg.vocab_size, (2, 12))
     results = []
