@@ -241,6 +241,11 @@ def test_apr_round_trip_and_preflight(tmp_path):
     save_apr(path, model, num_experts_per_tok=6)
     with pytest.raises(PreflightError, match=r"num_experts_per_tok=6 exceeds num_experts=5"):
         from_apr(path)
+    # metadata claiming far more tensors than the file holds: refused before any list is made
+    save_apr(path, model, num_experts=10**9)
+    with pytest.raises(PreflightError, match=r"describes a qwen2_moe model of 3000000029 parameter tensors "
+                                             r"\(num_layers=2, num_experts=1000000000\) but the file holds 44"):
+        from_apr(path)
     meta = cfg.to_apr_config().to_metadata()
     del meta["num_experts"]
     apr_kernels.save(dict(model.state_dict()), path, metadata=meta)

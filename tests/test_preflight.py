@@ -166,3 +166,13 @@ def test_gguf_tensor_names_load(tmp_apr, qwen):
     assert not any(k.startswith("model.") for k in tensors)
     apr_kernels.save(tensors, tmp_apr, metadata=model_metadata(qwen))
     torch.testing.assert_close(logits(from_apr(tmp_apr)), logits(qwen), rtol=0, atol=0)
+
+
+def test_metadata_claiming_billions_of_layers_is_refused_at_once(tmp_apr, qwen):
+    """Hostile metadata: a billion layers in a 27-tensor file is refused from counts, before any per-layer
+    list (which would take minutes and gigabytes) is made."""
+    save_model(tmp_apr, qwen, meta={"num_layers": 10**9})
+    with pytest.raises(PreflightError, match=r"model\.apr: the metadata describes a qwen2 model of 12000000002 "
+                                             r"parameter tensors \(num_layers=1000000000\) but the file holds 27 "
+                                             r"weight tensors"):
+        from_apr(tmp_apr)

@@ -36,6 +36,20 @@ def hf_name(name: str) -> str:
     return name
 
 
+def expected_count(cfg: ModelConfig) -> int:
+    """How many parameters ``expected_shapes(cfg)`` lists, counted without listing them (a hostile
+    file's metadata may claim billions of layers or experts: checked against the file first)."""
+    step = cfg.decoder_sparse_step
+    sparse = 0
+    if cfg.is_moe:
+        dense = {i for i in cfg.mlp_only_layers if i < cfg.num_layers and (i + 1) % step == 0}
+        sparse = cfg.num_layers // step - len(dense)
+    attn = 4 + 3 * cfg.attention_bias + 2 * cfg.qk_norm + 2  # projections, biases, q/k norms, the layer's norms
+    moe = 1 + 3 * (cfg.num_experts or 0) + (4 if cfg.shared_expert_intermediate_size else 0)
+    head = 1 if cfg.num_labels or not cfg.tie_word_embeddings else 0
+    return cfg.num_layers * attn + sparse * moe + (cfg.num_layers - sparse) * 3 + 2 + head
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter of ``Transformer(cfg)`` with its shape, by Hugging Face name (spec 10.2)."""
     h, d = cfg.hidden_size, cfg.head_dim

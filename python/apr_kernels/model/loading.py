@@ -28,7 +28,7 @@ import torch
 from apr_kernels._format import QuantizedTensor
 
 from .config import ModelConfig, family_of
-from .hf_names import TRAINING_PREFIX, expected_shapes, hf_name
+from .hf_names import TRAINING_PREFIX, expected_count, expected_shapes, hf_name
 from .lora import META_KEY as LORA_META
 from .transformer import Transformer
 
@@ -134,6 +134,13 @@ def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
         cfg = cfg.replace(tie_word_embeddings=not head_real, head_dim=cfg.head_dim)
 
     new_score = bool(cfg.num_labels) and stored_labels is None and "score.weight" not in by_hf
+    # counted before they are listed: hostile metadata may claim billions of layers or experts (a few
+    # missing tensors are listed by name below)
+    if expected_count(cfg) > 2 * len(by_hf) + 1000:
+        raise PreflightError(
+            f"{path}: the metadata describes a {family} model of {expected_count(cfg)} parameter tensors "
+            f"(num_layers={cfg.num_layers}" + (f", num_experts={cfg.num_experts}" if cfg.is_moe else "")
+            + f") but the file holds {len(by_hf)} weight tensors; expected metadata that fits the file")
     missing, misshapen = [], []
     for name, shape in expected_shapes(cfg).items():
         stored = by_hf.get(name)
