@@ -45,6 +45,7 @@ from apr_kernels._format import APR_DTYPE_OF
 FORMAT = "apr-kernels-checkpoint-v1"
 PREFIX = "__training__."
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+_ADAM8 = "adam8"  # --optimizer adamw8bit's moments: __training__.adam8.<moment>.{codes,absmax}.<param>
 _MUON = "momentum_buffer"  # Muon's one state tensor per matrix (optim.py)
 
 
@@ -104,9 +105,14 @@ def _moments(model, opt) -> dict[str, dict]:
         if state and _MUON in state:
             out[name] = {_MUON: host_copy(state[_MUON], torch.float32)}
         elif state:
-            out[name] = {key: host_copy(state[key], torch.float32) for key in _MOMENTS}
+            out[name] = {key: _moment_copy(state[key]) for key in _MOMENTS}
             out[name]["step"] = int(state["step"])
     return out
+
+
+def _moment_copy(moment):
+    """An AdamW moment as an fp32 LazyTensor; an 8-bit one (``adamw8bit.py``) as it is stored."""
+    return host_copy(moment, torch.float32) if torch.is_tensor(moment) else moment
 
 
 def merged_weights(model) -> dict[str, LazyTensor]:
@@ -164,7 +170,12 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
                 tensors[f"{PREFIX}muon.{_MUON}.{name}"] = entry[_MUON]
                 continue
             for key in _MOMENTS:
-                tensors[f"{PREFIX}adam.{key}.{name}"] = entry[key]
+                m = entry[key]
+                if isinstance(m, LazyTensor):
+                    tensors[f"{PREFIX}adam.{key}.{name}"] = m
+                else:  # 8-bit (adamw8bit.py): its codes and block scales, exactly
+                    tensors[f"{PREFIX}{_ADAM8}.{key}.codes.{name}"] = host_copy(m.codes)
+                    tensors[f"{PREFIX}{_ADAM8}.{key}.absmax.{name}"] = host_copy(m.absmax)
             steps[name] = entry["step"]
         tensors[f"{PREFIX}rng.torch_cpu"] = torch.get_rng_state()
         if trainer.device.type == "cuda":
@@ -200,6 +211,24 @@ def training_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _adam8_moment(f, path, key: str, name: str, p, opt):
+    """A checkpoint's 8-bit moment of parameter ``name`` (``adamw8bit.Blockwise8bit``) for ``opt``."""
+    from .adamw8bit import Blockwise8bit
+
+    if not hasattr(opt, "qmap"):
+        raise ValueError(f"{path}: parameter {name!r} has 8-bit AdamW moments (--optimizer adamw8bit); expected "
+                         f"that optimizer to resume them")
+    absmax = f"{PREFIX}{_ADAM8}.{key}.absmax.{name}"
+    if absmax not in f:
+        raise ValueError(f"{path}: checkpoint lacks optimizer tensor {absmax!r}; expected one beside its codes")
+    try:
+        return Blockwise8bit.from_parts(f.get_tensor(f"{PREFIX}{_ADAM8}.{key}.codes.{name}").to(p.device, copy=True),
+                                        f.get_tensor(absmax).to(p.device, copy=True), p.shape,
+                                        opt.qmap(key == "exp_avg", p.device))
+    except ValueError as exc:
+        raise ValueError(f"{path}: optimizer state {key!r} of {name!r}: {exc}") from None
+
+
 def restore_training_state(path: str | os.PathLike, trainer) -> None:
     """Load step, data position, AdamW moments and RNG from a checkpoint into ``trainer``.
 
@@ -227,6 +256,10 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
                 continue
             entry = {"step": torch.tensor(float(steps[name]))}
             for key in _MOMENTS:
+                codes = f"{PREFIX}{_ADAM8}.{key}.codes.{name}"
+                if codes in f:  # 8-bit moments (adamw8bit.py), restored as they were stored
+                    entry[key] = _adam8_moment(f, path, key, name, p, opt)
+                    continue
                 tname = f"{PREFIX}adam.{key}.{name}"
                 if tname not in f:
                     raise ValueError(f"{path}: checkpoint lacks optimizer tensor {tname!r}; expected one "

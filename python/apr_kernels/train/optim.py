@@ -2,6 +2,8 @@
 
 * ``adamw`` (default): AdamW with weight decay on matrices (the embedding included), not on norms and
   biases; the fused CUDA implementation on GPUs.
+* ``adamw8bit``: the same AdamW with its moments stored block-wise in 8 bits (``adamw8bit.py``,
+  bitsandbytes' and torchao's ``AdamW8bit``): a quarter of the optimizer memory. Not under FSDP.
 * ``muon``: Muon (Jordan et al., 2024; ``torch.optim.Muon``) on the decoder layers' weight matrices
   (the attention and MLP projections), AdamW on everything else (the embedding, the output head,
   norms and biases; LoRA adapters), as Muon's authors and Moonlight prescribe. Muon's learning rate
@@ -25,13 +27,14 @@ import re
 
 import torch
 
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "adamw8bit", "muon")
 _HIDDEN_MATRIX = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
 
 
-def adamw(named_params, cfg) -> torch.optim.AdamW:
+def adamw(named_params, cfg, eight_bit: bool = False) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (``named_params``: the trainable ones, with their names;
-    with LoRA+ the adapters' B matrices in a group of their own at ``lr_scale`` = the ratio)."""
+    with LoRA+ the adapters' B matrices in a group of their own at ``lr_scale`` = the ratio);
+    ``eight_bit``: its moments kept in 8 bits (``adamw8bit.AdamW8bit``)."""
     decay, no_decay, lora_b = [], [], []
     ratio = getattr(cfg, "lora_plus_ratio", 0.0)
     for name, p in named_params:
@@ -41,6 +44,10 @@ def adamw(named_params, cfg) -> torch.optim.AdamW:
     if lora_b:
         groups.append({"params": lora_b, "weight_decay": cfg.weight_decay, "lr_scale": ratio})
     every = decay + no_decay + lora_b
+    if eight_bit:
+        from .adamw8bit import AdamW8bit
+
+        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
     # the fused CUDA implementation: one kernel for all parameters instead of a few per tensor
     fused = bool(every) and all(p.is_cuda for p in every)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
@@ -106,6 +113,10 @@ def make_optimizer(model: torch.nn.Module, cfg):
     """The optimizer ``cfg.optimizer`` names for ``model``'s trainable parameters."""
     if getattr(cfg, "lora_plus_ratio", 0.0) and not getattr(model, "lora", None):
         raise ValueError(f"--lora-plus-ratio {cfg.lora_plus_ratio} needs LoRA adapters (--lora-rank R)")
+    if cfg.optimizer == "adamw8bit" and any(hasattr(p, "device_mesh") for p in model.parameters()):
+        raise ValueError("--optimizer adamw8bit is not supported under FSDP (which shards the AdamW moments across "
+                         "ranks instead); use --parallel ddp, or FSDP with --optimizer adamw")
     if cfg.optimizer == "muon":
         return MuonWithAdamW(model, cfg)
-    return adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg)
+    return adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg,
+                 eight_bit=cfg.optimizer == "adamw8bit")

@@ -288,7 +288,8 @@ def config_from(args, **fields) -> TrainConfig:
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, eval_every=args.eval_every,
                        save_every=args.save_every, seed=args.seed, precision=args.precision,
                        lora_plus_ratio=args.lora_plus_ratio, save_best=args.save_best,
-                       early_stopping_patience=args.early_stopping_patience, freeze=args.freeze, **fields)
+                       early_stopping_patience=args.early_stopping_patience, freeze=args.freeze,
+                       optimizer=args.optimizer, **fields)
 
 
 def fit_epochs(args, cfg: TrainConfig, items: int, what: str) -> TrainConfig:
@@ -502,6 +503,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--lr", type=float, default=lr, help=lr_help)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="adamw, or adamw8bit: its moments stored block-wise in 8 bits (a quarter of the optimizer "
+                        "memory; not under FSDP)")
     from .cli import add_freeze_option
 
     add_freeze_option(p)

@@ -1,0 +1,115 @@
+"""``--optimizer adamw8bit``: AdamW with block-wise 8-bit moments (``train/adamw8bit.py``), against
+torchao's AdamW8bit (the same paper, written independently) and torch's fp32 AdamW, and in the
+trainer: the loss curve, exact resume from the checkpoint's 8-bit moments, the refusals."""
+
+import pytest
+import torch
+
+from apr_kernels.train.adamw8bit import BLOCK, AdamW8bit, Blockwise8bit, dequantize, dynamic_map, quantize
+from test_train_cli import HELD, TRAIN, json_lines, run
+
+
+def test_dynamic_maps_are_256_sorted_codes_from_a_millionth_to_one():
+    for signed in (True, False):
+        q = dynamic_map(signed)
+        assert q.shape == (256,) and torch.all(q[1:] > q[:-1])
+        assert q.max() == 1.0 and (0.0 in q.tolist())
+        positive = q[q > 0]
+        # the first midpoint of (0.1, 1] split in 1 (signed) or 2 pieces, at 10^-6
+        assert positive.min() == pytest.approx(0.55e-6 if signed else 0.325e-6)
+    assert dynamic_map(True).min() == pytest.approx(-dynamic_map(True)[-2])  # symmetric but for +1
+    assert dynamic_map(False).min() == 0.0
+
+
+def test_quantisation_error_is_bounded():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10_000, generator=g) * torch.logspace(-2, 0, 10_000)
+    for signed, values in ((True, x), (False, x.abs())):
+        qmap = dynamic_map(signed)
+        codes, absmax = quantize(values, qmap)
+        assert codes.dtype == torch.uint8 and codes.numel() == 40 * BLOCK and absmax.numel() == 40
+        back = dequantize(codes, absmax, qmap, values.shape)
+        # each value lands on the nearest code: at most half the widest gap of the map, times its block's absmax
+        scale = torch.nn.functional.pad(values.abs(), (0, 40 * BLOCK - 10_000)).view(40, BLOCK).amax(1)
+        err = (back - values).abs().view(-1)
+        bound = (qmap[1:] - qmap[:-1]).max() / 2 * scale.repeat_interleave(BLOCK)[:10_000]
+        assert torch.all(err <= bound * (1 + 1e-5))
+        assert (back - values).norm() / values.norm() < 0.02
+
+
+def _three_optimizers(w0, **kw):
+    from torchao.optim import AdamW8bit as TorchaoAdamW8bit
+
+    ps = [torch.nn.Parameter(w0.clone()) for _ in range(3)]
+    return ps, [AdamW8bit([ps[0]], **kw), TorchaoAdamW8bit([ps[1]], block_size=256, **kw),
+                torch.optim.AdamW([ps[2]], **kw)]
+
+
+def test_steps_equal_torchaos_adamw8bit_and_track_fp32_adamw():
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 256) * 0.1
+    ps, opts = _three_optimizers(w0, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        grad = torch.randn(64, 256, generator=g) * torch.logspace(-1, 0, 256) * 0.01
+        for p, opt in zip(ps, opts):
+            p.grad = grad.clone()
+            opt.step()
+    moved = (ps[2].data - w0).norm()
+    assert (ps[0].data - ps[1].data).norm() / moved < 1e-5  # the same algorithm, the same codes
+    assert (ps[0].data - ps[2].data).norm() / moved < 0.05  # and close to full-precision AdamW
+    ours, theirs = opts[0].state[ps[0]], opts[1].state[ps[1]]
+    torch.testing.assert_close(ours["exp_avg_sq"].dequantize(), theirs["exp_avg_sq"].dequantize(),
+                               rtol=1e-5, atol=1e-12)
+    assert opts[0].state_bytes() == 2 * (64 * 256 + 4 * 64)  # a byte per moment value + a scale per block
+
+
+def test_small_tensors_keep_fp32_moments_and_step_as_adamw():
+    w0 = torch.randn(1000)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    ours = AdamW8bit([a], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(1000)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step(), ref.step()
+    assert torch.is_tensor(ours.state[a]["exp_avg"])
+    torch.testing.assert_close(a.data, b.data, rtol=1e-6, atol=1e-7)
+    assert not isinstance(ours.state[a]["exp_avg"], Blockwise8bit)
+
+
+def test_train_command_tracks_adamw_and_resumes_exactly(capsys, tmp_path):
+    common = ["--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD,
+              "--max-tokens", "12000", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3", "--eval-tokens", "96",
+              "--json", "--seed", "3", "--no-progress", "--steps", "4"]
+    runs = {}
+    for opt in ("adamw", "adamw8bit"):
+        code, out, err = run(capsys, "train", *common, "--optimizer", opt, "--save-every", "2",
+                             "--out", str(tmp_path / opt))
+        assert code == 0, err
+        runs[opt] = [r["loss"] for r in json_lines(out) if r["event"] == "train"]
+    assert runs["adamw8bit"][0] == runs["adamw"][0]  # (the first step's loss comes before any update)
+    assert runs["adamw8bit"] == pytest.approx(runs["adamw"], rel=2e-3)
+    assert runs["adamw8bit"] != runs["adamw"]
+    code, out, err = run(capsys, "train", "--resume", str(tmp_path / "adamw8bit" / "step_000002.apr"), "--json",
+                         "--no-progress", "--out", str(tmp_path / "resumed"))
+    assert code == 0, err
+    assert [r["loss"] for r in json_lines(out) if r["event"] == "train"] == runs["adamw8bit"][2:]
+    import apr_kernels
+
+    with apr_kernels.open(tmp_path / "adamw8bit" / "step_000002.apr") as f:
+        codes = f.info("__training__.adam8.exp_avg.codes.model.layers.0.mlp.up_proj.weight")
+        # a byte per value, the 104 x 48 = 4992 values padded to whole blocks of 256, and a scale per block
+        assert codes.dtype == "U8" and tuple(codes.shape) == (20 * 256,)
+        assert tuple(f.info("__training__.adam8.exp_avg.absmax.model.layers.0.mlp.up_proj.weight").shape) == (20,)
+
+
+def test_adamw8bit_is_refused_under_fsdp():
+    from apr_kernels.train.optim import make_optimizer
+    from apr_kernels.train.loop import TrainConfig
+
+    model = torch.nn.Linear(4, 4)
+    model.weight.device_mesh = object()  # what an FSDP (DTensor) parameter has
+    with pytest.raises(ValueError, match="--optimizer adamw8bit is not supported under FSDP"):
+        make_optimizer(model, TrainConfig(optimizer="adamw8bit"))
