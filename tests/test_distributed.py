@@ -289,6 +289,11 @@ def runs(tmp_path_factory):
     code, one_moe_out = _cli(main, ["train", "--init", str(moe_init), *COMMON, "--out", str(root / "one_moe")])
     assert code == 0
 
+    # 8-bit AdamW (the same codes on every rank: each applies the same update to its replica)
+    code, one_adam8_out = _cli(main, ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit",
+                                      "--out", str(root / "one_adam8")])
+    assert code == 0
+
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
@@ -336,6 +341,8 @@ def runs(tmp_path_factory):
         ["train", "--init", str(init), *COMMON, *freeze, "--parallel", "fsdp", "--out", str(root / "fsdp_freeze")],
         ["train", "--init", str(moe_init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp_moe")],
         ["train", "--init", str(moe_init), *COMMON, "--parallel", "fsdp", "--out", str(root / "fsdp_moe")],
+        ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit", "--parallel", "ddp",
+         "--out", str(root / "ddp_adam8")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -359,7 +366,7 @@ def runs(tmp_path_factory):
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
             "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
-            "one_moe_out": one_moe_out,
+            "one_moe_out": one_moe_out, "one_adam8_out": one_adam8_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -882,4 +889,15 @@ def test_mixture_of_experts_on_two_ranks_matches_one_process(runs, run, out):
     assert "model.layers.0.mlp.experts.4.down_proj.weight" in mine
     for name in ref:
         if not name.startswith("__training__.rng"):  # (weights and AdamW moments: not each rank's RNG)
+            torch.testing.assert_close(mine[name], ref[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_adamw8bit_under_ddp_matches_one_process(runs):
+    """--optimizer adamw8bit on two DDP ranks (run27): the losses and weights of one process."""
+    got = runs["ranks"][(0, 2)]["run27"]
+    assert got["code"] == runs["ranks"][(1, 2)]["run27"]["code"] == 0
+    assert _losses(_records(got["stdout"])) == pytest.approx(_losses(_records(runs["one_adam8_out"])), rel=1e-5)
+    (mine, _), (ref, _) = _tensors(runs["root"] / "ddp_adam8" / "model.apr"), _tensors(runs["root"] / "one_adam8" / "model.apr")
+    for name in ref:
+        if not name.startswith("__training__"):
             torch.testing.assert_close(mine[name], ref[name], rtol=1e-4, atol=5e-5, msg=name)
