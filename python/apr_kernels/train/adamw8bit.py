@@ -15,6 +15,10 @@ holds 14 GB of optimizer state instead of 56 GB. The update itself is AdamW's, i
 * tensors of fewer than 4096 values (norms, biases, small adapters) keep fp32 moments, as bitsandbytes
   does: they cost nothing and are the most sensitive.
 
+On CUDA (and with ``APR_KERNELS_BACKEND=triton``, in Triton's interpreter on CPU) each 8-bit tensor's
+step is one fused kernel (``apr_kernels.kernels.adamw8bit``); the PyTorch code here is its reference
+and runs elsewhere.
+
 Checkpoints hold the 8-bit moments as they are (``__training__.adam8.<moment>.codes.<param>``, U8,
 and ``...absmax.<param>``, F32), so a resumed run continues exactly: quantising dequantised moments
 again would not give the same bytes (the signed map has no -1 code, so a block led by a negative value
@@ -118,6 +122,21 @@ class AdamW8bit(torch.optim.Optimizer):
             self._maps[key] = dynamic_map(signed).to(device)
         return self._maps[key]
 
+    def _mids(self, signed: bool, device) -> torch.Tensor:
+        """The 255 midpoints between the map's codes (the fused kernel's search table)."""
+        key = ("mids", signed, str(device))
+        if key not in self._maps:
+            q = self.qmap(signed, device)
+            self._maps[key] = (q[1:] + q[:-1]) / 2
+        return self._maps[key]
+
+    @staticmethod
+    def _kernel(p: torch.Tensor):
+        """The fused kernel module when this tensor's step should run it, else None."""
+        from apr_kernels import backend
+
+        return backend.kernels("adamw8bit") if backend.use_triton(p) else None
+
     def _stored(self, p: torch.Tensor, value: torch.Tensor, signed: bool):
         """A moment as kept: 8-bit for large tensors, else fp32."""
         if p.numel() < MIN_8BIT:
@@ -147,6 +166,12 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["step"] += 1
                 t = float(state["step"])
                 m_q, v_q = state["exp_avg"], state["exp_avg_sq"]
+                k = self._kernel(p) if isinstance(m_q, Blockwise8bit) else None
+                if k is not None and p.is_contiguous() and p.grad.is_contiguous():
+                    k.adamw8bit_step(p, p.grad, m_q.codes, m_q.absmax, v_q.codes, v_q.absmax,
+                                     self._mids(True, p.device), m_q.qmap, self._mids(False, p.device), v_q.qmap,
+                                     lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, step=t)
+                    continue
                 m = m_q.dequantize() if isinstance(m_q, Blockwise8bit) else m_q
                 v = v_q.dequantize() if isinstance(v_q, Blockwise8bit) else v_q
                 g = p.grad.float()
