@@ -80,19 +80,23 @@ def test_tensor_names_are_the_on_disk_hugging_face_names(tmp_path):
     assert "model.layers.1.mlp.gate_proj.weight" in qwen2 and "model.layers.0.mlp.shared_expert_gate.weight" in qwen2
 
 
-def test_published_sizes():
-    """Qwen3-30B-A3B: 30.5B parameters, 3.3B active per token (the name's numbers)."""
-    cfg = ModelConfig(architecture="qwen3_moe", hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
-                      head_dim=128, intermediate_size=6144, vocab_size=151936, qk_norm=True,
-                      tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-                      norm_topk_prob=True, max_position_embeddings=40960)
+@pytest.mark.parametrize("name,hf_class,count", [
+    ("qwen3_30b_a3b", "Qwen3MoeForCausalLM", 30_532_122_624),
+    ("qwen2_moe_a2_7b", "Qwen2MoeForCausalLM", 14_315_784_192),
+    ("mixtral_8x7b", "MixtralForCausalLM", 46_702_792_704)])
+def test_published_presets_have_the_published_parameter_counts(name, hf_class, count):
+    cfg = preset(name)
     with torch.device("meta"):
-        hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-            hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-            intermediate_size=6144, vocab_size=151936, num_experts=128, num_experts_per_tok=8,
-            moe_intermediate_size=768))
-    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters()) == 30_532_122_624
-    # training FLOPs of a token: 6 x the weights it meets (router + 8 experts + attention + head) + attention
+        hf = getattr(transformers, hf_class)(hf_config(cfg))
+        ours = Transformer(cfg)
+    assert cfg.num_parameters() == sum(p.numel() for p in hf.parameters()) == \
+        sum(p.numel() for p in ours.parameters()) == count
+
+
+def test_active_parameters_count_the_routed_experts_only():
+    """Qwen3-30B-A3B: 3.3B parameters active per token (the name's "A3B"), and the training FLOPs of a
+    token are 6 x the weights it meets (router, 8 of 128 experts, attention, head) + attention."""
+    cfg = preset("qwen3_30b_a3b")
     active = 48 * (2048 * 4096 * 2 + 2 * 2048 * 512 + 128 * 2048 + 8 * 3 * 2048 * 768) + 151936 * 2048
     assert active + 151936 * 2048 == pytest.approx(3.3e9, rel=0.03)  # with the input embedding: "A3B"
     assert cfg.flops_per_token(1) == pytest.approx(6 * active + 3 * 48 * 2 * 32 * 128, rel=1e-9)

@@ -419,6 +419,24 @@ PRESETS: dict[str, ModelConfig] = {
         architecture="qwen2", hidden_size=56, num_layers=2, num_heads=7, num_kv_heads=1,
         intermediate_size=88, vocab_size=320, max_position_embeddings=512, rope_theta=1e6,
         rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True),
+    # published mixture-of-experts shapes (bench_train --preset NAME --layers N; from-scratch configs)
+    # Qwen3-30B-A3B: 128 experts, 8 per token, q/k norms, untied
+    "qwen3_30b_a3b": ModelConfig(
+        architecture="qwen3_moe", hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128,
+        intermediate_size=6144, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
+        qk_norm=True, tie_word_embeddings=False, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        norm_topk_prob=True),
+    # Qwen1.5-MoE-A2.7B (Qwen2-MoE): 60 experts, 4 per token, a gated shared expert, q/k/v bias
+    "qwen2_moe_a2_7b": ModelConfig(
+        architecture="qwen2_moe", hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16,
+        intermediate_size=5632, vocab_size=151936, max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
+        attention_bias=True, tie_word_embeddings=False, num_experts=60, num_experts_per_tok=4,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632),
+    # Mixtral-8x7B: 8 experts, 2 per token, GQA 4:1
+    "mixtral_8x7b": ModelConfig(
+        architecture="mixtral", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02),
     # tiny mixture-of-experts shapes: Qwen3-MoE (every layer sparse, renormalised top-k), Qwen2-MoE
     # (a shared expert; layer 1 dense through mlp_only_layers), Mixtral (top-2 of 4)
     "tiny_qwen3_moe": ModelConfig(
