@@ -27,7 +27,8 @@ counted in the MFU), through ``linear_distillation`` on the fast path and the ea
 reference path.
 
 --preset NAME: another model preset on CUDA (``qwen3_0_6b``: Qwen3's per-head q/k norms in the fast
-path; ``llama_370m``). --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
+path; ``llama_370m``; a mixture of experts, e.g. ``qwen3_30b_a3b --layers 2``: its MFU counts the
+routed experts' FLOPs only). --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
 --quick: 4 timed steps instead of 10. --compile: also ``fast+compile`` and ``reference+compile`` (each
 decoder layer's forward under torch.compile, as ``apr-kernels train --compile``; not in gpu_check's run). The whole GPU run is about 30-60 s on an H100 (kernel compiles
 included).
