@@ -91,7 +91,7 @@ def test_refusals():
         Trainer(model, tokens, None, TrainConfig(optimizer="muon", seq_len=16), parallel=stub)
     with pytest.raises(ValueError, match="--optimizer muon with fp16 loss scaling is not supported"):
         Trainer(model, tokens, None, TrainConfig(optimizer="muon", seq_len=16), autocast_dtype=torch.float16)
-    with pytest.raises(ValueError, match="optimizer='sgd'; expected one of adamw, muon"):
+    with pytest.raises(ValueError, match="optimizer='sgd'; expected one of adamw, adamw8bit, muon"):
         TrainConfig(optimizer="sgd")
     from apr_kernels.model.lora import add_lora
 

@@ -7,6 +7,8 @@ Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never
   ``swiglu``, ``rope``, ``linear_cross_entropy``, ``linear_distillation``.
 * Modules: ``RMSNorm``, ``Attention``, ``SwiGLUMLP``, ``LinearCrossEntropyLoss``,
   ``LinearDistillationLoss`` (in ``apr_kernels.nn``).
+* Hugging Face models: ``patch_hf_model(model)`` puts the kernels into a transformers Llama/Qwen2-family
+  model (``apr_kernels.patch_hf``).
 * Trainer: ``apr_kernels.model`` (``from_apr``), ``apr_kernels.train``; command line ``apr-kernels``.
 """
 
@@ -47,6 +49,7 @@ _API = {
     "SwiGLUMLP": "nn",
     "LinearCrossEntropyLoss": "nn",
     "LinearDistillationLoss": "nn",
+    "patch_hf_model": "patch_hf",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -1,0 +1,157 @@
+"""``apr_kernels.patch_hf_model``: the package's kernels inside transformers' own Llama, Mistral, Qwen2,
+Qwen3 and MoE models (Liger-Kernel's use case). The oracle is the same model unpatched: loss, every
+gradient, evaluation logits and generation must not change; the kernels must actually run."""
+
+import contextlib
+import copy
+import importlib
+
+import pytest
+import torch
+
+import apr_kernels
+from kernel_helpers import spy_launchers
+
+transformers = pytest.importorskip("transformers")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+ORIGINAL_ROPE = {kind: importlib.import_module(f"transformers.models.{kind}.modeling_{kind}").apply_rotary_pos_emb
+                 for kind in FAMILIES}
+assert not any(getattr(f, "__name__", None) == "apr_apply_rotary_pos_emb" for f in ORIGINAL_ROPE.values())
+
+COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+
+
+def hf_model(kind: str, **extra):
+    torch.manual_seed(0)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}[kind]
+    kw = dict(COMMON, **extra)
+    if kind == "qwen3_moe":
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
+    model = cls[1](cls[0](**kw))
+    with torch.no_grad():  # away from the init: norms != 1, biases != 0
+        for name, p in model.named_parameters():
+            p.copy_(torch.empty_like(p).uniform_(0.5, 1.5) if name.endswith("norm.weight") else torch.randn_like(p) * 0.1)
+    return model
+
+
+def _modeling(kind: str):
+    return importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+
+
+@pytest.fixture(autouse=True)
+def rope_restored():
+    """``rope`` patches the modeling modules' ``apply_rotary_pos_emb`` for the whole process (as Liger
+    does): each test puts transformers' own back, so other test files keep their oracle."""
+    saved = {kind: _modeling(kind).apply_rotary_pos_emb for kind in FAMILIES}
+    yield
+    for kind, fn in saved.items():
+        _modeling(kind).apply_rotary_pos_emb = fn
+
+
+@contextlib.contextmanager
+def unpatched(kind: str):
+    """transformers' own rotary embedding for the reference model's calls."""
+    mod = _modeling(kind)
+    patched_fn, mod.apply_rotary_pos_emb = mod.apply_rotary_pos_emb, ORIGINAL_ROPE[kind]
+    try:
+        yield
+    finally:
+        mod.apply_rotary_pos_emb = patched_fn
+
+
+def both(kind: str, **patch):
+    ref = hf_model(kind)
+    patched = apr_kernels.patch_hf_model(copy.deepcopy(ref), **patch)
+    assert _modeling(kind).apply_rotary_pos_emb is not ORIGINAL_ROPE[kind]
+    return ref, patched
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe"])
+def test_training_loss_and_gradients_equal_the_unpatched_model(kind, use_backend):
+    use_backend("reference")
+    ref, patched = both(kind)
+    ref.train(), patched.train()
+    x = torch.randint(0, 211, (2, 19), generator=torch.Generator().manual_seed(1))
+    labels = x.clone()
+    labels[0, :5] = -100  # a prompt not trained on
+    with unpatched(kind):
+        want = ref(x, labels=labels)
+    got = patched(x, labels=labels)
+    assert got.logits is None  # the fused loss never made them
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    want.loss.backward()
+    got.loss.backward()
+    for (n, p), q in zip(ref.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # the trainer's token-count normalisation (HF Trainer passes num_items_in_batch)
+    items = torch.tensor(23)
+    with unpatched(kind):
+        want = ref(x, labels=labels, num_items_in_batch=items).loss
+    torch.testing.assert_close(patched(x, labels=labels, num_items_in_batch=items).loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kernels_run_in_the_patched_model(use_backend, monkeypatch):
+    """With the Triton backend (the interpreter here) each patched piece calls its kernel launcher."""
+    use_backend("triton")
+    ref, patched = both("qwen3")
+    calls = []
+    for name, launchers in (("rms_norm", ["rms_norm_fwd"]), ("swiglu", ["swiglu_fwd"]), ("rope", ["rope_fwd"]),
+                            ("attention", ["attention_fwd"])):
+        calls += [spy_launchers(monkeypatch, name, launchers)]
+    patched.train()
+    x = torch.randint(0, 211, (1, 16))
+    loss = patched(x, labels=x).loss
+    assert all(c for c in calls), calls
+    use_backend("reference")
+    with unpatched("qwen3"):
+        torch.testing.assert_close(loss, ref.train()(x, labels=x).loss, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_padding_and_generation_keep_the_models_numbers(use_backend):
+    use_backend("reference")
+    ref, patched = both("qwen2")
+    ref.eval(), patched.eval()
+    x = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding: the kernel path hands this call to SDPA with the mask
+    with torch.no_grad(), unpatched("qwen2"):
+        want = [ref(x).logits, ref(x, attention_mask=mask).logits[1, 4:], ref(x, labels=x).loss]
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x).logits, want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patched(x, attention_mask=mask).logits[1, 4:], want[1], rtol=1e-5, atol=1e-5)
+        out = patched(x, labels=x)  # evaluation with labels: the model's own loss, with logits
+        assert out.logits is not None
+        torch.testing.assert_close(out.loss, want[2], rtol=1e-5, atol=1e-6)
+    for m in (ref, patched):
+        m.generation_config.eos_token_id = None
+    with unpatched("qwen2"):
+        want = ref.generate(x[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(x[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0), want)
+
+
+def test_packed_sequences_take_the_varlen_kernel(use_backend):
+    """transformers' padding-free batches (one row, documents back to back, position_ids restarting):
+    the attention is the packed-sequence kernel's, and equals each document run alone."""
+    use_backend("reference")
+    _, patched = both("llama")
+    patched.eval()
+    a, b = torch.randint(0, 211, (1, 7)), torch.randint(0, 211, (1, 9))
+    row = torch.cat([a, b], dim=1)
+    pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    cu = torch.tensor([0, 7, 16], dtype=torch.int32)
+    with torch.no_grad():
+        packed = patched(row, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                         max_length_k=9).logits
+        alone = torch.cat([patched(a).logits, patched(b).logits], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_other_model_types_are_refused():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="patch_hf_model: model_type 'gpt2'; expected one of llama, mistral"):
+        apr_kernels.patch_hf_model(gpt2)
