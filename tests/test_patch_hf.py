@@ -134,12 +134,15 @@ def test_evaluation_padding_and_generation_keep_the_models_numbers(use_backend):
     assert torch.equal(patched.generate(x[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0), want)
 
 
-def test_packed_sequences_take_the_varlen_kernel(use_backend):
+def test_packed_sequences_take_the_varlen_kernel(use_backend, monkeypatch):
     """transformers' padding-free batches (one row, documents back to back, position_ids restarting):
     the attention is the packed-sequence kernel's, and equals each document run alone."""
     use_backend("reference")
     _, patched = both("llama")
     patched.eval()
+    seen = []
+    attention = apr_kernels.attention
+    monkeypatch.setattr(apr_kernels, "attention", lambda *a, **kw: seen.append(kw.get("cu_seqlens")) or attention(*a, **kw))
     a, b = torch.randint(0, 211, (1, 7)), torch.randint(0, 211, (1, 9))
     row = torch.cat([a, b], dim=1)
     pos = torch.cat([torch.arange(7), torch.arange(9)])[None]
@@ -147,6 +150,7 @@ def test_packed_sequences_take_the_varlen_kernel(use_backend):
     with torch.no_grad():
         packed = patched(row, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
                          max_length_k=9).logits
+        assert len(seen) == 2 and all(torch.equal(c, torch.tensor([0, 7, 16], dtype=torch.int32)) for c in seen)
         alone = torch.cat([patched(a).logits, patched(b).logits], dim=1)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 
