@@ -159,3 +159,38 @@ def test_other_model_types_are_refused():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="patch_hf_model: model_type 'gpt2'; expected one of llama, mistral"):
         apr_kernels.patch_hf_model(gpt2)
+
+
+def test_hugging_face_trainer_takes_the_same_steps(use_backend, tmp_path):
+    """transformers' Trainer (gradient accumulation, prompt tokens masked, its num_items_in_batch
+    normalisation) logs the same losses and ends at the same weights with the model patched."""
+    use_backend("reference")
+
+    class Records(torch.utils.data.Dataset):
+        x = torch.randint(0, 211, (8, 17), generator=torch.Generator().manual_seed(3))
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            labels = self.x[i].clone()
+            labels[: i % 5] = -100
+            return {"input_ids": self.x[i], "labels": labels}
+
+    def train(patch: bool):
+        model = hf_model("qwen2")
+        if patch:
+            apr_kernels.patch_hf_model(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patch)), max_steps=3, per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True,
+            save_strategy="no", seed=0, data_seed=0, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Records())
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h], model
+
+    want, ref = train(False)
+    got, patched = train(True)
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-5)
+    for (n, p), q in zip(ref.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
