@@ -75,7 +75,7 @@ def main() -> None:
             continue
         x = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
 
-        def step():
+        def step(model=model, x=x):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 loss = model(x, labels=x).loss
             loss.backward()
@@ -91,7 +91,7 @@ def main() -> None:
         rows.append({"op": "hf_train_step", "shape": shape, "provider": name, "ms": ms,
                      "tok_s": batch * seq / ms * 1e3, "peak_mem_mb": peak})
         print(f"{name}: {ms:.2f} ms, {rows[-1]['tok_s']:.0f} tok/s, peak {peak} MB")
-        del model
+        del model, step
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     path = _common.write_results("hf", rows, args.out)

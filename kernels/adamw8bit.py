@@ -19,7 +19,6 @@ lr, beta1, beta2, eps, weight_decay, step)`` (in place).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
