@@ -496,3 +496,34 @@ def test_peft_adapter_merged_while_converting(tmp_path, variant, capsys):
     assert main(["convert", str(tmp_path / "base"), str(tmp_path / "fan.apr"), "--adapter",
                  str(tmp_path / "adapter"), "-q"]) == 1
     assert "fan_in_fan_out=True is not supported" in capsys.readouterr().err
+
+
+def test_a_model_name_is_found_in_the_hugging_face_cache_never_fetched(tmp_path, capsys, monkeypatch):
+    """``convert org/name`` reads the snapshot a download left in the Hugging Face cache (the layout
+    huggingface_hub writes: models--org--name/snapshots/<rev>/ with refs/main naming <rev>), offline;
+    a name not there is a one-line error saying how to get it, and nothing is written."""
+    import huggingface_hub.constants
+
+    from apr_kernels.model import from_apr
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-qwen2"
+    model = tiny_qwen2()
+    model.save_pretrained(repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # (no folder named acme/ here)
+    assert main(["convert", "acme/tiny-qwen2", "out.apr", "-q"]) == 0
+    ids = torch.randint(0, 301, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(from_apr("out.apr")(ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["convert", "acme/missing", "missing.apr", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "acme/missing: no such file or folder, and no downloaded model of that name in the " \
+                              f"Hugging Face cache {cache}" in err[0] and "huggingface-cli download acme/missing" in err[0]
+    assert not (tmp_path / "missing.apr").exists()
+    assert main(["convert", "not-a-name.safetensors", "x.apr", "-q"]) == 1  # a plain missing path stays that
+    assert "not-a-name.safetensors: no such file or folder" in capsys.readouterr().err

@@ -81,7 +81,8 @@ def register(subparsers) -> None:
                                           "or pytorch_model.bin pickles, tokenizer), a .safetensors file, a .gguf "
                                           "file or a PyTorch state dict to an APR v2 file.")
     p.add_argument("src", help="source: .safetensors file, Hugging Face model folder (safetensors or "
-                               "pytorch_model.bin), .gguf file, or a PyTorch state dict .bin/.pt/.pth")
+                               "pytorch_model.bin), .gguf file, a PyTorch state dict .bin/.pt/.pth, or a model "
+                               "name (org/name) already downloaded to the Hugging Face cache (never fetched)")
     p.add_argument("dst", help="output .apr file (written atomically)")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
                    help="float tensors: keep their dtype (default) or cast")

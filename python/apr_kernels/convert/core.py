@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     if quantize is not None and quantize not in QUANT_CHOICES:
         raise ValueError(f"--quantize {quantize!r}: expected one of {', '.join(QUANT_CHOICES)}")
     if not src_path.exists():
-        raise FileNotFoundError(f"{src_path}: no such file or folder")
+        src_path = cached_snapshot(str(src))
     if dst_path.exists() and dst_path.resolve() == src_path.resolve():
         raise ValueError(f"{dst_path}: the output would overwrite the input")
     if not dst_path.parent.is_dir():
@@ -130,6 +131,29 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
         return meta
     finally:
         source.close()
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cached_snapshot(src: str) -> Path:
+    """The local folder of Hugging Face model ``org/name`` (``src``) in the Hugging Face cache
+    (``HF_HUB_CACHE`` / ``HF_HOME``, where ``huggingface-cli download`` and ``from_pretrained`` put it),
+    looked up without any network access; FileNotFoundError naming ``src`` when it is not there."""
+    if not _REPO_ID.match(src):
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        raise FileNotFoundError(f"{src}: no such file or folder (and huggingface_hub, which finds downloaded "
+                                f"models by name, is not installed)") from None
+    try:
+        return Path(snapshot_download(src, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001  (LocalEntryNotFoundError and relatives: not in the cache)
+        raise FileNotFoundError(f"{src}: no such file or folder, and no downloaded model of that name in the Hugging "
+                                f"Face cache {HF_HUB_CACHE} ({type(exc).__name__}); download it first (e.g. "
+                                f"`huggingface-cli download {src}`; nothing is fetched here)") from None
 
 
 def checked_chat_template(path, meta: dict) -> str:
