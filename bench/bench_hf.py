@@ -57,6 +57,12 @@ def providers(dev: torch.device) -> dict:
 def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0])
     dev = _common.device()
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:  # (an image without it: say so, and leave a result that holds no rows)
+        print(f"transformers: not importable ({e}); nothing to measure")
+        print(f"wrote {_common.write_results('hf', [], args.out, {'note': 'transformers not installed'})}")
+        return
     batch, seq = (2, 64) if args.smoke else (4, 2048)
     shape = f"qwen2-0.5b {batch}x{seq}" if not args.smoke else f"tiny {batch}x{seq}"
     rows = []

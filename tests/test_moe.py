@@ -14,7 +14,11 @@ from apr_kernels.model.hf_names import expected_shapes
 from apr_kernels.model.loading import PreflightError
 from test_train_cli import HELD, TRAIN, json_lines, run
 
-transformers = pytest.importorskip("transformers")
+try:
+    import transformers
+except ImportError:  # (a GPU image without it: the comparisons with it skip, the rest still run)
+    transformers = None
+needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
 
 FAMILIES = ["tiny_qwen3_moe", "tiny_qwen2_moe", "tiny_mixtral"]
 
@@ -62,6 +66,7 @@ def shifted(x):
     return torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
 
 
+@needs_transformers
 def test_tensor_names_are_the_on_disk_hugging_face_names(tmp_path):
     for name in FAMILIES:
         cfg = preset(name)
@@ -80,6 +85,7 @@ def test_tensor_names_are_the_on_disk_hugging_face_names(tmp_path):
     assert "model.layers.1.mlp.gate_proj.weight" in qwen2 and "model.layers.0.mlp.shared_expert_gate.weight" in qwen2
 
 
+@needs_transformers
 @pytest.mark.parametrize("name,hf_class,count", [
     ("qwen3_30b_a3b", "Qwen3MoeForCausalLM", 30_532_122_624),
     ("qwen2_moe_a2_7b", "Qwen2MoeForCausalLM", 14_315_784_192),
@@ -102,6 +108,7 @@ def test_active_parameters_count_the_routed_experts_only():
     assert cfg.flops_per_token(1) == pytest.approx(6 * active + 3 * 48 * 2 * 32 * 128, rel=1e-9)
 
 
+@needs_transformers
 @pytest.mark.parametrize("name", FAMILIES)
 def test_logits_loss_aux_loss_and_gradients_match_transformers(name, tmp_path):
     ours, theirs = pair(name, tmp_path)
@@ -198,6 +205,7 @@ def test_aux_loss_is_a_training_term_only_and_follows_its_coefficient():
     torch.testing.assert_close(off, plain)
 
 
+@needs_transformers
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_generation_equals_transformers(name, tmp_path):
     ours, theirs = pair(name, tmp_path)
