@@ -19,6 +19,8 @@ the package's ops run their PyTorch reference).
 
 from __future__ import annotations
 
+import importlib
+
 import _common
 import torch
 
@@ -58,7 +60,7 @@ def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0])
     dev = _common.device()
     try:
-        import transformers  # noqa: F401
+        importlib.import_module("transformers")
     except ImportError as e:  # (an image without it: say so, and leave a result that holds no rows)
         print(f"transformers: not importable ({e}); nothing to measure")
         print(f"wrote {_common.write_results('hf', [], args.out, {'note': 'transformers not installed'})}")
