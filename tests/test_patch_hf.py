@@ -194,3 +194,39 @@ def test_hugging_face_trainer_takes_the_same_steps(use_backend, tmp_path):
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-5)
     for (n, p), q in zip(ref.named_parameters(), patched.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_padding_free_trainer_and_peft_take_the_same_steps(use_backend, tmp_path, monkeypatch):
+    """transformers' padding-free collator (documents back to back in one row, cu_seq_lens for the
+    attention) and a PEFT LoRA model in its Trainer: the patched model's steps (through the
+    packed-sequence kernel) equal the unpatched model's (SDPA masked per document)."""
+    peft = pytest.importorskip("peft")
+    use_backend("reference")
+    seen = []
+    attention = apr_kernels.attention
+    monkeypatch.setattr(apr_kernels, "attention", lambda *a, **kw: seen.append(kw.get("cu_seqlens")) or attention(*a, **kw))
+    g = torch.Generator().manual_seed(4)
+    records = [{"input_ids": torch.randint(0, 211, (int(n),), generator=g).tolist()}
+               for n in torch.randint(5, 20, (12,), generator=g)]
+
+    def train(patch: bool):
+        model = hf_model("llama")
+        if patch:
+            apr_kernels.patch_hf_model(model)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                               "gate_proj"]))
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patch)), max_steps=3, per_device_train_batch_size=3, learning_rate=1e-2,
+            logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, data_seed=0,
+            disable_tqdm=True, remove_unused_columns=False)
+        collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=records, data_collator=collator)
+        with contextlib.nullcontext() if patch else unpatched("llama"):
+            trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    want = train(False)
+    assert not seen  # (the unpatched model never calls the package)
+    got = train(True)
+    assert seen and all(c is not None and c.numel() == 4 for c in seen)  # 3 documents per packed row
+    assert len(got) == 3 and got == pytest.approx(want, rel=1e-5)

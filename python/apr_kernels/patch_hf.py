@@ -114,7 +114,10 @@ def apr_attention_forward(module, query, key, value, attention_mask, dropout: fl
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    plain = (attention_mask is None and not dropout and not kwargs.get("output_attentions")
+    # a padding-free batch (cu_seq_lens, one row, no padding): the mask transformers may build from its
+    # position_ids says only what cu_seq_lens says, so the packed-sequence kernel stands in for it
+    plain = ((attention_mask is None or (cu is not None and query.shape[0] == 1))
+             and not dropout and not kwargs.get("output_attentions")
              and kwargs.get("softcap") is None and query.shape[2] == key.shape[2]
              and getattr(module, "is_causal", True) and is_causal is not False)
     if not plain:
