@@ -230,3 +230,21 @@ def test_padding_free_trainer_and_peft_take_the_same_steps(use_backend, tmp_path
     got = train(True)
     assert seen and all(c is not None and c.numel() == 4 for c in seen)  # 3 documents per packed row
     assert len(got) == 3 and got == pytest.approx(want, rel=1e-5)
+
+
+def test_sequence_classifiers_keep_their_scores_and_gradients(use_backend):
+    """A reward model (``Qwen2ForSequenceClassification``): norms, MLPs, RoPE and attention patched (it
+    has no output head to fuse a loss with); scores and gradients unchanged."""
+    use_backend("reference")
+    torch.manual_seed(0)
+    ref = transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(num_labels=1, pad_token_id=0, **COMMON))
+    patched = apr_kernels.patch_hf_model(copy.deepcopy(ref))
+    x = torch.randint(1, 211, (2, 11), generator=torch.Generator().manual_seed(5))
+    with unpatched("qwen2"):
+        want = ref(x).logits
+        want.sum().backward()
+    got = patched(x).logits
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(ref.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
