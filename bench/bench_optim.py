@@ -100,7 +100,8 @@ def main() -> None:
                 opt.step()  # the moments exist from here on
                 _common.sync(dev)
                 held = (torch.cuda.memory_allocated() - before) if dev.type == "cuda" else _state_bytes(opt)
-                ms = _common.time_ms(opt.step, warmup=2, rep=3 if args.smoke else 10, dev=dev)
+                ms = _common.time_ms(opt.step, warmup=1 if dev.type == "cpu" else 2,
+                                     rep=3 if args.smoke or dev.type == "cpu" else 10, dev=dev)
             except Exception as e:  # noqa: BLE001  (a baseline that fails on this device: say so, go on)
                 print(f"{name} on {shape}: failed ({type(e).__name__}: {e}); skipped")
                 continue
