@@ -13,7 +13,7 @@ import apr_kernels
 from kernel_helpers import spy_launchers
 
 transformers = pytest.importorskip("transformers")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral")
 ORIGINAL_ROPE = {kind: importlib.import_module(f"transformers.models.{kind}.modeling_{kind}").apply_rotary_pos_emb
                  for kind in FAMILIES}
 assert not any(getattr(f, "__name__", None) == "apr_apply_rotary_pos_emb" for f in ORIGINAL_ROPE.values())
@@ -28,10 +28,17 @@ def hf_model(kind: str, **extra):
            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-           "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}[kind]
+           "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+           "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+           "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}[kind]
     kw = dict(COMMON, **extra)
     if kind == "qwen3_moe":
         kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
+    elif kind == "qwen2_moe":  # a shared expert (its MLP patched), layer 1 dense
+        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                  mlp_only_layers=[1])
+    elif kind == "mixtral":
+        kw.update(num_local_experts=4, num_experts_per_tok=2)
     model = cls[1](cls[0](**kw))
     with torch.no_grad():  # away from the init: norms != 1, biases != 0
         for name, p in model.named_parameters():
@@ -71,7 +78,7 @@ def both(kind: str, **patch):
     return ref, patched
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_training_loss_and_gradients_equal_the_unpatched_model(kind, use_backend):
     use_backend("reference")
     ref, patched = both(kind)
