@@ -553,20 +553,21 @@ class Trainer(EvalWatch):
         else:
             self.optimizer.step()
         self.step += 1
-        # one device sync per step (this makes the timing below real)
-        if grad_norm is None:
-            loss = float(mean_loss)
-        else:
-            loss, grad_norm = torch.stack([mean_loss, grad_norm.to(mean_loss.dtype)]).tolist()
+        # one device sync per step (this makes the timing below real): every logged scalar in one read
+        scalars = {"loss": mean_loss}
+        if grad_norm is not None:
+            scalars["grad_norm"] = grad_norm
+        if self.teacher is not None:
+            scalars["ce"], scalars["kl"] = parts / n_targets
+        if self._moe:  # the mean over micro-batches and ranks (the loss includes coef x it)
+            scalars["aux_loss"] = aux / c.grad_accum
+        values = dict(zip(scalars, torch.stack([v.to(mean_loss.dtype) for v in scalars.values()]).tolist()))
+        loss = values.pop("loss")
         dt = time.perf_counter() - t0
         tokens = c.batch_size * c.grad_accum * c.seq_len
         if not math.isfinite(loss):
             raise RuntimeError(f"training diverged: loss={loss} at step {self.step} (lower --lr?)")
-        rec = {"step": self.step, "loss": loss, "lr": lr, "tok_s": tokens / dt, "grad_norm": grad_norm}
-        if self.teacher is not None:
-            rec["ce"], rec["kl"] = (parts / n_targets).tolist()
-        if self._moe:  # the mean over micro-batches and ranks (the loss above includes coef x it)
-            rec["aux_loss"] = float(aux) / c.grad_accum
+        rec = {"step": self.step, "loss": loss, "lr": lr, "tok_s": tokens / dt, "grad_norm": None, **values}
         if self._mfu_scale is not None:
             rec["mfu"] = rec["tok_s"] * self._mfu_scale
         return rec
