@@ -37,6 +37,20 @@ def _prompts_file(path, prompts, **fields):
     return path
 
 
+def _cli_run(tmp_path, command: str, *, held: bool = True) -> list[str]:
+    """The shared start of a sampling command's CLI test: --init (``_model`` with the byte tokenizer),
+    the ``letters`` reward, four training prompts (and three held-out ones), --json, --out."""
+    tok = byte_tokenizer()
+    save_checkpoint(tmp_path / "init.apr", model=_model(tok), tokenizer=tok)
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    data = _prompts_file(tmp_path / "p.jsonl", ["Write:", "Say:", "Go:", "Now:"])
+    args = [command, "--init", str(tmp_path / "init.apr"), "--data", str(data), "--reward",
+            f"{tmp_path / 'rewards.py'}:letters", "--json", "--out", str(tmp_path / "o")]
+    if held:
+        args += ["--eval-data", str(_prompts_file(tmp_path / "h.jsonl", ["Next:", "Tell:", "Then:"]))]
+    return args
+
+
 def _policy(tok, lora: bool):
     """``_model`` as a policy that differs from the model as loaded: with ``lora``, rank-4 adapters
     whose B matrices already moved (seeded), so the frozen base is a different reference."""
@@ -410,15 +424,9 @@ def test_masked_truncated_completions_leave_the_loss_but_not_the_counts(tmp_path
 def test_cli_grpo_raises_the_reward_and_resumes_exactly(tmp_path, capsys):
     from apr_kernels.cli import main
 
-    tok = byte_tokenizer()
-    save_checkpoint(tmp_path / "init.apr", model=_model(tok), tokenizer=tok)
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    data = _prompts_file(tmp_path / "p.jsonl", ["Write:", "Say:", "Go:", "Now:"])
-    held = _prompts_file(tmp_path / "h.jsonl", ["Next:", "Tell:", "Then:"])
-    args = ["grpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--reward",
-            f"{tmp_path / 'rewards.py'}:letters", "--steps", "30", "--batch-size", "2", "--num-generations", "8",
-            "--max-new-tokens", "8", "--max-prompt-len", "32", "--lr", "1e-2", "--json", "--save-every", "20",
-            "--eval-data", str(held), "--out", str(tmp_path / "o")]
+    args = [*_cli_run(tmp_path, "grpo"), "--steps", "30", "--batch-size", "2", "--num-generations", "8",
+            "--max-new-tokens", "8", "--max-prompt-len", "32", "--lr", "1e-2", "--save-every", "20"]
+    tok, held = byte_tokenizer(), tmp_path / "h.jsonl"
     assert main(args) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     rewards = [r["reward"] for r in recs if r["event"] == "train"]
@@ -453,15 +461,9 @@ def test_cli_kl_and_iterations_resume_exactly(tmp_path, capsys, lora):
     a generation boundary repeats the uninterrupted run's losses, KL and clipped shares."""
     from apr_kernels.cli import main
 
-    tok = byte_tokenizer()
-    save_checkpoint(tmp_path / "init.apr", model=_model(tok), tokenizer=tok)
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    data = _prompts_file(tmp_path / "p.jsonl", ["Write:", "Say:", "Go:", "Now:"])
-    args = ["grpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--reward",
-            f"{tmp_path / 'rewards.py'}:letters", "--steps", "6", "--batch-size", "2", "--num-generations", "4",
-            "--max-new-tokens", "6", "--max-prompt-len", "32", "--lr", "1e-2", "--json", "--save-every", "2",
-            "--beta", "0.2", "--num-iterations", "2", "--out", str(tmp_path / "o"),
-            *(["--lora-rank", "4", "--lr", "3e-2"] if lora else [])]
+    args = [*_cli_run(tmp_path, "grpo", held=False), "--steps", "6", "--batch-size", "2", "--num-generations", "4",
+            "--max-new-tokens", "6", "--max-prompt-len", "32", "--lr", "1e-2", "--save-every", "2",
+            "--beta", "0.2", "--num-iterations", "2", *(["--lora-rank", "4", "--lr", "3e-2"] if lora else [])]
     assert main(args) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     start = next(r for r in recs if r["event"] == "start")

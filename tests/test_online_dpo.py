@@ -9,14 +9,13 @@ import statistics
 import pytest
 import torch
 
-from apr_kernels.train.checkpoint import save_checkpoint
 from apr_kernels.train.cli import byte_tokenizer
 from apr_kernels.train.data import BatchStream
 from apr_kernels.train.grpo import read_prompts
 from apr_kernels.train.loop import TrainConfig
 from apr_kernels.train.online_dpo import OnlineDPOTrainer, pick_pairs
 
-from test_grpo import REWARDS, _letters, _model, _policy, _prompts_file, _refusal_setup, assert_same_grads  # (the toy task GRPO learns)
+from test_grpo import _cli_run, _letters, _model, _policy, _prompts_file, _refusal_setup, assert_same_grads  # (the toy task GRPO learns)
 
 
 def test_pairs_are_the_best_and_the_worst_first_among_equals():
@@ -105,15 +104,8 @@ def test_refusals_name_the_option(tmp_path):
 def test_cli_online_dpo_raises_the_reward_and_resumes_exactly(tmp_path, capsys):
     from apr_kernels.cli import main
 
-    tok = byte_tokenizer()
-    save_checkpoint(tmp_path / "init.apr", model=_model(tok), tokenizer=tok)
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    data = _prompts_file(tmp_path / "p.jsonl", ["Write:", "Say:", "Go:", "Now:"])
-    held = _prompts_file(tmp_path / "h.jsonl", ["Next:", "Tell:", "Then:"])
-    args = ["online-dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--reward",
-            f"{tmp_path / 'rewards.py'}:letters", "--steps", "30", "--batch-size", "4", "--num-generations", "4",
-            "--max-new-tokens", "8", "--max-prompt-len", "32", "--lr", "1e-2", "--beta", "0.5", "--json",
-            "--save-every", "20", "--eval-data", str(held), "--out", str(tmp_path / "o")]
+    args = [*_cli_run(tmp_path, "online-dpo"), "--steps", "30", "--batch-size", "4", "--num-generations", "4",
+            "--max-new-tokens", "8", "--max-prompt-len", "32", "--lr", "1e-2", "--beta", "0.5", "--save-every", "20"]
     assert main(args) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     train = [r for r in recs if r["event"] == "train"]

@@ -8,14 +8,13 @@ import statistics
 import pytest
 import torch
 
-from apr_kernels.train.checkpoint import save_checkpoint
 from apr_kernels.train.cli import byte_tokenizer
 from apr_kernels.train.data import BatchStream
 from apr_kernels.train.grpo import read_prompts
 from apr_kernels.train.loop import TrainConfig
 from apr_kernels.train.rloo import RLOOTrainer, leave_one_out_advantages
 
-from test_grpo import REWARDS, _letters, _model, _policy, _prompts_file, _refusal_setup, assert_same_grads  # (the toy task GRPO learns)
+from test_grpo import _cli_run, _letters, _model, _policy, _prompts_file, _refusal_setup, assert_same_grads  # (the toy task GRPO learns)
 
 
 def test_leave_one_out_advantages_subtract_the_others_mean():
@@ -125,15 +124,9 @@ def test_refusals_name_the_option(tmp_path):
 def test_cli_rloo_raises_the_reward_and_resumes_exactly(tmp_path, capsys):
     from apr_kernels.cli import main
 
-    tok = byte_tokenizer()
-    save_checkpoint(tmp_path / "init.apr", model=_model(tok), tokenizer=tok)
-    (tmp_path / "rewards.py").write_text(REWARDS)
-    data = _prompts_file(tmp_path / "p.jsonl", ["Write:", "Say:", "Go:", "Now:"])
-    held = _prompts_file(tmp_path / "h.jsonl", ["Next:", "Tell:", "Then:"])
-    args = ["rloo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--reward",
-            f"{tmp_path / 'rewards.py'}:letters", "--steps", "30", "--batch-size", "4", "--num-generations", "4",
-            "--max-new-tokens", "8", "--max-prompt-len", "32", "--lr", "1e-2", "--json", "--save-every", "20",
-            "--normalize-advantages", "--beta", "0.01", "--eval-data", str(held), "--out", str(tmp_path / "o")]
+    args = [*_cli_run(tmp_path, "rloo"), "--steps", "30", "--batch-size", "4", "--num-generations", "4",
+            "--max-new-tokens", "8", "--max-prompt-len", "32", "--lr", "1e-2", "--save-every", "20",
+            "--normalize-advantages", "--beta", "0.01"]
     assert main(args) == 0
     recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     train = [r for r in recs if r["event"] == "train"]
