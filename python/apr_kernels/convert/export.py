@@ -176,36 +176,21 @@ def hf_config(meta: dict, cfg, tensors: set[str], tok) -> dict:
 
 
 def _expert_kwargs(cfg, family: str) -> dict:
-    """The mixture-of-experts keywords of transformers' config class for APR metadata ``cfg`` (Hugging
-    Face's defaults for the routing settings the file leaves out, as ``from_apr`` uses them)."""
-    missing = [k for k in ("num_experts", "num_experts_per_tok") if getattr(cfg, k, None) is None]
-    if family != "mixtral":
-        missing += [k for k in ("moe_intermediate_size",) + (("shared_expert_intermediate_size",)
-                    if family == "qwen2_moe" else ()) if getattr(cfg, k, None) is None]
-    if missing:
-        raise ValueError(f"a {family} (mixture-of-experts) model whose metadata lacks {', '.join(missing)}; expected "
-                         f"the expert keys (num_experts, num_experts_per_tok, moe_intermediate_size, ...)")
-    coef = cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None else 0.001
-    out = {"num_experts_per_tok": cfg.num_experts_per_tok, "router_aux_loss_coef": coef}
-    step = cfg.decoder_sparse_step if cfg.decoder_sparse_step is not None else 1
-    dense = list(cfg.mlp_only_layers or [])
-    if family == "mixtral":  # one width, every layer sparse, no shared expert: what else would not fit
-        width = cfg.moe_intermediate_size
-        bad = [f"{k}={v}" for k, v in (("moe_intermediate_size", width if width not in (None, cfg.intermediate_size)
-                                        else None), ("mlp_only_layers", dense or None),
-                                       ("decoder_sparse_step", step if step != 1 else None),
-                                       ("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size or None))
-               if v is not None]
-        if bad:
-            raise ValueError(f"a mixtral model with {', '.join(bad)} cannot be exported: transformers' Mixtral has "
-                             f"experts intermediate_size ({cfg.intermediate_size}) wide in every layer and no shared "
-                             f"expert")
-        out["num_local_experts"] = cfg.num_experts
-        return out
-    out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
-               norm_topk_prob=bool(cfg.norm_topk_prob), decoder_sparse_step=step, mlp_only_layers=dense)
+    """The mixture-of-experts keywords of transformers' config class for APR metadata ``cfg``: read
+    through ``ModelConfig.from_apr_config`` (its checks, and Hugging Face's defaults for the routing
+    settings the file leaves out, exactly as ``from_apr`` builds the model), so a file that loads
+    exports and one that cannot is refused with the same message."""
+    from apr_kernels.model.config import ModelConfig
+
+    m = ModelConfig.from_apr_config(cfg)
+    out = {"num_experts_per_tok": m.num_experts_per_tok, "router_aux_loss_coef": m.router_aux_loss_coef}
+    if family == "mixtral":  # (its config: experts intermediate_size wide, every layer sparse)
+        return {**out, "num_local_experts": m.num_experts}
+    out.update(num_experts=m.num_experts, moe_intermediate_size=m.moe_intermediate_size,
+               norm_topk_prob=m.norm_topk_prob, decoder_sparse_step=m.decoder_sparse_step,
+               mlp_only_layers=list(m.mlp_only_layers))
     if family == "qwen2_moe":
-        out["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        out["shared_expert_intermediate_size"] = m.shared_expert_intermediate_size
     return out
 
 
