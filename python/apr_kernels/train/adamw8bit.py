@@ -79,14 +79,14 @@ class Blockwise8bit:
 
     def update(self, x: torch.Tensor) -> None:
         """Store ``x`` (this shape) in place of the held values."""
-        self.codes, self.absmax = quantize(x, self.qmap, out=(self.codes, self.absmax))
+        self.codes, self.absmax = quantize(x, self.qmap)
 
     @property
     def nbytes(self) -> int:
         return self.codes.numel() + 4 * self.absmax.numel()
 
 
-def quantize(x: torch.Tensor, qmap: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [n padded to BLOCK], absmax fp32 [blocks]) of ``x``: each value the nearest code
     of ``qmap`` (sorted) times its block's largest magnitude."""
     flat = x.detach().reshape(-1).float()
@@ -96,10 +96,6 @@ def quantize(x: torch.Tensor, qmap: torch.Tensor, out=None) -> tuple[torch.Tenso
     scaled = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
     mids = (qmap[1:] + qmap[:-1]) / 2  # a value between two codes goes to the nearer one
     codes = torch.searchsorted(mids, scaled.reshape(-1)).to(torch.uint8)
-    if out is not None:
-        out[0].copy_(codes)
-        out[1].copy_(absmax)
-        return out
     return codes, absmax
 
 
