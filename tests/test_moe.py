@@ -143,10 +143,15 @@ def test_logits_loss_aux_loss_and_gradients_match_transformers(name, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_fast_path_equals_the_eager_path(backend, use_backend):
-    """The package's ops (swiglu per expert, attention, norms, fused loss) give the eager loss and gradients,
-    the load-balancing term included; with ``triton`` the kernels run in Triton's interpreter."""
+def test_fast_path_equals_the_eager_path(backend, use_backend, monkeypatch):
+    """The package's ops (the experts as grouped GEMMs + swiglu, attention, norms, fused loss) give the
+    eager loss and gradients, the load-balancing term included; with ``triton`` the kernels run in
+    Triton's interpreter (the grouped GEMM's launchers seen: 3 forward, 3 dx + 3 dW per MoE layer)."""
     use_backend(backend)
+    if backend == "triton":
+        from kernel_helpers import spy_launchers
+
+        calls = spy_launchers(monkeypatch, "grouped_mm", ["grouped_mm_fwd", "grouped_mm_dw"])
     cfg = preset("tiny_qwen3_moe")
     eager = Transformer(cfg, fast=False).train()
     fast = Transformer(cfg, fast=True).train()
@@ -160,13 +165,37 @@ def test_fast_path_equals_the_eager_path(backend, use_backend):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     for (n, p), q in zip(eager.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    if backend == "triton":
+        assert calls.count("grouped_mm_fwd") == 6 * cfg.num_layers and calls.count("grouped_mm_dw") == 3 * cfg.num_layers
 
 
-def test_every_expert_gets_a_gradient_even_when_no_token_picks_it():
+def test_fast_moe_layer_compiles_without_graph_breaks(use_backend):
+    """The fast path keeps the group sizes on the device (grouped GEMMs), so a whole Qwen2-MoE layer
+    (router, experts, shared expert) compiles as one graph (``fullgraph=True``) and gives eager's
+    outputs and gradients."""
+    use_backend("reference")
+    cfg = preset("tiny_qwen2_moe")
+    moe = Transformer(cfg, fast=True).train().model.layers[0].mlp
+    x = torch.randn(2, 7, cfg.hidden_size, requires_grad=True)
+    y, stats = torch.compile(lambda x: moe(x, True), fullgraph=True)(x)
+    y.square().sum().backward()
+    got = [p.grad.clone() for p in moe.parameters()]
+    moe.zero_grad()
+    y2, stats2 = moe(x, True)
+    y2.square().sum().backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(stats, stats2)
+    for g, (n, p) in zip(got, moe.named_parameters()):
+        torch.testing.assert_close(g, p.grad, msg=n)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_every_expert_gets_a_gradient_even_when_no_token_picks_it(fast):
     """DDP needs every parameter in every step's graph: an unused expert gets a zero gradient, not None,
-    and the routing is written back without atomics (two runs give identical bits)."""
+    and the routing is written back without atomics (two runs give identical bits); on both paths (the
+    fast one's grouped GEMM writes the idle experts' zeros itself)."""
     cfg = preset("tiny_mixtral")
-    model = Transformer(cfg, fast=False).train()
+    model = Transformer(cfg, fast=fast).train()
     moe = model.model.layers[0].block_sparse_moe
     route = moe.route
 
@@ -290,11 +319,14 @@ def test_gguf_spellings_of_the_families_are_read():
         family_of(AprModelConfig(architecture="deepseek2"))
 
 
-def test_lora_adapts_every_expert_and_merges_exactly():
+@pytest.mark.parametrize("fast", [False, True])
+def test_lora_adapts_every_expert_and_merges_exactly(fast):
+    """Adapted experts (the fast path then runs one GEMM chain per expert) and, once merged, plain
+    ones (the fast path's grouped GEMMs) give the same outputs."""
     from apr_kernels.model.lora import add_lora, lora_modules, merge_into_weights
 
     cfg = preset("tiny_mixtral")
-    model = Transformer(cfg, fast=False).eval()
+    model = Transformer(cfg, fast=fast).eval()
     x = torch.randint(0, cfg.vocab_size, (1, 10))
     add_lora(model, rank=2, targets=("q_proj", "gate_proj", "down_proj"))
     names = set(lora_modules(model))
@@ -305,7 +337,9 @@ def test_lora_adapts_every_expert_and_merges_exactly():
         for m in lora_modules(model).values():
             m.lora_B.normal_(0, 0.1)
         adapted = model(x)
+        assert model.model.layers[0].block_sparse_moe._grouped() is False
         merge_into_weights(model)
+        assert model.model.layers[0].block_sparse_moe._grouped() is True
         torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -343,7 +377,7 @@ def test_train_command_logs_the_aux_loss_and_resumes_exactly(capsys, tmp_path):
 
 @pytest.mark.cuda
 def test_gpu_fast_path_under_bf16_matches_eager():
-    """On the GPU under bf16 autocast: the fast path (Triton attention, norms, RoPE, SwiGLU per expert,
+    """On the GPU under bf16 autocast: the fast path (Triton attention, norms, RoPE, grouped GEMMs and SwiGLU,
     fused loss) against the eager one, loss with its aux term and gradients. The router is drawn large
     so that bf16 rounding rarely changes a token's experts between the two paths."""
     from kernel_helpers import assert_grads_near

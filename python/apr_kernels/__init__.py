@@ -4,7 +4,7 @@ Public surface (imported lazily, so ``import apr_kernels`` stays cheap and never
 
 * Loader: ``load``, ``open``, ``save``, ``load_bytes``, ``save_bytes``, ``AprFile``, ``AprFormatError``.
 * Ops (torch custom ops with autograd): ``rms_norm``, ``add_rms_norm``, ``attention``,
-  ``swiglu``, ``rope``, ``linear_cross_entropy``, ``linear_distillation``.
+  ``swiglu``, ``rope``, ``grouped_mm``, ``linear_cross_entropy``, ``linear_distillation``.
 * Modules: ``RMSNorm``, ``Attention``, ``SwiGLUMLP``, ``LinearCrossEntropyLoss``,
   ``LinearDistillationLoss`` (in ``apr_kernels.nn``).
 * Hugging Face models: ``patch_hf_model(model)`` puts the kernels into a transformers Llama/Qwen2-family
@@ -44,6 +44,7 @@ _API = {
     "linear_distillation": "ops.distillation",
     "swiglu": "ops.swiglu",
     "rope": "ops.rope",
+    "grouped_mm": "ops.grouped_mm",
     "RMSNorm": "nn",
     "Attention": "nn",
     "SwiGLUMLP": "nn",

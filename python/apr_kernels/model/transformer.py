@@ -200,9 +200,10 @@ class SparseMoE(nn.Module):
     Qwen2-MoE adds a shared expert that every token passes through, scaled by ``sigmoid(
     shared_expert_gate(x))``.
 
-    Tokens are grouped by expert with one sort (one host read of the group sizes per layer), each
-    expert runs one GEMM chain on its group, and the weighted outputs are summed back per token
-    without atomics (deterministic). Every expert runs each step, an empty group included, so every
+    Tokens are grouped by expert with one sort; on the fast path all experts run as three grouped
+    GEMMs (``apr_kernels.grouped_mm``: the group sizes never leave the device), otherwise each expert
+    runs one GEMM chain on its group (one host read of the group sizes per layer). The weighted
+    outputs are summed back per token without atomics (deterministic). Every expert runs each step, an empty group included, so every
     expert weight gets a gradient (zeros when unused, as with Hugging Face's stacked experts): DDP
     needs every parameter used, and all ranks step the same parameters.
 
@@ -236,11 +237,16 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs, weights, chosen = self.route(x)
-        flat = chosen.flatten()  # [T * k]: token t's choices at t*k .. t*k + k-1
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        groups = x[order // self.top_k].split(counts.tolist())
-        out = torch.cat([expert(g, fast) for expert, g in zip(self.experts, groups)])
+        # [T * k]: token t's choices at t*k .. t*k + k-1, sorted by expert; offs: each expert's end
+        sorted_ids, order = chosen.flatten().sort(stable=True)
+        offs = torch.searchsorted(sorted_ids, torch.arange(self.num_experts, device=x.device), right=True)
+        counts = offs.diff(prepend=offs.new_zeros(1))
+        xs = x[order // self.top_k]
+        if fast and self._grouped():
+            out = self._experts_grouped(xs, offs)
+        else:  # one GEMM chain per expert (LoRA adapters, quantised bases, the eager path)
+            groups = xs.split(counts.tolist())
+            out = torch.cat([expert(g, fast) for expert, g in zip(self.experts, groups)])
         out = out * weights.flatten()[order, None]
         # back to token order (a permutation: no index sharing), then each token's k outputs summed
         y = out.new_empty(out.shape).index_copy(0, order, out).view(-1, self.top_k, shape[-1]).sum(1).to(x.dtype)
@@ -248,6 +254,21 @@ class SparseMoE(nn.Module):
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, fast)
         stats = torch.stack([counts.to(torch.float32), probs.sum(0)])
         return y.view(shape), stats
+
+    def _grouped(self) -> bool:
+        """Whether every expert is three plain linear layers (no LoRA adapter, no quantised base):
+        then the fast path runs them all as grouped GEMMs."""
+        return not any(hasattr(m, "adapt") or hasattr(m, "base")
+                       for e in self.experts for m in (e.gate_proj, e.up_proj, e.down_proj))
+
+    def _experts_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Every expert's SwiGLU on its rows of ``xs`` (sorted by expert, ``offs`` their ends) in three
+        grouped GEMMs and one swiglu pass: the group sizes stay on the device (no host sync, no graph
+        break) and each GEMM is one launch for all experts, reading their weights in place."""
+        ops = _ops()
+        gate = ops.grouped_mm(xs, [e.gate_proj.weight for e in self.experts], offs)
+        up = ops.grouped_mm(xs, [e.up_proj.weight for e in self.experts], offs)
+        return ops.grouped_mm(ops.swiglu(gate, up), [e.down_proj.weight for e in self.experts], offs)
 
     def mlps(self) -> list[nn.Module]:
         return [*self.experts, *([self.shared_expert] if hasattr(self, "shared_expert") else [])]

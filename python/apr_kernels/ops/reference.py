@@ -241,6 +241,35 @@ def swiglu_backward_reference(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor
     return dg, du
 
 
+
+# ------------------------------------------------------------------ grouped GEMM (mixture of experts)
+# Rows of x sorted by group; group e owns rows offs[e-1] .. offs[e] (offs: cumulative ends) and is
+# multiplied by its own weight W_e [out, in] (cast to x's dtype first, as autocast's weight copy).
+
+
+def _group_bounds(offs: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offs.tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def grouped_mm_reference(x: torch.Tensor, weights, offs: torch.Tensor, trans: bool = True) -> torch.Tensor:
+    """``trans``: y[rows of e] = x[rows of e] @ W_e.T ``[N, out]``; else x[rows of e] @ W_e ``[N, in]``."""
+    cols = weights[0].shape[0 if trans else 1]
+    y = x.new_zeros(x.shape[0], cols)
+    for (a, b), w in zip(_group_bounds(offs), weights):
+        w = w.to(x.dtype)
+        y[a:b] = x[a:b] @ (w.T if trans else w)
+    return y
+
+
+def grouped_mm_dw_reference(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+    """``[E, out, in]`` in ``w0``'s dtype: dW_e = dy[rows of e].T @ x[rows of e] (zeros for an empty group)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    dw = torch.zeros(offs.numel(), *w0.shape, dtype=w0.dtype, device=x.device)
+    for e, (a, b) in enumerate(_group_bounds(offs)):
+        dw[e] = (dy[a:b].to(acc).T @ x[a:b].to(acc)).to(w0.dtype)
+    return dw
+
 # ----------------------------------------------------------------------------------- RoPE (issue 6)
 # Rotary embedding of q [B, S, Hq, D] and k [B, S, Hkv, D] by tables cos/sin [S, D/2] (positions
 # 0..S-1): pair (x1, x2) -> (x1 c - x2 s, x2 c + x1 s). rope_type 2 pairs j with j + D/2 (Hugging
