@@ -165,7 +165,7 @@ fi
 # then the kernels of issues 4/5, the trainer's other fused ops, then the rest (the budget cuts the
 # tail; rms_norm and attention keep what they measured when cut).
 BENCHES=()
-for name in ceilings train rms_norm attention cross_entropy swiglu rope; do [ -f "bench/bench_$name.py" ] && BENCHES+=("$name"); done
+for name in ceilings train rms_norm attention cross_entropy swiglu rope moe; do [ -f "bench/bench_$name.py" ] && BENCHES+=("$name"); done
 for f in bench/bench_*.py; do
   name=$(basename "$f" .py); name=${name#bench_}
   case " ${BENCHES[*]} " in *" $name "*) ;; *) BENCHES+=("$name") ;; esac
