@@ -340,7 +340,8 @@ def runs(tmp_path_factory):
         [*rloo, "--parallel", "fsdp", "--out", str(root / "fsdp_rloo")],
         ["train", "--init", str(init), *COMMON, *freeze, "--parallel", "fsdp", "--out", str(root / "fsdp_freeze")],
         ["train", "--init", str(moe_init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp_moe")],
-        ["train", "--init", str(moe_init), *COMMON, "--parallel", "fsdp", "--out", str(root / "fsdp_moe")],
+        # (the fast path: the experts as grouped GEMMs, their gradients handed to FSDP as slices)
+        ["train", "--init", str(moe_init), *fast_on, "--parallel", "fsdp", "--out", str(root / "fsdp_moe")],
         ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit", "--parallel", "ddp",
          "--out", str(root / "ddp_adam8")],
     ]}
@@ -873,9 +874,10 @@ def test_freeze_under_fsdp_matches_one_process(runs):
 
 @pytest.mark.parametrize("run,out", [("run25", "ddp_moe"), ("run26", "fsdp_moe")], ids=["ddp", "fsdp"])
 def test_mixture_of_experts_on_two_ranks_matches_one_process(runs, run, out):
-    """A Qwen2-MoE model under DDP and FSDP (run25/26): the load-balancing loss counts expert choices
-    over both ranks' tokens, so the losses (load-balancing term and logged aux loss included) and the
-    weights equal the one-process run's, every expert's gradient synchronised."""
+    """A Qwen2-MoE model under DDP and FSDP (run25/26; FSDP on the fast path, whose experts run as
+    grouped GEMMs): the load-balancing loss counts expert choices over both ranks' tokens, so the losses
+    (load-balancing term and logged aux loss included) and the weights equal the one-process eager
+    run's, every expert's gradient synchronised."""
     want = _records(runs["one_moe_out"])
     got = runs["ranks"][(0, 2)][run]
     assert got["code"] == runs["ranks"][(1, 2)][run]["code"] == 0
