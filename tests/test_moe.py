@@ -321,8 +321,8 @@ def test_gguf_spellings_of_the_families_are_read():
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_lora_adapts_every_expert_and_merges_exactly(fast):
-    """Adapted experts (the fast path then runs one GEMM chain per expert) and, once merged, plain
-    ones (the fast path's grouped GEMMs) give the same outputs."""
+    """Adapted experts and, once merged, plain ones give the same outputs (on the fast path both run
+    as grouped GEMMs, the adapters as two more per projection)."""
     from apr_kernels.model.lora import add_lora, lora_modules, merge_into_weights
 
     cfg = preset("tiny_mixtral")
@@ -337,10 +337,52 @@ def test_lora_adapts_every_expert_and_merges_exactly(fast):
         for m in lora_modules(model).values():
             m.lora_B.normal_(0, 0.1)
         adapted = model(x)
-        assert model.model.layers[0].block_sparse_moe._grouped() is False
         merge_into_weights(model)
-        assert model.model.layers[0].block_sparse_moe._grouped() is True
         torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_experts_on_the_fast_path_equal_the_eager_path(dora, use_backend, monkeypatch):
+    """LoRA on every expert projection, fast path: the base and the adapters run as grouped GEMMs (the
+    frozen bases get no weight gradient); DoRA's rescaling falls back to one GEMM chain per expert.
+    Loss and every adapter gradient equal the eager path's."""
+    from apr_kernels.model.lora import add_lora
+    from apr_kernels.ops import reference
+
+    use_backend("reference")  # (tiny heads of 8: the grouped kernels themselves are test_grouped_mm's)
+    calls = []
+    for name in ("grouped_mm_reference", "grouped_mm_dw_reference"):
+        fn = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
+    cfg = preset("tiny_mixtral")
+    torch.manual_seed(0)
+    eager = Transformer(cfg, fast=False).train()
+    fast = Transformer(cfg, fast=True).train()
+    for model in (eager, fast):
+        add_lora(model, rank=4, targets=("gate_proj", "up_proj", "down_proj"), dora=dora)
+    with torch.no_grad():
+        for p in eager.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)  # B too: a non-zero update on every path
+    fast.load_state_dict(eager.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    losses = []
+    for model in (eager, fast):
+        loss = model.loss(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    trained = [(n, p, q) for (n, p), q in zip(eager.named_parameters(), fast.parameters()) if p.requires_grad]
+    assert any("experts.3.w2.lora_B" in n for n, _, _ in trained)
+    for n, p, q in trained:
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert all(not q.requires_grad or q.grad is not None for q in fast.parameters())
+    moe = fast.model.layers[0].block_sparse_moe
+    assert moe._grouped() is not dora
+    # per MoE layer: 3 projections x (base + A + B) forward (+ dx where the input needs a gradient);
+    # weight gradients for A and B only
+    assert calls.count("grouped_mm_reference") >= (0 if dora else 9 * cfg.num_layers)
+    assert calls.count("grouped_mm_dw_reference") == (0 if dora else 6 * cfg.num_layers)
 
 
 def test_train_command_logs_the_aux_loss_and_resumes_exactly(capsys, tmp_path):

@@ -244,7 +244,7 @@ class SparseMoE(nn.Module):
         xs = x[order // self.top_k]
         if fast and self._grouped():
             out = self._experts_grouped(xs, offs)
-        else:  # one GEMM chain per expert (LoRA adapters, quantised bases, the eager path)
+        else:  # one GEMM chain per expert (quantised bases, DoRA, the eager path)
             groups = xs.split(counts.tolist())
             out = torch.cat([expert(g, fast) for expert, g in zip(self.experts, groups)])
         out = out * weights.flatten()[order, None]
@@ -256,19 +256,34 @@ class SparseMoE(nn.Module):
         return y.view(shape), stats
 
     def _grouped(self) -> bool:
-        """Whether every expert is three plain linear layers (no LoRA adapter, no quantised base):
-        then the fast path runs them all as grouped GEMMs."""
-        return not any(hasattr(m, "adapt") or hasattr(m, "base")
-                       for e in self.experts for m in (e.gate_proj, e.up_proj, e.down_proj))
+        """Whether the fast path can run the experts as grouped GEMMs: every projection plain or a
+        plain LoRA (no quantised base, no DoRA magnitude), the same kind and scale across experts."""
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            mods = [getattr(e, name) for e in self.experts]
+            if any(hasattr(m, "base") or hasattr(m, "lora_magnitude") for m in mods):
+                return False
+            if len({(hasattr(m, "adapt"), getattr(m, "scale", None)) for m in mods}) != 1:
+                return False
+        return True
 
     def _experts_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Every expert's SwiGLU on its rows of ``xs`` (sorted by expert, ``offs`` their ends) in three
         grouped GEMMs and one swiglu pass: the group sizes stay on the device (no host sync, no graph
         break) and each GEMM is one launch for all experts, reading their weights in place."""
+        gate = self._grouped_projection(xs, "gate_proj", offs)
+        up = self._grouped_projection(xs, "up_proj", offs)
+        return self._grouped_projection(_ops().swiglu(gate, up), "down_proj", offs)
+
+    def _grouped_projection(self, x: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
+        """One projection of every expert as a grouped GEMM; LoRA-adapted experts (model/lora.py) add
+        ``scale * (x A_e^T) B_e^T`` as two more grouped GEMMs (frozen bases get no weight gradient)."""
         ops = _ops()
-        gate = ops.grouped_mm(xs, [e.gate_proj.weight for e in self.experts], offs)
-        up = ops.grouped_mm(xs, [e.up_proj.weight for e in self.experts], offs)
-        return ops.grouped_mm(ops.swiglu(gate, up), [e.down_proj.weight for e in self.experts], offs)
+        mods = [getattr(e, name) for e in self.experts]
+        y = ops.grouped_mm(x, [m.weight for m in mods], offs)
+        if hasattr(mods[0], "adapt") and mods[0].scale:
+            low = ops.grouped_mm(x, [m.lora_A for m in mods], offs)
+            y = y + ops.grouped_mm(low, [m.lora_B for m in mods], offs) * mods[0].scale
+        return y
 
     def mlps(self) -> list[nn.Module]:
         return [*self.experts, *([self.shared_expert] if hasattr(self, "shared_expert") else [])]
