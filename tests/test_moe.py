@@ -142,6 +142,21 @@ def test_logits_loss_aux_loss_and_gradients_match_transformers(name, tmp_path):
     assert ffn in ("mlp", "block_sparse_moe")
 
 
+def assert_same_loss_and_gradients(eager, fast, x) -> list[str]:
+    """One loss and backward on each model (the same weights): equal losses and equal gradients of every
+    trained parameter; returns those parameters' names."""
+    losses = []
+    for model in (eager, fast):
+        loss = model.loss(x[:, :-1], x[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    trained = [(n, p, q) for (n, p), q in zip(eager.named_parameters(), fast.parameters()) if p.requires_grad]
+    for n, p, q in trained:
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    return [n for n, _, _ in trained]
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fast_path_equals_the_eager_path(backend, use_backend, monkeypatch):
     """The package's ops (the experts as grouped GEMMs + swiglu, attention, norms, fused loss) give the
@@ -156,15 +171,7 @@ def test_fast_path_equals_the_eager_path(backend, use_backend, monkeypatch):
     eager = Transformer(cfg, fast=False).train()
     fast = Transformer(cfg, fast=True).train()
     fast.load_state_dict(eager.state_dict())
-    x = torch.randint(0, cfg.vocab_size, (2, 16))
-    losses = []
-    for model in (eager, fast):
-        loss = model.loss(x[:, :-1], x[:, 1:])
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
-    for (n, p), q in zip(eager.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert_same_loss_and_gradients(eager, fast, torch.randint(0, cfg.vocab_size, (2, 16)))
     if backend == "triton":
         assert calls.count("grouped_mm_fwd") == 6 * cfg.num_layers and calls.count("grouped_mm_dw") == 3 * cfg.num_layers
 
@@ -365,17 +372,8 @@ def test_lora_experts_on_the_fast_path_equal_the_eager_path(dora, use_backend, m
             if p.requires_grad:
                 p.normal_(0, 0.1)  # B too: a non-zero update on every path
     fast.load_state_dict(eager.state_dict())
-    x = torch.randint(0, cfg.vocab_size, (2, 12))
-    losses = []
-    for model in (eager, fast):
-        loss = model.loss(x[:, :-1], x[:, 1:])
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
-    trained = [(n, p, q) for (n, p), q in zip(eager.named_parameters(), fast.parameters()) if p.requires_grad]
-    assert any("experts.3.w2.lora_B" in n for n, _, _ in trained)
-    for n, p, q in trained:
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    trained = assert_same_loss_and_gradients(eager, fast, torch.randint(0, cfg.vocab_size, (2, 12)))
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.lora_B" in trained
     assert all(not q.requires_grad or q.grad is not None for q in fast.parameters())
     moe = fast.model.layers[0].block_sparse_moe
     assert moe._grouped() is not dora
