@@ -394,6 +394,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
+        if self.model.embed_tokens.weight.is_meta:  # built on the meta device (from_apr): nothing to draw,
+            return                                  # and tens of thousands of meta normal_ calls cost seconds
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, std)
