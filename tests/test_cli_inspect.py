@@ -135,3 +135,17 @@ def test_python_m_entry_point(sample):
     r = subprocess.run([sys.executable, "-m", "apr_kernels", "validate", str(sample[0])],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`apr-kernels inspect FILE | head -1`: the closed pipe stops the command without an error line
+    (exit 141, 128 + SIGPIPE, as a tool killed by it). 4000 tensors: a listing larger than a pipe holds."""
+    path = tmp_path / "many.apr"
+    apr_kernels.save({f"t.{i}.weight": torch.zeros(1) for i in range(4000)}, path)
+    proc = subprocess.Popen([sys.executable, "-m", "apr_kernels", "inspect", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves before the listing is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and first.strip() == str(path).encode(), err
+    assert "error" not in err and "Traceback" not in err, err

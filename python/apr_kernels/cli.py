@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `apr-kernels inspect big.apr | head`: the reader left; stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's exit flush must not fail)
+        return 141  # 128 + SIGPIPE, what a shell tool killed by it reports
     except (ValueError, OSError, RuntimeError) as exc:  # AprFormatError is a ValueError
         # One clear line for the user; APR_KERNELS_DEBUG=1 shows the traceback.
         import os
