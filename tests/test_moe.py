@@ -227,6 +227,29 @@ def test_every_expert_gets_a_gradient_even_when_no_token_picks_it(fast):
     assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters()))
 
 
+def test_expert_load_measures_the_busiest_expert_against_the_mean():
+    """Every layer routing all tokens to experts 1 and 2 of 4: the busiest expert has twice the mean
+    share (E / k); a round-robin routing that gives every expert the same count: 1."""
+    cfg = preset("tiny_mixtral")
+    model = Transformer(cfg, fast=False).train()
+    x = torch.randint(0, cfg.vocab_size, (1, 9))  # 8 positions with targets
+
+    def routed(moe, pick):
+        def route(h):
+            probs, _, _ = moe.__class__.route(moe, h)
+            chosen = pick(h.shape[0])
+            weights = probs.gather(1, chosen)
+            return probs, weights / weights.sum(-1, keepdim=True), chosen
+        return route
+
+    for pick, want in ((lambda t: torch.tensor([1, 2]).expand(t, 2), 2.0),
+                       (lambda t: torch.stack([torch.arange(t) % 4, (torch.arange(t) + 1) % 4], 1), 1.0)):
+        for layer in model.model.layers:
+            layer.block_sparse_moe.route = routed(layer.block_sparse_moe, pick)
+        model.loss(x[:, :-1], x[:, 1:])
+        assert model.last_expert_load.item() == pytest.approx(want)
+
+
 def test_aux_loss_is_a_training_term_only_and_follows_its_coefficient():
     cfg = preset("tiny_qwen3_moe")
     model = Transformer(cfg, fast=False)
@@ -394,6 +417,8 @@ def test_train_command_logs_the_aux_loss_and_resumes_exactly(capsys, tmp_path):
     assert code == 0, err
     steps = [r for r in json_lines(out) if r["event"] == "train"]
     assert all(r["aux_loss"] > 1.0 for r in steps)
+    cfg = preset("tiny_qwen3_moe")  # the expert load: between balance and every token on the same k experts
+    assert all(1.0 <= r["expert_load"] <= cfg.num_experts / cfg.num_experts_per_tok for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
     start = next(r for r in json_lines(out) if r["event"] == "start")
     assert start["params"] == preset("tiny_qwen3_moe").num_parameters()

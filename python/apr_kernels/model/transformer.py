@@ -374,6 +374,7 @@ class Transformer(nn.Module):
         self.router_aux_loss_coef = config.router_aux_loss_coef if config.is_moe else 0.0
         self.router_stats: list = []
         self.last_aux_loss: torch.Tensor | None = None
+        self.last_expert_load: torch.Tensor | None = None
         self.router_aux_sync = False  # count expert choices over every rank (router_aux_loss)
         self.model = Decoder(config)
         if config.num_labels:  # Hugging Face's *ForSequenceClassification: no output projection
@@ -474,6 +475,16 @@ class Transformer(nn.Module):
             dist.all_reduce(counts)
         return self.config.num_experts * torch.sum(counts / (counts.sum() / k) * (probs / local_rows))
 
+    def expert_load(self) -> torch.Tensor | None:
+        """How unevenly the last forward's sparse layers used their experts (None for a dense model):
+        per layer the busiest expert's share of the top-k choices over the mean share, averaged over
+        the layers. 1 is perfect balance; ``num_experts`` all choices on one expert (router collapse),
+        ``num_experts / top_k`` every token on the same k experts. This rank's tokens only."""
+        if not getattr(self, "router_stats", None):
+            return None
+        counts = torch.stack(self.router_stats)[:, 0]  # [sparse layers, E]
+        return (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).mean()
+
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", documents: Documents | None = None, teacher=None,
                 ends: torch.Tensor | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
@@ -505,7 +516,8 @@ class Transformer(nn.Module):
         A mixture-of-experts model in training mode with ``router_aux_loss_coef`` > 0 adds that
         multiple of the load-balancing loss (``router_aux_loss``) to a "mean" loss, and to a "sum"
         loss once per counted target (so the sum divided by the count is the mean's objective); the
-        loss itself is kept, detached, as ``last_aux_loss`` (also with the coefficient 0)."""
+        loss itself is kept, detached, as ``last_aux_loss`` (also with the coefficient 0), with
+        ``last_expert_load`` (``expert_load``) for the logs."""
         out = self._forward(input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss)
         if targets is None or not self.training or reduction not in ("mean", "sum"):
             return out
@@ -513,6 +525,7 @@ class Transformer(nn.Module):
         if aux is None:
             return out
         self.last_aux_loss = aux.detach()
+        self.last_expert_load = self.expert_load()
         coef = self.router_aux_loss_coef
         if not coef:
             return out

@@ -498,6 +498,7 @@ class Trainer(EvalWatch):
         total = torch.zeros((), device=self.device)
         parts = torch.zeros(2, device=self.device)  # distillation: the step's ce and kl sums
         aux = torch.zeros((), device=self.device)  # mixture of experts: the micro-batches' load-balancing losses
+        load = torch.zeros((), device=self.device)  # and their expert loads (Transformer.expert_load)
         if self.teacher is not None:
             from apr_kernels.model.distillation import Teacher
         par = self.parallel
@@ -533,10 +534,11 @@ class Trainer(EvalWatch):
             total += loss_sum.detach()
             if self._moe:
                 aux += self.model.last_aux_loss
+                load += self.model.last_expert_load
         if par is not None:
             total = par.mean(total) * world  # the sum over ranks
             if self._moe:
-                aux = par.mean(aux)
+                aux, load = par.mean(aux), par.mean(load)
             if self.teacher is not None:
                 parts = par.mean(parts) * world
         mean_loss = total / n_targets
@@ -559,8 +561,9 @@ class Trainer(EvalWatch):
             scalars["grad_norm"] = grad_norm
         if self.teacher is not None:
             scalars["ce"], scalars["kl"] = parts / n_targets
-        if self._moe:  # the mean over micro-batches and ranks (the loss includes coef x it)
+        if self._moe:  # the means over micro-batches and ranks (the loss includes coef x aux)
             scalars["aux_loss"] = aux / c.grad_accum
+            scalars["expert_load"] = load / c.grad_accum
         values = dict(zip(scalars, torch.stack([v.to(mean_loss.dtype) for v in scalars.values()]).tolist()))
         loss = values.pop("loss")
         dt = time.perf_counter() - t0
