@@ -105,14 +105,43 @@ def test_train_command_tracks_adamw_and_resumes_exactly(capsys, tmp_path):
         assert tuple(f.info("__training__.adam8.exp_avg.absmax.model.layers.0.mlp.up_proj.weight").shape) == (20,)
 
 
-def test_adamw8bit_is_refused_under_fsdp():
-    from apr_kernels.train.optim import make_optimizer
-    from apr_kernels.train.loop import TrainConfig
+class _Mesh:  # what FSDP's 1-D device mesh answers
+    ndim = 1
 
-    model = torch.nn.Linear(4, 4)
-    model.weight.device_mesh = object()  # what an FSDP (DTensor) parameter has
-    with pytest.raises(ValueError, match="--optimizer adamw8bit is not supported under FSDP"):
-        make_optimizer(model, TrainConfig(optimizer="adamw8bit"))
+    def __init__(self, world: int, rank: int):
+        self.world, self.rank = world, rank
+
+    def size(self) -> int:
+        return self.world
+
+    def get_local_rank(self) -> int:
+        return self.rank
+
+
+class _Shard:  # an FSDP parameter's facts: its global shape, Shard(0) on that mesh
+    def __init__(self, shape, world: int, rank: int):
+        from torch.distributed.tensor import Shard
+
+        self.shape, self.ndim = torch.Size(shape), len(shape)
+        self.device_mesh, self.placements = _Mesh(world, rank), (Shard(0),)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def test_fsdp_shards_keep_8_bit_moments_only_where_their_rows_start_on_block_boundaries():
+    """Under FSDP a rank holds torch.chunk rows: 8-bit moments where every rank's share is whole
+    blocks (the whole tensor's blocks, split), fp32 elsewhere; plain tensors by size alone."""
+    from apr_kernels.train.adamw8bit import eight_bit_layout, shard_rows
+
+    assert [shard_rows(_Shard((320, 64), 2, r)) for r in (0, 1)] == [(0, 160), (160, 160)]
+    assert eight_bit_layout(_Shard((320, 64), 2, 0))  # 160 x 64 = 40 blocks a rank
+    assert eight_bit_layout(_Shard((75, 896), 2, 1))  # 38 rows x 896 = 133 blocks
+    assert not eight_bit_layout(_Shard((263, 42), 2, 0))  # 132 x 42 = 5544 values: 21.66 blocks
+    assert not eight_bit_layout(_Shard((75, 42), 2, 0))  # 3150 values: fp32 in any case
+    assert shard_rows(_Shard((3, 4096), 4, 3)) == (3, 0) and eight_bit_layout(_Shard((3, 4096), 4, 3))
+    assert eight_bit_layout(torch.empty(64, 64)) and not eight_bit_layout(torch.empty(63, 64))
+    assert shard_rows(torch.empty(64, 64)) is None
 
 
 def _steps(backend_name, use_backend, w0, grads, **kw):

@@ -90,6 +90,16 @@ def _odd_config():
                        rope_theta=1e4, rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True)
 
 
+def _aligned_config():
+    """Every matrix of at least 4096 values splits over 2 ranks into whole 256-value blocks (8-bit
+    AdamW moments under FSDP, adamw8bit.eight_bit_layout); k/v (2048 values) and the vectors keep fp32."""
+    from apr_kernels.model import ModelConfig
+
+    return ModelConfig(architecture="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       head_dim=16, intermediate_size=128, vocab_size=320, max_position_embeddings=256,
+                       rope_theta=1e4, rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True)
+
+
 def _big_config():  # ~11M fp32 parameters: a 45 MB file
     from apr_kernels.model import ModelConfig
 
@@ -293,6 +303,12 @@ def runs(tmp_path_factory):
     code, one_adam8_out = _cli(main, ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit",
                                       "--out", str(root / "one_adam8")])
     assert code == 0
+    torch.manual_seed(14)
+    aligned = root / "aligned.apr"
+    save_checkpoint(aligned, model=Transformer(_aligned_config(), fast=False))
+    adam8 = ["train", "--init", str(aligned), *COMMON, "--optimizer", "adamw8bit"]
+    code, one_adam8_aligned_out = _cli(main, [*adam8, "--out", str(root / "one_adam8_aligned")])
+    assert code == 0
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
@@ -344,6 +360,13 @@ def runs(tmp_path_factory):
         ["train", "--init", str(moe_init), *fast_on, "--parallel", "fsdp", "--out", str(root / "fsdp_moe")],
         ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit", "--parallel", "ddp",
          "--out", str(root / "ddp_adam8")],
+        # 8-bit moments of each rank's rows (run28), resumed exactly (run29); the odd shapes' shards
+        # do not start on block boundaries: fp32 moments (run30)
+        [*adam8, "--parallel", "fsdp", "--out", str(root / "fsdp_adam8")],
+        ["train", "--resume", str(root / "fsdp_adam8" / "step_000002.apr"), "--parallel", "fsdp", "--out",
+         str(root / "fsdp_adam8_resumed"), "--json", "--no-progress", "--fast", "off"],
+        ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit", "--parallel", "fsdp",
+         "--out", str(root / "fsdp_adam8_odd")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -367,7 +390,7 @@ def runs(tmp_path_factory):
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
             "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
-            "one_moe_out": one_moe_out, "one_adam8_out": one_adam8_out,
+            "one_moe_out": one_moe_out, "one_adam8_out": one_adam8_out, "one_adam8_aligned_out": one_adam8_aligned_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -903,3 +926,42 @@ def test_adamw8bit_under_ddp_matches_one_process(runs):
     for name in ref:
         if not name.startswith("__training__"):
             torch.testing.assert_close(mine[name], ref[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_adamw8bit_under_fsdp_matches_one_process_and_resumes_exactly(runs):
+    """--optimizer adamw8bit under FSDP (run28): each rank keeps 8-bit moments of its rows, whose blocks
+    are the whole tensor's, so the losses, weights and the gathered checkpoint's codes and scales are
+    one process's; resumed from step 2 (run29) it continues exactly, and in one process as one process
+    would (the same checkpoint format). Shards that do not start on
+    block boundaries (the odd config, run30) keep fp32 moments: AdamW's own numbers, no 8-bit state."""
+    r0, r1 = runs["ranks"][(0, 2)], runs["ranks"][(1, 2)]
+    assert r0["run28"]["code"] == r1["run28"]["code"] == r0["run29"]["code"] == r0["run30"]["code"] == 0
+    got, want = _records(r0["run28"]["stdout"]), _records(runs["one_adam8_aligned_out"])
+    assert _losses(got) == pytest.approx(_losses(want), rel=1e-5)
+    root = runs["root"]
+    (mine, _), (ref, _) = _tensors(root / "fsdp_adam8" / "model.apr"), _tensors(root / "one_adam8_aligned" / "model.apr")
+    assert sorted(mine) == sorted(ref)
+    codes = [n for n in ref if n.startswith("__training__.adam8.") and ".codes." in n]
+    assert "__training__.adam8.exp_avg.codes.model.embed_tokens.weight" in codes and len(codes) == 2 * (1 + 2 * 5)
+    for name in ref:
+        if name in codes:  # (a value on a rounding boundary may take the neighbouring code)
+            assert (mine[name] == ref[name]).float().mean() > 0.999, name
+        elif not name.startswith("__training__.rng"):
+            torch.testing.assert_close(mine[name], ref[name], rtol=1e-4, atol=5e-5, msg=name)
+    resumed = _records(r0["run29"]["stdout"])
+    assert _losses(resumed) == pytest.approx(_losses(got)[2:], rel=1e-6)
+    (again, _) = _tensors(root / "fsdp_adam8_resumed" / "model.apr")
+    for name in ref:
+        if not name.startswith("__training__.rng"):
+            torch.testing.assert_close(again[name], mine[name], rtol=1e-6, atol=1e-7, msg=name)
+    # the gathered 8-bit moments are one process's format: that checkpoint resumes in one process too
+    from apr_kernels.cli import main
+
+    code, out = _cli(main, ["train", "--resume", str(root / "fsdp_adam8" / "step_000002.apr"), "--out",
+                            str(root / "one_adam8_from_fsdp"), "--json", "--no-progress", "--fast", "off"])
+    assert code == 0 and _losses(_records(out)) == pytest.approx(_losses(got)[2:], rel=1e-5)
+    odd = _records(r0["run30"]["stdout"])
+    assert _losses(odd) == pytest.approx(_losses(_records(runs["one_out"])), rel=1e-4)
+    (odd_state, _) = _tensors(root / "fsdp_adam8_odd" / "model.apr")
+    assert not any(n.startswith("__training__.adam8.") for n in odd_state)
+    assert "__training__.adam.exp_avg.model.embed_tokens.weight" in odd_state

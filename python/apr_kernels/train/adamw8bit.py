@@ -22,7 +22,14 @@ and runs elsewhere.
 Checkpoints hold the 8-bit moments as they are (``__training__.adam8.<moment>.codes.<param>``, U8,
 and ``...absmax.<param>``, F32), so a resumed run continues exactly: quantising dequantised moments
 again would not give the same bytes (the signed map has no -1 code, so a block led by a negative value
-shrinks its scale). Not under FSDP (which shards the moments across ranks instead) and not with Muon.
+shrinks its scale). Not with Muon.
+
+Under FSDP (parameters and gradients are DTensors holding ``torch.chunk`` rows of dim 0 per rank) each
+rank keeps the moments of its own rows. The blocks are those of the whole flattened tensor, so a
+rank's rows must start on a block boundary: when every rank's share (``ceil(rows / ranks) * columns``
+values) is a multiple of 256, its blocks are exactly the whole tensor's (the same codes as one process,
+gathered into the same checkpoint tensors); otherwise that tensor keeps fp32 moments, sharded as
+AdamW's are (``eight_bit_layout``). Resuming with another number of ranks re-forms what no longer fits.
 """
 
 from __future__ import annotations
@@ -104,6 +111,39 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, sh
     return values.reshape(-1)[:math.prod(shape)].view(shape)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view sharing its storage), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:
+    """(first row, rows) of an FSDP parameter's local shard: ``torch.chunk`` of dim 0 over a 1-D mesh;
+    None for a plain tensor or another placement."""
+    mesh = getattr(p, "device_mesh", None)
+    if mesh is None:
+        return None
+    from torch.distributed.tensor import Shard
+
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.ndim == 0:
+        return None
+    chunk = -(-p.shape[0] // mesh.size())
+    first = min(mesh.get_local_rank() * chunk, p.shape[0])
+    return first, min(chunk, p.shape[0] - first)
+
+
+def eight_bit_layout(p: torch.Tensor) -> bool:
+    """Whether ``p``'s moments are kept in 8 bits: at least ``MIN_8BIT`` values, and when sharded by
+    FSDP every rank's share a whole number of blocks (module docstring)."""
+    if p.numel() < MIN_8BIT:
+        return False
+    if not hasattr(p, "device_mesh"):
+        return True
+    if shard_rows(p) is None:
+        return False
+    chunk = -(-p.shape[0] // p.device_mesh.size())
+    return chunk * (p.numel() // p.shape[0]) % BLOCK == 0
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """``torch.optim.AdamW`` with block-wise 8-bit moments (module docstring); the same param groups
     (``lr``, ``betas``, ``eps``, ``weight_decay``, and the trainers' ``lr_scale``)."""
@@ -134,10 +174,11 @@ class AdamW8bit(torch.optim.Optimizer):
         return backend.kernels("adamw8bit") if backend.use_triton(p) else None
 
     def _stored(self, p: torch.Tensor, value: torch.Tensor, signed: bool):
-        """A moment as kept: 8-bit for large tensors, else fp32."""
-        if p.numel() < MIN_8BIT:
+        """A moment as kept: 8-bit (of this rank's rows under FSDP) where ``eight_bit_layout``, else
+        fp32 placed like ``p`` (a DTensor under FSDP)."""
+        if not eight_bit_layout(p):
             return value.to(torch.float32, copy=True)  # (its own storage: updated in place)
-        return Blockwise8bit(value, self.qmap(signed, p.device))
+        return Blockwise8bit(_local(value), self.qmap(signed, _local(p).device))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -156,30 +197,32 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    zeros = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    zeros = torch.zeros_like(p, dtype=torch.float32)  # (a DTensor under FSDP)
                     state["exp_avg"] = self._stored(p, zeros, True)
                     state["exp_avg_sq"] = self._stored(p, zeros, False)
                 state["step"] += 1
                 t = float(state["step"])
                 m_q, v_q = state["exp_avg"], state["exp_avg_sq"]
-                k = self._kernel(p) if isinstance(m_q, Blockwise8bit) else None
-                if k is not None and p.is_contiguous() and p.grad.is_contiguous():
-                    k.adamw8bit_step(p, p.grad, m_q.codes, m_q.absmax, v_q.codes, v_q.absmax,
-                                     self._mids(True, p.device), m_q.qmap, self._mids(False, p.device), v_q.qmap,
+                # the update is elementwise: under FSDP each rank updates its own rows (local views)
+                w, grad = _local(p), _local(p.grad)
+                k = self._kernel(w) if isinstance(m_q, Blockwise8bit) else None
+                if k is not None and w.is_contiguous() and grad.is_contiguous():
+                    k.adamw8bit_step(w, grad, m_q.codes, m_q.absmax, v_q.codes, v_q.absmax,
+                                     self._mids(True, w.device), m_q.qmap, self._mids(False, w.device), v_q.qmap,
                                      lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, step=t)
                     continue
-                m = m_q.dequantize() if isinstance(m_q, Blockwise8bit) else m_q
-                v = v_q.dequantize() if isinstance(v_q, Blockwise8bit) else v_q
-                g = p.grad.float()
+                m = m_q.dequantize() if isinstance(m_q, Blockwise8bit) else _local(m_q)
+                v = v_q.dequantize() if isinstance(v_q, Blockwise8bit) else _local(v_q)
+                g = grad.float()
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                p32 = p.float()
+                p32 = w.float()
                 if wd:
                     p32.mul_(1 - lr * wd)
                 denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
                 p32.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-                if p32 is not p:
-                    p.copy_(p32)
+                if p32 is not w:
+                    w.copy_(p32)
                 for q, value in ((m_q, m), (v_q, v)):
                     if isinstance(q, Blockwise8bit):
                         q.update(value)

@@ -173,9 +173,10 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
                 m = entry[key]
                 if isinstance(m, LazyTensor):
                     tensors[f"{PREFIX}adam.{key}.{name}"] = m
-                else:  # 8-bit (adamw8bit.py): its codes and block scales, exactly
-                    tensors[f"{PREFIX}{_ADAM8}.{key}.codes.{name}"] = host_copy(m.codes)
-                    tensors[f"{PREFIX}{_ADAM8}.{key}.absmax.{name}"] = host_copy(m.absmax)
+                else:  # 8-bit (adamw8bit.py): its codes and block scales, exactly (gathered under FSDP)
+                    for part in ("codes", "absmax"):
+                        t = getattr(m, part)
+                        tensors[f"{PREFIX}{_ADAM8}.{key}.{part}.{name}"] = t if isinstance(t, LazyTensor) else host_copy(t)
             steps[name] = entry["step"]
         tensors[f"{PREFIX}rng.torch_cpu"] = torch.get_rng_state()
         if trainer.device.type == "cuda":
@@ -212,8 +213,11 @@ def training_metadata(path: str | os.PathLike) -> dict:
 
 
 def _adam8_moment(f, path, key: str, name: str, p, opt):
-    """A checkpoint's 8-bit moment of parameter ``name`` (``adamw8bit.Blockwise8bit``) for ``opt``."""
-    from .adamw8bit import Blockwise8bit
+    """A checkpoint's 8-bit moment of parameter ``name`` (``adamw8bit.Blockwise8bit``) for ``opt``.
+
+    An FSDP shard takes the blocks of its own rows; where its rows do not start on block boundaries
+    (another number of ranks than the run that wrote it) the moment comes back in fp32, sharded."""
+    from .adamw8bit import BLOCK, Blockwise8bit, eight_bit_layout, shard_rows
 
     if not hasattr(opt, "qmap"):
         raise ValueError(f"{path}: parameter {name!r} has 8-bit AdamW moments (--optimizer adamw8bit); expected "
@@ -221,12 +225,25 @@ def _adam8_moment(f, path, key: str, name: str, p, opt):
     absmax = f"{PREFIX}{_ADAM8}.{key}.absmax.{name}"
     if absmax not in f:
         raise ValueError(f"{path}: checkpoint lacks optimizer tensor {absmax!r}; expected one beside its codes")
+    codes, scales = f.get_tensor(f"{PREFIX}{_ADAM8}.{key}.codes.{name}"), f.get_tensor(absmax)
+    local = p.to_local() if hasattr(p, "to_local") else p
+    qmap = opt.qmap(key == "exp_avg", local.device)
     try:
-        return Blockwise8bit.from_parts(f.get_tensor(f"{PREFIX}{_ADAM8}.{key}.codes.{name}").to(p.device, copy=True),
-                                        f.get_tensor(absmax).to(p.device, copy=True), p.shape,
-                                        opt.qmap(key == "exp_avg", p.device))
+        whole = Blockwise8bit.from_parts(codes, scales, p.shape, qmap.cpu())
+        if not hasattr(p, "device_mesh"):
+            return Blockwise8bit.from_parts(whole.codes.to(p.device, copy=True), whole.absmax.to(p.device, copy=True),
+                                            p.shape, qmap)
     except ValueError as exc:
         raise ValueError(f"{path}: optimizer state {key!r} of {name!r}: {exc}") from None
+    if not eight_bit_layout(p):
+        from .distributed import like_param
+
+        return like_param(whole.dequantize(), p, f"{path}: optimizer state {key!r} of {name!r}")
+    first, rows = shard_rows(p)
+    cols = p.numel() // p.shape[0]
+    start, blocks = first * cols // BLOCK, -(-rows * cols // BLOCK)
+    return Blockwise8bit.from_parts(whole.codes[start * BLOCK:(start + blocks) * BLOCK].to(local.device, copy=True),
+                                    whole.absmax[start:start + blocks].to(local.device, copy=True), local.shape, qmap)
 
 
 def restore_training_state(path: str | os.PathLike, trainer) -> None:

@@ -1080,7 +1080,7 @@ def register(subparsers) -> None:
                         "(V100, T4), fp32 on CPU; weights and optimizer state stay fp32")
     o.add_argument("--optimizer", choices=["adamw", "adamw8bit", "muon"], default=d.optimizer,
                    help="adamw; adamw8bit: AdamW with its moments stored block-wise in 8 bits (a quarter of the "
-                        "optimizer memory; not under FSDP); or muon: Muon on the decoder layers' weight matrices "
+                        "optimizer memory; under FSDP each rank's rows); or muon: Muon on the decoder layers' weight matrices "
                         "and AdamW on the rest (the same --lr; not under FSDP)")
     o.add_argument("--muon-momentum", type=float, default=None, help=f"Muon's momentum (default {d.muon_momentum})")
     length = o.add_mutually_exclusive_group()

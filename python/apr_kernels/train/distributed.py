@@ -433,6 +433,45 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, **lora)
     return model
 
 
+class BlockShards:
+    """One part of an 8-bit AdamW moment under FSDP (``adamw8bit.py``): this rank's codes (one per
+    value) or block scales (one per 256 values) of its rows of parameter ``param``. The ranks' rows
+    start on block boundaries, so the parts in rank order are the whole tensor's, as one process
+    stores them: ``gather()`` (a collective) returns them joined."""
+
+    def __init__(self, local: torch.Tensor, param):
+        from .adamw8bit import BLOCK
+
+        self.local, self.param = local, param
+        self.dtype = local.dtype
+        self.per_block = BLOCK if local.dtype == torch.uint8 else 1  # codes, or scales
+        self.shape = (-(-param.numel() // BLOCK) * self.per_block,)
+
+    def _length(self, rank: int) -> int:
+        from .adamw8bit import BLOCK
+
+        rows, world = self.param.shape[0], self.param.device_mesh.size()
+        chunk = -(-rows // world)
+        n = max(0, min(chunk, rows - rank * chunk)) * (self.param.numel() // rows)
+        return -(-n // BLOCK) * self.per_block
+
+    def gather(self) -> torch.Tensor:
+        mesh = self.param.device_mesh
+        lengths = [self._length(r) for r in range(mesh.size())]
+        padded = self.local.new_zeros(max(lengths))
+        padded[:self.local.numel()] = self.local
+        parts = [torch.empty_like(padded) for _ in lengths]
+        dist.all_gather(parts, padded, group=mesh.get_group())
+        return torch.cat([part[:n] for part, n in zip(parts, lengths)])
+
+
+class Gathered8bit:
+    """An 8-bit moment for ``checkpoint.save_checkpoint``: its codes and scales as LazyTensors."""
+
+    def __init__(self, codes, absmax):
+        self.codes, self.absmax = codes, absmax
+
+
 class ShardGatherer:
     """Whole tensors of a sharded model and its AdamW moments, gathered one at a time on demand.
 
@@ -451,15 +490,24 @@ class ShardGatherer:
         self.moments: dict[str, dict] = {}  # name -> {"exp_avg": index, "exp_avg_sq": index, "step": int}
         for name, p in model.named_parameters():
             self.weights[name] = self._add(p)
+        from .adamw8bit import Blockwise8bit
+
         for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
             state = opt.state.get(p)
             if state:
-                self.moments[name] = {"step": int(state["step"]),
-                                      **{key: self._add(state[key]) for key in ("exp_avg", "exp_avg_sq")}}
+                entry = self.moments[name] = {"step": int(state["step"])}
+                for key in ("exp_avg", "exp_avg_sq"):
+                    m = state[key]
+                    entry[key] = ((self._add(BlockShards(m.codes, p)), self._add(BlockShards(m.absmax, p)))
+                                  if isinstance(m, Blockwise8bit) else self._add(m))
 
-    def _add(self, t: torch.Tensor) -> int:
-        self.items.append(t.detach())
+    def _add(self, t) -> int:
+        self.items.append(t if isinstance(t, BlockShards) else t.detach())
         return len(self.items) - 1
+
+    def _full(self, i: int) -> torch.Tensor:
+        item = self.items[i]
+        return item.gather() if isinstance(item, BlockShards) else full_tensor(item)
 
     def _broadcast(self, i: int) -> int:
         box = torch.tensor([i], dtype=torch.int64, device=self.device)  # NCCL needs a device tensor
@@ -468,7 +516,7 @@ class ShardGatherer:
 
     def _fetch(self, i: int, dtype: torch.dtype) -> torch.Tensor:
         self._broadcast(i)
-        return full_tensor(self.items[i]).to("cpu", dtype)
+        return self._full(i).to("cpu", dtype)
 
     def _lazy(self, i: int, dtype: torch.dtype | None = None):
         from apr_kernels.io import LazyTensor
@@ -492,7 +540,9 @@ class ShardGatherer:
                 del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
                 weights[f"{name}.weight"] = LazyTensor("F32", tuple(self.items[w].shape),
                                                        lambda w=w, a=a, b=b, s=m.scale: self._merged(w, a, b, s))
-        moments = {name: {"step": m["step"], **{k: self._lazy(m[k], torch.float32) for k in ("exp_avg", "exp_avg_sq")}}
+        moments = {name: {"step": m["step"], **{k: (Gathered8bit(self._lazy(m[k][0]), self._lazy(m[k][1]))
+                                                    if isinstance(m[k], tuple) else self._lazy(m[k], torch.float32))
+                                                for k in ("exp_avg", "exp_avg_sq")}}
                    for name, m in self.moments.items()}
         return weights, moments
 
@@ -505,7 +555,7 @@ class ShardGatherer:
     def serve(self) -> None:
         """Ranks other than 0: join every gather rank 0 asks for, until it is done."""
         while (i := self._broadcast(-1)) >= 0:
-            full_tensor(self.items[i])
+            self._full(i)
 
     def done(self) -> None:
         """Rank 0: release the serving ranks (also after a failed save)."""

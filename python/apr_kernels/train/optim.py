@@ -3,7 +3,8 @@
 * ``adamw`` (default): AdamW with weight decay on matrices (the embedding included), not on norms and
   biases; the fused CUDA implementation on GPUs.
 * ``adamw8bit``: the same AdamW with its moments stored block-wise in 8 bits (``adamw8bit.py``,
-  bitsandbytes' and torchao's ``AdamW8bit``): a quarter of the optimizer memory. Not under FSDP.
+  bitsandbytes' and torchao's ``AdamW8bit``): a quarter of the optimizer memory, under FSDP too (each
+  rank's rows).
 * ``muon``: Muon (Jordan et al., 2024; ``torch.optim.Muon``) on the decoder layers' weight matrices
   (the attention and MLP projections), AdamW on everything else (the embedding, the output head,
   norms and biases; LoRA adapters), as Muon's authors and Moonlight prescribe. Muon's learning rate
@@ -113,9 +114,6 @@ def make_optimizer(model: torch.nn.Module, cfg):
     """The optimizer ``cfg.optimizer`` names for ``model``'s trainable parameters."""
     if getattr(cfg, "lora_plus_ratio", 0.0) and not getattr(model, "lora", None):
         raise ValueError(f"--lora-plus-ratio {cfg.lora_plus_ratio} needs LoRA adapters (--lora-rank R)")
-    if cfg.optimizer == "adamw8bit" and any(hasattr(p, "device_mesh") for p in model.parameters()):
-        raise ValueError("--optimizer adamw8bit is not supported under FSDP (which shards the AdamW moments across "
-                         "ranks instead); use --parallel ddp, or FSDP with --optimizer adamw")
     if cfg.optimizer == "muon":
         return MuonWithAdamW(model, cfg)
     return adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg,

@@ -505,7 +505,7 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw, or adamw8bit: its moments stored block-wise in 8 bits (a quarter of the optimizer "
-                        "memory; not under FSDP)")
+                        "memory; under FSDP each rank's rows)")
     from .cli import add_freeze_option
 
     add_freeze_option(p)
