@@ -203,9 +203,10 @@ class SparseMoE(nn.Module):
     Tokens are grouped by expert with one sort; on the fast path all experts run as three grouped
     GEMMs (``apr_kernels.grouped_mm``: the group sizes never leave the device), otherwise each expert
     runs one GEMM chain on its group (one host read of the group sizes per layer). The weighted
-    outputs are summed back per token without atomics (deterministic). Every expert runs each step, an empty group included, so every
-    expert weight gets a gradient (zeros when unused, as with Hugging Face's stacked experts): DDP
-    needs every parameter used, and all ranks step the same parameters.
+    outputs are summed back per token without atomics (deterministic). Every expert runs each step,
+    an empty group included, so every expert weight gets a gradient (zeros when unused, as with
+    Hugging Face's stacked experts): DDP needs every parameter used, and all ranks step the same
+    parameters.
 
     ``forward(x, fast) -> (y, stats)``: ``stats`` [2, num_experts] fp32, per expert the number of
     top-k choices and the sum of router probabilities over these tokens, from which ``Transformer``
