@@ -367,6 +367,11 @@ def runs(tmp_path_factory):
          str(root / "fsdp_adam8_resumed"), "--json", "--no-progress", "--fast", "off"],
         ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit", "--parallel", "fsdp",
          "--out", str(root / "fsdp_adam8_odd")],
+        # Muon on row shards: each update orthogonalised whole (run31), resumed exactly (run32)
+        ["train", "--init", str(init), *COMMON, "--optimizer", "muon", "--parallel", "fsdp",
+         "--out", str(root / "fsdp_muon")],
+        ["train", "--resume", str(root / "fsdp_muon" / "step_000002.apr"), "--parallel", "fsdp", "--out",
+         str(root / "fsdp_muon_resumed"), "--json", "--no-progress", "--fast", "off"],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -795,17 +800,20 @@ def test_on_policy_distillation_on_two_ranks_matches_one_process(runs):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
-def test_muon_on_two_ranks_matches_one_process(runs):
-    """train --optimizer muon under DDP: the losses, gradient norms and final weights (and Muon's
-    momentum buffers) are the one-process run's, within what Muon's bf16 Newton-Schulz iteration
-    makes of the all-reduce's rounding (a few 1e-5 by the fourth step)."""
+@pytest.mark.parametrize("run,out", [("run15", "ddp_muon"), ("run31", "fsdp_muon")], ids=["ddp", "fsdp"])
+def test_muon_on_two_ranks_matches_one_process(runs, run, out):
+    """train --optimizer muon under DDP, and under FSDP (each rank's rows of the momentum, the update
+    gathered and orthogonalised whole): the losses, gradient norms and final weights (and Muon's
+    momentum buffers, gathered) are the one-process run's, within what Muon's bf16 Newton-Schulz
+    iteration makes of the gradient reduction's rounding (a few 1e-5 by the fourth step)."""
     want = _records(runs["one_muon_out"])
-    rank0 = runs["ranks"][(0, 2)]["run15"]
+    rank0 = runs["ranks"][(0, 2)][run]
     assert rank0["code"] == 0
     got = _records(rank0["stdout"])
     for key in ("loss", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=2e-4), key
-    (a, _), (b, _) = (_tensors(runs["root"] / "ddp_muon" / "model.apr"), _tensors(runs["root"] / "one_muon" / "model.apr"))
+    (a, _), (b, _) = (_tensors(runs["root"] / out / "model.apr"), _tensors(runs["root"] / "one_muon" / "model.apr"))
+    assert sorted(a) == sorted(b)
     assert any(k.startswith("__training__.muon.momentum_buffer.") for k in b)
     for name in b:  # (relative to each tensor's norm: bf16 orthogonalisation amplifies rounding)
         if not name.startswith("__training__.rng"):
@@ -965,3 +973,17 @@ def test_adamw8bit_under_fsdp_matches_one_process_and_resumes_exactly(runs):
     (odd_state, _) = _tensors(root / "fsdp_adam8_odd" / "model.apr")
     assert not any(n.startswith("__training__.adam8.") for n in odd_state)
     assert "__training__.adam.exp_avg.model.embed_tokens.weight" in odd_state
+
+
+def test_muon_under_fsdp_resumes_exactly(runs):
+    """The FSDP Muon run resumed from its step-2 checkpoint (run32: momentum rows restored from the
+    gathered buffers) continues with the uninterrupted run's losses and weights."""
+    r0 = runs["ranks"][(0, 2)]
+    assert r0["run31"]["code"] == r0["run32"]["code"] == 0
+    assert _losses(_records(r0["run32"]["stdout"])) == pytest.approx(_losses(_records(r0["run31"]["stdout"]))[2:],
+                                                                      rel=1e-6)
+    (a, _), (b, _) = (_tensors(runs["root"] / "fsdp_muon_resumed" / "model.apr"),
+                      _tensors(runs["root"] / "fsdp_muon" / "model.apr"))
+    for name in b:
+        if not name.startswith("__training__.rng"):
+            torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -4,7 +4,6 @@ orthogonalised gradient, checkpoints that resume a Muon run exactly, and the ref
 
 import json
 import sysconfig
-import types
 from pathlib import Path
 
 import pytest
@@ -85,10 +84,7 @@ def test_muons_update_is_an_orthogonalised_gradient():
 
 def test_refusals():
     model = _model()
-    stub = types.SimpleNamespace(module=model, world_size=1, mode="fsdp")
     tokens = torch.randint(0, 200, (500,))
-    with pytest.raises(ValueError, match="--optimizer muon is not supported under FSDP"):
-        Trainer(model, tokens, None, TrainConfig(optimizer="muon", seq_len=16), parallel=stub)
     with pytest.raises(ValueError, match="--optimizer muon with fp16 loss scaling is not supported"):
         Trainer(model, tokens, None, TrainConfig(optimizer="muon", seq_len=16), autocast_dtype=torch.float16)
     with pytest.raises(ValueError, match="optimizer='sgd'; expected one of adamw, adamw8bit, muon"):

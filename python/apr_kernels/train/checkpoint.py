@@ -267,7 +267,9 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"{path}: optimizer tensor {muon!r} has shape {list(t.shape)}, expected "
                                      f"{list(p.shape)}")
-                state[i] = {_MUON: t.to(p.device, torch.float32, copy=True)}
+                from .distributed import like_param  # (this rank's rows of an FSDP shard)
+
+                state[i] = {_MUON: like_param(t, p, f"{path}: optimizer tensor {muon!r}")}
                 continue
             if name not in steps:
                 continue

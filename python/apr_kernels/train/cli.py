@@ -1081,7 +1081,7 @@ def register(subparsers) -> None:
     o.add_argument("--optimizer", choices=["adamw", "adamw8bit", "muon"], default=d.optimizer,
                    help="adamw; adamw8bit: AdamW with its moments stored block-wise in 8 bits (a quarter of the "
                         "optimizer memory; under FSDP each rank's rows); or muon: Muon on the decoder layers' weight matrices "
-                        "and AdamW on the rest (the same --lr; not under FSDP)")
+                        "and AdamW on the rest (the same --lr)")
     o.add_argument("--muon-momentum", type=float, default=None, help=f"Muon's momentum (default {d.muon_momentum})")
     length = o.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None,

@@ -494,7 +494,9 @@ class ShardGatherer:
 
         for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
             state = opt.state.get(p)
-            if state:
+            if state and "momentum_buffer" in state:  # Muon (optim.py)
+                self.moments[name] = {"momentum_buffer": self._add(state["momentum_buffer"])}
+            elif state:
                 entry = self.moments[name] = {"step": int(state["step"])}
                 for key in ("exp_avg", "exp_avg_sq"):
                     m = state[key]
@@ -540,9 +542,8 @@ class ShardGatherer:
                 del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
                 weights[f"{name}.weight"] = LazyTensor("F32", tuple(self.items[w].shape),
                                                        lambda w=w, a=a, b=b, s=m.scale: self._merged(w, a, b, s))
-        moments = {name: {"step": m["step"], **{k: (Gathered8bit(self._lazy(m[k][0]), self._lazy(m[k][1]))
-                                                    if isinstance(m[k], tuple) else self._lazy(m[k], torch.float32))
-                                                for k in ("exp_avg", "exp_avg_sq")}}
+        moments = {name: {k: (m[k] if k == "step" else Gathered8bit(self._lazy(m[k][0]), self._lazy(m[k][1]))
+                              if isinstance(m[k], tuple) else self._lazy(m[k], torch.float32)) for k in m}
                    for name, m in self.moments.items()}
         return weights, moments
 

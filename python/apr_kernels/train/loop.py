@@ -443,9 +443,6 @@ class Trainer(EvalWatch):
             if config.batch_size % parallel.world_size:
                 raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the world size "
                                  f"{parallel.world_size}; expected an equal share of every batch per rank")
-            if config.optimizer == "muon" and parallel.mode == "fsdp":
-                raise ValueError("--optimizer muon is not supported under FSDP (Muon orthogonalises whole "
-                                 "matrices; FSDP holds row shards of them); use --parallel ddp or AdamW")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # a parallel model is already placed (and an FSDP one must not be moved)
         self.model = model if parallel is not None else model.to(self.device)

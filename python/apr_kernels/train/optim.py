@@ -10,8 +10,10 @@
   norms and biases; LoRA adapters), as Muon's authors and Moonlight prescribe. Muon's learning rate
   is matched to AdamW's by update RMS (``adjust_lr_fn="match_rms_adamw"``, Moonlight's rule: ``0.2
   sqrt(max(A, B))``), so one ``--lr`` and one schedule serve both. Its state is one momentum buffer
-  per matrix (``__training__.muon.momentum_buffer.<param>`` in checkpoints). Not under FSDP (Muon
-  orthogonalises whole matrices; FSDP holds row shards) and not with fp16 loss scaling.
+  per matrix (``__training__.muon.momentum_buffer.<param>`` in checkpoints). Under FSDP
+  (``ShardedMuon``) each rank keeps the momentum of its own rows, and the update, which Muon
+  orthogonalises as a whole matrix, is all-gathered and orthogonalised by ``torch.optim.Muon``
+  itself on every rank, each keeping its rows. Not with fp16 loss scaling.
 
 LoRA+ (``TrainConfig.lora_plus_ratio``, Hayou et al., 2024; PEFT's ``create_loraplus_optimizer``): the
 adapters' B matrices take ``ratio`` times the learning rate of everything else (their own param
@@ -61,6 +63,48 @@ def muon_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
             if p.requires_grad and p.ndim == 2 and _HIDDEN_MATRIX.search(n) and ".lora_" not in n]
 
 
+class ShardedMuon(torch.optim.Optimizer):
+    """Muon on FSDP row shards (DTensors, ``torch.chunk`` rows of dim 0): the momentum (Nesterov, in
+    ``torch.optim.Muon``'s form) is updated on each rank's rows; the update is all-gathered into the
+    whole matrix, orthogonalised and scaled by a throwaway ``torch.optim.Muon`` step from zero (its
+    Newton-Schulz iteration and learning-rate rule exactly, whatever this torch's version), and each
+    rank applies its rows with the decoupled weight decay. One all-gather per matrix per step; the
+    orthogonalisation runs on every rank."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float, adjust_lr_fn: str = "match_rms_adamw"):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
+                                      adjust_lr_fn=adjust_lr_fn))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import DTensor
+
+        from .adamw8bit import shard_rows
+
+        for group in self.param_groups:
+            mu, lr = group["momentum"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)  # (a DTensor: this rank's rows)
+                buf, g = state["momentum_buffer"].to_local(), p.grad.to_local()
+                buf.lerp_(g, 1 - mu)
+                update = g.lerp(buf, mu) if group["nesterov"] else buf
+                whole = DTensor.from_local(update, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                           stride=p.stride()).full_tensor()
+                delta = torch.nn.Parameter(torch.zeros_like(whole))
+                delta.grad = whole
+                torch.optim.Muon([delta], lr=lr, weight_decay=0.0, momentum=0.0, nesterov=False,
+                                 adjust_lr_fn=group["adjust_lr_fn"]).step()  # delta = -lr' NS(update)
+                first, rows = shard_rows(p)
+                w = p.to_local()
+                w.mul_(1 - lr * group["weight_decay"])
+                w.add_(delta[first:first + rows].to(w.dtype))
+        return None
+
+
 class MuonWithAdamW:
     """Muon on ``muon_parameters``, AdamW on the rest, as one optimizer (module docstring)."""
 
@@ -71,8 +115,11 @@ class MuonWithAdamW:
         if not hidden:
             raise ValueError("--optimizer muon: no trainable decoder-layer weight matrix for Muon to update")
         ids = {id(p) for p in hidden}
-        self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                                     nesterov=True, adjust_lr_fn="match_rms_adamw")
+        if any(hasattr(p, "device_mesh") for p in hidden):  # FSDP row shards
+            self.muon = ShardedMuon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+        else:
+            self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
         self.adamw = adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids], cfg)
         self._parts = (self.muon, self.adamw)
 
