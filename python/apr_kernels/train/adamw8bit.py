@@ -116,6 +116,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, rows) that ``rank`` holds of ``rows`` split by ``torch.chunk`` over ``world`` ranks."""
+    chunk = -(-rows // world)
+    first = min(rank * chunk, rows)
+    return first, min(chunk, rows - first)
+
+
 def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:
     """(first row, rows) of an FSDP parameter's local shard: ``torch.chunk`` of dim 0 over a 1-D mesh;
     None for a plain tensor or another placement."""
@@ -126,9 +133,7 @@ def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:
 
     if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.ndim == 0:
         return None
-    chunk = -(-p.shape[0] // mesh.size())
-    first = min(mesh.get_local_rank() * chunk, p.shape[0])
-    return first, min(chunk, p.shape[0] - first)
+    return chunk_rows(p.shape[0], mesh.size(), mesh.get_local_rank())
 
 
 def eight_bit_layout(p: torch.Tensor) -> bool:

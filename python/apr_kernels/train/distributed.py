@@ -448,11 +448,10 @@ class BlockShards:
         self.shape = (-(-param.numel() // BLOCK) * self.per_block,)
 
     def _length(self, rank: int) -> int:
-        from .adamw8bit import BLOCK
+        from .adamw8bit import BLOCK, chunk_rows
 
-        rows, world = self.param.shape[0], self.param.device_mesh.size()
-        chunk = -(-rows // world)
-        n = max(0, min(chunk, rows - rank * chunk)) * (self.param.numel() // rows)
+        rows = self.param.shape[0]
+        n = chunk_rows(rows, self.param.device_mesh.size(), rank)[1] * (self.param.numel() // rows)
         return -(-n // BLOCK) * self.per_block
 
     def gather(self) -> torch.Tensor:
@@ -473,7 +472,8 @@ class Gathered8bit:
 
 
 class ShardGatherer:
-    """Whole tensors of a sharded model and its AdamW moments, gathered one at a time on demand.
+    """Whole tensors of a sharded model and its optimizer state (AdamW's moments, fp32 or 8-bit; Muon's
+    momentum), gathered one at a time on demand.
 
     Every rank lists the same tensors in the same order. Rank 0's ``state()`` returns LazyTensors;
     writing one broadcasts its index and all-gathers it, while the other ranks sit in ``serve()``
@@ -487,7 +487,9 @@ class ShardGatherer:
         self.model, self.device = model, trainer.device
         self.items: list[torch.Tensor] = []  # DTensors (or replicated tensors), by index
         self.weights: dict[str, int] = {}
-        self.moments: dict[str, dict] = {}  # name -> {"exp_avg": index, "exp_avg_sq": index, "step": int}
+        # name -> {"exp_avg": index or (codes, scales) indices, "exp_avg_sq": ..., "step": int}, or
+        # {"momentum_buffer": index} (Muon)
+        self.moments: dict[str, dict] = {}
         for name, p in model.named_parameters():
             self.weights[name] = self._add(p)
         from .adamw8bit import Blockwise8bit
@@ -542,9 +544,14 @@ class ShardGatherer:
                 del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
                 weights[f"{name}.weight"] = LazyTensor("F32", tuple(self.items[w].shape),
                                                        lambda w=w, a=a, b=b, s=m.scale: self._merged(w, a, b, s))
-        moments = {name: {k: (m[k] if k == "step" else Gathered8bit(self._lazy(m[k][0]), self._lazy(m[k][1]))
-                              if isinstance(m[k], tuple) else self._lazy(m[k], torch.float32)) for k in m}
-                   for name, m in self.moments.items()}
+        def lazy(key, value):  # the step as it is; an 8-bit moment's two parts; a moment (fp32)
+            if key == "step":
+                return value
+            if isinstance(value, tuple):
+                return Gathered8bit(self._lazy(value[0]), self._lazy(value[1]))
+            return self._lazy(value, torch.float32)
+
+        moments = {name: {k: lazy(k, v) for k, v in m.items()} for name, m in self.moments.items()}
         return weights, moments
 
     def _merged(self, w: int, a: int, b: int, scale: float) -> torch.Tensor:
