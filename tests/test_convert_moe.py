@@ -1,7 +1,9 @@
 """Mixture-of-experts models through the converters, with `transformers` as the oracle: tiny Qwen3-MoE,
 Qwen2-MoE (shared expert, a dense layer) and Mixtral models built offline -> `convert` -> `from_apr`
-(logits) -> `export` -> `from_pretrained` (logits, config); refusals: expert keys on a dense model_type,
-an MoE config without its expert count, MoE GGUF files in both directions."""
+(logits) -> `export` -> `from_pretrained` (logits, config); llama.cpp-layout MoE GGUF files (stacked and
+per-expert, quantised experts) -> `convert` -> the logits of transformers holding the same weights;
+refusals: expert keys on a dense model_type, an MoE config without its expert count, experts in a
+GGUF of another architecture, MoE GGUF export."""
 
 import json
 
@@ -201,28 +203,168 @@ def _gguf(path, arch, expert_count=None, tensors=()):
     return path
 
 
-def test_moe_gguf_import_refused(tmp_path, capsys):
-    """llama.cpp writes Mixtral as arch llama with llama.expert_count, and Qwen2/3-MoE as qwen2moe /
-    qwen3moe, with each layer's experts stacked: refused by name, nothing written."""
+def test_moe_gguf_without_a_moe_architecture_refused(tmp_path, capsys):
+    """Experts in a file whose architecture has no mixture-of-experts kind here (qwen2 with an expert
+    count, or with stacked experts) are refused by name, nothing written; a llama file that says it
+    has no experts converts."""
     exps = [("blk.0.ffn_gate_inp.weight", (4, 32)), ("blk.0.ffn_up_exps.weight", (4, 64, 32))]
     cases = {
-        "mixtral.gguf": (_gguf(tmp_path / "mixtral.gguf", "llama", 4, exps), "llama.expert_count is 4"),
-        "qwen2moe.gguf": (_gguf(tmp_path / "qwen2moe.gguf", "qwen2moe", 4, exps),
-                          "general.architecture is 'qwen2moe'"),
-        "qwen3moe.gguf": (_gguf(tmp_path / "qwen3moe.gguf", "qwen3moe", 4, exps),
-                          "general.architecture is 'qwen3moe'"),
-        "stacked.gguf": (_gguf(tmp_path / "stacked.gguf", "llama", None, exps), "'blk.0.ffn_gate_inp.weight'"),
+        "count.gguf": (_gguf(tmp_path / "count.gguf", "qwen2", 4, exps), "qwen2.expert_count is 4"),
+        "stacked.gguf": (_gguf(tmp_path / "stacked.gguf", "qwen2", None, exps), "'blk.0.ffn_gate_inp.weight'"),
     }
     capsys.readouterr()
     for name, (path, needle) in cases.items():
         assert main(["convert", str(path), str(tmp_path / "out.apr"), "-q"]) == 1, name
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and name in err[0] and needle in err[0], (name, err)
-        assert "MoE GGUF import is not supported" in err[0] and "Hugging Face folder" in err[0]
+        assert "expected llama (Mixtral), qwen2moe or qwen3moe" in err[0]
         assert not (tmp_path / "out.apr").exists()
-    # a dense file that says it has no experts converts
     ok = _gguf(tmp_path / "dense.gguf", "llama", 0)
     assert main(["convert", str(ok), str(tmp_path / "dense.apr"), "-q"]) == 0
+
+
+# llama.cpp's spelling of each family and of its MoE tensors (from convert_hf_to_gguf.py / gguf-py's
+# tensor table, written out here independently of the converter)
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+
+
+def write_moe_gguf(path, model, family, expert_qtype=None, per_expert=False):
+    """``model`` (a transformers MoE model) as llama.cpp writes it: experts stacked per projection
+    ([experts, out, in]; ``per_expert``: the older one-tensor-per-expert Mixtral layout), the router
+    as ffn_gate_inp, Qwen2-MoE's shared expert as *_shexp, Mixtral's q/k rows permuted. Experts in
+    ``expert_qtype`` (Q8_0 through gguf, Q4_K through APR's quantiser); returns the weights the file
+    holds, dequantised, under the model's own names."""
+    from test_convert_gguf import encode, gguf_name, llama_cpp_permute, small_vocab
+
+    gguf = pytest.importorskip("gguf")
+    cfg = model.config
+    arch = GGUF_ARCH[family]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    if getattr(cfg, "head_dim", None):
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    experts = cfg.num_local_experts if family == "mixtral" else cfg.num_experts
+    w.add_expert_count(experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if family != "mixtral":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if family == "qwen2_moe":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    tokens, merges = small_vocab(["a b"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([1] * len(tokens))
+    reference = {}
+
+    def add(name, arr, qtype=None):
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if qtype is None:
+            w.add_tensor(name, arr)
+            return arr
+        flat = arr.reshape(-1, arr.shape[-1])
+        stored, raw = encode(flat, qtype)
+        w.add_tensor(name, stored.reshape(*arr.shape[:-1], -1), raw_shape=(*arr.shape[:-1], stored.shape[-1]),
+                     raw_dtype=raw)
+        return gguf.quants.dequantize(stored, raw).reshape(arr.shape)
+
+    for name, t in model.state_dict().items():
+        arr = t.numpy()
+        parts = name.split(".")
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if ".experts.gate_up_proj" in name or ".experts.down_proj" in name:
+            n = parts[2]
+            if name.endswith("gate_up_proj"):
+                inter = arr.shape[1] // 2
+                stacks = {"gate": arr[:, :inter], "up": arr[:, inter:]}
+            else:
+                stacks = {"down": arr}
+            got = {}
+            for proj, stack in stacks.items():
+                if per_expert:
+                    got[proj] = np.stack([add(f"blk.{n}.ffn_{proj}.{e}.weight", stack[e], expert_qtype)
+                                          for e in range(experts)])
+                else:
+                    got[proj] = add(f"blk.{n}.ffn_{proj}_exps.weight", stack, expert_qtype)
+            reference[name] = (np.concatenate([got["gate"], got["up"]], 1) if "gate" in got else got["down"])
+        elif name.endswith(".mlp.gate.weight"):
+            reference[name] = add(f"blk.{parts[2]}.ffn_gate_inp.weight", arr)
+        elif ".shared_expert_gate." in name:
+            reference[name] = add(f"blk.{parts[2]}.ffn_gate_inp_shexp.weight", arr[0])[None]
+        elif ".shared_expert." in name:
+            reference[name] = add(f"blk.{parts[2]}.ffn_{parts[5][:-5]}_shexp.weight", arr)
+        else:
+            stored = arr
+            if family == "mixtral" and ".q_proj." in name:
+                stored = llama_cpp_permute(arr, cfg.num_attention_heads)
+            elif family == "mixtral" and ".k_proj." in name:
+                stored = llama_cpp_permute(arr, cfg.num_attention_heads, cfg.num_key_value_heads)
+            add(gguf_name(name), stored)
+            reference[name] = arr
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return reference
+
+
+GGUF_CASES = {
+    "qwen3_moe": ("qwen3_moe", {}, None, False),
+    # shared expert, a dense layer, dequantised experts (rows of whole 32-value Q8_0 blocks)
+    "qwen2_moe": ("qwen2_moe", dict(moe_intermediate_size=32), "Q8_0", False),
+    "mixtral": ("mixtral", {}, None, False),
+    "mixtral-per-expert": ("mixtral", {}, "Q8_0", True),
+    # Q4_K experts (rows of 256 values) stay raw blocks: each expert's slice of the stacked bytes
+    "qwen3_moe-q4k": ("qwen3_moe", dict(hidden_size=256, moe_intermediate_size=256, head_dim=64), "Q4_K", False),
+}
+
+
+@pytest.mark.parametrize("case", GGUF_CASES)
+def test_moe_gguf_import_matches_transformers(tmp_path, case):
+    """llama.cpp-layout MoE GGUF files -> convert -> from_apr: the logits of transformers' model holding
+    the file's (dequantised) weights; every expert under its Hugging Face name; the routing settings
+    read from llama.cpp's keys; Q4_K expert slices kept as raw blocks, byte for byte."""
+    gguf = pytest.importorskip("gguf")
+    family, extra, qtype, per_expert = GGUF_CASES[case]
+    model = tiny(family, **extra).eval()
+    T = gguf.GGMLQuantizationType
+    reference = write_moe_gguf(tmp_path / "m.gguf", model, family, T[qtype] if qtype else None, per_expert)
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "m.apr"), "-q"]) == 0
+    want = type(model)(model.config).eval()
+    want.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in reference.items()}, strict=False)
+    if model.config.tie_word_embeddings:
+        want.tie_weights()
+    ours = from_apr(tmp_path / "m.apr", fast=False).eval()
+    ids = torch.randint(0, 257, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), want(ids).logits, rtol=1e-4, atol=1e-4)
+    ffn = "block_sparse_moe" if family == "mixtral" else "mlp"
+    up = "w3" if family == "mixtral" else "up_proj"
+    with apr_kernels.open(tmp_path / "m.apr") as f:
+        meta = f.metadata
+        assert meta["architecture"] == family and meta["num_experts"] == 4 and meta["num_experts_per_tok"] == 2
+        assert f"model.layers.0.{ffn}.experts.3.{up}.weight" in f.keys()
+        assert f"model.layers.0.{ffn}.gate.weight" in f.keys()
+        if family == "qwen2_moe":
+            assert meta["mlp_only_layers"] == [1] and meta["shared_expert_intermediate_size"] == 24
+            assert meta["norm_topk_prob"] is False
+        if qtype == "Q4_K":  # raw blocks: expert 2's slice of the stacked tensor, byte for byte
+            assert f.info(f"model.layers.0.{ffn}.experts.2.{up}.weight").dtype == "Q4_K"
+            r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+            stack = next(t for t in r.tensors if t.name == "blk.0.ffn_up_exps.weight")
+            each = len(np.asarray(stack.data).reshape(-1).view(np.uint8)) // 4
+            raw = np.asarray(stack.data).reshape(-1).view(np.uint8)[2 * each:3 * each]
+            np.testing.assert_array_equal(f.get_raw(f"model.layers.0.{ffn}.experts.2.{up}.weight").numpy(), raw)
 
 
 @pytest.mark.parametrize("preset_name", ["tiny_qwen3_moe", "tiny_qwen2_moe", "tiny_mixtral"])

@@ -1,5 +1,17 @@
-"""GGUF (llama.cpp) source: the dense Llama, Mistral (as llama.cpp writes it: ``llama``), Qwen2 and Qwen3
-families; mixture-of-experts files (``expert_count`` > 0, ``qwen2moe``/``qwen3moe``) are refused.
+"""GGUF (llama.cpp) source: the Llama, Mistral (as llama.cpp writes it: ``llama``), Qwen2 and Qwen3
+families and their mixture-of-experts kinds: ``qwen2moe``, ``qwen3moe`` and Mixtral (``llama`` with
+``llama.expert_count``).
+
+* Experts: llama.cpp stacks each layer's experts in one tensor per projection (``ffn_gate_exps``,
+  ``ffn_up_exps``, ``ffn_down_exps``: ``[experts, out, in]``); each expert's slice (contiguous bytes,
+  whole rows of blocks, so Q4_K/Q6_K slices stay raw and exact) becomes its own Hugging Face tensor
+  (``model.layers.N.mlp.experts.E.gate_proj.weight``; Mixtral's ``block_sparse_moe.experts.E.w1``),
+  the router ``ffn_gate_inp`` the ``gate``, Qwen2-MoE's ``*_shexp`` tensors the shared expert and its
+  gate. Older Mixtral files with one tensor per expert (``ffn_gate.E``) are read too. The routing
+  settings: ``expert_count``, ``expert_used_count``, ``expert_feed_forward_length`` (Mixtral:
+  ``feed_forward_length``), ``expert_shared_feed_forward_length``; ``norm_topk_prob`` from
+  ``expert_weights_norm`` when present, else as llama.cpp runs each family (Qwen3-MoE and Mixtral
+  renormalise, Qwen2-MoE does not); layers without a router are the dense ``mlp_only_layers``.
 
 * Names: ``blk.N.*`` -> Hugging Face names (``names.gguf_to_hf``); shapes reversed (GGUF ``ne`` lists
   the contiguous dimension first), bytes never transposed (spec 10.1).
@@ -18,6 +30,7 @@ families; mixture-of-experts files (``expert_count`` > 0, ``qwen2moe``/``qwen3mo
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +47,12 @@ _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F
 _RAW_QUANT = ("Q4_K", "Q6_K")
 # the dense families a GGUF file may hold (its general.architecture spelling is ours)
 DENSE_ARCHS = tuple(a for a in HF_ARCHITECTURES if a not in MOE_FAMILIES)
-# llama.cpp's (and Hugging Face's) names of the mixture-of-experts kinds of our families
-_MOE_ARCHS = ("qwen2moe", "qwen3moe", *MOE_FAMILIES)
+# llama.cpp's names of the mixture-of-experts kinds of our families (Mixtral: "llama" with experts)
+_MOE_ARCHS = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_STACKED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_PER_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")  # older Mixtral files
+_SHARED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight$")
+_ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp(_shexp)?\.weight$")
 _GGUF_PRE_TYPES = {"qwen2": "qwen2", "llama-bpe": "llama-bpe", "gpt-2": "gpt2", "gpt2": "gpt2", "default": "gpt2"}
 
 
@@ -63,7 +80,10 @@ def _fields(reader, path: Path) -> dict:
     return out
 
 
-def _config(kv: dict, arch: str, path: Path, vocab_rows: int | None) -> dict:
+def _config(kv: dict, arch: str, family: str, path: Path, vocab_rows: int | None) -> dict:
+    """The model config of a GGUF file: ``arch`` prefixes its keys, ``family`` is ours (``_family``)."""
+    moe = family in MOE_FAMILIES
+
     def get(key, kind, default=None, required=False):
         value = kv.get(f"{arch}.{key}", default)
         if value is None:
@@ -80,22 +100,47 @@ def _config(kv: dict, arch: str, path: Path, vocab_rows: int | None) -> dict:
     tokens = kv.get("tokenizer.ggml.tokens")
     vocab = get("vocab_size", int) or vocab_rows or (len(tokens) if isinstance(tokens, list) else None)
     return {
-        "architecture": arch,
-        "hf_architecture": HF_ARCHITECTURES[arch],
-        "hf_model_type": arch,
-        "model_type": arch,
+        "architecture": family,
+        "hf_architecture": HF_ARCHITECTURES[family],
+        "hf_model_type": family,
+        "model_type": family,
         "hidden_size": hidden,
         "num_layers": get("block_count", int, required=True),
         "num_heads": heads,
         "num_kv_heads": get("attention.head_count_kv", int) or heads,
         "vocab_size": vocab,
-        "intermediate_size": get("feed_forward_length", int, required=True),
+        "intermediate_size": get("feed_forward_length", int, required=not moe),  # (MoE: its dense layers')
         "max_position_embeddings": get("context_length", int),
         "rope_theta": get("rope.freq_base", float, 10000.0),
         "rope_type": 2,  # q/k rows are in Hugging Face order after the import (see module docstring)
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", float, 1e-6),
         "head_dim": get("attention.key_length", int) or hidden // heads,
     }
+
+
+def _moe_config(kv: dict, arch: str, family: str, path: Path, routed_layers: set[int], layers: int) -> dict:
+    """The mixture-of-experts keys of a ``family`` file (module docstring)."""
+    def get(key, required=True):
+        value = kv.get(f"{arch}.{key}")
+        if value is None and not required:
+            return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{path}: GGUF key {arch}.{key} is {value!r}; expected a positive number")
+        return int(value)
+
+    experts = get("expert_count")
+    ff_key = "feed_forward_length" if family == "mixtral" else "expert_feed_forward_length"
+    out = {"num_experts": experts, "num_experts_per_tok": get("expert_used_count"),
+           "moe_intermediate_size": get(ff_key),
+           "mlp_only_layers": [i for i in range(layers) if i not in routed_layers], "decoder_sparse_step": 1}
+    norm = kv.get(f"{arch}.expert_weights_norm")
+    out["norm_topk_prob"] = bool(norm) if isinstance(norm, bool) else family != "qwen2_moe"
+    if family == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = get("expert_shared_feed_forward_length")
+    if out["num_experts_per_tok"] > experts:
+        raise ValueError(f"{path}: GGUF key {arch}.expert_used_count is {out['num_experts_per_tok']}; expected at "
+                         f"most {arch}.expert_count ({experts})")
+    return out
 
 
 def _rope_scaling(kv: dict, arch: str, path: Path, cfg: dict, rope_freqs: torch.Tensor | None) -> dict | None:
@@ -210,22 +255,31 @@ def _tokenizer(kv: dict, path: Path) -> dict | None:
 
 
 def _tensor(reader_tensor, file_data, path: Path, arch: str, cfg: dict) -> tuple[str, LazyTensor]:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import dequantize
-
     t = reader_tensor
-    qtype = GGMLQuantizationType(t.tensor_type)
     name = gguf_to_hf(t.name)
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ne0 (contiguous) last: [out, in]
+    start, size = _extent(t, file_data, path)
+    heads = rope_permuted_heads(name, cfg["num_heads"], cfg["num_kv_heads"]) if arch in PERMUTED_ARCHS else None
+    return name, _lazy(t, file_data, path, shape, start, size, heads)
+
+
+def _extent(t, file_data, path: Path) -> tuple[int, int]:
     start, size = int(t.data_offset), int(t.n_bytes)
     if start + size > len(file_data):
         raise ValueError(f"{path}: tensor {t.name!r} data [{start}, {start + size}) lies beyond the end of the "
                          f"file ({len(file_data)} bytes)")
-    heads = None
-    if arch in PERMUTED_ARCHS:
-        heads = rope_permuted_heads(name, cfg["num_heads"], cfg["num_kv_heads"])
+    return start, size
 
-    def raw() -> torch.Tensor:  # one tensor's bytes, copied out of the read-only mapping
+
+def _lazy(t, file_data, path: Path, shape: tuple, start: int, size: int, heads: int | None) -> LazyTensor:
+    """The bytes ``[start, start + size)`` of GGUF tensor ``t`` (all of it, or one expert's slice) as a
+    LazyTensor of ``shape``; ``heads``: undo llama.cpp's q/k row permutation."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    qtype = GGMLQuantizationType(t.tensor_type)
+
+    def raw() -> torch.Tensor:  # the bytes, copied out of the read-only mapping
         return torch.from_numpy(np.array(file_data[start : start + size], dtype=np.uint8, copy=True))
 
     def rows(x: torch.Tensor) -> torch.Tensor:
@@ -234,9 +288,9 @@ def _tensor(reader_tensor, file_data, path: Path, arch: str, cfg: dict) -> tuple
     kind = qtype.name
     if kind in _PLAIN:
         tdtype = _PLAIN[kind]
-        return name, LazyTensor(kind, shape, lambda: rows(raw().view(tdtype).reshape(shape)))
+        return LazyTensor(kind, shape, lambda: rows(raw().view(tdtype).reshape(shape)))
     if kind == "I16":
-        return name, LazyTensor("I32", shape, lambda: rows(raw().view(torch.int16).reshape(shape).to(torch.int32)))
+        return LazyTensor("I32", shape, lambda: rows(raw().view(torch.int16).reshape(shape).to(torch.int32)))
     if kind in _RAW_QUANT:
         if nbytes_for(kind, shape) != size:
             raise ValueError(f"{path}: tensor {t.name!r} is {kind} of shape {list(shape)} with {size} bytes; "
@@ -249,7 +303,7 @@ def _tensor(reader_tensor, file_data, path: Path, arch: str, cfg: dict) -> tuple
                 data = unpermute_rows(data.view(nrows, -1), heads).reshape(-1)
             return QuantizedTensor(kind, shape, data)
 
-        return name, LazyTensor(kind, shape, quantised)
+        return LazyTensor(kind, shape, quantised)
     if qtype not in GGML_QUANT_SIZES:
         raise ValueError(f"{path}: tensor {t.name!r} has GGML type {kind}, which has no known block size")
     block, type_size = GGML_QUANT_SIZES[qtype]
@@ -266,38 +320,92 @@ def _tensor(reader_tensor, file_data, path: Path, arch: str, cfg: dict) -> tuple
             raise ValueError(f"{path}: tensor {t.name!r}: the gguf package cannot dequantise {kind}") from None
         return rows(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape))
 
-    return name, LazyTensor("F32", shape, dequantised)
+    return LazyTensor("F32", shape, dequantised)
 
 
-def _refuse_experts(kv: dict, arch, reader, path: Path) -> None:
-    """A mixture-of-experts GGUF (llama.cpp writes Mixtral as ``llama`` with ``llama.expert_count``, and
-    Qwen2/3-MoE as ``qwen2moe``/``qwen3moe``; each layer's experts stacked in ``ffn_*_exps`` tensors)."""
+# llama.cpp projection -> (Hugging Face expert name, Mixtral's); the shared expert's
+_EXPERT_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+
+
+def _moe_tensors(t, file_data, path: Path, family: str, cfg: dict) -> dict[str, LazyTensor] | None:
+    """The Hugging Face tensors of an expert, router or shared-expert GGUF tensor ``t`` (None: not one).
+    Stacked experts are cut into one tensor per expert."""
+    ffn = "block_sparse_moe" if family == "mixtral" else "mlp"
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    m = _ROUTER.match(t.name)
+    if m:
+        start, size = _extent(t, file_data, path)
+        if m.group(2):  # Qwen2-MoE's shared-expert gate: ne [hidden] -> nn.Linear [1, hidden]
+            return {f"model.layers.{m.group(1)}.{ffn}.shared_expert_gate.weight":
+                    _lazy(t, file_data, path, (1, shape[-1]), start, size, None)}
+        return {f"model.layers.{m.group(1)}.{ffn}.gate.weight": _lazy(t, file_data, path, shape, start, size, None)}
+    m = _SHARED.match(t.name)
+    if m:
+        start, size = _extent(t, file_data, path)
+        name = f"model.layers.{m.group(1)}.{ffn}.shared_expert.{m.group(2)}_proj.weight"
+        return {name: _lazy(t, file_data, path, shape, start, size, None)}
+    proj = _EXPERT_NAMES
+    m = _PER_EXPERT.match(t.name) if family == "mixtral" else None
+    if m:
+        start, size = _extent(t, file_data, path)
+        name = f"model.layers.{m.group(1)}.{ffn}.experts.{m.group(3)}.{proj[m.group(2)][1]}.weight"
+        return {name: _lazy(t, file_data, path, shape, start, size, None)}
+    m = _STACKED.match(t.name)
+    if not m:
+        return None
+    experts = cfg["num_experts"]
+    start, size = _extent(t, file_data, path)
+    if len(shape) != 3 or shape[0] != experts or size % experts:
+        raise ValueError(f"{path}: tensor {t.name!r} has shape {list(shape)} ({size} bytes); expected "
+                         f"[{experts} experts, out, in] stacked experts")
+    each = size // experts
+    leaf = proj[m.group(2)][1 if family == "mixtral" else 0]
+    return {f"model.layers.{m.group(1)}.{ffn}.experts.{e}.{leaf}.weight":
+            _lazy(t, file_data, path, shape[1:], start + e * each, each, None) for e in range(experts)}
+
+
+def _family(kv: dict, arch, reader, path: Path) -> str:
+    """Our family of a GGUF file: its architecture, or the mixture-of-experts kind it holds."""
+    if arch in _MOE_ARCHS:
+        return _MOE_ARCHS[arch]
     count = kv.get(f"{arch}.expert_count")
+    experts = isinstance(count, (int, float)) and not isinstance(count, bool) and count > 0
     stacked = next((t.name for t in reader.tensors if "_exps." in t.name or ".ffn_gate_inp." in t.name), None)
-    why = (f"general.architecture is {arch!r}" if arch in _MOE_ARCHS else
-           f"{arch}.expert_count is {count}" if isinstance(count, (int, float)) and count > 0 else
-           f"tensor {stacked!r} is an expert router or stacked experts" if stacked else None)
-    if why:
-        raise ValueError(f"{path}: {why}: a mixture-of-experts model; MoE GGUF import is not supported (GGUF "
-                         f"stacks each layer's experts): convert the model's Hugging Face folder instead")
+    if arch == "llama" and experts:
+        return "mixtral"
+    if experts or stacked:
+        why = f"{arch}.expert_count is {count}" if experts else f"tensor {stacked!r} is an expert router or stacked experts"
+        raise ValueError(f"{path}: {why}, but general.architecture {arch!r} has no mixture-of-experts kind here; "
+                         f"expected llama (Mixtral), qwen2moe or qwen3moe for an MoE model")
+    if arch not in DENSE_ARCHS:
+        raise ValueError(f"{path}: general.architecture is {arch!r}; expected one of "
+                         f"{', '.join(DENSE_ARCHS + tuple(_MOE_ARCHS))}")
+    return arch
 
 
 def read_gguf(path: Path) -> Source:
     reader = _open_reader(path)
     kv = _fields(reader, path)
     arch = kv.get("general.architecture")
-    _refuse_experts(kv, arch, reader, path)
-    if arch not in DENSE_ARCHS:
-        raise ValueError(f"{path}: general.architecture is {arch!r}; expected one of {', '.join(DENSE_ARCHS)}")
+    family = _family(kv, arch, reader, path)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab_rows = int(embd.shape[1]) if embd is not None and len(embd.shape) == 2 else None
-    cfg = _config(kv, arch, path, vocab_rows)
+    cfg = _config(kv, arch, family, path, vocab_rows)
+    if family in MOE_FAMILIES:
+        routed = {int(m.group(1)) for t in reader.tensors if (m := _ROUTER.match(t.name)) and not m.group(2)}
+        cfg.update(_moe_config(kv, arch, family, path, routed, cfg["num_layers"]))
+        if cfg["intermediate_size"] is None:
+            cfg["intermediate_size"] = cfg["moe_intermediate_size"]
     tensors: dict[str, LazyTensor] = {}
     for t in reader.tensors:
-        name, lt = _tensor(t, reader.data, path, arch, cfg)
-        if name in tensors:
-            raise ValueError(f"{path}: tensors map to the same name {name!r}")
-        tensors[name] = lt
+        found = _moe_tensors(t, reader.data, path, family, cfg) if family in MOE_FAMILIES else None
+        if found is None:
+            name, lt = _tensor(t, reader.data, path, arch, cfg)
+            found = {name: lt}
+        for name, lt in found.items():
+            if name in tensors:
+                raise ValueError(f"{path}: tensors map to the same name {name!r}")
+            tensors[name] = lt
     rope_freqs = tensors.pop("rope_freqs.weight", None)
     if rope_freqs is not None:
         if rope_freqs.dtype not in ("F32", "F16", "BF16"):
