@@ -2,10 +2,11 @@
 Qwen2-MoE (shared expert, a dense layer) and Mixtral models built offline -> `convert` -> `from_apr`
 (logits) -> `export` -> `from_pretrained` (logits, config); llama.cpp-layout MoE GGUF files (stacked and
 per-expert, quantised experts) -> `convert` -> the logits of transformers holding the same weights;
-refusals: expert keys on a dense model_type, an MoE config without its expert count, experts in a
-GGUF of another architecture, MoE GGUF export."""
+GGUF export back to llama.cpp's layout; refusals: expert keys on a dense model_type, an MoE config
+without its expert count, experts in a GGUF of another architecture."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -246,7 +247,7 @@ def write_moe_gguf(path, model, family, expert_qtype=None, per_expert=False):
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    if getattr(cfg, "head_dim", None):
+    if getattr(cfg, "head_dim", None) and cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
@@ -367,19 +368,51 @@ def test_moe_gguf_import_matches_transformers(tmp_path, case):
             np.testing.assert_array_equal(f.get_raw(f"model.layers.0.{ffn}.experts.2.{up}.weight").numpy(), raw)
 
 
-@pytest.mark.parametrize("preset_name", ["tiny_qwen3_moe", "tiny_qwen2_moe", "tiny_mixtral"])
-def test_moe_gguf_export_refused(tmp_path, capsys, preset_name):
+@pytest.mark.parametrize("case", [c for c in GGUF_CASES if not GGUF_CASES[c][3]])
+def test_moe_gguf_export_gives_back_the_llama_cpp_file(tmp_path, case):
+    """GGUF -> APR -> export GGUF: llama.cpp's file again, its stacked experts (raw Q4_K blocks
+    concatenated byte for byte; dequantised Q8_0 experts as F32 of the same values), router, shared
+    expert and every key."""
+    from test_convert_gguf import assert_gguf_round_trip
+
+    gguf = pytest.importorskip("gguf")
+    family, extra, qtype, _ = GGUF_CASES[case]
+    src = tmp_path / "m.gguf"
+    write_moe_gguf(src, tiny(family, **extra), family, gguf.GGMLQuantizationType[qtype] if qtype else None)
+    assert main(["convert", str(src), str(tmp_path / "m.apr"), "-q"]) == 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = assert_gguf_round_trip(tmp_path, src, tmp_path / "m.apr")
+    assert any(t.name == "blk.0.ffn_down_exps.weight" for t in out.tensors)
+    # the tiny Qwen2-MoE's dense layer 1: written, with a warning that llama.cpp may not load it
+    assert any("layers [1] are dense" in str(w.message) for w in seen) == (family == "qwen2_moe")
+
+
+def test_moe_gguf_export_of_a_bf16_model_imports_back_exactly(tmp_path):
+    """A bf16 Qwen2-MoE APR file (shared expert) -> GGUF: each layer's experts stacked as BF16 (not widened),
+    the shared gate a vector; imported again, the same logits. (transformers' own GGUF loader cannot be
+    the oracle here: it does not read expert_feed_forward_length.)"""
+    gguf = pytest.importorskip("gguf")
     from apr_kernels.model import Transformer, preset
     from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import byte_tokenizer
 
-    apr = tmp_path / "m.apr"
-    save_checkpoint(apr, model=Transformer(preset(preset_name), fast=False))
-    capsys.readouterr()
-    assert main(["export", str(apr), str(tmp_path / "m.gguf"), "-q"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "m.apr" in err[0] and "mixture-of-experts" in err[0], err
-    assert "GGUF export is not supported" in err[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.apr"]  # nothing written, no temporary left
+    cfg = preset("tiny_qwen2_moe").replace(mlp_only_layers=())
+    torch.manual_seed(0)
+    model = Transformer(cfg, fast=False).to(torch.bfloat16).eval()
+    save_checkpoint(tmp_path / "m.apr", model=model, tokenizer=byte_tokenizer())
+    assert main(["export", str(tmp_path / "m.apr"), str(tmp_path / "m.gguf"), "-q"]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    stack = tensors["blk.1.ffn_up_exps.weight"]
+    assert gguf.GGMLQuantizationType(stack.tensor_type).name == "BF16"
+    assert [int(d) for d in reversed(stack.shape.tolist())] == [cfg.num_experts, cfg.moe_intermediate_size,
+                                                                 cfg.hidden_size]
+    assert len(tensors["blk.0.ffn_gate_inp_shexp.weight"].shape) == 1  # llama.cpp's vector
+    assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back.apr"), "-q"]) == 0
+    again = from_apr(tmp_path / "back.apr", fast=False, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 257, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("preset_name", ["tiny_qwen3_moe", "tiny_mixtral", "tiny_qwen2_moe"])

@@ -14,8 +14,14 @@ Written as llama.cpp's ``convert_hf_to_gguf.py`` writes the same model, so its r
   merges, pre-tokenizer name), SentencePiece as ``llama`` (pieces, scores, types); the token list is
   padded to the model's vocabulary with ``[PAD{i}]`` entries, as llama.cpp requires.
 
-Mixture-of-experts models (qwen2_moe, qwen3_moe, mixtral) are refused: GGUF stores each layer's experts
-stacked in one tensor, which this writer does not produce (export them to a Hugging Face folder).
+Mixture-of-experts models as llama.cpp writes them: ``qwen2moe``, ``qwen3moe``, Mixtral as ``llama``
+with ``expert_count``, ``expert_used_count``, ``expert_feed_forward_length`` (Mixtral:
+``feed_forward_length``) and Qwen2-MoE's ``expert_shared_feed_forward_length``; each layer's experts
+stacked into one ``[experts, out, in]`` tensor per projection (``ffn_gate_exps``, ...: raw Q4_K/Q6_K
+blocks concatenated when every expert has them, else floats), the router as ``ffn_gate_inp``, the
+shared expert as ``*_shexp`` and its gate as the vector ``ffn_gate_inp_shexp``. Routing llama.cpp
+does not run the same way (Qwen3-MoE without renormalisation, Qwen2-MoE with it, dense layers) is
+written and warned about.
 
 The file is streamed (one tensor in memory at a time) into a temporary file next to the target and
 renamed over it when complete.
@@ -36,7 +42,8 @@ import torch
 from .export import merged_tensor, model_tensor_names
 from .names import PERMUTED_ARCHS, hf_to_gguf, permute_rows, rope_permuted_heads, unpermute_rows
 
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 _PRE = {"gpt2": "gpt-2", "qwen2": "qwen2", "llama-bpe": "llama-bpe"}  # our pre_type -> tokenizer.ggml.pre
 _FLOATS = {"keep": None, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,11 +63,6 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
     cfg = plan(src).config  # every preflight check; tying decided as from_apr decides it
-    if cfg.architecture not in GGUF_ARCH:  # the mixture-of-experts families
-        raise ValueError(f"{src}: a {cfg.architecture} mixture-of-experts model ({cfg.num_experts} experts per layer); "
-                         f"GGUF export is not supported for it (GGUF stores each layer's experts stacked in one "
-                         f"tensor): expected a dense {', '.join(dict.fromkeys(GGUF_ARCH))} model, or export it to a "
-                         f"Hugging Face folder instead")
     if cfg.num_labels:
         raise ValueError(f"{src}: a sequence classifier (num_labels={cfg.num_labels}: a reward model's score head, "
                          f"no output head); GGUF export writes causal LMs for llama.cpp: expected a causal LM")
@@ -81,7 +83,9 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             rope_freqs = _rope_keys(w, gguf, cfg, src)
             _tokenizer_keys(w, gguf, meta, cfg.vocab_size, src)
             # (GGUF name, produce() -> numpy array, its numpy shape and dtype, raw GGML type or None)
+            stacks = _expert_stacks(names)
             plans = [_tensor_plan(f, gguf, hf, names[hf], cfg, arch, lora, _FLOATS[dtype]) for hf in sorted(names)]
+            plans += [_stack_plan(f, gguf, name, stored, lora, _FLOATS[dtype]) for name, stored in stacks.items()]
             if rope_freqs is not None:
                 plans.append(("rope_freqs.weight", lambda: rope_freqs, rope_freqs.shape, np.float32, None))
             for name, _produce, shape, np_dtype, raw in plans:
@@ -104,6 +108,40 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     return dst
 
 
+def _expert_stacks(names: dict) -> dict[str, list[str]]:
+    """Take the expert tensors out of ``names`` (Hugging Face name -> stored name): GGUF name of each
+    stacked tensor -> the stored names of its experts, in expert order."""
+    from .names import EXPERT_PROJ, HF_EXPERT
+
+    found: dict[str, dict[int, str]] = {}
+    for hf in [n for n in names if HF_EXPERT.match(n)]:
+        layer, expert, proj = HF_EXPERT.match(hf).groups()
+        found.setdefault(f"blk.{layer}.ffn_{EXPERT_PROJ[proj]}_exps.weight", {})[int(expert)] = names.pop(hf)
+    return {name: [experts[e] for e in sorted(experts)] for name, experts in sorted(found.items())}
+
+
+def _stack_plan(f, gguf, name: str, stored: list[str], lora, want: torch.dtype | None):
+    """One layer's experts of one projection as a ``[experts, out, in]`` GGUF tensor: their raw Q4_K/Q6_K
+    blocks one after another when all have them (and no adapter), else floats."""
+    infos = [f.info(s) for s in stored]
+    shape = (len(stored), *infos[0].shape)
+    adapted = bool(lora) and any(f"{s.removesuffix('.weight')}.lora_A" in f for s in stored)
+    kinds = {i.dtype for i in infos}
+    if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"} and want is None and not adapted:
+        per_row = infos[0].nbytes // shape[1]
+        return (name, lambda: np.stack([f.get_raw(s).view(shape[1], -1).numpy() for s in stored]),
+                (*shape[:2], per_row), np.uint8, getattr(gguf.GGMLQuantizationType, kinds.pop()))
+    same = {"F16": torch.float16, "BF16": torch.bfloat16}.get(kinds.pop()) if len(kinds) == 1 and not adapted else None
+    out = want or same or torch.float32
+    if out == torch.bfloat16:  # numpy has no bfloat16: the raw bytes
+        return (name, lambda: np.stack([merged_tensor(f, s, lora, out).contiguous().view(torch.uint8).numpy()
+                                        for s in stored]),
+                (*shape[:-1], shape[-1] * 2), np.uint8, gguf.GGMLQuantizationType.BF16)
+    np_dtype = np.float16 if out == torch.float16 else np.float32
+    return (name, lambda: np.stack([merged_tensor(f, s, lora, out).contiguous().numpy() for s in stored]),
+            shape, np_dtype, None)
+
+
 def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torch.dtype | None):
     info = f.info(stored)
     heads = rope_permuted_heads(hf, cfg.num_heads, cfg.num_kv_heads)
@@ -122,6 +160,9 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
             return b.numpy()
 
         return name, blocks, (rows, info.nbytes // rows), np.uint8, raw
+    if hf.endswith(".shared_expert_gate.weight"):  # [1, hidden] -> llama.cpp's vector
+        return name, lambda: merged_tensor(f, stored, lora, torch.float32).reshape(-1).numpy(), \
+            (info.shape[-1],), np.float32, None
     if len(info.shape) <= 1:
         out = torch.float32  # norms and biases: F32, as llama.cpp writes them
     elif want is not None:
@@ -149,7 +190,8 @@ def _model_keys(w, cfg, src) -> None:
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    # (llama.cpp reads Mixtral's expert size from feed_forward_length)
+    w.add_feed_forward_length(cfg.moe_intermediate_size if cfg.architecture == "mixtral" else cfg.intermediate_size)
     w.add_head_count(cfg.num_heads)
     w.add_head_count_kv(cfg.num_kv_heads)
     w.add_rope_freq_base(cfg.rope_theta)
@@ -159,9 +201,29 @@ def _model_keys(w, cfg, src) -> None:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    if cfg.is_moe:
+        _expert_keys(w, cfg, src)
     if cfg.sliding_window is not None:
         warn(f"{src}: the sliding window ({cfg.sliding_window} keys) is not written: llama.cpp runs this "
              f"architecture with full attention, which differs past {cfg.sliding_window} tokens")
+
+
+def _expert_keys(w, cfg, src) -> None:
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if cfg.architecture != "mixtral":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if cfg.shared_expert_intermediate_size:
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    renormalises = cfg.architecture != "qwen2_moe"  # what llama.cpp runs for each family
+    if cfg.norm_topk_prob != renormalises and cfg.architecture != "mixtral":
+        warn(f"{src}: norm_topk_prob={cfg.norm_topk_prob}, but llama.cpp's {GGUF_ARCH[cfg.architecture]} "
+             f"{'renormalises' if renormalises else 'does not renormalise'} the chosen experts' weights: its outputs "
+             f"will differ")
+    dense = [i for i in range(cfg.num_layers) if not cfg.moe_layer(i)]
+    if dense:
+        warn(f"{src}: layers {dense} are dense (mlp_only_layers / decoder_sparse_step); written as dense FFN "
+             f"tensors, which llama.cpp's {GGUF_ARCH[cfg.architecture]} may not load")
 
 
 def _rope_keys(w, gguf, cfg, src) -> np.ndarray | None:

@@ -28,7 +28,18 @@ _TABLE = (
     ("blk.{n}.ffn_down.weight", "model.layers.{n}.mlp.down_proj.weight"),
     ("blk.{n}.attn_q_norm.weight", "model.layers.{n}.self_attn.q_norm.weight"),
     ("blk.{n}.attn_k_norm.weight", "model.layers.{n}.self_attn.k_norm.weight"),
+    # mixture of experts (the experts themselves are stacked per projection: gguf_in / gguf_out)
+    ("blk.{n}.ffn_gate_inp.weight", "model.layers.{n}.mlp.gate.weight"),
+    ("blk.{n}.ffn_gate_inp.weight", "model.layers.{n}.block_sparse_moe.gate.weight"),
+    ("blk.{n}.ffn_gate_shexp.weight", "model.layers.{n}.mlp.shared_expert.gate_proj.weight"),
+    ("blk.{n}.ffn_up_shexp.weight", "model.layers.{n}.mlp.shared_expert.up_proj.weight"),
+    ("blk.{n}.ffn_down_shexp.weight", "model.layers.{n}.mlp.shared_expert.down_proj.weight"),
+    ("blk.{n}.ffn_gate_inp_shexp.weight", "model.layers.{n}.mlp.shared_expert_gate.weight"),
 )
+# a Hugging Face expert tensor: (layer, expert, projection); Mixtral's w1/w3/w2 are gate/up/down
+HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                       r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+EXPERT_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 
 
 def _regex(template: str) -> re.Pattern:
