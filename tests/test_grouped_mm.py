@@ -69,6 +69,29 @@ def test_triton_kernels_match_fp64(sizes, n_in, n_out, dtype, wdtype, use_backen
             assert_rel(w.grad, want, tol, f"dW[{e}]")
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_stacked_weight_matches_fp64(backend, dtype, use_backend, monkeypatch):
+    """One stacked [E, out, in] weight (transformers' experts): the same products, its gradient stacked
+    (the empty group's zeros included), the kernels addressing each matrix inside it."""
+    use_backend(backend)
+    if backend == "triton":
+        calls = spy_launchers(monkeypatch, "grouped_mm", ["grouped_mm_fwd", "grouped_mm_dw"])
+    x, ws, offs = make([3, 0, 70, 1, 9], 40, 150, dtype)
+    w = torch.stack([v.detach() for v in ws]).requires_grad_()
+    y = apr_kernels.grouped_mm(x, w, offs)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want_y, want_dx, want_dws = oracle(x, list(w.detach()), offs, dy)
+    assert_rel(y, want_y, REL[dtype], "y")
+    assert_rel(x.grad, want_dx, REL[dtype], "dx")
+    assert w.grad.shape == w.shape and torch.equal(w.grad[1], torch.zeros_like(w[1]))
+    for e in (0, 2, 3, 4):
+        assert_rel(w.grad[e], want_dws[e], REL[dtype], f"dW[{e}]")
+    if backend == "triton":
+        assert calls == ["grouped_mm_fwd", "grouped_mm_fwd", "grouped_mm_dw"]
+
+
 def test_poisoned_outputs_every_element_written_and_nothing_outside(use_backend):
     """Outputs are NaN-filled views into larger NaN buffers: every element of the view is written (the
     empty group's gradient too: zeros), and the extra rows and columns are left alone."""
@@ -107,6 +130,11 @@ def test_reference_gradcheck_opcheck_and_fp64_oracle(use_backend):
     torch.library.opcheck(torch.ops.apr.grouped_mm_backward.default, (dy, plain[0], plain[1:], offs, True, True))
     y = apr_kernels.grouped_mm(x, ws, offs)
     assert_rel(y, oracle(x, ws, offs, dy)[0], 1e-12, "y")
+    w = torch.stack([v.detach() for v in ws]).requires_grad_()  # the stacked op
+    assert torch.autograd.gradcheck(lambda x, w: apr_kernels.grouped_mm(x, w, offs), (x, w))
+    torch.library.opcheck(torch.ops.apr.grouped_mm_stacked.default, (x, w, offs))
+    torch.library.opcheck(torch.ops.apr.grouped_mm_stacked_backward.default,
+                          (dy, plain[0], w.detach(), offs, True, True))
 
 
 def test_frozen_weights_get_no_gradient_and_frozen_rows_none(use_backend):
@@ -158,6 +186,8 @@ def test_errors_name_the_argument_and_the_expectation():
         ((x, [ws[0], ws[1].double()], offs), "weights[1] is (4, 8) torch.float64"),
         ((x[:, :6], ws, offs), "x has 6 columns but the weights are (4, 8)"),
         ((x, ws, offs.float()), "offs must be a 1-D int32/int64 tensor of the 2 groups' cumulative row ends"),
+        ((x, torch.zeros(2, 4), offs), "a stacked weight must be a floating-point [groups, out, in] tensor"),
+        ((x, torch.zeros(3, 4, 8), offs), "offs must be a 1-D int32/int64 tensor of the 3 groups"),
         ((x, ws, offs[:1]), "offs must be a 1-D int32/int64 tensor of the 2 groups"),
         ((x, ws, torch.tensor([3, 2])), "must be non-decreasing cumulative row ends from 0 ending at x's 5 rows"),
         ((x, ws, torch.tensor([2, 4])), "ending at x's 5 rows"),
