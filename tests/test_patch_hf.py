@@ -119,6 +119,42 @@ def test_the_kernels_run_in_the_patched_model(use_backend, monkeypatch):
         torch.testing.assert_close(loss, ref.train()(x, labels=x).loss, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_moe_experts_run_as_grouped_gemms(kind, use_backend, monkeypatch):
+    """experts=True: transformers' stacked experts run through the "apr_kernels" experts implementation
+    (the grouped GEMM kernels, in the interpreter here: two forward, their dx and dW), with the
+    unpatched model's loss and every gradient."""
+    use_backend("triton")
+    calls = spy_launchers(monkeypatch, "grouped_mm", ["grouped_mm_fwd", "grouped_mm_dw"])
+    ref, patched = both(kind, experts=True)
+    assert patched.config._experts_implementation == "apr_kernels"
+    ref.train(), patched.train()
+    x = torch.randint(0, 211, (2, 13), generator=torch.Generator().manual_seed(2))
+    got = patched(x, labels=x)
+    got.loss.backward()
+    sparse = sum(1 for m in patched.modules() if hasattr(m, "gate_up_proj"))
+    assert calls.count("grouped_mm_fwd") == 4 * sparse and calls.count("grouped_mm_dw") == 2 * sparse
+    use_backend("reference")
+    with unpatched(kind):
+        want = ref(x, labels=x)
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for (n, p), q in zip(ref.named_parameters(), patched.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_experts_are_patched_by_default_only_where_transformers_loops_over_them():
+    """experts=None keeps torch's grouped_mm where transformers chose it, and replaces the per-expert
+    loop ("eager")."""
+    assert apr_kernels.patch_hf_model(hf_model("qwen3_moe")).config._experts_implementation == "grouped_mm"
+    eager = hf_model("qwen3_moe")
+    eager.set_experts_implementation("eager")
+    assert apr_kernels.patch_hf_model(eager).config._experts_implementation == "apr_kernels"
+    off = hf_model("qwen3_moe")
+    off.set_experts_implementation("eager")
+    assert apr_kernels.patch_hf_model(off, experts=False).config._experts_implementation == "eager"
+
+
 def test_evaluation_padding_and_generation_keep_the_models_numbers(use_backend):
     use_backend("reference")
     ref, patched = both("qwen2")

@@ -9,8 +9,14 @@ Llama, Mistral, Qwen2, Qwen3 and their mixture-of-experts relatives (Qwen2-MoE, 
 
 * ``rms_norm``: every RMSNorm module (the q/k norms of Qwen3 too) runs ``apr_kernels.rms_norm`` (the
   same numerics: normalise in fp32, cast, multiply by the weight);
-* ``swiglu``: every dense SwiGLU MLP runs ``apr_kernels.swiglu`` between its projections (the experts
-  of transformers' stacked MoE layers keep their own code);
+* ``swiglu``: every dense SwiGLU MLP runs ``apr_kernels.swiglu`` between its projections;
+* ``experts``: the routed experts of MoE layers (transformers' stacked ``gate_up_proj``/``down_proj``)
+  run as an experts implementation ``"apr_kernels"`` (transformers' ``ExpertsInterface``): two
+  ``apr_kernels.grouped_mm`` calls on the stacked weights in place and one ``swiglu``, the group
+  sizes kept on the device. ``None`` (default): only where the model would otherwise loop over its
+  experts (``experts_implementation="eager"``), leaving torch's ``grouped_mm`` where transformers
+  chose it until the two have been timed on a GPU (``bench/bench_moe.py``); True: always; False:
+  never;
 * ``rope``: the modeling modules' ``apply_rotary_pos_emb`` runs ``apr_kernels.rope`` on q and k in one
   pass (per-token tables, so any ``position_ids`` work; a module-level patch, as Liger's, so it holds
   for every model of those families in the process);
@@ -43,7 +49,7 @@ ATTENTION = "apr_kernels"
 
 
 def patch_hf_model(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
-                   attention: bool = True, cross_entropy: bool = True):
+                   attention: bool = True, cross_entropy: bool = True, experts: bool | None = None):
     """Put the package's kernels into ``model`` (a transformers ``*ForCausalLM`` of a supported
     family, or its base model) in place and return it (module docstring). ValueError for another
     model type."""
@@ -68,6 +74,13 @@ def patch_hf_model(model, *, rms_norm: bool = True, swiglu: bool = True, rope: b
     if attention:
         _register_attention()
         model.set_attn_implementation(ATTENTION)
+    current = getattr(config, "_experts_implementation", None)
+    if (experts or (experts is None and current == "eager")) and hasattr(model, "set_experts_implementation") \
+            and any(hasattr(m, "gate_up_proj") for m in model.modules()):
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        ALL_EXPERTS_FUNCTIONS.register(ATTENTION, apr_experts_forward)
+        model.set_experts_implementation(ATTENTION)
     if cross_entropy and hasattr(model, "lm_head"):
         original = type(model).forward
         model.forward = types.MethodType(_fused_loss_forward(original), model)
@@ -136,6 +149,35 @@ def apr_attention_forward(module, query, key, value, attention_mask, dropout: fl
     else:
         o = _ops().attention(q, k, v, causal=True, scale=scaling, window=window)
     return o, None
+
+
+def apr_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """An experts implementation for transformers' ``ExpertsInterface`` (``hidden_states`` [T, hidden],
+    ``top_k_index``/``top_k_weights`` [T, k]; returns [T, hidden]): the tokens sorted by expert, the
+    stacked ``gate_up_proj`` and ``down_proj`` [E, out, in] as two grouped GEMMs around ``swiglu``, the
+    weighted outputs put back in token order and summed per token (as transformers' ``grouped_mm``
+    implementation sums them). Experts of another form (biases, transposed or interleaved weights, no
+    gate, a custom gate or activation, expert parallelism) take the module's own forward."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    act = getattr(self, "act_fn", None)
+    plain = (not self.has_bias and not self.is_transposed and self.has_gate and self.is_concatenated
+             and not self.has_post_expert_norm and not getattr(self, "_is_expert_parallel", False)
+             and getattr(type(self), "_apply_gate", _default_apply_gate) is _default_apply_gate
+             and type(act).__name__ in ("SiLU", "SiLUActivation"))
+    if not plain:
+        return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    ops = _ops()
+    tokens, k = top_k_index.shape
+    ids, order = top_k_index.reshape(-1).sort(stable=True)
+    offs = torch.searchsorted(ids, torch.arange(self.num_experts, device=ids.device, dtype=ids.dtype), right=True)
+    xs = hidden_states[order // k]
+    gate_up = ops.grouped_mm(xs, self.gate_up_proj, offs)
+    inter = gate_up.shape[1] // 2
+    out = ops.grouped_mm(ops.swiglu(gate_up[:, :inter], gate_up[:, inter:]), self.down_proj, offs)
+    out = out * top_k_weights.reshape(-1)[order, None]
+    out = out.new_empty(out.shape).index_copy(0, order, out)  # token order (a permutation)
+    return out.view(tokens, k, -1).sum(1).to(hidden_states.dtype)
 
 
 def _register_attention() -> None:
