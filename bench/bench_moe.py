@@ -13,13 +13,16 @@ projection. Providers, in one run on one device:
                       nn.Linear weights read in place, no host sync
   loop                one GEMM chain per expert on its rows (group sizes read on the host), what
                       Hugging Face's eager MoE blocks and the package's LoRA path do
-  torch_grouped_mm    torch.nn.functional.grouped_mm (CUTLASS on sm_90) on weights stacked once
-                      beforehand into [E, in, out] (the best case for it: a model that stores its
-                      experts stacked; skipped where this torch has no grouped_mm or refuses the input)
+  apr_stacked         the same kernels on transformers' stacked layout ([E, 2I, h] gate_up_proj and
+                      [E, h, I] down_proj, stacked once beforehand): ``patch_hf_model(experts=True)``
+  torch_grouped_mm    torch.nn.functional.grouped_mm (CUTLASS on sm_90) on that stacked layout, as
+                      transformers' default ``grouped_mm`` experts implementation runs it (skipped
+                      where this torch has no grouped_mm or refuses the input)
 
 Rows: op moe_experts, model, mode fwd | fwd_bwd (gradients of the tokens and every weight), shape
 (tokens x choices), provider, ms, flops (forward 3 GEMMs: 6·T·k·h·I; fwd+bwd 3x that), tflops,
-``vs_loop`` and ``vs_grouped_mm`` on apr rows (their ms / apr's ms). --quick: 8192 tokens only;
+``vs_loop`` and ``vs_grouped_mm`` on apr rows and ``vs_grouped_mm`` on apr_stacked rows (their ms /
+ours). --quick: 8192 tokens only;
 --smoke: a tiny layout in fp32 on any device.
 """
 
@@ -65,21 +68,34 @@ class Experts:
             outs.append(F.linear(hid, self.w["down"][i]))
         return torch.cat(outs)
 
+    def _stacked(self):
+        """transformers' layout, stacked once (leaves of their own): gate_up [E, 2I, h], down [E, h, I]."""
+        gate_up = torch.cat([torch.stack([w.detach() for w in self.w[n]]) for n in ("gate", "up")], 1)
+        return gate_up.requires_grad_(), torch.stack([w.detach() for w in self.w["down"]]).requires_grad_()
+
+    def apr_stacked(self):
+        gate_up, down = self._stacked()
+
+        def run(xs):
+            gu = apr_kernels.grouped_mm(xs, gate_up, self.offs)
+            inter = gu.shape[1] // 2
+            return apr_kernels.grouped_mm(apr_kernels.swiglu(gu[:, :inter], gu[:, inter:]), down, self.offs)
+
+        return run, [self.xs, gate_up, down]
+
     def stacked(self):
-        """``F.grouped_mm`` on [E, in, out] weights stacked once (leaves of their own)."""
+        """``F.grouped_mm`` on the stacked layout (its B operands are the transposed views)."""
         grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
         if grouped_mm is None:
             raise RuntimeError("this torch has no grouped_mm")
-        ws = {n: torch.stack([w.detach() for w in v]).transpose(1, 2).contiguous().requires_grad_()
-              for n, v in self.w.items()}
+        gate_up, down = self._stacked()
         offs = self.offs.to(torch.int32)
 
         def run(xs):
-            g = grouped_mm(xs, ws["gate"], offs=offs)
-            u = grouped_mm(xs, ws["up"], offs=offs)
-            return grouped_mm(F.silu(g) * u, ws["down"], offs=offs)
+            g, u = grouped_mm(xs, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            return grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)
 
-        return run, [self.xs, *ws.values()]
+        return run, [self.xs, gate_up, down]
 
 
 def main() -> None:
@@ -96,7 +112,7 @@ def main() -> None:
     for model, (h, e, inter, k), tokens in shapes:
         ex = Experts(h, e, inter, k, tokens, dtype, dev)
         dy = torch.randn(tokens * k, h, device=dev, dtype=dtype)
-        providers = {"apr": (ex.apr, ex.params), "loop": (ex.loop, ex.params)}
+        providers = {"apr": (ex.apr, ex.params), "loop": (ex.loop, ex.params), "apr_stacked": ex.apr_stacked()}
         try:
             providers["torch_grouped_mm"] = ex.stacked()
         except Exception as err:  # noqa: BLE001  (a baseline this torch lacks: say so, go on)
@@ -117,6 +133,9 @@ def main() -> None:
                 rows.append({"op": "moe_experts", "model": model, "mode": mode, "shape": f"{tokens}x{k}",
                              "dtype": str(dtype)[6:], "provider": name, "ms": ms, "flops": f, "tflops": f / (ms * 1e-3) / 1e12})
         for row in rows:
+            if row["provider"] == "apr_stacked" and row["model"] == model and row["shape"] == f"{tokens}x{k}" \
+                    and ("torch_grouped_mm", row["mode"]) in got:
+                row["vs_grouped_mm"] = got["torch_grouped_mm", row["mode"]] / row["ms"]
             if row["provider"] == "apr" and row["model"] == model and row["shape"] == f"{tokens}x{k}":
                 for base, key in (("loop", "vs_loop"), ("torch_grouped_mm", "vs_grouped_mm")):
                     if (base, row["mode"]) in got:
@@ -128,7 +147,8 @@ def main() -> None:
     for line in failed:
         print(f"skipped: {line}")
     layouts = {m: dict(zip(("hidden", "experts", "intermediate", "top_k"), v)) for m, v in MODELS.items()}
-    path = _common.write_results("moe", rows, args.out, {"ours": "apr", "failed": failed, "layouts": layouts})
+    path = _common.write_results("moe", rows, args.out, {"ours": ["apr", "apr_stacked"], "failed": failed,
+                                                         "layouts": layouts})
     _common.print_table(rows, ["model", "shape", "mode", "provider", "ms", "tflops", "vs_loop", "vs_grouped_mm"])
     print(f"wrote {path}")
 
