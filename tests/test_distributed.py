@@ -303,6 +303,9 @@ def runs(tmp_path_factory):
     code, one_adam8_out = _cli(main, ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit",
                                       "--out", str(root / "one_adam8")])
     assert code == 0
+    dora = ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"]
+    code, one_dora_out = _cli(main, ["train", "--init", str(init), *COMMON, *dora, "--out", str(root / "one_dora")])
+    assert code == 0
     torch.manual_seed(14)
     aligned = root / "aligned.apr"
     save_checkpoint(aligned, model=Transformer(_aligned_config(), fast=False))
@@ -372,6 +375,10 @@ def runs(tmp_path_factory):
          "--out", str(root / "fsdp_muon")],
         ["train", "--resume", str(root / "fsdp_muon" / "step_000002.apr"), "--parallel", "fsdp", "--out",
          str(root / "fsdp_muon_resumed"), "--json", "--no-progress", "--fast", "off"],
+        # DoRA on row shards: each magnitude row lives with its weight row (run33), resumed (run34)
+        ["train", "--init", str(init), *COMMON, *dora, "--parallel", "fsdp", "--out", str(root / "fsdp_dora")],
+        ["train", "--resume", str(root / "fsdp_dora" / "step_000002.apr"), "--parallel", "fsdp", "--out",
+         str(root / "fsdp_dora_resumed"), "--json", "--no-progress", "--fast", "off"],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -396,6 +403,7 @@ def runs(tmp_path_factory):
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
             "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
             "one_moe_out": one_moe_out, "one_adam8_out": one_adam8_out, "one_adam8_aligned_out": one_adam8_aligned_out,
+            "one_dora_out": one_dora_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -987,3 +995,22 @@ def test_muon_under_fsdp_resumes_exactly(runs):
     for name in b:
         if not name.startswith("__training__.rng"):
             torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_dora_under_fsdp_matches_one_process_and_resumes(runs):
+    """--lora-dora under FSDP (run33): the magnitudes start from each rank's own weight rows (row shards
+    hold whole rows), so losses, the step checkpoint's adapters and moments, and the final merged model
+    equal one process's; resumed from step 2 (run34) it continues with the same losses."""
+    r0 = runs["ranks"][(0, 2)]
+    assert r0["run33"]["code"] == r0["run34"]["code"] == 0
+    got = _records(r0["run33"]["stdout"])
+    assert _losses(got) == pytest.approx(_losses(_records(runs["one_dora_out"])), rel=1e-5)
+    assert _losses(_records(r0["run34"]["stdout"])) == pytest.approx(_losses(got)[2:], rel=1e-6)
+    root = runs["root"]
+    for ckpt in ("step_000002.apr", "model.apr"):  # (model.apr: the adapters merged, magnitudes included)
+        (a, _), (b, _) = _tensors(root / "fsdp_dora" / ckpt), _tensors(root / "one_dora" / ckpt)
+        assert sorted(a) == sorted(b)
+        assert (ckpt == "model.apr") != any(k.endswith(".lora_magnitude") for k in b), ckpt
+        for name in b:
+            if not name.startswith("__training__.rng"):
+                torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=f"{ckpt}: {name}")

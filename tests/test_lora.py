@@ -468,8 +468,6 @@ def test_dora_is_pefts_and_merges_resumes_and_disables(tmp_path, use_backend):
     with torch.no_grad():
         got = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(x).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="DoRA adapters cannot be sharded"):
-        from_apr(tmp_path / "base.apr", lora_init={"rank": 2, "dora": True}, shard=lambda m: m)
 
 
 def test_dora_on_a_quantised_base_is_dora_on_its_dequantised_copy(tmp_path):

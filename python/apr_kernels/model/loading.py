@@ -220,9 +220,6 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
                              f"a plain model for new ones")
     # adapters that must exist before sharding: new ones, or the file's kept for resuming
     kept = bool(settings) and lora == "keep"
-    if shard is not None and ((lora_init or {}).get("dora") or (kept and settings.get("dora"))):
-        raise PreflightError(f"{path}: DoRA adapters cannot be sharded (FSDP: each magnitude needs its whole "
-                             f"weight rows); train them in one process or with --parallel ddp")
     if lora_init:
         add_lora(model, base_dtype=lora_base_dtype, **{k: v for k, v in lora_init.items() if k != "seed"})
     elif kept:

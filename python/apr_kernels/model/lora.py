@@ -213,7 +213,11 @@ def init_adapters(model, seed: int = 0) -> None:
         copy_into(m.lora_A, a, f"{name}.lora_A")
         copy_into(m.lora_B, torch.zeros(tuple(m.lora_B.shape)), f"{name}.lora_B")
         if hasattr(m, "lora_magnitude"):  # DoRA starts from the base: m = ||W||_row (B is 0)
-            copy_into(m.lora_magnitude, frozen_weight(m, torch.float32).norm(dim=1), f"{name}.lora_magnitude")
+            w = frozen_weight(m, torch.float32)
+            if hasattr(w, "to_local"):  # FSDP: the magnitude's rows are the weight's rows (both Shard(0))
+                m.lora_magnitude.to_local().copy_(w.to_local().norm(dim=1))
+            else:
+                copy_into(m.lora_magnitude, w.norm(dim=1), f"{name}.lora_magnitude")
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:

@@ -1131,7 +1131,7 @@ def register(subparsers) -> None:
     lo.add_argument("--lora-plus-ratio", type=float, default=0.0,
                     help="LoRA+: the adapters' B matrices at this multiple of the learning rate (e.g. 16; 0: off)")
     lo.add_argument("--lora-dora", action="store_true",
-                    help="DoRA: each adapted weight row rescaled to a trained magnitude (PEFT's use_dora; not fsdp)")
+                    help="DoRA: each adapted weight row rescaled to a trained magnitude (PEFT's use_dora)")
     lo.add_argument("--lora-quantized-base", action="store_true",
                     help="keep the --init file's quantised projections (Q4_K, Q6_K, APR_Q4, APR_Q8) in their "
                          "blocks as the frozen base, dequantised per GEMM (QLoRA-style; not with fsdp)")

@@ -541,9 +541,12 @@ class ShardGatherer:
 
             for name, m in lora_modules(self.model).items():
                 w, a, b = (self.weights[f"{name}.{part}"] for part in ("weight", "lora_A", "lora_B"))
+                mag = self.weights.get(f"{name}.lora_magnitude")  # DoRA
                 del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
-                weights[f"{name}.weight"] = LazyTensor("F32", tuple(self.items[w].shape),
-                                                       lambda w=w, a=a, b=b, s=m.scale: self._merged(w, a, b, s))
+                weights.pop(f"{name}.lora_magnitude", None)
+                weights[f"{name}.weight"] = LazyTensor(
+                    "F32", tuple(self.items[w].shape), lambda w=w, a=a, b=b, s=m.scale, g=mag: self._merged(w, a, b, s, g))
+
         def lazy(key, value):  # the step as it is; an 8-bit moment's two parts; a moment (fp32)
             if key == "step":
                 return value
@@ -554,11 +557,12 @@ class ShardGatherer:
         moments = {name: {k: lazy(k, v) for k, v in m.items()} for name, m in self.moments.items()}
         return weights, moments
 
-    def _merged(self, w: int, a: int, b: int, scale: float) -> torch.Tensor:
+    def _merged(self, w: int, a: int, b: int, scale: float, magnitude: int | None = None) -> torch.Tensor:
         from apr_kernels.model.lora import merged
 
         weight, lora_a, lora_b = (self._fetch(i, torch.float32) for i in (w, a, b))
-        return merged(weight, lora_a, lora_b, scale, torch.float32)
+        mag = self._fetch(magnitude, torch.float32) if magnitude is not None else None
+        return merged(weight, lora_a, lora_b, scale, torch.float32, mag)
 
     def serve(self) -> None:
         """Ranks other than 0: join every gather rank 0 asks for, until it is done."""
