@@ -303,6 +303,14 @@ def runs(tmp_path_factory):
     code, one_adam8_out = _cli(main, ["train", "--init", str(init), *COMMON, "--optimizer", "adamw8bit",
                                       "--out", str(root / "one_adam8")])
     assert code == 0
+    # QLoRA: the odd config's projections stored as APR_Q8 blocks, kept as the frozen base
+    from test_lora import _quantised_file
+
+    qinit = root / "q8.apr"
+    _quantised_file(qinit, _odd_config(), "APR_Q8", seed=15)
+    qlora = ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"]
+    code, one_qlora_out = _cli(main, ["train", "--init", str(qinit), *COMMON, *qlora, "--out", str(root / "one_qlora")])
+    assert code == 0
     dora = ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"]
     code, one_dora_out = _cli(main, ["train", "--init", str(init), *COMMON, *dora, "--out", str(root / "one_dora")])
     assert code == 0
@@ -379,6 +387,10 @@ def runs(tmp_path_factory):
         ["train", "--init", str(init), *COMMON, *dora, "--parallel", "fsdp", "--out", str(root / "fsdp_dora")],
         ["train", "--resume", str(root / "fsdp_dora" / "step_000002.apr"), "--parallel", "fsdp", "--out",
          str(root / "fsdp_dora_resumed"), "--json", "--no-progress", "--fast", "off"],
+        # QLoRA: the quantised base whole on every rank, the rest sharded (run35), resumed (run36)
+        ["train", "--init", str(qinit), *COMMON, *qlora, "--parallel", "fsdp", "--out", str(root / "fsdp_qlora")],
+        ["train", "--resume", str(root / "fsdp_qlora" / "step_000002.apr"), "--parallel", "fsdp", "--out",
+         str(root / "fsdp_qlora_resumed"), "--json", "--no-progress", "--fast", "off"],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -403,7 +415,7 @@ def runs(tmp_path_factory):
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
             "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
             "one_moe_out": one_moe_out, "one_adam8_out": one_adam8_out, "one_adam8_aligned_out": one_adam8_aligned_out,
-            "one_dora_out": one_dora_out,
+            "one_dora_out": one_dora_out, "one_qlora_out": one_qlora_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -1014,3 +1026,28 @@ def test_dora_under_fsdp_matches_one_process_and_resumes(runs):
         for name in b:
             if not name.startswith("__training__.rng"):
                 torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=f"{ckpt}: {name}")
+
+
+def test_quantised_lora_base_under_fsdp_matches_one_process_and_resumes(runs):
+    """--lora-quantized-base under FSDP (run35): every rank keeps the whole quantised base (not a
+    parameter) and FSDP shards the rest; the losses, the step checkpoint (the base's blocks byte for
+    byte, adapters, moments) and the final merged model equal one process's; resumed (run36)."""
+    import apr_kernels
+
+    r0 = runs["ranks"][(0, 2)]
+    assert r0["run35"]["code"] == r0["run36"]["code"] == 0
+    got = _records(r0["run35"]["stdout"])
+    assert _losses(got) == pytest.approx(_losses(_records(runs["one_qlora_out"])), rel=1e-5)
+    assert _losses(_records(r0["run36"]["stdout"])) == pytest.approx(_losses(got)[2:], rel=1e-6)
+    root = runs["root"]
+    for ckpt in ("step_000002.apr", "model.apr"):
+        with apr_kernels.open(root / "fsdp_qlora" / ckpt) as a, apr_kernels.open(root / "one_qlora" / ckpt) as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            blocks = [k for k in b.keys() if b.info(k).dtype == "APR_Q8"]
+            assert bool(blocks) == (ckpt == "step_000002.apr"), ckpt  # (the merged model: fp32)
+            for name in b.keys():
+                if name in blocks:
+                    assert torch.equal(a.get_raw(name), b.get_raw(name)), name
+                elif not name.startswith("__training__.rng"):
+                    torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name), rtol=1e-4, atol=5e-5,
+                                               msg=f"{ckpt}: {name}")

@@ -190,7 +190,7 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     so FSDP shards the adapters with the rest. ``keep_quantized``: adapted projections the file
     stores quantised keep their raw blocks as a frozen base (``lora.QuantizedLoRALinear``; copied
     out, so the file's mapping, with every other weight's pages, is released), dequantised per GEMM;
-    not with ``shard``.
+    with ``shard`` every rank keeps the whole base (it is no parameter) and FSDP shards the rest.
 
     ``dtype``: the parameter dtype (default float32, the training dtype; quantised weights are
     dequantised straight to it). ``fast``: see ``Transformer``. The returned module carries
@@ -228,7 +228,7 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
         raise PreflightError(f"{path}: a LoRA checkpoint cannot be merged while loading sharded (FSDP); "
                              f"resume it (its adapters are kept), or merge it first with `apr-kernels "
                              f"export` / from_apr in one process")
-    quantized = _quantize_bases(model, p, shard) if keep_quantized and (lora_init or kept) else {}
+    quantized = _quantize_bases(model, p) if keep_quantized and (lora_init or kept) else {}
     if shard is not None:
         shard(model)  # on meta: shards are created in their final dtypes
     model = model.to_empty(device=device)
@@ -283,7 +283,7 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     return model
 
 
-def _quantize_bases(model, p: InitPlan, shard) -> dict:
+def _quantize_bases(model, p: InitPlan) -> dict:
     """HF weight name -> adapted projection turned into a QuantizedLoRALinear, for each one whose
     weight the file stores in a block format."""
     import apr_kernels
@@ -294,9 +294,6 @@ def _quantize_bases(model, p: InitPlan, shard) -> dict:
     with apr_kernels.open(p.path) as f:
         found = {f"{name}.weight": m for name, m in lora_modules(model).items()
                  if f.info(p.sources[f"{name}.weight"]).dtype in QUANTIZED}
-    if found and shard is not None:
-        raise PreflightError(f"{p.path}: a quantised LoRA base ({next(iter(found))}, ...) cannot be sharded "
-                             f"(FSDP); train it in one process or with --parallel ddp")
     return {name: quantize_base(m) for name, m in found.items()}
 
 

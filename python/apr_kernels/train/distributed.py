@@ -534,18 +534,26 @@ class ShardGatherer:
         """(weights, moments) for ``checkpoint.save_checkpoint(state=...)``: rank 0 only. With
         ``merge_lora`` the weights are ``W + scale B A`` (fp32) of each adapted projection, and no
         adapters."""
+        from .checkpoint import quantized_bases
+
         weights = {name: self._lazy(i) for name, i in self.weights.items()}
+        # a quantised LoRA base is no parameter: every rank holds all of its blocks, written as they are
+        weights.update(quantized_bases(self.model))
         if merge_lora:
             from apr_kernels.io import LazyTensor
-            from apr_kernels.model.lora import lora_modules
+            from apr_kernels.model.lora import QuantizedLoRALinear, lora_modules
 
             for name, m in lora_modules(self.model).items():
-                w, a, b = (self.weights[f"{name}.{part}"] for part in ("weight", "lora_A", "lora_B"))
+                a, b = (self.weights[f"{name}.{part}"] for part in ("lora_A", "lora_B"))
+                # the frozen weight: gathered, or a quantised base dequantised here
+                w = (lambda m=m: m.base_weight(torch.float32).cpu()) if isinstance(m, QuantizedLoRALinear) \
+                    else self.weights[f"{name}.weight"]
                 mag = self.weights.get(f"{name}.lora_magnitude")  # DoRA
                 del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
                 weights.pop(f"{name}.lora_magnitude", None)
                 weights[f"{name}.weight"] = LazyTensor(
-                    "F32", tuple(self.items[w].shape), lambda w=w, a=a, b=b, s=m.scale, g=mag: self._merged(w, a, b, s, g))
+                    "F32", (m.out_features, m.in_features),
+                    lambda w=w, a=a, b=b, s=m.scale, g=mag: self._merged(w, a, b, s, g))
 
         def lazy(key, value):  # the step as it is; an 8-bit moment's two parts; a moment (fp32)
             if key == "step":
@@ -557,10 +565,13 @@ class ShardGatherer:
         moments = {name: {k: lazy(k, v) for k, v in m.items()} for name, m in self.moments.items()}
         return weights, moments
 
-    def _merged(self, w: int, a: int, b: int, scale: float, magnitude: int | None = None) -> torch.Tensor:
+    def _merged(self, w, a: int, b: int, scale: float, magnitude: int | None = None) -> torch.Tensor:
+        """``W + scale B A`` (DoRA: rows rescaled to the magnitude); ``w``: the weight's index, or a
+        function making it (a quantised base, the same on every rank)."""
         from apr_kernels.model.lora import merged
 
-        weight, lora_a, lora_b = (self._fetch(i, torch.float32) for i in (w, a, b))
+        weight = w() if callable(w) else self._fetch(w, torch.float32)
+        lora_a, lora_b = (self._fetch(i, torch.float32) for i in (a, b))
         mag = self._fetch(magnitude, torch.float32) if magnitude is not None else None
         return merged(weight, lora_a, lora_b, scale, torch.float32, mag)
 
