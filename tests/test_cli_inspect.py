@@ -149,3 +149,22 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and first.strip() == str(path).encode(), err
     assert "error" not in err and "Traceback" not in err, err
+
+
+def test_group_folds_layers_and_experts_into_patterns(tmp_path, capsys):
+    """inspect --group: one row per name pattern, dtype and shape, numbers folded into ranges (or lists),
+    with the count and the bytes of all; a differing shape keeps its own row."""
+    tensors = {f"model.layers.{n}.mlp.experts.{e}.up_proj.weight": torch.zeros(4, 8)
+               for n in range(3) for e in range(5)}
+    tensors.update({f"model.layers.{n}.input_layernorm.weight": torch.zeros(8) for n in (0, 2)})
+    tensors["model.layers.1.input_layernorm.weight"] = torch.zeros(8, dtype=torch.float16)
+    tensors["model.norm.weight"] = torch.zeros(8)
+    path = tmp_path / "moe.apr"
+    apr_kernels.save(tensors, path)
+    assert main(["inspect", str(path), "--group"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("  model.")}
+    assert rows["model.layers.{0..2}.mlp.experts.{0..4}.up_proj.weight"][1:] == ["F32", "[4,", "8]", "1,920", "15"]
+    assert rows["model.layers.{0,2}.input_layernorm.weight"][1:] == ["F32", "[8]", "64", "2"]
+    assert rows["model.layers.1.input_layernorm.weight"][1:] == ["F16", "[8]", "16", "1"]
+    assert rows["model.norm.weight"][-1] == "1" and len(rows) == 4

@@ -60,7 +60,7 @@ def _inspect(args) -> int:
         json.dump(d, sys.stdout, indent=2, ensure_ascii=False, default=str)
         print()
     else:
-        print(format_text(d))
+        print(format_text(d, group=args.group))
     return 0
 
 
@@ -136,6 +136,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="header, flags, metadata, model config and tensor table")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--group", action="store_true",
+                   help="one table row per name pattern, dtype and shape: layers and experts folded "
+                        "(model.layers.{0..47}.mlp.experts.{0..127}.up_proj.weight), with counts")
     p.set_defaults(func=_inspect)
 
     p = subparsers.add_parser("validate", help="every reader check plus the footer CRC; exit 0 (sound) or 1")

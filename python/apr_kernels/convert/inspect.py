@@ -52,7 +52,43 @@ def describe(path: str) -> dict:
             "totals": dict(totals)}
 
 
-def format_text(d: dict) -> str:
+def _span(values: list[int]) -> str:
+    """``{0..47}`` for consecutive numbers, else the numbers (shortened past 6)."""
+    values = sorted(set(values))
+    if len(values) > 1 and values == list(range(values[0], values[-1] + 1)):
+        return f"{{{values[0]}..{values[-1]}}}"
+    if len(values) == 1:
+        return str(values[0])
+    shown = ",".join(map(str, values[:6])) + (",..." if len(values) > 6 else "")
+    return f"{{{shown}}}"
+
+
+def grouped_tensors(tensors: list[dict]) -> list[dict]:
+    """The tensor table with the names that differ only in their numbers (layers, experts) folded into
+    one row per pattern, dtype and shape: ``model.layers.{0..47}.mlp.experts.{0..127}.up_proj.weight``
+    with the count and the bytes of all of them. In first-appearance order."""
+    groups: dict = {}
+    for t in tensors:
+        parts = t["name"].split(".")
+        numbers = tuple(i for i, p in enumerate(parts) if p.isdigit())
+        key = (tuple("#" if p.isdigit() else p for p in parts), t["dtype"], tuple(t["shape"]))
+        g = groups.setdefault(key, {"parts": parts, "numbers": numbers, "values": [[] for _ in numbers],
+                                    "count": 0, "bytes": 0})
+        for slot, i in enumerate(numbers):
+            g["values"][slot].append(int(parts[i]))
+        g["count"] += 1
+        g["bytes"] += t["bytes"]
+    out = []
+    for (_, dtype, shape), g in groups.items():
+        parts = list(g["parts"])
+        for slot, i in enumerate(g["numbers"]):
+            parts[i] = _span(g["values"][slot])
+        out.append({"name": ".".join(parts), "dtype": dtype, "shape": list(shape), "count": g["count"],
+                    "bytes": g["bytes"]})
+    return out
+
+
+def format_text(d: dict, group: bool = False) -> str:
     h = d["header"]
     lines = [f"{d['path']}",
              f"  magic {h['magic']!r}  version {h['version'][0]}.{h['version'][1]}  flags 0x{h['flags']:04X} "
@@ -65,11 +101,12 @@ def format_text(d: dict) -> str:
         lines.append(f"  {key}: {json.dumps(_summarise(value), ensure_ascii=False)}")
     lines += ["", "model config:"]
     lines += [f"  {k}: {v}" for k, v in d["config"].items()] or ["  (none)"]
-    width = max([len(t["name"]) for t in d["tensors"]] + [4])
-    lines += ["", f"  {'name':<{width}}  {'dtype':<6}  {'shape':<20}  {'bytes':>12}"]
-    for t in d["tensors"]:
+    rows = grouped_tensors(d["tensors"]) if group else d["tensors"]
+    width = max([len(t["name"]) for t in rows] + [4])
+    lines += ["", f"  {'name':<{width}}  {'dtype':<6}  {'shape':<20}  {'bytes':>12}" + ("  count" if group else "")]
+    for t in rows:
         shape = "[" + ", ".join(map(str, t["shape"])) + "]"
-        extra = "  (placeholder)" if t.get("placeholder") else ""
+        extra = f"  {t['count']:>5}" if group else "  (placeholder)" if t.get("placeholder") else ""
         lines.append(f"  {t['name']:<{width}}  {t['dtype']:<6}  {shape:<20}  {t['bytes']:>12,}{extra}")
     lines += ["", "totals by dtype:"]
     for dtype, t in sorted(d["totals"].items()):
