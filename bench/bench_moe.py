@@ -44,7 +44,8 @@ class Experts:
 
     def __init__(self, h, e, inter, k, tokens, dtype, dev):
         g = torch.Generator(device="cpu").manual_seed(0)
-        self.w = {name: [(torch.randn(*shape, generator=g) * shape[1] ** -0.5).to(dev, dtype).requires_grad_()
+        gd = torch.Generator(device=dev).manual_seed(0)  # (the weights drawn on the device: GBs for Mixtral)
+        self.w = {name: [(torch.randn(*shape, generator=gd, device=dev) * shape[1] ** -0.5).to(dtype).requires_grad_()
                          for _ in range(e)]
                   for name, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter)))}
         logits = torch.randn(tokens, e, generator=g)
