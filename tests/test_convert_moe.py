@@ -224,6 +224,32 @@ def test_moe_gguf_without_a_moe_architecture_refused(tmp_path, capsys):
     assert main(["convert", str(ok), str(tmp_path / "dense.apr"), "-q"]) == 0
 
 
+def test_hostile_moe_gguf_counts_are_refused_at_once(tmp_path, capsys):
+    """A billion experts of no bytes each (a stacked tensor [1e9, 0, 0]) is refused in about a second
+    with one line, never turned into a billion tensors."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "hostile.gguf"
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    for key, value in (("embedding_length", 32), ("block_count", 1), ("attention.head_count", 4),
+                       ("expert_feed_forward_length", 8)):
+        w.add_uint32(f"qwen3moe.{key}", value)
+    w.add_expert_count(10**9)
+    w.add_expert_used_count(2)
+    w.add_token_list(["a", "b"])
+    w.add_tensor("token_embd.weight", np.zeros((2, 32), np.float32))
+    w.add_tensor("blk.0.ffn_up_exps.weight", np.zeros((1, 0, 0), np.float32), raw_shape=(10**9, 0, 0),
+                 raw_dtype=gguf.GGMLQuantizationType.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    capsys.readouterr()
+    assert main(["convert", str(path), str(tmp_path / "h.apr"), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'blk.0.ffn_up_exps.weight' has shape [1000000000, 0, 0]" in err[0], err
+    assert not (tmp_path / "h.apr").exists()
+
+
 # llama.cpp's spelling of each family and of its MoE tensors (from convert_hf_to_gguf.py / gguf-py's
 # tensor table, written out here independently of the converter)
 GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}

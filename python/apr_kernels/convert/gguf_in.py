@@ -355,9 +355,10 @@ def _moe_tensors(t, file_data, path: Path, family: str, cfg: dict) -> dict[str, 
         return None
     experts = cfg["num_experts"]
     start, size = _extent(t, file_data, path)
-    if len(shape) != 3 or shape[0] != experts or size % experts:
+    # (an expert of no bytes would let a hostile count of experts become that many tensors for free)
+    if len(shape) != 3 or shape[0] != experts or size % experts or not size:
         raise ValueError(f"{path}: tensor {t.name!r} has shape {list(shape)} ({size} bytes); expected "
-                         f"[{experts} experts, out, in] stacked experts")
+                         f"[{experts} experts, out, in] stacked experts of whole rows")
     each = size // experts
     leaf = proj[m.group(2)][1 if family == "mixtral" else 0]
     return {f"model.layers.{m.group(1)}.{ffn}.experts.{e}.{leaf}.weight":
