@@ -67,13 +67,8 @@ def encode(arr: np.ndarray, qtype):
     return gguf.quants.quantize(arr.astype(np.float32), qtype), qtype
 
 
-def write_gguf(path, model, arch, qtypes, tokens, merges, pre, permute, extra=None):
-    """``extra(writer)`` adds more keys or tensors before the file is written."""
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    if extra is not None:
-        extra(w)
-    w.add_name(f"tiny-{arch}")
+def add_model_keys(w, cfg) -> None:
+    """The ``{arch}.*`` model keys convert_hf_to_gguf.py writes for a transformers config."""
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -85,6 +80,16 @@ def write_gguf(path, model, arch, qtypes, tokens, merges, pre, permute, extra=No
         w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+
+def write_gguf(path, model, arch, qtypes, tokens, merges, pre, permute, extra=None):
+    """``extra(writer)`` adds more keys or tensors before the file is written."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    if extra is not None:
+        extra(w)
+    w.add_name(f"tiny-{arch}")
+    add_model_keys(w, cfg)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)

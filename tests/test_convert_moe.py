@@ -261,23 +261,13 @@ def write_moe_gguf(path, model, family, expert_qtype=None, per_expert=False):
     as ffn_gate_inp, Qwen2-MoE's shared expert as *_shexp, Mixtral's q/k rows permuted. Experts in
     ``expert_qtype`` (Q8_0 through gguf, Q4_K through APR's quantiser); returns the weights the file
     holds, dequantised, under the model's own names."""
-    from test_convert_gguf import encode, gguf_name, llama_cpp_permute, small_vocab
+    from test_convert_gguf import add_model_keys, encode, gguf_name, llama_cpp_permute, small_vocab
 
     gguf = pytest.importorskip("gguf")
     cfg = model.config
     arch = GGUF_ARCH[family]
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    if getattr(cfg, "head_dim", None) and cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_model_keys(w, cfg)
     experts = cfg.num_local_experts if family == "mixtral" else cfg.num_experts
     w.add_expert_count(experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)

@@ -1009,15 +1009,21 @@ def test_muon_under_fsdp_resumes_exactly(runs):
             torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def _matches_one_process_and_resumes(runs, run: str, resumed: str, one: str) -> None:
+    """Rank 0's losses of ``run`` equal the one-process run ``one``'s, and ``resumed`` (from its step-2
+    checkpoint) continues with the uninterrupted steps 3 and 4."""
+    r0 = runs["ranks"][(0, 2)]
+    assert r0[run]["code"] == r0[resumed]["code"] == 0
+    got = _records(r0[run]["stdout"])
+    assert _losses(got) == pytest.approx(_losses(_records(runs[one])), rel=1e-5)
+    assert _losses(_records(r0[resumed]["stdout"])) == pytest.approx(_losses(got)[2:], rel=1e-6)
+
+
 def test_dora_under_fsdp_matches_one_process_and_resumes(runs):
     """--lora-dora under FSDP (run33): the magnitudes start from each rank's own weight rows (row shards
     hold whole rows), so losses, the step checkpoint's adapters and moments, and the final merged model
     equal one process's; resumed from step 2 (run34) it continues with the same losses."""
-    r0 = runs["ranks"][(0, 2)]
-    assert r0["run33"]["code"] == r0["run34"]["code"] == 0
-    got = _records(r0["run33"]["stdout"])
-    assert _losses(got) == pytest.approx(_losses(_records(runs["one_dora_out"])), rel=1e-5)
-    assert _losses(_records(r0["run34"]["stdout"])) == pytest.approx(_losses(got)[2:], rel=1e-6)
+    _matches_one_process_and_resumes(runs, "run33", "run34", "one_dora_out")
     root = runs["root"]
     for ckpt in ("step_000002.apr", "model.apr"):  # (model.apr: the adapters merged, magnitudes included)
         (a, _), (b, _) = _tensors(root / "fsdp_dora" / ckpt), _tensors(root / "one_dora" / ckpt)
@@ -1034,11 +1040,7 @@ def test_quantised_lora_base_under_fsdp_matches_one_process_and_resumes(runs):
     byte, adapters, moments) and the final merged model equal one process's; resumed (run36)."""
     import apr_kernels
 
-    r0 = runs["ranks"][(0, 2)]
-    assert r0["run35"]["code"] == r0["run36"]["code"] == 0
-    got = _records(r0["run35"]["stdout"])
-    assert _losses(got) == pytest.approx(_losses(_records(runs["one_qlora_out"])), rel=1e-5)
-    assert _losses(_records(r0["run36"]["stdout"])) == pytest.approx(_losses(got)[2:], rel=1e-6)
+    _matches_one_process_and_resumes(runs, "run35", "run36", "one_qlora_out")
     root = runs["root"]
     for ckpt in ("step_000002.apr", "model.apr"):
         with apr_kernels.open(root / "fsdp_qlora" / ckpt) as a, apr_kernels.open(root / "one_qlora" / ckpt) as b:
