@@ -210,7 +210,7 @@ def test_every_expert_gets_a_gradient_even_when_no_token_picks_it(fast):
     route = moe.route
 
     def experts_1_and_2(x):  # every token routed to experts 1 and 2; 0 and 3 idle
-        probs, _, _ = route(x)
+        probs = route(x).probs
         chosen = torch.tensor([1, 2]).expand(x.shape[0], 2)
         weights = probs.gather(1, chosen)
         return probs, weights / weights.sum(-1, keepdim=True), chosen
@@ -236,7 +236,7 @@ def test_expert_load_measures_the_busiest_expert_against_the_mean():
 
     def routed(moe, pick):
         def route(h):
-            probs, _, _ = moe.__class__.route(moe, h)
+            probs = moe.__class__.route(moe, h).probs
             chosen = pick(h.shape[0])
             weights = probs.gather(1, chosen)
             return probs, weights / weights.sum(-1, keepdim=True), chosen
@@ -265,6 +265,31 @@ def test_aux_loss_is_a_training_term_only_and_follows_its_coefficient():
     torch.testing.assert_close(mean, plain + cfg.router_aux_loss_coef * aux)
     torch.testing.assert_close(total / x[:, 1:].numel(), mean)  # "sum": the term once per target
     torch.testing.assert_close(off, plain)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_router_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits(fast):
+    """router_z_loss(): the mean over every sparse layer's tokens of logsumexp(router logits)^2 (the
+    logits captured from the routers here); with router_z_loss_coef it is added to a training loss
+    ("mean": once; "sum": once per target), on both paths."""
+    cfg = preset("tiny_qwen2_moe")  # (layer 1 dense: only layer 0 routes)
+    model = Transformer(cfg, fast=fast).train()
+    logits = []
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(lambda m, i, o: logits.append(o.detach().double()))
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    args = (x[:, :-1], x[:, 1:])
+    with torch.no_grad():
+        model.router_aux_loss_coef = 0.0
+        plain = model.loss(*args)
+        want = torch.cat([torch.logsumexp(l, -1).square() for l in logits]).mean()
+        torch.testing.assert_close(model.router_z_loss().double(), want)
+        torch.testing.assert_close(model.last_router_z_loss.double(), want)
+        model.router_z_loss_coef = 0.01
+        torch.testing.assert_close(model.loss(*args), plain + 0.01 * model.last_router_z_loss)
+        total = model.loss(*args, reduction="sum")
+        torch.testing.assert_close(total / args[1].numel(), plain + 0.01 * model.last_router_z_loss)
 
 
 @needs_transformers
@@ -416,7 +441,7 @@ def test_train_command_logs_the_aux_loss_and_resumes_exactly(capsys, tmp_path):
     code, out, err = run(capsys, "train", *common, "--steps", "4", "--save-every", "2", "--out", str(tmp_path / "a"))
     assert code == 0, err
     steps = [r for r in json_lines(out) if r["event"] == "train"]
-    assert all(r["aux_loss"] > 1.0 for r in steps)
+    assert all(r["aux_loss"] > 1.0 for r in steps) and all(r["router_z_loss"] > 0 for r in steps)
     cfg = preset("tiny_qwen3_moe")  # the expert load: between balance and every token on the same k experts
     assert all(1.0 <= r["expert_load"] <= cfg.num_experts / cfg.num_experts_per_tok for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
@@ -437,10 +462,17 @@ def test_train_command_logs_the_aux_loss_and_resumes_exactly(capsys, tmp_path):
     assert code == 0, err
     first = next(r for r in json_lines(out) if r["event"] == "train")
     assert first["loss"] == pytest.approx(steps[0]["loss"] - 0.001 * steps[0]["aux_loss"], rel=1e-6)
-    code, out, err = run(capsys, "train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN,
-                         "--steps", "1", "--router-aux-loss-coef", "0.01", "--out", str(tmp_path / "d"))
-    assert code == 1 and "router_aux_loss_coef=0.01 is the load-balancing loss of mixture-of-experts models; " \
-                          "this model is dense" in err
+    # the router z-loss: its coefficient x the logged router_z_loss added
+    code, out, err = run(capsys, "train", *common, "--steps", "1", "--router-z-loss-coef", "0.01",
+                         "--out", str(tmp_path / "e"))
+    assert code == 0, err
+    first = next(r for r in json_lines(out) if r["event"] == "train")
+    assert first["loss"] == pytest.approx(steps[0]["loss"] + 0.01 * steps[0]["router_z_loss"], rel=1e-6)
+    for option in ("--router-aux-loss-coef", "--router-z-loss-coef"):
+        code, out, err = run(capsys, "train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN,
+                             "--steps", "1", option, "0.01", "--out", str(tmp_path / "d"))
+        name = option[2:].replace("-", "_")
+        assert code == 1 and f"{name}=0.01 is the " in err and "mixture-of-experts models; this model is dense" in err
 
 
 @pytest.mark.cuda

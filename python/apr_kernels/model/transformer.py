@@ -191,6 +191,15 @@ class MixtralExpert(nn.Module):
     forward = MLP.forward
 
 
+class Routing(NamedTuple):
+    """``SparseMoE.route``'s result."""
+
+    probs: torch.Tensor    # [T, E] fp32 softmax over every expert
+    weights: torch.Tensor  # [T, k] the chosen experts' weights
+    chosen: torch.Tensor   # [T, k] expert ids
+    lse: torch.Tensor      # [T] fp32 logsumexp of the router logits (the z-loss)
+
+
 class SparseMoE(nn.Module):
     """Routed experts in place of the MLP (Qwen2-MoE, Qwen3-MoE, Mixtral), as Hugging Face computes them.
 
@@ -208,9 +217,10 @@ class SparseMoE(nn.Module):
     Hugging Face's stacked experts): DDP needs every parameter used, and all ranks step the same
     parameters.
 
-    ``forward(x, fast) -> (y, stats)``: ``stats`` [2, num_experts] fp32, per expert the number of
-    top-k choices and the sum of router probabilities over these tokens, from which ``Transformer``
-    forms the load-balancing loss."""
+    ``forward(x, fast) -> (y, stats)``: ``stats`` [3, num_experts] fp32, per expert the number of
+    top-k choices and the sum of router probabilities over these tokens, and (in its first column) the
+    sum over tokens of ``logsumexp(router logits)^2``, from which ``Transformer`` forms the
+    load-balancing loss and the router z-loss."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -225,19 +235,23 @@ class SparseMoE(nn.Module):
             self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(h, 1, bias=False)
 
-    def route(self, x: torch.Tensor):
-        """(probabilities [T, E] fp32, top-k weights [T, k], top-k expert ids [T, k]) of tokens ``x`` [T, h]."""
+    def route(self, x: torch.Tensor) -> "Routing":
+        """(probabilities [T, E] fp32, top-k weights [T, k], top-k expert ids [T, k], the router logits'
+        ``logsumexp`` [T] fp32 for the z-loss) of tokens ``x`` [T, h]."""
         logits = self.gate(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return probs, (weights if self.fp32_weights else weights.to(logits.dtype)), chosen
+        return Routing(probs, weights if self.fp32_weights else weights.to(logits.dtype), chosen,
+                       torch.logsumexp(logits.float(), dim=-1))
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs, weights, chosen = self.route(x)
+        routed = self.route(x)
+        probs, weights, chosen = routed[:3]
+        lse = routed[3] if len(routed) > 3 else None  # (a route replaced by a test may give three)
         # [T * k]: token t's choices at t*k .. t*k + k-1, sorted by expert; offs: each expert's end
         sorted_ids, order = chosen.flatten().sort(stable=True)
         offs = torch.searchsorted(sorted_ids, torch.arange(self.num_experts, device=x.device), right=True)
@@ -253,7 +267,10 @@ class SparseMoE(nn.Module):
         y = out.new_empty(out.shape).index_copy(0, order, out).view(-1, self.top_k, shape[-1]).sum(1).to(x.dtype)
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, fast)
-        stats = torch.stack([counts.to(torch.float32), probs.sum(0)])
+        z = torch.zeros_like(probs[0])
+        if lse is not None:
+            z[0] = lse.square().sum()
+        stats = torch.stack([counts.to(torch.float32), probs.sum(0), z])
         return y.view(shape), stats
 
     def _grouped(self) -> bool:
@@ -373,9 +390,13 @@ class Transformer(nn.Module):
         # mixture of experts: the load-balancing loss's weight in training mode (the config's; the
         # trainer may change it, 0: off)
         self.router_aux_loss_coef = config.router_aux_loss_coef if config.is_moe else 0.0
+        # the router z-loss's weight in training mode (ST-MoE, Zoph et al. 2022; OLMoE's 0.001): 0 off,
+        # as in the Qwen and Mixtral configs
+        self.router_z_loss_coef = 0.0
         self.router_stats: list = []
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
+        self.last_router_z_loss: torch.Tensor | None = None
         self.router_aux_sync = False  # count expert choices over every rank (router_aux_loss)
         self.model = Decoder(config)
         if config.num_labels:  # Hugging Face's *ForSequenceClassification: no output projection
@@ -467,7 +488,7 @@ class Transformer(nn.Module):
         if not getattr(self, "router_stats", None):
             return None
         k = self.config.num_experts_per_tok
-        counts, probs = torch.stack(self.router_stats).sum(0)
+        counts, probs, _ = torch.stack(self.router_stats).sum(0)
         local_rows = counts.sum() / k
         if self.router_aux_sync:  # f over the tokens of every rank (no gradient flows through counts)
             import torch.distributed as dist
@@ -475,6 +496,14 @@ class Transformer(nn.Module):
             counts = counts.clone()
             dist.all_reduce(counts)
         return self.config.num_experts * torch.sum(counts / (counts.sum() / k) * (probs / local_rows))
+
+    def router_z_loss(self) -> torch.Tensor | None:
+        """ST-MoE's router z-loss of the last forward (None for a dense model): the mean over every sparse
+        layer's tokens of ``logsumexp(router logits)^2``, which keeps the router logits small."""
+        if not getattr(self, "router_stats", None):
+            return None
+        stats = torch.stack(self.router_stats).sum(0)
+        return stats[2].sum() / (stats[0].sum() / self.config.num_experts_per_tok).clamp_min(1)
 
     def expert_load(self) -> torch.Tensor | None:
         """How unevenly the last forward's sparse layers used their experts (None for a dense model):
@@ -515,10 +544,11 @@ class Transformer(nn.Module):
         pooled scores of Hugging Face's ``*ForSequenceClassification``.
 
         A mixture-of-experts model in training mode with ``router_aux_loss_coef`` > 0 adds that
-        multiple of the load-balancing loss (``router_aux_loss``) to a "mean" loss, and to a "sum"
-        loss once per counted target (so the sum divided by the count is the mean's objective); the
+        multiple of the load-balancing loss (``router_aux_loss``), and ``router_z_loss_coef`` times the
+        router z-loss (``router_z_loss``), to a "mean" loss, and to a "sum" loss once per counted target
+        (so the sum divided by the count is the mean's objective); the
         loss itself is kept, detached, as ``last_aux_loss`` (also with the coefficient 0), with
-        ``last_expert_load`` (``expert_load``) for the logs."""
+        ``last_expert_load`` (``expert_load``) and ``last_router_z_loss`` for the logs."""
         out = self._forward(input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss)
         if targets is None or not self.training or reduction not in ("mean", "sum"):
             return out
@@ -527,10 +557,13 @@ class Transformer(nn.Module):
             return out
         self.last_aux_loss = aux.detach()
         self.last_expert_load = self.expert_load()
-        coef = self.router_aux_loss_coef
-        if not coef:
+        z_router = self.router_z_loss()
+        self.last_router_z_loss = z_router.detach()
+        coef, z_coef = self.router_aux_loss_coef, self.router_z_loss_coef
+        if not coef and not z_coef:
             return out
-        term = coef * aux * (1 if reduction == "mean" else (targets != -100).sum())
+        per = coef * aux + z_coef * z_router
+        term = per * (1 if reduction == "mean" else (targets != -100).sum())
         if teacher is not None:  # [loss, ce, kl]: the objective only
             return torch.cat([out[:1] + term, out[1:]])
         return out + term

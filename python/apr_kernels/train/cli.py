@@ -540,6 +540,7 @@ def _train(args, env, mode: str) -> int:
                           optimizer=args.optimizer, label_smoothing=args.label_smoothing, z_loss=args.z_loss,
                           neftune_alpha=args.neftune_alpha, lora_plus_ratio=args.lora_plus_ratio,
                           router_aux_loss_coef=args.router_aux_loss_coef,
+                          router_z_loss_coef=args.router_z_loss_coef,
                           activation_offload=args.activation_offload,
                           eval_choices=[str(Path(c).resolve()) for c in args.eval_choices] if args.eval_choices
                           else None,
@@ -1072,6 +1073,9 @@ def register(subparsers) -> None:
                    help="mixture-of-experts models: the weight of the load-balancing loss added to the training "
                         "loss (Switch Transformer's, as Hugging Face's router_aux_loss_coef; default: the "
                         "model's, 0.001 for Qwen2/3-MoE; 0: off)")
+    o.add_argument("--router-z-loss-coef", type=float, default=0.0,
+                   help="mixture-of-experts models: the weight of the router z-loss, the mean of "
+                        "logsumexp(router logits)^2 (ST-MoE's; e.g. 0.001 as OLMoE; default 0: off)")
     o.add_argument("--neftune-alpha", type=float, default=0.0,
                    help="NEFTune: uniform noise of magnitude alpha / sqrt(seq_len x hidden) on the token embeddings "
                         "in training steps (TRL's neftune_noise_alpha, e.g. 5; default 0: off)")

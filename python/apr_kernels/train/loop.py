@@ -72,6 +72,7 @@ class TrainConfig:
     z_loss: float = 0.0                 # z * logsumexp(logits)^2 per target added to the training loss
     neftune_alpha: float = 0.0          # NEFTune's embedding noise in training steps (0: off)
     router_aux_loss_coef: float | None = None  # mixture of experts: load-balancing loss weight (None: the model's)
+    router_z_loss_coef: float = 0.0  # mixture of experts: ST-MoE's router z-loss weight (0: off)
     lora_plus_ratio: float = 0.0        # LoRA+: the adapters' B matrices at this multiple of the lr (0: off)
     activation_offload: bool = False    # tensors saved for the backward kept in (pinned) host memory
     freeze: list | None = None          # parameter name patterns (fnmatch) kept frozen (freeze_parameters)
@@ -103,9 +104,10 @@ class TrainConfig:
             raise ValueError(f"training config: early_stopping_patience={self.early_stopping_patience} with "
                              f"eval_every={self.eval_every}; expected >= 0, and periodic evals (--eval-every N) "
                              f"to count with it")
-        c = self.router_aux_loss_coef
-        if c is not None and not 0 <= c < math.inf:
-            raise ValueError(f"training config: router_aux_loss_coef={c}; expected a finite number >= 0 (0: off)")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            c = getattr(self, name)
+            if c is not None and not 0 <= c < math.inf:
+                raise ValueError(f"training config: {name}={c}; expected a finite number >= 0 (0: off)")
         if not self.neftune_alpha >= 0:
             raise ValueError(f"training config: neftune_alpha={self.neftune_alpha}; expected >= 0")
         if self.teacher and (self.label_smoothing or self.z_loss):
@@ -428,6 +430,11 @@ class Trainer(EvalWatch):
                 raise ValueError(f"training config: router_aux_loss_coef={config.router_aux_loss_coef} is the "
                                  f"load-balancing loss of mixture-of-experts models; this model is dense")
             model.router_aux_loss_coef = config.router_aux_loss_coef  # (added in training mode only)
+        if config.router_z_loss_coef:
+            if not moe:
+                raise ValueError(f"training config: router_z_loss_coef={config.router_z_loss_coef} is the router "
+                                 f"z-loss of mixture-of-experts models; this model is dense")
+            model.router_z_loss_coef = config.router_z_loss_coef
         self._moe = moe
         if moe and parallel is not None and parallel.world_size > 1:
             model.router_aux_sync = True  # the balance of the global micro-batch (Transformer.router_aux_loss)
@@ -496,6 +503,7 @@ class Trainer(EvalWatch):
         parts = torch.zeros(2, device=self.device)  # distillation: the step's ce and kl sums
         aux = torch.zeros((), device=self.device)  # mixture of experts: the micro-batches' load-balancing losses
         load = torch.zeros((), device=self.device)  # and their expert loads (Transformer.expert_load)
+        zrouter = torch.zeros((), device=self.device)  # and router z-losses
         if self.teacher is not None:
             from apr_kernels.model.distillation import Teacher
         par = self.parallel
@@ -532,10 +540,11 @@ class Trainer(EvalWatch):
             if self._moe:
                 aux += self.model.last_aux_loss
                 load += self.model.last_expert_load
+                zrouter += self.model.last_router_z_loss
         if par is not None:
             total = par.mean(total) * world  # the sum over ranks
             if self._moe:
-                aux, load = par.mean(aux), par.mean(load)
+                aux, load, zrouter = par.mean(aux), par.mean(load), par.mean(zrouter)
             if self.teacher is not None:
                 parts = par.mean(parts) * world
         mean_loss = total / n_targets
@@ -561,6 +570,7 @@ class Trainer(EvalWatch):
         if self._moe:  # the means over micro-batches and ranks (the loss includes coef x aux)
             scalars["aux_loss"] = aux / c.grad_accum
             scalars["expert_load"] = load / c.grad_accum
+            scalars["router_z_loss"] = zrouter / c.grad_accum
         values = dict(zip(scalars, torch.stack([v.to(mean_loss.dtype) for v in scalars.values()]).tolist()))
         loss = values.pop("loss")
         dt = time.perf_counter() - t0
