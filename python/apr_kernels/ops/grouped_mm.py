@@ -49,7 +49,11 @@ def _address_table(weights: Sequence[Tensor], device: torch.device) -> Tensor:
     key = (str(device), tuple(w.data_ptr() for w in weights))
     table = _TABLES.get(key)
     if table is None:
-        table = torch.tensor(key[1], dtype=torch.int64).to(device)
+        table = torch.tensor(key[1], dtype=torch.int64)
+        if device.type == "cuda":  # staged through pinned memory: no wait for the GPU (FSDP's unsharded
+            table = table.pin_memory().to(device, non_blocking=True)  # weights move every step)
+        else:
+            table = table.to(device)
         _TABLES[key] = table
         if len(_TABLES) > _TABLES_MAX:
             _TABLES.popitem(last=False)
