@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import re
 import signal
@@ -391,6 +392,13 @@ def runs(tmp_path_factory):
         ["train", "--init", str(qinit), *COMMON, *qlora, "--parallel", "fsdp", "--out", str(root / "fsdp_qlora")],
         ["train", "--resume", str(root / "fsdp_qlora" / "step_000002.apr"), "--parallel", "fsdp", "--out",
          str(root / "fsdp_qlora_resumed"), "--json", "--no-progress", "--fast", "off"],
+        # fp16 with loss scaling: DDP (run37), FSDP with the sharded scaler (run38), resumed (run39)
+        ["train", "--init", str(init), *COMMON, "--precision", "fp16", "--parallel", "ddp", "--out",
+         str(root / "ddp_fp16")],
+        ["train", "--init", str(init), *COMMON, "--precision", "fp16", "--parallel", "fsdp", "--out",
+         str(root / "fsdp_fp16")],
+        ["train", "--resume", str(root / "fsdp_fp16" / "step_000002.apr"), "--parallel", "fsdp", "--out",
+         str(root / "fsdp_fp16_resumed"), "--json", "--no-progress", "--fast", "off"],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -1053,3 +1061,16 @@ def test_quantised_lora_base_under_fsdp_matches_one_process_and_resumes(runs):
                 elif not name.startswith("__training__.rng"):
                     torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name), rtol=1e-4, atol=5e-5,
                                                msg=f"{ckpt}: {name}")
+
+
+def test_fp16_loss_scaling_under_fsdp_matches_ddp_and_resumes(runs):
+    """--precision fp16 under FSDP (run38, torch's ShardedGradScaler: an overflow on any rank's shard
+    skips every rank's step) takes DDP's steps (run37: the same per-rank loss scaling, the same
+    skipped steps and scale), and resumes exactly with its scale (run39)."""
+    r0 = runs["ranks"][(0, 2)]
+    assert r0["run37"]["code"] == r0["run38"]["code"] == r0["run39"]["code"] == 0
+    ddp, fsdp = _records(r0["run37"]["stdout"]), _records(r0["run38"]["stdout"])
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), rel=1e-5)
+    norms = [(n, m) for n, m in zip(_losses(ddp, key="grad_norm"), _losses(fsdp, key="grad_norm"))]
+    assert all((n == m == math.inf) or m == pytest.approx(n, rel=1e-4) for n, m in norms), norms
+    assert _losses(_records(r0["run39"]["stdout"])) == pytest.approx(_losses(fsdp)[2:], rel=1e-6)

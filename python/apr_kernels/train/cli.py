@@ -510,7 +510,8 @@ def _train(args, env, mode: str) -> int:
         if mode != "none":
             from . import distributed
 
-            return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load))
+            return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load),
+                                        compute_dtype=autocast_dtype_for(cfg.precision, env.device))
         from apr_kernels.model.loading import from_apr
 
         return from_apr(path, device=dev, fast=fast, **(lora or lora_load))
@@ -568,7 +569,7 @@ def _train(args, env, mode: str) -> int:
         if cfg.batch_size % env.world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the world size "
                              f"{env.world_size}; expected an equal share of every batch per rank")
-        parallel = distributed.parallelize(model, mode, env)
+        parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device))
     from .data import default_cache_dir
 
     cache_dir = None if args.no_token_cache else (args.token_cache or default_cache_dir())

@@ -262,8 +262,9 @@ def _raise_together(env: DistEnv, error: BaseException | None, what: str) -> Non
 
 
 # ----------------------------------------------------------------------------- wrapping
-def _fsdp_shard(model, env: DistEnv):
-    """``fully_shard`` every decoder layer, then the root (embedding, final norm, lm_head)."""
+def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None):
+    """``fully_shard`` every decoder layer, then the root (embedding, final norm, lm_head). On CUDA the
+    compute copies are bf16, or fp16 for a run in fp16 (``compute_dtype``: GPUs without bf16)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -271,7 +272,8 @@ def _fsdp_shard(model, env: DistEnv):
         return model
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     # on CUDA: bf16 compute copies, fp32 gradient reduction and fp32 master weights
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    half = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
+    mp = (MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
           if env.device.type == "cuda" else MixedPrecisionPolicy())
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -396,17 +398,18 @@ class Parallel:
         return float(acc[0] / acc[1]), int(acc[1])
 
 
-def parallelize(model, mode: str, env: DistEnv) -> Parallel:
+def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | None = None) -> Parallel:
     """Wrap ``model`` for ``mode``: ``ddp`` (a replica per rank, gradients all-reduced), ``fsdp``
-    (``fully_shard`` per decoder layer and at the root; already sharded models pass through) or
-    ``none``. Build the optimizer after this: FSDP replaces the parameters by DTensors."""
+    (``fully_shard`` per decoder layer and at the root, ``compute_dtype`` as ``_fsdp_shard``'s;
+    already sharded models pass through) or ``none``. Build the optimizer after this: FSDP replaces
+    the parameters by DTensors."""
     if mode not in MODES:
         raise ValueError(f"parallel mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode != "none" and not env.active:
         raise ValueError(f"parallel mode {mode!r} needs a process group; run under torchrun or call "
                          f"setup(need_group=True)")
     if mode == "fsdp":
-        return Parallel(_fsdp_shard(model, env), mode, env)
+        return Parallel(_fsdp_shard(model, env, compute_dtype), mode, env)
     model = model.to(env.device)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -417,13 +420,14 @@ def parallelize(model, mode: str, env: DistEnv) -> Parallel:
 
 
 # ------------------------------------------------------------------------ load and save
-def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, **lora):
+def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
+             **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
-    materialises only its shards), a full replica otherwise. Fails on every rank if any fails.
-    ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
+    materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), a full replica otherwise.
+    Fails on every rank if any fails. ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
     from apr_kernels.model.loading import from_apr as load
 
-    shard = (lambda m: _fsdp_shard(m, env)) if mode == "fsdp" else None
+    shard = (lambda m: _fsdp_shard(m, env, compute_dtype)) if mode == "fsdp" else None
     model, error = None, None
     try:
         model = load(path, device=env.device, fast=fast, shard=shard, **lora)

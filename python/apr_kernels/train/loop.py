@@ -460,12 +460,15 @@ class Trainer(EvalWatch):
         # clipping, a step skipped (and the scale halved) when any is inf/NaN
         self.scaler = None
         if autocast_dtype == torch.float16:
-            if parallel is not None and parallel.mode == "fsdp":
-                raise ValueError("fp16 training (loss scaling) is not supported under FSDP; use bf16 or fp32")
             if config.optimizer == "muon":
                 raise ValueError("--optimizer muon with fp16 loss scaling is not supported; use --precision bf16 "
                                  "or fp32")
-            self.scaler = torch.amp.GradScaler(self.device.type)
+            if parallel is not None and parallel.mode == "fsdp":  # an inf on any rank's shard skips everyone's step
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(self.device.type)
+            else:
+                self.scaler = torch.amp.GradScaler(self.device.type)
         # a token stream, or a Mixture of several (--data-weights) that already holds its sequences
         mixture = train_tokens if isinstance(train_tokens, Mixture) else None
         self.train_seqs = mixture if mixture is not None else sequences(train_tokens, config.seq_len)
