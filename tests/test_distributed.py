@@ -315,6 +315,10 @@ def runs(tmp_path_factory):
     dora = ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"]
     code, one_dora_out = _cli(main, ["train", "--init", str(init), *COMMON, *dora, "--out", str(root / "one_dora")])
     assert code == 0
+    # --init from a DoRA step checkpoint: its adapters folded into the weights while loading
+    dora_init = ["train", "--init", str(root / "one_dora" / "step_000002.apr"), *COMMON]
+    code, one_dora_init_out = _cli(main, [*dora_init, "--out", str(root / "one_dora_init")])
+    assert code == 0
     torch.manual_seed(14)
     aligned = root / "aligned.apr"
     save_checkpoint(aligned, model=Transformer(_aligned_config(), fast=False))
@@ -399,6 +403,8 @@ def runs(tmp_path_factory):
          str(root / "fsdp_fp16")],
         ["train", "--resume", str(root / "fsdp_fp16" / "step_000002.apr"), "--parallel", "fsdp", "--out",
          str(root / "fsdp_fp16_resumed"), "--json", "--no-progress", "--fast", "off"],
+        # a LoRA (DoRA) checkpoint as --init, merged while loading sharded: each rank its rows (run40)
+        [*dora_init, "--parallel", "fsdp", "--out", str(root / "fsdp_dora_init")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -423,7 +429,7 @@ def runs(tmp_path_factory):
             "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
             "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
             "one_moe_out": one_moe_out, "one_adam8_out": one_adam8_out, "one_adam8_aligned_out": one_adam8_aligned_out,
-            "one_dora_out": one_dora_out, "one_qlora_out": one_qlora_out,
+            "one_dora_out": one_dora_out, "one_qlora_out": one_qlora_out, "one_dora_init_out": one_dora_init_out,
             "torchrun_out": outputs[0][0],
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
@@ -1074,3 +1080,12 @@ def test_fp16_loss_scaling_under_fsdp_matches_ddp_and_resumes(runs):
     norms = [(n, m) for n, m in zip(_losses(ddp, key="grad_norm"), _losses(fsdp, key="grad_norm"))]
     assert all((n == m == math.inf) or m == pytest.approx(n, rel=1e-4) for n, m in norms), norms
     assert _losses(_records(r0["run39"]["stdout"])) == pytest.approx(_losses(fsdp)[2:], rel=1e-6)
+
+
+def test_lora_checkpoint_as_init_is_merged_row_by_row_under_fsdp(runs):
+    """--init of a DoRA step checkpoint under FSDP (run40): each rank folds the adapters into its own
+    rows of every weight (A whole, its rows of B and of the magnitudes), so the run takes one process's
+    losses from the merged model."""
+    got = runs["ranks"][(0, 2)]["run40"]
+    assert got["code"] == 0
+    assert _losses(_records(got["stdout"])) == pytest.approx(_losses(_records(runs["one_dora_init_out"])), rel=1e-5)

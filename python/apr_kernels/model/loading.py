@@ -224,10 +224,6 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
         add_lora(model, base_dtype=lora_base_dtype, **{k: v for k, v in lora_init.items() if k != "seed"})
     elif kept:
         _add_stored_lora(model, path, settings, lora_base_dtype)
-    elif settings and shard is not None:
-        raise PreflightError(f"{path}: a LoRA checkpoint cannot be merged while loading sharded (FSDP); "
-                             f"resume it (its adapters are kept), or merge it first with `apr-kernels "
-                             f"export` / from_apr in one process")
     quantized = _quantize_bases(model, p) if keep_quantized and (lora_init or kept) else {}
     if shard is not None:
         shard(model)  # on meta: shards are created in their final dtypes
@@ -275,9 +271,12 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     elif settings:
         if lora != "merge":
             raise ValueError(f"from_apr: lora={lora!r}; expected 'merge' or 'keep'")
-        _add_stored_lora(model, path, settings, None)
-        _copy_stored_lora(model, p.path)
-        merge_into_weights(model)
+        if shard is not None:  # each rank folds the adapters into its own rows
+            _merge_stored_lora_rows(model, p.path, settings)
+        else:
+            _add_stored_lora(model, path, settings, None)
+            _copy_stored_lora(model, p.path)
+            merge_into_weights(model)
     model.apr_path = p.path
     model.apr_metadata = p.metadata
     return model
@@ -295,6 +294,40 @@ def _quantize_bases(model, p: InitPlan) -> dict:
         found = {f"{name}.weight": m for name, m in lora_modules(model).items()
                  if f.info(p.sources[f"{name}.weight"]).dtype in QUANTIZED}
     return {name: quantize_base(m) for name, m in found.items()}
+
+
+def _merge_stored_lora_rows(model, path, settings) -> None:
+    """A LoRA checkpoint's adapters folded into a sharded model's weights: a rank holds whole rows of
+    each weight, so its rows of ``W + scale B A`` (DoRA: rescaled to their magnitudes) need only A
+    whole and its rows of B and of the magnitude."""
+    import apr_kernels
+    from apr_kernels.train.adamw8bit import shard_rows
+
+    from .lora import check_settings, lora_scale, merged
+
+    rank, alpha, _ = check_settings(settings["rank"], settings["alpha"], settings["targets"])
+    scale = lora_scale(rank, alpha, bool(settings.get("rslora", False)))
+    params = dict(model.named_parameters())
+    with apr_kernels.open(path) as f, torch.no_grad():
+        for key in [k for k in f.keys() if k.endswith(".lora_A") and not k.startswith(TRAINING_PREFIX)]:
+            name = key.removesuffix(".lora_A")
+            w = params.get(f"{name}.weight")
+            if w is None:
+                raise PreflightError(f"{path}: tensor {key!r} adapts {name!r}, which the model does not have")
+            first, n = shard_rows(w) or (0, w.shape[0])
+            parts = {part: f.get_tensor(f"{name}.{part}") for part in ("lora_A", "lora_B", "lora_magnitude")
+                     if f"{name}.{part}" in f}
+            if "lora_B" not in parts:
+                raise PreflightError(f"{path}: tensor {name}.lora_B is missing; expected one beside {key!r}")
+            a, b = parts["lora_A"], parts["lora_B"]
+            if tuple(a.shape) != (rank, w.shape[1]) or tuple(b.shape) != (w.shape[0], rank):
+                raise PreflightError(f"{path}: adapters of {name!r} are {list(a.shape)} and {list(b.shape)}; "
+                                     f"expected [{rank}, {w.shape[1]}] and [{w.shape[0]}, {rank}]")
+            mag = parts.get("lora_magnitude")
+            local = w.to_local() if hasattr(w, "to_local") else w
+            rows = merged(local, a.to(local.device), b[first:first + n].to(local.device), scale, local.dtype,
+                          mag[first:first + n].to(local.device) if mag is not None else None)
+            local.copy_(rows)
 
 
 def _add_stored_lora(model, path, settings, base_dtype) -> None:
