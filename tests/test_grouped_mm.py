@@ -92,6 +92,17 @@ def test_stacked_weight_matches_fp64(backend, dtype, use_backend, monkeypatch):
         assert calls == ["grouped_mm_fwd", "grouped_mm_fwd", "grouped_mm_dw"]
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_no_rows_gives_empty_outputs_and_zero_weight_gradients(backend, use_backend):
+    """Every group empty (a layer that saw no tokens): y is [0, out] and every weight gets zeros."""
+    use_backend(backend)
+    x, ws, offs = make([0, 0, 0], 16, 8, torch.float32)
+    y = apr_kernels.grouped_mm(x, ws, offs)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16) and all(torch.equal(w.grad, torch.zeros_like(w)) for w in ws)
+
+
 def test_poisoned_outputs_every_element_written_and_nothing_outside(use_backend):
     """Outputs are NaN-filled views into larger NaN buffers: every element of the view is written (the
     empty group's gradient too: zeros), and the extra rows and columns are left alone."""
