@@ -109,6 +109,44 @@ class FrozenLinear(torch.autograd.Function):
         return (dy @ ctx.weight(dy.dtype)).to(ctx.x_dtype), None, None
 
 
+class FrozenGroupedLinear(torch.autograd.Function):
+    """``apr_kernels.grouped_mm(x, W, offs)`` for frozen stacked expert weights ``W = weight(dtype)``
+    (``[E, out, in]``, dequantised quantised bases) made twice, in the forward and in the backward, as
+    ``FrozenLinear`` does for one projection. Only ``x`` gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, offs: torch.Tensor, weight):
+        from apr_kernels import grouped_mm
+
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        ctx.save_for_backward(offs)
+        return grouped_mm(x.to(dtype), weight(dtype), offs)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from apr_kernels.ops.grouped_mm import _grouped_mm_backward_impl
+
+        (offs,) = ctx.saved_tensors
+        dx, _ = _grouped_mm_backward_impl(dy, dy, ctx.weight(dy.dtype), offs, True, False)
+        return dx.to(ctx.x_dtype), None, None
+
+
+def stacked_bases(mods: list, dtype: torch.dtype) -> torch.Tensor:
+    """The quantised bases of ``mods`` (``QuantizedLoRALinear``, one shape) dequantised into one
+    ``[E, out, in]`` tensor: row-block formats (Q4_K, Q6_K) in one pass over their bytes laid end to
+    end, others expert by expert."""
+    from apr_kernels.quant import dequantize
+
+    kinds = {m.base.dtype for m in mods}
+    out, inp = mods[0].base.shape
+    if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"}:
+        raw = torch.cat([m.base.data.reshape(-1) for m in mods])
+        return dequantize(kinds.pop(), (len(mods) * out, inp), raw, dtype=dtype).view(len(mods), out, inp)
+    return torch.stack([m.base_weight(dtype) for m in mods])
+
+
 class QuantizedLoRALinear(LoRALinear):
     """A LoRALinear whose frozen weight is ``base``, the file's quantised blocks (a
     ``QuantizedTensor`` on the model's device; not a parameter, so optimizers, DDP and ``.to`` leave

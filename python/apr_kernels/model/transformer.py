@@ -259,7 +259,7 @@ class SparseMoE(nn.Module):
         xs = x[order // self.top_k]
         if fast and self._grouped():
             out = self._experts_grouped(xs, offs)
-        else:  # one GEMM chain per expert (quantised bases, DoRA, the eager path)
+        else:  # one GEMM chain per expert (DoRA, the eager path)
             groups = xs.split(counts.tolist())
             out = torch.cat([expert(g, fast) for expert, g in zip(self.experts, groups)])
         out = out * weights.flatten()[order, None]
@@ -274,13 +274,15 @@ class SparseMoE(nn.Module):
         return y.view(shape), stats
 
     def _grouped(self) -> bool:
-        """Whether the fast path can run the experts as grouped GEMMs: every projection plain or a
-        plain LoRA (no quantised base, no DoRA magnitude), the same kind and scale across experts."""
+        """Whether the fast path can run the experts as grouped GEMMs: every projection plain, or LoRA
+        (on a plain or a quantised base; not DoRA), of one kind, scale and base shape across experts."""
         for name in ("gate_proj", "up_proj", "down_proj"):
             mods = [getattr(e, name) for e in self.experts]
-            if any(hasattr(m, "base") or hasattr(m, "lora_magnitude") for m in mods):
+            if any(hasattr(m, "lora_magnitude") for m in mods):
                 return False
-            if len({(hasattr(m, "adapt"), getattr(m, "scale", None)) for m in mods}) != 1:
+            kinds = {(hasattr(m, "adapt"), getattr(m, "scale", None), hasattr(m, "base"),
+                      tuple(m.base.shape) if hasattr(m, "base") else None) for m in mods}
+            if len(kinds) != 1:
                 return False
         return True
 
@@ -294,10 +296,16 @@ class SparseMoE(nn.Module):
 
     def _grouped_projection(self, x: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
         """One projection of every expert as a grouped GEMM; LoRA-adapted experts (model/lora.py) add
-        ``scale * (x A_e^T) B_e^T`` as two more grouped GEMMs (frozen bases get no weight gradient)."""
+        ``scale * (x A_e^T) B_e^T`` as two more grouped GEMMs (frozen bases get no weight gradient;
+        quantised ones are dequantised into one stacked weight per use, never kept: QLoRA)."""
         ops = _ops()
         mods = [getattr(e, name) for e in self.experts]
-        y = ops.grouped_mm(x, [m.weight for m in mods], offs)
+        if hasattr(mods[0], "base"):
+            from .lora import FrozenGroupedLinear, stacked_bases
+
+            y = FrozenGroupedLinear.apply(x, offs, lambda dtype: stacked_bases(mods, dtype))
+        else:
+            y = ops.grouped_mm(x, [m.weight for m in mods], offs)
         if hasattr(mods[0], "adapt") and mods[0].scale:
             low = ops.grouped_mm(x, [m.lora_A for m in mods], offs)
             y = y + ops.grouped_mm(low, [m.lora_B for m in mods], offs) * mods[0].scale
