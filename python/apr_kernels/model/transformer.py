@@ -275,7 +275,15 @@ class SparseMoE(nn.Module):
 
     def _grouped(self) -> bool:
         """Whether the fast path can run the experts as grouped GEMMs: every projection plain, or LoRA
-        (on a plain or a quantised base; not DoRA), of one kind, scale and base shape across experts."""
+        (on a plain or a quantised base; not DoRA), of one kind, scale and base shape across experts.
+        Decided again only when the experts' module kinds change (LoRA added or merged, a base
+        quantised): the full check walks every expert, which costs milliseconds per layer and step."""
+        key = tuple((type(m), "lora_magnitude" in m._parameters) for e in self.experts for m in e._modules.values())
+        if key != getattr(self, "_grouped_key", None):
+            self._grouped_key, self._grouped_ok = key, self._check_grouped()
+        return self._grouped_ok
+
+    def _check_grouped(self) -> bool:
         for name in ("gate_proj", "up_proj", "down_proj"):
             mods = [getattr(e, name) for e in self.experts]
             if any(hasattr(m, "lora_magnitude") for m in mods):
