@@ -210,10 +210,10 @@ def test_every_expert_gets_a_gradient_even_when_no_token_picks_it(fast):
     route = moe.route
 
     def experts_1_and_2(x):  # every token routed to experts 1 and 2; 0 and 3 idle
-        probs = route(x).probs
+        r = route(x)
         chosen = torch.tensor([1, 2]).expand(x.shape[0], 2)
-        weights = probs.gather(1, chosen)
-        return probs, weights / weights.sum(-1, keepdim=True), chosen
+        weights = r.probs.gather(1, chosen)
+        return r._replace(weights=weights / weights.sum(-1, keepdim=True), chosen=chosen)
 
     moe.route = experts_1_and_2
     x = torch.randint(0, cfg.vocab_size, (1, 9))
@@ -236,10 +236,10 @@ def test_expert_load_measures_the_busiest_expert_against_the_mean():
 
     def routed(moe, pick):
         def route(h):
-            probs = moe.__class__.route(moe, h).probs
+            r = moe.__class__.route(moe, h)
             chosen = pick(h.shape[0])
-            weights = probs.gather(1, chosen)
-            return probs, weights / weights.sum(-1, keepdim=True), chosen
+            weights = r.probs.gather(1, chosen)
+            return r._replace(weights=weights / weights.sum(-1, keepdim=True), chosen=chosen)
         return route
 
     for pick, want in ((lambda t: torch.tensor([1, 2]).expand(t, 2), 2.0),

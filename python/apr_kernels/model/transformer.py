@@ -249,9 +249,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        routed = self.route(x)
-        probs, weights, chosen = routed[:3]
-        lse = routed[3] if len(routed) > 3 else None  # (a route replaced by a test may give three)
+        probs, weights, chosen, lse = self.route(x)
         # [T * k]: token t's choices at t*k .. t*k + k-1, sorted by expert; offs: each expert's end
         sorted_ids, order = chosen.flatten().sort(stable=True)
         offs = torch.searchsorted(sorted_ids, torch.arange(self.num_experts, device=x.device), right=True)
@@ -268,8 +266,7 @@ class SparseMoE(nn.Module):
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, fast)
         z = torch.zeros_like(probs[0])
-        if lse is not None:
-            z[0] = lse.square().sum()
+        z[0] = lse.square().sum()
         stats = torch.stack([counts.to(torch.float32), probs.sum(0), z])
         return y.view(shape), stats
 
