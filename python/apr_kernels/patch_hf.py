@@ -167,17 +167,15 @@ def apr_experts_forward(self, hidden_states, top_k_index, top_k_weights):
              and type(act).__name__ in ("SiLU", "SiLUActivation"))
     if not plain:
         return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+    from apr_kernels.model.transformer import combine_experts, sort_by_expert
+
     ops = _ops()
-    tokens, k = top_k_index.shape
-    ids, order = top_k_index.reshape(-1).sort(stable=True)
-    offs = torch.searchsorted(ids, torch.arange(self.num_experts, device=ids.device, dtype=ids.dtype), right=True)
-    xs = hidden_states[order // k]
+    order, offs = sort_by_expert(top_k_index, self.num_experts)
+    xs = hidden_states[order // top_k_index.shape[1]]
     gate_up = ops.grouped_mm(xs, self.gate_up_proj, offs)
     inter = gate_up.shape[1] // 2
     out = ops.grouped_mm(ops.swiglu(gate_up[:, :inter], gate_up[:, inter:]), self.down_proj, offs)
-    out = out * top_k_weights.reshape(-1)[order, None]
-    out = out.new_empty(out.shape).index_copy(0, order, out)  # token order (a permutation)
-    return out.view(tokens, k, -1).sum(1).to(hidden_states.dtype)
+    return combine_experts(out, top_k_weights, order).to(hidden_states.dtype)
 
 
 def _register_attention() -> None:

@@ -191,6 +191,21 @@ class MixtralExpert(nn.Module):
     forward = MLP.forward
 
 
+def sort_by_expert(chosen: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offs) of the top-k choices ``chosen`` [T, k]: the choices (token t's at t*k .. t*k + k-1)
+    sorted by expert, stably, and each expert's cumulative end in that order (``grouped_mm``'s offs)."""
+    sorted_ids, order = chosen.flatten().sort(stable=True)
+    arange = torch.arange(num_experts, device=chosen.device, dtype=sorted_ids.dtype)
+    return order, torch.searchsorted(sorted_ids, arange, right=True)
+
+
+def combine_experts(out: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The experts' outputs ``out`` [T*k, h] (in ``order``) weighted by ``weights`` [T, k], put back in
+    token order (a permutation: no index sharing, no atomics) and each token's k summed: [T, h]."""
+    out = out * weights.flatten()[order, None]
+    return out.new_empty(out.shape).index_copy(0, order, out).view(weights.shape[0], weights.shape[1], -1).sum(1)
+
+
 class Routing(NamedTuple):
     """``SparseMoE.route``'s result."""
 
@@ -250,9 +265,7 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs, weights, chosen, lse = self.route(x)
-        # [T * k]: token t's choices at t*k .. t*k + k-1, sorted by expert; offs: each expert's end
-        sorted_ids, order = chosen.flatten().sort(stable=True)
-        offs = torch.searchsorted(sorted_ids, torch.arange(self.num_experts, device=x.device), right=True)
+        order, offs = sort_by_expert(chosen, self.num_experts)
         counts = offs.diff(prepend=offs.new_zeros(1))
         xs = x[order // self.top_k]
         if fast and self._grouped():
@@ -260,9 +273,7 @@ class SparseMoE(nn.Module):
         else:  # one GEMM chain per expert (DoRA, the eager path)
             groups = xs.split(counts.tolist())
             out = torch.cat([expert(g, fast) for expert, g in zip(self.experts, groups)])
-        out = out * weights.flatten()[order, None]
-        # back to token order (a permutation: no index sharing), then each token's k outputs summed
-        y = out.new_empty(out.shape).index_copy(0, order, out).view(-1, self.top_k, shape[-1]).sum(1).to(x.dtype)
+        y = combine_experts(out, weights, order).to(x.dtype)
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, fast)
         z = torch.zeros_like(probs[0])
