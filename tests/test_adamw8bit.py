@@ -132,7 +132,8 @@ class _Shard:  # an FSDP parameter's facts: its global shape, Shard(0) on that m
 def test_fsdp_shards_keep_8_bit_moments_only_where_their_rows_start_on_block_boundaries():
     """Under FSDP a rank holds torch.chunk rows: 8-bit moments where every rank's share is whole
     blocks (the whole tensor's blocks, split), fp32 elsewhere; plain tensors by size alone."""
-    from apr_kernels.train.adamw8bit import eight_bit_layout, shard_rows
+    from apr_kernels.train.adamw8bit import eight_bit_layout
+    from apr_kernels.train.distributed import shard_rows
 
     assert [shard_rows(_Shard((320, 64), 2, r)) for r in (0, 1)] == [(0, 160), (160, 160)]
     assert eight_bit_layout(_Shard((320, 64), 2, 0))  # 160 x 64 = 40 blocks a rank

@@ -301,7 +301,7 @@ def _merge_stored_lora_rows(model, path, settings) -> None:
     each weight, so its rows of ``W + scale B A`` (DoRA: rescaled to their magnitudes) need only A
     whole and its rows of B and of the magnitude."""
     import apr_kernels
-    from apr_kernels.train.adamw8bit import shard_rows
+    from apr_kernels.train.distributed import shard_rows
 
     from .lora import check_settings, lora_scale, merged
 

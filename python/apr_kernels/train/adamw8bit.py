@@ -38,6 +38,8 @@ import math
 
 import torch
 
+from .distributed import shard_rows
+
 BLOCK = 256          # values per scale
 MIN_8BIT = 4096      # smaller tensors keep fp32 moments
 
@@ -114,26 +116,6 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, sh
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (a view sharing its storage), else ``t``."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
-    """(first row, rows) that ``rank`` holds of ``rows`` split by ``torch.chunk`` over ``world`` ranks."""
-    chunk = -(-rows // world)
-    first = min(rank * chunk, rows)
-    return first, min(chunk, rows - first)
-
-
-def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:
-    """(first row, rows) of an FSDP parameter's local shard: ``torch.chunk`` of dim 0 over a 1-D mesh;
-    None for a plain tensor or another placement."""
-    mesh = getattr(p, "device_mesh", None)
-    if mesh is None:
-        return None
-    from torch.distributed.tensor import Shard
-
-    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.ndim == 0:
-        return None
-    return chunk_rows(p.shape[0], mesh.size(), mesh.get_local_rank())
 
 
 def eight_bit_layout(p: torch.Tensor) -> bool:

@@ -217,7 +217,8 @@ def _adam8_moment(f, path, key: str, name: str, p, opt):
 
     An FSDP shard takes the blocks of its own rows; where its rows do not start on block boundaries
     (another number of ranks than the run that wrote it) the moment comes back in fp32, sharded."""
-    from .adamw8bit import BLOCK, Blockwise8bit, eight_bit_layout, shard_rows
+    from .adamw8bit import BLOCK, Blockwise8bit, eight_bit_layout
+    from .distributed import shard_rows
 
     if not hasattr(opt, "qmap"):
         raise ValueError(f"{path}: parameter {name!r} has 8-bit AdamW moments (--optimizer adamw8bit); expected "

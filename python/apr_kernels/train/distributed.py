@@ -229,6 +229,26 @@ def copy_into(param, full: torch.Tensor, name: str = "tensor") -> None:
         param.copy_(full)
 
 
+def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, rows) that ``rank`` holds of ``rows`` split by ``torch.chunk`` over ``world`` ranks."""
+    chunk = -(-rows // world)
+    first = min(rank * chunk, rows)
+    return first, min(chunk, rows - first)
+
+
+def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:
+    """(first row, rows) of an FSDP parameter's local shard: ``torch.chunk`` of dim 0 over a 1-D mesh;
+    None for a plain tensor or another placement."""
+    mesh = getattr(p, "device_mesh", None)
+    if mesh is None:
+        return None
+    from torch.distributed.tensor import Shard
+
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.ndim == 0:
+        return None
+    return chunk_rows(p.shape[0], mesh.size(), mesh.get_local_rank())
+
+
 def like_param(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor:
     """A fp32 copy of ``full`` placed like ``param``: a DTensor holding only the local rows when
     ``param`` is sharded (optimizer moments on resume), else a plain tensor on its device."""
@@ -452,7 +472,7 @@ class BlockShards:
         self.shape = (-(-param.numel() // BLOCK) * self.per_block,)
 
     def _length(self, rank: int) -> int:
-        from .adamw8bit import BLOCK, chunk_rows
+        from .adamw8bit import BLOCK
 
         rows = self.param.shape[0]
         n = chunk_rows(rows, self.param.device_mesh.size(), rank)[1] * (self.param.numel() // rows)

@@ -79,7 +79,7 @@ class ShardedMuon(torch.optim.Optimizer):
     def step(self, closure=None):
         from torch.distributed.tensor import DTensor
 
-        from .adamw8bit import shard_rows
+        from .distributed import shard_rows
 
         for group in self.param_groups:
             mu, lr = group["momentum"], group["lr"]
