@@ -97,6 +97,30 @@ def _window_span(m0, full_hi, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def _key_positions(m0, offs_m, S, SK, CAUSAL: tl.constexpr):
+    """Rows as key positions: causal attention with SK >= S keys is bottom-right aligned (query row i
+    is at key position i + SK - S, as FlashAttention >= 2.1); returns (the block's first row's
+    position, every row's). Without causal masking positions only index, and the offset is 0."""
+    if CAUSAL:
+        q_off = SK - S
+        return m0 + q_off, offs_m + q_off
+    return m0, offs_m
+
+
+@triton.jit
+def _row_block_keys(p0, SK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key bounds of a block of BLOCK_M rows whose first row is at key position ``p0`` (>= 0):
+    [0, full_hi) every row sees (mask-free blocks), [full_hi, tail_hi) only some (masked)."""
+    if CAUSAL:
+        full_hi = p0 // BLOCK_N * BLOCK_N  # (p0 >= 0: C and Python integer division agree)
+        tail_hi = tl.minimum(p0 + BLOCK_M, SK)
+    else:
+        full_hi = (SK // BLOCK_N) * BLOCK_N
+        tail_hi = SK
+    return full_hi, tail_hi
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi, S,
                qk_scale, WINDOW, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, SLIDING: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -133,7 +157,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, CU,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
-              S, H_Q, G, qk_scale, WINDOW,
+              S, SK, H_Q, G, qk_scale, WINDOW,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
               DOT_PREC: tl.constexpr, VARLEN: tl.constexpr, SLIDING: tl.constexpr):
@@ -148,6 +172,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU,
     off_kh = off_h // G
     tok0, S = _seq_span(CU, off_b, S, VARLEN)
     if VARLEN:
+        SK = S
         if start_m * BLOCK_M >= S:  # the grid covers the longest sequence; shorter ones end here
             return
     k_base = _slab(K, off_b, skb, tok0, sks, off_kh, skh)
@@ -160,22 +185,18 @@ def _attn_fwd(Q, K, V, O, LSE, CU,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
-        full_hi = start_m * BLOCK_M  # blocks left of the diagonal: no mask needed
-        tail_hi = tl.minimum(full_hi + BLOCK_M, S)
-    else:
-        full_hi = (S // BLOCK_N) * BLOCK_N
-        tail_hi = S
+    p0, pos_m = _key_positions(start_m * BLOCK_M, offs_m, S, SK, CAUSAL)
+    full_hi, tail_hi = _row_block_keys(p0, SK, BLOCK_M, BLOCK_N, CAUSAL)
     lo = 0
     if SLIDING:  # keys before the window are skipped; blocks at its edge are masked
-        lo, win_hi = _window_span(start_m * BLOCK_M, full_hi, WINDOW, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, lo, win_hi,
-                                   S, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, True, DOT_PREC)
+        lo, win_hi = _window_span(p0, full_hi, WINDOW, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, pos_m, offs_d, lo, win_hi,
+                                   SK, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, True, DOT_PREC)
         lo = win_hi
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, lo, full_hi,
-                               S, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, False, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, offs_m, offs_d, full_hi,
-                               tail_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, SLIDING,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, pos_m, offs_d, lo, full_hi,
+                               SK, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, False, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, svs, pos_m, offs_d, full_hi,
+                               tail_hi, SK, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, SLIDING,
                                DOT_PREC)
     if SLIDING:  # padding rows past S may see no key in their window (never stored): no 0/0
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -205,7 +226,7 @@ def _attn_bwd_delta(O, DO, DELTA, sob, sos, soh, sdob, sdos, sdoh, S, H_Q,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sdos, offs_n, offs_d,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sdos, kpos, offs_d,
                     lo, hi, S, qk_scale, WINDOW, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASK_M: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                     WINDOW_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -225,10 +246,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sd
             delta = tl.load(delta_base + rows)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
-        if CAUSAL_MASK:
-            p_t = tl.where(rows[None, :] >= offs_n[:, None], p_t, 0.0)
+        if CAUSAL_MASK:  # kpos: the keys' positions counted in query rows
+            p_t = tl.where(rows[None, :] >= kpos[:, None], p_t, 0.0)
         if WINDOW_MASK:
-            p_t = tl.where(rows[None, :] < offs_n[:, None] + WINDOW, p_t, 0.0)
+            p_t = tl.where(rows[None, :] < kpos[:, None] + WINDOW, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -240,7 +261,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sd
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
                    sdkb, sdks, sdkh, sdvb, sdvs, sdvh, slb, slh,
-                   S, H_Q, H_KV, G, qk_scale, sm_scale, WINDOW,
+                   S, SK, H_Q, H_KV, G, qk_scale, sm_scale, WINDOW,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_M: tl.constexpr,
                    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
@@ -251,25 +272,35 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
     off_kh = (pid_bh % H_KV).to(tl.int64)
     tok0, S = _seq_span(CU, off_b, S, VARLEN)
     if VARLEN:
+        SK = S
         if pid_n * BLOCK_N >= S:
             return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_tile(_slab(K, off_b, skb, tok0, sks, off_kh, skh) + offs_n[:, None] * sks + offs_d[None, :],
-                   offs_n, S, offs_d, HEAD_DIM, True, EVEN_D)
+                   offs_n, SK, offs_d, HEAD_DIM, True, EVEN_D)
     v = _load_tile(_slab(V, off_b, svb, tok0, svs, off_kh, svh) + offs_n[:, None] * svs + offs_d[None, :],
-                   offs_n, S, offs_d, HEAD_DIM, True, EVEN_D)
+                   offs_n, SK, offs_d, HEAD_DIM, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if CAUSAL:
-        lo = pid_n * BLOCK_N  # query rows above the block see none of its keys
-        diag_hi = tl.minimum(lo + BLOCK_N, S)
+    # query row i is at key position i + q_off (bottom-right aligned when SK > S)
+    q_off = 0
+    if CAUSAL:  # rows before the block's first key see none of it; rows from diag_hi see all of it
+        if VARLEN:  # a packed sequence's keys are its queries: the diagonal block
+            lo = n0
+            diag_hi = tl.minimum(lo + BLOCK_N, S)
+        else:
+            q_off = SK - S
+            lo = tl.maximum(n0 - q_off, 0) // BLOCK_M * BLOCK_M  # (clamped first: C and Python // agree)
+            sees_all = tl.maximum(n0 + BLOCK_N - 1 - q_off, 0)
+            diag_hi = tl.minimum(tl.maximum((sees_all + BLOCK_M - 1) // BLOCK_M * BLOCK_M, lo), S)
     else:
         lo = 0
         diag_hi = 0
     rows_hi = S
     if SLIDING:  # rows past the window of the block's last key see none of it: skipped
-        rows_hi = tl.minimum(lo + BLOCK_N - 1 + WINDOW, S)
+        rows_hi = tl.minimum(n0 + BLOCK_N - 1 + WINDOW - q_off, S)
     for g in range(G):  # the G query heads sharing this K/V head, summed in registers
         off_h = off_kh * G + g
         q_base = _slab(Q, off_b, sqb, tok0, sqs, off_h, sqh)
@@ -277,18 +308,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
         row0 = off_b * slb + off_h * slh + tok0
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, sqs, sdos,
-                                     offs_n, offs_d, lo, diag_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_M,
+                                     offs_n - q_off, offs_d, lo, diag_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_M,
                                      MASK_M, EVEN_D, True, SLIDING, DOT_PREC)
         # one pass below the diagonal (with a window, masked throughout: a second, unmasked pass for
         # the rows that see all the block's keys costs more registers than the mask costs time)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, sqs, sdos,
-                                 offs_n, offs_d, diag_hi, rows_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_M,
+                                 offs_n - q_off, offs_d, diag_hi, rows_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_M,
                                  MASK_M, EVEN_D, False, SLIDING, DOT_PREC)
     dk = dk * sm_scale
     _store_tile(_slab(DK, off_b, sdkb, tok0, sdks, off_kh, sdkh) + offs_n[:, None] * sdks + offs_d[None, :],
-                dk.to(DK.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
+                dk.to(DK.dtype.element_ty), offs_n, SK, offs_d, HEAD_DIM)
     _store_tile(_slab(DV, off_b, sdvb, tok0, sdvs, off_kh, sdvh) + offs_n[:, None] * sdvs + offs_d[None, :],
-                dv.to(DV.dtype.element_ty), offs_n, S, offs_d, HEAD_DIM)
+                dv.to(DV.dtype.element_ty), offs_n, SK, offs_d, HEAD_DIM)
 
 
 @triton.jit
@@ -321,7 +352,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, 
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
-                 slb, slh, S, H_Q, G, qk_scale, sm_scale, WINDOW,
+                 slb, slh, S, SK, H_Q, G, qk_scale, sm_scale, WINDOW,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                  DOT_PREC: tl.constexpr, VARLEN: tl.constexpr, SLIDING: tl.constexpr):
@@ -336,6 +367,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
     off_kh = off_h // G
     tok0, S = _seq_span(CU, off_b, S, VARLEN)
     if VARLEN:
+        SK = S
         if start_m * BLOCK_M >= S:
             return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -350,22 +382,18 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
     k_base = _slab(K, off_b, skb, tok0, sks, off_kh, skh)
     v_base = _slab(V, off_b, svb, tok0, svs, off_kh, svh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
-        full_hi = start_m * BLOCK_M
-        tail_hi = tl.minimum(full_hi + BLOCK_M, S)
-    else:
-        full_hi = (S // BLOCK_N) * BLOCK_N
-        tail_hi = S
+    p0, pos_m = _key_positions(start_m * BLOCK_M, offs_m, S, SK, CAUSAL)
+    full_hi, tail_hi = _row_block_keys(p0, SK, BLOCK_M, BLOCK_N, CAUSAL)
     lo = 0
     if SLIDING:
-        lo, win_hi = _window_span(start_m * BLOCK_M, full_hi, WINDOW, BLOCK_M, BLOCK_N)
-        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, lo, win_hi, S,
+        lo, win_hi = _window_span(p0, full_hi, WINDOW, BLOCK_M, BLOCK_N)
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, pos_m, offs_d, lo, win_hi, SK,
                            qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, True, DOT_PREC)
         lo = win_hi
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, lo, full_hi, S,
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, pos_m, offs_d, lo, full_hi, SK,
                        qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, False, CAUSAL, False, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, offs_m, offs_d, full_hi,
-                       tail_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, SLIDING, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, svs, pos_m, offs_d, full_hi,
+                       tail_hi, SK, qk_scale, WINDOW, HEAD_DIM, BLOCK_N, EVEN_D, True, CAUSAL, SLIDING, DOT_PREC)
     dq = dq * sm_scale
     _store_tile(_slab(DQ, off_b, sdqb, tok0, sdqs, off_h, sdqh) + offs_m[:, None] * sdqs + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), offs_m, S, offs_d, HEAD_DIM)
@@ -384,16 +412,19 @@ class _Packing:
     the grid's sequence axis covers ``max_seqlen``; the kernels read each sequence's bounds and the
     batch strides are 0. LSE/delta are ``[B, Hq, S]`` (dense) or ``[Hq, T]`` (varlen)."""
 
-    def __init__(self, q: torch.Tensor, cu_seqlens, max_seqlen):
+    def __init__(self, q: torch.Tensor, cu_seqlens, max_seqlen, k: torch.Tensor | None = None):
         self.varlen = cu_seqlens is not None
         if self.varlen:
             self.n_seq, self.seqlen = cu_seqlens.numel() - 1, int(max_seqlen)
             self.tokens = q.shape[0]  # the kernels' S argument: the clamp bound of cu_seqlens
+            self.keys = self.tokens  # (unused: each sequence's keys are its queries)
+            self.seqlen_k = self.seqlen
             self.cu = cu_seqlens
             self.lse_strides = (0, self.tokens)
         else:
             self.n_seq, self.seqlen = q.shape[0], q.shape[1]
             self.tokens = self.seqlen
+            self.keys = self.seqlen_k = (k if k is not None else q).shape[1]  # SK: may exceed S
             self.cu = None
             self.lse_strides = (q.shape[2] * self.seqlen, self.seqlen)
 
@@ -408,9 +439,10 @@ class _Packing:
         # sequence of one head are int32.
         for t in ts:
             _, s_s, s_h = self.strides(t)
-            span = (self.seqlen - 1) * s_s + (t.shape[-2] - 1) * s_h + t.shape[-1]
+            rows = self.seqlen if self.varlen else t.shape[1]
+            span = (rows - 1) * s_s + (t.shape[-2] - 1) * s_h + t.shape[-1]
             if span >= 2**31:
-                raise ValueError(f"kernels/attention.py: a sequence of {self.seqlen} rows of a tensor of "
+                raise ValueError(f"kernels/attention.py: a sequence of {rows} rows of a tensor of "
                                  f"shape {tuple(t.shape)} and strides {t.stride()} spans {span} elements; "
                                  f"expected < 2**31")
 
@@ -433,7 +465,7 @@ def _choose(kind: str, q: torch.Tensor, pk: _Packing, hkv: int, causal: bool, co
         cands = tuning.candidates(kind, D, q.dtype, pk.seqlen, q.device)
         if len(cands) > 1:
             key = (str(q.dtype).replace("torch.", ""), pk.n_seq, pk.seqlen, HQ, hkv, D, bool(causal),
-                   pk.varlen) + ((window,) if window else ())
+                   pk.varlen) + ((window,) if window else ()) + ((pk.seqlen_k,) if pk.seqlen_k != pk.seqlen else ())
             return tuning.pick(kind, key, cands, launch)
     return default_config(kind, D, q.dtype, pk.seqlen, q.device)
 
@@ -447,12 +479,13 @@ def _sliding(window: int, causal: bool, pk: _Packing) -> int:
     """The window the kernels apply (0: none; a window as long as the sequence changes nothing)."""
     if window and not causal:
         raise ValueError("kernels/attention.py: a sliding window needs causal=True")
-    return window if 0 < window < pk.seqlen else 0
+    return window if 0 < window < pk.seqlen_k else 0
 
 
 def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, config=None,
                   cu_seqlens=None, max_seqlen=None, window: int = 0):
-    """Forward. Dense: q ``[B,S,Hq,D]``, k/v ``[B,S,Hkv,D]`` -> (o ``[B,S,Hq,D]``, lse ``[B,Hq,S]``).
+    """Forward. Dense: q ``[B,S,Hq,D]``, k/v ``[B,Sk,Hkv,D]`` -> (o ``[B,S,Hq,D]``, lse ``[B,Hq,S]``);
+    Sk may differ from S (causal: Sk >= S, the queries are the last S positions, bottom-right aligned).
     Varlen (``cu_seqlens`` int32 ``[N+1]`` on q's device, ``max_seqlen`` >= every length): q
     ``[T,Hq,D]``, k/v ``[T,Hkv,D]`` -> (o ``[T,Hq,D]``, lse ``[Hq,T]``); sequence i is rows
     ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself. Any strides with a unit last
@@ -460,7 +493,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
     ``window`` > 0 (causal only): row i attends to keys i - window + 1 .. i (Mistral's sliding window)."""
     HQ, HKV = q.shape[-2], k.shape[-2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    pk = _Packing(q, cu_seqlens, max_seqlen)
+    pk = _Packing(q, cu_seqlens, max_seqlen, k)
     lse_shape = (HQ, q.shape[0]) if pk.varlen else (q.shape[0], HQ, q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
     if _interp_bf16(q):
@@ -470,6 +503,8 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
         return o, lse
     if o.numel() == 0 or pk.n_seq == 0 or pk.seqlen == 0:
         return o, lse
+    if pk.seqlen_k == 0:  # no keys (non-causal): an empty softmax, as the reference
+        return o.fill_(float("nan")), lse.fill_(float("-inf"))
     window = _sliding(window, causal, pk)
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
     pk.check_offsets(q, k, v, o)
@@ -480,7 +515,7 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
     def launch(cfg):
         _attn_fwd[(pk.n_seq * HQ, triton.cdiv(pk.seqlen, cfg["BLOCK_M"]))](
             q, k, v, o, lse, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v), *pk.strides(o),
-            *pk.lse_strides, pk.tokens, HQ, HQ // HKV, scale * LOG2E, window,
+            *pk.lse_strides, pk.tokens, pk.keys, HQ, HQ // HKV, scale * LOG2E, window,
             CAUSAL=bool(causal), VARLEN=pk.varlen, SLIDING=window > 0, **meta, **cfg)
 
     launch(_choose("fwd", q, pk, HKV, causal, config, launch, window))
@@ -497,7 +532,7 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
-    pk = _Packing(q, cu_seqlens, max_seqlen)
+    pk = _Packing(q, cu_seqlens, max_seqlen, k)
     if _interp_bf16(q):
         grads = attention_bwd(do.float(), q.float(), k.float(), v.float(), o.float(), lse, causal,
                               scale, dlse=dlse, config=config, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
@@ -505,7 +540,7 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
         for dst, src in zip((dq, dk, dv), grads):
             dst.copy_(src)
         return dq, dk, dv
-    if dq.numel() == 0 or pk.n_seq == 0 or pk.seqlen == 0:
+    if pk.n_seq == 0 or pk.seqlen == 0 or dk.numel() == 0 or dq.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     window = _sliding(window, causal, pk)
     do, q, k, v, o = (_lastdim_contiguous(t) for t in (do, q, k, v, o))
@@ -528,16 +563,16 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
         delta.sub_(dlse)
 
     def launch_dkdv(cfg):
-        _attn_bwd_dkdv[(pk.n_seq * HKV, triton.cdiv(pk.seqlen, cfg["BLOCK_N"]))](
+        _attn_bwd_dkdv[(pk.n_seq * HKV, triton.cdiv(pk.seqlen_k, cfg["BLOCK_N"]))](
             q, k, v, do, dk, dv, lse, delta, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v),
-            *pk.strides(do), *pk.strides(dk), *pk.strides(dv), *pk.lse_strides, pk.tokens, HQ, HKV,
+            *pk.strides(do), *pk.strides(dk), *pk.strides(dv), *pk.lse_strides, pk.tokens, pk.keys, HQ, HKV,
             HQ // HKV, scale * LOG2E, scale, window, CAUSAL=bool(causal), VARLEN=pk.varlen,
             SLIDING=window > 0, MASK_M=pk.varlen or pk.seqlen % cfg["BLOCK_M"] != 0, **meta, **cfg)
 
     def launch_dq(cfg):
         _attn_bwd_dq[(pk.n_seq * HQ, triton.cdiv(pk.seqlen, cfg["BLOCK_M"]))](
             q, k, v, do, dq, lse, delta, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v),
-            *pk.strides(do), *pk.strides(dq), *pk.lse_strides, pk.tokens, HQ, HQ // HKV,
+            *pk.strides(do), *pk.strides(dq), *pk.lse_strides, pk.tokens, pk.keys, HQ, HQ // HKV,
             scale * LOG2E, scale, window, CAUSAL=bool(causal), VARLEN=pk.varlen, SLIDING=window > 0, **meta,
             **cfg)
 

@@ -195,7 +195,7 @@ def _args(**over):
     (lambda: _args(max_seqlen=2.5), TypeError, r"max_seqlen must be a non-negative int or None; got 2.5"),
     (lambda: _args(cu_seqlens=[0, 3, 8]), TypeError, r"cu_seqlens must be a torch.Tensor; got list"),
     (lambda: _args(q=torch.randn(1, 8, 4, 16)), ValueError, r"with cu_seqlens, q must be 3-D \[T, H, D\].*\[1, 8, 4, 16\]"),
-    (lambda: _args(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16)), ValueError, r"k token count must equal q's \(8\)"),
+    (lambda: _args(k=torch.randn(9, 2, 16), v=torch.randn(9, 2, 16)), ValueError, r"k's token count must equal q's \(8\)"),
     (lambda: _args(cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32, device="meta")), ValueError,
      r"cu_seqlens must be on q's device \(cpu\)"),
 ])

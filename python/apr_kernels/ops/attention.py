@@ -7,8 +7,11 @@ Public function (also ``apr_kernels.attention``)::
 
 q ``[B, S, Hq, D]``, k/v ``[B, S, Hkv, D]`` with Hq a multiple of Hkv: query head h attends with K/V
 head ``h // (Hq // Hkv)``; K/V are never expanded. The ``[B, H, S, D]`` layout is accepted as
-``x.transpose(1, 2)`` (a view: the kernels read it through its strides, no copy). Only self-attention
-(Sq == Sk); causal is top-left aligned (query i sees keys j <= i). ``scale`` defaults to D**-0.5.
+``x.transpose(1, 2)`` (a view: the kernels read it through its strides, no copy). k/v may hold more
+positions than q (``[B, Sk, Hkv, D]``, Sk >= Sq when causal): causal is then bottom-right aligned as in
+FlashAttention >= 2.1, the queries being the last Sq of the Sk positions (query i sees keys
+j <= i + Sk - Sq): a chunk of queries against its prefix of keys (context parallelism, prefill after a
+KV cache). With Sq == Sk that is the usual query i sees keys j <= i. ``scale`` defaults to D**-0.5.
 Softmax statistics are fp32; the output has q's dtype and is contiguous ``[B, S, Hq, D]``.
 ``window`` (causal only): a sliding window of that many keys, query i sees keys i - window + 1 .. i
 (Mistral's ``sliding_window``, flash-attn's ``window_size=(window - 1, 0)``); the kernels skip the
@@ -223,10 +226,14 @@ def check_inputs(q, k, v, causal=True, scale=None, *, packed: bool = False) -> f
         raise ValueError(f"{_WHERE}: v must have k's shape {_shape(k)}; got {_shape(v)}")
     if k.shape[0] != B:
         raise ValueError(f"{_WHERE}: k batch size must equal q's ({B}); got k shape {_shape(k)}")
-    if k.shape[1] != S:
-        raise ValueError(f"{_WHERE}: k {'token count' if packed else 'sequence length'} must equal q's "
-                         f"({S}): only self-attention with Sq == Sk is supported; got k shape "
-                         f"{_shape(k[0] if packed else k)}")
+    if packed and k.shape[1] != S:
+        raise ValueError(f"{_WHERE}: with cu_seqlens, k's token count must equal q's ({S}): each packed "
+                         f"sequence attends to itself; got k shape {_shape(k[0])}")
+    if causal is True and k.shape[1] < S:
+        raise ValueError(f"{_WHERE}: causal attention needs at least as many keys as queries (the queries "
+                         f"are the last Sq of Sk positions); got q shape {_shape(q)}, k shape {_shape(k)}")
+    if k.shape[1] == 0 and S > 0:
+        raise ValueError(f"{_WHERE}: k has no keys (shape {_shape(k)}) for {S} queries")
     if k.shape[3] != D:
         raise ValueError(f"{_WHERE}: k head_dim must equal q's ({D}); got k shape {_shape(k)}")
     HKV = k.shape[2]
@@ -290,8 +297,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
               window: Optional[int] = None) -> Tensor:
     """Softmax attention ``softmax(scale * q k^T [causal mask]) v`` with grouped K/V heads.
 
-    q ``[B, S, Hq, D]``; k, v ``[B, S, Hkv, D]`` (Hq % Hkv == 0, same dtype and device); returns a
-    contiguous ``[B, S, Hq, D]`` in q's dtype. Differentiable in q, k and v.
+    q ``[B, S, Hq, D]``; k, v ``[B, Sk, Hkv, D]`` (Hq % Hkv == 0, same dtype and device; Sk == S for
+    self-attention, causal with Sk > S: q holds the last S positions); returns a contiguous
+    ``[B, S, Hq, D]`` in q's dtype. Differentiable in q, k and v.
 
     With ``cu_seqlens`` (packed sequences): q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``;
     each sequence ``cu_seqlens[i]:cu_seqlens[i+1]`` attends only within itself (module docstring).

@@ -71,12 +71,13 @@ def rms_norm_backward_reference(
 # Softmax attention with grouped K/V: query head h uses K/V head h // G, G = Hq // Hkv. Computed in
 # fp32 (fp64 for fp64 inputs), output rounded to q's dtype; the Triton kernels match this within the
 # dtype tolerances (they additionally round P to the input dtype before the P @ V product).
-# Layout [B, S, H, D]; causal means query i sees keys j <= i (Sq == Sk, top-left aligned); a sliding
-# window w > 0 (causal only) also hides keys j <= i - w.
+# Layout [B, S, H, D]; causal means query i sees keys j <= i + Sk - Sq (bottom-right aligned: with
+# Sk > Sq the queries are the last Sq positions; Sk == Sq is the usual self-attention); a sliding
+# window w > 0 (causal only) also hides keys j <= i + Sk - Sq - w.
 
 
 def _attn_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, window: int = 0):
-    """fp32 scores ``[B, Hkv, G, S, S]`` and the grouped fp32 q ``[B, S, Hkv, G, D]`` (K/V are
+    """fp32 scores ``[B, Hkv, G, S, Sk]`` and the grouped fp32 q ``[B, S, Hkv, G, D]`` (K/V are
     broadcast over the group by einsum, never expanded)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     B, S, HQ, D = q.shape
@@ -84,9 +85,10 @@ def _attn_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, w
     qg = q.to(acc).reshape(B, S, HKV, HQ // HKV, D)
     s = torch.einsum("bshgd,bthd->bhgst", qg, k.to(acc)) * scale
     if causal:
-        hidden = torch.ones(S, k.shape[1], dtype=torch.bool, device=q.device).triu(1)
+        off = k.shape[1] - S  # query i is at key position i + off
+        hidden = torch.ones(S, k.shape[1], dtype=torch.bool, device=q.device).triu(off + 1)
         if window > 0:
-            hidden |= torch.ones(S, k.shape[1], dtype=torch.bool, device=q.device).tril(-window)
+            hidden |= torch.ones(S, k.shape[1], dtype=torch.bool, device=q.device).tril(off - window)
         s = s.masked_fill(hidden, float("-inf"))
     return s, qg
 

@@ -1,0 +1,126 @@
+"""Attention of a chunk of queries against a longer run of keys (k/v ``[B, Sk, Hkv, D]`` with Sk > Sq;
+causal is bottom-right aligned: the queries are the last Sq positions, as FlashAttention >= 2.1):
+the Triton kernels in the interpreter and the reference path, forward and all three gradients,
+against an fp64 oracle written here with an explicit position mask. Offsets aligned and not aligned
+to the tiles, ragged lengths, GQA, sliding windows and poisoned outputs (nothing skipped, nothing
+written out of bounds)."""
+
+import pytest
+import torch
+
+import apr_kernels
+from kernel_helpers import kernel_module
+from test_attention import REL, assert_close
+
+
+def oracle(q, k, v, causal, scale, window=0):
+    """fp64 softmax over repeat_interleave'd K/V; query i stands at key position i + Sk - Sq."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    G = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
+    s = torch.einsum("bshd,bthd->bhst", q, kk) * scale
+    if causal:
+        pos = torch.arange(q.shape[1])[:, None] + (k.shape[1] - q.shape[1])
+        j = torch.arange(k.shape[1])[None, :]
+        visible = j <= pos
+        if window:
+            visible &= j > pos - window
+        s = s.masked_fill(~visible, float("-inf"))
+    o = torch.einsum("bhst,bthd->bshd", torch.softmax(s, -1), vv)
+    return o, (q, k, v)
+
+
+def make(B, SQ, SK, HQ, HKV, D, dtype=torch.float32):
+    q = torch.randn(B, SQ, HQ, D).to(dtype).requires_grad_()
+    k = torch.randn(B, SK, HKV, D).to(dtype).requires_grad_()
+    v = torch.randn(B, SK, HKV, D).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def check(q, k, v, o, grads, do, causal, scale, window=0, rel=REL[torch.float32]):
+    want, leaves = oracle(q, k, v, causal, scale, window)
+    want.backward(do.double())
+    assert_close(o, want, rel, "o")
+    for name, g, ref in zip("qkv", grads, leaves):
+        assert_close(g, ref.grad, 2 * rel, f"d{name}")
+
+
+CASES = [  # (Sq, Sk, BLOCK_M, BLOCK_N): forward/dq tiles; the dK/dV kernel runs BLOCK_N=16 x BLOCK_M tiles
+    (16, 48, 16, 16),   # offset a multiple of the tiles
+    (20, 57, 16, 16),   # ragged both, offset 37 not aligned
+    (32, 40, 32, 16),   # offset smaller than a tile
+    (7, 100, 16, 16),   # a few queries far down a long run of keys
+    (33, 33, 16, 16),   # Sq == Sk: the usual self-attention
+    (64, 130, 32, 16),  # several query blocks, diagonal band over three key blocks
+]
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("sq, sk, bm, bn", CASES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq, hkv", [(4, 2), (3, 1)])
+def test_prefix_matches_oracle(use_backend, backend_name, sq, sk, bm, bn, causal, hq, hkv):
+    use_backend(backend_name)
+    q, k, v = make(2, sq, sk, hq, hkv, 16)
+    scale = 0.3
+    if backend_name == "triton":
+        kern = kernel_module("attention")
+        nan = float("nan")  # poisoned outputs: an element the kernels skip stays NaN and fails the check
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1}
+        o, lse = kern.attention_fwd(q.detach(), k.detach(), v.detach(), causal, scale, config=cfg,
+                                    out=torch.full(q.shape, nan), lse=torch.full((2, hq, sq), nan))
+        assert torch.isfinite(lse).all()
+        do = torch.randn_like(o)
+        grads = kern.attention_bwd(do, q.detach(), k.detach(), v.detach(), o, lse, causal, scale,
+                                   config={"dkdv": {**cfg, "BLOCK_M": 16, "BLOCK_N": bm}, "dq": cfg},
+                                   dq=torch.full(q.shape, nan), dk=torch.full(k.shape, nan),
+                                   dv=torch.full(v.shape, nan))
+    else:
+        o = apr_kernels.attention(q, k, v, causal=causal, scale=scale)
+        do = torch.randn_like(o)
+        o.backward(do)
+        grads = (q.grad, k.grad, v.grad)
+    check(q, k, v, o, grads, do, causal, scale)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("sq, sk, window", [(16, 64, 8), (20, 57, 30), (24, 40, 100), (9, 70, 1)])
+def test_prefix_with_window(use_backend, backend_name, sq, sk, window):
+    use_backend(backend_name)
+    q, k, v = make(1, sq, sk, 4, 2, 16)
+    o = apr_kernels.attention(q, k, v, causal=True, scale=0.25, window=window)
+    do = torch.randn_like(o)
+    o.backward(do)
+    check(q, k, v, o, (q.grad, k.grad, v.grad), do, True, 0.25, window)
+
+
+def test_prefix_fp16_through_the_public_op(use_backend):
+    use_backend("triton")
+    q, k, v = make(1, 24, 56, 4, 1, 32, torch.float16)
+    o = apr_kernels.attention(q, k, v)
+    do = torch.randn_like(o)
+    o.backward(do)
+    check(q, k, v, o, (q.grad, k.grad, v.grad), do, True, 32 ** -0.5, rel=REL[torch.float16])
+
+
+def test_chunks_against_their_prefixes_equal_whole_sequence_attention(use_backend):
+    """The use it exists for: each chunk of a causal sequence against the keys up to its end gives
+    that chunk's rows of whole-sequence attention (context parallelism, prefill after a cache)."""
+    use_backend("triton")
+    q, k, v = make(1, 64, 64, 4, 2, 16)
+    whole = apr_kernels.attention(q, k, v)
+    parts = [apr_kernels.attention(q[:, a:a + 16], k[:, :a + 16], v[:, :a + 16]) for a in range(0, 64, 16)]
+    assert_close(torch.cat(parts, 1), whole, REL[torch.float32], "chunked")
+
+
+def test_prefix_errors_name_the_shapes():
+    q, k, v = make(1, 8, 4, 2, 2, 16)
+    with pytest.raises(ValueError, match=r"at least as many keys as queries.*q shape \[1, 8, 2, 16\]"):
+        apr_kernels.attention(q, k, v)
+    q, k, v = make(1, 8, 0, 2, 2, 16)
+    with pytest.raises(ValueError, match=r"k has no keys"):
+        apr_kernels.attention(q, k, v, causal=False)
+    t = torch.randn(10, 2, 16)
+    with pytest.raises(ValueError, match=r"with cu_seqlens, k's token count must equal q's"):
+        apr_kernels.attention(t, torch.randn(12, 2, 16), torch.randn(12, 2, 16),
+                              cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
