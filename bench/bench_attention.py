@@ -38,6 +38,17 @@ Sliding window (``attention(..., window=W)``, Mistral's ``sliding_window``): the
 
 FLOPs of the window rows: 4·B·Hq·D·Σ_i min(i + 1, W) (the visible pairs), for every provider.
 
+A chunk against its prefix (``attention(q, k, v)`` with k/v longer than q, causal bottom-right: what
+each rank of ``train --context-parallel`` computes per chunk): the Llama-3-8B heads, the last of 4
+chunks of a 16384-token row, 4096 queries against 16384 keys, B 1, forward+backward. Providers:
+
+  apr_prefix          apr_kernels.attention(q, k, v) with Sk > Sq
+  sdpa_lower_right    SDPA with torch.nn.attention.bias.causal_lower_right (K/V expanded: the bias
+                      takes no enable_gqa)
+  sdpa_mask_gqa       SDPA with the explicit [Sq, Sk] boolean mask and enable_gqa
+
+FLOPs of the prefix rows: 4·B·Hq·D·Σ_i (Sk - Sq + i + 1) (the visible pairs), for every provider.
+
 --quick keeps apr and the two enable_gqa SDPA backends (no expanded K/V) with fewer repetitions.
 A time budget (--budget, default 30 s quick / 95 s full, from the start of the run) is checked
 before each shape: what does not fit is skipped with a note. Order: S 1024 and 4096 (both models),
@@ -356,6 +367,48 @@ def window_rows(args, dev, dtype, rows: list) -> None:
     print(f"  sliding window B={B} S={S} W={W}: {time.monotonic() - t0:.1f} s", flush=True)
 
 
+# ------------------------------------------------------------------------ a chunk against its prefix
+
+
+def prefix_providers(dev: torch.device, sq: int, sk: int) -> dict:
+    i = torch.arange(sq, device=dev)[:, None] + (sk - sq)
+    visible = torch.arange(sk, device=dev)[None, :] <= i
+
+    def apr_prefix(q, k, v):
+        return apr_kernels.attention(q, k, v)
+
+    def sdpa_lower_right(q, k, v):
+        from torch.nn.attention.bias import causal_lower_right
+
+        g = q.shape[2] // k.shape[2]
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(sq, sk)).transpose(1, 2)
+
+    def sdpa_mask_gqa(q, k, v):
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible, enable_gqa=True).transpose(1, 2)
+
+    return {"apr_prefix": apr_prefix, "sdpa_lower_right": sdpa_lower_right, "sdpa_mask_gqa": sdpa_mask_gqa}
+
+
+def prefix_rows(args, dev, dtype, rows: list) -> None:
+    B, sq, sk = (1, 32, 96) if args.smoke else (1, 4096, 16384)
+    if left_s(args) < (0 if args.smoke else 20):
+        print(f"  chunk against its prefix: skipped ({left_s(args):.0f} s of the budget left)")
+        return
+    hq, hkv, d = MODELS["llama-3-8b"]
+    t0 = time.monotonic()
+    q = inputs(B, sq, hq, hkv, d, dtype, dev)[0]
+    _, k, v = inputs(B, sk, hq, hkv, d, dtype, dev)
+    pairs = sum(sk - sq + i + 1 for i in range(sq))
+    fields = {"op": "attention_prefix", "model": "llama-3-8b", "B": B, "S": sq, "Sk": sk, "Hq": hq, "Hkv": hkv, "D": d}
+    rep = 3 if args.smoke else 5 if args.quick else 10
+    masked_rows(args, prefix_providers(dev, sq, sk), (q, k, v), 4 * B * hq * d * pairs, fields, dev, dtype, rep,
+                rows, "apr_prefix", ("sdpa_lower_right", "sdpa_mask_gqa"))
+    print(f"  chunk against its prefix B={B} Sq={sq} Sk={sk}: {time.monotonic() - t0:.1f} s", flush=True)
+
+
 # -------------------------------------------------------------------------------------- tune
 
 
@@ -452,12 +505,14 @@ def main() -> None:
             run_shapes(args, dev, dtype, rows, shapes[:4])
             document_rows(args, dev, dtype, rows)
             window_rows(args, dev, dtype, rows)
+            prefix_rows(args, dev, dtype, rows)
             autotune_vs_default(args, dev, dtype, rows, [])
             run_shapes(args, dev, dtype, rows, shapes[4:])
         else:
             run_shapes(args, dev, dtype, rows, shapes)
             document_rows(args, dev, dtype, rows)
             window_rows(args, dev, dtype, rows)
+            prefix_rows(args, dev, dtype, rows)
         path = _common.write_results("attention", rows, args.out)
         cols = ["op", "model", "S", "mode", "provider", "ms", "tflops", "peak_mem_mb", "vs_best_sdpa",
                 "vs_best_masked"]

@@ -74,6 +74,10 @@ def window_mask(s: int, window: int, device, offset: int = 0) -> torch.Tensor:
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v bias for Qwen2."""
 
+    # train/context_parallel.py's ContextParallel while this rank holds a share of every sequence's
+    # positions (Transformer.set_context_parallel), else None
+    context_parallel = None
+
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -135,7 +139,9 @@ class Attention(nn.Module):
         (positions restart at each document)."""
         b, s, _ = x.shape
         q, k, v = self.rotated_qkv(x, cos, sin, fast, packed=docs is not None)
-        if fast and docs is not None:  # packed spans: each document attends only within itself
+        if self.context_parallel is not None:  # the local chunks against the group's gathered K/V
+            o = self.context_parallel.attention(q, k, v, fast=fast, window=self.window, scale=self.head_dim ** -0.5)
+        elif fast and docs is not None:  # packed spans: each document attends only within itself
             d = docs.documents
             o = _ops().attention(q[0], k[0], v[0], causal=True, cu_seqlens=d.cu_seqlens, max_seqlen=d.max_seqlen,
                                  window=self.window)
@@ -454,6 +460,22 @@ class Transformer(nn.Module):
     def use_fast(self, x: torch.Tensor) -> bool:
         return x.is_cuda if self.fast is None else bool(self.fast)
 
+    # train/context_parallel.py's ContextParallel, or None: each forward's input_ids are then this
+    # rank's positions of every row (ContextParallel.shard), not whole rows
+    context_parallel = None
+
+    def set_context_parallel(self, cp) -> None:
+        """Train on this rank's share of each sequence's positions (``train/context_parallel.py``);
+        None: whole sequences again."""
+        self.context_parallel = cp
+        for layer in self.model.layers:
+            layer.self_attn.context_parallel = cp
+
+    def sequence_length(self, input_ids: torch.Tensor) -> int:
+        """The rows' length in positions (under context parallelism, all ranks' shares together)."""
+        cp = self.context_parallel
+        return input_ids.shape[1] if cp is None else cp.global_length(input_ids.shape[1])
+
     def _document_mask(self, input_ids: torch.Tensor, documents: Documents, fast: bool, cos, sin):
         """The layers' :class:`DocumentMask` and the per-token rope tables for ``documents``."""
         B, S = input_ids.shape
@@ -474,14 +496,21 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, hidden] (before the output projection)."""
         fast = self.use_fast(input_ids)
+        T = self.sequence_length(input_ids)
         h = self.model.embed_tokens(input_ids)
         if self.neftune_alpha and self.training:  # as transformers' neftune hook: T is the row length
-            mag = self.neftune_alpha / (h.shape[1] * h.shape[2]) ** 0.5
+            mag = self.neftune_alpha / (T * h.shape[2]) ** 0.5
             h = h + torch.zeros_like(h).uniform_(-mag, mag)
-        cos, sin = rope_tables(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
+        cos, sin = rope_tables(T, self.config.head_dim, self.config.rope_theta,
                                scaling=self.config.rope_scaling, device=input_ids.device,
                                max_position_embeddings=self.config.max_position_embeddings)
         docs = None
+        if self.context_parallel is not None:
+            if documents is not None:
+                raise ValueError("context parallelism with document masking is not supported (a document's "
+                                 "span would cross the ranks' chunks); train without --document-mask")
+            pos = self.context_parallel.positions(input_ids.shape[1], input_ids.device)
+            cos, sin = cos[pos], sin[pos]
         if documents is not None:
             docs, cos, sin = self._document_mask(input_ids, documents, fast, cos, sin)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -593,8 +622,8 @@ class Transformer(nn.Module):
         return out + term
 
     def _forward(self, input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss):
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+        if self.sequence_length(input_ids) > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {self.sequence_length(input_ids)} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         if self.config.num_labels:
             if targets is not None or teacher is not None:

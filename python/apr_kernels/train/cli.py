@@ -563,13 +563,24 @@ def _train(args, env, mode: str) -> int:
     teacher = (load_teacher(cfg.teacher, cfg.precision, tok, device or pick_device(args.device), tristate(args.fast))
                if cfg.teacher else None)
     parallel = None
+    cp = args.context_parallel
+    if cp != 1:
+        if cp < 1 or mode == "none":
+            raise ValueError(f"--context-parallel {cp}: expected a group size >= 1, run under torchrun with "
+                             f"--parallel ddp or fsdp (each group of {cp} ranks splits every sequence)")
+        if args.compile:
+            raise ValueError("--context-parallel with --compile is not supported (the layers' K/V all-gather "
+                             "would break the compiled graphs); leave one of them out")
     if mode != "none":
         from . import distributed
 
-        if cfg.batch_size % env.world_size:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the world size "
-                             f"{env.world_size}; expected an equal share of every batch per rank")
-        parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device))
+        data_ranks = env.world_size // cp if env.world_size % cp == 0 else env.world_size
+        if cfg.batch_size % data_ranks:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {data_ranks} data-parallel "
+                             f"ranks (world size {env.world_size}, --context-parallel {cp}); expected an equal "
+                             f"share of every batch per rank")
+        parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
+                                           context_parallel=cp)
     from .data import default_cache_dir
 
     cache_dir = None if args.no_token_cache else (args.token_cache or default_cache_dir())
@@ -1146,6 +1157,10 @@ def register(subparsers) -> None:
     s.add_argument("--parallel", choices=("ddp", "fsdp", "none"), default=None,
                    help="ddp: a replica per rank; fsdp: parameters, gradients and AdamW state sharded "
                         "(FSDP2, bf16 compute on CUDA); default: ddp when WORLD_SIZE > 1, else none")
+    s.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="split every sequence over groups of N consecutive ranks (long context: each holds "
+                        "2 of 2N chunks of every row, K/V all-gathered per layer); --seq-len a multiple of 2N, "
+                        "the batch shared by world/N data-parallel groups (default 1: off)")
     s.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)

@@ -321,12 +321,29 @@ class Parallel:
     each batch, cross-rank means and sharded evaluation. ``module`` is the ``Transformer`` itself
     (Hugging Face names; DTensor parameters under FSDP)."""
 
-    def __init__(self, module, mode: str, env: DistEnv, wrapper=None):
+    def __init__(self, module, mode: str, env: DistEnv, wrapper=None, context=None):
         self.module, self.mode, self.env, self._wrapper = module, mode, env, wrapper
+        self.context = context  # context_parallel.ContextParallel, or None
 
     @property
     def world_size(self) -> int:
         return self.env.world_size
+
+    @property
+    def data_ranks(self) -> int:
+        """Ranks that take different rows: all of them, or one per context-parallel group."""
+        return self.env.world_size // (self.context.size if self.context is not None else 1)
+
+    @property
+    def data_rank(self) -> int:
+        return self.env.rank // (self.context.size if self.context is not None else 1)
+
+    def local_positions(self, *ts: torch.Tensor):
+        """This rank's positions of whole rows ``[B, T, ...]`` (all of them without context parallelism)."""
+        if self.context is None:
+            return ts if len(ts) > 1 else ts[0]
+        out = tuple(self.context.shard(t) for t in ts)
+        return out if len(out) > 1 else out[0]
 
     @property
     def is_main(self) -> bool:
@@ -371,7 +388,8 @@ class Parallel:
             self.module.reshard()
 
     def local_rows(self, index: torch.Tensor) -> torch.Tensor:
-        return local_rows(index, self.env.rank, self.env.world_size)
+        """This rank's rows of a global batch (a context-parallel group's ranks share theirs)."""
+        return local_rows(index, self.data_rank, self.data_ranks)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce mean (gloo has no AVG: sum, then divide)."""
@@ -393,7 +411,7 @@ class Parallel:
         from .data import eval_sequences, split_targets
 
         seqs = eval_sequences(tokens, seq_len, max_tokens)
-        rank, world, dev = self.env.rank, self.env.world_size, self.env.device
+        rank, world, dev = self.data_rank, self.data_ranks, self.env.device
         per = -(-len(seqs) // world)
         mine = seqs[rank * per:(rank + 1) * per]
         model = self.module
@@ -406,37 +424,49 @@ class Parallel:
             if not len(rows):  # the padding forward: no targets
                 y = torch.full_like(y, -100)
             docs = None if eos_id is None else Documents.from_eos(x, eos_id).to(dev)
-            x, y = x.to(dev), y.to(dev)
+            x, y = self.local_positions(x.to(dev), y.to(dev))
             with torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,
                                 enabled=autocast_dtype is not None):
                 acc[0] += model.loss(x, y, reduction="sum", documents=docs).double()
             acc[1] += (y != -100).sum()
         model.train(was_training)
         self.reshard()
-        if world > 1:
+        if self.env.world_size > 1:  # (context-parallel ranks hold disjoint positions: their sums add up)
             dist.all_reduce(acc)
         return float(acc[0] / acc[1]), int(acc[1])
 
 
-def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | None = None) -> Parallel:
+def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | None = None,
+                context_parallel: int = 1) -> Parallel:
     """Wrap ``model`` for ``mode``: ``ddp`` (a replica per rank, gradients all-reduced), ``fsdp``
     (``fully_shard`` per decoder layer and at the root, ``compute_dtype`` as ``_fsdp_shard``'s;
     already sharded models pass through) or ``none``. Build the optimizer after this: FSDP replaces
-    the parameters by DTensors."""
+    the parameters by DTensors. ``context_parallel`` N > 1: groups of N consecutive ranks split every
+    sequence's positions between them (``context_parallel.py``); gradients are still reduced over
+    every rank."""
     if mode not in MODES:
         raise ValueError(f"parallel mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode != "none" and not env.active:
         raise ValueError(f"parallel mode {mode!r} needs a process group; run under torchrun or call "
                          f"setup(need_group=True)")
+    context = None
+    if context_parallel != 1:
+        if mode == "none":
+            raise ValueError(f"--context-parallel {context_parallel} needs --parallel ddp or fsdp (the ranks "
+                             f"of a group hold parts of the same rows: their gradients must be reduced)")
+        from .context_parallel import groups
+
+        context = groups(env.world_size, context_parallel, env.rank)
+        model.set_context_parallel(context)
     if mode == "fsdp":
-        return Parallel(_fsdp_shard(model, env, compute_dtype), mode, env)
+        return Parallel(_fsdp_shard(model, env, compute_dtype), mode, env, context=context)
     model = model.to(env.device)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return Parallel(model, mode, env, DDP(_LossModule(model), device_ids=ids))
-    return Parallel(model, mode, env)
+        return Parallel(model, mode, env, DDP(_LossModule(model), device_ids=ids), context=context)
+    return Parallel(model, mode, env, context=context)
 
 
 # ------------------------------------------------------------------------ load and save

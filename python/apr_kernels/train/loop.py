@@ -447,9 +447,20 @@ class Trainer(EvalWatch):
             if parallel.module is not model:
                 raise ValueError("Trainer: parallel.module is not the model given; expected "
                                  "parallelize(model, ...) of this model")
-            if config.batch_size % parallel.world_size:
-                raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the world size "
-                                 f"{parallel.world_size}; expected an equal share of every batch per rank")
+            if config.batch_size % parallel.data_ranks:
+                raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the "
+                                 + (f"world size {parallel.world_size}" if parallel.context is None else
+                                    f"{parallel.data_ranks} data-parallel groups ({parallel.world_size} ranks / "
+                                    f"--context-parallel {parallel.context.size})")
+                                 + "; expected an equal share of every batch per rank")
+            if parallel.context is not None:  # what the split of every row into the group's chunks rules out
+                parallel.context.check_length(config.seq_len, "--seq-len")
+                if config.document_mask:
+                    raise ValueError("--context-parallel with --document-mask is not supported (a document "
+                                     "would cross the ranks' chunks); train without document masking")
+                if teacher is not None:
+                    raise ValueError("--context-parallel with a distillation teacher is not supported (the "
+                                     "teacher would need the same split of every row)")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # a parallel model is already placed (and an FSDP one must not be moved)
         self.model = model if parallel is not None else model.to(self.device)
@@ -520,6 +531,8 @@ class Trainer(EvalWatch):
         for micro, index in enumerate(indices):
             x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
                                self.doc_eos)
+            if par is not None:  # context parallelism: this rank's positions of the rows
+                x, y = par.local_positions(x, y)
             # gradients are communicated once, on the last micro-batch
             with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,

@@ -1,0 +1,228 @@
+"""Context parallelism (train/context_parallel.py): the zigzag split and its inverse against explicit
+position lists; each rank's attention over the gathered K/V against whole-sequence attention; and
+2 (gloo) processes, each holding half of every row, against one process holding all of it: the
+loss and every gradient of a Qwen2-shaped model, eager and through the Triton kernels (interpreter),
+with a sliding window in one layer and activation checkpointing (the all-gather recomputed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apr_kernels.train.context_parallel import ContextParallel
+
+
+def _config(**over):
+    from apr_kernels.model import ModelConfig
+
+    cfg = dict(architecture="qwen2", hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+               intermediate_size=64, vocab_size=97, max_position_embeddings=128, rope_theta=1e4,
+               rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=False)
+    cfg.update(over)
+    return ModelConfig(**cfg)
+
+
+# a window in layer 1 only (Qwen2's max_window_layers), shorter than a rank's reach
+CASES = {"eager": dict(fast=False), "triton": dict(fast=True),
+         "window-checkpointed": dict(fast=True, sliding_window=11, max_window_layers=1, checkpoint=True)}
+
+
+def _inputs(T=32, B=2):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 97, (B, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:].clone()
+
+
+def _model(case):
+    from apr_kernels.model import Transformer
+
+    spec = dict(CASES[case])
+    fast, ckpt = spec.pop("fast"), spec.pop("checkpoint", False)
+    torch.manual_seed(7)
+    m = Transformer(_config(**spec), fast=fast)
+    m.gradient_checkpointing = ckpt
+    return m
+
+
+# ---------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_zigzag_split_and_its_inverse(N):
+    T = 2 * N * 5
+    rows = torch.arange(2 * T).view(2, T)  # each value its own position (+ T in row 1)
+    shards = []
+    for r in range(N):
+        cp = ContextParallel(None, r, N)
+        want = list(range(r * 5, r * 5 + 5)) + list(range((2 * N - 1 - r) * 5, (2 * N - r) * 5))
+        assert cp.positions(10).tolist() == want
+        assert cp.shard(rows).tolist() == [want, [p + T for p in want]]
+        shards.append(cp.shard(rows))
+    everything = sorted(p for s in shards for p in s[0].tolist())
+    assert everything == list(range(T))  # every position on exactly one rank
+    cp = ContextParallel(None, 0, N)
+    assert torch.equal(cp.to_global(torch.stack(shards)), rows)
+    assert torch.equal(cp.to_ranks(rows), torch.stack(shards))
+
+
+def test_lengths_that_do_not_split_are_refused():
+    cp = ContextParallel(None, 1, 3)
+    with pytest.raises(ValueError, match=r"--seq-len 20 is not a multiple of 6 \(2 x --context-parallel"):
+        cp.check_length(20, "--seq-len")
+    with pytest.raises(ValueError, match=r"rank 3 of a group of 3"):
+        ContextParallel(None, 3, 3)
+
+
+class _Known(ContextParallel):
+    """One rank of a group whose gather returns the whole-sequence tensor it was given."""
+
+    def __init__(self, rank, size, whole):
+        super().__init__(None, rank, size)
+        self.whole = list(whole)
+
+    def gather(self, t):
+        w = self.whole.pop(0)
+        assert torch.equal(self.shard(w), t)  # (this rank's share of it)
+        return w
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "triton"])
+@pytest.mark.parametrize("N, window", [(2, None), (3, None), (2, 5), (4, 3)])
+def test_each_rank_attends_to_all_earlier_positions(use_backend, fast, N, window):
+    from test_attention_prefix import oracle  # fp64, an explicit mask
+
+    use_backend("triton")
+    T = 2 * N * 6
+    q, k, v = torch.randn(2, T, 4, 16), torch.randn(2, T, 2, 16), torch.randn(2, T, 2, 16)
+    whole = oracle(q, k, v, True, 0.25, window or 0)[0].float().detach()
+    for r in range(N):
+        cp = _Known(r, N, [k, v])
+        got = cp.attention(cp.shard(q), cp.shard(k), cp.shard(v), fast=fast, window=window, scale=0.25)
+        torch.testing.assert_close(got, cp.shard(whole), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- 2 processes
+def _worker(out: str) -> int:
+    import torch.distributed as dist
+
+    from apr_kernels.train.context_parallel import groups
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cp = groups(world, 2, rank)
+    x, y = _inputs()
+    result = {}
+    for case in CASES:
+        m = _model(case)
+        m.set_context_parallel(cp)
+        loss = m.loss(cp.shard(x), cp.shard(y), reduction="sum")
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        grads = {}
+        for name, p in m.named_parameters():
+            g = p.grad.clone()
+            dist.all_reduce(g)  # what DDP/FSDP's reduction over the group's ranks sums
+            grads[name] = g
+        result[case] = {"loss": total, "grads": grads}
+    if rank == 0:
+        torch.save(result, out)
+    dist.destroy_process_group()
+    return 0
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    from test_distributed import _free_port, _rank_env
+
+    out = tmp_path / "cp.pt"
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**_rank_env(r, 2, port), "APR_KERNELS_BACKEND": "triton",
+                                              "TRITON_INTERPRET": "1"}) for r in range(2)]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+    got = torch.load(out)
+    x, y = _inputs()
+    os.environ["APR_KERNELS_BACKEND"] = "triton"
+    try:
+        for case in CASES:
+            m = _model(case)
+            loss = m.loss(x, y, reduction="sum")
+            loss.backward()
+            # fp32 (the kernels' dtypes): only the summation order differs
+            torch.testing.assert_close(got[case]["loss"], loss.detach(), rtol=1e-5, atol=1e-4, msg=case)
+            for name, p in m.named_parameters():
+                torch.testing.assert_close(got[case]["grads"][name], p.grad, rtol=1e-4, atol=1e-5,
+                                           msg=f"{case}: {name}")
+    finally:
+        del os.environ["APR_KERNELS_BACKEND"]
+
+
+def test_four_ranks_in_two_context_groups_match_one_process(tmp_path):
+    """torchrun, 4 ranks = 2 data-parallel groups x 2 context-parallel ranks (each group its half of
+    the batch, each rank half of its rows' positions) against the same CLI run in one process."""
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from test_distributed import COMMON, _cli, _free_port, _losses, _odd_config, _records
+
+    torch.manual_seed(11)
+    init = tmp_path / "init.apr"
+    save_checkpoint(init, model=Transformer(_odd_config(), fast=False))
+    args = ["train", "--init", str(init), *COMMON, "--save-every", "0"]
+    code, one = _cli(main, [*args, "--out", str(tmp_path / "one")])
+    assert code == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={_free_port()}",
+         "-m", "apr_kernels", *args, "--parallel", "ddp", "--context-parallel", "2", "--out", str(tmp_path / "cp")],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = _records(one), _records(proc.stdout)
+    assert len(_losses(got)) == len(_losses(ref)) > 0
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+
+
+def test_what_context_parallelism_cannot_split_is_refused(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.loop import TrainConfig, Trainer
+    from test_distributed import COMMON, _cli
+
+    # one process: no group to split over
+    code, _ = _cli(main, ["train", "--preset", "tiny_qwen2", *COMMON, "--context-parallel", "2",
+                          "--out", str(tmp_path / "a")])
+    assert code != 0
+    assert "--context-parallel 2: expected a group size >= 1, run under torchrun with --parallel ddp or fsdp" \
+        in capsys.readouterr().err
+    # the trainer's checks, on a stand-in for a 4-rank run in 2 groups of 2
+    model = Transformer(_config(), fast=False)
+    par = SimpleNamespace(module=model, world_size=4, data_ranks=2, context=ContextParallel(None, 0, 2))
+    tokens = torch.randint(0, 97, (4000,))
+
+    def trainer(**cfg):
+        Trainer(model, tokens, None, TrainConfig(**{"batch_size": 4, "seq_len": 32, **cfg}), parallel=par, eos_id=0)
+
+    with pytest.raises(ValueError, match=r"--batch-size 3 is not a multiple of the 2 data-parallel groups \(4 ranks / "
+                                         r"--context-parallel 2\)"):
+        trainer(batch_size=3)
+    with pytest.raises(ValueError, match=r"--seq-len 30 is not a multiple of 4"):
+        trainer(seq_len=30)
+    with pytest.raises(ValueError, match=r"--context-parallel with --document-mask is not supported"):
+        trainer(document_mask=True)
+    # and the model itself, if asked to mask documents on a share of the positions
+    from apr_kernels.model.documents import Documents
+
+    model.set_context_parallel(ContextParallel(None, 0, 2))
+    x = torch.randint(1, 97, (1, 16))
+    with pytest.raises(ValueError, match=r"context parallelism with document masking is not supported"):
+        model.loss(x, x, documents=Documents.from_eos(x, 0))
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
