@@ -224,5 +224,29 @@ def test_what_context_parallelism_cannot_split_is_refused(tmp_path, capsys):
         model.loss(x, x, documents=Documents.from_eos(x, 0))
 
 
+def test_multiple_choice_scoring_takes_whole_rows_under_context_parallelism(tmp_path):
+    """--eval-choices scores every question on every rank alike: inside ``whole_sequences`` the model
+    reads whole rows (no group collective), and the split is back afterwards."""
+    import json
+    from types import SimpleNamespace
+
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.cli import byte_tokenizer, choices_eval
+
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"context": f"Is {t} hot?", "choices": [" yes", " no", " maybe"],
+                                        "answer": i % 3}) + "\n" for i, t in enumerate(("fire", "ice", "tea"))))
+    torch.manual_seed(2)
+    model = Transformer(_config(vocab_size=260), fast=False)
+    plain = choices_eval([path], byte_tokenizer())(SimpleNamespace(model=model, cfg=SimpleNamespace(eval_batch_size=4),
+                                                                   device="cpu", autocast_dtype=None, parallel=None))
+    cp = ContextParallel(None, 1, 2)  # (no process group: a forward on a share would fail in gather)
+    model.set_context_parallel(cp)
+    split = choices_eval([path], byte_tokenizer())(SimpleNamespace(model=model, cfg=SimpleNamespace(eval_batch_size=4),
+                                                                   device="cpu", autocast_dtype=None, parallel=None))
+    assert split == plain and plain["eval_questions"] == 3
+    assert model.context_parallel is cp and all(l.self_attn.context_parallel is cp for l in model.model.layers)
+
+
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1]))

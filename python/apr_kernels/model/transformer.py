@@ -15,6 +15,7 @@ dtype tolerance. The state dict uses exactly the Hugging Face names (``model.lay
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -470,6 +471,17 @@ class Transformer(nn.Module):
         self.context_parallel = cp
         for layer in self.model.layers:
             layer.self_attn.context_parallel = cp
+
+    @contextlib.contextmanager
+    def whole_sequences(self):
+        """Inside: forwards take whole rows even under context parallelism (work every rank does alike
+        on its own, such as multiple-choice scoring); the split is restored after."""
+        cp = self.context_parallel
+        self.set_context_parallel(None)
+        try:
+            yield self
+        finally:
+            self.set_context_parallel(cp)
 
     def sequence_length(self, input_ids: torch.Tensor) -> int:
         """The rows' length in positions (under context parallelism, all ranks' shares together)."""

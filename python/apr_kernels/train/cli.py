@@ -273,8 +273,9 @@ def choices_eval(paths, tokenizer):
     records = read_choices(paths)
 
     def measure(trainer) -> dict:
-        res = score_choices(trainer.model, records, tokenizer, batch_size=trainer.cfg.eval_batch_size,
-                            device=trainer.device, autocast_dtype=trainer.autocast_dtype)
+        with trainer.model.whole_sequences():  # (under context parallelism too: each rank scores all of it)
+            res = score_choices(trainer.model, records, tokenizer, batch_size=trainer.cfg.eval_batch_size,
+                                device=trainer.device, autocast_dtype=trainer.autocast_dtype)
         if trainer.parallel is not None:
             trainer.parallel.reshard()
         return {"eval_acc": res["acc"], "eval_acc_norm": res["acc_norm"], "eval_questions": res["questions"]}
