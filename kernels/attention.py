@@ -80,6 +80,18 @@ def _seq_span(CU, off_b, S, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _key_span(CU_K, off_b, tok0, S, SK, VARLEN: tl.constexpr, VARLEN_K: tl.constexpr):
+    """(first key, key count) of a program's sequence: its own tokens when packed with one
+    ``cu_seqlens``; with ``cu_seqlens_k`` (VARLEN_K) its span of the packed keys (clamped into [0, SK],
+    SK = all keys); dense: every batch row's SK keys."""
+    if VARLEN:
+        if VARLEN_K:
+            return _seq_span(CU_K, off_b, SK, VARLEN)
+        return tok0, S
+    return tok0, SK
+
+
+@triton.jit
 def _slab(P, off_b, sb, tok0, ss, off_h, sh):
     """Pointer to row 0 of one (batch or packed sequence, head) slab of a [B, S, H, D] / [T, H, D]
     tensor: ``tok0`` is the sequence's first token (0 when dense), ``ss`` the row stride."""
@@ -155,12 +167,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, CU,
+def _attn_fwd(Q, K, V, O, LSE, CU, CU_K,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
               S, SK, H_Q, G, qk_scale, WINDOW,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-              DOT_PREC: tl.constexpr, VARLEN: tl.constexpr, SLIDING: tl.constexpr):
+              DOT_PREC: tl.constexpr, VARLEN: tl.constexpr, SLIDING: tl.constexpr, VARLEN_K: tl.constexpr):
     pid_bh = tl.program_id(0)  # axis 0 (no 65535 limit); all heads of one row block run together
     pid_m = tl.program_id(1)
     if CAUSAL:
@@ -171,12 +183,12 @@ def _attn_fwd(Q, K, V, O, LSE, CU,
     off_h = (pid_bh % H_Q).to(tl.int64)
     off_kh = off_h // G
     tok0, S = _seq_span(CU, off_b, S, VARLEN)
+    tok0_k, SK = _key_span(CU_K, off_b, tok0, S, SK, VARLEN, VARLEN_K)
     if VARLEN:
-        SK = S
         if start_m * BLOCK_M >= S:  # the grid covers the longest sequence; shorter ones end here
             return
-    k_base = _slab(K, off_b, skb, tok0, sks, off_kh, skh)
-    v_base = _slab(V, off_b, svb, tok0, svs, off_kh, svh)
+    k_base = _slab(K, off_b, skb, tok0_k, sks, off_kh, skh)
+    v_base = _slab(V, off_b, svb, tok0_k, svs, off_kh, svh)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -258,36 +270,36 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqs, sd
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU, CU_K,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
                    sdkb, sdks, sdkh, sdvb, sdvs, sdvh, slb, slh,
                    S, SK, H_Q, H_KV, G, qk_scale, sm_scale, WINDOW,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_M: tl.constexpr,
                    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
-                   SLIDING: tl.constexpr):
+                   SLIDING: tl.constexpr, VARLEN_K: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)  # causal: low n has the most query rows below it, so it starts first
     off_b = (pid_bh // H_KV).to(tl.int64)
     off_kh = (pid_bh % H_KV).to(tl.int64)
     tok0, S = _seq_span(CU, off_b, S, VARLEN)
+    tok0_k, SK = _key_span(CU_K, off_b, tok0, S, SK, VARLEN, VARLEN_K)
     if VARLEN:
-        SK = S
-        if pid_n * BLOCK_N >= S:
+        if pid_n * BLOCK_N >= SK:
             return
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(_slab(K, off_b, skb, tok0, sks, off_kh, skh) + offs_n[:, None] * sks + offs_d[None, :],
+    k = _load_tile(_slab(K, off_b, skb, tok0_k, sks, off_kh, skh) + offs_n[:, None] * sks + offs_d[None, :],
                    offs_n, SK, offs_d, HEAD_DIM, True, EVEN_D)
-    v = _load_tile(_slab(V, off_b, svb, tok0, svs, off_kh, svh) + offs_n[:, None] * svs + offs_d[None, :],
+    v = _load_tile(_slab(V, off_b, svb, tok0_k, svs, off_kh, svh) + offs_n[:, None] * svs + offs_d[None, :],
                    offs_n, SK, offs_d, HEAD_DIM, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # query row i is at key position i + q_off (bottom-right aligned when SK > S)
     q_off = 0
     if CAUSAL:  # rows before the block's first key see none of it; rows from diag_hi see all of it
-        if VARLEN:  # a packed sequence's keys are its queries: the diagonal block
+        if VARLEN and not VARLEN_K:  # a packed sequence's keys are its queries: the diagonal block
             lo = n0
             diag_hi = tl.minimum(lo + BLOCK_N, S)
         else:
@@ -316,9 +328,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, CU,
                                  offs_n - q_off, offs_d, diag_hi, rows_hi, S, qk_scale, WINDOW, HEAD_DIM, BLOCK_M,
                                  MASK_M, EVEN_D, False, SLIDING, DOT_PREC)
     dk = dk * sm_scale
-    _store_tile(_slab(DK, off_b, sdkb, tok0, sdks, off_kh, sdkh) + offs_n[:, None] * sdks + offs_d[None, :],
+    _store_tile(_slab(DK, off_b, sdkb, tok0_k, sdks, off_kh, sdkh) + offs_n[:, None] * sdks + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), offs_n, SK, offs_d, HEAD_DIM)
-    _store_tile(_slab(DV, off_b, sdvb, tok0, sdvs, off_kh, sdvh) + offs_n[:, None] * sdvs + offs_d[None, :],
+    _store_tile(_slab(DV, off_b, sdvb, tok0_k, sdvs, off_kh, sdvh) + offs_n[:, None] * sdvs + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), offs_n, SK, offs_d, HEAD_DIM)
 
 
@@ -350,12 +362,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, 
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU, CU_K,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdqb, sdqs, sdqh,
                  slb, slh, S, SK, H_Q, G, qk_scale, sm_scale, WINDOW,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_PREC: tl.constexpr, VARLEN: tl.constexpr, SLIDING: tl.constexpr):
+                 DOT_PREC: tl.constexpr, VARLEN: tl.constexpr, SLIDING: tl.constexpr, VARLEN_K: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     if CAUSAL:
@@ -366,8 +378,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
     off_h = (pid_bh % H_Q).to(tl.int64)
     off_kh = off_h // G
     tok0, S = _seq_span(CU, off_b, S, VARLEN)
+    tok0_k, SK = _key_span(CU_K, off_b, tok0, S, SK, VARLEN, VARLEN_K)
     if VARLEN:
-        SK = S
         if start_m * BLOCK_M >= S:
             return
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -379,8 +391,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, CU,
     row0 = off_b * slb + off_h * slh + tok0
     lse2 = tl.load(LSE + row0 + offs_m, mask=offs_m < S, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < S, other=0.0)
-    k_base = _slab(K, off_b, skb, tok0, sks, off_kh, skh)
-    v_base = _slab(V, off_b, svb, tok0, svs, off_kh, svh)
+    k_base = _slab(K, off_b, skb, tok0_k, sks, off_kh, skh)
+    v_base = _slab(V, off_b, svb, tok0_k, svs, off_kh, svh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     p0, pos_m = _key_positions(start_m * BLOCK_M, offs_m, S, SK, CAUSAL)
     full_hi, tail_hi = _row_block_keys(p0, SK, BLOCK_M, BLOCK_N, CAUSAL)
@@ -412,13 +424,16 @@ class _Packing:
     the grid's sequence axis covers ``max_seqlen``; the kernels read each sequence's bounds and the
     batch strides are 0. LSE/delta are ``[B, Hq, S]`` (dense) or ``[Hq, T]`` (varlen)."""
 
-    def __init__(self, q: torch.Tensor, cu_seqlens, max_seqlen, k: torch.Tensor | None = None):
+    def __init__(self, q: torch.Tensor, cu_seqlens, max_seqlen, k: torch.Tensor | None = None,
+                 cu_seqlens_k=None, max_seqlen_k=None):
         self.varlen = cu_seqlens is not None
+        self.cu_k = cu_seqlens_k  # packed keys with their own spans (varlen only), else None
         if self.varlen:
             self.n_seq, self.seqlen = cu_seqlens.numel() - 1, int(max_seqlen)
             self.tokens = q.shape[0]  # the kernels' S argument: the clamp bound of cu_seqlens
-            self.keys = self.tokens  # (unused: each sequence's keys are its queries)
-            self.seqlen_k = self.seqlen
+            # SK: the clamp bound of cu_seqlens_k (without it each sequence's keys are its queries)
+            self.keys = k.shape[0] if cu_seqlens_k is not None else self.tokens
+            self.seqlen_k = int(max_seqlen_k) if cu_seqlens_k is not None else self.seqlen
             self.cu = cu_seqlens
             self.lse_strides = (0, self.tokens)
         else:
@@ -439,7 +454,7 @@ class _Packing:
         # sequence of one head are int32.
         for t in ts:
             _, s_s, s_h = self.strides(t)
-            rows = self.seqlen if self.varlen else t.shape[1]
+            rows = max(self.seqlen, self.seqlen_k) if self.varlen else t.shape[1]  # (a sequence's span bound)
             span = (rows - 1) * s_s + (t.shape[-2] - 1) * s_h + t.shape[-1]
             if span >= 2**31:
                 raise ValueError(f"kernels/attention.py: a sequence of {rows} rows of a tensor of "
@@ -483,27 +498,31 @@ def _sliding(window: int, causal: bool, pk: _Packing) -> int:
 
 
 def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, config=None,
-                  cu_seqlens=None, max_seqlen=None, window: int = 0):
+                  cu_seqlens=None, max_seqlen=None, window: int = 0, cu_seqlens_k=None, max_seqlen_k=None):
     """Forward. Dense: q ``[B,S,Hq,D]``, k/v ``[B,Sk,Hkv,D]`` -> (o ``[B,S,Hq,D]``, lse ``[B,Hq,S]``);
     Sk may differ from S (causal: Sk >= S, the queries are the last S positions, bottom-right aligned).
     Varlen (``cu_seqlens`` int32 ``[N+1]`` on q's device, ``max_seqlen`` >= every length): q
     ``[T,Hq,D]``, k/v ``[T,Hkv,D]`` -> (o ``[T,Hq,D]``, lse ``[Hq,T]``); sequence i is rows
     ``cu_seqlens[i]:cu_seqlens[i+1]`` and attends only within itself. Any strides with a unit last
     stride; o in q's dtype, lse fp32 natural log. ``out``/``lse`` may be preallocated (tests poison them).
-    ``window`` > 0 (causal only): row i attends to keys i - window + 1 .. i (Mistral's sliding window)."""
+    ``window`` > 0 (causal only): row i attends to keys i - window + 1 .. i (Mistral's sliding window).
+    ``cu_seqlens_k``/``max_seqlen_k`` (varlen): k/v ``[Tk, Hkv, D]`` packed with their own spans, sequence
+    i's keys being rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``; causal is bottom-right aligned per
+    sequence, as in the dense Sk > S case (``flash_attn_varlen_func``'s cu_seqlens_q/cu_seqlens_k)."""
     HQ, HKV = q.shape[-2], k.shape[-2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    pk = _Packing(q, cu_seqlens, max_seqlen, k)
+    pk = _Packing(q, cu_seqlens, max_seqlen, k, cu_seqlens_k, max_seqlen_k)
     lse_shape = (HQ, q.shape[0]) if pk.varlen else (q.shape[0], HQ, q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device) if lse is None else lse
     if _interp_bf16(q):
         o32, _ = attention_fwd(q.float(), k.float(), v.float(), causal, scale, lse=lse, config=config,
-                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window)
+                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window,
+                               cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
         o.copy_(o32)
         return o, lse
     if o.numel() == 0 or pk.n_seq == 0 or pk.seqlen == 0:
         return o, lse
-    if pk.seqlen_k == 0:  # no keys (non-causal): an empty softmax, as the reference
+    if pk.seqlen_k == 0 and not pk.varlen:  # no keys (non-causal): an empty softmax, as the reference
         return o.fill_(float("nan")), lse.fill_(float("-inf"))
     window = _sliding(window, causal, pk)
     q, k, v = (_lastdim_contiguous(t) for t in (q, k, v))
@@ -514,16 +533,17 @@ def attention_fwd(q, k, v, causal: bool, scale: float, *, out=None, lse=None, co
 
     def launch(cfg):
         _attn_fwd[(pk.n_seq * HQ, triton.cdiv(pk.seqlen, cfg["BLOCK_M"]))](
-            q, k, v, o, lse, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v), *pk.strides(o),
+            q, k, v, o, lse, pk.cu, pk.cu_k, *pk.strides(q), *pk.strides(k), *pk.strides(v), *pk.strides(o),
             *pk.lse_strides, pk.tokens, pk.keys, HQ, HQ // HKV, scale * LOG2E, window,
-            CAUSAL=bool(causal), VARLEN=pk.varlen, SLIDING=window > 0, **meta, **cfg)
+            CAUSAL=bool(causal), VARLEN=pk.varlen, SLIDING=window > 0, VARLEN_K=pk.cu_k is not None, **meta, **cfg)
 
     launch(_choose("fwd", q, pk, HKV, causal, config, launch, window))
     return o, lse
 
 
 def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None, dq=None, dk=None,
-                  dv=None, config=None, cu_seqlens=None, max_seqlen=None, window: int = 0):
+                  dv=None, config=None, cu_seqlens=None, max_seqlen=None, window: int = 0, cu_seqlens_k=None,
+                  max_seqlen_k=None):
     """Backward: (dq, dk, dv) shaped like (q, k, v), in their dtype. ``dlse`` (optional, the
     gradient of lse) folds into delta. ``config`` may hold ``dkdv`` and ``dq`` launch configs.
     ``cu_seqlens``/``max_seqlen``/``window``: as in :func:`attention_fwd`."""
@@ -532,11 +552,11 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
-    pk = _Packing(q, cu_seqlens, max_seqlen, k)
+    pk = _Packing(q, cu_seqlens, max_seqlen, k, cu_seqlens_k, max_seqlen_k)
     if _interp_bf16(q):
         grads = attention_bwd(do.float(), q.float(), k.float(), v.float(), o.float(), lse, causal,
                               scale, dlse=dlse, config=config, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                              window=window)
+                              window=window, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
         for dst, src in zip((dq, dk, dv), grads):
             dst.copy_(src)
         return dq, dk, dv
@@ -564,20 +584,26 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, dlse=None,
 
     def launch_dkdv(cfg):
         _attn_bwd_dkdv[(pk.n_seq * HKV, triton.cdiv(pk.seqlen_k, cfg["BLOCK_N"]))](
-            q, k, v, do, dk, dv, lse, delta, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v),
+            q, k, v, do, dk, dv, lse, delta, pk.cu, pk.cu_k, *pk.strides(q), *pk.strides(k), *pk.strides(v),
             *pk.strides(do), *pk.strides(dk), *pk.strides(dv), *pk.lse_strides, pk.tokens, pk.keys, HQ, HKV,
             HQ // HKV, scale * LOG2E, scale, window, CAUSAL=bool(causal), VARLEN=pk.varlen,
-            SLIDING=window > 0, MASK_M=pk.varlen or pk.seqlen % cfg["BLOCK_M"] != 0, **meta, **cfg)
+            SLIDING=window > 0, VARLEN_K=pk.cu_k is not None, MASK_M=pk.varlen or pk.seqlen % cfg["BLOCK_M"] != 0,
+            **meta, **cfg)
 
     def launch_dq(cfg):
         _attn_bwd_dq[(pk.n_seq * HQ, triton.cdiv(pk.seqlen, cfg["BLOCK_M"]))](
-            q, k, v, do, dq, lse, delta, pk.cu, *pk.strides(q), *pk.strides(k), *pk.strides(v),
+            q, k, v, do, dq, lse, delta, pk.cu, pk.cu_k, *pk.strides(q), *pk.strides(k), *pk.strides(v),
             *pk.strides(do), *pk.strides(dq), *pk.lse_strides, pk.tokens, pk.keys, HQ, HQ // HKV,
-            scale * LOG2E, scale, window, CAUSAL=bool(causal), VARLEN=pk.varlen, SLIDING=window > 0, **meta,
-            **cfg)
+            scale * LOG2E, scale, window, CAUSAL=bool(causal), VARLEN=pk.varlen, SLIDING=window > 0,
+            VARLEN_K=pk.cu_k is not None, **meta, **cfg)
 
     # Each kernel only writes its outputs (no accumulation into them): timing candidates on the
     # real buffers is safe, and the chosen config's launch below rewrites them.
-    launch_dkdv(_choose("dkdv", q, pk, HKV, causal, config.get("dkdv"), launch_dkdv, window))
+    dkdv_cfg = _choose("dkdv", q, pk, HKV, causal, config.get("dkdv"), launch_dkdv, window)
+    if pk.cu_k is not None and D > 64 and "dkdv" not in config and dkdv_cfg["num_warps"] < 8:
+        # per-sequence key spans hold more registers through the loops: at 4 warps the dK/dV
+        # accumulators spill ~580 B per thread at D 128 (sm_90a ptxas), at 8 warps ~80 B
+        dkdv_cfg = dict(dkdv_cfg, num_warps=8)
+    launch_dkdv(dkdv_cfg)
     launch_dq(_choose("dq", q, pk, HKV, causal, config.get("dq"), launch_dq, window))
     return dq, dk, dv

@@ -124,3 +124,91 @@ def test_prefix_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"with cu_seqlens, k's token count must equal q's"):
         apr_kernels.attention(t, torch.randn(12, 2, 16), torch.randn(12, 2, 16),
                               cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
+
+
+# --------------------------------------------------------- packed queries with their own key spans
+def packed_case(pairs, hq=4, hkv=2, D=16, dtype=torch.float32):
+    """q ``[Tq, Hq, D]`` and k, v ``[Tk, Hkv, D]`` for sequences of (queries, keys) ``pairs``."""
+    nq, nk = [a for a, _ in pairs], [b for _, b in pairs]
+    cu_q = torch.tensor([0] + list(torch.tensor(nq).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(nk).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(sum(nq), hq, D).to(dtype).requires_grad_()
+    k = torch.randn(sum(nk), hkv, D).to(dtype).requires_grad_()
+    v = torch.randn(sum(nk), hkv, D).to(dtype).requires_grad_()
+    return q, k, v, cu_q, cu_k
+
+
+def packed_oracle(q, k, v, cu_q, cu_k, do, causal, scale, window=0):
+    """Each sequence alone through the dense fp64 oracle above: (o, dq, dk, dv)."""
+    o = torch.zeros(q.shape, dtype=torch.float64)
+    grads = [torch.zeros(t.shape, dtype=torch.float64) for t in (q, k, v)]
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for a, b, c, d in zip(bq[:-1], bq[1:], bk[:-1], bk[1:]):
+        if b == a:
+            continue
+        oi, leaves = oracle(q[None, a:b], k[None, c:d], v[None, c:d], causal, scale, window)
+        oi.backward(do[None, a:b].double())
+        o[a:b] = oi[0].detach()
+        for g, leaf, (lo, hi) in zip(grads, leaves, ((a, b), (c, d), (c, d))):
+            g[lo:hi] = leaf.grad[0]
+    return o, grads
+
+
+PACKED = [  # (queries, keys) per sequence: tile-unaligned offsets, a sequence without queries,
+    [(5, 20), (16, 16), (0, 9), (23, 61), (1, 1)],  # one without extra keys, a single query
+    [(40, 40), (3, 70)],
+]
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("pairs", PACKED, ids=["mixed", "long-prefix"])
+@pytest.mark.parametrize("causal, window", [(True, 0), (False, 0), (True, 9)])
+def test_packed_keys_with_their_own_spans(use_backend, backend_name, pairs, causal, window):
+    """cu_seqlens_k (flash_attn_varlen_func's cu_seqlens_q/cu_seqlens_k): each packed sequence's
+    queries against its own run of keys, bottom-right aligned; = every sequence alone."""
+    use_backend(backend_name)
+    q, k, v, cu_q, cu_k = packed_case(pairs)
+    o = apr_kernels.attention(q, k, v, causal=causal, scale=0.3, cu_seqlens=cu_q, cu_seqlens_k=cu_k,
+                              window=window or None)
+    do = torch.randn_like(o)
+    o.backward(do)
+    want, grads = packed_oracle(q, k, v, cu_q, cu_k, do, causal, 0.3, window)
+    rel = REL[torch.float32]
+    assert_close(o, want, rel, "o")
+    for name, got, ref in zip("qkv", (q.grad, k.grad, v.grad), grads):
+        assert_close(got, ref, 2 * rel, f"d{name}")
+
+
+def test_packed_keys_kernels_write_everything_in_bounds(use_backend):
+    """Poisoned outputs and small tiles: every element written, nothing past the spans touched."""
+    kern = kernel_module("attention")
+    q, k, v, cu_q, cu_k = packed_case(PACKED[0])
+    nan = float("nan")
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    mq, mk = 23, 61
+    o, lse = kern.attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.3, config=cfg, cu_seqlens=cu_q,
+                                max_seqlen=mq, cu_seqlens_k=cu_k, max_seqlen_k=mk,
+                                out=torch.full(q.shape, nan), lse=torch.full((4, q.shape[0]), nan))
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    do = torch.randn_like(o)
+    grads = kern.attention_bwd(do, q.detach(), k.detach(), v.detach(), o, lse, True, 0.3, config={"dkdv": cfg, "dq": cfg},
+                               cu_seqlens=cu_q, max_seqlen=mq, cu_seqlens_k=cu_k, max_seqlen_k=mk,
+                               dq=torch.full(q.shape, nan), dk=torch.full(k.shape, nan), dv=torch.full(v.shape, nan))
+    want, ref = packed_oracle(q, k, v, cu_q, cu_k, do, True, 0.3)
+    assert_close(o, want, REL[torch.float32], "o")
+    for name, got, r in zip("qkv", grads, ref):
+        assert_close(got, r, 2 * REL[torch.float32], f"d{name}")
+
+
+def test_packed_keys_errors():
+    q, k, v, cu_q, cu_k = packed_case([(5, 3), (4, 8)])
+    with pytest.raises(ValueError, match=r"at least as many keys as queries in every sequence.*sequence 0 has 5 "
+                                         r"queries and 3 keys"):
+        apr_kernels.attention(q, k, v, cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must hold as many sequences as cu_seqlens \(2\); got 1"):
+        apr_kernels.attention(q, k, v, cu_seqlens=cu_q, cu_seqlens_k=torch.tensor([0, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"cu_seqlens_k must rise from 0 to the key count 11"):
+        apr_kernels.attention(q, k, v, cu_seqlens=cu_q, cu_seqlens_k=torch.tensor([0, 3, 10], dtype=torch.int32),
+                              causal=False)
+    with pytest.raises(ValueError, match=r"max_seqlen_k is only meaningful with cu_seqlens_k"):
+        apr_kernels.attention(q, k[:9], v[:9], cu_seqlens=cu_q, max_seqlen_k=4)

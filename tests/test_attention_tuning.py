@@ -171,7 +171,8 @@ import torch
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 out = []
-for dt, D, causal, varlen, sliding in json.loads(sys.argv[1]):
+for dt, D, causal, varlen, sliding, *rest in json.loads(sys.argv[1]):
+    varlen_k = bool(rest and rest[0])  # packed keys with their own spans (cu_seqlens_k)
     tdt = getattr(torch, dt)
     tname = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dt]
     bd = max(16, 1 << (D - 1).bit_length())
@@ -180,19 +181,22 @@ for dt, D, causal, varlen, sliding in json.loads(sys.argv[1]):
     for kind, fn in (("fwd", A._attn_fwd), ("dkdv", A._attn_bwd_dkdv), ("dq", A._attn_bwd_dq)):
         c = A.default_config(kind, D, tdt, 4096, torch.device("cuda"))
         const = dict(base, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], CAUSAL=causal,
-                     DOT_PREC="ieee" if tname == "fp32" else "tf32", VARLEN=varlen, SLIDING=sliding)
+                     DOT_PREC="ieee" if tname == "fp32" else "tf32", VARLEN=varlen, SLIDING=sliding,
+                     VARLEN_K=varlen_k)
         if kind == "dkdv":
             const["MASK_M"] = True
+            if varlen_k and D > 64:  # (attention_bwd's register rule for per-sequence key spans)
+                c = dict(c, num_warps=max(c["num_warps"], 8))
         jobs.append((kind, fn, const, c["num_warps"], c["num_stages"]))
     for kind, fn, const, warps, stages in jobs:
-        sig = {n: "constexpr" if n in const else ("*" + tname) if n in PTRS else "*i32" if n == "CU" else
+        sig = {n: "constexpr" if n in const else ("*" + tname) if n in PTRS else "*i32" if n in ("CU", "CU_K") else
                "*fp32" if n in ("LSE", "DELTA") else "fp32" if n.endswith("_scale") else "i32"
                for n in fn.arg_names}
         # What the JIT knows at a real launch: 16-byte aligned pointers, and (for [B, S, H, D]
         # tensors with D % 8 == 0 and S % 16 == 0) strides and S divisible by 16. Without these
         # facts loads are not vectorised nor pipelined and ptxas reports misleading registers.
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in const
-                 and (n in PTRS or n in ("LSE", "DELTA", "S") or re.fullmatch(r"s[a-z]{2,3}", n))}
+                 and (n in PTRS or n in ("LSE", "DELTA", "S", "SK") or re.fullmatch(r"s[a-z]{2,3}", n))}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                            target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "num_stages": stages})
@@ -209,12 +213,14 @@ print(json.dumps(out))
 
 
 def test_kernels_compile_for_sm90_with_tensor_cores(tmp_path):
-    # (dtype, head_dim, causal, varlen, sliding window)
+    # (dtype, head_dim, causal, varlen, sliding window[, cu_seqlens_k])
     cases = [["bfloat16", 64, True, False, False], ["bfloat16", 128, False, False, False],
              ["float16", 80, True, False, False], ["float32", 64, True, False, False],
              ["bfloat16", 128, True, False, False], ["bfloat16", 64, True, True, False],
              ["bfloat16", 128, True, True, False], ["bfloat16", 128, True, False, True],
-             ["bfloat16", 64, True, True, True]]
+             ["bfloat16", 64, True, True, True],
+             # packed queries against their own key spans (cu_seqlens_k): context parallelism's documents
+             ["bfloat16", 128, True, True, False, True], ["bfloat16", 64, True, True, True, True]]
     results = run_sm90_compile(_AOT, cases, tmp_path, timeout=300)
     assert len(results) == 4 * len(cases)
     dense_spill = {(r["case"][0], r["case"][1], r["case"][2], r["case"][5]): r["spill"] for r in results

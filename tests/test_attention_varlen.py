@@ -153,11 +153,17 @@ def test_malformed_bounds_are_clamped_by_the_kernels():
 def test_opcheck(use_backend, name):
     use_backend(name)
     (q, k, v), cu, _ = packed((4, 0, 7), 2, 1, 16, torch.float32)
-    torch.library.opcheck(torch.ops.apr.attention_varlen_fwd.default, (q, k, v, cu, 7, True, 0.25, 0))
-    o, lse = torch.ops.apr.attention_varlen_fwd(q.detach(), k.detach(), v.detach(), cu, 7, False, 0.25, 0)
+    torch.library.opcheck(torch.ops.apr.attention_varlen_fwd.default, (q, k, v, cu, 7, True, 0.25, 0, None, 7))
+    o, lse = torch.ops.apr.attention_varlen_fwd(q.detach(), k.detach(), v.detach(), cu, 7, False, 0.25, 0, None, 7)
     args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, torch.randn_like(lse), cu, 7,
-            False, 0.25, 0)
+            False, 0.25, 0, None, 7)
     torch.library.opcheck(torch.ops.apr.attention_varlen_bwd.default, args)
+    # keys packed with their own spans (cu_seqlens_k): 2, 0 and 9 keys for 1, 0 and 7 queries (causal)
+    cu_k = torch.tensor([0, 2, 2, 11], dtype=torch.int32)
+    kk, vv = (torch.randn(11, 1, 16, requires_grad=True) for _ in range(2))
+    qq = torch.randn(8, 2, 16, requires_grad=True)
+    cu_q = torch.tensor([0, 1, 1, 8], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.apr.attention_varlen_fwd.default, (qq, kk, vv, cu_q, 7, True, 0.25, 0, cu_k, 9))
 
 
 def test_gradcheck_reference_fp64(use_backend):
@@ -206,7 +212,7 @@ def test_errors(args, exc, match):
 
 def test_max_seqlen_without_cu_seqlens_is_an_error():
     q = torch.randn(1, 4, 2, 16)
-    with pytest.raises(ValueError, match="max_seqlen is only meaningful with cu_seqlens"):
+    with pytest.raises(ValueError, match="max_seqlen, cu_seqlens_k and max_seqlen_k are only meaningful with cu_seqlens"):
         apr_kernels.attention(q, q, q, max_seqlen=4)
 
 

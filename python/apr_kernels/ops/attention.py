@@ -25,13 +25,21 @@ sequence) sizes the grid; when None it is computed from ``cu_seqlens`` and ``cu_
 which reads it on the host (one device sync on CUDA). Passing ``max_seqlen`` skips that read and makes
 a correct ``cu_seqlens`` the caller's promise on CUDA (the kernels clamp every sequence into [0, T],
 so a wrong one cannot address memory out of bounds); CPU tensors are always checked.
+``cu_seqlens_k`` (``flash_attn_varlen_func``'s cu_seqlens_q/cu_seqlens_k pair): k/v ``[Tk, Hkv, D]``
+packed with their own spans, sequence i's keys rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``; causal is
+bottom-right aligned per sequence (its queries are its last key positions), so each needs at least
+as many keys as queries (checked on CPU; on CUDA the caller's promise, like ``cu_seqlens``).
+``max_seqlen_k`` as ``max_seqlen``. Context parallelism with document masking uses it: a chunk's
+queries per document against that document's keys up to the chunk's end.
 
 Ops (opaque to torch.compile)::
 
     apr::attention_fwd(q, k, v, causal, scale, window) -> (o, lse)   # lse [B, Hq, S], natural log
     apr::attention_bwd(do, q, k, v, o, lse, dlse?, causal, scale, window) -> (dq, dk, dv)
-    apr::attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, window) -> (o, lse)  # [Hq, T]
-    apr::attention_varlen_bwd(do, q, k, v, o, lse, dlse?, cu_seqlens, max_seqlen, causal, scale, window)
+    apr::attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, cu_seqlens_k?,
+                              max_seqlen_k) -> (o, lse)  # lse [Hq, T]
+    apr::attention_varlen_bwd(do, q, k, v, o, lse, dlse?, cu_seqlens, max_seqlen, causal, scale, window,
+                              cu_seqlens_k?, max_seqlen_k)
     (window 0: none)
 
 Dispatch (per call, inside the op): the Triton kernels of ``apr_kernels.kernels.attention`` when
@@ -142,16 +150,17 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 @torch.library.custom_op("apr::attention_varlen_fwd", mutates_args=())
 def _attention_varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                             causal: bool, scale: float, window: int) -> tuple[Tensor, Tensor]:
+                             causal: bool, scale: float, window: int, cu_seqlens_k: Optional[Tensor],
+                             max_seqlen_k: int) -> tuple[Tensor, Tensor]:
     kern = _kernels_for(q, k, v)
     if kern is not None:
         return kern.attention_fwd(q, k, v, causal, scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                  window=window)
-    return ref.attention_varlen_forward_reference(q, k, v, cu_seqlens, causal, scale, window)
+                                  window=window, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+    return ref.attention_varlen_forward_reference(q, k, v, cu_seqlens, causal, scale, window, cu_seqlens_k)
 
 
 @_attention_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale, window, cu_seqlens_k, max_seqlen_k):
     T, HQ, D = q.shape
     o = torch.empty((T, HQ, D), dtype=q.dtype, device=q.device)
     return o, torch.empty((HQ, T), dtype=_lse_dtype(q.dtype), device=q.device)
@@ -160,34 +169,38 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
 @torch.library.custom_op("apr::attention_varlen_bwd", mutates_args=())
 def _attention_varlen_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                              dlse: Optional[Tensor], cu_seqlens: Tensor, max_seqlen: int, causal: bool,
-                             scale: float, window: int) -> tuple[Tensor, Tensor, Tensor]:
+                             scale: float, window: int, cu_seqlens_k: Optional[Tensor],
+                             max_seqlen_k: int) -> tuple[Tensor, Tensor, Tensor]:
     kern = _kernels_for(q, k, v, do)
     if kern is not None:
         return kern.attention_bwd(do, q, k, v, o, lse, causal, scale, dlse=dlse, cu_seqlens=cu_seqlens,
-                                  max_seqlen=max_seqlen, window=window)
+                                  max_seqlen=max_seqlen, window=window, cu_seqlens_k=cu_seqlens_k,
+                                  max_seqlen_k=max_seqlen_k)
     return ref.attention_varlen_backward_reference(do, q, k, v, o, lse, cu_seqlens, causal, scale, dlse,
-                                                   window)
+                                                   window, cu_seqlens_k)
 
 
 @_attention_varlen_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, cu_seqlens, max_seqlen, causal, scale, window):
+def _(do, q, k, v, o, lse, dlse, cu_seqlens, max_seqlen, causal, scale, window, cu_seqlens_k, max_seqlen_k):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_varlen(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, causal, scale, window = inputs
+    q, k, v, cu_seqlens, max_seqlen, causal, scale, window, cu_seqlens_k, max_seqlen_k = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, cu_seqlens_k)
     ctx.max_seqlen, ctx.causal, ctx.scale, ctx.window = max_seqlen, causal, scale, window
+    ctx.max_seqlen_k = max_seqlen_k
 
 
 def _backward_varlen(ctx, do, dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    q, k, v, o, lse, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv = torch.ops.apr.attention_varlen_bwd(do, q, k, v, o, lse, dlse, cu_seqlens, ctx.max_seqlen,
-                                                    ctx.causal, ctx.scale, ctx.window)
-    return dq, dk, dv, None, None, None, None, None
+                                                    ctx.causal, ctx.scale, ctx.window, cu_seqlens_k,
+                                                    ctx.max_seqlen_k)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _attention_varlen_fwd_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
@@ -200,9 +213,10 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(int(s)) for s in t.shape) + "]"
 
 
-def check_inputs(q, k, v, causal=True, scale=None, *, packed: bool = False) -> float:
+def check_inputs(q, k, v, causal=True, scale=None, *, packed: bool | str = False) -> float:
     """Validate ``attention``'s arguments (TypeError/ValueError naming the argument, the expected
-    and the actual value); return the effective scale. ``packed``: the varlen layout [T, H, D]."""
+    and the actual value); return the effective scale. ``packed``: the varlen layout [T, H, D]
+    (``"keys"``: k/v packed with their own spans, any token count)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{_WHERE}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -226,13 +240,14 @@ def check_inputs(q, k, v, causal=True, scale=None, *, packed: bool = False) -> f
         raise ValueError(f"{_WHERE}: v must have k's shape {_shape(k)}; got {_shape(v)}")
     if k.shape[0] != B:
         raise ValueError(f"{_WHERE}: k batch size must equal q's ({B}); got k shape {_shape(k)}")
-    if packed and k.shape[1] != S:
+    if packed is True and k.shape[1] != S:
         raise ValueError(f"{_WHERE}: with cu_seqlens, k's token count must equal q's ({S}): each packed "
-                         f"sequence attends to itself; got k shape {_shape(k[0])}")
-    if causal is True and k.shape[1] < S:
+                         f"sequence attends to itself (pass cu_seqlens_k for keys packed with their own "
+                         f"spans); got k shape {_shape(k[0])}")
+    if causal is True and not packed and k.shape[1] < S:
         raise ValueError(f"{_WHERE}: causal attention needs at least as many keys as queries (the queries "
                          f"are the last Sq of Sk positions); got q shape {_shape(q)}, k shape {_shape(k)}")
-    if k.shape[1] == 0 and S > 0:
+    if k.shape[1] == 0 and S > 0 and not packed:
         raise ValueError(f"{_WHERE}: k has no keys (shape {_shape(k)}) for {S} queries")
     if k.shape[3] != D:
         raise ValueError(f"{_WHERE}: k head_dim must equal q's ({D}); got k shape {_shape(k)}")
@@ -249,34 +264,53 @@ def check_inputs(q, k, v, causal=True, scale=None, *, packed: bool = False) -> f
     return float(scale)
 
 
-def check_cu_seqlens(cu_seqlens, max_seqlen, n_tokens: int, device: torch.device) -> int:
+def check_key_spans(cu_seqlens: Tensor, cu_seqlens_k: Tensor, causal: bool) -> None:
+    """As many key spans as query spans, and (causal, read on the host where that costs no sync) no
+    sequence with fewer keys than queries."""
+    if cu_seqlens_k.numel() != cu_seqlens.numel():
+        raise ValueError(f"{_WHERE}: cu_seqlens_k must hold as many sequences as cu_seqlens "
+                         f"({cu_seqlens.numel() - 1}); got {cu_seqlens_k.numel() - 1}")
+    if not causal or cu_seqlens.is_cuda or torch.compiler.is_compiling():
+        return
+    nq, nk = (t.diff().tolist() for t in (cu_seqlens, cu_seqlens_k))
+    short = [i for i, (a, b) in enumerate(zip(nq, nk)) if b < a]
+    if short:
+        i = short[0]
+        raise ValueError(f"{_WHERE}: causal attention with cu_seqlens_k needs at least as many keys as queries "
+                         f"in every sequence (its queries are its last positions); sequence {i} has {nq[i]} "
+                         f"queries and {nk[i]} keys")
+
+
+def check_cu_seqlens(cu_seqlens, max_seqlen, n_tokens: int, device: torch.device, name: str = "cu_seqlens") -> int:
     """Validate the packed layout (see the module docstring); return the effective ``max_seqlen``."""
+    mname = name.replace("cu_seqlens", "max_seqlen")
+    what = "key" if name.endswith("_k") else "token"
     if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(f"{_WHERE}: cu_seqlens must be a torch.Tensor; got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{_WHERE}: {name} must be a torch.Tensor; got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{_WHERE}: cu_seqlens must be a 1-D int32 tensor [N + 1] of sequence starts and "
+        raise ValueError(f"{_WHERE}: {name} must be a 1-D int32 tensor [N + 1] of sequence starts and "
                          f"the end; got dtype {cu_seqlens.dtype}, shape {_shape(cu_seqlens)}")
     if cu_seqlens.device != device:
-        raise ValueError(f"{_WHERE}: cu_seqlens must be on q's device ({device}); got {cu_seqlens.device}")
+        raise ValueError(f"{_WHERE}: {name} must be on q's device ({device}); got {cu_seqlens.device}")
     if max_seqlen is not None and (isinstance(max_seqlen, bool)
                                    or not isinstance(max_seqlen, (numbers.Integral, torch.SymInt))
                                    or max_seqlen < 0):
-        raise TypeError(f"{_WHERE}: max_seqlen must be a non-negative int or None; got {max_seqlen!r}")
+        raise TypeError(f"{_WHERE}: {mname} must be a non-negative int or None; got {max_seqlen!r}")
     if max_seqlen is not None and (cu_seqlens.is_cuda or torch.compiler.is_compiling()):
         return max_seqlen  # the caller's promise: no device sync, nothing data-dependent in a graph
     if torch.compiler.is_compiling():
-        raise ValueError(f"{_WHERE}: under torch.compile pass max_seqlen with cu_seqlens (it cannot be "
+        raise ValueError(f"{_WHERE}: under torch.compile pass {mname} with {name} (it cannot be "
                          f"read from the tensor inside a graph)")
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or bounds[-1] != n_tokens or min(lengths, default=0) < 0:
-        raise ValueError(f"{_WHERE}: cu_seqlens must rise from 0 to the token count {n_tokens} without "
+        raise ValueError(f"{_WHERE}: {name} must rise from 0 to the {what} count {n_tokens} without "
                          f"decreasing; got {bounds[:8]}{' ...' if len(bounds) > 8 else ''} "
                          f"(ending at {bounds[-1]})")
     longest = max(lengths, default=0)
     if max_seqlen is not None and max_seqlen < longest:
-        raise ValueError(f"{_WHERE}: max_seqlen {max_seqlen} is shorter than the longest sequence in "
-                         f"cu_seqlens ({longest})")
+        raise ValueError(f"{_WHERE}: {mname} {max_seqlen} is shorter than the longest sequence in "
+                         f"{name} ({longest})")
     return longest if max_seqlen is None else max_seqlen
 
 
@@ -294,7 +328,8 @@ def check_window(window, causal: bool) -> int:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
               cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
-              window: Optional[int] = None) -> Tensor:
+              window: Optional[int] = None, cu_seqlens_k: Optional[Tensor] = None,
+              max_seqlen_k: Optional[int] = None) -> Tensor:
     """Softmax attention ``softmax(scale * q k^T [causal mask]) v`` with grouped K/V heads.
 
     q ``[B, S, Hq, D]``; k, v ``[B, Sk, Hkv, D]`` (Hq % Hkv == 0, same dtype and device; Sk == S for
@@ -304,15 +339,27 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
     With ``cu_seqlens`` (packed sequences): q ``[T, Hq, D]``, k, v ``[T, Hkv, D]`` -> ``[T, Hq, D]``;
     each sequence ``cu_seqlens[i]:cu_seqlens[i+1]`` attends only within itself (module docstring).
     ``window``: causal sliding window of that many keys (query i sees keys i - window + 1 .. i).
+    ``cu_seqlens_k`` (with ``cu_seqlens``; ``flash_attn_varlen_func``'s cu_seqlens_q/cu_seqlens_k): k, v
+    ``[Tk, Hkv, D]`` packed with their own spans, sequence i's keys rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``
+    (as many sequences as ``cu_seqlens``); causal is bottom-right aligned per sequence (its queries are
+    the last of its key positions, so each needs at least as many keys as queries). ``max_seqlen_k``
+    as ``max_seqlen``.
     """
     if cu_seqlens is None:
-        if max_seqlen is not None:
-            raise ValueError(f"{_WHERE}: max_seqlen is only meaningful with cu_seqlens")
+        if max_seqlen is not None or cu_seqlens_k is not None or max_seqlen_k is not None:
+            raise ValueError(f"{_WHERE}: max_seqlen, cu_seqlens_k and max_seqlen_k are only meaningful with "
+                             f"cu_seqlens")
         scale = check_inputs(q, k, v, causal, scale)
         o, _ = torch.ops.apr.attention_fwd(q, k, v, causal, scale, check_window(window, causal))
         return o
-    scale = check_inputs(q, k, v, causal, scale, packed=True)
+    scale = check_inputs(q, k, v, causal, scale, packed="keys" if cu_seqlens_k is not None else True)
     max_seqlen = check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    if cu_seqlens_k is not None:
+        max_seqlen_k = check_cu_seqlens(cu_seqlens_k, max_seqlen_k, k.shape[0], q.device, "cu_seqlens_k")
+        check_key_spans(cu_seqlens, cu_seqlens_k, causal)
+    elif max_seqlen_k is not None:
+        raise ValueError(f"{_WHERE}: max_seqlen_k is only meaningful with cu_seqlens_k")
     o, _ = torch.ops.apr.attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale,
-                                              check_window(window, causal))
+                                              check_window(window, causal), cu_seqlens_k,
+                                              max_seqlen if cu_seqlens_k is None else max_seqlen_k)
     return o

@@ -132,24 +132,27 @@ def attention_backward_reference(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _spans(cu_seqlens: torch.Tensor):
-    """Non-empty ``(start, end)`` token ranges of the packed sequences."""
+def _span_pairs(cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor | None):
+    """``((a, b), (ka, kb))`` query and key rows of each sequence with queries (keys = queries
+    without ``cu_seqlens_k``)."""
     bounds = cu_seqlens.tolist()
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    kb = bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    return [((a, b), (c, d)) for a, b, c, d in zip(bounds[:-1], bounds[1:], kb[:-1], kb[1:]) if b > a]
 
 
 def attention_varlen_forward_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float,
-    window: int = 0,
+    window: int = 0, cu_seqlens_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed sequences (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, sequence i = rows
     ``cu_seqlens[i]:cu_seqlens[i+1]``, covering all T rows): :func:`attention_forward_reference` on
-    each sequence alone. Returns o ``[T, Hq, D]`` and lse ``[Hq, T]``."""
+    each sequence alone. With ``cu_seqlens_k`` the keys ``[Tk, Hkv, D]`` have their own spans (causal:
+    bottom-right per sequence). Returns o ``[T, Hq, D]`` and lse ``[Hq, T]``."""
     o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.zeros((q.shape[1], q.shape[0]), dtype=torch.promote_types(q.dtype, torch.float32),
                       device=q.device)
-    for a, b in _spans(cu_seqlens):
-        oi, li = attention_forward_reference(q[None, a:b], k[None, a:b], v[None, a:b], causal, scale, window)
+    for (a, b), (c, d) in _span_pairs(cu_seqlens, cu_seqlens_k):
+        oi, li = attention_forward_reference(q[None, a:b], k[None, c:d], v[None, c:d], causal, scale, window)
         o[a:b], lse[:, a:b] = oi[0], li[0]
     return o, lse
 
@@ -157,15 +160,15 @@ def attention_varlen_forward_reference(
 def attention_varlen_backward_reference(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     lse: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool, scale: float, dlse: torch.Tensor | None = None,
-    window: int = 0,
+    window: int = 0, cu_seqlens_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`attention_varlen_forward_reference`, sequence by sequence."""
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    for a, b in _spans(cu_seqlens):
-        g = attention_backward_reference(do[None, a:b], q[None, a:b], k[None, a:b], v[None, a:b],
+    for (a, b), (c, d) in _span_pairs(cu_seqlens, cu_seqlens_k):
+        g = attention_backward_reference(do[None, a:b], q[None, a:b], k[None, c:d], v[None, c:d],
                                          o[None, a:b], lse[None, :, a:b], causal, scale,
                                          None if dlse is None else dlse[None, :, a:b], window)
-        dq[a:b], dk[a:b], dv[a:b] = g[0][0], g[1][0], g[2][0]
+        dq[a:b], dk[c:d], dv[c:d] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
 
 
