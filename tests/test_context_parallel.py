@@ -1,8 +1,9 @@
 """Context parallelism (train/context_parallel.py): the zigzag split and its inverse against explicit
-position lists; each rank's attention over the gathered K/V against whole-sequence attention; and
-2 (gloo) processes, each holding half of every row, against one process holding all of it: the
-loss and every gradient of a Qwen2-shaped model, eager and through the Triton kernels (interpreter),
-with a sliding window in one layer and activation checkpointing (the all-gather recomputed)."""
+position lists; each rank's attention over the gathered K/V against whole-sequence attention (with
+and without document masking); and 2 (gloo) processes, each holding half of every row, against one
+process holding all of it: the loss and every gradient of a Qwen2-shaped model, eager and through
+the Triton kernels (interpreter), with a sliding window in one layer, activation checkpointing (the
+all-gather recomputed) and document masking (documents crossing the ranks' chunks)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,24 @@ def _config(**over):
 
 # a window in layer 1 only (Qwen2's max_window_layers), shorter than a rank's reach
 CASES = {"eager": dict(fast=False), "triton": dict(fast=True),
-         "window-checkpointed": dict(fast=True, sliding_window=11, max_window_layers=1, checkpoint=True)}
+         "window-checkpointed": dict(fast=True, sliding_window=11, max_window_layers=1, checkpoint=True),
+         "documents-eager": dict(fast=False, documents=True, sliding_window=5, max_window_layers=1),
+         "documents-triton": dict(fast=True, documents=True, sliding_window=5, max_window_layers=1)}
+EOS = 5
+
+
+def _documents(x):
+    from apr_kernels.model.documents import Documents
+
+    return Documents.from_eos(x, EOS)
 
 
 def _inputs(T=32, B=2):
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(0, 97, (B, T + 1), generator=g)
+    x = torch.randint(6, 97, (B, T + 1), generator=g)
+    # document ends (for the document-masked cases) inside chunks and on a chunk edge (chunks of 8)
+    x[0, [3, 12, 13, 26]] = EOS
+    x[1, [7, 20]] = EOS
     return x[:, :-1], x[:, 1:].clone()
 
 
@@ -42,6 +55,7 @@ def _model(case):
 
     spec = dict(CASES[case])
     fast, ckpt = spec.pop("fast"), spec.pop("checkpoint", False)
+    spec.pop("documents", None)
     torch.manual_seed(7)
     m = Transformer(_config(**spec), fast=fast)
     m.gradient_checkpointing = ckpt
@@ -103,6 +117,41 @@ def test_each_rank_attends_to_all_earlier_positions(use_backend, fast, N, window
         torch.testing.assert_close(got, cp.shard(whole), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "triton"])
+@pytest.mark.parametrize("N, window", [(2, None), (3, 4)])
+def test_each_rank_attends_within_its_documents(use_backend, fast, N, window):
+    """Document masking: each local chunk sees only earlier positions of the same document, whole
+    rows' spans (documents crossing chunks and ranks, one chunk inside a document)."""
+    from apr_kernels.model.documents import Documents
+
+    use_backend("triton")
+    C = 6
+    T = 2 * N * C
+    x = torch.randint(6, 97, (2, T))
+    x[0, [2, 9, 10, T - 8]] = EOS
+    x[1, [C - 1, 3 * C]] = EOS
+    docs = Documents.from_eos(x, EOS)
+    doc, _ = docs.token_index(2 * T)
+    doc = doc.view(2, T)
+    q, k, v = torch.randn(2, T, 4, 16), torch.randn(2, T, 2, 16), torch.randn(2, T, 2, 16)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = (j <= i) & (doc[:, :, None] == doc[:, None, :])  # [2, T, T]
+    if window:
+        visible &= j > i - window
+    kk, vv = (t.double().repeat_interleave(2, 2) for t in (k, v))
+    s = torch.einsum("bshd,bthd->bhst", q.double(), kk) * 0.25
+    whole = torch.einsum("bhst,bthd->bshd", torch.softmax(s.masked_fill(~visible[:, None], float("-inf")), -1), vv)
+    for r in range(N):
+        cp = _Known(r, N, [k, v])
+        lay, pos = cp.documents(docs, 2, T, fast)
+        got = cp.attention(cp.shard(q), cp.shard(k), cp.shard(v), fast=fast, window=window, scale=0.25, documents=lay)
+        torch.testing.assert_close(got, cp.shard(whole).float(), rtol=1e-5, atol=1e-5)
+        # RoPE positions restart at each document
+        want_pos = torch.cat([torch.arange(T) - torch.tensor([(doc[b] == doc[b, t]).nonzero()[0].item()
+                                                               for t in range(T)]) for b in range(2)]).view(2, T)
+        assert torch.equal(pos.view(2, -1), cp.shard(want_pos))
+
+
 # ------------------------------------------------------------------------------- 2 processes
 def _worker(out: str) -> int:
     import torch.distributed as dist
@@ -117,7 +166,8 @@ def _worker(out: str) -> int:
     for case in CASES:
         m = _model(case)
         m.set_context_parallel(cp)
-        loss = m.loss(cp.shard(x), cp.shard(y), reduction="sum")
+        docs = _documents(x) if CASES[case].get("documents") else None  # (of the whole rows)
+        loss = m.loss(cp.shard(x), cp.shard(y), reduction="sum", documents=docs)
         loss.backward()
         total = loss.detach().clone()
         dist.all_reduce(total)
@@ -150,7 +200,7 @@ def test_two_ranks_match_one_process(tmp_path):
     try:
         for case in CASES:
             m = _model(case)
-            loss = m.loss(x, y, reduction="sum")
+            loss = m.loss(x, y, reduction="sum", documents=_documents(x) if CASES[case].get("documents") else None)
             loss.backward()
             # fp32 (the kernels' dtypes): only the summation order differs
             torch.testing.assert_close(got[case]["loss"], loss.detach(), rtol=1e-5, atol=1e-4, msg=case)
@@ -213,15 +263,11 @@ def test_what_context_parallelism_cannot_split_is_refused(tmp_path, capsys):
         trainer(batch_size=3)
     with pytest.raises(ValueError, match=r"--seq-len 30 is not a multiple of 4"):
         trainer(seq_len=30)
-    with pytest.raises(ValueError, match=r"--context-parallel with --document-mask is not supported"):
-        trainer(document_mask=True)
-    # and the model itself, if asked to mask documents on a share of the positions
-    from apr_kernels.model.documents import Documents
-
+    # and the model itself, asked for a mean over a share of the positions
     model.set_context_parallel(ContextParallel(None, 0, 2))
     x = torch.randint(1, 97, (1, 16))
-    with pytest.raises(ValueError, match=r"context parallelism with document masking is not supported"):
-        model.loss(x, x, documents=Documents.from_eos(x, 0))
+    with pytest.raises(ValueError, match=r"reduction 'mean' under context parallelism: this rank holds a share"):
+        model.loss(x, x)
 
 
 def test_multiple_choice_scoring_takes_whole_rows_under_context_parallelism(tmp_path):

@@ -411,6 +411,9 @@ def runs(tmp_path_factory):
          "--out", str(root / "ddp_cp")],
         ["train", "--init", str(init), *fast_on, "--parallel", "fsdp", "--context-parallel", "2",
          "--grad-checkpointing", "--out", str(root / "fsdp_cp")],
+        # and with document masking: documents crossing the ranks' chunks (run43)
+        ["train", "--init", str(init), *COMMON, *docs, "--parallel", "ddp", "--context-parallel", "2",
+         "--out", str(root / "ddp_cp_docs")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -965,11 +968,12 @@ def test_mixture_of_experts_on_two_ranks_matches_one_process(runs, run, out):
             torch.testing.assert_close(mine[name], ref[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
-@pytest.mark.parametrize("run", ["run41", "run42"], ids=["ddp", "fsdp-fast-checkpointed"])
+@pytest.mark.parametrize("run", ["run41", "run42", "run43"], ids=["ddp", "fsdp-fast-checkpointed", "document-mask"])
 def test_context_parallel_matches_one_process(runs, run):
     """Each of the 2 ranks holds 2 of the 4 chunks of every row (the same rows on both): the losses,
     gradient norms and held-out losses of one process holding whole rows, and its final weights."""
-    ref = _records(runs["one_out"])
+    one = "one_docs" if run == "run43" else "one"
+    ref = _records(runs[one + "_out"])
     rank0 = runs["ranks"][(0, 2)][run]
     assert rank0["code"] == runs["ranks"][(1, 2)][run]["code"] == 0
     got = _records(rank0["stdout"])
@@ -977,8 +981,8 @@ def test_context_parallel_matches_one_process(runs, run):
     assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
     assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
     assert _losses(got, "eval", "eval_tokens") == _losses(ref, "eval", "eval_tokens")
-    out = {"run41": "ddp_cp", "run42": "fsdp_cp"}[run]
-    (a, _), (b, _) = _tensors(runs["root"] / out / "model.apr"), _tensors(runs["one"] / "model.apr")
+    out = {"run41": "ddp_cp", "run42": "fsdp_cp", "run43": "ddp_cp_docs"}[run]
+    (a, _), (b, _) = _tensors(runs["root"] / out / "model.apr"), _tensors(runs["root"] / one / "model.apr")
     for name in b:
         if b[name].is_floating_point() and not name.startswith("__training__"):
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)

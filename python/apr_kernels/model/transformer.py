@@ -141,7 +141,10 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         q, k, v = self.rotated_qkv(x, cos, sin, fast, packed=docs is not None)
         if self.context_parallel is not None:  # the local chunks against the group's gathered K/V
-            o = self.context_parallel.attention(q, k, v, fast=fast, window=self.window, scale=self.head_dim ** -0.5)
+            if docs is not None:  # (per-token tables: the packed [1, B*S] views back to rows)
+                q, k, v = (t.reshape(b, s, t.shape[2], t.shape[3]) for t in (q, k, v))
+            o = self.context_parallel.attention(q, k, v, fast=fast, window=self.window, scale=self.head_dim ** -0.5,
+                                                documents=docs)
         elif fast and docs is not None:  # packed spans: each document attends only within itself
             d = docs.documents
             o = _ops().attention(q[0], k[0], v[0], causal=True, cu_seqlens=d.cu_seqlens, max_seqlen=d.max_seqlen,
@@ -517,13 +520,16 @@ class Transformer(nn.Module):
                                scaling=self.config.rope_scaling, device=input_ids.device,
                                max_position_embeddings=self.config.max_position_embeddings)
         docs = None
-        if self.context_parallel is not None:
-            if documents is not None:
-                raise ValueError("context parallelism with document masking is not supported (a document's "
-                                 "span would cross the ranks' chunks); train without --document-mask")
-            pos = self.context_parallel.positions(input_ids.shape[1], input_ids.device)
+        cp = self.context_parallel
+        if cp is not None and documents is not None:  # spans of the whole rows; RoPE restarts per document
+            if not input_ids.is_cuda and not torch.compiler.is_compiling():
+                documents.check(input_ids.shape[0], T)
+            docs, pos = cp.documents(documents, input_ids.shape[0], T, fast)
             cos, sin = cos[pos], sin[pos]
-        if documents is not None:
+        elif cp is not None:
+            pos = cp.positions(input_ids.shape[1], input_ids.device)
+            cos, sin = cos[pos], sin[pos]
+        elif documents is not None:
             docs, cos, sin = self._document_mask(input_ids, documents, fast, cos, sin)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         pending = None  # each layer's MLP output, added by the next layer's fused add + norm
@@ -649,6 +655,9 @@ class Transformer(nn.Module):
             raise ValueError("ends: only a sequence classifier (config.num_labels) pools its scores")
         if targets is not None and reduction not in ("mean", "sum", "sequence", "none"):
             raise ValueError(f"reduction {reduction!r}; expected 'mean', 'sum', 'sequence' or 'none'")
+        if self.context_parallel is not None and reduction in ("mean", "sequence") and targets is not None:
+            raise ValueError(f"reduction {reduction!r} under context parallelism: this rank holds a share of "
+                             f"each row's positions; use 'sum' (or 'none') and combine over the group")
         h = self.hidden_states(input_ids, documents)
         if targets is None:
             return F.linear(h, self.output_weight)

@@ -19,17 +19,39 @@ section 3.3.2), which suits grouped-query attention:
 * RoPE uses each token's global position; the loss of a rank is the sum over its own positions,
   and the trainer's gradient all-reduce over every rank (DDP/FSDP over data x context ranks) sums
   the groups' contributions like any other split of the tokens.
+* Document masking (``Documents`` of the whole rows, which every rank of the group has): RoPE at
+  each token's position in its document, and each chunk's queries packed by document against the
+  keys of the same document up to the chunk's end (``attention(..., cu_seqlens=, cu_seqlens_k=)``,
+  bottom-right per document; the eager path: SDPA with the same-document causal mask). The spans
+  are worked out on the host once per forward (one small device read on CUDA).
 
 Groups are consecutive ranks (on one node, so the all-gathers ride NVLink); the data-parallel share
-of a batch goes to ``rank // N``. Not with document masking (the packed spans would cross chunks)
-or a distillation teacher (the teacher would need the same split).
+of a batch goes to ``rank // N``. Not with a distillation teacher (it would need the same split).
 """
 
 from __future__ import annotations
 
+import bisect
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+class ChunkDocuments(NamedTuple):
+    """Document masking of one local chunk (C queries of each of B rows) against its prefix of keys.
+    Fast path: the chunk's queries ``[B*C]`` split by ``cu_q`` into per-document runs, each against
+    the run of gathered keys ``keys`` (indices into the ``[B*T]`` keys) that ``cu_k`` delimits: the
+    same document's keys up to the chunk's end. Eager path: ``mask`` ``[B, 1, C, end]`` (True: may
+    attend) over the first ``end`` gathered keys."""
+
+    cu_q: torch.Tensor | None
+    cu_k: torch.Tensor | None
+    max_q: int
+    max_k: int
+    keys: torch.Tensor | None
+    mask: torch.Tensor | None
 
 
 class ContextParallel:
@@ -68,6 +90,43 @@ class ContextParallel:
 
     def global_length(self, local_len: int) -> int:
         return local_len * self.size
+
+    def documents(self, documents, B: int, T: int, fast: bool):
+        """``(per-chunk ChunkDocuments, this rank's tokens' positions in their documents [B * 2C])`` of
+        ``documents`` (``model/documents.py``'s spans of the whole ``[B, T]`` rows)."""
+        C = self.check_length(T)
+        doc, pos = documents.token_index(B * T)
+        doc = doc.view(B, T)
+        local_pos = self.shard(pos.view(B, T)).reshape(-1)
+        bounds = documents.cu_seqlens.tolist()  # (on CUDA one small device read per forward)
+        dev = documents.cu_seqlens.device
+        chunks = []
+        for c in self.chunks:
+            start, end = c * C, (c + 1) * C
+            if not fast:
+                from apr_kernels.model.transformer import window_mask
+
+                visible = window_mask(C, end, dev, offset=start)  # causal (a layer's window: at the call)
+                same = doc[:, start:end, None] == doc[:, None, :end]
+                chunks.append(ChunkDocuments(None, None, 0, 0, None, (same & visible)[:, None]))
+                continue
+            nq, nk, keys = [0], [0], []
+            for b in range(B):
+                lo, hi = b * T + start, b * T + end  # the chunk's tokens in the flat [B*T] order
+                first = bisect.bisect_right(bounds, lo) - 1  # the document holding the chunk's first token
+                keys.append(torch.arange(bounds[first], hi, device=dev))
+                d = first
+                while d + 1 < len(bounds) and bounds[d] < hi:
+                    s_, e_ = bounds[d], min(bounds[d + 1], hi)
+                    nq.append(nq[-1] + e_ - max(s_, lo))
+                    nk.append(nk[-1] + e_ - s_)
+                    d += 1
+            q_len = [b - a for a, b in zip(nq[:-1], nq[1:])]
+            k_len = [b - a for a, b in zip(nk[:-1], nk[1:])]
+            chunks.append(ChunkDocuments(torch.tensor(nq, dtype=torch.int32, device=dev),
+                                         torch.tensor(nk, dtype=torch.int32, device=dev), max(q_len, default=0),
+                                         max(k_len, default=0), torch.cat(keys), None))
+        return chunks, local_pos
 
     # ----------------------------------------------------------------------- K/V exchange
     def gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -113,15 +172,19 @@ class ContextParallel:
 
     # ----------------------------------------------------------------------------- attention
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fast: bool,
-                  window: int | None, scale: float) -> torch.Tensor:
+                  window: int | None, scale: float, documents: list | None = None) -> torch.Tensor:
         """Causal attention of the local queries ``[B, 2C, Hq, D]`` (rotated at their global
-        positions) over all earlier positions of the group; k, v: the local ``[B, 2C, Hkv, D]``."""
+        positions) over all earlier positions of the group; k, v: the local ``[B, 2C, Hkv, D]``.
+        ``documents``: the chunks' :class:`ChunkDocuments` (only the same document's keys)."""
         k_all, v_all = self.gather(k), self.gather(v)
-        C = q.shape[1] // 2
+        B, C = q.shape[0], q.shape[1] // 2
         out = []
         for i, c in enumerate(self.chunks):
             qc = q[:, i * C:(i + 1) * C]
             end = (c + 1) * C
+            if documents is not None:
+                out.append(self._document_attention(qc, k_all, v_all, documents[i], end, fast, window, scale))
+                continue
             first = 0 if window is None else max(0, end - C - window + 1)  # keys no query of the chunk sees
             kc, vc = k_all[:, first:end], v_all[:, first:end]
             if fast:
@@ -137,6 +200,26 @@ class ContextParallel:
                     qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask, scale=scale,
                     enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2))
         return torch.cat(out, 1)
+
+    @staticmethod
+    def _document_attention(qc, k_all, v_all, lay: ChunkDocuments, end: int, fast: bool, window, scale):
+        B, C, HQ, D = qc.shape
+        if fast:
+            from apr_kernels.ops.attention import attention
+
+            kc, vc = (t.flatten(0, 1)[lay.keys] for t in (k_all, v_all))
+            o = attention(qc.reshape(B * C, HQ, D), kc, vc, causal=True, scale=scale, window=window,
+                          cu_seqlens=lay.cu_q, max_seqlen=lay.max_q, cu_seqlens_k=lay.cu_k, max_seqlen_k=lay.max_k)
+            return o.view(B, C, HQ, D)
+        kc, vc = k_all[:, :end], v_all[:, :end]
+        mask = lay.mask
+        if window is not None:
+            from apr_kernels.model.transformer import window_mask
+
+            mask = mask & window_mask(C, window, qc.device, offset=end - C)
+        return F.scaled_dot_product_attention(
+            qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask, scale=scale,
+            enable_gqa=HQ != kc.shape[2]).transpose(1, 2)
 
 
 class _GatherSequence(torch.autograd.Function):

@@ -455,9 +455,6 @@ class Trainer(EvalWatch):
                                  + "; expected an equal share of every batch per rank")
             if parallel.context is not None:  # what the split of every row into the group's chunks rules out
                 parallel.context.check_length(config.seq_len, "--seq-len")
-                if config.document_mask:
-                    raise ValueError("--context-parallel with --document-mask is not supported (a document "
-                                     "would cross the ranks' chunks); train without document masking")
                 if teacher is not None:
                     raise ValueError("--context-parallel with a distillation teacher is not supported (the "
                                      "teacher would need the same split of every row)")
