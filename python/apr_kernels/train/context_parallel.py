@@ -177,7 +177,7 @@ class ContextParallel:
         positions) over all earlier positions of the group; k, v: the local ``[B, 2C, Hkv, D]``.
         ``documents``: the chunks' :class:`ChunkDocuments` (only the same document's keys)."""
         k_all, v_all = self.gather(k), self.gather(v)
-        B, C = q.shape[0], q.shape[1] // 2
+        C = q.shape[1] // 2
         out = []
         for i, c in enumerate(self.chunks):
             qc = q[:, i * C:(i + 1) * C]
