@@ -212,3 +212,60 @@ def test_packed_keys_errors():
                               causal=False)
     with pytest.raises(ValueError, match=r"max_seqlen_k is only meaningful with cu_seqlens_k"):
         apr_kernels.attention(q, k[:9], v[:9], cu_seqlens=cu_q, max_seqlen_k=4)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+def _sdpa_fp32(q, k, v, visible, do):
+    """fp32 SDPA with an explicit mask on expanded K/V: (o, dq, dk, dv)."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    g = q.shape[2] // k.shape[2]
+    qt, kt, vt = (t.transpose(1, 2) for t in leaves)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        qt, kt.repeat_interleave(g, 1), vt.repeat_interleave(g, 1), attn_mask=visible).transpose(1, 2)
+    o.backward(do.float())
+    return o, [t.grad for t in leaves]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hq, hkv, d, sq, sk, window", [(32, 8, 128, 1024, 4096, None), (14, 2, 64, 777, 2100, 500)])
+def test_gpu_bf16_prefix_matches_fp32_sdpa(use_backend, hq, hkv, d, sq, sk, window):
+    """bf16 at model shapes: a chunk of queries against its prefix (bottom-right), fp32 SDPA oracle."""
+    use_backend("auto")
+    q = torch.randn(2, sq, hq, d, device="cuda").bfloat16().requires_grad_()
+    k, v = (torch.randn(2, sk, hkv, d, device="cuda").bfloat16().requires_grad_() for _ in range(2))
+    o = apr_kernels.attention(q, k, v, window=window)
+    do = torch.randn_like(o)
+    o.backward(do)
+    i = torch.arange(sq, device="cuda")[:, None] + (sk - sq)
+    j = torch.arange(sk, device="cuda")[None, :]
+    visible = (j <= i) & ((j > i - window) if window else True)
+    want, grads = _sdpa_fp32(q, k, v, visible, do)
+    assert_close(o, want, REL[torch.bfloat16], "o")
+    for name, t, ref in zip("qkv", (q, k, v), grads):
+        assert_close(t.grad, ref, 2 * REL[torch.bfloat16], f"d{name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_bf16_packed_keys_match_per_sequence_sdpa(use_backend, d):
+    """bf16 packed queries with their own key spans (the 8-warp dK/dV launch at D 128) against fp32
+    SDPA per sequence."""
+    use_backend("auto")
+    pairs = [(100, 700), (0, 50), (333, 333), (64, 1000), (1, 9)]
+    q, k, v, cu_q, cu_k = packed_case(pairs, 8, 2, d, torch.bfloat16)
+    q, k, v = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    o = apr_kernels.attention(q, k, v, cu_seqlens=cu_q.cuda(), cu_seqlens_k=cu_k.cuda(), max_seqlen=333,
+                              max_seqlen_k=1000)
+    do = torch.randn_like(o)
+    o.backward(do)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for a, b, c, e in zip(bq[:-1], bq[1:], bk[:-1], bk[1:]):
+        if b == a:  # keys no query sees: zero gradients
+            assert not k.grad[c:e].any() and not v.grad[c:e].any()
+            continue
+        i = torch.arange(b - a, device="cuda")[:, None] + (e - c) - (b - a)
+        visible = torch.arange(e - c, device="cuda")[None, :] <= i
+        want, grads = _sdpa_fp32(q[None, a:b], k[None, c:e], v[None, c:e], visible, do[None, a:b])
+        assert_close(o[None, a:b], want, REL[torch.bfloat16], f"o of sequence {a}:{b}")
+        for name, t, ref, (lo, hi) in zip("qkv", (q, k, v), grads, ((a, b), (c, e), (c, e))):
+            assert_close(t.grad[None, lo:hi], ref, 2 * REL[torch.bfloat16], f"d{name} of sequence {a}:{b}")
