@@ -569,9 +569,6 @@ def _train(args, env, mode: str) -> int:
         if cp < 1 or mode == "none":
             raise ValueError(f"--context-parallel {cp}: expected a group size >= 1, run under torchrun with "
                              f"--parallel ddp or fsdp (each group of {cp} ranks splits every sequence)")
-        if args.compile:
-            raise ValueError("--context-parallel with --compile is not supported (the layers' K/V all-gather "
-                             "would break the compiled graphs); leave one of them out")
     if mode != "none":
         from . import distributed
 

@@ -15,7 +15,7 @@ section 3.3.2), which suits grouped-query attention:
   c attends to the keys of chunks 0..c with causal attention of Sq = C queries against Sk = (c+1)C
   keys, bottom-right aligned (``apr_kernels.attention``'s prefix form; the Triton kernels on the
   fast path, masked SDPA on the eager path). The backward reduce-scatters dK/dV back to the ranks
-  that own those positions.
+  that own those positions (a functional collective: ``torch.compile`` traces it).
 * RoPE uses each token's global position; the loss of a rank is the sum over its own positions,
   and the trainer's gradient all-reduce over every rank (DDP/FSDP over data x context ranks) sums
   the groups' contributions like any other split of the tokens.
@@ -131,30 +131,14 @@ class ContextParallel:
     # ----------------------------------------------------------------------- K/V exchange
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` ``[B, 2C, ...]`` put together in position order ``[B, 2NC, ...]``;
-        differentiable (the backward sums each rank's gradient into the positions' owner)."""
+        differentiable: the backward reduce-scatters, summing each rank's gradient into the positions'
+        owner. Functional collectives (traceable: the layers compile with it inside)."""
         if self.size == 1:
             return t
-        return _GatherSequence.apply(t, self)
+        from torch.distributed import _functional_collectives as funcol
 
-    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        """``[N, *t.shape]``: rank n's ``t`` at n."""
-        t = t.contiguous()
-        out = torch.empty((self.size,) + tuple(t.shape), dtype=t.dtype, device=t.device)
-        if dist.get_backend(self.group) == "nccl":
-            dist.all_gather_into_tensor(out, t, group=self.group)
-        else:  # gloo has no all_gather_into_tensor
-            dist.all_gather(list(out.unbind(0)), t, group=self.group)
-        return out
-
-    def _reduce_scatter(self, per_rank: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks of ``per_rank[n]`` for this rank n (``per_rank`` ``[N, ...]``)."""
-        per_rank = per_rank.contiguous()
-        if dist.get_backend(self.group) == "nccl":
-            out = torch.empty(per_rank.shape[1:], dtype=per_rank.dtype, device=per_rank.device)
-            dist.reduce_scatter_tensor(out, per_rank, group=self.group)
-            return out
-        dist.all_reduce(per_rank, group=self.group)  # gloo has no reduce_scatter
-        return per_rank[self.rank]
+        per_rank = funcol.all_gather_tensor_autograd(t.contiguous()[None], 0, self.group)  # [N, B, 2C, ...]
+        return self.to_global(funcol.wait_tensor(per_rank))
 
     def to_global(self, per_rank: torch.Tensor) -> torch.Tensor:
         """``[N, B, 2C, ...]`` (rank n's chunks n and 2N-1-n at n) -> ``[B, 2NC, ...]`` in position order."""
@@ -162,13 +146,6 @@ class ContextParallel:
         x = per_rank.reshape(N, B, 2, L // 2, *per_rank.shape[3:])
         chunks = torch.cat([x[:, :, 0], x.flip(0)[:, :, 1]], 0)  # [2N, B, C, ...], chunk j at j
         return chunks.movedim(0, 1).reshape(B, N * L, *per_rank.shape[3:])
-
-    def to_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """The inverse of :meth:`to_global`: ``[B, 2NC, ...]`` -> ``[N, B, 2C, ...]``."""
-        N, B = self.size, t.shape[0]
-        chunks = t.reshape(B, 2 * N, t.shape[1] // (2 * N), *t.shape[2:]).movedim(1, 0)  # [2N, B, C, ...]
-        per_rank = torch.stack([chunks[:N], chunks[N:].flip(0)], 2)  # [N, B, 2, C, ...]
-        return per_rank.reshape(N, B, -1, *t.shape[2:])
 
     # ----------------------------------------------------------------------------- attention
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, fast: bool,
@@ -220,18 +197,6 @@ class ContextParallel:
         return F.scaled_dot_product_attention(
             qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask, scale=scale,
             enable_gqa=HQ != kc.shape[2]).transpose(1, 2)
-
-
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, cp):
-        ctx.cp = cp
-        return cp.to_global(cp._all_gather(t))
-
-    @staticmethod
-    def backward(ctx, grad):
-        cp = ctx.cp
-        return cp._reduce_scatter(cp.to_ranks(grad)), None
 
 
 def groups(world_size: int, size: int, rank: int):
