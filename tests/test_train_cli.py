@@ -677,3 +677,87 @@ def test_tokenize_fills_the_cache_that_train_then_maps(capsys, tmp_path):
     code, stdout, err = run(capsys, "train", "--preset", "tiny_llama", *data, "--steps", "1", "--batch-size", "2",
                             "--seq-len", "48", "--json", "--no-progress", "--out", str(tmp_path / "o"))
     assert code == 0 and "saved to" not in err and err.count("tokens from") == 2, err
+
+
+# --------------------------------------------------------------------- a longer context than the init's
+def _short_context_init(path):
+    from apr_kernels.model import ModelConfig, Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(4)
+    cfg = ModelConfig(architecture="qwen2", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64, vocab_size=263, max_position_embeddings=32, rope_theta=1e4,
+                      rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True)
+    model = Transformer(cfg, fast=False)
+    with torch.no_grad():  # sharp attention, so that the positions' rotations show in the loss
+        for layer in model.model.layers:
+            for name, gain in (("q_proj", 40), ("k_proj", 40), ("v_proj", 20), ("o_proj", 20)):
+                getattr(layer.self_attn, name).weight.mul_(gain)
+    save_checkpoint(path, model=model)
+
+
+def test_with_context_sets_rope_and_limit():
+    from apr_kernels.model import preset
+
+    cfg = preset("tiny_qwen2").replace(max_position_embeddings=4096)
+    yarn = cfg.with_context(rope_scaling="yarn:4")
+    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    assert yarn.max_position_embeddings == 16384 and yarn.rope_theta == cfg.rope_theta
+    llama3 = cfg.with_context(rope_scaling="llama3:8", max_position_embeddings=20000)
+    assert llama3.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 4096}
+    assert llama3.max_position_embeddings == 20000
+    assert yarn.with_context(rope_scaling="none", rope_theta=1e7).rope_scaling is None
+    js = cfg.with_context(rope_scaling='{"type": "linear", "factor": 2}')
+    assert js.rope_scaling == {"rope_type": "linear", "factor": 2.0} and js.max_position_embeddings == 8192
+    assert cfg.with_context() is cfg
+    for spec, match in [("yarn", r"--rope-scaling: 'yarn'; expected KIND:FACTOR"),
+                        ("longrope:2", r"rope_scaling type 'longrope' is not supported"),
+                        ("yarn:-1", r"rope_scaling\['factor'\]=-1.0; expected a positive number"),
+                        ("{oops", r"is not valid JSON")]:
+        with pytest.raises(ValueError, match=match):
+            cfg.with_context(rope_scaling=spec, where="x.apr")
+    with pytest.raises(ValueError, match=r"x.apr: --rope-theta -5.0; expected a positive number"):
+        cfg.with_context(rope_theta=-5.0, where="x.apr")
+
+
+def test_train_extends_the_context_and_saves_it(tmp_path, capsys):
+    """An init file of 32 positions trained at --seq-len 64 with yarn:2: refused without the scaling;
+    with it the checkpoint carries the scaling and the new limit, and eval (which builds the model from
+    the checkpoint alone) reproduces the run's final held-out loss, which the unscaled rotations miss."""
+    from apr_kernels.model.loading import from_apr
+    from apr_kernels.train.cli import byte_tokenizer
+    from apr_kernels.train.data import evaluate, tokenize_files
+
+    init = tmp_path / "init.apr"
+    _short_context_init(init)
+    common = ["train", "--init", str(init), "--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD,
+              "--max-tokens", "20000", "--steps", "2", "--batch-size", "2", "--seq-len", "64", "--lr", "3e-3",
+              "--eval-tokens", "256", "--json", "--seed", "3", "--fast", "off"]
+    code, _, err = run(capsys, *common, "--out", str(tmp_path / "refused"))
+    assert code != 0 and "--seq-len 64 exceeds the model's max_position_embeddings 32" in err
+    code, out, err = run(capsys, *common, "--rope-scaling", "yarn:2", "--out", str(tmp_path / "long"))
+    assert code == 0, err
+    final = [r for r in json_lines(out) if r["event"] == "eval"][-1]["eval_loss"]
+    model = from_apr(tmp_path / "long" / "model.apr", fast=False)
+    assert model.config.rope_scaling == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}
+    assert model.config.max_position_embeddings == 64
+    code, stdout, _ = run(capsys, "eval", "--init", str(tmp_path / "long" / "model.apr"), "--data", HELD,
+                          "--max-tokens", "256", "--seq-len", "64")
+    assert code == 0
+    assert float(stdout.strip().splitlines()[-1].split()[0].split("=")[1]) == pytest.approx(final, abs=2e-6)
+    tokens = tokenize_files([HELD], byte_tokenizer())  # (the tokens eval scored)
+    plain = model.config.replace(rope_scaling=None)
+    model.config = plain
+    unscaled, _ = evaluate(model, tokens, 64, max_tokens=256)
+    assert abs(unscaled - final) > 1e-3  # the scaling is in the numbers, not only in the metadata
+    # a new base and limit instead; and none of it on a resumed run
+    code, out, err = run(capsys, *common, "--rope-theta", "5e4", "--max-position-embeddings", "64",
+                         "--save-every", "1", "--out", str(tmp_path / "theta"))
+    assert code == 0, err
+    model = from_apr(tmp_path / "theta" / "model.apr", fast=False)
+    assert model.config.rope_theta == 5e4 and model.config.max_position_embeddings == 64
+    assert model.config.rope_scaling is None
+    code, _, err = run(capsys, "train", "--resume", str(tmp_path / "theta" / "step_000001.apr"), "--rope-theta",
+                       "1e5", "--out", str(tmp_path / "resumed"))
+    assert code != 0 and "a resumed run keeps its checkpoint's" in err

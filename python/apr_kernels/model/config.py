@@ -224,6 +224,38 @@ class ModelConfig:
             changes.setdefault("head_dim", None)  # re-derive unless given
         return dataclasses.replace(self, **changes)
 
+    def with_context(self, *, rope_theta: float | None = None, rope_scaling: str | dict | None = None,
+                     max_position_embeddings: int | None = None, where: str = "context") -> "ModelConfig":
+        """This config for a longer context (continued training at longer sequences): a new RoPE base
+        (``rope_theta``, "adjusted base frequency"), a frequency scaling (``rope_scaling``: a dict or
+        ``rope.parse_rope_scaling``'s ``KIND:FACTOR``/JSON, scaling from the current
+        ``max_position_embeddings``; ``"none"`` removes one), and the new limit, by default the
+        current one times the scaling factor. The weights are untouched; only the positions' rotations
+        and the limit change."""
+        from .rope import check_rope_scaling, parse_rope_scaling
+
+        changes: dict = {}
+        if rope_theta is not None:
+            if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0:
+                raise ValueError(f"{where}: --rope-theta {rope_theta!r}; expected a positive number")
+            changes["rope_theta"] = float(rope_theta)
+        if rope_scaling is not None:
+            # (llama3/yarn scale from the current limit unless the spec names its own)
+            scaling = (parse_rope_scaling(rope_scaling, self.max_position_embeddings, f"{where}: --rope-scaling")
+                       if isinstance(rope_scaling, str) else
+                       check_rope_scaling(rope_scaling, f"{where}: rope_scaling", self.max_position_embeddings))
+            changes["rope_scaling"] = scaling
+            if scaling and max_position_embeddings is None:
+                base = scaling.get("original_max_position_embeddings", self.max_position_embeddings)
+                max_position_embeddings = int(base * scaling["factor"])
+        if max_position_embeddings is not None:
+            if isinstance(max_position_embeddings, bool) or not isinstance(max_position_embeddings, int) \
+                    or max_position_embeddings < 1:
+                raise ValueError(f"{where}: --max-position-embeddings {max_position_embeddings!r}; expected a "
+                                 f"positive integer")
+            changes["max_position_embeddings"] = max_position_embeddings
+        return self.replace(**changes) if changes else self
+
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare}
 

@@ -143,6 +143,38 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None = None, *,
     return inv_freq
 
 
+# Llama 3.1's llama3 band edges, used when a --rope-scaling spec names only the factor
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+def parse_rope_scaling(spec: str, max_position_embeddings: int, where: str = "--rope-scaling") -> dict | None:
+    """A rope_scaling dict from ``KIND:FACTOR`` (``yarn:4``, ``llama3:8``, ``linear:2``, ``dynamic:2``;
+    ``none``: no scaling) or a JSON object (Hugging Face's keys), checked by :func:`check_rope_scaling`.
+    The context it scales from (``original_max_position_embeddings`` of llama3/yarn) defaults to the
+    model's current ``max_position_embeddings``."""
+    import json
+
+    spec = spec.strip()
+    if spec.lower() in ("none", "default"):
+        return None
+    if spec.startswith("{"):
+        try:
+            scaling = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: {spec!r} is not valid JSON ({e.msg}); expected KIND:FACTOR or a JSON "
+                             f"object") from None
+    else:
+        kind, _, factor = spec.partition(":")
+        try:
+            factor = float(factor)
+        except ValueError:
+            raise ValueError(f"{where}: {spec!r}; expected KIND:FACTOR with KIND one of "
+                             f"{', '.join(k for k in SUPPORTED_SCALING if k != 'default')} and a number, e.g. "
+                             f"yarn:4, or a JSON object") from None
+        scaling = {"rope_type": kind, "factor": factor, **(LLAMA3_DEFAULTS if kind == "llama3" else {})}
+    return check_rope_scaling(scaling, where, max_position_embeddings)
+
+
 def rope_tables(seq_len: int, head_dim: int, theta: float, *, scaling: dict | None = None, device=None,
                 dtype=torch.float32, max_position_embeddings: int | None = None):
     """``(cos, sin)`` of shape [seq_len, head_dim // 2] for positions 0..seq_len-1 (fp32 maths; yarn's

@@ -554,6 +554,13 @@ def _train(args, env, mode: str) -> int:
             from apr_kernels.model.lora import add_lora
 
             add_lora(model, base_dtype=lora_base, **lora_new)
+    context = {"rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
+               "max_position_embeddings": args.max_position_embeddings}
+    if any(v is not None for v in context.values()):
+        if args.resume:
+            raise ValueError("--rope-scaling, --rope-theta and --max-position-embeddings set up a new run; a resumed "
+                             "run keeps its checkpoint's (they are saved with it)")
+        model.config = model.config.with_context(**context, where=str(args.init or "the preset config"))
     model.gradient_checkpointing = args.grad_checkpointing
     freeze_parameters(model, cfg.freeze)  # (a resumed run's come from its checkpoint)
     if args.compile:
@@ -1155,6 +1162,15 @@ def register(subparsers) -> None:
     s.add_argument("--parallel", choices=("ddp", "fsdp", "none"), default=None,
                    help="ddp: a replica per rank; fsdp: parameters, gradients and AdamW state sharded "
                         "(FSDP2, bf16 compute on CUDA); default: ddp when WORLD_SIZE > 1, else none")
+    lc = p.add_argument_group("longer context than the init model's (continued training at a longer --seq-len)")
+    lc.add_argument("--rope-scaling", metavar="KIND:FACTOR|JSON", default=None,
+                    help="RoPE frequency scaling from the model's current context: yarn:4 (Qwen2.5's 32k -> 128k), "
+                         "llama3:8, linear:2, dynamic:2, a Hugging Face rope_scaling JSON object, or none; "
+                         "raises max_position_embeddings by the factor unless --max-position-embeddings is given")
+    lc.add_argument("--rope-theta", type=float, default=None,
+                    help="a new RoPE base (adjusted base frequency, e.g. 1e6 -> 1e7)")
+    lc.add_argument("--max-position-embeddings", type=int, default=None, metavar="N",
+                    help="the model's new position limit (saved with the checkpoints)")
     s.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="split every sequence over groups of N consecutive ranks (long context: each holds "
                         "2 of 2N chunks of every row, K/V all-gathered per layer); --seq-len a multiple of 2N, "
