@@ -31,6 +31,32 @@ def test_cache_equals_recomputing_the_whole_sequence():
     assert torch.equal(got, ids)
 
 
+@pytest.mark.parametrize("window", [None, 4], ids=["causal", "sliding-window"])
+def test_blocks_appended_to_a_cache_equal_the_whole_sequence(window):
+    """next_logits with several new tokens after cached ones (a continued conversation): the block is
+    causal over the cache and itself, as the whole-sequence forward (the transformers oracle's logits)."""
+    from apr_kernels.model.generate import KVCache, next_logits
+    from apr_kernels.model.rope import rope_tables
+
+    cfg = QWEN.replace(sliding_window=window)
+    hf = hf_model(QWEN)
+    model = ours_from_hf(hf, QWEN)
+    model.config = cfg
+    for layer in model.model.layers:
+        layer.self_attn.window = cfg.layer_window(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 14), generator=torch.Generator().manual_seed(5))
+    cos, sin = rope_tables(14, cfg.head_dim, cfg.rope_theta)
+    cache = KVCache(model, 2, 14, "cpu", torch.float32)
+    got = [next_logits(model, ids[:, a:b], cache, cos, sin) for a, b in ((0, 5), (5, 6), (6, 11), (11, 14))]
+    with torch.no_grad():
+        want = model(ids).float()
+    for (a, b), g in zip(((0, 5), (5, 6), (6, 11), (11, 14)), got):
+        torch.testing.assert_close(g, want[:, b - 1], rtol=1e-4, atol=1e-4, msg=f"after tokens {a}:{b}")
+    if window is None:  # and the model's whole-sequence logits are transformers'
+        with torch.no_grad():
+            torch.testing.assert_close(want, hf(ids).logits.float(), rtol=1e-4, atol=1e-4)
+
+
 def test_eos_stops_and_finished_rows_repeat_it():
     cfg = QWEN
     model = ours_from_hf(hf_model(cfg), cfg)

@@ -50,9 +50,12 @@ def _attention_step(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int,
     else:
         q, k, v = attn.rotated_qkv(x, cos, sin)  # the model's own eager projections and rotation
     keys, values = cache.append(layer, k.transpose(1, 2), v.transpose(1, 2))
-    # the prompt block is causal; a single new token sees every cached position (with a sliding
-    # window, only the last ones)
+    # the new block is causal over the cached positions and itself (bottom-right: its queries are the
+    # last t positions); a single new token sees every cached position (with a sliding window, only
+    # the last ones)
     mask = window_mask(t, attn.window, x.device, cache.length) if attn.window is not None else None
+    if mask is None and t > 1 and cache.length > 0:  # (SDPA's is_causal is top-left: only for an empty cache)
+        mask = window_mask(t, cache.length + t, x.device, cache.length)
     if keys_ok is not None:
         end = cache.length + t
         qi = torch.arange(cache.length, end, device=x.device)[:, None]
