@@ -1078,9 +1078,10 @@ def test_dora_under_fsdp_matches_one_process_and_resumes(runs):
 
 
 def test_quantised_lora_base_under_fsdp_matches_one_process_and_resumes(runs):
-    """--lora-quantized-base under FSDP (run35): every rank keeps the whole quantised base (not a
-    parameter) and FSDP shards the rest; the losses, the step checkpoint (the base's blocks byte for
-    byte, adapters, moments) and the final merged model equal one process's; resumed (run36)."""
+    """--lora-quantized-base under FSDP (run35): each rank keeps its blocks of every quantised base
+    (gathered per GEMM) and FSDP shards the rest; the losses, the step checkpoint (the base's blocks,
+    gathered, byte for byte, adapters, moments) and the final merged model equal one process's;
+    resumed (run36)."""
     import apr_kernels
 
     _matches_one_process_and_resumes(runs, "run35", "run36", "one_qlora_out")

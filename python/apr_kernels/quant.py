@@ -54,6 +54,25 @@ def dequantize(apr_dtype: str, shape, raw: torch.Tensor, *, dtype: torch.dtype =
     return x.reshape(shape).to(out_dtype)
 
 
+def block_bytes(apr_dtype: str) -> int:
+    """Bytes of one independent block of ``apr_dtype`` (APR_Q8: its int8 values, 1; the tensor's scale
+    leads its bytes)."""
+    return {"Q4_K": 144, "Q6_K": 210, "APR_Q4": 18, "APR_Q8": 1}[apr_dtype]
+
+
+def blocks_finite(apr_dtype: str, part: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+    """Whether whole blocks ``part`` (1-D uint8, a multiple of :func:`block_bytes`) dequantise to finite
+    values, without the rest of the tensor (APR_Q8: its leading 4-byte ``scale`` decides)."""
+    if apr_dtype == "APR_Q8":
+        return bool(torch.isfinite(scale.clone().view(torch.float32)).all())
+    if part.numel() == 0:
+        return True
+    if apr_dtype == "APR_Q4":
+        return bool(torch.isfinite(_dequant_apr_q4(part)).all())
+    fn = _dequant_q4_k if apr_dtype == "Q4_K" else _dequant_q6_k
+    return bool(torch.isfinite(fn(part.view(-1, block_bytes(apr_dtype)))).all())
+
+
 def _f16(cols: torch.Tensor) -> torch.Tensor:
     """[B, 2] uint8 columns -> [B, 1] float32 from little-endian f16."""
     return cols.contiguous().view(torch.float16).to(torch.float32)

@@ -190,7 +190,8 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     so FSDP shards the adapters with the rest. ``keep_quantized``: adapted projections the file
     stores quantised keep their raw blocks as a frozen base (``lora.QuantizedLoRALinear``; copied
     out, so the file's mapping, with every other weight's pages, is released), dequantised per GEMM;
-    with ``shard`` every rank keeps the whole base (it is no parameter) and FSDP shards the rest.
+    with ``shard`` each rank keeps only its whole blocks of each base (``ShardedBlocks``, gathered per
+    GEMM as FSDP gathers the parameters it shards).
 
     ``dtype``: the parameter dtype (default float32, the training dtype; quantised weights are
     dequantised straight to it). ``fast``: see ``Transformer``. The returned module carries
@@ -233,8 +234,17 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
         for name, m in quantized.items():
             stored = p.sources[name]
             info = f.info(stored)
-            m.base = QuantizedTensor(info.dtype, info.shape, f.get_raw(stored).to(device, copy=True))
-            if not torch.isfinite(m.base_weight(torch.float32)).all():
+            if shard is not None:  # FSDP: this rank's blocks only, checked where they are
+                from apr_kernels.quant import blocks_finite
+                from apr_kernels.train.distributed import ShardedBlocks
+
+                raw = f.get_raw(stored)
+                m.base = ShardedBlocks(info.dtype, info.shape, raw, device)
+                finite = blocks_finite(info.dtype, m.base.local, raw[:4])
+            else:
+                m.base = QuantizedTensor(info.dtype, info.shape, f.get_raw(stored).to(device, copy=True))
+                finite = bool(torch.isfinite(m.base_weight(torch.float32)).all())
+            if not finite:
                 raise PreflightError(f"{p.path}: tensor {stored!r} ({info.dtype}) dequantises to non-finite "
                                      f"values; expected finite weights")
         for name, stored in p.sources.items():

@@ -142,22 +142,29 @@ def stacked_bases(mods: list, dtype: torch.dtype) -> torch.Tensor:
     kinds = {m.base.dtype for m in mods}
     out, inp = mods[0].base.shape
     if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"}:
-        raw = torch.cat([m.base.data.reshape(-1) for m in mods])
+        raw = torch.cat([raw_blocks(m.base) for m in mods])
         return dequantize(kinds.pop(), (len(mods) * out, inp), raw, dtype=dtype).view(len(mods), out, inp)
     return torch.stack([m.base_weight(dtype) for m in mods])
 
 
+def raw_blocks(base) -> torch.Tensor:
+    """The whole raw bytes of a quantised base: its ``data``, or under FSDP its ranks' parts gathered
+    (``train/distributed.py``'s ``ShardedBlocks``: a collective)."""
+    return base.gather() if hasattr(base, "gather") else base.data
+
+
 class QuantizedLoRALinear(LoRALinear):
     """A LoRALinear whose frozen weight is ``base``, the file's quantised blocks (a
-    ``QuantizedTensor`` on the model's device; not a parameter, so optimizers, DDP and ``.to`` leave
-    it alone). ``weight`` reads as the dequantised fp32 matrix."""
+    ``QuantizedTensor`` on the model's device; under FSDP a ``ShardedBlocks``, this rank's blocks;
+    not a parameter, so optimizers, DDP and ``.to`` leave it alone). ``weight`` reads as the
+    dequantised fp32 matrix."""
 
-    # base: apr_kernels.io.QuantizedTensor, set by whoever loads the blocks (model/loading.py)
+    # base: apr_kernels.io.QuantizedTensor or ShardedBlocks, set by whoever loads the blocks (model/loading.py)
 
     def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         from apr_kernels.quant import dequantize
 
-        return dequantize(self.base.dtype, self.base.shape, self.base.data, dtype=dtype)
+        return dequantize(self.base.dtype, self.base.shape, raw_blocks(self.base), dtype=dtype)
 
     @property
     def weight(self) -> torch.Tensor:  # merged_weight, export: the dequantised matrix (fp32)

@@ -77,7 +77,7 @@ def quantized_bases(model) -> dict[str, LazyTensor]:
         return LazyTensor(q.dtype, q.shape, lambda: QuantizedTensor(q.dtype, q.shape, q.data.cpu()))
 
     return {f"{name}.weight": raw(m.base) for name, m in model.named_modules()
-            if isinstance(m, QuantizedLoRALinear)}
+            if isinstance(m, QuantizedLoRALinear) and not hasattr(m.base, "gather")}  # (sharded: ShardGatherer's)
 
 
 def model_metadata(model, tokenizer=None) -> dict:

@@ -1155,7 +1155,7 @@ def register(subparsers) -> None:
                     help="DoRA: each adapted weight row rescaled to a trained magnitude (PEFT's use_dora)")
     lo.add_argument("--lora-quantized-base", action="store_true",
                     help="keep the --init file's quantised projections (Q4_K, Q6_K, APR_Q4, APR_Q8) in their "
-                         "blocks as the frozen base, dequantised per GEMM (QLoRA-style; under fsdp each rank keeps the whole base)")
+                         "blocks as the frozen base, dequantised per GEMM (QLoRA-style; under fsdp each rank keeps 1/N of the blocks, gathered per GEMM)")
     lo.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     help="comma-separated projections that get adapters (default: all seven)")
     s = p.add_argument_group("scale out (torchrun --nproc_per_node=N -m apr_kernels train ...)")

@@ -487,6 +487,50 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
     return model
 
 
+def gather_uneven(local: torch.Tensor, lengths: list[int], group=None) -> torch.Tensor:
+    """Every rank's 1-D ``local`` (rank r's of ``lengths[r]`` elements) joined in rank order; a
+    collective (padded to the longest part for one all-gather; a functional collective, so gloo and
+    NCCL alike)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    pad = max(lengths)
+    buf = torch.zeros(pad, dtype=local.dtype, device=local.device)
+    buf[:local.numel()] = local
+    out = funcol.wait_tensor(funcol.all_gather_tensor(buf, 0, group or dist.group.WORLD))
+    return torch.cat([out[r * pad:r * pad + n] for r, n in enumerate(lengths)])
+
+
+class ShardedBlocks:
+    """A quantised LoRA base (QLoRA) under FSDP: the file's raw blocks split between the ranks in
+    whole blocks (``torch.chunk`` of the block count, as FSDP splits rows), each rank holding only
+    its part on its device, so the base's memory is divided by the world size like every sharded
+    parameter's. ``gather()`` (a collective) returns the whole raw bytes; ``lora.QuantizedLoRALinear``
+    calls it for each GEMM that needs the weight (in the forward and again in the backward, in the
+    same order on every rank, as FSDP gathers its parameters) and dequantises, so the whole base is
+    never held. Made from the file's zero-copy view: a rank reads only its blocks' pages."""
+
+    def __init__(self, dtype: str, shape, raw: torch.Tensor, device, group=None):
+        from apr_kernels.quant import block_bytes
+
+        self.dtype, self.shape, self.group = dtype, tuple(shape), group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        unit = block_bytes(dtype)
+        units = raw.numel() // unit
+        spans = [chunk_rows(units, world, r) for r in range(world)]
+        self.lengths = [n * unit for _, n in spans]
+        self.lengths[-1] += raw.numel() - units * unit  # (APR_Q8's 4-byte scale: unit 1, nothing left)
+        first = spans[rank][0] * unit
+        self.local = raw[first:first + self.lengths[rank]].to(device, copy=True)
+        self.first = first
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.lengths)
+
+    def gather(self) -> torch.Tensor:
+        return gather_uneven(self.local, self.lengths, self.group)
+
+
 class BlockShards:
     """One part of an 8-bit AdamW moment under FSDP (``adamw8bit.py``): this rank's codes (one per
     value) or block scales (one per 256 values) of its rows of parameter ``param``. The ranks' rows
@@ -510,12 +554,7 @@ class BlockShards:
 
     def gather(self) -> torch.Tensor:
         mesh = self.param.device_mesh
-        lengths = [self._length(r) for r in range(mesh.size())]
-        padded = self.local.new_zeros(max(lengths))
-        padded[:self.local.numel()] = self.local
-        parts = [torch.empty_like(padded) for _ in lengths]
-        dist.all_gather(parts, padded, group=mesh.get_group())
-        return torch.cat([part[:n] for part, n in zip(parts, lengths)])
+        return gather_uneven(self.local, [self._length(r) for r in range(mesh.size())], mesh.get_group())
 
 
 class Gathered8bit:
@@ -546,6 +585,11 @@ class ShardGatherer:
         self.moments: dict[str, dict] = {}
         for name, p in model.named_parameters():
             self.weights[name] = self._add(p)
+        from apr_kernels.model.lora import QuantizedLoRALinear
+
+        # quantised LoRA bases sharded by block (QLoRA): HF weight name -> index
+        self.bases: dict[str, int] = {f"{name}.weight": self._add(m.base) for name, m in model.named_modules()
+                                      if isinstance(m, QuantizedLoRALinear) and isinstance(m.base, ShardedBlocks)}
         from .adamw8bit import Blockwise8bit
 
         for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
@@ -560,12 +604,17 @@ class ShardGatherer:
                                   if isinstance(m, Blockwise8bit) else self._add(m))
 
     def _add(self, t) -> int:
-        self.items.append(t if isinstance(t, BlockShards) else t.detach())
+        self.items.append(t if isinstance(t, (BlockShards, ShardedBlocks)) else t.detach())
         return len(self.items) - 1
 
     def _full(self, i: int) -> torch.Tensor:
         item = self.items[i]
-        return item.gather() if isinstance(item, BlockShards) else full_tensor(item)
+        return item.gather() if isinstance(item, (BlockShards, ShardedBlocks)) else full_tensor(item)
+
+    def _fetch_raw(self, i: int) -> torch.Tensor:
+        """A sharded quantised base's whole raw bytes, on the host."""
+        self._broadcast(i)
+        return self._full(i).cpu()
 
     def _broadcast(self, i: int) -> int:
         box = torch.tensor([i], dtype=torch.int64, device=self.device)  # NCCL needs a device tensor
@@ -590,18 +639,30 @@ class ShardGatherer:
         adapters."""
         from .checkpoint import quantized_bases
 
+        from apr_kernels.io import LazyTensor, QuantizedTensor
+        from apr_kernels.quant import dequantize
+
         weights = {name: self._lazy(i) for name, i in self.weights.items()}
-        # a quantised LoRA base is no parameter: every rank holds all of its blocks, written as they are
+        # a quantised LoRA base is no parameter: its blocks written as they are (gathered when sharded)
         weights.update(quantized_bases(self.model))
+        for name, i in self.bases.items():
+            b = self.items[i]
+            weights[name] = LazyTensor(b.dtype, b.shape, lambda b=b, i=i: QuantizedTensor(b.dtype, b.shape,
+                                                                                          self._fetch_raw(i)))
         if merge_lora:
-            from apr_kernels.io import LazyTensor
             from apr_kernels.model.lora import QuantizedLoRALinear, lora_modules
 
             for name, m in lora_modules(self.model).items():
                 a, b = (self.weights[f"{name}.{part}"] for part in ("lora_A", "lora_B"))
-                # the frozen weight: gathered, or a quantised base dequantised here
-                w = (lambda m=m: m.base_weight(torch.float32).cpu()) if isinstance(m, QuantizedLoRALinear) \
-                    else self.weights[f"{name}.weight"]
+                # the frozen weight: gathered, or a quantised base dequantised here (gathered first
+                # when sharded)
+                if f"{name}.weight" in self.bases:
+                    i = self.bases[f"{name}.weight"]
+                    w = lambda m=m, i=i: dequantize(m.base.dtype, m.base.shape, self._fetch_raw(i))  # noqa: E731
+                elif isinstance(m, QuantizedLoRALinear):
+                    w = lambda m=m: m.base_weight(torch.float32).cpu()  # noqa: E731
+                else:
+                    w = self.weights[f"{name}.weight"]
                 mag = self.weights.get(f"{name}.lora_magnitude")  # DoRA
                 del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
                 weights.pop(f"{name}.lora_magnitude", None)
