@@ -94,16 +94,16 @@ def test_lengths_that_do_not_split_are_refused():
 
 
 class _Known(ContextParallel):
-    """One rank of a group whose gather returns the whole-sequence tensor it was given."""
+    """One rank of a group whose gather returns the whole-sequence K and V it was given (side by
+    side, as attention gathers them)."""
 
     def __init__(self, rank, size, whole):
         super().__init__(None, rank, size)
-        self.whole = list(whole)
+        self.whole = torch.cat(list(whole), -1)
 
     def gather(self, t):
-        w = self.whole.pop(0)
-        assert torch.equal(self.shard(w), t)  # (this rank's share of it)
-        return w
+        assert torch.equal(self.shard(self.whole), t)  # (this rank's share of it)
+        return self.whole
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "triton"])

@@ -10,8 +10,9 @@ section 3.3.2), which suits grouped-query attention:
 * Zigzag split (load balance under the causal mask): a row of T tokens is cut into 2N chunks of
   C = T / 2N and rank r holds chunks r and 2N - 1 - r, so every rank has one early and one late
   chunk and the same number of query-key pairs to compute.
-* K/V all-gather: each layer all-gathers the rotated K and V of the local positions (Hkv heads, a
-  small fraction of the activations under GQA: Qwen2-0.5B's are 1/7 of Q's) and each local chunk
+* K/V all-gather: each layer all-gathers the rotated K and V of the local positions in one
+  collective (side by side; Hkv heads, a small fraction of the activations under GQA: Qwen2-0.5B's
+  are 1/7 of Q's each) and each local chunk
   c attends to the keys of chunks 0..c with causal attention of Sq = C queries against Sk = (c+1)C
   keys, bottom-right aligned (``apr_kernels.attention``'s prefix form; the Triton kernels on the
   fast path, masked SDPA on the eager path). The backward reduce-scatters dK/dV back to the ranks
@@ -153,7 +154,8 @@ class ContextParallel:
         """Causal attention of the local queries ``[B, 2C, Hq, D]`` (rotated at their global
         positions) over all earlier positions of the group; k, v: the local ``[B, 2C, Hkv, D]``.
         ``documents``: the chunks' :class:`ChunkDocuments` (only the same document's keys)."""
-        k_all, v_all = self.gather(k), self.gather(v)
+        # one collective for both (K and V side by side along head_dim), not two
+        k_all, v_all = self.gather(torch.cat([k, v], -1)).split([k.shape[-1], v.shape[-1]], -1)
         C = q.shape[1] // 2
         out = []
         for i, c in enumerate(self.chunks):
