@@ -103,6 +103,17 @@ def test_prefix_fp16_through_the_public_op(use_backend):
     check(q, k, v, o, (q.grad, k.grad, v.grad), do, True, 32 ** -0.5, rel=REL[torch.float16])
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefix_head_dim_80_padded_inside_the_kernel(use_backend, causal):
+    """A head_dim that is no power of two (padded to 128 with a d-mask) with an unaligned offset."""
+    use_backend("triton")
+    q, k, v = make(1, 19, 50, 2, 1, 80)
+    o = apr_kernels.attention(q, k, v, causal=causal)
+    do = torch.randn_like(o)
+    o.backward(do)
+    check(q, k, v, o, (q.grad, k.grad, v.grad), do, causal, 80 ** -0.5)
+
+
 def test_chunks_against_their_prefixes_equal_whole_sequence_attention(use_backend):
     """The use it exists for: each chunk of a causal sequence against the keys up to its end gives
     that chunk's rows of whole-sequence attention (context parallelism, prefill after a cache)."""
