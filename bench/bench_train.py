@@ -26,6 +26,10 @@ from a teacher of the same preset (random weights; its forward is part of the st
 counted in the MFU), through ``linear_distillation`` on the fast path and the eager expression on the
 reference path.
 
+--checkpointing: also ``fast+checkpoint`` (every layer recomputed in the backward, ``train
+--grad-checkpointing``) and ``fast+selective`` (``--grad-checkpointing selective``: the matmul and
+attention outputs kept, the rest recomputed): the step time and peak memory each costs and saves.
+
 --preset NAME: another model preset on CUDA (``qwen3_0_6b``: Qwen3's per-head q/k norms in the fast
 path; ``llama_370m``; a mixture of experts, e.g. ``qwen3_30b_a3b --layers 2``: its MFU counts the
 routed experts' FLOPs only). --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
@@ -58,6 +62,8 @@ def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, d
     torch.manual_seed(0)
     with torch.device(dev):
         model = Transformer(cfg, fast=provider.startswith("fast"))
+    if provider.endswith("+checkpoint") or provider.endswith("+selective"):
+        model.gradient_checkpointing = "selective" if provider.endswith("+selective") else "full"
     if provider.endswith("+compile"):
         compile_layers(model)  # as `apr-kernels train --compile`; the warmup steps pay the compile
     n_tokens = (warmup + steps) * batch * seq + 1
@@ -132,7 +138,10 @@ def main() -> None:
                    p.add_argument("--documents", type=int, default=None, metavar="MEAN",
                                   help="also time both paths with document masking, documents of MEAN tokens"),
                    p.add_argument("--distill", action="store_true",
-                                  help="also time both paths distilling from a teacher of the same preset")),
+                                  help="also time both paths distilling from a teacher of the same preset"),
+                   p.add_argument("--checkpointing", action="store_true",
+                                  help="also time the fast path with full and with selective activation "
+                                       "checkpointing")),
     )
     dev = _common.device()
     if args.smoke or dev.type != "cuda":
@@ -157,6 +166,7 @@ def main() -> None:
     providers = ["fast", "reference"] + (["fast+compile", "reference+compile"] if args.compile else [])
     providers += ["fast+documents", "reference+documents"] if args.documents else []
     providers += ["fast+distill", "reference+distill"] if args.distill else []
+    providers += ["fast+checkpoint", "fast+selective"] if args.checkpointing else []
     for provider in providers:
         r = measure(cfg, provider, batch, seq, warmup, steps, dev, args.documents)
         tflops = flops_tok * r["tokens_per_s"] / 1e12

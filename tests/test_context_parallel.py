@@ -32,6 +32,8 @@ CASES = {"eager": dict(fast=False), "triton": dict(fast=True),
          "window-checkpointed": dict(fast=True, sliding_window=11, max_window_layers=1, checkpoint=True),
          "documents-eager": dict(fast=False, documents=True, sliding_window=5, max_window_layers=1),
          "documents-triton": dict(fast=True, documents=True, sliding_window=5, max_window_layers=1),
+         # selective checkpointing: the K/V all-gather's output kept with the matmuls and attention
+         "documents-selective": dict(fast=True, documents=True, checkpoint="selective"),
          # each layer compiled whole (fullgraph: the K/V all-gather traces, no graph break)
          "compiled": dict(fast=False, compile=True)}
 EOS = 5

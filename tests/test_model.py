@@ -358,17 +358,55 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name, fast):
     model = Transformer(cfg, fast=fast)
     x = torch.randint(0, cfg.vocab_size, (2, 12))
     results = []
-    for recompute in (False, True):
+    for recompute in (False, True, "selective"):
         model.gradient_checkpointing = recompute
         model.zero_grad()
         loss = model.loss(x[:, :-1], x[:, 1:])
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert torch.equal(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0])
+        for a, b in zip(results[0][1], other[1]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     with torch.no_grad():  # evaluation never recomputes
         assert torch.equal(model.loss(x[:, :-1], x[:, 1:]), results[0][0])
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_selective_checkpointing_recomputes_no_matmul_or_attention(fast):
+    """The backward's own work is the same with and without selective checkpointing (each layer's
+    matmuls and attention are kept, not re-run), while full checkpointing re-runs every one of them;
+    the cheap ops (norms, SwiGLU, RoPE) are re-run by both."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = preset("tiny_qwen2")
+    model = Transformer(cfg, fast=fast)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    counts = {}
+    for mode in (False, True, "selective"):
+        model.gradient_checkpointing = mode
+        loss = model.loss(x[:, :-1], x[:, 1:])
+        with Count() as c:
+            loss.backward()
+        counts[mode] = c.ops
+    matmuls = ("mm", "addmm", "bmm", "attention_fwd", "_scaled_dot_product_flash_attention_for_cpu")
+    heavy = {m: {k: v for k, v in counts[m].items() if k in matmuls} for m in counts}
+    assert heavy["selective"] == heavy[False]
+    assert sum(heavy[True].values()) > sum(heavy[False].values())
+    def rest(m):  # everything else the backward ran
+        return sum(v for k, v in counts[m].items() if k not in matmuls)
+
+    assert rest("selective") > rest(False)  # (the cheap ops re-run)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -380,6 +380,39 @@ class Block(nn.Module):
         return h, self.ffn(y, fast), None
 
 
+def _kept_ops() -> frozenset:
+    """The ops whose outputs selective checkpointing keeps: matrix products and attention (the
+    compute-bound work, and our kernels'), K/V all-gathers (communication); everything else (norms,
+    RoPE, SwiGLU, residual adds, casts, routing) is recomputed from them in the backward."""
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_grouped_mm"]
+    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    _ops()  # (the apr:: custom ops are registered on import)
+    for name in ("attention_fwd", "attention_varlen_fwd", "grouped_mm", "grouped_mm_stacked"):
+        if hasattr(torch.ops.apr, name):
+            ops.add(getattr(torch.ops.apr, name).default)
+    if hasattr(torch.ops, "_c10d_functional"):
+        ops.add(torch.ops._c10d_functional.all_gather_into_tensor.default)
+        ops.add(torch.ops._c10d_functional.wait_tensor.default)
+    return frozenset(ops)
+
+
+def selective_checkpoint():
+    """``torch.utils.checkpoint``'s ``context_fn`` for selective activation checkpointing (torchtitan's
+    op-level policy): the outputs of :func:`_kept_ops` are saved in the forward, the rest recomputed
+    in the backward; far less memory than keeping everything, without re-running the matmuls."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    kept = _kept_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 def add_then_norm(norm: RMSNorm, h: torch.Tensor, x: torch.Tensor | None, fast: bool):
     """``(h + x, norm(h + x))`` (``x`` None: ``(h, norm(h))``). Fast: one fused pass. Under autocast x
     is bf16 while the residual stream stays fp32 (as in the eager path, where h + x promotes), so the
@@ -415,8 +448,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.fast = fast
-        # True: each layer's activations are recomputed in the backward instead of kept (Hugging
-        # Face's gradient_checkpointing; set by `apr-kernels train --grad-checkpointing`)
+        # True or "full": each layer's activations are recomputed in the backward instead of kept
+        # (Hugging Face's gradient_checkpointing; `apr-kernels train --grad-checkpointing`);
+        # "selective": only the cheap ones, the matmul and attention outputs kept (selective_checkpoint)
         self.gradient_checkpointing = False
         # NEFTune (Jain et al., 2023; TRL's neftune_noise_alpha): in training mode, uniform noise of
         # magnitude alpha / sqrt(T * hidden) added to the token embeddings (0: off)
@@ -536,8 +570,10 @@ class Transformer(nn.Module):
         stats = []  # mixture-of-experts layers' routing statistics
         for layer in self.model.layers:
             if recompute:
+                extra = ({"context_fn": selective_checkpoint} if self.gradient_checkpointing == "selective"
+                         else {})
                 h, pending, s = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast, docs,
-                                                                  use_reentrant=False)
+                                                                  use_reentrant=False, **extra)
             else:
                 h, pending, s = layer(h, pending, cos, sin, fast, docs)
             if s is not None:

@@ -561,7 +561,7 @@ def _train(args, env, mode: str) -> int:
             raise ValueError("--rope-scaling, --rope-theta and --max-position-embeddings set up a new run; a resumed "
                              "run keeps its checkpoint's (they are saved with it)")
         model.config = model.config.with_context(**context, where=str(args.init or "the preset config"))
-    model.gradient_checkpointing = args.grad_checkpointing
+    model.gradient_checkpointing = args.grad_checkpointing or False
     freeze_parameters(model, cfg.freeze)  # (a resumed run's come from its checkpoint)
     if args.compile:
         compile_layers(model)
@@ -1130,8 +1130,10 @@ def register(subparsers) -> None:
     o.add_argument("--activation-offload", action="store_true",
                    help="keep the tensors saved for the backward in pinned host memory (less GPU memory, more "
                         "PCIe traffic; torchtune's activation offloading)")
-    o.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each layer's activations in the backward (less memory, ~1/3 more compute)")
+    o.add_argument("--grad-checkpointing", nargs="?", const="full", choices=("full", "selective"), default=None,
+                   help="recompute each layer's activations in the backward: full (the default; least memory, "
+                        "~1/3 more compute) or selective (the matmul and attention outputs kept, the cheap rest "
+                        "recomputed)")
     r = p.add_argument_group("evaluation, logging, checkpoints")
     r.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evals (0: start/end)")
     r.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens per eval")

@@ -404,7 +404,7 @@ def load_model(source, env, mode: str, device, args, **lora):
         from apr_kernels.model.loading import from_apr
 
         model = from_apr(source, device=device, fast=tristate(args.fast), **lora)
-    model.gradient_checkpointing = bool(getattr(args, "grad_checkpointing", False))
+    model.gradient_checkpointing = getattr(args, "grad_checkpointing", None) or False
     return model
 
 
@@ -512,8 +512,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each layer's activations in the backward instead of keeping them (less memory)")
+    p.add_argument("--grad-checkpointing", nargs="?", const="full", choices=("full", "selective"), default=None,
+                   help="recompute each layer's activations in the backward instead of keeping them (less memory): "
+                        "full, or selective (the matmul and attention outputs kept)")
     p.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
                    help="pack a micro-batch's sequences into one row, each its own document, instead of padding "
                         "them (auto: where the package kernels run)")
