@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from apr_kernels.train.context_parallel import ContextParallel
 
 
@@ -159,6 +161,18 @@ def test_each_rank_attends_within_its_documents(use_backend, fast, N, window):
 
 
 # ------------------------------------------------------------------------------- 2 processes
+class _CountGathers(TorchDispatchMode):
+    """How many all-gathers run (in the backward: the K/V gathers re-run by recomputation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += "all_gather" in str(func)
+        return func(*args, **(kwargs or {}))
+
+
 def _worker(out: str) -> int:
     import torch.distributed as dist
 
@@ -174,7 +188,8 @@ def _worker(out: str) -> int:
         m.set_context_parallel(cp)
         docs = _documents(x) if CASES[case].get("documents") else None  # (of the whole rows)
         loss = m.loss(cp.shard(x), cp.shard(y), reduction="sum", documents=docs)
-        loss.backward()
+        with _CountGathers() as counted:
+            loss.backward()
         total = loss.detach().clone()
         dist.all_reduce(total)
         grads = {}
@@ -182,7 +197,7 @@ def _worker(out: str) -> int:
             g = p.grad.clone()
             dist.all_reduce(g)  # what DDP/FSDP's reduction over the group's ranks sums
             grads[name] = g
-        result[case] = {"loss": total, "grads": grads}
+        result[case] = {"loss": total, "grads": grads, "backward_gathers": counted.n}
     if rank == 0:
         torch.save(result, out)
     dist.destroy_process_group()
@@ -201,6 +216,9 @@ def test_two_ranks_match_one_process(tmp_path):
         stdout, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr[-3000:]
     got = torch.load(out)
+    # full checkpointing re-runs each layer's K/V all-gather in the backward; selective keeps it
+    assert got["window-checkpointed"]["backward_gathers"] == 2 and got["documents-selective"]["backward_gathers"] == 0
+    assert got["eager"]["backward_gathers"] == 0
     x, y = _inputs()
     os.environ["APR_KERNELS_BACKEND"] = "triton"
     try:
