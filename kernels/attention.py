@@ -124,7 +124,9 @@ def _row_block_keys(p0, SK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL
     """Key bounds of a block of BLOCK_M rows whose first row is at key position ``p0`` (>= 0):
     [0, full_hi) every row sees (mask-free blocks), [full_hi, tail_hi) only some (masked)."""
     if CAUSAL:
-        full_hi = p0 // BLOCK_N * BLOCK_N  # (p0 >= 0: C and Python integer division agree)
+        # (clamped: a broken cu_seqlens_k promise, fewer keys than queries, must not start the loops
+        # at negative keys; and C and Python integer division agree on p0 >= 0)
+        full_hi = tl.maximum(p0, 0) // BLOCK_N * BLOCK_N
         tail_hi = tl.minimum(p0 + BLOCK_M, SK)
     else:
         full_hi = (SK // BLOCK_N) * BLOCK_N
