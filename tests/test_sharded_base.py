@@ -1,7 +1,7 @@
 """A quantised LoRA base under FSDP (QLoRA, ``train/distributed.py``'s ``ShardedBlocks``): 2 gloo
 ranks each keep only their whole blocks of every base (about half its bytes, in rank order the
 file's bytes), and a forward + backward gives one process's loss and adapter gradients (each base
-gathered per GEMM, the fused q/k/v path and the grouped-GEMM experts included); a file with a
+gathered per GEMM, the fused q/k/v path, the grouped-GEMM experts and DoRA included); a file with a
 non-finite block is refused on every rank, whichever rank holds the block."""
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import torch
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"], "seed": 3}
+
+
+def _lora(case):
+    return {**LORA, "dora": True} if "dora" in case else LORA  # (DoRA: magnitudes from the gathered base)
 
 
 def _config(kind):
@@ -50,7 +54,7 @@ def _worker(spec_path: str) -> int:
     out = {}
     for case, path in spec["files"].items():
         fast = spec["fast"][case]
-        model = D.from_apr(path, env, "fsdp", fast=fast, lora_init=LORA, keep_quantized=True)
+        model = D.from_apr(path, env, "fsdp", fast=fast, lora_init=_lora(case), keep_quantized=True)
         bases = {n: m.base for n, m in model.named_modules() if isinstance(m, QuantizedLoRALinear)}
         loss, grads = _step(model, _config("moe" if "moe" in case else "dense"))
         out[case] = {"local": {n: b.local.numel() for n, b in bases.items()},
@@ -76,7 +80,7 @@ def ranks(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("qbase")
     files = {"q4k-eager": ("Q4_K", "dense"), "q6k-fused": ("Q6_K", "dense"), "apr_q4": ("APR_Q4", "dense"),
-             "q4k-moe-grouped": ("Q4_K", "moe")}
+             "q4k-moe-grouped": ("Q4_K", "moe"), "q4k-dora": ("Q4_K", "dense")}
     spec = {"out": str(root), "files": {}, "fast": {}}
     for case, (kind, shape) in files.items():
         path = root / f"{case}.apr"
@@ -110,7 +114,7 @@ def ranks(tmp_path_factory):
     return spec, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("case", ["q4k-eager", "q6k-fused", "apr_q4", "q4k-moe-grouped"])
+@pytest.mark.parametrize("case", ["q4k-eager", "q6k-fused", "apr_q4", "q4k-moe-grouped", "q4k-dora"])
 def test_each_rank_keeps_half_of_every_base_and_trains_as_one_process(ranks, case):
     import apr_kernels
     from apr_kernels.model.loading import from_apr
@@ -127,7 +131,7 @@ def test_each_rank_keeps_half_of_every_base_and_trains_as_one_process(ranks, cas
             assert r0[case]["bytes"][name] == whole[:64].tolist()[:min(64, a)]
             assert r1[case]["bytes"][name] == whole[a:a + 64].tolist()
     cfg = _config("moe" if "moe" in case else "dense")
-    one = from_apr(spec["files"][case], fast=spec["fast"][case], lora_init=LORA, keep_quantized=True)
+    one = from_apr(spec["files"][case], fast=spec["fast"][case], lora_init=_lora(case), keep_quantized=True)
     loss, grads = _step(one, cfg)
     for r in (r0, r1):  # (each rank computed the loss of the same rows)
         assert r[case]["loss"] == pytest.approx(float(loss), rel=1e-5)
