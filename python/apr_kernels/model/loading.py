@@ -238,8 +238,12 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
                 from apr_kernels.quant import blocks_finite
                 from apr_kernels.train.distributed import ShardedBlocks
 
+                from apr_kernels.train.distributed import shard_axis
+
                 raw = f.get_raw(stored)
-                m.base = ShardedBlocks(info.dtype, info.shape, raw, device)
+                # the ranks that shard the parameters (HSDP: this node's group) share the blocks too
+                group = next((a[2] for a in map(shard_axis, params.values()) if a is not None), None)
+                m.base = ShardedBlocks(info.dtype, info.shape, raw, device, group)
                 finite = blocks_finite(info.dtype, m.base.local, raw[:4])
             else:
                 m.base = QuantizedTensor(info.dtype, info.shape, f.get_raw(stored).to(device, copy=True))

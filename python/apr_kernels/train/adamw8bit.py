@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from .distributed import shard_rows
+from .distributed import shard_axis, shard_rows
 
 BLOCK = 256          # values per scale
 MIN_8BIT = 4096      # smaller tensors keep fp32 moments
@@ -127,7 +127,7 @@ def eight_bit_layout(p: torch.Tensor) -> bool:
         return True
     if shard_rows(p) is None:
         return False
-    chunk = -(-p.shape[0] // p.device_mesh.size())
+    chunk = -(-p.shape[0] // shard_axis(p)[0])
     return chunk * (p.numel() // p.shape[0]) % BLOCK == 0
 
 

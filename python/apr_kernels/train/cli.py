@@ -1173,6 +1173,9 @@ def register(subparsers) -> None:
                     help="a new RoPE base (adjusted base frequency, e.g. 1e6 -> 1e7)")
     lc.add_argument("--max-position-embeddings", type=int, default=None, metavar="N",
                     help="the model's new position limit (saved with the checkpoints)")
+    s.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
+                   help="with --parallel fsdp: shard within groups of N consecutive ranks (a node) and replicate "
+                        "across the groups (HSDP: the per-layer gathers stay inside a node; default: shard over all)")
     s.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="split every sequence over groups of N consecutive ranks (long context: each holds "
                         "2 of 2N chunks of every row, K/V all-gathered per layer); --seq-len a multiple of 2N, "

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -66,6 +67,9 @@ class DistEnv:
     backend: str | None = None        # None: no process group (plain single-process training)
     timeout_s: float = DEFAULT_TIMEOUT_S
     owns_group: bool = False          # setup() created the group, so teardown() destroys it
+    # FSDP: the ranks that shard a parameter between them (0: all); fewer than all is HSDP, each group
+    # of that many consecutive ranks (a node) holding one sharded copy, the copies replicated
+    fsdp_shard: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -169,6 +173,13 @@ def run(args, body) -> int:
     rank's failure is reported with its rank, and the group is left at the end."""
     want = getattr(args, "parallel", None)
     env = setup(args.device, timeout_s=getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S), need_group=want == "fsdp")
+    shard = getattr(args, "fsdp_shard_size", None)
+    if shard is not None:
+        if want != "fsdp" or shard < 1 or env.world_size % shard:
+            teardown(env, failed=True)
+            raise ValueError(f"--fsdp-shard-size {shard}: expected --parallel fsdp and a divisor of the world size "
+                             f"{env.world_size} (groups of that many ranks shard, the groups replicate: HSDP)")
+        env = dataclasses.replace(env, fsdp_shard=shard)
     failed = True
     try:
         code = body(env, resolve_mode(want, env))
@@ -199,19 +210,36 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def local_shard(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor:
-    """The slice of ``full`` that ``param`` (an FSDP2 DTensor, ``Shard(0)`` on a 1-D mesh) holds on
-    this rank: ``torch.chunk`` rows, empty for ranks past the last chunk. A view, not a copy."""
-    from torch.distributed.tensor import Shard
+def shard_axis(param):
+    """``(ranks, this rank's index among them, their process group)`` that split ``param``'s rows: an
+    FSDP2 DTensor ``Shard(0)`` on a 1-D mesh, or HSDP's ``(Replicate(), Shard(0))`` on a 2-D mesh
+    (the shard dimension); None for any other placement."""
+    from torch.distributed.tensor import Replicate, Shard
 
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return None
+    places = tuple(param.placements)
+    if mesh.ndim == 1 and places == (Shard(0),):
+        return mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    if mesh.ndim == 2 and places == (Replicate(), Shard(0)):
+        return mesh.size(1), mesh.get_local_rank(1), mesh.get_group(1)
+    return None
+
+
+def local_shard(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor:
+    """The slice of ``full`` that ``param`` (an FSDP2 DTensor, ``Shard(0)``; HSDP: on the shard
+    dimension of its mesh) holds on this rank: ``torch.chunk`` rows, empty for ranks past the last
+    chunk. A view, not a copy."""
     if tuple(full.shape) != tuple(param.shape):
         raise ValueError(f"{name}: stored shape {list(full.shape)}, expected {list(param.shape)}")
-    mesh = param.device_mesh
-    if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
-        raise ValueError(f"{name}: placements {param.placements} on a {mesh.ndim}-D mesh; expected "
-                         f"(Shard(dim=0),) on a 1-D mesh (fully_shard's default)")
-    chunks = list(torch.chunk(full, mesh.size(), dim=0)) if full.ndim else [full]
-    rank = mesh.get_local_rank()
+    axis = shard_axis(param)
+    if axis is None:
+        raise ValueError(f"{name}: placements {param.placements} on a {param.device_mesh.ndim}-D mesh; expected "
+                         f"(Shard(dim=0),) on a 1-D mesh (fully_shard's default) or (Replicate(), Shard(dim=0)) "
+                         f"(HSDP)")
+    size, rank, _ = axis
+    chunks = list(torch.chunk(full, size, dim=0)) if full.ndim else [full]
     piece = chunks[rank] if rank < len(chunks) else full[:0]
     local = param.to_local()
     if tuple(piece.shape) != tuple(local.shape):
@@ -237,16 +265,12 @@ def chunk_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
 
 
 def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:
-    """(first row, rows) of an FSDP parameter's local shard: ``torch.chunk`` of dim 0 over a 1-D mesh;
-    None for a plain tensor or another placement."""
-    mesh = getattr(p, "device_mesh", None)
-    if mesh is None:
+    """(first row, rows) of an FSDP parameter's local shard: ``torch.chunk`` of dim 0 over its shard
+    ranks (``shard_axis``); None for a plain tensor or another placement."""
+    axis = shard_axis(p)
+    if axis is None or p.ndim == 0:
         return None
-    from torch.distributed.tensor import Shard
-
-    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.ndim == 0:
-        return None
-    return chunk_rows(p.shape[0], mesh.size(), mesh.get_local_rank())
+    return chunk_rows(p.shape[0], axis[0], axis[1])
 
 
 def like_param(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor:
@@ -290,7 +314,11 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None):
 
     if isinstance(model, FSDPModule):
         return model
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    shard = env.fsdp_shard or env.world_size
+    if shard == env.world_size:
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+    else:  # HSDP: reduce-scatter inside each group of `shard` ranks, all-reduce between the groups
+        mesh = init_device_mesh(env.device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
     # on CUDA: bf16 compute copies, fp32 gradient reduction and fp32 master weights
     half = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
     mp = (MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
@@ -549,12 +577,12 @@ class BlockShards:
         from .adamw8bit import BLOCK
 
         rows = self.param.shape[0]
-        n = chunk_rows(rows, self.param.device_mesh.size(), rank)[1] * (self.param.numel() // rows)
+        n = chunk_rows(rows, shard_axis(self.param)[0], rank)[1] * (self.param.numel() // rows)
         return -(-n // BLOCK) * self.per_block
 
     def gather(self) -> torch.Tensor:
-        mesh = self.param.device_mesh
-        return gather_uneven(self.local, [self._length(r) for r in range(mesh.size())], mesh.get_group())
+        size, _, group = shard_axis(self.param)
+        return gather_uneven(self.local, [self._length(r) for r in range(size)], group)
 
 
 class Gathered8bit:

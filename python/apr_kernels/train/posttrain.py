@@ -539,6 +539,8 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                    help="package kernels (on), eager PyTorch (off), or kernels on CUDA only (auto)")
     p.add_argument("--parallel", choices=["ddp", "fsdp", "none"], default=None,
                    help="under torchrun: ddp (the default with several ranks) or fsdp")
+    p.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
+                   help="with --parallel fsdp: shard within groups of N ranks, replicate across them (HSDP)")
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a rank waits for the others before failing (default 600)")
     p.add_argument("--out", default=f"runs/{command}")

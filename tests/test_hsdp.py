@@ -1,0 +1,86 @@
+"""HSDP (``train --parallel fsdp --fsdp-shard-size N``): 4 ranks in 2 groups of 2, each group one
+sharded copy of the model, the copies replicated (FSDP2 on a 2-D mesh), against one process on the
+same global batch: AdamW (losses, held-out losses, the gathered checkpoint's weights; its step
+checkpoint resumed in one process), 8-bit AdamW (each rank's blocks of the moments) and a quantised
+LoRA base (each rank's blocks of the base, shared within its group)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_distributed import (COMMON, _aligned_config, _cli, _free_port, _losses, _odd_config, _records,
+                              _tensors)
+
+
+def _torchrun(args, out):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={_free_port()}",
+         "-m", "apr_kernels", *args, "--parallel", "fsdp", "--fsdp-shard-size", "2", "--out", str(out)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from test_lora import _quantised_file
+
+    root = tmp_path_factory.mktemp("hsdp")
+    torch.manual_seed(11)
+    save_checkpoint(root / "init.apr", model=Transformer(_odd_config(), fast=False))
+    torch.manual_seed(14)
+    save_checkpoint(root / "aligned.apr", model=Transformer(_aligned_config(), fast=False))
+    _quantised_file(root / "q8.apr", _odd_config(), "APR_Q8", seed=15)
+    cases = {"adamw": ["train", "--init", str(root / "init.apr"), *COMMON],
+             "adam8": ["train", "--init", str(root / "aligned.apr"), *COMMON, "--optimizer", "adamw8bit"],
+             "qlora": ["train", "--init", str(root / "q8.apr"), *COMMON, "--lora-rank", "4",
+                       "--lora-quantized-base", "--lr", "1e-2"]}
+    procs = {name: _torchrun(args, root / f"hsdp_{name}") for name, args in cases.items()}
+    one = {}
+    for name, args in cases.items():  # (the reference runs in this process meanwhile)
+        code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
+        assert code == 0
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=400)
+        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
+        out[name] = stdout
+    # the 4-rank step checkpoint resumed in one process
+    code, resumed = _cli(main, ["train", "--resume", str(root / "hsdp_adamw" / "step_000002.apr"), "--json",
+                                "--no-progress", "--fast", "off", "--out", str(root / "resumed")])
+    assert code == 0
+    return root, one, out, resumed
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam8", "qlora"])
+def test_hsdp_matches_one_process(runs, name):
+    root, one, out, _ = runs
+    ref, got = _records(one[name]), _records(out[name])
+    assert len(_losses(got)) == len(_losses(ref)) == 4
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    (a, _), (b, _) = _tensors(root / f"hsdp_{name}" / "model.apr"), _tensors(root / f"one_{name}" / "model.apr")
+    assert sorted(a) == sorted(b)
+    for key in b:
+        if b[key].is_floating_point() and not key.startswith("__training__.rng"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5, msg=f"{name}: {key}")
+
+
+def test_hsdp_step_checkpoint_resumes_in_one_process(runs):
+    _, one, _, resumed = runs
+    assert _losses(_records(resumed)) == pytest.approx(_losses(_records(one["adamw"]))[2:], rel=1e-5)
+
+
+def test_fsdp_shard_size_must_divide_the_world(tmp_path, capsys):
+    from apr_kernels.cli import main
+
+    code, _ = _cli(main, ["train", "--preset", "tiny_qwen2", *COMMON, "--fsdp-shard-size", "2", "--out",
+                          str(tmp_path / "x")])
+    assert code != 0
+    assert "--fsdp-shard-size 2: expected --parallel fsdp and a divisor of the world size 1" in capsys.readouterr().err
