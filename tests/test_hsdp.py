@@ -1,8 +1,9 @@
 """HSDP (``train --parallel fsdp --fsdp-shard-size N``): 4 ranks in 2 groups of 2, each group one
 sharded copy of the model, the copies replicated (FSDP2 on a 2-D mesh), against one process on the
 same global batch: AdamW (losses, held-out losses, the gathered checkpoint's weights; its step
-checkpoint resumed in one process), 8-bit AdamW (each rank's blocks of the moments) and a quantised
-LoRA base (each rank's blocks of the base, shared within its group)."""
+checkpoint resumed in one process), 8-bit AdamW (each rank's blocks of the moments), Muon (each
+update gathered whole) and a quantised LoRA base (each rank's blocks of the base, shared within its
+group)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def runs(tmp_path_factory):
     _quantised_file(root / "q8.apr", _odd_config(), "APR_Q8", seed=15)
     cases = {"adamw": ["train", "--init", str(root / "init.apr"), *COMMON],
              "adam8": ["train", "--init", str(root / "aligned.apr"), *COMMON, "--optimizer", "adamw8bit"],
+             "muon": ["train", "--init", str(root / "init.apr"), *COMMON, "--optimizer", "muon"],
              "qlora": ["train", "--init", str(root / "q8.apr"), *COMMON, "--lora-rank", "4",
                        "--lora-quantized-base", "--lr", "1e-2"]}
     procs = {name: _torchrun(args, root / f"hsdp_{name}") for name, args in cases.items()}
@@ -58,7 +60,7 @@ def runs(tmp_path_factory):
     return root, one, out, resumed
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam8", "qlora"])
+@pytest.mark.parametrize("name", ["adamw", "adam8", "muon", "qlora"])
 def test_hsdp_matches_one_process(runs, name):
     root, one, out, _ = runs
     ref, got = _records(one[name]), _records(out[name])
