@@ -117,6 +117,9 @@ class _Mesh:  # what FSDP's 1-D device mesh answers
     def get_local_rank(self) -> int:
         return self.rank
 
+    def get_group(self):  # (no process group behind these facts)
+        return None
+
 
 class _Shard:  # an FSDP parameter's facts: its global shape, Shard(0) on that mesh
     def __init__(self, shape, world: int, rank: int):
