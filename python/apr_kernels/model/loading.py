@@ -199,7 +199,8 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
 
     ``shard``: called with the model while it is still on the meta device (FSDP's ``fully_shard``,
     see ``apr_kernels.train.distributed``); parameters it turned into DTensors get storage for their
-    local shard only, filled from a slice of the file's zero-copy view.
+    local shard only, filled from a slice of the file's zero-copy view. Experts it spread over an
+    expert-parallel group (``Transformer.set_expert_parallel``) are read only by the ranks that hold them.
     """
     import apr_kernels
 
@@ -228,6 +229,8 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     quantized = _quantize_bases(model, p) if keep_quantized and (lora_init or kept) else {}
     if shard is not None:
         shard(model)  # on meta: shards are created in their final dtypes
+    # experts other ranks hold (expert parallelism: dropped by ``shard``): not read here
+    remote = model.remote_expert_prefixes()
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     with apr_kernels.open(p.path) as f, torch.no_grad():
@@ -252,7 +255,7 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
                 raise PreflightError(f"{p.path}: tensor {stored!r} ({info.dtype}) dequantises to non-finite "
                                      f"values; expected finite weights")
         for name, stored in p.sources.items():
-            if name in quantized:
+            if name in quantized or (remote and name.startswith(remote)):
                 continue
             if shard is not None and hasattr(params[name], "device_mesh"):  # a DTensor shard
                 from apr_kernels.train.distributed import local_shard
@@ -322,9 +325,12 @@ def _merge_stored_lora_rows(model, path, settings) -> None:
     rank, alpha, _ = check_settings(settings["rank"], settings["alpha"], settings["targets"])
     scale = lora_scale(rank, alpha, bool(settings.get("rslora", False)))
     params = dict(model.named_parameters())
+    remote = model.remote_expert_prefixes()  # (expert parallelism: another rank's to fold)
     with apr_kernels.open(path) as f, torch.no_grad():
         for key in [k for k in f.keys() if k.endswith(".lora_A") and not k.startswith(TRAINING_PREFIX)]:
             name = key.removesuffix(".lora_A")
+            if remote and f"{name}.".startswith(remote):
+                continue
             w = params.get(f"{name}.weight")
             if w is None:
                 raise PreflightError(f"{path}: tensor {key!r} adapts {name!r}, which the model does not have")

@@ -216,6 +216,19 @@ def combine_experts(out: torch.Tensor, weights: torch.Tensor, order: torch.Tenso
     return out.new_empty(out.shape).index_copy(0, order, out).view(weights.shape[0], weights.shape[1], -1).sum(1)
 
 
+class RemoteExpert(nn.Module):
+    """An expert held by another rank of the expert-parallel group (``train/expert_parallel.py``): no
+    parameters here, only the place in ``SparseMoE.experts``, so every rank's own experts keep their
+    Hugging Face names (``...experts.<global index>...``) for loading, optimizer state and checkpoints."""
+
+    def __init__(self, owner: int):
+        super().__init__()
+        self.owner = owner  # the expert-parallel rank that holds it
+
+    def extra_repr(self) -> str:
+        return f"owner={self.owner}"
+
+
 class Routing(NamedTuple):
     """``SparseMoE.route``'s result."""
 
@@ -245,7 +258,15 @@ class SparseMoE(nn.Module):
     ``forward(x, fast) -> (y, stats)``: ``stats`` [3, num_experts] fp32, per expert the number of
     top-k choices and the sum of router probabilities over these tokens, and (in its first column) the
     sum over tokens of ``logsumexp(router logits)^2``, from which ``Transformer`` forms the
-    load-balancing loss and the router z-loss."""
+    load-balancing loss and the router z-loss.
+
+    Expert parallelism (``set_expert_parallel``): this rank holds ``num_experts / N`` consecutive
+    experts, the others are ``RemoteExpert`` places; routing is unchanged (the router is replicated),
+    and the sorted rows travel to their experts' ranks and back in two all-to-alls per layer
+    (``train/expert_parallel.py``)."""
+
+    # train/expert_parallel.py's ExpertParallel while the experts are spread over ranks, else None
+    expert_parallel = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -278,11 +299,10 @@ class SparseMoE(nn.Module):
         order, offs = sort_by_expert(chosen, self.num_experts)
         counts = offs.diff(prepend=offs.new_zeros(1))
         xs = x[order // self.top_k]
-        if fast and self._grouped():
-            out = self._experts_grouped(xs, offs)
-        else:  # one GEMM chain per expert (DoRA, the eager path)
-            groups = xs.split(counts.tolist())
-            out = torch.cat([expert(g, fast) for expert, g in zip(self.experts, groups)])
+        if self.expert_parallel is not None:  # rows to their experts' ranks, run there, and back
+            out = self.expert_parallel.dispatch(xs, counts, lambda rows, o, c: self._run_experts(rows, o, c, fast))
+        else:
+            out = self._run_experts(xs, offs, counts, fast)
         y = combine_experts(out, weights, order).to(x.dtype)
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, fast)
@@ -291,19 +311,48 @@ class SparseMoE(nn.Module):
         stats = torch.stack([counts.to(torch.float32), probs.sum(0), z])
         return y.view(shape), stats
 
+    def _run_experts(self, xs: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor, fast: bool) -> torch.Tensor:
+        """This rank's experts on their rows of ``xs`` (sorted by expert; ``offs`` the groups' ends,
+        ``counts`` their sizes)."""
+        if fast and self._grouped():
+            return self._experts_grouped(xs, offs)
+        # one GEMM chain per expert (DoRA, the eager path)
+        groups = xs.split(counts.tolist())
+        return torch.cat([expert(g, fast) for expert, g in zip(self.local_experts(), groups)])
+
+    def local_experts(self) -> list[nn.Module]:
+        """The experts this rank holds (all of them without expert parallelism), in order."""
+        return [e for e in self.experts if not isinstance(e, RemoteExpert)]
+
+    def set_expert_parallel(self, ep) -> None:
+        """Keep only expert-parallel rank ``ep.rank``'s ``num_experts / ep.size`` consecutive experts
+        (the others become ``RemoteExpert`` places, their parameters freed) and route rows through
+        ``ep`` (``train/expert_parallel.py``). Once per model: the dropped experts do not come back."""
+        if self.expert_parallel is not None:
+            raise ValueError("SparseMoE: the experts are already spread over an expert-parallel group")
+        if self.num_experts % ep.size:
+            raise ValueError(f"--expert-parallel {ep.size} does not divide num_experts {self.num_experts}; "
+                             f"expected an equal share of the experts per rank")
+        per = self.num_experts // ep.size
+        for e in range(self.num_experts):
+            if e // per != ep.rank:
+                self.experts[e] = RemoteExpert(e // per)
+        self.expert_parallel = ep
+
     def _grouped(self) -> bool:
         """Whether the fast path can run the experts as grouped GEMMs: every projection plain, or LoRA
         (on a plain or a quantised base; not DoRA), of one kind, scale and base shape across experts.
         Decided again only when the experts' module kinds change (LoRA added or merged, a base
         quantised): the full check walks every expert, which costs milliseconds per layer and step."""
-        key = tuple((type(m), "lora_magnitude" in m._parameters) for e in self.experts for m in e._modules.values())
+        key = tuple((type(m), "lora_magnitude" in m._parameters) for e in self.local_experts()
+                    for m in e._modules.values())
         if key != getattr(self, "_grouped_key", None):
             self._grouped_key, self._grouped_ok = key, self._check_grouped()
         return self._grouped_ok
 
     def _check_grouped(self) -> bool:
         for name in ("gate_proj", "up_proj", "down_proj"):
-            mods = [getattr(e, name) for e in self.experts]
+            mods = [getattr(e, name) for e in self.local_experts()]
             if any(hasattr(m, "lora_magnitude") for m in mods):
                 return False
             kinds = {(hasattr(m, "adapt"), getattr(m, "scale", None), hasattr(m, "base"),
@@ -325,7 +374,7 @@ class SparseMoE(nn.Module):
         ``scale * (x A_e^T) B_e^T`` as two more grouped GEMMs (frozen bases get no weight gradient;
         quantised ones are dequantised into one stacked weight per use, never kept: QLoRA)."""
         ops = _ops()
-        mods = [getattr(e, name) for e in self.experts]
+        mods = [getattr(e, name) for e in self.local_experts()]
         if hasattr(mods[0], "base"):
             from .lora import FrozenGroupedLinear, stacked_bases
 
@@ -338,7 +387,7 @@ class SparseMoE(nn.Module):
         return y
 
     def mlps(self) -> list[nn.Module]:
-        return [*self.experts, *([self.shared_expert] if hasattr(self, "shared_expert") else [])]
+        return [*self.local_experts(), *([self.shared_expert] if hasattr(self, "shared_expert") else [])]
 
 
 class Block(nn.Module):
@@ -509,6 +558,26 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.context_parallel = cp
 
+    @property
+    def expert_parallel(self):
+        """train/expert_parallel.py's ExpertParallel when the experts are spread over ranks, else None."""
+        return next((m.expert_parallel for m in self.modules() if isinstance(m, SparseMoE)), None)
+
+    def set_expert_parallel(self, ep) -> None:
+        """Spread every sparse layer's experts over expert-parallel group ``ep`` (``SparseMoE.
+        set_expert_parallel``): this rank keeps its share, the others' parameters are freed (on the
+        meta device, before loading, they are never allocated)."""
+        if not self.config.is_moe:
+            raise ValueError(f"--expert-parallel {ep.size}: the model ({self.config.architecture}) has no "
+                             f"experts; expected a mixture-of-experts model (qwen2_moe, qwen3_moe, mixtral)")
+        for m in self.modules():
+            if isinstance(m, SparseMoE):
+                m.set_expert_parallel(ep)
+
+    def remote_expert_prefixes(self) -> tuple[str, ...]:
+        """The name prefixes (``model.layers.L.mlp.experts.E.``) of experts other ranks hold."""
+        return tuple(f"{name}." for name, m in self.named_modules() if isinstance(m, RemoteExpert))
+
     @contextlib.contextmanager
     def whole_sequences(self):
         """Inside: forwards take whole rows even under context parallelism (work every rank does alike
@@ -600,7 +669,7 @@ class Transformer(nn.Module):
         if self.router_aux_sync:  # f over the tokens of every rank (no gradient flows through counts)
             import torch.distributed as dist
 
-            counts = counts.clone()
+            counts = counts.detach().clone()
             dist.all_reduce(counts)
         return self.config.num_experts * torch.sum(counts / (counts.sum() / k) * (probs / local_rows))
 

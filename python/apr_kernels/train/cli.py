@@ -505,13 +505,20 @@ def _train(args, env, mode: str) -> int:
             lora_load = {"lora_init": lora_new, "keep_quantized": args.lora_quantized_base,
                          "lora_base_dtype": lora_base}
 
+    ep = None  # expert parallelism: this rank's group (made before loading: it loads only its experts)
+    if args.expert_parallel != 1:
+        from . import expert_parallel
+
+        expert_parallel.check(args.expert_parallel, mode, args.context_parallel, bool(args.lora_rank))
+        ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank)
+
     def load(path, dev, fast, **lora):
-        """from_apr for this run: sharded on the meta device under FSDP; ``lora`` (resume) or the new
-        adapters that must exist while loading."""
+        """from_apr for this run: sharded on the meta device under FSDP (only this rank's experts
+        with expert parallelism); ``lora`` (resume) or the new adapters that must exist while loading."""
         if mode != "none":
             from . import distributed
 
-            return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load),
+            return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load), expert_parallel=ep,
                                         compute_dtype=autocast_dtype_for(cfg.precision, env.device))
         from apr_kernels.model.loading import from_apr
 
@@ -585,7 +592,7 @@ def _train(args, env, mode: str) -> int:
                              f"ranks (world size {env.world_size}, --context-parallel {cp}); expected an equal "
                              f"share of every batch per rank")
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
-                                           context_parallel=cp)
+                                           context_parallel=cp, expert_parallel=ep)
     from .data import default_cache_dir
 
     cache_dir = None if args.no_token_cache else (args.token_cache or default_cache_dir())
@@ -1180,6 +1187,9 @@ def register(subparsers) -> None:
                    help="split every sequence over groups of N consecutive ranks (long context: each holds "
                         "2 of 2N chunks of every row, K/V all-gathered per layer); --seq-len a multiple of 2N, "
                         "the batch shared by world/N data-parallel groups (default 1: off)")
+    s.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                   help="with --parallel ddp, a mixture-of-experts model's experts spread over groups of N consecutive "
+                        "ranks (each holds num_experts/N of every layer; rows exchanged by all-to-all; default 1: off)")
     s.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)

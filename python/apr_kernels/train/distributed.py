@@ -349,9 +349,10 @@ class Parallel:
     each batch, cross-rank means and sharded evaluation. ``module`` is the ``Transformer`` itself
     (Hugging Face names; DTensor parameters under FSDP)."""
 
-    def __init__(self, module, mode: str, env: DistEnv, wrapper=None, context=None):
+    def __init__(self, module, mode: str, env: DistEnv, wrapper=None, context=None, expert=None):
         self.module, self.mode, self.env, self._wrapper = module, mode, env, wrapper
         self.context = context  # context_parallel.ContextParallel, or None
+        self.expert = expert  # expert_parallel.ExpertParallel, or None
 
     @property
     def world_size(self) -> int:
@@ -393,6 +394,8 @@ class Parallel:
 
     def grad_sync(self, enabled: bool):
         """Context for one micro-batch: no gradient communication unless ``enabled`` (the last)."""
+        if enabled and self.expert is not None:
+            return self._expert_sync()
         if enabled or self.mode == "none":
             return contextlib.nullcontext()
         if self.mode == "ddp":
@@ -407,6 +410,24 @@ class Parallel:
                 self.module.set_requires_gradient_sync(True)
 
         return fsdp_no_sync()
+
+    @contextlib.contextmanager
+    def _expert_sync(self):
+        """The last micro-batch under expert parallelism: DDP reduces the replicated parameters during
+        the backward, the experts' gradients are reduced after it (``ExpertParallel.reduce_grads``)."""
+        yield
+        from .expert_parallel import expert_parameters
+
+        self.expert.reduce_grads(expert_parameters(self.module))
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip every gradient by the global norm of the whole model's; returns that norm (under FSDP
+        a replicated DTensor, as ``torch.nn.utils.clip_grad_norm_`` returns it)."""
+        if self.expert is not None:
+            from .expert_parallel import expert_parameters
+
+            return self.expert.clip_grad_norm(self.module.parameters(), expert_parameters(self.module), max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
     def reshard(self) -> None:
         """FSDP keeps the root's parameters gathered after a forward without backward (evaluation),
@@ -465,13 +486,14 @@ class Parallel:
 
 
 def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | None = None,
-                context_parallel: int = 1) -> Parallel:
+                context_parallel: int = 1, expert_parallel=None) -> Parallel:
     """Wrap ``model`` for ``mode``: ``ddp`` (a replica per rank, gradients all-reduced), ``fsdp``
     (``fully_shard`` per decoder layer and at the root, ``compute_dtype`` as ``_fsdp_shard``'s;
     already sharded models pass through) or ``none``. Build the optimizer after this: FSDP replaces
     the parameters by DTensors. ``context_parallel`` N > 1: groups of N consecutive ranks split every
     sequence's positions between them (``context_parallel.py``); gradients are still reduced over
-    every rank."""
+    every rank. ``expert_parallel``: an ``expert_parallel.ExpertParallel`` (DDP only): the experts
+    spread over its group (already, when loaded that way), DDP reducing the rest."""
     if mode not in MODES:
         raise ValueError(f"parallel mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode != "none" and not env.active:
@@ -486,26 +508,42 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
 
         context = groups(env.world_size, context_parallel, env.rank)
         model.set_context_parallel(context)
+    if expert_parallel is not None:
+        if mode != "ddp":
+            raise ValueError(f"--expert-parallel {expert_parallel.size} needs --parallel ddp (got {mode}): expert "
+                             f"parallelism with FSDP is not supported yet")
+        if model.expert_parallel is None:
+            model.set_expert_parallel(expert_parallel)
     if mode == "fsdp":
         return Parallel(_fsdp_shard(model, env, compute_dtype), mode, env, context=context)
     model = model.to(env.device)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        wrapped = _LossModule(model)
+        if expert_parallel is not None:  # each rank's own experts: reduced by ExpertParallel, not DDP
+            from .expert_parallel import expert_parameters
+
+            mine = {id(p) for p in expert_parameters(model)}
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                wrapped, [n for n, p in wrapped.named_parameters() if id(p) in mine])
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return Parallel(model, mode, env, DDP(_LossModule(model), device_ids=ids), context=context)
+        return Parallel(model, mode, env, DDP(wrapped, device_ids=ids), context=context, expert=expert_parallel)
     return Parallel(model, mode, env, context=context)
 
 
 # ------------------------------------------------------------------------ load and save
 def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
-             **lora):
+             expert_parallel=None, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
-    materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), a full replica otherwise.
-    Fails on every rank if any fails. ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
+    materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), only this rank's experts
+    with ``expert_parallel``, a full replica otherwise. Fails on every rank if any fails.
+    ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
     from apr_kernels.model.loading import from_apr as load
 
     shard = (lambda m: _fsdp_shard(m, env, compute_dtype)) if mode == "fsdp" else None
+    if expert_parallel is not None:
+        shard = lambda m: m.set_expert_parallel(expert_parallel)  # noqa: E731
     model, error = None, None
     try:
         model = load(path, device=env.device, fast=fast, shard=shard, **lora)
@@ -602,8 +640,6 @@ class ShardGatherer:
     the ranks in step whatever order ``save`` writes in."""
 
     def __init__(self, trainer):
-        from .checkpoint import _param_names
-
         model, opt = trainer.model, trainer.optimizer
         self.model, self.device = model, trainer.device
         self.items: list[torch.Tensor] = []  # DTensors (or replicated tensors), by index
@@ -611,8 +647,13 @@ class ShardGatherer:
         # name -> {"exp_avg": index or (codes, scales) indices, "exp_avg_sq": ..., "step": int}, or
         # {"momentum_buffer": index} (Muon)
         self.moments: dict[str, dict] = {}
-        for name, p in model.named_parameters():
-            self.weights[name] = self._add(p)
+        from .expert_parallel import OwnedTensor, global_parameters
+
+        # every parameter of the whole model, in one order on every rank (an expert held by one rank
+        # of each expert-parallel group: broadcast from the first group's)
+        everything = list(global_parameters(model))
+        for name, p, owner in everything:
+            self.weights[name] = self._add(p if owner is None else OwnedTensor(p, owner))
         from apr_kernels.model.lora import QuantizedLoRALinear
 
         # quantised LoRA bases sharded by block (QLoRA): HF weight name -> index
@@ -620,24 +661,37 @@ class ShardGatherer:
                                       if isinstance(m, QuantizedLoRALinear) and isinstance(m.base, ShardedBlocks)}
         from .adamw8bit import Blockwise8bit
 
-        for name, p in zip(_param_names(model, opt), (p for g in opt.param_groups for p in g["params"])):
-            state = opt.state.get(p)
+        trained = {id(p) for g in opt.param_groups for p in g["params"]}
+        for name, p, owner in everything:  # (a remote expert's: the structure of its template's)
+            state = opt.state.get(p) if id(p) in trained else None
+
+            def part(t):
+                return t if owner is None else OwnedTensor(t, owner)
+
             if state and "momentum_buffer" in state:  # Muon (optim.py)
-                self.moments[name] = {"momentum_buffer": self._add(state["momentum_buffer"])}
+                self.moments[name] = {"momentum_buffer": self._add(part(state["momentum_buffer"]))}
             elif state:
                 entry = self.moments[name] = {"step": int(state["step"])}
                 for key in ("exp_avg", "exp_avg_sq"):
                     m = state[key]
-                    entry[key] = ((self._add(BlockShards(m.codes, p)), self._add(BlockShards(m.absmax, p)))
-                                  if isinstance(m, Blockwise8bit) else self._add(m))
+                    if not isinstance(m, Blockwise8bit):
+                        entry[key] = self._add(part(m))
+                    elif _is_dtensor(p):  # FSDP: this rank's blocks
+                        entry[key] = (self._add(BlockShards(m.codes, p)), self._add(BlockShards(m.absmax, p)))
+                    else:
+                        entry[key] = (self._add(part(m.codes)), self._add(part(m.absmax)))
 
     def _add(self, t) -> int:
-        self.items.append(t if isinstance(t, (BlockShards, ShardedBlocks)) else t.detach())
+        from .expert_parallel import OwnedTensor
+
+        self.items.append(t if isinstance(t, (BlockShards, ShardedBlocks, OwnedTensor)) else t.detach())
         return len(self.items) - 1
 
     def _full(self, i: int) -> torch.Tensor:
+        from .expert_parallel import OwnedTensor
+
         item = self.items[i]
-        return item.gather() if isinstance(item, (BlockShards, ShardedBlocks)) else full_tensor(item)
+        return item.gather() if isinstance(item, (BlockShards, ShardedBlocks, OwnedTensor)) else full_tensor(item)
 
     def _fetch_raw(self, i: int) -> torch.Tensor:
         """A sharded quantised base's whole raw bytes, on the host."""
@@ -738,7 +792,7 @@ def save_checkpoint(path, trainer, parallel: Parallel | None, **kwargs) -> None:
         return save(path, trainer, **kwargs)
     env = parallel.env
     parallel.reshard()
-    gatherer = ShardGatherer(trainer) if parallel.mode == "fsdp" else None
+    gatherer = ShardGatherer(trainer) if parallel.mode == "fsdp" or parallel.expert is not None else None
     error = None
     if env.is_main:
         try:

@@ -565,7 +565,8 @@ class Trainer(EvalWatch):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # true gradients for clipping and the logged norm
         if c.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            grad_norm = (par.clip_grad_norm(c.grad_clip) if par is not None  # (expert parallelism: global)
+                         else torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
                 grad_norm = grad_norm.full_tensor()
         if self.scaler is not None:
@@ -641,12 +642,19 @@ class Trainer(EvalWatch):
         tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
         train_tokens = self.train_seqs.shape[0] * c.seq_len
         lora = getattr(self.model, "lora", None)
+        from .expert_parallel import global_parameters
+
+        ep = self.parallel.expert if self.parallel is not None else None
+        # the whole model's counts (expert parallelism: every rank's experts; a quantised LoRA base
+        # holds its projections outside the parameters)
+        everything = [p for _, p, _ in global_parameters(self.model)] if ep is not None else params
+        sizes = {"params": sum(p.numel() for p in everything) + sum(math.prod(m.base.shape)
+                                                                    for m in self.model.modules() if hasattr(m, "base")),
+                 "trainable": sum(p.numel() for p in everything if p.requires_grad)}
+        if ep is not None:  # and this rank's share
+            sizes.update(params_rank=sum(p.numel() for p in params), expert_parallel=ep.size)
         return {
-            "step": self.step, "steps": c.steps,
-            # a quantised LoRA base holds its projections outside the parameters
-            "params": sum(p.numel() for p in params) + sum(math.prod(m.base.shape) for m in self.model.modules()
-                                                            if hasattr(m, "base")),
-            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "step": self.step, "steps": c.steps, **sizes,
             "tokens_per_step": tokens_per_step, "train_tokens": train_tokens,
             "epochs": round(c.steps * tokens_per_step / max(1, train_tokens), 3),
             "device": str(self.device), "world": world,

@@ -1,0 +1,213 @@
+"""Expert parallelism: a mixture-of-experts model's experts spread over a group of ranks.
+
+    torchrun --nproc_per_node=8 -m apr_kernels train --init qwen3-30b-a3b.apr ... --parallel ddp --expert-parallel 8
+
+The experts hold almost all of an MoE model's weights (Qwen3-30B-A3B: 29 of 30.5 billion), and
+each token uses only k of them. With ``--expert-parallel N`` the N consecutive ranks of a group
+each keep ``num_experts / N`` consecutive experts of every sparse layer (rank r: experts
+``r * E/N .. (r+1) * E/N - 1``) and the rest of the model (attention, router, norms, embeddings,
+a shared expert) whole, as data parallelism has it. Per sparse layer and step (GShard's layout,
+Lepikhin et al., 2020; Megatron-LM's and torchtitan's all-to-all dispatcher):
+
+* every rank routes its own tokens (the router is replicated) and sorts the top-k choices by
+  expert, as without expert parallelism; the sorted rows of ranks r's experts are one contiguous run;
+* the per-expert counts go round in one all-to-all (E numbers; the sizes are read on the host: one
+  sync per layer), then the rows in a second (``all_to_all_single`` with those sizes: each rank
+  sends each other rank exactly the rows that its experts chose, no padding, no capacity factor,
+  no token dropped);
+* the received rows, grouped by source then expert, are regrouped by expert (one stable sort of a
+  few thousand ids) and run through this rank's experts (grouped GEMMs on the fast path);
+* the outputs go back in the reverse all-to-all and are weighted and summed per token as before.
+
+The all-to-alls are functional collectives with autograd: the backward sends the rows' gradients
+the same way back and forth, so each expert's weight gradient sums the contributions of every
+token of the group that chose it. After the backward ``reduce_grads`` sums an expert's gradient
+over the ``world / N`` groups (the ranks holding the same experts: its replicas) and divides by
+the world size, which is what DDP does to the replicated parameters (that DDP is told to ignore
+the experts). The gradient norm for clipping adds the experts' squares over the group
+(``clip_grad_norm``), so every rank clips by the same global norm as one process would.
+
+Checkpoints stay one APR file with every expert under its Hugging Face name: rank 0 writes and
+each expert's tensors (and optimizer moments) are broadcast from the rank of the first group that
+holds it when their turn comes (``distributed.ShardGatherer`` with ``OwnedTensor`` items). Loading
+builds the model on the meta device and drops the other ranks' experts before anything is
+allocated or read. Routing statistics (the load-balancing loss) are unchanged: they count this
+rank's tokens' choices over all experts, summed over ranks as under plain DDP.
+
+Not with FSDP, context parallelism or LoRA (refused with a message, ``check``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+class ExpertParallel:
+    """This rank's place in its expert-parallel group: ``size`` ranks, ``rank`` within them (the
+    experts it holds); ``replicas``: the ranks holding the same experts (one per group)."""
+
+    def __init__(self, group, rank: int, size: int, replicas=None, world_size: int | None = None):
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"expert parallel: rank {rank} of a group of {size}; expected 0 <= rank < size")
+        self.group, self.rank, self.size = group, rank, size
+        self.replicas = replicas  # process group of this rank's replicas, None when there is one group
+        self.world_size = world_size or size
+
+    # ------------------------------------------------------------------------- the exchange
+    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor,
+                 run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Rows ``xs`` [R, h] of this rank's tokens sorted by expert (``counts`` [E]: rows per expert,
+        on the device) through their experts wherever they are: ``run(rows, offs, counts)`` is called
+        with the rows this rank's experts received, sorted by expert (``offs`` their groups' ends), and
+        its outputs come back in the order of ``xs``."""
+        n = self.size
+        per = counts.numel() // n
+        counts = counts.to(torch.int64)
+        # recv[s, e]: rows that rank s sends to this rank's expert e (the first all-to-all)
+        recv = _wait(_funcol().all_to_all_single(counts, None, None, self.group)).view(n, per)
+        sizes = torch.cat([counts.view(n, per).sum(1), recv.sum(1)]).tolist()  # one host read per layer
+        send_sizes, recv_sizes = sizes[:n], sizes[n:]
+        rows = _wait(_funcol().all_to_all_single_autograd(xs, recv_sizes, send_sizes, self.group))
+        # received by source, then expert: regroup by expert (stable: each source's rows keep their order)
+        expert = torch.arange(per, device=xs.device).repeat(n).repeat_interleave(
+            recv.flatten(), output_size=sum(recv_sizes))
+        perm = expert.argsort(stable=True)
+        mine = recv.sum(0)
+        out = run(rows[perm], mine.cumsum(0), mine)
+        back = out.new_empty(out.shape).index_copy(0, perm, out)
+        return _wait(_funcol().all_to_all_single_autograd(back, send_sizes, recv_sizes, self.group))
+
+    # --------------------------------------------------------------------------- gradients
+    def reduce_grads(self, params) -> None:
+        """After the step's last backward: every expert gradient summed over its replicas and divided
+        by the world size (DDP's mean, as the replicated parameters get it)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        if self.replicas is not None:
+            from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.replicas)
+            for g, r in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(r)
+        torch._foreach_div_(grads, float(self.world_size))
+
+    def clip_grad_norm(self, params, expert_params, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model: the replicated parameters' squares
+        (the same on every rank) plus the experts' summed over the group. Returns the norm."""
+        experts = {id(p) for p in expert_params}
+        params = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in params]
+        if not grads:
+            return torch.zeros(())
+
+        def squares(gs):
+            return (torch.stack([g.detach().float().square().sum() for g in gs]).sum() if gs
+                    else torch.zeros((), device=grads[0].device))
+
+        mine = squares([p.grad for p in params if id(p) in experts])
+        dist.all_reduce(mine, group=self.group)
+        total = (squares([p.grad for p in params if id(p) not in experts]) + mine).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        return total
+
+
+def _funcol():
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    """A functional collective's result, waited for (eagerly it may come back as a lazy wrapper)."""
+    return t.wait() if isinstance(t, _funcol().AsyncCollectiveTensor) else t
+
+
+def groups(world_size: int, size: int, rank: int) -> ExpertParallel:
+    """Create the expert-parallel groups of ``size`` consecutive ranks and the replica groups (ranks
+    ``r, r + size, ...``) (every rank must call this, in the same order); return this rank's
+    :class:`ExpertParallel`."""
+    if size < 1 or world_size % size:
+        raise ValueError(f"--expert-parallel {size} does not divide the world size {world_size}; expected a "
+                         f"divisor (the ranks form world / {size} groups of {size}, each holding every expert once)")
+    mine, replicas = None, None
+    for first in range(0, world_size, size):
+        g = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = (g, rank - first)
+    if world_size > size:
+        for r in range(size):
+            g = dist.new_group(list(range(r, world_size, size)))
+            if rank % size == r:
+                replicas = g
+    return ExpertParallel(mine[0], mine[1], size, replicas, world_size)
+
+
+def expert_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters of the experts this rank holds (every sparse layer's)."""
+    from apr_kernels.model.transformer import SparseMoE
+
+    return [p for m in model.modules() if isinstance(m, SparseMoE) for e in m.local_experts()
+            for p in e.parameters()]
+
+
+def global_parameters(model):
+    """(name, tensor, owner) of every parameter of the whole model, in one order on every rank.
+    ``owner`` is None for a parameter every rank holds; for an expert, the rank of the first group
+    that holds it, and ``tensor`` is this rank's copy or, held elsewhere, one of the same layer's
+    experts' (shape and dtype: a receive buffer's template)."""
+    from apr_kernels.model.transformer import RemoteExpert, SparseMoE
+
+    spread = {f"{n}.experts.": m for n, m in model.named_modules()
+              if isinstance(m, SparseMoE) and m.expert_parallel is not None}
+    done = set()
+    for name, p in model.named_parameters():
+        prefix = next((k for k in spread if name.startswith(k)), None)
+        if prefix is None:
+            yield name, p, None
+            continue
+        if prefix in done:
+            continue
+        done.add(prefix)
+        m = spread[prefix]
+        per = m.num_experts // m.expert_parallel.size
+        template = dict(m.local_experts()[0].named_parameters())
+        for e, expert in enumerate(m.experts):
+            held = template if isinstance(expert, RemoteExpert) else dict(expert.named_parameters())
+            for suffix in template:
+                yield f"{prefix}{e}.{suffix}", held[suffix], e // per
+
+
+class OwnedTensor:
+    """A tensor one rank holds for the checkpoint (an expert's weight or moment): ``gather()`` (a
+    collective) broadcasts it from ``owner``; the other ranks receive it into a buffer like ``t``
+    (their copy, or the template of one held elsewhere)."""
+
+    def __init__(self, t: torch.Tensor, owner: int):
+        self.t, self.owner = t.detach(), owner
+        self.dtype, self.shape = t.dtype, tuple(t.shape)
+
+    def gather(self) -> torch.Tensor:
+        buf = self.t.clone() if dist.get_rank() == self.owner else torch.empty_like(self.t)
+        dist.broadcast(buf, src=self.owner)
+        return buf
+
+
+def check(size: int, mode: str, context_parallel: int = 1, lora: bool = False) -> None:
+    """What ``--expert-parallel size`` does not combine with, refused before anything is loaded."""
+    if size < 1:
+        raise ValueError(f"--expert-parallel {size}: expected a group size >= 1")
+    if mode != "ddp":
+        raise ValueError(f"--expert-parallel {size} needs --parallel ddp under torchrun (got {mode}); expert "
+                         f"parallelism with FSDP is not supported yet")
+    if context_parallel != 1:
+        raise ValueError(f"--expert-parallel {size} with --context-parallel {context_parallel} is not supported "
+                         f"(each splits the ranks into its own groups of consecutive ranks)")
+    if lora:
+        raise ValueError(f"--expert-parallel {size} with LoRA (--lora-rank) is not supported; LoRA trains few "
+                         f"weights: use --parallel fsdp to spread the frozen experts")

@@ -1,0 +1,232 @@
+"""Expert parallelism (``train --parallel ddp --expert-parallel N``): a mixture-of-experts model's
+experts spread over groups of N ranks, rows exchanged by all-to-all, against one process training
+on the same global batch: losses, gradient norms (clipped by the global norm), held-out losses and
+the gathered checkpoint's weights and optimizer state. Qwen3-MoE on 2 ranks (AdamW, activation
+checkpointing: the recomputed forward exchanges again; the fast path: each rank's experts as grouped
+GEMMs, Triton's interpreter), Qwen2-MoE (a shared expert, a dense layer)
+on 4 ranks in 2 replicated groups of 2 (8-bit AdamW; expert gradients reduced over the replicas),
+Mixtral on 4 ranks holding one expert each (Muon); a one-process step checkpoint resumed under
+expert parallelism (each rank reads only its experts and their moments) and an expert-parallel
+one resumed in one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_distributed import COMMON, _cli, _free_port, _losses, _records, _tensors
+
+
+def _torchrun(args, out, world: int, ep: int):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
+         "-m", "apr_kernels", *args, "--parallel", "ddp", "--expert-parallel", str(ep), "--out", str(out)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _moe_config(architecture: str, **kw):
+    from apr_kernels.model import preset
+
+    return preset({"qwen3_moe": "tiny_qwen3_moe", "qwen2_moe": "tiny_qwen2_moe",
+                   "mixtral": "tiny_mixtral"}[architecture]).replace(**kw)
+
+
+# name: (architecture and config changes, extra options, world size, expert-parallel size)
+CASES = {
+    "qwen3": (("qwen3_moe", {}), ["--grad-checkpointing", "--fast", "on"], 2, 2),
+    "qwen2": (("qwen2_moe", {"num_experts": 4}), ["--optimizer", "adamw8bit"], 4, 2),
+    "mixtral": (("mixtral", {}), ["--optimizer", "muon"], 4, 4),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("ep")
+    args = {}
+    for i, (name, ((arch, changes), extra, _, _)) in enumerate(CASES.items()):
+        torch.manual_seed(20 + i)
+        save_checkpoint(root / f"{name}.apr", model=Transformer(_moe_config(arch, **changes), fast=False))
+        args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
+    procs = {name: _torchrun(args[name], root / f"ep_{name}", world, ep)
+             for name, (_, _, world, ep) in CASES.items()}
+    one = {}
+    for name in CASES:  # (the references run in this process meanwhile)
+        code, one[name] = _cli(main, [*args[name], "--out", str(root / f"one_{name}")])
+        assert code == 0
+    # the one-process step checkpoint resumed on 2 ranks with one expert group
+    procs["resumed_ep"] = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "apr_kernels", "train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), "--json",
+         "--no-progress", "--fast", "off", "--parallel", "ddp", "--expert-parallel", "2", "--dist-timeout", "60",
+         "--out", str(root / "resumed_ep")],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=400)
+        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
+        out[name] = stdout
+    # the expert-parallel step checkpoint resumed in one process
+    code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "ep_qwen3" / "step_000002.apr"), "--json",
+                                           "--no-progress", "--fast", "off", "--out", str(root / "resumed_one")])
+    assert code == 0
+    return root, one, out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_expert_parallel_matches_one_process(runs, name):
+    root, one, out = runs
+    ref, got = _records(one[name]), _records(out[name])
+    assert len(_losses(got)) == len(_losses(ref)) == 4
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
+    # the load-balancing loss over the global batch's choices (expert_load is per rank by definition)
+    assert _losses(got, "train", "aux_loss") == pytest.approx(_losses(ref, "train", "aux_loss"), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    # the whole model counted, each rank holding only its share of the experts
+    (start,) = [r for r in got if r["event"] == "start"]
+    (ref_start,) = [r for r in ref if r["event"] == "start"]
+    assert start["params"] == ref_start["params"] and start["expert_parallel"] == CASES[name][3]
+    assert start["params_rank"] < start["params"]
+    (a, _), (b, _) = _tensors(root / f"ep_{name}" / "model.apr"), _tensors(root / f"one_{name}" / "model.apr")
+    assert sorted(a) == sorted(b)
+    # Muon orthogonalises each update (every singular value to about 1): the router's tiny gradient
+    # (1e-4, summed in another order here: relative rounding noise 1e-4) has near-zero singular
+    # directions whose noise comes out at full size (the momentum buffers themselves agree to 1e-8)
+    atol = 2e-4 if "muon" in CASES[name][1] else 5e-5
+    for key in b:
+        if b[key].is_floating_point() and not key.startswith("__training__.rng"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=f"{name}: {key}")
+        elif not key.startswith("__training__.rng"):  # 8-bit codes: nearly all equal
+            assert (a[key] != b[key]).float().mean() < 0.01, f"{name}: {key}"
+
+
+def test_step_checkpoints_resume_across_expert_parallelism(runs):
+    _, one, out = runs
+    want = _losses(_records(one["qwen3"]))[2:]
+    assert _losses(_records(out["resumed_ep"])) == pytest.approx(want, rel=1e-5)
+    assert _losses(_records(out["resumed_one"])) == pytest.approx(want, rel=1e-5)
+
+
+# ------------------------------------------------------------------------ in one process
+def _stub(rank: int, size: int):
+    from apr_kernels.train.expert_parallel import ExpertParallel
+
+    return ExpertParallel(None, rank, size)
+
+
+def test_each_rank_keeps_its_consecutive_experts_under_their_names():
+    from apr_kernels.model import Transformer
+    from apr_kernels.model.transformer import RemoteExpert
+    from apr_kernels.train.expert_parallel import expert_parameters, global_parameters
+
+    cfg = _moe_config("qwen2_moe", num_experts=4)
+    torch.manual_seed(0)
+    whole = Transformer(cfg, fast=False)
+    torch.manual_seed(0)
+    model = Transformer(cfg, fast=False)
+    model.set_expert_parallel(_stub(1, 2))
+    moe = model.model.layers[0].mlp
+    assert [type(e).__name__ for e in moe.experts] == ["RemoteExpert", "RemoteExpert", "MLP", "MLP"]
+    assert [e.owner for e in moe.experts if isinstance(e, RemoteExpert)] == [0, 0]
+    assert model.remote_expert_prefixes() == ("model.layers.0.mlp.experts.0.", "model.layers.0.mlp.experts.1.")
+    mine = dict(model.named_parameters())
+    assert "model.layers.0.mlp.experts.2.gate_proj.weight" in mine
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" not in mine
+    torch.testing.assert_close(mine["model.layers.0.mlp.experts.3.up_proj.weight"],
+                               dict(whole.named_parameters())["model.layers.0.mlp.experts.3.up_proj.weight"])
+    # the whole model's names in its own order on every rank, each expert's owner, shapes to receive into
+    listed = list(global_parameters(model))
+    assert [n for n, _, _ in listed] == [n for n, _ in whole.named_parameters()]
+    owners = {n: o for n, _, o in listed}
+    assert owners["model.layers.0.mlp.experts.1.down_proj.weight"] == 0
+    assert owners["model.layers.0.mlp.experts.2.down_proj.weight"] == 1
+    assert owners["model.layers.0.mlp.shared_expert.down_proj.weight"] is None  # replicated, as the router
+    assert owners["model.layers.0.mlp.gate.weight"] is None
+    for n, t, _ in listed:
+        assert tuple(t.shape) == tuple(dict(whole.named_parameters())[n].shape), n
+    assert len(expert_parameters(model)) == 2 * 3  # two experts of the one sparse layer, three projections each
+
+
+def test_expert_parallel_refusals(tmp_path, capsys):
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.expert_parallel import check
+
+    with pytest.raises(ValueError, match=r"the model \(qwen2\) has no experts; expected a mixture-of-experts"):
+        Transformer(preset("tiny_qwen2"), fast=False).set_expert_parallel(_stub(0, 2))
+    with pytest.raises(ValueError, match="--expert-parallel 4 does not divide num_experts 6"):
+        Transformer(_moe_config("qwen3_moe"), fast=False).set_expert_parallel(_stub(0, 4))
+    with pytest.raises(ValueError, match="--expert-parallel 2 needs --parallel ddp under torchrun .got fsdp."):
+        check(2, "fsdp")
+    with pytest.raises(ValueError, match="--expert-parallel 2 with --context-parallel 2 is not supported"):
+        check(2, "ddp", context_parallel=2)
+    with pytest.raises(ValueError, match=r"--expert-parallel 2 with LoRA \(--lora-rank\) is not supported"):
+        check(2, "ddp", lora=True)
+    code, _ = _cli(main, ["train", "--preset", "tiny_qwen3_moe", *COMMON, "--expert-parallel", "2",
+                          "--out", str(tmp_path / "x")])
+    assert code != 0
+    assert "--expert-parallel 2 needs --parallel ddp under torchrun (got none)" in capsys.readouterr().err
+
+
+def test_dispatch_regroups_rows_by_expert_and_back():
+    """The exchange on a group of one (no peers): the rows reach ``run`` sorted by local expert with
+    their counts, and the outputs come back in the rows' order."""
+    import torch.distributed as dist
+
+    from apr_kernels.train.expert_parallel import ExpertParallel
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ep = ExpertParallel(dist.group.WORLD, 0, 1)
+        xs = torch.randn(7, 3, requires_grad=True)
+        counts = torch.tensor([2, 0, 5])
+        seen = {}
+
+        def run(rows, offs, c):
+            seen.update(offs=offs.tolist(), counts=c.tolist())
+            return rows * torch.arange(1.0, 8.0)[:, None]
+
+        out = ep.dispatch(xs, counts, run)
+        assert seen == {"offs": [2, 2, 7], "counts": [2, 0, 5]}
+        torch.testing.assert_close(out, xs * torch.arange(1.0, 8.0)[:, None])
+        out.sum().backward()
+        torch.testing.assert_close(xs.grad, torch.arange(1.0, 8.0)[:, None].expand(7, 3))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reduce_and_clip_on_a_group_of_one():
+    """One rank: the experts' gradients divided by the world size (1, unchanged) and every gradient
+    clipped by the norm of all of them, as ``torch.nn.utils.clip_grad_norm_`` clips."""
+    import torch.distributed as dist
+
+    from apr_kernels.train.expert_parallel import ExpertParallel
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ep = ExpertParallel(dist.group.WORLD, 0, 1)
+        params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+        params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 4.0]), torch.full((2, 2), 6.0)
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for r, p in zip(ref, params):
+            r.grad = p.grad.clone()
+        ep.reduce_grads(params[1:])
+        norm = ep.clip_grad_norm(params, params[1:], 1.0)
+        want = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        torch.testing.assert_close(norm, want)
+        for r, p in zip(ref, params):
+            torch.testing.assert_close(p.grad, r.grad)
+    finally:
+        dist.destroy_process_group()
