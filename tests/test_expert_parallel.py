@@ -1,13 +1,16 @@
-"""Expert parallelism (``train --parallel ddp --expert-parallel N``): a mixture-of-experts model's
-experts spread over groups of N ranks, rows exchanged by all-to-all, against one process training
-on the same global batch: losses, gradient norms (clipped by the global norm), held-out losses and
-the gathered checkpoint's weights and optimizer state. Qwen3-MoE on 2 ranks (AdamW, activation
-checkpointing: the recomputed forward exchanges again; the fast path: each rank's experts as grouped
-GEMMs, Triton's interpreter), Qwen2-MoE (a shared expert, a dense layer)
-on 4 ranks in 2 replicated groups of 2 (8-bit AdamW; expert gradients reduced over the replicas),
-Mixtral on 4 ranks holding one expert each (Muon); a one-process step checkpoint resumed under
-expert parallelism (each rank reads only its experts and their moments) and an expert-parallel
-one resumed in one process."""
+"""Expert parallelism (``train --parallel ddp|fsdp --expert-parallel N``): a mixture-of-experts
+model's experts spread over groups of N ranks, rows exchanged by all-to-all, against one process
+training on the same global batch: losses, gradient norms (clipped by the global norm), held-out
+losses and the gathered checkpoint's weights and optimizer state.
+
+DDP: Qwen3-MoE on 2 ranks (AdamW; activation checkpointing: the recomputed forward exchanges again;
+the fast path: each rank's experts as grouped GEMMs in Triton's interpreter), Qwen2-MoE (a shared
+expert, a dense layer) on 4 ranks in 2 replicated groups of 2 (8-bit AdamW; expert gradients
+reduced over the replicas). FSDP (the rest sharded over every rank, each expert over its
+replicas): Qwen3-MoE on 4 ranks in 2 groups of 2 (AdamW), Mixtral on 4 ranks holding one expert
+each (Muon). A one-process step checkpoint resumed sharded with the experts spread (each rank reads
+only its rows of its experts and their moments), and a sharded expert-parallel one resumed in one
+process."""
 
 from __future__ import annotations
 
@@ -21,10 +24,10 @@ import torch
 from test_distributed import COMMON, _cli, _free_port, _losses, _records, _tensors
 
 
-def _torchrun(args, out, world: int, ep: int):
+def _torchrun(args, out, world: int, ep: int, mode: str):
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
-         "-m", "apr_kernels", *args, "--parallel", "ddp", "--expert-parallel", str(ep), "--out", str(out)],
+         "-m", "apr_kernels", *args, "--parallel", mode, "--expert-parallel", str(ep), "--out", str(out)],
         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -35,11 +38,12 @@ def _moe_config(architecture: str, **kw):
                    "mixtral": "tiny_mixtral"}[architecture]).replace(**kw)
 
 
-# name: (architecture and config changes, extra options, world size, expert-parallel size)
+# name: (architecture and config changes, extra options, world size, expert-parallel size, --parallel)
 CASES = {
-    "qwen3": (("qwen3_moe", {}), ["--grad-checkpointing", "--fast", "on"], 2, 2),
-    "qwen2": (("qwen2_moe", {"num_experts": 4}), ["--optimizer", "adamw8bit"], 4, 2),
-    "mixtral": (("mixtral", {}), ["--optimizer", "muon"], 4, 4),
+    "qwen3": (("qwen3_moe", {}), ["--grad-checkpointing", "--fast", "on"], 2, 2, "ddp"),
+    "qwen2": (("qwen2_moe", {"num_experts": 4}), ["--optimizer", "adamw8bit"], 4, 2, "ddp"),
+    "qwen3_fsdp": (("qwen3_moe", {}), [], 4, 2, "fsdp"),
+    "mixtral_fsdp": (("mixtral", {}), ["--optimizer", "muon"], 4, 4, "fsdp"),
 }
 
 
@@ -51,31 +55,29 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ep")
     args = {}
-    for i, (name, ((arch, changes), extra, _, _)) in enumerate(CASES.items()):
+    for i, (name, ((arch, changes), extra, *_)) in enumerate(CASES.items()):
         torch.manual_seed(20 + i)
         save_checkpoint(root / f"{name}.apr", model=Transformer(_moe_config(arch, **changes), fast=False))
         args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
-    procs = {name: _torchrun(args[name], root / f"ep_{name}", world, ep)
-             for name, (_, _, world, ep) in CASES.items()}
+    procs = {name: _torchrun(args[name], root / f"ep_{name}", world, ep, mode)
+             for name, (_, _, world, ep, mode) in CASES.items()}
     one = {}
     for name in CASES:  # (the references run in this process meanwhile)
         code, one[name] = _cli(main, [*args[name], "--out", str(root / f"one_{name}")])
         assert code == 0
-    # the one-process step checkpoint resumed on 2 ranks with one expert group
-    procs["resumed_ep"] = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         "-m", "apr_kernels", "train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), "--json",
-         "--no-progress", "--fast", "off", "--parallel", "ddp", "--expert-parallel", "2", "--dist-timeout", "60",
-         "--out", str(root / "resumed_ep")],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded
+    procs["resumed_ep"] = _torchrun(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), "--json",
+                                     "--no-progress", "--fast", "off", "--dist-timeout", "60"],
+                                    root / "resumed_ep", 4, 2, "fsdp")
     out = {}
     for name, p in procs.items():
         stdout, stderr = p.communicate(timeout=400)
         assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
         out[name] = stdout
-    # the expert-parallel step checkpoint resumed in one process
-    code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "ep_qwen3" / "step_000002.apr"), "--json",
-                                           "--no-progress", "--fast", "off", "--out", str(root / "resumed_one")])
+    # an expert-parallel sharded step checkpoint resumed in one process
+    code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "ep_qwen3_fsdp" / "step_000002.apr"),
+                                           "--json", "--no-progress", "--fast", "off", "--out",
+                                           str(root / "resumed_one")])
     assert code == 0
     return root, one, out
 
@@ -110,9 +112,9 @@ def test_expert_parallel_matches_one_process(runs, name):
 
 def test_step_checkpoints_resume_across_expert_parallelism(runs):
     _, one, out = runs
-    want = _losses(_records(one["qwen3"]))[2:]
-    assert _losses(_records(out["resumed_ep"])) == pytest.approx(want, rel=1e-5)
-    assert _losses(_records(out["resumed_one"])) == pytest.approx(want, rel=1e-5)
+    assert _losses(_records(out["resumed_ep"])) == pytest.approx(_losses(_records(one["qwen3"]))[2:], rel=1e-5)
+    assert _losses(_records(out["resumed_one"])) == pytest.approx(_losses(_records(one["qwen3_fsdp"]))[2:],
+                                                                  rel=1e-5)
 
 
 # ------------------------------------------------------------------------ in one process
@@ -144,13 +146,14 @@ def test_each_rank_keeps_its_consecutive_experts_under_their_names():
                                dict(whole.named_parameters())["model.layers.0.mlp.experts.3.up_proj.weight"])
     # the whole model's names in its own order on every rank, each expert's owner, shapes to receive into
     listed = list(global_parameters(model))
-    assert [n for n, _, _ in listed] == [n for n, _ in whole.named_parameters()]
-    owners = {n: o for n, _, o in listed}
+    assert [n for n, _, _, _ in listed] == [n for n, _ in whole.named_parameters()]
+    owners = {n: o for n, _, o, _ in listed}
+    assert [h for n, _, _, h in listed if ".experts.1." in n or ".experts.2." in n] == [False] * 3 + [True] * 3
     assert owners["model.layers.0.mlp.experts.1.down_proj.weight"] == 0
     assert owners["model.layers.0.mlp.experts.2.down_proj.weight"] == 1
     assert owners["model.layers.0.mlp.shared_expert.down_proj.weight"] is None  # replicated, as the router
     assert owners["model.layers.0.mlp.gate.weight"] is None
-    for n, t, _ in listed:
+    for n, t, _, _ in listed:
         assert tuple(t.shape) == tuple(dict(whole.named_parameters())[n].shape), n
     assert len(expert_parameters(model)) == 2 * 3  # two experts of the one sparse layer, three projections each
 
@@ -164,8 +167,10 @@ def test_expert_parallel_refusals(tmp_path, capsys):
         Transformer(preset("tiny_qwen2"), fast=False).set_expert_parallel(_stub(0, 2))
     with pytest.raises(ValueError, match="--expert-parallel 4 does not divide num_experts 6"):
         Transformer(_moe_config("qwen3_moe"), fast=False).set_expert_parallel(_stub(0, 4))
-    with pytest.raises(ValueError, match="--expert-parallel 2 needs --parallel ddp under torchrun .got fsdp."):
-        check(2, "fsdp")
+    with pytest.raises(ValueError, match="--expert-parallel 2 needs --parallel ddp or fsdp under torchrun .got none."):
+        check(2, "none")
+    with pytest.raises(ValueError, match="--expert-parallel 2 with --fsdp-shard-size 2 is not supported"):
+        check(2, "fsdp", fsdp_shard=2)
     with pytest.raises(ValueError, match="--expert-parallel 2 with --context-parallel 2 is not supported"):
         check(2, "ddp", context_parallel=2)
     with pytest.raises(ValueError, match=r"--expert-parallel 2 with LoRA \(--lora-rank\) is not supported"):
@@ -173,7 +178,7 @@ def test_expert_parallel_refusals(tmp_path, capsys):
     code, _ = _cli(main, ["train", "--preset", "tiny_qwen3_moe", *COMMON, "--expert-parallel", "2",
                           "--out", str(tmp_path / "x")])
     assert code != 0
-    assert "--expert-parallel 2 needs --parallel ddp under torchrun (got none)" in capsys.readouterr().err
+    assert "--expert-parallel 2 needs --parallel ddp or fsdp under torchrun (got none)" in capsys.readouterr().err
 
 
 def test_dispatch_regroups_rows_by_expert_and_back():

@@ -238,6 +238,72 @@ class Routing(NamedTuple):
     lse: torch.Tensor      # [T] fp32 logsumexp of the router logits (the z-loss)
 
 
+class Experts(nn.ModuleList):
+    """A sparse layer's experts (``experts.<index>.*``, Hugging Face's names), run together by one call,
+    so that FSDP can shard them on a mesh of their own and gather them around it (expert
+    parallelism under FSDP, ``train/distributed.py``)."""
+
+    def forward(self, xs: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """This rank's experts on their rows of ``xs`` (sorted by expert; ``offs`` the groups' ends,
+        ``counts`` their sizes)."""
+        if fast and self._grouped():
+            return self._experts_grouped(xs, offs)
+        # one GEMM chain per expert (DoRA, the eager path)
+        groups = xs.split(counts.tolist())
+        return torch.cat([expert(g, fast) for expert, g in zip(self.local(), groups)])
+
+    def local(self) -> list[nn.Module]:
+        """The experts this rank holds (all of them without expert parallelism), in order."""
+        return [e for e in self if not isinstance(e, RemoteExpert)]
+
+    def _grouped(self) -> bool:
+        """Whether the fast path can run the experts as grouped GEMMs: every projection plain, or LoRA
+        (on a plain or a quantised base; not DoRA), of one kind, scale and base shape across experts.
+        Decided again only when the experts' module kinds change (LoRA added or merged, a base
+        quantised): the full check walks every expert, which costs milliseconds per layer and step."""
+        key = tuple((type(m), "lora_magnitude" in m._parameters) for e in self.local()
+                    for m in e._modules.values())
+        if key != getattr(self, "_grouped_key", None):
+            self._grouped_key, self._grouped_ok = key, self._check_grouped()
+        return self._grouped_ok
+
+    def _check_grouped(self) -> bool:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            mods = [getattr(e, name) for e in self.local()]
+            if any(hasattr(m, "lora_magnitude") for m in mods):
+                return False
+            kinds = {(hasattr(m, "adapt"), getattr(m, "scale", None), hasattr(m, "base"),
+                      tuple(m.base.shape) if hasattr(m, "base") else None) for m in mods}
+            if len(kinds) != 1:
+                return False
+        return True
+
+    def _experts_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """Every expert's SwiGLU on its rows of ``xs`` (sorted by expert, ``offs`` their ends) in three
+        grouped GEMMs and one swiglu pass: the group sizes stay on the device (no host sync, no graph
+        break) and each GEMM is one launch for all experts, reading their weights in place."""
+        gate = self._grouped_projection(xs, "gate_proj", offs)
+        up = self._grouped_projection(xs, "up_proj", offs)
+        return self._grouped_projection(_ops().swiglu(gate, up), "down_proj", offs)
+
+    def _grouped_projection(self, x: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
+        """One projection of every expert as a grouped GEMM; LoRA-adapted experts (model/lora.py) add
+        ``scale * (x A_e^T) B_e^T`` as two more grouped GEMMs (frozen bases get no weight gradient;
+        quantised ones are dequantised into one stacked weight per use, never kept: QLoRA)."""
+        ops = _ops()
+        mods = [getattr(e, name) for e in self.local()]
+        if hasattr(mods[0], "base"):
+            from .lora import FrozenGroupedLinear, stacked_bases
+
+            y = FrozenGroupedLinear.apply(x, offs, lambda dtype: stacked_bases(mods, dtype))
+        else:
+            y = ops.grouped_mm(x, [m.weight for m in mods], offs)
+        if hasattr(mods[0], "adapt") and mods[0].scale:
+            low = ops.grouped_mm(x, [m.lora_A for m in mods], offs)
+            y = y + ops.grouped_mm(low, [m.lora_B for m in mods], offs) * mods[0].scale
+        return y
+
+
 class SparseMoE(nn.Module):
     """Routed experts in place of the MLP (Qwen2-MoE, Qwen3-MoE, Mixtral), as Hugging Face computes them.
 
@@ -276,7 +342,7 @@ class SparseMoE(nn.Module):
         self.fp32_weights = cfg.architecture == "mixtral"
         self.gate = nn.Linear(h, cfg.num_experts, bias=False)
         expert = MixtralExpert if cfg.architecture == "mixtral" else MLP
-        self.experts = nn.ModuleList(expert(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.experts = Experts(expert(h, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(h, 1, bias=False)
@@ -300,9 +366,9 @@ class SparseMoE(nn.Module):
         counts = offs.diff(prepend=offs.new_zeros(1))
         xs = x[order // self.top_k]
         if self.expert_parallel is not None:  # rows to their experts' ranks, run there, and back
-            out = self.expert_parallel.dispatch(xs, counts, lambda rows, o, c: self._run_experts(rows, o, c, fast))
+            out = self.expert_parallel.dispatch(xs, counts, lambda rows, o, c: self.experts(rows, o, c, fast))
         else:
-            out = self._run_experts(xs, offs, counts, fast)
+            out = self.experts(xs, offs, counts, fast)
         y = combine_experts(out, weights, order).to(x.dtype)
         if hasattr(self, "shared_expert"):
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, fast)
@@ -311,18 +377,9 @@ class SparseMoE(nn.Module):
         stats = torch.stack([counts.to(torch.float32), probs.sum(0), z])
         return y.view(shape), stats
 
-    def _run_experts(self, xs: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor, fast: bool) -> torch.Tensor:
-        """This rank's experts on their rows of ``xs`` (sorted by expert; ``offs`` the groups' ends,
-        ``counts`` their sizes)."""
-        if fast and self._grouped():
-            return self._experts_grouped(xs, offs)
-        # one GEMM chain per expert (DoRA, the eager path)
-        groups = xs.split(counts.tolist())
-        return torch.cat([expert(g, fast) for expert, g in zip(self.local_experts(), groups)])
-
     def local_experts(self) -> list[nn.Module]:
         """The experts this rank holds (all of them without expert parallelism), in order."""
-        return [e for e in self.experts if not isinstance(e, RemoteExpert)]
+        return self.experts.local()
 
     def set_expert_parallel(self, ep) -> None:
         """Keep only expert-parallel rank ``ep.rank``'s ``num_experts / ep.size`` consecutive experts
@@ -338,53 +395,6 @@ class SparseMoE(nn.Module):
             if e // per != ep.rank:
                 self.experts[e] = RemoteExpert(e // per)
         self.expert_parallel = ep
-
-    def _grouped(self) -> bool:
-        """Whether the fast path can run the experts as grouped GEMMs: every projection plain, or LoRA
-        (on a plain or a quantised base; not DoRA), of one kind, scale and base shape across experts.
-        Decided again only when the experts' module kinds change (LoRA added or merged, a base
-        quantised): the full check walks every expert, which costs milliseconds per layer and step."""
-        key = tuple((type(m), "lora_magnitude" in m._parameters) for e in self.local_experts()
-                    for m in e._modules.values())
-        if key != getattr(self, "_grouped_key", None):
-            self._grouped_key, self._grouped_ok = key, self._check_grouped()
-        return self._grouped_ok
-
-    def _check_grouped(self) -> bool:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            mods = [getattr(e, name) for e in self.local_experts()]
-            if any(hasattr(m, "lora_magnitude") for m in mods):
-                return False
-            kinds = {(hasattr(m, "adapt"), getattr(m, "scale", None), hasattr(m, "base"),
-                      tuple(m.base.shape) if hasattr(m, "base") else None) for m in mods}
-            if len(kinds) != 1:
-                return False
-        return True
-
-    def _experts_grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """Every expert's SwiGLU on its rows of ``xs`` (sorted by expert, ``offs`` their ends) in three
-        grouped GEMMs and one swiglu pass: the group sizes stay on the device (no host sync, no graph
-        break) and each GEMM is one launch for all experts, reading their weights in place."""
-        gate = self._grouped_projection(xs, "gate_proj", offs)
-        up = self._grouped_projection(xs, "up_proj", offs)
-        return self._grouped_projection(_ops().swiglu(gate, up), "down_proj", offs)
-
-    def _grouped_projection(self, x: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
-        """One projection of every expert as a grouped GEMM; LoRA-adapted experts (model/lora.py) add
-        ``scale * (x A_e^T) B_e^T`` as two more grouped GEMMs (frozen bases get no weight gradient;
-        quantised ones are dequantised into one stacked weight per use, never kept: QLoRA)."""
-        ops = _ops()
-        mods = [getattr(e, name) for e in self.local_experts()]
-        if hasattr(mods[0], "base"):
-            from .lora import FrozenGroupedLinear, stacked_bases
-
-            y = FrozenGroupedLinear.apply(x, offs, lambda dtype: stacked_bases(mods, dtype))
-        else:
-            y = ops.grouped_mm(x, [m.weight for m in mods], offs)
-        if hasattr(mods[0], "adapt") and mods[0].scale:
-            low = ops.grouped_mm(x, [m.lora_A for m in mods], offs)
-            y = y + ops.grouped_mm(low, [m.lora_B for m in mods], offs) * mods[0].scale
-        return y
 
     def mlps(self) -> list[nn.Module]:
         return [*self.local_experts(), *([self.shared_expert] if hasattr(self, "shared_expert") else [])]

@@ -509,7 +509,8 @@ def _train(args, env, mode: str) -> int:
     if args.expert_parallel != 1:
         from . import expert_parallel
 
-        expert_parallel.check(args.expert_parallel, mode, args.context_parallel, bool(args.lora_rank))
+        expert_parallel.check(args.expert_parallel, mode, args.context_parallel, bool(args.lora_rank),
+                              env.fsdp_shard)
         ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank)
 
     def load(path, dev, fast, **lora):
@@ -1188,8 +1189,9 @@ def register(subparsers) -> None:
                         "2 of 2N chunks of every row, K/V all-gathered per layer); --seq-len a multiple of 2N, "
                         "the batch shared by world/N data-parallel groups (default 1: off)")
     s.add_argument("--expert-parallel", type=int, default=1, metavar="N",
-                   help="with --parallel ddp, a mixture-of-experts model's experts spread over groups of N consecutive "
-                        "ranks (each holds num_experts/N of every layer; rows exchanged by all-to-all; default 1: off)")
+                   help="with --parallel ddp or fsdp, a mixture-of-experts model's experts spread over groups of N "
+                        "consecutive ranks (each holds num_experts/N of every layer; rows exchanged by all-to-all; "
+                        "default 1: off)")
     s.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)

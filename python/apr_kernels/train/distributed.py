@@ -306,9 +306,12 @@ def _raise_together(env: DistEnv, error: BaseException | None, what: str) -> Non
 
 
 # ----------------------------------------------------------------------------- wrapping
-def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None):
+def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, expert=None):
     """``fully_shard`` every decoder layer, then the root (embedding, final norm, lm_head). On CUDA the
-    compute copies are bf16, or fp16 for a run in fp16 (``compute_dtype``: GPUs without bf16)."""
+    compute copies are bf16, or fp16 for a run in fp16 (``compute_dtype``: GPUs without bf16).
+    ``expert``: an ``expert_parallel.ExpertParallel`` whose experts this model already holds: each
+    sparse layer's ``Experts`` is sharded first, over its replicas only (the ranks that hold the same
+    experts; a mesh of one rank when there is one group)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -323,6 +326,15 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None):
     half = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
     mp = (MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
           if env.device.type == "cuda" else MixedPrecisionPolicy())
+    if expert is not None:
+        from apr_kernels.model.transformer import Experts
+
+        n = expert.size
+        replicas = init_device_mesh(env.device.type, (env.world_size // n, n),
+                                    mesh_dim_names=("replica", "expert"))["replica"]
+        for m in model.modules():
+            if isinstance(m, Experts):
+                fully_shard(m, mesh=replicas, mp_policy=mp)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -413,12 +425,13 @@ class Parallel:
 
     @contextlib.contextmanager
     def _expert_sync(self):
-        """The last micro-batch under expert parallelism: DDP reduces the replicated parameters during
-        the backward, the experts' gradients are reduced after it (``ExpertParallel.reduce_grads``)."""
+        """The last micro-batch under expert parallelism: DDP/FSDP reduce the other parameters during
+        the backward, the experts' gradients are finished after it (``ExpertParallel.reduce_grads``:
+        summed over their replicas, or under FSDP already reduce-scattered over them)."""
         yield
         from .expert_parallel import expert_parameters
 
-        self.expert.reduce_grads(expert_parameters(self.module))
+        self.expert.reduce_grads(expert_parameters(self.module), sharded=self.mode == "fsdp")
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip every gradient by the global norm of the whole model's; returns that norm (under FSDP
@@ -426,7 +439,8 @@ class Parallel:
         if self.expert is not None:
             from .expert_parallel import expert_parameters
 
-            return self.expert.clip_grad_norm(self.module.parameters(), expert_parameters(self.module), max_norm)
+            return self.expert.clip_grad_norm(self.module.parameters(), expert_parameters(self.module), max_norm,
+                                              sharded=self.mode == "fsdp")
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
     def reshard(self) -> None:
@@ -492,8 +506,9 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
     already sharded models pass through) or ``none``. Build the optimizer after this: FSDP replaces
     the parameters by DTensors. ``context_parallel`` N > 1: groups of N consecutive ranks split every
     sequence's positions between them (``context_parallel.py``); gradients are still reduced over
-    every rank. ``expert_parallel``: an ``expert_parallel.ExpertParallel`` (DDP only): the experts
-    spread over its group (already, when loaded that way), DDP reducing the rest."""
+    every rank. ``expert_parallel``: an ``expert_parallel.ExpertParallel``: the experts spread over
+    its group (already, when loaded that way); DDP reduces the rest, or FSDP shards the rest over
+    every rank and the experts over their replicas."""
     if mode not in MODES:
         raise ValueError(f"parallel mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode != "none" and not env.active:
@@ -509,13 +524,14 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         context = groups(env.world_size, context_parallel, env.rank)
         model.set_context_parallel(context)
     if expert_parallel is not None:
-        if mode != "ddp":
-            raise ValueError(f"--expert-parallel {expert_parallel.size} needs --parallel ddp (got {mode}): expert "
-                             f"parallelism with FSDP is not supported yet")
+        from .expert_parallel import check
+
+        check(expert_parallel.size, mode, context_parallel, fsdp_shard=env.fsdp_shard)
         if model.expert_parallel is None:
             model.set_expert_parallel(expert_parallel)
     if mode == "fsdp":
-        return Parallel(_fsdp_shard(model, env, compute_dtype), mode, env, context=context)
+        return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel), mode, env, context=context,
+                        expert=expert_parallel)
     model = model.to(env.device)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -541,9 +557,13 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
     ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
     from apr_kernels.model.loading import from_apr as load
 
-    shard = (lambda m: _fsdp_shard(m, env, compute_dtype)) if mode == "fsdp" else None
-    if expert_parallel is not None:
-        shard = lambda m: m.set_expert_parallel(expert_parallel)  # noqa: E731
+    def on_meta(m):
+        if expert_parallel is not None:  # (before FSDP: only this rank's experts are sharded, and read)
+            m.set_expert_parallel(expert_parallel)
+        if mode == "fsdp":
+            _fsdp_shard(m, env, compute_dtype, expert_parallel)
+
+    shard = on_meta if mode == "fsdp" or expert_parallel is not None else None
     model, error = None, None
     try:
         model = load(path, device=env.device, fast=fast, shard=shard, **lora)
@@ -652,8 +672,8 @@ class ShardGatherer:
         # every parameter of the whole model, in one order on every rank (an expert held by one rank
         # of each expert-parallel group: broadcast from the first group's)
         everything = list(global_parameters(model))
-        for name, p, owner in everything:
-            self.weights[name] = self._add(p if owner is None else OwnedTensor(p, owner))
+        for name, p, owner, held in everything:
+            self.weights[name] = self._add(p if owner is None else OwnedTensor(p, owner, held))
         from apr_kernels.model.lora import QuantizedLoRALinear
 
         # quantised LoRA bases sharded by block (QLoRA): HF weight name -> index
@@ -662,11 +682,11 @@ class ShardGatherer:
         from .adamw8bit import Blockwise8bit
 
         trained = {id(p) for g in opt.param_groups for p in g["params"]}
-        for name, p, owner in everything:  # (a remote expert's: the structure of its template's)
+        for name, p, owner, held in everything:  # (a remote expert's: the structure of its template's)
             state = opt.state.get(p) if id(p) in trained else None
 
-            def part(t):
-                return t if owner is None else OwnedTensor(t, owner)
+            def part(t):  # an expert's moment (or 8-bit part), held by one rank of each group
+                return t if owner is None else OwnedTensor(t, owner, held)
 
             if state and "momentum_buffer" in state:  # Muon (optim.py)
                 self.moments[name] = {"momentum_buffer": self._add(part(state["momentum_buffer"]))}
@@ -677,7 +697,8 @@ class ShardGatherer:
                     if not isinstance(m, Blockwise8bit):
                         entry[key] = self._add(part(m))
                     elif _is_dtensor(p):  # FSDP: this rank's blocks
-                        entry[key] = (self._add(BlockShards(m.codes, p)), self._add(BlockShards(m.absmax, p)))
+                        entry[key] = (self._add(part(BlockShards(m.codes, p))),
+                                      self._add(part(BlockShards(m.absmax, p))))
                     else:
                         entry[key] = (self._add(part(m.codes)), self._add(part(m.absmax)))
 

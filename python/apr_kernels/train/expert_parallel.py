@@ -1,16 +1,17 @@
 """Expert parallelism: a mixture-of-experts model's experts spread over a group of ranks.
 
-    torchrun --nproc_per_node=8 -m apr_kernels train --init qwen3-30b-a3b.apr ... --parallel ddp --expert-parallel 8
+    torchrun --nproc_per_node=8 -m apr_kernels train --init qwen3-30b-a3b.apr ... --parallel fsdp --expert-parallel 8
 
 The experts hold almost all of an MoE model's weights (Qwen3-30B-A3B: 29 of 30.5 billion), and
 each token uses only k of them. With ``--expert-parallel N`` the N consecutive ranks of a group
 each keep ``num_experts / N`` consecutive experts of every sparse layer (rank r: experts
 ``r * E/N .. (r+1) * E/N - 1``) and the rest of the model (attention, router, norms, embeddings,
-a shared expert) whole, as data parallelism has it. Per sparse layer and step (GShard's layout,
-Lepikhin et al., 2020; Megatron-LM's and torchtitan's all-to-all dispatcher):
+a shared expert) as data parallelism has it (replicated under DDP, sharded under FSDP). Per
+sparse layer and step (GShard's layout, Lepikhin et al., 2020; Megatron-LM's and torchtitan's
+all-to-all dispatcher):
 
-* every rank routes its own tokens (the router is replicated) and sorts the top-k choices by
-  expert, as without expert parallelism; the sorted rows of ranks r's experts are one contiguous run;
+* every rank routes its own tokens with the whole router and sorts the top-k choices by
+  expert, as without expert parallelism; the sorted rows of rank r's experts are one contiguous run;
 * the per-expert counts go round in one all-to-all (E numbers; the sizes are read on the host: one
   sync per layer), then the rows in a second (``all_to_all_single`` with those sizes: each rank
   sends each other rank exactly the rows that its experts chose, no padding, no capacity factor,
@@ -21,20 +22,29 @@ Lepikhin et al., 2020; Megatron-LM's and torchtitan's all-to-all dispatcher):
 
 The all-to-alls are functional collectives with autograd: the backward sends the rows' gradients
 the same way back and forth, so each expert's weight gradient sums the contributions of every
-token of the group that chose it. After the backward ``reduce_grads`` sums an expert's gradient
-over the ``world / N`` groups (the ranks holding the same experts: its replicas) and divides by
-the world size, which is what DDP does to the replicated parameters (that DDP is told to ignore
-the experts). The gradient norm for clipping adds the experts' squares over the group
-(``clip_grad_norm``), so every rank clips by the same global norm as one process would.
+token of the group that chose it. What is left is the reduction over the ``world / N`` groups (the
+ranks holding the same experts: its replicas), to the world-size mean that DDP and FSDP give the
+other parameters:
+
+* DDP is told to ignore the experts; after the backward ``reduce_grads`` sums each expert's
+  gradient over its replicas and divides by the world size.
+* FSDP shards each layer's ``Experts`` over its replicas only (``fully_shard`` on a mesh of its own
+  before the layer's; a mesh of one rank when there is one group), so the reduce-scatter averages
+  over the replicas; ``reduce_grads`` then divides by N.
+
+Clipping uses the whole model's norm (``clip_grad_norm``): under DDP the replicated parameters'
+squares plus the experts' summed over the group, under FSDP every rank's shards' squares summed
+over the world.
 
 Checkpoints stay one APR file with every expert under its Hugging Face name: rank 0 writes and
-each expert's tensors (and optimizer moments) are broadcast from the rank of the first group that
-holds it when their turn comes (``distributed.ShardGatherer`` with ``OwnedTensor`` items). Loading
-builds the model on the meta device and drops the other ranks' experts before anything is
-allocated or read. Routing statistics (the load-balancing loss) are unchanged: they count this
-rank's tokens' choices over all experts, summed over ranks as under plain DDP.
+each expert's tensors (and optimizer moments) are made whole where they are held (under FSDP,
+gathered over the replicas) and broadcast from the first group's holder when their turn comes
+(``distributed.ShardGatherer`` with ``OwnedTensor`` items). Loading builds the model on the meta
+device and drops the other ranks' experts before anything is allocated or read. Routing
+statistics (the load-balancing loss) are unchanged: they count this rank's tokens' choices over all
+experts, summed over ranks as without expert parallelism.
 
-Not with FSDP, context parallelism or LoRA (refused with a message, ``check``).
+Not with HSDP (``--fsdp-shard-size``), context parallelism or LoRA (refused with a message, ``check``).
 """
 
 from __future__ import annotations
@@ -81,11 +91,15 @@ class ExpertParallel:
         return _wait(_funcol().all_to_all_single_autograd(back, send_sizes, recv_sizes, self.group))
 
     # --------------------------------------------------------------------------- gradients
-    def reduce_grads(self, params) -> None:
+    def reduce_grads(self, params, sharded: bool = False) -> None:
         """After the step's last backward: every expert gradient summed over its replicas and divided
-        by the world size (DDP's mean, as the replicated parameters get it)."""
-        grads = [p.grad for p in params if p.grad is not None]
+        by the world size (DDP's mean, as the replicated parameters get it). ``sharded`` (FSDP): the
+        replicas' reduce-scatter already averaged over them (world / N): divided by N."""
+        grads = [_local(p.grad) for p in params if p.grad is not None]
         if not grads:
+            return
+        if sharded:
+            torch._foreach_div_(grads, float(self.size))
             return
         if self.replicas is not None:
             from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -96,12 +110,13 @@ class ExpertParallel:
                 g.copy_(r)
         torch._foreach_div_(grads, float(self.world_size))
 
-    def clip_grad_norm(self, params, expert_params, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm(self, params, expert_params, max_norm: float, sharded: bool = False) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the whole model: the replicated parameters' squares
-        (the same on every rank) plus the experts' summed over the group. Returns the norm."""
+        (the same on every rank) plus the experts' summed over the group; ``sharded`` (FSDP): every
+        rank holds its own part of every gradient, all squares summed over the world. Returns the norm."""
         experts = {id(p) for p in expert_params}
         params = [p for p in params if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [_local(p.grad) for p in params]
         if not grads:
             return torch.zeros(())
 
@@ -109,12 +124,22 @@ class ExpertParallel:
             return (torch.stack([g.detach().float().square().sum() for g in gs]).sum() if gs
                     else torch.zeros((), device=grads[0].device))
 
-        mine = squares([p.grad for p in params if id(p) in experts])
-        dist.all_reduce(mine, group=self.group)
-        total = (squares([p.grad for p in params if id(p) not in experts]) + mine).sqrt()
+        if sharded:
+            total = squares(grads)
+            dist.all_reduce(total)
+        else:
+            mine = squares([g for p, g in zip(params, grads) if id(p) in experts])
+            dist.all_reduce(mine, group=self.group)
+            total = squares([g for p, g in zip(params, grads) if id(p) not in experts]) + mine
+        total = total.sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         return total
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP), a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _funcol():
@@ -157,10 +182,11 @@ def expert_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def global_parameters(model):
-    """(name, tensor, owner) of every parameter of the whole model, in one order on every rank.
-    ``owner`` is None for a parameter every rank holds; for an expert, the rank of the first group
-    that holds it, and ``tensor`` is this rank's copy or, held elsewhere, one of the same layer's
-    experts' (shape and dtype: a receive buffer's template)."""
+    """(name, tensor, owner, held) of every parameter of the whole model, in one order on every rank.
+    ``owner`` is None for a parameter every rank holds (or, under FSDP, shards over all); for an
+    expert, the rank of the first group that holds it, ``held`` whether this rank holds it too, and
+    ``tensor`` this rank's copy or, held elsewhere, one of the same layer's experts' (a template of
+    the shape and dtype)."""
     from apr_kernels.model.transformer import RemoteExpert, SparseMoE
 
     spread = {f"{n}.experts.": m for n, m in model.named_modules()
@@ -169,7 +195,7 @@ def global_parameters(model):
     for name, p in model.named_parameters():
         prefix = next((k for k in spread if name.startswith(k)), None)
         if prefix is None:
-            yield name, p, None
+            yield name, p, None, True
             continue
         if prefix in done:
             continue
@@ -178,33 +204,44 @@ def global_parameters(model):
         per = m.num_experts // m.expert_parallel.size
         template = dict(m.local_experts()[0].named_parameters())
         for e, expert in enumerate(m.experts):
-            held = template if isinstance(expert, RemoteExpert) else dict(expert.named_parameters())
+            held = not isinstance(expert, RemoteExpert)
+            mine = dict(expert.named_parameters()) if held else template
             for suffix in template:
-                yield f"{prefix}{e}.{suffix}", held[suffix], e // per
+                yield f"{prefix}{e}.{suffix}", mine[suffix], e // per, held
 
 
 class OwnedTensor:
-    """A tensor one rank holds for the checkpoint (an expert's weight or moment): ``gather()`` (a
-    collective) broadcasts it from ``owner``; the other ranks receive it into a buffer like ``t``
-    (their copy, or the template of one held elsewhere)."""
+    """A tensor one rank of each expert-parallel group holds, for the checkpoint (an expert's weight
+    or moment: a tensor, an FSDP DTensor or ``distributed.BlockShards``): ``gather()`` (a collective
+    of every rank) makes it whole where it is held (under FSDP: gathered over its replicas) and
+    broadcasts it from ``owner``; the others receive it into a buffer of the template's shape."""
 
-    def __init__(self, t: torch.Tensor, owner: int):
-        self.t, self.owner = t.detach(), owner
+    def __init__(self, t, owner: int, held: bool):
+        self.t, self.owner, self.held = t.detach() if torch.is_tensor(t) else t, owner, held
         self.dtype, self.shape = t.dtype, tuple(t.shape)
 
     def gather(self) -> torch.Tensor:
-        buf = self.t.clone() if dist.get_rank() == self.owner else torch.empty_like(self.t)
+        from .distributed import full_tensor
+
+        if self.held:
+            buf = full_tensor(self.t) if torch.is_tensor(self.t) else self.t.gather()  # (BlockShards)
+            buf = buf.clone() if buf is self.t else buf
+        else:
+            device = self.t.device if torch.is_tensor(self.t) else self.t.local.device
+            buf = torch.empty(self.shape, dtype=self.dtype, device=device)
         dist.broadcast(buf, src=self.owner)
         return buf
 
 
-def check(size: int, mode: str, context_parallel: int = 1, lora: bool = False) -> None:
+def check(size: int, mode: str, context_parallel: int = 1, lora: bool = False, fsdp_shard: int = 0) -> None:
     """What ``--expert-parallel size`` does not combine with, refused before anything is loaded."""
     if size < 1:
         raise ValueError(f"--expert-parallel {size}: expected a group size >= 1")
-    if mode != "ddp":
-        raise ValueError(f"--expert-parallel {size} needs --parallel ddp under torchrun (got {mode}); expert "
-                         f"parallelism with FSDP is not supported yet")
+    if mode not in ("ddp", "fsdp"):
+        raise ValueError(f"--expert-parallel {size} needs --parallel ddp or fsdp under torchrun (got {mode})")
+    if fsdp_shard:
+        raise ValueError(f"--expert-parallel {size} with --fsdp-shard-size {fsdp_shard} is not supported (the "
+                         f"experts already shard over their replicas)")
     if context_parallel != 1:
         raise ValueError(f"--expert-parallel {size} with --context-parallel {context_parallel} is not supported "
                          f"(each splits the ranks into its own groups of consecutive ranks)")

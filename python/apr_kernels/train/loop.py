@@ -647,7 +647,7 @@ class Trainer(EvalWatch):
         ep = self.parallel.expert if self.parallel is not None else None
         # the whole model's counts (expert parallelism: every rank's experts; a quantised LoRA base
         # holds its projections outside the parameters)
-        everything = [p for _, p, _ in global_parameters(self.model)] if ep is not None else params
+        everything = [p for _, p, _, _ in global_parameters(self.model)] if ep is not None else params
         sizes = {"params": sum(p.numel() for p in everything) + sum(math.prod(m.base.shape)
                                                                     for m in self.model.modules() if hasattr(m, "base")),
                  "trainable": sum(p.numel() for p in everything if p.requires_grad)}
