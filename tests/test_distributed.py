@@ -950,8 +950,8 @@ def test_freeze_under_fsdp_matches_one_process(runs):
 def test_mixture_of_experts_on_two_ranks_matches_one_process(runs, run, out):
     """A Qwen2-MoE model under DDP and FSDP (run25/26; FSDP on the fast path, whose experts run as
     grouped GEMMs): the load-balancing loss counts expert choices over both ranks' tokens, so the losses
-    (load-balancing term and logged aux loss included) and the weights equal the one-process eager
-    run's, every expert's gradient synchronised."""
+    (load-balancing term and logged aux loss included), the logged expert load and the weights equal the
+    one-process eager run's, every expert's gradient synchronised."""
     want = _records(runs["one_moe_out"])
     got = runs["ranks"][(0, 2)][run]
     assert got["code"] == runs["ranks"][(1, 2)][run]["code"] == 0
@@ -960,6 +960,8 @@ def test_mixture_of_experts_on_two_ranks_matches_one_process(runs, run, out):
     assert _losses(recs, "eval", "eval_loss") == pytest.approx(_losses(want, "eval", "eval_loss"), rel=1e-5)
     assert _losses(recs, key="aux_loss") == pytest.approx(_losses(want, key="aux_loss"), rel=1e-5)
     assert all(a > 1.0 for a in _losses(recs, key="aux_loss"))
+    # the balance measure of the global micro-batch (the choices counted over both ranks)
+    assert _losses(recs, key="expert_load") == pytest.approx(_losses(want, key="expert_load"), rel=1e-5)
     (mine, meta), (ref, _) = _tensors(runs["root"] / out / "model.apr"), _tensors(runs["root"] / "one_moe" / "model.apr")
     assert meta["architecture"] == "qwen2_moe" and meta["num_experts"] == 5
     assert "model.layers.0.mlp.experts.4.down_proj.weight" in mine

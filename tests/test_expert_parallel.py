@@ -89,8 +89,9 @@ def test_expert_parallel_matches_one_process(runs, name):
     assert len(_losses(got)) == len(_losses(ref)) == 4
     assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
     assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
-    # the load-balancing loss over the global batch's choices (expert_load is per rank by definition)
-    assert _losses(got, "train", "aux_loss") == pytest.approx(_losses(ref, "train", "aux_loss"), rel=1e-5)
+    # the load-balancing loss and the balance measure over the global batch's choices
+    for key in ("aux_loss", "expert_load"):
+        assert _losses(got, "train", key) == pytest.approx(_losses(ref, "train", key), rel=1e-5)
     assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
     # the whole model counted, each rank holding only its share of the experts
     (start,) = [r for r in got if r["event"] == "start"]
@@ -235,3 +236,68 @@ def test_reduce_and_clip_on_a_group_of_one():
             torch.testing.assert_close(p.grad, r.grad)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------- post-training commands (no sampling)
+@pytest.fixture(scope="module")
+def post_runs(tmp_path_factory):
+    """DPO (DDP, 11 training pairs: uneven reference shares), KTO (DDP) and a reward model (FSDP) of a
+    Qwen3-MoE model on 2 ranks with its experts spread, and each in one process."""
+    import json
+
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("ep_post")
+    torch.manual_seed(31)
+    save_checkpoint(root / "init.apr", model=Transformer(_moe_config("qwen3_moe"), fast=False))
+    things = ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "a candle", "a flame", "magma",
+              "a furnace", "a heater", "steam", "a grill", "embers")
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes",
+                                                          "rejected": " no"}) + "\n" for t in things))
+    (root / "kto.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "completion": " yes" if i % 2
+                                                        else " no", "label": i % 2 == 1}) + "\n"
+                                            for i, t in enumerate(things[:11])))
+    common = ["--init", str(root / "init.apr"), "--tokenizer", "bytes", "--steps", "4", "--batch-size", "4",
+              "--grad-accum", "2", "--lr", "3e-3", "--max-len", "40", "--json", "--seed", "5", "--eval-fraction",
+              "0.25", "--save-every", "2", "--fast", "off", "--dist-timeout", "60"]
+    cases = {"dpo": (["dpo", "--data", str(root / "pairs.jsonl"), "--beta", "0.5", *common], "ddp"),
+             "kto": (["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", *common], "ddp"),
+             "reward": (["reward", "--data", str(root / "pairs.jsonl"), *common], "fsdp")}
+    procs = {name: _torchrun(args, root / f"ep_{name}", 2, 2, mode) for name, (args, mode) in cases.items()}
+    one = {}
+    for name, (args, _) in cases.items():
+        code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
+        assert code == 0, name
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=400)
+        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
+        out[name] = stdout
+    return root, one, out
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "reward"])
+def test_post_training_with_experts_spread_matches_one_process(post_runs, name):
+    root, one, out = post_runs
+    ref, got = _records(one[name]), _records(out[name])
+    assert len(_losses(got)) == len(_losses(ref)) == 4
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    (start,), (ref_start,) = ([r for r in recs if r["event"] == "start"] for recs in (got, ref))
+    assert start["trainable"] == ref_start["trainable"] > start["params_rank"] and start["expert_parallel"] == 2
+    (a, _), (b, _) = _tensors(root / f"ep_{name}" / "model.apr"), _tensors(root / f"one_{name}" / "model.apr")
+    assert sorted(a) == sorted(b)
+    for key in b:
+        if b[key].is_floating_point() and not key.startswith("__training__.rng"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5, msg=f"{name}: {key}")
+
+
+def test_sampling_commands_take_no_expert_parallel(capsys):
+    from apr_kernels.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["grpo", "--init", "x.apr", "--data", "p.jsonl", "--expert-parallel", "2"])
+    assert "unrecognized arguments: --expert-parallel 2" in capsys.readouterr().err

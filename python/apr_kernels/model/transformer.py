@@ -674,14 +674,27 @@ class Transformer(nn.Module):
         if not getattr(self, "router_stats", None):
             return None
         k = self.config.num_experts_per_tok
-        counts, probs, _ = torch.stack(self.router_stats).sum(0)
-        local_rows = counts.sum() / k
-        if self.router_aux_sync:  # f over the tokens of every rank (no gradient flows through counts)
+        local, probs, _ = torch.stack(self.router_stats).sum(0)
+        counts = self.choice_counts().sum(0)  # (every rank's under router_aux_sync; no gradient flows)
+        return self.config.num_experts * torch.sum(counts / (counts.sum() / k) * (probs / (local.sum() / k)))
+
+    def choice_counts(self) -> torch.Tensor | None:
+        """``[sparse layers, E]`` top-k choices per expert in the last forward: this rank's tokens', or
+        with ``router_aux_sync`` every rank's (one all-reduce per forward, kept for the other measures)."""
+        stats = getattr(self, "router_stats", None)
+        if not stats:
+            return None
+        cached = getattr(self, "_choice_counts", None)
+        if cached is not None and cached[0] is stats:
+            return cached[1]
+        counts = torch.stack([s[0] for s in stats]).detach()
+        if self.router_aux_sync:
             import torch.distributed as dist
 
-            counts = counts.detach().clone()
+            counts = counts.clone()
             dist.all_reduce(counts)
-        return self.config.num_experts * torch.sum(counts / (counts.sum() / k) * (probs / local_rows))
+        self._choice_counts = (stats, counts)
+        return counts
 
     def router_z_loss(self) -> torch.Tensor | None:
         """ST-MoE's router z-loss of the last forward (None for a dense model): the mean over every sparse
@@ -695,10 +708,11 @@ class Transformer(nn.Module):
         """How unevenly the last forward's sparse layers used their experts (None for a dense model):
         per layer the busiest expert's share of the top-k choices over the mean share, averaged over
         the layers. 1 is perfect balance; ``num_experts`` all choices on one expert (router collapse),
-        ``num_experts / top_k`` every token on the same k experts. This rank's tokens only."""
+        ``num_experts / top_k`` every token on the same k experts. Under ``router_aux_sync`` the
+        choices of every rank's tokens (the global micro-batch's balance, as one process sees it)."""
         if not getattr(self, "router_stats", None):
             return None
-        counts = torch.stack(self.router_stats)[:, 0]  # [sparse layers, E]
+        counts = self.choice_counts()  # [sparse layers, E]
         return (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).mean()
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,

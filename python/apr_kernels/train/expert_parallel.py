@@ -44,7 +44,9 @@ device and drops the other ranks' experts before anything is allocated or read. 
 statistics (the load-balancing loss) are unchanged: they count this rank's tokens' choices over all
 experts, summed over ranks as without expert parallelism.
 
-Not with HSDP (``--fsdp-shard-size``), context parallelism or LoRA (refused with a message, ``check``).
+Also on ``dpo``, ``kto`` and ``reward`` (``posttrain.EXPERT_PARALLEL_COMMANDS``), whose forwards all
+run on every rank in step; not on the sampling commands, where each rank generates on its own. Not
+with HSDP (``--fsdp-shard-size``), context parallelism or LoRA (refused with a message, ``check``).
 """
 
 from __future__ import annotations
@@ -208,6 +210,19 @@ def global_parameters(model):
             mine = dict(expert.named_parameters()) if held else template
             for suffix in template:
                 yield f"{prefix}{e}.{suffix}", mine[suffix], e // per, held
+
+
+def parameter_counts(model, expert) -> dict:
+    """The start record's sizes: ``params`` and ``trainable`` of the whole model (every rank's experts
+    counted once) and, with expert parallelism (``expert``: an ExpertParallel or None),
+    ``params_rank`` (this rank's share) and ``expert_parallel``."""
+    mine = list(model.parameters())
+    everything = [t for _, t, _, _ in global_parameters(model)] if expert is not None else mine
+    out = {"params": sum(p.numel() for p in everything),
+           "trainable": sum(p.numel() for p in everything if p.requires_grad)}
+    if expert is not None:
+        out.update(params_rank=sum(p.numel() for p in mine), expert_parallel=expert.size)
+    return out
 
 
 class OwnedTensor:

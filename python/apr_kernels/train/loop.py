@@ -637,22 +637,16 @@ class Trainer(EvalWatch):
     def summary(self) -> dict:
         """What this run trains, on what, and how (the ``start`` log record)."""
         c = self.cfg
-        params = list(self.model.parameters())
         world = self.parallel.world_size if self.parallel is not None else 1
         tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
         train_tokens = self.train_seqs.shape[0] * c.seq_len
         lora = getattr(self.model, "lora", None)
-        from .expert_parallel import global_parameters
+        from .expert_parallel import parameter_counts
 
-        ep = self.parallel.expert if self.parallel is not None else None
-        # the whole model's counts (expert parallelism: every rank's experts; a quantised LoRA base
-        # holds its projections outside the parameters)
-        everything = [p for _, p, _, _ in global_parameters(self.model)] if ep is not None else params
-        sizes = {"params": sum(p.numel() for p in everything) + sum(math.prod(m.base.shape)
-                                                                    for m in self.model.modules() if hasattr(m, "base")),
-                 "trainable": sum(p.numel() for p in everything if p.requires_grad)}
-        if ep is not None:  # and this rank's share
-            sizes.update(params_rank=sum(p.numel() for p in params), expert_parallel=ep.size)
+        # the whole model's counts (with expert parallelism also this rank's share); a quantised LoRA
+        # base holds its projections outside the parameters
+        sizes = parameter_counts(self.model, self.parallel.expert if self.parallel is not None else None)
+        sizes["params"] += sum(math.prod(m.base.shape) for m in self.model.modules() if hasattr(m, "base"))
         return {
             "step": self.step, "steps": c.steps, **sizes,
             "tokens_per_step": tokens_per_step, "train_tokens": train_tokens,

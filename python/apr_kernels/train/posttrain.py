@@ -176,7 +176,8 @@ class StepLoop(EvalWatch):
             sums = self.parallel.mean(sums.to(self.device)).cpu() * self.world
         grad_norm = None
         if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            norm = (self.parallel.clip_grad_norm(self.cfg.grad_clip) if self.parallel is not None  # (experts: global)
+                    else torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         self.optimizer.step()
         self.step += 1
@@ -365,10 +366,12 @@ def tokenizer_for(spec, model, source):
 
 
 def parallel_for(model, env, mode: str):
-    """The DDP/FSDP wrapper of ``model`` for ``mode`` (None in one process)."""
+    """The DDP/FSDP wrapper of ``model`` for ``mode`` (None in one process); experts spread when it was
+    loaded so (``load_model``)."""
     from . import distributed
 
-    return distributed.parallelize(model, mode, env) if mode != "none" else None
+    return (distributed.parallelize(model, mode, env, expert_parallel=model.expert_parallel)
+            if mode != "none" else None)
 
 
 def logger_for(args, env):
@@ -391,15 +394,34 @@ def run_command(args, body) -> int:
     return distributed.run(args, body)
 
 
+# the commands whose every forward runs on all ranks in step (no sampling): --expert-parallel
+EXPERT_PARALLEL_COMMANDS = ("dpo", "kto", "reward")
+
+
+def expert_group(args, env, mode: str):
+    """``--expert-parallel N``'s group of this rank (made once per run, on every rank alike), or None."""
+    n = getattr(args, "expert_parallel", 1)
+    if n == 1:
+        return None
+    if getattr(args, "_expert_group", None) is None:
+        from . import expert_parallel
+
+        expert_parallel.check(n, mode, lora=bool(args.lora_rank), fsdp_shard=env.fsdp_shard)
+        args._expert_group = expert_parallel.groups(env.world_size, n, env.rank)
+    return args._expert_group
+
+
 def load_model(source, env, mode: str, device, args, **lora):
     """``from_apr(source, **lora)`` for this rank: sharded on the meta device under FSDP (adapters
-    added before sharding), a replica otherwise; ``--fast`` and ``--grad-checkpointing`` as given."""
+    added before sharding; with ``--expert-parallel`` only this rank's experts), a replica otherwise;
+    ``--fast`` and ``--grad-checkpointing`` as given."""
     from .cli import tristate
 
     if mode != "none":
         from . import distributed
 
-        model = distributed.from_apr(source, env, mode, fast=tristate(args.fast), **lora)
+        model = distributed.from_apr(source, env, mode, fast=tristate(args.fast), **lora,
+                                     expert_parallel=expert_group(args, env, mode))
     else:
         from apr_kernels.model.loading import from_apr
 
@@ -437,8 +459,17 @@ def start_fields(trainer, device) -> dict:
     return {"step": trainer.step, "steps": c.steps, "world": trainer.world, "device": str(device),
             "epochs": round(c.steps * c.batch_size * c.grad_accum / max(1, trainer.batches.n), 3),
             "padding_free": trainer.padding_free,
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            **_trained_counts(model, trainer.parallel),
             "lora_rank": (getattr(model, "lora", None) or {}).get("rank")}
+
+
+def _trained_counts(model, parallel) -> dict:
+    """``trainable`` (the whole model's), and with ``--expert-parallel`` this rank's ``params_rank``."""
+    from .expert_parallel import parameter_counts
+
+    counts = parameter_counts(model, parallel.expert if parallel is not None else None)
+    del counts["params"]
+    return counts
 
 
 def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extra_tensors=None) -> int:
@@ -541,6 +572,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                    help="under torchrun: ddp (the default with several ranks) or fsdp")
     p.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
                    help="with --parallel fsdp: shard within groups of N ranks, replicate across them (HSDP)")
+    if command in EXPERT_PARALLEL_COMMANDS:  # (the sampling ones generate on each rank alone: not in step)
+        p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                       help="a mixture-of-experts model's experts spread over groups of N ranks (as train's)")
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a rank waits for the others before failing (default 600)")
     p.add_argument("--out", default=f"runs/{command}")
