@@ -7,8 +7,8 @@ DDP: Qwen3-MoE on 2 ranks (AdamW; activation checkpointing: the recomputed forwa
 the fast path: each rank's experts as grouped GEMMs in Triton's interpreter), Qwen2-MoE (a shared
 expert, a dense layer) on 4 ranks in 2 replicated groups of 2 (8-bit AdamW; expert gradients
 reduced over the replicas). FSDP (the rest sharded over every rank, each expert over its
-replicas): Qwen3-MoE on 4 ranks in 2 groups of 2 (AdamW), Mixtral on 4 ranks holding one expert
-each (Muon). A one-process step checkpoint resumed sharded with the experts spread (each rank reads
+replicas): Qwen3-MoE on 4 ranks in 2 groups of 2 (AdamW; with context parallelism over the same
+pairs of ranks), Mixtral on 4 ranks holding one expert each (Muon). A one-process step checkpoint resumed sharded with the experts spread (each rank reads
 only its rows of its experts and their moments), and a sharded expert-parallel one resumed in one
 process."""
 
@@ -38,12 +38,15 @@ def _moe_config(architecture: str, **kw):
                    "mixtral": "tiny_mixtral"}[architecture]).replace(**kw)
 
 
-# name: (architecture and config changes, extra options, world size, expert-parallel size, --parallel)
+# name: (architecture and config changes, extra options, world size, expert-parallel size, --parallel,
+#        options of the torchrun run only)
 CASES = {
-    "qwen3": (("qwen3_moe", {}), ["--grad-checkpointing", "--fast", "on"], 2, 2, "ddp"),
-    "qwen2": (("qwen2_moe", {"num_experts": 4}), ["--optimizer", "adamw8bit"], 4, 2, "ddp"),
-    "qwen3_fsdp": (("qwen3_moe", {}), [], 4, 2, "fsdp"),
-    "mixtral_fsdp": (("mixtral", {}), ["--optimizer", "muon"], 4, 4, "fsdp"),
+    "qwen3": (("qwen3_moe", {}), ["--grad-checkpointing", "--fast", "on"], 2, 2, "ddp", []),
+    "qwen2": (("qwen2_moe", {"num_experts": 4}), ["--optimizer", "adamw8bit"], 4, 2, "ddp", []),
+    # with context parallelism too: groups of 2 ranks share rows (each half of every row's positions)
+    # and exchange their tokens' rows with their experts
+    "qwen3_fsdp": (("qwen3_moe", {}), [], 4, 2, "fsdp", ["--context-parallel", "2"]),
+    "mixtral_fsdp": (("mixtral", {}), ["--optimizer", "muon"], 4, 4, "fsdp", []),
 }
 
 
@@ -59,8 +62,8 @@ def runs(tmp_path_factory):
         torch.manual_seed(20 + i)
         save_checkpoint(root / f"{name}.apr", model=Transformer(_moe_config(arch, **changes), fast=False))
         args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
-    procs = {name: _torchrun(args[name], root / f"ep_{name}", world, ep, mode)
-             for name, (_, _, world, ep, mode) in CASES.items()}
+    procs = {name: _torchrun([*args[name], *only], root / f"ep_{name}", world, ep, mode)
+             for name, (_, _, world, ep, mode, only) in CASES.items()}
     one = {}
     for name in CASES:  # (the references run in this process meanwhile)
         code, one[name] = _cli(main, [*args[name], "--out", str(root / f"one_{name}")])
@@ -172,8 +175,6 @@ def test_expert_parallel_refusals(tmp_path, capsys):
         check(2, "none")
     with pytest.raises(ValueError, match="--expert-parallel 2 with --fsdp-shard-size 2 is not supported"):
         check(2, "fsdp", fsdp_shard=2)
-    with pytest.raises(ValueError, match="--expert-parallel 2 with --context-parallel 2 is not supported"):
-        check(2, "ddp", context_parallel=2)
     with pytest.raises(ValueError, match=r"--expert-parallel 2 with LoRA \(--lora-rank\) is not supported"):
         check(2, "ddp", lora=True)
     code, _ = _cli(main, ["train", "--preset", "tiny_qwen3_moe", *COMMON, "--expert-parallel", "2",

@@ -526,7 +526,7 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
     if expert_parallel is not None:
         from .expert_parallel import check
 
-        check(expert_parallel.size, mode, context_parallel, fsdp_shard=env.fsdp_shard)
+        check(expert_parallel.size, mode, fsdp_shard=env.fsdp_shard)
         if model.expert_parallel is None:
             model.set_expert_parallel(expert_parallel)
     if mode == "fsdp":

@@ -44,9 +44,12 @@ device and drops the other ranks' experts before anything is allocated or read. 
 statistics (the load-balancing loss) are unchanged: they count this rank's tokens' choices over all
 experts, summed over ranks as without expert parallelism.
 
-Also on ``dpo``, ``kto`` and ``reward`` (``posttrain.EXPERT_PARALLEL_COMMANDS``), whose forwards all
-run on every rank in step; not on the sampling commands, where each rank generates on its own. Not
-with HSDP (``--fsdp-shard-size``), context parallelism or LoRA (refused with a message, ``check``).
+With context parallelism (``--context-parallel``) the groups of both kinds are consecutive ranks:
+the ranks sharing rows by position also exchange their tokens' rows with their experts, which is
+fine, since routing is per token. Also on ``dpo``, ``kto`` and ``reward``
+(``posttrain.EXPERT_PARALLEL_COMMANDS``), whose forwards all run on every rank in step; not on the
+sampling commands, where each rank generates on its own. Not with HSDP (``--fsdp-shard-size``) or
+LoRA (refused with a message, ``check``).
 """
 
 from __future__ import annotations
@@ -248,7 +251,7 @@ class OwnedTensor:
         return buf
 
 
-def check(size: int, mode: str, context_parallel: int = 1, lora: bool = False, fsdp_shard: int = 0) -> None:
+def check(size: int, mode: str, lora: bool = False, fsdp_shard: int = 0) -> None:
     """What ``--expert-parallel size`` does not combine with, refused before anything is loaded."""
     if size < 1:
         raise ValueError(f"--expert-parallel {size}: expected a group size >= 1")
@@ -257,9 +260,6 @@ def check(size: int, mode: str, context_parallel: int = 1, lora: bool = False, f
     if fsdp_shard:
         raise ValueError(f"--expert-parallel {size} with --fsdp-shard-size {fsdp_shard} is not supported (the "
                          f"experts already shard over their replicas)")
-    if context_parallel != 1:
-        raise ValueError(f"--expert-parallel {size} with --context-parallel {context_parallel} is not supported "
-                         f"(each splits the ranks into its own groups of consecutive ranks)")
     if lora:
         raise ValueError(f"--expert-parallel {size} with LoRA (--lora-rank) is not supported; LoRA trains few "
                          f"weights: use --parallel fsdp to spread the frozen experts")
