@@ -8,7 +8,8 @@ the fast path: each rank's experts as grouped GEMMs in Triton's interpreter), Qw
 expert, a dense layer) on 4 ranks in 2 replicated groups of 2 (8-bit AdamW; expert gradients
 reduced over the replicas). FSDP (the rest sharded over every rank, each expert over its
 replicas): Qwen3-MoE on 4 ranks in 2 groups of 2 (AdamW; with context parallelism over the same
-pairs of ranks), Mixtral on 4 ranks holding one expert each (Muon). A one-process step checkpoint resumed sharded with the experts spread (each rank reads
+pairs of ranks), Mixtral on 4 ranks holding one expert each (Muon). LoRA on every expert (DDP)
+and DoRA (FSDP; Qwen2-MoE), their final files merged; a LoRA step checkpoint resumed spread. A one-process step checkpoint resumed sharded with the experts spread (each rank reads
 only its rows of its experts and their moments), and a sharded expert-parallel one resumed in one
 process."""
 
@@ -47,6 +48,10 @@ CASES = {
     # and exchange their tokens' rows with their experts
     "qwen3_fsdp": (("qwen3_moe", {}), [], 4, 2, "fsdp", ["--context-parallel", "2"]),
     "mixtral_fsdp": (("mixtral", {}), ["--optimizer", "muon"], 4, 4, "fsdp", []),
+    # adapters on every expert, drawn in the whole model's order; the final file merged
+    "lora": (("qwen3_moe", {}), ["--lora-rank", "4", "--lr", "1e-2"], 2, 2, "ddp", []),
+    "dora_fsdp": (("qwen2_moe", {"num_experts": 4}), ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2, 2,
+                  "fsdp", []),
 }
 
 
@@ -68,6 +73,10 @@ def runs(tmp_path_factory):
     for name in CASES:  # (the references run in this process meanwhile)
         code, one[name] = _cli(main, [*args[name], "--out", str(root / f"one_{name}")])
         assert code == 0
+    # a LoRA run's step checkpoint (its adapters kept) resumed with the experts spread
+    procs["resumed_lora"] = _torchrun(["train", "--resume", str(root / "one_lora" / "step_000002.apr"), "--json",
+                                       "--no-progress", "--fast", "off", "--dist-timeout", "60"],
+                                      root / "resumed_lora", 2, 2, "ddp")
     # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded
     procs["resumed_ep"] = _torchrun(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), "--json",
                                      "--no-progress", "--fast", "off", "--dist-timeout", "60"],
@@ -92,10 +101,11 @@ def test_expert_parallel_matches_one_process(runs, name):
     assert len(_losses(got)) == len(_losses(ref)) == 4
     assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
     assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
-    # the load-balancing loss and the balance measure over the global batch's choices
-    for key in ("aux_loss", "expert_load"):
-        assert _losses(got, "train", key) == pytest.approx(_losses(ref, "train", key), rel=1e-5)
-    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    # the load-balancing loss and the balance measure over the global batch's choices (the loss from
+    # fp32 router probabilities summed in another order: DoRA's runs differ at 1.5e-5)
+    assert _losses(got, "train", "aux_loss") == pytest.approx(_losses(ref, "train", "aux_loss"), rel=5e-5)
+    assert _losses(got, "train", "expert_load") == pytest.approx(_losses(ref, "train", "expert_load"), rel=1e-5)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), rel=1e-5)
     # the whole model counted, each rank holding only its share of the experts
     (start,) = [r for r in got if r["event"] == "start"]
     (ref_start,) = [r for r in ref if r["event"] == "start"]
@@ -116,6 +126,7 @@ def test_expert_parallel_matches_one_process(runs, name):
 
 def test_step_checkpoints_resume_across_expert_parallelism(runs):
     _, one, out = runs
+    assert _losses(_records(out["resumed_lora"])) == pytest.approx(_losses(_records(one["lora"]))[2:], rel=1e-5)
     assert _losses(_records(out["resumed_ep"])) == pytest.approx(_losses(_records(one["qwen3"]))[2:], rel=1e-5)
     assert _losses(_records(out["resumed_one"])) == pytest.approx(_losses(_records(one["qwen3_fsdp"]))[2:],
                                                                   rel=1e-5)
@@ -175,8 +186,9 @@ def test_expert_parallel_refusals(tmp_path, capsys):
         check(2, "none")
     with pytest.raises(ValueError, match="--expert-parallel 2 with --fsdp-shard-size 2 is not supported"):
         check(2, "fsdp", fsdp_shard=2)
-    with pytest.raises(ValueError, match=r"--expert-parallel 2 with LoRA \(--lora-rank\) is not supported"):
-        check(2, "ddp", lora=True)
+    with pytest.raises(ValueError, match=r"--expert-parallel 2 with a quantised LoRA base \(--lora-quantized-base\) "
+                                         r"is not supported"):
+        check(2, "ddp", quantized_base=True)
     code, _ = _cli(main, ["train", "--preset", "tiny_qwen3_moe", *COMMON, "--expert-parallel", "2",
                           "--out", str(tmp_path / "x")])
     assert code != 0

@@ -248,13 +248,16 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
 @torch.no_grad()
 def init_adapters(model, seed: int = 0) -> None:
     """A Kaiming-uniform (PEFT's ``a = sqrt(5)``) from a CPU generator seeded with ``seed``, in module
-    order; B zero. A sharded (FSDP) adapter receives its rows of the same full matrix."""
+    order; B zero. A sharded (FSDP) adapter receives its rows of the same full matrix, and with
+    expert parallelism the draws of the experts other ranks hold are made and dropped."""
     from apr_kernels.train.distributed import copy_into
 
     g = torch.Generator().manual_seed(seed)
-    for name, m in lora_modules(model).items():
+    for name, (m, held) in whole_model_adapters(model).items():
         a = torch.empty(tuple(m.lora_A.shape), dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        if not held:  # another rank's expert (expert parallelism): drawn all the same, so every
+            continue  # rank's adapters are those of the whole model
         copy_into(m.lora_A, a, f"{name}.lora_A")
         copy_into(m.lora_B, torch.zeros(tuple(m.lora_B.shape)), f"{name}.lora_B")
         if hasattr(m, "lora_magnitude"):  # DoRA starts from the base: m = ||W||_row (B is 0)
@@ -267,6 +270,24 @@ def init_adapters(model, seed: int = 0) -> None:
 
 def lora_modules(model) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def whole_model_adapters(model) -> dict[str, tuple[LoRALinear, bool]]:
+    """name -> (adapted projection, held) of the whole model in module order: ``lora_modules`` and,
+    with expert parallelism, at each other rank's expert (``RemoteExpert``) its projections' names
+    with a held expert's of the same layer standing in (shapes, scale), ``held`` False."""
+    from .transformer import Experts, RemoteExpert
+
+    out, template = {}, None
+    for name, m in model.named_modules():
+        if isinstance(m, Experts):
+            template = m.local()[0]
+        elif isinstance(m, RemoteExpert):
+            out.update({f"{name}.{sub}": (t, False) for sub, t in template.named_modules()
+                        if isinstance(t, LoRALinear)})
+        elif isinstance(m, LoRALinear):
+            out[name] = (m, True)
+    return out
 
 
 @contextlib.contextmanager

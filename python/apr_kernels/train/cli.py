@@ -509,7 +509,7 @@ def _train(args, env, mode: str) -> int:
     if args.expert_parallel != 1:
         from . import expert_parallel
 
-        expert_parallel.check(args.expert_parallel, mode, bool(args.lora_rank), env.fsdp_shard)
+        expert_parallel.check(args.expert_parallel, mode, args.lora_quantized_base, env.fsdp_shard)
         ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank)
 
     def load(path, dev, fast, **lora):

@@ -753,9 +753,10 @@ class ShardGatherer:
             weights[name] = LazyTensor(b.dtype, b.shape, lambda b=b, i=i: QuantizedTensor(b.dtype, b.shape,
                                                                                           self._fetch_raw(i)))
         if merge_lora:
-            from apr_kernels.model.lora import QuantizedLoRALinear, lora_modules
+            from apr_kernels.model.lora import QuantizedLoRALinear, whole_model_adapters
 
-            for name, m in lora_modules(self.model).items():
+            # (with expert parallelism other ranks' experts too: their names, a held expert's shapes)
+            for name, (m, _) in whole_model_adapters(self.model).items():
                 a, b = (self.weights[f"{name}.{part}"] for part in ("lora_A", "lora_B"))
                 # the frozen weight: gathered, or a quantised base dequantised here (gathered first
                 # when sharded)

@@ -48,8 +48,10 @@ With context parallelism (``--context-parallel``) the groups of both kinds are c
 the ranks sharing rows by position also exchange their tokens' rows with their experts, which is
 fine, since routing is per token. Also on ``dpo``, ``kto`` and ``reward``
 (``posttrain.EXPERT_PARALLEL_COMMANDS``), whose forwards all run on every rank in step; not on the
-sampling commands, where each rank generates on its own. Not with HSDP (``--fsdp-shard-size``) or
-LoRA (refused with a message, ``check``).
+sampling commands, where each rank generates on its own. LoRA adapters on the experts live with
+their experts (drawn in the whole model's order, so they are one process's; merged at the end
+through the same gathering). Not with HSDP (``--fsdp-shard-size``) or a quantised LoRA base
+(refused with a message, ``check``).
 """
 
 from __future__ import annotations
@@ -251,7 +253,7 @@ class OwnedTensor:
         return buf
 
 
-def check(size: int, mode: str, lora: bool = False, fsdp_shard: int = 0) -> None:
+def check(size: int, mode: str, quantized_base: bool = False, fsdp_shard: int = 0) -> None:
     """What ``--expert-parallel size`` does not combine with, refused before anything is loaded."""
     if size < 1:
         raise ValueError(f"--expert-parallel {size}: expected a group size >= 1")
@@ -260,6 +262,6 @@ def check(size: int, mode: str, lora: bool = False, fsdp_shard: int = 0) -> None
     if fsdp_shard:
         raise ValueError(f"--expert-parallel {size} with --fsdp-shard-size {fsdp_shard} is not supported (the "
                          f"experts already shard over their replicas)")
-    if lora:
-        raise ValueError(f"--expert-parallel {size} with LoRA (--lora-rank) is not supported; LoRA trains few "
-                         f"weights: use --parallel fsdp to spread the frozen experts")
+    if quantized_base:
+        raise ValueError(f"--expert-parallel {size} with a quantised LoRA base (--lora-quantized-base) is not "
+                         f"supported; use --parallel fsdp without it (each rank keeps 1/N of the blocks)")

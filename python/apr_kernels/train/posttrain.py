@@ -406,7 +406,7 @@ def expert_group(args, env, mode: str):
     if getattr(args, "_expert_group", None) is None:
         from . import expert_parallel
 
-        expert_parallel.check(n, mode, lora=bool(args.lora_rank), fsdp_shard=env.fsdp_shard)
+        expert_parallel.check(n, mode, quantized_base=args.lora_quantized_base, fsdp_shard=env.fsdp_shard)
         args._expert_group = expert_parallel.groups(env.world_size, n, env.rank)
     return args._expert_group
 
