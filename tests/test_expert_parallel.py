@@ -8,7 +8,8 @@ the fast path: each rank's experts as grouped GEMMs in Triton's interpreter), Qw
 expert, a dense layer) on 4 ranks in 2 replicated groups of 2 (8-bit AdamW; expert gradients
 reduced over the replicas). FSDP (the rest sharded over every rank, each expert over its
 replicas): Qwen3-MoE on 4 ranks in 2 groups of 2 (AdamW; with context parallelism over the same
-pairs of ranks), Mixtral on 4 ranks holding one expert each (Muon). LoRA on every expert (DDP)
+pairs of ranks), Mixtral on 4 ranks holding one expert each (Muon); HSDP on 8 ranks (2 "nodes" of
+4, each expert sharded over its node's 2 holders). LoRA on every expert (DDP)
 and DoRA (FSDP; Qwen2-MoE), their final files merged; a LoRA step checkpoint resumed spread. A one-process step checkpoint resumed sharded with the experts spread (each rank reads
 only its rows of its experts and their moments), and a sharded expert-parallel one resumed in one
 process."""
@@ -48,6 +49,9 @@ CASES = {
     # and exchange their tokens' rows with their experts
     "qwen3_fsdp": (("qwen3_moe", {}), [], 4, 2, "fsdp", ["--context-parallel", "2"]),
     "mixtral_fsdp": (("mixtral", {}), ["--optimizer", "muon"], 4, 4, "fsdp", []),
+    # HSDP: 2 nodes of 4 ranks; in each node 2 expert groups of 2, each expert sharded over its node's 2
+    # holders and replicated across the nodes
+    "hsdp": (("qwen3_moe", {}), ["--batch-size", "8"], 8, 2, "fsdp", ["--fsdp-shard-size", "4"]),
     # adapters on every expert, drawn in the whole model's order; the final file merged
     "lora": (("qwen3_moe", {}), ["--lora-rank", "4", "--lr", "1e-2"], 2, 2, "ddp", []),
     "dora_fsdp": (("qwen2_moe", {"num_experts": 4}), ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2, 2,
@@ -184,8 +188,8 @@ def test_expert_parallel_refusals(tmp_path, capsys):
         Transformer(_moe_config("qwen3_moe"), fast=False).set_expert_parallel(_stub(0, 4))
     with pytest.raises(ValueError, match="--expert-parallel 2 needs --parallel ddp or fsdp under torchrun .got none."):
         check(2, "none")
-    with pytest.raises(ValueError, match="--expert-parallel 2 with --fsdp-shard-size 2 is not supported"):
-        check(2, "fsdp", fsdp_shard=2)
+    with pytest.raises(ValueError, match="--expert-parallel 2 does not divide --fsdp-shard-size 3"):
+        check(2, "fsdp", fsdp_shard=3)
     with pytest.raises(ValueError, match=r"--expert-parallel 2 with a quantised LoRA base \(--lora-quantized-base\) "
                                          r"is not supported"):
         check(2, "ddp", quantized_base=True)

@@ -311,7 +311,8 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     compute copies are bf16, or fp16 for a run in fp16 (``compute_dtype``: GPUs without bf16).
     ``expert``: an ``expert_parallel.ExpertParallel`` whose experts this model already holds: each
     sparse layer's ``Experts`` is sharded first, over its replicas only (the ranks that hold the same
-    experts; a mesh of one rank when there is one group)."""
+    experts; a mesh of one rank when there is one group; under HSDP those of this node, replicated
+    across the nodes)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -330,8 +331,12 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
         from apr_kernels.model.transformer import Experts
 
         n = expert.size
-        replicas = init_device_mesh(env.device.type, (env.world_size // n, n),
-                                    mesh_dim_names=("replica", "expert"))["replica"]
+        if shard == env.world_size:
+            replicas = init_device_mesh(env.device.type, (env.world_size // n, n),
+                                        mesh_dim_names=("replica", "expert"))["replica"]
+        else:  # HSDP: an expert's replicas in this node shard it, the nodes' copies replicate it
+            replicas = init_device_mesh(env.device.type, (env.world_size // shard, shard // n, n),
+                                        mesh_dim_names=("replicate", "shard", "expert"))["replicate", "shard"]
         for m in model.modules():
             if isinstance(m, Experts):
                 fully_shard(m, mesh=replicas, mp_policy=mp)
@@ -439,8 +444,10 @@ class Parallel:
         if self.expert is not None:
             from .expert_parallel import expert_parameters
 
+            # under FSDP every rank holds its own part of each gradient, under HSDP within its node
+            group = shard_axis(self.module.model.embed_tokens.weight)[2] if self.env.fsdp_shard else None
             return self.expert.clip_grad_norm(self.module.parameters(), expert_parameters(self.module), max_norm,
-                                              sharded=self.mode == "fsdp")
+                                              sharded=self.mode == "fsdp", group=group)
         return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
     def reshard(self) -> None:

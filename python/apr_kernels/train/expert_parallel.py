@@ -50,8 +50,9 @@ fine, since routing is per token. Also on ``dpo``, ``kto`` and ``reward``
 (``posttrain.EXPERT_PARALLEL_COMMANDS``), whose forwards all run on every rank in step; not on the
 sampling commands, where each rank generates on its own. LoRA adapters on the experts live with
 their experts (drawn in the whole model's order, so they are one process's; merged at the end
-through the same gathering). Not with HSDP (``--fsdp-shard-size``) or a quantised LoRA base
-(refused with a message, ``check``).
+through the same gathering). Under HSDP (``--fsdp-shard-size S``, N dividing S) an expert's
+holders in a node shard it and the nodes replicate it (a 2-D mesh of its own); clipping then sums
+the squares within a node. Not with a quantised LoRA base (refused with a message, ``check``).
 """
 
 from __future__ import annotations
@@ -117,10 +118,12 @@ class ExpertParallel:
                 g.copy_(r)
         torch._foreach_div_(grads, float(self.world_size))
 
-    def clip_grad_norm(self, params, expert_params, max_norm: float, sharded: bool = False) -> torch.Tensor:
+    def clip_grad_norm(self, params, expert_params, max_norm: float, sharded: bool = False,
+                       group=None) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the whole model: the replicated parameters' squares
         (the same on every rank) plus the experts' summed over the group; ``sharded`` (FSDP): every
-        rank holds its own part of every gradient, all squares summed over the world. Returns the norm."""
+        rank of ``group`` (all; HSDP: a node's) holds its own part of every gradient, all squares
+        summed over it. Returns the norm."""
         experts = {id(p) for p in expert_params}
         params = [p for p in params if p.grad is not None]
         grads = [_local(p.grad) for p in params]
@@ -133,7 +136,7 @@ class ExpertParallel:
 
         if sharded:
             total = squares(grads)
-            dist.all_reduce(total)
+            dist.all_reduce(total, group=group)
         else:
             mine = squares([g for p, g in zip(params, grads) if id(p) in experts])
             dist.all_reduce(mine, group=self.group)
@@ -259,9 +262,9 @@ def check(size: int, mode: str, quantized_base: bool = False, fsdp_shard: int = 
         raise ValueError(f"--expert-parallel {size}: expected a group size >= 1")
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"--expert-parallel {size} needs --parallel ddp or fsdp under torchrun (got {mode})")
-    if fsdp_shard:
-        raise ValueError(f"--expert-parallel {size} with --fsdp-shard-size {fsdp_shard} is not supported (the "
-                         f"experts already shard over their replicas)")
+    if fsdp_shard and fsdp_shard % size:
+        raise ValueError(f"--expert-parallel {size} does not divide --fsdp-shard-size {fsdp_shard}; expected each "
+                         f"expert-parallel group inside one shard group (a node)")
     if quantized_base:
         raise ValueError(f"--expert-parallel {size} with a quantised LoRA base (--lora-quantized-base) is not "
                          f"supported; use --parallel fsdp without it (each rank keeps 1/N of the blocks)")
