@@ -10,7 +10,8 @@ reduced over the replicas). FSDP (the rest sharded over every rank, each expert 
 replicas): Qwen3-MoE on 4 ranks in 2 groups of 2 (AdamW; with context parallelism over the same
 pairs of ranks), Mixtral on 4 ranks holding one expert each (Muon); HSDP on 8 ranks (2 "nodes" of
 4, each expert sharded over its node's 2 holders). LoRA on every expert (DDP)
-and DoRA (FSDP; Qwen2-MoE), their final files merged; a LoRA step checkpoint resumed spread. A one-process step checkpoint resumed sharded with the experts spread (each rank reads
+and DoRA (FSDP; Qwen2-MoE), their final files merged; QLoRA on APR_Q8 blocks (DDP; each expert's
+blocks written as stored); a LoRA step checkpoint resumed spread. A one-process step checkpoint resumed sharded with the experts spread (each rank reads
 only its rows of its experts and their moments), and a sharded expert-parallel one resumed in one
 process."""
 
@@ -56,6 +57,9 @@ CASES = {
     "lora": (("qwen3_moe", {}), ["--lora-rank", "4", "--lr", "1e-2"], 2, 2, "ddp", []),
     "dora_fsdp": (("qwen2_moe", {"num_experts": 4}), ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2, 2,
                   "fsdp", []),
+    # QLoRA: every projection stored in APR_Q8 blocks, each rank holding its experts' blocks
+    "qlora": (("qwen3_moe", {"hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 128}),
+              ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"], 2, 2, "ddp", []),
 }
 
 
@@ -69,7 +73,12 @@ def runs(tmp_path_factory):
     args = {}
     for i, (name, ((arch, changes), extra, *_)) in enumerate(CASES.items()):
         torch.manual_seed(20 + i)
-        save_checkpoint(root / f"{name}.apr", model=Transformer(_moe_config(arch, **changes), fast=False))
+        if "--lora-quantized-base" in extra:
+            from test_lora import _quantised_file
+
+            _quantised_file(root / f"{name}.apr", _moe_config(arch, **changes), "APR_Q8", seed=20 + i)
+        else:
+            save_checkpoint(root / f"{name}.apr", model=Transformer(_moe_config(arch, **changes), fast=False))
         args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
     procs = {name: _torchrun([*args[name], *only], root / f"ep_{name}", world, ep, mode)
              for name, (_, _, world, ep, mode, only) in CASES.items()}
@@ -126,6 +135,21 @@ def test_expert_parallel_matches_one_process(runs, name):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=f"{name}: {key}")
         elif not key.startswith("__training__.rng"):  # 8-bit codes: nearly all equal
             assert (a[key] != b[key]).float().mean() < 0.01, f"{name}: {key}"
+
+
+def test_quantised_expert_bases_written_block_for_block(runs):
+    """The QLoRA run's step checkpoint holds every expert's base as stored (each broadcast from its
+    holder): the same raw blocks as the one-process run's."""
+    import apr_kernels
+
+    root, _, _ = runs
+    with apr_kernels.open(root / "ep_qlora" / "step_000002.apr") as a, \
+            apr_kernels.open(root / "one_qlora" / "step_000002.apr") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        blocks = [k for k in b.keys() if b.info(k).dtype == "APR_Q8"]
+        assert "model.layers.1.mlp.experts.5.down_proj.weight" in blocks
+        for k in blocks:
+            assert a.info(k).dtype == "APR_Q8" and torch.equal(a.get_raw(k), b.get_raw(k)), k
 
 
 def test_step_checkpoints_resume_across_expert_parallelism(runs):
@@ -191,8 +215,8 @@ def test_expert_parallel_refusals(tmp_path, capsys):
     with pytest.raises(ValueError, match="--expert-parallel 2 does not divide --fsdp-shard-size 3"):
         check(2, "fsdp", fsdp_shard=3)
     with pytest.raises(ValueError, match=r"--expert-parallel 2 with a quantised LoRA base \(--lora-quantized-base\) "
-                                         r"is not supported"):
-        check(2, "ddp", quantized_base=True)
+                                         r"needs --parallel ddp"):
+        check(2, "fsdp", quantized_base=True)
     code, _ = _cli(main, ["train", "--preset", "tiny_qwen3_moe", *COMMON, "--expert-parallel", "2",
                           "--out", str(tmp_path / "x")])
     assert code != 0

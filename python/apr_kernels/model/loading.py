@@ -231,13 +231,18 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
         shard(model)  # on meta: shards are created in their final dtypes
     # experts other ranks hold (expert parallelism: dropped by ``shard``): not read here
     remote = model.remote_expert_prefixes()
+    quantized = {name: m for name, m in quantized.items() if not (remote and name.startswith(remote))}
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
+    sharded = any(hasattr(t, "device_mesh") for t in params.values())  # (FSDP: DTensor parameters)
+    if sharded and quantized and model.expert_parallel is not None:
+        raise PreflightError(f"{p.path}: quantised LoRA bases with --expert-parallel need --parallel ddp (under fsdp "
+                             f"without --expert-parallel each rank keeps 1/N of their blocks)")
     with apr_kernels.open(p.path) as f, torch.no_grad():
         for name, m in quantized.items():
             stored = p.sources[name]
             info = f.info(stored)
-            if shard is not None:  # FSDP: this rank's blocks only, checked where they are
+            if sharded:  # FSDP: this rank's blocks only, checked where they are
                 from apr_kernels.quant import blocks_finite
                 from apr_kernels.train.distributed import ShardedBlocks
 

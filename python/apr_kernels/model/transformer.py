@@ -580,11 +580,7 @@ class Transformer(nn.Module):
         if not self.config.is_moe:
             raise ValueError(f"--expert-parallel {ep.size}: the model ({self.config.architecture}) has no "
                              f"experts; expected a mixture-of-experts model (qwen2_moe, qwen3_moe, mixtral)")
-        from .lora import QuantizedLoRALinear
 
-        if any(isinstance(m, QuantizedLoRALinear) for m in self.modules()):
-            raise ValueError(f"--expert-parallel {ep.size} with a quantised LoRA base (--lora-quantized-base) is "
-                             f"not supported; use --parallel fsdp without it (each rank keeps 1/N of the blocks)")
         for m in self.modules():
             if isinstance(m, SparseMoE):
                 m.set_expert_parallel(ep)

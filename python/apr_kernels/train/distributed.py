@@ -686,6 +686,15 @@ class ShardGatherer:
         # quantised LoRA bases sharded by block (QLoRA): HF weight name -> index
         self.bases: dict[str, int] = {f"{name}.weight": self._add(m.base) for name, m in model.named_modules()
                                       if isinstance(m, QuantizedLoRALinear) and isinstance(m.base, ShardedBlocks)}
+        # and (expert parallelism) the experts' whole bases, each broadcast from its holder
+        owners = {name: (owner, held) for name, _, owner, held in everything if owner is not None}
+        from apr_kernels.model.lora import whole_model_adapters
+
+        for name, (m, _) in whole_model_adapters(model).items():
+            if isinstance(m, QuantizedLoRALinear) and f"{name}.lora_A" in owners:
+                owner, held = owners[f"{name}.lora_A"]
+                self.bases[f"{name}.weight"] = self._add(OwnedTensor(m.base.data, owner, held, m.base.dtype,
+                                                                     m.base.shape))
         from .adamw8bit import Blockwise8bit
 
         trained = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -754,7 +763,7 @@ class ShardGatherer:
 
         weights = {name: self._lazy(i) for name, i in self.weights.items()}
         # a quantised LoRA base is no parameter: its blocks written as they are (gathered when sharded)
-        weights.update(quantized_bases(self.model))
+        weights.update({k: v for k, v in quantized_bases(self.model).items() if k not in self.bases})
         for name, i in self.bases.items():
             b = self.items[i]
             weights[name] = LazyTensor(b.dtype, b.shape, lambda b=b, i=i: QuantizedTensor(b.dtype, b.shape,

@@ -52,7 +52,9 @@ sampling commands, where each rank generates on its own. LoRA adapters on the ex
 their experts (drawn in the whole model's order, so they are one process's; merged at the end
 through the same gathering). Under HSDP (``--fsdp-shard-size S``, N dividing S) an expert's
 holders in a node shard it and the nodes replicate it (a 2-D mesh of its own); clipping then sums
-the squares within a node. Not with a quantised LoRA base (refused with a message, ``check``).
+the squares within a node. A quantised LoRA base (QLoRA) works under DDP (each rank holds its
+experts' blocks; ``OwnedTensor`` items of their raw bytes for the checkpoint); under FSDP it is
+refused with a message (``check``).
 """
 
 from __future__ import annotations
@@ -239,9 +241,11 @@ class OwnedTensor:
     of every rank) makes it whole where it is held (under FSDP: gathered over its replicas) and
     broadcasts it from ``owner``; the others receive it into a buffer of the template's shape."""
 
-    def __init__(self, t, owner: int, held: bool):
+    def __init__(self, t, owner: int, held: bool, dtype=None, shape=None):
         self.t, self.owner, self.held = t.detach() if torch.is_tensor(t) else t, owner, held
-        self.dtype, self.shape = t.dtype, tuple(t.shape)
+        self.buffer = (t.dtype, tuple(t.shape))
+        # what it stands for (a quantised base's raw bytes: its APR dtype and logical shape)
+        self.dtype, self.shape = dtype or t.dtype, tuple(shape or t.shape)
 
     def gather(self) -> torch.Tensor:
         from .distributed import full_tensor
@@ -251,7 +255,7 @@ class OwnedTensor:
             buf = buf.clone() if buf is self.t else buf
         else:
             device = self.t.device if torch.is_tensor(self.t) else self.t.local.device
-            buf = torch.empty(self.shape, dtype=self.dtype, device=device)
+            buf = torch.empty(self.buffer[1], dtype=self.buffer[0], device=device)
         dist.broadcast(buf, src=self.owner)
         return buf
 
@@ -265,6 +269,6 @@ def check(size: int, mode: str, quantized_base: bool = False, fsdp_shard: int = 
     if fsdp_shard and fsdp_shard % size:
         raise ValueError(f"--expert-parallel {size} does not divide --fsdp-shard-size {fsdp_shard}; expected each "
                          f"expert-parallel group inside one shard group (a node)")
-    if quantized_base:
-        raise ValueError(f"--expert-parallel {size} with a quantised LoRA base (--lora-quantized-base) is not "
-                         f"supported; use --parallel fsdp without it (each rank keeps 1/N of the blocks)")
+    if quantized_base and mode == "fsdp":
+        raise ValueError(f"--expert-parallel {size} with a quantised LoRA base (--lora-quantized-base) needs "
+                         f"--parallel ddp (under fsdp without --expert-parallel each rank keeps 1/N of the blocks)")

@@ -641,12 +641,15 @@ class Trainer(EvalWatch):
         tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
         train_tokens = self.train_seqs.shape[0] * c.seq_len
         lora = getattr(self.model, "lora", None)
+        from apr_kernels.model.lora import whole_model_adapters
+
         from .expert_parallel import parameter_counts
 
         # the whole model's counts (with expert parallelism also this rank's share); a quantised LoRA
         # base holds its projections outside the parameters
         sizes = parameter_counts(self.model, self.parallel.expert if self.parallel is not None else None)
-        sizes["params"] += sum(math.prod(m.base.shape) for m in self.model.modules() if hasattr(m, "base"))
+        sizes["params"] += sum(math.prod(m.base.shape) for m, _ in whole_model_adapters(self.model).values()
+                               if hasattr(m, "base"))
         return {
             "step": self.step, "steps": c.steps, **sizes,
             "tokens_per_step": tokens_per_step, "train_tokens": train_tokens,
