@@ -450,6 +450,17 @@ def _tensors(path) -> dict:
         return {name: f.get_tensor(name).clone() for name in f.keys()}, dict(f.metadata)
 
 
+def _same_checkpoint(path, want, what: str, atol: float = 5e-5) -> tuple[dict, dict]:
+    """The tensors of checkpoint ``path`` and of ``want`` (a one-process run's): the same names, and every
+    floating one (weights, moments; not the ranks' RNG states) close. Returns both."""
+    (a, _), (b, _) = _tensors(path), _tensors(want)
+    assert sorted(a) == sorted(b)
+    for key in b:
+        if b[key].is_floating_point() and not key.startswith("__training__.rng"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=f"{what}: {key}")
+    return a, b
+
+
 def test_fsdp_under_torchrun_matches_one_process(runs):
     ref, got = _records(runs["one_out"]), _records(runs["torchrun_out"])
     assert len(_losses(ref)) == STEPS and len(_losses(got)) == STEPS  # rank 0 alone logs

@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from .distributed import shard_axis, shard_rows
+from .distributed import local_part, shard_axis, shard_rows
 
 BLOCK = 256          # values per scale
 MIN_8BIT = 4096      # smaller tensors keep fp32 moments
@@ -113,11 +113,6 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, sh
     return values.reshape(-1)[:math.prod(shape)].view(shape)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (a view sharing its storage), else ``t``."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def eight_bit_layout(p: torch.Tensor) -> bool:
     """Whether ``p``'s moments are kept in 8 bits: at least ``MIN_8BIT`` values, and when sharded by
     FSDP every rank's share a whole number of blocks (module docstring)."""
@@ -165,7 +160,7 @@ class AdamW8bit(torch.optim.Optimizer):
         fp32 placed like ``p`` (a DTensor under FSDP)."""
         if not eight_bit_layout(p):
             return value.to(torch.float32, copy=True)  # (its own storage: updated in place)
-        return Blockwise8bit(_local(value), self.qmap(signed, _local(p).device))
+        return Blockwise8bit(local_part(value), self.qmap(signed, local_part(p).device))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -191,15 +186,15 @@ class AdamW8bit(torch.optim.Optimizer):
                 t = float(state["step"])
                 m_q, v_q = state["exp_avg"], state["exp_avg_sq"]
                 # the update is elementwise: under FSDP each rank updates its own rows (local views)
-                w, grad = _local(p), _local(p.grad)
+                w, grad = local_part(p), local_part(p.grad)
                 k = self._kernel(w) if isinstance(m_q, Blockwise8bit) else None
                 if k is not None and w.is_contiguous() and grad.is_contiguous():
                     k.adamw8bit_step(w, grad, m_q.codes, m_q.absmax, v_q.codes, v_q.absmax,
                                      self._mids(True, w.device), m_q.qmap, self._mids(False, w.device), v_q.qmap,
                                      lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd, step=t)
                     continue
-                m = m_q.dequantize() if isinstance(m_q, Blockwise8bit) else _local(m_q)
-                v = v_q.dequantize() if isinstance(v_q, Blockwise8bit) else _local(v_q)
+                m = m_q.dequantize() if isinstance(m_q, Blockwise8bit) else local_part(m_q)
+                v = v_q.dequantize() if isinstance(v_q, Blockwise8bit) else local_part(v_q)
                 g = grad.float()
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)

@@ -290,6 +290,11 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view sharing its storage), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _raise_together(env: DistEnv, error: BaseException | None, what: str) -> None:
     """Re-raise ``error`` on its rank and a matching error on the others (no rank waits alone)."""
     if not env.active or env.world_size == 1:

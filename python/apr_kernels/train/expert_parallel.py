@@ -63,6 +63,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
+
+from .distributed import full_tensor, local_part
 
 
 class ExpertParallel:
@@ -87,10 +90,10 @@ class ExpertParallel:
         per = counts.numel() // n
         counts = counts.to(torch.int64)
         # recv[s, e]: rows that rank s sends to this rank's expert e (the first all-to-all)
-        recv = _wait(_funcol().all_to_all_single(counts, None, None, self.group)).view(n, per)
+        recv = funcol.wait_tensor(funcol.all_to_all_single(counts, None, None, self.group)).view(n, per)
         sizes = torch.cat([counts.view(n, per).sum(1), recv.sum(1)]).tolist()  # one host read per layer
         send_sizes, recv_sizes = sizes[:n], sizes[n:]
-        rows = _wait(_funcol().all_to_all_single_autograd(xs, recv_sizes, send_sizes, self.group))
+        rows = funcol.wait_tensor(funcol.all_to_all_single_autograd(xs, recv_sizes, send_sizes, self.group))
         # received by source, then expert: regroup by expert (stable: each source's rows keep their order)
         expert = torch.arange(per, device=xs.device).repeat(n).repeat_interleave(
             recv.flatten(), output_size=sum(recv_sizes))
@@ -98,14 +101,14 @@ class ExpertParallel:
         mine = recv.sum(0)
         out = run(rows[perm], mine.cumsum(0), mine)
         back = out.new_empty(out.shape).index_copy(0, perm, out)
-        return _wait(_funcol().all_to_all_single_autograd(back, send_sizes, recv_sizes, self.group))
+        return funcol.wait_tensor(funcol.all_to_all_single_autograd(back, send_sizes, recv_sizes, self.group))
 
     # --------------------------------------------------------------------------- gradients
     def reduce_grads(self, params, sharded: bool = False) -> None:
         """After the step's last backward: every expert gradient summed over its replicas and divided
         by the world size (DDP's mean, as the replicated parameters get it). ``sharded`` (FSDP): the
         replicas' reduce-scatter already averaged over them (world / N): divided by N."""
-        grads = [_local(p.grad) for p in params if p.grad is not None]
+        grads = [local_part(p.grad) for p in params if p.grad is not None]
         if not grads:
             return
         if sharded:
@@ -128,7 +131,7 @@ class ExpertParallel:
         summed over it. Returns the norm."""
         experts = {id(p) for p in expert_params}
         params = [p for p in params if p.grad is not None]
-        grads = [_local(p.grad) for p in params]
+        grads = [local_part(p.grad) for p in params]
         if not grads:
             return torch.zeros(())
 
@@ -147,22 +150,6 @@ class ExpertParallel:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         return total
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP), a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _funcol():
-    import torch.distributed._functional_collectives as funcol
-
-    return funcol
-
-
-def _wait(t: torch.Tensor) -> torch.Tensor:
-    """A functional collective's result, waited for (eagerly it may come back as a lazy wrapper)."""
-    return t.wait() if isinstance(t, _funcol().AsyncCollectiveTensor) else t
 
 
 def groups(world_size: int, size: int, rank: int) -> ExpertParallel:
@@ -248,8 +235,6 @@ class OwnedTensor:
         self.dtype, self.shape = dtype or t.dtype, tuple(shape or t.shape)
 
     def gather(self) -> torch.Tensor:
-        from .distributed import full_tensor
-
         if self.held:
             buf = full_tensor(self.t) if torch.is_tensor(self.t) else self.t.gather()  # (BlockShards)
             buf = buf.clone() if buf is self.t else buf
