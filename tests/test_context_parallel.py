@@ -276,7 +276,8 @@ def test_what_context_parallelism_cannot_split_is_refused(tmp_path, capsys):
         in capsys.readouterr().err
     # the trainer's checks, on a stand-in for a 4-rank run in 2 groups of 2
     model = Transformer(_config(), fast=False)
-    par = SimpleNamespace(module=model, world_size=4, data_ranks=2, context=ContextParallel(None, 0, 2))
+    par = SimpleNamespace(module=model, world_size=4, data_ranks=2, context=ContextParallel(None, 0, 2),
+                          tensor=None)
     tokens = torch.randint(0, 97, (4000,))
 
     def trainer(**cfg):

@@ -203,6 +203,7 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     expert-parallel group (``Transformer.set_expert_parallel``) are read only by the ranks that hold them.
     """
     import apr_kernels
+    from apr_kernels.train.tensor_parallel import split_dims
 
     from .lora import add_lora, init_adapters, merge_into_weights
 
@@ -259,21 +260,27 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
             if not finite:
                 raise PreflightError(f"{p.path}: tensor {stored!r} ({info.dtype}) dequantises to non-finite "
                                      f"values; expected finite weights")
+        tp, split = model.tensor_parallel, split_dims(model)
         for name, stored in p.sources.items():
             if name in quantized or (remote and name.startswith(remote)):
                 continue
+            view = None  # tensor parallelism: this rank's rows or columns of the zero-copy view
+            if name in split:
+                view = tp.local(f.get_tensor(stored), split[name], f"{p.path}: tensor {stored!r}")
             if shard is not None and hasattr(params[name], "device_mesh"):  # a DTensor shard
                 from apr_kernels.train.distributed import local_shard
 
                 # the zero-copy view, sliced: only this rank's rows are read (and converted)
-                t = local_shard(f.get_tensor(stored), params[name], f"{p.path}: tensor {stored!r}")
+                t = local_shard(f.get_tensor(stored) if view is None else view, params[name],
+                                f"{p.path}: tensor {stored!r}")
                 if not torch.isfinite(t).all():
                     bad = int((~torch.isfinite(t)).sum())
                     raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
                                          f"expected finite weights")
                 params[name].to_local().copy_(t)
                 continue
-            t = f.get_tensor(stored, device=device, dtype=dtype)  # CUDA: staged through pinned buffers
+            # CUDA: staged through pinned buffers
+            t = f.get_tensor(stored, device=device, dtype=dtype) if view is None else view.to(device, dtype)
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "

@@ -44,13 +44,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
+    # a per-head norm (Qwen3's q/k norms) under tensor parallelism: train/tensor_parallel.py's
+    # TensorParallel, whose ranks each normalise their own heads with the whole weight: its
+    # gradient is summed over them
+    tensor_parallel = None
+
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        w = self.weight if self.tensor_parallel is None else self.tensor_parallel.enter(self.weight)
         if fast:
-            return _ops().rms_norm(x, self.weight, self.eps)
+            return _ops().rms_norm(x, w, self.eps)
         dtype = x.dtype
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return w * x32.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -78,6 +84,9 @@ class Attention(nn.Module):
     # train/context_parallel.py's ContextParallel while this rank holds a share of every sequence's
     # positions (Transformer.set_context_parallel), else None
     context_parallel = None
+    # train/tensor_parallel.py's TensorParallel while this rank holds a share of the heads
+    # (Transformer.set_tensor_parallel; num_heads and num_kv_heads are then the local counts), else None
+    tensor_parallel = None
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -139,6 +148,9 @@ class Attention(nn.Module):
         """``cos``/``sin``: ``[S, D/2]`` tables, or with ``docs`` ``[B*S, D/2]``, one row per token
         (positions restart at each document)."""
         b, s, _ = x.shape
+        tp = self.tensor_parallel
+        if tp is not None:  # this rank's heads: the input's gradient summed over the group
+            x = tp.enter(x)
         q, k, v = self.rotated_qkv(x, cos, sin, fast, packed=docs is not None)
         if self.context_parallel is not None:  # the local chunks against the group's gathered K/V
             if docs is not None:  # (per-token tables: the packed [1, B*S] views back to rows)
@@ -167,11 +179,14 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 scale=self.head_dim ** -0.5, enable_gqa=self.num_heads != self.num_kv_heads,
             ).transpose(1, 2)
-        return self.o_proj(o.reshape(b, s, self.num_heads * self.head_dim))
+        out = self.o_proj(o.reshape(b, s, self.num_heads * self.head_dim))
+        return out if tp is None else tp.leave(out)  # (the heads' partial sums added up)
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    tensor_parallel = None  # as Attention's: this rank holds intermediate / N of the rows
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -180,9 +195,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        tp = self.tensor_parallel
+        if tp is not None:
+            x = tp.enter(x)
         if fast and x.numel():  # one fused pass; silu(gate) is recomputed in the backward instead of kept
-            return self.down_proj(_ops().swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            y = self.down_proj(_ops().swiglu(self.gate_proj(x), self.up_proj(x)))
+        else:
+            y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if tp is None else tp.leave(y)
 
 
 class MixtralExpert(nn.Module):
@@ -199,6 +219,7 @@ class MixtralExpert(nn.Module):
     up_proj = property(lambda self: self.w3)
     down_proj = property(lambda self: self.w2)
     forward = MLP.forward
+    tensor_parallel = None  # (MLP.forward's; experts are never split, see --expert-parallel)
 
 
 def sort_by_expert(chosen: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,8 +462,9 @@ class Block(nn.Module):
 
 def _kept_ops() -> frozenset:
     """The ops whose outputs selective checkpointing keeps: matrix products and attention (the
-    compute-bound work, and our kernels'), K/V all-gathers (communication); everything else (norms,
-    RoPE, SwiGLU, residual adds, casts, routing) is recomputed from them in the backward."""
+    compute-bound work, and our kernels'), K/V all-gathers and tensor-parallel all-reduces
+    (communication); everything else (norms, RoPE, SwiGLU, residual adds, casts, routing) is
+    recomputed from them in the backward."""
     aten = torch.ops.aten
     names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
@@ -454,6 +476,7 @@ def _kept_ops() -> frozenset:
             ops.add(getattr(torch.ops.apr, name).default)
     if hasattr(torch.ops, "_c10d_functional"):
         ops.add(torch.ops._c10d_functional.all_gather_into_tensor.default)
+        ops.add(torch.ops._c10d_functional.all_reduce.default)  # (tensor parallelism's sums)
         ops.add(torch.ops._c10d_functional.wait_tensor.default)
     return frozenset(ops)
 
@@ -584,6 +607,45 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, SparseMoE):
                 m.set_expert_parallel(ep)
+
+    @property
+    def tensor_parallel(self):
+        """train/tensor_parallel.py's TensorParallel when the layers are split over ranks, else None."""
+        return self.model.layers[0].self_attn.tensor_parallel if len(self.model.layers) else None
+
+    @torch.no_grad()
+    def set_tensor_parallel(self, tp) -> None:
+        """Split every layer's projections over tensor-parallel group ``tp`` (``train/tensor_parallel.py``):
+        this rank keeps its heads' rows of q/k/v and columns of o, its rows of gate/up and columns of
+        down. A materialised model keeps its slices (copies); on the meta device nothing is allocated."""
+        from apr_kernels.train.tensor_parallel import COLUMN, check_config
+
+        if self.tensor_parallel is not None:
+            raise ValueError("set_tensor_parallel: the model is split already")
+        check_config(self.config, tp.size)
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.ffn
+            for m in (attn, mlp):
+                for leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                    if not hasattr(m, leaf):
+                        continue
+                    old = getattr(m, leaf)
+                    dim = 0 if leaf in COLUMN else 1
+                    w = tp.local(old.weight, dim, leaf)
+                    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device,
+                                    dtype=w.dtype)
+                    if not w.is_meta:
+                        new.weight.copy_(w)
+                        if old.bias is not None:
+                            new.bias.copy_(tp.local(old.bias, 0, leaf))
+                    new.weight.requires_grad_(old.weight.requires_grad)
+                    setattr(m, leaf, new)
+                m.tensor_parallel = tp
+            for norm in ("q_norm", "k_norm"):  # (each rank's heads: partial gradients, summed)
+                if hasattr(attn, norm):
+                    getattr(attn, norm).tensor_parallel = tp
+            attn.num_heads //= tp.size
+            attn.num_kv_heads //= tp.size
 
     def remote_expert_prefixes(self) -> tuple[str, ...]:
         """The name prefixes (``model.layers.L.mlp.experts.E.``) of experts other ranks hold."""

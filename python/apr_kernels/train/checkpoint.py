@@ -259,6 +259,10 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
     params = [p for g in opt.param_groups for p in g["params"]]
     names = _param_names(trainer.model, opt)
     steps = meta["training.adam_steps"]
+    from .tensor_parallel import split_dims
+
+    # tensor parallelism: this rank's rows or columns of a split parameter's whole moments
+    split, tp = split_dims(trainer.model), trainer.model.tensor_parallel
     state = {}
     with apr_kernels.open(path) as f:
         for i, (name, p) in enumerate(zip(names, params)):
@@ -285,6 +289,8 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
                     raise ValueError(f"{path}: checkpoint lacks optimizer tensor {tname!r}; expected one "
                                      f"per trained parameter")
                 t = f.get_tensor(tname)
+                if name in split:
+                    t = tp.local(t, split[name], f"{path}: optimizer tensor {tname!r}")
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"{path}: optimizer tensor {tname!r} has shape {list(t.shape)}, "
                                      f"expected {list(p.shape)}")

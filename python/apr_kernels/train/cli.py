@@ -511,6 +511,17 @@ def _train(args, env, mode: str) -> int:
 
         expert_parallel.check(args.expert_parallel, mode, args.lora_quantized_base, env.fsdp_shard)
         ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank)
+    tp = None  # tensor parallelism: likewise made before loading (each rank reads only its part)
+    if args.tensor_parallel != 1:
+        from . import tensor_parallel
+
+        optimizer = (training_metadata(args.resume)["training.config"].get("optimizer", "adamw") if args.resume
+                     else args.optimizer)
+        tensor_parallel.check(args.tensor_parallel, mode, fsdp_shard=env.fsdp_shard,
+                              context_parallel=args.context_parallel, expert_parallel=args.expert_parallel,
+                              lora=bool(args.lora_rank), optimizer=optimizer,
+                              compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
+        tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank)
 
     def load(path, dev, fast, **lora):
         """from_apr for this run: sharded on the meta device under FSDP (only this rank's experts
@@ -519,7 +530,7 @@ def _train(args, env, mode: str) -> int:
             from . import distributed
 
             return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load), expert_parallel=ep,
-                                        compute_dtype=autocast_dtype_for(cfg.precision, env.device))
+                                        tensor_parallel=tp, compute_dtype=autocast_dtype_for(cfg.precision, env.device))
         from apr_kernels.model.loading import from_apr
 
         return from_apr(path, device=dev, fast=fast, **(lora or lora_load))
@@ -586,13 +597,14 @@ def _train(args, env, mode: str) -> int:
     if mode != "none":
         from . import distributed
 
-        data_ranks = env.world_size // cp if env.world_size % cp == 0 else env.world_size
+        sharing, what = (args.tensor_parallel, "--tensor-parallel") if tp else (cp, "--context-parallel")
+        data_ranks = env.world_size // sharing if env.world_size % sharing == 0 else env.world_size
         if cfg.batch_size % data_ranks:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {data_ranks} data-parallel "
-                             f"ranks (world size {env.world_size}, --context-parallel {cp}); expected an equal "
+                             f"ranks (world size {env.world_size}, {what} {sharing}); expected an equal "
                              f"share of every batch per rank")
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
-                                           context_parallel=cp, expert_parallel=ep)
+                                           context_parallel=cp, expert_parallel=ep, tensor_parallel=tp)
     from .data import default_cache_dir
 
     cache_dir = None if args.no_token_cache else (args.token_cache or default_cache_dir())
@@ -1011,6 +1023,11 @@ def compile_layers(model) -> None:
     the compiled code, and parameter names stay Hugging Face's). The package's ops are opaque custom ops
     to the compiler, so it fuses only the glue between them (residual adds, biases, casts). One compiled
     graph serves every layer."""
+    if model.gradient_checkpointing == "selective":
+        # under DDP, dynamo's DDPOptimizer splits each layer's graph at gradient-bucket boundaries, and
+        # the partitioner then fails on selective checkpointing's tags (torch 2.13: "'>' not supported
+        # between NoneType"); a layer's graph is about one bucket anyway, so it is compiled whole
+        torch._dynamo.config.optimize_ddp = False
     for layer in model.model.layers:
         layer.forward = torch.compile(layer.forward)
 
@@ -1191,6 +1208,10 @@ def register(subparsers) -> None:
                    help="with --parallel ddp or fsdp, a mixture-of-experts model's experts spread over groups of N "
                         "consecutive ranks (each holds num_experts/N of every layer; rows exchanged by all-to-all; "
                         "default 1: off)")
+    s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="with --parallel ddp or fsdp, every layer's heads and MLP rows split over groups of N "
+                        "consecutive ranks (Megatron-LM's column/row-parallel layout: two all-reduces per layer "
+                        "and pass; the group shares its rows, the batch split over world/N; default 1: off)")
     s.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)

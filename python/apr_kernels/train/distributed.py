@@ -311,20 +311,24 @@ def _raise_together(env: DistEnv, error: BaseException | None, what: str) -> Non
 
 
 # ----------------------------------------------------------------------------- wrapping
-def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, expert=None):
+def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, expert=None, tensor=None):
     """``fully_shard`` every decoder layer, then the root (embedding, final norm, lm_head). On CUDA the
     compute copies are bf16, or fp16 for a run in fp16 (``compute_dtype``: GPUs without bf16).
     ``expert``: an ``expert_parallel.ExpertParallel`` whose experts this model already holds: each
     sparse layer's ``Experts`` is sharded first, over its replicas only (the ranks that hold the same
     experts; a mesh of one rank when there is one group; under HSDP those of this node, replicated
-    across the nodes)."""
+    across the nodes). ``tensor``: a ``tensor_parallel.TensorParallel`` whose split this model already
+    has: each rank's tensors are sharded over the ranks holding the same parts (its replicas)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if isinstance(model, FSDPModule):
         return model
     shard = env.fsdp_shard or env.world_size
-    if shard == env.world_size:
+    if tensor is not None and tensor.size > 1:  # (consecutive ranks split the layers: every tensor-th shards)
+        mesh = init_device_mesh(env.device.type, (env.world_size // tensor.size, tensor.size),
+                                mesh_dim_names=("data", "tensor"))["data"]
+    elif shard == env.world_size:
         mesh = init_device_mesh(env.device.type, (env.world_size,))
     else:  # HSDP: reduce-scatter inside each group of `shard` ranks, all-reduce between the groups
         mesh = init_device_mesh(env.device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
@@ -371,23 +375,30 @@ class Parallel:
     each batch, cross-rank means and sharded evaluation. ``module`` is the ``Transformer`` itself
     (Hugging Face names; DTensor parameters under FSDP)."""
 
-    def __init__(self, module, mode: str, env: DistEnv, wrapper=None, context=None, expert=None):
+    def __init__(self, module, mode: str, env: DistEnv, wrapper=None, context=None, expert=None, tensor=None):
         self.module, self.mode, self.env, self._wrapper = module, mode, env, wrapper
         self.context = context  # context_parallel.ContextParallel, or None
         self.expert = expert  # expert_parallel.ExpertParallel, or None
+        self.tensor = tensor  # tensor_parallel.TensorParallel, or None
 
     @property
     def world_size(self) -> int:
         return self.env.world_size
 
     @property
+    def _sharing(self) -> int:
+        """Consecutive ranks that see the same rows: a context- or tensor-parallel group's."""
+        group = self.context or self.tensor
+        return group.size if group is not None else 1
+
+    @property
     def data_ranks(self) -> int:
-        """Ranks that take different rows: all of them, or one per context-parallel group."""
-        return self.env.world_size // (self.context.size if self.context is not None else 1)
+        """Ranks that take different rows: all of them, or one per context- or tensor-parallel group."""
+        return self.env.world_size // self._sharing
 
     @property
     def data_rank(self) -> int:
-        return self.env.rank // (self.context.size if self.context is not None else 1)
+        return self.env.rank // self._sharing
 
     def local_positions(self, *ts: torch.Tensor):
         """This rank's positions of whole rows ``[B, T, ...]`` (all of them without context parallelism)."""
@@ -446,6 +457,14 @@ class Parallel:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip every gradient by the global norm of the whole model's; returns that norm (under FSDP
         a replicated DTensor, as ``torch.nn.utils.clip_grad_norm_`` returns it)."""
+        if self.tensor is not None:
+            from .tensor_parallel import clip_grad_norm, split_dims
+
+            split = {id(p) for n, p in self.module.named_parameters() if n in split_dims(self.module)}
+            fsdp = self.mode == "fsdp"
+            return clip_grad_norm(self.module.parameters(), split, max_norm, self.tensor,
+                                  sharded_group=self.tensor.replicas if fsdp else None,
+                                  split_group=dist.group.WORLD if fsdp else None)
         if self.expert is not None:
             from .expert_parallel import expert_parameters
 
@@ -465,6 +484,17 @@ class Parallel:
     def local_rows(self, index: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global batch (a context-parallel group's ranks share theirs)."""
         return local_rows(index, self.data_rank, self.data_ranks)
+
+    @property
+    def grad_ranks(self) -> int:
+        """The ranks whose gradients DDP/FSDP average (all of them; a tensor-parallel group's ranks hold
+        different parts, averaged only with their replicas): a loss scaled by this sums instead."""
+        return self.env.world_size // (self.tensor.size if self.tensor is not None else 1)
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of what each computed on its own share (a tensor-parallel group's
+        ranks computed the same: counted once)."""
+        return self.mean(t) * self.grad_ranks
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce mean (gloo has no AVG: sum, then divide)."""
@@ -508,11 +538,13 @@ class Parallel:
         self.reshard()
         if self.env.world_size > 1:  # (context-parallel ranks hold disjoint positions: their sums add up)
             dist.all_reduce(acc)
+            if self.tensor is not None:  # (a tensor-parallel group's ranks each summed the same rows)
+                acc /= self.tensor.size
         return float(acc[0] / acc[1]), int(acc[1])
 
 
 def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | None = None,
-                context_parallel: int = 1, expert_parallel=None) -> Parallel:
+                context_parallel: int = 1, expert_parallel=None, tensor_parallel=None) -> Parallel:
     """Wrap ``model`` for ``mode``: ``ddp`` (a replica per rank, gradients all-reduced), ``fsdp``
     (``fully_shard`` per decoder layer and at the root, ``compute_dtype`` as ``_fsdp_shard``'s;
     already sharded models pass through) or ``none``. Build the optimizer after this: FSDP replaces
@@ -520,7 +552,9 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
     sequence's positions between them (``context_parallel.py``); gradients are still reduced over
     every rank. ``expert_parallel``: an ``expert_parallel.ExpertParallel``: the experts spread over
     its group (already, when loaded that way); DDP reduces the rest, or FSDP shards the rest over
-    every rank and the experts over their replicas."""
+    every rank and the experts over their replicas. ``tensor_parallel``: a
+    ``tensor_parallel.TensorParallel``: the layers split over its group (already, when loaded that
+    way); DDP or FSDP over the ranks holding the same parts."""
     if mode not in MODES:
         raise ValueError(f"parallel mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode != "none" and not env.active:
@@ -541,14 +575,27 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         check(expert_parallel.size, mode, fsdp_shard=env.fsdp_shard)
         if model.expert_parallel is None:
             model.set_expert_parallel(expert_parallel)
+    tensor = tensor_parallel
+    if tensor is not None:
+        from .tensor_parallel import check
+
+        check(tensor.size, mode, fsdp_shard=env.fsdp_shard, context_parallel=context_parallel,
+              expert_parallel=expert_parallel.size if expert_parallel is not None else 1,
+              lora=bool(getattr(model, "lora", None)))
+        if model.tensor_parallel is None:
+            model.set_tensor_parallel(tensor)
     if mode == "fsdp":
-        return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel), mode, env, context=context,
-                        expert=expert_parallel)
+        return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel, tensor), mode, env, context=context,
+                        expert=expert_parallel, tensor=tensor)
     model = model.to(env.device)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = _LossModule(model)
+        if tensor is not None:  # each rank's parts averaged with the ranks holding the same ones
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            return Parallel(model, mode, env, DDP(wrapped, device_ids=ids, process_group=tensor.replicas),
+                            tensor=tensor)
         if expert_parallel is not None:  # each rank's own experts: reduced by ExpertParallel, not DDP
             from .expert_parallel import expert_parameters
 
@@ -562,20 +609,23 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
 
 # ------------------------------------------------------------------------ load and save
 def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
-             expert_parallel=None, **lora):
+             expert_parallel=None, tensor_parallel=None, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
     materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), only this rank's experts
-    with ``expert_parallel``, a full replica otherwise. Fails on every rank if any fails.
+    with ``expert_parallel``, only this rank's part of every layer with ``tensor_parallel``, a full
+    replica otherwise. Fails on every rank if any fails.
     ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
     from apr_kernels.model.loading import from_apr as load
 
     def on_meta(m):
         if expert_parallel is not None:  # (before FSDP: only this rank's experts are sharded, and read)
             m.set_expert_parallel(expert_parallel)
+        if tensor_parallel is not None:  # (likewise: only this rank's heads and rows)
+            m.set_tensor_parallel(tensor_parallel)
         if mode == "fsdp":
-            _fsdp_shard(m, env, compute_dtype, expert_parallel)
+            _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel)
 
-    shard = on_meta if mode == "fsdp" or expert_parallel is not None else None
+    shard = on_meta if mode == "fsdp" or expert_parallel is not None or tensor_parallel is not None else None
     model, error = None, None
     try:
         model = load(path, device=env.device, fast=fast, shard=shard, **lora)
@@ -684,8 +734,13 @@ class ShardGatherer:
         # every parameter of the whole model, in one order on every rank (an expert held by one rank
         # of each expert-parallel group: broadcast from the first group's)
         everything = list(global_parameters(model))
+        from .tensor_parallel import Split, split_dims
+
+        # a parameter the tensor-parallel ranks split: joined from the group's parts
+        split, tp = split_dims(model), model.tensor_parallel
         for name, p, owner, held in everything:
-            self.weights[name] = self._add(p if owner is None else OwnedTensor(p, owner, held))
+            self.weights[name] = self._add(Split(p, split[name], tp) if name in split
+                                           else p if owner is None else OwnedTensor(p, owner, held))
         from apr_kernels.model.lora import QuantizedLoRALinear
 
         # quantised LoRA bases sharded by block (QLoRA): HF weight name -> index
@@ -706,7 +761,9 @@ class ShardGatherer:
         for name, p, owner, held in everything:  # (a remote expert's: the structure of its template's)
             state = opt.state.get(p) if id(p) in trained else None
 
-            def part(t):  # an expert's moment (or 8-bit part), held by one rank of each group
+            def part(t):  # an expert's moment (or 8-bit part), held by one rank of each group; a split one
+                if name in split:
+                    return Split(t, split[name], tp)
                 return t if owner is None else OwnedTensor(t, owner, held)
 
             if state and "momentum_buffer" in state:  # Muon (optim.py)
@@ -724,16 +781,14 @@ class ShardGatherer:
                         entry[key] = (self._add(part(m.codes)), self._add(part(m.absmax)))
 
     def _add(self, t) -> int:
-        from .expert_parallel import OwnedTensor
-
-        self.items.append(t if isinstance(t, (BlockShards, ShardedBlocks, OwnedTensor)) else t.detach())
+        self.items.append(t.detach() if torch.is_tensor(t) else t)
         return len(self.items) - 1
 
     def _full(self, i: int) -> torch.Tensor:
-        from .expert_parallel import OwnedTensor
-
+        """The whole tensor of item ``i`` (a collective): gathered by the item (``BlockShards``,
+        ``ShardedBlocks``, ``OwnedTensor``, ``Split``), or a DTensor's full tensor."""
         item = self.items[i]
-        return item.gather() if isinstance(item, (BlockShards, ShardedBlocks, OwnedTensor)) else full_tensor(item)
+        return full_tensor(item) if torch.is_tensor(item) else item.gather()
 
     def _fetch_raw(self, i: int) -> torch.Tensor:
         """A sharded quantised base's whole raw bytes, on the host."""
@@ -835,7 +890,8 @@ def save_checkpoint(path, trainer, parallel: Parallel | None, **kwargs) -> None:
         return save(path, trainer, **kwargs)
     env = parallel.env
     parallel.reshard()
-    gatherer = ShardGatherer(trainer) if parallel.mode == "fsdp" or parallel.expert is not None else None
+    gathered = parallel.mode == "fsdp" or parallel.expert is not None or parallel.tensor is not None
+    gatherer = ShardGatherer(trainer) if gathered else None
     error = None
     if env.is_main:
         try:

@@ -209,16 +209,28 @@ def global_parameters(model):
                 yield f"{prefix}{e}.{suffix}", mine[suffix], e // per, held
 
 
-def parameter_counts(model, expert) -> dict:
+def parameter_counts(model, expert, tensor=None) -> dict:
     """The start record's sizes: ``params`` and ``trainable`` of the whole model (every rank's experts
-    counted once) and, with expert parallelism (``expert``: an ExpertParallel or None),
-    ``params_rank`` (this rank's share) and ``expert_parallel``."""
-    mine = list(model.parameters())
-    everything = [t for _, t, _, _ in global_parameters(model)] if expert is not None else mine
-    out = {"params": sum(p.numel() for p in everything),
-           "trainable": sum(p.numel() for p in everything if p.requires_grad)}
+    counted once, a tensor-parallel split's parts as the whole) and, when this rank holds only a
+    share (``expert``: an ExpertParallel, ``tensor``: a TensorParallel, or None), ``params_rank``
+    (this rank's share) and ``expert_parallel`` / ``tensor_parallel``."""
+    from .tensor_parallel import split_dims
+
+    mine = list(model.named_parameters())
+    everything = [(n, t) for n, t, _, _ in global_parameters(model)] if expert is not None else mine
+    split = split_dims(model)
+
+    def whole(name, t):
+        return t.numel() * (tensor.size if name in split else 1)
+
+    out = {"params": sum(whole(n, t) for n, t in everything),
+           "trainable": sum(whole(n, t) for n, t in everything if t.requires_grad)}
+    if expert is not None or tensor is not None:
+        out["params_rank"] = sum(t.numel() for _, t in mine)
     if expert is not None:
-        out.update(params_rank=sum(p.numel() for p in mine), expert_parallel=expert.size)
+        out["expert_parallel"] = expert.size
+    if tensor is not None:
+        out["tensor_parallel"] = tensor.size
     return out
 
 

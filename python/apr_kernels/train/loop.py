@@ -448,10 +448,12 @@ class Trainer(EvalWatch):
                 raise ValueError("Trainer: parallel.module is not the model given; expected "
                                  "parallelize(model, ...) of this model")
             if config.batch_size % parallel.data_ranks:
+                sharing = [(f"--{kind}-parallel", g.size) for kind, g in (("context", parallel.context),
+                                                                          ("tensor", parallel.tensor)) if g]
                 raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the "
-                                 + (f"world size {parallel.world_size}" if parallel.context is None else
+                                 + (f"world size {parallel.world_size}" if not sharing else
                                     f"{parallel.data_ranks} data-parallel groups ({parallel.world_size} ranks / "
-                                    f"--context-parallel {parallel.context.size})")
+                                    f"{sharing[0][0]} {sharing[0][1]})")
                                  + "; expected an equal share of every batch per rank")
             if parallel.context is not None:  # what the split of every row into the group's chunks rules out
                 parallel.context.check_length(config.seq_len, "--seq-len")
@@ -471,7 +473,8 @@ class Trainer(EvalWatch):
             if config.optimizer == "muon":
                 raise ValueError("--optimizer muon with fp16 loss scaling is not supported; use --precision bf16 "
                                  "or fp32")
-            if parallel is not None and parallel.mode == "fsdp":  # an inf on any rank's shard skips everyone's step
+            # an inf on any rank's shard (FSDP) or part (tensor parallelism) skips everyone's step
+            if parallel is not None and (parallel.mode == "fsdp" or parallel.tensor is not None):
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
                 self.scaler = ShardedGradScaler(self.device.type)
@@ -518,7 +521,7 @@ class Trainer(EvalWatch):
         if self.teacher is not None:
             from apr_kernels.model.distillation import Teacher
         par = self.parallel
-        world = par.world_size if par is not None else 1
+        world = par.grad_ranks if par is not None else 1
         # the global batch of every micro-batch (the data position is global), and the number of loss
         # targets in the whole step, counted on the host by every rank alike: the step's loss is the
         # mean over those targets however they fall into micro-batches and ranks (with prompt tokens
@@ -546,7 +549,7 @@ class Trainer(EvalWatch):
                     if teacher is not None:  # [loss, ce, kl]
                         parts += loss_sum[1:].detach()
                         loss_sum = loss_sum[0]
-                # DDP/FSDP average gradients over ranks: scale by the world size to get the sum
+                # DDP/FSDP average gradients over ranks: scale by their number to get the sum
                 scaled = loss_sum * (world / n_targets)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss_sum.detach()
@@ -555,11 +558,11 @@ class Trainer(EvalWatch):
                 load += self.model.last_expert_load
                 zrouter += self.model.last_router_z_loss
         if par is not None:
-            total = par.mean(total) * world  # the sum over ranks
+            total = par.total(total)  # the sum over ranks
             if self._moe:
                 aux, load, zrouter = par.mean(aux), par.mean(load), par.mean(zrouter)
             if self.teacher is not None:
-                parts = par.mean(parts) * world
+                parts = par.total(parts)
         mean_loss = total / n_targets
         grad_norm = None
         if self.scaler is not None:
@@ -647,7 +650,9 @@ class Trainer(EvalWatch):
 
         # the whole model's counts (with expert parallelism also this rank's share); a quantised LoRA
         # base holds its projections outside the parameters
-        sizes = parameter_counts(self.model, self.parallel.expert if self.parallel is not None else None)
+        par = self.parallel
+        sizes = parameter_counts(self.model, par.expert if par is not None else None,
+                                 par.tensor if par is not None else None)
         sizes["params"] += sum(math.prod(m.base.shape) for m, _ in whole_model_adapters(self.model).values()
                                if hasattr(m, "base"))
         return {

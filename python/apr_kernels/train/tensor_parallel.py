@@ -1,0 +1,220 @@
+"""Tensor parallelism: every decoder layer's projections split over a group of ranks.
+
+    torchrun --nproc_per_node=8 -m apr_kernels train --init qwen2.5-32b.apr ... --parallel fsdp --tensor-parallel 4
+
+Megatron-LM's layout (Shoeybi et al., 2019), as torchtitan's ``ColwiseParallel`` /
+``RowwiseParallel`` plan has it, on plain local tensors: in a group of N consecutive ranks, rank t
+holds
+
+* of the attention: query heads ``t * Hq/N ..`` and key/value heads ``t * Hkv/N ..`` (the rows of
+  ``q_proj``/``k_proj``/``v_proj`` and their biases: *column-parallel*) and the matching columns of
+  ``o_proj`` (*row-parallel*); grouped-query attention stays grouped, each rank's query heads
+  reading its own K/V heads, so the kernels run unchanged on the local heads;
+* of the MLP: ``intermediate / N`` rows of ``gate_proj`` and ``up_proj`` and those columns of
+  ``down_proj``;
+* everything else (embedding, norms, ``lm_head``, Qwen3's per-head q/k norms) whole.
+
+Per layer and pass that is two all-reduces forward and two backward: the block's input enters
+unchanged and its gradient is summed over the group (``enter``), the row-parallel output's partial
+sums are summed in the forward (``leave``) and its gradient passes unchanged. The activations
+between them (q, k, v, attention, the SwiGLU intermediate) are 1/N per rank, and so are the
+layer's weights, gradients and optimizer moments. The ranks of a group see the same rows
+(``Parallel.data_ranks``), so the whole-kept parameters get the same gradient on each.
+
+Data parallelism spans the groups: DDP over the ranks ``t, t + N, ...`` that hold the same shard
+(``replicas``), or FSDP2 sharding each rank's tensors over them (a 1-D mesh of its own, as for a
+model without tensor parallelism). Clipping takes the whole model's norm: the split tensors'
+squares summed over the group, the whole-kept ones counted once. Checkpoints stay one APR file of
+whole tensors under their Hugging Face names: each split tensor and its moments are concatenated
+from the group (``Split``, an item of ``distributed.ShardGatherer``) when their turn comes; loading
+and resuming read each rank's rows or columns of the file's zero-copy view (``local``).
+
+Not combined (refused with a message, ``check``): context or expert parallelism, HSDP, LoRA, 8-bit
+AdamW and Muon (whose updates need the whole matrix), mixture-of-experts layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
+
+from .distributed import full_tensor
+
+# module attribute -> dimension of its weight that the ranks split (0: rows, column-parallel;
+# 1: columns, row-parallel); biases follow the rows
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW = ("o_proj", "down_proj")
+
+
+class _Enter(torch.autograd.Function):
+    """Identity forward; the gradient summed over the group (each rank's partial from its columns)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
+
+
+class _Leave(torch.autograd.Function):
+    """The row-parallel partial sums added up over the group; the gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class TensorParallel:
+    """This rank's place in its tensor-parallel group: ``size`` ranks, ``rank`` within them;
+    ``replicas``: the process group of the ranks holding the same shards (one per group)."""
+
+    def __init__(self, group, rank: int, size: int, replicas=None, world_size: int | None = None):
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"tensor parallel: rank {rank} of a group of {size}; expected 0 <= rank < size")
+        self.group, self.rank, self.size = group, rank, size
+        self.replicas = replicas
+        self.world_size = world_size or size
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return _Enter.apply(x, self.group) if self.size > 1 else x
+
+    def leave(self, x: torch.Tensor) -> torch.Tensor:
+        return _Leave.apply(x, self.group) if self.size > 1 else x
+
+    def local(self, full: torch.Tensor, dim: int | None, name: str = "tensor") -> torch.Tensor:
+        """This rank's part of the whole tensor ``full`` split on ``dim`` (None: kept whole): a view."""
+        if dim is None:
+            return full
+        if full.shape[dim] % self.size:
+            raise ValueError(f"{name}: {full.shape[dim]} along dimension {dim} of {list(full.shape)} is not a "
+                             f"multiple of --tensor-parallel {self.size}")
+        n = full.shape[dim] // self.size
+        return full.narrow(dim, self.rank * n, n)
+
+    def whole_shape(self, local_shape, dim: int | None) -> tuple:
+        shape = list(local_shape)
+        if dim is not None:
+            shape[dim] *= self.size
+        return tuple(shape)
+
+    def gather(self, local: torch.Tensor, dim: int) -> torch.Tensor:
+        """The whole tensor from every rank's part (a collective of the group)."""
+        parts = funcol.wait_tensor(funcol.all_gather_tensor(local.contiguous(), 0, self.group))
+        return torch.cat(parts.chunk(self.size, 0), dim)
+
+
+def groups(world_size: int, size: int, rank: int) -> TensorParallel:
+    """Create the tensor-parallel groups of ``size`` consecutive ranks and the replica groups (ranks
+    ``t, t + size, ...``) (every rank must call this, in the same order); this rank's
+    :class:`TensorParallel`."""
+    if size < 1 or world_size % size:
+        raise ValueError(f"--tensor-parallel {size} does not divide the world size {world_size}; expected a "
+                         f"divisor (world / {size} data-parallel groups of {size} ranks)")
+    mine, replicas = None, None
+    for first in range(0, world_size, size):
+        g = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = (g, rank - first)
+    for t in range(size):  # (of one rank when there is one group: DDP must not broadcast over the group)
+        g = dist.new_group(list(range(t, world_size, size)))
+        if rank % size == t:
+            replicas = g
+    return TensorParallel(mine[0], mine[1], size, replicas, world_size)
+
+
+def split_dims(model) -> dict[str, int]:
+    """Hugging Face parameter name -> the dimension the tensor-parallel ranks split it on, for every
+    split parameter of ``model`` (empty without tensor parallelism)."""
+    if getattr(model, "tensor_parallel", None) is None:
+        return {}
+    out = {}
+    for name, m in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in COLUMN or leaf in ROW:
+            out[f"{name}.weight"] = 0 if leaf in COLUMN else 1
+            if leaf in COLUMN and getattr(m, "bias", None) is not None:
+                out[f"{name}.bias"] = 0
+    return out
+
+
+def check_config(cfg, size: int, where: str = "the model") -> None:
+    """The head and MLP counts that ``size`` ranks split evenly; a dense model."""
+    if cfg.num_experts:
+        raise ValueError(f"--tensor-parallel {size}: {where} is a mixture-of-experts model ({cfg.num_experts} "
+                         f"experts); expected a dense one (spread the experts with --expert-parallel instead)")
+    for what, n in (("num_attention_heads", cfg.num_heads), ("num_key_value_heads", cfg.num_kv_heads),
+                    ("intermediate_size", cfg.intermediate_size)):
+        if n % size:
+            raise ValueError(f"--tensor-parallel {size}: {where}'s {what} is {n}; expected a multiple of {size} "
+                             f"(each rank holds an equal share)")
+
+
+def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 1, expert_parallel: int = 1,
+          lora: bool = False, optimizer: str = "adamw", compiled_selective: bool = False) -> None:
+    """What ``--tensor-parallel size`` does not combine with, refused before anything is loaded.
+    ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
+    recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
+    against eager: full checkpointing compiled, and selective eager, are right)."""
+    if size < 1:
+        raise ValueError(f"--tensor-parallel {size}: expected a group size >= 1")
+    if mode not in ("ddp", "fsdp"):
+        raise ValueError(f"--tensor-parallel {size} needs --parallel ddp or fsdp under torchrun (got {mode})")
+    refused = [(compiled_selective, "--compile and --grad-checkpointing selective together (the compiled "
+                                    "recomputation's gradients are wrong around the all-reduces; use either, or "
+                                    "--grad-checkpointing full)"),
+               (fsdp_shard, "--fsdp-shard-size (HSDP)"), (context_parallel != 1, "--context-parallel"),
+               (expert_parallel != 1, "--expert-parallel"), (lora, "LoRA adapters"),
+               (optimizer != "adamw", f"--optimizer {optimizer} (its update needs whole matrices)")]
+    for bad, what in refused:
+        if bad:
+            raise ValueError(f"--tensor-parallel {size} does not combine with {what}; expected plain data "
+                             f"parallelism (ddp or fsdp) around it, AdamW")
+
+
+def clip_grad_norm(params, split: set, max_norm: float, tp: TensorParallel, sharded_group=None,
+                   split_group=None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole model: the squares of the split parameters
+    (ids in ``split``) summed over ``split_group`` (the tensor-parallel group; under FSDP every rank),
+    the whole-kept ones' counted once (under FSDP summed over ``sharded_group``, the ranks sharding
+    them). Returns the norm."""
+    from .distributed import local_part
+
+    params = [p for p in params if p.grad is not None]
+    grads = [local_part(p.grad) for p in params]
+    if not grads:
+        return torch.zeros(())
+    dev = grads[0].device
+
+    def squares(gs):
+        return torch.stack([g.detach().float().square().sum() for g in gs]).sum() if gs else torch.zeros((), device=dev)
+
+    parts = squares([g for p, g in zip(params, grads) if id(p) in split])
+    whole = squares([g for p, g in zip(params, grads) if id(p) not in split])
+    dist.all_reduce(parts, group=split_group or tp.group)
+    if sharded_group is not None:
+        dist.all_reduce(whole, group=sharded_group)
+    total = (parts + whole).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return total
+
+
+class Split:
+    """A split parameter (or its moment) for the checkpoint: ``gather()`` (a collective of every
+    rank) makes this rank's part whole over its data-parallel shards (FSDP), then joins the group's
+    parts along ``dim``."""
+
+    def __init__(self, t: torch.Tensor, dim: int, tp: TensorParallel):
+        self.t, self.dim, self.tp = t.detach(), dim, tp
+        self.dtype, self.shape = t.dtype, tp.whole_shape(t.shape, dim)
+
+    def gather(self) -> torch.Tensor:
+        return self.tp.gather(full_tensor(self.t), self.dim)

@@ -1,0 +1,308 @@
+"""Tensor parallelism (``train --parallel ddp|fsdp --tensor-parallel N``): every layer's heads and MLP
+rows split over groups of N ranks (Megatron-LM's column/row-parallel layout), against one process
+training on the same global batch: losses, gradient norms (clipped by the whole model's norm),
+held-out losses and the gathered checkpoint's weights and AdamW moments.
+
+DDP: Qwen2 (q/k/v bias, tied) on 2 ranks in one group (the fast path in Triton's interpreter,
+each layer compiled, activation checkpointing), a dense Qwen3 (q/k norms: whole weights on split
+heads, their gradients summed) on 4 ranks in 2 replicated groups of 2. FSDP: an untied Llama on 4
+ranks in 2 groups of 2 (each rank's parts sharded over its replica), and on 4 ranks in one group
+of 4 (selective activation checkpointing: the kept all-reduces are not redone). A one-process step checkpoint resumed split and sharded, a split one resumed in
+one process. In one process: the split itself against the whole layer's numbers (forward and every
+gradient, on a group of one standing in for the exchange), the refusals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_distributed import COMMON, _cli, _free_port, _losses, _records, _same_checkpoint
+
+
+def _torchrun(args, out, world: int, tp: int, mode: str):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
+         "-m", "apr_kernels", *args, "--parallel", mode, "--tensor-parallel", str(tp), "--out", str(out)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _config(name: str):
+    from apr_kernels.model import preset
+
+    llama = preset("tiny_llama")
+    return {
+        # GQA 2:1 on each rank of 2; bias split with its rows
+        "qwen2": preset("tiny_qwen2").replace(num_heads=4, num_kv_heads=2, hidden_size=64, intermediate_size=96),
+        "qwen3": llama.replace(architecture="qwen3", qk_norm=True, head_dim=16, num_heads=4, num_kv_heads=2,
+                               rms_norm_eps=1e-6),
+        "llama": llama.replace(tie_word_embeddings=False),  # (6 heads, 2 KV heads, intermediate 104)
+        "llama4": llama.replace(num_heads=8, num_kv_heads=4, head_dim=8),  # one K/V head per rank of 4
+    }[name]
+
+
+# name: (config, extra options, world size, tensor-parallel size, --parallel)
+CASES = {
+    "qwen2_ddp": ("qwen2", ["--fast", "on", "--grad-checkpointing", "--compile"], 2, 2, "ddp"),
+    # fp16 loss scaling: an overflow in any rank's part skips every rank's step (ShardedGradScaler)
+    "qwen3_ddp": ("qwen3", ["--precision", "fp16"], 4, 2, "ddp"),
+    "llama_fsdp": ("llama", [], 4, 2, "fsdp"),
+    "llama_fsdp4": ("llama4", ["--grad-checkpointing", "selective"], 4, 4, "fsdp"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tp")
+    args = {}
+    for i, (name, (config, extra, *_)) in enumerate(CASES.items()):
+        torch.manual_seed(40 + i)
+        model = Transformer(_config(config), fast=False)
+        with torch.no_grad():  # (biases and norms away from their zeros and ones: a misplaced part shows)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        save_checkpoint(root / f"{name}.apr", model=model)
+        args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
+    procs = {name: _torchrun(args[name], root / f"tp_{name}", world, tp, mode)
+             for name, (_, _, world, tp, mode) in CASES.items()}
+    # (plain DDP, no tensor parallelism: compiled layers with selective checkpointing, which dynamo's
+    # DDP graph splitting broke)
+    args["compiled_selective"] = ["train", "--init", str(root / "qwen2_ddp.apr"), *COMMON, "--grad-checkpointing",
+                                  "selective", "--compile"]
+    procs["compiled_selective"] = _torchrun(args["compiled_selective"], root / "compiled_selective", 2, 1, "ddp")
+    one = {}
+    for name in [*CASES, "compiled_selective"]:  # (the references run in this process meanwhile)
+        code, one[name] = _cli(main, [*args[name], "--out", str(root / f"one_{name}")])
+        assert code == 0
+    # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded
+    procs["resumed_tp"] = _torchrun(["train", "--resume", str(root / "one_llama_fsdp" / "step_000002.apr"), "--json",
+                                     "--no-progress", "--fast", "off", "--dist-timeout", "60"],
+                                    root / "resumed_tp", 4, 2, "fsdp")
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=400)
+        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
+        out[name] = stdout
+    # a split, sharded step checkpoint resumed in one process
+    code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "tp_llama_fsdp4" / "step_000002.apr"),
+                                           "--json", "--no-progress", "--fast", "off", "--out",
+                                           str(root / "resumed_one")])
+    assert code == 0
+    return root, one, out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tensor_parallel_matches_one_process(runs, name):
+    root, one, out = runs
+    ref, got = _records(one[name]), _records(out[name])
+    # fp16: each rank's partial o/down projections rounded to fp16 before they are summed
+    rel = 1e-4 if "fp16" in CASES[name][1] else 1e-5
+    assert len(_losses(got)) == len(_losses(ref)) == 4
+    assert _losses(got) == pytest.approx(_losses(ref), rel=rel)
+    assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=10 * rel)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), rel=rel)
+    assert _losses(got, "eval", "eval_tokens") == _losses(ref, "eval", "eval_tokens")
+    # the whole model counted, each rank holding its share of the layers
+    (start,) = [r for r in got if r["event"] == "start"]
+    (ref_start,) = [r for r in ref if r["event"] == "start"]
+    assert start["params"] == ref_start["params"] and start["tensor_parallel"] == CASES[name][3]
+    assert start["params_rank"] < start["params"]
+    # (fp16: AdamW's normalised step turns rounding noise in a near-zero gradient into a difference of up
+    # to the learning rate per step; the other cases check the placement of every part tightly)
+    atol = 4 * 3e-3 if "fp16" in CASES[name][1] else 5e-5
+    for file in ("model.apr", "step_000002.apr"):
+        _same_checkpoint(root / f"tp_{name}" / file, root / f"one_{name}" / file, name, atol=atol)
+
+
+def test_compiled_layers_with_selective_checkpointing_under_ddp(runs):
+    _, one, out = runs
+    assert _losses(_records(out["compiled_selective"])) == pytest.approx(_losses(_records(one["compiled_selective"])),
+                                                                         rel=1e-5)
+
+
+def test_step_checkpoints_resume_across_tensor_parallelism(runs):
+    _, one, out = runs
+    assert _losses(_records(out["resumed_tp"])) == pytest.approx(_losses(_records(one["llama_fsdp"]))[2:], rel=1e-5)
+    assert _losses(_records(out["resumed_one"])) == pytest.approx(_losses(_records(one["llama_fsdp4"]))[2:],
+                                                                  rel=1e-5)
+
+
+# ------------------------------------------------------------------------ in one process
+def _split(model, rank: int, size: int):
+    from apr_kernels.train.tensor_parallel import TensorParallel
+
+    tp = TensorParallel(None, rank, size)
+    tp.enter = tp.leave = lambda x: x  # (the exchange: done by hand in the test)
+    model.set_tensor_parallel(tp)
+    return tp
+
+
+@pytest.mark.parametrize("config", ["qwen2", "qwen3", "llama4"])
+def test_split_layers_add_up_to_the_whole_layer(config):
+    """Each rank's attention and MLP on the same input, their outputs summed (what ``leave``
+    does): the whole layer's output; each rank's parameter gradients are its rows or columns of the
+    whole layer's, and the input gradients and the per-head norms' summed (what ``enter``'s
+    backward does) the whole ones."""
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.tensor_parallel import split_dims
+
+    cfg = _config(config)
+    size = 4 if config == "llama4" else 2
+    torch.manual_seed(0)
+    whole = Transformer(cfg, fast=False).double()
+    with torch.no_grad():
+        for p in whole.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    from apr_kernels.model.rope import rope_tables
+
+    x = torch.randn(2, 9, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_tables(9, cfg.head_dim, cfg.rope_theta)
+    layer = whole.model.layers[0]
+    want = layer.self_attn(x, cos, sin).sum() + layer.mlp(x).square().sum()
+    want_out = (layer.self_attn(x, cos, sin), layer.mlp(x))
+    want.backward()
+    grads = {n: p.grad for n, p in whole.named_parameters() if p.grad is not None}
+    want_x = x.grad.clone()
+    outs, x_grad, summed = [0, 0], torch.zeros_like(x), {}
+    import copy
+
+    parts = []
+    for rank in range(size):
+        model = copy.deepcopy(whole)
+        model.zero_grad()
+        tp = _split(model, rank, size)
+        xr = x.detach().clone().requires_grad_()
+        part = model.model.layers[0]
+        a, m = part.self_attn(xr, cos, sin), part.mlp(xr)
+        outs[0], outs[1] = outs[0] + a.detach(), outs[1] + m.detach()
+        parts.append((model, tp, xr, a, m))
+    for model, tp, xr, a, m in parts:  # (the loss of the summed outputs: its gradient reaches every part)
+        (a.sum() + (m * 2 * outs[1]).sum()).backward()
+        x_grad += xr.grad
+        dims = split_dims(model)
+        for n, p in model.named_parameters():
+            if n in dims and n in grads:  # (layer 0's)
+                torch.testing.assert_close(p.grad, tp.local(grads[n], dims[n]), msg=n)
+            elif n in grads:  # a whole weight inside the split (Qwen3's q/k norms): a part per rank
+                summed[n] = summed.get(n, 0) + p.grad
+        assert model.model.layers[0].self_attn.num_heads == cfg.num_heads // size
+    for n, g in summed.items():
+        torch.testing.assert_close(g, grads[n], msg=n)
+    assert sorted(summed) == sorted(n for n in grads if "_norm." in n and "layernorm" not in n)
+    torch.testing.assert_close(outs[0], want_out[0])
+    torch.testing.assert_close(outs[1], want_out[1])
+    torch.testing.assert_close(x_grad, want_x)
+
+
+def test_split_dims_name_every_split_parameter():
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.tensor_parallel import split_dims
+
+    model = Transformer(_config("qwen2"), fast=False)
+    assert split_dims(model) == {}
+    whole = {n: p.shape for n, p in model.named_parameters()}
+    _split(model, 1, 2)
+    dims = split_dims(model)
+    assert dims["model.layers.1.self_attn.q_proj.weight"] == 0 and dims["model.layers.1.self_attn.q_proj.bias"] == 0
+    assert dims["model.layers.0.self_attn.o_proj.weight"] == 1 and dims["model.layers.0.mlp.down_proj.weight"] == 1
+    assert dims["model.layers.0.mlp.up_proj.weight"] == 0
+    assert not any("norm" in n or "embed" in n for n in dims)
+    for n, p in model.named_parameters():
+        shape = list(whole[n])
+        if n in dims:
+            shape[dims[n]] //= 2
+        assert list(p.shape) == shape, n
+
+
+def test_tensor_parallel_refusals(tmp_path, capsys):
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.tensor_parallel import check
+
+    with pytest.raises(ValueError, match="num_key_value_heads is 1; expected a multiple of 2"):
+        _split(Transformer(preset("tiny_qwen2").replace(num_heads=8, hidden_size=64), fast=False), 0, 2)
+    with pytest.raises(ValueError, match="num_attention_heads is 6; expected a multiple of 4"):
+        _split(Transformer(preset("tiny_llama"), fast=False), 0, 4)
+    with pytest.raises(ValueError, match=r"a mixture-of-experts model \(4 experts\); expected a dense one"):
+        _split(Transformer(preset("tiny_qwen3_moe").replace(num_experts=4), fast=False), 0, 2)
+    with pytest.raises(ValueError, match="--tensor-parallel 2 needs --parallel ddp or fsdp under torchrun .got none."):
+        check(2, "none")
+    for kw, what in [({"fsdp_shard": 2}, "--fsdp-shard-size"), ({"context_parallel": 2}, "--context-parallel"),
+                     ({"expert_parallel": 2}, "--expert-parallel"), ({"lora": True}, "LoRA adapters"),
+                     ({"optimizer": "muon"}, "--optimizer muon"),
+                     ({"compiled_selective": True}, "--compile and --grad-checkpointing selective")]:
+        with pytest.raises(ValueError, match=f"--tensor-parallel 2 does not combine with {what}"):
+            check(2, "fsdp", **kw)
+    code, _ = _cli(main, ["train", "--preset", "tiny_llama", *COMMON, "--tensor-parallel", "2",
+                          "--out", str(tmp_path / "x")])
+    assert code != 0
+    assert "--tensor-parallel 2 needs --parallel ddp or fsdp under torchrun (got none)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- post-training commands (no sampling)
+@pytest.fixture(scope="module")
+def post_runs(tmp_path_factory):
+    """DPO (DDP, 4 ranks in 2 groups: 11 training pairs, uneven reference shares), KTO (DDP, 2 ranks)
+    and a reward model (FSDP, 4 ranks in 2 groups; its score head whole) of a dense Qwen3 split over
+    groups of 2, and each in one process."""
+    import json
+
+    from apr_kernels.cli import main
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tp_post")
+    torch.manual_seed(31)
+    save_checkpoint(root / "init.apr", model=Transformer(_config("qwen3"), fast=False))
+    things = ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "a candle", "a flame", "magma",
+              "a furnace", "a heater", "steam", "a grill", "embers")
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes",
+                                                          "rejected": " no"}) + "\n" for t in things))
+    (root / "kto.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "completion": " yes" if i % 2
+                                                        else " no", "label": i % 2 == 1}) + "\n"
+                                            for i, t in enumerate(things[:11])))
+    common = ["--init", str(root / "init.apr"), "--tokenizer", "bytes", "--steps", "4", "--batch-size", "4",
+              "--grad-accum", "2", "--lr", "3e-3", "--max-len", "40", "--json", "--seed", "5", "--eval-fraction",
+              "0.25", "--save-every", "2", "--fast", "off", "--dist-timeout", "60"]
+    cases = {"dpo": (["dpo", "--data", str(root / "pairs.jsonl"), "--beta", "0.5", *common], 4, "ddp"),
+             "kto": (["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", *common], 2, "ddp"),
+             "reward": (["reward", "--data", str(root / "pairs.jsonl"), *common], 4, "fsdp")}
+    procs = {name: _torchrun(args, root / f"tp_{name}", world, 2, mode) for name, (args, world, mode) in cases.items()}
+    one = {}
+    for name, (args, _, _) in cases.items():
+        code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
+        assert code == 0, name
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=400)
+        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
+        out[name] = stdout
+    return root, one, out
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "reward"])
+def test_post_training_split_matches_one_process(post_runs, name):
+    root, one, out = post_runs
+    ref, got = _records(one[name]), _records(out[name])
+    assert len(_losses(got)) == len(_losses(ref)) == 4
+    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+    assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    (start,), (ref_start,) = ([r for r in recs if r["event"] == "start"] for recs in (got, ref))
+    assert start["trainable"] == ref_start["trainable"] > start["params_rank"] and start["tensor_parallel"] == 2
+    _same_checkpoint(root / f"tp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name)
+
+
+def test_sampling_commands_take_no_tensor_parallel(capsys):
+    from apr_kernels.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["grpo", "--init", "x.apr", "--data", "p.jsonl", "--tensor-parallel", "2"])
+    assert "unrecognized arguments: --tensor-parallel 2" in capsys.readouterr().err
