@@ -121,7 +121,7 @@ class KTOTrainer(StepLoop):
         sums = torch.stack([(policy_kl - ref_kl.to(policy_kl.device)).sum().double(),
                             torch.tensor(float(len(policy_kl)), dtype=torch.float64, device=policy_kl.device)])
         if self.parallel is not None:
-            sums = self.parallel.mean(sums.to(self.device)) * self.world
+            sums = self.parallel.total(sums.to(self.device))
         return (sums[0] / sums[1]).clamp(min=0).float()
 
     def train_step(self) -> dict:

@@ -159,6 +159,11 @@ class MuonWithAdamW:
 
 def make_optimizer(model: torch.nn.Module, cfg):
     """The optimizer ``cfg.optimizer`` names for ``model``'s trainable parameters."""
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is not None:  # (a resumed run's optimizer is known only now)
+        from .tensor_parallel import check_optimizer
+
+        check_optimizer(tp.size, cfg.optimizer)
     if getattr(cfg, "lora_plus_ratio", 0.0) and not getattr(model, "lora", None):
         raise ValueError(f"--lora-plus-ratio {cfg.lora_plus_ratio} needs LoRA adapters (--lora-rank R)")
     if cfg.optimizer == "muon":

@@ -90,10 +90,11 @@ class StepLoop(EvalWatch):
         ``padding_free``, autocast, ``log``, the AdamW ``optimizer``, ``batches`` over ``n_data`` items
         (``what`` per rank in errors) and ``step``."""
         self.model, self.cfg, self.parallel = model, cfg, parallel
-        self.world = parallel.world_size if parallel is not None else 1
+        # the ranks taking different items (a tensor-parallel group's ranks share theirs)
+        self.world = parallel.data_ranks if parallel is not None else 1
         if cfg.batch_size % self.world:
-            raise ValueError(f"{command}: --batch-size {cfg.batch_size} is not a multiple of the world size "
-                             f"{self.world}; expected an equal share of {what} per rank")
+            raise ValueError(f"{command}: --batch-size {cfg.batch_size} is not a multiple of the "
+                             f"{self.world} data-parallel ranks; expected an equal share of {what} per rank")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # padding-free batches (one packed row per micro-batch): where the packed-sequence kernel runs;
         # eager attention would mask a [T, T] square of the whole row instead, more work than padding
@@ -127,7 +128,7 @@ class StepLoop(EvalWatch):
         (every rank runs as many forwards, padding with a repeated item: FSDP's are collectives)."""
         was = self.model.training
         self.model.eval()
-        rank = self.parallel.env.rank if self.parallel is not None else 0
+        rank = self.parallel.data_rank if self.parallel is not None else 0
         per = -(-len(items) // self.world)
         mine = items[rank * per:(rank + 1) * per]
         size = self.cfg.eval_batch_size
@@ -142,9 +143,10 @@ class StepLoop(EvalWatch):
 
         box = torch.zeros(per, local.shape[1], device=local.device)
         box[: len(local)] = local
-        gathered = [torch.empty_like(box) for _ in range(self.world)]
+        gathered = [torch.empty_like(box) for _ in range(self.parallel.world_size)]
         dist.all_gather(gathered, box)
-        return torch.cat(gathered)[: len(items)].cpu()
+        share = self.parallel.world_size // self.world  # (one of each tensor-parallel group's equal shares)
+        return torch.cat(gathered[::share])[: len(items)].cpu()
 
     @contextlib.contextmanager
     def _gathered(self):
@@ -173,7 +175,7 @@ class StepLoop(EvalWatch):
         the gradients clipped to ``cfg.grad_clip``, the optimizer step taken. Returns (the sums, the
         gradient norm before clipping or None without clipping)."""
         if sums is not None and self.parallel is not None:
-            sums = self.parallel.mean(sums.to(self.device)).cpu() * self.world
+            sums = self.parallel.total(sums.to(self.device)).cpu()
         grad_norm = None
         if self.cfg.grad_clip > 0:
             norm = (self.parallel.clip_grad_norm(self.cfg.grad_clip) if self.parallel is not None  # (experts: global)
@@ -370,7 +372,8 @@ def parallel_for(model, env, mode: str):
     loaded so (``load_model``)."""
     from . import distributed
 
-    return (distributed.parallelize(model, mode, env, expert_parallel=model.expert_parallel)
+    return (distributed.parallelize(model, mode, env, expert_parallel=model.expert_parallel,
+                                    tensor_parallel=model.tensor_parallel)
             if mode != "none" else None)
 
 
@@ -394,7 +397,8 @@ def run_command(args, body) -> int:
     return distributed.run(args, body)
 
 
-# the commands whose every forward runs on all ranks in step (no sampling): --expert-parallel
+# the commands whose every forward runs on all ranks in step (no sampling): --expert-parallel and
+# --tensor-parallel
 EXPERT_PARALLEL_COMMANDS = ("dpo", "kto", "reward")
 
 
@@ -411,6 +415,21 @@ def expert_group(args, env, mode: str):
     return args._expert_group
 
 
+def tensor_group(args, env, mode: str):
+    """``--tensor-parallel N``'s group of this rank (made once per run, on every rank alike), or None."""
+    n = getattr(args, "tensor_parallel", 1)
+    if n == 1:
+        return None
+    if getattr(args, "_tensor_group", None) is None:
+        from . import tensor_parallel
+
+        # (a resumed LoRA run's adapters are refused by parallelize, once loaded)
+        tensor_parallel.check(n, mode, fsdp_shard=env.fsdp_shard, expert_parallel=getattr(args, "expert_parallel", 1),
+                              lora=bool(args.lora_rank))
+        args._tensor_group = tensor_parallel.groups(env.world_size, n, env.rank)
+    return args._tensor_group
+
+
 def load_model(source, env, mode: str, device, args, **lora):
     """``from_apr(source, **lora)`` for this rank: sharded on the meta device under FSDP (adapters
     added before sharding; with ``--expert-parallel`` only this rank's experts), a replica otherwise;
@@ -421,7 +440,8 @@ def load_model(source, env, mode: str, device, args, **lora):
         from . import distributed
 
         model = distributed.from_apr(source, env, mode, fast=tristate(args.fast), **lora,
-                                     expert_parallel=expert_group(args, env, mode))
+                                     expert_parallel=expert_group(args, env, mode),
+                                     tensor_parallel=tensor_group(args, env, mode))
     else:
         from apr_kernels.model.loading import from_apr
 
@@ -456,7 +476,8 @@ def start_fields(trainer, device) -> dict:
     """What every post-training run's ``start`` line reports besides its own settings."""
     model = trainer.model
     c = trainer.cfg
-    return {"step": trainer.step, "steps": c.steps, "world": trainer.world, "device": str(device),
+    world = trainer.parallel.world_size if trainer.parallel is not None else 1
+    return {"step": trainer.step, "steps": c.steps, "world": world, "device": str(device),
             "epochs": round(c.steps * c.batch_size * c.grad_accum / max(1, trainer.batches.n), 3),
             "padding_free": trainer.padding_free,
             **_trained_counts(model, trainer.parallel),
@@ -467,7 +488,8 @@ def _trained_counts(model, parallel) -> dict:
     """``trainable`` (the whole model's), and with ``--expert-parallel`` this rank's ``params_rank``."""
     from .expert_parallel import parameter_counts
 
-    counts = parameter_counts(model, parallel.expert if parallel is not None else None)
+    counts = parameter_counts(model, parallel.expert if parallel is not None else None,
+                              parallel.tensor if parallel is not None else None)
     del counts["params"]
     return counts
 
@@ -575,6 +597,8 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     if command in EXPERT_PARALLEL_COMMANDS:  # (the sampling ones generate on each rank alone: not in step)
         p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                        help="a mixture-of-experts model's experts spread over groups of N ranks (as train's)")
+        p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="every layer's heads and MLP rows split over groups of N ranks (as train's)")
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a rank waits for the others before failing (default 600)")
     p.add_argument("--out", default=f"runs/{command}")

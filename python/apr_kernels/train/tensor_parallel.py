@@ -171,12 +171,22 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
                (fsdp_shard, "--fsdp-shard-size (HSDP)"), (context_parallel != 1, "--context-parallel"),
-               (expert_parallel != 1, "--expert-parallel"), (lora, "LoRA adapters"),
-               (optimizer != "adamw", f"--optimizer {optimizer} (its update needs whole matrices)")]
+               (expert_parallel != 1, "--expert-parallel"), (lora, "LoRA adapters")]
     for bad, what in refused:
         if bad:
-            raise ValueError(f"--tensor-parallel {size} does not combine with {what}; expected plain data "
-                             f"parallelism (ddp or fsdp) around it, AdamW")
+            _refuse(size, what)
+    check_optimizer(size, optimizer)
+
+
+def check_optimizer(size: int, optimizer: str) -> None:
+    """AdamW only: Muon orthogonalises whole matrices, 8-bit AdamW's blocks run across the parts."""
+    if optimizer != "adamw":
+        _refuse(size, f"--optimizer {optimizer} (its state and update need whole matrices)")
+
+
+def _refuse(size: int, what: str) -> None:
+    raise ValueError(f"--tensor-parallel {size} does not combine with {what}; expected plain data "
+                     f"parallelism (ddp or fsdp) around it, AdamW")
 
 
 def clip_grad_norm(params, split: set, max_norm: float, tp: TensorParallel, sharded_group=None,
