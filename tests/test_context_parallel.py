@@ -66,6 +66,9 @@ def _model(case):
     m = Transformer(_config(**spec), fast=fast)
     m.gradient_checkpointing = ckpt
     if compiled:
+        # (a fresh cache: every earlier compile of Block.forward in this process counts towards dynamo's
+        # recompile limit, which fullgraph turns into a failure)
+        torch._dynamo.reset()
         for layer in m.model.layers:
             layer.forward = torch.compile(layer.forward, backend="aot_eager", fullgraph=True)
     return m

@@ -443,6 +443,39 @@ def runs(tmp_path_factory):
             "torchrun_fast_out": outputs[1][0], "ranks": ranks}
 
 
+def _torchrun(args, out, world: int, *options: str) -> subprocess.Popen:
+    """The CLI (``args`` then ``options``, writing to ``out``) under torchrun on ``world`` CPU ranks."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
+         "-m", "apr_kernels", *args, *options, "--out", str(out)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _outputs(procs: dict, timeout: float = 400) -> dict:
+    """The stdout of each launched run (by name), each checked to have exited cleanly."""
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
+        out[name] = stdout
+    return out
+
+
+def _same_run(one_text: str, run_text: str, *, rel: float = 1e-5, grad_rel: float | None = 1e-4,
+              eval_abs: float | None = None) -> tuple[list, list]:
+    """A multi-rank run's log against one process's on the same global batch: 4 steps of the same
+    losses, gradient norms (``grad_rel``; None: not compared) and held-out losses (``eval_abs``, else
+    ``rel``). Returns both logs' records (reference, run)."""
+    ref, got = _records(one_text), _records(run_text)
+    assert len(_losses(got)) == len(_losses(ref)) == 4
+    assert _losses(got) == pytest.approx(_losses(ref), rel=rel)
+    if grad_rel is not None:
+        assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=grad_rel)
+    tol = {"abs": eval_abs} if eval_abs is not None else {"rel": rel}
+    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), **tol)
+    return ref, got
+
+
 def _tensors(path) -> dict:
     import apr_kernels
 

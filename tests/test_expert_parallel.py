@@ -17,21 +17,15 @@ process."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from test_distributed import COMMON, _cli, _free_port, _losses, _records, _same_checkpoint
+from test_distributed import (COMMON, _cli, _free_port, _losses, _outputs, _records, _same_checkpoint, _same_run,
+                              _torchrun as _launch)
 
 
 def _torchrun(args, out, world: int, ep: int, mode: str):
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
-         "-m", "apr_kernels", *args, "--parallel", mode, "--expert-parallel", str(ep), "--out", str(out)],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _launch(args, out, world, "--parallel", mode, "--expert-parallel", str(ep))
 
 
 def _moe_config(architecture: str, **kw):
@@ -94,11 +88,7 @@ def runs(tmp_path_factory):
     procs["resumed_ep"] = _torchrun(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), "--json",
                                      "--no-progress", "--fast", "off", "--dist-timeout", "60"],
                                     root / "resumed_ep", 4, 2, "fsdp")
-    out = {}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=400)
-        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
-        out[name] = stdout
+    out = _outputs(procs)
     # an expert-parallel sharded step checkpoint resumed in one process
     code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "ep_qwen3_fsdp" / "step_000002.apr"),
                                            "--json", "--no-progress", "--fast", "off", "--out",
@@ -110,15 +100,11 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_expert_parallel_matches_one_process(runs, name):
     root, one, out = runs
-    ref, got = _records(one[name]), _records(out[name])
-    assert len(_losses(got)) == len(_losses(ref)) == 4
-    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
-    assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
+    ref, got = _same_run(one[name], out[name])
     # the load-balancing loss and the balance measure over the global batch's choices (the loss from
     # fp32 router probabilities summed in another order: DoRA's runs differ at 1.5e-5)
     assert _losses(got, "train", "aux_loss") == pytest.approx(_losses(ref, "train", "aux_loss"), rel=5e-5)
     assert _losses(got, "train", "expert_load") == pytest.approx(_losses(ref, "train", "expert_load"), rel=1e-5)
-    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), rel=1e-5)
     # the whole model counted, each rank holding only its share of the experts
     (start,) = [r for r in got if r["event"] == "start"]
     (ref_start,) = [r for r in ref if r["event"] == "start"]
@@ -308,22 +294,13 @@ def post_runs(tmp_path_factory):
     for name, (args, _) in cases.items():
         code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
         assert code == 0, name
-    out = {}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=400)
-        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
-        out[name] = stdout
-    return root, one, out
+    return root, one, _outputs(procs)
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto", "reward"])
 def test_post_training_with_experts_spread_matches_one_process(post_runs, name):
     root, one, out = post_runs
-    ref, got = _records(one[name]), _records(out[name])
-    assert len(_losses(got)) == len(_losses(ref)) == 4
-    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
-    assert _losses(got, "train", "grad_norm") == pytest.approx(_losses(ref, "train", "grad_norm"), rel=1e-4)
-    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    ref, got = _same_run(one[name], out[name], eval_abs=1e-5)
     (start,), (ref_start,) = ([r for r in recs if r["event"] == "start"] for recs in (got, ref))
     assert start["trainable"] == ref_start["trainable"] > start["params_rank"] and start["expert_parallel"] == 2
     _same_checkpoint(root / f"ep_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name)

@@ -7,22 +7,15 @@ group)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from test_distributed import (COMMON, _aligned_config, _cli, _free_port, _losses, _odd_config, _records,
-                              _same_checkpoint)
+from test_distributed import (COMMON, _aligned_config, _cli, _losses, _odd_config, _outputs, _records,
+                              _same_checkpoint, _same_run, _torchrun as _launch)
 
 
 def _torchrun(args, out):
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={_free_port()}",
-         "-m", "apr_kernels", *args, "--parallel", "fsdp", "--fsdp-shard-size", "2", "--out", str(out)],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _launch(args, out, 4, "--parallel", "fsdp", "--fsdp-shard-size", "2")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +41,7 @@ def runs(tmp_path_factory):
     for name, args in cases.items():  # (the reference runs in this process meanwhile)
         code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
         assert code == 0
-    out = {}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=400)
-        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
-        out[name] = stdout
+    out = _outputs(procs)
     # the 4-rank step checkpoint resumed in one process
     code, resumed = _cli(main, ["train", "--resume", str(root / "hsdp_adamw" / "step_000002.apr"), "--json",
                                 "--no-progress", "--fast", "off", "--out", str(root / "resumed")])
@@ -63,10 +52,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["adamw", "adam8", "muon", "qlora"])
 def test_hsdp_matches_one_process(runs, name):
     root, one, out, _ = runs
-    ref, got = _records(one[name]), _records(out[name])
-    assert len(_losses(got)) == len(_losses(ref)) == 4
-    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
-    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    _same_run(one[name], out[name], grad_rel=None, eval_abs=1e-5)
     _same_checkpoint(root / f"hsdp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name)
 
 

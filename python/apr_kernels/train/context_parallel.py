@@ -36,7 +36,6 @@ import bisect
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -207,9 +206,7 @@ def groups(world_size: int, size: int, rank: int):
     if size < 1 or world_size % size:
         raise ValueError(f"--context-parallel {size} does not divide the world size {world_size}; expected "
                          f"a divisor (the ranks form world / {size} data-parallel groups of {size})")
-    mine = None
-    for first in range(0, world_size, size):
-        g = dist.new_group(list(range(first, first + size)))
-        if first <= rank < first + size:
-            mine = ContextParallel(g, rank - first, size)
-    return mine
+    from .distributed import rank_groups
+
+    group, index, _ = rank_groups(world_size, size, rank, replicas="none")
+    return ContextParallel(group, index, size)

@@ -204,6 +204,24 @@ def local_rows(index: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return index[rank * per:(rank + 1) * per]
 
 
+def rank_groups(world_size: int, size: int, rank: int, replicas: str = "several"):
+    """Process groups of ``size`` consecutive ranks (a context-, expert- or tensor-parallel group) and
+    of their replicas (ranks ``t, t + size, ...``), created on every rank in the same order: ``(this
+    rank's group, its index in it, its replicas' group)``. ``replicas``: ``"several"`` makes them
+    when there are several groups (else None), ``"always"`` also of one rank, ``"none"`` never."""
+    mine, others = None, None
+    for first in range(0, world_size, size):
+        g = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = (g, rank - first)
+    if replicas == "always" or (replicas == "several" and world_size > size):
+        for t in range(size):
+            g = dist.new_group(list(range(t, world_size, size)))
+            if rank % size == t:
+                others = g
+    return mine[0], mine[1], others
+
+
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 

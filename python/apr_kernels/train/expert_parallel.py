@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from .distributed import full_tensor, local_part
+from .distributed import full_tensor, local_part, rank_groups
 
 
 class ExpertParallel:
@@ -159,17 +159,8 @@ def groups(world_size: int, size: int, rank: int) -> ExpertParallel:
     if size < 1 or world_size % size:
         raise ValueError(f"--expert-parallel {size} does not divide the world size {world_size}; expected a "
                          f"divisor (the ranks form world / {size} groups of {size}, each holding every expert once)")
-    mine, replicas = None, None
-    for first in range(0, world_size, size):
-        g = dist.new_group(list(range(first, first + size)))
-        if first <= rank < first + size:
-            mine = (g, rank - first)
-    if world_size > size:
-        for r in range(size):
-            g = dist.new_group(list(range(r, world_size, size)))
-            if rank % size == r:
-                replicas = g
-    return ExpertParallel(mine[0], mine[1], size, replicas, world_size)
+    group, index, replicas = rank_groups(world_size, size, rank)
+    return ExpertParallel(group, index, size, replicas, world_size)
 
 
 def expert_parameters(model) -> list[torch.nn.Parameter]:

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from .distributed import full_tensor
+from .distributed import full_tensor, rank_groups
 
 # module attribute -> dimension of its weight that the ranks split (0: rows, column-parallel;
 # 1: columns, row-parallel); biases follow the rows
@@ -118,16 +118,9 @@ def groups(world_size: int, size: int, rank: int) -> TensorParallel:
     if size < 1 or world_size % size:
         raise ValueError(f"--tensor-parallel {size} does not divide the world size {world_size}; expected a "
                          f"divisor (world / {size} data-parallel groups of {size} ranks)")
-    mine, replicas = None, None
-    for first in range(0, world_size, size):
-        g = dist.new_group(list(range(first, first + size)))
-        if first <= rank < first + size:
-            mine = (g, rank - first)
-    for t in range(size):  # (of one rank when there is one group: DDP must not broadcast over the group)
-        g = dist.new_group(list(range(t, world_size, size)))
-        if rank % size == t:
-            replicas = g
-    return TensorParallel(mine[0], mine[1], size, replicas, world_size)
+    # (replicas of one rank when there is one group: DDP must not broadcast over the group)
+    group, index, replicas = rank_groups(world_size, size, rank, replicas="always")
+    return TensorParallel(group, index, size, replicas, world_size)
 
 
 def split_dims(model) -> dict[str, int]:
