@@ -618,7 +618,7 @@ class Transformer(nn.Module):
         """Split every layer's projections over tensor-parallel group ``tp`` (``train/tensor_parallel.py``):
         this rank keeps its heads' rows of q/k/v and columns of o, its rows of gate/up and columns of
         down. A materialised model keeps its slices (copies); on the meta device nothing is allocated."""
-        from apr_kernels.train.tensor_parallel import COLUMN, check_config
+        from apr_kernels.train.tensor_parallel import COLUMN, ROW, check_config
 
         if self.tensor_parallel is not None:
             raise ValueError("set_tensor_parallel: the model is split already")
@@ -626,7 +626,7 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.ffn
             for m in (attn, mlp):
-                for leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                for leaf in COLUMN + ROW:
                     if not hasattr(m, leaf):
                         continue
                     old = getattr(m, leaf)

@@ -610,10 +610,6 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = _LossModule(model)
-        if tensor is not None:  # each rank's parts averaged with the ranks holding the same ones
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            return Parallel(model, mode, env, DDP(wrapped, device_ids=ids, process_group=tensor.replicas),
-                            tensor=tensor)
         if expert_parallel is not None:  # each rank's own experts: reduced by ExpertParallel, not DDP
             from .expert_parallel import expert_parameters
 
@@ -621,7 +617,10 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
             DDP._set_params_and_buffers_to_ignore_for_model(
                 wrapped, [n for n, p in wrapped.named_parameters() if id(p) in mine])
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return Parallel(model, mode, env, DDP(wrapped, device_ids=ids), context=context, expert=expert_parallel)
+        # (tensor parallelism: each rank's parts averaged with the ranks holding the same ones)
+        group = tensor.replicas if tensor is not None else None
+        return Parallel(model, mode, env, DDP(wrapped, device_ids=ids, process_group=group), context=context,
+                        expert=expert_parallel, tensor=tensor)
     return Parallel(model, mode, env, context=context)
 
 

@@ -76,12 +76,11 @@ class TensorParallel:
     """This rank's place in its tensor-parallel group: ``size`` ranks, ``rank`` within them;
     ``replicas``: the process group of the ranks holding the same shards (one per group)."""
 
-    def __init__(self, group, rank: int, size: int, replicas=None, world_size: int | None = None):
+    def __init__(self, group, rank: int, size: int, replicas=None):
         if size < 1 or not 0 <= rank < size:
             raise ValueError(f"tensor parallel: rank {rank} of a group of {size}; expected 0 <= rank < size")
         self.group, self.rank, self.size = group, rank, size
         self.replicas = replicas
-        self.world_size = world_size or size
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         return _Enter.apply(x, self.group) if self.size > 1 else x
@@ -120,7 +119,7 @@ def groups(world_size: int, size: int, rank: int) -> TensorParallel:
                          f"divisor (world / {size} data-parallel groups of {size} ranks)")
     # (replicas of one rank when there is one group: DDP must not broadcast over the group)
     group, index, replicas = rank_groups(world_size, size, rank, replicas="always")
-    return TensorParallel(group, index, size, replicas, world_size)
+    return TensorParallel(group, index, size, replicas)
 
 
 def split_dims(model) -> dict[str, int]:
