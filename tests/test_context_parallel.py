@@ -208,12 +208,12 @@ def _worker(out: str) -> int:
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    from test_distributed import _free_port, _rank_env
+    from rank_runs import free_port, rank_env
 
     out = tmp_path / "cp.pt"
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**_rank_env(r, 2, port), "APR_KERNELS_BACKEND": "triton",
+                              text=True, env={**rank_env(r, 2, port), "APR_KERNELS_BACKEND": "triton",
                                               "TRITON_INTERPRET": "1"}) for r in range(2)]
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
@@ -239,12 +239,13 @@ def test_two_ranks_match_one_process(tmp_path):
 
 
 def test_four_ranks_in_two_context_groups_match_one_process(tmp_path):
-    """torchrun, 4 ranks = 2 data-parallel groups x 2 context-parallel ranks (each group its half of
+    """4 ranks = 2 data-parallel groups x 2 context-parallel ranks (each group its half of
     the batch, each rank half of its rows' positions) against the same CLI run in one process."""
     from apr_kernels.cli import main
     from apr_kernels.model import Transformer
     from apr_kernels.train.checkpoint import save_checkpoint
-    from test_distributed import COMMON, _cli, _free_port, _losses, _odd_config, _records
+    from rank_runs import Launch
+    from test_distributed import COMMON, _cli, _losses, _odd_config, _records
 
     torch.manual_seed(11)
     init = tmp_path / "init.apr"
@@ -252,12 +253,9 @@ def test_four_ranks_in_two_context_groups_match_one_process(tmp_path):
     args = ["train", "--init", str(init), *COMMON, "--save-every", "0"]
     code, one = _cli(main, [*args, "--out", str(tmp_path / "one")])
     assert code == 0
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={_free_port()}",
-         "-m", "apr_kernels", *args, "--parallel", "ddp", "--context-parallel", "2", "--out", str(tmp_path / "cp")],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ref, got = _records(one), _records(proc.stdout)
+    launch = Launch({"cp": [*args, "--parallel", "ddp", "--context-parallel", "2", "--out", str(tmp_path / "cp")]},
+                    4, tmp_path / "ranks")
+    ref, got = _records(one), _records(launch.outputs()["cp"])
     assert len(_losses(got)) == len(_losses(ref)) > 0
     assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
     assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rank_runs import free_port, rank_env
 from text_helpers import write_short_documents
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -40,22 +40,10 @@ COMMON = ["--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD, "--max-
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_env(rank: int, world: int, port: int) -> dict:
-    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
 def _launch(argv: list[str], world: int, **kw) -> list[subprocess.Popen]:
     """``world`` processes joined through env:// (what torchrun sets up, minus its agent)."""
-    port = _free_port()
-    return [subprocess.Popen(argv, env=_rank_env(r, world, port), stdout=subprocess.PIPE,
+    port = free_port()
+    return [subprocess.Popen(argv, env=rank_env(r, world, port), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, **kw) for r in range(world)]
 
 
@@ -328,16 +316,10 @@ def runs(tmp_path_factory):
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "-m", "apr_kernels", "train", "--init", str(init), *COMMON, "--parallel", "fsdp",
          "--out", str(root / "fsdp")], env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # the fast path (the package's ops, their CPU reference code here) under FSDP: the fused loss runs
-    # inside forward on the unsharded output weight
     fast_on = [a if a != "off" else "on" for a in COMMON]
-    torchrun_fast = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         "-m", "apr_kernels", "train", "--init", str(init), *fast_on, "--parallel", "fsdp",
-         "--out", str(root / "fsdp_fast")], env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     spec = {"out": str(root), "memory": str(big), "warmup": str(init), "runs": [
         ["train", "--init", str(init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp")],
         ["train", "--resume", str(one / "step_000002.apr"), "--parallel", "fsdp", "--out", str(root / "r2"),
@@ -414,12 +396,15 @@ def runs(tmp_path_factory):
         # and with document masking: documents crossing the ranks' chunks (run43)
         ["train", "--init", str(init), *COMMON, *docs, "--parallel", "ddp", "--context-parallel", "2",
          "--out", str(root / "ddp_cp_docs")],
+        # the fast path (the package's ops, their CPU reference code here) under FSDP: the fused loss
+        # runs inside forward on the unsharded output weight (run44)
+        ["train", "--init", str(init), *fast_on, "--parallel", "fsdp", "--out", str(root / "fsdp_fast")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
     two = _launch(worker, 2)
     single = subprocess.Popen(worker, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs = [torchrun, torchrun_fast, *two, single]
+    procs = [torchrun, *two, single]
     outputs = []
     try:
         for p in procs:
@@ -439,26 +424,7 @@ def runs(tmp_path_factory):
             "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
             "one_moe_out": one_moe_out, "one_adam8_out": one_adam8_out, "one_adam8_aligned_out": one_adam8_aligned_out,
             "one_dora_out": one_dora_out, "one_qlora_out": one_qlora_out, "one_dora_init_out": one_dora_init_out,
-            "torchrun_out": outputs[0][0],
-            "torchrun_fast_out": outputs[1][0], "ranks": ranks}
-
-
-def _torchrun(args, out, world: int, *options: str) -> subprocess.Popen:
-    """The CLI (``args`` then ``options``, writing to ``out``) under torchrun on ``world`` CPU ranks."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
-         "-m", "apr_kernels", *args, *options, "--out", str(out)],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _outputs(procs: dict, timeout: float = 400) -> dict:
-    """The stdout of each launched run (by name), each checked to have exited cleanly."""
-    out = {}
-    for name, p in procs.items():
-        stdout, stderr = p.communicate(timeout=timeout)
-        assert p.returncode == 0, f"{name}: {stderr[-3000:]}"
-        out[name] = stdout
-    return out
+            "torchrun_out": outputs[0][0], "ranks": ranks}
 
 
 def _same_run(one_text: str, run_text: str, *, rel: float = 1e-5, grad_rel: float | None = 1e-4,
@@ -521,7 +487,7 @@ def test_fsdp_under_torchrun_matches_one_process(runs):
 def test_fast_path_under_fsdp_matches_one_process(runs):
     """--fast on (fused RoPE, SwiGLU, add+RMSNorm, GQA attention and the fused linear cross entropy) under
     FSDP2 on 2 ranks against one eager process: the same loss curve."""
-    ref, got = _records(runs["one_out"]), _records(runs["torchrun_fast_out"])
+    ref, got = _records(runs["one_out"]), _records(runs["ranks"][(0, 2)]["run44"]["stdout"])
     assert len(_losses(got)) == STEPS
     assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
     assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)

@@ -20,12 +20,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed import (COMMON, _cli, _free_port, _losses, _outputs, _records, _same_checkpoint, _same_run,
-                              _torchrun as _launch)
+from rank_runs import Launch, free_port, launch_by_world, outputs
+from test_distributed import COMMON, _cli, _losses, _records, _same_checkpoint, _same_run
 
 
-def _torchrun(args, out, world: int, ep: int, mode: str):
-    return _launch(args, out, world, "--parallel", mode, "--expert-parallel", str(ep))
+def _spread(args, out, ep: int, mode: str) -> list[str]:
+    return [*args, "--parallel", mode, "--expert-parallel", str(ep), "--out", str(out)]
 
 
 def _moe_config(architecture: str, **kw):
@@ -74,21 +74,20 @@ def runs(tmp_path_factory):
         else:
             save_checkpoint(root / f"{name}.apr", model=Transformer(_moe_config(arch, **changes), fast=False))
         args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
-    procs = {name: _torchrun([*args[name], *only], root / f"ep_{name}", world, ep, mode)
-             for name, (_, _, world, ep, mode, only) in CASES.items()}
     one = {}
-    for name in CASES:  # (the references run in this process meanwhile)
+    for name in CASES:
         code, one[name] = _cli(main, [*args[name], "--out", str(root / f"one_{name}")])
         assert code == 0
+    runs = {name: (_spread([*args[name], *only], root / f"ep_{name}", ep, mode), world)
+            for name, (_, _, world, ep, mode, only) in CASES.items()}
+    resume = ["--json", "--no-progress", "--fast", "off", "--dist-timeout", "60"]
     # a LoRA run's step checkpoint (its adapters kept) resumed with the experts spread
-    procs["resumed_lora"] = _torchrun(["train", "--resume", str(root / "one_lora" / "step_000002.apr"), "--json",
-                                       "--no-progress", "--fast", "off", "--dist-timeout", "60"],
-                                      root / "resumed_lora", 2, 2, "ddp")
+    runs["resumed_lora"] = (_spread(["train", "--resume", str(root / "one_lora" / "step_000002.apr"), *resume],
+                                    root / "resumed_lora", 2, "ddp"), 2)
     # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded
-    procs["resumed_ep"] = _torchrun(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), "--json",
-                                     "--no-progress", "--fast", "off", "--dist-timeout", "60"],
-                                    root / "resumed_ep", 4, 2, "fsdp")
-    out = _outputs(procs)
+    runs["resumed_ep"] = (_spread(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), *resume],
+                                  root / "resumed_ep", 2, "fsdp"), 4)
+    out = outputs(*launch_by_world(runs, root / "ranks"))
     # an expert-parallel sharded step checkpoint resumed in one process
     code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "ep_qwen3_fsdp" / "step_000002.apr"),
                                            "--json", "--no-progress", "--fast", "off", "--out",
@@ -215,7 +214,7 @@ def test_dispatch_regroups_rows_by_expert_and_back():
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ep = ExpertParallel(dist.group.WORLD, 0, 1)
         xs = torch.randn(7, 3, requires_grad=True)
@@ -244,7 +243,7 @@ def test_reduce_and_clip_on_a_group_of_one():
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ep = ExpertParallel(dist.group.WORLD, 0, 1)
         params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
@@ -289,12 +288,13 @@ def post_runs(tmp_path_factory):
     cases = {"dpo": (["dpo", "--data", str(root / "pairs.jsonl"), "--beta", "0.5", *common], "ddp"),
              "kto": (["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", *common], "ddp"),
              "reward": (["reward", "--data", str(root / "pairs.jsonl"), *common], "fsdp")}
-    procs = {name: _torchrun(args, root / f"ep_{name}", 2, 2, mode) for name, (args, mode) in cases.items()}
+    launch = Launch({name: _spread(args, root / f"ep_{name}", 2, mode) for name, (args, mode) in cases.items()}, 2,
+                    root / "ranks")
     one = {}
-    for name, (args, _) in cases.items():
+    for name, (args, _) in cases.items():  # (the references run in this process meanwhile)
         code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
         assert code == 0, name
-    return root, one, _outputs(procs)
+    return root, one, launch.outputs()
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto", "reward"])

@@ -10,12 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed import (COMMON, _aligned_config, _cli, _losses, _odd_config, _outputs, _records,
-                              _same_checkpoint, _same_run, _torchrun as _launch)
-
-
-def _torchrun(args, out):
-    return _launch(args, out, 4, "--parallel", "fsdp", "--fsdp-shard-size", "2")
+from rank_runs import Launch
+from test_distributed import (COMMON, _aligned_config, _cli, _losses, _odd_config, _records, _same_checkpoint,
+                              _same_run)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +33,13 @@ def runs(tmp_path_factory):
              "muon": ["train", "--init", str(root / "init.apr"), *COMMON, "--optimizer", "muon"],
              "qlora": ["train", "--init", str(root / "q8.apr"), *COMMON, "--lora-rank", "4",
                        "--lora-quantized-base", "--lr", "1e-2"]}
-    procs = {name: _torchrun(args, root / f"hsdp_{name}") for name, args in cases.items()}
+    launch = Launch({name: [*args, "--parallel", "fsdp", "--fsdp-shard-size", "2", "--out", str(root / f"hsdp_{name}")]
+                     for name, args in cases.items()}, 4, root / "ranks")
     one = {}
     for name, args in cases.items():  # (the reference runs in this process meanwhile)
         code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
         assert code == 0
-    out = _outputs(procs)
+    out = launch.outputs()
     # the 4-rank step checkpoint resumed in one process
     code, resumed = _cli(main, ["train", "--resume", str(root / "hsdp_adamw" / "step_000002.apr"), "--json",
                                 "--no-progress", "--fast", "off", "--out", str(root / "resumed")])

@@ -75,7 +75,7 @@ def _worker(spec_path: str) -> int:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    from test_distributed import _free_port, _rank_env
+    from rank_runs import free_port, rank_env
     from test_lora import _quantised_file
 
     root = tmp_path_factory.mktemp("qbase")
@@ -105,9 +105,9 @@ def ranks(tmp_path_factory):
     apr_kernels.save(tensors, bad, metadata=meta)
     spec["bad"] = str(bad)
     (root / "spec.json").write_text(json.dumps(spec))
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, str(root / "spec.json")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_rank_env(r, 2, port)) for r in range(2)]
+                              stderr=subprocess.PIPE, text=True, env=rank_env(r, 2, port)) for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]

@@ -16,12 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed import (COMMON, _cli, _losses, _outputs, _records, _same_checkpoint, _same_run,
-                              _torchrun as _launch)
+from rank_runs import launch_by_world, outputs
+from test_distributed import COMMON, _cli, _losses, _records, _same_checkpoint, _same_run
 
 
-def _torchrun(args, out, world: int, tp: int, mode: str):
-    return _launch(args, out, world, "--parallel", mode, "--tensor-parallel", str(tp))
+def _split_run(args, out, tp: int, mode: str) -> list[str]:
+    return [*args, "--parallel", mode, "--tensor-parallel", str(tp), "--out", str(out)]
 
 
 def _config(name: str):
@@ -64,22 +64,22 @@ def runs(tmp_path_factory):
                 p.add_(torch.randn_like(p) * 0.02)
         save_checkpoint(root / f"{name}.apr", model=model)
         args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
-    procs = {name: _torchrun(args[name], root / f"tp_{name}", world, tp, mode)
-             for name, (_, _, world, tp, mode) in CASES.items()}
+    runs = {name: (_split_run(args[name], root / f"tp_{name}", tp, mode), world)
+            for name, (_, _, world, tp, mode) in CASES.items()}
     # (plain DDP, no tensor parallelism: compiled layers with selective checkpointing, which dynamo's
     # DDP graph splitting broke)
     args["compiled_selective"] = ["train", "--init", str(root / "qwen2_ddp.apr"), *COMMON, "--grad-checkpointing",
                                   "selective", "--compile"]
-    procs["compiled_selective"] = _torchrun(args["compiled_selective"], root / "compiled_selective", 2, 1, "ddp")
+    runs["compiled_selective"] = (_split_run(args["compiled_selective"], root / "compiled_selective", 1, "ddp"), 2)
     one = {}
-    for name in [*CASES, "compiled_selective"]:  # (the references run in this process meanwhile)
+    for name in [*CASES, "compiled_selective"]:
         code, one[name] = _cli(main, [*args[name], "--out", str(root / f"one_{name}")])
         assert code == 0
     # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded
-    procs["resumed_tp"] = _torchrun(["train", "--resume", str(root / "one_llama_fsdp" / "step_000002.apr"), "--json",
-                                     "--no-progress", "--fast", "off", "--dist-timeout", "60"],
-                                    root / "resumed_tp", 4, 2, "fsdp")
-    out = _outputs(procs)
+    runs["resumed_tp"] = (_split_run(["train", "--resume", str(root / "one_llama_fsdp" / "step_000002.apr"), "--json",
+                                  "--no-progress", "--fast", "off", "--dist-timeout", "60"],
+                                 root / "resumed_tp", 2, "fsdp"), 4)
+    out = outputs(*launch_by_world(runs, root / "ranks"))
     # a split, sharded step checkpoint resumed in one process
     code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "tp_llama_fsdp4" / "step_000002.apr"),
                                            "--json", "--no-progress", "--fast", "off", "--out",
@@ -268,12 +268,13 @@ def post_runs(tmp_path_factory):
     cases = {"dpo": (["dpo", "--data", str(root / "pairs.jsonl"), "--beta", "0.5", *common], 4, "ddp"),
              "kto": (["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", *common], 2, "ddp"),
              "reward": (["reward", "--data", str(root / "pairs.jsonl"), *common], 4, "fsdp")}
-    procs = {name: _torchrun(args, root / f"tp_{name}", world, 2, mode) for name, (args, world, mode) in cases.items()}
+    launches = launch_by_world({name: (_split_run(args, root / f"tp_{name}", 2, mode), world)
+                                for name, (args, world, mode) in cases.items()}, root / "ranks")
     one = {}
-    for name, (args, _, _) in cases.items():
+    for name, (args, _, _) in cases.items():  # (the references run in this process meanwhile)
         code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
         assert code == 0, name
-    return root, one, _outputs(procs)
+    return root, one, outputs(*launches)
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto", "reward"])

@@ -1,0 +1,127 @@
+"""CLI commands on several CPU ranks of one process group, for the "= one process" tests.
+
+torchrun starts an agent plus fresh interpreters for every command, and on 2 CPU cores importing
+torch and dynamo (~2.5 s per process) costs more than these tiny runs themselves. So each multi-rank
+test fixture makes one launch per world size: ``world`` processes joined through env:// (the
+variables torchrun sets) run its commands in turn, each command reusing the process group exactly as
+it would torchrun's (``distributed.setup`` takes a group it finds). test_distributed keeps a real
+torchrun launch of the CLI.
+
+``python rank_runs.py SPEC`` is one rank of a launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    """What torchrun gives rank ``rank`` of ``world`` on one node."""
+    return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+class Launch:
+    """``world`` ranks running the CLI commands ``runs`` (name: argv) in order; see ``outputs``."""
+
+    def __init__(self, runs: dict[str, list[str]], world: int, folder: Path):
+        self.folder, self.world, self.names = Path(folder), world, list(runs)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        spec = self.folder / "spec.json"
+        spec.write_text(json.dumps({"runs": runs, "out": str(self.folder)}))
+        port = free_port()
+        self.procs = []
+        for r in range(world):
+            with open(self.folder / f"rank{r}.err", "w") as err:
+                self.procs.append(subprocess.Popen([sys.executable, __file__, str(spec)], env=rank_env(r, world, port),
+                                                   stdout=subprocess.DEVNULL, stderr=err))
+
+    def outputs(self, timeout: float = 400) -> dict[str, str]:
+        """Rank 0's stdout of each command (by name), once every rank ran every command with exit
+        code 0. A rank that fails stops the others (as torchrun would) and fails the caller."""
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.poll() is None for p in self.procs):
+                failed = [r for r, p in enumerate(self.procs) if p.returncode not in (None, 0)]
+                assert not failed and time.monotonic() < deadline, self._report("failed" if failed else "timed out")
+                time.sleep(0.1)
+        finally:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        assert all(p.returncode == 0 for p in self.procs), self._report("failed")
+        ranks = [json.loads((self.folder / f"rank{r}.json").read_text()) for r in range(self.world)]
+        for r, done in enumerate(ranks):
+            assert list(done) == self.names, self._report(f"rank {r} ran {list(done)}")
+        return {name: ranks[0][name] for name in self.names}
+
+    def _report(self, what: str) -> str:
+        tails = "\n".join(f"--- rank {r} (exit {p.returncode}):\n{(self.folder / f'rank{r}.err').read_text()[-3000:]}"
+                          for r, p in enumerate(self.procs))
+        return f"{self.world}-rank launch in {self.folder} {what}\n{tails}"
+
+
+def launch_by_world(runs: dict[str, tuple[list[str], int]], folder: Path) -> list[Launch]:
+    """One launch per world size among ``runs`` (name: (argv, world)), each in a subfolder of ``folder``."""
+    return [Launch({name: argv for name, (argv, w) in runs.items() if w == world}, world, Path(folder) / f"world{world}")
+            for world in sorted({world for _, world in runs.values()})]
+
+
+def outputs(*launches: Launch) -> dict[str, str]:
+    """Every launch's ``outputs``, merged."""
+    merged = {}
+    for launch in launches:
+        merged.update(launch.outputs())
+    return merged
+
+
+def _rank(spec_path: str) -> int:
+    import contextlib
+    import io
+
+    import torch
+
+    from apr_kernels.cli import main
+    from apr_kernels.train import distributed as D
+
+    spec = json.loads(Path(spec_path).read_text())
+    env = D.setup("cpu", timeout_s=60, need_group=True)
+    done, record = {}, Path(spec["out"]) / f"rank{env.rank}.json"
+    try:
+        for name, argv in spec["runs"].items():
+            # each command as in a fresh process: no compiled code or dynamo settings of the last one
+            torch._dynamo.reset()
+            config = torch._dynamo.config.save_config()
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                code = main(argv)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch._dynamo.config.load_config(config)
+            if code != 0:
+                print(f"{name}: exit code {code}", file=sys.stderr)
+                return 1
+            done[name] = buf.getvalue()
+            record.write_text(json.dumps(done))
+    finally:
+        D.teardown(env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_rank(sys.argv[1]))
