@@ -7,8 +7,10 @@ DDP: Qwen2 (q/k/v bias, tied) on 2 ranks in one group (the fast path in Triton's
 each layer compiled, activation checkpointing), a dense Qwen3 (q/k norms: whole weights on split
 heads, their gradients summed) on 4 ranks in 2 replicated groups of 2. FSDP: an untied Llama on 4
 ranks in 2 groups of 2 (each rank's parts sharded over its replica), and on 4 ranks in one group
-of 4 (selective activation checkpointing: the kept all-reduces are not redone). A one-process step checkpoint resumed split and sharded, a split one resumed in
-one process. In one process: the split itself against the whole layer's numbers (forward and every
+of 4 (selective activation checkpointing: the kept all-reduces are not redone). LoRA (DDP, the fast
+path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections. A one-process step
+checkpoint resumed split and sharded (also a DoRA one), split ones resumed in one process, a DoRA
+checkpoint as --init folded into each rank's part. In one process: the split itself against the whole layer's numbers (forward and every
 gradient, on a group of one standing in for the exchange), the refusals."""
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ CASES = {
     "qwen3_ddp": ("qwen3", ["--precision", "fp16"], 4, 2, "ddp"),
     "llama_fsdp": ("llama", [], 4, 2, "fsdp"),
     "llama_fsdp4": ("llama4", ["--grad-checkpointing", "selective"], 4, 4, "fsdp"),
+    # adapters split with their projections: LoRA on the fast path (the fused q/k/v GEMM's three
+    # low-rank terms), DoRA sharded (a row-parallel projection's row norms summed over the group)
+    "qwen2_lora": ("qwen2", ["--lora-rank", "4", "--lr", "1e-2", "--fast", "on"], 2, 2, "ddp"),
+    "llama_dora_fsdp": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 4, 2, "fsdp"),
 }
 
 
@@ -75,11 +81,22 @@ def runs(tmp_path_factory):
     for name in [*CASES, "compiled_selective"]:
         code, one[name] = _cli(main, [*args[name], "--out", str(root / f"one_{name}")])
         assert code == 0
-    # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded
-    runs["resumed_tp"] = (_split_run(["train", "--resume", str(root / "one_llama_fsdp" / "step_000002.apr"), "--json",
-                                  "--no-progress", "--fast", "off", "--dist-timeout", "60"],
-                                 root / "resumed_tp", 2, "fsdp"), 4)
+    resume = ["--json", "--no-progress", "--fast", "off", "--dist-timeout", "60"]
+    # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded; likewise a DoRA one
+    runs["resumed_tp"] = (_split_run(["train", "--resume", str(root / "one_llama_fsdp" / "step_000002.apr"), *resume],
+                                     root / "resumed_tp", 2, "fsdp"), 4)
+    dora = root / "one_llama_dora_fsdp" / "step_000002.apr"
+    runs["resumed_dora"] = (_split_run(["train", "--resume", str(dora), *resume], root / "resumed_dora", 2, "fsdp"), 4)
+    # the DoRA checkpoint as --init: its adapters folded into each rank's part while loading
+    args["dora_init"] = ["train", "--init", str(dora), *COMMON]
+    code, one["dora_init"] = _cli(main, [*args["dora_init"], "--out", str(root / "one_dora_init")])
+    assert code == 0
+    runs["dora_init"] = (_split_run(args["dora_init"], root / "tp_dora_init", 2, "ddp"), 2)
     out = outputs(*launch_by_world(runs, root / "ranks"))
+    # a split LoRA step checkpoint resumed in one process
+    code, out["resumed_lora_one"] = _cli(main, ["train", "--resume", str(root / "tp_qwen2_lora" / "step_000002.apr"),
+                                                *resume[:-2], "--out", str(root / "resumed_lora_one")])
+    assert code == 0
     # a split, sharded step checkpoint resumed in one process
     code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "tp_llama_fsdp4" / "step_000002.apr"),
                                            "--json", "--no-progress", "--fast", "off", "--out",
@@ -107,6 +124,17 @@ def test_tensor_parallel_matches_one_process(runs, name):
         _same_checkpoint(root / f"tp_{name}" / file, root / f"one_{name}" / file, name, atol=atol)
 
 
+def test_lora_checkpoints_resume_and_initialise_across_tensor_parallelism(runs):
+    _, one, out = runs
+    assert _losses(_records(out["resumed_dora"])) == pytest.approx(_losses(_records(one["llama_dora_fsdp"]))[2:],
+                                                                   rel=1e-5)
+    assert _losses(_records(out["resumed_lora_one"])) == pytest.approx(_losses(_records(one["qwen2_lora"]))[2:],
+                                                                       rel=1e-5)
+    ref, _ = _same_run(one["dora_init"], out["dora_init"])
+    # (the folded adapters trained: a merged DoRA model, not the base it started from)
+    assert _losses(ref)[0] < _losses(_records(one["llama_dora_fsdp"]))[0]
+
+
 def test_compiled_layers_with_selective_checkpointing_under_ddp(runs):
     _, one, out = runs
     assert _losses(_records(out["compiled_selective"])) == pytest.approx(_losses(_records(one["compiled_selective"])),
@@ -130,20 +158,24 @@ def _split(model, rank: int, size: int):
     return tp
 
 
-@pytest.mark.parametrize("config", ["qwen2", "qwen3", "llama4"])
+@pytest.mark.parametrize("config", ["qwen2", "qwen3", "llama4", "qwen2-lora"])
 def test_split_layers_add_up_to_the_whole_layer(config):
     """Each rank's attention and MLP on the same input, their outputs summed (what ``leave``
     does): the whole layer's output; each rank's parameter gradients are its rows or columns of the
-    whole layer's, and the input gradients and the per-head norms' summed (what ``enter``'s
+    whole layer's, and the input gradients and those of the whole-kept parameters (the per-head
+    norms; LoRA's A of column-parallel and B of row-parallel projections) summed (what ``enter``'s
     backward does) the whole ones."""
     from apr_kernels.model import Transformer
-    from apr_kernels.train.tensor_parallel import split_dims
+    from apr_kernels.model.lora import add_lora
+    from apr_kernels.train.tensor_parallel import COLUMN, ROW, split_dims
 
-    cfg = _config(config)
+    cfg = _config(config.removesuffix("-lora"))
     size = 4 if config == "llama4" else 2
     torch.manual_seed(0)
     whole = Transformer(cfg, fast=False).double()
-    with torch.no_grad():
+    if config.endswith("-lora"):
+        add_lora(whole, 4)
+    with torch.no_grad():  # (B away from its zeros: both adapter factors matter)
         for p in whole.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     from apr_kernels.model.rope import rope_tables
@@ -181,7 +213,10 @@ def test_split_layers_add_up_to_the_whole_layer(config):
         assert model.model.layers[0].self_attn.num_heads == cfg.num_heads // size
     for n, g in summed.items():
         torch.testing.assert_close(g, grads[n], msg=n)
-    assert sorted(summed) == sorted(n for n in grads if "_norm." in n and "layernorm" not in n)
+    whole_kept = tuple(f"{leaf}.lora_A" for leaf in COLUMN) + tuple(f"{leaf}.lora_B" for leaf in ROW)
+    assert sorted(summed) == sorted(n for n in grads if ("_norm." in n and "layernorm" not in n)
+                                    or n.endswith(whole_kept))
+    assert summed or config in ("qwen2", "llama4")
     torch.testing.assert_close(outs[0], want_out[0])
     torch.testing.assert_close(outs[1], want_out[1])
     torch.testing.assert_close(x_grad, want_x)
@@ -221,11 +256,20 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
     with pytest.raises(ValueError, match="--tensor-parallel 2 needs --parallel ddp or fsdp under torchrun .got none."):
         check(2, "none")
     for kw, what in [({"fsdp_shard": 2}, "--fsdp-shard-size"), ({"context_parallel": 2}, "--context-parallel"),
-                     ({"expert_parallel": 2}, "--expert-parallel"), ({"lora": True}, "LoRA adapters"),
+                     ({"expert_parallel": 2}, "--expert-parallel"),
+                     ({"quantized_base": True}, r"quantised LoRA bases \(--lora-quantized-base\)"),
                      ({"optimizer": "muon"}, "--optimizer muon"),
                      ({"compiled_selective": True}, "--compile and --grad-checkpointing selective")]:
         with pytest.raises(ValueError, match=f"--tensor-parallel 2 does not combine with {what}"):
             check(2, "fsdp", **kw)
+    # LoRA: a quantised base (a resumed QLoRA run: refused when the model is split)
+    from apr_kernels.model.lora import add_lora, quantize_base
+
+    qlora = Transformer(_config("qwen2"), fast=False)
+    add_lora(qlora, 4)
+    quantize_base(qlora.model.layers[1].mlp.up_proj)
+    with pytest.raises(ValueError, match=r"--tensor-parallel 2 does not combine with quantised LoRA bases"):
+        _split(qlora, 0, 2)
     # a resumed run's optimizer, known once its checkpoint is read: refused when the optimizer is made
     from apr_kernels.train.loop import TrainConfig
     from apr_kernels.train.optim import make_optimizer
@@ -234,6 +278,8 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
     _split(split, 0, 2)
     with pytest.raises(ValueError, match="--tensor-parallel 2 does not combine with --optimizer adamw8bit"):
         make_optimizer(split, TrainConfig(optimizer="adamw8bit"))
+    with pytest.raises(ValueError, match="add_lora: the model is split over tensor-parallel ranks already"):
+        add_lora(split, 4)
     code, _ = _cli(main, ["train", "--preset", "tiny_llama", *COMMON, "--tensor-parallel", "2",
                           "--out", str(tmp_path / "x")])
     assert code != 0
@@ -243,7 +289,7 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
 # ------------------------------------------------------- post-training commands (no sampling)
 @pytest.fixture(scope="module")
 def post_runs(tmp_path_factory):
-    """DPO (DDP, 4 ranks in 2 groups: 11 training pairs, uneven reference shares), KTO (DDP, 2 ranks)
+    """DPO (DDP, 4 ranks in 2 groups: 11 training pairs, uneven reference shares), KTO (LoRA, DDP, 2 ranks)
     and a reward model (FSDP, 4 ranks in 2 groups; its score head whole) of a dense Qwen3 split over
     groups of 2, and each in one process."""
     import json
@@ -266,7 +312,9 @@ def post_runs(tmp_path_factory):
               "--grad-accum", "2", "--lr", "3e-3", "--max-len", "40", "--json", "--seed", "5", "--eval-fraction",
               "0.25", "--save-every", "2", "--fast", "off", "--dist-timeout", "60"]
     cases = {"dpo": (["dpo", "--data", str(root / "pairs.jsonl"), "--beta", "0.5", *common], 4, "ddp"),
-             "kto": (["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", *common], 2, "ddp"),
+             # (with LoRA: the reference model is the base, the adapters switched off)
+             "kto": (["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", "--lora-rank", "4", *common], 2,
+                     "ddp"),
              "reward": (["reward", "--data", str(root / "pairs.jsonl"), *common], 4, "fsdp")}
     launches = launch_by_world({name: (_split_run(args, root / f"tp_{name}", 2, mode), world)
                                 for name, (args, world, mode) in cases.items()}, root / "ranks")
@@ -282,7 +330,8 @@ def test_post_training_split_matches_one_process(post_runs, name):
     root, one, out = post_runs
     ref, got = _same_run(one[name], out[name], eval_abs=1e-5)
     (start,), (ref_start,) = ([r for r in recs if r["event"] == "start"] for recs in (got, ref))
-    assert start["trainable"] == ref_start["trainable"] > start["params_rank"] and start["tensor_parallel"] == 2
+    assert start["trainable"] == ref_start["trainable"] and start["tensor_parallel"] == 2
+    assert start["trainable"] > start["params_rank"] if name != "kto" else start["trainable"] < start["params_rank"]
     # (the reward model's run has one weight in 5000 off by 7e-5: AdamW's normalised step on a near-zero
     # gradient summed in another order)
     _same_checkpoint(root / f"tp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name, atol=2e-4)

@@ -294,14 +294,15 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
             copy_into(model.score.weight, torch.empty(tuple(model.score.weight.shape)).normal_(0.0, 0.02, generator=g),
                       f"{path}: new score head")
     if lora_init:
-        init_adapters(model, lora_init.get("seed", 0))
+        with apr_kernels.open(p.path) as f:  # (DoRA under tensor parallelism: some rows' norms from the file)
+            init_adapters(model, lora_init.get("seed", 0), lambda name: f.get_tensor(p.sources[f"{name}.weight"]))
     elif kept:
         _copy_stored_lora(model, p.path)
     elif settings:
         if lora != "merge":
             raise ValueError(f"from_apr: lora={lora!r}; expected 'merge' or 'keep'")
         if shard is not None:  # each rank folds the adapters into its own rows
-            _merge_stored_lora_rows(model, p.path, settings)
+            _merge_stored_lora_rows(model, p, settings)
         else:
             _add_stored_lora(model, path, settings, None)
             _copy_stored_lora(model, p.path)
@@ -325,18 +326,23 @@ def _quantize_bases(model, p: InitPlan) -> dict:
     return {name: quantize_base(m) for name, m in found.items()}
 
 
-def _merge_stored_lora_rows(model, path, settings) -> None:
+def _merge_stored_lora_rows(model, p: InitPlan, settings) -> None:
     """A LoRA checkpoint's adapters folded into a sharded model's weights: a rank holds whole rows of
     each weight, so its rows of ``W + scale B A`` (DoRA: rescaled to their magnitudes) need only A
-    whole and its rows of B and of the magnitude."""
+    whole and its rows of B and of the magnitude. Under tensor parallelism the rows are merged whole
+    from the file's weight (a DoRA row's norm spans every column) and a row-parallel projection keeps
+    its columns of them."""
     import apr_kernels
     from apr_kernels.train.distributed import shard_rows
+    from apr_kernels.train.tensor_parallel import split_dims
 
     from .lora import check_settings, lora_scale, merged
 
+    path = p.path
     rank, alpha, _ = check_settings(settings["rank"], settings["alpha"], settings["targets"])
     scale = lora_scale(rank, alpha, bool(settings.get("rslora", False)))
     params = dict(model.named_parameters())
+    tp, split = model.tensor_parallel, split_dims(model)
     remote = model.remote_expert_prefixes()  # (expert parallelism: another rank's to fold)
     with apr_kernels.open(path) as f, torch.no_grad():
         for key in [k for k in f.keys() if k.endswith(".lora_A") and not k.startswith(TRAINING_PREFIX)]:
@@ -347,19 +353,25 @@ def _merge_stored_lora_rows(model, path, settings) -> None:
             if w is None:
                 raise PreflightError(f"{path}: tensor {key!r} adapts {name!r}, which the model does not have")
             first, n = shard_rows(w) or (0, w.shape[0])
+            dim = split.get(f"{name}.weight")
+            out, inp = tp.whole_shape(w.shape, dim) if dim is not None else tuple(w.shape)
+            if dim == 0:  # (this rank's heads or MLP rows of the whole weight)
+                first += tp.rank * w.shape[0]
             parts = {part: f.get_tensor(f"{name}.{part}") for part in ("lora_A", "lora_B", "lora_magnitude")
                      if f"{name}.{part}" in f}
             if "lora_B" not in parts:
                 raise PreflightError(f"{path}: tensor {name}.lora_B is missing; expected one beside {key!r}")
             a, b = parts["lora_A"], parts["lora_B"]
-            if tuple(a.shape) != (rank, w.shape[1]) or tuple(b.shape) != (w.shape[0], rank):
+            if tuple(a.shape) != (rank, inp) or tuple(b.shape) != (out, rank):
                 raise PreflightError(f"{path}: adapters of {name!r} are {list(a.shape)} and {list(b.shape)}; "
-                                     f"expected [{rank}, {w.shape[1]}] and [{w.shape[0]}, {rank}]")
+                                     f"expected [{rank}, {inp}] and [{out}, {rank}]")
             mag = parts.get("lora_magnitude")
             local = w.to_local() if hasattr(w, "to_local") else w
-            rows = merged(local, a.to(local.device), b[first:first + n].to(local.device), scale, local.dtype,
-                          mag[first:first + n].to(local.device) if mag is not None else None)
-            local.copy_(rows)
+            # the weight's rows: as loaded, or whole from the file when the ranks split its columns
+            base = local if dim is None else f.get_tensor(p.sources[f"{name}.weight"])[first:first + n]
+            rows = merged(base.to(local.device), a.to(local.device), b[first:first + n].to(local.device), scale,
+                          local.dtype, mag[first:first + n].to(local.device) if mag is not None else None)
+            local.copy_(rows if dim != 1 else tp.local(rows, 1, f"{path}: tensor {name}.weight"))
 
 
 def _add_stored_lora(model, path, settings, base_dtype) -> None:
@@ -390,11 +402,12 @@ def _copy_stored_lora(model, path) -> None:
                 if tname not in f:
                     raise PreflightError(f"{path}: LoRA tensor {tname!r} is missing (metadata 'lora' names "
                                          f"targets {model.lora['targets']})")
-                shape = f.info(tname).shape
-                if tuple(shape) != tuple(param.shape):
+                shape, want = f.info(tname).shape, m.whole_adapter_shape(part)
+                if tuple(shape) != want:
                     raise PreflightError(f"{path}: LoRA tensor {tname!r} has shape {list(shape)}; expected "
-                                         f"{list(param.shape)} (rank {model.lora['rank']})")
-                copy_into(param, f.get_tensor(tname), f"{path}: tensor {tname!r}")  # an FSDP shard: its rows
+                                         f"{list(want)} (rank {model.lora['rank']})")
+                # (tensor parallelism: this rank's part; an FSDP shard: its rows of that)
+                copy_into(param, m.local_adapter(part, f.get_tensor(tname)), f"{path}: tensor {tname!r}")
 
 
 def preflight(path: str | os.PathLike) -> ModelConfig:

@@ -57,27 +57,65 @@ def merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sca
     return w.to(dtype)
 
 
+# Tensor parallelism (train/tensor_parallel.py): weight split dimension -> the adapter parts split
+# with it and on which dimension. A column-parallel projection (its rows split) keeps its rows of B
+# and of the DoRA magnitude and the whole A; a row-parallel one (its columns split) its columns of A
+# and the whole B and magnitude.
+ADAPTER_SPLIT = {0: {"lora_B": 0, "lora_magnitude": 0}, 1: {"lora_A": 1}}
+
+
 class LoRALinear(nn.Linear):
     """``nn.Linear`` plus a trainable low-rank update (see the module docstring)."""
 
     rank: int
     scale: float
+    # under tensor parallelism (split_adapters): the group, and the dimension of the weight it splits
+    tensor_parallel = None
+    split_dim: int | None = None
 
     def adapt(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The adapted output from the frozen projection's ``y = x W^T + b``: ``y + scale (x A^T) B^T``,
         with DoRA ``g (y + scale (x A^T) B^T) + (1 - g) b``, ``g = m / ||W + scale B A||_row`` (no gradient
-        through the norm). A scale of 0 (``adapters_disabled``) gives ``y``: the base model."""
+        through the norm). A scale of 0 (``adapters_disabled``) gives ``y``: the base model.
+
+        Split over tensor-parallel ranks, each rank adds its part: the factor every rank uses whole
+        (A of a column-parallel projection, B and the magnitude of a row-parallel one, whose ``y``
+        is a partial sum that ``leave`` adds up) enters through ``enter``, its partial gradients
+        summed over the group; a row's squared norm is summed over the ranks holding its columns."""
         if self.scale == 0:
             return y
-        y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        tp, a, b = self.tensor_parallel, self.lora_A, self.lora_B
+        if tp is not None:
+            a, b = (tp.enter(a), b) if self.split_dim == 0 else (a, tp.enter(b))
+        y = y + F.linear(F.linear(x, a), b) * self.scale
         if not hasattr(self, "lora_magnitude"):
             return y
+        mag = self.lora_magnitude
         with torch.no_grad():
             w = frozen_weight(self, torch.float32)
-            norm = (w + (self.lora_B.float() @ self.lora_A.float()) * self.scale).norm(dim=1)
-        g = (self.lora_magnitude.float() / norm).to(y.dtype)
+            square = (w + (self.lora_B.float() @ self.lora_A.float()) * self.scale).square().sum(dim=1)
+            if tp is not None and self.split_dim == 1:
+                square = tp.sum(square)
+        if tp is not None and self.split_dim == 1:
+            mag = tp.enter(mag)
+        g = (mag.float() / square.sqrt()).to(y.dtype)
         y = y * g
         return y if self.bias is None else y + (1 - g) * self.bias.to(y.dtype)
+
+    def adapter_dim(self, part: str) -> int | None:
+        """The dimension tensor-parallel ranks split adapter ``part`` on (None: whole on each)."""
+        return None if self.tensor_parallel is None else ADAPTER_SPLIT[self.split_dim].get(part)
+
+    def whole_adapter_shape(self, part: str) -> tuple:
+        """The shape of adapter ``part`` in the whole (unsplit) model."""
+        shape = tuple(getattr(self, part).shape)
+        dim = self.adapter_dim(part)
+        return shape if dim is None else self.tensor_parallel.whole_shape(shape, dim)
+
+    def local_adapter(self, part: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole model's adapter ``part`` (``full``): a view."""
+        dim = self.adapter_dim(part)
+        return full if dim is None else self.tensor_parallel.local(full, dim, part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapt(super().forward(x), x)
@@ -85,6 +123,8 @@ class LoRALinear(nn.Linear):
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``W + scale * B A`` (DoRA: rows rescaled to the magnitude) computed in fp32, returned in
         ``dtype`` (default: the weight's)."""
+        if self.tensor_parallel is not None:  # (checkpoints merge the gathered whole tensors instead)
+            raise ValueError("merged_weight: a projection split over tensor-parallel ranks; expected a whole one")
         w = self.weight
         return merged(w, self.lora_A, self.lora_B, self.scale, dtype or w.dtype, getattr(self, "lora_magnitude", None))
 
@@ -216,6 +256,9 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
     stay in the model's dtype). On the meta device (a model about to be sharded) the adapters get
     no values: call ``init_adapters`` once the parameters have storage."""
     rank, alpha, targets = check_settings(rank, 2 * rank if alpha is None else alpha, targets)
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise ValueError("add_lora: the model is split over tensor-parallel ranks already; expected the adapters "
+                         "added before (set_tensor_parallel splits them with their projections)")
     for p in model.parameters():
         p.requires_grad_(False)
     if hasattr(model, "score"):  # a reward model's head trains whole (PEFT's modules_to_save for it)
@@ -245,22 +288,50 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
     return settings
 
 
+def check_splittable(lin: nn.Linear, tp) -> None:
+    """Refuse to split a quantised LoRA base over tensor-parallel ranks (its blocks run along rows)."""
+    if isinstance(lin, QuantizedLoRALinear):
+        raise ValueError(f"--tensor-parallel {tp.size} does not combine with quantised LoRA bases "
+                         f"(--lora-quantized-base); expected plain LoRA or DoRA adapters")
+
+
+def split_adapters(old: LoRALinear, new: nn.Linear, tp, dim: int) -> None:
+    """Make ``new`` (this rank's part of ``old``'s weight, split on ``dim`` over tensor-parallel group
+    ``tp``) an adapted projection holding its parts of ``old``'s adapters (``ADAPTER_SPLIT``)."""
+    new.__class__ = type(old)
+    new.rank, new.scale, new.tensor_parallel, new.split_dim = old.rank, old.scale, tp, dim
+    for part in ("lora_A", "lora_B", "lora_magnitude"):
+        if hasattr(old, part):
+            whole = getattr(old, part)
+            local = new.local_adapter(part, whole)
+            local = local.contiguous() if local.is_meta else local.detach().clone(memory_format=torch.contiguous_format)
+            setattr(new, part, nn.Parameter(local,
+                                            requires_grad=whole.requires_grad))
+
+
 @torch.no_grad()
-def init_adapters(model, seed: int = 0) -> None:
+def init_adapters(model, seed: int = 0, whole_weight=None) -> None:
     """A Kaiming-uniform (PEFT's ``a = sqrt(5)``) from a CPU generator seeded with ``seed``, in module
-    order; B zero. A sharded (FSDP) adapter receives its rows of the same full matrix, and with
-    expert parallelism the draws of the experts other ranks hold are made and dropped."""
+    order; B zero. A sharded (FSDP) adapter receives its rows of the same full matrix, a split
+    (tensor-parallel) one its part of it, and with expert parallelism the draws of the experts other
+    ranks hold are made and dropped. ``whole_weight(name)``: the whole frozen weight of projection
+    ``name``, for the DoRA magnitudes of row-parallel projections (rows spanning the group's parts)."""
     from apr_kernels.train.distributed import copy_into
 
     g = torch.Generator().manual_seed(seed)
     for name, (m, held) in whole_model_adapters(model).items():
-        a = torch.empty(tuple(m.lora_A.shape), dtype=torch.float32)
+        a = torch.empty(m.whole_adapter_shape("lora_A"), dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
         if not held:  # another rank's expert (expert parallelism): drawn all the same, so every
             continue  # rank's adapters are those of the whole model
-        copy_into(m.lora_A, a, f"{name}.lora_A")
+        copy_into(m.lora_A, m.local_adapter("lora_A", a), f"{name}.lora_A")
         copy_into(m.lora_B, torch.zeros(tuple(m.lora_B.shape)), f"{name}.lora_B")
-        if hasattr(m, "lora_magnitude"):  # DoRA starts from the base: m = ||W||_row (B is 0)
+        if hasattr(m, "lora_magnitude") and m.split_dim == 1:  # (each rank holds some of every row)
+            if whole_weight is None:
+                raise ValueError(f"{name}: a DoRA magnitude of a row-parallel projection; expected the whole "
+                                 f"weight (init_adapters' whole_weight) for its rows' norms")
+            copy_into(m.lora_magnitude, whole_weight(name).float().norm(dim=1), f"{name}.lora_magnitude")
+        elif hasattr(m, "lora_magnitude"):  # DoRA starts from the base: m = ||W||_row (B is 0)
             w = frozen_weight(m, torch.float32)
             if hasattr(w, "to_local"):  # FSDP: the magnitude's rows are the weight's rows (both Shard(0))
                 m.lora_magnitude.to_local().copy_(w.to_local().norm(dim=1))

@@ -183,6 +183,27 @@ class Attention(nn.Module):
         return out if tp is None else tp.leave(out)  # (the heads' partial sums added up)
 
 
+def _split_linear(old: nn.Linear, tp, dim: int, name: str) -> nn.Linear:
+    """This rank's part of a projection split on ``dim`` (0: rows, 1: columns), a new module of the
+    same class (a LoRA projection keeps its adapters: ``lora.split_adapters``)."""
+    from .lora import LoRALinear, check_splittable, split_adapters
+
+    check_splittable(old, tp)
+    w = tp.local(old.weight, dim, name)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
+    if not w.is_meta:
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if old.bias is not None:
+                new.bias.copy_(tp.local(old.bias, 0, name))
+    new.weight.requires_grad_(old.weight.requires_grad)
+    if old.bias is not None:
+        new.bias.requires_grad_(old.bias.requires_grad)
+    if isinstance(old, LoRALinear):
+        split_adapters(old, new, tp, dim)
+    return new
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -629,17 +650,7 @@ class Transformer(nn.Module):
                 for leaf in COLUMN + ROW:
                     if not hasattr(m, leaf):
                         continue
-                    old = getattr(m, leaf)
-                    dim = 0 if leaf in COLUMN else 1
-                    w = tp.local(old.weight, dim, leaf)
-                    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device,
-                                    dtype=w.dtype)
-                    if not w.is_meta:
-                        new.weight.copy_(w)
-                        if old.bias is not None:
-                            new.bias.copy_(tp.local(old.bias, 0, leaf))
-                    new.weight.requires_grad_(old.weight.requires_grad)
-                    setattr(m, leaf, new)
+                    setattr(m, leaf, _split_linear(getattr(m, leaf), tp, 0 if leaf in COLUMN else 1, leaf))
                 m.tensor_parallel = tp
             for norm in ("q_norm", "k_norm"):  # (each rank's heads: partial gradients, summed)
                 if hasattr(attn, norm):

@@ -500,8 +500,9 @@ def _train(args, env, mode: str) -> int:
     if args.lora_rank and not args.resume:
         lora_new = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
                     "seed": args.seed, "rslora": args.lora_rslora, "dora": args.lora_dora}
-        # adapters added while loading: under FSDP (before sharding) and on a quantised base
-        if mode == "fsdp" or args.lora_quantized_base:
+        # adapters added while loading: under FSDP (before sharding), tensor parallelism (before the
+        # split) and on a quantised base
+        if mode == "fsdp" or args.lora_quantized_base or args.tensor_parallel != 1:
             lora_load = {"lora_init": lora_new, "keep_quantized": args.lora_quantized_base,
                          "lora_base_dtype": lora_base}
 
@@ -519,7 +520,7 @@ def _train(args, env, mode: str) -> int:
                      else args.optimizer)
         tensor_parallel.check(args.tensor_parallel, mode, fsdp_shard=env.fsdp_shard,
                               context_parallel=args.context_parallel, expert_parallel=args.expert_parallel,
-                              lora=bool(args.lora_rank), optimizer=optimizer,
+                              quantized_base=bool(args.lora_quantized_base), optimizer=optimizer,
                               compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
         tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank)
 

@@ -598,8 +598,7 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         from .tensor_parallel import check
 
         check(tensor.size, mode, fsdp_shard=env.fsdp_shard, context_parallel=context_parallel,
-              expert_parallel=expert_parallel.size if expert_parallel is not None else 1,
-              lora=bool(getattr(model, "lora", None)))
+              expert_parallel=expert_parallel.size if expert_parallel is not None else 1)
         if model.tensor_parallel is None:
             model.set_tensor_parallel(tensor)
     if mode == "fsdp":
@@ -863,8 +862,10 @@ class ShardGatherer:
                 mag = self.weights.get(f"{name}.lora_magnitude")  # DoRA
                 del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
                 weights.pop(f"{name}.lora_magnitude", None)
+                # (the whole shape: a split projection's weight item is its gathered one)
+                shape = tuple(self.items[w].shape) if isinstance(w, int) else (m.out_features, m.in_features)
                 weights[f"{name}.weight"] = LazyTensor(
-                    "F32", (m.out_features, m.in_features),
+                    "F32", shape,
                     lambda w=w, a=a, b=b, s=m.scale, g=mag: self._merged(w, a, b, s, g))
 
         def lazy(key, value):  # the step as it is; an 8-bit moment's two parts; a moment (fp32)

@@ -29,8 +29,14 @@ whole tensors under their Hugging Face names: each split tensor and its moments 
 from the group (``Split``, an item of ``distributed.ShardGatherer``) when their turn comes; loading
 and resuming read each rank's rows or columns of the file's zero-copy view (``local``).
 
-Not combined (refused with a message, ``check``): context or expert parallelism, HSDP, LoRA, 8-bit
-AdamW and Muon (whose updates need the whole matrix), mixture-of-experts layers.
+LoRA and DoRA adapters split with their projections (``model/lora.py``'s ``ADAPTER_SPLIT``): a
+column-parallel projection's rank holds its rows of B (and of the DoRA magnitude) and the whole A, a
+row-parallel one's its columns of A and the whole B and magnitude; the whole-kept factor enters
+through ``enter`` (its gradient, partial on each rank, summed), a DoRA row's squared norm is summed
+over the ranks holding its columns. Only the adapters train, so the exchange per layer is unchanged.
+
+Not combined (refused with a message, ``check``): context or expert parallelism, HSDP, quantised
+LoRA bases, 8-bit AdamW and Muon (whose updates need the whole matrix), mixture-of-experts layers.
 """
 
 from __future__ import annotations
@@ -88,6 +94,10 @@ class TensorParallel:
     def leave(self, x: torch.Tensor) -> torch.Tensor:
         return _Leave.apply(x, self.group) if self.size > 1 else x
 
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the group, no gradient (a DoRA row's squares from each rank's columns)."""
+        return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", self.group)) if self.size > 1 else x
+
     def local(self, full: torch.Tensor, dim: int | None, name: str = "tensor") -> torch.Tensor:
         """This rank's part of the whole tensor ``full`` split on ``dim`` (None: kept whole): a view."""
         if dim is None:
@@ -125,6 +135,8 @@ def groups(world_size: int, size: int, rank: int) -> TensorParallel:
 def split_dims(model) -> dict[str, int]:
     """Hugging Face parameter name -> the dimension the tensor-parallel ranks split it on, for every
     split parameter of ``model`` (empty without tensor parallelism)."""
+    from apr_kernels.model.lora import LoRALinear
+
     if getattr(model, "tensor_parallel", None) is None:
         return {}
     out = {}
@@ -134,6 +146,9 @@ def split_dims(model) -> dict[str, int]:
             out[f"{name}.weight"] = 0 if leaf in COLUMN else 1
             if leaf in COLUMN and getattr(m, "bias", None) is not None:
                 out[f"{name}.bias"] = 0
+            if isinstance(m, LoRALinear):  # (the adapter parts split with the weight)
+                out.update({f"{name}.{part}": m.adapter_dim(part) for part in ("lora_A", "lora_B", "lora_magnitude")
+                            if hasattr(m, part) and m.adapter_dim(part) is not None})
     return out
 
 
@@ -150,7 +165,7 @@ def check_config(cfg, size: int, where: str = "the model") -> None:
 
 
 def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 1, expert_parallel: int = 1,
-          lora: bool = False, optimizer: str = "adamw", compiled_selective: bool = False) -> None:
+          quantized_base: bool = False, optimizer: str = "adamw", compiled_selective: bool = False) -> None:
     """What ``--tensor-parallel size`` does not combine with, refused before anything is loaded.
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
@@ -163,7 +178,8 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
                (fsdp_shard, "--fsdp-shard-size (HSDP)"), (context_parallel != 1, "--context-parallel"),
-               (expert_parallel != 1, "--expert-parallel"), (lora, "LoRA adapters")]
+               (expert_parallel != 1, "--expert-parallel"),
+               (quantized_base, "quantised LoRA bases (--lora-quantized-base)")]
     for bad, what in refused:
         if bad:
             _refuse(size, what)
