@@ -278,7 +278,7 @@ def test_what_context_parallelism_cannot_split_is_refused(tmp_path, capsys):
     # the trainer's checks, on a stand-in for a 4-rank run in 2 groups of 2
     model = Transformer(_config(), fast=False)
     par = SimpleNamespace(module=model, world_size=4, data_ranks=2, context=ContextParallel(None, 0, 2),
-                          tensor=None)
+                          tensor=None, sequence=None)
     tokens = torch.randint(0, 97, (4000,))
 
     def trainer(**cfg):
@@ -292,7 +292,7 @@ def test_what_context_parallelism_cannot_split_is_refused(tmp_path, capsys):
     # and the model itself, asked for a mean over a share of the positions
     model.set_context_parallel(ContextParallel(None, 0, 2))
     x = torch.randint(1, 97, (1, 16))
-    with pytest.raises(ValueError, match=r"reduction 'mean' under context parallelism: this rank holds a share"):
+    with pytest.raises(ValueError, match=r"reduction 'mean' under context or sequence parallelism: this rank holds"):
         model.loss(x, x)
 
 

@@ -40,17 +40,22 @@ def _config(name: str):
     }[name]
 
 
-# name: (config, extra options, world size, tensor-parallel size, --parallel)
+# name: (config, extra options, world size, tensor-parallel size, --parallel, options of the split run only)
 CASES = {
-    "qwen2_ddp": ("qwen2", ["--fast", "on", "--grad-checkpointing", "--compile"], 2, 2, "ddp"),
+    "qwen2_ddp": ("qwen2", ["--fast", "on", "--grad-checkpointing", "--compile"], 2, 2, "ddp", []),
     # fp16 loss scaling: an overflow in any rank's part skips every rank's step (ShardedGradScaler)
-    "qwen3_ddp": ("qwen3", ["--precision", "fp16"], 4, 2, "ddp"),
-    "llama_fsdp": ("llama", [], 4, 2, "fsdp"),
-    "llama_fsdp4": ("llama4", ["--grad-checkpointing", "selective"], 4, 4, "fsdp"),
+    "qwen3_ddp": ("qwen3", ["--precision", "fp16"], 4, 2, "ddp", []),
+    "llama_fsdp": ("llama", [], 4, 2, "fsdp", []),
+    "llama_fsdp4": ("llama4", ["--grad-checkpointing", "selective"], 4, 4, "fsdp", []),
     # adapters split with their projections: LoRA on the fast path (the fused q/k/v GEMM's three
     # low-rank terms), DoRA sharded (a row-parallel projection's row norms summed over the group)
-    "qwen2_lora": ("qwen2", ["--lora-rank", "4", "--lr", "1e-2", "--fast", "on"], 2, 2, "ddp"),
-    "llama_dora_fsdp": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 4, 2, "fsdp"),
+    "qwen2_lora": ("qwen2", ["--lora-rank", "4", "--lr", "1e-2", "--fast", "on"], 2, 2, "ddp", []),
+    "llama_dora_fsdp": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 4, 2, "fsdp", []),
+    # sequence parallelism: each rank its half of the positions outside the split blocks; the fast
+    # path with selective checkpointing (the kept reduce-scatters), and sharded with document masks
+    # (the spans of the whole rows, gathered) and Qwen3's per-head norms
+    "qwen2_sp": ("qwen2", ["--fast", "on", "--grad-checkpointing", "selective"], 2, 2, "ddp", ["--sequence-parallel"]),
+    "qwen3_sp_fsdp": ("qwen3", ["--document-mask"], 4, 2, "fsdp", ["--sequence-parallel"]),
 }
 
 
@@ -70,8 +75,8 @@ def runs(tmp_path_factory):
                 p.add_(torch.randn_like(p) * 0.02)
         save_checkpoint(root / f"{name}.apr", model=model)
         args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
-    runs = {name: (_split_run(args[name], root / f"tp_{name}", tp, mode), world)
-            for name, (_, _, world, tp, mode) in CASES.items()}
+    runs = {name: (_split_run([*args[name], *only], root / f"tp_{name}", tp, mode), world)
+            for name, (_, _, world, tp, mode, only) in CASES.items()}
     # (plain DDP, no tensor parallelism: compiled layers with selective checkpointing, which dynamo's
     # DDP graph splitting broke)
     args["compiled_selective"] = ["train", "--init", str(root / "qwen2_ddp.apr"), *COMMON, "--grad-checkpointing",
@@ -116,6 +121,7 @@ def test_tensor_parallel_matches_one_process(runs, name):
     (start,) = [r for r in got if r["event"] == "start"]
     (ref_start,) = [r for r in ref if r["event"] == "start"]
     assert start["params"] == ref_start["params"] and start["tensor_parallel"] == CASES[name][3]
+    assert start.get("sequence_parallel", False) == ("--sequence-parallel" in CASES[name][5])
     assert start["params_rank"] < start["params"]
     # (fp16: AdamW's normalised step turns rounding noise in a near-zero gradient into a difference of up
     # to the learning rate per step; the other cases check the placement of every part tightly)
@@ -153,7 +159,7 @@ def _split(model, rank: int, size: int):
     from apr_kernels.train.tensor_parallel import TensorParallel
 
     tp = TensorParallel(None, rank, size)
-    tp.enter = tp.leave = lambda x: x  # (the exchange: done by hand in the test)
+    tp.enter = tp.leave = tp.shared = lambda x: x  # (the exchange: done by hand in the test)
     model.set_tensor_parallel(tp)
     return tp
 
@@ -284,6 +290,40 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
                           "--out", str(tmp_path / "x")])
     assert code != 0
     assert "--tensor-parallel 2 needs --parallel ddp or fsdp under torchrun (got none)" in capsys.readouterr().err
+    code, _ = _cli(main, ["train", "--preset", "tiny_llama", *COMMON, "--sequence-parallel", "--out",
+                          str(tmp_path / "y")])
+    assert code != 0
+    assert "--sequence-parallel splits the positions over a tensor-parallel group; expected --tensor-parallel N" \
+        in capsys.readouterr().err
+
+
+def test_sequence_parallel_refusals_and_chunks():
+    """What the split of every row's positions over the group rules out (the trainer's checks, on a
+    stand-in for 2 ranks in one group), and each rank's chunk."""
+    from types import SimpleNamespace
+
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.loop import TrainConfig, Trainer
+    from apr_kernels.train.tensor_parallel import TensorParallel
+
+    tp = TensorParallel(None, 1, 2, sequence_parallel=True)
+    t = torch.arange(24).view(2, 12)
+    assert tp.chunk(t).tolist() == [list(range(6, 12)), list(range(18, 24))]
+    with pytest.raises(ValueError, match="rows of 7 positions do not split into 2 equal chunks"):
+        tp.chunk(t[:, :7])
+    model = Transformer(_config("qwen2"), fast=False)
+    par = SimpleNamespace(module=model, world_size=2, data_ranks=1, context=None, tensor=tp, sequence=tp)
+    tokens = torch.randint(0, 97, (4000,))
+    with pytest.raises(ValueError, match=r"--seq-len 31 does not split into 2 equal chunks of positions; expected a "
+                                         r"multiple of --tensor-parallel 2 with --sequence-parallel"):
+        Trainer(model, tokens, None, TrainConfig(batch_size=2, seq_len=31), parallel=par)
+    with pytest.raises(ValueError, match="--sequence-parallel with a distillation teacher is not supported"):
+        Trainer(model, tokens, None, TrainConfig(batch_size=2, seq_len=32), parallel=par, teacher=model)
+    # the model asked for a mean over its share of the positions
+    _split(model, 1, 2)
+    model.tensor_parallel.sequence_parallel = True
+    with pytest.raises(ValueError, match=r"reduction 'mean' under context or sequence parallelism"):
+        model.loss(torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long))
 
 
 # ------------------------------------------------------- post-training commands (no sampling)

@@ -80,13 +80,13 @@ class LoRALinear(nn.Linear):
 
         Split over tensor-parallel ranks, each rank adds its part: the factor every rank uses whole
         (A of a column-parallel projection, B and the magnitude of a row-parallel one, whose ``y``
-        is a partial sum that ``leave`` adds up) enters through ``enter``, its partial gradients
+        is a partial sum that ``leave`` adds up) goes through ``shared``, its partial gradients
         summed over the group; a row's squared norm is summed over the ranks holding its columns."""
         if self.scale == 0:
             return y
         tp, a, b = self.tensor_parallel, self.lora_A, self.lora_B
         if tp is not None:
-            a, b = (tp.enter(a), b) if self.split_dim == 0 else (a, tp.enter(b))
+            a, b = (tp.shared(a), b) if self.split_dim == 0 else (a, tp.shared(b))
         y = y + F.linear(F.linear(x, a), b) * self.scale
         if not hasattr(self, "lora_magnitude"):
             return y
@@ -97,7 +97,7 @@ class LoRALinear(nn.Linear):
             if tp is not None and self.split_dim == 1:
                 square = tp.sum(square)
         if tp is not None and self.split_dim == 1:
-            mag = tp.enter(mag)
+            mag = tp.shared(mag)
         g = (mag.float() / square.sqrt()).to(y.dtype)
         y = y * g
         return y if self.bias is None else y + (1 - g) * self.bias.to(y.dtype)

@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
     tensor_parallel = None
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
-        w = self.weight if self.tensor_parallel is None else self.tensor_parallel.enter(self.weight)
+        w = self.weight if self.tensor_parallel is None else self.tensor_parallel.shared(self.weight)
         if fast:
             return _ops().rms_norm(x, w, self.eps)
         dtype = x.dtype
@@ -147,10 +147,10 @@ class Attention(nn.Module):
                 docs: DocumentMask | None = None):
         """``cos``/``sin``: ``[S, D/2]`` tables, or with ``docs`` ``[B*S, D/2]``, one row per token
         (positions restart at each document)."""
-        b, s, _ = x.shape
         tp = self.tensor_parallel
-        if tp is not None:  # this rank's heads: the input's gradient summed over the group
-            x = tp.enter(x)
+        if tp is not None:  # this rank's heads: the input's gradient summed over the group (sequence
+            x = tp.enter(x)  # parallelism: the rows' positions gathered from the group first)
+        b, s, _ = x.shape
         q, k, v = self.rotated_qkv(x, cos, sin, fast, packed=docs is not None)
         if self.context_parallel is not None:  # the local chunks against the group's gathered K/V
             if docs is not None:  # (per-token tables: the packed [1, B*S] views back to rows)
@@ -483,8 +483,8 @@ class Block(nn.Module):
 
 def _kept_ops() -> frozenset:
     """The ops whose outputs selective checkpointing keeps: matrix products and attention (the
-    compute-bound work, and our kernels'), K/V all-gathers and tensor-parallel all-reduces
-    (communication); everything else (norms, RoPE, SwiGLU, residual adds, casts, routing) is
+    compute-bound work, and our kernels'), K/V all-gathers and the tensor/sequence-parallel
+    all-reduces and reduce-scatters (communication); everything else (norms, RoPE, SwiGLU, residual adds, casts, routing) is
     recomputed from them in the backward."""
     aten = torch.ops.aten
     names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
@@ -498,6 +498,7 @@ def _kept_ops() -> frozenset:
     if hasattr(torch.ops, "_c10d_functional"):
         ops.add(torch.ops._c10d_functional.all_gather_into_tensor.default)
         ops.add(torch.ops._c10d_functional.all_reduce.default)  # (tensor parallelism's sums)
+        ops.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)  # (and sequence parallelism's)
         ops.add(torch.ops._c10d_functional.wait_tensor.default)
     return frozenset(ops)
 
@@ -664,23 +665,37 @@ class Transformer(nn.Module):
 
     @contextlib.contextmanager
     def whole_sequences(self):
-        """Inside: forwards take whole rows even under context parallelism (work every rank does alike
-        on its own, such as multiple-choice scoring); the split is restored after."""
-        cp = self.context_parallel
+        """Inside: forwards take whole rows even under context or sequence parallelism (work every rank
+        does alike on its own, such as multiple-choice scoring); the split is restored after."""
+        cp, sp = self.context_parallel, self.sequence_parallel
         self.set_context_parallel(None)
+        if sp is not None:  # (the split blocks then sum over the group on whole rows)
+            sp.sequence_parallel = False
         try:
             yield self
         finally:
+            if sp is not None:
+                sp.sequence_parallel = True
             self.set_context_parallel(cp)
 
+    @property
+    def sequence_parallel(self):
+        """The TensorParallel whose ranks each hold a chunk of every row's positions between the
+        split blocks (``--sequence-parallel``), else None."""
+        tp = self.tensor_parallel
+        return tp if tp is not None and tp.sequence_parallel else None
+
     def sequence_length(self, input_ids: torch.Tensor) -> int:
-        """The rows' length in positions (under context parallelism, all ranks' shares together)."""
-        cp = self.context_parallel
+        """The rows' length in positions (under context or sequence parallelism, all ranks' shares together)."""
+        cp, sp = self.context_parallel, self.sequence_parallel
+        if sp is not None:
+            return input_ids.shape[1] * sp.size
         return input_ids.shape[1] if cp is None else cp.global_length(input_ids.shape[1])
 
     def _document_mask(self, input_ids: torch.Tensor, documents: Documents, fast: bool, cos, sin):
-        """The layers' :class:`DocumentMask` and the per-token rope tables for ``documents``."""
-        B, S = input_ids.shape
+        """The layers' :class:`DocumentMask` and the per-token rope tables for ``documents`` (of the
+        whole rows: under sequence parallelism the blocks attend over the gathered positions)."""
+        B, S = input_ids.shape[0], self.sequence_length(input_ids)
         if documents.cu_seqlens.device != input_ids.device:
             raise ValueError(f"documents: cu_seqlens is on {documents.cu_seqlens.device}; expected the "
                              f"input's device {input_ids.device}")
@@ -858,9 +873,10 @@ class Transformer(nn.Module):
             raise ValueError("ends: only a sequence classifier (config.num_labels) pools its scores")
         if targets is not None and reduction not in ("mean", "sum", "sequence", "none"):
             raise ValueError(f"reduction {reduction!r}; expected 'mean', 'sum', 'sequence' or 'none'")
-        if self.context_parallel is not None and reduction in ("mean", "sequence") and targets is not None:
-            raise ValueError(f"reduction {reduction!r} under context parallelism: this rank holds a share of "
-                             f"each row's positions; use 'sum' (or 'none') and combine over the group")
+        if (self.context_parallel is not None or self.sequence_parallel is not None) \
+                and reduction in ("mean", "sequence") and targets is not None:
+            raise ValueError(f"reduction {reduction!r} under context or sequence parallelism: this rank holds a "
+                             f"share of each row's positions; use 'sum' (or 'none') and combine over the group")
         h = self.hidden_states(input_ids, documents)
         if targets is None:
             return F.linear(h, self.output_weight)

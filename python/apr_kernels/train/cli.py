@@ -522,7 +522,10 @@ def _train(args, env, mode: str) -> int:
                               context_parallel=args.context_parallel, expert_parallel=args.expert_parallel,
                               quantized_base=bool(args.lora_quantized_base), optimizer=optimizer,
                               compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
-        tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank)
+        tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank, args.sequence_parallel)
+    elif args.sequence_parallel:
+        raise ValueError("--sequence-parallel splits the positions over a tensor-parallel group; expected "
+                         "--tensor-parallel N (N > 1) with it")
 
     def load(path, dev, fast, **lora):
         """from_apr for this run: sharded on the meta device under FSDP (only this rank's experts
@@ -1213,6 +1216,10 @@ def register(subparsers) -> None:
                    help="with --parallel ddp or fsdp, every layer's heads and MLP rows split over groups of N "
                         "consecutive ranks (Megatron-LM's column/row-parallel layout: two all-reduces per layer "
                         "and pass; the group shares its rows, the batch split over world/N; default 1: off)")
+    s.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tensor-parallel N, each rank of a group also holds 1/N of every row's positions "
+                        "between the split blocks (norms, residuals, embedding, loss: their activations / N; the "
+                        "all-reduces become all-gathers and reduce-scatters; --seq-len a multiple of N)")
     s.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)

@@ -418,11 +418,19 @@ class Parallel:
     def data_rank(self) -> int:
         return self.env.rank // self._sharing
 
+    @property
+    def sequence(self):
+        """The tensor-parallel group when its ranks hold chunks of the positions (``--sequence-parallel``)."""
+        return self.tensor if self.tensor is not None and self.tensor.sequence_parallel else None
+
     def local_positions(self, *ts: torch.Tensor):
-        """This rank's positions of whole rows ``[B, T, ...]`` (all of them without context parallelism)."""
-        if self.context is None:
+        """This rank's positions of whole rows ``[B, T, ...]`` (all of them without context or
+        sequence parallelism)."""
+        split = self.context.shard if self.context is not None else \
+            self.sequence.chunk if self.sequence is not None else None
+        if split is None:
             return ts if len(ts) > 1 else ts[0]
-        out = tuple(self.context.shard(t) for t in ts)
+        out = tuple(split(t) for t in ts)
         return out if len(out) > 1 else out[0]
 
     @property
@@ -447,6 +455,8 @@ class Parallel:
         """Context for one micro-batch: no gradient communication unless ``enabled`` (the last)."""
         if enabled and self.expert is not None:
             return self._expert_sync()
+        if enabled and self.sequence is not None:
+            return self._sequence_sync()
         if enabled or self.mode == "none":
             return contextlib.nullcontext()
         if self.mode == "ddp":
@@ -471,6 +481,21 @@ class Parallel:
         from .expert_parallel import expert_parameters
 
         self.expert.reduce_grads(expert_parameters(self.module), sharded=self.mode == "fsdp")
+
+    @contextlib.contextmanager
+    def _sequence_sync(self):
+        """The last micro-batch under sequence parallelism: DDP/FSDP reduce over the replicas during
+        the backward; then the parameters outside the split blocks (embedding, norms, output head),
+        whose gradients each rank took from its own positions, are summed over the group."""
+        yield
+        from .tensor_parallel import sequence_split_parameters
+
+        grads = [local_part(p.grad) for p in sequence_split_parameters(self.module) if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.tensor.group)
+            torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]),
+                                                                             grads)])
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip every gradient by the global norm of the whole model's; returns that norm (under FSDP
@@ -511,8 +536,8 @@ class Parallel:
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks of what each computed on its own share (a tensor-parallel group's
-        ranks computed the same: counted once)."""
-        return self.mean(t) * self.grad_ranks
+        ranks computed the same: counted once; under sequence parallelism each its own positions)."""
+        return self.mean(t) * (self.env.world_size if self.sequence is not None else self.grad_ranks)
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce mean (gloo has no AVG: sum, then divide)."""
@@ -556,8 +581,8 @@ class Parallel:
         self.reshard()
         if self.env.world_size > 1:  # (context-parallel ranks hold disjoint positions: their sums add up)
             dist.all_reduce(acc)
-            if self.tensor is not None:  # (a tensor-parallel group's ranks each summed the same rows)
-                acc /= self.tensor.size
+            if self.tensor is not None and self.sequence is None:  # (a tensor-parallel group's ranks
+                acc /= self.tensor.size  # each summed the same rows)
         return float(acc[0] / acc[1]), int(acc[1])
 
 

@@ -457,9 +457,15 @@ class Trainer(EvalWatch):
                                  + "; expected an equal share of every batch per rank")
             if parallel.context is not None:  # what the split of every row into the group's chunks rules out
                 parallel.context.check_length(config.seq_len, "--seq-len")
-                if teacher is not None:
-                    raise ValueError("--context-parallel with a distillation teacher is not supported (the "
-                                     "teacher would need the same split of every row)")
+            sp = parallel.sequence
+            if sp is not None and config.seq_len % sp.size:
+                raise ValueError(f"--seq-len {config.seq_len} does not split into {sp.size} equal chunks of "
+                                 f"positions; expected a multiple of --tensor-parallel {sp.size} with "
+                                 f"--sequence-parallel")
+            if (parallel.context is not None or sp is not None) and teacher is not None:
+                what = "--context-parallel" if sp is None else "--sequence-parallel"
+                raise ValueError(f"{what} with a distillation teacher is not supported (the teacher would need "
+                                 f"the same split of every row)")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # a parallel model is already placed (and an FSDP one must not be moved)
         self.model = model if parallel is not None else model.to(self.device)

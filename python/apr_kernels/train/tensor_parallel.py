@@ -35,6 +35,15 @@ row-parallel one's its columns of A and the whole B and magnitude; the whole-kep
 through ``enter`` (its gradient, partial on each rank, summed), a DoRA row's squared norm is summed
 over the ranks holding its columns. Only the adapters train, so the exchange per layer is unchanged.
 
+Sequence parallelism (``--sequence-parallel``; Korthikanti et al., 2022): between the split blocks
+each rank of the group holds a contiguous ``T / N`` chunk of every row's positions (embedding, norms,
+residual stream, output head and loss), so those activations are divided by N as well. ``enter``
+becomes an all-gather of the chunks along the positions (its backward a reduce-scatter) and
+``leave`` a reduce-scatter of the partial sums (its backward an all-gather): the same bytes as the
+two all-reduces. RoPE tables and document spans are the whole rows' (the blocks see every position);
+the parameters outside the blocks get each rank's part of their gradient, summed over the group
+after the last micro-batch (``sequence_split_parameters``), and the ranks' loss sums add up.
+
 Not combined (refused with a message, ``check``): context or expert parallelism, HSDP, quantised
 LoRA bases, 8-bit AdamW and Muon (whose updates need the whole matrix), mixture-of-experts layers.
 """
@@ -78,21 +87,73 @@ class _Leave(torch.autograd.Function):
         return grad, None
 
 
+class _Gather(torch.autograd.Function):
+    """Sequence parallelism's entry: the group's chunks of positions joined along dimension 1; the
+    gradient summed over the group and each rank's chunk kept (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 1, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return funcol.wait_tensor(funcol.reduce_scatter_tensor(grad.contiguous(), "sum", 1, ctx.group)), None
+
+
+class _Scatter(torch.autograd.Function):
+    """Sequence parallelism's exit: the row-parallel partial sums added up, each rank keeping its chunk
+    of positions (reduce-scatter along dimension 1); the gradient's chunks joined (all-gather)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return funcol.wait_tensor(funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group)), None
+
+
 class TensorParallel:
     """This rank's place in its tensor-parallel group: ``size`` ranks, ``rank`` within them;
-    ``replicas``: the process group of the ranks holding the same shards (one per group)."""
+    ``replicas``: the process group of the ranks holding the same shards (one per group).
+    ``sequence_parallel``: between the split blocks each rank holds its chunk of every row's
+    positions (``enter`` gathers them, ``leave`` reduce-scatters)."""
 
-    def __init__(self, group, rank: int, size: int, replicas=None):
+    def __init__(self, group, rank: int, size: int, replicas=None, sequence_parallel: bool = False):
         if size < 1 or not 0 <= rank < size:
             raise ValueError(f"tensor parallel: rank {rank} of a group of {size}; expected 0 <= rank < size")
         self.group, self.rank, self.size = group, rank, size
         self.replicas = replicas
+        self.sequence_parallel = sequence_parallel
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        return _Enter.apply(x, self.group) if self.size > 1 else x
+        """A split block's input ``[B, S, ...]``: the whole rows (sequence parallelism: gathered from
+        the group's chunks), its gradient summed over the group."""
+        if self.size == 1:
+            return x
+        return _Gather.apply(x, self.group) if self.sequence_parallel else _Enter.apply(x, self.group)
 
     def leave(self, x: torch.Tensor) -> torch.Tensor:
-        return _Leave.apply(x, self.group) if self.size > 1 else x
+        """A split block's row-parallel partial output summed over the group (sequence parallelism:
+        each rank keeps its chunk of the positions)."""
+        if self.size == 1:
+            return x
+        return _Scatter.apply(x, self.group) if self.sequence_parallel else _Leave.apply(x, self.group)
+
+    def shared(self, w: torch.Tensor) -> torch.Tensor:
+        """A whole parameter used inside the split blocks (Qwen3's per-head norms, LoRA's whole-kept
+        factors): unchanged, its gradient (each rank's part) summed over the group."""
+        return _Enter.apply(w, self.group) if self.size > 1 else w
+
+    def chunk(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of the positions of whole rows ``[B, T, ...]`` (sequence parallelism)."""
+        if t.shape[1] % self.size:
+            raise ValueError(f"--sequence-parallel: rows of {t.shape[1]} positions do not split into "
+                             f"{self.size} equal chunks; expected a multiple of --tensor-parallel {self.size}")
+        n = t.shape[1] // self.size
+        return t.narrow(1, self.rank * n, n)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over the group, no gradient (a DoRA row's squares from each rank's columns)."""
@@ -120,7 +181,7 @@ class TensorParallel:
         return torch.cat(parts.chunk(self.size, 0), dim)
 
 
-def groups(world_size: int, size: int, rank: int) -> TensorParallel:
+def groups(world_size: int, size: int, rank: int, sequence_parallel: bool = False) -> TensorParallel:
     """Create the tensor-parallel groups of ``size`` consecutive ranks and the replica groups (ranks
     ``t, t + size, ...``) (every rank must call this, in the same order); this rank's
     :class:`TensorParallel`."""
@@ -129,7 +190,7 @@ def groups(world_size: int, size: int, rank: int) -> TensorParallel:
                          f"divisor (world / {size} data-parallel groups of {size} ranks)")
     # (replicas of one rank when there is one group: DDP must not broadcast over the group)
     group, index, replicas = rank_groups(world_size, size, rank, replicas="always")
-    return TensorParallel(group, index, size, replicas)
+    return TensorParallel(group, index, size, replicas, sequence_parallel)
 
 
 def split_dims(model) -> dict[str, int]:
@@ -150,6 +211,14 @@ def split_dims(model) -> dict[str, int]:
                 out.update({f"{name}.{part}": m.adapter_dim(part) for part in ("lora_A", "lora_B", "lora_magnitude")
                             if hasattr(m, part) and m.adapter_dim(part) is not None})
     return out
+
+
+def sequence_split_parameters(model) -> list:
+    """The parameters used outside the split blocks (embedding, the layers' and the final norms, the
+    output or score head): under sequence parallelism each rank's gradient of them covers only its
+    positions (``Parallel._sequence_sync`` sums them over the group)."""
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and ".self_attn." not in name and ".mlp." not in name]
 
 
 def check_config(cfg, size: int, where: str = "the model") -> None:
