@@ -27,8 +27,11 @@ def _split_run(args, out, tp: int, mode: str) -> list[str]:
 
 
 def _config(name: str):
+    """A small config by name; ``-odd``: a vocabulary of 321 (no even split: embedding and head whole)."""
     from apr_kernels.model import preset
 
+    if name.endswith("-odd"):
+        return _config(name.removesuffix("-odd")).replace(vocab_size=321)
     llama = preset("tiny_llama")
     return {
         # GQA 2:1 on each rank of 2; bias split with its rows
@@ -44,7 +47,7 @@ def _config(name: str):
 CASES = {
     "qwen2_ddp": ("qwen2", ["--fast", "on", "--grad-checkpointing", "--compile"], 2, 2, "ddp", []),
     # fp16 loss scaling: an overflow in any rank's part skips every rank's step (ShardedGradScaler)
-    "qwen3_ddp": ("qwen3", ["--precision", "fp16"], 4, 2, "ddp", []),
+    "qwen3_ddp": ("qwen3-odd", ["--precision", "fp16"], 4, 2, "ddp", []),
     "llama_fsdp": ("llama", [], 4, 2, "fsdp", []),
     "llama_fsdp4": ("llama4", ["--grad-checkpointing", "selective"], 4, 4, "fsdp", []),
     # adapters split with their projections: LoRA on the fast path (the fused q/k/v GEMM's three
@@ -52,10 +55,14 @@ CASES = {
     "qwen2_lora": ("qwen2", ["--lora-rank", "4", "--lr", "1e-2", "--fast", "on"], 2, 2, "ddp", []),
     "llama_dora_fsdp": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 4, 2, "fsdp", []),
     # sequence parallelism: each rank its half of the positions outside the split blocks; the fast
-    # path with selective checkpointing (the kept reduce-scatters), and sharded with document masks
-    # (the spans of the whole rows, gathered) and Qwen3's per-head norms
-    "qwen2_sp": ("qwen2", ["--fast", "on", "--grad-checkpointing", "selective"], 2, 2, "ddp", ["--sequence-parallel"]),
-    "qwen3_sp_fsdp": ("qwen3", ["--document-mask"], 4, 2, "fsdp", ["--sequence-parallel"]),
+    # path with selective checkpointing (the kept reduce-scatters)
+    # (the embedding and head whole: their gradients summed over the group), and sharded with label
+    # smoothing, z-loss (the vocabulary-split loss's terms), document masks (the spans of the whole
+    # rows, gathered) and Qwen3's per-head norms
+    "qwen2_sp": ("qwen2-odd", ["--fast", "on", "--grad-checkpointing", "selective"], 2, 2, "ddp",
+                 ["--sequence-parallel"]),
+    "qwen3_sp_fsdp": ("qwen3", ["--document-mask", "--label-smoothing", "0.1", "--z-loss", "1e-3"], 4, 2, "fsdp",
+                      ["--sequence-parallel"]),
 }
 
 
@@ -122,6 +129,7 @@ def test_tensor_parallel_matches_one_process(runs, name):
     (ref_start,) = [r for r in ref if r["event"] == "start"]
     assert start["params"] == ref_start["params"] and start["tensor_parallel"] == CASES[name][3]
     assert start.get("sequence_parallel", False) == ("--sequence-parallel" in CASES[name][5])
+    assert start["vocab_parallel"] == (not CASES[name][0].endswith("-odd"))
     assert start["params_rank"] < start["params"]
     # (fp16: AdamW's normalised step turns rounding noise in a near-zero gradient into a difference of up
     # to the learning rate per step; the other cases check the placement of every part tightly)
@@ -240,7 +248,8 @@ def test_split_dims_name_every_split_parameter():
     assert dims["model.layers.1.self_attn.q_proj.weight"] == 0 and dims["model.layers.1.self_attn.q_proj.bias"] == 0
     assert dims["model.layers.0.self_attn.o_proj.weight"] == 1 and dims["model.layers.0.mlp.down_proj.weight"] == 1
     assert dims["model.layers.0.mlp.up_proj.weight"] == 0
-    assert not any("norm" in n or "embed" in n for n in dims)
+    assert not any("norm" in n for n in dims)
+    assert dims["model.embed_tokens.weight"] == 0  # (vocabulary 320: split by range)
     for n, p in model.named_parameters():
         shape = list(whole[n])
         if n in dims:
@@ -295,6 +304,35 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
     assert code != 0
     assert "--sequence-parallel splits the positions over a tensor-parallel group; expected --tensor-parallel N" \
         in capsys.readouterr().err
+
+
+def test_vocabulary_split_loss_equals_cross_entropy_on_a_group_of_one():
+    """The vocabulary-split loss (its all-reduced maxima, sums and target logits) on a group of one
+    against ``F.cross_entropy``: plain, with label smoothing, with z-loss; values and gradients
+    (the multi-rank runs above check the split itself against one process)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from apr_kernels.train.tensor_parallel import TensorParallel, _VocabParallelCrossEntropy
+    from rank_runs import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        tp = TensorParallel(dist.group.WORLD, 0, 1)
+        logits = (torch.randn(7, 11, dtype=torch.float64) * 3).requires_grad_()
+        targets = torch.tensor([0, 3, -100, 10, 5, 5, 1])
+        keep = targets != -100
+        weights = torch.randn(7, dtype=torch.float64)
+        for smoothing, z in [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 1e-1)]:
+            got = _VocabParallelCrossEntropy.apply(logits, targets, tp, smoothing, z, False)
+            want = (F.cross_entropy(logits, targets, reduction="none", ignore_index=-100, label_smoothing=smoothing)
+                    + z * torch.logsumexp(logits, -1) ** 2 * keep)
+            torch.testing.assert_close(got, want)
+            (g_got,) = torch.autograd.grad((got * weights).sum(), logits)
+            (g_want,) = torch.autograd.grad((want * weights).sum(), logits)
+            torch.testing.assert_close(g_got, g_want)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sequence_parallel_refusals_and_chunks():

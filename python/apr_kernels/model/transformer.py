@@ -658,6 +658,31 @@ class Transformer(nn.Module):
                     getattr(attn, norm).tensor_parallel = tp
             attn.num_heads //= tp.size
             attn.num_kv_heads //= tp.size
+        if self.config.vocab_size % tp.size == 0:  # the embedding and output head by vocabulary range
+            self._split_vocabulary(tp)
+
+    def _split_vocabulary(self, tp) -> None:
+        from apr_kernels.train.tensor_parallel import VocabParallelEmbedding
+
+        old = self.model.embed_tokens
+        w = tp.local(old.weight, 0, "embed_tokens")
+        new = VocabParallelEmbedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+        new.tensor_parallel = tp
+        if not w.is_meta:
+            with torch.no_grad():
+                new.weight.copy_(w)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.model.embed_tokens = new
+        if hasattr(self, "lm_head"):
+            self.lm_head = _split_linear(self.lm_head, tp, 0, "lm_head")
+
+    @property
+    def vocab_parallel(self):
+        """The TensorParallel whose ranks split the embedding and output head by vocabulary range, else None."""
+        from apr_kernels.train.tensor_parallel import VocabParallelEmbedding
+
+        embed = self.model.embed_tokens
+        return embed.tensor_parallel if isinstance(embed, VocabParallelEmbedding) else None
 
     def remote_expert_prefixes(self) -> tuple[str, ...]:
         """The name prefixes (``model.layers.L.mlp.experts.E.``) of experts other ranks hold."""
@@ -878,12 +903,20 @@ class Transformer(nn.Module):
             raise ValueError(f"reduction {reduction!r} under context or sequence parallelism: this rank holds a "
                              f"share of each row's positions; use 'sum' (or 'none') and combine over the group")
         h = self.hidden_states(input_ids, documents)
+        vp = self.vocab_parallel
+        if vp is not None:
+            from apr_kernels.train.tensor_parallel import vocab_parallel_logits, vocab_parallel_losses
         if targets is None:
-            return F.linear(h, self.output_weight)
+            return F.linear(h, self.output_weight) if vp is None else vocab_parallel_logits(h, self.output_weight, vp)
         if teacher is not None:
             if label_smoothing or z_loss:
                 raise ValueError("label_smoothing and z_loss apply to the cross entropy alone; not with a teacher")
             return self._distillation_loss(h, targets, reduction, teacher)
+        if vp is not None:  # (the head split by vocabulary range: per token, reduced as below)
+            per = vocab_parallel_losses(h, self.output_weight, targets, vp, label_smoothing, z_loss)
+            keep = targets.flatten() != -100
+            losses = {"mean": per.sum() / keep.sum(), "sum": per.sum()}.get(reduction, per)
+            return self._reduced(losses, targets, reduction, documents)
         if self.use_fast(input_ids):
             ce = functools.partial(_ops().linear_cross_entropy, label_smoothing=label_smoothing, z_loss=z_loss)
             if reduction == "sequence":  # one fused call per sequence: its logits are the most held at once
@@ -905,6 +938,11 @@ class Transformer(nn.Module):
         else:
             losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                      reduction="none" if reduction == "sequence" else reduction, ignore_index=-100)
+        return self._reduced(losses, targets, reduction, documents)
+
+    @staticmethod
+    def _reduced(losses: torch.Tensor, targets: torch.Tensor, reduction: str, documents) -> torch.Tensor:
+        """``losses`` (per token, or already reduced to 'mean'/'sum') as ``reduction`` asks."""
         if reduction == "none":
             return losses.view(targets.shape)
         if reduction != "sequence":

@@ -222,6 +222,7 @@ def parameter_counts(model, expert, tensor=None) -> dict:
         out["expert_parallel"] = expert.size
     if tensor is not None:
         out["tensor_parallel"] = tensor.size
+        out["vocab_parallel"] = getattr(model, "vocab_parallel", None) is not None
         if tensor.sequence_parallel:
             out["sequence_parallel"] = True
     return out

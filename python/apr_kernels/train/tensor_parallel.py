@@ -12,7 +12,11 @@ holds
   reading its own K/V heads, so the kernels run unchanged on the local heads;
 * of the MLP: ``intermediate / N`` rows of ``gate_proj`` and ``up_proj`` and those columns of
   ``down_proj``;
-* everything else (embedding, norms, ``lm_head``, Qwen3's per-head q/k norms) whole.
+* when N divides the vocabulary, the embedding's and ``lm_head``'s rows of token ids
+  ``t * V/N ..`` (``VocabParallelEmbedding``: a masked lookup, summed by ``leave``; the loss by
+  ``vocab_parallel_losses``, Megatron-LM's vocab-parallel cross entropy: each rank computes its
+  columns of the logits, only row maxima, exponential sums and target logits are all-reduced);
+* everything else (norms, Qwen3's per-head q/k norms; the embedding and head otherwise) whole.
 
 Per layer and pass that is two all-reduces forward and two backward: the block's input enters
 unchanged and its gradient is summed over the group (``enter``), the row-parallel output's partial
@@ -52,6 +56,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
 from .distributed import full_tensor, rank_groups
@@ -181,6 +187,109 @@ class TensorParallel:
         return torch.cat(parts.chunk(self.size, 0), dim)
 
 
+# ---------------------------------------------------------------------- the vocabulary split
+def gather_positions(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """The whole rows of the group's chunks ``t`` ``[B, T/N, ...]`` (token ids, targets: no gradient)."""
+    return funcol.wait_tensor(funcol.all_gather_tensor(t.contiguous(), 1, tp.group))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """``embed_tokens`` holding this rank's ``vocab / N`` rows (ids ``rank * vocab/N ..``): each rank
+    looks up the ids in its range (zeros elsewhere) and ``leave`` sums the group's parts (sequence
+    parallelism: the whole rows' ids gathered first, each rank keeping its chunk of the sum)."""
+
+    tensor_parallel: TensorParallel
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tp = self.tensor_parallel
+        if tp.sequence_parallel:
+            ids = gather_positions(ids, tp)
+        local = ids - tp.rank * self.num_embeddings
+        inside = (local >= 0) & (local < self.num_embeddings)
+        e = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)
+        return tp.leave(e * inside.unsqueeze(-1).to(e.dtype))
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy (-100: ignored, 0) of logits split by vocabulary range over the group,
+    Megatron-LM's vocab-parallel form: the row maxima, sums of exponentials, target logits (and with
+    label smoothing the logit sums) all-reduced; the logits stay on their rank. ``split_loss``: the ranks hold
+    different tokens' losses (sequence parallelism), so the incoming gradients are summed first."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, tp, label_smoothing: float, z_loss: float, split_loss: bool):
+        def reduce(t, op="sum"):
+            return funcol.wait_tensor(funcol.all_reduce(t, op, tp.group))
+
+        width = logits.shape[1]
+        vocab = width * tp.size
+        m = reduce(logits.max(-1).values, "max")
+        p = (logits - m[:, None]).exp_()
+        total = reduce(p.sum(-1))
+        lse = m + total.log()
+        p.div_(total[:, None])  # (this rank's columns of the softmax, kept for the backward)
+        local = targets - tp.rank * width
+        owned = (local >= 0) & (local < width)
+        local = local.clamp(0, width - 1)
+        target_logit = reduce(logits.gather(1, local[:, None])[:, 0] * owned)
+        loss = lse - (1 - label_smoothing) * target_logit
+        if label_smoothing:
+            loss = loss - label_smoothing * reduce(logits.sum(-1)) / vocab
+        if z_loss:
+            loss = loss + z_loss * lse.square()
+        keep = targets != -100
+        ctx.save_for_backward(p, lse, local, owned, keep)
+        ctx.settings = (tp, label_smoothing, z_loss, split_loss, vocab)
+        return loss * keep
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, lse, local, owned, keep = ctx.saved_tensors
+        tp, label_smoothing, z_loss, split_loss, vocab = ctx.settings
+        if split_loss:
+            grad = funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", tp.group))
+        d = p * (1 + 2 * z_loss * lse)[:, None] if z_loss else p.clone()
+        rows = owned.nonzero()[:, 0]
+        d[rows, local[rows]] -= 1 - label_smoothing
+        if label_smoothing:
+            d -= label_smoothing / vocab
+        return d * (grad * keep)[:, None], None, None, None, None, None
+
+
+class _GatherVocab(torch.autograd.Function):
+    """Whole logits from the group's vocabulary ranges (a forward's output, the same on every rank);
+    the gradient: this rank's columns."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, tp.group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.tp.local(grad, grad.dim() - 1).contiguous(), None
+
+
+def vocab_parallel_logits(h: torch.Tensor, weight: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Whole logits of hidden states ``h`` (whole rows) from the group's output-projection rows."""
+    if tp.sequence_parallel:
+        raise ValueError("logits under --sequence-parallel: each rank holds a chunk of the positions; expected "
+                         "loss() (or the model's whole_sequences())")
+    return _GatherVocab.apply(F.linear(tp.enter(h), weight), tp)
+
+
+def vocab_parallel_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
+                          label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    """Per-token losses (flat, this rank's positions) of hidden states ``h`` under output-projection
+    rows ``weight`` split by vocabulary range: each rank computes its columns of the logits of the
+    whole rows (sequence parallelism: gathered) and keeps the losses of its own positions."""
+    sp = tp.sequence_parallel
+    whole = gather_positions(targets, tp) if sp else targets
+    logits = F.linear(tp.enter(h), weight).float().flatten(0, 1)
+    per = _VocabParallelCrossEntropy.apply(logits, whole.flatten(), tp, label_smoothing, z_loss, sp)
+    return tp.chunk(per.view(whole.shape)).flatten() if sp else per
+
+
 def groups(world_size: int, size: int, rank: int, sequence_parallel: bool = False) -> TensorParallel:
     """Create the tensor-parallel groups of ``size`` consecutive ranks and the replica groups (ranks
     ``t, t + size, ...``) (every rank must call this, in the same order); this rank's
@@ -201,6 +310,10 @@ def split_dims(model) -> dict[str, int]:
     if getattr(model, "tensor_parallel", None) is None:
         return {}
     out = {}
+    if isinstance(model.model.embed_tokens, VocabParallelEmbedding):  # (rows by vocabulary range)
+        out["model.embed_tokens.weight"] = 0
+        if hasattr(model, "lm_head"):
+            out["lm_head.weight"] = 0
     for name, m in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in COLUMN or leaf in ROW:
@@ -217,8 +330,9 @@ def sequence_split_parameters(model) -> list:
     """The parameters used outside the split blocks (embedding, the layers' and the final norms, the
     output or score head): under sequence parallelism each rank's gradient of them covers only its
     positions (``Parallel._sequence_sync`` sums them over the group)."""
+    split = split_dims(model)  # (the embedding and head split by vocabulary see every position)
     return [p for name, p in model.named_parameters()
-            if p.requires_grad and ".self_attn." not in name and ".mlp." not in name]
+            if p.requires_grad and ".self_attn." not in name and ".mlp." not in name and name not in split]
 
 
 def check_config(cfg, size: int, where: str = "the model") -> None:
