@@ -307,30 +307,36 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
 
 
 def test_vocabulary_split_loss_equals_cross_entropy_on_a_group_of_one():
-    """The vocabulary-split loss (its all-reduced maxima, sums and target logits) on a group of one
-    against ``F.cross_entropy``: plain, with label smoothing, with z-loss; values and gradients
+    """The vocabulary-split loss (its all-reduced maxima, sums and target logits, a chunk of rows at a
+    time) on a group of one against ``F.cross_entropy(F.linear(h, W))``: plain, with label smoothing,
+    with z-loss; values and the gradients of h and W; the logits are never kept for the backward
     (the multi-rank runs above check the split itself against one process)."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from apr_kernels.train.tensor_parallel import TensorParallel, _VocabParallelCrossEntropy
+    from apr_kernels.train.tensor_parallel import TensorParallel, vocab_parallel_losses
     from rank_runs import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         tp = TensorParallel(dist.group.WORLD, 0, 1)
-        logits = (torch.randn(7, 11, dtype=torch.float64) * 3).requires_grad_()
-        targets = torch.tensor([0, 3, -100, 10, 5, 5, 1])
-        keep = targets != -100
+        h = torch.randn(1, 7, 5, dtype=torch.float64, requires_grad=True)
+        w = (torch.randn(11, 5, dtype=torch.float64) * 2).requires_grad_()
+        targets = torch.tensor([[0, 3, -100, 10, 5, 5, 1]])
+        keep = targets.flatten() != -100
         weights = torch.randn(7, dtype=torch.float64)
         for smoothing, z in [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 1e-1)]:
-            got = _VocabParallelCrossEntropy.apply(logits, targets, tp, smoothing, z, False)
-            want = (F.cross_entropy(logits, targets, reduction="none", ignore_index=-100, label_smoothing=smoothing)
-                    + z * torch.logsumexp(logits, -1) ** 2 * keep)
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                got = vocab_parallel_losses(h, w, targets, tp, smoothing, z, chunk_rows=3)
+            assert max(saved) < 7 * 11  # (h, W and per-row values: no logits)
+            logits = F.linear(h, w).flatten(0, 1)
+            want = (F.cross_entropy(logits, targets.flatten(), reduction="none", ignore_index=-100,
+                                    label_smoothing=smoothing) + z * torch.logsumexp(logits, -1) ** 2 * keep)
             torch.testing.assert_close(got, want)
-            (g_got,) = torch.autograd.grad((got * weights).sum(), logits)
-            (g_want,) = torch.autograd.grad((want * weights).sum(), logits)
-            torch.testing.assert_close(g_got, g_want)
+            for a, b in zip(torch.autograd.grad((got * weights).sum(), (h, w)),
+                            torch.autograd.grad((want * weights).sum(), (h, w))):
+                torch.testing.assert_close(a, b)
     finally:
         dist.destroy_process_group()
 

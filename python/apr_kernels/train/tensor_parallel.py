@@ -210,50 +210,76 @@ class VocabParallelEmbedding(nn.Embedding):
         return tp.leave(e * inside.unsqueeze(-1).to(e.dtype))
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy (-100: ignored, 0) of logits split by vocabulary range over the group,
-    Megatron-LM's vocab-parallel form: the row maxima, sums of exponentials, target logits (and with
-    label smoothing the logit sums) all-reduced; the logits stay on their rank. ``split_loss``: the ranks hold
-    different tokens' losses (sequence parallelism), so the incoming gradients are summed first."""
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy (-100: ignored, 0) of ``hidden @ weight.T`` where ``weight`` holds this
+    rank's rows of the output head (a range of the vocabulary): Megatron-LM's vocab-parallel cross
+    entropy, computed ``chunk_rows`` rows at a time as the fused loss is (``ops/cross_entropy.py``):
+    each chunk's logits columns come from one GEMM in the compute dtype, their row maxima, exponential
+    sums, target logits (and for label smoothing logit sums) are all-reduced over the group, and the
+    backward makes each chunk's logits again, so no ``[tokens, vocab / N]`` tensor outlives its chunk.
+    ``split_loss``: the ranks hold different tokens' losses (sequence parallelism), so the incoming
+    gradients are summed over the group first."""
 
     @staticmethod
-    def forward(ctx, logits, targets, tp, label_smoothing: float, z_loss: float, split_loss: bool):
-        def reduce(t, op="sum"):
-            return funcol.wait_tensor(funcol.all_reduce(t, op, tp.group))
-
-        width = logits.shape[1]
-        vocab = width * tp.size
-        m = reduce(logits.max(-1).values, "max")
-        p = (logits - m[:, None]).exp_()
-        total = reduce(p.sum(-1))
-        lse = m + total.log()
-        p.div_(total[:, None])  # (this rank's columns of the softmax, kept for the backward)
+    def forward(ctx, hidden, weight, targets, tp, label_smoothing: float, z_loss: float, split_loss: bool,
+                chunk_rows: int):
+        dev = hidden.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
+            torch.promote_types(hidden.dtype, weight.dtype)
+        acc = torch.promote_types(cdt, torch.float32)  # (softmax and sums: fp32, or fp64 inputs' fp64)
+        width = weight.shape[0]
         local = targets - tp.rank * width
         owned = (local >= 0) & (local < width)
         local = local.clamp(0, width - 1)
-        target_logit = reduce(logits.gather(1, local[:, None])[:, 0] * owned)
-        loss = lse - (1 - label_smoothing) * target_logit
-        if label_smoothing:
-            loss = loss - label_smoothing * reduce(logits.sum(-1)) / vocab
+        w = weight.to(cdt)
+        n = hidden.shape[0]
+        stats = torch.empty(4, n, dtype=acc, device=hidden.device)  # max, exp sum, target logit, logit sum
+        for a in range(0, n, chunk_rows):
+            z = (hidden[a:a + chunk_rows].to(cdt) @ w.T).to(acc)
+            m = z.max(-1).values
+            stats[0, a:a + chunk_rows] = m
+            stats[1, a:a + chunk_rows] = (z - m[:, None]).exp_().sum(-1)
+            stats[2, a:a + chunk_rows] = z.gather(1, local[a:a + chunk_rows, None])[:, 0]
+            stats[3, a:a + chunk_rows] = z.sum(-1) if label_smoothing else 0
+        stats[2] *= owned
+        m = funcol.wait_tensor(funcol.all_reduce(stats[0].clone(), "max", tp.group))
+        stats[1] *= (stats[0] - m).exp()
+        total, target_logit, logit_sum = funcol.wait_tensor(funcol.all_reduce(stats[1:].contiguous(), "sum",
+                                                                              tp.group))
+        lse = m + total.log()
+        loss = lse - (1 - label_smoothing) * target_logit - label_smoothing * logit_sum / (width * tp.size)
         if z_loss:
             loss = loss + z_loss * lse.square()
         keep = targets != -100
-        ctx.save_for_backward(p, lse, local, owned, keep)
-        ctx.settings = (tp, label_smoothing, z_loss, split_loss, vocab)
+        ctx.save_for_backward(hidden, weight, lse, local, owned, keep)
+        ctx.settings = (tp, label_smoothing, z_loss, split_loss, chunk_rows, cdt, acc)
         return loss * keep
 
     @staticmethod
     def backward(ctx, grad):
-        p, lse, local, owned, keep = ctx.saved_tensors
-        tp, label_smoothing, z_loss, split_loss, vocab = ctx.settings
+        hidden, weight, lse, local, owned, keep = ctx.saved_tensors
+        tp, label_smoothing, z_loss, split_loss, chunk_rows, cdt, acc = ctx.settings
         if split_loss:
             grad = funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", tp.group))
-        d = p * (1 + 2 * z_loss * lse)[:, None] if z_loss else p.clone()
-        rows = owned.nonzero()[:, 0]
-        d[rows, local[rows]] -= 1 - label_smoothing
-        if label_smoothing:
-            d -= label_smoothing / vocab
-        return d * (grad * keep)[:, None], None, None, None, None, None
+        grad = (grad * keep).to(acc)
+        w = weight.to(cdt)
+        d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        vocab = weight.shape[0] * tp.size
+        for a in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(a, a + chunk_rows)
+            h = hidden[rows].to(cdt)
+            d = ((h @ w.T).to(acc) - lse[rows, None]).exp_()  # this rank's columns of the softmax
+            if z_loss:
+                d *= 1 + 2 * z_loss * lse[rows, None]
+            hit = owned[rows].nonzero()[:, 0]
+            d[hit, local[rows][hit]] -= 1 - label_smoothing
+            if label_smoothing:
+                d -= label_smoothing / vocab
+            d = (d * grad[rows, None]).to(cdt)
+            d_hidden[rows] = d @ w
+            d_weight += (d.T @ h).to(acc)
+        return d_hidden, d_weight.to(weight.dtype), None, None, None, None, None, None
 
 
 class _GatherVocab(torch.autograd.Function):
@@ -279,14 +305,19 @@ def vocab_parallel_logits(h: torch.Tensor, weight: torch.Tensor, tp: TensorParal
 
 
 def vocab_parallel_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
-                          label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+                          label_smoothing: float = 0.0, z_loss: float = 0.0, chunk_rows: int | None = None
+                          ) -> torch.Tensor:
     """Per-token losses (flat, this rank's positions) of hidden states ``h`` under output-projection
     rows ``weight`` split by vocabulary range: each rank computes its columns of the logits of the
-    whole rows (sequence parallelism: gathered) and keeps the losses of its own positions."""
+    whole rows (sequence parallelism: gathered), a chunk of rows at a time, and keeps the losses of
+    its own positions."""
+    from apr_kernels.ops.cross_entropy import default_chunk_rows
+
     sp = tp.sequence_parallel
     whole = gather_positions(targets, tp) if sp else targets
-    logits = F.linear(tp.enter(h), weight).float().flatten(0, 1)
-    per = _VocabParallelCrossEntropy.apply(logits, whole.flatten(), tp, label_smoothing, z_loss, sp)
+    h = tp.enter(h).flatten(0, 1)
+    per = _VocabParallelLinearCrossEntropy.apply(h, weight, whole.flatten(), tp, label_smoothing, z_loss, sp,
+                                                 chunk_rows or default_chunk_rows(h.shape[0], weight.shape[0]))
     return tp.chunk(per.view(whole.shape)).flatten() if sp else per
 
 
