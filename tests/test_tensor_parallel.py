@@ -10,7 +10,8 @@ ranks in 2 groups of 2 (each rank's parts sharded over its replica), and on 4 ra
 of 4 (selective activation checkpointing: the kept all-reduces are not redone). LoRA (DDP, the fast
 path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections. A one-process step
 checkpoint resumed split and sharded (also a DoRA one), split ones resumed in one process, a DoRA
-checkpoint as --init folded into each rank's part. In one process: the split itself against the whole layer's numbers (forward and every
+checkpoint as --init folded into each rank's part. Sequence parallelism (DDP, FSDP, HSDP on 8 ranks), the
+embedding and head split by vocabulary range (or whole, for a vocabulary of 321). In one process: the split itself against the whole layer's numbers (forward and every
 gradient, on a group of one standing in for the exchange), the refusals."""
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ CASES = {
                  ["--sequence-parallel"]),
     "qwen3_sp_fsdp": ("qwen3", ["--document-mask", "--label-smoothing", "0.1", "--z-loss", "1e-3"], 4, 2, "fsdp",
                       ["--sequence-parallel"]),
+    # HSDP: 2 "nodes" of 4 ranks, each 2 groups of 2 splitting the layers, each rank's parts sharded
+    # over its node's 2 ranks holding the same parts and replicated across the nodes
+    "qwen2_hsdp": ("qwen2", [], 8, 2, "fsdp", ["--fsdp-shard-size", "4", "--sequence-parallel"]),
 }
 
 
@@ -270,7 +274,9 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
         _split(Transformer(preset("tiny_qwen3_moe").replace(num_experts=4), fast=False), 0, 2)
     with pytest.raises(ValueError, match="--tensor-parallel 2 needs --parallel ddp or fsdp under torchrun .got none."):
         check(2, "none")
-    for kw, what in [({"fsdp_shard": 2}, "--fsdp-shard-size"), ({"context_parallel": 2}, "--context-parallel"),
+    with pytest.raises(ValueError, match=r"--fsdp-shard-size 3 with --tensor-parallel 2: expected a multiple of 2"):
+        check(2, "fsdp", fsdp_shard=3)
+    for kw, what in [({"context_parallel": 2}, "--context-parallel"),
                      ({"expert_parallel": 2}, "--expert-parallel"),
                      ({"quantized_base": True}, r"quantised LoRA bases \(--lora-quantized-base\)"),
                      ({"optimizer": "muon"}, "--optimizer muon"),

@@ -343,7 +343,10 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     if isinstance(model, FSDPModule):
         return model
     shard = env.fsdp_shard or env.world_size
-    if tensor is not None and tensor.size > 1:  # (consecutive ranks split the layers: every tensor-th shards)
+    if tensor is not None and tensor.size > 1 and shard != env.world_size:  # HSDP of the ranks' parts
+        mesh = init_device_mesh(env.device.type, (env.world_size // shard, shard // tensor.size, tensor.size),
+                                mesh_dim_names=("replicate", "shard", "tensor"))["replicate", "shard"]
+    elif tensor is not None and tensor.size > 1:  # (consecutive ranks split the layers: every tensor-th shards)
         mesh = init_device_mesh(env.device.type, (env.world_size // tensor.size, tensor.size),
                                 mesh_dim_names=("data", "tensor"))["data"]
     elif shard == env.world_size:
@@ -398,6 +401,7 @@ class Parallel:
         self.context = context  # context_parallel.ContextParallel, or None
         self.expert = expert  # expert_parallel.ExpertParallel, or None
         self.tensor = tensor  # tensor_parallel.TensorParallel, or None
+        self._sharding_group = None  # (HSDP under tensor parallelism: one group of fsdp_shard ranks, for clipping)
 
     @property
     def world_size(self) -> int:
@@ -504,10 +508,16 @@ class Parallel:
             from .tensor_parallel import clip_grad_norm, split_dims
 
             split = {id(p) for n, p in self.module.named_parameters() if n in split_dims(self.module)}
-            fsdp = self.mode == "fsdp"
-            return clip_grad_norm(self.module.parameters(), split, max_norm, self.tensor,
-                                  sharded_group=self.tensor.replicas if fsdp else None,
-                                  split_group=dist.group.WORLD if fsdp else None)
+            if self.mode != "fsdp":
+                return clip_grad_norm(self.module.parameters(), split, max_norm, self.tensor)
+            # the distinct parts: a whole-kept tensor's shards (its sharding ranks), a split one's over
+            # the sharding group's ranks of every part (all ranks; under HSDP one group of fsdp_shard)
+            sharding = shard_axis(self.module.model.norm.weight)[2]
+            if self.env.fsdp_shard and self._sharding_group is None:
+                self._sharding_group = rank_groups(self.env.world_size, self.env.fsdp_shard, self.env.rank,
+                                                   replicas="none")[0]
+            return clip_grad_norm(self.module.parameters(), split, max_norm, self.tensor, sharded_group=sharding,
+                                  split_group=self._sharding_group if self.env.fsdp_shard else dist.group.WORLD)
         if self.expert is not None:
             from .expert_parallel import expert_parameters
 

@@ -48,7 +48,10 @@ two all-reduces. RoPE tables and document spans are the whole rows' (the blocks 
 the parameters outside the blocks get each rank's part of their gradient, summed over the group
 after the last micro-batch (``sequence_split_parameters``), and the ranks' loss sums add up.
 
-Not combined (refused with a message, ``check``): context or expert parallelism, HSDP, quantised
+HSDP (``--fsdp-shard-size S``, a multiple of N): a 3-D mesh (world/S, S/N, N); each rank's tensors are
+sharded over the S/N ranks of its group of S holding the same parts and replicated across the groups.
+
+Not combined (refused with a message, ``check``): context or expert parallelism, quantised
 LoRA bases, 8-bit AdamW and Muon (whose updates need the whole matrix), mixture-of-experts layers.
 """
 
@@ -388,10 +391,13 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
         raise ValueError(f"--tensor-parallel {size}: expected a group size >= 1")
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"--tensor-parallel {size} needs --parallel ddp or fsdp under torchrun (got {mode})")
+    if fsdp_shard and fsdp_shard % size:
+        raise ValueError(f"--fsdp-shard-size {fsdp_shard} with --tensor-parallel {size}: expected a multiple of "
+                         f"{size} (each sharding group of ranks holds whole tensor-parallel groups)")
     refused = [(compiled_selective, "--compile and --grad-checkpointing selective together (the compiled "
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
-               (fsdp_shard, "--fsdp-shard-size (HSDP)"), (context_parallel != 1, "--context-parallel"),
+               (context_parallel != 1, "--context-parallel"),
                (expert_parallel != 1, "--expert-parallel"),
                (quantized_base, "quantised LoRA bases (--lora-quantized-base)")]
     for bad, what in refused:
@@ -414,9 +420,9 @@ def _refuse(size: int, what: str) -> None:
 def clip_grad_norm(params, split: set, max_norm: float, tp: TensorParallel, sharded_group=None,
                    split_group=None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the whole model: the squares of the split parameters
-    (ids in ``split``) summed over ``split_group`` (the tensor-parallel group; under FSDP every rank),
-    the whole-kept ones' counted once (under FSDP summed over ``sharded_group``, the ranks sharding
-    them). Returns the norm."""
+    (ids in ``split``) summed over ``split_group`` (the tensor-parallel group; under FSDP every rank,
+    under HSDP the ranks of one sharding group), the whole-kept ones' counted once (under FSDP summed
+    over ``sharded_group``, the ranks sharding them). Returns the norm."""
     from .distributed import local_part
 
     params = [p for p in params if p.grad is not None]
