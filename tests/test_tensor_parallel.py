@@ -10,7 +10,7 @@ ranks in 2 groups of 2 (each rank's parts sharded over its replica), and on 4 ra
 of 4 (selective activation checkpointing: the kept all-reduces are not redone). LoRA (DDP, the fast
 path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections. A one-process step
 checkpoint resumed split and sharded (also a DoRA one), split ones resumed in one process, a DoRA
-checkpoint as --init folded into each rank's part. Sequence parallelism (DDP, FSDP, HSDP on 8 ranks), the
+checkpoint as --init folded into each rank's part. Context parallelism around it (FSDP, 4 ranks). Sequence parallelism (DDP, FSDP, HSDP on 8 ranks), the
 embedding and head split by vocabulary range (or whole, for a vocabulary of 321). In one process: the split itself against the whole layer's numbers (forward and every
 gradient, on a group of one standing in for the exchange), the refusals."""
 
@@ -67,6 +67,9 @@ CASES = {
     # HSDP: 2 "nodes" of 4 ranks, each 2 groups of 2 splitting the layers, each rank's parts sharded
     # over its node's 2 ranks holding the same parts and replicated across the nodes
     "qwen2_hsdp": ("qwen2", [], 8, 2, "fsdp", ["--fsdp-shard-size", "4", "--sequence-parallel"]),
+    # context parallelism around it: 4 ranks = 2 context-parallel ranks (2 apart) x 2 tensor-parallel,
+    # each its chunks of the positions and its heads of them, document masks across the chunks
+    "llama_cp": ("llama", ["--document-mask"], 4, 2, "fsdp", ["--context-parallel", "2"]),
 }
 
 
@@ -276,7 +279,7 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
         check(2, "none")
     with pytest.raises(ValueError, match=r"--fsdp-shard-size 3 with --tensor-parallel 2: expected a multiple of 2"):
         check(2, "fsdp", fsdp_shard=3)
-    for kw, what in [({"context_parallel": 2}, "--context-parallel"),
+    for kw, what in [({"context_parallel": 2, "sequence_parallel": True}, "--context-parallel and --sequence-parallel"),
                      ({"expert_parallel": 2}, "--expert-parallel"),
                      ({"quantized_base": True}, r"quantised LoRA bases \(--lora-quantized-base\)"),
                      ({"optimizer": "muon"}, "--optimizer muon"),

@@ -521,6 +521,7 @@ def _train(args, env, mode: str) -> int:
         tensor_parallel.check(args.tensor_parallel, mode, fsdp_shard=env.fsdp_shard,
                               context_parallel=args.context_parallel, expert_parallel=args.expert_parallel,
                               quantized_base=bool(args.lora_quantized_base), optimizer=optimizer,
+                              sequence_parallel=args.sequence_parallel,
                               compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
         tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank, args.sequence_parallel)
     elif args.sequence_parallel:
@@ -601,12 +602,14 @@ def _train(args, env, mode: str) -> int:
     if mode != "none":
         from . import distributed
 
-        sharing, what = (args.tensor_parallel, "--tensor-parallel") if tp else (cp, "--context-parallel")
+        sharing = cp * (args.tensor_parallel if tp else 1)
+        what = " x ".join(f"--{kind}-parallel {n}" for kind, n in (("context", cp), ("tensor", args.tensor_parallel))
+                          if n != 1) or "no sharing"
         data_ranks = env.world_size // sharing if env.world_size % sharing == 0 else env.world_size
         if cfg.batch_size % data_ranks:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {data_ranks} data-parallel "
-                             f"ranks (world size {env.world_size}, {what} {sharing}); expected an equal "
-                             f"share of every batch per rank")
+                             f"ranks (world size {env.world_size}, {what}); expected an equal share of every "
+                             f"batch per rank")
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp)
     from .data import default_cache_dir

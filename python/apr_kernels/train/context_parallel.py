@@ -200,13 +200,15 @@ class ContextParallel:
             enable_gqa=HQ != kc.shape[2]).transpose(1, 2)
 
 
-def groups(world_size: int, size: int, rank: int):
+def groups(world_size: int, size: int, rank: int, stride: int = 1):
     """Create the context-parallel groups of ``size`` consecutive ranks (every rank must call this,
-    in the same order) and return this rank's :class:`ContextParallel`."""
-    if size < 1 or world_size % size:
-        raise ValueError(f"--context-parallel {size} does not divide the world size {world_size}; expected "
-                         f"a divisor (the ranks form world / {size} data-parallel groups of {size})")
+    in the same order) and return this rank's :class:`ContextParallel`. ``stride`` N: ranks N apart,
+    around tensor-parallel groups of N consecutive ranks (each block of ``size * N`` ranks shares rows)."""
+    if size < 1 or world_size % (size * stride):
+        raise ValueError(f"--context-parallel {size} does not divide the world size {world_size}"
+                         + (f" / --tensor-parallel {stride}" if stride > 1 else "")
+                         + f"; expected a divisor (the ranks form data-parallel groups of {size * stride})")
     from .distributed import rank_groups
 
-    group, index, _ = rank_groups(world_size, size, rank, replicas="none")
+    group, index, _ = rank_groups(world_size, size, rank, replicas="none", stride=stride)
     return ContextParallel(group, index, size)

@@ -204,16 +204,22 @@ def local_rows(index: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return index[rank * per:(rank + 1) * per]
 
 
-def rank_groups(world_size: int, size: int, rank: int, replicas: str = "several"):
+def rank_groups(world_size: int, size: int, rank: int, replicas: str = "several", stride: int = 1):
     """Process groups of ``size`` consecutive ranks (a context-, expert- or tensor-parallel group) and
     of their replicas (ranks ``t, t + size, ...``), created on every rank in the same order: ``(this
     rank's group, its index in it, its replicas' group)``. ``replicas``: ``"several"`` makes them
-    when there are several groups (else None), ``"always"`` also of one rank, ``"none"`` never."""
+    when there are several groups (else None), ``"always"`` also of one rank, ``"none"`` never.
+    ``stride`` s > 1: the groups' ranks are s apart instead (``b + t, b + t + s, ...`` in each block
+    ``b`` of ``size * s`` ranks: a context-parallel group around tensor-parallel groups of s)."""
     mine, others = None, None
-    for first in range(0, world_size, size):
-        g = dist.new_group(list(range(first, first + size)))
-        if first <= rank < first + size:
-            mine = (g, rank - first)
+    for block in range(0, world_size, size * stride):
+        for t in range(stride):
+            ranks = list(range(block + t, block + size * stride, stride))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                mine = (g, ranks.index(rank))
+    if stride > 1:
+        return mine[0], mine[1], None
     if replicas == "always" or (replicas == "several" and world_size > size):
         for t in range(size):
             g = dist.new_group(list(range(t, world_size, size)))
@@ -409,9 +415,9 @@ class Parallel:
 
     @property
     def _sharing(self) -> int:
-        """Consecutive ranks that see the same rows: a context- or tensor-parallel group's."""
-        group = self.context or self.tensor
-        return group.size if group is not None else 1
+        """Consecutive ranks that see the same rows: a context- and/or tensor-parallel group's."""
+        return (self.context.size if self.context is not None else 1) * \
+            (self.tensor.size if self.tensor is not None else 1)
 
     @property
     def data_ranks(self) -> int:
@@ -620,7 +626,8 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
                              f"of a group hold parts of the same rows: their gradients must be reduced)")
         from .context_parallel import groups
 
-        context = groups(env.world_size, context_parallel, env.rank)
+        # (under tensor parallelism the context groups span the tensor-parallel groups: ranks N apart)
+        context = groups(env.world_size, context_parallel, env.rank, tensor_parallel.size if tensor_parallel else 1)
         model.set_context_parallel(context)
     if expert_parallel is not None:
         from .expert_parallel import check
@@ -633,6 +640,7 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         from .tensor_parallel import check
 
         check(tensor.size, mode, fsdp_shard=env.fsdp_shard, context_parallel=context_parallel,
+              sequence_parallel=tensor.sequence_parallel,
               expert_parallel=expert_parallel.size if expert_parallel is not None else 1)
         if model.tensor_parallel is None:
             model.set_tensor_parallel(tensor)

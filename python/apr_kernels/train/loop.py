@@ -453,7 +453,7 @@ class Trainer(EvalWatch):
                 raise ValueError(f"--batch-size {config.batch_size} is not a multiple of the "
                                  + (f"world size {parallel.world_size}" if not sharing else
                                     f"{parallel.data_ranks} data-parallel groups ({parallel.world_size} ranks / "
-                                    f"{sharing[0][0]} {sharing[0][1]})")
+                                    + " / ".join(f"{kind} {n}" for kind, n in sharing) + ")")
                                  + "; expected an equal share of every batch per rank")
             if parallel.context is not None:  # what the split of every row into the group's chunks rules out
                 parallel.context.check_length(config.seq_len, "--seq-len")

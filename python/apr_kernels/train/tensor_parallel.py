@@ -51,8 +51,12 @@ after the last micro-batch (``sequence_split_parameters``), and the ranks' loss 
 HSDP (``--fsdp-shard-size S``, a multiple of N): a 3-D mesh (world/S, S/N, N); each rank's tensors are
 sharded over the S/N ranks of its group of S holding the same parts and replicated across the groups.
 
-Not combined (refused with a message, ``check``): context or expert parallelism, quantised
-LoRA bases, 8-bit AdamW and Muon (whose updates need the whole matrix), mixture-of-experts layers.
+Context parallelism around it (``--context-parallel C``): groups of C ranks N apart (ranks
+``b + t + c N``), each group of C·N ranks sharing rows, each context-parallel rank its chunks of the
+positions, each tensor-parallel rank its heads of them (the K/V all-gathers run on the local heads).
+
+Not combined (refused with a message, ``check``): expert parallelism, context and sequence
+parallelism together, quantised LoRA bases, 8-bit AdamW and Muon (whose updates need the whole matrix), mixture-of-experts layers.
 """
 
 from __future__ import annotations
@@ -382,7 +386,8 @@ def check_config(cfg, size: int, where: str = "the model") -> None:
 
 
 def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 1, expert_parallel: int = 1,
-          quantized_base: bool = False, optimizer: str = "adamw", compiled_selective: bool = False) -> None:
+          quantized_base: bool = False, optimizer: str = "adamw", compiled_selective: bool = False,
+          sequence_parallel: bool = False) -> None:
     """What ``--tensor-parallel size`` does not combine with, refused before anything is loaded.
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
@@ -397,7 +402,8 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
     refused = [(compiled_selective, "--compile and --grad-checkpointing selective together (the compiled "
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
-               (context_parallel != 1, "--context-parallel"),
+               (context_parallel != 1 and sequence_parallel, "--context-parallel and --sequence-parallel together "
+                                                             "(both split the positions)"),
                (expert_parallel != 1, "--expert-parallel"),
                (quantized_base, "quantised LoRA bases (--lora-quantized-base)")]
     for bad, what in refused:
