@@ -269,6 +269,8 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
             muon = f"{PREFIX}muon.{_MUON}.{name}"
             if muon in f:  # a Muon matrix (optim.py): its momentum buffer
                 t = f.get_tensor(muon)
+                if name in split:
+                    t = tp.local(t, split[name], f"{path}: optimizer tensor {muon!r}")
                 if tuple(t.shape) != tuple(p.shape):
                     raise ValueError(f"{path}: optimizer tensor {muon!r} has shape {list(t.shape)}, expected "
                                      f"{list(p.shape)}")

@@ -13,7 +13,8 @@
   per matrix (``__training__.muon.momentum_buffer.<param>`` in checkpoints). Under FSDP
   (``ShardedMuon``) each rank keeps the momentum of its own rows, and the update, which Muon
   orthogonalises as a whole matrix, is all-gathered and orthogonalised by ``torch.optim.Muon``
-  itself on every rank, each keeping its rows. Not with fp16 loss scaling.
+  itself on every rank, each keeping its rows; under tensor parallelism likewise over the group's
+  parts (heads, MLP rows or columns). Not with fp16 loss scaling.
 
 LoRA+ (``TrainConfig.lora_plus_ratio``, Hayou et al., 2024; PEFT's ``create_loraplus_optimizer``): the
 adapters' B matrices take ``ratio`` times the learning rate of everything else (their own param
@@ -64,22 +65,26 @@ def muon_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 class ShardedMuon(torch.optim.Optimizer):
-    """Muon on FSDP row shards (DTensors, ``torch.chunk`` rows of dim 0): the momentum (Nesterov, in
-    ``torch.optim.Muon``'s form) is updated on each rank's rows; the update is all-gathered into the
-    whole matrix, orthogonalised and scaled by a throwaway ``torch.optim.Muon`` step from zero (its
-    Newton-Schulz iteration and learning-rate rule exactly, whatever this torch's version), and each
-    rank applies its rows with the decoupled weight decay. One all-gather per matrix per step; the
+    """Muon on parts of matrices: FSDP row shards (DTensors, ``torch.chunk`` rows of dim 0) and/or
+    tensor-parallel parts (``splits``: parameter id -> the dimension group ``tp`` splits it on). The
+    momentum (Nesterov, in ``torch.optim.Muon``'s form) is updated on each rank's part; the update is
+    all-gathered into the whole matrix (over the shards, then over the tensor-parallel group),
+    orthogonalised and scaled by a throwaway ``torch.optim.Muon`` step from zero (its Newton-Schulz
+    iteration and learning-rate rule exactly, whatever this torch's version), and each rank applies
+    its part with the decoupled weight decay. One all-gather per matrix and split per step; the
     orthogonalisation runs on every rank."""
 
-    def __init__(self, params, lr: float, weight_decay: float, momentum: float, adjust_lr_fn: str = "match_rms_adamw"):
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float, adjust_lr_fn: str = "match_rms_adamw",
+                 splits: dict | None = None, tp=None):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
                                       adjust_lr_fn=adjust_lr_fn))
+        self.splits, self.tp = splits or {}, tp
 
     @torch.no_grad()
     def step(self, closure=None):
         from torch.distributed.tensor import DTensor
 
-        from .distributed import shard_rows
+        from .distributed import local_part, shard_rows
 
         for group in self.param_groups:
             mu, lr = group["momentum"], group["lr"]
@@ -89,19 +94,24 @@ class ShardedMuon(torch.optim.Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)  # (a DTensor: this rank's rows)
-                buf, g = state["momentum_buffer"].to_local(), p.grad.to_local()
+                buf, g = local_part(state["momentum_buffer"]), local_part(p.grad)
                 buf.lerp_(g, 1 - mu)
                 update = g.lerp(buf, mu) if group["nesterov"] else buf
+                sharded = isinstance(p, DTensor)
                 whole = DTensor.from_local(update, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                           stride=p.stride()).full_tensor()
+                                           stride=p.stride()).full_tensor() if sharded else update
+                dim = self.splits.get(id(p))
+                if dim is not None:  # (this rank's heads or MLP rows of the whole matrix)
+                    whole = self.tp.gather(whole, dim)
                 delta = torch.nn.Parameter(torch.zeros_like(whole))
                 delta.grad = whole
                 torch.optim.Muon([delta], lr=lr, weight_decay=0.0, momentum=0.0, nesterov=False,
                                  adjust_lr_fn=group["adjust_lr_fn"]).step()  # delta = -lr' NS(update)
-                first, rows = shard_rows(p)
-                w = p.to_local()
+                part = delta if dim is None else self.tp.local(delta, dim)
+                first, rows = shard_rows(p) if sharded else (0, part.shape[0])
+                w = local_part(p)
                 w.mul_(1 - lr * group["weight_decay"])
-                w.add_(delta[first:first + rows].to(w.dtype))
+                w.add_(part[first:first + rows].to(w.dtype))
         return None
 
 
@@ -115,8 +125,14 @@ class MuonWithAdamW:
         if not hidden:
             raise ValueError("--optimizer muon: no trainable decoder-layer weight matrix for Muon to update")
         ids = {id(p) for p in hidden}
-        if any(hasattr(p, "device_mesh") for p in hidden):  # FSDP row shards
-            self.muon = ShardedMuon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+        tp = getattr(model, "tensor_parallel", None)
+        if any(hasattr(p, "device_mesh") for p in hidden) or tp is not None:  # FSDP row shards, split matrices
+            from .tensor_parallel import split_dims
+
+            dims = split_dims(model)
+            splits = {id(p): dims[n] for n, p in model.named_parameters() if n in dims}
+            self.muon = ShardedMuon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                                    splits=splits, tp=tp)
         else:
             self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")

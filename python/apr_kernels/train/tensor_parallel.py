@@ -55,8 +55,11 @@ Context parallelism around it (``--context-parallel C``): groups of C ranks N ap
 ``b + t + c N``), each group of C·N ranks sharing rows, each context-parallel rank its chunks of the
 positions, each tensor-parallel rank its heads of them (the K/V all-gathers run on the local heads).
 
+Muon: each split matrix's update gathered whole over the group, orthogonalised, each rank keeping its part
+(``optim.ShardedMuon``).
+
 Not combined (refused with a message, ``check``): expert parallelism, context and sequence
-parallelism together, quantised LoRA bases, 8-bit AdamW and Muon (whose updates need the whole matrix), mixture-of-experts layers.
+parallelism together, quantised LoRA bases, 8-bit AdamW, mixture-of-experts layers.
 """
 
 from __future__ import annotations
@@ -413,9 +416,10 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
 
 
 def check_optimizer(size: int, optimizer: str) -> None:
-    """AdamW only: Muon orthogonalises whole matrices, 8-bit AdamW's blocks run across the parts."""
-    if optimizer != "adamw":
-        _refuse(size, f"--optimizer {optimizer} (its state and update need whole matrices)")
+    """AdamW or Muon (its updates gathered whole, ``optim.ShardedMuon``); not 8-bit AdamW, whose
+    blocks of 256 values would run across the parts."""
+    if optimizer == "adamw8bit":
+        _refuse(size, f"--optimizer {optimizer} (its blocks of moments would run across the ranks' parts)")
 
 
 def _refuse(size: int, what: str) -> None:
