@@ -109,6 +109,8 @@ def runs(tmp_path_factory):
                                      root / "resumed_tp", 2, "fsdp"), 4)
     dora = root / "one_llama_dora_fsdp" / "step_000002.apr"
     runs["resumed_dora"] = (_split_run(["train", "--resume", str(dora), *resume], root / "resumed_dora", 2, "fsdp"), 4)
+    muon = root / "one_llama_muon_fsdp" / "step_000002.apr"  # (Muon's momentum buffers: each rank its part)
+    runs["resumed_muon"] = (_split_run(["train", "--resume", str(muon), *resume], root / "resumed_muon", 2, "fsdp"), 4)
     # the DoRA checkpoint as --init: its adapters folded into each rank's part while loading
     args["dora_init"] = ["train", "--init", str(dora), *COMMON]
     code, one["dora_init"] = _cli(main, [*args["dora_init"], "--out", str(root / "one_dora_init")])
@@ -148,6 +150,12 @@ def test_tensor_parallel_matches_one_process(runs, name):
     atol = 4 * 3e-3 if "fp16" in extra else 1e-3 if "muon" in extra else 5e-5
     for file in ("model.apr", "step_000002.apr"):
         _same_checkpoint(root / f"tp_{name}" / file, root / f"one_{name}" / file, name, atol=atol)
+
+
+def test_muon_checkpoint_resumes_split(runs):
+    _, one, out = runs
+    assert _losses(_records(out["resumed_muon"])) == pytest.approx(_losses(_records(one["llama_muon_fsdp"]))[2:],
+                                                                   rel=2e-4)
 
 
 def test_lora_checkpoints_resume_and_initialise_across_tensor_parallelism(runs):
