@@ -78,8 +78,8 @@ class Launch:
 
 def launch_by_world(runs: dict[str, tuple[list[str], int]], folder: Path) -> list[Launch]:
     """One launch per world size among ``runs`` (name: (argv, world)), each in a subfolder of ``folder``."""
-    return [Launch({name: argv for name, (argv, w) in runs.items() if w == world}, world, Path(folder) / f"world{world}")
-            for world in sorted({world for _, world in runs.values()})]
+    return [Launch({name: argv for name, (argv, w) in runs.items() if w == world}, world,
+                   Path(folder) / f"world{world}") for world in sorted({world for _, world in runs.values()})]
 
 
 def outputs(*launches: Launch) -> dict[str, str]:

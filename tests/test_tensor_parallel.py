@@ -1,18 +1,20 @@
 """Tensor parallelism (``train --parallel ddp|fsdp --tensor-parallel N``): every layer's heads and MLP
 rows split over groups of N ranks (Megatron-LM's column/row-parallel layout), against one process
 training on the same global batch: losses, gradient norms (clipped by the whole model's norm),
-held-out losses and the gathered checkpoint's weights and AdamW moments.
+held-out losses and the gathered checkpoint's weights and optimizer state.
 
 DDP: Qwen2 (q/k/v bias, tied) on 2 ranks in one group (the fast path in Triton's interpreter,
 each layer compiled, activation checkpointing), a dense Qwen3 (q/k norms: whole weights on split
 heads, their gradients summed) on 4 ranks in 2 replicated groups of 2. FSDP: an untied Llama on 4
 ranks in 2 groups of 2 (each rank's parts sharded over its replica), and on 4 ranks in one group
 of 4 (selective activation checkpointing: the kept all-reduces are not redone). LoRA (DDP, the fast
-path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections. A one-process step
-checkpoint resumed split and sharded (also a DoRA one), split ones resumed in one process, a DoRA
-checkpoint as --init folded into each rank's part. Context parallelism around it (FSDP, 4 ranks). Muon (DDP, FSDP). Sequence parallelism (DDP, FSDP, HSDP on 8 ranks), the
-embedding and head split by vocabulary range (or whole, for a vocabulary of 321). In one process: the split itself against the whole layer's numbers (forward and every
-gradient, on a group of one standing in for the exchange), the refusals."""
+path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections. Sequence
+parallelism (DDP, FSDP, HSDP on 8 ranks). Context parallelism around it (FSDP, 4 ranks). Muon (DDP,
+FSDP). The embedding and head split by vocabulary range (or whole, for a vocabulary of 321).
+A one-process step checkpoint resumed split and sharded (also a DoRA and a Muon one), split ones
+resumed in one process, a DoRA checkpoint as --init folded into each rank's part. In one process:
+the split itself against the whole layer's numbers (forward and every gradient, on a group of one
+standing in for the exchange), the vocabulary-split loss against F.cross_entropy, the refusals."""
 
 from __future__ import annotations
 

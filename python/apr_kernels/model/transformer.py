@@ -484,8 +484,8 @@ class Block(nn.Module):
 def _kept_ops() -> frozenset:
     """The ops whose outputs selective checkpointing keeps: matrix products and attention (the
     compute-bound work, and our kernels'), K/V all-gathers and the tensor/sequence-parallel
-    all-reduces and reduce-scatters (communication); everything else (norms, RoPE, SwiGLU, residual adds, casts, routing) is
-    recomputed from them in the backward."""
+    all-reduces and reduce-scatters (communication); everything else (norms, RoPE, SwiGLU, residual
+    adds, casts, routing) is recomputed from them in the backward."""
     aten = torch.ops.aten
     names = ["mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
