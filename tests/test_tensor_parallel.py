@@ -338,7 +338,7 @@ def test_vocabulary_split_loss_equals_cross_entropy_on_a_group_of_one():
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from apr_kernels.train.tensor_parallel import TensorParallel, vocab_parallel_losses
+    from apr_kernels.train.tensor_parallel import TensorParallel, vocab_parallel_logits, vocab_parallel_losses
     from rank_runs import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -361,6 +361,13 @@ def test_vocabulary_split_loss_equals_cross_entropy_on_a_group_of_one():
             for a, b in zip(torch.autograd.grad((got * weights).sum(), (h, w)),
                             torch.autograd.grad((want * weights).sum(), (h, w))):
                 torch.testing.assert_close(a, b)
+        # the whole logits (forward without targets): the group's columns joined
+        probe = torch.randn(1, 7, 11, dtype=torch.float64)
+        got = vocab_parallel_logits(h, w, tp)
+        torch.testing.assert_close(got, F.linear(h, w))
+        for a, b in zip(torch.autograd.grad((got * probe).sum(), (h, w)),
+                        torch.autograd.grad((F.linear(h, w) * probe).sum(), (h, w))):
+            torch.testing.assert_close(a, b)
     finally:
         dist.destroy_process_group()
 
