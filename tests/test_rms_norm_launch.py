@@ -187,6 +187,8 @@ print(json.dumps(out))
 def test_kernels_compile_for_sm90(tmp_path):
     widths = [96, 896, 8192]  # the narrow rule, a tuned width, the widest tuned (the compile is slow)
     results = run_sm90_compile(_AOT, widths, tmp_path, timeout=300)
-    assert len(results) == 5 * len(widths) + 1
+    # (each compiling process also builds the width-independent dW kernel once)
+    assert len([r for r in results if r["case"][1] != "dw"]) == 5 * len(widths)
+    assert any(r["case"][1] == "dw" for r in results)
     for r in results:
         assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
