@@ -27,7 +27,9 @@ class KVCache:
 
     def __init__(self, model: Transformer, batch: int, capacity: int, device, dtype):
         c = model.config
-        shape = (len(model.model.layers), batch, c.num_kv_heads, capacity, c.head_dim)
+        # (this rank's K/V heads under tensor parallelism)
+        heads = model.model.layers[0].self_attn.num_kv_heads if len(model.model.layers) else c.num_kv_heads
+        shape = (len(model.model.layers), batch, heads, capacity, c.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
@@ -68,7 +70,9 @@ def _attention_step(attn, x: torch.Tensor, cos, sin, cache: KVCache, layer: int,
                                        is_causal=mask is None and t > 1 and cache.length == 0,
                                        scale=attn.head_dim ** -0.5,
                                        enable_gqa=attn.num_heads != attn.num_kv_heads)
-    return attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
+    out = attn.o_proj(o.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
+    tp = attn.tensor_parallel
+    return out if tp is None else tp.leave(out)  # (tensor parallelism: the heads' partial sums added up)
 
 
 @torch.no_grad()
@@ -89,6 +93,11 @@ def next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache, cos_all, 
         h = h + (m[0] if isinstance(m, tuple) else m)  # (a mixture-of-experts layer: (y, routing stats))
     cache.length += t
     h = model.model.norm(h[:, -1])
+    vp = model.vocab_parallel
+    if vp is not None:  # (the output head split by vocabulary range: the columns gathered)
+        from apr_kernels.train.tensor_parallel import vocab_parallel_logits
+
+        return vocab_parallel_logits(h, model.output_weight, vp).float()
     return F.linear(h, model.output_weight).float()
 
 

@@ -526,7 +526,7 @@ class GRPOTrainer(StepLoop):
         """Mean reward (and each function's) of one greedy completion per held-out prompt; each rank
         decodes a contiguous share, the sums are added over ranks."""
         par = self.parallel
-        rank = par.env.rank if par is not None else 0
+        rank = par.data_rank if par is not None else 0  # (a tensor-parallel group decodes the same share)
         per = -(-len(self.eval_prompts) // self.world)
         mine = self.eval_prompts[rank * per:(rank + 1) * per]
         completions = []

@@ -397,9 +397,12 @@ def run_command(args, body) -> int:
     return distributed.run(args, body)
 
 
-# the commands whose every forward runs on all ranks in step (no sampling): --expert-parallel and
-# --tensor-parallel
+# the commands whose every forward runs on all ranks in step (no sampling): --expert-parallel
 EXPERT_PARALLEL_COMMANDS = ("dpo", "kto", "reward")
+# and --tensor-parallel: also the sampling ones, whose ranks of a group decode the same prompts in step
+# (the same sums after each all-reduce, the same seeded draws); not gkd (its teacher's logits against
+# the student's, which the group splits by vocabulary)
+TENSOR_PARALLEL_COMMANDS = EXPERT_PARALLEL_COMMANDS + ("grpo", "rloo", "online-dpo")
 
 
 def expert_group(args, env, mode: str):
@@ -596,6 +599,7 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     if command in EXPERT_PARALLEL_COMMANDS:  # (the sampling ones generate on each rank alone: not in step)
         p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                        help="a mixture-of-experts model's experts spread over groups of N ranks (as train's)")
+    if command in TENSOR_PARALLEL_COMMANDS:
         p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="every layer's heads and MLP rows split over groups of N ranks (as train's)")
     p.add_argument("--dist-timeout", type=float, default=600.0,

@@ -58,6 +58,11 @@ positions, each tensor-parallel rank its heads of them (the K/V all-gathers run 
 Muon: each split matrix's update gathered whole over the group, orthogonalised, each rank keeping its part
 (``optim.ShardedMuon``).
 
+Sampling (``grpo``, ``rloo``, ``online-dpo``; ``model/generate.py``): a group's ranks decode the same
+prompts in step, each with the KV cache of its heads and the whole logits (vocabulary columns
+gathered); the sums after each all-reduce are the same on every rank and the draws are seeded alike,
+so they pick the same tokens and stop together.
+
 Not combined (refused with a message, ``check``): expert parallelism, context and sequence
 parallelism together, quantised LoRA bases, 8-bit AdamW, mixture-of-experts layers.
 """
