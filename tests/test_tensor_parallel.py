@@ -12,7 +12,8 @@ path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections
 parallelism (DDP, FSDP, HSDP on 8 ranks). Context parallelism around it (FSDP, 4 ranks). Muon (DDP,
 FSDP). The embedding and head split by vocabulary range (or whole, for a vocabulary of 321).
 A one-process step checkpoint resumed split and sharded (also a DoRA and a Muon one), split ones
-resumed in one process, a DoRA checkpoint as --init folded into each rank's part. In one process:
+resumed in one process, a DoRA checkpoint as --init folded into each rank's part. The sampling
+commands (GRPO, RLOO, online DPO) decoding on split layers. In one process:
 the split itself against the whole layer's numbers (forward and every gradient, on a group of one
 standing in for the exchange), the vocabulary-split loss against F.cross_entropy, the refusals."""
 
