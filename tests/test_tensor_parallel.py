@@ -13,7 +13,7 @@ parallelism (DDP, FSDP, HSDP on 8 ranks). Context parallelism around it (FSDP, 4
 FSDP). The embedding and head split by vocabulary range (or whole, for a vocabulary of 321).
 A one-process step checkpoint resumed split and sharded (also a DoRA and a Muon one), split ones
 resumed in one process, a DoRA checkpoint as --init folded into each rank's part. The sampling
-commands (GRPO, RLOO, online DPO) decoding on split layers. In one process:
+commands (GRPO, RLOO, online DPO) decoding on split layers, distillation (GKD, train --teacher). In one process:
 the split itself against the whole layer's numbers (forward and every gradient, on a group of one
 standing in for the exchange), the vocabulary-split loss against F.cross_entropy, the refusals."""
 
@@ -464,18 +464,28 @@ def test_post_training_split_matches_one_process(post_runs, name):
 @pytest.fixture(scope="module")
 def sampling_runs(tmp_path_factory):
     """GRPO (DDP, 4 ranks in 2 groups; a KL penalty to a split reference copy, two updates per
-    generation batch, held-out prompts), RLOO (FSDP, 2 ranks) and online DPO (DDP, 2 ranks) of a dense
-    Qwen3 split over groups of 2: each group decodes its prompts together (the KV cache of its heads,
-    the logits' vocabulary columns gathered), and each in one process."""
+    generation batch, held-out prompts), RLOO (FSDP, 2 ranks), online DPO (DDP, 2 ranks), GKD (FSDP)
+    and train --teacher (DDP) of a dense Qwen3 split over groups of 2: each group decodes its prompts
+    together (the KV cache of its heads, the logits' vocabulary columns gathered), and each in one
+    process."""
     import json
 
     from apr_kernels.cli import main
     from apr_kernels.model import Transformer
     from apr_kernels.train.checkpoint import save_checkpoint
 
+    from apr_kernels.train.cli import byte_tokenizer
+
     root = tmp_path_factory.mktemp("tp_sampling")
     torch.manual_seed(32)
     save_checkpoint(root / "init.apr", model=Transformer(_config("qwen3"), fast=False))
+    # a distillation teacher (another shape, whole on every rank) for gkd and train --teacher
+    save_checkpoint(root / "teacher.apr", model=Transformer(_config("llama").replace(num_layers=1), fast=False),
+                    tokenizer=byte_tokenizer())
+    records = root / "records.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"Is {t} hot?", "completion": " yes"}) + "\n"
+                               for t in ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal",
+                                         "a candle", "a flame", "magma", "steam")))
     (root / "rewards.py").write_text("def letters(prompts, completions, **kw):\n"
                                      "    return [sum(c.isascii() and c.islower() for c in t) / max(1, len(t)) "
                                      "for t in completions]\n")
@@ -490,7 +500,14 @@ def sampling_runs(tmp_path_factory):
                       4, "ddp"),
              "rloo": (["rloo", *common, "--num-generations", "3", "--beta", "0.1", "--micro-batch", "2"], 2, "fsdp"),
              "online": (["online-dpo", *common, "--num-generations", "3", "--beta", "0.5", "--micro-batch", "1"], 2,
-                        "ddp")}
+                        "ddp"),
+             # the student's logits gathered from the group's vocabulary columns for the divergence
+             "gkd": (["gkd", "--init", str(root / "init.apr"), "--teacher", str(root / "teacher.apr"), "--tokenizer",
+                      "bytes", "--data", str(records), "--steps", "4", "--batch-size", "4", "--grad-accum", "2",
+                      "--lr", "3e-3", "--max-new-tokens", "5", "--max-prompt-len", "24", "--max-len", "40", "--json",
+                      "--seed", "5", "--eval-fraction", "0.25", "--dist-timeout", "60"], 2, "fsdp"),
+             "kd": (["train", "--init", str(root / "init.apr"), *COMMON, "--teacher", str(root / "teacher.apr"),
+                     "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, "ddp")}
     launches = launch_by_world({name: (_split_run(args, root / f"tp_{name}", 2, mode), world)
                                 for name, (args, world, mode) in cases.items()}, root / "ranks")
     one = {}
@@ -500,14 +517,15 @@ def sampling_runs(tmp_path_factory):
     return root, one, outputs(*launches)
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo", "online"])
-def test_sampling_commands_split_match_one_process(sampling_runs, name):
+@pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd", "kd"])
+def test_sampling_and_distillation_commands_split_match_one_process(sampling_runs, name):
     root, one, out = sampling_runs
     want, got = _records(one[name]), _records(out[name])
     (start,) = [r for r in got if r["event"] == "start"]
     assert start["tensor_parallel"] == 2 and start["vocab_parallel"]
     keys = {"grpo": ("reward", "completion_len", "loss", "grad_norm", "kl"), "rloo": ("reward", "loss", "grad_norm"),
-            "online": ("reward", "loss", "grad_norm")}[name]
+            "online": ("reward", "loss", "grad_norm"), "gkd": ("loss", "grad_norm"),
+            "kd": ("loss", "ce", "kl", "grad_norm")}[name]
     assert len(_losses(got, key="loss")) == 4
     for key in keys:
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-4, abs=1e-6), key
@@ -521,11 +539,3 @@ def test_sampling_commands_split_match_one_process(sampling_runs, name):
     for key in (k for k in b if b[k].is_floating_point() and not k.startswith("__training__.rng")):
         diff = (a[key].double() - b[key].double()).abs()
         assert int((diff > 1e-4).sum()) <= b[key].numel() // 1000 + 1 and float(diff.max()) < 8 * 1e-2, key
-
-
-def test_gkd_takes_no_tensor_parallel(capsys):
-    from apr_kernels.cli import main
-
-    with pytest.raises(SystemExit):
-        main(["gkd", "--init", "x.apr", "--data", "p.jsonl", "--teacher", "t.apr", "--tensor-parallel", "2"])
-    assert "unrecognized arguments: --tensor-parallel 2" in capsys.readouterr().err

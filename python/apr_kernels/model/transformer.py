@@ -959,7 +959,13 @@ class Transformer(nn.Module):
             raise ValueError(f"reduction {reduction!r} with a teacher; expected 'mean' or 'sum'")
         settings = {"kd_ratio": teacher.kd_ratio, "temperature": teacher.temperature, "beta": teacher.beta,
                     "reduction": reduction}
-        if self.use_fast(h):
+        vp = self.vocab_parallel
+        if vp is not None:  # (the head split by vocabulary range: the student's whole logits gathered)
+            from apr_kernels.train.tensor_parallel import vocab_parallel_logits
+
+            parts = eager_loss(vocab_parallel_logits(h, self.output_weight, vp),
+                               F.linear(teacher.hidden, teacher.weight), targets, **settings)
+        elif self.use_fast(h):
             parts = _ops().linear_distillation(h, self.output_weight, teacher.hidden, teacher.weight, targets,
                                                **settings)
         else:

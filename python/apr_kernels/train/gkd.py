@@ -186,7 +186,7 @@ class GKDTrainer(StepLoop):
         completions, each rank scoring a share (as many forwards on every rank)."""
         was = self.model.training
         self.model.eval()
-        rank = self.parallel.env.rank if self.parallel is not None else 0
+        rank = self.parallel.data_rank if self.parallel is not None else 0  # (a tensor-parallel group shares)
         per = -(-len(self.eval_records) // self.world)
         mine = [r["seq"] for r in self.eval_records[rank * per:(rank + 1) * per]]
         size = self.cfg.eval_batch_size

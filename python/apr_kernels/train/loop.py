@@ -462,9 +462,6 @@ class Trainer(EvalWatch):
                 raise ValueError(f"--seq-len {config.seq_len} does not split into {sp.size} equal chunks of "
                                  f"positions; expected a multiple of --tensor-parallel {sp.size} with "
                                  f"--sequence-parallel")
-            if teacher is not None and getattr(model, "vocab_parallel", None) is not None:
-                raise ValueError("--tensor-parallel with a distillation teacher is not supported when the vocabulary "
-                                 "is split (the student's logits are split by vocabulary range over the group)")
             if (parallel.context is not None or sp is not None) and teacher is not None:
                 what = "--context-parallel" if sp is None else "--sequence-parallel"
                 raise ValueError(f"{what} with a distillation teacher is not supported (the teacher would need "

@@ -400,9 +400,8 @@ def run_command(args, body) -> int:
 # the commands whose every forward runs on all ranks in step (no sampling): --expert-parallel
 EXPERT_PARALLEL_COMMANDS = ("dpo", "kto", "reward")
 # and --tensor-parallel: also the sampling ones, whose ranks of a group decode the same prompts in step
-# (the same sums after each all-reduce, the same seeded draws); not gkd (its teacher's logits against
-# the student's, which the group splits by vocabulary)
-TENSOR_PARALLEL_COMMANDS = EXPERT_PARALLEL_COMMANDS + ("grpo", "rloo", "online-dpo")
+# (the same sums after each all-reduce, the same seeded draws)
+TENSOR_PARALLEL_COMMANDS = EXPERT_PARALLEL_COMMANDS + ("grpo", "rloo", "online-dpo", "gkd")
 
 
 def expert_group(args, env, mode: str):

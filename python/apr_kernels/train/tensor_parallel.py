@@ -61,7 +61,9 @@ Muon: each split matrix's update gathered whole over the group, orthogonalised, 
 Sampling (``grpo``, ``rloo``, ``online-dpo``; ``model/generate.py``): a group's ranks decode the same
 prompts in step, each with the KV cache of its heads and the whole logits (vocabulary columns
 gathered); the sums after each all-reduce are the same on every rank and the draws are seeded alike,
-so they pick the same tokens and stop together.
+so they pick the same tokens and stop together. Distillation (``gkd``, ``train --teacher``): the
+teacher whole on every rank; under a vocabulary split the student's logits are gathered for the
+divergence (the eager loss).
 
 Not combined (refused with a message, ``check``): expert parallelism, context and sequence
 parallelism together, quantised LoRA bases, 8-bit AdamW, mixture-of-experts layers.
