@@ -90,13 +90,34 @@ def outputs(*launches: Launch) -> dict[str, str]:
     return merged
 
 
-def _rank(spec_path: str) -> int:
+def cli(argv: list[str], main=None) -> tuple[int, str]:
+    """(exit code, stdout) of the CLI (``main``: ``apr_kernels.cli.main``) run in this process."""
     import contextlib
     import io
 
+    if main is None:
+        from apr_kernels.cli import main
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(argv)
+    return code, buf.getvalue()
+
+
+def against_one_process(runs: dict[str, tuple[list[str], int]], references: dict[str, list[str]],
+                        folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``runs`` (name: (argv, world)) launched by world size while each name's ``references`` argv
+    runs in this process; (the references' stdout, the runs' rank-0 stdout), every exit code 0."""
+    launches = launch_by_world(runs, folder)
+    one = {}
+    for name, argv in references.items():
+        code, one[name] = cli(argv)
+        assert code == 0, name
+    return one, outputs(*launches)
+
+
+def _rank(spec_path: str) -> int:
     import torch
 
-    from apr_kernels.cli import main
     from apr_kernels.train import distributed as D
 
     spec = json.loads(Path(spec_path).read_text())
@@ -107,16 +128,14 @@ def _rank(spec_path: str) -> int:
             # each command as in a fresh process: no compiled code or dynamo settings of the last one
             torch._dynamo.reset()
             config = torch._dynamo.config.save_config()
-            buf = io.StringIO()
-            with contextlib.redirect_stdout(buf):
-                code = main(argv)
+            code, stdout = cli(argv)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch._dynamo.config.load_config(config)
             if code != 0:
                 print(f"{name}: exit code {code}", file=sys.stderr)
                 return 1
-            done[name] = buf.getvalue()
+            done[name] = stdout
             record.write_text(json.dumps(done))
     finally:
         D.teardown(env)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rank_runs import free_port, rank_env
+from rank_runs import cli, free_port, rank_env
 from text_helpers import write_short_documents
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -57,13 +57,33 @@ def _losses(recs, event="train", key="loss"):
 
 def _cli(main, argv) -> tuple[int, str]:
     """(exit code, stdout) of the CLI run in this process."""
-    import contextlib
-    import io
+    return cli(argv, main)
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(argv)
-    return code, buf.getvalue()
+
+def _resumed_here(step_file: Path, out: Path) -> str:
+    """The stdout of ``train --resume step_file`` (eager, JSON lines) run in this process."""
+    code, stdout = cli(["train", "--resume", str(step_file), "--json", "--no-progress", "--fast", "off", "--out",
+                        str(out)])
+    assert code == 0, step_file
+    return stdout
+
+
+def _post_training_args(root: Path) -> dict[str, list[str]]:
+    """dpo, kto and reward runs (without --out) from ``root / "init.apr"`` on preference data written
+    into ``root``: 15 pairs, 11 unpaired KTO examples (uneven shares)."""
+    things = ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "a candle", "a flame", "magma",
+              "a furnace", "a heater", "steam", "a grill", "embers")
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes",
+                                                          "rejected": " no"}) + "\n" for t in things))
+    (root / "kto.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "completion": " yes" if i % 2
+                                                        else " no", "label": i % 2 == 1}) + "\n"
+                                            for i, t in enumerate(things[:11])))
+    common = ["--init", str(root / "init.apr"), "--tokenizer", "bytes", "--steps", "4", "--batch-size", "4",
+              "--grad-accum", "2", "--lr", "3e-3", "--max-len", "40", "--json", "--seed", "5", "--eval-fraction",
+              "0.25", "--save-every", "2", "--fast", "off", "--dist-timeout", "60"]
+    return {"dpo": ["dpo", "--data", str(root / "pairs.jsonl"), "--beta", "0.5", *common],
+            "kto": ["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", *common],
+            "reward": ["reward", "--data", str(root / "pairs.jsonl"), *common]}
 
 
 def _memory_kib() -> dict:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank_runs import Launch, free_port, launch_by_world, outputs
-from test_distributed import COMMON, _cli, _losses, _records, _same_checkpoint, _same_run
+from rank_runs import against_one_process, free_port, launch_by_world, outputs
+from test_distributed import (COMMON, _cli, _losses, _post_training_args, _records, _resumed_here, _same_checkpoint,
+                              _same_run)
 
 
 def _spread(args, out, ep: int, mode: str) -> list[str]:
@@ -89,10 +90,7 @@ def runs(tmp_path_factory):
                                   root / "resumed_ep", 2, "fsdp"), 4)
     out = outputs(*launch_by_world(runs, root / "ranks"))
     # an expert-parallel sharded step checkpoint resumed in one process
-    code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "ep_qwen3_fsdp" / "step_000002.apr"),
-                                           "--json", "--no-progress", "--fast", "off", "--out",
-                                           str(root / "resumed_one")])
-    assert code == 0
+    out["resumed_one"] = _resumed_here(root / "ep_qwen3_fsdp" / "step_000002.apr", root / "resumed_one")
     return root, one, out
 
 
@@ -266,35 +264,18 @@ def test_reduce_and_clip_on_a_group_of_one():
 def post_runs(tmp_path_factory):
     """DPO (DDP, 11 training pairs: uneven reference shares), KTO (DDP) and a reward model (FSDP) of a
     Qwen3-MoE model on 2 ranks with its experts spread, and each in one process."""
-    import json
-
-    from apr_kernels.cli import main
     from apr_kernels.model import Transformer
     from apr_kernels.train.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("ep_post")
     torch.manual_seed(31)
     save_checkpoint(root / "init.apr", model=Transformer(_moe_config("qwen3_moe"), fast=False))
-    things = ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "a candle", "a flame", "magma",
-              "a furnace", "a heater", "steam", "a grill", "embers")
-    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes",
-                                                          "rejected": " no"}) + "\n" for t in things))
-    (root / "kto.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "completion": " yes" if i % 2
-                                                        else " no", "label": i % 2 == 1}) + "\n"
-                                            for i, t in enumerate(things[:11])))
-    common = ["--init", str(root / "init.apr"), "--tokenizer", "bytes", "--steps", "4", "--batch-size", "4",
-              "--grad-accum", "2", "--lr", "3e-3", "--max-len", "40", "--json", "--seed", "5", "--eval-fraction",
-              "0.25", "--save-every", "2", "--fast", "off", "--dist-timeout", "60"]
-    cases = {"dpo": (["dpo", "--data", str(root / "pairs.jsonl"), "--beta", "0.5", *common], "ddp"),
-             "kto": (["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", *common], "ddp"),
-             "reward": (["reward", "--data", str(root / "pairs.jsonl"), *common], "fsdp")}
-    launch = Launch({name: _spread(args, root / f"ep_{name}", 2, mode) for name, (args, mode) in cases.items()}, 2,
-                    root / "ranks")
-    one = {}
-    for name, (args, _) in cases.items():  # (the references run in this process meanwhile)
-        code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
-        assert code == 0, name
-    return root, one, launch.outputs()
+    args = _post_training_args(root)
+    modes = {"dpo": "ddp", "kto": "ddp", "reward": "fsdp"}
+    one, out = against_one_process(
+        {name: (_spread(a, root / f"ep_{name}", 2, modes[name]), 2) for name, a in args.items()},
+        {name: [*a, "--out", str(root / f"one_{name}")] for name, a in args.items()}, root / "ranks")
+    return root, one, out
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto", "reward"])

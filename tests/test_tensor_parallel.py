@@ -22,8 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rank_runs import launch_by_world, outputs
-from test_distributed import COMMON, _cli, _losses, _records, _same_checkpoint, _same_run, _tensors
+from rank_runs import against_one_process, launch_by_world, outputs
+from test_distributed import (COMMON, _cli, _losses, _post_training_args, _records, _resumed_here, _same_checkpoint,
+                              _same_run, _tensors)
 
 
 def _split_run(args, out, tp: int, mode: str) -> list[str]:
@@ -120,15 +121,9 @@ def runs(tmp_path_factory):
     assert code == 0
     runs["dora_init"] = (_split_run(args["dora_init"], root / "tp_dora_init", 2, "ddp"), 2)
     out = outputs(*launch_by_world(runs, root / "ranks"))
-    # a split LoRA step checkpoint resumed in one process
-    code, out["resumed_lora_one"] = _cli(main, ["train", "--resume", str(root / "tp_qwen2_lora" / "step_000002.apr"),
-                                                *resume[:-2], "--out", str(root / "resumed_lora_one")])
-    assert code == 0
-    # a split, sharded step checkpoint resumed in one process
-    code, out["resumed_one"] = _cli(main, ["train", "--resume", str(root / "tp_llama_fsdp4" / "step_000002.apr"),
-                                           "--json", "--no-progress", "--fast", "off", "--out",
-                                           str(root / "resumed_one")])
-    assert code == 0
+    # a split LoRA step checkpoint, and a split, sharded one, resumed in one process
+    out["resumed_lora_one"] = _resumed_here(root / "tp_qwen2_lora" / "step_000002.apr", root / "resumed_lora_one")
+    out["resumed_one"] = _resumed_here(root / "tp_llama_fsdp4" / "step_000002.apr", root / "resumed_one")
     return root, one, out
 
 
@@ -408,37 +403,19 @@ def post_runs(tmp_path_factory):
     """DPO (DDP, 4 ranks in 2 groups: 11 training pairs, uneven reference shares), KTO (LoRA, DDP, 2 ranks)
     and a reward model (FSDP, 4 ranks in 2 groups; its score head whole) of a dense Qwen3 split over
     groups of 2, and each in one process."""
-    import json
-
-    from apr_kernels.cli import main
     from apr_kernels.model import Transformer
     from apr_kernels.train.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("tp_post")
     torch.manual_seed(31)
     save_checkpoint(root / "init.apr", model=Transformer(_config("qwen3"), fast=False))
-    things = ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "a candle", "a flame", "magma",
-              "a furnace", "a heater", "steam", "a grill", "embers")
-    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes",
-                                                          "rejected": " no"}) + "\n" for t in things))
-    (root / "kto.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "completion": " yes" if i % 2
-                                                        else " no", "label": i % 2 == 1}) + "\n"
-                                            for i, t in enumerate(things[:11])))
-    common = ["--init", str(root / "init.apr"), "--tokenizer", "bytes", "--steps", "4", "--batch-size", "4",
-              "--grad-accum", "2", "--lr", "3e-3", "--max-len", "40", "--json", "--seed", "5", "--eval-fraction",
-              "0.25", "--save-every", "2", "--fast", "off", "--dist-timeout", "60"]
-    cases = {"dpo": (["dpo", "--data", str(root / "pairs.jsonl"), "--beta", "0.5", *common], 4, "ddp"),
-             # (with LoRA: the reference model is the base, the adapters switched off)
-             "kto": (["kto", "--data", str(root / "kto.jsonl"), "--beta", "0.5", "--lora-rank", "4", *common], 2,
-                     "ddp"),
-             "reward": (["reward", "--data", str(root / "pairs.jsonl"), *common], 4, "fsdp")}
-    launches = launch_by_world({name: (_split_run(args, root / f"tp_{name}", 2, mode), world)
-                                for name, (args, world, mode) in cases.items()}, root / "ranks")
-    one = {}
-    for name, (args, _, _) in cases.items():  # (the references run in this process meanwhile)
-        code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
-        assert code == 0, name
-    return root, one, outputs(*launches)
+    args = _post_training_args(root)
+    args["kto"] += ["--lora-rank", "4"]  # (with LoRA: the reference model is the base, the adapters switched off)
+    layout = {"dpo": (4, "ddp"), "kto": (2, "ddp"), "reward": (4, "fsdp")}
+    one, out = against_one_process(
+        {name: (_split_run(a, root / f"tp_{name}", 2, layout[name][1]), layout[name][0]) for name, a in args.items()},
+        {name: [*a, "--out", str(root / f"one_{name}")] for name, a in args.items()}, root / "ranks")
+    return root, one, out
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto", "reward"])
@@ -470,7 +447,6 @@ def sampling_runs(tmp_path_factory):
     process."""
     import json
 
-    from apr_kernels.cli import main
     from apr_kernels.model import Transformer
     from apr_kernels.train.checkpoint import save_checkpoint
 
@@ -508,13 +484,10 @@ def sampling_runs(tmp_path_factory):
                       "--seed", "5", "--eval-fraction", "0.25", "--dist-timeout", "60"], 2, "fsdp"),
              "kd": (["train", "--init", str(root / "init.apr"), *COMMON, "--teacher", str(root / "teacher.apr"),
                      "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, "ddp")}
-    launches = launch_by_world({name: (_split_run(args, root / f"tp_{name}", 2, mode), world)
-                                for name, (args, world, mode) in cases.items()}, root / "ranks")
-    one = {}
-    for name, (args, _, _) in cases.items():  # (the references run in this process meanwhile)
-        code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
-        assert code == 0, name
-    return root, one, outputs(*launches)
+    one, out = against_one_process(
+        {name: (_split_run(args, root / f"tp_{name}", 2, mode), world) for name, (args, world, mode) in cases.items()},
+        {name: [*args, "--out", str(root / f"one_{name}")] for name, (args, _, _) in cases.items()}, root / "ranks")
+    return root, one, out
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd", "kd"])

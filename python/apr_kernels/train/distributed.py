@@ -204,6 +204,14 @@ def local_rows(index: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return index[rank * per:(rank + 1) * per]
 
 
+def check_group_size(option: str, size: int, mode: str) -> None:
+    """A ``--<kind>-parallel size`` option: a group size >= 1, under a data-parallel ``--parallel``."""
+    if size < 1:
+        raise ValueError(f"{option} {size}: expected a group size >= 1")
+    if mode not in ("ddp", "fsdp"):
+        raise ValueError(f"{option} {size} needs --parallel ddp or fsdp under torchrun (got {mode})")
+
+
 def rank_groups(world_size: int, size: int, rank: int, replicas: str = "several", stride: int = 1):
     """Process groups of ``size`` consecutive ranks (a context-, expert- or tensor-parallel group) and
     of their replicas (ranks ``t, t + size, ...``), created on every rank in the same order: ``(this
@@ -407,7 +415,10 @@ class Parallel:
         self.context = context  # context_parallel.ContextParallel, or None
         self.expert = expert  # expert_parallel.ExpertParallel, or None
         self.tensor = tensor  # tensor_parallel.TensorParallel, or None
-        self._sharding_group = None  # (HSDP under tensor parallelism: one group of fsdp_shard ranks, for clipping)
+        # (HSDP under tensor parallelism: this rank's group of fsdp_shard consecutive ranks, for clipping)
+        self._sharding_group = None
+        if tensor is not None and mode == "fsdp" and env.fsdp_shard:
+            self._sharding_group = rank_groups(env.world_size, env.fsdp_shard, env.rank, replicas="none")[0]
 
     @property
     def world_size(self) -> int:
@@ -519,11 +530,8 @@ class Parallel:
             # the distinct parts: a whole-kept tensor's shards (its sharding ranks), a split one's over
             # the sharding group's ranks of every part (all ranks; under HSDP one group of fsdp_shard)
             sharding = shard_axis(self.module.model.norm.weight)[2]
-            if self.env.fsdp_shard and self._sharding_group is None:
-                self._sharding_group = rank_groups(self.env.world_size, self.env.fsdp_shard, self.env.rank,
-                                                   replicas="none")[0]
             return clip_grad_norm(self.module.parameters(), split, max_norm, self.tensor, sharded_group=sharding,
-                                  split_group=self._sharding_group if self.env.fsdp_shard else dist.group.WORLD)
+                                  split_group=self._sharding_group or dist.group.WORLD)
         if self.expert is not None:
             from .expert_parallel import expert_parameters
 

@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from .distributed import full_tensor, local_part, rank_groups
+from .distributed import check_group_size, full_tensor, local_part, rank_groups
 
 
 class ExpertParallel:
@@ -253,10 +253,7 @@ class OwnedTensor:
 
 def check(size: int, mode: str, quantized_base: bool = False, fsdp_shard: int = 0) -> None:
     """What ``--expert-parallel size`` does not combine with, refused before anything is loaded."""
-    if size < 1:
-        raise ValueError(f"--expert-parallel {size}: expected a group size >= 1")
-    if mode not in ("ddp", "fsdp"):
-        raise ValueError(f"--expert-parallel {size} needs --parallel ddp or fsdp under torchrun (got {mode})")
+    check_group_size("--expert-parallel", size, mode)
     if fsdp_shard and fsdp_shard % size:
         raise ValueError(f"--expert-parallel {size} does not divide --fsdp-shard-size {fsdp_shard}; expected each "
                          f"expert-parallel group inside one shard group (a node)")

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
-from .distributed import full_tensor, rank_groups
+from .distributed import check_group_size, full_tensor, rank_groups
 
 # module attribute -> dimension of its weight that the ranks split (0: rows, column-parallel;
 # 1: columns, row-parallel); biases follow the rows
@@ -402,10 +402,7 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
     against eager: full checkpointing compiled, and selective eager, are right)."""
-    if size < 1:
-        raise ValueError(f"--tensor-parallel {size}: expected a group size >= 1")
-    if mode not in ("ddp", "fsdp"):
-        raise ValueError(f"--tensor-parallel {size} needs --parallel ddp or fsdp under torchrun (got {mode})")
+    check_group_size("--tensor-parallel", size, mode)
     if fsdp_shard and fsdp_shard % size:
         raise ValueError(f"--fsdp-shard-size {fsdp_shard} with --tensor-parallel {size}: expected a multiple of "
                          f"{size} (each sharding group of ranks holds whole tensor-parallel groups)")
