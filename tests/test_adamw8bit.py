@@ -148,6 +148,41 @@ def test_fsdp_shards_keep_8_bit_moments_only_where_their_rows_start_on_block_bou
     assert shard_rows(torch.empty(64, 64)) is None
 
 
+def test_tensor_parallel_parts_keep_8_bit_moments_only_where_they_are_whole_blocks():
+    """A tensor-parallel part (``split``: its dim and the group size): rows in whole blocks, columns
+    in rows of whole blocks; the 4096-value floor counts the whole tensor; FSDP's rule on the part."""
+    from apr_kernels.train.adamw8bit import eight_bit_layout, split_block_views
+
+    assert eight_bit_layout(torch.empty(32, 64), (0, 2))  # q_proj 64 x 64 split by rows: 8 blocks a rank
+    assert not eight_bit_layout(torch.empty(32, 64), None)  # (the same 2048 values whole: fp32)
+    assert not eight_bit_layout(torch.empty(16, 64), (0, 2))  # whole 2048 values: fp32 in any case
+    assert not eight_bit_layout(torch.empty(33, 200), (0, 2))  # 6600 values: blocks straddle the parts
+    assert eight_bit_layout(torch.empty(64, 256), (1, 2)) and eight_bit_layout(torch.empty(7, 512), (1, 4))
+    assert not eight_bit_layout(torch.empty(64, 32), (1, 2))  # each row's 32 columns: part of a block
+    assert not eight_bit_layout(torch.empty(128, 384), (1, 2))  # 384 columns: blocks cross the rows
+    # FSDP's rule on the part: 10 x 128 (5 blocks) sharded over 4 ranks: 3 rows, 1.5 blocks
+    assert eight_bit_layout(_Shard((128, 64), 2, 1), (0, 2)) and not eight_bit_layout(_Shard((10, 128), 4, 0), (0, 4))
+    assert eight_bit_layout(_Shard((9, 512), 2, 0), (1, 2))  # (5 rows x 512 columns: whole blocks)
+    assert split_block_views((64, 512), 1) == ((64, 512), (64, 2))
+    assert split_block_views((32, 64), 0) == ((2048,), (8,))
+
+
+def test_column_parts_of_whole_blocks_quantise_as_the_whole_tensor():
+    """The premise of 8-bit moments under tensor parallelism: each rank's columns (rows of whole
+    blocks), quantised alone, give the whole tensor's codes and scales at those places."""
+    from apr_kernels.train.adamw8bit import split_block_views
+
+    torch.manual_seed(3)
+    x = torch.randn(6, 1024) * torch.logspace(-4, 0, 1024)
+    qmap = dynamic_map(True)
+    codes, absmax = quantize(x, qmap)
+    code_view, scale_view = split_block_views(x.shape, 1)
+    parts = [quantize(x[:, r * 256:(r + 1) * 256], qmap) for r in range(4)]
+    assert torch.equal(torch.cat([c.view(6, 256) for c, _ in parts], 1).reshape(-1), codes)
+    assert torch.equal(torch.cat([a.view(6, 1) for _, a in parts], 1).reshape(-1), absmax)
+    assert codes.view(code_view).shape == x.shape and absmax.view(scale_view).shape == (6, 4)
+
+
 def _steps(backend_name, use_backend, w0, grads, **kw):
     use_backend(backend_name)
     p = torch.nn.Parameter(w0.clone())

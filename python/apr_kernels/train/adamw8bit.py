@@ -30,6 +30,15 @@ rank's rows must start on a block boundary: when every rank's share (``ceil(rows
 values) is a multiple of 256, its blocks are exactly the whole tensor's (the same codes as one process,
 gathered into the same checkpoint tensors); otherwise that tensor keeps fp32 moments, sharded as
 AdamW's are (``eight_bit_layout``). Resuming with another number of ranks re-forms what no longer fits.
+
+Under tensor parallelism each rank holds a part of a split parameter (``train/tensor_parallel.py``):
+rows (dim 0: column-parallel projections, the vocabulary-split embedding and head) or columns (dim 1:
+row-parallel projections). Its moments stay 8-bit where its part's blocks are exactly whole-tensor
+blocks: a row split whose part is a whole number of blocks (every part then starts on a boundary),
+a column split whose part's rows are (``columns % 256 == 0``: each block lies in one row of one
+rank's columns). The codes and scales then gather into one process's (``split_block_views``), so a
+split run keeps one process's numbers and checkpoints; other split tensors keep fp32 moments. FSDP
+around it shards the part's rows under the rule above.
 """
 
 from __future__ import annotations
@@ -113,10 +122,19 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, sh
     return values.reshape(-1)[:math.prod(shape)].view(shape)
 
 
-def eight_bit_layout(p: torch.Tensor) -> bool:
+def eight_bit_layout(p: torch.Tensor, split: tuple[int, int] | None = None) -> bool:
     """Whether ``p``'s moments are kept in 8 bits: at least ``MIN_8BIT`` values, and when sharded by
-    FSDP every rank's share a whole number of blocks (module docstring)."""
-    if p.numel() < MIN_8BIT:
+    FSDP every rank's share a whole number of blocks (module docstring). ``split``: ``(dim, ranks)``
+    when ``p`` is this rank's part of a tensor-parallel parameter (its rows or columns): then the
+    part's blocks must be the whole tensor's too."""
+    if split is not None:
+        dim, ranks = split
+        if p.numel() * ranks < MIN_8BIT:
+            return False
+        whole_blocks = p.numel() % BLOCK == 0 if dim == 0 else p.ndim == 2 and p.shape[1] % BLOCK == 0
+        if not whole_blocks:
+            return False
+    elif p.numel() < MIN_8BIT:
         return False
     if not hasattr(p, "device_mesh"):
         return True
@@ -126,13 +144,31 @@ def eight_bit_layout(p: torch.Tensor) -> bool:
     return chunk * (p.numel() // p.shape[0]) % BLOCK == 0
 
 
+def split_block_views(shape, dim: int) -> tuple[tuple, tuple]:
+    """The shapes to view a tensor-parallel part's (or the whole tensor's) flat codes and block scales
+    as, so that the parts join along ``dim`` into the whole tensor's (``eight_bit_layout`` holding):
+    a row split's parts follow each other (flat); a column split's are each row's columns, its
+    blocks ``shape[1] / BLOCK`` per row."""
+    if dim == 0:
+        n = math.prod(shape)
+        return (n,), (n // BLOCK,)
+    return tuple(shape), (shape[0], shape[1] // BLOCK)
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """``torch.optim.AdamW`` with block-wise 8-bit moments (module docstring); the same param groups
     (``lr``, ``betas``, ``eps``, ``weight_decay``, and the trainers' ``lr_scale``)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 splits: dict | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._maps: dict = {}
+        # tensor parallelism: parameter id -> (dim, ranks) of the split parts this rank holds
+        self.splits = splits or {}
+
+    def layout(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s moments are 8-bit (``eight_bit_layout`` with its tensor-parallel split)."""
+        return eight_bit_layout(p, self.splits.get(id(p)))
 
     def qmap(self, signed: bool, device) -> torch.Tensor:
         key = (signed, str(device))
@@ -158,7 +194,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def _stored(self, p: torch.Tensor, value: torch.Tensor, signed: bool):
         """A moment as kept: 8-bit (of this rank's rows under FSDP) where ``eight_bit_layout``, else
         fp32 placed like ``p`` (a DTensor under FSDP)."""
-        if not eight_bit_layout(p):
+        if not self.layout(p):
             return value.to(torch.float32, copy=True)  # (its own storage: updated in place)
         return Blockwise8bit(local_part(value), self.qmap(signed, local_part(p).device))
 

@@ -212,13 +212,15 @@ def training_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _adam8_moment(f, path, key: str, name: str, p, opt):
+def _adam8_moment(f, path, key: str, name: str, p, opt, split=None):
     """A checkpoint's 8-bit moment of parameter ``name`` (``adamw8bit.Blockwise8bit``) for ``opt``.
 
-    An FSDP shard takes the blocks of its own rows; where its rows do not start on block boundaries
-    (another number of ranks than the run that wrote it) the moment comes back in fp32, sharded."""
-    from .adamw8bit import BLOCK, Blockwise8bit, eight_bit_layout
-    from .distributed import shard_rows
+    An FSDP shard takes the blocks of its own rows, a tensor-parallel part (``split``: its ``(dim,
+    TensorParallel)``) those of its rows or columns; where they are not whole blocks of the stored
+    tensor (another layout than the run that wrote it) the moment comes back in fp32, placed like
+    ``p``."""
+    from .adamw8bit import BLOCK, Blockwise8bit, split_block_views
+    from .distributed import like_param, shard_rows
 
     if not hasattr(opt, "qmap"):
         raise ValueError(f"{path}: parameter {name!r} has 8-bit AdamW moments (--optimizer adamw8bit); expected "
@@ -229,17 +231,25 @@ def _adam8_moment(f, path, key: str, name: str, p, opt):
     codes, scales = f.get_tensor(f"{PREFIX}{_ADAM8}.{key}.codes.{name}"), f.get_tensor(absmax)
     local = p.to_local() if hasattr(p, "to_local") else p
     qmap = opt.qmap(key == "exp_avg", local.device)
+    what = f"{path}: optimizer state {key!r} of {name!r}"
+    shape = p.shape if split is None else split[1].whole_shape(p.shape, split[0])
     try:
-        whole = Blockwise8bit.from_parts(codes, scales, p.shape, qmap.cpu())
-        if not hasattr(p, "device_mesh"):
-            return Blockwise8bit.from_parts(whole.codes.to(p.device, copy=True), whole.absmax.to(p.device, copy=True),
-                                            p.shape, qmap)
+        whole = Blockwise8bit.from_parts(codes, scales, shape, qmap.cpu())
     except ValueError as exc:
-        raise ValueError(f"{path}: optimizer state {key!r} of {name!r}: {exc}") from None
-    if not eight_bit_layout(p):
-        from .distributed import like_param
-
-        return like_param(whole.dequantize(), p, f"{path}: optimizer state {key!r} of {name!r}")
+        raise ValueError(f"{what}: {exc}") from None
+    eight_bit = opt.layout(p)
+    if split is not None:  # this rank's part of the whole tensor: its blocks, or its values
+        dim, tp = split
+        if not eight_bit:
+            return like_param(tp.local(whole.dequantize(), dim, what), p, what)
+        code_view, scale_view = split_block_views(shape, dim)
+        whole = Blockwise8bit.from_parts(tp.local(whole.codes.view(code_view), dim).reshape(-1),
+                                         tp.local(whole.absmax.view(scale_view), dim).reshape(-1), p.shape, qmap.cpu())
+    if not hasattr(p, "device_mesh"):
+        return Blockwise8bit.from_parts(whole.codes.to(p.device, copy=True), whole.absmax.to(p.device, copy=True),
+                                        p.shape, qmap)
+    if not eight_bit:
+        return like_param(whole.dequantize(), p, what)
     first, rows = shard_rows(p)
     cols = p.numel() // p.shape[0]
     start, blocks = first * cols // BLOCK, -(-rows * cols // BLOCK)
@@ -284,7 +294,8 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
             for key in _MOMENTS:
                 codes = f"{PREFIX}{_ADAM8}.{key}.codes.{name}"
                 if codes in f:  # 8-bit moments (adamw8bit.py), restored as they were stored
-                    entry[key] = _adam8_moment(f, path, key, name, p, opt)
+                    entry[key] = _adam8_moment(f, path, key, name, p, opt,
+                                               (split[name], tp) if name in split else None)
                     continue
                 tname = f"{PREFIX}adam.{key}.{name}"
                 if tname not in f:

@@ -516,12 +516,9 @@ def _train(args, env, mode: str) -> int:
     if args.tensor_parallel != 1:
         from . import tensor_parallel
 
-        optimizer = (training_metadata(args.resume)["training.config"].get("optimizer", "adamw") if args.resume
-                     else args.optimizer)
         tensor_parallel.check(args.tensor_parallel, mode, fsdp_shard=env.fsdp_shard,
                               context_parallel=args.context_parallel, expert_parallel=args.expert_parallel,
-                              quantized_base=bool(args.lora_quantized_base), optimizer=optimizer,
-                              sequence_parallel=args.sequence_parallel,
+                              quantized_base=bool(args.lora_quantized_base), sequence_parallel=args.sequence_parallel,
                               compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
         tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank, args.sequence_parallel)
     elif args.sequence_parallel:
@@ -1132,7 +1129,7 @@ def register(subparsers) -> None:
                         "(V100, T4), fp32 on CPU; weights and optimizer state stay fp32")
     o.add_argument("--optimizer", choices=["adamw", "adamw8bit", "muon"], default=d.optimizer,
                    help="adamw; adamw8bit: AdamW with its moments stored block-wise in 8 bits (a quarter of the "
-                        "optimizer memory; under FSDP each rank's rows); or muon: Muon on the decoder layers' weight matrices "
+                        "optimizer memory; under FSDP / --tensor-parallel each rank's rows or part); or muon: Muon on the decoder layers' weight matrices "
                         "and AdamW on the rest (the same --lr)")
     o.add_argument("--muon-momentum", type=float, default=None, help=f"Muon's momentum (default {d.muon_momentum})")
     length = o.add_mutually_exclusive_group()

@@ -801,7 +801,7 @@ class ShardGatherer:
         # every parameter of the whole model, in one order on every rank (an expert held by one rank
         # of each expert-parallel group: broadcast from the first group's)
         everything = list(global_parameters(model))
-        from .tensor_parallel import Split, split_dims
+        from .tensor_parallel import Split, SplitBlocks, split_dims
 
         # a parameter the tensor-parallel ranks split: joined from the group's parts
         split, tp = split_dims(model), model.tensor_parallel
@@ -841,11 +841,13 @@ class ShardGatherer:
                     m = state[key]
                     if not isinstance(m, Blockwise8bit):
                         entry[key] = self._add(part(m))
-                    elif _is_dtensor(p):  # FSDP: this rank's blocks
-                        entry[key] = (self._add(part(BlockShards(m.codes, p))),
-                                      self._add(part(BlockShards(m.absmax, p))))
-                    else:
-                        entry[key] = (self._add(part(m.codes)), self._add(part(m.absmax)))
+                        continue
+                    # (FSDP: this rank's blocks; a split parameter's: joined as the whole's blocks)
+                    pair = ((BlockShards(m.codes, p), BlockShards(m.absmax, p)) if _is_dtensor(p)
+                            else (m.codes, m.absmax))
+                    if name in split:
+                        pair = SplitBlocks.pair(*pair, p.shape, split[name], tp)
+                    entry[key] = tuple(self._add(part(t) if name not in split else t) for t in pair)
 
     def _add(self, t) -> int:
         self.items.append(t.detach() if torch.is_tensor(t) else t)

@@ -3,8 +3,8 @@
 * ``adamw`` (default): AdamW with weight decay on matrices (the embedding included), not on norms and
   biases; the fused CUDA implementation on GPUs.
 * ``adamw8bit``: the same AdamW with its moments stored block-wise in 8 bits (``adamw8bit.py``,
-  bitsandbytes' and torchao's ``AdamW8bit``): a quarter of the optimizer memory, under FSDP too (each
-  rank's rows).
+  bitsandbytes' and torchao's ``AdamW8bit``): a quarter of the optimizer memory, under FSDP (each
+  rank's rows) and tensor parallelism (each rank's part) too.
 * ``muon``: Muon (Jordan et al., 2024; ``torch.optim.Muon``) on the decoder layers' weight matrices
   (the attention and MLP projections), AdamW on everything else (the embedding, the output head,
   norms and biases; LoRA adapters), as Muon's authors and Moonlight prescribe. Muon's learning rate
@@ -35,10 +35,11 @@ OPTIMIZERS = ("adamw", "adamw8bit", "muon")
 _HIDDEN_MATRIX = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")
 
 
-def adamw(named_params, cfg, eight_bit: bool = False) -> torch.optim.Optimizer:
+def adamw(named_params, cfg, eight_bit: bool = False, splits: dict | None = None) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (``named_params``: the trainable ones, with their names;
     with LoRA+ the adapters' B matrices in a group of their own at ``lr_scale`` = the ratio);
-    ``eight_bit``: its moments kept in 8 bits (``adamw8bit.AdamW8bit``)."""
+    ``eight_bit``: its moments kept in 8 bits (``adamw8bit.AdamW8bit``; ``splits``: parameter id ->
+    ``(dim, ranks)`` of the tensor-parallel parts)."""
     decay, no_decay, lora_b = [], [], []
     ratio = getattr(cfg, "lora_plus_ratio", 0.0)
     for name, p in named_params:
@@ -51,7 +52,7 @@ def adamw(named_params, cfg, eight_bit: bool = False) -> torch.optim.Optimizer:
     if eight_bit:
         from .adamw8bit import AdamW8bit
 
-        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, splits=splits)
     # the fused CUDA implementation: one kernel for all parameters instead of a few per tensor
     fused = bool(every) and all(p.is_cuda for p in every)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
@@ -127,12 +128,8 @@ class MuonWithAdamW:
         ids = {id(p) for p in hidden}
         tp = getattr(model, "tensor_parallel", None)
         if any(hasattr(p, "device_mesh") for p in hidden) or tp is not None:  # FSDP row shards, split matrices
-            from .tensor_parallel import split_dims
-
-            dims = split_dims(model)
-            splits = {id(p): dims[n] for n, p in model.named_parameters() if n in dims}
             self.muon = ShardedMuon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                                    splits=splits, tp=tp)
+                                    splits=split_parameter_dims(model), tp=tp)
         else:
             self.muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
@@ -173,16 +170,21 @@ class MuonWithAdamW:
             opt.load_state_dict({"state": own, "param_groups": opt.state_dict()["param_groups"]})
 
 
+def split_parameter_dims(model: torch.nn.Module) -> dict[int, int]:
+    """Parameter id -> the dimension the tensor-parallel ranks split it on (empty when unsplit)."""
+    from .tensor_parallel import split_dims
+
+    dims = split_dims(model)
+    return {id(p): dims[n] for n, p in model.named_parameters() if n in dims}
+
+
 def make_optimizer(model: torch.nn.Module, cfg):
     """The optimizer ``cfg.optimizer`` names for ``model``'s trainable parameters."""
-    tp = getattr(model, "tensor_parallel", None)
-    if tp is not None:  # (a resumed run's optimizer is known only now)
-        from .tensor_parallel import check_optimizer
-
-        check_optimizer(tp.size, cfg.optimizer)
     if getattr(cfg, "lora_plus_ratio", 0.0) and not getattr(model, "lora", None):
         raise ValueError(f"--lora-plus-ratio {cfg.lora_plus_ratio} needs LoRA adapters (--lora-rank R)")
     if cfg.optimizer == "muon":
         return MuonWithAdamW(model, cfg)
+    tp = getattr(model, "tensor_parallel", None)  # (8-bit moments: where a part's blocks are the whole's)
+    splits = {i: (dim, tp.size) for i, dim in split_parameter_dims(model).items()} if tp is not None else None
     return adamw([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg,
-                 eight_bit=cfg.optimizer == "adamw8bit")
+                 eight_bit=cfg.optimizer == "adamw8bit", splits=splits)

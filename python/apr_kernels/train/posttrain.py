@@ -559,7 +559,7 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw, or adamw8bit: its moments stored block-wise in 8 bits (a quarter of the optimizer "
-                        "memory; under FSDP each rank's rows)")
+                        "memory; under FSDP / --tensor-parallel each rank's rows or part)")
     from .cli import add_freeze_option
 
     add_freeze_option(p)

@@ -56,7 +56,10 @@ Context parallelism around it (``--context-parallel C``): groups of C ranks N ap
 positions, each tensor-parallel rank its heads of them (the K/V all-gathers run on the local heads).
 
 Muon: each split matrix's update gathered whole over the group, orthogonalised, each rank keeping its part
-(``optim.ShardedMuon``).
+(``optim.ShardedMuon``). 8-bit AdamW (``adamw8bit.py``): each rank's part keeps 8-bit moments where
+its blocks of 256 values are whole blocks of the tensor (a row split of whole blocks, a column split
+of rows of whole blocks), so the updates and the checkpoint's codes and scales are one process's
+(``SplitBlocks``); the other split tensors keep fp32 moments.
 
 Sampling (``grpo``, ``rloo``, ``online-dpo``; ``model/generate.py``): a group's ranks decode the same
 prompts in step, each with the KV cache of its heads and the whole logits (vocabulary columns
@@ -66,10 +69,12 @@ teacher whole on every rank; under a vocabulary split the student's logits are g
 divergence (the eager loss).
 
 Not combined (refused with a message, ``check``): expert parallelism, context and sequence
-parallelism together, quantised LoRA bases, 8-bit AdamW, mixture-of-experts layers.
+parallelism together, quantised LoRA bases, mixture-of-experts layers.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -396,8 +401,7 @@ def check_config(cfg, size: int, where: str = "the model") -> None:
 
 
 def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 1, expert_parallel: int = 1,
-          quantized_base: bool = False, optimizer: str = "adamw", compiled_selective: bool = False,
-          sequence_parallel: bool = False) -> None:
+          quantized_base: bool = False, compiled_selective: bool = False, sequence_parallel: bool = False) -> None:
     """What ``--tensor-parallel size`` does not combine with, refused before anything is loaded.
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
@@ -416,19 +420,11 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
     for bad, what in refused:
         if bad:
             _refuse(size, what)
-    check_optimizer(size, optimizer)
-
-
-def check_optimizer(size: int, optimizer: str) -> None:
-    """AdamW or Muon (its updates gathered whole, ``optim.ShardedMuon``); not 8-bit AdamW, whose
-    blocks of 256 values would run across the parts."""
-    if optimizer == "adamw8bit":
-        _refuse(size, f"--optimizer {optimizer} (its blocks of moments would run across the ranks' parts)")
 
 
 def _refuse(size: int, what: str) -> None:
     raise ValueError(f"--tensor-parallel {size} does not combine with {what}; expected plain data "
-                     f"parallelism (ddp or fsdp) around it, AdamW")
+                     f"parallelism (ddp or fsdp) around it")
 
 
 def clip_grad_norm(params, split: set, max_norm: float, tp: TensorParallel, sharded_group=None,
@@ -470,3 +466,26 @@ class Split:
 
     def gather(self) -> torch.Tensor:
         return self.tp.gather(full_tensor(self.t), self.dim)
+
+
+class SplitBlocks:
+    """The flat 8-bit codes or block scales of a split parameter's moment for the checkpoint
+    (``adamw8bit.eight_bit_layout`` holding): ``gather()`` makes this rank's part whole over its FSDP
+    shards (``distributed.BlockShards``), then joins the group's parts, viewed as
+    ``adamw8bit.split_block_views`` says, into the whole tensor's as one process stores them."""
+
+    def __init__(self, t, view: tuple, dim: int, tp: TensorParallel):
+        self.t, self.view, self.dim, self.tp = t, view, dim, tp
+        self.dtype, self.shape = t.dtype, (math.prod(view) * tp.size,)
+
+    @classmethod
+    def pair(cls, codes, scales, shape, dim: int, tp: TensorParallel) -> tuple["SplitBlocks", "SplitBlocks"]:
+        """The codes and scales of a moment of a part of ``shape``."""
+        from .adamw8bit import split_block_views
+
+        code_view, scale_view = split_block_views(shape, dim)
+        return cls(codes, code_view, dim, tp), cls(scales, scale_view, dim, tp)
+
+    def gather(self) -> torch.Tensor:
+        part = full_tensor(self.t) if torch.is_tensor(self.t) else self.t.gather()
+        return self.tp.gather(part.reshape(self.view), self.dim).reshape(-1)
