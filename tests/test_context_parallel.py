@@ -240,25 +240,42 @@ def test_two_ranks_match_one_process(tmp_path):
 
 def test_four_ranks_in_two_context_groups_match_one_process(tmp_path):
     """4 ranks = 2 data-parallel groups x 2 context-parallel ranks (each group its half of
-    the batch, each rank half of its rows' positions) against the same CLI run in one process."""
+    the batch, each rank half of its rows' positions) against the same CLI run in one process; also
+    distilling from a teacher."""
     from apr_kernels.cli import main
     from apr_kernels.model import Transformer
     from apr_kernels.train.checkpoint import save_checkpoint
     from rank_runs import Launch
     from test_distributed import COMMON, _cli, _losses, _odd_config, _records
 
+    from apr_kernels.train.cli import byte_tokenizer
+
     torch.manual_seed(11)
     init = tmp_path / "init.apr"
     save_checkpoint(init, model=Transformer(_odd_config(), fast=False))
-    args = ["train", "--init", str(init), *COMMON, "--save-every", "0"]
-    code, one = _cli(main, [*args, "--out", str(tmp_path / "one")])
-    assert code == 0
-    launch = Launch({"cp": [*args, "--parallel", "ddp", "--context-parallel", "2", "--out", str(tmp_path / "cp")]},
-                    4, tmp_path / "ranks")
-    ref, got = _records(one), _records(launch.outputs()["cp"])
-    assert len(_losses(got)) == len(_losses(ref)) > 0
-    assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
-    assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    # distillation: the teacher (whole on every rank) reads the whole rows, each rank its positions of
+    # the teacher's hidden states; the fused loss's reference code on the fast path
+    save_checkpoint(tmp_path / "teacher.apr", model=Transformer(_config(vocab_size=263), fast=False),
+                    tokenizer=byte_tokenizer())
+    args = {"cp": ["train", "--init", str(init), *COMMON, "--save-every", "0"]}
+    args["kd"] = [*args["cp"], "--teacher", str(tmp_path / "teacher.apr"), "--kd-ratio", "0.6", "--kd-temperature",
+                  "2.0", "--fast", "on"]
+    one = {}
+    for name, argv in args.items():
+        code, one[name] = _cli(main, [*argv, "--out", str(tmp_path / f"one_{name}")])
+        assert code == 0
+    launch = Launch({name: [*argv, "--parallel", "ddp", "--context-parallel", "2", "--out", str(tmp_path / name)]
+                     for name, argv in args.items()}, 4, tmp_path / "ranks")
+    outs = launch.outputs()
+    for name in args:
+        ref, got = _records(one[name]), _records(outs[name])
+        assert len(_losses(got)) == len(_losses(ref)) > 0
+        assert _losses(got) == pytest.approx(_losses(ref), rel=1e-5)
+        assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"), abs=1e-5)
+    for key in ("ce", "kl", "grad_norm"):
+        assert len(_losses(_records(outs["kd"]), key=key)) == len(_losses(_records(one["kd"])))
+        assert _losses(_records(outs["kd"]), key=key) == pytest.approx(_losses(_records(one["kd"]), key=key),
+                                                                      rel=1e-4), key
 
 
 def test_what_context_parallelism_cannot_split_is_refused(tmp_path, capsys):

@@ -431,8 +431,6 @@ def test_sequence_parallel_refusals_and_chunks():
     with pytest.raises(ValueError, match=r"--seq-len 31 does not split into 2 equal chunks of positions; expected a "
                                          r"multiple of --tensor-parallel 2 with --sequence-parallel"):
         Trainer(model, tokens, None, TrainConfig(batch_size=2, seq_len=31), parallel=par)
-    with pytest.raises(ValueError, match="--sequence-parallel with a distillation teacher is not supported"):
-        Trainer(model, tokens, None, TrainConfig(batch_size=2, seq_len=32), parallel=par, teacher=model)
     # the model asked for a mean over its share of the positions
     _split(model, 1, 2)
     model.tensor_parallel.sequence_parallel = True
@@ -527,13 +525,18 @@ def sampling_runs(tmp_path_factory):
                       "--seed", "5", "--eval-fraction", "0.25", "--dist-timeout", "60"], 2, "fsdp"),
              "kd": (["train", "--init", str(root / "init.apr"), *COMMON, "--teacher", str(root / "teacher.apr"),
                      "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, "ddp")}
+    # sequence parallelism: the teacher reads the whole rows, each rank scores its chunk of the positions
+    # (the student's logits of the whole rows' columns gathered, its chunk kept, the gradients summed)
+    cases["kd_sp"] = ([*cases["kd"][0], "--kd-beta", "0.5"], 2, "ddp")
+    only = {"kd_sp": ["--sequence-parallel"]}
     one, out = against_one_process(
-        {name: (_split_run(args, root / f"tp_{name}", 2, mode), world) for name, (args, world, mode) in cases.items()},
+        {name: (_split_run([*args, *only.get(name, [])], root / f"tp_{name}", 2, mode), world)
+         for name, (args, world, mode) in cases.items()},
         {name: [*args, "--out", str(root / f"one_{name}")] for name, (args, _, _) in cases.items()}, root / "ranks")
     return root, one, out
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd", "kd"])
+@pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd", "kd", "kd_sp"])
 def test_sampling_and_distillation_commands_split_match_one_process(sampling_runs, name):
     root, one, out = sampling_runs
     want, got = _records(one[name]), _records(out[name])
@@ -541,7 +544,7 @@ def test_sampling_and_distillation_commands_split_match_one_process(sampling_run
     assert start["tensor_parallel"] == 2 and start["vocab_parallel"]
     keys = {"grpo": ("reward", "completion_len", "loss", "grad_norm", "kl"), "rloo": ("reward", "loss", "grad_norm"),
             "online": ("reward", "loss", "grad_norm"), "gkd": ("loss", "grad_norm"),
-            "kd": ("loss", "ce", "kl", "grad_norm")}[name]
+            "kd": ("loss", "ce", "kl", "grad_norm"), "kd_sp": ("loss", "ce", "kl", "grad_norm")}[name]
     assert len(_losses(got, key="loss")) == 4
     for key in keys:
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-4, abs=1e-6), key

@@ -963,7 +963,7 @@ class Transformer(nn.Module):
         if vp is not None:  # (the head split by vocabulary range: the student's whole logits gathered)
             from apr_kernels.train.tensor_parallel import vocab_parallel_logits
 
-            parts = eager_loss(vocab_parallel_logits(h, self.output_weight, vp),
+            parts = eager_loss(vocab_parallel_logits(h, self.output_weight, vp, own_positions=True),
                                F.linear(teacher.hidden, teacher.weight), targets, **settings)
         elif self.use_fast(h):
             parts = _ops().linear_distillation(h, self.output_weight, teacher.hidden, teacher.weight, targets,

@@ -27,7 +27,8 @@ section 3.3.2), which suits grouped-query attention:
   are worked out on the host once per forward (one small device read on CUDA).
 
 Groups are consecutive ranks (on one node, so the all-gathers ride NVLink); the data-parallel share
-of a batch goes to ``rank // N``. Not with a distillation teacher (it would need the same split).
+of a batch goes to ``rank // N``. A distillation teacher (whole on every rank) reads the whole rows;
+each rank takes its positions of the teacher's hidden states (``Trainer``).
 """
 
 from __future__ import annotations

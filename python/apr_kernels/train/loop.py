@@ -462,10 +462,6 @@ class Trainer(EvalWatch):
                 raise ValueError(f"--seq-len {config.seq_len} does not split into {sp.size} equal chunks of "
                                  f"positions; expected a multiple of --tensor-parallel {sp.size} with "
                                  f"--sequence-parallel")
-            if (parallel.context is not None or sp is not None) and teacher is not None:
-                what = "--context-parallel" if sp is None else "--sequence-parallel"
-                raise ValueError(f"{what} with a distillation teacher is not supported (the teacher would need "
-                                 f"the same split of every row)")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # a parallel model is already placed (and an FSDP one must not be moved)
         self.model = model if parallel is not None else model.to(self.device)
@@ -537,16 +533,20 @@ class Trainer(EvalWatch):
         for micro, index in enumerate(indices):
             x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
                                self.doc_eos)
-            if par is not None:  # context parallelism: this rank's positions of the rows
+            rows = x  # (the whole rows: what a distillation teacher reads)
+            if par is not None:  # context or sequence parallelism: this rank's positions of the rows
                 x, y = par.local_positions(x, y)
             # gradients are communicated once, on the last micro-batch
             with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                     enabled=self.autocast_dtype is not None):
                     teacher = None
-                    if self.teacher is not None:
-                        teacher = Teacher.of(self.teacher, x, docs, kd_ratio=c.kd_ratio, temperature=c.kd_temperature,
-                                             beta=c.kd_beta)
+                    if self.teacher is not None:  # (whole on every rank: it reads the whole rows, and the
+                        # student's share of the positions takes the teacher's hidden states there)
+                        teacher = Teacher.of(self.teacher, rows, docs, kd_ratio=c.kd_ratio,
+                                             temperature=c.kd_temperature, beta=c.kd_beta)
+                        if par is not None:
+                            teacher.hidden = par.local_positions(teacher.hidden)
                     extra = {"teacher": teacher} if teacher is not None else \
                         {"label_smoothing": c.label_smoothing, "z_loss": c.z_loss}
                     with self._saved_tensors():

@@ -65,7 +65,8 @@ Sampling (``grpo``, ``rloo``, ``online-dpo``; ``model/generate.py``): a group's 
 prompts in step, each with the KV cache of its heads and the whole logits (vocabulary columns
 gathered); the sums after each all-reduce are the same on every rank and the draws are seeded alike,
 so they pick the same tokens and stop together. Distillation (``gkd``, ``train --teacher``): the
-teacher whole on every rank; under a vocabulary split the student's logits are gathered for the
+teacher whole on every rank, reading the whole rows (under sequence parallelism each rank's chunk
+of its hidden states taken); under a vocabulary split the student's logits are gathered for the
 divergence (the eager loss).
 
 Not combined (refused with a message, ``check``): expert parallelism, context and sequence
@@ -305,8 +306,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
 
 class _GatherVocab(torch.autograd.Function):
-    """Whole logits from the group's vocabulary ranges (a forward's output, the same on every rank);
-    the gradient: this rank's columns."""
+    """Whole logits from the group's vocabulary ranges; the gradient: this rank's columns (of the
+    gradients summed over the group when the ranks' losses differ: sequence parallelism, each rank
+    scoring its own positions)."""
 
     @staticmethod
     def forward(ctx, x, tp):
@@ -315,15 +317,21 @@ class _GatherVocab(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.tp.sequence_parallel:
+            grad = funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.tp.group))
         return ctx.tp.local(grad, grad.dim() - 1).contiguous(), None
 
 
-def vocab_parallel_logits(h: torch.Tensor, weight: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """Whole logits of hidden states ``h`` (whole rows) from the group's output-projection rows."""
-    if tp.sequence_parallel:
+def vocab_parallel_logits(h: torch.Tensor, weight: torch.Tensor, tp: TensorParallel,
+                          own_positions: bool = False) -> torch.Tensor:
+    """Whole logits of hidden states ``h`` (whole rows) from the group's output-projection rows.
+    ``own_positions``: under sequence parallelism, the logits of this rank's chunk of the positions
+    (for a loss over them; each rank computes the whole rows' columns, gathered, and keeps its chunk)."""
+    if tp.sequence_parallel and not own_positions:
         raise ValueError("logits under --sequence-parallel: each rank holds a chunk of the positions; expected "
                          "loss() (or the model's whole_sequences())")
-    return _GatherVocab.apply(F.linear(tp.enter(h), weight), tp)
+    logits = _GatherVocab.apply(F.linear(tp.enter(h), weight), tp)
+    return tp.chunk(logits) if tp.sequence_parallel else logits
 
 
 def vocab_parallel_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
