@@ -712,10 +712,15 @@ class Transformer(nn.Module):
 
     def sequence_length(self, input_ids: torch.Tensor) -> int:
         """The rows' length in positions (under context or sequence parallelism, all ranks' shares together)."""
-        cp, sp = self.context_parallel, self.sequence_parallel
-        if sp is not None:
-            return input_ids.shape[1] * sp.size
-        return input_ids.shape[1] if cp is None else cp.global_length(input_ids.shape[1])
+        cp = self.context_parallel
+        local = self._context_local_length(input_ids)
+        return local if cp is None else cp.global_length(local)
+
+    def _context_local_length(self, input_ids: torch.Tensor) -> int:
+        """The positions the split blocks see: this context-parallel rank's (sequence parallelism: its
+        group's chunks together)."""
+        sp = self.sequence_parallel
+        return input_ids.shape[1] * (sp.size if sp is not None else 1)
 
     def _document_mask(self, input_ids: torch.Tensor, documents: Documents, fast: bool, cos, sin):
         """The layers' :class:`DocumentMask` and the per-token rope tables for ``documents`` (of the
@@ -754,7 +759,7 @@ class Transformer(nn.Module):
             docs, pos = cp.documents(documents, input_ids.shape[0], T, fast)
             cos, sin = cos[pos], sin[pos]
         elif cp is not None:
-            pos = cp.positions(input_ids.shape[1], input_ids.device)
+            pos = cp.positions(self._context_local_length(input_ids), input_ids.device)
             cos, sin = cos[pos], sin[pos]
         elif documents is not None:
             docs, cos, sin = self._document_mask(input_ids, documents, fast, cos, sin)

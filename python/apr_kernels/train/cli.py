@@ -1219,7 +1219,8 @@ def register(subparsers) -> None:
     s.add_argument("--sequence-parallel", action="store_true",
                    help="with --tensor-parallel N, each rank of a group also holds 1/N of every row's positions "
                         "between the split blocks (norms, residuals, embedding, loss: their activations / N; the "
-                        "all-reduces become all-gathers and reduce-scatters; --seq-len a multiple of N)")
+                        "all-reduces become all-gathers and reduce-scatters; --seq-len a multiple of N; with "
+                        "--context-parallel C, 1/N of each context-parallel rank's positions)")
     s.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
     _common(p)

@@ -446,12 +446,13 @@ class Parallel:
 
     def local_positions(self, *ts: torch.Tensor):
         """This rank's positions of whole rows ``[B, T, ...]`` (all of them without context or
-        sequence parallelism)."""
-        split = self.context.shard if self.context is not None else \
-            self.sequence.chunk if self.sequence is not None else None
-        if split is None:
-            return ts if len(ts) > 1 else ts[0]
-        out = tuple(split(t) for t in ts)
+        sequence parallelism): its context-parallel rank's chunks, then of those its sequence-parallel
+        chunk (the split blocks gather the group's chunks back into the context-parallel rank's)."""
+        out = ts
+        if self.context is not None:
+            out = tuple(self.context.shard(t) for t in out)
+        if self.sequence is not None:
+            out = tuple(self.sequence.chunk(t) for t in out)
         return out if len(out) > 1 else out[0]
 
     @property

@@ -457,11 +457,14 @@ class Trainer(EvalWatch):
                                  + "; expected an equal share of every batch per rank")
             if parallel.context is not None:  # what the split of every row into the group's chunks rules out
                 parallel.context.check_length(config.seq_len, "--seq-len")
-            sp = parallel.sequence
-            if sp is not None and config.seq_len % sp.size:
+            sp = parallel.sequence  # (of each context-parallel rank's positions, under both)
+            cp = parallel.context.size if parallel.context is not None else 1
+            if sp is not None and config.seq_len % (cp * sp.size):
                 raise ValueError(f"--seq-len {config.seq_len} does not split into {sp.size} equal chunks of "
-                                 f"positions; expected a multiple of --tensor-parallel {sp.size} with "
-                                 f"--sequence-parallel")
+                                 f"positions" + (f" per context-parallel rank ({config.seq_len} / {cp})" if cp > 1
+                                                 else "")
+                                 + f"; expected a multiple of --tensor-parallel {sp.size} with --sequence-parallel"
+                                 + (f" x --context-parallel {cp}" if cp > 1 else ""))
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # a parallel model is already placed (and an FSDP one must not be moved)
         self.model = model if parallel is not None else model.to(self.device)

@@ -54,6 +54,9 @@ sharded over the S/N ranks of its group of S holding the same parts and replicat
 Context parallelism around it (``--context-parallel C``): groups of C ranks N apart (ranks
 ``b + t + c N``), each group of C·N ranks sharing rows, each context-parallel rank its chunks of the
 positions, each tensor-parallel rank its heads of them (the K/V all-gathers run on the local heads).
+With sequence parallelism too, each context-parallel rank's positions are split again over its
+tensor-parallel group between the blocks (``Parallel.local_positions``); the blocks gather them back,
+so RoPE positions and document spans are the context-parallel rank's.
 
 Muon: each split matrix's update gathered whole over the group, orthogonalised, each rank keeping its part
 (``optim.ShardedMuon``). 8-bit AdamW (``adamw8bit.py``): each rank's part keeps 8-bit moments where
@@ -69,8 +72,8 @@ teacher whole on every rank, reading the whole rows (under sequence parallelism 
 of its hidden states taken); under a vocabulary split the student's logits are gathered for the
 divergence (the eager loss).
 
-Not combined (refused with a message, ``check``): expert parallelism, context and sequence
-parallelism together, quantised LoRA bases, mixture-of-experts layers.
+Not combined (refused with a message, ``check``): expert parallelism, quantised LoRA bases,
+mixture-of-experts layers.
 """
 
 from __future__ import annotations
@@ -421,8 +424,6 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
     refused = [(compiled_selective, "--compile and --grad-checkpointing selective together (the compiled "
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
-               (context_parallel != 1 and sequence_parallel, "--context-parallel and --sequence-parallel together "
-                                                             "(both split the positions)"),
                (expert_parallel != 1, "--expert-parallel"),
                (quantized_base, "quantised LoRA bases (--lora-quantized-base)")]
     for bad, what in refused:
