@@ -388,7 +388,8 @@ def test_vocabulary_split_loss_equals_cross_entropy_on_a_group_of_one():
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from apr_kernels.train.tensor_parallel import TensorParallel, vocab_parallel_logits, vocab_parallel_losses
+    from apr_kernels.train.tensor_parallel import TensorParallel
+    from apr_kernels.train.vocab_parallel import vocab_parallel_logits, vocab_parallel_losses
     from rank_runs import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
@@ -418,6 +419,56 @@ def test_vocabulary_split_loss_equals_cross_entropy_on_a_group_of_one():
         for a, b in zip(torch.autograd.grad((got * probe).sum(), (h, w)),
                         torch.autograd.grad((F.linear(h, w) * probe).sum(), (h, w))):
             torch.testing.assert_close(a, b)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocabulary_split_distillation_equals_the_eager_loss_on_a_group_of_one():
+    """The vocabulary-split distillation loss (maxima, normalisers and the divergence's sums
+    all-reduced per row, a chunk of rows at a time) on a group of one against the row maths on whole
+    logits in fp64 (``reference.distillation_rows_reference``, checked against the divergences
+    written out) and the eager loss: the
+    forward KL, reverse KL and generalized JSD, a teacher vocabulary smaller and larger than the
+    student's, ignored targets; values, ce, kl and the gradients of h and W; no logits kept for the
+    backward. The multi-rank runs check the split (a rank whose columns pass the teacher's end)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from apr_kernels.model.distillation import eager_loss
+    from apr_kernels.ops.reference import distillation_rows_reference
+    from apr_kernels.train.tensor_parallel import TensorParallel
+    from apr_kernels.train.vocab_parallel import vocab_parallel_distillation
+    from rank_runs import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        tp = TensorParallel(dist.group.WORLD, 0, 1)
+        torch.manual_seed(4)
+        h = torch.randn(1, 7, 5, dtype=torch.float64, requires_grad=True)
+        w = (torch.randn(11, 5, dtype=torch.float64) * 2).requires_grad_()
+        th = torch.randn(1, 7, 6, dtype=torch.float64)
+        targets = torch.tensor([[0, 3, -100, 10, 5, 5, 1]])
+        for beta, vt, kd, temp in [(0.0, 11, 0.5, 1.0), (1.0, 9, 0.7, 2.0), (0.3, 13, 0.4, 1.5), (0.0, 8, 1.0, 3.0)]:
+            tw = torch.randn(vt, 6, dtype=torch.float64) * 2
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+                loss, ce, kl = vocab_parallel_distillation(h, w, th, tw, targets, tp, kd_ratio=kd, temperature=temp,
+                                                           beta=beta, chunk_rows=3)
+            # (the hidden states, the weights and per-row values: no logits)
+            assert all(n in {h.numel(), w.numel(), th.numel(), tw.numel()} or n <= 4 * 7 for n in saved), saved
+            s = F.linear(h, w).detach().flatten(0, 1)
+            want_ce, want_kl, g = distillation_rows_reference(s, F.linear(th, tw).flatten(0, 1), targets.flatten(),
+                                                              -100, kd, temp, True, beta)
+            torch.testing.assert_close(ce, want_ce)
+            torch.testing.assert_close(kl, want_kl)
+            torch.testing.assert_close(loss, (1 - kd) * want_ce + kd * want_kl)
+            assert not ce.requires_grad and not kl.requires_grad and float(loss[2].detach()) == 0.0
+            d_h, d_w = torch.autograd.grad(loss.sum(), (h, w))  # (the rows' gradient through both GEMMs)
+            torch.testing.assert_close(d_h.flatten(0, 1), g @ w.detach())
+            torch.testing.assert_close(d_w, g.T @ h.detach().flatten(0, 1))
+            # and the objective as the eager path computes it (fp32)
+            eager = eager_loss(F.linear(h, w), F.linear(th, tw), targets, kd, temp, "sum", beta)
+            torch.testing.assert_close(loss.sum().float(), eager[0])
     finally:
         dist.destroy_process_group()
 
@@ -522,9 +573,10 @@ def sampling_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_sampling")
     torch.manual_seed(32)
     save_checkpoint(root / "init.apr", model=Transformer(_config("qwen3"), fast=False))
-    # a distillation teacher (another shape, whole on every rank) for gkd and train --teacher
-    save_checkpoint(root / "teacher.apr", model=Transformer(_config("llama").replace(num_layers=1), fast=False),
-                    tokenizer=byte_tokenizer())
+    # a distillation teacher (another shape, whole on every rank) for gkd and train --teacher; its 290
+    # output rows end inside the second rank's vocabulary range (160 .. 319): the divergence's columns
+    save_checkpoint(root / "teacher.apr", model=Transformer(_config("llama").replace(num_layers=1, vocab_size=290),
+                                                            fast=False), tokenizer=byte_tokenizer())
     records = root / "records.jsonl"
     records.write_text("".join(json.dumps({"prompt": f"Is {t} hot?", "completion": " yes"}) + "\n"
                                for t in ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal",
@@ -544,7 +596,7 @@ def sampling_runs(tmp_path_factory):
              "rloo": (["rloo", *common, "--num-generations", "3", "--beta", "0.1", "--micro-batch", "2"], 2, "fsdp"),
              "online": (["online-dpo", *common, "--num-generations", "3", "--beta", "0.5", "--micro-batch", "1"], 2,
                         "ddp"),
-             # the student's logits gathered from the group's vocabulary columns for the divergence
+             # the divergence over the group's vocabulary columns of both models' logits
              "gkd": (["gkd", "--init", str(root / "init.apr"), "--teacher", str(root / "teacher.apr"), "--tokenizer",
                       "bytes", "--data", str(records), "--steps", "4", "--batch-size", "4", "--grad-accum", "2",
                       "--lr", "3e-3", "--max-new-tokens", "5", "--max-prompt-len", "24", "--max-len", "40", "--json",
@@ -552,7 +604,7 @@ def sampling_runs(tmp_path_factory):
              "kd": (["train", "--init", str(root / "init.apr"), *COMMON, "--teacher", str(root / "teacher.apr"),
                      "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, "ddp")}
     # sequence parallelism: the teacher reads the whole rows, each rank scores its chunk of the positions
-    # (the student's logits of the whole rows' columns gathered, its chunk kept, the gradients summed)
+    # (the losses of the whole rows' columns, its chunk kept, the incoming gradients summed)
     cases["kd_sp"] = ([*cases["kd"][0], "--kd-beta", "0.5"], 2, "ddp")
     only = {"kd_sp": ["--sequence-parallel"]}
     one, out = against_one_process(

@@ -95,7 +95,7 @@ def next_logits(model: Transformer, ids: torch.Tensor, cache: KVCache, cos_all, 
     h = model.model.norm(h[:, -1])
     vp = model.vocab_parallel
     if vp is not None:  # (the output head split by vocabulary range: the columns gathered)
-        from apr_kernels.train.tensor_parallel import vocab_parallel_logits
+        from apr_kernels.train.vocab_parallel import vocab_parallel_logits
 
         return vocab_parallel_logits(h, model.output_weight, vp).float()
     return F.linear(h, model.output_weight).float()

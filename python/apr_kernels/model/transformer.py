@@ -662,7 +662,7 @@ class Transformer(nn.Module):
             self._split_vocabulary(tp)
 
     def _split_vocabulary(self, tp) -> None:
-        from apr_kernels.train.tensor_parallel import VocabParallelEmbedding
+        from apr_kernels.train.vocab_parallel import VocabParallelEmbedding
 
         old = self.model.embed_tokens
         w = tp.local(old.weight, 0, "embed_tokens")
@@ -679,7 +679,7 @@ class Transformer(nn.Module):
     @property
     def vocab_parallel(self):
         """The TensorParallel whose ranks split the embedding and output head by vocabulary range, else None."""
-        from apr_kernels.train.tensor_parallel import VocabParallelEmbedding
+        from apr_kernels.train.vocab_parallel import VocabParallelEmbedding
 
         embed = self.model.embed_tokens
         return embed.tensor_parallel if isinstance(embed, VocabParallelEmbedding) else None
@@ -910,7 +910,7 @@ class Transformer(nn.Module):
         h = self.hidden_states(input_ids, documents)
         vp = self.vocab_parallel
         if vp is not None:
-            from apr_kernels.train.tensor_parallel import vocab_parallel_logits, vocab_parallel_losses
+            from apr_kernels.train.vocab_parallel import vocab_parallel_logits, vocab_parallel_losses
         if targets is None:
             return F.linear(h, self.output_weight) if vp is None else vocab_parallel_logits(h, self.output_weight, vp)
         if teacher is not None:
@@ -965,11 +965,14 @@ class Transformer(nn.Module):
         settings = {"kd_ratio": teacher.kd_ratio, "temperature": teacher.temperature, "beta": teacher.beta,
                     "reduction": reduction}
         vp = self.vocab_parallel
-        if vp is not None:  # (the head split by vocabulary range: the student's whole logits gathered)
-            from apr_kernels.train.tensor_parallel import vocab_parallel_logits
+        if vp is not None:  # (the head split by vocabulary range: no whole logits of either model)
+            from apr_kernels.train.vocab_parallel import vocab_parallel_distillation
 
-            parts = eager_loss(vocab_parallel_logits(h, self.output_weight, vp, own_positions=True),
-                               F.linear(teacher.hidden, teacher.weight), targets, **settings)
+            per = vocab_parallel_distillation(h, self.output_weight, teacher.hidden, teacher.weight, targets, vp,
+                                              kd_ratio=teacher.kd_ratio, temperature=teacher.temperature,
+                                              beta=teacher.beta)
+            scale = (targets != -100).sum() if reduction == "mean" else 1
+            parts = [x.sum() / scale for x in per]
         elif self.use_fast(h):
             parts = _ops().linear_distillation(h, self.output_weight, teacher.hidden, teacher.weight, targets,
                                                **settings)

@@ -69,8 +69,9 @@ prompts in step, each with the KV cache of its heads and the whole logits (vocab
 gathered); the sums after each all-reduce are the same on every rank and the draws are seeded alike,
 so they pick the same tokens and stop together. Distillation (``gkd``, ``train --teacher``): the
 teacher whole on every rank, reading the whole rows (under sequence parallelism each rank's chunk
-of its hidden states taken); under a vocabulary split the student's logits are gathered for the
-divergence (the eager loss).
+of its hidden states taken); under a vocabulary split the loss runs on each rank's columns of both
+models' logits (``vocab_parallel.vocab_parallel_distillation``). The vocabulary split itself (the
+embedding, head, losses and gathered logits) is ``vocab_parallel.py``.
 
 Not combined (refused with a message, ``check``): expert parallelism, quantised LoRA bases,
 mixture-of-experts layers.
@@ -82,11 +83,10 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
 from .distributed import check_group_size, full_tensor, rank_groups
+from .vocab_parallel import VocabParallelEmbedding
 
 # module attribute -> dimension of its weight that the ranks split (0: rows, column-parallel;
 # 1: columns, row-parallel); biases follow the rows
@@ -211,147 +211,6 @@ class TensorParallel:
         """The whole tensor from every rank's part (a collective of the group)."""
         parts = funcol.wait_tensor(funcol.all_gather_tensor(local.contiguous(), 0, self.group))
         return torch.cat(parts.chunk(self.size, 0), dim)
-
-
-# ---------------------------------------------------------------------- the vocabulary split
-def gather_positions(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """The whole rows of the group's chunks ``t`` ``[B, T/N, ...]`` (token ids, targets: no gradient)."""
-    return funcol.wait_tensor(funcol.all_gather_tensor(t.contiguous(), 1, tp.group))
-
-
-class VocabParallelEmbedding(nn.Embedding):
-    """``embed_tokens`` holding this rank's ``vocab / N`` rows (ids ``rank * vocab/N ..``): each rank
-    looks up the ids in its range (zeros elsewhere) and ``leave`` sums the group's parts (sequence
-    parallelism: the whole rows' ids gathered first, each rank keeping its chunk of the sum)."""
-
-    tensor_parallel: TensorParallel
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        tp = self.tensor_parallel
-        if tp.sequence_parallel:
-            ids = gather_positions(ids, tp)
-        local = ids - tp.rank * self.num_embeddings
-        inside = (local >= 0) & (local < self.num_embeddings)
-        e = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)
-        return tp.leave(e * inside.unsqueeze(-1).to(e.dtype))
-
-
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy (-100: ignored, 0) of ``hidden @ weight.T`` where ``weight`` holds this
-    rank's rows of the output head (a range of the vocabulary): Megatron-LM's vocab-parallel cross
-    entropy, computed ``chunk_rows`` rows at a time as the fused loss is (``ops/cross_entropy.py``):
-    each chunk's logits columns come from one GEMM in the compute dtype, their row maxima, exponential
-    sums, target logits (and for label smoothing logit sums) are all-reduced over the group, and the
-    backward makes each chunk's logits again, so no ``[tokens, vocab / N]`` tensor outlives its chunk.
-    ``split_loss``: the ranks hold different tokens' losses (sequence parallelism), so the incoming
-    gradients are summed over the group first."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, tp, label_smoothing: float, z_loss: float, split_loss: bool,
-                chunk_rows: int):
-        dev = hidden.device.type
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
-            torch.promote_types(hidden.dtype, weight.dtype)
-        acc = torch.promote_types(cdt, torch.float32)  # (softmax and sums: fp32, or fp64 inputs' fp64)
-        width = weight.shape[0]
-        local = targets - tp.rank * width
-        owned = (local >= 0) & (local < width)
-        local = local.clamp(0, width - 1)
-        w = weight.to(cdt)
-        n = hidden.shape[0]
-        stats = torch.empty(4, n, dtype=acc, device=hidden.device)  # max, exp sum, target logit, logit sum
-        for a in range(0, n, chunk_rows):
-            z = (hidden[a:a + chunk_rows].to(cdt) @ w.T).to(acc)
-            m = z.max(-1).values
-            stats[0, a:a + chunk_rows] = m
-            stats[1, a:a + chunk_rows] = (z - m[:, None]).exp_().sum(-1)
-            stats[2, a:a + chunk_rows] = z.gather(1, local[a:a + chunk_rows, None])[:, 0]
-            stats[3, a:a + chunk_rows] = z.sum(-1) if label_smoothing else 0
-        stats[2] *= owned
-        m = funcol.wait_tensor(funcol.all_reduce(stats[0].clone(), "max", tp.group))
-        stats[1] *= (stats[0] - m).exp()
-        total, target_logit, logit_sum = funcol.wait_tensor(funcol.all_reduce(stats[1:].contiguous(), "sum",
-                                                                              tp.group))
-        lse = m + total.log()
-        loss = lse - (1 - label_smoothing) * target_logit - label_smoothing * logit_sum / (width * tp.size)
-        if z_loss:
-            loss = loss + z_loss * lse.square()
-        keep = targets != -100
-        ctx.save_for_backward(hidden, weight, lse, local, owned, keep)
-        ctx.settings = (tp, label_smoothing, z_loss, split_loss, chunk_rows, cdt, acc)
-        return loss * keep
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, lse, local, owned, keep = ctx.saved_tensors
-        tp, label_smoothing, z_loss, split_loss, chunk_rows, cdt, acc = ctx.settings
-        if split_loss:
-            grad = funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", tp.group))
-        grad = (grad * keep).to(acc)
-        w = weight.to(cdt)
-        d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        vocab = weight.shape[0] * tp.size
-        for a in range(0, hidden.shape[0], chunk_rows):
-            rows = slice(a, a + chunk_rows)
-            h = hidden[rows].to(cdt)
-            d = ((h @ w.T).to(acc) - lse[rows, None]).exp_()  # this rank's columns of the softmax
-            if z_loss:
-                d *= 1 + 2 * z_loss * lse[rows, None]
-            hit = owned[rows].nonzero()[:, 0]
-            d[hit, local[rows][hit]] -= 1 - label_smoothing
-            if label_smoothing:
-                d -= label_smoothing / vocab
-            d = (d * grad[rows, None]).to(cdt)
-            d_hidden[rows] = d @ w
-            d_weight += (d.T @ h).to(acc)
-        return d_hidden, d_weight.to(weight.dtype), None, None, None, None, None, None
-
-
-class _GatherVocab(torch.autograd.Function):
-    """Whole logits from the group's vocabulary ranges; the gradient: this rank's columns (of the
-    gradients summed over the group when the ranks' losses differ: sequence parallelism, each rank
-    scoring its own positions)."""
-
-    @staticmethod
-    def forward(ctx, x, tp):
-        ctx.tp = tp
-        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, tp.group))
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.tp.sequence_parallel:
-            grad = funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.tp.group))
-        return ctx.tp.local(grad, grad.dim() - 1).contiguous(), None
-
-
-def vocab_parallel_logits(h: torch.Tensor, weight: torch.Tensor, tp: TensorParallel,
-                          own_positions: bool = False) -> torch.Tensor:
-    """Whole logits of hidden states ``h`` (whole rows) from the group's output-projection rows.
-    ``own_positions``: under sequence parallelism, the logits of this rank's chunk of the positions
-    (for a loss over them; each rank computes the whole rows' columns, gathered, and keeps its chunk)."""
-    if tp.sequence_parallel and not own_positions:
-        raise ValueError("logits under --sequence-parallel: each rank holds a chunk of the positions; expected "
-                         "loss() (or the model's whole_sequences())")
-    logits = _GatherVocab.apply(F.linear(tp.enter(h), weight), tp)
-    return tp.chunk(logits) if tp.sequence_parallel else logits
-
-
-def vocab_parallel_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tp: TensorParallel,
-                          label_smoothing: float = 0.0, z_loss: float = 0.0, chunk_rows: int | None = None
-                          ) -> torch.Tensor:
-    """Per-token losses (flat, this rank's positions) of hidden states ``h`` under output-projection
-    rows ``weight`` split by vocabulary range: each rank computes its columns of the logits of the
-    whole rows (sequence parallelism: gathered), a chunk of rows at a time, and keeps the losses of
-    its own positions."""
-    from apr_kernels.ops.cross_entropy import default_chunk_rows
-
-    sp = tp.sequence_parallel
-    whole = gather_positions(targets, tp) if sp else targets
-    h = tp.enter(h).flatten(0, 1)
-    per = _VocabParallelLinearCrossEntropy.apply(h, weight, whole.flatten(), tp, label_smoothing, z_loss, sp,
-                                                 chunk_rows or default_chunk_rows(h.shape[0], weight.shape[0]))
-    return tp.chunk(per.view(whole.shape)).flatten() if sp else per
 
 
 def groups(world_size: int, size: int, rank: int, sequence_parallel: bool = False) -> TensorParallel:
