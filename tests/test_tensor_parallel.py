@@ -9,10 +9,14 @@ heads, their gradients summed) on 4 ranks in 2 replicated groups of 2. FSDP: an 
 ranks in 2 groups of 2 (each rank's parts sharded over its replica), and on 4 ranks in one group
 of 4 (selective activation checkpointing: the kept all-reduces are not redone). LoRA (DDP, the fast
 path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections. Sequence
-parallelism (DDP, FSDP, HSDP on 8 ranks). Context parallelism around it (FSDP, 4 ranks). Muon (DDP,
-FSDP). The embedding and head split by vocabulary range (or whole, for a vocabulary of 321).
-A one-process step checkpoint resumed split and sharded (also a DoRA and a Muon one), split ones
-resumed in one process, a DoRA checkpoint as --init folded into each rank's part. The sampling
+parallelism (DDP, FSDP, HSDP on 8 ranks). Context parallelism around it (FSDP, 4 ranks; also with
+sequence parallelism). Muon (DDP, FSDP). 8-bit AdamW (DDP, FSDP: one process's codes). QLoRA (Q4_K,
+DDP; DoRA on APR_Q8 blocks, FSDP). Mixture of experts (Qwen2-MoE on the grouped-GEMM path, DDP;
+Mixtral with sequence parallelism, FSDP). The embedding and head split by vocabulary range (or whole,
+for a vocabulary of 321).
+A one-process step checkpoint resumed split and sharded (also a DoRA, a Muon, an 8-bit AdamW and a
+QLoRA one), split ones resumed in one process, a DoRA checkpoint as --init folded into each rank's
+part. The sampling
 commands (GRPO, RLOO, online DPO) decoding on split layers, distillation (GKD, train --teacher). In one process:
 the split itself against the whole layer's numbers (forward and every gradient, on a group of one
 standing in for the exchange), the vocabulary-split loss against F.cross_entropy, the refusals."""
@@ -49,6 +53,10 @@ def _config(name: str):
         # 256 columns a rank; under FSDP over 2 ranks too), so its moments are one process's 8-bit ones
         "wide": preset("tiny_qwen2").replace(num_heads=4, num_kv_heads=2, head_dim=128, hidden_size=64,
                                              intermediate_size=512, vocab_size=320),
+        # mixture of experts: every expert's rows and columns split, the router whole (a shared expert
+        # and a dense layer in Qwen2-MoE)
+        "qwen2moe": preset("tiny_qwen2_moe").replace(num_heads=4, num_kv_heads=2),
+        "mixtral": preset("tiny_mixtral"),
         "wide-llama": llama.replace(tie_word_embeddings=False, num_heads=4, num_kv_heads=2, head_dim=128,
                                     intermediate_size=512, vocab_size=320, hidden_size=64),
     }[name]
@@ -91,7 +99,20 @@ CASES = {
     # down_proj's columns), under FSDP sharded by rows over the part's replicas
     "qwen2_adam8": ("wide", ["--optimizer", "adamw8bit"], 2, 2, "ddp", []),
     "llama_adam8_fsdp": ("wide-llama", ["--optimizer", "adamw8bit"], 4, 2, "fsdp", []),
+    # QLoRA: the frozen projections the file's quantised blocks (QUANTISED), whole on every rank of a
+    # group (under FSDP sharded over its replicas), each GEMM dequantising and taking its part; DoRA's
+    # row-parallel magnitudes from the whole base's row norms
+    # mixture of experts (the load-balancing and router z-losses weighted up: their gradients, computed
+    # alike on every rank, count once); Mixtral's block_sparse_moe under sequence parallelism, sharded
+    "qwen2moe_ddp": ("qwen2moe", ["--fast", "on", "--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 2,
+                     2, "ddp", []),
+    "mixtral_sp_fsdp": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4, 2, "fsdp",
+                        ["--sequence-parallel"]),
+    "qwen2_qlora": ("qwen2", ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"], 2, 2, "ddp", []),
+    "llama_qdora_fsdp": ("llama", ["--lora-rank", "4", "--lora-dora", "--lora-quantized-base", "--lr", "1e-2"], 4, 2,
+                         "fsdp", []),
 }
+QUANTISED = {"qwen2_qlora": "Q4_K", "llama_qdora_fsdp": "APR_Q8"}
 
 
 # cases whose few near-zero gradients AdamW turns into larger weight differences (another summation
@@ -108,6 +129,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     args = {}
     for i, (name, (config, extra, *_)) in enumerate(CASES.items()):
+        if name in QUANTISED:
+            from test_lora import _quantised_file
+
+            _quantised_file(root / f"{name}.apr", _config(config), QUANTISED[name], seed=40 + i)
+            args[name] = ["train", "--init", str(root / f"{name}.apr"), *COMMON, *extra]
+            continue
         torch.manual_seed(40 + i)
         model = Transformer(_config(config), fast=False)
         with torch.no_grad():  # (biases and norms away from their zeros and ones: a misplaced part shows)
@@ -150,6 +177,10 @@ def runs(tmp_path_factory):
     mixed = root / "one_adam8_mixed" / "step_000002.apr"
     runs["resumed_adam8_mixed"] = (_split_run(["train", "--resume", str(mixed), *resume], root / "resumed_adam8_mixed",
                                               2, "ddp"), 2)
+    # a one-process QLoRA step checkpoint (its quantised base and adapters) resumed split
+    qlora = root / "one_qwen2_qlora" / "step_000002.apr"
+    runs["resumed_qlora"] = (_split_run(["train", "--resume", str(qlora), *resume], root / "resumed_qlora", 2, "ddp"),
+                             2)
     out = outputs(*launch_by_world(runs, root / "ranks"))
     # a split 8-bit step checkpoint resumed in one process
     out["resumed_adam8_one"] = _resumed_here(root / "tp_qwen2_adam8" / "step_000002.apr", root / "resumed_adam8_one")
@@ -198,6 +229,8 @@ def test_lora_checkpoints_resume_and_initialise_across_tensor_parallelism(runs):
                                                                    rel=1e-5)
     assert _losses(_records(out["resumed_lora_one"])) == pytest.approx(_losses(_records(one["qwen2_lora"]))[2:],
                                                                        rel=1e-5)
+    assert _losses(_records(out["resumed_qlora"])) == pytest.approx(_losses(_records(one["qwen2_qlora"]))[2:],
+                                                                    rel=1e-5)
     ref, _ = _same_run(one["dora_init"], out["dora_init"])
     # (the folded adapters trained: a merged DoRA model, not the base it started from)
     assert _losses(ref)[0] < _losses(_records(one["llama_dora_fsdp"]))[0]
@@ -252,26 +285,33 @@ def _split(model, rank: int, size: int):
     return tp
 
 
-@pytest.mark.parametrize("config", ["qwen2", "qwen3", "llama4", "qwen2-lora"])
+@pytest.mark.parametrize("config", ["qwen2", "qwen3", "llama4", "qwen2-lora", "qwen2-qlora"])
 def test_split_layers_add_up_to_the_whole_layer(config):
     """Each rank's attention and MLP on the same input, their outputs summed (what ``leave``
     does): the whole layer's output; each rank's parameter gradients are its rows or columns of the
     whole layer's, and the input gradients and those of the whole-kept parameters (the per-head
     norms; LoRA's A of column-parallel and B of row-parallel projections) summed (what ``enter``'s
-    backward does) the whole ones."""
+    backward does) the whole ones. ``-qlora``: the projections' frozen weights quantised blocks
+    (kept whole on each rank, each GEMM taking its part)."""
     from apr_kernels.model import Transformer
-    from apr_kernels.model.lora import add_lora
+    from apr_kernels.model.lora import QuantizedLoRALinear, add_lora, lora_modules, quantize_base
+    from apr_kernels.quant import quantize
     from apr_kernels.train.tensor_parallel import COLUMN, ROW, split_dims
 
-    cfg = _config(config.removesuffix("-lora"))
+    cfg = _config(config.split("-")[0])
     size = 4 if config == "llama4" else 2
     torch.manual_seed(0)
     whole = Transformer(cfg, fast=False).double()
-    if config.endswith("-lora"):
+    if "lora" in config:
         add_lora(whole, 4)
     with torch.no_grad():  # (B away from its zeros: both adapter factors matter)
         for p in whole.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+    if config.endswith("-qlora"):
+        for m in lora_modules(whole).values():
+            q = quantize("Q4_K", m.weight.detach().float())
+            quantize_base(m).base = q
+        assert isinstance(whole.model.layers[0].self_attn.o_proj, QuantizedLoRALinear)
     from apr_kernels.model.rope import rope_tables
 
     x = torch.randn(2, 9, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
@@ -346,25 +386,18 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
         _split(Transformer(preset("tiny_qwen2").replace(num_heads=8, hidden_size=64), fast=False), 0, 2)
     with pytest.raises(ValueError, match="num_attention_heads is 6; expected a multiple of 4"):
         _split(Transformer(preset("tiny_llama"), fast=False), 0, 4)
-    with pytest.raises(ValueError, match=r"a mixture-of-experts model \(4 experts\); expected a dense one"):
-        _split(Transformer(preset("tiny_qwen3_moe").replace(num_experts=4), fast=False), 0, 2)
+    with pytest.raises(ValueError, match="moe_intermediate_size is 9; expected a multiple of 2"):
+        _split(Transformer(preset("tiny_qwen3_moe").replace(moe_intermediate_size=9), fast=False), 0, 2)
     with pytest.raises(ValueError, match="--tensor-parallel 2 needs --parallel ddp or fsdp under torchrun .got none."):
         check(2, "none")
     with pytest.raises(ValueError, match=r"--fsdp-shard-size 3 with --tensor-parallel 2: expected a multiple of 2"):
         check(2, "fsdp", fsdp_shard=3)
     for kw, what in [({"expert_parallel": 2}, "--expert-parallel"),
-                     ({"quantized_base": True}, r"quantised LoRA bases \(--lora-quantized-base\)"),
                      ({"compiled_selective": True}, "--compile and --grad-checkpointing selective")]:
         with pytest.raises(ValueError, match=f"--tensor-parallel 2 does not combine with {what}"):
             check(2, "fsdp", **kw)
-    # LoRA: a quantised base (a resumed QLoRA run: refused when the model is split)
-    from apr_kernels.model.lora import add_lora, quantize_base
+    from apr_kernels.model.lora import add_lora
 
-    qlora = Transformer(_config("qwen2"), fast=False)
-    add_lora(qlora, 4)
-    quantize_base(qlora.model.layers[1].mlp.up_proj)
-    with pytest.raises(ValueError, match=r"--tensor-parallel 2 does not combine with quantised LoRA bases"):
-        _split(qlora, 0, 2)
     split = Transformer(_config("qwen2"), fast=False)
     _split(split, 0, 2)
     with pytest.raises(ValueError, match="add_lora: the model is split over tensor-parallel ranks already"):

@@ -230,6 +230,10 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     quantized = _quantize_bases(model, p) if keep_quantized and (lora_init or kept) else {}
     if shard is not None:
         shard(model)  # on meta: shards are created in their final dtypes
+        # (tensor parallelism replaced the split projections: their bases go to the new modules;
+        # expert parallelism dropped other ranks' experts, left out below)
+        modules = dict(model.named_modules())
+        quantized = {name: modules.get(name.removesuffix(".weight"), m) for name, m in quantized.items()}
     # experts other ranks hold (expert parallelism: dropped by ``shard``): not read here
     remote = model.remote_expert_prefixes()
     quantized = {name: m for name, m in quantized.items() if not (remote and name.startswith(remote))}

@@ -197,14 +197,25 @@ class QuantizedLoRALinear(LoRALinear):
     """A LoRALinear whose frozen weight is ``base``, the file's quantised blocks (a
     ``QuantizedTensor`` on the model's device; under FSDP a ``ShardedBlocks``, this rank's blocks;
     not a parameter, so optimizers, DDP and ``.to`` leave it alone). ``weight`` reads as the
-    dequantised fp32 matrix."""
+    dequantised fp32 matrix.
+
+    Split over tensor-parallel ranks (``split_adapters``) the base stays the whole tensor's blocks
+    (sharded by FSDP over the ranks holding the same part), and each GEMM dequantises them and takes
+    this rank's rows or columns: the formats' blocks run along the rows, so a part of the columns is
+    not a whole number of blocks in general (Llama-7B's ``down_proj``: 43 blocks a row)."""
 
     # base: apr_kernels.io.QuantizedTensor or ShardedBlocks, set by whoever loads the blocks (model/loading.py)
 
-    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def whole_base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole (unsplit) frozen weight, dequantised to ``dtype``."""
         from apr_kernels.quant import dequantize
 
         return dequantize(self.base.dtype, self.base.shape, raw_blocks(self.base), dtype=dtype)
+
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen weight this module multiplies by (this rank's part under tensor parallelism)."""
+        w = self.whole_base_weight(dtype)
+        return w if self.tensor_parallel is None else self.tensor_parallel.local(w, self.split_dim)
 
     @property
     def weight(self) -> torch.Tensor:  # merged_weight, export: the dequantised matrix (fp32)
@@ -288,13 +299,6 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
     return settings
 
 
-def check_splittable(lin: nn.Linear, tp) -> None:
-    """Refuse to split a quantised LoRA base over tensor-parallel ranks (its blocks run along rows)."""
-    if isinstance(lin, QuantizedLoRALinear):
-        raise ValueError(f"--tensor-parallel {tp.size} does not combine with quantised LoRA bases "
-                         f"(--lora-quantized-base); expected plain LoRA or DoRA adapters")
-
-
 def split_adapters(old: LoRALinear, new: nn.Linear, tp, dim: int) -> None:
     """Make ``new`` (this rank's part of ``old``'s weight, split on ``dim`` over tensor-parallel group
     ``tp``) an adapted projection holding its parts of ``old``'s adapters (``ADAPTER_SPLIT``)."""
@@ -327,10 +331,11 @@ def init_adapters(model, seed: int = 0, whole_weight=None) -> None:
         copy_into(m.lora_A, m.local_adapter("lora_A", a), f"{name}.lora_A")
         copy_into(m.lora_B, torch.zeros(tuple(m.lora_B.shape)), f"{name}.lora_B")
         if hasattr(m, "lora_magnitude") and m.split_dim == 1:  # (each rank holds some of every row)
-            if whole_weight is None:
+            if whole_weight is None and not isinstance(m, QuantizedLoRALinear):
                 raise ValueError(f"{name}: a DoRA magnitude of a row-parallel projection; expected the whole "
                                  f"weight (init_adapters' whole_weight) for its rows' norms")
-            copy_into(m.lora_magnitude, whole_weight(name).float().norm(dim=1), f"{name}.lora_magnitude")
+            w = m.whole_base_weight(torch.float32) if isinstance(m, QuantizedLoRALinear) else whole_weight(name)
+            copy_into(m.lora_magnitude, w.float().norm(dim=1), f"{name}.lora_magnitude")
         elif hasattr(m, "lora_magnitude"):  # DoRA starts from the base: m = ||W||_row (B is 0)
             w = frozen_weight(m, torch.float32)
             if hasattr(w, "to_local"):  # FSDP: the magnitude's rows are the weight's rows (both Shard(0))

@@ -185,20 +185,28 @@ class Attention(nn.Module):
 
 def _split_linear(old: nn.Linear, tp, dim: int, name: str) -> nn.Linear:
     """This rank's part of a projection split on ``dim`` (0: rows, 1: columns), a new module of the
-    same class (a LoRA projection keeps its adapters: ``lora.split_adapters``)."""
-    from .lora import LoRALinear, check_splittable, split_adapters
+    same class (a LoRA projection keeps its adapters: ``lora.split_adapters``; a quantised base, no
+    parameter, stays whole: ``lora.QuantizedLoRALinear``)."""
+    from .lora import LoRALinear, QuantizedLoRALinear, split_adapters
 
-    check_splittable(old, tp)
-    w = tp.local(old.weight, dim, name)
-    new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype)
-    if not w.is_meta:
-        with torch.no_grad():
-            new.weight.copy_(w)
-            if old.bias is not None:
-                new.bias.copy_(tp.local(old.bias, 0, name))
-    new.weight.requires_grad_(old.weight.requires_grad)
+    quantized = isinstance(old, QuantizedLoRALinear)
+    local = tp.local(torch.empty(old.out_features, old.in_features, device="meta"), dim, name).shape
+    template = old.bias if quantized and old.bias is not None else old.lora_A if quantized else old.weight
+    new = nn.Linear(local[1], local[0], bias=old.bias is not None, device=template.device, dtype=template.dtype)
     if old.bias is not None:
+        with torch.no_grad():
+            if not old.bias.is_meta:
+                new.bias.copy_(tp.local(old.bias, 0, name))
         new.bias.requires_grad_(old.bias.requires_grad)
+    if quantized:
+        del new.weight
+        if hasattr(old, "base"):
+            new.base = old.base
+    else:
+        if not old.weight.is_meta:
+            with torch.no_grad():
+                new.weight.copy_(tp.local(old.weight, dim, name))
+        new.weight.requires_grad_(old.weight.requires_grad)
     if isinstance(old, LoRALinear):
         split_adapters(old, new, tp, dim)
     return new
@@ -240,7 +248,7 @@ class MixtralExpert(nn.Module):
     up_proj = property(lambda self: self.w3)
     down_proj = property(lambda self: self.w2)
     forward = MLP.forward
-    tensor_parallel = None  # (MLP.forward's; experts are never split, see --expert-parallel)
+    tensor_parallel = None  # (MLP.forward's: split experts run inside their layer's enter / leave)
 
 
 def sort_by_expert(chosen: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,6 +383,9 @@ class SparseMoE(nn.Module):
 
     # train/expert_parallel.py's ExpertParallel while the experts are spread over ranks, else None
     expert_parallel = None
+    # train/tensor_parallel.py's TensorParallel while every expert's rows and columns are split (each
+    # rank computes its share of every expert; the router whole), else None
+    tensor_parallel = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -392,7 +403,8 @@ class SparseMoE(nn.Module):
     def route(self, x: torch.Tensor) -> "Routing":
         """(probabilities [T, E] fp32, top-k weights [T, k], top-k expert ids [T, k], the router logits'
         ``logsumexp`` [T] fp32 for the z-loss) of tokens ``x`` [T, h]."""
-        logits = self.gate(x)
+        logits = self.gate(x) if self.tensor_parallel is None else F.linear(x, self.tensor_parallel.shared(
+            self.gate.weight))  # (split: each rank's experts give a part of the router's gradient)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
@@ -401,6 +413,9 @@ class SparseMoE(nn.Module):
                        torch.logsumexp(logits.float(), dim=-1))
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        tp = self.tensor_parallel
+        if tp is not None:  # (the whole rows' tokens on every rank: the same routing)
+            x = tp.enter(x)
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         probs, weights, chosen, lse = self.route(x)
@@ -413,11 +428,14 @@ class SparseMoE(nn.Module):
             out = self.experts(xs, offs, counts, fast)
         y = combine_experts(out, weights, order).to(x.dtype)
         if hasattr(self, "shared_expert"):
-            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x, fast)
+            gate = self.shared_expert_gate(x) if tp is None else F.linear(x, tp.shared(self.shared_expert_gate.weight))
+            y = y + torch.sigmoid(gate) * self.shared_expert(x, fast)
+        if tp is not None:  # (the balance losses: computed alike on every rank of the group)
+            probs, lse = tp.counted_once(probs), tp.counted_once(lse)
         z = torch.zeros_like(probs[0])
         z[0] = lse.square().sum()
         stats = torch.stack([counts.to(torch.float32), probs.sum(0), z])
-        return y.view(shape), stats
+        return (y.view(shape), stats) if tp is None else (tp.leave(y.view(shape)), stats)
 
     def local_experts(self) -> list[nn.Module]:
         """The experts this rank holds (all of them without expert parallelism), in order."""
@@ -646,13 +664,14 @@ class Transformer(nn.Module):
             raise ValueError("set_tensor_parallel: the model is split already")
         check_config(self.config, tp.size)
         for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.ffn
-            for m in (attn, mlp):
-                for leaf in COLUMN + ROW:
-                    if not hasattr(m, leaf):
-                        continue
+            attn, ffn = layer.self_attn, layer.ffn
+            # a sparse layer: every expert's (and the shared expert's) rows and columns, the experts
+            # running inside the layer's one enter / leave
+            for m in (attn, *(ffn.mlps() if isinstance(ffn, SparseMoE) else [ffn])):
+                # (the registered projections: Mixtral's experts also answer to the Llama names)
+                for leaf in [leaf for leaf in m._modules if leaf in COLUMN + ROW]:
                     setattr(m, leaf, _split_linear(getattr(m, leaf), tp, 0 if leaf in COLUMN else 1, leaf))
-                m.tensor_parallel = tp
+            attn.tensor_parallel = ffn.tensor_parallel = tp
             for norm in ("q_norm", "k_norm"):  # (each rank's heads: partial gradients, summed)
                 if hasattr(attn, norm):
                     getattr(attn, norm).tensor_parallel = tp

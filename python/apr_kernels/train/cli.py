@@ -517,8 +517,7 @@ def _train(args, env, mode: str) -> int:
         from . import tensor_parallel
 
         tensor_parallel.check(args.tensor_parallel, mode, fsdp_shard=env.fsdp_shard,
-                              context_parallel=args.context_parallel, expert_parallel=args.expert_parallel,
-                              quantized_base=bool(args.lora_quantized_base), sequence_parallel=args.sequence_parallel,
+                              expert_parallel=args.expert_parallel,
                               compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
         tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank, args.sequence_parallel)
     elif args.sequence_parallel:
@@ -1213,8 +1212,8 @@ def register(subparsers) -> None:
                         "consecutive ranks (each holds num_experts/N of every layer; rows exchanged by all-to-all; "
                         "default 1: off)")
     s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="with --parallel ddp or fsdp, every layer's heads and MLP rows split over groups of N "
-                        "consecutive ranks (Megatron-LM's column/row-parallel layout: two all-reduces per layer "
+                   help="with --parallel ddp or fsdp, every layer's heads and MLP (or experts') rows split over "
+                        "groups of N consecutive ranks (Megatron-LM's column/row-parallel layout: two all-reduces per layer "
                         "and pass; the group shares its rows, the batch split over world/N; default 1: off)")
     s.add_argument("--sequence-parallel", action="store_true",
                    help="with --tensor-parallel N, each rank of a group also holds 1/N of every row's positions "

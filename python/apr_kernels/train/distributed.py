@@ -648,8 +648,7 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
     if tensor is not None:
         from .tensor_parallel import check
 
-        check(tensor.size, mode, fsdp_shard=env.fsdp_shard, context_parallel=context_parallel,
-              sequence_parallel=tensor.sequence_parallel,
+        check(tensor.size, mode, fsdp_shard=env.fsdp_shard,
               expert_parallel=expert_parallel.size if expert_parallel is not None else 1)
         if model.tensor_parallel is None:
             model.set_tensor_parallel(tensor)
@@ -909,15 +908,16 @@ class ShardGatherer:
                 if f"{name}.weight" in self.bases:
                     i = self.bases[f"{name}.weight"]
                     w = lambda m=m, i=i: dequantize(m.base.dtype, m.base.shape, self._fetch_raw(i))  # noqa: E731
-                elif isinstance(m, QuantizedLoRALinear):
-                    w = lambda m=m: m.base_weight(torch.float32).cpu()  # noqa: E731
+                elif isinstance(m, QuantizedLoRALinear):  # (whole on every tensor-parallel rank)
+                    w = lambda m=m: m.whole_base_weight(torch.float32).cpu()  # noqa: E731
                 else:
                     w = self.weights[f"{name}.weight"]
                 mag = self.weights.get(f"{name}.lora_magnitude")  # DoRA
                 del weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]
                 weights.pop(f"{name}.lora_magnitude", None)
-                # (the whole shape: a split projection's weight item is its gathered one)
-                shape = tuple(self.items[w].shape) if isinstance(w, int) else (m.out_features, m.in_features)
+                # (the whole shape: a split projection's weight item is its gathered one, a quantised
+                # base's blocks are the whole tensor's)
+                shape = tuple(self.items[w].shape) if isinstance(w, int) else tuple(m.base.shape)
                 weights[f"{name}.weight"] = LazyTensor(
                     "F32", shape,
                     lambda w=w, a=a, b=b, s=m.scale, g=mag: self._merged(w, a, b, s, g))

@@ -16,6 +16,10 @@ holds
   ``t * V/N ..`` (``VocabParallelEmbedding``: a masked lookup, summed by ``leave``; the loss by
   ``vocab_parallel_losses``, Megatron-LM's vocab-parallel cross entropy: each rank computes its
   columns of the logits, only row maxima, exponential sums and target logits are all-reduced);
+* of a mixture-of-experts layer: every expert's (and the shared expert's) rows and columns as the
+  MLP's, the experts running between one ``enter`` and one ``leave``; the router (and Qwen2-MoE's
+  shared-expert gate) whole through ``shared``, and the balance losses' router statistics through
+  ``counted_once`` (every rank computes them alike and adds them to its copy of the loss);
 * everything else (norms, Qwen3's per-head q/k norms; the embedding and head otherwise) whole.
 
 Per layer and pass that is two all-reduces forward and two backward: the block's input enters
@@ -38,6 +42,9 @@ column-parallel projection's rank holds its rows of B (and of the DoRA magnitude
 row-parallel one's its columns of A and the whole B and magnitude; the whole-kept factor enters
 through ``enter`` (its gradient, partial on each rank, summed), a DoRA row's squared norm is summed
 over the ranks holding its columns. Only the adapters train, so the exchange per layer is unchanged.
+A quantised base (QLoRA, ``lora.QuantizedLoRALinear``) stays the whole tensor's blocks on every rank
+(their blocks run along the rows: a rank's columns are not whole blocks in general), each GEMM
+dequantising them and taking the rank's part.
 
 Sequence parallelism (``--sequence-parallel``; Korthikanti et al., 2022): between the split blocks
 each rank of the group holds a contiguous ``T / N`` chunk of every row's positions (embedding, norms,
@@ -73,8 +80,7 @@ of its hidden states taken); under a vocabulary split the loss runs on each rank
 models' logits (``vocab_parallel.vocab_parallel_distillation``). The vocabulary split itself (the
 embedding, head, losses and gathered logits) is ``vocab_parallel.py``.
 
-Not combined (refused with a message, ``check``): expert parallelism, quantised LoRA bases,
-mixture-of-experts layers.
+Not combined (refused with a message, ``check``): expert parallelism.
 """
 
 from __future__ import annotations
@@ -90,8 +96,8 @@ from .vocab_parallel import VocabParallelEmbedding
 
 # module attribute -> dimension of its weight that the ranks split (0: rows, column-parallel;
 # 1: columns, row-parallel); biases follow the rows
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW = ("o_proj", "down_proj")
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")  # (w1/w3/w2: Mixtral's experts)
+ROW = ("o_proj", "down_proj", "w2")
 
 
 class _Enter(torch.autograd.Function):
@@ -147,6 +153,19 @@ class _Scatter(torch.autograd.Function):
         return funcol.wait_tensor(funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group)), None
 
 
+class _CountedOnce(torch.autograd.Function):
+    """Unchanged forward; the gradient divided by the group's size (``TensorParallel.counted_once``)."""
+
+    @staticmethod
+    def forward(ctx, x, size):
+        ctx.size = size
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.size, None
+
+
 class TensorParallel:
     """This rank's place in its tensor-parallel group: ``size`` ranks, ``rank`` within them;
     ``replicas``: the process group of the ranks holding the same shards (one per group).
@@ -178,6 +197,13 @@ class TensorParallel:
         """A whole parameter used inside the split blocks (Qwen3's per-head norms, LoRA's whole-kept
         factors): unchanged, its gradient (each rank's part) summed over the group."""
         return _Enter.apply(w, self.group) if self.size > 1 else w
+
+    def counted_once(self, x: torch.Tensor) -> torch.Tensor:
+        """A whole value inside a split block that every rank of the group computes alike and adds to
+        its copy of the loss (a router's balance statistics): its gradient divided by N, so the
+        group's summed gradients (``enter``, ``shared``) count it once. Under sequence parallelism
+        each rank's loss is its own share and the ranks' terms add up: unchanged."""
+        return x if self.size == 1 or self.sequence_parallel else _CountedOnce.apply(x, self.size)
 
     def chunk(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's chunk of the positions of whole rows ``[B, T, ...]`` (sequence parallelism)."""
@@ -254,24 +280,29 @@ def sequence_split_parameters(model) -> list:
     output or score head): under sequence parallelism each rank's gradient of them covers only its
     positions (``Parallel._sequence_sync`` sums them over the group)."""
     split = split_dims(model)  # (the embedding and head split by vocabulary see every position)
+    inside = (".self_attn.", ".mlp.", ".block_sparse_moe.")  # (the attention and the MLP or experts)
     return [p for name, p in model.named_parameters()
-            if p.requires_grad and ".self_attn." not in name and ".mlp." not in name and name not in split]
+            if p.requires_grad and not any(part in name for part in inside) and name not in split]
 
 
 def check_config(cfg, size: int, where: str = "the model") -> None:
-    """The head and MLP counts that ``size`` ranks split evenly; a dense model."""
+    """The head and MLP counts that ``size`` ranks split evenly (a mixture-of-experts model's: every
+    expert's and the shared expert's intermediate size too)."""
+    sizes = [("num_attention_heads", cfg.num_heads), ("num_key_value_heads", cfg.num_kv_heads)]
+    if any(not cfg.moe_layer(i) for i in range(cfg.num_layers)):
+        sizes.append(("intermediate_size", cfg.intermediate_size))
     if cfg.num_experts:
-        raise ValueError(f"--tensor-parallel {size}: {where} is a mixture-of-experts model ({cfg.num_experts} "
-                         f"experts); expected a dense one (spread the experts with --expert-parallel instead)")
-    for what, n in (("num_attention_heads", cfg.num_heads), ("num_key_value_heads", cfg.num_kv_heads),
-                    ("intermediate_size", cfg.intermediate_size)):
+        sizes.append(("moe_intermediate_size", cfg.moe_intermediate_size))
+        if cfg.shared_expert_intermediate_size:
+            sizes.append(("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size))
+    for what, n in sizes:
         if n % size:
             raise ValueError(f"--tensor-parallel {size}: {where}'s {what} is {n}; expected a multiple of {size} "
                              f"(each rank holds an equal share)")
 
 
-def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 1, expert_parallel: int = 1,
-          quantized_base: bool = False, compiled_selective: bool = False, sequence_parallel: bool = False) -> None:
+def check(size: int, mode: str, *, fsdp_shard: int = 0, expert_parallel: int = 1,
+          compiled_selective: bool = False) -> None:
     """What ``--tensor-parallel size`` does not combine with, refused before anything is loaded.
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
@@ -283,8 +314,7 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, context_parallel: int = 
     refused = [(compiled_selective, "--compile and --grad-checkpointing selective together (the compiled "
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
-               (expert_parallel != 1, "--expert-parallel"),
-               (quantized_base, "quantised LoRA bases (--lora-quantized-base)")]
+               (expert_parallel != 1, "--expert-parallel")]
     for bad, what in refused:
         if bad:
             _refuse(size, what)
