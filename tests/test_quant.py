@@ -219,3 +219,27 @@ def test_dequantize_on_cuda_matches_cpu(dtype):
     gpu = dequantize(dtype, qt.shape, qt.data.cuda())
     assert gpu.is_cuda
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, shape, splits", [
+    ("Q4_K", (6, 512), (0, 1)), ("Q4_K", (6, 300), (0,)), ("Q6_K", (4, 1024), (0, 1)),
+    ("APR_Q4", (6, 64), (0, 1)), ("APR_Q4", (6, 40), ()), ("APR_Q8", (6, 10), (0, 1))])
+def test_quantised_tensors_split_into_whole_block_parts_and_join_back(dtype, shape, splits):
+    """``split_blocks`` (tensor parallelism's parts of a quantised LoRA base): each part is a tensor of
+    its own in the format that dequantises to its rows or columns of the whole, and ``join_blocks``
+    gives the stored bytes back; a part that would cut blocks is refused (None): the columns of
+    Q4_K rows padded to a block, APR_Q4 rows that are not whole 32-value blocks."""
+    from apr_kernels.quant import join_blocks, split_blocks
+
+    torch.manual_seed(1)
+    q = quantize(dtype, torch.randn(shape))
+    whole = dequantize(dtype, shape, q.data)
+    for dim in (0, 1):
+        parts = [split_blocks(dtype, shape, q.data, dim, i, 2) for i in range(2)]
+        if dim not in splits:
+            assert parts == [None, None]
+            continue
+        for i, (local, raw) in enumerate(parts):
+            assert raw.numel() == nbytes_for(dtype, local) and raw.data_ptr() != q.data.data_ptr()
+            assert torch.equal(dequantize(dtype, local, raw), whole.chunk(2, dim)[i])
+        assert torch.equal(join_blocks(dtype, shape, [raw for _, raw in parts], dim), q.data)

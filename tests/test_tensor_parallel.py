@@ -99,20 +99,22 @@ CASES = {
     # down_proj's columns), under FSDP sharded by rows over the part's replicas
     "qwen2_adam8": ("wide", ["--optimizer", "adamw8bit"], 2, 2, "ddp", []),
     "llama_adam8_fsdp": ("wide-llama", ["--optimizer", "adamw8bit"], 4, 2, "fsdp", []),
-    # QLoRA: the frozen projections the file's quantised blocks (QUANTISED), whole on every rank of a
-    # group (under FSDP sharded over its replicas), each GEMM dequantising and taking its part; DoRA's
-    # row-parallel magnitudes from the whole base's row norms
     # mixture of experts (the load-balancing and router z-losses weighted up: their gradients, computed
     # alike on every rank, count once); Mixtral's block_sparse_moe under sequence parallelism, sharded
     "qwen2moe_ddp": ("qwen2moe", ["--fast", "on", "--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 2,
                      2, "ddp", []),
     "mixtral_sp_fsdp": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4, 2, "fsdp",
                         ["--sequence-parallel"]),
+    # QLoRA: the frozen projections the file's quantised blocks (QUANTISED). Each rank holds its part
+    # of a base where it is whole blocks (rows; the wide config's o/down columns, 256 a rank), else
+    # the whole base (the small config's 64 columns: one padded Q4_K block a row), each GEMM
+    # dequantising and taking its part; under FSDP sharded over its replicas; DoRA's row-parallel
+    # magnitudes from the whole base's row norms
     "qwen2_qlora": ("qwen2", ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"], 2, 2, "ddp", []),
-    "llama_qdora_fsdp": ("llama", ["--lora-rank", "4", "--lora-dora", "--lora-quantized-base", "--lr", "1e-2"], 4, 2,
-                         "fsdp", []),
+    "llama_qdora_fsdp": ("wide-llama", ["--lora-rank", "4", "--lora-dora", "--lora-quantized-base", "--lr", "1e-2"],
+                         4, 2, "fsdp", []),
 }
-QUANTISED = {"qwen2_qlora": "Q4_K", "llama_qdora_fsdp": "APR_Q8"}
+QUANTISED = {"qwen2_qlora": "Q4_K", "llama_qdora_fsdp": "Q4_K"}
 
 
 # cases whose few near-zero gradients AdamW turns into larger weight differences (another summation
@@ -354,6 +356,34 @@ def test_split_layers_add_up_to_the_whole_layer(config):
     torch.testing.assert_close(outs[0], want_out[0])
     torch.testing.assert_close(outs[1], want_out[1])
     torch.testing.assert_close(x_grad, want_x)
+
+
+def test_quantised_bases_load_as_each_ranks_part_where_it_is_whole_blocks(tmp_path):
+    """QLoRA under tensor parallelism, loaded in one process for each rank of a group of 2: a base
+    whose part is whole blocks (every row split; the wide config's o_proj and down_proj columns, 256
+    of 512 a rank) holds only that part's bytes, one whose columns would cut blocks (the small
+    config's: 64 columns, one padded Q4_K block a row) the whole tensor's; either way the weight
+    each GEMM multiplies by is the rank's part of the whole dequantised weight."""
+    from apr_kernels.model.lora import lora_modules
+    from apr_kernels.model.loading import from_apr
+    from apr_kernels.quant import dequantize
+    from apr_kernels.train.tensor_parallel import TensorParallel
+    from test_lora import _quantised_file
+
+    for config, columns_split in (("wide", True), ("qwen2", False)):
+        path = tmp_path / f"{config}.apr"
+        stored = _quantised_file(path, _config(config), "Q4_K", seed=3)
+        for rank in range(2):
+            tp = TensorParallel(None, rank, 2)
+            model = from_apr(path, lora_init={"rank": 4, "alpha": 8.0, "targets": ["q_proj", "o_proj", "down_proj"]},
+                             keep_quantized=True, shard=lambda m, tp=tp: m.set_tensor_parallel(tp))
+            for name, m in lora_modules(model).items():
+                q = stored[f"{name}.weight"]
+                whole = dequantize(q.dtype, q.shape, q.data)
+                split = m.split_dim == 0 or columns_split
+                assert m.base_split == split, name
+                assert m.base.data.numel() == (q.data.numel() // 2 if split else q.data.numel()), name
+                torch.testing.assert_close(m.base_weight(torch.float32), tp.local(whole, m.split_dim), rtol=0, atol=0)
 
 
 def test_split_dims_name_every_split_parameter():

@@ -60,6 +60,51 @@ def block_bytes(apr_dtype: str) -> int:
     return {"Q4_K": 144, "Q6_K": 210, "APR_Q4": 18, "APR_Q8": 1}[apr_dtype]
 
 
+# values per block of each format (APR_Q8: one value a "block", after the tensor's 4-byte scale)
+_BLOCK_VALUES = {"Q4_K": 256, "Q6_K": 256, "APR_Q4": 32, "APR_Q8": 1}
+
+
+def _block_grid(apr_dtype: str, shape) -> tuple[int, int, int] | None:
+    """``(header bytes, blocks per row, bytes per block)`` of a 2-D tensor whose rows each start a new
+    block (Q4_K/Q6_K always, padding a row's last block; APR_Q4 when a row is whole blocks; APR_Q8's
+    values after its scale), so that its raw bytes view as ``[rows, blocks, bytes]``; else None."""
+    if len(shape) != 2:
+        return None
+    cols, per = shape[1], _BLOCK_VALUES[apr_dtype]
+    if apr_dtype == "APR_Q4" and cols % per:
+        return None
+    return (4 if apr_dtype == "APR_Q8" else 0), -(-cols // per), block_bytes(apr_dtype)
+
+
+def split_blocks(apr_dtype: str, shape, raw: torch.Tensor, dim: int, index: int, parts: int):
+    """``(shape, raw)`` of part ``index`` of ``parts`` equal parts of a 2-D quantised tensor split on
+    ``dim`` (0: rows, 1: columns), as a tensor of its own in the same format (APR_Q8: the same scale),
+    or None where a part would not be whole blocks: rows always are when the rows start blocks;
+    columns when each part's columns fill whole blocks. ``raw`` may be a zero-copy view: the part is a
+    new tensor."""
+    grid = _block_grid(apr_dtype, shape)
+    rows, cols = shape
+    if grid is None or shape[dim] % parts:
+        return None
+    header, blocks, width = grid
+    if dim == 1 and (cols % _BLOCK_VALUES[apr_dtype] or blocks % parts):
+        return None
+    body = raw[header:].view(rows, blocks, width)
+    n = body.shape[dim] // parts
+    part = body.narrow(dim, index * n, n).reshape(-1)
+    local = (rows // parts, cols) if dim == 0 else (rows, cols // parts)
+    return local, torch.cat([raw[:header], part]) if header else part.clone()
+
+
+def join_blocks(apr_dtype: str, shape, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The raw bytes of the 2-D tensor of ``shape`` from its ``split_blocks`` parts, in order."""
+    header, blocks, width = _block_grid(apr_dtype, shape)
+    local = (shape[0] // len(parts), shape[1]) if dim == 0 else (shape[0], shape[1] // len(parts))
+    lblocks = _block_grid(apr_dtype, local)[1]
+    body = torch.cat([p[header:].view(local[0], lblocks, width) for p in parts], dim).reshape(-1)
+    return torch.cat([parts[0][:header], body])
+
+
 def blocks_finite(apr_dtype: str, part: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
     """Whether whole blocks ``part`` (1-D uint8, a multiple of :func:`block_bytes`) dequantise to finite
     values, without the rest of the tensor (APR_Q8: its leading 4-byte ``scale`` decides)."""

@@ -247,19 +247,26 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
         for name, m in quantized.items():
             stored = p.sources[name]
             info = f.info(stored)
+            shape, raw = info.shape, f.get_raw(stored)
+            if m.tensor_parallel is not None:  # this rank's part of the blocks, where it is whole blocks
+                from apr_kernels.quant import split_blocks
+
+                tp = m.tensor_parallel
+                part = split_blocks(info.dtype, info.shape, raw, m.split_dim, tp.rank, tp.size)
+                if part is not None:
+                    (shape, raw), m.base_split = part, True
             if sharded:  # FSDP: this rank's blocks only, checked where they are
                 from apr_kernels.quant import blocks_finite
                 from apr_kernels.train.distributed import ShardedBlocks
 
                 from apr_kernels.train.distributed import shard_axis
 
-                raw = f.get_raw(stored)
                 # the ranks that shard the parameters (HSDP: this node's group) share the blocks too
                 group = next((a[2] for a in map(shard_axis, params.values()) if a is not None), None)
-                m.base = ShardedBlocks(info.dtype, info.shape, raw, device, group)
+                m.base = ShardedBlocks(info.dtype, shape, raw, device, group)
                 finite = blocks_finite(info.dtype, m.base.local, raw[:4])
             else:
-                m.base = QuantizedTensor(info.dtype, info.shape, f.get_raw(stored).to(device, copy=True))
+                m.base = QuantizedTensor(info.dtype, shape, raw.to(device, copy=True))
                 finite = bool(torch.isfinite(m.base_weight(torch.float32)).all())
             if not finite:
                 raise PreflightError(f"{p.path}: tensor {stored!r} ({info.dtype}) dequantises to non-finite "

@@ -181,7 +181,8 @@ def stacked_bases(mods: list, dtype: torch.dtype) -> torch.Tensor:
 
     kinds = {m.base.dtype for m in mods}
     out, inp = mods[0].base.shape
-    if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"}:
+    whole = all(m.tensor_parallel is None or m.base_split for m in mods)  # (the bases are what they multiply)
+    if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"} and whole:
         raw = torch.cat([raw_blocks(m.base) for m in mods])
         return dequantize(kinds.pop(), (len(mods) * out, inp), raw, dtype=dtype).view(len(mods), out, inp)
     return torch.stack([m.base_weight(dtype) for m in mods])
@@ -199,23 +200,43 @@ class QuantizedLoRALinear(LoRALinear):
     not a parameter, so optimizers, DDP and ``.to`` leave it alone). ``weight`` reads as the
     dequantised fp32 matrix.
 
-    Split over tensor-parallel ranks (``split_adapters``) the base stays the whole tensor's blocks
-    (sharded by FSDP over the ranks holding the same part), and each GEMM dequantises them and takes
-    this rank's rows or columns: the formats' blocks run along the rows, so a part of the columns is
-    not a whole number of blocks in general (Llama-7B's ``down_proj``: 43 blocks a row)."""
+    Split over tensor-parallel ranks (``split_adapters``) the base holds this rank's part as a tensor
+    of its own (``base_split``: its rows, or its columns when they fill whole blocks, cut out of the
+    file's blocks by ``quant.split_blocks``; sharded by FSDP over the ranks holding the same part);
+    where the columns would cut blocks (Llama-7B's ``down_proj``: 43 blocks a row) it keeps the whole
+    tensor's blocks and each GEMM dequantises them and takes this rank's columns."""
 
     # base: apr_kernels.io.QuantizedTensor or ShardedBlocks, set by whoever loads the blocks (model/loading.py)
+    base_split = False  # tensor parallelism: whether ``base`` is this rank's part (else the whole tensor)
+
+    @property
+    def whole_base_shape(self) -> tuple:
+        shape = tuple(self.base.shape)
+        return self.tensor_parallel.whole_shape(shape, self.split_dim) if self.base_split else shape
+
+    def whole_base_raw(self) -> torch.Tensor:
+        """The whole tensor's raw blocks (a collective when the base is sharded or split)."""
+        raw = raw_blocks(self.base)
+        if not self.base_split:
+            return raw
+        from apr_kernels.quant import join_blocks
+
+        tp = self.tensor_parallel
+        return join_blocks(self.base.dtype, self.whole_base_shape, list(tp.gather(raw, 0).chunk(tp.size)),
+                           self.split_dim)
 
     def whole_base_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The whole (unsplit) frozen weight, dequantised to ``dtype``."""
+        """The whole (unsplit) frozen weight, dequantised to ``dtype`` (a collective when split)."""
         from apr_kernels.quant import dequantize
 
-        return dequantize(self.base.dtype, self.base.shape, raw_blocks(self.base), dtype=dtype)
+        return dequantize(self.base.dtype, self.whole_base_shape, self.whole_base_raw(), dtype=dtype)
 
     def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen weight this module multiplies by (this rank's part under tensor parallelism)."""
-        w = self.whole_base_weight(dtype)
-        return w if self.tensor_parallel is None else self.tensor_parallel.local(w, self.split_dim)
+        from apr_kernels.quant import dequantize
+
+        w = dequantize(self.base.dtype, self.base.shape, raw_blocks(self.base), dtype=dtype)
+        return w if self.tensor_parallel is None or self.base_split else self.tensor_parallel.local(w, self.split_dim)
 
     @property
     def weight(self) -> torch.Tensor:  # merged_weight, export: the dequantised matrix (fp32)

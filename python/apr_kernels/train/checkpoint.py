@@ -76,8 +76,8 @@ def quantized_bases(model) -> dict[str, LazyTensor]:
     def raw(q):
         return LazyTensor(q.dtype, q.shape, lambda: QuantizedTensor(q.dtype, q.shape, q.data.cpu()))
 
-    return {f"{name}.weight": raw(m.base) for name, m in model.named_modules()
-            if isinstance(m, QuantizedLoRALinear) and not hasattr(m.base, "gather")}  # (sharded: ShardGatherer's)
+    return {f"{name}.weight": raw(m.base) for name, m in model.named_modules()  # (sharded or split: ShardGatherer's)
+            if isinstance(m, QuantizedLoRALinear) and not hasattr(m.base, "gather") and not m.base_split}
 
 
 def model_metadata(model, tokenizer=None) -> dict:

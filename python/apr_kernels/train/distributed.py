@@ -772,6 +772,18 @@ class BlockShards:
         return gather_uneven(self.local, [self._length(r) for r in range(size)], group)
 
 
+class SplitBase:
+    """A quantised LoRA base split over tensor-parallel ranks (``lora.QuantizedLoRALinear.base_split``)
+    for the checkpoint: ``gather()`` (a collective) joins the group's parts (each first gathered over
+    its FSDP shards) into the whole tensor's raw blocks."""
+
+    def __init__(self, module):
+        self.module, self.dtype, self.shape = module, module.base.dtype, module.whole_base_shape
+
+    def gather(self) -> torch.Tensor:
+        return self.module.whole_base_raw()
+
+
 class Gathered8bit:
     """An 8-bit moment for ``checkpoint.save_checkpoint``: its codes and scales as LazyTensors."""
 
@@ -810,9 +822,11 @@ class ShardGatherer:
                                            else p if owner is None else OwnedTensor(p, owner, held))
         from apr_kernels.model.lora import QuantizedLoRALinear
 
-        # quantised LoRA bases sharded by block (QLoRA): HF weight name -> index
-        self.bases: dict[str, int] = {f"{name}.weight": self._add(m.base) for name, m in model.named_modules()
-                                      if isinstance(m, QuantizedLoRALinear) and isinstance(m.base, ShardedBlocks)}
+        # quantised LoRA bases sharded by block (QLoRA), or split over tensor-parallel ranks (joined
+        # from the group's parts): HF weight name -> index
+        self.bases: dict[str, int] = {
+            f"{name}.weight": self._add(SplitBase(m) if m.base_split else m.base) for name, m in model.named_modules()
+            if isinstance(m, QuantizedLoRALinear) and (m.base_split or isinstance(m.base, ShardedBlocks))}
         # and (expert parallelism) the experts' whole bases, each broadcast from its holder
         owners = {name: (owner, held) for name, _, owner, held in everything if owner is not None}
         from apr_kernels.model.lora import whole_model_adapters
@@ -907,7 +921,7 @@ class ShardGatherer:
                 # when sharded)
                 if f"{name}.weight" in self.bases:
                     i = self.bases[f"{name}.weight"]
-                    w = lambda m=m, i=i: dequantize(m.base.dtype, m.base.shape, self._fetch_raw(i))  # noqa: E731
+                    w = lambda b=self.items[i], i=i: dequantize(b.dtype, b.shape, self._fetch_raw(i))  # noqa: E731
                 elif isinstance(m, QuantizedLoRALinear):  # (whole on every tensor-parallel rank)
                     w = lambda m=m: m.whole_base_weight(torch.float32).cpu()  # noqa: E731
                 else:
@@ -917,7 +931,7 @@ class ShardGatherer:
                 weights.pop(f"{name}.lora_magnitude", None)
                 # (the whole shape: a split projection's weight item is its gathered one, a quantised
                 # base's blocks are the whole tensor's)
-                shape = tuple(self.items[w].shape) if isinstance(w, int) else tuple(m.base.shape)
+                shape = tuple(self.items[w].shape) if isinstance(w, int) else tuple(m.whole_base_shape)
                 weights[f"{name}.weight"] = LazyTensor(
                     "F32", shape,
                     lambda w=w, a=a, b=b, s=m.scale, g=mag: self._merged(w, a, b, s, g))

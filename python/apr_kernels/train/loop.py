@@ -662,7 +662,7 @@ class Trainer(EvalWatch):
         par = self.parallel
         sizes = parameter_counts(self.model, par.expert if par is not None else None,
                                  par.tensor if par is not None else None)
-        sizes["params"] += sum(math.prod(m.base.shape) for m, _ in whole_model_adapters(self.model).values()
+        sizes["params"] += sum(math.prod(m.whole_base_shape) for m, _ in whole_model_adapters(self.model).values()
                                if hasattr(m, "base"))
         return {
             "step": self.step, "steps": c.steps, **sizes,

@@ -42,9 +42,10 @@ column-parallel projection's rank holds its rows of B (and of the DoRA magnitude
 row-parallel one's its columns of A and the whole B and magnitude; the whole-kept factor enters
 through ``enter`` (its gradient, partial on each rank, summed), a DoRA row's squared norm is summed
 over the ranks holding its columns. Only the adapters train, so the exchange per layer is unchanged.
-A quantised base (QLoRA, ``lora.QuantizedLoRALinear``) stays the whole tensor's blocks on every rank
-(their blocks run along the rows: a rank's columns are not whole blocks in general), each GEMM
-dequantising them and taking the rank's part.
+A quantised base (QLoRA, ``lora.QuantizedLoRALinear``) is cut into the rank's part where that is whole
+blocks (``quant.split_blocks``: rows always, columns that fill whole blocks) and otherwise kept whole,
+each GEMM dequantising it and taking the rank's columns; checkpoints join the parts back
+(``distributed.SplitBase``).
 
 Sequence parallelism (``--sequence-parallel``; Korthikanti et al., 2022): between the split blocks
 each rank of the group holds a contiguous ``T / N`` chunk of every row's positions (embedding, norms,
