@@ -19,6 +19,13 @@ scale does not change bf16/fp16 relative rounding). A target outside ``[0, V)`` 
 loudly instead of reading out of bounds. The host checks targets on CPU tensors instead.
 
 Launcher: ``cross_entropy_rows(logits, targets, loss, ignore_index, write_grad, label_smoothing, z_loss)``.
+
+The vocabulary split over tensor-parallel ranks (``train/vocab_parallel.py``) takes the same row pass
+in two halves, since the row's normaliser needs every rank's columns: ``split_vocab_stats`` writes
+each row's maximum, exponential sum about it, target logit (where this rank holds the target column)
+and logit sum for the group to all-reduce, and ``split_vocab_grad`` overwrites the logits with the
+gradient of the row losses given the group's ``lse`` (``(1 + 2 z lse) exp(x - lse) - (1 - e) onehot -
+e / V``, V the whole vocabulary), times a per-row scale.
 """
 
 from __future__ import annotations
@@ -130,3 +137,103 @@ def cross_entropy_rows(
     _cross_entropy_kernel[(n,)](logits, logits.stride(0), targets, loss, v, ignore_index, float(label_smoothing),
                                 float(z_loss), WRITE_GRAD=write_grad, BLOCK_V=block, SMOOTH=smooth, num_warps=warps)
     return loss
+
+
+# ---------------------------------------------------------------- the vocabulary split in two passes
+@triton.jit
+def _split_vocab_stats_kernel(
+    LOGITS,  # [n, W] this rank's columns of the logits rows
+    stride_row,
+    LOCAL,  # [n] int64: the target's column among this rank's, -1 where another rank holds it (or none)
+    STATS,  # [4, n] fp32: row max, sum of exp(x - max), target logit (0 if not here), sum of x
+    n,
+    W,
+    BLOCK_V: tl.constexpr,
+    SMOOTH: tl.constexpr,  # the logit sum too (label smoothing)
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    row = tl.program_id(0).to(tl.int64)
+    ptr = LOGITS + row * stride_row
+    t = tl.load(LOCAL + row).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK_V], tl.float32)
+    sx = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, W, BLOCK_V):
+        cols = start + cols0
+        x = tl.load(ptr + cols, mask=cols < W, other=float("-inf")).to(tl.float32)
+        if SMOOTH:
+            sx += tl.where(cols < W, x, 0.0)
+        x2 = x * LOG2E
+        m_new = tl.maximum(m, x2)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp2(m - m_ref) + tl.exp2(x2 - m_ref)
+        m = m_new
+    m_row = tl.max(m, 0)
+    d_row = tl.sum(d * tl.exp2(m - m_row), 0)
+    here = (t >= 0) & (t < W)
+    x_t = tl.where(here, tl.load(ptr + tl.where(here, t, 0)).to(tl.float32), 0.0)
+    tl.store(STATS + row, m_row / LOG2E)
+    tl.store(STATS + n + row, d_row)
+    tl.store(STATS + 2 * n + row, x_t)
+    tl.store(STATS + 3 * n + row, tl.sum(sx, 0))
+
+
+@triton.jit
+def _split_vocab_grad_kernel(
+    LOGITS,  # [n, W] overwritten with the gradient
+    stride_row,
+    LOCAL,  # [n] int64 as above
+    LSE,  # [n] fp32: the whole row's logsumexp (all-reduced)
+    SCALE,  # [n] fp32: each row's incoming gradient (0 for an ignored row)
+    W,
+    V,  # the whole vocabulary (label smoothing's e / V)
+    label_smoothing,
+    z_loss,
+    BLOCK_V: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    row = tl.program_id(0).to(tl.int64)
+    ptr = LOGITS + row * stride_row
+    t = tl.load(LOCAL + row).to(tl.int64)
+    lse = tl.load(LSE + row)
+    scale = tl.load(SCALE + row)
+    p_scale = 1.0 + 2.0 * z_loss * lse
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, W, BLOCK_V):
+        cols = start + cols0
+        mask = cols < W
+        x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        g = p_scale * tl.exp2((x - lse) * LOG2E) - tl.where(cols == t, 1.0 - label_smoothing, 0.0) \
+            - label_smoothing / V
+        tl.store(ptr + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def split_vocab_stats(logits: torch.Tensor, local: torch.Tensor, stats: torch.Tensor, smooth: bool,
+                      *, block_v: int | None = None) -> torch.Tensor:
+    """Per-row statistics of this rank's logit columns ``[n, W]`` into ``stats [4, n]`` (fp32): max,
+    exponential sum about it, target logit (``local`` its column here, -1 elsewhere), logit sum."""
+    n, w = logits.shape
+    if n == 0:
+        return stats
+    if logits.stride(1) != 1:
+        raise ValueError(f"split_vocab_stats: logits need a contiguous last dim, got strides {logits.stride()}")
+    block, warps = launch_config(w, smooth)
+    _split_vocab_stats_kernel[(n,)](logits, logits.stride(0), local, stats, n, w, BLOCK_V=block_v or block,
+                                    SMOOTH=smooth, num_warps=warps)
+    return stats
+
+
+def split_vocab_grad(logits: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor, vocab: int,
+                     label_smoothing: float = 0.0, z_loss: float = 0.0, *, block_v: int | None = None) -> torch.Tensor:
+    """Overwrite this rank's logit columns ``[n, W]`` with ``scale`` times the gradient of the row
+    losses given the whole rows' ``lse`` (fp32 ``[n]`` each); returns ``logits``."""
+    n, w = logits.shape
+    if n == 0:
+        return logits
+    if logits.stride(1) != 1:
+        raise ValueError(f"split_vocab_grad: logits need a contiguous last dim, got strides {logits.stride()}")
+    block, warps = launch_config(w)
+    _split_vocab_grad_kernel[(n,)](logits, logits.stride(0), local, lse, scale, w, vocab, float(label_smoothing),
+                                   float(z_loss), BLOCK_V=block_v or block, num_warps=warps)
+    return logits

@@ -84,8 +84,9 @@ out = []
 for v, dt, grad in spec["cases"]:
     block, warps = K.launch_config(v, **spec["config"])
     sig = {name: kind.replace("DT", dt) for name, kind in spec["signature"].items()}
-    k = triton.compile(ASTSource(fn=getattr(K, spec["kernel"]), signature=sig,
-                                 constexprs=dict(WRITE_GRAD=grad, BLOCK_V=block, **spec["constexprs"])),
+    fn = getattr(K, spec["kernel"])
+    const = dict(BLOCK_V=block, **spec["constexprs"], **({"WRITE_GRAD": grad} if "WRITE_GRAD" in fn.arg_names else {}))
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
@@ -100,15 +101,17 @@ ROW_KERNEL_CASES = [[151936, "bf16", True], [151936, "bf16", False], [128256, "f
 
 
 def assert_row_kernel_compiles_for_sm90(module: str, kernel: str, signature: dict, tmp_path,
-                                        constexprs: dict | None = None, config: dict | None = None) -> None:
+                                        constexprs: dict | None = None, config: dict | None = None,
+                                        cases: list | None = None) -> None:
     """``kernel`` of ``kernels/<module>.py`` compiles for sm_90a with ptxas, without spills, for every
-    ``ROW_KERNEL_CASES`` entry (``signature``: Triton's, "DT" standing for the logits' dtype;
-    ``constexprs``: more compile-time arguments than WRITE_GRAD and BLOCK_V; ``config``: keywords of the
-    module's ``launch_config``)."""
-    spec = {"module": module, "kernel": kernel, "signature": signature, "cases": ROW_KERNEL_CASES,
+    ``ROW_KERNEL_CASES`` entry, or ``cases`` (``signature``: Triton's, "DT" standing for the logits'
+    dtype; ``constexprs``: more compile-time arguments than BLOCK_V and, where the kernel has it,
+    WRITE_GRAD; ``config``: keywords of the module's ``launch_config``)."""
+    cases = cases or ROW_KERNEL_CASES
+    spec = {"module": module, "kernel": kernel, "signature": signature, "cases": cases,
             "constexprs": constexprs or {}, "config": config or {}}
     results = run_sm90_compile(_ROW_KERNEL_AOT, spec, tmp_path, timeout=300)
-    assert len(results) == len(ROW_KERNEL_CASES)
+    assert len(results) == len(cases)
     for r in results:
         assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
         assert "spill" not in r["err"] or "0 bytes spill stores" in r["err"], r["err"]

@@ -325,6 +325,69 @@ def test_errors_name_the_argument(bad, message):
         apr_kernels.linear_cross_entropy(args["hidden"], args["weight"], args["targets"], reduction=reduction)
 
 
+# -------------------------------------------- the vocabulary split's two row passes (tensor parallelism)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("w, block", [(1000, 256), (77, None), (4099, 1024)], ids=["blocks", "one-block", "odd"])
+def test_split_vocab_row_passes_equal_their_references(dtype, w, block):
+    """``split_vocab_stats`` / ``split_vocab_grad`` (a rank's columns of a row: its statistics for the
+    group's all-reduce, then the gradient given the whole row's lse) in Triton's interpreter against
+    their PyTorch references, which the multi-rank runs and the group-of-one loss check against
+    F.cross_entropy: rows whose target is here, elsewhere (-1) and ignored (scale 0); label
+    smoothing and the z-loss; several blocks per row and a last block nearly empty."""
+    from apr_kernels.ops import reference as ref
+
+    k = kernel_module("cross_entropy")
+    torch.manual_seed(0)
+    n = 6
+    logits = (torch.randn(n, w) * 3).to(dtype)
+    here = torch.tensor([0, w - 1, -1, 5, -1, w // 2])
+    for smooth in (False, True):
+        got = k.split_vocab_stats(logits, here, torch.empty(4, n), smooth, block_v=block)
+        want = ref.split_vocab_stats_reference(logits, here, torch.empty(4, n), smooth)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    lse = torch.logsumexp(logits.float(), -1) + torch.rand(n)  # (the other ranks' columns add to it)
+    scale = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, 3.0])
+    for e, z in [(0.0, 0.0), (0.1, 1e-2)]:
+        got = k.split_vocab_grad(logits.clone(), here, lse, scale, 3 * w, e, z, block_v=block)
+        want = ref.split_vocab_grad_reference(logits.clone(), here, lse, scale, 3 * w, e, z)
+        torch.testing.assert_close(got, want, rtol=REL[dtype], atol=1e-3 if dtype == torch.float16 else 1e-6)
+        assert got.dtype == dtype and not got[3].any()
+
+
+def test_split_vocab_loss_runs_the_row_kernels(use_backend, monkeypatch):
+    """The vocabulary-split cross entropy (``train/vocab_parallel.py``) on the Triton backend, on a
+    group of one: F.cross_entropy's values and gradients (fp32, label smoothing and z-loss), through
+    both kernels."""
+    import torch.distributed as dist
+
+    from apr_kernels.train.tensor_parallel import TensorParallel
+    from apr_kernels.train.vocab_parallel import vocab_parallel_losses
+    from rank_runs import free_port
+
+    use_backend("triton")
+    calls = spy_launchers(monkeypatch, "cross_entropy", ("split_vocab_stats", "split_vocab_grad"))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        tp = TensorParallel(dist.group.WORLD, 0, 1)
+        torch.manual_seed(2)
+        h = torch.randn(1, 9, 16, requires_grad=True)
+        w = (torch.randn(300, 16) / 2).requires_grad_()
+        targets = torch.tensor([[0, 3, -100, 299, 5, 5, 1, 150, 7]])
+        keep = targets.flatten() != -100
+        got = vocab_parallel_losses(h, w, targets, tp, 0.1, 1e-2, chunk_rows=4)
+        logits = F.linear(h, w).flatten(0, 1)
+        want = (F.cross_entropy(logits, targets.flatten(), reduction="none", ignore_index=-100, label_smoothing=0.1)
+                + 1e-2 * torch.logsumexp(logits, -1) ** 2 * keep)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(got.sum(), (h, w)), torch.autograd.grad(want.sum(), (h, w))):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert calls.count("split_vocab_stats") == 3 and calls.count("split_vocab_grad") == 3  # (3 chunks)
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------ the GPU compiler
 
 @pytest.mark.parametrize("smooth", [False, True], ids=["plain", "label-smoothing"])
@@ -334,6 +397,22 @@ def test_kernel_compiles_for_sm90(tmp_path, smooth):
                  "BLOCK_V": "constexpr", "SMOOTH": "constexpr"}
     assert_row_kernel_compiles_for_sm90("cross_entropy", "_cross_entropy_kernel", signature, tmp_path,
                                         {"SMOOTH": smooth}, {"smooth": smooth})
+
+
+@pytest.mark.parametrize("which", ["stats", "grad"])
+def test_split_vocab_kernels_compile_for_sm90(tmp_path, which):
+    if which == "stats":
+        signature = {"LOGITS": "*DT", "stride_row": "i64", "LOCAL": "*i64", "STATS": "*fp32", "n": "i32", "W": "i32",
+                     "BLOCK_V": "constexpr", "SMOOTH": "constexpr"}
+        constexprs, config = {"SMOOTH": True}, {"smooth": True}
+    else:
+        signature = {"LOGITS": "*DT", "stride_row": "i64", "LOCAL": "*i64", "LSE": "*fp32", "SCALE": "*fp32",
+                     "W": "i32", "V": "i32", "label_smoothing": "fp32", "z_loss": "fp32", "BLOCK_V": "constexpr"}
+        constexprs, config = {}, {}
+    # (a rank's columns of Qwen2's and Llama 3's vocabularies, the widths a group of 2 holds: no WRITE_GRAD)
+    cases = [[75968, "bf16", True], [64128, "fp16", True], [1000, "fp32", True]]
+    assert_row_kernel_compiles_for_sm90("cross_entropy", f"_split_vocab_{which}_kernel", signature, tmp_path,
+                                        constexprs, config, cases)
 
 
 # ----------------------------------------------------------------------------------------- GPU

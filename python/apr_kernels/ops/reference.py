@@ -223,6 +223,35 @@ def cross_entropy_rows_reference(
     return loss
 
 
+def split_vocab_stats_reference(logits: torch.Tensor, local: torch.Tensor, stats: torch.Tensor,
+                                smooth: bool) -> torch.Tensor:
+    """``kernels/cross_entropy.split_vocab_stats``: per row of this rank's logit columns, the max, the
+    exponential sum about it, the target logit (``local`` >= 0: its column here; else 0) and (with
+    ``smooth``) the logit sum, into ``stats [4, n]`` (in ``stats``' dtype: fp32, fp64 for fp64)."""
+    x = logits.to(stats.dtype)
+    here = local >= 0
+    m = x.amax(-1)
+    stats[0] = m
+    stats[1] = (x - m[:, None]).exp().sum(-1)
+    stats[2] = x.gather(1, local.clamp(min=0)[:, None])[:, 0] * here
+    stats[3] = x.sum(-1) if smooth else 0
+    return stats
+
+
+def split_vocab_grad_reference(logits: torch.Tensor, local: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
+                               vocab: int, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+    """``kernels/cross_entropy.split_vocab_grad``: ``logits`` overwritten with ``scale * ((1 + 2 z lse)
+    exp(x - lse) - (1 - e) onehot(local) - e / vocab)``, computed in ``lse``'s dtype."""
+    g = (logits.to(lse.dtype) - lse[:, None]).exp_()
+    if z_loss:
+        g.mul_((1 + 2 * z_loss * lse)[:, None])
+    hit = (local >= 0).nonzero()[:, 0]
+    g[hit, local[hit]] -= 1 - label_smoothing
+    if label_smoothing:
+        g.sub_(label_smoothing / vocab)
+    return logits.copy_(g.mul_(scale[:, None]))
+
+
 # --------------------------------------------------------------------------------- SwiGLU (issue 6)
 # Hugging Face's MLP activation ``act_fn(gate) * up`` (act_fn = SiLU) in the input dtype, with torch's
 # rounding points (each op computes in fp32 and rounds to the dtype); the backward is the one autograd

@@ -9,7 +9,9 @@ embedding and of the output head:
 * ``vocab_parallel_losses``: the cross entropy of ``h @ W.T`` with each rank computing its columns of
   the logits, a chunk of rows at a time, only per-row maxima, exponential sums and target logits (and
   label smoothing's logit sums) all-reduced; the backward makes each chunk's logits again, so no
-  ``[tokens, V/N]`` tensor outlives its chunk;
+  ``[tokens, V/N]`` tensor outlives its chunk. The row passes over a chunk (its statistics; the
+  gradient written over its logits) are Triton kernels on the GPU (``kernels/cross_entropy.py``'s
+  ``split_vocab_stats`` / ``split_vocab_grad``: one read, one read and write, in the logits' dtype);
 * ``vocab_parallel_distillation``: knowledge distillation's loss (``ops/distillation.py``'s objective:
   cross entropy plus the temperature-scaled forward KL, reverse KL or generalized JSD from a whole
   teacher) the same way: each rank takes the teacher's logits of its own columns too, and the
@@ -94,17 +96,15 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         cdt, acc = _dtypes(hidden, weight)
         width = weight.shape[0]
         local, owned = _local_targets(targets, width, tp)
+        here = torch.where(owned, local, -1)  # (the target's column among this rank's, or -1)
+        stats_rows, _ = _row_passes(hidden, cdt)
         w = weight.to(cdt)
         n = hidden.shape[0]
         stats = torch.empty(4, n, dtype=acc, device=hidden.device)  # max, exp sum, target logit, logit sum
         for a in range(0, n, chunk_rows):
-            z = (hidden[a:a + chunk_rows].to(cdt) @ w.T).to(acc)
-            m = z.max(-1).values
-            stats[0, a:a + chunk_rows] = m
-            stats[1, a:a + chunk_rows] = (z - m[:, None]).exp_().sum(-1)
-            stats[2, a:a + chunk_rows] = z.gather(1, local[a:a + chunk_rows, None])[:, 0]
-            stats[3, a:a + chunk_rows] = z.sum(-1) if label_smoothing else 0
-        stats[2] *= owned
+            z = hidden[a:a + chunk_rows].to(cdt) @ w.T
+            part = torch.empty(4, z.shape[0], dtype=acc, device=z.device)
+            stats[:, a:a + chunk_rows] = stats_rows(z, here[a:a + chunk_rows], part, bool(label_smoothing))
         m = _all_reduce(stats[0], "max", tp)
         stats[1] *= (stats[0] - m).exp()
         total, target_logit, logit_sum = _all_reduce(stats[1:], "sum", tp)
@@ -113,17 +113,18 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if z_loss:
             loss = loss + z_loss * lse.square()
         keep = targets != -100
-        ctx.save_for_backward(hidden, weight, lse, local, owned, keep)
+        ctx.save_for_backward(hidden, weight, lse, here, keep)
         ctx.settings = (tp, label_smoothing, z_loss, split_loss, chunk_rows, cdt, acc)
         return loss * keep
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, lse, local, owned, keep = ctx.saved_tensors
+        hidden, weight, lse, here, keep = ctx.saved_tensors
         tp, label_smoothing, z_loss, split_loss, chunk_rows, cdt, acc = ctx.settings
         if split_loss:
             grad = _all_reduce(grad, "sum", tp)
         grad = (grad * keep).to(acc)
+        _, grad_rows = _row_passes(hidden, cdt)
         w = weight.to(cdt)
         d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
@@ -131,17 +132,25 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for a in range(0, hidden.shape[0], chunk_rows):
             rows = slice(a, a + chunk_rows)
             h = hidden[rows].to(cdt)
-            d = ((h @ w.T).to(acc) - lse[rows, None]).exp_()  # this rank's columns of the softmax
-            if z_loss:
-                d *= 1 + 2 * z_loss * lse[rows, None]
-            hit = owned[rows].nonzero()[:, 0]
-            d[hit, local[rows][hit]] -= 1 - label_smoothing
-            if label_smoothing:
-                d -= label_smoothing / vocab
-            d = (d * grad[rows, None]).to(cdt)
+            # this rank's columns of the gradient, written over the chunk's logits
+            d = grad_rows(h @ w.T, here[rows], lse[rows], grad[rows], vocab, label_smoothing, z_loss)
             d_hidden[rows] = d @ w
             d_weight += (d.T @ h).to(acc)
         return d_hidden, d_weight.to(weight.dtype), None, None, None, None, None, None
+
+
+def _row_passes(hidden: torch.Tensor, cdt: torch.dtype):
+    """(stats, grad) row passes over a chunk of this rank's logit columns: the Triton kernels of
+    ``kernels/cross_entropy.py`` where they run (CUDA, or ``APR_KERNELS_BACKEND=triton``) and compute
+    ``cdt``, else their PyTorch references."""
+    from apr_kernels import backend
+    from apr_kernels.ops import reference as ref
+
+    if backend.use_triton(hidden):
+        k = backend.kernels("cross_entropy")
+        if cdt in k.DTYPES:
+            return k.split_vocab_stats, k.split_vocab_grad
+    return ref.split_vocab_stats_reference, ref.split_vocab_grad_reference
 
 
 class _GatherVocab(torch.autograd.Function):
