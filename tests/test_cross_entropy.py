@@ -472,3 +472,23 @@ def test_loss_module_matches_cross_entropy_loss(use_backend):
     want = torch.nn.CrossEntropyLoss(label_smoothing=0.2)(F.linear(hidden, weight).flatten(0, 1), targets.flatten())
     torch.testing.assert_close(smooth(hidden, weight, targets), want, rtol=1e-5, atol=1e-5)
     assert "label_smoothing=0.2" in repr(smooth)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_split_vocab_row_passes_match_their_references():
+    """The vocabulary split's row kernels on bf16 logits (a rank's half of Qwen2's vocabulary) against
+    the PyTorch references' fp32 maths."""
+    from apr_kernels.kernels import cross_entropy as k
+    from apr_kernels.ops import reference as ref
+
+    dev, n, w = "cuda", 256, 75968
+    logits = (torch.randn(n, w, device=dev) * 3).to(torch.bfloat16)
+    here = torch.randint(-1, w, (n,), device=dev)
+    got = k.split_vocab_stats(logits, here, torch.empty(4, n, device=dev), True)
+    want = ref.split_vocab_stats_reference(logits, here, torch.empty(4, n, device=dev), True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2)
+    lse = torch.logsumexp(logits.float(), -1) + 0.5
+    scale = torch.rand(n, device=dev)
+    got = k.split_vocab_grad(logits.clone(), here, lse, scale, 2 * w, 0.1, 1e-4)
+    want = ref.split_vocab_grad_reference(logits.clone(), here, lse, scale, 2 * w, 0.1, 1e-4)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-4)
