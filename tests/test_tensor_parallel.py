@@ -628,7 +628,7 @@ def sampling_runs(tmp_path_factory):
     process."""
     import json
 
-    from apr_kernels.model import Transformer
+    from apr_kernels.model import Transformer, preset
     from apr_kernels.train.checkpoint import save_checkpoint
 
     from apr_kernels.train.cli import byte_tokenizer
@@ -666,6 +666,10 @@ def sampling_runs(tmp_path_factory):
                       "--seed", "5", "--eval-fraction", "0.25", "--dist-timeout", "60"], 2, "fsdp"),
              "kd": (["train", "--init", str(root / "init.apr"), *COMMON, "--teacher", str(root / "teacher.apr"),
                      "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, "ddp")}
+    # a mixture-of-experts policy (every expert split, the router whole) sampling and training
+    save_checkpoint(root / "moe.apr", model=Transformer(preset("tiny_qwen3_moe"), fast=False))
+    cases["grpo_moe"] = (["grpo", *[str(root / "moe.apr") if a == str(root / "init.apr") else a for a in common],
+                          "--num-generations", "3", "--micro-batch", "2", "--beta", "0.1"], 2, "ddp")
     # sequence parallelism: the teacher reads the whole rows, each rank scores its chunk of the positions
     # (the losses of the whole rows' columns, its chunk kept, the incoming gradients summed)
     cases["kd_sp"] = ([*cases["kd"][0], "--kd-beta", "0.5"], 2, "ddp")
@@ -677,13 +681,14 @@ def sampling_runs(tmp_path_factory):
     return root, one, out
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd", "kd", "kd_sp"])
+@pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd", "kd", "kd_sp", "grpo_moe"])
 def test_sampling_and_distillation_commands_split_match_one_process(sampling_runs, name):
     root, one, out = sampling_runs
     want, got = _records(one[name]), _records(out[name])
     (start,) = [r for r in got if r["event"] == "start"]
     assert start["tensor_parallel"] == 2 and start["vocab_parallel"]
     keys = {"grpo": ("reward", "completion_len", "loss", "grad_norm", "kl"), "rloo": ("reward", "loss", "grad_norm"),
+            "grpo_moe": ("reward", "completion_len", "loss", "grad_norm", "kl"),
             "online": ("reward", "loss", "grad_norm"), "gkd": ("loss", "grad_norm"),
             "kd": ("loss", "ce", "kl", "grad_norm"), "kd_sp": ("loss", "ce", "kl", "grad_norm")}[name]
     assert len(_losses(got, key="loss")) == 4
