@@ -86,6 +86,33 @@ def _post_training_args(root: Path) -> dict[str, list[str]]:
             "reward": ["reward", "--data", str(root / "pairs.jsonl"), *common]}
 
 
+def _sampling_args(root: Path, init: Path, teacher: Path | None = None) -> dict[str, list[str]]:
+    """grpo, rloo, online-dpo (and with ``teacher`` gkd) runs (without --out) from ``init`` on prompts,
+    records and a reward function written into ``root``: 5 prompts, 11 records."""
+    (root / "records.jsonl").write_text("".join(json.dumps({"prompt": f"Is {t} hot?", "completion": " yes"}) + "\n"
+                                                for t in ("fire", "lava", "the sun", "a stove", "an oven", "a kettle",
+                                                          "coal", "a candle", "a flame", "magma", "steam")))
+    (root / "rewards.py").write_text("def letters(prompts, completions, **kw):\n"
+                                     "    return [sum(c.isascii() and c.islower() for c in t) / max(1, len(t)) "
+                                     "for t in completions]\n")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Write:", "Say:", "Go:", "Now:", "Then:")))
+    common = ["--init", str(init), "--tokenizer", "bytes", "--data", str(prompts), "--reward",
+              f"{root / 'rewards.py'}:letters", "--steps", "4", "--batch-size", "4", "--max-new-tokens", "6",
+              "--max-prompt-len", "16", "--lr", "1e-2", "--json", "--seed", "5", "--save-every", "2",
+              "--dist-timeout", "60"]
+    out = {"grpo": ["grpo", *common, "--num-generations", "4", "--eval-data", str(prompts), "--micro-batch", "3",
+                    "--scale-rewards", "batch", "--loss-type", "grpo", "--beta", "0.2", "--num-iterations", "2"],
+           "rloo": ["rloo", *common, "--num-generations", "3", "--beta", "0.1", "--micro-batch", "2"],
+           "online": ["online-dpo", *common, "--num-generations", "3", "--beta", "0.5", "--micro-batch", "1"]}
+    if teacher is not None:
+        out["gkd"] = ["gkd", "--init", str(init), "--teacher", str(teacher), "--tokenizer", "bytes", "--data",
+                      str(root / "records.jsonl"), "--steps", "4", "--batch-size", "4", "--grad-accum", "2", "--lr",
+                      "3e-3", "--max-new-tokens", "5", "--max-prompt-len", "24", "--max-len", "40", "--json", "--seed",
+                      "5", "--eval-fraction", "0.25", "--dist-timeout", "60"]
+    return out
+
+
 def _memory_kib() -> dict:
     status = Path("/proc/self/status").read_text()
     return {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) for k in ("VmRSS", "VmHWM", "RssAnon")}

@@ -13,7 +13,8 @@ pairs of ranks), Mixtral on 4 ranks holding one expert each (Muon); HSDP on 8 ra
 and DoRA (FSDP; Qwen2-MoE), their final files merged; QLoRA on APR_Q8 blocks (DDP; each expert's
 blocks written as stored); a LoRA step checkpoint resumed spread. A one-process step checkpoint resumed sharded with the experts spread (each rank reads
 only its rows of its experts and their moments), and a sharded expert-parallel one resumed in one
-process."""
+process. The post-training commands (DPO, KTO, a reward model) and the sampling ones (GRPO, RLOO,
+online DPO, GKD: each rank decoding its own prompts, the group stepping together)."""
 
 from __future__ import annotations
 
@@ -287,9 +288,53 @@ def test_post_training_with_experts_spread_matches_one_process(post_runs, name):
     _same_checkpoint(root / f"ep_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name)
 
 
-def test_sampling_commands_take_no_expert_parallel(capsys):
-    from apr_kernels.cli import main
+# ------------------------------------------------------------ the sampling commands (decoding in step)
+@pytest.fixture(scope="module")
+def sampling_runs(tmp_path_factory):
+    """GRPO (DDP; a KL to a reference copy spread alike; one held-out prompt, so one rank decodes
+    nothing and steps along), RLOO (FSDP), online DPO and GKD (DDP, the student sampling) of a
+    Qwen3-MoE policy on 2 ranks with its experts spread: each rank decodes its own prompts, every
+    step's forward exchanging rows with the other's experts, until both are done; and each in one
+    process."""
+    import json
 
-    with pytest.raises(SystemExit):
-        main(["grpo", "--init", "x.apr", "--data", "p.jsonl", "--expert-parallel", "2"])
-    assert "unrecognized arguments: --expert-parallel 2" in capsys.readouterr().err
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import byte_tokenizer
+    from test_distributed import _sampling_args
+
+    root = tmp_path_factory.mktemp("ep_sampling")
+    torch.manual_seed(33)
+    save_checkpoint(root / "init.apr", model=Transformer(_moe_config("qwen3_moe"), fast=False))
+    save_checkpoint(root / "teacher.apr", model=Transformer(_moe_config("qwen3_moe", num_layers=1), fast=False),
+                    tokenizer=byte_tokenizer())
+    # (GKD's student without the load-balancing loss: each rank adds its tokens' balance term, which
+    # sums to one process's only for equal shares, and the sampled completions' lengths differ)
+    save_checkpoint(root / "student.apr", model=Transformer(_moe_config("qwen3_moe", router_aux_loss_coef=0.0),
+                                                            fast=False))
+    args = _sampling_args(root, root / "init.apr", root / "teacher.apr")
+    (root / "eval.jsonl").write_text(json.dumps({"prompt": "Hot:"}) + "\n")
+    args["grpo"][args["grpo"].index("--eval-data") + 1] = str(root / "eval.jsonl")
+    args["gkd"][args["gkd"].index("--init") + 1] = str(root / "student.apr")
+    args["gkd"] += ["--lmbda", "1.0"]  # (every micro-batch's completions sampled by the student)
+    modes = {"grpo": "ddp", "rloo": "fsdp", "online": "ddp", "gkd": "ddp"}
+    one, out = against_one_process(
+        {name: (_spread(a, root / f"ep_{name}", 2, modes[name]), 2) for name, a in args.items()},
+        {name: [*a, "--out", str(root / f"one_{name}")] for name, a in args.items()}, root / "ranks")
+    return root, one, out
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd"])
+def test_sampling_commands_with_experts_spread_match_one_process(sampling_runs, name):
+    root, one, out = sampling_runs
+    want, got = _records(one[name]), _records(out[name])
+    (start,) = [r for r in got if r["event"] == "start"]
+    assert start["expert_parallel"] == 2
+    keys = {"grpo": ("reward", "completion_len", "loss", "grad_norm", "kl"), "rloo": ("reward", "loss", "grad_norm"),
+            "online": ("reward", "loss", "grad_norm"), "gkd": ("loss", "grad_norm")}[name]
+    assert len(_losses(got, key="loss")) == 4
+    for key in keys:
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-4, abs=1e-6), key
+    if name == "grpo":  # the held-out prompt: decoded by the first rank while the second steps along
+        assert _losses(got, "eval", "eval_reward") == pytest.approx(_losses(want, "eval", "eval_reward"), rel=1e-9)
+        assert _losses(got, "eval", "eval_prompts") == [1, 1]

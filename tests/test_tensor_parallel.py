@@ -28,7 +28,7 @@ import torch
 
 from rank_runs import against_one_process, launch_by_world, outputs
 from test_distributed import (COMMON, _cli, _losses, _post_training_args, _records, _resumed_here, _same_checkpoint,
-                              _same_run, _tensors)
+                              _same_run, _sampling_args, _tensors)
 
 
 def _split_run(args, out, tp: int, mode: str) -> list[str]:
@@ -626,8 +626,6 @@ def sampling_runs(tmp_path_factory):
     and train --teacher (DDP) of a dense Qwen3 split over groups of 2: each group decodes its prompts
     together (the KV cache of its heads, the logits' vocabulary columns gathered), and each in one
     process."""
-    import json
-
     from apr_kernels.model import Transformer, preset
     from apr_kernels.train.checkpoint import save_checkpoint
 
@@ -640,36 +638,17 @@ def sampling_runs(tmp_path_factory):
     # output rows end inside the second rank's vocabulary range (160 .. 319): the divergence's columns
     save_checkpoint(root / "teacher.apr", model=Transformer(_config("llama").replace(num_layers=1, vocab_size=290),
                                                             fast=False), tokenizer=byte_tokenizer())
-    records = root / "records.jsonl"
-    records.write_text("".join(json.dumps({"prompt": f"Is {t} hot?", "completion": " yes"}) + "\n"
-                               for t in ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal",
-                                         "a candle", "a flame", "magma", "steam")))
-    (root / "rewards.py").write_text("def letters(prompts, completions, **kw):\n"
-                                     "    return [sum(c.isascii() and c.islower() for c in t) / max(1, len(t)) "
-                                     "for t in completions]\n")
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Write:", "Say:", "Go:", "Now:", "Then:")))
-    common = ["--init", str(root / "init.apr"), "--tokenizer", "bytes", "--data", str(prompts), "--reward",
-              f"{root / 'rewards.py'}:letters", "--steps", "4", "--batch-size", "4", "--max-new-tokens", "6",
-              "--max-prompt-len", "16", "--lr", "1e-2", "--json", "--seed", "5", "--save-every", "2",
-              "--dist-timeout", "60"]
-    cases = {"grpo": (["grpo", *common, "--num-generations", "4", "--eval-data", str(prompts), "--micro-batch", "3",
-                       "--scale-rewards", "batch", "--loss-type", "grpo", "--beta", "0.2", "--num-iterations", "2"],
-                      4, "ddp"),
-             "rloo": (["rloo", *common, "--num-generations", "3", "--beta", "0.1", "--micro-batch", "2"], 2, "fsdp"),
-             "online": (["online-dpo", *common, "--num-generations", "3", "--beta", "0.5", "--micro-batch", "1"], 2,
-                        "ddp"),
+    sampling = _sampling_args(root, root / "init.apr", root / "teacher.apr")
+    cases = {"grpo": (sampling["grpo"], 4, "ddp"), "rloo": (sampling["rloo"], 2, "fsdp"),
+             "online": (sampling["online"], 2, "ddp"),
              # the divergence over the group's vocabulary columns of both models' logits
-             "gkd": (["gkd", "--init", str(root / "init.apr"), "--teacher", str(root / "teacher.apr"), "--tokenizer",
-                      "bytes", "--data", str(records), "--steps", "4", "--batch-size", "4", "--grad-accum", "2",
-                      "--lr", "3e-3", "--max-new-tokens", "5", "--max-prompt-len", "24", "--max-len", "40", "--json",
-                      "--seed", "5", "--eval-fraction", "0.25", "--dist-timeout", "60"], 2, "fsdp"),
+             "gkd": (sampling["gkd"], 2, "fsdp"),
              "kd": (["train", "--init", str(root / "init.apr"), *COMMON, "--teacher", str(root / "teacher.apr"),
                      "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, "ddp")}
     # a mixture-of-experts policy (every expert split, the router whole) sampling and training
     save_checkpoint(root / "moe.apr", model=Transformer(preset("tiny_qwen3_moe"), fast=False))
-    cases["grpo_moe"] = (["grpo", *[str(root / "moe.apr") if a == str(root / "init.apr") else a for a in common],
-                          "--num-generations", "3", "--micro-batch", "2", "--beta", "0.1"], 2, "ddp")
+    (root / "moe").mkdir()  # (rloo's options: 3 generations, a KL to the reference, micro-batches of 2)
+    cases["grpo_moe"] = (["grpo", *_sampling_args(root / "moe", root / "moe.apr")["rloo"][1:]], 2, "ddp")
     # sequence parallelism: the teacher reads the whole rows, each rank scores its chunk of the positions
     # (the losses of the whole rows' columns, its chunk kept, the incoming gradients summed)
     cases["kd_sp"] = ([*cases["kd"][0], "--kd-beta", "0.5"], 2, "ddp")

@@ -175,6 +175,17 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int, *
 
 
 @torch.no_grad()
+def _group_done(done: torch.Tensor, ep) -> bool:
+    """Whether every row is done: this rank's, or with an expert-parallel group ``ep`` every rank's."""
+    if ep is None:
+        return bool(done.all())
+    running = (~done).any().to(torch.int32).reshape(1)
+    import torch.distributed as dist
+
+    dist.all_reduce(running, op=dist.ReduceOp.MAX, group=ep.group)
+    return not bool(running.item())
+
+
 def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, stops=None,
                    generators: list[tuple[int, torch.Generator]] | None = None, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None,
@@ -183,9 +194,24 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     the ids after its prompt, up to ``max_new_tokens``, ending with the first stop id when one came
     (``stops``: one collection of ids for all rows, or one per row). ``generators``: ``(rows,
     generator)`` per consecutive group of ``rows`` rows, each group sampled with its own generator
-    (default: one group of all rows, the global RNG)."""
+    (default: one group of all rows, the global RNG).
+
+    With the experts spread over an expert-parallel group (``model.expert_parallel``) every forward
+    exchanges rows with the group's ranks, which decode other prompts: they step together until all
+    of them are done (one small all-reduce per step), and a rank with no prompts (``prompts`` empty)
+    steps along with a finished placeholder row, returning []."""
+    ep = model.expert_parallel
+    if not prompts and ep is not None:
+        _decode(model, [[0]], max_new_tokens, None, None, 0.0, None, None, None, idle=True)
+        return []
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_batch: every prompt needs at least one token")
+    return _decode(model, prompts, max_new_tokens, stops, generators, temperature, top_k, top_p, vocab_size)
+
+
+def _decode(model: Transformer, prompts, max_new_tokens: int, stops, generators, temperature, top_k, top_p,
+            vocab_size, idle: bool = False) -> list[list[int]]:
+    """``generate_batch``'s decoding (``idle``: the rows are placeholders, done from the start)."""
     if max_new_tokens < 0:
         raise ValueError(f"generate_batch: max_new_tokens={max_new_tokens}; expected >= 0")
     cfg = model.config
@@ -216,9 +242,10 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                                max_position_embeddings=cfg.max_position_embeddings)
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else param.dtype
         cache = KVCache(model, b, total, dev, dtype)
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        done = torch.full((b,), idle, dtype=torch.bool, device=dev)
         step_in = ids
-        for _ in range(max_new_tokens):
+        ep = model.expert_parallel
+        for _ in range(max_new_tokens):  # (under expert parallelism: a forward and a check per step, as the group)
             logits = next_logits(model, step_in, cache, cos, sin, pad, keys_ok)
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")
@@ -231,7 +258,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
             out = torch.cat([out, nxt[:, None]], 1)
             done |= (table == nxt[:, None]).any(1)
             step_in = nxt[:, None]
-            if bool(done.all()):
+            if _group_done(done, ep):
                 break
     finally:
         model.train(was_training)

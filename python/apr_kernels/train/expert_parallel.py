@@ -46,9 +46,9 @@ experts, summed over ranks as without expert parallelism.
 
 With context parallelism (``--context-parallel``) the groups of both kinds are consecutive ranks:
 the ranks sharing rows by position also exchange their tokens' rows with their experts, which is
-fine, since routing is per token. Also on ``dpo``, ``kto`` and ``reward``
-(``posttrain.EXPERT_PARALLEL_COMMANDS``), whose forwards all run on every rank in step; not on the
-sampling commands, where each rank generates on its own. LoRA adapters on the experts live with
+fine, since routing is per token. Also on ``dpo``, ``kto``, ``reward`` and the sampling commands
+(``posttrain.EXPERT_PARALLEL_COMMANDS``): every forward must run on all the group's ranks in step, so
+generation (``model/generate.py``) steps the group's ranks together until all of them are done. LoRA adapters on the experts live with
 their experts (drawn in the whole model's order, so they are one process's; merged at the end
 through the same gathering). Under HSDP (``--fsdp-shard-size S``, N dividing S) an expert's
 holders in a node shard it and the nodes replicate it (a 2-D mesh of its own); clipping then sums

@@ -531,7 +531,7 @@ class GRPOTrainer(StepLoop):
         mine = self.eval_prompts[rank * per:(rank + 1) * per]
         completions = []
         with self._gathered():  # (a collective under FSDP: every rank enters, even with no prompt)
-            if mine:
+            if mine or self.model.expert_parallel is not None:  # (expert parallelism: decoding in step)
                 from apr_kernels.model.generate import generate_batch
 
                 with self._autocast():

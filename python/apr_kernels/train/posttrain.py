@@ -158,6 +158,9 @@ class StepLoop(EvalWatch):
         from torch.distributed.fsdp import FSDPModule
 
         modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        # (the root's lazy initialisation, which its first forward would do: generation may call a
+        # sharded module of its own first, the experts of an expert-parallel layer)
+        self.model._get_fsdp_state()._lazy_init()
         for m in modules:
             m.unshard()
         try:
@@ -397,11 +400,12 @@ def run_command(args, body) -> int:
     return distributed.run(args, body)
 
 
-# the commands whose every forward runs on all ranks in step (no sampling): --expert-parallel
-EXPERT_PARALLEL_COMMANDS = ("dpo", "kto", "reward")
-# and --tensor-parallel: also the sampling ones, whose ranks of a group decode the same prompts in step
-# (the same sums after each all-reduce, the same seeded draws)
-TENSOR_PARALLEL_COMMANDS = EXPERT_PARALLEL_COMMANDS + ("grpo", "rloo", "online-dpo", "gkd")
+# --expert-parallel and --tensor-parallel: every post-training command. The sampling ones decode in
+# step: a tensor-parallel group's ranks the same prompts (the same sums after each all-reduce, the same
+# seeded draws), an expert-parallel group's ranks their own prompts until all of them are done
+# (model/generate.py)
+EXPERT_PARALLEL_COMMANDS = ("dpo", "kto", "reward", "grpo", "rloo", "online-dpo", "gkd")
+TENSOR_PARALLEL_COMMANDS = EXPERT_PARALLEL_COMMANDS
 
 
 def expert_group(args, env, mode: str):
@@ -594,7 +598,7 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                    help="under torchrun: ddp (the default with several ranks) or fsdp")
     p.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
                    help="with --parallel fsdp: shard within groups of N ranks, replicate across them (HSDP)")
-    if command in EXPERT_PARALLEL_COMMANDS:  # (the sampling ones generate on each rank alone: not in step)
+    if command in EXPERT_PARALLEL_COMMANDS:
         p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                        help="a mixture-of-experts model's experts spread over groups of N ranks (as train's)")
     if command in TENSOR_PARALLEL_COMMANDS:
