@@ -221,18 +221,14 @@ def test_tensor_parallel_matches_one_process(runs, name):
 
 def test_muon_checkpoint_resumes_split(runs):
     _, one, out = runs
-    assert _losses(_records(out["resumed_muon"])) == pytest.approx(_losses(_records(one["llama_muon_fsdp"]))[2:],
-                                                                   rel=2e-4)
+    _resumed_as(out["resumed_muon"], one["llama_muon_fsdp"], rel=2e-4)
 
 
 def test_lora_checkpoints_resume_and_initialise_across_tensor_parallelism(runs):
     _, one, out = runs
-    assert _losses(_records(out["resumed_dora"])) == pytest.approx(_losses(_records(one["llama_dora_fsdp"]))[2:],
-                                                                   rel=1e-5)
-    assert _losses(_records(out["resumed_lora_one"])) == pytest.approx(_losses(_records(one["qwen2_lora"]))[2:],
-                                                                       rel=1e-5)
-    assert _losses(_records(out["resumed_qlora"])) == pytest.approx(_losses(_records(one["qwen2_qlora"]))[2:],
-                                                                    rel=1e-5)
+    _resumed_as(out["resumed_dora"], one["llama_dora_fsdp"])
+    _resumed_as(out["resumed_lora_one"], one["qwen2_lora"])
+    _resumed_as(out["resumed_qlora"], one["qwen2_qlora"])
     ref, _ = _same_run(one["dora_init"], out["dora_init"])
     # (the folded adapters trained: a merged DoRA model, not the base it started from)
     assert _losses(ref)[0] < _losses(_records(one["llama_dora_fsdp"]))[0]
@@ -258,12 +254,9 @@ def test_adamw8bit_split_keeps_one_process_codes_and_resumes_across_layouts(runs
         assert len(codes) == 2 * (2 * len(projections) + 1 + ("llama" in name)), name
         for k in codes:  # (a misplaced part would match about 1 in 256; flips compound over the steps)
             assert (got[k] == want[k]).float().mean() > 0.99, (name, k)
-    assert _losses(_records(out["resumed_adam8"])) == pytest.approx(_losses(_records(one["llama_adam8_fsdp"]))[2:],
-                                                                    rel=1e-5)
-    assert _losses(_records(out["resumed_adam8_one"])) == pytest.approx(_losses(_records(one["qwen2_adam8"]))[2:],
-                                                                        rel=1e-5)
-    assert _losses(_records(out["resumed_adam8_mixed"])) == pytest.approx(_losses(_records(one["adam8_mixed"]))[2:],
-                                                                          rel=1e-5)
+    _resumed_as(out["resumed_adam8"], one["llama_adam8_fsdp"])
+    _resumed_as(out["resumed_adam8_one"], one["qwen2_adam8"])
+    _resumed_as(out["resumed_adam8_mixed"], one["adam8_mixed"])
     state = _tensors(root / "resumed_adam8_mixed" / "model.apr")[0]
     o_proj, q_proj = "model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.q_proj.weight"
     assert f"__training__.adam.exp_avg.{o_proj}" in state  # (32 columns a rank: fp32)
@@ -272,9 +265,13 @@ def test_adamw8bit_split_keeps_one_process_codes_and_resumes_across_layouts(runs
 
 def test_step_checkpoints_resume_across_tensor_parallelism(runs):
     _, one, out = runs
-    assert _losses(_records(out["resumed_tp"])) == pytest.approx(_losses(_records(one["llama_fsdp"]))[2:], rel=1e-5)
-    assert _losses(_records(out["resumed_one"])) == pytest.approx(_losses(_records(one["llama_fsdp4"]))[2:],
-                                                                  rel=1e-5)
+    _resumed_as(out["resumed_tp"], one["llama_fsdp"])
+    _resumed_as(out["resumed_one"], one["llama_fsdp4"])
+
+
+def _resumed_as(resumed: str, uninterrupted: str, rel: float = 1e-5) -> None:
+    """A run resumed from step 2 continues with the uninterrupted run's losses (its steps 3 and 4)."""
+    assert _losses(_records(resumed)) == pytest.approx(_losses(_records(uninterrupted))[2:], rel=rel)
 
 
 # ------------------------------------------------------------------------ in one process
