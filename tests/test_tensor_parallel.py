@@ -105,6 +105,8 @@ CASES = {
                      2, "ddp", []),
     "mixtral_sp_fsdp": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4, 2, "fsdp",
                         ["--sequence-parallel"]),
+    # LoRA on every expert through the grouped GEMMs (the whole-kept factors' gradients summed there too)
+    "qwen2moe_lora": ("qwen2moe", ["--fast", "on", "--lora-rank", "4", "--lr", "1e-2"], 2, 2, "ddp", []),
     # QLoRA: the frozen projections the file's quantised blocks (QUANTISED). Each rank holds its part
     # of a base where it is whole blocks (rows; the wide config's o/down columns, 256 a rank), else
     # the whole base (the small config's 64 columns: one padded Q4_K block a row), each GEMM

@@ -349,8 +349,11 @@ class Experts(nn.ModuleList):
         else:
             y = ops.grouped_mm(x, [m.weight for m in mods], offs)
         if hasattr(mods[0], "adapt") and mods[0].scale:
-            low = ops.grouped_mm(x, [m.lora_A for m in mods], offs)
-            y = y + ops.grouped_mm(low, [m.lora_B for m in mods], offs) * mods[0].scale
+            a, b = [m.lora_A for m in mods], [m.lora_B for m in mods]
+            tp = mods[0].tensor_parallel
+            if tp is not None:  # (as LoRALinear.adapt: the factor each rank uses whole, its gradient summed)
+                a, b = ([tp.shared(t) for t in a], b) if mods[0].split_dim == 0 else (a, [tp.shared(t) for t in b])
+            y = y + ops.grouped_mm(ops.grouped_mm(x, a, offs), b, offs) * mods[0].scale
         return y
 
 
