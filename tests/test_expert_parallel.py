@@ -288,6 +288,32 @@ def test_post_training_with_experts_spread_matches_one_process(post_runs, name):
     _same_checkpoint(root / f"ep_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name)
 
 
+def test_balance_loss_on_masked_records_matches_one_process(tmp_path):
+    """Supervised records (the prompts no loss targets, so the ranks' shares of a micro-batch hold
+    different numbers of targets) with the load-balancing loss weighted up, on 2 ranks (DDP, and
+    with the experts spread): each rank's balance term, a share of the global micro-batch's, counts
+    the micro-batch's targets over the equal shares, so the losses and gradients are one process's
+    (counting each rank's own targets instead was off by about 1e-4)."""
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from test_distributed import _sampling_args
+
+    torch.manual_seed(34)
+    save_checkpoint(tmp_path / "init.apr", model=Transformer(_moe_config("qwen3_moe", router_aux_loss_coef=0.5),
+                                                              fast=False))
+    _sampling_args(tmp_path, tmp_path / "init.apr")  # (records.jsonl: prompt + completion)
+    args = ["train", "--init", str(tmp_path / "init.apr"), "--tokenizer", "bytes", "--data",
+            str(tmp_path / "records.jsonl"), "--steps", "4", "--batch-size", "4", "--grad-accum", "2", "--seq-len",
+            "16", "--lr", "3e-3", "--json", "--seed", "5", "--no-progress", "--fast", "off", "--dist-timeout", "60",
+            "--eval-fraction", "0.25", "--save-every", "0"]
+    runs = {"ddp": ([*args, "--parallel", "ddp", "--out", str(tmp_path / "ddp")], 2),
+            "ep": (_spread(args, tmp_path / "ep", 2, "ddp"), 2)}
+    one, out = against_one_process(runs, {name: [*args, "--out", str(tmp_path / f"one_{name}")] for name in runs},
+                                   tmp_path / "ranks")
+    for name in runs:
+        _same_run(one[name], out[name])
+
+
 # ------------------------------------------------------------ the sampling commands (decoding in step)
 @pytest.fixture(scope="module")
 def sampling_runs(tmp_path_factory):

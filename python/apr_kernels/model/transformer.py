@@ -591,6 +591,7 @@ class Transformer(nn.Module):
         self.last_expert_load: torch.Tensor | None = None
         self.last_router_z_loss: torch.Tensor | None = None
         self.router_aux_sync = False  # count expert choices over every rank (router_aux_loss)
+        self.aux_targets: float | None = None  # (forward's "sum": the targets the balance term stands for)
         self.model = Decoder(config)
         if config.num_labels:  # Hugging Face's *ForSequenceClassification: no output projection
             self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
@@ -904,7 +905,12 @@ class Transformer(nn.Module):
         if not coef and not z_coef:
             return out
         per = coef * aux + z_coef * z_router
-        term = per * (1 if reduction == "mean" else (targets != -100).sum())
+        # a "sum" counts the term once per target: this call's targets, or under a trainer's parallel
+        # run (aux_targets) the global micro-batch's over the equal shares of its token rows, since
+        # the ranks' balance terms are each a share of the global one (router_aux_sync) whatever
+        # their targets
+        count = (targets != -100).sum() if self.aux_targets is None else self.aux_targets
+        term = per * (1 if reduction == "mean" else count)
         if teacher is not None:  # [loss, ce, kl]: the objective only
             return torch.cat([out[:1] + term, out[1:]])
         return out + term

@@ -559,10 +559,16 @@ class Parallel:
         different parts, averaged only with their replicas): a loss scaled by this sums instead."""
         return self.env.world_size // (self.tensor.size if self.tensor is not None else 1)
 
+    @property
+    def shares(self) -> int:
+        """The equal shares of a global batch whose losses add up: one per rank, a tensor-parallel
+        group's ranks counting once (they compute the same), except under sequence parallelism."""
+        return self.env.world_size if self.sequence is not None else self.grad_ranks
+
     def total(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks of what each computed on its own share (a tensor-parallel group's
         ranks computed the same: counted once; under sequence parallelism each its own positions)."""
-        return self.mean(t) * (self.env.world_size if self.sequence is not None else self.grad_ranks)
+        return self.mean(t) * self.shares
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce mean (gloo has no AVG: sum, then divide)."""

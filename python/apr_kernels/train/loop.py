@@ -537,6 +537,8 @@ class Trainer(EvalWatch):
             x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
                                self.doc_eos)
             rows = x  # (the whole rows: what a distillation teacher reads)
+            if self._moe and par is not None:  # (the balance term: the global micro-batch's, in equal shares)
+                self.model.aux_targets = int((self.train_seqs[index][:, 1:] >= 0).sum()) / par.shares
             if par is not None:  # context or sequence parallelism: this rank's positions of the rows
                 x, y = par.local_positions(x, y)
             # gradients are communicated once, on the last micro-batch
