@@ -84,9 +84,8 @@ class LoRALinear(nn.Linear):
         summed over the group; a row's squared norm is summed over the ranks holding its columns."""
         if self.scale == 0:
             return y
-        tp, a, b = self.tensor_parallel, self.lora_A, self.lora_B
-        if tp is not None:
-            a, b = (tp.shared(a), b) if self.split_dim == 0 else (a, tp.shared(b))
+        tp = self.tensor_parallel
+        a, b = self.factors()
         y = y + F.linear(F.linear(x, a), b) * self.scale
         if not hasattr(self, "lora_magnitude"):
             return y
@@ -101,6 +100,15 @@ class LoRALinear(nn.Linear):
         g = (mag.float() / square.sqrt()).to(y.dtype)
         y = y * g
         return y if self.bias is None else y + (1 - g) * self.bias.to(y.dtype)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as this rank multiplies by them: split over tensor-parallel ranks, the factor every
+        rank uses whole (A of a column-parallel projection, B of a row-parallel one) through
+        ``shared``, its partial gradients summed over the group (also the grouped experts' path)."""
+        tp, a, b = self.tensor_parallel, self.lora_A, self.lora_B
+        if tp is None:
+            return a, b
+        return (tp.shared(a), b) if self.split_dim == 0 else (a, tp.shared(b))
 
     def adapter_dim(self, part: str) -> int | None:
         """The dimension tensor-parallel ranks split adapter ``part`` on (None: whole on each)."""

@@ -349,11 +349,8 @@ class Experts(nn.ModuleList):
         else:
             y = ops.grouped_mm(x, [m.weight for m in mods], offs)
         if hasattr(mods[0], "adapt") and mods[0].scale:
-            a, b = [m.lora_A for m in mods], [m.lora_B for m in mods]
-            tp = mods[0].tensor_parallel
-            if tp is not None:  # (as LoRALinear.adapt: the factor each rank uses whole, its gradient summed)
-                a, b = ([tp.shared(t) for t in a], b) if mods[0].split_dim == 0 else (a, [tp.shared(t) for t in b])
-            y = y + ops.grouped_mm(ops.grouped_mm(x, a, offs), b, offs) * mods[0].scale
+            a, b = zip(*(m.factors() for m in mods))
+            y = y + ops.grouped_mm(ops.grouped_mm(x, list(a), offs), list(b), offs) * mods[0].scale
         return y
 
 
@@ -406,14 +403,19 @@ class SparseMoE(nn.Module):
     def route(self, x: torch.Tensor) -> "Routing":
         """(probabilities [T, E] fp32, top-k weights [T, k], top-k expert ids [T, k], the router logits'
         ``logsumexp`` [T] fp32 for the z-loss) of tokens ``x`` [T, h]."""
-        logits = self.gate(x) if self.tensor_parallel is None else F.linear(x, self.tensor_parallel.shared(
-            self.gate.weight))  # (split: each rank's experts give a part of the router's gradient)
+        logits = self._whole(self.gate, x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return Routing(probs, weights if self.fp32_weights else weights.to(logits.dtype), chosen,
                        torch.logsumexp(logits.float(), dim=-1))
+
+    def _whole(self, lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``lin(x)`` of a projection every rank holds whole (the router, the shared-expert gate): split
+        over tensor-parallel ranks, each rank's experts give a part of its gradient (``shared``)."""
+        tp = self.tensor_parallel
+        return lin(x) if tp is None else F.linear(x, tp.shared(lin.weight))
 
     def forward(self, x: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         tp = self.tensor_parallel
@@ -431,8 +433,7 @@ class SparseMoE(nn.Module):
             out = self.experts(xs, offs, counts, fast)
         y = combine_experts(out, weights, order).to(x.dtype)
         if hasattr(self, "shared_expert"):
-            gate = self.shared_expert_gate(x) if tp is None else F.linear(x, tp.shared(self.shared_expert_gate.weight))
-            y = y + torch.sigmoid(gate) * self.shared_expert(x, fast)
+            y = y + torch.sigmoid(self._whole(self.shared_expert_gate, x)) * self.shared_expert(x, fast)
         if tp is not None:  # (the balance losses: computed alike on every rank of the group)
             probs, lse = tp.counted_once(probs), tp.counted_once(lse)
         z = torch.zeros_like(probs[0])

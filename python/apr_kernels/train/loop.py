@@ -532,13 +532,14 @@ class Trainer(EvalWatch):
         # mean over those targets however they fall into micro-batches and ranks (with prompt tokens
         # excluded, counts differ between micro-batches; a mean of means would weight them wrongly)
         indices = [self.batches.next(c.batch_size) for _ in range(c.grad_accum)]
-        n_targets = max(1, sum(int((self.train_seqs[i][:, 1:] >= 0).sum()) for i in indices))
+        counts = [int((self.train_seqs[i][:, 1:] >= 0).sum()) for i in indices]  # (each global micro-batch's)
+        n_targets = max(1, sum(counts))
         for micro, index in enumerate(indices):
             x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
                                self.doc_eos)
             rows = x  # (the whole rows: what a distillation teacher reads)
             if self._moe and par is not None:  # (the balance term: the global micro-batch's, in equal shares)
-                self.model.aux_targets = int((self.train_seqs[index][:, 1:] >= 0).sum()) / par.shares
+                self.model.aux_targets = counts[micro] / par.shares
             if par is not None:  # context or sequence parallelism: this rank's positions of the rows
                 x, y = par.local_positions(x, y)
             # gradients are communicated once, on the last micro-batch
