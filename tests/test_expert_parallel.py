@@ -285,6 +285,9 @@ def test_post_training_with_experts_spread_matches_one_process(post_runs, name):
     ref, got = _same_run(one[name], out[name], eval_abs=1e-5)
     (start,), (ref_start,) = ([r for r in recs if r["event"] == "start"] for recs in (got, ref))
     assert start["trainable"] == ref_start["trainable"] > start["params_rank"] and start["expert_parallel"] == 2
+    if name != "reward":  # (the policy's balance terms, in its objective; a reward model's scores have none)
+        for key in ("aux_loss", "router_z_loss", "expert_load"):
+            assert _losses(got, key=key) == pytest.approx(_losses(ref, key=key), rel=1e-5), key
     _same_checkpoint(root / f"ep_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name)
 
 
@@ -334,14 +337,24 @@ def sampling_runs(tmp_path_factory):
     save_checkpoint(root / "init.apr", model=Transformer(_moe_config("qwen3_moe"), fast=False))
     save_checkpoint(root / "teacher.apr", model=Transformer(_moe_config("qwen3_moe", num_layers=1), fast=False),
                     tokenizer=byte_tokenizer())
-    # (GKD's student without the load-balancing loss: each rank adds its tokens' balance term, which
-    # sums to one process's only for equal shares, and the sampled completions' lengths differ)
-    save_checkpoint(root / "student.apr", model=Transformer(_moe_config("qwen3_moe", router_aux_loss_coef=0.0),
+    # (GKD's student with its load-balancing loss weighted up: the ranks' sampled completions differ
+    # in length, so their padded rows do, and padding stays out of the balance terms)
+    save_checkpoint(root / "student.apr", model=Transformer(_moe_config("qwen3_moe", router_aux_loss_coef=0.5),
                                                             fast=False))
+    # (RLOO's and online DPO's policy without it: with --micro-batch each forward's balance term is of
+    # its micro-batch, and a rank's k-th micro-batch and one process's are different completions)
+    save_checkpoint(root / "plain.apr", model=Transformer(_moe_config("qwen3_moe", router_aux_loss_coef=0.0),
+                                                          fast=False))
     args = _sampling_args(root, root / "init.apr", root / "teacher.apr")
     (root / "eval.jsonl").write_text(json.dumps({"prompt": "Hot:"}) + "\n")
     args["grpo"][args["grpo"].index("--eval-data") + 1] = str(root / "eval.jsonl")
+    # (GRPO: one forward of each rank's completions, together one process's one forward; the balance terms
+    # compared)
+    at = args["grpo"].index("--micro-batch")
+    del args["grpo"][at:at + 2]
     args["gkd"][args["gkd"].index("--init") + 1] = str(root / "student.apr")
+    for name in ("rloo", "online"):
+        args[name][args[name].index("--init") + 1] = str(root / "plain.apr")
     args["gkd"] += ["--lmbda", "1.0"]  # (every micro-batch's completions sampled by the student)
     modes = {"grpo": "ddp", "rloo": "fsdp", "online": "ddp", "gkd": "ddp"}
     one, out = against_one_process(
@@ -358,6 +371,8 @@ def test_sampling_commands_with_experts_spread_match_one_process(sampling_runs, 
     assert start["expert_parallel"] == 2
     keys = {"grpo": ("reward", "completion_len", "loss", "grad_norm", "kl"), "rloo": ("reward", "loss", "grad_norm"),
             "online": ("reward", "loss", "grad_norm"), "gkd": ("loss", "grad_norm")}[name]
+    if name in ("grpo", "gkd"):  # (the policy's balance terms, in its objective)
+        keys += ("aux_loss", "router_z_loss", "expert_load")
     assert len(_losses(got, key="loss")) == 4
     for key in keys:
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-4, abs=1e-6), key

@@ -292,6 +292,85 @@ def test_router_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits(fast):
         torch.testing.assert_close(total / args[1].numel(), plain + 0.01 * model.last_router_z_loss)
 
 
+def _router_logits(model) -> list:
+    """The routers' logits of each forward of ``model``, captured as they are computed (fp64)."""
+    logits = []
+    for layer in model.model.layers:
+        if hasattr(layer.ffn, "gate"):
+            layer.ffn.gate.register_forward_hook(lambda m, i, o: logits.append(o.detach().double()))
+    return logits
+
+
+def _ragged(cfg, lengths=(9, 4, 7), seed=6) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+@needs_transformers
+@pytest.mark.parametrize("name", FAMILIES)
+def test_padding_is_left_out_of_the_balance_terms_as_transformers_attention_mask_does(name):
+    """Right-padded rows with their ``lengths``: the load-balancing loss is transformers'
+    ``load_balancing_loss_func`` of the routers' logits under the attention mask of the tokens inside
+    the lengths, and the router z-loss the mean of logsumexp^2 over those tokens only; without the
+    lengths the padding counts (a different loss)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from apr_kernels.train.posttrain import padded_inputs
+
+    cfg = preset(name)
+    torch.manual_seed(2)
+    model = Transformer(cfg, fast=False).train()
+    with torch.no_grad():  # (a router that prefers some experts: unequal loads)
+        for layer in model.model.layers:
+            if hasattr(layer.ffn, "gate"):
+                layer.ffn.gate.weight.mul_(8)
+    logits = _router_logits(model)
+    x, y, lengths = padded_inputs(_ragged(cfg), 0, "cpu")
+    mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
+    assert not mask.all()
+    with torch.no_grad():
+        model.loss(x, y, reduction="sum", lengths=lengths)
+    want = load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok, mask)
+    torch.testing.assert_close(model.last_aux_loss.double(), want.double(), rtol=1e-5, atol=1e-7)
+    lse = torch.cat([torch.logsumexp(l, -1).square() for l in logits])
+    kept = mask.flatten().bool().repeat(len(logits))
+    torch.testing.assert_close(model.last_router_z_loss.double(), lse[kept].mean(), rtol=1e-5, atol=1e-6)
+    logits.clear()
+    with torch.no_grad():
+        model.loss(x, y, reduction="sum")
+    padded_too = load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok)
+    torch.testing.assert_close(model.last_aux_loss.double(), padded_too.double(), rtol=1e-5, atol=1e-7)
+    assert abs(padded_too - want) > 1e-3
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_padded_and_packed_rows_give_the_same_balance_terms(name):
+    """The post-training layouts of the same sequences: right-padded rows (the eager default) and one
+    packed row, each sequence a document (padding-free): the same per-sequence log-likelihoods, the
+    same balance terms (``last_balance_loss``, which a "sequence" loss leaves to the objective) and
+    the same gradients of an objective holding both."""
+    from apr_kernels.train.posttrain import sequence_logps
+
+    cfg = preset(name).replace(router_aux_loss_coef=0.3)
+    seqs = _ragged(cfg, (9, 4, 7, 5))
+    runs = []
+    for padding_free in (False, True):
+        torch.manual_seed(3)
+        model = Transformer(cfg, fast=False).train()
+        model.router_z_loss_coef = 0.05
+        logps = sequence_logps(model, seqs, "cpu", eos_id=0, padding_free=padding_free)
+        balance = model.last_balance_loss
+        (logps.sum() + balance).backward()
+        runs.append((logps.detach(), balance.detach(), model.last_aux_loss, {n: p.grad for n, p in model.named_parameters()}))
+    (la, ba, aa, ga), (lb, bb, ab, gb) = runs
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bb, ba, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ab, aa, rtol=1e-5, atol=1e-7)
+    assert float(ba) > 0.3  # (coef x aux with aux about top_k: a term that shows)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 @needs_transformers
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_generation_equals_transformers(name, tmp_path):

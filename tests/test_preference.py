@@ -712,6 +712,50 @@ def test_cpo_step_is_the_policy_margin_and_the_nll_written_out(tmp_path):
     assert rec["loss"] == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_dpo_of_a_mixture_of_experts_policy_adds_its_balance_terms(tmp_path):
+    """A Qwen3-MoE policy: the step's objective is DPO's loss plus the policy forward's balance terms
+    (router_aux_loss_coef x the load-balancing loss + router_z_loss_coef x the router z-loss, of the
+    tokens inside the sequences: the padding left out), as TRL's DPO adds the model's aux loss; its
+    gradients are that objective's written out, and the log holds the terms' measures."""
+    import copy
+
+    from apr_kernels.train.data import BatchStream
+
+    tok = byte_tokenizer()
+    train = read_pairs([_pairs_file(tmp_path / "t.jsonl", THINGS[:8], chosen=" yes it is")], tok, 64)
+    torch.manual_seed(0)
+    cfg_model = preset("tiny_qwen3_moe").replace(vocab_size=pad_vocab(tok.vocab_size), router_aux_loss_coef=0.2)
+    model = Transformer(cfg_model, fast=False)
+    model.router_z_loss_coef = 0.01
+    oracle = copy.deepcopy(model)
+    cfg = TrainConfig(steps=1, batch_size=4, seq_len=64, lr=3e-3, warmup=1)
+    rec = PreferenceTrainer(model, train, [], cfg, eos_id=tok.eos_id, loss=PreferenceLoss(beta=0.5)).train_step()
+
+    index = BatchStream(len(train), seed=cfg.seed).next(4)
+    seqs = [s for i in index.tolist() for s in train[i]]
+    with torch.no_grad():
+        ref = sequence_logps(oracle.eval(), seqs, "cpu", eos_id=tok.eos_id).view(4, 2)
+    pol = sequence_logps(oracle.train(), seqs, "cpu", eos_id=tok.eos_id).view(4, 2)
+    balance = oracle.last_balance_loss
+    torch.testing.assert_close(balance, 0.2 * oracle.router_aux_loss() + 0.01 * oracle.router_z_loss())
+    h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+    dpo = -torch.nn.functional.logsigmoid(0.5 * h).mean()
+    gate = dict(oracle.named_parameters())["model.layers.0.mlp.gate.weight"]
+    without = torch.autograd.grad(dpo, gate, retain_graph=True)[0]
+    (dpo + balance).backward()
+    norm = torch.nn.utils.clip_grad_norm_(oracle.parameters(), cfg.grad_clip)
+    assert rec["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+    # the trainer's (clipped) gradients are the written-out objective's
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+    scale = min(1.0, cfg.grad_clip / float(norm))
+    assert (gate.grad - without * scale).abs().max() > 1e-4  # (the router's gradient holds the terms')
+    assert rec["loss"] == pytest.approx(math.log(2) + balance.item(), rel=1e-5)
+    assert rec["aux_loss"] == pytest.approx(oracle.last_aux_loss.item(), rel=1e-5) and rec["aux_loss"] > 1.0
+    assert rec["router_z_loss"] == pytest.approx(oracle.last_router_z_loss.item(), rel=1e-5)
+    assert rec["expert_load"] >= 1.0
+
+
 def test_cli_grad_checkpointing_recomputes_and_changes_nothing(tmp_path, capsys, monkeypatch):
     """--grad-checkpointing (every post-training command): the layers run under activation
     checkpointing, and the losses are those of the run without it."""

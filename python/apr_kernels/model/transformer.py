@@ -371,10 +371,11 @@ class SparseMoE(nn.Module):
     Hugging Face's stacked experts): DDP needs every parameter used, and all ranks step the same
     parameters.
 
-    ``forward(x, fast) -> (y, stats)``: ``stats`` [3, num_experts] fp32, per expert the number of
-    top-k choices and the sum of router probabilities over these tokens, and (in its first column) the
-    sum over tokens of ``logsumexp(router logits)^2``, from which ``Transformer`` forms the
-    load-balancing loss and the router z-loss.
+    ``forward(x, fast, routed=None) -> (y, stats)``: ``stats`` [3, num_experts] fp32, per expert the
+    number of top-k choices and the sum of router probabilities over these tokens, and (in its first
+    column) the sum over tokens of ``logsumexp(router logits)^2``, from which ``Transformer`` forms the
+    load-balancing loss and the router z-loss; with ``routed`` (bool, a flag per token of ``x``) over
+    the flagged tokens only (padding left out, as Hugging Face's attention mask does).
 
     Expert parallelism (``set_expert_parallel``): this rank holds ``num_experts / N`` consecutive
     experts, the others are ``RemoteExpert`` places; routing is unchanged (the router is replicated),
@@ -417,7 +418,8 @@ class SparseMoE(nn.Module):
         tp = self.tensor_parallel
         return lin(x) if tp is None else F.linear(x, tp.shared(lin.weight))
 
-    def forward(self, x: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, fast: bool = False,
+                routed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         tp = self.tensor_parallel
         if tp is not None:  # (the whole rows' tokens on every rank: the same routing)
             x = tp.enter(x)
@@ -437,8 +439,14 @@ class SparseMoE(nn.Module):
         if tp is not None:  # (the balance losses: computed alike on every rank of the group)
             probs, lse = tp.counted_once(probs), tp.counted_once(lse)
         z = torch.zeros_like(probs[0])
-        z[0] = lse.square().sum()
-        stats = torch.stack([counts.to(torch.float32), probs.sum(0), z])
+        if routed is None:
+            z[0] = lse.square().sum()
+            stats = torch.stack([counts.to(torch.float32), probs.sum(0), z])
+        else:  # only the tokens the statistics count (padding left out; every token is still computed)
+            keep = routed.reshape(-1).to(torch.float32)
+            chosen_kept = torch.zeros_like(z).scatter_add_(0, chosen.flatten(), keep.repeat_interleave(self.top_k))
+            z[0] = (lse.square() * keep).sum()
+            stats = torch.stack([chosen_kept, (probs * keep[:, None]).sum(0), z])
         return (y.view(shape), stats) if tp is None else (tp.leave(y.view(shape)), stats)
 
     def local_experts(self) -> list[nn.Module]:
@@ -471,8 +479,8 @@ class Block(nn.Module):
     the next layer (or the final norm) adds it, so the fast path can fuse every residual add with the
     norm that follows it (``add_rms_norm``). The eager path does the same adds in the same order, so
     its numbers are Hugging Face's. ``stats``: a mixture-of-experts layer's routing statistics
-    (``SparseMoE``), None for a dense one; returned rather than kept so that activation checkpointing
-    and FSDP's hooks see them as the layer's outputs.
+    (``SparseMoE``; of the ``routed`` tokens), None for a dense one; returned rather than kept so that
+    activation checkpointing and FSDP's hooks see them as the layer's outputs.
 
     The MLP lives under ``cfg.ffn_name`` (``mlp``; Mixtral's ``block_sparse_moe``); ``ffn`` is it."""
 
@@ -494,12 +502,12 @@ class Block(nn.Module):
         return self.ffn.mlps() if isinstance(self.ffn, SparseMoE) else [self.ffn]
 
     def forward(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                fast: bool = False, docs: DocumentMask | None = None):
+                fast: bool = False, docs: DocumentMask | None = None, routed: torch.Tensor | None = None):
         h, y = add_then_norm(self.input_layernorm, h, pending, fast)
         a = self.self_attn(y, cos, sin, fast, docs)
         h, y = add_then_norm(self.post_attention_layernorm, h, a, fast)
         if isinstance(self.ffn, SparseMoE):
-            return (h, *self.ffn(y, fast))
+            return (h, *self.ffn(y, fast, routed))
         return h, self.ffn(y, fast), None
 
 
@@ -591,6 +599,7 @@ class Transformer(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
         self.last_router_z_loss: torch.Tensor | None = None
+        self.last_balance_loss: torch.Tensor | None = None  # (the weighted terms, with their graph: forward)
         self.router_aux_sync = False  # count expert choices over every rank (router_aux_loss)
         self.aux_targets: float | None = None  # (forward's "sum": the targets the balance term stands for)
         self.model = Decoder(config)
@@ -764,8 +773,10 @@ class Transformer(nn.Module):
             mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
         return DocumentMask(documents, mask), cos[pos], sin[pos]
 
-    def hidden_states(self, input_ids: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
-        """Final normed hidden states [B, T, hidden] (before the output projection)."""
+    def hidden_states(self, input_ids: torch.Tensor, documents: Documents | None = None,
+                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, hidden] (before the output projection); ``lengths``:
+        ``forward``'s (the routing statistics' tokens)."""
         fast = self.use_fast(input_ids)
         T = self.sequence_length(input_ids)
         h = self.model.embed_tokens(input_ids)
@@ -787,6 +798,7 @@ class Transformer(nn.Module):
             cos, sin = cos[pos], sin[pos]
         elif documents is not None:
             docs, cos, sin = self._document_mask(input_ids, documents, fast, cos, sin)
+        routed = self._routed(input_ids, lengths)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         pending = None  # each layer's MLP output, added by the next layer's fused add + norm
         stats = []  # mixture-of-experts layers' routing statistics
@@ -794,32 +806,56 @@ class Transformer(nn.Module):
             if recompute:
                 extra = ({"context_fn": selective_checkpoint} if self.gradient_checkpointing == "selective"
                          else {})
-                h, pending, s = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast, docs,
+                h, pending, s = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast, docs, routed,
                                                                   use_reentrant=False, **extra)
             else:
-                h, pending, s = layer(h, pending, cos, sin, fast, docs)
+                h, pending, s = layer(h, pending, cos, sin, fast, docs, routed)
             if s is not None:
                 stats.append(s)
         self.router_stats = stats
         return add_then_norm(self.model.norm, h, pending, fast)[1]
 
+    def _routed(self, input_ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B, L]`` bool: which tokens of the rows the split blocks see (this context-parallel rank's
+        positions; under sequence parallelism its group's chunks together) lie inside ``lengths``; None
+        for all of them, or for a dense model (nothing routes)."""
+        if lengths is None or not self.config.is_moe:
+            return None
+        L, cp = self._context_local_length(input_ids), self.context_parallel
+        pos = cp.positions(L, input_ids.device) if cp is not None else torch.arange(L, device=input_ids.device)
+        return pos[None, :] < lengths.to(input_ids.device)[:, None]
+
     def router_aux_loss(self) -> torch.Tensor | None:
         """The load-balancing loss of the last forward (None for a dense model): Switch Transformer's
         ``E * sum_e f_e * P_e`` over the tokens of every sparse layer together, f_e the fraction of
         top-k choices that went to expert e and P_e its mean router probability (Hugging Face's
-        ``load_balancing_loss_func`` without an attention mask).
+        ``load_balancing_loss_func``; with ``forward``'s ``lengths``, of the tokens inside them, as its
+        attention mask does).
 
         With ``router_aux_sync`` (set by the trainer under DDP/FSDP) f_e counts the choices of every
-        rank's tokens (one all-reduce of E numbers), P_e stays this rank's: the mean of the ranks'
-        losses, which is what averaging their gradients minimises, is then the loss of the whole
-        global micro-batch (with equal shares), as one process computes it; balance over the global
-        batch is also what the Qwen team recommends for MoE training (Qiu et al., 2025)."""
+        rank's tokens (one all-reduce of E numbers), and P_e sums this rank's probabilities over the
+        ranks' mean token count (``_counted_tokens``): the mean of the ranks' losses, which is what
+        averaging their gradients minimises, is then the loss of the whole global micro-batch as one
+        process computes it, equal shares of tokens or not; balance over the global batch is also
+        what the Qwen team recommends for MoE training (Qiu et al., 2025)."""
         if not getattr(self, "router_stats", None):
             return None
         k = self.config.num_experts_per_tok
-        local, probs, _ = torch.stack(self.router_stats).sum(0)
+        probs = torch.stack(self.router_stats).sum(0)[1]
         counts = self.choice_counts().sum(0)  # (every rank's under router_aux_sync; no gradient flows)
-        return self.config.num_experts * torch.sum(counts / (counts.sum() / k) * (probs / (local.sum() / k)))
+        return self.config.num_experts * torch.sum(counts / (counts.sum() / k).clamp_min(1)
+                                                   * (probs / self._counted_tokens()))
+
+    def _counted_tokens(self) -> torch.Tensor:
+        """The tokens the last forward's routing statistics count, over its sparse layers together: this
+        rank's, or under ``router_aux_sync`` the mean over the ranks (a rank's share of the global sums
+        then weighs by its own tokens)."""
+        total = self.choice_counts().sum() / self.config.num_experts_per_tok
+        if self.router_aux_sync:
+            import torch.distributed as dist
+
+            total = total / dist.get_world_size()
+        return total.clamp_min(1)
 
     def choice_counts(self) -> torch.Tensor | None:
         """``[sparse layers, E]`` top-k choices per expert in the last forward: this rank's tokens', or
@@ -841,11 +877,11 @@ class Transformer(nn.Module):
 
     def router_z_loss(self) -> torch.Tensor | None:
         """ST-MoE's router z-loss of the last forward (None for a dense model): the mean over every sparse
-        layer's tokens of ``logsumexp(router logits)^2``, which keeps the router logits small."""
+        layer's tokens of ``logsumexp(router logits)^2``, which keeps the router logits small (the
+        counted tokens and the ranks' shares as in ``router_aux_loss``)."""
         if not getattr(self, "router_stats", None):
             return None
-        stats = torch.stack(self.router_stats).sum(0)
-        return stats[2].sum() / (stats[0].sum() / self.config.num_experts_per_tok).clamp_min(1)
+        return torch.stack(self.router_stats).sum(0)[2].sum() / self._counted_tokens()
 
     def expert_load(self) -> torch.Tensor | None:
         """How unevenly the last forward's sparse layers used their experts (None for a dense model):
@@ -860,7 +896,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", documents: Documents | None = None, teacher=None,
-                ends: torch.Tensor | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+                ends: torch.Tensor | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, vocab]``; with ``targets`` the next-token cross entropy instead (fp32;
         ``targets`` already shifted, -100 ignored; ``reduction`` "mean" over counted targets, "sum",
         "sequence": the sum of each row, ``[B]``, the negated log-likelihood of each row's targets; with
@@ -891,9 +928,19 @@ class Transformer(nn.Module):
         router z-loss (``router_z_loss``), to a "mean" loss, and to a "sum" loss once per counted target
         (so the sum divided by the count is the mean's objective); the
         loss itself is kept, detached, as ``last_aux_loss`` (also with the coefficient 0), with
-        ``last_expert_load`` (``expert_load``) and ``last_router_z_loss`` for the logs."""
-        out = self._forward(input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss)
-        if targets is None or not self.training or reduction not in ("mean", "sum"):
+        ``last_expert_load`` (``expert_load``) and ``last_router_z_loss`` for the logs. The weighted
+        terms together are ``last_balance_loss``, with their gradient: in a "mean" or "sum" loss; a
+        "sequence" or "none" loss (per row, per token) leaves them out, and an objective built on it
+        adds them itself (as TRL's preference and GRPO trainers add the model's ``aux_loss``; these
+        two measured only when gradients are on).
+
+        ``lengths`` (``[B]``): right-padded rows, each row's tokens from ``lengths[i]`` on being
+        padding, which the routing statistics leave out (as Hugging Face's attention mask does), so
+        that padded rows give the balance terms of the same sequences packed without padding."""
+        out = self._forward(input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss, lengths)
+        self.last_balance_loss = None
+        summed = reduction in ("mean", "sum")
+        if targets is None or not self.training or not (summed or torch.is_grad_enabled()):
             return out
         aux = self.router_aux_loss()
         if aux is None:
@@ -905,7 +952,9 @@ class Transformer(nn.Module):
         coef, z_coef = self.router_aux_loss_coef, self.router_z_loss_coef
         if not coef and not z_coef:
             return out
-        per = coef * aux + z_coef * z_router
+        per = self.last_balance_loss = coef * aux + z_coef * z_router
+        if not summed:
+            return out
         # a "sum" counts the term once per target: this call's targets, or under a trainer's parallel
         # run (aux_targets) the global micro-batch's over the equal shares of its token rows, since
         # the ranks' balance terms are each a share of the global one (router_aux_sync) whatever
@@ -916,7 +965,7 @@ class Transformer(nn.Module):
             return torch.cat([out[:1] + term, out[1:]])
         return out + term
 
-    def _forward(self, input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss):
+    def _forward(self, input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss, lengths):
         if self.sequence_length(input_ids) > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {self.sequence_length(input_ids)} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
@@ -936,7 +985,7 @@ class Transformer(nn.Module):
                 and reduction in ("mean", "sequence") and targets is not None:
             raise ValueError(f"reduction {reduction!r} under context or sequence parallelism: this rank holds a "
                              f"share of each row's positions; use 'sum' (or 'none') and combine over the group")
-        h = self.hidden_states(input_ids, documents)
+        h = self.hidden_states(input_ids, documents, lengths)
         vp = self.vocab_parallel
         if vp is not None:
             from apr_kernels.train.vocab_parallel import vocab_parallel_logits, vocab_parallel_losses
@@ -1012,10 +1061,11 @@ class Transformer(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
              documents: Documents | None = None, teacher=None, label_smoothing: float = 0.0,
-             z_loss: float = 0.0) -> torch.Tensor:
+             z_loss: float = 0.0, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token cross entropy in fp32 (``targets`` already shifted; -100 is ignored); with
         ``teacher``, ``[loss, ce, kl]`` of knowledge distillation (``forward``)."""
-        return self(input_ids, targets, reduction, documents, teacher, label_smoothing=label_smoothing, z_loss=z_loss)
+        return self(input_ids, targets, reduction, documents, teacher, label_smoothing=label_smoothing, z_loss=z_loss,
+                    lengths=lengths)
 
 
 def sequence_ends(lengths, width: int | None = None) -> torch.Tensor:

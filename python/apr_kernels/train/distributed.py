@@ -398,11 +398,11 @@ class _LossModule(torch.nn.Module):
         self.inner = model
 
     def forward(self, x, y, documents=None, reduction="mean", teacher=None, ends=None, label_smoothing=0.0,
-                z_loss=0.0):
+                z_loss=0.0, lengths=None):
         if y is None:  # a sequence classifier's scores (a reward model)
             return self.inner(x, documents=documents, ends=ends)
         return self.inner.loss(x, y, reduction=reduction, documents=documents, teacher=teacher,
-                               label_smoothing=label_smoothing, z_loss=z_loss)
+                               label_smoothing=label_smoothing, z_loss=z_loss, lengths=lengths)
 
 
 class Parallel:
@@ -460,11 +460,12 @@ class Parallel:
         return self.env.is_main
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, documents=None, reduction: str = "mean",
-             teacher=None, label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+             teacher=None, label_smoothing: float = 0.0, z_loss: float = 0.0, lengths=None) -> torch.Tensor:
         if self._wrapper is not None:
-            return self._wrapper(x, y, documents, reduction, teacher, label_smoothing=label_smoothing, z_loss=z_loss)
+            return self._wrapper(x, y, documents, reduction, teacher, label_smoothing=label_smoothing, z_loss=z_loss,
+                                 lengths=lengths)
         return self.module.loss(x, y, reduction=reduction, documents=documents, teacher=teacher,
-                                label_smoothing=label_smoothing, z_loss=z_loss)
+                                label_smoothing=label_smoothing, z_loss=z_loss, lengths=lengths)
 
     def __call__(self, x: torch.Tensor, documents=None, ends=None) -> torch.Tensor:
         """A sequence classifier's scores (``Transformer.forward(x, documents=, ends=)``) through the

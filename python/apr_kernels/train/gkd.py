@@ -38,7 +38,7 @@ import torch
 
 from .loop import TrainConfig
 from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, held_out, logger_for,
-                        packed, padded, parallel_for, run_command, settings_and_model, start_fields, tokenizer_for,
+                        packed, padded_inputs, parallel_for, run_command, settings_and_model, start_fields, tokenizer_for,
                         train_and_save)
 from .preference import answer_ids
 
@@ -133,17 +133,16 @@ class GKDTrainer(StepLoop):
         ``kd_ratio`` 1: loss = kl), through the model's DDP/FSDP wrapper."""
         from apr_kernels.model.distillation import Teacher
 
-        from .data import split_targets
-
+        lengths = None
         if self.padding_free:
             x, y, docs = packed(seqs)
-            docs = docs.to(self.device)
+            x, y, docs = x.to(self.device), y.to(self.device), docs.to(self.device)
         else:
-            (x, y), docs = split_targets(padded(seqs, self.eos)), None
-        x, y = x.to(self.device), y.to(self.device)
+            (x, y, lengths), docs = padded_inputs(seqs, self.eos, self.device), None
         with self._autocast():
             teacher = Teacher.of(self.teacher, x, docs, kd_ratio=1.0, temperature=1.0, beta=self.beta)
-            return (self.parallel or self.model).loss(x, y, reduction="sum", documents=docs, teacher=teacher)
+            return (self.parallel or self.model).loss(x, y, reduction="sum", documents=docs, teacher=teacher,
+                                                      lengths=lengths)
 
     def train_step(self) -> dict:
         c, par = self.cfg, self.parallel
@@ -164,21 +163,27 @@ class GKDTrainer(StepLoop):
         if par is not None:
             tokens = par.mean(tokens.to(self.device)).cpu() * self.world
         n = max(1.0, float(tokens[0]))
+        # a mixture-of-experts student: the "sum" loss holds its balance terms once per target; counted
+        # as n over the forwards and ranks, the step's objective holds their mean (StepLoop._balance)
+        self.model.aux_targets = n / (c.grad_accum * self.world)
         sums = torch.zeros(2, dtype=torch.float64)  # divergence, cross entropy
         for micro, seqs in enumerate(micro_batches):
             with par.grad_sync(micro == c.grad_accum - 1) if par is not None else contextlib.nullcontext():
                 parts = self._loss_sums(seqs)
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
                 (parts[0] * (self.world / n)).backward()
+            if self.router is not None:
+                self.router.add()
             sums += torch.stack([parts[0].detach(), parts[1]]).double().cpu()
         sums, grad_norm = self._finish_step(sums)
+        router, _ = self._router_logs()  # (the loss sums hold the balance terms)
         loss, ce = (sums / n).tolist()
         if not math.isfinite(loss):
             raise RuntimeError(f"gkd diverged: loss={loss} at step {self.step} (lower --lr?)")
         return {"step": self.step, "loss": loss, "ce": ce, "lr": lr,
                 "on_policy": sources.count("student") / len(sources),
                 "teacher_sampled": sources.count("teacher") / len(sources), "tokens": int(n),
-                "grad_norm": grad_norm, "s": time.perf_counter() - t0}
+                **router, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -489,10 +489,12 @@ class GRPOTrainer(StepLoop):
                         logps = sequence_logps(par or self.model, seqs[a:b], self.device, eos_id=self.tok.eos_id,
                                                padding_free=self.padding_free)
                     part = -(adv[a:b].to(logps.device, logps.dtype) * logps).sum()
+                part = part + self._balance(len(parts))
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
                 (part * self.world).backward()
             objective += part.detach().double().cpu()
         _, grad_norm = self._finish_step()
+        router, _ = self._router_logs()  # (the objective summed below holds the balance terms)
         # sums over this rank's completions and groups, then over all ranks
         std = rewards.std(1)
         lengths = torch.tensor(batch["lengths"], dtype=torch.float64)
@@ -518,7 +520,7 @@ class GRPOTrainer(StepLoop):
             per_token["teacher_kl"] = t_kl / max(n_kept, 1.0)
         return {"step": self.step, "loss": loss, "lr": lr, "reward": r_sum / n, "reward_std": std_sum / n_groups,
                 **per_function, **per_token, "frac_reward_zero_std": zero_std / n_groups,
-                "completion_len": n_len / n, "truncated": n_cut / n, "grad_norm": grad_norm,
+                "completion_len": n_len / n, "truncated": n_cut / n, **router, "grad_norm": grad_norm,
                 "s": time.perf_counter() - t0}
 
     @torch.no_grad()

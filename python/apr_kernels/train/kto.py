@@ -149,19 +149,21 @@ class KTOTrainer(StepLoop):
                 losses, rewards = kto_loss(pol, self.ref[index, 0].to(pol.device), kl, labels, self.beta,
                                            *self.weights, loss_type=self.loss_type)
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
-                (losses.sum() * (self.world / n)).backward()
+                ((losses.sum() / n + self._balance(c.grad_accum)) * self.world).backward()
             good = labels.to(rewards.device)
             sums += torch.stack([losses.detach().sum(), rewards[good].sum(), good.sum(), rewards[~good].sum(),
                                  (~good).sum()]).double().cpu()
             kl_total += float(kl)
         sums, grad_norm = self._finish_step(sums)
+        router, balance = self._router_logs()
         loss, good_sum, n_good, bad_sum, n_bad = sums.tolist()
+        loss = loss / n + balance
         if not math.isfinite(loss):
             raise RuntimeError(f"kto diverged: loss={loss} at step {self.step} (lower --lr?)")
-        return {"step": self.step, "loss": loss / n, "lr": lr, "kl": kl_total / c.grad_accum,
+        return {"step": self.step, "loss": loss, "lr": lr, "kl": kl_total / c.grad_accum,
                 "reward_desirable": good_sum / n_good if n_good else None,
                 "reward_undesirable": bad_sum / n_bad if n_bad else None,
-                "grad_norm": grad_norm, "s": time.perf_counter() - t0}
+                **router, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self) -> dict:

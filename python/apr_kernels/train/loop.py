@@ -359,6 +359,36 @@ class StepProfiler:
         self.prof.step()
 
 
+class RouterMeasures:
+    """A mixture-of-experts model's measures for a step's log: the means over the step's training
+    forwards and the ranks of its ``last_aux_loss``, ``last_expert_load`` and ``last_router_z_loss``
+    (``Transformer.forward``), kept on the device until ``means`` (one all-reduce under DDP/FSDP)."""
+
+    NAMES = ("aux_loss", "expert_load", "router_z_loss")
+
+    def __init__(self, model, device):
+        self.model, self.sums, self.forwards = model, torch.zeros(3, device=device), 0
+
+    def add(self) -> None:
+        """Count the model's last forward (a training forward: it measured them)."""
+        m = self.model
+        self.sums += torch.stack([m.last_aux_loss, m.last_expert_load, m.last_router_z_loss]).float()
+        self.forwards += 1
+
+    def means(self, parallel=None) -> dict[str, torch.Tensor]:
+        """The means (0-dim tensors) over the counted forwards, over every rank under ``parallel``; reset."""
+        sums = parallel.mean(self.sums) if parallel is not None else self.sums
+        out = dict(zip(self.NAMES, sums / max(self.forwards, 1)))
+        self.sums, self.forwards = torch.zeros_like(self.sums), 0
+        return out
+
+    def balance(self, means: dict) -> float:
+        """The balance terms the objective held, from the ``means``: the model's coefficients times the
+        mean load-balancing loss and router z-loss (a linear mean of each forward's terms)."""
+        return float(self.model.router_aux_loss_coef * means["aux_loss"]
+                     + self.model.router_z_loss_coef * means["router_z_loss"])
+
+
 class EvalWatch:
     """What ``--save-best`` and ``--early-stopping-patience`` follow, mixed into ``Trainer`` and the
     post-training ``StepLoop``: the best eval of a training step so far, ``best_eval = (value, step)``
@@ -520,9 +550,7 @@ class Trainer(EvalWatch):
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         parts = torch.zeros(2, device=self.device)  # distillation: the step's ce and kl sums
-        aux = torch.zeros((), device=self.device)  # mixture of experts: the micro-batches' load-balancing losses
-        load = torch.zeros((), device=self.device)  # and their expert loads (Transformer.expert_load)
-        zrouter = torch.zeros((), device=self.device)  # and router z-losses
+        router = RouterMeasures(self.model, self.device) if self._moe else None  # (mixture of experts)
         if self.teacher is not None:
             from apr_kernels.model.distillation import Teacher
         par = self.parallel
@@ -565,14 +593,12 @@ class Trainer(EvalWatch):
                 scaled = loss_sum * (world / n_targets)
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss_sum.detach()
-            if self._moe:
-                aux += self.model.last_aux_loss
-                load += self.model.last_expert_load
-                zrouter += self.model.last_router_z_loss
+            if router is not None:
+                router.add()
+        if router is not None:  # the means over micro-batches and ranks (the loss includes their terms)
+            router = router.means(par)
         if par is not None:
             total = par.total(total)  # the sum over ranks
-            if self._moe:
-                aux, load, zrouter = par.mean(aux), par.mean(load), par.mean(zrouter)
             if self.teacher is not None:
                 parts = par.total(parts)
         mean_loss = total / n_targets
@@ -596,10 +622,8 @@ class Trainer(EvalWatch):
             scalars["grad_norm"] = grad_norm
         if self.teacher is not None:
             scalars["ce"], scalars["kl"] = parts / n_targets
-        if self._moe:  # the means over micro-batches and ranks (the loss includes coef x aux)
-            scalars["aux_loss"] = aux / c.grad_accum
-            scalars["expert_load"] = load / c.grad_accum
-            scalars["router_z_loss"] = zrouter / c.grad_accum
+        if router is not None:
+            scalars.update(router)
         values = dict(zip(scalars, torch.stack([v.to(mean_loss.dtype) for v in scalars.values()]).tolist()))
         loss = values.pop("loss")
         dt = time.perf_counter() - t0

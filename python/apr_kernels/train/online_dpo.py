@@ -111,7 +111,7 @@ class OnlineDPOTrainer(GRPOTrainer):
                                                     ref[a:b, 1].to(pol.device), self.dpo_beta, loss_type=self.loss_kind,
                                                     lengths=lengths[a:b])
                 # the mean over the step's pairs (one per prompt, all ranks); DDP/FSDP average over ranks
-                (losses.sum() * (self.world / c.batch_size)).backward()
+                ((losses.sum() / c.batch_size + self._balance(len(spans))) * self.world).backward()
             sums[:5] += torch.stack([losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
                                      (chosen > rejected).sum()]).double().cpu()
         rows = torch.arange(len(pairs))
@@ -120,7 +120,9 @@ class OnlineDPOTrainer(GRPOTrainer):
                                  float(sum(batch["lengths"]))], dtype=torch.float64)
         cut = torch.tensor([float((1 - batch["finished"]).sum())], dtype=torch.float64)
         sums, grad_norm = self._finish_step(torch.cat([sums, cut]))
+        router, balance = self._router_logs()
         loss, reward_chosen, reward_rejected, margin, acc = (sums[:5] / c.batch_size).tolist()
+        loss += balance
         n = c.batch_size * g
         if not math.isfinite(loss):
             raise RuntimeError(f"online-dpo diverged: loss={loss} at step {self.step} (lower --lr?)")
@@ -128,7 +130,7 @@ class OnlineDPOTrainer(GRPOTrainer):
                 "reward_rejected": reward_rejected, "margin": margin, "reward_acc": acc,
                 "reward": float(sums[5]) / n, "score_chosen": float(sums[6]) / c.batch_size,
                 "score_rejected": float(sums[7]) / c.batch_size, "completion_len": float(sums[8]) / n,
-                "truncated": float(sums[9]) / n, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
+                "truncated": float(sums[9]) / n, **router, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
 
 def cmd_online_dpo(args) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .data import BatchStream, split_targets
-from .loop import EvalWatch, TrainConfig, autocast_dtype_for, make_optimizer
+from .loop import EvalWatch, RouterMeasures, TrainConfig, autocast_dtype_for, make_optimizer
 
 
 # ------------------------------------------------------------------ sequence log-likelihoods
@@ -35,6 +35,14 @@ def padded(seqs: list[list[int]], eos_id: int) -> torch.Tensor:
     for i, s in enumerate(seqs):
         rows[i, : len(s)] = torch.tensor(s)
     return rows
+
+
+def padded_inputs(seqs: list[list[int]], eos_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, y, lengths)`` on ``device``: the inputs and targets of the ``padded`` rows (``split_targets``)
+    and each row's inputs before its padding (``len - 1``: the tokens a packed row would hold, which
+    a mixture-of-experts model's routing statistics count; ``Transformer.forward``)."""
+    x, y = split_targets(padded(seqs, eos_id))
+    return x.to(device), y.to(device), torch.tensor([len(s) - 1 for s in seqs]).to(device)
 
 
 def packed(seqs: list[list[int]]):
@@ -57,8 +65,8 @@ def sequence_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding
     if padding_free:
         x, y, docs = packed(seqs)
         return -model.loss(x.to(device), y.to(device), reduction="sequence", documents=docs.to(device)).float()
-    x, y = split_targets(padded(seqs, eos_id))
-    return -model.loss(x.to(device), y.to(device), reduction="sequence").float()
+    x, y, lengths = padded_inputs(seqs, eos_id, device)
+    return -model.loss(x, y, reduction="sequence", lengths=lengths).float()
 
 
 def token_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding_free: bool = False) -> torch.Tensor:
@@ -69,8 +77,8 @@ def token_logps(model, seqs: list[list[int]], device, *, eos_id: int, padding_fr
         x, y, docs = packed(seqs)
         per = model.loss(x.to(device), y.to(device), reduction="none", documents=docs.to(device))
     else:
-        x, y = split_targets(padded(seqs, eos_id))
-        per = model.loss(x.to(device), y.to(device), reduction="none")
+        x, y, lengths = padded_inputs(seqs, eos_id, "cpu")
+        per = model.loss(x.to(device), y.to(device), reduction="none", lengths=lengths.to(device))
     where = (y.flatten() != -100).nonzero().squeeze(1).to(device)  # (found on the host: no sync)
     return -per.float().flatten()[where]
 
@@ -108,6 +116,31 @@ class StepLoop(EvalWatch):
         self.optimizer = make_optimizer(model, cfg)
         self.batches = BatchStream(n_data, seed=cfg.seed)
         self.step = 0
+        # a mixture-of-experts policy: its balance terms in the objective, its measures in the logs, the
+        # balance counted over the global micro-batch (Transformer.router_aux_loss)
+        self.router = RouterMeasures(model, self.device) if model.config.is_moe else None
+        if self.router is not None and parallel is not None and parallel.world_size > 1:
+            model.router_aux_sync = True
+
+    def _balance(self, forwards: int):
+        """This rank's share of the step's mixture-of-experts balance terms, from the policy's last
+        forward (``Transformer.last_balance_loss``, which a "sequence" or "none" loss leaves out): a
+        mean over the step's ``forwards`` policy forwards and over the ranks, to add to the objective
+        before its world-size scaling (as TRL's trainers add the model's ``aux_loss`` per forward).
+        0 for a dense model; the forward's measures are counted for the logs."""
+        if self.router is None:
+            return 0.0
+        self.router.add()
+        term = self.model.last_balance_loss
+        return 0.0 if term is None else term / (forwards * self.world)
+
+    def _router_logs(self) -> tuple[dict, float]:
+        """(the step's mixture-of-experts measures for its record, the balance terms its objective held:
+        0 for a dense model); every rank calls it (an all-reduce)."""
+        if self.router is None:
+            return {}, 0.0
+        means = self.router.means(self.parallel)
+        return {k: float(v) for k, v in means.items()}, self.router.balance(means)
 
     def _batch_logps(self, items) -> torch.Tensor:
         """``[N, k]`` log-likelihoods of the ``k`` marked sequences of each item (a DPO pair: chosen,

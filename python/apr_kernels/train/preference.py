@@ -256,20 +256,21 @@ class PreferenceTrainer(StepLoop):
                 pol = self._batch_logps([self.pairs[i] for i in index.tolist()])
                 losses, chosen, rejected = self.loss.pairs(pol, self.ref[index].to(pol.device), self.lengths[index])
                 nll = -pol[:, 0].sum()
-                objective = losses.sum() / n_pairs + self.loss.sft_weight * nll / n_tokens
+                objective = losses.sum() / n_pairs + self.loss.sft_weight * nll / n_tokens + self._balance(c.grad_accum)
                 # DDP/FSDP average gradients over the ranks: scaled by the world size, a sum over ranks
                 (objective * self.world).backward()
             sums += torch.stack([losses.detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
                                  (chosen > rejected).sum(), nll.detach()]).double().cpu()
         sums, grad_norm = self._finish_step(sums)
+        router, balance = self._router_logs()
         pref, reward_chosen, reward_rejected, margin, acc = (sums[:5] / n_pairs).tolist()
         chosen_nll = float(sums[5]) / n_tokens
-        loss = pref + self.loss.sft_weight * chosen_nll
+        loss = pref + self.loss.sft_weight * chosen_nll + balance
         if not math.isfinite(loss):
             raise RuntimeError(f"dpo diverged: loss={loss} at step {self.step} (lower --lr?)")
         return {"step": self.step, "loss": loss, "lr": lr, "reward_chosen": reward_chosen,
                 "reward_rejected": reward_rejected, "margin": margin, "reward_acc": acc, "chosen_nll": chosen_nll,
-                "grad_norm": grad_norm, "s": time.perf_counter() - t0}
+                **router, "grad_norm": grad_norm, "s": time.perf_counter() - t0}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
