@@ -709,16 +709,24 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
     return model
 
 
+def all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's ``t`` joined along ``dim`` in the rank order of ``group``, without autograd (a
+    functional collective: gloo and NCCL alike)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    # (all_gather_tensor is the older name, deprecated in favour of all_gather_single)
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    return funcol.wait_tensor(gather(t.contiguous(), dim, group))
+
+
 def gather_uneven(local: torch.Tensor, lengths: list[int], group=None) -> torch.Tensor:
     """Every rank's 1-D ``local`` (rank r's of ``lengths[r]`` elements) joined in rank order; a
     collective (padded to the longest part for one all-gather; a functional collective, so gloo and
     NCCL alike)."""
-    from torch.distributed import _functional_collectives as funcol
-
     pad = max(lengths)
     buf = torch.zeros(pad, dtype=local.dtype, device=local.device)
     buf[:local.numel()] = local
-    out = funcol.wait_tensor(funcol.all_gather_tensor(buf, 0, group or dist.group.WORLD))
+    out = all_gather(buf, 0, group or dist.group.WORLD)
     return torch.cat([out[r * pad:r * pad + n] for r, n in enumerate(lengths)])
 
 

@@ -92,7 +92,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from .distributed import check_group_size, full_tensor, rank_groups
+from .distributed import all_gather, check_group_size, full_tensor, rank_groups
 from .vocab_parallel import VocabParallelEmbedding
 
 # module attribute -> dimension of its weight that the ranks split (0: rows, column-parallel;
@@ -133,7 +133,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 1, group))
+        return all_gather(x, 1, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -151,7 +151,7 @@ class _Scatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return funcol.wait_tensor(funcol.all_gather_tensor(grad.contiguous(), 1, ctx.group)), None
+        return all_gather(grad, 1, ctx.group), None
 
 
 class _CountedOnce(torch.autograd.Function):
@@ -236,7 +236,7 @@ class TensorParallel:
 
     def gather(self, local: torch.Tensor, dim: int) -> torch.Tensor:
         """The whole tensor from every rank's part (a collective of the group)."""
-        parts = funcol.wait_tensor(funcol.all_gather_tensor(local.contiguous(), 0, self.group))
+        parts = all_gather(local, 0, self.group)
         return torch.cat(parts.chunk(self.size, 0), dim)
 
 

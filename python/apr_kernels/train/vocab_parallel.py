@@ -35,13 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
+from .distributed import all_gather
+
 if TYPE_CHECKING:
     from .tensor_parallel import TensorParallel
 
 
 def gather_positions(t: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """The whole rows of the group's chunks ``t`` ``[B, T/N, ...]`` (token ids, targets: no gradient)."""
-    return funcol.wait_tensor(funcol.all_gather_tensor(t.contiguous(), 1, tp.group))
+    return all_gather(t, 1, tp.group)
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -160,7 +162,7 @@ class _GatherVocab(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tp):
         ctx.tp = tp
-        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, tp.group))
+        return all_gather(x, x.dim() - 1, tp.group)
 
     @staticmethod
     def backward(ctx, grad):
