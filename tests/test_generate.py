@@ -314,7 +314,8 @@ def test_cli_eval_prompts_mean_reward_and_unbiased_pass_at_k(tmp_path, capsys):
     from apr_kernels.cli import main
     from apr_kernels.model import Transformer, pad_vocab, preset
     from apr_kernels.train.checkpoint import save_checkpoint
-    from apr_kernels.train.cli import byte_tokenizer, pass_at_k
+    from apr_kernels.train.cli import byte_tokenizer
+    from apr_kernels.train.evaluation import pass_at_k
 
     assert pass_at_k(5, 0, 1) == 0.0 and pass_at_k(5, 5, 3) == 1.0
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))

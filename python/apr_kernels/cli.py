@@ -14,7 +14,9 @@ import sys
 
 # module -> what it provides (in help order)
 COMMAND_MODULES = (
-    "apr_kernels.train.cli",    # demo, train, tokenize, eval, generate
+    "apr_kernels.train.cli",    # demo, train, tokenize
+    "apr_kernels.train.evaluation",  # eval
+    "apr_kernels.train.generation",  # generate, chat
     "apr_kernels.train.preference",  # dpo
     "apr_kernels.train.kto",    # kto
     "apr_kernels.train.reward", # reward

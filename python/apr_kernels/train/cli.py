@@ -1,9 +1,10 @@
-"""``apr-kernels train`` / ``eval`` / ``demo``.
+"""``apr-kernels train`` / ``tokenize`` / ``demo``, and what every command builds a run from (the
+tokenizer, the data, the model, checkpoints' housekeeping, shared options); ``eval`` is in
+``evaluation.py``, ``generate`` and ``chat`` in ``generation.py``.
 
     apr-kernels train --init model.apr --data corpus/ --steps 500 --out runs/ft
     apr-kernels train --preset qwen2_0_5b --tokenizer qwen2 --data corpus/ --out runs/scratch
     apr-kernels train --resume runs/ft/step_000100.apr
-    apr-kernels eval --init runs/ft/model.apr --data heldout/ --seq-len 256
     apr-kernels demo
     torchrun --nproc_per_node=8 -m apr_kernels train --init model.apr --data corpus/ --parallel fsdp
 
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -141,7 +140,7 @@ def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_di
                              text_field=field)
 
     def packed(tokens):
-        return pack_records(tokens, seq_len, _packing_eos(tokenizer)) if packing == "records" else tokens
+        return pack_records(tokens, seq_len, packing_eos(tokenizer)) if packing == "records" else tokens
 
     held_out = spec.get("eval_data")
     if spec.get("weights"):  # a mixture: one stream per source, held out from each by its weight
@@ -173,7 +172,7 @@ def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_di
                          max(1, eval_tokens // seq_len), where=", ".join(spec["data"]))
 
 
-def _packing_eos(tokenizer) -> int:
+def packing_eos(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None:
         raise ValueError("--packing records needs the tokenizer's end-of-text id (it ends each document and pads "
@@ -637,38 +636,6 @@ def _train(args, env, mode: str) -> int:
 
 
 # ------------------------------------------------------------------------------------- eval
-def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
-                  tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None,
-                  document_mask: bool | None = None, text_field: str = "text", with_bytes: bool = False):
-    """(mean next-token loss, target tokens) of an APR model on text data, and with ``with_bytes`` the
-    bytes of text those targets stand for (``data.target_bytes``). ``seq_len`` and ``document_mask``
-    default to the checkpoint's training settings (else 256 and off)."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
-
-    from .data import evaluate, find_text_files, pack_records, target_bytes, tokenize_files
-    from .loop import autocast_dtype_for
-
-    model = from_apr(init, device=pick_device(device), fast=fast)
-    tok = load_tokenizer(tokenizer, model.apr_metadata, init)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{init}: tokenizer")
-    stored = model.apr_metadata.get("training.config") or {}
-    seq_len = seq_len or int(stored.get("seq_len", 256))
-    if document_mask is None:
-        document_mask = bool(stored.get("document_mask", False))
-    eos_id = getattr(tok, "eos_id", None) if document_mask else None
-    if document_mask and eos_id is None:
-        raise ValueError(f"{init}: document masking needs the tokenizer's end-of-text id; this tokenizer has none")
-    tokens = tokenize_files(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1,
-                            text_field=text_field)
-    if stored.get("packing") == "records":  # evaluated in the layout it was trained in
-        tokens = pack_records(tokens, seq_len, _packing_eos(tok))
-    dev = next(model.parameters()).device
-    loss, n = evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
-                       autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), max_tokens=max_tokens,
-                       eos_id=eos_id)
-    return (loss, n, target_bytes(tokens, seq_len, tok, max_tokens)) if with_bytes else (loss, n)
-
-
 def cmd_tokenize(args) -> int:
     """``tokenize``: build, ahead of a job, the token cache entries that ``train`` with the same data
     arguments and tokenizer will map instead of tokenising (a login node filling a shared cache)."""
@@ -691,334 +658,6 @@ def cmd_tokenize(args) -> int:
     print(f"train_tokens={n_train} eval_tokens={held.numel()} seconds={time.perf_counter() - t0:.1f} "
           f"cache={cache_dir}")
     return 0
-
-
-def cmd_eval(args) -> int:
-    if pick_device(args.device).type == "cpu":
-        keep_freed_memory()
-    if args.choices:
-        return _eval_choices(args)
-    if args.pairs:
-        return _eval_pairs(args)
-    if args.prompts:
-        return _eval_prompts(args)
-    loss, n, n_bytes = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                     tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
-                                     fast=tristate(args.fast), document_mask=args.document_mask,
-                                     text_field=args.text_field, with_bytes=True)
-    if n == 0:
-        raise ValueError(f"{', '.join(args.data)}: no loss targets in the evaluated tokens (all of them are "
-                         f"prompt tokens of supervised records); evaluate more tokens (--max-tokens)")
-    # perplexity, and bits per byte: the total loss over the bytes of text scored (comparable across
-    # tokenizers; NaN when the targets stand for no text)
-    ppl = math.exp(loss) if loss < 700 else float("inf")
-    bpb = loss * n / (math.log(2) * n_bytes) if n_bytes else float("nan")
-    if args.json:
-        print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n, "perplexity": ppl, "bits_per_byte": bpb,
-                          "bytes": n_bytes}))
-    else:
-        print(f"perplexity={ppl:.4f} bits_per_byte={bpb:.6f} bytes={n_bytes}")
-        print(f"eval_loss={loss:.6f} tokens={n}")
-    return 0
-
-
-def _eval_choices(args) -> int:
-    """``eval --choices``: accuracy on multiple-choice records (``choices.py``); the last line is
-    ``acc=<float> acc_norm=<float> questions=<int>``."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
-
-    from .choices import read_choices, score_choices
-
-    records = read_choices(args.choices)  # (a bad record fails before the model loads)
-    model = from_apr(args.init, device=pick_device(args.device), fast=tristate(args.fast))
-    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    dev = next(model.parameters()).device
-    stored = model.apr_metadata.get("training.config") or {}
-    res = score_choices(model, records, tok, batch_size=args.batch_size, device=dev,
-                        autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev))
-    if args.json:
-        print(json.dumps({"event": "eval_choices", **{k: res[k] for k in ("acc", "acc_norm", "questions")}}))
-    else:
-        print(f"acc={res['acc']:.6f} acc_norm={res['acc_norm']:.6f} questions={res['questions']}")
-    return 0
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased estimate of pass@k from ``n`` samples of which ``c`` are correct (Chen et al.,
-    2021): ``1 - C(n - c, k) / C(n, k)``."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def _eval_prompts(args) -> int:
-    """``eval --prompts``: completions of prompt records scored by ``--reward`` (functions or reward
-    models, as ``grpo``'s): the mean reward, and with ``--num-samples N`` samples per prompt pass@k
-    for each ``--pass-k`` (a sample passes when its reward is at least ``--pass-threshold``). The last
-    line is ``reward=<float> pass@<k>=<float>... prompts=<int> samples=<int>``."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
-
-    from .grpo import read_prompts
-
-    n = args.num_samples
-    if not args.reward:
-        raise ValueError("eval --prompts scores completions; give --reward FILE.py:NAME or RM.apr")
-    if n < 1 or (n > 1 and args.temperature <= 0):
-        raise ValueError(f"eval: --num-samples {n} with --temperature {args.temperature}; expected 1 greedy "
-                         f"sample, or several sampled at a temperature > 0")
-    ks = sorted(set(args.pass_k or ([1, n] if n > 1 else [1])))
-    if any(k < 1 or k > n for k in ks):
-        raise ValueError(f"eval: --pass-k {ks}; expected values in [1, --num-samples {n}]")
-    dev = pick_device(args.device)
-    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
-    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    rewards = _reward_functions(args, model)
-    records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
-    total, passes = 0.0, {k: 0.0 for k in ks}
-    for part, lines in sampled_batches(model, tok, records, n, args):
-        scored = _scored(lines, part, n, rewards, args.reward_weights, "all")
-        total += sum(line["reward"] for line in scored)
-        for start in range(0, len(scored), n):
-            c = sum(line["reward"] >= args.pass_threshold for line in scored[start:start + n])
-            for k in ks:
-                passes[k] += pass_at_k(n, c, k)
-    res = {"reward": total / (len(records) * n), **{f"pass@{k}": passes[k] / len(records) for k in ks},
-           "prompts": len(records), "samples": n}
-    if args.json:
-        print(json.dumps({"event": "eval_prompts", **res}))
-    else:
-        print(" ".join(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
-    return 0
-
-
-def _eval_pairs(args) -> int:
-    """``eval --pairs`` of a reward model: the share of preference pairs it scores the chosen side
-    higher, the mean margin and the Bradley-Terry loss; the last line is ``accuracy=<float>
-    margin=<float> loss=<float> pairs=<int>``."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, load_classifier
-
-    from .reward import evaluate_pairs, read_pairs
-
-    dev = pick_device(args.device)
-    model = load_classifier(args.init, device=dev, fast=tristate(args.fast))
-    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    pairs, margins, dropped = read_pairs(args.pairs, tok, model.config.max_position_embeddings)
-    stored = model.apr_metadata.get("training.config") or {}
-    res = evaluate_pairs(model, pairs, margins, eos_id=tok.eos_id, batch_size=args.batch_size, device=dev,
-                         autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev))
-    res["dropped_too_long"] = dropped
-    if args.json:
-        print(json.dumps({"event": "eval_pairs", **res}))
-    else:
-        print(f"accuracy={res['accuracy']:.6f} margin={res['margin']:.6f} loss={res['loss']:.6f} pairs={res['pairs']}")
-    return 0
-
-
-def cmd_generate(args) -> int:
-    """``generate``: continue a prompt with a trained model (look at what a run learned)."""
-    from apr_kernels.model.generate import generate
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
-
-    from .data import document_bos
-
-    dev = pick_device(args.device)
-    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
-    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    if (args.reward or args.keep != "all") and not args.prompts:
-        raise ValueError("generate: --reward and --keep score a file of prompts; give --prompts FILE.jsonl")
-    if args.prompts:  # many prompts from JSON Lines, decoded in batches
-        return _generate_file(args, model, tok)
-    eos = getattr(tok, "eos_id", None)
-    stops = {eos} if eos is not None else set()
-    if args.chat:  # the prompt is a user message; the answer stops at the token closing the turn
-        from .chat import generation_prompt
-
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-            [{"role": "user", "content": args.prompt}]
-        text, close = generation_prompt(messages, tok)
-        prompt = tok.encode(text, special=True)
-        stops.add(close)
-    else:
-        prompt = tok.encode(args.prompt, special=False) if args.prompt else []
-        bos = document_bos(tok)
-        if bos is not None:  # documents start so in training
-            prompt = [bos] + prompt
-    if not prompt:  # an empty prompt starts a fresh document: what follows an end-of-text id in training
-        if eos is None:
-            raise ValueError(f"{args.init}: an empty --prompt needs the tokenizer's end-of-text id; give a prompt")
-        prompt = [eos]
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k or None, top_p=args.top_p, eos_id=stops or None, generator=gen,
-                   vocab_size=tok.vocab_size)[0].tolist()
-    new = ids[len(prompt):]
-    cut = next((i for i, t in enumerate(new) if t in stops), None)
-    if cut is not None:
-        new = new[:cut]
-    # the text the new tokens add to the prompt's (a SentencePiece decode of them alone would drop
-    # the space that starts the first)
-    completion = tok.decode(prompt + new)[len(tok.decode(prompt)):]
-    if args.json:
-        print(json.dumps({"event": "generate", "prompt": args.prompt, "completion": completion,
-                          "tokens": len(new)}))
-    else:
-        print(completion if args.chat else args.prompt + completion)
-    return 0
-
-
-def cmd_chat(args) -> int:
-    """``chat``: a conversation with a model on the terminal: each line of standard input is a user
-    turn, answered in the model's chat format with the whole conversation so far as the prompt
-    (``/reset`` starts over; an empty line or the end of input ends). Each answer is printed as one
-    line (newlines inside it kept as ``\\n`` when ``--json``: one JSON object per turn)."""
-    from apr_kernels.model.generate import generate
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
-
-    from .chat import generation_prompt
-
-    dev = pick_device(args.device)
-    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
-    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
-    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
-    gen = torch.Generator().manual_seed(args.seed)
-    for line in sys.stdin:
-        text = line.rstrip("\n")
-        if not text.strip():
-            break
-        if text.strip() == "/reset":
-            history = []
-            continue
-        history.append({"role": "user", "content": text})
-        prompt_text, close = generation_prompt(system + history, tok)
-        prompt = tok.encode(prompt_text, special=True)
-        if len(prompt) + args.max_new_tokens > model.config.max_position_embeddings:
-            raise ValueError(f"chat: the conversation ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} "
-                             f"exceeds the model's {model.config.max_position_embeddings} positions; /reset it")
-        stops = {close} | ({tok.eos_id} if getattr(tok, "eos_id", None) is not None else set())
-        ids = generate(model, torch.tensor([prompt]), args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k or None, top_p=args.top_p, eos_id=stops, generator=gen,
-                       vocab_size=tok.vocab_size)[0].tolist()
-        new = ids[len(prompt):]
-        cut = next((i for i, t in enumerate(new) if t in stops), None)
-        answer = tok.decode(prompt + (new if cut is None else new[:cut]))[len(tok.decode(prompt)):]
-        history.append({"role": "assistant", "content": answer})
-        print(json.dumps({"event": "chat", "user": text, "assistant": answer}) if args.json else answer, flush=True)
-    return 0
-
-
-def _generate_file(args, model, tok) -> int:
-    """``generate --prompts FILE.jsonl...``: ``--num-return-sequences`` completions of each record's
-    ``prompt`` (a string, continued as text, or a list of messages, answered in the chat format),
-    decoded ``--batch-size`` prompts at a time (left-padded, ``generate_batch``); one JSON line per
-    completion, the record with ``completion`` (a string, or ``[{"role": "assistant", ...}]``) and
-    ``sample`` added, to ``--output`` or stdout. Each prompt samples with a generator seeded by
-    ``--seed`` and its place in the files, so the batch size changes nothing.
-
-    With ``--reward`` (functions or reward model files, as ``grpo`` takes them, summed with
-    ``--reward-weights``) each line also gets its ``reward``, and ``--keep`` chooses what is written:
-    every completion (``all``), the best of each prompt's (``best``: best-of-N, rejection sampling's
-    supervised data) or its best and worst as a preference pair (``pairs``: ``{"prompt", "chosen",
-    "rejected"}`` with both rewards, for ``dpo`` or ``reward``; prompts whose completions all score
-    alike give none). Ties go to the lower sample number."""
-    from .grpo import read_prompts
-
-    n = args.num_return_sequences
-    if n < 1 or args.batch_size < 1:
-        raise ValueError(f"generate: --num-return-sequences {n} and --batch-size {args.batch_size}; expected >= 1")
-    if args.keep != "all" and not args.reward:
-        raise ValueError(f"generate: --keep {args.keep} needs --reward (the scores that choose)")
-    if args.keep == "pairs" and n < 2:
-        raise ValueError(f"generate: --keep pairs needs --num-return-sequences >= 2 (got {n})")
-    rewards = _reward_functions(args, model)
-    records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for part, lines in sampled_batches(model, tok, records, n, args):
-            for line in _scored(lines, part, n, rewards, args.reward_weights, args.keep):
-                out.write(json.dumps(line) + "\n")
-            out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return 0
-
-
-def _reward_functions(args, model) -> dict:
-    """``generate --reward``'s functions by name (``grpo.load_reward``; reward models on the model's
-    device, in bf16 on CUDA as the sampling runs)."""
-    if not args.reward:
-        if args.reward_weights:
-            raise ValueError("generate: --reward-weights needs --reward")
-        return {}
-    from .grpo import load_reward, reward_name
-
-    dev = model.model.embed_tokens.weight.device
-    return {reward_name(spec): load_reward(spec, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None)
-            for spec in args.reward}
-
-
-def sampled_batches(model, tok, records: list[dict], n: int, args):
-    """``(records, lines)`` of each batch of ``--batch-size`` prompt records: ``n`` completions of each,
-    decoded together (left-padded, ``generate_batch``; each prompt's generator seeded by ``--seed`` and
-    its place in the files), as lines ``{"prompt", **fields, "completion", "sample", "_ids"}``."""
-    from apr_kernels.model.generate import generate_batch
-
-    dev = model.model.embed_tokens.weight.device  # (sampling on the device: no copy to the host)
-    for start in range(0, len(records), args.batch_size):
-        part = records[start:start + args.batch_size]
-        gens = [(n, torch.Generator(dev).manual_seed(args.seed * 1_000_003 + start + k)) for k in range(len(part))]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            done = generate_batch(model, [r["ids"] for r in part for _ in range(n)], args.max_new_tokens,
-                                  stops=[r["stops"] for r in part for _ in range(n)], generators=gens,
-                                  temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                                  vocab_size=tok.vocab_size)
-        lines = []
-        for i, ids in enumerate(done):
-            r = part[i // n]
-            new = [t for t in ids if t not in r["stops"]]
-            # the text the new tokens add to the prompt's (SentencePiece: the first one's space)
-            text = tok.decode(r["ids"] + new)[len(tok.decode(r["ids"])):]
-            answer = [{"role": "assistant", "content": text}] if isinstance(r["prompt"], list) else text
-            lines.append({"prompt": r["prompt"], **r["fields"], "completion": answer, "sample": i % n, "_ids": new})
-        yield part, lines
-
-
-def _scored(lines: list[dict], records: list[dict], n: int, functions: dict, reward_weights, keep: str) -> list[dict]:
-    """The lines of one batch as ``--keep`` says (``_generate_file``), with their rewards."""
-    ids = [line.pop("_ids") for line in lines]
-    if not functions:
-        return lines
-    from .grpo import score
-
-    weights = list(reward_weights) if reward_weights else [1.0] * len(functions)
-    if len(weights) != len(functions):
-        raise ValueError(f"--reward-weights: {len(weights)} weight(s) for {len(functions)} reward function(s)")
-    total, table = score(functions, weights, [line["prompt"] for line in lines], [line["completion"] for line in lines],
-                         ids, [r["fields"] for r in records for _ in range(n)])
-    for k, line in enumerate(lines):
-        line["reward"] = float(total[k])
-        if len(functions) > 1:
-            line["rewards"] = {name: (None if v != v else v) for name, v in zip(functions, table[:, k].tolist())}
-    if keep == "all":
-        return lines
-    kept = []
-    for start in range(0, len(lines), n):
-        group = lines[start:start + n]
-        order = sorted(range(n), key=lambda k: (-group[k]["reward"], k))
-        best, worst = group[order[0]], group[order[-1]]
-        if keep == "best":
-            kept.append(best)
-        elif best["reward"] > worst["reward"]:
-            fields = {k: v for k, v in best.items() if k not in ("completion", "sample", "reward", "rewards")}
-            kept.append({**fields, "chosen": best["completion"], "rejected": worst["completion"],
-                         "chosen_reward": best["reward"], "rejected_reward": worst["reward"]})
-    return kept
 
 
 def compile_layers(model) -> None:
@@ -1044,7 +683,7 @@ def cmd_demo(args) -> int:
 
 
 # --------------------------------------------------------------------------------- parsers
-def _common(p: argparse.ArgumentParser) -> None:
+def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--fast", choices=("auto", "on", "off"), default="auto",
                    help="package kernels (on), eager PyTorch (off), or kernels on CUDA only (auto)")
@@ -1059,7 +698,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
     p.add_argument("--no-progress", action="store_true")
-    _common(p)
+    add_common_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = subparsers.add_parser("train", help="train or fine-tune a Llama/Qwen2 model; APR checkpoints")
@@ -1222,7 +861,7 @@ def register(subparsers) -> None:
                         "--context-parallel C, 1/N of each context-parallel rank's positions)")
     s.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective may wait for the other ranks before the job stops (600)")
-    _common(p)
+    add_common_options(p)
     p.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write the logged values as TensorBoard event files into DIR")
     p.add_argument("--wandb", metavar="PROJECT", default=None,
@@ -1245,85 +884,6 @@ def register(subparsers) -> None:
     p.add_argument("--text-field", default="text")
     p.add_argument("--token-cache", default=None, help="cache folder (default as for train)")
     p.set_defaults(func=cmd_tokenize)
-
-    p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text, its accuracy on "
-                                           "multiple-choice questions, or a reward model's on preference pairs")
-    p.add_argument("--init", required=True, help="APR model file")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", nargs="+", help="text, JSON Lines or Parquet files, or folders")
-    what.add_argument("--choices", nargs="+", metavar="FILE.jsonl",
-                      help="multiple-choice questions {'context', 'choices', 'answer'}: accuracy by log-likelihood "
-                           "(lm-evaluation-harness's acc and acc_norm)")
-    what.add_argument("--prompts", nargs="+", metavar="FILE.jsonl",
-                      help="prompts {'prompt': text or messages, ...}: the mean --reward of their completions, and "
-                           "pass@k with --num-samples")
-    what.add_argument("--pairs", nargs="+", metavar="FILE.jsonl",
-                      help="a reward model's accuracy on preference pairs {'prompt', 'chosen', 'rejected'} (the "
-                           "share with the chosen side scored higher)")
-    p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME|RM.apr", help="with --prompts: the scorers")
-    p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward")
-    p.add_argument("--num-samples", type=int, default=1, help="with --prompts: completions per prompt (default 1)")
-    p.add_argument("--pass-k", nargs="+", type=int, default=None, help="with --prompts: the k of pass@k "
-                                                                        "(default 1 and --num-samples)")
-    p.add_argument("--pass-threshold", type=float, default=1.0,
-                   help="with --prompts: a completion passes at a reward >= this (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="with --prompts: tokens per completion")
-    p.add_argument("--temperature", type=float, default=0.0, help="with --prompts: 0 greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="with --prompts: sample among the k most likely (0: all)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
-    p.add_argument("--text-field", default="text", help="the document field of .jsonl records (default text)")
-    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
-                   help="attend only within each document (default: as the checkpoint was trained)")
-    _common(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = subparsers.add_parser("generate", help="continue a prompt with an APR model (sampling, KV cache)")
-    p.add_argument("--init", required=True, help="APR model file")
-    p.add_argument("--prompt", default="", help="text to continue (default: a fresh document)")
-    p.add_argument("--prompts", nargs="+", metavar="FILE.jsonl",
-                   help="instead of --prompt: JSON Lines of {'prompt': text or messages, ...}; one JSON line per "
-                        "completion (the record plus 'completion' and 'sample')")
-    p.add_argument("--output", help="with --prompts: write the JSON lines here (default stdout)")
-    p.add_argument("--batch-size", type=int, default=16, help="with --prompts: prompts decoded together")
-    p.add_argument("--num-return-sequences", type=int, default=1, help="with --prompts: completions per prompt")
-    p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME|RM.apr",
-                   help="with --prompts: score each completion (reward functions or reward models, as grpo's)")
-    p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward (default 1)")
-    p.add_argument("--keep", choices=("all", "best", "pairs"), default="all",
-                   help="with --reward: every completion, each prompt's best (best-of-N), or its best and worst as a "
-                        "preference pair {'prompt', 'chosen', 'rejected'}")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set reaching p")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat", action="store_true",
-                   help="the prompt is a user message in the model's chat format (ChatML / Llama 3); print "
-                        "the answer, stopping at the end of the assistant's turn")
-    p.add_argument("--system", default=None, help="with --chat: a system message before the user's")
-    p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of the text")
-    p.set_defaults(func=cmd_generate)
-
-    p = subparsers.add_parser("chat", help="talk to an APR model on the terminal (one user turn per line)")
-    p.add_argument("--init", required=True, help="APR model file")
-    p.add_argument("--system", default=None, help="a system message before the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--json", action="store_true", help="one JSON object per turn")
-    p.set_defaults(func=cmd_chat)
-
 
 def main(argv=None) -> int:  # for tests: same as `apr-kernels ...`
     from apr_kernels.cli import main as root

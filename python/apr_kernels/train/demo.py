@@ -79,7 +79,8 @@ def run_demo(args) -> int:
     from apr_kernels.model.generate import generate
     from apr_kernels.tokenizer import Tokenizer
 
-    from .cli import evaluate_file, pick_device, run_training, tristate
+    from .cli import pick_device, run_training, tristate
+    from .evaluation import evaluate_file
     from .data import tokenize_files
 
     t0 = time.perf_counter()

@@ -1,0 +1,221 @@
+"""``apr-kernels eval``: what a trained model scores on held-out material.
+
+    apr-kernels eval --init runs/ft/model.apr --data heldout/ --seq-len 256
+    apr-kernels eval --init model.apr --choices arc.jsonl
+    apr-kernels eval --init model.apr --prompts math.jsonl --reward rewards.py:exact --num-samples 8
+    apr-kernels eval --init rm.apr --pairs pairs.jsonl
+
+* ``--data``: the mean next-token loss (``evaluate_file``, in the layout and with the document masking
+  the checkpoint was trained with), its perplexity and bits per byte; the last line is
+  ``eval_loss=<float> tokens=<int>``.
+* ``--choices``: multiple-choice accuracy by log-likelihood (``choices.py``).
+* ``--prompts``: completions scored by reward functions or models (``generation.sampled_batches``,
+  ``generation.scored``), the mean reward and pass@k.
+* ``--pairs``: a reward model's accuracy on preference pairs (``reward.evaluate_pairs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+from .cli import add_common_options, keep_freed_memory, load_tokenizer, packing_eos, pick_device, tristate
+from .generation import reward_functions, sampled_batches, scored
+from .loop import autocast_dtype_for
+
+
+def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
+                  tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None,
+                  document_mask: bool | None = None, text_field: str = "text", with_bytes: bool = False):
+    """(mean next-token loss, target tokens) of an APR model on text data, and with ``with_bytes`` the
+    bytes of text those targets stand for (``data.target_bytes``). ``seq_len`` and ``document_mask``
+    default to the checkpoint's training settings (else 256 and off)."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    from .data import evaluate, find_text_files, pack_records, target_bytes, tokenize_files
+    from .loop import autocast_dtype_for
+
+    model = from_apr(init, device=pick_device(device), fast=fast)
+    tok = load_tokenizer(tokenizer, model.apr_metadata, init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{init}: tokenizer")
+    stored = model.apr_metadata.get("training.config") or {}
+    seq_len = seq_len or int(stored.get("seq_len", 256))
+    if document_mask is None:
+        document_mask = bool(stored.get("document_mask", False))
+    eos_id = getattr(tok, "eos_id", None) if document_mask else None
+    if document_mask and eos_id is None:
+        raise ValueError(f"{init}: document masking needs the tokenizer's end-of-text id; this tokenizer has none")
+    tokens = tokenize_files(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1,
+                            text_field=text_field)
+    if stored.get("packing") == "records":  # evaluated in the layout it was trained in
+        tokens = pack_records(tokens, seq_len, packing_eos(tok))
+    dev = next(model.parameters()).device
+    loss, n = evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
+                       autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), max_tokens=max_tokens,
+                       eos_id=eos_id)
+    return (loss, n, target_bytes(tokens, seq_len, tok, max_tokens)) if with_bytes else (loss, n)
+
+
+def cmd_eval(args) -> int:
+    if pick_device(args.device).type == "cpu":
+        keep_freed_memory()
+    if args.choices:
+        return eval_choices(args)
+    if args.pairs:
+        return eval_pairs(args)
+    if args.prompts:
+        return eval_prompts(args)
+    loss, n, n_bytes = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                     tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
+                                     fast=tristate(args.fast), document_mask=args.document_mask,
+                                     text_field=args.text_field, with_bytes=True)
+    if n == 0:
+        raise ValueError(f"{', '.join(args.data)}: no loss targets in the evaluated tokens (all of them are "
+                         f"prompt tokens of supervised records); evaluate more tokens (--max-tokens)")
+    # perplexity, and bits per byte: the total loss over the bytes of text scored (comparable across
+    # tokenizers; NaN when the targets stand for no text)
+    ppl = math.exp(loss) if loss < 700 else float("inf")
+    bpb = loss * n / (math.log(2) * n_bytes) if n_bytes else float("nan")
+    if args.json:
+        print(json.dumps({"event": "eval", "eval_loss": loss, "tokens": n, "perplexity": ppl, "bits_per_byte": bpb,
+                          "bytes": n_bytes}))
+    else:
+        print(f"perplexity={ppl:.4f} bits_per_byte={bpb:.6f} bytes={n_bytes}")
+        print(f"eval_loss={loss:.6f} tokens={n}")
+    return 0
+
+
+def eval_choices(args) -> int:
+    """``eval --choices``: accuracy on multiple-choice records (``choices.py``); the last line is
+    ``acc=<float> acc_norm=<float> questions=<int>``."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    from .choices import read_choices, score_choices
+
+    records = read_choices(args.choices)  # (a bad record fails before the model loads)
+    model = from_apr(args.init, device=pick_device(args.device), fast=tristate(args.fast))
+    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    dev = next(model.parameters()).device
+    stored = model.apr_metadata.get("training.config") or {}
+    res = score_choices(model, records, tok, batch_size=args.batch_size, device=dev,
+                        autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev))
+    if args.json:
+        print(json.dumps({"event": "eval_choices", **{k: res[k] for k in ("acc", "acc_norm", "questions")}}))
+    else:
+        print(f"acc={res['acc']:.6f} acc_norm={res['acc_norm']:.6f} questions={res['questions']}")
+    return 0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``n`` samples of which ``c`` are correct (Chen et al.,
+    2021): ``1 - C(n - c, k) / C(n, k)``."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def eval_prompts(args) -> int:
+    """``eval --prompts``: completions of prompt records scored by ``--reward`` (functions or reward
+    models, as ``grpo``'s): the mean reward, and with ``--num-samples N`` samples per prompt pass@k
+    for each ``--pass-k`` (a sample passes when its reward is at least ``--pass-threshold``). The last
+    line is ``reward=<float> pass@<k>=<float>... prompts=<int> samples=<int>``."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+
+    from .grpo import read_prompts
+
+    n = args.num_samples
+    if not args.reward:
+        raise ValueError("eval --prompts scores completions; give --reward FILE.py:NAME or RM.apr")
+    if n < 1 or (n > 1 and args.temperature <= 0):
+        raise ValueError(f"eval: --num-samples {n} with --temperature {args.temperature}; expected 1 greedy "
+                         f"sample, or several sampled at a temperature > 0")
+    ks = sorted(set(args.pass_k or ([1, n] if n > 1 else [1])))
+    if any(k < 1 or k > n for k in ks):
+        raise ValueError(f"eval: --pass-k {ks}; expected values in [1, --num-samples {n}]")
+    dev = pick_device(args.device)
+    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
+    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    rewards = reward_functions(args, model)
+    records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
+    total, passes = 0.0, {k: 0.0 for k in ks}
+    for part, lines in sampled_batches(model, tok, records, n, args):
+        judged = scored(lines, part, n, rewards, args.reward_weights, "all")
+        total += sum(line["reward"] for line in judged)
+        for start in range(0, len(judged), n):
+            c = sum(line["reward"] >= args.pass_threshold for line in judged[start:start + n])
+            for k in ks:
+                passes[k] += pass_at_k(n, c, k)
+    res = {"reward": total / (len(records) * n), **{f"pass@{k}": passes[k] / len(records) for k in ks},
+           "prompts": len(records), "samples": n}
+    if args.json:
+        print(json.dumps({"event": "eval_prompts", **res}))
+    else:
+        print(" ".join(f"{k}={v:.6f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+    return 0
+
+
+def eval_pairs(args) -> int:
+    """``eval --pairs`` of a reward model: the share of preference pairs it scores the chosen side
+    higher, the mean margin and the Bradley-Terry loss; the last line is ``accuracy=<float>
+    margin=<float> loss=<float> pairs=<int>``."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, load_classifier
+
+    from .reward import evaluate_pairs, read_pairs
+
+    dev = pick_device(args.device)
+    model = load_classifier(args.init, device=dev, fast=tristate(args.fast))
+    tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
+    check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
+    pairs, margins, dropped = read_pairs(args.pairs, tok, model.config.max_position_embeddings)
+    stored = model.apr_metadata.get("training.config") or {}
+    res = evaluate_pairs(model, pairs, margins, eos_id=tok.eos_id, batch_size=args.batch_size, device=dev,
+                         autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev))
+    res["dropped_too_long"] = dropped
+    if args.json:
+        print(json.dumps({"event": "eval_pairs", **res}))
+    else:
+        print(f"accuracy={res['accuracy']:.6f} margin={res['margin']:.6f} loss={res['loss']:.6f} pairs={res['pairs']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="mean next-token loss of an APR model on text, its accuracy on "
+                                           "multiple-choice questions, or a reward model's on preference pairs")
+    p.add_argument("--init", required=True, help="APR model file")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", help="text, JSON Lines or Parquet files, or folders")
+    what.add_argument("--choices", nargs="+", metavar="FILE.jsonl",
+                      help="multiple-choice questions {'context', 'choices', 'answer'}: accuracy by log-likelihood "
+                           "(lm-evaluation-harness's acc and acc_norm)")
+    what.add_argument("--prompts", nargs="+", metavar="FILE.jsonl",
+                      help="prompts {'prompt': text or messages, ...}: the mean --reward of their completions, and "
+                           "pass@k with --num-samples")
+    what.add_argument("--pairs", nargs="+", metavar="FILE.jsonl",
+                      help="a reward model's accuracy on preference pairs {'prompt', 'chosen', 'rejected'} (the "
+                           "share with the chosen side scored higher)")
+    p.add_argument("--reward", nargs="+", metavar="FILE.py:NAME|RM.apr", help="with --prompts: the scorers")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, help="one weight per --reward")
+    p.add_argument("--num-samples", type=int, default=1, help="with --prompts: completions per prompt (default 1)")
+    p.add_argument("--pass-k", nargs="+", type=int, default=None, help="with --prompts: the k of pass@k "
+                                                                        "(default 1 and --num-samples)")
+    p.add_argument("--pass-threshold", type=float, default=1.0,
+                   help="with --prompts: a completion passes at a reward >= this (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="with --prompts: tokens per completion")
+    p.add_argument("--temperature", type=float, default=0.0, help="with --prompts: 0 greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="with --prompts: sample among the k most likely (0: all)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
+    p.add_argument("--text-field", default="text", help="the document field of .jsonl records (default text)")
+    p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
+                   help="attend only within each document (default: as the checkpoint was trained)")
+    add_common_options(p)
+    p.set_defaults(func=cmd_eval)
