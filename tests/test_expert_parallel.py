@@ -150,7 +150,7 @@ def _stub(rank: int, size: int):
 
 def test_each_rank_keeps_its_consecutive_experts_under_their_names():
     from apr_kernels.model import Transformer
-    from apr_kernels.model.transformer import RemoteExpert
+    from apr_kernels.model.moe import RemoteExpert
     from apr_kernels.train.expert_parallel import expert_parameters, global_parameters
 
     cfg = _moe_config("qwen2_moe", num_experts=4)

@@ -167,7 +167,7 @@ def apr_experts_forward(self, hidden_states, top_k_index, top_k_weights):
              and type(act).__name__ in ("SiLU", "SiLUActivation"))
     if not plain:
         return type(self).forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
-    from apr_kernels.model.transformer import combine_experts, sort_by_expert
+    from apr_kernels.model.moe import combine_experts, sort_by_expert
 
     ops = _ops()
     order, offs = sort_by_expert(top_k_index, self.num_experts)

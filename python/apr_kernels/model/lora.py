@@ -381,7 +381,7 @@ def whole_model_adapters(model) -> dict[str, tuple[LoRALinear, bool]]:
     """name -> (adapted projection, held) of the whole model in module order: ``lora_modules`` and,
     with expert parallelism, at each other rank's expert (``RemoteExpert``) its projections' names
     with a held expert's of the same layer standing in (shapes, scale), ``held`` False."""
-    from .transformer import Experts, RemoteExpert
+    from .moe import Experts, RemoteExpert
 
     out, template = {}, None
     for name, m in model.named_modules():

@@ -372,7 +372,7 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     mp = (MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
           if env.device.type == "cuda" else MixedPrecisionPolicy())
     if expert is not None:
-        from apr_kernels.model.transformer import Experts
+        from apr_kernels.model.moe import Experts
 
         n = expert.size
         if shard == env.world_size:

@@ -165,7 +165,7 @@ def groups(world_size: int, size: int, rank: int) -> ExpertParallel:
 
 def expert_parameters(model) -> list[torch.nn.Parameter]:
     """The parameters of the experts this rank holds (every sparse layer's)."""
-    from apr_kernels.model.transformer import SparseMoE
+    from apr_kernels.model.moe import SparseMoE
 
     return [p for m in model.modules() if isinstance(m, SparseMoE) for e in m.local_experts()
             for p in e.parameters()]
@@ -177,7 +177,7 @@ def global_parameters(model):
     expert, the rank of the first group that holds it, ``held`` whether this rank holds it too, and
     ``tensor`` this rank's copy or, held elsewhere, one of the same layer's experts' (a template of
     the shape and dtype)."""
-    from apr_kernels.model.transformer import RemoteExpert, SparseMoE
+    from apr_kernels.model.moe import RemoteExpert, SparseMoE
 
     spread = {f"{n}.experts.": m for n, m in model.named_modules()
               if isinstance(m, SparseMoE) and m.expert_parallel is not None}
