@@ -53,6 +53,13 @@ CASES = {
     "lora": (("qwen3_moe", {}), ["--lora-rank", "4", "--lr", "1e-2"], 2, 2, "ddp", []),
     "dora_fsdp": (("qwen2_moe", {"num_experts": 4}), ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2, 2,
                   "fsdp", []),
+    # with tensor parallelism (groups of 2 consecutive ranks; the expert-parallel groups ranks 2
+    # apart): each rank holds half of each of its experts (sequence parallelism and 8-bit AdamW
+    # too), and on 8 ranks with LoRA on every expert and a shared expert (the replicas 4 apart)
+    "qwen3_tp": (("qwen3_moe", {}), ["--optimizer", "adamw8bit"], 4, 2, "ddp",
+                 ["--tensor-parallel", "2", "--sequence-parallel"]),
+    "qwen2_tp_lora": (("qwen2_moe", {"num_experts": 4, "num_heads": 4, "num_kv_heads": 2}),
+                      ["--lora-rank", "4", "--lr", "1e-2"], 8, 2, "ddp", ["--tensor-parallel", "2"]),
     # QLoRA: every projection stored in APR_Q8 blocks, each rank holding its experts' blocks
     "qlora": (("qwen3_moe", {"hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 128}),
               ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"], 2, 2, "ddp", []),
@@ -89,6 +96,9 @@ def runs(tmp_path_factory):
     # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded
     runs["resumed_ep"] = (_spread(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), *resume],
                                   root / "resumed_ep", 2, "fsdp"), 4)
+    # and with each of them split over tensor-parallel pairs (DDP)
+    runs["resumed_ep_tp"] = (_spread(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), *resume,
+                                      "--tensor-parallel", "2"], root / "resumed_ep_tp", 2, "ddp"), 4)
     out = outputs(*launch_by_world(runs, root / "ranks"))
     # an expert-parallel sharded step checkpoint resumed in one process
     out["resumed_one"] = _resumed_here(root / "ep_qwen3_fsdp" / "step_000002.apr", root / "resumed_one")
@@ -137,6 +147,7 @@ def test_step_checkpoints_resume_across_expert_parallelism(runs):
     _, one, out = runs
     assert _losses(_records(out["resumed_lora"])) == pytest.approx(_losses(_records(one["lora"]))[2:], rel=1e-5)
     assert _losses(_records(out["resumed_ep"])) == pytest.approx(_losses(_records(one["qwen3"]))[2:], rel=1e-5)
+    assert _losses(_records(out["resumed_ep_tp"])) == pytest.approx(_losses(_records(one["qwen3"]))[2:], rel=1e-5)
     assert _losses(_records(out["resumed_one"])) == pytest.approx(_losses(_records(one["qwen3_fsdp"]))[2:],
                                                                   rel=1e-5)
 
@@ -357,18 +368,23 @@ def sampling_runs(tmp_path_factory):
         args[name][args[name].index("--init") + 1] = str(root / "plain.apr")
     args["gkd"] += ["--lmbda", "1.0"]  # (every micro-batch's completions sampled by the student)
     modes = {"grpo": "ddp", "rloo": "fsdp", "online": "ddp", "gkd": "ddp"}
-    one, out = against_one_process(
-        {name: (_spread(a, root / f"ep_{name}", 2, modes[name]), 2) for name, a in args.items()},
-        {name: [*a, "--out", str(root / f"one_{name}")] for name, a in args.items()}, root / "ranks")
+    runs = {name: (_spread(a, root / f"ep_{name}", 2, modes[name]), 2) for name, a in args.items()}
+    # GRPO with tensor parallelism too: 2 pairs of ranks, each pair decoding its prompts together,
+    # the experts spread over the pairs
+    runs["grpo_tp"] = (_spread([*args["grpo"], "--tensor-parallel", "2"], root / "ep_grpo_tp", 2, "ddp"), 4)
+    one, out = against_one_process(runs, {name: [*a, "--out", str(root / f"one_{name}")] for name, a in args.items()},
+                                   root / "ranks")
+    one["grpo_tp"] = one["grpo"]
     return root, one, out
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd"])
+@pytest.mark.parametrize("name", ["grpo", "rloo", "online", "gkd", "grpo_tp"])
 def test_sampling_commands_with_experts_spread_match_one_process(sampling_runs, name):
     root, one, out = sampling_runs
     want, got = _records(one[name]), _records(out[name])
     (start,) = [r for r in got if r["event"] == "start"]
-    assert start["expert_parallel"] == 2
+    assert start["expert_parallel"] == 2 and start.get("tensor_parallel") == (2 if name == "grpo_tp" else None)
+    name = name.removesuffix("_tp")
     keys = {"grpo": ("reward", "completion_len", "loss", "grad_norm", "kl"), "rloo": ("reward", "loss", "grad_norm"),
             "online": ("reward", "loss", "grad_norm"), "gkd": ("loss", "grad_norm")}[name]
     if name in ("grpo", "gkd"):  # (the policy's balance terms, in its objective)

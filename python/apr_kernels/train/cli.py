@@ -510,13 +510,14 @@ def _train(args, env, mode: str) -> int:
         from . import expert_parallel
 
         expert_parallel.check(args.expert_parallel, mode, args.lora_quantized_base, env.fsdp_shard)
-        ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank)
+        # (with --tensor-parallel N, each group takes one tensor-parallel rank of N-rank groups)
+        ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank, stride=args.tensor_parallel)
     tp = None  # tensor parallelism: likewise made before loading (each rank reads only its part)
     if args.tensor_parallel != 1:
         from . import tensor_parallel
 
         tensor_parallel.check(args.tensor_parallel, mode, fsdp_shard=env.fsdp_shard,
-                              expert_parallel=args.expert_parallel,
+                              expert_parallel=args.expert_parallel, quantized_base=args.lora_quantized_base,
                               compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
         tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank, args.sequence_parallel)
     elif args.sequence_parallel:
@@ -849,7 +850,7 @@ def register(subparsers) -> None:
     s.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                    help="with --parallel ddp or fsdp, a mixture-of-experts model's experts spread over groups of N "
                         "consecutive ranks (each holds num_experts/N of every layer; rows exchanged by all-to-all; "
-                        "default 1: off)")
+                        "with --tensor-parallel M under ddp: groups of ranks M apart; default 1: off)")
     s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="with --parallel ddp or fsdp, every layer's heads and MLP (or experts') rows split over "
                         "groups of N consecutive ranks (Megatron-LM's column/row-parallel layout: two all-reduces per layer "

@@ -476,10 +476,8 @@ class Parallel:
 
     def grad_sync(self, enabled: bool):
         """Context for one micro-batch: no gradient communication unless ``enabled`` (the last)."""
-        if enabled and self.expert is not None:
-            return self._expert_sync()
-        if enabled and self.sequence is not None:
-            return self._sequence_sync()
+        if enabled and (self.expert is not None or self.sequence is not None):
+            return self._finish_sync()
         if enabled or self.mode == "none":
             return contextlib.nullcontext()
         if self.mode == "ddp":
@@ -496,21 +494,20 @@ class Parallel:
         return fsdp_no_sync()
 
     @contextlib.contextmanager
-    def _expert_sync(self):
-        """The last micro-batch under expert parallelism: DDP/FSDP reduce the other parameters during
-        the backward, the experts' gradients are finished after it (``ExpertParallel.reduce_grads``:
-        summed over their replicas, or under FSDP already reduce-scattered over them)."""
+    def _finish_sync(self):
+        """The last micro-batch under expert or sequence parallelism: DDP/FSDP reduce the other
+        parameters during the backward; after it, the experts' gradients are finished
+        (``ExpertParallel.reduce_grads``: summed over their replicas, or under FSDP already
+        reduce-scattered over them), and under sequence parallelism the parameters outside the split
+        blocks (embedding, norms, output head), whose gradients each rank took from its own
+        positions, are summed over the tensor-parallel group."""
         yield
-        from .expert_parallel import expert_parameters
+        if self.expert is not None:
+            from .expert_parallel import expert_parameters
 
-        self.expert.reduce_grads(expert_parameters(self.module), sharded=self.mode == "fsdp")
-
-    @contextlib.contextmanager
-    def _sequence_sync(self):
-        """The last micro-batch under sequence parallelism: DDP/FSDP reduce over the replicas during
-        the backward; then the parameters outside the split blocks (embedding, norms, output head),
-        whose gradients each rank took from its own positions, are summed over the group."""
-        yield
+            self.expert.reduce_grads(expert_parameters(self.module), sharded=self.mode == "fsdp")
+        if self.sequence is None:
+            return
         from .tensor_parallel import sequence_split_parameters
 
         grads = [local_part(p.grad) for p in sequence_split_parameters(self.module) if p.grad is not None]
@@ -528,7 +525,13 @@ class Parallel:
 
             split = {id(p) for n, p in self.module.named_parameters() if n in split_dims(self.module)}
             if self.mode != "fsdp":
-                return clip_grad_norm(self.module.parameters(), split, max_norm, self.tensor)
+                experts = None
+                if self.expert is not None:  # (each rank holds its group's share of the experts)
+                    from .expert_parallel import expert_parameters
+
+                    experts = {id(p) for p in expert_parameters(self.module)}
+                return clip_grad_norm(self.module.parameters(), split, max_norm, self.tensor, experts=experts,
+                                      expert_group=self.expert.group if self.expert is not None else None)
             # the distinct parts: a whole-kept tensor's shards (its sharding ranks), a split one's over
             # the sharding group's ranks of every part (all ranks; under HSDP one group of fsdp_shard)
             sharding = shard_axis(self.module.model.norm.weight)[2]
@@ -830,11 +833,17 @@ class ShardGatherer:
         everything = list(global_parameters(model))
         from .tensor_parallel import Split, SplitBlocks, split_dims
 
-        # a parameter the tensor-parallel ranks split: joined from the group's parts
+        # a parameter the tensor-parallel ranks split: joined from the group's parts (an expert's
+        # held elsewhere: split as its template, a held one, is; then broadcast from its holder)
         split, tp = split_dims(model), model.tensor_parallel
+        dims = {id(p): split[n] for n, p in model.named_parameters() if n in split}
+
+        def item(t, p, owner, held):  # a parameter's (or its moment's) item
+            t = Split(t, dims[id(p)], tp) if id(p) in dims else t
+            return t if owner is None else OwnedTensor(t, owner, held)
+
         for name, p, owner, held in everything:
-            self.weights[name] = self._add(Split(p, split[name], tp) if name in split
-                                           else p if owner is None else OwnedTensor(p, owner, held))
+            self.weights[name] = self._add(item(p, p, owner, held))
         from apr_kernels.model.lora import QuantizedLoRALinear
 
         # quantised LoRA bases sharded by block (QLoRA), or split over tensor-parallel ranks (joined
@@ -856,27 +865,21 @@ class ShardGatherer:
         trained = {id(p) for g in opt.param_groups for p in g["params"]}
         for name, p, owner, held in everything:  # (a remote expert's: the structure of its template's)
             state = opt.state.get(p) if id(p) in trained else None
-
-            def part(t):  # an expert's moment (or 8-bit part), held by one rank of each group; a split one
-                if name in split:
-                    return Split(t, split[name], tp)
-                return t if owner is None else OwnedTensor(t, owner, held)
-
             if state and "momentum_buffer" in state:  # Muon (optim.py)
-                self.moments[name] = {"momentum_buffer": self._add(part(state["momentum_buffer"]))}
+                self.moments[name] = {"momentum_buffer": self._add(item(state["momentum_buffer"], p, owner, held))}
             elif state:
                 entry = self.moments[name] = {"step": int(state["step"])}
                 for key in ("exp_avg", "exp_avg_sq"):
                     m = state[key]
                     if not isinstance(m, Blockwise8bit):
-                        entry[key] = self._add(part(m))
+                        entry[key] = self._add(item(m, p, owner, held))
                         continue
                     # (FSDP: this rank's blocks; a split parameter's: joined as the whole's blocks)
                     pair = ((BlockShards(m.codes, p), BlockShards(m.absmax, p)) if _is_dtensor(p)
                             else (m.codes, m.absmax))
-                    if name in split:
-                        pair = SplitBlocks.pair(*pair, p.shape, split[name], tp)
-                    entry[key] = tuple(self._add(part(t) if name not in split else t) for t in pair)
+                    if id(p) in dims:
+                        pair = SplitBlocks.pair(*pair, p.shape, dims[id(p)], tp)
+                    entry[key] = tuple(self._add(t if owner is None else OwnedTensor(t, owner, held)) for t in pair)
 
     def _add(self, t) -> int:
         self.items.append(t.detach() if torch.is_tensor(t) else t)

@@ -55,6 +55,13 @@ holders in a node shard it and the nodes replicate it (a 2-D mesh of its own); c
 the squares within a node. A quantised LoRA base (QLoRA) works under DDP (each rank holds its
 experts' blocks; ``OwnedTensor`` items of their raw bytes for the checkpoint); under FSDP it is
 refused with a message (``check``).
+
+With tensor parallelism (``--tensor-parallel M``, DDP) a group takes the same tensor-parallel rank of
+N consecutive tensor-parallel groups (``groups(..., stride=M)``: ranks M apart): each rank holds
+its share of its experts, split like a dense MLP (``train/tensor_parallel.py``), and exchanges rows
+with the ranks holding the same share of the other experts, inside the layer's tensor-parallel
+enter / leave. An expert's checkpoint item joins its parts over the holding tensor-parallel groups
+first (``OwnedTensor`` of a ``tensor_parallel.Split``).
 """
 
 from __future__ import annotations
@@ -72,12 +79,18 @@ class ExpertParallel:
     """This rank's place in its expert-parallel group: ``size`` ranks, ``rank`` within them (the
     experts it holds); ``replicas``: the ranks holding the same experts (one per group)."""
 
-    def __init__(self, group, rank: int, size: int, replicas=None, world_size: int | None = None):
+    def __init__(self, group, rank: int, size: int, replicas=None, world_size: int | None = None, stride: int = 1):
         if size < 1 or not 0 <= rank < size:
             raise ValueError(f"expert parallel: rank {rank} of a group of {size}; expected 0 <= rank < size")
         self.group, self.rank, self.size = group, rank, size
         self.replicas = replicas  # process group of this rank's replicas, None when there is one group
+        # the data-parallel ranks (DDP's mean: every rank, or under tensor parallelism one per group)
         self.world_size = world_size or size
+        self.stride = stride  # the group's ranks are this far apart (tensor-parallel groups between them)
+
+    def owner_rank(self, index: int) -> int:
+        """The global rank of the first group's member ``index`` (its tensor-parallel group's first)."""
+        return index * self.stride
 
     # ------------------------------------------------------------------------- the exchange
     def dispatch(self, xs: torch.Tensor, counts: torch.Tensor,
@@ -152,15 +165,29 @@ class ExpertParallel:
         return total
 
 
-def groups(world_size: int, size: int, rank: int) -> ExpertParallel:
+def groups(world_size: int, size: int, rank: int, stride: int = 1) -> ExpertParallel:
     """Create the expert-parallel groups of ``size`` consecutive ranks and the replica groups (ranks
     ``r, r + size, ...``) (every rank must call this, in the same order); return this rank's
-    :class:`ExpertParallel`."""
-    if size < 1 or world_size % size:
-        raise ValueError(f"--expert-parallel {size} does not divide the world size {world_size}; expected a "
-                         f"divisor (the ranks form world / {size} groups of {size}, each holding every expert once)")
-    group, index, replicas = rank_groups(world_size, size, rank)
-    return ExpertParallel(group, index, size, replicas, world_size)
+    :class:`ExpertParallel`. ``stride`` N > 1 (tensor parallelism, groups of N consecutive ranks):
+    the groups' ranks are N apart (the same tensor-parallel rank of ``size`` consecutive groups,
+    each holding the same part of its experts), and the replicas ``size * N`` apart."""
+    if size < 1 or world_size % (size * stride):
+        parts = f"{size} groups of --tensor-parallel {stride}" if stride > 1 else str(size)
+        raise ValueError(f"--expert-parallel {size} does not divide the world size {world_size}"
+                         + (f" into {parts}" if stride > 1 else "") + f"; expected a divisor (the ranks form "
+                         f"world / {size * stride} groups, each holding every expert once)")
+    if stride == 1:
+        group, index, replicas = rank_groups(world_size, size, rank)
+        return ExpertParallel(group, index, size, replicas, world_size)
+    group, index, _ = rank_groups(world_size, size, rank, stride=stride)
+    replicas, block = None, size * stride
+    if world_size > block:
+        for first in range(block):  # (the ranks holding the same experts and the same part of them)
+            ranks = list(range(first, world_size, block))
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                replicas = g
+    return ExpertParallel(group, index, size, replicas, world_size // stride, stride)
 
 
 def expert_parameters(model) -> list[torch.nn.Parameter]:
@@ -191,13 +218,14 @@ def global_parameters(model):
             continue
         done.add(prefix)
         m = spread[prefix]
-        per = m.num_experts // m.expert_parallel.size
+        ep = m.expert_parallel
+        per = m.num_experts // ep.size
         template = dict(m.local_experts()[0].named_parameters())
         for e, expert in enumerate(m.experts):
             held = not isinstance(expert, RemoteExpert)
             mine = dict(expert.named_parameters()) if held else template
             for suffix in template:
-                yield f"{prefix}{e}.{suffix}", mine[suffix], e // per, held
+                yield f"{prefix}{e}.{suffix}", mine[suffix], ep.owner_rank(e // per), held
 
 
 def parameter_counts(model, expert, tensor=None) -> dict:
@@ -210,12 +238,13 @@ def parameter_counts(model, expert, tensor=None) -> dict:
     mine = list(model.named_parameters())
     everything = [(n, t) for n, t, _, _ in global_parameters(model)] if expert is not None else mine
     split = split_dims(model)
+    parts = {id(t) for n, t in mine if n in split}  # (another rank's expert: as its template, a held one)
 
-    def whole(name, t):
-        return t.numel() * (tensor.size if name in split else 1)
+    def whole(t):
+        return t.numel() * (tensor.size if id(t) in parts else 1)
 
-    out = {"params": sum(whole(n, t) for n, t in everything),
-           "trainable": sum(whole(n, t) for n, t in everything if t.requires_grad)}
+    out = {"params": sum(whole(t) for _, t in everything),
+           "trainable": sum(whole(t) for _, t in everything if t.requires_grad)}
     if expert is not None or tensor is not None:
         out["params_rank"] = sum(t.numel() for _, t in mine)
     if expert is not None:
@@ -230,9 +259,11 @@ def parameter_counts(model, expert, tensor=None) -> dict:
 
 class OwnedTensor:
     """A tensor one rank of each expert-parallel group holds, for the checkpoint (an expert's weight
-    or moment: a tensor, an FSDP DTensor or ``distributed.BlockShards``): ``gather()`` (a collective
-    of every rank) makes it whole where it is held (under FSDP: gathered over its replicas) and
-    broadcasts it from ``owner``; the others receive it into a buffer of the template's shape."""
+    or moment: a tensor, an FSDP DTensor, ``distributed.BlockShards``, or under tensor parallelism
+    this rank's part, ``tensor_parallel.Split`` / ``SplitBlocks``): ``gather()`` (a collective of
+    every rank) makes it whole where it is held (under FSDP: gathered over its replicas; a part:
+    joined over its tensor-parallel group) and broadcasts it from ``owner``; the others receive it
+    into a buffer of the template's (whole) shape."""
 
     def __init__(self, t, owner: int, held: bool, dtype=None, shape=None):
         self.t, self.owner, self.held = t.detach() if torch.is_tensor(t) else t, owner, held
@@ -245,10 +276,15 @@ class OwnedTensor:
             buf = full_tensor(self.t) if torch.is_tensor(self.t) else self.t.gather()  # (BlockShards)
             buf = buf.clone() if buf is self.t else buf
         else:
-            device = self.t.device if torch.is_tensor(self.t) else self.t.local.device
-            buf = torch.empty(self.buffer[1], dtype=self.buffer[0], device=device)
+            buf = torch.empty(self.buffer[1], dtype=self.buffer[0], device=_device(self.t))
         dist.broadcast(buf, src=self.owner)
         return buf
+
+
+def _device(item) -> torch.device:
+    """The device of a checkpoint item: a tensor's, or the tensor it wraps (``BlockShards.local``,
+    ``Split.t``, ``SplitBlocks.t``)."""
+    return item.device if torch.is_tensor(item) else _device(item.local if hasattr(item, "local") else item.t)
 
 
 def check(size: int, mode: str, quantized_base: bool = False, fsdp_shard: int = 0) -> None:

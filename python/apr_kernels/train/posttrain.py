@@ -450,7 +450,9 @@ def expert_group(args, env, mode: str):
         from . import expert_parallel
 
         expert_parallel.check(n, mode, quantized_base=args.lora_quantized_base, fsdp_shard=env.fsdp_shard)
-        args._expert_group = expert_parallel.groups(env.world_size, n, env.rank)
+        # (with --tensor-parallel N, each group takes one tensor-parallel rank of N-rank groups)
+        args._expert_group = expert_parallel.groups(env.world_size, n, env.rank,
+                                                    stride=getattr(args, "tensor_parallel", 1))
     return args._expert_group
 
 
@@ -462,7 +464,8 @@ def tensor_group(args, env, mode: str):
     if getattr(args, "_tensor_group", None) is None:
         from . import tensor_parallel
 
-        tensor_parallel.check(n, mode, fsdp_shard=env.fsdp_shard, expert_parallel=getattr(args, "expert_parallel", 1))
+        tensor_parallel.check(n, mode, fsdp_shard=env.fsdp_shard, expert_parallel=getattr(args, "expert_parallel", 1),
+                              quantized_base=args.lora_quantized_base)
         args._tensor_group = tensor_parallel.groups(env.world_size, n, env.rank)
     return args._tensor_group
 

@@ -81,7 +81,11 @@ of its hidden states taken); under a vocabulary split the loss runs on each rank
 models' logits (``vocab_parallel.vocab_parallel_distillation``). The vocabulary split itself (the
 embedding, head, losses and gathered logits) is ``vocab_parallel.py``.
 
-Not combined (refused with a message, ``check``): expert parallelism.
+With expert parallelism (DDP): each expert-parallel group takes the same tensor-parallel rank of
+consecutive groups (ranks N apart); a rank's experts are split like a dense MLP, the rows go to
+their experts' ranks inside the layer's enter / leave, and the checkpoint joins an expert's parts
+where it is held before broadcasting it (``expert_parallel.OwnedTensor`` of a ``Split``). Refused
+(``check``): that under FSDP, and with a quantised LoRA base.
 """
 
 from __future__ import annotations
@@ -279,7 +283,7 @@ def split_dims(model) -> dict[str, int]:
 def sequence_split_parameters(model) -> list:
     """The parameters used outside the split blocks (embedding, the layers' and the final norms, the
     output or score head): under sequence parallelism each rank's gradient of them covers only its
-    positions (``Parallel._sequence_sync`` sums them over the group)."""
+    positions (``Parallel._finish_sync`` sums them over the group)."""
     split = split_dims(model)  # (the embedding and head split by vocabulary see every position)
     inside = (".self_attn.", ".mlp.", ".block_sparse_moe.")  # (the attention and the MLP or experts)
     return [p for name, p in model.named_parameters()
@@ -303,11 +307,13 @@ def check_config(cfg, size: int, where: str = "the model") -> None:
 
 
 def check(size: int, mode: str, *, fsdp_shard: int = 0, expert_parallel: int = 1,
-          compiled_selective: bool = False) -> None:
+          compiled_selective: bool = False, quantized_base: bool = False) -> None:
     """What ``--tensor-parallel size`` does not combine with, refused before anything is loaded.
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
-    against eager: full checkpointing compiled, and selective eager, are right)."""
+    against eager: full checkpointing compiled, and selective eager, are right). With
+    ``--expert-parallel`` (its groups N ranks apart, ``expert_parallel.groups``): under DDP only,
+    without a quantised LoRA base."""
     check_group_size("--tensor-parallel", size, mode)
     if fsdp_shard and fsdp_shard % size:
         raise ValueError(f"--fsdp-shard-size {fsdp_shard} with --tensor-parallel {size}: expected a multiple of "
@@ -315,7 +321,10 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, expert_parallel: int = 1
     refused = [(compiled_selective, "--compile and --grad-checkpointing selective together (the compiled "
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
-               (expert_parallel != 1, "--expert-parallel")]
+               (expert_parallel != 1 and mode == "fsdp", f"--expert-parallel {expert_parallel} under --parallel "
+                                                         f"fsdp (together they need --parallel ddp)"),
+               (expert_parallel != 1 and quantized_base, f"--expert-parallel {expert_parallel} and a quantised "
+                                                         f"LoRA base (--lora-quantized-base) together")]
     for bad, what in refused:
         if bad:
             _refuse(size, what)
@@ -327,11 +336,13 @@ def _refuse(size: int, what: str) -> None:
 
 
 def clip_grad_norm(params, split: set, max_norm: float, tp: TensorParallel, sharded_group=None,
-                   split_group=None) -> torch.Tensor:
+                   split_group=None, experts: set | None = None, expert_group=None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the whole model: the squares of the split parameters
     (ids in ``split``) summed over ``split_group`` (the tensor-parallel group; under FSDP every rank,
     under HSDP the ranks of one sharding group), the whole-kept ones' counted once (under FSDP summed
-    over ``sharded_group``, the ranks sharding them). Returns the norm."""
+    over ``sharded_group``, the ranks sharding them). With expert parallelism (DDP) the squares of
+    this rank's experts (ids in ``experts``) are first summed over ``expert_group``, whose ranks
+    hold the other experts (the same part of them). Returns the norm."""
     from .distributed import local_part
 
     params = [p for p in params if p.grad is not None]
@@ -343,8 +354,14 @@ def clip_grad_norm(params, split: set, max_norm: float, tp: TensorParallel, shar
     def squares(gs):
         return torch.stack([g.detach().float().square().sum() for g in gs]).sum() if gs else torch.zeros((), device=dev)
 
-    parts = squares([g for p, g in zip(params, grads) if id(p) in split])
-    whole = squares([g for p, g in zip(params, grads) if id(p) not in split])
+    experts = experts or set()
+    parts = squares([g for p, g in zip(params, grads) if id(p) in split and id(p) not in experts])
+    whole = squares([g for p, g in zip(params, grads) if id(p) not in split and id(p) not in experts])
+    if experts:  # (every expert's: its split parts', its whole-kept adapter factors')
+        held = torch.stack([squares([g for p, g in zip(params, grads) if id(p) in experts and id(p) in k])
+                            for k in (split, {id(p) for p in params if id(p) not in split})])
+        dist.all_reduce(held, group=expert_group)
+        parts, whole = parts + held[0], whole + held[1]
     dist.all_reduce(parts, group=split_group or tp.group)
     if sharded_group is not None:
         dist.all_reduce(whole, group=sharded_group)
