@@ -55,11 +55,14 @@ CASES = {
                   "fsdp", []),
     # with tensor parallelism (groups of 2 consecutive ranks; the expert-parallel groups ranks 2
     # apart): each rank holds half of each of its experts (sequence parallelism and 8-bit AdamW
-    # too), and on 8 ranks with LoRA on every expert and a shared expert (the replicas 4 apart)
+    # too); on 8 ranks with LoRA on every expert and a shared expert (the replicas 4 apart); and
+    # sharded (FSDP on 8 ranks: each expert's part over its 2 replicas)
     "qwen3_tp": (("qwen3_moe", {}), ["--optimizer", "adamw8bit"], 4, 2, "ddp",
                  ["--tensor-parallel", "2", "--sequence-parallel"]),
     "qwen2_tp_lora": (("qwen2_moe", {"num_experts": 4, "num_heads": 4, "num_kv_heads": 2}),
                       ["--lora-rank", "4", "--lr", "1e-2"], 8, 2, "ddp", ["--tensor-parallel", "2"]),
+    "qwen3_tp_fsdp": (("qwen3_moe", {}), ["--grad-checkpointing"], 8, 2, "fsdp",
+                      ["--tensor-parallel", "2", "--sequence-parallel"]),
     # QLoRA: every projection stored in APR_Q8 blocks, each rank holding its experts' blocks
     "qlora": (("qwen3_moe", {"hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 128}),
               ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"], 2, 2, "ddp", []),
@@ -96,9 +99,9 @@ def runs(tmp_path_factory):
     # the one-process step checkpoint resumed on 4 ranks in 2 groups of 2, sharded
     runs["resumed_ep"] = (_spread(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), *resume],
                                   root / "resumed_ep", 2, "fsdp"), 4)
-    # and with each of them split over tensor-parallel pairs (DDP)
+    # and with each of them split over tensor-parallel pairs (sharded)
     runs["resumed_ep_tp"] = (_spread(["train", "--resume", str(root / "one_qwen3" / "step_000002.apr"), *resume,
-                                      "--tensor-parallel", "2"], root / "resumed_ep_tp", 2, "ddp"), 4)
+                                      "--tensor-parallel", "2"], root / "resumed_ep_tp", 2, "fsdp"), 4)
     out = outputs(*launch_by_world(runs, root / "ranks"))
     # an expert-parallel sharded step checkpoint resumed in one process
     out["resumed_one"] = _resumed_here(root / "ep_qwen3_fsdp" / "step_000002.apr", root / "resumed_one")

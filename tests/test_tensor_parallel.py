@@ -421,14 +421,14 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
         check(2, "none")
     with pytest.raises(ValueError, match=r"--fsdp-shard-size 3 with --tensor-parallel 2: expected a multiple of 2"):
         check(2, "fsdp", fsdp_shard=3)
-    for kw, what in [({"expert_parallel": 2}, "--expert-parallel 2 under --parallel fsdp .together they need "
-                                              "--parallel ddp."),
+    for kw, what in [({"expert_parallel": 2, "fsdp_shard": 4}, r"--expert-parallel 2 under --fsdp-shard-size \(HSDP\)"),
                      ({"expert_parallel": 2, "quantized_base": True, "mode": "ddp"},
                       "--expert-parallel 2 and a quantised LoRA base"),
                      ({"compiled_selective": True}, "--compile and --grad-checkpointing selective")]:
         with pytest.raises(ValueError, match=f"--tensor-parallel 2 does not combine with {what}"):
             check(2, kw.pop("mode", "fsdp"), **kw)
-    check(2, "ddp", expert_parallel=2)  # (together under DDP: test_expert_parallel.py)
+    check(2, "ddp", expert_parallel=2)  # (together under DDP and FSDP: test_expert_parallel.py)
+    check(2, "fsdp", expert_parallel=2)
     from apr_kernels.train.expert_parallel import groups
 
     with pytest.raises(ValueError, match="--expert-parallel 2 does not divide the world size 6 into 2 groups of "

@@ -850,7 +850,7 @@ def register(subparsers) -> None:
     s.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                    help="with --parallel ddp or fsdp, a mixture-of-experts model's experts spread over groups of N "
                         "consecutive ranks (each holds num_experts/N of every layer; rows exchanged by all-to-all; "
-                        "with --tensor-parallel M under ddp: groups of ranks M apart; default 1: off)")
+                        "with --tensor-parallel M: groups of ranks M apart; default 1: off)")
     s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="with --parallel ddp or fsdp, every layer's heads and MLP (or experts') rows split over "
                         "groups of N consecutive ranks (Megatron-LM's column/row-parallel layout: two all-reduces per layer "

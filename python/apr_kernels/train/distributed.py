@@ -349,7 +349,7 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     ``expert``: an ``expert_parallel.ExpertParallel`` whose experts this model already holds: each
     sparse layer's ``Experts`` is sharded first, over its replicas only (the ranks that hold the same
     experts; a mesh of one rank when there is one group; under HSDP those of this node, replicated
-    across the nodes). ``tensor``: a ``tensor_parallel.TensorParallel`` whose split this model already
+    across the nodes; with ``tensor`` the ranks holding the same part of them). ``tensor``: a ``tensor_parallel.TensorParallel`` whose split this model already
     has: each rank's tensors are sharded over the ranks holding the same parts (its replicas)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -375,7 +375,11 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
         from apr_kernels.model.moe import Experts
 
         n = expert.size
-        if shard == env.world_size:
+        if tensor is not None and tensor.size > 1:  # (the ranks holding the same part of the same experts)
+            m = tensor.size
+            replicas = init_device_mesh(env.device.type, (env.world_size // (n * m), n, m),
+                                        mesh_dim_names=("replica", "expert", "tensor"))["replica"]
+        elif shard == env.world_size:
             replicas = init_device_mesh(env.device.type, (env.world_size // n, n),
                                         mesh_dim_names=("replica", "expert"))["replica"]
         else:  # HSDP: an expert's replicas in this node shard it, the nodes' copies replicate it

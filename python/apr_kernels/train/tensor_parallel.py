@@ -81,11 +81,12 @@ of its hidden states taken); under a vocabulary split the loss runs on each rank
 models' logits (``vocab_parallel.vocab_parallel_distillation``). The vocabulary split itself (the
 embedding, head, losses and gathered logits) is ``vocab_parallel.py``.
 
-With expert parallelism (DDP): each expert-parallel group takes the same tensor-parallel rank of
+With expert parallelism: each expert-parallel group takes the same tensor-parallel rank of
 consecutive groups (ranks N apart); a rank's experts are split like a dense MLP, the rows go to
-their experts' ranks inside the layer's enter / leave, and the checkpoint joins an expert's parts
-where it is held before broadcasting it (``expert_parallel.OwnedTensor`` of a ``Split``). Refused
-(``check``): that under FSDP, and with a quantised LoRA base.
+their experts' ranks inside the layer's enter / leave (under FSDP each expert's part is sharded
+over the ranks holding the same part), and the checkpoint joins an expert's parts where it is held
+before broadcasting it (``expert_parallel.OwnedTensor`` of a ``Split``). Refused (``check``): that
+under HSDP (``--fsdp-shard-size``), and with a quantised LoRA base.
 """
 
 from __future__ import annotations
@@ -312,8 +313,8 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, expert_parallel: int = 1
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
     against eager: full checkpointing compiled, and selective eager, are right). With
-    ``--expert-parallel`` (its groups N ranks apart, ``expert_parallel.groups``): under DDP only,
-    without a quantised LoRA base."""
+    ``--expert-parallel`` (its groups N ranks apart, ``expert_parallel.groups``): not under HSDP,
+    nor with a quantised LoRA base."""
     check_group_size("--tensor-parallel", size, mode)
     if fsdp_shard and fsdp_shard % size:
         raise ValueError(f"--fsdp-shard-size {fsdp_shard} with --tensor-parallel {size}: expected a multiple of "
@@ -321,8 +322,8 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, expert_parallel: int = 1
     refused = [(compiled_selective, "--compile and --grad-checkpointing selective together (the compiled "
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
-               (expert_parallel != 1 and mode == "fsdp", f"--expert-parallel {expert_parallel} under --parallel "
-                                                         f"fsdp (together they need --parallel ddp)"),
+               (expert_parallel != 1 and bool(fsdp_shard), f"--expert-parallel {expert_parallel} under "
+                                                             f"--fsdp-shard-size (HSDP)"),
                (expert_parallel != 1 and quantized_base, f"--expert-parallel {expert_parallel} and a quantised "
                                                          f"LoRA base (--lora-quantized-base) together")]
     for bad, what in refused:
