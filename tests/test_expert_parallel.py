@@ -63,9 +63,12 @@ CASES = {
                       ["--lora-rank", "4", "--lr", "1e-2"], 8, 2, "ddp", ["--tensor-parallel", "2"]),
     "qwen3_tp_fsdp": (("qwen3_moe", {}), ["--grad-checkpointing"], 8, 2, "fsdp",
                       ["--tensor-parallel", "2", "--sequence-parallel"]),
-    # QLoRA: every projection stored in APR_Q8 blocks, each rank holding its experts' blocks
+    # QLoRA: every projection stored in APR_Q8 blocks, each rank holding its experts' blocks (with
+    # tensor parallelism too: its rows of gate/up, whose parts are whole blocks, and down whole)
     "qlora": (("qwen3_moe", {"hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 128}),
               ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"], 2, 2, "ddp", []),
+    "qlora_tp": (("qwen3_moe", {"hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 128}),
+                 ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"], 4, 2, "ddp", ["--tensor-parallel", "2"]),
 }
 
 
@@ -131,14 +134,16 @@ def test_expert_parallel_matches_one_process(runs, name):
             assert (a[key] != b[key]).float().mean() < 0.01, f"{name}: {key}"
 
 
-def test_quantised_expert_bases_written_block_for_block(runs):
-    """The QLoRA run's step checkpoint holds every expert's base as stored (each broadcast from its
-    holder): the same raw blocks as the one-process run's."""
+@pytest.mark.parametrize("name", ["qlora", "qlora_tp"])
+def test_quantised_expert_bases_written_block_for_block(runs, name):
+    """The QLoRA runs' step checkpoints hold every expert's base as stored (each broadcast from its
+    holder; split over tensor-parallel ranks: joined there first): the same raw blocks as the
+    one-process run's."""
     import apr_kernels
 
     root, _, _ = runs
-    with apr_kernels.open(root / "ep_qlora" / "step_000002.apr") as a, \
-            apr_kernels.open(root / "one_qlora" / "step_000002.apr") as b:
+    with apr_kernels.open(root / f"ep_{name}" / "step_000002.apr") as a, \
+            apr_kernels.open(root / f"one_{name}" / "step_000002.apr") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         blocks = [k for k in b.keys() if b.info(k).dtype == "APR_Q8"]
         assert "model.layers.1.mlp.experts.5.down_proj.weight" in blocks

@@ -422,8 +422,6 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--fsdp-shard-size 3 with --tensor-parallel 2: expected a multiple of 2"):
         check(2, "fsdp", fsdp_shard=3)
     for kw, what in [({"expert_parallel": 2, "fsdp_shard": 4}, r"--expert-parallel 2 under --fsdp-shard-size \(HSDP\)"),
-                     ({"expert_parallel": 2, "quantized_base": True, "mode": "ddp"},
-                      "--expert-parallel 2 and a quantised LoRA base"),
                      ({"compiled_selective": True}, "--compile and --grad-checkpointing selective")]:
         with pytest.raises(ValueError, match=f"--tensor-parallel 2 does not combine with {what}"):
             check(2, kw.pop("mode", "fsdp"), **kw)

@@ -517,7 +517,7 @@ def _train(args, env, mode: str) -> int:
         from . import tensor_parallel
 
         tensor_parallel.check(args.tensor_parallel, mode, fsdp_shard=env.fsdp_shard,
-                              expert_parallel=args.expert_parallel, quantized_base=args.lora_quantized_base,
+                              expert_parallel=args.expert_parallel,
                               compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
         tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank, args.sequence_parallel)
     elif args.sequence_parallel:

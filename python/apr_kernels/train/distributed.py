@@ -806,6 +806,21 @@ class SplitBase:
         return self.module.whole_base_raw()
 
 
+class WholeBaseRaw:
+    """The raw bytes of a split quantised base's whole tensor (``lora.QuantizedLoRALinear``), as an
+    expert's checkpoint item under expert and tensor parallelism (``expert_parallel.OwnedTensor``):
+    ``gather()`` joins the group's parts; ``dtype`` and ``shape`` those of the bytes."""
+
+    def __init__(self, module):
+        from apr_kernels._format import nbytes_for
+
+        self.module, self.t = module, module.base.data
+        self.dtype, self.shape = torch.uint8, (nbytes_for(module.base.dtype, module.whole_base_shape),)
+
+    def gather(self) -> torch.Tensor:
+        return self.module.whole_base_raw()
+
+
 class Gathered8bit:
     """An 8-bit moment for ``checkpoint.save_checkpoint``: its codes and scales as LazyTensors."""
 
@@ -862,8 +877,10 @@ class ShardGatherer:
         for name, (m, _) in whole_model_adapters(model).items():
             if isinstance(m, QuantizedLoRALinear) and f"{name}.lora_A" in owners:
                 owner, held = owners[f"{name}.lora_A"]
-                self.bases[f"{name}.weight"] = self._add(OwnedTensor(m.base.data, owner, held, m.base.dtype,
-                                                                     m.base.shape))
+                # (split over tensor-parallel ranks: the whole tensor's blocks joined where held)
+                raw = WholeBaseRaw(m) if m.base_split else m.base.data
+                self.bases[f"{name}.weight"] = self._add(OwnedTensor(raw, owner, held, m.base.dtype,
+                                                                     m.whole_base_shape))
         from .adamw8bit import Blockwise8bit
 
         trained = {id(p) for g in opt.param_groups for p in g["params"]}

@@ -56,13 +56,14 @@ the squares within a node. A quantised LoRA base (QLoRA) works under DDP (each r
 experts' blocks; ``OwnedTensor`` items of their raw bytes for the checkpoint); under FSDP it is
 refused with a message (``check``).
 
-With tensor parallelism (``--tensor-parallel M``; not under HSDP) a group takes the same tensor-parallel rank of
-N consecutive tensor-parallel groups (``groups(..., stride=M)``: ranks M apart): each rank holds
-its share of its experts, split like a dense MLP (``train/tensor_parallel.py``), and exchanges rows
-with the ranks holding the same share of the other experts, inside the layer's tensor-parallel
-enter / leave; under FSDP each part is sharded over the ranks holding it. An expert's checkpoint
-item joins its parts over the holding tensor-parallel groups first (``OwnedTensor`` of a
-``tensor_parallel.Split``).
+With tensor parallelism (``--tensor-parallel M``; not under HSDP) a group takes the same
+tensor-parallel rank of N consecutive tensor-parallel groups (``groups(..., stride=M)``: ranks M
+apart): each rank holds its share of its experts, split like a dense MLP
+(``train/tensor_parallel.py``), and exchanges rows with the ranks holding the same share of the
+other experts, inside the layer's tensor-parallel enter / leave; under FSDP each part is sharded
+over the ranks holding it. An expert's checkpoint item joins its parts over the holding
+tensor-parallel groups first (``OwnedTensor`` of a ``tensor_parallel.Split``, or of a quantised
+base's ``distributed.WholeBaseRaw``).
 """
 
 from __future__ import annotations

@@ -464,8 +464,7 @@ def tensor_group(args, env, mode: str):
     if getattr(args, "_tensor_group", None) is None:
         from . import tensor_parallel
 
-        tensor_parallel.check(n, mode, fsdp_shard=env.fsdp_shard, expert_parallel=getattr(args, "expert_parallel", 1),
-                              quantized_base=args.lora_quantized_base)
+        tensor_parallel.check(n, mode, fsdp_shard=env.fsdp_shard, expert_parallel=getattr(args, "expert_parallel", 1))
         args._tensor_group = tensor_parallel.groups(env.world_size, n, env.rank)
     return args._tensor_group
 

@@ -86,7 +86,7 @@ consecutive groups (ranks N apart); a rank's experts are split like a dense MLP,
 their experts' ranks inside the layer's enter / leave (under FSDP each expert's part is sharded
 over the ranks holding the same part), and the checkpoint joins an expert's parts where it is held
 before broadcasting it (``expert_parallel.OwnedTensor`` of a ``Split``). Refused (``check``): that
-under HSDP (``--fsdp-shard-size``), and with a quantised LoRA base.
+under HSDP (``--fsdp-shard-size``).
 """
 
 from __future__ import annotations
@@ -308,13 +308,12 @@ def check_config(cfg, size: int, where: str = "the model") -> None:
 
 
 def check(size: int, mode: str, *, fsdp_shard: int = 0, expert_parallel: int = 1,
-          compiled_selective: bool = False, quantized_base: bool = False) -> None:
+          compiled_selective: bool = False) -> None:
     """What ``--tensor-parallel size`` does not combine with, refused before anything is loaded.
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
     against eager: full checkpointing compiled, and selective eager, are right). With
-    ``--expert-parallel`` (its groups N ranks apart, ``expert_parallel.groups``): not under HSDP,
-    nor with a quantised LoRA base."""
+    ``--expert-parallel`` (its groups N ranks apart, ``expert_parallel.groups``): not under HSDP."""
     check_group_size("--tensor-parallel", size, mode)
     if fsdp_shard and fsdp_shard % size:
         raise ValueError(f"--fsdp-shard-size {fsdp_shard} with --tensor-parallel {size}: expected a multiple of "
@@ -323,9 +322,7 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, expert_parallel: int = 1
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
                                     "--grad-checkpointing full)"),
                (expert_parallel != 1 and bool(fsdp_shard), f"--expert-parallel {expert_parallel} under "
-                                                             f"--fsdp-shard-size (HSDP)"),
-               (expert_parallel != 1 and quantized_base, f"--expert-parallel {expert_parallel} and a quantised "
-                                                         f"LoRA base (--lora-quantized-base) together")]
+                                                             f"--fsdp-shard-size (HSDP)")]
     for bad, what in refused:
         if bad:
             _refuse(size, what)
