@@ -63,6 +63,9 @@ CASES = {
                       ["--lora-rank", "4", "--lr", "1e-2"], 8, 2, "ddp", ["--tensor-parallel", "2"]),
     "qwen3_tp_fsdp": (("qwen3_moe", {}), ["--grad-checkpointing"], 8, 2, "fsdp",
                       ["--tensor-parallel", "2", "--sequence-parallel"]),
+    # and HSDP: 2 nodes of 4 ranks, each node one expert-parallel pair of tensor-parallel pairs
+    "qwen3_tp_hsdp": (("qwen3_moe", {}), ["--batch-size", "8"], 8, 2, "fsdp",
+                      ["--tensor-parallel", "2", "--fsdp-shard-size", "4"]),
     # QLoRA: every projection stored in APR_Q8 blocks, each rank holding its experts' blocks (with
     # tensor parallelism too: its rows of gate/up, whose parts are whole blocks, and down whole)
     "qlora": (("qwen3_moe", {"hidden_size": 64, "moe_intermediate_size": 32, "intermediate_size": 128}),

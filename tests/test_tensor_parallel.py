@@ -421,12 +421,14 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
         check(2, "none")
     with pytest.raises(ValueError, match=r"--fsdp-shard-size 3 with --tensor-parallel 2: expected a multiple of 2"):
         check(2, "fsdp", fsdp_shard=3)
-    for kw, what in [({"expert_parallel": 2, "fsdp_shard": 4}, r"--expert-parallel 2 under --fsdp-shard-size \(HSDP\)"),
-                     ({"compiled_selective": True}, "--compile and --grad-checkpointing selective")]:
+    with pytest.raises(ValueError, match=r"--fsdp-shard-size 2 with --tensor-parallel 2 and --expert-parallel 2: "
+                                         r"expected a multiple of 4"):
+        check(2, "fsdp", fsdp_shard=2, expert_parallel=2)
+    for kw, what in [({"compiled_selective": True}, "--compile and --grad-checkpointing selective")]:
         with pytest.raises(ValueError, match=f"--tensor-parallel 2 does not combine with {what}"):
             check(2, kw.pop("mode", "fsdp"), **kw)
-    check(2, "ddp", expert_parallel=2)  # (together under DDP and FSDP: test_expert_parallel.py)
-    check(2, "fsdp", expert_parallel=2)
+    check(2, "ddp", expert_parallel=2)  # (together under DDP, FSDP and HSDP: test_expert_parallel.py)
+    check(2, "fsdp", expert_parallel=2, fsdp_shard=4)
     from apr_kernels.train.expert_parallel import groups
 
     with pytest.raises(ValueError, match="--expert-parallel 2 does not divide the world size 6 into 2 groups of "

@@ -377,8 +377,13 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
         n = expert.size
         if tensor is not None and tensor.size > 1:  # (the ranks holding the same part of the same experts)
             m = tensor.size
-            replicas = init_device_mesh(env.device.type, (env.world_size // (n * m), n, m),
-                                        mesh_dim_names=("replica", "expert", "tensor"))["replica"]
+            if shard == env.world_size:
+                replicas = init_device_mesh(env.device.type, (env.world_size // (n * m), n, m),
+                                            mesh_dim_names=("replica", "expert", "tensor"))["replica"]
+            else:  # HSDP: sharded over those in this node, replicated across the nodes
+                replicas = init_device_mesh(env.device.type, (env.world_size // shard, shard // (n * m), n, m),
+                                            mesh_dim_names=("replicate", "shard", "expert", "tensor"))[
+                    "replicate", "shard"]
         elif shard == env.world_size:
             replicas = init_device_mesh(env.device.type, (env.world_size // n, n),
                                         mesh_dim_names=("replica", "expert"))["replica"]

@@ -56,7 +56,7 @@ the squares within a node. A quantised LoRA base (QLoRA) works under DDP (each r
 experts' blocks; ``OwnedTensor`` items of their raw bytes for the checkpoint); under FSDP it is
 refused with a message (``check``).
 
-With tensor parallelism (``--tensor-parallel M``; not under HSDP) a group takes the same
+With tensor parallelism (``--tensor-parallel M``) a group takes the same
 tensor-parallel rank of N consecutive tensor-parallel groups (``groups(..., stride=M)``: ranks M
 apart): each rank holds its share of its experts, split like a dense MLP
 (``train/tensor_parallel.py``), and exchanges rows with the ranks holding the same share of the

@@ -85,8 +85,7 @@ With expert parallelism: each expert-parallel group takes the same tensor-parall
 consecutive groups (ranks N apart); a rank's experts are split like a dense MLP, the rows go to
 their experts' ranks inside the layer's enter / leave (under FSDP each expert's part is sharded
 over the ranks holding the same part), and the checkpoint joins an expert's parts where it is held
-before broadcasting it (``expert_parallel.OwnedTensor`` of a ``Split``). Refused (``check``): that
-under HSDP (``--fsdp-shard-size``).
+before broadcasting it (``expert_parallel.OwnedTensor`` of a ``Split``).
 """
 
 from __future__ import annotations
@@ -313,16 +312,19 @@ def check(size: int, mode: str, *, fsdp_shard: int = 0, expert_parallel: int = 1
     ``compiled_selective``: ``--compile`` with ``--grad-checkpointing selective``, whose compiled
     recomputation gives the MLP weights wrong gradients around the all-reduces (torch 2.13; checked
     against eager: full checkpointing compiled, and selective eager, are right). With
-    ``--expert-parallel`` (its groups N ranks apart, ``expert_parallel.groups``): not under HSDP."""
+    ``--expert-parallel`` (its groups N ranks apart, ``expert_parallel.groups``): under HSDP each
+    sharding group holds whole expert-parallel groups of tensor-parallel groups."""
     check_group_size("--tensor-parallel", size, mode)
     if fsdp_shard and fsdp_shard % size:
         raise ValueError(f"--fsdp-shard-size {fsdp_shard} with --tensor-parallel {size}: expected a multiple of "
                          f"{size} (each sharding group of ranks holds whole tensor-parallel groups)")
+    if fsdp_shard and fsdp_shard % (size * expert_parallel):
+        raise ValueError(f"--fsdp-shard-size {fsdp_shard} with --tensor-parallel {size} and --expert-parallel "
+                         f"{expert_parallel}: expected a multiple of {size * expert_parallel} (each sharding group "
+                         f"of ranks holds whole expert-parallel groups of tensor-parallel groups)")
     refused = [(compiled_selective, "--compile and --grad-checkpointing selective together (the compiled "
                                     "recomputation's gradients are wrong around the all-reduces; use either, or "
-                                    "--grad-checkpointing full)"),
-               (expert_parallel != 1 and bool(fsdp_shard), f"--expert-parallel {expert_parallel} under "
-                                                             f"--fsdp-shard-size (HSDP)")]
+                                    "--grad-checkpointing full)")]
     for bad, what in refused:
         if bad:
             _refuse(size, what)
