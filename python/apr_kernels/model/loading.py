@@ -240,9 +240,6 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     sharded = any(hasattr(t, "device_mesh") for t in params.values())  # (FSDP: DTensor parameters)
-    if sharded and quantized and model.expert_parallel is not None:
-        raise PreflightError(f"{p.path}: quantised LoRA bases with --expert-parallel need --parallel ddp (under fsdp "
-                             f"without --expert-parallel each rank keeps 1/N of their blocks)")
     with apr_kernels.open(p.path) as f, torch.no_grad():
         for name, m in quantized.items():
             stored = p.sources[name]
@@ -261,8 +258,10 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
 
                 from apr_kernels.train.distributed import shard_axis
 
-                # the ranks that shard the parameters (HSDP: this node's group) share the blocks too
-                group = next((a[2] for a in map(shard_axis, params.values()) if a is not None), None)
+                # the ranks that shard the module's parameters (HSDP: this node's; an expert's: its
+                # replicas, expert parallelism) share the blocks too
+                group = next((a[2] for a in map(shard_axis, [*m.parameters(), *params.values()]) if a is not None),
+                             None)
                 m.base = ShardedBlocks(info.dtype, shape, raw, device, group)
                 finite = blocks_finite(info.dtype, m.base.local, raw[:4])
             else:

@@ -509,7 +509,7 @@ def _train(args, env, mode: str) -> int:
     if args.expert_parallel != 1:
         from . import expert_parallel
 
-        expert_parallel.check(args.expert_parallel, mode, args.lora_quantized_base, env.fsdp_shard)
+        expert_parallel.check(args.expert_parallel, mode, fsdp_shard=env.fsdp_shard)
         # (with --tensor-parallel N, each group takes one tensor-parallel rank of N-rank groups)
         ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank, stride=args.tensor_parallel)
     tp = None  # tensor parallelism: likewise made before loading (each rank reads only its part)

@@ -812,14 +812,16 @@ class SplitBase:
 
 
 class WholeBaseRaw:
-    """The raw bytes of a split quantised base's whole tensor (``lora.QuantizedLoRALinear``), as an
-    expert's checkpoint item under expert and tensor parallelism (``expert_parallel.OwnedTensor``):
-    ``gather()`` joins the group's parts; ``dtype`` and ``shape`` those of the bytes."""
+    """The raw bytes of a split or sharded quantised base's whole tensor (``lora.QuantizedLoRALinear``),
+    as an expert's checkpoint item (``expert_parallel.OwnedTensor``): ``gather()`` joins the
+    tensor-parallel group's parts (each gathered over its FSDP shards first); ``dtype`` and ``shape``
+    those of the bytes."""
 
     def __init__(self, module):
         from apr_kernels._format import nbytes_for
 
-        self.module, self.t = module, module.base.data
+        base = module.base
+        self.module, self.t = module, base.local if isinstance(base, ShardedBlocks) else base.data
         self.dtype, self.shape = torch.uint8, (nbytes_for(module.base.dtype, module.whole_base_shape),)
 
     def gather(self) -> torch.Tensor:
@@ -882,8 +884,8 @@ class ShardGatherer:
         for name, (m, _) in whole_model_adapters(model).items():
             if isinstance(m, QuantizedLoRALinear) and f"{name}.lora_A" in owners:
                 owner, held = owners[f"{name}.lora_A"]
-                # (split over tensor-parallel ranks: the whole tensor's blocks joined where held)
-                raw = WholeBaseRaw(m) if m.base_split else m.base.data
+                # (split over tensor-parallel ranks, or sharded: the whole tensor's blocks joined where held)
+                raw = WholeBaseRaw(m) if m.base_split or isinstance(m.base, ShardedBlocks) else m.base.data
                 self.bases[f"{name}.weight"] = self._add(OwnedTensor(raw, owner, held, m.base.dtype,
                                                                      m.whole_base_shape))
         from .adamw8bit import Blockwise8bit

@@ -52,9 +52,9 @@ generation (``model/generate.py``) steps the group's ranks together until all of
 their experts (drawn in the whole model's order, so they are one process's; merged at the end
 through the same gathering). Under HSDP (``--fsdp-shard-size S``, N dividing S) an expert's
 holders in a node shard it and the nodes replicate it (a 2-D mesh of its own); clipping then sums
-the squares within a node. A quantised LoRA base (QLoRA) works under DDP (each rank holds its
-experts' blocks; ``OwnedTensor`` items of their raw bytes for the checkpoint); under FSDP it is
-refused with a message (``check``).
+the squares within a node. A quantised LoRA base (QLoRA): each rank holds its experts' blocks
+(under FSDP a ``distributed.ShardedBlocks`` over the experts' replicas, as their parameters are
+sharded); ``OwnedTensor`` items of their raw bytes for the checkpoint.
 
 With tensor parallelism (``--tensor-parallel M``) a group takes the same
 tensor-parallel rank of N consecutive tensor-parallel groups (``groups(..., stride=M)``: ranks M
@@ -289,12 +289,9 @@ def _device(item) -> torch.device:
     return item.device if torch.is_tensor(item) else _device(item.local if hasattr(item, "local") else item.t)
 
 
-def check(size: int, mode: str, quantized_base: bool = False, fsdp_shard: int = 0) -> None:
+def check(size: int, mode: str, fsdp_shard: int = 0) -> None:
     """What ``--expert-parallel size`` does not combine with, refused before anything is loaded."""
     check_group_size("--expert-parallel", size, mode)
     if fsdp_shard and fsdp_shard % size:
         raise ValueError(f"--expert-parallel {size} does not divide --fsdp-shard-size {fsdp_shard}; expected each "
                          f"expert-parallel group inside one shard group (a node)")
-    if quantized_base and mode == "fsdp":
-        raise ValueError(f"--expert-parallel {size} with a quantised LoRA base (--lora-quantized-base) needs "
-                         f"--parallel ddp (under fsdp without --expert-parallel each rank keeps 1/N of the blocks)")

@@ -449,7 +449,7 @@ def expert_group(args, env, mode: str):
     if getattr(args, "_expert_group", None) is None:
         from . import expert_parallel
 
-        expert_parallel.check(n, mode, quantized_base=args.lora_quantized_base, fsdp_shard=env.fsdp_shard)
+        expert_parallel.check(n, mode, fsdp_shard=env.fsdp_shard)
         # (with --tensor-parallel N, each group takes one tensor-parallel rank of N-rank groups)
         args._expert_group = expert_parallel.groups(env.world_size, n, env.rank,
                                                     stride=getattr(args, "tensor_parallel", 1))
