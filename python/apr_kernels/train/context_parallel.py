@@ -138,7 +138,10 @@ class ContextParallel:
             return t
         from torch.distributed import _functional_collectives as funcol
 
-        per_rank = funcol.all_gather_tensor_autograd(t.contiguous()[None], 0, self.group)  # [N, B, 2C, ...]
+        from .distributed import collective
+
+        gather = collective("all_gather_single_autograd", "all_gather_tensor_autograd")
+        per_rank = gather(t.contiguous()[None], 0, self.group)  # [N, B, 2C, ...]
         return self.to_global(funcol.wait_tensor(per_rank))
 
     def to_global(self, per_rank: torch.Tensor) -> torch.Tensor:

@@ -721,14 +721,29 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
     return model
 
 
+def collective(name: str, older: str):
+    """The functional collective ``name`` (``torch.distributed._functional_collectives``), or on a
+    torch without it its ``older`` name (since deprecated: ``all_gather_tensor`` and
+    ``reduce_scatter_tensor`` warn on every call where the ``*_single`` ones exist)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    return getattr(funcol, name, None) or getattr(funcol, older)
+
+
 def all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Every rank's ``t`` joined along ``dim`` in the rank order of ``group``, without autograd (a
     functional collective: gloo and NCCL alike)."""
     from torch.distributed import _functional_collectives as funcol
 
-    # (all_gather_tensor is the older name, deprecated in favour of all_gather_single)
-    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-    return funcol.wait_tensor(gather(t.contiguous(), dim, group))
+    return funcol.wait_tensor(collective("all_gather_single", "all_gather_tensor")(t.contiguous(), dim, group))
+
+
+def reduce_scatter(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """``t`` summed over ``group`` and this rank's chunk along ``dim`` kept, without autograd."""
+    from torch.distributed import _functional_collectives as funcol
+
+    scatter = collective("reduce_scatter_single", "reduce_scatter_tensor")
+    return funcol.wait_tensor(scatter(t.contiguous(), "sum", dim, group))
 
 
 def gather_uneven(local: torch.Tensor, lengths: list[int], group=None) -> torch.Tensor:

@@ -96,7 +96,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
-from .distributed import all_gather, check_group_size, full_tensor, rank_groups
+from .distributed import all_gather, check_group_size, full_tensor, rank_groups, reduce_scatter
 from .vocab_parallel import VocabParallelEmbedding
 
 # module attribute -> dimension of its weight that the ranks split (0: rows, column-parallel;
@@ -141,7 +141,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return funcol.wait_tensor(funcol.reduce_scatter_tensor(grad.contiguous(), "sum", 1, ctx.group)), None
+        return reduce_scatter(grad, 1, ctx.group), None
 
 
 class _Scatter(torch.autograd.Function):
@@ -151,7 +151,7 @@ class _Scatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum", 1, group))
+        return reduce_scatter(x, 1, group)
 
     @staticmethod
     def backward(ctx, grad):
