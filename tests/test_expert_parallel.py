@@ -56,13 +56,14 @@ CASES = {
     # with tensor parallelism (groups of 2 consecutive ranks; the expert-parallel groups ranks 2
     # apart): each rank holds half of each of its experts (sequence parallelism and 8-bit AdamW
     # too); on 8 ranks with LoRA on every expert and a shared expert (the replicas 4 apart); and
-    # sharded (FSDP on 8 ranks: each expert's part over its 2 replicas)
+    # sharded (FSDP on 8 ranks: each expert's part over its 2 replicas), with context parallelism
+    # too (each pair of tensor-parallel pairs sharing rows by position: 4-D parallelism)
     "qwen3_tp": (("qwen3_moe", {}), ["--optimizer", "adamw8bit"], 4, 2, "ddp",
                  ["--tensor-parallel", "2", "--sequence-parallel"]),
     "qwen2_tp_lora": (("qwen2_moe", {"num_experts": 4, "num_heads": 4, "num_kv_heads": 2}),
                       ["--lora-rank", "4", "--lr", "1e-2"], 8, 2, "ddp", ["--tensor-parallel", "2"]),
     "qwen3_tp_fsdp": (("qwen3_moe", {}), ["--grad-checkpointing"], 8, 2, "fsdp",
-                      ["--tensor-parallel", "2", "--sequence-parallel"]),
+                      ["--tensor-parallel", "2", "--sequence-parallel", "--context-parallel", "2"]),
     # and HSDP: 2 nodes of 4 ranks, each node one expert-parallel pair of tensor-parallel pairs
     "qwen3_tp_hsdp": (("qwen3_moe", {}), ["--batch-size", "8"], 8, 2, "fsdp",
                       ["--tensor-parallel", "2", "--fsdp-shard-size", "4"]),
