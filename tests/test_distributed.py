@@ -186,7 +186,9 @@ def _worker(spec_path: str) -> int:
         if before is not None:
             Path("/proc/self/clear_refs").write_text("5")
             mark = _memory_kib()
-        D.save_checkpoint(out / f"ckpt.world{env.world_size}.apr", trainer, par)
+        from apr_kernels.train.gathering import save_checkpoint
+
+        save_checkpoint(out / f"ckpt.world{env.world_size}.apr", trainer, par)
         result["ckpt_peak_kib"] = None if before is None else _memory_kib()["VmHWM"] - mark["VmRSS"]
         del model, trainer, par
         for i, argv in enumerate(spec["runs"] if env.world_size > 1 else []):

@@ -135,7 +135,7 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
     """Write ``trainer``'s model and training state (or just ``model``) as one APR file.
 
     ``state``: (weights, moments) of a sharded model, as LazyTensors that all-gather when written
-    (``distributed.save_checkpoint``), used instead of the parameters and optimizer of this process
+    (``gathering.save_checkpoint``), used instead of the parameters and optimizer of this process
     (with ``merge_lora``, the weights are the merged ones). ``merge_lora``: a LoRA
     model is written with its adapters folded in and without optimizer state (module docstring).
     ``weights_only``: any model written that way (a LoRA one merged): a model with the step and eval

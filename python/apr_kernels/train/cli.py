@@ -295,7 +295,7 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     training and nothing written.
     ``teacher``: the model to distil from (``load_teacher``).
     """
-    from . import distributed
+    from . import gathering
     from .checkpoint import restore_training_state
 
     main = parallel is None or parallel.is_main
@@ -326,15 +326,15 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         # gathered, written by rank 0, every rank waits. An early-stopped run's model.apr says so
         # (--resume auto then sees a finished run).
         meta = {"training.data_spec": data_spec, **({"training.stopped_early": True} if t.stopped_early else {})}
-        distributed.save_checkpoint(path, t, parallel, tokenizer=_Tok(), extra_metadata=meta, merge_lora=final)
+        gathering.save_checkpoint(path, t, parallel, tokenizer=_Tok(), extra_metadata=meta, merge_lora=final)
         t.log("checkpoint", {"step": t.step, "path": str(path)})
         if main:
             prune_checkpoints(out, keep_last, t.log)
 
     def best(t: Trainer):  # --save-best: the model (merged, no optimizer state) of the best eval so far
         path = out / "best.apr"
-        distributed.save_checkpoint(path, t, parallel, tokenizer=_Tok(), merge_lora=True, weights_only=True,
-                                    extra_metadata={"training.data_spec": data_spec})
+        gathering.save_checkpoint(path, t, parallel, tokenizer=_Tok(), merge_lora=True, weights_only=True,
+                                  extra_metadata={"training.data_spec": data_spec})
         t.log("best", {"step": t.step, "eval_loss": t.best_eval[0], "path": str(path)})
 
     try:

@@ -39,7 +39,7 @@ over the world.
 Checkpoints stay one APR file with every expert under its Hugging Face name: rank 0 writes and
 each expert's tensors (and optimizer moments) are made whole where they are held (under FSDP,
 gathered over the replicas) and broadcast from the first group's holder when their turn comes
-(``distributed.ShardGatherer`` with ``OwnedTensor`` items). Loading builds the model on the meta
+(``gathering.ShardGatherer`` with ``OwnedTensor`` items). Loading builds the model on the meta
 device and drops the other ranks' experts before anything is allocated or read. Routing
 statistics (the load-balancing loss) are unchanged: they count this rank's tokens' choices over all
 experts, summed over ranks as without expert parallelism.
@@ -63,7 +63,7 @@ apart): each rank holds its share of its experts, split like a dense MLP
 other experts, inside the layer's tensor-parallel enter / leave; under FSDP each part is sharded
 over the ranks holding it. An expert's checkpoint item joins its parts over the holding
 tensor-parallel groups first (``OwnedTensor`` of a ``tensor_parallel.Split``, or of a quantised
-base's ``distributed.WholeBaseRaw``).
+base's ``gathering.WholeBaseRaw``).
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def parameter_counts(model, expert, tensor=None) -> dict:
 
 class OwnedTensor:
     """A tensor one rank of each expert-parallel group holds, for the checkpoint (an expert's weight
-    or moment: a tensor, an FSDP DTensor, ``distributed.BlockShards``, or under tensor parallelism
+    or moment: a tensor, an FSDP DTensor, ``gathering.BlockShards``, or under tensor parallelism
     this rank's part, ``tensor_parallel.Split`` / ``SplitBlocks``): ``gather()`` (a collective of
     every rank) makes it whole where it is held (under FSDP: gathered over its replicas; a part:
     joined over its tensor-parallel group) and broadcasts it from ``owner``; the others receive it

@@ -537,7 +537,7 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
     """Run ``trainer``; ``--out/step_NNNNNN.apr`` every ``--save-every`` steps (with
     ``extra_tensors(trainer)`` as more training state, pruned to ``--keep-last``), then
     ``--out/model.apr`` (adapters merged). Closes the trainer's logger."""
-    from . import distributed
+    from . import gathering
     from .cli import prune_checkpoints
 
     c = trainer.cfg
@@ -556,16 +556,16 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
         path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
         # (an early-stopped run's model.apr says so: --resume auto then sees a finished run)
         meta = {**metadata, **({"training.stopped_early": True} if final and t.stopped_early else {})}
-        distributed.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=final, extra_metadata=meta,
-                                    extra_tensors=None if final or extra_tensors is None else extra_tensors(t))
+        gathering.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=final, extra_metadata=meta,
+                                  extra_tensors=None if final or extra_tensors is None else extra_tensors(t))
         t.log("checkpoint", {"step": t.step, "path": str(path)})
         if env.is_main:
             prune_checkpoints(out, args.keep_last, t.log)
 
     def best(t) -> None:  # --save-best: the model (merged, no optimizer state) of the best eval so far
         path = out / "best.apr"
-        distributed.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=True, weights_only=True,
-                                    extra_metadata=metadata)
+        gathering.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=True, weights_only=True,
+                                  extra_metadata=metadata)
         t.log("best", {"step": t.step, t.best_metric: t.best_eval[0], "path": str(path)})
 
     try:

@@ -34,7 +34,7 @@ Data parallelism spans the groups: DDP over the ranks ``t, t + N, ...`` that hol
 model without tensor parallelism). Clipping takes the whole model's norm: the split tensors'
 squares summed over the group, the whole-kept ones counted once. Checkpoints stay one APR file of
 whole tensors under their Hugging Face names: each split tensor and its moments are concatenated
-from the group (``Split``, an item of ``distributed.ShardGatherer``) when their turn comes; loading
+from the group (``Split``, an item of ``gathering.ShardGatherer``) when their turn comes; loading
 and resuming read each rank's rows or columns of the file's zero-copy view (``local``).
 
 LoRA and DoRA adapters split with their projections (``model/lora.py``'s ``ADAPTER_SPLIT``): a
@@ -45,7 +45,7 @@ over the ranks holding its columns. Only the adapters train, so the exchange per
 A quantised base (QLoRA, ``lora.QuantizedLoRALinear``) is cut into the rank's part where that is whole
 blocks (``quant.split_blocks``: rows always, columns that fill whole blocks) and otherwise kept whole,
 each GEMM dequantising it and taking the rank's columns; checkpoints join the parts back
-(``distributed.SplitBase``).
+(``gathering.SplitBase``).
 
 Sequence parallelism (``--sequence-parallel``; Korthikanti et al., 2022): between the split blocks
 each rank of the group holds a contiguous ``T / N`` chunk of every row's positions (embedding, norms,
@@ -387,7 +387,7 @@ class Split:
 class SplitBlocks:
     """The flat 8-bit codes or block scales of a split parameter's moment for the checkpoint
     (``adamw8bit.eight_bit_layout`` holding): ``gather()`` makes this rank's part whole over its FSDP
-    shards (``distributed.BlockShards``), then joins the group's parts, viewed as
+    shards (``gathering.BlockShards``), then joins the group's parts, viewed as
     ``adamw8bit.split_block_views`` says, into the whole tensor's as one process stores them."""
 
     def __init__(self, t, view: tuple, dim: int, tp: TensorParallel):
