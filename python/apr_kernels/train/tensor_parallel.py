@@ -351,15 +351,15 @@ def clip_grad_norm(params, split: set, max_norm: float, tp: TensorParallel, shar
         return torch.zeros(())
     dev = grads[0].device
 
-    def squares(gs):
+    kinds = [(id(p) in split, id(p) in (experts or ())) for p in params]
+
+    def squares(is_split: bool, is_expert: bool):  # (the squares of one kind of gradient)
+        gs = [g for g, kind in zip(grads, kinds) if kind == (is_split, is_expert)]
         return torch.stack([g.detach().float().square().sum() for g in gs]).sum() if gs else torch.zeros((), device=dev)
 
-    experts = experts or set()
-    parts = squares([g for p, g in zip(params, grads) if id(p) in split and id(p) not in experts])
-    whole = squares([g for p, g in zip(params, grads) if id(p) not in split and id(p) not in experts])
+    parts, whole = squares(True, False), squares(False, False)
     if experts:  # (every expert's: its split parts', its whole-kept adapter factors')
-        held = torch.stack([squares([g for p, g in zip(params, grads) if id(p) in experts and id(p) in k])
-                            for k in (split, {id(p) for p in params if id(p) not in split})])
+        held = torch.stack([squares(True, True), squares(False, True)])
         dist.all_reduce(held, group=expert_group)
         parts, whole = parts + held[0], whole + held[1]
     dist.all_reduce(parts, group=split_group or tp.group)
