@@ -369,6 +369,17 @@ class RouterMeasures:
     def __init__(self, model, device):
         self.model, self.sums, self.forwards = model, torch.zeros(3, device=device), 0
 
+    @classmethod
+    def of(cls, model, device, parallel=None) -> "RouterMeasures | None":
+        """The measures of ``model`` (None for a dense one). Under a parallel run the model counts its
+        expert choices over every rank (``Transformer.router_aux_sync``: the global micro-batch's
+        balance, as one process's)."""
+        if not getattr(getattr(model, "config", None), "is_moe", False):
+            return None
+        if parallel is not None and parallel.world_size > 1:
+            model.router_aux_sync = True
+        return cls(model, device)
+
     def add(self) -> None:
         """Count the model's last forward (a training forward: it measured them)."""
         m = self.model
@@ -466,8 +477,6 @@ class Trainer(EvalWatch):
                                  f"z-loss of mixture-of-experts models; this model is dense")
             model.router_z_loss_coef = config.router_z_loss_coef
         self._moe = moe
-        if moe and parallel is not None and parallel.world_size > 1:
-            model.router_aux_sync = True  # the balance of the global micro-batch (Transformer.router_aux_loss)
         if config.document_mask and eos_id is None:
             raise ValueError("document masking needs the tokenizer's end-of-text id (which ends every "
                              "document of the data); this tokenizer has none")
@@ -496,6 +505,7 @@ class Trainer(EvalWatch):
                                  + f"; expected a multiple of --tensor-parallel {sp.size} with --sequence-parallel"
                                  + (f" x --context-parallel {cp}" if cp > 1 else ""))
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self._router = RouterMeasures.of(model, self.device, parallel)  # (mixture of experts; reset per step)
         # a parallel model is already placed (and an FSDP one must not be moved)
         self.model = model if parallel is not None else model.to(self.device)
         if autocast_dtype == "auto":
@@ -550,7 +560,7 @@ class Trainer(EvalWatch):
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         parts = torch.zeros(2, device=self.device)  # distillation: the step's ce and kl sums
-        router = RouterMeasures(self.model, self.device) if self._moe else None  # (mixture of experts)
+        router = self._router
         if self.teacher is not None:
             from apr_kernels.model.distillation import Teacher
         par = self.parallel

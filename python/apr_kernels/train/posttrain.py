@@ -116,11 +116,8 @@ class StepLoop(EvalWatch):
         self.optimizer = make_optimizer(model, cfg)
         self.batches = BatchStream(n_data, seed=cfg.seed)
         self.step = 0
-        # a mixture-of-experts policy: its balance terms in the objective, its measures in the logs, the
-        # balance counted over the global micro-batch (Transformer.router_aux_loss)
-        self.router = RouterMeasures(model, self.device) if model.config.is_moe else None
-        if self.router is not None and parallel is not None and parallel.world_size > 1:
-            model.router_aux_sync = True
+        # a mixture-of-experts policy: its balance terms in the objective, its measures in the logs
+        self.router = RouterMeasures.of(model, self.device, parallel)
 
     def _balance(self, forwards: int):
         """This rank's share of the step's mixture-of-experts balance terms, from the policy's last
