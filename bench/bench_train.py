@@ -33,6 +33,9 @@ attention outputs kept, the rest recomputed): the step time and peak memory each
 --preset NAME: another model preset on CUDA (``qwen3_0_6b``: Qwen3's per-head q/k norms in the fast
 path; ``llama_370m``; a mixture of experts, e.g. ``qwen3_30b_a3b --layers 2``: its MFU counts the
 routed experts' FLOPs only). --smoke: the tiny_qwen2 preset on CPU for three steps (code path only: on CPU both paths run PyTorch).
+--float8: also ``fast+compile`` and ``fast+float8+compile`` (``train --float8 tensorwise --compile``: the
+decoder layers' projections in float8 through torchao, on cards of compute capability 8.9 or more; the
+MFU still divides model FLOPs by the bf16 roof, as torchtitan reports it).
 --quick: 4 timed steps instead of 10. --compile: also ``fast+compile`` and ``reference+compile`` (each
 decoder layer's forward under torch.compile, as ``apr-kernels train --compile``; not in gpu_check's run). The whole GPU run is about 30-60 s on an H100 (kernel compiles
 included).
@@ -64,6 +67,10 @@ def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, d
         model = Transformer(cfg, fast=provider.startswith("fast"))
     if provider.endswith("+checkpoint") or provider.endswith("+selective"):
         model.gradient_checkpointing = "selective" if provider.endswith("+selective") else "full"
+    if "+float8" in provider:  # as `apr-kernels train --float8 tensorwise` (emulated off CUDA)
+        from apr_kernels.train import float8
+
+        float8.convert(model, "tensorwise", dev)
     if provider.endswith("+compile"):
         compile_layers(model)  # as `apr-kernels train --compile`; the warmup steps pay the compile
     n_tokens = (warmup + steps) * batch * seq + 1
@@ -139,13 +146,16 @@ def main() -> None:
                                   help="also time both paths with document masking, documents of MEAN tokens"),
                    p.add_argument("--distill", action="store_true",
                                   help="also time both paths distilling from a teacher of the same preset"),
+                   p.add_argument("--float8", action="store_true",
+                                  help="also time the compiled fast path with and without float8 projections"),
                    p.add_argument("--checkpointing", action="store_true",
                                   help="also time the fast path with full and with selective activation "
                                        "checkpointing")),
     )
     dev = _common.device()
     if args.smoke or dev.type != "cuda":
-        name, cfg, batch, seq, warmup, steps = "tiny_qwen2", preset("tiny_qwen2"), 2, 64, 2, 3
+        name = "tiny_llama" if args.float8 else "tiny_qwen2"  # (tiny_qwen2 has no float8-sized projection)
+        cfg, batch, seq, warmup, steps = preset(name), 2, 64, 2, 3
         peak = _common.matmul_tflops(256, dev=dev)
     else:
         name = args.preset or "qwen2_0_5b"
@@ -167,6 +177,14 @@ def main() -> None:
     providers += ["fast+documents", "reference+documents"] if args.documents else []
     providers += ["fast+distill", "reference+distill"] if args.distill else []
     providers += ["fast+checkpoint", "fast+selective"] if args.checkpointing else []
+    if args.float8:
+        from apr_kernels.train import float8
+
+        try:
+            float8.check("tensorwise", dev)
+            providers += [p for p in ("fast+compile", "fast+float8+compile") if p not in providers]
+        except ValueError as exc:
+            print(f"float8 rows not run: {exc}")
     for provider in providers:
         r = measure(cfg, provider, batch, seq, warmup, steps, dev, args.documents)
         tflops = flops_tok * r["tokens_per_s"] / 1e12

@@ -89,6 +89,9 @@ class Attention(nn.Module):
     # train/tensor_parallel.py's TensorParallel while this rank holds a share of the heads
     # (Transformer.set_tensor_parallel; num_heads and num_kv_heads are then the local counts), else None
     tensor_parallel = None
+    # the fast path's q/k/v as one GEMM on the concatenated weights (False under float8: each
+    # projection is its own float8 GEMM with its own scale; train/float8.py)
+    fused_qkv = True
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -127,7 +130,7 @@ class Attention(nn.Module):
         """q ``[B, S, Hq, D]`` and k, v ``[B, S, Hkv, D]`` of ``x`` ``[B, S, hidden]``, q and k rotated by
         the tables. ``packed``: all tokens as one row ``[1, B*S, H, D]`` (views), for per-token tables."""
         b, s, _ = x.shape
-        if fast:
+        if fast and self.fused_qkv:
             q, k, v = self._qkv_fused(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -524,6 +524,17 @@ def _train(args, env, mode: str) -> int:
         raise ValueError("--sequence-parallel splits the positions over a tensor-parallel group; expected "
                          "--tensor-parallel N (N > 1) with it")
 
+    def prepare(m):
+        """What a model gets before FSDP shards it (under FSDP on the meta device, while loading):
+        ``--float8``'s projections."""
+        from . import float8
+
+        if cfg.float8 and not float8.float8_modules(m):  # (once: under FSDP already while loading)
+            names = float8.convert(m, cfg.float8, device or pick_device(args.device))
+            if env.is_main:
+                where = "float8 GEMMs" if (device or pick_device(args.device)).type == "cuda" else "emulated"
+                print(f"float8 ({cfg.float8}, {where}): {len(names)} projections", file=sys.stderr)
+
     def load(path, dev, fast, **lora):
         """from_apr for this run: sharded on the meta device under FSDP (only this rank's experts
         with expert parallelism); ``lora`` (resume) or the new adapters that must exist while loading."""
@@ -531,7 +542,8 @@ def _train(args, env, mode: str) -> int:
             from . import distributed
 
             return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load), expert_parallel=ep,
-                                        tensor_parallel=tp, compute_dtype=autocast_dtype_for(cfg.precision, env.device))
+                                        tensor_parallel=tp, compute_dtype=autocast_dtype_for(cfg.precision, env.device),
+                                        prepare=prepare)
         from apr_kernels.model.loading import from_apr
 
         return from_apr(path, device=dev, fast=fast, **(lora or lora_load))
@@ -540,6 +552,10 @@ def _train(args, env, mode: str) -> int:
         meta = training_metadata(args.resume)
         spec = meta["training.data_spec"]
         cfg = extended(TrainConfig.from_dict(meta["training.config"]), args, meta["training.step"], args.resume)
+        if args.float8 and args.float8 != cfg.float8:
+            raise ValueError(f"--float8 {args.float8} with --resume {args.resume}: the run was trained with "
+                             f"--float8 {cfg.float8 or '(none)'}, which a resumed run keeps")
+        _check_float8(cfg.float8, args, device)
         # a LoRA run resumes with its adapters (and its quantised base, if it had one)
         keep = {"lora": "keep", "lora_base_dtype": lora_base, "keep_quantized": True}
         model = load(args.resume, device or pick_device(args.device), tristate(args.fast), **keep)
@@ -562,10 +578,11 @@ def _train(args, env, mode: str) -> int:
                           neftune_alpha=args.neftune_alpha, lora_plus_ratio=args.lora_plus_ratio,
                           router_aux_loss_coef=args.router_aux_loss_coef,
                           router_z_loss_coef=args.router_z_loss_coef,
-                          activation_offload=args.activation_offload,
+                          activation_offload=args.activation_offload, float8=args.float8,
                           eval_choices=[str(Path(c).resolve()) for c in args.eval_choices] if args.eval_choices
                           else None,
                           **_settings_of(args))
+        _check_float8(cfg.float8, args, device)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if args.chat_template:
             tok = with_chat_template(tok, args.chat_template)
@@ -582,6 +599,7 @@ def _train(args, env, mode: str) -> int:
         model.config = model.config.with_context(**context, where=str(args.init or "the preset config"))
     model.gradient_checkpointing = args.grad_checkpointing or False
     freeze_parameters(model, cfg.freeze)  # (a resumed run's come from its checkpoint)
+    prepare(model)  # (done while loading under FSDP)
     if args.compile:
         compile_layers(model)
     if cfg.seq_len > model.config.max_position_embeddings:
@@ -634,6 +652,20 @@ def _train(args, env, mode: str) -> int:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
     return 0
+
+
+def _check_float8(recipe: str | None, args, device) -> None:
+    """``--float8``'s preconditions, before any weight is read (train/float8.py)."""
+    if not recipe:
+        return
+    from . import float8
+
+    device = device or pick_device(args.device)
+    float8.check(recipe, device, lora=bool(args.lora_rank), tensor_parallel=args.tensor_parallel,
+                 context_parallel=args.context_parallel)
+    if device.type == "cuda" and not args.compile:
+        print("warning: --float8 without --compile casts to float8 in separate eager kernels, usually slower "
+              "than bf16; add --compile", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------- eval
@@ -794,6 +826,11 @@ def register(subparsers) -> None:
     o.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer's forward (fuses the glue around the kernels; "
                         "the first steps pay the compile)")
+    o.add_argument("--float8", choices=("tensorwise", "rowwise", "rowwise_with_gw_hp"), default=None,
+                   metavar="RECIPE",
+                   help="the decoder layers' projections multiply in float8 (torchao; CUDA compute capability "
+                        ">= 8.9, with --compile): tensorwise (fastest), rowwise or rowwise_with_gw_hp scales; "
+                        "weights and checkpoints stay in their dtype. Emulated off CUDA")
     o.add_argument("--activation-offload", action="store_true",
                    help="keep the tensors saved for the backward in pinned host memory (less GPU memory, more "
                         "PCIe traffic; torchtune's activation offloading)")

@@ -695,11 +695,12 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
 
 # ------------------------------------------------------------------------ load and save
 def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
-             expert_parallel=None, tensor_parallel=None, **lora):
+             expert_parallel=None, tensor_parallel=None, prepare=None, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
     materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), only this rank's experts
     with ``expert_parallel``, only this rank's part of every layer with ``tensor_parallel``, a full
     replica otherwise. Fails on every rank if any fails.
+    ``prepare(model)``: called on the meta device before FSDP shards it (float8's projections).
     ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
     from apr_kernels.model.loading import from_apr as load
 
@@ -709,6 +710,8 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         if tensor_parallel is not None:  # (likewise: only this rank's heads and rows)
             m.set_tensor_parallel(tensor_parallel)
         if mode == "fsdp":
+            if prepare is not None:
+                prepare(m)
             _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel)
 
     shard = on_meta if mode == "fsdp" or expert_parallel is not None or tensor_parallel is not None else None

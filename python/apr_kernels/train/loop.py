@@ -75,6 +75,7 @@ class TrainConfig:
     router_z_loss_coef: float = 0.0  # mixture of experts: ST-MoE's router z-loss weight (0: off)
     lora_plus_ratio: float = 0.0        # LoRA+: the adapters' B matrices at this multiple of the lr (0: off)
     activation_offload: bool = False    # tensors saved for the backward kept in (pinned) host memory
+    float8: str | None = None           # the projections' GEMMs in float8: tensorwise | rowwise | ... (float8.py)
     freeze: list | None = None          # parameter name patterns (fnmatch) kept frozen (freeze_parameters)
     optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
     muon_momentum: float = 0.95
@@ -669,16 +670,25 @@ class Trainer(EvalWatch):
             return contextlib.nullcontext()
         return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
 
+    def _high_precision(self):
+        """Evaluation of a ``--float8`` run in high precision (float8.high_precision: the saved model's loss)."""
+        if not self.cfg.float8:
+            return contextlib.nullcontext()
+        from .float8 import high_precision
+
+        return high_precision(self.model)
+
     def _eval_and_log(self) -> dict | None:
         """Evaluate and log; the eval record (None without held-out data)."""
         if self.eval_tokens is None and self.extra_eval is None:
             return None
         rec = {"step": self.step}
-        if self.eval_tokens is not None:
-            loss, n = self.evaluate()
-            rec.update(eval_loss=loss, eval_tokens=n)
-        if self.extra_eval is not None:
-            rec.update(self.extra_eval(self))
+        with self._high_precision():
+            if self.eval_tokens is not None:
+                loss, n = self.evaluate()
+                rec.update(eval_loss=loss, eval_tokens=n)
+            if self.extra_eval is not None:
+                rec.update(self.extra_eval(self))
         self.history.append({"event": "eval", **rec})
         self.log("eval", rec)
         return rec
@@ -710,7 +720,7 @@ class Trainer(EvalWatch):
             "fast": getattr(self.model, "use_fast", None) and self.model.use_fast(
                 torch.empty(0, device=self.device)),
             "document_mask": c.document_mask, "lora_rank": lora["rank"] if lora else None,
-            "lr_schedule": c.lr_schedule,
+            "lr_schedule": c.lr_schedule, **({"float8": c.float8} if c.float8 else {}),
             **({"mixture": self.train_seqs.describe(c.steps * c.batch_size * c.grad_accum)}
                if isinstance(self.train_seqs, Mixture) else {}),
         }

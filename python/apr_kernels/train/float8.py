@@ -1,0 +1,140 @@
+"""Float8 training (``train --float8 RECIPE``): the decoder layers' dense projections multiply in
+float8 through torchao's ``Float8Linear``, as torchtitan's float8 converter does.
+
+What changes: each converted projection casts its input, its weight and (in the backward) the
+output's gradient to float8 with dynamic scales (``tensorwise``: one scale per tensor, the fastest;
+``rowwise``: one per row, closer to bf16; ``rowwise_with_gw_hp``: rowwise, the weight gradient's GEMM in
+high precision) and runs its GEMMs on float8 tensor cores. What does not: the parameters, their
+gradients and the optimizer state stay in their own dtype, so checkpoints, resuming and every other
+command are unchanged (the state dict has the same names and dtypes).
+
+Which projections: the attention's q/k/v/o and the dense MLP's gate/up/down (Qwen2-MoE's shared
+expert too) whose two dimensions are multiples of 16 (float8 GEMMs need them). Kept in high
+precision, as torchtitan keeps them: the embedding, the output head (the fused linear cross-entropy
+reads it, and the logits need the precision), the routers and the experts (the grouped GEMM).
+Under float8 the attention's q/k/v run as three GEMMs, not the fast path's one GEMM on concatenated
+weights (each is its own float8 cast and scale).
+
+Where: after loading, tensor-parallel splitting excluded (below), before FSDP's ``fully_shard``
+(``distributed.from_apr`` converts on the meta device first), before ``torch.compile``. On CUDA it
+needs float8 tensor cores (compute capability 8.9: H100, H200, L4, RTX 4090 and later) and is fast
+only compiled (``--compile``: the casts fuse into a few kernels); elsewhere torchao's emulation runs
+the same casts and scales with high-precision GEMMs, to check a run on CPU, not for speed.
+
+Evaluation runs in high precision (``high_precision``): the eval loss is the saved model's, as
+``apr-kernels eval`` and any bf16 use of the checkpoint see it, and it does not depend on how the
+held-out batches are split over ranks (a float8 scale would be each batch's).
+
+Not combined (each refused with a message): LoRA (the frozen base would need a float8 weight cache)
+and tensor or context parallelism (a rank's part of a weight or of the positions would get its own
+scale, so the run would not equal one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import re
+
+import torch
+from torch import nn
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+# the projections converted, by their Hugging Face names
+PROJECTIONS = re.compile(r"(^|\.)(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.)?(gate|up|down)_proj)$")
+MIN_CAPABILITY = (8, 9)
+
+
+def check(recipe: str, device: torch.device, *, lora: bool = False, tensor_parallel: int = 1,
+          context_parallel: int = 1) -> None:
+    """Raise ``ValueError`` when ``--float8 recipe`` cannot run here (every reason named)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"--float8 {recipe!r}; expected one of {', '.join(RECIPES)}")
+    try:
+        _import_torchao()
+    except ImportError as exc:
+        raise ValueError(f"--float8 needs torchao's float8 training (pip install 'apr-kernels[float8]'): "
+                         f"{exc}") from None
+    if lora:
+        raise ValueError("--float8 trains the model's own projections; with --lora-rank the base is frozen. "
+                         "Expected one of the two")
+    for option, n in (("--tensor-parallel", tensor_parallel), ("--context-parallel", context_parallel)):
+        if n != 1:
+            raise ValueError(f"--float8 with {option} {n}: each rank's part would get its own float8 scale, so the "
+                             f"run would not equal one process; expected {option} 1 (data, fully sharded or expert "
+                             f"parallelism combine)")
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < MIN_CAPABILITY:
+            raise ValueError(f"--float8 needs float8 tensor cores (compute capability >= 8.9: H100, H200, L4, "
+                             f"RTX 4090); {torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}")
+
+
+def _import_torchao():
+    """torchao.float8, imported without its start-up noise in every rank's log: the CUDA-only libraries
+    it could not load (a CPU torch) and torch's deprecation note on one of its enums."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import torchao.float8
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    return torchao.float8
+
+
+def config(recipe: str, device: torch.device):
+    """torchao's ``Float8LinearConfig`` for ``recipe``, emulated off CUDA (same casts, no float8 GEMM)."""
+    Float8LinearConfig = _import_torchao().Float8LinearConfig
+    cfg = Float8LinearConfig() if recipe == "tensorwise" else Float8LinearConfig.from_recipe_name(recipe)
+    return cfg if device.type == "cuda" else dataclasses.replace(cfg, emulate=True)
+
+
+def eligible(name: str, module: nn.Module) -> bool:
+    """A plain projection named in ``PROJECTIONS`` with both dimensions multiples of 16."""
+    return (type(module) is nn.Linear and PROJECTIONS.search(name) is not None
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def float8_modules(model: nn.Module) -> list[str]:
+    """The names of ``model``'s projections that run in float8."""
+    float8_linear = _import_torchao().float8_linear
+    return [n for n, m in model.named_modules() if isinstance(m, float8_linear.Float8Linear)]
+
+
+def convert(model: nn.Module, recipe: str, device: torch.device) -> list[str]:
+    """Swap ``model``'s eligible projections for ``Float8Linear`` (the same parameters); the converted
+    names. Refuses a model with LoRA adapters (``check``)."""
+    convert_to_float8_training = _import_torchao().convert_to_float8_training
+    if getattr(model, "lora", None):
+        raise ValueError("--float8 trains the model's own projections; this model has LoRA adapters")
+    convert_to_float8_training(model, module_filter_fn=lambda m, name: eligible(name, m),
+                               config=config(recipe, device))
+    names = float8_modules(model)
+    if not names:
+        shapes = [f"{n} ({m.in_features} -> {m.out_features})" for n, m in model.named_modules()
+                  if type(m) is nn.Linear and PROJECTIONS.search(n)]
+        raise ValueError(f"--float8: no projection of this model has both dimensions a multiple of 16 (float8 "
+                         f"GEMMs need them): {', '.join(shapes[:3]) or 'it has none'}")
+    converted = set(names)
+    for name, module in model.named_modules():  # q/k/v as three float8 GEMMs (see the docstring)
+        if hasattr(module, "fused_qkv") and f"{name}.q_proj" in converted:
+            module.fused_qkv = False
+    return names
+
+
+@contextlib.contextmanager
+def high_precision(model: nn.Module):
+    """Within: ``model``'s float8 projections run as plain ``nn.Linear`` (evaluation)."""
+    modules = [model.get_submodule(name) for name in float8_modules(model)]
+    for m in modules:
+        m.forward = functools.partial(nn.Linear.forward, m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward

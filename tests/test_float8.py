@@ -1,0 +1,244 @@
+"""``train --float8``: the decoder layers' projections in float8 (torchao's Float8Linear, emulated on CPU).
+
+The reference is written out here, independently of torchao: each converted projection's input,
+weight and output gradient cast to float8 with dynamic scales (tensorwise: ``max(e4m3) / amax`` of
+the tensor; the gradient in e5m2), the GEMMs on the dequantised values. The model with
+``--float8`` must equal a model whose chosen projections run that reference, forward and every
+gradient; the runs on two ranks must equal one process with the same micro-batches (a tensorwise
+scale is the micro-batch's).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rank_runs import against_one_process, cli
+
+pytest.importorskip("torchao.float8")
+
+from apr_kernels.model import ModelConfig, Transformer  # noqa: E402
+from apr_kernels.train import float8  # noqa: E402
+
+CPU = torch.device("cpu")
+E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TRAIN = [str(STDLIB / "json"), str(STDLIB / "textwrap.py")]
+HELD = str(STDLIB / "shlex.py")
+
+
+def _config(**kw) -> ModelConfig:
+    """Every projection float8-eligible (dimensions multiples of 16); the byte tokenizer's vocabulary."""
+    base = dict(architecture="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                intermediate_size=96, vocab_size=272, max_position_embeddings=256, rope_theta=1e4,
+                rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True)
+    return ModelConfig(**{**base, **kw})
+
+
+def _cast(t: torch.Tensor, dtype, dim: int | None = None, power_of_two: bool = False) -> torch.Tensor:
+    """``t`` through float8 and back: scale = max(dtype) / amax (of the tensor, or along ``dim``)."""
+    amax = (t.abs().amax() if dim is None else t.abs().amax(dim=dim, keepdim=True)).double().clamp(min=1e-12)
+    scale = (torch.finfo(dtype).max / amax).float()
+    if power_of_two:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    top = torch.finfo(dtype).max
+    return (t.float() * scale).clamp(-top, top).to(dtype).float() / scale
+
+
+class _TensorwiseReference(torch.autograd.Function):
+    """y = x8 @ w8^T; dx = g8 @ w8; dw = g8^T @ x8 (x, w in e4m3, the gradient g in e5m2)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        x8, w8 = _cast(x, E4), _cast(w, E4)
+        ctx.save_for_backward(x8, w8)
+        return x8 @ w8.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x8, w8 = ctx.saved_tensors
+        g8 = _cast(g, E5)
+        return g8 @ w8, g8.reshape(-1, g8.shape[-1]).t() @ x8.reshape(-1, x8.shape[-1])
+
+
+def _with_reference(model: nn.Module, names, forward) -> nn.Module:
+    """A copy of ``model`` whose projections ``names`` run ``forward(x, module)`` (the reference)."""
+    ref = copy.deepcopy(model)
+    for name, m in ref.named_modules():
+        if name in names:
+            m.forward = (lambda m: lambda x: forward(x, m) + (m.bias if m.bias is not None else 0))(m)
+            if name.endswith("q_proj"):
+                ref.get_submodule(name.rsplit(".", 1)[0]).fused_qkv = False
+    return ref
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    logits = model(ids)
+    (logits.float().pow(2).mean() + logits.float().logsumexp(-1).mean()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_tensorwise_model_equals_an_independent_float8_reference(fast):
+    torch.manual_seed(0)
+    model = Transformer(_config(), fast=fast)
+    plain = copy.deepcopy(model)
+    names = float8.convert(model, "tensorwise", CPU)
+    assert set(names) == {f"model.layers.{i}.{p}" for i in range(2) for p in
+                          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    ref = _with_reference(plain, names, lambda x, m: _TensorwiseReference.apply(x, m.weight))
+    ids = torch.randint(0, 272, (2, 24))
+    (y, g), (y_ref, g_ref), (y_hp, _) = _grads(model, ids), _grads(ref, ids), _grads(plain, ids)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    # float8 really ran: the high-precision model's logits differ (by about float8's rounding)
+    rel = ((y - y_hp).norm() / y_hp.norm()).item()
+    assert 1e-3 < rel < 0.2
+    # the same parameters, the same names: checkpoints are unchanged
+    assert list(model.state_dict()) == list(plain.state_dict())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_rowwise_forward_scales_each_row():
+    """rowwise: one scale per input row and per weight row, rounded down to a power of two."""
+    torch.manual_seed(1)
+    model = Transformer(_config(num_layers=1), fast=False)
+    plain = copy.deepcopy(model)
+    names = float8.convert(model, "rowwise", CPU)
+    ref = _with_reference(plain, names, lambda x, m: _cast(x, E4, -1, True) @ _cast(m.weight, E4, -1, True).t())
+    ids = torch.randint(0, 272, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids), rtol=1e-5, atol=1e-5)
+        tensorwise = _with_reference(plain, names, lambda x, m: _TensorwiseReference.apply(x, m.weight))
+        assert not torch.allclose(model(ids), tensorwise(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_only_eligible_projections_convert():
+    """Kept in high precision: the embedding, the head, routers, experts and projections whose
+    dimensions are not multiples of 16; the shared expert converts."""
+    model = Transformer(_config(architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                mlp_only_layers=(1,), tie_word_embeddings=False), fast=False)
+    names = set(float8.convert(model, "tensorwise", CPU))
+    attention = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"}
+    assert names == attention | {f"model.layers.0.mlp.shared_expert.{p}_proj" for p in ("gate", "up", "down")} | {
+        f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")}
+    odd = Transformer(_config(intermediate_size=88), fast=False)  # the MLP's 88 is no multiple of 16
+    assert not any(".mlp." in n for n in float8.convert(odd, "tensorwise", CPU))
+    with pytest.raises(ValueError, match=r"no projection of this model has both dimensions a multiple of 16.*"
+                                         r"q_proj \(56 -> 56\)"):
+        float8.convert(Transformer(_config(hidden_size=56, num_heads=7, num_kv_heads=1, head_dim=8), fast=False),
+                       "tensorwise", CPU)
+
+
+def test_refusals_name_the_reason(monkeypatch):
+    with pytest.raises(ValueError, match="--float8 'fp8'; expected one of tensorwise, rowwise"):
+        float8.check("fp8", CPU)
+    with pytest.raises(ValueError, match="with --lora-rank the base is frozen"):
+        float8.check("tensorwise", CPU, lora=True)
+    with pytest.raises(ValueError, match="--float8 with --tensor-parallel 2: each rank's part would get its own"):
+        float8.check("tensorwise", CPU, tensor_parallel=2)
+    with pytest.raises(ValueError, match="--float8 with --context-parallel 2"):
+        float8.check("rowwise", CPU, context_parallel=2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"compute capability >= 8.9.*NVIDIA A100 has 8.0"):
+        float8.check("tensorwise", torch.device("cuda", 0))
+
+
+# ----------------------------------------------------------------------------------- the CLI
+def _records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _losses(text: str, event: str = "train", key: str = "loss") -> list[float]:
+    return [r[key] for r in _records(text) if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory) -> Path:
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("float8") / "init.apr"
+    save_checkpoint(path, model=Transformer(_config(), fast=False))
+    return path
+
+
+def _train(init: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--init", str(init), "--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD,
+            "--max-tokens", "20000", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
+            "--eval-tokens", "160", "--save-every", "2", "--json", "--seed", "5", "--no-progress", "--fast", "off",
+            "--dist-timeout", "60", "--out", str(out), *extra]
+
+
+def test_float8_run_resumes_exactly_and_saves_a_plain_checkpoint(init, tmp_path, capsys):
+    code, f8 = cli(_train(init, tmp_path / "f8", "--float8", "tensorwise"))
+    assert code == 0
+    code, hp = cli(_train(init, tmp_path / "hp"))
+    assert code == 0
+    start = _records(f8)[0]
+    assert start["event"] == "start" and start["float8"] == "tensorwise"
+    # close to the high-precision run (float8 rounding), not equal to it
+    assert _losses(f8) == pytest.approx(_losses(hp), rel=0.02)
+    assert _losses(f8) != pytest.approx(_losses(hp), rel=1e-6)
+    # resumed from step 2: the float8 recipe comes back with the run; steps 3 and 4 as uninterrupted
+    code, resumed = cli(["train", "--resume", str(tmp_path / "f8" / "step_000002.apr"), "--out", str(tmp_path / "again"),
+                         "--json", "--no-progress"])
+    assert code == 0
+    assert _losses(resumed) == pytest.approx(_losses(f8)[2:], rel=1e-6)
+    # the checkpoint is a plain model, and the run evaluated it in high precision: eval reproduces
+    # the run's final eval loss
+    code, ev = cli(["eval", "--init", str(tmp_path / "f8" / "model.apr"), "--data", HELD, "--max-tokens", "160"])
+    assert code == 0
+    key, tokens = ev.strip().splitlines()[-1].split()
+    assert tokens == "tokens=160"
+    assert float(key.removeprefix("eval_loss=")) == pytest.approx(_losses(f8, "eval", "eval_loss")[-1], abs=2e-6)
+    capsys.readouterr()
+    code, _ = cli(["train", "--resume", str(tmp_path / "f8" / "step_000002.apr"), "--float8", "rowwise",
+                   "--out", str(tmp_path / "no")])
+    assert code != 0
+    assert re.search(r"--float8 rowwise with --resume .*step_000002.apr: the run was trained with --float8 tensorwise",
+                     capsys.readouterr().err)
+
+
+def test_float8_on_two_ranks_matches_one_process(init, tmp_path):
+    """DDP and FSDP (the weight gathered whole: its scale is the whole weight's) on two ranks, two
+    rows each per micro-batch = one process with the same two-row micro-batches in turn (a
+    tensorwise input scale is its micro-batch's; a step is 8 rows either way). Expert parallelism
+    too: a Qwen2-MoE model whose experts stay in high precision (no balance loss, whose value would
+    depend on the grouping)."""
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(4)
+    moe = tmp_path / "moe.apr"
+    save_checkpoint(moe, model=Transformer(_config(
+        architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, mlp_only_layers=(1,), tie_word_embeddings=False), fast=False))
+    two = ["--batch-size", "4", "--grad-accum", "2", "--float8", "tensorwise"]
+    moe_args = ["--router-aux-loss-coef", "0"]
+    runs = {"ddp": (_train(init, tmp_path / "ddp", *two, "--parallel", "ddp"), 2),
+            "fsdp": (_train(init, tmp_path / "fsdp", *two, "--parallel", "fsdp"), 2),
+            "ep": (_train(moe, tmp_path / "ep", *two, *moe_args, "--parallel", "ddp", "--expert-parallel", "2"), 2)}
+    one_args = ["--batch-size", "2", "--grad-accum", "4", "--float8", "tensorwise"]
+    references = {"dense": _train(init, tmp_path / "one", *one_args),
+                  "ep": _train(moe, tmp_path / "one_moe", *one_args, *moe_args),
+                  "hp": _train(init, tmp_path / "hp", *one_args[:-2])}
+    one, out = against_one_process(runs, references, tmp_path / "launch")
+    assert _losses(one["dense"]) != pytest.approx(_losses(one["hp"]), rel=1e-4)  # (float8 changes the run)
+    for name in runs:
+        ref = one["ep" if name == "ep" else "dense"]
+        assert _losses(out[name]) == pytest.approx(_losses(ref), rel=1e-5), name
+        assert _losses(out[name], "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"),
+                                                                         rel=1e-5), name
