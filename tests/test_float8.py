@@ -151,6 +151,8 @@ def test_refusals_name_the_reason(monkeypatch):
         float8.check("tensorwise", CPU, tensor_parallel=2)
     with pytest.raises(ValueError, match="--float8 with --context-parallel 2"):
         float8.check("rowwise", CPU, context_parallel=2)
+    with pytest.raises(ValueError, match="--float8 with --seq-len 100: .*expected --seq-len a multiple of 16"):
+        float8.check("tensorwise", CPU, seq_len=100)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(ValueError, match=r"compute capability >= 8.9.*NVIDIA A100 has 8.0"):

@@ -555,7 +555,7 @@ def _train(args, env, mode: str) -> int:
         if args.float8 and args.float8 != cfg.float8:
             raise ValueError(f"--float8 {args.float8} with --resume {args.resume}: the run was trained with "
                              f"--float8 {cfg.float8 or '(none)'}, which a resumed run keeps")
-        _check_float8(cfg.float8, args, device)
+        _check_float8(cfg.float8, cfg.seq_len, args, device)
         # a LoRA run resumes with its adapters (and its quantised base, if it had one)
         keep = {"lora": "keep", "lora_base_dtype": lora_base, "keep_quantized": True}
         model = load(args.resume, device or pick_device(args.device), tristate(args.fast), **keep)
@@ -582,7 +582,7 @@ def _train(args, env, mode: str) -> int:
                           eval_choices=[str(Path(c).resolve()) for c in args.eval_choices] if args.eval_choices
                           else None,
                           **_settings_of(args))
-        _check_float8(cfg.float8, args, device)
+        _check_float8(cfg.float8, cfg.seq_len, args, device)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if args.chat_template:
             tok = with_chat_template(tok, args.chat_template)
@@ -654,7 +654,7 @@ def _train(args, env, mode: str) -> int:
     return 0
 
 
-def _check_float8(recipe: str | None, args, device) -> None:
+def _check_float8(recipe: str | None, seq_len: int, args, device) -> None:
     """``--float8``'s preconditions, before any weight is read (train/float8.py)."""
     if not recipe:
         return
@@ -662,7 +662,7 @@ def _check_float8(recipe: str | None, args, device) -> None:
 
     device = device or pick_device(args.device)
     float8.check(recipe, device, lora=bool(args.lora_rank), tensor_parallel=args.tensor_parallel,
-                 context_parallel=args.context_parallel)
+                 context_parallel=args.context_parallel, seq_len=seq_len)
     if device.type == "cuda" and not args.compile:
         print("warning: --float8 without --compile casts to float8 in separate eager kernels, usually slower "
               "than bf16; add --compile", file=sys.stderr)

@@ -48,10 +48,15 @@ MIN_CAPABILITY = (8, 9)
 
 
 def check(recipe: str, device: torch.device, *, lora: bool = False, tensor_parallel: int = 1,
-          context_parallel: int = 1) -> None:
-    """Raise ``ValueError`` when ``--float8 recipe`` cannot run here (every reason named)."""
+          context_parallel: int = 1, seq_len: int | None = None) -> None:
+    """Raise ``ValueError`` when ``--float8 recipe`` cannot run here (every reason named). ``seq_len``:
+    a multiple of 16, as the weight gradient's float8 GEMM needs its token count to be (checked on
+    every device, so that a run checked on CPU also runs on a GPU)."""
     if recipe not in RECIPES:
         raise ValueError(f"--float8 {recipe!r}; expected one of {', '.join(RECIPES)}")
+    if seq_len is not None and seq_len % 16:
+        raise ValueError(f"--float8 with --seq-len {seq_len}: the weight gradients' float8 GEMMs sum over the "
+                         f"tokens, whose count must be a multiple of 16; expected --seq-len a multiple of 16")
     try:
         _import_torchao()
     except ImportError as exc:
