@@ -80,7 +80,7 @@ def _with_progress(tensors: dict[str, LazyTensor], bar) -> dict[str, LazyTensor]
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", quantize: str | None = None,
             progress: bool | None = None, adapter: str | os.PathLike | None = None,
             chat_template: str | os.PathLike | None = None) -> dict:
-    """Convert ``src`` (.safetensors file, Hugging Face folder, .gguf) to the APR file ``dst``;
+    """Convert ``src`` (.safetensors file, Hugging Face folder, .gguf, .apr) to the APR file ``dst``;
     ``adapter``: a PEFT LoRA adapter folder merged into the weights on the way (``peft_in``);
     ``chat_template``: a jinja file written as the tokenizer's ``tokenizer.chat_template`` (replacing
     the source's; checked to render a conversation).
@@ -178,13 +178,17 @@ def _resolve_tied(source: Source, tensors: dict[str, LazyTensor]) -> bool:
 
 
 def open_source(path: Path) -> Source:
-    """Pick the reader by what ``path`` is: folder, .safetensors, .gguf (magic bytes first)."""
+    """Pick the reader by what ``path`` is: folder, APR, .safetensors, .gguf (magic bytes first)."""
     if path.is_dir():
         from .hf import read_hf
 
         return read_hf(path)
     with open(path, "rb") as f:
         head = f.read(8)
+    if head[:4] in (b"APR\x00", b"APR2"):  # a trained or converted APR file: re-quantised, LoRA merged
+        from .apr_in import read_apr
+
+        return read_apr(path)
     if head[:4] == b"GGUF" or path.suffix.lower() == ".gguf":
         from .gguf_in import read_gguf
 
@@ -194,7 +198,7 @@ def open_source(path: Path) -> Source:
 
         return read_hf(path)
     raise ValueError(f"{path}: unknown source format (expected a .safetensors file, a Hugging Face model "
-                     "folder, a .gguf file or a PyTorch state dict .bin / .pt / .pth)")
+                     "folder, a .gguf file, an APR file or a PyTorch state dict .bin / .pt / .pth)")
 
 
 __all__ = ["Source", "convert", "open_source", "plan_tensor", "DTYPE_CHOICES", "QUANT_CHOICES"]

@@ -1,0 +1,104 @@
+"""``apr-kernels convert SRC.apr DST.apr``: a training checkpoint or any APR file as a conversion source.
+
+References: the source file's own tensors, ``apr_kernels.quant.quantize`` of them for ``--quantize``,
+and a LoRA update ``W + (alpha / r) B A`` written out here from the checkpoint's adapter tensors.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import apr_kernels
+from apr_kernels.quant import quantize
+from rank_runs import cli
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A full and a LoRA run of two steps, each with a step-1 checkpoint (training state, adapters)."""
+    root = tmp_path_factory.mktemp("convert_apr")
+    common = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", str(STDLIB / "json"),
+              "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--save-every", "1",
+              "--no-progress", "--lr", "1e-2"]
+    assert cli([*common, "--out", str(root / "full")])[0] == 0
+    assert cli([*common, "--out", str(root / "lora"), "--lora-rank", "4"])[0] == 0
+    return root
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    with apr_kernels.open(path) as f:
+        return {n: f.get_tensor(n).clone() for n in f.keys()}, dict(f.metadata)
+
+
+def test_a_checkpoint_converts_to_its_model_alone(runs, tmp_path):
+    src = runs / "full" / "step_000001.apr"
+    code, _ = cli(["convert", str(src), str(tmp_path / "m.apr")])
+    assert code == 0
+    source, source_meta = _read(src)
+    out, meta = _read(tmp_path / "m.apr")
+    assert any(n.startswith("__training__.") for n in source)  # the optimizer state was there
+    assert set(out) == {n for n in source if not n.startswith("__training__.")}
+    for name, t in out.items():
+        assert torch.equal(t, source[name]), name
+    assert not any(k.startswith("training.") for k in meta)
+    assert meta["original_format"] == "apr" and meta["source"] == str(src.resolve())
+    assert meta["param_count"] == sum(t.numel() for t in out.values())
+    for key in ("architecture", "hidden_size", "tokenizer.vocabulary", "tokenizer.merges"):
+        assert meta[key] == source_meta[key], key
+    # and it is the same model: eval on it gives the checkpoint's loss
+    held = str(STDLIB / "shlex.py")
+    losses = [cli(["eval", "--init", str(p), "--data", held, "--max-tokens", "64", "--seq-len", "32"])[1].strip().splitlines()[-1]
+              for p in (src, tmp_path / "m.apr")]
+    assert losses[0] == losses[1]
+
+
+def test_quantize_writes_the_quantisers_blocks(runs, tmp_path):
+    src = runs / "full" / "model.apr"
+    assert cli(["convert", str(src), str(tmp_path / "q.apr"), "--quantize", "q4k"])[0] == 0
+    source, _ = _read(src)
+    source = {n: t for n, t in source.items() if not n.startswith("__training__.")}
+    with apr_kernels.open(tmp_path / "q.apr") as f:
+        kinds = {n: f.info(n).dtype for n in f.keys()}
+        assert set(kinds) == set(source)
+        for name, t in source.items():
+            if t.dim() == 2 and t.numel() >= 1024:
+                assert kinds[name] == "Q4_K", name
+                assert torch.equal(f.get_raw(name), quantize("Q4_K", t).data), name
+            else:
+                assert kinds[name] == "F32" and torch.equal(f.get_tensor(name), t), name
+        assert f.metadata["quantization"]["quant_type"] == "q4k"
+    # quantised blocks pass through a second conversion byte for byte
+    assert cli(["convert", str(tmp_path / "q.apr"), str(tmp_path / "again.apr")])[0] == 0
+    with apr_kernels.open(tmp_path / "q.apr") as a, apr_kernels.open(tmp_path / "again.apr") as b:
+        assert set(a.keys()) == set(b.keys())
+        for name in a.keys():
+            assert torch.equal(a.get_raw(name), b.get_raw(name)), name
+
+
+def test_a_lora_checkpoint_converts_with_its_adapters_merged(runs, tmp_path):
+    src = runs / "lora" / "step_000001.apr"
+    source, source_meta = _read(src)
+    lora = source_meta["lora"]
+    scale = lora["alpha"] / lora["rank"]
+    assert cli(["convert", str(src), str(tmp_path / "m.apr"), "--dtype", "f32"])[0] == 0
+    out, meta = _read(tmp_path / "m.apr")
+    assert meta["lora_merged"] == lora and "lora" not in meta
+    assert not any(".lora_" in n for n in out)
+    merged = 0
+    for name, t in out.items():
+        module = name.removesuffix(".weight")
+        if f"{module}.lora_A" in source:
+            a, b = source[f"{module}.lora_A"].double(), source[f"{module}.lora_B"].double()
+            assert b.abs().max() > 0, name  # one step trained it: the update is not zero
+            expected = (source[name].double() + scale * b @ a).float()
+            torch.testing.assert_close(t, expected, rtol=1e-6, atol=1e-7, msg=name)
+            merged += 1
+        else:
+            assert torch.equal(t, source[name]), name
+    assert merged == 14  # seven projections in each of two layers
