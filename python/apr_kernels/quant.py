@@ -18,7 +18,7 @@ import torch
 
 from ._format import QUANTIZED, QuantizedTensor, nbytes_for
 
-__all__ = ["dequantize", "quantize"]
+__all__ = ["dequantize", "fake_quantize", "quantize"]
 
 _F16_MIN_NORMAL = 2.0**-14
 
@@ -173,6 +173,17 @@ def quantize(dtype: str, tensor: torch.Tensor) -> QuantizedTensor:
     searches (``_fit_q4_sub_blocks``, ``_fit_q6_sub_blocks``) and write the GGML byte layout, which
     llama.cpp and the ``gguf`` package read.
     """
+    return QuantizedTensor(dtype, tuple(tensor.shape), _quantize_raw(dtype, tensor).cpu().contiguous())
+
+
+def fake_quantize(dtype: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a file quantised to APR ``dtype`` gives it back: ``dequantize(quantize(tensor))``
+    on ``tensor``'s device, in its dtype (quantisation-aware training: train/qat.py)."""
+    return dequantize(dtype, tensor.shape, _quantize_raw(dtype, tensor), dtype=tensor.dtype)
+
+
+def _quantize_raw(dtype: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The raw blocks (1-D uint8, on ``tensor``'s device) of ``tensor`` quantised to ``dtype``."""
     if dtype not in QUANTIZED:
         raise ValueError(f"quantize: {dtype!r} is not a quantised APR dtype ({', '.join(sorted(QUANTIZED))})")
     if not tensor.is_floating_point():
@@ -190,8 +201,9 @@ def quantize(dtype: str, tensor: torch.Tensor) -> QuantizedTensor:
         padded = torch.zeros(rows, nblk * 256, dtype=torch.float32, device=x.device)
         padded[:, :cols] = x.view(rows, cols)
         fn = _quant_q4_k if dtype == "Q4_K" else _quant_q6_k
-        data = fn(padded.view(-1, 256)).reshape(-1) if rows * nblk else torch.empty(0, dtype=torch.uint8)
-    return QuantizedTensor(dtype, shape, data.to(torch.uint8).cpu().contiguous())
+        data = (fn(padded.view(-1, 256)).reshape(-1) if rows * nblk
+                else torch.empty(0, dtype=torch.uint8, device=x.device))
+    return data.to(torch.uint8)
 
 
 def _round_away(x: torch.Tensor) -> torch.Tensor:
@@ -204,8 +216,8 @@ def _f16_bytes(v: torch.Tensor) -> torch.Tensor:  # [B] float -> [B, 2] uint8
 
 
 def _quant_apr_q8(x: torch.Tensor) -> torch.Tensor:
-    amax = x.abs().max() if x.numel() else torch.tensor(0.0)
-    scale = amax / 127 if amax > 0 else torch.tensor(1.0)
+    amax = x.abs().max() if x.numel() else x.new_zeros(())
+    scale = amax / 127 if amax > 0 else x.new_ones(())
     q = torch.clamp(_round_away(x / scale), -127, 127).to(torch.int8)
     return torch.cat((scale.reshape(1).to(torch.float32).view(torch.uint8), q.view(torch.uint8)))
 
@@ -226,6 +238,11 @@ def _quant_apr_q4(x: torch.Tensor) -> torch.Tensor:
 
 
 _FIT_BLOCKS = 4096  # super-blocks fitted at a time (the search holds 21 candidate grids of each)
+_FIT_BLOCKS_CUDA = 65536  # (about 1.5 GB of grids: fewer, larger launches where a GPU fits them)
+
+
+def _fit_chunk(x: torch.Tensor) -> int:
+    return _FIT_BLOCKS_CUDA if x.is_cuda else _FIT_BLOCKS
 
 
 def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,8 +301,8 @@ def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
-    if x.shape[0] > _FIT_BLOCKS:  # bound the search's memory
-        return torch.cat([_quant_q4_k(part) for part in x.split(_FIT_BLOCKS)])
+    if x.shape[0] > _fit_chunk(x):  # bound the search's memory
+        return torch.cat([_quant_q4_k(part) for part in x.split(_fit_chunk(x))])
     sub = x.view(-1, 8, 32)
     scale, mins = _fit_q4_sub_blocks(sub)
     d = (scale.amax(dim=1) / 63).to(torch.float16).to(torch.float32)
@@ -330,8 +347,8 @@ def _fit_q6_sub_blocks(sub: torch.Tensor) -> torch.Tensor:
 
 
 def _quant_q6_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 210]
-    if x.shape[0] > _FIT_BLOCKS:  # bound the search's memory
-        return torch.cat([_quant_q6_k(part) for part in x.split(_FIT_BLOCKS)])
+    if x.shape[0] > _fit_chunk(x):  # bound the search's memory
+        return torch.cat([_quant_q6_k(part) for part in x.split(_fit_chunk(x))])
     sub = x.view(-1, 16, 16)
     scale = _fit_q6_sub_blocks(sub)
     # the super-block scale: the sub-block scale of largest magnitude maps to -128 (llama.cpp's rule)

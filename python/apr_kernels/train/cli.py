@@ -552,10 +552,12 @@ def _train(args, env, mode: str) -> int:
         meta = training_metadata(args.resume)
         spec = meta["training.data_spec"]
         cfg = extended(TrainConfig.from_dict(meta["training.config"]), args, meta["training.step"], args.resume)
-        if args.float8 and args.float8 != cfg.float8:
-            raise ValueError(f"--float8 {args.float8} with --resume {args.resume}: the run was trained with "
-                             f"--float8 {cfg.float8 or '(none)'}, which a resumed run keeps")
-        _check_float8(cfg.float8, cfg.seq_len, args, device)
+        for option in ("float8", "qat"):
+            given, kept = getattr(args, option), getattr(cfg, option)
+            if given and given != kept:
+                raise ValueError(f"--{option} {given} with --resume {args.resume}: the run was trained with "
+                                 f"--{option} {kept or '(none)'}, which a resumed run keeps")
+        _check_low_precision(cfg, args, device)
         # a LoRA run resumes with its adapters (and its quantised base, if it had one)
         keep = {"lora": "keep", "lora_base_dtype": lora_base, "keep_quantized": True}
         model = load(args.resume, device or pick_device(args.device), tristate(args.fast), **keep)
@@ -578,11 +580,11 @@ def _train(args, env, mode: str) -> int:
                           neftune_alpha=args.neftune_alpha, lora_plus_ratio=args.lora_plus_ratio,
                           router_aux_loss_coef=args.router_aux_loss_coef,
                           router_z_loss_coef=args.router_z_loss_coef,
-                          activation_offload=args.activation_offload, float8=args.float8,
+                          activation_offload=args.activation_offload, float8=args.float8, qat=args.qat,
                           eval_choices=[str(Path(c).resolve()) for c in args.eval_choices] if args.eval_choices
                           else None,
                           **_settings_of(args))
-        _check_float8(cfg.float8, cfg.seq_len, args, device)
+        _check_low_precision(cfg, args, device)
         model, tok = build_model(args, args.tokenizer, device=device, load=load)
         if args.chat_template:
             tok = with_chat_template(tok, args.chat_template)
@@ -654,15 +656,19 @@ def _train(args, env, mode: str) -> int:
     return 0
 
 
-def _check_float8(recipe: str | None, seq_len: int, args, device) -> None:
-    """``--float8``'s preconditions, before any weight is read (train/float8.py)."""
-    if not recipe:
+def _check_low_precision(cfg, args, device) -> None:
+    """``--float8``'s and ``--qat``'s preconditions, before any weight is read (train/float8.py, qat.py)."""
+    if cfg.qat:
+        from . import qat
+
+        qat.check(cfg.qat, lora=bool(args.lora_rank), tensor_parallel=args.tensor_parallel)
+    if not cfg.float8:
         return
     from . import float8
 
     device = device or pick_device(args.device)
-    float8.check(recipe, device, lora=bool(args.lora_rank), tensor_parallel=args.tensor_parallel,
-                 context_parallel=args.context_parallel, seq_len=seq_len)
+    float8.check(cfg.float8, device, lora=bool(args.lora_rank), tensor_parallel=args.tensor_parallel,
+                 context_parallel=args.context_parallel, seq_len=cfg.seq_len)
     if device.type == "cuda" and not args.compile:
         print("warning: --float8 without --compile casts to float8 in separate eager kernels, usually slower "
               "than bf16; add --compile", file=sys.stderr)
@@ -831,6 +837,9 @@ def register(subparsers) -> None:
                    help="the decoder layers' projections multiply in float8 (torchao; CUDA compute capability "
                         ">= 8.9, with --compile): tensorwise (fastest), rowwise or rowwise_with_gw_hp scales; "
                         "weights and checkpoints stay in their dtype. Emulated off CUDA")
+    o.add_argument("--qat", choices=("q4k", "q6k", "q8", "q4"), default=None, metavar="KIND",
+                   help="quantisation-aware training for `convert --quantize KIND` (q4k, q6k, q8, q4): each step's "
+                        "forward and backward see the weights as the quantised file will store them")
     o.add_argument("--activation-offload", action="store_true",
                    help="keep the tensors saved for the backward in pinned host memory (less GPU memory, more "
                         "PCIe traffic; torchtune's activation offloading)")

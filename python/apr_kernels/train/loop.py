@@ -76,6 +76,7 @@ class TrainConfig:
     lora_plus_ratio: float = 0.0        # LoRA+: the adapters' B matrices at this multiple of the lr (0: off)
     activation_offload: bool = False    # tensors saved for the backward kept in (pinned) host memory
     float8: str | None = None           # the projections' GEMMs in float8: tensorwise | rowwise | ... (float8.py)
+    qat: str | None = None              # quantisation-aware training for convert --quantize KIND (qat.py)
     freeze: list | None = None          # parameter name patterns (fnmatch) kept frozen (freeze_parameters)
     optimizer: str = "adamw"            # adamw | muon (Muon on the decoder layers' matrices, AdamW on the rest)
     muon_momentum: float = 0.95
@@ -573,39 +574,40 @@ class Trainer(EvalWatch):
         indices = [self.batches.next(c.batch_size) for _ in range(c.grad_accum)]
         counts = [int((self.train_seqs[i][:, 1:] >= 0).sum()) for i in indices]  # (each global micro-batch's)
         n_targets = max(1, sum(counts))
-        for micro, index in enumerate(indices):
-            x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
-                               self.doc_eos)
-            rows = x  # (the whole rows: what a distillation teacher reads)
-            if self._moe and par is not None:  # (the balance term: the global micro-batch's, in equal shares)
-                self.model.aux_targets = counts[micro] / par.shares
-            if par is not None:  # context or sequence parallelism: this rank's positions of the rows
-                x, y = par.local_positions(x, y)
-            # gradients are communicated once, on the last micro-batch
-            with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                                    enabled=self.autocast_dtype is not None):
-                    teacher = None
-                    if self.teacher is not None:  # (whole on every rank: it reads the whole rows, and the
-                        # student's share of the positions takes the teacher's hidden states there)
-                        teacher = Teacher.of(self.teacher, rows, docs, kd_ratio=c.kd_ratio,
-                                             temperature=c.kd_temperature, beta=c.kd_beta)
-                        if par is not None:
-                            teacher.hidden = par.local_positions(teacher.hidden)
-                    extra = {"teacher": teacher} if teacher is not None else \
-                        {"label_smoothing": c.label_smoothing, "z_loss": c.z_loss}
-                    with self._saved_tensors():
-                        loss_sum = (par.loss(x, y, docs, reduction="sum", **extra) if par
-                                    else self.model.loss(x, y, reduction="sum", documents=docs, **extra))
-                    if teacher is not None:  # [loss, ce, kl]
-                        parts += loss_sum[1:].detach()
-                        loss_sum = loss_sum[0]
-                # DDP/FSDP average gradients over ranks: scale by their number to get the sum
-                scaled = loss_sum * (world / n_targets)
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            total += loss_sum.detach()
-            if router is not None:
-                router.add()
+        with self._quantised():  # (--qat: the step's forwards and backwards on the quantised weights)
+            for micro, index in enumerate(indices):
+                x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
+                                   self.doc_eos)
+                rows = x  # (the whole rows: what a distillation teacher reads)
+                if self._moe and par is not None:  # (the balance term: the global micro-batch's, in equal shares)
+                    self.model.aux_targets = counts[micro] / par.shares
+                if par is not None:  # context or sequence parallelism: this rank's positions of the rows
+                    x, y = par.local_positions(x, y)
+                # gradients are communicated once, on the last micro-batch
+                with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                        enabled=self.autocast_dtype is not None):
+                        teacher = None
+                        if self.teacher is not None:  # (whole on every rank: it reads the whole rows, and the
+                            # student's share of the positions takes the teacher's hidden states there)
+                            teacher = Teacher.of(self.teacher, rows, docs, kd_ratio=c.kd_ratio,
+                                                 temperature=c.kd_temperature, beta=c.kd_beta)
+                            if par is not None:
+                                teacher.hidden = par.local_positions(teacher.hidden)
+                        extra = {"teacher": teacher} if teacher is not None else \
+                            {"label_smoothing": c.label_smoothing, "z_loss": c.z_loss}
+                        with self._saved_tensors():
+                            loss_sum = (par.loss(x, y, docs, reduction="sum", **extra) if par
+                                        else self.model.loss(x, y, reduction="sum", documents=docs, **extra))
+                        if teacher is not None:  # [loss, ce, kl]
+                            parts += loss_sum[1:].detach()
+                            loss_sum = loss_sum[0]
+                    # DDP/FSDP average gradients over ranks: scale by their number to get the sum
+                    scaled = loss_sum * (world / n_targets)
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                total += loss_sum.detach()
+                if router is not None:
+                    router.add()
         if router is not None:  # the means over micro-batches and ranks (the loss includes their terms)
             router = router.means(par)
         if par is not None:
@@ -670,6 +672,16 @@ class Trainer(EvalWatch):
             return contextlib.nullcontext()
         return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
 
+    def _quantised(self):
+        """``--qat``: the weights as the quantised file will hold them, within (qat.FakeQuantizer)."""
+        if not self.cfg.qat:
+            return contextlib.nullcontext()
+        if getattr(self, "_fake_quantizer", None) is None:  # (made on first use: the parallel model's parameters)
+            from .qat import FakeQuantizer
+
+            self._fake_quantizer = FakeQuantizer(self.model, self.cfg.qat)
+        return self._fake_quantizer.applied()
+
     def _high_precision(self):
         """Evaluation of a ``--float8`` run in high precision (float8.high_precision: the saved model's loss)."""
         if not self.cfg.float8:
@@ -687,6 +699,9 @@ class Trainer(EvalWatch):
             if self.eval_tokens is not None:
                 loss, n = self.evaluate()
                 rec.update(eval_loss=loss, eval_tokens=n)
+                if self.cfg.qat:  # and the quantised file's
+                    with self._quantised():
+                        rec["eval_loss_quantized"] = self.evaluate_tokens(self.eval_tokens)[0]
             if self.extra_eval is not None:
                 rec.update(self.extra_eval(self))
         self.history.append({"event": "eval", **rec})
@@ -721,6 +736,7 @@ class Trainer(EvalWatch):
                 torch.empty(0, device=self.device)),
             "document_mask": c.document_mask, "lora_rank": lora["rank"] if lora else None,
             "lr_schedule": c.lr_schedule, **({"float8": c.float8} if c.float8 else {}),
+            **({"qat": c.qat} if c.qat else {}),
             **({"mixture": self.train_seqs.describe(c.steps * c.batch_size * c.grad_accum)}
                if isinstance(self.train_seqs, Mixture) else {}),
         }

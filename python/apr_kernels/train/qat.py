@@ -1,0 +1,94 @@
+"""Quantisation-aware training (``train --qat q4k|q6k|q8|q4``): train the weights that
+``apr-kernels convert model.apr out.apr --quantize KIND`` will store, so the quantised file loses
+less than quantising after training does.
+
+Each training step runs its forwards and backwards on the weights as the quantised file will hold
+them: every tensor that ``--quantize`` quantises (2-D, at least ``MIN_QUANT_ELEMENTS`` values: the
+projections, experts, embedding and output head) is replaced in place by ``quant.fake_quantize``,
+the same quantiser and block layout as the converter's (Q4_K/Q6_K fitted with llama.cpp's searches,
+APR_Q8/APR_Q4 as aprender writes them), and put back before the optimizer step. So the gradient is
+the quantised model's, applied to the full-precision weights (the straight-through estimator,
+as BinaryConnect and torchao's QAT use it): the forward sees exactly the deployed weights, every
+code path (fused q/k/v, grouped experts, the fused loss) reads them unchanged, and the checkpoints
+keep the full-precision weights (``convert --quantize`` then writes what training saw).
+
+Under FSDP each rank replaces its own rows: Q4_K and Q6_K (blocks within each row) and APR_Q4 on
+rows of whole 32-value blocks quantise the rows alone; APR_Q8 (one scale per tensor) and APR_Q4 on
+other widths gather the whole tensor first. Costs: a copy of those weights (to put them back) and
+one quantisation of each per optimizer step (shared by the step's micro-batches).
+
+Evaluations report both losses: ``eval_loss`` of the weights as saved and ``eval_loss_quantized``
+of the quantised file. Not combined (refused): LoRA (the deployed weight is the merged one) and
+tensor parallelism (a rank's columns would cut the blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from apr_kernels.convert.core import MIN_QUANT_ELEMENTS, QUANT_CHOICES
+
+
+def check(kind: str, *, lora: bool = False, tensor_parallel: int = 1) -> None:
+    if kind not in QUANT_CHOICES:
+        raise ValueError(f"--qat {kind!r}; expected one of {', '.join(QUANT_CHOICES)} (convert --quantize's kinds)")
+    if lora:
+        raise ValueError(f"--qat {kind} trains the weights the quantised file stores; with --lora-rank the file "
+                         f"stores the merged weights. Expected one of the two")
+    if tensor_parallel != 1:
+        raise ValueError(f"--qat with --tensor-parallel {tensor_parallel}: each rank's columns of a weight would "
+                         f"cut its quantisation blocks; expected --tensor-parallel 1")
+
+
+def targets(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters ``convert --quantize`` quantises (``convert.core.plan_tensor``'s rule), each once."""
+    seen, out = set(), []
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and p.is_floating_point() and p.numel() >= MIN_QUANT_ELEMENTS and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    return out
+
+
+def _rows_alone(kind: str, cols: int) -> bool:
+    """Whether ``kind`` quantises each row of ``cols`` values on its own (FSDP's row shards need no gather)."""
+    return kind in ("Q4_K", "Q6_K") or (kind == "APR_Q4" and cols % 32 == 0)
+
+
+class FakeQuantizer:
+    """``applied()``: within, ``model``'s target weights hold their quantised values."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        self.kind = QUANT_CHOICES[kind]
+        self.params = targets(model)
+
+    def quantised(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``p`` as the quantised file holds it."""
+        from apr_kernels.quant import fake_quantize
+
+        from .distributed import local_part, local_shard
+
+        if hasattr(p, "full_tensor") and not _rows_alone(self.kind, p.shape[-1]):
+            return local_shard(fake_quantize(self.kind, p.full_tensor()), p, name)
+        return fake_quantize(self.kind, local_part(p))
+
+    @contextlib.contextmanager
+    def applied(self):
+        from .distributed import local_part
+
+        saved = []
+        try:
+            with torch.no_grad():
+                for name, p in self.params:
+                    local = local_part(p)
+                    quantised = self.quantised(name, p)
+                    saved.append((local, local.clone()))
+                    local.copy_(quantised)
+            yield
+        finally:
+            with torch.no_grad():
+                for local, original in saved:
+                    local.copy_(original)
