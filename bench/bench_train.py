@@ -36,6 +36,8 @@ routed experts' FLOPs only). --smoke: the tiny_qwen2 preset on CPU for three ste
 --float8: also ``fast+compile`` and ``fast+float8+compile`` (``train --float8 tensorwise --compile``: the
 decoder layers' projections in float8 through torchao, on cards of compute capability 8.9 or more; the
 MFU still divides model FLOPs by the bf16 roof, as torchtitan reports it).
+--qat: also ``fast+qat`` (``train --qat q4k``: every step on the weights as Q4_K will store them; the
+row shows what the per-step quantisation of every weight costs).
 --quick: 4 timed steps instead of 10. --compile: also ``fast+compile`` and ``reference+compile`` (each
 decoder layer's forward under torch.compile, as ``apr-kernels train --compile``; not in gpu_check's run). The whole GPU run is about 30-60 s on an H100 (kernel compiles
 included).
@@ -89,7 +91,8 @@ def measure(cfg, provider: str, batch: int, seq: int, warmup: int, steps: int, d
         ends = gaps.cumsum(0)
         tokens[ends[ends < n_tokens]] = eos
     tcfg = TrainConfig(steps=warmup + steps, batch_size=batch, seq_len=seq, lr=1e-4, warmup=0,
-                       document_mask=masked, teacher="random" if teacher is not None else None)
+                       document_mask=masked, teacher="random" if teacher is not None else None,
+                       qat="q4k" if provider.endswith("+qat") else None)
     trainer = Trainer(model, tokens, None, tcfg, device=dev, log=lambda *a: None, eos_id=eos, teacher=teacher)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -148,6 +151,8 @@ def main() -> None:
                                   help="also time both paths distilling from a teacher of the same preset"),
                    p.add_argument("--float8", action="store_true",
                                   help="also time the compiled fast path with and without float8 projections"),
+                   p.add_argument("--qat", action="store_true",
+                                  help="also time the fast path with quantisation-aware training for Q4_K"),
                    p.add_argument("--checkpointing", action="store_true",
                                   help="also time the fast path with full and with selective activation "
                                        "checkpointing")),
@@ -177,6 +182,7 @@ def main() -> None:
     providers += ["fast+documents", "reference+documents"] if args.documents else []
     providers += ["fast+distill", "reference+distill"] if args.distill else []
     providers += ["fast+checkpoint", "fast+selective"] if args.checkpointing else []
+    providers += ["fast+qat"] if args.qat else []
     if args.float8:
         from apr_kernels.train import float8
 
