@@ -11,9 +11,7 @@ scale is the micro-batch's).
 from __future__ import annotations
 
 import copy
-import json
 import re
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,25 +19,15 @@ import torch
 from torch import nn
 
 from rank_runs import against_one_process, cli
+from train_runs import HELD, losses, records, sixteen_config, sixteen_init, train_args
 
 pytest.importorskip("torchao.float8")
 
-from apr_kernels.model import ModelConfig, Transformer  # noqa: E402
+from apr_kernels.model import Transformer  # noqa: E402
 from apr_kernels.train import float8  # noqa: E402
 
 CPU = torch.device("cpu")
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-TRAIN = [str(STDLIB / "json"), str(STDLIB / "textwrap.py")]
-HELD = str(STDLIB / "shlex.py")
-
-
-def _config(**kw) -> ModelConfig:
-    """Every projection float8-eligible (dimensions multiples of 16); the byte tokenizer's vocabulary."""
-    base = dict(architecture="qwen2", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                intermediate_size=96, vocab_size=272, max_position_embeddings=256, rope_theta=1e4,
-                rms_norm_eps=1e-6, attention_bias=True, tie_word_embeddings=True)
-    return ModelConfig(**{**base, **kw})
 
 
 def _cast(t: torch.Tensor, dtype, dim: int | None = None, power_of_two: bool = False) -> torch.Tensor:
@@ -89,7 +77,7 @@ def _grads(model, ids):
 @pytest.mark.parametrize("fast", [False, True])
 def test_tensorwise_model_equals_an_independent_float8_reference(fast):
     torch.manual_seed(0)
-    model = Transformer(_config(), fast=fast)
+    model = Transformer(sixteen_config(), fast=fast)
     plain = copy.deepcopy(model)
     names = float8.convert(model, "tensorwise", CPU)
     assert set(names) == {f"model.layers.{i}.{p}" for i in range(2) for p in
@@ -113,7 +101,7 @@ def test_tensorwise_model_equals_an_independent_float8_reference(fast):
 def test_rowwise_forward_scales_each_row():
     """rowwise: one scale per input row and per weight row, rounded down to a power of two."""
     torch.manual_seed(1)
-    model = Transformer(_config(num_layers=1), fast=False)
+    model = Transformer(sixteen_config(num_layers=1), fast=False)
     plain = copy.deepcopy(model)
     names = float8.convert(model, "rowwise", CPU)
     ref = _with_reference(plain, names, lambda x, m: _cast(x, E4, -1, True) @ _cast(m.weight, E4, -1, True).t())
@@ -127,19 +115,19 @@ def test_rowwise_forward_scales_each_row():
 def test_only_eligible_projections_convert():
     """Kept in high precision: the embedding, the head, routers, experts and projections whose
     dimensions are not multiples of 16; the shared expert converts."""
-    model = Transformer(_config(architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
-                                moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                                mlp_only_layers=(1,), tie_word_embeddings=False), fast=False)
+    model = Transformer(sixteen_config(architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                       mlp_only_layers=(1,), tie_word_embeddings=False), fast=False)
     names = set(float8.convert(model, "tensorwise", CPU))
     attention = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"}
     assert names == attention | {f"model.layers.0.mlp.shared_expert.{p}_proj" for p in ("gate", "up", "down")} | {
         f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")}
-    odd = Transformer(_config(intermediate_size=88), fast=False)  # the MLP's 88 is no multiple of 16
+    odd = Transformer(sixteen_config(intermediate_size=88), fast=False)  # the MLP's 88 is no multiple of 16
     assert not any(".mlp." in n for n in float8.convert(odd, "tensorwise", CPU))
     with pytest.raises(ValueError, match=r"no projection of this model has both dimensions a multiple of 16.*"
                                          r"q_proj \(56 -> 56\)"):
-        float8.convert(Transformer(_config(hidden_size=56, num_heads=7, num_kv_heads=1, head_dim=8), fast=False),
-                       "tensorwise", CPU)
+        float8.convert(Transformer(sixteen_config(hidden_size=56, num_heads=7, num_kv_heads=1, head_dim=8),
+                                   fast=False), "tensorwise", CPU)
 
 
 def test_refusals_name_the_reason(monkeypatch):
@@ -160,53 +148,34 @@ def test_refusals_name_the_reason(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- the CLI
-def _records(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def _losses(text: str, event: str = "train", key: str = "loss") -> list[float]:
-    return [r[key] for r in _records(text) if r["event"] == event]
-
-
 @pytest.fixture(scope="module")
 def init(tmp_path_factory) -> Path:
-    from apr_kernels.train.checkpoint import save_checkpoint
+    return sixteen_init(tmp_path_factory.mktemp("float8") / "init.apr")
 
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("float8") / "init.apr"
-    save_checkpoint(path, model=Transformer(_config(), fast=False))
-    return path
-
-
-def _train(init: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--init", str(init), "--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD,
-            "--max-tokens", "20000", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
-            "--eval-tokens", "160", "--save-every", "2", "--json", "--seed", "5", "--no-progress", "--fast", "off",
-            "--dist-timeout", "60", "--out", str(out), *extra]
 
 
 def test_float8_run_resumes_exactly_and_saves_a_plain_checkpoint(init, tmp_path, capsys):
-    code, f8 = cli(_train(init, tmp_path / "f8", "--float8", "tensorwise"))
+    code, f8 = cli(train_args(init, tmp_path / "f8", "--float8", "tensorwise"))
     assert code == 0
-    code, hp = cli(_train(init, tmp_path / "hp"))
+    code, hp = cli(train_args(init, tmp_path / "hp"))
     assert code == 0
-    start = _records(f8)[0]
+    start = records(f8)[0]
     assert start["event"] == "start" and start["float8"] == "tensorwise"
     # close to the high-precision run (float8 rounding), not equal to it
-    assert _losses(f8) == pytest.approx(_losses(hp), rel=0.02)
-    assert _losses(f8) != pytest.approx(_losses(hp), rel=1e-6)
+    assert losses(f8) == pytest.approx(losses(hp), rel=0.02)
+    assert losses(f8) != pytest.approx(losses(hp), rel=1e-6)
     # resumed from step 2: the float8 recipe comes back with the run; steps 3 and 4 as uninterrupted
-    code, resumed = cli(["train", "--resume", str(tmp_path / "f8" / "step_000002.apr"), "--out", str(tmp_path / "again"),
-                         "--json", "--no-progress"])
+    code, resumed = cli(["train", "--resume", str(tmp_path / "f8" / "step_000002.apr"),
+                         "--out", str(tmp_path / "again"), "--json", "--no-progress"])
     assert code == 0
-    assert _losses(resumed) == pytest.approx(_losses(f8)[2:], rel=1e-6)
+    assert losses(resumed) == pytest.approx(losses(f8)[2:], rel=1e-6)
     # the checkpoint is a plain model, and the run evaluated it in high precision: eval reproduces
     # the run's final eval loss
     code, ev = cli(["eval", "--init", str(tmp_path / "f8" / "model.apr"), "--data", HELD, "--max-tokens", "160"])
     assert code == 0
     key, tokens = ev.strip().splitlines()[-1].split()
     assert tokens == "tokens=160"
-    assert float(key.removeprefix("eval_loss=")) == pytest.approx(_losses(f8, "eval", "eval_loss")[-1], abs=2e-6)
+    assert float(key.removeprefix("eval_loss=")) == pytest.approx(losses(f8, "eval", "eval_loss")[-1], abs=2e-6)
     capsys.readouterr()
     code, _ = cli(["train", "--resume", str(tmp_path / "f8" / "step_000002.apr"), "--float8", "rowwise",
                    "--out", str(tmp_path / "no")])
@@ -221,26 +190,22 @@ def test_float8_on_two_ranks_matches_one_process(init, tmp_path):
     tensorwise input scale is its micro-batch's; a step is 8 rows either way). Expert parallelism
     too: a Qwen2-MoE model whose experts stay in high precision (no balance loss, whose value would
     depend on the grouping)."""
-    from apr_kernels.train.checkpoint import save_checkpoint
-
-    torch.manual_seed(4)
-    moe = tmp_path / "moe.apr"
-    save_checkpoint(moe, model=Transformer(_config(
-        architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, mlp_only_layers=(1,), tie_word_embeddings=False), fast=False))
+    moe = sixteen_init(tmp_path / "moe.apr", seed=4, architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=(1,),
+                       tie_word_embeddings=False)
     two = ["--batch-size", "4", "--grad-accum", "2", "--float8", "tensorwise"]
     moe_args = ["--router-aux-loss-coef", "0"]
-    runs = {"ddp": (_train(init, tmp_path / "ddp", *two, "--parallel", "ddp"), 2),
-            "fsdp": (_train(init, tmp_path / "fsdp", *two, "--parallel", "fsdp"), 2),
-            "ep": (_train(moe, tmp_path / "ep", *two, *moe_args, "--parallel", "ddp", "--expert-parallel", "2"), 2)}
+    runs = {"ddp": (train_args(init, tmp_path / "ddp", *two, "--parallel", "ddp"), 2),
+            "fsdp": (train_args(init, tmp_path / "fsdp", *two, "--parallel", "fsdp"), 2),
+            "ep": (train_args(moe, tmp_path / "ep", *two, *moe_args, "--parallel", "ddp", "--expert-parallel", "2"), 2)}
     one_args = ["--batch-size", "2", "--grad-accum", "4", "--float8", "tensorwise"]
-    references = {"dense": _train(init, tmp_path / "one", *one_args),
-                  "ep": _train(moe, tmp_path / "one_moe", *one_args, *moe_args),
-                  "hp": _train(init, tmp_path / "hp", *one_args[:-2])}
+    references = {"dense": train_args(init, tmp_path / "one", *one_args),
+                  "ep": train_args(moe, tmp_path / "one_moe", *one_args, *moe_args),
+                  "hp": train_args(init, tmp_path / "hp", *one_args[:-2])}
     one, out = against_one_process(runs, references, tmp_path / "launch")
-    assert _losses(one["dense"]) != pytest.approx(_losses(one["hp"]), rel=1e-4)  # (float8 changes the run)
+    assert losses(one["dense"]) != pytest.approx(losses(one["hp"]), rel=1e-4)  # (float8 changes the run)
     for name in runs:
         ref = one["ep" if name == "ep" else "dense"]
-        assert _losses(out[name]) == pytest.approx(_losses(ref), rel=1e-5), name
-        assert _losses(out[name], "eval", "eval_loss") == pytest.approx(_losses(ref, "eval", "eval_loss"),
+        assert losses(out[name]) == pytest.approx(losses(ref), rel=1e-5), name
+        assert losses(out[name], "eval", "eval_loss") == pytest.approx(losses(ref, "eval", "eval_loss"),
                                                                          rel=1e-5), name
