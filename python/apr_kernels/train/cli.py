@@ -832,12 +832,16 @@ def register(subparsers) -> None:
     o.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer's forward (fuses the glue around the kernels; "
                         "the first steps pay the compile)")
-    o.add_argument("--float8", choices=("tensorwise", "rowwise", "rowwise_with_gw_hp"), default=None,
+    from apr_kernels.convert.core import QUANT_CHOICES
+
+    from .float8 import RECIPES
+
+    o.add_argument("--float8", choices=RECIPES, default=None,
                    metavar="RECIPE",
                    help="the decoder layers' projections multiply in float8 (torchao; CUDA compute capability "
                         ">= 8.9, with --compile): tensorwise (fastest), rowwise or rowwise_with_gw_hp scales; "
                         "weights and checkpoints stay in their dtype. Emulated off CUDA")
-    o.add_argument("--qat", choices=("q4k", "q6k", "q8", "q4"), default=None, metavar="KIND",
+    o.add_argument("--qat", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
                    help="quantisation-aware training for `convert --quantize KIND` (q4k, q6k, q8, q4): each step's "
                         "forward and backward see the weights as the quantised file will store them")
     o.add_argument("--activation-offload", action="store_true",
