@@ -8,6 +8,7 @@ compute that file's logits and gradients); outside, exactly its own.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -133,3 +134,35 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
             assert losses(out[name], "eval", key)[0] == pytest.approx(losses(one[name], "eval", key)[0],
                                                                         rel=1e-6), name
         assert got == pytest.approx(ref, rel=2e-3), name
+
+
+def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
+    """dpo and grpo with --qat: the first step (before any update) is the same step as from the converted
+    file itself: the same SimPO loss and gradient norm, and for grpo the same rewards and loss, whose
+    importance ratios divide by the sampling policy's log-probabilities (so the sampling ran on the
+    quantised weights too). No reference model in either (its weights would be the full-precision
+    ones under --qat)."""
+    assert cli(["convert", str(init), str(tmp_path / "q.apr"), "--quantize", "q4"])[0] == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes", "rejected": " no"}) + "\n"
+                             for t in ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal", "ice")))
+    (tmp_path / "rewards.py").write_text(
+        "def letters(prompts, completions, **kw):\n"
+        "    return [sum(c.islower() for c in t) / max(1, len(t)) for t in completions]\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Write:", "Say:", "Go:", "Now:")))
+    common = ["--tokenizer", "bytes", "--steps", "2", "--lr", "1e-2", "--json", "--seed", "5", "--fast", "off"]
+    dpo = ["dpo", "--data", str(pairs), "--batch-size", "4", "--loss", "simpo", "--max-len", "40", *common]
+    grpo = ["grpo", "--data", str(prompts), "--reward", f"{tmp_path / 'rewards.py'}:letters", "--batch-size", "2",
+            "--num-generations", "3", "--max-new-tokens", "6", "--max-prompt-len", "16", "--num-iterations", "2",
+            *common]  # (two updates per sampling: the sampling policy's log-probabilities enter the loss)
+    for name, argv in (("dpo", dpo), ("grpo", grpo)):
+        code, trained = cli([argv[0], "--init", str(init), "--qat", "q4", *argv[1:], "--out", str(tmp_path / name)])
+        assert code == 0, name
+        code, converted = cli([argv[0], "--init", str(tmp_path / "q.apr"), *argv[1:],
+                               "--out", str(tmp_path / f"{name}_q")])
+        assert code == 0, name
+        assert records(trained)[0]["qat"] == "q4"
+        first, ref = (next(r for r in records(out) if r["event"] == "train") for out in (trained, converted))
+        for key in ("loss", "grad_norm", *(("reward",) if name == "grpo" else ())):
+            assert first[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)

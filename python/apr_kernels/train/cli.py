@@ -421,10 +421,16 @@ def with_chat_template(tok, path):
 
 def extended(cfg: TrainConfig, args, step: int, path) -> TrainConfig:
     """A resumed run's config: as stored, or with ``--steps N`` a longer run (the learning-rate schedule
-    recomputed for N steps, the warmup kept). ``--epochs`` is refused: the data and batch are the run's."""
+    recomputed for N steps, the warmup kept). ``--epochs`` is refused: the data and batch are the run's;
+    so are a ``--float8`` or ``--qat`` other than the run's."""
     if getattr(args, "epochs", None) is not None:
         raise ValueError(f"--epochs with --resume {path}: the run's data and batch are fixed; give --steps N (a new "
                          f"total) to extend it")
+    for option in ("float8", "qat"):  # (what the run's weights were trained for)
+        given, kept = getattr(args, option, None), getattr(cfg, option)
+        if given and given != kept:
+            raise ValueError(f"--{option} {given} with --resume {path}: the run was trained with --{option} "
+                             f"{kept or '(none)'}, which a resumed run keeps")
     if args.steps is None or args.steps == cfg.steps:
         return cfg
     if args.steps <= step:
@@ -552,11 +558,6 @@ def _train(args, env, mode: str) -> int:
         meta = training_metadata(args.resume)
         spec = meta["training.data_spec"]
         cfg = extended(TrainConfig.from_dict(meta["training.config"]), args, meta["training.step"], args.resume)
-        for option in ("float8", "qat"):
-            given, kept = getattr(args, option), getattr(cfg, option)
-            if given and given != kept:
-                raise ValueError(f"--{option} {given} with --resume {args.resume}: the run was trained with "
-                                 f"--{option} {kept or '(none)'}, which a resumed run keeps")
         _check_low_precision(cfg, args, device)
         # a LoRA run resumes with its adapters (and its quantised base, if it had one)
         keep = {"lora": "keep", "lora_base_dtype": lora_base, "keep_quantized": True}

@@ -118,6 +118,14 @@ class StepLoop(EvalWatch):
         self.step = 0
         # a mixture-of-experts policy: its balance terms in the objective, its measures in the logs
         self.router = RouterMeasures.of(model, self.device, parallel)
+        # --qat: each step, from _start_step to the optimizer step, on the quantised weights (qat.py)
+        self._quantizer, self._quantised = None, None
+        if cfg.qat:
+            from .qat import FakeQuantizer, check
+
+            tp = parallel.tensor.size if parallel is not None and parallel.tensor is not None else 1
+            check(cfg.qat, lora=bool(getattr(model, "lora", None)), tensor_parallel=tp)
+            self._quantizer = FakeQuantizer(model, cfg.qat)
 
     def _balance(self, forwards: int):
         """This rank's share of the step's mixture-of-experts balance terms, from the policy's last
@@ -207,6 +215,7 @@ class StepLoop(EvalWatch):
         """End a step: ``sums`` (float64, this rank's totals of its micro-batches) summed over the ranks,
         the gradients clipped to ``cfg.grad_clip``, the optimizer step taken. Returns (the sums, the
         gradient norm before clipping or None without clipping)."""
+        self._full_precision()  # (--qat: the optimizer steps the full-precision weights)
         if sums is not None and self.parallel is not None:
             sums = self.parallel.total(sums.to(self.device)).cpu()
         grad_norm = None
@@ -223,7 +232,16 @@ class StepLoop(EvalWatch):
         lr = self.cfg.lr_at_step(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # (LoRA+'s B matrices: a multiple)
+        if self._quantizer is not None:  # (until _finish_step: the step's sampling, forwards and backwards)
+            self._quantised = self._quantizer.applied()
+            self._quantised.__enter__()
         return lr, time.perf_counter()
+
+    def _full_precision(self) -> None:
+        """End ``--qat``'s quantised window of this step, if one is open (the full-precision weights back)."""
+        if self._quantised is not None:
+            window, self._quantised = self._quantised, None
+            window.__exit__(None, None, None)
 
     def run(self, on_checkpoint=None, on_best=None, profile=None) -> list[dict]:
         """Train to ``cfg.steps`` (module docstring); ``on_checkpoint(self)`` every ``cfg.save_every``
@@ -246,7 +264,10 @@ class StepLoop(EvalWatch):
         if self.has_eval and self.step == 0:
             evaluate()
         while self.step < c.steps and not self.stopped_early:
-            rec = self.train_step()
+            try:
+                rec = self.train_step()
+            finally:  # (a step that failed midway: its weights are still restored)
+                self._full_precision()
             if profile is not None:
                 profile.step()
             history.append({"event": "train", **rec})
@@ -325,7 +346,7 @@ def config_from(args, **fields) -> TrainConfig:
                        save_every=args.save_every, seed=args.seed, precision=args.precision,
                        lora_plus_ratio=args.lora_plus_ratio, save_best=args.save_best,
                        early_stopping_patience=args.early_stopping_patience, freeze=args.freeze,
-                       optimizer=args.optimizer, **fields)
+                       optimizer=args.optimizer, qat=args.qat, **fields)
 
 
 def fit_epochs(args, cfg: TrainConfig, items: int, what: str) -> TrainConfig:
@@ -517,7 +538,7 @@ def start_fields(trainer, device) -> dict:
             "epochs": round(c.steps * c.batch_size * c.grad_accum / max(1, trainer.batches.n), 3),
             "padding_free": trainer.padding_free,
             **_trained_counts(model, trainer.parallel),
-            "lora_rank": (getattr(model, "lora", None) or {}).get("rank")}
+            "lora_rank": (getattr(model, "lora", None) or {}).get("rank"), **({"qat": c.qat} if c.qat else {})}
 
 
 def _trained_counts(model, parallel) -> dict:
@@ -599,6 +620,11 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
 
     add_freeze_option(p)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    from apr_kernels.convert.core import QUANT_CHOICES
+
+    p.add_argument("--qat", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
+                   help="quantisation-aware training for `convert --quantize KIND` (as train's): each step, its "
+                        "sampling included, on the weights as the quantised file will store them")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--grad-checkpointing", nargs="?", const="full", choices=("full", "selective"), default=None,
