@@ -152,10 +152,11 @@ def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Write:", "Say:", "Go:", "Now:")))
     common = ["--tokenizer", "bytes", "--steps", "2", "--lr", "1e-2", "--json", "--seed", "5", "--fast", "off"]
-    dpo = ["dpo", "--data", str(pairs), "--batch-size", "4", "--loss", "simpo", "--max-len", "40", *common]
+    dpo = ["dpo", "--data", str(pairs), "--batch-size", "4", "--loss", "simpo", "--max-len", "40",
+           "--eval-fraction", "0.25", *common]
     grpo = ["grpo", "--data", str(prompts), "--reward", f"{tmp_path / 'rewards.py'}:letters", "--batch-size", "2",
             "--num-generations", "3", "--max-new-tokens", "6", "--max-prompt-len", "16", "--num-iterations", "2",
-            *common]  # (two updates per sampling: the sampling policy's log-probabilities enter the loss)
+            "--eval-data", str(prompts), *common]  # (two updates per sampling: the sampling policy's log-probabilities enter the loss)
     for name, argv in (("dpo", dpo), ("grpo", grpo)):
         code, trained = cli([argv[0], "--init", str(init), "--qat", "q4", *argv[1:], "--out", str(tmp_path / name)])
         assert code == 0, name
@@ -166,3 +167,11 @@ def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
         first, ref = (next(r for r in records(out) if r["event"] == "train") for out in (trained, converted))
         for key in ("loss", "grad_norm", *(("reward",) if name == "grpo" else ())):
             assert first[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (name, key)
+        # the evaluation before training: the quantised values are the converted file's
+        evals, ref_evals = (next(r for r in records(out) if r["event"] == "eval") for out in (trained, converted))
+        measures = [k for k in ref_evals if isinstance(ref_evals[k], float)]
+        assert measures, name
+        for key in measures:
+            assert evals[f"{key}_quantized"] == pytest.approx(ref_evals[key], rel=1e-5, abs=1e-7), (name, key)
+        if name == "dpo":  # (and the full-precision ones are the checkpoint's own: other values)
+            assert evals["eval_loss"] != pytest.approx(evals["eval_loss_quantized"], rel=1e-7)

@@ -257,7 +257,11 @@ class StepLoop(EvalWatch):
         c, history = self.cfg, []
 
         def evaluate():
-            history.append({"event": "eval", **self.evaluate()})
+            rec = self.evaluate()
+            if self._quantizer is not None:  # --qat: the quantised file's measures too (<name>_quantized)
+                with self._quantizer.applied():
+                    rec.update({f"{k}_quantized": v for k, v in self.evaluate().items() if isinstance(v, float)})
+            history.append({"event": "eval", **rec})
             self.log("eval", history[-1])
             self._watch(history[-1], on_best)
 

@@ -19,8 +19,9 @@ one quantisation of each per optimizer step (shared by the step's micro-batches)
 
 Evaluations report both losses: ``eval_loss`` of the weights as saved and ``eval_loss_quantized``
 of the quantised file. The post-training step loops (``posttrain.StepLoop``) keep the window open
-from ``_start_step`` to ``_finish_step``, so an RL step's sampling runs on the quantised weights too;
-their evaluations and a reference model stay full precision. Not combined (refused): LoRA (the deployed weight is the merged one) and
+from ``_start_step`` to ``_finish_step``, so an RL step's sampling runs on the quantised weights too
+(a reference model keeps its own); their evaluations run twice, the quantised one's values logged
+as ``<name>_quantized``. Not combined (refused): LoRA (the deployed weight is the merged one) and
 tensor parallelism (a rank's columns would cut the blocks).
 """
 
