@@ -563,8 +563,6 @@ class Trainer(EvalWatch):
         total = torch.zeros((), device=self.device)
         parts = torch.zeros(2, device=self.device)  # distillation: the step's ce and kl sums
         router = self._router
-        if self.teacher is not None:
-            from apr_kernels.model.distillation import Teacher
         par = self.parallel
         world = par.grad_ranks if par is not None else 1
         # the global batch of every micro-batch (the data position is global), and the number of loss
@@ -576,36 +574,11 @@ class Trainer(EvalWatch):
         n_targets = max(1, sum(counts))
         with self._quantised():  # (--qat: the step's forwards and backwards on the quantised weights)
             for micro, index in enumerate(indices):
-                x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
-                                   self.doc_eos)
-                rows = x  # (the whole rows: what a distillation teacher reads)
-                if self._moe and par is not None:  # (the balance term: the global micro-batch's, in equal shares)
-                    self.model.aux_targets = counts[micro] / par.shares
-                if par is not None:  # context or sequence parallelism: this rank's positions of the rows
-                    x, y = par.local_positions(x, y)
-                # gradients are communicated once, on the last micro-batch
-                with par.grad_sync(micro == c.grad_accum - 1) if par else contextlib.nullcontext():
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                                        enabled=self.autocast_dtype is not None):
-                        teacher = None
-                        if self.teacher is not None:  # (whole on every rank: it reads the whole rows, and the
-                            # student's share of the positions takes the teacher's hidden states there)
-                            teacher = Teacher.of(self.teacher, rows, docs, kd_ratio=c.kd_ratio,
-                                                 temperature=c.kd_temperature, beta=c.kd_beta)
-                            if par is not None:
-                                teacher.hidden = par.local_positions(teacher.hidden)
-                        extra = {"teacher": teacher} if teacher is not None else \
-                            {"label_smoothing": c.label_smoothing, "z_loss": c.z_loss}
-                        with self._saved_tensors():
-                            loss_sum = (par.loss(x, y, docs, reduction="sum", **extra) if par
-                                        else self.model.loss(x, y, reduction="sum", documents=docs, **extra))
-                        if teacher is not None:  # [loss, ce, kl]
-                            parts += loss_sum[1:].detach()
-                            loss_sum = loss_sum[0]
-                    # DDP/FSDP average gradients over ranks: scale by their number to get the sum
-                    scaled = loss_sum * (world / n_targets)
-                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                total += loss_sum.detach()
+                loss_sum, ce_kl = self._micro_batch(index, counts[micro], last=micro == c.grad_accum - 1,
+                                                    scale=world / n_targets)
+                total += loss_sum
+                if ce_kl is not None:
+                    parts += ce_kl
                 if router is not None:
                     router.add()
         if router is not None:  # the means over micro-batches and ranks (the loss includes their terms)
@@ -671,6 +644,44 @@ class Trainer(EvalWatch):
         if not self.cfg.activation_offload:
             return contextlib.nullcontext()
         return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+
+    def _micro_batch(self, index: torch.Tensor, count: int, *, last: bool, scale: float):
+        """Forward and backward of the micro-batch of global rows ``index`` (``count`` targets over all
+        ranks); gradients communicated when ``last``, the loss scaled by ``scale`` (ranks over the
+        step's targets: DDP/FSDP average over ranks, the step's loss is a sum). Returns its summed
+        loss (detached) and, distilling, its ``[ce, kl]`` sums (else None)."""
+        c, par = self.cfg, self.parallel
+        x, y, docs = batch(self.train_seqs, index if par is None else par.local_rows(index), self.device,
+                           self.doc_eos)
+        rows = x  # (the whole rows: what a distillation teacher reads)
+        if self._moe and par is not None:  # (the balance term: the global micro-batch's, in equal shares)
+            self.model.aux_targets = count / par.shares
+        if par is not None:  # context or sequence parallelism: this rank's positions of the rows
+            x, y = par.local_positions(x, y)
+        ce_kl = None
+        with par.grad_sync(last) if par else contextlib.nullcontext():
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                enabled=self.autocast_dtype is not None):
+                teacher = None
+                if self.teacher is not None:  # (whole on every rank: it reads the whole rows, and the
+                    # student's share of the positions takes the teacher's hidden states there)
+                    from apr_kernels.model.distillation import Teacher
+
+                    teacher = Teacher.of(self.teacher, rows, docs, kd_ratio=c.kd_ratio,
+                                         temperature=c.kd_temperature, beta=c.kd_beta)
+                    if par is not None:
+                        teacher.hidden = par.local_positions(teacher.hidden)
+                extra = {"teacher": teacher} if teacher is not None else \
+                    {"label_smoothing": c.label_smoothing, "z_loss": c.z_loss}
+                with self._saved_tensors():
+                    loss_sum = (par.loss(x, y, docs, reduction="sum", **extra) if par
+                                else self.model.loss(x, y, reduction="sum", documents=docs, **extra))
+                if teacher is not None:  # [loss, ce, kl]
+                    ce_kl = loss_sum[1:].detach()
+                    loss_sum = loss_sum[0]
+            scaled = loss_sum * scale
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss_sum.detach(), ce_kl
 
     def _quantised(self):
         """``--qat``: the weights as the quantised file will hold them, within (qat.FakeQuantizer)."""
