@@ -102,3 +102,26 @@ def test_a_lora_checkpoint_converts_with_its_adapters_merged(runs, tmp_path):
         else:
             assert torch.equal(t, source[name]), name
     assert merged == 14  # seven projections in each of two layers
+
+
+def test_gguf_export_of_q4k_rows_that_are_not_whole_blocks(runs, tmp_path):
+    """An APR file pads each Q4_K row to whole 256-value blocks; GGUF cannot (its k-quant rows are whole
+    blocks), so such tensors go out dequantised, in their true shape, with a warning (they were written
+    as [rows, 256] tensors before). Checked against the GGUF reader of the gguf package."""
+    import gguf
+
+    src = runs / "full" / "model.apr"
+    assert cli(["convert", str(src), str(tmp_path / "q.apr"), "--quantize", "q4k"])[0] == 0
+    with pytest.warns(UserWarning, match=r"11 Q4_K/Q6_K tensors have rows of 48, 104 values, not whole 256-value"):
+        assert cli(["export", str(tmp_path / "q.apr"), str(tmp_path / "q.gguf")])[0] == 0
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    written = {t.name: t for t in reader.tensors}
+    with apr_kernels.open(tmp_path / "q.apr") as f:
+        for hf, gname in (("model.embed_tokens.weight", "token_embd.weight"),
+                          ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight"),
+                          ("model.layers.1.self_attn.o_proj.weight", "blk.1.attn_output.weight")):
+            t = written[gname]
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, gname
+            assert [int(d) for d in t.shape][::-1] == list(f.info(hf).shape), gname
+            values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(f.info(hf).shape)
+            assert torch.equal(values, f.get_tensor(hf)), gname

@@ -84,6 +84,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             _tokenizer_keys(w, gguf, meta, cfg.vocab_size, src)
             # (GGUF name, produce() -> numpy array, its numpy shape and dtype, raw GGML type or None)
             stacks = _expert_stacks(names)
+            _cut_rows_warning(f, src, names, stacks, _FLOATS[dtype])
             plans = [_tensor_plan(f, gguf, hf, names[hf], cfg, arch, lora, _FLOATS[dtype]) for hf in sorted(names)]
             plans += [_stack_plan(f, gguf, name, stored, lora, _FLOATS[dtype]) for name, stored in stacks.items()]
             if rope_freqs is not None:
@@ -108,6 +109,23 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     return dst
 
 
+def whole_blocks(info) -> bool:
+    """Whether a Q4_K/Q6_K tensor's rows are whole 256-value blocks, as GGUF's k-quants need (an APR file
+    pads each row to whole blocks instead: Qwen2-0.5B's 896-value rows hold 1024 values' blocks)."""
+    return info.shape[-1] % 256 == 0
+
+
+def _cut_rows_warning(f, src, names: dict, stacks: dict, want) -> None:
+    """Say which Q4_K/Q6_K tensors go out dequantised because their rows are not whole GGUF blocks."""
+    stored = [*names.values(), *(s for group in stacks.values() for s in group)]
+    cut = [s for s in stored if f.info(s).dtype in ("Q4_K", "Q6_K") and not whole_blocks(f.info(s))]
+    if cut and want is None:
+        widths = sorted({f.info(s).shape[-1] for s in cut})
+        warn(f"{src}: {len(cut)} Q4_K/Q6_K tensors have rows of {', '.join(map(str, widths))} values, not whole "
+             f"256-value blocks as GGUF's k-quants need (e.g. {cut[0]}); written dequantised as F32 (--dtype f16 "
+             f"halves them)")
+
+
 def _expert_stacks(names: dict) -> dict[str, list[str]]:
     """Take the expert tensors out of ``names`` (Hugging Face name -> stored name): GGUF name of each
     stacked tensor -> the stored names of its experts, in expert order."""
@@ -127,7 +145,7 @@ def _stack_plan(f, gguf, name: str, stored: list[str], lora, want: torch.dtype |
     shape = (len(stored), *infos[0].shape)
     adapted = bool(lora) and any(f"{s.removesuffix('.weight')}.lora_A" in f for s in stored)
     kinds = {i.dtype for i in infos}
-    if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"} and want is None and not adapted:
+    if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"} and want is None and not adapted and whole_blocks(infos[0]):
         per_row = infos[0].nbytes // shape[1]
         return (name, lambda: np.stack([f.get_raw(s).view(shape[1], -1).numpy() for s in stored]),
                 (*shape[:2], per_row), np.uint8, getattr(gguf.GGMLQuantizationType, kinds.pop()))
@@ -150,7 +168,7 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
     unpermute = heads if (arch not in PERMUTED_ARCHS and cfg.rope_type == 0) else None
     adapted = bool(lora) and f"{stored.removesuffix('.weight')}.lora_A" in f
     name = hf_to_gguf(hf)
-    if info.dtype in ("Q4_K", "Q6_K") and want is None and not adapted and len(info.shape) == 2:
+    if info.dtype in ("Q4_K", "Q6_K") and want is None and not adapted and len(info.shape) == 2 and whole_blocks(info):
         raw = getattr(gguf.GGMLQuantizationType, info.dtype)
         rows = info.shape[0]
 
