@@ -104,24 +104,58 @@ def test_a_lora_checkpoint_converts_with_its_adapters_merged(runs, tmp_path):
     assert merged == 14  # seven projections in each of two layers
 
 
-def test_gguf_export_of_q4k_rows_that_are_not_whole_blocks(runs, tmp_path):
-    """An APR file pads each Q4_K row to whole 256-value blocks; GGUF cannot (its k-quant rows are whole
-    blocks), so such tensors go out dequantised, in their true shape, with a warning (they were written
-    as [rows, 256] tensors before). Checked against the GGUF reader of the gguf package."""
+def _gguf_values(t, shape) -> torch.Tensor:
     import gguf
 
-    src = runs / "full" / "model.apr"
-    assert cli(["convert", str(src), str(tmp_path / "q.apr"), "--quantize", "q4k"])[0] == 0
-    with pytest.warns(UserWarning, match=r"11 Q4_K/Q6_K tensors have rows of 48, 104 values, not whole 256-value"):
-        assert cli(["export", str(tmp_path / "q.apr"), str(tmp_path / "q.gguf")])[0] == 0
-    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
-    written = {t.name: t for t in reader.tensors}
-    with apr_kernels.open(tmp_path / "q.apr") as f:
-        for hf, gname in (("model.embed_tokens.weight", "token_embd.weight"),
-                          ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight"),
-                          ("model.layers.1.self_attn.o_proj.weight", "blk.1.attn_output.weight")):
-            t = written[gname]
-            assert t.tensor_type == gguf.GGMLQuantizationType.F32, gname
-            assert [int(d) for d in t.shape][::-1] == list(f.info(hf).shape), gname
-            values = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(f.info(hf).shape)
-            assert torch.equal(values, f.get_tensor(hf)), gname
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(shape)
+
+
+def test_gguf_export_of_q4k_rows_that_are_not_whole_blocks(runs, tmp_path):
+    """An APR file pads each Q4_K row to whole 256-value blocks; GGUF cannot (its k-quant rows are whole
+    blocks), so such tensors go out, in their true shape and with a warning, as Q8_0 where rows are whole
+    32-value blocks (as llama.cpp falls back to another type), else dequantised F32 (they were written
+    as [rows, 256] tensors before). Checked with the gguf package's reader; a Qwen2-MoE model's stacked
+    experts too."""
+    import gguf
+
+    from train_runs import sixteen_init
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    moe = sixteen_init(tmp_path / "moe_source.apr", architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=64, tie_word_embeddings=False)
+    cases = {  # source, warning, (APR name, GGUF name, expert, GGUF type) to check
+        "llama": (runs / "full" / "model.apr", "11 Q4_K/Q6_K tensors have rows of 48, 104 values",
+                  [("model.embed_tokens.weight", "token_embd.weight", None, gguf.GGMLQuantizationType.F32),
+                   ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight", None,
+                    gguf.GGMLQuantizationType.F32),
+                   ("model.layers.1.self_attn.o_proj.weight", "blk.1.attn_output.weight", None,
+                    gguf.GGMLQuantizationType.F32)]),
+        "moe": (moe, r"Q4_K/Q6_K tensors have rows of 32, 64 values",
+                [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", None, q8),
+                 ("model.layers.1.mlp.shared_expert.down_proj.weight", "blk.1.ffn_down_shexp.weight", None, q8),
+                 ("model.layers.0.mlp.experts.2.down_proj.weight", "blk.0.ffn_down_exps.weight", 2, q8),
+                 ("model.layers.1.mlp.experts.3.gate_proj.weight", "blk.1.ffn_gate_exps.weight", 3, q8)]),
+    }
+    for name, (src, warning, checks) in cases.items():
+        assert cli(["convert", str(src), str(tmp_path / f"{name}.apr"), "--quantize", "q4k"])[0] == 0
+        with pytest.warns(UserWarning, match=warning):
+            assert cli(["export", str(tmp_path / f"{name}.apr"), str(tmp_path / f"{name}.gguf")])[0] == 0
+        written = {t.name: t for t in gguf.GGUFReader(str(tmp_path / f"{name}.gguf")).tensors}
+        with apr_kernels.open(tmp_path / f"{name}.apr") as f:
+            for hf, gname, expert, kind in checks:
+                t, shape = written[gname], list(f.info(hf).shape)
+                assert t.tensor_type == kind, gname
+                dims = [int(d) for d in t.shape][::-1]
+                assert dims == (shape if expert is None else [dims[0], *shape]), gname
+                got = _gguf_values(t, dims)
+                got = got if expert is None else got[expert]
+                want = f.get_tensor(hf)
+                if kind == q8:  # the gguf package's Q8_0 of the Q4_K values: within half a step of each
+                    # 32-value block's scale (plus the f16 rounding of that scale: 127 x 2^-11 steps)
+                    reference = gguf.quants.dequantize(gguf.quants.quantize(want.numpy(), q8), q8)
+                    assert torch.equal(got, torch.from_numpy(reference.copy()).reshape(want.shape)), gname
+                    step = want.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127
+                    assert ((got - want).reshape(-1, 32).abs() <= step * (0.5 + 127 / 2048) + 1e-7).all(), gname
+                    assert not torch.equal(got, want), gname
+                else:
+                    assert torch.equal(got, want), gname

@@ -115,15 +115,30 @@ def whole_blocks(info) -> bool:
     return info.shape[-1] % 256 == 0
 
 
+def _requantised(info) -> bool:
+    """A Q4_K/Q6_K tensor whose rows are not whole k-quant blocks but whole Q8_0 blocks (32 values):
+    written as Q8_0 from its dequantised values, as llama.cpp falls back to another type for such rows
+    (Q8_0 keeps each value within 1/254 of its 32-value block's largest)."""
+    return info.dtype in ("Q4_K", "Q6_K") and not whole_blocks(info) and info.shape[-1] % 32 == 0
+
+
 def _cut_rows_warning(f, src, names: dict, stacks: dict, want) -> None:
-    """Say which Q4_K/Q6_K tensors go out dequantised because their rows are not whole GGUF blocks."""
+    """Say which Q4_K/Q6_K tensors cannot keep their blocks because their rows are not whole GGUF blocks."""
     stored = [*names.values(), *(s for group in stacks.values() for s in group)]
     cut = [s for s in stored if f.info(s).dtype in ("Q4_K", "Q6_K") and not whole_blocks(f.info(s))]
     if cut and want is None:
         widths = sorted({f.info(s).shape[-1] for s in cut})
+        q8 = sum(_requantised(f.info(s)) for s in cut)
         warn(f"{src}: {len(cut)} Q4_K/Q6_K tensors have rows of {', '.join(map(str, widths))} values, not whole "
-             f"256-value blocks as GGUF's k-quants need (e.g. {cut[0]}); written dequantised as F32 (--dtype f16 "
-             f"halves them)")
+             f"256-value blocks as GGUF's k-quants need (e.g. {cut[0]}); written as Q8_0 ({q8}, rows of whole "
+             f"32-value blocks) or dequantised F32 ({len(cut) - q8})")
+
+
+def _q8_0(gguf, t: torch.Tensor) -> np.ndarray:
+    """Q8_0 blocks of ``t`` (last dimension a multiple of 32), from the gguf package's quantiser."""
+    from gguf.quants import quantize
+
+    return quantize(t.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
 
 
 def _expert_stacks(names: dict) -> dict[str, list[str]]:
@@ -149,6 +164,9 @@ def _stack_plan(f, gguf, name: str, stored: list[str], lora, want: torch.dtype |
         per_row = infos[0].nbytes // shape[1]
         return (name, lambda: np.stack([f.get_raw(s).view(shape[1], -1).numpy() for s in stored]),
                 (*shape[:2], per_row), np.uint8, getattr(gguf.GGMLQuantizationType, kinds.pop()))
+    if want is None and not adapted and all(_requantised(i) for i in infos):
+        return (name, lambda: np.stack([_q8_0(gguf, f.get_tensor(s)) for s in stored]),
+                (*shape[:2], shape[2] // 32 * 34), np.uint8, gguf.GGMLQuantizationType.Q8_0)
     same = {"F16": torch.float16, "BF16": torch.bfloat16}.get(kinds.pop()) if len(kinds) == 1 and not adapted else None
     out = want or same or torch.float32
     if out == torch.bfloat16:  # numpy has no bfloat16: the raw bytes
@@ -168,16 +186,17 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
     unpermute = heads if (arch not in PERMUTED_ARCHS and cfg.rope_type == 0) else None
     adapted = bool(lora) and f"{stored.removesuffix('.weight')}.lora_A" in f
     name = hf_to_gguf(hf)
+
+    def ordered(t):  # rows in GGUF's order (whole rows move: raw blocks stay exact)
+        return permute_rows(t, permute) if permute else unpermute_rows(t, unpermute) if unpermute else t
+
     if info.dtype in ("Q4_K", "Q6_K") and want is None and not adapted and len(info.shape) == 2 and whole_blocks(info):
-        raw = getattr(gguf.GGMLQuantizationType, info.dtype)
         rows = info.shape[0]
-
-        def blocks():
-            b = f.get_raw(stored).view(rows, -1)
-            b = permute_rows(b, permute) if permute else unpermute_rows(b, unpermute) if unpermute else b
-            return b.numpy()
-
-        return name, blocks, (rows, info.nbytes // rows), np.uint8, raw
+        return name, lambda: ordered(f.get_raw(stored).view(rows, -1)).numpy(), (rows, info.nbytes // rows), \
+            np.uint8, getattr(gguf.GGMLQuantizationType, info.dtype)
+    if want is None and not adapted and len(info.shape) == 2 and _requantised(info):
+        return name, lambda: _q8_0(gguf, ordered(f.get_tensor(stored))), (info.shape[0], info.shape[1] // 32 * 34), \
+            np.uint8, gguf.GGMLQuantizationType.Q8_0
     if hf.endswith(".shared_expert_gate.weight"):  # [1, hidden] -> llama.cpp's vector
         return name, lambda: merged_tensor(f, stored, lora, torch.float32).reshape(-1).numpy(), \
             (info.shape[-1],), np.float32, None
@@ -192,8 +211,7 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
     shape = tuple(info.shape)
 
     def floats():
-        t = merged_tensor(f, stored, lora, out)
-        t = permute_rows(t, permute) if permute else unpermute_rows(t, unpermute) if unpermute else t
+        t = ordered(merged_tensor(f, stored, lora, out))
         if out == torch.bfloat16:  # numpy has no bfloat16: the raw bytes
             return t.contiguous().view(torch.uint8).numpy()
         return t.contiguous().numpy()
