@@ -154,9 +154,10 @@ def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
     common = ["--tokenizer", "bytes", "--steps", "2", "--lr", "1e-2", "--json", "--seed", "5", "--fast", "off"]
     dpo = ["dpo", "--data", str(pairs), "--batch-size", "4", "--loss", "simpo", "--max-len", "40",
            "--eval-fraction", "0.25", *common]
+    # (grpo: two updates per sampling, so the sampling policy's log-probabilities enter the loss)
     grpo = ["grpo", "--data", str(prompts), "--reward", f"{tmp_path / 'rewards.py'}:letters", "--batch-size", "2",
             "--num-generations", "3", "--max-new-tokens", "6", "--max-prompt-len", "16", "--num-iterations", "2",
-            "--eval-data", str(prompts), *common]  # (two updates per sampling: the sampling policy's log-probabilities enter the loss)
+            "--eval-data", str(prompts), *common]
     for name, argv in (("dpo", dpo), ("grpo", grpo)):
         code, trained = cli([argv[0], "--init", str(init), "--qat", "q4", *argv[1:], "--out", str(tmp_path / name)])
         assert code == 0, name
@@ -175,3 +176,25 @@ def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
             assert evals[f"{key}_quantized"] == pytest.approx(ref_evals[key], rel=1e-5, abs=1e-7), (name, key)
         if name == "dpo":  # (and the full-precision ones are the checkpoint's own: other values)
             assert evals["eval_loss"] != pytest.approx(evals["eval_loss_quantized"], rel=1e-7)
+
+
+def test_eval_quantize_scores_the_file_convert_would_write(init, tmp_path):
+    """eval --quantize KIND = convert --quantize KIND, then eval (held-out loss and multiple choice);
+    tensors the file already stores in blocks are left as they are, as the converter passes them."""
+    def last_line(path, *argv) -> str:
+        code, out = cli(["eval", "--init", str(path), "--tokenizer", "bytes", *argv])
+        assert code == 0, argv
+        return out.strip().splitlines()[-1]
+
+    choices = tmp_path / "choices.jsonl"
+    choices.write_text("".join(json.dumps({"context": f"Is {t} hot?", "choices": [" yes", " no", " maybe"],
+                                           "answer": i % 3}) + "\n"
+                               for i, t in enumerate(("fire", "ice", "lava", "snow", "tea", "steam"))))
+    data = ["--data", HELD, "--max-tokens", "160", "--seq-len", "32"]
+    for kind in ("q4k", "q8"):
+        assert cli(["convert", str(init), str(tmp_path / f"{kind}.apr"), "--quantize", kind])[0] == 0
+        for what in (data, ["--choices", str(choices), "--json"]):
+            assert last_line(init, "--quantize", kind, *what) == last_line(tmp_path / f"{kind}.apr", *what), kind
+    assert last_line(init, *data) != last_line(init, "--quantize", "q4k", *data)
+    # a file already in blocks: --quantize leaves them (q8 of a Q4_K file is the Q4_K file)
+    assert last_line(tmp_path / "q4k.apr", "--quantize", "q8", *data) == last_line(tmp_path / "q4k.apr", *data)

@@ -27,18 +27,29 @@ from .generation import reward_functions, sampled_batches, scored
 from .loop import autocast_dtype_for
 
 
+def as_quantized(model, kind: str | None, path):
+    """``model`` as ``convert path out.apr --quantize kind`` would store it (``--quantize``; None: as is)."""
+    if kind:
+        from .qat import quantize_as_converted
+
+        quantize_as_converted(model, kind, path)
+    return model
+
+
 def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
                   tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None,
-                  document_mask: bool | None = None, text_field: str = "text", with_bytes: bool = False):
+                  document_mask: bool | None = None, text_field: str = "text", with_bytes: bool = False,
+                  quantize: str | None = None):
     """(mean next-token loss, target tokens) of an APR model on text data, and with ``with_bytes`` the
     bytes of text those targets stand for (``data.target_bytes``). ``seq_len`` and ``document_mask``
-    default to the checkpoint's training settings (else 256 and off)."""
+    default to the checkpoint's training settings (else 256 and off). ``quantize``: the model as
+    ``convert --quantize`` would store it."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
     from .data import evaluate, find_text_files, pack_records, target_bytes, tokenize_files
     from .loop import autocast_dtype_for
 
-    model = from_apr(init, device=pick_device(device), fast=fast)
+    model = as_quantized(from_apr(init, device=pick_device(device), fast=fast), quantize, init)
     tok = load_tokenizer(tokenizer, model.apr_metadata, init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{init}: tokenizer")
     stored = model.apr_metadata.get("training.config") or {}
@@ -71,7 +82,7 @@ def cmd_eval(args) -> int:
     loss, n, n_bytes = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                      tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
                                      fast=tristate(args.fast), document_mask=args.document_mask,
-                                     text_field=args.text_field, with_bytes=True)
+                                     text_field=args.text_field, with_bytes=True, quantize=args.quantize)
     if n == 0:
         raise ValueError(f"{', '.join(args.data)}: no loss targets in the evaluated tokens (all of them are "
                          f"prompt tokens of supervised records); evaluate more tokens (--max-tokens)")
@@ -96,7 +107,8 @@ def eval_choices(args) -> int:
     from .choices import read_choices, score_choices
 
     records = read_choices(args.choices)  # (a bad record fails before the model loads)
-    model = from_apr(args.init, device=pick_device(args.device), fast=tristate(args.fast))
+    model = as_quantized(from_apr(args.init, device=pick_device(args.device), fast=tristate(args.fast)),
+                         args.quantize, args.init)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     dev = next(model.parameters()).device
@@ -137,7 +149,11 @@ def eval_prompts(args) -> int:
     if any(k < 1 or k > n for k in ks):
         raise ValueError(f"eval: --pass-k {ks}; expected values in [1, --num-samples {n}]")
     dev = pick_device(args.device)
-    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
+    half = torch.bfloat16 if dev.type == "cuda" else None  # (--quantize: from the stored weights, then halved)
+    model = as_quantized(from_apr(args.init, device=dev, dtype=None if args.quantize else half, fast=False),
+                         args.quantize, args.init)
+    if half is not None:
+        model = model.to(half)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     rewards = reward_functions(args, model)
@@ -168,7 +184,7 @@ def eval_pairs(args) -> int:
     from .reward import evaluate_pairs, read_pairs
 
     dev = pick_device(args.device)
-    model = load_classifier(args.init, device=dev, fast=tristate(args.fast))
+    model = as_quantized(load_classifier(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     pairs, margins, dropped = read_pairs(args.pairs, tok, model.config.max_position_embeddings)
@@ -210,6 +226,11 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, help="with --prompts: sample among the k most likely (0: all)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    from apr_kernels.convert.core import QUANT_CHOICES
+
+    p.add_argument("--quantize", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
+                   help="score the model as `convert --quantize KIND` (q4k, q6k, q8, q4) would store it, without "
+                        "writing the file (to choose a kind, or check a --qat run)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)

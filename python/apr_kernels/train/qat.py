@@ -95,3 +95,24 @@ class FakeQuantizer:
             with torch.no_grad():
                 for local, original in saved:
                     local.copy_(original)
+
+
+def quantize_as_converted(model: nn.Module, kind: str, path) -> int:
+    """Make ``model`` (loaded from the APR file ``path``) hold, for good, the weights ``convert path
+    out.apr --quantize KIND`` would write: its targets quantised and dequantised, except the tensors the
+    file already stores in blocks (the converter passes those through). ``eval --quantize``. Returns
+    how many tensors changed."""
+    import apr_kernels
+    from apr_kernels.convert.export import model_tensor_names
+    from apr_kernels.quant import fake_quantize
+
+    check(kind)
+    with apr_kernels.open(path) as f:
+        stored = {hf: f.info(s).dtype for hf, s in model_tensor_names(f, path).items()}
+    n = 0
+    with torch.no_grad():
+        for name, p in targets(model):
+            if stored.get(name) in ("F32", "F16", "BF16", "F64"):
+                p.copy_(fake_quantize(QUANT_CHOICES[kind], p))
+                n += 1
+    return n
