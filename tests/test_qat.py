@@ -198,3 +198,17 @@ def test_eval_quantize_scores_the_file_convert_would_write(init, tmp_path):
     assert last_line(init, *data) != last_line(init, "--quantize", "q4k", *data)
     # a file already in blocks: --quantize leaves them (q8 of a Q4_K file is the Q4_K file)
     assert last_line(tmp_path / "q4k.apr", "--quantize", "q8", *data) == last_line(tmp_path / "q4k.apr", *data)
+
+
+@pytest.mark.cuda
+def test_cuda_fake_quantize_matches_the_host():
+    """On the GPU (where --qat quantises every weight each step) the quantiser gives the host's blocks:
+    the same values for APR_Q8/APR_Q4, and for the searched Q4_K/Q6_K fits all but near-tied blocks."""
+    from apr_kernels.quant import fake_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(1024, 896) * 0.02  # Qwen2-0.5B's width: rows of padded blocks
+    for kind in ("APR_Q8", "APR_Q4", "Q4_K", "Q6_K"):
+        host, gpu = fake_quantize(kind, w), fake_quantize(kind, w.cuda()).cpu()
+        same = (host == gpu).reshape(-1, 32).all(dim=1).float().mean()
+        assert same == 1.0 if kind.startswith("APR") else same > 0.999, (kind, float(same))
