@@ -10,6 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=build/asan
+if ! python3 -c "import nanobind" 2>/dev/null || ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+  echo "sanitize.sh: needs nanobind, cmake and ninja for $(command -v python3) (pip install nanobind cmake ninja)" >&2
+  exit 2
+fi
 flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1 -g"
 cmake -S . -B "$build" -G Ninja -DSKBUILD=ON -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE="$(command -v python3)" \
   -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" >/dev/null
