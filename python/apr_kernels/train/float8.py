@@ -59,9 +59,9 @@ def check(recipe: str, device: torch.device, *, lora: bool = False, tensor_paral
                          f"tokens, whose count must be a multiple of 16; expected --seq-len a multiple of 16")
     try:
         _import_torchao()
-    except ImportError as exc:
-        raise ValueError(f"--float8 needs torchao's float8 training (pip install 'apr-kernels[float8]'): "
-                         f"{exc}") from None
+    except Exception as exc:  # noqa: BLE001  (not installed, or a torchao built for another torch)
+        raise ValueError(f"--float8 needs torchao's float8 training (pip install 'apr-kernels[float8]', a "
+                         f"torchao for this torch {torch.__version__}): {type(exc).__name__}: {exc}") from None
     if lora:
         raise ValueError("--float8 trains the model's own projections; with --lora-rank the base is frozen. "
                          "Expected one of the two")
