@@ -179,8 +179,9 @@ def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
 
 
 def test_eval_quantize_scores_the_file_convert_would_write(init, tmp_path):
-    """eval --quantize KIND = convert --quantize KIND, then eval (held-out loss and multiple choice);
-    tensors the file already stores in blocks are left as they are, as the converter passes them."""
+    """eval --quantize KIND = convert --quantize KIND, then eval (held-out loss and multiple choice), and
+    generate --quantize likewise; tensors the file already stores in blocks are left as they are, as
+    the converter passes them."""
     def last_line(path, *argv) -> str:
         code, out = cli(["eval", "--init", str(path), "--tokenizer", "bytes", *argv])
         assert code == 0, argv
@@ -196,6 +197,11 @@ def test_eval_quantize_scores_the_file_convert_would_write(init, tmp_path):
         for what in (data, ["--choices", str(choices), "--json"]):
             assert last_line(init, "--quantize", kind, *what) == last_line(tmp_path / f"{kind}.apr", *what), kind
     assert last_line(init, *data) != last_line(init, "--quantize", "q4k", *data)
+    # generate --quantize: the converted file's greedy continuation
+    greedy = ["--tokenizer", "bytes", "--prompt", "def ", "--max-new-tokens", "24", "--temperature", "0", "--json"]
+    outs = [cli(["generate", "--init", str(path), *greedy, *extra])[1]
+            for path, extra in ((init, ["--quantize", "q4k"]), (tmp_path / "q4k.apr", []))]
+    assert outs[0] == outs[1] and json.loads(outs[0].strip().splitlines()[-1])
     # a file already in blocks: --quantize leaves them (q8 of a Q4_K file is the Q4_K file)
     assert last_line(tmp_path / "q4k.apr", "--quantize", "q8", *data) == last_line(tmp_path / "q4k.apr", *data)
 

@@ -20,10 +20,8 @@ import argparse
 import json
 import math
 
-import torch
-
 from .cli import add_common_options, keep_freed_memory, load_tokenizer, packing_eos, pick_device, tristate
-from .generation import reward_functions, sampled_batches, scored
+from .generation import add_quantize_option, inference_model, reward_functions, sampled_batches, scored
 from .loop import autocast_dtype_for
 
 
@@ -135,7 +133,7 @@ def eval_prompts(args) -> int:
     models, as ``grpo``'s): the mean reward, and with ``--num-samples N`` samples per prompt pass@k
     for each ``--pass-k`` (a sample passes when its reward is at least ``--pass-threshold``). The last
     line is ``reward=<float> pass@<k>=<float>... prompts=<int> samples=<int>``."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+    from apr_kernels.model.loading import check_tokenizer_vocab
 
     from .grpo import read_prompts
 
@@ -149,11 +147,7 @@ def eval_prompts(args) -> int:
     if any(k < 1 or k > n for k in ks):
         raise ValueError(f"eval: --pass-k {ks}; expected values in [1, --num-samples {n}]")
     dev = pick_device(args.device)
-    half = torch.bfloat16 if dev.type == "cuda" else None  # (--quantize: from the stored weights, then halved)
-    model = as_quantized(from_apr(args.init, device=dev, dtype=None if args.quantize else half, fast=False),
-                         args.quantize, args.init)
-    if half is not None:
-        model = model.to(half)
+    model = inference_model(args.init, dev, args.quantize)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     rewards = reward_functions(args, model)
@@ -226,11 +220,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, help="with --prompts: sample among the k most likely (0: all)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    from apr_kernels.convert.core import QUANT_CHOICES
-
-    p.add_argument("--quantize", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
-                   help="score the model as `convert --quantize KIND` (q4k, q6k, q8, q4) would store it, without "
-                        "writing the file (to choose a kind, or check a --qat run)")
+    add_quantize_option(p)
     p.add_argument("--seq-len", type=int, default=None, help="default: the checkpoint's, else 256")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=int, default=8)

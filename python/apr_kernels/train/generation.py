@@ -20,15 +20,39 @@ import torch
 from .cli import load_tokenizer, pick_device
 
 
+def inference_model(path, dev: torch.device, quantize: str | None = None):
+    """An APR model to decode with: bf16 on CUDA; with ``quantize`` (``--quantize KIND``) as ``convert
+    --quantize KIND`` would write it, quantised from the stored weights before halving them."""
+    from apr_kernels.model.loading import from_apr
+
+    half = torch.bfloat16 if dev.type == "cuda" else None
+    model = from_apr(path, device=dev, dtype=None if quantize else half, fast=False)
+    if quantize:
+        from .qat import quantize_as_converted
+
+        quantize_as_converted(model, quantize, path)
+        if half is not None:
+            model = model.to(half)
+    return model
+
+
+def add_quantize_option(p) -> None:
+    from apr_kernels.convert.core import QUANT_CHOICES
+
+    p.add_argument("--quantize", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
+                   help="run the model as `convert --quantize KIND` (q4k, q6k, q8, q4) would store it, without "
+                        "writing the file")
+
+
 def cmd_generate(args) -> int:
     """``generate``: continue a prompt with a trained model (look at what a run learned)."""
     from apr_kernels.model.generate import generate
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+    from apr_kernels.model.loading import check_tokenizer_vocab
 
     from .data import document_bos
 
     dev = pick_device(args.device)
-    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
+    model = inference_model(args.init, dev, args.quantize)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     if (args.reward or args.keep != "all") and not args.prompts:
@@ -79,12 +103,12 @@ def cmd_chat(args) -> int:
     (``/reset`` starts over; an empty line or the end of input ends). Each answer is printed as one
     line (newlines inside it kept as ``\\n`` when ``--json``: one JSON object per turn)."""
     from apr_kernels.model.generate import generate
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+    from apr_kernels.model.loading import check_tokenizer_vocab
 
     from .chat import generation_prompt
 
     dev = pick_device(args.device)
-    model = from_apr(args.init, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None, fast=False)
+    model = inference_model(args.init, dev, args.quantize)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -252,6 +276,7 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the text")
+    add_quantize_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("chat", help="talk to an APR model on the terminal (one user turn per line)")
@@ -265,4 +290,5 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", help="default: the file's embedded tokenizer")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="one JSON object per turn")
+    add_quantize_option(p)
     p.set_defaults(func=cmd_chat)
