@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-from apr_kernels._format import APR_DTYPE_OF, LazyTensor
+from apr_kernels._format import APR_DTYPE_OF, QUANTIZED, TORCH_DTYPES, LazyTensor
 
 from .core import Source
-
-QUANTISED = ("Q4_K", "Q6_K", "APR_Q4", "APR_Q8")
 
 
 def read_apr(path: Path) -> Source:
@@ -37,10 +35,10 @@ def read_apr(path: Path) -> Source:
             info = f.info(stored)
             module = stored[: -len(".weight")] if stored.endswith(".weight") else None
             if lora and module and f"{module}.lora_A" in f:  # merged in fp32, rounded once to the stored dtype
-                dtype = torch.float32 if info.dtype in QUANTISED else f.get_tensor(stored).dtype
+                dtype = torch.float32 if info.dtype in QUANTIZED else TORCH_DTYPES[info.dtype]
                 tensors[hf] = LazyTensor(APR_DTYPE_OF[dtype], info.shape,
                                          lambda s=stored, d=dtype: merged_tensor(f, s, lora, d))
-            elif info.dtype in QUANTISED:
+            elif info.dtype in QUANTIZED:
                 tensors[hf] = LazyTensor(info.dtype, info.shape,
                                          lambda s=stored, i=info: QuantizedTensor(i.dtype, i.shape, f.get_raw(s)))
             else:

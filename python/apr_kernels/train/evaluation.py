@@ -21,17 +21,8 @@ import json
 import math
 
 from .cli import add_common_options, keep_freed_memory, load_tokenizer, packing_eos, pick_device, tristate
-from .generation import add_quantize_option, inference_model, reward_functions, sampled_batches, scored
+from .generation import add_quantize_option, as_quantized, inference_model, reward_functions, sampled_batches, scored
 from .loop import autocast_dtype_for
-
-
-def as_quantized(model, kind: str | None, path):
-    """``model`` as ``convert path out.apr --quantize kind`` would store it (``--quantize``; None: as is)."""
-    if kind:
-        from .qat import quantize_as_converted
-
-        quantize_as_converted(model, kind, path)
-    return model
 
 
 def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,

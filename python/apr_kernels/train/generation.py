@@ -20,20 +20,23 @@ import torch
 from .cli import load_tokenizer, pick_device
 
 
+def as_quantized(model, kind: str | None, path):
+    """``model`` as ``convert path out.apr --quantize kind`` would store it (``--quantize``; None: as is)."""
+    if kind:
+        from .qat import quantize_as_converted
+
+        quantize_as_converted(model, kind, path)
+    return model
+
+
 def inference_model(path, dev: torch.device, quantize: str | None = None):
     """An APR model to decode with: bf16 on CUDA; with ``quantize`` (``--quantize KIND``) as ``convert
     --quantize KIND`` would write it, quantised from the stored weights before halving them."""
     from apr_kernels.model.loading import from_apr
 
     half = torch.bfloat16 if dev.type == "cuda" else None
-    model = from_apr(path, device=dev, dtype=None if quantize else half, fast=False)
-    if quantize:
-        from .qat import quantize_as_converted
-
-        quantize_as_converted(model, quantize, path)
-        if half is not None:
-            model = model.to(half)
-    return model
+    model = as_quantized(from_apr(path, device=dev, dtype=None if quantize else half, fast=False), quantize, path)
+    return model.to(half) if quantize and half is not None else model
 
 
 def add_quantize_option(p) -> None:

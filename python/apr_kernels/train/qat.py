@@ -32,7 +32,7 @@ import contextlib
 import torch
 from torch import nn
 
-from apr_kernels.convert.core import MIN_QUANT_ELEMENTS, QUANT_CHOICES
+from apr_kernels.convert.core import FLOAT_DTYPES, MIN_QUANT_ELEMENTS, QUANT_CHOICES
 
 
 def check(kind: str, *, lora: bool = False, tensor_parallel: int = 1) -> None:
@@ -112,7 +112,7 @@ def quantize_as_converted(model: nn.Module, kind: str, path) -> int:
     n = 0
     with torch.no_grad():
         for name, p in targets(model):
-            if stored.get(name) in ("F32", "F16", "BF16", "F64"):
+            if stored.get(name) in FLOAT_DTYPES:  # (blocks the file stores pass through the converter)
                 p.copy_(fake_quantize(QUANT_CHOICES[kind], p))
                 n += 1
     return n
