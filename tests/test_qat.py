@@ -31,21 +31,30 @@ def _logits_and_grads(model, ids):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["q4k", "q6k", "q8", "q4"])
+@pytest.mark.parametrize("kind", ["q4k", "q6k", "q8", "q4", "q4km"])
 @pytest.mark.parametrize("hidden", [64, 48])
 def test_the_model_holds_the_converted_files_weights_within(kind, hidden, tmp_path):
     torch.manual_seed(0)
     cfg = sixteen_config(hidden_size=hidden, num_heads=4, head_dim=hidden // 4)
     model = Transformer(cfg, fast=False)
     save_checkpoint(tmp_path / "m.apr", model=model)
-    assert cli(["convert", str(tmp_path / "m.apr"), str(tmp_path / "q.apr"), "--quantize", kind])[0] == 0
+    code, out = cli(["convert", str(tmp_path / "m.apr"), str(tmp_path / "q.apr"), "--quantize", kind])
+    assert code == 0
     deployed = from_apr(tmp_path / "q.apr", fast=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     quantizer = qat.FakeQuantizer(model, kind)
     with apr_kernels.open(tmp_path / "q.apr") as f:
-        quantised = {n for n in f.keys() if f.info(n).dtype not in ("F32",)}
-    # the targets are the tensors the converter quantised (the tied head is the embedding)
-    assert {n for n, _ in quantizer.params} == quantised - {"lm_head.weight"}
+        stored = {n: f.info(n).dtype for n in f.keys() if f.info(n).dtype not in ("F32",)}
+    quantised = set(stored)
+    counts = {fmt: list(stored.values()).count(fmt) for fmt in set(stored.values())}
+    assert all(f"{n} {fmt}" in out.splitlines()[-1] for fmt, n in counts.items())  # (convert's summary)
+    if kind == "q4km":  # llama.cpp's mixture: the head (tied: the embedding) and layer 1's v/down in Q6_K
+        assert {n for n, fmt in stored.items() if fmt == "Q6_K"} == {
+            "model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.v_proj.weight",
+            "model.layers.1.mlp.down_proj.weight"}
+    # the targets are the tensors the converter quantised (the tied head is the embedding), each in
+    # the format the file stores it in (q4km: a mixture)
+    assert {n: fmt for n, _, fmt in quantizer.params} == {n: stored[n] for n in quantised - {"lm_head.weight"}}
     ids = torch.randint(0, 272, (2, 20))
     with quantizer.applied():
         for name, p in model.named_parameters():
@@ -62,7 +71,7 @@ def test_the_model_holds_the_converted_files_weights_within(kind, hidden, tmp_pa
 
 
 def test_refusals_name_the_reason():
-    with pytest.raises(ValueError, match=r"--qat 'int4'; expected one of q4k, q6k, q8, q4"):
+    with pytest.raises(ValueError, match=r"--qat 'int4': expected one of q4k, q6k, q8, q4, q4km"):
         qat.check("int4")
     with pytest.raises(ValueError, match="with --lora-rank the file stores the merged weights"):
         qat.check("q4k", lora=True)

@@ -169,9 +169,9 @@ def quantize(dtype: str, tensor: torch.Tensor) -> QuantizedTensor:
     """Quantise a float tensor to APR ``dtype`` (APR_Q4, APR_Q8, Q4_K, Q6_K) -> QuantizedTensor.
 
     APR_Q4/APR_Q8 follow aprender's writer exactly (spec 8.1/8.2, round half away from zero).
-    Q4_K and Q6_K fit each sub-block's scale (and Q4_K's offset) with llama.cpp's weighted grid
-    searches (``_fit_q4_sub_blocks``, ``_fit_q6_sub_blocks``) and write the GGML byte layout, which
-    llama.cpp and the ``gguf`` package read.
+    Q4_K and Q6_K are llama.cpp's quantisers without an importance matrix (``llama-quantize``'s
+    ``quantize_row_q4_K_ref`` / ``quantize_row_q6_K_ref``: weighted grid searches for each sub-block's
+    scale and Q4_K's offset), byte for byte, in the GGML layout llama.cpp and ``gguf`` read.
     """
     return QuantizedTensor(dtype, tuple(tensor.shape), _quantize_raw(dtype, tensor).cpu().contiguous())
 
@@ -217,7 +217,7 @@ def _f16_bytes(v: torch.Tensor) -> torch.Tensor:  # [B] float -> [B, 2] uint8
 
 def _quant_apr_q8(x: torch.Tensor) -> torch.Tensor:
     amax = x.abs().max() if x.numel() else x.new_zeros(())
-    scale = amax / 127 if amax > 0 else x.new_ones(())
+    scale = amax / torch.full_like(amax, 127.0) if amax > 0 else x.new_ones(())  # (not CUDA's reciprocal)
     q = torch.clamp(_round_away(x / scale), -127, 127).to(torch.int8)
     return torch.cat((scale.reshape(1).to(torch.float32).view(torch.uint8), q.view(torch.uint8)))
 
@@ -229,7 +229,7 @@ def _quant_apr_q4(x: torch.Tensor) -> torch.Tensor:
     xb[:n] = x
     xb = xb.view(nb, 32)
     amax = xb.abs().amax(dim=1, keepdim=True) if nb else xb.new_zeros(0, 1)
-    scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, 7.0), torch.ones_like(amax))  # (as above)
     nib = (torch.clamp(_round_away(xb / scale), -8, 7) + 8).to(torch.int32).view(-1)
     nib[n:] = 0  # a partial block is zero-filled
     nib = nib.view(nb, 16, 2)
@@ -237,83 +237,132 @@ def _quant_apr_q4(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((_f16_bytes(scale.view(-1)), packed), dim=1).reshape(-1)
 
 
-_FIT_BLOCKS = 4096  # super-blocks fitted at a time (the search holds 21 candidate grids of each)
-_FIT_BLOCKS_CUDA = 65536  # (about 1.5 GB of grids: fewer, larger launches where a GPU fits them)
+_FIT_BLOCKS = 4096  # super-blocks fitted at a time on the host (a few MB a step: stays in cache)
+_FIT_BLOCKS_CUDA = 65536  # (tens of MB a step: fewer launches of the searches' many small steps)
+_GROUP_MAX_EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a sub-block of smaller values is all zero
 
 
 def _fit_chunk(x: torch.Tensor) -> int:
     return _FIT_BLOCKS_CUDA if x.is_cuda else _FIT_BLOCKS
 
 
-def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, min)`` per 32-value sub-block of ``sub`` [B, 8, 32], ``x ~ scale * L - min`` with
-    4-bit levels L and min >= 0, fitted the way llama.cpp's k-quants do (make_qkx2_quants): start from
-    the min/max grid, then for 21 candidate grids (15 + k/10 - 1 levels over the range, k = 0..20)
-    round, solve the weighted least-squares scale and offset for those levels, and keep the candidate
-    with the smallest weighted error. Weights ``rms(sub-block) + |x|`` favour the large values.
+# The k-quant searches below do llama.cpp's reference arithmetic (``quantize_row_q4_K_ref`` /
+# ``quantize_row_q6_K_ref`` in ggml-quants.c, no importance matrix) operation for operation in
+# float32: each sum is accumulated left to right (``_fsum``), each product associated as the C
+# source writes it, ties decided as its loops decide them. So the blocks are byte-identical to
+# llama-quantize's (on x86, where that generic C code has no fused multiply-add;
+# tests/test_quant_recipe.py checks bytes it wrote), on any device: every step is one IEEE float32
+# operation.
 
-    Every weighted sum is a batched matrix-vector product, and the error of a fit ``a * L + b`` is
-    expanded into those sums (in float64), so no [B, 8, 21, 32] residual is formed."""
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _div(num, den):
+    """``num / den`` as C divides floats, correctly rounded: a scalar operand becomes a full tensor
+    (torch computes ``scalar / tensor`` as a reciprocal times the scalar, and on CUDA ``tensor /
+    scalar`` as a product with the reciprocal)."""
+    if not isinstance(num, torch.Tensor) or num.dim() == 0:
+        num = torch.full_like(den, float(num))
+    if not isinstance(den, torch.Tensor) or den.dim() == 0:
+        den = torch.full_like(num, float(den))
+    return num / den
+
+
+def _fsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the first dimension in float32, in order (a C ``for`` loop's ``s += t[i]``); the
+    searches keep each sub-block's values down the first dimension, so every step is contiguous."""
+    acc = t[0].clone()
+    for i in range(1, t.shape[0]):
+        acc += t[i]
+    return acc
+
+
+def _columns(sub: torch.Tensor) -> torch.Tensor:
+    """[..., n] sub-blocks -> [n, sub-blocks]: one sub-block a column (``_fsum`` sums down them)."""
+    return sub.reshape(-1, sub.shape[-1]).t().contiguous()
+
+
+def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale, min, levels)`` per 32-value sub-block of ``sub`` [B, 8, 32], ``x ~ scale * L - min``
+    with 4-bit levels L and min >= 0: llama.cpp's make_qkx2_quants(nmax 15, rmin -1, rdelta 0.1,
+    nstep 20) with weights ``rms(sub-block) + |x|``. Start from the min/max grid; then, in turn, 21
+    grids of 14 + k/10 levels (k = 0..20) over the range from the current offset to the maximum are
+    rounded, the weighted least-squares scale and offset for those levels solved, and a grid whose
+    weighted error beats the best so far taken, its offset becoming the start of the next grids' range
+    (so the grids depend on each other, as in llama.cpp's loop)."""
     nmax = 15.0
-    lo = sub.amin(dim=2).clamp(max=0.0)  # the offset is subtracted, so it is <= 0
-    rng = sub.amax(dim=2) - lo
-    flat = rng <= 0
-    safe_rng = torch.where(flat, torch.ones_like(rng), rng)
-    w = sub.pow(2).mean(dim=2, keepdim=True).sqrt() + sub.abs()  # [B, 8, 32]
-    wv, wxv = w[..., None], (w * sub)[..., None]  # [B, 8, 32, 1]
-    sw = w.sum(dim=2, dtype=torch.float64)[..., None]
-    sx = wxv.sum(dim=(2, 3), dtype=torch.float64)[..., None]
-    sxx = (wxv.squeeze(-1) * sub).sum(dim=2, dtype=torch.float64)[..., None]
+    x = _columns(sub)  # [32, N]
+    av = (_fsum(x * x) / 32.0).double().sqrt().float()  # (sqrtf's rounding: torch's float32 sqrt may differ)
+    w = av + x.abs()
+    lo = x.amin(dim=0).clamp(max=0.0)  # the offset is subtracted, so it is <= 0
+    hi = x.amax(dim=0)
+    flat = hi == lo
+    sum_w, sum_x = _fsum(w), _fsum(w * x)
+    one = torch.ones_like(hi)
 
-    def fit_error(lv, a, b):  # sum w (a L + b - x)^2 from the sums, lv [B, 8, K, 32]
-        sl = (lv @ wv).squeeze(-1).double()
-        sl2 = ((lv * lv) @ wv).squeeze(-1).double()
-        sxl = (lv @ wxv).squeeze(-1).double()
-        if a is None:  # least squares for this grid
-            det = sw * sl2 - sl * sl
-            ok = det > 0
-            det = torch.where(ok, det, torch.ones_like(det))
-            a = (sw * sxl - sx * sl) / det
-            b = (sl2 * sx - sl * sxl) / det
-            clamp = b > 0  # a positive offset is not representable: refit the scale alone
-            a = torch.where(clamp, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), a)
-            b = torch.where(clamp, torch.zeros_like(b), b)
-        else:
-            ok = torch.ones_like(sl, dtype=torch.bool)
-        err = a * a * sl2 + 2 * a * b * sl - 2 * a * sxl + b * b * sw - 2 * b * sx + sxx
-        return a, b, torch.where(ok, err, torch.full_like(err, float("inf")))
+    def levels_for(iscale, offset):
+        return torch.round(iscale * (x - offset)).clamp(0, nmax)
 
-    # the min/max grid: scale = range / 15, offset = lo
-    a0, b0 = (rng / nmax)[..., None].double(), lo[..., None].double()
-    lv0 = torch.round((sub - lo[..., None]) / (safe_rng / nmax)[..., None]).clamp(0, nmax)[:, :, None, :]
-    _, _, best_err = fit_error(lv0, a0, b0)
-    # the candidate grids, all at once: [B, 8, 21, 32] levels
-    ks = torch.arange(21, dtype=sub.dtype, device=sub.device) * 0.1 - 1.0
-    iscale = (nmax + ks)[None, None, :] / safe_rng[..., None]
-    lv = torch.round(iscale[..., None] * (sub - lo[..., None])[:, :, None, :]).clamp(0, nmax)
-    a, b, err = fit_error(lv, None, None)
-    i = err.argmin(dim=2, keepdim=True)
-    better = err.gather(2, i) < best_err
-    scale = torch.where(better, a.gather(2, i), a0).squeeze(2).to(sub.dtype)
-    offset = torch.where(better, b.gather(2, i), b0).squeeze(2).to(sub.dtype)
-    scale = torch.where(flat, torch.zeros_like(scale), scale.clamp(min=0.0))
-    return scale, torch.where(flat, -lo, -offset).clamp(min=0.0)
+    def error(scale, offset, lv):  # sum w (scale L + offset - x)^2
+        diff = (scale * lv + offset) - x
+        return _fsum(w * (diff * diff))
+
+    iscale = _div(nmax, torch.where(flat, one, hi - lo))
+    scale = _div(1.0, iscale)  # the min/max grid
+    levels = levels_for(iscale, lo)
+    best = error(scale, lo, levels)
+    offset = lo
+    for k in range(21):
+        step = (_f32(-1.0) + _f32(0.1) * k) + nmax
+        rng = hi - offset
+        iscale = _div(step, torch.where(flat | (rng == 0), one, rng))
+        lv = levels_for(iscale, offset)
+        wl = w * lv
+        sum_l, sum_l2, sum_xl = _fsum(wl), _fsum(wl * lv), _fsum(wl * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        det = torch.where(ok, det, one)
+        a = (sum_w * sum_xl - sum_x * sum_l) / det
+        b = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        clamp = b > 0  # a positive offset is not representable: refit the scale alone
+        a = torch.where(clamp, sum_xl / torch.where(sum_l2 != 0, sum_l2, one), a)
+        b = torch.where(clamp, torch.zeros_like(b), b)
+        err = error(a, b, lv)
+        take = ok & (err < best) & ~flat
+        best = torch.where(take, err, best)
+        scale, offset = torch.where(take, a, scale), torch.where(take, b, offset)
+        levels = torch.where(take, lv, levels)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    levels = torch.where(flat, torch.zeros_like(levels), levels)
+    return scale.view(sub.shape[:2]), (-offset).view(sub.shape[:2]), levels.t().reshape(sub.shape)
+
+
+def _nearest_u8(v: torch.Tensor) -> torch.Tensor:
+    """``(uint8_t) nearest_int(v)``: round half to even, wrapped to 0..255 as C's conversion does."""
+    return torch.remainder(torch.round(v), 256)
 
 
 def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
     if x.shape[0] > _fit_chunk(x):  # bound the search's memory
         return torch.cat([_quant_q4_k(part) for part in x.split(_fit_chunk(x))])
     sub = x.view(-1, 8, 32)
-    scale, mins = _fit_q4_sub_blocks(sub)
-    d = (scale.amax(dim=1) / 63).to(torch.float16).to(torch.float32)
-    dmin = (mins.amax(dim=1) / 63).to(torch.float16).to(torch.float32)
+    scale, mins, search = _fit_q4_sub_blocks(sub)
+    max_scale, max_min = scale.amax(dim=1), mins.amax(dim=1)
+    max_scale = torch.where(max_scale > 0, max_scale, 0.0)  # (llama.cpp's "if (v > max) max = v" from +0:
+    max_min = torch.where(max_min > 0, max_min, 0.0)  # a -0.0 min stays out of dmin)
     safe = lambda v: torch.where(v > 0, v, torch.ones_like(v))  # noqa: E731
-    sc = torch.clamp(torch.round(scale / safe(d)[:, None]), 0, 63).to(torch.int32)
-    mn = torch.clamp(torch.round(mins / safe(dmin)[:, None]), 0, 63).to(torch.int32)
+    inv_scale = torch.where(max_scale > 0, _div(63.0, safe(max_scale)), torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, _div(63.0, safe(max_min)), torch.zeros_like(max_min))
+    sc = _nearest_u8(inv_scale[:, None] * scale).clamp(max=63).to(torch.int32)
+    mn = _nearest_u8(inv_min[:, None] * mins).clamp(max=63).to(torch.int32)
+    d = _div(max_scale, 63.0).to(torch.float16).to(torch.float32)
+    dmin = _div(max_min, 63.0).to(torch.float16).to(torch.float32)
     eff_scale = d[:, None] * sc
     eff_min = dmin[:, None] * mn
-    q = torch.round((sub + eff_min[..., None]) / safe(eff_scale)[..., None])
-    q = torch.where(eff_scale[..., None] > 0, q, torch.zeros_like(q)).clamp(0, 15).to(torch.int32)
+    q = torch.round((sub + eff_min[..., None]) / torch.where(eff_scale != 0, eff_scale, 1.0)[..., None])
+    # (a sub-block whose scale rounds to 0 keeps the search's levels, as llama.cpp's loop skips it)
+    q = torch.where(eff_scale[..., None] != 0, q.clamp(0, 15), search).to(torch.int32)
     s = torch.empty(x.shape[0], 12, dtype=torch.int32, device=x.device)
     s[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
     s[:, 4:8] = mn[:, 0:4] | ((mn[:, 4:8] >> 4) << 6)
@@ -323,43 +372,55 @@ def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
     return torch.cat((_f16_bytes(d), _f16_bytes(dmin), s.to(torch.uint8), qs.view(-1, 128).to(torch.uint8)), dim=1)
 
 
-def _fit_q6_sub_blocks(sub: torch.Tensor) -> torch.Tensor:
-    """Signed scale per 16-value sub-block of ``sub`` [B, 16, 16] for 6-bit levels in [-32, 31],
-    fitted as llama.cpp's make_qx_quants does: the value of largest magnitude maps to -32 (the long
-    end of the range), then 19 grids (32 + k/10 levels, k = -9..9) are rounded and the one with the
-    best x^2-weighted least-squares scale kept (largest (sum w x L)^2 / sum w L^2)."""
+def _fit_q6_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, levels + 32)`` per 16-value sub-block of ``sub`` [B, 16, 16], a signed scale for 6-bit
+    levels in [-32, 31]: llama.cpp's make_qx_quants(nmax 32, rmse_type 1). The value of largest
+    magnitude maps to -32 (the long end of the range); then the grids of 32 + k/10 levels, k = -9..9
+    (0 first), are rounded in turn, and one replaces the best so far when its x^2-weighted
+    least-squares fit is better ((sum w x L)^2 > best * sum w L^2, compared in float32 as there)."""
     nmax = 32.0
-    peak = sub.gather(2, sub.abs().argmax(dim=2, keepdim=True)).squeeze(2)  # signed
-    zero = peak == 0
+    x = _columns(sub)  # [16, N]
+    peak = x.gather(0, x.abs().argmax(dim=0, keepdim=True)).squeeze(0)  # signed, the first largest
+    zero = peak.abs() < _GROUP_MAX_EPS
     safe_peak = torch.where(zero, torch.ones_like(peak), peak)
-    w = sub * sub
-    ks = torch.arange(-9, 10, dtype=sub.dtype, device=sub.device) * 0.1
-    iscale = -(nmax + ks)[None, None, :] / safe_peak[..., None]  # [B, 16, 19]
-    lv = torch.round(iscale[..., None] * sub[:, :, None, :]).clamp(-nmax, nmax - 1)  # [B, 16, 19, 16]
-    sumlx = (lv @ (w * sub)[..., None]).squeeze(-1).double()
-    suml2 = ((lv * lv) @ w[..., None]).squeeze(-1).double()
-    ok = suml2 > 0
-    suml2 = torch.where(ok, suml2, torch.ones_like(suml2))
-    score = torch.where(ok, sumlx * sumlx / suml2, torch.full_like(sumlx, -1.0))
-    i = score.argmax(dim=2, keepdim=True)
-    scale = (sumlx.gather(2, i) / suml2.gather(2, i)).squeeze(2).to(sub.dtype)
-    return torch.where(zero, torch.zeros_like(scale), scale)
+    w = x * x
+    wx = w * x
+
+    def grid(k: int):
+        iscale = _div(-(_f32(nmax) + _f32(0.1) * k), safe_peak)
+        lv = torch.round(iscale * x).clamp(-nmax, nmax - 1)
+        return lv, _fsum(wx * lv), _fsum((w * lv) * lv)
+
+    levels, sumlx, suml2 = grid(0)
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for k in (*range(-9, 0), *range(1, 10)):
+        lv, sumlx, suml2 = grid(k)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = torch.where(better, sumlx / torch.where(suml2 > 0, suml2, 1.0), scale)
+        best = torch.where(better, scale * sumlx, best)
+        levels = torch.where(better, lv, levels)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    levels = torch.where(zero, torch.zeros_like(levels), levels + nmax)
+    return scale.view(sub.shape[:2]), levels.t().reshape(sub.shape)
 
 
 def _quant_q6_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 210]
     if x.shape[0] > _fit_chunk(x):  # bound the search's memory
         return torch.cat([_quant_q6_k(part) for part in x.split(_fit_chunk(x))])
     sub = x.view(-1, 16, 16)
-    scale = _fit_q6_sub_blocks(sub)
-    # the super-block scale: the sub-block scale of largest magnitude maps to -128 (llama.cpp's rule)
+    scale, search = _fit_q6_sub_blocks(sub)
+    # the super-block scale: the sub-block scale of largest magnitude (the first) maps to -128
     top = scale.gather(1, scale.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-    d = (-top / 128).to(torch.float16).to(torch.float32)
-    safe = lambda v: torch.where(v != 0, v, torch.ones_like(v))  # noqa: E731
-    sc = torch.clamp(torch.round(scale / safe(d)[:, None]), -128, 127)
-    sc = torch.where(d[:, None] != 0, sc, torch.zeros_like(sc))
+    empty = top.abs() < _GROUP_MAX_EPS  # (an all-zero block: every byte 0)
+    iscale = _div(-128.0, torch.where(empty, torch.ones_like(top), top))
+    d = torch.where(empty, 0.0, _div(1.0, iscale)).to(torch.float16).to(torch.float32)
+    sc = torch.where(empty[:, None], 0.0, torch.round(iscale[:, None] * scale).clamp(max=127))
     eff = d[:, None] * sc
-    q = torch.round(sub / safe(eff)[..., None])
-    q = torch.where(eff[..., None] != 0, q, torch.zeros_like(q)).clamp(-32, 31).to(torch.int32) + 32
+    q = torch.round(sub / torch.where(eff != 0, eff, 1.0)[..., None]).clamp(-32, 31) + 32
+    # (a sub-block whose scale rounds to 0 keeps the search's levels, as llama.cpp's loop skips it)
+    q = torch.where(eff[..., None] != 0, q, search)
+    q = torch.where(empty[:, None, None], 0.0, q).to(torch.int32)
     q = q.view(-1, 2, 4, 32)  # [B, half, quarter, l]
     q0, q1, q2, q3 = q[:, :, 0], q[:, :, 1], q[:, :, 2], q[:, :, 3]
     ql = torch.stack(((q0 & 15) | ((q2 & 15) << 4), (q1 & 15) | ((q3 & 15) << 4)), dim=2)  # [B, 2, 2, 32]

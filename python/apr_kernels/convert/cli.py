@@ -20,7 +20,19 @@ def _convert(args) -> int:
         arch = meta.get("architecture", "?")
         tok = "with tokenizer" if meta.get("tokenizer.vocabulary") else "no tokenizer"
         print(f"wrote {args.dst} ({arch}, {meta.get('original_format')}, {tok})")
+        print(f"tensors: {_dtype_counts(args.dst)}")
     return 0
+
+
+def _dtype_counts(path) -> str:
+    """"3 F32, 10 Q4_K, 5 Q6_K": how many tensors of the APR file ``path`` each dtype holds."""
+    from collections import Counter
+
+    import apr_kernels
+
+    with apr_kernels.open(path) as f:
+        counts = Counter(f.info(n).dtype for n in f.keys())
+    return ", ".join(f"{n} {dtype}" for dtype, n in sorted(counts.items()))
 
 
 def _export(args) -> int:
@@ -88,7 +100,9 @@ def register(subparsers) -> None:
                    help="float tensors: keep their dtype (default) or cast")
     p.add_argument("--quantize", choices=list(QUANT_CHOICES), default=None,
                    help="quantise 2-D weights of >= 1024 elements: q4k (GGML Q4_K), q6k (GGML Q6_K), q8 (APR_Q8), "
-                        "q4 (APR_Q4)")
+                        "q4 (APR_Q4), or q4km: llama.cpp's Q4_K_M mixture (Q4_K; Q6_K for the output head, a "
+                        "tied embedding, and attn_v / ffn_down in the layers llama.cpp gives more bits; "
+                        "routers kept)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into "
                         "the weights on the way: W + (lora_alpha / r) B A")

@@ -9,7 +9,6 @@ materialises one tensor at a time, so peak memory stays near the largest tensor.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -20,12 +19,11 @@ from typing import Callable
 
 from apr_kernels._format import TORCH_DTYPES, LazyTensor
 
+from . import recipe
+from .recipe import EMBED, FLOAT_DTYPES, LM_HEAD, QUANT_CHOICES, QUANT_META
+
 DTYPE_CHOICES = {"keep": None, "bf16": "BF16", "f16": "F16", "f32": "F32"}
-QUANT_CHOICES = {"q4k": "Q4_K", "q6k": "Q6_K", "q8": "APR_Q8", "q4": "APR_Q4"}
-_QUANT_META = {"q4k": (4, 256, False), "q6k": (6, 256, True), "q8": (8, None, True), "q4": (4, 32, True)}
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-MIN_QUANT_ELEMENTS = 1024  # norms, biases and small tensors stay unquantised (spec 14)
-EMBED, LM_HEAD, SCORE = "model.embed_tokens.weight", "lm_head.weight", "score.weight"
+SCORE = "score.weight"
 
 
 @dataclass
@@ -45,14 +43,12 @@ def warn(msg: str) -> None:
     print(f"apr-kernels: warning: {msg}", file=sys.stderr)
 
 
-def plan_tensor(name: str, lt: LazyTensor, dtype: str | None, quant: str | None) -> LazyTensor:
-    """The tensor to write for source tensor ``lt`` under the --dtype / --quantize choices."""
+def plan_tensor(lt: LazyTensor, dtype: str | None, qdtype: str | None) -> LazyTensor:
+    """The tensor to write for source tensor ``lt`` under the --dtype choice and the block format
+    ``qdtype`` that ``recipe.plan`` gives it (None: not quantised)."""
     if lt.dtype not in FLOAT_DTYPES:
         return lt  # quantised passthrough (Q4_K/Q6_K raw blocks) and integer tensors stay as they are
-    numel = math.prod(lt.shape)
-    if quant and len(lt.shape) == 2 and numel >= MIN_QUANT_ELEMENTS:
-        qdtype = QUANT_CHOICES[quant]
-
+    if qdtype is not None:
         def quantised():
             from apr_kernels.quant import quantize
 
@@ -91,8 +87,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
     src_path, dst_path = Path(src), Path(dst)
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
-    if quantize is not None and quantize not in QUANT_CHOICES:
-        raise ValueError(f"--quantize {quantize!r}: expected one of {', '.join(QUANT_CHOICES)}")
+    if quantize is not None:
+        recipe.check_kind(quantize)
     if not src_path.exists():
         src_path = cached_snapshot(str(src))
     if dst_path.exists() and dst_path.resolve() == src_path.resolve():
@@ -110,7 +106,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
             from .peft_in import merge_adapter
 
             tensors, merged = merge_adapter(tensors, adapter)
-        out = {n: plan_tensor(n, lt, DTYPE_CHOICES[dtype], quantize) for n, lt in tensors.items()}
+        formats = recipe.plan(quantize, tensors, tied=tied)
+        out = {n: plan_tensor(lt, DTYPE_CHOICES[dtype], formats.get(n)) for n, lt in tensors.items()}
         meta = dict(source.metadata)
         if chat_template is not None:
             meta["tokenizer.chat_template"] = checked_chat_template(chat_template, meta)
@@ -118,7 +115,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
             meta["lora_merged"] = merged
         meta["tied_embeddings"] = tied
         if quantize:
-            bits, block, symmetric = _QUANT_META[quantize]
+            bits, block, symmetric = QUANT_META[quantize]
             meta["quantization"] = {"quant_type": quantize, "bits": bits, "block_size": block, "symmetric": symmetric}
         total = sum(lt.nbytes for lt in out.values())
         from tqdm import tqdm

@@ -843,7 +843,7 @@ def register(subparsers) -> None:
                         ">= 8.9, with --compile): tensorwise (fastest), rowwise or rowwise_with_gw_hp scales; "
                         "weights and checkpoints stay in their dtype. Emulated off CUDA")
     o.add_argument("--qat", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
-                   help="quantisation-aware training for `convert --quantize KIND` (q4k, q6k, q8, q4): each step's "
+                   help="quantisation-aware training for `convert --quantize KIND` (q4k, q6k, q8, q4, q4km): each step's "
                         "forward and backward see the weights as the quantised file will store them")
     o.add_argument("--activation-offload", action="store_true",
                    help="keep the tensors saved for the backward in pinned host memory (less GPU memory, more "

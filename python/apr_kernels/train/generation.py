@@ -43,7 +43,7 @@ def add_quantize_option(p) -> None:
     from apr_kernels.convert.core import QUANT_CHOICES
 
     p.add_argument("--quantize", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
-                   help="run the model as `convert --quantize KIND` (q4k, q6k, q8, q4) would store it, without "
+                   help="run the model as `convert --quantize KIND` (q4k, q6k, q8, q4, q4km) would store it, without "
                         "writing the file")
 
 

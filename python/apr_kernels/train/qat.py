@@ -1,12 +1,13 @@
-"""Quantisation-aware training (``train --qat q4k|q6k|q8|q4``): train the weights that
+"""Quantisation-aware training (``train --qat q4k|q6k|q8|q4|q4km``): train the weights that
 ``apr-kernels convert model.apr out.apr --quantize KIND`` will store, so the quantised file loses
 less than quantising after training does.
 
 Each training step runs its forwards and backwards on the weights as the quantised file will hold
-them: every tensor that ``--quantize`` quantises (2-D, at least ``MIN_QUANT_ELEMENTS`` values: the
-projections, experts, embedding and output head) is replaced in place by ``quant.fake_quantize``,
-the same quantiser and block layout as the converter's (Q4_K/Q6_K fitted with llama.cpp's searches,
-APR_Q8/APR_Q4 as aprender writes them), and put back before the optimizer step. So the gradient is
+them: every tensor that ``--quantize`` quantises, in the format it gets there (``convert.recipe``:
+one format for the uniform kinds, llama.cpp's Q4_K/Q6_K mixture for ``q4km``), is replaced in place
+by ``quant.fake_quantize``, the same quantiser and block layout as the converter's (Q4_K/Q6_K fitted
+as llama-quantize writes them, APR_Q8/APR_Q4 as aprender does), and put back before the
+optimizer step. So the gradient is
 the quantised model's, applied to the full-precision weights (the straight-through estimator,
 as BinaryConnect and torchao's QAT use it): the forward sees exactly the deployed weights, every
 code path (fused q/k/v, grouped experts, the fused loss) reads them unchanged, and the checkpoints
@@ -32,12 +33,11 @@ import contextlib
 import torch
 from torch import nn
 
-from apr_kernels.convert.core import FLOAT_DTYPES, MIN_QUANT_ELEMENTS, QUANT_CHOICES
+from apr_kernels.convert.recipe import FLOAT_DTYPES, Layout, apr_format, check_kind
 
 
 def check(kind: str, *, lora: bool = False, tensor_parallel: int = 1) -> None:
-    if kind not in QUANT_CHOICES:
-        raise ValueError(f"--qat {kind!r}; expected one of {', '.join(QUANT_CHOICES)} (convert --quantize's kinds)")
+    check_kind(kind, "--qat")
     if lora:
         raise ValueError(f"--qat {kind} trains the weights the quantised file stores; with --lora-rank the file "
                          f"stores the merged weights. Expected one of the two")
@@ -46,37 +46,39 @@ def check(kind: str, *, lora: bool = False, tensor_parallel: int = 1) -> None:
                          f"cut its quantisation blocks; expected --tensor-parallel 1")
 
 
-def targets(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The parameters ``convert --quantize`` quantises (``convert.core.plan_tensor``'s rule), each once."""
-    seen, out = set(), []
-    for name, p in model.named_parameters():
-        if p.dim() == 2 and p.is_floating_point() and p.numel() >= MIN_QUANT_ELEMENTS and id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
+def targets(model: nn.Module, kind: str) -> list[tuple[str, nn.Parameter, str]]:
+    """The parameters ``convert --quantize kind`` stores in blocks, each once (a tied head is the
+    embedding), with the APR format it stores each in (``convert.recipe.apr_format``)."""
+    layout = Layout.of_config(model.config)
+    out = []
+    for name, p in model.named_parameters():  # (each parameter once, by its first name)
+        fmt = apr_format(kind, name, p.shape, layout) if p.is_floating_point() else None
+        if fmt is not None:
+            out.append((name, p, fmt))
     return out
 
 
-def _rows_alone(kind: str, cols: int) -> bool:
-    """Whether ``kind`` quantises each row of ``cols`` values on its own (FSDP's row shards need no gather)."""
-    return kind in ("Q4_K", "Q6_K") or (kind == "APR_Q4" and cols % 32 == 0)
+def _rows_alone(fmt: str, cols: int) -> bool:
+    """Whether ``fmt`` quantises each row of ``cols`` values on its own (FSDP's row shards need no gather)."""
+    return fmt in ("Q4_K", "Q6_K") or (fmt == "APR_Q4" and cols % 32 == 0)
 
 
 class FakeQuantizer:
     """``applied()``: within, ``model``'s target weights hold their quantised values."""
 
     def __init__(self, model: nn.Module, kind: str):
-        self.kind = QUANT_CHOICES[kind]
-        self.params = targets(model)
+        self.params = targets(model, kind)
 
-    def quantised(self, name: str, p: torch.Tensor) -> torch.Tensor:
-        """This rank's part of ``p`` as the quantised file holds it."""
+    @staticmethod
+    def quantised(name: str, p: torch.Tensor, fmt: str) -> torch.Tensor:
+        """This rank's part of ``p`` as the quantised file holds it (in APR format ``fmt``)."""
         from apr_kernels.quant import fake_quantize
 
         from .distributed import local_part, local_shard
 
-        if hasattr(p, "full_tensor") and not _rows_alone(self.kind, p.shape[-1]):
-            return local_shard(fake_quantize(self.kind, p.full_tensor()), p, name)
-        return fake_quantize(self.kind, local_part(p))
+        if hasattr(p, "full_tensor") and not _rows_alone(fmt, p.shape[-1]):
+            return local_shard(fake_quantize(fmt, p.full_tensor()), p, name)
+        return fake_quantize(fmt, local_part(p))
 
     @contextlib.contextmanager
     def applied(self):
@@ -85,9 +87,9 @@ class FakeQuantizer:
         saved = []
         try:
             with torch.no_grad():
-                for name, p in self.params:
+                for name, p, fmt in self.params:
                     local = local_part(p)
-                    quantised = self.quantised(name, p)
+                    quantised = self.quantised(name, p, fmt)
                     saved.append((local, local.clone()))
                     local.copy_(quantised)
             yield
@@ -111,8 +113,8 @@ def quantize_as_converted(model: nn.Module, kind: str, path) -> int:
         stored = {hf: f.info(s).dtype for hf, s in model_tensor_names(f, path).items()}
     n = 0
     with torch.no_grad():
-        for name, p in targets(model):
+        for name, p, fmt in targets(model, kind):
             if stored.get(name) in FLOAT_DTYPES:  # (blocks the file stores pass through the converter)
-                p.copy_(fake_quantize(QUANT_CHOICES[kind], p))
+                p.copy_(fake_quantize(fmt, p))
                 n += 1
     return n

@@ -1,0 +1,80 @@
+"""``--quantize q4km`` against llama.cpp's own Q4_K_M recipe, and ``quant.quantize`` against
+llama.cpp's own Q4_K / Q6_K blocks.
+
+The records in tests/data/llama_cpp come from llama.cpp itself: ``tests/llama_cpp_golden.py`` ran
+llama-cpp-python's ``llama_model_quantize`` (``llama-quantize``) on F32 GGUF exports of the models
+named there and kept the type of every tensor, and the blocks of some rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from apr_kernels.convert import recipe
+from apr_kernels.convert.names import EXPERT_PROJ, HF_EXPERT, hf_to_gguf
+from apr_kernels.model import ModelConfig
+from apr_kernels.model.hf_names import expected_shapes
+from apr_kernels.quant import quantize
+
+DATA = Path(__file__).parent / "data" / "llama_cpp"
+RECIPES = json.loads((DATA / "recipes.json").read_text())
+# llama.cpp's type -> the APR format standing for it (recipe.py: never a less precise one): Q5_0 is
+# its Q4_K for rows that are not whole 256-value blocks (APR's Q4_K pads them), Q8_0 and Q5_K are not
+# APR formats; F32 is a tensor left unquantised
+AS_APR = {"Q4_K": "Q4_K", "Q5_0": "Q4_K", "Q6_K": "Q6_K", "Q8_0": "Q6_K", "Q5_K": "Q6_K", "F32": None}
+
+
+def _gguf_name(hf: str) -> str:
+    m = HF_EXPERT.match(hf)  # (GGUF stacks a layer's experts: one tensor, one type, per projection)
+    return f"blk.{m.group(1)}.ffn_{EXPERT_PROJ[m.group(3)]}_exps.weight" if m else hf_to_gguf(hf)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_q4km_gives_every_tensor_llama_cpps_choice(name):
+    rec = RECIPES[name]
+    cfg = ModelConfig(**rec["config"])
+    types = rec["types"]
+    shapes = expected_shapes(cfg)
+    if cfg.tie_word_embeddings:  # (an APR file of a tied model keeps a copy of the embedding as the head)
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+        types = {**types, "output.weight": types["token_embd.weight"]}
+    tensors = {n: SimpleNamespace(dtype="F32", shape=s) for n, s in shapes.items()}
+    converted = recipe.plan("q4km", tensors, tied=cfg.tie_word_embeddings)  # convert: from the tensor names
+    layout = recipe.Layout.of_config(cfg)  # train --qat / eval --quantize: from the model's config
+    assert {_gguf_name(n) for n in shapes} == set(types)  # (every tensor llama.cpp saw, and no other)
+    for n, shape in shapes.items():
+        # (under 1024 values every kind keeps a tensor as it is, spec 14: here only the shared
+        # expert's gate [1, hidden], which llama.cpp quantises, as any real model's 2048+ values)
+        want = AS_APR[types[_gguf_name(n)]] if np.prod(shape) >= 1024 else None
+        assert converted.get(n) == want, (name, n, types[_gguf_name(n)])
+        assert recipe.apr_format("q4km", n, shape, layout) == want, (name, n)
+    assert {"Q4_K", "Q6_K"} <= set(converted.values())  # (a mixture)
+
+
+def test_the_uniform_kinds_quantise_every_matrix_alike():
+    cfg = ModelConfig(**RECIPES["qwen2_moe_4x"]["config"])
+    shapes = expected_shapes(cfg)
+    tensors = {n: SimpleNamespace(dtype="F32", shape=s) for n, s in shapes.items()}
+    for kind, fmt in (("q4k", "Q4_K"), ("q6k", "Q6_K"), ("q8", "APR_Q8"), ("q4", "APR_Q4")):
+        plan = recipe.plan(kind, tensors, tied=False)  # aprender's rule: routers too, nothing 1-D
+        assert plan == {n: fmt for n, s in shapes.items() if len(s) == 2 and s[0] * s[1] >= 1024}
+    with pytest.raises(ValueError, match=r"--quantize 'q5km': expected one of q4k, q6k, q8, q4, q4km"):
+        recipe.plan("q5km", tensors, tied=False)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K"])
+def test_k_quantisers_write_llama_cpps_blocks(kind):
+    """The same bytes as llama.cpp's ``quantize_row_q4_K_ref`` / ``quantize_row_q6_K_ref`` (the searches
+    without an importance matrix), on rows of a weight matrix with a few large weights."""
+    data = np.load(DATA / "blocks.npz")
+    ours = quantize(kind, torch.from_numpy(data["rows"])).data.numpy()
+    theirs = data[kind]
+    width = {"Q4_K": 144, "Q6_K": 210}[kind]
+    same = (ours.reshape(-1, width) == theirs.reshape(-1, width)).all(axis=1)
+    assert same.all(), f"{int((~same).sum())} of {len(same)} blocks differ"
