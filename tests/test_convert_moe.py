@@ -6,7 +6,6 @@ GGUF export back to llama.cpp's layout; refusals: expert keys on a dense model_t
 without its expert count, experts in a GGUF of another architecture."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -317,7 +316,7 @@ def write_moe_gguf(path, model, family, expert_qtype=None, per_expert=False):
         elif name.endswith(".mlp.gate.weight"):
             reference[name] = add(f"blk.{parts[2]}.ffn_gate_inp.weight", arr)
         elif ".shared_expert_gate." in name:
-            reference[name] = add(f"blk.{parts[2]}.ffn_gate_inp_shexp.weight", arr[0])[None]
+            reference[name] = add(f"blk.{parts[2]}.ffn_gate_inp_shexp.weight", arr)  # [1, hidden], as llama.cpp
         elif ".shared_expert." in name:
             reference[name] = add(f"blk.{parts[2]}.ffn_{parts[5][:-5]}_shexp.weight", arr)
         else:
@@ -337,8 +336,10 @@ def write_moe_gguf(path, model, family, expert_qtype=None, per_expert=False):
 
 GGUF_CASES = {
     "qwen3_moe": ("qwen3_moe", {}, None, False),
-    # shared expert, a dense layer, dequantised experts (rows of whole 32-value Q8_0 blocks)
-    "qwen2_moe": ("qwen2_moe", dict(moe_intermediate_size=32), "Q8_0", False),
+    # shared expert, dequantised experts (rows of whole 32-value Q8_0 blocks); and with a dense layer,
+    # which imports but is not exported (llama.cpp's qwen2moe would not load it)
+    "qwen2_moe": ("qwen2_moe", dict(moe_intermediate_size=32, mlp_only_layers=[]), "Q8_0", False),
+    "qwen2_moe-dense": ("qwen2_moe", dict(moe_intermediate_size=32), "Q8_0", False),
     "mixtral": ("mixtral", {}, None, False),
     "mixtral-per-expert": ("mixtral", {}, "Q8_0", True),
     # Q4_K experts (rows of 256 values) stay raw blocks: each expert's slice of the stacked bytes
@@ -373,7 +374,8 @@ def test_moe_gguf_import_matches_transformers(tmp_path, case):
         assert f"model.layers.0.{ffn}.experts.3.{up}.weight" in f.keys()
         assert f"model.layers.0.{ffn}.gate.weight" in f.keys()
         if family == "qwen2_moe":
-            assert meta["mlp_only_layers"] == [1] and meta["shared_expert_intermediate_size"] == 24
+            assert meta["mlp_only_layers"] == extra.get("mlp_only_layers", [1])
+            assert meta["shared_expert_intermediate_size"] == 24
             assert meta["norm_topk_prob"] is False
         if qtype == "Q4_K":  # raw blocks: expert 2's slice of the stacked tensor, byte for byte
             assert f.info(f"model.layers.0.{ffn}.experts.2.{up}.weight").dtype == "Q4_K"
@@ -384,7 +386,7 @@ def test_moe_gguf_import_matches_transformers(tmp_path, case):
             np.testing.assert_array_equal(f.get_raw(f"model.layers.0.{ffn}.experts.2.{up}.weight").numpy(), raw)
 
 
-@pytest.mark.parametrize("case", [c for c in GGUF_CASES if not GGUF_CASES[c][3]])
+@pytest.mark.parametrize("case", [c for c in GGUF_CASES if not GGUF_CASES[c][3] and not c.endswith("-dense")])
 def test_moe_gguf_export_gives_back_the_llama_cpp_file(tmp_path, case):
     """GGUF -> APR -> export GGUF: llama.cpp's file again, its stacked experts (raw Q4_K blocks
     concatenated byte for byte; dequantised Q8_0 experts as F32 of the same values), router, shared
@@ -396,12 +398,23 @@ def test_moe_gguf_export_gives_back_the_llama_cpp_file(tmp_path, case):
     src = tmp_path / "m.gguf"
     write_moe_gguf(src, tiny(family, **extra), family, gguf.GGMLQuantizationType[qtype] if qtype else None)
     assert main(["convert", str(src), str(tmp_path / "m.apr"), "-q"]) == 0
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        out = assert_gguf_round_trip(tmp_path, src, tmp_path / "m.apr")
+    out = assert_gguf_round_trip(tmp_path, src, tmp_path / "m.apr")
     assert any(t.name == "blk.0.ffn_down_exps.weight" for t in out.tensors)
-    # the tiny Qwen2-MoE's dense layer 1: written, with a warning that llama.cpp may not load it
-    assert any("layers [1] are dense" in str(w.message) for w in seen) == (family == "qwen2_moe")
+
+
+def test_moe_gguf_export_refuses_dense_layers_llama_cpp_would_not_load(tmp_path):
+    """A Qwen2-MoE whose layer 1 is dense (mlp_only_layers): llama.cpp's qwen2moe loads a model only
+    when every layer has a router (checked with llama.cpp itself: "tensor 'blk.1.ffn_gate_inp.weight'
+    not found"), so no such file is written."""
+    from apr_kernels.convert.gguf_out import export_gguf
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.apr", model=Transformer(preset("tiny_qwen2_moe"), fast=False))
+    with pytest.raises(ValueError, match=r"layers \[1\] are dense .* llama.cpp's qwen2moe loads a model only "
+                                         r"when every layer routes to experts"):
+        export_gguf(tmp_path / "m.apr", tmp_path / "m.gguf", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_moe_gguf_export_of_a_bf16_model_imports_back_exactly(tmp_path):
@@ -423,7 +436,10 @@ def test_moe_gguf_export_of_a_bf16_model_imports_back_exactly(tmp_path):
     assert gguf.GGMLQuantizationType(stack.tensor_type).name == "BF16"
     assert [int(d) for d in reversed(stack.shape.tolist())] == [cfg.num_experts, cfg.moe_intermediate_size,
                                                                  cfg.hidden_size]
-    assert len(tensors["blk.0.ffn_gate_inp_shexp.weight"].shape) == 1  # llama.cpp's vector
+    # the router and shared-expert gate in F32 whatever the model's dtype, [1, hidden] (llama.cpp's converter)
+    for name in ("blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_inp_shexp.weight"):
+        assert gguf.GGMLQuantizationType(tensors[name].tensor_type).name == "F32", name
+    assert list(tensors["blk.0.ffn_gate_inp_shexp.weight"].shape) == [cfg.hidden_size, 1]
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back.apr"), "-q"]) == 0
     again = from_apr(tmp_path / "back.apr", fast=False, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 257, (2, 9))

@@ -19,9 +19,9 @@ with ``expert_count``, ``expert_used_count``, ``expert_feed_forward_length`` (Mi
 ``feed_forward_length``) and Qwen2-MoE's ``expert_shared_feed_forward_length``; each layer's experts
 stacked into one ``[experts, out, in]`` tensor per projection (``ffn_gate_exps``, ...: raw Q4_K/Q6_K
 blocks concatenated when every expert has them, else floats), the router as ``ffn_gate_inp``, the
-shared expert as ``*_shexp`` and its gate as the vector ``ffn_gate_inp_shexp``. Routing llama.cpp
-does not run the same way (Qwen3-MoE without renormalisation, Qwen2-MoE with it, dense layers) is
-written and warned about.
+shared expert as ``*_shexp`` and its gate as ``ffn_gate_inp_shexp`` [1, hidden]. Routing llama.cpp
+does not run the same way (Qwen3-MoE without renormalisation, Qwen2-MoE with it) is written and warned
+about; dense layers among expert layers are refused (llama.cpp would not load the file).
 
 The file is streamed (one tensor in memory at a time) into a temporary file next to the target and
 renamed over it when complete.
@@ -66,6 +66,11 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     if cfg.num_labels:
         raise ValueError(f"{src}: a sequence classifier (num_labels={cfg.num_labels}: a reward model's score head, "
                          f"no output head); GGUF export writes causal LMs for llama.cpp: expected a causal LM")
+    dense = [i for i in range(cfg.num_layers) if cfg.is_moe and not cfg.moe_layer(i)]
+    if dense:  # (llama.cpp 0.3.36 refuses it: "tensor 'blk.1.ffn_gate_inp.weight' not found")
+        raise ValueError(f"{src}: layers {dense} are dense (mlp_only_layers / decoder_sparse_step), but llama.cpp's "
+                         f"{GGUF_ARCH[cfg.architecture]} loads a model only when every layer routes to experts: "
+                         f"expected every layer sparse")
     with apr_kernels.open(src) as f:
         meta = f.metadata
         arch = GGUF_ARCH[cfg.architecture]
@@ -197,11 +202,8 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
     if want is None and not adapted and len(info.shape) == 2 and _requantised(info):
         return name, lambda: _q8_0(gguf, ordered(f.get_tensor(stored))), (info.shape[0], info.shape[1] // 32 * 34), \
             np.uint8, gguf.GGMLQuantizationType.Q8_0
-    if hf.endswith(".shared_expert_gate.weight"):  # [1, hidden] -> llama.cpp's vector
-        return name, lambda: merged_tensor(f, stored, lora, torch.float32).reshape(-1).numpy(), \
-            (info.shape[-1],), np.float32, None
-    if len(info.shape) <= 1:
-        out = torch.float32  # norms and biases: F32, as llama.cpp writes them
+    if len(info.shape) <= 1 or name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
+        out = torch.float32  # norms, biases, routers and shared-expert gates: F32, as llama.cpp writes them
     elif want is not None:
         out = want
     elif info.dtype in ("F16", "BF16", "F32") and not adapted:
@@ -232,11 +234,11 @@ def _model_keys(w, cfg, src) -> None:
     w.add_head_count_kv(cfg.num_kv_heads)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    w.add_vocab_size(cfg.vocab_size)
+    w.add_key_length(cfg.head_dim)  # (the keys llama.cpp's convert_hf_to_gguf writes, and only those:
+    w.add_value_length(cfg.head_dim)  # the rope dimensions and vocabulary size for its llama family alone)
+    if GGUF_ARCH[cfg.architecture] == "llama":
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_vocab_size(cfg.vocab_size)
     if cfg.is_moe:
         _expert_keys(w, cfg, src)
     if cfg.sliding_window is not None:
@@ -256,10 +258,6 @@ def _expert_keys(w, cfg, src) -> None:
         warn(f"{src}: norm_topk_prob={cfg.norm_topk_prob}, but llama.cpp's {GGUF_ARCH[cfg.architecture]} "
              f"{'renormalises' if renormalises else 'does not renormalise'} the chosen experts' weights: its outputs "
              f"will differ")
-    dense = [i for i in range(cfg.num_layers) if not cfg.moe_layer(i)]
-    if dense:
-        warn(f"{src}: layers {dense} are dense (mlp_only_layers / decoder_sparse_step); written as dense FFN "
-             f"tensors, which llama.cpp's {GGUF_ARCH[cfg.architecture]} may not load")
 
 
 def _rope_keys(w, gguf, cfg, src) -> np.ndarray | None:
@@ -324,8 +322,9 @@ def _tokenizer_keys(w, gguf, meta: dict, vocab_size: int, src) -> None:
     if spm:
         scores = meta.get("tokenizer.scores") or [0.0] * len(pieces)
         w.add_token_scores([float(s) for s in scores] + [-1000.0] * pad)
-        if meta.get("tokenizer.add_space_prefix") is not None:
-            w.add_add_space_prefix(bool(meta["tokenizer.add_space_prefix"]))
+        w.add_tokenizer_pre("default")  # (as llama.cpp's converter writes a SentencePiece vocabulary:
+        if meta.get("tokenizer.add_space_prefix") is False:  # the prefix space is llama.cpp's default)
+            w.add_add_space_prefix(False)
     else:
         pre = meta.get("tokenizer.pre_type", "gpt2")
         if pre not in _PRE:
