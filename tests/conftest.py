@@ -1,7 +1,9 @@
 """Shared test setup: seeded RNG per test, a `cuda` marker that skips without a GPU."""
 
+import atexit
 import os
 import random
+import shutil
 import sys
 import tempfile
 import zlib
@@ -18,8 +20,10 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 
 HAS_CUDA = torch.cuda.is_available()
 # The trainer's token cache goes to a folder of this test session, never to ~/.cache (subprocesses
-# inherit the variable).
-os.environ.setdefault("APR_KERNELS_CACHE", tempfile.mkdtemp(prefix="apr_kernels_test_cache_"))
+# inherit the variable), removed when the session ends.
+if "APR_KERNELS_CACHE" not in os.environ:
+    os.environ["APR_KERNELS_CACHE"] = tempfile.mkdtemp(prefix="apr_kernels_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["APR_KERNELS_CACHE"], ignore_errors=True)
 if not HAS_CUDA:
     # Triton reads TRITON_INTERPRET when `triton` is first imported (its own tl.sum etc. are jitted
     # then), and some test imports (transformers) pull Triton in: set it before any of them.

@@ -1,25 +1,36 @@
-"""Record what llama.cpp's own quantiser does, as the independent reference for ``convert --quantize``
-(tests/test_quant_recipe.py reads the records; CI needs no llama.cpp).
+"""Record what llama.cpp itself does with this project's files, as independent references that CI
+checks without llama.cpp (tests/test_quant_recipe.py, tests/test_llama_cpp_runs.py read the records).
 
-    python tests/llama_cpp_golden.py --llama-python VENV/bin/python [--out tests/data/llama_cpp]
+    python tests/llama_cpp_golden.py --llama-python VENV/bin/python --llama-src LLAMA_CPP [--out DIR]
 
-``VENV`` holds ``llama-cpp-python`` (its ``llama_model_quantize`` is llama.cpp's ``llama-quantize``;
-the version used is recorded) and ``gguf``. For each model below the script writes an APR file of
-random weights, exports it to an F32 GGUF (``apr-kernels export``), quantises that with llama.cpp and
-records:
+``VENV`` holds ``llama-cpp-python`` (the llama.cpp build it bundles runs the files: its
+``llama_model_quantize`` is ``llama-quantize``) and ``gguf``; ``LLAMA_CPP`` is a llama.cpp source
+tree (``convert_hf_to_gguf.py``; the ``vendor/llama.cpp`` folder of the llama-cpp-python sdist is the
+same version). The versions are recorded. Written to ``DIR`` (default tests/data/llama_cpp):
 
-* ``recipes.json``: per model, its config and the GGML type llama.cpp's Q4_K_M recipe gave each tensor;
-* ``blocks.npz``: rows of a weight matrix (F32) and llama.cpp's Q4_K and Q6_K blocks of them
-  (``pure``: every tensor one type), for a byte-for-byte check of ``quant.quantize``.
+* ``recipes.json``: for each model of ``MODELS`` (random weights, exported to an F32 GGUF), the GGML
+  type llama.cpp's Q4_K_M recipe gave each tensor;
+* ``blocks.npz``: rows of a weight matrix (F32, corner cases first) and llama.cpp's Q4_K and Q6_K
+  blocks of them, for a byte-for-byte check of ``quant.quantize``;
+* ``runs.json``: for each model of ``RUNS`` (``run_model``: seeded weights and a real tokenizer), the
+  file ``apr-kernels export`` wrote and llama.cpp ran (its SHA-256, and ``gguf_spec``: keys, tensor
+  types, shapes and digests), the logits llama.cpp computed for a token sequence (its 16 largest at
+  each position and the log-sum-exp), and what llama.cpp's ``convert_hf_to_gguf.py`` wrote from
+  ``apr-kernels export``'s Hugging Face folder of the same model (``gguf_spec``, which the script
+  compares with the export's); per tokenizer, llama.cpp's tokenisation of two texts.
 
-It also compares every Q4_K / Q6_K tensor llama.cpp wrote (the Q4_K_M files and the pure ones) with
-``quant.quantize`` and prints how many blocks agree byte for byte.
+It also prints what the records do not hold: how many of the Q4_K / Q6_K blocks llama.cpp wrote
+(Q4_K_M and pure files) ``quant.quantize`` gives byte for byte, the largest logit difference, and
+whether this project's import of the converter's file gives the model's logits again.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +62,178 @@ COMMON = dict(max_position_embeddings=512, rope_theta=1e4, rms_norm_eps=1e-6)
 FTYPE = {"Q4_K_M": 15, "Q4_K": 15, "Q6_K": 18}  # LLAMA_FTYPE_MOSTLY_*; Q4_K / Q6_K run with pure=True
 BLOCK_TENSOR, BLOCK_ROWS = "blk.3.ffn_down.weight", 16  # of qwen2_tied_24: the rows kept in blocks.npz
 
+# models llama.cpp runs: name -> (preset, overrides, tokenizer); weights from seed 0, scaled (``run_model``)
+RUNS = {
+    "qwen2_yarn": ("tiny_qwen2", dict(max_position_embeddings=131072, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}), "qwen2"),
+    "qwen2_moe": ("tiny_qwen2_moe", dict(mlp_only_layers=()), "qwen2"),
+    "qwen3_moe": ("tiny_qwen3_moe", {}, "qwen2"),
+    "llama_untied": ("tiny_llama", dict(tie_word_embeddings=False), "mistral"),
+    "llama3_rope": ("tiny_llama", dict(max_position_embeddings=131072, rope_theta=5e5, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}), "mistral"),
+    "llama_rope0_linear": ("tiny_llama", dict(rope_type=0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                           "mistral"),
+    "mixtral": ("tiny_mixtral", {}, "mistral"),
+}
+RUN_TOKENS, TOP = 40, 16  # tokens of the logits sequence; logits kept per position
+
+
+@functools.lru_cache(maxsize=None)
+def run_tokenizer(kind: str):
+    """The real tokenizers the runs use: Qwen2.5's (byte-level BPE), Mistral 7B's (SentencePiece)."""
+    from apr_kernels.tokenizer import Tokenizer
+
+    if kind == "qwen2":
+        return Tokenizer.qwen2()
+    from apr_kernels.spm_model import read_spm_model
+
+    return Tokenizer.from_metadata(read_spm_model(mistral_model()))
+
+
+def mistral_model() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+
+
+def run_model(name: str, folder: Path) -> tuple[Path, object]:
+    """``(APR file, tokenizer)`` of run ``name``: the preset with the tokenizer's vocabulary, weights from
+    seed 0 scaled up (so attention is far from uniform and the logits spread over several units)."""
+    import torch
+
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    base, overrides, kind = RUNS[name]
+    tok = run_tokenizer(kind)
+    cfg = preset(base).replace(vocab_size={"qwen2": 151680, "mistral": 32000}[kind], **overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg, fast=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(20.0 if "embed" in n else 8.0)
+    path = folder / f"{name}.apr"
+    save_checkpoint(path, model=model, tokenizer=tok)
+    return path, tok
+
+
+def run_ids(tok) -> list[int]:
+    return tok.encode(RUN_TEXTS[0], special=False)[:RUN_TOKENS]
+
+
+# texts tokenised by llama.cpp (recorded verbatim: real Python source, then mixed scripts and spacing)
+RUN_TEXTS = None  # filled from runs.json by the test, or by main() from the standard library
+
+
+def _stdlib_texts() -> list[str]:
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    text = "".join(f.read_text(encoding="utf-8", errors="replace") for f in files[7:9])[:3000]
+    return [text, "Hello world! 12345 \u00e9\u00e8\u00fc \u4e2d\u6587 \U0001f642  spaces\n\ttabs  x"]
+
+
+def _key(field) -> object:
+    """A key's value as recorded: numbers and short strings as they are, arrays and long strings as
+    the SHA-256 of their bytes in the file."""
+    import gguf
+    import numpy as np
+
+    value = None if field.types[0] == gguf.GGUFValueType.ARRAY else field.contents()
+    if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 64):
+        return value
+    return "sha256:" + hashlib.sha256(b"".join(np.asarray(p).tobytes() for p in field.parts)).hexdigest()
+
+
+def gguf_spec(path: Path) -> dict:
+    """What a GGUF file holds, compactly: every key but ``general.*`` (names, authorship) and each
+    tensor's type, shape and the SHA-256 of its bytes."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(path))
+    keys = {k: _key(f) for k, f in r.fields.items()
+            if not k.startswith(("GGUF.", "general.")) or k == "general.architecture"}
+    tensors = {t.name: [t.tensor_type.name, [int(d) for d in t.shape],
+                        hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()] for t in r.tensors}
+    return {"keys": keys, "tensors": tensors}
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def our_logits(apr: Path, ids: list[int]):
+    import torch
+
+    from apr_kernels.model.loading import from_apr
+
+    with torch.no_grad():
+        return from_apr(apr, fast=False)(torch.tensor([ids]))[0].float().numpy()
+
+
+def _record_runs(args, tmp: Path) -> dict:
+    """runs.json (module docstring)."""
+    import numpy as np
+
+    from apr_kernels.convert.export import export
+    from apr_kernels.convert.gguf_out import export_gguf
+    from apr_kernels.convert.core import convert
+
+    global RUN_TEXTS
+    RUN_TEXTS = _stdlib_texts()
+    record = {"texts": RUN_TEXTS, "tokens": {}, "models": {}}
+    for name in RUNS:
+        apr, tok = run_model(name, tmp)
+        gguf_path = export_gguf(apr, tmp / f"{name}.gguf", progress=False)
+        ids = run_ids(tok)
+        req = tmp / f"{name}.request.json"
+        req.write_text(json.dumps({"gguf": str(gguf_path), "ids": ids, "texts": RUN_TEXTS,
+                                   "out": str(tmp / f"{name}.logits.npy")}))
+        ran = _in_llama_env(args.llama_python, "--run", str(req))
+        theirs = np.load(tmp / f"{name}.logits.npy")
+        ours = our_logits(apr, ids)
+        top = np.argsort(-theirs, axis=1, kind="stable")[:, :TOP]
+        lse = np.log(np.exp(theirs - theirs.max(1, keepdims=True)).sum(1)) + theirs.max(1)
+        kind = RUNS[name][2]
+        tokens = record["tokens"].setdefault(kind, ran["tokens"])
+        assert tokens == ran["tokens"], name
+        # llama.cpp's converter on our Hugging Face export (with the SentencePiece model beside it, as
+        # Hugging Face folders of such models hold one)
+        hf = tmp / f"{name}.hf"
+        export(apr, hf, progress=False)
+        if kind == "mistral":
+            shutil.copy(mistral_model(), hf / "tokenizer.model")
+        converted = tmp / f"{name}.converted.gguf"
+        subprocess.run([sys.executable, str(Path(args.llama_src) / "convert_hf_to_gguf.py"), str(hf),
+                        "--outfile", str(converted), "--outtype", "f32"], check=True, capture_output=True)
+        back = tmp / f"{name}.back.apr"
+        convert(converted, back, progress=False)
+        reimport = float(np.abs(our_logits(back, ids) - ours).max() / np.abs(ours).max())
+        record["models"][name] = {
+            "llama_cpp": ran["version"], "ids": ids, "export": gguf_spec(gguf_path),
+            "converter": gguf_spec(converted), "export_sha256": file_sha256(gguf_path),
+            "logits": {"top": top.tolist(), "values": np.take_along_axis(theirs, top, 1).tolist(),
+                       "logsumexp": lse.tolist()}}
+        spec_ours, spec_conv = record["models"][name]["export"], record["models"][name]["converter"]
+        differ = sorted(k for k in set(spec_ours["keys"]) | set(spec_conv["keys"])
+                        if spec_ours["keys"].get(k) != spec_conv["keys"].get(k))
+        differ += sorted(t for t in set(spec_ours["tensors"]) | set(spec_conv["tensors"])
+                         if spec_ours["tensors"].get(t) != spec_conv["tensors"].get(t))
+        print(f"{name}: llama.cpp's logits within {np.abs(ours - theirs).max() / np.abs(ours).max():.1e} "
+              f"(relative to the largest), tokenisations equal: "
+              f"{[tok.encode(t, special=False) == x for t, x in zip(RUN_TEXTS, ran['tokens'])]}; converter's file "
+              f"vs export: {differ or 'equal'}; import of the converter's file: logits within {reimport:.1e}")
+    return record
+
+
+def _in_llama_env(python: str, *argv: str) -> dict:
+    out = subprocess.run([python, __file__, *argv], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 # ------------------------------------------------------------------ run in the llama.cpp environment
 def quantize_with_llama_cpp(src: str, dst: str, kind: str) -> dict:
@@ -67,6 +250,21 @@ def quantize_with_llama_cpp(src: str, dst: str, kind: str) -> dict:
     reader = gguf.GGUFReader(dst)
     return {"version": f"llama-cpp-python {llama_cpp.__version__}",
             "types": {t.name: t.tensor_type.name for t in reader.tensors}}
+
+
+def run_with_llama_cpp(request: str) -> dict:
+    """llama.cpp loads ``request["gguf"]``, computes the logits of ``request["ids"]`` (float32 K/V cache)
+    and tokenises ``request["texts"]``; the logits go to ``request["out"]`` (.npy)."""
+    import llama_cpp
+    import numpy as np
+
+    req = json.loads(Path(request).read_text())
+    llm = llama_cpp.Llama(model_path=req["gguf"], n_ctx=256, n_batch=256, logits_all=True, n_threads=2,
+                          verbose=False, type_k=0, type_v=0)  # (GGML_TYPE_F32: the default f16 cache rounds)
+    llm.eval(req["ids"])
+    np.save(req["out"], np.array(llm.scores[: len(req["ids"])], dtype=np.float32))
+    return {"version": f"llama-cpp-python {llama_cpp.__version__}",
+            "tokens": [llm.tokenize(t.encode(), add_bos=False, special=False) for t in req["texts"]]}
 
 
 # ---------------------------------------------------------------------------- run in this project
@@ -106,9 +304,7 @@ def _edge_rows(w) -> None:
 
 
 def _llama(python: str, src: Path, dst: Path, kind: str) -> dict:
-    out = subprocess.run([python, __file__, "--quantize", str(src), str(dst), kind], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _in_llama_env(python, "--quantize", str(src), str(dst), kind)
 
 
 def _compare_blocks(f32: Path, quantised: Path, kind: str) -> tuple[int, int]:
@@ -136,6 +332,7 @@ def _compare_blocks(f32: Path, quantised: Path, kind: str) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python and gguf")
+    ap.add_argument("--llama-src", required=True, help="a llama.cpp source tree (convert_hf_to_gguf.py)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "data" / "llama_cpp"))
     args = ap.parse_args()
     import gguf
@@ -165,12 +362,16 @@ def main() -> None:
             blocks[kind] = np.asarray(t.data).reshape(-1)[: BLOCK_ROWS * (cols // 256) * {"Q4_K": 144, "Q6_K": 210}[kind]]
             rows = {t.name: t for t in gguf.GGUFReader(f32).tensors}[BLOCK_TENSOR]
             blocks["rows"] = np.array(rows.data, dtype=np.float32).reshape(-1, cols)[:BLOCK_ROWS]
+        runs = _record_runs(args, tmp)
     (out / "recipes.json").write_text(json.dumps(recipes, indent=1, sort_keys=True) + "\n")
     np.savez_compressed(out / "blocks.npz", **blocks)
+    (out / "runs.json").write_text(json.dumps(runs, indent=0, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--quantize":
         print(json.dumps(quantize_with_llama_cpp(*sys.argv[2:])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--run":
+        print(json.dumps(run_with_llama_cpp(sys.argv[2])))
     else:
         main()
