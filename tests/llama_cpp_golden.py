@@ -8,8 +8,9 @@ checks without llama.cpp (tests/test_quant_recipe.py, tests/test_llama_cpp_runs.
 tree (``convert_hf_to_gguf.py``; the ``vendor/llama.cpp`` folder of the llama-cpp-python sdist is the
 same version). The versions are recorded. Written to ``DIR`` (default tests/data/llama_cpp):
 
-* ``recipes.json``: for each model of ``MODELS`` (random weights, exported to an F32 GGUF), the GGML
-  type llama.cpp's Q4_K_M recipe gave each tensor;
+* ``recipes.json``: for each model of ``MODELS`` (``model_file``: seeded weights, exported to an F32
+  GGUF), the GGML type llama.cpp's Q4_K_M recipe gave each tensor, and the tensors of its file
+  (``gguf_spec``);
 * ``blocks.npz``: rows of a weight matrix (F32, corner cases first) and llama.cpp's Q4_K and Q6_K
   blocks of them, for a byte-for-byte check of ``quant.quantize``;
 * ``runs.json``: for each model of ``RUNS`` (``run_model``: seeded weights and a real tokenizer), the
@@ -268,22 +269,23 @@ def run_with_llama_cpp(request: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- run in this project
-def _export(name: str, fields: dict, folder: Path, seed: int) -> Path:
+def model_file(name: str, folder: Path) -> Path:
+    """The APR file of ``MODELS[name]``: weights from its seed (its place in ``MODELS``), a few of them
+    large, corner-case rows in one matrix of the first."""
     import torch
 
-    from apr_kernels.convert.gguf_out import export_gguf
     from apr_kernels.model import ModelConfig, Transformer
     from apr_kernels.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**COMMON, **fields}), fast=False)
+    torch.manual_seed(list(MODELS).index(name))
+    model = Transformer(ModelConfig(**{**COMMON, **MODELS[name]}), fast=False)
     with torch.no_grad():  # (a few large weights, as trained models have: the block searches must place them)
         for p in model.parameters():
             p.mul_(1 + 4 * (torch.rand_like(p) < 0.01))
         if name == "qwen2_tied_24":
             _edge_rows(model.get_parameter(f"model.layers.{BLOCK_TENSOR.split('.')[1]}.mlp.down_proj.weight"))
     save_checkpoint(folder / f"{name}.apr", model=model)
-    return export_gguf(folder / f"{name}.apr", folder / f"{name}.f32.gguf", dtype="f32", progress=False)
+    return folder / f"{name}.apr"
 
 
 def _edge_rows(w) -> None:
@@ -338,15 +340,18 @@ def main() -> None:
     import gguf
     import numpy as np
 
+    from apr_kernels.convert.gguf_out import export_gguf
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recipes = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for seed, (name, fields) in enumerate(MODELS.items()):
-            f32 = _export(name, fields, tmp, seed)
+        for name, fields in MODELS.items():
+            f32 = export_gguf(model_file(name, tmp), tmp / f"{name}.f32.gguf", dtype="f32", progress=False)
             got = _llama(args.llama_python, f32, tmp / f"{name}.q4_k_m.gguf", "Q4_K_M")
-            recipes[name] = {"config": {**COMMON, **fields}, "llama_cpp": got["version"], "types": got["types"]}
+            recipes[name] = {"config": {**COMMON, **fields}, "llama_cpp": got["version"], "types": got["types"],
+                             "tensors": gguf_spec(tmp / f"{name}.q4_k_m.gguf")["tensors"]}
             counts = [_compare_blocks(f32, tmp / f"{name}.q4_k_m.gguf", kind) for kind in ("Q4_K", "Q6_K")]
             print(f"{name}: {len(got['types'])} tensors; Q4_K_M's Q4_K and Q6_K blocks byte-identical: "
                   + ", ".join(f"{same} of {total}" for same, total in counts))

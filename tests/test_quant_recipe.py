@@ -78,3 +78,23 @@ def test_k_quantisers_write_llama_cpps_blocks(kind):
     width = {"Q4_K": 144, "Q6_K": 210}[kind]
     same = (ours.reshape(-1, width) == theirs.reshape(-1, width)).all(axis=1)
     assert same.all(), f"{int((~same).sum())} of {len(same)} blocks differ"
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied_24", "mixtral_8x"])
+def test_convert_q4km_then_export_writes_the_file_llama_quantize_writes(name, tmp_path):
+    """``convert --quantize q4km`` then ``export`` to GGUF: every tensor as llama-quantize's Q4_K_M wrote
+    it from the F32 export of the same model, type, shape and bytes (widths of whole 256-value blocks;
+    the tied head and corner-case rows included), but where llama.cpp picked a format APR lacks (the
+    8-expert model's Q8_0 / Q5_K attention): there the stand-in Q6_K."""
+    import llama_cpp_golden as golden
+    from apr_kernels.convert.core import convert
+    from apr_kernels.convert.gguf_out import export_gguf
+
+    convert(golden.model_file(name, tmp_path), tmp_path / "q.apr", quantize="q4km", progress=False)
+    ours = golden.gguf_spec(export_gguf(tmp_path / "q.apr", tmp_path / "q.gguf", progress=False))["tensors"]
+    theirs = RECIPES[name]["tensors"]
+    assert set(ours) == set(theirs)
+    differ = [n for n in theirs if theirs[n][0] in ("Q4_K", "Q6_K", "F32") and ours[n] != theirs[n]]
+    assert not differ, sorted(differ)[:8]
+    stand_ins = {n: ours[n][0] for n in theirs if theirs[n][0] not in ("Q4_K", "Q6_K", "F32")}
+    assert set(stand_ins.values()) <= {"Q6_K"} and bool(stand_ins) == (name == "mixtral_8x")
