@@ -148,15 +148,19 @@ def _key(field) -> object:
     return "sha256:" + hashlib.sha256(b"".join(np.asarray(p).tobytes() for p in field.parts)).hexdigest()
 
 
+_GENERAL_KEPT = ("general.architecture", "general.file_type", "general.quantization_version")
+
+
 def gguf_spec(path: Path) -> dict:
-    """What a GGUF file holds, compactly: every key but ``general.*`` (names, authorship) and each
-    tensor's type, shape and the SHA-256 of its bytes."""
+    """What a GGUF file holds, compactly: every key but ``general.*`` (names, authorship; but the
+    architecture and the file and quantisation versions) and each tensor's type, shape and the SHA-256
+    of its bytes."""
     import gguf
     import numpy as np
 
     r = gguf.GGUFReader(str(path))
     keys = {k: _key(f) for k, f in r.fields.items()
-            if not k.startswith(("GGUF.", "general.")) or k == "general.architecture"}
+            if not k.startswith(("GGUF.", "general.")) or k in _GENERAL_KEPT}
     tensors = {t.name: [t.tensor_type.name, [int(d) for d in t.shape],
                         hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()] for t in r.tensors}
     return {"keys": keys, "tensors": tensors}
@@ -350,8 +354,10 @@ def main() -> None:
         for name, fields in MODELS.items():
             f32 = export_gguf(model_file(name, tmp), tmp / f"{name}.f32.gguf", dtype="f32", progress=False)
             got = _llama(args.llama_python, f32, tmp / f"{name}.q4_k_m.gguf", "Q4_K_M")
+            spec = gguf_spec(tmp / f"{name}.q4_k_m.gguf")
             recipes[name] = {"config": {**COMMON, **fields}, "llama_cpp": got["version"], "types": got["types"],
-                             "tensors": gguf_spec(tmp / f"{name}.q4_k_m.gguf")["tensors"]}
+                             "tensors": spec["tensors"], "general": {k: v for k, v in spec["keys"].items()
+                                                                     if k.startswith("general.")}}
             counts = [_compare_blocks(f32, tmp / f"{name}.q4_k_m.gguf", kind) for kind in ("Q4_K", "Q6_K")]
             print(f"{name}: {len(got['types'])} tensors; Q4_K_M's Q4_K and Q6_K blocks byte-identical: "
                   + ", ".join(f"{same} of {total}" for same, total in counts))

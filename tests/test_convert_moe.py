@@ -440,6 +440,8 @@ def test_moe_gguf_export_of_a_bf16_model_imports_back_exactly(tmp_path):
     for name in ("blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_inp_shexp.weight"):
         assert gguf.GGMLQuantizationType(tensors[name].tensor_type).name == "F32", name
     assert list(tensors["blk.0.ffn_gate_inp_shexp.weight"].shape) == [cfg.hidden_size, 1]
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields  # labelled as llama.cpp's converter labels it
+    assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_BF16)
     assert main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "back.apr"), "-q"]) == 0
     again = from_apr(tmp_path / "back.apr", fast=False, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 257, (2, 9))

@@ -82,8 +82,9 @@ def test_k_quantisers_write_llama_cpps_blocks(kind):
 
 @pytest.mark.parametrize("name", ["qwen2_tied_24", "mixtral_8x"])
 def test_convert_q4km_then_export_writes_the_file_llama_quantize_writes(name, tmp_path):
-    """``convert --quantize q4km`` then ``export`` to GGUF: every tensor as llama-quantize's Q4_K_M wrote
-    it from the F32 export of the same model, type, shape and bytes (widths of whole 256-value blocks;
+    """``convert --quantize q4km`` then ``export`` to GGUF: labelled as llama-quantize labels its Q4_K_M
+    file (``general.file_type``), every tensor as it wrote it from the F32 export of the same model:
+    type, shape and bytes (widths of whole 256-value blocks;
     the tied head and corner-case rows included), but where llama.cpp picked a format APR lacks (the
     8-expert model's Q8_0 / Q5_K attention): there the stand-in Q6_K."""
     import llama_cpp_golden as golden
@@ -91,8 +92,9 @@ def test_convert_q4km_then_export_writes_the_file_llama_quantize_writes(name, tm
     from apr_kernels.convert.gguf_out import export_gguf
 
     convert(golden.model_file(name, tmp_path), tmp_path / "q.apr", quantize="q4km", progress=False)
-    ours = golden.gguf_spec(export_gguf(tmp_path / "q.apr", tmp_path / "q.gguf", progress=False))["tensors"]
-    theirs = RECIPES[name]["tensors"]
+    spec = golden.gguf_spec(export_gguf(tmp_path / "q.apr", tmp_path / "q.gguf", progress=False))
+    assert {k: v for k, v in spec["keys"].items() if k.startswith("general.")} == RECIPES[name]["general"]
+    ours, theirs = spec["tensors"], RECIPES[name]["tensors"]
     assert set(ours) == set(theirs)
     differ = [n for n in theirs if theirs[n][0] in ("Q4_K", "Q6_K", "F32") and ours[n] != theirs[n]]
     assert not differ, sorted(differ)[:8]

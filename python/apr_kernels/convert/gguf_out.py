@@ -94,6 +94,10 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             plans += [_stack_plan(f, gguf, name, stored, lora, _FLOATS[dtype]) for name, stored in stacks.items()]
             if rope_freqs is not None:
                 plans.append(("rope_freqs.weight", lambda: rope_freqs, rope_freqs.shape, np.float32, None))
+            file_type = _file_type(gguf, plans, meta)
+            if file_type is not None:
+                w.add_file_type(file_type)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             for name, _produce, shape, np_dtype, raw in plans:
                 w.add_tensor_info(name, shape, np.dtype(np_dtype), math.prod(shape) * np.dtype(np_dtype).itemsize,
                                   raw_dtype=raw)
@@ -112,6 +116,24 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             tmp.unlink(missing_ok=True)
             raise
     return dst
+
+
+def _file_type(gguf, plans, meta: dict) -> int | None:
+    """``general.file_type`` as llama.cpp labels such a file (its converter: all F32 / F16 / BF16;
+    llama-quantize: Q4_K_M, Q6_K, whose files hold Q8_0 where rows are not whole blocks), from the
+    matrices' types; None where no label fits (llama.cpp then guesses one from the types)."""
+    kinds = {raw.name if raw is not None else np.dtype(np_dtype).name for name, _p, shape, np_dtype, raw in plans
+             if len(shape) >= 2 and not name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"))}
+    T = gguf.LlamaFileType
+    plain = {frozenset({"float32"}): T.ALL_F32, frozenset({"float16"}): T.MOSTLY_F16, frozenset({"BF16"}): T.MOSTLY_BF16}
+    if frozenset(kinds) in plain:
+        return int(plain[frozenset(kinds)])
+    quantized = (meta.get("quantization") or {}).get("quant_type")
+    if quantized == "q4km" and kinds <= {"Q4_K", "Q6_K", "Q8_0"}:
+        return int(T.MOSTLY_Q4_K_M)
+    if quantized == "q6k" and kinds <= {"Q6_K", "Q8_0"}:
+        return int(T.MOSTLY_Q6_K)
+    return None
 
 
 def whole_blocks(info) -> bool:
