@@ -17,6 +17,7 @@ import math
 import torch
 
 from ._format import QUANTIZED, QuantizedTensor, nbytes_for
+from .backend import kernels_for
 
 __all__ = ["dequantize", "fake_quantize", "quantize"]
 
@@ -252,7 +253,8 @@ def _fit_chunk(x: torch.Tensor) -> int:
 # source writes it, ties decided as its loops decide them. So the blocks are byte-identical to
 # llama-quantize's (on x86, where that generic C code has no fused multiply-add;
 # tests/test_quant_recipe.py checks bytes it wrote), on any device: every step is one IEEE float32
-# operation.
+# operation. On a GPU (the Triton backend) kernels/kquant.py runs the same searches in one launch
+# per chunk, bit for bit (tests/test_kquant.py).
 
 def _f32(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
@@ -347,7 +349,11 @@ def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
     if x.shape[0] > _fit_chunk(x):  # bound the search's memory
         return torch.cat([_quant_q4_k(part) for part in x.split(_fit_chunk(x))])
     sub = x.view(-1, 8, 32)
-    scale, mins, search = _fit_q4_sub_blocks(sub)
+    kq = kernels_for("kquant", sub)
+    if kq is not None:  # (on a GPU: the same search in one launch)
+        scale, mins, search = (t.view(*sub.shape[:2], *t.shape[1:]) for t in kq.q4_k_fit(sub.reshape(-1, 32)))
+    else:
+        scale, mins, search = _fit_q4_sub_blocks(sub)
     max_scale, max_min = scale.amax(dim=1), mins.amax(dim=1)
     max_scale = torch.where(max_scale > 0, max_scale, 0.0)  # (llama.cpp's "if (v > max) max = v" from +0:
     max_min = torch.where(max_min > 0, max_min, 0.0)  # a -0.0 min stays out of dmin)
@@ -409,7 +415,11 @@ def _quant_q6_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 210]
     if x.shape[0] > _fit_chunk(x):  # bound the search's memory
         return torch.cat([_quant_q6_k(part) for part in x.split(_fit_chunk(x))])
     sub = x.view(-1, 16, 16)
-    scale, search = _fit_q6_sub_blocks(sub)
+    kq = kernels_for("kquant", sub)
+    if kq is not None:  # (on a GPU: the same search in one launch)
+        scale, search = (t.view(*sub.shape[:2], *t.shape[1:]) for t in kq.q6_k_fit(sub.reshape(-1, 16)))
+    else:
+        scale, search = _fit_q6_sub_blocks(sub)
     # the super-block scale: the sub-block scale of largest magnitude (the first) maps to -128
     top = scale.gather(1, scale.abs().argmax(dim=1, keepdim=True)).squeeze(1)
     empty = top.abs() < _GROUP_MAX_EPS  # (an all-zero block: every byte 0)
