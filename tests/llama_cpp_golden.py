@@ -31,7 +31,6 @@ import argparse
 import functools
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,12 +205,11 @@ def _record_runs(args, tmp: Path) -> dict:
         kind = RUNS[name][2]
         tokens = record["tokens"].setdefault(kind, ran["tokens"])
         assert tokens == ran["tokens"], name
-        # llama.cpp's converter on our Hugging Face export (with the SentencePiece model beside it, as
-        # Hugging Face folders of such models hold one)
+        # llama.cpp's converter on our Hugging Face export (SentencePiece models: with the
+        # tokenizer.model the export writes, which the converter reads)
         hf = tmp / f"{name}.hf"
         export(apr, hf, progress=False)
-        if kind == "mistral":
-            shutil.copy(mistral_model(), hf / "tokenizer.model")
+        assert (hf / "tokenizer.model").exists() == (kind == "mistral")
         converted = tmp / f"{name}.converted.gguf"
         subprocess.run([sys.executable, str(Path(args.llama_src) / "convert_hf_to_gguf.py"), str(hf),
                         "--outfile", str(converted), "--outtype", "f32"], check=True, capture_output=True)

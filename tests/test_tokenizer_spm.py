@@ -198,6 +198,28 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, tok, sp):
     assert again.extra["tokenizer.chat_template"] == meta["tokenizer.chat_template"]
 
 
+def test_export_writes_a_tokenizer_model_sentencepiece_and_slow_tokenizers_load(tmp_path, tok, sp):
+    """The exported folder carries a tokenizer.model, as Llama and Mistral folders do: sentencepiece
+    loads it and encodes as the original model, with the original's pieces, scores and types (what
+    llama.cpp's converter reads of it). A tokenizer the format cannot hold exactly (prefix space before
+    the first piece only) gets none."""
+    from apr_kernels.convert.hf_tokenizer import write_hf_tokenizer
+
+    write_hf_tokenizer(tok, tmp_path)
+    ours = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    n = sp.vocab_size()
+    assert ours.vocab_size() == n
+    assert [(ours.id_to_piece(i), ours.get_score(i), ours.is_control(i), ours.is_byte(i), ours.is_unknown(i))
+            for i in range(n)] == [(sp.id_to_piece(i), sp.get_score(i), sp.is_control(i), sp.is_byte(i),
+                                    sp.is_unknown(i)) for i in range(n)]
+    text = stdlib_text(160, 20_000) + "\n  🙂 zé 中"
+    assert ours.encode(text) == sp.encode(text)
+    first_only = SentencePieceTokenizer.from_metadata({**tok.to_metadata(), "tokenizer.prepend_scheme": "first"})
+    (tmp_path / "first").mkdir()
+    write_hf_tokenizer(first_only, tmp_path / "first")
+    assert not (tmp_path / "first" / "tokenizer.model").exists()
+
+
 def test_metadata_round_trips_through_an_apr_file(tmp_path, tok, sp):
     import torch
 

@@ -203,25 +203,33 @@ class SentencePieceTokenizer:
             starts.append(end)
         return ids, starts
 
+    def model_proto(self) -> bytes | None:
+        """The bytes of a SentencePiece ``tokenizer.model`` that encodes exactly as this tokenizer, or
+        None where that format cannot say what it does (a prefix space only before the first piece,
+        Metaspace splitting, user-defined pieces, no unknown piece, a piece twice)."""
+        exact = (self.add_space_prefix and not self.prepend_first_only and not self.metaspace
+                 and self.unk_id is not None and USER_DEFINED not in self._types
+                 and len(set(self._pieces)) == len(self._pieces))
+        if not exact:
+            return None
+        from apr_kernels.spm_model import write_spm_model
+
+        return write_spm_model(self._pieces, self._scores, self._types, unk_id=self.unk_id,
+                               bos_id=-1 if self.bos_id is None else self.bos_id,
+                               eos_id=-1 if self.eos_id is None else self.eos_id,
+                               pad_id=-1 if self.pad_id is None else self.pad_id,
+                               add_dummy_prefix=True, byte_fallback=len(self._byte_ids) == 256)
+
     def _native(self):
         """A ``sentencepiece`` processor that encodes exactly as this tokenizer, or None."""
         if self._native_proc is None:
             self._native_proc = False
-            exact = (self.add_space_prefix and not self.prepend_first_only and not self.metaspace
-                     and self.unk_id is not None and USER_DEFINED not in self._types
-                     and len(set(self._pieces)) == len(self._pieces))
-            if exact:
+            proto = self.model_proto()
+            if proto is not None:
                 try:
                     import sentencepiece
                 except ImportError:
                     return None
-                from apr_kernels.spm_model import write_spm_model
-
-                proto = write_spm_model(self._pieces, self._scores, self._types, unk_id=self.unk_id,
-                                        bos_id=-1 if self.bos_id is None else self.bos_id,
-                                        eos_id=-1 if self.eos_id is None else self.eos_id,
-                                        pad_id=-1 if self.pad_id is None else self.pad_id,
-                                        add_dummy_prefix=True, byte_fallback=len(self._byte_ids) == 256)
                 proc = sentencepiece.SentencePieceProcessor()
                 try:
                     proc.LoadFromSerializedProto(proto)

@@ -340,7 +340,13 @@ def _tokenizer_config(tok, vocab_list: list[str], special: set[int]) -> dict:
 
 
 def write_hf_tokenizer(tok: Tokenizer, folder: str | Path) -> None:
+    """tokenizer.json and tokenizer_config.json, and for a SentencePiece tokenizer its
+    ``tokenizer.model`` too where that format holds it exactly (as Llama and Mistral folders carry one:
+    slow tokenizers and llama.cpp's converter read it)."""
     folder = Path(folder)
     tj, tcfg = hf_tokenizer_files(tok)
     (folder / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps(tcfg, ensure_ascii=False, indent=2), encoding="utf-8")
+    proto = tok.model_proto() if isinstance(tok, SentencePieceTokenizer) else None
+    if proto is not None:
+        (folder / "tokenizer.model").write_bytes(proto)

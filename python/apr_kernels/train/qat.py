@@ -5,13 +5,13 @@ less than quantising after training does.
 Each training step runs its forwards and backwards on the weights as the quantised file will hold
 them: every tensor that ``--quantize`` quantises, in the format it gets there (``convert.recipe``:
 one format for the uniform kinds, llama.cpp's Q4_K/Q6_K mixture for ``q4km``), is replaced in place
-by ``quant.fake_quantize``, the same quantiser and block layout as the converter's (Q4_K/Q6_K fitted
-as llama-quantize writes them, APR_Q8/APR_Q4 as aprender does), and put back before the
-optimizer step. So the gradient is
-the quantised model's, applied to the full-precision weights (the straight-through estimator,
-as BinaryConnect and torchao's QAT use it): the forward sees exactly the deployed weights, every
-code path (fused q/k/v, grouped experts, the fused loss) reads them unchanged, and the checkpoints
-keep the full-precision weights (``convert --quantize`` then writes what training saw).
+by ``quant.fake_quantize``, the same quantiser and block layout as the converter's (Q4_K/Q6_K as
+llama-quantize writes them, APR_Q8/APR_Q4 as aprender does), and put back before the optimizer step.
+So the gradient is the quantised model's, applied to the full-precision weights (the
+straight-through estimator, as BinaryConnect and torchao's QAT use it): the forward sees exactly the
+deployed weights, every code path (fused q/k/v, grouped experts, the fused loss) reads them
+unchanged, and the checkpoints keep the full-precision weights (``convert --quantize`` then writes
+what training saw).
 
 Under FSDP each rank replaces its own rows: Q4_K and Q6_K (blocks within each row) and APR_Q4 on
 rows of whole 32-value blocks quantise the rows alone; APR_Q8 (one scale per tensor) and APR_Q4 on
