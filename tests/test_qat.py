@@ -201,7 +201,7 @@ def test_eval_quantize_scores_the_file_convert_would_write(init, tmp_path):
                                            "answer": i % 3}) + "\n"
                                for i, t in enumerate(("fire", "ice", "lava", "snow", "tea", "steam"))))
     data = ["--data", HELD, "--max-tokens", "160", "--seq-len", "32"]
-    for kind in ("q4k", "q8"):
+    for kind in ("q4k", "q8", "q4km"):
         assert cli(["convert", str(init), str(tmp_path / f"{kind}.apr"), "--quantize", kind])[0] == 0
         for what in (data, ["--choices", str(choices), "--json"]):
             assert last_line(init, "--quantize", kind, *what) == last_line(tmp_path / f"{kind}.apr", *what), kind
