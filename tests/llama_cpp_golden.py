@@ -6,7 +6,17 @@ checks without llama.cpp (tests/test_quant_recipe.py, tests/test_llama_cpp_runs.
 ``VENV`` holds ``llama-cpp-python`` (the llama.cpp build it bundles runs the files: its
 ``llama_model_quantize`` is ``llama-quantize``) and ``gguf``; ``LLAMA_CPP`` is a llama.cpp source
 tree (``convert_hf_to_gguf.py``; the ``vendor/llama.cpp`` folder of the llama-cpp-python sdist is the
-same version). The versions are recorded. Written to ``DIR`` (default tests/data/llama_cpp):
+same version). The versions are recorded. As made (about 8 minutes of building on 2 cores; a build
+for the baseline x86-64, as release builds are, so no fused multiply-add changes llama.cpp's
+float32 results)::
+
+    pip download --no-deps llama-cpp-python==0.3.36 -d SDIST && tar xzf SDIST/*.tar.gz -C SDIST
+    python -m venv VENV && CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF" \
+        VENV/bin/pip install numpy gguf SDIST/llama_cpp_python-0.3.36.tar.gz
+    # then --llama-python VENV/bin/python --llama-src SDIST/llama_cpp_python-0.3.36/vendor/llama.cpp
+
+Written to ``DIR`` (default tests/data/llama_cpp):
 
 * ``recipes.json``: for each model of ``MODELS`` (``model_file``: seeded weights, exported to an F32
   GGUF), the GGML type llama.cpp's Q4_K_M recipe gave each tensor, and the tensors of its file
