@@ -164,8 +164,9 @@ def q4_k_fit(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     """(scale, min, levels) of each 32-value row of ``sub`` (float32 [N, 32]): quant._fit_q4_sub_blocks."""
     sub = sub.contiguous()
     n = sub.shape[0]
-    one, tenth = torch.tensor(-1.0), torch.tensor(0.1)  # (the steps as llama.cpp forms them, in float32)
-    steps = torch.stack([(one + tenth * k) + 15.0 for k in range(21)]).to(sub.device)
+    from apr_kernels.quant import Q4_K_STEPS
+
+    steps = torch.stack(Q4_K_STEPS).to(sub.device)
     scale, mins = torch.empty(n, device=sub.device), torch.empty(n, device=sub.device)
     levels = torch.empty(n, 32, device=sub.device)
     if n:
@@ -178,9 +179,9 @@ def q6_k_fit(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, levels + 32) of each 16-value row of ``sub`` (float32 [N, 16]): quant._fit_q6_sub_blocks."""
     sub = sub.contiguous()
     n = sub.shape[0]
-    tenth = torch.tensor(0.1)
-    order = (0, *range(-9, 0), *range(1, 10))  # (the grids in llama.cpp's order)
-    numerators = torch.stack([-(torch.tensor(32.0) + tenth * k) for k in order]).to(sub.device)
+    from apr_kernels.quant import Q6_K_NUMERATORS
+
+    numerators = torch.stack(Q6_K_NUMERATORS).to(sub.device)
     scale, levels = torch.empty(n, device=sub.device), torch.empty(n, 16, device=sub.device)
     if n:
         _q6_k_fit_kernel[(triton.cdiv(n, BLOCK),)](sub, numerators, scale, levels, n, EPS=GROUP_MAX_EPS,

@@ -260,6 +260,13 @@ def _f32(v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
 
+# The candidate grids, as llama.cpp forms them in float32 and in the order it tries them (the Triton
+# launchers pass the same tables): Q4_K's 21 level counts (rmin + rdelta * k) + nmax over the range,
+# Q6_K's numerators -(nmax + 0.1 * k) of the inverse scale, k = 0 first, then -9..-1, 1..9.
+Q4_K_STEPS = tuple((_f32(-1.0) + _f32(0.1) * k) + 15.0 for k in range(21))
+Q6_K_NUMERATORS = tuple(-(_f32(32.0) + _f32(0.1) * k) for k in (0, *range(-9, 0), *range(1, 10)))
+
+
 def _div(num, den):
     """``num / den`` as C divides floats, correctly rounded: a scalar operand becomes a full tensor
     (torch computes ``scalar / tensor`` as a reciprocal times the scalar, and on CUDA ``tensor /
@@ -315,8 +322,7 @@ def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     levels = levels_for(iscale, lo)
     best = error(scale, lo, levels)
     offset = lo
-    for k in range(21):
-        step = (_f32(-1.0) + _f32(0.1) * k) + nmax
+    for step in Q4_K_STEPS:
         rng = hi - offset
         iscale = _div(step, torch.where(flat | (rng == 0), one, rng))
         lv = levels_for(iscale, offset)
@@ -392,16 +398,16 @@ def _fit_q6_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = x * x
     wx = w * x
 
-    def grid(k: int):
-        iscale = _div(-(_f32(nmax) + _f32(0.1) * k), safe_peak)
+    def grid(numerator: torch.Tensor):
+        iscale = _div(numerator, safe_peak)
         lv = torch.round(iscale * x).clamp(-nmax, nmax - 1)
         return lv, _fsum(wx * lv), _fsum((w * lv) * lv)
 
-    levels, sumlx, suml2 = grid(0)
+    levels, sumlx, suml2 = grid(Q6_K_NUMERATORS[0])
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1.0), torch.zeros_like(sumlx))
     best = scale * sumlx
-    for k in (*range(-9, 0), *range(1, 10)):
-        lv, sumlx, suml2 = grid(k)
+    for numerator in Q6_K_NUMERATORS[1:]:
+        lv, sumlx, suml2 = grid(numerator)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         scale = torch.where(better, sumlx / torch.where(suml2 > 0, suml2, 1.0), scale)
         best = torch.where(better, scale * sumlx, best)

@@ -45,6 +45,8 @@ from .names import PERMUTED_ARCHS, hf_to_gguf, permute_rows, rope_permuted_heads
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
              "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 _PRE = {"gpt2": "gpt-2", "qwen2": "qwen2", "llama-bpe": "llama-bpe"}  # our pre_type -> tokenizer.ggml.pre
+# matrices llama.cpp's converter always writes in F32 (routers, Qwen2-MoE's shared-expert gate)
+_F32_MATRICES = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 _FLOATS = {"keep": None, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -123,7 +125,7 @@ def _file_type(gguf, plans, meta: dict) -> int | None:
     llama-quantize: Q4_K_M, Q6_K, whose files hold Q8_0 where rows are not whole blocks), from the
     matrices' types; None where no label fits (llama.cpp then guesses one from the types)."""
     kinds = {raw.name if raw is not None else np.dtype(np_dtype).name for name, _p, shape, np_dtype, raw in plans
-             if len(shape) >= 2 and not name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"))}
+             if len(shape) >= 2 and not name.endswith(_F32_MATRICES)}
     T = gguf.LlamaFileType
     plain = {frozenset({"float32"}): T.ALL_F32, frozenset({"float16"}): T.MOSTLY_F16, frozenset({"BF16"}): T.MOSTLY_BF16}
     if frozenset(kinds) in plain:
@@ -224,7 +226,7 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
     if want is None and not adapted and len(info.shape) == 2 and _requantised(info):
         return name, lambda: _q8_0(gguf, ordered(f.get_tensor(stored))), (info.shape[0], info.shape[1] // 32 * 34), \
             np.uint8, gguf.GGMLQuantizationType.Q8_0
-    if len(info.shape) <= 1 or name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
+    if len(info.shape) <= 1 or name.endswith(_F32_MATRICES):
         out = torch.float32  # norms, biases, routers and shared-expert gates: F32, as llama.cpp writes them
     elif want is not None:
         out = want
