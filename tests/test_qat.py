@@ -70,13 +70,62 @@ def test_the_model_holds_the_converted_files_weights_within(kind, hidden, tmp_pa
         assert any(not torch.equal(deployed.get_parameter(n), before[n]) for n in quantised - {"lm_head.weight"})
 
 
-def test_refusals_name_the_reason():
+@pytest.mark.parametrize("kind", ["q4k", "q4", "q8"])
+def test_lora_trains_the_merged_weight_the_converted_file_holds(kind, tmp_path):
+    """With LoRA the converter merges each adapter into its weight and quantises the merged weight:
+    inside the window the model computes that file's logits, the adapters get the merged weight's
+    gradient through the merge (dA = s B^T G, dB = s G A^T, G the file's weight gradient), the base
+    model (adapters off) is the full-precision one, and after it every weight is its own again."""
+    from apr_kernels.model.lora import adapters_disabled, add_lora, lora_modules
+
+    torch.manual_seed(0)
+    model = Transformer(sixteen_config(), fast=False)
+    add_lora(model, 4, 8.0, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    with torch.no_grad():  # (trained adapters: the merge moves the weights)
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.05)
+    save_checkpoint(tmp_path / "m.apr", model=model)
+    assert cli(["convert", str(tmp_path / "m.apr"), str(tmp_path / "q.apr"), "--quantize", kind])[0] == 0
+    deployed = from_apr(tmp_path / "q.apr", fast=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 272, (2, 20))
+    with adapters_disabled(model):
+        base_logits = model(ids).detach()
+    quantizer = qat.FakeQuantizer(model, kind)
+    assert not any(".lora_" in n for n, _, _ in quantizer.params)
+    with quantizer.applied():
+        logits, grads = _logits_and_grads(model, ids)
+        with adapters_disabled(model):  # (LoRA's reference model under --qat)
+            assert torch.equal(model(ids).detach(), base_logits)
+        assert torch.equal(model(ids).detach(), logits)  # (and the quantised weights back after it)
+    ref_logits, ref_grads = _logits_and_grads(deployed, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-5)
+    assert not torch.allclose(logits, base_logits, atol=1e-3)
+    for name, m in lora_modules(model).items():
+        g = ref_grads[f"{name}.weight"]
+        torch.testing.assert_close(grads[f"{name}.lora_A"], m.scale * m.lora_B.detach().T @ g, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(grads[f"{name}.lora_B"], m.scale * g @ m.lora_A.detach().T, rtol=1e-4, atol=1e-7)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+
+
+def test_refusals_name_the_reason(tmp_path, capsys):
+    from apr_kernels.model.lora import add_lora
+
     with pytest.raises(ValueError, match=r"--qat 'int4': expected one of q4k, q6k, q8, q4, q4km"):
         qat.check("int4")
-    with pytest.raises(ValueError, match="with --lora-rank the file stores the merged weights"):
-        qat.check("q4k", lora=True)
-    with pytest.raises(ValueError, match="--qat with --tensor-parallel 2: each rank's columns"):
-        qat.check("q4k", tensor_parallel=2)
+    with pytest.raises(ValueError, match="--qat q4k with --lora-dora: DoRA rescales each row"):
+        qat.check("q4k", dora=True)
+    with pytest.raises(ValueError, match="--qat q4 with --lora-quantized-base: the file stores the adapters merged"):
+        qat.check("q4", quantized_base=True)
+    model = Transformer(sixteen_config(), fast=False)
+    add_lora(model, 2, dora=True)
+    with pytest.raises(ValueError, match="--qat q8 with --lora-dora"):
+        qat.FakeQuantizer(model, "q8")
+    code, _ = cli(["train", "--preset", "tiny", "--tokenizer", "bytes", "--data", HELD, "--lora-rank", "2",
+                   "--lora-dora", "--qat", "q4k", "--out", str(tmp_path / "no")])
+    assert code != 0
+    assert "--qat q4k with --lora-dora: DoRA" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- the CLI
@@ -119,7 +168,11 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     """FSDP with APR_Q8 (one scale per tensor: each weight gathered to quantise it) and APR_Q4 (rows of
     whole blocks: each rank its own rows), DDP with Q4_K, and a Qwen2-MoE model's experts spread over
     the ranks (expert parallelism under FSDP, APR_Q8), and each row's positions split (context
-    parallelism, Q4_K): one process's quantised weights (the first
+    parallelism, Q4_K), and each projection split over the ranks (tensor parallelism: Q4_K, whose
+    row-parallel columns are not whole 256-value blocks, so each weight is joined to quantise it;
+    APR_Q4, o_proj's columns whole 32-value blocks alone and down_proj's 48 joined; APR_Q8 of a
+    Qwen2-MoE model, experts and vocabulary split too), and LoRA (the merged weights quantised: FSDP,
+    APR_Q8; tensor parallelism, APR_Q4): one process's quantised weights (the first
     step's loss and gradient norm, the first evaluation: the same weights quantised alike), then its
     training within a looser tolerance: quantisation is discontinuous, so a weight that the ranks'
     other summation order moves by a rounding error can land on the other side of a level."""
@@ -127,11 +180,16 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     moe = sixteen_init(tmp_path / "moe.apr", seed=4, architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=64, tie_word_embeddings=False)
     runs = {"fsdp_q8": (init, "q8", "fsdp"), "fsdp_q4": (init, "q4", "fsdp"), "ddp_q4k": (init, "q4k", "ddp"),
-            "ep_q8": (moe, "q8", "fsdp"), "cp_q4k": (init, "q4k", "ddp")}
-    ep = {"ep_q8": ["--expert-parallel", "2"], "cp_q4k": ["--context-parallel", "2"]}
+            "ep_q8": (moe, "q8", "fsdp"), "cp_q4k": (init, "q4k", "ddp"), "tp_q4k": (init, "q4k", "ddp"),
+            "tp_q4": (init, "q4", "ddp"), "tp_q8": (moe, "q8", "ddp"), "lora_fsdp_q8": (init, "q8", "fsdp"),
+            "lora_tp_q4": (init, "q4", "ddp")}
+    lora = ["--lora-rank", "4", "--lora-targets", "q_proj,v_proj,o_proj,down_proj"]
+    ep = {"ep_q8": ["--expert-parallel", "2"], "cp_q4k": ["--context-parallel", "2"],
+          **{name: ["--tensor-parallel", "2"] for name in ("tp_q4k", "tp_q4", "tp_q8")},
+          "lora_fsdp_q8": lora, "lora_tp_q4": [*lora, "--tensor-parallel", "2"]}
     launched = {name: (_train(path, tmp_path / name, "--qat", kind, "--parallel", mode, *ep.get(name, [])), 2)
                 for name, (path, kind, mode) in runs.items()}
-    references = {name: _train(path, tmp_path / f"one_{name}", "--qat", kind)
+    references = {name: _train(path, tmp_path / f"one_{name}", "--qat", kind, *(lora if "lora" in name else []))
                   for name, (path, kind, _) in runs.items()}
     one, out = against_one_process(launched, references, tmp_path / "launch")
     for name in runs:
@@ -143,6 +201,25 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
             assert losses(out[name], "eval", key)[0] == pytest.approx(losses(one[name], "eval", key)[0],
                                                                         rel=1e-6), name
         assert got == pytest.approx(ref, rel=2e-3), name
+
+
+def test_a_lora_qat_run_reports_the_converted_files_loss(init, tmp_path):
+    """train --lora-rank --qat: the checkpoint's converter output (adapters merged, then quantised) has
+    the run's eval_loss_quantized; the first step starts from the quantised base (the adapters' B at 0:
+    the full fine-tune's first loss)."""
+    lora = ["--lora-rank", "4", "--lora-alpha", "16"]
+    code, run = cli(_train(init, tmp_path / "run", "--qat", "q4k", *lora))
+    assert code == 0
+    code, full = cli(_train(init, tmp_path / "full", "--qat", "q4k", "--steps", "1"))
+    assert code == 0
+    assert losses(run)[0] == pytest.approx(losses(full)[0], rel=1e-6)
+    final = [r for r in records(run) if r["event"] == "eval"][-1]
+    assert final["eval_loss"] != pytest.approx(final["eval_loss_quantized"], rel=1e-5)
+    assert cli(["convert", str(tmp_path / "run" / "model.apr"), str(tmp_path / "q.apr"), "--quantize", "q4k"])[0] == 0
+    code, out = cli(["eval", "--init", str(tmp_path / "q.apr"), "--data", HELD, "--max-tokens", "160", "--seq-len", "32"])
+    assert code == 0
+    assert float(out.strip().splitlines()[-1].split()[0].removeprefix("eval_loss=")) == pytest.approx(
+        final["eval_loss_quantized"], abs=2e-5)
 
 
 def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
@@ -185,6 +262,30 @@ def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
             assert evals[f"{key}_quantized"] == pytest.approx(ref_evals[key], rel=1e-5, abs=1e-7), (name, key)
         if name == "dpo":  # (and the full-precision ones are the checkpoint's own: other values)
             assert evals["eval_loss"] != pytest.approx(evals["eval_loss_quantized"], rel=1e-7)
+
+
+def test_lora_grpo_reference_is_the_full_precision_base(init, tmp_path):
+    """grpo --beta with LoRA and --qat: the KL penalty's reference is the base model with the adapters
+    off, in full precision (as a full fine-tune's reference model is), while the policy samples and
+    learns on the quantised merged weights. At the first step (B = 0: the merged weights are the
+    base's) the rewards, loss and KL are the full fine-tune's, whose reference is a separate model."""
+    (tmp_path / "rewards.py").write_text(
+        "def letters(prompts, completions, **kw):\n"
+        "    return [sum(c.islower() for c in t) / max(1, len(t)) for t in completions]\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Write:", "Say:", "Go:", "Now:")))
+    argv = ["grpo", "--init", str(init), "--data", str(prompts), "--reward", f"{tmp_path / 'rewards.py'}:letters",
+            "--batch-size", "2", "--num-generations", "3", "--max-new-tokens", "6", "--max-prompt-len", "16",
+            "--beta", "0.5", "--tokenizer", "bytes", "--steps", "1", "--json", "--seed", "5", "--fast", "off",
+            "--qat", "q4"]
+    firsts = {}
+    for name, extra in (("full", []), ("lora", ["--lora-rank", "4"])):
+        code, out = cli([*argv, *extra, "--out", str(tmp_path / name)])
+        assert code == 0, name
+        firsts[name] = next(r for r in records(out) if r["event"] == "train")
+    assert firsts["full"]["kl"] > 1e-6  # (the quantised policy is not its reference)
+    for key in ("reward", "loss", "kl"):
+        assert firsts["lora"][key] == pytest.approx(firsts["full"][key], rel=1e-5, abs=1e-8), key
 
 
 def test_eval_quantize_scores_the_file_convert_would_write(init, tmp_path):

@@ -398,16 +398,19 @@ def whole_model_adapters(model) -> dict[str, tuple[LoRALinear, bool]]:
 @contextlib.contextmanager
 def adapters_disabled(model):
     """The base model for the time of the block: every adapter's scale set to 0 (its term adds exact
-    zeros), restored after: GRPO's reference model under LoRA."""
+    zeros), restored after: GRPO's reference model under LoRA. Inside a ``--qat`` step (``model.qat_window``,
+    train/qat.py) the base is the full-precision one, as a full fine-tune's reference model is."""
     modules = list(lora_modules(model).values())
     scales = [m.scale for m in modules]
-    for m in modules:
-        m.scale = 0.0
-    try:
-        yield model
-    finally:
-        for m, scale in zip(modules, scales):
-            m.scale = scale
+    window = getattr(model, "qat_window", None)
+    with window.full_precision() if window is not None else contextlib.nullcontext():
+        for m in modules:
+            m.scale = 0.0
+        try:
+            yield model
+        finally:
+            for m, scale in zip(modules, scales):
+                m.scale = scale
 
 
 @torch.no_grad()

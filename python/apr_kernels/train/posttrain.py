@@ -121,10 +121,8 @@ class StepLoop(EvalWatch):
         # --qat: each step, from _start_step to the optimizer step, on the quantised weights (qat.py)
         self._quantizer, self._quantised = None, None
         if cfg.qat:
-            from .qat import FakeQuantizer, check
+            from .qat import FakeQuantizer
 
-            tp = parallel.tensor.size if parallel is not None and parallel.tensor is not None else 1
-            check(cfg.qat, lora=bool(getattr(model, "lora", None)), tensor_parallel=tp)
             self._quantizer = FakeQuantizer(model, cfg.qat)
 
     def _balance(self, forwards: int):
@@ -338,6 +336,10 @@ def lora_settings(args) -> dict:
         raise ValueError("--lora-quantized-base needs --lora-rank R (the adapters that train on the quantised base)")
     if not args.lora_rank:
         return {"lora_init": None}
+    if getattr(args, "qat", None):  # (what --qat cannot train, before any weight is read)
+        from .qat import check
+
+        check(args.qat, dora=args.lora_dora, quantized_base=args.lora_quantized_base)
     return {"lora_init": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
                           "seed": args.seed, "rslora": args.lora_rslora, "dora": args.lora_dora},
             "keep_quantized": args.lora_quantized_base}

@@ -15,15 +15,27 @@ what training saw).
 
 Under FSDP each rank replaces its own rows: Q4_K and Q6_K (blocks within each row) and APR_Q4 on
 rows of whole 32-value blocks quantise the rows alone; APR_Q8 (one scale per tensor) and APR_Q4 on
-other widths gather the whole tensor first. Costs: a copy of those weights (to put them back) and
+other widths gather the whole tensor first. Under tensor parallelism likewise per split tensor: a
+rank's rows (column-parallel projections, a vocabulary split) as under FSDP; a rank's columns
+(row-parallel ``o_proj``/``down_proj``) alone where they are whole blocks of the rows (Q4_K/Q6_K:
+a multiple of 256 columns a rank, APR_Q4: of 32), else the group's parts joined, quantised whole
+and this rank's cut back out; the format is the one the whole tensor gets. Costs: a copy of those weights (to put them back) and
 one quantisation of each per optimizer step (shared by the step's micro-batches).
 
 Evaluations report both losses: ``eval_loss`` of the weights as saved and ``eval_loss_quantized``
 of the quantised file. The post-training step loops (``posttrain.StepLoop``) keep the window open
 from ``_start_step`` to ``_finish_step``, so an RL step's sampling runs on the quantised weights too
 (a reference model keeps its own); their evaluations run twice, the quantised one's values logged
-as ``<name>_quantized``. Not combined (refused): LoRA (the deployed weight is the merged one) and
-tensor parallelism (a rank's columns would cut the blocks).
+as ``<name>_quantized``.
+
+With LoRA the converter writes each adapted projection's merged weight ``M = W + scale B A``,
+quantised, so that is the weight to train for: within the window the frozen ``W`` holds
+``q(M) - scale B A`` (``FakeQuantizer``), the projection adds its adapters' term back and multiplies
+by ``q(M)``, and A and B get the merged weight's gradient through the merge (the straight-through
+estimator, as for a full weight). The base model with the adapters off (GRPO/RLOO/online DPO's
+reference under LoRA) is the full-precision one, as a full fine-tune's reference model is.
+Refused: DoRA (the merged rows are rescaled by a norm of the weight itself) and a quantised base
+(QLoRA: the merged weight would need the base in full precision each step).
 """
 
 from __future__ import annotations
@@ -36,26 +48,43 @@ from torch import nn
 from apr_kernels.convert.recipe import FLOAT_DTYPES, Layout, apr_format, check_kind
 
 
-def check(kind: str, *, lora: bool = False, tensor_parallel: int = 1) -> None:
+def check(kind: str, *, dora: bool = False, quantized_base: bool = False) -> None:
     check_kind(kind, "--qat")
-    if lora:
-        raise ValueError(f"--qat {kind} trains the weights the quantised file stores; with --lora-rank the file "
-                         f"stores the merged weights. Expected one of the two")
-    if tensor_parallel != 1:
-        raise ValueError(f"--qat with --tensor-parallel {tensor_parallel}: each rank's columns of a weight would "
-                         f"cut its quantisation blocks; expected --tensor-parallel 1")
+    if dora:
+        raise ValueError(f"--qat {kind} with --lora-dora: DoRA rescales each row of the merged weight by a norm "
+                         f"taken from the weight itself, so the quantised merged weight has no in-place form; "
+                         f"expected plain LoRA (or a full fine-tune)")
+    if quantized_base:
+        raise ValueError(f"--qat {kind} with --lora-quantized-base: the file stores the adapters merged into the "
+                         f"dequantised base and quantised again, which would need the base in full precision "
+                         f"each step; expected a float base (--init of an unquantised file)")
+
+
+def _split_dims(model: nn.Module) -> dict[str, int]:
+    from .tensor_parallel import split_dims
+
+    return split_dims(model)
 
 
 def targets(model: nn.Module, kind: str) -> list[tuple[str, nn.Parameter, str]]:
     """The parameters ``convert --quantize kind`` stores in blocks, each once (a tied head is the
-    embedding), with the APR format it stores each in (``convert.recipe.apr_format``)."""
+    embedding), with the APR format it stores each in (``convert.recipe.apr_format``; split over
+    tensor-parallel ranks, the whole tensor's)."""
     layout = Layout.of_config(model.config)
+    split, tp = _split_dims(model), getattr(model, "tensor_parallel", None)
     out = []
     for name, p in model.named_parameters():  # (each parameter once, by its first name)
-        fmt = apr_format(kind, name, p.shape, layout) if p.is_floating_point() else None
+        if name.rsplit(".", 1)[-1].startswith("lora_"):  # (LoRA adapters: merged into their weight)
+            continue
+        shape = tp.whole_shape(p.shape, split[name]) if name in split else p.shape
+        fmt = apr_format(kind, name, shape, layout) if p.is_floating_point() else None
         if fmt is not None:
             out.append((name, p, fmt))
     return out
+
+
+# the values of one block along a row, for the formats whose blocks stay within rows
+_ROW_BLOCK = {"Q4_K": 256, "Q6_K": 256, "APR_Q4": 32}
 
 
 def _rows_alone(fmt: str, cols: int) -> bool:
@@ -63,19 +92,68 @@ def _rows_alone(fmt: str, cols: int) -> bool:
     return fmt in ("Q4_K", "Q6_K") or (fmt == "APR_Q4" and cols % 32 == 0)
 
 
+def _part_alone(fmt: str, local_shape, dim: int) -> bool:
+    """Whether a tensor-parallel rank's part (split on ``dim``, of ``local_shape``) quantises alone as
+    the whole tensor's blocks there: whole rows, or columns that are whole blocks of each row."""
+    if dim == 0:
+        return _rows_alone(fmt, local_shape[-1])
+    block = _ROW_BLOCK.get(fmt)
+    return block is not None and local_shape[-1] % block == 0
+
+
+def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``t`` (this rank's values of a tensor shaped and placed as ``p``) as a DTensor like ``p`` when
+    ``p`` is one (FSDP), else ``t``."""
+    if not hasattr(p, "full_tensor"):
+        return t
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _adapter_term(m) -> torch.Tensor:
+    """This rank's part of ``scale * B A`` (fp32), the part of the weight it holds: FSDP's rows of B
+    times the whole A; under tensor parallelism the rank's rows of B (column-parallel) or columns of A
+    (row-parallel) times the whole other factor (``lora.ADAPTER_SPLIT``), as the merge computes it."""
+    from .distributed import full_tensor, local_part
+
+    return (local_part(m.lora_B).float() @ full_tensor(m.lora_A).float()) * m.scale
+
+
 class FakeQuantizer:
-    """``applied()``: within, ``model``'s target weights hold their quantised values."""
+    """``applied()``: within, ``model``'s target weights hold their quantised values.
+
+    With LoRA (``model/lora.py``) the converted file stores each adapted projection's merged weight
+    ``M = W + scale B A``, quantised: within, its frozen ``W`` holds ``q(M) - scale B A``, so the
+    projection (which adds ``scale (x A^T) B^T``) multiplies by ``q(M)``, and the gradients of A and B
+    are those of the merged weight (the straight-through estimator through the merge).
+    ``full_precision()``, inside: the full-precision weights for a while (LoRA's reference, the base
+    model with the adapters off: ``lora.adapters_disabled`` takes it)."""
 
     def __init__(self, model: nn.Module, kind: str):
-        self.params = targets(model, kind)
+        from apr_kernels.model.lora import QuantizedLoRALinear, lora_modules
 
-    @staticmethod
-    def quantised(name: str, p: torch.Tensor, fmt: str) -> torch.Tensor:
+        self.model = model
+        self.params = targets(model, kind)
+        self.split, self.tp = _split_dims(model), getattr(model, "tensor_parallel", None)
+        # LoRA: weight name -> its adapted projection (the file stores the merged weight)
+        self.adapted = {f"{n}.weight": m for n, m in lora_modules(model).items()}
+        for name, m in self.adapted.items():
+            if hasattr(m, "lora_magnitude") or isinstance(m, QuantizedLoRALinear):
+                check(kind, dora=hasattr(m, "lora_magnitude"), quantized_base=isinstance(m, QuantizedLoRALinear))
+        self._saved = None
+
+    def quantised(self, name: str, p: torch.Tensor, fmt: str) -> torch.Tensor:
         """This rank's part of ``p`` as the quantised file holds it (in APR format ``fmt``)."""
         from apr_kernels.quant import fake_quantize
 
-        from .distributed import local_part, local_shard
+        from .distributed import full_tensor, local_part, local_shard
 
+        dim = self.split.get(name)
+        if dim is not None and not _part_alone(fmt, p.shape, dim):  # (the group's parts joined: a collective)
+            tp = self.tp
+            part = tp.local(fake_quantize(fmt, tp.gather(full_tensor(p), dim)), dim, name)
+            return local_shard(part, p, name) if hasattr(p, "full_tensor") else part
         if hasattr(p, "full_tensor") and not _rows_alone(fmt, p.shape[-1]):
             return local_shard(fake_quantize(fmt, p.full_tensor()), p, name)
         return fake_quantize(fmt, local_part(p))
@@ -89,14 +167,41 @@ class FakeQuantizer:
             with torch.no_grad():
                 for name, p, fmt in self.params:
                     local = local_part(p)
-                    quantised = self.quantised(name, p, fmt)
+                    adapter = self.adapted.get(name)
+                    if adapter is None:
+                        quantised = self.quantised(name, p, fmt)
+                    else:  # the merged weight's quantised values, less the adapters' term the module adds
+                        term = _adapter_term(adapter)
+                        merged = _placed_like((local.float() + term).to(local.dtype), p)
+                        quantised = self.quantised(name, merged, fmt).float() - term
                     saved.append((local, local.clone()))
                     local.copy_(quantised)
+            self._saved, self.model.qat_window = saved, self
             yield
         finally:
+            self._saved, self.model.qat_window = None, None
             with torch.no_grad():
                 for local, original in saved:
                     local.copy_(original)
+
+    @contextlib.contextmanager
+    def full_precision(self):
+        """Inside ``applied()``: the full-precision weights for the time of the block, the quantised
+        ones back after (each swapped through a copy, one tensor at a time)."""
+        saved = self._saved or []
+
+        def swap():
+            with torch.no_grad():
+                for local, original in saved:
+                    held = local.clone()
+                    local.copy_(original)
+                    original.copy_(held)
+
+        swap()
+        try:
+            yield
+        finally:
+            swap()
 
 
 def quantize_as_converted(model: nn.Module, kind: str, path) -> int:
