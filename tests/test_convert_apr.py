@@ -81,6 +81,33 @@ def test_quantize_writes_the_quantisers_blocks(runs, tmp_path):
             assert torch.equal(a.get_raw(name), b.get_raw(name)), name
 
 
+def test_quantize_device_is_checked_by_name(runs, tmp_path, capsys):
+    """--device: where --quantize runs; a device this machine lacks, or no device at all, is refused by
+    name before anything is written."""
+    src = runs / "full" / "model.apr"
+    assert cli(["convert", str(src), str(tmp_path / "cpu.apr"), "--quantize", "q6k", "--device", "cpu", "-q"])[0] == 0
+    assert cli(["convert", str(src), str(tmp_path / "auto.apr"), "--quantize", "q6k", "-q"])[0] == 0
+    assert (tmp_path / "cpu.apr").read_bytes() == (tmp_path / "auto.apr").read_bytes()
+    capsys.readouterr()
+    wrong = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for name in wrong:
+        assert cli(["convert", str(src), str(tmp_path / "no.apr"), "--quantize", "q4k", "--device", name])[0] != 0
+        assert f"--device {name}" in capsys.readouterr().err, name
+    assert not (tmp_path / "no.apr").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["q4km", "q8", "q4"])
+def test_quantize_on_the_gpu_writes_the_hosts_file(runs, tmp_path, kind):
+    """convert --quantize on a CUDA GPU (the Triton Q4_K/Q6_K searches, torch for APR_Q8/APR_Q4) writes
+    the file the CPU writes, byte for byte."""
+    src = runs / "full" / "model.apr"
+    for device in ("cpu", "cuda"):
+        assert cli(["convert", str(src), str(tmp_path / f"{device}.apr"), "--quantize", kind, "--device", device,
+                    "-q"])[0] == 0
+    assert (tmp_path / "cpu.apr").read_bytes() == (tmp_path / "cuda.apr").read_bytes()
+
+
 def test_a_lora_checkpoint_converts_with_its_adapters_merged(runs, tmp_path):
     src = runs / "lora" / "step_000001.apr"
     source, source_meta = _read(src)

@@ -15,7 +15,8 @@ def _convert(args) -> int:
     from .core import convert
 
     meta = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize,
-                   progress=False if args.quiet else None, adapter=args.adapter, chat_template=args.chat_template)
+                   progress=False if args.quiet else None, adapter=args.adapter, chat_template=args.chat_template,
+                   device=args.device)
     if not args.quiet:
         arch = meta.get("architecture", "?")
         tok = "with tokenizer" if meta.get("tokenizer.vocabulary") else "no tokenizer"
@@ -103,6 +104,9 @@ def register(subparsers) -> None:
                         "q4 (APR_Q4), or q4km: llama.cpp's Q4_K_M mixture (Q4_K; Q6_K for the output head, a "
                         "tied embedding, and attn_v / ffn_down in the layers llama.cpp gives more bits; "
                         "routers kept)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where --quantize runs (default auto: a CUDA GPU when there is one, Q4_K/Q6_K through the "
+                        "Triton searches; the file is byte for byte the same on either)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) merged into "
                         "the weights on the way: W + (lora_alpha / r) B A")

@@ -43,16 +43,37 @@ def warn(msg: str) -> None:
     print(f"apr-kernels: warning: {msg}", file=sys.stderr)
 
 
-def plan_tensor(lt: LazyTensor, dtype: str | None, qdtype: str | None) -> LazyTensor:
+def quantize_device(name: str | None):
+    """The device ``--quantize`` runs on for ``--device name``: "auto" (or None) a CUDA GPU when there is
+    one (Q4_K/Q6_K through the Triton searches, the same blocks as the host's), else the CPU."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False); expected "
+                         f"--device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def plan_tensor(lt: LazyTensor, dtype: str | None, qdtype: str | None, device=None) -> LazyTensor:
     """The tensor to write for source tensor ``lt`` under the --dtype choice and the block format
-    ``qdtype`` that ``recipe.plan`` gives it (None: not quantised)."""
+    ``qdtype`` that ``recipe.plan`` gives it (None: not quantised), quantised on ``device`` (default:
+    where ``lt`` is, the host); one tensor there at a time."""
     if lt.dtype not in FLOAT_DTYPES:
         return lt  # quantised passthrough (Q4_K/Q6_K raw blocks) and integer tensors stay as they are
     if qdtype is not None:
         def quantised():
             from apr_kernels.quant import quantize
 
-            return quantize(qdtype, lt.materialize())
+            value = lt.materialize()
+            return quantize(qdtype, value if device is None else value.to(device))
 
         return LazyTensor(qdtype, lt.shape, quantised)
     if dtype and dtype != lt.dtype:
@@ -75,11 +96,12 @@ def _with_progress(tensors: dict[str, LazyTensor], bar) -> dict[str, LazyTensor]
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep", quantize: str | None = None,
             progress: bool | None = None, adapter: str | os.PathLike | None = None,
-            chat_template: str | os.PathLike | None = None) -> dict:
+            chat_template: str | os.PathLike | None = None, device: str | None = "auto") -> dict:
     """Convert ``src`` (.safetensors file, Hugging Face folder, .gguf, .apr) to the APR file ``dst``;
     ``adapter``: a PEFT LoRA adapter folder merged into the weights on the way (``peft_in``);
     ``chat_template``: a jinja file written as the tokenizer's ``tokenizer.chat_template`` (replacing
-    the source's; checked to render a conversation).
+    the source's; checked to render a conversation); ``device``: where ``quantize`` runs
+    (``quantize_device``: "auto" takes a CUDA GPU when there is one; the file is the same either way).
 
     Returns the metadata written. On any error nothing is left at ``dst`` (``save`` writes a
     temporary file and renames it only when complete).
@@ -89,6 +111,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_CHOICES)}")
     if quantize is not None:
         recipe.check_kind(quantize)
+        device = quantize_device(device)
     if not src_path.exists():
         src_path = cached_snapshot(str(src))
     if dst_path.exists() and dst_path.resolve() == src_path.resolve():
@@ -107,7 +130,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
 
             tensors, merged = merge_adapter(tensors, adapter)
         formats = recipe.plan(quantize, tensors, tied=tied)
-        out = {n: plan_tensor(lt, DTYPE_CHOICES[dtype], formats.get(n)) for n, lt in tensors.items()}
+        out = {n: plan_tensor(lt, DTYPE_CHOICES[dtype], formats.get(n), device if quantize else None)
+               for n, lt in tensors.items()}
         meta = dict(source.metadata)
         if chat_template is not None:
             meta["tokenizer.chat_template"] = checked_chat_template(chat_template, meta)
