@@ -50,10 +50,13 @@ def test_q4km_gives_every_tensor_llama_cpps_choice(name):
     assert {_gguf_name(n) for n in shapes} == set(types)  # (every tensor llama.cpp saw, and no other)
     for n, shape in shapes.items():
         # (under 1024 values every kind keeps a tensor as it is, spec 14: here only the shared
-        # expert's gate [1, hidden], which llama.cpp quantises, as any real model's 2048+ values)
+        # expert's gate [1, hidden], which llama.cpp keeps in F32 too)
         want = AS_APR[types[_gguf_name(n)]] if np.prod(shape) >= 1024 else None
         assert converted.get(n) == want, (name, n, types[_gguf_name(n)])
         assert recipe.apr_format("q4km", n, shape, layout) == want, (name, n)
+        # export --quantize q4km: llama.cpp's own type, its fallbacks for short rows included
+        assert (recipe.ggml_type("q4km", n, shape, layout) or "F32") == types[_gguf_name(n)] or len(shape) < 2, \
+            (name, n)
     assert {"Q4_K", "Q6_K"} <= set(converted.values())  # (a mixture)
 
 
@@ -100,3 +103,38 @@ def test_convert_q4km_then_export_writes_the_file_llama_quantize_writes(name, tm
     assert not differ, sorted(differ)[:8]
     stand_ins = {n: ours[n][0] for n in theirs if theirs[n][0] not in ("Q4_K", "Q6_K", "F32")}
     assert set(stand_ins.values()) <= {"Q6_K"} and bool(stand_ins) == (name == "mixtral_8x")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_export_quantize_q4km_writes_the_file_llama_quantize_writes(name, tmp_path):
+    """``export model.apr model.gguf --quantize q4km`` from the float model: every tensor llama-quantize's
+    Q4_K_M file holds, type, shape and bytes (sha256), its Q5_K, Q8_0 and short-row Q5_0 / Q8_0 included,
+    and the same general.* keys (the file type label)."""
+    import llama_cpp_golden as golden
+    from apr_kernels.convert.gguf_out import export_gguf
+
+    out = export_gguf(golden.model_file(name, tmp_path), tmp_path / "q.gguf", progress=False, quantize="q4km")
+    spec = golden.gguf_spec(out)
+    assert {k: v for k, v in spec["keys"].items() if k.startswith("general.")} == RECIPES[name]["general"]
+    ours, theirs = spec["tensors"], RECIPES[name]["tensors"]
+    assert set(ours) == set(theirs)
+    differ = sorted(n for n in theirs if ours[n] != theirs[n])
+    assert not differ, [(n, ours[n][0], theirs[n][0]) for n in differ[:8]]
+
+
+def test_export_quantize_refuses_what_it_cannot_write(tmp_path, capsys):
+    """A file already in blocks (llama-quantize would requantise; the blocks are kept without
+    --quantize), a Hugging Face folder as the target, and a --dtype beside it: refused by name."""
+    import llama_cpp_golden as golden
+    from rank_runs import cli
+
+    model = golden.model_file("llama_untied_16", tmp_path)
+    assert cli(["convert", str(model), str(tmp_path / "q4k.apr"), "--quantize", "q4k", "-q"])[0] == 0
+    cases = [([str(tmp_path / "q4k.apr"), str(tmp_path / "a.gguf")], "are stored in blocks already (e.g. "),
+             ([str(model), str(tmp_path / "hf")], "export --quantize q4km: quantises a GGUF file"),
+             ([str(model), str(tmp_path / "b.gguf"), "--dtype", "f16"], "export --quantize q4km with --dtype f16")]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli(["export", *argv, "--quantize", "q4km"])[0] != 0, argv
+        assert message in capsys.readouterr().err, argv
+    assert not any(p.name.startswith(("a.gguf", "b.gguf", "hf")) for p in tmp_path.iterdir())

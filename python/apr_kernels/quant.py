@@ -264,6 +264,8 @@ def _f32(v: float) -> torch.Tensor:
 # launchers pass the same tables): Q4_K's 21 level counts (rmin + rdelta * k) + nmax over the range,
 # Q6_K's numerators -(nmax + 0.1 * k) of the inverse scale, k = 0 first, then -9..-1, 1..9.
 Q4_K_STEPS = tuple((_f32(-1.0) + _f32(0.1) * k) + 15.0 for k in range(21))
+# (Q5_K, GGUF export only: make_qkx2_quants(nmax 31, rmin -0.5, rdelta 0.1, nstep 15))
+Q5_K_STEPS = tuple((_f32(-0.5) + _f32(0.1) * k) + 31.0 for k in range(16))
 Q6_K_NUMERATORS = tuple(-(_f32(32.0) + _f32(0.1) * k) for k in (0, *range(-9, 0), *range(1, 10)))
 
 
@@ -292,15 +294,16 @@ def _columns(sub: torch.Tensor) -> torch.Tensor:
     return sub.reshape(-1, sub.shape[-1]).t().contiguous()
 
 
-def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fit_q4_sub_blocks(sub: torch.Tensor, nmax: float = 15.0, steps=Q4_K_STEPS) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
     """``(scale, min, levels)`` per 32-value sub-block of ``sub`` [B, 8, 32], ``x ~ scale * L - min``
     with 4-bit levels L and min >= 0: llama.cpp's make_qkx2_quants(nmax 15, rmin -1, rdelta 0.1,
     nstep 20) with weights ``rms(sub-block) + |x|``. Start from the min/max grid; then, in turn, 21
     grids of 14 + k/10 levels (k = 0..20) over the range from the current offset to the maximum are
     rounded, the weighted least-squares scale and offset for those levels solved, and a grid whose
     weighted error beats the best so far taken, its offset becoming the start of the next grids' range
-    (so the grids depend on each other, as in llama.cpp's loop)."""
-    nmax = 15.0
+    (so the grids depend on each other, as in llama.cpp's loop). Q5_K's search is the same with
+    ``nmax`` 31 and its ``steps`` (``Q5_K_STEPS``)."""
     x = _columns(sub)  # [32, N]
     av = (_fsum(x * x) / 32.0).double().sqrt().float()  # (sqrtf's rounding: torch's float32 sqrt may differ)
     w = av + x.abs()
@@ -322,7 +325,7 @@ def _fit_q4_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     levels = levels_for(iscale, lo)
     best = error(scale, lo, levels)
     offset = lo
-    for step in Q4_K_STEPS:
+    for step in steps:
         rng = hi - offset
         iscale = _div(step, torch.where(flat | (rng == 0), one, rng))
         lv = levels_for(iscale, offset)
@@ -357,9 +360,35 @@ def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
     sub = x.view(-1, 8, 32)
     kq = kernels_for("kquant", sub)
     if kq is not None:  # (on a GPU: the same search in one launch)
-        scale, mins, search = (t.view(*sub.shape[:2], *t.shape[1:]) for t in kq.q4_k_fit(sub.reshape(-1, 32)))
+        fit = tuple(t.view(*sub.shape[:2], *t.shape[1:]) for t in kq.q4_k_fit(sub.reshape(-1, 32)))
     else:
-        scale, mins, search = _fit_q4_sub_blocks(sub)
+        fit = _fit_q4_sub_blocks(sub)
+    d, dmin, s, q = _scales_and_levels(sub, *fit, nmax=15)
+    q = q.view(-1, 4, 2, 32)
+    qs = q[:, :, 0] | (q[:, :, 1] << 4)
+    return torch.cat((_f16_bytes(d), _f16_bytes(dmin), s.to(torch.uint8), qs.view(-1, 128).to(torch.uint8)), dim=1)
+
+
+def ggml_q5_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 176]
+    """GGML ``block_q5_K`` of each 256 values, ``quantize_row_q5_K_ref`` byte for byte (the Q4_K search
+    with 5-bit levels: ``_fit_q4_sub_blocks(nmax 31, Q5_K_STEPS)``). Not an APR format: GGUF export
+    (``export --quantize q4km``) writes it where llama.cpp's Q4_K_M does."""
+    if x.shape[0] > _FIT_BLOCKS:
+        return torch.cat([ggml_q5_k(part) for part in x.split(_FIT_BLOCKS)])
+    sub = x.to(torch.float32).reshape(-1, 8, 32)
+    d, dmin, s, q = _scales_and_levels(sub, *_fit_q4_sub_blocks(sub, 31.0, Q5_K_STEPS), nmax=31)
+    q = q.view(-1, 4, 2, 32)  # [B, chunk of 64, low/high 32, l]
+    ql = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)
+    shifts = 2 * torch.arange(4, device=x.device).view(1, 4, 1)  # (chunk c: bits 2c and 2c + 1 of qh[l])
+    qh = (((q[:, :, 0] >> 4) << shifts) | ((q[:, :, 1] >> 4) << (shifts + 1))).sum(dim=1)
+    return torch.cat((_f16_bytes(d), _f16_bytes(dmin), s.to(torch.uint8), qh.to(torch.uint8),
+                      ql.reshape(-1, 128).to(torch.uint8)), dim=1)
+
+
+def _scales_and_levels(sub, scale, mins, search, *, nmax: int):
+    """Q4_K's and Q5_K's super-block step from the sub-blocks' fits: ``(d, dmin, packed scales [B, 12],
+    levels [B, 8, 32])``, each sub-block's 6-bit scale and min relative to the largest, and the values'
+    levels recomputed from those rounded scales (as ``quantize_row_q4_K_ref`` does)."""
     max_scale, max_min = scale.amax(dim=1), mins.amax(dim=1)
     max_scale = torch.where(max_scale > 0, max_scale, 0.0)  # (llama.cpp's "if (v > max) max = v" from +0:
     max_min = torch.where(max_min > 0, max_min, 0.0)  # a -0.0 min stays out of dmin)
@@ -374,14 +403,12 @@ def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
     eff_min = dmin[:, None] * mn
     q = torch.round((sub + eff_min[..., None]) / torch.where(eff_scale != 0, eff_scale, 1.0)[..., None])
     # (a sub-block whose scale rounds to 0 keeps the search's levels, as llama.cpp's loop skips it)
-    q = torch.where(eff_scale[..., None] != 0, q.clamp(0, 15), search).to(torch.int32)
-    s = torch.empty(x.shape[0], 12, dtype=torch.int32, device=x.device)
+    q = torch.where(eff_scale[..., None] != 0, q.clamp(0, nmax), search).to(torch.int32)
+    s = torch.empty(sub.shape[0], 12, dtype=torch.int32, device=sub.device)
     s[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
     s[:, 4:8] = mn[:, 0:4] | ((mn[:, 4:8] >> 4) << 6)
     s[:, 8:12] = (sc[:, 4:8] & 15) | ((mn[:, 4:8] & 15) << 4)
-    q = q.view(-1, 4, 2, 32)
-    qs = q[:, :, 0] | (q[:, :, 1] << 4)
-    return torch.cat((_f16_bytes(d), _f16_bytes(dmin), s.to(torch.uint8), qs.view(-1, 128).to(torch.uint8)), dim=1)
+    return d, dmin, s, q
 
 
 def _fit_q6_sub_blocks(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,11 @@ def _export(args) -> int:
     elif str(args.dst).endswith(".gguf"):
         from .gguf_out import export_gguf
 
-        out = export_gguf(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None)
+        out = export_gguf(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None,
+                          quantize=args.quantize)
+    elif args.quantize:
+        raise ValueError(f"export --quantize {args.quantize}: quantises a GGUF file (llama-quantize's types); "
+                         f"expected DST.gguf (a Hugging Face folder holds float weights)")
     else:
         from .export import export
 
@@ -122,6 +126,9 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output folder (must not exist, or be empty), or FILE.gguf (must not exist)")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
                    help="float tensors: keep (quantised ones become f32; GGUF keeps Q4_K/Q6_K blocks) or cast")
+    p.add_argument("--quantize", choices=["q4km"], default=None,
+                   help="GGUF only: quantise the float weights as llama-quantize's Q4_K_M does (its type for each "
+                        "tensor, its fallbacks for rows that are not whole 256-value blocks, the same bytes)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard (e.g. 5GB, 500MB, 2GiB); larger models get "
                         "model-0000k-of-0000n.safetensors + model.safetensors.index.json (default 5GB)")

@@ -14,6 +14,11 @@ Written as llama.cpp's ``convert_hf_to_gguf.py`` writes the same model, so its r
   merges, pre-tokenizer name), SentencePiece as ``llama`` (pieces, scores, types); the token list is
   padded to the model's vocabulary with ``[PAD{i}]`` entries, as llama.cpp requires.
 
+``--quantize q4km``: a float model quantised as ``llama-quantize`` writes its Q4_K_M file from the F32
+export, type for type (``recipe.ggml_type``) and byte for byte: Q4_K/Q6_K/Q5_K from ``quant.py``'s
+llama.cpp-exact searches, Q5_0/Q5_1/Q8_0 from the ``gguf`` package's quantisers, tensors it keeps
+float in F32 with ggml's dimensions (a ``[1, n]`` gate as ``[n]``), and ``general.file_type`` Q4_K_M.
+
 Mixture-of-experts models as llama.cpp writes them: ``qwen2moe``, ``qwen3moe``, Mixtral as ``llama``
 with ``expert_count``, ``expert_used_count``, ``expert_feed_forward_length`` (Mixtral:
 ``feed_forward_length``) and Qwen2-MoE's ``expert_shared_feed_forward_length``; each layer's experts
@@ -51,7 +56,10 @@ _FLOATS = {"keep": None, "f32": torch.float32, "f16": torch.float16, "bf16": tor
 
 
 def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep",
-                progress: bool | None = None) -> Path:
+                progress: bool | None = None, quantize: str | None = None) -> Path:
+    """Write the APR model ``src`` as the GGUF file ``dst`` (module docstring). ``quantize="q4km"``:
+    quantise the float weights as ``llama-quantize ... Q4_K_M`` does, into its types (``recipe.ggml_type``:
+    Q4_K, Q5_K, Q6_K, Q8_0 and its fallbacks Q5_0, Q5_1, F16 for short rows), the same bytes."""
     import gguf
 
     import apr_kernels
@@ -60,6 +68,15 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     src, dst = Path(src), Path(dst)
     if dtype not in _FLOATS:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_FLOATS)}")
+    if quantize is not None:
+        from .recipe import MIXTURES
+
+        if quantize not in MIXTURES:
+            raise ValueError(f"export --quantize {quantize!r}: expected one of {', '.join(sorted(MIXTURES))} "
+                             f"(llama-quantize's mixtures; the uniform kinds are convert's)")
+        if dtype != "keep":
+            raise ValueError(f"export --quantize {quantize} with --dtype {dtype}: the quantised file's float tensors "
+                             f"are F32 as llama-quantize writes them; expected one of the two")
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists")
     if not dst.parent.is_dir():
@@ -80,6 +97,8 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         if cfg.tie_word_embeddings:
             names.pop("lm_head.weight", None)
         lora = meta.get("lora")
+        if quantize is not None:
+            _check_float_source(f, src, names, quantize)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
         os.close(fd)  # the writer opens it by name
         tmp = Path(tmp_name)
@@ -90,13 +109,16 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             rope_freqs = _rope_keys(w, gguf, cfg, src)
             _tokenizer_keys(w, gguf, meta, cfg.vocab_size, src)
             # (GGUF name, produce() -> numpy array, its numpy shape and dtype, raw GGML type or None)
+            hf_of = {stored: hf for hf, stored in names.items()}
             stacks = _expert_stacks(names)
             _cut_rows_warning(f, src, names, stacks, _FLOATS[dtype])
-            plans = [_tensor_plan(f, gguf, hf, names[hf], cfg, arch, lora, _FLOATS[dtype]) for hf in sorted(names)]
-            plans += [_stack_plan(f, gguf, name, stored, lora, _FLOATS[dtype]) for name, stored in stacks.items()]
+            types = _GgufTypes(quantize, cfg, hf_of)
+            plans = [_tensor_plan(f, gguf, hf, names[hf], cfg, arch, lora, _FLOATS[dtype], types) for hf in sorted(names)]
+            plans += [_stack_plan(f, gguf, name, stored, lora, _FLOATS[dtype], types) for name, stored in stacks.items()]
             if rope_freqs is not None:
                 plans.append(("rope_freqs.weight", lambda: rope_freqs, rope_freqs.shape, np.float32, None))
-            file_type = _file_type(gguf, plans, meta)
+            file_type = (int(gguf.LlamaFileType.MOSTLY_Q4_K_M) if quantize == "q4km"  # (as llama-quantize labels it)
+                         else _file_type(gguf, plans, meta))
             if file_type is not None:
                 w.add_file_type(file_type)
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -170,6 +192,67 @@ def _q8_0(gguf, t: torch.Tensor) -> np.ndarray:
     return quantize(t.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
 
 
+def _check_float_source(f, src, names: dict, quantize: str) -> None:
+    """``export --quantize`` quantises float weights, as llama-quantize does an F32/F16/BF16 file."""
+    blocks = [s for s in names.values() if f.info(s).dtype not in ("F32", "F16", "BF16", "F64")
+              and len(f.info(s).shape) >= 2]
+    if blocks:
+        raise ValueError(f"{src}: export --quantize {quantize} quantises float weights, but {len(blocks)} tensors are "
+                         f"stored in blocks already (e.g. {blocks[0]}: {f.info(blocks[0]).dtype}); expected a float "
+                         f"file (a training checkpoint, a converted float model), or export this one without "
+                         f"--quantize (its Q4_K/Q6_K blocks are kept)")
+
+
+class _GgufTypes:
+    """``export --quantize``'s type of each matrix (``recipe.ggml_type``, by its Hugging Face name; None:
+    no quantisation asked, the stored formats decide), and its GGML blocks."""
+
+    def __init__(self, kind: str | None, cfg, hf_of: dict):
+        from .recipe import Layout
+
+        self.kind, self.hf_of = kind, hf_of
+        self.layout = Layout.of_config(cfg) if kind else None
+
+    def of(self, stored: str, shape) -> str | None:
+        """GGML type name for the stored 2-D tensor ``stored``, "F32" where llama.cpp keeps it."""
+        from .recipe import ggml_type
+
+        return ggml_type(self.kind, self.hf_of[stored], shape, self.layout) or "F32"
+
+    @staticmethod
+    def blocks(gguf, kind: str, t: torch.Tensor) -> np.ndarray:
+        """``[rows, cols]`` float32 -> its rows' GGML blocks ``[rows, bytes]`` (uint8): Q4_K/Q6_K/Q5_K from
+        this package's llama.cpp-exact quantisers, Q5_0/Q5_1/Q8_0 from the gguf package's."""
+        from apr_kernels.quant import _quantize_raw, ggml_q5_k
+
+        rows = t.shape[0]
+        if kind in ("Q4_K", "Q6_K"):
+            return _quantize_raw(kind, t).view(rows, -1).numpy()
+        if kind == "Q5_K":
+            return ggml_q5_k(t.reshape(-1, 256)).view(rows, -1).numpy()
+        from gguf.quants import quantize
+
+        return quantize(t.contiguous().numpy(), getattr(gguf.GGMLQuantizationType, kind))
+
+    @staticmethod
+    def plan(gguf, name: str, kind: str, shape, produce):
+        """The plan entry of a tensor of logical ``shape`` written as ``kind`` from ``produce()`` (float32
+        values, ``shape``): raw blocks, or float16 / float32 values."""
+        if kind in ("F32", "F16"):
+            np_dtype = np.float32 if kind == "F32" else np.float16
+            shape = tuple(shape)
+            while len(shape) > 1 and shape[0] == 1:  # (llama-quantize writes ggml's dimensions: trailing 1s dropped)
+                shape = shape[1:]
+            return name, lambda: produce().numpy().astype(np_dtype, copy=False).reshape(shape), shape, np_dtype, None
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        byte_shape = (*shape[:-1], shape[-1] // block * size)
+        if len(shape) == 2:
+            return name, lambda: _GgufTypes.blocks(gguf, kind, produce()), byte_shape, np.uint8, qtype
+        return name, lambda: np.stack([_GgufTypes.blocks(gguf, kind, e) for e in produce()]), byte_shape, np.uint8, \
+            qtype
+
+
 def _expert_stacks(names: dict) -> dict[str, list[str]]:
     """Take the expert tensors out of ``names`` (Hugging Face name -> stored name): GGUF name of each
     stacked tensor -> the stored names of its experts, in expert order."""
@@ -182,11 +265,15 @@ def _expert_stacks(names: dict) -> dict[str, list[str]]:
     return {name: [experts[e] for e in sorted(experts)] for name, experts in sorted(found.items())}
 
 
-def _stack_plan(f, gguf, name: str, stored: list[str], lora, want: torch.dtype | None):
+def _stack_plan(f, gguf, name: str, stored: list[str], lora, want: torch.dtype | None, types: _GgufTypes):
     """One layer's experts of one projection as a ``[experts, out, in]`` GGUF tensor: their raw Q4_K/Q6_K
-    blocks one after another when all have them (and no adapter), else floats."""
+    blocks one after another when all have them (and no adapter), else floats; ``export --quantize``:
+    each expert quantised to the layer's type."""
     infos = [f.info(s) for s in stored]
     shape = (len(stored), *infos[0].shape)
+    if types.kind is not None:
+        return types.plan(gguf, name, types.of(stored[0], infos[0].shape), shape,
+                          lambda: torch.stack([merged_tensor(f, s, lora, torch.float32) for s in stored]))
     adapted = bool(lora) and any(f"{s.removesuffix('.weight')}.lora_A" in f for s in stored)
     kinds = {i.dtype for i in infos}
     if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"} and want is None and not adapted and whole_blocks(infos[0]):
@@ -207,7 +294,7 @@ def _stack_plan(f, gguf, name: str, stored: list[str], lora, want: torch.dtype |
             shape, np_dtype, None)
 
 
-def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torch.dtype | None):
+def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torch.dtype | None, types: _GgufTypes):
     info = f.info(stored)
     heads = rope_permuted_heads(hf, cfg.num_heads, cfg.num_kv_heads)
     # rows in HF order (rope_type 2) or llama.cpp order (0); GGUF wants llama.cpp order for llama
@@ -219,6 +306,9 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
     def ordered(t):  # rows in GGUF's order (whole rows move: raw blocks stay exact)
         return permute_rows(t, permute) if permute else unpermute_rows(t, unpermute) if unpermute else t
 
+    if types.kind is not None and len(info.shape) == 2:  # export --quantize: llama-quantize's type, from the floats
+        return types.plan(gguf, name, types.of(stored, info.shape), info.shape,
+                          lambda: ordered(merged_tensor(f, stored, lora, torch.float32)))
     if info.dtype in ("Q4_K", "Q6_K") and want is None and not adapted and len(info.shape) == 2 and whole_blocks(info):
         rows = info.shape[0]
         return name, lambda: ordered(f.get_raw(stored).view(rows, -1)).numpy(), (rows, info.nbytes // rows), \

@@ -16,6 +16,8 @@ mean the same file.
   Q5_K (``attn_output`` of 8-expert models, the other ``attn_v`` of 80-layer GQA models: its 70B rule).
   llama.cpp also falls back from Q4_K to Q5_0 for rows that are not whole 256-value blocks; APR's
   Q4_K pads each row instead (GH-370), and ``export`` to GGUF turns such rows into Q8_0.
+  ``ggml_type`` gives llama.cpp's own type, fallbacks included: ``export --quantize q4km`` writes
+  those (GGUF has them all).
 
 The layer and expert counts come from the model's config (``Layout.of_config``) or, for a file being
 converted, from its tensor names (``Layout.of_tensors``); both give the same plan (tested).
@@ -42,6 +44,7 @@ _O_PROJ = re.compile(r"^model\.layers\.\d+\.self_attn\.o_proj\.weight$")
 # ffn_down of llama.cpp: a dense layer's, each expert's (Mixtral's w2) and the shared expert's
 _DOWN = re.compile(r"^model\.layers\.\d+\.(mlp|block_sparse_moe)\.(.*\.)?(down_proj|w2)\.weight$")
 _ROUTER = re.compile(r"^model\.layers\.\d+\.(mlp|block_sparse_moe)\.gate\.weight$")
+_SHARED_GATE = re.compile(r"^model\.layers\.\d+\.mlp\.shared_expert_gate\.weight$")  # (ffn_gate_inp_shexp)
 _EXPERT = re.compile(r"^model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.")
 
 
@@ -88,21 +91,53 @@ def apr_format(kind: str, name: str, shape, layout: Layout | None = None, dtype:
         return None
     if kind not in MIXTURES:
         return QUANT_CHOICES[kind]
+    target = _q4km_target(name, layout)
+    return None if target is None else _APR_STAND_IN[target]
+
+
+# llama.cpp's type -> the APR format that stands for it: itself, or the next more precise one
+_APR_STAND_IN = {"Q4_K": "Q4_K", "Q6_K": "Q6_K", "Q5_K": "Q6_K", "Q8_0": "Q6_K"}
+# llama.cpp's fallback for rows that are not whole 256-value blocks (llama-quant.cpp's
+# tensor_type_fallback); F16 where the rows are not whole 32-value blocks either
+_GGML_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def _q4km_target(name: str, layout: Layout) -> str | None:
+    """llama.cpp's Q4_K_M choice for tensor ``name`` before its fallback for short rows
+    (``llama_tensor_get_type_impl``): Q4_K, Q5_K, Q6_K or Q8_0; None for a router (kept float)."""
     if _ROUTER.match(name):
         return None
     if name == LM_HEAD or (layout.tied and name == EMBED):
-        return "Q6_K"
+        return "Q6_K"  # (Q8_0 after the fallback where a row is not whole blocks)
     m = _LAYER.match(name)
     layer = int(m.group(1)) if m else -1
     eight_experts = layout.n_expert == 8
     if _V_PROJ.match(name):  # (llama.cpp counts attn_v tensors, one a layer: its index is the layer's)
-        big = layout.n_layer == 80 and layout.gqa  # llama.cpp's LLM_TYPE_70B
-        return "Q6_K" if _use_more_bits(layer, layout.n_layer) or big or eight_experts else "Q4_K"
-    if eight_experts and (_K_PROJ.match(name) or _O_PROJ.match(name)):
-        return "Q6_K"
+        if eight_experts:
+            return "Q8_0"
+        if _use_more_bits(layer, layout.n_layer):
+            return "Q6_K"
+        return "Q5_K" if layout.n_layer == 80 and layout.gqa else "Q4_K"  # (its LLM_TYPE_70B rule)
+    if eight_experts and _K_PROJ.match(name):
+        return "Q8_0"
+    if eight_experts and _O_PROJ.match(name):
+        return "Q5_K"
     if _DOWN.match(name):
         return "Q6_K" if _use_more_bits(layer, layout.n_layer) else "Q4_K"
     return "Q4_K"
+
+
+def ggml_type(kind: str, name: str, shape, layout: Layout) -> str | None:
+    """The GGML type ``llama-quantize`` writes tensor ``name`` (a 2-D matrix of ``shape``, Hugging Face
+    name; an expert's, for its layer's stacked tensor) in for ``kind`` (``q4km``: its Q4_K_M), its
+    fallback for rows that are not whole 256-value blocks included (Q5_0, Q5_1, Q8_0, F16); None for
+    a tensor it keeps in float32 (a router). ``export --quantize`` writes these."""
+    if kind not in MIXTURES:
+        raise ValueError(f"GGUF quantisation {kind!r}: expected one of {', '.join(sorted(MIXTURES))}")
+    target = None if _SHARED_GATE.match(name) else _q4km_target(name, layout)  # (llama.cpp keeps every ffn_gate_inp*)
+    if target is None or shape[-1] % 256 == 0:
+        return target
+    return _GGML_FALLBACK.get(target, target) if shape[-1] % 32 == 0 else "F16"
 
 
 def plan(kind: str | None, tensors: dict, *, tied: bool) -> dict[str, str]:
@@ -116,4 +151,4 @@ def plan(kind: str | None, tensors: dict, *, tied: bool) -> dict[str, str]:
     return {n: f for n, f in out.items() if f is not None}
 
 
-__all__ = ["QUANT_CHOICES", "MIXTURES", "Layout", "apr_format", "plan", "quantisable", "check_kind"]
+__all__ = ["QUANT_CHOICES", "MIXTURES", "Layout", "apr_format", "ggml_type", "plan", "quantisable", "check_kind"]
