@@ -21,6 +21,9 @@ Written to ``DIR`` (default tests/data/llama_cpp):
 * ``recipes.json``: for each model of ``MODELS`` (``model_file``: seeded weights, exported to an F32
   GGUF), the GGML type llama.cpp's Q4_K_M recipe gave each tensor, and the tensors of its file
   (``gguf_spec``);
+* ``mixtures.json``: for the same models, the tensors (type, shape, SHA-256 prefix) of the files
+  llama-quantize writes for its other k-quant mixtures and Q8_0 (``MIXES``; ``--only mixtures``
+  records this file alone);
 * ``blocks.npz``: rows of a weight matrix (F32, corner cases first) and llama.cpp's Q4_K and Q6_K
   blocks of them, for a byte-for-byte check of ``quant.quantize``;
 * ``runs.json``: for each model of ``RUNS`` (``run_model``: seeded weights and a real tokenizer), the
@@ -69,7 +72,10 @@ MODELS = {
                          head_dim=64, intermediate_size=256, vocab_size=512, tie_word_embeddings=False),
 }
 COMMON = dict(max_position_embeddings=512, rope_theta=1e4, rms_norm_eps=1e-6)
-FTYPE = {"Q4_K_M": 15, "Q4_K": 15, "Q6_K": 18}  # LLAMA_FTYPE_MOSTLY_*; Q4_K / Q6_K run with pure=True
+# LLAMA_FTYPE_MOSTLY_* of llama-quantize's mixtures (its recipe per tensor), and of "pure" files (one
+# type for every matrix: the blocks compared with quant.quantize)
+MIXES = {"Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q5_K_S": 16, "Q6_K": 18, "Q8_0": 7}
+PURE = {"Q4_K": 15, "Q6_K": 18}
 BLOCK_TENSOR, BLOCK_ROWS = "blk.3.ffn_down.weight", 16  # of qwen2_tied_24: the rows kept in blocks.npz
 
 # models llama.cpp runs: name -> (preset, overrides, tokenizer); weights from seed 0, scaled (``run_model``)
@@ -250,14 +256,16 @@ def _in_llama_env(python: str, *argv: str) -> dict:
 
 # ------------------------------------------------------------------ run in the llama.cpp environment
 def quantize_with_llama_cpp(src: str, dst: str, kind: str) -> dict:
-    """llama.cpp quantises GGUF ``src`` to ``dst``; returns {version, types: {tensor: GGML type name}}."""
+    """llama.cpp quantises GGUF ``src`` to ``dst`` (``kind``: a mixture of ``MIXES``, or ``pure:TYPE``);
+    returns {version, types: {tensor: GGML type name}}."""
     import ctypes
 
     import gguf
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread, params.ftype, params.pure = 2, FTYPE[kind], kind != "Q4_K_M"
+    pure = kind.startswith("pure:")
+    params.nthread, params.ftype, params.pure = 2, PURE[kind[5:]] if pure else MIXES[kind], pure
     if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
         raise SystemExit(f"llama_model_quantize {src} -> {dst} ({kind}) failed")
     reader = gguf.GGUFReader(dst)
@@ -343,11 +351,40 @@ def _compare_blocks(f32: Path, quantised: Path, kind: str) -> tuple[int, int]:
     return same, total
 
 
+def short_spec(path: Path) -> dict[str, str]:
+    """tensor -> "TYPE SHAPE SHA-256[:16]" of a GGUF file: ``mixtures.json``'s compact record."""
+    return {n: f"{t} {'x'.join(map(str, shape))} {digest[:16]}" for n, (t, shape, digest) in gguf_spec(path)["tensors"].items()}
+
+
+def _record_mixtures(args, out: Path) -> None:
+    """mixtures.json: for each model of ``MODELS`` and each llama-quantize mixture of ``MIXES`` but
+    Q4_K_M (recipes.json's), the tensors of the file it writes from the F32 export (``short_spec``)."""
+    from apr_kernels.convert.gguf_out import export_gguf
+
+    record = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in MODELS:
+            f32 = export_gguf(model_file(name, tmp), tmp / f"{name}.f32.gguf", dtype="f32", progress=False)
+            record[name] = {}
+            for kind in MIXES:
+                if kind == "Q4_K_M":
+                    continue
+                got = _llama(args.llama_python, f32, tmp / f"{name}.{kind}.gguf", kind)
+                record[name][kind] = short_spec(tmp / f"{name}.{kind}.gguf")
+                record["llama_cpp"] = got["version"]
+                print(f"{name} {kind}: " + ", ".join(f"{n} {t}" for t, n in sorted(
+                    __import__("collections").Counter(got["types"].values()).items())))
+    (out / "mixtures.json").write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python and gguf")
     ap.add_argument("--llama-src", required=True, help="a llama.cpp source tree (convert_hf_to_gguf.py)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "data" / "llama_cpp"))
+    ap.add_argument("--only", choices=["mixtures"], default=None,
+                    help="record mixtures.json alone (the other records stay as they are)")
     args = ap.parse_args()
     import gguf
     import numpy as np
@@ -356,6 +393,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _record_mixtures(args, out)
+    if args.only == "mixtures":
+        return
     recipes = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -373,7 +413,7 @@ def main() -> None:
         blocks = {"rows": None}
         for kind in ("Q4_K", "Q6_K"):
             q = tmp / f"pure.{kind}.gguf"
-            _llama(args.llama_python, f32, q, kind)
+            _llama(args.llama_python, f32, q, f"pure:{kind}")
             same, total = _compare_blocks(f32, q, kind)
             print(f"{kind}: {same} of {total} blocks byte-identical to llama.cpp's")
             t = {t.name: t for t in gguf.GGUFReader(q).tensors}[BLOCK_TENSOR]

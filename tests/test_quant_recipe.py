@@ -105,21 +105,46 @@ def test_convert_q4km_then_export_writes_the_file_llama_quantize_writes(name, tm
     assert set(stand_ins.values()) <= {"Q6_K"} and bool(stand_ins) == (name == "mixtral_8x")
 
 
+MIXTURES = json.loads((DATA / "mixtures.json").read_text())
+LLAMA_NAMES = {"q4km": "Q4_K_M", "q4ks": "Q4_K_S", "q5km": "Q5_K_M", "q5ks": "Q5_K_S", "q6k": "Q6_K", "q8_0": "Q8_0"}
+
+
+def _short(tensors: dict) -> dict[str, str]:  # (as llama_cpp_golden.short_spec records them)
+    return {n: f"{t} {'x'.join(map(str, shape))} {digest[:16]}" for n, (t, shape, digest) in tensors.items()}
+
+
+# (every mixture on the tied Qwen2, whose layers each mixture treats differently, and on the 384-wide
+# one, every fallback; on the rest, for time, Q4_K_M and the mixtures their special rules touch:
+# Mixtral's 8-expert attention (Q5_K output for the Q4_K mixtures, Q8_0 v/k for all), the 80-layer
+# GQA model's 70B rule (on Q4_K attn_v))
+KINDS_CHECKED = {"mixtral_8x": ("q4km", "q4ks", "q8_0"), "llama_gqa_80": ("q4km", "q4ks"),
+                 "llama_untied_16": ("q4km",), "qwen2_moe_4x": ("q4km",)}
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_export_quantize_q4km_writes_the_file_llama_quantize_writes(name, tmp_path):
-    """``export model.apr model.gguf --quantize q4km`` from the float model: every tensor llama-quantize's
-    Q4_K_M file holds, type, shape and bytes (sha256), its Q5_K, Q8_0 and short-row Q5_0 / Q8_0 included,
-    and the same general.* keys (the file type label)."""
+def test_export_quantize_writes_the_files_llama_quantize_writes(name, tmp_path):
+    """``export model.apr model.gguf --quantize KIND`` from the float model: for llama-quantize's mixtures
+    (Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0; ``KINDS_CHECKED``) every tensor its file holds, type, shape and
+    bytes (SHA-256), its Q5_K, Q8_0 and short-row Q5_0 / Q5_1 / Q8_0 included; for Q4_K_M also the
+    general.* keys (the file type label) and the types recipe.ggml_type gives."""
     import llama_cpp_golden as golden
     from apr_kernels.convert.gguf_out import export_gguf
 
-    out = export_gguf(golden.model_file(name, tmp_path), tmp_path / "q.gguf", progress=False, quantize="q4km")
-    spec = golden.gguf_spec(out)
-    assert {k: v for k, v in spec["keys"].items() if k.startswith("general.")} == RECIPES[name]["general"]
-    ours, theirs = spec["tensors"], RECIPES[name]["tensors"]
-    assert set(ours) == set(theirs)
-    differ = sorted(n for n in theirs if ours[n] != theirs[n])
-    assert not differ, [(n, ours[n][0], theirs[n][0]) for n in differ[:8]]
+    model = golden.model_file(name, tmp_path)
+    assert set(LLAMA_NAMES) == set(recipe.GGUF_KINDS)
+    for kind, llama in LLAMA_NAMES.items():
+        if kind not in KINDS_CHECKED.get(name, LLAMA_NAMES):
+            continue
+        spec = golden.gguf_spec(export_gguf(model, tmp_path / f"{kind}.gguf", progress=False, quantize=kind))
+        assert spec["keys"]["general.file_type"] == recipe.GGUF_KINDS[kind][1]
+        if kind == "q4km":
+            assert {k: v for k, v in spec["keys"].items() if k.startswith("general.")} == RECIPES[name]["general"]
+            ours, theirs = spec["tensors"], RECIPES[name]["tensors"]
+        else:
+            ours, theirs = _short(spec["tensors"]), MIXTURES[name][llama]
+        assert set(ours) == set(theirs), kind
+        differ = sorted(n for n in theirs if ours[n] != theirs[n])
+        assert not differ, (kind, [(n, ours[n], theirs[n]) for n in differ[:6]])
 
 
 def test_export_quantize_refuses_what_it_cannot_write(tmp_path, capsys):

@@ -9,6 +9,7 @@ import json
 import sys
 
 from .core import DTYPE_CHOICES, QUANT_CHOICES
+from .recipe import GGUF_KINDS
 
 
 def _convert(args) -> int:
@@ -126,9 +127,10 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output folder (must not exist, or be empty), or FILE.gguf (must not exist)")
     p.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="keep",
                    help="float tensors: keep (quantised ones become f32; GGUF keeps Q4_K/Q6_K blocks) or cast")
-    p.add_argument("--quantize", choices=["q4km"], default=None,
-                   help="GGUF only: quantise the float weights as llama-quantize's Q4_K_M does (its type for each "
-                        "tensor, its fallbacks for rows that are not whole 256-value blocks, the same bytes)")
+    p.add_argument("--quantize", choices=list(GGUF_KINDS), default=None,
+                   help="GGUF only: quantise the float weights as llama-quantize's Q4_K_M (q4km), Q4_K_S, Q5_K_M, "
+                        "Q5_K_S, Q6_K or Q8_0 does (its type for each tensor, its fallbacks for rows that are not "
+                        "whole 256-value blocks, the same bytes)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard (e.g. 5GB, 500MB, 2GiB); larger models get "
                         "model-0000k-of-0000n.safetensors + model.safetensors.index.json (default 5GB)")

@@ -14,10 +14,11 @@ Written as llama.cpp's ``convert_hf_to_gguf.py`` writes the same model, so its r
   merges, pre-tokenizer name), SentencePiece as ``llama`` (pieces, scores, types); the token list is
   padded to the model's vocabulary with ``[PAD{i}]`` entries, as llama.cpp requires.
 
-``--quantize q4km``: a float model quantised as ``llama-quantize`` writes its Q4_K_M file from the F32
-export, type for type (``recipe.ggml_type``) and byte for byte: Q4_K/Q6_K/Q5_K from ``quant.py``'s
-llama.cpp-exact searches, Q5_0/Q5_1/Q8_0 from the ``gguf`` package's quantisers, tensors it keeps
-float in F32 with ggml's dimensions (a ``[1, n]`` gate as ``[n]``), and ``general.file_type`` Q4_K_M.
+``--quantize q4km`` (or ``q4ks``, ``q5km``, ``q5ks``, ``q6k``, ``q8_0``): a float model quantised as
+``llama-quantize`` writes its Q4_K_M (Q4_K_S, ...) file from the F32 export, type for type
+(``recipe.ggml_type``) and byte for byte: Q4_K/Q6_K/Q5_K from ``quant.py``'s llama.cpp-exact searches,
+Q5_0/Q5_1/Q8_0 from the ``gguf`` package's quantisers, tensors it keeps float in F32 with ggml's
+dimensions (a ``[1, n]`` gate as ``[n]``), and its ``general.file_type`` label.
 
 Mixture-of-experts models as llama.cpp writes them: ``qwen2moe``, ``qwen3moe``, Mixtral as ``llama``
 with ``expert_count``, ``expert_used_count``, ``expert_feed_forward_length`` (Mixtral:
@@ -46,6 +47,7 @@ import torch
 
 from .export import merged_tensor, model_tensor_names
 from .names import PERMUTED_ARCHS, hf_to_gguf, permute_rows, rope_permuted_heads, unpermute_rows
+from .recipe import GGUF_KINDS
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
              "qwen3_moe": "qwen3moe", "mixtral": "llama"}
@@ -58,8 +60,9 @@ _FLOATS = {"keep": None, "f32": torch.float32, "f16": torch.float16, "bf16": tor
 def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep",
                 progress: bool | None = None, quantize: str | None = None) -> Path:
     """Write the APR model ``src`` as the GGUF file ``dst`` (module docstring). ``quantize="q4km"``:
-    quantise the float weights as ``llama-quantize ... Q4_K_M`` does, into its types (``recipe.ggml_type``:
-    Q4_K, Q5_K, Q6_K, Q8_0 and its fallbacks Q5_0, Q5_1, F16 for short rows), the same bytes."""
+    quantise the float weights as ``llama-quantize ... Q4_K_M`` does (or another of ``recipe.GGUF_KINDS``),
+    into its types (``recipe.ggml_type``: Q4_K, Q5_K, Q6_K, Q8_0 and its fallbacks Q5_0, Q5_1, F16 for
+    short rows), the same bytes."""
     import gguf
 
     import apr_kernels
@@ -69,11 +72,9 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     if dtype not in _FLOATS:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_FLOATS)}")
     if quantize is not None:
-        from .recipe import MIXTURES
-
-        if quantize not in MIXTURES:
-            raise ValueError(f"export --quantize {quantize!r}: expected one of {', '.join(sorted(MIXTURES))} "
-                             f"(llama-quantize's mixtures; the uniform kinds are convert's)")
+        if quantize not in GGUF_KINDS:
+            raise ValueError(f"export --quantize {quantize!r}: expected one of {', '.join(GGUF_KINDS)} "
+                             f"(llama-quantize's Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0)")
         if dtype != "keep":
             raise ValueError(f"export --quantize {quantize} with --dtype {dtype}: the quantised file's float tensors "
                              f"are F32 as llama-quantize writes them; expected one of the two")
@@ -117,7 +118,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             plans += [_stack_plan(f, gguf, name, stored, lora, _FLOATS[dtype], types) for name, stored in stacks.items()]
             if rope_freqs is not None:
                 plans.append(("rope_freqs.weight", lambda: rope_freqs, rope_freqs.shape, np.float32, None))
-            file_type = (int(gguf.LlamaFileType.MOSTLY_Q4_K_M) if quantize == "q4km"  # (as llama-quantize labels it)
+            file_type = (GGUF_KINDS[quantize][1] if quantize is not None  # (as llama-quantize labels its file)
                          else _file_type(gguf, plans, meta))
             if file_type is not None:
                 w.add_file_type(file_type)

@@ -16,8 +16,9 @@ mean the same file.
   Q5_K (``attn_output`` of 8-expert models, the other ``attn_v`` of 80-layer GQA models: its 70B rule).
   llama.cpp also falls back from Q4_K to Q5_0 for rows that are not whole 256-value blocks; APR's
   Q4_K pads each row instead (GH-370), and ``export`` to GGUF turns such rows into Q8_0.
-  ``ggml_type`` gives llama.cpp's own type, fallbacks included: ``export --quantize q4km`` writes
-  those (GGUF has them all).
+  ``ggml_type`` gives llama.cpp's own type, fallbacks included, for Q4_K_M and its other mixtures
+  (``GGUF_KINDS``: Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q8_0): ``export --quantize`` writes those (GGUF has
+  them all).
 
 The layer and expert counts come from the model's config (``Layout.of_config``) or, for a file being
 converted, from its tensor names (``Layout.of_tensors``); both give the same plan (tested).
@@ -91,7 +92,7 @@ def apr_format(kind: str, name: str, shape, layout: Layout | None = None, dtype:
         return None
     if kind not in MIXTURES:
         return QUANT_CHOICES[kind]
-    target = _q4km_target(name, layout)
+    target = _llama_target(kind, name, layout)
     return None if target is None else _APR_STAND_IN[target]
 
 
@@ -100,41 +101,46 @@ _APR_STAND_IN = {"Q4_K": "Q4_K", "Q6_K": "Q6_K", "Q5_K": "Q6_K", "Q8_0": "Q6_K"}
 # llama.cpp's fallback for rows that are not whole 256-value blocks (llama-quant.cpp's
 # tensor_type_fallback); F16 where the rows are not whole 32-value blocks either
 _GGML_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# export --quantize KIND: llama-quantize's mixture -> (its base type, LLAMA_FTYPE_MOSTLY_*)
+GGUF_KINDS = {"q4km": ("Q4_K", 15), "q4ks": ("Q4_K", 14), "q5km": ("Q5_K", 17), "q5ks": ("Q5_K", 16),
+              "q6k": ("Q6_K", 18), "q8_0": ("Q8_0", 7)}
 
 
-def _q4km_target(name: str, layout: Layout) -> str | None:
-    """llama.cpp's Q4_K_M choice for tensor ``name`` before its fallback for short rows
-    (``llama_tensor_get_type_impl``): Q4_K, Q5_K, Q6_K or Q8_0; None for a router (kept float)."""
+def _llama_target(kind: str, name: str, layout: Layout) -> str | None:
+    """llama.cpp's choice for tensor ``name`` under its mixture ``kind`` (``GGUF_KINDS``), before its
+    fallback for short rows (``llama_tensor_get_type_impl``); None for a router (kept float)."""
     if _ROUTER.match(name):
         return None
+    base = GGUF_KINDS[kind][0]
     if name == LM_HEAD or (layout.tied and name == EMBED):
-        return "Q6_K"  # (Q8_0 after the fallback where a row is not whole blocks)
+        return "Q8_0" if base == "Q8_0" else "Q6_K"  # (Q8_0 after the fallback where a row is not whole blocks)
     m = _LAYER.match(name)
     layer = int(m.group(1)) if m else -1
     eight_experts = layout.n_expert == 8
+    more_bits = kind in ("q4km", "q5km") and _use_more_bits(layer, layout.n_layer)
     if _V_PROJ.match(name):  # (llama.cpp counts attn_v tensors, one a layer: its index is the layer's)
-        if eight_experts:
-            return "Q8_0"
-        if _use_more_bits(layer, layout.n_layer):
-            return "Q6_K"
-        return "Q5_K" if layout.n_layer == 80 and layout.gqa else "Q4_K"  # (its LLM_TYPE_70B rule)
+        t = "Q6_K" if more_bits else "Q5_K" if kind == "q4ks" and layer < 4 else base
+        if t == "Q4_K" and layout.n_layer == 80 and layout.gqa:  # (its LLM_TYPE_70B rule)
+            t = "Q5_K"
+        return "Q8_0" if eight_experts else t
     if eight_experts and _K_PROJ.match(name):
         return "Q8_0"
-    if eight_experts and _O_PROJ.match(name):
+    if eight_experts and _O_PROJ.match(name) and kind in ("q4km", "q4ks"):
         return "Q5_K"
     if _DOWN.match(name):
-        return "Q6_K" if _use_more_bits(layer, layout.n_layer) else "Q4_K"
-    return "Q4_K"
+        return "Q6_K" if more_bits else "Q5_K" if kind == "q4ks" and layer < layout.n_layer // 8 else base
+    return base
 
 
 def ggml_type(kind: str, name: str, shape, layout: Layout) -> str | None:
     """The GGML type ``llama-quantize`` writes tensor ``name`` (a 2-D matrix of ``shape``, Hugging Face
-    name; an expert's, for its layer's stacked tensor) in for ``kind`` (``q4km``: its Q4_K_M), its
-    fallback for rows that are not whole 256-value blocks included (Q5_0, Q5_1, Q8_0, F16); None for
-    a tensor it keeps in float32 (a router). ``export --quantize`` writes these."""
-    if kind not in MIXTURES:
-        raise ValueError(f"GGUF quantisation {kind!r}: expected one of {', '.join(sorted(MIXTURES))}")
-    target = None if _SHARED_GATE.match(name) else _q4km_target(name, layout)  # (llama.cpp keeps every ffn_gate_inp*)
+    name; an expert's, for its layer's stacked tensor) in for its mixture ``kind`` (``GGUF_KINDS``:
+    ``q4km`` its Q4_K_M, ...), its fallback for rows that are not whole blocks included (Q5_0, Q5_1,
+    Q8_0, F16); None for a tensor it keeps in float32 (routers, Qwen2-MoE's shared-expert gate).
+    ``export --quantize`` writes these."""
+    if kind not in GGUF_KINDS:
+        raise ValueError(f"GGUF quantisation {kind!r}: expected one of {', '.join(GGUF_KINDS)}")
+    target = None if _SHARED_GATE.match(name) else _llama_target(kind, name, layout)  # (every ffn_gate_inp*)
     if target is None or shape[-1] % 256 == 0:
         return target
     return _GGML_FALLBACK.get(target, target) if shape[-1] % 32 == 0 else "F16"
@@ -151,4 +157,5 @@ def plan(kind: str | None, tensors: dict, *, tied: bool) -> dict[str, str]:
     return {n: f for n, f in out.items() if f is not None}
 
 
-__all__ = ["QUANT_CHOICES", "MIXTURES", "Layout", "apr_format", "ggml_type", "plan", "quantisable", "check_kind"]
+__all__ = ["QUANT_CHOICES", "MIXTURES", "GGUF_KINDS", "Layout", "apr_format", "ggml_type", "plan", "quantisable",
+           "check_kind"]
