@@ -157,9 +157,23 @@ def test_export_quantize_refuses_what_it_cannot_write(tmp_path, capsys):
     assert cli(["convert", str(model), str(tmp_path / "q4k.apr"), "--quantize", "q4k", "-q"])[0] == 0
     cases = [([str(tmp_path / "q4k.apr"), str(tmp_path / "a.gguf")], "are stored in blocks already (e.g. "),
              ([str(model), str(tmp_path / "hf")], "export --quantize q4km: quantises a GGUF file"),
-             ([str(model), str(tmp_path / "b.gguf"), "--dtype", "f16"], "export --quantize q4km with --dtype f16")]
+             ([str(model), str(tmp_path / "b.gguf"), "--dtype", "f16"], "export --quantize q4km with --dtype f16"),
+             ([str(model), str(tmp_path / "b.gguf"), "--device", "tpu"], "--device tpu: expected auto, cpu")]
     for argv, message in cases:
         capsys.readouterr()
         assert cli(["export", *argv, "--quantize", "q4km"])[0] != 0, argv
         assert message in capsys.readouterr().err, argv
     assert not any(p.name.startswith(("a.gguf", "b.gguf", "hf")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.cuda
+def test_export_quantize_on_the_gpu_writes_the_hosts_file(tmp_path):
+    """export --quantize with its k-quant searches on a CUDA GPU (Q4_K/Q6_K: the Triton kernels; Q5_K:
+    torch) writes the file the host writes, byte for byte."""
+    import llama_cpp_golden as golden
+    from apr_kernels.convert.gguf_out import export_gguf
+
+    model = golden.model_file("mixtral_8x", tmp_path)  # (Q4_K, Q5_K, Q6_K and Q8_0 tensors)
+    files = [export_gguf(model, tmp_path / f"{d}.gguf", progress=False, quantize="q4ks", device=d)
+             for d in ("cpu", "cuda")]
+    assert files[0].read_bytes() == files[1].read_bytes()

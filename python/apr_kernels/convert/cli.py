@@ -46,7 +46,7 @@ def _export(args) -> int:
         from .gguf_out import export_gguf
 
         out = export_gguf(args.src, args.dst, dtype=args.dtype, progress=False if args.quiet else None,
-                          quantize=args.quantize)
+                          quantize=args.quantize, device=args.device)
     elif args.quantize:
         raise ValueError(f"export --quantize {args.quantize}: quantises a GGUF file (llama-quantize's types); "
                          f"expected DST.gguf (a Hugging Face folder holds float weights)")
@@ -131,6 +131,9 @@ def register(subparsers) -> None:
                    help="GGUF only: quantise the float weights as llama-quantize's Q4_K_M (q4km), Q4_K_S, Q5_K_M, "
                         "Q5_K_S, Q6_K or Q8_0 does (its type for each tensor, its fallbacks for rows that are not "
                         "whole 256-value blocks, the same bytes)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where --quantize's k-quant searches run (default auto: a CUDA GPU when there is one; the "
+                        "same bytes on either)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard (e.g. 5GB, 500MB, 2GiB); larger models get "
                         "model-0000k-of-0000n.safetensors + model.safetensors.index.json (default 5GB)")

@@ -58,11 +58,11 @@ _FLOATS = {"keep": None, "f32": torch.float32, "f16": torch.float16, "bf16": tor
 
 
 def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep",
-                progress: bool | None = None, quantize: str | None = None) -> Path:
+                progress: bool | None = None, quantize: str | None = None, device: str | None = "auto") -> Path:
     """Write the APR model ``src`` as the GGUF file ``dst`` (module docstring). ``quantize="q4km"``:
     quantise the float weights as ``llama-quantize ... Q4_K_M`` does (or another of ``recipe.GGUF_KINDS``),
     into its types (``recipe.ggml_type``: Q4_K, Q5_K, Q6_K, Q8_0 and its fallbacks Q5_0, Q5_1, F16 for
-    short rows), the same bytes."""
+    short rows), the same bytes; ``device``: where the k-quant searches run (``core.quantize_device``)."""
     import gguf
 
     import apr_kernels
@@ -78,6 +78,9 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         if dtype != "keep":
             raise ValueError(f"export --quantize {quantize} with --dtype {dtype}: the quantised file's float tensors "
                              f"are F32 as llama-quantize writes them; expected one of the two")
+        from .core import quantize_device
+
+        device = quantize_device(device)
     if dst.exists():
         raise FileExistsError(f"{dst}: already exists")
     if not dst.parent.is_dir():
@@ -113,7 +116,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             hf_of = {stored: hf for hf, stored in names.items()}
             stacks = _expert_stacks(names)
             _cut_rows_warning(f, src, names, stacks, _FLOATS[dtype])
-            types = _GgufTypes(quantize, cfg, hf_of)
+            types = _GgufTypes(quantize, cfg, hf_of, device)
             plans = [_tensor_plan(f, gguf, hf, names[hf], cfg, arch, lora, _FLOATS[dtype], types) for hf in sorted(names)]
             plans += [_stack_plan(f, gguf, name, stored, lora, _FLOATS[dtype], types) for name, stored in stacks.items()]
             if rope_freqs is not None:
@@ -208,10 +211,10 @@ class _GgufTypes:
     """``export --quantize``'s type of each matrix (``recipe.ggml_type``, by its Hugging Face name; None:
     no quantisation asked, the stored formats decide), and its GGML blocks."""
 
-    def __init__(self, kind: str | None, cfg, hf_of: dict):
+    def __init__(self, kind: str | None, cfg, hf_of: dict, device=None):
         from .recipe import Layout
 
-        self.kind, self.hf_of = kind, hf_of
+        self.kind, self.hf_of, self.device = kind, hf_of, device
         self.layout = Layout.of_config(cfg) if kind else None
 
     def of(self, stored: str, shape) -> str | None:
@@ -220,23 +223,22 @@ class _GgufTypes:
 
         return ggml_type(self.kind, self.hf_of[stored], shape, self.layout) or "F32"
 
-    @staticmethod
-    def blocks(gguf, kind: str, t: torch.Tensor) -> np.ndarray:
+    def blocks(self, gguf, kind: str, t: torch.Tensor) -> np.ndarray:
         """``[rows, cols]`` float32 -> its rows' GGML blocks ``[rows, bytes]`` (uint8): Q4_K/Q6_K/Q5_K from
-        this package's llama.cpp-exact quantisers, Q5_0/Q5_1/Q8_0 from the gguf package's."""
+        this package's llama.cpp-exact quantisers (on ``device``: a GPU's the same bytes), Q5_0/Q5_1/Q8_0
+        from the gguf package's (numpy, on the host)."""
         from apr_kernels.quant import _quantize_raw, ggml_q5_k
 
         rows = t.shape[0]
-        if kind in ("Q4_K", "Q6_K"):
-            return _quantize_raw(kind, t).view(rows, -1).numpy()
-        if kind == "Q5_K":
-            return ggml_q5_k(t.reshape(-1, 256)).view(rows, -1).numpy()
+        if kind in ("Q4_K", "Q6_K", "Q5_K"):
+            t = t if self.device is None else t.to(self.device)
+            raw = _quantize_raw(kind, t) if kind != "Q5_K" else ggml_q5_k(t.reshape(-1, 256))
+            return raw.view(rows, -1).cpu().numpy()
         from gguf.quants import quantize
 
         return quantize(t.contiguous().numpy(), getattr(gguf.GGMLQuantizationType, kind))
 
-    @staticmethod
-    def plan(gguf, name: str, kind: str, shape, produce):
+    def plan(self, gguf, name: str, kind: str, shape, produce):
         """The plan entry of a tensor of logical ``shape`` written as ``kind`` from ``produce()`` (float32
         values, ``shape``): raw blocks, or float16 / float32 values."""
         if kind in ("F32", "F16"):
@@ -249,9 +251,8 @@ class _GgufTypes:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         byte_shape = (*shape[:-1], shape[-1] // block * size)
         if len(shape) == 2:
-            return name, lambda: _GgufTypes.blocks(gguf, kind, produce()), byte_shape, np.uint8, qtype
-        return name, lambda: np.stack([_GgufTypes.blocks(gguf, kind, e) for e in produce()]), byte_shape, np.uint8, \
-            qtype
+            return name, lambda: self.blocks(gguf, kind, produce()), byte_shape, np.uint8, qtype
+        return name, lambda: np.stack([self.blocks(gguf, kind, e) for e in produce()]), byte_shape, np.uint8, qtype
 
 
 def _expert_stacks(names: dict) -> dict[str, list[str]]:
