@@ -172,7 +172,9 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     row-parallel columns are not whole 256-value blocks, so each weight is joined to quantise it;
     APR_Q4, o_proj's columns whole 32-value blocks alone and down_proj's 48 joined; APR_Q8 of a
     Qwen2-MoE model, experts and vocabulary split too), and LoRA (the merged weights quantised: FSDP,
-    APR_Q8; tensor parallelism, APR_Q4): one process's quantised weights (the first
+    APR_Q8; tensor parallelism, APR_Q4), and GGUF's types (gguf:q4km under FSDP; gguf:q5km split, its
+    Q5_0/Q5_1 rows of 32-value blocks: o_proj's 32 columns a rank alone, down_proj's 48 joined): one
+    process's quantised weights (the first
     step's loss and gradient norm, the first evaluation: the same weights quantised alike), then its
     training within a looser tolerance: quantisation is discontinuous, so a weight that the ranks'
     other summation order moves by a rounding error can land on the other side of a level."""
@@ -180,12 +182,13 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     moe = sixteen_init(tmp_path / "moe.apr", seed=4, architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=64, tie_word_embeddings=False)
     runs = {"fsdp_q8": (init, "q8", "fsdp"), "fsdp_q4": (init, "q4", "fsdp"), "ddp_q4k": (init, "q4k", "ddp"),
+            "fsdp_gguf": (init, "gguf:q4km", "fsdp"), "tp_gguf": (init, "gguf:q5km", "ddp"),
             "ep_q8": (moe, "q8", "fsdp"), "cp_q4k": (init, "q4k", "ddp"), "tp_q4k": (init, "q4k", "ddp"),
             "tp_q4": (init, "q4", "ddp"), "tp_q8": (moe, "q8", "ddp"), "lora_fsdp_q8": (init, "q8", "fsdp"),
             "lora_tp_q4": (init, "q4", "ddp")}
     lora = ["--lora-rank", "4", "--lora-targets", "q_proj,v_proj,o_proj,down_proj"]
     ep = {"ep_q8": ["--expert-parallel", "2"], "cp_q4k": ["--context-parallel", "2"],
-          **{name: ["--tensor-parallel", "2"] for name in ("tp_q4k", "tp_q4", "tp_q8")},
+          **{name: ["--tensor-parallel", "2"] for name in ("tp_q4k", "tp_q4", "tp_q8", "tp_gguf")},
           "lora_fsdp_q8": lora, "lora_tp_q4": [*lora, "--tensor-parallel", "2"]}
     launched = {name: (_train(path, tmp_path / name, "--qat", kind, "--parallel", mode, *ep.get(name, [])), 2)
                 for name, (path, kind, mode) in runs.items()}
@@ -314,6 +317,33 @@ def test_eval_quantize_scores_the_file_convert_would_write(init, tmp_path):
     assert outs[0] == outs[1] and json.loads(outs[0].strip().splitlines()[-1])
     # a file already in blocks: --quantize leaves them (q8 of a Q4_K file is the Q4_K file)
     assert last_line(tmp_path / "q4k.apr", "--quantize", "q8", *data) == last_line(tmp_path / "q4k.apr", *data)
+
+
+def test_gguf_kinds_run_the_weights_of_the_gguf_file(init, tmp_path, capsys):
+    """eval --quantize gguf:q4km and train --qat gguf:q4km use the weights of the GGUF file `export
+    --quantize q4km` writes (llama-quantize's bytes, tests/test_quant_recipe.py): that file, read back
+    (``convert``: its Q5_0 / Q8_0 fallbacks of this 64-wide model dequantised by the ``gguf``
+    package), holds exactly the weights the model holds inside a --qat step, and gives the held-out loss
+    eval --quantize reports. A file already in blocks is refused, as export refuses it."""
+    assert cli(["export", str(init), str(tmp_path / "q.gguf"), "--quantize", "q4km", "-q"])[0] == 0
+    assert cli(["convert", str(tmp_path / "q.gguf"), str(tmp_path / "back.apr"), "-q"])[0] == 0
+    deployed = from_apr(tmp_path / "back.apr", fast=False)
+    model = from_apr(init, fast=False)
+    quantizer = qat.FakeQuantizer(model, "gguf:q4km")
+    assert {fmt for _, _, fmt in quantizer.params} == {"Q5_0", "Q8_0"}  # (rows of 64 and 96 values)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with quantizer.applied():
+        for name, p in model.named_parameters():
+            assert torch.equal(p.detach(), deployed.get_parameter(name).detach()), name
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    data = ["--data", HELD, "--max-tokens", "160", "--seq-len", "32", "--tokenizer", "bytes"]
+    outs = [cli(["eval", "--init", str(path), *data, *extra])[1].strip().splitlines()[-1]
+            for path, extra in ((init, ["--quantize", "gguf:q4km"]), (tmp_path / "back.apr", []))]
+    assert outs[0] == outs[1] and outs[0].startswith("eval_loss=")
+    assert cli(["convert", str(init), str(tmp_path / "q8.apr"), "--quantize", "q8", "-q"])[0] == 0
+    code, _ = cli(["eval", "--init", str(tmp_path / "q8.apr"), *data, "--quantize", "gguf:q4km"])
+    assert code != 0
+    assert "tensors are stored in blocks already" in capsys.readouterr().err
 
 
 @pytest.mark.cuda

@@ -369,22 +369,6 @@ def _quant_q4_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 144]
     return torch.cat((_f16_bytes(d), _f16_bytes(dmin), s.to(torch.uint8), qs.view(-1, 128).to(torch.uint8)), dim=1)
 
 
-def ggml_q5_k(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 176]
-    """GGML ``block_q5_K`` of each 256 values, ``quantize_row_q5_K_ref`` byte for byte (the Q4_K search
-    with 5-bit levels: ``_fit_q4_sub_blocks(nmax 31, Q5_K_STEPS)``). Not an APR format: GGUF export
-    (``export --quantize q4km``) writes it where llama.cpp's Q4_K_M does."""
-    if x.shape[0] > _FIT_BLOCKS:
-        return torch.cat([ggml_q5_k(part) for part in x.split(_FIT_BLOCKS)])
-    sub = x.to(torch.float32).reshape(-1, 8, 32)
-    d, dmin, s, q = _scales_and_levels(sub, *_fit_q4_sub_blocks(sub, 31.0, Q5_K_STEPS), nmax=31)
-    q = q.view(-1, 4, 2, 32)  # [B, chunk of 64, low/high 32, l]
-    ql = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)
-    shifts = 2 * torch.arange(4, device=x.device).view(1, 4, 1)  # (chunk c: bits 2c and 2c + 1 of qh[l])
-    qh = (((q[:, :, 0] >> 4) << shifts) | ((q[:, :, 1] >> 4) << (shifts + 1))).sum(dim=1)
-    return torch.cat((_f16_bytes(d), _f16_bytes(dmin), s.to(torch.uint8), qh.to(torch.uint8),
-                      ql.reshape(-1, 128).to(torch.uint8)), dim=1)
-
-
 def _scales_and_levels(sub, scale, mins, search, *, nmax: int):
     """Q4_K's and Q5_K's super-block step from the sub-blocks' fits: ``(d, dmin, packed scales [B, 12],
     levels [B, 8, 32])``, each sub-block's 6-bit scale and min relative to the largest, and the values'

@@ -223,20 +223,12 @@ class _GgufTypes:
 
         return ggml_type(self.kind, self.hf_of[stored], shape, self.layout) or "F32"
 
-    def blocks(self, gguf, kind: str, t: torch.Tensor) -> np.ndarray:
-        """``[rows, cols]`` float32 -> its rows' GGML blocks ``[rows, bytes]`` (uint8): Q4_K/Q6_K/Q5_K from
-        this package's llama.cpp-exact quantisers (on ``device``: a GPU's the same bytes), Q5_0/Q5_1/Q8_0
-        from the gguf package's (numpy, on the host)."""
-        from apr_kernels.quant import _quantize_raw, ggml_q5_k
+    def blocks(self, kind: str, t: torch.Tensor) -> np.ndarray:
+        """``[rows, cols]`` float32 -> its rows' GGML blocks ``[rows, bytes]`` (``ggml_quant.blocks``; the
+        k-quant searches on ``device``: a GPU's are the same bytes)."""
+        from apr_kernels import ggml_quant
 
-        rows = t.shape[0]
-        if kind in ("Q4_K", "Q6_K", "Q5_K"):
-            t = t if self.device is None else t.to(self.device)
-            raw = _quantize_raw(kind, t) if kind != "Q5_K" else ggml_q5_k(t.reshape(-1, 256))
-            return raw.view(rows, -1).cpu().numpy()
-        from gguf.quants import quantize
-
-        return quantize(t.contiguous().numpy(), getattr(gguf.GGMLQuantizationType, kind))
+        return ggml_quant.blocks(kind, t if self.device is None else t.to(self.device))
 
     def plan(self, gguf, name: str, kind: str, shape, produce):
         """The plan entry of a tensor of logical ``shape`` written as ``kind`` from ``produce()`` (float32
@@ -251,8 +243,8 @@ class _GgufTypes:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         byte_shape = (*shape[:-1], shape[-1] // block * size)
         if len(shape) == 2:
-            return name, lambda: self.blocks(gguf, kind, produce()), byte_shape, np.uint8, qtype
-        return name, lambda: np.stack([self.blocks(gguf, kind, e) for e in produce()]), byte_shape, np.uint8, qtype
+            return name, lambda: self.blocks(kind, produce()), byte_shape, np.uint8, qtype
+        return name, lambda: np.stack([self.blocks(kind, e) for e in produce()]), byte_shape, np.uint8, qtype
 
 
 def _expert_stacks(names: dict) -> dict[str, list[str]]:

@@ -49,9 +49,11 @@ _SHARED_GATE = re.compile(r"^model\.layers\.\d+\.mlp\.shared_expert_gate\.weight
 _EXPERT = re.compile(r"^model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.")
 
 
-def check_kind(kind: str, flag: str = "--quantize") -> None:
-    if kind not in QUANT_CHOICES:
-        raise ValueError(f"{flag} {kind!r}: expected one of {', '.join(QUANT_CHOICES)}")
+def check_kind(kind: str, flag: str = "--quantize", *, gguf: bool = False) -> None:
+    """``kind`` is an APR kind of ``QUANT_CHOICES`` (or, where ``gguf`` allows, of ``RUN_CHOICES``)."""
+    choices = RUN_CHOICES if gguf else QUANT_CHOICES
+    if kind not in choices:
+        raise ValueError(f"{flag} {kind!r}: expected one of {', '.join(choices)}")
 
 
 def quantisable(shape, dtype: str = "F32") -> bool:
@@ -146,6 +148,24 @@ def ggml_type(kind: str, name: str, shape, layout: Layout) -> str | None:
     return _GGML_FALLBACK.get(target, target) if shape[-1] % 32 == 0 else "F16"
 
 
+# eval/generate/chat --quantize and train --qat: the APR kinds (the file `convert --quantize KIND`
+# writes) and "gguf:KIND" (the GGUF file `export --quantize KIND` writes for llama.cpp)
+GGUF_PREFIX = "gguf:"
+RUN_CHOICES = (*QUANT_CHOICES, *(GGUF_PREFIX + k for k in GGUF_KINDS))
+
+
+def run_format(kind: str, name: str, shape, layout: Layout, dtype: str = "F32") -> str | None:
+    """The format ``eval --quantize kind`` / ``train --qat kind`` gives tensor ``name``: its APR format
+    (``apr_format``), or for ``gguf:KIND`` the GGML type ``export --quantize KIND`` writes (every
+    float matrix but the routers and shared-expert gates, whatever its size, as llama.cpp quantises);
+    None where the tensor stays as it is."""
+    if not kind.startswith(GGUF_PREFIX):
+        return apr_format(kind, name, shape, layout, dtype)
+    if dtype not in FLOAT_DTYPES or len(shape) != 2:
+        return None
+    return ggml_type(kind[len(GGUF_PREFIX):], name, shape, layout)
+
+
 def plan(kind: str | None, tensors: dict, *, tied: bool) -> dict[str, str]:
     """``{name: APR format}`` of the tensors ``--quantize kind`` stores in blocks; ``tensors`` maps
     names to objects with ``.dtype`` (APR dtype name) and ``.shape`` (``LazyTensor``s)."""
@@ -157,5 +177,5 @@ def plan(kind: str | None, tensors: dict, *, tied: bool) -> dict[str, str]:
     return {n: f for n, f in out.items() if f is not None}
 
 
-__all__ = ["QUANT_CHOICES", "MIXTURES", "GGUF_KINDS", "Layout", "apr_format", "ggml_type", "plan", "quantisable",
-           "check_kind"]
+__all__ = ["QUANT_CHOICES", "MIXTURES", "GGUF_KINDS", "RUN_CHOICES", "Layout", "apr_format", "ggml_type", "run_format",
+           "plan", "quantisable", "check_kind"]

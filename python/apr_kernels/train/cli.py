@@ -833,7 +833,7 @@ def register(subparsers) -> None:
     o.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer's forward (fuses the glue around the kernels; "
                         "the first steps pay the compile)")
-    from apr_kernels.convert.core import QUANT_CHOICES
+    from apr_kernels.convert.recipe import RUN_CHOICES
 
     from .float8 import RECIPES
 
@@ -842,9 +842,11 @@ def register(subparsers) -> None:
                    help="the decoder layers' projections multiply in float8 (torchao; CUDA compute capability "
                         ">= 8.9, with --compile): tensorwise (fastest), rowwise or rowwise_with_gw_hp scales; "
                         "weights and checkpoints stay in their dtype. Emulated off CUDA")
-    o.add_argument("--qat", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
-                   help="quantisation-aware training for `convert --quantize KIND` (q4k, q6k, q8, q4, q4km): each step's "
-                        "forward and backward see the weights as the quantised file will store them")
+    o.add_argument("--qat", choices=RUN_CHOICES, default=None, metavar="KIND",
+                   help="quantisation-aware training for `convert --quantize KIND` (q4k, q6k, q8, q4, q4km) or, as "
+                        "gguf:KIND (gguf:q4km, gguf:q4ks, gguf:q5km, gguf:q5ks, gguf:q6k, gguf:q8_0), for the GGUF file "
+                        "`export --quantize KIND` writes: each step's forward and backward see the weights as the "
+                        "quantised file will store them")
     o.add_argument("--activation-offload", action="store_true",
                    help="keep the tensors saved for the backward in pinned host memory (less GPU memory, more "
                         "PCIe traffic; torchtune's activation offloading)")

@@ -40,11 +40,12 @@ def inference_model(path, dev: torch.device, quantize: str | None = None):
 
 
 def add_quantize_option(p) -> None:
-    from apr_kernels.convert.core import QUANT_CHOICES
+    from apr_kernels.convert.recipe import RUN_CHOICES
 
-    p.add_argument("--quantize", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
-                   help="run the model as `convert --quantize KIND` (q4k, q6k, q8, q4, q4km) would store it, without "
-                        "writing the file")
+    p.add_argument("--quantize", choices=RUN_CHOICES, default=None, metavar="KIND",
+                   help="run the model as `convert --quantize KIND` (q4k, q6k, q8, q4, q4km) would store it, or as "
+                        "`export --quantize KIND` writes it for llama.cpp (gguf:q4km, gguf:q4ks, gguf:q5km, gguf:q5ks, "
+                        "gguf:q6k, gguf:q8_0), without writing the file")
 
 
 def cmd_generate(args) -> int:

@@ -626,9 +626,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
 
     add_freeze_option(p)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    from apr_kernels.convert.core import QUANT_CHOICES
+    from apr_kernels.convert.recipe import RUN_CHOICES
 
-    p.add_argument("--qat", choices=tuple(QUANT_CHOICES), default=None, metavar="KIND",
+    p.add_argument("--qat", choices=RUN_CHOICES, default=None, metavar="KIND",
                    help="quantisation-aware training for `convert --quantize KIND` (as train's): each step, its "
                         "sampling included, on the weights as the quantised file will store them")
     p.add_argument("--eval-every", type=int, default=0)

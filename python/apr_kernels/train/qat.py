@@ -45,11 +45,12 @@ import contextlib
 import torch
 from torch import nn
 
-from apr_kernels.convert.recipe import FLOAT_DTYPES, Layout, apr_format, check_kind
+from apr_kernels.convert.recipe import FLOAT_DTYPES, GGUF_PREFIX, Layout, check_kind, run_format
+from apr_kernels.ggml_quant import ROW_BLOCK as GGML_ROW_BLOCK
 
 
 def check(kind: str, *, dora: bool = False, quantized_base: bool = False) -> None:
-    check_kind(kind, "--qat")
+    check_kind(kind, "--qat", gguf=True)
     if dora:
         raise ValueError(f"--qat {kind} with --lora-dora: DoRA rescales each row of the merged weight by a norm "
                          f"taken from the weight itself, so the quantised merged weight has no in-place form; "
@@ -69,7 +70,8 @@ def _split_dims(model: nn.Module) -> dict[str, int]:
 def targets(model: nn.Module, kind: str) -> list[tuple[str, nn.Parameter, str]]:
     """The parameters ``convert --quantize kind`` stores in blocks, each once (a tied head is the
     embedding), with the APR format it stores each in (``convert.recipe.apr_format``; split over
-    tensor-parallel ranks, the whole tensor's)."""
+    tensor-parallel ranks, the whole tensor's); for ``gguf:KIND`` those ``export --quantize KIND``
+    quantises, with their GGML types (``recipe.run_format``)."""
     layout = Layout.of_config(model.config)
     split, tp = _split_dims(model), getattr(model, "tensor_parallel", None)
     out = []
@@ -77,19 +79,20 @@ def targets(model: nn.Module, kind: str) -> list[tuple[str, nn.Parameter, str]]:
         if name.rsplit(".", 1)[-1].startswith("lora_"):  # (LoRA adapters: merged into their weight)
             continue
         shape = tp.whole_shape(p.shape, split[name]) if name in split else p.shape
-        fmt = apr_format(kind, name, shape, layout) if p.is_floating_point() else None
+        fmt = run_format(kind, name, shape, layout) if p.is_floating_point() else None
         if fmt is not None:
             out.append((name, p, fmt))
     return out
 
 
-# the values of one block along a row, for the formats whose blocks stay within rows
-_ROW_BLOCK = {"Q4_K": 256, "Q6_K": 256, "APR_Q4": 32}
+# the values of one block along a row, for the formats whose blocks stay within rows (GGML's: rows of
+# whole blocks, as recipe.ggml_type picks them)
+_ROW_BLOCK = {"APR_Q4": 32, **GGML_ROW_BLOCK}
 
 
 def _rows_alone(fmt: str, cols: int) -> bool:
     """Whether ``fmt`` quantises each row of ``cols`` values on its own (FSDP's row shards need no gather)."""
-    return fmt in ("Q4_K", "Q6_K") or (fmt == "APR_Q4" and cols % 32 == 0)
+    return fmt in _ROW_BLOCK and (fmt != "APR_Q4" or cols % 32 == 0)
 
 
 def _part_alone(fmt: str, local_shape, dim: int) -> bool:
@@ -144,8 +147,8 @@ class FakeQuantizer:
         self._saved = None
 
     def quantised(self, name: str, p: torch.Tensor, fmt: str) -> torch.Tensor:
-        """This rank's part of ``p`` as the quantised file holds it (in APR format ``fmt``)."""
-        from apr_kernels.quant import fake_quantize
+        """This rank's part of ``p`` as the quantised file holds it (in APR format or GGML type ``fmt``)."""
+        from apr_kernels.ggml_quant import fake_quantize
 
         from .distributed import full_tensor, local_part, local_shard
 
@@ -207,15 +210,21 @@ class FakeQuantizer:
 def quantize_as_converted(model: nn.Module, kind: str, path) -> int:
     """Make ``model`` (loaded from the APR file ``path``) hold, for good, the weights ``convert path
     out.apr --quantize KIND`` would write: its targets quantised and dequantised, except the tensors the
-    file already stores in blocks (the converter passes those through). ``eval --quantize``. Returns
-    how many tensors changed."""
+    file already stores in blocks (the converter passes those through); for ``gguf:KIND`` the weights
+    of the GGUF file ``export path out.gguf --quantize KIND`` writes (a file in blocks is refused, as
+    there). ``eval --quantize``. Returns how many tensors changed."""
     import apr_kernels
     from apr_kernels.convert.export import model_tensor_names
-    from apr_kernels.quant import fake_quantize
+    from apr_kernels.ggml_quant import fake_quantize
 
     check(kind)
     with apr_kernels.open(path) as f:
         stored = {hf: f.info(s).dtype for hf, s in model_tensor_names(f, path).items()}
+    blocks = [n for n, dtype in stored.items() if dtype not in FLOAT_DTYPES and n.endswith(".weight")]
+    if kind.startswith(GGUF_PREFIX) and blocks:
+        raise ValueError(f"{path}: --quantize {kind} runs the weights `export --quantize {kind[len(GGUF_PREFIX):]}` "
+                         f"quantises from float ones, but {len(blocks)} tensors are stored in blocks already (e.g. "
+                         f"{blocks[0]}: {stored[blocks[0]]}); expected a float file")
     n = 0
     with torch.no_grad():
         for name, p, fmt in targets(model, kind):
