@@ -116,8 +116,8 @@ def _short(tensors: dict) -> dict[str, str]:  # (as llama_cpp_golden.short_spec 
 # (every mixture on the tied Qwen2, whose layers each mixture treats differently, and on the 384-wide
 # one, every fallback; on the rest, for time, Q4_K_M and the mixtures their special rules touch:
 # Mixtral's 8-expert attention (Q5_K output for the Q4_K mixtures, Q8_0 v/k for all), the 80-layer
-# GQA model's 70B rule (on Q4_K attn_v))
-KINDS_CHECKED = {"mixtral_8x": ("q4km", "q4ks", "q8_0"), "llama_gqa_80": ("q4km", "q4ks"),
+# GQA model's 70B rule (Q5_K for Q4_K's attn_v))
+KINDS_CHECKED = {"mixtral_8x": ("q4km", "q4ks", "q8_0"), "llama_gqa_80": ("q4km",),
                  "llama_untied_16": ("q4km",), "qwen2_moe_4x": ("q4km",)}
 
 

@@ -47,7 +47,7 @@ import torch
 
 from .export import merged_tensor, model_tensor_names
 from .names import PERMUTED_ARCHS, hf_to_gguf, permute_rows, rope_permuted_heads, unpermute_rows
-from .recipe import GGUF_KINDS
+from .recipe import FLOAT_DTYPES, GGUF_KINDS, Layout, ggml_type
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
              "qwen3_moe": "qwen3moe", "mixtral": "llama"}
@@ -198,8 +198,7 @@ def _q8_0(gguf, t: torch.Tensor) -> np.ndarray:
 
 def _check_float_source(f, src, names: dict, quantize: str) -> None:
     """``export --quantize`` quantises float weights, as llama-quantize does an F32/F16/BF16 file."""
-    blocks = [s for s in names.values() if f.info(s).dtype not in ("F32", "F16", "BF16", "F64")
-              and len(f.info(s).shape) >= 2]
+    blocks = [s for s in names.values() if f.info(s).dtype not in FLOAT_DTYPES and len(f.info(s).shape) >= 2]
     if blocks:
         raise ValueError(f"{src}: export --quantize {quantize} quantises float weights, but {len(blocks)} tensors are "
                          f"stored in blocks already (e.g. {blocks[0]}: {f.info(blocks[0]).dtype}); expected a float "
@@ -212,15 +211,11 @@ class _GgufTypes:
     no quantisation asked, the stored formats decide), and its GGML blocks."""
 
     def __init__(self, kind: str | None, cfg, hf_of: dict, device=None):
-        from .recipe import Layout
-
         self.kind, self.hf_of, self.device = kind, hf_of, device
         self.layout = Layout.of_config(cfg) if kind else None
 
     def of(self, stored: str, shape) -> str | None:
         """GGML type name for the stored 2-D tensor ``stored``, "F32" where llama.cpp keeps it."""
-        from .recipe import ggml_type
-
         return ggml_type(self.kind, self.hf_of[stored], shape, self.layout) or "F32"
 
     def blocks(self, kind: str, t: torch.Tensor) -> np.ndarray:
@@ -228,7 +223,8 @@ class _GgufTypes:
         k-quant searches on ``device``: a GPU's are the same bytes)."""
         from apr_kernels import ggml_quant
 
-        return ggml_quant.blocks(kind, t if self.device is None else t.to(self.device))
+        on_device = self.device is not None and ggml_quant.ROW_BLOCK.get(kind) == 256
+        return ggml_quant.blocks(kind, t.to(self.device) if on_device else t)
 
     def plan(self, gguf, name: str, kind: str, shape, produce):
         """The plan entry of a tensor of logical ``shape`` written as ``kind`` from ``produce()`` (float32

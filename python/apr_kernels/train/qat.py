@@ -1,6 +1,7 @@
-"""Quantisation-aware training (``train --qat q4k|q6k|q8|q4|q4km``): train the weights that
-``apr-kernels convert model.apr out.apr --quantize KIND`` will store, so the quantised file loses
-less than quantising after training does.
+"""Quantisation-aware training (``train --qat q4k|q6k|q8|q4|q4km|gguf:KIND``): train the weights that
+``apr-kernels convert model.apr out.apr --quantize KIND`` will store (``gguf:KIND``: that ``export
+model.apr out.gguf --quantize KIND`` writes for llama.cpp, in its GGML types, ``ggml_quant.py``), so
+the quantised file loses less than quantising after training does.
 
 Each training step runs its forwards and backwards on the weights as the quantised file will hold
 them: every tensor that ``--quantize`` quantises, in the format it gets there (``convert.recipe``:
@@ -19,8 +20,9 @@ other widths gather the whole tensor first. Under tensor parallelism likewise pe
 rank's rows (column-parallel projections, a vocabulary split) as under FSDP; a rank's columns
 (row-parallel ``o_proj``/``down_proj``) alone where they are whole blocks of the rows (Q4_K/Q6_K:
 a multiple of 256 columns a rank, APR_Q4: of 32), else the group's parts joined, quantised whole
-and this rank's cut back out; the format is the one the whole tensor gets. Costs: a copy of those weights (to put them back) and
-one quantisation of each per optimizer step (shared by the step's micro-batches).
+and this rank's cut back out; the format is the one the whole tensor gets. Costs: a copy of those
+weights (to put them back) and one quantisation of each per optimizer step (shared by the step's
+micro-batches).
 
 Evaluations report both losses: ``eval_loss`` of the weights as saved and ``eval_loss_quantized``
 of the quantised file. The post-training step loops (``posttrain.StepLoop``) keep the window open
