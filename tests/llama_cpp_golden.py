@@ -378,19 +378,76 @@ def _record_mixtures(args, out: Path) -> None:
     (out / "mixtures.json").write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
 
 
+def _check_quantised_logits(args) -> None:
+    """Print how well ``eval --quantize gguf:KIND`` predicts llama.cpp running ``export --quantize KIND``'s
+    file: for Qwen2-shaped models with the Qwen2.5 tokenizer (widths 256 and 384: whole k-quant blocks,
+    and the Q5_0/Q5_1 fallbacks), the shift quantisation gives llama.cpp's logits against its F32 run,
+    and ours (``qat.quantize_as_converted``) against ours; llama.cpp also rounds the activations of its
+    quantised products to 8 bits, which ours leave, so the two agree closely, not exactly."""
+    import numpy as np
+    import torch
+
+    from apr_kernels.convert.gguf_out import export_gguf
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.model.loading import from_apr
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.qat import quantize_as_converted
+
+    global RUN_TEXTS
+    RUN_TEXTS = _stdlib_texts()
+    tok = run_tokenizer("qwen2")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for width in (256, 384):
+            cfg = preset("tiny_qwen2").replace(vocab_size=151680, hidden_size=width, intermediate_size=2 * width,
+                                               head_dim=64, num_heads=width // 64, num_kv_heads=2, num_layers=4)
+            torch.manual_seed(0)
+            model = Transformer(cfg, fast=False)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if p.dim() == 2:
+                        p.mul_(20.0 if "embed" in n else 8.0)
+            apr = tmp / f"w{width}.apr"
+            save_checkpoint(apr, model=model, tokenizer=tok)
+            ids = run_ids(tok)
+            llama, ours = {}, {}
+            for kind in ("f32", "q4km", "q5km", "q8_0"):
+                options = {"dtype": "f32"} if kind == "f32" else {"quantize": kind}
+                g = export_gguf(apr, tmp / f"{width}.{kind}.gguf", progress=False, **options)
+                req = tmp / "req.json"
+                req.write_text(json.dumps({"gguf": str(g), "ids": ids, "texts": [], "out": str(tmp / "l.npy")}))
+                _in_llama_env(args.llama_python, "--run", str(req))
+                llama[kind] = np.load(tmp / "l.npy")
+                with torch.no_grad():
+                    m = from_apr(apr, fast=False)
+                    if kind != "f32":
+                        quantize_as_converted(m, f"gguf:{kind}", apr)
+                    ours[kind] = m(torch.tensor([ids]))[0].float().numpy()
+            print(f"width {width}: F32 logits within {np.abs(llama['f32'] - ours['f32']).max() / np.abs(ours['f32']).max():.1e}")
+            for kind in ("q4km", "q5km", "q8_0"):
+                dl, do = llama[kind] - llama["f32"], ours[kind] - ours["f32"]
+                print(f"  {kind}: quantisation moves llama.cpp's logits by {np.abs(dl).mean():.3f} (mean), ours by "
+                      f"{np.abs(do).mean():.3f}; correlation {np.corrcoef(dl.ravel(), do.ravel())[0, 1]:.4f}; "
+                      f"the rest {np.abs(dl - do).mean() / np.abs(dl).mean():.3f} of llama.cpp's shift")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python and gguf")
     ap.add_argument("--llama-src", required=True, help="a llama.cpp source tree (convert_hf_to_gguf.py)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "data" / "llama_cpp"))
-    ap.add_argument("--only", choices=["mixtures"], default=None,
-                    help="record mixtures.json alone (the other records stay as they are)")
+    ap.add_argument("--only", choices=["mixtures", "quantised-logits"], default=None,
+                    help="record mixtures.json alone (the other records stay as they are), or print how "
+                         "eval --quantize gguf:KIND predicts llama.cpp's logits (no record)")
     args = ap.parse_args()
     import gguf
     import numpy as np
 
     from apr_kernels.convert.gguf_out import export_gguf
 
+    if args.only == "quantised-logits":
+        _check_quantised_logits(args)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _record_mixtures(args, out)
