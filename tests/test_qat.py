@@ -109,6 +109,51 @@ def test_lora_trains_the_merged_weight_the_converted_file_holds(kind, tmp_path):
         assert torch.equal(p.detach(), before[name]), name
 
 
+@pytest.mark.parametrize("kind,arch", [("q4k", "qwen2"), ("q8", "qwen2"), ("q4k", "qwen2_moe")])
+def test_a_quantised_base_trains_for_its_merged_weight_requantised(kind, arch, tmp_path):
+    """QLoRA (the adapters on the file's Q4_K blocks): the converter dequantises each base, merges the
+    adapters and quantises the merged weight again; inside the window the model computes that file's
+    logits, the adapters get the merged weight's gradient (the chain rule from the file's weight
+    gradients), the fused q/k/v path and the grouped experts' GEMMs do likewise, and after it every
+    base holds its stored blocks."""
+    from apr_kernels.model.lora import QuantizedLoRALinear, lora_modules
+    from apr_kernels.quant import quantize
+    from apr_kernels.train.checkpoint import model_metadata, model_tensors
+
+    torch.manual_seed(0)
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+               tie_word_embeddings=False) if arch == "qwen2_moe" else {}
+    cfg = sixteen_config(architecture=arch, hidden_size=256, intermediate_size=512, num_heads=4, head_dim=64, **moe)
+    base = Transformer(cfg, fast=False)
+    tensors = {n: (quantize("Q4_K", t.materialize()) if n.endswith("proj.weight") else t.materialize())
+               for n, t in model_tensors(base).items()}
+    apr_kernels.save(tensors, tmp_path / "q4k.apr", metadata=model_metadata(base))
+    lora = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "seed": 1}
+    ids = torch.randint(0, 272, (2, 20))
+    for fast in (False, True):
+        model = from_apr(tmp_path / "q4k.apr", fast=fast, lora_init=lora, keep_quantized=True)
+        mods = lora_modules(model)
+        assert all(isinstance(m, QuantizedLoRALinear) for m in mods.values())
+        with torch.no_grad():  # (trained adapters: the merge moves the weights)
+            for m in mods.values():
+                m.lora_B.normal_(0, 0.05)
+        stored = {n: m.base_weight(torch.float32).clone() for n, m in mods.items()}
+        save_checkpoint(tmp_path / "step.apr", model=model)
+        assert cli(["convert", str(tmp_path / "step.apr"), str(tmp_path / "q.apr"), "--quantize", kind, "-q"])[0] == 0
+        deployed = from_apr(tmp_path / "q.apr", fast=False)
+        quantizer = qat.FakeQuantizer(model, kind)
+        assert len(quantizer.bases) == len(mods)
+        with quantizer.applied():
+            logits, grads = _logits_and_grads(model, ids)
+        ref_logits, ref_grads = _logits_and_grads(deployed, ids)
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-5)
+        for name, m in mods.items():
+            g = ref_grads[f"{name}.weight"]
+            torch.testing.assert_close(grads[f"{name}.lora_A"], m.scale * m.lora_B.detach().T @ g, rtol=2e-4, atol=1e-7)
+            torch.testing.assert_close(grads[f"{name}.lora_B"], m.scale * g @ m.lora_A.detach().T, rtol=2e-4, atol=1e-7)
+            assert m.qat_blocks is None and torch.equal(m.base_weight(torch.float32), stored[name]), name
+
+
 def test_refusals_name_the_reason(tmp_path, capsys):
     from apr_kernels.model.lora import add_lora
 
@@ -116,8 +161,9 @@ def test_refusals_name_the_reason(tmp_path, capsys):
         qat.check("int4")
     with pytest.raises(ValueError, match="--qat q4k with --lora-dora: DoRA rescales each row"):
         qat.check("q4k", dora=True)
-    with pytest.raises(ValueError, match="--qat q4 with --lora-quantized-base: the file stores the adapters merged"):
-        qat.check("q4", quantized_base=True)
+    with pytest.raises(ValueError, match="--qat gguf:q4km with --lora-quantized-base: a quantised base trains for"):
+        qat.check("gguf:q4km", quantized_base=True)
+    qat.check("q4", quantized_base=True)
     model = Transformer(sixteen_config(), fast=False)
     add_lora(model, 2, dora=True)
     with pytest.raises(ValueError, match="--qat q8 with --lora-dora"):
@@ -265,6 +311,29 @@ def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
             assert evals[f"{key}_quantized"] == pytest.approx(ref_evals[key], rel=1e-5, abs=1e-7), (name, key)
         if name == "dpo":  # (and the full-precision ones are the checkpoint's own: other values)
             assert evals["eval_loss"] != pytest.approx(evals["eval_loss_quantized"], rel=1e-7)
+
+
+def test_a_qlora_qat_run_reports_the_converted_files_loss(tmp_path):
+    """train --lora-quantized-base --qat q4k from a Q4_K file: the converter's output of the checkpoint
+    (each base dequantised, merged, quantised again) has the run's eval_loss_quantized."""
+    from apr_kernels.quant import quantize
+    from apr_kernels.train.checkpoint import model_metadata, model_tensors
+
+    torch.manual_seed(0)
+    base = Transformer(sixteen_config(hidden_size=256, intermediate_size=512, num_heads=4, head_dim=64), fast=False)
+    tensors = {n: (quantize("Q4_K", t.materialize()) if n.endswith("proj.weight") else t.materialize())
+               for n, t in model_tensors(base).items()}
+    apr_kernels.save(tensors, tmp_path / "q4k.apr", metadata=model_metadata(base))
+    code, run = cli(_train(tmp_path / "q4k.apr", tmp_path / "run", "--qat", "q4k", "--lora-rank", "4",
+                           "--lora-quantized-base"))
+    assert code == 0
+    final = [r for r in records(run) if r["event"] == "eval"][-1]
+    assert cli(["convert", str(tmp_path / "run" / "model.apr"), str(tmp_path / "q.apr"), "--quantize", "q4k"])[0] == 0
+    code, out = cli(["eval", "--init", str(tmp_path / "q.apr"), "--data", HELD, "--max-tokens", "160", "--seq-len", "32",
+                     "--tokenizer", "bytes"])
+    assert code == 0
+    assert float(out.strip().splitlines()[-1].split()[0].removeprefix("eval_loss=")) == pytest.approx(
+        final["eval_loss_quantized"], abs=2e-5)
 
 
 def test_lora_grpo_reference_is_the_full_precision_base(init, tmp_path):

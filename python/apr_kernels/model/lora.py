@@ -190,7 +190,7 @@ def stacked_bases(mods: list, dtype: torch.dtype) -> torch.Tensor:
     kinds = {m.base.dtype for m in mods}
     out, inp = mods[0].base.shape
     whole = all(m.tensor_parallel is None or m.base_split for m in mods)  # (the bases are what they multiply)
-    if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"} and whole:
+    if len(kinds) == 1 and kinds <= {"Q4_K", "Q6_K"} and whole and all(m.qat_blocks is None for m in mods):
         raw = torch.cat([raw_blocks(m.base) for m in mods])
         return dequantize(kinds.pop(), (len(mods) * out, inp), raw, dtype=dtype).view(len(mods), out, inp)
     return torch.stack([m.base_weight(dtype) for m in mods])
@@ -216,6 +216,9 @@ class QuantizedLoRALinear(LoRALinear):
 
     # base: apr_kernels.io.QuantizedTensor or ShardedBlocks, set by whoever loads the blocks (model/loading.py)
     base_split = False  # tensor parallelism: whether ``base`` is this rank's part (else the whole tensor)
+    # --qat (train/qat.py), for a step: (APR format, raw blocks) of the quantised merged weight q(M), so
+    # that the module multiplies by q(M) - scale B A (its adapters add scale B A back); None otherwise
+    qat_blocks = None
 
     @property
     def whole_base_shape(self) -> tuple:
@@ -243,6 +246,10 @@ class QuantizedLoRALinear(LoRALinear):
         """The frozen weight this module multiplies by (this rank's part under tensor parallelism)."""
         from apr_kernels.quant import dequantize
 
+        if self.qat_blocks is not None:  # (--qat's step: q(M) less the adapters' term, made per GEMM)
+            fmt, raw = self.qat_blocks
+            term = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
+            return (dequantize(fmt, self.base.shape, raw) - term).to(dtype)
         w = dequantize(self.base.dtype, self.base.shape, raw_blocks(self.base), dtype=dtype)
         return w if self.tensor_parallel is None or self.base_split else self.tensor_parallel.local(w, self.split_dim)
 

@@ -36,8 +36,11 @@ quantised, so that is the weight to train for: within the window the frozen ``W`
 by ``q(M)``, and A and B get the merged weight's gradient through the merge (the straight-through
 estimator, as for a full weight). The base model with the adapters off (GRPO/RLOO/online DPO's
 reference under LoRA) is the full-precision one, as a full fine-tune's reference model is.
-Refused: DoRA (the merged rows are rescaled by a norm of the weight itself) and a quantised base
-(QLoRA: the merged weight would need the base in full precision each step).
+A quantised base (QLoRA, ``--lora-quantized-base``): the converter dequantises it, merges and
+quantises again, so each step quantises ``M = base + scale B A`` once into compact blocks
+(``QuantizedLoRALinear.qat_blocks``) and each GEMM dequantises them less the adapters' term (one
+process or DDP; APR kinds). Refused: DoRA (the merged rows are rescaled by a norm of the weight
+itself).
 """
 
 from __future__ import annotations
@@ -57,10 +60,9 @@ def check(kind: str, *, dora: bool = False, quantized_base: bool = False) -> Non
         raise ValueError(f"--qat {kind} with --lora-dora: DoRA rescales each row of the merged weight by a norm "
                          f"taken from the weight itself, so the quantised merged weight has no in-place form; "
                          f"expected plain LoRA (or a full fine-tune)")
-    if quantized_base:
-        raise ValueError(f"--qat {kind} with --lora-quantized-base: the file stores the adapters merged into the "
-                         f"dequantised base and quantised again, which would need the base in full precision "
-                         f"each step; expected a float base (--init of an unquantised file)")
+    if quantized_base and kind.startswith(GGUF_PREFIX):
+        raise ValueError(f"--qat {kind} with --lora-quantized-base: a quantised base trains for the APR kinds (q4k, "
+                         f"q6k, q8, q4, q4km), whose blocks it keeps per step; expected one of those, or a float base")
 
 
 def _split_dims(model: nn.Module) -> dict[str, int]:
@@ -146,6 +148,15 @@ class FakeQuantizer:
         for name, m in self.adapted.items():
             if hasattr(m, "lora_magnitude") or isinstance(m, QuantizedLoRALinear):
                 check(kind, dora=hasattr(m, "lora_magnitude"), quantized_base=isinstance(m, QuantizedLoRALinear))
+        # QLoRA: quantised bases (not parameters) -> the APR format the converter writes their merged weight in
+        bases = {n: m for n, m in self.adapted.items() if isinstance(m, QuantizedLoRALinear)}
+        if bases and (self.tp is not None or any(hasattr(m.base, "gather") for m in bases.values())):
+            raise ValueError(f"--qat {kind} with --lora-quantized-base runs in one process or under DDP; with "
+                             f"FSDP or tensor parallelism each rank holds part of a base's blocks. Expected "
+                             f"--parallel ddp (or a float base)")
+        layout = Layout.of_config(model.config)
+        self.bases = [(m, fmt) for n, m in bases.items()
+                      if (fmt := run_format(kind, n, tuple(m.base.shape), layout)) is not None]
         self._saved = None
 
     def quantised(self, name: str, p: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -181,13 +192,27 @@ class FakeQuantizer:
                         quantised = self.quantised(name, merged, fmt).float() - term
                     saved.append((local, local.clone()))
                     local.copy_(quantised)
+            self._quantise_bases()
             self._saved, self.model.qat_window = saved, self
             yield
         finally:
             self._saved, self.model.qat_window = None, None
+            for m, _fmt in self.bases:
+                m.qat_blocks = None
             with torch.no_grad():
                 for local, original in saved:
                     local.copy_(original)
+
+    @torch.no_grad()
+    def _quantise_bases(self) -> None:
+        """QLoRA: each quantised base's merged weight ``M = dequantised base + scale B A`` quantised as
+        the converter will (raw blocks, kept compact for the step; ``QuantizedLoRALinear.qat_blocks``)."""
+        from apr_kernels.quant import _quantize_raw
+
+        for m, fmt in self.bases:
+            m.qat_blocks = None
+            merged = m.base_weight(torch.float32) + (m.lora_B.float() @ m.lora_A.float()) * m.scale
+            m.qat_blocks = (fmt, _quantize_raw(fmt, merged))
 
     @contextlib.contextmanager
     def full_precision(self):
@@ -201,6 +226,10 @@ class FakeQuantizer:
                     held = local.clone()
                     local.copy_(original)
                     original.copy_(held)
+            for i, (m, _fmt) in enumerate(self.bases):  # (QLoRA: the stored base, or the step's blocks again)
+                m.qat_blocks, held_blocks[i] = held_blocks[i], m.qat_blocks
+
+        held_blocks = [None] * len(self.bases)
 
         swap()
         try:
