@@ -113,12 +113,12 @@ def _short(tensors: dict) -> dict[str, str]:  # (as llama_cpp_golden.short_spec 
     return {n: f"{t} {'x'.join(map(str, shape))} {digest[:16]}" for n, (t, shape, digest) in tensors.items()}
 
 
-# (every mixture on the tied Qwen2, whose layers each mixture treats differently, and on the 384-wide
-# one, every fallback; on the rest, for time, Q4_K_M and the mixtures their special rules touch:
-# Mixtral's 8-expert attention (Q5_K output for the Q4_K mixtures, Q8_0 v/k for all), the 80-layer
-# GQA model's 70B rule (Q5_K for Q4_K's attn_v))
-KINDS_CHECKED = {"mixtral_8x": ("q4km", "q4ks", "q8_0"), "llama_gqa_80": ("q4km",),
-                 "llama_untied_16": ("q4km",), "qwen2_moe_4x": ("q4km",)}
+# (every mixture on the 384-wide tied Qwen2: every fallback; on the rest, for time, Q4_K_M and the
+# mixtures their special rules touch: the tied 24-layer Qwen2's per-layer rules (Q4_K_M and Q5_K_M's
+# more-bits layers, Q4_K_S's first layers), Mixtral's 8-expert attention (Q5_K output for the Q4_K
+# mixtures, Q8_0 v/k for all), the 80-layer GQA model's 70B rule (Q5_K for Q4_K's attn_v))
+KINDS_CHECKED = {"qwen2_tied_24": ("q4km", "q4ks", "q5km"), "mixtral_8x": ("q4km", "q4ks", "q8_0"),
+                 "llama_gqa_80": ("q4km",), "llama_untied_16": ("q4km",), "qwen2_moe_4x": ("q4km",)}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
