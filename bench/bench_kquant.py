@@ -1,5 +1,5 @@
-"""Quantising weights to Q4_K and Q6_K: what ``convert --quantize`` costs once and ``train --qat``
-costs every optimizer step (each targeted weight quantised and dequantised).
+"""Quantising weights to Q4_K, Q6_K and Q5_K: what ``convert``/``export --quantize`` cost once and
+``train --qat`` costs every optimizer step (each targeted weight quantised and dequantised).
 
     python3 bench/bench_kquant.py [--smoke | --quick] [--out DIR]
 
@@ -7,11 +7,11 @@ Weights (float32, as the quantiser reads them): a Qwen2-0.5B MLP projection [486
 Llama-3-8B one [14336, 4096] (quick: the first). Providers, in one run on one device, both writing
 llama-quantize's blocks byte for byte (checked here: equal results):
 
-  apr     quant.fake_quantize where the weight is: on CUDA the Triton searches (kernels/kquant.py),
-          one launch per chunk
+  apr     ggml_quant.fake_quantize where the weight is: on CUDA the Triton searches
+          (kernels/kquant.py), one launch per chunk (Q5_K, GGUF's: rows of whole 256-value blocks only)
   torch   the same searches as torch operations (APR_KERNELS_BACKEND=reference), which a CPU runs
 
-Rows: op q4_k | q6_k, shape, provider, ms, gbs (the float32 weight read once per ms).
+Rows: op q4_k | q6_k | q5_k, shape, provider, ms, gbs (the float32 weight read once per ms).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import torch  # noqa: E402
 
-from apr_kernels.quant import fake_quantize  # noqa: E402
+from apr_kernels.ggml_quant import fake_quantize  # noqa: E402
 
 SHAPES = {"qwen2-0.5b mlp": (4864, 896), "llama-3-8b mlp": (14336, 4096)}
 
@@ -49,7 +49,7 @@ def main() -> None:
     for name, shape in shapes.items():
         torch.manual_seed(0)
         w = (torch.randn(shape) * 0.02).to(dev)
-        for kind in ("Q4_K", "Q6_K"):
+        for kind in ("Q4_K", "Q6_K", "Q5_K")[: 2 + (shape[1] % 256 == 0)]:
             results = {}
             for provider, backend in (("apr", "auto"), ("torch", "reference")):
                 results[provider] = run_with(backend, lambda: fake_quantize(kind, w))

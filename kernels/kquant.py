@@ -1,7 +1,7 @@
-"""The k-quant searches of Q4_K and Q6_K in Triton: llama.cpp's reference arithmetic on a GPU.
+"""The k-quant searches of Q4_K, Q5_K and Q6_K in Triton: llama.cpp's reference arithmetic on a GPU.
 
-``quant.py``'s torch searches repeat llama.cpp's ``make_qkx2_quants`` (Q4_K) and ``make_qx_quants``
-(Q6_K) operation for operation in float32, so the blocks are llama-quantize's byte for byte; on a GPU
+``quant.py``'s torch searches repeat llama.cpp's ``make_qkx2_quants`` (Q4_K; Q5_K, GGUF export only,
+the same with 5-bit levels) and ``make_qx_quants`` (Q6_K) operation for operation in float32, so the blocks are llama-quantize's byte for byte; on a GPU
 their hundreds of small steps per chunk each cost a kernel launch (``train --qat`` quantises every
 weight each step). Here one program fits ``BLOCK`` sub-blocks, one a lane, with the same loops in
 registers and the same float32 operations in the same order:
@@ -14,7 +14,7 @@ registers and the same float32 operations in the same order:
 Outputs per sub-block are what the torch searches return: scale, offset (Q4_K) and the levels of
 the grid kept. ``tests/test_quant.py`` checks them equal, bit for bit, under the interpreter.
 
-Launchers: ``q4_k_fit(sub)`` for ``sub`` [N, 32] -> (scale [N], min [N], levels [N, 32]);
+Launchers: ``q4_k_fit(sub)`` (``q5_k_fit(sub)``) for ``sub`` [N, 32] -> (scale [N], min [N], levels [N, 32]);
 ``q6_k_fit(sub)`` for ``sub`` [N, 16] -> (scale [N], levels + 32 [N, 16]); float32 in and out.
 """
 
@@ -35,13 +35,15 @@ def _rint(v):  # 1.5 * 2**23 added and taken away: v rounded to an integer, half
 
 
 @triton.jit
-def _q4_levels(x_ptr, i, iscale, lo, mask):
+def _q4_levels(x_ptr, i, iscale, lo, mask, NMAX: tl.constexpr):
     x = tl.load(x_ptr + i, mask=mask, other=0.0)
-    return x, tl.minimum(tl.maximum(_rint(iscale * (x - lo)), 0.0), 15.0)
+    return x, tl.minimum(tl.maximum(_rint(iscale * (x - lo)), 0.0), NMAX)
 
 
 @triton.jit
-def _q4_k_fit_kernel(x_ptr, steps_ptr, scale_ptr, min_ptr, levels_ptr, n_sub, BLOCK: tl.constexpr):
+def _q4_k_fit_kernel(x_ptr, steps_ptr, scale_ptr, min_ptr, levels_ptr, n_sub, NMAX: tl.constexpr,
+                     N_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Q4_K's search (NMAX 15, 21 grids); Q5_K's with NMAX 31 and its 16 grids."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_sub
     row = x_ptr + offs.to(tl.int64) * 32
@@ -65,17 +67,17 @@ def _q4_k_fit_kernel(x_ptr, steps_ptr, scale_ptr, min_ptr, levels_ptr, n_sub, BL
         sum_w += w
         sum_x += w * x
     # the min/max grid
-    iscale = tl.div_rn(tl.full([BLOCK], 15.0, tl.float32), tl.where(flat, 1.0, hi - lo))
+    iscale = tl.div_rn(tl.full([BLOCK], NMAX, tl.float32), tl.where(flat, 1.0, hi - lo))
     scale = tl.div_rn(tl.full([BLOCK], 1.0, tl.float32), iscale)
     best = tl.zeros([BLOCK], tl.float32)
     for i in range(32):
-        x, lv = _q4_levels(row, i, iscale, lo, mask)
+        x, lv = _q4_levels(row, i, iscale, lo, mask, NMAX)
         diff = (scale * lv + lo) - x
         best += (av + tl.abs(x)) * (diff * diff)
     keep_iscale = iscale
     keep_lo = lo
     offset = lo
-    for k in range(21):  # grids of 14 + k/10 levels from the current offset to the maximum
+    for k in range(N_STEPS):  # grids of NMAX - 1 + k/10 levels (Q5_K: - 0.5) from the offset to the maximum
         step = tl.load(steps_ptr + k)
         rng = hi - offset
         iscale = tl.div_rn(tl.zeros([BLOCK], tl.float32) + step, tl.where(flat | (rng == 0.0), 1.0, rng))
@@ -83,7 +85,7 @@ def _q4_k_fit_kernel(x_ptr, steps_ptr, scale_ptr, min_ptr, levels_ptr, n_sub, BL
         sum_l2 = tl.zeros([BLOCK], tl.float32)
         sum_xl = tl.zeros([BLOCK], tl.float32)
         for i in range(32):
-            x, lv = _q4_levels(row, i, iscale, offset, mask)
+            x, lv = _q4_levels(row, i, iscale, offset, mask, NMAX)
             wl = (av + tl.abs(x)) * lv
             sum_l += wl
             sum_l2 += wl * lv
@@ -98,7 +100,7 @@ def _q4_k_fit_kernel(x_ptr, steps_ptr, scale_ptr, min_ptr, levels_ptr, n_sub, BL
         b = tl.where(clamp, 0.0, b)
         err = tl.zeros([BLOCK], tl.float32)
         for i in range(32):
-            x, lv = _q4_levels(row, i, iscale, offset, mask)
+            x, lv = _q4_levels(row, i, iscale, offset, mask, NMAX)
             diff = (a * lv + b) - x
             err += (av + tl.abs(x)) * (diff * diff)
         take = ok & (err < best) & (flat == 0)
@@ -110,7 +112,7 @@ def _q4_k_fit_kernel(x_ptr, steps_ptr, scale_ptr, min_ptr, levels_ptr, n_sub, BL
     tl.store(scale_ptr + offs, tl.where(flat, 0.0, scale), mask=mask)
     tl.store(min_ptr + offs, tl.where(flat, -lo, -offset), mask=mask)
     for i in range(32):
-        x, lv = _q4_levels(row, i, keep_iscale, keep_lo, mask)
+        x, lv = _q4_levels(row, i, keep_iscale, keep_lo, mask, NMAX)
         tl.store(levels_ptr + offs.to(tl.int64) * 32 + i, tl.where(flat, 0.0, lv), mask=mask)
 
 
@@ -162,16 +164,27 @@ def _q6_k_fit_kernel(x_ptr, numerators_ptr, scale_ptr, levels_ptr, n_sub, EPS: t
 
 def q4_k_fit(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scale, min, levels) of each 32-value row of ``sub`` (float32 [N, 32]): quant._fit_q4_sub_blocks."""
-    sub = sub.contiguous()
-    n = sub.shape[0]
     from apr_kernels.quant import Q4_K_STEPS
 
-    steps = torch.stack(Q4_K_STEPS).to(sub.device)
+    return _qkx2_fit(sub, 15.0, Q4_K_STEPS)
+
+
+def q5_k_fit(sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q5_K's (5-bit levels): quant._fit_q4_sub_blocks(sub, 31, Q5_K_STEPS)."""
+    from apr_kernels.quant import Q5_K_STEPS
+
+    return _qkx2_fit(sub, 31.0, Q5_K_STEPS)
+
+
+def _qkx2_fit(sub: torch.Tensor, nmax: float, grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    sub = sub.contiguous()
+    n = sub.shape[0]
+    steps = torch.stack(grid).to(sub.device)
     scale, mins = torch.empty(n, device=sub.device), torch.empty(n, device=sub.device)
     levels = torch.empty(n, 32, device=sub.device)
     if n:
-        _q4_k_fit_kernel[(triton.cdiv(n, BLOCK),)](sub, steps, scale, mins, levels, n, BLOCK=BLOCK, num_warps=4,
-                                                   enable_fp_fusion=False)
+        _q4_k_fit_kernel[(triton.cdiv(n, BLOCK),)](sub, steps, scale, mins, levels, n, NMAX=nmax, N_STEPS=len(grid),
+                                                   BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
     return scale, mins, levels
 
 

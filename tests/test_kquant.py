@@ -40,6 +40,10 @@ def test_kernels_match_the_torch_searches_bit_for_bit(cut):
     want = quant._fit_q4_sub_blocks(q4[:, None])
     for got, ref in zip((scale, mins, levels), want):
         assert torch.equal(got.view(-1), ref.reshape(-1))
+    scale, mins, levels = k.q5_k_fit(q4)  # (Q5_K: the same search with 5-bit levels and its own grids)
+    want = quant._fit_q4_sub_blocks(q4[:, None], 31.0, quant.Q5_K_STEPS)
+    for got, ref in zip((scale, mins, levels), want):
+        assert torch.equal(got.view(-1), ref.reshape(-1))
     q6 = x.reshape(-1, 16)[: x.numel() // 16 - cut]
     scale, levels = k.q6_k_fit(q6)
     want = quant._fit_q6_sub_blocks(q6[:, None])
@@ -47,15 +51,21 @@ def test_kernels_match_the_torch_searches_bit_for_bit(cut):
         assert torch.equal(got.view(-1), ref.reshape(-1))
 
 
-@pytest.mark.parametrize("dtype", ["Q4_K", "Q6_K"])
+def _blocks(dtype: str, x: torch.Tensor) -> torch.Tensor:
+    from apr_kernels import ggml_quant
+
+    return ggml_quant.q5_k_blocks(x.reshape(-1, 256)) if dtype == "Q5_K" else quant.quantize(dtype, x).data
+
+
+@pytest.mark.parametrize("dtype", ["Q4_K", "Q6_K", "Q5_K"])
 def test_quantize_through_the_kernels_writes_the_same_blocks(dtype, use_backend, monkeypatch):
     x = weights(8 * 512)
     use_backend("reference")
-    want = quant.quantize(dtype, x).data
+    want = _blocks(dtype, x)
     use_backend("triton")
-    calls = spy_launchers(monkeypatch, "kquant", ["q4_k_fit", "q6_k_fit"])
-    assert torch.equal(quant.quantize(dtype, x).data, want)
-    assert calls == [{"Q4_K": "q4_k_fit", "Q6_K": "q6_k_fit"}[dtype]]
+    calls = spy_launchers(monkeypatch, "kquant", ["q4_k_fit", "q5_k_fit", "q6_k_fit"])
+    assert torch.equal(_blocks(dtype, x), want)
+    assert calls == [{"Q4_K": "q4_k_fit", "Q6_K": "q6_k_fit", "Q5_K": "q5_k_fit"}[dtype]]
 
 
 _AOT = r"""
@@ -67,10 +77,11 @@ from apr_kernels.kernels import kquant as K
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = []
 for name in json.loads(sys.argv[1]):
-    if name == "q4":
+    if name in ("q4", "q5"):
         fn, sig = K._q4_k_fit_kernel, dict(x_ptr="*fp32", steps_ptr="*fp32", scale_ptr="*fp32", min_ptr="*fp32",
-                                            levels_ptr="*fp32", n_sub="i32", BLOCK="constexpr")
-        const = dict(BLOCK=K.BLOCK)
+                                            levels_ptr="*fp32", n_sub="i32", NMAX="constexpr", N_STEPS="constexpr",
+                                            BLOCK="constexpr")
+        const = dict(NMAX=15.0 if name == "q4" else 31.0, N_STEPS=21 if name == "q4" else 16, BLOCK=K.BLOCK)
     else:
         fn, sig = K._q6_k_fit_kernel, dict(x_ptr="*fp32", numerators_ptr="*fp32", scale_ptr="*fp32",
                                             levels_ptr="*fp32", n_sub="i32", EPS="constexpr", BLOCK="constexpr")
@@ -91,7 +102,7 @@ print(json.dumps(out))
 def test_kernels_compile_for_sm90_with_only_correctly_rounded_float32_operations(tmp_path):
     """The GPU build does llama.cpp's operations: float32 adds, multiplies, divisions and square roots
     each rounded once to nearest (``.rn``), no fused multiply-add, no approximate division."""
-    for r in run_sm90_compile(_AOT, ["q4", "q6"], tmp_path, timeout=600):
+    for r in run_sm90_compile(_AOT, ["q4", "q5", "q6"], tmp_path, timeout=600):
         assert r["rc"] == 0, f"ptxas rejected {r['case']}: {r['err']}"
         floats = [op for op in r["ops"] if op.endswith("f32")]
         assert not [op for op in floats if op.startswith(("fma", "rcp")) or ".approx" in op or ".full" in op], r
@@ -100,7 +111,7 @@ def test_kernels_compile_for_sm90_with_only_correctly_rounded_float32_operations
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("dtype", ["Q4_K", "Q6_K", "Q5_K"])
 def test_cuda_kernels_write_the_hosts_blocks(dtype):
     x = weights(4096 * 512)
-    assert torch.equal(quant.quantize(dtype, x.cuda()).data, quant.quantize(dtype, x).data)
+    assert torch.equal(_blocks(dtype, x.cuda()).cpu(), _blocks(dtype, x))

@@ -5,7 +5,7 @@ gguf:KIND`` and ``train --qat gguf:KIND`` run the weights llama.cpp will). Q4_K 
 too (``quant.py``; the same blocks).
 
 Q5_K is Q4_K's search with 5-bit levels (``quant._fit_q4_sub_blocks`` with nmax 31 and
-``quant.Q5_K_STEPS``). The 32-value types are written by the ``gguf`` package's quantisers (checked
+``quant.Q5_K_STEPS``; on a GPU ``kernels/kquant.py``'s ``q5_k_fit``). The 32-value types are written by the ``gguf`` package's quantisers (checked
 byte for byte against llama-quantize's files) and fake-quantised here in torch, on the tensor's
 device, with the same float32 operations: Q8_0 ``round(x / d) d`` with ``d = amax / 127`` (rounded
 half away from zero), Q5_0 ``(trunc(x / d + 16.5) - 16) d`` with ``d = -max / 16`` of the value of
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .quant import (_FIT_BLOCKS, Q5_K_STEPS, _div, _f16, _f16_bytes, _fit_q4_sub_blocks, _quantize_raw, _round_away,
+from .backend import kernels_for
+from .quant import (Q5_K_STEPS, _fit_chunk, _div, _f16, _f16_bytes, _fit_q4_sub_blocks, _quantize_raw, _round_away,
                     _scale_min_k4, _scales_and_levels, fake_quantize as _apr_fake_quantize)
 
 # GGML type -> values per block along a row (F16: one)
@@ -28,10 +29,15 @@ def q5_k_blocks(x: torch.Tensor) -> torch.Tensor:  # [B, 256] -> [B, 176]
     """GGML ``block_q5_K`` of each 256 values, ``quantize_row_q5_K_ref`` byte for byte (the Q4_K search
     with 5-bit levels: ``_fit_q4_sub_blocks(nmax 31, Q5_K_STEPS)``). Not an APR format: GGUF export
     (``export --quantize q4km``) writes it where llama.cpp's Q4_K_M does."""
-    if x.shape[0] > _FIT_BLOCKS:
-        return torch.cat([q5_k_blocks(part) for part in x.split(_FIT_BLOCKS)])
+    if x.shape[0] > _fit_chunk(x):  # bound the search's memory
+        return torch.cat([q5_k_blocks(part) for part in x.split(_fit_chunk(x))])
     sub = x.to(torch.float32).reshape(-1, 8, 32)
-    d, dmin, s, q = _scales_and_levels(sub, *_fit_q4_sub_blocks(sub, 31.0, Q5_K_STEPS), nmax=31)
+    kq = kernels_for("kquant", sub)
+    if kq is not None:  # (on a GPU: the same search in one launch, kernels/kquant.py)
+        fit = tuple(t.view(*sub.shape[:2], *t.shape[1:]) for t in kq.q5_k_fit(sub.reshape(-1, 32)))
+    else:
+        fit = _fit_q4_sub_blocks(sub, 31.0, Q5_K_STEPS)
+    d, dmin, s, q = _scales_and_levels(sub, *fit, nmax=31)
     q = q.view(-1, 4, 2, 32)  # [B, chunk of 64, low/high 32, l]
     ql = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)
     shifts = 2 * torch.arange(4, device=x.device).view(1, 4, 1)  # (chunk c: bits 2c and 2c + 1 of qh[l])
