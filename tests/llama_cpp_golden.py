@@ -24,6 +24,9 @@ Written to ``DIR`` (default tests/data/llama_cpp):
 * ``mixtures.json``: for the same models, the tensors (type, shape, SHA-256 prefix) of the files
   llama-quantize writes for its other k-quant mixtures and Q8_0 (``MIXES``; ``--only mixtures``
   records this file alone);
+* ``adapters.json``: for two of ``RUNS`` (``ADAPTER_RUNS``), the LoRA adapter GGUF ``export --adapter``
+  wrote from a step checkpoint (``adapter_model``) and the logits llama.cpp computed with it on the
+  base's export (``--only adapters`` records this file alone);
 * ``blocks.npz``: rows of a weight matrix (F32, corner cases first) and llama.cpp's Q4_K and Q6_K
   blocks of them, for a byte-for-byte check of ``quant.quantize``;
 * ``runs.json``: for each model of ``RUNS`` (``run_model``: seeded weights and a real tokenizer), the
@@ -281,7 +284,8 @@ def run_with_llama_cpp(request: str) -> dict:
 
     req = json.loads(Path(request).read_text())
     llm = llama_cpp.Llama(model_path=req["gguf"], n_ctx=256, n_batch=256, logits_all=True, n_threads=2,
-                          verbose=False, type_k=0, type_v=0)  # (GGML_TYPE_F32: the default f16 cache rounds)
+                          verbose=False, type_k=0, type_v=0,  # (GGML_TYPE_F32: the default f16 cache rounds)
+                          **({"lora_path": req["lora"]} if req.get("lora") else {}))
     llm.eval(req["ids"])
     np.save(req["out"], np.array(llm.scores[: len(req["ids"])], dtype=np.float32))
     return {"version": f"llama-cpp-python {llama_cpp.__version__}",
@@ -378,6 +382,68 @@ def _record_mixtures(args, out: Path) -> None:
     (out / "mixtures.json").write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
 
 
+ADAPTER_RUNS = ("qwen2_yarn", "llama_untied")  # (Qwen2: rows as stored; Llama: q/k rows permuted for llama.cpp)
+ADAPTER_LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"], "seed": 1}
+
+
+def adapter_model(name: str, folder: Path) -> tuple[Path, Path, object]:
+    """``(step checkpoint with LoRA adapters, its base APR file, tokenizer)`` for run ``name``: the base of
+    ``run_model``, adapters from ``ADAPTER_LORA`` with B drawn from a seeded generator (so they move the
+    logits)."""
+    import torch
+
+    from apr_kernels.model.lora import lora_modules
+    from apr_kernels.model.loading import from_apr
+    from apr_kernels.train.checkpoint import save_checkpoint
+
+    base, tok = run_model(name, folder)
+    model = from_apr(base, fast=False, lora_init=ADAPTER_LORA)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.5)
+    step = folder / f"{name}.lora.apr"
+    save_checkpoint(step, model=model, tokenizer=tok)
+    return step, base, tok
+
+
+def _record_adapters(args, out: Path) -> None:
+    """adapters.json: for each model of ``ADAPTER_RUNS``, the adapter GGUF ``export --adapter`` wrote
+    (its SHA-256) and the logits llama.cpp computed with it on the base's GGUF export (``runs.json``'s
+    file for that model)."""
+    import numpy as np
+
+    from apr_kernels.convert.gguf_out import export_adapter_gguf, export_gguf
+
+    global RUN_TEXTS
+    RUN_TEXTS = _stdlib_texts()
+    record = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in ADAPTER_RUNS:
+            step, base, tok = adapter_model(name, tmp)
+            base_gguf = export_gguf(base, tmp / f"{name}.gguf", progress=False)
+            adapter = export_adapter_gguf(step, tmp / f"{name}.lora.gguf")
+            ids = run_ids(tok)
+            req = tmp / f"{name}.request.json"
+            req.write_text(json.dumps({"gguf": str(base_gguf), "lora": str(adapter), "ids": ids, "texts": [],
+                                       "out": str(tmp / f"{name}.logits.npy")}))
+            ran = _in_llama_env(args.llama_python, "--run", str(req))
+            theirs = np.load(tmp / f"{name}.logits.npy")
+            ours, plain = our_logits(step, ids), our_logits(base, ids)
+            top = np.argsort(-theirs, axis=1, kind="stable")[:, :TOP]
+            lse = np.log(np.exp(theirs - theirs.max(1, keepdims=True)).sum(1)) + theirs.max(1)
+            record[name] = {"llama_cpp": ran["version"], "ids": ids, "adapter_sha256": file_sha256(adapter),
+                            "base_sha256": file_sha256(base_gguf),
+                            "logits": {"top": top.tolist(), "values": np.take_along_axis(theirs, top, 1).tolist(),
+                                       "logsumexp": lse.tolist()}}
+            scale = np.abs(ours).max()
+            print(f"{name}: llama.cpp with the adapter within {np.abs(ours - theirs).max() / scale:.1e} of our LoRA "
+                  f"model's logits (the adapter moves them by {np.abs(ours - plain).max() / scale:.1e})")
+    (out / "adapters.json").write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
+
+
 def _check_quantised_logits(args) -> None:
     """Print how well ``eval --quantize gguf:KIND`` predicts llama.cpp running ``export --quantize KIND``'s
     file: for Qwen2-shaped models with the Qwen2.5 tokenizer (widths 256 and 384: whole k-quant blocks,
@@ -436,7 +502,7 @@ def main() -> None:
     ap.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python and gguf")
     ap.add_argument("--llama-src", required=True, help="a llama.cpp source tree (convert_hf_to_gguf.py)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "data" / "llama_cpp"))
-    ap.add_argument("--only", choices=["mixtures", "quantised-logits"], default=None,
+    ap.add_argument("--only", choices=["mixtures", "adapters", "quantised-logits"], default=None,
                     help="record mixtures.json alone (the other records stay as they are), or print how "
                          "eval --quantize gguf:KIND predicts llama.cpp's logits (no record)")
     args = ap.parse_args()
@@ -450,8 +516,11 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _record_mixtures(args, out)
-    if args.only == "mixtures":
+    if args.only in (None, "adapters"):
+        _record_adapters(args, out)
+    if args.only in (None, "mixtures"):
+        _record_mixtures(args, out)
+    if args.only is not None:
         return
     recipes = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,7 +38,11 @@ def _dtype_counts(path) -> str:
 
 
 def _export(args) -> int:
-    if args.adapter:
+    if args.adapter and str(args.dst).endswith(".gguf"):
+        from .gguf_out import export_adapter_gguf
+
+        out = export_adapter_gguf(args.src, args.dst)
+    elif args.adapter:
         from .export import export_adapter
 
         out = export_adapter(args.src, args.dst)
@@ -139,7 +143,8 @@ def register(subparsers) -> None:
                         "model-0000k-of-0000n.safetensors + model.safetensors.index.json (default 5GB)")
     p.add_argument("--adapter", action="store_true",
                    help="only the LoRA adapters of a `train --lora-rank` step checkpoint, as a PEFT adapter folder "
-                        "(adapter_config.json + adapter_model.safetensors) for peft.PeftModel.from_pretrained")
+                        "(adapter_config.json + adapter_model.safetensors) for peft.PeftModel.from_pretrained, or "
+                        "to DST.gguf as llama.cpp's LoRA adapter (llama-cli --lora, Ollama's ADAPTER)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_export)
 

@@ -146,6 +146,75 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     return dst
 
 
+def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """The LoRA adapters of a step checkpoint (``train --lora-rank``) as llama.cpp's LoRA adapter GGUF,
+    the file its ``convert_lora_to_gguf.py`` writes: ``general.type`` adapter, ``adapter.type`` lora,
+    ``adapter.lora.alpha``, and per adapted projection ``<gguf name>.lora_a`` [r, in] and ``.lora_b``
+    [out, r] in float32 (B's rows in llama.cpp's order, as the projection's). llama.cpp applies it to
+    the GGUF export of the run's ``--init`` file (``llama-cli -m base.gguf --lora adapter.gguf``,
+    Ollama's ``ADAPTER``) with the scale ``alpha / r``: rsLoRA's ``alpha / sqrt(r)`` is written as the
+    alpha that gives it. Refused: DoRA, adapters on experts (llama.cpp stacks a layer's experts into
+    one tensor), a reward model's score head."""
+    import gguf
+
+    import apr_kernels
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    with apr_kernels.open(src) as f:
+        meta, cfg = f.metadata, f.config
+        lora = meta.get("lora")
+        if not isinstance(lora, dict):
+            raise ValueError(f"{src}: no LoRA adapters (metadata 'lora'); expected a step checkpoint of a "
+                             f"`train --lora-rank` run (its final model.apr has them merged)")
+        modules = sorted(n.removesuffix(".lora_A") for n in f.keys() if n.endswith(".lora_A"))
+        experts = next((m for m in modules if ".experts." in m), None)
+        why = ("DoRA (llama.cpp's adapters are plain LoRA)" if lora.get("dora") else
+               f"adapters on the experts ({experts}, ...; llama.cpp stacks a layer's experts)" if experts else
+               "a sequence classifier (a reward model's score head)" if cfg.num_labels else None)
+        if why:
+            raise ValueError(f"{src}: {why} cannot be written as a llama.cpp LoRA adapter; export the merged model "
+                             f"instead (`apr-kernels export STEP.apr model.gguf`)")
+        arch = GGUF_ARCH[str(cfg.architecture).lower()]
+        rank, alpha = int(lora["rank"]), float(lora["alpha"])
+        if lora.get("rslora"):  # (llama.cpp scales by alpha / r)
+            alpha *= math.sqrt(rank)
+        heads_q, heads_kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
+        tensors = []
+        for module in modules:
+            b = f.get_tensor(f"{module}.lora_B", dtype=torch.float32)
+            heads = rope_permuted_heads(f"{module}.weight", heads_q, heads_kv)
+            if heads and arch in PERMUTED_ARCHS and cfg.rope_type == 2:
+                b = permute_rows(b, heads)
+            elif heads and arch not in PERMUTED_ARCHS and cfg.rope_type == 0:
+                b = unpermute_rows(b, heads)
+            name = hf_to_gguf(f"{module}.weight")
+            tensors += [(f"{name}.lora_a", f.get_tensor(f"{module}.lora_A", dtype=torch.float32)), (f"{name}.lora_b", b)]
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            w = gguf.GGUFWriter(str(tmp), arch)
+            w.add_type(gguf.GGUFType.ADAPTER)
+            w.add_name(str(meta.get("name") or src.stem))
+            w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+            for name, t in tensors:
+                w.add_tensor(name, t.contiguous().numpy())
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return dst
+
+
 def _file_type(gguf, plans, meta: dict) -> int | None:
     """``general.file_type`` as llama.cpp labels such a file (its converter: all F32 / F16 / BF16;
     llama-quantize: Q4_K_M, Q6_K, whose files hold Q8_0 where rows are not whole blocks), from the
