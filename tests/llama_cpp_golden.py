@@ -119,23 +119,30 @@ def mistral_model() -> Path:
 def run_model(name: str, folder: Path) -> tuple[Path, object]:
     """``(APR file, tokenizer)`` of run ``name``: the preset with the tokenizer's vocabulary, weights from
     seed 0 scaled up (so attention is far from uniform and the logits spread over several units)."""
-    import torch
-
-    from apr_kernels.model import Transformer, preset
+    from apr_kernels.model import preset
     from apr_kernels.train.checkpoint import save_checkpoint
 
     base, overrides, kind = RUNS[name]
     tok = run_tokenizer(kind)
     cfg = preset(base).replace(vocab_size={"qwen2": 151680, "mistral": 32000}[kind], **overrides)
+    path = folder / f"{name}.apr"
+    save_checkpoint(path, model=scaled_model(cfg), tokenizer=tok)
+    return path, tok
+
+
+def scaled_model(cfg):
+    """A model of ``cfg`` with weights from seed 0, its matrices scaled up (embedding x20, the rest x8)."""
+    import torch
+
+    from apr_kernels.model import Transformer
+
     torch.manual_seed(0)
     model = Transformer(cfg, fast=False)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() == 2:
                 p.mul_(20.0 if "embed" in n else 8.0)
-    path = folder / f"{name}.apr"
-    save_checkpoint(path, model=model, tokenizer=tok)
-    return path, tok
+    return model
 
 
 def run_ids(tok) -> list[int]:
@@ -454,7 +461,7 @@ def _check_quantised_logits(args) -> None:
     import torch
 
     from apr_kernels.convert.gguf_out import export_gguf
-    from apr_kernels.model import Transformer, preset
+    from apr_kernels.model import preset
     from apr_kernels.model.loading import from_apr
     from apr_kernels.train.checkpoint import save_checkpoint
     from apr_kernels.train.qat import quantize_as_converted
@@ -467,14 +474,8 @@ def _check_quantised_logits(args) -> None:
         for width in (256, 384):
             cfg = preset("tiny_qwen2").replace(vocab_size=151680, hidden_size=width, intermediate_size=2 * width,
                                                head_dim=64, num_heads=width // 64, num_kv_heads=2, num_layers=4)
-            torch.manual_seed(0)
-            model = Transformer(cfg, fast=False)
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if p.dim() == 2:
-                        p.mul_(20.0 if "embed" in n else 8.0)
             apr = tmp / f"w{width}.apr"
-            save_checkpoint(apr, model=model, tokenizer=tok)
+            save_checkpoint(apr, model=scaled_model(cfg), tokenizer=tok)
             ids = run_ids(tok)
             llama, ours = {}, {}
             for kind in ("f32", "q4km", "q5km", "q8_0"):

@@ -287,6 +287,16 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "keep
     return dst
 
 
+def lora_settings(meta: dict, src) -> dict:
+    """The ``lora`` settings of a step checkpoint's metadata ``meta`` (rank, alpha, targets, ...), or an
+    error naming ``src`` when it has no adapters to export."""
+    lora = meta.get("lora")
+    if not isinstance(lora, dict):
+        raise ValueError(f"{src}: no LoRA adapters (metadata 'lora'); expected a step checkpoint of a "
+                         f"`train --lora-rank` run (its final model.apr has them merged)")
+    return lora
+
+
 def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str | None = None) -> Path:
     """The LoRA adapters of a checkpoint (``apr-kernels train --lora-rank``) as a PEFT adapter folder:
     ``adapter_config.json`` + ``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained``
@@ -301,10 +311,7 @@ def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, *, base: str 
     check_new_folder(dst)
     with apr_kernels.open(src) as f:
         meta, cfg = f.metadata, f.config
-        lora = meta.get("lora")
-        if not isinstance(lora, dict):
-            raise ValueError(f"{src}: no LoRA adapters (metadata 'lora'); expected a step checkpoint of a "
-                             f"`train --lora-rank` run (its final model.apr has them merged)")
+        lora = lora_settings(meta, src)
         parts = sorted(n for n in f.keys() if n.endswith((".lora_A", ".lora_B")))
         experts = next((n for n in parts if ".experts." in n), None)
         if experts and str(cfg.architecture).lower() == "qwen2_moe":

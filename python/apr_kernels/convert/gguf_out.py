@@ -35,6 +35,7 @@ renamed over it when complete.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -45,7 +46,7 @@ from warnings import warn
 import numpy as np
 import torch
 
-from .export import merged_tensor, model_tensor_names
+from .export import lora_settings, merged_tensor, model_tensor_names
 from .names import PERMUTED_ARCHS, hf_to_gguf, permute_rows, rope_permuted_heads, unpermute_rows
 from .recipe import FLOAT_DTYPES, GGUF_KINDS, Layout, ggml_type
 
@@ -103,10 +104,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         lora = meta.get("lora")
         if quantize is not None:
             _check_float_source(f, src, names, quantize)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-        os.close(fd)  # the writer opens it by name
-        tmp = Path(tmp_name)
-        try:
+        with _written(dst) as tmp:
             w = gguf.GGUFWriter(str(tmp), arch)
             w.add_name(str(meta.get("name") or src.stem))
             _model_keys(w, cfg, src)
@@ -139,11 +137,22 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
             for _name, produce, _shape, _dtype, _raw in bar:
                 w.write_tensor_data(np.ascontiguousarray(produce()))
             w.close()
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     return dst
+
+
+@contextlib.contextmanager
+def _written(dst: Path):
+    """A temporary file next to ``dst`` (its path yielded) renamed over ``dst`` when the block completes;
+    removed on any error, so ``dst`` appears only whole."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)  # the writer opens it by name
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -166,10 +175,7 @@ def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
     with apr_kernels.open(src) as f:
         meta, cfg = f.metadata, f.config
-        lora = meta.get("lora")
-        if not isinstance(lora, dict):
-            raise ValueError(f"{src}: no LoRA adapters (metadata 'lora'); expected a step checkpoint of a "
-                             f"`train --lora-rank` run (its final model.apr has them merged)")
+        lora = lora_settings(meta, src)
         modules = sorted(n.removesuffix(".lora_A") for n in f.keys() if n.endswith(".lora_A"))
         experts = next((m for m in modules if ".experts." in m), None)
         why = ("DoRA (llama.cpp's adapters are plain LoRA)" if lora.get("dora") else
@@ -193,10 +199,7 @@ def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
                 b = unpermute_rows(b, heads)
             name = hf_to_gguf(f"{module}.weight")
             tensors += [(f"{name}.lora_a", f.get_tensor(f"{module}.lora_A", dtype=torch.float32)), (f"{name}.lora_b", b)]
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with _written(dst) as tmp:
             w = gguf.GGUFWriter(str(tmp), arch)
             w.add_type(gguf.GGUFType.ADAPTER)
             w.add_name(str(meta.get("name") or src.stem))
@@ -208,10 +211,6 @@ def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     return dst
 
 
