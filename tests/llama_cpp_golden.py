@@ -24,7 +24,7 @@ Written to ``DIR`` (default tests/data/llama_cpp):
 * ``mixtures.json``: for the same models, the tensors (type, shape, SHA-256 prefix) of the files
   llama-quantize writes for its other k-quant mixtures and Q8_0 (``MIXES``; ``--only mixtures``
   records this file alone);
-* ``adapters.json``: for two of ``RUNS`` (``ADAPTER_RUNS``), the LoRA adapter GGUF ``export --adapter``
+* ``adapters.json``: for four of ``RUNS`` (``ADAPTER_RUNS``), the LoRA adapter GGUF ``export --adapter``
   wrote from a step checkpoint (``adapter_model``) and the logits llama.cpp computed with it on the
   base's export (``--only adapters`` records this file alone);
 * ``blocks.npz``: rows of a weight matrix (F32, corner cases first) and llama.cpp's Q4_K and Q6_K
@@ -389,7 +389,9 @@ def _record_mixtures(args, out: Path) -> None:
     (out / "mixtures.json").write_text(json.dumps(record, indent=0, sort_keys=True) + "\n")
 
 
-ADAPTER_RUNS = ("qwen2_yarn", "llama_untied")  # (Qwen2: rows as stored; Llama: q/k rows permuted for llama.cpp)
+# (Qwen2: rows as stored; Llama: q/k rows permuted for llama.cpp; the MoE models: the experts' adapters
+# stacked per layer and projection, Qwen2-MoE's shared expert's not)
+ADAPTER_RUNS = ("qwen2_yarn", "llama_untied", "qwen2_moe", "mixtral")
 ADAPTER_LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                       "down_proj"], "seed": 1}
 

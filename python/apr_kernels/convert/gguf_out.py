@@ -162,8 +162,8 @@ def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     [out, r] in float32 (B's rows in llama.cpp's order, as the projection's). llama.cpp applies it to
     the GGUF export of the run's ``--init`` file (``llama-cli -m base.gguf --lora adapter.gguf``,
     Ollama's ``ADAPTER``) with the scale ``alpha / r``: rsLoRA's ``alpha / sqrt(r)`` is written as the
-    alpha that gives it. Refused: DoRA, adapters on experts (llama.cpp stacks a layer's experts into
-    one tensor), a reward model's score head."""
+    alpha that gives it. A layer's experts' adapters are stacked as llama.cpp stacks the experts
+    (``ffn_*_exps.weight.lora_a`` [experts, r, in]). Refused: DoRA, a reward model's score head."""
     import gguf
 
     import apr_kernels
@@ -177,9 +177,7 @@ def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         meta, cfg = f.metadata, f.config
         lora = lora_settings(meta, src)
         modules = sorted(n.removesuffix(".lora_A") for n in f.keys() if n.endswith(".lora_A"))
-        experts = next((m for m in modules if ".experts." in m), None)
         why = ("DoRA (llama.cpp's adapters are plain LoRA)" if lora.get("dora") else
-               f"adapters on the experts ({experts}, ...; llama.cpp stacks a layer's experts)" if experts else
                "a sequence classifier (a reward model's score head)" if cfg.num_labels else None)
         if why:
             raise ValueError(f"{src}: {why} cannot be written as a llama.cpp LoRA adapter; export the merged model "
@@ -190,14 +188,23 @@ def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             alpha *= math.sqrt(rank)
         heads_q, heads_kv = cfg.num_heads, cfg.num_kv_heads or cfg.num_heads
         tensors = []
-        for module in modules:
+        weights = {f"{m}.weight": m for m in modules}
+        stacks = _expert_stacks(weights)  # (a layer's experts: one stacked GGUF tensor per projection)
+        for name, experts in stacks.items():
+            if len(experts) != cfg.num_experts:
+                raise ValueError(f"{src}: adapters on {len(experts)} of the {cfg.num_experts} experts of {name}; "
+                                 f"llama.cpp stacks a layer's experts, so expected adapters on all or none")
+            for part in ("lora_A", "lora_B"):
+                tensors.append((f"{name}.{part.lower()}",
+                                torch.stack([f.get_tensor(f"{m}.{part}", dtype=torch.float32) for m in experts])))
+        for weight, module in weights.items():
             b = f.get_tensor(f"{module}.lora_B", dtype=torch.float32)
-            heads = rope_permuted_heads(f"{module}.weight", heads_q, heads_kv)
+            heads = rope_permuted_heads(weight, heads_q, heads_kv)
             if heads and arch in PERMUTED_ARCHS and cfg.rope_type == 2:
                 b = permute_rows(b, heads)
             elif heads and arch not in PERMUTED_ARCHS and cfg.rope_type == 0:
                 b = unpermute_rows(b, heads)
-            name = hf_to_gguf(f"{module}.weight")
+            name = hf_to_gguf(weight)
             tensors += [(f"{name}.lora_a", f.get_tensor(f"{module}.lora_A", dtype=torch.float32)), (f"{name}.lora_b", b)]
         with _written(dst) as tmp:
             w = gguf.GGUFWriter(str(tmp), arch)
