@@ -86,19 +86,25 @@ def fake_quantize(gtype: str, t: torch.Tensor) -> torch.Tensor:
     if gtype == "Q5_K":
         return _dequant_q5_k(q5_k_blocks(x.reshape(-1, 256))).reshape(t.shape).to(t.dtype)
     x = x.reshape(-1, 32)
-    zero = torch.zeros((), device=x.device)
     if gtype == "Q8_0":
         d = _div(x.abs().amax(dim=1, keepdim=True), 127.0)
-        q = _round_away(x * torch.where(d != 0, _div(1.0, torch.where(d != 0, d, 1.0)), zero))
-        out = q * d.to(torch.float16).to(torch.float32)
+        out = _round_away(x * _inverse(d)) * _as_f16(d)
     elif gtype == "Q5_0":
         peak = x.gather(1, x.abs().argmax(dim=1, keepdim=True))  # (signed, the first largest)
         d = _div(peak, -16.0)
-        q = torch.trunc(x * torch.where(d != 0, _div(1.0, torch.where(d != 0, d, 1.0)), zero) + 16.5).clamp(max=31)
-        out = (q - 16) * d.to(torch.float16).to(torch.float32)
+        out = (torch.trunc(x * _inverse(d) + 16.5).clamp(max=31) - 16) * _as_f16(d)
     else:  # Q5_1
         lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
         d = _div(hi - lo, 31.0)
-        q = torch.trunc((x - lo) * torch.where(d != 0, _div(1.0, torch.where(d != 0, d, 1.0)), zero) + 0.5)
-        out = q * d.to(torch.float16).to(torch.float32) + lo.to(torch.float16).to(torch.float32)
+        out = torch.trunc((x - lo) * _inverse(d) + 0.5) * _as_f16(d) + _as_f16(lo)
     return out.reshape(t.shape).to(t.dtype)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """``d ? 1.0f / d : 0.0f`` (the quantisers multiply by it), correctly rounded."""
+    return torch.where(d != 0, _div(1.0, torch.where(d != 0, d, 1.0)), torch.zeros((), device=d.device))
+
+
+def _as_f16(v: torch.Tensor) -> torch.Tensor:
+    """``v`` as the block stores it (float16), read back as float32."""
+    return v.to(torch.float16).to(torch.float32)

@@ -145,11 +145,9 @@ class FakeQuantizer:
         self.split, self.tp = _split_dims(model), getattr(model, "tensor_parallel", None)
         # LoRA: weight name -> its adapted projection (the file stores the merged weight)
         self.adapted = {f"{n}.weight": m for n, m in lora_modules(model).items()}
-        for name, m in self.adapted.items():
-            if hasattr(m, "lora_magnitude") or isinstance(m, QuantizedLoRALinear):
-                check(kind, dora=hasattr(m, "lora_magnitude"), quantized_base=isinstance(m, QuantizedLoRALinear))
         # QLoRA: quantised bases (not parameters) -> the APR format the converter writes their merged weight in
         bases = {n: m for n, m in self.adapted.items() if isinstance(m, QuantizedLoRALinear)}
+        check(kind, dora=any(hasattr(m, "lora_magnitude") for m in self.adapted.values()), quantized_base=bool(bases))
         if bases and (self.tp is not None or any(hasattr(m.base, "gather") for m in bases.values())):
             raise ValueError(f"--qat {kind} with --lora-quantized-base runs in one process or under DDP; with "
                              f"FSDP or tensor parallelism each rank holds part of a base's blocks. Expected "
@@ -211,7 +209,7 @@ class FakeQuantizer:
 
         for m, fmt in self.bases:
             m.qat_blocks = None
-            merged = m.base_weight(torch.float32) + (m.lora_B.float() @ m.lora_A.float()) * m.scale
+            merged = m.base_weight(torch.float32) + _adapter_term(m)
             m.qat_blocks = (fmt, _quantize_raw(fmt, merged))
 
     @contextlib.contextmanager
