@@ -109,8 +109,63 @@ def test_lora_trains_the_merged_weight_the_converted_file_holds(kind, tmp_path):
         assert torch.equal(p.detach(), before[name]), name
 
 
-@pytest.mark.parametrize("kind,arch", [("q4k", "qwen2"), ("q8", "qwen2"), ("q4k", "qwen2_moe")])
-def test_a_quantised_base_trains_for_its_merged_weight_requantised(kind, arch, tmp_path):
+def _dora_expected_grads(m, g: torch.Tensor, deployed_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradients DoRA's factors get from the converted file's weight gradient ``g`` (of its weight
+    ``q(M)``, ``M = gain (W + s B A)``, ``gain = magnitude / ||W + s B A||_row`` without gradient, as
+    DoRA trains): A and B through the merge (the straight-through estimator), the magnitude through
+    the quantised rows themselves, ``<g_r, q(M)_r> / magnitude_r`` (the quantisers are equivariant to a
+    row's scale, so that is how q(M) moves with it)."""
+    frozen = m.weight.detach().float()  # (a quantised base's: its blocks dequantised)
+    a, b, mag = m.lora_A.detach().float(), m.lora_B.detach().float(), m.lora_magnitude.detach().float()
+    gain = mag / (frozen + m.scale * b @ a).norm(dim=1)
+    gm = g * gain[:, None]
+    return {"lora_A": m.scale * b.T @ gm, "lora_B": m.scale * gm @ a.T,
+            "lora_magnitude": (g * deployed_weight).sum(dim=1) / mag}
+
+
+@pytest.mark.parametrize("kind", ["q4k", "q8"])
+def test_dora_trains_the_rescaled_merged_weight_the_converted_file_holds(kind, tmp_path):
+    """DoRA: the converter writes ``q(gain (W + s B A))``; inside the window the frozen weight holds
+    ``q(M) / gain - s B A`` and the module takes the full-precision weight's row norms for its gain,
+    so the model computes the converted file's logits, the factors get the gradients above, and after
+    it every weight is its own again."""
+    from apr_kernels.model.lora import adapters_disabled, add_lora, lora_modules
+
+    torch.manual_seed(0)
+    model = Transformer(sixteen_config(), fast=False)
+    add_lora(model, 4, 8.0, ["q_proj", "v_proj", "o_proj", "down_proj"], dora=True)
+    with torch.no_grad():  # (trained adapters and magnitudes: the merge moves and rescales the rows)
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.05)
+            m.lora_magnitude.mul_(torch.empty_like(m.lora_magnitude).uniform_(0.8, 1.25))
+    save_checkpoint(tmp_path / "m.apr", model=model)
+    assert cli(["convert", str(tmp_path / "m.apr"), str(tmp_path / "q.apr"), "--quantize", kind, "-q"])[0] == 0
+    deployed = from_apr(tmp_path / "q.apr", fast=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 272, (2, 20))
+    with adapters_disabled(model):
+        base_logits = model(ids).detach()
+    plain_logits = model(ids).detach()
+    quantizer = qat.FakeQuantizer(model, kind)
+    with quantizer.applied():
+        logits, grads = _logits_and_grads(model, ids)
+        with adapters_disabled(model):
+            assert torch.equal(model(ids).detach(), base_logits)
+    ref_logits, ref_grads = _logits_and_grads(deployed, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-5)
+    assert not torch.allclose(logits, plain_logits, atol=1e-3)
+    for name, m in lora_modules(model).items():
+        assert m.qat_norm is None
+        expected = _dora_expected_grads(m, ref_grads[f"{name}.weight"], deployed.get_parameter(f"{name}.weight").detach())
+        for part, want in expected.items():
+            torch.testing.assert_close(grads[f"{name}.{part}"], want, rtol=2e-4, atol=1e-7, msg=f"{name}.{part}")
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+    assert torch.equal(model(ids).detach(), plain_logits)
+
+
+@pytest.mark.parametrize("kind,arch,dora", [("q4k", "qwen2", False), ("q8", "qwen2", True), ("q4k", "qwen2_moe", False)])
+def test_a_quantised_base_trains_for_its_merged_weight_requantised(kind, arch, dora, tmp_path):
     """QLoRA (the adapters on the file's Q4_K blocks): the converter dequantises each base, merges the
     adapters and quantises the merged weight again; inside the window the model computes that file's
     logits, the adapters get the merged weight's gradient (the chain rule from the file's weight
@@ -128,15 +183,18 @@ def test_a_quantised_base_trains_for_its_merged_weight_requantised(kind, arch, t
     tensors = {n: (quantize("Q4_K", t.materialize()) if n.endswith("proj.weight") else t.materialize())
                for n, t in model_tensors(base).items()}
     apr_kernels.save(tensors, tmp_path / "q4k.apr", metadata=model_metadata(base))
-    lora = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "seed": 1}
+    lora = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "seed": 1,
+            "dora": dora}
     ids = torch.randint(0, 272, (2, 20))
     for fast in (False, True):
         model = from_apr(tmp_path / "q4k.apr", fast=fast, lora_init=lora, keep_quantized=True)
         mods = lora_modules(model)
         assert all(isinstance(m, QuantizedLoRALinear) for m in mods.values())
-        with torch.no_grad():  # (trained adapters: the merge moves the weights)
+        with torch.no_grad():  # (trained adapters: the merge moves the weights; DoRA's rescales the rows)
             for m in mods.values():
                 m.lora_B.normal_(0, 0.05)
+                if dora:
+                    m.lora_magnitude.mul_(torch.empty_like(m.lora_magnitude).uniform_(0.8, 1.25))
         stored = {n: m.base_weight(torch.float32).clone() for n, m in mods.items()}
         save_checkpoint(tmp_path / "step.apr", model=model)
         assert cli(["convert", str(tmp_path / "step.apr"), str(tmp_path / "q.apr"), "--quantize", kind, "-q"])[0] == 0
@@ -149,29 +207,26 @@ def test_a_quantised_base_trains_for_its_merged_weight_requantised(kind, arch, t
         torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-5)
         for name, m in mods.items():
             g = ref_grads[f"{name}.weight"]
-            torch.testing.assert_close(grads[f"{name}.lora_A"], m.scale * m.lora_B.detach().T @ g, rtol=2e-4, atol=1e-7)
-            torch.testing.assert_close(grads[f"{name}.lora_B"], m.scale * g @ m.lora_A.detach().T, rtol=2e-4, atol=1e-7)
-            assert m.qat_blocks is None and torch.equal(m.base_weight(torch.float32), stored[name]), name
+            if dora:
+                expected = _dora_expected_grads(m, g, deployed.get_parameter(f"{name}.weight").detach())
+            else:
+                expected = {"lora_A": m.scale * m.lora_B.detach().T @ g, "lora_B": m.scale * g @ m.lora_A.detach().T}
+            for part, want in expected.items():
+                torch.testing.assert_close(grads[f"{name}.{part}"], want, rtol=2e-4, atol=1e-7, msg=f"{name}.{part}")
+            assert m.qat_blocks is None and m.qat_norm is None, name
+            assert torch.equal(m.base_weight(torch.float32), stored[name]), name
 
 
 def test_refusals_name_the_reason(tmp_path, capsys):
-    from apr_kernels.model.lora import add_lora
-
     with pytest.raises(ValueError, match=r"--qat 'int4': expected one of q4k, q6k, q8, q4, q4km"):
         qat.check("int4")
-    with pytest.raises(ValueError, match="--qat q4k with --lora-dora: DoRA rescales each row"):
-        qat.check("q4k", dora=True)
     with pytest.raises(ValueError, match="--qat gguf:q4km with --lora-quantized-base: a quantised base trains for"):
         qat.check("gguf:q4km", quantized_base=True)
     qat.check("q4", quantized_base=True)
-    model = Transformer(sixteen_config(), fast=False)
-    add_lora(model, 2, dora=True)
-    with pytest.raises(ValueError, match="--qat q8 with --lora-dora"):
-        qat.FakeQuantizer(model, "q8")
-    code, _ = cli(["train", "--preset", "tiny", "--tokenizer", "bytes", "--data", HELD, "--lora-rank", "2",
-                   "--lora-dora", "--qat", "q4k", "--out", str(tmp_path / "no")])
-    assert code != 0
-    assert "--qat q4k with --lora-dora: DoRA" in capsys.readouterr().err
+    code, _ = cli(["train", "--init", str(tmp_path / "absent.apr"), "--tokenizer", "bytes", "--data", HELD,
+                   "--lora-rank", "2", "--lora-quantized-base", "--qat", "gguf:q8_0", "--out", str(tmp_path / "no")])
+    assert code != 0  # (before the file is read)
+    assert "--qat gguf:q8_0 with --lora-quantized-base: a quantised base" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- the CLI
@@ -217,8 +272,9 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     parallelism, Q4_K), and each projection split over the ranks (tensor parallelism: Q4_K, whose
     row-parallel columns are not whole 256-value blocks, so each weight is joined to quantise it;
     APR_Q4, o_proj's columns whole 32-value blocks alone and down_proj's 48 joined; APR_Q8 of a
-    Qwen2-MoE model, experts and vocabulary split too), and LoRA (the merged weights quantised: FSDP,
-    APR_Q8; tensor parallelism, APR_Q4), and GGUF's types (gguf:q4km under FSDP; gguf:q5km split, its
+    Qwen2-MoE model, experts and vocabulary split too), and DoRA (the merged weights, their rows
+    rescaled, quantised: FSDP, APR_Q8, each rank its rows' norms and the module all of them;
+    tensor parallelism, APR_Q4, the row-parallel rows' norms summed over the ranks), and GGUF's types (gguf:q4km under FSDP; gguf:q5km split, its
     Q5_0/Q5_1 rows of 32-value blocks: o_proj's 32 columns a rank alone, down_proj's 48 joined): one
     process's quantised weights (the first
     step's loss and gradient norm, the first evaluation: the same weights quantised alike), then its
@@ -232,7 +288,7 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
             "ep_q8": (moe, "q8", "fsdp"), "cp_q4k": (init, "q4k", "ddp"), "tp_q4k": (init, "q4k", "ddp"),
             "tp_q4": (init, "q4", "ddp"), "tp_q8": (moe, "q8", "ddp"), "lora_fsdp_q8": (init, "q8", "fsdp"),
             "lora_tp_q4": (init, "q4", "ddp")}
-    lora = ["--lora-rank", "4", "--lora-targets", "q_proj,v_proj,o_proj,down_proj"]
+    lora = ["--lora-rank", "4", "--lora-targets", "q_proj,v_proj,o_proj,down_proj", "--lora-dora"]
     ep = {"ep_q8": ["--expert-parallel", "2"], "cp_q4k": ["--context-parallel", "2"],
           **{name: ["--tensor-parallel", "2"] for name in ("tp_q4k", "tp_q4", "tp_q8", "tp_gguf")},
           "lora_fsdp_q8": lora, "lora_tp_q4": [*lora, "--tensor-parallel", "2"]}

@@ -72,6 +72,20 @@ class LoRALinear(nn.Linear):
     # under tensor parallelism (split_adapters): the group, and the dimension of the weight it splits
     tensor_parallel = None
     split_dim: int | None = None
+    # DoRA under --qat (train/qat.py), for a step: the rows' norms of the full-precision
+    # ``W + scale B A``, while the frozen weight holds the quantised merged weight's in-place form
+    qat_norm = None
+
+    def dora_norm(self) -> torch.Tensor:
+        """DoRA: each output row's norm of ``W + scale B A`` (fp32, no gradient; whole rows, the squares
+        of a row-parallel projection's ranks' columns summed)."""
+        if self.qat_norm is not None:
+            return self.qat_norm
+        with torch.no_grad():
+            w = frozen_weight(self, torch.float32)
+            square = (w + (self.lora_B.float() @ self.lora_A.float()) * self.scale).square().sum(dim=1)
+            tp = self.tensor_parallel
+            return (tp.sum(square) if tp is not None and self.split_dim == 1 else square).sqrt()
 
     def adapt(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The adapted output from the frozen projection's ``y = x W^T + b``: ``y + scale (x A^T) B^T``,
@@ -90,14 +104,9 @@ class LoRALinear(nn.Linear):
         if not hasattr(self, "lora_magnitude"):
             return y
         mag = self.lora_magnitude
-        with torch.no_grad():
-            w = frozen_weight(self, torch.float32)
-            square = (w + (self.lora_B.float() @ self.lora_A.float()) * self.scale).square().sum(dim=1)
-            if tp is not None and self.split_dim == 1:
-                square = tp.sum(square)
         if tp is not None and self.split_dim == 1:
             mag = tp.shared(mag)
-        g = (mag.float() / square.sqrt()).to(y.dtype)
+        g = (mag.float() / self.dora_norm()).to(y.dtype)
         y = y * g
         return y if self.bias is None else y + (1 - g) * self.bias.to(y.dtype)
 
@@ -216,8 +225,9 @@ class QuantizedLoRALinear(LoRALinear):
 
     # base: apr_kernels.io.QuantizedTensor or ShardedBlocks, set by whoever loads the blocks (model/loading.py)
     base_split = False  # tensor parallelism: whether ``base`` is this rank's part (else the whole tensor)
-    # --qat (train/qat.py), for a step: (APR format, raw blocks) of the quantised merged weight q(M), so
-    # that the module multiplies by q(M) - scale B A (its adapters add scale B A back); None otherwise
+    # --qat (train/qat.py), for a step: (APR format, raw blocks, DoRA's 1 / g or None) of the quantised
+    # merged weight q(M), so that the module multiplies by q(M) - scale B A (its adapters add scale B A
+    # back; DoRA: q(M) / g - scale B A, the module's gain g multiplying); None otherwise
     qat_blocks = None
 
     @property
@@ -247,9 +257,10 @@ class QuantizedLoRALinear(LoRALinear):
         from apr_kernels.quant import dequantize
 
         if self.qat_blocks is not None:  # (--qat's step: q(M) less the adapters' term, made per GEMM)
-            fmt, raw = self.qat_blocks
+            fmt, raw, inverse_gain = self.qat_blocks  # (DoRA: q(g M) / g less the term)
             term = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
-            return (dequantize(fmt, self.base.shape, raw) - term).to(dtype)
+            w = dequantize(fmt, self.base.shape, raw)
+            return ((w if inverse_gain is None else w * inverse_gain[:, None]) - term).to(dtype)
         w = dequantize(self.base.dtype, self.base.shape, raw_blocks(self.base), dtype=dtype)
         return w if self.tensor_parallel is None or self.base_split else self.tensor_parallel.local(w, self.split_dim)
 

@@ -662,7 +662,7 @@ def _check_low_precision(cfg, args, device) -> None:
     if cfg.qat:
         from . import qat
 
-        qat.check(cfg.qat, dora=bool(args.lora_rank and args.lora_dora), quantized_base=args.lora_quantized_base)
+        qat.check(cfg.qat, quantized_base=args.lora_quantized_base)
     if not cfg.float8:
         return
     from . import float8

@@ -339,7 +339,7 @@ def lora_settings(args) -> dict:
     if getattr(args, "qat", None):  # (what --qat cannot train, before any weight is read)
         from .qat import check
 
-        check(args.qat, dora=args.lora_dora, quantized_base=args.lora_quantized_base)
+        check(args.qat, quantized_base=args.lora_quantized_base)
     return {"lora_init": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets.split(","),
                           "seed": args.seed, "rslora": args.lora_rslora, "dora": args.lora_dora},
             "keep_quantized": args.lora_quantized_base}

@@ -39,8 +39,17 @@ reference under LoRA) is the full-precision one, as a full fine-tune's reference
 A quantised base (QLoRA, ``--lora-quantized-base``): the converter dequantises it, merges and
 quantises again, so each step quantises ``M = base + scale B A`` once into compact blocks
 (``QuantizedLoRALinear.qat_blocks``) and each GEMM dequantises them less the adapters' term (one
-process or DDP; APR kinds). Refused: DoRA (the merged rows are rescaled by a norm of the weight
-itself).
+process or DDP; APR kinds).
+
+DoRA: the converter writes ``M = g (W + scale B A)``, each row rescaled by ``g = magnitude / ||W +
+scale B A||_row``, quantised. Within the window the frozen ``W`` holds ``q(M) / g - scale B A`` (a
+quantised base: its blocks of ``q(M)`` and ``1 / g``) and the module takes ``g`` from the
+full-precision weight's row norms (``LoRALinear.qat_norm``, set here: the frozen weight now holds
+another), so it multiplies by ``q(M)``. A and B get the merged weight's gradient through the merge;
+the magnitude gets ``<G_r, q(M)_r> / m_r`` (``G`` the quantised weight's gradient), the derivative of
+the quantised rows themselves: the quantisers' scales follow a row's scale, so ``q(c M_r) = c q(M_r)``
+up to the rounding of those scales, where the plain straight-through estimator would take the
+full-precision row's direction instead.
 """
 
 from __future__ import annotations
@@ -51,15 +60,11 @@ import torch
 from torch import nn
 
 from apr_kernels.convert.recipe import FLOAT_DTYPES, GGUF_PREFIX, Layout, check_kind, run_format
-from apr_kernels.ggml_quant import ROW_BLOCK as GGML_ROW_BLOCK
+from apr_kernels.ggml_quant import ROW_BLOCK as GGML_ROW_BLOCK, _inverse
 
 
-def check(kind: str, *, dora: bool = False, quantized_base: bool = False) -> None:
+def check(kind: str, *, quantized_base: bool = False) -> None:
     check_kind(kind, "--qat", gguf=True)
-    if dora:
-        raise ValueError(f"--qat {kind} with --lora-dora: DoRA rescales each row of the merged weight by a norm "
-                         f"taken from the weight itself, so the quantised merged weight has no in-place form; "
-                         f"expected plain LoRA (or a full fine-tune)")
     if quantized_base and kind.startswith(GGUF_PREFIX):
         raise ValueError(f"--qat {kind} with --lora-quantized-base: a quantised base trains for the APR kinds (q4k, "
                          f"q6k, q8, q4, q4km), whose blocks it keeps per step; expected one of those, or a float base")
@@ -147,7 +152,7 @@ class FakeQuantizer:
         self.adapted = {f"{n}.weight": m for n, m in lora_modules(model).items()}
         # QLoRA: quantised bases (not parameters) -> the APR format the converter writes their merged weight in
         bases = {n: m for n, m in self.adapted.items() if isinstance(m, QuantizedLoRALinear)}
-        check(kind, dora=any(hasattr(m, "lora_magnitude") for m in self.adapted.values()), quantized_base=bool(bases))
+        check(kind, quantized_base=bool(bases))
         if bases and (self.tp is not None or any(hasattr(m.base, "gather") for m in bases.values())):
             raise ValueError(f"--qat {kind} with --lora-quantized-base runs in one process or under DDP; with "
                              f"FSDP or tensor parallelism each rank holds part of a base's blocks. Expected "
@@ -186,8 +191,12 @@ class FakeQuantizer:
                         quantised = self.quantised(name, p, fmt)
                     else:  # the merged weight's quantised values, less the adapters' term the module adds
                         term = _adapter_term(adapter)
-                        merged = _placed_like((local.float() + term).to(local.dtype), p)
-                        quantised = self.quantised(name, merged, fmt).float() - term
+                        merged = local.float() + term
+                        gain = self._dora_gain(adapter, merged)
+                        if gain is not None:  # (DoRA: q(M) / g - scale B A, the module multiplies by g)
+                            merged = merged * gain[:, None]
+                        quantised = self.quantised(name, _placed_like(merged.to(local.dtype), p), fmt).float()
+                        quantised = (quantised if gain is None else quantised * _inverse(gain)[:, None]) - term
                     saved.append((local, local.clone()))
                     local.copy_(quantised)
             self._quantise_bases()
@@ -197,20 +206,45 @@ class FakeQuantizer:
             self._saved, self.model.qat_window = None, None
             for m, _fmt in self.bases:
                 m.qat_blocks = None
+            for m in self.adapted.values():
+                m.qat_norm = None
             with torch.no_grad():
                 for local, original in saved:
                     local.copy_(original)
 
+    def _dora_gain(self, m, merged: torch.Tensor) -> torch.Tensor | None:
+        """DoRA's row gains ``g = magnitude / ||W + scale B A||_row`` for this rank's part ``merged`` of
+        ``W + scale B A`` (fp32; None without DoRA), as the converter's merge computes them. Sets
+        ``m.qat_norm``, the norms the module takes for the step, of the full-precision weight (the frozen
+        one then holds another): whole rows (a row-parallel projection's ranks' squares summed) and,
+        under FSDP, all of them (the forward sees the gathered module)."""
+        if not hasattr(m, "lora_magnitude"):
+            return None
+        from .distributed import local_part
+
+        if self.tp is not None and m.split_dim == 1:
+            norm = self.tp.sum(merged.square().sum(dim=1)).sqrt()
+        else:
+            norm = merged.norm(dim=1)
+        mag = m.lora_magnitude
+        m.qat_norm = _placed_like(norm, mag).full_tensor() if hasattr(mag, "full_tensor") else norm
+        return local_part(mag).float() / norm
+
     @torch.no_grad()
     def _quantise_bases(self) -> None:
-        """QLoRA: each quantised base's merged weight ``M = dequantised base + scale B A`` quantised as
-        the converter will (raw blocks, kept compact for the step; ``QuantizedLoRALinear.qat_blocks``)."""
+        """QLoRA: each quantised base's merged weight ``M = dequantised base + scale B A`` (DoRA: its rows
+        rescaled, ``g M``) quantised as the converter will (raw blocks, kept compact for the step;
+        ``QuantizedLoRALinear.qat_blocks``, with ``1 / g`` for DoRA)."""
         from apr_kernels.quant import _quantize_raw
 
         for m, fmt in self.bases:
             m.qat_blocks = None
             merged = m.base_weight(torch.float32) + _adapter_term(m)
-            m.qat_blocks = (fmt, _quantize_raw(fmt, merged))
+            gain = self._dora_gain(m, merged)
+            if gain is None:
+                m.qat_blocks = (fmt, _quantize_raw(fmt, merged), None)
+            else:
+                m.qat_blocks = (fmt, _quantize_raw(fmt, merged * gain[:, None]), _inverse(gain))
 
     @contextlib.contextmanager
     def full_precision(self):
