@@ -274,7 +274,8 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     APR_Q4, o_proj's columns whole 32-value blocks alone and down_proj's 48 joined; APR_Q8 of a
     Qwen2-MoE model, experts and vocabulary split too), and DoRA (the merged weights, their rows
     rescaled, quantised: FSDP, APR_Q8, each rank its rows' norms and the module all of them;
-    tensor parallelism, APR_Q4, the row-parallel rows' norms summed over the ranks), and GGUF's types (gguf:q4km under FSDP; gguf:q5km split, its
+    tensor parallelism, APR_Q4, the row-parallel rows' norms summed over the ranks; and on an APR_Q4
+    base under FSDP, each rank quantising the whole merged weight and keeping its share of the blocks), and GGUF's types (gguf:q4km under FSDP; gguf:q5km split, its
     Q5_0/Q5_1 rows of 32-value blocks: o_proj's 32 columns a rank alone, down_proj's 48 joined): one
     process's quantised weights (the first
     step's loss and gradient norm, the first evaluation: the same weights quantised alike), then its
@@ -283,18 +284,20 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     # (its experts under FSDP: sharded over their replicas, gathered for APR_Q8)
     moe = sixteen_init(tmp_path / "moe.apr", seed=4, architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=64, tie_word_embeddings=False)
+    apr_q4 = _quantised_init(tmp_path / "apr_q4.apr", "APR_Q4")
     runs = {"fsdp_q8": (init, "q8", "fsdp"), "fsdp_q4": (init, "q4", "fsdp"), "ddp_q4k": (init, "q4k", "ddp"),
             "fsdp_gguf": (init, "gguf:q4km", "fsdp"), "tp_gguf": (init, "gguf:q5km", "ddp"),
             "ep_q8": (moe, "q8", "fsdp"), "cp_q4k": (init, "q4k", "ddp"), "tp_q4k": (init, "q4k", "ddp"),
             "tp_q4": (init, "q4", "ddp"), "tp_q8": (moe, "q8", "ddp"), "lora_fsdp_q8": (init, "q8", "fsdp"),
-            "lora_tp_q4": (init, "q4", "ddp")}
+            "lora_tp_q4": (init, "q4", "ddp"), "qlora_fsdp_q4": (apr_q4, "q4", "fsdp")}
     lora = ["--lora-rank", "4", "--lora-targets", "q_proj,v_proj,o_proj,down_proj", "--lora-dora"]
-    ep = {"ep_q8": ["--expert-parallel", "2"], "cp_q4k": ["--context-parallel", "2"],
-          **{name: ["--tensor-parallel", "2"] for name in ("tp_q4k", "tp_q4", "tp_q8", "tp_gguf")},
-          "lora_fsdp_q8": lora, "lora_tp_q4": [*lora, "--tensor-parallel", "2"]}
-    launched = {name: (_train(path, tmp_path / name, "--qat", kind, "--parallel", mode, *ep.get(name, [])), 2)
+    adapters = {"lora_fsdp_q8": lora, "lora_tp_q4": lora, "qlora_fsdp_q4": [*lora, "--lora-quantized-base"]}
+    split = {"ep_q8": ["--expert-parallel", "2"], "cp_q4k": ["--context-parallel", "2"], "lora_tp_q4": ["--tensor-parallel", "2"],
+             **{name: ["--tensor-parallel", "2"] for name in ("tp_q4k", "tp_q4", "tp_q8", "tp_gguf")}}
+    launched = {name: (_train(path, tmp_path / name, "--qat", kind, "--parallel", mode, *adapters.get(name, []),
+                              *split.get(name, [])), 2)
                 for name, (path, kind, mode) in runs.items()}
-    references = {name: _train(path, tmp_path / f"one_{name}", "--qat", kind, *(lora if "lora" in name else []))
+    references = {name: _train(path, tmp_path / f"one_{name}", "--qat", kind, *adapters.get(name, []))
                   for name, (path, kind, _) in runs.items()}
     one, out = against_one_process(launched, references, tmp_path / "launch")
     for name in runs:
@@ -369,17 +372,23 @@ def test_post_training_steps_see_the_quantised_weights(init, tmp_path):
             assert evals["eval_loss"] != pytest.approx(evals["eval_loss_quantized"], rel=1e-7)
 
 
-def test_a_qlora_qat_run_reports_the_converted_files_loss(tmp_path):
-    """train --lora-quantized-base --qat q4k from a Q4_K file: the converter's output of the checkpoint
-    (each base dequantised, merged, quantised again) has the run's eval_loss_quantized."""
+def _quantised_init(path: Path, fmt: str, **config) -> Path:
+    """``path``: an APR file of a ``sixteen_config(**config)`` model whose projections are stored in ``fmt``."""
     from apr_kernels.quant import quantize
     from apr_kernels.train.checkpoint import model_metadata, model_tensors
 
     torch.manual_seed(0)
-    base = Transformer(sixteen_config(hidden_size=256, intermediate_size=512, num_heads=4, head_dim=64), fast=False)
-    tensors = {n: (quantize("Q4_K", t.materialize()) if n.endswith("proj.weight") else t.materialize())
+    base = Transformer(sixteen_config(**config), fast=False)
+    tensors = {n: (quantize(fmt, t.materialize()) if n.endswith("proj.weight") else t.materialize())
                for n, t in model_tensors(base).items()}
-    apr_kernels.save(tensors, tmp_path / "q4k.apr", metadata=model_metadata(base))
+    apr_kernels.save(tensors, path, metadata=model_metadata(base))
+    return path
+
+
+def test_a_qlora_qat_run_reports_the_converted_files_loss(tmp_path):
+    """train --lora-quantized-base --qat q4k from a Q4_K file: the converter's output of the checkpoint
+    (each base dequantised, merged, quantised again) has the run's eval_loss_quantized."""
+    _quantised_init(tmp_path / "q4k.apr", "Q4_K", hidden_size=256, intermediate_size=512, num_heads=4, head_dim=64)
     code, run = cli(_train(tmp_path / "q4k.apr", tmp_path / "run", "--qat", "q4k", "--lora-rank", "4",
                            "--lora-quantized-base"))
     assert code == 0

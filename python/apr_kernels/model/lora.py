@@ -259,6 +259,8 @@ class QuantizedLoRALinear(LoRALinear):
         if self.qat_blocks is not None:  # (--qat's step: q(M) less the adapters' term, made per GEMM)
             fmt, raw, inverse_gain = self.qat_blocks  # (DoRA: q(g M) / g less the term)
             term = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
+            if not isinstance(raw, torch.Tensor):  # (FSDP: ShardedBlocks, the ranks' shares gathered)
+                raw = raw.gather()
             w = dequantize(fmt, self.base.shape, raw)
             return ((w if inverse_gain is None else w * inverse_gain[:, None]) - term).to(dtype)
         w = dequantize(self.base.dtype, self.base.shape, raw_blocks(self.base), dtype=dtype)

@@ -39,7 +39,7 @@ reference under LoRA) is the full-precision one, as a full fine-tune's reference
 A quantised base (QLoRA, ``--lora-quantized-base``): the converter dequantises it, merges and
 quantises again, so each step quantises ``M = base + scale B A`` once into compact blocks
 (``QuantizedLoRALinear.qat_blocks``) and each GEMM dequantises them less the adapters' term (one
-process or DDP; APR kinds).
+process, DDP or FSDP, each rank keeping its share of the blocks; APR kinds).
 
 DoRA: the converter writes ``M = g (W + scale B A)``, each row rescaled by ``g = magnitude / ||W +
 scale B A||_row``, quantised. Within the window the frozen ``W`` holds ``q(M) / g - scale B A`` (a
@@ -153,10 +153,10 @@ class FakeQuantizer:
         # QLoRA: quantised bases (not parameters) -> the APR format the converter writes their merged weight in
         bases = {n: m for n, m in self.adapted.items() if isinstance(m, QuantizedLoRALinear)}
         check(kind, quantized_base=bool(bases))
-        if bases and (self.tp is not None or any(hasattr(m.base, "gather") for m in bases.values())):
-            raise ValueError(f"--qat {kind} with --lora-quantized-base runs in one process or under DDP; with "
-                             f"FSDP or tensor parallelism each rank holds part of a base's blocks. Expected "
-                             f"--parallel ddp (or a float base)")
+        if bases and self.tp is not None:
+            raise ValueError(f"--qat {kind} with --lora-quantized-base and tensor parallelism: each rank holds a "
+                             f"part of a base's blocks that need not be whole blocks of the merged weight's format. "
+                             f"Expected --parallel ddp or fsdp without --tensor-parallel (or a float base)")
         layout = Layout.of_config(model.config)
         self.bases = [(m, fmt) for n, m in bases.items()
                       if (fmt := run_format(kind, n, tuple(m.base.shape), layout)) is not None]
@@ -212,21 +212,25 @@ class FakeQuantizer:
                 for local, original in saved:
                     local.copy_(original)
 
-    def _dora_gain(self, m, merged: torch.Tensor) -> torch.Tensor | None:
+    def _dora_gain(self, m, merged: torch.Tensor, whole: bool = False) -> torch.Tensor | None:
         """DoRA's row gains ``g = magnitude / ||W + scale B A||_row`` for this rank's part ``merged`` of
-        ``W + scale B A`` (fp32; None without DoRA), as the converter's merge computes them. Sets
-        ``m.qat_norm``, the norms the module takes for the step, of the full-precision weight (the frozen
-        one then holds another): whole rows (a row-parallel projection's ranks' squares summed) and,
-        under FSDP, all of them (the forward sees the gathered module)."""
+        ``W + scale B A`` (``whole``: all of it; fp32; None without DoRA), as the converter's merge
+        computes them. Sets ``m.qat_norm``, the norms the module takes for the step, of the
+        full-precision weight (the frozen one then holds another): whole rows (a row-parallel
+        projection's ranks' squares summed) and, under FSDP, all of them (the forward sees the
+        gathered module)."""
         if not hasattr(m, "lora_magnitude"):
             return None
-        from .distributed import local_part
+        from .distributed import full_tensor, local_part
 
+        mag = m.lora_magnitude
+        if whole:
+            m.qat_norm = norm = merged.norm(dim=1)
+            return full_tensor(mag).float() / norm
         if self.tp is not None and m.split_dim == 1:
             norm = self.tp.sum(merged.square().sum(dim=1)).sqrt()
         else:
             norm = merged.norm(dim=1)
-        mag = m.lora_magnitude
         m.qat_norm = _placed_like(norm, mag).full_tensor() if hasattr(mag, "full_tensor") else norm
         return local_part(mag).float() / norm
 
@@ -234,17 +238,23 @@ class FakeQuantizer:
     def _quantise_bases(self) -> None:
         """QLoRA: each quantised base's merged weight ``M = dequantised base + scale B A`` (DoRA: its rows
         rescaled, ``g M``) quantised as the converter will (raw blocks, kept compact for the step;
-        ``QuantizedLoRALinear.qat_blocks``, with ``1 / g`` for DoRA)."""
+        ``QuantizedLoRALinear.qat_blocks``, with ``1 / g`` for DoRA). Under FSDP every rank gathers the
+        base's blocks and the adapters (as each GEMM does), quantises the whole merged weight and keeps
+        its share of the blocks (``ShardedBlocks``: the GEMMs gather them as they gather the base's)."""
         from apr_kernels.quant import _quantize_raw
+
+        from .distributed import ShardedBlocks, full_tensor
 
         for m, fmt in self.bases:
             m.qat_blocks = None
-            merged = m.base_weight(torch.float32) + _adapter_term(m)
-            gain = self._dora_gain(m, merged)
-            if gain is None:
-                m.qat_blocks = (fmt, _quantize_raw(fmt, merged), None)
-            else:
-                m.qat_blocks = (fmt, _quantize_raw(fmt, merged * gain[:, None]), _inverse(gain))
+            sharded = hasattr(m.base, "gather")
+            term = (full_tensor(m.lora_B).float() @ full_tensor(m.lora_A).float()) * m.scale
+            merged = m.base_weight(torch.float32) + term
+            gain = self._dora_gain(m, merged, whole=True)
+            raw = _quantize_raw(fmt, merged if gain is None else merged * gain[:, None])
+            if sharded:
+                raw = ShardedBlocks(fmt, m.base.shape, raw, raw.device, m.base.group)
+            m.qat_blocks = (fmt, raw, None if gain is None else _inverse(gain))
 
     @contextlib.contextmanager
     def full_precision(self):
