@@ -225,9 +225,9 @@ class QuantizedLoRALinear(LoRALinear):
 
     # base: apr_kernels.io.QuantizedTensor or ShardedBlocks, set by whoever loads the blocks (model/loading.py)
     base_split = False  # tensor parallelism: whether ``base`` is this rank's part (else the whole tensor)
-    # --qat (train/qat.py), for a step: (APR format, raw blocks, DoRA's 1 / g or None) of the quantised
-    # merged weight q(M), so that the module multiplies by q(M) - scale B A (its adapters add scale B A
-    # back; DoRA: q(M) / g - scale B A, the module's gain g multiplying); None otherwise
+    # --qat (train/qat.py), for a step: the blocks of the quantised merged weight q(M) (``qat.QatBlocks``),
+    # so that the module multiplies by q(M) - scale B A (its adapters add scale B A back; DoRA:
+    # q(M) / g - scale B A, the module's gain g multiplying); None otherwise
     qat_blocks = None
 
     @property
@@ -257,14 +257,25 @@ class QuantizedLoRALinear(LoRALinear):
         from apr_kernels.quant import dequantize
 
         if self.qat_blocks is not None:  # (--qat's step: q(M) less the adapters' term, made per GEMM)
-            fmt, raw, inverse_gain = self.qat_blocks  # (DoRA: q(g M) / g less the term)
-            term = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
-            if not isinstance(raw, torch.Tensor):  # (FSDP: ShardedBlocks, the ranks' shares gathered)
-                raw = raw.gather()
-            w = dequantize(fmt, self.base.shape, raw)
-            return ((w if inverse_gain is None else w * inverse_gain[:, None]) - term).to(dtype)
+            return self._qat_weight(dtype)
         w = dequantize(self.base.dtype, self.base.shape, raw_blocks(self.base), dtype=dtype)
         return w if self.tensor_parallel is None or self.base_split else self.tensor_parallel.local(w, self.split_dim)
+
+    def _qat_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``q(M)`` less the adapters' term (DoRA: ``q(g M) / g`` less it), this rank's part of it: the
+        weight the module multiplies by within --qat's step (``train/qat.py``'s ``QatBlocks``)."""
+        from apr_kernels.quant import dequantize
+
+        b = self.qat_blocks
+        raw = b.raw if isinstance(b.raw, torch.Tensor) else b.raw.gather()  # (FSDP: the ranks' shares gathered)
+        w = dequantize(b.fmt, b.shape, raw)
+        tp = self.tensor_parallel
+        if b.inverse_gain is not None:  # (whole rows: a column-parallel rank's part of them when split)
+            w = w * (tp.local(b.inverse_gain, 0) if b.split and self.split_dim == 0 else b.inverse_gain)[:, None]
+        if tp is not None and not b.split:
+            w = tp.local(w, self.split_dim)
+        term = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
+        return (w - term).to(dtype)
 
     @property
     def weight(self) -> torch.Tensor:  # merged_weight, export: the dequantised matrix (fp32)

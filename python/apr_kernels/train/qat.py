@@ -38,8 +38,9 @@ estimator, as for a full weight). The base model with the adapters off (GRPO/RLO
 reference under LoRA) is the full-precision one, as a full fine-tune's reference model is.
 A quantised base (QLoRA, ``--lora-quantized-base``): the converter dequantises it, merges and
 quantises again, so each step quantises ``M = base + scale B A`` once into compact blocks
-(``QuantizedLoRALinear.qat_blocks``) and each GEMM dequantises them less the adapters' term (one
-process, DDP or FSDP, each rank keeping its share of the blocks; APR kinds).
+(``QuantizedLoRALinear.qat_blocks``) and each GEMM dequantises them less the adapters' term (under
+FSDP and tensor parallelism each rank gathers the base and the adapters, quantises the whole merged
+weight and keeps the blocks it multiplies by; APR kinds).
 
 DoRA: the converter writes ``M = g (W + scale B A)``, each row rescaled by ``g = magnitude / ||W +
 scale B A||_row``, quantised. Within the window the frozen ``W`` holds ``q(M) / g - scale B A`` (a
@@ -55,6 +56,7 @@ full-precision row's direction instead.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -123,6 +125,28 @@ def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
+def _whole_adapter(m, part: str) -> torch.Tensor:
+    """Adapter ``part`` of LoRA module ``m`` whole, as one process holds it: gathered over FSDP's shards
+    and tensor-parallel ranks (collectives) where it is split."""
+    from .distributed import full_tensor
+
+    t, dim = full_tensor(getattr(m, part)), m.adapter_dim(part)
+    return t if dim is None else m.tensor_parallel.gather(t, dim)
+
+
+class QatBlocks(NamedTuple):
+    """A quantised base's merged weight for the step (``QuantizedLoRALinear.qat_blocks``): its blocks in
+    ``fmt`` of ``shape`` (``raw``: a tensor, or FSDP's ``ShardedBlocks``), DoRA's ``1 / g`` for the
+    whole rows (None without DoRA), and whether the blocks are this tensor-parallel rank's part
+    (``split``) or the whole tensor's."""
+
+    fmt: str
+    shape: tuple
+    raw: object
+    inverse_gain: torch.Tensor | None
+    split: bool
+
+
 def _adapter_term(m) -> torch.Tensor:
     """This rank's part of ``scale * B A`` (fp32), the part of the weight it holds: FSDP's rows of B
     times the whole A; under tensor parallelism the rank's rows of B (column-parallel) or columns of A
@@ -153,13 +177,9 @@ class FakeQuantizer:
         # QLoRA: quantised bases (not parameters) -> the APR format the converter writes their merged weight in
         bases = {n: m for n, m in self.adapted.items() if isinstance(m, QuantizedLoRALinear)}
         check(kind, quantized_base=bool(bases))
-        if bases and self.tp is not None:
-            raise ValueError(f"--qat {kind} with --lora-quantized-base and tensor parallelism: each rank holds a "
-                             f"part of a base's blocks that need not be whole blocks of the merged weight's format. "
-                             f"Expected --parallel ddp or fsdp without --tensor-parallel (or a float base)")
         layout = Layout.of_config(model.config)
         self.bases = [(m, fmt) for n, m in bases.items()
-                      if (fmt := run_format(kind, n, tuple(m.base.shape), layout)) is not None]
+                      if (fmt := run_format(kind, n, m.whole_base_shape, layout)) is not None]
         self._saved = None
 
     def quantised(self, name: str, p: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -221,12 +241,13 @@ class FakeQuantizer:
         gathered module)."""
         if not hasattr(m, "lora_magnitude"):
             return None
-        from .distributed import full_tensor, local_part
+        from .distributed import local_part
 
         mag = m.lora_magnitude
-        if whole:
-            m.qat_norm = norm = merged.norm(dim=1)
-            return full_tensor(mag).float() / norm
+        if whole:  # (the module's norms: its rows, a column-parallel rank's part of them)
+            norm = merged.norm(dim=1)
+            m.qat_norm = norm if m.adapter_dim("lora_magnitude") is None else m.local_adapter("lora_magnitude", norm)
+            return _whole_adapter(m, "lora_magnitude").float() / norm
         if self.tp is not None and m.split_dim == 1:
             norm = self.tp.sum(merged.square().sum(dim=1)).sqrt()
         else:
@@ -238,23 +259,29 @@ class FakeQuantizer:
     def _quantise_bases(self) -> None:
         """QLoRA: each quantised base's merged weight ``M = dequantised base + scale B A`` (DoRA: its rows
         rescaled, ``g M``) quantised as the converter will (raw blocks, kept compact for the step;
-        ``QuantizedLoRALinear.qat_blocks``, with ``1 / g`` for DoRA). Under FSDP every rank gathers the
-        base's blocks and the adapters (as each GEMM does), quantises the whole merged weight and keeps
-        its share of the blocks (``ShardedBlocks``: the GEMMs gather them as they gather the base's)."""
-        from apr_kernels.quant import _quantize_raw
+        ``QuantizedLoRALinear.qat_blocks``, with ``1 / g`` for DoRA). Every rank quantises the whole
+        merged weight (under FSDP and tensor parallelism it gathers the base's blocks and the adapters
+        first) and keeps what its GEMMs multiply by: split over tensor-parallel ranks, its part where
+        that is whole blocks of the format (``quant.split_blocks``), else the whole tensor's blocks, as
+        the base is kept; under FSDP its share of those (``ShardedBlocks``, gathered per GEMM as the
+        base's are)."""
+        from apr_kernels.quant import _quantize_raw, split_blocks
 
-        from .distributed import ShardedBlocks, full_tensor
+        from .distributed import ShardedBlocks
 
         for m, fmt in self.bases:
             m.qat_blocks = None
-            sharded = hasattr(m.base, "gather")
-            term = (full_tensor(m.lora_B).float() @ full_tensor(m.lora_A).float()) * m.scale
-            merged = m.base_weight(torch.float32) + term
+            tp, shape = m.tensor_parallel, m.whole_base_shape
+            term = (_whole_adapter(m, "lora_B").float() @ _whole_adapter(m, "lora_A").float()) * m.scale
+            merged = m.whole_base_weight(torch.float32) + term
             gain = self._dora_gain(m, merged, whole=True)
             raw = _quantize_raw(fmt, merged if gain is None else merged * gain[:, None])
-            if sharded:
-                raw = ShardedBlocks(fmt, m.base.shape, raw, raw.device, m.base.group)
-            m.qat_blocks = (fmt, raw, None if gain is None else _inverse(gain))
+            part = None if tp is None else split_blocks(fmt, shape, raw, m.split_dim, tp.rank, tp.size)
+            if part is not None:
+                shape, raw = part
+            if hasattr(m.base, "gather"):
+                raw = ShardedBlocks(fmt, shape, raw, raw.device, m.base.group)
+            m.qat_blocks = QatBlocks(fmt, shape, raw, None if gain is None else _inverse(gain), part is not None)
 
     @contextlib.contextmanager
     def full_precision(self):
