@@ -277,7 +277,8 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     tensor parallelism, APR_Q4, the row-parallel rows' norms summed over the ranks; and on an APR_Q8
     base for APR_Q4, each rank quantising the whole merged weight: under FSDP keeping its share of the blocks,
     split keeping its part, rows or o_proj's 32 columns, or down_proj's whole blocks, its 48 columns a
-    rank not whole blocks), and GGUF's types (gguf:q4km under FSDP; gguf:q5km split, its
+    rank not whole blocks; a Qwen2-MoE's experts spread over the ranks, each expert's blocks shared by
+    its replicas), and GGUF's types (gguf:q4km under FSDP; gguf:q5km split, its
     Q5_0/Q5_1 rows of 32-value blocks: o_proj's 32 columns a rank alone, down_proj's 48 joined): one
     process's quantised weights (the first
     step's loss and gradient norm, the first evaluation: the same weights quantised alike), then its
@@ -287,16 +288,20 @@ def test_qat_on_two_ranks_matches_one_process(init, tmp_path):
     moe = sixteen_init(tmp_path / "moe.apr", seed=4, architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=64, tie_word_embeddings=False)
     apr_q8 = _quantised_init(tmp_path / "apr_q8.apr", "APR_Q8")  # (requantised to APR_Q4 from the first step)
+    moe_q8 = _quantised_init(tmp_path / "moe_q8.apr", "APR_Q8", architecture="qwen2_moe", num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                             tie_word_embeddings=False)
     runs = {"fsdp_q8": (init, "q8", "fsdp"), "fsdp_q4": (init, "q4", "fsdp"), "ddp_q4k": (init, "q4k", "ddp"),
             "fsdp_gguf": (init, "gguf:q4km", "fsdp"), "tp_gguf": (init, "gguf:q5km", "ddp"),
             "ep_q8": (moe, "q8", "fsdp"), "cp_q4k": (init, "q4k", "ddp"), "tp_q4k": (init, "q4k", "ddp"),
             "tp_q4": (init, "q4", "ddp"), "tp_q8": (moe, "q8", "ddp"), "lora_fsdp_q8": (init, "q8", "fsdp"),
             "lora_tp_q4": (init, "q4", "ddp"), "qlora_fsdp_q4": (apr_q8, "q4", "fsdp"),
-            "qlora_tp_q4": (apr_q8, "q4", "ddp")}
+            "qlora_tp_q4": (apr_q8, "q4", "ddp"), "qlora_ep_q4": (moe_q8, "q4", "fsdp")}
     lora = ["--lora-rank", "4", "--lora-targets", "q_proj,v_proj,o_proj,down_proj", "--lora-dora"]
     qlora = [*lora, "--lora-quantized-base"]
-    adapters = {"lora_fsdp_q8": lora, "lora_tp_q4": lora, "qlora_fsdp_q4": qlora, "qlora_tp_q4": qlora}
-    split = {"ep_q8": ["--expert-parallel", "2"], "cp_q4k": ["--context-parallel", "2"],
+    adapters = {"lora_fsdp_q8": lora, "lora_tp_q4": lora, "qlora_fsdp_q4": qlora, "qlora_tp_q4": qlora,
+                "qlora_ep_q4": ["--lora-rank", "4", "--lora-quantized-base"]}
+    split = {"ep_q8": ["--expert-parallel", "2"], "qlora_ep_q4": ["--expert-parallel", "2"], "cp_q4k": ["--context-parallel", "2"],
              **{name: ["--tensor-parallel", "2"] for name in ("tp_q4k", "tp_q4", "tp_q8", "tp_gguf", "lora_tp_q4",
                                                              "qlora_tp_q4")}}
     launched = {name: (_train(path, tmp_path / name, "--qat", kind, "--parallel", mode, *adapters.get(name, []),
