@@ -246,7 +246,7 @@ class FakeQuantizer:
         mag = m.lora_magnitude
         if whole:  # (the module's norms: its rows, a column-parallel rank's part of them)
             norm = merged.norm(dim=1)
-            m.qat_norm = norm if m.adapter_dim("lora_magnitude") is None else m.local_adapter("lora_magnitude", norm)
+            m.qat_norm = m.local_adapter("lora_magnitude", norm)
             return _whole_adapter(m, "lora_magnitude").float() / norm
         if self.tp is not None and m.split_dim == 1:
             norm = self.tp.sum(merged.square().sum(dim=1)).sqrt()
