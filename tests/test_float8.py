@@ -140,8 +140,11 @@ def test_refusals_name_the_reason(monkeypatch):
         float8.check("tensorwise", CPU, lora=True)
     with pytest.raises(ValueError, match="--float8 with --tensor-parallel 2: each rank's part would get its own"):
         float8.check("tensorwise", CPU, tensor_parallel=2)
-    with pytest.raises(ValueError, match="--float8 with --context-parallel 2"):
+    with pytest.raises(ValueError, match="--float8 rowwise with --context-parallel 2: the weight gradients' scales"):
         float8.check("rowwise", CPU, context_parallel=2)
+    with pytest.raises(ValueError, match="--float8 tensorwise with --context-parallel 2: each micro-batch's input"):
+        float8.check("tensorwise", CPU, context_parallel=2)
+    float8.check("rowwise_with_gw_hp", CPU, context_parallel=2)
     with pytest.raises(ValueError, match="--float8 with --seq-len 100: .*expected --seq-len a multiple of 16"):
         float8.check("tensorwise", CPU, seq_len=100)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -192,26 +195,35 @@ def test_float8_on_two_ranks_matches_one_process(init, tmp_path):
     rows each per micro-batch = one process with the same two-row micro-batches in turn (a
     tensorwise input scale is its micro-batch's; a step is 8 rows either way). Expert parallelism
     too: a Qwen2-MoE model whose experts stay in high precision (no balance loss, whose value would
-    depend on the grouping)."""
+    depend on the grouping). And context parallelism with ``rowwise_with_gw_hp``."""
     moe = sixteen_init(tmp_path / "moe.apr", seed=4, architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=(1,),
                        tie_word_embeddings=False)
     two = ["--batch-size", "4", "--grad-accum", "2", "--float8", "tensorwise"]
     moe_args = ["--router-aux-loss-coef", "0"]
+    # context parallelism (each rank half of every row's positions) with rowwise_with_gw_hp, whose
+    # scales are each a token's row or a weight's: the same micro-batches as one process
+    cp = ["--float8", "rowwise_with_gw_hp"]
     runs = {"ddp": (train_args(init, tmp_path / "ddp", *two, "--parallel", "ddp"), 2),
             "fsdp": (train_args(init, tmp_path / "fsdp", *two, "--parallel", "fsdp"), 2),
-            "ep": (train_args(moe, tmp_path / "ep", *two, *moe_args, "--parallel", "ddp", "--expert-parallel", "2"), 2)}
+            "ep": (train_args(moe, tmp_path / "ep", *two, *moe_args, "--parallel", "ddp", "--expert-parallel", "2"), 2),
+            "cp": (train_args(init, tmp_path / "cp", *cp, "--parallel", "fsdp", "--context-parallel", "2"), 2)}
     one_args = ["--batch-size", "2", "--grad-accum", "4", "--float8", "tensorwise"]
     references = {"dense": train_args(init, tmp_path / "one", *one_args),
                   "ep": train_args(moe, tmp_path / "one_moe", *one_args, *moe_args),
-                  "hp": train_args(init, tmp_path / "hp", *one_args[:-2])}
+                  "hp": train_args(init, tmp_path / "hp", *one_args[:-2]),
+                  "cp": train_args(init, tmp_path / "one_cp", *cp), "cp_hp": train_args(init, tmp_path / "cp_hp")}
     one, out = against_one_process(runs, references, tmp_path / "launch")
     assert losses(one["dense"]) != pytest.approx(losses(one["hp"]), rel=1e-4)  # (float8 changes the run)
+    assert losses(one["cp"]) != pytest.approx(losses(one["cp_hp"]), rel=1e-4)
     for name in runs:
-        ref = one["ep" if name == "ep" else "dense"]
-        assert losses(out[name]) == pytest.approx(losses(ref), rel=1e-5), name
+        ref = one[name if name in ("ep", "cp") else "dense"]
+        # (context parallelism: the attention's other summation order can move a value across a float8
+        # rounding boundary, so past the first step within a looser bound)
+        assert losses(out[name])[0] == pytest.approx(losses(ref)[0], rel=1e-5), name
+        assert losses(out[name]) == pytest.approx(losses(ref), rel=1e-5 if name != "cp" else 2e-4), name
         assert losses(out[name], "eval", "eval_loss") == pytest.approx(losses(ref, "eval", "eval_loss"),
-                                                                         rel=1e-5), name
+                                                                         rel=1e-5 if name != "cp" else 2e-4), name
 
 
 @pytest.mark.cuda

@@ -25,9 +25,13 @@ Evaluation runs in high precision (``high_precision``): the eval loss is the sav
 ``apr-kernels eval`` and any bf16 use of the checkpoint see it, and it does not depend on how the
 held-out batches are split over ranks (a float8 scale would be each batch's).
 
-Not combined (each refused with a message): LoRA (the frozen base would need a float8 weight cache)
-and tensor or context parallelism (a rank's part of a weight or of the positions would get its own
-scale, so the run would not equal one process).
+Not combined (each refused with a message): LoRA (the frozen base would need a float8 weight cache),
+tensor parallelism (a rank's part of a weight would get its own scale, so the run would not equal one
+process), and context parallelism with ``tensorwise`` or ``rowwise`` (an input scale, or a weight
+gradient's, spans the tokens, of which a rank holds some). ``rowwise_with_gw_hp`` combines with
+context parallelism: its scales are each one token's row, one weight row or the whole weight (which
+every context-parallel rank holds), and its weight gradients are high-precision GEMMs, so a rank's
+positions are cast as one process casts them.
 """
 
 from __future__ import annotations
@@ -65,11 +69,16 @@ def check(recipe: str, device: torch.device, *, lora: bool = False, tensor_paral
     if lora:
         raise ValueError("--float8 trains the model's own projections; with --lora-rank the base is frozen. "
                          "Expected one of the two")
-    for option, n in (("--tensor-parallel", tensor_parallel), ("--context-parallel", context_parallel)):
-        if n != 1:
-            raise ValueError(f"--float8 with {option} {n}: each rank's part would get its own float8 scale, so the "
-                             f"run would not equal one process; expected {option} 1 (data, fully sharded or expert "
-                             f"parallelism combine)")
+    if tensor_parallel != 1:
+        raise ValueError(f"--float8 with --tensor-parallel {tensor_parallel}: each rank's part would get its own "
+                         f"float8 scale, so the run would not equal one process; expected --tensor-parallel 1 (data, "
+                         f"fully sharded, expert and context parallelism combine)")
+    if context_parallel != 1 and recipe != "rowwise_with_gw_hp":
+        spans = ("each micro-batch's input scale" if recipe == "tensorwise"
+                 else "the weight gradients' scales (one per output row or input column, over the tokens)")
+        raise ValueError(f"--float8 {recipe} with --context-parallel {context_parallel}: {spans} would span only "
+                         f"a rank's positions, so the run would not equal one process; expected --float8 "
+                         f"rowwise_with_gw_hp (each scale one token's or one weight's) or --context-parallel 1")
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         if cap < MIN_CAPABILITY:
