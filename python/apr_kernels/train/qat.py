@@ -48,9 +48,10 @@ quantised base: its blocks of ``q(M)`` and ``1 / g``) and the module takes ``g``
 full-precision weight's row norms (``LoRALinear.qat_norm``, set here: the frozen weight now holds
 another), so it multiplies by ``q(M)``. A and B get the merged weight's gradient through the merge;
 the magnitude gets ``<G_r, q(M)_r> / m_r`` (``G`` the quantised weight's gradient), the derivative of
-the quantised rows themselves: the quantisers' scales follow a row's scale, so ``q(c M_r) = c q(M_r)``
-up to the rounding of those scales, where the plain straight-through estimator would take the
-full-precision row's direction instead.
+the quantised rows themselves: a block format's scales follow a row's scale, so ``q(c M_r) = c
+q(M_r)`` up to the rounding of those scales, where the plain straight-through estimator would take
+the full-precision row's direction instead (APR_Q8's one scale per tensor does not follow a row, but
+its 8-bit grid keeps ``q(M)`` within half a step of ``M``, where the two agree).
 """
 
 from __future__ import annotations
