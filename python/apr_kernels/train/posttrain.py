@@ -648,7 +648,7 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                    help="LoRA+: the adapters' B matrices at this multiple of the learning rate (e.g. 16; 0: off)")
     p.add_argument("--lora-quantized-base", action="store_true",
                    help="keep --init's quantised projections (Q4_K, Q6_K, APR_Q4/Q8) as the frozen base, "
-                        "dequantised per GEMM (QLoRA-style; one process or DDP)")
+                        "dequantised per GEMM (QLoRA-style; under fsdp each rank keeps 1/N of the blocks, gathered per GEMM)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
     from .cli import add_best_options, add_dry_run_option, add_profile_options
