@@ -138,8 +138,19 @@ def test_refusals_name_the_reason(monkeypatch):
         float8.check("fp8", CPU)
     with pytest.raises(ValueError, match="with --lora-rank the base is frozen"):
         float8.check("tensorwise", CPU, lora=True)
-    with pytest.raises(ValueError, match="--float8 with --tensor-parallel 2: each rank's part would get its own"):
-        float8.check("tensorwise", CPU, tensor_parallel=2)
+    with pytest.raises(ValueError, match="--float8 rowwise with --tensor-parallel 2: a row's scale would span"):
+        float8.check("rowwise", CPU, tensor_parallel=2)
+    float8.check("tensorwise", CPU, tensor_parallel=2)
+    # a rank's part of 24 rows (gate/up) and columns (down) of an intermediate size of 48: the whole
+    # converts in one process, the part cannot (float8 GEMMs need multiples of 16)
+    from apr_kernels.train.tensor_parallel import TensorParallel
+
+    part = Transformer(sixteen_config(intermediate_size=24), fast=False)
+    for layer in part.model.layers:  # (as split: the group on the attention, shapes the part's)
+        layer.self_attn.tensor_parallel = TensorParallel(None, 0, 2)
+    with pytest.raises(ValueError, match=r"--float8 with --tensor-parallel 2: model.layers.0.mlp.gate_proj's part "
+                                         r"\[24, 64\] of \[48, 64\] is no multiple of 16"):
+        float8.convert(part, "tensorwise", CPU)
     with pytest.raises(ValueError, match="--float8 rowwise with --context-parallel 2: the weight gradients' scales"):
         float8.check("rowwise", CPU, context_parallel=2)
     with pytest.raises(ValueError, match="--float8 tensorwise with --context-parallel 2: each micro-batch's input"):
@@ -195,7 +206,8 @@ def test_float8_on_two_ranks_matches_one_process(init, tmp_path):
     rows each per micro-batch = one process with the same two-row micro-batches in turn (a
     tensorwise input scale is its micro-batch's; a step is 8 rows either way). Expert parallelism
     too: a Qwen2-MoE model whose experts stay in high precision (no balance loss, whose value would
-    depend on the grouping). And context parallelism with ``rowwise_with_gw_hp``."""
+    depend on the grouping). And context parallelism with ``rowwise_with_gw_hp``, and tensor
+    parallelism under FSDP with ``tensorwise`` (each scale's maximum reduced over the group)."""
     moe = sixteen_init(tmp_path / "moe.apr", seed=4, architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=(1,),
                        tie_word_embeddings=False)
@@ -204,26 +216,31 @@ def test_float8_on_two_ranks_matches_one_process(init, tmp_path):
     # context parallelism (each rank half of every row's positions) with rowwise_with_gw_hp, whose
     # scales are each a token's row or a weight's: the same micro-batches as one process
     cp = ["--float8", "rowwise_with_gw_hp"]
+    # tensor parallelism (each rank half of every projection) with tensorwise: each scale's maximum
+    # over the group, the whole tensor's; the same micro-batches as one process
+    tp = ["--float8", "tensorwise"]
     runs = {"ddp": (train_args(init, tmp_path / "ddp", *two, "--parallel", "ddp"), 2),
             "fsdp": (train_args(init, tmp_path / "fsdp", *two, "--parallel", "fsdp"), 2),
             "ep": (train_args(moe, tmp_path / "ep", *two, *moe_args, "--parallel", "ddp", "--expert-parallel", "2"), 2),
-            "cp": (train_args(init, tmp_path / "cp", *cp, "--parallel", "fsdp", "--context-parallel", "2"), 2)}
+            "cp": (train_args(init, tmp_path / "cp", *cp, "--parallel", "fsdp", "--context-parallel", "2"), 2),
+            "tp": (train_args(init, tmp_path / "tp", *tp, "--parallel", "fsdp", "--tensor-parallel", "2"), 2)}
     one_args = ["--batch-size", "2", "--grad-accum", "4", "--float8", "tensorwise"]
     references = {"dense": train_args(init, tmp_path / "one", *one_args),
                   "ep": train_args(moe, tmp_path / "one_moe", *one_args, *moe_args),
                   "hp": train_args(init, tmp_path / "hp", *one_args[:-2]),
-                  "cp": train_args(init, tmp_path / "one_cp", *cp), "cp_hp": train_args(init, tmp_path / "cp_hp")}
+                  "cp": train_args(init, tmp_path / "one_cp", *cp), "cp_hp": train_args(init, tmp_path / "cp_hp"),
+                  "tp": train_args(init, tmp_path / "one_tp", *tp)}
     one, out = against_one_process(runs, references, tmp_path / "launch")
     assert losses(one["dense"]) != pytest.approx(losses(one["hp"]), rel=1e-4)  # (float8 changes the run)
     assert losses(one["cp"]) != pytest.approx(losses(one["cp_hp"]), rel=1e-4)
     for name in runs:
-        ref = one[name if name in ("ep", "cp") else "dense"]
-        # (context parallelism: the attention's other summation order can move a value across a float8
-        # rounding boundary, so past the first step within a looser bound)
+        ref = one[name if name in ("ep", "cp", "tp") else "dense"]
+        # (context and tensor parallelism: the attention's or the split GEMMs' other summation order can
+        # move a value across a float8 rounding boundary, so past the first step within a looser bound)
         assert losses(out[name])[0] == pytest.approx(losses(ref)[0], rel=1e-5), name
-        assert losses(out[name]) == pytest.approx(losses(ref), rel=1e-5 if name != "cp" else 2e-4), name
+        assert losses(out[name]) == pytest.approx(losses(ref), rel=1e-5 if name not in ("cp", "tp") else 2e-4), name
         assert losses(out[name], "eval", "eval_loss") == pytest.approx(losses(ref, "eval", "eval_loss"),
-                                                                         rel=1e-5 if name != "cp" else 2e-4), name
+                                                                         rel=1e-5 if name not in ("cp", "tp") else 2e-4), name
 
 
 @pytest.mark.cuda

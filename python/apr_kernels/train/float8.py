@@ -15,7 +15,7 @@ reads it, and the logits need the precision), the routers and the experts (the g
 Under float8 the attention's q/k/v run as three GEMMs, not the fast path's one GEMM on concatenated
 weights (each is its own float8 cast and scale).
 
-Where: after loading, tensor-parallel splitting excluded (below), before FSDP's ``fully_shard``
+Where: after loading and tensor-parallel splitting (below), before FSDP's ``fully_shard``
 (``distributed.from_apr`` converts on the meta device first), before ``torch.compile``. On CUDA it
 needs float8 tensor cores (compute capability 8.9: H100, H200, L4, RTX 4090 and later) and is fast
 only compiled (``--compile``: the casts fuse into a few kernels); elsewhere torchao's emulation runs
@@ -25,10 +25,14 @@ Evaluation runs in high precision (``high_precision``): the eval loss is the sav
 ``apr-kernels eval`` and any bf16 use of the checkpoint see it, and it does not depend on how the
 held-out batches are split over ranks (a float8 scale would be each batch's).
 
+Tensor parallelism with ``tensorwise``: each cast's maximum is all-reduced over the group (one value
+per cast), so a rank's part of a weight or of an activation gets the whole tensor's scale, as one
+process and torchtitan's DTensor-based float8 have it; the rowwise recipes' per-row scales would span
+a row-parallel rank's columns only.
+
 Not combined (each refused with a message): LoRA (the frozen base would need a float8 weight cache),
-tensor parallelism (a rank's part of a weight would get its own scale, so the run would not equal one
-process), and context parallelism with ``tensorwise`` or ``rowwise`` (an input scale, or a weight
-gradient's, spans the tokens, of which a rank holds some). ``rowwise_with_gw_hp`` combines with
+tensor parallelism with the rowwise recipes, and context parallelism with ``tensorwise`` or
+``rowwise`` (an input scale, or a weight gradient's, spans the tokens, of which a rank holds some). ``rowwise_with_gw_hp`` combines with
 context parallelism: its scales are each one token's row, one weight row or the whole weight (which
 every context-parallel rank holds), and its weight gradients are high-precision GEMMs, so a rank's
 positions are cast as one process casts them.
@@ -39,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import logging
 import re
 
@@ -69,10 +74,11 @@ def check(recipe: str, device: torch.device, *, lora: bool = False, tensor_paral
     if lora:
         raise ValueError("--float8 trains the model's own projections; with --lora-rank the base is frozen. "
                          "Expected one of the two")
-    if tensor_parallel != 1:
-        raise ValueError(f"--float8 with --tensor-parallel {tensor_parallel}: each rank's part would get its own "
-                         f"float8 scale, so the run would not equal one process; expected --tensor-parallel 1 (data, "
-                         f"fully sharded, expert and context parallelism combine)")
+    if tensor_parallel != 1 and recipe != "tensorwise":
+        raise ValueError(f"--float8 {recipe} with --tensor-parallel {tensor_parallel}: a row's scale would span "
+                         f"only a rank's columns of a row-parallel projection, so the run would not equal one "
+                         f"process; expected --float8 tensorwise (each scale's maximum taken over the group) or "
+                         f"--tensor-parallel 1")
     if context_parallel != 1 and recipe != "rowwise_with_gw_hp":
         spans = ("each micro-batch's input scale" if recipe == "tensorwise"
                  else "the weight gradients' scales (one per output row or input column, over the tokens)")
@@ -120,12 +126,76 @@ def float8_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, float8_linear.Float8Linear)]
 
 
+class _GroupMesh:
+    """What torchao's amax reduction asks of a device mesh: the process group to reduce over."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def get_group(self):
+        return self.group
+
+
+_AMAX_GROUP = None  # tensor parallelism: the group over which every float8 scale's amax is reduced
+
+
+def _reduce_amax_over_tensor_parallel_group(group) -> None:
+    """Tensor parallelism, tensorwise: every float8 cast of torchao's ``Float8Linear`` (input, weight,
+    output gradient, forward and backward) takes its tensor's maximum over ``group`` (an all-reduce
+    of one value), so a rank's part of a weight, of a row-parallel input or of a column-parallel
+    output gradient gets the scale of the whole tensor, as one process computes it (torchtitan's
+    float8 tensor parallelism does the same through DTensor). Every converted projection is split
+    under tensor parallelism, so the reduction applies to all of them; for the tensors each rank holds
+    whole it changes nothing. Installed once per process, in torchao's module namespace, where the
+    casts look the function up."""
+    global _AMAX_GROUP
+    float8_linear = importlib.import_module("torchao.float8.float8_linear")
+    cast = getattr(float8_linear, "hp_tensor_to_float8_dynamic", None)
+    if cast is None:
+        raise ValueError("--float8 with --tensor-parallel: this torchao's Float8Linear has no "
+                         "hp_tensor_to_float8_dynamic to reduce its scales over the group; expected torchao >= 0.9")
+    if not getattr(cast, "reduces_over_tensor_parallel_group", False):
+        def reduced(*args, **kwargs):
+            if _AMAX_GROUP is not None:
+                kwargs.update(reduce_amax=True, device_mesh=_GroupMesh(_AMAX_GROUP))
+            return cast(*args, **kwargs)
+
+        reduced.reduces_over_tensor_parallel_group = True
+        float8_linear.hp_tensor_to_float8_dynamic = reduced
+    _AMAX_GROUP = group
+
+
+def _check_split(model: nn.Module, tp) -> None:
+    """Under tensor parallelism a projection converts by the shape a rank multiplies by; one whose
+    whole shape would convert (one process) but whose part would not is refused by name."""
+    from .tensor_parallel import split_dims
+
+    split = split_dims(model)
+    for name, m in model.named_modules():
+        dim = split.get(f"{name}.weight")
+        if dim is None or type(m) is not nn.Linear or PROJECTIONS.search(name) is None:
+            continue
+        local = (m.out_features, m.in_features)
+        whole = tp.whole_shape(local, dim)
+        if all(n % 16 == 0 for n in whole) and not all(n % 16 == 0 for n in local):
+            raise ValueError(f"--float8 with --tensor-parallel {tp.size}: {name}'s part {list(local)} of "
+                             f"{list(whole)} is no multiple of 16 in both dimensions, as float8 GEMMs need; "
+                             f"expected a --tensor-parallel that leaves each part a multiple of 16")
+
+
 def convert(model: nn.Module, recipe: str, device: torch.device) -> list[str]:
     """Swap ``model``'s eligible projections for ``Float8Linear`` (the same parameters); the converted
-    names. Refuses a model with LoRA adapters (``check``)."""
+    names. Refuses a model with LoRA adapters (``check``). Split over tensor-parallel ranks
+    (``tensorwise`` only), each cast's scale is the whole tensor's."""
     convert_to_float8_training = _import_torchao().convert_to_float8_training
     if getattr(model, "lora", None):
         raise ValueError("--float8 trains the model's own projections; this model has LoRA adapters")
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is not None and tp.size > 1:
+        if recipe != "tensorwise":
+            check(recipe, device, tensor_parallel=tp.size)
+        _check_split(model, tp)
+        _reduce_amax_over_tensor_parallel_group(tp.group)
     convert_to_float8_training(model, module_filter_fn=lambda m, name: eligible(name, m),
                                config=config(recipe, device))
     names = float8_modules(model)
