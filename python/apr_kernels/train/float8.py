@@ -32,10 +32,10 @@ a row-parallel rank's columns only.
 
 Not combined (each refused with a message): LoRA (the frozen base would need a float8 weight cache),
 tensor parallelism with the rowwise recipes, and context parallelism with ``tensorwise`` or
-``rowwise`` (an input scale, or a weight gradient's, spans the tokens, of which a rank holds some). ``rowwise_with_gw_hp`` combines with
-context parallelism: its scales are each one token's row, one weight row or the whole weight (which
-every context-parallel rank holds), and its weight gradients are high-precision GEMMs, so a rank's
-positions are cast as one process casts them.
+``rowwise`` (an input scale, or a weight gradient's, spans the tokens, of which a rank holds some).
+``rowwise_with_gw_hp`` combines with context parallelism: its scales are each one token's row, one
+weight row or the whole weight (which every context-parallel rank holds), and its weight gradients
+are high-precision GEMMs, so a rank's positions are cast as one process casts them.
 """
 
 from __future__ import annotations
