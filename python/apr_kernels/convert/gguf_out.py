@@ -82,10 +82,7 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
         from .core import quantize_device
 
         device = quantize_device(device)
-    if dst.exists():
-        raise FileExistsError(f"{dst}: already exists")
-    if not dst.parent.is_dir():
-        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    _check_new_file(dst)
     cfg = plan(src).config  # every preflight check; tying decided as from_apr decides it
     if cfg.num_labels:
         raise ValueError(f"{src}: a sequence classifier (num_labels={cfg.num_labels}: a reward model's score head, "
@@ -140,6 +137,14 @@ def export_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = 
     return dst
 
 
+def _check_new_file(dst: Path) -> None:
+    """A GGUF export's destination: a new file in an existing folder."""
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+
+
 @contextlib.contextmanager
 def _written(dst: Path):
     """A temporary file next to ``dst`` (its path yielded) renamed over ``dst`` when the block completes;
@@ -169,10 +174,7 @@ def export_adapter_gguf(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     import apr_kernels
 
     src, dst = Path(src), Path(dst)
-    if dst.exists():
-        raise FileExistsError(f"{dst}: already exists")
-    if not dst.parent.is_dir():
-        raise FileNotFoundError(f"{dst.parent}: output folder does not exist")
+    _check_new_file(dst)
     with apr_kernels.open(src) as f:
         meta, cfg = f.metadata, f.config
         lora = lora_settings(meta, src)
@@ -264,11 +266,11 @@ def _cut_rows_warning(f, src, names: dict, stacks: dict, want) -> None:
              f"32-value blocks) or dequantised F32 ({len(cut) - q8})")
 
 
-def _q8_0(gguf, t: torch.Tensor) -> np.ndarray:
-    """Q8_0 blocks of ``t`` (last dimension a multiple of 32), from the gguf package's quantiser."""
-    from gguf.quants import quantize
+def _q8_0(t: torch.Tensor) -> np.ndarray:
+    """Q8_0 blocks of the rows of ``t`` (last dimension a multiple of 32): ``ggml_quant.blocks``."""
+    from apr_kernels.ggml_quant import blocks
 
-    return quantize(t.to(torch.float32).contiguous().numpy(), gguf.GGMLQuantizationType.Q8_0)
+    return blocks("Q8_0", t)
 
 
 def _check_float_source(f, src, names: dict, quantize: str) -> None:
@@ -346,7 +348,7 @@ def _stack_plan(f, gguf, name: str, stored: list[str], lora, want: torch.dtype |
         return (name, lambda: np.stack([f.get_raw(s).view(shape[1], -1).numpy() for s in stored]),
                 (*shape[:2], per_row), np.uint8, getattr(gguf.GGMLQuantizationType, kinds.pop()))
     if want is None and not adapted and all(_requantised(i) for i in infos):
-        return (name, lambda: np.stack([_q8_0(gguf, f.get_tensor(s)) for s in stored]),
+        return (name, lambda: np.stack([_q8_0(f.get_tensor(s)) for s in stored]),
                 (*shape[:2], shape[2] // 32 * 34), np.uint8, gguf.GGMLQuantizationType.Q8_0)
     same = {"F16": torch.float16, "BF16": torch.bfloat16}.get(kinds.pop()) if len(kinds) == 1 and not adapted else None
     out = want or same or torch.float32
@@ -379,7 +381,7 @@ def _tensor_plan(f, gguf, hf: str, stored: str, cfg, arch: str, lora, want: torc
         return name, lambda: ordered(f.get_raw(stored).view(rows, -1)).numpy(), (rows, info.nbytes // rows), \
             np.uint8, getattr(gguf.GGMLQuantizationType, info.dtype)
     if want is None and not adapted and len(info.shape) == 2 and _requantised(info):
-        return name, lambda: _q8_0(gguf, ordered(f.get_tensor(stored))), (info.shape[0], info.shape[1] // 32 * 34), \
+        return name, lambda: _q8_0(ordered(f.get_tensor(stored))), (info.shape[0], info.shape[1] // 32 * 34), \
             np.uint8, gguf.GGMLQuantizationType.Q8_0
     if len(info.shape) <= 1 or name.endswith(_F32_MATRICES):
         out = torch.float32  # norms, biases, routers and shared-expert gates: F32, as llama.cpp writes them
