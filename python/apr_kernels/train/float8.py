@@ -192,8 +192,7 @@ def convert(model: nn.Module, recipe: str, device: torch.device) -> list[str]:
         raise ValueError("--float8 trains the model's own projections; this model has LoRA adapters")
     tp = getattr(model, "tensor_parallel", None)
     if tp is not None and tp.size > 1:
-        if recipe != "tensorwise":
-            check(recipe, device, tensor_parallel=tp.size)
+        check(recipe, device, tensor_parallel=tp.size)  # (tensorwise only)
         _check_split(model, tp)
         _reduce_amax_over_tensor_parallel_group(tp.group)
     convert_to_float8_training(model, module_filter_fn=lambda m, name: eligible(name, m),
