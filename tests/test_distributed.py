@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rank_runs import cli, free_port, rank_env
+from rank_runs import CRASH_RETRY, cli, crashed, free_port, rank_env
 from text_helpers import write_short_documents
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -363,11 +363,9 @@ def runs(tmp_path_factory):
     code, one_adam8_aligned_out = _cli(main, [*adam8, "--out", str(root / "one_adam8_aligned")])
     assert code == 0
 
-    env1 = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         "-m", "apr_kernels", "train", "--init", str(init), *COMMON, "--parallel", "fsdp",
-         "--out", str(root / "fsdp")], env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env1 = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    torchrun_argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "apr_kernels",
+                     "train", "--init", str(init), *COMMON, "--parallel", "fsdp", "--out", str(root / "fsdp")]
     fast_on = [a if a != "off" else "on" for a in COMMON]
     spec = {"out": str(root), "memory": str(big), "warmup": str(init), "runs": [
         ["train", "--init", str(init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp")],
@@ -451,19 +449,35 @@ def runs(tmp_path_factory):
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
-    two = _launch(worker, 2)
-    single = subprocess.Popen(worker, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    procs = [torchrun, *two, single]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, f"{' '.join(map(str, p.args))[-300:]}\nstdout: {out[-1500:]}\nstderr: {err[-3000:]}"
+
+    def launch() -> tuple[list[subprocess.Popen], list[tuple[str, str]]]:
+        """torchrun, the 2-rank worker and the 1-rank worker side by side; (processes, their outputs)."""
+        procs = [subprocess.Popen(torchrun_argv[:3] + [f"--master_port={free_port()}"] + torchrun_argv[3:], env=env1,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                 *_launch(worker, 2),
+                 subprocess.Popen(worker, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        outputs = []
+        try:
+            for p in procs:
+                outputs.append(p.communicate(timeout=240))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        return procs, outputs
+
+    def report(procs, outputs) -> list[str]:
+        # every failed process's output: the first to fail is often not the one listed first
+        return [f"{' '.join(map(str, p.args))[-300:]} (exit {p.returncode})\nstdout: {out[-1500:]}\nstderr: {err[-3000:]}"
+                for p, (out, err) in zip(procs, outputs) if p.returncode != 0]
+
+    procs, outputs = launch()
+    # a process (or torchrun's child) killed by a signal: reported, then everything once more (rank_runs.CRASH_RETRY)
+    if crashed(procs) or re.search(r"exitcode\s*:\s*-\d", outputs[0][1]):
+        print(CRASH_RETRY, *report(procs, outputs), sep="\n", file=sys.stderr)
+        procs, outputs = launch()
+    failed = report(procs, outputs)
+    assert not failed, "\n".join(failed)
     ranks = {(r["rank"], r["world"]): r for r in
              (json.loads(f.read_text()) for f in root.glob("rank*.world*.json"))}
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
