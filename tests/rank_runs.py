@@ -36,12 +36,14 @@ def rank_env(rank: int, world: int, port: int) -> dict:
                 PYTHONFAULTHANDLER="1")  # a crash prints every thread's Python stack
 
 
-# A rank process has died of heap corruption ("malloc(): unaligned tcache chunk detected", SIGABRT;
-# SIGSEGV on CI) in about 1 of 25 launches of test_distributed's worker on this 2-core machine, always
-# inside a gloo collective of a sharded checkpoint gather, never reproduced in isolation (60 launches
-# of the same steps alone passed). Until it is found, a launch with a process killed by a signal is
-# reported on stderr (faulthandler's stacks: PYTHONFAULTHANDLER in rank_env) and run once more;
-# an exit code, a failed command or a wrong result still fails at once.
+# DTensor.full_tensor on gloo (torch 2.13 CPU; an asynchronous functional all-gather) corrupts the
+# heap now and then: a rank died of SIGSEGV or "malloc(): unaligned tcache chunk detected" in about
+# 1 of 25 launches of test_distributed's worker, in a checkpoint gather (reproduced in pure torch:
+# docs/DESIGN.md "Gathering on CPU"). The package's gathers now block on CPU (distributed.full_tensor,
+# all_gather, reduce_scatter); the traceable ones inside tensor/context/expert-parallel layers stay
+# functional. So a launch with a process killed by a signal is reported on stderr (faulthandler's
+# stacks: PYTHONFAULTHANDLER in rank_env) and run once more; an exit code, a failed command or a
+# wrong result still fails at once.
 CRASH_RETRY = "a rank process was killed by a signal: running the launch once more (rank_runs.CRASH_RETRY)"
 
 
