@@ -41,7 +41,7 @@ def rank_env(rank: int, world: int, port: int) -> dict:
 # 1 of 25 launches of test_distributed's worker, in a checkpoint gather (reproduced in pure torch:
 # docs/DESIGN.md "Gathering on CPU"). The package's gathers now block on CPU (distributed.full_tensor,
 # all_gather, reduce_scatter); the traceable ones inside tensor/context/expert-parallel layers stay
-# functional. So a launch with a process killed by a signal is reported on stderr (faulthandler's
+# functional. So a launch with a process killed by a signal is reported as a warning (faulthandler's
 # stacks: PYTHONFAULTHANDLER in rank_env) and run once more; an exit code, a failed command or a
 # wrong result still fails at once.
 CRASH_RETRY = "a rank process was killed by a signal: running the launch once more (rank_runs.CRASH_RETRY)"
@@ -78,7 +78,7 @@ class Launch:
         killed by a signal (a native crash, see ``CRASH_RETRY``) is reported and the launch run again
         once."""
         if self._wait(timeout) == "crashed":
-            print(f"{CRASH_RETRY}\n{self._report('crashed')}", file=sys.stderr)
+            warnings.warn(f"{CRASH_RETRY}\n{self._report('crashed')}")  # (in pytest's summary, even on a pass)
             self._start()
             self._wait(timeout)
         assert all(p.returncode == 0 for p in self.procs), self._report("failed")
