@@ -39,10 +39,11 @@ def rank_env(rank: int, world: int, port: int) -> dict:
 # DTensor.full_tensor on gloo (torch 2.13 CPU; an asynchronous functional all-gather) corrupts the
 # heap now and then: a rank died of SIGSEGV or "malloc(): unaligned tcache chunk detected" in about
 # 1 of 25 launches of test_distributed's worker, in a checkpoint gather (reproduced in pure torch:
-# an FSDP2 model with uneven shards, a loop of broadcast + full_tensor on 2 gloo ranks). Until the
-# package's CPU gathers avoid it, a launch with a process killed by a signal is reported as a
-# warning (faulthandler's stacks: PYTHONFAULTHANDLER in rank_env) and run once more; an exit code,
-# a failed command or a wrong result still fails at once.
+# docs/DESIGN.md "Gathering on CPU"). The package's own gathers block on CPU since
+# (distributed.full_tensor, all_gather, reduce_scatter); torch's (FSDP2's parameter all-gathers,
+# DTensor redistributions) stay asynchronous. So a launch with a process killed by a signal is still
+# reported as a warning (faulthandler's stacks: PYTHONFAULTHANDLER in rank_env) and run once more;
+# an exit code, a failed command or a wrong result fails at once.
 CRASH_RETRY = "a rank process was killed by a signal: running the launch once more (rank_runs.CRASH_RETRY)"
 
 

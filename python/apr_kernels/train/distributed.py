@@ -318,8 +318,64 @@ def like_param(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor:
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: all-gathered from the ranks when sharded (a collective), else ``t``."""
-    return t.full_tensor() if _is_dtensor(t) else t
+    """The whole tensor: all-gathered from the ranks when sharded (a collective), else ``t``.
+
+    On CPU without autograd, plain ``Shard``/``Replicate``/``Partial(sum)`` placements are gathered
+    with blocking c10d collectives (``_gloo_full_tensor``) instead of ``DTensor.full_tensor``: on gloo
+    (torch 2.13) its asynchronous functional all-gather of a padded shard corrupts the heap now and
+    then (SIGSEGV or "malloc(): unaligned tcache chunk detected" on the padded rank, about once in
+    100k gathers here; the pure-torch reproduction: docs/DESIGN.md "Gathering on CPU")."""
+    if not _is_dtensor(t):
+        return t
+    if t.device.type == "cpu" and not (torch.is_grad_enabled() and t.requires_grad):
+        whole = _gloo_full_tensor(t)
+        if whole is not None:
+            return whole
+    return t.full_tensor()
+
+
+def _gloo_full_tensor(t) -> torch.Tensor | None:
+    """``t.full_tensor()`` through blocking ``all_gather_single`` / ``all_reduce`` per mesh
+    dimension (last first: DTensor shards in mesh order), each shard padded to ``torch.chunk``'s
+    size; None for placements this does not handle (strided shards, other reductions)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    mesh, places = t.device_mesh, t.placements
+    if not all(type(pl) in (Shard, Replicate) or (type(pl) is Partial and pl.reduce_op == "sum")
+               for pl in places):
+        return None
+    # the tensor's size along each sharded dim before each mesh dimension cut it
+    sizes, before = list(t.shape), []
+    coords = mesh.get_coordinate()
+    for i, pl in enumerate(places):
+        before.append(list(sizes))
+        if type(pl) is Shard:
+            n, size = mesh.size(i), sizes[pl.dim]
+            per = -(-size // n)
+            sizes[pl.dim] = max(0, min(per, size - coords[i] * per))
+    x, local = t.to_local().detach(), True
+    for i in reversed(range(len(places))):
+        pl, n = places[i], mesh.size(i)
+        if n == 1 or type(pl) is Replicate:
+            continue  # (the local tensor is already whole along this mesh dimension: no copy)
+        group = mesh.get_group(i)
+        if type(pl) is Partial:
+            x, local = x.clone(), False
+            dist.all_reduce(x, group=group)
+            continue
+        d, size = pl.dim, before[i][pl.dim]
+        per = -(-size // n)
+        moved = x.movedim(d, 0)
+        if moved.shape[0] == per and moved.is_contiguous():
+            padded = moved  # (an even shard goes as it is)
+        else:
+            padded = moved.new_zeros((per, *moved.shape[1:]))
+            padded[:moved.shape[0]] = moved
+        out = moved.new_empty((n * per, *moved.shape[1:]))
+        collective("all_gather_single", "all_gather_into_tensor", blocking=True)(out, padded, group=group)
+        x, local = out[:size].movedim(0, d), False
+    # (never the local shard itself, as DTensor.full_tensor: callers may change what they get)
+    return x.clone(memory_format=torch.contiguous_format) if local else x.contiguous()
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
@@ -724,27 +780,40 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
     return model
 
 
-def collective(name: str, older: str):
-    """The functional collective ``name`` (``torch.distributed._functional_collectives``), or on a
-    torch without it its ``older`` name (since deprecated: ``all_gather_tensor`` and
-    ``reduce_scatter_tensor`` warn on every call where the ``*_single`` ones exist)."""
+def collective(name: str, older: str, *, blocking: bool = False):
+    """The functional collective ``name`` (``torch.distributed._functional_collectives``; with
+    ``blocking``, c10d's ``torch.distributed``), or on a torch without it its ``older`` name (since
+    deprecated: ``all_gather_tensor``, ``all_gather_into_tensor``, ``reduce_scatter_tensor`` warn on
+    every call where the ``*_single`` ones exist)."""
     from torch.distributed import _functional_collectives as funcol
 
-    return getattr(funcol, name, None) or getattr(funcol, older)
+    module = dist if blocking else funcol
+    return getattr(module, name, None) or getattr(module, older)
 
 
 def all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Every rank's ``t`` joined along ``dim`` in the rank order of ``group``, without autograd (a
-    functional collective: gloo and NCCL alike)."""
+    functional collective: gloo and NCCL alike; on CPU a blocking one, see ``full_tensor``)."""
     from torch.distributed import _functional_collectives as funcol
 
+    if t.device.type == "cpu":
+        x = t.detach().movedim(dim, 0).contiguous()
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        collective("all_gather_single", "all_gather_into_tensor", blocking=True)(out, x, group=group)
+        return out.movedim(0, dim).contiguous()
     return funcol.wait_tensor(collective("all_gather_single", "all_gather_tensor")(t.contiguous(), dim, group))
 
 
 def reduce_scatter(t: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """``t`` summed over ``group`` and this rank's chunk along ``dim`` kept, without autograd."""
+    """``t`` summed over ``group`` and this rank's chunk along ``dim`` kept, without autograd (on
+    CPU a blocking collective, see ``full_tensor``)."""
     from torch.distributed import _functional_collectives as funcol
 
+    if t.device.type == "cpu":
+        x = t.detach().movedim(dim, 0).contiguous()
+        out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
+        collective("reduce_scatter_single", "reduce_scatter_tensor", blocking=True)(out, x, group=group)
+        return out.movedim(0, dim).contiguous()
     scatter = collective("reduce_scatter_single", "reduce_scatter_tensor")
     return funcol.wait_tensor(scatter(t.contiguous(), "sum", dim, group))
 

@@ -85,7 +85,7 @@ class ShardedMuon(torch.optim.Optimizer):
     def step(self, closure=None):
         from torch.distributed.tensor import DTensor
 
-        from .distributed import local_part, shard_rows
+        from .distributed import full_tensor, local_part, shard_rows
 
         for group in self.param_groups:
             mu, lr = group["momentum"], group["lr"]
@@ -99,8 +99,8 @@ class ShardedMuon(torch.optim.Optimizer):
                 buf.lerp_(g, 1 - mu)
                 update = g.lerp(buf, mu) if group["nesterov"] else buf
                 sharded = isinstance(p, DTensor)
-                whole = DTensor.from_local(update, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                           stride=p.stride()).full_tensor() if sharded else update
+                whole = full_tensor(DTensor.from_local(update, p.device_mesh, p.placements, run_check=False,
+                                                       shape=p.shape, stride=p.stride())) if sharded else update
                 dim = self.splits.get(id(p))
                 if dim is not None:  # (this rank's heads or MLP rows of the whole matrix)
                     whole = self.tp.gather(whole, dim)

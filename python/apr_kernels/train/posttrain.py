@@ -220,7 +220,9 @@ class StepLoop(EvalWatch):
         if self.cfg.grad_clip > 0:
             norm = (self.parallel.clip_grad_norm(self.cfg.grad_clip) if self.parallel is not None  # (experts: global)
                     else torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+            from .distributed import full_tensor
+
+            grad_norm = float(full_tensor(norm))  # FSDP: a DTensor
         self.optimizer.step()
         self.step += 1
         return sums, grad_norm

@@ -195,7 +195,7 @@ class FakeQuantizer:
             part = tp.local(fake_quantize(fmt, tp.gather(full_tensor(p), dim)), dim, name)
             return local_shard(part, p, name) if hasattr(p, "full_tensor") else part
         if hasattr(p, "full_tensor") and not _rows_alone(fmt, p.shape[-1]):
-            return local_shard(fake_quantize(fmt, p.full_tensor()), p, name)
+            return local_shard(fake_quantize(fmt, full_tensor(p)), p, name)
         return fake_quantize(fmt, local_part(p))
 
     @contextlib.contextmanager
@@ -242,7 +242,7 @@ class FakeQuantizer:
         gathered module)."""
         if not hasattr(m, "lora_magnitude"):
             return None
-        from .distributed import local_part
+        from .distributed import full_tensor, local_part
 
         mag = m.lora_magnitude
         if whole:  # (the module's norms: its rows, a column-parallel rank's part of them)
@@ -253,7 +253,7 @@ class FakeQuantizer:
             norm = self.tp.sum(merged.square().sum(dim=1)).sqrt()
         else:
             norm = merged.norm(dim=1)
-        m.qat_norm = _placed_like(norm, mag).full_tensor() if hasattr(mag, "full_tensor") else norm
+        m.qat_norm = full_tensor(_placed_like(norm, mag)) if hasattr(mag, "full_tensor") else norm
         return local_part(mag).float() / norm
 
     @torch.no_grad()
