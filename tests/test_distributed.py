@@ -365,8 +365,8 @@ def runs(tmp_path_factory):
     assert code == 0
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
-    torchrun_argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "apr_kernels",
-                     "train", "--init", str(init), *COMMON, "--parallel", "fsdp", "--out", str(root / "fsdp")]
+    torchrun_args = ["--nproc_per_node=2", "-m", "apr_kernels", "train", "--init", str(init), *COMMON,
+                     "--parallel", "fsdp", "--out", str(root / "fsdp")]
     fast_on = [a if a != "off" else "on" for a in COMMON]
     spec = {"out": str(root), "memory": str(big), "warmup": str(init), "runs": [
         ["train", "--init", str(init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp")],
@@ -453,8 +453,8 @@ def runs(tmp_path_factory):
 
     def launch() -> tuple[list[subprocess.Popen], list[tuple[str, str]]]:
         """torchrun, the 2-rank worker and the 1-rank worker side by side; (processes, their outputs)."""
-        procs = [subprocess.Popen(torchrun_argv[:3] + [f"--master_port={free_port()}"] + torchrun_argv[3:], env=env1,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--master_port={free_port()}", *torchrun_args]
+        procs = [subprocess.Popen(torchrun, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
                  *_launch(worker, 2),
                  subprocess.Popen(worker, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
         outputs = []
