@@ -761,3 +761,61 @@ def test_train_extends_the_context_and_saves_it(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--resume", str(tmp_path / "theta" / "step_000001.apr"), "--rope-theta",
                        "1e5", "--out", str(tmp_path / "resumed"))
     assert code != 0 and "a resumed run keeps its checkpoint's" in err
+
+
+def test_pretokenised_shards_train_as_their_text_does(capsys, tmp_path):
+    """aprender's pre-tokenised corpus (a folder of little-endian u32 shards read in sorted order, its
+    manifest.json left out; a shard may be gzip-compressed): a run on the shards of the ids the text
+    pipeline makes from the same files has the same losses, through the token cache or not. An id
+    outside the vocabulary and a torn shard are errors naming the file."""
+    import gzip
+
+    import numpy as np
+
+    from apr_kernels.train.cli import byte_tokenizer
+    from apr_kernels.train.data import find_text_files, tokenize_files
+
+    tok = byte_tokenizer()
+    stream = tokenize_files(find_text_files(TRAIN), tok, max_tokens=6000).numpy()
+    held = tokenize_files([Path(HELD)], tok, max_tokens=65).numpy()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stream[4000:].astype("<u4").tofile(corpus / "shard-0002.bin")  # (sorted: read last)
+    stream[:1500].astype("<u4").tofile(corpus / "shard-0000.bin")
+    (corpus / "shard-0001.bin.gz").write_bytes(gzip.compress(stream[1500:4000].astype("<u4").tobytes()))
+    (corpus / "manifest.json").write_text(json.dumps({"shards": 3, "tokens": int(stream.size)}))
+    held.astype("<u4").tofile(tmp_path / "held.bin")
+    common = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--steps", "2", "--batch-size", "2",
+              "--seq-len", "32", "--eval-tokens", "64", "--json", "--no-progress"]
+    code, text_out, err = run(capsys, *common, "--data", *TRAIN, "--max-tokens", "6000", "--eval-data", HELD,
+                              "--no-token-cache", "--out", str(tmp_path / "text"))
+    assert code == 0, err
+    runs = {}
+    for cache in (["--no-token-cache"], ["--token-cache", str(tmp_path / "cache")]):
+        code, out, err = run(capsys, *common, "--data", str(corpus), "--eval-data", str(tmp_path / "held.bin"),
+                             *cache, "--out", str(tmp_path / cache[-1].strip("-").replace("/", "_")))
+        assert code == 0, err
+        runs[cache[0]] = json_lines(out)
+    assert (tmp_path / "cache").is_dir() and list((tmp_path / "cache").glob("tokens-*.apr"))
+
+    def losses(recs):
+        return [(r["event"], r["step"], r.get("loss", r.get("eval_loss"))) for r in recs
+                if r["event"] in ("train", "eval")]
+
+    assert len(losses(json_lines(text_out))) >= 3
+    assert losses(runs["--no-token-cache"]) == losses(json_lines(text_out))
+    assert losses(runs["--token-cache"]) == losses(json_lines(text_out))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    ids = stream[:400].astype("<u4")
+    ids[123] = tok.vocab_size + 5
+    ids.tofile(bad / "a.bin")
+    code, _, err = run(capsys, *common, "--data", str(bad), "--no-token-cache", "--out", str(tmp_path / "r1"))
+    assert code != 0
+    assert (f"{bad / 'a.bin'}: token 123 is id {tok.vocab_size + 5}, not below the tokenizer's vocabulary size "
+            f"{tok.vocab_size}") in err
+    (bad / "a.bin").write_bytes(stream[:400].astype("<u4").tobytes() + b"\x01\x02")
+    code, _, err = run(capsys, *common, "--data", str(bad), "--no-token-cache", "--out", str(tmp_path / "r2"))
+    assert code != 0
+    assert f"{bad / 'a.bin'}: 1602 bytes is no whole number of token ids" in err

@@ -756,7 +756,8 @@ def register(subparsers) -> None:
     m.add_argument("--fit-vocab", action="store_true",
                    help="size a preset's vocabulary to the tokenizer (rounded up to a multiple of 64)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="+", help="text, JSON Lines or Parquet files, or folders of them")
+    g.add_argument("--data", nargs="+", help="text, JSON Lines, Parquet or Arrow files, aprender's pre-tokenised "
+                                             ".bin shards (little-endian u32 ids), or folders of them")
     g.add_argument("--data-weights", nargs="+", type=float, metavar="W",
                    help="a mixture: one weight per --data path, each path a source drawn in that proportion "
                         "(repeated or subsampled as needed)")

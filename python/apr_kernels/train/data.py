@@ -13,6 +13,11 @@
   group at a time; an Arrow IPC stream file (``.arrow``: the shards of a ``datasets`` ``save_to_disk``
   folder, whose two metadata JSON files a folder walk leaves out) likewise, a record batch at a time.
   A ``.json`` file holding a JSON array of records is read as JSON Lines are.
+* Pre-tokenised corpora: a ``.bin`` file (also ``.bin.gz``) is a shard of aprender's corpus format
+  (``apr tokenize encode-corpus``: little-endian u32 token ids, documents already separated by its
+  end-of-text ids), taken as it is: no tokenising, no ids added. A folder of shards is read in sorted
+  order, as aprender's ``ShardBatchIter`` reads it, leaving out its ``manifest.json``. Every id must be
+  below the tokenizer's vocabulary size (an error names the file, the position and the id).
 * Loss targets: the int32 stream stores a token that is not a target as ``-1 - id`` (prompts and
   chat turns other than the assistant's); ``split_targets`` turns rows back into ids and targets
   with -100 there. Plain text has no such tokens.
@@ -61,7 +66,9 @@ TEXT_SUFFIXES = frozenset({
 
 
 TEXT_FIELD = "text"  # the document field of JSON Lines records (Hugging Face datasets, most corpora)
-DATA_SUFFIXES = TEXT_SUFFIXES | {".parquet", ".arrow"}  # what folder walks collect
+TOKEN_SUFFIX = ".bin"  # a shard of pre-tokenised ids (aprender's corpus format: little-endian u32)
+SHARD_MANIFEST = "manifest.json"  # written beside the shards by `apr tokenize encode-corpus`: not a document
+DATA_SUFFIXES = TEXT_SUFFIXES | {".parquet", ".arrow", TOKEN_SUFFIX}  # what folder walks collect
 # the metadata files of a `datasets` save_to_disk folder (beside its .arrow shards): not documents
 DATASETS_METADATA = ("dataset_info.json", "state.json")
 
@@ -83,9 +90,10 @@ def find_text_files(paths: Iterable[str | os.PathLike], suffixes=DATA_SUFFIXES) 
             for root, dirs, files in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
                 saved = all(m in files for m in DATASETS_METADATA) and any(f.endswith(".arrow") for f in files)
+                shards = any(_suffix(f)[0] == TOKEN_SUFFIX for f in files)
                 out.extend(Path(root) / f for f in sorted(files)
                            if _suffix(f)[0] in suffixes and not f.startswith(".")
-                           and not (saved and f in DATASETS_METADATA))
+                           and not (saved and f in DATASETS_METADATA) and not (shards and f == SHARD_MANIFEST))
         else:
             raise FileNotFoundError(f"{p}: data path does not exist; expected a text file or a folder")
     if not out:
@@ -319,13 +327,47 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
 BATCH_CHARS = 1 << 20  # documents are encoded in batches of about this much text
 
 
-def _document_batches(files: Iterable[Path], text_field: str, batch_chars: int) -> Iterator[list]:
+SHARD_READ = 1 << 20  # bytes of a token shard read at a time
+
+
+def token_shard(path, vocab_size: int | None = None, read_bytes: int = SHARD_READ) -> Iterator[torch.Tensor]:
+    """The ids of a pre-tokenised shard (little-endian u32, optionally gzip-compressed) as int32
+    pieces, ``read_bytes`` at a time. ValueError naming the file for a size that is no whole number of
+    ids, and the position for an id at or above ``vocab_size`` (the int32 stream's limit when None)."""
+    import numpy as np
+
+    limit = min(vocab_size, 1 << 31) if vocab_size is not None else 1 << 31
+    what = f"the tokenizer's vocabulary size {vocab_size}" if vocab_size is not None else "2**31"
+    opener = gzip.open if _suffix(Path(path).name)[1] else open
+    done, rest = 0, b""
+    with opener(path, "rb") as f:
+        while block := f.read(read_bytes):
+            block = rest + block
+            whole = len(block) - len(block) % 4
+            block, rest = block[:whole], block[whole:]
+            ids = np.frombuffer(block, dtype="<u4")
+            bad = np.flatnonzero(ids >= limit)
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(f"{path}: token {done + i} is id {int(ids[i])}, not below {what}; expected a "
+                                 f"corpus of little-endian u32 ids from this model's tokenizer")
+            done += ids.size
+            if ids.size:
+                yield torch.from_numpy(ids.astype(np.int32))
+    if rest:
+        raise ValueError(f"{path}: {4 * done + len(rest)} bytes is no whole number of token ids; expected a "
+                         f"pre-tokenised shard of little-endian u32 ids (4 bytes each)")
+
+
+def _document_batches(files: Iterable[Path], text_field: str, batch_chars: int,
+                      vocab_size: int | None = None) -> Iterator[list]:
     batch: list = []
     size = 0
     for path in files:
-        for doc in documents_of(path, text_field):
-            batch.append(doc)
-            size += len(doc) if isinstance(doc, str) else 1024
+        shard = _suffix(Path(path).name)[0] == TOKEN_SUFFIX
+        for doc in token_shard(path, vocab_size) if shard else documents_of(path, text_field):
+            batch.append(doc)  # a text, a (where, record), or a shard's ids (counted as their bytes)
+            size += len(doc) if isinstance(doc, str) else 4 * doc.numel() if shard else 1024
             if size >= batch_chars:
                 yield batch
                 batch, size = [], 0
@@ -348,8 +390,13 @@ def token_parts(files: Iterable[Path], tokenizer, *, max_tokens: int | None = No
     bos = document_bos(tokenizer)
 
     def encode(batch: list) -> torch.Tensor:
+        pieces: list[torch.Tensor] = []
         ids: list[int] = []
         for doc in batch:
+            if isinstance(doc, torch.Tensor):  # a shard's ids, as they are
+                pieces += [torch.tensor(ids, dtype=torch.int32), doc]
+                ids = []
+                continue
             if isinstance(doc, str):
                 if bos is not None:
                     ids.append(bos)
@@ -358,11 +405,13 @@ def token_parts(files: Iterable[Path], tokenizer, *, max_tokens: int | None = No
                     ids.append(eos)
                 continue
             ids += marked_ids(doc[1], tokenizer, doc[0])
-        return torch.tensor(ids, dtype=torch.int32)
+        if not pieces:
+            return torch.tensor(ids, dtype=torch.int32)
+        return torch.cat([*pieces, torch.tensor(ids, dtype=torch.int32)])
 
     workers = workers or default_workers()
     total = 0
-    batches = _document_batches(files, text_field, batch_chars)
+    batches = _document_batches(files, text_field, batch_chars, getattr(tokenizer, "vocab_size", None))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
         try:
