@@ -770,8 +770,6 @@ def test_pretokenised_shards_train_as_their_text_does(capsys, tmp_path):
     outside the vocabulary and a torn shard are errors naming the file."""
     import gzip
 
-    import numpy as np
-
     from apr_kernels.train.cli import byte_tokenizer
     from apr_kernels.train.data import find_text_files, tokenize_files
 
