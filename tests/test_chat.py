@@ -488,3 +488,36 @@ def test_cli_record_packing_trains_and_eval_follows_it(qwen, tmp_path, capsys):
     packed_rows, stream_rows = sequences(pack_records(stream, 64, qwen.eos_id), 64)[:2], sequences(stream, 64)[:2]
     assert got["tokens"] == int((packed_rows[:, 1:] >= 0).sum()) != int((stream_rows[:, 1:] >= 0).sum())
     assert final["eval_tokens"] > 0
+
+
+def test_aprenders_typed_chat_keys_are_read():
+    """aprender's typed top-level keys (spec 5.2): ``chat_template`` renders chats when the file has no
+    ``tokenizer.chat_template`` (which wins when both are there) and is saved under that key;
+    ``chat_format`` picks among the formats whose special tokens the tokenizer has, and one that is
+    not rendered here is named in the error."""
+    meta = {k: v for k, v in llama3_tokenizer().to_metadata().items() if k != "tokenizer.token_type"}
+    assert "tokenizer.chat_template" not in meta
+    plain = Tokenizer.from_metadata(meta)
+    typed = Tokenizer.from_metadata({**meta, "chat_template": TEMPLATE})
+    assert chat.chat_template(plain) is None and chat.chat_template(typed) == TEMPLATE
+    text, _, _ = chat.render({"messages": CONVO["messages"][1:3]}, typed, "mem:1")
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                    "<|im_start|>assistant\n4.<|im_end|>\n")
+    assert typed.to_metadata()["tokenizer.chat_template"] == TEMPLATE
+    both = Tokenizer.from_metadata({**meta, "chat_template": TEMPLATE, "tokenizer.chat_template": "{{ 'x' }}"})
+    assert chat.chat_template(both) == "{{ 'x' }}"
+
+    # a vocabulary with the ChatML and the Llama 3 special tokens: the typed format decides
+    vocab = meta["tokenizer.vocabulary"] + list(chat.CHATML)
+    both_formats = {**meta, "tokenizer.vocabulary": vocab}
+    assert chat.chat_format(Tokenizer.from_metadata(both_formats)) == "chatml"  # (the first that fits)
+    assert chat.chat_format(Tokenizer.from_metadata({**both_formats, "chat_format": "llama3"})) == "llama3"
+    assert chat.chat_format(Tokenizer.from_metadata({**both_formats, "chat_format": "llama2"})) == "chatml"
+    named = Tokenizer.from_metadata({**both_formats, "chat_format": "llama3"})
+    assert named.to_metadata()["chat_format"] == "llama3"
+    text, _, _ = chat.render({"messages": CONVO["messages"][1:3]}, named, "mem:1")
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    bare = {"tokenizer.vocabulary": meta["tokenizer.vocabulary"][:256], "tokenizer.merges": [], "chat_format": "phi"}
+    with pytest.raises(ValueError, match=r"mem:1: chat records need a chat template .* none of these; its "
+                                         r"chat_format 'phi' is not one rendered here \(chatml, llama3, llama2\)"):
+        chat.render({"messages": CONVO["messages"][1:3]}, Tokenizer.from_metadata(bare), "mem:1")

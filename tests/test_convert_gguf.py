@@ -505,3 +505,24 @@ def test_export_merges_lora_and_casts_to_the_asked_dtype(tmp_path):
     types = {t.name: T(t.tensor_type) for t in gguf.GGUFReader(str(out)).tensors}
     assert types["blk.1.ffn_up.weight"] == T.BF16
     assert main(["export", str(bf), str(out), "-q"]) == 1  # never overwrites
+
+
+def test_export_writes_aprenders_typed_chat_template(tmp_path):
+    """An APR file whose chat template is only aprender's typed top-level ``chat_template`` (spec
+    5.2) exports it as the GGUF file's ``tokenizer.chat_template``."""
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import byte_tokenizer
+
+    ck = tmp_path / "m.apr"
+    save_checkpoint(ck, model=Transformer(preset("tiny_llama"), fast=False), tokenizer=byte_tokenizer())
+    with apr_kernels.open(ck) as f:
+        meta, tensors = dict(f.metadata), {k: f.get_tensor(k) for k in f.keys()}
+    assert "tokenizer.chat_template" not in meta
+    for name, extra in (("plain", {}), ("typed", {"chat_template": "{{ messages[0]['content'] }}"})):
+        apr_kernels.save(tensors, tmp_path / f"{name}.apr", metadata={**meta, **extra})
+        assert main(["export", str(tmp_path / f"{name}.apr"), str(tmp_path / f"{name}.gguf"), "-q"]) == 0
+    fields = {n: gguf.GGUFReader(str(tmp_path / f"{n}.gguf")).fields for n in ("plain", "typed")}
+    assert "tokenizer.chat_template" not in fields["plain"]
+    field = fields["typed"]["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == "{{ messages[0]['content'] }}"

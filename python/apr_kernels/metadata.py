@@ -168,3 +168,21 @@ def canonical_metadata(meta: Mapping[str, Any], *, path: str = "", total_size: i
             out[key] = None
     out.update(folded)  # custom keys, in the caller's order
     return out
+
+
+# What a tokenizer carries through to the files it is saved with. aprender also writes typed
+# top-level `chat_template` and `chat_format` keys (spec 5.2): a file with only the typed template
+# still renders chats with it, and its named chat format is kept (``train/chat.py`` reads it).
+TOKENIZER_CARRIED = ("tokenizer.chat_template", "tokenizer.add_bos_token")
+
+
+def tokenizer_carried(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of ``meta`` a tokenizer keeps (``TOKENIZER_CARRIED``), the typed ``chat_template``
+    standing in for a missing ``tokenizer.chat_template``, plus a typed ``chat_format``."""
+    extra = {k: meta[k] for k in TOKENIZER_CARRIED if k in meta}
+    typed = meta.get("chat_template")
+    if "tokenizer.chat_template" not in extra and isinstance(typed, str) and typed.strip():
+        extra["tokenizer.chat_template"] = typed
+    if isinstance(meta.get("chat_format"), str):
+        extra["chat_format"] = meta["chat_format"]
+    return extra

@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from apr_kernels.metadata import tokenizer_carried
 from apr_kernels.tokenizer_spm import MODEL_TYPES as SPM_MODEL_TYPES, SentencePieceTokenizer, checked_ids
 
 # Pre-tokenisation regexes by `tokenizer.pre_type` (llama.cpp's names where it has one).
@@ -351,7 +352,7 @@ class Tokenizer:
         pre = str(meta.get("tokenizer.pre_type") or "gpt2")
         custom = {"pattern": meta.get("tokenizer.pre_pattern"),
                   "nfc": str(meta.get("tokenizer.normalizer", "")).upper() == "NFC"} if pre == CUSTOM_PRE_TYPE else {}
-        extra = {k: v for k, v in meta.items() if k in ("tokenizer.chat_template", "tokenizer.add_bos_token")}
+        extra = tokenizer_carried(meta)  # (chat template, BOS rule, chat format)
 
         def _id(key):
             v = meta.get(key)

@@ -29,6 +29,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from apr_kernels.metadata import tokenizer_carried
+
 # GGUF / SentencePiece piece types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # "▁"
@@ -145,7 +147,7 @@ class SentencePieceTokenizer:
             raise ValueError(f"{where}: tokenizer.prepend_scheme {scheme!r} is not supported (expected 'always', "
                              "'first', 'metaspace_always' or 'metaspace_first'; tokenizer.add_space_prefix=false "
                              "for none)")
-        extra = {k: v for k, v in meta.items() if k in ("tokenizer.chat_template", "tokenizer.add_bos_token")}
+        extra = tokenizer_carried(meta)  # (chat template, BOS rule, chat format)
         return cls(pieces, scores, types, bos_id=_id("tokenizer.bos_token_id"),
                    eos_id=_id("tokenizer.eos_token_id"), pad_id=_id("tokenizer.padding_token_id"),
                    add_space_prefix=prefix, prepend_first_only=scheme.endswith("first"),

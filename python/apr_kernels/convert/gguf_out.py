@@ -46,6 +46,8 @@ from warnings import warn
 import numpy as np
 import torch
 
+from apr_kernels.metadata import tokenizer_carried
+
 from .export import lora_settings, merged_tensor, model_tensor_names
 from .names import PERMUTED_ARCHS, hf_to_gguf, permute_rows, rope_permuted_heads, unpermute_rows
 from .recipe import FLOAT_DTYPES, GGUF_KINDS, Layout, ggml_type
@@ -524,5 +526,6 @@ def _tokenizer_keys(w, gguf, meta: dict, vocab_size: int, src) -> None:
             add(value)
     if meta.get("tokenizer.add_bos_token") is not None:
         w.add_add_bos_token(bool(meta["tokenizer.add_bos_token"]))
-    if isinstance(meta.get("tokenizer.chat_template"), str):
-        w.add_chat_template(meta["tokenizer.chat_template"])
+    template = tokenizer_carried(meta).get("tokenizer.chat_template")  # (or aprender's typed chat_template)
+    if isinstance(template, str):
+        w.add_chat_template(template)

@@ -6,9 +6,10 @@ JSON Lines records (``data.py``) may hold, instead of a plain text field:
   the end-of-text id after it are targets (the model learns to answer and to stop);
 * ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``: the
   conversation rendered by the model's own chat template when its tokenizer carries one
-  (``tokenizer.chat_template``, kept by ``convert`` from Hugging Face and GGUF files; rendered with
-  jinja2 as ``transformers``' ``apply_chat_template`` does, default system prompts included), else in
-  the format of the model family told by the tokenizer's special tokens: ChatML for Qwen2
+  (``tokenizer.chat_template``, kept by ``convert`` from Hugging Face and GGUF files, or aprender's
+  typed ``chat_template``; rendered with jinja2 as ``transformers``' ``apply_chat_template`` does,
+  default system prompts included), else in the format of the model family told by the file's typed
+  ``chat_format`` or the tokenizer's special tokens: ChatML for Qwen2
   (``<|im_start|>{role}\\n{content}<|im_end|>\\n``), the Llama 3 header format
   (``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``, after
   ``<|begin_of_text|>``; no system message is added), or for SentencePiece models with ``<s>``/``</s>``
@@ -121,17 +122,20 @@ def is_supervised(record) -> bool:
 
 
 def chat_format(tokenizer) -> str:
-    """'chatml', 'llama3' or 'llama2', from the tokenizer's special tokens; ValueError if none fits."""
+    """'chatml', 'llama3' or 'llama2': the file's typed ``chat_format`` when it names one of these
+    and the tokenizer has its special tokens, else the first whose special tokens it has; ValueError
+    if none fits."""
     special = getattr(tokenizer, "special_tokens", {}) or {}
-    if all(t in special for t in CHATML):
-        return "chatml"
-    if all(t in special for t in LLAMA3):
-        return "llama3"
-    if all(t in special for t in LLAMA2):
-        return "llama2"
+    formats = {"chatml": CHATML, "llama3": LLAMA3, "llama2": LLAMA2}
+    named = (getattr(tokenizer, "extra", None) or {}).get("chat_format")
+    for fmt in ([named] if named in formats else []) + list(formats):
+        if all(t in special for t in formats[fmt]):
+            return fmt
+    told = (f"; its chat_format {named!r} is not one rendered here (chatml, llama3, llama2)"
+            if named and named not in formats else "")
     raise ValueError(f"chat records need a chat template (tokenizer.chat_template) or a tokenizer with ChatML "
                      f"({', '.join(CHATML)}), Llama 3 ({', '.join(LLAMA3)}) or Llama 2 ({', '.join(LLAMA2)}) "
-                     f"special tokens; this one has none of these")
+                     f"special tokens; this one has none of these{told}")
 
 
 def render(record: dict, tokenizer, where: str) -> tuple[str, list[tuple[int, int]], bool]:
@@ -172,7 +176,8 @@ def _checked_messages(messages, where: str, nfc) -> list[dict]:
 
 
 def chat_template(tokenizer) -> str | None:
-    """The model's own jinja chat template (``tokenizer.chat_template`` metadata), if any."""
+    """The model's own jinja chat template (``tokenizer.chat_template`` metadata, or aprender's typed
+    ``chat_template`` key: ``metadata.tokenizer_carried``), if any."""
     t = (getattr(tokenizer, "extra", None) or {}).get("tokenizer.chat_template")
     return t if isinstance(t, str) and t.strip() else None
 
