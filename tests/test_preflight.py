@@ -145,6 +145,35 @@ def test_non_finite_weights_are_refused(tmp_apr, qwen):
         from_apr(tmp_apr)
 
 
+def test_weights_with_an_impossible_mean_are_refused(tmp_apr, qwen):
+    """aprender's loader refuses a tensor whose |mean| exceeds 100 (validate_tensor_values): so does
+    preflight, naming the tensor and its mean."""
+    big = torch.full_like(qwen.model.norm.weight.detach(), 250.0)
+    save_model(tmp_apr, qwen, replace={"model.norm.weight": big})
+    with pytest.raises(PreflightError, match=r"model\.apr: tensor 'model\.norm\.weight' has mean 250; expected "
+                                             r"\|mean\| <= 100"):
+        from_apr(tmp_apr)
+
+
+def test_an_embedding_stored_in_another_dtype_than_its_tag_is_warned_about(tmp_apr, qwen, recwarn):
+    """aprender's H4 falsifier: BF16 bytes tagged as F16 read as finite values of a wrong scale. The
+    embedding's statistics outside its bounds are a warning naming the tensor; an honest file gives
+    none."""
+    import warnings
+
+    save_model(tmp_apr, qwen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no warning at all)
+        from_apr(tmp_apr)
+    emb = qwen.model.embed_tokens.weight.detach()
+    mistagged = emb.to(torch.bfloat16).view(torch.int16).view(torch.float16)  # the bytes of BF16, tagged F16
+    assert torch.isfinite(mistagged).all()
+    save_model(tmp_apr, qwen, replace={"model.embed_tokens.weight": mistagged})
+    with pytest.warns(UserWarning, match=r"model\.apr: tensor 'model\.embed_tokens\.weight' has mean -?[0-9.e-]+ "
+                                         r"and std [0-9.]+, outside aprender's sanity bounds for an embedding"):
+        from_apr(tmp_apr)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"absent\.apr: init file does not exist"):
         from_apr(tmp_path / "absent.apr")

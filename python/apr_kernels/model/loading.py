@@ -10,8 +10,12 @@ ValueError) naming the file and the mismatch:
 2. shapes: every model parameter present with its exact shape (extra tensors such as a tied
    ``lm_head`` copy or ``__training__.*`` state are ignored); all missing or misshapen ones listed;
 3. tokenizer vs model vocabulary: an embedded tokenizer's vocabulary must fit (<=) the model's;
-4. values: every weight finite. Quantised weights (Q4_K, Q6_K, APR_Q4, APR_Q8) are dequantised
-   straight to the training dtype.
+4. values: every weight finite, and no tensor's mean beyond +-100 (aprender's loader refuses those
+   too: ``validate_tensor_values``, spec 14). The embedding's statistics outside aprender's sanity
+   bounds (|mean| < 0.05, std in [0.005, 0.5]: its H4 falsifier, which caught BF16 bytes tagged as
+   F16) are a warning, not an error: a real model may lie outside them. Under FSDP or tensor
+   parallelism each rank checks the part it reads. Quantised weights (Q4_K, Q6_K, APR_Q4, APR_Q8)
+   are dequantised straight to the training dtype.
 
 Tensors may be stored under Hugging Face or GGUF names (spec 10.3). Tying: ``tied_embeddings`` in the
 metadata decides; without it the model is tied when ``lm_head.weight`` is absent or a 0-byte
@@ -37,6 +41,35 @@ _SHOW = 8  # names listed per problem kind in an error message
 
 class PreflightError(ValueError):
     """An init file that cannot initialise the model (message names the file and the mismatch)."""
+
+
+MAX_ABS_MEAN = 100.0  # aprender's validate_tensor_values: a weight's |mean| above this is refused
+EMBED_BOUNDS = (0.05, 0.005, 0.5)  # aprender's H4 falsifier: embedding |mean| <, std in [lo, hi]
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def check_values(t: torch.Tensor, path, stored: str, name: str) -> None:
+    """PreflightError for non-finite values or a mean beyond +-``MAX_ABS_MEAN`` in weight ``stored``
+    (parameter ``name``) of file ``path``; a warning for an embedding outside ``EMBED_BOUNDS``."""
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise PreflightError(f"{path}: tensor {stored!r} has {bad} non-finite value(s); expected finite weights")
+    if not t.numel() or not t.is_floating_point():
+        return
+    mean = float(t.mean(dtype=torch.float32))
+    if abs(mean) > MAX_ABS_MEAN:
+        raise PreflightError(f"{path}: tensor {stored!r} has mean {mean:.6g}; expected |mean| <= {MAX_ABS_MEAN:g} "
+                             f"(aprender refuses it too: weights stored in another dtype than their tag read so)")
+    if name == EMBEDDING:
+        std = float(t.float().std()) if t.numel() > 1 else 0.0
+        most, lo, hi = EMBED_BOUNDS
+        if abs(mean) >= most or not lo <= std <= hi:
+            import warnings
+
+            warnings.warn(f"{path}: tensor {stored!r} has mean {mean:.4g} and std {std:.4g}, outside aprender's "
+                          f"sanity bounds for an embedding (|mean| < {most}, std in [{lo}, {hi}]); a file whose "
+                          f"bytes are in another dtype than its tag (BF16 written as F16) loads like this",
+                          stacklevel=2)
 
 
 @dataclass
@@ -283,18 +316,12 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
                 # the zero-copy view, sliced: only this rank's rows are read (and converted)
                 t = local_shard(f.get_tensor(stored) if view is None else view, params[name],
                                 f"{p.path}: tensor {stored!r}")
-                if not torch.isfinite(t).all():
-                    bad = int((~torch.isfinite(t)).sum())
-                    raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
-                                         f"expected finite weights")
+                check_values(t, p.path, stored, name)
                 params[name].to_local().copy_(t)
                 continue
             # CUDA: staged through pinned buffers
             t = f.get_tensor(stored, device=device, dtype=dtype) if view is None else view.to(device, dtype)
-            if not torch.isfinite(t).all():
-                bad = int((~torch.isfinite(t)).sum())
-                raise PreflightError(f"{p.path}: tensor {stored!r} has {bad} non-finite value(s); "
-                                     f"expected finite weights")
+            check_values(t, p.path, stored, name)
             params[name].copy_(t.reshape(params[name].shape))
     if p.new_score:
         from apr_kernels.train.distributed import copy_into
