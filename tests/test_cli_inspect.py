@@ -93,7 +93,7 @@ def test_validate_reports_each_problem(sample, tmp_path, capsys):
     path = sample[0]
     with apr_kernels.open(path) as f:
         info = f.info("model.embed_tokens.weight")
-    _flip(path, info.offset + 3)  # tensor bytes: only the footer CRC can notice
+    _flip(path, info.offset)  # a low mantissa byte: only the footer CRC can notice
     assert main(["validate", str(path)]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "footer CRC" in out[0] and str(path) in out[0]
@@ -168,3 +168,28 @@ def test_group_folds_layers_and_experts_into_patterns(tmp_path, capsys):
     assert rows["model.layers.{0,2}.input_layernorm.weight"][1:] == ["F32", "[8]", "64", "2"]
     assert rows["model.layers.1.input_layernorm.weight"][1:] == ["F16", "[8]", "16", "1"]
     assert rows["model.norm.weight"][-1] == "1" and len(rows) == 4
+
+
+def test_validate_checks_aprenders_writer_checklist(tmp_path, capsys):
+    """Beyond what the reader refuses: the layout flag, 64-byte tensor alignment (spec 9, 17), the
+    metadata `apr run` needs of a language model (spec 5.6) and aprender's |mean| <= 100 rule, one
+    line each, every line naming the file."""
+    from apr_build import build
+
+    up = torch.randn(4, 8)
+    bad = tmp_path / "bad.apr"  # realizar's writer: flags 0, the index unpadded; no model keys
+    bad.write_bytes(build([("model.layers.0.mlp.up_proj.weight", "F32", (4, 8), up.numpy().tobytes())],
+                          {"model_type": "t", "hidden_size": 8}, flags=0, pad_index=False))
+    assert main(["validate", str(bad)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 3 and all(line.startswith(f"{bad}: ") for line in out), out
+    assert "flag LAYOUT_ROW_MAJOR (0x0400) is not set" in out[0]
+    assert "1 tensor(s) start off a 64-byte boundary of the file ('model.layers.0.mlp.up_proj.weight')" in out[1]
+    assert ("a language model whose metadata lacks architecture, num_layers, num_heads, vocab_size, "
+            "tokenizer.vocabulary (an embedded tokenizer); expected every key `apr run` needs") in out[2]
+    huge = tmp_path / "huge.apr"
+    huge.write_bytes(build([("a.weight", "F32", (3,), torch.tensor([300.0, 200.0, 100.0]).numpy().tobytes())]))
+    assert main(["validate", str(huge)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"{huge}: tensor 'a.weight' (F32 [3]) has mean 200 (expected |mean| <= 100, as aprender's "
+                   "validate_tensor_values)"]

@@ -176,7 +176,8 @@ def register(subparsers) -> None:
                         "(model.layers.{0..47}.mlp.experts.{0..127}.up_proj.weight), with counts")
     p.set_defaults(func=_inspect)
 
-    p = subparsers.add_parser("validate", help="every reader check plus the footer CRC; exit 0 (sound) or 1")
+    p = subparsers.add_parser("validate", help="every reader check plus the footer CRC and aprender's writer checklist "
+                                                  "(spec 17); exit 0 (sound) or 1")
     p.add_argument("file")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is sound")
     p.set_defaults(func=_validate)

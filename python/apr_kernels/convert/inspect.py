@@ -118,7 +118,10 @@ def format_text(d: dict, group: bool = False) -> str:
 
 
 def validate(path: str) -> list[str]:
-    """One line per problem (empty: the file is sound). Opening runs the reader's structural checks."""
+    """One line per problem (empty: the file is sound). Opening runs the reader's structural checks;
+    then the footer CRC, and what aprender's writer checklist (spec 17) asks that a lenient reader
+    lets pass: sorted index, header CRC, flags, 64-byte tensor alignment, one spelling per key, the
+    metadata `apr run` needs, finite weights with |mean| <= 100."""
     import apr_kernels
     from apr_kernels.metadata import ALIASES
 
@@ -144,6 +147,14 @@ def validate(path: str) -> list[str]:
         if bad_flags:
             problems.append(f"{path}: flags 0x{bad_flags:04X} ({', '.join(flag_names(bad_flags))}) are set; "
                             "expected no compression/encryption/signature/column-major flags")
+        if not h["flags"] & ROW_MAJOR:
+            problems.append(f"{path}: flag LAYOUT_ROW_MAJOR (0x0400) is not set (expected, spec 17: every "
+                            "aprender writer sets it)")
+        unaligned = [n for n in f.keys() if f.info(n).offset % ALIGNMENT]
+        if unaligned:
+            problems.append(f"{path}: {len(unaligned)} tensor(s) start off a {ALIGNMENT}-byte boundary of the "
+                            f"file ({', '.join(map(repr, unaligned[:3]))}); expected every tensor 64-aligned "
+                            "(aprender's verify_alignment, spec 9)")
         try:
             meta = f.metadata
         except ValueError as exc:
@@ -157,6 +168,7 @@ def validate(path: str) -> list[str]:
             f.config
         except ValueError as exc:
             problems.append(str(exc))
+        problems.extend(_run_metadata(f, path, meta))
         kind = str(meta.get("tokenizer.model_type", meta.get("tokenizer.model", "bpe"))).lower()
         if meta.get("tokenizer.vocabulary") is not None and kind in ("bpe", "gpt2", "llama"):
             from apr_kernels.tokenizer import Tokenizer
@@ -168,6 +180,27 @@ def validate(path: str) -> list[str]:
         for name in f.keys():
             problems.extend(_check_tensor(f, path, name))
     return problems
+
+
+ROW_MAJOR = 0x0400
+ALIGNMENT = 64
+# what `apr run` needs of a language model's file (spec 5.6, aprender PR #2437), besides a tokenizer
+RUN_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "vocab_size")
+
+
+def _run_metadata(f, path: str, meta: dict) -> list[str]:
+    """The minimum metadata of spec 5.6, for a file with decoder layers (by HF or GGUF names)."""
+    from apr_kernels.metadata import ALIASES
+
+    if not any(n.startswith(("model.layers.", "blk.")) for n in f.keys()):
+        return []
+    missing = [k for k in RUN_KEYS if k not in meta and not any(a in meta for a in ALIASES.get(k, ()))]
+    if not meta.get("tokenizer.vocabulary"):
+        missing.append("tokenizer.vocabulary (an embedded tokenizer)")
+    if not missing:
+        return []
+    return [f"{path}: a language model whose metadata lacks {', '.join(missing)}; expected every key `apr run` "
+            "needs (spec 5.6)"]
 
 
 def _check_tensor(f, path: str, name: str) -> list[str]:
@@ -182,4 +215,8 @@ def _check_tensor(f, path: str, name: str) -> list[str]:
     if bad:
         return [f"{path}: tensor {name!r} ({info.dtype} {list(info.shape)}) has {bad} NaN/Inf values "
                 "(expected finite weights)"]
+    mean = float(t.mean(dtype=torch.float32)) if t.numel() else 0.0
+    if abs(mean) > 100:
+        return [f"{path}: tensor {name!r} ({info.dtype} {list(info.shape)}) has mean {mean:.6g} (expected "
+                "|mean| <= 100, as aprender's validate_tensor_values)"]
     return []
