@@ -174,6 +174,33 @@ def test_an_embedding_stored_in_another_dtype_than_its_tag_is_warned_about(tmp_a
         from_apr(tmp_apr)
 
 
+def test_a_llama_file_from_gguf_without_rope_type_rotates_adjacent_pairs(tmp_apr):
+    """aprender's GGUF import keeps llama.cpp's permuted q/k rows (spec 10.5): a Llama file whose
+    metadata says ``original_format`` "gguf" and no ``rope_type`` computes the original model's logits
+    with adjacent-pair RoPE; without the provenance, or with an explicit rope_type, the file's word holds."""
+    from apr_kernels.convert.names import permute_rows
+
+    torch.manual_seed(3)
+    model = Transformer(preset("tiny_llama"), fast=False)
+    cfg = model.config
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i in range(cfg.num_layers):
+        for proj, heads in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads)):
+            name = f"model.layers.{i}.self_attn.{proj}.weight"
+            tensors[name] = permute_rows(tensors[name], heads)
+    meta = {k: v for k, v in model_metadata(model, None).items() if k != "rope_type"}
+    want = logits(model)
+    apr_kernels.save(tensors, tmp_apr, metadata={**meta, "original_format": "gguf"})
+    loaded = from_apr(tmp_apr, fast=False)
+    assert loaded.config.rope_type == 0
+    torch.testing.assert_close(logits(loaded), want, rtol=1e-5, atol=1e-5)
+    for extra in ({}, {"original_format": "gguf", "rope_type": 2}):
+        apr_kernels.save(tensors, tmp_apr, metadata={**meta, **extra})
+        loaded = from_apr(tmp_apr, fast=False)
+        assert loaded.config.rope_type == 2
+        assert (logits(loaded) - want).abs().max() > 1e-3  # (100x the agreement above)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"absent\.apr: init file does not exist"):
         from_apr(tmp_path / "absent.apr")

@@ -17,7 +17,9 @@ ValueError) naming the file and the mismatch:
    parallelism each rank checks the part it reads. Quantised weights (Q4_K, Q6_K, APR_Q4, APR_Q8)
    are dequantised straight to the training dtype.
 
-Tensors may be stored under Hugging Face or GGUF names (spec 10.3). Tying: ``tied_embeddings`` in the
+Tensors may be stored under Hugging Face or GGUF names (spec 10.3). RoPE: the file's ``rope_type``,
+else 2 (split halves, Hugging Face row order), but 0 (adjacent pairs) for a Llama-family file from
+GGUF (``gguf_row_order``). Tying: ``tied_embeddings`` in the
 metadata decides; without it the model is tied when ``lm_head.weight`` is absent or a 0-byte
 placeholder.
 """
@@ -102,6 +104,19 @@ def check_tokenizer_vocab(tokenizer_vocab: int, model_vocab: int, where: str) ->
             f"model vocab_size is {model_vocab}; expected tokenizer vocab <= model vocab")
 
 
+# the families whose q/k rows llama.cpp's converter permutes for its adjacent-pair RoPE (spec 10.5)
+GGUF_PERMUTED = frozenset({"llama", "mistral", "mixtral"})
+
+
+def gguf_row_order(family: str, meta: dict, names) -> bool:
+    """Whether a file without ``rope_type`` holds q/k rows in llama.cpp's permuted order: a Llama-family
+    model imported from GGUF (``original_format`` "gguf", or tensors still under GGUF names), which
+    aprender's import keeps as it is (spec 10.5). Adjacent-pair RoPE (``rope_type`` 0) on those rows
+    computes what split-half RoPE computes on Hugging Face's."""
+    return family in GGUF_PERMUTED and (str(meta.get("original_format", "")).lower() == "gguf"
+                                        or any(n.startswith("blk.") for n in names))
+
+
 def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
     """Run the metadata and shape checks of an init file without reading any weight.
 
@@ -124,6 +139,8 @@ def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
         raise
     except ValueError as exc:
         raise PreflightError(str(exc)) from None
+    if apr_cfg.rope_type is None and gguf_row_order(family, meta, infos):
+        cfg = cfg.replace(rope_type=0)
     stored_labels = cfg.num_labels
     if num_labels is not None:
         if stored_labels not in (None, num_labels):
