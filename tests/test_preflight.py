@@ -201,6 +201,22 @@ def test_a_llama_file_from_gguf_without_rope_type_rotates_adjacent_pairs(tmp_apr
         assert (logits(loaded) - want).abs().max() > 1e-3  # (100x the agreement above)
 
 
+def test_one_shard_of_a_split_model_is_named_as_such(tmp_path, qwen):
+    """A file of a model split over several (spec 12: metadata 'sharding', flag 0x0010) is refused as
+    a shard, not reported as a model with missing tensors."""
+    from apr_build import build, patch_header
+
+    half = dict(list(model_tensors(qwen).items())[:5])
+    save_model(tmp_path / "s.apr", qwen, drop=[n for n in dict(model_tensors(qwen)) if n not in half],
+               meta={"sharding": {"shard_count": 3, "shard_index": 1, "total_size": 1000, "pattern": None}})
+    with pytest.raises(PreflightError, match=r"s\.apr: shard 1 of 3 of a model split over several APR files"):
+        from_apr(tmp_path / "s.apr")
+    flagged = tmp_path / "f.apr"  # the flag alone
+    flagged.write_bytes(patch_header(build([("a.weight", "F32", (2,), bytes(8))]), flags=0x0410))
+    with pytest.raises(PreflightError, match=r"f\.apr: one shard of a model split over several APR files"):
+        from_apr(flagged)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"absent\.apr: init file does not exist"):
         from_apr(tmp_path / "absent.apr")

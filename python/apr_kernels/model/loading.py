@@ -104,6 +104,22 @@ def check_tokenizer_vocab(tokenizer_vocab: int, model_vocab: int, where: str) ->
             f"model vocab_size is {model_vocab}; expected tokenizer vocab <= model vocab")
 
 
+SHARDED_FLAG = 0x0010  # spec 4: set with metadata 'sharding' by aprender's with_sharding()
+
+
+def _refuse_a_shard(path: str, meta: dict, flagged: int) -> None:
+    """PreflightError for one file of a model split over several (spec 12: flag 0x0010 and metadata
+    ``sharding`` = {shard_count, shard_index, ...}), whose other tensors are in the other files."""
+    sharding = meta.get("sharding")
+    count = sharding.get("shard_count") if isinstance(sharding, dict) else None
+    if not flagged and not (isinstance(count, int) and count > 1):
+        return
+    index = sharding.get("shard_index") if isinstance(sharding, dict) else None
+    which = f"shard {index} of {count}" if isinstance(index, int) and isinstance(count, int) else "one shard"
+    raise PreflightError(f"{path}: {which} of a model split over several APR files (flag SHARDED, metadata "
+                         f"'sharding'); expected a whole model in one file (sharded files are not read)")
+
+
 # the families whose q/k rows llama.cpp's converter permutes for its adjacent-pair RoPE (spec 10.5)
 GGUF_PERMUTED = frozenset({"llama", "mistral", "mixtral"})
 
@@ -129,6 +145,8 @@ def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
         raise FileNotFoundError(f"{path}: init file does not exist")
     with apr_kernels.open(path) as f:
         meta = dict(f.metadata)
+        sharded = f.header["flags"] & SHARDED_FLAG
+        _refuse_a_shard(path, meta, sharded)
         apr_cfg = f.config
         infos = {name: f.info(name) for name in f.keys()}
 
