@@ -217,6 +217,28 @@ def test_one_shard_of_a_split_model_is_named_as_such(tmp_path, qwen):
         from_apr(flagged)
 
 
+def test_init_falsifiers_bad_files_and_repeatable_loads(tmp_path, qwen):
+    """aprender's init falsifiers 004/005/010 through from_apr: a file with a bad magic and one with
+    bogus metadata fail with the reader's AprFormatError naming the file; loading one file twice gives
+    bit-identical weights."""
+    from apr_build import build
+
+    from apr_kernels.errors import AprFormatError
+
+    magic = tmp_path / "magic.apr"
+    magic.write_bytes(build([("a.weight", "F32", (2,), bytes(8))], magic=b"GGUF"))
+    with pytest.raises(AprFormatError, match=r"magic\.apr: bad magic"):
+        from_apr(magic)
+    bogus = tmp_path / "bogus.apr"
+    bogus.write_bytes(build([("a.weight", "F32", (2,), bytes(8))], meta=b"{not json"))
+    with pytest.raises(AprFormatError, match=r"bogus\.apr: .*metadata"):
+        from_apr(bogus)
+    path = save_model(tmp_path / "m.apr", qwen)
+    one, two = (from_apr(path, fast=False).state_dict() for _ in range(2))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert all(torch.equal(one[k], v) for k, v in qwen.state_dict().items())
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"absent\.apr: init file does not exist"):
         from_apr(tmp_path / "absent.apr")
