@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import struct
@@ -485,6 +486,23 @@ def test_bytes_round_trip_like_safetensors_save_and_load(tmp_apr):
     assert got.keys() == want.keys()
     assert all(same_bits(got[n], want[n]) for n in want)
     assert apr_kernels.load_bytes(bytearray(data))["int8"].data_ptr() != 0  # any bytes-like object
+
+    class Stream:  # a file object that only reads, a few bytes at a time (a pipe, an HTTP body)
+        def __init__(self, raw):
+            self.raw, self.at = raw, 0
+
+        def read(self, n=-1):
+            n = min(n, 1000)
+            self.at += n
+            return self.raw[self.at - n:self.at]
+
+    for stream in (Stream(data), io.BytesIO(data)):
+        got = apr_kernels.load_bytes(stream, verify=True)
+        assert got.keys() == want.keys() and all(same_bits(got[n], want[n]) for n in want)
+    with pytest.raises(TypeError, match=r"the file object gave str; expected bytes \(open it in binary mode\)"):
+        apr_kernels.load_bytes(io.StringIO("APR"))
+    with pytest.raises(apr_kernels.AprFormatError, match=r"^<bytes>: .*shorter than the 64-byte"):
+        apr_kernels.load_bytes(io.BytesIO(data[:10]))
     bad = bytearray(data)
     bad[len(bad) // 2] ^= 0xFF  # a flipped data byte: only the footer CRC can tell
     with pytest.raises(apr_kernels.AprFormatError, match=r"^<bytes>: footer CRC mismatch"):

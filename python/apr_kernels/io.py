@@ -295,14 +295,26 @@ def load(path: str | os.PathLike, *, device="cpu", verify: bool = False,
         return f.tensors(device=device)
 
 
+STREAM_READ = 16 << 20  # bytes read at a time from a file object given to load_bytes
+
+
 def load_bytes(data, *, device="cpu", verify: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of the APR v2 file held in ``data`` (bytes-like: ``safetensors.torch.load``'s
-    counterpart). The bytes are copied once into an anonymous memory file, which is then validated
-    and mapped like any file (every check, the same tensors); errors name the input ``<bytes>``."""
+    """All tensors of the APR v2 file held in ``data``: bytes-like (``safetensors.torch.load``'s
+    counterpart), or a binary file object with ``read`` (an fsspec, S3 or HTTP file; a pipe), read
+    ``STREAM_READ`` bytes at a time, so memory holds the file once. The bytes go into an anonymous
+    memory file, which is then validated and mapped like any file (every check, the same tensors);
+    errors name the input ``<bytes>``."""
     fd = os.memfd_create("apr_kernels.load_bytes", os.MFD_CLOEXEC)
     try:
         with builtins.open(fd, "wb", closefd=False) as f:
-            f.write(data)
+            if hasattr(data, "read"):
+                while block := data.read(STREAM_READ):
+                    if not isinstance(block, (bytes, bytearray, memoryview)):
+                        raise TypeError(f"apr_kernels.load_bytes: the file object gave {type(block).__name__}; "
+                                        f"expected bytes (open it in binary mode)")
+                    f.write(block)
+            else:
+                f.write(data)
         path = f"/proc/self/fd/{fd}"
         try:
             with AprFile(path, verify=verify, mmap=True) as af:
