@@ -122,6 +122,17 @@ def data_spec(args) -> dict:
     return spec
 
 
+FINETUNE_LR = 5e-5  # aprender's `pretrain --init` (finetune mode) default, and Hugging Face Trainer's
+
+
+def default_lr(args) -> float:
+    """``--lr``, else ``FINETUNE_LR`` when every weight of an ``--init`` model trains (a pretrained
+    model forgets at a from-scratch rate), else ``TrainConfig.lr`` (from scratch; LoRA's new adapters)."""
+    if args.lr is not None:
+        return args.lr
+    return FINETUNE_LR if args.init and not args.lora_rank else TrainConfig.lr
+
+
 def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_dir=None, log=None,
               packing: str = "stream"):
     """(train_tokens, eval_tokens) from a data spec (also stored in checkpoints for --resume), through
@@ -568,7 +579,7 @@ def _train(args, env, mode: str) -> int:
             raise ValueError("train: --data PATH... is required (text files or folders)")
         spec = data_spec(args)
         cfg = TrainConfig(steps=args.steps or TrainConfig.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                          grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                          grad_accum=args.grad_accum, lr=default_lr(args), min_lr_ratio=args.min_lr_ratio,
                           lr_schedule=args.lr_schedule, decay_fraction=args.decay_fraction,
                           warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, eval_tokens=args.eval_tokens,
@@ -819,7 +830,10 @@ def register(subparsers) -> None:
     o.add_argument("--batch-size", type=int, default=d.batch_size)
     o.add_argument("--seq-len", type=int, default=d.seq_len)
     o.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
-    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    o.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {FINETUNE_LR:g} for full fine-tuning of an --init model, as "
+                        f"aprender's pretrain --init and Hugging Face's Trainer; {d.lr:g} from scratch or for "
+                        f"LoRA adapters)")
     o.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr")
     o.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%%, at most 100)")
     o.add_argument("--lr-schedule", choices=SCHEDULES, default=d.lr_schedule,
