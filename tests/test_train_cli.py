@@ -651,12 +651,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(capsys, tmp_path):
     assert [r["event"] for r in recs] == ["start", "dry_run"]
     start = recs[0]
     assert start["steps"] == math.ceil(2 * start["train_tokens"] / 32 / 2) and start["tokens_per_step"] == 64
+    assert start["lr"] == 3e-4  # (from scratch)
     assert not out.exists()
     from apr_kernels.model import Transformer, preset
     from apr_kernels.train.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "init.apr", model=Transformer(preset("tiny_llama"), fast=False),
                     tokenizer=_bytes_tokenizer())
+    # the peak learning rate: 5e-5 for every weight of an --init model, 3e-4 for LoRA's adapters, or --lr
+    for extra, lr in (([], 5e-5), (["--lora-rank", "4"], 3e-4), (["--lr", "1e-3"], 1e-3)):
+        code, stdout, err = run(capsys, "train", "--init", str(tmp_path / "init.apr"), "--data",
+                                str(STDLIB / "textwrap.py"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                                "--eval-tokens", "64", "--json", "--no-token-cache", "--dry-run", "--out", str(out),
+                                *extra)
+        assert code == 0, err
+        assert json_lines(stdout)[0]["lr"] == lr, extra
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"})
                                               + "\n" for i in range(8)))
     code, stdout, err = run(capsys, "dpo", "--init", str(tmp_path / "init.apr"), "--data", str(tmp_path / "p.jsonl"),

@@ -748,7 +748,7 @@ class Trainer(EvalWatch):
             "fast": getattr(self.model, "use_fast", None) and self.model.use_fast(
                 torch.empty(0, device=self.device)),
             "document_mask": c.document_mask, "lora_rank": lora["rank"] if lora else None,
-            "lr_schedule": c.lr_schedule, **({"float8": c.float8} if c.float8 else {}),
+            "lr": c.lr, "lr_schedule": c.lr_schedule, **({"float8": c.float8} if c.float8 else {}),
             **({"qat": c.qat} if c.qat else {}),
             **({"mixture": self.train_seqs.describe(c.steps * c.batch_size * c.grad_accum)}
                if isinstance(self.train_seqs, Mixture) else {}),
