@@ -283,6 +283,27 @@ def test_gguf_names_map_to_hugging_face():
     assert hf_name("model.norm.weight") == "model.norm.weight"
 
 
+@pytest.mark.parametrize("cfg", [QWEN, LLAMA], ids=["qwen2-gqa7", "llama-gqa3"])
+def test_gqa_equals_multi_head_attention_with_kv_heads_repeated(cfg):
+    """aprender's polymorphic falsifier 004: a GQA model computes what the multi-head model computes
+    whose K/V projections (and biases) hold each K/V head repeated for its group of query heads."""
+    torch.manual_seed(5)
+    gqa = Transformer(cfg, fast=False).eval()
+    mha = Transformer(cfg.replace(num_kv_heads=cfg.num_heads), fast=False).eval()
+    group, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    state = {}
+    for name, t in gqa.state_dict().items():
+        if ".k_proj." in name or ".v_proj." in name:  # rows [Hkv * D, ...] -> [Hq * D, ...]
+            t = t.reshape(cfg.num_kv_heads, d, *t.shape[1:]).repeat_interleave(group, 0).reshape(-1, *t.shape[1:])
+        state[name] = t
+    mha.load_state_dict(state)
+    x = torch.randint(0, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want, got = mha(x), gqa(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) >= 0.9999
+
+
 def test_fresh_init_loss_is_about_ln_vocab():
     cfg = preset("tiny_qwen2")
     x = torch.randint(0, cfg.vocab_size, (4, 33))
