@@ -826,3 +826,40 @@ def test_pretokenised_shards_train_as_their_text_does(capsys, tmp_path):
     code, _, err = run(capsys, *common, "--data", str(bad), "--no-token-cache", "--out", str(tmp_path / "r2"))
     assert code != 0
     assert f"{bad / 'a.bin'}: 1602 bytes is no whole number of token ids" in err
+
+
+def test_tokenize_shards_writes_aprenders_corpus_that_train_reads(capsys, tmp_path):
+    """tokenize --shards DIR: the --data stream as aprender's corpus (u32 shards of --shard-tokens ids
+    in order, a manifest), which reads back as the same stream; an existing folder and supervised
+    records are refused, leaving nothing behind."""
+    import numpy as np
+
+    from apr_kernels.train.cli import byte_tokenizer
+    from apr_kernels.train.data import find_text_files, tokenize_files
+
+    tok = byte_tokenizer()
+    want = tokenize_files(find_text_files(TRAIN), tok, max_tokens=6000)
+    out = tmp_path / "corpus"
+    argv = ["tokenize", "--tokenizer", "bytes", "--data", *TRAIN, "--max-tokens", "6000", "--shards", str(out),
+            "--shard-tokens", "2500"]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    assert stdout.startswith("tokens=6000 shards=3 ")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["manifest.json", "shard-00000.bin", "shard-00001.bin", "shard-00002.bin"]
+    sizes = [np.fromfile(out / n, dtype="<u4").size for n in names[1:]]
+    assert sizes == [2500, 2500, 1000]
+    got = np.concatenate([np.fromfile(out / n, dtype="<u4") for n in names[1:]])
+    assert np.array_equal(got, want.numpy())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens"] == 6000 and manifest["vocab_size"] == tok.vocab_size
+    assert [s["tokens"] for s in manifest["shards"]] == sizes
+    assert torch.equal(tokenize_files(find_text_files([out]), tok), want)  # (the manifest left out)
+    code, _, err = run(capsys, *argv)
+    assert code != 0 and f"{out}: already exists" in err
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": "Q?", "completion": " A."}) + "\n")
+    code, _, err = run(capsys, "tokenize", "--tokenizer", "bytes", "--data", str(chat), "--shards",
+                       str(tmp_path / "sft"))
+    assert code != 0 and "supervised records" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "corpus"]

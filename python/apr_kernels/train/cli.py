@@ -700,6 +700,8 @@ def cmd_tokenize(args) -> int:
 
         init_meta = plan(args.init).metadata
     tok = load_tokenizer(args.tokenizer, init_meta, args.init)
+    if args.shards:
+        return write_corpus_shards(args, tok)
     spec = data_spec(args)
     cache_dir = Path(args.token_cache) if args.token_cache else default_cache_dir()
     t0 = time.perf_counter()
@@ -708,6 +710,26 @@ def cmd_tokenize(args) -> int:
     n_train = train.n_tokens if hasattr(train, "n_tokens") else train.numel()  # a Mixture, or one stream
     print(f"train_tokens={n_train} eval_tokens={held.numel()} seconds={time.perf_counter() - t0:.1f} "
           f"cache={cache_dir}")
+    return 0
+
+
+def write_corpus_shards(args, tok) -> int:
+    """``tokenize --shards DIR``: the --data stream (every token, no held-out split) as aprender's
+    pre-tokenised corpus, for its ``apr pretrain`` or this package's ``train --data DIR``."""
+    import time
+
+    from .data import find_text_files, token_parts, write_shards
+
+    if args.eval_data or args.data_weights:
+        raise ValueError("tokenize --shards writes one corpus (all of --data); expected no --eval-data or "
+                         "--data-weights (run it once per corpus)")
+    t0 = time.perf_counter()
+    parts = token_parts(find_text_files(args.data), tok, max_tokens=args.max_tokens, text_field=args.text_field)
+    manifest = {"written_by": "apr-kernels tokenize --shards", "sources": [os.path.abspath(p) for p in args.data],
+                "vocab_size": tok.vocab_size, "eos_id": getattr(tok, "eos_id", None),
+                "bos_id": getattr(tok, "bos_id", None), "tokenizer": tok.fingerprint()}
+    n, paths = write_shards(parts, args.shards, shard_tokens=args.shard_tokens, manifest=manifest)
+    print(f"tokens={n} shards={len(paths)} seconds={time.perf_counter() - t0:.1f} out={args.shards}")
     return 0
 
 
@@ -940,7 +962,8 @@ def register(subparsers) -> None:
     add_dry_run_option(p)
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("tokenize", help="fill the token cache ahead of `train` (same data arguments)")
+    p = subparsers.add_parser("tokenize", help="fill the token cache ahead of `train` (same data arguments), or "
+                                                    "write aprender's pre-tokenised shards (--shards DIR)")
     p.add_argument("--data", nargs="+", required=True, help="as for train")
     p.add_argument("--data-weights", nargs="+", type=float, metavar="W", help="as for train (one cache entry per path)")
     p.add_argument("--eval-data", nargs="+", help="as for train")
@@ -952,6 +975,13 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--text-field", default="text")
     p.add_argument("--token-cache", default=None, help="cache folder (default as for train)")
+    from .data import SHARD_TOKENS
+
+    p.add_argument("--shards", metavar="DIR", default=None,
+                   help="instead of the cache, write the --data stream into the new folder DIR as aprender's "
+                        "pre-tokenised corpus (little-endian u32 .bin shards and a manifest.json), for aprender's "
+                        "`apr pretrain` or `train --data DIR`")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (with --shards)")
     p.set_defaults(func=cmd_tokenize)
 
 def main(argv=None) -> int:  # for tests: same as `apr-kernels ...`

@@ -18,6 +18,7 @@
   end-of-text ids), taken as it is: no tokenising, no ids added. A folder of shards is read in sorted
   order, as aprender's ``ShardBatchIter`` reads it, leaving out its ``manifest.json``. Every id must be
   below the tokenizer's vocabulary size (an error names the file, the position and the id).
+  ``write_shards`` writes a stream in this format (``tokenize --shards DIR``).
 * Loss targets: the int32 stream stores a token that is not a target as ``-1 - id`` (prompts and
   chat turns other than the assistant's); ``split_targets`` turns rows back into ids and targets
   with -100 there. Plain text has no such tokens.
@@ -357,6 +358,62 @@ def token_shard(path, vocab_size: int | None = None, read_bytes: int = SHARD_REA
     if rest:
         raise ValueError(f"{path}: {4 * done + len(rest)} bytes is no whole number of token ids; expected a "
                          f"pre-tokenised shard of little-endian u32 ids (4 bytes each)")
+
+
+SHARD_TOKENS = 1 << 27  # tokens per shard written by write_shards (512 MiB of u32 ids)
+
+
+def write_shards(parts: Iterable[torch.Tensor], folder, *, shard_tokens: int = SHARD_TOKENS,
+                 manifest: dict | None = None) -> tuple[int, list[Path]]:
+    """The token stream ``parts`` as aprender's pre-tokenised corpus in the new ``folder``:
+    ``shard-00000.bin``... of at most ``shard_tokens`` little-endian u32 ids each, plus a
+    ``manifest.json`` (``manifest`` and the shards' names and token counts; aprender's reader reads
+    only the ``.bin`` files). Written into a temporary folder renamed at the end, so a failed run
+    leaves nothing. ValueError for an existing ``folder`` and for tokens marked as no loss target
+    (supervised records: the format has no such mark). Returns (tokens, shard paths)."""
+    import json
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists():
+        raise ValueError(f"{folder}: already exists; expected a new folder for the shards (never overwritten)")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens={shard_tokens}; expected at least 1")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    shards: list[dict] = []
+    total, out = 0, None
+    try:
+        for part in parts:
+            if part.numel() and int(part.min()) < 0:
+                raise ValueError("supervised records (prompts, chats) mark the tokens that are no loss targets, "
+                                 "which aprender's shards cannot hold; expected plain text, JSON Lines text or "
+                                 "pre-tokenised data")
+            ids = part.numpy().astype("<u4")
+            while ids.size:
+                if out is None or shards[-1]["tokens"] == shard_tokens:
+                    if out is not None:
+                        out.close()
+                    shards.append({"filename": f"shard-{len(shards):05d}.bin", "tokens": 0})
+                    out = open(tmp / shards[-1]["filename"], "wb")
+                take = ids[: shard_tokens - shards[-1]["tokens"]]
+                out.write(take.tobytes())
+                shards[-1]["tokens"] += take.size
+                total += take.size
+                ids = ids[take.size:]
+        if out is not None:
+            out.close()
+        record = {**(manifest or {}), "format": "little-endian u32 token ids", "tokens": total,
+                  "shards": shards}
+        (tmp / SHARD_MANIFEST).write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, folder)
+    except BaseException:
+        if out is not None:
+            out.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return total, [folder / s["filename"] for s in shards]
 
 
 def _document_batches(files: Iterable[Path], text_field: str, batch_chars: int,
