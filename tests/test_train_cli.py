@@ -847,6 +847,9 @@ def test_tokenize_shards_writes_aprenders_corpus_that_train_reads(capsys, tmp_pa
     assert stdout.startswith("tokens=6000 shards=3 ")
     names = sorted(p.name for p in out.iterdir())
     assert names == ["manifest.json", "shard-00000.bin", "shard-00001.bin", "shard-00002.bin"]
+    (tmp_path / "ref").mkdir()  # the folder's mode is what mkdir gives (mkdtemp's is 0700)
+    assert out.stat().st_mode & 0o777 == (tmp_path / "ref").stat().st_mode & 0o777
+    (tmp_path / "ref").rmdir()
     sizes = [np.fromfile(out / n, dtype="<u4").size for n in names[1:]]
     assert sizes == [2500, 2500, 1000]
     got = np.concatenate([np.fromfile(out / n, dtype="<u4") for n in names[1:]])

@@ -382,6 +382,9 @@ def write_shards(parts: Iterable[torch.Tensor], folder, *, shard_tokens: int = S
         raise ValueError(f"shard_tokens={shard_tokens}; expected at least 1")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # (mkdtemp's 0700 would hide the corpus from the other users of a machine)
     shards: list[dict] = []
     total, out = 0, None
     try:
