@@ -166,6 +166,36 @@ def test_large_sparse_file_loads_without_reading_it(tmp_apr):
     assert grown < 64 << 20, f"RSS grew by {grown >> 20} MiB for a 1 GiB file"
 
 
+def test_a_mapping_beyond_the_address_space_limit_is_a_clear_error(tmp_path):
+    """A file too big for the process's address-space limit (``ulimit -v``; strict overcommit acts
+    alike) fails with ENOMEM naming the file, its size and the limits a private mapping counts
+    against. The file is a sparse 1 GiB F32 tensor; the limit is set 256 MiB above what the process
+    already uses."""
+    import subprocess
+    import sys
+
+    from apr_build import build
+
+    path = tmp_path / "sparse.apr"
+    size = 1 << 30
+    head = build([("w", "F32", (size // 4,), b"", size)], footer=False)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + size + 4)  # (a hole: no disk used)
+    script = (
+        "import resource, sys, torch, apr_kernels, apr_kernels.io\n"  # (imported before the limit)
+        "used = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20),) * 2)\n"
+        "try:\n"
+        "    apr_kernels.open(sys.argv[1])\n"
+        "except OSError as exc:\n"
+        "    print(exc.errno, exc)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("12 [Errno 12] Cannot allocate memory mapping ") and str(path) in out.stdout
+    assert "counts against the address-space limit (ulimit -v)" in out.stdout
+
+
 def test_tensors_outlive_close_and_the_mapping_goes_with_the_last_one(tmp_apr):
     ref = {"a": torch.randn(100), "b": torch.arange(10)}
     apr_kernels.save(ref, tmp_apr)

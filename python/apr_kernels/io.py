@@ -38,6 +38,7 @@ renames it over the target, so replacing a file that is loaded elsewhere is safe
 from __future__ import annotations
 
 import builtins
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -67,7 +68,17 @@ class AprFile:
     def __init__(self, path: str | os.PathLike, *, verify: bool = False, device=None, mmap: bool | None = None):
         self.path = os.fspath(path)
         self.device = _device(device)  # where get_tensor/get_slice put tensors by default
-        self._reader = _apr_ext.Reader(self.path, eager=not _use_mmap(mmap))
+        try:
+            self._reader = _apr_ext.Reader(self.path, eager=not _use_mmap(mmap))
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            # (the mapping is private and writable, so it counts against `ulimit -v` and, under strict
+            # overcommit, against the commit limit, as torch's and safetensors' mappings do)
+            raise OSError(errno.ENOMEM, f"{exc.strerror} mapping {os.path.getsize(self.path):,} bytes; a private "
+                          f"copy-on-write mapping of the whole file counts against the address-space limit "
+                          f"(ulimit -v) and, under strict overcommit (vm.overcommit_memory=2), the commit limit: "
+                          f"expected room for the file there", self.path) from None
         self._metadata: dict | None = None
         self._config = None
         self._entries = self._reader.entries()  # (name, dtype, shape, offset, size, placeholder, code)
