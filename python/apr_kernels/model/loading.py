@@ -63,7 +63,7 @@ def check_values(t: torch.Tensor, path, stored: str, name: str) -> None:
         raise PreflightError(f"{path}: tensor {stored!r} has mean {mean:.6g}; expected |mean| <= {MAX_ABS_MEAN:g} "
                              f"(aprender refuses it too: weights stored in another dtype than their tag read so)")
     if name == EMBEDDING:
-        std = float(t.float().std()) if t.numel() > 1 else 0.0
+        std = _std(t, mean)
         most, lo, hi = EMBED_BOUNDS
         if abs(mean) >= most or not lo <= std <= hi:
             import warnings
@@ -72,6 +72,14 @@ def check_values(t: torch.Tensor, path, stored: str, name: str) -> None:
                           f"sanity bounds for an embedding (|mean| < {most}, std in [{lo}, {hi}]); a file whose "
                           f"bytes are in another dtype than its tag (BF16 written as F16) loads like this",
                           stacklevel=2)
+
+
+def _std(t: torch.Tensor, mean: float, rows: int = 4096) -> float:
+    """The sample standard deviation of ``t`` in float32, ``rows`` rows at a time (no float32 copy of
+    a whole bf16 embedding: a 7B model's is 2 GiB)."""
+    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+    acc = sum(float(((chunk.float() - mean) ** 2).sum()) for chunk in flat.split(rows))
+    return (acc / max(1, t.numel() - 1)) ** 0.5
 
 
 @dataclass
