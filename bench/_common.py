@@ -38,6 +38,19 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     return p.parse_args()
 
 
+def run_children(argvs: list[list[str]], *, smoke: bool, timeout: float, env: dict | None = None):
+    """Each argv as a fresh process (a provider's own peak memory), their ``CompletedProcess``es in
+    order: one at a time when measuring, so none disturbs another's timing; with ``smoke`` (CI checks
+    the plumbing, not the numbers) as many at once as there are CPUs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(argv):
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+    with ThreadPoolExecutor(max_workers=(os.cpu_count() or 1) if smoke else 1) as pool:
+        return list(pool.map(one, argvs))
+
+
 def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

@@ -41,7 +41,6 @@ checked where no CUDA allocator statistics exist.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
@@ -120,10 +119,11 @@ print(json.dumps({"ms": ms, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).
 def cpu_memory(args) -> None:
     n, (h, v) = (64, (32, 1000)) if args.smoke else (4096, VOCABS["qwen2"])
     rows = []
-    for name in ("apr", "eager", "apr-none", "eager-none", "apr-distill", "eager-distill"):
-        proc = subprocess.run([sys.executable, "-c", _CPU_MEMORY_CHILD, name, str(n), str(h), str(v)],
-                              capture_output=True, text=True, timeout=600,
-                              env={**__import__("os").environ, "APR_KERNELS_BACKEND": "reference"})
+    names = ("apr", "eager", "apr-none", "eager-none", "apr-distill", "eager-distill")
+    procs = _common.run_children([[sys.executable, "-c", _CPU_MEMORY_CHILD, name, str(n), str(h), str(v)]
+                                  for name in names], smoke=args.smoke, timeout=600,
+                                 env={**__import__("os").environ, "APR_KERNELS_BACKEND": "reference"})
+    for name, proc in zip(names, procs):
         if proc.returncode != 0:
             raise SystemExit(f"{name}: {proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 import sysconfig
 import time
@@ -152,9 +151,10 @@ def main() -> None:
     args = _common.parse_args(__doc__.splitlines()[0], options)
     mb = args.mb or (1 if args.smoke else 16 if args.quick else 64)
     rows = []
-    for provider in PROVIDERS[args.tokenizer]:
-        proc = subprocess.run([sys.executable, __file__, "--one", provider, str(mb), args.tokenizer],
-                              capture_output=True, text=True, timeout=1800)
+    providers = PROVIDERS[args.tokenizer]
+    procs = _common.run_children([[sys.executable, __file__, "--one", provider, str(mb), args.tokenizer]
+                                  for provider in providers], smoke=args.smoke, timeout=1800)
+    for provider, proc in zip(providers, procs):
         if proc.returncode != 0:
             print(f"  {provider}: failed ({proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})")
             continue
