@@ -187,6 +187,17 @@ def test_validate_checks_aprenders_writer_checklist(tmp_path, capsys):
     assert "1 tensor(s) start off a 64-byte boundary of the file ('model.layers.0.mlp.up_proj.weight')" in out[1]
     assert ("a language model whose metadata lacks architecture, num_layers, num_heads, vocab_size, "
             "tokenizer.vocabulary (an embedded tokenizer); expected every key `apr run` needs") in out[2]
+    codes = tmp_path / "codes.apr"  # a model's weights in I32 (code 4) and in the legacy APR_Q4 code 8
+    codes.write_bytes(build([("model.layers.0.mlp.up_proj.weight", 4, (4, 8), bytes(128)),
+                             ("model.layers.0.mlp.down_proj.weight", 8, (8, 32), bytes(8 * 18)),
+                             ("__training__.step", 4, (1,), bytes(4))], {"model_type": "t"}))
+    assert main(["validate", str(codes)]) == 1
+    out = capsys.readouterr().out
+    assert ("tensor 'model.layers.0.mlp.up_proj.weight' has dtype code 4 (I32), which realizar reads as F32 (an "
+            "unknown GGML id); expected a model weight in codes 0, 1, 12, 14, 30, 128 or 129") in out
+    assert ("tensor 'model.layers.0.mlp.down_proj.weight' has the legacy dtype code 8 (APR_Q4); expected 128"
+            in out)
+    assert "__training__" not in out  # (a checkpoint's training state is no model weight)
     huge = tmp_path / "huge.apr"
     huge.write_bytes(build([("a.weight", "F32", (3,), torch.tensor([300.0, 200.0, 100.0]).numpy().tobytes())]))
     assert main(["validate", str(huge)]) == 1

@@ -121,7 +121,7 @@ def validate(path: str) -> list[str]:
     """One line per problem (empty: the file is sound). Opening runs the reader's structural checks;
     then the footer CRC, and what aprender's writer checklist (spec 17) asks that a lenient reader
     lets pass: sorted index, header CRC, flags, 64-byte tensor alignment, one spelling per key, the
-    metadata `apr run` needs, finite weights with |mean| <= 100."""
+    metadata `apr run` needs, the weights' dtype codes, finite weights with |mean| <= 100."""
     import apr_kernels
     from apr_kernels.metadata import ALIASES
 
@@ -169,6 +169,7 @@ def validate(path: str) -> list[str]:
         except ValueError as exc:
             problems.append(str(exc))
         problems.extend(_run_metadata(f, path, meta))
+        problems.extend(_model_codes(f, path))
         kind = str(meta.get("tokenizer.model_type", meta.get("tokenizer.model", "bpe"))).lower()
         if meta.get("tokenizer.vocabulary") is not None and kind in ("bpe", "gpt2", "llama"):
             from apr_kernels.tokenizer import Tokenizer
@@ -186,6 +187,34 @@ ROW_MAJOR = 0x0400
 ALIGNMENT = 64
 # what `apr run` needs of a language model's file (spec 5.6, aprender PR #2437), besides a tokenizer
 RUN_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "vocab_size")
+
+
+# aprender's dtype codes that realizar reads otherwise (spec 7.2: it decodes them as GGML type ids,
+# an unknown id as F32 with a warning), and the legacy codes of APR_Q4/APR_Q8 (spec 7.1)
+REALIZAR_READS = {3: "GGML Q4_1", 4: "F32 (an unknown GGML id)", 5: "F32 (an unknown GGML id)",
+                  6: "GGML Q5_0", 7: "GGML Q5_1"}
+LEGACY_CODES = {8: 128, 9: 129}
+WEIGHT_PREFIXES = ("model.", "lm_head.", "score.", "blk.", "token_embd.", "output.", "output_norm.")
+
+
+def _model_codes(f, path: str) -> list[str]:
+    """The writer checklist's dtype codes (0, 1, 12, 14, 30, 128, 129: spec 17) for the weights of a
+    language model (by their Hugging Face or GGUF names; not other tensors, such as the
+    ``__training__.*`` state a checkpoint carries)."""
+    if not any(n.startswith(("model.layers.", "blk.")) for n in f.keys()):
+        return []
+    problems = []
+    for name, dtype, *_, code in f._entries:
+        if not name.startswith(WEIGHT_PREFIXES):
+            continue
+        if code in REALIZAR_READS:
+            problems.append(f"{path}: tensor {name!r} has dtype code {code} ({dtype}), which realizar reads as "
+                            f"{REALIZAR_READS[code]}; expected a model weight in codes 0, 1, 12, 14, 30, 128 or 129 "
+                            "(spec 7.2)")
+        elif code in LEGACY_CODES:
+            problems.append(f"{path}: tensor {name!r} has the legacy dtype code {code} ({dtype}); expected "
+                            f"{LEGACY_CODES[code]}, its code since aprender GH-438 (spec 7.1)")
+    return problems
 
 
 def _run_metadata(f, path: str, meta: dict) -> list[str]:
