@@ -15,6 +15,7 @@ MAGIC = b"APR\x00"
 HEADER_SIZE = 64
 ALIGNMENT = 64
 FLAG_ROW_MAJOR = 0x0400
+FLAG_SHARDED = 0x0010  # set with metadata 'sharding' by aprender's with_sharding() (spec 4, 12)
 MAX_NAME_LEN = 256
 MAX_NDIM = 8
 

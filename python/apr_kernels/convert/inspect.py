@@ -8,6 +8,8 @@ from collections import defaultdict
 
 import torch
 
+from apr_kernels._format import ALIGNMENT, DTYPE_CODES, FLAG_ROW_MAJOR
+
 FLAG_NAMES = {0x0001: "LZ4_COMPRESSED", 0x0002: "ZSTD_COMPRESSED", 0x0004: "ENCRYPTED", 0x0008: "SIGNED",
               0x0010: "SHARDED", 0x0020: "QUANTIZED", 0x0040: "HAS_FILTERBANK", 0x0080: "HAS_MODEL_CARD",
               0x0100: "STREAMING", 0x0200: "HAS_VOCAB", 0x0400: "LAYOUT_ROW_MAJOR", 0x0800: "LAYOUT_COLUMN_MAJOR"}
@@ -147,10 +149,10 @@ def validate(path: str) -> list[str]:
         if bad_flags:
             problems.append(f"{path}: flags 0x{bad_flags:04X} ({', '.join(flag_names(bad_flags))}) are set; "
                             "expected no compression/encryption/signature/column-major flags")
-        if not h["flags"] & ROW_MAJOR:
+        if not h["flags"] & FLAG_ROW_MAJOR:
             problems.append(f"{path}: flag LAYOUT_ROW_MAJOR (0x0400) is not set (expected, spec 17: every "
                             "aprender writer sets it)")
-        unaligned = [n for n in f.keys() if f.info(n).offset % ALIGNMENT]
+        unaligned = [n for n in f.keys() if f.info(n).offset % ALIGNMENT]  # (absolute offsets)
         if unaligned:
             problems.append(f"{path}: {len(unaligned)} tensor(s) start off a {ALIGNMENT}-byte boundary of the "
                             f"file ({', '.join(map(repr, unaligned[:3]))}); expected every tensor 64-aligned "
@@ -168,8 +170,9 @@ def validate(path: str) -> list[str]:
             f.config
         except ValueError as exc:
             problems.append(str(exc))
-        problems.extend(_run_metadata(f, path, meta))
-        problems.extend(_model_codes(f, path))
+        if any(n.startswith(("model.layers.", "blk.")) for n in f.keys()):  # a language model's file
+            problems.extend(_run_metadata(path, meta))
+            problems.extend(_model_codes(f, path))
         kind = str(meta.get("tokenizer.model_type", meta.get("tokenizer.model", "bpe"))).lower()
         if meta.get("tokenizer.vocabulary") is not None and kind in ("bpe", "gpt2", "llama"):
             from apr_kernels.tokenizer import Tokenizer
@@ -183,8 +186,6 @@ def validate(path: str) -> list[str]:
     return problems
 
 
-ROW_MAJOR = 0x0400
-ALIGNMENT = 64
 # what `apr run` needs of a language model's file (spec 5.6, aprender PR #2437), besides a tokenizer
 RUN_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "vocab_size")
 
@@ -193,7 +194,7 @@ RUN_KEYS = ("architecture", "hidden_size", "num_layers", "num_heads", "vocab_siz
 # an unknown id as F32 with a warning), and the legacy codes of APR_Q4/APR_Q8 (spec 7.1)
 REALIZAR_READS = {3: "GGML Q4_1", 4: "F32 (an unknown GGML id)", 5: "F32 (an unknown GGML id)",
                   6: "GGML Q5_0", 7: "GGML Q5_1"}
-LEGACY_CODES = {8: 128, 9: 129}
+LEGACY_CODES = (8, 9)  # APR_Q4 and APR_Q8 before aprender GH-438
 WEIGHT_PREFIXES = ("model.", "lm_head.", "score.", "blk.", "token_embd.", "output.", "output_norm.")
 
 
@@ -201,8 +202,6 @@ def _model_codes(f, path: str) -> list[str]:
     """The writer checklist's dtype codes (0, 1, 12, 14, 30, 128, 129: spec 17) for the weights of a
     language model (by their Hugging Face or GGUF names; not other tensors, such as the
     ``__training__.*`` state a checkpoint carries)."""
-    if not any(n.startswith(("model.layers.", "blk.")) for n in f.keys()):
-        return []
     problems = []
     for name, dtype, *_, code in f._entries:
         if not name.startswith(WEIGHT_PREFIXES):
@@ -213,16 +212,14 @@ def _model_codes(f, path: str) -> list[str]:
                             "(spec 7.2)")
         elif code in LEGACY_CODES:
             problems.append(f"{path}: tensor {name!r} has the legacy dtype code {code} ({dtype}); expected "
-                            f"{LEGACY_CODES[code]}, its code since aprender GH-438 (spec 7.1)")
+                            f"{DTYPE_CODES[dtype]}, its code since aprender GH-438 (spec 7.1)")
     return problems
 
 
-def _run_metadata(f, path: str, meta: dict) -> list[str]:
-    """The minimum metadata of spec 5.6, for a file with decoder layers (by HF or GGUF names)."""
+def _run_metadata(path: str, meta: dict) -> list[str]:
+    """The minimum metadata of spec 5.6 (for a language model's file)."""
     from apr_kernels.metadata import ALIASES
 
-    if not any(n.startswith(("model.layers.", "blk.")) for n in f.keys()):
-        return []
     missing = [k for k in RUN_KEYS if k not in meta and not any(a in meta for a in ALIASES.get(k, ()))]
     if not meta.get("tokenizer.vocabulary"):
         missing.append("tokenizer.vocabulary (an embedded tokenizer)")
@@ -244,8 +241,10 @@ def _check_tensor(f, path: str, name: str) -> list[str]:
     if bad:
         return [f"{path}: tensor {name!r} ({info.dtype} {list(info.shape)}) has {bad} NaN/Inf values "
                 "(expected finite weights)"]
+    from apr_kernels.model.loading import MAX_ABS_MEAN  # (preflight's rule; the model code loads lazily)
+
     mean = float(t.mean(dtype=torch.float32)) if t.numel() else 0.0
-    if abs(mean) > 100:
+    if abs(mean) > MAX_ABS_MEAN:
         return [f"{path}: tensor {name!r} ({info.dtype} {list(info.shape)}) has mean {mean:.6g} (expected "
-                "|mean| <= 100, as aprender's validate_tensor_values)"]
+                f"|mean| <= {MAX_ABS_MEAN:g}, as aprender's validate_tensor_values)"]
     return []

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apr_kernels._format import QuantizedTensor
+from apr_kernels._format import FLAG_SHARDED, QuantizedTensor
 
 from .config import ModelConfig, family_of
 from .hf_names import TRAINING_PREFIX, expected_count, expected_shapes, hf_name
@@ -112,9 +112,6 @@ def check_tokenizer_vocab(tokenizer_vocab: int, model_vocab: int, where: str) ->
             f"model vocab_size is {model_vocab}; expected tokenizer vocab <= model vocab")
 
 
-SHARDED_FLAG = 0x0010  # spec 4: set with metadata 'sharding' by aprender's with_sharding()
-
-
 def _refuse_a_shard(path: str, meta: dict, flagged: int) -> None:
     """PreflightError for one file of a model split over several (spec 12: flag 0x0010 and metadata
     ``sharding`` = {shard_count, shard_index, ...}), whose other tensors are in the other files."""
@@ -153,7 +150,7 @@ def plan(path: str | os.PathLike, num_labels: int | None = None) -> InitPlan:
         raise FileNotFoundError(f"{path}: init file does not exist")
     with apr_kernels.open(path) as f:
         meta = dict(f.metadata)
-        sharded = f.header["flags"] & SHARDED_FLAG
+        sharded = f.header["flags"] & FLAG_SHARDED
         _refuse_a_shard(path, meta, sharded)
         apr_cfg = f.config
         infos = {name: f.info(name) for name in f.keys()}

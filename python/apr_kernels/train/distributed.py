@@ -797,10 +797,8 @@ def all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     from torch.distributed import _functional_collectives as funcol
 
     if t.device.type == "cpu":
-        x = t.detach().movedim(dim, 0).contiguous()
-        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-        collective("all_gather_single", "all_gather_into_tensor", blocking=True)(out, x, group=group)
-        return out.movedim(0, dim).contiguous()
+        return _blocking_along(t, dim, group, "all_gather_single", "all_gather_into_tensor",
+                               rows=lambda n: n * dist.get_world_size(group))
     return funcol.wait_tensor(collective("all_gather_single", "all_gather_tensor")(t.contiguous(), dim, group))
 
 
@@ -810,12 +808,19 @@ def reduce_scatter(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     from torch.distributed import _functional_collectives as funcol
 
     if t.device.type == "cpu":
-        x = t.detach().movedim(dim, 0).contiguous()
-        out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
-        collective("reduce_scatter_single", "reduce_scatter_tensor", blocking=True)(out, x, group=group)
-        return out.movedim(0, dim).contiguous()
+        return _blocking_along(t, dim, group, "reduce_scatter_single", "reduce_scatter_tensor",
+                               rows=lambda n: n // dist.get_world_size(group))
     scatter = collective("reduce_scatter_single", "reduce_scatter_tensor")
     return funcol.wait_tensor(scatter(t.contiguous(), "sum", dim, group))
+
+
+def _blocking_along(t: torch.Tensor, dim: int, group, name: str, older: str, rows) -> torch.Tensor:
+    """The blocking c10d collective ``name`` (or ``older``) on ``t`` along ``dim``, its output
+    ``rows(t.shape[dim])`` long there (CPU: see ``full_tensor`` for why not the functional one)."""
+    x = t.detach().movedim(dim, 0).contiguous()
+    out = x.new_empty((rows(x.shape[0]), *x.shape[1:]))
+    collective(name, older, blocking=True)(out, x, group=group)
+    return out.movedim(0, dim).contiguous()
 
 
 def gather_uneven(local: torch.Tensor, lengths: list[int], group=None) -> torch.Tensor:

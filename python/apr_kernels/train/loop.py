@@ -594,10 +594,9 @@ class Trainer(EvalWatch):
         if c.grad_clip > 0:
             grad_norm = (par.clip_grad_norm(c.grad_clip) if par is not None  # (expert parallelism: global)
                          else torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
-                from .distributed import full_tensor
+            from .distributed import full_tensor
 
-                grad_norm = full_tensor(grad_norm)
+            grad_norm = full_tensor(grad_norm)  # (FSDP: a replicated DTensor)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN
             self.scaler.update()
