@@ -775,7 +775,8 @@ def test_train_extends_the_context_and_saves_it(tmp_path, capsys):
 def test_pretokenised_shards_train_as_their_text_does(capsys, tmp_path):
     """aprender's pre-tokenised corpus (a folder of little-endian u32 shards read in sorted order, its
     manifest.json left out; a shard may be gzip-compressed): a run on the shards of the ids the text
-    pipeline makes from the same files has the same losses, through the token cache or not. An id
+    pipeline makes from the same files has the same losses, whether its plain shards are read in place
+    (no token-cache entry) or a gzip-compressed one sends the folder through the token cache. An id
     outside the vocabulary and a torn shard are errors naming the file."""
     import gzip
 
@@ -791,6 +792,11 @@ def test_pretokenised_shards_train_as_their_text_does(capsys, tmp_path):
     stream[:1500].astype("<u4").tofile(corpus / "shard-0000.bin")
     (corpus / "shard-0001.bin.gz").write_bytes(gzip.compress(stream[1500:4000].astype("<u4").tobytes()))
     (corpus / "manifest.json").write_text(json.dumps({"shards": 3, "tokens": int(stream.size)}))
+    plain = tmp_path / "plain"  # the same corpus, every shard uncompressed: read in place
+    plain.mkdir()
+    for name, part in (("a.bin", stream[:1000]), ("b.bin", stream[1000:1001]), ("c.bin", stream[1001:])):
+        part.astype("<u4").tofile(plain / name)
+    (plain / "manifest.json").write_text("{}")
     held.astype("<u4").tofile(tmp_path / "held.bin")
     common = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--steps", "2", "--batch-size", "2",
               "--seq-len", "32", "--eval-tokens", "64", "--json", "--no-progress"]
@@ -798,20 +804,29 @@ def test_pretokenised_shards_train_as_their_text_does(capsys, tmp_path):
                               "--no-token-cache", "--out", str(tmp_path / "text"))
     assert code == 0, err
     runs = {}
-    for cache in (["--no-token-cache"], ["--token-cache", str(tmp_path / "cache")]):
-        code, out, err = run(capsys, *common, "--data", str(corpus), "--eval-data", str(tmp_path / "held.bin"),
-                             *cache, "--out", str(tmp_path / cache[-1].strip("-").replace("/", "_")))
+    for folder in (plain, corpus):
+        code, out, err = run(capsys, *common, "--data", str(folder), "--eval-data", str(tmp_path / "held.bin"),
+                             "--token-cache", str(tmp_path / "cache"), "--out", str(tmp_path / f"run_{folder.name}"))
         assert code == 0, err
-        runs[cache[0]] = json_lines(out)
-    assert (tmp_path / "cache").is_dir() and list((tmp_path / "cache").glob("tokens-*.apr"))
+        runs[folder.name] = json_lines(out)
+        if folder is plain:
+            assert f"{stream.size} tokens of 3 pre-tokenised shard(s) read in place" in err
+            assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("tokens-*.apr"))
+    assert len(list((tmp_path / "cache").glob("tokens-*.apr"))) == 1  # (the compressed corpus's)
 
     def losses(recs):
         return [(r["event"], r["step"], r.get("loss", r.get("eval_loss"))) for r in recs
                 if r["event"] in ("train", "eval")]
 
     assert len(losses(json_lines(text_out))) >= 3
-    assert losses(runs["--no-token-cache"]) == losses(json_lines(text_out))
-    assert losses(runs["--token-cache"]) == losses(json_lines(text_out))
+    assert losses(runs["plain"]) == losses(json_lines(text_out))
+    assert losses(runs["corpus"]) == losses(json_lines(text_out))
+    # eval reads the shards in place too (all 187 sequences of 32 unless told): the text's numbers
+    final = str(next((tmp_path / "run_plain").glob("*.apr")))
+    evals = [run(capsys, "eval", "--init", final, "--seq-len", "32", "--data", *data)
+             for data in ([str(plain)], [*TRAIN, "--max-tokens", str(187 * 32)])]
+    assert evals[0][0] == 0 and evals[0][1].splitlines()[-2:] == evals[1][1].splitlines()[-2:], evals
+    assert "tokens=5984" in evals[0][1]
 
     bad = tmp_path / "bad"
     bad.mkdir()

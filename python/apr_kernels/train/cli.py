@@ -139,14 +139,14 @@ def load_data(spec: dict, tokenizer, seq_len: int, eval_tokens: int, *, cache_di
     the token cache in ``cache_dir`` unless it is None; ``packing`` "records": each laid out by
     ``data.pack_records`` (before the held-out split, so it takes whole rows)."""
     from .data import (TEXT_FIELD, cached_tokens, find_text_files, num_sequences, pack_records, split_holdout,
-                       tokenize_files)
+                       token_stream)
 
     field = spec.get("text_field") or TEXT_FIELD
 
     def tokens_of(paths, max_tokens):
         files = find_text_files(paths)
         if cache_dir is None:
-            return tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=field)
+            return token_stream(files, tokenizer, max_tokens=max_tokens, text_field=field, log=log)
         return cached_tokens(files, tokenizer, max_tokens=max_tokens, cache_dir=cache_dir, log=log,
                              text_field=field)
 

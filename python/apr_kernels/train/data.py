@@ -17,7 +17,9 @@
   (``apr tokenize encode-corpus``: little-endian u32 token ids, documents already separated by its
   end-of-text ids), taken as it is: no tokenising, no ids added. A folder of shards is read in sorted
   order, as aprender's ``ShardBatchIter`` reads it, leaving out its ``manifest.json``. Every id must be
-  below the tokenizer's vocabulary size (an error names the file, the position and the id).
+  below the tokenizer's vocabulary size (an error names the file, the position and the id). A source
+  of uncompressed shards only is read in place (``token_stream``, ``shard_stream.py``): mapped, not
+  copied into the token cache.
   ``write_shards`` writes a stream in this format (``tokenize --shards DIR``).
 * Loss targets: the int32 stream stores a token that is not a target as ``-1 - id`` (prompts and
   chat turns other than the assistant's); ``split_targets`` turns rows back into ids and targets
@@ -325,6 +327,22 @@ def tokenize_files(files: Iterable[Path], tokenizer, *, max_tokens: int | None =
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
 
 
+def token_stream(files: Iterable[Path], tokenizer, *, max_tokens: int | None = None,
+                 text_field: str = TEXT_FIELD, log=None):
+    """:func:`tokenize_files`'s stream, except that a source of uncompressed shards only is read in
+    place (``shard_stream.map_shards``: mapped, not copied; a ``SegmentedTokens`` when it spans
+    several shards, which ``sequences`` and the held-out split take as they take a tensor)."""
+    from .shard_stream import in_place, map_shards
+
+    files = list(files)
+    if in_place(files):
+        stream = map_shards(files, getattr(tokenizer, "vocab_size", None), max_tokens)
+        if log:
+            log(f"{stream.numel()} tokens of {len(files)} pre-tokenised shard(s) read in place")
+        return stream
+    return tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=text_field)
+
+
 BATCH_CHARS = 1 << 20  # documents are encoded in batches of about this much text
 
 
@@ -537,9 +555,11 @@ def cached_tokens(files: Iterable[Path], tokenizer, *, max_tokens: int | None = 
     so a long first tokenisation cannot run into a process-group timeout."""
     import fcntl
 
+    from .shard_stream import in_place
+
     files = list(files)
-    if not hasattr(tokenizer, "fingerprint"):
-        return tokenize_files(files, tokenizer, max_tokens=max_tokens, text_field=text_field)
+    if not hasattr(tokenizer, "fingerprint") or in_place(files):  # (shards: read in place, not cached)
+        return token_stream(files, tokenizer, max_tokens=max_tokens, text_field=text_field, log=log)
     key = token_cache_key(files, tokenizer, max_tokens, text_field)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / f"tokens-{key[:32]}.apr"
@@ -621,7 +641,10 @@ def num_sequences(n_tokens: int, seq_len: int) -> int:
 
 
 def sequences(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """View [n, seq_len + 1] of the packed sequences (consecutive rows share one token)."""
+    """View [n, seq_len + 1] of the packed sequences (consecutive rows share one token); of shards read
+    in place (``shard_stream.SegmentedTokens``) the same rows, read when indexed."""
+    if not isinstance(tokens, torch.Tensor):
+        return tokens.sequences(seq_len)
     n = num_sequences(tokens.numel(), seq_len)
     return tokens[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len) if n else tokens.new_empty(0, seq_len + 1)
 
@@ -642,6 +665,8 @@ def pack_records(tokens: torch.Tensor, seq_len: int, eos_id: int) -> torch.Tenso
     cap = seq_len - 1
     if cap < 1:
         raise ValueError(f"pack_records: seq_len={seq_len}; expected >= 2")
+    if not isinstance(tokens, torch.Tensor):  # shards read in place: the new layout needs them whole
+        tokens = tokens.tensor()
     flat = tokens.reshape(-1)  # int32 (the mapped cache: not copied)
     n = flat.numel()
     if n == 0:
@@ -740,7 +765,9 @@ def split_holdout(tokens: torch.Tensor, seq_len: int, eval_fraction: float = 0.0
         n_eval = max(1, min(n_eval, max_eval_sequences))
     n_eval = min(n_eval, n - 1)
     cut = (n - n_eval) * seq_len
-    return tokens[: cut + 1], tokens[cut:]
+    tail = tokens[cut:]
+    # (of shards read in place, the held-out tail joined: it is small, and eval data are tensors)
+    return tokens[: cut + 1], tail if isinstance(tail, torch.Tensor) else tail.tensor()
 
 
 @dataclass
@@ -821,8 +848,11 @@ def target_bytes(tokens: torch.Tensor, seq_len: int, tokenizer, max_tokens: int 
     special tokens such as the end-of-text id stand for none): the denominator of bits per byte,
     the loss measure that compares models across tokenizers."""
     seqs = eval_sequences(tokens, seq_len, max_tokens)
-    _, y = split_targets(seqs)
-    return int(byte_lengths(tokenizer)[y[y != -100].long()].sum())
+    lengths, total = byte_lengths(tokenizer), 0
+    for start in range(0, len(seqs), 4096):  # (rows a few at a time: shards read in place stay unread)
+        _, y = split_targets(seqs[start:start + 4096])
+        total += int(lengths[y[y != -100].long()].sum())
+    return total
 
 
 def byte_lengths(tokenizer) -> torch.Tensor:

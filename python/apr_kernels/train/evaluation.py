@@ -35,7 +35,7 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     ``convert --quantize`` would store it."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
-    from .data import evaluate, find_text_files, pack_records, target_bytes, tokenize_files
+    from .data import evaluate, find_text_files, pack_records, target_bytes, token_stream
     from .loop import autocast_dtype_for
 
     model = as_quantized(from_apr(init, device=pick_device(device), fast=fast), quantize, init)
@@ -48,8 +48,8 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     eos_id = getattr(tok, "eos_id", None) if document_mask else None
     if document_mask and eos_id is None:
         raise ValueError(f"{init}: document masking needs the tokenizer's end-of-text id; this tokenizer has none")
-    tokens = tokenize_files(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1,
-                            text_field=text_field)
+    tokens = token_stream(find_text_files(data), tok, max_tokens=None if max_tokens is None else max_tokens + 1,
+                          text_field=text_field)
     if stored.get("packing") == "records":  # evaluated in the layout it was trained in
         tokens = pack_records(tokens, seq_len, packing_eos(tok))
     dev = next(model.parameters()).device
