@@ -365,8 +365,9 @@ def runs(tmp_path_factory):
     assert code == 0
 
     env1 = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+    # (its periodic checkpoint written in the background: the gathers in the snapshot, then a thread)
     torchrun_args = ["--nproc_per_node=2", "-m", "apr_kernels", "train", "--init", str(init), *COMMON,
-                     "--parallel", "fsdp", "--out", str(root / "fsdp")]
+                     "--parallel", "fsdp", "--async-checkpoint", "--out", str(root / "fsdp")]
     fast_on = [a if a != "off" else "on" for a in COMMON]
     spec = {"out": str(root), "memory": str(big), "warmup": str(init), "runs": [
         ["train", "--init", str(init), *COMMON, "--parallel", "ddp", "--out", str(root / "ddp")],
@@ -687,7 +688,11 @@ def test_sharded_dpo_checkpoint_resumes_on_two_ranks(runs):
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    """The FSDP run's step-2 checkpoint, written in the background (--async-checkpoint), resumes in one
+    process with the uninterrupted losses."""
     from apr_kernels.cli import main
+
+    assert [r.get("background") for r in _records(runs["torchrun_out"]) if r["event"] == "checkpoint"] == [True, None]
 
     code, out = _cli(main, ["train", "--resume", str(runs["root"] / "fsdp" / "step_000002.apr"), "--out",
                             str(tmp_path), "--json", "--no-progress", "--fast", "off"])
@@ -736,7 +741,9 @@ def test_fsdp_loading_peak_memory_per_rank_shrinks_with_ranks(runs):
           f"kept {anon1 / 1024:.1f} vs {anon2[0] / 1024:.1f} / {anon2[1] / 1024:.1f} MiB")
     assert one >= 0.9 * model_bytes / 1024  # one rank really holds the whole model
     assert max(two) <= 0.75 * one
-    assert anon1 >= 0.9 * model_bytes / 1024 and max(anon2) <= 0.6 * anon1
+    # each rank keeps its half (~21 MiB) plus, in some runs, ~8-10 MiB that a thread the load starts (a
+    # gloo or allocator one: its stack or arena) happens to touch: at least a third of the model saved
+    assert anon1 >= 0.9 * model_bytes / 1024 and max(anon2) <= anon1 - 0.35 * model_bytes / 1024
 
 
 def test_fsdp_checkpoint_gathers_one_tensor_at_a_time(runs):

@@ -881,3 +881,59 @@ def test_tokenize_shards_writes_aprenders_corpus_that_train_reads(capsys, tmp_pa
                        str(tmp_path / "sft"))
     assert code != 0 and "supervised records" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl", "corpus"]
+
+
+def test_async_checkpoints_are_the_synchronous_files_written_while_training_goes_on(capsys, tmp_path, monkeypatch):
+    """--async-checkpoint: each periodic checkpoint is snapshotted at its step and written by a thread
+    while the next steps run (the write of step 1 is held until step 2 has trained, which a
+    synchronous save could never see), and every file equals the synchronous run's, tensor for tensor
+    and key for key. A failed background write fails the run, naming the file."""
+    import threading
+
+    import apr_kernels
+    from apr_kernels.train import loop
+
+    argv = ["train", "--preset", "tiny_llama", "--tokenizer", "bytes", "--data", *TRAIN, "--max-tokens", "4000",
+            "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-tokens", "64", "--save-every", "1",
+            "--no-token-cache", "--json", "--no-progress", "--seed", "3"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "sync"))
+    assert code == 0, err
+
+    trained, save, seen = threading.Event(), apr_kernels.save, []
+    step = loop.Trainer.train_step
+
+    def train_step(self):
+        rec = step(self)
+        if rec["step"] == 2:
+            trained.set()
+        return rec
+
+    def held_save(tensors, path, **kw):
+        if Path(path).name == "step_000001.apr":
+            seen.append(trained.wait(timeout=60))  # (a synchronous save would wait here for nothing)
+        return save(tensors, path, **kw)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+    monkeypatch.setattr(apr_kernels, "save", held_save)
+    code, out, err = run(capsys, *argv, "--async-checkpoint", "--out", str(tmp_path / "async"))
+    assert code == 0, err
+    assert seen == [True]
+    marks = [r.get("background") for r in json_lines(out) if r["event"] == "checkpoint"]
+    assert marks == [True, True, None]  # (the final model.apr is written before the run ends)
+    for name in ("step_000001.apr", "step_000002.apr", "model.apr"):
+        with apr_kernels.open(tmp_path / "sync" / name) as a, apr_kernels.open(tmp_path / "async" / name) as b:
+            assert a.metadata == b.metadata and sorted(a.keys()) == sorted(b.keys()), name
+            for key in a.keys():
+                assert torch.equal(a.get_tensor(key), b.get_tensor(key)), (name, key)
+
+    def failing_save(tensors, path, **kw):
+        if Path(path).name == "step_000001.apr":
+            raise OSError(28, "No space left on device")
+        return save(tensors, path, **kw)
+
+    monkeypatch.setattr(apr_kernels, "save", failing_save)
+    code, _, err = run(capsys, *argv, "--async-checkpoint", "--out", str(tmp_path / "full"))
+    assert code != 0
+    assert (f"{tmp_path / 'full' / 'step_000001.apr'}: the background checkpoint write failed: OSError: "
+            f"[Errno 28] No space left on device") in err
+    assert not (tmp_path / "full" / "step_000002.apr").exists()

@@ -131,7 +131,8 @@ def merged_weights(model) -> dict[str, LazyTensor]:
 
 def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokenizer=None,
                     extra_metadata: dict | None = None, state: tuple[dict, dict] | None = None,
-                    merge_lora: bool = False, extra_tensors: dict | None = None, weights_only: bool = False) -> None:
+                    merge_lora: bool = False, extra_tensors: dict | None = None, weights_only: bool = False,
+                    write=None) -> None:
     """Write ``trainer``'s model and training state (or just ``model``) as one APR file.
 
     ``state``: (weights, moments) of a sharded model, as LazyTensors that all-gather when written
@@ -141,9 +142,12 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
     ``weights_only``: any model written that way (a LoRA one merged): a model with the step and eval
     loss it had, not a resumable checkpoint (``train --save-best``'s best.apr).
     ``extra_tensors``: more training state, stored under ``__training__.<name>``.
+    ``write(tensors, path, metadata=)``: what writes the file (default ``apr_kernels.save``;
+    ``async_checkpoint.CheckpointWriter.write`` snapshots the tensors and writes in the background).
     """
     import apr_kernels
 
+    write = write or apr_kernels.save
     model = model if model is not None else trainer.model
     weights, moments = state if state is not None else (None, None)
     lora = getattr(model, "lora", None)
@@ -159,7 +163,7 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
         meta.update(extra_metadata or {})
         if weights is None and lora:
             weights = merged_weights(model)
-        apr_kernels.save(model_tensors(model, weights), path, metadata=meta)
+        write(model_tensors(model, weights), path, metadata=meta)
         return
     tensors = model_tensors(model, weights)
     meta = model_metadata(model, tokenizer)
@@ -197,7 +201,7 @@ def save_checkpoint(path: str | os.PathLike, trainer=None, *, model=None, tokeni
             meta["training.stale_evals"] = trainer.stale_evals
     meta.update(extra_metadata or {})
     tensors.update({f"{PREFIX}{name}": t for name, t in (extra_tensors or {}).items()})
-    apr_kernels.save(tensors, path, metadata=meta)
+    write(tensors, path, metadata=meta)
 
 
 def training_metadata(path: str | os.PathLike) -> dict:

@@ -295,7 +295,8 @@ def choices_eval(paths, tokenizer):
 
 def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, out: Path, *,
                  data_spec: dict, json_lines=False, progress=None, resume_from=None, parallel=None,
-                 keep_last: int = 0, tensorboard=None, wandb=None, teacher=None, profile=None, dry_run: bool = False):
+                 keep_last: int = 0, tensorboard=None, wandb=None, teacher=None, profile=None, dry_run: bool = False,
+                 async_checkpoint: bool = False):
     """Train, checkpointing into ``out`` (``step_<N>.apr`` periodically, ``model.apr`` at the end).
 
     ``parallel``: DDP/FSDP (``distributed.parallelize``); rank 0 logs and writes the checkpoints.
@@ -305,8 +306,10 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
     ``dry_run``: everything up to the first step (model, data, optimizer, resume), the start line, no
     training and nothing written.
     ``teacher``: the model to distil from (``load_teacher``).
+    ``async_checkpoint``: the periodic checkpoints are written in the background (``async_checkpoint.py``).
     """
     from . import gathering
+    from .async_checkpoint import CheckpointWriter
     from .checkpoint import restore_training_state
 
     main = parallel is None or parallel.is_main
@@ -330,6 +333,9 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
                 tok_meta.update(tokenizer.to_metadata())
             return tok_meta
 
+    # (rank 0 writes; a CPU run's tensors are their own host copies: its snapshots clone them)
+    writer = CheckpointWriter(async_checkpoint, host_state=trainer.device.type == "cpu")
+
     def checkpoint(t: Trainer):
         final = t.step == cfg.steps or t.stopped_early
         path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
@@ -337,15 +343,17 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         # gathered, written by rank 0, every rank waits. An early-stopped run's model.apr says so
         # (--resume auto then sees a finished run).
         meta = {"training.data_spec": data_spec, **({"training.stopped_early": True} if t.stopped_early else {})}
-        gathering.save_checkpoint(path, t, parallel, tokenizer=_Tok(), extra_metadata=meta, merge_lora=final)
-        t.log("checkpoint", {"step": t.step, "path": str(path)})
+        gathering.save_checkpoint(path, t, parallel, tokenizer=_Tok(), extra_metadata=meta, merge_lora=final,
+                                  write=writer.write_now if final else writer.write)
+        t.log("checkpoint", {"step": t.step, "path": str(path), **({"background": True} if writer.background and
+                                                                      not final else {})})
         if main:
             prune_checkpoints(out, keep_last, t.log)
 
     def best(t: Trainer):  # --save-best: the model (merged, no optimizer state) of the best eval so far
         path = out / "best.apr"
         gathering.save_checkpoint(path, t, parallel, tokenizer=_Tok(), merge_lora=True, weights_only=True,
-                                  extra_metadata={"training.data_spec": data_spec})
+                                  extra_metadata={"training.data_spec": data_spec}, write=writer.write_now)
         t.log("best", {"step": t.step, "eval_loss": t.best_eval[0], "path": str(path)})
 
     try:
@@ -355,7 +363,19 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         else:
             trainer.run(on_checkpoint=checkpoint, progress=progress, on_best=best if cfg.save_best else None,
                         profile=profile)
+            failed = None
+            try:  # (a run that stops before its last step ends with a periodic checkpoint in flight)
+                writer.wait()
+            except RuntimeError as exc:
+                failed = exc
+            if parallel is not None:
+                from .distributed import _raise_together
+
+                _raise_together(parallel.env, failed, "the last checkpoint write")
+            elif failed is not None:
+                raise failed
     finally:
+        writer.join()  # (a failed run still leaves its last checkpoint whole, or not at all)
         if main:
             trainer.log.close()
     return trainer
@@ -661,7 +681,8 @@ def _train(args, env, mode: str) -> int:
                            json_lines=args.json, progress=False if args.no_progress else None,
                            resume_from=args.resume, parallel=parallel, keep_last=args.keep_last,
                            tensorboard=args.tensorboard, wandb=wandb_settings(args.wandb, out), teacher=teacher,
-                           profile=step_profiler(args, env, model), dry_run=args.dry_run)
+                           profile=step_profiler(args, env, model), dry_run=args.dry_run,
+                           async_checkpoint=args.async_checkpoint)
     if trainer.last_eval and not args.dry_run:
         loss, n = trainer.last_eval
         trainer.log("done", {"eval_loss": loss, "tokens": n, "checkpoint": str(out / "model.apr")})
@@ -900,6 +921,9 @@ def register(subparsers) -> None:
     r.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: end)")
     r.add_argument("--keep-last", type=int, default=0,
                    help="keep only the newest N periodic step_*.apr checkpoints (0: all)")
+    r.add_argument("--async-checkpoint", action="store_true",
+                   help="write the periodic checkpoints in the background while training goes on (a snapshot "
+                        "in host memory first: 12 bytes per parameter with AdamW; rank 0 only)")
     add_best_options(r, "the eval loss")
     r.add_argument("--out", default="runs/train", help="checkpoint folder (default runs/train)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
