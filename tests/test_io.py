@@ -169,7 +169,8 @@ def test_large_sparse_file_loads_without_reading_it(tmp_apr):
 def test_a_mapping_beyond_the_address_space_limit_is_a_clear_error(tmp_path):
     """A file too big for the process's address-space limit (``ulimit -v``; strict overcommit acts
     alike) fails with ENOMEM naming the file, its size and the limits a private mapping counts
-    against. The file is a sparse 1 GiB F32 tensor; the limit is set 256 MiB above what the process
+    against; so does a pre-tokenised shard the trainer maps (``shard_stream``). The files are a sparse
+    1 GiB F32 tensor and a sparse 1 GiB shard; the limit is set 256 MiB above what the process
     already uses."""
     import subprocess
     import sys
@@ -182,18 +183,29 @@ def test_a_mapping_beyond_the_address_space_limit_is_a_clear_error(tmp_path):
     with open(path, "wb") as f:
         f.write(head)
         f.truncate(len(head) + size + 4)  # (a hole: no disk used)
+    shard = tmp_path / "ids.bin"
+    with open(shard, "wb") as f:
+        f.truncate(size)
     script = (
         "import resource, sys, torch, apr_kernels, apr_kernels.io\n"  # (imported before the limit)
+        "from apr_kernels.train.shard_stream import map_shards\n"
         "used = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024\n"
         "resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20),) * 2)\n"
-        "try:\n"
-        "    apr_kernels.open(sys.argv[1])\n"
-        "except OSError as exc:\n"
-        "    print(exc.errno, exc)\n")
-    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+        "for load in (apr_kernels.open, lambda p: map_shards([p])):\n"
+        "    try:\n"
+        "        load(sys.argv[1])\n"
+        "    except OSError as exc:\n"
+        "        print(exc.errno, exc)\n"
+        "    sys.argv.pop(1)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path), str(shard)], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("12 [Errno 12] Cannot allocate memory mapping ") and str(path) in out.stdout
-    assert "counts against the address-space limit (ulimit -v)" in out.stdout
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2, out.stdout
+    for line, name in zip(lines, (path, shard)):
+        assert line.startswith("12 [Errno 12] Cannot allocate memory mapping ") and str(name) in line
+        assert "counts against the address-space limit (ulimit -v)" in line
+    assert "1,073,741,824 bytes" in lines[1]
 
 
 def test_tensors_outlive_close_and_the_mapping_goes_with_the_last_one(tmp_apr):

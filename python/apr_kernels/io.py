@@ -59,6 +59,15 @@ _TIED_SOURCES = {"lm_head.weight": ("model.embed_tokens.weight", "token_embd.wei
                  "output.weight": ("token_embd.weight", "model.embed_tokens.weight")}
 
 
+def mapping_refused(path: str, nbytes: int, reason: str = "Cannot allocate memory") -> OSError:
+    """The ENOMEM of a refused file mapping, with what limits it. (The mapping is private and writable,
+    so it counts against ``ulimit -v`` and, under strict overcommit, against the commit limit, as
+    torch's and safetensors' mappings do.)"""
+    return OSError(errno.ENOMEM, f"{reason} mapping {nbytes:,} bytes; a private copy-on-write mapping of the "
+                   f"whole file counts against the address-space limit (ulimit -v) and, under strict overcommit "
+                   f"(vm.overcommit_memory=2), the commit limit: expected room for the file there", path)
+
+
 class AprFile:
     """An open APR v2 file: the validated tensor table plus lazily built tensor views.
 
@@ -73,12 +82,7 @@ class AprFile:
         except OSError as exc:
             if exc.errno != errno.ENOMEM:
                 raise
-            # (the mapping is private and writable, so it counts against `ulimit -v` and, under strict
-            # overcommit, against the commit limit, as torch's and safetensors' mappings do)
-            raise OSError(errno.ENOMEM, f"{exc.strerror} mapping {os.path.getsize(self.path):,} bytes; a private "
-                          f"copy-on-write mapping of the whole file counts against the address-space limit "
-                          f"(ulimit -v) and, under strict overcommit (vm.overcommit_memory=2), the commit limit: "
-                          f"expected room for the file there", self.path) from None
+            raise mapping_refused(self.path, os.path.getsize(self.path), exc.strerror) from None
         self._metadata: dict | None = None
         self._config = None
         self._entries = self._reader.entries()  # (name, dtype, shape, offset, size, placeholder, code)

@@ -14,6 +14,9 @@ machine) and the pieces stand for their concatenation:
   gathers just those rows. The training loop, mixtures and evaluation index rows and never need the
   stream whole.
 
+Like the APR loader's, each mapping is private and writable, so it counts against ``ulimit -v`` and
+strict overcommit's commit limit; a refused one is an OSError naming the shard and those limits.
+
 Only a source whose files are all uncompressed shards is read this way (``map_shards`` returns
 None otherwise): gzip-compressed shards, and shards mixed with text, go through the tokenizer path
 and its cache as before. A big-endian host would need a byte swap, so it does too.
@@ -140,7 +143,14 @@ def map_shards(files: list[Path], vocab_size: int | None = None,
             n = min(n, max_tokens - total)
         if n == 0:
             continue
-        ids = torch.from_file(os.fspath(path), shared=False, size=n, dtype=torch.int32)
+        try:
+            ids = torch.from_file(os.fspath(path), shared=False, size=n, dtype=torch.int32)
+        except RuntimeError as exc:  # (torch's "unable to mmap ... Cannot allocate memory (12)")
+            if "(12)" not in str(exc):
+                raise OSError(f"{path}: could not map the shard: {exc}") from None
+            from apr_kernels.io import mapping_refused
+
+            raise mapping_refused(os.fspath(path), 4 * n) from None
         check_ids(ids, path, vocab_size)
         pieces.append(ids)
         total += n
