@@ -250,13 +250,15 @@ def test_cli_dpo_writes_a_model_that_prefers_the_chosen_answer(tmp_path, capsys)
     assert recs[0]["event"] == "start" and recs[0]["pairs"] == 12 and recs[0]["eval_pairs"] == 4
     evals = [r for r in recs if r["event"] == "eval"]
     assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and evals[-1]["eval_reward_acc"] == 1.0
-    # a step checkpoint resumes where the run stood: the same losses as the uninterrupted run
+    # a step checkpoint (here written in the background) resumes where the run stood: the same losses
+    # as the uninterrupted run
     losses = [r["loss"] for r in recs if r["event"] == "train"]
     code = main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--steps", "15", "--batch-size",
                  "4", "--lr", "3e-3", "--beta", "0.5", "--max-len", "64", "--json", "--out", str(tmp_path / "s"),
-                 "--eval-fraction", "0.25", "--save-every", "10"])
-    capsys.readouterr()
-    assert code == 0 and (tmp_path / "s" / "step_000010.apr").exists()
+                 "--eval-fraction", "0.25", "--save-every", "10", "--async-checkpoint"])
+    marks = [r.get("background") for r in map(json.loads, (line for line in capsys.readouterr().out.splitlines()
+                                                            if line.startswith("{"))) if r["event"] == "checkpoint"]
+    assert code == 0 and (tmp_path / "s" / "step_000010.apr").exists() and marks == [True, None]
     code = main(["dpo", "--resume", str(tmp_path / "s" / "step_000010.apr"), "--json", "--out", str(tmp_path / "r")])
     resumed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert code == 0 and [r["loss"] for r in resumed if r["event"] == "train"] == losses[10:]

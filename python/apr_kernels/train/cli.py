@@ -496,6 +496,12 @@ def add_best_options(p, metric: str) -> None:
                         f"(needs --eval-every; 0: never)")
 
 
+def add_async_checkpoint_option(p) -> None:
+    p.add_argument("--async-checkpoint", action="store_true",
+                   help="write the periodic checkpoints in the background while training goes on (a snapshot "
+                        "in host memory first: 12 bytes per parameter with AdamW; rank 0 only)")
+
+
 def add_dry_run_option(p) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="load the model and data, print the start line (parameters, steps, epochs, ...), and stop "
@@ -921,9 +927,7 @@ def register(subparsers) -> None:
     r.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: end)")
     r.add_argument("--keep-last", type=int, default=0,
                    help="keep only the newest N periodic step_*.apr checkpoints (0: all)")
-    r.add_argument("--async-checkpoint", action="store_true",
-                   help="write the periodic checkpoints in the background while training goes on (a snapshot "
-                        "in host memory first: 12 bytes per parameter with AdamW; rank 0 only)")
+    add_async_checkpoint_option(r)
     add_best_options(r, "the eval loss")
     r.add_argument("--out", default="runs/train", help="checkpoint folder (default runs/train)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -564,6 +564,7 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
     ``extra_tensors(trainer)`` as more training state, pruned to ``--keep-last``), then
     ``--out/model.apr`` (adapters merged). Closes the trainer's logger."""
     from . import gathering
+    from .async_checkpoint import CheckpointWriter
     from .cli import prune_checkpoints
 
     c = trainer.cfg
@@ -577,21 +578,25 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
     if (c.save_best or c.early_stopping_patience) and not trainer.has_eval:
         raise ValueError("--save-best and --early-stopping-patience follow the held-out evaluation; this run has "
                          "no held-out data (--eval-data)")
+    # --async-checkpoint: step checkpoints written in the background (a CPU run's snapshots clone)
+    writer = CheckpointWriter(getattr(args, "async_checkpoint", False), host_state=trainer.device.type == "cpu")
 
     def checkpoint(t, final: bool = False) -> None:
         path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
         # (an early-stopped run's model.apr says so: --resume auto then sees a finished run)
         meta = {**metadata, **({"training.stopped_early": True} if final and t.stopped_early else {})}
         gathering.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=final, extra_metadata=meta,
-                                  extra_tensors=None if final or extra_tensors is None else extra_tensors(t))
-        t.log("checkpoint", {"step": t.step, "path": str(path)})
+                                  extra_tensors=None if final or extra_tensors is None else extra_tensors(t),
+                                  write=writer.write_now if final else writer.write)
+        t.log("checkpoint", {"step": t.step, "path": str(path),
+                             **({"background": True} if writer.background and not final else {})})
         if env.is_main:
             prune_checkpoints(out, args.keep_last, t.log)
 
     def best(t) -> None:  # --save-best: the model (merged, no optimizer state) of the best eval so far
         path = out / "best.apr"
         gathering.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=True, weights_only=True,
-                                  extra_metadata=metadata)
+                                  extra_metadata=metadata, write=writer.write_now)
         t.log("best", {"step": t.step, t.best_metric: t.best_eval[0], "path": str(path)})
 
     try:
@@ -599,8 +604,9 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
 
         trainer.run(on_checkpoint=checkpoint, on_best=best if c.save_best else None,
                     profile=step_profiler(args, env, trainer.model))
-        checkpoint(trainer, final=True)
+        checkpoint(trainer, final=True)  # (after the last background write: its failure is raised here)
     finally:
+        writer.join()
         if hasattr(trainer.log, "close"):
             trainer.log.close()
     return 0
@@ -653,8 +659,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                         "dequantised per GEMM (QLoRA-style; under fsdp each rank keeps 1/N of the blocks, gathered per GEMM)")
     p.add_argument("--save-every", type=int, default=0, help="write a resumable step checkpoint every N steps")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N step checkpoints (0: all)")
-    from .cli import add_best_options, add_dry_run_option, add_profile_options
+    from .cli import add_async_checkpoint_option, add_best_options, add_dry_run_option, add_profile_options
 
+    add_async_checkpoint_option(p)
     add_best_options(p, "held-out value (eval_loss; grpo and online-dpo: eval_reward)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None)
