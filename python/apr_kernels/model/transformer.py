@@ -344,6 +344,17 @@ def add_then_norm(norm: RMSNorm, h: torch.Tensor, x: torch.Tensor | None, fast: 
     return h, norm(h)
 
 
+class LayerInputs(NamedTuple):
+    """What the decoder layers take besides the residual stream (``Transformer.layer_inputs``): the
+    path, the RoPE tables (per token with documents or context parallelism), the document mask and
+    the routed tokens."""
+    fast: bool
+    cos: torch.Tensor
+    sin: torch.Tensor
+    docs: DocumentMask | None
+    routed: torch.Tensor | None
+
+
 class Decoder(nn.Module):
     """The ``model.`` prefix of Hugging Face names: embedding, layers, final norm."""
 
@@ -561,12 +572,41 @@ class Transformer(nn.Module):
                       lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, hidden] (before the output projection); ``lengths``:
         ``forward``'s (the routing statistics' tokens)."""
-        fast = self.use_fast(input_ids)
-        T = self.sequence_length(input_ids)
+        ctx = self.layer_inputs(input_ids, documents, lengths)
+        h, pending = self.run_layers(self.embed(input_ids), None, self.model.layers, ctx)
+        return add_then_norm(self.model.norm, h, pending, ctx.fast)[1]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [B, T, hidden] (with NEFTune's noise in training mode)."""
         h = self.model.embed_tokens(input_ids)
         if self.neftune_alpha and self.training:  # as transformers' neftune hook: T is the row length
-            mag = self.neftune_alpha / (T * h.shape[2]) ** 0.5
+            mag = self.neftune_alpha / (self.sequence_length(input_ids) * h.shape[2]) ** 0.5
             h = h + torch.zeros_like(h).uniform_(-mag, mag)
+        return h
+
+    def run_layers(self, h: torch.Tensor, pending: torch.Tensor | None, layers, ctx: "LayerInputs"):
+        """``layers`` (decoder layers of this model, in order) on the residual stream ``h`` and the last
+        layer's pending MLP output: ``(h, pending)`` after them, the routing statistics in ``router_stats``."""
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        stats = []  # mixture-of-experts layers' routing statistics
+        for layer in layers:
+            args = (h, pending, ctx.cos, ctx.sin, ctx.fast, ctx.docs, ctx.routed)
+            if recompute:
+                extra = ({"context_fn": selective_checkpoint} if self.gradient_checkpointing == "selective"
+                         else {})
+                h, pending, s = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, **extra)
+            else:
+                h, pending, s = layer(*args)
+            if s is not None:
+                stats.append(s)
+        self.router_stats = stats
+        return h, pending
+
+    def layer_inputs(self, input_ids: torch.Tensor, documents: Documents | None = None,
+                     lengths: torch.Tensor | None = None) -> "LayerInputs":
+        """What every decoder layer takes besides the residual stream, for the rows ``input_ids``."""
+        fast = self.use_fast(input_ids)
+        T = self.sequence_length(input_ids)
         cos, sin = rope_tables(T, self.config.head_dim, self.config.rope_theta,
                                scaling=self.config.rope_scaling, device=input_ids.device,
                                max_position_embeddings=self.config.max_position_embeddings)
@@ -582,22 +622,7 @@ class Transformer(nn.Module):
             cos, sin = cos[pos], sin[pos]
         elif documents is not None:
             docs, cos, sin = self._document_mask(input_ids, documents, fast, cos, sin)
-        routed = self._routed(input_ids, lengths)
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
-        pending = None  # each layer's MLP output, added by the next layer's fused add + norm
-        stats = []  # mixture-of-experts layers' routing statistics
-        for layer in self.model.layers:
-            if recompute:
-                extra = ({"context_fn": selective_checkpoint} if self.gradient_checkpointing == "selective"
-                         else {})
-                h, pending, s = torch.utils.checkpoint.checkpoint(layer, h, pending, cos, sin, fast, docs, routed,
-                                                                  use_reentrant=False, **extra)
-            else:
-                h, pending, s = layer(h, pending, cos, sin, fast, docs, routed)
-            if s is not None:
-                stats.append(s)
-        self.router_stats = stats
-        return add_then_norm(self.model.norm, h, pending, fast)[1]
+        return LayerInputs(fast, cos, sin, docs, self._routed(input_ids, lengths))
 
     def _routed(self, input_ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor | None:
         """``[B, L]`` bool: which tokens of the rows the split blocks see (this context-parallel rank's
@@ -769,7 +794,14 @@ class Transformer(nn.Module):
                 and reduction in ("mean", "sequence") and targets is not None:
             raise ValueError(f"reduction {reduction!r} under context or sequence parallelism: this rank holds a "
                              f"share of each row's positions; use 'sum' (or 'none') and combine over the group")
-        h = self.hidden_states(input_ids, documents, lengths)
+        return self.output(self.hidden_states(input_ids, documents, lengths), input_ids, targets, reduction,
+                           documents, teacher, label_smoothing, z_loss)
+
+    def output(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+               reduction: str = "mean", documents: Documents | None = None, teacher=None,
+               label_smoothing: float = 0.0, z_loss: float = 0.0) -> torch.Tensor:
+        """``forward``'s result from the final normed hidden states ``h`` of the rows ``input_ids``: the
+        logits, or with ``targets`` the loss (the output projection fused with it on the fast path)."""
         vp = self.vocab_parallel
         if vp is not None:
             from apr_kernels.train.vocab_parallel import vocab_parallel_logits, vocab_parallel_losses
