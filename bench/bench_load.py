@@ -14,6 +14,13 @@ Rows (op / provider):
                              (the CRC kernel on an in-memory buffer) vs zlib.crc32 on the same bytes
   load_cuda_warm/_cold       (--device cuda) apr load(device="cuda") vs safetensors
                              load_file(device="cuda"), plus pinned host-to-device bandwidth
+  save                       apr (apr_kernels.save: temporary file, fsync, rename) vs safetensors
+                             save_file and torch.save of the same tensors; others_run: how much a
+                             Python thread gets done meanwhile, over what it does alone (1: the save
+                             leaves the GIL to other threads, 0: it holds it; safetensors #541)
+  checkpoint_stall           how long a training loop is stopped by a checkpoint of these tensors:
+                             apr_sync (the save) vs apr_async (train --async-checkpoint: the host
+                             snapshot, then a background thread writes) and torch_save
 Cold = posix_fadvise(DONTNEED) on the file with no mapping of it alive (checked with mincore).
 Use --dir on a real disk for cold numbers: on tmpfs every read is warm.
 """
@@ -146,9 +153,10 @@ def main() -> None:
         apr_kernels.save(tensors, apr)
         save_file(tensors, str(st))
         apr_kernels.save(make_tensors(small), folder / "small.apr")
+        case = {"case": "qwen2-0.5b-bf16" if not args.smoke else "smoke", "tensors": len(shapes), "bytes": nbytes}
+        rows += save_rows(tensors, folder, nbytes, case, 2 if args.smoke or args.quick else 3)
         del tensors
         gc.collect()
-        case = {"case": "qwen2-0.5b-bf16" if not args.smoke else "smoke", "tensors": len(shapes), "bytes": nbytes}
         cpu = torch.device("cpu")
         providers = {"apr": lambda: apr_kernels.load(apr), "safetensors_load_file": lambda: load_file(str(st)),
                      "safetensors_safe_open": lambda: st_safe_open(st),
@@ -190,7 +198,72 @@ def main() -> None:
     _common.print_table(rows, ["op", "provider", "ms", "gbs", "resident_before"])
     print_ratios(rows)
     print("wrote", _common.write_results("load", rows, args.out,
-                                         {"ours": ["apr", "apr_read", "apr_verify", "apr_crc32"]}))
+                                         {"ours": ["apr", "apr_read", "apr_verify", "apr_crc32", "apr_async"]}))
+
+
+def others_run(fn) -> tuple[float, float]:
+    """(seconds ``fn()`` took, the iterations per second a counting Python thread made meanwhile over its
+    rate alone): near 1 when ``fn`` leaves the GIL free (I/O, CRC), near 0 when it holds it."""
+    import threading
+
+    def rate(during) -> tuple[float, float]:
+        stop, count = threading.Event(), [0]
+
+        def spin():
+            n = 0
+            while not stop.is_set():
+                n += 1
+            count[0] = n
+
+        thread = threading.Thread(target=spin)
+        t0 = time.perf_counter()
+        thread.start()
+        during()
+        took = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        return took, count[0] / took
+
+    took, busy = rate(fn)
+    _, alone = rate(lambda: time.sleep(0.3))
+    return took, busy / alone
+
+
+def save_rows(tensors: dict, folder: Path, nbytes: int, case: dict, reps: int) -> list[dict]:
+    """``save`` and ``checkpoint_stall`` rows (module docstring); each save to a fresh file name."""
+    from safetensors.torch import save_file
+
+    from apr_kernels.train.async_checkpoint import CheckpointWriter
+
+    rows, n = [], iter(range(1 << 30))
+    folder = folder / "saves"
+    folder.mkdir()
+    savers = {"apr": lambda: apr_kernels.save(tensors, folder / f"s{next(n)}.apr"),
+              "safetensors_save_file": lambda: save_file(tensors, str(folder / f"s{next(n)}.safetensors")),
+              "torch_save": lambda: torch.save(tensors, folder / f"s{next(n)}.pt")}
+    for name, fn in savers.items():
+        fn()  # (warm-up: the first write of a file system can cost more)
+        runs = [others_run(fn) for _ in range(reps)]
+        ms = 1e3 * min(t for t, _ in runs)
+        rows.append({"op": "save", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6,
+                     "others_run": round(sum(f for _, f in runs) / len(runs), 3), **case})
+        for p in folder.iterdir():
+            p.unlink()
+    writer = CheckpointWriter(True, host_state=True)  # (a CPU run's: the snapshot clones every tensor)
+    stalls = {"apr_sync": savers["apr"], "torch_save": savers["torch_save"],
+              "apr_async": lambda: writer.write(tensors, folder / f"s{next(n)}.apr", metadata={})}
+    for name, fn in stalls.items():
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            writer.wait()  # (outside the timing: the write the loop does not wait for)
+        ms = 1e3 * min(times)
+        rows.append({"op": "checkpoint_stall", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6, **case})
+        for p in folder.iterdir():
+            p.unlink()
+    return rows
 
 
 def cuda_rows(apr: Path, st: Path, nbytes: int, case: dict, reps: int, cold_reps: int) -> list[dict]:
@@ -234,6 +307,10 @@ def print_ratios(rows: list[dict]) -> None:
     if ("load_small", "apr") in by:
         print(f"  load_warm (1 GB-class) / load_small (tiny): {by['load_warm', 'apr'] / by['load_small', 'apr']:.2f} "
               "(about 1: O(tensors), not O(bytes))")
+    for op, ours in (("save", "apr"), ("checkpoint_stall", "apr_async")):
+        others = {p: ms for (o, p), ms in by.items() if o == op and p != ours}
+        if (op, ours) in by and others:
+            print(f"  {op:15s} {ours} vs " + "  ".join(f"{p}: {ms / by[op, ours]:.2f}x" for p, ms in others.items()))
     if ("crc32", "zlib") in by:
         print(f"  crc32: apr kernel {by['crc32', 'zlib'] / by['crc32', 'apr_crc32']:.2f}x zlib, "
               f"full verify {by['crc32', 'zlib'] / by['crc32', 'apr_verify']:.2f}x zlib")
