@@ -307,8 +307,9 @@ def from_apr(path: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None
         # expert parallelism dropped other ranks' experts, left out below)
         modules = dict(model.named_modules())
         quantized = {name: modules.get(name.removesuffix(".weight"), m) for name, m in quantized.items()}
-    # experts other ranks hold (expert parallelism: dropped by ``shard``): not read here
-    remote = model.remote_expert_prefixes()
+    # experts other ranks hold (expert parallelism: dropped by ``shard``) and the parts of other
+    # pipeline stages (pipeline parallelism: likewise): not read here
+    remote = model.remote_expert_prefixes() + getattr(model, "pipeline_absent", ())
     quantized = {name: m for name, m in quantized.items() if not (remote and name.startswith(remote))}
     model = model.to_empty(device=device)
     params = dict(model.named_parameters())

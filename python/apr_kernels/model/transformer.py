@@ -438,7 +438,8 @@ class Transformer(nn.Module):
         None: whole sequences again."""
         self.context_parallel = cp
         for layer in self.model.layers:
-            layer.self_attn.context_parallel = cp
+            if hasattr(layer, "self_attn"):  # (another pipeline stage's layer: not here)
+                layer.self_attn.context_parallel = cp
 
     @property
     def expert_parallel(self):
@@ -460,7 +461,9 @@ class Transformer(nn.Module):
     @property
     def tensor_parallel(self):
         """train/tensor_parallel.py's TensorParallel when the layers are split over ranks, else None."""
-        return self.model.layers[0].self_attn.tensor_parallel if len(self.model.layers) else None
+        # (the first layer this model holds: a pipeline stage holds only its own)
+        attn = next((layer.self_attn for layer in self.model.layers if hasattr(layer, "self_attn")), None)
+        return attn.tensor_parallel if attn is not None else None
 
     @torch.no_grad()
     def set_tensor_parallel(self, tp) -> None:

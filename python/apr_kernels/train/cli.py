@@ -566,6 +566,17 @@ def _train(args, env, mode: str) -> int:
     elif args.sequence_parallel:
         raise ValueError("--sequence-parallel splits the positions over a tensor-parallel group; expected "
                          "--tensor-parallel N (N > 1) with it")
+    pp = None  # pipeline parallelism: likewise (each rank allocates and reads only its stage)
+    if args.pipeline_parallel != 1:
+        from . import pipeline_parallel
+
+        pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, **{
+            "--parallel fsdp": mode == "fsdp", "--tensor-parallel": args.tensor_parallel != 1,
+            "--context-parallel": args.context_parallel != 1, "--expert-parallel": args.expert_parallel != 1,
+            "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher), "--float8": bool(args.float8),
+            "--qat": bool(args.qat), "--optimizer adamw8bit": args.optimizer == "adamw8bit",
+            "--freeze": bool(args.freeze), "--eval-choices": bool(args.eval_choices)})
+        pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule)
 
     def prepare(m):
         """What a model gets before FSDP shards it (under FSDP on the meta device, while loading):
@@ -585,8 +596,8 @@ def _train(args, env, mode: str) -> int:
             from . import distributed
 
             return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load), expert_parallel=ep,
-                                        tensor_parallel=tp, compute_dtype=autocast_dtype_for(cfg.precision, env.device),
-                                        prepare=prepare)
+                                        tensor_parallel=tp, pipeline_parallel=pp,
+                                        compute_dtype=autocast_dtype_for(cfg.precision, env.device), prepare=prepare)
         from apr_kernels.model.loading import from_apr
 
         return from_apr(path, device=dev, fast=fast, **(lora or lora_load))
@@ -656,16 +667,21 @@ def _train(args, env, mode: str) -> int:
     if mode != "none":
         from . import distributed
 
-        sharing = cp * (args.tensor_parallel if tp else 1)
-        what = " x ".join(f"--{kind}-parallel {n}" for kind, n in (("context", cp), ("tensor", args.tensor_parallel))
+        sharing = cp * (args.tensor_parallel if tp else 1) * args.pipeline_parallel
+        what = " x ".join(f"--{kind}-parallel {n}" for kind, n in (("context", cp), ("tensor", args.tensor_parallel),
+                                                                   ("pipeline", args.pipeline_parallel))
                           if n != 1) or "no sharing"
         data_ranks = env.world_size // sharing if env.world_size % sharing == 0 else env.world_size
         if cfg.batch_size % data_ranks:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {data_ranks} data-parallel "
                              f"ranks (world size {env.world_size}, {what}); expected an equal share of every "
                              f"batch per rank")
+        if pp is not None:
+            pipeline_parallel.check(pp.size, world=env.world_size, mode=mode, num_layers=model.config.num_layers,
+                                    **{"a mixture-of-experts model": model.config.is_moe})
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
-                                           context_parallel=cp, expert_parallel=ep, tensor_parallel=tp)
+                                           context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,
+                                           pipeline_parallel=pp)
     from .data import default_cache_dir
 
     cache_dir = None if args.no_token_cache else (args.token_cache or default_cache_dir())
@@ -973,6 +989,14 @@ def register(subparsers) -> None:
                    help="with --parallel ddp or fsdp, every layer's heads and MLP (or experts') rows split over "
                         "groups of N consecutive ranks (Megatron-LM's column/row-parallel layout: two all-reduces per layer "
                         "and pass; the group shares its rows, the batch split over world/N; default 1: off)")
+    s.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
+                   help="with --parallel ddp, the decoder layers split into N stages of consecutive layers, stage s "
+                        "on ranks s*D..s*D+D-1 (D = world/N replicas, each averaging its stage's gradients), "
+                        "activations passed stage to stage per micro-batch (--grad-accum micro-batches, well above "
+                        "N; default 1: off)")
+    s.add_argument("--pipeline-schedule", choices=("1f1b", "gpipe"), default="1f1b",
+                   help="1f1b: each stage at most N - s micro-batches' activations held (default); gpipe: all "
+                        "forwards, then all backwards")
     s.add_argument("--sequence-parallel", action="store_true",
                    help="with --tensor-parallel N, each rank of a group also holds 1/N of every row's positions "
                         "between the split blocks (norms, residuals, embedding, loss: their activations / N; the "

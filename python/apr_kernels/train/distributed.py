@@ -475,11 +475,13 @@ class Parallel:
     each batch, cross-rank means and sharded evaluation. ``module`` is the ``Transformer`` itself
     (Hugging Face names; DTensor parameters under FSDP)."""
 
-    def __init__(self, module, mode: str, env: DistEnv, wrapper=None, context=None, expert=None, tensor=None):
+    def __init__(self, module, mode: str, env: DistEnv, wrapper=None, context=None, expert=None, tensor=None,
+                 pipeline=None):
         self.module, self.mode, self.env, self._wrapper = module, mode, env, wrapper
         self.context = context  # context_parallel.ContextParallel, or None
         self.expert = expert  # expert_parallel.ExpertParallel, or None
         self.tensor = tensor  # tensor_parallel.TensorParallel, or None
+        self.pipeline = pipeline  # pipeline_parallel.PipelineParallel, or None
         # (HSDP under tensor parallelism: this rank's group of fsdp_shard consecutive ranks, for clipping)
         self._sharding_group = None
         if tensor is not None and mode == "fsdp" and env.fsdp_shard:
@@ -497,11 +499,16 @@ class Parallel:
 
     @property
     def data_ranks(self) -> int:
-        """Ranks that take different rows: all of them, or one per context- or tensor-parallel group."""
+        """Ranks that take different rows: all of them, or one per context- or tensor-parallel group
+        (pipeline parallelism: one per pipeline)."""
+        if self.pipeline is not None:
+            return self.pipeline.replicas
         return self.env.world_size // self._sharing
 
     @property
     def data_rank(self) -> int:
+        if self.pipeline is not None:
+            return self.pipeline.replica
         return self.env.rank // self._sharing
 
     @property
@@ -585,6 +592,8 @@ class Parallel:
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip every gradient by the global norm of the whole model's; returns that norm (under FSDP
         a replicated DTensor, as ``torch.nn.utils.clip_grad_norm_`` returns it)."""
+        if self.pipeline is not None:
+            return self.pipeline.clip_grad_norm(self.module, max_norm)
         if self.tensor is not None:
             from .tensor_parallel import clip_grad_norm, split_dims
 
@@ -625,7 +634,10 @@ class Parallel:
     @property
     def grad_ranks(self) -> int:
         """The ranks whose gradients DDP/FSDP average (all of them; a tensor-parallel group's ranks hold
-        different parts, averaged only with their replicas): a loss scaled by this sums instead."""
+        different parts, averaged only with their replicas; a pipeline stage's replicas): a loss scaled
+        by this sums instead."""
+        if self.pipeline is not None:
+            return self.pipeline.replicas
         return self.env.world_size // (self.tensor.size if self.tensor is not None else 1)
 
     @property
@@ -636,7 +648,12 @@ class Parallel:
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
         """The sum over the ranks of what each computed on its own share (a tensor-parallel group's
-        ranks computed the same: counted once; under sequence parallelism each its own positions)."""
+        ranks computed the same: counted once; under sequence parallelism each its own positions;
+        under pipeline parallelism only the last stages hold losses, the others zeros)."""
+        if self.pipeline is not None:
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
         return self.mean(t) * self.shares
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -659,6 +676,8 @@ class Parallel:
         from .data import eval_sequences, split_targets
 
         seqs = eval_sequences(tokens, seq_len, max_tokens)
+        if self.pipeline is not None:
+            return self._pipeline_evaluate(seqs, batch_size, autocast_dtype, eos_id)
         rank, world, dev = self.data_rank, self.data_ranks, self.env.device
         per = -(-len(seqs) // world)
         mine = seqs[rank * per:(rank + 1) * per]
@@ -686,8 +705,40 @@ class Parallel:
         return float(acc[0] / acc[1]), int(acc[1])
 
 
+    @torch.no_grad()
+    def _pipeline_evaluate(self, seqs, batch_size: int, autocast_dtype, eos_id):
+        """``evaluate`` through the pipeline: each replica its share of the sequences, every batch
+        through its stages (all of them run the same number of batches, padded as above)."""
+        from apr_kernels.model.documents import Documents
+
+        from .data import split_targets
+
+        pp, dev, model = self.pipeline, self.env.device, self.module
+        per = -(-len(seqs) // pp.replicas)
+        mine = seqs[pp.replica * per:(pp.replica + 1) * per]
+        was_training = model.training
+        model.eval()
+        acc = torch.zeros(2, dtype=torch.float64, device=dev)
+        autocast = lambda: torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,  # noqa: E731
+                                          enabled=autocast_dtype is not None)
+        for b in range(-(-per // batch_size)):
+            rows = mine[b * batch_size:(b + 1) * batch_size]
+            x, y = split_targets(rows if len(rows) else seqs[:1])
+            if not len(rows):
+                y = torch.full_like(y, -100)
+            docs = None if eos_id is None else Documents.from_eos(x, eos_id).to(dev)
+            x, y = x.to(dev), y.to(dev)
+            acc[0] += pp.loss_sum(model, x, y, docs, autocast=autocast)
+            if pp.last:
+                acc[1] += (y != -100).sum()
+        model.train(was_training)
+        dist.all_reduce(acc)
+        return float(acc[0] / acc[1]), int(acc[1])
+
+
 def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | None = None,
-                context_parallel: int = 1, expert_parallel=None, tensor_parallel=None) -> Parallel:
+                context_parallel: int = 1, expert_parallel=None, tensor_parallel=None,
+                pipeline_parallel=None) -> Parallel:
     """Wrap ``model`` for ``mode``: ``ddp`` (a replica per rank, gradients all-reduced), ``fsdp``
     (``fully_shard`` per decoder layer and at the root, ``compute_dtype`` as ``_fsdp_shard``'s;
     already sharded models pass through) or ``none``. Build the optimizer after this: FSDP replaces
@@ -727,6 +778,10 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
               expert_parallel=expert_parallel.size if expert_parallel is not None else 1)
         if model.tensor_parallel is None:
             model.set_tensor_parallel(tensor)
+    if pipeline_parallel is not None:  # (each stage's replicas average their gradients themselves)
+        if getattr(model, "pipeline", None) is None:  # (a preset built whole: this stage's parts kept)
+            pipeline_parallel.split(model)
+        return Parallel(model.to(env.device), mode, env, pipeline=pipeline_parallel)
     if mode == "fsdp":
         return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel, tensor), mode, env, context=context,
                         expert=expert_parallel, tensor=tensor)
@@ -751,7 +806,7 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
 
 # ------------------------------------------------------------------------ load and save
 def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
-             expert_parallel=None, tensor_parallel=None, prepare=None, **lora):
+             expert_parallel=None, tensor_parallel=None, pipeline_parallel=None, prepare=None, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
     materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), only this rank's experts
     with ``expert_parallel``, only this rank's part of every layer with ``tensor_parallel``, a full
@@ -761,6 +816,8 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
     from apr_kernels.model.loading import from_apr as load
 
     def on_meta(m):
+        if pipeline_parallel is not None:  # (only this stage's layers are allocated, and read)
+            pipeline_parallel.split(m)
         if expert_parallel is not None:  # (before FSDP: only this rank's experts are sharded, and read)
             m.set_expert_parallel(expert_parallel)
         if tensor_parallel is not None:  # (likewise: only this rank's heads and rows)
@@ -770,7 +827,8 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
                 prepare(m)
             _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel)
 
-    shard = on_meta if mode == "fsdp" or expert_parallel is not None or tensor_parallel is not None else None
+    shard = (on_meta if mode == "fsdp" or expert_parallel is not None or tensor_parallel is not None
+             or pipeline_parallel is not None else None)
     model, error = None, None
     try:
         model = load(path, device=env.device, fast=fast, shard=shard, **lora)

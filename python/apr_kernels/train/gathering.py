@@ -269,7 +269,12 @@ def save_checkpoint(path, trainer, parallel: Parallel | None, **kwargs) -> None:
     env = parallel.env
     parallel.reshard()
     gathered = parallel.mode == "fsdp" or parallel.expert is not None or parallel.tensor is not None
-    gatherer = ShardGatherer(trainer) if gathered else None
+    if parallel.pipeline is not None:  # (each stage's tensors from the first replica's rank of that stage)
+        from .pipeline_parallel import PipelineGatherer
+
+        gatherer = PipelineGatherer(trainer, parallel.pipeline)
+    else:
+        gatherer = ShardGatherer(trainer) if gathered else None
     error = None
     if env.is_main:
         try:

@@ -521,7 +521,8 @@ class Trainer(EvalWatch):
                 raise ValueError("--optimizer muon with fp16 loss scaling is not supported; use --precision bf16 "
                                  "or fp32")
             # an inf on any rank's shard (FSDP) or part (tensor parallelism) skips everyone's step
-            if parallel is not None and (parallel.mode == "fsdp" or parallel.tensor is not None):
+            if parallel is not None and (parallel.mode == "fsdp" or parallel.tensor is not None
+                                         or parallel.pipeline is not None):
                 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
                 self.scaler = ShardedGradScaler(self.device.type)
@@ -572,15 +573,10 @@ class Trainer(EvalWatch):
         indices = [self.batches.next(c.batch_size) for _ in range(c.grad_accum)]
         counts = [int((self.train_seqs[i][:, 1:] >= 0).sum()) for i in indices]  # (each global micro-batch's)
         n_targets = max(1, sum(counts))
-        with self._quantised():  # (--qat: the step's forwards and backwards on the quantised weights)
-            for micro, index in enumerate(indices):
-                loss_sum, ce_kl = self._micro_batch(index, counts[micro], last=micro == c.grad_accum - 1,
-                                                    scale=world / n_targets)
-                total += loss_sum
-                if ce_kl is not None:
-                    parts += ce_kl
-                if router is not None:
-                    router.add()
+        if par is not None and par.pipeline is not None:  # the micro-batches through the stages, in its schedule
+            total = self._pipeline_step(indices, scale=world / n_targets)
+        else:
+            total = self._micro_batches(indices, counts, total, parts, scale=world / n_targets)
         if router is not None:  # the means over micro-batches and ranks (the loss includes their terms)
             router = router.means(par)
         if par is not None:
@@ -621,6 +617,37 @@ class Trainer(EvalWatch):
         if self._mfu_scale is not None:
             rec["mfu"] = rec["tok_s"] * self._mfu_scale
         return rec
+
+    def _micro_batches(self, indices: list, counts: list, total: torch.Tensor, parts: torch.Tensor, *,
+                       scale: float) -> torch.Tensor:
+        """Forward and backward of each micro-batch in turn (``_micro_batch``): ``total`` plus their summed
+        losses; distilling, their ``[ce, kl]`` sums are added to ``parts``."""
+        with self._quantised():  # (--qat: the step's forwards and backwards on the quantised weights)
+            for micro, index in enumerate(indices):
+                loss_sum, ce_kl = self._micro_batch(index, counts[micro], last=micro == len(indices) - 1,
+                                                    scale=scale)
+                total += loss_sum
+                if ce_kl is not None:
+                    parts += ce_kl
+                if self._router is not None:
+                    self._router.add()
+        return total
+
+    def _pipeline_step(self, indices: list, *, scale: float) -> torch.Tensor:
+        """The step's micro-batches through the pipeline's stages (``pipeline_parallel.py``), then each
+        stage's gradients averaged over its replicas: this stage's summed loss (0 but on the last)."""
+        c, par = self.cfg, self.parallel
+        micro = [batch(self.train_seqs, par.local_rows(index), self.device, self.doc_eos) for index in indices]
+
+        def autocast():
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                  enabled=self.autocast_dtype is not None)
+
+        with self._saved_tensors():
+            total = par.pipeline.train_step(self.model, micro, scale, autocast=autocast, scaler=self.scaler,
+                                            loss_kwargs={"label_smoothing": c.label_smoothing, "z_loss": c.z_loss})
+        par.pipeline.reduce_grads(self.model)
+        return total
 
     def evaluate(self) -> tuple[float, int]:
         if self.eval_tokens is None:
@@ -734,8 +761,9 @@ class Trainer(EvalWatch):
         # the whole model's counts (with expert parallelism also this rank's share); a quantised LoRA
         # base holds its projections outside the parameters
         par = self.parallel
-        sizes = parameter_counts(self.model, par.expert if par is not None else None,
-                                 par.tensor if par is not None else None)
+        sizes = (par.pipeline.parameter_counts(self.model) if par is not None and par.pipeline is not None
+                 else parameter_counts(self.model, par.expert if par is not None else None,
+                                       par.tensor if par is not None else None))
         sizes["params"] += sum(math.prod(m.whole_base_shape) for m, _ in whole_model_adapters(self.model).values()
                                if hasattr(m, "base"))
         return {

@@ -1,0 +1,423 @@
+"""Pipeline parallelism (``train --pipeline-parallel N``): the decoder layers split into N stages of
+consecutive layers, one per rank of a pipeline, each micro-batch's activations handed on stage by stage.
+
+Why: a stage holds only its layers (and their gradients and optimizer state), and stages exchange
+only one ``[rows, seq_len, hidden]`` activation (forward) or its gradient (backward) per micro-batch,
+point to point. So a model can span nodes joined by a slow network, where FSDP's all-gathers of
+every weight would crawl; data parallelism then runs inside each node.
+
+Layout (as torchtitan's, the pipeline dimension outermost): world = N stages x D replicas; stage s
+runs on ranks ``s*D .. s*D + D - 1`` (consecutive ranks, one node's GPUs, are one stage's data-parallel
+replicas), and replica d's pipeline is ranks ``d, D + d, 2D + d, ...``. Layers are split as evenly as
+possible (the first stages take one more when they do not divide). Stage 0 also holds the embedding,
+the last stage the final norm and the output head; with tied embeddings the last stage holds a copy
+of the embedding as its head, and the two copies' gradients are summed after every step (as
+Megatron-LM's embedding group does), so they stay equal.
+
+A step's ``--grad-accum`` micro-batches (each ``--batch-size / D`` rows of the replica's share) go
+through the pipeline in one of two schedules:
+
+* ``gpipe``: all forwards, then all backwards (every micro-batch's activations held at once);
+* ``1f1b`` (the default): stage s runs ``N - s - 1`` forwards ahead, then alternates one forward and
+  one backward, so it holds at most ``N - s`` micro-batches' activations (PipeDream-Flush, Megatron-LM's
+  default). The pipeline's idle share (its "bubble") is ``(N - 1) / (M + N - 1)`` for both: use M well
+  above N.
+
+Sends are asynchronous (``isend``, waited for at the end of the step) and receives blocking. Each
+direction between two neighbouring stages has its own process group (activations forward, gradients
+backward): NCCL runs a communicator's operations in order on one stream, so with one group a stage's
+queued activation send would wait behind its gradient receive while the neighbour's gradient send
+waits behind its own activation receive (1F1B's steady state: a deadlock). With one group per
+direction, every group carries messages one way in one order, which both ends agree on. Every rank computes its rows' inputs, targets and document spans itself (every rank draws
+the same global batch), so only hidden states travel. After the schedule the gradients of each
+stage are averaged over its D replicas (one all-reduce), the tied embedding's two copies summed, and
+the global gradient norm (the tied copy counted once) taken over the pipeline for clipping. Losses are
+summed over the last stages; evaluation runs the held-out batches through the pipeline the same way.
+
+Checkpoints are ordinary whole-model APR files: rank 0 writes, asking each tensor of the whole model
+(weights, AdamW moments or Muon buffers) in turn from the first replica's rank holding it
+(``PipelineGatherer``), so no rank holds more than its stage plus one tensor. Resuming loads each
+stage's share of any checkpoint, on any number of stages.
+
+What combines: ``--parallel ddp`` across the replicas, full training with AdamW or Muon, document
+masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast. What does not (yet;
+each refused with its reason): FSDP, tensor/context/expert parallelism, LoRA, mixture-of-experts
+models, distillation, float8, QAT, 8-bit AdamW.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+class PipelineHole(nn.Module):
+    """A decoder layer another stage holds: no parameters here, never run."""
+
+    def __init__(self, layer: int, stage: int):
+        super().__init__()
+        self.layer, self.stage = layer, stage
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"decoder layer {self.layer} runs on pipeline stage {self.stage}, not here")
+
+
+def stage_layers(num_layers: int, size: int) -> list[range]:
+    """Each stage's decoder layers: consecutive, as even as possible, the first stages one more."""
+    per, extra = divmod(num_layers, size)
+    out, start = [], 0
+    for s in range(size):
+        n = per + (s < extra)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def check(size: int, *, world: int, mode: str, num_layers: int | None = None, **refused) -> None:
+    """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
+    ``refused``: option name -> whether it is in use (each a combination not built)."""
+    if size < 1:
+        raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
+    if size == 1:
+        return
+    if mode != "ddp":
+        raise ValueError(f"--pipeline-parallel {size} with --parallel {mode}: each stage's replicas average their "
+                         f"gradients themselves; expected --parallel ddp under torchrun")
+    if world % size:
+        raise ValueError(f"--pipeline-parallel {size} does not divide the world size {world}; expected "
+                         f"world = stages x data-parallel replicas")
+    if num_layers is not None and num_layers < size:
+        raise ValueError(f"--pipeline-parallel {size}: the model has {num_layers} decoder layers; expected at "
+                         f"least one per stage")
+    for option, used in refused.items():
+        if used:
+            raise ValueError(f"--pipeline-parallel with {option} is not supported; expected one of the two")
+
+
+@dataclass
+class PipelineParallel:
+    """This rank's place in the pipelines: ``size`` stages x ``replicas``; it runs stage ``stage`` of
+    replica ``replica``'s pipeline. Groups: ``data`` (this stage's replicas, None for one), ``tied``
+    (the first and last stage of this pipeline when the model ties its embeddings, None otherwise or
+    for the other stages), ``pipeline`` (this replica's stages)."""
+
+    size: int
+    stage: int
+    replicas: int
+    replica: int
+    schedule: str = "1f1b"
+    data: object = None
+    tied: object = None
+    pipeline: object = None
+    links: dict = None  # ("acts" | "grads", the other stage) -> the 2-rank group of that direction
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.size - 1
+
+    def rank_of(self, stage: int, replica: int | None = None) -> int:
+        return stage * self.replicas + (self.replica if replica is None else replica)
+
+    # ------------------------------------------------------------------------------- the model
+    def split(self, model) -> None:
+        """Keep only this stage's parts of ``model`` (best on the meta device, before anything is
+        allocated): other stages' layers become ``PipelineHole``s; the embedding stays on the first
+        stage (and the last when tied: its head), the final norm and head on the last.
+        ``model.pipeline_absent`` lists the dropped name prefixes (the loader skips them)."""
+        cfg = model.config
+        mine = stage_layers(cfg.num_layers, self.size)[self.stage]
+        absent = []
+        for i, layer in enumerate(model.model.layers):
+            if i not in mine:
+                model.model.layers[i] = PipelineHole(i, self.stage_of_layer(i, cfg.num_layers))
+                absent.append(f"model.layers.{i}.")
+        if not self.first and not (self.last and cfg.tie_word_embeddings):
+            model.model.embed_tokens = None
+            absent.append("model.embed_tokens.")
+        if not self.last:
+            model.model.norm = None
+            absent.append("model.norm.")
+            if not cfg.tie_word_embeddings:
+                model.lm_head = None
+                absent.append("lm_head.")
+        model.pipeline, model.pipeline_absent = self, tuple(absent)
+
+    def parameter_counts(self, model) -> dict:
+        """The start record's sizes: the whole model's ``params`` and ``trainable`` (summed over the
+        stages), this rank's ``params_rank`` and ``pipeline_parallel`` (a collective of the pipeline)."""
+        owned = self.owned(model)
+        device = next(model.parameters()).device
+        t = torch.tensor([sum(p.numel() for _, p in owned), sum(p.numel() for _, p in owned if p.requires_grad)],
+                         dtype=torch.int64, device=device)
+        dist.all_reduce(t, group=self.pipeline)
+        return {"params": int(t[0]), "trainable": int(t[1]),
+                "params_rank": sum(p.numel() for p in model.parameters()), "pipeline_parallel": self.size}
+
+    def stage_of_layer(self, layer: int, num_layers: int) -> int:
+        return next(s for s, r in enumerate(stage_layers(num_layers, self.size)) if layer in r)
+
+    def stage_of(self, name: str, num_layers: int) -> int:
+        """The stage holding parameter ``name`` (the tied embedding: the first)."""
+        if name.startswith("model.layers."):
+            return self.stage_of_layer(int(name.split(".")[2]), num_layers)
+        return 0 if name.startswith("model.embed_tokens.") else self.size - 1
+
+    def owned(self, model) -> list[tuple[str, torch.Tensor]]:
+        """This stage's parameters in the whole model's sense: all of them, but the last stage's copy of
+        a tied embedding (the first stage's counts)."""
+        cfg = model.config
+        return [(n, p) for n, p in model.named_parameters() if self.stage_of(n, cfg.num_layers) == self.stage]
+
+    def layers(self, model) -> list:
+        return [layer for layer in model.model.layers if not isinstance(layer, PipelineHole)]
+
+    # ------------------------------------------------------------------------- communication
+    def _recv(self, shape, dtype, device, stage: int, kind: str) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(buf, src=self.rank_of(stage), group=self.links.get((kind, stage)) if self.links else None)
+        return buf
+
+    def _send(self, t: torch.Tensor, stage: int, kind: str, pending: list) -> None:
+        t = t.detach().contiguous()
+        group = self.links.get((kind, stage)) if self.links else None
+        pending.append((dist.isend(t, dst=self.rank_of(stage), group=group), t))  # (t kept alive until sent)
+
+    # ----------------------------------------------------------------------- forward, backward
+    def _forward(self, model, x, y, docs, pending_sends, *, loss_kwargs: dict, grad: bool):
+        """This stage's part of one micro-batch: (the received input or None, the output sent on or,
+        on the last stage, the summed loss)."""
+        dtype = self.dtype(model)
+        h_in = None
+        ctx = model.layer_inputs(x, docs)
+        if self.first:
+            h = model.embed(x)
+        else:
+            h_in = self._recv((*x.shape, model.config.hidden_size), dtype, x.device, self.stage - 1, "acts")
+            h = h_in.requires_grad_(grad)
+        h, pending = model.run_layers(h, None, self.layers(model), ctx)
+        if self.last:
+            from apr_kernels.model.transformer import add_then_norm
+
+            h = add_then_norm(model.model.norm, h, pending, ctx.fast)[1]
+            return h_in, model.output(h, x, y, reduction="sum", documents=docs, **loss_kwargs)
+        # (the pending MLP output added here: the next stage's first add + norm then starts from it)
+        out = h if pending is None else h + pending.to(h.dtype)
+        self._send(out.to(dtype), self.stage + 1, "acts", pending_sends)
+        return h_in, out
+
+    def _backward(self, h_in, out, scale: float, pending_sends, scaler=None) -> None:
+        if self.last:
+            loss = out * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        else:
+            g = self._recv(out.shape, out.dtype, out.device, self.stage + 1, "grads")
+            torch.autograd.backward(out, g)
+        if not self.first:
+            self._send(h_in.grad, self.stage - 1, "grads", pending_sends)
+
+    @staticmethod
+    def dtype(model) -> torch.dtype:
+        """The residual stream's dtype between stages: the parameters' (under autocast the stream
+        stays in it: the embedding and every residual add are in the weights' dtype)."""
+        return next(model.parameters()).dtype
+
+    def train_step(self, model, micro_batches: list, scale: float, *, autocast=contextlib.nullcontext,
+                   loss_kwargs: dict | None = None, scaler=None) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches ``[(x, y, docs), ...]`` through the pipeline
+        in ``self.schedule``; each loss scaled by ``scale`` for the backward. Returns the summed loss
+        (detached; 0 on every stage but the last). Gradients are this stage's, not yet reduced
+        (``reduce_grads``)."""
+        loss_kwargs = loss_kwargs or {}
+        sends: list = []
+        saved: dict[int, tuple] = {}
+        total = torch.zeros((), device=micro_batches[0][0].device)
+
+        def forward(m: int) -> None:
+            nonlocal total
+            x, y, docs = micro_batches[m]
+            with autocast():
+                h_in, out = self._forward(model, x, y, docs, sends, loss_kwargs=loss_kwargs, grad=True)
+            if self.last:
+                total = total + out.detach().float()
+            saved[m] = (h_in, out)
+
+        def backward(m: int) -> None:
+            h_in, out = saved.pop(m)
+            self._backward(h_in, out, scale, sends, scaler)
+
+        n = len(micro_batches)
+        if self.schedule == "gpipe":
+            for m in range(n):
+                forward(m)
+            for m in range(n):
+                backward(m)
+        else:  # 1F1B: warm up, then one forward and one backward in turn, then drain
+            ahead = min(self.size - self.stage - 1, n)
+            for m in range(ahead):
+                forward(m)
+            for m in range(n - ahead):
+                forward(ahead + m)
+                backward(m)
+            for m in range(n - ahead, n):
+                backward(m)
+        for work, _ in sends:
+            work.wait()
+        return total
+
+    @torch.no_grad()
+    def loss_sum(self, model, x, y, docs, *, autocast=contextlib.nullcontext) -> torch.Tensor:
+        """The summed loss of one batch through the pipeline without gradients (0 but on the last stage)."""
+        sends: list = []
+        with autocast():
+            _, out = self._forward(model, x, y, docs, sends, loss_kwargs={}, grad=False)
+        for work, _ in sends:
+            work.wait()
+        return out.double() if self.last else torch.zeros((), dtype=torch.float64, device=x.device)
+
+    # ------------------------------------------------------------------------------ gradients
+    def reduce_grads(self, model) -> None:
+        """After the schedule: each gradient averaged over this stage's replicas, then the tied
+        embedding's two copies summed (first and last stage)."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if self.data is not None and grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.data)
+            flat /= self.replicas
+            torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]),
+                                                                             grads)])
+        if self.tied is not None and model.config.tie_word_embeddings:
+            embed = model.model.embed_tokens.weight
+            if embed.grad is None:
+                embed.grad = torch.zeros_like(embed)
+            dist.all_reduce(embed.grad, group=self.tied)
+
+    def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
+        """Clip every gradient by the whole model's gradient norm (over the pipeline's stages, the tied
+        copy once); returns that norm."""
+        grads = [p.grad for _, p in self.owned(model) if p.grad is not None]
+        device = next(model.parameters()).device
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        if grads:
+            sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+        if self.pipeline is not None:
+            dist.all_reduce(sq, group=self.pipeline)
+        norm = sq.sqrt()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        every = [p.grad for p in model.parameters() if p.grad is not None]
+        if every:
+            torch._foreach_mul_(every, coef.to(every[0].dtype))
+        return norm
+
+
+def groups(world: int, size: int, rank: int, schedule: str = "1f1b") -> PipelineParallel:
+    """This rank's ``PipelineParallel`` for ``size`` stages over ``world`` ranks (stage-major). Every
+    rank creates every group, in one order, as ``torch.distributed.new_group`` needs (the tied
+    embedding's too: whether the model ties is known only once it is loaded)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--pipeline-schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    replicas = world // size
+    stage, replica = divmod(rank, replicas)
+    pp = PipelineParallel(size, stage, replicas, replica, schedule)
+    for s in range(size):  # each stage's replicas
+        g = dist.new_group([s * replicas + d for d in range(replicas)]) if replicas > 1 else None
+        if s == stage:
+            pp.data = g
+    pp.links = {}
+    for d in range(replicas):  # each replica's pipeline, its tied first and last stage, its links
+        g = dist.new_group([s * replicas + d for s in range(size)])
+        t = dist.new_group([d, (size - 1) * replicas + d])
+        if d == replica:
+            pp.pipeline = g
+            if pp.first or pp.last:
+                pp.tied = t
+        for s in range(size - 1):  # (one group per direction between neighbours: see the module docstring)
+            pair = [s * replicas + d, (s + 1) * replicas + d]
+            acts, grads = dist.new_group(pair), dist.new_group(pair)
+            if d == replica and stage in (s, s + 1):
+                other = s + 1 if stage == s else s
+                pp.links["acts", other], pp.links["grads", other] = acts, grads
+    return pp
+
+
+class PipelineGatherer:
+    """The whole model's tensors for rank 0's checkpoint (``gathering.save_checkpoint``): each weight,
+    AdamW moment or Muon buffer is broadcast, when rank 0's ``save`` writes it, from the first
+    replica's rank of the stage holding it. Every rank learns the whole list first (names, shapes,
+    dtypes, owners, AdamW step counts: one ``all_gather_object``); then rank 0's ``state()`` gives
+    LazyTensors and the others ``serve()`` until ``done()``, as ``gathering.ShardGatherer``."""
+
+    def __init__(self, trainer, pp: PipelineParallel):
+        self.pp, self.device = pp, trainer.device
+        model, opt = trainer.model, trainer.optimizer
+        self.local: dict[tuple[str, str], torch.Tensor] = {}
+        entries = []  # (kind, name, dtype, shape, step)
+        if pp.replica == 0:
+            for name, p in pp.owned(model):
+                self.local["weight", name] = p
+                entries.append(("weight", name, str(p.dtype), tuple(p.shape), None))
+                state = opt.state.get(p) or {}
+                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                    if key in state:
+                        if not torch.is_tensor(state[key]):
+                            raise ValueError("--pipeline-parallel checkpoints hold AdamW's or Muon's tensors; "
+                                             "8-bit moments are not supported")
+                        self.local[key, name] = state[key]
+                        entries.append((key, name, "torch.float32", tuple(p.shape),
+                                        int(state["step"]) if "step" in state else None))
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, (dist.get_rank(), entries))
+        self.items = [(kind, name, dtype, shape, step, rank) for rank, es in every for kind, name, dtype, shape, step
+                      in es]
+
+    def _broadcast(self, i: int) -> int:
+        box = torch.tensor([i], dtype=torch.int64, device=self.device)
+        dist.broadcast(box, src=0)
+        return int(box.item())
+
+    def _full(self, i: int) -> torch.Tensor:
+        kind, name, dtype, shape, _, owner = self.items[i]
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+        if dist.get_rank() == owner:
+            buf = self.local[kind, name].detach().to(dtype).clone()
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.broadcast(buf, src=owner)
+        return buf
+
+    def _fetch(self, i: int) -> torch.Tensor:
+        self._broadcast(i)
+        return self._full(i).cpu()
+
+    def state(self, merge_lora: bool = False) -> tuple[dict, dict]:
+        from apr_kernels._format import APR_DTYPE_OF
+        from apr_kernels.io import LazyTensor
+
+        weights, moments = {}, {}
+        for i, (kind, name, dtype, shape, step, _) in enumerate(self.items):
+            lazy = LazyTensor(APR_DTYPE_OF[getattr(torch, dtype.removeprefix("torch."))], shape,
+                              lambda i=i: self._fetch(i))
+            if kind == "weight":
+                weights[name] = lazy
+                continue
+            entry = moments.setdefault(name, {})
+            entry[kind] = lazy
+            if step is not None:
+                entry["step"] = step
+        return weights, moments
+
+    def serve(self) -> None:
+        while (i := self._broadcast(-1)) >= 0:
+            self._full(i)
+
+    def done(self) -> None:
+        self._broadcast(-1)
