@@ -670,21 +670,24 @@ class Parallel:
                  eos_id: int | None = None):
         """``data.evaluate`` over all ranks: each takes a contiguous share of the sequences; every
         rank runs the same number of forwards (FSDP's are collectives), padding with a batch whose
-        targets are all ignored; (loss sum, count) are all-reduced in float64."""
+        targets are all ignored; (loss sum, count) are all-reduced in float64. Pipeline parallelism:
+        each replica's share goes through its stages, and the last one sums the losses."""
         from apr_kernels.model.documents import Documents
 
         from .data import eval_sequences, split_targets
 
         seqs = eval_sequences(tokens, seq_len, max_tokens)
-        if self.pipeline is not None:
-            return self._pipeline_evaluate(seqs, batch_size, autocast_dtype, eos_id)
         rank, world, dev = self.data_rank, self.data_ranks, self.env.device
         per = -(-len(seqs) // world)
         mine = seqs[rank * per:(rank + 1) * per]
-        model = self.module
+        model, pp = self.module, self.pipeline
         was_training = model.training
         model.eval()
         acc = torch.zeros(2, dtype=torch.float64, device=dev)  # loss sum, target count
+
+        def autocast():
+            return torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)
+
         for b in range(-(-per // batch_size)):
             rows = mine[b * batch_size:(b + 1) * batch_size]
             x, y = split_targets(rows if len(rows) else seqs[:1])
@@ -692,8 +695,11 @@ class Parallel:
                 y = torch.full_like(y, -100)
             docs = None if eos_id is None else Documents.from_eos(x, eos_id).to(dev)
             x, y = self.local_positions(x.to(dev), y.to(dev))
-            with torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,
-                                enabled=autocast_dtype is not None):
+            if pp is not None:  # through the stages: the last one's loss (the others add 0 and count nothing)
+                acc[0] += pp.loss_sum(model, x, y, docs, autocast=autocast)
+                acc[1] += (y != -100).sum() if pp.last else 0
+                continue
+            with autocast():
                 acc[0] += model.loss(x, y, reduction="sum", documents=docs).double()
             acc[1] += (y != -100).sum()
         model.train(was_training)
@@ -702,37 +708,6 @@ class Parallel:
             dist.all_reduce(acc)
             if self.tensor is not None and self.sequence is None:  # (a tensor-parallel group's ranks
                 acc /= self.tensor.size  # each summed the same rows)
-        return float(acc[0] / acc[1]), int(acc[1])
-
-
-    @torch.no_grad()
-    def _pipeline_evaluate(self, seqs, batch_size: int, autocast_dtype, eos_id):
-        """``evaluate`` through the pipeline: each replica its share of the sequences, every batch
-        through its stages (all of them run the same number of batches, padded as above)."""
-        from apr_kernels.model.documents import Documents
-
-        from .data import split_targets
-
-        pp, dev, model = self.pipeline, self.env.device, self.module
-        per = -(-len(seqs) // pp.replicas)
-        mine = seqs[pp.replica * per:(pp.replica + 1) * per]
-        was_training = model.training
-        model.eval()
-        acc = torch.zeros(2, dtype=torch.float64, device=dev)
-        autocast = lambda: torch.autocast(dev.type, dtype=autocast_dtype or torch.bfloat16,  # noqa: E731
-                                          enabled=autocast_dtype is not None)
-        for b in range(-(-per // batch_size)):
-            rows = mine[b * batch_size:(b + 1) * batch_size]
-            x, y = split_targets(rows if len(rows) else seqs[:1])
-            if not len(rows):
-                y = torch.full_like(y, -100)
-            docs = None if eos_id is None else Documents.from_eos(x, eos_id).to(dev)
-            x, y = x.to(dev), y.to(dev)
-            acc[0] += pp.loss_sum(model, x, y, docs, autocast=autocast)
-            if pp.last:
-                acc[1] += (y != -100).sum()
-        model.train(was_training)
-        dist.all_reduce(acc)
         return float(acc[0] / acc[1]), int(acc[1])
 
 
