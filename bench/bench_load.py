@@ -154,7 +154,7 @@ def main() -> None:
         save_file(tensors, str(st))
         apr_kernels.save(make_tensors(small), folder / "small.apr")
         case = {"case": "qwen2-0.5b-bf16" if not args.smoke else "smoke", "tensors": len(shapes), "bytes": nbytes}
-        rows += save_rows(tensors, folder, nbytes, case, 2 if args.smoke or args.quick else 3)
+        rows += save_rows(tensors, folder, nbytes, case, 1 if args.smoke else 2 if args.quick else 3)
         del tensors
         gc.collect()
         cpu = torch.device("cpu")
@@ -201,9 +201,10 @@ def main() -> None:
                                          {"ours": ["apr", "apr_read", "apr_verify", "apr_crc32", "apr_async"]}))
 
 
-def others_run(fn) -> tuple[float, float]:
+def others_run(fn, alone: float | None = None) -> tuple[float, float]:
     """(seconds ``fn()`` took, the iterations per second a counting Python thread made meanwhile over its
-    rate alone): near 1 when ``fn`` leaves the GIL free (I/O, CRC), near 0 when it holds it."""
+    rate alone, ``alone`` or measured here): near 1 when ``fn`` leaves the GIL free (I/O, CRC), near 0
+    when it holds it."""
     import threading
 
     def rate(during) -> tuple[float, float]:
@@ -225,8 +226,14 @@ def others_run(fn) -> tuple[float, float]:
         return took, count[0] / took
 
     took, busy = rate(fn)
-    _, alone = rate(lambda: time.sleep(0.3))
+    if alone is None:
+        alone = alone_rate()
     return took, busy / alone
+
+
+def alone_rate() -> float:
+    """Iterations per second of ``others_run``'s counting thread with nothing else running."""
+    return others_run(lambda: time.sleep(0.3), alone=1.0)[1]
 
 
 def save_rows(tensors: dict, folder: Path, nbytes: int, case: dict, reps: int) -> list[dict]:
@@ -241,9 +248,10 @@ def save_rows(tensors: dict, folder: Path, nbytes: int, case: dict, reps: int) -
     savers = {"apr": lambda: apr_kernels.save(tensors, folder / f"s{next(n)}.apr"),
               "safetensors_save_file": lambda: save_file(tensors, str(folder / f"s{next(n)}.safetensors")),
               "torch_save": lambda: torch.save(tensors, folder / f"s{next(n)}.pt")}
+    alone = alone_rate()
     for name, fn in savers.items():
         fn()  # (warm-up: the first write of a file system can cost more)
-        runs = [others_run(fn) for _ in range(reps)]
+        runs = [others_run(fn, alone) for _ in range(reps)]
         ms = 1e3 * min(t for t, _ in runs)
         rows.append({"op": "save", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6,
                      "others_run": round(sum(f for _, f in runs) / len(runs), 3), **case})

@@ -27,7 +27,8 @@ import report  # noqa: E402
 EXPECTED = ["ceilings", "rms_norm", "attention", "load", "train", "cross_entropy", "swiglu", "rope"]
 NAMES = list(dict.fromkeys(EXPECTED + sorted(p.stem[len("bench_"):] for p in BENCH.glob("bench_*.py"))))
 SMOKE_TIMEOUT_S = 60
-_cache: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+_cache: dict = {}  # name -> Future of (CompletedProcess, output folder)
+SMOKE_WORKERS = 2  # bench --smoke runs side by side: they check the plumbing, not the numbers
 
 
 def _env() -> dict:
@@ -37,20 +38,38 @@ def _env() -> dict:
     return env
 
 
+def _smoke(name: str, base: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    script = BENCH / f"bench_{name}.py"
+    out = base / name
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+    return proc, out
+
+
 def run_smoke(name: str, base: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run bench_<name>.py --smoke once per session; its JSON goes to a folder of its own."""
+    """bench_<name>.py --smoke, run once per session (started with the others by ``smoke_base``); its
+    JSON goes to a folder of its own."""
     if name not in _cache:
-        script = BENCH / f"bench_{name}.py"
-        out = base / name
-        proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], cwd=ROOT,
-                              env=_env(), capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
-        _cache[name] = (proc, out)
-    return _cache[name]
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        done.set_result(_smoke(name, base))
+        _cache[name] = done
+    return _cache[name].result()
 
 
 @pytest.fixture(scope="session")
-def smoke_base(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("bench_smoke")
+def smoke_base(tmp_path_factory):
+    """The folder of the session's smoke runs, every bench's started here, ``SMOKE_WORKERS`` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = tmp_path_factory.mktemp("bench_smoke")
+    pool = ThreadPoolExecutor(max_workers=SMOKE_WORKERS)
+    for name in NAMES:
+        if (BENCH / f"bench_{name}.py").exists():
+            _cache[name] = pool.submit(_smoke, name, base)
+    yield base
+    pool.shutdown(wait=True)
 
 
 def _result_file(name: str, base: Path) -> Path:
