@@ -241,6 +241,8 @@ class PipelineParallel:
         sends: list = []
         saved: dict[int, tuple] = {}
         total = torch.zeros((), device=micro_batches[0][0].device)
+        if scaler is not None:  # (fp16: only the last stage scales a loss, but every stage's scaler must
+            scaler.scale(total)  # hold the scale its gradients were multiplied by, to unscale them)
 
         def forward(m: int) -> None:
             nonlocal total
