@@ -15,9 +15,11 @@ Rows (op / provider):
   load_cuda_warm/_cold       (--device cuda) apr load(device="cuda") vs safetensors
                              load_file(device="cuda"), plus pinned host-to-device bandwidth
   save                       apr (apr_kernels.save: temporary file, fsync, rename) vs safetensors
-                             save_file and torch.save of the same tensors; others_run: how much a
-                             Python thread gets done meanwhile, over what it does alone (1: the save
-                             leaves the GIL to other threads, 0: it holds it; safetensors #541)
+                             save_file (also followed by an fsync, as apr's save does) and
+                             torch.save of the same tensors;
+                             others_run: how much a Python thread gets done during a save, over what
+                             it does alone (1: the save leaves the GIL to other threads, 0: it holds
+                             it; safetensors #541)
   checkpoint_stall           how long a training loop is stopped by a checkpoint of these tensors:
                              apr_sync (the save) vs apr_async (train --async-checkpoint: the host
                              snapshot, then a background thread writes) and torch_save
@@ -231,6 +233,16 @@ def others_run(fn, alone: float | None = None) -> tuple[float, float]:
     return took, busy / alone
 
 
+def _timed(fn, after=None) -> float:
+    """Seconds ``fn()`` took (then ``after()``, untimed)."""
+    t0 = time.perf_counter()
+    fn()
+    took = time.perf_counter() - t0
+    if after is not None:
+        after()
+    return took
+
+
 def alone_rate() -> float:
     """Iterations per second of ``others_run``'s counting thread with nothing else running."""
     return others_run(lambda: time.sleep(0.3), alone=1.0)[1]
@@ -245,32 +257,47 @@ def save_rows(tensors: dict, folder: Path, nbytes: int, case: dict, reps: int) -
     rows, n = [], iter(range(1 << 30))
     folder = folder / "saves"
     folder.mkdir()
+    def synced(path: Path) -> None:  # (what apr's save does before its rename: the bytes on the disk)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def st_synced():
+        path = folder / f"s{next(n)}.safetensors"
+        save_file(tensors, str(path))
+        synced(path)
+
     savers = {"apr": lambda: apr_kernels.save(tensors, folder / f"s{next(n)}.apr"),
               "safetensors_save_file": lambda: save_file(tensors, str(folder / f"s{next(n)}.safetensors")),
+              "safetensors_save_file_fsync": st_synced,
               "torch_save": lambda: torch.save(tensors, folder / f"s{next(n)}.pt")}
+    def clear() -> None:  # (after every save: each writes into freed space, not behind the others' backlog)
+        for p in folder.iterdir():
+            p.unlink()
+
     alone = alone_rate()
     for name, fn in savers.items():
         fn()  # (warm-up: the first write of a file system can cost more)
-        runs = [others_run(fn, alone) for _ in range(reps)]
-        ms = 1e3 * min(t for t, _ in runs)
+        clear()
+        ms = 1e3 * min(_timed(fn, clear) for _ in range(reps))
+        # (timed apart: the counting thread holds the GIL for whole switch intervals, which slows a save
+        # that needs it between its tensors)
         rows.append({"op": "save", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6,
-                     "others_run": round(sum(f for _, f in runs) / len(runs), 3), **case})
-        for p in folder.iterdir():
-            p.unlink()
+                     "others_run": round(others_run(fn, alone)[1], 3), **case})
+        clear()
     writer = CheckpointWriter(True, host_state=True)  # (a CPU run's: the snapshot clones every tensor)
     stalls = {"apr_sync": savers["apr"], "torch_save": savers["torch_save"],
               "apr_async": lambda: writer.write(tensors, folder / f"s{next(n)}.apr", metadata={})}
     for name, fn in stalls.items():
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            times.append(_timed(fn))
             writer.wait()  # (outside the timing: the write the loop does not wait for)
+            clear()
         ms = 1e3 * min(times)
         rows.append({"op": "checkpoint_stall", "provider": name, "ms": ms, "gbs": nbytes / ms / 1e6, **case})
-        for p in folder.iterdir():
-            p.unlink()
     return rows
 
 
