@@ -571,7 +571,7 @@ def _train(args, env, mode: str) -> int:
         from . import pipeline_parallel
 
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, **{
-            "--parallel fsdp": mode == "fsdp", "--tensor-parallel": args.tensor_parallel != 1,
+            "--tensor-parallel": args.tensor_parallel != 1,
             "--context-parallel": args.context_parallel != 1, "--expert-parallel": args.expert_parallel != 1,
             "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher), "--float8": bool(args.float8),
             "--qat": bool(args.qat), "--optimizer adamw8bit": args.optimizer == "adamw8bit",

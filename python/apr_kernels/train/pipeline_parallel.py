@@ -104,8 +104,8 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, **
 class PipelineParallel:
     """This rank's place in the pipelines: ``size`` stages x ``replicas``; it runs stage ``stage`` of
     replica ``replica``'s pipeline. Groups: ``data`` (this stage's replicas, None for one), ``tied``
-    (the first and last stage of this pipeline when the model ties its embeddings, None otherwise or
-    for the other stages), ``pipeline`` (this replica's stages)."""
+    (this pipeline's first and last stage, on those two; used when the model ties its embeddings),
+    ``pipeline`` (this replica's stages), ``links`` (one per direction to each neighbouring stage)."""
 
     size: int
     stage: int
