@@ -41,6 +41,18 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._failed: tuple[str, BaseException] | None = None
 
+    @classmethod
+    def of(cls, background: bool, trainer) -> "CheckpointWriter":
+        """The writer of ``trainer``'s run (a CPU run's tensors are their own host copies: cloned)."""
+        return cls(background, host_state=trainer.device.type == "cpu")
+
+    def for_step(self, final: bool):
+        """(the ``write`` of a step checkpoint, its log record's extra keys): in the background unless
+        it is the run's last file."""
+        if final or not self.background:
+            return self.write_now, {}
+        return self.write, {"background": True}
+
     def write(self, tensors, path, metadata) -> None:
         if not self.background:
             return self.write_now(tensors, path, metadata)

@@ -333,8 +333,7 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
                 tok_meta.update(tokenizer.to_metadata())
             return tok_meta
 
-    # (rank 0 writes; a CPU run's tensors are their own host copies: its snapshots clone them)
-    writer = CheckpointWriter(async_checkpoint, host_state=trainer.device.type == "cpu")
+    writer = CheckpointWriter.of(async_checkpoint, trainer)  # (rank 0 writes)
 
     def checkpoint(t: Trainer):
         final = t.step == cfg.steps or t.stopped_early
@@ -343,10 +342,10 @@ def run_training(model, tokenizer, train_tokens, eval_tokens, cfg: TrainConfig, 
         # gathered, written by rank 0, every rank waits. An early-stopped run's model.apr says so
         # (--resume auto then sees a finished run).
         meta = {"training.data_spec": data_spec, **({"training.stopped_early": True} if t.stopped_early else {})}
+        write, marks = writer.for_step(final)
         gathering.save_checkpoint(path, t, parallel, tokenizer=_Tok(), extra_metadata=meta, merge_lora=final,
-                                  write=writer.write_now if final else writer.write)
-        t.log("checkpoint", {"step": t.step, "path": str(path), **({"background": True} if writer.background and
-                                                                      not final else {})})
+                                  write=write)
+        t.log("checkpoint", {"step": t.step, "path": str(path), **marks})
         if main:
             prune_checkpoints(out, keep_last, t.log)
 

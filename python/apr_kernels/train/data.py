@@ -355,8 +355,7 @@ def token_shard(path, vocab_size: int | None = None, read_bytes: int = SHARD_REA
     ids, and the position for an id at or above ``vocab_size`` (the int32 stream's limit when None)."""
     import numpy as np
 
-    limit = min(vocab_size, 1 << 31) if vocab_size is not None else 1 << 31
-    what = f"the tokenizer's vocabulary size {vocab_size}" if vocab_size is not None else "2**31"
+    limit = shard_id_limit(vocab_size)
     opener = gzip.open if _suffix(Path(path).name)[1] else open
     done, rest = 0, b""
     with opener(path, "rb") as f:
@@ -368,14 +367,28 @@ def token_shard(path, vocab_size: int | None = None, read_bytes: int = SHARD_REA
             bad = np.flatnonzero(ids >= limit)
             if bad.size:
                 i = int(bad[0])
-                raise ValueError(f"{path}: token {done + i} is id {int(ids[i])}, not below {what}; expected a "
-                                 f"corpus of little-endian u32 ids from this model's tokenizer")
+                raise shard_id_error(path, done + i, int(ids[i]), vocab_size)
             done += ids.size
             if ids.size:
                 yield torch.from_numpy(ids.astype(np.int32))
     if rest:
-        raise ValueError(f"{path}: {4 * done + len(rest)} bytes is no whole number of token ids; expected a "
-                         f"pre-tokenised shard of little-endian u32 ids (4 bytes each)")
+        raise shard_size_error(path, 4 * done + len(rest))
+
+
+def shard_id_limit(vocab_size: int | None) -> int:
+    """The ids a shard may hold are below this: the vocabulary, and the int32 stream's 2**31."""
+    return min(vocab_size, 1 << 31) if vocab_size is not None else 1 << 31
+
+
+def shard_id_error(path, position: int, token_id: int, vocab_size: int | None) -> ValueError:
+    what = f"the tokenizer's vocabulary size {vocab_size}" if vocab_size is not None else "2**31"
+    return ValueError(f"{path}: token {position} is id {token_id}, not below {what}; expected a corpus of "
+                      f"little-endian u32 ids from this model's tokenizer")
+
+
+def shard_size_error(path, nbytes: int) -> ValueError:
+    return ValueError(f"{path}: {nbytes} bytes is no whole number of token ids; expected a pre-tokenised "
+                      f"shard of little-endian u32 ids (4 bytes each)")
 
 
 SHARD_TOKENS = 1 << 27  # tokens per shard written by write_shards (512 MiB of u32 ids)

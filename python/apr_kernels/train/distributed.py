@@ -582,12 +582,8 @@ class Parallel:
             return
         from .tensor_parallel import sequence_split_parameters
 
-        grads = [local_part(p.grad) for p in sequence_split_parameters(self.module) if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.tensor.group)
-            torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]),
-                                                                             grads)])
+        all_reduce_flat([local_part(p.grad) for p in sequence_split_parameters(self.module) if p.grad is not None],
+                        self.tensor.group)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip every gradient by the global norm of the whole model's; returns that norm (under FSDP
@@ -811,6 +807,19 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         error = exc
     _raise_together(env, error, f"loading {os.fspath(path)}")
     return model
+
+
+def all_reduce_flat(tensors: list[torch.Tensor], group, divide: int = 1) -> None:
+    """Sum ``tensors`` in place over ``group`` in one all-reduce of their concatenation (then divided
+    by ``divide``: a mean over that many ranks)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    if divide != 1:
+        flat /= divide
+    torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]),
+                                                                       tensors)])
 
 
 def collective(name: str, older: str, *, blocking: bool = False):

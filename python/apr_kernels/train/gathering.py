@@ -81,7 +81,28 @@ class Gathered8bit:
         self.codes, self.absmax = codes, absmax
 
 
-class ShardGatherer:
+class RankZeroGather:
+    """Rank 0 asks for the whole tensors of a checkpoint one at a time: it broadcasts the index of the
+    one it needs (``_broadcast``) and every rank joins that tensor's collective (``_full(i)``, the
+    subclass's); the other ranks sit in ``serve()`` until rank 0's ``done()`` broadcasts -1. Driving
+    the order from rank 0 keeps the ranks in step whatever order ``save`` writes in. Needs ``device``."""
+
+    def _broadcast(self, i: int) -> int:
+        box = torch.tensor([i], dtype=torch.int64, device=self.device)  # NCCL needs a device tensor
+        dist.broadcast(box, src=0)
+        return int(box.item())
+
+    def serve(self) -> None:
+        """Ranks other than 0: join every gather rank 0 asks for, until it is done."""
+        while (i := self._broadcast(-1)) >= 0:
+            self._full(i)
+
+    def done(self) -> None:
+        """Rank 0: release the serving ranks (also after a failed save)."""
+        self._broadcast(-1)
+
+
+class ShardGatherer(RankZeroGather):
     """Whole tensors of a sharded model and its optimizer state (AdamW's moments, fp32 or 8-bit; Muon's
     momentum), gathered one at a time on demand.
 
@@ -170,11 +191,6 @@ class ShardGatherer:
         self._broadcast(i)
         return self._full(i).cpu()
 
-    def _broadcast(self, i: int) -> int:
-        box = torch.tensor([i], dtype=torch.int64, device=self.device)  # NCCL needs a device tensor
-        dist.broadcast(box, src=0)
-        return int(box.item())
-
     def _fetch(self, i: int, dtype: torch.dtype) -> torch.Tensor:
         self._broadcast(i)
         return self._full(i).to("cpu", dtype)
@@ -248,14 +264,6 @@ class ShardGatherer:
         mag = self._fetch(magnitude, torch.float32) if magnitude is not None else None
         return merged(weight, lora_a, lora_b, scale, torch.float32, mag)
 
-    def serve(self) -> None:
-        """Ranks other than 0: join every gather rank 0 asks for, until it is done."""
-        while (i := self._broadcast(-1)) >= 0:
-            self._full(i)
-
-    def done(self) -> None:
-        """Rank 0: release the serving ranks (also after a failed save)."""
-        self._broadcast(-1)
 
 
 def save_checkpoint(path, trainer, parallel: Parallel | None, **kwargs) -> None:

@@ -54,6 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .gathering import RankZeroGather
+
 SCHEDULES = ("1f1b", "gpipe")
 
 
@@ -166,17 +168,11 @@ class PipelineParallel:
     def stage_of_layer(self, layer: int, num_layers: int) -> int:
         return next(s for s, r in enumerate(stage_layers(num_layers, self.size)) if layer in r)
 
-    def stage_of(self, name: str, num_layers: int) -> int:
-        """The stage holding parameter ``name`` (the tied embedding: the first)."""
-        if name.startswith("model.layers."):
-            return self.stage_of_layer(int(name.split(".")[2]), num_layers)
-        return 0 if name.startswith("model.embed_tokens.") else self.size - 1
-
     def owned(self, model) -> list[tuple[str, torch.Tensor]]:
-        """This stage's parameters in the whole model's sense: all of them, but the last stage's copy of
-        a tied embedding (the first stage's counts)."""
-        cfg = model.config
-        return [(n, p) for n, p in model.named_parameters() if self.stage_of(n, cfg.num_layers) == self.stage]
+        """This stage's parameters in the whole model's sense: all it holds (``split`` left it nothing
+        else) but the last stage's copy of a tied embedding (the first stage's counts)."""
+        copy = "model.embed_tokens.weight" if self.last and not self.first else None
+        return [(n, p) for n, p in model.named_parameters() if n != copy]
 
     def layers(self, model) -> list:
         return [layer for layer in model.model.layers if not isinstance(layer, PipelineHole)]
@@ -290,13 +286,10 @@ class PipelineParallel:
     def reduce_grads(self, model) -> None:
         """After the schedule: each gradient averaged over this stage's replicas, then the tied
         embedding's two copies summed (first and last stage)."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if self.data is not None and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.data)
-            flat /= self.replicas
-            torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]),
-                                                                             grads)])
+        if self.data is not None:
+            from .distributed import all_reduce_flat
+
+            all_reduce_flat([p.grad for p in model.parameters() if p.grad is not None], self.data, self.replicas)
         if self.tied is not None and model.config.tie_word_embeddings:
             embed = model.model.embed_tokens.weight
             if embed.grad is None:
@@ -351,12 +344,12 @@ def groups(world: int, size: int, rank: int, schedule: str = "1f1b") -> Pipeline
     return pp
 
 
-class PipelineGatherer:
+class PipelineGatherer(RankZeroGather):
     """The whole model's tensors for rank 0's checkpoint (``gathering.save_checkpoint``): each weight,
     AdamW moment or Muon buffer is broadcast, when rank 0's ``save`` writes it, from the first
     replica's rank of the stage holding it. Every rank learns the whole list first (names, shapes,
     dtypes, owners, AdamW step counts: one ``all_gather_object``); then rank 0's ``state()`` gives
-    LazyTensors and the others ``serve()`` until ``done()``, as ``gathering.ShardGatherer``."""
+    LazyTensors and the others ``serve()`` until ``done()`` (``gathering.RankZeroGather``)."""
 
     def __init__(self, trainer, pp: PipelineParallel):
         self.pp, self.device = pp, trainer.device
@@ -380,11 +373,6 @@ class PipelineGatherer:
         dist.all_gather_object(every, (dist.get_rank(), entries))
         self.items = [(kind, name, dtype, shape, step, rank) for rank, es in every for kind, name, dtype, shape, step
                       in es]
-
-    def _broadcast(self, i: int) -> int:
-        box = torch.tensor([i], dtype=torch.int64, device=self.device)
-        dist.broadcast(box, src=0)
-        return int(box.item())
 
     def _full(self, i: int) -> torch.Tensor:
         kind, name, dtype, shape, _, owner = self.items[i]
@@ -417,9 +405,3 @@ class PipelineGatherer:
                 entry["step"] = step
         return weights, moments
 
-    def serve(self) -> None:
-        while (i := self._broadcast(-1)) >= 0:
-            self._full(i)
-
-    def done(self) -> None:
-        self._broadcast(-1)

@@ -579,17 +579,17 @@ def train_and_save(trainer, args, env, parallel, tokenizer, metadata: dict, extr
         raise ValueError("--save-best and --early-stopping-patience follow the held-out evaluation; this run has "
                          "no held-out data (--eval-data)")
     # --async-checkpoint: step checkpoints written in the background (a CPU run's snapshots clone)
-    writer = CheckpointWriter(getattr(args, "async_checkpoint", False), host_state=trainer.device.type == "cpu")
+    writer = CheckpointWriter.of(args.async_checkpoint, trainer)
 
     def checkpoint(t, final: bool = False) -> None:
         path = out / ("model.apr" if final else f"step_{t.step:06d}.apr")
         # (an early-stopped run's model.apr says so: --resume auto then sees a finished run)
         meta = {**metadata, **({"training.stopped_early": True} if final and t.stopped_early else {})}
+        write, marks = writer.for_step(final)
         gathering.save_checkpoint(path, t, parallel, tokenizer=tokenizer, merge_lora=final, extra_metadata=meta,
                                   extra_tensors=None if final or extra_tensors is None else extra_tensors(t),
-                                  write=writer.write_now if final else writer.write)
-        t.log("checkpoint", {"step": t.step, "path": str(path),
-                             **({"background": True} if writer.background and not final else {})})
+                                  write=write)
+        t.log("checkpoint", {"step": t.step, "path": str(path), **marks})
         if env.is_main:
             prune_checkpoints(out, args.keep_last, t.log)
 

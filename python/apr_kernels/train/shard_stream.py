@@ -136,8 +136,9 @@ def map_shards(files: list[Path], vocab_size: int | None = None,
             break
         size = os.path.getsize(path)
         if size % 4:
-            raise ValueError(f"{path}: {size} bytes is no whole number of token ids; expected a pre-tokenised "
-                             f"shard of little-endian u32 ids (4 bytes each)")
+            from .data import shard_size_error
+
+            raise shard_size_error(path, size)
         n = size // 4
         if max_tokens is not None:
             n = min(n, max_tokens - total)
@@ -160,13 +161,13 @@ def map_shards(files: list[Path], vocab_size: int | None = None,
 
 def check_ids(ids: torch.Tensor, path, vocab_size: int | None) -> None:
     """Every id of a mapped shard (int32: a u32 id of 2**31 or more reads negative) is in range."""
-    limit = min(vocab_size, 1 << 31) if vocab_size is not None else 1 << 31
+    from .data import shard_id_error, shard_id_limit
+
+    limit = shard_id_limit(vocab_size)
     for start in range(0, ids.numel(), CHECK_TOKENS):
         chunk = ids[start:start + CHECK_TOKENS]
         if int(chunk.min()) >= 0 and int(chunk.max()) < limit:
             continue
         bad = chunk < 0 if limit == 1 << 31 else (chunk < 0) | (chunk >= limit)  # (2**31 is no int32 scalar)
         i = int(bad.nonzero()[0, 0])
-        what = f"the tokenizer's vocabulary size {vocab_size}" if vocab_size is not None else "2**31"
-        raise ValueError(f"{path}: token {start + i} is id {int(chunk[i]) % (1 << 32)}, not below {what}; "
-                         f"expected a corpus of little-endian u32 ids from this model's tokenizer")
+        raise shard_id_error(path, start + i, int(chunk[i]) % (1 << 32), vocab_size)
