@@ -605,6 +605,28 @@ class Transformer(nn.Module):
         self.router_stats = stats
         return h, pending
 
+    def stage_forward(self, h: torch.Tensor | None, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                      documents: Documents | None = None, label_smoothing: float = 0.0,
+                      z_loss: float = 0.0) -> torch.Tensor:
+        """A pipeline stage's share of ``forward`` (``train/pipeline_parallel.py``), for the rows
+        ``input_ids``: from their embeddings (``h`` None: this stage holds the embedding) or the
+        residual stream ``h`` handed on by the previous stage, through the decoder layers this model
+        holds; then, on the stage holding the final norm, the summed loss of ``targets``, else the
+        residual stream to hand on (the last layer's pending MLP output added: the next stage's first
+        add + norm starts from it). One method, so FSDP gathers a stage's own parameters (embedding,
+        final norm, head) around it as around ``forward`` (``register_fsdp_forward_method``)."""
+        ctx = self.layer_inputs(input_ids, documents)
+        if h is None:
+            h = self.embed(input_ids)
+        pipeline = getattr(self, "pipeline", None)
+        layers = pipeline.layers(self) if pipeline is not None else self.model.layers
+        h, pending = self.run_layers(h, None, layers, ctx)
+        if self.model.norm is None:
+            return h if pending is None else h + pending.to(h.dtype)
+        h = add_then_norm(self.model.norm, h, pending, ctx.fast)[1]
+        return self.output(h, input_ids, targets, reduction="sum", documents=documents,
+                           label_smoothing=label_smoothing, z_loss=z_loss)
+
     def layer_inputs(self, input_ids: torch.Tensor, documents: Documents | None = None,
                      lengths: torch.Tensor | None = None) -> "LayerInputs":
         """What every decoder layer takes besides the residual stream, for the rows ``input_ids``."""

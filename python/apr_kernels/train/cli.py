@@ -569,7 +569,7 @@ def _train(args, env, mode: str) -> int:
     if args.pipeline_parallel != 1:
         from . import pipeline_parallel
 
-        pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, **{
+        pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard, **{
             "--tensor-parallel": args.tensor_parallel != 1,
             "--context-parallel": args.context_parallel != 1, "--expert-parallel": args.expert_parallel != 1,
             "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher), "--float8": bool(args.float8),
@@ -989,8 +989,9 @@ def register(subparsers) -> None:
                         "groups of N consecutive ranks (Megatron-LM's column/row-parallel layout: two all-reduces per layer "
                         "and pass; the group shares its rows, the batch split over world/N; default 1: off)")
     s.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
-                   help="with --parallel ddp, the decoder layers split into N stages of consecutive layers, stage s "
-                        "on ranks s*D..s*D+D-1 (D = world/N replicas, each averaging its stage's gradients), "
+                   help="with --parallel ddp or fsdp, the decoder layers split into N stages of consecutive layers, "
+                        "stage s on ranks s*D..s*D+D-1 (D = world/N replicas, each averaging its stage's gradients, "
+                        "or under fsdp sharding the stage), "
                         "activations passed stage to stage per micro-batch (--grad-accum micro-batches, well above "
                         "N; default 1: off)")
     s.add_argument("--pipeline-schedule", choices=("1f1b", "gpipe"), default="1f1b",

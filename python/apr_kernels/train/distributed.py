@@ -399,21 +399,27 @@ def _raise_together(env: DistEnv, error: BaseException | None, what: str) -> Non
 
 
 # ----------------------------------------------------------------------------- wrapping
-def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, expert=None, tensor=None):
+def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, expert=None, tensor=None,
+                pipeline=None):
     """``fully_shard`` every decoder layer, then the root (embedding, final norm, lm_head). On CUDA the
     compute copies are bf16, or fp16 for a run in fp16 (``compute_dtype``: GPUs without bf16).
     ``expert``: an ``expert_parallel.ExpertParallel`` whose experts this model already holds: each
     sparse layer's ``Experts`` is sharded first, over its replicas only (the ranks that hold the same
     experts; a mesh of one rank when there is one group; under HSDP those of this node, replicated
     across the nodes; with ``tensor`` the ranks holding the same part of them). ``tensor``: a ``tensor_parallel.TensorParallel`` whose split this model already
-    has: each rank's tensors are sharded over the ranks holding the same parts (its replicas)."""
+    has: each rank's tensors are sharded over the ranks holding the same parts (its replicas).
+    ``pipeline``: a ``pipeline_parallel.PipelineParallel`` whose split this model already has: its
+    stage's layers and parts sharded over the stage's replicas, gathered around ``stage_forward``."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if isinstance(model, FSDPModule):
         return model
     shard = env.fsdp_shard or env.world_size
-    if tensor is not None and tensor.size > 1 and shard != env.world_size:  # HSDP of the ranks' parts
+    if pipeline is not None:  # (stage-major ranks: a stage's replicas are consecutive)
+        mesh = init_device_mesh(env.device.type, (pipeline.size, pipeline.replicas),
+                                mesh_dim_names=("pipeline", "data"))["data"]
+    elif tensor is not None and tensor.size > 1 and shard != env.world_size:  # HSDP of the ranks' parts
         mesh = init_device_mesh(env.device.type, (env.world_size // shard, shard // tensor.size, tensor.size),
                                 mesh_dim_names=("replicate", "shard", "tensor"))["replicate", "shard"]
     elif tensor is not None and tensor.size > 1:  # (consecutive ranks split the layers: every tensor-th shards)
@@ -449,9 +455,13 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
         for m in model.modules():
             if isinstance(m, Experts):
                 fully_shard(m, mesh=replicas, mp_policy=mp)
-    for layer in model.model.layers:
+    layers = model.model.layers if pipeline is None else pipeline.layers(model)
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if pipeline is not None:  # (a stage runs stage_forward, never forward; activations sent in compute dtype)
+        register_fsdp_forward_method(model, "stage_forward")
+        pipeline.wire_dtype = mp.param_dtype
     return model
 
 
@@ -749,10 +759,12 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
               expert_parallel=expert_parallel.size if expert_parallel is not None else 1)
         if model.tensor_parallel is None:
             model.set_tensor_parallel(tensor)
-    if pipeline_parallel is not None:  # (each stage's replicas average their gradients themselves)
-        if getattr(model, "pipeline", None) is None:  # (a preset built whole: this stage's parts kept)
-            pipeline_parallel.split(model)
-        return Parallel(model.to(env.device), mode, env, pipeline=pipeline_parallel)
+    if pipeline_parallel is not None:  # (each stage's replicas average their gradients themselves, or
+        if getattr(model, "pipeline", None) is None:  # FSDP shards the stage over them; a preset built
+            pipeline_parallel.split(model)  # whole keeps this stage's parts)
+        if mode == "fsdp":
+            model = _fsdp_shard(model, env, compute_dtype, pipeline=pipeline_parallel)
+        return Parallel(model.to(env.device) if mode != "fsdp" else model, mode, env, pipeline=pipeline_parallel)
     if mode == "fsdp":
         return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel, tensor), mode, env, context=context,
                         expert=expert_parallel, tensor=tensor)
@@ -796,7 +808,7 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         if mode == "fsdp":
             if prepare is not None:
                 prepare(m)
-            _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel)
+            _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel, pipeline_parallel)
 
     shard = (on_meta if mode == "fsdp" or expert_parallel is not None or tensor_parallel is not None
              or pipeline_parallel is not None else None)

@@ -39,10 +39,21 @@ Checkpoints are ordinary whole-model APR files: rank 0 writes, asking each tenso
 (``PipelineGatherer``), so no rank holds more than its stage plus one tensor. Resuming loads each
 stage's share of any checkpoint, on any number of stages.
 
-What combines: ``--parallel ddp`` across the replicas, full training with AdamW or Muon, document
-masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast. What does not (yet;
-each refused with its reason): FSDP, tensor/context/expert parallelism, LoRA, mixture-of-experts
-models, distillation, float8, QAT, 8-bit AdamW.
+FSDP (``--parallel fsdp``; torchtitan's PP x FSDP): each stage is sharded over its D replicas only
+(a ``(pipeline, data)`` device mesh, the stage's layers and its ends ``fully_shard``-ed on the data
+dimension), so a rank holds 1/D of its stage's weights, gradients and moments. A stage runs one
+method, ``Transformer.stage_forward``, registered as an FSDP forward method, so FSDP gathers the
+stage's parameters around every micro-batch's forward and backward as around ``forward``. Gradients
+accumulate unsharded over the step's micro-batches and the last backward reduce-scatters their sum
+(``set_requires_gradient_sync``), which averages over the replicas; the tied embedding's copies are
+summed row shard by row shard (both stages shard it alike); the clipping norm sums every rank's rows;
+a checkpoint's tensor is all-gathered by its stage's replicas before its owner sends it to rank 0.
+Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16).
+
+What combines: ``--parallel ddp`` or ``fsdp`` across the replicas, full training with AdamW or Muon,
+document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast. What does
+not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), tensor/context/expert
+parallelism, LoRA, mixture-of-experts models, distillation, float8, QAT, 8-bit AdamW.
 """
 
 from __future__ import annotations
@@ -81,16 +92,20 @@ def stage_layers(num_layers: int, size: int) -> list[range]:
     return out
 
 
-def check(size: int, *, world: int, mode: str, num_layers: int | None = None, **refused) -> None:
+def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fsdp_shard: int | None = None,
+          **refused) -> None:
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
     ``refused``: option name -> whether it is in use (each a combination not built)."""
     if size < 1:
         raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
     if size == 1:
         return
-    if mode != "ddp":
-        raise ValueError(f"--pipeline-parallel {size} with --parallel {mode}: each stage's replicas average their "
-                         f"gradients themselves; expected --parallel ddp under torchrun")
+    if mode not in ("ddp", "fsdp"):
+        raise ValueError(f"--pipeline-parallel {size} with --parallel {mode}: the stages are processes of one "
+                         f"job; expected --parallel ddp or fsdp under torchrun")
+    if fsdp_shard:
+        raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: FSDP shards each stage "
+                         f"over all its replicas; expected no --fsdp-shard-size (HSDP) with pipeline parallelism")
     if world % size:
         raise ValueError(f"--pipeline-parallel {size} does not divide the world size {world}; expected "
                          f"world = stages x data-parallel replicas")
@@ -118,6 +133,8 @@ class PipelineParallel:
     tied: object = None
     pipeline: object = None
     links: dict = None  # ("acts" | "grads", the other stage) -> the 2-rank group of that direction
+    # the residual stream's dtype between stages when not the parameters' (FSDP's compute dtype on CUDA)
+    wire_dtype: torch.dtype | None = None
 
     @property
     def first(self) -> bool:
@@ -157,13 +174,15 @@ class PipelineParallel:
     def parameter_counts(self, model) -> dict:
         """The start record's sizes: the whole model's ``params`` and ``trainable`` (summed over the
         stages), this rank's ``params_rank`` and ``pipeline_parallel`` (a collective of the pipeline)."""
+        from .distributed import local_part
+
         owned = self.owned(model)
         device = next(model.parameters()).device
         t = torch.tensor([sum(p.numel() for _, p in owned), sum(p.numel() for _, p in owned if p.requires_grad)],
                          dtype=torch.int64, device=device)
         dist.all_reduce(t, group=self.pipeline)
-        return {"params": int(t[0]), "trainable": int(t[1]),
-                "params_rank": sum(p.numel() for p in model.parameters()), "pipeline_parallel": self.size}
+        return {"params": int(t[0]), "trainable": int(t[1]),  # (under FSDP this rank's shards)
+                "params_rank": sum(local_part(p).numel() for p in model.parameters()), "pipeline_parallel": self.size}
 
     def stage_of_layer(self, layer: int, num_layers: int) -> int:
         return next(s for s, r in enumerate(stage_layers(num_layers, self.size)) if layer in r)
@@ -194,21 +213,12 @@ class PipelineParallel:
         on the last stage, the summed loss)."""
         dtype = self.dtype(model)
         h_in = None
-        ctx = model.layer_inputs(x, docs)
-        if self.first:
-            h = model.embed(x)
-        else:
+        if not self.first:
             h_in = self._recv((*x.shape, model.config.hidden_size), dtype, x.device, self.stage - 1, "acts")
-            h = h_in.requires_grad_(grad)
-        h, pending = model.run_layers(h, None, self.layers(model), ctx)
-        if self.last:
-            from apr_kernels.model.transformer import add_then_norm
-
-            h = add_then_norm(model.model.norm, h, pending, ctx.fast)[1]
-            return h_in, model.output(h, x, y, reduction="sum", documents=docs, **loss_kwargs)
-        # (the pending MLP output added here: the next stage's first add + norm then starts from it)
-        out = h if pending is None else h + pending.to(h.dtype)
-        self._send(out.to(dtype), self.stage + 1, "acts", pending_sends)
+            h_in.requires_grad_(grad)
+        out = model.stage_forward(h_in, x, y if self.last else None, docs, **(loss_kwargs if self.last else {}))
+        if not self.last:
+            self._send(out.to(dtype), self.stage + 1, "acts", pending_sends)
         return h_in, out
 
     def _backward(self, h_in, out, scale: float, pending_sends, scaler=None) -> None:
@@ -221,11 +231,17 @@ class PipelineParallel:
         if not self.first:
             self._send(h_in.grad, self.stage - 1, "grads", pending_sends)
 
-    @staticmethod
-    def dtype(model) -> torch.dtype:
+    def dtype(self, model) -> torch.dtype:
         """The residual stream's dtype between stages: the parameters' (under autocast the stream
-        stays in it: the embedding and every residual add are in the weights' dtype)."""
-        return next(model.parameters()).dtype
+        stays in it: the embedding and every residual add are in the weights' dtype), or under FSDP
+        on CUDA its compute copies' (``wire_dtype``)."""
+        return self.wire_dtype or next(model.parameters()).dtype
+
+    @staticmethod
+    def sharded(model) -> bool:
+        """Whether FSDP shards this stage over its replicas (``--parallel fsdp``): it then gathers the
+        parameters around each forward and backward and reduce-scatters the gradients itself."""
+        return hasattr(model, "set_requires_gradient_sync")
 
     def train_step(self, model, micro_batches: list, scale: float, *, autocast=contextlib.nullcontext,
                    loss_kwargs: dict | None = None, scaler=None) -> torch.Tensor:
@@ -251,7 +267,11 @@ class PipelineParallel:
 
         def backward(m: int) -> None:
             h_in, out = saved.pop(m)
+            if fsdp:  # (gradients accumulate unsharded; the last backward reduce-scatters their sum)
+                model.set_requires_gradient_sync(m == n - 1)
             self._backward(h_in, out, scale, sends, scaler)
+
+        fsdp = self.sharded(model)
 
         n = len(micro_batches)
         if self.schedule == "gpipe":
@@ -270,6 +290,8 @@ class PipelineParallel:
                 backward(m)
         for work, _ in sends:
             work.wait()
+        if fsdp:
+            model.set_requires_gradient_sync(True)
         return total
 
     @torch.no_grad()
@@ -284,31 +306,37 @@ class PipelineParallel:
 
     # ------------------------------------------------------------------------------ gradients
     def reduce_grads(self, model) -> None:
-        """After the schedule: each gradient averaged over this stage's replicas, then the tied
-        embedding's two copies summed (first and last stage)."""
-        if self.data is not None:
-            from .distributed import all_reduce_flat
+        """After the schedule: each gradient averaged over this stage's replicas (FSDP's last backward
+        already reduce-scattered them), then the tied embedding's two copies summed (first and last
+        stage; under FSDP each replica's rows of both, which the two stages shard alike)."""
+        from .distributed import all_reduce_flat, local_part
 
+        if self.data is not None and not self.sharded(model):
             all_reduce_flat([p.grad for p in model.parameters() if p.grad is not None], self.data, self.replicas)
         if self.tied is not None and model.config.tie_word_embeddings:
             embed = model.model.embed_tokens.weight
             if embed.grad is None:
                 embed.grad = torch.zeros_like(embed)
-            dist.all_reduce(embed.grad, group=self.tied)
+            dist.all_reduce(local_part(embed.grad), group=self.tied)
 
     def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
         """Clip every gradient by the whole model's gradient norm (over the pipeline's stages, the tied
         copy once); returns that norm."""
-        grads = [p.grad for _, p in self.owned(model) if p.grad is not None]
+        from .distributed import local_part
+
+        # (under FSDP each rank's rows: the replicas' shards of a stage are disjoint, so the sum over
+        # every rank is the whole model's; else the replicas agree and one pipeline's ranks count)
+        grads = [local_part(p.grad) for _, p in self.owned(model) if p.grad is not None]
         device = next(model.parameters()).device
         sq = torch.zeros((), dtype=torch.float32, device=device)
         if grads:
             sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-        if self.pipeline is not None:
-            dist.all_reduce(sq, group=self.pipeline)
+        sharded = self.sharded(model)
+        if self.pipeline is not None or sharded:
+            dist.all_reduce(sq, group=None if sharded else self.pipeline)
         norm = sq.sqrt()
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        every = [p.grad for p in model.parameters() if p.grad is not None]
+        every = [local_part(p.grad) for p in model.parameters() if p.grad is not None]
         if every:
             torch._foreach_mul_(every, coef.to(every[0].dtype))
         return norm
@@ -347,38 +375,45 @@ def groups(world: int, size: int, rank: int, schedule: str = "1f1b") -> Pipeline
 class PipelineGatherer(RankZeroGather):
     """The whole model's tensors for rank 0's checkpoint (``gathering.save_checkpoint``): each weight,
     AdamW moment or Muon buffer is broadcast, when rank 0's ``save`` writes it, from the first
-    replica's rank of the stage holding it. Every rank learns the whole list first (names, shapes,
-    dtypes, owners, AdamW step counts: one ``all_gather_object``); then rank 0's ``state()`` gives
-    LazyTensors and the others ``serve()`` until ``done()`` (``gathering.RankZeroGather``)."""
+    replica's rank of the stage holding it (under FSDP that stage's replicas first all-gather it).
+    Every rank learns the whole list first (names, shapes, dtypes, owners, AdamW step counts: one
+    ``all_gather_object``); then rank 0's ``state()`` gives LazyTensors and the others ``serve()``
+    until ``done()`` (``gathering.RankZeroGather``)."""
 
     def __init__(self, trainer, pp: PipelineParallel):
         self.pp, self.device = pp, trainer.device
         model, opt = trainer.model, trainer.optimizer
-        self.local: dict[tuple[str, str], torch.Tensor] = {}
-        entries = []  # (kind, name, dtype, shape, step)
-        if pp.replica == 0:
-            for name, p in pp.owned(model):
-                self.local["weight", name] = p
-                entries.append(("weight", name, str(p.dtype), tuple(p.shape), None))
-                state = opt.state.get(p) or {}
-                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-                    if key in state:
-                        if not torch.is_tensor(state[key]):
-                            raise ValueError("--pipeline-parallel checkpoints hold AdamW's or Muon's tensors; "
-                                             "8-bit moments are not supported")
-                        self.local[key, name] = state[key]
-                        entries.append((key, name, "torch.float32", tuple(p.shape),
-                                        int(state["step"]) if "step" in state else None))
+        self.local: dict[tuple[str, str], torch.Tensor] = {}  # (every replica's: FSDP's shards gather)
+        entries = []  # (kind, name, dtype, shape, step): the first replica's
+        for name, p in pp.owned(model):
+            self.local["weight", name] = p
+            entries.append(("weight", name, str(p.dtype), tuple(p.shape), None))
+            state = opt.state.get(p) or {}
+            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                if key in state:
+                    if not torch.is_tensor(state[key]):
+                        raise ValueError("--pipeline-parallel checkpoints hold AdamW's or Muon's tensors; "
+                                         "8-bit moments are not supported")
+                    self.local[key, name] = state[key]
+                    entries.append((key, name, "torch.float32", tuple(p.shape),
+                                    int(state["step"]) if "step" in state else None))
+        if pp.replica != 0:
+            entries = []
         every: list = [None] * dist.get_world_size()
         dist.all_gather_object(every, (dist.get_rank(), entries))
         self.items = [(kind, name, dtype, shape, step, rank) for rank, es in every for kind, name, dtype, shape, step
                       in es]
 
     def _full(self, i: int) -> torch.Tensor:
+        from .distributed import full_tensor
+
         kind, name, dtype, shape, _, owner = self.items[i]
         dtype = getattr(torch, dtype.removeprefix("torch."))
+        whole = None
+        if owner // self.pp.replicas == self.pp.stage:  # (FSDP: the stage's replicas gather its rows)
+            whole = full_tensor(self.local[kind, name].detach())
         if dist.get_rank() == owner:
-            buf = self.local[kind, name].detach().to(dtype).clone()
+            buf = whole.to(dtype).clone()
         else:
             buf = torch.empty(shape, dtype=dtype, device=self.device)
         dist.broadcast(buf, src=owner)
