@@ -6,11 +6,13 @@ the gathered checkpoint's weights and optimizer state, and resuming across layou
 On 2 ranks (one pipeline of 2 stages): an untied Llama of 3 layers (2 + 1) in the 1F1B schedule
 with document masks and fp16 loss scaling; a tied Qwen2 (q/k/v bias; its head a copy of the embedding on the last stage)
 in GPipe with label smoothing, z-loss, activation checkpointing and a background step checkpoint;
-a one-process step checkpoint resumed on 2 stages under FSDP. On 4 ranks (2 stages x 2 data-parallel
+the tied Qwen2 in the interleaved schedule (2 chunks of one layer per stage) under FSDP with document
+masks; a one-process step checkpoint resumed on 2 stages under FSDP. On 4 ranks (2 stages x 2 data-parallel
 replicas): the tied Qwen2 with Muon, each replica averaging its stage's gradients, and under FSDP
 (each stage sharded over its replicas) with 3 micro-batches in 1F1B. In one process: the split of the
 layers and of the model (on the meta device, and loaded from a file: only a stage's tensors, the
-file's values), the refusals."""
+file's values), every schedule run on a model of the stages (order, deadlock freedom, idle share,
+activations held), the refusals."""
 
 from __future__ import annotations
 
@@ -31,14 +33,20 @@ def _configs():
 
 # name: (config, options of both runs, world, options of the pipeline run only)
 CASES = {
-    # (fp16 loss scaling: an overflow on any stage skips every stage's step)
-    "llama_1f1b": ("llama", ["--document-mask", "--grad-accum", "3", "--precision", "fp16"], 2, []),
+    # (fp16 loss scaling: an overflow on any stage skips every stage's step; --freeze patterns that match
+    # on one stage each: the embedding on stage 0, layer 2 on stage 1)
+    "llama_1f1b": ("llama", ["--document-mask", "--grad-accum", "3", "--precision", "fp16", "--freeze",
+                             "model.embed_tokens.weight", "model.layers.2.*"], 2, []),
     "qwen2_gpipe": ("qwen2", ["--label-smoothing", "0.1", "--z-loss", "1e-3", "--grad-checkpointing"], 2,
                     ["--pipeline-schedule", "gpipe", "--async-checkpoint"]),
     "qwen2_muon_4": ("qwen2", ["--optimizer", "muon"], 4, []),
     # (each stage sharded over its 2 replicas: FSDP gathers around every micro-batch, reduce-scatters
     # after the last; the tied embedding's two copies summed shard by shard)
     "qwen2_fsdp_4": ("qwen2", ["--grad-accum", "3"], 4, ["--parallel", "fsdp"]),
+    # (2 stages x 2 chunks of one layer: stage 0 runs layers 0 and 2, stage 1 layers 1 and 3; stage 1's
+    # chunk 0 hands on to stage 0's chunk 1; under FSDP, each chunk's last backward reduce-scatters)
+    "qwen2_interleaved": ("qwen2", ["--grad-accum", "4", "--document-mask"], 2,
+                          ["--pipeline-schedule", "interleaved", "--parallel", "fsdp"]),
 }
 
 
@@ -84,6 +92,9 @@ def test_pipeline_matches_one_process(runs, name):
     (start,), (ref_start,) = ([r for r in recs if r["event"] == "start"] for recs in (got, ref))
     assert start["params"] == ref_start["params"] and start["trainable"] == ref_start["trainable"]
     assert start["pipeline_parallel"] == 2 and 0 < start["params_rank"] < start["params"]
+    only = CASES[name][3]
+    schedule = only[only.index("--pipeline-schedule") + 1] if "--pipeline-schedule" in only else "1f1b"
+    assert (start["pipeline_schedule"], start["pipeline_chunks"]) == (schedule, 2 if schedule == "interleaved" else 1)
     # the gathered checkpoint: one process's tensors (weights, moments), names and training state
     _same_checkpoint(root / f"pp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name,
                      atol=1e-3 if muon else 2e-4 if fp16 else 5e-5)
@@ -118,12 +129,106 @@ def test_pipeline_step_checkpoints_resume_in_one_process_and_the_other_way(runs,
 
 
 # ----------------------------------------------------------------------------------- one process
+def _run_schedules(kind: str, size: int, micro: int, chunks: int = 1):
+    """Every stage's ``schedule`` run together, each op taking 1 (forward) or 2 (backward) units of
+    time per chunk's share of a stage's layers: a receive waits for the message, a send never
+    waits. Checks that each stage runs every forward and backward once, that every message arrives
+    in the order its receiver expects it, and that nothing deadlocks. Returns (the step's time over
+    the time without idling, each stage's peak of chunks' activations held)."""
+    from collections import deque
+
+    from apr_kernels.train.pipeline_parallel import schedule
+
+    parts = size * chunks
+    ops = [schedule(kind, size, s, micro, chunks) for s in range(size)]
+    for s in range(size):
+        assert sorted(ops[s]) == sorted((d, c, m) for d in "BF" for c in range(chunks) for m in range(micro))
+    queues: dict = {}  # (kind, from, to) -> messages (the sender's part, micro-batch, time sent)
+    done, clock = [0] * size, [0.0] * size
+    held, peak = [set() for _ in range(size)], [0] * size
+    while any(done[s] < len(ops[s]) for s in range(size)):
+        moved = False
+        for s in range(size):
+            if done[s] == len(ops[s]):
+                continue
+            op, c, m = ops[s][done[s]]
+            k, start = c * size + s, clock[s]
+            if op == "F" and k > 0 or op == "B" and k < parts - 1:  # (a message to wait for)
+                q = queues.setdefault(("acts", (s - 1) % size, s) if op == "F" else ("grads", (s + 1) % size, s),
+                                      deque())
+                if not q:
+                    continue
+                part, mb, sent = q.popleft()
+                assert (part, mb) == ((k - 1, m) if op == "F" else (k + 1, m)), (kind, s, op, c, m)
+                start = max(start, sent)
+            if op == "B":
+                assert (c, m) in held[s]
+                held[s].remove((c, m))
+            else:
+                held[s].add((c, m))
+                peak[s] = max(peak[s], len(held[s]))
+            clock[s] = start + (1 if op == "F" else 2) / chunks
+            if op == "F" and k < parts - 1 or op == "B" and k > 0:
+                dest = ("acts", s, (s + 1) % size) if op == "F" else ("grads", s, (s - 1) % size)
+                queues.setdefault(dest, deque()).append((k, m, clock[s]))
+            done[s] += 1
+            moved = True
+        assert moved, f"{kind}: deadlock with {size} stages, {micro} micro-batches, {chunks} chunks at {done}"
+    assert not any(queues.values())
+    return max(clock) / (3 * micro), peak
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_schedules_run_without_deadlock_in_order_with_their_idle_share(size):
+    """Each schedule's ops on every stage, run together (``_run_schedules``): no deadlock, messages in
+    order, the idle share GPipe's and 1F1B's (N - 1) / (M + N - 1), the interleaved schedule's
+    smaller, (N - 1) / (C M + N - 1) of its chunk-sized ops, and 1F1B holding at most N - s
+    micro-batches' activations on stage s (GPipe all of them; the interleaved schedule, in chunks of
+    1/C of a stage, N C + N - 1 on stage 0)."""
+    for micro in (1, 2, 3, 5, 8):
+        for kind in ("gpipe", "1f1b"):
+            span, peak = _run_schedules(kind, size, micro)
+            assert span == pytest.approx((micro + size - 1) / micro)
+            assert peak == ([micro] * size if kind == "gpipe" else [min(size - s, micro) for s in range(size)])
+    for chunks in (2, 3):
+        for micro in (size, 2 * size, 4 * size):
+            span, peak = _run_schedules("interleaved", size, micro, chunks)
+            assert span == pytest.approx((chunks * micro + size - 1) / (chunks * micro))
+            assert span < _run_schedules("1f1b", size, micro)[0]
+            if micro > size:  # stage 0: N C + N - 1 chunks' activations, 1 + (N - 1) / (N C) times 1F1B's N
+                assert peak[0] == size * chunks + size - 1
+
+
 def test_stage_layers_are_consecutive_and_even():
     from apr_kernels.train.pipeline_parallel import stage_layers
 
     assert stage_layers(3, 2) == [range(0, 2), range(2, 3)]
     assert [len(r) for r in stage_layers(24, 5)] == [5, 5, 5, 5, 4]
     assert [i for r in stage_layers(24, 5) for i in r] == list(range(24))
+
+
+def test_an_interleaved_stage_holds_every_nth_part():
+    """With 2 chunks on 2 stages, 5 layers split into parts [0, 1], [2], [3], [4]: stage 0 holds parts 0
+    and 2 (layers 0, 1, 3), stage 1 parts 1 and 3 (layers 2, 4); the first part has the embedding,
+    the last the final norm."""
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.pipeline_parallel import PipelineHole, PipelineParallel
+
+    config = _configs()["llama"].replace(num_layers=5)
+    held = {}
+    for stage in (0, 1):
+        pp = PipelineParallel(size=2, stage=stage, replicas=1, replica=0, schedule="interleaved", chunks=2)
+        with torch.device("meta"):
+            model = Transformer(config, fast=False)
+        pp.split(model)
+        held[stage] = [i for i, m in enumerate(model.model.layers) if not isinstance(m, PipelineHole)]
+        assert [[list(model.model.layers).index(m) for m in pp.layers(model, c)] for c in (0, 1)] == \
+            ([[0, 1], [3]] if stage == 0 else [[2], [4]])
+        assert [pp.ends(c) for c in (0, 1)] == ([(True, False), (False, False)] if stage == 0
+                                                else [(False, False), (False, True)])
+        assert (model.model.embed_tokens is not None, model.model.norm is not None) == (stage == 0, stage == 1)
+    assert held == {0: [0, 1, 3], 1: [2, 4]}
+    assert PipelineHole(2, 1).stage == pp.stage_of_layer(2, 5) == 1
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -158,6 +263,26 @@ def test_a_stage_holds_its_layers_and_loads_only_them_from_a_file(tmp_path, tied
             next(m for m in model.model.layers if type(m).__name__ == "PipelineHole")()
 
 
+def test_freezing_a_whole_stage_is_refused_on_every_stage(monkeypatch):
+    """``--freeze`` under pipeline parallelism: the patterns' matches and the stages left nothing to
+    train are summed over the pipeline (here one stage's view: the sum is its own), and a stage with
+    nothing to train is refused by name."""
+    from apr_kernels.model import Transformer
+    from apr_kernels.train.loop import freeze_parameters
+    from apr_kernels.train.pipeline_parallel import PipelineParallel
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: None)
+    pp = PipelineParallel(size=2, stage=1, replicas=1, replica=0)
+    model = Transformer(_configs()["llama"], fast=False)
+    pp.split(model)
+    with pytest.raises(ValueError, match=r"freezes every parameter of pipeline stage\(s\) 1; expected each stage"):
+        freeze_parameters(model, ["model.layers.2.*", "model.norm.weight", "lm_head.weight"], pp)
+    with pytest.raises(ValueError, match="'model.embed_tokens.weight': matches no trainable parameter"):
+        freeze_parameters(model, ["model.embed_tokens.weight"], pp)  # (this view: no other stage adds its match)
+    assert freeze_parameters(model, ["model.layers.2.*"], pp) == [n for n, _ in model.named_parameters()
+                                                                if n.startswith("model.layers.2.")]
+
+
 def test_refusals_name_the_reason():
     from apr_kernels.train.pipeline_parallel import check
 
@@ -167,6 +292,8 @@ def test_refusals_name_the_reason():
             ({"world": 4, "mode": "fsdp", "fsdp_shard": 2}, "expected no --fsdp-shard-size"),
             ({"world": 3, "mode": "ddp"}, "does not divide the world size 3"),
             ({"world": 2, "mode": "ddp", "num_layers": 1}, "the model has 1 decoder layers"),
+            ({"world": 2, "mode": "ddp", "num_layers": 3, "chunks": 2}, "at least one per model chunk"),
+            ({"world": 2, "mode": "ddp", "chunks": 2, "micro": 3}, "expected a multiple of --pipeline-parallel 2"),
             ({"world": 2, "mode": "ddp", "--lora-rank": True}, "--pipeline-parallel with --lora-rank is not supported")):
         with pytest.raises(ValueError, match=message):
             check(2, **kwargs)

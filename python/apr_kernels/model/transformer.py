@@ -606,22 +606,23 @@ class Transformer(nn.Module):
         return h, pending
 
     def stage_forward(self, h: torch.Tensor | None, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                      documents: Documents | None = None, label_smoothing: float = 0.0,
+                      documents: Documents | None = None, chunk: int = 0, label_smoothing: float = 0.0,
                       z_loss: float = 0.0) -> torch.Tensor:
-        """A pipeline stage's share of ``forward`` (``train/pipeline_parallel.py``), for the rows
-        ``input_ids``: from their embeddings (``h`` None: this stage holds the embedding) or the
-        residual stream ``h`` handed on by the previous stage, through the decoder layers this model
-        holds; then, on the stage holding the final norm, the summed loss of ``targets``, else the
-        residual stream to hand on (the last layer's pending MLP output added: the next stage's first
-        add + norm starts from it). One method, so FSDP gathers a stage's own parameters (embedding,
-        final norm, head) around it as around ``forward`` (``register_fsdp_forward_method``)."""
+        """A pipeline stage's share of ``forward`` (``train/pipeline_parallel.py``; without a pipeline
+        the whole model), for the rows ``input_ids``: from their embeddings (``h`` None: the first
+        part, which holds the embedding) or the residual stream ``h`` handed on by the previous part,
+        through the decoder layers of this stage's model chunk ``chunk``; then, on the pipeline's last
+        part, the final norm and the summed loss of ``targets``, else the residual stream to hand on
+        (the last layer's pending MLP output added: the next part's first add + norm starts from it).
+        One method, so FSDP gathers a stage's own parameters (embedding, final norm, head) around it
+        as around ``forward`` (``register_fsdp_forward_method``)."""
         ctx = self.layer_inputs(input_ids, documents)
         if h is None:
             h = self.embed(input_ids)
         pipeline = getattr(self, "pipeline", None)
-        layers = pipeline.layers(self) if pipeline is not None else self.model.layers
+        layers = pipeline.layers(self, chunk) if pipeline is not None else self.model.layers
         h, pending = self.run_layers(h, None, layers, ctx)
-        if self.model.norm is None:
+        if pipeline is not None and not pipeline.ends(chunk)[1]:
             return h if pending is None else h + pending.to(h.dtype)
         h = add_then_norm(self.model.norm, h, pending, ctx.fast)[1]
         return self.output(h, input_ids, targets, reduction="sum", documents=documents,

@@ -569,13 +569,15 @@ def _train(args, env, mode: str) -> int:
     if args.pipeline_parallel != 1:
         from . import pipeline_parallel
 
-        pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard, **{
+        chunks = pipeline_parallel.chunks_for(args.pipeline_schedule, args.pipeline_chunks)
+        pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
+                                chunks=chunks, **{
             "--tensor-parallel": args.tensor_parallel != 1,
             "--context-parallel": args.context_parallel != 1, "--expert-parallel": args.expert_parallel != 1,
             "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher), "--float8": bool(args.float8),
             "--qat": bool(args.qat), "--optimizer adamw8bit": args.optimizer == "adamw8bit",
-            "--freeze": bool(args.freeze), "--eval-choices": bool(args.eval_choices)})
-        pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule)
+            "--eval-choices": bool(args.eval_choices)})
+        pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks)
 
     def prepare(m):
         """What a model gets before FSDP shards it (under FSDP on the meta device, while loading):
@@ -648,7 +650,7 @@ def _train(args, env, mode: str) -> int:
                              "run keeps its checkpoint's (they are saved with it)")
         model.config = model.config.with_context(**context, where=str(args.init or "the preset config"))
     model.gradient_checkpointing = args.grad_checkpointing or False
-    freeze_parameters(model, cfg.freeze)  # (a resumed run's come from its checkpoint)
+    freeze_parameters(model, cfg.freeze, pp)  # (a resumed run's come from its checkpoint)
     prepare(model)  # (done while loading under FSDP)
     if args.compile:
         compile_layers(model)
@@ -677,6 +679,7 @@ def _train(args, env, mode: str) -> int:
                              f"batch per rank")
         if pp is not None:
             pipeline_parallel.check(pp.size, world=env.world_size, mode=mode, num_layers=model.config.num_layers,
+                                    chunks=pp.chunks, micro=cfg.grad_accum,
                                     **{"a mixture-of-experts model": model.config.is_moe})
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,
@@ -994,9 +997,14 @@ def register(subparsers) -> None:
                         "or under fsdp sharding the stage), "
                         "activations passed stage to stage per micro-batch (--grad-accum micro-batches, well above "
                         "N; default 1: off)")
-    s.add_argument("--pipeline-schedule", choices=("1f1b", "gpipe"), default="1f1b",
+    s.add_argument("--pipeline-schedule", choices=("1f1b", "gpipe", "interleaved"), default="1f1b",
                    help="1f1b: each stage at most N - s micro-batches' activations held (default); gpipe: all "
-                        "forwards, then all backwards")
+                        "forwards, then all backwards; interleaved: Megatron-LM's interleaved 1F1B, each stage "
+                        "holding --pipeline-chunks chunks of layers (a smaller idle share for more activations "
+                        "held and more messages; --grad-accum a multiple of N)")
+    s.add_argument("--pipeline-chunks", type=int, default=None, metavar="C",
+                   help="with --pipeline-schedule interleaved, the model chunks per stage (the layers split into "
+                        "N x C parts, part c*N + s on stage s; default 2)")
     s.add_argument("--sequence-parallel", action="store_true",
                    help="with --tensor-parallel N, each rank of a group also holds 1/N of every row's positions "
                         "between the split blocks (norms, residuals, embedding, loss: their activations / N; the "

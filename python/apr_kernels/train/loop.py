@@ -150,12 +150,15 @@ class TrainConfig:
         return dataclasses.replace(self, steps=steps, warmup=warmup)
 
 
-def freeze_parameters(model: torch.nn.Module, patterns: list[str] | None) -> list[str]:
+def freeze_parameters(model: torch.nn.Module, patterns: list[str] | None, pipeline=None) -> list[str]:
     """``--freeze``: the parameters whose Hugging Face names match any of the fnmatch ``patterns``
     (``model.embed_tokens.weight``, ``model.layers.[0-9].*``) stop training (no gradient, no
     optimizer state); the names frozen. Before the optimizer and any DDP/FSDP wrapping. A pattern
     that matches nothing, freezing everything, or freezing on top of LoRA (whose base is frozen
-    already) is an error naming it."""
+    already) is an error naming it. ``pipeline``: a ``pipeline_parallel.PipelineParallel`` whose stages
+    hold the model between them (a collective of its pipeline): a pattern counts when it matches on
+    any stage, and every stage must keep something to train (its optimizer and backward need it);
+    every stage raises the same error."""
     import fnmatch
 
     if not patterns:
@@ -164,16 +167,26 @@ def freeze_parameters(model: torch.nn.Module, patterns: list[str] | None) -> lis
         raise ValueError(f"--freeze {' '.join(patterns)} with LoRA: the adapters already train alone on a frozen "
                          f"model; expected one or the other")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    frozen = []
-    for pattern in patterns:
-        hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
+    hits = [[n for n, _ in named if fnmatch.fnmatchcase(n, pattern)] for pattern in patterns]
+    frozen = {n for h in hits for n in h}
+    matched, bare = [len(h) for h in hits], []  # (bare: the stages left nothing to train)
+    if pipeline is not None and pipeline.size > 1:
+        import torch.distributed as dist
+
+        stages = [0] * pipeline.size
+        stages[pipeline.stage] = int(len(frozen) == len(named))
+        t = torch.tensor(matched + stages, dtype=torch.int64, device=next(model.parameters()).device)
+        dist.all_reduce(t, group=pipeline.pipeline)
+        matched, bare = t[:len(patterns)].tolist(), [s for s, n in enumerate(t[len(patterns):].tolist()) if n]
+    for pattern, n in zip(patterns, matched):
+        if not n:
             raise ValueError(f"--freeze {pattern!r}: matches no trainable parameter; names look like "
                              f"{named[0][0] if named else '(none)'} and {named[-1][0] if named else ''}")
-        frozen += hits
-    frozen = set(frozen)
-    if len(frozen) == len(named):
+    if (len(bare) == pipeline.size) if bare else len(frozen) == len(named):
         raise ValueError(f"--freeze {' '.join(patterns)}: freezes every parameter; expected some left to train")
+    if bare:
+        raise ValueError(f"--freeze {' '.join(patterns)}: freezes every parameter of pipeline stage(s) "
+                         f"{', '.join(map(str, bare))}; expected each stage to keep some to train (or fewer stages)")
     for n, p in named:
         if n in frozen:
             p.requires_grad_(False)

@@ -15,24 +15,31 @@ of the embedding as its head, and the two copies' gradients are summed after eve
 Megatron-LM's embedding group does), so they stay equal.
 
 A step's ``--grad-accum`` micro-batches (each ``--batch-size / D`` rows of the replica's share) go
-through the pipeline in one of two schedules:
+through the pipeline in one of three schedules (``schedule``):
 
 * ``gpipe``: all forwards, then all backwards (every micro-batch's activations held at once);
 * ``1f1b`` (the default): stage s runs ``N - s - 1`` forwards ahead, then alternates one forward and
   one backward, so it holds at most ``N - s`` micro-batches' activations (PipeDream-Flush, Megatron-LM's
   default). The pipeline's idle share (its "bubble") is ``(N - 1) / (M + N - 1)`` for both: use M well
   above N.
+* ``interleaved`` (Megatron-LM's interleaved 1F1B, torchtitan's Interleaved1F1B): the layers are split
+  into N x C parts (``--pipeline-chunks C``, default 2) and stage s holds C model chunks, parts s,
+  N + s, 2N + s, ...; a micro-batch loops C times through the stages (the last stage's chunk c hands
+  on to stage 0's chunk c + 1). The idle share falls to ``(N - 1) / (C M + N - 1)``, for more
+  activations held (about ``1 + (N - 1) / (N C)`` times 1F1B's on stage 0) and C times the messages.
+  M must be a multiple of N.
 
 Sends are asynchronous (``isend``, waited for at the end of the step) and receives blocking. Each
-direction between two neighbouring stages has its own process group (activations forward, gradients
-backward): NCCL runs a communicator's operations in order on one stream, so with one group a stage's
-queued activation send would wait behind its gradient receive while the neighbour's gradient send
-waits behind its own activation receive (1F1B's steady state: a deadlock). With one group per
-direction, every group carries messages one way in one order, which both ends agree on. Every rank computes its rows' inputs, targets and document spans itself (every rank draws
-the same global batch), so only hidden states travel. After the schedule the gradients of each
-stage are averaged over its D replicas (one all-reduce), the tied embedding's two copies summed, and
-the global gradient norm (the tied copy counted once) taken over the pipeline for clipping. Losses are
-summed over the last stages; evaluation runs the held-out batches through the pipeline the same way.
+direction between two neighbouring stages (with chunks, also from the last stage to stage 0) has its own
+process group (activations forward, gradients backward): NCCL runs a communicator's operations in order
+on one stream, so with one group a stage's queued activation send would wait behind its gradient receive
+while the neighbour's gradient send waits behind its own activation receive (1F1B's steady state: a
+deadlock). With one group per direction, every group carries messages one way in one order, which both
+ends agree on. Every rank computes its rows' inputs, targets and document spans itself (every rank draws
+the same global batch), so only hidden states travel. After the schedule the gradients of each stage are
+averaged over its D replicas (one all-reduce), the tied embedding's two copies summed, and the global
+gradient norm (the tied copy counted once) taken over the pipeline for clipping. Losses are summed over
+the last stages; evaluation runs the held-out batches through the pipeline the same way.
 
 Checkpoints are ordinary whole-model APR files: rank 0 writes, asking each tensor of the whole model
 (weights, AdamW moments or Muon buffers) in turn from the first replica's rank holding it
@@ -50,10 +57,11 @@ summed row shard by row shard (both stages shard it alike); the clipping norm su
 a checkpoint's tensor is all-gathered by its stage's replicas before its owner sends it to rank 0.
 Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16).
 
-What combines: ``--parallel ddp`` or ``fsdp`` across the replicas, full training with AdamW or Muon,
-document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast. What does
-not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), tensor/context/expert
-parallelism, LoRA, mixture-of-experts models, distillation, float8, QAT, 8-bit AdamW.
+What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the replicas, full training with
+AdamW or Muon (``--freeze`` when every stage keeps something to train), document masking, label
+smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast. What does not (yet; each refused with
+its reason): HSDP (``--fsdp-shard-size``), tensor/context/expert parallelism, LoRA, mixture-of-experts
+models, distillation, float8, QAT, 8-bit AdamW.
 """
 
 from __future__ import annotations
@@ -67,7 +75,7 @@ from torch import nn
 
 from .gathering import RankZeroGather
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
 
 class PipelineHole(nn.Module):
@@ -81,6 +89,38 @@ class PipelineHole(nn.Module):
         raise RuntimeError(f"decoder layer {self.layer} runs on pipeline stage {self.stage}, not here")
 
 
+def schedule(kind: str, size: int, stage: int, micro: int, chunks: int = 1) -> list[tuple[str, int, int]]:
+    """Stage ``stage``'s work for one step of ``micro`` micro-batches through ``size`` stages, in order:
+    ``("F" | "B", chunk, micro-batch)``, a forward or backward of its model chunk ``chunk`` (the
+    pipeline's part ``chunk * size + stage``; chunk 0 but under ``interleaved``).
+
+    ``gpipe``: all forwards, then all backwards. ``1f1b``: ``size - stage - 1`` forwards ahead, then a
+    forward and a backward in turn, then the remaining backwards. ``interleaved`` (Megatron-LM's
+    interleaved 1F1B; ``micro`` a multiple of ``size``): the forwards go through the chunks in groups
+    of ``size`` micro-batches (chunk 0 of micro-batches 0..size-1, chunk 1 of the same, ...), the
+    backwards likewise from the last chunk; ``2 (size - stage - 1) + (chunks - 1) size`` forwards
+    ahead, then in turn. Every stage sends each neighbour its activations (and gradients) in the
+    order that neighbour receives them."""
+    if kind == "gpipe":
+        return [("F", 0, m) for m in range(micro)] + [("B", 0, m) for m in range(micro)]
+    if kind == "1f1b":
+        units, ahead = ([(0, m) for m in range(micro)],) * 2, min(size - stage - 1, micro)
+    else:
+        def unit(k: int, forward: bool) -> tuple[int, int]:
+            group, within = divmod(k, size * chunks)
+            chunk = within // size
+            return (chunk if forward else chunks - 1 - chunk), group * size + within % size
+
+        total = micro * chunks
+        units = ([unit(k, True) for k in range(total)], [unit(k, False) for k in range(total)])
+        ahead = min(2 * (size - stage - 1) + (chunks - 1) * size, total)
+    (fwd, bwd), n = units, len(units[0])
+    ops = [("F", *fwd[k]) for k in range(ahead)]
+    for k in range(n - ahead):
+        ops += [("F", *fwd[ahead + k]), ("B", *bwd[k])]
+    return ops + [("B", *bwd[k]) for k in range(n - ahead, n)]
+
+
 def stage_layers(num_layers: int, size: int) -> list[range]:
     """Each stage's decoder layers: consecutive, as even as possible, the first stages one more."""
     per, extra = divmod(num_layers, size)
@@ -92,9 +132,26 @@ def stage_layers(num_layers: int, size: int) -> list[range]:
     return out
 
 
+def chunks_for(schedule: str, chunks: int | None) -> int:
+    """The model chunks per stage: ``--pipeline-chunks`` (2 by default under ``interleaved``, which
+    needs at least 2; 1 for the other schedules, which run one chunk)."""
+    if schedule != "interleaved":
+        if chunks not in (None, 1):
+            raise ValueError(f"--pipeline-chunks {chunks} with --pipeline-schedule {schedule}: a stage of that "
+                             f"schedule runs one chunk of layers; expected --pipeline-schedule interleaved")
+        return 1
+    if chunks is None:
+        return 2
+    if chunks < 2:
+        raise ValueError(f"--pipeline-chunks {chunks} with --pipeline-schedule interleaved: expected at least 2 "
+                         f"model chunks per stage")
+    return chunks
+
+
 def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fsdp_shard: int | None = None,
-          **refused) -> None:
+          chunks: int = 1, micro: int | None = None, **refused) -> None:
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
+    ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``).
     ``refused``: option name -> whether it is in use (each a combination not built)."""
     if size < 1:
         raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
@@ -109,9 +166,13 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     if world % size:
         raise ValueError(f"--pipeline-parallel {size} does not divide the world size {world}; expected "
                          f"world = stages x data-parallel replicas")
-    if num_layers is not None and num_layers < size:
+    if num_layers is not None and num_layers < size * chunks:
+        per = "stage" if chunks == 1 else f"model chunk ({size} stages x {chunks} chunks)"
         raise ValueError(f"--pipeline-parallel {size}: the model has {num_layers} decoder layers; expected at "
-                         f"least one per stage")
+                         f"least one per {per}")
+    if chunks > 1 and micro is not None and micro % size:
+        raise ValueError(f"--pipeline-schedule interleaved with --grad-accum {micro}: the micro-batches go through "
+                         f"the chunks in groups of {size}; expected a multiple of --pipeline-parallel {size}")
     for option, used in refused.items():
         if used:
             raise ValueError(f"--pipeline-parallel with {option} is not supported; expected one of the two")
@@ -120,19 +181,22 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
 @dataclass
 class PipelineParallel:
     """This rank's place in the pipelines: ``size`` stages x ``replicas``; it runs stage ``stage`` of
-    replica ``replica``'s pipeline. Groups: ``data`` (this stage's replicas, None for one), ``tied``
-    (this pipeline's first and last stage, on those two; used when the model ties its embeddings),
-    ``pipeline`` (this replica's stages), ``links`` (one per direction to each neighbouring stage)."""
+    replica ``replica``'s pipeline. A stage holds ``chunks`` model chunks (``interleaved``; else 1):
+    the model's layers split into ``size * chunks`` parts of consecutive layers, part ``c * size + s``
+    being chunk c of stage s. Groups: ``data`` (this stage's replicas, None for one), ``tied`` (this
+    pipeline's first and last stage, on those two; used when the model ties its embeddings),
+    ``pipeline`` (this replica's stages), ``links`` (one per direction between stages that exchange)."""
 
     size: int
     stage: int
     replicas: int
     replica: int
     schedule: str = "1f1b"
+    chunks: int = 1
     data: object = None
     tied: object = None
     pipeline: object = None
-    links: dict = None  # ("acts" | "grads", the other stage) -> the 2-rank group of that direction
+    links: dict = None  # ("acts" | "grads", from stage, to stage) -> the 2-rank group of that direction
     # the residual stream's dtype between stages when not the parameters' (FSDP's compute dtype on CUDA)
     wire_dtype: torch.dtype | None = None
 
@@ -147,6 +211,14 @@ class PipelineParallel:
     def rank_of(self, stage: int, replica: int | None = None) -> int:
         return stage * self.replicas + (self.replica if replica is None else replica)
 
+    @property
+    def parts(self) -> int:
+        """The pipeline's parts (virtual stages): stages x chunks."""
+        return self.size * self.chunks
+
+    def part(self, chunk: int) -> int:
+        return chunk * self.size + self.stage
+
     # ------------------------------------------------------------------------------- the model
     def split(self, model) -> None:
         """Keep only this stage's parts of ``model`` (best on the meta device, before anything is
@@ -154,7 +226,8 @@ class PipelineParallel:
         stage (and the last when tied: its head), the final norm and head on the last.
         ``model.pipeline_absent`` lists the dropped name prefixes (the loader skips them)."""
         cfg = model.config
-        mine = stage_layers(cfg.num_layers, self.size)[self.stage]
+        parts = stage_layers(cfg.num_layers, self.parts)
+        mine = {i for c in range(self.chunks) for i in parts[self.part(c)]}
         absent = []
         for i, layer in enumerate(model.model.layers):
             if i not in mine:
@@ -173,7 +246,7 @@ class PipelineParallel:
 
     def parameter_counts(self, model) -> dict:
         """The start record's sizes: the whole model's ``params`` and ``trainable`` (summed over the
-        stages), this rank's ``params_rank`` and ``pipeline_parallel`` (a collective of the pipeline)."""
+        stages), this rank's ``params_rank``, and the layout (a collective of the pipeline)."""
         from .distributed import local_part
 
         owned = self.owned(model)
@@ -182,10 +255,11 @@ class PipelineParallel:
                          dtype=torch.int64, device=device)
         dist.all_reduce(t, group=self.pipeline)
         return {"params": int(t[0]), "trainable": int(t[1]),  # (under FSDP this rank's shards)
-                "params_rank": sum(local_part(p).numel() for p in model.parameters()), "pipeline_parallel": self.size}
+                "params_rank": sum(local_part(p).numel() for p in model.parameters()), "pipeline_parallel": self.size,
+                "pipeline_schedule": self.schedule, "pipeline_chunks": self.chunks}
 
     def stage_of_layer(self, layer: int, num_layers: int) -> int:
-        return next(s for s, r in enumerate(stage_layers(num_layers, self.size)) if layer in r)
+        return next(k for k, r in enumerate(stage_layers(num_layers, self.parts)) if layer in r) % self.size
 
     def owned(self, model) -> list[tuple[str, torch.Tensor]]:
         """This stage's parameters in the whole model's sense: all it holds (``split`` left it nothing
@@ -193,43 +267,56 @@ class PipelineParallel:
         copy = "model.embed_tokens.weight" if self.last and not self.first else None
         return [(n, p) for n, p in model.named_parameters() if n != copy]
 
-    def layers(self, model) -> list:
-        return [layer for layer in model.model.layers if not isinstance(layer, PipelineHole)]
+    def layers(self, model, chunk: int | None = None) -> list:
+        """The decoder layers this stage holds, in order (``chunk``: those of that model chunk)."""
+        if chunk is None:
+            return [layer for layer in model.model.layers if not isinstance(layer, PipelineHole)]
+        return [model.model.layers[i] for i in stage_layers(model.config.num_layers, self.parts)[self.part(chunk)]]
+
+    def ends(self, chunk: int) -> tuple[bool, bool]:
+        """Whether model chunk ``chunk`` is the pipeline's first part (the embedding), its last (the
+        final norm and the head)."""
+        k = self.part(chunk)
+        return k == 0, k == self.parts - 1
 
     # ------------------------------------------------------------------------- communication
     def _recv(self, shape, dtype, device, stage: int, kind: str) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(buf, src=self.rank_of(stage), group=self.links.get((kind, stage)) if self.links else None)
+        group = self.links.get((kind, stage, self.stage)) if self.links else None
+        dist.recv(buf, src=self.rank_of(stage), group=group)
         return buf
 
     def _send(self, t: torch.Tensor, stage: int, kind: str, pending: list) -> None:
         t = t.detach().contiguous()
-        group = self.links.get((kind, stage)) if self.links else None
+        group = self.links.get((kind, self.stage, stage)) if self.links else None
         pending.append((dist.isend(t, dst=self.rank_of(stage), group=group), t))  # (t kept alive until sent)
 
     # ----------------------------------------------------------------------- forward, backward
-    def _forward(self, model, x, y, docs, pending_sends, *, loss_kwargs: dict, grad: bool):
-        """This stage's part of one micro-batch: (the received input or None, the output sent on or,
-        on the last stage, the summed loss)."""
+    def _forward(self, model, chunk: int, x, y, docs, pending_sends, *, loss_kwargs: dict, grad: bool):
+        """Model chunk ``chunk``'s part of one micro-batch: (the received input or None, the output sent
+        on or, on the pipeline's last part, the summed loss)."""
         dtype = self.dtype(model)
+        first, last = self.ends(chunk)
         h_in = None
-        if not self.first:
-            h_in = self._recv((*x.shape, model.config.hidden_size), dtype, x.device, self.stage - 1, "acts")
+        if not first:  # (from the previous stage; chunk c > 0 of stage 0 from the last stage's chunk c - 1)
+            h_in = self._recv((*x.shape, model.config.hidden_size), dtype, x.device, (self.stage - 1) % self.size,
+                              "acts")
             h_in.requires_grad_(grad)
-        out = model.stage_forward(h_in, x, y if self.last else None, docs, **(loss_kwargs if self.last else {}))
-        if not self.last:
-            self._send(out.to(dtype), self.stage + 1, "acts", pending_sends)
+        out = model.stage_forward(h_in, x, y if last else None, docs, chunk=chunk, **(loss_kwargs if last else {}))
+        if not last:
+            self._send(out.to(dtype), (self.stage + 1) % self.size, "acts", pending_sends)
         return h_in, out
 
-    def _backward(self, h_in, out, scale: float, pending_sends, scaler=None) -> None:
-        if self.last:
+    def _backward(self, chunk: int, h_in, out, scale: float, pending_sends, scaler=None) -> None:
+        first, last = self.ends(chunk)
+        if last:
             loss = out * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         else:
-            g = self._recv(out.shape, out.dtype, out.device, self.stage + 1, "grads")
+            g = self._recv(out.shape, out.dtype, out.device, (self.stage + 1) % self.size, "grads")
             torch.autograd.backward(out, g)
-        if not self.first:
-            self._send(h_in.grad, self.stage - 1, "grads", pending_sends)
+        if not first:
+            self._send(h_in.grad, (self.stage - 1) % self.size, "grads", pending_sends)
 
     def dtype(self, model) -> torch.dtype:
         """The residual stream's dtype between stages: the parameters' (under autocast the stream
@@ -251,43 +338,24 @@ class PipelineParallel:
         (``reduce_grads``)."""
         loss_kwargs = loss_kwargs or {}
         sends: list = []
-        saved: dict[int, tuple] = {}
+        saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> its input and output
         total = torch.zeros((), device=micro_batches[0][0].device)
         if scaler is not None:  # (fp16: only the last stage scales a loss, but every stage's scaler must
             scaler.scale(total)  # hold the scale its gradients were multiplied by, to unscale them)
-
-        def forward(m: int) -> None:
-            nonlocal total
-            x, y, docs = micro_batches[m]
-            with autocast():
-                h_in, out = self._forward(model, x, y, docs, sends, loss_kwargs=loss_kwargs, grad=True)
-            if self.last:
-                total = total + out.detach().float()
-            saved[m] = (h_in, out)
-
-        def backward(m: int) -> None:
-            h_in, out = saved.pop(m)
-            if fsdp:  # (gradients accumulate unsharded; the last backward reduce-scatters their sum)
+        fsdp, n = self.sharded(model), len(micro_batches)
+        for op, chunk, m in schedule(self.schedule, self.size, self.stage, n, self.chunks):
+            if op == "F":
+                x, y, docs = micro_batches[m]
+                with autocast():
+                    h_in, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=loss_kwargs, grad=True)
+                if self.ends(chunk)[1]:
+                    total = total + out.detach().float()
+                saved[chunk, m] = (h_in, out)
+                continue
+            h_in, out = saved.pop((chunk, m))
+            if fsdp:  # (gradients accumulate unsharded; a chunk's last backward reduce-scatters their sum)
                 model.set_requires_gradient_sync(m == n - 1)
-            self._backward(h_in, out, scale, sends, scaler)
-
-        fsdp = self.sharded(model)
-
-        n = len(micro_batches)
-        if self.schedule == "gpipe":
-            for m in range(n):
-                forward(m)
-            for m in range(n):
-                backward(m)
-        else:  # 1F1B: warm up, then one forward and one backward in turn, then drain
-            ahead = min(self.size - self.stage - 1, n)
-            for m in range(ahead):
-                forward(m)
-            for m in range(n - ahead):
-                forward(ahead + m)
-                backward(m)
-            for m in range(n - ahead, n):
-                backward(m)
+            self._backward(chunk, h_in, out, scale, sends, scaler)
         for work, _ in sends:
             work.wait()
         if fsdp:
@@ -299,7 +367,8 @@ class PipelineParallel:
         """The summed loss of one batch through the pipeline without gradients (0 but on the last stage)."""
         sends: list = []
         with autocast():
-            _, out = self._forward(model, x, y, docs, sends, loss_kwargs={}, grad=False)
+            for chunk in range(self.chunks):
+                _, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs={}, grad=False)
         for work, _ in sends:
             work.wait()
         return out.double() if self.last else torch.zeros((), dtype=torch.float64, device=x.device)
@@ -313,7 +382,8 @@ class PipelineParallel:
 
         if self.data is not None and not self.sharded(model):
             all_reduce_flat([p.grad for p in model.parameters() if p.grad is not None], self.data, self.replicas)
-        if self.tied is not None and model.config.tie_word_embeddings:
+        if self.tied is not None and model.config.tie_word_embeddings \
+                and model.model.embed_tokens.weight.requires_grad:  # (not under --freeze)
             embed = model.model.embed_tokens.weight
             if embed.grad is None:
                 embed.grad = torch.zeros_like(embed)
@@ -342,15 +412,16 @@ class PipelineParallel:
         return norm
 
 
-def groups(world: int, size: int, rank: int, schedule: str = "1f1b") -> PipelineParallel:
-    """This rank's ``PipelineParallel`` for ``size`` stages over ``world`` ranks (stage-major). Every
-    rank creates every group, in one order, as ``torch.distributed.new_group`` needs (the tied
-    embedding's too: whether the model ties is known only once it is loaded)."""
+def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int = 1) -> PipelineParallel:
+    """This rank's ``PipelineParallel`` for ``size`` stages (of ``chunks`` model chunks each) over
+    ``world`` ranks (stage-major). Every rank creates every group, in one order, as
+    ``torch.distributed.new_group`` needs (the tied embedding's too: whether the model ties is known
+    only once it is loaded)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"--pipeline-schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
     replicas = world // size
     stage, replica = divmod(rank, replicas)
-    pp = PipelineParallel(size, stage, replicas, replica, schedule)
+    pp = PipelineParallel(size, stage, replicas, replica, schedule, chunks)
     for s in range(size):  # each stage's replicas
         g = dist.new_group([s * replicas + d for d in range(replicas)]) if replicas > 1 else None
         if s == stage:
@@ -363,12 +434,14 @@ def groups(world: int, size: int, rank: int, schedule: str = "1f1b") -> Pipeline
             pp.pipeline = g
             if pp.first or pp.last:
                 pp.tied = t
-        for s in range(size - 1):  # (one group per direction between neighbours: see the module docstring)
-            pair = [s * replicas + d, (s + 1) * replicas + d]
+        # (one group per direction between neighbours, see the module docstring; with several chunks
+        # the last stage's chunk c hands on to stage 0's chunk c + 1: a ring)
+        for s in range(size if chunks > 1 else size - 1):
+            nxt = (s + 1) % size
+            pair = sorted([s * replicas + d, nxt * replicas + d])
             acts, grads = dist.new_group(pair), dist.new_group(pair)
-            if d == replica and stage in (s, s + 1):
-                other = s + 1 if stage == s else s
-                pp.links["acts", other], pp.links["grads", other] = acts, grads
+            if d == replica and stage in (s, nxt):
+                pp.links["acts", s, nxt], pp.links["grads", nxt, s] = acts, grads
     return pp
 
 
