@@ -27,8 +27,10 @@ def _configs():
     from apr_kernels.model import preset
 
     llama = preset("tiny_llama")
-    return {"llama": llama.replace(tie_word_embeddings=False, num_layers=3),
-            "qwen2": preset("tiny_qwen2").replace(num_layers=4)}
+    qwen2 = preset("tiny_qwen2").replace(num_layers=4)
+    return {"llama": llama.replace(tie_word_embeddings=False, num_layers=3), "qwen2": qwen2,
+            # (heads that split over 2 tensor-parallel ranks)
+            "qwen2_tp": qwen2.replace(hidden_size=32, num_heads=4, num_kv_heads=2)}
 
 
 # name: (config, options of both runs, world, options of the pipeline run only)
@@ -47,6 +49,11 @@ CASES = {
     # chunk 0 hands on to stage 0's chunk 1; under FSDP, each chunk's last backward reduce-scatters)
     "qwen2_interleaved": ("qwen2", ["--grad-accum", "4", "--document-mask"], 2,
                           ["--pipeline-schedule", "interleaved", "--parallel", "fsdp"]),
+    # (2 stages x 2 tensor-parallel ranks, ranks 0-1 stage 0 and 2-3 stage 1: every layer's heads and
+    # MLP rows split, the untied head by vocabulary range on stage 1 alone; the tied Qwen2 interleaved,
+    # both embedding copies split)
+    "llama_tp_4": ("llama", [], 4, ["--tensor-parallel", "2"]),
+    "qwen2_tp_4": ("qwen2_tp", [], 4, ["--tensor-parallel", "2", "--pipeline-schedule", "interleaved"]),
 }
 
 
@@ -105,13 +112,15 @@ def test_pipeline_matches_one_process(runs, name):
         assert meta_a.get(key) == meta_b.get(key), key
 
 
-def test_fsdp_shards_each_stage_over_its_replicas(runs):
+def test_a_stage_is_shared_by_its_fsdp_replicas_or_tensor_parallel_ranks(runs):
     """Under --parallel fsdp a rank holds its rows of its stage: about half of what a replica of the
-    same stage holds under DDP (same model, same 2 x 2 layout)."""
+    same stage holds under DDP (same model, same 2 x 2 layout); with --tensor-parallel 2 rank 0 holds
+    its part of stage 0 (half of each layer's projections and of the embedding, the norms whole)."""
     _, _, out = runs
     held = {name: next(r for r in _records(out[name]) if r["event"] == "start")["params_rank"]
-            for name in ("qwen2_fsdp_4", "qwen2_muon_4")}
+            for name in ("qwen2_fsdp_4", "qwen2_muon_4", "llama_tp_4", "llama_1f1b")}
     assert held["qwen2_muon_4"] * 0.45 < held["qwen2_fsdp_4"] < held["qwen2_muon_4"] * 0.6
+    assert held["llama_1f1b"] * 0.5 < held["llama_tp_4"] < held["llama_1f1b"] * 0.55
 
 
 def test_pipeline_step_checkpoints_resume_in_one_process_and_the_other_way(runs, tmp_path):
@@ -291,6 +300,8 @@ def test_refusals_name_the_reason():
             ({"world": 4, "mode": "none"}, "expected --parallel ddp or fsdp"),
             ({"world": 4, "mode": "fsdp", "fsdp_shard": 2}, "expected no --fsdp-shard-size"),
             ({"world": 3, "mode": "ddp"}, "does not divide the world size 3"),
+            ({"world": 8, "mode": "ddp", "tensor": 3}, "2 x --tensor-parallel 3 does not divide the world size 8"),
+            ({"world": 8, "mode": "fsdp", "tensor": 2}, "expected --parallel ddp"),
             ({"world": 2, "mode": "ddp", "num_layers": 1}, "the model has 1 decoder layers"),
             ({"world": 2, "mode": "ddp", "num_layers": 3, "chunks": 2}, "at least one per model chunk"),
             ({"world": 2, "mode": "ddp", "chunks": 2, "micro": 3}, "expected a multiple of --pipeline-parallel 2"),

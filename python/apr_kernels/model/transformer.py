@@ -476,6 +476,8 @@ class Transformer(nn.Module):
             raise ValueError("set_tensor_parallel: the model is split already")
         check_config(self.config, tp.size)
         for layer in self.model.layers:
+            if not hasattr(layer, "self_attn"):  # (another pipeline stage's layer: not here)
+                continue
             attn, ffn = layer.self_attn, layer.ffn
             # a sparse layer: every expert's (and the shared expert's) rows and columns, the experts
             # running inside the layer's one enter / leave
@@ -496,16 +498,18 @@ class Transformer(nn.Module):
         from apr_kernels.train.vocab_parallel import VocabParallelEmbedding
 
         old = self.model.embed_tokens
-        w = tp.local(old.weight, 0, "embed_tokens")
-        new = VocabParallelEmbedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
-        new.tensor_parallel = tp
-        if not w.is_meta:
-            with torch.no_grad():
-                new.weight.copy_(w)
-        new.weight.requires_grad_(old.weight.requires_grad)
-        self.model.embed_tokens = new
-        if hasattr(self, "lm_head"):
+        if old is not None:  # (a pipeline stage may hold neither the embedding nor the head)
+            w = tp.local(old.weight, 0, "embed_tokens")
+            new = VocabParallelEmbedding(w.shape[0], w.shape[1], device=w.device, dtype=w.dtype)
+            new.tensor_parallel = tp
+            if not w.is_meta:
+                with torch.no_grad():
+                    new.weight.copy_(w)
+            new.weight.requires_grad_(old.weight.requires_grad)
+            self.model.embed_tokens = new
+        if getattr(self, "lm_head", None) is not None:
             self.lm_head = _split_linear(self.lm_head, tp, 0, "lm_head")
+        self._vocabulary_split = tp
 
     @property
     def vocab_parallel(self):
@@ -513,6 +517,8 @@ class Transformer(nn.Module):
         from apr_kernels.train.vocab_parallel import VocabParallelEmbedding
 
         embed = self.model.embed_tokens
+        if embed is None:  # (a pipeline stage without the embedding: its head's, if it was split)
+            return getattr(self, "_vocabulary_split", None)
         return embed.tensor_parallel if isinstance(embed, VocabParallelEmbedding) else None
 
     def remote_expert_prefixes(self) -> tuple[str, ...]:

@@ -561,7 +561,8 @@ def _train(args, env, mode: str) -> int:
         tensor_parallel.check(args.tensor_parallel, mode, fsdp_shard=env.fsdp_shard,
                               expert_parallel=args.expert_parallel,
                               compiled_selective=bool(args.compile) and args.grad_checkpointing == "selective")
-        tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank, args.sequence_parallel)
+        tp = tensor_parallel.groups(env.world_size, args.tensor_parallel, env.rank, args.sequence_parallel,
+                                    stages=max(args.pipeline_parallel, 1))
     elif args.sequence_parallel:
         raise ValueError("--sequence-parallel splits the positions over a tensor-parallel group; expected "
                          "--tensor-parallel N (N > 1) with it")
@@ -571,13 +572,14 @@ def _train(args, env, mode: str) -> int:
 
         chunks = pipeline_parallel.chunks_for(args.pipeline_schedule, args.pipeline_chunks)
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
-                                chunks=chunks, **{
-            "--tensor-parallel": args.tensor_parallel != 1,
+                                chunks=chunks, tensor=args.tensor_parallel, **{
+            "--sequence-parallel": args.sequence_parallel,
             "--context-parallel": args.context_parallel != 1, "--expert-parallel": args.expert_parallel != 1,
             "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher), "--float8": bool(args.float8),
             "--qat": bool(args.qat), "--optimizer adamw8bit": args.optimizer == "adamw8bit",
             "--eval-choices": bool(args.eval_choices)})
-        pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks)
+        pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
+                                      tensor=args.tensor_parallel)
 
     def prepare(m):
         """What a model gets before FSDP shards it (under FSDP on the meta device, while loading):
@@ -679,7 +681,7 @@ def _train(args, env, mode: str) -> int:
                              f"batch per rank")
         if pp is not None:
             pipeline_parallel.check(pp.size, world=env.world_size, mode=mode, num_layers=model.config.num_layers,
-                                    chunks=pp.chunks, micro=cfg.grad_accum,
+                                    chunks=pp.chunks, micro=cfg.grad_accum, tensor=pp.tensor,
                                     **{"a mixture-of-experts model": model.config.is_moe})
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,
@@ -994,7 +996,7 @@ def register(subparsers) -> None:
     s.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
                    help="with --parallel ddp or fsdp, the decoder layers split into N stages of consecutive layers, "
                         "stage s on ranks s*D..s*D+D-1 (D = world/N replicas, each averaging its stage's gradients, "
-                        "or under fsdp sharding the stage), "
+                        "or under fsdp sharding the stage; with --tensor-parallel T, D*T ranks per stage), "
                         "activations passed stage to stage per micro-batch (--grad-accum micro-batches, well above "
                         "N; default 1: off)")
     s.add_argument("--pipeline-schedule", choices=("1f1b", "gpipe", "interleaved"), default="1f1b",

@@ -658,8 +658,8 @@ class Parallel:
         under pipeline parallelism only the last stages hold losses, the others zeros)."""
         if self.pipeline is not None:
             t = t.clone()
-            dist.all_reduce(t)
-            return t
+            dist.all_reduce(t)  # (a tensor-parallel group's ranks on the last stage: the same loss each)
+            return t / self.tensor.size if self.tensor is not None else t
         return self.mean(t) * self.shares
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
@@ -764,7 +764,8 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
             pipeline_parallel.split(model)  # whole keeps this stage's parts)
         if mode == "fsdp":
             model = _fsdp_shard(model, env, compute_dtype, pipeline=pipeline_parallel)
-        return Parallel(model.to(env.device) if mode != "fsdp" else model, mode, env, pipeline=pipeline_parallel)
+        return Parallel(model.to(env.device) if mode != "fsdp" else model, mode, env, pipeline=pipeline_parallel,
+                        tensor=tensor)
     if mode == "fsdp":
         return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel, tensor), mode, env, context=context,
                         expert=expert_parallel, tensor=tensor)

@@ -41,6 +41,14 @@ averaged over its D replicas (one all-reduce), the tied embedding's two copies s
 gradient norm (the tied copy counted once) taken over the pipeline for clipping. Losses are summed over
 the last stages; evaluation runs the held-out batches through the pipeline the same way.
 
+Tensor parallelism (``--tensor-parallel T``, Megatron-LM's 3-D layout with ``--parallel ddp``): each
+stage's D x T ranks are D replicas of a tensor-parallel group of T consecutive ranks, which splits the
+stage's layers (and the embedding and head by vocabulary range) as ``tensor_parallel.py`` does
+without a pipeline; rank t of a group exchanges the (whole) activations with rank t of the
+neighbouring stages' groups. Its parts are averaged over the replicas holding the same part, the
+clipping norm counts each split tensor's parts and each whole-kept tensor once, and a checkpoint's
+split tensor is joined by the first replica's group before its rank 0 sends it on.
+
 Checkpoints are ordinary whole-model APR files: rank 0 writes, asking each tensor of the whole model
 (weights, AdamW moments or Muon buffers) in turn from the first replica's rank holding it
 (``PipelineGatherer``), so no rank holds more than its stage plus one tensor. Resuming loads each
@@ -57,11 +65,12 @@ summed row shard by row shard (both stages shard it alike); the clipping norm su
 a checkpoint's tensor is all-gathered by its stage's replicas before its owner sends it to rank 0.
 Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16).
 
-What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the replicas, full training with
-AdamW or Muon (``--freeze`` when every stage keeps something to train), document masking, label
-smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast. What does not (yet; each refused with
-its reason): HSDP (``--fsdp-shard-size``), tensor/context/expert parallelism, LoRA, mixture-of-experts
-models, distillation, float8, QAT, 8-bit AdamW.
+What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (``ddp`` with
+``--tensor-parallel``), full training with AdamW or Muon (``--freeze`` when every stage keeps something
+to train), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast.
+What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP or sequence
+parallelism with tensor parallelism, context and expert parallelism, LoRA, mixture-of-experts models,
+distillation, float8, QAT, 8-bit AdamW.
 """
 
 from __future__ import annotations
@@ -149,10 +158,11 @@ def chunks_for(schedule: str, chunks: int | None) -> int:
 
 
 def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fsdp_shard: int | None = None,
-          chunks: int = 1, micro: int | None = None, **refused) -> None:
+          chunks: int = 1, micro: int | None = None, tensor: int = 1, **refused) -> None:
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
-    ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``).
-    ``refused``: option name -> whether it is in use (each a combination not built)."""
+    ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``),
+    ``tensor``: ``--tensor-parallel``. ``refused``: option name -> whether it is in use (each a
+    combination not built)."""
     if size < 1:
         raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
     if size == 1:
@@ -163,9 +173,14 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     if fsdp_shard:
         raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: FSDP shards each stage "
                          f"over all its replicas; expected no --fsdp-shard-size (HSDP) with pipeline parallelism")
-    if world % size:
-        raise ValueError(f"--pipeline-parallel {size} does not divide the world size {world}; expected "
-                         f"world = stages x data-parallel replicas")
+    if tensor > 1 and mode == "fsdp":
+        raise ValueError(f"--pipeline-parallel {size} with --tensor-parallel {tensor} and --parallel fsdp is not "
+                         f"supported; expected --parallel ddp (each stage's tensor-parallel parts averaged over "
+                         f"their replicas)")
+    if world % (size * tensor):
+        raise ValueError(f"--pipeline-parallel {size}" + (f" x --tensor-parallel {tensor}" if tensor > 1 else "")
+                         + f" does not divide the world size {world}; expected world = stages x "
+                         + ("data-parallel replicas" if tensor == 1 else "data-parallel replicas x tensor-parallel ranks"))
     if num_layers is not None and num_layers < size * chunks:
         per = "stage" if chunks == 1 else f"model chunk ({size} stages x {chunks} chunks)"
         raise ValueError(f"--pipeline-parallel {size}: the model has {num_layers} decoder layers; expected at "
@@ -180,8 +195,10 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
 
 @dataclass
 class PipelineParallel:
-    """This rank's place in the pipelines: ``size`` stages x ``replicas``; it runs stage ``stage`` of
-    replica ``replica``'s pipeline. A stage holds ``chunks`` model chunks (``interleaved``; else 1):
+    """This rank's place in the pipelines: ``size`` stages x ``replicas`` x ``tensor`` ranks (a
+    tensor-parallel group of ``tensor`` consecutive ranks splits each layer; 1 without); it runs stage
+    ``stage`` of replica ``replica``'s pipeline, as rank ``tensor_rank`` of its tensor-parallel
+    group. A stage holds ``chunks`` model chunks (``interleaved``; else 1):
     the model's layers split into ``size * chunks`` parts of consecutive layers, part ``c * size + s``
     being chunk c of stage s. Groups: ``data`` (this stage's replicas, None for one), ``tied`` (this
     pipeline's first and last stage, on those two; used when the model ties its embeddings),
@@ -197,6 +214,8 @@ class PipelineParallel:
     tied: object = None
     pipeline: object = None
     links: dict = None  # ("acts" | "grads", from stage, to stage) -> the 2-rank group of that direction
+    tensor: int = 1
+    tensor_rank: int = 0
     # the residual stream's dtype between stages when not the parameters' (FSDP's compute dtype on CUDA)
     wire_dtype: torch.dtype | None = None
 
@@ -208,8 +227,19 @@ class PipelineParallel:
     def last(self) -> bool:
         return self.stage == self.size - 1
 
-    def rank_of(self, stage: int, replica: int | None = None) -> int:
-        return stage * self.replicas + (self.replica if replica is None else replica)
+    @property
+    def width(self) -> int:
+        """The ranks of one stage: its replicas x its tensor-parallel ranks."""
+        return self.replicas * self.tensor
+
+    @property
+    def local(self) -> int:
+        """This rank's index among its stage's ranks (its counterpart on every other stage has it too)."""
+        return self.replica * self.tensor + self.tensor_rank
+
+    def rank_of(self, stage: int) -> int:
+        """This rank's counterpart on stage ``stage`` (the same replica and tensor-parallel rank)."""
+        return stage * self.width + self.local
 
     @property
     def parts(self) -> int:
@@ -248,10 +278,12 @@ class PipelineParallel:
         """The start record's sizes: the whole model's ``params`` and ``trainable`` (summed over the
         stages), this rank's ``params_rank``, and the layout (a collective of the pipeline)."""
         from .distributed import local_part
+        from .tensor_parallel import split_dims
 
-        owned = self.owned(model)
+        owned, split = self.owned(model), split_dims(model)
         device = next(model.parameters()).device
-        t = torch.tensor([sum(p.numel() for _, p in owned), sum(p.numel() for _, p in owned if p.requires_grad)],
+        whole = [(p.numel() * (self.tensor if n in split else 1), p.requires_grad) for n, p in owned]
+        t = torch.tensor([sum(k for k, _ in whole), sum(k for k, trains in whole if trains)],
                          dtype=torch.int64, device=device)
         dist.all_reduce(t, group=self.pipeline)
         return {"params": int(t[0]), "trainable": int(t[1]),  # (under FSDP this rank's shards)
@@ -393,17 +425,26 @@ class PipelineParallel:
         """Clip every gradient by the whole model's gradient norm (over the pipeline's stages, the tied
         copy once); returns that norm."""
         from .distributed import local_part
+        from .tensor_parallel import split_dims
 
         # (under FSDP each rank's rows: the replicas' shards of a stage are disjoint, so the sum over
-        # every rank is the whole model's; else the replicas agree and one pipeline's ranks count)
-        grads = [local_part(p.grad) for _, p in self.owned(model) if p.grad is not None]
+        # every rank is the whole model's; under tensor parallelism each rank's parts of the split
+        # tensors, the whole-kept ones (alike on the group's ranks) counted on its rank 0, summed over
+        # every rank, whose replicas agree: divided by them; else one pipeline's ranks count)
+        split = split_dims(model)
+        grads = [local_part(p.grad) for n, p in self.owned(model)
+                 if p.grad is not None and (n in split or self.tensor_rank == 0)]
         device = next(model.parameters()).device
         sq = torch.zeros((), dtype=torch.float32, device=device)
         if grads:
             sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-        sharded = self.sharded(model)
-        if self.pipeline is not None or sharded:
-            dist.all_reduce(sq, group=None if sharded else self.pipeline)
+        if self.sharded(model):
+            dist.all_reduce(sq)
+        elif self.tensor > 1:
+            dist.all_reduce(sq)
+            sq = sq / self.replicas
+        elif self.pipeline is not None:
+            dist.all_reduce(sq, group=self.pipeline)
         norm = sq.sqrt()
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         every = [local_part(p.grad) for p in model.parameters() if p.grad is not None]
@@ -412,25 +453,30 @@ class PipelineParallel:
         return norm
 
 
-def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int = 1) -> PipelineParallel:
+def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int = 1,
+           tensor: int = 1) -> PipelineParallel:
     """This rank's ``PipelineParallel`` for ``size`` stages (of ``chunks`` model chunks each) over
-    ``world`` ranks (stage-major). Every rank creates every group, in one order, as
+    ``world`` ranks (stage-major; within a stage, tensor-parallel groups of ``tensor`` consecutive
+    ranks). Every rank creates every group, in one order, as
     ``torch.distributed.new_group`` needs (the tied embedding's too: whether the model ties is known
     only once it is loaded)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"--pipeline-schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
-    replicas = world // size
-    stage, replica = divmod(rank, replicas)
-    pp = PipelineParallel(size, stage, replicas, replica, schedule, chunks)
-    for s in range(size):  # each stage's replicas
-        g = dist.new_group([s * replicas + d for d in range(replicas)]) if replicas > 1 else None
-        if s == stage:
-            pp.data = g
+    width = world // size
+    replicas = width // tensor
+    stage, local = divmod(rank, width)
+    pp = PipelineParallel(size, stage, replicas, local // tensor, schedule, chunks, tensor=tensor,
+                          tensor_rank=local % tensor)
+    for s in range(size):  # each stage's replicas (those holding the same tensor-parallel part)
+        for t in range(tensor):
+            g = dist.new_group([s * width + d * tensor + t for d in range(replicas)]) if replicas > 1 else None
+            if (s, t) == (stage, pp.tensor_rank):
+                pp.data = g
     pp.links = {}
-    for d in range(replicas):  # each replica's pipeline, its tied first and last stage, its links
-        g = dist.new_group([s * replicas + d for s in range(size)])
-        t = dist.new_group([d, (size - 1) * replicas + d])
-        if d == replica:
+    for i in range(width):  # each stage index's pipeline, its tied first and last stage, its links
+        g = dist.new_group([s * width + i for s in range(size)])
+        t = dist.new_group([i, (size - 1) * width + i])
+        if i == local:
             pp.pipeline = g
             if pp.first or pp.last:
                 pp.tied = t
@@ -438,9 +484,9 @@ def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int
         # the last stage's chunk c hands on to stage 0's chunk c + 1: a ring)
         for s in range(size if chunks > 1 else size - 1):
             nxt = (s + 1) % size
-            pair = sorted([s * replicas + d, nxt * replicas + d])
+            pair = sorted([s * width + i, nxt * width + i])
             acts, grads = dist.new_group(pair), dist.new_group(pair)
-            if d == replica and stage in (s, nxt):
+            if i == local and stage in (s, nxt):
                 pp.links["acts", s, nxt], pp.links["grads", nxt, s] = acts, grads
     return pp
 
@@ -454,13 +500,18 @@ class PipelineGatherer(RankZeroGather):
     until ``done()`` (``gathering.RankZeroGather``)."""
 
     def __init__(self, trainer, pp: PipelineParallel):
+        from .tensor_parallel import split_dims
+
         self.pp, self.device = pp, trainer.device
         model, opt = trainer.model, trainer.optimizer
+        self.tp, split = model.tensor_parallel, split_dims(model)
         self.local: dict[tuple[str, str], torch.Tensor] = {}  # (every replica's: FSDP's shards gather)
-        entries = []  # (kind, name, dtype, shape, step): the first replica's
+        entries = []  # (kind, name, dtype, whole shape, step, split dim): the first replica's
         for name, p in pp.owned(model):
+            dim = split.get(name)
+            shape = self.tp.whole_shape(p.shape, dim) if dim is not None else tuple(p.shape)
             self.local["weight", name] = p
-            entries.append(("weight", name, str(p.dtype), tuple(p.shape), None))
+            entries.append(("weight", name, str(p.dtype), shape, None, dim))
             state = opt.state.get(p) or {}
             for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
                 if key in state:
@@ -468,23 +519,25 @@ class PipelineGatherer(RankZeroGather):
                         raise ValueError("--pipeline-parallel checkpoints hold AdamW's or Muon's tensors; "
                                          "8-bit moments are not supported")
                     self.local[key, name] = state[key]
-                    entries.append((key, name, "torch.float32", tuple(p.shape),
-                                    int(state["step"]) if "step" in state else None))
-        if pp.replica != 0:
+                    entries.append((key, name, "torch.float32", shape,
+                                    int(state["step"]) if "step" in state else None, dim))
+        if pp.local != 0:  # (one list per stage: its first replica's tensor-parallel rank 0's)
             entries = []
         every: list = [None] * dist.get_world_size()
         dist.all_gather_object(every, (dist.get_rank(), entries))
-        self.items = [(kind, name, dtype, shape, step, rank) for rank, es in every for kind, name, dtype, shape, step
-                      in es]
+        self.items = [(kind, name, dtype, shape, step, rank, dim) for rank, es in every
+                      for kind, name, dtype, shape, step, dim in es]
 
     def _full(self, i: int) -> torch.Tensor:
         from .distributed import full_tensor
 
-        kind, name, dtype, shape, _, owner = self.items[i]
+        kind, name, dtype, shape, _, owner, dim = self.items[i]
         dtype = getattr(torch, dtype.removeprefix("torch."))
         whole = None
-        if owner // self.pp.replicas == self.pp.stage:  # (FSDP: the stage's replicas gather its rows)
+        if owner // self.pp.width == self.pp.stage:  # (FSDP: the stage's replicas gather its rows)
             whole = full_tensor(self.local[kind, name].detach())
+            if dim is not None and self.pp.replica == 0:  # (the owner's tensor-parallel group joins its parts)
+                whole = self.tp.gather(whole, dim)
         if dist.get_rank() == owner:
             buf = whole.to(dtype).clone()
         else:
@@ -501,7 +554,7 @@ class PipelineGatherer(RankZeroGather):
         from apr_kernels.io import LazyTensor
 
         weights, moments = {}, {}
-        for i, (kind, name, dtype, shape, step, _) in enumerate(self.items):
+        for i, (kind, name, dtype, shape, step, *_) in enumerate(self.items):
             lazy = LazyTensor(APR_DTYPE_OF[getattr(torch, dtype.removeprefix("torch."))], shape,
                               lambda i=i: self._fetch(i))
             if kind == "weight":

@@ -244,15 +244,26 @@ class TensorParallel:
         return torch.cat(parts.chunk(self.size, 0), dim)
 
 
-def groups(world_size: int, size: int, rank: int, sequence_parallel: bool = False) -> TensorParallel:
+def groups(world_size: int, size: int, rank: int, sequence_parallel: bool = False,
+           stages: int = 1) -> TensorParallel:
     """Create the tensor-parallel groups of ``size`` consecutive ranks and the replica groups (ranks
     ``t, t + size, ...``) (every rank must call this, in the same order); this rank's
-    :class:`TensorParallel`."""
-    if size < 1 or world_size % size:
-        raise ValueError(f"--tensor-parallel {size} does not divide the world size {world_size}; expected a "
-                         f"divisor (world / {size} data-parallel groups of {size} ranks)")
-    # (replicas of one rank when there is one group: DDP must not broadcast over the group)
-    group, index, replicas = rank_groups(world_size, size, rank, replicas="always")
+    :class:`TensorParallel`. ``stages`` > 1 (pipeline parallelism): the world is that many blocks of
+    consecutive ranks, one per stage, and a rank's replicas are those of its own stage."""
+    if size < 1 or world_size % (size * stages):
+        raise ValueError(f"--tensor-parallel {size} does not divide the world size {world_size}"
+                         + (f" / --pipeline-parallel {stages}" if stages > 1 else "")
+                         + f"; expected a divisor (data-parallel groups of {size} ranks)")
+    if stages == 1:  # (replicas of one rank when there is one group: DDP must not broadcast over the group)
+        group, index, replicas = rank_groups(world_size, size, rank, replicas="always")
+        return TensorParallel(group, index, size, replicas, sequence_parallel)
+    group, index, _ = rank_groups(world_size, size, rank, replicas="none")
+    width, replicas = world_size // stages, None
+    for block in range(0, world_size, width):
+        for t in range(size):
+            g = dist.new_group(list(range(block + t, block + width, size)))
+            if rank // width == block // width and rank % size == t:
+                replicas = g
     return TensorParallel(group, index, size, replicas, sequence_parallel)
 
 
@@ -264,9 +275,10 @@ def split_dims(model) -> dict[str, int]:
     if getattr(model, "tensor_parallel", None) is None:
         return {}
     out = {}
-    if isinstance(model.model.embed_tokens, VocabParallelEmbedding):  # (rows by vocabulary range)
-        out["model.embed_tokens.weight"] = 0
-        if hasattr(model, "lm_head"):
+    if model.vocab_parallel is not None:  # (rows by vocabulary range; a pipeline stage may hold neither)
+        if isinstance(model.model.embed_tokens, VocabParallelEmbedding):
+            out["model.embed_tokens.weight"] = 0
+        if getattr(model, "lm_head", None) is not None:
             out["lm_head.weight"] = 0
     for name, m in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
