@@ -50,9 +50,9 @@ CASES = {
     "qwen2_interleaved": ("qwen2", ["--grad-accum", "4", "--document-mask"], 2,
                           ["--pipeline-schedule", "interleaved", "--parallel", "fsdp"]),
     # (2 stages x 2 tensor-parallel ranks, ranks 0-1 stage 0 and 2-3 stage 1: every layer's heads and
-    # MLP rows split, the untied head by vocabulary range on stage 1 alone; the tied Qwen2 interleaved,
-    # both embedding copies split)
-    "llama_tp_4": ("llama", [], 4, ["--tensor-parallel", "2"]),
+    # MLP rows split, the untied head by vocabulary range on stage 1 alone, under sequence parallelism
+    # each rank's half of the positions sent on; the tied Qwen2 interleaved, both embedding copies split)
+    "llama_tp_4": ("llama", ["--document-mask"], 4, ["--tensor-parallel", "2", "--sequence-parallel"]),
     "qwen2_tp_4": ("qwen2_tp", [], 4, ["--tensor-parallel", "2", "--pipeline-schedule", "interleaved"]),
 }
 

@@ -573,7 +573,6 @@ def _train(args, env, mode: str) -> int:
         chunks = pipeline_parallel.chunks_for(args.pipeline_schedule, args.pipeline_chunks)
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
                                 chunks=chunks, tensor=args.tensor_parallel, **{
-            "--sequence-parallel": args.sequence_parallel,
             "--context-parallel": args.context_parallel != 1, "--expert-parallel": args.expert_parallel != 1,
             "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher), "--float8": bool(args.float8),
             "--qat": bool(args.qat), "--optimizer adamw8bit": args.optimizer == "adamw8bit",

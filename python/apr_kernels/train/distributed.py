@@ -658,8 +658,10 @@ class Parallel:
         under pipeline parallelism only the last stages hold losses, the others zeros)."""
         if self.pipeline is not None:
             t = t.clone()
-            dist.all_reduce(t)  # (a tensor-parallel group's ranks on the last stage: the same loss each)
-            return t / self.tensor.size if self.tensor is not None else t
+            dist.all_reduce(t)  # (a tensor-parallel group's ranks on the last stage: the same loss each,
+            if self.tensor is not None and self.sequence is None:  # unless each holds its positions')
+                t = t / self.tensor.size
+            return t
         return self.mean(t) * self.shares
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:

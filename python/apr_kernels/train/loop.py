@@ -650,7 +650,10 @@ class Trainer(EvalWatch):
         """The step's micro-batches through the pipeline's stages (``pipeline_parallel.py``), then each
         stage's gradients averaged over its replicas: this stage's summed loss (0 but on the last)."""
         c, par = self.cfg, self.parallel
-        micro = [batch(self.train_seqs, par.local_rows(index), self.device, self.doc_eos) for index in indices]
+        micro = []
+        for index in indices:  # (sequence parallelism: this rank's chunk of the positions travels)
+            x, y, docs = batch(self.train_seqs, par.local_rows(index), self.device, self.doc_eos)
+            micro.append((*par.local_positions(x, y), docs))
 
         def autocast():
             return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,

@@ -43,11 +43,12 @@ the last stages; evaluation runs the held-out batches through the pipeline the s
 
 Tensor parallelism (``--tensor-parallel T``, Megatron-LM's 3-D layout with ``--parallel ddp``): each
 stage's D x T ranks are D replicas of a tensor-parallel group of T consecutive ranks, which splits the
-stage's layers (and the embedding and head by vocabulary range) as ``tensor_parallel.py`` does
-without a pipeline; rank t of a group exchanges the (whole) activations with rank t of the
-neighbouring stages' groups. Its parts are averaged over the replicas holding the same part, the
-clipping norm counts each split tensor's parts and each whole-kept tensor once, and a checkpoint's
-split tensor is joined by the first replica's group before its rank 0 sends it on.
+stage's layers (and the embedding and head by vocabulary range) as ``tensor_parallel.py`` does without a
+pipeline; rank t of a group exchanges the (whole) activations with rank t of the neighbouring stages'
+groups (with ``--sequence-parallel`` its chunk of the positions: 1/T of the activation). Its parts are
+averaged over the replicas holding the same part, the clipping norm counts each split tensor's parts and
+each whole-kept tensor once, and a checkpoint's split tensor is joined by the first replica's group
+before its rank 0 sends it on.
 
 Checkpoints are ordinary whole-model APR files: rank 0 writes, asking each tensor of the whole model
 (weights, AdamW moments or Muon buffers) in turn from the first replica's rank holding it
@@ -68,9 +69,9 @@ Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or f
 What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (``ddp`` with
 ``--tensor-parallel``), full training with AdamW or Muon (``--freeze`` when every stage keeps something
 to train), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast.
-What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP or sequence
-parallelism with tensor parallelism, context and expert parallelism, LoRA, mixture-of-experts models,
-distillation, float8, QAT, 8-bit AdamW.
+What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with tensor
+parallelism, context and expert parallelism, LoRA, mixture-of-experts models, distillation, float8, QAT,
+8-bit AdamW.
 """
 
 from __future__ import annotations
@@ -407,11 +408,17 @@ class PipelineParallel:
 
     # ------------------------------------------------------------------------------ gradients
     def reduce_grads(self, model) -> None:
-        """After the schedule: each gradient averaged over this stage's replicas (FSDP's last backward
-        already reduce-scattered them), then the tied embedding's two copies summed (first and last
-        stage; under FSDP each replica's rows of both, which the two stages shard alike)."""
+        """After the schedule: under sequence parallelism the whole-kept parameters' gradients summed over
+        the tensor-parallel group; each gradient averaged over this stage's replicas (FSDP's last
+        backward already reduce-scattered them), then the tied embedding's two copies summed (first and
+        last stage; under FSDP each replica's rows of both, which the two stages shard alike)."""
         from .distributed import all_reduce_flat, local_part
 
+        sp = model.sequence_parallel
+        if sp is not None:  # (the norms' gradients, each rank's from its own positions, summed over the group)
+            from .tensor_parallel import sequence_split_parameters
+
+            all_reduce_flat([p.grad for p in sequence_split_parameters(model) if p.grad is not None], sp.group)
         if self.data is not None and not self.sharded(model):
             all_reduce_flat([p.grad for p in model.parameters() if p.grad is not None], self.data, self.replicas)
         if self.tied is not None and model.config.tie_word_embeddings \
