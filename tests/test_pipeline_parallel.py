@@ -54,6 +54,11 @@ CASES = {
     # each rank's half of the positions sent on; the tied Qwen2 interleaved, both embedding copies split)
     "llama_tp_4": ("llama", ["--document-mask"], 4, ["--tensor-parallel", "2", "--sequence-parallel"]),
     "qwen2_tp_4": ("qwen2_tp", [], 4, ["--tensor-parallel", "2", "--pipeline-schedule", "interleaved"]),
+    # (2 stages x a context-parallel group of 2: each rank of a group holds 2 of the 4 chunks of every
+    # row's positions, its activations of them sent on; the group's gradients averaged like replicas',
+    # or under FSDP the stage sharded over the group)
+    "qwen2_cp_4": ("qwen2", ["--document-mask"], 4, ["--context-parallel", "2"]),
+    "qwen2_cp_fsdp_4": ("qwen2", [], 4, ["--context-parallel", "2", "--parallel", "fsdp"]),
 }
 
 
@@ -302,6 +307,8 @@ def test_refusals_name_the_reason():
             ({"world": 3, "mode": "ddp"}, "does not divide the world size 3"),
             ({"world": 8, "mode": "ddp", "tensor": 3}, "2 x --tensor-parallel 3 does not divide the world size 8"),
             ({"world": 8, "mode": "fsdp", "tensor": 2}, "expected --parallel ddp"),
+            ({"world": 8, "mode": "ddp", "tensor": 2, "context": 2}, "expected one of them inside the stages"),
+            ({"world": 6, "mode": "ddp", "context": 2}, "2 x --context-parallel 2 does not divide the world size 6"),
             ({"world": 2, "mode": "ddp", "num_layers": 1}, "the model has 1 decoder layers"),
             ({"world": 2, "mode": "ddp", "num_layers": 3, "chunks": 2}, "at least one per model chunk"),
             ({"world": 2, "mode": "ddp", "chunks": 2, "micro": 3}, "expected a multiple of --pipeline-parallel 2"),

@@ -572,13 +572,13 @@ def _train(args, env, mode: str) -> int:
 
         chunks = pipeline_parallel.chunks_for(args.pipeline_schedule, args.pipeline_chunks)
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
-                                chunks=chunks, tensor=args.tensor_parallel, **{
-            "--context-parallel": args.context_parallel != 1, "--expert-parallel": args.expert_parallel != 1,
+                                chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel, **{
+            "--expert-parallel": args.expert_parallel != 1,
             "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher), "--float8": bool(args.float8),
             "--qat": bool(args.qat), "--optimizer adamw8bit": args.optimizer == "adamw8bit",
             "--eval-choices": bool(args.eval_choices)})
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
-                                      tensor=args.tensor_parallel)
+                                      tensor=args.tensor_parallel, context=args.context_parallel)
 
     def prepare(m):
         """What a model gets before FSDP shards it (under FSDP on the meta device, while loading):
@@ -680,7 +680,7 @@ def _train(args, env, mode: str) -> int:
                              f"batch per rank")
         if pp is not None:
             pipeline_parallel.check(pp.size, world=env.world_size, mode=mode, num_layers=model.config.num_layers,
-                                    chunks=pp.chunks, micro=cfg.grad_accum, tensor=pp.tensor,
+                                    chunks=pp.chunks, micro=cfg.grad_accum, tensor=pp.tensor, context=pp.context,
                                     **{"a mixture-of-experts model": model.config.is_moe})
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,

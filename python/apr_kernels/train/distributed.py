@@ -512,13 +512,13 @@ class Parallel:
         """Ranks that take different rows: all of them, or one per context- or tensor-parallel group
         (pipeline parallelism: one per pipeline)."""
         if self.pipeline is not None:
-            return self.pipeline.replicas
+            return self.pipeline.row_groups
         return self.env.world_size // self._sharing
 
     @property
     def data_rank(self) -> int:
         if self.pipeline is not None:
-            return self.pipeline.replica
+            return self.pipeline.row_group
         return self.env.rank // self._sharing
 
     @property
@@ -767,7 +767,7 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         if mode == "fsdp":
             model = _fsdp_shard(model, env, compute_dtype, pipeline=pipeline_parallel)
         return Parallel(model.to(env.device) if mode != "fsdp" else model, mode, env, pipeline=pipeline_parallel,
-                        tensor=tensor)
+                        tensor=tensor, context=context)
     if mode == "fsdp":
         return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel, tensor), mode, env, context=context,
                         expert=expert_parallel, tensor=tensor)

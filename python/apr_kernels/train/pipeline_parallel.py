@@ -50,6 +50,11 @@ averaged over the replicas holding the same part, the clipping norm counts each 
 each whole-kept tensor once, and a checkpoint's split tensor is joined by the first replica's group
 before its rank 0 sends it on.
 
+Context parallelism (``--context-parallel C``, long sequences): each stage's replicas form groups of C
+consecutive ranks that split every row's positions as ``context_parallel.py`` does; each rank sends on
+its positions' activations, the group's ranks average their gradients like replicas (or FSDP shards
+the stage over all of them), and their losses of disjoint positions add up.
+
 Checkpoints are ordinary whole-model APR files: rank 0 writes, asking each tensor of the whole model
 (weights, AdamW moments or Muon buffers) in turn from the first replica's rank holding it
 (``PipelineGatherer``), so no rank holds more than its stage plus one tensor. Resuming loads each
@@ -70,8 +75,8 @@ What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the repli
 ``--tensor-parallel``), full training with AdamW or Muon (``--freeze`` when every stage keeps something
 to train), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast.
 What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with tensor
-parallelism, context and expert parallelism, LoRA, mixture-of-experts models, distillation, float8, QAT,
-8-bit AdamW.
+parallelism, tensor with context parallelism, expert parallelism, LoRA, mixture-of-experts models,
+distillation, float8, QAT, 8-bit AdamW.
 """
 
 from __future__ import annotations
@@ -159,7 +164,7 @@ def chunks_for(schedule: str, chunks: int | None) -> int:
 
 
 def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fsdp_shard: int | None = None,
-          chunks: int = 1, micro: int | None = None, tensor: int = 1, **refused) -> None:
+          chunks: int = 1, micro: int | None = None, tensor: int = 1, context: int = 1, **refused) -> None:
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
     ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``),
     ``tensor``: ``--tensor-parallel``. ``refused``: option name -> whether it is in use (each a
@@ -174,14 +179,19 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     if fsdp_shard:
         raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: FSDP shards each stage "
                          f"over all its replicas; expected no --fsdp-shard-size (HSDP) with pipeline parallelism")
+    if tensor > 1 and context > 1:
+        raise ValueError(f"--pipeline-parallel {size} with both --tensor-parallel {tensor} and --context-parallel "
+                         f"{context} is not supported; expected one of them inside the stages")
     if tensor > 1 and mode == "fsdp":
         raise ValueError(f"--pipeline-parallel {size} with --tensor-parallel {tensor} and --parallel fsdp is not "
                          f"supported; expected --parallel ddp (each stage's tensor-parallel parts averaged over "
                          f"their replicas)")
-    if world % (size * tensor):
-        raise ValueError(f"--pipeline-parallel {size}" + (f" x --tensor-parallel {tensor}" if tensor > 1 else "")
-                         + f" does not divide the world size {world}; expected world = stages x "
-                         + ("data-parallel replicas" if tensor == 1 else "data-parallel replicas x tensor-parallel ranks"))
+    if world % (size * tensor * context):
+        inner = [f" x --{kind}-parallel {n}" for kind, n in (("tensor", tensor), ("context", context)) if n > 1]
+        raise ValueError(f"--pipeline-parallel {size}{''.join(inner)} does not divide the world size {world}; "
+                         f"expected world = stages x data-parallel replicas"
+                         + "".join(f" x {kind}-parallel ranks" for kind, n in (("tensor", tensor), ("context", context))
+                                   if n > 1))
     if num_layers is not None and num_layers < size * chunks:
         per = "stage" if chunks == 1 else f"model chunk ({size} stages x {chunks} chunks)"
         raise ValueError(f"--pipeline-parallel {size}: the model has {num_layers} decoder layers; expected at "
@@ -199,7 +209,9 @@ class PipelineParallel:
     """This rank's place in the pipelines: ``size`` stages x ``replicas`` x ``tensor`` ranks (a
     tensor-parallel group of ``tensor`` consecutive ranks splits each layer; 1 without); it runs stage
     ``stage`` of replica ``replica``'s pipeline, as rank ``tensor_rank`` of its tensor-parallel
-    group. A stage holds ``chunks`` model chunks (``interleaved``; else 1):
+    group. The replicas hold the same parameters and average their gradients; with ``context`` > 1
+    (context parallelism) groups of that many consecutive replicas share rows, each holding its
+    share of the positions, so ``replicas / context`` of them take different rows. A stage holds ``chunks`` model chunks (``interleaved``; else 1):
     the model's layers split into ``size * chunks`` parts of consecutive layers, part ``c * size + s``
     being chunk c of stage s. Groups: ``data`` (this stage's replicas, None for one), ``tied`` (this
     pipeline's first and last stage, on those two; used when the model ties its embeddings),
@@ -217,6 +229,16 @@ class PipelineParallel:
     links: dict = None  # ("acts" | "grads", from stage, to stage) -> the 2-rank group of that direction
     tensor: int = 1
     tensor_rank: int = 0
+    context: int = 1
+
+    @property
+    def row_groups(self) -> int:
+        """The replicas that take different rows of a batch (a context-parallel group counts once)."""
+        return self.replicas // self.context
+
+    @property
+    def row_group(self) -> int:
+        return self.replica // self.context
     # the residual stream's dtype between stages when not the parameters' (FSDP's compute dtype on CUDA)
     wire_dtype: torch.dtype | None = None
 
@@ -435,9 +457,9 @@ class PipelineParallel:
         from .tensor_parallel import split_dims
 
         # (under FSDP each rank's rows: the replicas' shards of a stage are disjoint, so the sum over
-        # every rank is the whole model's; under tensor parallelism each rank's parts of the split
-        # tensors, the whole-kept ones (alike on the group's ranks) counted on its rank 0, summed over
-        # every rank, whose replicas agree: divided by them; else one pipeline's ranks count)
+        # every rank is the whole model's; else each rank's parts of the split tensors (tensor
+        # parallelism), the whole-kept ones (alike on the group's ranks) counted on its rank 0, summed
+        # over every rank, whose replicas agree after the average: divided by them)
         split = split_dims(model)
         grads = [local_part(p.grad) for n, p in self.owned(model)
                  if p.grad is not None and (n in split or self.tensor_rank == 0)]
@@ -445,13 +467,9 @@ class PipelineParallel:
         sq = torch.zeros((), dtype=torch.float32, device=device)
         if grads:
             sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-        if self.sharded(model):
-            dist.all_reduce(sq)
-        elif self.tensor > 1:
-            dist.all_reduce(sq)
+        dist.all_reduce(sq)
+        if not self.sharded(model):
             sq = sq / self.replicas
-        elif self.pipeline is not None:
-            dist.all_reduce(sq, group=self.pipeline)
         norm = sq.sqrt()
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         every = [local_part(p.grad) for p in model.parameters() if p.grad is not None]
@@ -461,10 +479,10 @@ class PipelineParallel:
 
 
 def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int = 1,
-           tensor: int = 1) -> PipelineParallel:
+           tensor: int = 1, context: int = 1) -> PipelineParallel:
     """This rank's ``PipelineParallel`` for ``size`` stages (of ``chunks`` model chunks each) over
     ``world`` ranks (stage-major; within a stage, tensor-parallel groups of ``tensor`` consecutive
-    ranks). Every rank creates every group, in one order, as
+    ranks, or context-parallel groups of ``context`` consecutive ranks). Every rank creates every group, in one order, as
     ``torch.distributed.new_group`` needs (the tied embedding's too: whether the model ties is known
     only once it is loaded)."""
     if schedule not in SCHEDULES:
@@ -473,7 +491,7 @@ def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int
     replicas = width // tensor
     stage, local = divmod(rank, width)
     pp = PipelineParallel(size, stage, replicas, local // tensor, schedule, chunks, tensor=tensor,
-                          tensor_rank=local % tensor)
+                          tensor_rank=local % tensor, context=context)
     for s in range(size):  # each stage's replicas (those holding the same tensor-parallel part)
         for t in range(tensor):
             g = dist.new_group([s * width + d * tensor + t for d in range(replicas)]) if replicas > 1 else None
