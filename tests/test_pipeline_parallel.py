@@ -4,15 +4,18 @@ batch: losses, gradient norms (the whole model's, the tied embedding counted onc
 the gathered checkpoint's weights and optimizer state, and resuming across layouts.
 
 On 2 ranks (one pipeline of 2 stages): an untied Llama of 3 layers (2 + 1) in the 1F1B schedule
-with document masks and fp16 loss scaling; a tied Qwen2 (q/k/v bias; its head a copy of the embedding on the last stage)
-in GPipe with label smoothing, z-loss, activation checkpointing and a background step checkpoint;
-the tied Qwen2 in the interleaved schedule (2 chunks of one layer per stage) under FSDP with document
-masks; a one-process step checkpoint resumed on 2 stages under FSDP. On 4 ranks (2 stages x 2 data-parallel
-replicas): the tied Qwen2 with Muon, each replica averaging its stage's gradients, and under FSDP
-(each stage sharded over its replicas) with 3 micro-batches in 1F1B. In one process: the split of the
-layers and of the model (on the meta device, and loaded from a file: only a stage's tensors, the
-file's values), every schedule run on a model of the stages (order, deadlock freedom, idle share,
-activations held), the refusals."""
+with document masks, fp16 loss scaling and --freeze patterns matching on one stage each; a tied
+Qwen2 (q/k/v bias; its head a copy of the embedding on the last stage) in GPipe with label
+smoothing, z-loss, activation checkpointing and a background step checkpoint; a tied Qwen2 of 4
+heads in the interleaved schedule (2 chunks of one layer per stage) under FSDP with document masks
+and float8 attention projections; a one-process step checkpoint resumed on 2 stages under FSDP. On 4
+ranks (2 stages x 2): the tied Qwen2 with Muon, each replica averaging its stage's gradients, and
+under FSDP (each stage sharded over its replicas) with 3 micro-batches in 1F1B and --qat q8; tensor
+parallelism inside the stages (the untied Llama with sequence parallelism and document masks; the
+Qwen2 of 4 heads interleaved); context parallelism inside the stages (with 8-bit AdamW; under FSDP).
+In one process: the split of the layers and of the model (on the meta device, and loaded from a
+file: only a stage's tensors, the file's values), every schedule run on a model of the stages
+(order, deadlock freedom, idle share, activations held), the refusals."""
 
 from __future__ import annotations
 
@@ -44,10 +47,11 @@ CASES = {
     "qwen2_muon_4": ("qwen2", ["--optimizer", "muon"], 4, []),
     # (each stage sharded over its 2 replicas: FSDP gathers around every micro-batch, reduce-scatters
     # after the last; the tied embedding's two copies summed shard by shard)
-    "qwen2_fsdp_4": ("qwen2", ["--grad-accum", "3"], 4, ["--parallel", "fsdp"]),
+    "qwen2_fsdp_4": ("qwen2", ["--grad-accum", "3", "--qat", "q8"], 4, ["--parallel", "fsdp"]),
     # (2 stages x 2 chunks of one layer: stage 0 runs layers 0 and 2, stage 1 layers 1 and 3; stage 1's
-    # chunk 0 hands on to stage 0's chunk 1; under FSDP, each chunk's last backward reduce-scatters)
-    "qwen2_interleaved": ("qwen2", ["--grad-accum", "4", "--document-mask"], 2,
+    # chunk 0 hands on to stage 0's chunk 1; under FSDP, each chunk's last backward reduce-scatters; the
+    # attention's projections, of multiples of 16, in float8)
+    "qwen2_interleaved": ("qwen2_tp", ["--grad-accum", "4", "--document-mask", "--float8", "tensorwise"], 2,
                           ["--pipeline-schedule", "interleaved", "--parallel", "fsdp"]),
     # (2 stages x 2 tensor-parallel ranks, ranks 0-1 stage 0 and 2-3 stage 1: every layer's heads and
     # MLP rows split, the untied head by vocabulary range on stage 1 alone, under sequence parallelism
@@ -57,7 +61,7 @@ CASES = {
     # (2 stages x a context-parallel group of 2: each rank of a group holds 2 of the 4 chunks of every
     # row's positions, its activations of them sent on; the group's gradients averaged like replicas',
     # or under FSDP the stage sharded over the group)
-    "qwen2_cp_4": ("qwen2", ["--document-mask"], 4, ["--context-parallel", "2"]),
+    "qwen2_cp_4": ("qwen2", ["--document-mask", "--optimizer", "adamw8bit"], 4, ["--context-parallel", "2"]),
     "qwen2_cp_fsdp_4": ("qwen2", [], 4, ["--context-parallel", "2", "--parallel", "fsdp"]),
 }
 
@@ -97,7 +101,7 @@ def test_pipeline_matches_one_process(runs, name):
     # as in test_distributed and test_tensor_parallel)
     # (fp16 autocast: the rounding differs with the CPU's fp16 kernels and the sharding: losses within
     # 3e-5 relative, and AdamW's steps move a weight whose gradient is tiny by up to its rate, 3e-3: 2e-4)
-    muon, fp16 = "muon" in CASES[name][1], "fp16" in CASES[name][1]
+    muon, fp16, eight_bit = ("muon" in CASES[name][1], "fp16" in CASES[name][1], "adamw8bit" in CASES[name][1])
     ref, got = _same_run(one[name], out[name], rel=2e-4 if muon else 3e-5 if fp16 else 1e-5,
                          grad_rel=2e-3 if muon else 1e-4,
                          eval_abs=None if muon or fp16 else 1e-5)
@@ -109,7 +113,7 @@ def test_pipeline_matches_one_process(runs, name):
     assert (start["pipeline_schedule"], start["pipeline_chunks"]) == (schedule, 2 if schedule == "interleaved" else 1)
     # the gathered checkpoint: one process's tensors (weights, moments), names and training state
     _same_checkpoint(root / f"pp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name,
-                     atol=1e-3 if muon else 2e-4 if fp16 else 5e-5)
+                     atol=1e-3 if muon or eight_bit else 2e-4 if fp16 else 5e-5)
     from test_distributed import _tensors
 
     (_, meta_a), (_, meta_b) = (_tensors(root / d / "model.apr") for d in (f"pp_{name}", f"one_{name}"))

@@ -574,8 +574,10 @@ def _train(args, env, mode: str) -> int:
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
                                 chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel, **{
             "--expert-parallel": args.expert_parallel != 1,
-            "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher), "--float8": bool(args.float8),
-            "--qat": bool(args.qat), "--optimizer adamw8bit": args.optimizer == "adamw8bit",
+            "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher),
+            # (8-bit moments gathered whole from a stage's rank; not sharded or split ones)
+            "--optimizer adamw8bit with --parallel fsdp or --tensor-parallel":
+                args.optimizer == "adamw8bit" and (mode == "fsdp" or args.tensor_parallel != 1),
             "--eval-choices": bool(args.eval_choices)})
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
                                       tensor=args.tensor_parallel, context=args.context_parallel)

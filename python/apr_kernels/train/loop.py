@@ -659,7 +659,7 @@ class Trainer(EvalWatch):
             return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                   enabled=self.autocast_dtype is not None)
 
-        with self._saved_tensors():
+        with self._quantised(), self._saved_tensors():  # (--qat: each stage's weights as the file holds them)
             total = par.pipeline.train_step(self.model, micro, scale, autocast=autocast, scaler=self.scaler,
                                             loss_kwargs={"label_smoothing": c.label_smoothing, "z_loss": c.z_loss})
         par.pipeline.reduce_grads(self.model)

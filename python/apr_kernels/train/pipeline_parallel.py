@@ -72,11 +72,13 @@ a checkpoint's tensor is all-gathered by its stage's replicas before its owner s
 Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16).
 
 What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (``ddp`` with
-``--tensor-parallel``), full training with AdamW or Muon (``--freeze`` when every stage keeps something
-to train), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast.
+``--tensor-parallel``), full training with AdamW or Muon (8-bit AdamW with ``ddp`` replicas and no
+tensor parallelism: its codes and scales gathered as they are), ``--freeze`` when every stage keeps
+something to train, ``--qat`` and ``--float8`` (each stage's weights and projections, as without a
+pipeline), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast.
 What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with tensor
-parallelism, tensor with context parallelism, expert parallelism, LoRA, mixture-of-experts models,
-distillation, float8, QAT, 8-bit AdamW.
+parallelism, tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism, expert
+parallelism, LoRA, mixture-of-experts models, distillation, ``--eval-choices``.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .gathering import RankZeroGather
+from .gathering import Gathered8bit, RankZeroGather
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
@@ -538,14 +540,20 @@ class PipelineGatherer(RankZeroGather):
             self.local["weight", name] = p
             entries.append(("weight", name, str(p.dtype), shape, None, dim))
             state = opt.state.get(p) or {}
+            step = int(state["step"]) if "step" in state else None
             for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-                if key in state:
-                    if not torch.is_tensor(state[key]):
-                        raise ValueError("--pipeline-parallel checkpoints hold AdamW's or Muon's tensors; "
-                                         "8-bit moments are not supported")
-                    self.local[key, name] = state[key]
-                    entries.append((key, name, "torch.float32", shape,
-                                    int(state["step"]) if "step" in state else None, dim))
+                m = state.get(key)
+                if m is None:
+                    continue
+                if torch.is_tensor(m):
+                    self.local[key, name] = m
+                    entries.append((key, name, "torch.float32", shape, step, dim))
+                    continue
+                # an 8-bit moment (adamw8bit.Blockwise8bit; whole on this rank: refused sharded or split)
+                for part in ("codes", "absmax"):
+                    t = getattr(m, part)
+                    self.local[f"{key}.{part}", name] = t
+                    entries.append((f"{key}.{part}", name, str(t.dtype), tuple(t.shape), step, None))
         if pp.local != 0:  # (one list per stage: its first replica's tensor-parallel rank 0's)
             entries = []
         every: list = [None] * dist.get_world_size()
@@ -586,7 +594,13 @@ class PipelineGatherer(RankZeroGather):
                 weights[name] = lazy
                 continue
             entry = moments.setdefault(name, {})
-            entry[kind] = lazy
+            key, _, part = kind.partition(".")
+            if not part:
+                entry[key] = lazy
+            elif part == "codes":  # (an 8-bit moment: its codes, then its scales)
+                entry[key] = Gathered8bit(lazy, None)
+            else:
+                entry[key].absmax = lazy
             if step is not None:
                 entry["step"] = step
         return weights, moments
