@@ -653,7 +653,7 @@ def _train(args, env, mode: str) -> int:
                              "run keeps its checkpoint's (they are saved with it)")
         model.config = model.config.with_context(**context, where=str(args.init or "the preset config"))
     model.gradient_checkpointing = args.grad_checkpointing or False
-    freeze_parameters(model, cfg.freeze, pp)  # (a resumed run's come from its checkpoint)
+    freeze_parameters(model, cfg.freeze, pp, cfg.optimizer)  # (a resumed run's come from its checkpoint)
     prepare(model)  # (done while loading under FSDP)
     if args.compile:
         compile_layers(model)

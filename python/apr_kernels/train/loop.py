@@ -150,15 +150,16 @@ class TrainConfig:
         return dataclasses.replace(self, steps=steps, warmup=warmup)
 
 
-def freeze_parameters(model: torch.nn.Module, patterns: list[str] | None, pipeline=None) -> list[str]:
+def freeze_parameters(model: torch.nn.Module, patterns: list[str] | None, pipeline=None,
+                      optimizer: str = "adamw") -> list[str]:
     """``--freeze``: the parameters whose Hugging Face names match any of the fnmatch ``patterns``
     (``model.embed_tokens.weight``, ``model.layers.[0-9].*``) stop training (no gradient, no
     optimizer state); the names frozen. Before the optimizer and any DDP/FSDP wrapping. A pattern
     that matches nothing, freezing everything, or freezing on top of LoRA (whose base is frozen
     already) is an error naming it. ``pipeline``: a ``pipeline_parallel.PipelineParallel`` whose stages
     hold the model between them (a collective of its pipeline): a pattern counts when it matches on
-    any stage, and every stage must keep something to train (its optimizer and backward need it);
-    every stage raises the same error."""
+    any stage, every stage raises the same error, and a stage may be left nothing to train (its
+    parts then run no backward) but under Muon (``optimizer``), which needs a matrix on every stage."""
     import fnmatch
 
     if not patterns:
@@ -184,9 +185,10 @@ def freeze_parameters(model: torch.nn.Module, patterns: list[str] | None, pipeli
                              f"{named[0][0] if named else '(none)'} and {named[-1][0] if named else ''}")
     if (len(bare) == pipeline.size) if bare else len(frozen) == len(named):
         raise ValueError(f"--freeze {' '.join(patterns)}: freezes every parameter; expected some left to train")
-    if bare:
+    if bare and optimizer == "muon":
         raise ValueError(f"--freeze {' '.join(patterns)}: freezes every parameter of pipeline stage(s) "
-                         f"{', '.join(map(str, bare))}; expected each stage to keep some to train (or fewer stages)")
+                         f"{', '.join(map(str, bare))}; --optimizer muon expects a matrix to train on every stage "
+                         f"(or use AdamW)")
     for n, p in named:
         if n in frozen:
             p.requires_grad_(False)

@@ -73,8 +73,9 @@ Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or f
 
 What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (``ddp`` with
 ``--tensor-parallel``), full training with AdamW or Muon (8-bit AdamW with ``ddp`` replicas and no
-tensor parallelism: its codes and scales gathered as they are), ``--freeze`` when every stage keeps
-something to train, ``--qat`` and ``--float8`` (each stage's weights and projections, as without a
+tensor parallelism: its codes and scales gathered as they are), ``--freeze`` (a part with nothing
+trainable in it or before it runs no backward and keeps no activations: frozen first stages cost only
+their forwards), ``--qat`` and ``--float8`` (each stage's weights and projections, as without a
 pipeline), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast.
 What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with tensor
 parallelism, tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism, expert
@@ -232,6 +233,9 @@ class PipelineParallel:
     tensor: int = 1
     tensor_rank: int = 0
     context: int = 1
+    # part -> whether its backward runs: some parameter of it or of an earlier part trains (``--freeze``
+    # may leave the first parts nothing to train); found at the first step (``_plan_backward``)
+    backward: list | None = None
 
     @property
     def row_groups(self) -> int:
@@ -330,6 +334,21 @@ class PipelineParallel:
             return [layer for layer in model.model.layers if not isinstance(layer, PipelineHole)]
         return [model.model.layers[i] for i in stage_layers(model.config.num_layers, self.parts)[self.part(chunk)]]
 
+    def _plan_backward(self, model) -> list[bool]:
+        """``backward``: each part's trainable parameters counted on its stage, summed over the
+        pipeline (a collective), then carried forward (a part passes gradients back while an earlier
+        one trains)."""
+        held = torch.zeros(self.parts, dtype=torch.int64, device=next(model.parameters()).device)
+        for chunk in range(self.chunks):
+            first, last = self.ends(chunk)
+            head = model.model.embed_tokens if getattr(model, "lm_head", None) is None else model.lm_head
+            modules = [*self.layers(model, chunk), *([model.model.embed_tokens] if first else []),
+                       *([model.model.norm, head] if last else [])]
+            held[self.part(chunk)] = sum(int(p.requires_grad) for m in modules for p in m.parameters())
+        if self.pipeline is not None:
+            dist.all_reduce(held, group=self.pipeline)
+        return (held.cumsum(0) > 0).tolist()
+
     def ends(self, chunk: int) -> tuple[bool, bool]:
         """Whether model chunk ``chunk`` is the pipeline's first part (the embedding), its last (the
         final norm and the head)."""
@@ -351,15 +370,19 @@ class PipelineParallel:
     # ----------------------------------------------------------------------- forward, backward
     def _forward(self, model, chunk: int, x, y, docs, pending_sends, *, loss_kwargs: dict, grad: bool):
         """Model chunk ``chunk``'s part of one micro-batch: (the received input or None, the output sent
-        on or, on the pipeline's last part, the summed loss)."""
+        on or, on the pipeline's last part, the summed loss). ``grad``: recorded for a backward (for
+        a part that runs one: ``backward``)."""
         dtype = self.dtype(model)
         first, last = self.ends(chunk)
+        k = self.part(chunk)
         h_in = None
         if not first:  # (from the previous stage; chunk c > 0 of stage 0 from the last stage's chunk c - 1)
             h_in = self._recv((*x.shape, model.config.hidden_size), dtype, x.device, (self.stage - 1) % self.size,
                               "acts")
-            h_in.requires_grad_(grad)
-        out = model.stage_forward(h_in, x, y if last else None, docs, chunk=chunk, **(loss_kwargs if last else {}))
+            h_in.requires_grad_(grad and self.backward[k - 1])
+        with torch.set_grad_enabled(grad and self.backward[k]):  # (a frozen part keeps no activations)
+            out = model.stage_forward(h_in, x, y if last else None, docs, chunk=chunk,
+                                      **(loss_kwargs if last else {}))
         if not last:
             self._send(out.to(dtype), (self.stage + 1) % self.size, "acts", pending_sends)
         return h_in, out
@@ -372,7 +395,7 @@ class PipelineParallel:
         else:
             g = self._recv(out.shape, out.dtype, out.device, (self.stage + 1) % self.size, "grads")
             torch.autograd.backward(out, g)
-        if not first:
+        if not first and self.backward[self.part(chunk) - 1]:
             self._send(h_in.grad, (self.stage - 1) % self.size, "grads", pending_sends)
 
     def dtype(self, model) -> torch.dtype:
@@ -400,6 +423,8 @@ class PipelineParallel:
         if scaler is not None:  # (fp16: only the last stage scales a loss, but every stage's scaler must
             scaler.scale(total)  # hold the scale its gradients were multiplied by, to unscale them)
         fsdp, n = self.sharded(model), len(micro_batches)
+        if self.backward is None:
+            self.backward = self._plan_backward(model)
         for op, chunk, m in schedule(self.schedule, self.size, self.stage, n, self.chunks):
             if op == "F":
                 x, y, docs = micro_batches[m]
@@ -407,7 +432,10 @@ class PipelineParallel:
                     h_in, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=loss_kwargs, grad=True)
                 if self.ends(chunk)[1]:
                     total = total + out.detach().float()
-                saved[chunk, m] = (h_in, out)
+                if self.backward[self.part(chunk)]:
+                    saved[chunk, m] = (h_in, out)
+                continue
+            if not self.backward[self.part(chunk)]:  # (nothing here or before it trains: no backward)
                 continue
             h_in, out = saved.pop((chunk, m))
             if fsdp:  # (gradients accumulate unsharded; a chunk's last backward reduce-scatters their sum)
