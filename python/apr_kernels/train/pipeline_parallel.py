@@ -170,7 +170,7 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
           chunks: int = 1, micro: int | None = None, tensor: int = 1, context: int = 1, **refused) -> None:
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
     ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``),
-    ``tensor``: ``--tensor-parallel``. ``refused``: option name -> whether it is in use (each a
+    ``tensor``, ``context``: ``--tensor-parallel``, ``--context-parallel``. ``refused``: option name -> whether it is in use (each a
     combination not built)."""
     if size < 1:
         raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
@@ -190,11 +190,10 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
                          f"supported; expected --parallel ddp (each stage's tensor-parallel parts averaged over "
                          f"their replicas)")
     if world % (size * tensor * context):
-        inner = [f" x --{kind}-parallel {n}" for kind, n in (("tensor", tensor), ("context", context)) if n > 1]
-        raise ValueError(f"--pipeline-parallel {size}{''.join(inner)} does not divide the world size {world}; "
-                         f"expected world = stages x data-parallel replicas"
-                         + "".join(f" x {kind}-parallel ranks" for kind, n in (("tensor", tensor), ("context", context))
-                                   if n > 1))
+        inner = [(kind, n) for kind, n in (("tensor", tensor), ("context", context)) if n > 1]
+        raise ValueError(f"--pipeline-parallel {size}" + "".join(f" x --{k}-parallel {n}" for k, n in inner)
+                         + f" does not divide the world size {world}; expected world = stages x data-parallel "
+                         f"replicas" + "".join(f" x {k}-parallel ranks" for k, _ in inner))
     if num_layers is not None and num_layers < size * chunks:
         per = "stage" if chunks == 1 else f"model chunk ({size} stages x {chunks} chunks)"
         raise ValueError(f"--pipeline-parallel {size}: the model has {num_layers} decoder layers; expected at "
@@ -214,9 +213,9 @@ class PipelineParallel:
     ``stage`` of replica ``replica``'s pipeline, as rank ``tensor_rank`` of its tensor-parallel
     group. The replicas hold the same parameters and average their gradients; with ``context`` > 1
     (context parallelism) groups of that many consecutive replicas share rows, each holding its
-    share of the positions, so ``replicas / context`` of them take different rows. A stage holds ``chunks`` model chunks (``interleaved``; else 1):
-    the model's layers split into ``size * chunks`` parts of consecutive layers, part ``c * size + s``
-    being chunk c of stage s. Groups: ``data`` (this stage's replicas, None for one), ``tied`` (this
+    share of the positions, so ``replicas / context`` of them take different rows. A stage holds
+    ``chunks`` model chunks (``interleaved``; else 1): the model's layers split into ``size * chunks``
+    parts of consecutive layers, part ``c * size + s`` being chunk c of stage s. Groups: ``data`` (this stage's replicas, None for one), ``tied`` (this
     pipeline's first and last stage, on those two; used when the model ties its embeddings),
     ``pipeline`` (this replica's stages), ``links`` (one per direction between stages that exchange)."""
 
@@ -236,6 +235,8 @@ class PipelineParallel:
     # part -> whether its backward runs: some parameter of it or of an earlier part trains (``--freeze``
     # may leave the first parts nothing to train); found at the first step (``_plan_backward``)
     backward: list | None = None
+    # the residual stream's dtype between stages when not the parameters' (FSDP's compute dtype on CUDA)
+    wire_dtype: torch.dtype | None = None
 
     @property
     def row_groups(self) -> int:
@@ -245,8 +246,6 @@ class PipelineParallel:
     @property
     def row_group(self) -> int:
         return self.replica // self.context
-    # the residual stream's dtype between stages when not the parameters' (FSDP's compute dtype on CUDA)
-    wire_dtype: torch.dtype | None = None
 
     @property
     def first(self) -> bool:
