@@ -19,6 +19,8 @@ file: only a stage's tensors, the file's values), every schedule run on a model 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -79,7 +81,13 @@ def runs(tmp_path_factory):
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
         save_checkpoint(root / f"{name}.apr", model=model)
-    args = {name: ["train", "--init", str(root / f"{config}.apr"), *COMMON, *extra]
+    # multiple-choice questions scored at each eval (--eval-choices), through the stages in the GPipe case
+    questions = root / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"context": f"The {w} is", "choices": [" red", " blue", " green"],
+                                             "answer": i % 3}) + "\n"
+                                 for i, w in enumerate(("sky", "sea", "leaf", "rose", "grass", "sun", "plum", "moss"))))
+    args = {name: ["train", "--init", str(root / f"{config}.apr"), *COMMON, *extra,
+                   *(["--eval-choices", str(questions)] if name == "qwen2_gpipe" else [])]
             for name, (config, extra, _, _) in CASES.items()}
     pipelined = {name: ([*args[name], *only, "--pipeline-parallel", "2", "--out", str(root / f"pp_{name}")], world)
                  for name, (_, _, world, only) in CASES.items()}
@@ -108,6 +116,11 @@ def test_pipeline_matches_one_process(runs, name):
     (start,), (ref_start,) = ([r for r in recs if r["event"] == "start"] for recs in (got, ref))
     assert start["params"] == ref_start["params"] and start["trainable"] == ref_start["trainable"]
     assert start["pipeline_parallel"] == 2 and 0 < start["params_rank"] < start["params"]
+    # (--eval-choices: the questions' log-likelihoods through the stages pick the same answers)
+    evals = [r for r in got if r["event"] == "eval"]
+    assert [(r.get("eval_acc"), r.get("eval_acc_norm")) for r in evals] == \
+        [(r.get("eval_acc"), r.get("eval_acc_norm")) for r in ref if r["event"] == "eval"]
+    assert all((r.get("eval_questions") == 8) == (name == "qwen2_gpipe") for r in evals)
     only = CASES[name][3]
     schedule = only[only.index("--pipeline-schedule") + 1] if "--pipeline-schedule" in only else "1f1b"
     assert (start["pipeline_schedule"], start["pipeline_chunks"]) == (schedule, 2 if schedule == "interleaved" else 1)

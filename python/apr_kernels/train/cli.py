@@ -283,8 +283,13 @@ def choices_eval(paths, tokenizer):
     records = read_choices(paths)
 
     def measure(trainer) -> dict:
+        model, pp = trainer.model, getattr(trainer.parallel, "pipeline", None)
+        if pp is not None:  # (through the stages, the scores on every rank)
+            from .pipeline_parallel import PipelineScorer
+
+            model = PipelineScorer(model, pp)
         with trainer.model.whole_sequences():  # (under context parallelism too: each rank scores all of it)
-            res = score_choices(trainer.model, records, tokenizer, batch_size=trainer.cfg.eval_batch_size,
+            res = score_choices(model, records, tokenizer, batch_size=trainer.cfg.eval_batch_size,
                                 device=trainer.device, autocast_dtype=trainer.autocast_dtype)
         if trainer.parallel is not None:
             trainer.parallel.reshard()
@@ -577,8 +582,7 @@ def _train(args, env, mode: str) -> int:
             "--lora-rank": bool(args.lora_rank), "--teacher": bool(args.teacher),
             # (8-bit moments gathered whole from a stage's rank; not sharded or split ones)
             "--optimizer adamw8bit with --parallel fsdp or --tensor-parallel":
-                args.optimizer == "adamw8bit" and (mode == "fsdp" or args.tensor_parallel != 1),
-            "--eval-choices": bool(args.eval_choices)})
+                args.optimizer == "adamw8bit" and (mode == "fsdp" or args.tensor_parallel != 1)})
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
                                       tensor=args.tensor_parallel, context=args.context_parallel)
 

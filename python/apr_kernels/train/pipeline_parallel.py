@@ -76,10 +76,11 @@ What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the repli
 tensor parallelism: its codes and scales gathered as they are), ``--freeze`` (a part with nothing
 trainable in it or before it runs no backward and keeps no activations: frozen first stages cost only
 their forwards), ``--qat`` and ``--float8`` (each stage's weights and projections, as without a
-pipeline), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast.
-What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with tensor
-parallelism, tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism, expert
-parallelism, LoRA, mixture-of-experts models, distillation, ``--eval-choices``.
+pipeline), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast,
+``--eval-choices`` (the questions' log-likelihoods through the stages, ``PipelineScorer``). What does
+not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with tensor parallelism,
+tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism, expert parallelism, LoRA,
+mixture-of-experts models, distillation.
 """
 
 from __future__ import annotations
@@ -457,6 +458,21 @@ class PipelineParallel:
             work.wait()
         return out.double() if self.last else torch.zeros((), dtype=torch.float64, device=x.device)
 
+    @torch.no_grad()
+    def sequence_losses(self, model, x, y, documents=None) -> torch.Tensor:
+        """``forward``'s ``reduction="sequence"`` losses of the rows ``x`` (each document's, with
+        ``documents``) through the pipeline, fp32, on every stage (broadcast from the last one)."""
+        sends: list = []
+        for chunk in range(self.chunks):
+            _, out = self._forward(model, chunk, x, y, documents, sends, loss_kwargs={"reduction": "sequence"},
+                                   grad=False)
+        for work, _ in sends:
+            work.wait()
+        n = x.shape[0] if documents is None else documents.cu_seqlens.numel() - 1
+        losses = out.float() if self.last else torch.empty(n, dtype=torch.float32, device=x.device)
+        dist.broadcast(losses, src=self.rank_of(self.size - 1), group=self.pipeline)
+        return losses
+
     # ------------------------------------------------------------------------------ gradients
     def reduce_grads(self, model) -> None:
         """After the schedule: under sequence parallelism the whole-kept parameters' gradients summed over
@@ -543,6 +559,33 @@ def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int
             if i == local and stage in (s, nxt):
                 pp.links["acts", s, nxt], pp.links["grads", nxt, s] = acts, grads
     return pp
+
+
+class PipelineScorer:
+    """The whole pipeline as ``choices.score_choices`` (``posttrain.sequence_logps``) reads a model:
+    its ``loss(..., reduction="sequence")`` runs through the stages (``sequence_losses``), every rank
+    getting the result; the rest is the stage's model's."""
+
+    def __init__(self, model, pp: PipelineParallel):
+        self.model, self.pp = model, pp
+        self.config, self.use_fast = model.config, model.use_fast
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def loss(self, x, y, reduction: str = "mean", documents=None, lengths=None) -> torch.Tensor:
+        if reduction != "sequence":
+            raise ValueError(f"PipelineScorer.loss: reduction {reduction!r}; expected 'sequence' (each row's or "
+                             f"document's loss, the same on every stage)")
+        return self.pp.sequence_losses(self.model, x, y, documents)
 
 
 class PipelineGatherer(RankZeroGather):
