@@ -253,7 +253,8 @@ def groups(world_size: int, size: int, rank: int, sequence_parallel: bool = Fals
     if size < 1 or world_size % (size * stages):
         raise ValueError(f"--tensor-parallel {size} does not divide the world size {world_size}"
                          + (f" / --pipeline-parallel {stages}" if stages > 1 else "")
-                         + f"; expected a divisor (data-parallel groups of {size} ranks)")
+                         + f"; expected a divisor (world / {size * stages} data-parallel groups of {size} ranks"
+                         + (" per stage)" if stages > 1 else ")"))
     if stages == 1:  # (replicas of one rank when there is one group: DDP must not broadcast over the group)
         group, index, replicas = rank_groups(world_size, size, rank, replicas="always")
         return TensorParallel(group, index, size, replicas, sequence_parallel)
