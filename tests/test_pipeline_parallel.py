@@ -10,9 +10,9 @@ smoothing, z-loss, activation checkpointing and a background step checkpoint; a 
 heads in the interleaved schedule (2 chunks of one layer per stage) under FSDP with document masks
 and float8 attention projections; a one-process step checkpoint resumed on 2 stages under FSDP. On 4
 ranks (2 stages x 2): the tied Qwen2 with Muon, each replica averaging its stage's gradients, and
-under FSDP (each stage sharded over its replicas) with 3 micro-batches in 1F1B and --qat q8; tensor
-parallelism inside the stages (the untied Llama with sequence parallelism and document masks; the
-Qwen2 of 4 heads interleaved); context parallelism inside the stages (with 8-bit AdamW; under FSDP).
+under FSDP (each stage sharded over a context-parallel group) with 3 micro-batches in 1F1B and --qat
+q8; tensor parallelism inside the stages (the untied Llama with sequence parallelism and document
+masks; the Qwen2 of 4 heads interleaved); context parallelism with 8-bit AdamW.
 In one process: the split of the layers and of the model (on the meta device, and loaded from a
 file: only a stage's tensors, the file's values), every schedule run on a model of the stages
 (order, deadlock freedom, idle share, activations held), the refusals."""
@@ -47,9 +47,10 @@ CASES = {
     "qwen2_gpipe": ("qwen2", ["--label-smoothing", "0.1", "--z-loss", "1e-3", "--grad-checkpointing"], 2,
                     ["--pipeline-schedule", "gpipe", "--async-checkpoint"]),
     "qwen2_muon_4": ("qwen2", ["--optimizer", "muon"], 4, []),
-    # (each stage sharded over its 2 replicas: FSDP gathers around every micro-batch, reduce-scatters
-    # after the last; the tied embedding's two copies summed shard by shard)
-    "qwen2_fsdp_4": ("qwen2", ["--grad-accum", "3", "--qat", "q8"], 4, ["--parallel", "fsdp"]),
+    # (each stage sharded over its 2 ranks, a context-parallel group that splits the positions: FSDP
+    # gathers around every micro-batch, reduce-scatters after the last; the tied embedding's two copies
+    # summed shard by shard)
+    "qwen2_fsdp_4": ("qwen2", ["--grad-accum", "3", "--qat", "q8"], 4, ["--parallel", "fsdp", "--context-parallel", "2"]),
     # (2 stages x 2 chunks of one layer: stage 0 runs layers 0 and 2, stage 1 layers 1 and 3; stage 1's
     # chunk 0 hands on to stage 0's chunk 1; under FSDP, each chunk's last backward reduce-scatters; the
     # attention's projections, of multiples of 16, in float8)
@@ -61,10 +62,8 @@ CASES = {
     "llama_tp_4": ("llama", ["--document-mask"], 4, ["--tensor-parallel", "2", "--sequence-parallel"]),
     "qwen2_tp_4": ("qwen2_tp", [], 4, ["--tensor-parallel", "2", "--pipeline-schedule", "interleaved"]),
     # (2 stages x a context-parallel group of 2: each rank of a group holds 2 of the 4 chunks of every
-    # row's positions, its activations of them sent on; the group's gradients averaged like replicas',
-    # or under FSDP the stage sharded over the group)
+    # row's positions, its activations of them sent on; the group's gradients averaged like replicas')
     "qwen2_cp_4": ("qwen2", ["--document-mask", "--optimizer", "adamw8bit"], 4, ["--context-parallel", "2"]),
-    "qwen2_cp_fsdp_4": ("qwen2", [], 4, ["--context-parallel", "2", "--parallel", "fsdp"]),
 }
 
 
@@ -136,7 +135,7 @@ def test_pipeline_matches_one_process(runs, name):
 
 def test_a_stage_is_shared_by_its_fsdp_replicas_or_tensor_parallel_ranks(runs):
     """Under --parallel fsdp a rank holds its rows of its stage: about half of what a replica of the
-    same stage holds under DDP (same model, same 2 x 2 layout); with --tensor-parallel 2 rank 0 holds
+    same stage holds under DDP (same model, 2 ranks a stage); with --tensor-parallel 2 rank 0 holds
     its part of stage 0 (half of each layer's projections and of the embedding, the norms whole)."""
     _, _, out = runs
     held = {name: next(r for r in _records(out[name]) if r["event"] == "start")["params_rank"]
