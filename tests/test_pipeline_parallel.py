@@ -4,7 +4,7 @@ batch: losses, gradient norms (the whole model's, the tied embedding counted onc
 the gathered checkpoint's weights and optimizer state, and resuming across layouts.
 
 On 2 ranks (one pipeline of 2 stages): an untied Llama of 3 layers (2 + 1) in the 1F1B schedule
-with document masks, fp16 loss scaling and --freeze patterns matching on one stage each; a tied
+with document masks, fp16 loss scaling and stage 0 frozen, and distilled from a one-layer teacher; a tied
 Qwen2 (q/k/v bias; its head a copy of the embedding on the last stage) in GPipe with label
 smoothing, z-loss, activation checkpointing and a background step checkpoint; a tied Qwen2 of 4
 heads in the interleaved schedule (2 chunks of one layer per stage) under FSDP with document masks
@@ -44,6 +44,8 @@ CASES = {
     # (the embedding, layers 0 and 1) nothing to train: it runs no backward, and stage 1 sends none)
     "llama_1f1b": ("llama", ["--document-mask", "--grad-accum", "3", "--precision", "fp16", "--freeze",
                              "model.embed_tokens.weight", "model.layers.[01].*"], 2, []),
+    # (distillation from a one-layer Llama: the teacher's hidden states asked on the last stage alone)
+    "llama_teacher": ("llama", ["--teacher", "TEACHER", "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, []),
     "qwen2_gpipe": ("qwen2", ["--label-smoothing", "0.1", "--z-loss", "1e-3", "--grad-checkpointing"], 2,
                     ["--pipeline-schedule", "gpipe", "--async-checkpoint"]),
     # (each stage sharded over its 2 ranks, a context-parallel group that splits the positions: FSDP
@@ -80,12 +82,19 @@ def runs(tmp_path_factory):
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
         save_checkpoint(root / f"{name}.apr", model=model)
+    # a distillation teacher (another shape: one layer; the byte tokenizer the runs use embedded)
+    from apr_kernels.train.cli import byte_tokenizer
+
+    torch.manual_seed(59)
+    save_checkpoint(root / "teacher.apr", model=Transformer(_configs()["llama"].replace(num_layers=1), fast=False),
+                    tokenizer=byte_tokenizer())
     # multiple-choice questions scored at each eval (--eval-choices), through the stages in the GPipe case
     questions = root / "questions.jsonl"
     questions.write_text("".join(json.dumps({"context": f"The {w} is", "choices": [" red", " blue", " green"],
                                              "answer": i % 3}) + "\n"
                                  for i, w in enumerate(("sky", "sea", "leaf", "rose", "grass", "sun", "plum", "moss"))))
-    args = {name: ["train", "--init", str(root / f"{config}.apr"), *COMMON, *extra,
+    args = {name: ["train", "--init", str(root / f"{config}.apr"), *COMMON,
+                   *[str(root / "teacher.apr") if a == "TEACHER" else a for a in extra],
                    *(["--eval-choices", str(questions)] if name == "qwen2_gpipe" else [])]
             for name, (config, extra, _, _) in CASES.items()}
     pipelined = {name: ([*args[name], *only, "--pipeline-parallel", "2", "--out", str(root / f"pp_{name}")], world)
@@ -116,6 +125,10 @@ def test_pipeline_matches_one_process(runs, name):
     assert start["params"] == ref_start["params"] and start["trainable"] == ref_start["trainable"]
     assert start["pipeline_parallel"] == 2 and 0 < start["params_rank"] < start["params"]
     # (--eval-choices: the questions' log-likelihoods through the stages pick the same answers)
+    if "--teacher" in CASES[name][1]:  # (distillation: the cross entropy and the KL of every step)
+        for key in ("ce", "kl"):
+            assert [r[key] for r in got if r["event"] == "train"] == \
+                pytest.approx([r[key] for r in ref if r["event"] == "train"], rel=1e-5)
     evals = [r for r in got if r["event"] == "eval"]
     assert [(r.get("eval_acc"), r.get("eval_acc_norm")) for r in evals] == \
         [(r.get("eval_acc"), r.get("eval_acc_norm")) for r in ref if r["event"] == "eval"]

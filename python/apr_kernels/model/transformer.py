@@ -613,13 +613,13 @@ class Transformer(nn.Module):
 
     def stage_forward(self, h: torch.Tensor | None, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                       documents: Documents | None = None, chunk: int = 0, label_smoothing: float = 0.0,
-                      z_loss: float = 0.0, reduction: str = "sum") -> torch.Tensor:
+                      z_loss: float = 0.0, reduction: str = "sum", teacher=None) -> torch.Tensor:
         """A pipeline stage's share of ``forward`` (``train/pipeline_parallel.py``; without a pipeline
         the whole model), for the rows ``input_ids``: from their embeddings (``h`` None: the first
         part, which holds the embedding) or the residual stream ``h`` handed on by the previous part,
         through the decoder layers of this stage's model chunk ``chunk``; then, on the pipeline's last
-        part, the final norm and the loss of ``targets`` (``reduction`` as ``forward``'s; summed by
-        default), else the residual stream to hand on
+        part, the final norm and the loss of ``targets`` (``reduction`` and ``teacher`` as ``forward``'s;
+        summed by default), else the residual stream to hand on
         (the last layer's pending MLP output added: the next part's first add + norm starts from it).
         One method, so FSDP gathers a stage's own parameters (embedding, final norm, head) around it
         as around ``forward`` (``register_fsdp_forward_method``)."""
@@ -632,7 +632,7 @@ class Transformer(nn.Module):
         if pipeline is not None and not pipeline.ends(chunk)[1]:
             return h if pending is None else h + pending.to(h.dtype)
         h = add_then_norm(self.model.norm, h, pending, ctx.fast)[1]
-        return self.output(h, input_ids, targets, reduction=reduction, documents=documents,
+        return self.output(h, input_ids, targets, reduction=reduction, documents=documents, teacher=teacher,
                            label_smoothing=label_smoothing, z_loss=z_loss)
 
     def layer_inputs(self, input_ids: torch.Tensor, documents: Documents | None = None,

@@ -589,7 +589,9 @@ class Trainer(EvalWatch):
         counts = [int((self.train_seqs[i][:, 1:] >= 0).sum()) for i in indices]  # (each global micro-batch's)
         n_targets = max(1, sum(counts))
         if par is not None and par.pipeline is not None:  # the micro-batches through the stages, in its schedule
-            total = self._pipeline_step(indices, scale=world / n_targets)
+            total, ce_kl = self._pipeline_step(indices, scale=world / n_targets)
+            if ce_kl is not None:
+                parts += ce_kl
         else:
             total = self._micro_batches(indices, counts, total, parts, scale=world / n_targets)
         if router is not None:  # the means over micro-batches and ranks (the loss includes their terms)
@@ -648,14 +650,24 @@ class Trainer(EvalWatch):
                     self._router.add()
         return total
 
-    def _pipeline_step(self, indices: list, *, scale: float) -> torch.Tensor:
+    def _pipeline_step(self, indices: list, *, scale: float) -> tuple:
         """The step's micro-batches through the pipeline's stages (``pipeline_parallel.py``), then each
-        stage's gradients averaged over its replicas: this stage's summed loss (0 but on the last)."""
+        stage's gradients averaged over its replicas: this stage's summed loss (0 but on the last)
+        and, distilling, its summed ``[ce, kl]`` (else None)."""
         c, par = self.cfg, self.parallel
-        micro = []
+        micro, rows = [], []
         for index in indices:  # (sequence parallelism: this rank's chunk of the positions travels)
             x, y, docs = batch(self.train_seqs, par.local_rows(index), self.device, self.doc_eos)
             micro.append((*par.local_positions(x, y), docs))
+            rows.append(x)
+
+        def teacher_of(m: int):  # (distilling; asked on the last stage only: the whole rows, this rank's positions)
+            from apr_kernels.model.distillation import Teacher
+
+            t = Teacher.of(self.teacher, rows[m], micro[m][2], kd_ratio=c.kd_ratio, temperature=c.kd_temperature,
+                           beta=c.kd_beta)
+            t.hidden = par.local_positions(t.hidden)
+            return t
 
         def autocast():
             return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
@@ -663,9 +675,10 @@ class Trainer(EvalWatch):
 
         with self._quantised(), self._saved_tensors():  # (--qat: each stage's weights as the file holds them)
             total = par.pipeline.train_step(self.model, micro, scale, autocast=autocast, scaler=self.scaler,
-                                            loss_kwargs={"label_smoothing": c.label_smoothing, "z_loss": c.z_loss})
+                                            loss_kwargs={"label_smoothing": c.label_smoothing, "z_loss": c.z_loss},
+                                            teacher_of=teacher_of if self.teacher is not None else None)
         par.pipeline.reduce_grads(self.model)
-        return total
+        return total  # (and the [ce, kl] sums: train_step's pair)
 
     def evaluate(self) -> tuple[float, int]:
         if self.eval_tokens is None:

@@ -77,10 +77,11 @@ tensor parallelism: its codes and scales gathered as they are), ``--freeze`` (a 
 trainable in it or before it runs no backward and keeps no activations: frozen first stages cost only
 their forwards), ``--qat`` and ``--float8`` (each stage's weights and projections, as without a
 pipeline), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast,
-``--eval-choices`` (the questions' log-likelihoods through the stages, ``PipelineScorer``). What does
-not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with tensor parallelism,
-tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism, expert parallelism, LoRA,
-mixture-of-experts models, distillation.
+``--eval-choices`` (the questions' log-likelihoods through the stages, ``PipelineScorer``), distillation
+(``--teacher``, whole on every rank, its hidden states asked on the last stage: ``train_step``'s
+``teacher_of``). What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP
+with tensor parallelism, tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
+expert parallelism, LoRA, mixture-of-experts models.
 """
 
 from __future__ import annotations
@@ -389,8 +390,8 @@ class PipelineParallel:
 
     def _backward(self, chunk: int, h_in, out, scale: float, pending_sends, scaler=None) -> None:
         first, last = self.ends(chunk)
-        if last:
-            loss = out * scale
+        if last:  # (distilling, ``out`` is [loss, ce, kl])
+            loss = (out[0] if out.ndim else out) * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         else:
             g = self._recv(out.shape, out.dtype, out.device, (self.stage + 1) % self.size, "grads")
@@ -411,15 +412,17 @@ class PipelineParallel:
         return hasattr(model, "set_requires_gradient_sync")
 
     def train_step(self, model, micro_batches: list, scale: float, *, autocast=contextlib.nullcontext,
-                   loss_kwargs: dict | None = None, scaler=None) -> torch.Tensor:
+                   loss_kwargs: dict | None = None, scaler=None, teacher_of=None) -> tuple:
         """Forward and backward of the step's micro-batches ``[(x, y, docs), ...]`` through the pipeline
-        in ``self.schedule``; each loss scaled by ``scale`` for the backward. Returns the summed loss
-        (detached; 0 on every stage but the last). Gradients are this stage's, not yet reduced
-        (``reduce_grads``)."""
+        in ``self.schedule``; each loss scaled by ``scale`` for the backward. ``teacher_of(m)``:
+        distillation's ``Teacher`` of micro-batch m (asked on the last stage, in its forward). Returns
+        the summed loss (detached; 0 on every stage but the last) and, distilling, the summed
+        ``[ce, kl]`` (else None). Gradients are this stage's, not yet reduced (``reduce_grads``)."""
         loss_kwargs = loss_kwargs or {}
         sends: list = []
         saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> its input and output
         total = torch.zeros((), device=micro_batches[0][0].device)
+        parts = torch.zeros(2, device=total.device) if teacher_of is not None else None
         if scaler is not None:  # (fp16: only the last stage scales a loss, but every stage's scaler must
             scaler.scale(total)  # hold the scale its gradients were multiplied by, to unscale them)
         fsdp, n = self.sharded(model), len(micro_batches)
@@ -428,9 +431,13 @@ class PipelineParallel:
         for op, chunk, m in schedule(self.schedule, self.size, self.stage, n, self.chunks):
             if op == "F":
                 x, y, docs = micro_batches[m]
+                last = self.ends(chunk)[1]
                 with autocast():
-                    h_in, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=loss_kwargs, grad=True)
-                if self.ends(chunk)[1]:
+                    kwargs = {"teacher": teacher_of(m)} if last and teacher_of is not None else loss_kwargs
+                    h_in, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=kwargs, grad=True)
+                if last and parts is not None:  # [loss, ce, kl]
+                    total, parts = total + out[0].detach().float(), parts + out[1:].detach().float()
+                elif last:
                     total = total + out.detach().float()
                 if self.backward[self.part(chunk)]:
                     saved[chunk, m] = (h_in, out)
@@ -445,7 +452,7 @@ class PipelineParallel:
             work.wait()
         if fsdp:
             model.set_requires_gradient_sync(True)
-        return total
+        return total, parts
 
     @torch.no_grad()
     def loss_sum(self, model, x, y, docs, *, autocast=contextlib.nullcontext) -> torch.Tensor:
