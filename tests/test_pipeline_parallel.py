@@ -4,11 +4,11 @@ batch: losses, gradient norms (the whole model's, the tied embedding counted onc
 the gathered checkpoint's weights and optimizer state, and resuming across layouts.
 
 On 2 ranks (one pipeline of 2 stages): an untied Llama of 3 layers (2 + 1) in the 1F1B schedule
-with document masks, fp16 loss scaling and stage 0 frozen, and distilled from a one-layer teacher; a tied
+with document masks, fp16 loss scaling and stage 0 frozen, distilled from a one-layer teacher, and with LoRA and DoRA (the final checkpoint merged); a tied
 Qwen2 (q/k/v bias; its head a copy of the embedding on the last stage) in GPipe with label
 smoothing, z-loss, activation checkpointing and a background step checkpoint; a tied Qwen2 of 4
 heads in the interleaved schedule (2 chunks of one layer per stage) under FSDP with document masks
-and float8 attention projections; a one-process step checkpoint resumed on 2 stages under FSDP. On 4
+and float8 attention projections; the tied Qwen2 with LoRA under FSDP; a one-process step checkpoint resumed on 2 stages under FSDP. On 4
 ranks (2 stages x 2): the tied Qwen2 under FSDP (each stage sharded over a context-parallel group)
 with 3 micro-batches in 1F1B and --qat q8; tensor parallelism inside the stages (the untied Llama
 with sequence parallelism and document masks; the Qwen2 of 4 heads interleaved, with Muon); context
@@ -44,6 +44,11 @@ CASES = {
     # (the embedding, layers 0 and 1) nothing to train: it runs no backward, and stage 1 sends none)
     "llama_1f1b": ("llama", ["--document-mask", "--grad-accum", "3", "--precision", "fp16", "--freeze",
                              "model.embed_tokens.weight", "model.layers.[01].*"], 2, []),
+    # (LoRA with DoRA: every stage draws the whole model's adapters in order, keeps its own; the final
+    # checkpoint merged from the stages' weights, adapters and magnitudes)
+    "llama_lora": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2, []),
+    # (and under FSDP: the adapters added on the meta device before the split, drawn once loaded)
+    "qwen2_lora_fsdp": ("qwen2", ["--lora-rank", "4", "--lr", "1e-2"], 2, ["--parallel", "fsdp"]),
     # (distillation from a one-layer Llama: the teacher's hidden states asked on the last stage alone)
     "llama_teacher": ("llama", ["--teacher", "TEACHER", "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, []),
     "qwen2_gpipe": ("qwen2", ["--label-smoothing", "0.1", "--z-loss", "1e-3", "--grad-checkpointing"], 2,

@@ -335,6 +335,8 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
     if hasattr(model, "score"):  # a reward model's head trains whole (PEFT's modules_to_save for it)
         model.score.weight.requires_grad_(True)
     for layer in model.model.layers:
+        if getattr(layer, "pipeline_hole", False):  # (another pipeline stage's layer: not here)
+            continue
         for parent in (layer.self_attn, *layer.mlps()):  # (a mixture-of-experts layer: every expert)
             for name in targets:
                 lin = getattr(parent, name, None)
@@ -411,12 +413,17 @@ def lora_modules(model) -> dict[str, LoRALinear]:
 def whole_model_adapters(model) -> dict[str, tuple[LoRALinear, bool]]:
     """name -> (adapted projection, held) of the whole model in module order: ``lora_modules`` and,
     with expert parallelism, at each other rank's expert (``RemoteExpert``) its projections' names
-    with a held expert's of the same layer standing in (shapes, scale), ``held`` False."""
+    with a held expert's of the same layer standing in (shapes, scale), ``held`` False; likewise with
+    pipeline parallelism at each other stage's (dense) decoder layer a held layer's."""
     from .moe import Experts, RemoteExpert
 
     out, template = {}, None
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    held = next((layer for layer in layers if not getattr(layer, "pipeline_hole", False)), None)
     for name, m in model.named_modules():
-        if isinstance(m, Experts):
+        if getattr(m, "pipeline_hole", False):
+            out.update({f"{name}.{sub}": (t, False) for sub, t in held.named_modules() if isinstance(t, LoRALinear)})
+        elif isinstance(m, Experts):
             template = m.local()[0]
         elif isinstance(m, RemoteExpert):
             out.update({f"{name}.{sub}": (t, False) for sub, t in template.named_modules()

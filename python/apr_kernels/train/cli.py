@@ -579,7 +579,7 @@ def _train(args, env, mode: str) -> int:
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
                                 chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel, **{
             "--expert-parallel": args.expert_parallel != 1,
-            "--lora-rank": bool(args.lora_rank),
+            "--lora-quantized-base": bool(args.lora_quantized_base),
             # (8-bit moments gathered whole from a stage's rank; not sharded or split ones)
             "--optimizer adamw8bit with --parallel fsdp or --tensor-parallel":
                 args.optimizer == "adamw8bit" and (mode == "fsdp" or args.tensor_parallel != 1)})

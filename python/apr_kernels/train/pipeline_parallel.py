@@ -71,17 +71,19 @@ summed row shard by row shard (both stages shard it alike); the clipping norm su
 a checkpoint's tensor is all-gathered by its stage's replicas before its owner sends it to rank 0.
 Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16).
 
-What combines: any schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (``ddp`` with
-``--tensor-parallel``), full training with AdamW or Muon (8-bit AdamW with ``ddp`` replicas and no
-tensor parallelism: its codes and scales gathered as they are), ``--freeze`` (a part with nothing
-trainable in it or before it runs no backward and keeps no activations: frozen first stages cost only
-their forwards), ``--qat`` and ``--float8`` (each stage's weights and projections, as without a
-pipeline), document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16 autocast,
-``--eval-choices`` (the questions' log-likelihoods through the stages, ``PipelineScorer``), distillation
+What combines: every schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (``ddp`` with
+``--tensor-parallel``); AdamW, Muon, and 8-bit AdamW with ``ddp`` replicas and no tensor parallelism
+(its codes and scales gathered as they are); LoRA and DoRA (every stage draws the whole model's
+adapters in order and keeps its own: ``lora.whole_model_adapters``; the final checkpoint merged from
+the gathered weights and adapters); ``--freeze`` (a part with nothing trainable in it or before it
+runs no backward and keeps no activations: frozen first stages cost only their forwards); ``--qat``
+and ``--float8`` (each stage's weights and projections, as without a pipeline); distillation
 (``--teacher``, whole on every rank, its hidden states asked on the last stage: ``train_step``'s
-``teacher_of``). What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP
-with tensor parallelism, tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
-expert parallelism, LoRA, mixture-of-experts models.
+``teacher_of``); ``--eval-choices`` (the questions' log-likelihoods through the stages,
+``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16
+autocast. What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with
+tensor parallelism, tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
+expert parallelism, mixture-of-experts models, a quantised LoRA base.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
 class PipelineHole(nn.Module):
     """A decoder layer another stage holds: no parameters here, never run."""
+
+    pipeline_hole = True  # (how model/lora.py, which does not import this, tells one)
 
     def __init__(self, layer: int, stage: int):
         super().__init__()
@@ -606,7 +610,7 @@ class PipelineGatherer(RankZeroGather):
     def __init__(self, trainer, pp: PipelineParallel):
         from .tensor_parallel import split_dims
 
-        self.pp, self.device = pp, trainer.device
+        self.pp, self.device, self.model = pp, trainer.device, trainer.model
         model, opt = trainer.model, trainer.optimizer
         self.tp, split = model.tensor_parallel, split_dims(model)
         self.local: dict[tuple[str, str], torch.Tensor] = {}  # (every replica's: FSDP's shards gather)
@@ -680,5 +684,24 @@ class PipelineGatherer(RankZeroGather):
                 entry[key].absmax = lazy
             if step is not None:
                 entry["step"] = step
+        lora = getattr(self.model, "lora", None)
+        if merge_lora and lora:  # each adapted projection's W + scale B A (DoRA: rows rescaled), no adapters
+            from apr_kernels.model.lora import lora_scale
+
+            scale = lora_scale(lora["rank"], lora["alpha"], lora.get("rslora", False))
+            index = {(kind, name): i for i, (kind, name, *_) in enumerate(self.items)}
+            for base in [n.removesuffix(".lora_A") for n in weights if n.endswith(".lora_A")]:
+                parts = [index.get(("weight", f"{base}.{p}")) for p in ("weight", "lora_A", "lora_B", "lora_magnitude")]
+                for p in ("lora_A", "lora_B", "lora_magnitude"):
+                    weights.pop(f"{base}.{p}", None)
+                weights[f"{base}.weight"] = LazyTensor("F32", self.items[parts[0]][3],
+                                                       lambda parts=parts: self._merged(*parts, scale))
+            moments = {}
         return weights, moments
+
+    def _merged(self, w: int, a: int, b: int, magnitude: int | None, scale: float) -> torch.Tensor:
+        from apr_kernels.model.lora import merged
+
+        fetch = [None if i is None else self._fetch(i).float() for i in (w, a, b, magnitude)]
+        return merged(fetch[0], fetch[1], fetch[2], scale, torch.float32, fetch[3])
 
