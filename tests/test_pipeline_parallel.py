@@ -4,7 +4,7 @@ batch: losses, gradient norms (the whole model's, the tied embedding counted onc
 the gathered checkpoint's weights and optimizer state, and resuming across layouts.
 
 On 2 ranks (one pipeline of 2 stages): an untied Llama of 3 layers (2 + 1) in the 1F1B schedule
-with document masks, fp16 loss scaling and stage 0 frozen, distilled from a one-layer teacher, and with LoRA and DoRA (the final checkpoint merged); a tied
+with document masks, fp16 loss scaling and stage 0 frozen, and with LoRA and DoRA (the final checkpoint merged) distilled from a one-layer teacher; a tied
 Qwen2 (q/k/v bias; its head a copy of the embedding on the last stage) in GPipe with label
 smoothing, z-loss, activation checkpointing and a background step checkpoint; a tied Qwen2 of 4
 heads in the interleaved schedule (2 chunks of one layer per stage) under FSDP with document masks
@@ -45,12 +45,12 @@ CASES = {
     "llama_1f1b": ("llama", ["--document-mask", "--grad-accum", "3", "--precision", "fp16", "--freeze",
                              "model.embed_tokens.weight", "model.layers.[01].*"], 2, []),
     # (LoRA with DoRA: every stage draws the whole model's adapters in order, keeps its own; the final
-    # checkpoint merged from the stages' weights, adapters and magnitudes)
-    "llama_lora": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2, []),
+    # checkpoint merged from the stages' weights, adapters and magnitudes; distilled from a one-layer
+    # Llama: the teacher's hidden states asked on the last stage alone)
+    "llama_lora": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2", "--teacher", "TEACHER",
+                             "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, []),
     # (and under FSDP: the adapters added on the meta device before the split, drawn once loaded)
     "qwen2_lora_fsdp": ("qwen2", ["--lora-rank", "4", "--lr", "1e-2"], 2, ["--parallel", "fsdp"]),
-    # (distillation from a one-layer Llama: the teacher's hidden states asked on the last stage alone)
-    "llama_teacher": ("llama", ["--teacher", "TEACHER", "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, []),
     "qwen2_gpipe": ("qwen2", ["--label-smoothing", "0.1", "--z-loss", "1e-3", "--grad-checkpointing"], 2,
                     ["--pipeline-schedule", "gpipe", "--async-checkpoint"]),
     # (each stage sharded over its 2 ranks, a context-parallel group that splits the positions: FSDP
