@@ -459,26 +459,26 @@ class PipelineParallel:
         return total, parts
 
     @torch.no_grad()
-    def loss_sum(self, model, x, y, docs, *, autocast=contextlib.nullcontext) -> torch.Tensor:
-        """The summed loss of one batch through the pipeline without gradients (0 but on the last stage)."""
+    def _forward_only(self, model, x, y, docs, loss_kwargs: dict) -> torch.Tensor:
+        """One batch through this stage's chunks without gradients: the last chunk's output (on the
+        last stage, the loss ``loss_kwargs`` ask for)."""
         sends: list = []
-        with autocast():
-            for chunk in range(self.chunks):
-                _, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs={}, grad=False)
+        for chunk in range(self.chunks):
+            _, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=loss_kwargs, grad=False)
         for work, _ in sends:
             work.wait()
+        return out
+
+    def loss_sum(self, model, x, y, docs, *, autocast=contextlib.nullcontext) -> torch.Tensor:
+        """The summed loss of one batch through the pipeline without gradients (0 but on the last stage)."""
+        with autocast():
+            out = self._forward_only(model, x, y, docs, {})
         return out.double() if self.last else torch.zeros((), dtype=torch.float64, device=x.device)
 
-    @torch.no_grad()
     def sequence_losses(self, model, x, y, documents=None) -> torch.Tensor:
         """``forward``'s ``reduction="sequence"`` losses of the rows ``x`` (each document's, with
         ``documents``) through the pipeline, fp32, on every stage (broadcast from the last one)."""
-        sends: list = []
-        for chunk in range(self.chunks):
-            _, out = self._forward(model, chunk, x, y, documents, sends, loss_kwargs={"reduction": "sequence"},
-                                   grad=False)
-        for work, _ in sends:
-            work.wait()
+        out = self._forward_only(model, x, y, documents, {"reduction": "sequence"})
         n = x.shape[0] if documents is None else documents.cu_seqlens.numel() - 1
         losses = out.float() if self.last else torch.empty(n, dtype=torch.float32, device=x.device)
         dist.broadcast(losses, src=self.rank_of(self.size - 1), group=self.pipeline)
