@@ -841,6 +841,7 @@ for shape in [(2,), (1, 2), (2, 1)]:
 part = DTensor.from_local(x * (dist.get_rank() + 1), init_device_mesh("cpu", (2,)), [Partial()], run_check=False)
 assert torch.equal(full_tensor(part), x * 3)
 print(checked + 1)
+dist.destroy_process_group()  # (left to interpreter exit, gloo's threads sometimes abort the process)
 """
 
 
