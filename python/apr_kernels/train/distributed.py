@@ -416,9 +416,10 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     if isinstance(model, FSDPModule):
         return model
     shard = env.fsdp_shard or env.world_size
-    if pipeline is not None:  # (stage-major ranks: a stage's replicas are consecutive)
-        mesh = init_device_mesh(env.device.type, (pipeline.size, pipeline.replicas),
-                                mesh_dim_names=("pipeline", "data"))["data"]
+    if pipeline is not None:  # (stage-major ranks; in a stage, replicas of tensor-parallel groups of
+        # consecutive ranks: each rank's parts sharded over the stage's ranks holding the same ones)
+        mesh = init_device_mesh(env.device.type, (pipeline.size, pipeline.replicas, pipeline.tensor),
+                                mesh_dim_names=("pipeline", "data", "tensor"))["data"]
     elif tensor is not None and tensor.size > 1 and shard != env.world_size:  # HSDP of the ranks' parts
         mesh = init_device_mesh(env.device.type, (env.world_size // shard, shard // tensor.size, tensor.size),
                                 mesh_dim_names=("replicate", "shard", "tensor"))["replicate", "shard"]

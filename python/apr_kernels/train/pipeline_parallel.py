@@ -41,14 +41,15 @@ averaged over its D replicas (one all-reduce), the tied embedding's two copies s
 gradient norm (the tied copy counted once) taken over the pipeline for clipping. Losses are summed over
 the last stages; evaluation runs the held-out batches through the pipeline the same way.
 
-Tensor parallelism (``--tensor-parallel T``, Megatron-LM's 3-D layout with ``--parallel ddp``): each
+Tensor parallelism (``--tensor-parallel T``, Megatron-LM's 3-D layout; torchtitan's under FSDP): each
 stage's D x T ranks are D replicas of a tensor-parallel group of T consecutive ranks, which splits the
 stage's layers (and the embedding and head by vocabulary range) as ``tensor_parallel.py`` does without a
 pipeline; rank t of a group exchanges the (whole) activations with rank t of the neighbouring stages'
 groups (with ``--sequence-parallel`` its chunk of the positions: 1/T of the activation). Its parts are
 averaged over the replicas holding the same part, the clipping norm counts each split tensor's parts and
 each whole-kept tensor once, and a checkpoint's split tensor is joined by the first replica's group
-before its rank 0 sends it on.
+before its rank 0 sends it on. Under FSDP each rank's parts are sharded over the stage's D ranks holding
+the same ones (the ``data`` dimension of a ``(pipeline, data, tensor)`` mesh).
 
 Context parallelism (``--context-parallel C``, long sequences): each stage's replicas form groups of C
 consecutive ranks that split every row's positions as ``context_parallel.py`` does; each rank sends on
@@ -71,7 +72,7 @@ summed row shard by row shard (both stages shard it alike); the clipping norm su
 a checkpoint's tensor is all-gathered by its stage's replicas before its owner sends it to rank 0.
 Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16).
 
-What combines: every schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (``ddp`` with
+What combines: every schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (also with
 ``--tensor-parallel``); AdamW, Muon, and 8-bit AdamW with ``ddp`` replicas and no tensor parallelism
 (its codes and scales gathered as they are); LoRA and DoRA (every stage draws the whole model's
 adapters in order and keeps its own: ``lora.whole_model_adapters``; the final checkpoint merged from
@@ -81,8 +82,8 @@ and ``--float8`` (each stage's weights and projections, as without a pipeline); 
 (``--teacher``, whole on every rank, its hidden states asked on the last stage: ``train_step``'s
 ``teacher_of``); ``--eval-choices`` (the questions' log-likelihoods through the stages,
 ``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16
-autocast. What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), FSDP with
-tensor parallelism, tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
+autocast. What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), tensor
+with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
 expert parallelism, mixture-of-experts models, a quantised LoRA base.
 """
 
@@ -191,10 +192,6 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     if tensor > 1 and context > 1:
         raise ValueError(f"--pipeline-parallel {size} with both --tensor-parallel {tensor} and --context-parallel "
                          f"{context} is not supported; expected one of them inside the stages")
-    if tensor > 1 and mode == "fsdp":
-        raise ValueError(f"--pipeline-parallel {size} with --tensor-parallel {tensor} and --parallel fsdp is not "
-                         f"supported; expected --parallel ddp (each stage's tensor-parallel parts averaged over "
-                         f"their replicas)")
     if world % (size * tensor * context):
         inner = [(kind, n) for kind, n in (("tensor", tensor), ("context", context)) if n > 1]
         raise ValueError(f"--pipeline-parallel {size}" + "".join(f" x --{k}-parallel {n}" for k, n in inner)
@@ -496,7 +493,8 @@ class PipelineParallel:
         if sp is not None:  # (the norms' gradients, each rank's from its own positions, summed over the group)
             from .tensor_parallel import sequence_split_parameters
 
-            all_reduce_flat([p.grad for p in sequence_split_parameters(model) if p.grad is not None], sp.group)
+            all_reduce_flat([local_part(p.grad) for p in sequence_split_parameters(model) if p.grad is not None],
+                            sp.group)
         if self.data is not None and not self.sharded(model):
             all_reduce_flat([p.grad for p in model.parameters() if p.grad is not None], self.data, self.replicas)
         if self.tied is not None and model.config.tie_word_embeddings \
