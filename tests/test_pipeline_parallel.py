@@ -4,18 +4,21 @@ batch: losses, gradient norms (the whole model's, the tied embedding counted onc
 the gathered checkpoint's weights and optimizer state, and resuming across layouts.
 
 On 2 ranks (one pipeline of 2 stages): an untied Llama of 3 layers (2 + 1) in the 1F1B schedule
-with document masks, fp16 loss scaling and stage 0 frozen, and with LoRA and DoRA (the final checkpoint merged) distilled from a one-layer teacher; a tied
-Qwen2 (q/k/v bias; its head a copy of the embedding on the last stage) in GPipe with label
-smoothing, z-loss, activation checkpointing and a background step checkpoint; a tied Qwen2 of 4
-heads in the interleaved schedule (2 chunks of one layer per stage) under FSDP with document masks
-and float8 attention projections; the tied Qwen2 with LoRA under FSDP; a one-process step checkpoint resumed on 2 stages under FSDP. On 4
-ranks (2 stages x 2): the tied Qwen2 under FSDP (each stage sharded over a context-parallel group)
-with 3 micro-batches in 1F1B and --qat q8; tensor parallelism inside the stages (the untied Llama
-under FSDP, each rank's parts sharded over its replicas, with sequence parallelism and document masks;
-the Qwen2 of 4 heads interleaved, with Muon); context parallelism with 8-bit AdamW, the group's ranks averaging their gradients like replicas.
-In one process: the split of the layers and of the model (on the meta device, and loaded from a
-file: only a stage's tensors, the file's values), every schedule run on a model of the stages
-(order, deadlock freedom, idle share, activations held), the refusals."""
+with document masks, fp16 loss scaling and stage 0 frozen, and with LoRA and DoRA (the final
+checkpoint merged) distilled from a one-layer teacher; a tied Qwen2 (q/k/v bias; its head a copy of
+the embedding on the last stage) in GPipe with label smoothing, z-loss, activation checkpointing and a
+background step checkpoint; a tied Qwen2 of 4 heads in the interleaved schedule (2 chunks of one
+layer per stage) under FSDP with document masks and float8 attention projections; the tied Qwen2 with
+LoRA under FSDP; a Qwen2-MoE interleaved with its load-balancing and router z-losses (the whole
+model's routing); a one-process step checkpoint resumed on 2 stages under FSDP. On 4 ranks (2 stages
+x 2): the tied Qwen2 under FSDP (each stage sharded over a context-parallel group) with 3
+micro-batches in 1F1B and --qat q8; tensor parallelism inside the stages (the untied Llama under FSDP,
+each rank's parts sharded over its replicas, with sequence parallelism and document masks; the Qwen2
+of 4 heads interleaved, with Muon); context parallelism with 8-bit AdamW, the group's ranks averaging
+their gradients like replicas; a Mixtral sharded over 2 replicas a stage, which count their expert
+choices together. In one process: the split of the layers and of the model (on the meta device, and
+loaded from a file: only a stage's tensors, the file's values), every schedule run on a model of the
+stages (order, deadlock freedom, idle share, activations held), the refusals."""
 
 from __future__ import annotations
 
@@ -35,7 +38,9 @@ def _configs():
     qwen2 = preset("tiny_qwen2").replace(num_layers=4)
     return {"llama": llama.replace(tie_word_embeddings=False, num_layers=3), "qwen2": qwen2,
             # (heads that split over 2 tensor-parallel ranks)
-            "qwen2_tp": qwen2.replace(hidden_size=32, num_heads=4, num_kv_heads=2)}
+            "qwen2_tp": qwen2.replace(hidden_size=32, num_heads=4, num_kv_heads=2),
+            # mixtures of experts (Qwen2-MoE's layer 1 dense: a part without routing of its own)
+            "qwen2moe": preset("tiny_qwen2_moe").replace(num_layers=4), "mixtral": preset("tiny_mixtral")}
 
 
 # name: (config, options of both runs, world, options of the pipeline run only)
@@ -74,6 +79,14 @@ CASES = {
     # (2 stages x a context-parallel group of 2: each rank of a group holds 2 of the 4 chunks of every
     # row's positions, its activations of them sent on; the group's gradients averaged like replicas')
     "qwen2_cp_4": ("qwen2", ["--document-mask", "--optimizer", "adamw8bit"], 4, ["--context-parallel", "2"]),
+    # (mixtures of experts: the load-balancing and router z-losses of every sparse layer together, each
+    # part's routing totals sent on after its activations and their gradient back after the activation
+    # gradients; interleaved, one layer a part, a dense one among them; and each stage FSDP-sharded over
+    # 2 replicas, which count their expert choices together)
+    "qwen2moe_interleaved": ("qwen2moe", ["--grad-accum", "4", "--document-mask", "--router-aux-loss-coef", "0.5",
+                                          "--router-z-loss-coef", "0.1"], 2, ["--pipeline-schedule", "interleaved"]),
+    "mixtral_fsdp_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
+                       ["--parallel", "fsdp"]),
 }
 
 
@@ -132,11 +145,13 @@ def test_pipeline_matches_one_process(runs, name):
     (start,), (ref_start,) = ([r for r in recs if r["event"] == "start"] for recs in (got, ref))
     assert start["params"] == ref_start["params"] and start["trainable"] == ref_start["trainable"]
     assert start["pipeline_parallel"] == 2 and 0 < start["params_rank"] < start["params"]
+    # (distillation: the cross entropy and the KL of every step; a mixture of experts: its measures)
+    keys = [*(("ce", "kl") if "--teacher" in CASES[name][1] else ()),
+            *(("aux_loss", "expert_load", "router_z_loss") if "moe" in name or "mixtral" in name else ())]
+    for key in keys:
+        assert [r[key] for r in got if r["event"] == "train"] == \
+            pytest.approx([r[key] for r in ref if r["event"] == "train"], rel=1e-5)
     # (--eval-choices: the questions' log-likelihoods through the stages pick the same answers)
-    if "--teacher" in CASES[name][1]:  # (distillation: the cross entropy and the KL of every step)
-        for key in ("ce", "kl"):
-            assert [r[key] for r in got if r["event"] == "train"] == \
-                pytest.approx([r[key] for r in ref if r["event"] == "train"], rel=1e-5)
     evals = [r for r in got if r["event"] == "eval"]
     assert [(r.get("eval_acc"), r.get("eval_acc_norm")) for r in evals] == \
         [(r.get("eval_acc"), r.get("eval_acc_norm")) for r in ref if r["event"] == "eval"]

@@ -396,6 +396,9 @@ class Transformer(nn.Module):
         self.last_router_z_loss: torch.Tensor | None = None
         self.last_balance_loss: torch.Tensor | None = None  # (the weighted terms, with their graph: forward)
         self.router_aux_sync = False  # count expert choices over every rank (router_aux_loss)
+        self.router_aux_group = None  # (those ranks: None for all; a pipeline stage's replicas)
+        # a pipeline's earlier parts' routing statistics (``routing_totals``), for the last part's terms
+        self.routing_before: torch.Tensor | None = None
         self.aux_targets: float | None = None  # (forward's "sum": the targets the balance term stands for)
         self.model = Decoder(config)
         if config.num_labels:  # Hugging Face's *ForSequenceClassification: no output projection
@@ -608,12 +611,13 @@ class Transformer(nn.Module):
                 h, pending, s = layer(*args)
             if s is not None:
                 stats.append(s)
-        self.router_stats = stats
+        self.router_stats, self.routing_before = stats, None
         return h, pending
 
     def stage_forward(self, h: torch.Tensor | None, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                       documents: Documents | None = None, chunk: int = 0, label_smoothing: float = 0.0,
-                      z_loss: float = 0.0, reduction: str = "sum", teacher=None) -> torch.Tensor:
+                      z_loss: float = 0.0, reduction: str = "sum", teacher=None,
+                      routing_before: torch.Tensor | None = None) -> torch.Tensor:
         """A pipeline stage's share of ``forward`` (``train/pipeline_parallel.py``; without a pipeline
         the whole model), for the rows ``input_ids``: from their embeddings (``h`` None: the first
         part, which holds the embedding) or the residual stream ``h`` handed on by the previous part,
@@ -621,7 +625,10 @@ class Transformer(nn.Module):
         part, the final norm and the loss of ``targets`` (``reduction`` and ``teacher`` as ``forward``'s;
         summed by default), else the residual stream to hand on
         (the last layer's pending MLP output added: the next part's first add + norm starts from it).
-        One method, so FSDP gathers a stage's own parameters (embedding, final norm, head) around it
+        A mixture-of-experts model's last part adds the balance terms as ``forward`` does, of the whole
+        model's routing: its own layers' statistics plus ``routing_before``, the earlier parts'
+        (``routing_totals``; a tensor that requires grad: its gradient is what the earlier parts'
+        statistics get). One method, so FSDP gathers a stage's own parameters (embedding, final norm, head) around it
         as around ``forward`` (``register_fsdp_forward_method``)."""
         ctx = self.layer_inputs(input_ids, documents)
         if h is None:
@@ -632,8 +639,10 @@ class Transformer(nn.Module):
         if pipeline is not None and not pipeline.ends(chunk)[1]:
             return h if pending is None else h + pending.to(h.dtype)
         h = add_then_norm(self.model.norm, h, pending, ctx.fast)[1]
-        return self.output(h, input_ids, targets, reduction=reduction, documents=documents, teacher=teacher,
-                           label_smoothing=label_smoothing, z_loss=z_loss)
+        out = self.output(h, input_ids, targets, reduction=reduction, documents=documents, teacher=teacher,
+                          label_smoothing=label_smoothing, z_loss=z_loss)
+        self.routing_before = routing_before
+        return self._with_balance(out, targets, reduction, teacher)
 
     def layer_inputs(self, input_ids: torch.Tensor, documents: Documents | None = None,
                      lengths: torch.Tensor | None = None) -> "LayerInputs":
@@ -680,23 +689,40 @@ class Transformer(nn.Module):
         averaging their gradients minimises, is then the loss of the whole global micro-batch as one
         process computes it, equal shares of tokens or not; balance over the global batch is also
         what the Qwen team recommends for MoE training (Qiu et al., 2025)."""
-        if not getattr(self, "router_stats", None):
+        totals = self.routing_totals()
+        if totals is None:
             return None
         k = self.config.num_experts_per_tok
-        probs = torch.stack(self.router_stats).sum(0)[1]
-        counts = self.choice_counts().sum(0)  # (every rank's under router_aux_sync; no gradient flows)
+        counts, probs = totals[0], totals[1]  # (counts: every rank's under router_aux_sync; no gradient)
         return self.config.num_experts * torch.sum(counts / (counts.sum() / k).clamp_min(1)
-                                                   * (probs / self._counted_tokens()))
+                                                   * (probs / self._counted_tokens(totals)))
 
-    def _counted_tokens(self) -> torch.Tensor:
-        """The tokens the last forward's routing statistics count, over its sparse layers together: this
+    def routing_totals(self) -> torch.Tensor | None:
+        """``[4, E]`` fp32: the last forward's routing statistics summed over its sparse layers: row 0
+        the top-k choices per expert (``choice_counts``), row 1 the router probabilities (this rank's
+        tokens, with their gradient), row 2 the router z-loss's sum (column 0, with its gradient), row 3
+        the layers' expert loads summed (column 0) and their number (column 1); plus ``routing_before``
+        (a pipeline's earlier parts' totals, every term a sum over layers). None for a dense model."""
+        stats, before = getattr(self, "router_stats", None), getattr(self, "routing_before", None)
+        if not stats:
+            return before
+        counts = self.choice_counts()  # [sparse layers, E]
+        summed = torch.stack(stats).sum(0)
+        layers = torch.zeros_like(summed[0])
+        layers[0] = (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).sum()
+        layers[1] = counts.shape[0]
+        totals = torch.stack([counts.sum(0), summed[1], summed[2], layers])
+        return totals if before is None else totals + before
+
+    def _counted_tokens(self, totals: torch.Tensor) -> torch.Tensor:
+        """The tokens the routing statistics ``totals`` count, over the sparse layers together: this
         rank's, or under ``router_aux_sync`` the mean over the ranks (a rank's share of the global sums
         then weighs by its own tokens)."""
-        total = self.choice_counts().sum() / self.config.num_experts_per_tok
+        total = totals[0].sum() / self.config.num_experts_per_tok
         if self.router_aux_sync:
             import torch.distributed as dist
 
-            total = total / dist.get_world_size()
+            total = total / dist.get_world_size(self.router_aux_group)
         return total.clamp_min(1)
 
     def choice_counts(self) -> torch.Tensor | None:
@@ -713,7 +739,7 @@ class Transformer(nn.Module):
             import torch.distributed as dist
 
             counts = counts.clone()
-            dist.all_reduce(counts)
+            dist.all_reduce(counts, group=self.router_aux_group)
         self._choice_counts = (stats, counts)
         return counts
 
@@ -721,9 +747,10 @@ class Transformer(nn.Module):
         """ST-MoE's router z-loss of the last forward (None for a dense model): the mean over every sparse
         layer's tokens of ``logsumexp(router logits)^2``, which keeps the router logits small (the
         counted tokens and the ranks' shares as in ``router_aux_loss``)."""
-        if not getattr(self, "router_stats", None):
+        totals = self.routing_totals()
+        if totals is None:
             return None
-        return torch.stack(self.router_stats).sum(0)[2].sum() / self._counted_tokens()
+        return totals[2].sum() / self._counted_tokens(totals)
 
     def expert_load(self) -> torch.Tensor | None:
         """How unevenly the last forward's sparse layers used their experts (None for a dense model):
@@ -731,10 +758,10 @@ class Transformer(nn.Module):
         the layers. 1 is perfect balance; ``num_experts`` all choices on one expert (router collapse),
         ``num_experts / top_k`` every token on the same k experts. Under ``router_aux_sync`` the
         choices of every rank's tokens (the global micro-batch's balance, as one process sees it)."""
-        if not getattr(self, "router_stats", None):
+        totals = self.routing_totals()
+        if totals is None:
             return None
-        counts = self.choice_counts()  # [sparse layers, E]
-        return (counts.max(1).values / counts.mean(1).clamp_min(1e-9)).mean()
+        return totals[3, 0] / totals[3, 1]
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", documents: Documents | None = None, teacher=None,
@@ -780,6 +807,10 @@ class Transformer(nn.Module):
         padding, which the routing statistics leave out (as Hugging Face's attention mask does), so
         that padded rows give the balance terms of the same sequences packed without padding."""
         out = self._forward(input_ids, targets, reduction, documents, teacher, ends, label_smoothing, z_loss, lengths)
+        return self._with_balance(out, targets, reduction, teacher)
+
+    def _with_balance(self, out: torch.Tensor, targets, reduction: str, teacher) -> torch.Tensor:
+        """``forward``'s loss ``out`` with a mixture of experts' balance terms (see ``forward``)."""
         self.last_balance_loss = None
         summed = reduction in ("mean", "sum")
         if targets is None or not self.training or not (summed or torch.is_grad_enabled()):

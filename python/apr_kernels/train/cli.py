@@ -686,8 +686,7 @@ def _train(args, env, mode: str) -> int:
                              f"batch per rank")
         if pp is not None:
             pipeline_parallel.check(pp.size, world=env.world_size, mode=mode, num_layers=model.config.num_layers,
-                                    chunks=pp.chunks, micro=cfg.grad_accum, tensor=pp.tensor, context=pp.context,
-                                    **{"a mixture-of-experts model": model.config.is_moe})
+                                    chunks=pp.chunks, micro=cfg.grad_accum, tensor=pp.tensor, context=pp.context)
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,
                                            pipeline_parallel=pp)

@@ -393,7 +393,10 @@ class RouterMeasures:
         balance, as one process's)."""
         if not getattr(getattr(model, "config", None), "is_moe", False):
             return None
-        if parallel is not None and parallel.world_size > 1:
+        pp = getattr(parallel, "pipeline", None)
+        if pp is not None:  # (a stage's layers: their choices counted over the stage's replicas)
+            model.router_aux_sync, model.router_aux_group = pp.data is not None, pp.data
+        elif parallel is not None and parallel.world_size > 1:
             model.router_aux_sync = True
         return cls(model, device)
 
@@ -404,9 +407,16 @@ class RouterMeasures:
         self.forwards += 1
 
     def means(self, parallel=None) -> dict[str, torch.Tensor]:
-        """The means (0-dim tensors) over the counted forwards, over every rank under ``parallel``; reset."""
-        sums = parallel.mean(self.sums) if parallel is not None else self.sums
-        out = dict(zip(self.NAMES, sums / max(self.forwards, 1)))
+        """The means (0-dim tensors) over the counted forwards, over every rank under ``parallel``; reset.
+        (Under pipeline parallelism only the last stage's ranks count forwards: its ranks' mean.)"""
+        if getattr(parallel, "pipeline", None) is not None:
+            both = torch.cat([self.sums, self.sums.new_tensor([self.forwards])])
+            torch.distributed.all_reduce(both)
+            sums, forwards = both[:3], both[3]
+        else:
+            sums = parallel.mean(self.sums) if parallel is not None else self.sums
+            forwards = max(self.forwards, 1)
+        out = dict(zip(self.NAMES, sums / forwards))
         self.sums, self.forwards = torch.zeros_like(self.sums), 0
         return out
 
@@ -589,7 +599,7 @@ class Trainer(EvalWatch):
         counts = [int((self.train_seqs[i][:, 1:] >= 0).sum()) for i in indices]  # (each global micro-batch's)
         n_targets = max(1, sum(counts))
         if par is not None and par.pipeline is not None:  # the micro-batches through the stages, in its schedule
-            total, ce_kl = self._pipeline_step(indices, scale=world / n_targets)
+            total, ce_kl = self._pipeline_step(indices, counts, scale=world / n_targets)
             if ce_kl is not None:
                 parts += ce_kl
         else:
@@ -650,11 +660,17 @@ class Trainer(EvalWatch):
                     self._router.add()
         return total
 
-    def _pipeline_step(self, indices: list, *, scale: float) -> tuple:
+    def _pipeline_step(self, indices: list, counts: list, *, scale: float) -> tuple:
         """The step's micro-batches through the pipeline's stages (``pipeline_parallel.py``), then each
         stage's gradients averaged over its replicas: this stage's summed loss (0 but on the last)
-        and, distilling, its summed ``[ce, kl]`` (else None)."""
+        and, distilling, its summed ``[ce, kl]`` (else None). ``counts``: each micro-batch's targets
+        over all ranks."""
         c, par = self.cfg, self.parallel
+        pp = par.pipeline
+        # (a mixture of experts' balance terms: the global micro-batch's, in equal shares over the last
+        # stage's ranks whose losses add up: its replicas, and its tensor-parallel ranks when each holds
+        # its own positions)
+        shares = pp.replicas * (pp.tensor if par.sequence is not None else 1)
         micro, rows = [], []
         for index in indices:  # (sequence parallelism: this rank's chunk of the positions travels)
             x, y, docs = batch(self.train_seqs, par.local_rows(index), self.device, self.doc_eos)
@@ -674,10 +690,11 @@ class Trainer(EvalWatch):
                                   enabled=self.autocast_dtype is not None)
 
         with self._quantised(), self._saved_tensors():  # (--qat: each stage's weights as the file holds them)
-            total = par.pipeline.train_step(self.model, micro, scale, autocast=autocast, scaler=self.scaler,
-                                            loss_kwargs={"label_smoothing": c.label_smoothing, "z_loss": c.z_loss},
-                                            teacher_of=teacher_of if self.teacher is not None else None)
-        par.pipeline.reduce_grads(self.model)
+            total = pp.train_step(self.model, micro, scale, autocast=autocast, scaler=self.scaler,
+                                  loss_kwargs={"label_smoothing": c.label_smoothing, "z_loss": c.z_loss},
+                                  teacher_of=teacher_of if self.teacher is not None else None, router=self._router,
+                                  balance_targets=[n / shares for n in counts] if self._moe else None)
+        pp.reduce_grads(self.model)
         return total  # (and the [ce, kl] sums: train_step's pair)
 
     def evaluate(self) -> tuple[float, int]:

@@ -80,11 +80,11 @@ the gathered weights and adapters); ``--freeze`` (a part with nothing trainable 
 runs no backward and keeps no activations: frozen first stages cost only their forwards); ``--qat``
 and ``--float8`` (each stage's weights and projections, as without a pipeline); distillation
 (``--teacher``, whole on every rank, its hidden states asked on the last stage: ``train_step``'s
-``teacher_of``); ``--eval-choices`` (the questions' log-likelihoods through the stages,
+``teacher_of``); mixtures of experts (the balance terms of the whole model's routing: ``_forward``); ``--eval-choices`` (the questions' log-likelihoods through the stages,
 ``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16
 autocast. What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), tensor
 with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
-expert parallelism, mixture-of-experts models, a quantised LoRA base.
+expert parallelism, a quantised LoRA base.
 """
 
 from __future__ import annotations
@@ -370,35 +370,76 @@ class PipelineParallel:
         pending.append((dist.isend(t, dst=self.rank_of(stage), group=group), t))  # (t kept alive until sent)
 
     # ----------------------------------------------------------------------- forward, backward
+    @staticmethod
+    def routes(model) -> bool:
+        """Whether the parts exchange routing statistics (a mixture of experts in training mode: the
+        balance terms are of the whole model's routing, see ``_forward``)."""
+        return model.config.is_moe and model.training
+
     def _forward(self, model, chunk: int, x, y, docs, pending_sends, *, loss_kwargs: dict, grad: bool):
         """Model chunk ``chunk``'s part of one micro-batch: (the received input or None, the output sent
-        on or, on the pipeline's last part, the summed loss). ``grad``: recorded for a backward (for
-        a part that runs one: ``backward``)."""
+        on or, on the pipeline's last part, the summed loss, the routing statistics or None).
+        ``grad``: recorded for a backward (for a part that runs one: ``backward``).
+
+        A mixture of experts' balance terms (load balancing, router z-loss) are functions of sums over
+        every sparse layer (``Transformer.routing_totals``). So each part sends on, after its
+        activations, the running totals (earlier parts' plus its own, detached: ``[4, E]`` numbers),
+        and the last part adds the terms of the whole model's totals to its loss, the earlier parts'
+        as a tensor that requires grad. The terms are linear in each part's probabilities and
+        z-sums, so that tensor's gradient is also the gradient of every earlier part's own totals: it
+        travels back after each activation gradient (``_backward``). Returned as the third item: the
+        part's own totals (their graph), or on the last part the earlier parts' tensor."""
         dtype = self.dtype(model)
         first, last = self.ends(chunk)
         k = self.part(chunk)
-        h_in = None
+        routes = self.routes(model)
+        h_in = before = None
         if not first:  # (from the previous stage; chunk c > 0 of stage 0 from the last stage's chunk c - 1)
             h_in = self._recv((*x.shape, model.config.hidden_size), dtype, x.device, (self.stage - 1) % self.size,
                               "acts")
             h_in.requires_grad_(grad and self.backward[k - 1])
+            if routes:
+                before = self._recv((4, model.config.num_experts), torch.float32, x.device,
+                                    (self.stage - 1) % self.size, "acts")
+                before.requires_grad_(last and grad and self.backward[k - 1])
         with torch.set_grad_enabled(grad and self.backward[k]):  # (a frozen part keeps no activations)
             out = model.stage_forward(h_in, x, y if last else None, docs, chunk=chunk,
-                                      **(loss_kwargs if last else {}))
-        if not last:
-            self._send(out.to(dtype), (self.stage + 1) % self.size, "acts", pending_sends)
-        return h_in, out
+                                      **(dict(loss_kwargs, routing_before=before) if last else {}))
+        if last:
+            return h_in, out, before
+        self._send(out.to(dtype), (self.stage + 1) % self.size, "acts", pending_sends)
+        own = None
+        if routes:
+            own = model.routing_totals()  # (this part's sparse layers'; None for none)
+            running = torch.zeros(4, model.config.num_experts, device=x.device) if before is None else before
+            self._send(running if own is None else running + own.detach(), (self.stage + 1) % self.size, "acts",
+                       pending_sends)
+        return h_in, out, own
 
-    def _backward(self, chunk: int, h_in, out, scale: float, pending_sends, scaler=None) -> None:
+    def _backward(self, model, chunk: int, h_in, out, routing, scale: float, pending_sends, scaler=None) -> None:
+        """The backward of one micro-batch's part (``_forward``'s outputs); ``routing``: its third."""
         first, last = self.ends(chunk)
+        routes, pass_back = self.routes(model), not first and self.backward[self.part(chunk) - 1]
+        grad_routing = None  # (the balance terms' gradient of every part's routing totals)
         if last:  # (distilling, ``out`` is [loss, ce, kl])
             loss = (out[0] if out.ndim else out) * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
+            if routes and pass_back:
+                grad_routing = routing.grad if routing.grad is not None else torch.zeros_like(routing)
         else:
             g = self._recv(out.shape, out.dtype, out.device, (self.stage + 1) % self.size, "grads")
-            torch.autograd.backward(out, g)
-        if not first and self.backward[self.part(chunk) - 1]:
+            outputs, grads = [out], [g]
+            if routes:
+                grad_routing = self._recv((4, model.config.num_experts), torch.float32, out.device,
+                                          (self.stage + 1) % self.size, "grads")
+                if routing is not None and routing.requires_grad:  # (rows 1 and 2: probabilities, z-sums)
+                    outputs.append((grad_routing[1:3] * routing[1:3]).sum())
+                    grads.append(None)
+            torch.autograd.backward(outputs, grads)
+        if pass_back:
             self._send(h_in.grad, (self.stage - 1) % self.size, "grads", pending_sends)
+            if routes:
+                self._send(grad_routing, (self.stage - 1) % self.size, "grads", pending_sends)
 
     def dtype(self, model) -> torch.dtype:
         """The residual stream's dtype between stages: the parameters' (under autocast the stream
@@ -413,10 +454,13 @@ class PipelineParallel:
         return hasattr(model, "set_requires_gradient_sync")
 
     def train_step(self, model, micro_batches: list, scale: float, *, autocast=contextlib.nullcontext,
-                   loss_kwargs: dict | None = None, scaler=None, teacher_of=None) -> tuple:
+                   loss_kwargs: dict | None = None, scaler=None, teacher_of=None, router=None,
+                   balance_targets: list | None = None) -> tuple:
         """Forward and backward of the step's micro-batches ``[(x, y, docs), ...]`` through the pipeline
         in ``self.schedule``; each loss scaled by ``scale`` for the backward. ``teacher_of(m)``:
-        distillation's ``Teacher`` of micro-batch m (asked on the last stage, in its forward). Returns
+        distillation's ``Teacher`` of micro-batch m (asked on the last stage, in its forward). A mixture
+        of experts: ``router`` (``loop.RouterMeasures``) counts each of the last part's forwards, and
+        ``balance_targets[m]`` is the model's ``aux_targets`` for micro-batch m. Returns
         the summed loss (detached; 0 on every stage but the last) and, distilling, the summed
         ``[ce, kl]`` (else None). Gradients are this stage's, not yet reduced (``reduce_grads``)."""
         loss_kwargs = loss_kwargs or {}
@@ -433,22 +477,27 @@ class PipelineParallel:
             if op == "F":
                 x, y, docs = micro_batches[m]
                 last = self.ends(chunk)[1]
+                if last and balance_targets is not None:
+                    model.aux_targets = balance_targets[m]
                 with autocast():
                     kwargs = {"teacher": teacher_of(m)} if last and teacher_of is not None else loss_kwargs
-                    h_in, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=kwargs, grad=True)
+                    h_in, out, routing = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=kwargs,
+                                                       grad=True)
+                if last and router is not None:
+                    router.add()
                 if last and parts is not None:  # [loss, ce, kl]
                     total, parts = total + out[0].detach().float(), parts + out[1:].detach().float()
                 elif last:
                     total = total + out.detach().float()
                 if self.backward[self.part(chunk)]:
-                    saved[chunk, m] = (h_in, out)
+                    saved[chunk, m] = (h_in, out, routing)
                 continue
             if not self.backward[self.part(chunk)]:  # (nothing here or before it trains: no backward)
                 continue
-            h_in, out = saved.pop((chunk, m))
+            h_in, out, routing = saved.pop((chunk, m))
             if fsdp:  # (gradients accumulate unsharded; a chunk's last backward reduce-scatters their sum)
                 model.set_requires_gradient_sync(m == n - 1)
-            self._backward(chunk, h_in, out, scale, sends, scaler)
+            self._backward(model, chunk, h_in, out, routing, scale, sends, scaler)
         for work, _ in sends:
             work.wait()
         if fsdp:
@@ -461,7 +510,7 @@ class PipelineParallel:
         last stage, the loss ``loss_kwargs`` ask for)."""
         sends: list = []
         for chunk in range(self.chunks):
-            _, out = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=loss_kwargs, grad=False)
+            _, out, _ = self._forward(model, chunk, x, y, docs, sends, loss_kwargs=loss_kwargs, grad=False)
         for work, _ in sends:
             work.wait()
         return out
