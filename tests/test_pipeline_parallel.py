@@ -15,8 +15,8 @@ x 2): the tied Qwen2 under FSDP (each stage sharded over a context-parallel grou
 micro-batches in 1F1B and --qat q8; tensor parallelism inside the stages (the untied Llama under FSDP,
 each rank's parts sharded over its replicas, with sequence parallelism and document masks; the Qwen2
 of 4 heads interleaved, with Muon); context parallelism with 8-bit AdamW, the group's ranks averaging
-their gradients like replicas; a Mixtral sharded over 2 replicas a stage, which count their expert
-choices together. In one process: the split of the layers and of the model (on the meta device, and
+their gradients like replicas; a Mixtral on 2 replicas a stage under HSDP (groups of one rank), which
+count their expert choices together. In one process: the split of the layers and of the model (on the meta device, and
 loaded from a file: only a stage's tensors, the file's values), every schedule run on a model of the
 stages (order, deadlock freedom, idle share, activations held), the refusals."""
 
@@ -81,12 +81,13 @@ CASES = {
     "qwen2_cp_4": ("qwen2", ["--document-mask", "--optimizer", "adamw8bit"], 4, ["--context-parallel", "2"]),
     # (mixtures of experts: the load-balancing and router z-losses of every sparse layer together, each
     # part's routing totals sent on after its activations and their gradient back after the activation
-    # gradients; interleaved, one layer a part, a dense one among them; and each stage FSDP-sharded over
-    # 2 replicas, which count their expert choices together)
+    # gradients; interleaved, one layer a part, a dense one among them; and on 2 replicas a stage, which
+    # count their expert choices together, under HSDP: FSDP groups of one rank replicating (8 ranks for
+    # real shard groups cost too much on 2 cores; the clipping norm counts a replicated row once))
     "qwen2moe_interleaved": ("qwen2moe", ["--grad-accum", "4", "--document-mask", "--router-aux-loss-coef", "0.5",
                                           "--router-z-loss-coef", "0.1"], 2, ["--pipeline-schedule", "interleaved"]),
-    "mixtral_fsdp_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
-                       ["--parallel", "fsdp"]),
+    "mixtral_hsdp_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
+                       ["--parallel", "fsdp", "--fsdp-shard-size", "1"]),
 }
 
 
@@ -355,7 +356,8 @@ def test_refusals_name_the_reason():
     check(1, world=1, mode="none")  # (off)
     for kwargs, message in (
             ({"world": 4, "mode": "none"}, "expected --parallel ddp or fsdp"),
-            ({"world": 4, "mode": "fsdp", "fsdp_shard": 2}, "expected no --fsdp-shard-size"),
+            ({"world": 8, "mode": "fsdp", "fsdp_shard": 3}, "expected a divisor of 4"),
+            ({"world": 8, "mode": "fsdp", "fsdp_shard": 1, "tensor": 2}, "and a multiple of --tensor-parallel 2"),
             ({"world": 3, "mode": "ddp"}, "does not divide the world size 3"),
             ({"world": 8, "mode": "ddp", "tensor": 3}, "2 x --tensor-parallel 3 does not divide the world size 8"),
             ({"world": 8, "mode": "ddp", "tensor": 2, "context": 2}, "expected one of them inside the stages"),

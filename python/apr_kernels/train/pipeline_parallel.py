@@ -70,7 +70,9 @@ accumulate unsharded over the step's micro-batches and the last backward reduce-
 (``set_requires_gradient_sync``), which averages over the replicas; the tied embedding's copies are
 summed row shard by row shard (both stages shard it alike); the clipping norm sums every rank's rows;
 a checkpoint's tensor is all-gathered by its stage's replicas before its owner sends it to rank 0.
-Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16).
+Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16). HSDP
+(``--fsdp-shard-size S``, a stage spanning nodes): each stage sharded within groups of S consecutive
+ranks, replicated across them (FSDP's 2-D ``(replicate, shard)`` mesh; clipping counts a group once).
 
 What combines: every schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (also with
 ``--tensor-parallel``); AdamW, Muon, and 8-bit AdamW with ``ddp`` replicas and no tensor parallelism
@@ -82,8 +84,7 @@ and ``--float8`` (each stage's weights and projections, as without a pipeline); 
 (``--teacher``, whole on every rank, its hidden states asked on the last stage: ``train_step``'s
 ``teacher_of``); mixtures of experts (the balance terms of the whole model's routing: ``_forward``); ``--eval-choices`` (the questions' log-likelihoods through the stages,
 ``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16
-autocast. What does not (yet; each refused with its reason): HSDP (``--fsdp-shard-size``), tensor
-with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
+autocast. What does not (yet; each refused with its reason): tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
 expert parallelism, a quantised LoRA base.
 """
 
@@ -186,9 +187,11 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"--pipeline-parallel {size} with --parallel {mode}: the stages are processes of one "
                          f"job; expected --parallel ddp or fsdp under torchrun")
-    if fsdp_shard:
-        raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: FSDP shards each stage "
-                         f"over all its replicas; expected no --fsdp-shard-size (HSDP) with pipeline parallelism")
+    width = world // size if world % size == 0 else None
+    if fsdp_shard and width is not None and (width % fsdp_shard or fsdp_shard % tensor):
+        raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: HSDP shards a stage over "
+                         f"groups of that many of its {width} ranks; expected a divisor of {width}"
+                         + (f" and a multiple of --tensor-parallel {tensor}" if tensor > 1 else ""))
     if tensor > 1 and context > 1:
         raise ValueError(f"--pipeline-parallel {size} with both --tensor-parallel {tensor} and --context-parallel "
                          f"{context} is not supported; expected one of them inside the stages")
@@ -240,6 +243,8 @@ class PipelineParallel:
     backward: list | None = None
     # the residual stream's dtype between stages when not the parameters' (FSDP's compute dtype on CUDA)
     wire_dtype: torch.dtype | None = None
+    # HSDP (``--fsdp-shard-size``): the groups of a stage's ranks that each hold a whole sharded copy
+    replicate: int = 1
 
     @property
     def row_groups(self) -> int:
@@ -573,6 +578,8 @@ class PipelineParallel:
         dist.all_reduce(sq)
         if not self.sharded(model):
             sq = sq / self.replicas
+        elif self.replicate > 1:  # (HSDP: each shard group holds the stage's rows once)
+            sq = sq / self.replicate
         norm = sq.sqrt()
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         every = [local_part(p.grad) for p in model.parameters() if p.grad is not None]
