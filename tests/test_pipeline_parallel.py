@@ -10,13 +10,14 @@ the embedding on the last stage) in GPipe with label smoothing, z-loss, activati
 background step checkpoint; a tied Qwen2 of 4 heads in the interleaved schedule (2 chunks of one
 layer per stage) under FSDP with document masks and float8 attention projections; the tied Qwen2 with
 LoRA under FSDP; a Qwen2-MoE interleaved with its load-balancing and router z-losses (the whole
-model's routing); a one-process step checkpoint resumed on 2 stages under FSDP. On 4 ranks (2 stages
+model's routing), with DoRA on every expert (a sparse layer's adapters drawn on the other stage); a one-process step checkpoint resumed on 2 stages under FSDP. On 4 ranks (2 stages
 x 2): the tied Qwen2 under FSDP (each stage sharded over a context-parallel group) with 3
 micro-batches in 1F1B and --qat q8; tensor parallelism inside the stages (the untied Llama under FSDP,
 each rank's parts sharded over its replicas, with sequence parallelism and document masks; the Qwen2
 of 4 heads interleaved, with Muon); context parallelism with 8-bit AdamW, the group's ranks averaging
 their gradients like replicas; a Mixtral on 2 replicas a stage under HSDP (groups of one rank), which
-count their expert choices together. In one process: the split of the layers and of the model (on the meta device, and
+count their expert choices together, and with its experts spread over each stage's 2 ranks (expert
+parallelism, FSDP). In one process: the split of the layers and of the model (on the meta device, and
 loaded from a file: only a stage's tensors, the file's values), every schedule run on a model of the
 stages (order, deadlock freedom, idle share, activations held), the refusals."""
 
@@ -81,13 +82,20 @@ CASES = {
     "qwen2_cp_4": ("qwen2", ["--document-mask", "--optimizer", "adamw8bit"], 4, ["--context-parallel", "2"]),
     # (mixtures of experts: the load-balancing and router z-losses of every sparse layer together, each
     # part's routing totals sent on after its activations and their gradient back after the activation
-    # gradients; interleaved, one layer a part, a dense one among them; and on 2 replicas a stage, which
+    # gradients; interleaved, one layer a part, a dense one among them, with DoRA on every expert (each
+    # stage draws the adapters of the other stage's layers from a layer of their own kind, a sparse one's
+    # every expert, so they are one process's: the terms' gradients reach the adapters through the
+    # hidden states, the routers frozen); and on 2 replicas a stage (the weights themselves), which
     # count their expert choices together, under HSDP: FSDP groups of one rank replicating (8 ranks for
     # real shard groups cost too much on 2 cores; the clipping norm counts a replicated row once))
     "qwen2moe_interleaved": ("qwen2moe", ["--grad-accum", "4", "--document-mask", "--router-aux-loss-coef", "0.5",
-                                          "--router-z-loss-coef", "0.1"], 2, ["--pipeline-schedule", "interleaved"]),
+                                          "--router-z-loss-coef", "0.1", "--lora-rank", "4", "--lora-dora", "--lr",
+                                          "1e-2"], 2, ["--pipeline-schedule", "interleaved"]),
     "mixtral_hsdp_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
                        ["--parallel", "fsdp", "--fsdp-shard-size", "1"]),
+    # (expert parallelism inside the stages: each stage's experts spread over its 2 ranks, FSDP-sharded)
+    "mixtral_ep_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
+                     ["--expert-parallel", "2", "--parallel", "fsdp"]),
 }
 
 

@@ -337,28 +337,49 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=TARGETS, *, b
     for layer in model.model.layers:
         if getattr(layer, "pipeline_hole", False):  # (another pipeline stage's layer: not here)
             continue
-        for parent in (layer.self_attn, *layer.mlps()):  # (a mixture-of-experts layer: every expert)
-            for name in targets:
-                lin = getattr(parent, name, None)
-                if lin is None or isinstance(lin, LoRALinear):
-                    continue
-                lin.__class__ = LoRALinear  # same parameters, same names: no copy
-                lin.rank, lin.scale = rank, lora_scale(rank, alpha, rslora)
-                w = lin.weight
-                lin.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=w.dtype))
-                lin.lora_B = nn.Parameter(torch.empty(lin.out_features, rank, device=w.device, dtype=w.dtype))
-                if dora:  # (its values: the rows' norms of W, set by init_adapters)
-                    lin.lora_magnitude = nn.Parameter(torch.empty(lin.out_features, device=w.device, dtype=w.dtype))
-                if base_dtype is not None:
-                    lin.weight.data = lin.weight.data.to(base_dtype)
-                    if lin.bias is not None:
-                        lin.bias.data = lin.bias.data.to(base_dtype)
+        _adapt_layer(layer, rank, lora_scale(rank, alpha, rslora), targets, dora, base_dtype)
     settings = {"rank": rank, "alpha": alpha, "targets": list(targets)} | ({"rslora": True} if rslora else {}) \
         | ({"dora": True} if dora else {})
     model.lora = settings
     if next(model.parameters()).device.type != "meta":
         init_adapters(model, seed)
     return settings
+
+
+def _adapt_layer(layer, rank: int, scale: float, targets, dora: bool = False, base_dtype=None) -> None:
+    """``add_lora`` on one decoder layer: each ``targets`` projection (of a mixture-of-experts layer,
+    every expert's) made a ``LoRALinear`` in place."""
+    for parent in (layer.self_attn, *layer.mlps()):
+        for name in targets:
+            lin = getattr(parent, name, None)
+            if lin is None or isinstance(lin, LoRALinear):
+                continue
+            lin.__class__ = LoRALinear  # same parameters, same names: no copy
+            lin.rank, lin.scale = rank, scale
+            w = lin.weight
+            lin.lora_A = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=w.dtype))
+            lin.lora_B = nn.Parameter(torch.empty(lin.out_features, rank, device=w.device, dtype=w.dtype))
+            if dora:  # (its values: the rows' norms of W, set by init_adapters)
+                lin.lora_magnitude = nn.Parameter(torch.empty(lin.out_features, device=w.device, dtype=w.dtype))
+            if base_dtype is not None:
+                lin.weight.data = lin.weight.data.to(base_dtype)
+                if lin.bias is not None:
+                    lin.bias.data = lin.bias.data.to(base_dtype)
+
+
+def _absent_layer_adapters(model, index: int) -> list[tuple[str, LoRALinear]]:
+    """(name within the layer, adapted projection) of decoder layer ``index`` of the whole model, which
+    another pipeline stage holds: a layer of the model's config built on the meta device and adapted
+    alike (its own kind: dense or sparse, every expert), in module order."""
+    from .transformer import Block
+
+    lora = getattr(model, "lora", None)
+    if not lora:  # (no adapters anywhere)
+        return []
+    with torch.device("meta"):
+        layer = Block(model.config, index)
+    _adapt_layer(layer, lora["rank"], 1.0, lora["targets"], lora.get("dora", False))
+    return [(sub, t) for sub, t in layer.named_modules() if isinstance(t, LoRALinear)]
 
 
 def split_adapters(old: LoRALinear, new: nn.Linear, tp, dim: int) -> None:
@@ -414,15 +435,14 @@ def whole_model_adapters(model) -> dict[str, tuple[LoRALinear, bool]]:
     """name -> (adapted projection, held) of the whole model in module order: ``lora_modules`` and,
     with expert parallelism, at each other rank's expert (``RemoteExpert``) its projections' names
     with a held expert's of the same layer standing in (shapes, scale), ``held`` False; likewise with
-    pipeline parallelism at each other stage's (dense) decoder layer a held layer's."""
+    pipeline parallelism at each other stage's decoder layer a meta-device layer's of its kind
+    (``_absent_layer_adapters``: the whole layer, every expert)."""
     from .moe import Experts, RemoteExpert
 
     out, template = {}, None
-    layers = getattr(getattr(model, "model", None), "layers", None) or []
-    held = next((layer for layer in layers if not getattr(layer, "pipeline_hole", False)), None)
     for name, m in model.named_modules():
         if getattr(m, "pipeline_hole", False):
-            out.update({f"{name}.{sub}": (t, False) for sub, t in held.named_modules() if isinstance(t, LoRALinear)})
+            out.update({f"{name}.{sub}": (t, False) for sub, t in _absent_layer_adapters(model, m.layer)})
         elif isinstance(m, Experts):
             template = m.local()[0]
         elif isinstance(m, RemoteExpert):

@@ -558,7 +558,8 @@ def _train(args, env, mode: str) -> int:
 
         expert_parallel.check(args.expert_parallel, mode, fsdp_shard=env.fsdp_shard)
         # (with --tensor-parallel N, each group takes one tensor-parallel rank of N-rank groups)
-        ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank, stride=args.tensor_parallel)
+        ep = expert_parallel.groups(env.world_size, args.expert_parallel, env.rank, stride=args.tensor_parallel,
+                                    stages=max(args.pipeline_parallel, 1))
     tp = None  # tensor parallelism: likewise made before loading (each rank reads only its part)
     if args.tensor_parallel != 1:
         from . import tensor_parallel
@@ -578,7 +579,8 @@ def _train(args, env, mode: str) -> int:
         chunks = pipeline_parallel.chunks_for(args.pipeline_schedule, args.pipeline_chunks)
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
                                 chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel, **{
-            "--expert-parallel": args.expert_parallel != 1,
+            "--expert-parallel with --tensor-parallel or --fsdp-shard-size":
+                args.expert_parallel != 1 and (args.tensor_parallel != 1 or bool(env.fsdp_shard)),
             "--lora-quantized-base": bool(args.lora_quantized_base),
             # (8-bit moments gathered whole from a stage's rank; not sharded or split ones)
             "--optimizer adamw8bit with --parallel fsdp or --tensor-parallel":

@@ -441,7 +441,10 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
         from apr_kernels.model.moe import Experts
 
         n = expert.size
-        if tensor is not None and tensor.size > 1:  # (the ranks holding the same part of the same experts)
+        if pipeline is not None:  # (a stage's ranks holding the same experts; no tensor parallelism, HSDP)
+            replicas = init_device_mesh(env.device.type, (pipeline.size, pipeline.replicas // n, n),
+                                        mesh_dim_names=("pipeline", "replica", "expert"))["replica"]
+        elif tensor is not None and tensor.size > 1:  # (the ranks holding the same part of the same experts)
             m = tensor.size
             if shard == env.world_size:
                 replicas = init_device_mesh(env.device.type, (env.world_size // (n * m), n, m),
@@ -769,9 +772,9 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         if getattr(model, "pipeline", None) is None:  # FSDP shards the stage over them; a preset built
             pipeline_parallel.split(model)  # whole keeps this stage's parts)
         if mode == "fsdp":
-            model = _fsdp_shard(model, env, compute_dtype, pipeline=pipeline_parallel)
+            model = _fsdp_shard(model, env, compute_dtype, expert_parallel, pipeline=pipeline_parallel)
         return Parallel(model.to(env.device) if mode != "fsdp" else model, mode, env, pipeline=pipeline_parallel,
-                        tensor=tensor, context=context)
+                        tensor=tensor, context=context, expert=expert_parallel)
     if mode == "fsdp":
         return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel, tensor), mode, env, context=context,
                         expert=expert_parallel, tensor=tensor)

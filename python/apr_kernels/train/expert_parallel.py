@@ -56,6 +56,10 @@ the squares within a node. A quantised LoRA base (QLoRA): each rank holds its ex
 (under FSDP a ``distributed.ShardedBlocks`` over the experts' replicas, as their parameters are
 sharded); ``OwnedTensor`` items of their raw bytes for the checkpoint.
 
+With pipeline parallelism (``--pipeline-parallel P``) the groups and their replicas lie inside each
+stage's ranks (``groups(..., stages=P)``), which hold that stage's layers' experts; the pipeline's
+``reduce_grads``, clipping and checkpoint gathering treat the experts (``pipeline_parallel.py``).
+
 With tensor parallelism (``--tensor-parallel M``) a group takes the same
 tensor-parallel rank of N consecutive tensor-parallel groups (``groups(..., stride=M)``: ranks M
 apart): each rank holds its share of its experts, split like a dense MLP
@@ -167,12 +171,29 @@ class ExpertParallel:
         return total
 
 
-def groups(world_size: int, size: int, rank: int, stride: int = 1) -> ExpertParallel:
+def groups(world_size: int, size: int, rank: int, stride: int = 1, stages: int = 1) -> ExpertParallel:
     """Create the expert-parallel groups of ``size`` consecutive ranks and the replica groups (ranks
     ``r, r + size, ...``) (every rank must call this, in the same order); return this rank's
     :class:`ExpertParallel`. ``stride`` N > 1 (tensor parallelism, groups of N consecutive ranks):
     the groups' ranks are N apart (the same tensor-parallel rank of ``size`` consecutive groups,
-    each holding the same part of its experts), and the replicas ``size * N`` apart."""
+    each holding the same part of its experts), and the replicas ``size * N`` apart. ``stages`` P > 1
+    (pipeline parallelism, stage-major ranks): the groups and their replicas inside each stage's
+    ``world_size / P`` ranks, which hold its layers' experts (the mean over the stage's replicas)."""
+    if stages > 1:
+        width = world_size // stages
+        if stride > 1 or width % size:
+            raise ValueError(f"--expert-parallel {size} with --pipeline-parallel {stages}: expected groups inside "
+                             f"a stage's {width} ranks (a divisor of {width}) and no --tensor-parallel")
+        group, index, _ = rank_groups(world_size, size, rank, replicas="none")
+        replicas = None
+        if width > size:
+            for first in range(0, world_size, width):  # (a stage's ranks holding the same experts)
+                for t in range(size):
+                    ranks = list(range(first + t, first + width, size))
+                    g = dist.new_group(ranks)
+                    if rank in ranks:
+                        replicas = g
+        return ExpertParallel(group, index, size, replicas, width)
     if size < 1 or world_size % (size * stride):
         parts = f"{size} groups of --tensor-parallel {stride}" if stride > 1 else str(size)
         raise ValueError(f"--expert-parallel {size} does not divide the world size {world_size}"

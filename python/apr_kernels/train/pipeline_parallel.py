@@ -82,10 +82,13 @@ the gathered weights and adapters); ``--freeze`` (a part with nothing trainable 
 runs no backward and keeps no activations: frozen first stages cost only their forwards); ``--qat``
 and ``--float8`` (each stage's weights and projections, as without a pipeline); distillation
 (``--teacher``, whole on every rank, its hidden states asked on the last stage: ``train_step``'s
-``teacher_of``); mixtures of experts (the balance terms of the whole model's routing: ``_forward``); ``--eval-choices`` (the questions' log-likelihoods through the stages,
+``teacher_of``); mixtures of experts (the balance terms of the whole model's routing: ``_forward``),
+also with expert parallelism inside the stages (``--expert-parallel N``: groups of N of a stage's
+ranks, each stage's experts averaged over its ranks holding them, counted N times in the clipping norm
+when replicated, listed for the checkpoint by the stage's first group); ``--eval-choices`` (the questions' log-likelihoods through the stages,
 ``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16
 autocast. What does not (yet; each refused with its reason): tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
-expert parallelism, a quantised LoRA base.
+expert parallelism with tensor parallelism or HSDP, a quantised LoRA base.
 """
 
 from __future__ import annotations
@@ -317,14 +320,27 @@ class PipelineParallel:
         from .tensor_parallel import split_dims
 
         owned, split = self.owned(model), split_dims(model)
+        ep, experts = self.experts(model)  # (each rank of an expert-parallel group its share of the experts)
         device = next(model.parameters()).device
-        whole = [(p.numel() * (self.tensor if n in split else 1), p.requires_grad) for n, p in owned]
+        whole = [(p.numel() * (self.tensor if n in split else 1) * (ep.size if id(p) in experts else 1),
+                  p.requires_grad) for n, p in owned]
         t = torch.tensor([sum(k for k, _ in whole), sum(k for k, trains in whole if trains)],
                          dtype=torch.int64, device=device)
         dist.all_reduce(t, group=self.pipeline)
         return {"params": int(t[0]), "trainable": int(t[1]),  # (under FSDP this rank's shards)
                 "params_rank": sum(local_part(p).numel() for p in model.parameters()), "pipeline_parallel": self.size,
                 "pipeline_schedule": self.schedule, "pipeline_chunks": self.chunks}
+
+    @staticmethod
+    def experts(model) -> tuple:
+        """(the expert-parallel group's ``ExpertParallel`` or None, the ids of this rank's experts'
+        parameters): under expert parallelism a stage's experts are spread over groups of its ranks."""
+        ep = getattr(model, "expert_parallel", None)
+        if ep is None:
+            return None, set()
+        from .expert_parallel import expert_parameters
+
+        return ep, {id(p) for p in expert_parameters(model)}
 
     def stage_of_layer(self, layer: int, num_layers: int) -> int:
         return next(k for k, r in enumerate(stage_layers(num_layers, self.parts)) if layer in r) % self.size
@@ -549,8 +565,12 @@ class PipelineParallel:
 
             all_reduce_flat([local_part(p.grad) for p in sequence_split_parameters(model) if p.grad is not None],
                             sp.group)
+        ep, experts = self.experts(model)
         if self.data is not None and not self.sharded(model):
-            all_reduce_flat([p.grad for p in model.parameters() if p.grad is not None], self.data, self.replicas)
+            all_reduce_flat([p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts],
+                            self.data, self.replicas)
+        if ep is not None:  # (experts: summed over the stage's ranks holding them, the mean over its replicas)
+            ep.reduce_grads([p for p in model.parameters() if id(p) in experts], sharded=self.sharded(model))
         if self.tied is not None and model.config.tie_word_embeddings \
                 and model.model.embed_tokens.weight.requires_grad:  # (not under --freeze)
             embed = model.model.embed_tokens.weight
@@ -568,13 +588,16 @@ class PipelineParallel:
         # every rank is the whole model's; else each rank's parts of the split tensors (tensor
         # parallelism), the whole-kept ones (alike on the group's ranks) counted on its rank 0, summed
         # over every rank, whose replicas agree after the average: divided by them)
-        split = split_dims(model)
-        grads = [local_part(p.grad) for n, p in self.owned(model)
+        # (expert parallelism, unsharded: an expert is held by 1/N of the replicas: its squares count N
+        # times to be divided by them like the rest)
+        split, (ep, experts) = split_dims(model), self.experts(model)
+        weight = ep.size if ep is not None and not self.sharded(model) else 1
+        grads = [(local_part(p.grad), weight if id(p) in experts else 1) for n, p in self.owned(model)
                  if p.grad is not None and (n in split or self.tensor_rank == 0)]
         device = next(model.parameters()).device
         sq = torch.zeros((), dtype=torch.float32, device=device)
         if grads:
-            sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+            sq = torch.stack([g.detach().float().pow(2).sum() * w for g, w in grads]).sum()
         dist.all_reduce(sq)
         if not self.sharded(model):
             sq = sq / self.replicas
@@ -667,8 +690,14 @@ class PipelineGatherer(RankZeroGather):
         self.pp, self.device, self.model = pp, trainer.device, trainer.model
         model, opt = trainer.model, trainer.optimizer
         self.tp, split = model.tensor_parallel, split_dims(model)
+        # (expert parallelism: an expert listed by the stage's first rank holding it, its replicas of
+        # the same index in their groups gather it under FSDP)
+        self.ep, experts = pp.experts(model)
         self.local: dict[tuple[str, str], torch.Tensor] = {}  # (every replica's: FSDP's shards gather)
         entries = []  # (kind, name, dtype, whole shape, step, split dim): the first replica's
+        # (the stage's first expert-parallel group lists its experts: each of its ranks its own)
+        self.held = {name for name, p in pp.owned(model) if id(p) in experts}
+        first_group = self.ep is not None and pp.local < self.ep.size
         for name, p in pp.owned(model):
             dim = split.get(name)
             shape = self.tp.whole_shape(p.shape, dim) if dim is not None else tuple(p.shape)
@@ -690,7 +719,7 @@ class PipelineGatherer(RankZeroGather):
                     self.local[f"{key}.{part}", name] = t
                     entries.append((f"{key}.{part}", name, str(t.dtype), tuple(t.shape), step, None))
         if pp.local != 0:  # (one list per stage: its first replica's tensor-parallel rank 0's)
-            entries = []
+            entries = [e for e in entries if first_group and e[1] in self.held]
         every: list = [None] * dist.get_world_size()
         dist.all_gather_object(every, (dist.get_rank(), entries))
         self.items = [(kind, name, dtype, shape, step, rank, dim) for rank, es in every
@@ -702,7 +731,8 @@ class PipelineGatherer(RankZeroGather):
         kind, name, dtype, shape, _, owner, dim = self.items[i]
         dtype = getattr(torch, dtype.removeprefix("torch."))
         whole = None
-        if owner // self.pp.width == self.pp.stage:  # (FSDP: the stage's replicas gather its rows)
+        # (FSDP: the stage's replicas gather its rows; an expert's, the stage's ranks holding it)
+        if owner // self.pp.width == self.pp.stage and (kind, name) in self.local:
             whole = full_tensor(self.local[kind, name].detach())
             if dim is not None and self.pp.replica == 0:  # (the owner's tensor-parallel group joins its parts)
                 whole = self.tp.gather(whole, dim)
