@@ -10,8 +10,8 @@ ranks in 2 groups of 2 (each rank's parts sharded over its replica), and on 4 ra
 of 4 (selective activation checkpointing: the kept all-reduces are not redone). LoRA (DDP, the fast
 path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections. Sequence
 parallelism (DDP, FSDP, HSDP on 8 ranks). Context parallelism around it (FSDP, 4 ranks; also with
-sequence parallelism). Muon (DDP, FSDP). 8-bit AdamW (DDP, FSDP: one process's codes). QLoRA (Q4_K,
-DDP; DoRA on APR_Q8 blocks, FSDP). Mixture of experts (Qwen2-MoE on the grouped-GEMM path, DDP;
+sequence parallelism, and so inside 2 pipeline stages on 8 ranks). Muon (DDP, FSDP). 8-bit AdamW
+(DDP, FSDP: one process's codes). QLoRA (Q4_K, DDP; DoRA on APR_Q8 blocks, FSDP). Mixture of experts (Qwen2-MoE on the grouped-GEMM path, DDP;
 Mixtral with sequence parallelism, FSDP). The embedding and head split by vocabulary range (or whole,
 for a vocabulary of 321).
 A one-process step checkpoint resumed split and sharded (also a DoRA, a Muon, an 8-bit AdamW and a
@@ -92,6 +92,10 @@ CASES = {
     # over its tensor-parallel pair between the blocks (RoPE positions and document spans of the
     # context-parallel rank's, the vocabulary-split loss over them), grouped-query heads of those
     "llama_cp_sp": ("llama", ["--document-mask"], 4, 2, "fsdp", ["--context-parallel", "2", "--sequence-parallel"]),
+    # and both inside 2 pipeline stages (the 4-D layout: 8 ranks = 2 stages x 2 context-parallel x 2
+    # tensor-parallel; each rank sends on its half of its context-parallel rank's positions)
+    "llama_pp_cp_sp": ("llama", ["--document-mask"], 8, 2, "fsdp",
+                       ["--context-parallel", "2", "--sequence-parallel", "--pipeline-parallel", "2"]),
     # Muon: each split matrix's update gathered whole, orthogonalised, each rank keeping its part
     "qwen2_muon": ("qwen2", ["--optimizer", "muon"], 2, 2, "ddp", []),
     "llama_muon_fsdp": ("llama", ["--optimizer", "muon"], 4, 2, "fsdp", []),
@@ -123,7 +127,7 @@ QUANTISED = {"qwen2_qlora": "Q4_K", "llama_qdora_fsdp": "Q4_K"}
 # order of the same gradients: the context- and sequence-parallel exchanges; on some CPUs (an AMD EPYC
 # with AVX512-BF16) also one value of a LoRA B matrix (7e-5 at step 2) and of Muon's AdamW-trained
 # embedding (1.4e-3): the split sums of their gradients round otherwise there)
-AMPLIFIED = {"llama_cp_sp", "qwen2_lora", "llama_muon_fsdp"}
+AMPLIFIED = {"llama_cp_sp", "llama_pp_cp_sp", "qwen2_lora", "llama_muon_fsdp"}
 
 
 @pytest.fixture(scope="module")

@@ -581,10 +581,7 @@ def _train(args, env, mode: str) -> int:
                                 chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel, **{
             "--expert-parallel with --tensor-parallel or --fsdp-shard-size":
                 args.expert_parallel != 1 and (args.tensor_parallel != 1 or bool(env.fsdp_shard)),
-            "--lora-quantized-base": bool(args.lora_quantized_base),
-            # (8-bit moments gathered whole from a stage's rank; not sharded or split ones)
-            "--optimizer adamw8bit with --parallel fsdp or --tensor-parallel":
-                args.optimizer == "adamw8bit" and (mode == "fsdp" or args.tensor_parallel != 1)})
+            "--lora-quantized-base": bool(args.lora_quantized_base)})
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
                                       tensor=args.tensor_parallel, context=args.context_parallel)
 

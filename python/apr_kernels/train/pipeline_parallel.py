@@ -54,7 +54,9 @@ the same ones (the ``data`` dimension of a ``(pipeline, data, tensor)`` mesh).
 Context parallelism (``--context-parallel C``, long sequences): each stage's replicas form groups of C
 consecutive ranks that split every row's positions as ``context_parallel.py`` does; each rank sends on
 its positions' activations, the group's ranks average their gradients like replicas (or FSDP shards
-the stage over all of them), and their losses of disjoint positions add up.
+the stage over all of them), and their losses of disjoint positions add up. With tensor parallelism
+too (4-D) a context-parallel group takes ranks T apart (``context_parallel.groups``' stride), each
+rank of it heading its tensor-parallel group's share of the heads for its positions.
 
 Checkpoints are ordinary whole-model APR files: rank 0 writes, asking each tensor of the whole model
 (weights, AdamW moments or Muon buffers) in turn from the first replica's rank holding it
@@ -75,20 +77,21 @@ Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or f
 ranks, replicated across them (FSDP's 2-D ``(replicate, shard)`` mesh; clipping counts a group once).
 
 What combines: every schedule with ``--parallel ddp`` or ``fsdp`` across the replicas (also with
-``--tensor-parallel``); AdamW, Muon, and 8-bit AdamW with ``ddp`` replicas and no tensor parallelism
-(its codes and scales gathered as they are); LoRA and DoRA (every stage draws the whole model's
-adapters in order and keeps its own: ``lora.whole_model_adapters``; the final checkpoint merged from
-the gathered weights and adapters); ``--freeze`` (a part with nothing trainable in it or before it
-runs no backward and keeps no activations: frozen first stages cost only their forwards); ``--qat``
-and ``--float8`` (each stage's weights and projections, as without a pipeline); distillation
-(``--teacher``, whole on every rank, its hidden states asked on the last stage: ``train_step``'s
-``teacher_of``); mixtures of experts (the balance terms of the whole model's routing: ``_forward``),
-also with expert parallelism inside the stages (``--expert-parallel N``: groups of N of a stage's
-ranks, each stage's experts averaged over its ranks holding them, counted N times in the clipping norm
-when replicated, listed for the checkpoint by the stage's first group); ``--eval-choices`` (the questions' log-likelihoods through the stages,
-``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing, fp16/bf16
-autocast. What does not (yet; each refused with its reason): tensor with context parallelism, 8-bit AdamW with FSDP or tensor parallelism,
-expert parallelism with tensor parallelism or HSDP, a quantised LoRA base.
+``--tensor-parallel``); AdamW, Muon, and 8-bit AdamW (its codes and scales gathered for a checkpoint
+as ``gathering.ShardGatherer`` does: ``BlockShards`` over FSDP shards, ``SplitBlocks`` over
+tensor-parallel parts); LoRA and DoRA (every stage draws the whole model's adapters in order and keeps
+its own: ``lora.whole_model_adapters``; the final checkpoint merged from the gathered weights and
+adapters); ``--freeze`` (a part with nothing trainable in it or before it runs no backward and keeps
+no activations: frozen first stages cost only their forwards); ``--qat`` and ``--float8`` (each
+stage's weights and projections, as without a pipeline); distillation (``--teacher``, whole on every
+rank, its hidden states asked on the last stage: ``train_step``'s ``teacher_of``); mixtures of experts
+(the balance terms of the whole model's routing: ``_forward``), also with expert parallelism inside
+the stages (``--expert-parallel N``: groups of N of a stage's ranks, each stage's experts averaged
+over its ranks holding them, counted N times in the clipping norm when replicated, listed for the
+checkpoint by the stage's first group); ``--eval-choices`` (the questions' log-likelihoods through the
+stages, ``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing,
+fp16/bf16 autocast. What does not (yet; each refused with its reason): expert parallelism with tensor
+parallelism or HSDP, a quantised LoRA base.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .gathering import Gathered8bit, RankZeroGather
+from .gathering import BlockShards, Gathered8bit, RankZeroGather
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
@@ -195,9 +198,6 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
         raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: HSDP shards a stage over "
                          f"groups of that many of its {width} ranks; expected a divisor of {width}"
                          + (f" and a multiple of --tensor-parallel {tensor}" if tensor > 1 else ""))
-    if tensor > 1 and context > 1:
-        raise ValueError(f"--pipeline-parallel {size} with both --tensor-parallel {tensor} and --context-parallel "
-                         f"{context} is not supported; expected one of them inside the stages")
     if world % (size * tensor * context):
         inner = [(kind, n) for kind, n in (("tensor", tensor), ("context", context)) if n > 1]
         raise ValueError(f"--pipeline-parallel {size}" + "".join(f" x --{k}-parallel {n}" for k, n in inner)
@@ -327,9 +327,17 @@ class PipelineParallel:
         t = torch.tensor([sum(k for k, _ in whole), sum(k for k, trains in whole if trains)],
                          dtype=torch.int64, device=device)
         dist.all_reduce(t, group=self.pipeline)
-        return {"params": int(t[0]), "trainable": int(t[1]),  # (under FSDP this rank's shards)
-                "params_rank": sum(local_part(p).numel() for p in model.parameters()), "pipeline_parallel": self.size,
-                "pipeline_schedule": self.schedule, "pipeline_chunks": self.chunks}
+        out = {"params": int(t[0]), "trainable": int(t[1]),  # (under FSDP this rank's shards)
+               "params_rank": sum(local_part(p).numel() for p in model.parameters()), "pipeline_parallel": self.size,
+               "pipeline_schedule": self.schedule, "pipeline_chunks": self.chunks}
+        if self.tensor > 1:  # (as without a pipeline: expert_parallel.parameter_counts)
+            out["tensor_parallel"] = self.tensor
+            out["vocab_parallel"] = getattr(model, "vocab_parallel", None) is not None
+            if model.sequence_parallel is not None:
+                out["sequence_parallel"] = True
+        if ep is not None:
+            out["expert_parallel"] = ep.size
+        return out
 
     @staticmethod
     def experts(model) -> tuple:
@@ -685,7 +693,8 @@ class PipelineGatherer(RankZeroGather):
     until ``done()`` (``gathering.RankZeroGather``)."""
 
     def __init__(self, trainer, pp: PipelineParallel):
-        from .tensor_parallel import split_dims
+        from .distributed import _is_dtensor
+        from .tensor_parallel import SplitBlocks, split_dims
 
         self.pp, self.device, self.model = pp, trainer.device, trainer.model
         model, opt = trainer.model, trainer.optimizer
@@ -713,9 +722,14 @@ class PipelineGatherer(RankZeroGather):
                     self.local[key, name] = m
                     entries.append((key, name, "torch.float32", shape, step, dim))
                     continue
-                # an 8-bit moment (adamw8bit.Blockwise8bit; whole on this rank: refused sharded or split)
-                for part in ("codes", "absmax"):
-                    t = getattr(m, part)
+                # an 8-bit moment (adamw8bit.Blockwise8bit): its codes and scales, under FSDP this rank's
+                # blocks (gathered over the stage's replicas), of a split parameter's part joined as the
+                # whole's blocks (as ShardGatherer does without a pipeline)
+                pair = ((BlockShards(m.codes, p), BlockShards(m.absmax, p)) if _is_dtensor(p)
+                        else (m.codes, m.absmax))
+                if dim is not None:
+                    pair = SplitBlocks.pair(*pair, tuple(p.shape), dim, self.tp)
+                for part, t in zip(("codes", "absmax"), pair):
                     self.local[f"{key}.{part}", name] = t
                     entries.append((f"{key}.{part}", name, str(t.dtype), tuple(t.shape), step, None))
         if pp.local != 0:  # (one list per stage: its first replica's tensor-parallel rank 0's)
@@ -733,7 +747,8 @@ class PipelineGatherer(RankZeroGather):
         whole = None
         # (FSDP: the stage's replicas gather its rows; an expert's, the stage's ranks holding it)
         if owner // self.pp.width == self.pp.stage and (kind, name) in self.local:
-            whole = full_tensor(self.local[kind, name].detach())
+            item = self.local[kind, name]  # (an 8-bit moment's part under FSDP or split: gathers itself)
+            whole = full_tensor(item.detach()) if torch.is_tensor(item) else item.gather()
             if dim is not None and self.pp.replica == 0:  # (the owner's tensor-parallel group joins its parts)
                 whole = self.tp.gather(whole, dim)
         if dist.get_rank() == owner:
