@@ -18,10 +18,10 @@ replicas, with sequence parallelism and document masks; the Qwen2 of 4 heads int
 context parallelism with 8-bit AdamW, the group's ranks averaging their gradients like replicas; 8-bit
 AdamW on tensor-parallel parts under FSDP (one process's codes); a Mixtral on 2 replicas a stage under
 HSDP (groups of one rank), which count their expert choices together, and with its experts spread over
-each stage's 2 ranks (expert parallelism, FSDP). In one process: the split of the layers and of the
-model (on the meta device, and loaded from a file: only a stage's tensors, the file's values), every
-schedule run on a model of the stages (order, deadlock freedom, idle share, activations held), the
-refusals."""
+each stage's 2 ranks (expert parallelism, FSDP); QLoRA with DoRA on Q4_K blocks, each stage's sharded
+over its 2 replicas. In one process: the split of the layers and of the model (on the meta device, and
+loaded from a file: only a stage's tensors, the file's values), every schedule run on a model of the
+stages (order, deadlock freedom, idle share, activations held), the refusals."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def _configs():
             # 8-bit AdamW split and sharded: every part whole 256-value blocks (o_proj's and down_proj's 256
             # columns a rank of 2)
             "wide": qwen2.replace(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128, hidden_size=64,
-                                  intermediate_size=512, vocab_size=320)}
+                                  intermediate_size=512, vocab_size=320),
+            # (stored in Q4_K blocks: rows of whole 256-value blocks)
+            "quantised": qwen2.replace(num_layers=2, hidden_size=256, intermediate_size=512)}
 
 
 # name: (config, options of both runs, world, options of the pipeline run only)
@@ -105,6 +107,10 @@ CASES = {
     # (expert parallelism inside the stages: each stage's experts spread over its 2 ranks, FSDP-sharded)
     "mixtral_ep_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
                      ["--expert-parallel", "2", "--parallel", "fsdp"]),
+    # (QLoRA with DoRA: the projections the file's Q4_K blocks, each stage's sharded over its 2 replicas;
+    # the checkpoints hold the blocks bit for bit, gathered from their stage)
+    "qwen2_qdora_fsdp_4": ("quantised", ["--lora-rank", "4", "--lora-dora", "--lora-quantized-base", "--lr", "1e-2"],
+                           4, ["--parallel", "fsdp"]),
 }
 
 
@@ -115,6 +121,11 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pp")
     for i, (name, config) in enumerate(_configs().items()):
+        if name == "quantised":
+            from test_lora import _quantised_file
+
+            _quantised_file(root / f"{name}.apr", config, "Q4_K", seed=60 + i)
+            continue
         torch.manual_seed(60 + i)
         model = Transformer(config, fast=False)
         with torch.no_grad():  # (biases and norms away from their zeros and ones: a misplaced tensor shows)
@@ -180,6 +191,14 @@ def test_pipeline_matches_one_process(runs, name):
     # the gathered checkpoint: one process's tensors (weights, moments), names and training state
     got_t, want_t = _same_checkpoint(root / f"pp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name,
                                      atol=1e-3 if muon or eight_bit else 2e-4 if fp16 else 5e-5)
+    if CASES[name][0] == "quantised":  # (QLoRA's frozen bases: the file's blocks, bit for bit)
+        import apr_kernels
+
+        with apr_kernels.open(root / f"pp_{name}" / "step_000002.apr") as f, \
+                apr_kernels.open(root / "quantised.apr") as src:
+            bases = [n for n in src.keys() if n.endswith("proj.weight")]
+            assert bases and all(f.info(n).dtype == "Q4_K" and torch.equal(f.get_raw(n), src.get_raw(n))
+                                 for n in bases)
     if eight_bit:  # (8-bit codes: one process's, but a value on a rounding edge; a misplaced block matches ~1/256)
         codes = [k for k in want_t if k.startswith("__training__.adam8.") and ".codes." in k]
         assert codes and all((got_t[k] == want_t[k]).float().mean() > 0.99 for k in codes), name

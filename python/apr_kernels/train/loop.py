@@ -812,8 +812,9 @@ class Trainer(EvalWatch):
         sizes = (par.pipeline.parameter_counts(self.model) if par is not None and par.pipeline is not None
                  else parameter_counts(self.model, par.expert if par is not None else None,
                                        par.tensor if par is not None else None))
-        sizes["params"] += sum(math.prod(m.whole_base_shape) for m, _ in whole_model_adapters(self.model).values()
-                               if hasattr(m, "base"))
+        if par is None or par.pipeline is None:  # (a pipeline's counts have its stages' bases)
+            sizes["params"] += sum(math.prod(m.whole_base_shape) for m, _ in whole_model_adapters(self.model).values()
+                                   if hasattr(m, "base"))
         return {
             "step": self.step, "steps": c.steps, **sizes,
             "tokens_per_step": tokens_per_step, "train_tokens": train_tokens,

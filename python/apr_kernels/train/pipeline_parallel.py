@@ -81,22 +81,24 @@ What combines: every schedule with ``--parallel ddp`` or ``fsdp`` across the rep
 as ``gathering.ShardGatherer`` does: ``BlockShards`` over FSDP shards, ``SplitBlocks`` over
 tensor-parallel parts); LoRA and DoRA (every stage draws the whole model's adapters in order and keeps
 its own: ``lora.whole_model_adapters``; the final checkpoint merged from the gathered weights and
-adapters); ``--freeze`` (a part with nothing trainable in it or before it runs no backward and keeps
-no activations: frozen first stages cost only their forwards); ``--qat`` and ``--float8`` (each
-stage's weights and projections, as without a pipeline); distillation (``--teacher``, whole on every
-rank, its hidden states asked on the last stage: ``train_step``'s ``teacher_of``); mixtures of experts
-(the balance terms of the whole model's routing: ``_forward``), also with expert parallelism inside
-the stages (``--expert-parallel N``: groups of N of a stage's ranks, each stage's experts averaged
-over its ranks holding them, counted N times in the clipping norm when replicated, listed for the
+adapters; QLoRA's quantised bases listed too, their whole raw blocks gathered from their stage);
+``--freeze`` (a part with nothing trainable in it or before it runs no backward and keeps no
+activations: frozen first stages cost only their forwards); ``--qat`` and ``--float8`` (each stage's
+weights and projections, as without a pipeline); distillation (``--teacher``, whole on every rank, its
+hidden states asked on the last stage: ``train_step``'s ``teacher_of``); mixtures of experts (the
+balance terms of the whole model's routing: ``_forward``), also with expert parallelism inside the
+stages (``--expert-parallel N``: groups of N of a stage's ranks, each stage's experts averaged over
+its ranks holding them, counted N times in the clipping norm when replicated, listed for the
 checkpoint by the stage's first group); ``--eval-choices`` (the questions' log-likelihoods through the
 stages, ``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing,
 fp16/bf16 autocast. What does not (yet; each refused with its reason): expert parallelism with tensor
-parallelism or HSDP, a quantised LoRA base.
+parallelism, HSDP or a quantised LoRA base.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -324,6 +326,10 @@ class PipelineParallel:
         device = next(model.parameters()).device
         whole = [(p.numel() * (self.tensor if n in split else 1) * (ep.size if id(p) in experts else 1),
                   p.requires_grad) for n, p in owned]
+        from apr_kernels.model.lora import QuantizedLoRALinear
+
+        whole += [(math.prod(m.whole_base_shape), False) for m in model.modules()  # (QLoRA's frozen bases)
+                  if isinstance(m, QuantizedLoRALinear)]
         t = torch.tensor([sum(k for k, _ in whole), sum(k for k, trains in whole if trains)],
                          dtype=torch.int64, device=device)
         dist.all_reduce(t, group=self.pipeline)
@@ -732,6 +738,12 @@ class PipelineGatherer(RankZeroGather):
                 for part, t in zip(("codes", "absmax"), pair):
                     self.local[f"{key}.{part}", name] = t
                     entries.append((f"{key}.{part}", name, str(t.dtype), tuple(t.shape), step, None))
+        from apr_kernels.model.lora import QuantizedLoRALinear
+
+        for name, m in model.named_modules():  # QLoRA: the quantised bases' whole raw blocks (no parameters)
+            if isinstance(m, QuantizedLoRALinear):
+                self.local["base", f"{name}.weight"] = m
+                entries.append(("base", f"{name}.weight", m.base.dtype, tuple(m.whole_base_shape), None, None))
         if pp.local != 0:  # (one list per stage: its first replica's tensor-parallel rank 0's)
             entries = [e for e in entries if first_group and e[1] in self.held]
         every: list = [None] * dist.get_world_size()
@@ -742,13 +754,19 @@ class PipelineGatherer(RankZeroGather):
     def _full(self, i: int) -> torch.Tensor:
         from .distributed import full_tensor
 
+        from apr_kernels._format import nbytes_for
+
         kind, name, dtype, shape, _, owner, dim = self.items[i]
-        dtype = getattr(torch, dtype.removeprefix("torch."))
+        if kind == "base":  # (a quantised base: its raw bytes)
+            dtype, shape = torch.uint8, (nbytes_for(dtype, shape),)
+        else:
+            dtype = getattr(torch, dtype.removeprefix("torch."))
         whole = None
         # (FSDP: the stage's replicas gather its rows; an expert's, the stage's ranks holding it)
         if owner // self.pp.width == self.pp.stage and (kind, name) in self.local:
             item = self.local[kind, name]  # (an 8-bit moment's part under FSDP or split: gathers itself)
-            whole = full_tensor(item.detach()) if torch.is_tensor(item) else item.gather()
+            whole = (item.whole_base_raw() if kind == "base" else full_tensor(item.detach()) if torch.is_tensor(item)
+                     else item.gather())
             if dim is not None and self.pp.replica == 0:  # (the owner's tensor-parallel group joins its parts)
                 whole = self.tp.gather(whole, dim)
         if dist.get_rank() == owner:
@@ -764,10 +782,13 @@ class PipelineGatherer(RankZeroGather):
 
     def state(self, merge_lora: bool = False) -> tuple[dict, dict]:
         from apr_kernels._format import APR_DTYPE_OF
-        from apr_kernels.io import LazyTensor
+        from apr_kernels.io import LazyTensor, QuantizedTensor
 
         weights, moments = {}, {}
         for i, (kind, name, dtype, shape, step, *_) in enumerate(self.items):
+            if kind == "base":  # (a quantised LoRA base: its blocks written as they are)
+                weights[name] = LazyTensor(dtype, shape, lambda i=i, d=dtype, s=shape: QuantizedTensor(d, s, self._fetch(i)))
+                continue
             lazy = LazyTensor(APR_DTYPE_OF[getattr(torch, dtype.removeprefix("torch."))], shape,
                               lambda i=i: self._fetch(i))
             if kind == "weight":
@@ -791,6 +812,8 @@ class PipelineGatherer(RankZeroGather):
             index = {(kind, name): i for i, (kind, name, *_) in enumerate(self.items)}
             for base in [n.removesuffix(".lora_A") for n in weights if n.endswith(".lora_A")]:
                 parts = [index.get(("weight", f"{base}.{p}")) for p in ("weight", "lora_A", "lora_B", "lora_magnitude")]
+                if parts[0] is None:  # (QLoRA: the quantised base, dequantised)
+                    parts[0] = index[("base", f"{base}.weight")]
                 for p in ("lora_A", "lora_B", "lora_magnitude"):
                     weights.pop(f"{base}.{p}", None)
                 weights[f"{base}.weight"] = LazyTensor("F32", self.items[parts[0]][3],
@@ -800,7 +823,10 @@ class PipelineGatherer(RankZeroGather):
 
     def _merged(self, w: int, a: int, b: int, magnitude: int | None, scale: float) -> torch.Tensor:
         from apr_kernels.model.lora import merged
+        from apr_kernels.quant import dequantize
 
-        fetch = [None if i is None else self._fetch(i).float() for i in (w, a, b, magnitude)]
-        return merged(fetch[0], fetch[1], fetch[2], scale, torch.float32, fetch[3])
+        kind, _, fmt, shape, *_ = self.items[w]  # (QLoRA: the base's blocks, dequantised)
+        weight = dequantize(fmt, shape, self._fetch(w)) if kind == "base" else self._fetch(w).float()
+        lora_a, lora_b, mag = (None if i is None else self._fetch(i).float() for i in (a, b, magnitude))
+        return merged(weight, lora_a, lora_b, scale, torch.float32, mag)
 
