@@ -628,8 +628,8 @@ class Transformer(nn.Module):
         A mixture-of-experts model's last part adds the balance terms as ``forward`` does, of the whole
         model's routing: its own layers' statistics plus ``routing_before``, the earlier parts'
         (``routing_totals``; a tensor that requires grad: its gradient is what the earlier parts'
-        statistics get). One method, so FSDP gathers a stage's own parameters (embedding, final norm, head) around it
-        as around ``forward`` (``register_fsdp_forward_method``)."""
+        statistics get). One method, so FSDP gathers a stage's own parameters (embedding, final norm,
+        head) around it as around ``forward`` (``register_fsdp_forward_method``)."""
         ctx = self.layer_inputs(input_ids, documents)
         if h is None:
             h = self.embed(input_ids)

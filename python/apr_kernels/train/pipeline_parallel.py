@@ -787,7 +787,8 @@ class PipelineGatherer(RankZeroGather):
         weights, moments = {}, {}
         for i, (kind, name, dtype, shape, step, *_) in enumerate(self.items):
             if kind == "base":  # (a quantised LoRA base: its blocks written as they are)
-                weights[name] = LazyTensor(dtype, shape, lambda i=i, d=dtype, s=shape: QuantizedTensor(d, s, self._fetch(i)))
+                weights[name] = LazyTensor(dtype, shape,
+                                           lambda i=i, d=dtype, s=shape: QuantizedTensor(d, s, self._fetch(i)))
                 continue
             lazy = LazyTensor(APR_DTYPE_OF[getattr(torch, dtype.removeprefix("torch."))], shape,
                               lambda i=i: self._fetch(i))
