@@ -18,10 +18,11 @@ replicas, with sequence parallelism and document masks; the Qwen2 of 4 heads int
 context parallelism with 8-bit AdamW, the group's ranks averaging their gradients like replicas; 8-bit
 AdamW on tensor-parallel parts under FSDP (one process's codes); a Mixtral on 2 replicas a stage under
 HSDP (groups of one rank), which count their expert choices together, and with its experts spread over
-each stage's 2 ranks (expert parallelism, FSDP); QLoRA with DoRA on Q4_K blocks, each stage's sharded
-over its 2 replicas. In one process: the split of the layers and of the model (on the meta device, and
-loaded from a file: only a stage's tensors, the file's values), every schedule run on a model of the
-stages (order, deadlock freedom, idle share, activations held), the refusals."""
+each stage's 2 ranks (expert parallelism, FSDP); QLoRA with DoRA on a Mixtral's Q4_K blocks (attention
+and experts), the experts spread over each stage's 2 ranks (FSDP). In one process: the split of the
+layers and of the model (on the meta device, and loaded from a file: only a stage's tensors, the
+file's values), every schedule run on a model of the stages (order, deadlock freedom, idle share,
+activations held), the refusals."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def _configs():
             "wide": qwen2.replace(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=128, hidden_size=64,
                                   intermediate_size=512, vocab_size=320),
             # (stored in Q4_K blocks: rows of whole 256-value blocks)
-            "quantised": qwen2.replace(num_layers=2, hidden_size=256, intermediate_size=512)}
+            "quantised": preset("tiny_mixtral").replace(hidden_size=256, intermediate_size=256,
+                                                        moe_intermediate_size=256, num_heads=4, num_kv_heads=2)}
 
 
 # name: (config, options of both runs, world, options of the pipeline run only)
@@ -107,10 +109,12 @@ CASES = {
     # (expert parallelism inside the stages: each stage's experts spread over its 2 ranks, FSDP-sharded)
     "mixtral_ep_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
                      ["--expert-parallel", "2", "--parallel", "fsdp"]),
-    # (QLoRA with DoRA: the projections the file's Q4_K blocks, each stage's sharded over its 2 replicas;
-    # the checkpoints hold the blocks bit for bit, gathered from their stage)
-    "qwen2_qdora_fsdp_4": ("quantised", ["--lora-rank", "4", "--lora-dora", "--lora-quantized-base", "--lr", "1e-2"],
-                           4, ["--parallel", "fsdp"]),
+    # (QLoRA with DoRA: the attention projections and the experts the file's Q4_K blocks, under FSDP the
+    # attention's sharded over a stage's 2 ranks, the experts spread over them; the checkpoints hold the
+    # blocks bit for bit, gathered from their stage and holder)
+    "mixtral_qdora_ep_4": ("quantised", ["--lora-rank", "4", "--lora-dora", "--lora-quantized-base", "--lr", "1e-2",
+                                         "--router-aux-loss-coef", "0.5"], 4,
+                           ["--parallel", "fsdp", "--expert-parallel", "2"]),
 }
 
 
@@ -121,10 +125,17 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pp")
     for i, (name, config) in enumerate(_configs().items()):
-        if name == "quantised":
-            from test_lora import _quantised_file
+        if name == "quantised":  # (the projections' and experts' matrices in Q4_K blocks, the router not)
+            import apr_kernels
+            from apr_kernels.quant import quantize
+            from apr_kernels.train.checkpoint import model_metadata, model_tensors
 
-            _quantised_file(root / f"{name}.apr", config, "Q4_K", seed=60 + i)
+            torch.manual_seed(60 + i)
+            model = Transformer(config, fast=False)
+            tensors = {n: t.materialize() for n, t in model_tensors(model).items()}
+            blocks = ("proj.weight", "w1.weight", "w2.weight", "w3.weight")
+            apr_kernels.save({n: quantize("Q4_K", t) if n.endswith(blocks) else t for n, t in tensors.items()},
+                             root / f"{name}.apr", metadata=model_metadata(model))
             continue
         torch.manual_seed(60 + i)
         model = Transformer(config, fast=False)
@@ -196,9 +207,9 @@ def test_pipeline_matches_one_process(runs, name):
 
         with apr_kernels.open(root / f"pp_{name}" / "step_000002.apr") as f, \
                 apr_kernels.open(root / "quantised.apr") as src:
-            bases = [n for n in src.keys() if n.endswith("proj.weight")]
-            assert bases and all(f.info(n).dtype == "Q4_K" and torch.equal(f.get_raw(n), src.get_raw(n))
-                                 for n in bases)
+            bases = [n for n in src.keys() if src.info(n).dtype == "Q4_K"]
+            assert any(".experts." in n for n in bases)
+            assert all(f.info(n).dtype == "Q4_K" and torch.equal(f.get_raw(n), src.get_raw(n)) for n in bases)
     if eight_bit:  # (8-bit codes: one process's, but a value on a rounding edge; a misplaced block matches ~1/256)
         codes = [k for k in want_t if k.startswith("__training__.adam8.") and ".codes." in k]
         assert codes and all((got_t[k] == want_t[k]).float().mean() > 0.99 for k in codes), name

@@ -89,10 +89,11 @@ hidden states asked on the last stage: ``train_step``'s ``teacher_of``); mixture
 balance terms of the whole model's routing: ``_forward``), also with expert parallelism inside the
 stages (``--expert-parallel N``: groups of N of a stage's ranks, each stage's experts averaged over
 its ranks holding them, counted N times in the clipping norm when replicated, listed for the
-checkpoint by the stage's first group); ``--eval-choices`` (the questions' log-likelihoods through the
-stages, ``PipelineScorer``); document masking, label smoothing and z-loss, gradient checkpointing,
-fp16/bf16 autocast. What does not (yet; each refused with its reason): expert parallelism with tensor
-parallelism, HSDP or a quantised LoRA base.
+checkpoint by the stage's first group, under HSDP sharded within a shard group, with QLoRA their
+quantised bases gathered from their holders); ``--eval-choices`` (the questions' log-likelihoods
+through the stages, ``PipelineScorer``); document masking, label smoothing and z-loss, gradient
+checkpointing, fp16/bf16 autocast. What does not (yet; each refused with its reason): expert
+parallelism with tensor parallelism.
 """
 
 from __future__ import annotations
@@ -328,8 +329,8 @@ class PipelineParallel:
                   p.requires_grad) for n, p in owned]
         from apr_kernels.model.lora import QuantizedLoRALinear
 
-        whole += [(math.prod(m.whole_base_shape), False) for m in model.modules()  # (QLoRA's frozen bases)
-                  if isinstance(m, QuantizedLoRALinear)]
+        whole += [(math.prod(m.whole_base_shape) * (ep.size if id(m.lora_A) in experts else 1), False)
+                  for m in model.modules() if isinstance(m, QuantizedLoRALinear)]  # (QLoRA's frozen bases)
         t = torch.tensor([sum(k for k, _ in whole), sum(k for k, trains in whole if trains)],
                          dtype=torch.int64, device=device)
         dist.all_reduce(t, group=self.pipeline)
@@ -742,6 +743,8 @@ class PipelineGatherer(RankZeroGather):
 
         for name, m in model.named_modules():  # QLoRA: the quantised bases' whole raw blocks (no parameters)
             if isinstance(m, QuantizedLoRALinear):
+                if id(m.lora_A) in experts:  # (an expert's: listed by its holder in the first group)
+                    self.held.add(f"{name}.weight")
                 self.local["base", f"{name}.weight"] = m
                 entries.append(("base", f"{name}.weight", m.base.dtype, tuple(m.whole_base_shape), None, None))
         if pp.local != 0:  # (one list per stage: its first replica's tensor-parallel rank 0's)
