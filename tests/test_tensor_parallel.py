@@ -3,23 +3,23 @@ rows split over groups of N ranks (Megatron-LM's column/row-parallel layout), ag
 training on the same global batch: losses, gradient norms (clipped by the whole model's norm),
 held-out losses and the gathered checkpoint's weights and optimizer state.
 
-DDP: Qwen2 (q/k/v bias, tied) on 2 ranks in one group (the fast path in Triton's interpreter,
-each layer compiled, activation checkpointing), a dense Qwen3 (q/k norms: whole weights on split
-heads, their gradients summed) on 4 ranks in 2 replicated groups of 2. FSDP: an untied Llama on 4
-ranks in 2 groups of 2 (each rank's parts sharded over its replica), and on 4 ranks in one group
-of 4 (selective activation checkpointing: the kept all-reduces are not redone). LoRA (DDP, the fast
-path) and DoRA (FSDP, 4 ranks in 2 groups) adapters split with their projections. Sequence
-parallelism (DDP, FSDP, HSDP on 8 ranks). Context parallelism around it (FSDP, 4 ranks; also with
-sequence parallelism, and so inside 2 pipeline stages on 8 ranks). Muon (DDP, FSDP). 8-bit AdamW
-(DDP, FSDP: one process's codes). QLoRA (Q4_K, DDP; DoRA on APR_Q8 blocks, FSDP). Mixture of experts (Qwen2-MoE on the grouped-GEMM path, DDP;
-Mixtral with sequence parallelism, FSDP). The embedding and head split by vocabulary range (or whole,
-for a vocabulary of 321).
-A one-process step checkpoint resumed split and sharded (also a DoRA, a Muon, an 8-bit AdamW and a
-QLoRA one), split ones resumed in one process, a DoRA checkpoint as --init folded into each rank's
-part. The sampling
-commands (GRPO, RLOO, online DPO) decoding on split layers, distillation (GKD, train --teacher). In one process:
-the split itself against the whole layer's numbers (forward and every gradient, on a group of one
-standing in for the exchange), the vocabulary-split loss against F.cross_entropy, the refusals."""
+DDP: Qwen2 (q/k/v bias, tied) on 2 ranks in one group (the fast path in Triton's interpreter, each
+layer compiled, activation checkpointing), a dense Qwen3 (q/k norms: whole weights on split heads,
+their gradients summed) on 4 ranks in 2 replicated groups of 2. FSDP: an untied Llama on 4 ranks in 2
+groups of 2 (each rank's parts sharded over its replica), and on 4 ranks in one group of 4 (selective
+activation checkpointing: the kept all-reduces are not redone). LoRA (DDP, the fast path) and DoRA
+(FSDP, 4 ranks in 2 groups) adapters split with their projections. Sequence parallelism (DDP, FSDP,
+HSDP on 8 ranks). Context parallelism around it (FSDP, 4 ranks; also with sequence parallelism, and so
+inside 2 pipeline stages on 8 ranks). Muon (DDP, FSDP). 8-bit AdamW (DDP, FSDP: one process's codes).
+QLoRA (Q4_K, DDP; DoRA on APR_Q8 blocks, FSDP). Mixture of experts (Qwen2-MoE on the grouped-GEMM
+path, DDP; Mixtral with sequence parallelism, FSDP; and inside 2 pipeline stages with its experts
+spread over 2 ranks a stage, 8 ranks). The embedding and head split by vocabulary range (or whole, for
+a vocabulary of 321). A one-process step checkpoint resumed split and sharded (also a DoRA, a Muon, an
+8-bit AdamW and a QLoRA one), split ones resumed in one process, a DoRA checkpoint as --init folded
+into each rank's part. The sampling commands (GRPO, RLOO, online DPO) decoding on split layers,
+distillation (GKD, train --teacher). In one process: the split itself against the whole layer's
+numbers (forward and every gradient, on a group of one standing in for the exchange), the
+vocabulary-split loss against F.cross_entropy, the refusals."""
 
 from __future__ import annotations
 
@@ -119,6 +119,11 @@ CASES = {
     "qwen2_qlora": ("qwen2", ["--lora-rank", "4", "--lora-quantized-base", "--lr", "1e-2"], 2, 2, "ddp", []),
     "llama_qdora_fsdp": ("wide-llama", ["--lora-rank", "4", "--lora-dora", "--lora-quantized-base", "--lr", "1e-2"],
                          4, 2, "fsdp", []),
+    # (new cases go last: a case's seed is 40 + its index, and some of the above sit near a rounding edge)
+    # Mixtral inside 2 pipeline stages with its experts spread too (8 ranks = 2 stages x 2 expert-parallel
+    # x 2 tensor-parallel: each rank its part of its experts; the balance terms' routing totals sent on)
+    "mixtral_pp_ep": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 8, 2, "fsdp",
+                      ["--sequence-parallel", "--expert-parallel", "2", "--pipeline-parallel", "2"]),
 }
 QUANTISED = {"qwen2_qlora": "Q4_K", "llama_qdora_fsdp": "Q4_K"}
 

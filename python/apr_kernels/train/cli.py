@@ -578,8 +578,7 @@ def _train(args, env, mode: str) -> int:
 
         chunks = pipeline_parallel.chunks_for(args.pipeline_schedule, args.pipeline_chunks)
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
-                                chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel, **{
-            "--expert-parallel with --tensor-parallel": args.expert_parallel != 1 and args.tensor_parallel != 1})
+                                chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel)
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
                                       tensor=args.tensor_parallel, context=args.context_parallel)
 

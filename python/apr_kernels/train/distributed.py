@@ -441,11 +441,12 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
         from apr_kernels.model.moe import Experts
 
         n = expert.size
-        if pipeline is not None:  # (a stage's ranks holding the same experts, no tensor parallelism; under
-            # HSDP those of its shard group shard them, the groups replicating)
+        if pipeline is not None:  # (a stage's ranks holding the same part of the same experts; under HSDP
+            # those of its shard group shard them, the groups replicating)
             r = pipeline.replicate
-            replicas = init_device_mesh(env.device.type, (pipeline.size, r, pipeline.replicas // (r * n), n),
-                                        mesh_dim_names=("pipeline", "replicate", "shard", "expert"))
+            replicas = init_device_mesh(env.device.type, (pipeline.size, r, pipeline.replicas // (r * n), n,
+                                                          pipeline.tensor),
+                                        mesh_dim_names=("pipeline", "replicate", "shard", "expert", "tensor"))
             replicas = replicas["replicate", "shard"] if r > 1 else replicas["shard"]
         elif tensor is not None and tensor.size > 1:  # (the ranks holding the same part of the same experts)
             m = tensor.size

@@ -181,19 +181,20 @@ def groups(world_size: int, size: int, rank: int, stride: int = 1, stages: int =
     ``world_size / P`` ranks, which hold its layers' experts (the mean over the stage's replicas)."""
     if stages > 1:
         width = world_size // stages
-        if stride > 1 or width % size:
+        block = size * stride  # (a group: the same tensor-parallel rank of `size` consecutive groups)
+        if width % block:
             raise ValueError(f"--expert-parallel {size} with --pipeline-parallel {stages}: expected groups inside "
-                             f"a stage's {width} ranks (a divisor of {width}) and no --tensor-parallel")
-        group, index, _ = rank_groups(world_size, size, rank, replicas="none")
+                             f"a stage's {width} ranks ({size} x --tensor-parallel {stride} dividing {width})")
+        group, index, _ = rank_groups(world_size, size, rank, replicas="none", stride=stride)
         replicas = None
-        if width > size:
-            for first in range(0, world_size, width):  # (a stage's ranks holding the same experts)
-                for t in range(size):
-                    ranks = list(range(first + t, first + width, size))
+        if width > block:
+            for first in range(0, world_size, width):  # (a stage's ranks holding the same experts' same part)
+                for t in range(block):
+                    ranks = list(range(first + t, first + width, block))
                     g = dist.new_group(ranks)
                     if rank in ranks:
                         replicas = g
-        return ExpertParallel(group, index, size, replicas, width)
+        return ExpertParallel(group, index, size, replicas, width // stride, stride)
     if size < 1 or world_size % (size * stride):
         parts = f"{size} groups of --tensor-parallel {stride}" if stride > 1 else str(size)
         raise ValueError(f"--expert-parallel {size} does not divide the world size {world_size}"

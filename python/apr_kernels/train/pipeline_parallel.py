@@ -87,13 +87,12 @@ activations: frozen first stages cost only their forwards); ``--qat`` and ``--fl
 weights and projections, as without a pipeline); distillation (``--teacher``, whole on every rank, its
 hidden states asked on the last stage: ``train_step``'s ``teacher_of``); mixtures of experts (the
 balance terms of the whole model's routing: ``_forward``), also with expert parallelism inside the
-stages (``--expert-parallel N``: groups of N of a stage's ranks, each stage's experts averaged over
-its ranks holding them, counted N times in the clipping norm when replicated, listed for the
-checkpoint by the stage's first group, under HSDP sharded within a shard group, with QLoRA their
-quantised bases gathered from their holders); ``--eval-choices`` (the questions' log-likelihoods
-through the stages, ``PipelineScorer``); document masking, label smoothing and z-loss, gradient
-checkpointing, fp16/bf16 autocast. What does not (yet; each refused with its reason): expert
-parallelism with tensor parallelism.
+stages (``--expert-parallel N``: groups of N of a stage's ranks, with ``--tensor-parallel T`` ranks T
+apart, each stage's experts averaged over its ranks holding them, counted N times in the clipping norm
+when replicated, listed for the checkpoint by the stage's first group, under HSDP sharded within a
+shard group, with QLoRA their quantised bases gathered from their holders); ``--eval-choices`` (the
+questions' log-likelihoods through the stages, ``PipelineScorer``); document masking, label smoothing
+and z-loss, gradient checkpointing, fp16/bf16 autocast.
 """
 
 from __future__ import annotations
@@ -713,7 +712,8 @@ class PipelineGatherer(RankZeroGather):
         entries = []  # (kind, name, dtype, whole shape, step, split dim): the first replica's
         # (the stage's first expert-parallel group lists its experts: each of its ranks its own)
         self.held = {name for name, p in pp.owned(model) if id(p) in experts}
-        first_group = self.ep is not None and pp.local < self.ep.size
+        # (the first expert-parallel group's ranks of tensor-parallel rank 0: replicas 0 .. N - 1)
+        first_group = self.ep is not None and pp.replica < self.ep.size and pp.tensor_rank == 0
         for name, p in pp.owned(model):
             dim = split.get(name)
             shape = self.tp.whole_shape(p.shape, dim) if dim is not None else tuple(p.shape)
@@ -770,7 +770,8 @@ class PipelineGatherer(RankZeroGather):
             item = self.local[kind, name]  # (an 8-bit moment's part under FSDP or split: gathers itself)
             whole = (item.whole_base_raw() if kind == "base" else full_tensor(item.detach()) if torch.is_tensor(item)
                      else item.gather())
-            if dim is not None and self.pp.replica == 0:  # (the owner's tensor-parallel group joins its parts)
+            if dim is not None and self.pp.replica == (owner % self.pp.width) // self.pp.tensor:
+                # (the owner's tensor-parallel group joins its parts)
                 whole = self.tp.gather(whole, dim)
         if dist.get_rank() == owner:
             buf = whole.to(dtype).clone()
