@@ -22,10 +22,34 @@ import warnings
 from pathlib import Path
 
 
+_handed_out: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a launch's rendezvous, below the kernel's ephemeral range: a port the OS hands
+    out (``bind(("", 0))``) is free only until rank 0 binds it seconds later, and meanwhile another
+    launch's gloo connections (client sockets take ephemeral ports) may take it (EADDRINUSE, seen
+    with three launches starting together). Each port once per test process."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = list(range(max(1024, low - 12000), low)) if low > 2048 else []
+    random.SystemRandom().shuffle(candidates)
+    for port in [*candidates[:200], 0]:  # (0: the OS's choice, when nothing below the range is free)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("rank_runs.free_port: no free port")
 
 
 def rank_env(rank: int, world: int, port: int) -> dict:
@@ -45,6 +69,7 @@ def rank_env(rank: int, world: int, port: int) -> dict:
 # reported as a warning (faulthandler's stacks: PYTHONFAULTHANDLER in rank_env) and run once more;
 # an exit code, a failed command or a wrong result fails at once.
 CRASH_RETRY = "a rank process was killed by a signal: running the launch once more (rank_runs.CRASH_RETRY)"
+PORT_RETRY = "a launch's rendezvous port was taken before rank 0 listened: running it once more on another"
 
 
 def crashed(procs) -> bool:
@@ -75,11 +100,13 @@ class Launch:
     def outputs(self, timeout: float = 400) -> dict[str, str]:
         """Rank 0's stdout of each command (by name), once every rank ran every command with exit
         code 0. A rank that fails stops the others (as torchrun would) and fails the caller; one
-        killed by a signal (a native crash, see ``CRASH_RETRY``) is reported and the launch run again
-        once."""
-        if self._wait(timeout) == "crashed":
-            warnings.warn(f"{CRASH_RETRY}\n{self._report('crashed')}")  # (in pytest's summary, even on a pass)
-            self._start()
+        killed by a signal (a native crash, see ``CRASH_RETRY``), or a launch whose rendezvous port was
+        taken (``PORT_RETRY``), is reported and the launch run again once."""
+        state = self._wait(timeout)
+        retry = CRASH_RETRY if state == "crashed" else PORT_RETRY if state == "failed" and self._port_taken() else None
+        if retry is not None:
+            warnings.warn(f"{retry}\n{self._report(state)}")  # (in pytest's summary, even on a pass)
+            self._start()  # (on a new port)
             self._wait(timeout)
         assert all(p.returncode == 0 for p in self.procs), self._report("failed")
         ranks = [json.loads((self.folder / f"rank{r}.json").read_text()) for r in range(self.world)]
@@ -108,6 +135,10 @@ class Launch:
                     p.kill()
                     p.wait()
         return state
+
+    def _port_taken(self) -> bool:
+        """Whether rank 0 could not listen on the rendezvous port (``free_port``'s race)."""
+        return any("EADDRINUSE" in (self.folder / f"rank{r}.err").read_text() for r in range(self.world))
 
     def _report(self, what: str) -> str:
         tails = "\n".join(f"--- rank {r} (exit {p.returncode}):\n{(self.folder / f'rank{r}.err').read_text()[-3000:]}"
