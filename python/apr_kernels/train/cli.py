@@ -580,7 +580,8 @@ def _train(args, env, mode: str) -> int:
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
                                 chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel)
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
-                                      tensor=args.tensor_parallel, context=args.context_parallel)
+                                      tensor=args.tensor_parallel, context=args.context_parallel,
+                                      fsdp_shard=env.fsdp_shard)
 
     def prepare(m):
         """What a model gets before FSDP shards it (under FSDP on the meta device, while loading):

@@ -419,7 +419,7 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     if pipeline is not None:  # (stage-major ranks; in a stage, replicas of tensor-parallel groups of
         # consecutive ranks: each rank's parts sharded over the stage's ranks holding the same ones; under
         # HSDP over those of its group of fsdp_shard consecutive ranks, the groups replicating)
-        r = pipeline.replicate = (pipeline.width // env.fsdp_shard) if env.fsdp_shard else 1
+        r = pipeline.replicate
         mesh = init_device_mesh(env.device.type, (pipeline.size, r, pipeline.replicas // r, pipeline.tensor),
                                 mesh_dim_names=("pipeline", "replicate", "data", "tensor"))
         mesh = mesh["replicate", "data"] if r > 1 else mesh["data"]

@@ -59,7 +59,8 @@ class SplitBase:
 
 class WholeBaseRaw:
     """The raw bytes of a split or sharded quantised base's whole tensor (``lora.QuantizedLoRALinear``),
-    as an expert's checkpoint item (``expert_parallel.OwnedTensor``): ``gather()`` joins the
+    as an expert's checkpoint item (``expert_parallel.OwnedTensor``; under pipeline parallelism every
+    base's, whole ones too: ``PipelineGatherer``): ``gather()`` joins the
     tensor-parallel group's parts (each gathered over its FSDP shards first); ``dtype`` and ``shape``
     those of the bytes."""
 

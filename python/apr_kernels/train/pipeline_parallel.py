@@ -105,7 +105,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .gathering import BlockShards, Gathered8bit, RankZeroGather
+from .gathering import BlockShards, Gathered8bit, RankZeroGather, WholeBaseRaw
 
 SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
@@ -626,10 +626,11 @@ class PipelineParallel:
 
 
 def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int = 1,
-           tensor: int = 1, context: int = 1) -> PipelineParallel:
+           tensor: int = 1, context: int = 1, fsdp_shard: int = 0) -> PipelineParallel:
     """This rank's ``PipelineParallel`` for ``size`` stages (of ``chunks`` model chunks each) over
     ``world`` ranks (stage-major; within a stage, tensor-parallel groups of ``tensor`` consecutive
-    ranks, or context-parallel groups of ``context`` consecutive ranks). Every rank creates every group, in one order, as
+    ranks, or context-parallel groups of ``context`` consecutive ranks; under HSDP, ``fsdp_shard``,
+    shard groups of that many). Every rank creates every group, in one order, as
     ``torch.distributed.new_group`` needs (the tied embedding's too: whether the model ties is known
     only once it is loaded)."""
     if schedule not in SCHEDULES:
@@ -638,7 +639,8 @@ def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int
     replicas = width // tensor
     stage, local = divmod(rank, width)
     pp = PipelineParallel(size, stage, replicas, local // tensor, schedule, chunks, tensor=tensor,
-                          tensor_rank=local % tensor, context=context)
+                          tensor_rank=local % tensor, context=context,
+                          replicate=width // fsdp_shard if fsdp_shard else 1)
     for s in range(size):  # each stage's replicas (those holding the same tensor-parallel part)
         for t in range(tensor):
             g = dist.new_group([s * width + d * tensor + t for d in range(replicas)]) if replicas > 1 else None
@@ -745,7 +747,7 @@ class PipelineGatherer(RankZeroGather):
             if isinstance(m, QuantizedLoRALinear):
                 if id(m.lora_A) in experts:  # (an expert's: listed by its holder in the first group)
                     self.held.add(f"{name}.weight")
-                self.local["base", f"{name}.weight"] = m
+                self.local["base", f"{name}.weight"] = WholeBaseRaw(m)
                 entries.append(("base", f"{name}.weight", m.base.dtype, tuple(m.whole_base_shape), None, None))
         if pp.local != 0:  # (one list per stage: its first replica's tensor-parallel rank 0's)
             entries = [e for e in entries if first_group and e[1] in self.held]
@@ -767,9 +769,8 @@ class PipelineGatherer(RankZeroGather):
         whole = None
         # (FSDP: the stage's replicas gather its rows; an expert's, the stage's ranks holding it)
         if owner // self.pp.width == self.pp.stage and (kind, name) in self.local:
-            item = self.local[kind, name]  # (an 8-bit moment's part under FSDP or split: gathers itself)
-            whole = (item.whole_base_raw() if kind == "base" else full_tensor(item.detach()) if torch.is_tensor(item)
-                     else item.gather())
+            item = self.local[kind, name]  # (an 8-bit moment's part, a quantised base: gathers itself)
+            whole = full_tensor(item.detach()) if torch.is_tensor(item) else item.gather()
             if dim is not None and self.pp.replica == (owner % self.pp.width) // self.pp.tensor:
                 # (the owner's tensor-parallel group joins its parts)
                 whole = self.tp.gather(whole, dim)
