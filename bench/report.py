@@ -203,8 +203,9 @@ def plot_run(run: Run, path: Path, ceilings: dict) -> bool:
         return False
     groups = run.groups()
     kernels = list(dict.fromkeys(k for k, _ in groups))
-    if not kernels or len({r.provider for r in run.rows}) > 12:
-        return False  # nothing to draw, or too many series to read
+    series = {k: {r.provider for (kk, _), rows in groups.items() if kk == k for r in rows} for k in kernels}
+    if not kernels or max(map(len, series.values())) > 12:
+        return False  # nothing to draw, or a panel with too many series to read
     ncols = min(3, len(kernels))
     nrows = math.ceil(len(kernels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows), squeeze=False)
