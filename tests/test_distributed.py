@@ -56,6 +56,17 @@ def _losses(recs, event="train", key="loss"):
     return [r[key] for r in recs if r["event"] == event]
 
 
+def _teacher_held(want: list[dict], got: list[dict], sharded: bool) -> None:
+    """The start records' teacher counts: the one-process run holds the whole teacher; rank 0 of the
+    2-rank run all of it, or (sharded by FSDP) about half: its shards of every tensor."""
+    one, two = (next(r for r in recs if r["event"] == "start") for recs in (want, got))
+    assert one["teacher_params_rank"] == one["teacher_params"] == two["teacher_params"] > 0
+    if sharded:
+        assert 0.4 * two["teacher_params"] < two["teacher_params_rank"] <= 0.6 * two["teacher_params"], two
+    else:
+        assert two["teacher_params_rank"] == two["teacher_params"], two
+
+
 def _cli(main, argv) -> tuple[int, str]:
     """(exit code, stdout) of the CLI run in this process."""
     return cli(argv, main)
@@ -294,7 +305,8 @@ def runs(tmp_path_factory):
     code, one_reward_out = _cli(main, [*reward, "--out", str(root / "one_reward")])
     assert code == 0
 
-    # GKD from the distillation teacher: half the micro-batches sampled by the student (FSDP: gathered)
+    # GKD from the distillation teacher: half the micro-batches sampled by the student, the others by
+    # the teacher (--seq-kd; FSDP: each gathered whole for its samples)
     records = root / "records.jsonl"
     records.write_text("".join(json.dumps({"prompt": f"Is {t} hot?", "completion": " yes"}) + "\n"
                                for t in ("fire", "lava", "the sun", "a stove", "an oven", "a kettle", "coal",
@@ -302,7 +314,7 @@ def runs(tmp_path_factory):
     gkd = ["gkd", "--init", str(init), "--teacher", str(teacher), "--tokenizer", "bytes", "--data", str(records),
            "--steps", str(STEPS), "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--max-new-tokens", "5",
            "--max-prompt-len", "24", "--max-len", "40", "--json", "--seed", "5", "--eval-fraction", "0.25",
-           "--dist-timeout", "60"]
+           "--dist-timeout", "60", "--seq-kd"]
     code, one_gkd_out = _cli(main, [*gkd, "--out", str(root / "one_gkd")])
     assert code == 0
 
@@ -389,7 +401,7 @@ def runs(tmp_path_factory):
         [*kto, "--parallel", "ddp", "--out", str(root / "ddp_kto")],
         [*kto, "--parallel", "fsdp", "--out", str(root / "fsdp_kto")],
         ["train", "--init", str(init), *COMMON, *kd, "--parallel", "fsdp", "--out", str(root / "fsdp_kd")],
-        [*grpo_opd, "--parallel", "ddp", "--out", str(root / "ddp_grpo_opd")],
+        [*grpo_opd, "--parallel", "fsdp", "--out", str(root / "fsdp_grpo_opd")],
         ["train", "--init", str(init), *COMMON, "--optimizer", "muon", "--parallel", "ddp",
          "--out", str(root / "ddp_muon")],
         [*reward, "--parallel", "ddp", "--out", str(root / "ddp_reward")],
@@ -927,12 +939,14 @@ if __name__ == "__main__":
 
 
 def test_distillation_on_two_ranks_matches_one_process(runs):
-    """train --teacher under FSDP (the student sharded, the teacher whole on each rank): losses, their
-    ce and kl parts, gradient norms, held-out losses and the final model equal the one-process run's."""
+    """train --teacher under FSDP (the student sharded, and the teacher: each rank its shards, each
+    layer and the head gathered for its forward): losses, their ce and kl parts, gradient norms,
+    held-out losses and the final model equal the one-process run's."""
     want = _records(runs["one_kd_out"])
     rank0, rank1 = runs["ranks"][(0, 2)]["run13"], runs["ranks"][(1, 2)]["run13"]
     assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
     got = _records(rank0["stdout"])
+    _teacher_held(want, got, sharded=True)
     assert min(_losses(want, key="kl")) > 0
     for key in ("loss", "ce", "kl", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5), key
@@ -946,16 +960,17 @@ def test_distillation_on_two_ranks_matches_one_process(runs):
 
 
 def test_on_policy_distillation_on_two_ranks_matches_one_process(runs):
-    """grpo --teacher under DDP (the teacher whole on each rank, scoring its rank's completions): the
+    """grpo --teacher under FSDP (the teacher sharded too, scoring its rank's completions): the
     completions, rewards, teacher KL, losses, gradient norms and final model are the one-process run's."""
     want = _records(runs["one_grpo_opd_out"])
     rank0, rank1 = runs["ranks"][(0, 2)]["run14"], runs["ranks"][(1, 2)]["run14"]
     assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
     got = _records(rank0["stdout"])
+    _teacher_held(want, got, sharded=True)
     assert min(_losses(want, key="teacher_kl")) != 0
     for key in ("reward", "completion_len", "teacher_kl", "loss", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-7), key
-    (a, _), (b, _) = (_tensors(runs["root"] / "ddp_grpo_opd" / "model.apr"),
+    (a, _), (b, _) = (_tensors(runs["root"] / "fsdp_grpo_opd" / "model.apr"),
                       _tensors(runs["root"] / "one_grpo_opd" / "model.apr"))
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
@@ -1004,17 +1019,20 @@ def test_reward_model_on_two_ranks_matches_one_process(runs, run, out):
 @pytest.mark.parametrize("run", ["run18", "run19"], ids=["ddp", "fsdp"])
 def test_gkd_on_two_ranks_matches_one_process(runs, run):
     """gkd with micro-batches of 4 records (2 per rank) x 2, the coin drawn alike on every rank, the
-    student's samples decoded on each rank for its share (under FSDP with the shards gathered): the
-    losses, token counts, gradient norms and held-out values equal the one-process run's."""
+    student's and (--seq-kd) the teacher's samples decoded on each rank for its share (under FSDP
+    each model sharded, gathered whole to sample): the losses, token counts, gradient norms and
+    held-out values equal the one-process run's."""
     want = _records(runs["one_gkd_out"])
     rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
     assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
     got = _records(rank0["stdout"])
-    for key in ("loss", "ce", "tokens", "on_policy", "grad_norm"):
+    _teacher_held(want, got, sharded=run == "run19")
+    for key in ("loss", "ce", "tokens", "on_policy", "teacher_sampled", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
     for key in ("eval_loss", "eval_ce"):
         assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-5, abs=1e-6), key
-    assert 0 < sum(_losses(want, key="on_policy")) < len(_losses(want, key="on_policy"))  # both sources drawn
+    on, by_teacher = _losses(want, key="on_policy"), _losses(want, key="teacher_sampled")
+    assert 0 < sum(on) < len(on) and [a + b for a, b in zip(on, by_teacher)] == [1] * len(on)  # both samplers
 
 
 @pytest.mark.parametrize("run", ["run20", "run21"], ids=["ddp", "fsdp"])

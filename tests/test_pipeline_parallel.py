@@ -62,7 +62,7 @@ CASES = {
                              "model.embed_tokens.weight", "model.layers.[01].*"], 2, []),
     # (LoRA with DoRA: every stage draws the whole model's adapters in order, keeps its own; the final
     # checkpoint merged from the stages' weights, adapters and magnitudes; distilled from a one-layer
-    # Llama: the teacher's hidden states asked on the last stage alone)
+    # Llama: the teacher loaded and its hidden states asked on the last stage alone)
     "llama_lora": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2", "--teacher", "TEACHER",
                              "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, []),
     # (and under FSDP: the adapters added on the meta device before the split, drawn once loaded)
@@ -191,6 +191,8 @@ def test_pipeline_matches_one_process(runs, name):
     for key in keys:
         assert [r[key] for r in got if r["event"] == "train"] == \
             pytest.approx([r[key] for r in ref if r["event"] == "train"], rel=1e-5)
+    if "--teacher" in CASES[name][1]:  # (rank 0, the first stage, never asks the teacher: it holds none)
+        assert start["teacher_params_rank"] == 0 < ref_start["teacher_params_rank"] == ref_start["teacher_params"]
     # (--eval-choices: the questions' log-likelihoods through the stages pick the same answers)
     evals = [r for r in got if r["event"] == "eval"]
     assert [(r.get("eval_acc"), r.get("eval_acc_norm")) for r in evals] == \

@@ -654,8 +654,9 @@ def sampling_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_sampling")
     torch.manual_seed(32)
     save_checkpoint(root / "init.apr", model=Transformer(_config("qwen3"), fast=False))
-    # a distillation teacher (another shape, whole on every rank) for gkd and train --teacher; its 290
-    # output rows end inside the second rank's vocabulary range (160 .. 319): the divergence's columns
+    # a distillation teacher (another shape; whole on every rank, sharded under gkd's FSDP) for gkd and
+    # train --teacher; its 290 output rows end inside the second rank's vocabulary range (160 .. 319):
+    # the divergence's columns
     save_checkpoint(root / "teacher.apr", model=Transformer(_config("llama").replace(num_layers=1, vocab_size=290),
                                                             fast=False), tokenizer=byte_tokenizer())
     sampling = _sampling_args(root, root / "init.apr", root / "teacher.apr")

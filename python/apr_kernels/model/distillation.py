@@ -27,8 +27,16 @@ class Teacher:
     @classmethod
     @torch.no_grad()
     def of(cls, model, input_ids: torch.Tensor, documents=None, **settings) -> "Teacher":
-        """``model``'s hidden states for ``input_ids`` (the student's batch and document spans)."""
-        return cls(model.hidden_states(input_ids, documents), model.output_weight.detach(), **settings)
+        """``model``'s hidden states for ``input_ids`` (the student's batch and document spans). A
+        teacher sharded by FSDP (``train/cli.py``'s ``load_teacher``; ``hidden_states`` registered as
+        an FSDP forward method) gathers each layer for its forward and its root (embedding, final norm,
+        head) for the call; the head is copied out, since resharding frees the gathered one."""
+        hidden = model.hidden_states(input_ids, documents)
+        weight = model.output_weight.detach()
+        if hasattr(model, "reshard"):  # (an FSDPModule: its root stays gathered after a no-grad forward)
+            weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight.clone()
+            model.reshard()
+        return cls(hidden, weight, **settings)
 
 
 def eager_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, kd_ratio: float,

@@ -236,10 +236,14 @@ def _settings_of(args) -> dict:
     return out
 
 
-def load_teacher(path: str, precision: str, tokenizer, device, fast):
-    """The frozen teacher of a distillation run (``train --teacher``, ``grpo --teacher``), on ``device``
-    (each rank holds a whole copy), in bf16 where the run computes in bf16 (``precision``); its
-    tokenizer must be the run's (the two models' next-token distributions are compared id by id)."""
+def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None, mode: str = "none"):
+    """The frozen teacher of a distillation run (``train --teacher``, ``gkd``, ``grpo --teacher``), on
+    ``device``, in bf16 where the run computes in bf16 (``precision``); its tokenizer must be the run's
+    (the two models' next-token distributions are compared id by id). Each rank holds a whole copy,
+    or under ``--parallel fsdp`` (``mode``, ``env``) its shards, as the student's: every decoder
+    layer and the root (embedding, final norm, head) sharded over the ranks (HSDP: over the shard
+    group), each gathered for the teacher's forward (the ranks ask it alike: the same number of
+    micro-batches), so a teacher too big for one device fits N of them."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
 
     p = plan(path)  # preflight: a decoder-only model with every tensor in place
@@ -253,8 +257,28 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast):
                          f"student's ({tokenizer.vocab_size} tokens); distillation compares the two models' "
                          f"next-token distributions, which needs the same token ids")
     dtype = torch.bfloat16 if autocast_dtype_for(precision, torch.device(device)) == torch.bfloat16 else None
-    teacher = from_apr(path, device=device, dtype=dtype, fast=fast).requires_grad_(False)
-    return teacher.eval()
+    if mode == "fsdp":
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        from . import distributed
+
+        teacher = distributed.from_apr(path, env, "fsdp", fast=fast, dtype=dtype,
+                                       compute_dtype=autocast_dtype_for(precision, env.device))
+        register_fsdp_forward_method(teacher, "hidden_states")  # (what distillation asks of it)
+    else:
+        teacher = from_apr(path, device=device, dtype=dtype, fast=fast)
+    return teacher.requires_grad_(False).eval()
+
+
+def teacher_fields(teacher) -> dict:
+    """A distillation run's start-record fields: the teacher's parameter count and how many of them
+    this rank holds (all, 1/N of them under FSDP, none off a pipeline's last stage)."""
+    from .distributed import local_part
+
+    if teacher is None:
+        return {"teacher_params_rank": 0}
+    return {"teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "teacher_params_rank": sum(local_part(p).numel() for p in teacher.parameters())}
 
 
 def source_names(paths) -> list[str]:
@@ -661,8 +685,11 @@ def _train(args, env, mode: str) -> int:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
-    teacher = (load_teacher(cfg.teacher, cfg.precision, tok, device or pick_device(args.device), tristate(args.fast))
-               if cfg.teacher else None)
+    # (a pipeline asks the teacher on its last stage alone; FSDP around a pipeline shards a stage's
+    # layers over its replicas, but only the last stage's ranks run the teacher: it stays whole there)
+    teacher = (load_teacher(cfg.teacher, cfg.precision, tok, device or pick_device(args.device), tristate(args.fast),
+                            env=env, mode=mode if pp is None else "none")
+               if cfg.teacher and (pp is None or pp.last) else None)
     parallel = None
     cp = args.context_parallel
     if cp != 1:

@@ -24,8 +24,9 @@ whose last message is the assistant's answer (the rest is the prompt). Logged: t
 divergence per completion token), ``ce`` (the student's NLL per completion token), ``on_policy`` and
 ``teacher_sampled`` (the shares of micro-batches whose completions were sampled by the student or
 the teacher) and the completion tokens; held-out: the loss and ``ce`` on the records' completions.
-The teacher needs the student's tokenizer and is held whole on every rank (bf16 where the run
-computes in bf16). Checkpoints, ``--resume``, LoRA and torchrun follow ``posttrain.py``.
+The teacher needs the student's tokenizer and is held whole on every rank, or sharded like the
+student under ``--parallel fsdp`` (gathered for its forwards and its samples); bf16 where the run
+computes in bf16. Checkpoints, ``--resume``, LoRA and torchrun follow ``posttrain.py``.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class GKDTrainer(StepLoop):
         model = self.model if source == "student" else self.teacher
         was = model.training
         model.eval()
-        with self._gathered() if source == "student" else contextlib.nullcontext(), self._autocast():
+        with self._gathered(model), self._autocast():
             done = generate_batch(model, [r["ids"] for r in records], self.max_new_tokens,
                                   stops=[r["stops"] for r in records], generators=gens,
                                   vocab_size=self.tok.vocab_size, **self.sampling)
@@ -246,7 +247,7 @@ def _gkd(args, env, mode: str) -> int:
     if gkd["max_prompt_len"] + gkd["max_new_tokens"] > model.config.max_position_embeddings:
         raise ValueError(f"--max-prompt-len {gkd['max_prompt_len']} + --max-new-tokens {gkd['max_new_tokens']} exceed "
                          f"the model's max_position_embeddings {model.config.max_position_embeddings}")
-    teacher = load_teacher(gkd["teacher"], cfg.precision, tok, device, tristate(args.fast))
+    teacher = load_teacher(gkd["teacher"], cfg.precision, tok, device, tristate(args.fast), env=env, mode=mode)
     if not args.resume:
         torch.manual_seed(cfg.seed)
     parallel = parallel_for(model, env, mode)

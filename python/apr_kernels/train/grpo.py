@@ -32,8 +32,8 @@ FSDP), computed once per generation batch. Step checkpoints fall between generat
 On-policy distillation (``--teacher T.apr``, as Qwen3's small models and Thinking Machines' recipe
 distil): each sampled token's advantage gains ``--teacher-coef`` x ``(log p_teacher - log
 p_generating)``, the per-token reverse KL to the teacher on the policy's own samples (the teacher's
-log-probabilities computed once per generation batch, the teacher whole on every rank); with no
-``--reward`` that is the only signal. Logged as ``teacher_kl``.
+log-probabilities computed once per generation batch, the teacher whole on every rank or sharded
+under FSDP); with no ``--reward`` that is the only signal. Logged as ``teacher_kl``.
 ``--mask-truncated-completions`` (TRL's) leaves completions cut at ``--max-new-tokens`` out of the
 loss; they still count in the advantages and the normalising counts.
 ``--importance-sampling-level sequence`` is GSPO (Zheng et al., 2025; TRL's
@@ -420,7 +420,7 @@ class GRPOTrainer(StepLoop):
         with self._autocast():
             out = [token_logps(model, seqs[a:b], self.device, eos_id=self.tok.eos_id, padding_free=self.padding_free)
                    for a, b in self._micro_batches(len(seqs))]
-        for m in (self.model, self.reference):  # (a no-grad forward leaves FSDP's root gathered)
+        for m in (self.model, self.reference, self.teacher):  # (a no-grad forward leaves FSDP's root gathered)
             if m is not None and hasattr(m, "reshard"):
                 m.reshard()
         return out
@@ -682,10 +682,11 @@ def _grpo(args, env, mode: str) -> int:
 
     def build(run, grpo, cfg, parallel, reference):
         teacher = None
-        if grpo.get("teacher"):  # on-policy distillation: whole on every rank
+        if grpo.get("teacher"):  # on-policy distillation: whole on every rank, or sharded under FSDP
             from .cli import load_teacher
 
-            teacher = load_teacher(grpo["teacher"], cfg.precision, run.tok, run.device, tristate(args.fast))
+            teacher = load_teacher(grpo["teacher"], cfg.precision, run.tok, run.device, tristate(args.fast),
+                                   env=run.env, mode=run.mode)
         return GRPOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
                            loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
                            beta=grpo.get("beta", 0.0), num_iterations=grpo.get("num_iterations", 1),

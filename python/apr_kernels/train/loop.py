@@ -487,9 +487,12 @@ class Trainer(EvalWatch):
                  teacher: torch.nn.Module | None = None, extra_eval: Callable[["Trainer"], dict] | None = None):
         self.cfg = config
         self.parallel = parallel
-        if config.teacher and teacher is None:
+        # (a pipeline asks the teacher on its last stage alone: the other stages distil without it)
+        elsewhere = getattr(parallel, "pipeline", None) is not None and not parallel.pipeline.last
+        if config.teacher and teacher is None and not elsewhere:
             raise ValueError(f"training config: teacher={config.teacher!r} but no teacher model was given")
         self.teacher = teacher
+        self.distilling = teacher is not None or bool(config.teacher)
         self.extra_eval = extra_eval  # more held-out measures at each eval (train --eval-choices)
         model.neftune_alpha = config.neftune_alpha  # (the model adds it in training mode only)
         moe = getattr(getattr(model, "config", None), "is_moe", False)
@@ -608,7 +611,7 @@ class Trainer(EvalWatch):
             router = router.means(par)
         if par is not None:
             total = par.total(total)  # the sum over ranks
-            if self.teacher is not None:
+            if self.distilling:
                 parts = par.total(parts)
         mean_loss = total / n_targets
         grad_norm = None
@@ -630,7 +633,7 @@ class Trainer(EvalWatch):
         scalars = {"loss": mean_loss}
         if grad_norm is not None:
             scalars["grad_norm"] = grad_norm
-        if self.teacher is not None:
+        if self.distilling:
             scalars["ce"], scalars["kl"] = parts / n_targets
         if router is not None:
             scalars.update(router)
@@ -692,7 +695,7 @@ class Trainer(EvalWatch):
         with self._quantised(), self._saved_tensors():  # (--qat: each stage's weights as the file holds them)
             total = pp.train_step(self.model, micro, scale, autocast=autocast, scaler=self.scaler,
                                   loss_kwargs={"label_smoothing": c.label_smoothing, "z_loss": c.z_loss},
-                                  teacher_of=teacher_of if self.teacher is not None else None, router=self._router,
+                                  teacher_of=teacher_of if self.distilling else None, router=self._router,
                                   balance_targets=[n / shares for n in counts] if self._moe else None)
         pp.reduce_grads(self.model)
         return total  # (and the [ce, kl] sums: train_step's pair)
@@ -739,8 +742,8 @@ class Trainer(EvalWatch):
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                 enabled=self.autocast_dtype is not None):
                 teacher = None
-                if self.teacher is not None:  # (whole on every rank: it reads the whole rows, and the
-                    # student's share of the positions takes the teacher's hidden states there)
+                if self.teacher is not None:  # (whole on every rank, or sharded under FSDP: it reads the
+                    # whole rows, and the student's share of the positions takes its hidden states there)
                     from apr_kernels.model.distillation import Teacher
 
                     teacher = Teacher.of(self.teacher, rows, docs, kd_ratio=c.kd_ratio,
@@ -804,6 +807,7 @@ class Trainer(EvalWatch):
         lora = getattr(self.model, "lora", None)
         from apr_kernels.model.lora import whole_model_adapters
 
+        from .cli import teacher_fields
         from .expert_parallel import parameter_counts
 
         # the whole model's counts (with expert parallelism also this rank's share); a quantised LoRA
@@ -825,7 +829,7 @@ class Trainer(EvalWatch):
                 torch.empty(0, device=self.device)),
             "document_mask": c.document_mask, "lora_rank": lora["rank"] if lora else None,
             "lr": c.lr, "lr_schedule": c.lr_schedule, **({"float8": c.float8} if c.float8 else {}),
-            **({"qat": c.qat} if c.qat else {}),
+            **({"qat": c.qat} if c.qat else {}), **(teacher_fields(self.teacher) if self.distilling else {}),
             **({"mixture": self.train_seqs.describe(c.steps * c.batch_size * c.grad_accum)}
                if isinstance(self.train_seqs, Mixture) else {}),
         }

@@ -84,8 +84,9 @@ its own: ``lora.whole_model_adapters``; the final checkpoint merged from the gat
 adapters; QLoRA's quantised bases listed too, their whole raw blocks gathered from their stage);
 ``--freeze`` (a part with nothing trainable in it or before it runs no backward and keeps no
 activations: frozen first stages cost only their forwards); ``--qat`` and ``--float8`` (each stage's
-weights and projections, as without a pipeline); distillation (``--teacher``, whole on every rank, its
-hidden states asked on the last stage: ``train_step``'s ``teacher_of``); mixtures of experts (the
+weights and projections, as without a pipeline); distillation (``--teacher``, loaded whole on the
+last stage's ranks only, its hidden states asked there: ``train_step``'s ``teacher_of``); mixtures
+of experts (the
 balance terms of the whole model's routing: ``_forward``), also with expert parallelism inside the
 stages (``--expert-parallel N``: groups of N of a stage's ranks, with ``--tensor-parallel T`` ranks T
 apart, each stage's experts averaged over its ranks holding them, counted N times in the clipping norm

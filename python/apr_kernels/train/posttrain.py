@@ -185,18 +185,20 @@ class StepLoop(EvalWatch):
         return torch.cat(gathered[::share])[: len(items)].cpu()
 
     @contextlib.contextmanager
-    def _gathered(self):
-        """Whole parameters while sampling: FSDP's shards all-gathered (generation calls the layers'
-        parts directly, past FSDP's hooks), sharded again after."""
-        if self.parallel is None or self.parallel.mode != "fsdp":
-            yield
-            return
+    def _gathered(self, model=None):
+        """Whole parameters of ``model`` (default the policy; ``gkd``'s teacher) while sampling: FSDP's
+        shards all-gathered (generation calls the layers' parts directly, past FSDP's hooks), sharded
+        again after."""
         from torch.distributed.fsdp import FSDPModule
 
-        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        model = self.model if model is None else model
+        if not isinstance(model, FSDPModule):
+            yield
+            return
+        modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
         # (the root's lazy initialisation, which its first forward would do: generation may call a
         # sharded module of its own first, the experts of an expert-parallel layer)
-        self.model._get_fsdp_state()._lazy_init()
+        model._get_fsdp_state()._lazy_init()
         for m in modules:
             m.unshard()
         try:
@@ -538,15 +540,20 @@ def frozen(model, cfg: TrainConfig):
 
 
 def start_fields(trainer, device) -> dict:
-    """What every post-training run's ``start`` line reports besides its own settings."""
+    """What every post-training run's ``start`` line reports besides its own settings (a distilling
+    run's also ``cli.teacher_fields``)."""
+    from .cli import teacher_fields
+
     model = trainer.model
+    teacher = getattr(trainer, "teacher", None)
     c = trainer.cfg
     world = trainer.parallel.world_size if trainer.parallel is not None else 1
     return {"step": trainer.step, "steps": c.steps, "world": world, "device": str(device),
             "epochs": round(c.steps * c.batch_size * c.grad_accum / max(1, trainer.batches.n), 3),
             "padding_free": trainer.padding_free,
             **_trained_counts(model, trainer.parallel),
-            "lora_rank": (getattr(model, "lora", None) or {}).get("rank"), **({"qat": c.qat} if c.qat else {})}
+            "lora_rank": (getattr(model, "lora", None) or {}).get("rank"), **({"qat": c.qat} if c.qat else {}),
+            **(teacher_fields(teacher) if teacher is not None else {})}
 
 
 def _trained_counts(model, parallel) -> dict:
