@@ -71,8 +71,10 @@ CASES = {
                     ["--pipeline-schedule", "gpipe", "--async-checkpoint"]),
     # (each stage sharded over its 2 ranks, a context-parallel group that splits the positions: FSDP
     # gathers around every micro-batch, reduce-scatters after the last; the tied embedding's two copies
-    # summed shard by shard)
-    "qwen2_fsdp_4": ("qwen2", ["--grad-accum", "3", "--qat", "q8"], 4, ["--parallel", "fsdp", "--context-parallel", "2"]),
+    # summed shard by shard; the distillation teacher loaded on the last stage only, sharded over its 2
+    # ranks, each reading the whole rows and scoring its positions)
+    "qwen2_fsdp_4": ("qwen2", ["--grad-accum", "3", "--qat", "q8", "--teacher", "TEACHER", "--kd-ratio", "0.5"], 4,
+                     ["--parallel", "fsdp", "--context-parallel", "2"]),
     # (2 stages x 2 chunks of one layer: stage 0 runs layers 0 and 2, stage 1 layers 1 and 3; stage 1's
     # chunk 0 hands on to stage 0's chunk 1; under FSDP, each chunk's last backward reduce-scatters; the
     # attention's projections, of multiples of 16, in float8)
@@ -191,8 +193,12 @@ def test_pipeline_matches_one_process(runs, name):
     for key in keys:
         assert [r[key] for r in got if r["event"] == "train"] == \
             pytest.approx([r[key] for r in ref if r["event"] == "train"], rel=1e-5)
-    if "--teacher" in CASES[name][1]:  # (rank 0, the first stage, never asks the teacher: it holds none)
+    if "--teacher" in CASES[name][1]:  # (rank 0, the first stage, never asks the teacher: it holds none; its
+        # pipeline's last-stage rank all of it, or under FSDP its shards over the stage's 2 ranks)
         assert start["teacher_params_rank"] == 0 < ref_start["teacher_params_rank"] == ref_start["teacher_params"]
+        assert start["teacher_params"] == ref_start["teacher_params"]
+        fsdp = "fsdp" in CASES[name][3]
+        assert start["teacher_params_last_stage"] == (start["teacher_params"] // 2 if fsdp else start["teacher_params"])
     # (--eval-choices: the questions' log-likelihoods through the stages pick the same answers)
     evals = [r for r in got if r["event"] == "eval"]
     assert [(r.get("eval_acc"), r.get("eval_acc_norm")) for r in evals] == \

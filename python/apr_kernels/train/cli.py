@@ -236,14 +236,15 @@ def _settings_of(args) -> dict:
     return out
 
 
-def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None, mode: str = "none"):
+def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None, mode: str = "none", mesh=None):
     """The frozen teacher of a distillation run (``train --teacher``, ``gkd``, ``grpo --teacher``), on
     ``device``, in bf16 where the run computes in bf16 (``precision``); its tokenizer must be the run's
     (the two models' next-token distributions are compared id by id). Each rank holds a whole copy,
     or under ``--parallel fsdp`` (``mode``, ``env``) its shards, as the student's: every decoder
     layer and the root (embedding, final norm, head) sharded over the ranks (HSDP: over the shard
     group), each gathered for the teacher's forward (the ranks ask it alike: the same number of
-    micro-batches), so a teacher too big for one device fits N of them."""
+    micro-batches), so a teacher too big for one device fits N of them. ``mesh``: shard it over this
+    device mesh instead (a pipeline's last stage: its ranks alone run the teacher)."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
 
     p = plan(path)  # preflight: a decoder-only model with every tensor in place
@@ -262,7 +263,7 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None
 
         from . import distributed
 
-        teacher = distributed.from_apr(path, env, "fsdp", fast=fast, dtype=dtype,
+        teacher = distributed.from_apr(path, env, "fsdp", fast=fast, dtype=dtype, mesh=mesh,
                                        compute_dtype=autocast_dtype_for(precision, env.device))
         register_fsdp_forward_method(teacher, "hidden_states")  # (what distillation asks of it)
     else:
@@ -685,11 +686,6 @@ def _train(args, env, mode: str) -> int:
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
-    # (a pipeline asks the teacher on its last stage alone; FSDP around a pipeline shards a stage's
-    # layers over its replicas, but only the last stage's ranks run the teacher: it stays whole there)
-    teacher = (load_teacher(cfg.teacher, cfg.precision, tok, device or pick_device(args.device), tristate(args.fast),
-                            env=env, mode=mode if pp is None else "none")
-               if cfg.teacher and (pp is None or pp.last) else None)
     parallel = None
     cp = args.context_parallel
     if cp != 1:
@@ -714,6 +710,11 @@ def _train(args, env, mode: str) -> int:
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,
                                            pipeline_parallel=pp)
+    # (a pipeline asks the teacher on its last stage alone: only that stage's ranks load it, under FSDP
+    # sharded over the mesh the stage's own parts are sharded on)
+    teacher = (load_teacher(cfg.teacher, cfg.precision, tok, device or pick_device(args.device), tristate(args.fast),
+                            env=env, mode=mode, mesh=pp.fsdp_mesh if pp is not None else None)
+               if cfg.teacher and (pp is None or pp.last) else None)
     from .data import default_cache_dir
 
     cache_dir = None if args.no_token_cache else (args.token_cache or default_cache_dir())

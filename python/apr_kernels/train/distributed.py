@@ -400,7 +400,7 @@ def _raise_together(env: DistEnv, error: BaseException | None, what: str) -> Non
 
 # ----------------------------------------------------------------------------- wrapping
 def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, expert=None, tensor=None,
-                pipeline=None):
+                pipeline=None, mesh=None):
     """``fully_shard`` every decoder layer, then the root (embedding, final norm, lm_head). On CUDA the
     compute copies are bf16, or fp16 for a run in fp16 (``compute_dtype``: GPUs without bf16).
     ``expert``: an ``expert_parallel.ExpertParallel`` whose experts this model already holds: each
@@ -409,20 +409,24 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     across the nodes; with ``tensor`` the ranks holding the same part of them). ``tensor``: a ``tensor_parallel.TensorParallel`` whose split this model already
     has: each rank's tensors are sharded over the ranks holding the same parts (its replicas).
     ``pipeline``: a ``pipeline_parallel.PipelineParallel`` whose split this model already has: its
-    stage's layers and parts sharded over the stage's replicas, gathered around ``stage_forward``."""
+    stage's layers and parts sharded over the stage's replicas, gathered around ``stage_forward``
+    (its mesh kept as ``pipeline.fsdp_mesh``). ``mesh``: shard the whole model over this mesh instead
+    (a pipeline's last stage's distillation teacher, over that stage's ``fsdp_mesh``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if isinstance(model, FSDPModule):
         return model
     shard = env.fsdp_shard or env.world_size
-    if pipeline is not None:  # (stage-major ranks; in a stage, replicas of tensor-parallel groups of
+    if mesh is not None:
+        pass
+    elif pipeline is not None:  # (stage-major ranks; in a stage, replicas of tensor-parallel groups of
         # consecutive ranks: each rank's parts sharded over the stage's ranks holding the same ones; under
         # HSDP over those of its group of fsdp_shard consecutive ranks, the groups replicating)
         r = pipeline.replicate
         mesh = init_device_mesh(env.device.type, (pipeline.size, r, pipeline.replicas // r, pipeline.tensor),
                                 mesh_dim_names=("pipeline", "replicate", "data", "tensor"))
-        mesh = mesh["replicate", "data"] if r > 1 else mesh["data"]
+        mesh = pipeline.fsdp_mesh = mesh["replicate", "data"] if r > 1 else mesh["data"]
     elif tensor is not None and tensor.size > 1 and shard != env.world_size:  # HSDP of the ranks' parts
         mesh = init_device_mesh(env.device.type, (env.world_size // shard, shard // tensor.size, tensor.size),
                                 mesh_dim_names=("replicate", "shard", "tensor"))["replicate", "shard"]
@@ -803,13 +807,14 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
 
 # ------------------------------------------------------------------------ load and save
 def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
-             expert_parallel=None, tensor_parallel=None, pipeline_parallel=None, prepare=None, **lora):
+             expert_parallel=None, tensor_parallel=None, pipeline_parallel=None, prepare=None, mesh=None, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
     materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), only this rank's experts
     with ``expert_parallel``, only this rank's part of every layer with ``tensor_parallel``, a full
     replica otherwise. Fails on every rank if any fails.
     ``prepare(model)``: called on the meta device before FSDP shards it (float8's projections).
-    ``lora``: from_apr's ``lora`` / ``lora_base_dtype``."""
+    ``mesh``: FSDP's device mesh (``_fsdp_shard``'s), else the run's.
+    ``lora``: from_apr's ``lora`` / ``lora_base_dtype`` (and ``dtype``)."""
     from apr_kernels.model.loading import from_apr as load
 
     def on_meta(m):
@@ -822,7 +827,7 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         if mode == "fsdp":
             if prepare is not None:
                 prepare(m)
-            _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel, pipeline_parallel)
+            _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel, pipeline_parallel, mesh)
 
     shard = (on_meta if mode == "fsdp" or expert_parallel is not None or tensor_parallel is not None
              or pipeline_parallel is not None else None)
@@ -831,7 +836,10 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         model = load(path, device=env.device, fast=fast, shard=shard, **lora)
     except (ValueError, OSError, RuntimeError) as exc:
         error = exc
-    _raise_together(env, error, f"loading {os.fspath(path)}")
+    if mesh is not None and error is not None:  # (only the mesh's ranks load: no world-wide check)
+        raise error
+    if mesh is None:
+        _raise_together(env, error, f"loading {os.fspath(path)}")
     return model
 
 

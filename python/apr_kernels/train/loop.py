@@ -807,7 +807,6 @@ class Trainer(EvalWatch):
         lora = getattr(self.model, "lora", None)
         from apr_kernels.model.lora import whole_model_adapters
 
-        from .cli import teacher_fields
         from .expert_parallel import parameter_counts
 
         # the whole model's counts (with expert parallelism also this rank's share); a quantised LoRA
@@ -829,10 +828,26 @@ class Trainer(EvalWatch):
                 torch.empty(0, device=self.device)),
             "document_mask": c.document_mask, "lora_rank": lora["rank"] if lora else None,
             "lr": c.lr, "lr_schedule": c.lr_schedule, **({"float8": c.float8} if c.float8 else {}),
-            **({"qat": c.qat} if c.qat else {}), **(teacher_fields(self.teacher) if self.distilling else {}),
+            **({"qat": c.qat} if c.qat else {}), **(self._teacher_fields() if self.distilling else {}),
             **({"mixture": self.train_seqs.describe(c.steps * c.batch_size * c.grad_accum)}
                if isinstance(self.train_seqs, Mixture) else {}),
         }
+
+    def _teacher_fields(self) -> dict:
+        """``cli.teacher_fields``; under a pipeline (a collective of it) also ``teacher_params_last_stage``:
+        what the last stage's rank of this rank's pipeline holds of the teacher (only that stage loads it)."""
+        from .cli import teacher_fields
+
+        out = teacher_fields(self.teacher)
+        pp = getattr(self.parallel, "pipeline", None)
+        if pp is not None:
+            import torch.distributed as dist
+
+            t = torch.tensor([out.get("teacher_params", 0), out["teacher_params_rank"]], dtype=torch.int64,
+                             device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pp.pipeline)
+            out.update(teacher_params=int(t[0]), teacher_params_last_stage=int(t[1]))
+        return out
 
     # --------------------------------------------------------------------------------- the run
     def run(self, *, on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool | None = None,

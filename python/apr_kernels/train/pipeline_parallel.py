@@ -84,10 +84,10 @@ its own: ``lora.whole_model_adapters``; the final checkpoint merged from the gat
 adapters; QLoRA's quantised bases listed too, their whole raw blocks gathered from their stage);
 ``--freeze`` (a part with nothing trainable in it or before it runs no backward and keeps no
 activations: frozen first stages cost only their forwards); ``--qat`` and ``--float8`` (each stage's
-weights and projections, as without a pipeline); distillation (``--teacher``, loaded whole on the
-last stage's ranks only, its hidden states asked there: ``train_step``'s ``teacher_of``); mixtures
-of experts (the
-balance terms of the whole model's routing: ``_forward``), also with expert parallelism inside the
+weights and projections, as without a pipeline); distillation (``--teacher``, loaded on the last
+stage's ranks only, under FSDP sharded over them: ``fsdp_mesh``; its hidden states asked there:
+``train_step``'s ``teacher_of``); mixtures of experts (the balance terms of the whole model's
+routing: ``_forward``), also with expert parallelism inside the
 stages (``--expert-parallel N``: groups of N of a stage's ranks, with ``--tensor-parallel T`` ranks T
 apart, each stage's experts averaged over its ranks holding them, counted N times in the clipping norm
 when replicated, listed for the checkpoint by the stage's first group, under HSDP sharded within a
@@ -251,6 +251,9 @@ class PipelineParallel:
     wire_dtype: torch.dtype | None = None
     # HSDP (``--fsdp-shard-size``): the groups of a stage's ranks that each hold a whole sharded copy
     replicate: int = 1
+    # under FSDP: the device mesh sharding this stage over its replicas (a last stage's distillation
+    # teacher is sharded on it too)
+    fsdp_mesh: object = None
 
     @property
     def row_groups(self) -> int:
