@@ -56,15 +56,17 @@ def _losses(recs, event="train", key="loss"):
     return [r[key] for r in recs if r["event"] == event]
 
 
-def _teacher_held(want: list[dict], got: list[dict], sharded: bool) -> None:
-    """The start records' teacher counts: the one-process run holds the whole teacher; rank 0 of the
-    2-rank run all of it, or (sharded by FSDP) about half: its shards of every tensor."""
+def _teacher_held(want: list[dict], got: list[dict], sharded: bool, name: str = "teacher") -> None:
+    """The start records' counts of a frozen model (the teacher, or the ``reference``): the one-process
+    run holds all of it; rank 0 of the 2-rank run all of it, or (sharded by FSDP) about half: its
+    shards of every tensor; in fp32 (these runs compute in fp32)."""
     one, two = (next(r for r in recs if r["event"] == "start") for recs in (want, got))
-    assert one["teacher_params_rank"] == one["teacher_params"] == two["teacher_params"] > 0
+    assert one[f"{name}_params_rank"] == one[f"{name}_params"] == two[f"{name}_params"] > 0
+    assert one[f"{name}_dtype"] == two[f"{name}_dtype"] == "float32"
     if sharded:
-        assert 0.4 * two["teacher_params"] < two["teacher_params_rank"] <= 0.6 * two["teacher_params"], two
+        assert 0.4 * two[f"{name}_params"] < two[f"{name}_params_rank"] <= 0.6 * two[f"{name}_params"], two
     else:
-        assert two["teacher_params_rank"] == two["teacher_params"], two
+        assert two[f"{name}_params_rank"] == two[f"{name}_params"], two
 
 
 def _cli(main, argv) -> tuple[int, str]:
@@ -661,6 +663,7 @@ def test_grpo_on_two_ranks_matches_one_process(runs, run):
     assert next(r for r in got if r["event"] == "start")["world"] == 2
     if kl:
         assert max(_losses(want, key="kl")) > 0
+        _teacher_held(want, got, sharded=True, name="reference")
     for key in ("reward", "completion_len", "reward_std", "loss", "grad_norm", *(("kl", "clip_ratio") if kl else ())):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-7), key
     # held-out prompts: 5 split 3 / 2 between the ranks

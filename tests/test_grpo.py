@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 
+import apr_kernels
 import pytest
 import torch
 
@@ -480,6 +481,29 @@ def test_cli_kl_and_iterations_resume_exactly(tmp_path, capsys, lora):
         assert [r[key] for r in resumed if r["event"] == "train"] == [r[key] for r in train[2:]], key
     assert main([*args, "--save-every", "3", "--out", str(tmp_path / "x")]) == 1  # (the last option wins)
     assert "--save-every 3 is not a multiple of --num-iterations 2" in capsys.readouterr().err
+
+
+def test_frozen_models_are_held_in_bf16_when_the_run_computes_in_bf16(tmp_path, capsys):
+    """--precision bf16: the KL reference copy and the distillation teacher are loaded in bf16 (half
+    the memory; they run under bf16 autocast anyway), the policy stays fp32 (AdamW's master weights);
+    the start record says so, and the run trains."""
+    from apr_kernels.cli import main
+    from apr_kernels.model import from_apr
+
+    args = _cli_run(tmp_path, "grpo", held=False)
+    save_checkpoint(tmp_path / "teacher.apr", model=_model(byte_tokenizer(), seed=5), tokenizer=byte_tokenizer())
+    assert main([*args, "--steps", "1", "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "4",
+                 "--max-prompt-len", "32", "--beta", "0.2", "--teacher", str(tmp_path / "teacher.apr"),
+                 "--precision", "bf16", "--save-every", "0"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    start = next(r for r in recs if r["event"] == "start")
+    n = sum(p.numel() for p in from_apr(tmp_path / "init.apr").parameters())
+    assert start["reference_params"] == start["reference_params_rank"] == start["teacher_params"] == n
+    assert start["reference_dtype"] == start["teacher_dtype"] == "bfloat16"
+    train = next(r for r in recs if r["event"] == "train")
+    assert math.isfinite(train["loss"]) and math.isfinite(train["teacher_kl"])
+    with apr_kernels.open(tmp_path / "o" / "model.apr") as f:  # (the policy trained in fp32)
+        assert f.info("model.norm.weight").dtype == "F32"
 
 
 @pytest.mark.parametrize("with_rewards", [False, True], ids=["teacher-only", "teacher-and-rewards"])

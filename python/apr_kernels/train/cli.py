@@ -271,15 +271,19 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None
     return teacher.requires_grad_(False).eval()
 
 
-def teacher_fields(teacher) -> dict:
-    """A distillation run's start-record fields: the teacher's parameter count and how many of them
-    this rank holds (all, 1/N of them under FSDP, none off a pipeline's last stage)."""
+def frozen_fields(model, name: str = "teacher") -> dict:
+    """The start-record fields of a frozen model the run holds beside the one it trains (a
+    distillation ``teacher``, a ``reference``): ``<name>_params``, how many of them this rank holds
+    (``<name>_params_rank``: all, 1/N of them under FSDP, none off a pipeline's last stage) and the
+    dtype they are held in."""
     from .distributed import local_part
 
-    if teacher is None:
-        return {"teacher_params_rank": 0}
-    return {"teacher_params": sum(p.numel() for p in teacher.parameters()),
-            "teacher_params_rank": sum(local_part(p).numel() for p in teacher.parameters())}
+    if model is None:
+        return {f"{name}_params_rank": 0}
+    params = list(model.parameters())
+    return {f"{name}_params": sum(p.numel() for p in params),
+            f"{name}_params_rank": sum(local_part(p).numel() for p in params),
+            f"{name}_dtype": str(params[0].dtype).removeprefix("torch.")}
 
 
 def source_names(paths) -> list[str]:

@@ -607,11 +607,11 @@ class SamplingRun:
     def reference(self, needed: bool):
         if not needed or getattr(self.model, "lora", None):  # (with LoRA the frozen base is the reference)
             return None
-        ref = load_model(self.settings["reference"], self.env, self.mode, self.device, self.args,
-                         lora_init=None).requires_grad_(False)
-        if self.mode != "fsdp" and self.bf16:
-            ref = ref.to(torch.bfloat16)  # (it runs under bf16 autocast anyway: half the memory)
-        return ref.eval()
+        # (in bf16 where it runs under bf16 autocast anyway: half the memory, under FSDP of each shard;
+        # FSDP's bf16 compute copies of fp32 shards would be the same values)
+        ref = load_model(self.settings["reference"], self.env, self.mode, self.device, self.args, lora_init=None,
+                         dtype=torch.bfloat16 if self.bf16 else None)
+        return ref.requires_grad_(False).eval()
 
     def sampling_kwargs(self) -> dict:
         """The trainer keywords every sampling run passes on."""

@@ -834,11 +834,12 @@ class Trainer(EvalWatch):
         }
 
     def _teacher_fields(self) -> dict:
-        """``cli.teacher_fields``; under a pipeline (a collective of it) also ``teacher_params_last_stage``:
-        what the last stage's rank of this rank's pipeline holds of the teacher (only that stage loads it)."""
-        from .cli import teacher_fields
+        """``cli.frozen_fields`` of the teacher; under a pipeline (a collective of it) also
+        ``teacher_params_last_stage``: what the last stage's rank of this rank's pipeline holds of the
+        teacher (only that stage loads it)."""
+        from .cli import frozen_fields
 
-        out = teacher_fields(self.teacher)
+        out = frozen_fields(self.teacher)
         pp = getattr(self.parallel, "pipeline", None)
         if pp is not None:
             import torch.distributed as dist
