@@ -462,6 +462,15 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
     assert "--sequence-parallel splits the positions over a tensor-parallel group; expected --tensor-parallel N" \
         in capsys.readouterr().err
 
+    # a teacher whose heads the group does not divide is held whole, said on stderr (the run goes on)
+    from apr_kernels.train.cli import _splits
+
+    assert _splits(preset("tiny_llama"), 2, None, "t.apr")
+    assert not _splits(preset("tiny_llama"), 4, None, "t.apr")
+    assert capsys.readouterr().err.strip() == ("--tensor-parallel 4: --teacher t.apr's num_attention_heads is 6; "
+                                               "expected a multiple of 4 (each rank holds an equal share): the "
+                                               "teacher is held whole on every rank")
+
 
 def test_vocabulary_split_loss_equals_cross_entropy_on_a_group_of_one():
     """The vocabulary-split loss (its all-reduced maxima, sums and target logits, a chunk of rows at a
@@ -642,8 +651,9 @@ def _within_rare_amplified_rounding(path, want, bound: float, tight: float = 1e-
 @pytest.fixture(scope="module")
 def sampling_runs(tmp_path_factory):
     """GRPO (DDP, 4 ranks in 2 groups; a KL penalty to a split reference copy, two updates per
-    generation batch, held-out prompts), RLOO (FSDP, 2 ranks), online DPO (DDP, 2 ranks), GKD (FSDP)
-    and train --teacher (DDP) of a dense Qwen3 split over groups of 2: each group decodes its prompts
+    generation batch, held-out prompts), RLOO (FSDP, 2 ranks), online DPO (DDP, 2 ranks), GKD (DDP,
+    the teacher sampling too) and train --teacher (DDP; the teacher split alike) of a dense Qwen3 split
+    over groups of 2: each group decodes its prompts
     together (the KV cache of its heads, the logits' vocabulary columns gathered), and each in one
     process."""
     from apr_kernels.model import Transformer, preset
@@ -654,16 +664,17 @@ def sampling_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_sampling")
     torch.manual_seed(32)
     save_checkpoint(root / "init.apr", model=Transformer(_config("qwen3"), fast=False))
-    # a distillation teacher (another shape; whole on every rank, sharded under gkd's FSDP) for gkd and
-    # train --teacher; its 290 output rows end inside the second rank's vocabulary range (160 .. 319):
-    # the divergence's columns
+    # a distillation teacher (another shape; its layers split like the student's) for gkd and train
+    # --teacher; its 290 output rows (whole on every rank) end inside the second rank's vocabulary
+    # range (160 .. 319): the divergence's columns
     save_checkpoint(root / "teacher.apr", model=Transformer(_config("llama").replace(num_layers=1, vocab_size=290),
                                                             fast=False), tokenizer=byte_tokenizer())
     sampling = _sampling_args(root, root / "init.apr", root / "teacher.apr")
     cases = {"grpo": (sampling["grpo"], 4, "ddp"), "rloo": (sampling["rloo"], 2, "fsdp"),
              "online": (sampling["online"], 2, "ddp"),
-             # the divergence over the group's vocabulary columns of both models' logits
-             "gkd": (sampling["gkd"], 2, "fsdp"),
+             # the divergence over the group's vocabulary columns of both models' logits; the teacher's
+             # samples too (--seq-kd: its layers split, its group's ranks decoding in step)
+             "gkd": ([*sampling["gkd"], "--seq-kd"], 2, "ddp"),
              "kd": (["train", "--init", str(root / "init.apr"), *COMMON, "--teacher", str(root / "teacher.apr"),
                      "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, "ddp")}
     # a mixture-of-experts policy (every expert split, the router whole) sampling and training
@@ -690,11 +701,22 @@ def test_sampling_and_distillation_commands_split_match_one_process(sampling_run
     assert start["tensor_parallel"] == 2 and start["vocab_parallel"]
     keys = {"grpo": ("reward", "completion_len", "loss", "grad_norm", "kl"), "rloo": ("reward", "loss", "grad_norm"),
             "grpo_moe": ("reward", "completion_len", "loss", "grad_norm", "kl"),
-            "online": ("reward", "loss", "grad_norm"), "gkd": ("loss", "grad_norm"),
+            "online": ("reward", "loss", "grad_norm"), "gkd": ("loss", "grad_norm", "on_policy", "teacher_sampled"),
             "kd": ("loss", "ce", "kl", "grad_norm"), "kd_sp": ("loss", "ce", "kl", "grad_norm")}[name]
     assert len(_losses(got, key="loss")) == 4
     for key in keys:
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-4, abs=1e-6), key
+    if name in ("kd", "kd_sp", "gkd"):  # the teacher each rank holds: its layers' projections split over
+        # the group (whole rows: also with --sequence-parallel), the embedding, head and norms whole
+        from apr_kernels.model import from_apr
+
+        teacher = dict(from_apr(root / "teacher.apr").named_parameters())
+        whole = sum(p.numel() for p in teacher.values())
+        split = sum(p.numel() for n, p in teacher.items() if n.endswith("_proj.weight"))
+        assert start["teacher_params"] == whole and split > whole / 3
+        assert start["teacher_params_rank"] == whole - split // 2
+    if name == "gkd":  # (both samplers drawn)
+        assert 0 < sum(_losses(want, key="teacher_sampled")) < len(_losses(want, key="teacher_sampled"))
     if name == "grpo":  # held-out prompts: 5 split 3 / 2 between the 2 groups, greedy
         assert _losses(got, "eval", "eval_reward") == pytest.approx(_losses(want, "eval", "eval_reward"), rel=1e-9)
     if name == "grpo_moe":

@@ -469,10 +469,12 @@ class Transformer(nn.Module):
         return attn.tensor_parallel if attn is not None else None
 
     @torch.no_grad()
-    def set_tensor_parallel(self, tp) -> None:
+    def set_tensor_parallel(self, tp, vocabulary: bool = True) -> None:
         """Split every layer's projections over tensor-parallel group ``tp`` (``train/tensor_parallel.py``):
         this rank keeps its heads' rows of q/k/v and columns of o, its rows of gate/up and columns of
-        down. A materialised model keeps its slices (copies); on the meta device nothing is allocated."""
+        down; with ``vocabulary`` (and a vocabulary the group divides) the embedding and head by
+        vocabulary range too. A materialised model keeps its slices (copies); on the meta device
+        nothing is allocated."""
         from apr_kernels.train.tensor_parallel import COLUMN, ROW, check_config
 
         if self.tensor_parallel is not None:
@@ -494,7 +496,7 @@ class Transformer(nn.Module):
                     getattr(attn, norm).tensor_parallel = tp
             attn.num_heads //= tp.size
             attn.num_kv_heads //= tp.size
-        if self.config.vocab_size % tp.size == 0:  # the embedding and output head by vocabulary range
+        if vocabulary and self.config.vocab_size % tp.size == 0:  # the embedding and head by vocabulary range
             self._split_vocabulary(tp)
 
     def _split_vocabulary(self, tp) -> None:

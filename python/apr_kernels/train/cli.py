@@ -236,7 +236,8 @@ def _settings_of(args) -> dict:
     return out
 
 
-def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None, mode: str = "none", mesh=None):
+def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None, mode: str = "none", mesh=None,
+                 tensor=None):
     """The frozen teacher of a distillation run (``train --teacher``, ``gkd``, ``grpo --teacher``), on
     ``device``, in bf16 where the run computes in bf16 (``precision``); its tokenizer must be the run's
     (the two models' next-token distributions are compared id by id). Each rank holds a whole copy,
@@ -244,7 +245,11 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None
     layer and the root (embedding, final norm, head) sharded over the ranks (HSDP: over the shard
     group), each gathered for the teacher's forward (the ranks ask it alike: the same number of
     micro-batches), so a teacher too big for one device fits N of them. ``mesh``: shard it over this
-    device mesh instead (a pipeline's last stage: its ranks alone run the teacher)."""
+    device mesh instead (a pipeline's last stage: its ranks alone run the teacher). ``tensor``: the
+    student's ``TensorParallel`` under DDP: the teacher's layers split over the same group (each rank
+    its heads and MLP rows; the group runs it on the same rows), its embedding and head whole (the
+    loss takes each rank's columns of them), reading whole rows (no sequence parallelism); whole
+    when the group does not divide its heads or MLP."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
 
     p = plan(path)  # preflight: a decoder-only model with every tensor in place
@@ -266,9 +271,30 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None
         teacher = distributed.from_apr(path, env, "fsdp", fast=fast, dtype=dtype, mesh=mesh,
                                        compute_dtype=autocast_dtype_for(precision, env.device))
         register_fsdp_forward_method(teacher, "hidden_states")  # (what distillation asks of it)
+    elif tensor is not None and _splits(p.config, tensor.size, env, path):
+        from . import distributed
+        from .tensor_parallel import TensorParallel
+
+        split = TensorParallel(tensor.group, tensor.rank, tensor.size, tensor.replicas)  # (whole rows)
+        teacher = distributed.from_apr(path, env, mode, fast=fast, dtype=dtype, tensor_parallel=split,
+                                       vocabulary=False)
     else:
         teacher = from_apr(path, device=device, dtype=dtype, fast=fast)
     return teacher.requires_grad_(False).eval()
+
+
+def _splits(config, size: int, env, path) -> bool:
+    """Whether ``size`` tensor-parallel ranks split the teacher's heads and MLP evenly (else it is
+    held whole, said once)."""
+    from .tensor_parallel import check_config
+
+    try:
+        check_config(config, size, f"--teacher {path}")
+    except ValueError as exc:
+        if env is None or env.is_main:
+            print(f"{exc}: the teacher is held whole on every rank", file=sys.stderr)
+        return False
+    return True
 
 
 def frozen_fields(model, name: str = "teacher") -> dict:
@@ -277,13 +303,15 @@ def frozen_fields(model, name: str = "teacher") -> dict:
     (``<name>_params_rank``: all, 1/N of them under FSDP, none off a pipeline's last stage) and the
     dtype they are held in."""
     from .distributed import local_part
+    from .tensor_parallel import split_dims
 
     if model is None:
         return {f"{name}_params_rank": 0}
-    params = list(model.parameters())
-    return {f"{name}_params": sum(p.numel() for p in params),
-            f"{name}_params_rank": sum(local_part(p).numel() for p in params),
-            f"{name}_dtype": str(params[0].dtype).removeprefix("torch.")}
+    split, tp = split_dims(model), getattr(model, "tensor_parallel", None)  # (a split teacher's parts)
+    params = dict(model.named_parameters())
+    return {f"{name}_params": sum(p.numel() * (tp.size if n in split else 1) for n, p in params.items()),
+            f"{name}_params_rank": sum(local_part(p).numel() for p in params.values()),
+            f"{name}_dtype": str(next(iter(params.values())).dtype).removeprefix("torch.")}
 
 
 def source_names(paths) -> list[str]:
@@ -717,7 +745,8 @@ def _train(args, env, mode: str) -> int:
     # (a pipeline asks the teacher on its last stage alone: only that stage's ranks load it, under FSDP
     # sharded over the mesh the stage's own parts are sharded on)
     teacher = (load_teacher(cfg.teacher, cfg.precision, tok, device or pick_device(args.device), tristate(args.fast),
-                            env=env, mode=mode, mesh=pp.fsdp_mesh if pp is not None else None)
+                            env=env, mode=mode, mesh=pp.fsdp_mesh if pp is not None else None,
+                            tensor=tp if pp is None else None)
                if cfg.teacher and (pp is None or pp.last) else None)
     from .data import default_cache_dir
 

@@ -807,13 +807,15 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
 
 # ------------------------------------------------------------------------ load and save
 def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
-             expert_parallel=None, tensor_parallel=None, pipeline_parallel=None, prepare=None, mesh=None, **lora):
+             expert_parallel=None, tensor_parallel=None, pipeline_parallel=None, prepare=None, mesh=None,
+             vocabulary: bool = True, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
     materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), only this rank's experts
     with ``expert_parallel``, only this rank's part of every layer with ``tensor_parallel``, a full
     replica otherwise. Fails on every rank if any fails.
     ``prepare(model)``: called on the meta device before FSDP shards it (float8's projections).
-    ``mesh``: FSDP's device mesh (``_fsdp_shard``'s), else the run's.
+    ``mesh``: FSDP's device mesh (``_fsdp_shard``'s), else the run's. ``vocabulary``: with
+    ``tensor_parallel``, split the embedding and head by vocabulary range too (``set_tensor_parallel``'s).
     ``lora``: from_apr's ``lora`` / ``lora_base_dtype`` (and ``dtype``)."""
     from apr_kernels.model.loading import from_apr as load
 
@@ -823,7 +825,7 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         if expert_parallel is not None:  # (before FSDP: only this rank's experts are sharded, and read)
             m.set_expert_parallel(expert_parallel)
         if tensor_parallel is not None:  # (likewise: only this rank's heads and rows)
-            m.set_tensor_parallel(tensor_parallel)
+            m.set_tensor_parallel(tensor_parallel, vocabulary)
         if mode == "fsdp":
             if prepare is not None:
                 prepare(m)

@@ -24,8 +24,9 @@ whose last message is the assistant's answer (the rest is the prompt). Logged: t
 divergence per completion token), ``ce`` (the student's NLL per completion token), ``on_policy`` and
 ``teacher_sampled`` (the shares of micro-batches whose completions were sampled by the student or
 the teacher) and the completion tokens; held-out: the loss and ``ce`` on the records' completions.
-The teacher needs the student's tokenizer and is held whole on every rank, or sharded like the
-student under ``--parallel fsdp`` (gathered for its forwards and its samples); bf16 where the run
+The teacher needs the student's tokenizer and is held whole on every rank, its layers split
+under ``--tensor-parallel``, or sharded like the student under ``--parallel fsdp`` (gathered for its
+forwards and its samples); bf16 where the run
 computes in bf16. Checkpoints, ``--resume``, LoRA and torchrun follow ``posttrain.py``.
 """
 
@@ -39,8 +40,8 @@ import torch
 
 from .loop import TrainConfig
 from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, held_out, logger_for,
-                        packed, padded_inputs, parallel_for, run_command, settings_and_model, start_fields, tokenizer_for,
-                        train_and_save)
+                        packed, padded_inputs, parallel_for, run_command, settings_and_model, start_fields,
+                        tensor_group, tokenizer_for, train_and_save)
 from .preference import answer_ids
 
 
@@ -247,7 +248,8 @@ def _gkd(args, env, mode: str) -> int:
     if gkd["max_prompt_len"] + gkd["max_new_tokens"] > model.config.max_position_embeddings:
         raise ValueError(f"--max-prompt-len {gkd['max_prompt_len']} + --max-new-tokens {gkd['max_new_tokens']} exceed "
                          f"the model's max_position_embeddings {model.config.max_position_embeddings}")
-    teacher = load_teacher(gkd["teacher"], cfg.precision, tok, device, tristate(args.fast), env=env, mode=mode)
+    teacher = load_teacher(gkd["teacher"], cfg.precision, tok, device, tristate(args.fast), env=env, mode=mode,
+                           tensor=tensor_group(args, env, mode))
     if not args.resume:
         torch.manual_seed(cfg.seed)
     parallel = parallel_for(model, env, mode)

@@ -32,8 +32,9 @@ FSDP), computed once per generation batch. Step checkpoints fall between generat
 On-policy distillation (``--teacher T.apr``, as Qwen3's small models and Thinking Machines' recipe
 distil): each sampled token's advantage gains ``--teacher-coef`` x ``(log p_teacher - log
 p_generating)``, the per-token reverse KL to the teacher on the policy's own samples (the teacher's
-log-probabilities computed once per generation batch, the teacher whole on every rank or sharded
-under FSDP); with no ``--reward`` that is the only signal. Logged as ``teacher_kl``.
+log-probabilities computed once per generation batch, the teacher whole on every rank, split under
+tensor parallelism or sharded under FSDP); with no ``--reward`` that is the only signal. Logged as
+``teacher_kl``.
 ``--mask-truncated-completions`` (TRL's) leaves completions cut at ``--max-new-tokens`` out of the
 loss; they still count in the advantages and the normalising counts.
 ``--importance-sampling-level sequence`` is GSPO (Zheng et al., 2025; TRL's
@@ -80,7 +81,7 @@ import torch
 from .loop import TrainConfig, autocast_dtype_for
 from .posttrain import (StepLoop, absolute, add_options, config_from, device_for, fit_epochs, frozen, load_model,
                         logger_for, lora_settings, parallel_for, resumed, run_command, sequence_logps, start_fields,
-                        token_logps, tokenizer_for, train_and_save)
+                        tensor_group, token_logps, tokenizer_for, train_and_save)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -686,7 +687,7 @@ def _grpo(args, env, mode: str) -> int:
             from .cli import load_teacher
 
             teacher = load_teacher(grpo["teacher"], cfg.precision, run.tok, run.device, tristate(args.fast),
-                                   env=run.env, mode=run.mode)
+                                   env=run.env, mode=run.mode, tensor=tensor_group(args, run.env, run.mode))
         return GRPOTrainer(run.model, run.prompts, run.rewards, cfg, parallel=parallel, **run.sampling_kwargs(),
                            loss_type=grpo.get("loss_type", "dapo"), scale_rewards=grpo.get("scale_rewards", "group"),
                            beta=grpo.get("beta", 0.0), num_iterations=grpo.get("num_iterations", 1),

@@ -76,8 +76,9 @@ Sampling (``grpo``, ``rloo``, ``online-dpo``; ``model/generate.py``): a group's 
 prompts in step, each with the KV cache of its heads and the whole logits (vocabulary columns
 gathered); the sums after each all-reduce are the same on every rank and the draws are seeded alike,
 so they pick the same tokens and stop together. Distillation (``gkd``, ``train --teacher``): the
-teacher whole on every rank (sharded under FSDP), reading the whole rows (under sequence parallelism each rank's chunk
-of its hidden states taken); under a vocabulary split the loss runs on each rank's columns of both
+teacher's layers split over the group too (its embedding and head whole; sharded instead under
+FSDP), reading the whole rows (under sequence parallelism each rank's chunk of its hidden states
+taken); under a vocabulary split the loss runs on each rank's columns of both
 models' logits (``vocab_parallel.vocab_parallel_distillation``). The vocabulary split itself (the
 embedding, head, losses and gathered logits) is ``vocab_parallel.py``.
 
