@@ -1,9 +1,9 @@
 """HSDP (``train --parallel fsdp --fsdp-shard-size N``): 4 ranks in 2 groups of 2, each group one
 sharded copy of the model, the copies replicated (FSDP2 on a 2-D mesh), against one process on the
 same global batch: AdamW (losses, held-out losses, the gathered checkpoint's weights; its step
-checkpoint resumed in one process), 8-bit AdamW (each rank's blocks of the moments), Muon (each
-update gathered whole) and a quantised LoRA base (each rank's blocks of the base, shared within its
-group)."""
+checkpoint resumed in one process), 8-bit AdamW (each rank's blocks of the moments; distilling from
+a teacher sharded alike), Muon (each update gathered whole) and a quantised LoRA base (each rank's
+blocks of the base, shared within its group)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,14 @@ def runs(tmp_path_factory):
     torch.manual_seed(14)
     save_checkpoint(root / "aligned.apr", model=Transformer(_aligned_config(), fast=False))
     _quantised_file(root / "q8.apr", _odd_config(), "APR_Q8", seed=15)
+    from apr_kernels.train.cli import byte_tokenizer
+
+    torch.manual_seed(16)  # (a distillation teacher, sharded like the student: over each group's 2 ranks)
+    save_checkpoint(root / "teacher.apr", model=Transformer(_odd_config().replace(num_layers=1), fast=False),
+                    tokenizer=byte_tokenizer())
     cases = {"adamw": ["train", "--init", str(root / "init.apr"), *COMMON],
-             "adam8": ["train", "--init", str(root / "aligned.apr"), *COMMON, "--optimizer", "adamw8bit"],
+             "adam8": ["train", "--init", str(root / "aligned.apr"), *COMMON, "--optimizer", "adamw8bit",
+                       "--teacher", str(root / "teacher.apr"), "--kd-ratio", "0.5"],
              "muon": ["train", "--init", str(root / "init.apr"), *COMMON, "--optimizer", "muon"],
              "qlora": ["train", "--init", str(root / "q8.apr"), *COMMON, "--lora-rank", "4",
                        "--lora-quantized-base", "--lr", "1e-2"]}
@@ -52,6 +58,11 @@ def test_hsdp_matches_one_process(runs, name):
     root, one, out, _ = runs
     _same_run(one[name], out[name], grad_rel=None, eval_abs=1e-5)
     _same_checkpoint(root / f"hsdp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name)
+    if name == "adam8":  # (distilling: the same KL, each rank half of the teacher)
+        got, want = _records(out[name]), _records(one[name])
+        assert _losses(got, key="kl") == pytest.approx(_losses(want, key="kl"), rel=1e-5)
+        start = next(r for r in got if r["event"] == "start")
+        assert 0.4 * start["teacher_params"] < start["teacher_params_rank"] < 0.6 * start["teacher_params"]
 
 
 def test_hsdp_step_checkpoint_resumes_in_one_process(runs):
