@@ -838,10 +838,10 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         model = load(path, device=env.device, fast=fast, shard=shard, **lora)
     except (ValueError, OSError, RuntimeError) as exc:
         error = exc
-    if mesh is not None and error is not None:  # (only the mesh's ranks load: no world-wide check)
-        raise error
     if mesh is None:
         _raise_together(env, error, f"loading {os.fspath(path)}")
+    elif error is not None:  # (only the mesh's ranks load: no world-wide check)
+        raise error
     return model
 
 

@@ -26,8 +26,8 @@ divergence per completion token), ``ce`` (the student's NLL per completion token
 the teacher) and the completion tokens; held-out: the loss and ``ce`` on the records' completions.
 The teacher needs the student's tokenizer and is held whole on every rank, its layers split
 under ``--tensor-parallel``, or sharded like the student under ``--parallel fsdp`` (gathered for its
-forwards and its samples); bf16 where the run
-computes in bf16. Checkpoints, ``--resume``, LoRA and torchrun follow ``posttrain.py``.
+forwards and its samples); bf16 where the run computes in bf16. Checkpoints, ``--resume``, LoRA and
+torchrun follow ``posttrain.py``.
 """
 
 from __future__ import annotations

@@ -683,7 +683,7 @@ def _grpo(args, env, mode: str) -> int:
 
     def build(run, grpo, cfg, parallel, reference):
         teacher = None
-        if grpo.get("teacher"):  # on-policy distillation: whole on every rank, or sharded under FSDP
+        if grpo.get("teacher"):  # on-policy distillation: whole, split like the policy, or sharded
             from .cli import load_teacher
 
             teacher = load_teacher(grpo["teacher"], cfg.precision, run.tok, run.device, tristate(args.fast),

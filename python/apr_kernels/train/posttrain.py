@@ -545,7 +545,7 @@ def start_fields(trainer, device) -> dict:
     from .cli import frozen_fields
 
     model = trainer.model
-    frozen = {name: m for name in ("teacher", "reference") if (m := getattr(trainer, name, None)) is not None}
+    held = {name: m for name in ("teacher", "reference") if (m := getattr(trainer, name, None)) is not None}
     c = trainer.cfg
     world = trainer.parallel.world_size if trainer.parallel is not None else 1
     return {"step": trainer.step, "steps": c.steps, "world": world, "device": str(device),
@@ -553,7 +553,7 @@ def start_fields(trainer, device) -> dict:
             "padding_free": trainer.padding_free,
             **_trained_counts(model, trainer.parallel),
             "lora_rank": (getattr(model, "lora", None) or {}).get("rank"), **({"qat": c.qat} if c.qat else {}),
-            **{k: v for name, m in frozen.items() for k, v in frozen_fields(m, name).items()}}
+            **{k: v for name, m in held.items() for k, v in frozen_fields(m, name).items()}}
 
 
 def _trained_counts(model, parallel) -> dict:
