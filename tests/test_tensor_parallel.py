@@ -465,8 +465,8 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
     # a teacher whose heads the group does not divide is held whole, said on stderr (the run goes on)
     from apr_kernels.train.cli import _splits
 
-    assert _splits(preset("tiny_llama"), 2, None, "t.apr")
-    assert not _splits(preset("tiny_llama"), 4, None, "t.apr")
+    assert _splits(preset("tiny_llama"), 2, "t.apr")
+    assert not _splits(preset("tiny_llama"), 4, "t.apr")
     assert capsys.readouterr().err.strip() == ("--tensor-parallel 4: --teacher t.apr's num_attention_heads is 6; "
                                                "expected a multiple of 4 (each rank holds an equal share): the "
                                                "teacher is held whole on every rank")

@@ -237,15 +237,16 @@ def _settings_of(args) -> dict:
 
 
 def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None, mode: str = "none", mesh=None,
-                 tensor=None):
+                 tensor=None, last_stage: bool = False):
     """The frozen teacher of a distillation run (``train --teacher``, ``gkd``, ``grpo --teacher``), on
     ``device``, in bf16 where the run computes in bf16 (``precision``); its tokenizer must be the run's
     (the two models' next-token distributions are compared id by id). Each rank holds a whole copy,
     or under ``--parallel fsdp`` (``mode``, ``env``) its shards, as the student's: every decoder
     layer and the root (embedding, final norm, head) sharded over the ranks (HSDP: over the shard
     group), each gathered for the teacher's forward (the ranks ask it alike: the same number of
-    micro-batches), so a teacher too big for one device fits N of them. ``mesh``: shard it over this
-    device mesh instead (a pipeline's last stage: its ranks alone run the teacher). ``tensor``: the
+    micro-batches), so a teacher too big for one device fits N of them. ``last_stage``: only a
+    pipeline's last stage's ranks load it (they alone run it), under FSDP sharded over ``mesh``, that
+    stage's. ``tensor``: the
     student's ``TensorParallel`` under DDP: the teacher's layers split over the same group (each rank
     its heads and MLP rows; the group runs it on the same rows), its embedding and head whole (the
     loss takes each rank's columns of them), reading whole rows (no sequence parallelism); whole
@@ -269,29 +270,31 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None
         from . import distributed
 
         teacher = distributed.from_apr(path, env, "fsdp", fast=fast, dtype=dtype, mesh=mesh,
-                                       compute_dtype=autocast_dtype_for(precision, env.device))
+                                       compute_dtype=autocast_dtype_for(precision, env.device),
+                                       everywhere=not last_stage)
         register_fsdp_forward_method(teacher, "hidden_states")  # (what distillation asks of it)
-    elif tensor is not None and _splits(p.config, tensor.size, env, path):
+    elif tensor is not None and _splits(p.config, tensor.size, path, say=env is None or env.is_main
+                                        or (last_stage and tensor.rank == 0)):
         from . import distributed
         from .tensor_parallel import TensorParallel
 
         split = TensorParallel(tensor.group, tensor.rank, tensor.size, tensor.replicas)  # (whole rows)
         teacher = distributed.from_apr(path, env, mode, fast=fast, dtype=dtype, tensor_parallel=split,
-                                       vocabulary=False)
+                                       vocabulary=False, everywhere=not last_stage)
     else:
         teacher = from_apr(path, device=device, dtype=dtype, fast=fast)
     return teacher.requires_grad_(False).eval()
 
 
-def _splits(config, size: int, env, path) -> bool:
+def _splits(config, size: int, path, say: bool = True) -> bool:
     """Whether ``size`` tensor-parallel ranks split the teacher's heads and MLP evenly (else it is
-    held whole, said once)."""
+    held whole, which ``say`` prints)."""
     from .tensor_parallel import check_config
 
     try:
         check_config(config, size, f"--teacher {path}")
     except ValueError as exc:
-        if env is None or env.is_main:
+        if say:
             print(f"{exc}: the teacher is held whole on every rank", file=sys.stderr)
         return False
     return True
@@ -743,10 +746,11 @@ def _train(args, env, mode: str) -> int:
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,
                                            pipeline_parallel=pp)
     # (a pipeline asks the teacher on its last stage alone: only that stage's ranks load it, under FSDP
-    # sharded over the mesh the stage's own parts are sharded on)
+    # sharded over the mesh the stage's own parts are sharded on, under DDP split over its
+    # tensor-parallel groups)
     teacher = (load_teacher(cfg.teacher, cfg.precision, tok, device or pick_device(args.device), tristate(args.fast),
-                            env=env, mode=mode, mesh=pp.fsdp_mesh if pp is not None else None,
-                            tensor=tp if pp is None else None)
+                            env=env, mode=mode, mesh=pp.fsdp_mesh if pp is not None else None, tensor=tp,
+                            last_stage=pp is not None)
                if cfg.teacher and (pp is None or pp.last) else None)
     from .data import default_cache_dir
 

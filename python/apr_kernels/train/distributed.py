@@ -808,7 +808,7 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
 # ------------------------------------------------------------------------ load and save
 def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
              expert_parallel=None, tensor_parallel=None, pipeline_parallel=None, prepare=None, mesh=None,
-             vocabulary: bool = True, **lora):
+             vocabulary: bool = True, everywhere: bool = True, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
     materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), only this rank's experts
     with ``expert_parallel``, only this rank's part of every layer with ``tensor_parallel``, a full
@@ -816,6 +816,8 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
     ``prepare(model)``: called on the meta device before FSDP shards it (float8's projections).
     ``mesh``: FSDP's device mesh (``_fsdp_shard``'s), else the run's. ``vocabulary``: with
     ``tensor_parallel``, split the embedding and head by vocabulary range too (``set_tensor_parallel``'s).
+    ``everywhere``: every rank loads it (a failure anywhere fails all); else only some do (a pipeline's
+    last stage's teacher, ``mesh`` or ``tensor_parallel`` of that stage's ranks), each failing alone.
     ``lora``: from_apr's ``lora`` / ``lora_base_dtype`` (and ``dtype``)."""
     from apr_kernels.model.loading import from_apr as load
 
@@ -838,9 +840,9 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         model = load(path, device=env.device, fast=fast, shard=shard, **lora)
     except (ValueError, OSError, RuntimeError) as exc:
         error = exc
-    if mesh is None:
+    if everywhere:
         _raise_together(env, error, f"loading {os.fspath(path)}")
-    elif error is not None:  # (only the mesh's ranks load: no world-wide check)
+    elif error is not None:  # (only some ranks load: no world-wide check)
         raise error
     return model
 

@@ -85,10 +85,10 @@ adapters; QLoRA's quantised bases listed too, their whole raw blocks gathered fr
 ``--freeze`` (a part with nothing trainable in it or before it runs no backward and keeps no
 activations: frozen first stages cost only their forwards); ``--qat`` and ``--float8`` (each stage's
 weights and projections, as without a pipeline); distillation (``--teacher``, loaded on the last
-stage's ranks only, under FSDP sharded over them: ``fsdp_mesh``; its hidden states asked there:
-``train_step``'s ``teacher_of``); mixtures of experts (the balance terms of the whole model's
-routing: ``_forward``), also with expert parallelism inside the
-stages (``--expert-parallel N``: groups of N of a stage's ranks, with ``--tensor-parallel T`` ranks T
+stage's ranks only, under FSDP sharded over them (``fsdp_mesh``), else split over their
+tensor-parallel groups; its hidden states asked there: ``train_step``'s ``teacher_of``); mixtures of
+experts (the balance terms of the whole model's routing: ``_forward``), also with expert parallelism
+inside the stages (``--expert-parallel N``: groups of N of a stage's ranks, with ``--tensor-parallel T`` ranks T
 apart, each stage's experts averaged over its ranks holding them, counted N times in the clipping norm
 when replicated, listed for the checkpoint by the stage's first group, under HSDP sharded within a
 shard group, with QLoRA their quantised bases gathered from their holders); ``--eval-choices`` (the
