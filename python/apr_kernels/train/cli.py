@@ -306,15 +306,14 @@ def frozen_fields(model, name: str = "teacher") -> dict:
     (``<name>_params_rank``: all, 1/N of them under FSDP, none off a pipeline's last stage) and the
     dtype they are held in."""
     from .distributed import local_part
-    from .tensor_parallel import split_dims
+    from .expert_parallel import parameter_counts
 
     if model is None:
         return {f"{name}_params_rank": 0}
-    split, tp = split_dims(model), getattr(model, "tensor_parallel", None)  # (a split teacher's parts)
-    params = dict(model.named_parameters())
-    return {f"{name}_params": sum(p.numel() * (tp.size if n in split else 1) for n, p in params.items()),
-            f"{name}_params_rank": sum(local_part(p).numel() for p in params.values()),
-            f"{name}_dtype": str(next(iter(params.values())).dtype).removeprefix("torch.")}
+    params = list(model.parameters())  # (the whole count: a split teacher's parts as the whole)
+    return {f"{name}_params": parameter_counts(model, None, getattr(model, "tensor_parallel", None))["params"],
+            f"{name}_params_rank": sum(local_part(p).numel() for p in params),
+            f"{name}_dtype": str(params[0].dtype).removeprefix("torch.")}
 
 
 def source_names(paths) -> list[str]:
