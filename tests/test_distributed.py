@@ -306,6 +306,14 @@ def runs(tmp_path_factory):
               "--eval-fraction", "0.25", "--center-rewards-coefficient", "0.01", "--dist-timeout", "60"]
     code, one_reward_out = _cli(main, [*reward, "--out", str(root / "one_reward")])
     assert code == 0
+    # GRPO scored by that reward model too (sharded under FSDP), one held-out prompt: the rank with none
+    # to score joins the other's forwards of it
+    (root / "one_prompt.jsonl").write_text(json.dumps({"prompt": "Say:"}) + "\n")
+    grpo_rm = list(grpo)
+    grpo_rm.insert(grpo_rm.index("--reward") + 2, str(root / "one_reward" / "model.apr"))
+    grpo_rm[grpo_rm.index("--eval-data") + 1] = str(root / "one_prompt.jsonl")
+    code, one_grpo_rm_out = _cli(main, [*grpo_rm, "--out", str(root / "one_grpo_rm")])
+    assert code == 0
 
     # GKD from the distillation teacher: half the micro-batches sampled by the student, the others by
     # the teacher (--seq-kd; FSDP: each gathered whole for its samples)
@@ -462,6 +470,8 @@ def runs(tmp_path_factory):
         # the fast path (the package's ops, their CPU reference code here) under FSDP: the fused loss
         # runs inside forward on the unsharded output weight (run44)
         ["train", "--init", str(init), *fast_on, "--parallel", "fsdp", "--out", str(root / "fsdp_fast")],
+        # GRPO with a reward model, both sharded (run45)
+        [*grpo_rm, "--parallel", "fsdp", "--out", str(root / "fsdp_grpo_rm")],
     ]}
     (root / "spec.json").write_text(json.dumps(spec))
     worker = [sys.executable, __file__, str(root / "spec.json")]
@@ -499,7 +509,8 @@ def runs(tmp_path_factory):
     return {"root": root, "one": one, "one_out": one_out, "one_docs_out": one_docs_out, "one_lora_out": one_lora_out,
             "one_dpo_out": one_dpo_out, "one_grpo_out": one_grpo_out, "one_kto_out": one_kto_out,
             "one_grpo_kl_out": one_grpo_kl_out, "one_kd_out": one_kd_out, "one_grpo_opd_out": one_grpo_opd_out,
-            "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_gkd_out": one_gkd_out,
+            "one_muon_out": one_muon_out, "one_reward_out": one_reward_out, "one_grpo_rm_out": one_grpo_rm_out,
+            "one_gkd_out": one_gkd_out,
             "one_online_out": one_online_out, "one_rloo_out": one_rloo_out, "one_freeze_out": one_freeze_out,
             "one_moe_out": one_moe_out, "one_adam8_out": one_adam8_out, "one_adam8_aligned_out": one_adam8_aligned_out,
             "one_dora_out": one_dora_out, "one_qlora_out": one_qlora_out, "one_dora_init_out": one_dora_init_out,
@@ -977,6 +988,25 @@ def test_on_policy_distillation_on_two_ranks_matches_one_process(runs):
                       _tensors(runs["root"] / "one_grpo_opd" / "model.apr"))
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_grpo_with_a_sharded_reward_model_on_two_ranks_matches_one_process(runs):
+    """grpo --reward letters RM.apr under FSDP (run45): the reward model sharded like the policy (rank
+    0 holds about half of it), each rank scoring its completions with it, and the one held-out prompt
+    scored by rank 0 alone while rank 1 runs the same forwards for the gathers: the rewards (each
+    function's too), losses, gradient norms and held-out rewards are the one-process run's."""
+    want = _records(runs["one_grpo_rm_out"])
+    rank0, rank1 = runs["ranks"][(0, 2)]["run45"], runs["ranks"][(1, 2)]["run45"]
+    assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
+    got = _records(rank0["stdout"])
+    _teacher_held(want, got, sharded=True, name="reward_model")
+    assert next(r for r in want if r["event"] == "start")["rewards"] == ["letters", "model"]
+    assert len(set(_losses(want, key="reward_model"))) > 1  # (the model's scores, not a constant)
+    for key in ("reward", "reward_letters", "reward_model", "completion_len", "loss", "grad_norm"):
+        assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-7), key
+    for key in ("eval_reward", "eval_reward_model", "eval_prompts"):
+        assert _losses(got, "eval", key) == pytest.approx(_losses(want, "eval", key), rel=1e-5), key
+    assert _losses(want, "eval", "eval_prompts")[0] == 1
 
 
 @pytest.mark.parametrize("run,out", [("run15", "ddp_muon"), ("run31", "fsdp_muon")], ids=["ddp", "fsdp"])

@@ -493,11 +493,17 @@ def preflight(path: str | os.PathLike) -> ModelConfig:
     return plan(path).config
 
 
-def load_classifier(path: str | os.PathLike, **kwargs) -> Transformer:
-    """``from_apr`` of a sequence classifier file (a reward model) with its own ``num_labels``; a
-    causal LM is refused by name."""
+def classifier_labels(path: str | os.PathLike) -> int:
+    """The ``num_labels`` of a sequence classifier file (a reward model); a causal LM is refused by
+    name."""
     labels = plan(path).config.num_labels
     if not labels:
         raise PreflightError(f"{path}: a causal LM (no score head, no num_labels in its metadata); expected a "
                              f"sequence classifier such as a reward model written by `apr-kernels reward`")
-    return from_apr(path, num_labels=labels, **kwargs)
+    return labels
+
+
+def load_classifier(path: str | os.PathLike, **kwargs) -> Transformer:
+    """``from_apr`` of a sequence classifier file (a reward model) with its own ``num_labels``
+    (``classifier_labels``)."""
+    return from_apr(path, num_labels=classifier_labels(path), **kwargs)

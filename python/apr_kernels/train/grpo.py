@@ -34,7 +34,7 @@ distil): each sampled token's advantage gains ``--teacher-coef`` x ``(log p_teac
 p_generating)``, the per-token reverse KL to the teacher on the policy's own samples (the teacher's
 log-probabilities computed once per generation batch, the teacher whole on every rank, split under
 tensor parallelism or sharded under FSDP); with no ``--reward`` that is the only signal. Logged as
-``teacher_kl``.
+``teacher_kl``. A ``--reward RM.apr`` is likewise sharded under FSDP (``RewardModel``).
 ``--mask-truncated-completions`` (TRL's) leaves completions cut at ``--max-new-tokens`` out of the
 loss; they still count in the advantages and the normalising counts.
 ``--importance-sampling-level sequence`` is GSPO (Zheng et al., 2025; TRL's
@@ -132,15 +132,28 @@ class RewardModel:
     """A reward model file (``--reward RM.apr``, written by ``apr-kernels reward``) as a reward function:
     each completion is scored as the model was trained, prompt + completion rendered as ``reward``
     renders a pair's side (the chat format for message prompts) with the file's own tokenizer, the
-    end-of-text id last, the score at that token. Held whole, without gradients, on every rank."""
+    end-of-text id last, the score at that token. Held without gradients: whole on every rank, or
+    under ``--parallel fsdp`` (``mode``, ``env``) sharded over all ranks as a policy is (every decoder
+    layer and the root), each layer gathered for its forward. A sharded one is called by every rank
+    alike (``join`` for a rank with nothing to score): its ranks run as many forwards, the most any
+    of them needs (a rank with fewer completions runs one-token ones), since each forward gathers
+    every layer from all ranks."""
 
     def __init__(self, path, *, device="cpu", dtype: torch.dtype | None = None, fast: bool | None = None,
-                 batch_size: int = 16):
-        from apr_kernels.model.loading import load_classifier
+                 batch_size: int = 16, env=None, mode: str = "none"):
+        from apr_kernels.model.loading import classifier_labels, load_classifier
 
         from .cli import load_tokenizer
 
-        self.model = load_classifier(path, device=device, dtype=dtype, fast=fast).requires_grad_(False).eval()
+        self.sharded = mode == "fsdp"
+        if self.sharded:
+            from . import distributed
+
+            self.model = distributed.from_apr(path, env, "fsdp", fast=fast, dtype=dtype, compute_dtype=dtype,
+                                              num_labels=classifier_labels(path))
+        else:
+            self.model = load_classifier(path, device=device, dtype=dtype, fast=fast)
+        self.model.requires_grad_(False).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(f"--reward {path}: a classifier with num_labels={self.model.config.num_labels}; "
                              f"expected a reward model (one label)")
@@ -156,9 +169,26 @@ class RewardModel:
         seqs = [sequence_ids(p, c, self.tok, f"--reward {self.path}: completion {i}", "completion")
                 for i, (p, c) in enumerate(zip(prompts, completions))]
         fast = self.model.use_fast(torch.empty(0, device=self.device))
-        out = [sequence_rewards(self.model, seqs[i:i + self.batch_size], self.device, pad_id=self.tok.eos_id,
-                                padding_free=fast) for i in range(0, len(seqs), self.batch_size)]
+        batches = [seqs[i:i + self.batch_size] for i in range(0, len(seqs), self.batch_size)]
+        forwards = len(batches)
+        if self.sharded:  # (agreed before any forward: each one's gathers are collectives too)
+            import torch.distributed as dist
+
+            most = torch.tensor([forwards], device=self.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            forwards = int(most)
+        out = [sequence_rewards(self.model, b, self.device, pad_id=self.tok.eos_id, padding_free=fast)
+               for b in batches]
+        for _ in range(forwards - len(batches)):  # (the forwards the other ranks run: their gathers)
+            sequence_rewards(self.model, [[self.tok.eos_id]], self.device, pad_id=self.tok.eos_id, padding_free=fast)
+        if self.sharded:
+            self.model.reshard()  # (the root stays gathered after a forward without a backward)
         return torch.cat(out).tolist() if out else []
+
+    def join(self) -> None:
+        """A sharded reward model's share of the others' scoring, on a rank with nothing to score."""
+        if self.sharded:
+            self([], [])
 
 
 def reward_name(spec: str) -> str:
@@ -542,7 +572,11 @@ class GRPOTrainer(StepLoop):
                                                  stops=[r["stops"] for r in mine], vocab_size=self.tok.vocab_size)
         f = len(self.rewards)
         stats = torch.zeros(3 + 2 * f, dtype=torch.float64)
-        if mine:
+        if not mine:  # (a sharded reward model's forwards are collectives: this rank joins the others')
+            for fn in self.rewards.values():
+                if isinstance(fn, RewardModel):
+                    fn.join()
+        else:
             texts = [self.tok.decode([t for t in ids if t not in r["stops"]]) for r, ids in zip(mine, completions)]
             rewards, table = score(self.rewards, self.weights, [r["prompt"] for r in mine],
                                    [[{"role": "assistant", "content": t}] if isinstance(r["prompt"], list) else t
@@ -580,8 +614,8 @@ def sampling_settings(args) -> dict:
 
 class SamplingRun:
     """What a sampling run loads from its settings (``sampling_settings`` plus the command's own):
-    ``cfg``, ``device``, ``rewards`` (name -> function; reward models whole on every rank, bf16 where
-    the run computes in bf16), ``model`` (this rank's), ``tok``, ``prompts``, ``eval_prompts``, and
+    ``cfg``, ``device``, ``rewards`` (name -> function; reward models whole on every rank, or sharded
+    under FSDP, bf16 where the run computes in bf16), ``model`` (this rank's), ``tok``, ``prompts``, ``eval_prompts``, and
     ``reference(needed)``: the frozen model as loaded when ``needed`` and the run has no LoRA (whose
     frozen base serves instead)."""
 
@@ -592,7 +626,7 @@ class SamplingRun:
         self.device = device_for(args, env, mode)
         self.bf16 = autocast_dtype_for(cfg.precision, torch.device(self.device)) == torch.bfloat16
         self.rewards = {reward_name(s): load_reward(s, device=self.device, dtype=torch.bfloat16 if self.bf16 else None,
-                                                    fast=tristate(args.fast))
+                                                    fast=tristate(args.fast), env=env, mode=mode)
                         for s in settings["rewards"]}  # fail before the model loads
         self.source = args.resume or settings["init"]
         self.model = frozen(load_model(self.source, env, mode, self.device, args, **load), cfg)

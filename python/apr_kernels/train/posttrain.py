@@ -541,11 +541,16 @@ def frozen(model, cfg: TrainConfig):
 
 def start_fields(trainer, device) -> dict:
     """What every post-training run's ``start`` line reports besides its own settings (also
-    ``cli.frozen_fields`` of a distillation teacher and of a reference model)."""
+    ``cli.frozen_fields`` of a distillation teacher, a reference model and each reward model,
+    ``reward_<name>``)."""
     from .cli import frozen_fields
 
     model = trainer.model
     held = {name: m for name in ("teacher", "reference") if (m := getattr(trainer, name, None)) is not None}
+    from .grpo import RewardModel
+
+    held.update({f"reward_{name}": fn.model for name, fn in (getattr(trainer, "rewards", None) or {}).items()
+                 if isinstance(fn, RewardModel)})
     c = trainer.cfg
     world = trainer.parallel.world_size if trainer.parallel is not None else 1
     return {"step": trainer.step, "steps": c.steps, "world": world, "device": str(device),
