@@ -1,4 +1,5 @@
-"""Shared test setup: seeded RNG per test, a `cuda` marker that skips without a GPU."""
+"""Shared test setup: seeded RNG per test, a `cuda` marker that skips without a GPU, the suite on two
+pytest-xdist workers on a CPU machine (``pytest_cmdline_main``)."""
 
 import atexit
 import os
@@ -30,7 +31,38 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The test modules that launch several rank processes (each launch keeps both cores busy). On two
+# pytest-xdist workers they form one group, run by one worker in turn while the other takes the rest.
+RANK_MODULES = {"test_context_parallel", "test_distributed", "test_expert_parallel", "test_float8", "test_hsdp",
+                "test_pipeline_parallel", "test_qat", "test_sharded_base", "test_tensor_parallel"}
+WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The whole suite (``python -m pytest``: its testpaths, no -n given) on a CPU machine runs on
+    ``WORKERS`` pytest-xdist workers, the rank-launching modules as one group (``--dist loadgroup``),
+    and every process with one OpenMP thread: on 2 cores this took 735 s against ~930 s serially,
+    while two workers with torch's default two threads each took 1109 s (their threads competing
+    with the rank processes). Named tests, ``-n``, ``--pdb`` or a GPU: as asked (serial)."""
+    suite = getattr(config, "args_source", None) == pytest.Config.ArgsSource.TESTPATHS
+    worker = "PYTEST_XDIST_WORKER" in os.environ  # (a worker parses the same command line: no workers of its own)
+    xdist = config.pluginmanager.hasplugin("xdist")
+    if (suite and xdist and not worker and not HAS_CUDA and config.option.numprocesses is None
+            and (os.cpu_count() or 1) >= WORKERS and not config.option.collectonly and not config.option.usepdb):
+        config.option.numprocesses, config.option.dist = WORKERS, "loadgroup"
+        os.environ["OMP_NUM_THREADS"] = "1"  # (the workers, started after this, load torch with it)
+    if (worker or getattr(config.option, "numprocesses", None)) and hasattr(config.option, "benchmark_disable"):
+        # (no test here times with pytest-benchmark; bench/pytest_load.py runs in its own pytest)
+        config.option.benchmark_disable = True  # (instead of its warning that xdist switched it off)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            if item.module.__name__.rpartition(".")[2] in RANK_MODULES:
+                item.add_marker(pytest.mark.xdist_group("ranks"))
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")

@@ -32,7 +32,9 @@ SMOKE_WORKERS = 2  # bench --smoke runs side by side: they check the plumbing, n
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}  # --out decides, not a stray $OUT
+    # --out decides, not a stray $OUT; a pytest run inside is its own, not a pytest-xdist worker (which
+    # pytest-benchmark would take as a reason to switch itself off)
+    env = {k: v for k, v in os.environ.items() if k != "OUT" and not k.startswith("PYTEST_XDIST")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # smoke means CPU, even where a GPU exists
     env["PYTHON"] = sys.executable  # gpu_check.sh: the interpreter running the tests (CI's venv)
     return env
