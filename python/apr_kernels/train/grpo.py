@@ -615,9 +615,9 @@ def sampling_settings(args) -> dict:
 class SamplingRun:
     """What a sampling run loads from its settings (``sampling_settings`` plus the command's own):
     ``cfg``, ``device``, ``rewards`` (name -> function; reward models whole on every rank, or sharded
-    under FSDP, bf16 where the run computes in bf16), ``model`` (this rank's), ``tok``, ``prompts``, ``eval_prompts``, and
-    ``reference(needed)``: the frozen model as loaded when ``needed`` and the run has no LoRA (whose
-    frozen base serves instead)."""
+    under FSDP, bf16 where the run computes in bf16), ``model`` (this rank's), ``tok``, ``prompts``,
+    ``eval_prompts``, and ``reference(needed)``: the frozen model as loaded when ``needed`` and the
+    run has no LoRA (whose frozen base serves instead)."""
 
     def __init__(self, args, env, mode: str, settings: dict, cfg: TrainConfig, load: dict):
         from .cli import tristate
