@@ -57,12 +57,24 @@ def pytest_cmdline_main(config):
         config.option.benchmark_disable = True  # (instead of its warning that xdist switched it off)
 
 
-@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``'s scheduler with the group taken from the test's module (``RANK_MODULES``)
+    rather than an ``xdist_group`` mark: pytest-xdist 3.8 marks a test's group by renaming
+    ``item._nodeid``, which pytest 9.2 no longer reads (its tests were spread over both workers,
+    launches on both at once: 1330 s)."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RanksTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+            return "ranks" if module in RANK_MODULES else nodeid
+
+    return RanksTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            if item.module.__name__.rpartition(".")[2] in RANK_MODULES:
-                item.add_marker(pytest.mark.xdist_group("ranks"))
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")
