@@ -57,6 +57,7 @@ def pytest_cmdline_main(config):
         config.option.benchmark_disable = True  # (instead of its warning that xdist switched it off)
 
 
+@pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook: no error where it is not installed)
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup``'s scheduler with the group taken from the test's module (``RANK_MODULES``)
     rather than an ``xdist_group`` mark: pytest-xdist 3.8 marks a test's group by renaming
