@@ -544,11 +544,10 @@ def start_fields(trainer, device) -> dict:
     ``cli.frozen_fields`` of a distillation teacher, a reference model and each reward model,
     ``reward_<name>``)."""
     from .cli import frozen_fields
+    from .grpo import RewardModel
 
     model = trainer.model
     held = {name: m for name in ("teacher", "reference") if (m := getattr(trainer, name, None)) is not None}
-    from .grpo import RewardModel
-
     held.update({f"reward_{name}": fn.model for name, fn in (getattr(trainer, "rewards", None) or {}).items()
                  if isinstance(fn, RewardModel)})
     c = trainer.cfg
