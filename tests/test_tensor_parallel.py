@@ -462,14 +462,18 @@ def test_tensor_parallel_refusals(tmp_path, capsys):
     assert "--sequence-parallel splits the positions over a tensor-parallel group; expected --tensor-parallel N" \
         in capsys.readouterr().err
 
-    # a teacher whose heads the group does not divide is held whole, said on stderr (the run goes on)
-    from apr_kernels.train.cli import _splits
+    # a teacher (or reward model) whose heads the group does not divide is held whole, said on stderr
+    # (the run goes on)
+    from types import SimpleNamespace
 
-    assert _splits(preset("tiny_llama"), 2, "t.apr")
-    assert not _splits(preset("tiny_llama"), 4, "t.apr")
+    from apr_kernels.train.cli import split_frozen
+
+    group = SimpleNamespace(size=4, rank=0, group=None, replicas="several")
+    assert split_frozen("t.apr", preset("tiny_llama"), "--teacher t.apr", None, "ddp", group, fast=False,
+                        dtype=None) is None
     assert capsys.readouterr().err.strip() == ("--tensor-parallel 4: --teacher t.apr's num_attention_heads is 6; "
-                                               "expected a multiple of 4 (each rank holds an equal share): the "
-                                               "teacher is held whole on every rank")
+                                               "expected a multiple of 4 (each rank holds an equal share): held "
+                                               "whole on every rank")
 
 
 def test_vocabulary_split_loss_equals_cross_entropy_on_a_group_of_one():
@@ -651,7 +655,8 @@ def _within_rare_amplified_rounding(path, want, bound: float, tight: float = 1e-
 @pytest.fixture(scope="module")
 def sampling_runs(tmp_path_factory):
     """GRPO (DDP, 4 ranks in 2 groups; a KL penalty to a split reference copy, two updates per
-    generation batch, held-out prompts), RLOO (FSDP, 2 ranks), online DPO (DDP, 2 ranks), GKD (DDP,
+    generation batch, held-out prompts), RLOO (FSDP, 2 ranks), online DPO (DDP, 2 ranks; a reward
+    model split too), GKD (DDP,
     the teacher sampling too) and train --teacher (DDP; the teacher split alike) of a dense Qwen3 split
     over groups of 2: each group decodes its prompts
     together (the KV cache of its heads, the logits' vocabulary columns gathered), and each in one
@@ -670,8 +675,15 @@ def sampling_runs(tmp_path_factory):
     save_checkpoint(root / "teacher.apr", model=Transformer(_config("llama").replace(num_layers=1, vocab_size=290),
                                                             fast=False), tokenizer=byte_tokenizer())
     sampling = _sampling_args(root, root / "init.apr", root / "teacher.apr")
+    # a reward model beside online DPO's reward function (its layers split like the teacher's, its
+    # score head whole)
+    save_checkpoint(root / "rm.apr", model=Transformer(_config("llama").replace(num_layers=1, vocab_size=290,
+                                                                                num_labels=1), fast=False),
+                    tokenizer=byte_tokenizer())
+    online = list(sampling["online"])
+    online.insert(online.index("--reward") + 2, str(root / "rm.apr"))
     cases = {"grpo": (sampling["grpo"], 4, "ddp"), "rloo": (sampling["rloo"], 2, "fsdp"),
-             "online": (sampling["online"], 2, "ddp"),
+             "online": (online, 2, "ddp"),
              # the divergence over the group's vocabulary columns of both models' logits; the teacher's
              # samples too (--seq-kd: its layers split, its group's ranks decoding in step)
              "gkd": ([*sampling["gkd"], "--seq-kd"], 2, "ddp"),
@@ -706,15 +718,18 @@ def test_sampling_and_distillation_commands_split_match_one_process(sampling_run
     assert len(_losses(got, key="loss")) == 4
     for key in keys:
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-4, abs=1e-6), key
-    if name in ("kd", "kd_sp", "gkd"):  # the teacher each rank holds: its layers' projections split over
-        # the group (whole rows: also with --sequence-parallel), the embedding, head and norms whole
-        from apr_kernels.model import from_apr
+    if name in ("kd", "kd_sp", "gkd", "online"):  # the teacher (reward model) each rank holds: its layers'
+        # projections split over the group (whole rows: also with --sequence-parallel), the embedding,
+        # head (score head) and norms whole
+        from apr_kernels.model.loading import from_apr, load_classifier
 
-        teacher = dict(from_apr(root / "teacher.apr").named_parameters())
-        whole = sum(p.numel() for p in teacher.values())
-        split = sum(p.numel() for n, p in teacher.items() if n.endswith("_proj.weight"))
-        assert start["teacher_params"] == whole and split > whole / 3
-        assert start["teacher_params_rank"] == whole - split // 2
+        held, model = ("reward_rm", load_classifier(root / "rm.apr")) if name == "online" else \
+            ("teacher", from_apr(root / "teacher.apr"))
+        params = dict(model.named_parameters())
+        whole = sum(p.numel() for p in params.values())
+        split = sum(p.numel() for n, p in params.items() if n.endswith("_proj.weight"))
+        assert start[f"{held}_params"] == whole and split > whole / 3
+        assert start[f"{held}_params_rank"] == whole - split // 2
     if name == "gkd":  # (both samplers drawn)
         assert 0 < sum(_losses(want, key="teacher_sampled")) < len(_losses(want, key="teacher_sampled"))
     if name == "grpo":  # held-out prompts: 5 split 3 / 2 between the 2 groups, greedy

@@ -264,6 +264,7 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None
                          f"student's ({tokenizer.vocab_size} tokens); distillation compares the two models' "
                          f"next-token distributions, which needs the same token ids")
     dtype = torch.bfloat16 if autocast_dtype_for(precision, torch.device(device)) == torch.bfloat16 else None
+    teacher = None
     if mode == "fsdp":
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -273,31 +274,34 @@ def load_teacher(path: str, precision: str, tokenizer, device, fast, *, env=None
                                        compute_dtype=autocast_dtype_for(precision, env.device),
                                        everywhere=not last_stage)
         register_fsdp_forward_method(teacher, "hidden_states")  # (what distillation asks of it)
-    elif tensor is not None and _splits(p.config, tensor.size, path, say=env is None or env.is_main
-                                        or (last_stage and tensor.rank == 0)):
-        from . import distributed
-        from .tensor_parallel import TensorParallel
-
-        split = TensorParallel(tensor.group, tensor.rank, tensor.size, tensor.replicas)  # (whole rows)
-        teacher = distributed.from_apr(path, env, mode, fast=fast, dtype=dtype, tensor_parallel=split,
-                                       vocabulary=False, everywhere=not last_stage)
-    else:
+    elif tensor is not None:
+        teacher = split_frozen(path, p.config, f"--teacher {path}", env, mode, tensor, fast=fast, dtype=dtype,
+                               last_stage=last_stage)
+    if teacher is None:
         teacher = from_apr(path, device=device, dtype=dtype, fast=fast)
     return teacher.requires_grad_(False).eval()
 
 
-def _splits(config, size: int, path, say: bool = True) -> bool:
-    """Whether ``size`` tensor-parallel ranks split the teacher's heads and MLP evenly (else it is
-    held whole, which ``say`` prints)."""
-    from .tensor_parallel import check_config
+def split_frozen(path, config, option: str, env, mode: str, tensor, *, fast, dtype, last_stage: bool = False,
+                 **load):
+    """A frozen model beside the one trained (a distillation teacher, a reward model) split over the
+    student's tensor-parallel group ``tensor`` (``posttrain.tensor_group``) under DDP: its layers'
+    projections split as the student's (each rank its heads and MLP rows), its embedding and heads
+    whole, reading whole rows (the group's ranks run it on the same rows). None, said once, when the
+    group does not divide its heads or MLP (``config``): the caller holds it whole. ``last_stage``:
+    only a pipeline's last stage loads it. ``load``: more ``from_apr`` keywords (``num_labels``)."""
+    from . import distributed
+    from .tensor_parallel import TensorParallel, check_config
 
     try:
-        check_config(config, size, f"--teacher {path}")
+        check_config(config, tensor.size, option)
     except ValueError as exc:
-        if say:
-            print(f"{exc}: the teacher is held whole on every rank", file=sys.stderr)
-        return False
-    return True
+        if env is None or env.is_main or (last_stage and tensor.rank == 0):
+            print(f"{exc}: held whole on every rank", file=sys.stderr)
+        return None
+    split = TensorParallel(tensor.group, tensor.rank, tensor.size, tensor.replicas)  # (whole rows)
+    return distributed.from_apr(path, env, mode, fast=fast, dtype=dtype, tensor_parallel=split, vocabulary=False,
+                                everywhere=not last_stage, **load)
 
 
 def frozen_fields(model, name: str = "teacher") -> dict:

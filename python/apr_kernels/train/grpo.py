@@ -34,7 +34,8 @@ distil): each sampled token's advantage gains ``--teacher-coef`` x ``(log p_teac
 p_generating)``, the per-token reverse KL to the teacher on the policy's own samples (the teacher's
 log-probabilities computed once per generation batch, the teacher whole on every rank, split under
 tensor parallelism or sharded under FSDP); with no ``--reward`` that is the only signal. Logged as
-``teacher_kl``. A ``--reward RM.apr`` is likewise sharded under FSDP (``RewardModel``).
+``teacher_kl``. A ``--reward RM.apr`` is likewise sharded under FSDP or split under tensor
+parallelism (``RewardModel``).
 ``--mask-truncated-completions`` (TRL's) leaves completions cut at ``--max-new-tokens`` out of the
 loss; they still count in the advantages and the normalising counts.
 ``--importance-sampling-level sequence`` is GSPO (Zheng et al., 2025; TRL's
@@ -132,26 +133,32 @@ class RewardModel:
     """A reward model file (``--reward RM.apr``, written by ``apr-kernels reward``) as a reward function:
     each completion is scored as the model was trained, prompt + completion rendered as ``reward``
     renders a pair's side (the chat format for message prompts) with the file's own tokenizer, the
-    end-of-text id last, the score at that token. Held without gradients: whole on every rank, or
-    under ``--parallel fsdp`` (``mode``, ``env``) sharded over all ranks as a policy is (every decoder
-    layer and the root), each layer gathered for its forward. A sharded one is called by every rank
+    end-of-text id last, the score at that token. Held without gradients: whole on every rank; under
+    ``--parallel fsdp`` (``mode``, ``env``) sharded over all ranks as a policy is (every decoder
+    layer and the root), each layer gathered for its forward; under DDP with ``--tensor-parallel``
+    (``tensor``, the policy's group) its layers split over the group as a distillation teacher's
+    (``cli.split_frozen``: the group's ranks score the same completions), its embedding and score
+    head whole. A sharded one is called by every rank
     alike (``join`` for a rank with nothing to score): its ranks run as many forwards, the most any
     of them needs (a rank with fewer completions runs one-token ones), since each forward gathers
     every layer from all ranks."""
 
     def __init__(self, path, *, device="cpu", dtype: torch.dtype | None = None, fast: bool | None = None,
-                 batch_size: int = 16, env=None, mode: str = "none"):
-        from apr_kernels.model.loading import classifier_labels, load_classifier
+                 batch_size: int = 16, env=None, mode: str = "none", tensor=None):
+        from apr_kernels.model.loading import classifier_labels, load_classifier, plan
 
-        from .cli import load_tokenizer
+        from .cli import load_tokenizer, split_frozen
 
-        self.sharded = mode == "fsdp"
+        self.sharded, labels, self.model = mode == "fsdp", classifier_labels(path), None
         if self.sharded:
             from . import distributed
 
             self.model = distributed.from_apr(path, env, "fsdp", fast=fast, dtype=dtype, compute_dtype=dtype,
-                                              num_labels=classifier_labels(path))
-        else:
+                                              num_labels=labels)
+        elif tensor is not None:
+            self.model = split_frozen(path, plan(path, labels).config, f"--reward {path}", env, mode, tensor,
+                                      fast=fast, dtype=dtype, num_labels=labels)
+        if self.model is None:
             self.model = load_classifier(path, device=device, dtype=dtype, fast=fast)
         self.model.requires_grad_(False).eval()
         if self.model.config.num_labels != 1:
@@ -614,8 +621,8 @@ def sampling_settings(args) -> dict:
 
 class SamplingRun:
     """What a sampling run loads from its settings (``sampling_settings`` plus the command's own):
-    ``cfg``, ``device``, ``rewards`` (name -> function; reward models whole on every rank, or sharded
-    under FSDP, bf16 where the run computes in bf16), ``model`` (this rank's), ``tok``, ``prompts``,
+    ``cfg``, ``device``, ``rewards`` (name -> function; reward models whole on every rank, sharded
+    under FSDP or split over a tensor-parallel group, bf16 where the run computes in bf16), ``model`` (this rank's), ``tok``, ``prompts``,
     ``eval_prompts``, and ``reference(needed)``: the frozen model as loaded when ``needed`` and the
     run has no LoRA (whose frozen base serves instead)."""
 
@@ -626,7 +633,8 @@ class SamplingRun:
         self.device = device_for(args, env, mode)
         self.bf16 = autocast_dtype_for(cfg.precision, torch.device(self.device)) == torch.bfloat16
         self.rewards = {reward_name(s): load_reward(s, device=self.device, dtype=torch.bfloat16 if self.bf16 else None,
-                                                    fast=tristate(args.fast), env=env, mode=mode)
+                                                    fast=tristate(args.fast), env=env, mode=mode,
+                                                    tensor=tensor_group(args, env, mode))
                         for s in settings["rewards"]}  # fail before the model loads
         self.source = args.resume or settings["init"]
         self.model = frozen(load_model(self.source, env, mode, self.device, args, **load), cfg)

@@ -79,7 +79,8 @@ so they pick the same tokens and stop together. Distillation (``gkd``, ``train -
 teacher's layers split over the group too (its embedding and head whole; sharded instead under
 FSDP), reading the whole rows (under sequence parallelism each rank's chunk of its hidden states
 taken); under a vocabulary split the loss runs on each rank's columns of both
-models' logits (``vocab_parallel.vocab_parallel_distillation``). The vocabulary split itself (the
+models' logits (``vocab_parallel.vocab_parallel_distillation``). A reward model (``--reward RM.apr``)
+is split alike, its score head whole (``cli.split_frozen``). The vocabulary split itself (the
 embedding, head, losses and gathered logits) is ``vocab_parallel.py``.
 
 With expert parallelism: each expert-parallel group takes the same tensor-parallel rank of
