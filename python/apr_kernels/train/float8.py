@@ -25,13 +25,15 @@ Evaluation runs in high precision (``high_precision``): the eval loss is the sav
 ``apr-kernels eval`` and any bf16 use of the checkpoint see it, and it does not depend on how the
 held-out batches are split over ranks (a float8 scale would be each batch's).
 
-Tensor parallelism with ``tensorwise``: each cast's maximum is all-reduced over the group (one value
-per cast), so a rank's part of a weight or of an activation gets the whole tensor's scale, as one
-process and torchtitan's DTensor-based float8 have it; the rowwise recipes' per-row scales would span
-a row-parallel rank's columns only.
+Tensor parallelism: a cast whose scale spans the axis the ranks split (``out`` of a column-parallel
+q/k/v/gate/up, ``in`` of a row-parallel o/down; any tensorwise scale of them) takes its maximum over
+the group (an all-reduce of one value per scale: per tensor, or per row of a rowwise recipe), so a
+rank's part of a weight or of an activation gets the scale of the whole tensor or row, as one
+process and torchtitan's DTensor-based float8 have it. A scale along an axis each rank holds whole
+(a column-parallel input's rows, a weight gradient's scales over the tokens) needs no reduction.
 
-Not combined (each refused with a message): LoRA (the frozen base would need a float8 weight cache),
-tensor parallelism with the rowwise recipes, and context parallelism with ``tensorwise`` or
+Not combined (each refused with a message): LoRA (the frozen base would need a float8 weight cache)
+and context parallelism with ``tensorwise`` or
 ``rowwise`` (an input scale, or a weight gradient's, spans the tokens, of which a rank holds some).
 ``rowwise_with_gw_hp`` combines with context parallelism: its scales are each one token's row, one
 weight row or the whole weight (which every context-parallel rank holds), and its weight gradients
@@ -56,8 +58,8 @@ PROJECTIONS = re.compile(r"(^|\.)(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.)?
 MIN_CAPABILITY = (8, 9)
 
 
-def check(recipe: str, device: torch.device, *, lora: bool = False, tensor_parallel: int = 1,
-          context_parallel: int = 1, seq_len: int | None = None) -> None:
+def check(recipe: str, device: torch.device, *, lora: bool = False, context_parallel: int = 1,
+          seq_len: int | None = None) -> None:
     """Raise ``ValueError`` when ``--float8 recipe`` cannot run here (every reason named). ``seq_len``:
     a multiple of 16, as the weight gradient's float8 GEMM needs its token count to be (checked on
     every device, so that a run checked on CPU also runs on a GPU)."""
@@ -74,11 +76,6 @@ def check(recipe: str, device: torch.device, *, lora: bool = False, tensor_paral
     if lora:
         raise ValueError("--float8 trains the model's own projections; with --lora-rank the base is frozen. "
                          "Expected one of the two")
-    if tensor_parallel != 1 and recipe != "tensorwise":
-        raise ValueError(f"--float8 {recipe} with --tensor-parallel {tensor_parallel}: a row's scale would span "
-                         f"only a rank's columns of a row-parallel projection, so the run would not equal one "
-                         f"process; expected --float8 tensorwise (each scale's maximum taken over the group) or "
-                         f"--tensor-parallel 1")
     if context_parallel != 1 and recipe != "rowwise_with_gw_hp":
         spans = ("each micro-batch's input scale" if recipe == "tensorwise"
                  else "the weight gradients' scales (one per output row or input column, over the tokens)")
@@ -136,18 +133,35 @@ class _GroupMesh:
         return self.group
 
 
-_AMAX_GROUP = None  # tensor parallelism: the group over which every float8 scale's amax is reduced
+_AMAX_GROUP = None  # tensor parallelism: the group over which a split projection's scales' amaxes are reduced
+# the axis of a projection a cast's scale spans, by the cast's role and whether torchao's axiswise_dim
+# is the tensor's last (the weight is cast as weight.t(), [in, out]; the others are [tokens, features])
+_SPANS = {"INPUT": ("tokens", "in"), "WEIGHT": ("in", "out"), "GRAD_OUTPUT": ("tokens", "out")}
+
+
+def _spans_split(hp_tensor, linear_mm_config, kwargs) -> bool:
+    """Whether a cast of a tensor-parallel projection needs its amax over the group: a tensorwise
+    scale (the whole tensor) of a split projection always; a rowwise one when it spans the split axis
+    (``out`` of a column-parallel projection, ``in`` of a row-parallel one, ``_mark_splits``)."""
+    split = getattr(linear_mm_config, "split", None)
+    if split is None:  # (a projection each rank holds whole)
+        return False
+    dim = kwargs.get("axiswise_dim")
+    if dim is None:
+        return True
+    role = kwargs["gemm_input_role"].name
+    return _SPANS[role][dim % hp_tensor.dim() == hp_tensor.dim() - 1] == split
 
 
 def _reduce_amax_over_tensor_parallel_group(group) -> None:
-    """Tensor parallelism, tensorwise: every float8 cast of torchao's ``Float8Linear`` (input, weight,
-    output gradient, forward and backward) takes its tensor's maximum over ``group`` (an all-reduce
-    of one value), so a rank's part of a weight, of a row-parallel input or of a column-parallel
-    output gradient gets the scale of the whole tensor, as one process computes it (torchtitan's
-    float8 tensor parallelism does the same through DTensor). Every converted projection is split
-    under tensor parallelism, so the reduction applies to all of them; for the tensors each rank holds
-    whole it changes nothing. Installed once per process, in torchao's module namespace, where the
-    casts look the function up."""
+    """Tensor parallelism: a float8 cast of a split projection (torchao's ``Float8Linear``: input,
+    weight, output gradient, forward and backward) whose scale spans the split axis takes its maximum
+    over ``group`` (an all-reduce of one value, or of one per row), so a rank's part of a weight, of a
+    row-parallel input or of a column-parallel output gradient gets the scale of the whole tensor or
+    of the whole row, as one process computes it (torchtitan's float8 tensor parallelism does the same
+    through DTensor). A scale over an axis each rank holds whole (a column-parallel input's rows, a
+    rowwise scale over the tokens) is left alone. Installed once per process, in torchao's module
+    namespace, where the casts look the function up."""
     global _AMAX_GROUP
     float8_linear = importlib.import_module("torchao.float8.float8_linear")
     cast = getattr(float8_linear, "hp_tensor_to_float8_dynamic", None)
@@ -155,14 +169,33 @@ def _reduce_amax_over_tensor_parallel_group(group) -> None:
         raise ValueError("--float8 with --tensor-parallel: this torchao's Float8Linear has no "
                          "hp_tensor_to_float8_dynamic to reduce its scales over the group; expected torchao >= 0.9")
     if not getattr(cast, "reduces_over_tensor_parallel_group", False):
-        def reduced(*args, **kwargs):
-            if _AMAX_GROUP is not None:
+        def reduced(hp_tensor, float8_dtype, linear_mm_config, **kwargs):
+            if _AMAX_GROUP is not None and _spans_split(hp_tensor, linear_mm_config, kwargs):
                 kwargs.update(reduce_amax=True, device_mesh=_GroupMesh(_AMAX_GROUP))
-            return cast(*args, **kwargs)
+            return cast(hp_tensor, float8_dtype, linear_mm_config, **kwargs)
 
         reduced.reduces_over_tensor_parallel_group = True
         float8_linear.hp_tensor_to_float8_dynamic = reduced
     _AMAX_GROUP = group
+
+
+@functools.cache
+def _split_config_type(split: str):
+    """torchao's ``LinearMMConfig`` (a named tuple, handed to every cast of its projection, forward and
+    backward) with the projection's split axis as ``split``: ``out`` (column-parallel) or ``in``."""
+    LinearMMConfig = importlib.import_module("torchao.float8.float8_training_tensor").LinearMMConfig
+    return type(f"{split.capitalize()}SplitLinearMMConfig", (LinearMMConfig,), {"__slots__": (), "split": split})
+
+
+def _mark_splits(model: nn.Module) -> None:
+    """Tell each converted tensor-parallel projection's casts which axis the ranks split
+    (``_spans_split``), through the ``LinearMMConfig`` they are handed."""
+    from .tensor_parallel import split_dims
+
+    split = split_dims(model)
+    for name in float8_modules(model):
+        m = model.get_submodule(name)
+        m.linear_mm_config = _split_config_type(("out", "in")[split[f"{name}.weight"]])(*m.linear_mm_config)
 
 
 def _check_split(model: nn.Module, tp) -> None:
@@ -185,18 +218,19 @@ def _check_split(model: nn.Module, tp) -> None:
 
 def convert(model: nn.Module, recipe: str, device: torch.device) -> list[str]:
     """Swap ``model``'s eligible projections for ``Float8Linear`` (the same parameters); the converted
-    names. Refuses a model with LoRA adapters (``check``). Split over tensor-parallel ranks
-    (``tensorwise`` only), each cast's scale is the whole tensor's."""
+    names. Refuses a model with LoRA adapters (``check``). Split over tensor-parallel ranks, each
+    cast's scale is the whole tensor's or the whole row's."""
     convert_to_float8_training = _import_torchao().convert_to_float8_training
     if getattr(model, "lora", None):
         raise ValueError("--float8 trains the model's own projections; this model has LoRA adapters")
     tp = getattr(model, "tensor_parallel", None)
     if tp is not None and tp.size > 1:
-        check(recipe, device, tensor_parallel=tp.size)  # (tensorwise only)
         _check_split(model, tp)
         _reduce_amax_over_tensor_parallel_group(tp.group)
     convert_to_float8_training(model, module_filter_fn=lambda m, name: eligible(name, m),
                                config=config(recipe, device))
+    if tp is not None and tp.size > 1:
+        _mark_splits(model)
     names = float8_modules(model)
     if not names:
         shapes = [f"{n} ({m.in_features} -> {m.out_features})" for n, m in model.named_modules()
