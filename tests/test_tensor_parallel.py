@@ -655,8 +655,8 @@ def _within_rare_amplified_rounding(path, want, bound: float, tight: float = 1e-
 @pytest.fixture(scope="module")
 def sampling_runs(tmp_path_factory):
     """GRPO (DDP, 4 ranks in 2 groups; a KL penalty to a split reference copy, two updates per
-    generation batch, held-out prompts), RLOO (FSDP, 2 ranks), online DPO (DDP, 2 ranks; a reward
-    model split too), GKD (DDP,
+    generation batch, held-out prompts), RLOO (FSDP, 2 ranks; a reward model sharded too), online DPO
+    (DDP, 2 ranks; a reward model split too), GKD (DDP,
     the teacher sampling too) and train --teacher (DDP; the teacher split alike) of a dense Qwen3 split
     over groups of 2: each group decodes its prompts
     together (the KV cache of its heads, the logits' vocabulary columns gathered), and each in one
@@ -680,9 +680,10 @@ def sampling_runs(tmp_path_factory):
     save_checkpoint(root / "rm.apr", model=Transformer(_config("llama").replace(num_layers=1, vocab_size=290,
                                                                                 num_labels=1), fast=False),
                     tokenizer=byte_tokenizer())
-    online = list(sampling["online"])
-    online.insert(online.index("--reward") + 2, str(root / "rm.apr"))
-    cases = {"grpo": (sampling["grpo"], 4, "ddp"), "rloo": (sampling["rloo"], 2, "fsdp"),
+    online, rloo = list(sampling["online"]), list(sampling["rloo"])
+    for args in (online, rloo):  # (under FSDP sharded over both ranks instead)
+        args.insert(args.index("--reward") + 2, str(root / "rm.apr"))
+    cases = {"grpo": (sampling["grpo"], 4, "ddp"), "rloo": (rloo, 2, "fsdp"),
              "online": (online, 2, "ddp"),
              # the divergence over the group's vocabulary columns of both models' logits; the teacher's
              # samples too (--seq-kd: its layers split, its group's ranks decoding in step)
@@ -730,6 +731,11 @@ def test_sampling_and_distillation_commands_split_match_one_process(sampling_run
         split = sum(p.numel() for n, p in params.items() if n.endswith("_proj.weight"))
         assert start[f"{held}_params"] == whole and split > whole / 3
         assert start[f"{held}_params_rank"] == whole - split // 2
+    if name == "rloo":  # the reward model under FSDP: rank 0's shards, about half of it
+        from apr_kernels.model.loading import load_classifier
+
+        whole = sum(p.numel() for p in load_classifier(root / "rm.apr").parameters())
+        assert start["reward_rm_params"] == whole and abs(start["reward_rm_params_rank"] - whole / 2) < whole / 10
     if name == "gkd":  # (both samplers drawn)
         assert 0 < sum(_losses(want, key="teacher_sampled")) < len(_losses(want, key="teacher_sampled"))
     if name == "grpo":  # held-out prompts: 5 split 3 / 2 between the 2 groups, greedy
