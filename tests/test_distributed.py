@@ -1290,3 +1290,50 @@ def test_lora_checkpoint_as_init_is_merged_row_by_row_under_fsdp(runs):
     got = runs["ranks"][(0, 2)]["run40"]
     assert got["code"] == 0
     assert _losses(_records(got["stdout"])) == pytest.approx(_losses(_records(runs["one_dora_init_out"])), rel=1e-5)
+
+
+def test_generate_and_eval_prompts_shared_among_ranks_match_one_process(tmp_path):
+    """``generate --prompts`` and ``eval --prompts`` under torchrun (2 ranks): each rank samples and
+    scores its share of the batches (5 prompts in batches of 2: rank 0 the first and last, rank 1
+    the second), a reward function and a reward model held whole on each; rank 0 writes every line
+    in one process's order (the same lines, byte for byte: each prompt's generator is seeded by its
+    place in the file; the reward model's scores within float32 rounding, the ranks' threads summing in
+    another order) and prints the sums of both ranks' rewards and pass@k."""
+    from apr_kernels.model import Transformer, preset
+    from apr_kernels.train.checkpoint import save_checkpoint
+    from apr_kernels.train.cli import byte_tokenizer
+    from rank_runs import against_one_process
+
+    torch.manual_seed(9)
+    save_checkpoint(tmp_path / "init.apr", model=Transformer(preset("tiny_llama"), fast=False))
+    save_checkpoint(tmp_path / "rm.apr", model=Transformer(preset("tiny_llama").replace(num_labels=1), fast=False),
+                    tokenizer=byte_tokenizer())
+    args = _sampling_args(tmp_path, tmp_path / "init.apr")["grpo"]  # (its prompts and reward function)
+    prompts, letters = args[args.index("--data") + 1], args[args.index("--reward") + 1]
+    common = ["--init", str(tmp_path / "init.apr"), "--tokenizer", "bytes", "--prompts", prompts, "--reward", letters,
+              str(tmp_path / "rm.apr"), "--reward-weights", "1", "0.5", "--batch-size", "2", "--max-new-tokens", "6",
+              "--temperature", "1.0", "--seed", "3"]
+    runs = {"generate": ["generate", *common, "--num-return-sequences", "2"],
+            "pairs": ["generate", *common, "--num-return-sequences", "3", "--keep", "pairs"],
+            "eval": ["eval", *common, "--num-samples", "3", "--pass-k", "1", "2", "--pass-threshold", "0.5", "--json"]}
+    one, out = against_one_process({name: (argv, 2) for name, argv in runs.items()}, runs, tmp_path / "ranks")
+
+    def same(got: str, want: str) -> list[dict]:
+        (a, b) = ([json.loads(line) for line in text.splitlines()] for text in (got, want))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):  # (a line's "rewards": each function's score)
+            x, y = ({**{k: v for k, v in line.items() if k != "rewards"},
+                     **{f"rewards.{k}": v for k, v in line.get("rewards", {}).items()}} for line in (x, y))
+            scores = [k for k in y if "reward" in k]
+            assert {k: v for k, v in x.items() if k not in scores} == {k: v for k, v in y.items() if k not in scores}
+            assert {k: x[k] for k in scores} == pytest.approx({k: y[k] for k in scores}, rel=1e-5, abs=1e-6)
+        return a
+
+    lines = same(out["generate"], one["generate"])
+    assert [(line["prompt"], line["sample"]) for line in lines] == \
+        [(p, s) for p in ("Write:", "Say:", "Go:", "Now:", "Then:") for s in range(2)]
+    assert len({line["completion"] for line in lines}) > 5  # (sampled: the completions differ)
+    assert len(same(out["pairs"], one["pairs"])) >= 3
+    got, want = (json.loads(text.splitlines()[-1]) for text in (out["eval"], one["eval"]))
+    assert got["prompts"] == 5 and got["samples"] == 3
+    assert got == pytest.approx(want, rel=1e-6)

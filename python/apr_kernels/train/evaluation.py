@@ -20,6 +20,8 @@ import argparse
 import json
 import math
 
+import torch
+
 from .cli import add_common_options, keep_freed_memory, load_tokenizer, packing_eos, pick_device, tristate
 from .generation import add_quantize_option, as_quantized, inference_model, reward_functions, sampled_batches, scored
 from .loop import autocast_dtype_for
@@ -123,9 +125,18 @@ def eval_prompts(args) -> int:
     """``eval --prompts``: completions of prompt records scored by ``--reward`` (functions or reward
     models, as ``grpo``'s): the mean reward, and with ``--num-samples N`` samples per prompt pass@k
     for each ``--pass-k`` (a sample passes when its reward is at least ``--pass-threshold``). The last
-    line is ``reward=<float> pass@<k>=<float>... prompts=<int> samples=<int>``."""
+    line is ``reward=<float> pass@<k>=<float>... prompts=<int> samples=<int>``. Under torchrun each
+    rank samples and scores its share of the batches (``generation.rank_batches``: the completions
+    one process draws) and rank 0 prints the sums of all ranks'."""
+    from .generation import on_ranks
+
+    return on_ranks(args, lambda dev, env: _eval_prompts(args, dev, env), "eval --prompts")
+
+
+def _eval_prompts(args, dev, env) -> int:
     from apr_kernels.model.loading import check_tokenizer_vocab
 
+    from .generation import rank_batches
     from .grpo import read_prompts
 
     n = args.num_samples
@@ -137,20 +148,27 @@ def eval_prompts(args) -> int:
     ks = sorted(set(args.pass_k or ([1, n] if n > 1 else [1])))
     if any(k < 1 or k > n for k in ks):
         raise ValueError(f"eval: --pass-k {ks}; expected values in [1, --num-samples {n}]")
-    dev = pick_device(args.device)
     model = inference_model(args.init, dev, args.quantize)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     rewards = reward_functions(args, model)
     records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
-    total, passes = 0.0, {k: 0.0 for k in ks}
-    for part, lines in sampled_batches(model, tok, records, n, args):
+    sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # the rewards' sum, each pass@k's
+    starts, _ = rank_batches(len(records), args.batch_size, env)
+    for part, lines in sampled_batches(model, tok, records, n, args, starts):
         judged = scored(lines, part, n, rewards, args.reward_weights, "all")
-        total += sum(line["reward"] for line in judged)
+        sums[0] += sum(line["reward"] for line in judged)
         for start in range(0, len(judged), n):
             c = sum(line["reward"] >= args.pass_threshold for line in judged[start:start + n])
-            for k in ks:
-                passes[k] += pass_at_k(n, c, k)
+            sums[1:] += torch.tensor([pass_at_k(n, c, k) for k in ks], dtype=torch.float64)
+    if env is not None and env.world_size > 1:
+        import torch.distributed as dist
+
+        sums = sums.to(env.device)
+        dist.all_reduce(sums)
+        if not env.is_main:
+            return 0
+    total, passes = sums.tolist()[0], dict(zip(ks, sums.tolist()[1:]))
     res = {"reward": total / (len(records) * n), **{f"pass@{k}": passes[k] / len(records) for k in ks},
            "prompts": len(records), "samples": n}
     if args.json:

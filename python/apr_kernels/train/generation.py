@@ -8,6 +8,8 @@
 One prompt (``--prompt``, or a user message with ``--chat``), a file of prompt records decoded in
 batches with optional scoring (``--prompts``; best-of-N and preference pairs with ``--keep``), or a
 conversation on the terminal. ``sampled_batches`` and ``scored`` also serve ``eval --prompts``.
+Under torchrun a file of prompts is shared among the ranks, a whole model on each (``on_ranks``,
+``rank_batches``): every rank decodes every N-th batch, rank 0 gathers and writes them in order.
 """
 
 from __future__ import annotations
@@ -48,21 +50,61 @@ def add_quantize_option(p) -> None:
                         "gguf:q6k, gguf:q8_0), without writing the file")
 
 
+def on_ranks(args, body, command: str) -> int:
+    """``body(device, env)``: in one process (``env`` None), or under torchrun inside its process group
+    on each rank's device (``env``), where a file of prompts is shared among the ranks
+    (``rank_batches``)."""
+    from . import distributed
+
+    if not distributed.launched():
+        return body(pick_device(args.device), None)
+    if not args.prompts:
+        raise ValueError(f"{command} under torchrun shares a file of prompts among the ranks; give --prompts "
+                         f"FILE.jsonl (a single prompt runs in one process)")
+    return distributed.run(args, lambda env, mode: body(env.device, env))
+
+
+def rank_batches(n_records: int, batch_size: int, env) -> tuple[range, int]:
+    """(the first record of each of this rank's batches, the number of rounds): batch b of
+    ``batch_size`` records goes to rank ``b % world``, so in round r the ranks decode batches
+    ``r * world ..`` in rank order, the order one process writes them; a rank out of batches in the
+    last round takes none."""
+    world, rank = (env.world_size, env.rank) if env is not None else (1, 0)
+    starts = range(0, n_records, batch_size)
+    return starts[rank::world], -(-len(starts) // world)
+
+
+def gathered(env, items: list) -> list:
+    """Every rank's ``items`` of one round on rank 0, in rank order (elsewhere: an empty list); as is
+    in one process."""
+    if env is None or env.world_size == 1:
+        return items
+    import torch.distributed as dist
+
+    every = [None] * env.world_size if env.rank == 0 else None
+    dist.gather_object(items, every, dst=0)
+    return [x for part in every for x in part] if env.rank == 0 else []
+
+
 def cmd_generate(args) -> int:
-    """``generate``: continue a prompt with a trained model (look at what a run learned)."""
+    """``generate``: continue a prompt with a trained model (look at what a run learned); under
+    torchrun each rank decodes its share of ``--prompts``' batches and rank 0 writes them in order."""
+    return on_ranks(args, lambda dev, env: _generate(args, dev, env), "generate")
+
+
+def _generate(args, dev, env) -> int:
     from apr_kernels.model.generate import generate
     from apr_kernels.model.loading import check_tokenizer_vocab
 
     from .data import document_bos
 
-    dev = pick_device(args.device)
     model = inference_model(args.init, dev, args.quantize)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     if (args.reward or args.keep != "all") and not args.prompts:
         raise ValueError("generate: --reward and --keep score a file of prompts; give --prompts FILE.jsonl")
     if args.prompts:  # many prompts from JSON Lines, decoded in batches
-        return generate_file(args, model, tok)
+        return generate_file(args, model, tok, env)
     eos = getattr(tok, "eos_id", None)
     stops = {eos} if eos is not None else set()
     if args.chat:  # the prompt is a user message; the answer stops at the token closing the turn
@@ -143,7 +185,7 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def generate_file(args, model, tok) -> int:
+def generate_file(args, model, tok, env=None) -> int:
     """``generate --prompts FILE.jsonl...``: ``--num-return-sequences`` completions of each record's
     ``prompt`` (a string, continued as text, or a list of messages, answered in the chat format),
     decoded ``--batch-size`` prompts at a time (left-padded, ``generate_batch``); one JSON line per
@@ -156,7 +198,9 @@ def generate_file(args, model, tok) -> int:
     every completion (``all``), the best of each prompt's (``best``: best-of-N, rejection sampling's
     supervised data) or its best and worst as a preference pair (``pairs``: ``{"prompt", "chosen",
     "rejected"}`` with both rewards, for ``dpo`` or ``reward``; prompts whose completions all score
-    alike give none). Ties go to the lower sample number."""
+    alike give none). Ties go to the lower sample number. Under torchrun (``env``) each rank decodes
+    and scores its share of the batches (``rank_batches``) and rank 0 writes every rank's lines in the
+    order one process writes them: the same file."""
     from .grpo import read_prompts
 
     n = args.num_return_sequences
@@ -168,14 +212,19 @@ def generate_file(args, model, tok) -> int:
         raise ValueError(f"generate: --keep pairs needs --num-return-sequences >= 2 (got {n})")
     rewards = reward_functions(args, model)
     records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    starts, rounds = rank_batches(len(records), args.batch_size, env)
+    batches = sampled_batches(model, tok, records, n, args, starts)
+    writes = env is None or env.is_main
+    out = (open(args.output, "w", encoding="utf-8") if args.output else sys.stdout) if writes else None
     try:
-        for part, lines in sampled_batches(model, tok, records, n, args):
-            for line in scored(lines, part, n, rewards, args.reward_weights, args.keep):
-                out.write(json.dumps(line) + "\n")
-            out.flush()
+        for _ in range(rounds):
+            mine = next(batches, None)  # (none in a last round with fewer batches than ranks)
+            lines = gathered(env, scored(mine[1], mine[0], n, rewards, args.reward_weights, args.keep) if mine else [])
+            if writes:
+                out.writelines(json.dumps(line) + "\n" for line in lines)
+                out.flush()
     finally:
-        if out is not sys.stdout:
+        if out is not None and out is not sys.stdout:
             out.close()
     return 0
 
@@ -194,14 +243,15 @@ def reward_functions(args, model) -> dict:
             for spec in args.reward}
 
 
-def sampled_batches(model, tok, records: list[dict], n: int, args):
-    """``(records, lines)`` of each batch of ``--batch-size`` prompt records: ``n`` completions of each,
-    decoded together (left-padded, ``generate_batch``; each prompt's generator seeded by ``--seed`` and
-    its place in the files), as lines ``{"prompt", **fields, "completion", "sample", "_ids"}``."""
+def sampled_batches(model, tok, records: list[dict], n: int, args, starts=None):
+    """``(records, lines)`` of each batch of ``--batch-size`` prompt records (those beginning at
+    ``starts``, default all): ``n`` completions of each, decoded together (left-padded,
+    ``generate_batch``; each prompt's generator seeded by ``--seed`` and its place in the files), as
+    lines ``{"prompt", **fields, "completion", "sample", "_ids"}``."""
     from apr_kernels.model.generate import generate_batch
 
     dev = model.model.embed_tokens.weight.device  # (sampling on the device: no copy to the host)
-    for start in range(0, len(records), args.batch_size):
+    for start in range(0, len(records), args.batch_size) if starts is None else starts:
         part = records[start:start + args.batch_size]
         gens = [(n, torch.Generator(dev).manual_seed(args.seed * 1_000_003 + start + k)) for k in range(len(part))]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -258,7 +308,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", default="", help="text to continue (default: a fresh document)")
     p.add_argument("--prompts", nargs="+", metavar="FILE.jsonl",
                    help="instead of --prompt: JSON Lines of {'prompt': text or messages, ...}; one JSON line per "
-                        "completion (the record plus 'completion' and 'sample')")
+                        "completion (the record plus 'completion' and 'sample'); under torchrun each rank decodes "
+                        "its share of the batches, rank 0 writes")
     p.add_argument("--output", help="with --prompts: write the JSON lines here (default stdout)")
     p.add_argument("--batch-size", type=int, default=16, help="with --prompts: prompts decoded together")
     p.add_argument("--num-return-sequences", type=int, default=1, help="with --prompts: completions per prompt")
