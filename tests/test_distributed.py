@@ -1292,13 +1292,14 @@ def test_lora_checkpoint_as_init_is_merged_row_by_row_under_fsdp(runs):
     assert _losses(_records(got["stdout"])) == pytest.approx(_losses(_records(runs["one_dora_init_out"])), rel=1e-5)
 
 
-def test_generate_and_eval_prompts_shared_among_ranks_match_one_process(tmp_path):
+def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     """``generate --prompts`` and ``eval --prompts`` under torchrun (2 ranks): each rank samples and
     scores its share of the batches (5 prompts in batches of 2: rank 0 the first and last, rank 1
     the second), a reward function and a reward model held whole on each; rank 0 writes every line
     in one process's order (the same lines, byte for byte: each prompt's generator is seeded by its
     place in the file; the reward model's scores within float32 rounding, the ranks' threads summing in
-    another order) and prints the sums of both ranks' rewards and pass@k."""
+    another order) and prints the sums of both ranks' rewards and pass@k. And ``eval --data``,
+    ``--choices`` and ``--pairs`` alike: each rank its share of the batches, rank 0 the totals."""
     from apr_kernels.model import Transformer, preset
     from apr_kernels.train.checkpoint import save_checkpoint
     from apr_kernels.train.cli import byte_tokenizer
@@ -1316,6 +1317,17 @@ def test_generate_and_eval_prompts_shared_among_ranks_match_one_process(tmp_path
     runs = {"generate": ["generate", *common, "--num-return-sequences", "2"],
             "pairs": ["generate", *common, "--num-return-sequences", "3", "--keep", "pairs"],
             "eval": ["eval", *common, "--num-samples", "3", "--pass-k", "1", "2", "--pass-threshold", "0.5", "--json"]}
+    (tmp_path / "choices.jsonl").write_text("".join(
+        json.dumps({"context": f"{t} is", "choices": [" hot", " cold", " warm"], "answer": i % 3}) + "\n"
+        for i, t in enumerate(("fire", "ice", "tea", "snow", "lava", "soup", "rain"))))
+    (tmp_path / "pairs.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Is {t} hot? A:", "chosen": " yes", "rejected": " no" * (1 + i % 2)}) + "\n"
+        for i, t in enumerate(("fire", "lava", "the sun", "a stove", "an oven"))))
+    model = ["eval", "--init", str(tmp_path / "init.apr"), "--tokenizer", "bytes", "--json"]
+    runs.update({"data": [*model, "--data", HELD, "--seq-len", "32", "--max-tokens", "2000", "--batch-size", "5"],
+                 "choices": [*model, "--choices", str(tmp_path / "choices.jsonl"), "--batch-size", "4"],
+                 "rm_pairs": ["eval", "--init", str(tmp_path / "rm.apr"), "--json", "--pairs", str(tmp_path / "pairs.jsonl"),
+                              "--batch-size", "2"]})
     one, out = against_one_process({name: (argv, 2) for name, argv in runs.items()}, runs, tmp_path / "ranks")
 
     def same(got: str, want: str) -> list[dict]:
@@ -1337,3 +1349,8 @@ def test_generate_and_eval_prompts_shared_among_ranks_match_one_process(tmp_path
     got, want = (json.loads(text.splitlines()[-1]) for text in (out["eval"], one["eval"]))
     assert got["prompts"] == 5 and got["samples"] == 3
     assert got == pytest.approx(want, rel=1e-6)
+    counts = {"data": ("tokens", 62 * 32), "choices": ("questions", 7), "rm_pairs": ("pairs", 5)}
+    for name, (key, n) in counts.items():
+        (got,), (want,) = ([json.loads(line) for line in text.splitlines()] for text in (out[name], one[name]))
+        assert got[key] == want[key] == n, name
+        assert got == pytest.approx(want, rel=1e-6), name

@@ -80,10 +80,12 @@ def encode_pair(tokenizer, context: str | list, choice: str) -> tuple[list[int],
 
 @torch.no_grad()
 def score_choices(model, records: list[dict], tokenizer, *, batch_size: int = 32, device=None,
-                  autocast_dtype: torch.dtype | None = None, padding_free: bool | None = None) -> dict:
+                  autocast_dtype: torch.dtype | None = None, padding_free: bool | None = None, env=None) -> dict:
     """``{"acc", "acc_norm", "questions", "logps"}`` of ``model`` on ``records`` (``read_choices``);
-    ``logps``: each question's choice log-likelihoods."""
+    ``logps``: each question's choice log-likelihoods. ``env``: under torchrun, this rank scores every
+    N-th batch of choices (``rank_share.rank_batches``) and every rank gets all of them."""
     from .posttrain import sequence_logps
+    from .rank_share import every_batch, rank_batches
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if padding_free is None:
@@ -104,11 +106,11 @@ def score_choices(model, records: list[dict], tokenizer, *, batch_size: int = 32
     eos = getattr(tokenizer, "eos_id", None)
     parts = []
     with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        for a in range(0, len(seqs), batch_size):
+        for a in rank_batches(len(seqs), batch_size, env)[0]:
             parts.append(sequence_logps(model, seqs[a:a + batch_size], device, eos_id=eos if eos is not None else 0,
-                                        padding_free=padding_free).double().cpu())
+                                        padding_free=padding_free).double().cpu().tolist())
     model.train(was)
-    flat = torch.cat(parts).tolist()
+    flat = [v for part in every_batch(env, parts) for v in part]
     right = right_norm = 0
     logps, at = [], 0
     for r in records:

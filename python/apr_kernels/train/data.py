@@ -882,18 +882,21 @@ def byte_lengths(tokenizer) -> torch.Tensor:
 @torch.no_grad()  # no autograd graph (and no fused-loss gradients) during evaluation
 def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, device=None,
              autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None,
-             eos_id: int | None = None) -> tuple[float, int]:
+             eos_id: int | None = None, env=None) -> tuple[float, int]:
     """Mean next-token loss over all packed sequences of ``tokens`` (in order) and the target count.
 
     ``max_tokens`` keeps the first ``max_tokens // seq_len`` sequences (at least one); ``eos_id``:
-    document masking (as in training with it).
+    document masking (as in training with it). ``env``: under torchrun, this rank scores every N-th
+    batch (``rank_share.rank_batches``) and the sums are taken over the ranks.
     """
+    from .rank_share import rank_batches, summed
+
     seqs = eval_sequences(tokens, seq_len, max_tokens)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for start in range(0, len(seqs), batch_size):
+    for start in rank_batches(len(seqs), batch_size, env)[0]:
         x, y, docs = batch(seqs, torch.arange(start, min(start + batch_size, len(seqs))), None, eos_id)
         count += int((y != -100).sum())  # counted on the host, before the move
         x, y = x.to(device), y.to(device)
@@ -902,4 +905,6 @@ def evaluate(model, tokens: torch.Tensor, seq_len: int, *, batch_size: int = 8, 
                             enabled=autocast_dtype is not None):
             total += model.loss(x, y, reduction="sum", documents=docs).double()
     model.train(was_training)
-    return (float(total / count) if count else float("nan")), count  # NaN: no targets (all prompt)
+    total, count = summed(env, torch.stack([total.cpu(), torch.tensor(float(count), dtype=torch.float64)])).tolist()
+    count = int(count)
+    return (total / count if count else float("nan")), count  # NaN: no targets (all prompt)

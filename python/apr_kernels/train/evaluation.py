@@ -30,11 +30,12 @@ from .loop import autocast_dtype_for
 def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
                   tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None,
                   document_mask: bool | None = None, text_field: str = "text", with_bytes: bool = False,
-                  quantize: str | None = None):
+                  quantize: str | None = None, env=None):
     """(mean next-token loss, target tokens) of an APR model on text data, and with ``with_bytes`` the
     bytes of text those targets stand for (``data.target_bytes``). ``seq_len`` and ``document_mask``
     default to the checkpoint's training settings (else 256 and off). ``quantize``: the model as
-    ``convert --quantize`` would store it."""
+    ``convert --quantize`` would store it. ``env``: under torchrun, each rank scores its share of the
+    batches (``rank_share``) and every rank gets the totals."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
     from .data import evaluate, find_text_files, pack_records, target_bytes, token_stream
@@ -57,26 +58,36 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     dev = next(model.parameters()).device
     loss, n = evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
                        autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), max_tokens=max_tokens,
-                       eos_id=eos_id)
+                       eos_id=eos_id, env=env)
     return (loss, n, target_bytes(tokens, seq_len, tok, max_tokens)) if with_bytes else (loss, n)
 
 
 def cmd_eval(args) -> int:
-    if pick_device(args.device).type == "cpu":
+    """``eval``; under torchrun each rank, a whole model, scores every N-th batch of the data,
+    questions, pairs or prompts (``rank_share.py``) and rank 0 prints the totals."""
+    from .rank_share import on_ranks
+
+    return on_ranks(args, lambda dev, env: _eval(args, dev, env))
+
+
+def _eval(args, dev, env) -> int:
+    if dev.type == "cpu":
         keep_freed_memory()
     if args.choices:
-        return eval_choices(args)
+        return eval_choices(args, dev, env)
     if args.pairs:
-        return eval_pairs(args)
+        return eval_pairs(args, dev, env)
     if args.prompts:
-        return eval_prompts(args)
+        return eval_prompts(args, dev, env)
     loss, n, n_bytes = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                                     tokenizer=args.tokenizer, batch_size=args.batch_size, device=args.device,
+                                     tokenizer=args.tokenizer, batch_size=args.batch_size, device=dev,
                                      fast=tristate(args.fast), document_mask=args.document_mask,
-                                     text_field=args.text_field, with_bytes=True, quantize=args.quantize)
+                                     text_field=args.text_field, with_bytes=True, quantize=args.quantize, env=env)
     if n == 0:
         raise ValueError(f"{', '.join(args.data)}: no loss targets in the evaluated tokens (all of them are "
                          f"prompt tokens of supervised records); evaluate more tokens (--max-tokens)")
+    if env is not None and not env.is_main:
+        return 0
     # perplexity, and bits per byte: the total loss over the bytes of text scored (comparable across
     # tokenizers; NaN when the targets stand for no text)
     ppl = math.exp(loss) if loss < 700 else float("inf")
@@ -90,7 +101,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def eval_choices(args) -> int:
+def eval_choices(args, dev, env=None) -> int:
     """``eval --choices``: accuracy on multiple-choice records (``choices.py``); the last line is
     ``acc=<float> acc_norm=<float> questions=<int>``."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
@@ -98,14 +109,14 @@ def eval_choices(args) -> int:
     from .choices import read_choices, score_choices
 
     records = read_choices(args.choices)  # (a bad record fails before the model loads)
-    model = as_quantized(from_apr(args.init, device=pick_device(args.device), fast=tristate(args.fast)),
-                         args.quantize, args.init)
+    model = as_quantized(from_apr(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    dev = next(model.parameters()).device
     stored = model.apr_metadata.get("training.config") or {}
     res = score_choices(model, records, tok, batch_size=args.batch_size, device=dev,
-                        autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev))
+                        autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), env=env)
+    if env is not None and not env.is_main:
+        return 0
     if args.json:
         print(json.dumps({"event": "eval_choices", **{k: res[k] for k in ("acc", "acc_norm", "questions")}}))
     else:
@@ -121,23 +132,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def eval_prompts(args) -> int:
+def eval_prompts(args, dev, env=None) -> int:
     """``eval --prompts``: completions of prompt records scored by ``--reward`` (functions or reward
     models, as ``grpo``'s): the mean reward, and with ``--num-samples N`` samples per prompt pass@k
     for each ``--pass-k`` (a sample passes when its reward is at least ``--pass-threshold``). The last
-    line is ``reward=<float> pass@<k>=<float>... prompts=<int> samples=<int>``. Under torchrun each
-    rank samples and scores its share of the batches (``generation.rank_batches``: the completions
-    one process draws) and rank 0 prints the sums of all ranks'."""
-    from .generation import on_ranks
-
-    return on_ranks(args, lambda dev, env: _eval_prompts(args, dev, env), "eval --prompts")
-
-
-def _eval_prompts(args, dev, env) -> int:
+    line is ``reward=<float> pass@<k>=<float>... prompts=<int> samples=<int>``. Under torchrun
+    (``env``) each rank samples and scores its share of the batches (the completions one process
+    draws) and rank 0 prints the sums of all ranks'."""
     from apr_kernels.model.loading import check_tokenizer_vocab
 
-    from .generation import rank_batches
     from .grpo import read_prompts
+    from .rank_share import rank_batches, summed
 
     n = args.num_samples
     if not args.reward:
@@ -161,13 +166,9 @@ def _eval_prompts(args, dev, env) -> int:
         for start in range(0, len(judged), n):
             c = sum(line["reward"] >= args.pass_threshold for line in judged[start:start + n])
             sums[1:] += torch.tensor([pass_at_k(n, c, k) for k in ks], dtype=torch.float64)
-    if env is not None and env.world_size > 1:
-        import torch.distributed as dist
-
-        sums = sums.to(env.device)
-        dist.all_reduce(sums)
-        if not env.is_main:
-            return 0
+    sums = summed(env, sums)
+    if env is not None and not env.is_main:
+        return 0
     total, passes = sums.tolist()[0], dict(zip(ks, sums.tolist()[1:]))
     res = {"reward": total / (len(records) * n), **{f"pass@{k}": passes[k] / len(records) for k in ks},
            "prompts": len(records), "samples": n}
@@ -178,7 +179,7 @@ def _eval_prompts(args, dev, env) -> int:
     return 0
 
 
-def eval_pairs(args) -> int:
+def eval_pairs(args, dev, env=None) -> int:
     """``eval --pairs`` of a reward model: the share of preference pairs it scores the chosen side
     higher, the mean margin and the Bradley-Terry loss; the last line is ``accuracy=<float>
     margin=<float> loss=<float> pairs=<int>``."""
@@ -186,14 +187,15 @@ def eval_pairs(args) -> int:
 
     from .reward import evaluate_pairs, read_pairs
 
-    dev = pick_device(args.device)
     model = as_quantized(load_classifier(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     pairs, margins, dropped = read_pairs(args.pairs, tok, model.config.max_position_embeddings)
     stored = model.apr_metadata.get("training.config") or {}
     res = evaluate_pairs(model, pairs, margins, eos_id=tok.eos_id, batch_size=args.batch_size, device=dev,
-                         autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev))
+                         autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), env=env)
+    if env is not None and not env.is_main:
+        return 0
     res["dropped_too_long"] = dropped
     if args.json:
         print(json.dumps({"event": "eval_pairs", **res}))

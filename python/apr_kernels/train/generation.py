@@ -8,8 +8,8 @@
 One prompt (``--prompt``, or a user message with ``--chat``), a file of prompt records decoded in
 batches with optional scoring (``--prompts``; best-of-N and preference pairs with ``--keep``), or a
 conversation on the terminal. ``sampled_batches`` and ``scored`` also serve ``eval --prompts``.
-Under torchrun a file of prompts is shared among the ranks, a whole model on each (``on_ranks``,
-``rank_batches``): every rank decodes every N-th batch, rank 0 gathers and writes them in order.
+Under torchrun a file of prompts is shared among the ranks, a whole model on each (``rank_share.py``):
+every rank decodes every N-th batch, rank 0 gathers and writes them in order.
 """
 
 from __future__ import annotations
@@ -50,46 +50,14 @@ def add_quantize_option(p) -> None:
                         "gguf:q6k, gguf:q8_0), without writing the file")
 
 
-def on_ranks(args, body, command: str) -> int:
-    """``body(device, env)``: in one process (``env`` None), or under torchrun inside its process group
-    on each rank's device (``env``), where a file of prompts is shared among the ranks
-    (``rank_batches``)."""
-    from . import distributed
-
-    if not distributed.launched():
-        return body(pick_device(args.device), None)
-    if not args.prompts:
-        raise ValueError(f"{command} under torchrun shares a file of prompts among the ranks; give --prompts "
-                         f"FILE.jsonl (a single prompt runs in one process)")
-    return distributed.run(args, lambda env, mode: body(env.device, env))
-
-
-def rank_batches(n_records: int, batch_size: int, env) -> tuple[range, int]:
-    """(the first record of each of this rank's batches, the number of rounds): batch b of
-    ``batch_size`` records goes to rank ``b % world``, so in round r the ranks decode batches
-    ``r * world ..`` in rank order, the order one process writes them; a rank out of batches in the
-    last round takes none."""
-    world, rank = (env.world_size, env.rank) if env is not None else (1, 0)
-    starts = range(0, n_records, batch_size)
-    return starts[rank::world], -(-len(starts) // world)
-
-
-def gathered(env, items: list) -> list:
-    """Every rank's ``items`` of one round on rank 0, in rank order (elsewhere: an empty list); as is
-    in one process."""
-    if env is None or env.world_size == 1:
-        return items
-    import torch.distributed as dist
-
-    every = [None] * env.world_size if env.rank == 0 else None
-    dist.gather_object(items, every, dst=0)
-    return [x for part in every for x in part] if env.rank == 0 else []
-
-
 def cmd_generate(args) -> int:
     """``generate``: continue a prompt with a trained model (look at what a run learned); under
     torchrun each rank decodes its share of ``--prompts``' batches and rank 0 writes them in order."""
-    return on_ranks(args, lambda dev, env: _generate(args, dev, env), "generate")
+    from .rank_share import on_ranks
+
+    refuse = None if args.prompts else ("generate under torchrun shares a file of prompts among the ranks; give "
+                                        "--prompts FILE.jsonl (a single prompt runs in one process)")
+    return on_ranks(args, lambda dev, env: _generate(args, dev, env), refuse)
 
 
 def _generate(args, dev, env) -> int:
@@ -202,6 +170,7 @@ def generate_file(args, model, tok, env=None) -> int:
     and scores its share of the batches (``rank_batches``) and rank 0 writes every rank's lines in the
     order one process writes them: the same file."""
     from .grpo import read_prompts
+    from .rank_share import gathered, rank_batches
 
     n = args.num_return_sequences
     if n < 1 or args.batch_size < 1:

@@ -180,20 +180,25 @@ class RewardTrainer(StepLoop):
 
 @torch.no_grad()
 def evaluate_pairs(model, pairs, margins, *, eos_id: int, batch_size: int = 8, device=None,
-                   autocast_dtype: torch.dtype | None = None) -> dict:
+                   autocast_dtype: torch.dtype | None = None, env=None) -> dict:
     """A reward model's ``accuracy`` (chosen scored higher), mean ``margin`` and Bradley-Terry ``loss``
-    over ``pairs`` (``read_pairs``), scored ``batch_size`` pairs at a time (``eval --pairs``)."""
+    over ``pairs`` (``read_pairs``), scored ``batch_size`` pairs at a time (``eval --pairs``; under
+    torchrun, ``env``, every N-th batch on each rank, ``rank_share.rank_batches``, all of them on every
+    rank)."""
+    from .rank_share import every_batch, rank_batches
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
     padding_free = model.use_fast(torch.empty(0, device=device))
     was = model.training
     model.eval()
     parts = []
-    for i in range(0, len(pairs), batch_size):
+    for i in rank_batches(len(pairs), batch_size, env)[0]:
         seqs = [s for pair in pairs[i:i + batch_size] for s in pair]
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            parts.append(sequence_rewards(model, seqs, device, pad_id=eos_id, padding_free=padding_free).view(-1, 2))
+            parts.append(sequence_rewards(model, seqs, device, pad_id=eos_id, padding_free=padding_free)
+                         .view(-1, 2).cpu().double())
     model.train(was)
-    r = torch.cat(parts).cpu().double()
+    r = torch.cat(every_batch(env, parts)).reshape(-1, 2)
     losses = reward_loss(r[:, 0], r[:, 1], torch.tensor(margins, dtype=torch.float64))
     return {"accuracy": float((r[:, 0] > r[:, 1]).double().mean()), "margin": float((r[:, 0] - r[:, 1]).mean()),
             "loss": float(losses.mean()), "pairs": len(pairs)}
