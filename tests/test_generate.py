@@ -344,13 +344,17 @@ def test_cli_eval_prompts_mean_reward_and_unbiased_pass_at_k(tmp_path, capsys):
     assert "expected 1 greedy sample, or several sampled at a temperature > 0" in capsys.readouterr().err
 
 
-def test_generate_and_eval_under_torchrun_need_a_file_of_prompts(tmp_path, monkeypatch, capsys):
+def test_generate_and_chat_under_torchrun_refuse_what_they_cannot_share(tmp_path, monkeypatch, capsys):
     """Under torchrun the ranks share ``--prompts``' batches (test_distributed.py runs them); a single
-    ``--prompt`` has nothing to share: refused by name before any process group."""
+    ``--prompt`` has nothing to share and ``chat`` one terminal: refused by name before any process
+    group."""
     from apr_kernels.cli import main
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["generate", "--init", str(tmp_path / "m.apr"), "--prompt", "hi"]) != 0
     assert "generate under torchrun shares a file of prompts among the ranks; give --prompts FILE.jsonl" \
+        in capsys.readouterr().err
+    assert main(["chat", "--init", str(tmp_path / "m.apr")]) != 0
+    assert "chat is a conversation on one terminal: run it in one process, not under torchrun" \
         in capsys.readouterr().err

@@ -120,7 +120,10 @@ def cmd_chat(args) -> int:
     from apr_kernels.model.loading import check_tokenizer_vocab
 
     from .chat import generation_prompt
+    from .distributed import launched
 
+    if launched():  # (every rank would read the terminal and answer)
+        raise ValueError("chat is a conversation on one terminal: run it in one process, not under torchrun")
     dev = pick_device(args.device)
     model = inference_model(args.init, dev, args.quantize)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
