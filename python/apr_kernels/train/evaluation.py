@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 import torch
 
@@ -30,21 +31,36 @@ from .loop import autocast_dtype_for
 def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max_tokens: int | None = None,
                   tokenizer: str | None = None, batch_size: int = 8, device=None, fast=None,
                   document_mask: bool | None = None, text_field: str = "text", with_bytes: bool = False,
-                  quantize: str | None = None, env=None):
+                  quantize: str | None = None, env=None, sharded: bool = False):
     """(mean next-token loss, target tokens) of an APR model on text data, and with ``with_bytes`` the
     bytes of text those targets stand for (``data.target_bytes``). ``seq_len`` and ``document_mask``
     default to the checkpoint's training settings (else 256 and off). ``quantize``: the model as
     ``convert --quantize`` would store it. ``env``: under torchrun, each rank scores its share of the
-    batches (``rank_share``) and every rank gets the totals."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+    batches (``rank_share``) and every rank gets the totals; with ``sharded`` the model is sharded
+    over the ranks by FSDP (each rank reading only its shards), each rank scoring a contiguous share
+    of the sequences (``distributed.Parallel.evaluate``)."""
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
 
     from .data import evaluate, find_text_files, pack_records, target_bytes, token_stream
     from .loop import autocast_dtype_for
 
-    model = as_quantized(from_apr(init, device=pick_device(device), fast=fast), quantize, init)
+    stored = plan(init).metadata.get("training.config") or {}
+    parallel = None
+    if sharded:
+        from . import distributed
+
+        compute = autocast_dtype_for(stored.get("precision", "auto"), env.device)
+        parallel = distributed.parallelize(distributed.from_apr(init, env, "fsdp", fast=fast, compute_dtype=compute),
+                                           "fsdp", env, compute)
+        model = parallel.module
+        if env.is_main:
+            held = sum(distributed.local_part(p).numel() for p in model.parameters())
+            print(f"eval: {init} sharded over {env.world_size} ranks (FSDP): rank 0 holds {held} of "
+                  f"{sum(p.numel() for p in model.parameters())} parameters", file=sys.stderr)
+    else:
+        model = as_quantized(from_apr(init, device=pick_device(device), fast=fast), quantize, init)
     tok = load_tokenizer(tokenizer, model.apr_metadata, init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{init}: tokenizer")
-    stored = model.apr_metadata.get("training.config") or {}
     seq_len = seq_len or int(stored.get("seq_len", 256))
     if document_mask is None:
         document_mask = bool(stored.get("document_mask", False))
@@ -56,17 +72,34 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     if stored.get("packing") == "records":  # evaluated in the layout it was trained in
         tokens = pack_records(tokens, seq_len, packing_eos(tok))
     dev = next(model.parameters()).device
-    loss, n = evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev,
-                       autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), max_tokens=max_tokens,
-                       eos_id=eos_id, env=env)
+    autocast = autocast_dtype_for(stored.get("precision", "auto"), dev)
+    if parallel is not None:
+        loss, n = parallel.evaluate(tokens, seq_len, batch_size=batch_size, autocast_dtype=autocast,
+                                    max_tokens=max_tokens, eos_id=eos_id)
+    else:
+        loss, n = evaluate(model, tokens, seq_len, batch_size=batch_size, device=dev, autocast_dtype=autocast,
+                           max_tokens=max_tokens, eos_id=eos_id, env=env)
     return (loss, n, target_bytes(tokens, seq_len, tok, max_tokens)) if with_bytes else (loss, n)
 
 
 def cmd_eval(args) -> int:
     """``eval``; under torchrun each rank, a whole model, scores every N-th batch of the data,
-    questions, pairs or prompts (``rank_share.py``) and rank 0 prints the totals."""
+    questions, pairs or prompts (``rank_share.py``) and rank 0 prints the totals; with ``--parallel
+    fsdp`` (``--data``) the model is sharded over the ranks instead, each scoring its share of the
+    sequences (``distributed.Parallel.evaluate``)."""
+    from .distributed import launched
     from .rank_share import on_ranks
 
+    if args.parallel == "fsdp":
+        if not args.data:
+            raise ValueError("eval --parallel fsdp shards the model for --data; --choices, --pairs and --prompts "
+                             "run a whole model on each rank (--parallel ddp)")
+        if not launched():
+            raise ValueError("eval --parallel fsdp shards the model over torchrun's ranks; expected a torchrun "
+                             "launch (one process evaluates the whole model without it)")
+        if args.quantize:
+            raise ValueError(f"eval --quantize {args.quantize} with --parallel fsdp: the quantised copy is made "
+                             f"whole on one device; expected one of the two")
     return on_ranks(args, lambda dev, env: _eval(args, dev, env))
 
 
@@ -82,7 +115,8 @@ def _eval(args, dev, env) -> int:
     loss, n, n_bytes = evaluate_file(args.init, args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                      tokenizer=args.tokenizer, batch_size=args.batch_size, device=dev,
                                      fast=tristate(args.fast), document_mask=args.document_mask,
-                                     text_field=args.text_field, with_bytes=True, quantize=args.quantize, env=env)
+                                     text_field=args.text_field, with_bytes=True, quantize=args.quantize, env=env,
+                                     sharded=args.parallel == "fsdp")
     if n == 0:
         raise ValueError(f"{', '.join(args.data)}: no loss targets in the evaluated tokens (all of them are "
                          f"prompt tokens of supervised records); evaluate more tokens (--max-tokens)")
@@ -239,5 +273,10 @@ def register(subparsers) -> None:
     p.add_argument("--text-field", default="text", help="the document field of .jsonl records (default text)")
     p.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
                    help="attend only within each document (default: as the checkpoint was trained)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
+                   help="under torchrun: ddp (default) a whole model per rank, each scoring its share of the "
+                        "batches; fsdp (--data only) the model sharded over the ranks, for one too big for a device")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a rank waits for the others before failing (default 600)")
     add_common_options(p)
     p.set_defaults(func=cmd_eval)
