@@ -1300,7 +1300,7 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     place in the file; the reward model's scores within float32 rounding, the ranks' threads summing in
     another order) and prints the sums of both ranks' rewards and pass@k. And ``eval --data``,
     ``--choices`` and ``--pairs`` alike: each rank its share of the batches, rank 0 the totals; and
-    ``eval --data --parallel fsdp``, the model sharded over the ranks."""
+    each of those three with ``--parallel fsdp``, the model sharded over the ranks."""
     from apr_kernels.model import Transformer, preset
     from apr_kernels.train.checkpoint import save_checkpoint
     from apr_kernels.train.cli import byte_tokenizer
@@ -1326,13 +1326,16 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
         for i, t in enumerate(("fire", "lava", "the sun", "a stove", "an oven"))))
     model = ["eval", "--init", str(tmp_path / "init.apr"), "--tokenizer", "bytes", "--json"]
     runs.update({"data": [*model, "--data", HELD, "--seq-len", "32", "--max-tokens", "2000", "--batch-size", "5"],
-                 "choices": [*model, "--choices", str(tmp_path / "choices.jsonl"), "--batch-size", "4"],
+                 "choices": [*model, "--choices", str(tmp_path / "choices.jsonl"), "--batch-size", "5"],
                  "rm_pairs": ["eval", "--init", str(tmp_path / "rm.apr"), "--json", "--pairs", str(tmp_path / "pairs.jsonl"),
                               "--batch-size", "2"]})
-    # and the model sharded over the ranks (FSDP), each rank a contiguous share of the sequences
-    ranks = {**runs, "data_fsdp": [*runs["data"], "--parallel", "fsdp"]}
-    one, out = against_one_process({name: (argv, 2) for name, argv in ranks.items()},
-                                   {**runs, "data_fsdp": runs["data"]}, tmp_path / "ranks")
+    # and the models sharded over the ranks (FSDP): the data's sequences in contiguous shares; the
+    # choices (5 batches) and pairs (3 batches) as above, rank 1 running a padding forward last (the
+    # sharded layers' gathers are collectives)
+    sharded = {f"{name}_fsdp": runs[name] for name in ("data", "choices", "rm_pairs")}
+    one, out = against_one_process({**{name: (argv, 2) for name, argv in runs.items()},
+                                    **{name: ([*argv, "--parallel", "fsdp"], 2) for name, argv in sharded.items()}},
+                                   {**runs, **sharded}, tmp_path / "ranks")
 
     def same(got: str, want: str) -> list[dict]:
         (a, b) = ([json.loads(line) for line in text.splitlines()] for text in (got, want))
@@ -1358,11 +1361,11 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     got, want = (json.loads(text.splitlines()[-1]) for text in (out["eval"], one["eval"]))
     assert got["prompts"] == 5 and got["samples"] == 3
     close(got, want, "eval")
-    note = re.search(r"sharded over 2 ranks \(FSDP\): rank 0 holds (\d+) of (\d+) parameters",
-                     (tmp_path / "ranks" / "world2" / "rank0.err").read_text())
-    assert note and abs(int(note[1]) - int(note[2]) / 2) < int(note[2]) / 10  # (about half: its shards)
-    counts = {"data": ("tokens", 62 * 32), "data_fsdp": ("tokens", 62 * 32), "choices": ("questions", 7),
-              "rm_pairs": ("pairs", 5)}
+    notes = re.findall(r"sharded over 2 ranks \(FSDP\): rank 0 holds (\d+) of (\d+) parameters",
+                       (tmp_path / "ranks" / "world2" / "rank0.err").read_text())
+    assert len(notes) == 3 and all(abs(int(a) - int(b) / 2) < int(b) / 10 for a, b in notes)  # (its shards)
+    counts = {"data": ("tokens", 62 * 32), "choices": ("questions", 7), "rm_pairs": ("pairs", 5)}
+    counts.update({f"{name}_fsdp": counts[name] for name in list(counts)})
     for name, (key, n) in counts.items():
         (got,), (want,) = ([json.loads(line) for line in text.splitlines()] for text in (out[name], one[name]))
         assert got[key] == want[key] == n, name

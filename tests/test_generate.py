@@ -347,17 +347,17 @@ def test_cli_eval_prompts_mean_reward_and_unbiased_pass_at_k(tmp_path, capsys):
 def test_generate_and_chat_under_torchrun_refuse_what_they_cannot_share(tmp_path, monkeypatch, capsys):
     """Under torchrun the ranks share ``--prompts``' batches (test_distributed.py runs them); a single
     ``--prompt`` has nothing to share and ``chat`` one terminal: refused by name before any process
-    group. ``eval --parallel fsdp`` needs torchrun and ``--data``."""
+    group. ``eval --parallel fsdp`` needs torchrun and no sampling."""
     from apr_kernels.cli import main
 
     m = str(tmp_path / "m.apr")
-    # eval --parallel fsdp: the model sharded over torchrun's ranks, for --data alone
+    # eval --parallel fsdp: the model sharded over torchrun's ranks (not for sampling)
     assert main(["eval", "--init", m, "--data", m, "--parallel", "fsdp"]) != 0
     assert "eval --parallel fsdp shards the model over torchrun's ranks; expected a torchrun launch" \
         in capsys.readouterr().err
-    assert main(["eval", "--init", m, "--choices", m, "--parallel", "fsdp"]) != 0
-    assert "eval --parallel fsdp shards the model for --data; --choices, --pairs and --prompts run a whole model " \
-        "on each rank (--parallel ddp)" in capsys.readouterr().err
+    assert main(["eval", "--init", m, "--prompts", m, "--reward", "r.py:f", "--parallel", "fsdp"]) != 0
+    assert "eval --parallel fsdp shards the model for --data, --choices and --pairs; --prompts samples with a " \
+        "whole model on each rank (--parallel ddp)" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["generate", "--init", str(tmp_path / "m.apr"), "--prompt", "hi"]) != 0

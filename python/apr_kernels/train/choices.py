@@ -80,12 +80,14 @@ def encode_pair(tokenizer, context: str | list, choice: str) -> tuple[list[int],
 
 @torch.no_grad()
 def score_choices(model, records: list[dict], tokenizer, *, batch_size: int = 32, device=None,
-                  autocast_dtype: torch.dtype | None = None, padding_free: bool | None = None, env=None) -> dict:
+                  autocast_dtype: torch.dtype | None = None, padding_free: bool | None = None, env=None,
+                  sharded: bool = False) -> dict:
     """``{"acc", "acc_norm", "questions", "logps"}`` of ``model`` on ``records`` (``read_choices``);
     ``logps``: each question's choice log-likelihoods. ``env``: under torchrun, this rank scores every
-    N-th batch of choices (``rank_share.rank_batches``) and every rank gets all of them."""
+    N-th batch of choices (``rank_share.batch_rounds``; ``sharded``: a model sharded by FSDP, every
+    rank running as many forwards) and every rank gets all of them."""
     from .posttrain import sequence_logps
-    from .rank_share import every_batch, rank_batches
+    from .rank_share import batch_rounds, every_batch
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if padding_free is None:
@@ -106,10 +108,14 @@ def score_choices(model, records: list[dict], tokenizer, *, batch_size: int = 32
     eos = getattr(tokenizer, "eos_id", None)
     parts = []
     with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-        for a in rank_batches(len(seqs), batch_size, env)[0]:
-            parts.append(sequence_logps(model, seqs[a:a + batch_size], device, eos_id=eos if eos is not None else 0,
-                                        padding_free=padding_free).double().cpu().tolist())
+        for a in batch_rounds(len(seqs), batch_size, env, sharded):
+            logps = sequence_logps(model, seqs[a or 0:(a or 0) + batch_size], device,
+                                   eos_id=eos if eos is not None else 0, padding_free=padding_free)
+            if a is not None:  # (else the padding forward of a sharded model: the others' gathers)
+                parts.append(logps.double().cpu().tolist())
     model.train(was)
+    if sharded:
+        model.reshard()  # (the root stays gathered after a forward without a backward)
     flat = [v for part in every_batch(env, parts) for v in part]
     right = right_norm = 0
     logps, at = [], 0

@@ -47,16 +47,11 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     stored = plan(init).metadata.get("training.config") or {}
     parallel = None
     if sharded:
-        from . import distributed
+        from .distributed import parallelize
 
         compute = autocast_dtype_for(stored.get("precision", "auto"), env.device)
-        parallel = distributed.parallelize(distributed.from_apr(init, env, "fsdp", fast=fast, compute_dtype=compute),
-                                           "fsdp", env, compute)
+        parallel = parallelize(sharded_model(init, env, fast, compute), "fsdp", env, compute)
         model = parallel.module
-        if env.is_main:
-            held = sum(distributed.local_part(p).numel() for p in model.parameters())
-            print(f"eval: {init} sharded over {env.world_size} ranks (FSDP): rank 0 holds {held} of "
-                  f"{sum(p.numel() for p in model.parameters())} parameters", file=sys.stderr)
     else:
         model = as_quantized(from_apr(init, device=pick_device(device), fast=fast), quantize, init)
     tok = load_tokenizer(tokenizer, model.apr_metadata, init)
@@ -85,15 +80,15 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
 def cmd_eval(args) -> int:
     """``eval``; under torchrun each rank, a whole model, scores every N-th batch of the data,
     questions, pairs or prompts (``rank_share.py``) and rank 0 prints the totals; with ``--parallel
-    fsdp`` (``--data``) the model is sharded over the ranks instead, each scoring its share of the
-    sequences (``distributed.Parallel.evaluate``)."""
+    fsdp`` (``--data``, ``--choices``, ``--pairs``) the model is sharded over the ranks instead
+    (``load_model``), each scoring its share of the batches, as many forwards on every rank."""
     from .distributed import launched
     from .rank_share import on_ranks
 
     if args.parallel == "fsdp":
-        if not args.data:
-            raise ValueError("eval --parallel fsdp shards the model for --data; --choices, --pairs and --prompts "
-                             "run a whole model on each rank (--parallel ddp)")
+        if args.prompts:
+            raise ValueError("eval --parallel fsdp shards the model for --data, --choices and --pairs; --prompts "
+                             "samples with a whole model on each rank (--parallel ddp)")
         if not launched():
             raise ValueError("eval --parallel fsdp shards the model over torchrun's ranks; expected a torchrun "
                              "launch (one process evaluates the whole model without it)")
@@ -135,6 +130,34 @@ def _eval(args, dev, env) -> int:
     return 0
 
 
+def load_model(args, dev, env, load, **sharded_kwargs):
+    """(``eval``'s model, its autocast dtype): ``load(--init, device, fast)`` (``from_apr``,
+    ``load_classifier``) as ``--quantize`` says, or with ``--parallel fsdp`` sharded over the ranks
+    on the meta device, each rank reading only its shards (``distributed.from_apr``; its
+    ``sharded_kwargs``), computing in the dtype the checkpoint was trained in (bf16 on CUDA); rank 0
+    says how much of it it holds."""
+    from apr_kernels.model.loading import plan
+
+    stored = plan(args.init).metadata.get("training.config") or {}
+    autocast = autocast_dtype_for(stored.get("precision", "auto"), dev)
+    if args.parallel != "fsdp":
+        return as_quantized(load(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init), autocast
+    return sharded_model(args.init, env, tristate(args.fast), autocast, **sharded_kwargs), autocast
+
+
+def sharded_model(init, env, fast, compute_dtype, **kwargs):
+    """``init`` sharded over the ranks by FSDP on the meta device, each rank reading only its shards
+    (``distributed.from_apr``, ``kwargs`` its); rank 0 says how much of it it holds."""
+    from . import distributed
+
+    model = distributed.from_apr(init, env, "fsdp", fast=fast, compute_dtype=compute_dtype, **kwargs)
+    if env.is_main:
+        held = sum(distributed.local_part(p).numel() for p in model.parameters())
+        print(f"eval: {init} sharded over {env.world_size} ranks (FSDP): rank 0 holds {held} of "
+              f"{sum(p.numel() for p in model.parameters())} parameters", file=sys.stderr)
+    return model
+
+
 def eval_choices(args, dev, env=None) -> int:
     """``eval --choices``: accuracy on multiple-choice records (``choices.py``); the last line is
     ``acc=<float> acc_norm=<float> questions=<int>``."""
@@ -143,12 +166,11 @@ def eval_choices(args, dev, env=None) -> int:
     from .choices import read_choices, score_choices
 
     records = read_choices(args.choices)  # (a bad record fails before the model loads)
-    model = as_quantized(from_apr(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init)
+    model, autocast = load_model(args, dev, env, from_apr)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    stored = model.apr_metadata.get("training.config") or {}
-    res = score_choices(model, records, tok, batch_size=args.batch_size, device=dev,
-                        autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), env=env)
+    res = score_choices(model, records, tok, batch_size=args.batch_size, device=dev, autocast_dtype=autocast, env=env,
+                        sharded=args.parallel == "fsdp")
     if env is not None and not env.is_main:
         return 0
     if args.json:
@@ -217,17 +239,16 @@ def eval_pairs(args, dev, env=None) -> int:
     """``eval --pairs`` of a reward model: the share of preference pairs it scores the chosen side
     higher, the mean margin and the Bradley-Terry loss; the last line is ``accuracy=<float>
     margin=<float> loss=<float> pairs=<int>``."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, load_classifier
+    from apr_kernels.model.loading import check_tokenizer_vocab, classifier_labels, load_classifier
 
     from .reward import evaluate_pairs, read_pairs
 
-    model = as_quantized(load_classifier(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init)
+    model, autocast = load_model(args, dev, env, load_classifier, num_labels=classifier_labels(args.init))
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     pairs, margins, dropped = read_pairs(args.pairs, tok, model.config.max_position_embeddings)
-    stored = model.apr_metadata.get("training.config") or {}
     res = evaluate_pairs(model, pairs, margins, eos_id=tok.eos_id, batch_size=args.batch_size, device=dev,
-                         autocast_dtype=autocast_dtype_for(stored.get("precision", "auto"), dev), env=env)
+                         autocast_dtype=autocast, env=env, sharded=args.parallel == "fsdp")
     if env is not None and not env.is_main:
         return 0
     res["dropped_too_long"] = dropped
@@ -275,7 +296,8 @@ def register(subparsers) -> None:
                    help="attend only within each document (default: as the checkpoint was trained)")
     p.add_argument("--parallel", choices=("ddp", "fsdp"), default=None,
                    help="under torchrun: ddp (default) a whole model per rank, each scoring its share of the "
-                        "batches; fsdp (--data only) the model sharded over the ranks, for one too big for a device")
+                        "batches; fsdp (not --prompts) the model sharded over the ranks, for one too big for a "
+                        "device")
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="under torchrun: seconds a rank waits for the others before failing (default 600)")
     add_common_options(p)

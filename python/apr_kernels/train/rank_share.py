@@ -38,6 +38,14 @@ def rank_batches(n_items: int, batch_size: int, env) -> tuple[range, int]:
     return starts[rank::world], -(-len(starts) // world)
 
 
+def batch_rounds(n_items: int, batch_size: int, env, sharded: bool = False) -> list[int | None]:
+    """This rank's batches' first items (``rank_batches``), one per forward it runs; with ``sharded``
+    (the model sharded by FSDP: each forward gathers every layer from all ranks, so every rank must
+    run as many) a None for a padding forward in a last round this rank has no batch in."""
+    starts, rounds = rank_batches(n_items, batch_size, env)
+    return [*starts, *[None] * (rounds - len(starts) if sharded else 0)]
+
+
 def gathered(env, items: list) -> list:
     """Every rank's ``items`` of one round on rank 0, in rank order (elsewhere: an empty list); as is
     in one process."""

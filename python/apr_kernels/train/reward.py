@@ -180,24 +180,27 @@ class RewardTrainer(StepLoop):
 
 @torch.no_grad()
 def evaluate_pairs(model, pairs, margins, *, eos_id: int, batch_size: int = 8, device=None,
-                   autocast_dtype: torch.dtype | None = None, env=None) -> dict:
+                   autocast_dtype: torch.dtype | None = None, env=None, sharded: bool = False) -> dict:
     """A reward model's ``accuracy`` (chosen scored higher), mean ``margin`` and Bradley-Terry ``loss``
     over ``pairs`` (``read_pairs``), scored ``batch_size`` pairs at a time (``eval --pairs``; under
-    torchrun, ``env``, every N-th batch on each rank, ``rank_share.rank_batches``, all of them on every
-    rank)."""
-    from .rank_share import every_batch, rank_batches
+    torchrun, ``env``, every N-th batch on each rank, ``rank_share.batch_rounds``, with ``sharded`` as
+    many forwards on every rank of a model FSDP shards; all of them on every rank)."""
+    from .rank_share import batch_rounds, every_batch
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     padding_free = model.use_fast(torch.empty(0, device=device))
     was = model.training
     model.eval()
     parts = []
-    for i in rank_batches(len(pairs), batch_size, env)[0]:
-        seqs = [s for pair in pairs[i:i + batch_size] for s in pair]
+    for i in batch_rounds(len(pairs), batch_size, env, sharded):
+        seqs = [s for pair in pairs[i or 0:(i or 0) + batch_size] for s in pair]
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            parts.append(sequence_rewards(model, seqs, device, pad_id=eos_id, padding_free=padding_free)
-                         .view(-1, 2).cpu().double())
+            r = sequence_rewards(model, seqs, device, pad_id=eos_id, padding_free=padding_free)
+        if i is not None:  # (else the padding forward of a sharded model: the others' gathers)
+            parts.append(r.view(-1, 2).cpu().double())
     model.train(was)
+    if sharded:
+        model.reshard()  # (the root stays gathered after a forward without a backward)
     r = torch.cat(every_batch(env, parts)).reshape(-1, 2)
     losses = reward_loss(r[:, 0], r[:, 1], torch.tensor(margins, dtype=torch.float64))
     return {"accuracy": float((r[:, 0] > r[:, 1]).double().mean()), "margin": float((r[:, 0] - r[:, 1]).mean()),
