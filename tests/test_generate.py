@@ -358,6 +358,9 @@ def test_generate_and_chat_under_torchrun_refuse_what_they_cannot_share(tmp_path
     assert main(["eval", "--init", m, "--prompts", m, "--reward", "r.py:f", "--parallel", "fsdp"]) != 0
     assert "eval --parallel fsdp shards the model for --data, --choices and --pairs; --prompts samples with a " \
         "whole model on each rank (--parallel ddp)" in capsys.readouterr().err
+    assert main(["eval", "--init", m, "--data", m, "--fsdp-shard-size", "2"]) != 0
+    assert "eval --fsdp-shard-size 2 shards within groups of ranks; expected --parallel fsdp under torchrun" \
+        in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["generate", "--init", str(tmp_path / "m.apr"), "--prompt", "hi"]) != 0

@@ -3,16 +3,19 @@ sharded copy of the model, the copies replicated (FSDP2 on a 2-D mesh), against 
 same global batch: AdamW (losses, held-out losses, the gathered checkpoint's weights; its step
 checkpoint resumed in one process), 8-bit AdamW (each rank's blocks of the moments; distilling from
 a teacher sharded alike), Muon (each update gathered whole) and a quantised LoRA base (each rank's
-blocks of the base, shared within its group)."""
+blocks of the base, shared within its group); and ``eval --parallel fsdp`` sharded alike."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import pytest
 import torch
 
 from rank_runs import Launch
-from test_distributed import (COMMON, _aligned_config, _cli, _losses, _odd_config, _records, _same_checkpoint,
-                              _same_run)
+from test_distributed import (COMMON, HELD, _aligned_config, _cli, _losses, _odd_config, _records,
+                              _same_checkpoint, _same_run)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +42,25 @@ def runs(tmp_path_factory):
              "muon": ["train", "--init", str(root / "init.apr"), *COMMON, "--optimizer", "muon"],
              "qlora": ["train", "--init", str(root / "q8.apr"), *COMMON, "--lora-rank", "4",
                        "--lora-quantized-base", "--lr", "1e-2"]}
-    launch = Launch({name: [*args, "--parallel", "fsdp", "--fsdp-shard-size", "2", "--out", str(root / f"hsdp_{name}")]
-                     for name, args in cases.items()}, 4, root / "ranks")
+    # and eval of the init model: its held-out loss and multiple-choice accuracy, sharded within the
+    # groups, each rank scoring its share of the batches (the choices' 5 batches: ranks 1-3 pad)
+    (root / "choices.jsonl").write_text("".join(
+        json.dumps({"context": f"{t} is", "choices": [" hot", " cold", " warm"], "answer": i % 3}) + "\n"
+        for i, t in enumerate(("fire", "ice", "tea", "snow", "lava", "soup", "rain"))))
+    evals = {"eval_data": ["eval", "--init", str(root / "init.apr"), "--tokenizer", "bytes", "--data", HELD,
+                           "--seq-len", "32", "--max-tokens", "2000", "--batch-size", "5", "--json"],
+             "eval_choices": ["eval", "--init", str(root / "init.apr"), "--tokenizer", "bytes", "--choices",
+                              str(root / "choices.jsonl"), "--batch-size", "5", "--json"]}
+    launch = Launch({**{name: [*args, "--parallel", "fsdp", "--fsdp-shard-size", "2", "--out",
+                               str(root / f"hsdp_{name}")] for name, args in cases.items()},
+                     **{name: [*args, "--parallel", "fsdp", "--fsdp-shard-size", "2"] for name, args in evals.items()}},
+                    4, root / "ranks")
     one = {}
     for name, args in cases.items():  # (the reference runs in this process meanwhile)
         code, one[name] = _cli(main, [*args, "--out", str(root / f"one_{name}")])
+        assert code == 0
+    for name, args in evals.items():
+        code, one[name] = _cli(main, args)
         assert code == 0
     out = launch.outputs()
     # the 4-rank step checkpoint resumed in one process
@@ -63,6 +80,20 @@ def test_hsdp_matches_one_process(runs, name):
         assert _losses(got, key="kl") == pytest.approx(_losses(want, key="kl"), rel=1e-5)
         start = next(r for r in got if r["event"] == "start")
         assert 0.4 * start["teacher_params"] < start["teacher_params_rank"] < 0.6 * start["teacher_params"]
+
+
+def test_hsdp_eval_matches_one_process(runs):
+    """``eval --parallel fsdp --fsdp-shard-size 2`` on 4 ranks: the loss and the choices' accuracy of
+    one process, each rank holding half the model (its group's shards)."""
+    root, one, out, _ = runs
+    notes = re.findall(r"sharded over 2 ranks \(HSDP, 2 replicas\): rank 0 holds (\d+) of (\d+) parameters",
+                       (root / "ranks" / "rank0.err").read_text())
+    assert len(notes) == 2 and all(abs(int(a) - int(b) / 2) < int(b) / 10 for a, b in notes)
+    for name, key, n in (("eval_data", "tokens", 62 * 32), ("eval_choices", "questions", 7)):
+        got, want = (json.loads(text.splitlines()[-1]) for text in (out[name], one[name]))
+        assert got.keys() == want.keys() and got[key] == want[key] == n
+        for k, v in want.items():
+            assert got[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), (name, k)
 
 
 def test_hsdp_step_checkpoint_resumes_in_one_process(runs):

@@ -81,10 +81,14 @@ def cmd_eval(args) -> int:
     """``eval``; under torchrun each rank, a whole model, scores every N-th batch of the data,
     questions, pairs or prompts (``rank_share.py``) and rank 0 prints the totals; with ``--parallel
     fsdp`` (``--data``, ``--choices``, ``--pairs``) the model is sharded over the ranks instead
-    (``load_model``), each scoring its share of the batches, as many forwards on every rank."""
+    (``load_model``; HSDP with ``--fsdp-shard-size``), each scoring its share of the batches, as many
+    forwards on every rank."""
     from .distributed import launched
     from .rank_share import on_ranks
 
+    if args.fsdp_shard_size is not None and args.parallel != "fsdp":
+        raise ValueError(f"eval --fsdp-shard-size {args.fsdp_shard_size} shards within groups of ranks; expected "
+                         f"--parallel fsdp under torchrun")
     if args.parallel == "fsdp":
         if args.prompts:
             raise ValueError("eval --parallel fsdp shards the model for --data, --choices and --pairs; --prompts "
@@ -146,14 +150,17 @@ def load_model(args, dev, env, load, **sharded_kwargs):
 
 
 def sharded_model(init, env, fast, compute_dtype, **kwargs):
-    """``init`` sharded over the ranks by FSDP on the meta device, each rank reading only its shards
-    (``distributed.from_apr``, ``kwargs`` its); rank 0 says how much of it it holds."""
+    """``init`` sharded over the ranks by FSDP on the meta device (HSDP: over each group of
+    ``env.fsdp_shard`` ranks), each rank reading only its shards (``distributed.from_apr``, ``kwargs``
+    its); rank 0 says how much of it it holds."""
     from . import distributed
 
     model = distributed.from_apr(init, env, "fsdp", fast=fast, compute_dtype=compute_dtype, **kwargs)
     if env.is_main:
         held = sum(distributed.local_part(p).numel() for p in model.parameters())
-        print(f"eval: {init} sharded over {env.world_size} ranks (FSDP): rank 0 holds {held} of "
+        shard = env.fsdp_shard or env.world_size  # (HSDP: within groups of that many ranks, the groups replicas)
+        how = "FSDP" if shard == env.world_size else f"HSDP, {env.world_size // shard} replicas"
+        print(f"eval: {init} sharded over {shard} ranks ({how}): rank 0 holds {held} of "
               f"{sum(p.numel() for p in model.parameters())} parameters", file=sys.stderr)
     return model
 
@@ -298,6 +305,8 @@ def register(subparsers) -> None:
                    help="under torchrun: ddp (default) a whole model per rank, each scoring its share of the "
                         "batches; fsdp (not --prompts) the model sharded over the ranks, for one too big for a "
                         "device")
+    p.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
+                   help="with --parallel fsdp: shard within groups of N ranks, replicate across them (HSDP)")
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="under torchrun: seconds a rank waits for the others before failing (default 600)")
     add_common_options(p)
