@@ -1292,6 +1292,14 @@ def test_lora_checkpoint_as_init_is_merged_row_by_row_under_fsdp(runs):
     assert _losses(_records(got["stdout"])) == pytest.approx(_losses(_records(runs["one_dora_init_out"])), rel=1e-5)
 
 
+def _same_record(got: dict, want: dict, name: str) -> None:
+    """A command's JSON result line against one process's: the same keys, numbers within 1e-6, the
+    rest equal."""
+    assert got.keys() == want.keys(), name
+    for k, v in want.items():
+        assert got[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), (name, k)
+
+
 def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     """``generate --prompts`` and ``eval --prompts`` under torchrun (2 ranks): each rank samples and
     scores its share of the batches (5 prompts in batches of 2: rank 0 the first and last, rank 1
@@ -1353,14 +1361,9 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
         [(p, s) for p in ("Write:", "Say:", "Go:", "Now:", "Then:") for s in range(2)]
     assert len({line["completion"] for line in lines}) > 5  # (sampled: the completions differ)
     assert len(same(out["pairs"], one["pairs"])) >= 3
-    def close(got: dict, want: dict, name: str) -> None:  # (numbers within 1e-6, the rest equal)
-        assert got.keys() == want.keys(), name
-        for k, v in want.items():
-            assert got[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), (name, k)
-
     got, want = (json.loads(text.splitlines()[-1]) for text in (out["eval"], one["eval"]))
     assert got["prompts"] == 5 and got["samples"] == 3
-    close(got, want, "eval")
+    _same_record(got, want, "eval")
     notes = re.findall(r"sharded over 2 ranks \(FSDP\): rank 0 holds (\d+) of (\d+) parameters",
                        (tmp_path / "ranks" / "world2" / "rank0.err").read_text())
     assert len(notes) == 3 and all(abs(int(a) - int(b) / 2) < int(b) / 10 for a, b in notes)  # (its shards)
@@ -1369,4 +1372,4 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     for name, (key, n) in counts.items():
         (got,), (want,) = ([json.loads(line) for line in text.splitlines()] for text in (out[name], one[name]))
         assert got[key] == want[key] == n, name
-        close(got, want, name)
+        _same_record(got, want, name)

@@ -15,7 +15,7 @@ import torch
 
 from rank_runs import Launch
 from test_distributed import (COMMON, HELD, _aligned_config, _cli, _losses, _odd_config, _records,
-                              _same_checkpoint, _same_run)
+                              _same_checkpoint, _same_record, _same_run)
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,8 @@ def test_hsdp_eval_matches_one_process(runs):
     assert len(notes) == 2 and all(abs(int(a) - int(b) / 2) < int(b) / 10 for a, b in notes)
     for name, key, n in (("eval_data", "tokens", 62 * 32), ("eval_choices", "questions", 7)):
         got, want = (json.loads(text.splitlines()[-1]) for text in (out[name], one[name]))
-        assert got.keys() == want.keys() and got[key] == want[key] == n
-        for k, v in want.items():
-            assert got[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), (name, k)
+        assert got[key] == want[key] == n
+        _same_record(got, want, name)
 
 
 def test_hsdp_step_checkpoint_resumes_in_one_process(runs):

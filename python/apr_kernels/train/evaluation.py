@@ -39,21 +39,19 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     batches (``rank_share``) and every rank gets the totals; with ``sharded`` the model is sharded
     over the ranks by FSDP (each rank reading only its shards), each rank scoring a contiguous share
     of the sequences (``distributed.Parallel.evaluate``)."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr, plan
+    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
     from .data import evaluate, find_text_files, pack_records, target_bytes, token_stream
-    from .loop import autocast_dtype_for
 
-    stored = plan(init).metadata.get("training.config") or {}
     parallel = None
     if sharded:
         from .distributed import parallelize
 
-        compute = autocast_dtype_for(stored.get("precision", "auto"), env.device)
-        parallel = parallelize(sharded_model(init, env, fast, compute), "fsdp", env, compute)
+        parallel = parallelize(sharded_model(init, env, fast), "fsdp", env)  # (sharded already: wrapped)
         model = parallel.module
     else:
         model = as_quantized(from_apr(init, device=pick_device(device), fast=fast), quantize, init)
+    stored = model.apr_metadata.get("training.config") or {}
     tok = load_tokenizer(tokenizer, model.apr_metadata, init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{init}: tokenizer")
     seq_len = seq_len or int(stored.get("seq_len", 256))
@@ -134,28 +132,35 @@ def _eval(args, dev, env) -> int:
     return 0
 
 
-def load_model(args, dev, env, load, **sharded_kwargs):
-    """(``eval``'s model, its autocast dtype): ``load(--init, device, fast)`` (``from_apr``,
-    ``load_classifier``) as ``--quantize`` says, or with ``--parallel fsdp`` sharded over the ranks
-    on the meta device, each rank reading only its shards (``distributed.from_apr``; its
-    ``sharded_kwargs``), computing in the dtype the checkpoint was trained in (bf16 on CUDA); rank 0
-    says how much of it it holds."""
-    from apr_kernels.model.loading import plan
+def load_model(args, dev, env, classifier: bool = False):
+    """(``eval``'s model, its autocast dtype: the checkpoint's training precision on ``dev``): the
+    whole model (``from_apr``; a reward model: ``load_classifier``) as ``--quantize`` says, or with
+    ``--parallel fsdp`` sharded over the ranks (``sharded_model``)."""
+    from apr_kernels.model.loading import classifier_labels, from_apr, load_classifier
 
-    stored = plan(args.init).metadata.get("training.config") or {}
-    autocast = autocast_dtype_for(stored.get("precision", "auto"), dev)
-    if args.parallel != "fsdp":
-        return as_quantized(load(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init), autocast
-    return sharded_model(args.init, env, tristate(args.fast), autocast, **sharded_kwargs), autocast
+    if args.parallel == "fsdp":
+        model = sharded_model(args.init, env, tristate(args.fast),
+                              **({"num_labels": classifier_labels(args.init)} if classifier else {}))
+    else:
+        load = load_classifier if classifier else from_apr
+        model = as_quantized(load(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init)
+    stored = model.apr_metadata.get("training.config") or {}
+    return model, autocast_dtype_for(stored.get("precision", "auto"), dev)
 
 
-def sharded_model(init, env, fast, compute_dtype, **kwargs):
+def sharded_model(init, env, fast, **kwargs):
     """``init`` sharded over the ranks by FSDP on the meta device (HSDP: over each group of
     ``env.fsdp_shard`` ranks), each rank reading only its shards (``distributed.from_apr``, ``kwargs``
-    its); rank 0 says how much of it it holds."""
+    its) and computing in the precision it was trained in (bf16 on CUDA); rank 0 says how much of it
+    it holds."""
+    from apr_kernels.model.loading import plan
+
     from . import distributed
 
-    model = distributed.from_apr(init, env, "fsdp", fast=fast, compute_dtype=compute_dtype, **kwargs)
+    stored = plan(init).metadata.get("training.config") or {}  # (FSDP's compute dtype: before loading)
+    model = distributed.from_apr(init, env, "fsdp", fast=fast,
+                                 compute_dtype=autocast_dtype_for(stored.get("precision", "auto"), env.device),
+                                 **kwargs)
     if env.is_main:
         held = sum(distributed.local_part(p).numel() for p in model.parameters())
         shard = env.fsdp_shard or env.world_size  # (HSDP: within groups of that many ranks, the groups replicas)
@@ -168,12 +173,12 @@ def sharded_model(init, env, fast, compute_dtype, **kwargs):
 def eval_choices(args, dev, env=None) -> int:
     """``eval --choices``: accuracy on multiple-choice records (``choices.py``); the last line is
     ``acc=<float> acc_norm=<float> questions=<int>``."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
+    from apr_kernels.model.loading import check_tokenizer_vocab
 
     from .choices import read_choices, score_choices
 
     records = read_choices(args.choices)  # (a bad record fails before the model loads)
-    model, autocast = load_model(args, dev, env, from_apr)
+    model, autocast = load_model(args, dev, env)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     res = score_choices(model, records, tok, batch_size=args.batch_size, device=dev, autocast_dtype=autocast, env=env,
@@ -246,11 +251,11 @@ def eval_pairs(args, dev, env=None) -> int:
     """``eval --pairs`` of a reward model: the share of preference pairs it scores the chosen side
     higher, the mean margin and the Bradley-Terry loss; the last line is ``accuracy=<float>
     margin=<float> loss=<float> pairs=<int>``."""
-    from apr_kernels.model.loading import check_tokenizer_vocab, classifier_labels, load_classifier
+    from apr_kernels.model.loading import check_tokenizer_vocab
 
     from .reward import evaluate_pairs, read_pairs
 
-    model, autocast = load_model(args, dev, env, load_classifier, num_labels=classifier_labels(args.init))
+    model, autocast = load_model(args, dev, env, classifier=True)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     pairs, margins, dropped = read_pairs(args.pairs, tok, model.config.max_position_embeddings)
