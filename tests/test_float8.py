@@ -148,11 +148,6 @@ def test_refusals_name_the_reason(monkeypatch):
     with pytest.raises(ValueError, match=r"--float8 with --tensor-parallel 2: model.layers.0.mlp.gate_proj's part "
                                          r"\[24, 64\] of \[48, 64\] is no multiple of 16"):
         float8.convert(part, "tensorwise", CPU)
-    with pytest.raises(ValueError, match="--float8 rowwise with --context-parallel 2: the weight gradients' scales"):
-        float8.check("rowwise", CPU, context_parallel=2)
-    with pytest.raises(ValueError, match="--float8 tensorwise with --context-parallel 2: each micro-batch's input"):
-        float8.check("tensorwise", CPU, context_parallel=2)
-    float8.check("rowwise_with_gw_hp", CPU, context_parallel=2)
     with pytest.raises(ValueError, match="--float8 with --seq-len 100: .*expected --seq-len a multiple of 16"):
         float8.check("tensorwise", CPU, seq_len=100)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
@@ -199,18 +194,49 @@ def test_float8_run_resumes_exactly_and_saves_a_plain_checkpoint(init, tmp_path,
 
 
 _SPLIT_SCRIPT = """
-import copy, json, sys
+import copy, json, os, sys
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[1])
 from train_runs import sixteen_config
 from apr_kernels.model import Transformer
-from apr_kernels.train import float8
-from apr_kernels.train.tensor_parallel import TensorParallel, split_dims
+from apr_kernels.train import context_parallel, float8, tensor_parallel
 
 dist.init_process_group("gloo")
-rank, out = dist.get_rank(), {}
+rank, world, out = dist.get_rank(), dist.get_world_size(), {}
+tp_size, cp_size = int(sys.argv[2]), int(sys.argv[3])
+tp = tensor_parallel.groups(world, tp_size, rank) if tp_size > 1 else None
+cp = context_parallel.groups(world, cp_size, rank, stride=tp_size) if cp_size > 1 else None
+if os.environ.get("NO_REDUCTION"):  # (what the test's bounds would see without the reductions)
+    float8._install_amax_reduction = float8._mark_splits = float8.split_positions = lambda *a, **k: None
+float8.convert(Transformer(sixteen_config(), fast=False), "tensorwise", torch.device("cpu"))
+if not os.environ.get("NO_REDUCTION"):
+    float8._install_amax_reduction()
+f8_linear = sys.modules["torchao.float8.float8_linear"]
+tensor_to_scale = sys.modules["torchao.float8.float8_utils"].tensor_to_scale
+cast, in_split, scales = f8_linear.hp_tensor_to_float8_dynamic, [False], []
+
+
+def checked_cast(hp, dtype, mm_config, **kw):
+    \"\"\"Context parallelism: each cast of the split model whose scale spans the tokens (a rowwise one
+    per column; a tensorwise one without tensor parallelism, which would span its split too) against
+    torchao's own scale of the group's whole rows, gathered.\"\"\"
+    got = cast(hp, dtype, mm_config, **kw)
+    dim = kw.get("axiswise_dim")
+    over_tokens = kw["gemm_input_role"].name != "WEIGHT" and (dim is None or dim % hp.dim() != hp.dim() - 1)
+    if in_split[0] and cp is not None and over_tokens and (tp is None or dim is not None):
+        flat = hp.detach().reshape(-1, hp.shape[-1]).contiguous()
+        rows = [torch.empty_like(flat) for _ in range(cp.size)]
+        dist.all_gather(rows, flat, group=cp.group)
+        want = tensor_to_scale(torch.cat(rows), dtype, False, None, kw["scaling_granularity"],
+                               None if dim is None else 0, kw.get("round_scales_to_power_of_2", False))
+        scales.append(float(((got._scale.reshape(want.shape) - want) / want).abs().max()))
+    return got
+
+
+checked_cast.reduces_over_split_groups = True  # (wraps the reductions: not wrapped by them again)
+f8_linear.hp_tensor_to_float8_dynamic = checked_cast
 for recipe in ("tensorwise", "rowwise", "rowwise_with_gw_hp"):
     torch.manual_seed(0)
     whole = Transformer(sixteen_config(), fast=False)
@@ -223,33 +249,50 @@ for recipe in ("tensorwise", "rowwise", "rowwise_with_gw_hp"):
             for w in (a.o_proj.weight, m.down_proj.weight):
                 w[:, w.shape[1] // 2:] *= 2.0 ** -12
     split = copy.deepcopy(whole)
-    tp = TensorParallel(dist.group.WORLD, rank, 2)
-    split.set_tensor_parallel(tp, vocabulary=False)
+    if tp is not None:
+        split.set_tensor_parallel(tp, vocabulary=False)
     for model in (whole, split):
         float8.convert(model, recipe, torch.device("cpu"))
+    if cp is not None:
+        split.set_context_parallel(cp)
+        float8.split_positions(split, cp)
     ids = torch.randint(0, 272, (2, 32))
-    logits = {}
-    for name, model in (("whole", whole), ("split", split)):
-        y = model(ids)
-        (y.float().pow(2).mean() + y.float().logsumexp(-1).mean()).backward()
+    shard = cp.shard if cp is not None else (lambda t: t)
+    logits, n = {}, ids.numel()
+    for name, model, x in (("whole", whole, ids), ("split", split, shard(ids))):
+        in_split[0] = name == "split"
+        y = model(x).float()  # (a sum over the positions: the context ranks' gradients add up)
+        ((y.pow(2).mean(-1) + y.logsumexp(-1)).sum() / n).backward()
         logits[name] = y.detach()
-    rel = {"logits": float((logits["split"] - logits["whole"]).abs().max() / logits["whole"].abs().max())}
+    in_split[0] = False
+    want = shard(logits["whole"])
+    rel = {"logits": float((logits["split"] - want).abs().max() / want.abs().max())}
     grads, parts = dict(whole.named_parameters()), dict(split.named_parameters())
-    for n, dim in split_dims(split).items():
-        want = tp.local(grads[n].grad, dim, n)
-        rel[n] = float((parts[n].grad - want).abs().max() / want.abs().max())
-    out[recipe] = rel
+    dims = tensor_parallel.split_dims(split) if tp is not None else dict.fromkeys(grads)
+    for n_, dim in dims.items():
+        got = parts[n_].grad
+        if cp is not None:
+            dist.all_reduce(got, group=cp.group)
+        want = tp.local(grads[n_].grad, dim, n_) if tp is not None else grads[n_].grad
+        rel[n_] = float((got - want).abs().max() / want.abs().max())
+    out[recipe] = {"rel": rel, "scales": scales[:]}
+    scales.clear()
 print(json.dumps(out))
 """
 
 
-def test_split_projections_cast_as_the_whole_model(tmp_path):
-    """Each recipe on a model split over two ranks (gloo) equals the whole model in one process,
-    logits and every split parameter's gradient: a scale along a split axis (a row-parallel input's
-    or weight's rows, a column-parallel output gradient's, any tensorwise one) takes the whole row's
-    or tensor's maximum. The weights make it matter: rank 1's parts of o's and down's inputs are
-    2^12 x rank 0's, so a scale of a rank's columns alone keeps values the whole row's flushes (with
-    the rowwise reductions left out, the logits differ by 1e-2 of their largest)."""
+@pytest.mark.parametrize("tp, cp", [(2, 1), (1, 2), (2, 2)], ids=["tensor", "context", "tensor_x_context"])
+def test_split_projections_cast_as_the_whole_model(tmp_path, tp, cp):
+    """Each recipe on a model split over tensor-parallel ranks, context-parallel ranks or both (2 x 2)
+    (gloo) equals the whole model in one process, logits and every split parameter's gradient (every
+    parameter's under context parallelism alone): a scale along a split axis (a row-parallel input's
+    or weight's rows, a column-parallel output gradient's, any tensorwise one; under context
+    parallelism any scale over the tokens) takes the whole row's or tensor's maximum, over one group
+    or both in turn. The weights make it matter: rank 1's parts of o's and down's inputs are 2^12 x
+    rank 0's, so a scale of a rank's part alone keeps values the whole row's flushes (checked: with
+    the reductions left out, the comparison fails the bound). Under context parallelism each cast
+    whose scale spans the tokens is also checked against torchao's scale of the group's whole rows
+    (left out, they differ by up to 4x)."""
     import json
     import subprocess
     import sys
@@ -258,15 +301,21 @@ def test_split_projections_cast_as_the_whole_model(tmp_path):
 
     script = tmp_path / "split.py"
     script.write_text(_SPLIT_SCRIPT)
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent)], env=rank_env(r, 2, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p, (out, err) in zip(procs, [p.communicate(timeout=180) for p in procs]):
+    port, world = free_port(), tp * cp
+    procs = [subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent), str(tp), str(cp)],
+                              env=rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    for p, (out, err) in zip(procs, [p.communicate(timeout=240) for p in procs]):
         assert p.returncode == 0, err[-3000:]
-        for recipe, rel in json.loads(out.splitlines()[-1]).items():
-            assert len(rel) == 1 + 2 * 10  # (the logits; per layer q/k/v with biases, o, gate, up, down)
+        for recipe, got in json.loads(out.splitlines()[-1]).items():
+            rel, scales = got["rel"], got["scales"]
+            assert len(rel) == 1 + (2 * 10 if tp > 1 else 2 * 12 + 2), (recipe, list(rel))
             for name, value in rel.items():
                 assert value < 1e-5, (recipe, name, value)
+            # the casts over the tokens checked (14 projections): the input's and the output
+            # gradient's, forward and backward, tensorwise; the weight gradient's two rowwise
+            assert len(scales) == {"tensorwise": 4 * 14 * (tp == 1), "rowwise": 2 * 14}.get(recipe, 0) * (cp > 1)
+            assert max(scales, default=0.0) < 1e-6, (recipe, max(scales))
 
 
 def test_float8_on_two_ranks_matches_one_process(init, tmp_path):
@@ -274,17 +323,18 @@ def test_float8_on_two_ranks_matches_one_process(init, tmp_path):
     rows each per micro-batch = one process with the same two-row micro-batches in turn (a
     tensorwise input scale is its micro-batch's; a step is 8 rows either way). Expert parallelism
     too: a Qwen2-MoE model whose experts stay in high precision (no balance loss, whose value would
-    depend on the grouping). And context parallelism with ``rowwise_with_gw_hp``, and tensor
-    parallelism with ``tensorwise`` (each scale's maximum reduced over the group), under FSDP and with
-    sequence parallelism, and with ``rowwise`` (each split row's maximum reduced)."""
+    depend on the grouping). And context parallelism with ``tensorwise`` (an input's or an output
+    gradient's scale reduced over the group), and tensor parallelism with ``tensorwise`` (each
+    scale's maximum reduced over the group), under FSDP and with sequence parallelism, and with
+    ``rowwise`` (each split row's maximum reduced)."""
     moe = sixteen_init(tmp_path / "moe.apr", seed=4, architecture="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=(1,),
                        tie_word_embeddings=False)
     two = ["--batch-size", "4", "--grad-accum", "2", "--float8", "tensorwise"]
     moe_args = ["--router-aux-loss-coef", "0"]
-    # context parallelism (each rank half of every row's positions) with rowwise_with_gw_hp, whose
-    # scales are each a token's row or a weight's: the same micro-batches as one process
-    cp = ["--float8", "rowwise_with_gw_hp"]
+    # context parallelism (each rank half of every row's positions) with tensorwise: each scale of an
+    # input or an output gradient takes its maximum over the group, the whole micro-batch's
+    cp = ["--float8", "tensorwise"]
     # tensor parallelism (each rank half of every projection) with tensorwise: each scale's maximum
     # over the group, the whole tensor's; the same micro-batches as one process
     tp = ["--float8", "tensorwise"]

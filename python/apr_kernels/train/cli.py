@@ -795,8 +795,7 @@ def _check_low_precision(cfg, args, device) -> None:
     from . import float8
 
     device = device or pick_device(args.device)
-    float8.check(cfg.float8, device, lora=bool(args.lora_rank), context_parallel=args.context_parallel,
-                 seq_len=cfg.seq_len)
+    float8.check(cfg.float8, device, lora=bool(args.lora_rank), seq_len=cfg.seq_len)
     if device.type == "cuda" and not args.compile:
         print("warning: --float8 without --compile casts to float8 in separate eager kernels, usually slower "
               "than bf16; add --compile", file=sys.stderr)

@@ -762,6 +762,9 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         # (under tensor parallelism the context groups span the tensor-parallel groups: ranks N apart)
         context = groups(env.world_size, context_parallel, env.rank, tensor_parallel.size if tensor_parallel else 1)
         model.set_context_parallel(context)
+        from .float8 import split_positions
+
+        split_positions(model, context)  # (float8 scales spanning the positions: over the group)
     if expert_parallel is not None:
         from .expert_parallel import check
 

@@ -25,19 +25,18 @@ Evaluation runs in high precision (``high_precision``): the eval loss is the sav
 ``apr-kernels eval`` and any bf16 use of the checkpoint see it, and it does not depend on how the
 held-out batches are split over ranks (a float8 scale would be each batch's).
 
-Tensor parallelism: a cast whose scale spans the axis the ranks split (``out`` of a column-parallel
-q/k/v/gate/up, ``in`` of a row-parallel o/down; any tensorwise scale of them) takes its maximum over
-the group (an all-reduce of one value per scale: per tensor, or per row of a rowwise recipe), so a
-rank's part of a weight or of an activation gets the scale of the whole tensor or row, as one
-process and torchtitan's DTensor-based float8 have it. A scale along an axis each rank holds whole
-(a column-parallel input's rows, a weight gradient's scales over the tokens) needs no reduction.
+Tensor and context parallelism: a cast whose scale spans an axis the ranks split takes its
+maximum over their group (an all-reduce of one value per scale: per tensor, or per row of a rowwise
+recipe), so a rank's part of a weight or of an activation gets the scale of the whole tensor or row,
+as one process and torchtitan's DTensor-based float8 have it. Tensor parallelism splits ``out`` of a
+column-parallel q/k/v/gate/up and ``in`` of a row-parallel o/down (any tensorwise scale of them,
+and a rowwise one along that axis); context parallelism splits the tokens (a tensorwise input's or
+output gradient's scale, and a rowwise weight gradient's, one per column over the tokens). Both
+together: over the one group, then the other. A scale along an axis each rank holds whole (a
+column-parallel input's rows, a weight's scales under context parallelism, every scale of
+``rowwise_with_gw_hp`` under context parallelism) needs no reduction.
 
-Not combined (each refused with a message): LoRA (the frozen base would need a float8 weight cache)
-and context parallelism with ``tensorwise`` or
-``rowwise`` (an input scale, or a weight gradient's, spans the tokens, of which a rank holds some).
-``rowwise_with_gw_hp`` combines with context parallelism: its scales are each one token's row, one
-weight row or the whole weight (which every context-parallel rank holds), and its weight gradients
-are high-precision GEMMs, so a rank's positions are cast as one process casts them.
+Not combined: LoRA (the frozen base would need a float8 weight cache), refused with a message.
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ import functools
 import importlib
 import logging
 import re
+import sys
 
 import torch
 from torch import nn
@@ -58,8 +58,7 @@ PROJECTIONS = re.compile(r"(^|\.)(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.)?
 MIN_CAPABILITY = (8, 9)
 
 
-def check(recipe: str, device: torch.device, *, lora: bool = False, context_parallel: int = 1,
-          seq_len: int | None = None) -> None:
+def check(recipe: str, device: torch.device, *, lora: bool = False, seq_len: int | None = None) -> None:
     """Raise ``ValueError`` when ``--float8 recipe`` cannot run here (every reason named). ``seq_len``:
     a multiple of 16, as the weight gradient's float8 GEMM needs its token count to be (checked on
     every device, so that a run checked on CPU also runs on a GPU)."""
@@ -76,12 +75,6 @@ def check(recipe: str, device: torch.device, *, lora: bool = False, context_para
     if lora:
         raise ValueError("--float8 trains the model's own projections; with --lora-rank the base is frozen. "
                          "Expected one of the two")
-    if context_parallel != 1 and recipe != "rowwise_with_gw_hp":
-        spans = ("each micro-batch's input scale" if recipe == "tensorwise"
-                 else "the weight gradients' scales (one per output row or input column, over the tokens)")
-        raise ValueError(f"--float8 {recipe} with --context-parallel {context_parallel}: {spans} would span only "
-                         f"a rank's positions, so the run would not equal one process; expected --float8 "
-                         f"rowwise_with_gw_hp (each scale one token's or one weight's) or --context-parallel 1")
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         if cap < MIN_CAPABILITY:
@@ -123,79 +116,115 @@ def float8_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, float8_linear.Float8Linear)]
 
 
-class _GroupMesh:
-    """What torchao's amax reduction asks of a device mesh: the process group to reduce over."""
-
-    def __init__(self, group):
-        self.group = group
-
-    def get_group(self):
-        return self.group
-
-
-_AMAX_GROUP = None  # tensor parallelism: the group over which a split projection's scales' amaxes are reduced
-# the axis of a projection a cast's scale spans, by the cast's role and whether torchao's axiswise_dim
-# is the tensor's last (the weight is cast as weight.t(), [in, out]; the others are [tokens, features])
+# the axes of a projection a cast's scale spans, by the cast's role and whether torchao's axiswise_dim
+# is the tensor's last (the weight is cast as weight.t(), [in, out]; the others are [tokens, features]);
+# a tensorwise scale spans both
 _SPANS = {"INPUT": ("tokens", "in"), "WEIGHT": ("in", "out"), "GRAD_OUTPUT": ("tokens", "out")}
 
 
-def _spans_split(hp_tensor, linear_mm_config, kwargs) -> bool:
-    """Whether a cast of a tensor-parallel projection needs its amax over the group: a tensorwise
-    scale (the whole tensor) of a split projection always; a rowwise one when it spans the split axis
-    (``out`` of a column-parallel projection, ``in`` of a row-parallel one, ``_mark_splits``)."""
-    split = getattr(linear_mm_config, "split", None)
-    if split is None:  # (a projection each rank holds whole)
-        return False
+def _spanned_groups(hp_tensor, linear_mm_config, kwargs) -> list:
+    """The process groups over which a cast's amax must be reduced for its scale to be the whole
+    tensor's or row's (``_mark_splits``): the tensor-parallel group when the scale spans the axis the
+    ranks split (``out`` of a column-parallel projection, ``in`` of a row-parallel one), the
+    context-parallel group when it spans the tokens. None of them for a projection each rank holds
+    whole and sees every position of."""
+    split, split_group, tokens_group = (getattr(linear_mm_config, k, None)
+                                        for k in ("split", "split_group", "tokens_group"))
+    if split_group is None and tokens_group is None:
+        return []
+    role = kwargs.get("gemm_input_role")
     dim = kwargs.get("axiswise_dim")
-    if dim is None:
-        return True
-    role = kwargs["gemm_input_role"].name
-    return _SPANS[role][dim % hp_tensor.dim() == hp_tensor.dim() - 1] == split
+    spans = _SPANS[role.name if role is not None else "INPUT"]
+    if dim is not None:
+        spans = (spans[dim % hp_tensor.dim() == hp_tensor.dim() - 1],)
+    return [g for axis, g in ((split, split_group), ("tokens", tokens_group)) if g is not None and axis in spans]
 
 
-def _reduce_amax_over_tensor_parallel_group(group) -> None:
-    """Tensor parallelism: a float8 cast of a split projection (torchao's ``Float8Linear``: input,
-    weight, output gradient, forward and backward) whose scale spans the split axis takes its maximum
-    over ``group`` (an all-reduce of one value, or of one per row), so a rank's part of a weight, of a
-    row-parallel input or of a column-parallel output gradient gets the scale of the whole tensor or
-    of the whole row, as one process computes it (torchtitan's float8 tensor parallelism does the same
-    through DTensor). A scale over an axis each rank holds whole (a column-parallel input's rows, a
-    rowwise scale over the tokens) is left alone. Installed once per process, in torchao's module
-    namespace, where the casts look the function up."""
-    global _AMAX_GROUP
+def _install_amax_reduction() -> None:
+    """Make torchao's ``Float8Linear`` casts (input, weight, output gradient, forward and backward)
+    reduce each scale's amax over the groups its tensor is split over (``_spanned_groups``): an
+    all-reduce (max) of one value per scale, per tensor or per row, over the tensor-parallel group,
+    then over the context-parallel one (the two in turn: the maximum over their product), so a
+    rank's part of a weight or an activation gets the scale one process computes for the whole, as
+    torchtitan's DTensor-based float8 tensor parallelism has it. Installed once per process, in
+    torchao's module namespace, where the casts look the function up; a cast that spans no split
+    runs torchao's own code unchanged."""
     float8_linear = importlib.import_module("torchao.float8.float8_linear")
     cast = getattr(float8_linear, "hp_tensor_to_float8_dynamic", None)
+    try:
+        utils = importlib.import_module("torchao.float8.float8_utils")
+        scaling = importlib.import_module("torchao.float8.float8_scaling_utils")
+        tensor_to_amax, amax_to_scale = utils.tensor_to_amax, utils.amax_to_scale
+        to_float8 = scaling.hp_tensor_and_scale_to_float8
+    except (ImportError, AttributeError):
+        cast = None
     if cast is None:
-        raise ValueError("--float8 with --tensor-parallel: this torchao's Float8Linear has no "
-                         "hp_tensor_to_float8_dynamic to reduce its scales over the group; expected torchao >= 0.9")
-    if not getattr(cast, "reduces_over_tensor_parallel_group", False):
-        def reduced(hp_tensor, float8_dtype, linear_mm_config, **kwargs):
-            if _AMAX_GROUP is not None and _spans_split(hp_tensor, linear_mm_config, kwargs):
-                kwargs.update(reduce_amax=True, device_mesh=_GroupMesh(_AMAX_GROUP))
-            return cast(hp_tensor, float8_dtype, linear_mm_config, **kwargs)
+        raise ValueError("--float8 with --tensor-parallel or --context-parallel: this torchao's Float8Linear "
+                         "has no hp_tensor_to_float8_dynamic to reduce its scales over the group; expected "
+                         "torchao >= 0.9")
+    if getattr(cast, "reduces_over_split_groups", False):
+        return
+    from torch.distributed import _functional_collectives as funcol
 
-        reduced.reduces_over_tensor_parallel_group = True
-        float8_linear.hp_tensor_to_float8_dynamic = reduced
-    _AMAX_GROUP = group
+    def reduced(hp_tensor, float8_dtype, linear_mm_config, **kwargs):
+        groups = _spanned_groups(hp_tensor, linear_mm_config, kwargs)
+        if not groups:
+            return cast(hp_tensor, float8_dtype, linear_mm_config, **kwargs)
+        granularity = kwargs.get("scaling_granularity", importlib.import_module(
+            "torchao.float8.config").ScalingGranularity.TENSORWISE)
+        amax = tensor_to_amax(hp_tensor, False, None, granularity, kwargs.get("axiswise_dim"))
+        for group in groups:
+            amax = funcol.all_reduce(amax, "MAX", group)
+            if isinstance(amax, funcol.AsyncCollectiveTensor):
+                amax = amax.wait()
+        scale = amax_to_scale(amax, float8_dtype,
+                              round_scales_to_power_of_2=kwargs.get("round_scales_to_power_of_2", False))
+        return to_float8(hp_tensor, scale, float8_dtype, linear_mm_config, kwargs["gemm_input_role"],
+                         kwargs.get("axiswise_dim"))
+
+    reduced.reduces_over_split_groups = True
+    float8_linear.hp_tensor_to_float8_dynamic = reduced
 
 
 @functools.cache
-def _split_config_type(split: str):
+def _split_config_type(split: str | None, split_group, tokens_group):
     """torchao's ``LinearMMConfig`` (a named tuple, handed to every cast of its projection, forward and
-    backward) with the projection's split axis as ``split``: ``out`` (column-parallel) or ``in``."""
+    backward) that also says how the ranks split the projection (``_spanned_groups``): ``split`` the
+    axis a tensor-parallel group ``split_group`` splits (``out``: column-parallel, ``in``; or None),
+    ``tokens_group`` the context-parallel group sharing every row's positions (or None)."""
     LinearMMConfig = importlib.import_module("torchao.float8.float8_training_tensor").LinearMMConfig
-    return type(f"{split.capitalize()}SplitLinearMMConfig", (LinearMMConfig,), {"__slots__": (), "split": split})
+    name = f"{(split or 'whole').capitalize()}{'Positions' if tokens_group is not None else ''}SplitLinearMMConfig"
+    return type(name, (LinearMMConfig,), {"__slots__": (), "split": split, "split_group": split_group,
+                                          "tokens_group": tokens_group})
 
 
-def _mark_splits(model: nn.Module) -> None:
-    """Tell each converted tensor-parallel projection's casts which axis the ranks split
-    (``_spans_split``), through the ``LinearMMConfig`` they are handed."""
+def _mark_splits(model: nn.Module, tokens_group=None) -> None:
+    """Tell each converted projection's casts how the ranks split it (``_spanned_groups``), through
+    the ``LinearMMConfig`` they are handed: its tensor-parallel axis and group (``split_dims``) and
+    ``tokens_group``, the context-parallel group (kept from an earlier marking when None)."""
     from .tensor_parallel import split_dims
 
-    split = split_dims(model)
+    tp = getattr(model, "tensor_parallel", None)
+    split = split_dims(model) if tp is not None and tp.size > 1 else {}
     for name in float8_modules(model):
         m = model.get_submodule(name)
-        m.linear_mm_config = _split_config_type(("out", "in")[split[f"{name}.weight"]])(*m.linear_mm_config)
+        dim = split.get(f"{name}.weight")
+        old = m.linear_mm_config
+        tokens = tokens_group if tokens_group is not None else getattr(old, "tokens_group", None)
+        axis, group = (None, None) if dim is None else (("out", "in")[dim], tp.group)
+        m.linear_mm_config = _split_config_type(axis, group, tokens)(*old)
+
+
+def split_positions(model: nn.Module, context) -> None:
+    """Context parallelism (``context``: a ``ContextParallel`` whose ranks each hold a share of every
+    row's positions) on a model with float8 projections: a scale that spans the tokens (a tensorwise
+    input's or output gradient's; a rowwise weight gradient's, one per column of the input or of the
+    output gradient) takes its maximum over the group, so each rank's positions are cast as one
+    process casts the whole rows. A model without float8 projections is left alone."""
+    if context is None or context.size == 1 or "torchao.float8" not in sys.modules or not float8_modules(model):
+        return
+    _install_amax_reduction()
+    _mark_splits(model, context.group)
 
 
 def _check_split(model: nn.Module, tp) -> None:
@@ -218,19 +247,22 @@ def _check_split(model: nn.Module, tp) -> None:
 
 def convert(model: nn.Module, recipe: str, device: torch.device) -> list[str]:
     """Swap ``model``'s eligible projections for ``Float8Linear`` (the same parameters); the converted
-    names. Refuses a model with LoRA adapters (``check``). Split over tensor-parallel ranks, each
-    cast's scale is the whole tensor's or the whole row's."""
+    names. Refuses a model with LoRA adapters (``check``). Split over tensor- or context-parallel
+    ranks (now, or later through ``split_positions``), each cast's scale is the whole tensor's or
+    the whole row's."""
     convert_to_float8_training = _import_torchao().convert_to_float8_training
     if getattr(model, "lora", None):
         raise ValueError("--float8 trains the model's own projections; this model has LoRA adapters")
-    tp = getattr(model, "tensor_parallel", None)
+    tp, cp = getattr(model, "tensor_parallel", None), getattr(model, "context_parallel", None)
+    split = (tp is not None and tp.size > 1) or (cp is not None and cp.size > 1)
     if tp is not None and tp.size > 1:
         _check_split(model, tp)
-        _reduce_amax_over_tensor_parallel_group(tp.group)
+    if split:
+        _install_amax_reduction()
     convert_to_float8_training(model, module_filter_fn=lambda m, name: eligible(name, m),
                                config=config(recipe, device))
-    if tp is not None and tp.size > 1:
-        _mark_splits(model)
+    if split:
+        _mark_splits(model, cp.group if cp is not None and cp.size > 1 else None)
     names = float8_modules(model)
     if not names:
         shapes = [f"{n} ({m.in_features} -> {m.out_features})" for n, m in model.named_modules()
