@@ -1292,12 +1292,52 @@ def test_lora_checkpoint_as_init_is_merged_row_by_row_under_fsdp(runs):
     assert _losses(_records(got["stdout"])) == pytest.approx(_losses(_records(runs["one_dora_init_out"])), rel=1e-5)
 
 
-def _same_record(got: dict, want: dict, name: str) -> None:
-    """A command's JSON result line against one process's: the same keys, numbers within 1e-6, the
-    rest equal."""
+def _same_record(got: dict, want: dict, name: str, abs: float = 0.0) -> None:
+    """A command's JSON result line against one process's: the same keys, numbers within 1e-6 (and
+    ``abs``: a difference of two scores, such as a margin, whose terms were summed in another order),
+    the rest equal."""
     assert got.keys() == want.keys(), name
     for k, v in want.items():
-        assert got[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), (name, k)
+        assert got[k] == (pytest.approx(v, rel=1e-6, abs=abs) if isinstance(v, float) else v), (name, k)
+
+
+def test_tensor_parallel_groups_share_the_batches_as_ranks_do(monkeypatch):
+    """``rank_share`` on 4 ranks split into 2 tensor-parallel groups (``--tensor-parallel 2``): each
+    group is one worker, both its ranks taking the same batches (5 batches: ranks 0 and 1 batches 0,
+    2, 4, ranks 2 and 3 batches 1, 3, three rounds); only each group's first rank's results count:
+    rank 0 gathers those in batch order, every rank gets every batch's result once, and a sum counts
+    each group once. (The collectives stood in for by the four ranks' calls, as gloo would join them;
+    test_generate_and_eval_shared_among_ranks_match_one_process runs them on 2 ranks.)"""
+    import torch.distributed as dist
+
+    from apr_kernels.train import rank_share
+    from apr_kernels.train.distributed import DistEnv
+    from apr_kernels.train.tensor_parallel import TensorParallel
+
+    envs = [DistEnv(rank=r, world_size=4, model_split=TensorParallel(None, r % 2, 2)) for r in range(4)]
+    starts = [rank_share.rank_batches(5, 1, env) for env in envs]
+    assert starts == [(range(0, 5, 2), 3)] * 2 + [(range(1, 5, 2), 3)] * 2
+    made = [[f"batch{b} by rank{r}" for b in s] for r, (s, _) in enumerate(starts)]
+    sent = {}
+
+    def gather_object(obj, every, dst=0):  # (rank 0's call last: the others' already sent)
+        sent[current] = obj
+        if every is not None:
+            every[:] = [sent[r] for r in range(4)]
+
+    monkeypatch.setattr(dist, "gather_object", gather_object)
+    monkeypatch.setattr(dist, "all_gather_object", lambda every, obj: gather_object(obj, every))
+    for current in (3, 2, 1, 0):
+        got = rank_share.gathered(envs[current], made[current])
+    assert got == ["batch0 by rank0", "batch2 by rank0", "batch4 by rank0", "batch1 by rank2", "batch3 by rank2"]
+    for current in (3, 2, 1, 0):
+        got = rank_share.every_batch(envs[current], made[current])
+    assert got == ["batch0 by rank0", "batch1 by rank2", "batch2 by rank0", "batch3 by rank2", "batch4 by rank0"]
+    values = {}
+    monkeypatch.setattr(dist, "all_reduce", lambda t: values.setdefault(current, t.clone()))
+    for current in range(4):
+        rank_share.summed(envs[current], torch.tensor([1.0 + current], dtype=torch.float64))
+    assert [float(v) for v in values.values()] == [1.0, 0.0, 3.0, 0.0]  # (ranks 1 and 3 add nothing)
 
 
 def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
@@ -1308,7 +1348,9 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     place in the file; the reward model's scores within float32 rounding, the ranks' threads summing in
     another order) and prints the sums of both ranks' rewards and pass@k. And ``eval --data``,
     ``--choices`` and ``--pairs`` alike: each rank its share of the batches, rank 0 the totals; and
-    each of those three with ``--parallel fsdp``, the model sharded over the ranks."""
+    each of those three with ``--parallel fsdp``, the model sharded over the ranks; and every one
+    of them with ``--tensor-parallel 2``, the model (and the reward model) split over the ranks,
+    which run the same batches, rank 0 alone handing on their results."""
     from apr_kernels.model import Transformer, preset
     from apr_kernels.train.checkpoint import save_checkpoint
     from apr_kernels.train.cli import byte_tokenizer
@@ -1341,9 +1383,14 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     # choices (5 batches) and pairs (3 batches) as above, rank 1 running a padding forward last (the
     # sharded layers' gathers are collectives)
     sharded = {f"{name}_fsdp": runs[name] for name in ("data", "choices", "rm_pairs")}
+    # and every one of them with the model split over the 2 ranks (--tensor-parallel 2: one copy, each
+    # rank its heads and MLP rows; the reward model split alike), the two running the same batches
+    split = {f"{name}_tp": runs[name] for name in runs}
     one, out = against_one_process({**{name: (argv, 2) for name, argv in runs.items()},
-                                    **{name: ([*argv, "--parallel", "fsdp"], 2) for name, argv in sharded.items()}},
+                                    **{name: ([*argv, "--parallel", "fsdp"], 2) for name, argv in sharded.items()},
+                                    **{name: ([*argv, "--tensor-parallel", "2"], 2) for name, argv in split.items()}},
                                    {**runs, **sharded}, tmp_path / "ranks")
+    one.update({name: one[name.removesuffix("_tp")] for name in split})
 
     def same(got: str, want: str) -> list[dict]:
         (a, b) = ([json.loads(line) for line in text.splitlines()] for text in (got, want))
@@ -1356,20 +1403,27 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
             assert {k: x[k] for k in scores} == pytest.approx({k: y[k] for k in scores}, rel=1e-5, abs=1e-6)
         return a
 
-    lines = same(out["generate"], one["generate"])
-    assert [(line["prompt"], line["sample"]) for line in lines] == \
-        [(p, s) for p in ("Write:", "Say:", "Go:", "Now:", "Then:") for s in range(2)]
-    assert len({line["completion"] for line in lines}) > 5  # (sampled: the completions differ)
-    assert len(same(out["pairs"], one["pairs"])) >= 3
-    got, want = (json.loads(text.splitlines()[-1]) for text in (out["eval"], one["eval"]))
-    assert got["prompts"] == 5 and got["samples"] == 3
-    _same_record(got, want, "eval")
-    notes = re.findall(r"sharded over 2 ranks \(FSDP\): rank 0 holds (\d+) of (\d+) parameters",
-                       (tmp_path / "ranks" / "world2" / "rank0.err").read_text())
+    for tp in ("", "_tp"):
+        lines = same(out["generate" + tp], one["generate"])
+        assert [(line["prompt"], line["sample"]) for line in lines] == \
+            [(p, s) for p in ("Write:", "Say:", "Go:", "Now:", "Then:") for s in range(2)]
+        assert len({line["completion"] for line in lines}) > 5  # (sampled: the completions differ)
+        assert len(same(out["pairs" + tp], one["pairs"])) >= 3
+        got, want = (json.loads(text.splitlines()[-1]) for text in (out["eval" + tp], one["eval"]))
+        assert got["prompts"] == 5 and got["samples"] == 3
+        _same_record(got, want, "eval" + tp)
+    err = (tmp_path / "ranks" / "world2" / "rank0.err").read_text()
+    notes = re.findall(r"sharded over 2 ranks \(FSDP\): rank 0 holds (\d+) of (\d+) parameters", err)
     assert len(notes) == 3 and all(abs(int(a) - int(b) / 2) < int(b) / 10 for a, b in notes)  # (its shards)
+    # (split: every layer's projections halved, the embedding, head and norms whole on each rank)
+    notes = re.findall(r"(generate|eval): \S+/(\w+).apr split over 2 tensor-parallel ranks \(1 copy\): rank 0 "
+                       r"holds (\d+) of (\d+) parameters", err)
+    assert [n[:2] for n in notes] == [*[("generate", "init")] * 2, *[("eval", "init")] * 3, ("eval", "rm")]
+    assert all(int(b) / 2 < int(a) < int(b) * 0.9 for _, _, a, b in notes), notes
     counts = {"data": ("tokens", 62 * 32), "choices": ("questions", 7), "rm_pairs": ("pairs", 5)}
-    counts.update({f"{name}_fsdp": counts[name] for name in list(counts)})
+    counts.update({f"{name}{suffix}": counts[name] for name in list(counts) for suffix in ("_fsdp", "_tp")})
     for name, (key, n) in counts.items():
         (got,), (want,) = ([json.loads(line) for line in text.splitlines()] for text in (out[name], one[name]))
         assert got[key] == want[key] == n, name
-        _same_record(got, want, name)
+        # (split: a reward model's scores summed over the group in another order, about 1e-8 apart)
+        _same_record(got, want, name, abs=1e-7 if name.endswith("_tp") else 0.0)

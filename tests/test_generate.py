@@ -347,7 +347,8 @@ def test_cli_eval_prompts_mean_reward_and_unbiased_pass_at_k(tmp_path, capsys):
 def test_generate_and_chat_under_torchrun_refuse_what_they_cannot_share(tmp_path, monkeypatch, capsys):
     """Under torchrun the ranks share ``--prompts``' batches (test_distributed.py runs them); a single
     ``--prompt`` has nothing to share and ``chat`` one terminal: refused by name before any process
-    group. ``eval --parallel fsdp`` needs torchrun and no sampling."""
+    group. ``eval --parallel fsdp`` needs torchrun and no sampling; ``--tensor-parallel`` torchrun,
+    and neither FSDP nor a quantised copy beside it."""
     from apr_kernels.cli import main
 
     m = str(tmp_path / "m.apr")
@@ -360,6 +361,15 @@ def test_generate_and_chat_under_torchrun_refuse_what_they_cannot_share(tmp_path
         "whole model on each rank (--parallel ddp)" in capsys.readouterr().err
     assert main(["eval", "--init", m, "--data", m, "--fsdp-shard-size", "2"]) != 0
     assert "eval --fsdp-shard-size 2 shards within groups of ranks; expected --parallel fsdp under torchrun" \
+        in capsys.readouterr().err
+    # --tensor-parallel: the model split over torchrun's ranks, whole on none of them
+    assert main(["eval", "--init", m, "--data", m, "--tensor-parallel", "2"]) != 0
+    assert "--tensor-parallel 2 splits the model over torchrun's ranks; expected a torchrun launch" \
+        in capsys.readouterr().err
+    assert main(["eval", "--init", m, "--data", m, "--tensor-parallel", "2", "--parallel", "fsdp"]) != 0
+    assert "eval --tensor-parallel 2 with --parallel fsdp: expected one of the two" in capsys.readouterr().err
+    assert main(["generate", "--init", m, "--prompts", m, "--tensor-parallel", "2", "--quantize", "q8"]) != 0
+    assert "generate --tensor-parallel 2 with --quantize q8: the quantised copy is made whole on one device" \
         in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

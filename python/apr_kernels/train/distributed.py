@@ -70,6 +70,10 @@ class DistEnv:
     # FSDP: the ranks that shard a parameter between them (0: all); fewer than all is HSDP, each group
     # of that many consecutive ranks (a node) holding one sharded copy, the copies replicated
     fsdp_shard: int = 0
+    # the commands that only read a model (eval, generate) under --tensor-parallel N: this rank's
+    # tensor_parallel.TensorParallel, N consecutive ranks holding one model split between them and
+    # running the same batches (rank_share.py); None: a whole model per rank
+    model_split: object = None
 
     @property
     def is_main(self) -> bool:

@@ -24,7 +24,8 @@ import sys
 import torch
 
 from .cli import add_common_options, keep_freed_memory, load_tokenizer, packing_eos, pick_device, tristate
-from .generation import add_quantize_option, as_quantized, inference_model, reward_functions, sampled_batches, scored
+from .generation import (add_quantize_option, add_tensor_parallel_option, as_quantized, inference_model,
+                         reward_functions, sampled_batches, scored)
 from .loop import autocast_dtype_for
 
 
@@ -38,7 +39,8 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
     ``convert --quantize`` would store it. ``env``: under torchrun, each rank scores its share of the
     batches (``rank_share``) and every rank gets the totals; with ``sharded`` the model is sharded
     over the ranks by FSDP (each rank reading only its shards), each rank scoring a contiguous share
-    of the sequences (``distributed.Parallel.evaluate``)."""
+    of the sequences (``distributed.Parallel.evaluate``); with ``env.model_split`` (``--tensor-parallel``)
+    split over each group of ranks, the groups sharing the batches (``rank_share``)."""
     from apr_kernels.model.loading import check_tokenizer_vocab, from_apr
 
     from .data import evaluate, find_text_files, pack_records, target_bytes, token_stream
@@ -49,6 +51,10 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
 
         parallel = parallelize(sharded_model(init, env, fast), "fsdp", env)  # (sharded already: wrapped)
         model = parallel.module
+    elif env is not None and env.model_split is not None:
+        from .rank_share import split_model
+
+        model = split_model(init, env, "eval", fast=fast)
     else:
         model = as_quantized(from_apr(init, device=pick_device(device), fast=fast), quantize, init)
     stored = model.apr_metadata.get("training.config") or {}
@@ -87,6 +93,11 @@ def cmd_eval(args) -> int:
     if args.fsdp_shard_size is not None and args.parallel != "fsdp":
         raise ValueError(f"eval --fsdp-shard-size {args.fsdp_shard_size} shards within groups of ranks; expected "
                          f"--parallel fsdp under torchrun")
+    if args.tensor_parallel != 1 and (args.parallel == "fsdp" or args.quantize):
+        other = "--parallel fsdp" if args.parallel == "fsdp" else f"--quantize {args.quantize}"
+        raise ValueError(f"eval --tensor-parallel {args.tensor_parallel} with {other}: expected one of the two "
+                         f"(the model split over tensor-parallel ranks, or "
+                         + ("sharded by FSDP)" if args.parallel == "fsdp" else "quantised whole on one device)"))
     if args.parallel == "fsdp":
         if args.prompts:
             raise ValueError("eval --parallel fsdp shards the model for --data, --choices and --pairs; --prompts "
@@ -135,12 +146,17 @@ def _eval(args, dev, env) -> int:
 def load_model(args, dev, env, classifier: bool = False):
     """(``eval``'s model, its autocast dtype: the checkpoint's training precision on ``dev``): the
     whole model (``from_apr``; a reward model: ``load_classifier``) as ``--quantize`` says, or with
-    ``--parallel fsdp`` sharded over the ranks (``sharded_model``)."""
+    ``--parallel fsdp`` sharded over the ranks (``sharded_model``), or with ``--tensor-parallel``
+    split over each group of ranks (``rank_share.split_model``)."""
     from apr_kernels.model.loading import classifier_labels, from_apr, load_classifier
 
+    from .rank_share import split_model
+
+    labels = {"num_labels": classifier_labels(args.init)} if classifier else {}
     if args.parallel == "fsdp":
-        model = sharded_model(args.init, env, tristate(args.fast),
-                              **({"num_labels": classifier_labels(args.init)} if classifier else {}))
+        model = sharded_model(args.init, env, tristate(args.fast), **labels)
+    elif env is not None and env.model_split is not None:
+        model = split_model(args.init, env, "eval", fast=tristate(args.fast), **labels)
     else:
         load = load_classifier if classifier else from_apr
         model = as_quantized(load(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init)
@@ -221,10 +237,10 @@ def eval_prompts(args, dev, env=None) -> int:
     ks = sorted(set(args.pass_k or ([1, n] if n > 1 else [1])))
     if any(k < 1 or k > n for k in ks):
         raise ValueError(f"eval: --pass-k {ks}; expected values in [1, --num-samples {n}]")
-    model = inference_model(args.init, dev, args.quantize)
+    model = inference_model(args.init, dev, args.quantize, env=env, what="eval")
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
-    rewards = reward_functions(args, model)
+    rewards = reward_functions(args, model, env)
     records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
     sums = torch.zeros(1 + len(ks), dtype=torch.float64)  # the rewards' sum, each pass@k's
     starts, _ = rank_batches(len(records), args.batch_size, env)
@@ -312,6 +328,7 @@ def register(subparsers) -> None:
                         "device")
     p.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
                    help="with --parallel fsdp: shard within groups of N ranks, replicate across them (HSDP)")
+    add_tensor_parallel_option(p, "scoring")
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="under torchrun: seconds a rank waits for the others before failing (default 600)")
     add_common_options(p)

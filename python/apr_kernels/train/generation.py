@@ -9,7 +9,8 @@ One prompt (``--prompt``, or a user message with ``--chat``), a file of prompt r
 batches with optional scoring (``--prompts``; best-of-N and preference pairs with ``--keep``), or a
 conversation on the terminal. ``sampled_batches`` and ``scored`` also serve ``eval --prompts``.
 Under torchrun a file of prompts is shared among the ranks, a whole model on each (``rank_share.py``):
-every rank decodes every N-th batch, rank 0 gathers and writes them in order.
+every rank decodes every N-th batch, rank 0 gathers and writes them in order; with ``--tensor-parallel
+T`` each group of T ranks holds one model split between them and decodes its batches together.
 """
 
 from __future__ import annotations
@@ -31,14 +32,27 @@ def as_quantized(model, kind: str | None, path):
     return model
 
 
-def inference_model(path, dev: torch.device, quantize: str | None = None):
+def inference_model(path, dev: torch.device, quantize: str | None = None, *, env=None, what: str = "generate"):
     """An APR model to decode with: bf16 on CUDA; with ``quantize`` (``--quantize KIND``) as ``convert
-    --quantize KIND`` would write it, quantised from the stored weights before halving them."""
+    --quantize KIND`` would write it, quantised from the stored weights before halving them; under
+    ``--tensor-parallel`` (``env.model_split``) split over each group of ranks
+    (``rank_share.split_model``; ``what``: the command)."""
     from apr_kernels.model.loading import from_apr
 
     half = torch.bfloat16 if dev.type == "cuda" else None
+    if env is not None and env.model_split is not None:
+        from .rank_share import split_model
+
+        return split_model(path, env, what, fast=False, dtype=half)
     model = as_quantized(from_apr(path, device=dev, dtype=None if quantize else half, fast=False), quantize, path)
     return model.to(half) if quantize and half is not None else model
+
+
+def add_tensor_parallel_option(p, work: str) -> None:
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
+                   help=f"under torchrun: split the model over groups of T consecutive ranks (each rank its heads "
+                        f"and MLP rows of every layer, for a model too big for one device), the groups sharing the "
+                        f"{work} (default 1: a whole model per rank)")
 
 
 def add_quantize_option(p) -> None:
@@ -57,6 +71,9 @@ def cmd_generate(args) -> int:
 
     refuse = None if args.prompts else ("generate under torchrun shares a file of prompts among the ranks; give "
                                         "--prompts FILE.jsonl (a single prompt runs in one process)")
+    if args.tensor_parallel != 1 and args.quantize:
+        raise ValueError(f"generate --tensor-parallel {args.tensor_parallel} with --quantize {args.quantize}: the "
+                         f"quantised copy is made whole on one device; expected one of the two")
     return on_ranks(args, lambda dev, env: _generate(args, dev, env), refuse)
 
 
@@ -66,7 +83,7 @@ def _generate(args, dev, env) -> int:
 
     from .data import document_bos
 
-    model = inference_model(args.init, dev, args.quantize)
+    model = inference_model(args.init, dev, args.quantize, env=env)
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     if (args.reward or args.keep != "all") and not args.prompts:
@@ -182,7 +199,7 @@ def generate_file(args, model, tok, env=None) -> int:
         raise ValueError(f"generate: --keep {args.keep} needs --reward (the scores that choose)")
     if args.keep == "pairs" and n < 2:
         raise ValueError(f"generate: --keep pairs needs --num-return-sequences >= 2 (got {n})")
-    rewards = reward_functions(args, model)
+    rewards = reward_functions(args, model, env)
     records = read_prompts(args.prompts, tok, model.config.max_position_embeddings - args.max_new_tokens)
     starts, rounds = rank_batches(len(records), args.batch_size, env)
     batches = sampled_batches(model, tok, records, n, args, starts)
@@ -201,9 +218,10 @@ def generate_file(args, model, tok, env=None) -> int:
     return 0
 
 
-def reward_functions(args, model) -> dict:
+def reward_functions(args, model, env=None) -> dict:
     """``generate --reward``'s functions by name (``grpo.load_reward``; reward models on the model's
-    device, in bf16 on CUDA as the sampling runs)."""
+    device, in bf16 on CUDA as the sampling runs; under ``--tensor-parallel`` split like the model
+    over each group of ranks, ``cli.split_frozen``)."""
     if not args.reward:
         if args.reward_weights:
             raise ValueError("generate: --reward-weights needs --reward")
@@ -211,7 +229,9 @@ def reward_functions(args, model) -> dict:
     from .grpo import load_reward, reward_name
 
     dev = model.model.embed_tokens.weight.device
-    return {reward_name(spec): load_reward(spec, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None)
+    split = {"env": env, "mode": "ddp", "tensor": env.model_split} if env is not None and env.model_split else {}
+    return {reward_name(spec): load_reward(spec, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else None,
+                                           **(split if spec.endswith(".apr") else {}))
             for spec in args.reward}
 
 
@@ -304,6 +324,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the text")
     add_quantize_option(p)
+    add_tensor_parallel_option(p, "batches of --prompts")
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("chat", help="talk to an APR model on the terminal (one user turn per line)")
