@@ -79,7 +79,8 @@ def crashed(procs) -> bool:
 
 
 class Launch:
-    """``world`` ranks running the CLI commands ``runs`` (name: argv) in order; see ``outputs``."""
+    """``world`` ranks running the CLI commands ``runs`` (name: argv, or ``{"argv": argv, "stdin": text}``
+    for one that reads its standard input) in order; see ``outputs``."""
 
     def __init__(self, runs: dict[str, list[str]], world: int, folder: Path):
         self.folder, self.world, self.names = Path(folder), world, list(runs)
@@ -186,6 +187,8 @@ def against_one_process(runs: dict[str, tuple[list[str], int]], references: dict
 
 
 def _rank(spec_path: str) -> int:
+    import io
+
     import torch
 
     from apr_kernels.train import distributed as D
@@ -195,6 +198,8 @@ def _rank(spec_path: str) -> int:
     done, record = {}, Path(spec["out"]) / f"rank{env.rank}.json"
     try:
         for name, argv in spec["runs"].items():
+            if isinstance(argv, dict):  # ({"argv": [...], "stdin": text}: a command reading its standard input)
+                sys.stdin, argv = io.StringIO(argv["stdin"]), argv["argv"]
             # each command as in a fresh process: no compiled code or dynamo settings of the last one
             torch._dynamo.reset()
             config = torch._dynamo.config.save_config()

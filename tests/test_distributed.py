@@ -1340,7 +1340,7 @@ def test_tensor_parallel_groups_share_the_batches_as_ranks_do(monkeypatch):
     assert [float(v) for v in values.values()] == [1.0, 0.0, 3.0, 0.0]  # (ranks 1 and 3 add nothing)
 
 
-def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
+def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path, monkeypatch):
     """``generate --prompts`` and ``eval --prompts`` under torchrun (2 ranks): each rank samples and
     scores its share of the batches (5 prompts in batches of 2: rank 0 the first and last, rank 1
     the second), a reward function and a reward model held whole on each; rank 0 writes every line
@@ -1350,8 +1350,13 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     ``--choices`` and ``--pairs`` alike: each rank its share of the batches, rank 0 the totals; and
     each of those three with ``--parallel fsdp``, the model sharded over the ranks; and every one
     of them with ``--tensor-parallel 2``, the model (and the reward model) split over the ranks,
-    which run the same batches, rank 0 alone handing on their results."""
-    from apr_kernels.model import Transformer, preset
+    which run the same batches, rank 0 alone handing on their results; and so split, ``generate
+    --prompt`` and ``chat`` (rank 0 reading the lines, handing each on), rank 0 printing one
+    process's sampled answers."""
+    import io
+
+    from apr_kernels.model import Transformer, pad_vocab, preset
+    from apr_kernels.tokenizer import Tokenizer
     from apr_kernels.train.checkpoint import save_checkpoint
     from apr_kernels.train.cli import byte_tokenizer
     from rank_runs import against_one_process
@@ -1386,11 +1391,27 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     # and every one of them with the model split over the 2 ranks (--tensor-parallel 2: one copy, each
     # rank its heads and MLP rows; the reward model split alike), the two running the same batches
     split = {f"{name}_tp": runs[name] for name in runs}
-    one, out = against_one_process({**{name: (argv, 2) for name, argv in runs.items()},
-                                    **{name: ([*argv, "--parallel", "fsdp"], 2) for name, argv in sharded.items()},
-                                    **{name: ([*argv, "--tensor-parallel", "2"], 2) for name, argv in split.items()}},
-                                   {**runs, **sharded}, tmp_path / "ranks")
+    # and one prompt, and a conversation (rank 0 reading the lines, handing each to rank 1), on the
+    # model split over both ranks, sampled: each rank draws the same tokens from the same generator
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)},
+                               {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}, eos_id=256)
+    save_checkpoint(tmp_path / "chat.apr", tokenizer=tok,
+                    model=Transformer(preset("tiny_llama").replace(vocab_size=pad_vocab(259)), fast=False))
+    sampled = ["--init", str(tmp_path / "chat.apr"), "--temperature", "1.0", "--max-new-tokens", "12", "--seed", "4",
+               "--json"]
+    lines = "hi\nand then?\n/reset\nhi\n\nignored\n"
+    alone = {"prompt": ["generate", *sampled, "--prompt", "Once"], "chat": ["chat", *sampled]}
+    split.update({f"{name}_tp": argv for name, argv in alone.items()})
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))  # (the one-process chat's)
+    one, out = against_one_process(
+        {**{name: (argv, 2) for name, argv in runs.items()},
+         **{name: ([*argv, "--parallel", "fsdp"], 2) for name, argv in sharded.items()},
+         **{name: ([*argv, "--tensor-parallel", "2"], 2) for name, argv in split.items() if name != "chat_tp"},
+         "chat_tp": ({"argv": [*alone["chat"], "--tensor-parallel", "2"], "stdin": lines}, 2)},
+        {**runs, **sharded, **alone}, tmp_path / "ranks")
     one.update({name: one[name.removesuffix("_tp")] for name in split})
+    for name in ("prompt", "chat"):  # (rank 0 prints each answer once; the texts sampled, one process's)
+        assert out[f"{name}_tp"] == one[name] and one[name].count("\n") == (3 if name == "chat" else 1), name
 
     def same(got: str, want: str) -> list[dict]:
         (a, b) = ([json.loads(line) for line in text.splitlines()] for text in (got, want))
@@ -1416,9 +1437,10 @@ def test_generate_and_eval_shared_among_ranks_match_one_process(tmp_path):
     notes = re.findall(r"sharded over 2 ranks \(FSDP\): rank 0 holds (\d+) of (\d+) parameters", err)
     assert len(notes) == 3 and all(abs(int(a) - int(b) / 2) < int(b) / 10 for a, b in notes)  # (its shards)
     # (split: every layer's projections halved, the embedding, head and norms whole on each rank)
-    notes = re.findall(r"(generate|eval): \S+/(\w+).apr split over 2 tensor-parallel ranks \(1 copy\): rank 0 "
-                       r"holds (\d+) of (\d+) parameters", err)
-    assert [n[:2] for n in notes] == [*[("generate", "init")] * 2, *[("eval", "init")] * 3, ("eval", "rm")]
+    notes = re.findall(r"(generate|eval|chat): \S+/(\w+).apr split over 2 tensor-parallel ranks \(1 copy\): rank "
+                       r"0 holds (\d+) of (\d+) parameters", err)
+    assert [n[:2] for n in notes] == [*[("generate", "init")] * 2, *[("eval", "init")] * 3, ("eval", "rm"),
+                                      ("generate", "chat"), ("chat", "chat")]
     assert all(int(b) / 2 < int(a) < int(b) * 0.9 for _, _, a, b in notes), notes
     counts = {"data": ("tokens", 62 * 32), "choices": ("questions", 7), "rm_pairs": ("pairs", 5)}
     counts.update({f"{name}{suffix}": counts[name] for name in list(counts) for suffix in ("_fsdp", "_tp")})

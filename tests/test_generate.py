@@ -347,8 +347,9 @@ def test_cli_eval_prompts_mean_reward_and_unbiased_pass_at_k(tmp_path, capsys):
 def test_generate_and_chat_under_torchrun_refuse_what_they_cannot_share(tmp_path, monkeypatch, capsys):
     """Under torchrun the ranks share ``--prompts``' batches (test_distributed.py runs them); a single
     ``--prompt`` has nothing to share and ``chat`` one terminal: refused by name before any process
-    group. ``eval --parallel fsdp`` needs torchrun and no sampling; ``--tensor-parallel`` torchrun,
-    and neither FSDP nor a quantised copy beside it."""
+    group (unless the model is split over all the ranks: not over copies). ``eval --parallel fsdp``
+    needs torchrun and no sampling; ``--tensor-parallel`` torchrun, and neither FSDP nor a quantised
+    copy beside it."""
     from apr_kernels.cli import main
 
     m = str(tmp_path / "m.apr")
@@ -379,3 +380,12 @@ def test_generate_and_chat_under_torchrun_refuse_what_they_cannot_share(tmp_path
     assert main(["chat", "--init", str(tmp_path / "m.apr")]) != 0
     assert "chat is a conversation on one terminal: run it in one process, not under torchrun" \
         in capsys.readouterr().err
+    # one prompt or conversation under torchrun: on one model split over every rank, not on copies
+    from apr_kernels.train.distributed import DistEnv
+    from apr_kernels.train.generation import whole_world
+    from apr_kernels.train.tensor_parallel import TensorParallel
+
+    whole_world(DistEnv(rank=1, world_size=2, model_split=TensorParallel(None, 1, 2)), "chat")
+    with pytest.raises(ValueError, match=r"chat under torchrun: one prompt for one model; with --tensor-parallel 2 the "
+                                         r"4 ranks would hold 2 copies answering it alike; expected --tensor-parallel 4"):
+        whole_world(DistEnv(rank=1, world_size=4, model_split=TensorParallel(None, 1, 2)), "chat")

@@ -10,7 +10,9 @@ batches with optional scoring (``--prompts``; best-of-N and preference pairs wit
 conversation on the terminal. ``sampled_batches`` and ``scored`` also serve ``eval --prompts``.
 Under torchrun a file of prompts is shared among the ranks, a whole model on each (``rank_share.py``):
 every rank decodes every N-th batch, rank 0 gathers and writes them in order; with ``--tensor-parallel
-T`` each group of T ranks holds one model split between them and decodes its batches together.
+T`` each group of T ranks holds one model split between them and decodes its batches together. One
+prompt (``--prompt``) or a ``chat`` runs under torchrun only on one model split over all the ranks
+(``whole_world``): each rank decodes the same tokens, rank 0 reads the terminal and prints.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 
 import torch
 
-from .cli import load_tokenizer, pick_device
+from .cli import load_tokenizer
 
 
 def as_quantized(model, kind: str | None, path):
@@ -69,8 +71,9 @@ def cmd_generate(args) -> int:
     torchrun each rank decodes its share of ``--prompts``' batches and rank 0 writes them in order."""
     from .rank_share import on_ranks
 
-    refuse = None if args.prompts else ("generate under torchrun shares a file of prompts among the ranks; give "
-                                        "--prompts FILE.jsonl (a single prompt runs in one process)")
+    refuse = None if args.prompts or args.tensor_parallel != 1 else (
+        "generate under torchrun shares a file of prompts among the ranks; give --prompts FILE.jsonl (a single "
+        "prompt runs in one process, or on a model split over all the ranks with --tensor-parallel N)")
     if args.tensor_parallel != 1 and args.quantize:
         raise ValueError(f"generate --tensor-parallel {args.tensor_parallel} with --quantize {args.quantize}: the "
                          f"quantised copy is made whole on one device; expected one of the two")
@@ -90,6 +93,7 @@ def _generate(args, dev, env) -> int:
         raise ValueError("generate: --reward and --keep score a file of prompts; give --prompts FILE.jsonl")
     if args.prompts:  # many prompts from JSON Lines, decoded in batches
         return generate_file(args, model, tok, env)
+    whole_world(env, "generate --prompt")
     eos = getattr(tok, "eos_id", None)
     stops = {eos} if eos is not None else set()
     if args.chat:  # the prompt is a user message; the answer stops at the token closing the turn
@@ -120,6 +124,8 @@ def _generate(args, dev, env) -> int:
     # the text the new tokens add to the prompt's (a SentencePiece decode of them alone would drop
     # the space that starts the first)
     completion = tok.decode(prompt + new)[len(tok.decode(prompt)):]
+    if env is not None and not env.is_main:  # (the group's ranks decoded the same tokens)
+        return 0
     if args.json:
         print(json.dumps({"event": "generate", "prompt": args.prompt, "completion": completion,
                           "tokens": len(new)}))
@@ -128,27 +134,63 @@ def _generate(args, dev, env) -> int:
     return 0
 
 
+def whole_world(env, what: str) -> None:
+    """One prompt or conversation under torchrun: only on one model split over every rank (each
+    rank then decodes the same tokens, rank 0 prints), since several copies would all answer it."""
+    if env is not None and (env.model_split is None or env.model_split.size != env.world_size):
+        split = env.model_split.size if env.model_split is not None else 1
+        raise ValueError(f"{what} under torchrun: one prompt for one model; with --tensor-parallel {split} the "
+                         f"{env.world_size} ranks would hold {env.world_size // split} copies answering it alike; "
+                         f"expected --tensor-parallel {env.world_size} (one copy split over all the ranks)")
+
+
 def cmd_chat(args) -> int:
     """``chat``: a conversation with a model on the terminal: each line of standard input is a user
     turn, answered in the model's chat format with the whole conversation so far as the prompt
     (``/reset`` starts over; an empty line or the end of input ends). Each answer is printed as one
     line (newlines inside it kept as ``\\n`` when ``--json``: one JSON object per turn)."""
+    from .rank_share import on_ranks
+
+    refuse = None if args.tensor_parallel != 1 else (
+        "chat is a conversation on one terminal: run it in one process, not under torchrun (or on a model split "
+        "over all the ranks with --tensor-parallel N)")
+    if args.tensor_parallel != 1 and args.quantize:
+        raise ValueError(f"chat --tensor-parallel {args.tensor_parallel} with --quantize {args.quantize}: the "
+                         f"quantised copy is made whole on one device; expected one of the two")
+    return on_ranks(args, lambda dev, env: _chat(args, dev, env), refuse)
+
+
+def _user_lines(env):
+    """The conversation's lines from standard input: under torchrun rank 0 reads them and hands each
+    to the other ranks (which wait for it up to --dist-timeout), None closing."""
+    if env is None:
+        yield from sys.stdin
+        return
+    import torch.distributed as dist
+
+    lines = iter(sys.stdin) if env.is_main else None
+    while True:
+        box = [next(lines, None) if env.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        yield box[0]
+
+
+def _chat(args, dev, env) -> int:
     from apr_kernels.model.generate import generate
     from apr_kernels.model.loading import check_tokenizer_vocab
 
     from .chat import generation_prompt
-    from .distributed import launched
 
-    if launched():  # (every rank would read the terminal and answer)
-        raise ValueError("chat is a conversation on one terminal: run it in one process, not under torchrun")
-    dev = pick_device(args.device)
-    model = inference_model(args.init, dev, args.quantize)
+    whole_world(env, "chat")
+    model = inference_model(args.init, dev, args.quantize, env=env, what="chat")
     tok = load_tokenizer(args.tokenizer, model.apr_metadata, args.init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{args.init}: tokenizer")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     gen = torch.Generator().manual_seed(args.seed)
-    for line in sys.stdin:
+    for line in _user_lines(env):
         text = line.rstrip("\n")
         if not text.strip():
             break
@@ -169,7 +211,9 @@ def cmd_chat(args) -> int:
         cut = next((i for i, t in enumerate(new) if t in stops), None)
         answer = tok.decode(prompt + (new if cut is None else new[:cut]))[len(tok.decode(prompt)):]
         history.append({"role": "assistant", "content": answer})
-        print(json.dumps({"event": "chat", "user": text, "assistant": answer}) if args.json else answer, flush=True)
+        if env is None or env.is_main:
+            print(json.dumps({"event": "chat", "user": text, "assistant": answer}) if args.json else answer,
+                  flush=True)
     return 0
 
 
@@ -339,4 +383,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="one JSON object per turn")
     add_quantize_option(p)
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="under torchrun: the model split over all N ranks (each its heads and MLP rows of every "
+                        "layer, for a model too big for one device); rank 0 reads the terminal")
+    p.add_argument("--dist-timeout", type=float, default=86400.0,
+                   help="under torchrun: seconds the other ranks wait for rank 0's next line (default a day)")
     p.set_defaults(func=cmd_chat)
