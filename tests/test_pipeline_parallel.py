@@ -10,19 +10,21 @@ on the last stage) in GPipe with label smoothing, z-loss, activation checkpointi
 step checkpoint; a tied Qwen2 of 4 heads in the interleaved schedule (2 chunks of one layer per stage)
 under FSDP with document masks and float8 attention projections; the tied Qwen2 with LoRA under FSDP;
 a Qwen2-MoE interleaved with its load-balancing and router z-losses (the whole model's routing), with
-DoRA on every expert (a sparse layer's adapters drawn on the other stage); a one-process step
-checkpoint resumed on 2 stages under FSDP. On 4 ranks (2 stages x 2): the tied Qwen2 under FSDP (each
-stage sharded over a context-parallel group) with 3 micro-batches in 1F1B and --qat q8; tensor
-parallelism inside the stages (the untied Llama under FSDP, each rank's parts sharded over its
-replicas, with sequence parallelism and document masks; the Qwen2 of 4 heads interleaved, with Muon);
-context parallelism with 8-bit AdamW, the group's ranks averaging their gradients like replicas; 8-bit
-AdamW on tensor-parallel parts under FSDP (one process's codes); a Mixtral on 2 replicas a stage under
-HSDP (groups of one rank), which count their expert choices together, and with its experts spread over
-each stage's 2 ranks (expert parallelism, FSDP); QLoRA with DoRA on a Mixtral's Q4_K blocks (attention
-and experts), the experts spread over each stage's 2 ranks (FSDP). In one process: the split of the
-layers and of the model (on the meta device, and loaded from a file: only a stage's tensors, the
-file's values), every schedule run on a model of the stages (order, deadlock freedom, idle share,
-activations held), the refusals."""
+DoRA on every expert (a sparse layer's adapters drawn on the other stage); in the zero-bubble schedule
+(each backward's weight half run apart from its input half) the tied Qwen2 with activation
+checkpointing and the Qwen2-MoE with DoRA; a one-process step checkpoint resumed on 2 stages under
+FSDP. On 4 ranks (2 stages x 2): the tied Qwen2 under FSDP (each stage sharded over a context-parallel
+group) with 3 micro-batches in 1F1B and --qat q8; tensor parallelism inside the stages (the untied
+Llama under FSDP, each rank's parts sharded over its replicas, with sequence parallelism and document
+masks; the Qwen2 of 4 heads interleaved, with Muon); context parallelism with 8-bit AdamW in the
+zero-bubble schedule, the group's ranks averaging their gradients like replicas; 8-bit AdamW on
+tensor-parallel parts under FSDP (one process's codes); a Mixtral on 2 replicas a stage under HSDP
+(groups of one rank), which count their expert choices together, and with its experts spread over each
+stage's 2 ranks (expert parallelism, FSDP); QLoRA with DoRA on a Mixtral's Q4_K blocks (attention and
+experts), the experts spread over each stage's 2 ranks (FSDP). In one process: the split of the layers
+and of the model (on the meta device, and loaded from a file: only a stage's tensors, the file's
+values), every schedule run on a model of the stages (order, deadlock freedom, idle share, activations
+held), the refusals."""
 
 from __future__ import annotations
 
@@ -90,8 +92,10 @@ CASES = {
     "qwen2_tp_4": ("qwen2_tp", ["--optimizer", "muon", "--teacher", "TEACHER", "--kd-ratio", "0.5"], 4,
                    ["--tensor-parallel", "2", "--pipeline-schedule", "interleaved"]),
     # (2 stages x a context-parallel group of 2: each rank of a group holds 2 of the 4 chunks of every
-    # row's positions, its activations of them sent on; the group's gradients averaged like replicas')
-    "qwen2_cp_4": ("qwen2", ["--document-mask", "--optimizer", "adamw8bit"], 4, ["--context-parallel", "2"]),
+    # row's positions, its activations of them sent on; the group's gradients averaged like replicas';
+    # in the zero-bubble schedule, each backward's weight half run apart from its input half)
+    "qwen2_cp_4": ("qwen2", ["--document-mask", "--optimizer", "adamw8bit"], 4, ["--context-parallel", "2",
+                                                                                 "--pipeline-schedule", "zero-bubble"]),
     # (8-bit AdamW on tensor-parallel parts under FSDP: each moment's codes and scales joined as the whole
     # tensor's blocks for the checkpoint, the tied embedding's copies split by vocabulary range)
     "wide_adam8_tp_4": ("wide", ["--optimizer", "adamw8bit"], 4, ["--tensor-parallel", "2", "--parallel", "fsdp"]),
@@ -106,6 +110,15 @@ CASES = {
     "qwen2moe_interleaved": ("qwen2moe", ["--grad-accum", "4", "--document-mask", "--router-aux-loss-coef", "0.5",
                                           "--router-z-loss-coef", "0.1", "--lora-rank", "4", "--lora-dora", "--lr",
                                           "1e-2"], 2, ["--pipeline-schedule", "interleaved"]),
+    # (zero-bubble: each backward split into its input's gradient, sent back at once, and its weights',
+    # run where the stage would idle (split_backward.py); the tied Qwen2 with activation checkpointing
+    # and document masks, and a Qwen2-MoE (the routing totals' gradients among the inputs' half) with
+    # DoRA on every expert)
+    "qwen2_zero_bubble": ("qwen2", ["--grad-accum", "4", "--document-mask", "--grad-checkpointing",
+                                    "--label-smoothing", "0.1"], 2, ["--pipeline-schedule", "zero-bubble"]),
+    "qwen2moe_zero_bubble": ("qwen2moe", ["--grad-accum", "4", "--router-aux-loss-coef", "0.5", "--router-z-loss-coef",
+                                          "0.1", "--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2,
+                             ["--pipeline-schedule", "zero-bubble"]),
     "mixtral_hsdp_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
                        ["--parallel", "fsdp", "--fsdp-shard-size", "1"]),
     # (expert parallelism inside the stages: each stage's experts spread over its 2 ranks, FSDP-sharded)
@@ -261,18 +274,23 @@ def test_pipeline_step_checkpoints_resume_in_one_process_and_the_other_way(runs,
 # ----------------------------------------------------------------------------------- one process
 def _run_schedules(kind: str, size: int, micro: int, chunks: int = 1):
     """Every stage's ``schedule`` run together, each op taking 1 (forward) or 2 (backward) units of
-    time per chunk's share of a stage's layers: a receive waits for the message, a send never
-    waits. Checks that each stage runs every forward and backward once, that every message arrives
-    in the order its receiver expects it, and that nothing deadlocks. Returns (the step's time over
-    the time without idling, each stage's peak of chunks' activations held)."""
+    time per chunk's share of a stage's layers (a split backward: 1 for its input's half ``B``, 1 for
+    its weights' ``W``, which waits for nothing): a receive waits for the message, a send never
+    waits. Checks that each stage runs every forward and backward once (``W`` after its ``B``), that
+    every message arrives in the order its receiver expects it, and that nothing deadlocks. Returns
+    (the step's time over the time without idling, each stage's peak of chunks' activations held:
+    from a forward to its backward's end)."""
     from collections import deque
 
     from apr_kernels.train.pipeline_parallel import schedule
 
-    parts = size * chunks
+    parts, split = size * chunks, kind == "zero-bubble"
     ops = [schedule(kind, size, s, micro, chunks) for s in range(size)]
     for s in range(size):
-        assert sorted(ops[s]) == sorted((d, c, m) for d in "BF" for c in range(chunks) for m in range(micro))
+        assert sorted(ops[s]) == sorted((d, c, m) for d in ("BFW" if split else "BF") for c in range(chunks)
+                                        for m in range(micro))
+        if split:
+            assert all(ops[s].index(("B", c, m)) < ops[s].index(("W", c, m)) for _, c, m in ops[s])
     queues: dict = {}  # (kind, from, to) -> messages (the sender's part, micro-batch, time sent)
     done, clock = [0] * size, [0.0] * size
     held, peak = [set() for _ in range(size)], [0] * size
@@ -283,6 +301,12 @@ def _run_schedules(kind: str, size: int, micro: int, chunks: int = 1):
                 continue
             op, c, m = ops[s][done[s]]
             k, start = c * size + s, clock[s]
+            if op == "W":  # (the weights' half: its activations released after it)
+                held[s].remove((c, m))
+                clock[s] = start + 1 / chunks
+                done[s] += 1
+                moved = True
+                continue
             if op == "F" and k > 0 or op == "B" and k < parts - 1:  # (a message to wait for)
                 q = queues.setdefault(("acts", (s - 1) % size, s) if op == "F" else ("grads", (s + 1) % size, s),
                                       deque())
@@ -293,11 +317,12 @@ def _run_schedules(kind: str, size: int, micro: int, chunks: int = 1):
                 start = max(start, sent)
             if op == "B":
                 assert (c, m) in held[s]
-                held[s].remove((c, m))
+                if not split:
+                    held[s].remove((c, m))
             else:
                 held[s].add((c, m))
                 peak[s] = max(peak[s], len(held[s]))
-            clock[s] = start + (1 if op == "F" else 2) / chunks
+            clock[s] = start + (1 if op == "F" or split else 2) / chunks
             if op == "F" and k < parts - 1 or op == "B" and k > 0:
                 dest = ("acts", s, (s + 1) % size) if op == "F" else ("grads", s, (s - 1) % size)
                 queues.setdefault(dest, deque()).append((k, m, clock[s]))
@@ -327,6 +352,24 @@ def test_schedules_run_without_deadlock_in_order_with_their_idle_share(size):
             assert span < _run_schedules("1f1b", size, micro)[0]
             if micro > size:  # stage 0: N C + N - 1 chunks' activations, 1 + (N - 1) / (N C) times 1F1B's N
                 assert peak[0] == size * chunks + size - 1
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 8])
+def test_zero_bubble_schedule_fills_the_idle_time_with_weight_gradients(size):
+    """``zero-bubble`` (each backward split into B and W, ``_run_schedules``): no deadlock, messages in
+    order, at most N micro-batches held on any stage (stage 0's 1F1B peak), and an idle share below
+    1F1B's, ZB-H1's (N - 1) / (3 M + N - 1) when the micro-batches are as many as the stages (1F1B's
+    is three times that: the weight gradients fill the warm-up and cool-down), and a quarter of the
+    way or more from 1F1B's to it with more."""
+    for micro in (1, 2, size, 2 * size, 4 * size):
+        span, peak = _run_schedules("zero-bubble", size, micro)
+        one_f_one_b = (micro + size - 1) / micro
+        ideal = (3 * micro + size - 1) / (3 * micro)
+        assert peak == [min(size, micro)] * size
+        assert ideal - 1e-9 <= span < one_f_one_b
+        if micro == size:
+            assert span == pytest.approx(ideal)
+        assert span <= one_f_one_b - (one_f_one_b - ideal) / 4
 
 
 def test_stage_layers_are_consecutive_and_even():
@@ -429,6 +472,10 @@ def test_refusals_name_the_reason():
             ({"world": 2, "mode": "ddp", "num_layers": 1}, "the model has 1 decoder layers"),
             ({"world": 2, "mode": "ddp", "num_layers": 3, "chunks": 2}, "at least one per model chunk"),
             ({"world": 2, "mode": "ddp", "chunks": 2, "micro": 3}, "expected a multiple of --pipeline-parallel 2"),
-            ({"world": 2, "mode": "ddp", "--lora-rank": True}, "--pipeline-parallel with --lora-rank is not supported")):
+            ({"world": 2, "mode": "ddp", "--lora-rank": True}, "--pipeline-parallel with --lora-rank is not supported"),
+            ({"world": 2, "mode": "fsdp", "schedule": "zero-bubble"},
+             "--pipeline-schedule zero-bubble with --parallel fsdp: FSDP reduce-scatters"),
+            ({"world": 2, "mode": "ddp", "schedule": "zero-bubble", "compiled": True},
+             "--pipeline-schedule zero-bubble with --compile: a compiled layer's backward is one node")):
         with pytest.raises(ValueError, match=message):
             check(2, **kwargs)

@@ -641,7 +641,8 @@ def _train(args, env, mode: str) -> int:
 
         chunks = pipeline_parallel.chunks_for(args.pipeline_schedule, args.pipeline_chunks)
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
-                                chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel)
+                                chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel,
+                                schedule=args.pipeline_schedule, compiled=bool(args.compile))
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
                                       tensor=args.tensor_parallel, context=args.context_parallel,
                                       fsdp_shard=env.fsdp_shard)
@@ -1067,11 +1068,13 @@ def register(subparsers) -> None:
                         "or under fsdp sharding the stage; with --tensor-parallel T, D*T ranks per stage), "
                         "activations passed stage to stage per micro-batch (--grad-accum micro-batches, well above "
                         "N; default 1: off)")
-    s.add_argument("--pipeline-schedule", choices=("1f1b", "gpipe", "interleaved"), default="1f1b",
+    s.add_argument("--pipeline-schedule", choices=("1f1b", "gpipe", "interleaved", "zero-bubble"), default="1f1b",
                    help="1f1b: each stage at most N - s micro-batches' activations held (default); gpipe: all "
                         "forwards, then all backwards; interleaved: Megatron-LM's interleaved 1F1B, each stage "
                         "holding --pipeline-chunks chunks of layers (a smaller idle share for more activations "
-                        "held and more messages; --grad-accum a multiple of N)")
+                        "held and more messages; --grad-accum a multiple of N); zero-bubble: ZB-H1, each backward "
+                        "split into the input's gradient (sent back at once) and the weights' (run where the "
+                        "stage would idle), each stage holding at most N micro-batches (with --parallel ddp)")
     s.add_argument("--pipeline-chunks", type=int, default=None, metavar="C",
                    help="with --pipeline-schedule interleaved, the model chunks per stage (the layers split into "
                         "N x C parts, part c*N + s on stage s; default 2)")

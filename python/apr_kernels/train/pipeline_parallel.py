@@ -28,6 +28,14 @@ through the pipeline in one of three schedules (``schedule``):
   on to stage 0's chunk c + 1). The idle share falls to ``(N - 1) / (C M + N - 1)``, for more
   activations held (about ``1 + (N - 1) / (N C)`` times 1F1B's on stage 0) and C times the messages.
   M must be a multiple of N.
+* ``zero-bubble`` (ZB-H1 of Qi et al., 2024, "Zero Bubble Pipeline Parallelism"): each backward split
+  in two (``split_backward.py``): ``B``, the input's gradient, sent back at once (what the previous
+  stage waits for), and ``W``, the weights' gradients, run later where the stage would otherwise wait
+  (``zero_bubble`` lays the ops out). With F, B and W of equal cost the idle share falls to
+  ``(N - 1) / (3 M + N - 1)`` at M = N (a third of 1F1B's) and stays below 1F1B's with more; each
+  stage holds at most N micro-batches' activations (stage 0's 1F1B peak; a micro-batch's are kept
+  until its W). With ``--parallel ddp`` (FSDP would reduce-scatter before the W's) and without
+  ``--compile`` (a compiled layer's backward is one node: nothing to split).
 
 Sends are asynchronous (``isend``, waited for at the end of the step) and receives blocking. Each
 direction between two neighbouring stages (with chunks, also from the last stage to stage 0) has its own
@@ -108,7 +116,7 @@ from torch import nn
 
 from .gathering import BlockShards, Gathered8bit, RankZeroGather, WholeBaseRaw
 
-SCHEDULES = ("1f1b", "gpipe", "interleaved")
+SCHEDULES = ("1f1b", "gpipe", "interleaved", "zero-bubble")
 
 
 class PipelineHole(nn.Module):
@@ -138,6 +146,8 @@ def schedule(kind: str, size: int, stage: int, micro: int, chunks: int = 1) -> l
     order that neighbour receives them."""
     if kind == "gpipe":
         return [("F", 0, m) for m in range(micro)] + [("B", 0, m) for m in range(micro)]
+    if kind == "zero-bubble":
+        return zero_bubble(size, micro)[stage]
     if kind == "1f1b":
         units, ahead = ([(0, m) for m in range(micro)],) * 2, min(size - stage - 1, micro)
     else:
@@ -154,6 +164,52 @@ def schedule(kind: str, size: int, stage: int, micro: int, chunks: int = 1) -> l
     for k in range(n - ahead):
         ops += [("F", *fwd[ahead + k]), ("B", *bwd[k])]
     return ops + [("B", *bwd[k]) for k in range(n - ahead, n)]
+
+
+def zero_bubble(size: int, micro: int) -> list[list[tuple[str, int, int]]]:
+    """Every stage's ops of the ``zero-bubble`` schedule (ZB-H1 of Qi et al., 2024): each backward split
+    into ``B`` (the input's gradient, sent back at once) and ``W`` (the weights', ``split_backward.py``),
+    ops ``("F" | "B" | "W", 0, micro-batch)``. Laid out by running the pipeline with each op one unit
+    of time: a stage runs a ``B`` as soon as its gradient is there, else an ``F`` as soon as its input
+    is there while it holds fewer than ``size`` micro-batches (1F1B's peak, stage 0's), else a pending
+    ``W`` (filling what would be idle time), else waits. Forwards and backwards go in micro-batch
+    order, so every message arrives in the order its receiver expects; the ``W``s oldest first."""
+    clock, n_f, n_b = [0.0] * size, [0] * size, [0] * size
+    pending = [[] for _ in range(size)]
+    acts = [{m: 0.0 for m in range(micro)}] + [{} for _ in range(size - 1)]  # arrival times
+    grads: list[dict] = [{} for _ in range(size)]
+    ops: list[list] = [[] for _ in range(size)]
+    while any(len(o) < 3 * micro for o in ops):
+        best = None  # (start, stage, op)
+        for s in range(size):
+            ready = []
+            if n_b[s] < n_f[s]:
+                at = clock[s] if s == size - 1 else grads[s].get(n_b[s])
+                if at is not None:
+                    ready.append((max(clock[s], at), "B"))
+            held = n_f[s] - (len(ops[s]) - n_f[s] - n_b[s])  # (forwards whose W is still to run)
+            if n_f[s] < micro and held < size and acts[s].get(n_f[s]) is not None:
+                ready.append((max(clock[s], acts[s][n_f[s]]), "F"))
+            start, op = min(ready, default=(None, None))
+            if pending[s] and (start is None or start > clock[s]):
+                start, op = clock[s], "W"
+            if op is not None and (best is None or start < best[0]):
+                best = (start, s, op)
+        start, s, op = best
+        clock[s] = start + 1
+        if op == "F":
+            m, n_f[s] = n_f[s], n_f[s] + 1
+            if s < size - 1:
+                acts[s + 1][m] = clock[s]
+        elif op == "B":
+            m, n_b[s] = n_b[s], n_b[s] + 1
+            pending[s].append(m)
+            if s > 0:
+                grads[s - 1][m] = clock[s]
+        else:
+            m = pending[s].pop(0)
+        ops[s].append((op, 0, m))
+    return ops
 
 
 def stage_layers(num_layers: int, size: int) -> list[range]:
@@ -184,10 +240,12 @@ def chunks_for(schedule: str, chunks: int | None) -> int:
 
 
 def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fsdp_shard: int | None = None,
-          chunks: int = 1, micro: int | None = None, tensor: int = 1, context: int = 1, **refused) -> None:
+          chunks: int = 1, micro: int | None = None, tensor: int = 1, context: int = 1, schedule: str = "1f1b",
+          compiled: bool = False, **refused) -> None:
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
     ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``),
-    ``tensor``, ``context``: ``--tensor-parallel``, ``--context-parallel``. ``refused``: option name -> whether it is in use (each a
+    ``tensor``, ``context``: ``--tensor-parallel``, ``--context-parallel``; ``schedule``, ``compiled``:
+    ``--pipeline-schedule``, ``--compile``. ``refused``: option name -> whether it is in use (each a
     combination not built)."""
     if size < 1:
         raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
@@ -196,6 +254,14 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"--pipeline-parallel {size} with --parallel {mode}: the stages are processes of one "
                          f"job; expected --parallel ddp or fsdp under torchrun")
+    if schedule == "zero-bubble" and mode == "fsdp":
+        raise ValueError("--pipeline-schedule zero-bubble with --parallel fsdp: FSDP reduce-scatters a stage's "
+                         "gradients as its last backward ends, before the deferred weight gradients exist; "
+                         "expected --parallel ddp (or another schedule)")
+    if schedule == "zero-bubble" and compiled:
+        raise ValueError("--pipeline-schedule zero-bubble with --compile: a compiled layer's backward is one node "
+                         "giving its input's and weights' gradients together, so it cannot be split (and frees its "
+                         "buffers after one run); expected no --compile (or another schedule)")
     width = world // size if world % size == 0 else None
     if fsdp_shard and width is not None and (width % fsdp_shard or fsdp_shard % tensor):
         raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: HSDP shards a stage over "
@@ -216,6 +282,18 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     for option, used in refused.items():
         if used:
             raise ValueError(f"--pipeline-parallel with {option} is not supported; expected one of the two")
+
+
+class _WholeBackward:
+    """A first part's backward under ``zero-bubble``: nothing to send back, so all of it runs in the
+    ``W`` slot (``weights_pass``)."""
+
+    def __init__(self, outputs, grads):
+        self.outputs, self.grads = outputs, grads
+
+    def weights_pass(self) -> None:
+        torch.autograd.backward(self.outputs, self.grads)
+        self.outputs = self.grads = None
 
 
 @dataclass
@@ -455,16 +533,18 @@ class PipelineParallel:
                        pending_sends)
         return h_in, out, own
 
-    def _backward(self, model, chunk: int, h_in, out, routing, scale: float, pending_sends, scaler=None) -> None:
-        """The backward of one micro-batch's part (``_forward``'s outputs); ``routing``: its third."""
+    def _backward(self, model, chunk: int, h_in, out, routing, scale: float, pending_sends, scaler=None,
+                  split: bool = False):
+        """The backward of one micro-batch's part (``_forward``'s outputs); ``routing``: its third. With
+        ``split`` (``zero-bubble``) only the input's gradient, sent back at once: returns the weights'
+        pass to run later (``split_backward.SplitBackward``; on the first part, which sends nothing
+        back, the whole backward)."""
         first, last = self.ends(chunk)
         routes, pass_back = self.routes(model), not first and self.backward[self.part(chunk) - 1]
         grad_routing = None  # (the balance terms' gradient of every part's routing totals)
         if last:  # (distilling, ``out`` is [loss, ce, kl])
             loss = (out[0] if out.ndim else out) * scale
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if routes and pass_back:
-                grad_routing = routing.grad if routing.grad is not None else torch.zeros_like(routing)
+            outputs, grads = [scaler.scale(loss) if scaler is not None else loss], [None]
         else:
             g = self._recv(out.shape, out.dtype, out.device, (self.stage + 1) % self.size, "grads")
             outputs, grads = [out], [g]
@@ -474,11 +554,24 @@ class PipelineParallel:
                 if routing is not None and routing.requires_grad:  # (rows 1 and 2: probabilities, z-sums)
                     outputs.append((grad_routing[1:3] * routing[1:3]).sum())
                     grads.append(None)
+        later = None
+        if not split:
             torch.autograd.backward(outputs, grads)
+        elif not pass_back:  # (nothing to send: all of it later)
+            later = _WholeBackward(outputs, grads)
+        else:
+            from .split_backward import SplitBackward
+
+            inputs = [h_in, *([routing] if last and routes else [])]
+            later = SplitBackward(outputs, grads, inputs, model.parameters())
+            later.inputs_pass()
+        if last and routes and pass_back:
+            grad_routing = routing.grad if routing.grad is not None else torch.zeros_like(routing)
         if pass_back:
             self._send(h_in.grad, (self.stage - 1) % self.size, "grads", pending_sends)
             if routes:
                 self._send(grad_routing, (self.stage - 1) % self.size, "grads", pending_sends)
+        return later
 
     def dtype(self, model) -> torch.dtype:
         """The residual stream's dtype between stages: the parameters' (under autocast the stream
@@ -505,6 +598,7 @@ class PipelineParallel:
         loss_kwargs = loss_kwargs or {}
         sends: list = []
         saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) -> its input and output
+        weights: dict[tuple[int, int], object] = {}  # zero-bubble: -> its backward's weights pass, to run
         total = torch.zeros((), device=micro_batches[0][0].device)
         parts = torch.zeros(2, device=total.device) if teacher_of is not None else None
         if scaler is not None:  # (fp16: only the last stage scales a loss, but every stage's scaler must
@@ -533,10 +627,16 @@ class PipelineParallel:
                 continue
             if not self.backward[self.part(chunk)]:  # (nothing here or before it trains: no backward)
                 continue
+            if op == "W":  # (zero-bubble: the weights' half of a backward whose input half ran)
+                weights.pop((chunk, m)).weights_pass()
+                continue
             h_in, out, routing = saved.pop((chunk, m))
             if fsdp:  # (gradients accumulate unsharded; a chunk's last backward reduce-scatters their sum)
                 model.set_requires_gradient_sync(m == n - 1)
-            self._backward(model, chunk, h_in, out, routing, scale, sends, scaler)
+            later = self._backward(model, chunk, h_in, out, routing, scale, sends, scaler,
+                                   split=self.schedule == "zero-bubble")
+            if later is not None:
+                weights[chunk, m] = later
         for work, _ in sends:
             work.wait()
         if fsdp:

@@ -1,0 +1,121 @@
+"""``split_backward.SplitBackward``: a backward in an input half and a weight half (the zero-bubble
+pipeline schedule's B and W), against one ``backward()`` of the same graph: the same input and
+parameter gradients, the input half computing no weight gradient, the weight half not running the
+input's path again, and a weight used at two depths (which its split node would count twice) taken
+from the outputs instead. test_pipeline_parallel.py runs it in 2- and 4-rank pipelines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from apr_kernels.train.split_backward import SplitBackward
+
+
+def _cut_at_embedding(model, x, y):
+    """``model.loss(x, y)`` with the embedding's output a leaf (as a pipeline stage receives its input):
+    (loss, that leaf)."""
+    box = {}
+
+    def leaf(_m, _i, out):
+        box["h"] = out.detach().requires_grad_()
+        return box["h"]
+
+    handle = model.model.embed_tokens.register_forward_hook(leaf)
+    try:
+        loss = model.loss(x, y)
+    finally:
+        handle.remove()
+    return loss, box["h"]
+
+
+@pytest.mark.parametrize("preset_name, fast", [("tiny_qwen2", False), ("tiny_llama", False), ("tiny_qwen2_moe", False),
+                                               ("tiny_qwen2", True)], ids=["qwen2", "llama", "qwen2_moe", "qwen2_fast"])
+def test_two_halves_give_one_backward(use_backend, preset_name, fast):
+    """Every decoder layer's parameters (attention with q/k/v bias, norms, MLP or experts and router,
+    the tied or untied head) in groups split off the input's path, none from the outputs; the input
+    half leaves every parameter's gradient unset; together the gradients of one ``backward()``. And
+    on the fast path (the Triton kernels in the interpreter where they take the shapes: custom ops
+    whose backward gives every gradient at once, run in each half)."""
+    from apr_kernels.model import Transformer, preset
+
+    use_backend("auto" if fast else "reference")  # (auto: the kernels where they take the shapes)
+    torch.manual_seed(0)
+    model = Transformer(preset(preset_name), fast=fast)
+    x, y = torch.randint(0, 200, (2, 16)), torch.randint(0, 200, (2, 16))
+    loss, h = _cut_at_embedding(model, x, y)
+    split = SplitBackward([loss], [None], [h], model.parameters())
+    reached = [p for group, _ in split.groups for p in group]
+    used = [p for n, p in model.named_parameters() if n != "model.embed_tokens.weight" or model.config.tie_word_embeddings]
+    assert len(reached) == len(used) and not split._from_outputs
+    split.inputs_pass()
+    assert h.grad is not None and all(p.grad is None for p in model.parameters())
+    split.weights_pass()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    got_h = h.grad.clone()
+    model.zero_grad(set_to_none=True)
+    loss, h = _cut_at_embedding(model, x, y)
+    loss.backward()
+    torch.testing.assert_close(got_h, h.grad, rtol=1e-5, atol=1e-7)
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+class _Counted(torch.autograd.Function):
+    """The identity, counting its backward calls: a node on the input's path only."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _Counted.calls += 1
+        return g
+
+
+def test_weight_half_does_not_run_the_input_path_again():
+    """Between two projections, a node with no parameter below it runs once, in the input half: the
+    weight half starts at the projections' own nodes."""
+    torch.manual_seed(1)
+    first, second = nn.Linear(8, 8), nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    out = second(_Counted.apply(first(x))).pow(2).sum()
+    split = SplitBackward([out], [None], [x], [*first.parameters(), *second.parameters()])
+    _Counted.calls = 0
+    split.inputs_pass()
+    assert _Counted.calls == 1
+    split.weights_pass()
+    assert _Counted.calls == 1
+    got = [p.grad.clone() for p in (*first.parameters(), *second.parameters())]
+    for p in (*first.parameters(), *second.parameters()):
+        p.grad = None
+    second(_Counted.apply(first(x.detach()))).pow(2).sum().backward()
+    for g, p in zip(got, (*first.parameters(), *second.parameters())):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_a_weight_used_at_two_depths_comes_from_the_outputs():
+    """``W`` applied twice: its first use's split node lies below its second's on the input's path,
+    so asking that group's nodes again would count the second use's path twice; the parameter is
+    differentiated from the outputs, with the gradient of one backward."""
+    torch.manual_seed(2)
+    w = torch.randn(6, 6, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    x = torch.randn(4, 6, requires_grad=True)
+    out = ((x @ w + b) @ w).tanh().sum()
+    split = SplitBackward([out], [None], [x], [w, b])
+    assert any(p is w for p in split._from_outputs)
+    split.inputs_pass()
+    split.weights_pass()
+    got_w, got_b, got_x = w.grad.clone(), b.grad.clone(), x.grad.clone()
+    w.grad = b.grad = x.grad = None
+    ((x @ w + b) @ w).tanh().sum().backward()
+    torch.testing.assert_close(got_w, w.grad)
+    torch.testing.assert_close(got_b, b.grad)
+    torch.testing.assert_close(got_x, x.grad)
