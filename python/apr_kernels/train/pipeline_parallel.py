@@ -31,10 +31,10 @@ through the pipeline in one of three schedules (``schedule``):
 * ``zero-bubble`` (ZB-H1 of Qi et al., 2024, "Zero Bubble Pipeline Parallelism"): each backward split
   in two (``split_backward.py``): ``B``, the input's gradient, sent back at once (what the previous
   stage waits for), and ``W``, the weights' gradients, run later where the stage would otherwise wait
-  (``zero_bubble`` lays the ops out). With F, B and W of equal cost the idle share falls to
-  ``(N - 1) / (3 M + N - 1)`` at M = N (a third of 1F1B's) and stays below 1F1B's with more; each
-  stage holds at most N micro-batches' activations (stage 0's 1F1B peak; a micro-batch's are kept
-  until its W). With ``--parallel ddp`` (FSDP would reduce-scatter before the W's) and without
+  (``zero_bubble``: 1F1B's forwards and Bs, stage s running each W s micro-batches late). With F, B
+  and W of equal cost the idle share falls to ``(N - 1) / (3 M + N - 1)`` for M >= N (a third of
+  1F1B's); each stage holds at most N micro-batches' activations (stage 0's 1F1B peak; a
+  micro-batch's are kept until its W). With ``--parallel ddp`` (FSDP would reduce-scatter before the W's) and without
   ``--compile`` (a compiled layer's backward is one node: nothing to split).
 
 Sends are asynchronous (``isend``, waited for at the end of the step) and receives blocking. Each
@@ -147,7 +147,7 @@ def schedule(kind: str, size: int, stage: int, micro: int, chunks: int = 1) -> l
     if kind == "gpipe":
         return [("F", 0, m) for m in range(micro)] + [("B", 0, m) for m in range(micro)]
     if kind == "zero-bubble":
-        return zero_bubble(size, micro)[stage]
+        return zero_bubble(size, stage, micro)
     if kind == "1f1b":
         units, ahead = ([(0, m) for m in range(micro)],) * 2, min(size - stage - 1, micro)
     else:
@@ -166,50 +166,25 @@ def schedule(kind: str, size: int, stage: int, micro: int, chunks: int = 1) -> l
     return ops + [("B", *bwd[k]) for k in range(n - ahead, n)]
 
 
-def zero_bubble(size: int, micro: int) -> list[list[tuple[str, int, int]]]:
-    """Every stage's ops of the ``zero-bubble`` schedule (ZB-H1 of Qi et al., 2024): each backward split
-    into ``B`` (the input's gradient, sent back at once) and ``W`` (the weights', ``split_backward.py``),
-    ops ``("F" | "B" | "W", 0, micro-batch)``. Laid out by running the pipeline with each op one unit
-    of time: a stage runs a ``B`` as soon as its gradient is there, else an ``F`` as soon as its input
-    is there while it holds fewer than ``size`` micro-batches (1F1B's peak, stage 0's), else a pending
-    ``W`` (filling what would be idle time), else waits. Forwards and backwards go in micro-batch
-    order, so every message arrives in the order its receiver expects; the ``W``s oldest first."""
-    clock, n_f, n_b = [0.0] * size, [0] * size, [0] * size
-    pending = [[] for _ in range(size)]
-    acts = [{m: 0.0 for m in range(micro)}] + [{} for _ in range(size - 1)]  # arrival times
-    grads: list[dict] = [{} for _ in range(size)]
-    ops: list[list] = [[] for _ in range(size)]
-    while any(len(o) < 3 * micro for o in ops):
-        best = None  # (start, stage, op)
-        for s in range(size):
-            ready = []
-            if n_b[s] < n_f[s]:
-                at = clock[s] if s == size - 1 else grads[s].get(n_b[s])
-                if at is not None:
-                    ready.append((max(clock[s], at), "B"))
-            held = n_f[s] - (len(ops[s]) - n_f[s] - n_b[s])  # (forwards whose W is still to run)
-            if n_f[s] < micro and held < size and acts[s].get(n_f[s]) is not None:
-                ready.append((max(clock[s], acts[s][n_f[s]]), "F"))
-            start, op = min(ready, default=(None, None))
-            if pending[s] and (start is None or start > clock[s]):
-                start, op = clock[s], "W"
-            if op is not None and (best is None or start < best[0]):
-                best = (start, s, op)
-        start, s, op = best
-        clock[s] = start + 1
-        if op == "F":
-            m, n_f[s] = n_f[s], n_f[s] + 1
-            if s < size - 1:
-                acts[s + 1][m] = clock[s]
-        elif op == "B":
-            m, n_b[s] = n_b[s], n_b[s] + 1
-            pending[s].append(m)
-            if s > 0:
-                grads[s - 1][m] = clock[s]
-        else:
-            m = pending[s].pop(0)
-        ops[s].append((op, 0, m))
-    return ops
+def zero_bubble(size: int, stage: int, micro: int) -> list[tuple[str, int, int]]:
+    """Stage ``stage``'s ops of the ``zero-bubble`` schedule (ZB-H1 of Qi et al., 2024): each backward
+    split into ``B`` (the input's gradient, sent back at once) and ``W`` (the weights',
+    ``split_backward.py``), ops ``("F" | "B" | "W", 0, micro-batch)``. 1F1B's order of forwards and
+    ``B``s (``size - stage - 1`` forwards ahead, then one of each in turn), each ``W`` run ``stage``
+    micro-batches after its ``B``: the later a stage, the longer its neighbours keep it waiting for
+    gradients at the start, so the more ``W``s it holds back to fill the waits at the end. Every stage
+    holds at most ``size`` micro-batches' activations (stage 0's 1F1B peak); with F, B and W of equal
+    cost the step idles ``size - 1`` units, a third of 1F1B's."""
+    ahead = min(size - stage - 1, micro)
+    ops, held_back = [("F", 0, m) for m in range(ahead)], []
+    for m in range(micro):
+        if ahead + m < micro:
+            ops.append(("F", 0, ahead + m))
+        ops.append(("B", 0, m))
+        held_back.append(m)
+        if len(held_back) > stage:
+            ops.append(("W", 0, held_back.pop(0)))
+    return ops + [("W", 0, m) for m in held_back]
 
 
 def stage_layers(num_layers: int, size: int) -> list[range]:
