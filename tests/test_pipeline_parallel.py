@@ -12,19 +12,19 @@ under FSDP with document masks and float8 attention projections; the tied Qwen2 
 a Qwen2-MoE interleaved with its load-balancing and router z-losses (the whole model's routing), with
 DoRA on every expert (a sparse layer's adapters drawn on the other stage); in the zero-bubble schedule
 (each backward's weight half run apart from its input half) the tied Qwen2 with activation
-checkpointing and the Qwen2-MoE with DoRA; a one-process step checkpoint resumed on 2 stages under
-FSDP. On 4 ranks (2 stages x 2): the tied Qwen2 under FSDP (each stage sharded over a context-parallel
-group) with 3 micro-batches in 1F1B and --qat q8; tensor parallelism inside the stages (the untied
-Llama under FSDP, each rank's parts sharded over its replicas, with sequence parallelism and document
-masks; the Qwen2 of 4 heads interleaved, with Muon); context parallelism with 8-bit AdamW in the
-zero-bubble schedule, the group's ranks averaging their gradients like replicas; 8-bit AdamW on
-tensor-parallel parts under FSDP (one process's codes); a Mixtral on 2 replicas a stage under HSDP
-(groups of one rank), which count their expert choices together, and with its experts spread over each
-stage's 2 ranks (expert parallelism, FSDP); QLoRA with DoRA on a Mixtral's Q4_K blocks (attention and
-experts), the experts spread over each stage's 2 ranks (FSDP). In one process: the split of the layers
-and of the model (on the meta device, and loaded from a file: only a stage's tensors, the file's
-values), every schedule run on a model of the stages (order, deadlock freedom, idle share, activations
-held), the refusals."""
+checkpointing and, interleaved, the Qwen2-MoE with DoRA; a one-process step checkpoint resumed on 2
+stages under FSDP. On 4 ranks (2 stages x 2): the tied Qwen2 under FSDP (each stage sharded over a
+context-parallel group) with 3 micro-batches in 1F1B and --qat q8; tensor parallelism inside the
+stages (the untied Llama under FSDP, each rank's parts sharded over its replicas, with sequence
+parallelism and document masks; the Qwen2 of 4 heads interleaved, with Muon); context parallelism with
+8-bit AdamW in the zero-bubble schedule, the group's ranks averaging their gradients like replicas;
+8-bit AdamW on tensor-parallel parts under FSDP (one process's codes); a Mixtral on 2 replicas a stage
+under HSDP (groups of one rank), which count their expert choices together, and with its experts
+spread over each stage's 2 ranks (expert parallelism, FSDP); QLoRA with DoRA on a Mixtral's Q4_K
+blocks (attention and experts), the experts spread over each stage's 2 ranks (FSDP). In one process:
+the split of the layers and of the model (on the meta device, and loaded from a file: only a stage's
+tensors, the file's values), every schedule run on a model of the stages (order, deadlock freedom,
+idle share, activations held), the refusals."""
 
 from __future__ import annotations
 
@@ -112,13 +112,13 @@ CASES = {
                                           "1e-2"], 2, ["--pipeline-schedule", "interleaved"]),
     # (zero-bubble: each backward split into its input's gradient, sent back at once, and its weights',
     # run where the stage would idle (split_backward.py); the tied Qwen2 with activation checkpointing
-    # and document masks, and a Qwen2-MoE (the routing totals' gradients among the inputs' half) with
-    # DoRA on every expert)
+    # and document masks, and interleaved (2 chunks of one layer per stage) a Qwen2-MoE (the routing
+    # totals' gradients among the inputs' half) with DoRA on every expert)
     "qwen2_zero_bubble": ("qwen2", ["--grad-accum", "4", "--document-mask", "--grad-checkpointing",
                                     "--label-smoothing", "0.1"], 2, ["--pipeline-schedule", "zero-bubble"]),
     "qwen2moe_zero_bubble": ("qwen2moe", ["--grad-accum", "4", "--router-aux-loss-coef", "0.5", "--router-z-loss-coef",
                                           "0.1", "--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2,
-                             ["--pipeline-schedule", "zero-bubble"]),
+                             ["--pipeline-schedule", "zero-bubble", "--pipeline-chunks", "2"]),
     "mixtral_hsdp_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
                        ["--parallel", "fsdp", "--fsdp-shard-size", "1"]),
     # (expert parallelism inside the stages: each stage's experts spread over its 2 ranks, FSDP-sharded)
@@ -224,7 +224,9 @@ def test_pipeline_matches_one_process(runs, name):
     assert all((r.get("eval_questions") == 8) == (name == "qwen2_gpipe") for r in evals)
     only = CASES[name][3]
     schedule = only[only.index("--pipeline-schedule") + 1] if "--pipeline-schedule" in only else "1f1b"
-    assert (start["pipeline_schedule"], start["pipeline_chunks"]) == (schedule, 2 if schedule == "interleaved" else 1)
+    chunks = int(only[only.index("--pipeline-chunks") + 1]) if "--pipeline-chunks" in only else None
+    assert (start["pipeline_schedule"], start["pipeline_chunks"]) == \
+        (schedule, chunks or (2 if schedule == "interleaved" else 1))
     # the gathered checkpoint: one process's tensors (weights, moments), names and training state
     got_t, want_t = _same_checkpoint(root / f"pp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name,
                                      atol=1e-3 if muon or eight_bit else 2e-4 if fp16 else 5e-5)
@@ -359,13 +361,20 @@ def test_zero_bubble_schedule_fills_the_idle_time_with_weight_gradients(size):
     """``zero-bubble`` (each backward split into B and W, ``_run_schedules``): no deadlock, messages in
     order, at most N micro-batches held on every stage (stage 0's 1F1B peak), and ZB-H1's idle share
     (N - 1) / (3 M + N - 1) for M >= N, a third of 1F1B's (the held-back weight gradients fill the
-    warm-up and cool-down); below 1F1B's with fewer micro-batches."""
+    warm-up and cool-down); below 1F1B's with fewer micro-batches. And its interleaved form."""
     for micro in (1, 2, size, size + 1, 2 * size, 4 * size):
         span, peak = _run_schedules("zero-bubble", size, micro)
         assert peak == [min(size, micro)] * size
         assert span < (micro + size - 1) / micro
         if micro >= size:
             assert span == pytest.approx((3 * micro + size - 1) / (3 * micro))
+    # interleaved (--pipeline-chunks C): (N - 1) / (3 C M + N - 1) in ops of a chunk, a third of
+    # interleaved 1F1B's, holding no more chunks' activations than its stage 0
+    for chunks in (2, 3):
+        for micro in (size, 2 * size, 4 * size):
+            span, peak = _run_schedules("zero-bubble", size, micro, chunks)
+            assert span == pytest.approx((3 * chunks * micro + size - 1) / (3 * chunks * micro))
+            assert max(peak) == max(_run_schedules("interleaved", size, micro, chunks)[1])
 
 
 def test_stage_layers_are_consecutive_and_even():

@@ -745,7 +745,8 @@ def _train(args, env, mode: str) -> int:
                              f"batch per rank")
         if pp is not None:
             pipeline_parallel.check(pp.size, world=env.world_size, mode=mode, num_layers=model.config.num_layers,
-                                    chunks=pp.chunks, micro=cfg.grad_accum, tensor=pp.tensor, context=pp.context)
+                                    chunks=pp.chunks, micro=cfg.grad_accum, tensor=pp.tensor, context=pp.context,
+                                    schedule=pp.schedule)
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,
                                            pipeline_parallel=pp)
@@ -1074,10 +1075,12 @@ def register(subparsers) -> None:
                         "holding --pipeline-chunks chunks of layers (a smaller idle share for more activations "
                         "held and more messages; --grad-accum a multiple of N); zero-bubble: ZB-H1, each backward "
                         "split into the input's gradient (sent back at once) and the weights' (run where the "
-                        "stage would idle), each stage holding at most N micro-batches (with --parallel ddp)")
+                        "stage would idle), each stage holding at most N micro-batches (with --parallel ddp; "
+                        "interleaved with --pipeline-chunks C > 1)")
     s.add_argument("--pipeline-chunks", type=int, default=None, metavar="C",
-                   help="with --pipeline-schedule interleaved, the model chunks per stage (the layers split into "
-                        "N x C parts, part c*N + s on stage s; default 2)")
+                   help="with --pipeline-schedule interleaved (default 2) or zero-bubble (default 1; its interleaved "
+                        "form with more), the model chunks per stage (the layers split into N x C parts, part "
+                        "c*N + s on stage s)")
     s.add_argument("--sequence-parallel", action="store_true",
                    help="with --tensor-parallel N, each rank of a group also holds 1/N of every row's positions "
                         "between the split blocks (norms, residuals, embedding, loss: their activations / N; the "

@@ -34,7 +34,8 @@ through the pipeline in one of three schedules (``schedule``):
   (``zero_bubble``: 1F1B's forwards and Bs, stage s running each W s micro-batches late). With F, B
   and W of equal cost the idle share falls to ``(N - 1) / (3 M + N - 1)`` for M >= N (a third of
   1F1B's); each stage holds at most N micro-batches' activations (stage 0's 1F1B peak; a
-  micro-batch's are kept until its W). With ``--parallel ddp`` (FSDP would reduce-scatter before the W's) and without
+  micro-batch's are kept until its W). With ``--pipeline-chunks C`` > 1 its interleaved form
+  (interleaved 1F1B's order; idle share ``(N - 1) / (3 C M + N - 1)``). With ``--parallel ddp`` (FSDP would reduce-scatter before the W's) and without
   ``--compile`` (a compiled layer's backward is one node: nothing to split).
 
 Sends are asynchronous (``isend``, waited for at the end of the step) and receives blocking. Each
@@ -147,7 +148,7 @@ def schedule(kind: str, size: int, stage: int, micro: int, chunks: int = 1) -> l
     if kind == "gpipe":
         return [("F", 0, m) for m in range(micro)] + [("B", 0, m) for m in range(micro)]
     if kind == "zero-bubble":
-        return zero_bubble(size, stage, micro)
+        return zero_bubble(size, stage, micro, chunks)
     if kind == "1f1b":
         units, ahead = ([(0, m) for m in range(micro)],) * 2, min(size - stage - 1, micro)
     else:
@@ -166,25 +167,24 @@ def schedule(kind: str, size: int, stage: int, micro: int, chunks: int = 1) -> l
     return ops + [("B", *bwd[k]) for k in range(n - ahead, n)]
 
 
-def zero_bubble(size: int, stage: int, micro: int) -> list[tuple[str, int, int]]:
-    """Stage ``stage``'s ops of the ``zero-bubble`` schedule (ZB-H1 of Qi et al., 2024): each backward
-    split into ``B`` (the input's gradient, sent back at once) and ``W`` (the weights',
-    ``split_backward.py``), ops ``("F" | "B" | "W", 0, micro-batch)``. 1F1B's order of forwards and
-    ``B``s (``size - stage - 1`` forwards ahead, then one of each in turn), each ``W`` run ``stage``
-    micro-batches after its ``B``: the later a stage, the longer its neighbours keep it waiting for
-    gradients at the start, so the more ``W``s it holds back to fill the waits at the end. Every stage
-    holds at most ``size`` micro-batches' activations (stage 0's 1F1B peak); with F, B and W of equal
-    cost the step idles ``size - 1`` units, a third of 1F1B's."""
-    ahead = min(size - stage - 1, micro)
-    ops, held_back = [("F", 0, m) for m in range(ahead)], []
-    for m in range(micro):
-        if ahead + m < micro:
-            ops.append(("F", 0, ahead + m))
-        ops.append(("B", 0, m))
-        held_back.append(m)
-        if len(held_back) > stage:
-            ops.append(("W", 0, held_back.pop(0)))
-    return ops + [("W", 0, m) for m in held_back]
+def zero_bubble(size: int, stage: int, micro: int, chunks: int = 1) -> list[tuple[str, int, int]]:
+    """Stage ``stage``'s ops of the ``zero-bubble`` schedule (ZB-H1 of Qi et al., 2024; with ``chunks``
+    > 1 its interleaved form, as torch's ScheduleInterleavedZeroBubble): each backward split into
+    ``B`` (the input's gradient, sent back at once) and ``W`` (the weights', ``split_backward.py``),
+    ops ``("F" | "B" | "W", chunk, micro-batch)``. The forwards and ``B``s in 1F1B's order (the
+    interleaved schedule's with chunks), each ``W`` run ``stage`` backwards after its ``B``: the later
+    a stage, the longer its neighbours keep it waiting for gradients at the start, so the more ``W``s
+    it holds back to fill the waits at the end. Every stage holds at most as many micro-batches'
+    activations as stage 0 does in 1F1B (or interleaved 1F1B); with F, B and W of equal cost the
+    step idles ``size - 1`` units of a chunk's op, a third of 1F1B's (or of interleaved 1F1B's)."""
+    ops, held_back = [], []
+    for op in schedule("1f1b" if chunks == 1 else "interleaved", size, stage, micro, chunks):
+        ops.append(op)
+        if op[0] == "B":
+            held_back.append(op)
+            if len(held_back) > stage:
+                ops.append(("W", *held_back.pop(0)[1:]))
+    return ops + [("W", c, m) for _, c, m in held_back]
 
 
 def stage_layers(num_layers: int, size: int) -> list[range]:
@@ -200,7 +200,13 @@ def stage_layers(num_layers: int, size: int) -> list[range]:
 
 def chunks_for(schedule: str, chunks: int | None) -> int:
     """The model chunks per stage: ``--pipeline-chunks`` (2 by default under ``interleaved``, which
-    needs at least 2; 1 for the other schedules, which run one chunk)."""
+    needs at least 2; 1 by default under ``zero-bubble``, interleaved with more; 1 for the other
+    schedules, which run one chunk)."""
+    if schedule == "zero-bubble":
+        if chunks is not None and chunks < 1:
+            raise ValueError(f"--pipeline-chunks {chunks} with --pipeline-schedule zero-bubble: expected at least 1 "
+                             f"model chunk per stage")
+        return chunks or 1
     if schedule != "interleaved":
         if chunks not in (None, 1):
             raise ValueError(f"--pipeline-chunks {chunks} with --pipeline-schedule {schedule}: a stage of that "
@@ -252,8 +258,9 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
         raise ValueError(f"--pipeline-parallel {size}: the model has {num_layers} decoder layers; expected at "
                          f"least one per {per}")
     if chunks > 1 and micro is not None and micro % size:
-        raise ValueError(f"--pipeline-schedule interleaved with --grad-accum {micro}: the micro-batches go through "
-                         f"the chunks in groups of {size}; expected a multiple of --pipeline-parallel {size}")
+        raise ValueError(f"--pipeline-schedule {schedule} with --pipeline-chunks {chunks} and --grad-accum {micro}: "
+                         f"the micro-batches go through the chunks in groups of {size}; expected a multiple of "
+                         f"--pipeline-parallel {size}")
     for option, used in refused.items():
         if used:
             raise ValueError(f"--pipeline-parallel with {option} is not supported; expected one of the two")
