@@ -119,3 +119,40 @@ def test_a_weight_used_at_two_depths_comes_from_the_outputs():
     torch.testing.assert_close(got_w, w.grad)
     torch.testing.assert_close(got_b, b.grad)
     torch.testing.assert_close(got_x, x.grad)
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per_expert"])
+def test_grouped_mm_computes_only_the_half_each_pass_asks_for(monkeypatch, stacked):
+    """The experts' grouped GEMM gives dx in the input half and the weights' gradients in the weight
+    half, each computed once (its backward asks autograd which it will use), with one backward's
+    gradients."""
+    import apr_kernels.ops.grouped_mm as gmm
+    from apr_kernels import grouped_mm
+
+    asked = []
+    inner = gmm._grouped_mm_backward_impl
+
+    def spy(dy, x, weights, offs, need_dx, need_dw):
+        asked.append((need_dx, need_dw))
+        return inner(dy, x, weights, offs, need_dx, need_dw)
+
+    monkeypatch.setattr(gmm, "_grouped_mm_backward_impl", spy)
+    torch.manual_seed(3)
+    x = torch.randn(7, 4, requires_grad=True)
+    weights = torch.randn(3, 5, 4, requires_grad=True) if stacked else \
+        [torch.randn(5, 4, requires_grad=True) for _ in range(3)]
+    params = [weights] if stacked else weights
+    offs = torch.tensor([2, 2, 7], dtype=torch.int32)  # (an empty group among them)
+    split = SplitBackward([grouped_mm(x * 2, weights, offs).tanh().sum()], [None], [x], params)
+    split.inputs_pass()
+    assert asked == [(True, False)]
+    split.weights_pass()
+    assert asked == [(True, False), (False, True)]
+    got = [x.grad.clone(), *(p.grad.clone() for p in params)]
+    x.grad = None
+    for p in params:
+        p.grad = None
+    grouped_mm(x * 2, weights, offs).tanh().sum().backward()
+    assert asked[-1] == (True, True)
+    for g, t in zip(got, [x, *params]):
+        torch.testing.assert_close(g, t.grad)

@@ -167,10 +167,26 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, offs, *([weights] if ctx.stacked else weights))
 
 
+def _wanted(t: Tensor) -> bool:
+    """Whether the backward now running uses ``t``'s gradient: False for the half a split backward
+    (the zero-bubble pipeline's input or weight pass, ``train/split_backward.py``) does not ask for,
+    so that half is not computed and thrown away; True whenever that cannot be told (compiling)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        from torch.autograd.graph import get_gradient_edge
+
+        return bool(torch._C._will_engine_execute_node(get_gradient_edge(t).node))
+    except (RuntimeError, AttributeError, TypeError):
+        return True
+
+
 def _grads(ctx, dy, backward):
     """(dx or None, the weights' gradients: the stacked tensor, or a list of its slices, or Nones)."""
     x, offs, *weights = ctx.saved_tensors
     need_dx, need_dw = ctx.need
+    need_dx = need_dx and _wanted(x)
+    need_dw = need_dw and any(_wanted(w) for w in weights if w.requires_grad)
     dx, dw = backward(dy, x, weights[0] if ctx.stacked else weights, offs, need_dx, need_dw)
     dx = dx if need_dx else None
     if ctx.stacked:

@@ -17,7 +17,9 @@ How, on any autograd graph (the model's own kernels, LoRA, experts, tensor-paral
   group where that could happen, or a parameter no split node reaches, takes its gradient from the
   outputs instead (correct, only slower).
 
-The gradients are added to ``.grad`` as ``backward()`` adds them. The graph is kept from ``B`` to
+A custom op whose backward gives every gradient at once runs whole in each pass unless it asks
+autograd which it will use (the experts' grouped GEMM does: ``ops/grouped_mm._wanted``). The
+gradients are added to ``.grad`` as ``backward()`` adds them. The graph is kept from ``B`` to
 ``W`` (``retain_graph``), so a micro-batch's activations live until its ``W``.
 """
 
