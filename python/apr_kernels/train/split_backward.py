@@ -25,8 +25,6 @@ gradients are added to ``.grad`` as ``backward()`` adds them. The graph is kept 
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
@@ -35,20 +33,28 @@ def _children(node) -> list:
     return [n for n, _ in node.next_functions if n is not None]
 
 
-def _reaching(graph: dict, targets: set) -> set:
-    """The nodes of ``graph`` (node -> children) from which a node of ``targets`` is reachable (the
-    targets included)."""
-    parents = defaultdict(list)
-    for node, kids in graph.items():
-        for kid in kids:
-            parents[kid].append(node)
-    seen, stack = set(targets), list(targets)
-    while stack:
-        for parent in parents[stack.pop()]:
-            if parent not in seen:
-                seen.add(parent)
-                stack.append(parent)
-    return seen
+def _post_order(roots: list, kids: dict) -> list:
+    """The nodes reachable from ``roots``, each after all of its children (``kids``: filled, node ->
+    children)."""
+    order, seen = [], set()
+    for root in roots:
+        if root in seen:
+            continue
+        seen.add(root)
+        kids[root] = _children(root)
+        stack = [(root, iter(kids[root]))]
+        while stack:
+            node, rest = stack[-1]
+            for kid in rest:
+                if kid not in seen:
+                    seen.add(kid)
+                    kids[kid] = _children(kid)
+                    stack.append((kid, iter(kids[kid])))
+                    break
+            else:
+                stack.pop()
+                order.append(node)
+    return order
 
 
 class SplitBackward:
@@ -60,39 +66,50 @@ class SplitBackward:
         self.outputs, self.grads, self.inputs = outputs, grads, inputs
         self.params = [p for p in params if p.requires_grad]
         self._captured: dict = {}
-        graph, stack = {}, [get_gradient_edge(t).node for t in outputs]
-        while stack:
-            node = stack.pop()
-            if node not in graph:
-                graph[node] = _children(node)
-                stack.extend(graph[node])
-        on_path = _reaching(graph, {get_gradient_edge(t).node for t in inputs})
-        # each parameter's split nodes: on the inputs' path, with a child towards it off the path
-        splits, self._from_outputs = {}, []
-        for p in self.params:
-            node = get_gradient_edge(p).node
-            if node not in graph:
-                continue  # (no part in these outputs)
-            towards = _reaching(graph, {node})
-            mine = [n for n in towards & on_path if any(k in towards and k not in on_path for k in graph[n])]
-            if mine:
-                splits[p] = mine
-            else:
-                self._from_outputs.append(p)
-        groups = []  # ([params], {split nodes}): parameters joined by a shared split node
-        for p, nodes in splits.items():
-            group = ([p], set(nodes))
-            for g in [g for g in groups if g[1] & group[1]]:
-                group[0].extend(g[0])
-                group[1].update(g[1])
-            groups = [g for g in groups if not g[1] & group[1]] + [group]
-        self.groups = []
-        for params, nodes in groups:  # (a group's node reaching one of its parameters along the path)
-            through = _reaching(graph, {get_gradient_edge(p).node for p in params})
-            if any(k in on_path and k in through for n in nodes for k in graph[n]):
-                self._from_outputs.extend(params)
-            else:
-                self.groups.append((params, list(nodes)))
+        # one pass over the graph, children first (parameters as bits of an int: the sets are cheap):
+        # the parameters below each node, and whether an input is
+        bit = {get_gradient_edge(p).node: 1 << i for i, p in enumerate(self.params)}
+        starts = {get_gradient_edge(t).node for t in inputs}
+        kids: dict = {}
+        below, to_input = {}, {}
+        for node in _post_order([get_gradient_edge(t).node for t in outputs], kids):
+            mask, reaches = bit.get(node, 0), node in starts
+            for kid in kids[node]:
+                mask |= below[kid]
+                reaches = reaches or to_input[kid]
+            below[node], to_input[node] = mask, reaches
+        # the split nodes: on the inputs' path, with children off it towards parameters; parameters
+        # joined into groups by the split nodes they share
+        groups: list[tuple[int, list]] = []  # (parameters' bits, split nodes)
+        for node, reaches in to_input.items():
+            if not reaches:
+                continue
+            off = 0
+            for kid in kids[node]:
+                if not to_input[kid]:
+                    off |= below[kid]
+            if off:
+                joined = [g for g in groups if g[0] & off]
+                mask, nodes = off, [node]
+                for g in joined:
+                    mask, nodes = mask | g[0], nodes + g[1]
+                groups = [g for g in groups if not g[0] & off] + [(mask, nodes)]
+        # a group whose split node reaches one of its parameters along the path (a weight used at two
+        # depths) would count that path twice: it, and any parameter no split node reaches, from the
+        # outputs instead
+        self.groups, split = [], 0
+        for mask, nodes in groups:
+            along = 0
+            for node in nodes:
+                for kid in kids[node]:
+                    if to_input[kid]:
+                        along |= below[kid]
+            if not along & mask:
+                self.groups.append(([p for i, p in enumerate(self.params) if mask >> i & 1], nodes))
+                split |= mask
+        present = {n for n in bit if n in below}
+        self._from_outputs = [p for i, p in enumerate(self.params)
+                              if not split >> i & 1 and get_gradient_edge(p).node in present]
 
     def inputs_pass(self) -> None:
         """``B``: the inputs' gradients (as their ``.grad``); the split nodes' incoming gradients kept."""
