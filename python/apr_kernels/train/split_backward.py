@@ -97,16 +97,26 @@ class SplitBackward:
         # a group whose split node reaches one of its parameters along the path (a weight used at two
         # depths) would count that path twice: it, and any parameter no split node reaches, from the
         # outputs instead
-        self.groups, split = [], 0
+        # the weight pass asks autograd once per set of groups none of whose split nodes reaches
+        # another's parameters along the path (q, k and v's, say): fewer calls, the same nodes run
+        calls: list[list] = []  # [parameters' bits, their split nodes' bits along the path, nodes]
+        split = 0
         for mask, nodes in groups:
             along = 0
             for node in nodes:
                 for kid in kids[node]:
                     if to_input[kid]:
                         along |= below[kid]
-            if not along & mask:
-                self.groups.append(([p for i, p in enumerate(self.params) if mask >> i & 1], nodes))
-                split |= mask
+            if along & mask:
+                continue
+            split |= mask
+            call = next((c for c in calls if not along & c[0] and not c[1] & mask), None)
+            if call is None:
+                calls.append([mask, along, list(nodes)])
+            else:
+                call[0], call[1] = call[0] | mask, call[1] | along
+                call[2].extend(nodes)
+        self.groups = [([p for i, p in enumerate(self.params) if mask >> i & 1], nodes) for mask, _, nodes in calls]
         present = {n for n in bit if n in below}
         self._from_outputs = [p for i, p in enumerate(self.params)
                               if not split >> i & 1 and get_gradient_edge(p).node in present]
