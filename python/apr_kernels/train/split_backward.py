@@ -15,12 +15,15 @@ How, on any autograd graph (the model's own kernels, LoRA, experts, tensor-paral
   grouped by the split nodes they share (a fused q/k/v projection's three weights), so that no group's
   node reaches another of its parameters through the inputs' path, which would count it twice; a
   group where that could happen, or a parameter no split node reaches, takes its gradient from the
-  outputs instead (correct, only slower).
+  outputs instead (correct, only slower). Groups none of whose nodes reach another's parameters
+  along the path (a layer's q, k and v) share one call: about six calls a decoder layer.
 
 A custom op whose backward gives every gradient at once runs whole in each pass unless it asks
 autograd which it will use (the experts' grouped GEMM does: ``ops/grouped_mm._wanted``). The
 gradients are added to ``.grad`` as ``backward()`` adds them. The graph is kept from ``B`` to
-``W`` (``retain_graph``), so a micro-batch's activations live until its ``W``.
+``W`` (``retain_graph``), so a micro-batch's activations live until its ``W``. The cost on the host:
+the graph walk (6 ms for 12 Qwen2-0.5B layers on this project's CPU) and each weight-pass call's
+(about 0.3 ms), which a GPU's kernels hide only when a micro-batch's backward takes longer.
 """
 
 from __future__ import annotations
