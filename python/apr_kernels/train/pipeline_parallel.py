@@ -33,10 +33,11 @@ through the pipeline in one of three schedules (``schedule``):
   stage waits for), and ``W``, the weights' gradients, run later where the stage would otherwise wait
   (``zero_bubble``: 1F1B's forwards and Bs, stage s running each W s micro-batches late). With F, B
   and W of equal cost the idle share falls to ``(N - 1) / (3 M + N - 1)`` for M >= N (a third of
-  1F1B's); each stage holds at most N micro-batches' activations (stage 0's 1F1B peak; a
-  micro-batch's are kept until its W). With ``--pipeline-chunks C`` > 1 its interleaved form
-  (interleaved 1F1B's order; idle share ``(N - 1) / (3 C M + N - 1)``). With ``--parallel ddp`` (FSDP would reduce-scatter before the W's) and without
-  ``--compile`` (a compiled layer's backward is one node: nothing to split).
+  1F1B's); each stage holds at most N micro-batches' activations (stage 0's 1F1B peak; a micro-batch's
+  are kept until its W). With ``--pipeline-chunks C`` > 1 its interleaved form (interleaved 1F1B's
+  order; idle share ``(N - 1) / (3 C M + N - 1)``). With ``--parallel ddp`` (FSDP would reduce-scatter
+  before the W's) and without ``--compile`` (a compiled layer's backward is one node: nothing to
+  split).
 
 Sends are asynchronous (``isend``, waited for at the end of the step) and receives blocking. Each
 direction between two neighbouring stages (with chunks, also from the last stage to stage 0) has its own
