@@ -34,8 +34,9 @@ def _cut_at_embedding(model, x, y):
                                                ("tiny_qwen2", True)], ids=["qwen2", "llama", "qwen2_moe", "qwen2_fast"])
 def test_two_halves_give_one_backward(use_backend, preset_name, fast):
     """Every decoder layer's parameters (attention with q/k/v bias, norms, MLP or experts and router,
-    the tied or untied head) in groups split off the input's path, none from the outputs; the input
-    half leaves every parameter's gradient unset; together the gradients of one ``backward()``. And
+    the tied or untied head) split off the input's path (a projection's weight by its own GEMM), none
+    from the outputs; the input half leaves every matrix's gradient unset (the vectors', cheap, come
+    with the input's); together the gradients of one ``backward()``. And
     on the fast path (the Triton kernels in the interpreter where they take the shapes: custom ops
     whose backward gives every gradient at once, run in each half)."""
     from apr_kernels.model import Transformer, preset
@@ -46,11 +47,18 @@ def test_two_halves_give_one_backward(use_backend, preset_name, fast):
     x, y = torch.randint(0, 200, (2, 16)), torch.randint(0, 200, (2, 16))
     loss, h = _cut_at_embedding(model, x, y)
     split = SplitBackward([loss], [None], [h], model.parameters())
-    reached = [p for group, _ in split.groups for p in group]
+    # (every parameter: a vector with the inputs, a projection's weight by its own GEMM, or in a group
+    # of split nodes; none from the outputs)
+    direct = [d[-1] for d in split._direct]
+    reached = [*split.vectors, *direct, *(p for group, _ in split.groups for p in group)]
     used = [p for n, p in model.named_parameters() if n != "model.embed_tokens.weight" or model.config.tie_word_embeddings]
-    assert len(reached) == len(used) and not split._from_outputs
+    assert len(reached) == len(used) and {id(p) for p in reached} == {id(p) for p in used}
+    assert not split._from_outputs
+    names = {id(p): n for n, p in model.named_parameters()}
+    if not fast:  # (the eager path: every projection x @ W.T, its weight's gradient one GEMM)
+        assert {names[id(p)].rsplit(".", 2)[-2] for p in direct} >= {"q_proj", "k_proj", "v_proj", "o_proj"}
     split.inputs_pass()
-    assert h.grad is not None and all(p.grad is None for p in model.parameters())
+    assert h.grad is not None and all(p.grad is None for p in model.parameters() if p.dim() > 1)
     split.weights_pass()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     got_h = h.grad.clone()

@@ -1,29 +1,32 @@
 """A backward in two passes, for zero-bubble pipeline schedules (Qi et al., 2024, "Zero Bubble
 Pipeline Parallelism"): first the gradients of a stage's inputs (``B``: what the previous stage waits
-for), later those of its parameters (``W``: what nobody waits for, run where the pipeline would idle).
+for), later those of its weight matrices (``W``: what nobody waits for, run where the pipeline would
+idle).
 
 How, on any autograd graph (the model's own kernels, LoRA, experts, tensor-parallel collectives):
 
-* ``B`` asks autograd for the inputs' gradients only (``torch.autograd.grad(..., inputs=inputs,
-  retain_graph=True)``). Autograd then runs only the nodes on a path to an input, and each of them
-  computes only the gradients that path needs: a projection's ``x @ W.T`` node gives ``dX`` and skips
-  ``dW``. Before it runs, each node of that path with an edge towards a parameter off the path (the
-  "split" nodes: the projection's node, a norm's multiply, a bias's add) has its incoming gradients
-  recorded by a hook.
-* ``W`` runs each split node again from its recorded gradients, asking only for its parameters
-  (``torch.autograd.grad`` from ``GradientEdge``s): the ``dW`` half of the work, once. Parameters are
-  grouped by the split nodes they share (a fused q/k/v projection's three weights), so that no group's
-  node reaches another of its parameters through the inputs' path, which would count it twice; a
-  group where that could happen, or a parameter no split node reaches, takes its gradient from the
-  outputs instead (correct, only slower). Groups none of whose nodes reach another's parameters
-  along the path (a layer's q, k and v) share one call: about six calls a decoder layer.
+* ``B`` asks autograd for the inputs' gradients (``torch.autograd.grad(..., retain_graph=True)``),
+  and for the vectors' (norms' weights, biases: cheap reductions). Autograd then runs only the nodes
+  on a path to one of them, and each computes only the gradients that path needs: a projection's
+  ``x @ W.T`` node gives ``dX`` and skips ``dW``. Before it runs, each node of that path with an
+  edge towards a matrix off the path (a "split" node) has its incoming gradient kept by a hook.
+* ``W``: a split node that is a projection's product (``mm``/``addmm`` whose only way to a parameter
+  is ``W.T``, through autocast's casts) gives ``dW = dY.T @ x`` as one GEMM of the kept gradient
+  and its saved input, with no autograd call: every plain projection, so the weight pass of a dense
+  stage is a list of GEMMs. The other split nodes (the experts', LoRA's, float8's, a fused q/k/v's)
+  run again from their kept gradients, asked for their parameters only (``torch.autograd.grad`` from
+  ``GradientEdge``s), grouped by the nodes they share, groups that cannot reach each other's
+  parameters along the path sharing one call. A group whose node reaches one of its parameters along
+  the path (a weight used at two depths, which it would count twice), or a parameter no split node
+  reaches, takes its gradient from the outputs instead (correct, only slower).
 
 A custom op whose backward gives every gradient at once runs whole in each pass unless it asks
 autograd which it will use (the experts' grouped GEMM does: ``ops/grouped_mm._wanted``). The
-gradients are added to ``.grad`` as ``backward()`` adds them. The graph is kept from ``B`` to
-``W`` (``retain_graph``), so a micro-batch's activations live until its ``W``. The cost on the host:
-the graph walk (6 ms for 12 Qwen2-0.5B layers on this project's CPU) and each weight-pass call's
-(about 0.3 ms), which a GPU's kernels hide only when a micro-batch's backward takes longer.
+gradients are added to ``.grad`` as ``backward()`` adds them. The graph is kept from ``B`` to ``W``
+(``retain_graph``), so a micro-batch's activations live until its ``W``. Host cost: one walk of the
+graph (5 ms for 12 Qwen2-0.5B layers on this project's CPU, where their B and W together take as
+long as one backward), and about 0.3 ms per autograd call of the weight pass, which dense layers
+do not make.
 """
 
 from __future__ import annotations
@@ -60,6 +63,43 @@ def _post_order(roots: list, kids: dict) -> list:
     return order
 
 
+def _accumulate(params, grads) -> None:
+    """Add ``grads`` to the parameters' ``.grad`` (in the parameter's layout) as ``backward()`` does."""
+    for p, g in zip(params, grads):
+        if g is not None:
+            g = g.contiguous()
+            p.grad = g if p.grad is None else p.grad + g
+
+
+def _projection(node, kids: dict, to_input: dict, below: dict, mask: int):
+    """``(saved input's attribute, alpha, W)`` when ``node`` is the product of a projection ``x @ W.T``
+    (``mm``, or ``addmm`` with a bias) through which only W's gradient leaves the inputs' path (by a
+    transpose and dtype casts: autocast's), else None."""
+    name = node.name()
+    if name not in ("MmBackward0", "AddmmBackward0"):
+        return None
+    edges = [n for n, _ in node.next_functions]
+    weight_edge = edges[-1]  # (mm: self, mat2; addmm: bias, mat1, mat2)
+    if weight_edge is None or to_input[weight_edge] or below[weight_edge] != mask:
+        return None
+    if any(e is not None and not to_input[e] and below[e] for e in edges[:-1]):
+        return None
+    chain = weight_edge
+    if chain.name() != "TBackward0":
+        return None
+    chain = kids[chain][0] if len(kids[chain]) == 1 else None
+    while chain is not None and chain.name() == "ToCopyBackward0" and len(kids[chain]) == 1:
+        chain = kids[chain][0]
+    param = getattr(chain, "variable", None)
+    if param is None or param.dim() != 2:
+        return None
+    alpha = getattr(node, "_saved_alpha", 1)
+    saved = "_saved_mat1" if name == "AddmmBackward0" else "_saved_self"
+    if getattr(node, saved, None) is None:
+        return None
+    return saved, alpha, param
+
+
 class SplitBackward:
     """One micro-batch's backward from ``outputs`` (with ``grads``: None for a scalar loss) in two
     passes: ``inputs_pass`` (the gradients of ``inputs``, set as their ``.grad``) then
@@ -67,12 +107,15 @@ class SplitBackward:
 
     def __init__(self, outputs: list[torch.Tensor], grads: list, inputs: list[torch.Tensor], params):
         self.outputs, self.grads, self.inputs = outputs, grads, inputs
-        self.params = [p for p in params if p.requires_grad]
+        params = [p for p in params if p.requires_grad]
+        # vectors (norms' weights, biases) with the inputs: their gradients are cheap reductions
+        self.vectors = [p for p in params if p.dim() <= 1]
+        self.params = [p for p in params if p.dim() > 1]
         self._captured: dict = {}
         # one pass over the graph, children first (parameters as bits of an int: the sets are cheap):
         # the parameters below each node, and whether an input is
         bit = {get_gradient_edge(p).node: 1 << i for i, p in enumerate(self.params)}
-        starts = {get_gradient_edge(t).node for t in inputs}
+        starts = {get_gradient_edge(t).node for t in [*inputs, *self.vectors]}
         kids: dict = {}
         below, to_input = {}, {}
         for node in _post_order([get_gradient_edge(t).node for t in outputs], kids):
@@ -100,6 +143,14 @@ class SplitBackward:
         # a group whose split node reaches one of its parameters along the path (a weight used at two
         # depths) would count that path twice: it, and any parameter no split node reaches, from the
         # outputs instead
+        # a projection's product alone in its group (x @ W.T, W's only way in): its W gradient is one
+        # GEMM of the kept output gradient and the saved input, run directly (no autograd call)
+        self._direct = []
+        for mask, nodes in list(groups):
+            direct = _projection(nodes[0], kids, to_input, below, mask) if len(nodes) == 1 else None
+            if direct is not None:
+                self._direct.append((nodes[0], *direct))
+                groups.remove((mask, nodes))
         # the weight pass asks autograd once per set of groups none of whose split nodes reaches
         # another's parameters along the path (q, k and v's, say): fewer calls, the same nodes run
         calls: list[list] = []  # [parameters' bits, their split nodes' bits along the path, nodes]
@@ -120,6 +171,8 @@ class SplitBackward:
                 call[0], call[1] = call[0] | mask, call[1] | along
                 call[2].extend(nodes)
         self.groups = [([p for i, p in enumerate(self.params) if mask >> i & 1], nodes) for mask, _, nodes in calls]
+        for *_, param in self._direct:
+            split |= 1 << next(i for i, p in enumerate(self.params) if p is param)
         present = {n for n in bit if n in below}
         self._from_outputs = [p for i, p in enumerate(self.params)
                               if not split >> i & 1 and get_gradient_edge(p).node in present]
@@ -127,19 +180,20 @@ class SplitBackward:
     def inputs_pass(self) -> None:
         """``B``: the inputs' gradients (as their ``.grad``); the split nodes' incoming gradients kept."""
         handles = []
-        for _, nodes in self.groups:
-            for node in nodes:
-                def keep(grad_outputs, node=node):
-                    self._captured[node] = grad_outputs
+        for node in [n for _, nodes in self.groups for n in nodes] + [d[0] for d in self._direct]:
+            def keep(grad_outputs, node=node):
+                self._captured[node] = grad_outputs
 
-                handles.append(node.register_prehook(keep))
+            handles.append(node.register_prehook(keep))
         try:
-            got = torch.autograd.grad(self.outputs, self.inputs, self.grads, retain_graph=True, allow_unused=True)
+            got = torch.autograd.grad(self.outputs, [*self.inputs, *self.vectors], self.grads, retain_graph=True,
+                                      allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
         for t, g in zip(self.inputs, got):
             t.grad = g if g is not None else torch.zeros_like(t)
+        _accumulate(self.vectors, got[len(self.inputs):])
 
     def weights_pass(self) -> None:
         """``W``: each group's parameter gradients from its split nodes' kept gradients (the rest's from
@@ -156,9 +210,12 @@ class SplitBackward:
                 work.append((edges, seeds, params))
         if self._from_outputs:
             work.append((self.outputs, self.grads, self._from_outputs))
+        for node, saved_input, alpha, param in self._direct:
+            dy = self._captured.get(node, (None,))[0]
+            if dy is not None:  # (x @ W.T: W's gradient dy.T @ x, in W's layout)
+                g = dy.t().mm(getattr(node, saved_input))
+                _accumulate([param], [(g * alpha if alpha != 1 else g).to(param.dtype)])
         for i, (outs, seeds, params) in enumerate(work):
             got = torch.autograd.grad(outs, params, seeds, retain_graph=i < len(work) - 1, allow_unused=True)
-            for p, g in zip(params, got):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
-        self.outputs = self.grads = self._captured = self.groups = None
+            _accumulate(params, got)
+        self.outputs = self.grads = self._captured = self.groups = self._direct = None
