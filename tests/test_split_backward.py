@@ -49,14 +49,14 @@ def test_two_halves_give_one_backward(use_backend, preset_name, fast):
     split = SplitBackward([loss], [None], [h], model.parameters())
     # (every parameter: a vector with the inputs, a projection's weight by its own GEMM, or in a group
     # of split nodes; none from the outputs)
-    direct = [d[-1] for d in split._direct]
+    direct = [p for d in split._direct for p in d[-1]]
     reached = [*split.vectors, *direct, *(p for group, _ in split.groups for p in group)]
     used = [p for n, p in model.named_parameters() if n != "model.embed_tokens.weight" or model.config.tie_word_embeddings]
     assert len(reached) == len(used) and {id(p) for p in reached} == {id(p) for p in used}
     assert not split._from_outputs
     names = {id(p): n for n, p in model.named_parameters()}
-    if not fast:  # (the eager path: every projection x @ W.T, its weight's gradient one GEMM)
-        assert {names[id(p)].rsplit(".", 2)[-2] for p in direct} >= {"q_proj", "k_proj", "v_proj", "o_proj"}
+    # (every projection x @ W.T, its weight's gradient one GEMM: the fast path's fused q/k/v's too)
+    assert {names[id(p)].rsplit(".", 2)[-2] for p in direct} >= {"q_proj", "k_proj", "v_proj", "o_proj"}
     split.inputs_pass()
     assert h.grad is not None and all(p.grad is None for p in model.parameters() if p.dim() > 1)
     split.weights_pass()

@@ -11,9 +11,10 @@ How, on any autograd graph (the model's own kernels, LoRA, experts, tensor-paral
   ``x @ W.T`` node gives ``dX`` and skips ``dW``. Before it runs, each node of that path with an
   edge towards a matrix off the path (a "split" node) has its incoming gradient kept by a hook.
 * ``W``: a split node that is a projection's product (``mm``/``addmm`` whose only way to a parameter
-  is ``W.T``, through autocast's casts) gives ``dW = dY.T @ x`` as one GEMM of the kept gradient
-  and its saved input, with no autograd call: every plain projection, so the weight pass of a dense
-  stage is a list of GEMMs. The other split nodes (the experts', LoRA's, float8's, a fused q/k/v's)
+  is ``W.T``, through autocast's casts, or a fused q/k/v's concatenated weights) gives
+  ``dW = dY.T @ x`` as one GEMM of the kept gradient and its saved input, with no autograd call:
+  every plain projection, so the weight pass of a dense stage is a list of GEMMs. The other split
+  nodes (the experts', LoRA's, float8's, the fused loss's)
   run again from their kept gradients, asked for their parameters only (``torch.autograd.grad`` from
   ``GradientEdge``s), grouped by the nodes they share, groups that cannot reach each other's
   parameters along the path sharing one call. A group whose node reaches one of its parameters along
@@ -71,10 +72,18 @@ def _accumulate(params, grads) -> None:
             p.grad = g if p.grad is None else p.grad + g
 
 
+def _leaf_through_casts(node, kids: dict):
+    """The parameter at the end of a chain of dtype casts (autocast's) from ``node``, or None."""
+    while node is not None and node.name() == "ToCopyBackward0" and len(kids[node]) == 1:
+        node = kids[node][0]
+    return getattr(node, "variable", None)
+
+
 def _projection(node, kids: dict, to_input: dict, below: dict, mask: int):
-    """``(saved input's attribute, alpha, W)`` when ``node`` is the product of a projection ``x @ W.T``
-    (``mm``, or ``addmm`` with a bias) through which only W's gradient leaves the inputs' path (by a
-    transpose and dtype casts: autocast's), else None."""
+    """``(saved input's attribute, alpha, [W, ...])`` when ``node`` is the product of a projection
+    ``x @ W.T`` (``mm``, or ``addmm`` with a bias) through which only W's gradient leaves the inputs'
+    path: by a transpose and dtype casts (autocast's), or, for a fused q/k/v, a concatenation of the
+    weights along their rows; else None."""
     name = node.name()
     if name not in ("MmBackward0", "AddmmBackward0"):
         return None
@@ -84,20 +93,23 @@ def _projection(node, kids: dict, to_input: dict, below: dict, mask: int):
         return None
     if any(e is not None and not to_input[e] and below[e] for e in edges[:-1]):
         return None
-    chain = weight_edge
-    if chain.name() != "TBackward0":
+    if weight_edge.name() != "TBackward0" or len(kids[weight_edge]) != 1:
         return None
-    chain = kids[chain][0] if len(kids[chain]) == 1 else None
-    while chain is not None and chain.name() == "ToCopyBackward0" and len(kids[chain]) == 1:
+    chain = kids[weight_edge][0]
+    while chain.name() == "ToCopyBackward0" and len(kids[chain]) == 1:
         chain = kids[chain][0]
-    param = getattr(chain, "variable", None)
-    if param is None or param.dim() != 2:
+    if chain.name() == "CatBackward0" and getattr(chain, "_saved_dim", None) == 0:
+        params = [_leaf_through_casts(k, kids) for k in kids[chain]]
+        if len(kids[chain]) != len(chain.next_functions):  # (a piece that needs no gradient)
+            return None
+    else:
+        params = [_leaf_through_casts(chain, kids)]
+    if any(p is None or p.dim() != 2 for p in params):
         return None
-    alpha = getattr(node, "_saved_alpha", 1)
     saved = "_saved_mat1" if name == "AddmmBackward0" else "_saved_self"
     if getattr(node, saved, None) is None:
         return None
-    return saved, alpha, param
+    return saved, getattr(node, "_saved_alpha", 1), params
 
 
 class SplitBackward:
@@ -171,8 +183,9 @@ class SplitBackward:
                 call[0], call[1] = call[0] | mask, call[1] | along
                 call[2].extend(nodes)
         self.groups = [([p for i, p in enumerate(self.params) if mask >> i & 1], nodes) for mask, _, nodes in calls]
-        for *_, param in self._direct:
-            split |= 1 << next(i for i, p in enumerate(self.params) if p is param)
+        for *_, params_of in self._direct:
+            for param in params_of:
+                split |= 1 << next(i for i, p in enumerate(self.params) if p is param)
         present = {n for n in bit if n in below}
         self._from_outputs = [p for i, p in enumerate(self.params)
                               if not split >> i & 1 and get_gradient_edge(p).node in present]
@@ -210,11 +223,13 @@ class SplitBackward:
                 work.append((edges, seeds, params))
         if self._from_outputs:
             work.append((self.outputs, self.grads, self._from_outputs))
-        for node, saved_input, alpha, param in self._direct:
+        for node, saved_input, alpha, params in self._direct:
             dy = self._captured.get(node, (None,))[0]
-            if dy is not None:  # (x @ W.T: W's gradient dy.T @ x, in W's layout)
+            if dy is not None:  # (x @ W.T: W's gradient dy.T @ x, in W's layout; a fused q/k/v's by rows)
                 g = dy.t().mm(getattr(node, saved_input))
-                _accumulate([param], [(g * alpha if alpha != 1 else g).to(param.dtype)])
+                g = g * alpha if alpha != 1 else g
+                parts = g.split([p.shape[0] for p in params]) if len(params) > 1 else (g,)
+                _accumulate(params, [part.to(p.dtype) for part, p in zip(parts, params)])
         for i, (outs, seeds, params) in enumerate(work):
             got = torch.autograd.grad(outs, params, seeds, retain_graph=i < len(work) - 1, allow_unused=True)
             _accumulate(params, got)
