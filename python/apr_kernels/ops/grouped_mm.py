@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from apr_kernels import backend
 from apr_kernels.ops import reference as ref
@@ -174,8 +175,6 @@ def _wanted(t: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return True
     try:
-        from torch.autograd.graph import get_gradient_edge
-
         return bool(torch._C._will_engine_execute_node(get_gradient_edge(t).node))
     except (RuntimeError, AttributeError, TypeError):
         return True

@@ -25,7 +25,7 @@ import torch
 
 from .cli import add_common_options, keep_freed_memory, load_tokenizer, packing_eos, pick_device, tristate
 from .generation import (add_quantize_option, add_tensor_parallel_option, as_quantized, inference_model,
-                         reward_functions, sampled_batches, scored)
+                         reward_functions, sampled_batches, scored, split_or_quantized)
 from .loop import autocast_dtype_for
 
 
@@ -93,11 +93,10 @@ def cmd_eval(args) -> int:
     if args.fsdp_shard_size is not None and args.parallel != "fsdp":
         raise ValueError(f"eval --fsdp-shard-size {args.fsdp_shard_size} shards within groups of ranks; expected "
                          f"--parallel fsdp under torchrun")
-    if args.tensor_parallel != 1 and (args.parallel == "fsdp" or args.quantize):
-        other = "--parallel fsdp" if args.parallel == "fsdp" else f"--quantize {args.quantize}"
-        raise ValueError(f"eval --tensor-parallel {args.tensor_parallel} with {other}: expected one of the two "
-                         f"(the model split over tensor-parallel ranks, or "
-                         + ("sharded by FSDP)" if args.parallel == "fsdp" else "quantised whole on one device)"))
+    if args.tensor_parallel != 1 and args.parallel == "fsdp":
+        raise ValueError(f"eval --tensor-parallel {args.tensor_parallel} with --parallel fsdp: expected one of the "
+                         f"two (the model split over tensor-parallel ranks, or sharded by FSDP)")
+    split_or_quantized(args, "eval")
     if args.parallel == "fsdp":
         if args.prompts:
             raise ValueError("eval --parallel fsdp shards the model for --data, --choices and --pairs; --prompts "

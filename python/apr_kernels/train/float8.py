@@ -156,6 +156,7 @@ def _install_amax_reduction() -> None:
         scaling = importlib.import_module("torchao.float8.float8_scaling_utils")
         tensor_to_amax, amax_to_scale = utils.tensor_to_amax, utils.amax_to_scale
         to_float8 = scaling.hp_tensor_and_scale_to_float8
+        tensorwise = importlib.import_module("torchao.float8.config").ScalingGranularity.TENSORWISE
     except (ImportError, AttributeError):
         cast = None
     if cast is None:
@@ -170,9 +171,8 @@ def _install_amax_reduction() -> None:
         groups = _spanned_groups(hp_tensor, linear_mm_config, kwargs)
         if not groups:
             return cast(hp_tensor, float8_dtype, linear_mm_config, **kwargs)
-        granularity = kwargs.get("scaling_granularity", importlib.import_module(
-            "torchao.float8.config").ScalingGranularity.TENSORWISE)
-        amax = tensor_to_amax(hp_tensor, False, None, granularity, kwargs.get("axiswise_dim"))
+        amax = tensor_to_amax(hp_tensor, False, None, kwargs.get("scaling_granularity", tensorwise),
+                              kwargs.get("axiswise_dim"))
         for group in groups:
             amax = funcol.all_reduce(amax, "MAX", group)
             if isinstance(amax, funcol.AsyncCollectiveTensor):

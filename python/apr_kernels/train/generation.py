@@ -74,11 +74,11 @@ def cmd_generate(args) -> int:
     refuse = None if args.prompts or args.tensor_parallel != 1 else (
         "generate under torchrun shares a file of prompts among the ranks; give --prompts FILE.jsonl (a single "
         "prompt runs in one process, or on a model split over all the ranks with --tensor-parallel N)")
-    _split_or_quantized(args, "generate")
+    split_or_quantized(args, "generate")
     return on_ranks(args, lambda dev, env: _generate(args, dev, env), refuse)
 
 
-def _split_or_quantized(args, what: str) -> None:
+def split_or_quantized(args, what: str) -> None:
     """``--tensor-parallel`` and ``--quantize`` do not combine: refused by name."""
     if args.tensor_parallel != 1 and args.quantize:
         raise ValueError(f"{what} --tensor-parallel {args.tensor_parallel} with --quantize {args.quantize}: the "
@@ -159,7 +159,7 @@ def cmd_chat(args) -> int:
     refuse = None if args.tensor_parallel != 1 else (
         "chat is a conversation on one terminal: run it in one process, not under torchrun (or on a model split "
         "over all the ranks with --tensor-parallel N)")
-    _split_or_quantized(args, "chat")
+    split_or_quantized(args, "chat")
     return on_ranks(args, lambda dev, env: _chat(args, dev, env), refuse)
 
 

@@ -152,9 +152,6 @@ class SplitBackward:
                 for g in joined:
                     mask, nodes = mask | g[0], nodes + g[1]
                 groups = [g for g in groups if not g[0] & off] + [(mask, nodes)]
-        # a group whose split node reaches one of its parameters along the path (a weight used at two
-        # depths) would count that path twice: it, and any parameter no split node reaches, from the
-        # outputs instead
         # a projection's product alone in its group (x @ W.T, W's only way in): its W gradient is one
         # GEMM of the kept output gradient and the saved input, run directly (no autograd call)
         self._direct = []
@@ -164,7 +161,10 @@ class SplitBackward:
                 self._direct.append((nodes[0], *direct))
                 groups.remove((mask, nodes))
         # the weight pass asks autograd once per set of groups none of whose split nodes reaches
-        # another's parameters along the path (q, k and v's, say): fewer calls, the same nodes run
+        # another's parameters along the path (q, k and v's, say): fewer calls, the same nodes run. A
+        # group whose split node reaches one of its own parameters along the path (a weight used at
+        # two depths) would count that path twice: it, and any parameter no split node reaches, from
+        # the outputs instead
         calls: list[list] = []  # [parameters' bits, their split nodes' bits along the path, nodes]
         split = 0
         for mask, nodes in groups:
@@ -185,10 +185,11 @@ class SplitBackward:
         self.groups = [([p for i, p in enumerate(self.params) if mask >> i & 1], nodes) for mask, _, nodes in calls]
         for *_, params_of in self._direct:
             for param in params_of:
-                split |= 1 << next(i for i, p in enumerate(self.params) if p is param)
-        present = {n for n in bit if n in below}
-        self._from_outputs = [p for i, p in enumerate(self.params)
-                              if not split >> i & 1 and get_gradient_edge(p).node in present]
+                split |= bit[get_gradient_edge(param).node]
+        present = 0  # (the parameters these outputs reach at all)
+        for node, b in bit.items():
+            present |= b if node in below else 0
+        self._from_outputs = [p for i, p in enumerate(self.params) if (present & ~split) >> i & 1]
 
     def inputs_pass(self) -> None:
         """``B``: the inputs' gradients (as their ``.grad``); the split nodes' incoming gradients kept."""
