@@ -8,7 +8,10 @@ document masks, fp16 loss scaling and stage 0 frozen, and with LoRA and DoRA (th
 merged) distilled from a one-layer teacher; a tied Qwen2 (q/k/v bias; its head a copy of the embedding
 on the last stage) in GPipe with label smoothing, z-loss, activation checkpointing and a background
 step checkpoint; a tied Qwen2 of 4 heads in the interleaved schedule (2 chunks of one layer per stage)
-under FSDP with document masks and float8 attention projections; the tied Qwen2 with LoRA under FSDP;
+under FSDP with document masks and float8 attention projections; the tied Qwen2 with LoRA under FSDP
+in the zero-bubble schedule (the gradients reduce-scattered after the last weight half), and the
+Qwen2 of 4 heads so with 2 chunks a stage and float8 projections (FSDP's gathered weights kept for the
+weight halves);
 a Qwen2-MoE interleaved with its load-balancing and router z-losses (the whole model's routing), with
 DoRA on every expert (a sparse layer's adapters drawn on the other stage); in the zero-bubble schedule
 (each backward's weight half run apart from its input half) the tied Qwen2 with activation
@@ -67,8 +70,10 @@ CASES = {
     # Llama: the teacher loaded and its hidden states asked on the last stage alone)
     "llama_lora": ("llama", ["--lora-rank", "4", "--lora-dora", "--lr", "1e-2", "--teacher", "TEACHER",
                              "--kd-ratio", "0.6", "--kd-temperature", "2.0"], 2, []),
-    # (and under FSDP: the adapters added on the meta device before the split, drawn once loaded)
-    "qwen2_lora_fsdp": ("qwen2", ["--lora-rank", "4", "--lr", "1e-2"], 2, ["--parallel", "fsdp"]),
+    # (and under FSDP: the adapters added on the meta device before the split, drawn once loaded; in the
+    # zero-bubble schedule, the gradients reduce-scattered after the last weight half)
+    "qwen2_lora_fsdp": ("qwen2", ["--lora-rank", "4", "--lr", "1e-2", "--grad-accum", "3"], 2,
+                        ["--parallel", "fsdp", "--pipeline-schedule", "zero-bubble"]),
     "qwen2_gpipe": ("qwen2", ["--label-smoothing", "0.1", "--z-loss", "1e-3", "--grad-checkpointing"], 2,
                     ["--pipeline-schedule", "gpipe", "--async-checkpoint"]),
     # (each stage sharded over its 2 ranks, a context-parallel group that splits the positions: FSDP
@@ -119,6 +124,11 @@ CASES = {
     "qwen2moe_zero_bubble": ("qwen2moe", ["--grad-accum", "4", "--router-aux-loss-coef", "0.5", "--router-z-loss-coef",
                                           "0.1", "--lora-rank", "4", "--lora-dora", "--lr", "1e-2"], 2,
                              ["--pipeline-schedule", "zero-bubble", "--pipeline-chunks", "2"]),
+    # (under FSDP, float8 projections: their weight halves' backward reads the weights, which stay
+    # gathered through the step)
+    "qwen2_float8_zero_bubble": ("qwen2_tp", ["--grad-accum", "4", "--float8", "tensorwise"], 2,
+                                 ["--parallel", "fsdp", "--pipeline-schedule", "zero-bubble", "--pipeline-chunks",
+                                  "2"]),
     "mixtral_hsdp_4": ("mixtral", ["--router-aux-loss-coef", "0.5", "--router-z-loss-coef", "0.1"], 4,
                        ["--parallel", "fsdp", "--fsdp-shard-size", "1"]),
     # (expert parallelism inside the stages: each stage's experts spread over its 2 ranks, FSDP-sharded)
@@ -478,8 +488,6 @@ def test_refusals_name_the_reason():
             ({"world": 2, "mode": "ddp", "num_layers": 3, "chunks": 2}, "at least one per model chunk"),
             ({"world": 2, "mode": "ddp", "chunks": 2, "micro": 3}, "expected a multiple of --pipeline-parallel 2"),
             ({"world": 2, "mode": "ddp", "--lora-rank": True}, "--pipeline-parallel with --lora-rank is not supported"),
-            ({"world": 2, "mode": "fsdp", "schedule": "zero-bubble"},
-             "--pipeline-schedule zero-bubble with --parallel fsdp: FSDP reduce-scatters"),
             ({"world": 2, "mode": "ddp", "schedule": "zero-bubble", "compiled": True},
              "--pipeline-schedule zero-bubble with --compile: a compiled layer's backward is one node")):
         with pytest.raises(ValueError, match=message):

@@ -1,8 +1,9 @@
 """``split_backward.SplitBackward``: a backward in an input half and a weight half (the zero-bubble
 pipeline schedule's B and W), against one ``backward()`` of the same graph: the same input and
 parameter gradients, the input half computing no weight gradient, the weight half not running the
-input's path again, and a weight used at two depths (which its split node would count twice) taken
-from the outputs instead. test_pipeline_parallel.py runs it in 2- and 4-rank pipelines."""
+input's path again, the parameters found in the graph (the tensors the forward used), and a weight
+used at two depths (which its split node would count twice) taken from the outputs instead.
+test_pipeline_parallel.py runs it in 2- and 4-rank pipelines."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def test_two_halves_give_one_backward(use_backend, preset_name, fast):
     model = Transformer(preset(preset_name), fast=fast)
     x, y = torch.randint(0, 200, (2, 16)), torch.randint(0, 200, (2, 16))
     loss, h = _cut_at_embedding(model, x, y)
-    split = SplitBackward([loss], [None], [h], model.parameters())
+    split = SplitBackward([loss], [None], [h])
     # (every parameter: a vector with the inputs, a projection's weight by its own GEMM, or in a group
     # of split nodes; none from the outputs)
     direct = [p for d in split._direct for p in d[-1]]
@@ -94,7 +95,7 @@ def test_weight_half_does_not_run_the_input_path_again():
     first, second = nn.Linear(8, 8), nn.Linear(8, 4)
     x = torch.randn(3, 8, requires_grad=True)
     out = second(_Counted.apply(first(x))).pow(2).sum()
-    split = SplitBackward([out], [None], [x], [*first.parameters(), *second.parameters()])
+    split = SplitBackward([out], [None], [x])
     _Counted.calls = 0
     split.inputs_pass()
     assert _Counted.calls == 1
@@ -108,6 +109,28 @@ def test_weight_half_does_not_run_the_input_path_again():
         torch.testing.assert_close(g, p.grad)
 
 
+def test_the_parameters_are_the_graphs_own_leaves():
+    """The weights a forward used get their gradients, whatever the module holds by the backward (FSDP
+    swaps its gathered copies back out after a forward): they are found in the graph, not asked of the
+    module. A leaf that was never used gets none."""
+    torch.manual_seed(4)
+    layer = nn.Linear(8, 4)
+    used_w, used_b = layer.weight, layer.bias
+    x = torch.randn(3, 8, requires_grad=True)
+    out = layer(x).pow(2).sum()
+    layer.weight, layer.bias = nn.Parameter(torch.zeros(4, 8)), nn.Parameter(torch.zeros(4))  # (FSDP's reshard)
+    split = SplitBackward([out], [None], [x])
+    assert [id(p) for p in split.params] == [id(used_w)] and [id(p) for p in split.vectors] == [id(used_b)]
+    split.inputs_pass()
+    split.weights_pass()
+    assert layer.weight.grad is None and layer.bias.grad is None
+    got = used_w.grad.clone(), used_b.grad.clone(), x.grad.clone()
+    used_w.grad = used_b.grad = x.grad = None
+    (x @ used_w.T + used_b).pow(2).sum().backward()
+    for g, t in zip(got, (used_w, used_b, x)):
+        torch.testing.assert_close(g, t.grad)
+
+
 def test_a_weight_used_at_two_depths_comes_from_the_outputs():
     """``W`` applied twice: its first use's split node lies below its second's on the input's path,
     so asking that group's nodes again would count the second use's path twice; the parameter is
@@ -117,7 +140,7 @@ def test_a_weight_used_at_two_depths_comes_from_the_outputs():
     b = torch.randn(6, requires_grad=True)
     x = torch.randn(4, 6, requires_grad=True)
     out = ((x @ w + b) @ w).tanh().sum()
-    split = SplitBackward([out], [None], [x], [w, b])
+    split = SplitBackward([out], [None], [x])
     assert any(p is w for p in split._from_outputs)
     split.inputs_pass()
     split.weights_pass()
@@ -151,7 +174,7 @@ def test_grouped_mm_computes_only_the_half_each_pass_asks_for(monkeypatch, stack
         [torch.randn(5, 4, requires_grad=True) for _ in range(3)]
     params = [weights] if stacked else weights
     offs = torch.tensor([2, 2, 7], dtype=torch.int32)  # (an empty group among them)
-    split = SplitBackward([grouped_mm(x * 2, weights, offs).tanh().sum()], [None], [x], params)
+    split = SplitBackward([grouped_mm(x * 2, weights, offs).tanh().sum()], [None], [x])
     split.inputs_pass()
     assert asked == [(True, False)]
     split.weights_pass()

@@ -1075,8 +1075,8 @@ def register(subparsers) -> None:
                         "holding --pipeline-chunks chunks of layers (a smaller idle share for more activations "
                         "held and more messages; --grad-accum a multiple of N); zero-bubble: ZB-H1, each backward "
                         "split into the input's gradient (sent back at once) and the weights' (run where the "
-                        "stage would idle), each stage holding at most N micro-batches (with --parallel ddp; "
-                        "interleaved with --pipeline-chunks C > 1)")
+                        "stage would idle), each stage holding at most N micro-batches (interleaved with "
+                        "--pipeline-chunks C > 1; under FSDP a stage's parameters stay gathered through the step)")
     s.add_argument("--pipeline-chunks", type=int, default=None, metavar="C",
                    help="with --pipeline-schedule interleaved (default 2) or zero-bubble (default 1; its interleaved "
                         "form with more), the model chunks per stage (the layers split into N x C parts, part "

@@ -35,9 +35,8 @@ through the pipeline in one of three schedules (``schedule``):
   and W of equal cost the idle share falls to ``(N - 1) / (3 M + N - 1)`` for M >= N (a third of
   1F1B's); each stage holds at most N micro-batches' activations (stage 0's 1F1B peak; a micro-batch's
   are kept until its W). With ``--pipeline-chunks C`` > 1 its interleaved form (interleaved 1F1B's
-  order; idle share ``(N - 1) / (3 C M + N - 1)``). With ``--parallel ddp`` (FSDP would reduce-scatter
-  before the W's) and without ``--compile`` (a compiled layer's backward is one node: nothing to
-  split).
+  order; idle share ``(N - 1) / (3 C M + N - 1)``). Without ``--compile`` (a compiled layer's backward
+  is one node: nothing to split); under FSDP see below.
 
 Sends are asynchronous (``isend``, waited for at the end of the step) and receives blocking. Each
 direction between two neighbouring stages (with chunks, also from the last stage to stage 0) has its own
@@ -79,9 +78,13 @@ dimension), so a rank holds 1/D of its stage's weights, gradients and moments. A
 method, ``Transformer.stage_forward``, registered as an FSDP forward method, so FSDP gathers the
 stage's parameters around every micro-batch's forward and backward as around ``forward``. Gradients
 accumulate unsharded over the step's micro-batches and the last backward reduce-scatters their sum
-(``set_requires_gradient_sync``), which averages over the replicas; the tied embedding's copies are
-summed row shard by row shard (both stages shard it alike); the clipping norm sums every rank's rows;
-a checkpoint's tensor is all-gathered by its stage's replicas before its owner sends it to rank 0.
+(``set_requires_gradient_sync``), which averages over the replicas; in the zero-bubble schedule the
+last weight half comes after the last backward's input half, so nothing reduce-scatters during the
+step, the parameters stay gathered from their first forward to its end (a weight half may read them)
+and the reduce-scatters run after the last weight half (``_fsdp_reduce_deferred``); the tied
+embedding's copies are summed row shard by row shard (both stages shard it alike); the clipping norm
+sums every rank's rows; a checkpoint's tensor is all-gathered by its stage's replicas before its
+owner sends it to rank 0.
 Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16). HSDP
 (``--fsdp-shard-size S``, a stage spanning nodes): each stage sharded within groups of S consecutive
 ranks, replicated across them (FSDP's 2-D ``(replicate, shard)`` mesh; clipping counts a group once).
@@ -236,10 +239,6 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"--pipeline-parallel {size} with --parallel {mode}: the stages are processes of one "
                          f"job; expected --parallel ddp or fsdp under torchrun")
-    if schedule == "zero-bubble" and mode == "fsdp":
-        raise ValueError("--pipeline-schedule zero-bubble with --parallel fsdp: FSDP reduce-scatters a stage's "
-                         "gradients as its last backward ends, before the deferred weight gradients exist; "
-                         "expected --parallel ddp (or another schedule)")
     if schedule == "zero-bubble" and compiled:
         raise ValueError("--pipeline-schedule zero-bubble with --compile: a compiled layer's backward is one node "
                          "giving its input's and weights' gradients together, so it cannot be split (and frees its "
@@ -265,6 +264,43 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     for option, used in refused.items():
         if used:
             raise ValueError(f"--pipeline-parallel with {option} is not supported; expected one of the two")
+
+
+def _fsdp_defer_reduction(model) -> None:
+    """Zero-bubble under FSDP, before the step: the stage's gradients accumulate unsharded through every
+    backward half (none reduce-scatters: its last W runs after its last B), and its parameters stay
+    gathered from their first forward to the step's end (a deferred weight pass's autograd call may read
+    them: float8's backward, a fallback's from the outputs; this is also one all-gather per step rather
+    than two per micro-batch, for the memory of the stage's whole parameters, as torchtitan's PP x FSDP
+    default)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():  # (the root keeps its own: FSDP never reshards it after a forward)
+        if isinstance(m, FSDPModule) and m is not model:
+            m.set_reshard_after_forward(False, recurse=False)
+    model.set_reshard_after_backward(False)
+    model.set_requires_gradient_sync(False)
+    model.set_is_last_backward(False)
+
+
+def _fsdp_reduce_deferred(model) -> None:
+    """Zero-bubble under FSDP, after the step's last W: FSDP's post-backward run by hand on every
+    parameter group (as ``torch.distributed.pipelining``'s ``perform_reduce_grad`` does: FSDP has no
+    public call for it), which reduce-scatters the summed unsharded gradients and reshards, then its
+    end-of-backward callback; the settings ``_fsdp_defer_reduction`` changed put back."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    model.set_is_last_backward(True)
+    model.set_reshard_after_backward(True)
+    model.set_requires_gradient_sync(True)
+    state = fully_shard.state(model)
+    for each in state._state_ctx.all_states:
+        for group in each._fsdp_param_groups:
+            group.post_backward()
+    state._root_post_backward_final_callback()
+    for m in model.modules():
+        if isinstance(m, FSDPModule) and m is not model:
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 class _WholeBackward:
@@ -546,7 +582,7 @@ class PipelineParallel:
             from .split_backward import SplitBackward
 
             inputs = [h_in, *([routing] if last and routes else [])]
-            later = SplitBackward(outputs, grads, inputs, model.parameters())
+            later = SplitBackward(outputs, grads, inputs)
             later.inputs_pass()
         if last and routes and pass_back:
             grad_routing = routing.grad if routing.grad is not None else torch.zeros_like(routing)
@@ -587,8 +623,11 @@ class PipelineParallel:
         if scaler is not None:  # (fp16: only the last stage scales a loss, but every stage's scaler must
             scaler.scale(total)  # hold the scale its gradients were multiplied by, to unscale them)
         fsdp, n = self.sharded(model), len(micro_batches)
+        deferred = fsdp and self.schedule == "zero-bubble"  # (FSDP reduce-scatters after the last W)
         if self.backward is None:
             self.backward = self._plan_backward(model)
+        if deferred:
+            _fsdp_defer_reduction(model)
         for op, chunk, m in schedule(self.schedule, self.size, self.stage, n, self.chunks):
             if op == "F":
                 x, y, docs = micro_batches[m]
@@ -614,15 +653,17 @@ class PipelineParallel:
                 weights.pop((chunk, m)).weights_pass()
                 continue
             h_in, out, routing = saved.pop((chunk, m))
-            if fsdp:  # (gradients accumulate unsharded; a chunk's last backward reduce-scatters their sum)
-                model.set_requires_gradient_sync(m == n - 1)
+            if fsdp and not deferred:  # (gradients accumulate unsharded; a chunk's last backward
+                model.set_requires_gradient_sync(m == n - 1)  # reduce-scatters their sum)
             later = self._backward(model, chunk, h_in, out, routing, scale, sends, scaler,
                                    split=self.schedule == "zero-bubble")
             if later is not None:
                 weights[chunk, m] = later
         for work, _ in sends:
             work.wait()
-        if fsdp:
+        if deferred:
+            _fsdp_reduce_deferred(model)
+        elif fsdp:
             model.set_requires_gradient_sync(True)
         return total, parts
 

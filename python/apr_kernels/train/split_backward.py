@@ -115,22 +115,26 @@ def _projection(node, kids: dict, to_input: dict, below: dict, mask: int):
 class SplitBackward:
     """One micro-batch's backward from ``outputs`` (with ``grads``: None for a scalar loss) in two
     passes: ``inputs_pass`` (the gradients of ``inputs``, set as their ``.grad``) then
-    ``weights_pass`` (added to the ``.grad`` of ``params``, those with ``requires_grad``)."""
+    ``weights_pass`` (added to the ``.grad`` of every other leaf of the graph: the parameters it
+    reaches that require gradients, found in the graph itself, so under FSDP the gathered copies its
+    forward used, whatever the module holds now)."""
 
-    def __init__(self, outputs: list[torch.Tensor], grads: list, inputs: list[torch.Tensor], params):
+    def __init__(self, outputs: list[torch.Tensor], grads: list, inputs: list[torch.Tensor]):
         self.outputs, self.grads, self.inputs = outputs, grads, inputs
-        params = [p for p in params if p.requires_grad]
-        # vectors (norms' weights, biases) with the inputs: their gradients are cheap reductions
-        self.vectors = [p for p in params if p.dim() <= 1]
-        self.params = [p for p in params if p.dim() > 1]
-        self._captured: dict = {}
-        # one pass over the graph, children first (parameters as bits of an int: the sets are cheap):
-        # the parameters below each node, and whether an input is
-        bit = {get_gradient_edge(p).node: 1 << i for i, p in enumerate(self.params)}
-        starts = {get_gradient_edge(t).node for t in [*inputs, *self.vectors]}
         kids: dict = {}
+        order = _post_order([get_gradient_edge(t).node for t in outputs], kids)  # (children first)
+        ends = {get_gradient_edge(t).node for t in inputs}
+        leaves = [node for node in order if hasattr(node, "variable") and node not in ends]  # (AccumulateGrad)
+        # vectors (norms' weights, biases) with the inputs: their gradients are cheap reductions
+        vectors = [node for node in leaves if node.variable.dim() <= 1]
+        matrices = [node for node in leaves if node.variable.dim() > 1]
+        self.vectors, self.params = [n.variable for n in vectors], [n.variable for n in matrices]
+        self._captured: dict = {}
+        # the parameters below each node (as bits of an int: the sets are cheap), and whether an input is
+        bit = {node: 1 << i for i, node in enumerate(matrices)}
+        starts = ends | set(vectors)
         below, to_input = {}, {}
-        for node in _post_order([get_gradient_edge(t).node for t in outputs], kids):
+        for node in order:
             mask, reaches = bit.get(node, 0), node in starts
             for kid in kids[node]:
                 mask |= below[kid]
@@ -186,10 +190,7 @@ class SplitBackward:
         for *_, params_of in self._direct:
             for param in params_of:
                 split |= bit[get_gradient_edge(param).node]
-        present = 0  # (the parameters these outputs reach at all)
-        for node, b in bit.items():
-            present |= b if node in below else 0
-        self._from_outputs = [p for i, p in enumerate(self.params) if (present & ~split) >> i & 1]
+        self._from_outputs = [p for i, p in enumerate(self.params) if not split >> i & 1]
 
     def inputs_pass(self) -> None:
         """``B``: the inputs' gradients (as their ``.grad``); the split nodes' incoming gradients kept."""
