@@ -187,3 +187,48 @@ def test_grouped_mm_computes_only_the_half_each_pass_asks_for(monkeypatch, stack
     assert asked[-1] == (True, True)
     for g, t in zip(got, [x, *params]):
         torch.testing.assert_close(g, t.grad)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_projections_compute_only_the_half_each_pass_asks_for(monkeypatch, recipe):
+    """A float8 projection's backward (torchao's gives the input's and the weight's gradients at
+    once) casts and multiplies only what the pass uses: the input half the output gradient and the
+    weight (dX), the weight half the output gradient and the input (dW); together the gradients of
+    one backward (which still runs torchao's own code)."""
+    pytest.importorskip("torchao")
+    import copy
+
+    from train_runs import sixteen_config
+
+    from apr_kernels.model import Transformer
+    from apr_kernels.train import float8
+
+    torch.manual_seed(5)
+    model = Transformer(sixteen_config(num_layers=1), fast=False)
+    names = float8.convert(model, recipe, torch.device("cpu"))
+    whole = copy.deepcopy(model)
+    import torchao.float8.float8_linear as f8
+
+    roles, inner = [], f8.hp_tensor_to_float8_dynamic
+
+    def spy(t, *args, **kwargs):
+        roles.append(kwargs["gemm_input_role"].name)
+        return inner(t, *args, **kwargs)
+
+    monkeypatch.setattr(f8, "hp_tensor_to_float8_dynamic", spy)
+    x, y = torch.randint(0, 200, (2, 16)), torch.randint(0, 200, (2, 16))
+    loss, h = _cut_at_embedding(model, x, y)
+    split = SplitBackward([loss], [None], [h])
+    roles.clear()
+    split.inputs_pass()
+    assert sorted(roles) == sorted(["GRAD_OUTPUT", "WEIGHT"] * len(names))
+    roles.clear()
+    split.weights_pass()
+    assert sorted(roles) == sorted(["GRAD_OUTPUT", "INPUT"] * len(names))
+    loss, h_whole = _cut_at_embedding(whole, x, y)
+    roles.clear()
+    loss.backward()
+    assert len(roles) == 4 * len(names)  # (torchao's backward: both GEMMs' casts)
+    torch.testing.assert_close(h.grad, h_whole.grad, rtol=0, atol=0)
+    for (n, p), q in zip(model.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=n)

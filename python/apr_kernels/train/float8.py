@@ -186,6 +186,61 @@ def _install_amax_reduction() -> None:
     float8_linear.hp_tensor_to_float8_dynamic = reduced
 
 
+def _install_halves() -> None:
+    """Make torchao's float8 matmul compute only the gradient the running backward uses: a zero-bubble
+    pipeline's input pass (``split_backward.py``) asks for the input's alone and its weight pass for
+    the weight's alone, and torchao's backward gives both at once, so each pass would run both GEMMs
+    (and their casts) and throw one away. A backward that uses both (every other one, and any being
+    compiled, which cannot tell) runs torchao's own code unchanged. Installed once per process, in
+    torchao's module namespace, where ``Float8Linear.forward`` looks the function up."""
+    float8_linear = importlib.import_module("torchao.float8.float8_linear")
+    whole = float8_linear.matmul_with_hp_or_float8_args
+    if getattr(whole, "computes_wanted_halves", False):
+        return
+    from ..ops.grouped_mm import _wanted
+
+    config_module = importlib.import_module("torchao.float8.config")
+    role = importlib.import_module("torchao.float8.float8_training_tensor").GemmInputRole
+    casted = importlib.import_module("torchao.float8.distributed_utils").tensor_already_casted_to_fp8
+    axiswise = importlib.import_module("torchao.float8.float8_scaling_utils").get_maybe_axiswise_dim
+
+    def cast(ctx, t, cast_config, gemm_role, dim):
+        # (as torchao's backward casts: the cast looked up in its module, so the amax reduction applies)
+        if casted(t) or cast_config.scaling_type is config_module.ScalingType.DISABLED:
+            return t
+        return float8_linear.hp_tensor_to_float8_dynamic(
+            t, cast_config.target_dtype, ctx.linear_mm_config, gemm_input_role=gemm_role,
+            scaling_granularity=cast_config.scaling_granularity,
+            axiswise_dim=axiswise(dim, cast_config.scaling_granularity),
+            round_scales_to_power_of_2=ctx.config.round_scales_to_power_of_2)
+
+    @torch._dynamo.allow_in_graph
+    class Halves(whole):
+        computes_wanted_halves = True
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            input_hp, weight_hp_t = ctx.saved_tensors
+            need_input, need_weight = _wanted(input_hp), _wanted(weight_hp_t)
+            if need_input and need_weight:
+                return whole.backward(ctx, grad_output)
+            c, dy = ctx.config, grad_output.reshape(-1, grad_output.shape[-1])
+            grad_input = grad_weight_t = None
+            if need_input:  # dX = dY @ W (torchao's casts for it)
+                a = cast(ctx, dy, c.cast_config_grad_output, role.GRAD_OUTPUT, -1)
+                b = cast(ctx, weight_hp_t, c.cast_config_weight_for_grad_input, role.WEIGHT, -1)
+                grad_input = torch.mm(a, b.t()).reshape(*grad_output.shape[:-1], -1)
+            if need_weight:  # dW = dY.T @ X (torchao's casts for it, scales along the tokens)
+                a = cast(ctx, dy, c.cast_config_grad_output_for_grad_weight, role.GRAD_OUTPUT, 0)
+                x = cast(ctx, input_hp.reshape(-1, input_hp.shape[-1]), c.cast_config_input_for_grad_weight,
+                         role.INPUT, 0)
+                grad_weight_t = torch.mm(a.t(), x).t()
+            return grad_input, grad_weight_t, None, None
+
+    Halves.__name__ = Halves.__qualname__ = "matmul_with_hp_or_float8_args_halves"
+    float8_linear.matmul_with_hp_or_float8_args = Halves
+
+
 @functools.cache
 def _split_config_type(split: str | None, split_group, tokens_group):
     """torchao's ``LinearMMConfig`` (a named tuple, handed to every cast of its projection, forward and
@@ -259,6 +314,7 @@ def convert(model: nn.Module, recipe: str, device: torch.device) -> list[str]:
         _check_split(model, tp)
     if split:
         _install_amax_reduction()
+    _install_halves()
     convert_to_float8_training(model, module_filter_fn=lambda m, name: eligible(name, m),
                                config=config(recipe, device))
     if split:

@@ -3,7 +3,8 @@ Pipeline Parallelism"): first the gradients of a stage's inputs (``B``: what the
 for), later those of its weight matrices (``W``: what nobody waits for, run where the pipeline would
 idle).
 
-How, on any autograd graph (the model's own kernels, LoRA, experts, tensor-parallel collectives):
+How, on any autograd graph (the model's own kernels, LoRA, experts, float8, tensor-parallel
+collectives):
 
 * ``B`` asks autograd for the inputs' gradients (``torch.autograd.grad(..., retain_graph=True)``),
   and for the vectors' (norms' weights, biases: cheap reductions). Autograd then runs only the nodes
@@ -13,16 +14,17 @@ How, on any autograd graph (the model's own kernels, LoRA, experts, tensor-paral
 * ``W``: a split node that is a projection's product (``mm``/``addmm`` whose only way to a parameter
   is ``W.T``, through autocast's casts, or a fused q/k/v's concatenated weights) gives
   ``dW = dY.T @ x`` as one GEMM of the kept gradient and its saved input, with no autograd call:
-  every plain projection, so the weight pass of a dense stage is a list of GEMMs. The other split
-  nodes (the experts', LoRA's, float8's, the fused loss's)
-  run again from their kept gradients, asked for their parameters only (``torch.autograd.grad`` from
+  every plain projection (LoRA's adapters too), so the weight pass of a dense stage is a list of
+  GEMMs. The other split nodes (the experts', float8's, the fused loss's) run again from their kept
+  gradients, asked for their parameters only (``torch.autograd.grad`` from
   ``GradientEdge``s), grouped by the nodes they share, groups that cannot reach each other's
   parameters along the path sharing one call. A group whose node reaches one of its parameters along
   the path (a weight used at two depths, which it would count twice), or a parameter no split node
   reaches, takes its gradient from the outputs instead (correct, only slower).
 
 A custom op whose backward gives every gradient at once runs whole in each pass unless it asks
-autograd which it will use (the experts' grouped GEMM does: ``ops/grouped_mm._wanted``). The
+autograd which it will use (the experts' grouped GEMM does: ``ops/grouped_mm._wanted``; so does
+float8's matmul, ``float8._install_halves``). The
 gradients are added to ``.grad`` as ``backward()`` adds them. The graph is kept from ``B`` to ``W``
 (``retain_graph``), so a micro-batch's activations live until its ``W``. Host cost: one walk of the
 graph (5 ms for 12 Qwen2-0.5B layers on this project's CPU, where their B and W together take as
