@@ -203,7 +203,9 @@ def _rank(spec_path: str) -> int:
             # each command as in a fresh process: no compiled code or dynamo settings of the last one
             torch._dynamo.reset()
             config = torch._dynamo.config.save_config()
+            start = time.monotonic()
             code, stdout = cli(argv)
+            print(f"rank_runs: {name} took {time.monotonic() - start:.1f} s", file=sys.stderr)  # (what a launch costs)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch._dynamo.config.load_config(config)

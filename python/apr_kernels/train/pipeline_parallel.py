@@ -295,7 +295,10 @@ def _fsdp_reduce_deferred(model) -> None:
     model.set_requires_gradient_sync(True)
     state = fully_shard.state(model)
     for each in state._state_ctx.all_states:
-        for group in each._fsdp_param_groups:
+        groups = getattr(each, "_fsdp_param_groups", None)  # (older torch: one group, singular)
+        if groups is None:
+            groups = [g for g in (getattr(each, "_fsdp_param_group", None),) if g is not None]
+        for group in groups:
             group.post_backward()
     state._root_post_backward_final_callback()
     for m in model.modules():
