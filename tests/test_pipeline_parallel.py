@@ -489,6 +489,8 @@ def test_refusals_name_the_reason():
             ({"world": 2, "mode": "ddp", "chunks": 2, "micro": 3}, "expected a multiple of --pipeline-parallel 2"),
             ({"world": 2, "mode": "ddp", "--lora-rank": True}, "--pipeline-parallel with --lora-rank is not supported"),
             ({"world": 2, "mode": "ddp", "schedule": "zero-bubble", "compiled": True},
-             "--pipeline-schedule zero-bubble with --compile: a compiled layer's backward is one node")):
+             "--pipeline-schedule zero-bubble with --compile: a compiled layer's backward is one node"),
+            ({"world": 2, "mode": "fsdp", "schedule": "zero-bubble", "selective": True},
+             "zero-bubble with --grad-checkpointing selective: .* expected --grad-checkpointing full")):
         with pytest.raises(ValueError, match=message):
             check(2, **kwargs)

@@ -73,6 +73,43 @@ def test_two_halves_give_one_backward(use_backend, preset_name, fast):
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("preset_name, fast", [("tiny_qwen2", False), ("tiny_qwen2_moe", True)],
+                         ids=["qwen2", "qwen2_moe_fast"])
+def test_checkpointed_layers_are_recomputed_once_a_pass(use_backend, preset_name, fast):
+    """Under activation checkpointing each layer is recomputed once by the input half and once by
+    the weight half (its direct GEMMs' saved inputs and its autograd calls, the fast path's experts
+    and fused loss, share one recomputation), not once per saved tensor read; the gradients are one
+    backward's."""
+    import copy
+
+    from apr_kernels.model import Transformer, preset
+
+    use_backend("auto" if fast else "reference")
+    torch.manual_seed(6)
+    model = Transformer(preset(preset_name), fast=fast)
+    model.gradient_checkpointing = "full"
+    whole = copy.deepcopy(model)
+    runs = []
+    for i, layer in enumerate(model.model.layers):  # (the layer's MLP runs once per forward of the layer)
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: runs.append(i))
+    x, y = torch.randint(0, 200, (2, 16)), torch.randint(0, 200, (2, 16))
+    loss, h = _cut_at_embedding(model, x, y)
+    layers = list(range(len(model.model.layers)))
+    assert runs == layers
+    split = SplitBackward([loss], [None], [h])
+    assert runs == layers  # (finding the projections reads no saved tensor)
+    assert bool(split.groups) == fast  # (the experts' weights by autograd calls)
+    split.inputs_pass()
+    assert sorted(runs) == sorted(layers * 2)
+    split.weights_pass()
+    assert sorted(runs) == sorted(layers * 3)
+    loss, h_whole = _cut_at_embedding(whole, x, y)
+    loss.backward()
+    torch.testing.assert_close(h.grad, h_whole.grad, rtol=1e-5, atol=1e-7)
+    for (n, p), q in zip(model.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
 class _Counted(torch.autograd.Function):
     """The identity, counting its backward calls: a node on the input's path only."""
 

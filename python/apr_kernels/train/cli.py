@@ -642,7 +642,8 @@ def _train(args, env, mode: str) -> int:
         chunks = pipeline_parallel.chunks_for(args.pipeline_schedule, args.pipeline_chunks)
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
                                 chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel,
-                                schedule=args.pipeline_schedule, compiled=bool(args.compile))
+                                schedule=args.pipeline_schedule, compiled=bool(args.compile),
+                                selective=args.grad_checkpointing == "selective")
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
                                       tensor=args.tensor_parallel, context=args.context_parallel,
                                       fsdp_shard=env.fsdp_shard)

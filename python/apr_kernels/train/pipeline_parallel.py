@@ -36,7 +36,8 @@ through the pipeline in one of three schedules (``schedule``):
   1F1B's); each stage holds at most N micro-batches' activations (stage 0's 1F1B peak; a micro-batch's
   are kept until its W). With ``--pipeline-chunks C`` > 1 its interleaved form (interleaved 1F1B's
   order; idle share ``(N - 1) / (3 C M + N - 1)``). Without ``--compile`` (a compiled layer's backward
-  is one node: nothing to split); under FSDP see below.
+  is one node: nothing to split) or ``--grad-checkpointing selective`` (its saved results serve one
+  recomputation; with full checkpointing each half recomputes a layer once); under FSDP see below.
 
 Sends are asynchronous (``isend``, waited for at the end of the step) and receives blocking. Each
 direction between two neighbouring stages (with chunks, also from the last stage to stage 0) has its own
@@ -226,11 +227,11 @@ def chunks_for(schedule: str, chunks: int | None) -> int:
 
 def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fsdp_shard: int | None = None,
           chunks: int = 1, micro: int | None = None, tensor: int = 1, context: int = 1, schedule: str = "1f1b",
-          compiled: bool = False, **refused) -> None:
+          compiled: bool = False, selective: bool = False, **refused) -> None:
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
     ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``),
-    ``tensor``, ``context``: ``--tensor-parallel``, ``--context-parallel``; ``schedule``, ``compiled``:
-    ``--pipeline-schedule``, ``--compile``. ``refused``: option name -> whether it is in use (each a
+    ``tensor``, ``context``: ``--tensor-parallel``, ``--context-parallel``; ``schedule``, ``compiled``,
+    ``selective``: ``--pipeline-schedule``, ``--compile``, ``--grad-checkpointing selective``. ``refused``: option name -> whether it is in use (each a
     combination not built)."""
     if size < 1:
         raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
@@ -243,6 +244,11 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
         raise ValueError("--pipeline-schedule zero-bubble with --compile: a compiled layer's backward is one node "
                          "giving its input's and weights' gradients together, so it cannot be split (and frees its "
                          "buffers after one run); expected no --compile (or another schedule)")
+    if schedule == "zero-bubble" and selective:
+        raise ValueError("--pipeline-schedule zero-bubble with --grad-checkpointing selective: a selectively "
+                         "checkpointed layer's saved results serve one recomputation, and the weight half "
+                         "recomputes the layer a second time; expected --grad-checkpointing full (or another "
+                         "schedule)")
     width = world // size if world % size == 0 else None
     if fsdp_shard and width is not None and (width % fsdp_shard or fsdp_shard % tensor):
         raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: HSDP shards a stage over "
@@ -327,9 +333,10 @@ class PipelineParallel:
     (context parallelism) groups of that many consecutive replicas share rows, each holding its
     share of the positions, so ``replicas / context`` of them take different rows. A stage holds
     ``chunks`` model chunks (``interleaved``; else 1): the model's layers split into ``size * chunks``
-    parts of consecutive layers, part ``c * size + s`` being chunk c of stage s. Groups: ``data`` (this stage's replicas, None for one), ``tied`` (this
-    pipeline's first and last stage, on those two; used when the model ties its embeddings),
-    ``pipeline`` (this replica's stages), ``links`` (one per direction between stages that exchange)."""
+    parts of consecutive layers, part ``c * size + s`` being chunk c of stage s. Groups: ``data``
+    (this stage's replicas, None for one), ``tied`` (this pipeline's first and last stage, on those
+    two; used when the model ties its embeddings), ``pipeline`` (this replica's stages), ``links``
+    (one per direction between stages that exchange)."""
 
     size: int
     stage: int

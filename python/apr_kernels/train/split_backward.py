@@ -24,12 +24,14 @@ collectives):
 
 A custom op whose backward gives every gradient at once runs whole in each pass unless it asks
 autograd which it will use (the experts' grouped GEMM does: ``ops/grouped_mm._wanted``; so does
-float8's matmul, ``float8._install_halves``). The
-gradients are added to ``.grad`` as ``backward()`` adds them. The graph is kept from ``B`` to ``W``
-(``retain_graph``), so a micro-batch's activations live until its ``W``. Host cost: one walk of the
-graph (5 ms for 12 Qwen2-0.5B layers on this project's CPU, where their B and W together take as
-long as one backward), and about 0.3 ms per autograd call of the weight pass, which dense layers
-do not make.
+float8's matmul, ``float8._install_halves``). The gradients are added to ``.grad`` as ``backward()``
+adds them. The graph is kept from ``B`` to ``W`` (``retain_graph``), so a micro-batch's activations
+live until its ``W``. Under activation checkpointing each pass recomputes a layer once: ``W`` reads
+its saved tensors within one ``torch.utils.checkpoint.GraphExecGroup`` (each read outside a
+backward, or each backward call, would recompute it again), and finding the projections reads none
+(``_raw_saved_*``). Host cost: one walk of the graph (5 ms for 12 Qwen2-0.5B layers on this
+project's CPU, where their B and W together take as long as one backward), and about 0.3 ms per
+autograd call of the weight pass, which dense layers do not make.
 """
 
 from __future__ import annotations
@@ -109,9 +111,21 @@ def _projection(node, kids: dict, to_input: dict, below: dict, mask: int):
     if any(p is None or p.dim() != 2 for p in params):
         return None
     saved = "_saved_mat1" if name == "AddmmBackward0" else "_saved_self"
-    if getattr(node, saved, None) is None:
+    if getattr(node, "_raw" + saved, None) is None:  # (the raw handle: unpacking would recompute a checkpoint)
         return None
     return saved, getattr(node, "_saved_alpha", 1), params
+
+
+def _one_recomputation():
+    """Within: every backward call and saved-tensor read recomputes a checkpointed region at most once
+    (``torch.utils.checkpoint.GraphExecGroup``; each would otherwise recompute it again). A no-op on a
+    torch without it."""
+    import contextlib
+
+    from torch.utils import checkpoint
+
+    group = getattr(checkpoint, "GraphExecGroup", None)
+    return group() if group is not None else contextlib.nullcontext()
 
 
 class SplitBackward:
@@ -225,16 +239,20 @@ class SplitBackward:
                         seeds.append(g)
             if edges:
                 work.append((edges, seeds, params))
+        # (activation checkpointing: the saved tensors this pass reads are recomputed once for all of it,
+        # not once per read or call; a fallback from the outputs, which reads them again, runs after)
+        with _one_recomputation():
+            for node, saved_input, alpha, params in self._direct:
+                dy = self._captured.get(node, (None,))[0]
+                if dy is not None:  # (x @ W.T: W's gradient dy.T @ x, in W's layout; a fused q/k/v's by rows)
+                    g = dy.t().mm(getattr(node, saved_input))
+                    g = g * alpha if alpha != 1 else g
+                    parts = g.split([p.shape[0] for p in params]) if len(params) > 1 else (g,)
+                    _accumulate(params, [part.to(p.dtype) for part, p in zip(parts, params)])
+            for i, (outs, seeds, params) in enumerate(work):
+                keep = bool(self._from_outputs) or i < len(work) - 1
+                _accumulate(params, torch.autograd.grad(outs, params, seeds, retain_graph=keep, allow_unused=True))
         if self._from_outputs:
-            work.append((self.outputs, self.grads, self._from_outputs))
-        for node, saved_input, alpha, params in self._direct:
-            dy = self._captured.get(node, (None,))[0]
-            if dy is not None:  # (x @ W.T: W's gradient dy.T @ x, in W's layout; a fused q/k/v's by rows)
-                g = dy.t().mm(getattr(node, saved_input))
-                g = g * alpha if alpha != 1 else g
-                parts = g.split([p.shape[0] for p in params]) if len(params) > 1 else (g,)
-                _accumulate(params, [part.to(p.dtype) for part, p in zip(parts, params)])
-        for i, (outs, seeds, params) in enumerate(work):
-            got = torch.autograd.grad(outs, params, seeds, retain_graph=i < len(work) - 1, allow_unused=True)
-            _accumulate(params, got)
+            _accumulate(self._from_outputs, torch.autograd.grad(self.outputs, self._from_outputs, self.grads,
+                                                                allow_unused=True))
         self.outputs = self.grads = self._captured = self.groups = self._direct = None
