@@ -71,7 +71,7 @@ def run_sm90_compile(script: str, cases, tmp_path, timeout: int) -> list[dict]:
 
 # An ahead-of-time sm_90a compile of a row kernel whose launch config comes from its module's
 # ``launch_config(V)``: argv[1] is JSON {"module", "kernel", "signature" (with "DT" for the logits'
-# dtype), "cases": [[V, dtype, WRITE_GRAD], ...]}; prints ptxas's verdict per case.
+# dtype), "cases": [[V, dtype, WRITE_GRAD(, more constexprs)], ...]}; prints ptxas's verdict per case.
 _ROW_KERNEL_AOT = r"""
 import importlib, json, os, subprocess, sys, tempfile
 import triton
@@ -81,18 +81,19 @@ spec = json.loads(sys.argv[1])
 K = importlib.import_module("apr_kernels.kernels." + spec["module"])
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = []
-for v, dt, grad in spec["cases"]:
+for v, dt, grad, *more in spec["cases"]:
     block, warps = K.launch_config(v, **spec["config"])
     sig = {name: kind.replace("DT", dt) for name, kind in spec["signature"].items()}
     fn = getattr(K, spec["kernel"])
-    const = dict(BLOCK_V=block, **spec["constexprs"], **({"WRITE_GRAD": grad} if "WRITE_GRAD" in fn.arg_names else {}))
+    extra = dict(spec["constexprs"], **(more[0] if more else {}))
+    const = dict(BLOCK_V=block, **extra, **({"WRITE_GRAD": grad} if "WRITE_GRAD" in fn.arg_names else {}))
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
     res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     os.unlink(f.name)
-    out.append(dict(case=[v, dt, grad, spec["constexprs"]], rc=res.returncode, err=res.stderr[-400:]))
+    out.append(dict(case=[v, dt, grad, extra], rc=res.returncode, err=res.stderr[-400:]))
 print(json.dumps(out))
 """
 
@@ -106,7 +107,8 @@ def assert_row_kernel_compiles_for_sm90(module: str, kernel: str, signature: dic
     """``kernel`` of ``kernels/<module>.py`` compiles for sm_90a with ptxas, without spills, for every
     ``ROW_KERNEL_CASES`` entry, or ``cases`` (``signature``: Triton's, "DT" standing for the logits'
     dtype; ``constexprs``: more compile-time arguments than BLOCK_V and, where the kernel has it,
-    WRITE_GRAD; ``config``: keywords of the module's ``launch_config``)."""
+    WRITE_GRAD, a case's optional fourth item more of them for that case (one launch of compiles for
+    several variants); ``config``: keywords of the module's ``launch_config``)."""
     cases = cases or ROW_KERNEL_CASES
     spec = {"module": module, "kernel": kernel, "signature": signature, "cases": cases,
             "constexprs": constexprs or {}, "config": config or {}}

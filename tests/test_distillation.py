@@ -17,7 +17,7 @@ from apr_kernels.model.distillation import Teacher
 from apr_kernels.train.checkpoint import save_checkpoint
 from apr_kernels.ops.reference import distillation_rows_reference
 from apr_kernels.train.cli import byte_tokenizer
-from kernel_helpers import assert_row_kernel_compiles_for_sm90, kernel_module, spy_launchers
+from kernel_helpers import ROW_KERNEL_CASES, assert_row_kernel_compiles_for_sm90, kernel_module, spy_launchers
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -148,13 +148,15 @@ def test_fused_op_runs_the_kernel_and_matches_the_reference(use_backend, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2], ids=["forward-kl", "reverse-kl", "jsd"])
-def test_kernel_compiles_for_sm90(tmp_path, mode):
+def test_kernel_compiles_for_sm90(tmp_path):
+    """Each divergence (MODE 0: forward KL, 1: reverse KL, 2: JSD) at every row-kernel case, one
+    launch of compiles."""
     signature = {"STUDENT": "*DT", "stride_s": "i64", "TEACHER": "*DT", "stride_t": "i64", "TARGETS": "*i64",
                  "CE": "*fp32", "KL": "*fp32", "V": "i32", "VS": "i32", "ignore_index": "i64", "kd_ratio": "fp32",
                  "inv_temp": "fp32", "beta": "fp32", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr",
                  "MODE": "constexpr"}
-    assert_row_kernel_compiles_for_sm90("distillation", "_distillation_kernel", signature, tmp_path, {"MODE": mode})
+    cases = [[*case, {"MODE": mode}] for mode in (0, 1, 2) for case in ROW_KERNEL_CASES]
+    assert_row_kernel_compiles_for_sm90("distillation", "_distillation_kernel", signature, tmp_path, cases=cases)
 
 
 @pytest.mark.cuda
