@@ -231,8 +231,8 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
     ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``),
     ``tensor``, ``context``: ``--tensor-parallel``, ``--context-parallel``; ``schedule``, ``compiled``,
-    ``selective``: ``--pipeline-schedule``, ``--compile``, ``--grad-checkpointing selective``. ``refused``: option name -> whether it is in use (each a
-    combination not built)."""
+    ``selective``: ``--pipeline-schedule``, ``--compile``, ``--grad-checkpointing selective``.
+    ``refused``: option name -> whether it is in use (each a combination not built)."""
     if size < 1:
         raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
     if size == 1:
