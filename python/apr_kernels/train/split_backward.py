@@ -36,8 +36,14 @@ autograd call of the weight pass, which dense layers do not make.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils import checkpoint
+
+# (a torch without it recomputes a checkpointed region at each read: correct, only slower)
+_GraphExecGroup = getattr(checkpoint, "GraphExecGroup", None)
 
 
 def _children(node) -> list:
@@ -120,12 +126,7 @@ def _one_recomputation():
     """Within: every backward call and saved-tensor read recomputes a checkpointed region at most once
     (``torch.utils.checkpoint.GraphExecGroup``; each would otherwise recompute it again). A no-op on a
     torch without it."""
-    import contextlib
-
-    from torch.utils import checkpoint
-
-    group = getattr(checkpoint, "GraphExecGroup", None)
-    return group() if group is not None else contextlib.nullcontext()
+    return _GraphExecGroup() if _GraphExecGroup is not None else contextlib.nullcontext()
 
 
 class SplitBackward:
