@@ -41,11 +41,18 @@ COMMON = ["--tokenizer", "bytes", "--data", *TRAIN, "--eval-data", HELD, "--max-
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _launch(argv: list[str], world: int, **kw) -> list[subprocess.Popen]:
-    """``world`` processes joined through env:// (what torchrun sets up, minus its agent)."""
+def _launch(argv: list[str], world: int, env: dict | None = None, **kw) -> list[subprocess.Popen]:
+    """``world`` processes joined through env:// (what torchrun sets up, minus its agent); ``env``:
+    more variables."""
     port = free_port()
-    return [subprocess.Popen(argv, env=rank_env(r, world, port), stdout=subprocess.PIPE,
+    return [subprocess.Popen(argv, env={**rank_env(r, world, port), **(env or {})}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, **kw) for r in range(world)]
+
+
+# glibc raises its mmap threshold to the size of each large block freed, up to 32 MiB, and keeps
+# blocks under it in the heap once freed: a load's freed temporaries then stay resident (8-12 MiB in
+# some runs, in some processes). A fixed threshold returns them, so the worker's RSS is what it holds.
+MEASURED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def _records(text: str) -> list[dict]:
@@ -129,7 +136,26 @@ def _sampling_args(root: Path, init: Path, teacher: Path | None = None) -> dict[
 
 def _memory_kib() -> dict:
     status = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) for k in ("VmRSS", "VmHWM", "RssAnon")}
+    return {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+
+
+class _NotingPages:
+    """``apr_kernels.open``'s file, noting the file pages mapped in this process (RssFile, KiB) as it
+    closes into ``closes``: a load's file pages only grow until its files close."""
+
+    def __init__(self, f, closes: list):
+        self._f, self._closes = f, closes
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        self._f.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._closes.append(_memory_kib()["RssFile"])
+        return self._f.__exit__(*exc)
 
 
 def _odd_config():
@@ -179,9 +205,18 @@ def _worker(spec_path: str) -> int:
             before = _memory_kib()
         except OSError:
             before = None  # no peak reset here: the test skips the memory claim
-        model = D.from_apr(spec["memory"], env, "fsdp", fast=False)
+        import apr_kernels
+
+        opened, closes = apr_kernels.open, []
+        apr_kernels.open = lambda *a, **k: _NotingPages(opened(*a, **k), closes)
+        try:
+            model = D.from_apr(spec["memory"], env, "fsdp", fast=False)
+        finally:
+            apr_kernels.open = opened
         after = _memory_kib()
         result["load_peak_kib"] = None if before is None else after["VmHWM"] - before["VmRSS"]
+        # the file pages mapped at the load's end (shared page cache, in RSS while mapped)
+        result["load_file_kib"] = None if before is None else max(closes) - before["RssFile"]
         # private memory kept (the shards); the mapped file pages are shared page cache, gone at close
         result["load_anon_kib"] = None if before is None else after["RssAnon"] - before["RssAnon"]
         result["local_param_bytes"] = sum(p.to_local().numel() * 4 for p in model.parameters())
@@ -480,8 +515,8 @@ def runs(tmp_path_factory):
         """torchrun, the 2-rank worker and the 1-rank worker side by side; (processes, their outputs)."""
         torchrun = [sys.executable, "-m", "torch.distributed.run", f"--master_port={free_port()}", *torchrun_args]
         procs = [subprocess.Popen(torchrun, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                 *_launch(worker, 2),
-                 subprocess.Popen(worker, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+                 *_launch(worker, 2, MEASURED_MALLOC),
+                 subprocess.Popen(worker, env={**env1, **MEASURED_MALLOC}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
         outputs = []
         try:
             for p in procs:
@@ -750,26 +785,32 @@ def test_sharded_evaluation_matches_one_process(runs):
 
 def test_fsdp_loading_peak_memory_per_rank_shrinks_with_ranks(runs):
     """VmHWM growth around ``distributed.from_apr`` (peak reset via /proc/self/clear_refs): one rank
-    holds the model (~42 MiB) plus the file pages it read; each of two ranks about half of both.
-    Mapped file pages count in RSS (with kernel fault-around slack) though they are shared page
-    cache; the private part (RssAnon kept) is the shards alone."""
+    holds the model (~42 MiB) plus the file pages it read; each of two ranks about half of each.
+    Mapped file pages count in RSS though they are shared page cache, and by whole page-cache folios
+    (ext4 maps up to 2 MiB at a fault): each of two ranks maps 80-85% of what one rank maps, a share
+    the kernel decides, so it is printed, not asserted. The private memory at the peak is at least the
+    peak growth less the file pages mapped at the load's end (they only grow while the file is open):
+    that is what must halve. The private memory kept is the shards."""
     r = runs["ranks"]
     model_bytes = _big_config().num_parameters() * 4
+    model_kib = model_bytes / 1024
     assert r[(0, 1)]["local_param_bytes"] == model_bytes
     halves = [r[(k, 2)]["local_param_bytes"] for k in (0, 1)]
     assert sum(halves) == model_bytes and max(halves) <= 0.52 * model_bytes
-    one, two = r[(0, 1)]["load_peak_kib"], [r[(k, 2)]["load_peak_kib"] for k in (0, 1)]
-    if one is None:
+    if r[(0, 1)]["load_peak_kib"] is None:
         pytest.skip("/proc/self/clear_refs is not writable here: no peak-memory reset")
-    anon1, anon2 = r[(0, 1)]["load_anon_kib"], [r[(k, 2)]["load_anon_kib"] for k in (0, 1)]
-    print(f"\nFSDP load of a {model_bytes / 2**20:.1f} MiB model, per rank: peak RSS growth 1 rank "
-          f"{one / 1024:.1f} MiB, 2 ranks {two[0] / 1024:.1f} / {two[1] / 1024:.1f} MiB; private memory "
-          f"kept {anon1 / 1024:.1f} vs {anon2[0] / 1024:.1f} / {anon2[1] / 1024:.1f} MiB")
-    assert one >= 0.9 * model_bytes / 1024  # one rank really holds the whole model
-    assert max(two) <= 0.75 * one
-    # each rank keeps its half (~21 MiB) plus, in some runs, ~8-10 MiB that a thread the load starts (a
-    # gloo or allocator one: its stack or arena) happens to touch: at least a third of the model saved
-    assert anon1 >= 0.9 * model_bytes / 1024 and max(anon2) <= anon1 - 0.35 * model_bytes / 1024
+    ranks = [(0, 1), (0, 2), (1, 2)]
+    peak, pages, kept = ([r[k][f"load_{what}_kib"] for k in ranks] for what in ("peak", "file", "anon"))
+    private = [p - f for p, f in zip(peak, pages)]
+    def mib(kibs):
+        return " / ".join(f"{k / 1024:.1f}" for k in kibs)
+
+    print(f"\nFSDP load of a {model_kib / 1024:.1f} MiB model (MiB; 1 rank, then each of 2): peak RSS growth "
+          f"{mib(peak)}; file pages mapped {mib(pages)}; private at the peak >= {mib(private)}; private kept "
+          f"{mib(kept)}")
+    assert private[0] >= 0.9 * model_kib  # one rank really holds the whole model
+    assert max(private[1:]) <= 0.75 * private[0]
+    assert kept[0] >= 0.9 * model_kib and max(kept[1:]) <= 0.6 * model_kib
 
 
 def test_fsdp_checkpoint_gathers_one_tensor_at_a_time(runs):

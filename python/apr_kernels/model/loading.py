@@ -74,11 +74,13 @@ def check_values(t: torch.Tensor, path, stored: str, name: str) -> None:
                           stacklevel=2)
 
 
-def _std(t: torch.Tensor, mean: float, rows: int = 4096) -> float:
-    """The sample standard deviation of ``t`` in float32, ``rows`` rows at a time (no float32 copy of
-    a whole bf16 embedding: a 7B model's is 2 GiB)."""
+def _std(t: torch.Tensor, mean: float, chunk_values: int = 1 << 20) -> float:
+    """The sample standard deviation of ``t`` in float32, whole rows of about ``chunk_values`` values
+    at a time, in one float32 buffer (4 MiB), not a float32 copy of the tensor: a 7B model's bf16
+    embedding is 2 GiB, and the memory a load peaks at is what a rank must have free."""
     flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
-    acc = sum(float(((chunk.float() - mean) ** 2).sum()) for chunk in flat.split(rows))
+    rows = max(1, chunk_values // max(1, flat.shape[1]))
+    acc = sum(float(chunk.to(torch.float32, copy=True).sub_(mean).square_().sum()) for chunk in flat.split(rows))
     return (acc / max(1, t.numel() - 1)) ** 0.5
 
 
