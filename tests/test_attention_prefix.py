@@ -58,7 +58,7 @@ CASES = [  # (Sq, Sk, BLOCK_M, BLOCK_N): forward/dq tiles; the dK/dV kernel runs
 @pytest.mark.parametrize("backend_name", ["triton", "reference"])
 @pytest.mark.parametrize("sq, sk, bm, bn", CASES)
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("hq, hkv", [(4, 2), (3, 1)])
+@pytest.mark.parametrize("hq, hkv", [(2, 1), (3, 1)])  # (GQA groups of 2, 3; few heads: the interpreter is slow)
 def test_prefix_matches_oracle(use_backend, backend_name, sq, sk, bm, bn, causal, hq, hkv):
     use_backend(backend_name)
     q, k, v = make(2, sq, sk, hq, hkv, 16)

@@ -36,7 +36,7 @@ def oracle(q, k, v, window, scale):
     (64, 64, 16),     # window == S: plain causal
     (50, 500, 16),    # window past S: plain causal
 ])
-@pytest.mark.parametrize("hq, hkv", [(4, 4), (7, 1)])
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (3, 1)])  # (MHA and GQA; few heads: the interpreter is slow)
 def test_window_matches_oracle(use_backend, backend_name, S, window, tile, hq, hkv):
     use_backend(backend_name)
     q, k, v = make(1, S, hq, hkv, 16, torch.float32)

@@ -149,13 +149,14 @@ def test_fused_op_runs_the_kernel_and_matches_the_reference(use_backend, monkeyp
 
 
 def test_kernel_compiles_for_sm90(tmp_path):
-    """Each divergence (MODE 0: forward KL, 1: reverse KL, 2: JSD) at every row-kernel case, one
+    """Every row-kernel case with MODE 2 (JSD: the most live values, both distributions and their
+    mixture), and the largest vocabulary in bf16 with MODE 0 (forward KL) and 1 (reverse KL); one
     launch of compiles."""
     signature = {"STUDENT": "*DT", "stride_s": "i64", "TEACHER": "*DT", "stride_t": "i64", "TARGETS": "*i64",
                  "CE": "*fp32", "KL": "*fp32", "V": "i32", "VS": "i32", "ignore_index": "i64", "kd_ratio": "fp32",
                  "inv_temp": "fp32", "beta": "fp32", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr",
                  "MODE": "constexpr"}
-    cases = [[*case, {"MODE": mode}] for mode in (0, 1, 2) for case in ROW_KERNEL_CASES]
+    cases = [[*case, {"MODE": 2}] for case in ROW_KERNEL_CASES] + [[*ROW_KERNEL_CASES[0], {"MODE": m}] for m in (0, 1)]
     assert_row_kernel_compiles_for_sm90("distillation", "_distillation_kernel", signature, tmp_path, cases=cases)
 
 
