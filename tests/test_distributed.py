@@ -197,8 +197,23 @@ def _worker(spec_path: str) -> int:
     out = Path(spec["out"])
     result = {"rank": env.rank, "world": env.world_size}
     try:
-        # first a tiny model, so lazy imports and one-time allocations are not counted below
-        D.from_apr(spec["warmup"], env, "fsdp", fast=False)
+        # first a tiny model, so lazy imports and one-time allocations are not counted below; which of
+        # its layers hold gathered parameters (plain tensors, not DTensor shards) after a forward without
+        # backward, after resharding, and after a forward and backward, per reshard_after_forward
+        for after_forward in (True, False):
+            m = D.from_apr(spec["warmup"], env, "fsdp", fast=False, reshard_after_forward=after_forward)
+            x = torch.randint(0, 263, (1, 8), generator=torch.Generator().manual_seed(env.rank))
+            gathered = []
+            for step in ("no_grad", "reshard", "backward"):
+                if step == "no_grad":
+                    with torch.no_grad():
+                        m(x)
+                elif step == "reshard":
+                    D.reshard(m)
+                else:
+                    m.loss(x[:, :-1], x[:, 1:]).backward()
+                gathered.append([not hasattr(p, "device_mesh") for p in m.model.layers[0].parameters()])
+            result[f"gathered_reshard_after_forward_{after_forward}"] = gathered
         # peak-resident-memory delta around the sharded load (VmHWM reset just before it)
         try:
             Path("/proc/self/clear_refs").write_text("5")
@@ -432,7 +447,9 @@ def runs(tmp_path_factory):
          "--json", "--no-progress", "--fast", "off"],
         ["train", "--init", str(init), *COMMON, *docs, "--parallel", "ddp", "--out", str(root / "ddp_docs")],
         ["train", "--init", str(init), *COMMON, *lora, "--parallel", "ddp", "--out", str(root / "ddp_lora")],
-        ["train", "--init", str(init), *COMMON, *lora, "--parallel", "fsdp", "--out", str(root / "fsdp_lora")],
+        # (each layer kept gathered from its forward to its backward; resharded after evaluations)
+        ["train", "--init", str(init), *COMMON, *lora, "--parallel", "fsdp", "--fsdp-reshard-after-forward", "never",
+         "--out", str(root / "fsdp_lora")],
         ["train", "--resume", str(root / "fsdp_lora" / "step_000002.apr"), "--parallel", "fsdp", "--out",
          str(root / "fsdp_lora_resumed"), "--json", "--no-progress", "--fast", "off"],
         [*dpo, "--parallel", "ddp", "--out", str(root / "ddp_dpo")],
@@ -632,6 +649,7 @@ def test_ddp_matches_one_process(runs):
     ("run2", "one_docs_out"),  # document masking: spans travel with each rank's rows and in evaluation
     ("run3", "one_lora_out"),  # LoRA: only the adapters train (the frozen base has nothing to reduce)
     ("run4", "one_lora_out"),  # LoRA under FSDP: adapters added before sharding, sharded with the base
+    # (and the layers not resharded after their forward)
 ], ids=["document-mask", "lora", "fsdp-lora"])
 def test_ddp_variants_match_one_process(runs, run, ref):
     want = _records(runs[ref])
@@ -811,6 +829,17 @@ def test_fsdp_loading_peak_memory_per_rank_shrinks_with_ranks(runs):
     assert private[0] >= 0.9 * model_kib  # one rank really holds the whole model
     assert max(private[1:]) <= 0.75 * private[0]
     assert kept[0] >= 0.9 * model_kib and max(kept[1:]) <= 0.6 * model_kib
+
+
+def test_fsdp_layers_stay_gathered_after_a_forward_only_when_asked(runs):
+    """``reshard_after_forward=False`` (``--fsdp-reshard-after-forward never``): a layer keeps its
+    gathered parameters after a forward, until ``distributed.reshard``; a backward reshards it either
+    way. The default frees them after the forward."""
+    for rank in (0, 1):
+        r = runs["ranks"][(rank, 2)]
+        kept, freed = r["gathered_reshard_after_forward_False"], r["gathered_reshard_after_forward_True"]
+        assert [set(g) for g in kept] == [{True}, {False}, {False}]
+        assert [set(g) for g in freed] == [{False}, {False}, {False}]
 
 
 def test_fsdp_checkpoint_gathers_one_tensor_at_a_time(runs):

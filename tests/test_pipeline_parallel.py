@@ -76,17 +76,19 @@ CASES = {
                         ["--parallel", "fsdp", "--pipeline-schedule", "zero-bubble"]),
     "qwen2_gpipe": ("qwen2", ["--label-smoothing", "0.1", "--z-loss", "1e-3", "--grad-checkpointing"], 2,
                     ["--pipeline-schedule", "gpipe", "--async-checkpoint"]),
-    # (each stage sharded over its 2 ranks, a context-parallel group that splits the positions: FSDP
-    # gathers around every micro-batch, reduce-scatters after the last; the tied embedding's two copies
+    # (each stage sharded over its 2 ranks, a context-parallel group that splits the positions: kept
+    # gathered through the step, reduce-scattered after the last backward; the tied embedding's two copies
     # summed shard by shard; the distillation teacher loaded on the last stage only, sharded over its 2
     # ranks, each reading the whole rows and scoring its positions)
     "qwen2_fsdp_4": ("qwen2", ["--grad-accum", "3", "--qat", "q8", "--teacher", "TEACHER", "--kd-ratio", "0.5"], 4,
                      ["--parallel", "fsdp", "--context-parallel", "2"]),
     # (2 stages x 2 chunks of one layer: stage 0 runs layers 0 and 2, stage 1 layers 1 and 3; stage 1's
-    # chunk 0 hands on to stage 0's chunk 1; under FSDP, each chunk's last backward reduce-scatters; the
-    # attention's projections, of multiples of 16, in float8)
+    # chunk 0 hands on to stage 0's chunk 1; under FSDP gathered around every micro-batch's forward and
+    # backward, each chunk's last backward reduce-scattering; the attention's projections, of multiples
+    # of 16, in float8)
     "qwen2_interleaved": ("qwen2_tp", ["--grad-accum", "4", "--document-mask", "--float8", "tensorwise"], 2,
-                          ["--pipeline-schedule", "interleaved", "--parallel", "fsdp"]),
+                          ["--pipeline-schedule", "interleaved", "--parallel", "fsdp", "--fsdp-reshard-after-forward",
+                           "always"]),
     # (2 stages x 2 tensor-parallel ranks, ranks 0-1 stage 0 and 2-3 stage 1: every layer's heads and
     # MLP rows split, the untied head by vocabulary range on stage 1 alone, the Llama's parts FSDP-sharded
     # (over one replica here: 8 ranks cost too much on 2 cores; a wrong mesh dimension still mixes parts),
@@ -471,6 +473,14 @@ def test_freeze_counts_matches_over_the_stages_and_muon_refuses_a_frozen_stage(m
     assert freeze_parameters(model, every, pp) == [n for n, _ in model.named_parameters()]
 
 
+def test_fsdp_reshard_after_forward_needs_fsdp(tmp_path, capsys):
+    code, _ = cli(["train", "--preset", "tiny_llama", *COMMON, "--fsdp-reshard-after-forward", "never", "--out",
+                   str(tmp_path / "x")])
+    assert code != 0
+    assert ("--fsdp-reshard-after-forward never with --parallel none: expected --parallel fsdp"
+            in capsys.readouterr().err)
+
+
 def test_refusals_name_the_reason():
     from apr_kernels.train.pipeline_parallel import check
 
@@ -491,6 +501,8 @@ def test_refusals_name_the_reason():
             ({"world": 2, "mode": "ddp", "schedule": "zero-bubble", "compiled": True},
              "--pipeline-schedule zero-bubble with --compile: a compiled layer's backward is one node"),
             ({"world": 2, "mode": "fsdp", "schedule": "zero-bubble", "selective": True},
-             "zero-bubble with --grad-checkpointing selective: .* expected --grad-checkpointing full")):
+             "zero-bubble with --grad-checkpointing selective: .* expected --grad-checkpointing full"),
+            ({"world": 4, "mode": "fsdp", "schedule": "zero-bubble", "reshard_after_forward": True},
+             "zero-bubble with --fsdp-reshard-after-forward always: .* stays gathered through the step")):
         with pytest.raises(ValueError, match=message):
             check(2, **kwargs)

@@ -115,7 +115,11 @@ def score_choices(model, records: list[dict], tokenizer, *, batch_size: int = 32
                 parts.append(logps.double().cpu().tolist())
     model.train(was)
     if sharded:
-        model.reshard()  # (the root stays gathered after a forward without a backward)
+        from .distributed import reshard
+
+        # (a forward without a backward leaves the root gathered, and under --fsdp-reshard-after-forward
+        # never the layers too)
+        reshard(model)
     flat = [v for part in every_batch(env, parts) for v in part]
     right = right_norm = 0
     logps, at = [], 0

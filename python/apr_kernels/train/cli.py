@@ -635,6 +635,11 @@ def _train(args, env, mode: str) -> int:
     elif args.sequence_parallel:
         raise ValueError("--sequence-parallel splits the positions over a tensor-parallel group; expected "
                          "--tensor-parallel N (N > 1) with it")
+    reshard = getattr(args, "fsdp_reshard_after_forward", "default")  # (never under pipeline parallelism, else always)
+    if reshard != "default" and mode != "fsdp":
+        raise ValueError(f"--fsdp-reshard-after-forward {reshard} with --parallel {mode}: expected --parallel fsdp "
+                         f"(the parameters FSDP gathers)")
+    reshard = reshard == "always" or (reshard == "default" and args.pipeline_parallel == 1)
     pp = None  # pipeline parallelism: likewise (each rank allocates and reads only its stage)
     if args.pipeline_parallel != 1:
         from . import pipeline_parallel
@@ -643,10 +648,11 @@ def _train(args, env, mode: str) -> int:
         pipeline_parallel.check(args.pipeline_parallel, world=env.world_size, mode=mode, fsdp_shard=env.fsdp_shard,
                                 chunks=chunks, tensor=args.tensor_parallel, context=args.context_parallel,
                                 schedule=args.pipeline_schedule, compiled=bool(args.compile),
-                                selective=args.grad_checkpointing == "selective")
+                                selective=args.grad_checkpointing == "selective",
+                                reshard_after_forward=reshard)
         pp = pipeline_parallel.groups(env.world_size, args.pipeline_parallel, env.rank, args.pipeline_schedule, chunks,
                                       tensor=args.tensor_parallel, context=args.context_parallel,
-                                      fsdp_shard=env.fsdp_shard)
+                                      fsdp_shard=env.fsdp_shard, reshard_after_forward=reshard)
 
     def prepare(m):
         """What a model gets before FSDP shards it (under FSDP on the meta device, while loading):
@@ -666,7 +672,7 @@ def _train(args, env, mode: str) -> int:
             from . import distributed
 
             return distributed.from_apr(path, env, mode, fast=fast, **(lora or lora_load), expert_parallel=ep,
-                                        tensor_parallel=tp, pipeline_parallel=pp,
+                                        tensor_parallel=tp, pipeline_parallel=pp, reshard_after_forward=reshard,
                                         compute_dtype=autocast_dtype_for(cfg.precision, env.device), prepare=prepare)
         from apr_kernels.model.loading import from_apr
 
@@ -750,7 +756,7 @@ def _train(args, env, mode: str) -> int:
                                     schedule=pp.schedule)
         parallel = distributed.parallelize(model, mode, env, autocast_dtype_for(cfg.precision, env.device),
                                            context_parallel=cp, expert_parallel=ep, tensor_parallel=tp,
-                                           pipeline_parallel=pp)
+                                           pipeline_parallel=pp, reshard_after_forward=reshard)
     # (a pipeline asks the teacher on its last stage alone: only that stage's ranks load it, under FSDP
     # sharded over the mesh the stage's own parts are sharded on, under DDP split over its
     # tensor-parallel groups)
@@ -1052,6 +1058,13 @@ def register(subparsers) -> None:
     s.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
                    help="with --parallel fsdp: shard within groups of N consecutive ranks (a node) and replicate "
                         "across the groups (HSDP: the per-layer gathers stay inside a node; default: shard over all)")
+    s.add_argument("--fsdp-reshard-after-forward", choices=("default", "always", "never"), default="default",
+                   help="with --parallel fsdp: always: a layer's gathered parameters freed after its forward and "
+                        "gathered again for its backward (the least memory); never: kept from its forward to its "
+                        "backward (one all-gather a layer and micro-batch fewer; the whole unsharded model held "
+                        "at the forward's end), under --pipeline-parallel a stage kept gathered through the step "
+                        "(one all-gather a step instead of two a micro-batch); default: never under "
+                        "--pipeline-parallel (torchtitan's), else always")
     s.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="split every sequence over groups of N consecutive ranks (long context: each holds "
                         "2 of 2N chunks of every row, K/V all-gathered per layer); --seq-len a multiple of 2N, "

@@ -285,6 +285,17 @@ def local_shard(full: torch.Tensor, param, name: str = "tensor") -> torch.Tensor
     return piece
 
 
+def reshard(module) -> None:
+    """Free every FSDP module's gathered parameters in ``module`` (``FSDPModule.reshard`` is not
+    recursive): after a forward without backward, the root, and with layers that keep their
+    parameters gathered after a forward (``_fsdp_shard``'s ``reshard_after_forward``) those too."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def copy_into(param, full: torch.Tensor, name: str = "tensor") -> None:
     """Fill ``param`` from the whole tensor ``full``: its local rows when it is an FSDP shard."""
     if _is_dtensor(param):
@@ -404,7 +415,7 @@ def _raise_together(env: DistEnv, error: BaseException | None, what: str) -> Non
 
 # ----------------------------------------------------------------------------- wrapping
 def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, expert=None, tensor=None,
-                pipeline=None, mesh=None):
+                pipeline=None, mesh=None, reshard_after_forward: bool = True):
     """``fully_shard`` every decoder layer, then the root (embedding, final norm, lm_head). On CUDA the
     compute copies are bf16, or fp16 for a run in fp16 (``compute_dtype``: GPUs without bf16).
     ``expert``: an ``expert_parallel.ExpertParallel`` whose experts this model already holds: each
@@ -415,7 +426,11 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     ``pipeline``: a ``pipeline_parallel.PipelineParallel`` whose split this model already has: its
     stage's layers and parts sharded over the stage's replicas, gathered around ``stage_forward``
     (its mesh kept as ``pipeline.fsdp_mesh``). ``mesh``: shard the whole model over this mesh instead
-    (a pipeline's last stage's distillation teacher, over that stage's ``fsdp_mesh``)."""
+    (a pipeline's last stage's distillation teacher, over that stage's ``fsdp_mesh``).
+    ``reshard_after_forward`` False (``--fsdp-reshard-after-forward never``): a layer keeps its
+    gathered parameters from its forward to its backward (one all-gather a layer and micro-batch, not
+    two; the whole unsharded model held at the forward's end). A pipeline stage ignores it: its
+    schedule keeps the stage gathered through a step or not (``PipelineParallel.train_step``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -441,6 +456,7 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
         mesh = init_device_mesh(env.device.type, (env.world_size,))
     else:  # HSDP: reduce-scatter inside each group of `shard` ranks, all-reduce between the groups
         mesh = init_device_mesh(env.device.type, (env.world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+    after_forward = reshard_after_forward or pipeline is not None
     # on CUDA: bf16 compute copies, fp32 gradient reduction and fp32 master weights
     half = torch.float16 if compute_dtype == torch.float16 else torch.bfloat16
     mp = (MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
@@ -473,10 +489,10 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
                                         mesh_dim_names=("replicate", "shard", "expert"))["replicate", "shard"]
         for m in model.modules():
             if isinstance(m, Experts):
-                fully_shard(m, mesh=replicas, mp_policy=mp)
+                fully_shard(m, mesh=replicas, mp_policy=mp, reshard_after_forward=after_forward)
     layers = model.model.layers if pipeline is None else pipeline.layers(model)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     if pipeline is not None:  # (a stage runs stage_forward, never forward; activations sent in compute dtype)
         register_fsdp_forward_method(model, "stage_forward")
@@ -647,10 +663,11 @@ class Parallel:
 
     def reshard(self) -> None:
         """FSDP keeps the root's parameters gathered after a forward without backward (evaluation),
-        and while gathered the module holds plain tensors instead of the sharded DTensors that the
-        optimizer updates: shard them again."""
+        and the layers' too under ``--fsdp-reshard-after-forward never``; while gathered a module
+        holds plain tensors instead of the sharded DTensors that the optimizer updates: shard them
+        again."""
         if self.mode == "fsdp":
-            self.module.reshard()
+            reshard(self.module)
 
     def local_rows(self, index: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global batch (a context-parallel group's ranks share theirs)."""
@@ -740,7 +757,7 @@ class Parallel:
 
 def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | None = None,
                 context_parallel: int = 1, expert_parallel=None, tensor_parallel=None,
-                pipeline_parallel=None) -> Parallel:
+                pipeline_parallel=None, reshard_after_forward: bool = True) -> Parallel:
     """Wrap ``model`` for ``mode``: ``ddp`` (a replica per rank, gradients all-reduced), ``fsdp``
     (``fully_shard`` per decoder layer and at the root, ``compute_dtype`` as ``_fsdp_shard``'s;
     already sharded models pass through) or ``none``. Build the optimizer after this: FSDP replaces
@@ -750,7 +767,8 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
     its group (already, when loaded that way); DDP reduces the rest, or FSDP shards the rest over
     every rank and the experts over their replicas. ``tensor_parallel``: a
     ``tensor_parallel.TensorParallel``: the layers split over its group (already, when loaded that
-    way); DDP or FSDP over the ranks holding the same parts."""
+    way); DDP or FSDP over the ranks holding the same parts. ``reshard_after_forward``: FSDP's
+    (``_fsdp_shard``'s)."""
     if mode not in MODES:
         raise ValueError(f"parallel mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode != "none" and not env.active:
@@ -791,7 +809,8 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
         return Parallel(model.to(env.device) if mode != "fsdp" else model, mode, env, pipeline=pipeline_parallel,
                         tensor=tensor, context=context, expert=expert_parallel)
     if mode == "fsdp":
-        return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel, tensor), mode, env, context=context,
+        return Parallel(_fsdp_shard(model, env, compute_dtype, expert_parallel, tensor,
+                                    reshard_after_forward=reshard_after_forward), mode, env, context=context,
                         expert=expert_parallel, tensor=tensor)
     model = model.to(env.device)
     if mode == "ddp":
@@ -815,7 +834,7 @@ def parallelize(model, mode: str, env: DistEnv, compute_dtype: torch.dtype | Non
 # ------------------------------------------------------------------------ load and save
 def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute_dtype: torch.dtype | None = None,
              expert_parallel=None, tensor_parallel=None, pipeline_parallel=None, prepare=None, mesh=None,
-             vocabulary: bool = True, everywhere: bool = True, **lora):
+             vocabulary: bool = True, everywhere: bool = True, reshard_after_forward: bool = True, **lora):
     """``model.loading.from_apr`` on this rank: sharded on the meta device under FSDP (each rank
     materialises only its shards; ``compute_dtype`` as ``_fsdp_shard``'s), only this rank's experts
     with ``expert_parallel``, only this rank's part of every layer with ``tensor_parallel``, a full
@@ -825,6 +844,7 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
     ``tensor_parallel``, split the embedding and head by vocabulary range too (``set_tensor_parallel``'s).
     ``everywhere``: every rank loads it (a failure anywhere fails all); else only some do (a pipeline's
     last stage's teacher, ``mesh`` or ``tensor_parallel`` of that stage's ranks), each failing alone.
+    ``reshard_after_forward``: FSDP's (``_fsdp_shard``'s).
     ``lora``: from_apr's ``lora`` / ``lora_base_dtype`` (and ``dtype``)."""
     from apr_kernels.model.loading import from_apr as load
 
@@ -838,7 +858,8 @@ def from_apr(path, env: DistEnv, mode: str, *, fast: bool | None = None, compute
         if mode == "fsdp":
             if prepare is not None:
                 prepare(m)
-            _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel, pipeline_parallel, mesh)
+            _fsdp_shard(m, env, compute_dtype, expert_parallel, tensor_parallel, pipeline_parallel, mesh,
+                        reshard_after_forward)
 
     shard = (on_meta if mode == "fsdp" or expert_parallel is not None or tensor_parallel is not None
              or pipeline_parallel is not None else None)

@@ -73,19 +73,21 @@ Checkpoints are ordinary whole-model APR files: rank 0 writes, asking each tenso
 (``PipelineGatherer``), so no rank holds more than its stage plus one tensor. Resuming loads each
 stage's share of any checkpoint, on any number of stages.
 
-FSDP (``--parallel fsdp``; torchtitan's PP x FSDP): each stage is sharded over its D replicas only
-(a ``(pipeline, data)`` device mesh, the stage's layers and its ends ``fully_shard``-ed on the data
+FSDP (``--parallel fsdp``; torchtitan's PP x FSDP): each stage is sharded over its D replicas only (a
+``(pipeline, data)`` device mesh, the stage's layers and its ends ``fully_shard``-ed on the data
 dimension), so a rank holds 1/D of its stage's weights, gradients and moments. A stage runs one
 method, ``Transformer.stage_forward``, registered as an FSDP forward method, so FSDP gathers the
-stage's parameters around every micro-batch's forward and backward as around ``forward``. Gradients
-accumulate unsharded over the step's micro-batches and the last backward reduce-scatters their sum
-(``set_requires_gradient_sync``), which averages over the replicas; in the zero-bubble schedule the
-last weight half comes after the last backward's input half, so nothing reduce-scatters during the
-step, the parameters stay gathered from their first forward to its end (a weight half may read them)
-and the reduce-scatters run after the last weight half (``_fsdp_reduce_deferred``); the tied
-embedding's copies are summed row shard by row shard (both stages shard it alike); the clipping norm
-sums every rank's rows; a checkpoint's tensor is all-gathered by its stage's replicas before its
-owner sends it to rank 0.
+stage's parameters for it as for ``forward``. By default (torchtitan's under PP) a stage stays
+gathered from its first forward to the step's end, and its gradients accumulate unsharded over the
+step's micro-batches and are reduce-scattered (averaged over the replicas) once its last backward, or
+in the zero-bubble schedule its last weight half, has run (``_fsdp_defer_reduction``,
+``_fsdp_reduce_deferred``): one all-gather and one reduce-scatter a step, for the memory of the
+stage's whole parameters. ``--fsdp-reshard-after-forward always`` (not zero-bubble, whose weight
+halves may read the parameters) gathers them around every micro-batch's forward and backward instead,
+the last backward reduce-scattering the sum (``set_requires_gradient_sync``). The tied embedding's
+copies are summed row shard by row shard (both stages shard it alike); the clipping norm sums every
+rank's rows; a checkpoint's tensor is all-gathered by its stage's replicas before its owner sends it
+to rank 0.
 Under FSDP on CUDA the activations cross stages in the compute dtype (bf16, or fp16). HSDP
 (``--fsdp-shard-size S``, a stage spanning nodes): each stage sharded within groups of S consecutive
 ranks, replicated across them (FSDP's 2-D ``(replicate, shard)`` mesh; clipping counts a group once).
@@ -227,11 +229,13 @@ def chunks_for(schedule: str, chunks: int | None) -> int:
 
 def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fsdp_shard: int | None = None,
           chunks: int = 1, micro: int | None = None, tensor: int = 1, context: int = 1, schedule: str = "1f1b",
-          compiled: bool = False, selective: bool = False, **refused) -> None:
+          compiled: bool = False, selective: bool = False, reshard_after_forward: bool = False,
+          **refused) -> None:
     """Raise ``ValueError`` when ``--pipeline-parallel size`` cannot run (every reason named).
     ``chunks``: model chunks per stage (interleaved), ``micro``: micro-batches per step (``--grad-accum``),
     ``tensor``, ``context``: ``--tensor-parallel``, ``--context-parallel``; ``schedule``, ``compiled``,
-    ``selective``: ``--pipeline-schedule``, ``--compile``, ``--grad-checkpointing selective``.
+    ``selective``: ``--pipeline-schedule``, ``--compile``, ``--grad-checkpointing selective``;
+    ``reshard_after_forward``: ``--fsdp-reshard-after-forward always``.
     ``refused``: option name -> whether it is in use (each a combination not built)."""
     if size < 1:
         raise ValueError(f"--pipeline-parallel {size}: expected a number of stages >= 1")
@@ -249,6 +253,11 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
                          "checkpointed layer's saved results serve one recomputation, and the weight half "
                          "recomputes the layer a second time; expected --grad-checkpointing full (or another "
                          "schedule)")
+    if schedule == "zero-bubble" and reshard_after_forward:
+        raise ValueError("--pipeline-schedule zero-bubble with --fsdp-reshard-after-forward always: a stage's weight "
+                         "halves run after its input halves, some reading the gathered parameters, so the stage "
+                         "stays gathered through the step; expected --fsdp-reshard-after-forward default or never "
+                         "(or another schedule)")
     width = world // size if world % size == 0 else None
     if fsdp_shard and width is not None and (width % fsdp_shard or fsdp_shard % tensor):
         raise ValueError(f"--pipeline-parallel {size} with --fsdp-shard-size {fsdp_shard}: HSDP shards a stage over "
@@ -273,12 +282,12 @@ def check(size: int, *, world: int, mode: str, num_layers: int | None = None, fs
 
 
 def _fsdp_defer_reduction(model) -> None:
-    """Zero-bubble under FSDP, before the step: the stage's gradients accumulate unsharded through every
-    backward half (none reduce-scatters: its last W runs after its last B), and its parameters stay
-    gathered from their first forward to the step's end (a deferred weight pass's autograd call may read
-    them: float8's backward, a fallback's from the outputs; this is also one all-gather per step rather
-    than two per micro-batch, for the memory of the stage's whole parameters, as torchtitan's PP x FSDP
-    default)."""
+    """A stage kept gathered through the step under FSDP, before the step: its gradients accumulate
+    unsharded through every backward (or backward half: in zero-bubble none may reduce-scatter, its
+    last W runs after its last B), and its parameters stay gathered from their first forward to the
+    step's end: one all-gather per step rather than two per micro-batch, for the memory of the stage's
+    whole parameters (torchtitan's PP x FSDP default; zero-bubble needs it: a deferred weight pass's
+    autograd call may read them, float8's backward, a fallback's from the outputs)."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in model.modules():  # (the root keeps its own: FSDP never reshards it after a forward)
@@ -290,10 +299,11 @@ def _fsdp_defer_reduction(model) -> None:
 
 
 def _fsdp_reduce_deferred(model) -> None:
-    """Zero-bubble under FSDP, after the step's last W: FSDP's post-backward run by hand on every
-    parameter group (as ``torch.distributed.pipelining``'s ``perform_reduce_grad`` does: FSDP has no
-    public call for it), which reduce-scatters the summed unsharded gradients and reshards, then its
-    end-of-backward callback; the settings ``_fsdp_defer_reduction`` changed put back."""
+    """A stage kept gathered through the step, after its last backward (or W): FSDP's post-backward run
+    by hand on every parameter group (as ``torch.distributed.pipelining``'s ``perform_reduce_grad``
+    does: FSDP has no public call for it), which reduce-scatters the summed unsharded gradients and
+    reshards, then its end-of-backward callback; the settings ``_fsdp_defer_reduction`` changed put
+    back."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     model.set_is_last_backward(True)
@@ -361,6 +371,10 @@ class PipelineParallel:
     # under FSDP: the device mesh sharding this stage over its replicas (a last stage's distillation
     # teacher is sharded on it too)
     fsdp_mesh: object = None
+    # under FSDP: free the stage's gathered parameters after each micro-batch's forward and backward
+    # (gathered twice a micro-batch, the least memory) instead of keeping them gathered through the
+    # step (once a step; ``--fsdp-reshard-after-forward always``; zero-bubble always keeps them)
+    reshard_after_forward: bool = False
 
     @property
     def row_groups(self) -> int:
@@ -633,7 +647,8 @@ class PipelineParallel:
         if scaler is not None:  # (fp16: only the last stage scales a loss, but every stage's scaler must
             scaler.scale(total)  # hold the scale its gradients were multiplied by, to unscale them)
         fsdp, n = self.sharded(model), len(micro_batches)
-        deferred = fsdp and self.schedule == "zero-bubble"  # (FSDP reduce-scatters after the last W)
+        # (kept gathered through the step, reduce-scattered after its last backward or W)
+        deferred = fsdp and (self.schedule == "zero-bubble" or not self.reshard_after_forward)
         if self.backward is None:
             self.backward = self._plan_backward(model)
         if deferred:
@@ -764,13 +779,14 @@ class PipelineParallel:
 
 
 def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int = 1,
-           tensor: int = 1, context: int = 1, fsdp_shard: int = 0) -> PipelineParallel:
+           tensor: int = 1, context: int = 1, fsdp_shard: int = 0,
+           reshard_after_forward: bool = False) -> PipelineParallel:
     """This rank's ``PipelineParallel`` for ``size`` stages (of ``chunks`` model chunks each) over
     ``world`` ranks (stage-major; within a stage, tensor-parallel groups of ``tensor`` consecutive
     ranks, or context-parallel groups of ``context`` consecutive ranks; under HSDP, ``fsdp_shard``,
-    shard groups of that many). Every rank creates every group, in one order, as
-    ``torch.distributed.new_group`` needs (the tied embedding's too: whether the model ties is known
-    only once it is loaded)."""
+    shard groups of that many; ``reshard_after_forward``: the field's). Every rank creates every
+    group, in one order, as ``torch.distributed.new_group`` needs (the tied embedding's too: whether
+    the model ties is known only once it is loaded)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"--pipeline-schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
     width = world // size
@@ -778,7 +794,8 @@ def groups(world: int, size: int, rank: int, schedule: str = "1f1b", chunks: int
     stage, local = divmod(rank, width)
     pp = PipelineParallel(size, stage, replicas, local // tensor, schedule, chunks, tensor=tensor,
                           tensor_rank=local % tensor, context=context,
-                          replicate=width // fsdp_shard if fsdp_shard else 1)
+                          replicate=width // fsdp_shard if fsdp_shard else 1,
+                          reshard_after_forward=reshard_after_forward)
     for s in range(size):  # each stage's replicas (those holding the same tensor-parallel part)
         for t in range(tensor):
             g = dist.new_group([s * width + d * tensor + t for d in range(replicas)]) if replicas > 1 else None
