@@ -29,6 +29,9 @@ if not HAS_CUDA:
     # Triton reads TRITON_INTERPRET when `triton` is first imported (its own tl.sum etc. are jitted
     # then), and some test imports (transformers) pull Triton in: set it before any of them.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # `train --compile` (and rank processes, which inherit it) traces, decomposes and partitions as
+    # inductor does, without inductor's C++ build (13 s of CPU a process on this machine)
+    os.environ.setdefault("APR_KERNELS_COMPILE_BACKEND", "aot_eager_decomp_partition")
 
 
 # The test modules that launch several rank processes (each launch keeps both cores busy). On two

@@ -861,14 +861,18 @@ def compile_layers(model) -> None:
     """torch.compile each decoder layer's ``forward`` (not the module call: DDP/FSDP hooks stay outside
     the compiled code, and parameter names stay Hugging Face's). The package's ops are opaque custom ops
     to the compiler, so it fuses only the glue between them (residual adds, biases, casts). One compiled
-    graph serves every layer."""
+    graph serves every layer. ``APR_KERNELS_COMPILE_BACKEND`` names another backend than inductor:
+    ``aot_eager_decomp_partition`` traces, decomposes and partitions as inductor does but generates
+    no code (a compile bug of inductor's own shows as a difference; the test suite uses it on CPU,
+    where inductor builds C++ for seconds a process)."""
+    backend = os.environ.get("APR_KERNELS_COMPILE_BACKEND") or "inductor"
     if model.gradient_checkpointing == "selective":
         # under DDP, dynamo's DDPOptimizer splits each layer's graph at gradient-bucket boundaries, and
         # the partitioner then fails on selective checkpointing's tags (torch 2.13: "'>' not supported
         # between NoneType"); a layer's graph is about one bucket anyway, so it is compiled whole
         torch._dynamo.config.optimize_ddp = False
     for layer in model.model.layers:
-        layer.forward = torch.compile(layer.forward)
+        layer.forward = torch.compile(layer.forward, backend=backend)
 
 
 def cmd_demo(args) -> int:
