@@ -533,7 +533,8 @@ def runs(tmp_path_factory):
         torchrun = [sys.executable, "-m", "torch.distributed.run", f"--master_port={free_port()}", *torchrun_args]
         procs = [subprocess.Popen(torchrun, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
                  *_launch(worker, 2, MEASURED_MALLOC),
-                 subprocess.Popen(worker, env={**env1, **MEASURED_MALLOC}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+                 subprocess.Popen(worker, env={**env1, **MEASURED_MALLOC}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)]
         outputs = []
         try:
             for p in procs:
