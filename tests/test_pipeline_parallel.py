@@ -268,6 +268,10 @@ def test_a_stage_is_shared_by_its_fsdp_replicas_or_tensor_parallel_ranks(runs):
     held = {name: next(r for r in _records(out[name]) if r["event"] == "start")["params_rank"]
             for name in ("qwen2_fsdp_4", "qwen2_cp_4", "llama_tp_4", "llama_1f1b")}
     assert held["qwen2_cp_4"] * 0.45 < held["qwen2_fsdp_4"] < held["qwen2_cp_4"] * 0.6
+    # and under FSDP a stage stays gathered through the step but with --fsdp-reshard-after-forward always
+    gathered = {name: next(r for r in _records(out[name]) if r["event"] == "start").get("fsdp_gathered_through_step")
+                for name in ("qwen2_fsdp_4", "qwen2_interleaved", "qwen2_lora_fsdp", "qwen2_cp_4")}
+    assert gathered == {"qwen2_fsdp_4": True, "qwen2_interleaved": False, "qwen2_lora_fsdp": True, "qwen2_cp_4": None}
     assert held["llama_1f1b"] * 0.5 < held["llama_tp_4"] < held["llama_1f1b"] * 0.55
 
 

@@ -461,6 +461,8 @@ class PipelineParallel:
         out = {"params": int(t[0]), "trainable": int(t[1]),  # (under FSDP this rank's shards)
                "params_rank": sum(local_part(p).numel() for p in model.parameters()), "pipeline_parallel": self.size,
                "pipeline_schedule": self.schedule, "pipeline_chunks": self.chunks}
+        if self.sharded(model):  # (FSDP: whether a stage stays gathered through the step, train_step's)
+            out["fsdp_gathered_through_step"] = self.gathered_through_step
         if self.tensor > 1:  # (as without a pipeline: expert_parallel.parameter_counts)
             out["tensor_parallel"] = self.tensor
             out["vocab_parallel"] = getattr(model, "vocab_parallel", None) is not None
@@ -622,6 +624,12 @@ class PipelineParallel:
         on CUDA its compute copies' (``wire_dtype``)."""
         return self.wire_dtype or next(model.parameters()).dtype
 
+    @property
+    def gathered_through_step(self) -> bool:
+        """Under FSDP, whether a stage's parameters stay gathered from its first forward to the step's
+        end (``_fsdp_defer_reduction``): unless ``reshard_after_forward``; always under zero-bubble."""
+        return self.schedule == "zero-bubble" or not self.reshard_after_forward
+
     @staticmethod
     def sharded(model) -> bool:
         """Whether FSDP shards this stage over its replicas (``--parallel fsdp``): it then gathers the
@@ -647,8 +655,7 @@ class PipelineParallel:
         if scaler is not None:  # (fp16: only the last stage scales a loss, but every stage's scaler must
             scaler.scale(total)  # hold the scale its gradients were multiplied by, to unscale them)
         fsdp, n = self.sharded(model), len(micro_batches)
-        # (kept gathered through the step, reduce-scattered after its last backward or W)
-        deferred = fsdp and (self.schedule == "zero-bubble" or not self.reshard_after_forward)
+        deferred = fsdp and self.gathered_through_step  # (reduce-scattered after its last backward or W)
         if self.backward is None:
             self.backward = self._plan_backward(model)
         if deferred:
