@@ -635,11 +635,12 @@ def _train(args, env, mode: str) -> int:
     elif args.sequence_parallel:
         raise ValueError("--sequence-parallel splits the positions over a tensor-parallel group; expected "
                          "--tensor-parallel N (N > 1) with it")
-    reshard = getattr(args, "fsdp_reshard_after_forward", "default")  # (never under pipeline parallelism, else always)
-    if reshard != "default" and mode != "fsdp":
-        raise ValueError(f"--fsdp-reshard-after-forward {reshard} with --parallel {mode}: expected --parallel fsdp "
+    option = getattr(args, "fsdp_reshard_after_forward", "default")
+    if option != "default" and mode != "fsdp":
+        raise ValueError(f"--fsdp-reshard-after-forward {option} with --parallel {mode}: expected --parallel fsdp "
                          f"(the parameters FSDP gathers)")
-    reshard = reshard == "always" or (reshard == "default" and args.pipeline_parallel == 1)
+    # (the default: never under pipeline parallelism, torchtitan's, else always)
+    reshard = option == "always" or (option == "default" and args.pipeline_parallel == 1)
     pp = None  # pipeline parallelism: likewise (each rank allocates and reads only its stage)
     if args.pipeline_parallel != 1:
         from . import pipeline_parallel

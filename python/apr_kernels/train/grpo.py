@@ -188,8 +188,10 @@ class RewardModel:
                for b in batches]
         for _ in range(forwards - len(batches)):  # (the forwards the other ranks run: their gathers)
             sequence_rewards(self.model, [[self.tok.eos_id]], self.device, pad_id=self.tok.eos_id, padding_free=fast)
-        if self.sharded:
-            self.model.reshard()  # (the root stays gathered after a forward without a backward)
+        if self.sharded:  # (the root stays gathered after a forward without a backward)
+            from .distributed import reshard
+
+            reshard(self.model)
         return torch.cat(out).tolist() if out else []
 
     def join(self) -> None:
@@ -458,9 +460,11 @@ class GRPOTrainer(StepLoop):
         with self._autocast():
             out = [token_logps(model, seqs[a:b], self.device, eos_id=self.tok.eos_id, padding_free=self.padding_free)
                    for a, b in self._micro_batches(len(seqs))]
+        from .distributed import reshard
+
         for m in (self.model, self.reference, self.teacher):  # (a no-grad forward leaves FSDP's root gathered)
-            if m is not None and hasattr(m, "reshard"):
-                m.reshard()
+            if m is not None:
+                reshard(m)
         return out
 
     def _token_objective(self, logps: torch.Tensor, batch: dict, k: int, a: int, b: int) -> tuple[torch.Tensor, list]:

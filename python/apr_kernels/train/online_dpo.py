@@ -76,8 +76,9 @@ class OnlineDPOTrainer(GRPOTrainer):
     def _reference_logps(self, pairs) -> torch.Tensor:
         if self.reference is not None:
             out = self._pair_logps(pairs, self.reference)
-            if hasattr(self.reference, "reshard"):  # (a no-grad forward leaves FSDP's root gathered)
-                self.reference.reshard()
+            from .distributed import reshard
+
+            reshard(self.reference)  # (a no-grad forward leaves FSDP's root gathered)
             return out
         from apr_kernels.model.lora import adapters_disabled
 

@@ -199,8 +199,10 @@ def evaluate_pairs(model, pairs, margins, *, eos_id: int, batch_size: int = 8, d
         if i is not None:  # (else the padding forward of a sharded model: the others' gathers)
             parts.append(r.view(-1, 2).cpu().double())
     model.train(was)
-    if sharded:
-        model.reshard()  # (the root stays gathered after a forward without a backward)
+    if sharded:  # (the root stays gathered after a forward without a backward)
+        from .distributed import reshard
+
+        reshard(model)
     r = torch.cat(every_batch(env, parts)).reshape(-1, 2)
     losses = reward_loss(r[:, 0], r[:, 1], torch.tensor(margins, dtype=torch.float64))
     return {"accuracy": float((r[:, 0] > r[:, 1]).double().mean()), "margin": float((r[:, 0] - r[:, 1]).mean()),
