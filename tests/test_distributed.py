@@ -459,7 +459,8 @@ def runs(tmp_path_factory):
         ["dpo", "--resume", str(root / "fsdp_dpo" / "step_000002.apr"), "--parallel", "fsdp", "--json",
          "--out", str(root / "fsdp_dpo_resumed")],
         [*grpo, "--parallel", "ddp", "--out", str(root / "ddp_grpo")],
-        [*grpo_kl, "--parallel", "fsdp", "--out", str(root / "fsdp_grpo_kl")],
+        # (the policy's layers kept gathered from each forward to its backward, the reference's not)
+        [*grpo_kl, "--parallel", "fsdp", "--fsdp-reshard-after-forward", "never", "--out", str(root / "fsdp_grpo_kl")],
         [*kto, "--parallel", "ddp", "--out", str(root / "ddp_kto")],
         [*kto, "--parallel", "fsdp", "--out", str(root / "fsdp_kto")],
         ["train", "--init", str(init), *COMMON, *kd, "--parallel", "fsdp", "--out", str(root / "fsdp_kd")],
@@ -657,6 +658,9 @@ def test_ddp_variants_match_one_process(runs, run, ref):
     rank0 = runs["ranks"][(0, 2)][run]
     assert rank0["code"] == runs["ranks"][(1, 2)][run]["code"] == 0
     got = _records(rank0["stdout"])
+    # (the start record says how FSDP was asked to shard the layers; nothing without FSDP)
+    assert next(r for r in got if r["event"] == "start").get("fsdp_reshard_after_forward") == \
+        {"run4": False}.get(run)
     assert _losses(got) == pytest.approx(_losses(want), rel=1e-5)
     assert _losses(got, "eval", "eval_loss") == pytest.approx(_losses(want, "eval", "eval_loss"), abs=1e-5)
 
@@ -701,6 +705,7 @@ def test_dpo_on_two_ranks_matches_one_process(runs, run):
     start = next(r for r in got if r["event"] == "start")
     assert (start["world"], start["pairs"], start["eval_pairs"], start["kind"]) == (2, 11, 4, "robust")
     assert start["padding_free"] == (run == "run7")
+    assert start.get("fsdp_reshard_after_forward") == (True if run == "run7" else None)
     for key in ("loss", "margin", "reward_chosen", "reward_acc", "grad_norm"):
         assert _losses(got, key=key) == pytest.approx(_losses(want, key=key), rel=1e-5, abs=1e-6), key
     for key in ("eval_loss", "eval_reward_acc"):
@@ -718,14 +723,15 @@ def test_grpo_on_two_ranks_matches_one_process(runs, run):
     """GRPO with 4 prompts per step: each rank samples (FSDP: with its shards gathered), scores and
     trains on 2 (in micro-batches of 3 completions); the completions, rewards, losses, gradient norms
     and held-out rewards are the one-process run's, and so is the final model. Under FSDP with the
-    per-token loss (KL to a sharded reference copy, two updates per generation batch) likewise, and
-    the KL and clipped share too."""
+    per-token loss (KL to a sharded reference copy, two updates per generation batch, the policy's
+    layers not resharded after their forwards) likewise, and the KL and clipped share too."""
     kl = run == "run10"
     want = _records(runs["one_grpo_kl_out" if kl else "one_grpo_out"])
     rank0, rank1 = runs["ranks"][(0, 2)][run], runs["ranks"][(1, 2)][run]
     assert rank0["code"] == rank1["code"] == 0 and rank1["stdout"] == ""
     got = _records(rank0["stdout"])
-    assert next(r for r in got if r["event"] == "start")["world"] == 2
+    start = next(r for r in got if r["event"] == "start")
+    assert start["world"] == 2 and start.get("fsdp_reshard_after_forward") == (False if kl else None)
     if kl:
         assert max(_losses(want, key="kl")) > 0
         _teacher_held(want, got, sharded=True, name="reference")

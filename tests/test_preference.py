@@ -263,6 +263,11 @@ def test_cli_dpo_writes_a_model_that_prefers_the_chosen_answer(tmp_path, capsys)
     resumed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert code == 0 and [r["loss"] for r in resumed if r["event"] == "train"] == losses[10:]
     assert main(["dpo", "--resume", str(tmp_path / "s" / "model.apr"), "--out", str(tmp_path / "x")]) == 1
+    # (FSDP's option without FSDP: refused before anything is loaded)
+    assert main(["dpo", "--init", str(tmp_path / "init.apr"), "--data", str(data), "--fsdp-reshard-after-forward",
+                 "never", "--out", str(tmp_path / "y")]) == 1
+    assert ("--fsdp-reshard-after-forward never with --parallel none: expected --parallel fsdp"
+            in capsys.readouterr().err)
     tuned = from_apr(tmp_path / "o" / "model.apr", fast=False)
     pairs = read_pairs([data], tok, 64)[:4]
     seqs = [s for p in pairs for s in p]

@@ -554,6 +554,30 @@ def add_freeze_option(p) -> None:
                         "'model.embed_tokens.*' 'model.layers.[0-9].*' (not with LoRA)")
 
 
+def add_fsdp_reshard_option(p, *, pipeline: bool) -> None:
+    """``--fsdp-reshard-after-forward`` (``fsdp_reshard_after_forward`` resolves it); ``pipeline``: the
+    command takes ``--pipeline-parallel`` (train), whose default differs."""
+    pp = (", under --pipeline-parallel a stage kept gathered through the step (one all-gather a step instead of "
+          "two a micro-batch); default: never under --pipeline-parallel (torchtitan's), else always") if pipeline \
+        else "; default: always"
+    p.add_argument("--fsdp-reshard-after-forward", choices=("default", "always", "never"), default="default",
+                   help="with --parallel fsdp: always: a layer's gathered parameters freed after its forward and "
+                        "gathered again for its backward (the least memory); never: kept from its forward to its "
+                        "backward (one all-gather a layer and micro-batch fewer; the whole unsharded model held "
+                        f"at the forward's end){pp}")
+
+
+def fsdp_reshard_after_forward(args, mode: str) -> bool:
+    """``--fsdp-reshard-after-forward`` resolved for ``mode``: whether FSDP frees a layer's gathered
+    parameters after its forward (the default: not under pipeline parallelism, torchtitan's, else yes).
+    A choice other than the default is refused without FSDP (nothing is gathered)."""
+    option = getattr(args, "fsdp_reshard_after_forward", "default")
+    if option != "default" and mode != "fsdp":
+        raise ValueError(f"--fsdp-reshard-after-forward {option} with --parallel {mode}: expected --parallel fsdp "
+                         f"(the parameters FSDP gathers)")
+    return option == "always" or (option == "default" and getattr(args, "pipeline_parallel", 1) == 1)
+
+
 def add_best_options(p, metric: str) -> None:
     """``--save-best`` and ``--early-stopping-patience`` (``loop.EvalWatch``), following ``metric``."""
     p.add_argument("--save-best", action="store_true",
@@ -635,12 +659,7 @@ def _train(args, env, mode: str) -> int:
     elif args.sequence_parallel:
         raise ValueError("--sequence-parallel splits the positions over a tensor-parallel group; expected "
                          "--tensor-parallel N (N > 1) with it")
-    option = getattr(args, "fsdp_reshard_after_forward", "default")
-    if option != "default" and mode != "fsdp":
-        raise ValueError(f"--fsdp-reshard-after-forward {option} with --parallel {mode}: expected --parallel fsdp "
-                         f"(the parameters FSDP gathers)")
-    # (the default: never under pipeline parallelism, torchtitan's, else always)
-    reshard = option == "always" or (option == "default" and args.pipeline_parallel == 1)
+    reshard = fsdp_reshard_after_forward(args, mode)
     pp = None  # pipeline parallelism: likewise (each rank allocates and reads only its stage)
     if args.pipeline_parallel != 1:
         from . import pipeline_parallel
@@ -1063,13 +1082,7 @@ def register(subparsers) -> None:
     s.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
                    help="with --parallel fsdp: shard within groups of N consecutive ranks (a node) and replicate "
                         "across the groups (HSDP: the per-layer gathers stay inside a node; default: shard over all)")
-    s.add_argument("--fsdp-reshard-after-forward", choices=("default", "always", "never"), default="default",
-                   help="with --parallel fsdp: always: a layer's gathered parameters freed after its forward and "
-                        "gathered again for its backward (the least memory); never: kept from its forward to its "
-                        "backward (one all-gather a layer and micro-batch fewer; the whole unsharded model held "
-                        "at the forward's end), under --pipeline-parallel a stage kept gathered through the step "
-                        "(one all-gather a step instead of two a micro-batch); default: never under "
-                        "--pipeline-parallel (torchtitan's), else always")
+    add_fsdp_reshard_option(s, pipeline=True)
     s.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="split every sequence over groups of N consecutive ranks (long context: each holds "
                         "2 of 2N chunks of every row, K/V all-gathered per layer); --seq-len a multiple of 2N, "

@@ -296,6 +296,13 @@ def reshard(module) -> None:
             m.reshard()
 
 
+def fsdp_fields(model) -> dict:
+    """The start record's ``fsdp_reshard_after_forward`` of a model ``_fsdp_shard`` wrapped (outside a
+    pipeline, whose start record says ``fsdp_gathered_through_step``); nothing for any other model."""
+    value = getattr(model, "fsdp_reshard_after_forward", None)
+    return {} if value is None else {"fsdp_reshard_after_forward": value}
+
+
 def copy_into(param, full: torch.Tensor, name: str = "tensor") -> None:
     """Fill ``param`` from the whole tensor ``full``: its local rows when it is an FSDP shard."""
     if _is_dtensor(param):
@@ -494,6 +501,8 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if pipeline is None:  # (the start record's; a pipeline's schedule decides for its stage)
+        model.fsdp_reshard_after_forward = after_forward
     if pipeline is not None:  # (a stage runs stage_forward, never forward; activations sent in compute dtype)
         register_fsdp_forward_method(model, "stage_forward")
         pipeline.wire_dtype = mp.param_dtype

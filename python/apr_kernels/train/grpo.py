@@ -656,8 +656,8 @@ class SamplingRun:
             return None
         # (in bf16 where it runs under bf16 autocast anyway: half the memory, under FSDP of each shard;
         # FSDP's bf16 compute copies of fp32 shards would be the same values)
-        ref = load_model(self.settings["reference"], self.env, self.mode, self.device, self.args, lora_init=None,
-                         dtype=torch.bfloat16 if self.bf16 else None)
+        ref = load_model(self.settings["reference"], self.env, self.mode, self.device, self.args, trained=False,
+                         lora_init=None, dtype=torch.bfloat16 if self.bf16 else None)
         return ref.requires_grad_(False).eval()
 
     def sampling_kwargs(self) -> dict:

@@ -807,6 +807,7 @@ class Trainer(EvalWatch):
         lora = getattr(self.model, "lora", None)
         from apr_kernels.model.lora import whole_model_adapters
 
+        from .distributed import fsdp_fields
         from .expert_parallel import parameter_counts
 
         # the whole model's counts (with expert parallelism also this rank's share); a quantised LoRA
@@ -819,7 +820,7 @@ class Trainer(EvalWatch):
             sizes["params"] += sum(math.prod(m.whole_base_shape) for m, _ in whole_model_adapters(self.model).values()
                                    if hasattr(m, "base"))
         return {
-            "step": self.step, "steps": c.steps, **sizes,
+            "step": self.step, "steps": c.steps, **sizes, **fsdp_fields(self.model),
             "tokens_per_step": tokens_per_step, "train_tokens": train_tokens,
             "epochs": round(c.steps * tokens_per_step / max(1, train_tokens), 3),
             "device": str(self.device), "world": world,

@@ -497,18 +497,20 @@ def tensor_group(args, env, mode: str):
     return args._tensor_group
 
 
-def load_model(source, env, mode: str, device, args, **lora):
+def load_model(source, env, mode: str, device, args, *, trained: bool = True, **lora):
     """``from_apr(source, **lora)`` for this rank: sharded on the meta device under FSDP (adapters
     added before sharding; with ``--expert-parallel`` only this rank's experts), a replica otherwise;
-    ``--fast`` and ``--grad-checkpointing`` as given."""
-    from .cli import tristate
+    ``--fast`` and ``--grad-checkpointing`` as given; ``--fsdp-reshard-after-forward`` for the
+    ``trained`` model (a frozen one has no backward to keep its gathered parameters for)."""
+    from .cli import fsdp_reshard_after_forward, tristate
 
+    reshard = fsdp_reshard_after_forward(args, mode) or not trained
     if mode != "none":
         from . import distributed
 
         model = distributed.from_apr(source, env, mode, fast=tristate(args.fast), **lora,
                                      expert_parallel=expert_group(args, env, mode),
-                                     tensor_parallel=tensor_group(args, env, mode))
+                                     tensor_parallel=tensor_group(args, env, mode), reshard_after_forward=reshard)
     else:
         from apr_kernels.model.loading import from_apr
 
@@ -544,6 +546,7 @@ def start_fields(trainer, device) -> dict:
     ``cli.frozen_fields`` of a distillation teacher, a reference model and each reward model,
     ``reward_<name>``)."""
     from .cli import frozen_fields
+    from .distributed import fsdp_fields
     from .grpo import RewardModel
 
     model = trainer.model
@@ -555,7 +558,7 @@ def start_fields(trainer, device) -> dict:
     return {"step": trainer.step, "steps": c.steps, "world": world, "device": str(device),
             "epochs": round(c.steps * c.batch_size * c.grad_accum / max(1, trainer.batches.n), 3),
             "padding_free": trainer.padding_free,
-            **_trained_counts(model, trainer.parallel),
+            **_trained_counts(model, trainer.parallel), **fsdp_fields(model),
             "lora_rank": (getattr(model, "lora", None) or {}).get("rank"), **({"qat": c.qat} if c.qat else {}),
             **{k: v for name, m in held.items() for k, v in frozen_fields(m, name).items()}}
 
@@ -682,6 +685,9 @@ def add_options(p, *, command: str, lr: float, lr_help: str) -> None:
                    help="under torchrun: ddp (the default with several ranks) or fsdp")
     p.add_argument("--fsdp-shard-size", type=int, default=None, metavar="N",
                    help="with --parallel fsdp: shard within groups of N ranks, replicate across them (HSDP)")
+    from .cli import add_fsdp_reshard_option
+
+    add_fsdp_reshard_option(p, pipeline=False)
     if command in EXPERT_PARALLEL_COMMANDS:
         p.add_argument("--expert-parallel", type=int, default=1, metavar="N",
                        help="a mixture-of-experts model's experts spread over groups of N ranks (as train's)")
