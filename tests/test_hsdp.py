@@ -73,8 +73,13 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["adamw", "adam8", "muon", "qlora"])
 def test_hsdp_matches_one_process(runs, name):
     root, one, out, _ = runs
-    _same_run(one[name], out[name], grad_rel=None, eval_abs=1e-5)
-    _same_checkpoint(root / f"hsdp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name)
+    # (Muon: its bf16 Newton-Schulz iteration amplifies the rounding of the replicas' gradient average,
+    # as in test_pipeline_parallel: held-out losses within 1e-5 relative, weights within 1e-3; on an AMD
+    # EPYC 2e-6 and 1.8e-4 off)
+    muon = name == "muon"
+    _same_run(one[name], out[name], grad_rel=None, eval_abs=None if muon else 1e-5)
+    _same_checkpoint(root / f"hsdp_{name}" / "model.apr", root / f"one_{name}" / "model.apr", name,
+                     atol=1e-3 if muon else 5e-5)
     if name == "adam8":  # (distilling: the same KL, each rank half of the teacher)
         got, want = _records(out[name]), _records(one[name])
         assert _losses(got, key="kl") == pytest.approx(_losses(want, key="kl"), rel=1e-5)

@@ -334,8 +334,10 @@ def test_gradient_accumulation_equals_the_larger_batch(stream):
     for _ in range(2):
         a, b = big.train_step(), acc.train_step()
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # (AdamW moves a weight whose gradient is near 0 by up to its rate whatever the gradient's rounding:
+    # one embedding weight of 15360 was 1.3e-5 off on an AMD EPYC, the sums run in another order)
     for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_accumulation_weights_every_target_alike_when_counts_differ(stream):
