@@ -1,13 +1,14 @@
 """CLI commands on several CPU ranks of one process group, for the "= one process" tests.
 
 torchrun starts an agent plus fresh interpreters for every command, and on 2 CPU cores importing
-torch and dynamo (~2.5 s per process) costs more than these tiny runs themselves. So each multi-rank
-test fixture makes one launch per world size: ``world`` processes joined through env:// (the
-variables torchrun sets) run its commands in turn, each command reusing the process group exactly as
-it would torchrun's (``distributed.setup`` takes a group it finds). test_distributed keeps a real
-torchrun launch of the CLI.
+torch and dynamo (2.5 to 5 s per process) costs more than these tiny runs themselves. So each
+multi-rank test fixture makes one launch per world size: ``world`` processes joined through env://
+(the variables torchrun sets) run its commands in turn, each command reusing the process group
+exactly as it would torchrun's (``distributed.setup`` takes a group it finds); and each process is
+forked from a server that imported torch once (``Forked``). test_distributed keeps a real torchrun
+launch of the CLI, and fresh interpreters where it measures a rank's memory.
 
-``python rank_runs.py SPEC`` is one rank of a launch.
+``python rank_runs.py SPEC`` is one rank of a launch (in a fresh interpreter, to debug one by hand).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -72,6 +72,68 @@ CRASH_RETRY = "a rank process was killed by a signal: running the launch once mo
 PORT_RETRY = "a launch's rendezvous port was taken before rank 0 listened: running it once more on another"
 
 
+# Each rank process forks from one server process per test process that imported torch, dynamo and
+# FSDP once (multiprocessing's "forkserver"; it runs nothing, so a fork copies a process that only
+# imported torch, as a DataLoader's worker is forked) instead of starting an interpreter that imports
+# them (2.5 to 5 s of CPU a rank on 2 cores).
+# test_tensor_parallel and test_qat took 135 s instead of 261 s so. A rank is still a process of its
+# own, with its own environment (``rank_env``).
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.tensor"]
+_context = None
+
+
+def _forkserver():
+    global _context
+    if _context is None:
+        import multiprocessing
+
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _forked_rank(spec: str, env: dict, err: str) -> None:
+    """One rank in a process forked from ``_forkserver``'s: stderr into ``err``, stdout discarded,
+    ``env`` as the whole environment (what torchrun's ``env://`` rendezvous reads), Python's stacks
+    printed on a crash (faulthandler, as ``PYTHONFAULTHANDLER`` would)."""
+    import faulthandler
+
+    for fd, path, flags in ((2, err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), (1, os.devnull, os.O_WRONLY)):
+        opened = os.open(path, flags, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
+    faulthandler.enable(sys.stderr)
+    os.environ.clear()
+    os.environ.update(env)
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))  # (OpenMP read the server's environment)
+    sys.exit(_rank(spec))
+
+
+class Forked:
+    """A rank process (``_forked_rank``) behind ``subprocess.Popen``'s ``poll`` / ``returncode`` /
+    ``kill`` / ``wait`` (a negative code: killed by that signal)."""
+
+    def __init__(self, spec: str, env: dict, err: str):
+        self.process = _forkserver().Process(target=_forked_rank, args=(spec, env, err), daemon=False)
+        self.process.start()
+
+    def poll(self):
+        return self.process.exitcode
+
+    @property
+    def returncode(self):
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def wait(self):
+        self.process.join()
+        return self.process.exitcode
+
+
 def crashed(procs) -> bool:
     """Whether one of ``procs`` has died of a signal (a negative return code; check before killing
     the others)."""
@@ -91,12 +153,8 @@ class Launch:
 
     def _start(self) -> None:
         port = free_port()
-        self.procs = []
-        for r in range(self.world):
-            with open(self.folder / f"rank{r}.err", "w") as err:
-                self.procs.append(subprocess.Popen([sys.executable, __file__, str(self.spec)],
-                                                   env=rank_env(r, self.world, port), stdout=subprocess.DEVNULL,
-                                                   stderr=err))
+        self.procs = [Forked(str(self.spec), rank_env(r, self.world, port), str(self.folder / f"rank{r}.err"))
+                      for r in range(self.world)]
 
     def outputs(self, timeout: float = 400) -> dict[str, str]:
         """Rank 0's stdout of each command (by name), once every rank ran every command with exit
