@@ -401,9 +401,10 @@ class RouterMeasures:
         return cls(model, device)
 
     def add(self) -> None:
-        """Count the model's last forward (a training forward: it measured them)."""
+        """Count the model's last forward (a training forward: it measured them). Detached: a log
+        measure, which must not hold each forward's autograd graph until the step's ``means``."""
         m = self.model
-        self.sums += torch.stack([m.last_aux_loss, m.last_expert_load, m.last_router_z_loss]).float()
+        self.sums += torch.stack([m.last_aux_loss, m.last_expert_load, m.last_router_z_loss]).detach().float()
         self.forwards += 1
 
     def means(self, parallel=None) -> dict[str, torch.Tensor]:
