@@ -501,11 +501,11 @@ def _fsdp_shard(model, env: DistEnv, compute_dtype: torch.dtype | None = None, e
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    if pipeline is None:  # (the start record's; a pipeline's schedule decides for its stage)
-        model.fsdp_reshard_after_forward = after_forward
     if pipeline is not None:  # (a stage runs stage_forward, never forward; activations sent in compute dtype)
         register_fsdp_forward_method(model, "stage_forward")
         pipeline.wire_dtype = mp.param_dtype
+    else:  # (the start record's; a pipeline's schedule decides for its stage)
+        model.fsdp_reshard_after_forward = after_forward
     return model
 
 
