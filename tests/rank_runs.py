@@ -113,9 +113,11 @@ def _forked_rank(spec: str, env: dict, err: str) -> None:
 
 class Forked:
     """A rank process (``_forked_rank``) behind ``subprocess.Popen``'s ``poll`` / ``returncode`` /
-    ``kill`` / ``wait`` (a negative code: killed by that signal)."""
+    ``kill`` / ``wait`` (a negative code: killed by that signal). As any multiprocessing child it
+    first imports the caller's main module when that is a file (pytest's is a package or ``-c``)."""
 
     def __init__(self, spec: str, env: dict, err: str):
+        open(err, "w").close()  # (there for the reports even if the child dies before it opens it)
         self.process = _forkserver().Process(target=_forked_rank, args=(spec, env, err), daemon=False)
         self.process.start()
 
