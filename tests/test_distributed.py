@@ -66,12 +66,15 @@ def _losses(recs, event="train", key="loss"):
 def _teacher_held(want: list[dict], got: list[dict], sharded: bool, name: str = "teacher") -> None:
     """The start records' counts of a frozen model (the teacher, or the ``reference``): the one-process
     run holds all of it; rank 0 of the 2-rank run all of it, or (sharded by FSDP) about half: its
-    shards of every tensor; in fp32 (these runs compute in fp32)."""
+    shards of every tensor, freed after each forward whatever ``--fsdp-reshard-after-forward`` says
+    of the trained model (a frozen one has no backward); in fp32 (these runs compute in fp32)."""
     one, two = (next(r for r in recs if r["event"] == "start") for recs in (want, got))
     assert one[f"{name}_params_rank"] == one[f"{name}_params"] == two[f"{name}_params"] > 0
     assert one[f"{name}_dtype"] == two[f"{name}_dtype"] == "float32"
+    assert f"{name}_fsdp_reshard_after_forward" not in one
     if sharded:
         assert 0.4 * two[f"{name}_params"] < two[f"{name}_params_rank"] <= 0.6 * two[f"{name}_params"], two
+        assert two[f"{name}_fsdp_reshard_after_forward"] is True
     else:
         assert two[f"{name}_params_rank"] == two[f"{name}_params"], two
 

@@ -307,9 +307,9 @@ def split_frozen(path, config, option: str, env, mode: str, tensor, *, fast, dty
 def frozen_fields(model, name: str = "teacher") -> dict:
     """The start-record fields of a frozen model the run holds beside the one it trains (a
     distillation ``teacher``, a ``reference``): ``<name>_params``, how many of them this rank holds
-    (``<name>_params_rank``: all, 1/N of them under FSDP, none off a pipeline's last stage) and the
-    dtype they are held in."""
-    from .distributed import local_part
+    (``<name>_params_rank``: all, 1/N of them under FSDP, none off a pipeline's last stage), the
+    dtype they are held in and under FSDP ``<name>_fsdp_reshard_after_forward`` (``fsdp_fields``)."""
+    from .distributed import fsdp_fields, local_part
     from .expert_parallel import parameter_counts
 
     if model is None:
@@ -317,7 +317,8 @@ def frozen_fields(model, name: str = "teacher") -> dict:
     params = list(model.parameters())  # (the whole count: a split teacher's parts as the whole)
     return {f"{name}_params": parameter_counts(model, None, getattr(model, "tensor_parallel", None))["params"],
             f"{name}_params_rank": sum(local_part(p).numel() for p in params),
-            f"{name}_dtype": str(params[0].dtype).removeprefix("torch.")}
+            f"{name}_dtype": str(params[0].dtype).removeprefix("torch."),
+            **{f"{name}_{k}": v for k, v in fsdp_fields(model).items()}}
 
 
 def source_names(paths) -> list[str]:
