@@ -504,7 +504,7 @@ def load_model(source, env, mode: str, device, args, *, trained: bool = True, **
     ``trained`` model (a frozen one has no backward to keep its gathered parameters for)."""
     from .cli import fsdp_reshard_after_forward, tristate
 
-    reshard = fsdp_reshard_after_forward(args, mode) or not trained
+    reshard = not trained or fsdp_reshard_after_forward(args, mode)  # (the trained model's load checked the option)
     if mode != "none":
         from . import distributed
 
