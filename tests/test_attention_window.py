@@ -27,16 +27,20 @@ def oracle(q, k, v, window, scale):
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "reference"])
-@pytest.mark.parametrize("S, window, tile", [
-    (100, 1, 16),     # only the diagonal
-    (100, 7, 16),     # window inside one tile
-    (100, 16, 16),    # window == tile
-    (100, 40, 16),    # window spans several tiles: skipped, edge-masked and full blocks
-    (77, 33, 32),     # ragged length, window not a multiple of the tile
-    (64, 64, 16),     # window == S: plain causal
-    (50, 500, 16),    # window past S: plain causal
+@pytest.mark.parametrize("S, window, tile, hq, hkv", [
+    (100, 1, 16, 2, 2),     # only the diagonal
+    (100, 7, 16, 2, 2),     # window inside one tile
+    (100, 16, 16, 2, 2),    # window == tile
+    (100, 40, 16, 2, 2),    # window spans several tiles: skipped, edge-masked and full blocks
+    (77, 33, 32, 2, 2),     # ragged length, window not a multiple of the tile
+    (64, 64, 16, 2, 2),     # window == S: plain causal
+    (50, 500, 16, 2, 2),    # window past S: plain causal
+    # GQA (3 query heads a K/V head) where the window's blocks are of every kind: the block skipping
+    # does not depend on the heads (few heads and cases: the interpreter is slow)
+    (100, 40, 16, 3, 1),
+    (77, 33, 32, 3, 1),
+    (100, 1, 16, 3, 1),
 ])
-@pytest.mark.parametrize("hq, hkv", [(2, 2), (3, 1)])  # (MHA and GQA; few heads: the interpreter is slow)
 def test_window_matches_oracle(use_backend, backend_name, S, window, tile, hq, hkv):
     use_backend(backend_name)
     q, k, v = make(1, S, hq, hkv, 16, torch.float32)
