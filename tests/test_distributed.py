@@ -916,6 +916,17 @@ def test_a_dead_or_hung_rank_stops_the_other_with_an_error(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- units
+def test_rank_preload_reaches_every_rank(tmp_path):
+    """A forked rank starts with ``rank_runs.PRELOAD`` imported and those objects frozen (the server
+    would ignore an ImportError of one, leaving each rank to import it itself)."""
+    from rank_runs import _forkserver, _preloaded
+
+    rank = _forkserver().Process(target=_preloaded, args=(str(tmp_path / "err"),))
+    rank.start()
+    rank.join(120)
+    assert rank.exitcode == 0, f"a forked rank lacks PRELOAD's modules or frozen objects (exit {rank.exitcode})"
+
+
 def test_local_rows_are_disjoint_equal_shares_of_the_global_batch():
     from apr_kernels.train.distributed import local_rows
 
