@@ -46,7 +46,7 @@ def _interpreter_patch_once() -> None:
 
     def patch_lang(fn):
         langs = [value for value in fn.__globals__.values() if value is tl or value is tl.core]
-        if langs and not any(tl.core.is_builtin(getattr(lang, "load", None)) for lang in langs):
+        if langs and all(hasattr(lang, "load") and not tl.core.is_builtin(lang.load) for lang in langs):
             return _Unpatched()
         return orig(fn)
 
