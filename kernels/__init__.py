@@ -40,14 +40,10 @@ def _interpreter_patch_once() -> None:
         return
     import triton.language as tl
 
-    class _Unpatched:  # (the scope of a call that patched nothing)
-        def restore(self) -> None:
-            pass
-
     def patch_lang(fn):
         langs = [value for value in fn.__globals__.values() if value is tl or value is tl.core]
         if langs and all(hasattr(lang, "load") and not tl.core.is_builtin(lang.load) for lang in langs):
-            return _Unpatched()
+            return interpreter._LangPatchScope()  # (an empty scope: nothing to restore)
         return orig(fn)
 
     patch_lang._apr_patch_once = True
