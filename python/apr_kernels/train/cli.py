@@ -914,7 +914,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers) -> None:
     d = TrainConfig()
-    p = subparsers.add_parser("demo", help="train a small Qwen2-shaped model on Python's stdlib (CPU, ~90 s)",
+    p = subparsers.add_parser("demo", help="train a small Qwen2-shaped model on Python's stdlib (CPU, about a minute)",
                               description="Train a small Qwen2-shaped model (GQA 7:1, Qwen2.5 tokenizer) on "
                                           "CPython's standard library, save an APR checkpoint, re-evaluate it.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

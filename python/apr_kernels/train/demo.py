@@ -1,4 +1,4 @@
-"""``apr-kernels demo``: the whole pipeline in about 90 seconds on two CPU cores, offline.
+"""``apr-kernels demo``: the whole pipeline in about a minute on two CPU cores, offline.
 
 1. corpus: real Python from CPython's standard library (``sysconfig.get_paths()["stdlib"]``, tests and
    third-party packages left out), files in a fixed shuffled order: the first files are held out for
