@@ -222,23 +222,17 @@ def test_fused_kernel_equals_the_pytorch_step(n, use_backend, monkeypatch):
 
 
 _AOT = r"""
-import json, os, subprocess, sys, tempfile
+import json, sys
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from apr_kernels.kernels import adamw8bit as K
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = []
 for dt in json.loads(sys.argv[1]):
     sig = {"P": "*" + dt, "G": "*" + dt, "MC": "*u8", "MA": "*fp32", "VC": "*u8", "VA": "*fp32", "MMIDS": "*fp32",
            "MMAP": "*fp32", "VMIDS": "*fp32", "VMAP": "*fp32", "n": "i64", "lr": "fp32", "beta1": "fp32",
            "beta2": "fp32", "eps": "fp32", "decay": "fp32", "step_size": "fp32", "bias2": "fp32", "BLOCK": "constexpr"}
-    k = triton.compile(ASTSource(fn=K._adamw8bit_kernel, signature=sig, constexprs=dict(BLOCK=K.BLOCK)),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 2})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    os.unlink(f.name)
+    k, res = compile_sm90(ASTSource(fn=K._adamw8bit_kernel, signature=sig, constexprs=dict(BLOCK=K.BLOCK)),
+                          {"num_warps": 2})
     out.append(dict(case=dt, rc=res.returncode, err=res.stderr[-400:]))
 print(json.dumps(out))
 """

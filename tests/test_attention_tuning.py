@@ -162,13 +162,11 @@ def test_autotune_env_ignored_off_cuda(monkeypatch, use_backend):
 # Compile every kernel for sm_90 (H100/H200) ahead of time, in a clean process without
 # TRITON_INTERPRET, and run the PTX through the ptxas that ships with Triton: no GPU needed.
 _AOT = r"""
-import json, os, re, subprocess, sys, tempfile
+import json, re, sys
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from apr_kernels.kernels import attention as A
 import torch
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 out = []
 for dt, D, causal, varlen, sliding, *rest in json.loads(sys.argv[1]):
@@ -197,13 +195,8 @@ for dt, D, causal, varlen, sliding, *rest in json.loads(sys.argv[1]):
         # facts loads are not vectorised nor pipelined and ptxas reports misleading registers.
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in const
                  and (n in PTRS or n in ("LSE", "DELTA", "S", "SK") or re.fullmatch(r"s[a-z]{2,3}", n))}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "num_stages": stages})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(k.asm["ptx"])
-        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-        os.unlink(f.name)
+        k, res = compile_sm90(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                              {"num_warps": warps, "num_stages": stages})
         spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", res.stderr))
         out.append(dict(case=[dt, D, causal, varlen, sliding, kind], rc=res.returncode, err=res.stderr[-300:], spill=spills,
                         wgmma="wgmma.mma_async" in k.asm["ptx"], smem=k.metadata.shared,

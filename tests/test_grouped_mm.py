@@ -210,13 +210,11 @@ def test_errors_name_the_argument_and_the_expectation():
 
 
 _AOT = r"""
-import json, os, subprocess, sys, tempfile
+import json, sys
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from apr_kernels.kernels import grouped_mm as K
 import torch
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 out = []
 for dt, wdt in json.loads(sys.argv[1]):
@@ -236,12 +234,7 @@ for dt, wdt in json.loads(sys.argv[1]):
         # ptxas reports misleading registers
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
                  if sig[n].startswith("*") or n in ("W_IN", "IN", "stride_xm", "stride_ym", "stride_dym")}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=opts)
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(k.asm["ptx"])
-        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-        os.unlink(f.name)
+        k, res = compile_sm90(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), opts)
         out.append(dict(case=[fn.__name__, const.get("TRANS"), dt, wdt], rc=res.returncode, err=res.stderr[-400:]))
 print(json.dumps(out))
 """

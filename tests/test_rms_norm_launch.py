@@ -149,21 +149,14 @@ def test_single_program_dweight_equals_partials(wdtype, monkeypatch):
 # The interpreter accepts code the GPU compiler rejects: build every kernel variant the launchers
 # use (None pointers, the single-program dw, the tuned configs) for sm_90 and run ptxas on it.
 _AOT = r"""
-import json, os, subprocess, sys, tempfile
+import json, sys
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from apr_kernels.kernels import rms_norm as K
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = []
 def build(fn, ptrs, const, warps, case):
     sig = {a: "constexpr" if a in const else ptrs.get(a, "fp32" if a == "eps" else "i32") for a in fn.arg_names}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    os.unlink(f.name)
+    k, res = compile_sm90(ASTSource(fn=fn, signature=sig, constexprs=const), {"num_warps": warps})
     out.append(dict(case=case, rc=res.returncode, err=res.stderr[-300:]))
 FWD = {"X": "*bf16", "R": "*bf16", "Y": "*bf16", "S": "*bf16", "W": "*bf16", "RSTD": "*fp32"}
 BWD = {"DY": "*bf16", "X": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DS": "*bf16", "DX": "*bf16", "DW_PART": "*fp32"}

@@ -129,12 +129,10 @@ def test_torch_compile_fullgraph(use_backend):
 
 
 _AOT = r"""
-import json, os, subprocess, sys, tempfile
+import json, sys
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from apr_kernels.kernels import rope as K
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = []
 for hq, hkv, d, dt, neox in json.loads(sys.argv[1]):
     fn = K._rope_kernel
@@ -144,12 +142,7 @@ for hq, hkv, d, dt, neox in json.loads(sys.argv[1]):
                  BLOCK_HALF=triton.next_power_of_2(d // 2))
     for c in const:
         sig[c] = "constexpr"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": K.launch_warps(hq, d // 2)})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    os.unlink(f.name)
+    k, res = compile_sm90(ASTSource(fn=fn, signature=sig, constexprs=const), {"num_warps": K.launch_warps(hq, d // 2)})
     out.append(dict(case=[hq, hkv, d, dt, neox], rc=res.returncode, err=res.stderr[-400:]))
 print(json.dumps(out))
 """

@@ -126,24 +126,17 @@ def test_torch_compile_fullgraph(use_backend):
 
 
 _AOT = r"""
-import json, os, subprocess, sys, tempfile
+import json, sys
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from apr_kernels.kernels import swiglu as K
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 out = []
 for n, dt in json.loads(sys.argv[1]):
     block, warps = K.launch_config(n)
     for fn, ptrs in ((K._swiglu_fwd_kernel, ("G", "U", "Y")), (K._swiglu_bwd_kernel, ("DY", "G", "U", "DG", "DU"))):
         sig = {a: "*" + dt for a in ptrs}
         sig.update(n_elements="i64", BLOCK="constexpr")
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(BLOCK=block)),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(k.asm["ptx"])
-        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-        os.unlink(f.name)
+        k, res = compile_sm90(ASTSource(fn=fn, signature=sig, constexprs=dict(BLOCK=block)), {"num_warps": warps})
         out.append(dict(case=[n, dt, fn.__name__], rc=res.returncode, err=res.stderr[-400:]))
 print(json.dumps(out))
 """
