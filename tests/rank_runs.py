@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -103,7 +104,19 @@ def _forked_rank(spec: str, env: dict, err: str) -> None:
     sys.exit(_rank(spec))
 
 
-def _rank_process(env: dict, err: str) -> None:
+def _forked_script(argv: list[str], env: dict, out: str, err: str) -> None:
+    """``python SCRIPT ARGS...`` (``argv``) in a process forked from ``_forkserver``'s: stdout into
+    ``out``, stderr into ``err``, the script's folder first on ``sys.path``, its exit code the
+    process's (``ForkedScript``)."""
+    import runpy
+
+    _rank_process(env, err, out)
+    sys.argv = list(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+def _rank_process(env: dict, err: str, out: str = os.devnull) -> None:
     """A forked rank's process state (``_forked_rank``). ``gc.freeze()`` first: the objects the server
     imported move to the collector's permanent generation, so the rank's full collections
     (``distributed.teardown`` runs two) walk only what the rank made (0.26 to 0.36 s of CPU each in a
@@ -112,7 +125,8 @@ def _rank_process(env: dict, err: str) -> None:
     import gc
 
     gc.freeze()
-    for fd, path, flags in ((2, err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), (1, os.devnull, os.O_WRONLY)):
+    for fd, path in ((2, err), (1, out)):
+        flags = os.O_WRONLY | (0 if path == os.devnull else os.O_CREAT | os.O_TRUNC)
         opened = os.open(path, flags, 0o644)
         os.dup2(opened, fd)
         os.close(opened)
@@ -138,8 +152,11 @@ class Forked:
     first imports the caller's main module when that is a file (pytest's is a package or ``-c``)."""
 
     def __init__(self, spec: str, env: dict, err: str):
+        self._start(_forked_rank, (spec, env, err), err)
+
+    def _start(self, target, args: tuple, err: str) -> None:
         open(err, "w").close()  # (there for the reports even if the child dies before it opens it)
-        self.process = _forkserver().Process(target=_forked_rank, args=(spec, env, err), daemon=False)
+        self.process = _forkserver().Process(target=target, args=args, daemon=False)
         self.process.start()
 
     def poll(self):
@@ -155,6 +172,29 @@ class Forked:
     def wait(self):
         self.process.join()
         return self.process.exitcode
+
+
+class ForkedScript(Forked):
+    """``subprocess.Popen([sys.executable, *argv], env=env, stdout=PIPE, stderr=PIPE, text=True)`` for a
+    rank script, forked from the server instead: no interpreter importing torch and the script's
+    modules again (the 12 script ranks of test_float8, test_context_parallel, test_sharded_base and
+    test_distributed's full_tensor took 136 s of CPU so against 258 s, on this project's 2-core
+    machine). ``communicate`` gives its output, kept in ``<folder>/<name>.out`` and ``.err``. Only
+    where the server's Triton suits the script: the server imported it with the test process's
+    ``TRITON_INTERPRET``."""
+
+    def __init__(self, argv: list, env: dict, folder: Path, name: str):
+        self.args = [str(a) for a in argv]
+        self.out, self.err = Path(folder) / f"{name}.out", Path(folder) / f"{name}.err"
+        self._start(_forked_script, (self.args, env, str(self.out), str(self.err)), str(self.err))
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.kill()
+            self.process.join()
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return (self.out.read_text() if self.out.exists() else ""), self.err.read_text()
 
 
 def crashed(procs) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rank_runs import CRASH_RETRY, cli, crashed, free_port, rank_env
+from rank_runs import CRASH_RETRY, ForkedScript, cli, crashed, free_port, rank_env
 from text_helpers import write_short_documents
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -968,7 +968,8 @@ def test_full_tensor_on_cpu_equals_the_whole_tensor(tmp_path):
     meshes, uneven and empty shards, and a Partial sum give back the whole tensor exactly."""
     script = tmp_path / "full_tensor.py"
     script.write_text(_FULL_TENSOR_SCRIPT)
-    procs = _launch([sys.executable, str(script)], 2)
+    port = free_port()
+    procs = [ForkedScript([script], rank_env(r, 2, port), tmp_path, f"rank{r}") for r in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

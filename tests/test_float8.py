@@ -295,16 +295,13 @@ def test_split_projections_cast_as_the_whole_model(tmp_path, tp, cp):
     whose scale spans the tokens is also checked against torchao's scale of the group's whole rows
     (left out, they differ by up to 4x)."""
     import json
-    import subprocess
-    import sys
 
-    from rank_runs import free_port, rank_env
+    from rank_runs import ForkedScript, free_port, rank_env
 
     script = tmp_path / "split.py"
     script.write_text(_SPLIT_SCRIPT)
     port, world = free_port(), tp * cp
-    procs = [subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent), str(tp), str(cp)],
-                              env=rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [ForkedScript([script, Path(__file__).parent, tp, cp], rank_env(r, world, port), tmp_path, f"rank{r}")
              for r in range(world)]
     for p, (out, err) in zip(procs, [p.communicate(timeout=240) for p in procs]):
         assert p.returncode == 0, err[-3000:]

@@ -7,7 +7,6 @@ non-finite block is refused on every rank, whichever rank holds the block."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -75,7 +74,7 @@ def _worker(spec_path: str) -> int:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    from rank_runs import free_port, rank_env
+    from rank_runs import ForkedScript, free_port, rank_env
     from test_lora import _quantised_file
 
     root = tmp_path_factory.mktemp("qbase")
@@ -106,8 +105,7 @@ def ranks(tmp_path_factory):
     spec["bad"] = str(bad)
     (root / "spec.json").write_text(json.dumps(spec))
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(root / "spec.json")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=rank_env(r, 2, port)) for r in range(2)]
+    procs = [ForkedScript([__file__, root / "spec.json"], rank_env(r, 2, port), root, f"rank{r}") for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
