@@ -38,6 +38,9 @@ if not HAS_CUDA:
 # pytest-xdist workers they form one group, run by one worker in turn while the other takes the rest.
 RANK_MODULES = {"test_context_parallel", "test_distributed", "test_expert_parallel", "test_float8", "test_hsdp",
                 "test_pipeline_parallel", "test_qat", "test_sharded_base", "test_tensor_parallel"}
+# test_bench_smoke's benches run once per test process (a session fixture starts them all): its tests
+# form a group of their own, so that one worker runs them.
+GROUPS = {**dict.fromkeys(RANK_MODULES, "ranks"), "test_bench_smoke": "bench"}
 WORKERS = 2
 
 
@@ -62,7 +65,7 @@ def pytest_cmdline_main(config):
 
 @pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook: no error where it is not installed)
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadgroup``'s scheduler with the group taken from the test's module (``RANK_MODULES``)
+    """``--dist loadgroup``'s scheduler with the group taken from the test's module (``GROUPS``)
     rather than an ``xdist_group`` mark: pytest-xdist 3.8 marks a test's group by renaming
     ``item._nodeid``, which pytest 9.2 no longer reads (its tests were spread over both workers,
     launches on both at once: 1330 s)."""
@@ -70,12 +73,12 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class RanksTogether(LoadScopeScheduling):
+    class ByGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
-            return "ranks" if module in RANK_MODULES else nodeid
+            return GROUPS.get(module, nodeid)
 
-    return RanksTogether(config, log)
+    return ByGroup(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -104,13 +104,15 @@ def _forked_rank(spec: str, env: dict, err: str) -> None:
     sys.exit(_rank(spec))
 
 
-def _forked_script(argv: list[str], env: dict, out: str, err: str) -> None:
+def _forked_script(argv: list[str], env: dict, out: str, err: str, cwd: str | None) -> None:
     """``python SCRIPT ARGS...`` (``argv``) in a process forked from ``_forkserver``'s: stdout into
-    ``out``, stderr into ``err``, the script's folder first on ``sys.path``, its exit code the
-    process's (``ForkedScript``)."""
+    ``out``, stderr into ``err``, in folder ``cwd`` (None: the server's), the script's folder first on
+    ``sys.path``, its exit code the process's (``ForkedScript``)."""
     import runpy
 
     _rank_process(env, err, out)
+    if cwd is not None:
+        os.chdir(cwd)
     sys.argv = list(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
     runpy.run_path(argv[0], run_name="__main__")
@@ -183,10 +185,11 @@ class ForkedScript(Forked):
     where the server's Triton suits the script: the server imported it with the test process's
     ``TRITON_INTERPRET``."""
 
-    def __init__(self, argv: list, env: dict, folder: Path, name: str):
+    def __init__(self, argv: list, env: dict, folder: Path, name: str, cwd: Path | None = None):
         self.args = [str(a) for a in argv]
         self.out, self.err = Path(folder) / f"{name}.out", Path(folder) / f"{name}.err"
-        self._start(_forked_script, (self.args, env, str(self.out), str(self.err)), str(self.err))
+        args = (self.args, env, str(self.out), str(self.err), None if cwd is None else str(cwd))
+        self._start(_forked_script, args, str(self.err))
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.process.join(timeout)

@@ -43,11 +43,14 @@ def _env() -> dict:
 
 
 def _smoke(name: str, base: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    script = BENCH / f"bench_{name}.py"
-    out = base / name
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
-    return proc, out
+    """``python bench/bench_<name>.py --smoke --out <base>/<name>``, forked from the test process's rank
+    server (``rank_runs.ForkedScript``: torch and the package imported once, not by every bench)."""
+    from rank_runs import ForkedScript
+
+    argv = [BENCH / f"bench_{name}.py", "--smoke", "--out", base / name]
+    proc = ForkedScript(argv, _env(), base, f"{name}.proc", cwd=ROOT)
+    stdout, stderr = proc.communicate(timeout=SMOKE_TIMEOUT_S)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), base / name
 
 
 def run_smoke(name: str, base: Path) -> tuple[subprocess.CompletedProcess, Path]:
