@@ -200,6 +200,21 @@ class ForkedScript(Forked):
         return (self.out.read_text() if self.out.exists() else ""), self.err.read_text()
 
 
+def start_script(argv: list, env: dict, folder: Path, name: str, cwd: Path | None = None):
+    """``python SCRIPT ARGS...`` (``argv``) with environment ``env``, behind ``subprocess.Popen``'s
+    ``communicate`` / ``returncode`` / ``args`` (text output): a ``ForkedScript`` where the rank server
+    suits the script, else a fresh interpreter. The server suits it when its Triton is the one the
+    script asks for (it imported Triton with the test process's ``TRITON_INTERPRET``) and there is no
+    CUDA (a process forked once CUDA is initialised could not use it: fresh interpreters on a GPU
+    machine, where the CPU time they cost is not short)."""
+    import torch
+
+    if env.get("TRITON_INTERPRET", "") == os.environ.get("TRITON_INTERPRET", "") and not torch.cuda.is_available():
+        return ForkedScript(argv, env, folder, name, cwd)
+    return subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def crashed(procs) -> bool:
     """Whether one of ``procs`` has died of a signal (a negative return code; check before killing
     the others)."""

@@ -43,18 +43,13 @@ def _env() -> dict:
 
 
 def _smoke(name: str, base: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    """``python bench/bench_<name>.py --smoke --out <base>/<name>``; without CUDA forked from the test
-    process's rank server (``rank_runs.ForkedScript``: torch and the package imported once, not by
-    every bench; a process forked once CUDA is initialised could not use it)."""
-    import torch
-
-    from rank_runs import ForkedScript
+    """``python bench/bench_<name>.py --smoke --out <base>/<name>``, forked from the test process's
+    rank server where it suits (``rank_runs.start_script``: torch and the package imported once, not by
+    every bench)."""
+    from rank_runs import start_script
 
     argv = [BENCH / f"bench_{name}.py", "--smoke", "--out", base / name]
-    if torch.cuda.is_available():
-        return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=_env(), capture_output=True,
-                              text=True, timeout=SMOKE_TIMEOUT_S), base / name
-    proc = ForkedScript(argv, _env(), base, f"{name}.proc", cwd=ROOT)
+    proc = start_script(argv, _env(), base, f"{name}.proc", cwd=ROOT)
     stdout, stderr = proc.communicate(timeout=SMOKE_TIMEOUT_S)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), base / name
 

@@ -8,7 +8,6 @@ all-gather recomputed), document masking (documents crossing the ranks' chunks) 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -210,17 +209,14 @@ def _worker(out: str) -> int:
 def test_two_ranks_match_one_process(tmp_path):
     import warnings
 
-    from rank_runs import PORT_RETRY, ForkedScript, free_port, rank_env
+    from rank_runs import PORT_RETRY, free_port, rank_env, start_script
 
     out = tmp_path / "cp.pt"
 
     def start():
         port = free_port()
         envs = [{**rank_env(r, 2, port), "APR_KERNELS_BACKEND": "triton", "TRITON_INTERPRET": "1"} for r in range(2)]
-        if os.environ.get("TRITON_INTERPRET") == "1":  # (the rank server's Triton is the interpreter too)
-            return [ForkedScript([__file__, out], env, tmp_path, f"rank{r}") for r, env in enumerate(envs)]
-        return [subprocess.Popen([sys.executable, __file__, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=env) for env in envs]
+        return [start_script([__file__, out], env, tmp_path, f"rank{r}") for r, env in enumerate(envs)]
 
     def finish(procs) -> list[str]:
         return [p.communicate(timeout=300)[1] for p in procs]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rank_runs import CRASH_RETRY, ForkedScript, cli, crashed, free_port, rank_env
+from rank_runs import CRASH_RETRY, cli, crashed, free_port, rank_env, start_script
 from text_helpers import write_short_documents
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -927,6 +927,31 @@ def test_rank_preload_reaches_every_rank(tmp_path):
     assert rank.exitcode == 0, f"a forked rank lacks PRELOAD's modules or frozen objects (exit {rank.exitcode})"
 
 
+def test_start_script_forks_only_where_the_rank_server_suits_the_script(tmp_path):
+    """``rank_runs.start_script``: a script asking for the test process's Triton mode (without CUDA)
+    forks from the rank server, one asking for the other mode starts a fresh interpreter; both give
+    the script's stdout, stderr, exit code, arguments, folder and environment as ``subprocess`` would."""
+    import subprocess
+
+    from rank_runs import ForkedScript, start_script
+
+    script = tmp_path / "echo.py"
+    script.write_text("import os, sys\nprint(sys.argv[1:], os.getcwd(), os.environ.get('ECHO'))\n"
+                      "print('to stderr', file=sys.stderr)\nsys.exit(3)\n")
+    mode = os.environ.get("TRITON_INTERPRET", "")
+    (tmp_path / "here").mkdir()
+    runs = {}
+    for same in (True, False):
+        env = dict(os.environ, ECHO=f"same={same}", TRITON_INTERPRET=mode if same else mode + "x")
+        proc = start_script([script, "a", 1], env, tmp_path, f"echo{same}", cwd=tmp_path / "here")
+        out, err = proc.communicate(timeout=120)
+        runs[same] = (type(proc), out, err, proc.returncode)
+    want = "{} " + str(tmp_path / "here") + " same={}\n"
+    forked = ForkedScript if not torch.cuda.is_available() else subprocess.Popen
+    assert runs[True] == (forked, want.format(["a", "1"], True), "to stderr\n", 3)
+    assert runs[False] == (subprocess.Popen, want.format(["a", "1"], False), "to stderr\n", 3)
+
+
 def test_local_rows_are_disjoint_equal_shares_of_the_global_batch():
     from apr_kernels.train.distributed import local_rows
 
@@ -969,7 +994,7 @@ def test_full_tensor_on_cpu_equals_the_whole_tensor(tmp_path):
     script = tmp_path / "full_tensor.py"
     script.write_text(_FULL_TENSOR_SCRIPT)
     port = free_port()
-    procs = [ForkedScript([script], rank_env(r, 2, port), tmp_path, f"rank{r}") for r in range(2)]
+    procs = [start_script([script], rank_env(r, 2, port), tmp_path, f"rank{r}") for r in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

@@ -296,12 +296,12 @@ def test_split_projections_cast_as_the_whole_model(tmp_path, tp, cp):
     (left out, they differ by up to 4x)."""
     import json
 
-    from rank_runs import ForkedScript, free_port, rank_env
+    from rank_runs import free_port, rank_env, start_script
 
     script = tmp_path / "split.py"
     script.write_text(_SPLIT_SCRIPT)
     port, world = free_port(), tp * cp
-    procs = [ForkedScript([script, Path(__file__).parent, tp, cp], rank_env(r, world, port), tmp_path, f"rank{r}")
+    procs = [start_script([script, Path(__file__).parent, tp, cp], rank_env(r, world, port), tmp_path, f"rank{r}")
              for r in range(world)]
     for p, (out, err) in zip(procs, [p.communicate(timeout=240) for p in procs]):
         assert p.returncode == 0, err[-3000:]

@@ -74,7 +74,7 @@ def _worker(spec_path: str) -> int:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    from rank_runs import ForkedScript, free_port, rank_env
+    from rank_runs import free_port, rank_env, start_script
     from test_lora import _quantised_file
 
     root = tmp_path_factory.mktemp("qbase")
@@ -105,7 +105,7 @@ def ranks(tmp_path_factory):
     spec["bad"] = str(bad)
     (root / "spec.json").write_text(json.dumps(spec))
     port = free_port()
-    procs = [ForkedScript([__file__, root / "spec.json"], rank_env(r, 2, port), root, f"rank{r}") for r in range(2)]
+    procs = [start_script([__file__, root / "spec.json"], rank_env(r, 2, port), root, f"rank{r}") for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
