@@ -10,6 +10,7 @@ CI runs a bounded number of iterations through test_format_errors.py. By hand:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import struct
@@ -69,6 +70,90 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(b)
 
 
+# Bytes per element, or (elements per block, bytes per block[, bytes before the blocks]), by dtype.
+SIZES = {"F32": 4, "F16": 2, "F64": 8, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "BF16": 2,
+         "Q4_K": (256, 144), "Q6_K": (256, 210), "APR_Q4": (32, 18), "APR_Q8": (1, 1, 4)}
+KEY_VALUES = [0, 1, -1, 7, 2**31, 2**63, 1e308, 0.5, float("nan"), "", "llama", "qwen2", None, True, [], {},
+              [1, 2], {"type": "yarn"}]  # right and wrong types for the typed keys
+FLOAT_KEYS = ("rope_theta", "rms_norm_eps")
+STRING_KEYS = ("model_type", "name", "description", "author", "license", "data_source", "data_license", "version",
+               "source", "original_format", "created_at", "quantization", "chat_template", "chat_format",
+               "architecture", "hf_architecture", "hf_model_type")
+
+
+def key_value(rng: random.Random, key: str):
+    """Mostly a value of ``key``'s type (spec section 5.2), else any of ``KEY_VALUES``."""
+    if rng.random() < 0.2:
+        return rng.choice(KEY_VALUES)
+    if key in STRING_KEYS:
+        return rng.choice(["llama", "qwen2", "mistral", "", "x" * rng.randrange(300)])
+    if key in FLOAT_KEYS:
+        return rng.choice([1e-6, 10000.0, 0.0, 1e308])
+    if key in ("tied_embeddings", "special_tokens", "sharding"):
+        return rng.choice([True, False]) if key == "tied_embeddings" else {}
+    if key == "rope_scaling":
+        return rng.choice([{"rope_type": "linear", "factor": 2.0}, {"type": "yarn", "factor": 4.0}, {}])
+    if key == "mlp_only_layers":
+        return [rng.randrange(4) for _ in range(rng.randrange(3))]
+    return rng.choice([0, 1, 2, 4, 64, 2**31, 2**63])  # the integer keys
+
+
+def nbytes(dtype: str, shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    size = SIZES[dtype]
+    if isinstance(size, int):
+        return n * size
+    per, block, head = (*size, 0)[:3]
+    return head + -(-n // per) * block
+
+
+def structured(rng: random.Random) -> bytes:
+    """A file laid out by ``apr_build.build`` from random tensors (every dtype, up to 4 dims, names
+    of a model's) and metadata (the typed keys with values of the right type or not), then in half of
+    them one rule broken (a field of an index entry, a name, the order, padding, flags, the footer)
+    and sometimes random byte damage: past the header and index checks that stop most of ``mutate``'s
+    files, into the per-tensor checks, the metadata's typed keys and the tensors' bytes."""
+    from apr_kernels.metadata import TYPED_KEY_ORDER
+
+    broken = rng.random() < 0.5 and rng.choice(["dtype", "ndim", "dim", "size", "name", "order", "padding", "flags",
+                                                 "footer"])
+    tensors = []
+    for i in range(rng.randrange(6)):
+        dtype = rng.choice(sorted(SIZES))
+        shape = [rng.randrange(1, 9) for _ in range(rng.choice([0, 1, 2, 2, 3, 4]))]
+        if dtype in ("Q4_K", "Q6_K"):  # (rows of whole 256-value super-blocks)
+            shape = [*shape[:-1], 256 * rng.randrange(1, 3)]
+        data = rng.randbytes(nbytes(dtype, shape)) if rng.random() < 0.5 else bytes(nbytes(dtype, shape))
+        name = rng.choice([f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.mlp.up_proj.weight",
+                           f"t{i}", "model.embed_tokens.weight" if i == 0 else f"model.norm.{i}.weight"])
+        tensors.append([name, dtype, shape, data])
+    if tensors and broken in ("dtype", "ndim", "dim", "size", "name"):
+        t = rng.choice(tensors)
+        if broken == "dtype":
+            t[1] = rng.choice([2, 13, 31, 127, 130, 255])
+        elif broken == "ndim":
+            t[2] = [1] * rng.choice([9, 64, 255])
+        elif broken == "dim":
+            t[2] = [*t[2], rng.choice([0, 2**31, 2**32, 2**62, 2**64 - 1])]
+        elif broken == "size":
+            t.append(rng.choice([0, len(t[3]) + 1, max(0, len(t[3]) - 1), 2**63, 2**64 - 1]))
+        else:
+            t[0] = rng.choice(["", "a" * 257, b"x\xffy", tensors[0][0]])
+    keys = rng.sample(TYPED_KEY_ORDER, rng.randrange(8))
+    keys += rng.sample(["tied_embeddings", "rope_scaling", "sliding_window", "num_labels", "mlp_only_layers"],
+                       rng.randrange(3))
+    meta = {k: key_value(rng, k) for k in keys}
+    try:
+        data = build([tuple(t) for t in tensors], json.dumps(meta).encode(), sort=broken != "order",
+                     pad_index=broken != "padding", footer=broken != "footer",
+                     flags=rng.randrange(1 << 16) if broken == "flags" else 0x0400)
+    except (struct.error, OverflowError):  # (a dimension or size past u64)
+        data = build([])
+    return mutate(rng, data) if rng.random() < 0.2 else data
+
+
 def check(path: str) -> str:
     """'loaded' or 'refused'; any other exception propagates (a bug)."""
     try:
@@ -86,19 +171,22 @@ def check(path: str) -> str:
 
 
 def run(iterations: int = 1000, seed: int = 0, time_limit: float | None = None) -> dict:
+    """Half the files damaged seeds (``mutate``), half ``structured``; counts of each outcome, the
+    structured files' apart (``structured_loaded`` / ``structured_refused``)."""
     rng = random.Random(seed)
     base = seeds()
-    stats = {"iterations": 0, "loaded": 0, "refused": 0}
+    stats = {"iterations": 0, "loaded": 0, "refused": 0, "structured_loaded": 0, "structured_refused": 0}
     fd, path = tempfile.mkstemp(suffix=".apr")
     os.close(fd)
     start = time.monotonic()
     try:
         for _ in range(iterations):
-            data = mutate(rng, rng.choice(base))
+            kind = rng.choice(["", "structured_"])
+            data = structured(rng) if kind else mutate(rng, rng.choice(base))
             with open(path, "wb") as fh:
                 fh.write(data)
             try:
-                stats[check(path)] += 1
+                stats[kind + check(path)] += 1
             except Exception:
                 keep = path + ".crash"
                 with open(keep, "wb") as fh:
