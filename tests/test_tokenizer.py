@@ -211,12 +211,90 @@ def test_ids_not_in_merge_order_are_remapped():
     ({"tokenizer.pre_type": "klingon"}, "tokenizer.pre_type"),
     ({"tokenizer.eos_token_id": 10**6}, "tokenizer.eos_token_id"),
     ({"tokenizer.model_type": "unigram"}, "tokenizer.model_type"),
+    ({"tokenizer.merges": ["a b", "ab c"]}, "tokenizer.merges"),  # a result ("abc") not in the vocabulary
+    ({"tokenizer.merges": ["a b", "x y"]}, "tokenizer.merges"),
+    ({"tokenizer.bos_token_id": "1"}, "tokenizer.bos_token_id"),
+    ({"tokenizer.eos_token_id": [2]}, "tokenizer.eos_token_id"),
+    ({"tokenizer.padding_token_id": float("nan")}, "tokenizer.padding_token_id"),
+    ({"tokenizer.bos_token_id": True}, "tokenizer.bos_token_id"),
 ])
 def test_hostile_metadata_names_file_and_field(bad, field):
     meta = {"tokenizer.vocabulary": _byte_vocab() + ["ab"], "tokenizer.merges": ["a b"]}
     meta.update(bad)
     with pytest.raises(ValueError, match=rf"bad\.apr.*{field.replace('.', r'.')}"):
         Tokenizer.from_metadata(meta, path="bad.apr")
+
+
+def test_token_ids_written_as_whole_floats_and_missing_bytes():
+    """A token id written as 2.0 is id 2; a vocabulary without a byte's token loads, and encoding that
+    byte raises naming the file and the byte."""
+    meta = {"tokenizer.vocabulary": _byte_vocab() + ["ab"], "tokenizer.merges": ["a b"], "tokenizer.eos_token_id": 2.0}
+    assert Tokenizer.from_metadata(meta).eos_id == 2
+    vocab = _byte_vocab()
+    vocab[ord("z")] = "<|z|>"  # (a special token now: "z" itself has no token)
+    tok = Tokenizer.from_metadata({**meta, "tokenizer.vocabulary": vocab + ["ab"]}, path="bad.apr")
+    assert tok.encode("ab a") == [256, ord(" "), ord("a")]
+    with pytest.raises(ValueError, match=r"bad\.apr: metadata: byte b'z' has no token"):
+        tok.encode("az")
+
+
+def test_randomly_damaged_tokenizer_metadata_is_refused_by_name_or_encodes_in_vocabulary():
+    """Tokenizer metadata with one to three keys or list entries damaged (a wrong type, a dropped or
+    duplicated or reversed entry, a truncated list, a key removed): ``from_metadata`` raises a
+    ``ValueError`` naming the file, or gives a tokenizer whose ids stay inside its vocabulary, whose
+    encoding decodes back, and whose errors on the way name the file. (Found: merges whose result was
+    missing from the vocabulary (KeyError), token ids of the wrong JSON type (TypeError).)"""
+    import copy
+
+    vocab = _byte_vocab() + ["Ġt", "he", "Ġthe", "in", "ing", "<|endoftext|>"]
+    base = {"tokenizer.vocabulary": vocab, "tokenizer.merges": ["Ġ t", "h e", "Ġt he", "i n", "in g"],
+            "tokenizer.model_type": "bpe", "tokenizer.eos_token_id": len(vocab) - 1, "tokenizer.bos_token_id": 0}
+    values = [None, 0, -1, 2**63, 3.5, float("nan"), "", "x", "bpe", "llama", "custom", "(", [], {}, ["a b"], [1, 2],
+              True, "<|endoftext|>", "Ġ", "a b c"]
+    keys = sorted(base) + ["tokenizer.pre_type", "tokenizer.pre_pattern", "tokenizer.token_type",
+                           "tokenizer.padding_token_id", "tokenizer.normalizer"]
+    text = "the thing in the ring <|endoftext|> héllo 世界\n\t"
+    rng, outcomes = random.Random(7), {"refused": 0, "loaded": 0}
+    for _ in range(400):
+        meta = copy.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            r = rng.random()
+            if r < 0.4:
+                meta[rng.choice(keys)] = rng.choice(values)
+            elif r < 0.85:
+                key = rng.choice(["tokenizer.vocabulary", "tokenizer.merges"])
+                entries = list(meta[key]) if isinstance(meta.get(key), list) else []
+                if entries:
+                    i = rng.randrange(len(entries))
+                    how = rng.randrange(5)
+                    if how == 0:
+                        entries[i] = rng.choice(values)
+                    elif how == 1:
+                        del entries[i]
+                    elif how == 2:
+                        entries.insert(i, entries[rng.randrange(len(entries))])
+                    elif how == 3 and isinstance(entries[i], str):
+                        entries[i] = entries[i][::-1]
+                    else:
+                        entries = entries[:i]
+                meta[key] = entries
+            else:
+                meta.pop(rng.choice(sorted(meta)), None)
+        try:
+            tok = Tokenizer.from_metadata(meta, path="bad.apr")
+        except ValueError as exc:
+            assert "bad.apr" in str(exc), exc
+            outcomes["refused"] += 1
+            continue
+        try:
+            ids = tok.encode(text)
+        except ValueError as exc:  # (a byte without a token)
+            assert "bad.apr" in str(exc), exc
+            continue
+        assert all(0 <= i < tok.vocab_size for i in ids), (meta, ids)
+        assert tok.decode(ids) == text, meta
+        outcomes["loaded"] += 1
+    assert outcomes["refused"] > 100 and outcomes["loaded"] > 60, outcomes
 
 
 def test_decode_rejects_ids_outside_vocabulary():

@@ -212,6 +212,7 @@ class Tokenizer:
             raise ValueError(f"{where}: tokenizer.pre_type {pre_type!r} is not supported "
                              f"(expected one of {sorted(PRE_PATTERNS)}, or 'custom' with tokenizer.pre_pattern)")
         self._id_to_bytes = id_to_bytes
+        self._where = where  # (names the file in errors raised later)
         self._special = dict(special)
         self._merges = merges
         self.pre_type = pre_type
@@ -348,6 +349,16 @@ class Tokenizer:
             if len(b) == 1 and b not in singles:
                 singles[b] = i
             id_to_bytes.append(b)
+        # Every merge's parts and result are tokens the BPE can produce (Hugging Face's BPE refuses
+        # such a file too): a result missing from the vocabulary would have no id.
+        special_ids = set(special.values())
+        producible = {b for i, b in enumerate(id_to_bytes) if i not in special_ids}
+        for i, (a, b) in enumerate(merges):
+            for piece in (a, b, a + b):
+                if piece not in producible:
+                    raise ValueError(f"{where}: tokenizer.merges[{i}] {raw_merges[i]!r} needs the token {piece!r}, "
+                                     "which tokenizer.vocabulary lacks (or marks special); expected every merge's "
+                                     "parts and result in the vocabulary")
         ranks = _ranks_from_merges(singles, merges, _digest(vocab, raw_merges, types))
         pre = str(meta.get("tokenizer.pre_type") or "gpt2")
         custom = {"pattern": meta.get("tokenizer.pre_pattern"),
@@ -356,7 +367,11 @@ class Tokenizer:
 
         def _id(key):
             v = meta.get(key)
-            return int(v) if v is not None else None
+            if isinstance(v, float) and v.is_integer():  # (a JSON number written as 2.0)
+                v = int(v)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"{where}: {key} is {v!r:.80}; expected an integer token id")
+            return v
 
         tok = cls(id_to_bytes, special=special, merges=merges, ranks=ranks, pre_type=pre,
                   bos_id=_id("tokenizer.bos_token_id"), eos_id=_id("tokenizer.eos_token_id"),
@@ -439,8 +454,8 @@ class Tokenizer:
         try:
             return [self._token_id[p] for p in parts]
         except KeyError as exc:
-            raise ValueError(f"tokenizer: byte sequence {exc.args[0]!r} has no token "
-                             "(the vocabulary lacks a single-byte token)") from None
+            raise ValueError(f"{self._where}: byte {exc.args[0]!r} has no token (the vocabulary lacks that "
+                             "single-byte token); expected all 256 bytes in a byte-level BPE vocabulary") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
