@@ -452,6 +452,73 @@ def test_hostile_gguf_one_line_no_output(tmp_path, capsys, valid_gguf):
         assert not dst.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")], case
 
 
+def _small_gguf(path, heads: int = 4, extra=()) -> None:
+    """valid_gguf's layout with ``heads`` attention heads and ``extra`` (name, array) tensors."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("embedding_length", 32), ("block_count", 1), ("attention.head_count", heads),
+                       ("feed_forward_length", 64)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_token_list(["a", "b", "ab"])
+    w.add_tensor("token_embd.weight", np.random.randn(3, 32).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.random.randn(32, 32).astype(np.float32))
+    for name, arr, *raw in extra:  # (raw: the GGML type of bytes ``arr``)
+        w.add_tensor(name, arr, raw_shape=arr.shape if raw else None, raw_dtype=raw[0] if raw else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_empty_tensor_converts_and_q_rows_that_do_not_fit_the_heads_are_named(tmp_path):
+    """A tensor with a 0-long dimension converts to an empty tensor (was a RuntimeError viewing its 0
+    bytes, or the gguf package's error dequantising 0 blocks, neither naming the file); q rows that are not heads x an even head_dim raise naming the file and the tensor (was an
+    error naming neither, once the tensor was read)."""
+    _small_gguf(tmp_path / "empty.gguf", extra=[("output_norm.weight", np.zeros((0, 32), np.float32)),
+                                                ("blk.0.attn_v.weight", np.zeros((0, 34), np.uint8), T.Q8_0)])
+    convert(tmp_path / "empty.gguf", tmp_path / "empty.apr", progress=False)
+    tensors = apr_kernels.load(tmp_path / "empty.apr")
+    assert tensors["model.norm.weight"].shape == tensors["model.layers.0.self_attn.v_proj.weight"].shape == (0, 32)
+    _small_gguf(tmp_path / "heads.gguf", heads=5)
+    with pytest.raises(ValueError, match=r"heads\.gguf: tensor 'blk\.0\.attn_q\.weight' has shape \[32, 32\]; "
+                                         r"expected heads x head_dim rows \(5 heads"):
+        convert(tmp_path / "heads.gguf", tmp_path / "heads.apr", progress=False)
+
+
+def test_randomly_damaged_gguf_is_refused_by_name_or_converts(tmp_path, valid_gguf):
+    """valid_gguf with one to four random edits, mostly in its header, metadata and tensor infos (bits,
+    bytes, 8-byte counts and sizes, a cut): ``convert`` raises a ``ValueError`` naming the file, or
+    writes an APR file that opens. (Found: the two cases of the test above.)"""
+    import random
+
+    rng, outcomes = random.Random(11), {"refused": 0, "converted": 0}
+    src, dst = tmp_path / "damaged.gguf", tmp_path / "damaged.apr"
+    head = len(valid_gguf) - 32 * 34 - 3 * 32 * 4  # (the bytes before the tensor data, about)
+    for _ in range(600):
+        data = bytearray(valid_gguf)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(max(1, min(len(data), head) if rng.random() < 0.8 else len(data)))
+            how = rng.random()
+            if how < 0.4:
+                data[at] ^= 1 << rng.randrange(8)
+            elif how < 0.6:
+                data[at] = rng.randrange(256)
+            elif how < 0.9:
+                data[at:at + 8] = rng.choice([0, 1, 7, 255, 2**31, 2**32 - 1, 2**63, 2**64 - 1]).to_bytes(8, "little")
+            else:
+                data = data[:at]
+        src.write_bytes(bytes(data))
+        dst.unlink(missing_ok=True)
+        try:
+            convert(src, dst, progress=False)
+        except ValueError as exc:
+            assert "damaged.gguf" in str(exc), exc
+            outcomes["refused"] += 1
+            continue
+        apr_kernels.open(dst).close()
+        outcomes["converted"] += 1
+    assert outcomes["refused"] > 200 and outcomes["converted"] > 20, outcomes
+
+
 def test_unsupported_architecture_named(tmp_path, capsys):
     path = tmp_path / "gpt2.gguf"
     w = gguf.GGUFWriter(str(path), "gpt2")

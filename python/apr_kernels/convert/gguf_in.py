@@ -278,6 +278,9 @@ def _lazy(t, file_data, path: Path, shape: tuple, start: int, size: int, heads: 
     from gguf.quants import dequantize
 
     qtype = GGMLQuantizationType(t.tensor_type)
+    if heads is not None and (heads <= 0 or not shape or shape[0] % (2 * heads)):  # (here the file can be named)
+        raise ValueError(f"{path}: tensor {t.name!r} has shape {list(shape)}; expected heads x head_dim rows "
+                         f"({heads} heads from the metadata, an even head_dim) to undo llama.cpp's q/k row order")
 
     def raw() -> torch.Tensor:  # the bytes, copied out of the read-only mapping
         return torch.from_numpy(np.array(file_data[start : start + size], dtype=np.uint8, copy=True))
@@ -286,11 +289,18 @@ def _lazy(t, file_data, path: Path, shape: tuple, start: int, size: int, heads: 
         return unpermute_rows(x, heads) if heads else x
 
     kind = qtype.name
-    if kind in _PLAIN:
-        tdtype = _PLAIN[kind]
-        return LazyTensor(kind, shape, lambda: rows(raw().view(tdtype).reshape(shape)))
-    if kind == "I16":
-        return LazyTensor("I32", shape, lambda: rows(raw().view(torch.int16).reshape(shape).to(torch.int32)))
+    if kind in _PLAIN or kind == "I16":
+        tdtype = _PLAIN.get(kind, torch.int16)
+        want = math.prod(shape) * tdtype.itemsize
+        if size != want:
+            raise ValueError(f"{path}: tensor {t.name!r} is {kind} of shape {list(shape)} with {size} bytes; "
+                             f"expected {want}")
+
+        def plain() -> torch.Tensor:
+            x = raw().view(tdtype).reshape(shape) if size else torch.empty(shape, dtype=tdtype)
+            return rows(x.to(torch.int32) if kind == "I16" else x)
+
+        return LazyTensor("I32" if kind == "I16" else kind, shape, plain)
     if kind in _RAW_QUANT:
         if nbytes_for(kind, shape) != size:
             raise ValueError(f"{path}: tensor {t.name!r} is {kind} of shape {list(shape)} with {size} bytes; "
@@ -312,6 +322,8 @@ def _lazy(t, file_data, path: Path, shape: tuple, start: int, size: int, heads: 
                          f"multiple of the {block}-element block")
 
     def dequantised():
+        if not math.prod(shape):  # (the gguf package cannot dequantise 0 blocks)
+            return torch.empty(shape, dtype=torch.float32)
         data = np.array(file_data[start : start + size], dtype=np.uint8, copy=True)
         data = data.reshape(*shape[:-1], shape[-1] // block * type_size) if shape else data
         try:
