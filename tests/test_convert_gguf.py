@@ -470,9 +470,10 @@ def _small_gguf(path, heads: int = 4, extra=()) -> None:
 
 
 def test_empty_tensor_converts_and_q_rows_that_do_not_fit_the_heads_are_named(tmp_path):
-    """A tensor with a 0-long dimension converts to an empty tensor (was a RuntimeError viewing its 0
-    bytes, or the gguf package's error dequantising 0 blocks, neither naming the file); q rows that are not heads x an even head_dim raise naming the file and the tensor (was an
-    error naming neither, once the tensor was read)."""
+    """A tensor with a 0-long dimension converts to an empty tensor (was a RuntimeError viewing its 0 bytes,
+    or the gguf package's error dequantising 0 blocks, neither naming the file); q rows that are not
+    heads x an even head_dim raise naming the file and the tensor (was an error naming neither, once
+    the tensor was read)."""
     _small_gguf(tmp_path / "empty.gguf", extra=[("output_norm.weight", np.zeros((0, 32), np.float32)),
                                                 ("blk.0.attn_v.weight", np.zeros((0, 34), np.uint8), T.Q8_0)])
     convert(tmp_path / "empty.gguf", tmp_path / "empty.apr", progress=False)

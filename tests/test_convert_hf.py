@@ -527,3 +527,120 @@ def test_a_model_name_is_found_in_the_hugging_face_cache_never_fetched(tmp_path,
     assert not (tmp_path / "missing.apr").exists()
     assert main(["convert", "not-a-name.safetensors", "x.apr", "-q"]) == 1  # a plain missing path stays that
     assert "not-a-name.safetensors: no such file or folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny Qwen2 folder with a byte-level tokenizer.json: the base the damage tests edit."""
+    from apr_kernels.train.cli import byte_tokenizer
+
+    folder = tmp_path_factory.mktemp("hf") / "qwen2"
+    tiny_qwen2().save_pretrained(folder)
+    write_hf_tokenizer(byte_tokenizer(), folder)
+    return folder
+
+
+def _edited(hf_folder, tmp_path, config=None, tokenizer=None):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_folder, src)
+    for name, edit in (("config.json", config), ("tokenizer.json", tokenizer)):
+        if edit is not None:
+            data = json.loads((src / name).read_text())
+            edit(data)
+            (src / name).write_text(json.dumps(data))
+    return src
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("rope_theta", "big", "rope_theta is \"big\"; expected a number"),
+    ("num_key_value_heads", [1], "num_key_value_heads is \\[1\\]; expected an integer"),
+    ("architectures", "Qwen2ForCausalLM", "architectures is \"Qwen2ForCausalLM\"; expected an array of strings"),
+    ("rope_scaling", {"rope_type": "linear", "factor": "2"}, "rope_scaling.factor is \"2\"; expected a number"),
+    ("tie_word_embeddings", 1, "tie_word_embeddings is 1; expected true or false"),
+], ids=["rope_theta", "kv_heads", "architectures", "rope_factor", "tie"])
+def test_config_json_values_of_the_wrong_type_are_named(hf_folder, tmp_path, key, value, expected):
+    """(Were TypeErrors or AttributeErrors wherever the value was used.)"""
+    src = _edited(hf_folder, tmp_path, config=lambda c: c.update({key: value}))
+    with pytest.raises(ValueError, match=rf"config\.json: {expected}"):
+        convert(src, tmp_path / "o.apr", progress=False)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda t: t["model"]["vocab"].update({"x": 2**40}), r"model\.vocab\['x'\] is 1099511627776; expected a token id"),
+    (lambda t: t["model"]["merges"].append(["a"]), r"model\.merges\[0\] is \[\"a\"\]; expected \"left right\""),
+    (lambda t: t["added_tokens"].append({"content": "<x>"}), r"added_tokens\[1\] id is null; expected a token id"),
+    (lambda t: t.update(model=[1]), r"model is \[1\]; expected an object with type BPE"),
+    (lambda t: t.update(pre_tokenizer=7), r"does not follow Hugging Face's schema \(AttributeError"),
+], ids=["huge-id", "merge-pair", "added-no-id", "model-list", "pre-tokenizer-int"])
+def test_tokenizer_json_of_the_wrong_shape_is_named_and_left_out(hf_folder, tmp_path, capsys, edit, expected):
+    """A tokenizer.json that does not follow the schema: the weights convert, the tokenizer is left out
+    with a warning naming the file and what was expected (was a TypeError, KeyError or a list of 2**40
+    entries stopping the conversion)."""
+    src = _edited(hf_folder, tmp_path, tokenizer=edit)
+    convert(src, tmp_path / "o.apr", progress=False)
+    err = capsys.readouterr().err
+    assert "tokenizer not embedded" in err and str(src) in err, err
+    assert __import__("re").search(expected, err), err
+    with apr_kernels.open(tmp_path / "o.apr") as f:
+        assert "tokenizer.vocabulary" not in f.metadata
+
+
+def test_randomly_damaged_hf_folders_are_refused_by_name_or_load(hf_folder, tmp_path):
+    """config.json and tokenizer.json with one to three random edits (a key set to a value of any JSON
+    type, dropped, or a tokenizer node replaced): ``convert`` raises a ``ValueError`` naming the folder's
+    file, or writes an APR file that ``from_apr`` refuses naming it or loads, its tokenizer (if kept)
+    encoding and decoding. (Found: the cases of the two tests above.)"""
+    import random
+    import re
+    import shutil
+
+    from apr_kernels.model import from_apr
+
+    values = [None, 0, -1, 1, 2, 7, 2**31, 2**63, 0.5, "", "x", "llama", "qwen2", [], {}, [1], True, False,
+              {"type": "linear", "factor": 2.0}, {"rope_type": "yarn", "factor": 0}, {"rope_type": "llama3"}]
+    cfg0 = json.loads((hf_folder / "config.json").read_text())
+    tok0 = json.loads((hf_folder / "tokenizer.json").read_text())
+    rng, outcomes = random.Random(3), {"refused": 0, "load_refused": 0, "loaded": 0}
+    src, dst = tmp_path / "src", tmp_path / "o.apr"
+    shutil.copytree(hf_folder, src)
+    for _ in range(120):
+        cfg, tok = json.loads(json.dumps(cfg0)), json.loads(json.dumps(tok0))
+        for _ in range(rng.randint(1, 3)):
+            if rng.random() < 0.6:
+                key = rng.choice(sorted(cfg) + ["rope_scaling", "head_dim", "sliding_window", "use_sliding_window"])
+                own = [cfg[key] * 2, cfg[key] - 1] if type(cfg.get(key)) is int else []
+                cfg[key] = rng.choice(values + own)
+                if rng.random() < 0.1:
+                    del cfg[key]
+            elif rng.random() < 0.5:
+                node = rng.choice(["added_tokens", "pre_tokenizer", "normalizer", "decoder", "post_processor", "model"])
+                tok[node] = rng.choice(values)
+            elif isinstance(tok.get("model"), dict) and isinstance(tok["model"].get("vocab"), dict):
+                vocab = tok["model"]["vocab"]
+                vocab[rng.choice(sorted(vocab))] = rng.choice(values)
+        (src / "config.json").write_text(json.dumps(cfg))
+        (src / "tokenizer.json").write_text(json.dumps(tok))
+        dst.unlink(missing_ok=True)
+        try:
+            convert(src, dst, progress=False)
+        except ValueError as exc:
+            assert re.search(rf"{re.escape(str(src))}(/config\.json)?:", str(exc)), exc
+            outcomes["refused"] += 1
+            continue
+        try:
+            model = from_apr(dst)
+        except ValueError as exc:  # (PreflightError, AprFormatError)
+            assert str(dst) in str(exc), exc
+            outcomes["load_refused"] += 1
+            continue
+        with apr_kernels.open(dst) as f:
+            meta = f.metadata
+        if "tokenizer.vocabulary" in meta:
+            t = Tokenizer.from_metadata(meta, path=dst)
+            assert t.decode(t.encode("hello world")) == "hello world"
+        n = max(1, min(3, model.config.max_position_embeddings))
+        assert model(torch.arange(1, n + 1)[None]).shape[:2] == (1, n)
+        outcomes["loaded"] += 1
+    assert min(outcomes.values()) >= 5, outcomes

@@ -204,8 +204,47 @@ def _check_bias(cfg: dict, model_type: str, path: Path) -> None:
              f"refuse the file")
 
 
+# The JSON type of each config.json key read here (a key may be absent or null): checked first, so a
+# damaged file is refused naming the key rather than failing wherever the value is used.
+_INT, _NUMBER, _BOOL, _STR, _OBJECT = "an integer", "a number", "true or false", "a string", "an object"
+_STRINGS, _INTS = "an array of strings", "an array of integers"
+CONFIG_TYPES = {
+    **dict.fromkeys(("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
+                     "num_key_value_heads", "max_position_embeddings", "head_dim", "sliding_window",
+                     "max_window_layers", "num_labels", "num_experts", "num_local_experts", "num_experts_per_tok",
+                     "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step"), _INT),
+    **dict.fromkeys(("rope_theta", "rms_norm_eps", "router_aux_loss_coef", "router_jitter_noise"), _NUMBER),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "use_sliding_window", "norm_topk_prob"), _BOOL),
+    "model_type": _STR, "architectures": _STRINGS, "layer_types": _STRINGS, "mlp_only_layers": _INTS,
+    "rope_scaling": _OBJECT, "rope_parameters": _OBJECT, "id2label": _OBJECT,
+}
+_ROPE_TYPES = {"rope_theta": _NUMBER, "factor": _NUMBER, "rope_type": _STR, "type": _STR}
+
+
+def _json_type_ok(value, kind: str) -> bool:
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return {_INT: integer(value), _NUMBER: (integer(value) or isinstance(value, float)) and value == value,
+            _BOOL: isinstance(value, bool), _STR: isinstance(value, str), _OBJECT: isinstance(value, dict),
+            _STRINGS: isinstance(value, list) and all(isinstance(v, str) for v in value),
+            _INTS: isinstance(value, list) and all(integer(v) for v in value)}[kind]
+
+
+def check_config_types(cfg: dict, path: Path) -> None:
+    """Each key of ``CONFIG_TYPES`` (and of its RoPE object) that is there and not null has its JSON type."""
+    for where, table, obj in [("", CONFIG_TYPES, cfg),
+                              *((f"{k}.", _ROPE_TYPES, cfg[k]) for k in ("rope_scaling", "rope_parameters")
+                                if isinstance(cfg.get(k), dict))]:
+        for key, kind in table.items():
+            value = obj.get(key)
+            if value is not None and not _json_type_ok(value, kind):
+                raise ValueError(f"{path}: {where}{key} is {json.dumps(value)[:80]}; expected {kind}")
+
+
 def config_metadata(cfg: dict, path: Path) -> dict:
     """Typed APR keys (spec 5.2, one spelling each) from a Hugging Face config.json."""
+    check_config_types(cfg, path)
     model_type = cfg.get("model_type")
     if model_type not in HF_ARCHITECTURES:
         raise ValueError(f"{path}: model_type {model_type!r} is not supported (expected one of "
@@ -219,7 +258,7 @@ def config_metadata(cfg: dict, path: Path) -> dict:
 
     hidden, heads = need("hidden_size"), need("num_attention_heads")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    theta = next((t for t in (cfg.get("rope_theta"), rope.get("rope_theta")) if t is not None), 10000.0)
     kind = rope.get("rope_type", rope.get("type", "default"))
     meta = {
         "architecture": model_type,
@@ -235,7 +274,7 @@ def config_metadata(cfg: dict, path: Path) -> dict:
         "max_position_embeddings": cfg.get("max_position_embeddings"),
         "rope_theta": float(theta),
         "rope_type": 2,  # Hugging Face rows: split-half rotation (rotate_half)
-        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+        "rms_norm_eps": float(1e-6 if cfg.get("rms_norm_eps") is None else cfg["rms_norm_eps"]),
         "head_dim": cfg.get("head_dim") or hidden // heads,
     }
     meta.update(_window_keys(cfg, model_type, path, need))

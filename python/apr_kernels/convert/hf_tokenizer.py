@@ -149,25 +149,85 @@ def _sentencepiece_json(model: dict, vocab: dict, merges: list[str], scheme: tup
     return meta
 
 
+# Token ids a tokenizer file may use: far above any real vocabulary (Gemma's 262,144), low enough that
+# a hostile id cannot make the id-indexed lists allocate gigabytes.
+MAX_TOKEN_ID = 1 << 24
+
+
+def _token_id(value, path: Path, where: str) -> int:
+    if isinstance(value, str) and value.isdigit():  # (added_tokens_decoder's keys are id strings)
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_TOKEN_ID:
+        raise ValueError(f"{path}: {where} is {json.dumps(value)[:60]}; expected a token id in [0, {MAX_TOKEN_ID})")
+    return value
+
+
+def _checked_tokens(path: Path, data: dict, model: dict, added_decoder) -> list[dict]:
+    """tokenizer.json's vocab (string -> id), merges ("left right" strings or [left, right] pairs) and
+    added tokens ({"id", "content"}), and tokenizer_config.json's added_tokens_decoder (id -> {"content"}),
+    type-checked; the added tokens of both, as {"id", "content"}."""
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if vocab is not None and not isinstance(vocab, dict):
+        raise ValueError(f"{path}: model.vocab is {type(vocab).__name__}; expected an object (token -> id)")
+    for token, i in (vocab or {}).items():
+        _token_id(i, path, f"model.vocab[{token!r:.40}]")
+    if merges is not None and not isinstance(merges, list):
+        raise ValueError(f"{path}: model.merges is {type(merges).__name__}; expected an array")
+    for k, m in enumerate(merges or []):
+        if not (isinstance(m, str) and " " in m or isinstance(m, list) and len(m) == 2
+                and all(isinstance(x, str) for x in m)):
+            raise ValueError(f"{path}: model.merges[{k}] is {json.dumps(m)[:60]}; expected \"left right\" or "
+                             "[left, right]")
+    added = []
+    for where, entries in (("added_tokens", data.get("added_tokens")), ("added_tokens_decoder", added_decoder)):
+        if entries is None:
+            continue
+        pairs = entries.items() if isinstance(entries, dict) and where == "added_tokens_decoder" else (
+            enumerate(entries) if isinstance(entries, list) and where == "added_tokens" else None)
+        if pairs is None:
+            raise ValueError(f"{path}: {where} is {type(entries).__name__}; expected "
+                             f"{'an array' if where == 'added_tokens' else 'an object (id -> token)'}")
+        for key, entry in pairs:
+            entry_id = entry.get("id") if where == "added_tokens" and isinstance(entry, dict) else key
+            if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+                raise ValueError(f"{path}: {where}[{json.dumps(key)}] is {json.dumps(entry)[:60]}; expected an object "
+                                 "with a string content")
+            added.append({"id": _token_id(entry_id, path, f"{where}[{json.dumps(key)}] id"),
+                          "content": entry["content"]})
+    return added
+
+
 def read_hf_tokenizer(folder: str | Path, config: dict | None = None) -> dict | None:
-    """``tokenizer.*`` metadata from a Hugging Face folder, or None when it holds no tokenizer files."""
+    """``tokenizer.*`` metadata from a Hugging Face folder, or None when it holds no tokenizer files.
+    A file whose structure is not the schema's (a list where an object belongs, ...) raises a
+    ``ValueError`` naming it."""
     folder = Path(folder)
+    try:
+        return _read_hf_tokenizer(folder, config)
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:  # a node deeper than the checked ones
+        raise ValueError(f"{folder}: a tokenizer file does not follow Hugging Face's schema ({type(exc).__name__}: "
+                         f"{exc}); expected the objects and arrays transformers writes") from None
+
+
+def _read_hf_tokenizer(folder: Path, config: dict | None) -> dict | None:
     tj, vj, mt = folder / "tokenizer.json", folder / "vocab.json", folder / "merges.txt"
     sp_model = folder / "tokenizer.model"
     tc_path = folder / "tokenizer_config.json"
     tcfg = _load_json(tc_path) if tc_path.is_file() else {}
-    added: list[dict] = []
-    for tid, entry in (tcfg.get("added_tokens_decoder") or {}).items():
-        added.append({"id": int(tid), "content": entry["content"]})
+    if not isinstance(tcfg, dict):
+        raise ValueError(f"{tc_path}: holds {type(tcfg).__name__}; expected a JSON object")
+    added = _checked_tokens(tc_path, {}, {}, tcfg.get("added_tokens_decoder"))
     meta = None
     if tj.is_file():
         data = _load_json(tj)
-        model = data.get("model") or {}
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict):
+            raise ValueError(f"{tj}: model is {json.dumps(model)[:60]}; expected an object with type BPE")
         if model.get("type") != "BPE":
             raise ValueError(f"{tj}: model type {model.get('type')!r} is not supported (expected BPE)")
         if model.get("ignore_merges"):
             raise ValueError(f"{tj}: model.ignore_merges=true is not supported")
-        added = [*(data.get("added_tokens") or []), *added]
+        added = [*_checked_tokens(tj, data, model, None), *added]
         vocab, merges = model.get("vocab") or {}, model.get("merges") or []
         merges = [m if isinstance(m, str) else " ".join(m) for m in merges]  # newer files: [left, right]
         scheme = _sentencepiece_scheme(tj, data)
