@@ -349,16 +349,15 @@ class Tokenizer:
             if len(b) == 1 and b not in singles:
                 singles[b] = i
             id_to_bytes.append(b)
-        # Every merge's parts and result are tokens the BPE can produce (Hugging Face's BPE refuses
-        # such a file too): a result missing from the vocabulary would have no id.
+        # Every merge makes a token of the vocabulary (Hugging Face's BPE refuses such a file too): a
+        # result missing from it, or only a special token's text, would have no id to encode to.
         special_ids = set(special.values())
         producible = {b for i, b in enumerate(id_to_bytes) if i not in special_ids}
         for i, (a, b) in enumerate(merges):
-            for piece in (a, b, a + b):
-                if piece not in producible:
-                    raise ValueError(f"{where}: tokenizer.merges[{i}] {raw_merges[i]!r} needs the token {piece!r}, "
-                                     "which tokenizer.vocabulary lacks (or marks special); expected every merge's "
-                                     "parts and result in the vocabulary")
+            if a + b not in producible:
+                raise ValueError(f"{where}: tokenizer.merges[{i}] {raw_merges[i]!r} makes the token {a + b!r}, which "
+                                 "tokenizer.vocabulary lacks (or marks special); expected every merge's result in the "
+                                 "vocabulary as a normal token")
         ranks = _ranks_from_merges(singles, merges, _digest(vocab, raw_merges, types))
         pre = str(meta.get("tokenizer.pre_type") or "gpt2")
         custom = {"pattern": meta.get("tokenizer.pre_pattern"),
