@@ -578,11 +578,13 @@ def test_tokenizer_json_of_the_wrong_shape_is_named_and_left_out(hf_folder, tmp_
     """A tokenizer.json that does not follow the schema: the weights convert, the tokenizer is left out
     with a warning naming the file and what was expected (was a TypeError, KeyError or a list of 2**40
     entries stopping the conversion)."""
+    import re
+
     src = _edited(hf_folder, tmp_path, tokenizer=edit)
     convert(src, tmp_path / "o.apr", progress=False)
     err = capsys.readouterr().err
     assert "tokenizer not embedded" in err and str(src) in err, err
-    assert __import__("re").search(expected, err), err
+    assert re.search(expected, err), err
     with apr_kernels.open(tmp_path / "o.apr") as f:
         assert "tokenizer.vocabulary" not in f.metadata
 

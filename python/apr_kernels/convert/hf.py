@@ -221,14 +221,15 @@ CONFIG_TYPES = {
 _ROPE_TYPES = {"rope_theta": _NUMBER, "factor": _NUMBER, "rope_type": _STR, "type": _STR}
 
 
-def _json_type_ok(value, kind: str) -> bool:
-    def integer(v):
-        return isinstance(v, int) and not isinstance(v, bool)
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    return {_INT: integer(value), _NUMBER: (integer(value) or isinstance(value, float)) and value == value,
-            _BOOL: isinstance(value, bool), _STR: isinstance(value, str), _OBJECT: isinstance(value, dict),
-            _STRINGS: isinstance(value, list) and all(isinstance(v, str) for v in value),
-            _INTS: isinstance(value, list) and all(integer(v) for v in value)}[kind]
+
+_TYPE_OK = {_INT: _integer, _NUMBER: lambda v: (_integer(v) or isinstance(v, float)) and v == v,
+            _BOOL: lambda v: isinstance(v, bool), _STR: lambda v: isinstance(v, str),
+            _OBJECT: lambda v: isinstance(v, dict),
+            _STRINGS: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            _INTS: lambda v: isinstance(v, list) and all(_integer(x) for x in v)}
 
 
 def check_config_types(cfg: dict, path: Path) -> None:
@@ -238,7 +239,7 @@ def check_config_types(cfg: dict, path: Path) -> None:
                                 if isinstance(cfg.get(k), dict))]:
         for key, kind in table.items():
             value = obj.get(key)
-            if value is not None and not _json_type_ok(value, kind):
+            if value is not None and not _TYPE_OK[kind](value):
                 raise ValueError(f"{path}: {where}{key} is {json.dumps(value)[:80]}; expected {kind}")
 
 

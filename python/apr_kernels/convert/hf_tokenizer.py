@@ -162,10 +162,9 @@ def _token_id(value, path: Path, where: str) -> int:
     return value
 
 
-def _checked_tokens(path: Path, data: dict, model: dict, added_decoder) -> list[dict]:
-    """tokenizer.json's vocab (string -> id), merges ("left right" strings or [left, right] pairs) and
-    added tokens ({"id", "content"}), and tokenizer_config.json's added_tokens_decoder (id -> {"content"}),
-    type-checked; the added tokens of both, as {"id", "content"}."""
+def _checked_tokens(path: Path, model: dict) -> None:
+    """tokenizer.json's vocab (string -> id) and merges ("left right" strings or [left, right] pairs),
+    type-checked."""
     vocab, merges = model.get("vocab"), model.get("merges")
     if vocab is not None and not isinstance(vocab, dict):
         raise ValueError(f"{path}: model.vocab is {type(vocab).__name__}; expected an object (token -> id)")
@@ -178,22 +177,24 @@ def _checked_tokens(path: Path, data: dict, model: dict, added_decoder) -> list[
                 and all(isinstance(x, str) for x in m)):
             raise ValueError(f"{path}: model.merges[{k}] is {json.dumps(m)[:60]}; expected \"left right\" or "
                              "[left, right]")
+
+
+def _added_tokens(path: Path, where: str, entries) -> list[dict]:
+    """tokenizer.json's ``added_tokens`` (an array of {"id", "content"}) or tokenizer_config.json's
+    ``added_tokens_decoder`` (an object id -> {"content"}), type-checked, as {"id", "content"}."""
+    if entries is None:
+        return []
+    decoder = where == "added_tokens_decoder"
+    if not isinstance(entries, dict if decoder else list):
+        raise ValueError(f"{path}: {where} is {type(entries).__name__}; expected "
+                         f"{'an object (id -> token)' if decoder else 'an array'}")
     added = []
-    for where, entries in (("added_tokens", data.get("added_tokens")), ("added_tokens_decoder", added_decoder)):
-        if entries is None:
-            continue
-        pairs = entries.items() if isinstance(entries, dict) and where == "added_tokens_decoder" else (
-            enumerate(entries) if isinstance(entries, list) and where == "added_tokens" else None)
-        if pairs is None:
-            raise ValueError(f"{path}: {where} is {type(entries).__name__}; expected "
-                             f"{'an array' if where == 'added_tokens' else 'an object (id -> token)'}")
-        for key, entry in pairs:
-            entry_id = entry.get("id") if where == "added_tokens" and isinstance(entry, dict) else key
-            if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
-                raise ValueError(f"{path}: {where}[{json.dumps(key)}] is {json.dumps(entry)[:60]}; expected an object "
-                                 "with a string content")
-            added.append({"id": _token_id(entry_id, path, f"{where}[{json.dumps(key)}] id"),
-                          "content": entry["content"]})
+    for key, entry in entries.items() if decoder else enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise ValueError(f"{path}: {where}[{json.dumps(key)}] is {json.dumps(entry)[:60]}; expected an object "
+                             "with a string content")
+        entry_id = key if decoder else entry.get("id")
+        added.append({"id": _token_id(entry_id, path, f"{where}[{json.dumps(key)}] id"), "content": entry["content"]})
     return added
 
 
@@ -216,7 +217,7 @@ def _read_hf_tokenizer(folder: Path, config: dict | None) -> dict | None:
     tcfg = _load_json(tc_path) if tc_path.is_file() else {}
     if not isinstance(tcfg, dict):
         raise ValueError(f"{tc_path}: holds {type(tcfg).__name__}; expected a JSON object")
-    added = _checked_tokens(tc_path, {}, {}, tcfg.get("added_tokens_decoder"))
+    added = _added_tokens(tc_path, "added_tokens_decoder", tcfg.get("added_tokens_decoder"))
     meta = None
     if tj.is_file():
         data = _load_json(tj)
@@ -227,7 +228,8 @@ def _read_hf_tokenizer(folder: Path, config: dict | None) -> dict | None:
             raise ValueError(f"{tj}: model type {model.get('type')!r} is not supported (expected BPE)")
         if model.get("ignore_merges"):
             raise ValueError(f"{tj}: model.ignore_merges=true is not supported")
-        added = [*_checked_tokens(tj, data, model, None), *added]
+        _checked_tokens(tj, model)
+        added = [*_added_tokens(tj, "added_tokens", data.get("added_tokens")), *added]
         vocab, merges = model.get("vocab") or {}, model.get("merges") or []
         merges = [m if isinstance(m, str) else " ".join(m) for m in merges]  # newer files: [left, right]
         scheme = _sentencepiece_scheme(tj, data)
