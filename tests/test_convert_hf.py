@@ -215,6 +215,54 @@ def test_hostile_safetensors_one_line_no_output(tmp_path, capsys, case):
     assert sorted(os.listdir(tmp_path)) == ["bad.safetensors"]  # no output, no temporary left
 
 
+@pytest.mark.parametrize("damage", ["misshapen", "missing", "extra_layer", "negative_context"])
+def test_a_model_that_will_not_load_is_said_at_convert(tmp_path, capsys, damage):
+    """A folder whose safetensors do not fit its own config.json (a tensor of another shape, one left
+    out, or a config claiming a layer the file lacks) converts with one warning naming the folder and
+    the tensor, the loader's refusal said at convert time; a config value the APR reader refuses (a
+    negative context length) is an error naming the folder, nothing left behind."""
+    from safetensors.torch import load_file, save_file
+
+    from apr_kernels.model import from_apr
+
+    src = tmp_path / "hf"
+    tiny_qwen2().save_pretrained(src)
+    write_hf_tokenizer(small_tokenizer(), src)
+    sd = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    want = "model.layers.1.self_attn.k_proj.bias"
+    if damage == "misshapen":
+        sd[want] = torch.zeros(sd[want].numel() + 1)
+    elif damage == "missing":
+        del sd[want]
+    elif damage == "extra_layer":
+        want = f"model.layers.{cfg['num_hidden_layers']}."
+        cfg["num_hidden_layers"] += 1
+    else:
+        want = "max_position_embeddings"
+        cfg[want] = -1
+    (src / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    dst = tmp_path / "out.apr"
+    capsys.readouterr()  # (save_pretrained's progress bar)
+    code = main(["convert", str(src), str(dst), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(src) in err[0] and want in err[0], err
+    if damage == "negative_context":
+        assert code == 1 and "error" in err[0] and "not valid APR" in err[0]
+        assert sorted(os.listdir(tmp_path)) == ["hf"]  # no output, no temporary left
+        return
+    assert code == 0 and "warning" in err[0] and "will not load as a model" in err[0]
+    with pytest.raises(ValueError, match="do not fit") as refused:
+        from_apr(dst)
+    assert want in str(refused.value)
+    ok = tmp_path / "ok"
+    tiny_qwen2().save_pretrained(ok)
+    write_hf_tokenizer(small_tokenizer(), ok)
+    capsys.readouterr()
+    assert main(["convert", str(ok), str(dst), "-q"]) == 0 and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["pytorch_model.bin", "bin-shards"])
 def test_pytorch_pickle_folder_converts_like_its_safetensors_twin(tmp_path, sharded):
     """An older Hugging Face folder (config.json + pytorch_model.bin, or shards listed in
@@ -589,11 +637,12 @@ def test_tokenizer_json_of_the_wrong_shape_is_named_and_left_out(hf_folder, tmp_
         assert "tokenizer.vocabulary" not in f.metadata
 
 
-def test_randomly_damaged_hf_folders_are_refused_by_name_or_load(hf_folder, tmp_path):
+def test_randomly_damaged_hf_folders_are_refused_by_name_or_load(hf_folder, tmp_path, capsys):
     """config.json and tokenizer.json with one to three random edits (a key set to a value of any JSON
     type, dropped, or a tokenizer node replaced): ``convert`` raises a ``ValueError`` naming the folder's
-    file, or writes an APR file that ``from_apr`` refuses naming it or loads, its tokenizer (if kept)
-    encoding and decoding. (Found: the cases of the two tests above.)"""
+    file, or writes an APR file that loads, its tokenizer (if kept) encoding and decoding, or one that
+    ``from_apr`` refuses naming it, convert having warned with the same message. (Found: the cases of
+    the two tests above; config values the APR reader refused only once written.)"""
     import random
     import re
     import shutil
@@ -625,6 +674,7 @@ def test_randomly_damaged_hf_folders_are_refused_by_name_or_load(hf_folder, tmp_
         (src / "config.json").write_text(json.dumps(cfg))
         (src / "tokenizer.json").write_text(json.dumps(tok))
         dst.unlink(missing_ok=True)
+        capsys.readouterr()
         try:
             convert(src, dst, progress=False)
         except ValueError as exc:
@@ -633,8 +683,8 @@ def test_randomly_damaged_hf_folders_are_refused_by_name_or_load(hf_folder, tmp_
             continue
         try:
             model = from_apr(dst)
-        except ValueError as exc:  # (PreflightError, AprFormatError)
-            assert str(dst) in str(exc), exc
+        except ValueError as exc:  # (PreflightError): what convert warned about
+            assert str(dst) in str(exc) and str(exc) in capsys.readouterr().err, exc
             outcomes["load_refused"] += 1
             continue
         with apr_kernels.open(dst) as f:

@@ -18,6 +18,7 @@ from typing import Callable
 
 
 from apr_kernels._format import TORCH_DTYPES, LazyTensor
+from apr_kernels.errors import AprFormatError
 
 from . import recipe
 from .recipe import EMBED, FLOAT_DTYPES, LM_HEAD, QUANT_CHOICES, QUANT_META
@@ -149,9 +150,30 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "kee
             from apr_kernels import save
 
             save(_with_progress(out, bar), dst_path, metadata=meta)
+        _check_loadable(src_path, dst_path, meta)
         return meta
     finally:
         source.close()
+
+
+def _check_loadable(src: Path, dst: Path, meta: dict) -> None:
+    """The loader's metadata and shape checks (``loading.plan``, no weight read) on the converted model
+    ``dst``, said now rather than at the first ``train``: metadata the APR reader refuses (a config
+    value out of range) is refused, nothing left at ``dst``; tensors that do not fit the config (a
+    damaged or mislabelled checkpoint, a part of a model) are a warning naming the source, the file
+    kept (a conversion of what is there). A source without an architecture (a lone .safetensors file
+    of tensors) is not a model: nothing to check."""
+    if not any(meta.get(k) for k in ("architecture", "model_type", "hf_architecture")):
+        return
+    from apr_kernels.model.loading import PreflightError, plan
+
+    try:
+        plan(dst)
+    except PreflightError as exc:
+        warn(f"{src}: the converted file will not load as a model: {exc}")
+    except AprFormatError as exc:
+        dst.unlink(missing_ok=True)
+        raise ValueError(f"{src}: converted, its metadata is not valid APR, so nothing was written ({exc})") from None
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
