@@ -4,6 +4,7 @@ the marked int32 stream, and training and evaluation counting only targets."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -402,6 +403,97 @@ def test_the_models_own_chat_template_renders_as_transformers_does(qwen):
     with pytest.raises(ValueError, match=r"mem:1: the model's chat template failed on this record "
                                          r"\(no system role here\)"):
         chat.render({"messages": convo}, tok, "mem:1")
+
+
+# hostile chat templates (a template comes inside a model file): what each must fail with, under the
+# limits test_hostile_chat_templates sets (1,000,000 items, 100,000 steps)
+HOSTILE_TEMPLATES = {
+    "division": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "syntax": ("{% for %}", "Expected an expression"),
+    "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError|steps"),
+    "internals": ("{{ (1).__class__.__mro__ }}", "unsafe"),
+    "repeat": ("{{ 'a' * 10 ** 9 }}", "at most 1,000,000"),
+    "repeat_list": ("{{ [[1, 2]] * 10 ** 6 }}", "at most 1,000,000"),
+    "power": ("{{ 7 ** 1000000000 }}", "at most 1,000,000"),
+    "doubling_concat": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                        "{% endfor %}", "at most 1,000,000"),
+    "doubling_plus": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                      "{% endfor %}", "at most 1,000,000"),
+    "center": ("{{ 'a'|center(10 ** 10) }}", "at most 1,000,000"),
+    "ljust": ("{{ 'a'.ljust(10 ** 10) }}", "at most 1,000,000"),
+    "printf": ("{{ '%9999999999d' % 1 }}", "at most 1,000,000"),
+    "printf_star": ("{{ '%*d' % (9999999999, 1) }}", "at most 1,000,000"),
+    "format_filter": ("{{ '%9999999999d'|format(1) }}", "at most 1,000,000"),
+    "str_format": ("{{ '{:>9999999999}'.format('a') }}", "at most 1,000,000"),
+    "replace": ("{% set s = 'a' * 10000 %}{{ s.replace('', s) }}", "at most 1,000,000"),
+    "replace_filter": ("{% set s = 'a' * 10000 %}{{ s|replace('a', s) }}", "at most 1,000,000"),
+    "join": ("{% set s = 'a' * 100000 %}{{ ''.join([s, s, s, s, s, s, s, s, s, s, s]) }}", "at most 1,000,000"),
+    "join_filter": ("{% set s = 'a' * 100000 %}{{ [s, s, s, s, s, s, s, s, s, s, s]|join }}", "at most 1,000,000"),
+    "expandtabs": ("{% set s = '\t' * 10000 %}{{ s.expandtabs(10000) }}", "at most 1,000,000"),
+    "indent": ("{% set s = 'a\n' * 10000 %}{{ s|indent(10000) }}", "at most 1,000,000"),
+    "tojson": ("{{ (range(100000)|list)|tojson(indent=100) }}", "at most 1,000,000"),
+    "nested_repr": ("{% set l = ['a' * 1000] * 900 %}{{ [l, l, l, l, l, l, l, l, l, l, l, l] }}", "1,000,000"),
+    "output": ("{% set s = 'a' * 100000 %}{% for i in range(100) %}{{ s }}{% endfor %}", "1,000,000 characters"),
+    "loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "steps"),
+    "string_loops": ("{% set s = 'a' * 100000 %}{% for i in s %}{% for j in s %}{% endfor %}{% endfor %}", "steps"),
+    "lipsum": ("{{ lipsum(10 ** 6) }}", "'lipsum' is undefined"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_TEMPLATES))
+def test_hostile_chat_templates_fail_by_name_before_they_allocate(qwen, monkeypatch, case):
+    """A chat template is code inside an untrusted file: each hostile one (loops without end, strings,
+    lists and numbers grown past the size limit by any operator, method or filter, Python errors) fails
+    with one ValueError naming the record, and the render never holds more than a few times the size
+    limit (tracemalloc's peak: the limits are checked before the allocation)."""
+    import copy
+    import tracemalloc
+
+    from apr_kernels.train import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_SIZE", 1_000_000)
+    monkeypatch.setattr(chat_template, "MAX_STEPS", 100_000)
+    template, want = HOSTILE_TEMPLATES[case]
+    tok = copy.copy(qwen)
+    tok.extra = {"tokenizer.chat_template": template}
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"mem:1: the model's chat template failed on this record \(") as err:
+            chat.render(CONVO, tok, "mem:1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert re.search(want, str(err.value)), err.value
+    assert peak < 40_000_000, peak  # (1,000,000 characters are 1 to 4 MB; a list of them 8 MB)
+
+
+def test_chat_template_limits_leave_real_templates_alone(qwen, monkeypatch):
+    """The limits change nothing a real template does: Qwen2's template and one using every construct
+    the limits watch (loops, macros, filters, methods, formatting, tojson) render exactly what jinja's
+    own sandbox renders with transformers' tojson; the time limit stops a loop (0 s: at its first step)."""
+    import copy
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from apr_kernels.train import chat_template
+
+    busy = ("{% macro turn(m) %}{{ '<|im_start|>' + m.role + '\n' + m.content|trim + '<|im_end|>\n' }}{% endmacro %}"
+            "{% for m in messages %}{{ turn(m) }}{{ '%-6s|%3d' % (m.role, loop.index) }}{{ '{:>8}'.format(m.role) }}"
+            "{{ m.content.replace(' ', '_')|center(30) }}{{ [m.role, m.content]|join('/') }}{{ m|tojson }}"
+            "{{ (m.role * 3).upper() ~ m.content.split()|length }}{% endfor %}")
+    for template in (TEMPLATE, busy):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: (
+            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
+        want = env.from_string(template).render(messages=CONVO["messages"], add_generation_prompt=True, bos_token="",
+                            eos_token="<|endoftext|>")
+        tok = copy.copy(qwen)
+        tok.extra = {"tokenizer.chat_template": template}
+        got = chat.render_template(template, CONVO["messages"], tok, True, "mem:1")
+        assert got == want and len(got) > 200
+    monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.0)
+    with pytest.raises(ValueError, match=r"mem:1: .* steps or 0\.0 s on one conversation"):
+        chat.render_template("{% for m in messages %}{{ m.role }}{% endfor %}", CONVO["messages"], tok, True, "mem:1")
 
 
 def _records_of(stream: torch.Tensor, eos: int) -> list[list[int]]:

@@ -33,8 +33,6 @@ tensor carries ids and the loss mask through the cache, the sharding and the bat
 
 from __future__ import annotations
 
-import functools
-import json
 import unicodedata
 
 CHATML = ("<|im_start|>", "<|im_end|>")
@@ -182,44 +180,26 @@ def chat_template(tokenizer) -> str | None:
     return t if isinstance(t, str) and t.strip() else None
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_template(template: str):
-    """``template`` compiled once (a corpus renders it per record) in the environment ``transformers``'
-    ``apply_chat_template`` uses: sandboxed jinja2 with trim_blocks / lstrip_blocks and loop controls,
-    ``tojson``, ``raise_exception`` and ``strftime_now``."""
-    import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(template)
-
-
 def render_template(template: str, messages: list[dict], tokenizer, add_generation_prompt: bool, where: str) -> str:
     """``template`` rendered as ``transformers``' ``apply_chat_template(tokenize=False)`` does, with
-    the bos/eos token strings."""
+    the bos/eos token strings, in the bounded sandbox of ``chat_template``; any failure of the template
+    (jinja's, a limit's, or Python's: a division by zero, a type error, recursion) is one ValueError
+    naming ``where``."""
     import jinja2
 
-    compiled = _compiled_template(template)
+    from .chat_template import render
+
     names = {}
     for key, ident in (("bos_token", getattr(tokenizer, "bos_id", None)), ("eos_token", getattr(tokenizer, "eos_id", None))):
         if ident is not None:
             names[key] = tokenizer.token_bytes(ident).decode("utf-8", errors="replace")
     try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **names)
+        return render(template, messages=messages, add_generation_prompt=add_generation_prompt, **names)
     except jinja2.exceptions.TemplateError as exc:
         raise ValueError(f"{where}: the model's chat template failed on this record ({exc})") from None
+    except Exception as exc:  # noqa: BLE001  (whatever the template's own operations raise)
+        raise ValueError(f"{where}: the model's chat template failed on this record ({type(exc).__name__}: "
+                         f"{str(exc)[:200]})") from None
 
 
 def _assistant_spans(text: str, messages: list[dict], tokenizer, where: str) -> list[tuple[int, int]]:

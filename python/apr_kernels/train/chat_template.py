@@ -1,0 +1,247 @@
+"""The jinja2 environment chat templates run in, with limits.
+
+The environment is the one ``transformers``' ``apply_chat_template`` renders in: jinja2's immutable
+sandbox (no access to Python internals, no mutation of lists and dicts), ``trim_blocks`` /
+``lstrip_blocks``, loop controls, ``tojson``, ``raise_exception`` and ``strftime_now``. A template
+comes inside a model file (``tokenizer.chat_template`` of an APR, GGUF or Hugging Face tokenizer), which
+is untrusted input like the rest of the file, and jinja's sandbox guards access, not time or memory.
+So a render here is also bounded:
+
+* **steps**: at most ``MAX_STEPS`` blocks (a loop's body, a branch, a macro call) and calls, and
+  ``MAX_SECONDS``, per render: the code generator starts every block it writes with a call of the
+  environment's ``step``, which counts and checks the deadline (a real template runs a few per message);
+* **sizes**: no string or list over ``MAX_SIZE`` items is made: ``*`` and ``+`` of sequences, ``**``
+  of integers (by the bits of the result), ``%`` formatting, ``~`` concatenation, the rendered output,
+  and every call (a method or a filter) are checked before they allocate: a width, count or
+  repetition argument over ``MAX_SIZE``, or ``replace`` / ``join`` whose result would be, is refused,
+  and any result over it is refused too; ``lipsum`` (paragraphs of filler on request) is not offered.
+
+Over a limit, ``TemplateLimitError`` (a jinja ``SecurityError``); ``render_template`` in ``chat.py`` turns
+it and any other failure of a template into one ``ValueError`` naming the record.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+import re
+import threading
+import time
+
+MAX_STEPS = 5_000_000  # blocks (loop bodies, branches, macro calls) and calls one render may run
+MAX_SECONDS = 10.0  # and the time it may take (a step may be a scan of MAX_SIZE items)
+MAX_SIZE = 64 * 1024 * 1024  # characters (or items) of any string or list a template makes
+
+# printf conversions (%-08.3f) and str.format fields' specs ({:>10}; a width given as an argument,
+# {:{}} or %*d, is an integer argument, checked as such)
+_FORMAT_SPECS = re.compile(r"%[-#0 +]*\d*(?:\.\d*)?|\{[^{}]*:[^{}]*\}")
+
+
+def _sandbox():
+    import jinja2
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class TemplateLimitError(jinja2.exceptions.SecurityError):
+        """A chat template went over a step or size limit of this module."""
+
+    def too_big(what: str, n: int):
+        raise TemplateLimitError(f"{what} would make {n:,} items; a chat template may make at most {MAX_SIZE:,}")
+
+    def size(x, seen=None) -> int:
+        """Characters and items ``str()`` of ``x`` grows with (nested lists and dicts counted through,
+        each object once; stops counting past MAX_SIZE)."""
+        if isinstance(x, str):
+            return len(x)
+        if not isinstance(x, (list, tuple, dict)):
+            return 0
+        seen = set() if seen is None else seen
+        if id(x) in seen:
+            return len(x)
+        seen.add(id(x))
+        n = len(x)
+        for item in (x.items() if isinstance(x, dict) else x):
+            n += size(item, seen)
+            if n > MAX_SIZE:
+                break
+        return n
+
+    def check_result(x, what: str):
+        if isinstance(x, (str, list, tuple, dict)) and size(x) > MAX_SIZE:
+            too_big(what, size(x))
+        return x
+
+    def check_widths(text, what: str) -> None:
+        """printf (``%``) and str.format widths and precisions in ``text``."""
+        if isinstance(text, str):
+            widths = [int(w) for w in re.findall(r"\d+", " ".join(_FORMAT_SPECS.findall(text)))]
+            if widths and max(widths) > MAX_SIZE:
+                too_big(what, max(widths))
+
+    def check_call(fn, args, kwargs) -> None:
+        """Refuse a call before it allocates: an integer argument over MAX_SIZE (a width, count or
+        repetition), a format width over it, and replace / join / expandtabs / indent whose result
+        would be over it."""
+        name = getattr(fn, "__name__", "")
+        values = list(args) + list(kwargs.values())
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and v > MAX_SIZE:
+                too_big(f"{name}() with the argument {v}", v)
+        owner = getattr(fn, "__self__", getattr(getattr(fn, "__wrapped__", None), "__self__", None))
+        own = [owner] if isinstance(owner, str) else []  # (a bound str method: the string is its self)
+        first = (own + list(args))[:1]
+        if name in ("format", "do_format") and first:
+            check_widths(first[0], "format")
+        if name in ("replace", "do_replace"):
+            text_old_new = (own + list(args))[:3]
+            if len(text_old_new) == 3 and all(isinstance(v, str) for v in text_old_new):
+                text, old, new = text_old_new
+                n = len(text) + (len(text) + 1 if old == "" else text.count(old)) * len(new)
+                if n > MAX_SIZE:
+                    too_big("replace()", n)
+        if name in ("expandtabs", "do_indent"):  # (every tab / line widened by the integer)
+            text, width = (own + list(args) + [kwargs.get("width", kwargs.get("tabsize", 8))])[:2]
+            if isinstance(text, str) and isinstance(width, int):
+                n = len(text) + (text.count("\t" if name == "expandtabs" else "\n") + 1) * width
+                if n > MAX_SIZE:
+                    too_big(f"{name}()", n)
+        if name in ("join", "do_join", "sync_do_join"):
+            parts_sep = (list(args[:1]) + own) if own else list(args[:2])
+            parts = parts_sep[0] if parts_sep and isinstance(parts_sep[0], (list, tuple)) else None
+            sep = parts_sep[1] if len(parts_sep) > 1 and isinstance(parts_sep[1], str) else ""
+            if parts is not None:
+                n = sum(size(p) for p in parts) + len(sep) * len(parts)
+                if n > MAX_SIZE:
+                    too_big("join()", n)
+
+    def bounded(fn):
+        @functools.wraps(fn)  # (keeps jinja's pass_context / pass_environment marks)
+        def call(*args, **kwargs):
+            own = (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment)  # (jinja's, passed first)
+            check_call(fn, [a for a in args if not isinstance(a, own)], kwargs)
+            return check_result(fn(*args, **kwargs), f"the filter {fn.__name__}")
+        return call
+
+    def checked_join(join):
+        def joined(seq):
+            seq = list(seq)
+            n = sum(size(s) for s in seq)
+            if n > MAX_SIZE:
+                too_big("~ concatenation", n)
+            return join(seq)
+        return joined
+
+    class StepCodeGenerator(CodeGenerator):
+        """Jinja's code generator, every block it writes (a loop's body, a branch, a macro, the
+        template) starting with a call of the environment's ``step``."""
+
+        def blockvisit(self, nodes, frame):
+            self.writeline("environment.step()")
+            super().blockvisit(nodes, frame)
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+        code_generator_class = StepCodeGenerator
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.budget = threading.local()  # (steps and deadline of the render running in this thread)
+
+        def start(self) -> None:
+            self.budget.steps, self.budget.deadline = 0, time.monotonic() + MAX_SECONDS
+
+        def step(self) -> None:
+            b = self.budget
+            b.steps += 1
+            if b.steps > MAX_STEPS or time.monotonic() > b.deadline:
+                raise TemplateLimitError(f"the template ran over {MAX_STEPS:,} steps or {MAX_SECONDS} s on one "
+                                         f"conversation (a loop that does not end in reasonable time)")
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "+" and type(left) is str and type(right) is str:  # (the common case, kept quick)
+                if len(left) + len(right) > MAX_SIZE:
+                    too_big("+", len(left) + len(right))
+                return left + right
+            if operator == "*":
+                seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and size(seq) * max(n, 0) > MAX_SIZE:
+                    too_big("*", size(seq) * n)
+            elif operator == "**":
+                if (isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1
+                        and right * math.log2(abs(left)) > 8 * MAX_SIZE):
+                    too_big(f"{left} ** {right} (bits)", int(right * math.log2(abs(left))))
+            elif operator == "+":
+                if size(left) + size(right) > MAX_SIZE:
+                    too_big("+", size(left) + size(right))
+            elif operator == "%" and isinstance(left, str):
+                check_widths(left, "% formatting")
+                stars = right if isinstance(right, tuple) else (right,)
+                if "*" in left and any(isinstance(v, int) and v > MAX_SIZE for v in stars):
+                    too_big("% formatting", max(v for v in stars if isinstance(v, int)))
+            return check_result(super().call_binop(context, operator, left, right), operator)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805  (jinja's signature)
+            __self.step()
+            check_call(__obj, args, kwargs)
+            return check_result(super().call(__context, __obj, *args, **kwargs), getattr(__obj, "__name__", "a call"))
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        """json.dumps, encoded piece by piece so that a nested value's text is refused past MAX_SIZE
+        before it is all made (an indent repeats at every line)."""
+        parts, n = [], 0
+        encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                   sort_keys=sort_keys)
+        for piece in encoder.iterencode(x):
+            n += len(piece)
+            if n > MAX_SIZE:
+                too_big("tojson", n)
+            parts.append(piece)
+        return "".join(parts)
+
+    import jinja2.ext
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.filters = {name: bounded(f) for name, f in env.filters.items()}
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals.pop("lipsum", None)
+    return env, TemplateLimitError, checked_join
+
+
+@functools.lru_cache(maxsize=1)
+def _environment():
+    return _sandbox()
+
+
+@functools.lru_cache(maxsize=8)
+def compiled(template: str):
+    """``template`` compiled once (a corpus renders it per record), its ``~`` concatenation bounded."""
+    env, _, checked_join = _environment()
+    out = env.from_string(template)
+    names = out.root_render_func.__globals__  # (the template module's own namespace)
+    for join in ("str_join", "markup_join"):
+        if join in names:
+            names[join] = checked_join(names[join])
+    return out
+
+
+def render(template: str, **variables) -> str:
+    """``template`` rendered with ``variables`` within the step, time and size limits
+    (``TemplateLimitError`` past one; jinja's errors and Python's from the template's own operations
+    pass through)."""
+    env, limit_error, _ = _environment()
+    tmpl = compiled(template)
+    env.start()
+    parts, n = [], 0
+    for piece in tmpl.generate(**variables):
+        n += len(piece)
+        if n > MAX_SIZE:
+            raise limit_error(f"the rendered text would pass {MAX_SIZE:,} characters")
+        parts.append(piece)
+    return "".join(parts)
