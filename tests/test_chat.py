@@ -414,7 +414,9 @@ HOSTILE_TEMPLATES = {
     "internals": ("{{ (1).__class__.__mro__ }}", "unsafe"),
     "repeat": ("{{ 'a' * 10 ** 9 }}", "at most 1,000,000"),
     "repeat_list": ("{{ [[1, 2]] * 10 ** 6 }}", "at most 1,000,000"),
-    "power": ("{{ 7 ** 1000000000 }}", "at most 1,000,000"),
+    "power": ("{{ 7 ** 1000000 }}", "bits of an integer; a chat template may make at most 65,536"),
+    "squaring": ("{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+                 "bits of an integer"),
     "doubling_concat": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
                         "{% endfor %}", "at most 1,000,000"),
     "doubling_plus": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
@@ -430,6 +432,7 @@ HOSTILE_TEMPLATES = {
     "join": ("{% set s = 'a' * 100000 %}{{ ''.join([s, s, s, s, s, s, s, s, s, s, s]) }}", "at most 1,000,000"),
     "join_filter": ("{% set s = 'a' * 100000 %}{{ [s, s, s, s, s, s, s, s, s, s, s]|join }}", "at most 1,000,000"),
     "expandtabs": ("{% set s = '\t' * 10000 %}{{ s.expandtabs(10000) }}", "at most 1,000,000"),
+    "wordwrap": ("{{ (' ' * 100000 ~ 'a')|wordwrap(2) }}", "may wrap at most 65,536"),
     "indent": ("{% set s = 'a\n' * 10000 %}{{ s|indent(10000) }}", "at most 1,000,000"),
     "tojson": ("{{ (range(100000)|list)|tojson(indent=100) }}", "at most 1,000,000"),
     "nested_repr": ("{% set l = ['a' * 1000] * 900 %}{{ [l, l, l, l, l, l, l, l, l, l, l, l] }}", "1,000,000"),

@@ -10,8 +10,8 @@ So a render here is also bounded:
 * **steps**: at most ``MAX_STEPS`` blocks (a loop's body, a branch, a macro call) and calls, and
   ``MAX_SECONDS``, per render: the code generator starts every block it writes with a call of the
   environment's ``step``, which counts and checks the deadline (a real template runs a few per message);
-* **sizes**: no string or list over ``MAX_SIZE`` items is made: ``*`` and ``+`` of sequences, ``**``
-  of integers (by the bits of the result), ``%`` formatting, ``~`` concatenation, the rendered output,
+* **sizes**: no string or list over ``MAX_SIZE`` items is made, no integer over ``MAX_BITS`` bits by
+  ``*`` or ``**``: ``*`` and ``+`` of sequences, ``*`` and ``**`` of integers (by the bits of the result), ``%`` formatting, ``~`` concatenation, the rendered output,
   and every call (a method or a filter) are checked before they allocate: a width, count or
   repetition argument over ``MAX_SIZE``, or ``replace`` / ``join`` whose result would be, is refused,
   and any result over it is refused too; ``lipsum`` (paragraphs of filler on request) is not offered.
@@ -32,7 +32,10 @@ import time
 
 MAX_STEPS = 5_000_000  # blocks (loop bodies, branches, macro calls) and calls one render may run
 MAX_SECONDS = 10.0  # and the time it may take (a step may be a scan of MAX_SIZE items)
-MAX_SIZE = 64 * 1024 * 1024  # characters (or items) of any string or list a template makes
+MAX_SIZE = 16 * 1024 * 1024  # characters (or items) of any string or list a template makes (a record of a
+# 128k-token context is about 0.5 M characters)
+MAX_WRAP = 65_536  # characters the wordwrap filter may wrap (textwrap is quadratic in a run of spaces)
+MAX_BITS = 65_536  # of an integer made by * or ** (a power of millions of bits takes minutes to compute)
 
 # printf conversions (%-08.3f) and str.format fields' specs ({:>10}; a width given as an argument,
 # {:{}} or %*d, is an integer argument, checked as such)
@@ -47,8 +50,9 @@ def _sandbox():
     class TemplateLimitError(jinja2.exceptions.SecurityError):
         """A chat template went over a step or size limit of this module."""
 
-    def too_big(what: str, n: int):
-        raise TemplateLimitError(f"{what} would make {n:,} items; a chat template may make at most {MAX_SIZE:,}")
+    def too_big(what: str, n: int, bits: bool = False):
+        limit, unit = (MAX_BITS, "bits of an integer") if bits else (MAX_SIZE, "items")
+        raise TemplateLimitError(f"{what} would make {n:,} {unit}; a chat template may make at most {limit:,}")
 
     def size(x, seen=None) -> int:
         """Characters and items ``str()`` of ``x`` grows with (nested lists and dicts counted through,
@@ -101,6 +105,9 @@ def _sandbox():
                 n = len(text) + (len(text) + 1 if old == "" else text.count(old)) * len(new)
                 if n > MAX_SIZE:
                     too_big("replace()", n)
+        if name == "do_wordwrap" and args and isinstance(args[0], str) and len(args[0]) > MAX_WRAP:
+            raise TemplateLimitError(f"wordwrap of {len(args[0]):,} characters; a chat template may wrap at most "
+                                     f"{MAX_WRAP:,} (textwrap takes time quadratic in a run of spaces)")
         if name in ("expandtabs", "do_indent"):  # (every tab / line widened by the integer)
             text, width = (own + list(args) + [kwargs.get("width", kwargs.get("tabsize", 8))])[:2]
             if isinstance(text, str) and isinstance(width, int):
@@ -168,10 +175,12 @@ def _sandbox():
                 seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and size(seq) * max(n, 0) > MAX_SIZE:
                     too_big("*", size(seq) * n)
+                if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_BITS:
+                    too_big("*", left.bit_length() + right.bit_length(), bits=True)
             elif operator == "**":
                 if (isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1
-                        and right * math.log2(abs(left)) > 8 * MAX_SIZE):
-                    too_big(f"{left} ** {right} (bits)", int(right * math.log2(abs(left))))
+                        and right * math.log2(abs(left)) > MAX_BITS):
+                    too_big(f"{left} ** {right}", int(right * math.log2(abs(left))), bits=True)
             elif operator == "+":
                 if size(left) + size(right) > MAX_SIZE:
                     too_big("+", size(left) + size(right))
