@@ -10,11 +10,12 @@ So a render here is also bounded:
 * **steps**: at most ``MAX_STEPS`` blocks (a loop's body, a branch, a macro call) and calls, and
   ``MAX_SECONDS``, per render: the code generator starts every block it writes with a call of the
   environment's ``step``, which counts and checks the deadline (a real template runs a few per message);
-* **sizes**: no string or list over ``MAX_SIZE`` items is made, no integer over ``MAX_BITS`` bits by
-  ``*`` or ``**``: ``*`` and ``+`` of sequences, ``*`` and ``**`` of integers (by the bits of the result), ``%`` formatting, ``~`` concatenation, the rendered output,
-  and every call (a method or a filter) are checked before they allocate: a width, count or
-  repetition argument over ``MAX_SIZE``, or ``replace`` / ``join`` whose result would be, is refused,
-  and any result over it is refused too; ``lipsum`` (paragraphs of filler on request) is not offered.
+* **sizes**: no string or list over ``MAX_SIZE`` items, and no integer over ``MAX_BITS`` bits, is
+  made: ``*``, ``+``, ``**`` and ``%`` (printf widths), ``~`` concatenation, the rendered output, and
+  every call (a method or a filter) are checked before they allocate (a width, count or repetition
+  argument over ``MAX_SIZE``; ``replace``, ``join``, ``expandtabs``, ``indent`` and ``tojson`` by the
+  size of their result; ``wordwrap`` by its input), and every result after; ``lipsum`` (paragraphs
+  of filler on request) is not offered.
 
 Over a limit, ``TemplateLimitError`` (a jinja ``SecurityError``); ``render_template`` in ``chat.py`` turns
 it and any other failure of a template into one ``ValueError`` naming the record.
@@ -44,6 +45,7 @@ _FORMAT_SPECS = re.compile(r"%[-#0 +]*\d*(?:\.\d*)?|\{[^{}]*:[^{}]*\}")
 
 def _sandbox():
     import jinja2
+    import jinja2.ext
     from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -126,8 +128,8 @@ def _sandbox():
     def bounded(fn):
         @functools.wraps(fn)  # (keeps jinja's pass_context / pass_environment marks)
         def call(*args, **kwargs):
-            own = (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment)  # (jinja's, passed first)
-            check_call(fn, [a for a in args if not isinstance(a, own)], kwargs)
+            passed = (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment)  # (jinja's own, first)
+            check_call(fn, [a for a in args if not isinstance(a, passed)], kwargs)
             return check_result(fn(*args, **kwargs), f"the filter {fn.__name__}")
         return call
 
@@ -175,8 +177,9 @@ def _sandbox():
                 seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and size(seq) * max(n, 0) > MAX_SIZE:
                     too_big("*", size(seq) * n)
-                if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_BITS:
-                    too_big("*", left.bit_length() + right.bit_length(), bits=True)
+                bits = left.bit_length() + right.bit_length() if isinstance(left, int) and isinstance(right, int) else 0
+                if bits > MAX_BITS:
+                    too_big("*", bits, bits=True)
             elif operator == "**":
                 if (isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1
                         and right * math.log2(abs(left)) > MAX_BITS):
@@ -211,8 +214,6 @@ def _sandbox():
                 too_big("tojson", n)
             parts.append(piece)
         return "".join(parts)
-
-    import jinja2.ext
 
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
