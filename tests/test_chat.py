@@ -494,9 +494,74 @@ def test_chat_template_limits_leave_real_templates_alone(qwen, monkeypatch):
         tok.extra = {"tokenizer.chat_template": template}
         got = chat.render_template(template, CONVO["messages"], tok, True, "mem:1")
         assert got == want and len(got) > 200
+    # jinja's indent filter extends a list given to it in place (then fails), past the immutable sandbox:
+    # the template works on copies, so the caller's messages stay as they were
+    messages = copy.deepcopy(CONVO["messages"])
+    with pytest.raises(ValueError, match=r"mem:1: .*AttributeError: 'list' object has no attribute 'splitlines'"):
+        chat.render_template("{{ messages|indent(2) }}", messages, tok, True, "mem:1")
+    assert messages == CONVO["messages"]
     monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.0)
     with pytest.raises(ValueError, match=r"mem:1: .* steps or 0\.0 s on one conversation"):
         chat.render_template("{% for m in messages %}{{ m.role }}{% endfor %}", CONVO["messages"], tok, True, "mem:1")
+
+
+def test_random_chat_templates_render_or_fail_by_name_within_the_limits(qwen, monkeypatch):
+    """Random templates of nested expressions over the operators, methods and filters the limits watch
+    (and some they need not), in loops and ``set``s: each renders or fails with one ValueError naming
+    the record, no render holds more than a few times the size limit (tracemalloc's peak), and the
+    caller's messages are left as they were. (By hand, 75,000 of them found the integer-bits, wordwrap
+    and list-size limits; this one found jinja's indent filter extending a list in place.)"""
+    import copy
+    import random
+    import tracemalloc
+
+    from apr_kernels.train import chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_SIZE", 1_000_000)
+    monkeypatch.setattr(chat_template, "MAX_STEPS", 20_000)
+    values = ["'a'", "'ab\\t\\n'", "s", "ns.s", "messages", "messages[0].content", "1", "7", "10**6", "99999999",
+              "2", "[s, s]", "[1, 2, 3]", "range(1000)|list", "{'a': s}", "loop.index"]
+    forms = ["{a} * {b}", "{a} + {b}", "{a} ** {b}", "'%{b}d' % 1", "{a} ~ {b}", "{a}|center({b})", "{a}|indent({b})",
+             "{a}.ljust({b})", "{a}.expandtabs({b})", "{a}|replace('a', {b})", "{a}.replace('', {b})",
+             "[{a}, {b}]|join", "{a}|tojson", "{a}|tojson(indent={b})", "'{{:>{b}}}'.format({a})", "{a}|list",
+             "{a}|batch({b})|list", "{a}|wordwrap({b})", "{a}|truncate({b})", "{a}.split()", "{a}|length",
+             "{a}[:{b}]", "({a})|string", "{a} / {b}", "{a} // {b}", "{a}|sum", "{a}|sort", "{a}|unique|list"]
+    rng = random.Random(7)
+
+    def expr(depth=0):
+        if depth > 1 or rng.random() < 0.4:
+            return rng.choice(values)
+        return "(" + rng.choice(forms).format(a=expr(depth + 1), b=expr(depth + 1)) + ")"
+
+    def statement(depth=0):
+        r = rng.random()
+        if depth < 3 and r < 0.3:
+            return "{% for i in " + expr() + " %}" + statement(depth + 1) + statement(depth + 1) + "{% endfor %}"
+        return ("{% set ns.s = " if r < 0.5 else "{% set s = " if r < 0.6 else "{{ ") + expr() + (
+            " %}" if r < 0.6 else " }}")
+
+    tok = copy.copy(qwen)
+    messages = copy.deepcopy(CONVO["messages"])
+    outcomes = {"rendered": 0, "refused": 0}
+    tracemalloc.start()
+    try:
+        for _ in range(150):
+            template = "{% set s = 'x' %}{% set ns = namespace(s='y') %}" + "".join(
+                statement() for _ in range(rng.randint(1, 4)))
+            try:
+                text = chat.render_template(template, CONVO["messages"], tok, False, "mem:1")
+            except ValueError as exc:
+                assert str(exc).startswith("mem:1: the model's chat template failed on this record ("), exc
+                outcomes["refused"] += 1
+            else:
+                assert isinstance(text, str) and len(text) <= 1_000_000
+                outcomes["rendered"] += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert min(outcomes.values()) >= 10, outcomes
+    assert peak < 60_000_000, peak
+    assert CONVO["messages"] == messages  # (jinja's indent filter extends a list in place: the template gets copies)
 
 
 def _records_of(stream: torch.Tensor, eos: int) -> list[list[int]]:

@@ -193,8 +193,11 @@ def render_template(template: str, messages: list[dict], tokenizer, add_generati
     for key, ident in (("bos_token", getattr(tokenizer, "bos_id", None)), ("eos_token", getattr(tokenizer, "eos_id", None))):
         if ident is not None:
             names[key] = tokenizer.token_bytes(ident).decode("utf-8", errors="replace")
+    # the template gets copies: jinja's indent filter extends a list given to it in place (`s += "\n"`),
+    # past the immutable sandbox, and the caller reads the messages again after the render
+    copies = [dict(m) if isinstance(m, dict) else m for m in messages]
     try:
-        return render(template, messages=messages, add_generation_prompt=add_generation_prompt, **names)
+        return render(template, messages=copies, add_generation_prompt=add_generation_prompt, **names)
     except jinja2.exceptions.TemplateError as exc:
         raise ValueError(f"{where}: the model's chat template failed on this record ({exc})") from None
     except Exception as exc:  # noqa: BLE001  (whatever the template's own operations raise)
