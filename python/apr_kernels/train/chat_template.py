@@ -75,8 +75,9 @@ def _sandbox():
         return n
 
     def check_result(x, what: str):
-        if isinstance(x, (str, list, tuple, dict)) and size(x) > MAX_SIZE:
-            too_big(what, size(x))
+        n = size(x)
+        if n > MAX_SIZE:
+            too_big(what, n)
         return x
 
     def check_widths(text, what: str) -> None:
@@ -125,10 +126,11 @@ def _sandbox():
                 if n > MAX_SIZE:
                     too_big("join()", n)
 
+    passed = (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment)  # (jinja's own, first)
+
     def bounded(fn):
         @functools.wraps(fn)  # (keeps jinja's pass_context / pass_environment marks)
         def call(*args, **kwargs):
-            passed = (jinja2.runtime.Context, jinja2.nodes.EvalContext, jinja2.Environment)  # (jinja's own, first)
             check_call(fn, [a for a in args if not isinstance(a, passed)], kwargs)
             return check_result(fn(*args, **kwargs), f"the filter {fn.__name__}")
         return call
@@ -175,8 +177,9 @@ def _sandbox():
                 return left + right
             if operator == "*":
                 seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and size(seq) * max(n, 0) > MAX_SIZE:
-                    too_big("*", size(seq) * n)
+                made = size(seq) * max(n, 0) if isinstance(seq, (str, list, tuple)) and isinstance(n, int) else 0
+                if made > MAX_SIZE:
+                    too_big("*", made)
                 bits = left.bit_length() + right.bit_length() if isinstance(left, int) and isinstance(right, int) else 0
                 if bits > MAX_BITS:
                     too_big("*", bits, bits=True)
@@ -185,14 +188,17 @@ def _sandbox():
                         and right * math.log2(abs(left)) > MAX_BITS):
                     too_big(f"{left} ** {right}", int(right * math.log2(abs(left))), bits=True)
             elif operator == "+":
-                if size(left) + size(right) > MAX_SIZE:
-                    too_big("+", size(left) + size(right))
+                made = size(left) + size(right)
+                if made > MAX_SIZE:
+                    too_big("+", made)
             elif operator == "%" and isinstance(left, str):
                 check_widths(left, "% formatting")
                 stars = right if isinstance(right, tuple) else (right,)
                 if "*" in left and any(isinstance(v, int) and v > MAX_SIZE for v in stars):
                     too_big("% formatting", max(v for v in stars if isinstance(v, int)))
-            return check_result(super().call_binop(context, operator, left, right), operator)
+            result = super().call_binop(context, operator, left, right)
+            # (* and + were sized exactly above; % can splice its arguments in)
+            return check_result(result, operator) if operator == "%" else result
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805  (jinja's signature)
             __self.step()
