@@ -440,6 +440,10 @@ HOSTILE_TEMPLATES = {
     "loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "steps"),
     "string_loops": ("{% set s = 'a' * 100000 %}{% for i in s %}{% for j in s %}{% endfor %}{% endfor %}", "steps"),
     "lipsum": ("{{ lipsum(10 ** 6) }}", "'lipsum' is undefined"),
+    # one filter call looping over many items in Python (16 Mi characters sorted took 30 s), and a chain
+    # of lazy filters each calling one per item (each call a step)
+    "sort_items": ("{{ ('ab' * 400000)|sort|length }}", "the filter sort over 800,000 items; .* at most 100,000"),
+    "lazy_chain": ("{{ ('ab' * 40000)|list" + "|map('upper')" * 30 + "|list|length }}", "steps"),
 }
 
 
@@ -456,6 +460,7 @@ def test_hostile_chat_templates_fail_by_name_before_they_allocate(qwen, monkeypa
 
     monkeypatch.setattr(chat_template, "MAX_SIZE", 1_000_000)
     monkeypatch.setattr(chat_template, "MAX_STEPS", 100_000)
+    monkeypatch.setattr(chat_template, "MAX_ITEMS", 100_000)
     template, want = HOSTILE_TEMPLATES[case]
     tok = copy.copy(qwen)
     tok.extra = {"tokenizer.chat_template": template}

@@ -9,13 +9,15 @@ So a render here is also bounded:
 
 * **steps**: at most ``MAX_STEPS`` blocks (a loop's body, a branch, a macro call) and calls, and
   ``MAX_SECONDS``, per render: the code generator starts every block it writes with a call of the
-  environment's ``step``, which counts and checks the deadline (a real template runs a few per message);
+  environment's ``step``, which counts and checks the deadline (a real template runs a few per message),
+  and so does every call of a filter (``map``, ``select`` and the like call one per item, lazily);
 * **sizes**: no string or list over ``MAX_SIZE`` items, and no integer over ``MAX_BITS`` bits, is
   made: ``*``, ``+``, ``**`` and ``%`` (printf widths), ``~`` concatenation, the rendered output, and
   every call (a method or a filter) are checked before they allocate (a width, count or repetition
   argument over ``MAX_SIZE``; ``replace``, ``join``, ``expandtabs``, ``indent`` and ``tojson`` by the
   size of their result; ``wordwrap`` by its input), and every result after; ``lipsum`` (paragraphs
-  of filler on request) is not offered.
+  of filler on request) is not offered; a filter that loops over its items in Python (``sort``,
+  ``unique``, ``map``, ...) takes at most ``MAX_ITEMS`` of them in one call, which is one step.
 
 Over a limit, ``TemplateLimitError`` (a jinja ``SecurityError``); ``render_template`` in ``chat.py`` turns
 it and any other failure of a template into one ``ValueError`` naming the record.
@@ -37,6 +39,12 @@ MAX_SIZE = 16 * 1024 * 1024  # characters (or items) of any string or list a tem
 # 128k-token context is about 0.5 M characters)
 MAX_WRAP = 65_536  # characters the wordwrap filter may wrap (textwrap is quadratic in a run of spaces)
 MAX_BITS = 65_536  # of an integer made by * or ** (a power of millions of bits takes minutes to compute)
+MAX_ITEMS = 1 << 20  # items one call of a filter that loops over them in Python may take (sort, unique, map, ...:
+# up to 3.5 us an item on a slow core, so one call ends within about 4 s; 16 Mi characters sorted took 30 s)
+# (the filters of jinja2.filters.FILTERS that loop in Python over the items of their first argument)
+_ITERATING = frozenset({"do_sort", "do_unique", "do_dictsort", "do_groupby", "do_sum", "do_min", "do_max",
+                        "do_join", "sync_do_join", "do_batch", "do_slice", "do_map", "do_select", "do_reject",
+                        "do_selectattr", "do_rejectattr", "do_items"})
 
 # printf conversions (%-08.3f) and str.format fields' specs ({:>10}; a width given as an argument,
 # {:{}} or %*d, is an integer argument, checked as such)
@@ -93,6 +101,10 @@ def _sandbox():
         would be over it."""
         name = getattr(fn, "__name__", "")
         values = list(args) + list(kwargs.values())
+        if name in _ITERATING and args and hasattr(args[0], "__len__") and len(args[0]) > MAX_ITEMS:
+            raise TemplateLimitError(f"the filter {name.removeprefix('sync_').removeprefix('do_')} over "
+                                     f"{len(args[0]):,} items; a chat template may give a filter that loops over "
+                                     f"its items at most {MAX_ITEMS:,}")
         for v in values:
             if isinstance(v, int) and not isinstance(v, bool) and v > MAX_SIZE:
                 too_big(f"{name}() with the argument {v}", v)
@@ -131,6 +143,8 @@ def _sandbox():
     def bounded(fn):
         @functools.wraps(fn)  # (keeps jinja's pass_context / pass_environment marks)
         def call(*args, **kwargs):
+            if hasattr(env.budget, "deadline"):  # (not when jinja folds a constant while it compiles)
+                env.step()  # (map, select and the like call a filter per item: a chain of them is bounded too)
             check_call(fn, [a for a in args if not isinstance(a, passed)], kwargs)
             return check_result(fn(*args, **kwargs), f"the filter {fn.__name__}")
         return call
@@ -252,8 +266,8 @@ def render(template: str, **variables) -> str:
     (``TemplateLimitError`` past one; jinja's errors and Python's from the template's own operations
     pass through)."""
     env, limit_error, _ = _environment()
+    env.start()  # (before the compile: jinja folds constant filter calls then, each a step of this render)
     tmpl = compiled(template)
-    env.start()
     parts, n = [], 0
     for piece in tmpl.generate(**variables):
         n += len(piece)
