@@ -190,6 +190,67 @@ def test_parquet_rows_are_documents_like_json_lines(qwen, tmp_path):
         tokenize_files([tmp_path / "bad.parquet"], qwen)
 
 
+
+def _damaged(data: bytes, rng) -> bytes:
+    """``data`` with one random damage: bytes changed, cut short, a run zeroed, a 4/8-byte integer set to
+    an edge value, or 16 bytes copied from elsewhere."""
+    b, kind = bytearray(data), rng.randrange(5)
+    if kind == 0:
+        for _ in range(rng.randint(1, 8)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+    elif kind == 1:
+        b = b[:rng.randrange(len(b))]
+    elif kind == 2:
+        i = rng.randrange(len(b))
+        b[i:i + rng.randint(1, 64)] = bytes(rng.randint(1, 64))
+    elif kind == 3:
+        i, n = rng.randrange(len(b) - 8), rng.choice([4, 8])
+        b[i:i + n] = rng.choice([0, 1, 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1, 1 << 30]).to_bytes(8, "little")[:n]
+    else:
+        i, j = rng.randrange(len(b)), rng.randrange(len(b))
+        b[i:i + 16] = b[j:j + 16]
+    return bytes(b)
+
+
+def test_damaged_parquet_and_arrow_files_are_refused_by_name(tmp_path):
+    """Training data files are input too. Randomly damaged Parquet files and Arrow stream shards (text
+    and messages columns, several row groups / record batches) each read or fail with a ValueError
+    naming the file: pyarrow's own errors (OSError, SystemError, ...) were raised as they came, and a
+    damaged Arrow shard's offsets crashed the process (SIGSEGV, SIGBUS: 19 of 19 batches of 200 damaged
+    files, by hand) until each batch was validated in full before its rows were read."""
+    import random
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [("doc %d " % i) * (1 + i % 7) for i in range(40)]
+    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    tables = {"t": pa.table({"text": texts, "id": list(range(40))}), "m": pa.table({"messages": [convo] * 12})}
+    bases = {}
+    for name, table in tables.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet", row_group_size=5)
+        with pa.ipc.new_stream(str(tmp_path / f"{name}.arrow"), table.schema) as w:
+            for b in table.to_batches(max_chunksize=5):
+                w.write_batch(b)
+        for suffix in (".parquet", ".arrow"):
+            bases[name + suffix] = (tmp_path / f"{name}{suffix}").read_bytes()
+    tok, rng, outcomes = llama3_tokenizer(), random.Random(torch.initial_seed()), []
+    for name, data in bases.items():  # (the undamaged files read)
+        assert tokenize_files([tmp_path / name], tok).numel() > 0, name
+    for i in range(240):
+        name = sorted(bases)[i % 4]
+        path = tmp_path / f"d{i}" / name
+        path.parent.mkdir()
+        path.write_bytes(_damaged(bases[name], rng))
+        try:
+            tokenize_files([path], tok)
+            outcomes.append("read")
+        except ValueError as exc:
+            assert str(exc).startswith(str(path)), f"{name}, damaged: {exc}"
+            outcomes.append("refused" if "is not readable" not in str(exc) else "refused while reading")
+    # (most damage is found at the header; some only when a row group or record batch is read)
+    assert {"read", "refused", "refused while reading"} <= set(outcomes), sorted(set(outcomes))
+
+
 ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
           {"instruction": "Say hi.", "input": "", "output": "Hi!", "system": "Be kind.",
            "history": [["Who are you?", "A model."]]}]

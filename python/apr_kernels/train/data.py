@@ -53,6 +53,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -227,8 +228,9 @@ def _parquet_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]
     except Exception as exc:  # noqa: BLE001 -- pyarrow's errors vary; any is a bad file
         raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     columns, kind = _table_columns(path, names, text_field)
-    yield from _table_documents(path, (pf.read_row_group(g, columns=columns).to_pylist()
-                                       for g in range(pf.num_row_groups)), kind, text_field)
+    chunks = (_checked_rows(path, f"row group {g}", lambda g=g: pf.read_row_group(g, columns=columns))
+              for g in range(pf.num_row_groups))
+    yield from _table_documents(path, chunks, kind, text_field)
 
 
 def _arrow_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]]:
@@ -241,7 +243,31 @@ def _arrow_documents(path, text_field: str) -> Iterator[str | tuple[str, dict]]:
     except Exception as exc:  # noqa: BLE001 -- pyarrow's errors vary; any is a bad file
         raise ValueError(f"{path}: not a readable Arrow stream file ({type(exc).__name__}: {exc})") from None
     columns, kind = _table_columns(path, names, text_field)
-    yield from _table_documents(path, (b.select(columns).to_pylist() for b in reader), kind, text_field)
+
+    def chunks():
+        for i in itertools.count():
+            rows = _checked_rows(path, f"record batch {i}", lambda: next(reader, None), columns)
+            if rows is None:
+                return
+            yield rows
+
+    yield from _table_documents(path, chunks(), kind, text_field)
+
+
+def _checked_rows(path, what: str, read, columns: list[str] | None = None) -> list[dict] | None:
+    """``read()``'s table or record batch (None: the end) as row dicts, validated in full first: the
+    files are input, and pyarrow trusts a damaged Arrow file's offsets and lengths (reading its rows
+    crashed the process with SIGSEGV or SIGBUS) until ``validate(full=True)`` has checked them."""
+    try:
+        data = read()
+        if data is None:
+            return None
+        if columns is not None:
+            data = data.select(columns)
+        data.validate(full=True)
+        return data.to_pylist()
+    except Exception as exc:  # noqa: BLE001 -- pyarrow's errors vary (ArrowInvalid, OSError, ...): a bad file
+        raise ValueError(f"{path}: {what} is not readable ({type(exc).__name__}: {exc})") from None
 
 
 def _pyarrow(path, what: str):
