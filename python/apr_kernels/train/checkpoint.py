@@ -35,6 +35,7 @@ moments (12 bytes per parameter).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -213,7 +214,67 @@ def training_metadata(path: str | os.PathLike) -> dict:
     if meta.get("training.format") != FORMAT:
         raise ValueError(f"{path}: not a resumable training checkpoint (metadata training.format="
                          f"{meta.get('training.format')!r}; expected {FORMAT!r})")
+    _check_training_metadata(path, meta)
     return meta
+
+
+def _count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _paths(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
+
+
+# A resumable checkpoint's training.* metadata (a file is input: a damaged value is an error naming the
+# file and the key, not a KeyError or TypeError where it is used): key -> (required, check, expected)
+_TRAINING_KEYS = {
+    "training.step": (True, _count, "an integer >= 0"),
+    "training.data_position": (True, _count, "an integer >= 0"),
+    "training.adam_steps": (True, lambda v: isinstance(v, dict) and all(_count(n) for n in v.values()),
+                            "an object of parameter name: integer >= 0"),
+    "training.config": (True, lambda v: isinstance(v, dict), "an object (the run's TrainConfig)"),
+    "training.eval_loss": (False, lambda v: type(v) in (int, float), "a number"),
+    "training.eval_tokens": (False, _count, "an integer >= 0"),
+    "training.best_eval": (False, lambda v: isinstance(v, list) and len(v) == 2 and _number(v[0]) and _count(v[1]),
+                           "[eval loss, step]"),
+    "training.stale_evals": (False, _count, "an integer >= 0"),
+    "training.grad_scaler": (False, lambda v: isinstance(v, dict), "an object (the fp16 loss scaler's state)"),
+    "training.stopped_early": (False, lambda v: isinstance(v, bool), "true or false"),
+    "training.data_spec": (False, lambda v: (
+        isinstance(v, dict) and _paths(v.get("data")) and (v.get("eval_data") is None or _paths(v["eval_data"]))
+        and (v.get("max_tokens") is None or _count(v["max_tokens"]))
+        and (v.get("eval_fraction") is None or (_number(v["eval_fraction"]) and 0 <= v["eval_fraction"] < 1))
+        and (v.get("text_field") is None or isinstance(v["text_field"], str))
+        and (v.get("weights") is None or (isinstance(v["weights"], list) and len(v["weights"]) == len(v["data"])
+                                          and all(_number(w) and w > 0 for w in v["weights"])))),
+        "an object with data (a list of paths), eval_data (paths or null), max_tokens, eval_fraction, "
+        "text_field and weights (one > 0 per data path) as train writes them"),
+}
+
+
+def _check_training_metadata(path, meta: dict) -> None:
+    from .loop import TrainConfig
+
+    for key, (required, check, expected) in _TRAINING_KEYS.items():
+        if key not in meta:
+            if required:
+                raise ValueError(f"{path}: metadata {key} is missing; expected {expected} in a resumable checkpoint")
+            continue
+        if not check(meta[key]):
+            raise ValueError(f"{path}: metadata {key}={meta[key]!r:.100}; expected {expected}")
+    if ("training.eval_loss" in meta) != ("training.eval_tokens" in meta):
+        raise ValueError(f"{path}: metadata training.eval_loss and training.eval_tokens; expected both or neither")
+    if ("training.best_eval" in meta) != ("training.stale_evals" in meta):
+        raise ValueError(f"{path}: metadata training.best_eval and training.stale_evals; expected both or neither")
+    try:
+        TrainConfig.from_dict(meta["training.config"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: metadata training.config: {exc}") from None
 
 
 def _adam8_moment(f, path, key: str, name: str, p, opt, split=None):
@@ -233,6 +294,7 @@ def _adam8_moment(f, path, key: str, name: str, p, opt, split=None):
     if absmax not in f:
         raise ValueError(f"{path}: checkpoint lacks optimizer tensor {absmax!r}; expected one beside its codes")
     codes, scales = f.get_tensor(f"{PREFIX}{_ADAM8}.{key}.codes.{name}"), f.get_tensor(absmax)
+    _check_moment(scales, path, absmax)
     local = p.to_local() if hasattr(p, "to_local") else p
     qmap = opt.qmap(key == "exp_avg", local.device)
     what = f"{path}: optimizer state {key!r} of {name!r}"
@@ -283,6 +345,7 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
             muon = f"{PREFIX}muon.{_MUON}.{name}"
             if muon in f:  # a Muon matrix (optim.py): its momentum buffer
                 t = f.get_tensor(muon)
+                _check_moment(t, path, muon)
                 if name in split:
                     t = tp.local(t, split[name], f"{path}: optimizer tensor {muon!r}")
                 if tuple(t.shape) != tuple(p.shape):
@@ -306,6 +369,7 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
                     raise ValueError(f"{path}: checkpoint lacks optimizer tensor {tname!r}; expected one "
                                      f"per trained parameter")
                 t = f.get_tensor(tname)
+                _check_moment(t, path, tname)
                 if name in split:
                     t = tp.local(t, split[name], f"{path}: optimizer tensor {tname!r}")
                 if tuple(t.shape) != tuple(p.shape):
@@ -321,17 +385,37 @@ def restore_training_state(path: str | os.PathLike, trainer) -> None:
         rng_cpu = f.get_tensor(f"{PREFIX}rng.torch_cpu").clone() if f"{PREFIX}rng.torch_cpu" in f else None
         rng_cuda = (f.get_tensor(f"{PREFIX}rng.torch_cuda").clone()
                     if f"{PREFIX}rng.torch_cuda" in f and trainer.device.type == "cuda" else None)
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    try:
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: its optimizer state does not fit this run's optimizer ({exc!r}); expected a "
+                         f"checkpoint of the same --optimizer") from None
     trainer.step = int(meta["training.step"])
     trainer.batches.position = int(meta["training.data_position"])
     if getattr(trainer, "scaler", None) is not None and "training.grad_scaler" in meta:
-        trainer.scaler.load_state_dict(meta["training.grad_scaler"])
+        try:
+            trainer.scaler.load_state_dict(meta["training.grad_scaler"])
+        except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: metadata training.grad_scaler: {exc!r}; expected the fp16 loss scaler's "
+                             f"state") from None
     if "training.eval_loss" in meta:
         trainer.last_eval = (float(meta["training.eval_loss"]), int(meta["training.eval_tokens"]))
     if "training.best_eval" in meta:
         loss, step = meta["training.best_eval"]
         trainer.best_eval, trainer.stale_evals = (float(loss), int(step)), int(meta["training.stale_evals"])
-    if rng_cpu is not None:
-        torch.set_rng_state(rng_cpu)
-    if rng_cuda is not None:
-        torch.cuda.set_rng_state(rng_cuda, trainer.device)
+    try:
+        if rng_cpu is not None:
+            torch.set_rng_state(rng_cpu)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, trainer.device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: tensor {PREFIX}rng.torch_cpu/cuda is not a random generator state ({exc})") from None
+
+
+def _check_moment(t: torch.Tensor, path, name: str) -> None:
+    """An optimizer moment read back: floating point, finite, and a second moment >= 0 (a NaN, an inf
+    or the square root of a negative value would poison every step)."""
+    if (not t.is_floating_point() or not bool(torch.isfinite(t).all())
+            or ((".exp_avg_sq." in name or ".absmax." in name) and bool((t < 0).any()))):
+        raise ValueError(f"{path}: optimizer tensor {name!r} ({t.dtype}) is not floating point, holds non-finite "
+                         f"values, or (a second moment, a block scale) negative ones; expected the moments the run saved")

@@ -701,6 +701,9 @@ def _train(args, env, mode: str) -> int:
 
     if args.resume:
         meta = training_metadata(args.resume)
+        if "training.data_spec" not in meta:
+            raise ValueError(f"{args.resume}: metadata training.data_spec is missing; expected the data a train run "
+                             f"read (train writes it in its checkpoints)")
         spec = meta["training.data_spec"]
         cfg = extended(TrainConfig.from_dict(meta["training.config"]), args, meta["training.step"], args.resume)
         _check_low_precision(cfg, args, device)

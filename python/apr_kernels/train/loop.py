@@ -132,8 +132,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in d.items() if k in known}, **overrides})
+        """A config from ``to_dict``'s dict (a checkpoint's ``training.config``): unknown keys left out,
+        each known value of its field's type (``int`` also for a float field), then ``__post_init__``'s checks."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            kinds = fields.get(k, "").split(" | ")
+            if k in fields and not (v is None and "None" in kinds or type(v) is bool and "bool" in kinds
+                                    or type(v) is int and ("int" in kinds or "float" in kinds)
+                                    or type(v) is float and "float" in kinds or type(v) is str and "str" in kinds
+                                    or type(v) is list and "list" in kinds):
+                raise ValueError(f"training config: {k}={v!r:.80}; expected {fields[k]}")
+        return cls(**{**{k: v for k, v in d.items() if k in fields}, **overrides})
 
     def for_epochs(self, epochs: float | None, items: int, *, warmup: int | None, what: str) -> "TrainConfig":
         """This config with ``steps`` for ``epochs`` passes over ``items`` training items (sequences,
