@@ -238,7 +238,7 @@ _TRAINING_KEYS = {
     "training.adam_steps": (True, lambda v: isinstance(v, dict) and all(_count(n) for n in v.values()),
                             "an object of parameter name: integer >= 0"),
     "training.config": (True, lambda v: isinstance(v, dict), "an object (the run's TrainConfig)"),
-    "training.eval_loss": (False, lambda v: type(v) in (int, float), "a number"),
+    "training.eval_loss": (False, _number, "a finite number"),
     "training.eval_tokens": (False, _count, "an integer >= 0"),
     "training.best_eval": (False, lambda v: isinstance(v, list) and len(v) == 2 and _number(v[0]) and _count(v[1]),
                            "[eval loss, step]"),
@@ -418,4 +418,5 @@ def _check_moment(t: torch.Tensor, path, name: str) -> None:
     if (not t.is_floating_point() or not bool(torch.isfinite(t).all())
             or ((".exp_avg_sq." in name or ".absmax." in name) and bool((t < 0).any()))):
         raise ValueError(f"{path}: optimizer tensor {name!r} ({t.dtype}) is not floating point, holds non-finite "
-                         f"values, or (a second moment, a block scale) negative ones; expected the moments the run saved")
+                         f"values, or (a second moment, a block scale) negative ones; expected the moments the run "
+                         f"saved")
