@@ -961,6 +961,8 @@ RESUME_DAMAGE = {
                   r"training\.eval_loss and training\.eval_tokens; expected both or neither"),
     "negative_second_moment": (_neg("__training__.adam.exp_avg_sq.model.norm.weight"),
                                r"optimizer tensor '__training__\.adam\.exp_avg_sq\.model\.norm\.weight' .*negative"),
+    "config_list": (lambda meta, tensors: meta["training.config"].__setitem__("eval_choices", [1.5]),
+                    r"training config: eval_choices=\[1\.5\]; expected list \| None"),
     "rng": (lambda meta, tensors: tensors.__setitem__("__training__.rng.torch_cpu", torch.ones(3)),
             r"tensor __training__\.rng\.torch_cpu/cuda is not a random generator state"),
 }
@@ -986,3 +988,20 @@ def test_a_damaged_training_state_is_refused_by_name_at_resume(first_run, tmp_pa
     code, _, err = run(capsys, "train", "--resume", str(bad), "--no-progress", "--out", str(tmp_path / "out"))
     assert code == 1, err
     assert re.search(rf"error: {re.escape(str(bad))}: .*{want}", err), err
+
+
+@pytest.mark.parametrize("config, want", [([1], r"training\.config=\[1\]; expected an object"),
+                                          ({"seq_len": "x"}, r"training config: seq_len='x'; expected int")])
+def test_eval_names_a_damaged_stored_config(first_run, tmp_path, capsys, config, want):
+    """``eval`` reads the run's sequence length and precision from the model's stored training.config:
+    a damaged one is an error naming the file (was an AttributeError or a bare int() error)."""
+    import apr_kernels
+
+    out, _ = first_run
+    with apr_kernels.open(out / "model.apr") as f:
+        meta, tensors = dict(f.metadata), {n: f.get_tensor(n).clone() for n in f.keys()}
+    meta["training.config"] = config
+    bad = tmp_path / "damaged.apr"
+    apr_kernels.save(tensors, bad, metadata=meta)
+    code, _, err = run(capsys, "eval", "--init", str(bad), "--data", HELD, "--max-tokens", "240")
+    assert code == 1 and re.search(rf"error: {re.escape(str(bad))}: .*{want}", err), err

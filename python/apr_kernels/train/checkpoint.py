@@ -257,9 +257,24 @@ _TRAINING_KEYS = {
 }
 
 
-def _check_training_metadata(path, meta: dict) -> None:
+def stored_config(meta: dict, path) -> dict:
+    """The ``training.config`` a file's metadata ``meta`` holds ({} when none; a checkpoint or a model
+    a run wrote), checked as ``TrainConfig`` checks it: a damaged one is an error naming the file."""
     from .loop import TrainConfig
 
+    cfg = meta.get("training.config")
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: metadata training.config={cfg!r:.100}; expected an object (the run's TrainConfig)")
+    try:
+        TrainConfig.from_dict(cfg)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: metadata training.config: {exc}") from None
+    return cfg
+
+
+def _check_training_metadata(path, meta: dict) -> None:
     for key, (required, check, expected) in _TRAINING_KEYS.items():
         if key not in meta:
             if required:
@@ -271,10 +286,7 @@ def _check_training_metadata(path, meta: dict) -> None:
         raise ValueError(f"{path}: metadata training.eval_loss and training.eval_tokens; expected both or neither")
     if ("training.best_eval" in meta) != ("training.stale_evals" in meta):
         raise ValueError(f"{path}: metadata training.best_eval and training.stale_evals; expected both or neither")
-    try:
-        TrainConfig.from_dict(meta["training.config"])
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: metadata training.config: {exc}") from None
+    stored_config(meta, path)
 
 
 def _adam8_moment(f, path, key: str, name: str, p, opt, split=None):

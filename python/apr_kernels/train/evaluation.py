@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from .checkpoint import stored_config
 from .cli import add_common_options, keep_freed_memory, load_tokenizer, packing_eos, pick_device, tristate
 from .generation import (add_quantize_option, add_tensor_parallel_option, as_quantized, inference_model,
                          reward_functions, sampled_batches, scored, split_or_quantized)
@@ -57,7 +58,7 @@ def evaluate_file(init: str, data: list[str], *, seq_len: int | None = None, max
         model = split_model(init, env, "eval", fast=fast)
     else:
         model = as_quantized(from_apr(init, device=pick_device(device), fast=fast), quantize, init)
-    stored = model.apr_metadata.get("training.config") or {}
+    stored = stored_config(model.apr_metadata, init)
     tok = load_tokenizer(tokenizer, model.apr_metadata, init)
     check_tokenizer_vocab(tok.vocab_size, model.config.vocab_size, f"{init}: tokenizer")
     seq_len = seq_len or int(stored.get("seq_len", 256))
@@ -159,7 +160,7 @@ def load_model(args, dev, env, classifier: bool = False):
     else:
         load = load_classifier if classifier else from_apr
         model = as_quantized(load(args.init, device=dev, fast=tristate(args.fast)), args.quantize, args.init)
-    stored = model.apr_metadata.get("training.config") or {}
+    stored = stored_config(model.apr_metadata, args.init)
     return model, autocast_dtype_for(stored.get("precision", "auto"), dev)
 
 
@@ -172,7 +173,7 @@ def sharded_model(init, env, fast, **kwargs):
 
     from . import distributed
 
-    stored = plan(init).metadata.get("training.config") or {}  # (FSDP's compute dtype: before loading)
+    stored = stored_config(plan(init).metadata, init)  # (FSDP's compute dtype: before loading)
     model = distributed.from_apr(init, env, "fsdp", fast=fast,
                                  compute_dtype=autocast_dtype_for(stored.get("precision", "auto"), env.device),
                                  **kwargs)

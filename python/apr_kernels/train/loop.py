@@ -133,14 +133,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "TrainConfig":
         """A config from ``to_dict``'s dict (a checkpoint's ``training.config``): unknown keys left out,
-        each known value of its field's type (``int`` also for a float field), then ``__post_init__``'s checks."""
+        each known value of its field's type (``int`` also for a float field; a list one of strings: file
+        paths, name patterns), then ``__post_init__``'s checks."""
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         for k, v in d.items():
             kinds = fields.get(k, "").split(" | ")
             if k in fields and not (v is None and "None" in kinds or type(v) is bool and "bool" in kinds
                                     or type(v) is int and ("int" in kinds or "float" in kinds)
                                     or type(v) is float and "float" in kinds or type(v) is str and "str" in kinds
-                                    or type(v) is list and "list" in kinds):
+                                    or type(v) is list and "list" in kinds and all(type(x) is str for x in v)):
                 raise ValueError(f"training config: {k}={v!r:.80}; expected {fields[k]}")
         return cls(**{**{k: v for k, v in d.items() if k in fields}, **overrides})
 
