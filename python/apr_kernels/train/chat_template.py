@@ -143,8 +143,7 @@ def _sandbox():
     def bounded(fn):
         @functools.wraps(fn)  # (keeps jinja's pass_context / pass_environment marks)
         def call(*args, **kwargs):
-            if hasattr(env.budget, "deadline"):  # (not when jinja folds a constant while it compiles)
-                env.step()  # (map, select and the like call a filter per item: a chain of them is bounded too)
+            env.step()  # (map, select and the like call a filter per item: a chain of them is bounded too)
             check_call(fn, [a for a in args if not isinstance(a, passed)], kwargs)
             return check_result(fn(*args, **kwargs), f"the filter {fn.__name__}")
         return call
